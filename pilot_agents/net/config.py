@@ -1,0 +1,37 @@
+"""Settings of the tunnel core, one dataclass, every unit in the name or the comment.
+
+Tests set fields on an instance; nothing reads module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .congestion import CongestionConfig
+from .recovery import RecoveryConfig
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class SessionConfig:
+    max_packet_size: int = 1200  # bytes of a whole data datagram (header, frames, tag)
+    stream_window: int = 16 * MiB  # bytes a peer may send on one stream ahead of our reader
+    connection_window: int = 64 * MiB  # the same, summed over all streams of the tunnel
+    max_message_size: int = 1024 * MiB  # bytes; a larger incoming message resets its stream
+    max_incoming_streams: int = 1024  # concurrently open streams the peer may open
+    ack_every: int = 2  # ack-eliciting packets received before an ACK is sent at once
+    max_ack_delay: float = 0.025  # seconds an ACK may be held back
+    keepalive_interval: float = 15.0  # seconds without sending before a PING; holds NAT mappings
+    idle_timeout: float = 60.0  # seconds without hearing from the peer before the tunnel dies
+    max_probe_timeouts: int = 8  # consecutive unanswered PTOs before the peer is declared dead
+    handshake_timeout: float = 10.0  # seconds to establish the first keys before giving up
+    handshake_retry: float = 0.25  # seconds before the first resend of an initiation; doubles
+    handshake_retry_max: float = 2.0  # seconds, cap of the doubling
+    rekey_after_time: float = 120.0  # seconds a key is used before a new handshake
+    reject_after_time: float = 180.0  # seconds after which a key is never used again
+    rekey_after_packets: int = 2**60  # packets sent with one key before a new handshake
+    reject_after_packets: int = 2**64 - 2**13 - 1  # packets after which a key is never used
+    replay_window: int = 8192  # packet numbers remembered below the highest received
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    congestion: CongestionConfig = field(default_factory=CongestionConfig)

@@ -1,0 +1,149 @@
+"""The asyncio driver of a :class:`Mux`: one non-blocking UDP socket and exactly one timer.
+
+Reads drain the socket in a loop on each readiness callback (asyncio's datagram transport reads
+one datagram per loop iteration, which caps throughput), then the mux's output is flushed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from . import events
+from .mux import Mux
+
+log = logging.getLogger("pilot_agents.endpoint")
+
+MAX_DATAGRAM = 65535
+READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
+SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts of a full congestion window
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` to a tuple; ValueError with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Endpoint:
+    def __init__(
+        self,
+        mux: Mux,
+        on_event: Callable[[events.Event], None],
+        on_progress: Callable[[], None],
+    ) -> None:
+        """``on_progress`` runs after every flush: acknowledgements may have freed buffers."""
+        self.mux = mux
+        self._on_event = on_event
+        self._on_progress = on_progress
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self.send_errors = 0
+        # Other demultiplexed traffic (beacon, STUN) goes here when set.
+        self.on_other_datagram: Callable[[bytes, tuple[str, int]], None] | None = None
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def open(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+        self._rearm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def wake(self) -> None:
+        """State changed outside a callback (an API call): flush soon, once."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def send_raw(self, data: bytes, address: tuple[str, int]) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(data, address)
+        except OSError as exc:
+            # A full socket buffer is a lost packet to the layers above: recovery resends it.
+            self.send_errors += 1
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                log.debug("sendto %s failed: %s", address, exc)
+
+    def _read_ready(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        mux = self.mux
+        now = self._loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                data, address = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP errors surface here on Linux (ECONNREFUSED): nothing to read, go on.
+                log.debug("recvfrom: %s", exc)
+                continue
+            if data and 0x10 <= data[0] <= 0x1F:
+                mux.receive_datagram(data, address, now)
+            elif self.on_other_datagram is not None:
+                self.on_other_datagram(data, address)
+        self._flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.mux.handle_timer(self._loop.time())
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        mux = self.mux
+        for data, address in mux.datagrams_to_send(self._loop.time()):
+            self.send_raw(data, address)
+        event = mux.next_event()
+        while event is not None:
+            self._on_event(event)
+            event = mux.next_event()
+        self._on_progress()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        deadline = self.mux.get_timer()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None if deadline is None else self._loop.call_at(deadline, self._on_timer)

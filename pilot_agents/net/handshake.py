@@ -1,0 +1,96 @@
+"""Handshake packets around the Noise IK messages, and the key pairs they produce.
+
+Initiation: ``INITIATION | sender index | Noise(-> e, es, s, ss; payload = timestamp, nonce)``.
+Response:   ``RESPONSE | sender index | receiver index | Noise(<- e, ee, se; payload = nonce)``.
+
+The timestamp (wall-clock nanoseconds) lets the responder refuse a replayed initiation, as
+WireGuard's TAI64N does. The nonce names the sender's session: a rekey repeats it, a restarted
+peer comes with a new one, which tells the other side to drop the stale reliability state.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import HandshakeError
+from . import noise, wire
+from .crypto import Aead
+
+_INITIATION_PAYLOAD = struct.Struct("!QQ")  # timestamp ns, session nonce
+_RESPONSE_PAYLOAD = struct.Struct("!Q")  # session nonce
+
+INITIATION_SIZE = wire.INITIATION_HEADER.size + noise.INITIATION_OVERHEAD + _INITIATION_PAYLOAD.size
+RESPONSE_SIZE = wire.RESPONSE_HEADER.size + noise.RESPONSE_OVERHEAD + _RESPONSE_PAYLOAD.size
+
+
+@dataclass(slots=True)
+class Keypair:
+    """The transport keys of one handshake, named by the index each side chose for it."""
+
+    local_index: int
+    remote_index: int
+    sender: Aead
+    receiver: Aead
+    created: float  # `now` when the handshake completed
+    first_packet_number: int  # our packet number when the keys came into use
+    initiator: bool
+    confirmed: bool  # a responder may send only after the initiator used the keys once
+
+
+def write_initiation(
+    initiator: noise.Initiator, sender_index: int, timestamp_ns: int, nonce: int
+) -> bytes:
+    head = wire.INITIATION_HEADER.pack(wire.INITIATION, sender_index)
+    return head + initiator.write_initiation(_INITIATION_PAYLOAD.pack(timestamp_ns, nonce))
+
+
+@dataclass(frozen=True, slots=True)
+class Initiation:
+    sender_index: int
+    remote_static: bytes  # X25519
+    timestamp_ns: int
+    nonce: int
+    responder: noise.Responder  # ready to write the response
+
+
+def read_initiation_untrusted(
+    data: bytes, static_private: bytes, prologue: bytes, is_trusted: Callable[[bytes], bool]
+) -> Initiation:
+    """Raises HandshakeError (malformed, forged) or NotTrustedError (unknown initiator)."""
+    if len(data) != INITIATION_SIZE:
+        raise HandshakeError(f"initiation of {len(data)} bytes")
+    sender_index = wire.INITIATION_HEADER.unpack_from(data)[1]
+    responder = noise.Responder(static_private, prologue)
+    remote_static, payload = responder.read_initiation(
+        data[wire.INITIATION_HEADER.size :], is_trusted
+    )
+    timestamp_ns, nonce = _INITIATION_PAYLOAD.unpack(payload)
+    return Initiation(sender_index, remote_static, timestamp_ns, nonce, responder)
+
+
+def write_response(
+    initiation: Initiation, sender_index: int, nonce: int
+) -> tuple[bytes, noise.TransportKeys]:
+    message, keys = initiation.responder.write_response(_RESPONSE_PAYLOAD.pack(nonce))
+    head = wire.RESPONSE_HEADER.pack(wire.RESPONSE, sender_index, initiation.sender_index)
+    return head + message, keys
+
+
+def response_indices_untrusted(data: bytes) -> tuple[int, int]:
+    """(sender index, receiver index) of a response, before any crypto."""
+    if len(data) != RESPONSE_SIZE:
+        raise HandshakeError(f"response of {len(data)} bytes")
+    _, sender, receiver = wire.RESPONSE_HEADER.unpack_from(data)
+    return sender, receiver
+
+
+def read_response_untrusted(
+    data: bytes, initiator: noise.Initiator
+) -> tuple[int, noise.TransportKeys]:
+    """(peer's session nonce, keys). Raises HandshakeError."""
+    payload, keys = initiator.read_response(data[wire.RESPONSE_HEADER.size :])
+    if len(payload) != _RESPONSE_PAYLOAD.size:
+        raise HandshakeError("response payload has the wrong size")
+    return _RESPONSE_PAYLOAD.unpack(payload)[0], keys

@@ -1,0 +1,798 @@
+"""One peer's tunnel, sans-IO: handshakes and rekeys, packet protection, reliable streams.
+
+Driven like aioquic's connection: :meth:`receive_datagram` with each datagram addressed to one of
+our indices, :meth:`handle_timer` when :meth:`get_timer` is due, :meth:`datagrams_to_send` to
+drain output and :meth:`next_event` for what happened. Time is the caller's ``now`` (seconds,
+any monotonic origin). A peer's misbehaviour closes the tunnel with an event; it never raises
+into the caller.
+
+Reliability is one packet-number space per direction that survives rekeys: keys change, packet
+numbers keep counting, so loss recovery and the replay window never restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from ..errors import CryptoError, HandshakeError, MessageTooLargeError, WireError
+from . import events, handshake, noise, wire
+from .codes import CloseCode, ResetCode, close_reason
+from .config import SessionConfig
+from .crypto import TAG_SIZE, Aead
+from .rangeset import RangeSet
+from .recovery import Recovery, SentPacket
+from .replay import ReplayWindow
+from .streams import RecvStream, SendStream, StreamChunk
+
+log = logging.getLogger("pilot_agents.session")
+
+Address = Any  # opaque to the session: the endpoint's path (a socket address or a relay route)
+
+
+class IndexAllocator(Protocol):
+    def allocate(self, session: Session) -> int: ...
+    def release(self, index: int) -> None: ...
+
+
+class State(Enum):
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class SessionStats:
+    packets_sent: int = 0
+    packets_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    packets_lost: int = 0
+    replayed: int = 0  # duplicates and too-old packets dropped
+    bad_auth: int = 0  # packets that failed decryption
+    handshakes: int = 0
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream_id: int
+    local_port: int
+    remote_port: int
+    send: SendStream
+    recv: RecvStream
+
+
+@dataclass(slots=True)
+class _PendingInitiation:
+    initiator: noise.Initiator
+    local_index: int
+    started: float
+    next_retry: float
+    retry_interval: float
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        local_id: bytes,
+        peer: bytes,
+        peer_static: bytes,
+        static_private: bytes,
+        prologue: bytes,
+        config: SessionConfig,
+        indices: IndexAllocator,
+        nonce: int,
+        wall_clock_ns: Callable[[], int],
+        now: float,
+    ) -> None:
+        self.peer = peer
+        self.config = config
+        self.state = State.HANDSHAKING
+        self.address: Address = None
+        self.stats = SessionStats()
+        self.nonce = nonce
+        self.remote_nonce: int | None = None
+        self._local_id = local_id
+        self._peer_static = peer_static
+        self._static_private = static_private
+        self._prologue = prologue
+        self._indices = indices
+        self._wall_clock_ns = wall_clock_ns
+        self._created = now
+        self._events: deque[events.Event] = deque()
+        self._tag = peer.hex()[:8]
+
+        # Keys: the one we send with, the one before it (still accepted), and a responder's
+        # not-yet-confirmed one.
+        self._current: handshake.Keypair | None = None
+        self._previous: handshake.Keypair | None = None
+        self._next: handshake.Keypair | None = None
+        self._initiation: _PendingInitiation | None = None
+        self._last_initiation_ns = 0  # newest peer timestamp accepted (replay defence)
+        self._handshake_packets: list[bytes] = []
+
+        # Reliability.
+        self._next_packet_number = 0
+        self._replay = ReplayWindow(config.replay_window)
+        self._received = RangeSet()  # packet numbers to acknowledge
+        self._ack_eliciting_unacked = 0
+        self._ack_deadline: float | None = None
+        self._largest_received_time = now
+        self._recovery = Recovery(config.recovery, config.congestion)
+        self._ping_pending = False
+        self._probes_pending = 0
+        self._path_responses: list[bytes] = []
+        self._close_frame: bytes | None = None
+        self._last_received = now
+        self._last_ack_eliciting_sent = now
+
+        # Streams. The peer with the lower id opens even stream ids, the other odd ones, so both
+        # may open streams at once without asking.
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream_id = 0 if local_id < peer else 1
+        self._peer_closed_streams = RangeSet()
+        self._incoming_open = 0
+        self._control: deque[tuple[str, int, int]] = deque()  # ("max_stream_data"|"reset", id, n)
+        self._max_data_pending = False
+        self._send_order: deque[int] = deque()  # streams with data, round robin
+        # Connection-level flow control.
+        self._peer_max_data = config.connection_window
+        self._sent_new_bytes = 0
+        self._recv_max_data = config.connection_window
+        self._recv_highest_total = 0
+        self._recv_delivered_total = 0
+        self._recv_queued_total = 0
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self.state is State.ESTABLISHED
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        return self._recovery.rtt.smoothed_rtt if self._recovery.rtt.has_sample else None
+
+    @property
+    def local_indices(self) -> list[int]:
+        keys = [k for k in (self._current, self._previous, self._next) if k is not None]
+        indices = [k.local_index for k in keys]
+        if self._initiation is not None:
+            indices.append(self._initiation.local_index)
+        return indices
+
+    def next_event(self) -> events.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def connect(self, now: float) -> None:
+        """Start the handshake if no keys exist and none is under way."""
+        if self.state is State.HANDSHAKING and self._initiation is None:
+            self._start_initiation(now)
+
+    def open_stream(self, local_port: int, remote_port: int) -> int:
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        self._add_stream(stream_id, local_port, remote_port)
+        return stream_id
+
+    def send_message(self, stream_id: int, data: bytes) -> None:
+        stream = self._streams[stream_id]
+        if stream.send.finished:
+            raise ValueError("stream is finished")
+        stream.send.write_message(data)
+        self._schedule(stream_id)
+
+    def finish_stream(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.send.finished:
+            stream.send.finish()
+            self._schedule(stream_id)
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        if self._drop_stream(stream_id):
+            self._control.append(("reset", stream_id, code))
+
+    def stream_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream and not yet acknowledged (0 for a gone stream)."""
+        stream = self._streams.get(stream_id)
+        return stream.send.buffered if stream is not None else 0
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def message_consumed(self, stream_id: int, size: int) -> None:
+        """The application took a delivered message: its bytes become flow-control credit."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # dropped already; its queued bytes were released then
+        self._recv_queued_total -= size
+        stream.recv.consumed(size)
+        self._queue_window_updates(stream)
+        self._maybe_forget_stream(stream)
+        self._queue_connection_window_update()
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", now: float = 0.0) -> None:
+        """Close the tunnel; the peer is told with one CLOSE frame if keys exist."""
+        if self.state is State.CLOSED:
+            return
+        if self._current is not None:
+            self._close_frame = wire.encode_close(code, reason or close_reason(code))
+        self._enter_closed(code, reason or close_reason(code), by_peer=False)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        if self.state is State.CLOSED:
+            return None
+        deadlines = [self._last_received + self.config.idle_timeout]
+        if self._initiation is not None:
+            deadlines.append(self._initiation.next_retry)
+        if self.state is State.HANDSHAKING:
+            deadlines.append(self._created + self.config.handshake_timeout)
+        if self.state is State.ESTABLISHED:
+            deadlines.append(self._last_ack_eliciting_sent + self.config.keepalive_interval)
+            if self._ack_deadline is not None:
+                deadlines.append(self._ack_deadline)
+            recovery = self._recovery.get_timer()
+            if recovery is not None:
+                deadlines.append(recovery)
+            key_deadline = self._key_deadline()
+            if key_deadline is not None:
+                deadlines.append(key_deadline)
+        return min(deadlines)
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.HANDSHAKING and now >= self._created + self.config.handshake_timeout:
+            self._enter_closed(CloseCode.HANDSHAKE_TIMEOUT, "", by_peer=False)
+            return
+        if now >= self._last_received + self.config.idle_timeout:
+            self._enter_closed(CloseCode.IDLE_TIMEOUT, "", by_peer=False)
+            return
+        if self._initiation is not None and now >= self._initiation.next_retry:
+            self._retry_initiation(now)
+        if self.state is not State.ESTABLISHED:
+            return
+        self._check_key_age(now)
+        if self.state is not State.ESTABLISHED:
+            return
+        timer = self._recovery.get_timer()
+        if timer is not None and now >= timer:
+            result = self._recovery.on_timeout(now)
+            self._on_lost(result.lost)
+            if result.probe_packets:
+                self._probes_pending = result.probe_packets
+                if self._recovery.pto_count >= self.config.max_probe_timeouts:
+                    self._enter_closed(CloseCode.PEER_UNREACHABLE, "", by_peer=False)
+                    return
+                # A peer that restarted drops our packets silently; a new handshake finds out.
+                if self._recovery.pto_count == 3 and self._initiation is None:
+                    self._start_initiation(now)
+        if now >= self._last_ack_eliciting_sent + self.config.keepalive_interval:
+            self._ping_pending = True
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def receive_response(self, data: bytes, address: Address, now: float) -> None:
+        """A RESPONSE whose receiver index is our pending initiation's."""
+        pending = self._initiation
+        if pending is None or self.state is State.CLOSED:
+            return
+        try:
+            remote_index, _ = handshake.response_indices_untrusted(data)
+            remote_nonce, keys = handshake.read_response_untrusted(data, pending.initiator)
+        except HandshakeError as exc:
+            log.debug("[%s] bad handshake response: %s", self._tag, exc)
+            self.stats.bad_auth += 1
+            return
+        if self.remote_nonce is not None and remote_nonce != self.remote_nonce:
+            self._peer_restarted()
+            return
+        self.remote_nonce = remote_nonce
+        self._initiation = None
+        keypair = handshake.Keypair(
+            local_index=pending.local_index,
+            remote_index=remote_index,
+            sender=Aead(keys.initiator_to_responder),
+            receiver=Aead(keys.responder_to_initiator),
+            created=now,
+            first_packet_number=self._next_packet_number,
+            initiator=True,
+            confirmed=True,
+        )
+        self._install(keypair, now)
+        self.address = address
+        self._last_received = now
+        # The responder may not send until it sees these keys in use: confirm at once.
+        self._ping_pending = True
+
+    def receive_initiation(self, initiation: handshake.Initiation, address: Address, now: float) -> None:
+        """An initiation from this peer that passed the Noise checks in the mux."""
+        if self.state is State.CLOSED:
+            return
+        if initiation.timestamp_ns <= self._last_initiation_ns:
+            self.stats.replayed += 1
+            return
+        if self.remote_nonce is not None and initiation.nonce != self.remote_nonce:
+            self._peer_restarted()
+            return
+        if self._initiation is not None:
+            # Both sides initiated at once: the higher id's initiation wins.
+            if self._local_id > self.peer:
+                return
+            self._indices.release(self._initiation.local_index)
+            self._initiation = None
+        self._last_initiation_ns = initiation.timestamp_ns
+        self.remote_nonce = initiation.nonce
+        local_index = self._indices.allocate(self)
+        packet, keys = handshake.write_response(initiation, local_index, self.nonce)
+        keypair = handshake.Keypair(
+            local_index=local_index,
+            remote_index=initiation.sender_index,
+            sender=Aead(keys.responder_to_initiator),
+            receiver=Aead(keys.initiator_to_responder),
+            created=now,
+            first_packet_number=self._next_packet_number,
+            initiator=False,
+            confirmed=False,
+        )
+        if self._next is not None:
+            self._indices.release(self._next.local_index)
+        self._next = keypair
+        self._handshake_packets.append(packet)
+        self.address = address
+        self._last_received = now
+        self.stats.handshakes += 1
+
+    def receive_data(self, data: bytes, address: Address, now: float) -> None:
+        """A DATA packet whose receiver index is one of ours."""
+        if self.state is State.CLOSED or len(data) < wire.DATA_HEADER_SIZE + TAG_SIZE:
+            return
+        _, index, packet_number = wire.DATA_HEADER.unpack_from(data)
+        keypair = self._keypair_for(index)
+        if keypair is None:
+            return
+        if not self._replay.check(packet_number):
+            self.stats.replayed += 1
+            return
+        header = data[: wire.DATA_HEADER_SIZE]
+        try:
+            payload = keypair.receiver.open(packet_number, data[wire.DATA_HEADER_SIZE :], header)
+        except CryptoError:
+            self.stats.bad_auth += 1
+            return
+        self._replay.accept(packet_number)
+        if keypair is self._next:
+            self._promote_next(now)
+        self.stats.packets_received += 1
+        self.stats.bytes_received += len(data)
+        self._last_received = now
+        if packet_number == self._replay.highest:
+            # Roaming: the newest authenticated packet tells where the peer is now.
+            self.address = address
+        try:
+            frames = wire.parse_frames_untrusted(payload)
+            self._handle_frames(packet_number, frames, now)
+        except WireError as exc:
+            log.warning("[%s] protocol error from peer: %s", self._tag, exc)
+            self.close(CloseCode.PROTOCOL_ERROR, str(exc), now)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out = self._handshake_packets
+        self._handshake_packets = []
+        if self._close_frame is not None:
+            if self._current is not None:
+                out.append(self._seal(self._current, self._close_frame))
+            self._close_frame = None
+            return out
+        if self.state is not State.ESTABLISHED:
+            return out
+        self._check_key_age(now)
+        keypair = self._current
+        if self.state is not State.ESTABLISHED or keypair is None or not keypair.confirmed:
+            return out
+        out += self._handshake_packets  # a rekey the age check just started
+        self._handshake_packets = []
+        while True:
+            packet = self._build_packet(keypair, now)
+            if packet is None:
+                break
+            out.append(packet)
+        return out
+
+    # -- internals: handshakes ----------------------------------------------------------------
+
+    def _start_initiation(self, now: float) -> None:
+        initiator = noise.Initiator(self._static_private, self._peer_static, self._prologue)
+        local_index = self._indices.allocate(self)
+        self._initiation = _PendingInitiation(
+            initiator, local_index, now, now + self.config.handshake_retry,
+            self.config.handshake_retry,
+        )
+        self._handshake_packets.append(
+            handshake.write_initiation(initiator, local_index, self._wall_clock_ns(), self.nonce)
+        )
+        self.stats.handshakes += 1
+
+    def _retry_initiation(self, now: float) -> None:
+        # A fresh initiation each time: the responder refuses a repeated timestamp.
+        pending = self._initiation
+        assert pending is not None
+        self._indices.release(pending.local_index)
+        interval = min(pending.retry_interval * 2, self.config.handshake_retry_max)
+        self._start_initiation(now)
+        assert self._initiation is not None
+        self._initiation.started = pending.started
+        self._initiation.retry_interval = interval
+        self._initiation.next_retry = now + interval
+        if now - pending.started > self.config.handshake_timeout and self.state is State.ESTABLISHED:
+            # A rekey that gets no answer: current keys stay until they expire.
+            self._initiation.next_retry = now + self.config.handshake_retry_max
+
+    def _install(self, keypair: handshake.Keypair, now: float) -> None:
+        if self._previous is not None:
+            self._indices.release(self._previous.local_index)
+        self._previous = self._current
+        self._current = keypair
+        rekey = self.state is State.ESTABLISHED
+        if self.state is State.HANDSHAKING:
+            self.state = State.ESTABLISHED
+            self._last_ack_eliciting_sent = now
+        self._events.append(events.HandshakeCompleted(self.peer, rekey))
+        log.debug("[%s] keys installed (rekey=%s)", self._tag, rekey)
+
+    def _promote_next(self, now: float) -> None:
+        keypair = self._next
+        assert keypair is not None
+        self._next = None
+        keypair.confirmed = True
+        keypair.first_packet_number = self._next_packet_number
+        self._install(keypair, now)
+
+    def _keypair_for(self, index: int) -> handshake.Keypair | None:
+        for keypair in (self._current, self._next, self._previous):
+            if keypair is not None and keypair.local_index == index:
+                return keypair
+        return None
+
+    def _key_deadline(self) -> float | None:
+        keypair = self._current
+        if keypair is None:
+            return None
+        if keypair.initiator and self._initiation is None:
+            return keypair.created + self.config.rekey_after_time
+        return keypair.created + self.config.reject_after_time
+
+    def _check_key_age(self, now: float) -> None:
+        keypair = self._current
+        if keypair is None:
+            return
+        age = now - keypair.created
+        used = self._next_packet_number - keypair.first_packet_number
+        if age >= self.config.reject_after_time or used >= self.config.reject_after_packets:
+            self._enter_closed(CloseCode.KEY_EXPIRED, "", by_peer=False)
+            return
+        # Time-based rekeys are the initiator's, so the two sides don't start them together;
+        # either side rekeys when its own packet count runs high.
+        due = (keypair.initiator and age >= self.config.rekey_after_time) or (
+            used >= self.config.rekey_after_packets
+        )
+        if due and self._initiation is None:
+            self._start_initiation(now)
+
+    def _peer_restarted(self) -> None:
+        self._enter_closed(CloseCode.PEER_RESTARTED, "", by_peer=True)
+
+    def _enter_closed(self, code: int, reason: str, *, by_peer: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        for index in self.local_indices:
+            self._indices.release(index)
+        self._initiation = None
+        self._events.append(
+            events.SessionClosed(self.peer, int(code), reason or close_reason(code), by_peer)
+        )
+        log.info("[%s] tunnel closed: %s", self._tag, reason or close_reason(code))
+
+    # -- internals: frames in ---------------------------------------------------------------
+
+    def _handle_frames(self, packet_number: int, frames: list[wire.Frame], now: float) -> None:
+        ack_eliciting = False
+        for frame in frames:
+            if isinstance(frame, wire.StreamFrame):
+                ack_eliciting = True
+                self._on_stream_frame(frame)
+            elif isinstance(frame, wire.AckFrame):
+                self._on_ack(frame, now)
+            elif isinstance(frame, wire.PingFrame):
+                ack_eliciting = True
+            elif isinstance(frame, wire.MaxDataFrame):
+                ack_eliciting = True
+                if frame.limit > self._peer_max_data:
+                    self._peer_max_data = frame.limit
+                    self._schedule_all()
+            elif isinstance(frame, wire.MaxStreamDataFrame):
+                ack_eliciting = True
+                stream = self._streams.get(frame.stream_id)
+                if stream is not None and frame.limit > stream.send.max_data:
+                    stream.send.max_data = frame.limit
+                    self._schedule(frame.stream_id)
+            elif isinstance(frame, wire.ResetStreamFrame):
+                ack_eliciting = True
+                if self._drop_stream(frame.stream_id):
+                    self._events.append(
+                        events.StreamReset(self.peer, frame.stream_id, frame.code)
+                    )
+            elif isinstance(frame, wire.CloseFrame):
+                self._enter_closed(frame.code, frame.reason, by_peer=True)
+                return
+            elif isinstance(frame, wire.PathChallengeFrame):
+                ack_eliciting = True
+                self._path_responses.append(frame.token)
+            elif isinstance(frame, wire.PathResponseFrame):
+                ack_eliciting = True
+        self._record_received(packet_number, ack_eliciting, now)
+
+    def _record_received(self, packet_number: int, ack_eliciting: bool, now: float) -> None:
+        in_order = not self._received or packet_number == self._received.bounds().stop
+        self._received.add(packet_number)
+        # Bound the ACK state: ranges far below the newest are acknowledged already or lost.
+        while len(self._received) > 4 * wire.MAX_ACK_RANGES:
+            self._received.shift()
+        if not ack_eliciting:
+            return
+        self._ack_eliciting_unacked += 1
+        if self._ack_eliciting_unacked >= self.config.ack_every or not in_order:
+            self._ack_deadline = now
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + self.config.max_ack_delay
+        if packet_number == self._received.bounds().stop - 1:
+            self._largest_received_time = now
+
+    def _on_stream_frame(self, frame: wire.StreamFrame) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            stream = self._accept_stream(frame)
+            if stream is None:
+                return
+        recv = stream.recv
+        highest_before, delivered_before = recv.highest, recv.delivered
+        try:
+            messages = recv.receive_untrusted(frame.offset, frame.data, frame.fin)
+        except MessageTooLargeError:
+            self.reset_stream(frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
+            self._events.append(
+                events.StreamReset(self.peer, frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
+            )
+            return
+        self._recv_highest_total += recv.highest - highest_before
+        if self._recv_highest_total > self._recv_max_data:
+            raise WireError("peer exceeded the connection window")
+        self._recv_delivered_total += recv.delivered - delivered_before
+        for message in messages:
+            self._recv_queued_total += len(message)
+            self._events.append(
+                events.MessageReceived(
+                    self.peer, frame.stream_id, stream.remote_port, stream.local_port, message
+                )
+            )
+        self._queue_window_updates(stream)
+        if recv.finished:
+            self._events.append(events.StreamEnded(self.peer, frame.stream_id))
+            self._maybe_forget_stream(stream)
+
+    def _accept_stream(self, frame: wire.StreamFrame) -> _Stream | None:
+        stream_id = frame.stream_id
+        if stream_id % 2 == self._next_stream_id % 2:
+            if stream_id >= self._next_stream_id:
+                raise WireError(f"peer used stream {stream_id}, which we never opened")
+            return None  # ours, closed already: a late retransmission
+        if stream_id in self._peer_closed_streams:
+            return None
+        if self._incoming_open >= self.config.max_incoming_streams:
+            self._peer_closed_streams.add(stream_id)
+            self._control.append(("reset", stream_id, ResetCode.TOO_MANY_STREAMS))
+            return None
+        self._incoming_open += 1
+        stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
+        self._events.append(events.StreamOpened(self.peer, stream_id, frame.src_port, frame.dst_port))
+        return stream
+
+    def _add_stream(self, stream_id: int, local_port: int, remote_port: int) -> _Stream:
+        config = self.config
+        stream = _Stream(
+            stream_id,
+            local_port,
+            remote_port,
+            SendStream(config.stream_window),
+            RecvStream(config.stream_window, config.max_message_size),
+        )
+        self._streams[stream_id] = stream
+        return stream
+
+    def _drop_stream(self, stream_id: int) -> bool:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return False
+        # Bytes the peer sent that nobody will read count as consumed, so its credit comes back.
+        self._recv_delivered_total += stream.recv.highest - stream.recv.delivered
+        self._recv_queued_total -= stream.recv.queued
+        if stream_id % 2 != self._next_stream_id % 2:
+            self._incoming_open -= 1
+            self._peer_closed_streams.add(stream_id)
+        return True
+
+    def _maybe_forget_stream(self, stream: _Stream) -> None:
+        if stream.send.all_acked and stream.recv.finished and stream.recv.queued == 0:
+            self._drop_stream(stream.stream_id)
+
+    def _queue_window_updates(self, stream: _Stream) -> None:
+        limit = stream.recv.window_update()
+        if limit is not None:
+            self._control.append(("max_stream_data", stream.stream_id, limit))
+
+    def _queue_connection_window_update(self) -> None:
+        consumed = self._recv_delivered_total - self._recv_queued_total
+        window = self.config.connection_window
+        if self._recv_max_data - consumed < window // 2:
+            self._recv_max_data = consumed + window
+            self._max_data_pending = True
+
+    # -- internals: acknowledgements and loss ----------------------------------------------------
+
+    def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
+        result = self._recovery.on_ack_received(frame.ranges, frame.delay, now)
+        for packet in result.acked:
+            for item in packet.data:  # type: ignore[attr-defined]
+                if isinstance(item, StreamChunk):
+                    stream = self._streams.get(item.stream_id)
+                    if stream is not None:
+                        stream.send.on_acked(item.offset, item.length, item.fin)
+                        self._maybe_forget_stream(stream)
+        self._on_lost(result.lost)
+
+    def _on_lost(self, lost: list[SentPacket]) -> None:
+        for packet in lost:
+            self.stats.packets_lost += 1
+            for item in packet.data:  # type: ignore[attr-defined]
+                if isinstance(item, StreamChunk):
+                    stream = self._streams.get(item.stream_id)
+                    if stream is not None:
+                        stream.send.on_lost(item.offset, item.length, item.fin)
+                        self._schedule(item.stream_id)
+                elif item[0] == "max_data":
+                    self._max_data_pending = True
+                elif item[0] == "max_stream_data":
+                    stream = self._streams.get(item[1])
+                    if stream is not None:
+                        self._control.append(("max_stream_data", item[1], stream.recv.max_data))
+                elif item[0] == "reset":
+                    self._control.append(item)
+
+    # -- internals: building packets -------------------------------------------------------
+
+    def _schedule(self, stream_id: int) -> None:
+        if stream_id not in self._send_order:
+            self._send_order.append(stream_id)
+
+    def _schedule_all(self) -> None:
+        for stream_id in self._streams:
+            self._schedule(stream_id)
+
+    def _seal(self, keypair: handshake.Keypair, payload: bytes | bytearray) -> bytes:
+        packet_number = self._next_packet_number
+        self._next_packet_number += 1
+        header = wire.DATA_HEADER.pack(wire.DATA, keypair.remote_index, packet_number)
+        datagram = header + keypair.sender.seal(packet_number, payload, header)
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(datagram)
+        return datagram
+
+    def _build_packet(self, keypair: handshake.Keypair, now: float) -> bytes | None:
+        budget = self.config.max_packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
+        payload = bytearray()
+        items: list[Any] = []
+        ack_due = self._ack_deadline is not None and now >= self._ack_deadline
+        if ack_due and self._received:
+            payload += wire.encode_ack(
+                [(r.start, r.stop) for r in self._received], now - self._largest_received_time
+            )
+            self._ack_deadline = None
+            self._ack_eliciting_unacked = 0
+        for token in self._path_responses:
+            payload += wire.encode_path_response(token)
+        self._path_responses.clear()
+        probe = self._probes_pending > 0
+        if not (probe or self._recovery.cc.can_send(self.config.max_packet_size)):
+            return self._finish_packet(keypair, payload, items, now, probe=False)
+        if self._max_data_pending:
+            self._max_data_pending = False
+            payload += wire.encode_max_data(self._recv_max_data)
+            items.append(("max_data", 0, 0))
+        while self._control and len(payload) + 16 < budget:
+            kind, stream_id, value = self._control.popleft()
+            if kind == "reset":
+                payload += wire.encode_reset_stream(stream_id, value)
+            elif stream_id in self._streams:
+                payload += wire.encode_max_stream_data(stream_id, value)
+            else:
+                continue
+            items.append((kind, stream_id, value))
+        self._fill_streams(payload, items, budget)
+        if (probe or self._ping_pending) and not items:
+            payload += wire.ENCODED_PING
+            items.append(("ping", 0, 0))
+        self._ping_pending = False
+        return self._finish_packet(keypair, payload, items, now, probe=probe)
+
+    def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
+        order = self._send_order
+        rotations = len(order)
+        while order and rotations > 0:
+            room = budget - len(payload) - wire.STREAM_FRAME_OVERHEAD
+            if room <= 0:
+                return
+            stream_id = order[0]
+            stream = self._streams.get(stream_id)
+            if stream is None or not stream.send.has_data_to_send():
+                order.popleft()
+                rotations -= 1
+                continue
+            credit = max(self._peer_max_data - self._sent_new_bytes, 0)
+            before = stream.send.send_offset
+            chunk = stream.send.next_chunk(room, credit)
+            if chunk is None:
+                order.popleft()
+                rotations -= 1
+                continue
+            self._sent_new_bytes += stream.send.send_offset - before
+            offset, data, fin = chunk
+            payload += wire.encode_stream_header(
+                stream_id, stream.local_port, stream.remote_port, offset, len(data), fin
+            )
+            payload += data
+            items.append(StreamChunk(stream_id, offset, len(data), fin))
+            if not stream.send.has_data_to_send():
+                order.popleft()
+                rotations -= 1
+            elif len(order) > 1:
+                order.rotate(-1)  # round robin between streams with data
+
+    def _finish_packet(
+        self, keypair: handshake.Keypair, payload: bytearray, items: list[Any], now: float,
+        *, probe: bool,
+    ) -> bytes | None:
+        if not payload:
+            return None
+        packet_number = self._next_packet_number
+        datagram = self._seal(keypair, payload)
+        ack_eliciting = bool(items)
+        if ack_eliciting:
+            if probe:
+                self._probes_pending -= 1
+            self._last_ack_eliciting_sent = now
+        # ACK-only packets are recorded too, so the peer may acknowledge them (RFC 9002 A.5).
+        self._recovery.on_packet_sent(
+            SentPacket(
+                packet_number=packet_number,
+                time_sent=now,
+                size=len(datagram),
+                ack_eliciting=ack_eliciting,
+                in_flight=ack_eliciting,
+                data=items,
+            )
+        )
+        return datagram

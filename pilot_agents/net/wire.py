@@ -1,0 +1,246 @@
+"""Encoding and decoding of every tunnel packet and of the frames inside a data packet.
+
+The first byte of a datagram says what it is. Tunnel packet types live in 0x10-0x1F, beacon
+messages in 0x20-0x2F, so neither collides with STUN (first byte 0-3, RFC 7983) and one UDP socket
+can carry all three.
+
+Fixed-width big-endian fields rather than QUIC's varints: struct is far cheaper than varint loops in
+Python, and the few bytes it costs do not matter at 1200-byte packets.
+
+Functions that parse network input end in ``_untrusted`` and raise :class:`WireError` only.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import WireError
+
+# -- packet types ----------------------------------------------------------------------------
+
+INITIATION: Final = 0x10
+RESPONSE: Final = 0x11
+DATA: Final = 0x12
+
+INITIATION_HEADER = struct.Struct("!BI")  # type, sender index
+RESPONSE_HEADER = struct.Struct("!BII")  # type, sender index, receiver index
+DATA_HEADER = struct.Struct("!BIQ")  # type, receiver index, packet number
+DATA_HEADER_SIZE: Final = DATA_HEADER.size  # 13
+
+# -- frame types -----------------------------------------------------------------------------
+
+PADDING: Final = 0x00
+PING: Final = 0x01
+ACK: Final = 0x02
+STREAM: Final = 0x03
+MAX_DATA: Final = 0x04
+MAX_STREAM_DATA: Final = 0x05
+RESET_STREAM: Final = 0x06
+CLOSE: Final = 0x07
+PATH_CHALLENGE: Final = 0x08
+PATH_RESPONSE: Final = 0x09
+
+STREAM_FIN: Final = 0x01
+
+_ACK_HEAD = struct.Struct("!BIB")  # type, ack delay (µs), range count
+_ACK_RANGE = struct.Struct("!QI")  # start, length
+_STREAM_HEAD = struct.Struct("!BBHHIQH")  # type, flags, src port, dst port, stream, offset, length
+_MAX_DATA = struct.Struct("!BQ")
+_MAX_STREAM_DATA = struct.Struct("!BIQ")
+_RESET_STREAM = struct.Struct("!BIH")
+_CLOSE_HEAD = struct.Struct("!BHH")
+_PATH = struct.Struct("!B8s")
+
+STREAM_FRAME_OVERHEAD: Final = _STREAM_HEAD.size  # 21
+MAX_ACK_RANGES: Final = 32
+MAX_CLOSE_REASON: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class AckFrame:
+    ranges: tuple[tuple[int, int], ...]  # half-open [start, stop)
+    delay: float  # seconds the receiver held the ACK
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrame:
+    stream_id: int
+    src_port: int
+    dst_port: int
+    offset: int
+    data: bytes
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MaxDataFrame:
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaxStreamDataFrame:
+    stream_id: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResetStreamFrame:
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFrame:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingFrame:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PathChallengeFrame:
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PathResponseFrame:
+    token: bytes
+
+
+Frame = (
+    AckFrame
+    | StreamFrame
+    | MaxDataFrame
+    | MaxStreamDataFrame
+    | ResetStreamFrame
+    | CloseFrame
+    | PingFrame
+    | PathChallengeFrame
+    | PathResponseFrame
+)
+
+PING_FRAME: Final = PingFrame()
+
+# -- encoding (our own frames: no validation beyond what struct enforces) --------------------
+
+
+def encode_ack(ranges: list[tuple[int, int]], delay: float) -> bytes:
+    """ACK for the newest ``MAX_ACK_RANGES`` ranges; older ones were acked before or are lost."""
+    newest = ranges[-MAX_ACK_RANGES:]
+    delay_us = min(int(delay * 1_000_000), 0xFFFFFFFF)
+    parts = [_ACK_HEAD.pack(ACK, delay_us, len(newest))]
+    parts.extend(_ACK_RANGE.pack(start, stop - start) for start, stop in newest)
+    return b"".join(parts)
+
+
+def encode_stream_header(
+    stream_id: int, src_port: int, dst_port: int, offset: int, length: int, fin: bool
+) -> bytes:
+    return _STREAM_HEAD.pack(
+        STREAM, STREAM_FIN if fin else 0, src_port, dst_port, stream_id, offset, length
+    )
+
+
+def encode_max_data(limit: int) -> bytes:
+    return _MAX_DATA.pack(MAX_DATA, limit)
+
+
+def encode_max_stream_data(stream_id: int, limit: int) -> bytes:
+    return _MAX_STREAM_DATA.pack(MAX_STREAM_DATA, stream_id, limit)
+
+
+def encode_reset_stream(stream_id: int, code: int) -> bytes:
+    return _RESET_STREAM.pack(RESET_STREAM, stream_id, code)
+
+
+def encode_close(code: int, reason: str) -> bytes:
+    raw = reason.encode("utf-8", "replace")[:MAX_CLOSE_REASON]
+    return _CLOSE_HEAD.pack(CLOSE, code, len(raw)) + raw
+
+
+def encode_path_challenge(token: bytes) -> bytes:
+    return _PATH.pack(PATH_CHALLENGE, token)
+
+
+def encode_path_response(token: bytes) -> bytes:
+    return _PATH.pack(PATH_RESPONSE, token)
+
+
+ENCODED_PING: Final = bytes([PING])
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def parse_frames_untrusted(payload: bytes) -> list[Frame]:
+    """Every frame of a decrypted payload; PADDING ends the list."""
+    frames: list[Frame] = []
+    pos = 0
+    end = len(payload)
+    try:
+        while pos < end:
+            kind = payload[pos]
+            if kind == STREAM:
+                _, flags, src, dst, sid, offset, length = _STREAM_HEAD.unpack_from(payload, pos)
+                pos += _STREAM_HEAD.size
+                if pos + length > end:
+                    raise WireError("STREAM frame runs past the packet")
+                frames.append(
+                    StreamFrame(
+                        sid, src, dst, offset, payload[pos : pos + length], bool(flags & STREAM_FIN)
+                    )
+                )
+                pos += length
+            elif kind == ACK:
+                _, delay_us, count = _ACK_HEAD.unpack_from(payload, pos)
+                pos += _ACK_HEAD.size
+                if count == 0 or count > MAX_ACK_RANGES:
+                    raise WireError(f"ACK frame with {count} ranges")
+                ranges = []
+                for _ in range(count):
+                    start, length = _ACK_RANGE.unpack_from(payload, pos)
+                    pos += _ACK_RANGE.size
+                    if length == 0:
+                        raise WireError("empty ACK range")
+                    ranges.append((start, start + length))
+                frames.append(AckFrame(tuple(ranges), delay_us / 1_000_000))
+            elif kind == PADDING:
+                break
+            elif kind == PING:
+                frames.append(PING_FRAME)
+                pos += 1
+            elif kind == MAX_DATA:
+                frames.append(MaxDataFrame(_MAX_DATA.unpack_from(payload, pos)[1]))
+                pos += _MAX_DATA.size
+            elif kind == MAX_STREAM_DATA:
+                _, sid, limit = _MAX_STREAM_DATA.unpack_from(payload, pos)
+                frames.append(MaxStreamDataFrame(sid, limit))
+                pos += _MAX_STREAM_DATA.size
+            elif kind == RESET_STREAM:
+                _, sid, code = _RESET_STREAM.unpack_from(payload, pos)
+                frames.append(ResetStreamFrame(sid, code))
+                pos += _RESET_STREAM.size
+            elif kind == CLOSE:
+                _, code, length = _CLOSE_HEAD.unpack_from(payload, pos)
+                pos += _CLOSE_HEAD.size
+                if length > MAX_CLOSE_REASON or pos + length > end:
+                    raise WireError("CLOSE reason runs past the packet")
+                reason = payload[pos : pos + length].decode("utf-8", "replace")
+                frames.append(CloseFrame(code, reason))
+                pos += length
+            elif kind == PATH_CHALLENGE or kind == PATH_RESPONSE:
+                token = _PATH.unpack_from(payload, pos)[1]
+                frames.append(
+                    PathChallengeFrame(token) if kind == PATH_CHALLENGE else PathResponseFrame(token)
+                )
+                pos += _PATH.size
+            else:
+                raise WireError(f"unknown frame type 0x{kind:02x}")
+    except struct.error as exc:
+        raise WireError(f"truncated frame: {exc}") from None
+    return frames
