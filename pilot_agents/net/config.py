@@ -33,5 +33,9 @@ class SessionConfig:
     rekey_after_packets: int = 2**60  # packets sent with one key before a new handshake
     reject_after_packets: int = 2**64 - 2**13 - 1  # packets after which a key is never used
     replay_window: int = 8192  # packet numbers remembered below the highest received
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    # The probe timer stops doubling at 8x, so max_probe_timeouts unanswered probes take about
+    # 40 PTO periods (2 s on a LAN, ~15 s at 300 ms): a dead peer is reported in bounded time.
+    recovery: RecoveryConfig = field(
+        default_factory=lambda: RecoveryConfig(max_pto_backoff_exponent=3)
+    )
     congestion: CongestionConfig = field(default_factory=CongestionConfig)

@@ -239,7 +239,8 @@ class Session:
         if self.state is State.HANDSHAKING:
             deadlines.append(self._created + self.config.handshake_timeout)
         if self.state is State.ESTABLISHED:
-            deadlines.append(self._last_ack_eliciting_sent + self.config.keepalive_interval)
+            if self._recovery.ack_eliciting_in_flight == 0:
+                deadlines.append(self._last_ack_eliciting_sent + self.config.keepalive_interval)
             if self._ack_deadline is not None:
                 deadlines.append(self._ack_deadline)
             recovery = self._recovery.get_timer()
@@ -278,7 +279,10 @@ class Session:
                 # A peer that restarted drops our packets silently; a new handshake finds out.
                 if self._recovery.pto_count == 3 and self._initiation is None:
                     self._start_initiation(now)
-        if now >= self._last_ack_eliciting_sent + self.config.keepalive_interval:
+        # With packets in flight the PTO probes keep the path alive; a PING then would only
+        # push the probe timer out and delay the dead-peer verdict.
+        idle = self._recovery.ack_eliciting_in_flight == 0
+        if idle and now >= self._last_ack_eliciting_sent + self.config.keepalive_interval:
             self._ping_pending = True
 
     # -- receiving ---------------------------------------------------------------------------
@@ -479,14 +483,16 @@ class Session:
         keypair = self._current
         if keypair is None:
             return
-        age = now - keypair.created
+        # Deadlines compared in the form get_timer() computes them, so float rounding can't
+        # leave a timer due that does nothing.
         used = self._next_packet_number - keypair.first_packet_number
-        if age >= self.config.reject_after_time or used >= self.config.reject_after_packets:
+        expired = now >= keypair.created + self.config.reject_after_time
+        if expired or used >= self.config.reject_after_packets:
             self._enter_closed(CloseCode.KEY_EXPIRED, "", by_peer=False)
             return
         # Time-based rekeys are the initiator's, so the two sides don't start them together;
         # either side rekeys when its own packet count runs high.
-        due = (keypair.initiator and age >= self.config.rekey_after_time) or (
+        due = (keypair.initiator and now >= keypair.created + self.config.rekey_after_time) or (
             used >= self.config.rekey_after_packets
         )
         if due and self._initiation is None:
@@ -590,6 +596,7 @@ class Session:
                 )
             )
         self._queue_window_updates(stream)
+        self._queue_connection_window_update()
         if recv.finished:
             self._events.append(events.StreamEnded(self.peer, frame.stream_id))
             self._maybe_forget_stream(stream)
