@@ -95,16 +95,29 @@ class _StreamHandle:
         self.remote_port = remote_port
         self.inbox: asyncio.Queue[Message | PilotError] = asyncio.Queue()
         self.error: PilotError | None = None
+        self.reset = False
+
+    @property
+    def undelivered(self) -> bool:
+        """Something we sent may not have reached the peer's application."""
+        return self.reset or self.session.stream_buffered(self.stream_id) > 0
 
     @property
     def peer_id(self) -> str:
         return node_id_from_key(self.session.peer)
 
-    def fail(self, error: PilotError) -> None:
+    def fail(self, error: PilotError, *, reset: bool = False) -> None:
+        """The stream is dead: sends and receives raise ``error`` from now on. ``reset``: the
+        peer's application never saw what we sent."""
+        self.reset = self.reset or reset
         if self.error is None:
             self.error = error
             self.inbox.put_nowait(error)
         self.node._progress_made()
+
+    def end(self) -> None:
+        """The peer finished sending: receives raise once the inbox is empty; sends go on."""
+        self.inbox.put_nowait(ConnectionClosedError("the peer closed the connection"))
 
     async def send(self, data: bytes | str | Any) -> None:
         payload = encode_payload(data)
@@ -180,14 +193,13 @@ class Connection:
         return await self._stream().receive(timeout)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until the peer acknowledged everything sent so far."""
+        """Wait until the peer acknowledged everything sent so far; raise if it never will."""
         handle = self._stream()
         await self._node._wait_until(
-            lambda: handle.error is not None
-            or handle.session.stream_buffered(handle.stream_id) == 0,
+            lambda: handle.error is not None or not handle.undelivered,
             timeout or self._timeout,
         )
-        if handle.error is not None:
+        if handle.error is not None and handle.undelivered:
             raise handle.error
 
     async def close(self) -> None:
@@ -491,7 +503,7 @@ class Node:
             if handle is None:
                 return
             if (peer, event.stream_id) in self._outgoing:
-                handle.fail(ConnectionClosedError("the peer closed the connection"))
+                handle.end()
             else:
                 # The client is done sending: close our side once our replies are out.
                 handle.session.finish_stream(event.stream_id)
@@ -503,10 +515,15 @@ class Node:
                     PortClosedError if event.code == ResetCode.PORT_CLOSED
                     else ConnectionClosedError
                 )
-                handle.fail(error_type(
-                    f"{node_id_from_key(peer)} port {handle.remote_port}: "
-                    f"{reset_reason(event.code)}", event.code, reset_reason(event.code),
-                ))
+                handle.fail(
+                    error_type(
+                        f"{node_id_from_key(peer)} port {handle.remote_port}: "
+                        f"{reset_reason(event.code)}",
+                        event.code,
+                        reset_reason(event.code),
+                    ),
+                    reset=True,
+                )
                 if (peer, event.stream_id) not in self._outgoing:
                     self._forget(handle)
         elif isinstance(event, events.SessionClosed):

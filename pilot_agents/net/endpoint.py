@@ -130,6 +130,12 @@ class Endpoint:
     def _flush(self) -> None:
         self._flush_scheduled = False
         mux = self.mux
+        # Events first: what the node does about them (refusing a stream, say) then leaves in
+        # the same packets as the acknowledgements.
+        event = mux.next_event()
+        while event is not None:
+            self._on_event(event)
+            event = mux.next_event()
         for data, address in mux.datagrams_to_send(self._loop.time()):
             self.send_raw(data, address)
         event = mux.next_event()
