@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pilot_agents.identity import Identity
-from pilot_agents.net import events
+from pilot_agents.net import crypto, events
 from pilot_agents.net.config import SessionConfig
 from pilot_agents.net.mux import Mux
 
@@ -68,13 +68,14 @@ class SimNetwork:
         self._link_tail: dict[tuple[Address, Address], float] = {}
 
     def add_host(self, name: str, config: SessionConfig | None = None) -> Host:
-        identity = Identity.generate()
+        identity = Identity(*crypto.ed25519_seed_keypair(self.rng.randbytes(32)))
         address = (name, 4000 + len(self.hosts))
         mux = Mux(
             identity.secret_key,
             identity.public_key,
             config or SessionConfig(),
             wall_clock_ns=lambda: int(1_700_000_000e9 + self.now * 1e9),
+            random_bits=self.rng.getrandbits,
         )
         host = Host(address, identity, mux)
         self.hosts[address] = host

@@ -83,7 +83,7 @@ def test_reliable_ordered_delivery_under_impairment(seed: int) -> None:
         or bool(closed_events(a) or closed_events(b)),
         300,
     )
-    assert ok
+    assert ok, (len(received(b, stream)), len(received(a, stream)), net.now)
     if closed_events(a) or closed_events(b):
         # Only a dead-peer verdict is an acceptable failure, and it must be reported on both.
         codes = {e.code for e in closed_events(a) + closed_events(b)}
@@ -150,7 +150,7 @@ def test_slow_reader_stops_the_sender() -> None:
 
 
 def test_rekey_by_packet_count_keeps_the_stream_going() -> None:
-    config = SessionConfig(rekey_after_packets=50)
+    config = SessionConfig(rekey_after_packets=50, mtu_probe_sizes=())
     net = SimNetwork(3, LinkProfile(loss=0.05, jitter=0.005))
     a, b = net.pair(config)
     sa = a.mux.session(b.key, net.now)
@@ -232,7 +232,12 @@ def test_peer_restart_is_detected() -> None:
     # a restarts: same identity, fresh state.
     from pilot_agents.net.mux import Mux
 
-    a.mux = Mux(a.identity.secret_key, a.identity.public_key, wall_clock_ns=lambda: int(2e18 + net.now * 1e9))
+    a.mux = Mux(
+        a.identity.secret_key,
+        a.identity.public_key,
+        wall_clock_ns=lambda: int(2e18 + net.now * 1e9),
+        random_bits=net.rng.getrandbits,
+    )
     a.mux.trust(b.key)
     a.mux.session(b.key, net.now).address = b.address
     fresh = a.mux.session(b.key, net.now)

@@ -15,7 +15,10 @@ MiB = 1024 * 1024
 
 @dataclass
 class SessionConfig:
-    max_packet_size: int = 1200  # bytes of a whole data datagram (header, frames, tag)
+    max_packet_size: int = 1200  # bytes of a data datagram before path MTU probing raises it
+    # Datagram sizes tried in turn once the tunnel is up (DPLPMTUD, RFC 8899): Ethernet, jumbo
+    # frames, and loopback/jumbo-capable paths. A lost probe ends the climb. () disables it.
+    mtu_probe_sizes: tuple[int, ...] = (1452, 8952, 16384)
     stream_window: int = 16 * MiB  # bytes a peer may send on one stream ahead of our reader
     connection_window: int = 64 * MiB  # the same, summed over all streams of the tunnel
     max_message_size: int = 1024 * MiB  # bytes; a larger incoming message resets its stream

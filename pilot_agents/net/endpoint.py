@@ -20,6 +20,8 @@ log = logging.getLogger("pilot_agents.endpoint")
 MAX_DATAGRAM = 65535
 READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts of a full congestion window
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -63,6 +65,9 @@ class Endpoint:
             sock.setblocking(False)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            if family == socket.AF_INET:
+                # Don't fragment: an oversized MTU probe must fail, not arrive in pieces.
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
             sock.bind((host, port))
         except OSError:
             sock.close()

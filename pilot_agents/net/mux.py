@@ -43,14 +43,16 @@ class Mux:
         config: SessionConfig | None = None,
         *,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        random_bits: Callable[[int], int] = secrets.randbits,
     ) -> None:
         """``signing_secret``/``public_key``: the node's Ed25519 identity; its X25519 form is
-        the Noise static key."""
+        the Noise static key. ``random_bits`` picks indices and session nonces (tests seed it)."""
         self.public_key = public_key
         self.config = config or SessionConfig()
         self.stats = MuxStats()
         self._static_private = crypto.ed25519_sk_to_x25519(signing_secret)
         self._wall_clock_ns = wall_clock_ns
+        self._random_bits = random_bits
         self._sessions: dict[bytes, Session] = {}
         self._by_index: dict[int, Session] = {}
         self._trusted: dict[bytes, bytes] = {}  # X25519 static -> Ed25519 node key
@@ -90,7 +92,7 @@ class Mux:
                 prologue=PROLOGUE,
                 config=self.config,
                 indices=self,
-                nonce=secrets.randbits(64),
+                nonce=self._random_bits(64),
                 wall_clock_ns=self._wall_clock_ns,
                 now=now,
             )
@@ -107,7 +109,7 @@ class Mux:
 
     def allocate(self, session: Session) -> int:
         while True:
-            index = secrets.randbits(32)
+            index = self._random_bits(32)
             if index not in self._by_index:
                 self._by_index[index] = session
                 return index

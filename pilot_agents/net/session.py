@@ -24,6 +24,7 @@ from . import events, handshake, noise, wire
 from .codes import CloseCode, ResetCode, close_reason
 from .config import SessionConfig
 from .crypto import TAG_SIZE, Aead
+from .pacing import Pacer
 from .rangeset import RangeSet
 from .recovery import Recovery, SentPacket
 from .replay import ReplayWindow
@@ -124,6 +125,11 @@ class Session:
         self._ack_deadline: float | None = None
         self._largest_received_time = now
         self._recovery = Recovery(config.recovery, config.congestion)
+        self._pacer = Pacer()
+        self._packet_size = config.max_packet_size
+        self._mtu_probes = list(config.mtu_probe_sizes)  # sizes still to try, ascending
+        self._mtu_probe_in_flight = False
+        self._pacing_deadline: float | None = None  # set while pacing holds data back
         self._ping_pending = False
         self._probes_pending = 0
         self._path_responses: list[bytes] = []
@@ -246,6 +252,8 @@ class Session:
             recovery = self._recovery.get_timer()
             if recovery is not None:
                 deadlines.append(recovery)
+            if self._pacing_deadline is not None:
+                deadlines.append(self._pacing_deadline)
             key_deadline = self._key_deadline()
             if key_deadline is not None:
                 deadlines.append(key_deadline)
@@ -273,6 +281,12 @@ class Session:
             self._on_lost(result.lost)
             if result.probe_packets:
                 self._probes_pending = result.probe_packets
+                if self._recovery.pto_count == 2 and self._packet_size > self.config.max_packet_size:
+                    # Large datagrams may have stopped getting through (a path change, a
+                    # black hole): fall back to the size every path carries.
+                    self._packet_size = self.config.max_packet_size
+                    self._recovery.cc.set_max_datagram_size(self._packet_size)
+                    self._mtu_probes.clear()
                 if self._recovery.pto_count >= self.config.max_probe_timeouts:
                     self._enter_closed(CloseCode.PEER_UNREACHABLE, "", by_peer=False)
                     return
@@ -409,6 +423,8 @@ class Session:
             return out
         out += self._handshake_packets  # a rekey the age check just started
         self._handshake_packets = []
+        if self._mtu_probes and not self._mtu_probe_in_flight:
+            out.append(self._build_mtu_probe(keypair, now))
         while True:
             packet = self._build_packet(keypair, now)
             if packet is None:
@@ -669,6 +685,8 @@ class Session:
                     if stream is not None:
                         stream.send.on_acked(item.offset, item.length, item.fin)
                         self._maybe_forget_stream(stream)
+                elif item[0] == "mtu_probe":
+                    self._on_mtu_probe(item[1], acked=True)
         self._on_lost(result.lost)
 
     def _on_lost(self, lost: list[SentPacket]) -> None:
@@ -688,6 +706,8 @@ class Session:
                         self._control.append(("max_stream_data", item[1], stream.recv.max_data))
                 elif item[0] == "reset":
                     self._control.append(item)
+                elif item[0] == "mtu_probe":
+                    self._on_mtu_probe(item[1], acked=False)
 
     # -- internals: building packets -------------------------------------------------------
 
@@ -709,7 +729,7 @@ class Session:
         return datagram
 
     def _build_packet(self, keypair: handshake.Keypair, now: float) -> bytes | None:
-        budget = self.config.max_packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
+        budget = self._packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
         payload = bytearray()
         items: list[Any] = []
         ack_due = self._ack_deadline is not None and now >= self._ack_deadline
@@ -723,7 +743,7 @@ class Session:
             payload += wire.encode_path_response(token)
         self._path_responses.clear()
         probe = self._probes_pending > 0
-        if not (probe or self._recovery.cc.can_send(self.config.max_packet_size)):
+        if not (probe or self._may_send(now)):
             return self._finish_packet(keypair, payload, items, now, probe=False)
         if self._max_data_pending:
             self._max_data_pending = False
@@ -744,6 +764,53 @@ class Session:
             items.append(("ping", 0, 0))
         self._ping_pending = False
         return self._finish_packet(keypair, payload, items, now, probe=probe)
+
+    def _build_mtu_probe(self, keypair: handshake.Keypair, now: float) -> bytes:
+        """A PING padded to the next probe size; its ACK proves the path carries that size."""
+        size = self._mtu_probes[0]
+        self._mtu_probe_in_flight = True
+        payload = wire.ENCODED_PING + bytes(size - wire.DATA_HEADER_SIZE - TAG_SIZE - 1)
+        packet_number = self._next_packet_number
+        datagram = self._seal(keypair, payload)
+        self._recovery.on_packet_sent(
+            SentPacket(
+                packet_number=packet_number,
+                time_sent=now,
+                size=len(datagram),
+                ack_eliciting=True,
+                in_flight=True,
+                is_probe_mtu=True,
+                data=[("mtu_probe", size, 0)],
+            )
+        )
+        return datagram
+
+    def _on_mtu_probe(self, size: int, *, acked: bool) -> None:
+        self._mtu_probe_in_flight = False
+        if not acked:
+            self._mtu_probes.clear()  # the path stops below this size: stay where we are
+            return
+        self._mtu_probes = [s for s in self._mtu_probes if s > size]
+        if size > self._packet_size:
+            self._packet_size = size
+            self._recovery.cc.set_max_datagram_size(size)
+            log.debug("[%s] path carries %d-byte datagrams", self._tag, size)
+
+    def _may_send(self, now: float) -> bool:
+        """Congestion window and pacer both allow an ack-eliciting packet now."""
+        self._pacing_deadline = None
+        size = self._packet_size
+        recovery = self._recovery
+        if not recovery.cc.can_send(size):
+            return False
+        if not (self._send_order or self._control or self._max_data_pending):
+            return True  # nothing paced is waiting: don't arm a timer for nothing
+        self._pacer.update_rate(recovery.congestion_window, recovery.rtt.smoothed_rtt)
+        at = self._pacer.next_send_time(now, size)
+        if at > now:
+            self._pacing_deadline = at
+            return False
+        return True
 
     def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
         order = self._send_order
@@ -788,6 +855,7 @@ class Session:
         datagram = self._seal(keypair, payload)
         ack_eliciting = bool(items)
         if ack_eliciting:
+            self._pacer.on_sent(len(datagram))
             if probe:
                 self._probes_pending -= 1
             self._last_ack_eliciting_sent = now
