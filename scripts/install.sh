@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs pilot-agents into ./.venv on a Debian machine.
+#   scripts/install.sh        runtime: libsodium, Python venv, the package
+#   scripts/install.sh --dev  plus test tools: pytest and friends, and the NAT lab's
+#                             iproute2, iptables, conntrack, tcpdump (the lab needs root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+
+packages=(python3 python3-venv python3-dev libsodium23)
+[ $dev -eq 1 ] && packages+=(iproute2 iptables conntrack tcpdump)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if [ $dev -eq 1 ]; then
+  .venv/bin/python -m pip install -q -e '.[dev]'
+else
+  .venv/bin/python -m pip install -q -e .
+fi
+echo "pilot-agents installed in $(pwd)/.venv"
