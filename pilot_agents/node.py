@@ -1,14 +1,15 @@
 """The embedded node: identity, trust, peers, ports, and the async API applications use.
 
-    async with Node(home=PATH, listen="127.0.0.1:0") as node:
-        node.trust(peer_id); node.add_peer(peer_id, ("127.0.0.1", 4000))
-        async with node.connect(peer_id, port=1001) as conn:
-            await conn.send(b"hello")
+async with Node(home=PATH, listen="127.0.0.1:0") as node:
+    node.trust(peer_id); node.add_peer(peer_id, ("127.0.0.1", 4000))
+    async with node.connect(peer_id, port=1001) as conn:
+        await conn.send(b"hello")
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -53,7 +54,9 @@ def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
     try:
         return json.dumps(data, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})")
+        raise ConfigError(
+            f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})"
+        ) from None
 
 
 def _check_port(port: int) -> int:
@@ -86,8 +89,9 @@ class Message:
 class _StreamHandle:
     """Our side of one stream: its inbox and the way back into the session."""
 
-    def __init__(self, node: Node, session: Session, stream_id: int, local_port: int,
-                 remote_port: int) -> None:
+    def __init__(
+        self, node: Node, session: Session, stream_id: int, local_port: int, remote_port: int
+    ) -> None:
         self.node = node
         self.session = session
         self.stream_id = stream_id
@@ -126,8 +130,10 @@ class _StreamHandle:
         self.session.send_message(self.stream_id, payload)
         self.node._endpoint_wake()
         await self.node._wait_until(
-            lambda: self.error is not None
-            or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER,
+            lambda: (
+                self.error is not None
+                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
+            ),
             None,
         )
         if self.error is not None:
@@ -173,7 +179,9 @@ class Connection:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
@@ -251,9 +259,7 @@ class Listener:
         try:
             handle, message = await asyncio.wait_for(self._inbox.get(), timeout)
         except TimeoutError:
-            raise PilotTimeoutError(
-                f"no message on port {self.port} within {timeout} s"
-            ) from None
+            raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
         handle.session.message_consumed(handle.stream_id, len(message.data))
         self._node._endpoint_wake()
         return message
@@ -383,8 +389,9 @@ class Node:
     def connect(self, node_id: str, port: int, timeout: float = 10.0) -> Connection:
         return Connection(self, key_from_node_id(node_id), _check_port(port), timeout)
 
-    async def send(self, node_id: str, port: int, data: bytes | str | Any,
-                   timeout: float = 10.0) -> None:
+    async def send(
+        self, node_id: str, port: int, data: bytes | str | Any, timeout: float = 10.0
+    ) -> None:
         """Deliver one message and wait until the peer has it."""
         async with self.connect(node_id, port, timeout) as conn:
             await conn.send(data)
@@ -466,10 +473,8 @@ class Node:
                 raise PilotTimeoutError(f"timed out after {timeout} s")
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                pass
 
     def _on_event(self, event: events.Event) -> None:
         peer = event.peer
@@ -477,8 +482,9 @@ class Node:
             handle = self._streams.get((peer, event.stream_id))
             if handle is None:
                 return
-            message = Message(event.data, node_id_from_key(peer), event.dst_port,
-                              event.src_port, handle)
+            message = Message(
+                event.data, node_id_from_key(peer), event.dst_port, event.src_port, handle
+            )
             if (peer, event.stream_id) in self._outgoing:
                 handle.inbox.put_nowait(message)
             else:
@@ -511,12 +517,13 @@ class Node:
         elif isinstance(event, events.StreamReset):
             handle = self._streams.get((peer, event.stream_id))
             if handle is not None:
-                error_type = (
-                    PortClosedError if event.code == ResetCode.PORT_CLOSED
+                reset_error = (
+                    PortClosedError
+                    if event.code == ResetCode.PORT_CLOSED
                     else ConnectionClosedError
                 )
                 handle.fail(
-                    error_type(
+                    reset_error(
                         f"{node_id_from_key(peer)} port {handle.remote_port}: "
                         f"{reset_reason(event.code)}",
                         event.code,
@@ -527,16 +534,16 @@ class Node:
                 if (peer, event.stream_id) not in self._outgoing:
                     self._forget(handle)
         elif isinstance(event, events.SessionClosed):
-            error_type = (
+            closed_error: type[PilotError] = (
                 PeerUnreachableError
-                if event.code in (CloseCode.HANDSHAKE_TIMEOUT, CloseCode.PEER_UNREACHABLE,
-                                  CloseCode.IDLE_TIMEOUT)
+                if event.code
+                in (CloseCode.HANDSHAKE_TIMEOUT, CloseCode.PEER_UNREACHABLE, CloseCode.IDLE_TIMEOUT)
                 else ConnectionClosedError
             )
             reason = event.reason or close_reason(event.code)
             for (p, _), handle in list(self._streams.items()):
                 if p == peer:
-                    error = error_type(f"tunnel to {node_id_from_key(peer)} closed: {reason}")
+                    error = closed_error(f"tunnel to {node_id_from_key(peer)} closed: {reason}")
                     handle.fail(error)
                     if (p, handle.stream_id) not in self._outgoing:
                         self._forget(handle)

@@ -16,6 +16,7 @@ from pilot_agents.identity import Identity
 from pilot_agents.net import crypto, events
 from pilot_agents.net.config import SessionConfig
 from pilot_agents.net.mux import Mux
+from pilot_agents.net.paths import RelayPath
 
 Address = tuple[str, int]
 
@@ -38,17 +39,60 @@ class Host:
     messages: list[events.MessageReceived] = field(default_factory=list)
     # Simulated application: take every message at once, releasing flow-control credit.
     auto_consume: bool = True
+    nat: SimNat | None = None
 
     @property
     def key(self) -> bytes:
         return self.identity.public_key
 
 
+@dataclass
+class SimNat:
+    """A NAT router: ``cone`` maps one internal address to one public port whatever the
+    destination; ``symmetric`` uses a new port per destination. Both filter inbound like a
+    home router (port-restricted): only from where the mapping has sent to."""
+
+    name: str
+    kind: str  # "cone" | "symmetric"
+    blocked: bool = False  # drop everything (a dead path)
+    _next_port: int = 20000
+    _out: dict[tuple[Address, Address | None], int] = field(default_factory=dict)
+    _in: dict[int, Address] = field(default_factory=dict)
+    _allowed: dict[int, set[Address]] = field(default_factory=dict)
+
+    def outbound(self, source: Address, destination: Address) -> Address:
+        key = (source, destination if self.kind == "symmetric" else None)
+        port = self._out.get(key)
+        if port is None:
+            port = self._next_port
+            self._next_port += 1
+            self._out[key] = port
+            self._in[port] = source
+            self._allowed[port] = set()
+        self._allowed[port].add(destination)
+        return (self.name, port)
+
+    def inbound(self, public: Address, source: Address) -> Address | None:
+        port = public[1]
+        if self.blocked or port not in self._in or source not in self._allowed[port]:
+            return None
+        return self._in[port]
+
+    def rebind(self) -> None:
+        """Forget every mapping: the next outbound packets get new public ports."""
+        self._out.clear()
+        self._in.clear()
+        self._allowed.clear()
+
+
+BEACON: Address = ("beacon", 3478)
+
+
 @dataclass(order=True)
 class _InFlight:
     at: float
     seq: int
-    source: Address = field(compare=False)
+    source: object = field(compare=False)
     destination: Address = field(compare=False)
     data: bytes = field(compare=False)
 
@@ -65,9 +109,37 @@ class SimNetwork:
         self._queue: list[_InFlight] = []
         self._seq = 0
         self._stalled = 0
-        self._link_tail: dict[tuple[Address, Address], float] = {}
+        self._link_tail: dict[tuple[object, Address], float] = {}
+        self.nats: dict[str, SimNat] = {}
+        self.beacon_introductions = True  # answer a fallback to the relay with a new intro
+        self.relayed = 0
 
-    def add_host(self, name: str, config: SessionConfig | None = None) -> Host:
+    def add_nat(self, name: str, kind: str) -> SimNat:
+        nat = SimNat(name, kind)
+        self.nats[name] = nat
+        return nat
+
+    def reflexive(self, host: Host) -> Address:
+        """The host's address as the beacon sees it (opens the mapping, as registering does)."""
+        return host.nat.outbound(host.address, BEACON) if host.nat else host.address
+
+    def introduce(self, a: Host, b: Host) -> None:
+        """What the beacon's introduction does: each side learns the other's LAN and current
+        reflexive address and starts probing."""
+        for one, other in ((a, b), (b, a)):
+            session = one.mux.session(other.key, self.now)
+            session.address = RelayPath(other.key)
+            session.add_candidates([other.address, self.reflexive(other)], self.now)
+
+    def reintroduce(self, host: Host, peer: bytes) -> None:
+        """A node whose direct path failed asks the beacon to introduce it again."""
+        other = next((h for h in self.hosts.values() if h.key == peer), None)
+        if other is not None and self.beacon_introductions:
+            self.introduce(host, other)
+
+    def add_host(
+        self, name: str, config: SessionConfig | None = None, nat: SimNat | None = None
+    ) -> Host:
         identity = Identity(*crypto.ed25519_seed_keypair(self.rng.randbytes(32)))
         address = (name, 4000 + len(self.hosts))
         mux = Mux(
@@ -77,7 +149,7 @@ class SimNetwork:
             wall_clock_ns=lambda: int(1_700_000_000e9 + self.now * 1e9),
             random_bits=self.rng.getrandbits,
         )
-        host = Host(address, identity, mux)
+        host = Host(address, identity, mux, nat=nat)
         self.hosts[address] = host
         return host
 
@@ -89,7 +161,40 @@ class SimNetwork:
         a.mux.session(b.key, self.now).address = b.address
         return a, b
 
-    def send(self, source: Address, destination: Address, data: bytes) -> None:
+    def route(self, host: Host, destination: object, data: bytes) -> None:
+        """Send as ``host``: through the beacon's relay for a RelayPath, else through the
+        host's NAT unless the destination is on the same LAN."""
+        if isinstance(destination, RelayPath):
+            target = next((h for h in self.hosts.values() if h.key == destination.peer), None)
+            if target is not None:
+                self.relayed += 1
+                # Two crossings (to the beacon and on), labelled as the relay would label it.
+                self.send(RelayPath(host.key), target.address, data, hops=2)
+            return
+        assert isinstance(destination, tuple)
+        target = self.hosts.get(destination)
+        same_lan = target is not None and target.nat is host.nat
+        source = host.address
+        if host.nat is not None and not same_lan:
+            source = host.nat.outbound(host.address, destination)
+        self.send(source, destination, data)
+
+    def _arrive(self, packet: _InFlight) -> tuple[Host, Address] | None:
+        destination = packet.destination
+        nat = self.nats.get(destination[0])
+        if nat is not None and not isinstance(packet.source, RelayPath):
+            # No hairpinning, as with Linux NAT: from behind a NAT its own public address is
+            # unreachable, so same-LAN peers need their LAN candidates.
+            hairpin = packet.source[0] == nat.name
+            internal = None if hairpin else nat.inbound(destination, packet.source)
+            if internal is None:
+                self.dropped += 1
+                return None
+            destination = internal
+        host = self.hosts.get(destination)
+        return None if host is None else (host, packet.source)
+
+    def send(self, source: object, destination: Address, data: bytes, hops: int = 1) -> None:
         """Put one datagram on the wire, subject to the link profile."""
         profile = self.profile
         if self.tap is not None:
@@ -102,7 +207,7 @@ class SimNetwork:
             if self.rng.random() < profile.loss:
                 self.dropped += 1
                 continue
-            at = self.now + profile.delay + self.rng.random() * profile.jitter
+            at = self.now + hops * profile.delay + self.rng.random() * profile.jitter
             link = (source, destination)
             if self.rng.random() < profile.reorder:
                 at += profile.delay
@@ -114,10 +219,12 @@ class SimNetwork:
 
     def flush(self, host: Host) -> None:
         for data, destination in host.mux.datagrams_to_send(self.now):
-            self.send(host.address, destination, data)
+            self.route(host, destination, data)
         event = host.mux.next_event()
         while event is not None:
             host.events.append(event)
+            if isinstance(event, events.PathChanged) and event.path == "relay":
+                self.reintroduce(host, event.peer)
             if isinstance(event, events.MessageReceived):
                 host.messages.append(event)
                 if host.auto_consume:
@@ -146,10 +253,11 @@ class SimNetwork:
         self.now = due
         while self._queue and self._queue[0].at <= self.now:
             packet = heapq.heappop(self._queue)
-            host = self.hosts.get(packet.destination)
-            if host is not None:
+            arrival = self._arrive(packet)
+            if arrival is not None:
+                host, source = arrival
                 self.delivered += 1
-                host.mux.receive_datagram(packet.data, packet.source, self.now)
+                host.mux.receive_datagram(packet.data, source, self.now)
         for host in self.hosts.values():
             timer = host.mux.get_timer()
             if timer is not None and timer <= self.now:

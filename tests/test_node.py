@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
-    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a, Node(
-        home=tmp_path / "b", listen="127.0.0.1:0"
-    ) as b:
+    async with (
+        Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
+        Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+    ):
         a.trust(b.node_id)
         b.trust(a.node_id)
         a.add_peer(b.node_id, b.local_endpoint)
@@ -95,9 +95,10 @@ async def test_connect_to_closed_port_fails_clearly(pair: tuple[Node, Node]) -> 
 
 
 async def test_untrusted_peer_is_refused_locally_and_remotely(tmp_path: Path) -> None:
-    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a, Node(
-        home=tmp_path / "b", listen="127.0.0.1:0"
-    ) as b:
+    async with (
+        Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
+        Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+    ):
         with pytest.raises(NotTrustedError, match="trust add"):
             async with a.connect(b.node_id, port=1):
                 pass
@@ -171,8 +172,12 @@ def test_pilot_home_environment_variable(tmp_path: Path, monkeypatch: pytest.Mon
 
 async def start_peer_process(home: Path) -> tuple[asyncio.subprocess.Process, str, int]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "tests" / "echo_peer.py"), str(home),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        sys.executable,
+        str(ROOT / "tests" / "echo_peer.py"),
+        str(home),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 20)

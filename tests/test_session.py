@@ -79,8 +79,10 @@ def test_reliable_ordered_delivery_under_impairment(seed: int) -> None:
     for data in sent_ba:
         sb.send_message(stream, data)
     ok = net.run_until(
-        lambda: (len(received(b, stream)) == len(sent_ab) and len(received(a, stream)) == len(sent_ba))
-        or bool(closed_events(a) or closed_events(b)),
+        lambda: (
+            (len(received(b, stream)) == len(sent_ab) and len(received(a, stream)) == len(sent_ba))
+            or bool(closed_events(a) or closed_events(b))
+        ),
         300,
     )
     assert ok, (len(received(b, stream)), len(received(a, stream)), net.now)
@@ -269,7 +271,9 @@ def test_close_is_reported_to_the_peer() -> None:
     a, b = net.pair()
     sa = a.mux.session(b.key, net.now)
     sa.connect(net.now)
-    assert net.run_until(lambda: b.mux.get_session(a.key) is not None and b.mux.get_session(a.key).established, 5)  # type: ignore[union-attr]
+    assert net.run_until(
+        lambda: b.mux.get_session(a.key) is not None and b.mux.get_session(a.key).established, 5
+    )  # type: ignore[union-attr]
     sa.close(CloseCode.SHUTDOWN, "bye", net.now)
     assert net.run_until(lambda: bool(closed_events(b)), 5)
     closed = closed_events(b)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .congestion import CongestionConfig
+from .paths import PathConfig
 from .recovery import RecoveryConfig
 
 MiB = 1024 * 1024
@@ -42,3 +43,4 @@ class SessionConfig:
         default_factory=lambda: RecoveryConfig(max_pto_backoff_exponent=3)
     )
     congestion: CongestionConfig = field(default_factory=CongestionConfig)
+    paths: PathConfig = field(default_factory=PathConfig)

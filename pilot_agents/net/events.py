@@ -16,6 +16,14 @@ class HandshakeCompleted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PathChanged(Event):
+    """The tunnel moved: ``path`` is "direct" or "relay"."""
+
+    path: str
+    address: object
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOpened(Event):
     """The peer opened a stream to one of our ports."""
 

@@ -188,12 +188,7 @@ class Mux:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out: list[tuple[bytes, Address]] = []
         for session in list(self._sessions.values()):
-            datagrams = session.datagrams_to_send(now)
-            if datagrams:
-                if session.address is None:
-                    log.debug("no address for peer %s: dropping output", session.peer.hex()[:8])
-                else:
-                    out.extend((d, session.address) for d in datagrams)
+            out += session.datagrams_to_send(now)
             if session.closed:
                 self._collect_events_of(session)
                 if self._sessions.get(session.peer) is session:

@@ -25,6 +25,7 @@ from .codes import CloseCode, ResetCode, close_reason
 from .config import SessionConfig
 from .crypto import TAG_SIZE, Aead
 from .pacing import Pacer
+from .paths import PathManager, RelayPath, is_relay
 from .rangeset import RangeSet
 from .recovery import Recovery, SentPacket
 from .replay import ReplayWindow
@@ -32,7 +33,7 @@ from .streams import RecvStream, SendStream, StreamChunk
 
 log = logging.getLogger("pilot_agents.session")
 
-Address = Any  # opaque to the session: the endpoint's path (a socket address or a relay route)
+Address = Any  # a (host, port) tuple or a RelayPath; the endpoint knows how to send to each
 
 
 class IndexAllocator(Protocol):
@@ -94,7 +95,8 @@ class Session:
         self.peer = peer
         self.config = config
         self.state = State.HANDSHAKING
-        self.address: Address = None
+        self.paths = PathManager(config.paths)
+        self._latest_source: Address = None  # where the newest authenticated packet came from
         self.stats = SessionStats()
         self.nonce = nonce
         self.remote_nonce: int | None = None
@@ -132,7 +134,7 @@ class Session:
         self._pacing_deadline: float | None = None  # set while pacing holds data back
         self._ping_pending = False
         self._probes_pending = 0
-        self._path_responses: list[bytes] = []
+        self._path_responses: list[tuple[bytes, Address]] = []  # (token, where from)
         self._close_frame: bytes | None = None
         self._last_received = now
         self._last_ack_eliciting_sent = now
@@ -155,6 +157,27 @@ class Session:
         self._recv_queued_total = 0
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def address(self) -> Address:
+        """Where packets go now: the active path."""
+        return self.paths.active
+
+    @address.setter
+    def address(self, address: Address) -> None:
+        """A known direct address (used at once) or the relay (used until a direct path is
+        proven)."""
+        before = self.paths.active
+        if is_relay(address):
+            self.paths.set_relay(address)
+        else:
+            self.paths.set_direct(address)
+        if self.paths.active != before:
+            self._on_path_changed()
+
+    def add_candidates(self, addresses: list[Address], now: float) -> None:
+        """Addresses the peer may be reached at directly (from the beacon): probe them."""
+        self.paths.add_candidates(addresses, now)
 
     @property
     def established(self) -> bool:
@@ -254,6 +277,9 @@ class Session:
                 deadlines.append(recovery)
             if self._pacing_deadline is not None:
                 deadlines.append(self._pacing_deadline)
+            probe = self.paths.get_timer()
+            if probe is not None:
+                deadlines.append(probe)
             key_deadline = self._key_deadline()
             if key_deadline is not None:
                 deadlines.append(key_deadline)
@@ -281,7 +307,13 @@ class Session:
             self._on_lost(result.lost)
             if result.probe_packets:
                 self._probes_pending = result.probe_packets
-                if self._recovery.pto_count == 2 and self._packet_size > self.config.max_packet_size:
+                if self._recovery.pto_count == 2 and self.paths.on_path_failing(now):
+                    log.info("[%s] direct path stopped answering: back to the relay", self._tag)
+                    self._on_path_changed()
+                elif (
+                    self._recovery.pto_count == 2
+                    and self._packet_size > self.config.max_packet_size
+                ):
                     # Large datagrams may have stopped getting through (a path change, a
                     # black hole): fall back to the size every path carries.
                     self._packet_size = self.config.max_packet_size
@@ -329,12 +361,14 @@ class Session:
             confirmed=True,
         )
         self._install(keypair, now)
-        self.address = address
+        self._adopt_handshake_source(address)
         self._last_received = now
         # The responder may not send until it sees these keys in use: confirm at once.
         self._ping_pending = True
 
-    def receive_initiation(self, initiation: handshake.Initiation, address: Address, now: float) -> None:
+    def receive_initiation(
+        self, initiation: handshake.Initiation, address: Address, now: float
+    ) -> None:
         """An initiation from this peer that passed the Noise checks in the mux."""
         if self.state is State.CLOSED:
             return
@@ -368,7 +402,7 @@ class Session:
             self._indices.release(self._next.local_index)
         self._next = keypair
         self._handshake_packets.append(packet)
-        self.address = address
+        self._adopt_handshake_source(address)
         self._last_received = now
         self.stats.handshakes += 1
 
@@ -396,23 +430,27 @@ class Session:
         self.stats.bytes_received += len(data)
         self._last_received = now
         if packet_number == self._replay.highest:
-            # Roaming: the newest authenticated packet tells where the peer is now.
-            self.address = address
+            self._on_newest_packet_from(address, now)
         try:
             frames = wire.parse_frames_untrusted(payload)
-            self._handle_frames(packet_number, frames, now)
+            self._handle_frames(packet_number, frames, address, now)
         except WireError as exc:
             log.warning("[%s] protocol error from peer: %s", self._tag, exc)
             self.close(CloseCode.PROTOCOL_ERROR, str(exc), now)
 
     # -- sending -----------------------------------------------------------------------------
 
-    def datagrams_to_send(self, now: float) -> list[bytes]:
-        out = self._handshake_packets
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Datagrams and where each goes (probes and path responses leave off the active
+        path). Nothing goes out while no path is known."""
+        active = self.paths.active
+        if active is None:
+            return []
+        out = [(packet, active) for packet in self._handshake_packets]
         self._handshake_packets = []
         if self._close_frame is not None:
             if self._current is not None:
-                out.append(self._seal(self._current, self._close_frame))
+                out.append((self._seal(self._current, self._close_frame), active))
             self._close_frame = None
             return out
         if self.state is not State.ESTABLISHED:
@@ -421,15 +459,22 @@ class Session:
         keypair = self._current
         if self.state is not State.ESTABLISHED or keypair is None or not keypair.confirmed:
             return out
-        out += self._handshake_packets  # a rekey the age check just started
+        out += [(packet, active) for packet in self._handshake_packets]  # a rekey just started
         self._handshake_packets = []
+        for token, source in self._path_responses:
+            frame = wire.encode_path_response(token)
+            out.append((self._build_unpaced(keypair, frame, now), source))
+        self._path_responses.clear()
+        for address, token in self.paths.probes_due(now):
+            frame = wire.encode_path_challenge(token)
+            out.append((self._build_unpaced(keypair, frame, now), address))
         if self._mtu_probes and not self._mtu_probe_in_flight:
-            out.append(self._build_mtu_probe(keypair, now))
+            out.append((self._build_mtu_probe(keypair, now), active))
         while True:
             packet = self._build_packet(keypair, now)
             if packet is None:
                 break
-            out.append(packet)
+            out.append((packet, active))
         return out
 
     # -- internals: handshakes ----------------------------------------------------------------
@@ -438,7 +483,10 @@ class Session:
         initiator = noise.Initiator(self._static_private, self._peer_static, self._prologue)
         local_index = self._indices.allocate(self)
         self._initiation = _PendingInitiation(
-            initiator, local_index, now, now + self.config.handshake_retry,
+            initiator,
+            local_index,
+            now,
+            now + self.config.handshake_retry,
             self.config.handshake_retry,
         )
         self._handshake_packets.append(
@@ -457,7 +505,10 @@ class Session:
         self._initiation.started = pending.started
         self._initiation.retry_interval = interval
         self._initiation.next_retry = now + interval
-        if now - pending.started > self.config.handshake_timeout and self.state is State.ESTABLISHED:
+        if (
+            now - pending.started > self.config.handshake_timeout
+            and self.state is State.ESTABLISHED
+        ):
             # A rekey that gets no answer: current keys stay until they expire.
             self._initiation.next_retry = now + self.config.handshake_retry_max
 
@@ -531,7 +582,9 @@ class Session:
 
     # -- internals: frames in ---------------------------------------------------------------
 
-    def _handle_frames(self, packet_number: int, frames: list[wire.Frame], now: float) -> None:
+    def _handle_frames(
+        self, packet_number: int, frames: list[wire.Frame], source: Address, now: float
+    ) -> None:
         ack_eliciting = False
         for frame in frames:
             if isinstance(frame, wire.StreamFrame):
@@ -555,17 +608,18 @@ class Session:
             elif isinstance(frame, wire.ResetStreamFrame):
                 ack_eliciting = True
                 if self._drop_stream(frame.stream_id):
-                    self._events.append(
-                        events.StreamReset(self.peer, frame.stream_id, frame.code)
-                    )
+                    self._events.append(events.StreamReset(self.peer, frame.stream_id, frame.code))
             elif isinstance(frame, wire.CloseFrame):
                 self._enter_closed(frame.code, frame.reason, by_peer=True)
                 return
             elif isinstance(frame, wire.PathChallengeFrame):
                 ack_eliciting = True
-                self._path_responses.append(frame.token)
+                # Answered on the path it came by: that is what it tests.
+                self._path_responses.append((frame.token, source))
             elif isinstance(frame, wire.PathResponseFrame):
                 ack_eliciting = True
+                if self.paths.on_response(frame.token, source):
+                    self._on_path_validated(source)
         self._record_received(packet_number, ack_eliciting, now)
 
     def _record_received(self, packet_number: int, ack_eliciting: bool, now: float) -> None:
@@ -631,7 +685,9 @@ class Session:
             return None
         self._incoming_open += 1
         stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
-        self._events.append(events.StreamOpened(self.peer, stream_id, frame.src_port, frame.dst_port))
+        self._events.append(
+            events.StreamOpened(self.peer, stream_id, frame.src_port, frame.dst_port)
+        )
         return stream
 
     def _add_stream(self, stream_id: int, local_port: int, remote_port: int) -> _Stream:
@@ -739,9 +795,6 @@ class Session:
             )
             self._ack_deadline = None
             self._ack_eliciting_unacked = 0
-        for token in self._path_responses:
-            payload += wire.encode_path_response(token)
-        self._path_responses.clear()
         probe = self._probes_pending > 0
         if not (probe or self._may_send(now)):
             return self._finish_packet(keypair, payload, items, now, probe=False)
@@ -764,6 +817,69 @@ class Session:
             items.append(("ping", 0, 0))
         self._ping_pending = False
         return self._finish_packet(keypair, payload, items, now, probe=probe)
+
+    # -- internals: paths ---------------------------------------------------------------------
+
+    def _adopt_handshake_source(self, address: Address) -> None:
+        """Until a path is known, answer where the handshake came from."""
+        if self.paths.active is None:
+            self.address = address
+        elif is_relay(address):
+            self.paths.set_relay(address)
+
+    def _on_newest_packet_from(self, address: Address, now: float) -> None:
+        if is_relay(address):
+            if address != RelayPath(self.peer):
+                return  # the beacon named another sender: not a route to this peer
+            self.paths.set_relay(address)
+            if self.paths.direct:
+                # The peer gave up our direct path (its side of it broke, e.g. its NAT
+                # rebound): answer where it now sends, or our ACKs would be lost.
+                self._migrate(address)
+            return
+        self._latest_source = address
+        if address == self.paths.active:
+            return
+        if self.paths.is_validated(address):
+            self._migrate(address)  # the peer moved to a path we already proved
+        else:
+            self.paths.on_peer_address(address, now)
+
+    def _on_path_validated(self, address: Address) -> None:
+        # Leave the relay for any proven direct path; leave a direct path only when the peer
+        # itself now sends from the new one (its NAT rebound or it changed networks).
+        if not self.paths.direct or address == self._latest_source:
+            self._migrate(address)
+
+    def _migrate(self, address: Address) -> None:
+        if address == self.paths.active:
+            return
+        log.info("[%s] tunnel moves to %s", self._tag, address)
+        self.paths.move_to(address)
+        self._on_path_changed()
+
+    def _on_path_changed(self) -> None:
+        """A new path may carry smaller datagrams: start again from the safe size."""
+        self._events.append(events.PathChanged(self.peer, self.paths.kind, self.paths.active))
+        base = self.config.max_packet_size
+        if self._packet_size != base:
+            self._packet_size = base
+            self._recovery.cc.set_max_datagram_size(base)
+        # Relayed datagrams stay small: the beacon pays for every byte.
+        self._mtu_probes = [] if not self.paths.direct else list(self.config.mtu_probe_sizes)
+
+    def _build_unpaced(self, keypair: handshake.Keypair, frame: bytes, now: float) -> bytes:
+        """A path-validation packet, padded to the base size (RFC 9000 §8.2.1: a path must
+        carry that much), outside congestion control so unreachable candidates cost nothing."""
+        padding = self.config.max_packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE - len(frame)
+        packet_number = self._next_packet_number
+        datagram = self._seal(keypair, frame + bytes(max(padding, 0)))
+        self._recovery.on_packet_sent(
+            SentPacket(
+                packet_number, now, len(datagram), ack_eliciting=False, in_flight=False, data=[]
+            )
+        )
+        return datagram
 
     def _build_mtu_probe(self, keypair: handshake.Keypair, now: float) -> bytes:
         """A PING padded to the next probe size; its ACK proves the path carries that size."""
@@ -846,8 +962,13 @@ class Session:
                 order.rotate(-1)  # round robin between streams with data
 
     def _finish_packet(
-        self, keypair: handshake.Keypair, payload: bytearray, items: list[Any], now: float,
-        *, probe: bool,
+        self,
+        keypair: handshake.Keypair,
+        payload: bytearray,
+        items: list[Any],
+        now: float,
+        *,
+        probe: bool,
     ) -> bytes | None:
         if not payload:
             return None

@@ -233,11 +233,10 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
                 reason = payload[pos : pos + length].decode("utf-8", "replace")
                 frames.append(CloseFrame(code, reason))
                 pos += length
-            elif kind == PATH_CHALLENGE or kind == PATH_RESPONSE:
+            elif kind in (PATH_CHALLENGE, PATH_RESPONSE):
                 token = _PATH.unpack_from(payload, pos)[1]
-                frames.append(
-                    PathChallengeFrame(token) if kind == PATH_CHALLENGE else PathResponseFrame(token)
-                )
+                path_frame = PathChallengeFrame if kind == PATH_CHALLENGE else PathResponseFrame
+                frames.append(path_frame(token))
                 pos += _PATH.size
             else:
                 raise WireError(f"unknown frame type 0x{kind:02x}")

@@ -1,0 +1,119 @@
+"""Path choice on the simulated network with NAT models: start on the relay, punch to direct
+where the NAT pair allows it, fall back and migrate when paths change."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.simnet import Host, LinkProfile, SimNetwork
+
+
+def natted_pair(net: SimNetwork, kind_a: str | None, kind_b: str | None) -> tuple[Host, Host]:
+    nat_a = net.add_nat("nat-a", kind_a) if kind_a else None
+    nat_b = net.add_nat("nat-b", kind_b) if kind_b else None
+    a = net.add_host("a", nat=nat_a)
+    b = net.add_host("b", nat=nat_b)
+    a.mux.trust(b.key)
+    b.mux.trust(a.key)
+    return a, b
+
+
+def connect_via_beacon(net: SimNetwork, a: Host, b: Host) -> tuple[int, list[bytes]]:
+    """What the node does on connect-by-name: relay at once, candidates from the beacon for
+    both sides (the introduction), then send."""
+    net.introduce(a, b)  # the beacon tells both sides at once
+    sa = a.mux.session(b.key, net.now)
+    stream = sa.open_stream(50000, 1001)
+    messages = [random.Random(1).randbytes(n) for n in (10, 3000, 100_000)]
+    for m in messages:
+        sa.send_message(stream, m)
+    sa.connect(net.now)
+    return stream, messages
+
+
+@pytest.mark.parametrize(
+    ("kind_a", "kind_b", "expected"),
+    [
+        (None, "cone", "direct"),
+        ("cone", None, "direct"),
+        ("cone", "cone", "direct"),
+        ("cone", "symmetric", "relay"),
+        ("symmetric", "cone", "relay"),
+        ("symmetric", "symmetric", "relay"),
+    ],
+)
+def test_path_by_nat_pair(kind_a: str | None, kind_b: str | None, expected: str) -> None:
+    net = SimNetwork(11, LinkProfile(delay=0.01))
+    a, b = natted_pair(net, kind_a, kind_b)
+    stream, messages = connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) >= 1, 10)
+    first_message_at = net.now
+    assert net.run_until(lambda: len(b.messages) == len(messages), 10)
+    assert [m.data for m in b.messages] == messages
+    net.run_for(3)
+    sa, sb = a.mux.get_session(b.key), b.mux.get_session(a.key)
+    assert sa is not None and sb is not None
+    assert (sa.paths.kind, sb.paths.kind) == (expected, expected)
+    # Data flows both ways on the final path.
+    sb.send_message(stream, b"reply")
+    assert net.run_until(lambda: [m.data for m in a.messages] == [b"reply"], 5)
+    # The first message needs the handshake's round trip through the relay (4 crossings of
+    # 10 ms) and half of one more: it never waits for punching.
+    assert first_message_at <= 0.07
+    if expected == "relay":
+        assert net.relayed > 0
+
+
+def test_same_lan_goes_direct_on_lan_addresses() -> None:
+    net = SimNetwork(12)
+    nat = net.add_nat("home", "cone")
+    a, b = net.add_host("a", nat=nat), net.add_host("b", nat=nat)
+    a.mux.trust(b.key)
+    b.mux.trust(a.key)
+    connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+    net.run_for(2)
+    sa = a.mux.get_session(b.key)
+    assert sa is not None and sa.paths.kind == "direct" and sa.address == b.address
+
+
+def test_nat_rebinding_mid_transfer_moves_the_tunnel() -> None:
+    net = SimNetwork(13, LinkProfile(delay=0.01))
+    a, b = natted_pair(net, "cone", "cone")
+    stream, _ = connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+    net.run_for(2)
+    sa, sb = a.mux.get_session(b.key), b.mux.get_session(a.key)
+    assert sa is not None and sb is not None and sb.paths.kind == "direct"
+    old = sb.address
+    payload = random.Random(2).randbytes(10_000_000)
+    sa.send_message(stream, payload)
+    net.run_for(0.1)
+    assert a.nat is not None and len(b.messages) == 3
+    a.nat.rebind()  # a's NAT forgets its mappings in the middle of the transfer
+    assert net.run_until(lambda: len(b.messages) == 4, 30)
+    assert b.messages[3].data == payload
+    net.run_for(2)
+    assert sb.paths.kind == "direct" and sb.address != old
+
+
+def test_dead_direct_path_falls_back_to_relay_and_recovers() -> None:
+    net = SimNetwork(14, LinkProfile(delay=0.01))
+    a, b = natted_pair(net, "cone", "cone")
+    stream, _ = connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+    net.run_for(2)
+    sa = a.mux.get_session(b.key)
+    assert sa is not None and sa.paths.kind == "direct"
+    assert b.nat is not None
+    b.nat.blocked = True  # the direct path dies; the relay still works
+    sa.send_message(stream, b"during the outage")
+    assert net.run_until(lambda: len(b.messages) == 4, 20)
+    assert sa.paths.kind == "relay"
+    b.nat.blocked = False
+    sa.send_message(stream, b"after")
+    assert net.run_until(lambda: sa.paths.kind == "direct", 120)
+    assert net.run_until(lambda: len(b.messages) == 5, 10)
+    assert not [e for e in a.events + b.events if type(e).__name__ == "SessionClosed"]
