@@ -8,6 +8,7 @@ needs no allocation authority.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import os
@@ -26,7 +27,9 @@ def default_home() -> Path:
     return Path(os.environ.get("PILOT_HOME") or Path.home() / ".pilot-agents")
 
 
+@functools.lru_cache(maxsize=4096)
 def node_id_from_key(public_key: bytes) -> str:
+    # Cached: every received message names its sender, and base32 costs microseconds.
     return base64.b32encode(public_key).decode("ascii").rstrip("=").lower()
 
 

@@ -152,9 +152,13 @@ class Endpoint:
 
     def _rearm(self) -> None:
         deadline = self.mux.get_timer()
-        if deadline == self._timer_at:
+        if deadline is None:
+            return
+        # A timer that fires early is harmless (the mux checks what is due and we re-arm), so
+        # only move it earlier: re-arming on every flush churns the event loop's timer heap.
+        if self._timer_at is not None and self._timer_at <= deadline:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline
-        self._timer = None if deadline is None else self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_at(deadline, self._on_timer)

@@ -788,7 +788,11 @@ class Session:
         budget = self._packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
         payload = bytearray()
         items: list[Any] = []
-        ack_due = self._ack_deadline is not None and now >= self._ack_deadline
+        # An ACK rides along whenever something else is going out anyway (a reply, say), so
+        # request/reply traffic needs no separate ACK packets.
+        ack_due = self._ack_deadline is not None and (
+            now >= self._ack_deadline or self._has_payload_to_send()
+        )
         if ack_due and self._received:
             payload += wire.encode_ack(
                 [(r.start, r.stop) for r in self._received], now - self._largest_received_time
@@ -874,11 +878,7 @@ class Session:
         padding = self.config.max_packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE - len(frame)
         packet_number = self._next_packet_number
         datagram = self._seal(keypair, frame + bytes(max(padding, 0)))
-        self._recovery.on_packet_sent(
-            SentPacket(
-                packet_number, now, len(datagram), ack_eliciting=False, in_flight=False, data=[]
-            )
-        )
+        self._recovery.on_untracked_packet_sent(packet_number)
         return datagram
 
     def _build_mtu_probe(self, keypair: handshake.Keypair, now: float) -> bytes:
@@ -919,7 +919,7 @@ class Session:
         recovery = self._recovery
         if not recovery.cc.can_send(size):
             return False
-        if not (self._send_order or self._control or self._max_data_pending):
+        if not self._has_payload_to_send():
             return True  # nothing paced is waiting: don't arm a timer for nothing
         self._pacer.update_rate(recovery.congestion_window, recovery.rtt.smoothed_rtt)
         at = self._pacer.next_send_time(now, size)
@@ -927,6 +927,9 @@ class Session:
             self._pacing_deadline = at
             return False
         return True
+
+    def _has_payload_to_send(self) -> bool:
+        return bool(self._send_order or self._control or self._max_data_pending)
 
     def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
         order = self._send_order
@@ -974,20 +977,21 @@ class Session:
             return None
         packet_number = self._next_packet_number
         datagram = self._seal(keypair, payload)
-        ack_eliciting = bool(items)
-        if ack_eliciting:
-            self._pacer.on_sent(len(datagram))
-            if probe:
-                self._probes_pending -= 1
-            self._last_ack_eliciting_sent = now
-        # ACK-only packets are recorded too, so the peer may acknowledge them (RFC 9002 A.5).
+        if not items:
+            # ACK only: nothing to resend, but the peer may acknowledge its number.
+            self._recovery.on_untracked_packet_sent(packet_number)
+            return datagram
+        self._pacer.on_sent(len(datagram))
+        if probe:
+            self._probes_pending -= 1
+        self._last_ack_eliciting_sent = now
         self._recovery.on_packet_sent(
             SentPacket(
                 packet_number=packet_number,
                 time_sent=now,
                 size=len(datagram),
-                ack_eliciting=ack_eliciting,
-                in_flight=ack_eliciting,
+                ack_eliciting=True,
+                in_flight=True,
                 data=items,
             )
         )
