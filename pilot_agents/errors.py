@@ -58,5 +58,17 @@ class PortClosedError(ConnectionClosedError):
     """The peer has no listener on the port we connected to."""
 
 
+class BeaconError(PilotError):
+    """The beacon refused us (a registration, a lookup) or can't be reached."""
+
+
+class NameTakenError(BeaconError):
+    """The hostname belongs to another node's key: the first key to register a name owns it."""
+
+
+class UnknownHostError(BeaconError):
+    """The beacon knows no node by that name (or it is offline)."""
+
+
 class MessageTooLargeError(PilotError):
     """A message exceeds the configured maximum message size."""

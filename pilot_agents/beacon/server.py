@@ -1,0 +1,625 @@
+"""The beacon's core, sans-IO: registry, STUN, introductions and relay for one UDP port.
+
+Feed every datagram of the main port to :meth:`BeaconServer.receive_datagram` (and every datagram
+of the second, STUN-only port to :meth:`BeaconServer.receive_alt_datagram`), send what
+:meth:`BeaconServer.datagrams_to_send` returns, and call :meth:`BeaconServer.handle_timer` at
+:meth:`BeaconServer.get_timer`. ``now`` is a monotonic clock in seconds; registration timestamps
+are checked against ``wall_clock_ns``.
+
+Who may ask what:
+
+- REGISTER proves itself with the node's signature, a fresh timestamp (within ``max_clock_skew``
+  of our clock and newer than the last one we took from that key, so a captured REGISTER can't be
+  replayed) and, for a hostname, ownership: the first key to register a name keeps it.
+- RESOLVE, INTRODUCE and RELAY are authenticated by their source address: it must be the address
+  of a live registration. That address is the one the node's signed REGISTER came from, and it is
+  where every answer goes, so an off-path attacker who forges it only makes us send that node
+  answers it didn't ask for (rate-limited). Signing each request instead would cost an Ed25519
+  verification per relayed packet, which would cap the relay far below what the socket can do;
+  TURN authenticates its relayed data the same way, by 5-tuple.
+
+Every refusal is counted by reason; answers that would cost us a signature are rate-limited per
+source IP before any work, and per node after the signature is checked (so nobody can spend a
+victim's allowance by forging its key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import WireError
+from ..identity import node_id_from_key
+from ..net import beacon_wire as bw
+from ..net import stun
+from ..net.beacon_wire import Address, NatType, Status
+from .store import Registry
+
+log = logging.getLogger("pilot_agents.beacon")
+
+ZERO_KEY = bytes(bw.KEY_SIZE)
+
+
+@dataclass
+class BeaconConfig:
+    registration_ttl: float = 90.0  # seconds a registration lives without a refresh
+    max_clock_skew: float = 60.0  # seconds a REGISTER timestamp may differ from our clock
+    alt_port: int = 0  # our second (STUN-only) port, advertised for NAT classification; 0: none
+    sweep_interval: float = 5.0  # seconds between purges of expired state
+    # Token buckets: rate per second and burst. Per source IP (every message but relayed data):
+    source_rate: float = 100.0
+    source_burst: float = 200.0
+    # Per node, after its signature or registered address is checked:
+    register_rate: float = 1.0  # REGISTERs; a node sends one per 25 s plus changes and retries
+    register_burst: float = 10.0
+    request_rate: float = 20.0  # RESOLVEs and INTRODUCEs
+    request_burst: float = 100.0
+    relay_packet_rate: float = 20_000.0  # relayed packets per second per sending node
+    relay_packet_burst: float = 40_000.0
+    relay_byte_rate: float = 16e6  # relayed bytes per second per sending node
+    relay_byte_burst: float = 32e6
+    max_relay_payload: int = 65_507 - bw.RELAY_OVERHEAD  # bytes; the largest UDP payload
+    relay_idle: float = 60.0  # seconds without traffic before a relayed pair counts as new
+    max_sources: int = 100_000  # source IPs tracked for rate limiting before the oldest reset
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; refilled lazily from the caller's clock."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens < amount:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - amount
+        return True
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+@dataclass(slots=True)
+class _Limits:
+    """A node's allowances; they outlive its registration so re-registering can't reset them."""
+
+    register: TokenBucket
+    request: TokenBucket
+    relay_packets: TokenBucket
+    relay_bytes: TokenBucket
+
+    def idle(self, now: float) -> bool:
+        return all(
+            b.full(now) for b in (self.register, self.request, self.relay_packets, self.relay_bytes)
+        )
+
+
+@dataclass(slots=True)
+class _Node:
+    key: bytes
+    hostname: str | None
+    address: Address  # where its datagrams come from and ours go
+    reflexive: Address  # the same, as reported (IPv4-mapped IPv6 shown as IPv4)
+    lan: tuple[Address, ...]
+    nat_type: NatType
+    timestamp_ns: int
+    expires: float
+    reply: bytes  # the REGISTERED we sent, resent for a duplicate of the same REGISTER
+
+    @property
+    def candidates(self) -> tuple[Address, ...]:
+        return (self.reflexive, *(a for a in self.lan if a != self.reflexive))
+
+
+@dataclass
+class BeaconStats:
+    registrations: int = 0  # new registrations (not refreshes)
+    refreshes: int = 0
+    resolves: int = 0
+    introductions: int = 0
+    relayed_packets: int = 0
+    relayed_bytes: int = 0
+    stun_requests: int = 0
+    status_requests: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)
+
+
+def reported_address(address: Address) -> Address:
+    """An address as a node should see it: no scope id, IPv4-mapped IPv6 as plain IPv4."""
+    host, port = address[0], address[1]
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), port
+
+
+def _short(key: bytes) -> str:
+    return node_id_from_key(key)[:12]
+
+
+class BeaconServer:
+    def __init__(
+        self,
+        secret_key: bytes,
+        public_key: bytes,
+        registry: Registry,
+        config: BeaconConfig | None = None,
+        *,
+        now: float = 0.0,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start."""
+        self.secret_key = secret_key
+        self.public_key = public_key
+        self.registry = registry
+        self.config = config or BeaconConfig()
+        self.stats = BeaconStats()
+        self._wall_clock_ns = wall_clock_ns
+        self._started = now
+        self._next_sweep = now + self.config.sweep_interval
+        self._nodes: dict[bytes, _Node] = {}
+        self._by_address: dict[Address, bytes] = {}
+        self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
+        self._limits: dict[bytes, _Limits] = {}
+        self._sources: dict[str, TokenBucket] = {}
+        self._relay_pairs: dict[tuple[bytes, bytes], float] = {}
+        self._out: list[tuple[bytes, Address]] = []
+        self._alt_out: list[tuple[bytes, Address]] = []
+
+    # -- driving -------------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, address: Address, now: float) -> None:
+        if not data:
+            self._refuse("malformed")
+            return
+        kind = data[0]
+        if kind == bw.RELAY:  # first: it is most of the traffic
+            self._on_relay(data, address, now)
+            return
+        if not self._source_allows(address, now):
+            self._refuse("rate_limited")
+            return
+        try:
+            if kind < 4:
+                self._on_stun(data, address, self._out)
+            elif kind == bw.REGISTER:
+                self._on_register(bw.parse_register_untrusted(data), address, now)
+            elif kind == bw.RESOLVE:
+                self._on_resolve(bw.parse_resolve_untrusted(data), address, now)
+            elif kind == bw.INTRODUCE:
+                self._on_introduce(bw.parse_introduce_untrusted(data), address, now)
+            elif kind == bw.STATUS:
+                request_id = bw.parse_status_request_untrusted(data)
+                self.stats.status_requests += 1
+                self._out.append((self._status_reply(request_id, now), address))
+            else:
+                self._refuse("malformed")
+        except WireError as exc:
+            self._refuse("malformed")
+            log.debug("malformed datagram from %s: %s", address, exc)
+
+    def receive_alt_datagram(self, data: bytes, address: Address, now: float) -> None:
+        """A datagram on the second port: only STUN is answered there (from that port)."""
+        if not data or data[0] >= 4:
+            self._refuse("malformed")
+            return
+        if not self._source_allows(address, now):
+            self._refuse("rate_limited")
+            return
+        try:
+            self._on_stun(data, address, self._alt_out)
+        except WireError:
+            self._refuse("malformed")
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._out = self._out, []
+        return out
+
+    def alt_datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """What to send from the second port."""
+        out, self._alt_out = self._alt_out, []
+        return out
+
+    def get_timer(self) -> float:
+        return self._next_sweep
+
+    def handle_timer(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.config.sweep_interval
+        for key, node in list(self._nodes.items()):
+            if node.expires <= now:
+                self._drop(node)
+                log.debug("registration of %s expired", node.hostname or _short(key))
+        horizon = self._wall_clock_ns() - int(self.config.max_clock_skew * 1e9)
+        for key, stamp in list(self._last_timestamp.items()):
+            # Any REGISTER older than the skew window is stale anyway: no need to remember.
+            if stamp < horizon:
+                del self._last_timestamp[key]
+        for key, limits in list(self._limits.items()):
+            if key not in self._nodes and limits.idle(now):
+                del self._limits[key]
+        for ip, bucket in list(self._sources.items()):
+            if bucket.full(now):
+                del self._sources[ip]
+        idle = now - self.config.relay_idle
+        for pair, last in list(self._relay_pairs.items()):
+            if last < idle:
+                del self._relay_pairs[pair]
+
+    # -- status --------------------------------------------------------------------------------
+
+    def live_nodes(self, now: float) -> int:
+        return sum(1 for node in self._nodes.values() if node.expires > now)
+
+    def status(self, now: float) -> dict[str, Any]:
+        stats = self.stats
+        return {
+            "beacon_key": node_id_from_key(self.public_key),
+            "uptime_s": round(now - self._started, 3),
+            "registered_nodes": self.live_nodes(now),
+            "names": self.registry.count(),
+            "registrations": stats.registrations,
+            "refreshes": stats.refreshes,
+            "resolves": stats.resolves,
+            "introductions": stats.introductions,
+            "relayed_packets": stats.relayed_packets,
+            "relayed_bytes": stats.relayed_bytes,
+            "relay_pairs": len(self._relay_pairs),
+            "stun_requests": stats.stun_requests,
+            "status_requests": stats.status_requests,
+            "refusals": dict(stats.refusals),
+        }
+
+    def _status_reply(self, request_id: int, now: float) -> bytes:
+        counters = self.status(now)
+        try:
+            return bw.encode_status_reply(request_id, counters)
+        except ValueError:
+            # Too long to answer without amplifying (about 860 bytes is the most today's
+            # counters reach): the refusal breakdown goes, its total stays.
+            counters["refusals"] = {"total": sum(self.stats.refusals.values())}
+            return bw.encode_status_reply(request_id, counters)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _refuse(self, reason: str) -> None:
+        self.stats.refusals[reason] += 1
+
+    def _source_allows(self, address: Address, now: float) -> bool:
+        ip = address[0]
+        bucket = self._sources.get(ip)
+        if bucket is None:
+            if len(self._sources) >= self.config.max_sources:
+                # Under a flood from many (likely spoofed) addresses, forget everyone's history
+                # rather than grow without bound; the per-node limits still hold.
+                self._sources.clear()
+            bucket = TokenBucket(self.config.source_rate, self.config.source_burst, now)
+            self._sources[ip] = bucket
+        return bucket.take(now)
+
+    def _limits_of(self, key: bytes, now: float) -> _Limits:
+        limits = self._limits.get(key)
+        if limits is None:
+            c = self.config
+            limits = _Limits(
+                TokenBucket(c.register_rate, c.register_burst, now),
+                TokenBucket(c.request_rate, c.request_burst, now),
+                TokenBucket(c.relay_packet_rate, c.relay_packet_burst, now),
+                TokenBucket(c.relay_byte_rate, c.relay_byte_burst, now),
+            )
+            self._limits[key] = limits
+        return limits
+
+    def _live_at(self, address: Address, now: float) -> _Node | None:
+        key = self._by_address.get(address)
+        if key is None:
+            return None
+        node = self._nodes.get(key)
+        if node is None or node.expires <= now:
+            return None
+        return node
+
+    def _live(self, key: bytes, now: float) -> _Node | None:
+        node = self._nodes.get(key)
+        return node if node is not None and node.expires > now else None
+
+    def _drop(self, node: _Node) -> None:
+        del self._nodes[node.key]
+        if self._by_address.get(node.address) == node.key:
+            del self._by_address[node.address]
+
+    def _on_stun(self, data: bytes, address: Address, out: list[tuple[bytes, Address]]) -> None:
+        request = stun.parse_binding_request_untrusted(data)
+        self.stats.stun_requests += 1
+        reply = stun.encode_binding_response(request, reported_address(address))
+        if reply is not None:
+            out.append((reply, address))
+
+    # -- REGISTER ------------------------------------------------------------------------------
+
+    def _on_register(self, message: bw.Register, address: Address, now: float) -> None:
+        if not message.verify():
+            self._answer_register(message, address, Status.BAD_SIGNATURE)
+            return
+        key = message.node_key
+        if not self._limits_of(key, now).register.take(now):
+            self._answer_register(message, address, Status.RATE_LIMITED)
+            return
+        wall = self._wall_clock_ns()
+        if abs(message.timestamp_ns - wall) > self.config.max_clock_skew * 1e9:
+            self._answer_register(message, address, Status.STALE_TIMESTAMP)
+            return
+        last = self._last_timestamp.get(key)
+        if last is not None and message.timestamp_ns <= last:
+            node = self._nodes.get(key)
+            if (
+                message.timestamp_ns == last
+                and node is not None
+                and node.address == address
+                and node.expires > now
+            ):
+                # The network duplicated it (or our answer was lost): say the same again.
+                self._out.append((node.reply, address))
+                return
+            self._answer_register(message, address, Status.STALE_TIMESTAMP)
+            return
+        name = message.hostname
+        if name is not None:
+            if not bw.valid_hostname(name):
+                self._answer_register(message, address, Status.BAD_NAME)
+                return
+            previous = self._nodes.get(key)
+            # A refresh under the same name needs no trip to the store.
+            same = previous is not None and previous.hostname == name
+            owner = key if same else self.registry.claim(name, key, wall)
+            if owner != key:
+                log.info("refused %s to %s: owned by %s", name, _short(key), _short(owner))
+                self._answer_register(message, address, Status.NAME_TAKEN)
+                return
+        self._accept(message, address, now)
+
+    def _answer_register(self, message: bw.Register, address: Address, status: Status) -> None:
+        self._refuse(status.name.lower())
+        self._out.append((self._registered(message, address, status), address))
+
+    def _registered(self, message: bw.Register, address: Address, status: Status) -> bytes:
+        return bw.encode_registered(
+            self.secret_key,
+            self.public_key,
+            message.node_key,
+            status,
+            message.timestamp_ns,
+            math.ceil(self.config.registration_ttl),
+            self.config.alt_port,
+            reported_address(address),
+        )
+
+    def _accept(self, message: bw.Register, address: Address, now: float) -> None:
+        key = message.node_key
+        self._last_timestamp[key] = message.timestamp_ns
+        previous = self._nodes.get(key)
+        other = self._by_address.get(address)
+        if other is not None and other != key and other in self._nodes:
+            # The address now belongs to another node (a NAT reused the port): the old
+            # registration can't be reached there any more.
+            log.info("%s took over %s from %s", _short(key), address, _short(other))
+            self._drop(self._nodes[other])
+        if (
+            previous is not None
+            and previous.address != address
+            and self._by_address.get(previous.address) == key
+        ):
+            del self._by_address[previous.address]
+        reply = self._registered(message, address, Status.OK)
+        self._nodes[key] = _Node(
+            key,
+            message.hostname,
+            address,
+            reported_address(address),
+            message.candidates,
+            message.nat_type,
+            message.timestamp_ns,
+            now + self.config.registration_ttl,
+            reply,
+        )
+        self._by_address[address] = key
+        self._out.append((reply, address))
+        label = message.hostname or "(no name)"
+        if previous is None or previous.expires <= now:
+            self.stats.registrations += 1
+            log.info(
+                "registered %s %s at %s, nat %s, %d LAN candidates",
+                label,
+                _short(key),
+                address,
+                message.nat_type.label,
+                len(message.candidates),
+            )
+        elif previous.address != address:
+            self.stats.refreshes += 1
+            log.info("%s %s moved from %s to %s", label, _short(key), previous.address, address)
+        else:
+            self.stats.refreshes += 1
+            log.debug("refreshed %s %s at %s", label, _short(key), address)
+
+    # -- RESOLVE -------------------------------------------------------------------------------
+
+    def _requester(self, address: Address, request_id: int, now: float) -> _Node | None:
+        """The live registration asking, within its allowance; or None, refused."""
+        node = self._live_at(address, now)
+        if node is None:
+            self._refuse("not_registered")
+            self._out.append((bw.encode_refused(Status.NOT_REGISTERED, request_id), address))
+            return None
+        if not self._limits_of(node.key, now).request.take(now):
+            self._refuse("rate_limited")
+            self._out.append((bw.encode_refused(Status.RATE_LIMITED, request_id), address))
+            return None
+        return node
+
+    def _on_resolve(self, message: bw.Resolve, address: Address, now: float) -> None:
+        requester = self._requester(address, message.request_id, now)
+        if requester is None:
+            return
+        self.stats.resolves += 1
+        if message.node_key is not None:
+            key: bytes | None = message.node_key
+            names = self.registry.names_of(message.node_key)
+            hostname = names[0] if names else None
+        else:
+            hostname = message.hostname
+            assert hostname is not None
+            key = self.registry.owner(hostname) if bw.valid_hostname(hostname) else None
+        target = self._live(key, now) if key is not None else None
+        if target is not None:
+            status = Status.OK
+            answer = bw.encode_resolved(
+                self.secret_key,
+                requester.key,
+                Status.OK,
+                message.request_id,
+                target.key,
+                target.nat_type,
+                hostname if message.hostname is not None else target.hostname or hostname,
+                target.candidates,
+            )
+        else:
+            # Offline: the name (or key's name) is owned, its node is away. Unknown otherwise.
+            status = Status.OFFLINE if hostname is not None and key is not None else Status.UNKNOWN
+            answer = bw.encode_resolved(
+                self.secret_key,
+                requester.key,
+                status,
+                message.request_id,
+                key or ZERO_KEY,
+                NatType.UNKNOWN,
+                hostname if status == Status.OFFLINE else message.hostname,
+                (),
+            )
+        if status != Status.OK:
+            self._refuse(f"resolve_{status.name.lower()}")
+        self._out.append((answer, address))
+
+    # -- INTRODUCE -----------------------------------------------------------------------------
+
+    def _on_introduce(self, message: bw.Introduce, address: Address, now: float) -> None:
+        requester = self._requester(address, message.request_id, now)
+        if requester is None:
+            return
+        wall = self._wall_clock_ns()
+        target = self._live(message.peer_key, now)
+        if target is None or target.key == requester.key:
+            known = message.peer_key in self._nodes or self.registry.names_of(message.peer_key)
+            status = Status.OFFLINE if known else Status.UNKNOWN
+            self._refuse(f"introduce_{status.name.lower()}")
+            self._out.append(
+                (
+                    bw.encode_introduction(
+                        self.secret_key,
+                        requester.key,
+                        status,
+                        message.request_id,
+                        wall,
+                        message.peer_key,
+                        NatType.UNKNOWN,
+                        (),
+                    ),
+                    address,
+                )
+            )
+            return
+        self.stats.introductions += 1
+        # The target first: it has no reason to expect this, the requester is waiting anyway.
+        self._out.append(
+            (
+                bw.encode_introduction(
+                    self.secret_key,
+                    target.key,
+                    Status.OK,
+                    0,
+                    wall,
+                    requester.key,
+                    requester.nat_type,
+                    requester.candidates,
+                ),
+                target.address,
+            )
+        )
+        self._out.append(
+            (
+                bw.encode_introduction(
+                    self.secret_key,
+                    requester.key,
+                    Status.OK,
+                    message.request_id,
+                    wall,
+                    target.key,
+                    target.nat_type,
+                    target.candidates,
+                ),
+                address,
+            )
+        )
+        log.info(
+            "introduced %s (%s, %s) and %s (%s, %s)",
+            requester.hostname or _short(requester.key),
+            requester.reflexive,
+            requester.nat_type.label,
+            target.hostname or _short(target.key),
+            target.reflexive,
+            target.nat_type.label,
+        )
+
+    # -- RELAY ---------------------------------------------------------------------------------
+
+    def _on_relay(self, data: bytes, address: Address, now: float) -> None:
+        size = len(data) - bw.RELAY_OVERHEAD
+        if size <= 0 or size > self.config.max_relay_payload:
+            self._refuse("malformed")
+            return
+        key = self._by_address.get(address)
+        source = self._nodes.get(key) if key is not None else None
+        if source is None or source.expires <= now:
+            self._refuse("relay_not_registered")
+            # Tells a node whose registration we lost (we restarted) to register again; costs
+            # no signature and is smaller than what triggered it.
+            if self._source_allows(address, now):
+                self._out.append((bw.encode_refused(Status.NOT_REGISTERED, 0), address))
+            return
+        limits = self._limits_of(source.key, now)
+        if not limits.relay_packets.take(now) or not limits.relay_bytes.take(now, size):
+            self._refuse("relay_rate_limited")
+            return
+        target_key = data[1 : bw.RELAY_OVERHEAD]
+        target = self._nodes.get(target_key)
+        if target is None or target.expires <= now:
+            self._refuse("relay_target_offline")
+            return
+        self._out.append((bw.encode_relayed(source.key, data[bw.RELAY_OVERHEAD :]), target.address))
+        stats = self.stats
+        stats.relayed_packets += 1
+        stats.relayed_bytes += size
+        pair = (source.key, target_key)
+        last = self._relay_pairs.get(pair)
+        if last is None:
+            log.info(
+                "relay started: %s -> %s",
+                source.hostname or _short(source.key),
+                target.hostname or _short(target.key),
+            )
+        self._relay_pairs[pair] = now

@@ -1,0 +1,429 @@
+"""The beacon as a process: the asyncio driver of :class:`BeaconServer` and its command line.
+
+    pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
+    python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
+
+When the sockets are bound it prints one line to stdout,
+``listening on HOST:PORT alt-port PORT key NODE_ID``, which scripts and tests wait for.
+
+The driver mirrors the node's endpoint: non-blocking sockets read in batches from one reader
+callback per socket, output flushed once per batch, exactly one timer armed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
+from ..identity import Identity, default_home, node_id_from_key
+from ..net import beacon_wire as bw
+from ..net.beacon_wire import Address
+from ..net.endpoint import parse_host_port
+from .server import BeaconConfig, BeaconServer
+from .store import NameStore
+
+log = logging.getLogger("pilot_agents.beacon")
+
+DEFAULT_LISTEN = "0.0.0.0:9000"
+MAX_DATAGRAM = 65535
+READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
+SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; relayed bursts queue here rather than being dropped
+
+
+@dataclass(frozen=True)
+class BeaconInfo:
+    """What a started beacon tells its caller."""
+
+    address: Address
+    alt_address: Address | None  # the STUN-only second port, if any
+    public_key: bytes
+
+    @property
+    def node_id(self) -> str:
+        return node_id_from_key(self.public_key)
+
+    @property
+    def spec(self) -> str:
+        """``KEY@HOST:PORT``, the form nodes take with ``--beacon``."""
+        host, port = self.address
+        return f"{self.node_id}@{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready_line(self) -> str:
+        host, port = self.address
+        alt = "off" if self.alt_address is None else str(self.alt_address[1])
+        return f"listening on {host}:{port} alt-port {alt} key {self.node_id}"
+
+
+def _open_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class BeaconService:
+    """Sockets and timer around a :class:`BeaconServer`; ``close()`` releases them."""
+
+    def __init__(
+        self,
+        server: BeaconServer,
+        sock: socket.socket,
+        alt_sock: socket.socket | None,
+    ) -> None:
+        self.server = server
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = sock
+        self._alt_sock = alt_sock
+        self._timer: asyncio.TimerHandle | None = None
+        self.send_errors = 0
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+        if alt_sock is not None:
+            self._loop.add_reader(alt_sock.fileno(), self._alt_read_ready)
+        self._arm()
+
+    @property
+    def address(self) -> Address:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    @property
+    def alt_address(self) -> Address | None:
+        if self._alt_sock is None:
+            return None
+        host, port = self._alt_sock.getsockname()[:2]
+        return host, port
+
+    def status(self) -> dict[str, Any]:
+        """The counters, as STATUS answers them."""
+        return self.server.status(self._loop.time())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for sock in (self._sock, self._alt_sock):
+            if sock is not None:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sock = self._alt_sock = None
+
+    def _drain(self, sock: socket.socket, receive: Callable[[bytes, Address, float], None]) -> None:
+        now = self._loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                data, address = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
+                log.debug("recvfrom: %s", exc)
+                continue
+            receive(data, (address[0], address[1]), now)
+
+    def _read_ready(self) -> None:
+        if self._sock is not None:
+            self._drain(self._sock, self.server.receive_datagram)
+            self._flush()
+
+    def _alt_read_ready(self) -> None:
+        if self._alt_sock is not None:
+            self._drain(self._alt_sock, self.server.receive_alt_datagram)
+            self._send_all(self._alt_sock, self.server.alt_datagrams_to_send())
+
+    def _flush(self) -> None:
+        if self._sock is not None:
+            self._send_all(self._sock, self.server.datagrams_to_send())
+
+    def _send_all(self, sock: socket.socket, datagrams: list[tuple[bytes, Address]]) -> None:
+        sendto = sock.sendto
+        for data, address in datagrams:
+            try:
+                sendto(data, address)
+            except OSError as exc:
+                # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
+                self.send_errors += 1
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    log.debug("sendto %s failed: %s", address, exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.server.handle_timer(self._loop.time())
+        self._flush()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._sock is not None:
+            self._timer = self._loop.call_at(self.server.get_timer(), self._on_timer)
+
+
+def _alt_port_for(alt_port: int | str | None, port: int) -> int | None:
+    """The port to bind the STUN-only socket on: None for none, 0 for any."""
+    if alt_port is None or alt_port == "off":
+        return None
+    if alt_port == "auto":
+        return port + 1 if 0 < port < 65535 else 0
+    try:
+        value = int(alt_port)
+    except ValueError:
+        raise ConfigError(f"--alt-port {alt_port!r}: expected auto, off or a port") from None
+    if not 0 <= value < 65536:
+        raise ConfigError(f"--alt-port {value} is not a port")
+    return value
+
+
+async def start(
+    listen: str,
+    data_dir: Path,
+    *,
+    alt_port: int | str | None = "auto",
+    config: BeaconConfig | None = None,
+) -> BeaconService:
+    """A running beacon (sockets bound, key and name store opened); close() it when done."""
+    try:
+        host, port = parse_host_port(listen)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
+    # A listen port of 0 (tests) takes any free second port too.
+    wanted = _alt_port_for(alt_port, port)
+    identity = Identity.load_or_create(data_dir)
+    store = NameStore.in_directory(data_dir)
+    try:
+        sock = _open_socket(host, port)
+    except OSError as exc:
+        store.close()
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+    alt_sock = None
+    if wanted is not None:
+        try:
+            alt_sock = _open_socket(host, wanted)
+        except OSError as exc:
+            if alt_port != "auto":
+                sock.close()
+                store.close()
+                raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
+            # The second port only refines NAT classification: run without it.
+            log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+    config = dataclasses.replace(
+        config or BeaconConfig(),
+        alt_port=0 if alt_sock is None else alt_sock.getsockname()[1],
+    )
+    loop = asyncio.get_running_loop()
+    server = BeaconServer(identity.secret_key, identity.public_key, store, config, now=loop.time())
+    return BeaconService(server, sock, alt_sock)
+
+
+async def serve(
+    listen: str,
+    data_dir: Path,
+    ready: Callable[[BeaconInfo], Any] | None = None,
+    *,
+    alt_port: int | str | None = "auto",
+    config: BeaconConfig | None = None,
+    stats_interval: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a beacon until ``stop`` is set (or the task is cancelled).
+
+    ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
+    seconds between log lines of the counters; None for none."""
+    service = await start(listen, data_dir, alt_port=alt_port, config=config)
+    loop = asyncio.get_running_loop()
+    info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
+    log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
+    stop = stop or asyncio.Event()
+    try:
+        if ready is not None:
+            ready(info)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), stats_interval)
+            except TimeoutError:
+                log.info("status %s", service.server.status(loop.time()))
+    finally:
+        if stats_interval is not None:
+            log.info("final status %s", service.server.status(loop.time()))
+        service.close()
+        service.server.registry.close()
+
+
+def run(
+    listen: str,
+    data_dir: Path,
+    *,
+    alt_port: int | str | None = "auto",
+    stats_interval: float | None = None,
+    ready: Callable[[BeaconInfo], Any] | None = None,
+    config: BeaconConfig | None = None,
+) -> int:
+    """Serve until SIGINT or SIGTERM; the exit status."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+        await serve(
+            listen,
+            data_dir,
+            ready,
+            alt_port=alt_port,
+            config=config,
+            stats_interval=stats_interval,
+            stop=stop,
+        )
+
+    try:
+        asyncio.run(main())
+    except PilotError as exc:  # a bad setting, an unsafe key file: the message says what to do
+        print(f"pilot-agents beacon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# -- the status client -------------------------------------------------------------------------
+
+
+class _StatusProtocol(asyncio.DatagramProtocol):
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        self.reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            request_id, counters = bw.parse_status_reply_untrusted(data)
+        except WireError:
+            return
+        if request_id == self.request_id and not self.reply.done():
+            self.reply.set_result(counters)
+
+
+async def query_status(beacon_addr: Address | str, timeout: float = 3.0) -> dict[str, Any]:
+    """The counters of the beacon at ``beacon_addr`` (``(host, port)`` or ``"host:port"``).
+
+    Tries three times within ``timeout`` seconds; PilotTimeoutError if no answer came."""
+    if isinstance(beacon_addr, str):
+        try:
+            beacon_addr = parse_host_port(beacon_addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    request_id = secrets.randbits(32)
+    protocol = _StatusProtocol(request_id)
+    transport, _ = await loop.create_datagram_endpoint(lambda: protocol, remote_addr=beacon_addr)
+    try:
+        request = bw.encode_status_request(request_id)
+        for _ in range(3):
+            transport.sendto(request)
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(protocol.reply), timeout / 3)
+        raise PilotTimeoutError(
+            f"no status from the beacon at {beacon_addr[0]}:{beacon_addr[1]} within {timeout} s"
+        )
+    finally:
+        transport.close()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a beacon: registry, STUN, hole-punch coordination and relay.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the beacon's key and name registry live (default $PILOT_HOME/beacon)",
+    )
+    parser.add_argument(
+        "--alt-port",
+        default="auto",
+        help="second UDP port answering STUN, for NAT type detection: auto (listen port + 1), "
+        "off, or a port number (default auto)",
+    )
+    parser.add_argument(
+        "--stats",
+        nargs="?",
+        const=60.0,
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="log the counters every SECONDS (default 60) and on exit",
+    )
+    parser.add_argument(
+        "--relay-rate",
+        type=float,
+        default=BeaconConfig.relay_byte_rate / 1e6,
+        metavar="MB_PER_S",
+        help="relayed megabytes per second allowed per node, 0 for no limit (default %(default)g)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    data_dir = args.data_dir if args.data_dir is not None else default_home() / "beacon"
+
+    def ready(info: BeaconInfo) -> None:
+        print(info.ready_line(), flush=True)
+
+    if args.relay_rate < 0:
+        print("pilot-agents beacon: --relay-rate must be >= 0", file=sys.stderr)
+        return 2
+    config = BeaconConfig()
+    if args.relay_rate:
+        config.relay_byte_rate = args.relay_rate * 1e6
+        config.relay_byte_burst = 2 * config.relay_byte_rate
+    else:
+        # No limit: buckets so large they never run dry.
+        config.relay_byte_rate = config.relay_packet_rate = 1e15
+        config.relay_byte_burst = config.relay_packet_burst = 2e15
+    return run(
+        args.listen,
+        data_dir,
+        alt_port=args.alt_port,
+        stats_interval=args.stats,
+        ready=ready,
+        config=config,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,653 @@
+"""A node's side of the beacon protocol, sans-IO: registration, resolution, introductions, relay.
+
+Driven like :class:`~pilot_agents.net.mux.Mux`: feed every datagram that came from one of
+:attr:`BeaconClient.addresses` to :meth:`receive_datagram`, call :meth:`handle_timer` at
+:meth:`get_timer`, send what :meth:`datagrams_to_send` returns (each with its destination: the
+beacon, or its second STUN port), and act on :meth:`next_event`. ``now`` is any monotonic clock in
+seconds; wall-clock time (for signed timestamps) comes from ``wall_clock_ns``.
+
+What the client trusts: a reply counts only if it is signed by the beacon's key (given, or pinned
+on the first signed REGISTERED: trust on first use) for our own key, and answers something we
+asked (an echoed timestamp or request id). Pushed introductions must be fresh. Anything else is
+counted in :attr:`BeaconClient.stats` and dropped; nothing a peer sends raises into the caller.
+
+NAT classification: REGISTERED tells us our reflexive endpoint as seen by the beacon's main port.
+If it is one of our own endpoints there is no NAT ("open"). Otherwise, if the beacon advertises a
+second port, we send a STUN Binding request there from the same socket: the same mapped endpoint
+means the NAT maps independently of the destination ("cone": punching works), a different one
+means a mapping per destination ("symmetric"). One beacon address can't tell the two apart, which
+is why the second port exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import BeaconError, ConfigError, NameTakenError, WireError
+from . import beacon_wire as bw
+from . import stun
+from .beacon_wire import Address, NatType, Status
+
+log = logging.getLogger("pilot_agents.beacon_client")
+
+PERMANENT_REFUSALS = frozenset({Status.NAME_TAKEN, Status.BAD_NAME, Status.BAD_SIGNATURE})
+
+
+@dataclass
+class BeaconClientConfig:
+    refresh_interval: float = 25.0  # seconds between REGISTERs; also holds the NAT mapping open
+    register_retry: float = 1.0  # seconds before resending an unanswered REGISTER; doubles
+    register_retry_max: float = 16.0  # seconds, cap of that doubling
+    unreachable_after: int = 3  # unanswered REGISTERs in a row before BeaconUnreachable
+    request_timeout: float = 1.0  # seconds per try of a RESOLVE or INTRODUCE
+    request_tries: int = 3  # tries before the request fails with "timeout"
+    stun_timeout: float = 0.5  # seconds per try of the classification STUN request
+    stun_tries: int = 3
+    classify_nat: bool = True  # find our NAT type ourselves (set_nat_type turns it off)
+    introduction_max_age: float = 120.0  # seconds; older pushed introductions are replays
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconEvent:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(BeaconEvent):
+    """First registration, or one after a failure, or our reflexive endpoint changed.
+
+    Quiet refreshes that change nothing produce no event."""
+
+    reflexive: Address
+    expires: float  # on the caller's clock: the registration lapses then without a refresh
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationFailed(BeaconEvent):
+    reason: str
+    code: Status
+    permanent: bool  # the client stopped registering: change the name (or key) and start anew
+
+    def to_error(self) -> BeaconError:
+        if self.code == Status.NAME_TAKEN:
+            return NameTakenError(self.reason)
+        return BeaconError(f"beacon refused the registration: {self.reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconUnreachable(BeaconEvent):
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NatClassified(BeaconEvent):
+    nat_type: str  # unknown, open, cone, symmetric
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved(BeaconEvent):
+    request_id: int
+    node_key: bytes
+    hostname: str | None
+    candidates: tuple[Address, ...]  # reflexive first, then LAN
+    nat_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveFailed(BeaconEvent):
+    request_id: int
+    reason: str
+    code: Status | None  # None: no answer (timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Introduction(BeaconEvent):
+    """Start punching towards ``candidates`` now: the peer got the same message about us."""
+
+    peer_key: bytes
+    candidates: tuple[Address, ...]  # reflexive first, then LAN
+    nat_type: str
+    request_id: int  # ours when we asked; 0 when the peer asked for us
+
+
+@dataclass(frozen=True, slots=True)
+class IntroductionFailed(BeaconEvent):
+    request_id: int
+    peer_key: bytes
+    reason: str
+    code: Status | None  # None: no answer (timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed(BeaconEvent):
+    source_key: bytes  # as the beacon claims it; the tunnel authenticates the packet itself
+    packet: bytes
+
+
+@dataclass(slots=True)
+class BeaconClientStats:
+    malformed: int = 0
+    bad_signature: int = 0  # bad signatures and replies signed by another beacon key
+    unexpected: int = 0  # well-formed replies to nothing we asked, or stale pushes
+    refused: int = 0
+    relayed_received: int = 0
+
+
+class _State(Enum):
+    IDLE = "idle"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    FAILED = "failed"  # refused for good
+
+
+@dataclass(slots=True)
+class _Request:
+    message: bytes
+    peer_key: bytes | None  # introductions only
+    deadline: float
+    tries_left: int
+    sent: bool
+    refusal: Status | None = None  # what an (unsigned) REFUSED said about it
+
+
+def parse_beacon_spec(text: str) -> tuple[bytes | None, Address]:
+    """``KEY@HOST:PORT`` or ``HOST:PORT`` (as ``--beacon`` takes it) to ``(key or None,
+    (host, port))``. KEY is the beacon's node id; HOST may be a name the caller resolves."""
+    key_text, _, address = text.strip().rpartition("@")
+    key = None
+    if key_text:
+        if not bw.looks_like_node_id(key_text.lower()):
+            raise ConfigError(f"{key_text!r} in --beacon is not a beacon key (a node id)")
+        key = base64.b32decode(key_text.upper() + "====")
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--beacon {text!r}: expected KEY@HOST:PORT or HOST:PORT")
+    return key, (host, int(port))
+
+
+def _check_candidate(candidate: Address) -> Address:
+    host, port = candidate
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        raise ConfigError(f"candidate {host!r} is not an IP address") from None
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"candidate port {port!r} is not in 1..65535")
+    return str(ip), port
+
+
+class BeaconClient:
+    def __init__(
+        self,
+        identity_secret: bytes,
+        identity_public: bytes,
+        hostname: str | None,
+        beacon: Address,
+        *,
+        beacon_key: bytes | None = None,
+        config: BeaconClientConfig | None = None,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        """``beacon`` must be an IP literal and port (the driver resolves names), since
+        :attr:`addresses` is matched against datagram source addresses. ``beacon_key`` pins the
+        beacon's Ed25519 key; without it the first signed REGISTERED pins it."""
+        if hostname is not None:
+            hostname = hostname.lower()
+            if not bw.valid_hostname(hostname):
+                raise ConfigError(f"{hostname!r}: {bw.STATUS_REASONS[Status.BAD_NAME]}")
+        if beacon_key is not None and len(beacon_key) != bw.KEY_SIZE:
+            raise ConfigError("the beacon key must be 32 bytes")
+        self.secret = identity_secret
+        self.public_key = identity_public
+        self.hostname = hostname
+        self.beacon = _check_candidate(beacon)
+        self.config = config or BeaconClientConfig()
+        self.stats = BeaconClientStats()
+        self._beacon_key = beacon_key
+        self._wall_clock_ns = wall_clock_ns
+        self._random_bytes = random_bytes
+        self._events: deque[BeaconEvent] = deque()
+        self._out: list[tuple[bytes, Address]] = []
+        self._candidates: tuple[Address, ...] = ()
+        self._nat_type = NatType.UNKNOWN
+        self._nat_manual = False
+        # registration
+        self._state = _State.IDLE
+        self._outstanding: set[int] = set()  # timestamps of unanswered REGISTERs
+        self._last_timestamp = 0
+        self._last_register_sent = float("-inf")
+        self._register_at: float | None = None  # when the next REGISTER goes out
+        self._unanswered = 0
+        self._unreachable_reported = False
+        self._last_failure = "no answer from the beacon"
+        self._expires: float | None = None
+        self.reflexive: Address | None = None
+        self.alt_port = 0
+        # requests
+        self._next_id = int.from_bytes(random_bytes(4), "big") or 1
+        self._requests: dict[int, _Request] = {}
+        self._resolves: set[int] = set()
+        # classification by STUN to the beacon's second port
+        self._stun_tid: bytes | None = None
+        self._stun_at: float | None = None
+        self._stun_tries_left = 0
+        self._classified_for: tuple[Address, tuple[Address, ...]] | None = None
+
+    # -- what the node asks ----------------------------------------------------------------------
+
+    @property
+    def beacon_key(self) -> bytes | None:
+        """The pinned beacon key (persist it to keep the pin across restarts)."""
+        return self._beacon_key
+
+    @property
+    def registered(self) -> bool:
+        return self._state is _State.REGISTERED
+
+    @property
+    def nat_type(self) -> str:
+        return self._nat_type.label
+
+    @property
+    def addresses(self) -> frozenset[Address]:
+        """Source addresses whose datagrams belong to this client."""
+        if self.alt_port:
+            return frozenset({self.beacon, (self.beacon[0], self.alt_port)})
+        return frozenset({self.beacon})
+
+    def set_local_candidates(self, candidates: list[Address]) -> None:
+        """Our LAN endpoints (at most 8 are sent; the first ones win). ConfigError if one is not
+        an IP literal and port."""
+        checked = tuple(dict.fromkeys(_check_candidate(c) for c in candidates))
+        checked = checked[: bw.MAX_LAN_CANDIDATES]
+        if checked != self._candidates:
+            self._candidates = checked
+            self._register_soon()
+
+    def set_nat_type(self, nat_type: str) -> None:
+        """Our NAT type as the node knows it; turns our own classification off."""
+        try:
+            value = NatType.from_label(nat_type)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._nat_manual = True
+        self._stun_tid = self._stun_at = None
+        self._set_nat(value)
+
+    def start(self, now: float) -> None:
+        """Register now (and again every ``refresh_interval`` seconds)."""
+        if self._state is _State.IDLE or self._state is _State.FAILED:
+            self._state = _State.REGISTERING
+            self._unanswered = 0
+            self._send_register(now)
+
+    def stop(self) -> None:
+        """Stop registering (the beacon forgets us when the registration expires); requests
+        still pending fail."""
+        self._state = _State.IDLE
+        self._register_at = self._expires = None
+        self._outstanding.clear()
+        self._stun_tid = self._stun_at = None
+        self._fail_requests(None, "the beacon client was stopped")
+
+    def resolve(self, name_or_node_id: str, now: float) -> int:
+        """Look up a hostname or node id; the answer is a Resolved or ResolveFailed event with
+        the returned request id. ConfigError if the string is neither; BeaconError if the
+        beacon refused our registration for good (a request could never be answered)."""
+        text = name_or_node_id.strip().lower()
+        if bw.looks_like_node_id(text):
+            key = base64.b32decode(text.upper() + "====")
+            message = bw.encode_resolve(0, node_key=key)
+        elif bw.valid_hostname(text):
+            message = bw.encode_resolve(0, hostname=text)
+        else:
+            raise ConfigError(f"{name_or_node_id!r} is neither a hostname nor a node id")
+        request_id = self._add_request(message, None, now)
+        self._resolves.add(request_id)
+        return request_id
+
+    def introduce(self, peer_key: bytes, now: float) -> int:
+        """Ask the beacon to introduce us to ``peer_key``: both sides get an Introduction at
+        once, or we get IntroductionFailed with the returned request id."""
+        if len(peer_key) != bw.KEY_SIZE:
+            raise ConfigError("a node key is 32 bytes")
+        return self._add_request(bw.encode_introduce(0, peer_key), peer_key, now)
+
+    def wrap_relay(self, peer_key: bytes, packet: bytes) -> bytes:
+        """The datagram to send to :attr:`beacon` so that it forwards ``packet`` to ``peer_key``."""
+        return bw.encode_relay(peer_key, packet)
+
+    # -- driving -------------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        if not data:
+            self.stats.malformed += 1
+            return
+        kind = data[0]
+        try:
+            if kind == bw.RELAYED:
+                _, source, packet = bw.parse_relay_untrusted(data)
+                self.stats.relayed_received += 1
+                self._events.append(Relayed(source, packet))
+            elif kind == bw.REGISTERED:
+                self._on_registered(bw.parse_registered_untrusted(data), now)
+            elif kind == bw.RESOLVED:
+                self._on_resolved(bw.parse_resolved_untrusted(data))
+            elif kind == bw.INTRODUCTION:
+                self._on_introduction(bw.parse_introduction_untrusted(data))
+            elif kind == bw.REFUSED:
+                self._on_refused(*bw.parse_refused_untrusted(data), now)
+            elif kind < 4:
+                self._on_stun(data, now)
+            else:
+                self.stats.malformed += 1
+        except WireError as exc:
+            self.stats.malformed += 1
+            log.debug("malformed datagram from the beacon: %s", exc)
+
+    def handle_timer(self, now: float) -> None:
+        self._poll(now)
+
+    def get_timer(self) -> float | None:
+        deadlines = [r.deadline for r in self._requests.values()]
+        if self._expires is not None and self._state is _State.REGISTERED:
+            deadlines.append(self._expires)
+        if self._register_at is not None:
+            deadlines.append(self._register_at)
+        if self._stun_at is not None:
+            deadlines.append(self._stun_at)
+        return min(deadlines) if deadlines else None
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Everything due, each with its destination (the beacon, or its second STUN port)."""
+        self._poll(now)
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> BeaconEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def _register_soon(self) -> None:
+        # Changes (candidates, NAT type) go to the beacon at the next poll, not at the refresh.
+        if self._state is _State.REGISTERED or self._state is _State.REGISTERING:
+            self._register_at = float("-inf")
+
+    def _send_register(self, now: float) -> None:
+        # A fresh timestamp every time: the beacon accepts only timestamps newer than the last
+        # one it took from us, so a resend must never reuse one.
+        # Strictly increasing even if the clock is coarse or stands still between two sends.
+        timestamp = max(self._wall_clock_ns(), self._last_timestamp + 1)
+        self._last_timestamp = timestamp
+        self._last_register_sent = now
+        self._outstanding.add(timestamp)
+        self._out.append(
+            (
+                bw.encode_register(
+                    self.secret,
+                    self.public_key,
+                    timestamp,
+                    self._nat_type,
+                    self.hostname,
+                    self._candidates,
+                ),
+                self.beacon,
+            )
+        )
+        config = self.config
+        backoff = min(config.register_retry * 2**self._unanswered, config.register_retry_max)
+        self._register_at = now + backoff
+
+    def _on_registered(self, reply: bw.Registered, now: float) -> None:
+        if reply.timestamp_ns not in self._outstanding:
+            self.stats.unexpected += 1
+            return
+        if self._beacon_key is not None and reply.beacon_key != self._beacon_key:
+            self.stats.bad_signature += 1
+            self._last_failure = "the beacon's replies are signed by an unexpected key"
+            log.warning("REGISTERED signed by key %s, not the pinned one", reply.beacon_key.hex())
+            return
+        if not reply.verify(self.public_key):
+            self.stats.bad_signature += 1
+            self._last_failure = "the beacon's replies carry bad signatures"
+            return
+        if self._beacon_key is None:
+            self._beacon_key = reply.beacon_key
+            log.info("pinned beacon key %s (first use)", reply.beacon_key.hex())
+        self._outstanding.clear()
+        self._unanswered = 0
+        self._unreachable_reported = False
+        if reply.status != Status.OK:
+            self._on_refusal(reply.status, now)
+            return
+        was_registered = self._state is _State.REGISTERED
+        changed = reply.reflexive != self.reflexive
+        self._state = _State.REGISTERED
+        self._expires = now + reply.ttl
+        self._register_at = now + min(self.config.refresh_interval, reply.ttl / 2)
+        self.reflexive = reply.reflexive
+        self.alt_port = reply.alt_port
+        if changed or not was_registered:
+            self._events.append(Registered(reply.reflexive, self._expires))
+        if (reply.reflexive, self._candidates) != self._classified_for:
+            self._classify(now)
+        for request in self._requests.values():
+            if not request.sent or request.refusal == Status.NOT_REGISTERED:
+                # Held back until now, or refused because the beacon had lost us: send now.
+                request.deadline = now
+                request.refusal = None
+        self._poll_requests(now)
+
+    def _on_refusal(self, status: Status, now: float) -> None:
+        permanent = status in PERMANENT_REFUSALS
+        reason = bw.status_reason(status)
+        log.warning("beacon refused our registration: %s", reason)
+        self._events.append(RegistrationFailed(reason, status, permanent))
+        self._last_failure = reason
+        if permanent:
+            self._state = _State.FAILED
+            self._register_at = None
+            self._expires = None
+            self._fail_requests(None, f"not registered with the beacon: {reason}")
+        else:
+            # Rate limits pass and clocks get fixed: try again at the refresh interval.
+            self._register_at = now + self.config.refresh_interval
+
+    def _on_refused(self, reason: Status, request_id: int, now: float) -> None:
+        # REFUSED is unsigned, so it may only make us do what is harmless if forged: register
+        # once more, or note why a request is (for now) unanswered. It never fails a request.
+        self.stats.refused += 1
+        request = self._requests.get(request_id)
+        if request is not None:
+            request.refusal = reason
+        if reason != Status.NOT_REGISTERED or self._state is not _State.REGISTERED:
+            return
+        # The beacon lost our registration (it restarted, or we were away too long): register
+        # again now, or as soon as register_retry has passed since the last REGISTER (a flood
+        # of forged REFUSEDs must not become a flood of REGISTERs). Refused requests go out
+        # again when the registration is confirmed.
+        soon = self._last_register_sent + self.config.register_retry
+        if self._register_at is None or soon < self._register_at:
+            self._register_at = soon
+        if now >= soon:
+            self._send_register(now)
+
+    def _poll(self, now: float) -> None:
+        if self._state is _State.REGISTERED and self._expires is not None and now >= self._expires:
+            # Refreshes went unanswered for the whole lifetime: the beacon has forgotten us.
+            self._state = _State.REGISTERING
+            self._expires = None
+            log.warning("beacon registration lapsed: %s", self._last_failure)
+        if self._register_at is not None and now >= self._register_at:
+            if self._outstanding:
+                self._unanswered += 1
+                self._outstanding = set(sorted(self._outstanding)[-4:])  # bounded
+            self._send_register(now)
+        if (
+            self._unanswered >= self.config.unreachable_after
+            and not self._unreachable_reported
+            and self._state is _State.REGISTERING
+        ):
+            self._unreachable_reported = True
+            self._events.append(BeaconUnreachable(self._last_failure))
+            self._fail_requests(None, f"beacon unreachable: {self._last_failure}")
+        if self._stun_at is not None and now >= self._stun_at:
+            self._send_stun(now)
+        self._poll_requests(now)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _add_request(self, message: bytes, peer_key: bytes | None, now: float) -> int:
+        request_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1  # 0 marks pushed introductions
+        # The id sits right after the type byte in RESOLVE and INTRODUCE.
+        message = message[:1] + request_id.to_bytes(4, "big") + message[5:]
+        config = self.config
+        if self._state is _State.FAILED:
+            raise BeaconError(f"not registered with the beacon: {self._last_failure}")
+        request = _Request(message, peer_key, now, config.request_tries, False)
+        if self._state is not _State.REGISTERED:
+            # Held until we are registered, within the time the tries would have taken.
+            request.deadline = now + config.request_timeout * config.request_tries
+        self._requests[request_id] = request
+        return request_id
+
+    def _poll_requests(self, now: float) -> None:
+        registered = self._state is _State.REGISTERED
+        for request_id, request in list(self._requests.items()):
+            if now < request.deadline:
+                continue
+            if not registered:
+                self._fail_request(request_id, "not registered with the beacon", None)
+            elif request.tries_left > 0:
+                request.tries_left -= 1
+                request.sent = True
+                request.deadline = now + self.config.request_timeout
+                self._out.append((request.message, self.beacon))
+            elif request.refusal is not None:
+                self._fail_request(request_id, bw.status_reason(request.refusal), request.refusal)
+            else:
+                self._fail_request(request_id, "timeout: the beacon did not answer", None)
+
+    def _fail_request(self, request_id: int, reason: str, code: Status | None) -> None:
+        request = self._requests.pop(request_id)
+        if request_id in self._resolves:
+            self._resolves.discard(request_id)
+            self._events.append(ResolveFailed(request_id, reason, code))
+        else:
+            assert request.peer_key is not None
+            self._events.append(IntroductionFailed(request_id, request.peer_key, reason, code))
+
+    def _fail_requests(self, code: Status | None, reason: str) -> None:
+        for request_id in list(self._requests):
+            self._fail_request(request_id, reason, code)
+
+    def _on_resolved(self, reply: bw.Resolved) -> None:
+        if reply.request_id not in self._resolves:
+            self.stats.unexpected += 1
+            return
+        if self._beacon_key is None or not reply.verify(self._beacon_key, self.public_key):
+            self.stats.bad_signature += 1
+            return
+        del self._requests[reply.request_id]
+        self._resolves.discard(reply.request_id)
+        if reply.status == Status.OK:
+            self._events.append(
+                Resolved(
+                    reply.request_id,
+                    reply.node_key,
+                    reply.hostname,
+                    reply.candidates,
+                    reply.nat_type.label,
+                )
+            )
+        else:
+            self._events.append(
+                ResolveFailed(reply.request_id, bw.status_reason(reply.status), reply.status)
+            )
+
+    def _on_introduction(self, reply: bw.Introduction) -> None:
+        if self._beacon_key is None or not reply.verify(self._beacon_key, self.public_key):
+            self.stats.bad_signature += 1
+            return
+        if reply.request_id == 0:
+            age = abs(self._wall_clock_ns() - reply.timestamp_ns) / 1e9
+            if age > self.config.introduction_max_age or reply.status != Status.OK:
+                self.stats.unexpected += 1
+                return
+        else:
+            request = self._requests.get(reply.request_id)
+            if (
+                request is None
+                or reply.request_id in self._resolves
+                or request.peer_key != reply.peer_key
+            ):
+                self.stats.unexpected += 1
+                return
+            del self._requests[reply.request_id]
+            if reply.status != Status.OK:
+                self._events.append(
+                    IntroductionFailed(
+                        reply.request_id,
+                        reply.peer_key,
+                        bw.status_reason(reply.status),
+                        reply.status,
+                    )
+                )
+                return
+        self._events.append(
+            Introduction(reply.peer_key, reply.candidates, reply.nat_type.label, reply.request_id)
+        )
+
+    # -- NAT classification ----------------------------------------------------------------------
+
+    def _set_nat(self, value: NatType) -> None:
+        if value != self._nat_type:
+            self._nat_type = value
+            self._events.append(NatClassified(value.label))
+            self._register_soon()
+
+    def _classify(self, now: float) -> None:
+        if self._nat_manual or not self.config.classify_nat or self.reflexive is None:
+            return
+        self._classified_for = (self.reflexive, self._candidates)
+        if self.reflexive in self._candidates:
+            self._stun_tid = self._stun_at = None
+            self._set_nat(NatType.OPEN)
+        elif self.alt_port:
+            self._stun_tries_left = self.config.stun_tries
+            self._send_stun(now)
+        # Without a second beacon port we can't tell cone from symmetric: the type stays.
+
+    def _send_stun(self, now: float) -> None:
+        if self._stun_tries_left <= 0:
+            self._stun_tid = self._stun_at = None
+            log.debug("no answer from the beacon's STUN port %d: NAT type unknown", self.alt_port)
+            return
+        self._stun_tries_left -= 1
+        self._stun_tid = self._random_bytes(stun.TRANSACTION_ID_SIZE)
+        self._stun_at = now + self.config.stun_timeout
+        destination = (self.beacon[0], self.alt_port)
+        self._out.append((stun.encode_binding_request(self._stun_tid), destination))
+
+    def _on_stun(self, data: bytes, now: float) -> None:
+        tid, mapped = stun.parse_binding_response_untrusted(data)
+        if self._stun_tid is None or tid != self._stun_tid:
+            self.stats.unexpected += 1
+            return
+        self._stun_tid = self._stun_at = None
+        self._set_nat(NatType.CONE if mapped == self.reflexive else NatType.SYMMETRIC)

@@ -1,0 +1,650 @@
+"""Messages between a node and its beacon: encoding, parsing and signatures, shared by both sides.
+
+Every message is one UDP datagram whose first byte is its type (0x20-0x2F, see :mod:`wire`), then
+fixed-width big-endian fields. An *address* is 19 bytes: family (4 or 6), 16 address bytes (an IPv4
+address fills the first 4, the other 12 must be zero), port (non-zero). ``sig`` is a 64-byte
+Ed25519 signature over everything before it, prefixed by a per-type context string.
+
+======  ============  ===========================================================================
+type    name          layout (bytes)
+======  ============  ===========================================================================
+0x20    REGISTER      type 1 | node key 32 | timestamp ns 8 | nat 1 | name len 1 | name |
+                      count 1 | count x address | sig (by node key, ``REGISTER_CONTEXT``)
+0x21    REGISTERED    type 1 | status 1 | echoed timestamp ns 8 | ttl s 2 | alt port 2 |
+                      reflexive address 19 | beacon key 32 | sig (by beacon)        = 129 bytes
+0x22    RESOLVE       type 1 | request id 4 | by 1 (0 name, 1 key) | len 1 | name or key
+0x23    RESOLVED      type 1 | status 1 | request id 4 | node key 32 | nat 1 | name len 1 | name |
+                      count 1 | count x address | sig (by beacon)
+0x24    INTRODUCE     type 1 | request id 4 | peer key 32                              = 37 bytes
+0x25    INTRODUCTION  type 1 | status 1 | request id 4 (0: pushed) | timestamp ns 8 | peer key 32 |
+                      nat 1 | count 1 | count x address | sig (by beacon)
+0x26    RELAY         type 1 | target key 32 | sealed tunnel packet
+0x27    RELAYED       type 1 | source key 32 | sealed tunnel packet
+0x28    STATUS        type 1 | request id 4 | zero padding to ``STATUS_REQUEST_SIZE``
+0x29    STATUS_REPLY  type 1 | request id 4 | len 2 | JSON object (UTF-8)
+0x2A    REFUSED       type 1 | reason 1 | request id 4 (0: a relay packet)               = 6 bytes
+======  ============  ===========================================================================
+
+Why these choices:
+
+- The beacon signs ``context | recipient key | message`` but does not send the recipient key: the
+  recipient knows its own key, and a signed answer can't be replayed to another node for free.
+- REGISTERED carries the beacon's key so a node can pin it on first contact; later messages are
+  checked against the pinned key.
+- RELAY/RELAYED are not signed: their payload is sealed end to end by the tunnel, and a signature
+  per relayed packet would cost the beacon an Ed25519 operation per packet.
+- STATUS is padded to a size no smaller than its reply, so a spoofed request can't make the beacon
+  an amplifier. Its counters are JSON because their set grows (refusals by reason).
+- REFUSED is unsigned and only ever prompts a node to register again, which is harmless if forged.
+
+Functions that parse network input end in ``_untrusted`` and raise :class:`WireError` only; they
+do not check signatures (verification costs far more than parsing, so the beacon rate-limits
+first): call the message's ``verify`` method.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Final
+
+from ..errors import WireError
+from . import crypto
+
+Address = tuple[str, int]
+
+REGISTER: Final = 0x20
+REGISTERED: Final = 0x21
+RESOLVE: Final = 0x22
+RESOLVED: Final = 0x23
+INTRODUCE: Final = 0x24
+INTRODUCTION: Final = 0x25
+RELAY: Final = 0x26
+RELAYED: Final = 0x27
+STATUS: Final = 0x28
+STATUS_REPLY: Final = 0x29
+REFUSED: Final = 0x2A
+
+REGISTER_CONTEXT: Final = b"pilot-agents/register/1"
+REGISTERED_CONTEXT: Final = b"pilot-agents/registered/1"
+RESOLVED_CONTEXT: Final = b"pilot-agents/resolved/1"
+INTRODUCTION_CONTEXT: Final = b"pilot-agents/introduction/1"
+
+KEY_SIZE: Final = crypto.PUBLIC_KEY_SIZE
+SIG_SIZE: Final = crypto.SIGNATURE_SIZE
+MAX_LAN_CANDIDATES: Final = 8
+MAX_CANDIDATES: Final = MAX_LAN_CANDIDATES + 1  # the LAN ones and the reflexive one
+MAX_HOSTNAME: Final = 63
+STATUS_REQUEST_SIZE: Final = 1024
+MAX_STATUS_JSON: Final = STATUS_REQUEST_SIZE - 7
+RELAY_OVERHEAD: Final = 1 + KEY_SIZE
+
+_ADDRESS = struct.Struct("!B16sH")
+_REGISTER_HEAD = struct.Struct("!B32sQBB")
+_COUNT = struct.Struct("!B")
+_REGISTERED = struct.Struct("!BBQHH")
+_RESOLVE_HEAD = struct.Struct("!BIBB")
+_RESOLVED_HEAD = struct.Struct("!BBI32sBB")
+_INTRODUCE = struct.Struct("!BI32s")
+_INTRODUCTION_HEAD = struct.Struct("!BBIQ32sBB")
+_RELAY_HEAD = struct.Struct("!B32s")
+_STATUS = struct.Struct("!BI")
+_STATUS_REPLY_HEAD = struct.Struct("!BIH")
+_REFUSED = struct.Struct("!BBI")
+
+REGISTERED_SIZE: Final = _REGISTERED.size + _ADDRESS.size + KEY_SIZE + SIG_SIZE
+REFUSED_SIZE: Final = _REFUSED.size
+INTRODUCE_SIZE: Final = _INTRODUCE.size
+
+_HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NODE_ID_LENGTH = 52  # base32 of a 32-byte key, as identity.node_id_from_key writes it
+
+
+class Status(IntEnum):
+    OK = 0
+    NAME_TAKEN = 1
+    BAD_SIGNATURE = 2
+    STALE_TIMESTAMP = 3
+    BAD_NAME = 4
+    RATE_LIMITED = 5
+    UNKNOWN = 6  # no such name or key
+    OFFLINE = 7  # the name is owned, but its node holds no live registration
+    NOT_REGISTERED = 8  # the request came from an address with no live registration
+
+
+STATUS_REASONS: Final = {
+    Status.OK: "ok",
+    Status.NAME_TAKEN: "name taken: another node registered this hostname first",
+    Status.BAD_SIGNATURE: "bad signature",
+    Status.STALE_TIMESTAMP: (
+        "stale timestamp: the node's clock is more than a minute off the beacon's, or the "
+        "registration was replayed"
+    ),
+    Status.BAD_NAME: (
+        "bad name: a hostname is 1-63 lowercase letters, digits and hyphens, not starting or "
+        "ending with a hyphen, and not a node id"
+    ),
+    Status.RATE_LIMITED: "rate limited by the beacon",
+    Status.UNKNOWN: "unknown: no node has that name or key",
+    Status.OFFLINE: "offline: the node is known but not registered now",
+    Status.NOT_REGISTERED: "not registered with the beacon",
+}
+
+
+def status_reason(code: int) -> str:
+    try:
+        return STATUS_REASONS[Status(code)]
+    except ValueError:
+        return f"status {code}"
+
+
+class NatType(IntEnum):
+    UNKNOWN = 0
+    OPEN = 1  # no NAT: the reflexive endpoint is one of our own
+    CONE = 2  # endpoint-independent mapping: hole punching works
+    SYMMETRIC = 3  # a new mapping per destination: punching works only against open/cone peers
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> NatType:
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(
+                f"{label!r} is not a NAT type (unknown, open, cone, symmetric)"
+            ) from None
+
+
+def valid_hostname(name: str) -> bool:
+    """1-63 of ``a-z 0-9 -``, no hyphen at either end, and not something a node id could be.
+
+    A 52-character base32 string is refused as a name so that resolving a string is never
+    ambiguous between a hostname and a node id.
+    """
+    if not _HOSTNAME.fullmatch(name):
+        return False
+    return not looks_like_node_id(name)
+
+
+def looks_like_node_id(text: str) -> bool:
+    if len(text) != _NODE_ID_LENGTH:
+        return False
+    try:
+        return len(base64.b32decode(text.upper() + "====")) == KEY_SIZE
+    except ValueError:
+        return False
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+def encode_address(address: Address) -> bytes:
+    """ValueError if the host is not an IP literal or the port is out of range."""
+    host, port = address
+    ip = ipaddress.ip_address(host.split("%", 1)[0])  # a scope id means nothing to a peer
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is not in 1..65535")
+    if ip.version == 4:
+        return _ADDRESS.pack(4, ip.packed, port)
+    return _ADDRESS.pack(6, ip.packed, port)
+
+
+def _parse_address_untrusted(data: bytes, pos: int) -> Address:
+    family, raw, port = _ADDRESS.unpack_from(data, pos)
+    if port == 0:
+        raise WireError("address with port 0")
+    if family == 4:
+        if any(raw[4:]):
+            raise WireError("IPv4 address with non-zero padding")
+        return str(ipaddress.IPv4Address(raw[:4])), port
+    if family == 6:
+        return str(ipaddress.IPv6Address(raw)), port
+    raise WireError(f"address family {family}")
+
+
+def _encode_addresses(addresses: tuple[Address, ...] | list[Address], limit: int) -> bytes:
+    if len(addresses) > limit:
+        raise ValueError(f"{len(addresses)} addresses, at most {limit}")
+    return _COUNT.pack(len(addresses)) + b"".join(encode_address(a) for a in addresses)
+
+
+def _parse_addresses_untrusted(
+    data: bytes, pos: int, limit: int
+) -> tuple[tuple[Address, ...], int]:
+    (count,) = _COUNT.unpack_from(data, pos)
+    pos += 1
+    if count > limit:
+        raise WireError(f"{count} addresses, at most {limit}")
+    addresses = []
+    for _ in range(count):
+        addresses.append(_parse_address_untrusted(data, pos))
+        pos += _ADDRESS.size
+    return tuple(addresses), pos
+
+
+def _parse_name_untrusted(data: bytes, pos: int, length: int) -> str | None:
+    if length > MAX_HOSTNAME:
+        raise WireError(f"name of {length} bytes")
+    if pos + length > len(data):
+        raise WireError("name runs past the message")
+    if length == 0:
+        return None
+    raw = data[pos : pos + length]
+    if not raw.isascii():
+        raise WireError("name is not ASCII")
+    return raw.decode("ascii")
+
+
+def _encode_name(name: str | None) -> bytes:
+    raw = (name or "").encode("ascii")
+    if len(raw) > MAX_HOSTNAME:
+        raise ValueError(f"name {name!r} is longer than {MAX_HOSTNAME}")
+    return raw
+
+
+def _nat(value: int) -> NatType:
+    try:
+        return NatType(value)
+    except ValueError:
+        raise WireError(f"NAT type {value}") from None
+
+
+def _status(value: int) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise WireError(f"status {value}") from None
+
+
+def _split_signature(data: bytes, minimum: int) -> tuple[bytes, bytes]:
+    if len(data) < minimum + SIG_SIZE:
+        raise WireError(f"message of {len(data)} bytes is too short")
+    return data[:-SIG_SIZE], data[-SIG_SIZE:]
+
+
+def _expect_end(pos: int, end: int) -> None:
+    if pos != end:
+        raise WireError(f"{end - pos} unexpected bytes at the end of the message")
+
+
+def _beacon_sign(secret: bytes, context: bytes, recipient: bytes, body: bytes) -> bytes:
+    return body + crypto.ed25519_sign(secret, context + recipient + body)
+
+
+def _beacon_verify(
+    beacon_key: bytes, context: bytes, recipient: bytes, body: bytes, signature: bytes
+) -> bool:
+    return crypto.ed25519_verify(beacon_key, context + recipient + body, signature)
+
+
+# -- REGISTER ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    node_key: bytes
+    timestamp_ns: int  # the node's wall clock
+    nat_type: NatType
+    hostname: str | None  # as sent: the beacon checks it with valid_hostname
+    candidates: tuple[Address, ...]  # the node's LAN endpoints
+    signature: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self) -> bool:
+        return crypto.ed25519_verify(self.node_key, REGISTER_CONTEXT + self.body, self.signature)
+
+
+def encode_register(
+    secret_key: bytes,
+    node_key: bytes,
+    timestamp_ns: int,
+    nat_type: NatType,
+    hostname: str | None,
+    candidates: tuple[Address, ...] | list[Address],
+) -> bytes:
+    name = _encode_name(hostname)
+    body = (
+        _REGISTER_HEAD.pack(REGISTER, node_key, timestamp_ns, nat_type, len(name))
+        + name
+        + _encode_addresses(candidates, MAX_LAN_CANDIDATES)
+    )
+    return body + crypto.ed25519_sign(secret_key, REGISTER_CONTEXT + body)
+
+
+def parse_register_untrusted(data: bytes) -> Register:
+    try:
+        body, signature = _split_signature(data, _REGISTER_HEAD.size + 1)
+        kind, key, timestamp, nat, name_len = _REGISTER_HEAD.unpack_from(body)
+        if kind != REGISTER:
+            raise WireError("not a REGISTER")
+        pos = _REGISTER_HEAD.size
+        name = _parse_name_untrusted(body, pos, name_len)
+        candidates, pos = _parse_addresses_untrusted(body, pos + name_len, MAX_LAN_CANDIDATES)
+        _expect_end(pos, len(body))
+        return Register(key, timestamp, _nat(nat), name, candidates, signature, body)
+    except struct.error as exc:
+        raise WireError(f"truncated REGISTER: {exc}") from None
+
+
+# -- REGISTERED --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    status: Status
+    timestamp_ns: int  # echoes the REGISTER it answers
+    ttl: int  # seconds the registration lives without a refresh
+    alt_port: int  # the beacon's second STUN port for NAT classification; 0: none
+    reflexive: Address  # the node's address as the beacon saw it
+    beacon_key: bytes
+    signature: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self, recipient: bytes) -> bool:
+        """Signed by the key it carries, for ``recipient``. The caller checks that key's pin."""
+        return _beacon_verify(
+            self.beacon_key, REGISTERED_CONTEXT, recipient, self.body, self.signature
+        )
+
+
+def encode_registered(
+    beacon_secret: bytes,
+    beacon_key: bytes,
+    recipient: bytes,
+    status: Status,
+    timestamp_ns: int,
+    ttl: int,
+    alt_port: int,
+    reflexive: Address,
+) -> bytes:
+    body = (
+        _REGISTERED.pack(REGISTERED, status, timestamp_ns, ttl, alt_port)
+        + encode_address(reflexive)
+        + beacon_key
+    )
+    return _beacon_sign(beacon_secret, REGISTERED_CONTEXT, recipient, body)
+
+
+def parse_registered_untrusted(data: bytes) -> Registered:
+    if len(data) != REGISTERED_SIZE:
+        raise WireError(f"REGISTERED of {len(data)} bytes")
+    try:
+        kind, status, timestamp, ttl, alt_port = _REGISTERED.unpack_from(data)
+        if kind != REGISTERED:
+            raise WireError("not a REGISTERED")
+        pos = _REGISTERED.size
+        reflexive = _parse_address_untrusted(data, pos)
+        pos += _ADDRESS.size
+        beacon_key = data[pos : pos + KEY_SIZE]
+        return Registered(
+            _status(status),
+            timestamp,
+            ttl,
+            alt_port,
+            reflexive,
+            beacon_key,
+            data[-SIG_SIZE:],
+            data[:-SIG_SIZE],
+        )
+    except struct.error as exc:
+        raise WireError(f"truncated REGISTERED: {exc}") from None
+
+
+# -- RESOLVE / RESOLVED ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    request_id: int
+    hostname: str | None  # exactly one of hostname and node_key is set
+    node_key: bytes | None
+
+
+def encode_resolve(
+    request_id: int, *, hostname: str | None = None, node_key: bytes | None = None
+) -> bytes:
+    if node_key is not None:
+        if len(node_key) != KEY_SIZE:
+            raise ValueError("node key must be 32 bytes")
+        return _RESOLVE_HEAD.pack(RESOLVE, request_id, 1, KEY_SIZE) + node_key
+    name = _encode_name(hostname)
+    if not name:
+        raise ValueError("resolve needs a hostname or a node key")
+    return _RESOLVE_HEAD.pack(RESOLVE, request_id, 0, len(name)) + name
+
+
+def parse_resolve_untrusted(data: bytes) -> Resolve:
+    try:
+        kind, request_id, by, length = _RESOLVE_HEAD.unpack_from(data)
+    except struct.error as exc:
+        raise WireError(f"truncated RESOLVE: {exc}") from None
+    if kind != RESOLVE:
+        raise WireError("not a RESOLVE")
+    pos = _RESOLVE_HEAD.size
+    _expect_end(pos + length, len(data))
+    if by == 1:
+        if length != KEY_SIZE:
+            raise WireError(f"RESOLVE by key with {length} bytes")
+        return Resolve(request_id, None, data[pos:])
+    if by == 0:
+        name = _parse_name_untrusted(data, pos, length)
+        if name is None:
+            raise WireError("RESOLVE of an empty name")
+        return Resolve(request_id, name, None)
+    raise WireError(f"RESOLVE by {by}")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    status: Status
+    request_id: int
+    node_key: bytes  # zero bytes when status is UNKNOWN
+    nat_type: NatType
+    hostname: str | None
+    candidates: tuple[Address, ...]  # reflexive first, then LAN
+    signature: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self, beacon_key: bytes, recipient: bytes) -> bool:
+        return _beacon_verify(beacon_key, RESOLVED_CONTEXT, recipient, self.body, self.signature)
+
+
+def encode_resolved(
+    beacon_secret: bytes,
+    recipient: bytes,
+    status: Status,
+    request_id: int,
+    node_key: bytes,
+    nat_type: NatType,
+    hostname: str | None,
+    candidates: tuple[Address, ...] | list[Address],
+) -> bytes:
+    name = _encode_name(hostname)
+    body = (
+        _RESOLVED_HEAD.pack(RESOLVED, status, request_id, node_key, nat_type, len(name))
+        + name
+        + _encode_addresses(candidates, MAX_CANDIDATES)
+    )
+    return _beacon_sign(beacon_secret, RESOLVED_CONTEXT, recipient, body)
+
+
+def parse_resolved_untrusted(data: bytes) -> Resolved:
+    try:
+        body, signature = _split_signature(data, _RESOLVED_HEAD.size + 1)
+        kind, status, request_id, key, nat, name_len = _RESOLVED_HEAD.unpack_from(body)
+        if kind != RESOLVED:
+            raise WireError("not a RESOLVED")
+        pos = _RESOLVED_HEAD.size
+        name = _parse_name_untrusted(body, pos, name_len)
+        candidates, pos = _parse_addresses_untrusted(body, pos + name_len, MAX_CANDIDATES)
+        _expect_end(pos, len(body))
+        return Resolved(
+            _status(status), request_id, key, _nat(nat), name, candidates, signature, body
+        )
+    except struct.error as exc:
+        raise WireError(f"truncated RESOLVED: {exc}") from None
+
+
+# -- INTRODUCE / INTRODUCTION ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Introduce:
+    request_id: int
+    peer_key: bytes
+
+
+def encode_introduce(request_id: int, peer_key: bytes) -> bytes:
+    if len(peer_key) != KEY_SIZE:
+        raise ValueError("peer key must be 32 bytes")
+    return _INTRODUCE.pack(INTRODUCE, request_id, peer_key)
+
+
+def parse_introduce_untrusted(data: bytes) -> Introduce:
+    if len(data) != _INTRODUCE.size:
+        raise WireError(f"INTRODUCE of {len(data)} bytes")
+    kind, request_id, peer_key = _INTRODUCE.unpack(data)
+    if kind != INTRODUCE:
+        raise WireError("not an INTRODUCE")
+    return Introduce(request_id, peer_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Introduction:
+    status: Status
+    request_id: int  # the INTRODUCE it answers; 0 when pushed to the introduced side
+    timestamp_ns: int  # the beacon's wall clock: a pushed introduction can't be replayed later
+    peer_key: bytes
+    nat_type: NatType
+    candidates: tuple[Address, ...]  # reflexive first, then LAN
+    signature: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self, beacon_key: bytes, recipient: bytes) -> bool:
+        return _beacon_verify(
+            beacon_key, INTRODUCTION_CONTEXT, recipient, self.body, self.signature
+        )
+
+
+def encode_introduction(
+    beacon_secret: bytes,
+    recipient: bytes,
+    status: Status,
+    request_id: int,
+    timestamp_ns: int,
+    peer_key: bytes,
+    nat_type: NatType,
+    candidates: tuple[Address, ...] | list[Address],
+) -> bytes:
+    body = _INTRODUCTION_HEAD.pack(
+        INTRODUCTION, status, request_id, timestamp_ns, peer_key, nat_type, len(candidates)
+    )
+    if len(candidates) > MAX_CANDIDATES:
+        raise ValueError(f"{len(candidates)} candidates, at most {MAX_CANDIDATES}")
+    body += b"".join(encode_address(a) for a in candidates)
+    return _beacon_sign(beacon_secret, INTRODUCTION_CONTEXT, recipient, body)
+
+
+def parse_introduction_untrusted(data: bytes) -> Introduction:
+    try:
+        body, signature = _split_signature(data, _INTRODUCTION_HEAD.size)
+        kind, status, request_id, timestamp, key, nat, _ = _INTRODUCTION_HEAD.unpack_from(body)
+        if kind != INTRODUCTION:
+            raise WireError("not an INTRODUCTION")
+        # The count is the head's last byte: parse the list from there.
+        candidates, pos = _parse_addresses_untrusted(
+            body, _INTRODUCTION_HEAD.size - 1, MAX_CANDIDATES
+        )
+        _expect_end(pos, len(body))
+        return Introduction(
+            _status(status), request_id, timestamp, key, _nat(nat), candidates, signature, body
+        )
+    except struct.error as exc:
+        raise WireError(f"truncated INTRODUCTION: {exc}") from None
+
+
+# -- RELAY / RELAYED ---------------------------------------------------------------------------
+
+
+def encode_relay(target_key: bytes, packet: bytes) -> bytes:
+    return b"%c%b%b" % (RELAY, target_key, packet)
+
+
+def encode_relayed(source_key: bytes, packet: bytes) -> bytes:
+    return b"%c%b%b" % (RELAYED, source_key, packet)
+
+
+def parse_relay_untrusted(data: bytes) -> tuple[int, bytes, bytes]:
+    """``(type, key, packet)`` of a RELAY or RELAYED: the target or the source key."""
+    if len(data) <= RELAY_OVERHEAD:
+        raise WireError(f"relay message of {len(data)} bytes carries no packet")
+    kind = data[0]
+    if kind != RELAY and kind != RELAYED:
+        raise WireError("not a RELAY or RELAYED")
+    return kind, data[1:RELAY_OVERHEAD], data[RELAY_OVERHEAD:]
+
+
+# -- STATUS / STATUS_REPLY ---------------------------------------------------------------------
+
+
+def encode_status_request(request_id: int) -> bytes:
+    return _STATUS.pack(STATUS, request_id).ljust(STATUS_REQUEST_SIZE, b"\0")
+
+
+def parse_status_request_untrusted(data: bytes) -> int:
+    """The request id; the request must carry its full padding (anti-amplification)."""
+    if len(data) < STATUS_REQUEST_SIZE:
+        raise WireError(f"STATUS of {len(data)} bytes, padded to {STATUS_REQUEST_SIZE} expected")
+    kind, request_id = _STATUS.unpack_from(data)
+    if kind != STATUS:
+        raise WireError("not a STATUS")
+    return int(request_id)
+
+
+def encode_status_reply(request_id: int, counters: dict[str, Any]) -> bytes:
+    """ValueError if the counters don't fit (they must stay under the request's size)."""
+    raw = json.dumps(counters, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    if len(raw) > MAX_STATUS_JSON:
+        raise ValueError(f"status of {len(raw)} bytes exceeds {MAX_STATUS_JSON}")
+    return _STATUS_REPLY_HEAD.pack(STATUS_REPLY, request_id, len(raw)) + raw
+
+
+def parse_status_reply_untrusted(data: bytes) -> tuple[int, dict[str, Any]]:
+    try:
+        kind, request_id, length = _STATUS_REPLY_HEAD.unpack_from(data)
+    except struct.error as exc:
+        raise WireError(f"truncated STATUS_REPLY: {exc}") from None
+    if kind != STATUS_REPLY:
+        raise WireError("not a STATUS_REPLY")
+    _expect_end(_STATUS_REPLY_HEAD.size + length, len(data))
+    try:
+        counters = json.loads(data[_STATUS_REPLY_HEAD.size :].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise WireError("STATUS_REPLY is not JSON") from None
+    if not isinstance(counters, dict):
+        raise WireError("STATUS_REPLY is not a JSON object")
+    return int(request_id), counters
+
+
+# -- REFUSED -----------------------------------------------------------------------------------
+
+
+def encode_refused(reason: Status, request_id: int) -> bytes:
+    return _REFUSED.pack(REFUSED, reason, request_id)
+
+
+def parse_refused_untrusted(data: bytes) -> tuple[Status, int]:
+    if len(data) != REFUSED_SIZE:
+        raise WireError(f"REFUSED of {len(data)} bytes")
+    kind, reason, request_id = _REFUSED.unpack(data)
+    if kind != REFUSED:
+        raise WireError("not a REFUSED")
+    return _status(reason), int(request_id)
