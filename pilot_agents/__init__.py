@@ -1,5 +1,6 @@
 """pilot-agents: encrypted peer-to-peer tunnels and message-bus patterns for AI agents."""
 
+from .connection import Connection, Listener, Message
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -12,7 +13,7 @@ from .errors import (
     PortClosedError,
 )
 from .identity import Identity
-from .node import Connection, Listener, Message, Node
+from .node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
 
 __all__ = [
     "ConfigError",
@@ -24,9 +25,13 @@ __all__ = [
     "Message",
     "MessageTooLargeError",
     "Node",
+    "NodeInfo",
     "NotTrustedError",
+    "PeerInfo",
+    "PeerStatus",
     "PeerUnreachableError",
     "PilotError",
     "PilotTimeoutError",
+    "PingResult",
     "PortClosedError",
 ]

@@ -1,25 +1,40 @@
-"""The embedded node: identity, trust, peers, ports, and the async API applications use.
+"""The embedded node: identity, trust, peers, the beacon, ports, and the async API.
 
-async with Node(home=PATH, listen="127.0.0.1:0") as node:
-    node.trust(peer_id); node.add_peer(peer_id, ("127.0.0.1", 4000))
-    async with node.connect(peer_id, port=1001) as conn:
-        await conn.send(b"hello")
+    async with Node(home=PATH, listen="0.0.0.0:0", beacon="beacon.example:9000",
+                    hostname="analyst-agent") as node:
+        node.trust(peer_id)
+        async with node.connect("reporter-agent", port=1001) as conn:
+            await conn.send(b"hello")
+
+Without a beacon, peers are reached at addresses given with :meth:`Node.add_peer`. With one,
+names resolve through it, the first packets go through its relay at once, and the tunnel moves
+to a direct path when hole punching succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from .connection import (
+    DEFAULT_TIMEOUT,
+    Connection,
+    Listener,
+    Message,
+    StreamHandle,
+    check_port,
+)
 from .errors import (
+    BeaconError,
     ConfigError,
     ConnectionClosedError,
     NotTrustedError,
@@ -27,249 +42,78 @@ from .errors import (
     PilotError,
     PilotTimeoutError,
     PortClosedError,
+    UnknownHostError,
 )
 from .identity import Identity, default_home, key_from_node_id, node_id_from_key
+from .net import beacon_client as bc
 from .net import events
+from .net.beacon_wire import looks_like_node_id
 from .net.codes import CloseCode, ResetCode, close_reason, reset_reason
 from .net.config import SessionConfig
 from .net.endpoint import Endpoint, parse_host_port
 from .net.mux import Mux
+from .net.paths import RelayPath
 from .net.session import Session
 
 log = logging.getLogger("pilot_agents.node")
 
 EPHEMERAL_PORTS = range(49152, 65536)
-SEND_HIGH_WATER = 8 * 1024 * 1024  # bytes unacknowledged on a stream before send() waits
-DEFAULT_TIMEOUT = 30.0  # seconds, for every wait without an explicit timeout
+REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
+CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
+BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
 
 
-def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
-    """bytes as they are, str as UTF-8, anything else as JSON."""
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, bytearray | memoryview):
-        return bytes(data)
-    if isinstance(data, str):
-        return data.encode("utf-8")
+@dataclass(frozen=True)
+class PeerInfo:
+    node_id: str
+    hostname: str | None
+    candidates: list[tuple[str, int]]
+    nat_type: str
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    node_id: str
+    hostname: str | None
+    path: str  # "direct", "relay" or "none"
+    rtt: float | None  # seconds
+    bytes_in: int
+    bytes_out: int
+    established: bool
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    virtual_address: str
+    hostname: str | None
+    nat_type: str
+    endpoints: list[str]
+    beacon: str | None
+
+
+@dataclass(frozen=True)
+class PingResult:
+    rtt: float  # seconds
+    path: str
+
+
+def parse_beacon(text: str) -> tuple[bytes | None, str, int]:
+    """``HOST:PORT`` or ``KEY@HOST:PORT`` (KEY: the beacon's key in base32) to its parts."""
+    key: bytes | None = None
+    if "@" in text:
+        key_text, text = text.split("@", 1)
+        try:
+            key = base64.b32decode(key_text.strip().upper() + "=" * (-len(key_text) % 8))
+        except ValueError:
+            raise ConfigError(f"{key_text!r} is not a beacon key (base32)") from None
+        if len(key) != 32:
+            raise ConfigError(f"{key_text!r} is not a beacon key (32 bytes)")
     try:
-        return json.dumps(data, separators=(",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})"
-        ) from None
-
-
-def _check_port(port: int) -> int:
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"port {port!r} is not in 1..65535")
-    return port
-
-
-@dataclass
-class Message:
-    data: bytes
-    sender: str  # node id
-    port: int  # our port it arrived on
-    source_port: int
-    _stream: _StreamHandle | None = field(default=None, repr=False)
-
-    def text(self) -> str:
-        return self.data.decode("utf-8")
-
-    def json(self) -> Any:
-        return json.loads(self.data)
-
-    async def reply(self, data: bytes | str | Any) -> None:
-        """Send a message back on the connection this one came from."""
-        if self._stream is None:
-            raise ConnectionClosedError("this message cannot be replied to")
-        await self._stream.send(data)
-
-
-class _StreamHandle:
-    """Our side of one stream: its inbox and the way back into the session."""
-
-    def __init__(
-        self, node: Node, session: Session, stream_id: int, local_port: int, remote_port: int
-    ) -> None:
-        self.node = node
-        self.session = session
-        self.stream_id = stream_id
-        self.local_port = local_port
-        self.remote_port = remote_port
-        self.inbox: asyncio.Queue[Message | PilotError] = asyncio.Queue()
-        self.error: PilotError | None = None
-        self.reset = False
-
-    @property
-    def undelivered(self) -> bool:
-        """Something we sent may not have reached the peer's application."""
-        return self.reset or self.session.stream_buffered(self.stream_id) > 0
-
-    @property
-    def peer_id(self) -> str:
-        return node_id_from_key(self.session.peer)
-
-    def fail(self, error: PilotError, *, reset: bool = False) -> None:
-        """The stream is dead: sends and receives raise ``error`` from now on. ``reset``: the
-        peer's application never saw what we sent."""
-        self.reset = self.reset or reset
-        if self.error is None:
-            self.error = error
-            self.inbox.put_nowait(error)
-        self.node._progress_made()
-
-    def end(self) -> None:
-        """The peer finished sending: receives raise once the inbox is empty; sends go on."""
-        self.inbox.put_nowait(ConnectionClosedError("the peer closed the connection"))
-
-    async def send(self, data: bytes | str | Any) -> None:
-        payload = encode_payload(data)
-        if self.error is not None:
-            raise self.error
-        self.session.send_message(self.stream_id, payload)
-        self.node._endpoint_wake()
-        await self.node._wait_until(
-            lambda: (
-                self.error is not None
-                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
-            ),
-            None,
-        )
-        if self.error is not None:
-            raise self.error
-
-    async def receive(self, timeout: float | None) -> Message:
-        try:
-            item = await asyncio.wait_for(self.inbox.get(), timeout)
-        except TimeoutError:
-            raise PilotTimeoutError(f"no message within {timeout} s") from None
-        if isinstance(item, PilotError):
-            self.inbox.put_nowait(item)  # every later receive fails the same way
-            raise item
-        self.session.message_consumed(self.stream_id, len(item.data))
-        self.node._endpoint_wake()
-        return item
-
-
-class Connection:
-    """A stream to a port on a peer; messages are ordered and delivered exactly once."""
-
-    def __init__(self, node: Node, peer: bytes, port: int, timeout: float) -> None:
-        self._node = node
-        self._peer = peer
-        self._port = port
-        self._timeout = timeout
-        self._handle: _StreamHandle | None = None
-
-    @property
-    def peer_id(self) -> str:
-        return node_id_from_key(self._peer)
-
-    @property
-    def path(self) -> str:
-        return "direct"
-
-    @property
-    def rtt(self) -> float | None:
-        return self._stream().session.smoothed_rtt
-
-    async def __aenter__(self) -> Connection:
-        self._handle = await self._node._open_stream(self._peer, self._port, self._timeout)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            await self.close()
-        else:
-            self.abort()
-
-    def _stream(self) -> _StreamHandle:
-        if self._handle is None:
-            raise ConnectionClosedError("the connection is not open (use 'async with')")
-        return self._handle
-
-    async def send(self, data: bytes | str | Any) -> None:
-        await self._stream().send(data)
-
-    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
-        return await self._stream().receive(timeout)
-
-    async def drain(self, timeout: float | None = None) -> None:
-        """Wait until the peer acknowledged everything sent so far; raise if it never will."""
-        handle = self._stream()
-        await self._node._wait_until(
-            lambda: handle.error is not None or not handle.undelivered,
-            timeout or self._timeout,
-        )
-        if handle.error is not None and handle.undelivered:
-            raise handle.error
-
-    async def close(self) -> None:
-        """Finish the stream and wait until the peer has every byte."""
-        handle = self._handle
-        if handle is None:
-            return
-        handle.session.finish_stream(handle.stream_id)
-        self._node._endpoint_wake()
-        try:
-            await self.drain()
-        finally:
-            self._node._forget(handle)
-            self._handle = None
-
-    def abort(self) -> None:
-        handle = self._handle
-        if handle is not None:
-            handle.session.reset_stream(handle.stream_id, ResetCode.CANCELLED)
-            self._node._endpoint_wake()
-            self._node._forget(handle)
-            self._handle = None
-
-
-class Listener:
-    """Messages arriving on one of our ports, from any trusted peer."""
-
-    def __init__(self, node: Node, port: int) -> None:
-        self._node = node
-        self.port = port
-        self._inbox: asyncio.Queue[tuple[_StreamHandle, Message]] = asyncio.Queue()
-        self._closed = False
-
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._node._listeners.pop(self.port, None)
-
-    def _deliver(self, handle: _StreamHandle, message: Message) -> None:
-        self._inbox.put_nowait((handle, message))
-
-    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
-        try:
-            handle, message = await asyncio.wait_for(self._inbox.get(), timeout)
-        except TimeoutError:
-            raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
-        handle.session.message_consumed(handle.stream_id, len(message.data))
-        self._node._endpoint_wake()
-        return message
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
-        while not self._closed:
-            yield await self.receive(timeout=None)
+        host, port = parse_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"beacon {exc}") from None
+    return key, host, port
 
 
 class Node:
@@ -278,6 +122,10 @@ class Node:
         home: str | Path | None = None,
         listen: str = "0.0.0.0:0",
         config: SessionConfig | None = None,
+        *,
+        beacon: str | None = None,
+        hostname: str | None = None,
+        beacon_config: bc.BeaconClientConfig | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         self.identity = Identity.load_or_create(self.home)
@@ -286,16 +134,27 @@ class Node:
             self._listen = parse_host_port(listen)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self._beacon_spec = parse_beacon(beacon) if beacon else None
+        self._beacon_text = beacon
+        self._beacon_config = beacon_config
+        if hostname is not None and beacon is None:
+            raise ConfigError("a hostname needs a beacon to register it at (--beacon HOST:PORT)")
+        self.hostname = hostname.lower() if hostname else None
+        self.on_trust_request: Callable[[bytes, bytes], None] | None = None
         self._mux: Mux | None = None
         self._endpoint: Endpoint | None = None
         self._listeners: dict[int, Listener] = {}
-        self._streams: dict[tuple[bytes, int], _StreamHandle] = {}
+        self._streams: dict[tuple[bytes, int], StreamHandle] = {}
         self._outgoing: set[tuple[bytes, int]] = set()
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
+        self._hostnames: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
         self._waiters: list[asyncio.Future[None]] = []
+        self._requests: dict[int, asyncio.Future[bc.BeaconEvent]] = {}
+        self._registration: asyncio.Future[None] | None = None
+        self._pings: dict[tuple[bytes, int], asyncio.Future[float]] = {}
 
-    # -- identity -------------------------------------------------------------------------
+    # -- identity ---------------------------------------------------------------------------
 
     @property
     def node_id(self) -> str:
@@ -309,9 +168,26 @@ class Node:
     def local_endpoint(self) -> tuple[str, int]:
         return self._running().local_address
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    def info(self) -> NodeInfo:
+        endpoint = self._running()
+        beacon = endpoint.beacon
+        endpoints = [f"{h}:{p}" for h, p in self._local_candidates()]
+        if beacon is not None and beacon.reflexive is not None:
+            endpoints.insert(0, f"{beacon.reflexive[0]}:{beacon.reflexive[1]}")
+        return NodeInfo(
+            node_id=self.node_id,
+            virtual_address=self.virtual_address,
+            hostname=self.hostname,
+            nat_type=beacon.nat_type if beacon is not None else "unknown",
+            endpoints=endpoints,
+            beacon=self._beacon_text,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the socket and, with a beacon, register (raises BeaconError, NameTakenError,
+        or PeerUnreachableError if the beacon does not answer)."""
         if self._endpoint is not None:
             return
         self._mux = Mux(self.identity.secret_key, self.identity.public_key, self.config)
@@ -325,6 +201,72 @@ class Node:
         self._endpoint = endpoint
         for peer in self._trusted:
             self._mux.trust(peer)
+        if self._beacon_spec is not None:
+            try:
+                await self._start_beacon(endpoint)
+            except BaseException:
+                await self.close()
+                raise
+
+    async def _start_beacon(self, endpoint: Endpoint) -> None:
+        assert self._beacon_spec is not None
+        pinned, host, port = self._beacon_spec
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise BeaconError(f"cannot resolve beacon host {host!r}: {exc}") from None
+        address = (str(infos[0][4][0]), int(infos[0][4][1]))
+        pins = self._load_beacon_pins()
+        client = bc.BeaconClient(
+            self.identity.secret_key,
+            self.identity.public_key,
+            self.hostname,
+            address,
+            beacon_key=pinned or pins.get(f"{host}:{port}"),
+            config=self._beacon_config,
+        )
+        client.set_local_candidates(self._local_candidates(address[0]))
+        endpoint.beacon = client
+        endpoint.on_beacon_event = self._on_beacon_event
+        self._registration = loop.create_future()
+        client.start(endpoint.now())
+        endpoint.wake()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._registration), REGISTER_TIMEOUT)
+        except TimeoutError:
+            raise PeerUnreachableError(
+                f"the beacon at {host}:{port} did not answer within {REGISTER_TIMEOUT:.0f} s"
+            ) from None
+        if client.beacon_key is not None and pinned is None:
+            pins[f"{host}:{port}"] = client.beacon_key
+            self._save_beacon_pins(pins)
+
+    def _load_beacon_pins(self) -> dict[str, bytes]:
+        try:
+            raw = json.loads((self.home / BEACON_PINS).read_text())
+            return {k: bytes.fromhex(v) for k, v in raw.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_beacon_pins(self, pins: dict[str, bytes]) -> None:
+        path = self.home / BEACON_PINS
+        path.write_text(json.dumps({k: v.hex() for k, v in pins.items()}, indent=1))
+        path.chmod(0o600)
+
+    def _local_candidates(self, towards: str | None = None) -> list[tuple[str, int]]:
+        """Our LAN endpoints: the bound address, or the one the route to the beacon uses."""
+        host, port = self._running().local_address
+        if host not in ("0.0.0.0", "::"):
+            return [(host, port)]
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((towards or "192.0.2.1", 9))  # no packet is sent: only a route lookup
+            return [(probe.getsockname()[0], port)]
+        except OSError:
+            return []
+        finally:
+            probe.close()
 
     async def close(self) -> None:
         endpoint, mux = self._endpoint, self._mux
@@ -333,11 +275,18 @@ class Node:
         now = endpoint.now()
         for session in mux.sessions():
             session.close(CloseCode.SHUTDOWN, "", now)
+        if endpoint.beacon is not None:
+            endpoint.beacon.stop()
         endpoint._flush()
         endpoint.close()
         self._endpoint = None
         for listener in list(self._listeners.values()):
             listener.close()
+        pending: list[asyncio.Future[Any]] = [*self._requests.values(), *self._pings.values()]
+        for future in pending:
+            if not future.done():
+                future.set_exception(ConnectionClosedError("the node was closed"))
+        self._progress_made()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -351,7 +300,7 @@ class Node:
             raise PilotError("the node is not running (use 'async with Node(...)')")
         return self._endpoint
 
-    # -- trust and peers -------------------------------------------------------------------
+    # -- trust and peers --------------------------------------------------------------------
 
     def trust(self, node_id: str) -> None:
         key = key_from_node_id(node_id)
@@ -367,7 +316,11 @@ class Node:
             self._mux.untrust(key, self._endpoint.now())
             self._endpoint.wake()
 
+    def is_trusted(self, node_id: str) -> bool:
+        return key_from_node_id(node_id) in self._trusted
+
     def add_peer(self, node_id: str, address: tuple[str, int] | str) -> None:
+        """Reach ``node_id`` directly at ``address`` (no beacon needed)."""
         key = key_from_node_id(node_id)
         if isinstance(address, str):
             try:
@@ -376,24 +329,94 @@ class Node:
                 raise ConfigError(str(exc)) from None
         self._peer_addresses[key] = address
 
-    # -- ports -------------------------------------------------------------------------------
+    async def resolve(self, name: str, timeout: float = 5.0) -> PeerInfo:
+        """A hostname or node id, looked up at the beacon."""
+        endpoint = self._running()
+        beacon = endpoint.beacon
+        if beacon is None:
+            raise ConfigError(f"cannot resolve {name!r}: this node has no beacon")
+        request_id = beacon.resolve(name, endpoint.now())
+        event = await self._beacon_request(request_id, timeout)
+        if isinstance(event, bc.ResolveFailed):
+            raise UnknownHostError(f"{name}: {event.reason}")
+        assert isinstance(event, bc.Resolved)
+        if event.hostname:
+            self._hostnames[event.node_key] = event.hostname
+        return PeerInfo(
+            node_id_from_key(event.node_key),
+            event.hostname,
+            [(str(h), int(p)) for h, p in event.candidates],
+            event.nat_type,
+        )
+
+    async def _beacon_request(self, request_id: int, timeout: float) -> bc.BeaconEvent:
+        future: asyncio.Future[bc.BeaconEvent] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        self._running().wake()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise PilotTimeoutError(f"the beacon did not answer within {timeout} s") from None
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _peer_key(self, name_or_id: str) -> bytes:
+        """The key for a node id, or a hostname resolved through the beacon."""
+        text = name_or_id.strip().lower()
+        if looks_like_node_id(text):
+            return key_from_node_id(text)
+        if self._endpoint is None or self._endpoint.beacon is None:
+            raise ConfigError(
+                f"{name_or_id!r} is not a node id, and without a beacon names can't be resolved"
+            )
+        info = await self.resolve(text)
+        return key_from_node_id(info.node_id)
+
+    def peers(self) -> list[PeerStatus]:
+        mux = self._mux
+        if mux is None:
+            return []
+        return [
+            PeerStatus(
+                node_id=node_id_from_key(s.peer),
+                hostname=self._hostnames.get(s.peer),
+                path=s.paths.kind,
+                rtt=s.smoothed_rtt,
+                bytes_in=s.stats.bytes_received,
+                bytes_out=s.stats.bytes_sent,
+                established=s.established,
+            )
+            for s in mux.sessions()
+        ]
+
+    async def send_trust_request(self, name_or_id: str, payload: bytes) -> None:
+        """Deliver a signed trust request through the beacon's relay: the one thing a peer
+        that does not trust us yet can receive from us."""
+        endpoint = self._running()
+        beacon = endpoint.beacon
+        if beacon is None:
+            raise ConfigError("trust requests travel through the beacon: this node has none")
+        key = await self._peer_key(name_or_id)
+        message = bytes([CONTROL_VIA_RELAY]) + payload
+        endpoint.send_raw(beacon.wrap_relay(key, message), beacon.beacon)
+
+    # -- ports --------------------------------------------------------------------------------
 
     def listen(self, port: int) -> Listener:
-        _check_port(port)
+        check_port(port)
         if port in self._listeners:
             raise ConfigError(f"port {port} is already being listened on")
         listener = Listener(self, port)
         self._listeners[port] = listener
         return listener
 
-    def connect(self, node_id: str, port: int, timeout: float = 10.0) -> Connection:
-        return Connection(self, key_from_node_id(node_id), _check_port(port), timeout)
+    def connect(self, peer: str, port: int, timeout: float = 10.0) -> Connection:
+        """A connection to ``port`` on ``peer`` (a node id, or a hostname with a beacon)."""
+        return Connection(self, peer, check_port(port), timeout)
 
-    async def send(
-        self, node_id: str, port: int, data: bytes | str | Any, timeout: float = 10.0
-    ) -> None:
+    async def send(self, peer: str, port: int, data: Any, timeout: float = 10.0) -> None:
         """Deliver one message and wait until the peer has it."""
-        async with self.connect(node_id, port, timeout) as conn:
+        async with self.connect(peer, port, timeout) as conn:
             await conn.send(data)
 
     async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
@@ -401,42 +424,73 @@ class Node:
         async with self.listen(port) as listener:
             return await listener.receive(timeout)
 
-    # -- internals -----------------------------------------------------------------------
+    async def ping(self, peer: str, timeout: float = 5.0) -> PingResult:
+        """One round trip through the tunnel (opened if needed)."""
+        key = await self._peer_key(peer)
+        session = await self._established_session(key, timeout)
+        endpoint = self._running()
+        ping_id = session.ping(endpoint.now())
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[(key, ping_id)] = future
+        endpoint.wake()
+        try:
+            rtt = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise PilotTimeoutError(f"no answer to the ping within {timeout} s") from None
+        finally:
+            self._pings.pop((key, ping_id), None)
+        return PingResult(rtt, session.paths.kind)
 
-    async def _open_stream(self, peer: bytes, port: int, timeout: float) -> _StreamHandle:
+    # -- internals: opening tunnels and streams ---------------------------------------------
+
+    async def _established_session(self, key: bytes, timeout: float) -> Session:
         endpoint = self._running()
         mux = self._mux
         assert mux is not None
-        if not mux.is_trusted(peer):
-            raise NotTrustedError(
-                f"{node_id_from_key(peer)} is not trusted: run 'pilot-agents trust add' for it"
-            )
-        address = self._peer_addresses.get(peer)
-        session = mux.session(peer, endpoint.now())
+        if not mux.is_trusted(key):
+            name = self._hostnames.get(key) or node_id_from_key(key)
+            raise NotTrustedError(f"{name} is not trusted: run 'pilotctl trust add {name}'")
+        session = mux.session(key, endpoint.now())
         if session.address is None:
-            if address is None:
-                raise PeerUnreachableError(
-                    f"no known address for {node_id_from_key(peer)}: add_peer() it first"
-                )
-            session.address = address
-        local_port = self._ephemeral_port(peer)
-        stream_id = session.open_stream(local_port, port)
-        handle = _StreamHandle(self, session, stream_id, local_port, port)
-        self._streams[(peer, stream_id)] = handle
-        self._outgoing.add((peer, stream_id))
+            self._route(session, key)
         session.connect(endpoint.now())
         endpoint.wake()
         try:
             await self._wait_until(lambda: session.established or session.closed, timeout)
         except PilotTimeoutError:
-            self._forget(handle)
             raise PeerUnreachableError(
-                f"no answer from {node_id_from_key(peer)} within {timeout} s: "
-                "it is down, unreachable, or does not trust us"
+                f"no answer from {self._hostnames.get(key) or node_id_from_key(key)} within "
+                f"{timeout} s: it is down, unreachable, or does not trust us"
             ) from None
-        if handle.error is not None:
-            self._forget(handle)
-            raise handle.error
+        if session.closed:
+            raise PeerUnreachableError(
+                f"tunnel to {node_id_from_key(key)} failed: {session.close_reason}"
+            )
+        return session
+
+    def _route(self, session: Session, key: bytes) -> None:
+        """A first path for a new tunnel: a configured address, else the beacon's relay at once
+        (with an introduction so both sides start punching)."""
+        endpoint = self._running()
+        address = self._peer_addresses.get(key)
+        if address is not None:
+            session.address = address
+            return
+        if endpoint.beacon is None:
+            raise PeerUnreachableError(
+                f"no known address for {node_id_from_key(key)}: add_peer() it, or use a beacon"
+            )
+        session.address = RelayPath(key)
+        endpoint.beacon.introduce(key, endpoint.now())
+
+    async def _open_stream(self, peer: str, port: int, timeout: float) -> StreamHandle:
+        key = await self._peer_key(peer)
+        session = await self._established_session(key, timeout)
+        local_port = self._ephemeral_port(key)
+        stream_id = session.open_stream(local_port, port)
+        handle = StreamHandle(self, session, stream_id, local_port, port)
+        self._streams[(key, stream_id)] = handle
+        self._outgoing.add((key, stream_id))
         return handle
 
     def _ephemeral_port(self, peer: bytes) -> int:
@@ -446,7 +500,7 @@ class Node:
             if port not in used:
                 return port
 
-    def _forget(self, handle: _StreamHandle) -> None:
+    def _forget(self, handle: StreamHandle) -> None:
         key = (handle.session.peer, handle.stream_id)
         self._streams.pop(key, None)
         self._outgoing.discard(key)
@@ -461,7 +515,7 @@ class Node:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wait_until(self, condition: Any, timeout: float | None) -> None:
+    async def _wait_until(self, condition: Callable[[], bool], timeout: float | None) -> None:
         """Wait for ``condition()`` to hold, re-checked after every burst of network progress."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -476,75 +530,158 @@ class Node:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, remaining)
 
+    # -- internals: beacon events -------------------------------------------------------------
+
+    def _on_beacon_event(self, event: bc.BeaconEvent) -> None:
+        registration = self._registration
+        if isinstance(event, bc.Registered):
+            log.info("registered at the beacon as %s (seen as %s)", self.hostname, event.reflexive)
+            if registration is not None and not registration.done():
+                registration.set_result(None)
+        elif isinstance(event, bc.RegistrationFailed | bc.BeaconUnreachable):
+            error: PilotError = (
+                event.to_error()
+                if isinstance(event, bc.RegistrationFailed)
+                else PeerUnreachableError(f"beacon unreachable: {event.reason}")
+            )
+            log.warning("beacon: %s", error)
+            if registration is not None and not registration.done():
+                registration.set_exception(error)
+        elif isinstance(event, bc.Resolved | bc.ResolveFailed):
+            future = self._requests.get(event.request_id)
+            if future is not None and not future.done():
+                future.set_result(event)
+        elif isinstance(event, bc.Introduction):
+            self._on_introduction(event)
+        elif isinstance(event, bc.IntroductionFailed):
+            log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
+        elif (
+            isinstance(event, bc.Relayed)
+            and event.packet[:1] == bytes([CONTROL_VIA_RELAY])
+            and self.on_trust_request is not None
+        ):
+            self.on_trust_request(event.source_key, event.packet[1:])
+
+    def _on_introduction(self, event: bc.Introduction) -> None:
+        """Either side of an introduction: probe every candidate now (the peer does too)."""
+        mux, endpoint = self._mux, self._endpoint
+        if mux is None or endpoint is None or not mux.is_trusted(event.peer_key):
+            return
+        now = endpoint.now()
+        session = mux.session(event.peer_key, now)
+        if session.address is None:
+            session.address = RelayPath(event.peer_key)
+        session.add_candidates([(str(h), int(p)) for h, p in event.candidates], now)
+        endpoint.wake()
+
+    # -- internals: tunnel events -------------------------------------------------------------
+
     def _on_event(self, event: events.Event) -> None:
-        peer = event.peer
         if isinstance(event, events.MessageReceived):
-            handle = self._streams.get((peer, event.stream_id))
-            if handle is None:
-                return
-            message = Message(
-                event.data, node_id_from_key(peer), event.dst_port, event.src_port, handle
-            )
-            if (peer, event.stream_id) in self._outgoing:
-                handle.inbox.put_nowait(message)
-            else:
-                listener = self._listeners.get(handle.local_port)
-                if listener is None:
-                    handle.session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
-                    self._forget(handle)
-                else:
-                    listener._deliver(handle, message)
+            self._on_message(event)
         elif isinstance(event, events.StreamOpened):
-            session = self._mux.get_session(peer) if self._mux else None
-            if session is None:
-                return
-            if event.dst_port not in self._listeners:
-                session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
-                return
-            self._streams[(peer, event.stream_id)] = _StreamHandle(
-                self, session, event.stream_id, event.dst_port, event.src_port
-            )
+            self._on_stream_opened(event)
         elif isinstance(event, events.StreamEnded):
-            handle = self._streams.get((peer, event.stream_id))
-            if handle is None:
-                return
-            if (peer, event.stream_id) in self._outgoing:
-                handle.end()
-            else:
-                # The client is done sending: close our side once our replies are out.
-                handle.session.finish_stream(event.stream_id)
-                self._forget(handle)
+            self._on_stream_ended(event)
         elif isinstance(event, events.StreamReset):
-            handle = self._streams.get((peer, event.stream_id))
-            if handle is not None:
-                reset_error = (
-                    PortClosedError
-                    if event.code == ResetCode.PORT_CLOSED
-                    else ConnectionClosedError
-                )
-                handle.fail(
-                    reset_error(
-                        f"{node_id_from_key(peer)} port {handle.remote_port}: "
-                        f"{reset_reason(event.code)}",
-                        event.code,
-                        reset_reason(event.code),
-                    ),
-                    reset=True,
-                )
-                if (peer, event.stream_id) not in self._outgoing:
-                    self._forget(handle)
+            self._on_stream_reset(event)
         elif isinstance(event, events.SessionClosed):
-            closed_error: type[PilotError] = (
-                PeerUnreachableError
-                if event.code
-                in (CloseCode.HANDSHAKE_TIMEOUT, CloseCode.PEER_UNREACHABLE, CloseCode.IDLE_TIMEOUT)
-                else ConnectionClosedError
-            )
-            reason = event.reason or close_reason(event.code)
-            for (p, _), handle in list(self._streams.items()):
-                if p == peer:
-                    error = closed_error(f"tunnel to {node_id_from_key(peer)} closed: {reason}")
-                    handle.fail(error)
-                    if (p, handle.stream_id) not in self._outgoing:
-                        self._forget(handle)
+            self._on_session_closed(event)
+        elif isinstance(event, events.PathChanged):
+            self._on_path_changed(event)
+        elif isinstance(event, events.PingAcked):
+            future = self._pings.get((event.peer, event.ping_id))
+            if future is not None and not future.done():
+                future.set_result(event.rtt)
         self._progress_made()
+
+    def _on_message(self, event: events.MessageReceived) -> None:
+        key = (event.peer, event.stream_id)
+        handle = self._streams.get(key)
+        if handle is None:
+            return
+        message = Message(
+            event.data, node_id_from_key(event.peer), event.dst_port, event.src_port, handle
+        )
+        if key in self._outgoing:
+            handle.inbox.put_nowait(message)
+            return
+        listener = self._listeners.get(handle.local_port)
+        if listener is None:
+            handle.session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
+            self._forget(handle)
+        else:
+            listener._deliver(handle, message)
+
+    def _on_stream_opened(self, event: events.StreamOpened) -> None:
+        session = self._mux.get_session(event.peer) if self._mux else None
+        if session is None:
+            return
+        if event.dst_port not in self._listeners:
+            session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
+            return
+        self._streams[(event.peer, event.stream_id)] = StreamHandle(
+            self, session, event.stream_id, event.dst_port, event.src_port
+        )
+
+    def _on_stream_ended(self, event: events.StreamEnded) -> None:
+        key = (event.peer, event.stream_id)
+        handle = self._streams.get(key)
+        if handle is None:
+            return
+        if key in self._outgoing:
+            handle.end()
+        else:
+            # The client is done sending: close our side once our replies are out.
+            handle.session.finish_stream(event.stream_id)
+            self._forget(handle)
+
+    def _on_stream_reset(self, event: events.StreamReset) -> None:
+        key = (event.peer, event.stream_id)
+        handle = self._streams.get(key)
+        if handle is None:
+            return
+        error_type = (
+            PortClosedError if event.code == ResetCode.PORT_CLOSED else ConnectionClosedError
+        )
+        reason = reset_reason(event.code)
+        name = self._hostnames.get(event.peer) or node_id_from_key(event.peer)
+        handle.fail(
+            error_type(f"{name} port {handle.remote_port}: {reason}", event.code, reason),
+            reset=True,
+        )
+        if key not in self._outgoing:
+            self._forget(handle)
+
+    def _on_session_closed(self, event: events.SessionClosed) -> None:
+        unreachable = (
+            CloseCode.HANDSHAKE_TIMEOUT,
+            CloseCode.PEER_UNREACHABLE,
+            CloseCode.IDLE_TIMEOUT,
+        )
+        error_type: type[PilotError] = (
+            PeerUnreachableError if event.code in unreachable else ConnectionClosedError
+        )
+        reason = event.reason or close_reason(event.code)
+        name = self._hostnames.get(event.peer) or node_id_from_key(event.peer)
+        for (peer, stream_id), handle in list(self._streams.items()):
+            if peer == event.peer:
+                handle.fail(error_type(f"tunnel to {name} closed: {reason}"))
+                if (peer, stream_id) not in self._outgoing:
+                    self._forget(handle)
+        for (peer, _), future in list(self._pings.items()):
+            if peer == event.peer and not future.done():
+                future.set_exception(error_type(f"tunnel to {name} closed: {reason}"))
+
+    def _on_path_changed(self, event: events.PathChanged) -> None:
+        log.info(
+            "tunnel to %s now %s (%s)",
+            self._hostnames.get(event.peer) or node_id_from_key(event.peer)[:12],
+            event.path,
+            event.address,
+        )
+        endpoint = self._endpoint
+        if event.path == "relay" and endpoint is not None and endpoint.beacon is not None:
+            # The direct path broke: a fresh introduction carries both sides' current
+            # addresses (a rebound NAT has a new one), and punching starts again.
+            endpoint.beacon.introduce(event.peer, endpoint.now())

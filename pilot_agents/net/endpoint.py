@@ -12,8 +12,10 @@ import logging
 import socket
 from collections.abc import Callable
 
-from . import events
+from . import events, wire
+from .beacon_client import BeaconClient, BeaconEvent, Relayed
 from .mux import Mux
+from .paths import RelayPath
 
 log = logging.getLogger("pilot_agents.endpoint")
 
@@ -22,6 +24,10 @@ READ_BATCH = 256  # datagrams per readiness callback before yielding to other ta
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts of a full congestion window
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
+
+
+def is_tunnel_packet(data: bytes) -> bool:
+    return bool(data) and wire.INITIATION <= data[0] <= 0x1F
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -41,6 +47,8 @@ class Endpoint:
     ) -> None:
         """``on_progress`` runs after every flush: acknowledgements may have freed buffers."""
         self.mux = mux
+        self.beacon: BeaconClient | None = None
+        self.on_beacon_event: Callable[[BeaconEvent], None] | None = None
         self._on_event = on_event
         self._on_progress = on_progress
         self._loop = asyncio.get_running_loop()
@@ -49,8 +57,6 @@ class Endpoint:
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self.send_errors = 0
-        # Other demultiplexed traffic (beacon, STUN) goes here when set.
-        self.on_other_datagram: Callable[[bytes, tuple[str, int]], None] | None = None
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -110,6 +116,8 @@ class Endpoint:
         if sock is None:
             return
         mux = self.mux
+        beacon = self.beacon
+        beacon_addresses = beacon.addresses if beacon is not None else frozenset()
         now = self._loop.time()
         for _ in range(READ_BATCH):
             try:
@@ -120,16 +128,33 @@ class Endpoint:
                 # ICMP errors surface here on Linux (ECONNREFUSED): nothing to read, go on.
                 log.debug("recvfrom: %s", exc)
                 continue
-            if data and 0x10 <= data[0] <= 0x1F:
-                mux.receive_datagram(data, address, now)
-            elif self.on_other_datagram is not None:
-                self.on_other_datagram(data, address)
+            if address[:2] in beacon_addresses and beacon is not None:
+                beacon.receive_datagram(data, now)
+                self._drain_beacon_events(now)
+            else:
+                mux.receive_datagram(data, address[:2], now)
         self._flush()
+
+    def _drain_beacon_events(self, now: float) -> None:
+        beacon = self.beacon
+        assert beacon is not None
+        event = beacon.next_event()
+        while event is not None:
+            if isinstance(event, Relayed) and is_tunnel_packet(event.packet):
+                # A tunnel packet through the relay: the same session, another path.
+                self.mux.receive_datagram(event.packet, RelayPath(event.source_key), now)
+            elif self.on_beacon_event is not None:
+                self.on_beacon_event(event)
+            event = beacon.next_event()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.mux.handle_timer(self._loop.time())
+        now = self._loop.time()
+        self.mux.handle_timer(now)
+        if self.beacon is not None:
+            self.beacon.handle_timer(now)
+            self._drain_beacon_events(now)
         self._flush()
 
     def _flush(self) -> None:
@@ -141,8 +166,18 @@ class Endpoint:
         while event is not None:
             self._on_event(event)
             event = mux.next_event()
-        for data, address in mux.datagrams_to_send(self._loop.time()):
-            self.send_raw(data, address)
+        now = self._loop.time()
+        beacon = self.beacon
+        for data, address in mux.datagrams_to_send(now):
+            if isinstance(address, RelayPath):
+                if beacon is not None:
+                    self.send_raw(beacon.wrap_relay(address.peer, data), beacon.beacon)
+            else:
+                self.send_raw(data, address)
+        if beacon is not None:
+            for data, address in beacon.datagrams_to_send(now):
+                self.send_raw(data, address)
+            self._drain_beacon_events(now)
         event = mux.next_event()
         while event is not None:
             self._on_event(event)
@@ -151,7 +186,8 @@ class Endpoint:
         self._rearm()
 
     def _rearm(self) -> None:
-        deadline = self.mux.get_timer()
+        deadlines = [self.mux.get_timer(), self.beacon.get_timer() if self.beacon else None]
+        deadline = min((d for d in deadlines if d is not None), default=None)
         if deadline is None:
             return
         # A timer that fires early is harmless (the mux checks what is due and we re-arm), so

@@ -24,6 +24,14 @@ class PathChanged(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PingAcked(Event):
+    """A PING sent by :meth:`Session.ping` was acknowledged after ``rtt`` seconds."""
+
+    ping_id: int
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOpened(Event):
     """The peer opened a stream to one of our ports."""
 

@@ -97,6 +97,10 @@ class Session:
         self.state = State.HANDSHAKING
         self.paths = PathManager(config.paths)
         self._latest_source: Address = None  # where the newest authenticated packet came from
+        # The peer's newest packets arrived over our (direct) active path since we moved to it:
+        # until then a relayed packet from it only means it hasn't validated the path yet.
+        self._peer_on_active = False
+        self._quiet_checked = True  # the silence since the newest packet was looked into
         self.stats = SessionStats()
         self.nonce = nonce
         self.remote_nonce: int | None = None
@@ -133,6 +137,9 @@ class Session:
         self._mtu_probe_in_flight = False
         self._pacing_deadline: float | None = None  # set while pacing holds data back
         self._ping_pending = False
+        self._next_ping_id = 0
+        self._pings_pending: list[tuple[int, float]] = []  # (id, asked at)
+        self._close_reason = ""
         self._probes_pending = 0
         self._path_responses: list[tuple[bytes, Address]] = []  # (token, where from)
         self._close_frame: bytes | None = None
@@ -198,6 +205,16 @@ class Session:
         if self._initiation is not None:
             indices.append(self._initiation.local_index)
         return indices
+
+    def ping(self, now: float) -> int:
+        """Send a PING; a PingAcked event with the same id reports its round trip."""
+        self._next_ping_id += 1
+        self._pings_pending.append((self._next_ping_id, now))
+        return self._next_ping_id
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
 
     def next_event(self) -> events.Event | None:
         return self._events.popleft() if self._events else None
@@ -280,6 +297,9 @@ class Session:
             probe = self.paths.get_timer()
             if probe is not None:
                 deadlines.append(probe)
+            quiet = self._quiet_deadline()
+            if quiet is not None:
+                deadlines.append(quiet)
             key_deadline = self._key_deadline()
             if key_deadline is not None:
                 deadlines.append(key_deadline)
@@ -325,6 +345,14 @@ class Session:
                 # A peer that restarted drops our packets silently; a new handshake finds out.
                 if self._recovery.pto_count == 3 and self._initiation is None:
                     self._start_initiation(now)
+        quiet = self._quiet_deadline()
+        if quiet is not None and now >= quiet:
+            self._quiet_checked = True
+            if self._expecting_data():
+                # The peer went silent mid-message. If our side of the direct path broke, our
+                # ACKs vanish unnoticed; an ack-eliciting PING lets the probe timeouts find out
+                # (and fall back to the relay). If the path is fine, it costs one round trip.
+                self._ping_pending = True
         # With packets in flight the PTO probes keep the path alive; a PING then would only
         # push the probe timer out and delay the dead-peer verdict.
         idle = self._recovery.ack_eliciting_in_flight == 0
@@ -429,6 +457,7 @@ class Session:
         self.stats.packets_received += 1
         self.stats.bytes_received += len(data)
         self._last_received = now
+        self._quiet_checked = False
         if packet_number == self._replay.highest:
             self._on_newest_packet_from(address, now)
         try:
@@ -572,6 +601,7 @@ class Session:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self._close_reason = reason or close_reason(code)
         for index in self.local_indices:
             self._indices.release(index)
         self._initiation = None
@@ -743,6 +773,8 @@ class Session:
                         self._maybe_forget_stream(stream)
                 elif item[0] == "mtu_probe":
                     self._on_mtu_probe(item[1], acked=True)
+                elif item[0] == "user_ping":
+                    self._events.append(events.PingAcked(self.peer, item[1], now - item[2]))
         self._on_lost(result.lost)
 
     def _on_lost(self, lost: list[SentPacket]) -> None:
@@ -764,6 +796,8 @@ class Session:
                     self._control.append(item)
                 elif item[0] == "mtu_probe":
                     self._on_mtu_probe(item[1], acked=False)
+                elif item[0] == "user_ping":
+                    self._pings_pending.append((item[1], item[2]))  # RTT counts from the ask
 
     # -- internals: building packets -------------------------------------------------------
 
@@ -816,6 +850,10 @@ class Session:
                 continue
             items.append((kind, stream_id, value))
         self._fill_streams(payload, items, budget)
+        for ping_id, asked in self._pings_pending:
+            payload += wire.ENCODED_PING
+            items.append(("user_ping", ping_id, asked))
+        self._pings_pending.clear()
         if (probe or self._ping_pending) and not items:
             payload += wire.ENCODED_PING
             items.append(("ping", 0, 0))
@@ -836,18 +874,37 @@ class Session:
             if address != RelayPath(self.peer):
                 return  # the beacon named another sender: not a route to this peer
             self.paths.set_relay(address)
-            if self.paths.direct:
+            if self.paths.direct and self._peer_on_active:
                 # The peer gave up our direct path (its side of it broke, e.g. its NAT
-                # rebound): answer where it now sends, or our ACKs would be lost.
+                # rebound): answer where it now sends, or our ACKs would be lost. Before the
+                # peer was ever seen on the direct path, its relayed packets only mean that it
+                # hasn't validated the path yet: following them back would make both sides
+                # swap paths in turn and end on the relay for good.
                 self._migrate(address)
             return
         self._latest_source = address
         if address == self.paths.active:
+            self._peer_on_active = True
             return
         if self.paths.is_validated(address):
             self._migrate(address)  # the peer moved to a path we already proved
+            self._peer_on_active = True
         else:
             self.paths.on_peer_address(address, now)
+
+    def _quiet_deadline(self) -> float | None:
+        """When a silence on the direct path is worth a look (see handle_timer)."""
+        if self._quiet_checked or not self.paths.direct:
+            return None
+        quiet = max(2 * self._recovery.rtt.pto_period(), self.config.paths.quiet_probe_after)
+        return self._last_received + quiet
+
+    def _expecting_data(self) -> bool:
+        """Some stream of the peer's stopped in the middle of a message (or has a gap)."""
+        return any(
+            s.recv.highest > s.recv.delivered or s.recv.reader.in_message
+            for s in self._streams.values()
+        )
 
     def _on_path_validated(self, address: Address) -> None:
         # Leave the relay for any proven direct path; leave a direct path only when the peer
@@ -864,6 +921,7 @@ class Session:
 
     def _on_path_changed(self) -> None:
         """A new path may carry smaller datagrams: start again from the safe size."""
+        self._peer_on_active = False
         self._events.append(events.PathChanged(self.peer, self.paths.kind, self.paths.active))
         base = self.config.max_packet_size
         if self._packet_size != base:
@@ -888,17 +946,7 @@ class Session:
         payload = wire.ENCODED_PING + bytes(size - wire.DATA_HEADER_SIZE - TAG_SIZE - 1)
         packet_number = self._next_packet_number
         datagram = self._seal(keypair, payload)
-        self._recovery.on_packet_sent(
-            SentPacket(
-                packet_number=packet_number,
-                time_sent=now,
-                size=len(datagram),
-                ack_eliciting=True,
-                in_flight=True,
-                is_probe_mtu=True,
-                data=[("mtu_probe", size, 0)],
-            )
-        )
+        self._track(packet_number, datagram, [("mtu_probe", size, 0)], now, is_probe_mtu=True)
         return datagram
 
     def _on_mtu_probe(self, size: int, *, acked: bool) -> None:
@@ -929,7 +977,9 @@ class Session:
         return True
 
     def _has_payload_to_send(self) -> bool:
-        return bool(self._send_order or self._control or self._max_data_pending)
+        return bool(
+            self._send_order or self._control or self._max_data_pending or self._pings_pending
+        )
 
     def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
         order = self._send_order
@@ -985,6 +1035,19 @@ class Session:
         if probe:
             self._probes_pending -= 1
         self._last_ack_eliciting_sent = now
+        self._track(packet_number, datagram, items, now)
+        return datagram
+
+    def _track(
+        self,
+        packet_number: int,
+        datagram: bytes,
+        items: list[Any],
+        now: float,
+        *,
+        is_probe_mtu: bool = False,
+    ) -> None:
+        """Hand an ack-eliciting packet to loss recovery; ``items`` say what a loss resends."""
         self._recovery.on_packet_sent(
             SentPacket(
                 packet_number=packet_number,
@@ -992,7 +1055,7 @@ class Session:
                 size=len(datagram),
                 ack_eliciting=True,
                 in_flight=True,
+                is_probe_mtu=is_probe_mtu,
                 data=items,
             )
         )
-        return datagram

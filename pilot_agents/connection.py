@@ -1,0 +1,256 @@
+"""What applications hold: connections (streams to a peer's port), listeners, and messages.
+
+Each is a thin handle on a stream inside a session; the :class:`~pilot_agents.node.Node` routes
+the session's events to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from .identity import node_id_from_key
+from .net.codes import ResetCode
+from .net.session import Session
+
+if TYPE_CHECKING:
+    from .node import Node
+
+SEND_HIGH_WATER = 8 * 1024 * 1024  # bytes unacknowledged on a stream before send() waits
+DEFAULT_TIMEOUT = 30.0  # seconds, for every wait without an explicit timeout
+
+
+def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
+    """bytes as they are, str as UTF-8, anything else as JSON."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    try:
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})"
+        ) from None
+
+
+def check_port(port: int) -> int:
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"port {port!r} is not in 1..65535")
+    return port
+
+
+@dataclass
+class Message:
+    data: bytes
+    sender: str  # node id
+    port: int  # our port it arrived on
+    source_port: int
+    _stream: StreamHandle | None = field(default=None, repr=False)
+
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    async def reply(self, data: bytes | str | Any) -> None:
+        """Send a message back on the connection this one came from."""
+        if self._stream is None:
+            raise ConnectionClosedError("this message cannot be replied to")
+        await self._stream.send(data)
+
+
+class StreamHandle:
+    """Our side of one stream: its inbox and the way back into the session."""
+
+    def __init__(
+        self, node: Node, session: Session, stream_id: int, local_port: int, remote_port: int
+    ) -> None:
+        self.node = node
+        self.session = session
+        self.stream_id = stream_id
+        self.local_port = local_port
+        self.remote_port = remote_port
+        self.inbox: asyncio.Queue[Message | PilotError] = asyncio.Queue()
+        self.error: PilotError | None = None
+        self.reset = False
+
+    @property
+    def undelivered(self) -> bool:
+        """Something we sent may not have reached the peer's application."""
+        return self.reset or self.session.stream_buffered(self.stream_id) > 0
+
+    @property
+    def peer_id(self) -> str:
+        return node_id_from_key(self.session.peer)
+
+    def fail(self, error: PilotError, *, reset: bool = False) -> None:
+        """The stream is dead: sends and receives raise ``error`` from now on. ``reset``: the
+        peer's application never saw what we sent."""
+        self.reset = self.reset or reset
+        if self.error is None:
+            self.error = error
+            self.inbox.put_nowait(error)
+        self.node._progress_made()
+
+    def end(self) -> None:
+        """The peer finished sending: receives raise once the inbox is empty; sends go on."""
+        self.inbox.put_nowait(ConnectionClosedError("the peer closed the connection"))
+
+    async def send(self, data: bytes | str | Any) -> None:
+        payload = encode_payload(data)
+        if self.error is not None:
+            raise self.error
+        self.session.send_message(self.stream_id, payload)
+        self.node._endpoint_wake()
+        await self.node._wait_until(
+            lambda: (
+                self.error is not None
+                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
+            ),
+            None,
+        )
+        if self.error is not None:
+            raise self.error
+
+    async def receive(self, timeout: float | None) -> Message:
+        try:
+            item = await asyncio.wait_for(self.inbox.get(), timeout)
+        except TimeoutError:
+            raise PilotTimeoutError(f"no message within {timeout} s") from None
+        if isinstance(item, PilotError):
+            self.inbox.put_nowait(item)  # every later receive fails the same way
+            raise item
+        self.session.message_consumed(self.stream_id, len(item.data))
+        self.node._endpoint_wake()
+        return item
+
+
+class Connection:
+    """A stream to a port on a peer; messages are ordered and delivered exactly once."""
+
+    def __init__(self, node: Node, peer: str, port: int, timeout: float) -> None:
+        """``peer``: a node id, or a hostname the node's beacon resolves."""
+        self._node = node
+        self._peer = peer
+        self._port = port
+        self._timeout = timeout
+        self._handle: StreamHandle | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self._stream().peer_id
+
+    @property
+    def path(self) -> str:
+        """ "direct" or "relay": how packets reach the peer right now."""
+        return self._stream().session.paths.kind
+
+    @property
+    def rtt(self) -> float | None:
+        return self._stream().session.smoothed_rtt
+
+    async def __aenter__(self) -> Connection:
+        self._handle = await self._node._open_stream(self._peer, self._port, self._timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self.abort()
+
+    def _stream(self) -> StreamHandle:
+        if self._handle is None:
+            raise ConnectionClosedError("the connection is not open (use 'async with')")
+        return self._handle
+
+    async def send(self, data: bytes | str | Any) -> None:
+        await self._stream().send(data)
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
+        return await self._stream().receive(timeout)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the peer acknowledged everything sent so far; raise if it never will."""
+        handle = self._stream()
+        await self._node._wait_until(
+            lambda: handle.error is not None or not handle.undelivered,
+            timeout or self._timeout,
+        )
+        if handle.error is not None and handle.undelivered:
+            raise handle.error
+
+    async def close(self) -> None:
+        """Finish the stream and wait until the peer has every byte."""
+        handle = self._handle
+        if handle is None:
+            return
+        handle.session.finish_stream(handle.stream_id)
+        self._node._endpoint_wake()
+        try:
+            await self.drain()
+        finally:
+            self._node._forget(handle)
+            self._handle = None
+
+    def abort(self) -> None:
+        handle = self._handle
+        if handle is not None:
+            handle.session.reset_stream(handle.stream_id, ResetCode.CANCELLED)
+            self._node._endpoint_wake()
+            self._node._forget(handle)
+            self._handle = None
+
+
+class Listener:
+    """Messages arriving on one of our ports, from any trusted peer."""
+
+    def __init__(self, node: Node, port: int) -> None:
+        self._node = node
+        self.port = port
+        self._inbox: asyncio.Queue[tuple[StreamHandle, Message]] = asyncio.Queue()
+        self._closed = False
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._node._listeners.pop(self.port, None)
+
+    def _deliver(self, handle: StreamHandle, message: Message) -> None:
+        self._inbox.put_nowait((handle, message))
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
+        try:
+            handle, message = await asyncio.wait_for(self._inbox.get(), timeout)
+        except TimeoutError:
+            raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
+        handle.session.message_consumed(handle.stream_id, len(message.data))
+        self._node._endpoint_wake()
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while not self._closed:
+            yield await self.receive(timeout=None)
