@@ -1,0 +1,1 @@
+"""Benchmarks of pilot-agents beside raw UDP, ZeroMQ and QUIC: ``python -m benchmarks.bench``."""

@@ -1,0 +1,65 @@
+"""Benchmark pilot-agents' tunnel against raw UDP, ZeroMQ and aioquic, side by side in one run.
+
+.venv/bin/python -m benchmarks.bench [--quick] [--only NAME] [--json] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+
+from benchmarks import report
+from benchmarks.cases import CASES
+from benchmarks.harness import Params
+from benchmarks.machine import CpuSample, describe, others_share
+from benchmarks.runner import run_case
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="16 MB bulk, 500 round trips (after 50 warm-up)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(CASES),
+        metavar="NAME",
+        help=f"run only this case (repeatable): {', '.join(CASES)}",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
+    parser.add_argument("--write", action="store_true", help="also write benchmarks/RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    names = args.only or list(CASES)
+    before = CpuSample.now()
+    with tempfile.TemporaryDirectory(prefix="pilot-bench-") as workdir:
+        params = replace(Params.quick() if args.quick else Params(), workdir=workdir)
+        rows = [run_case(name, params) for name in names]
+    others = others_share(before, CpuSample.now())
+    command = report.command(argv)
+    run = report.Run(rows, params, args.quick, command, report.now(), describe(), others)
+    if args.json:
+        print(json.dumps(run.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(f"{run.date} · {run.machine}\n{report.sizes(params)}\n")
+        print(report.table(rows))
+        print(f"\n{report.interference(run)}")
+    if args.write:
+        print(f"wrote {report.write_results(run)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

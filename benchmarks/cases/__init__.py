@@ -1,0 +1,23 @@
+"""The benchmark cases, by name. A case's module is imported only when the case runs, so a case
+whose dependency is missing (or not built yet) reports itself unavailable instead of breaking
+the others."""
+
+from __future__ import annotations
+
+import importlib
+
+from benchmarks.harness import Case
+
+CASES: dict[str, str] = {
+    "raw-udp": "benchmarks.cases.raw_udp",
+    "zmq-tcp": "benchmarks.cases.zmq_tcp",
+    "aioquic": "benchmarks.cases.quic",
+    "tunnel": "benchmarks.cases.tunnel",
+}
+
+
+def load_case(name: str) -> Case:
+    """The case called ``name``; raises ImportError when it can't run here."""
+    case = importlib.import_module(CASES[name]).CASE
+    assert isinstance(case, Case)
+    return case

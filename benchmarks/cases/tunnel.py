@@ -1,0 +1,66 @@
+"""pilot-agents' own tunnel, through the embedded Node API (two nodes, two processes, loopback).
+
+Where ``pilot_agents.Node`` can't be imported, neither can this module, and the case reports
+itself unavailable with that ImportError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.harness import (
+    HOST,
+    Case,
+    Control,
+    Kind,
+    Params,
+    Result,
+    adrive,
+    client_session,
+    server_plan,
+)
+from pilot_agents import Node
+
+SERVICE_PORT = 1001
+"""The virtual port the server listens on."""
+
+
+class Tunnel(Case):
+    name = "tunnel"
+    about = "Node.connect, conn.send/receive, msg.reply"
+
+    async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
+        plan = server_plan(kind, p)
+        client_id: str = ctl.peer()["node_id"]
+        async with Node(home=_home(p, "server"), listen=f"{HOST}:0") as node:
+            node.trust(client_id)
+            async with node.listen(SERVICE_PORT) as listener:
+                ctl.publish(node_id=node.node_id, port=node.local_endpoint[1])
+                for responder in plan:
+                    msg = await listener.receive(timeout=p.timeout(kind))
+                    responder.feed(msg.data)
+                    await msg.reply(responder.finish())
+                await ctl.await_stop()
+
+    async def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
+        node = Node(home=_home(p, "client"), listen=f"{HOST}:0")
+        ctl.publish(node_id=node.node_id)
+        server = ctl.peer()
+        async with node as a:
+            a.trust(server["node_id"])
+            a.add_peer(server["node_id"], (HOST, server["port"]))
+            async with a.connect(server["node_id"], port=SERVICE_PORT) as conn:
+
+                async def roundtrip(request: bytes) -> bytes:
+                    await conn.send(request)
+                    reply = await conn.receive(timeout=p.timeout(kind))
+                    return reply.data
+
+                return await adrive(client_session(kind, p), roundtrip)
+
+
+def _home(p: Params, role: str) -> str:
+    return str(Path(p.workdir) / f"tunnel-{role}")
+
+
+CASE = Tunnel()

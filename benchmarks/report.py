@@ -1,0 +1,121 @@
+"""The results table and ``RESULTS.md``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from benchmarks.harness import MB, Params
+from benchmarks.runner import BUSY_SHARE, Row
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = ("case", "bulk MB/s", "RTT median µs", "RTT p99 µs", "notes")
+MISSING = "—"
+NUMERIC = {1, 2, 3}
+"""Columns aligned right."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run and the circumstances it ran in."""
+
+    rows: list[Row]
+    params: Params
+    quick: bool
+    command: str
+    date: str
+    machine: str
+    others_cpu: float | None
+    """Share of the machine's CPU that other processes used during the run."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "date": self.date,
+            "machine": self.machine,
+            "others_cpu": None if self.others_cpu is None else round(self.others_cpu, 3),
+            "command": self.command,
+            "quick": self.quick,
+            "bulk_bytes": self.params.bulk_bytes,
+            "rtt_warmup": self.params.rtt_warmup,
+            "rtt_count": self.params.rtt_count,
+            "msg_size": self.params.msg_size,
+            "results": [row.to_json() for row in self.rows],
+        }
+
+
+def now() -> str:
+    return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def interference(run: Run) -> str:
+    if run.others_cpu is None:
+        return "not measured (no /proc/stat)"
+    verdict = "; numbers are suspect" if run.others_cpu > BUSY_SHARE else ""
+    return f"other processes used {run.others_cpu:.0%} of the CPU during the run{verdict}"
+
+
+def command(argv: Sequence[str]) -> str:
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
+    return " ".join([python, "-m", "benchmarks.bench", *argv])
+
+
+def sizes(p: Params) -> str:
+    return (
+        f"bulk {p.bulk_bytes / MB:g} MB (MB = 10^6 bytes) client → server; RTT {p.rtt_count} "
+        f"round trips of {p.msg_size} B after {p.rtt_warmup} warm-up"
+    )
+
+
+def table(rows: Sequence[Row]) -> str:
+    """A Markdown table, padded so it also reads well in a terminal."""
+    cells = [HEADER, *(_cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (
+            value.rjust(width) if i in NUMERIC else value.ljust(width)
+            for i, (value, width) in enumerate(zip(values, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(_rule(width, i in NUMERIC) for i, width in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(c) for c in cells[1:])])
+
+
+def results_markdown(run: Run) -> str:
+    return f"""# Benchmark results
+
+Written by `benchmarks/bench.py --write`, which replaces this file; see `benchmarks/README.md`
+for what each number measures.
+
+- Date: {run.date}
+- Machine: {run.machine}
+- Quiet: {interference(run)}
+- Command: `{run.command}`
+- Sizes: {sizes(run.params)}
+- Every case runs as two processes (server and client) on 127.0.0.1.
+
+{table(run.rows)}
+"""
+
+
+def write_results(run: Run) -> Path:
+    RESULTS.write_text(results_markdown(run), encoding="utf-8")
+    return RESULTS
+
+
+def _cells(row: Row) -> tuple[str, str, str, str, str]:
+    bulk = f"{row.bulk.mb_per_s:.1f}" if row.bulk else MISSING
+    median = f"{row.rtt.median_us:.1f}" if row.rtt else MISSING
+    p99 = f"{row.rtt.p99_us:.1f}" if row.rtt else MISSING
+    return (row.case, bulk, median, p99, "; ".join(row.remarks()))
+
+
+def _rule(width: int, right: bool) -> str:
+    return "-" * (width + 1) + ":" if right else "-" * (width + 2)
