@@ -109,8 +109,12 @@ class StreamHandle:
         payload = encode_payload(data)
         if self.error is not None:
             raise self.error
+        idle = self.session.stream_buffered(self.stream_id) == 0
         self.session.send_message(self.stream_id, payload)
-        self.node._endpoint_wake()
+        # On an idle stream the message leaves now (request/reply latency); behind unacked
+        # data it waits for the flush at the end of this loop iteration, coalescing with
+        # whatever else is written meanwhile.
+        self.node._flush(now=idle)
         await self.node._wait_until(
             lambda: (
                 self.error is not None
@@ -129,8 +133,8 @@ class StreamHandle:
         if isinstance(item, PilotError):
             self.inbox.put_nowait(item)  # every later receive fails the same way
             raise item
-        self.session.message_consumed(self.stream_id, len(item.data))
-        self.node._endpoint_wake()
+        if self.session.message_consumed(self.stream_id, len(item.data)):
+            self.node._endpoint_wake()
         return item
 
 
@@ -244,8 +248,8 @@ class Listener:
             handle, message = await asyncio.wait_for(self._inbox.get(), timeout)
         except TimeoutError:
             raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
-        handle.session.message_consumed(handle.stream_id, len(message.data))
-        self._node._endpoint_wake()
+        if handle.session.message_consumed(handle.stream_id, len(message.data)):
+            self._node._endpoint_wake()
         return message
 
     def __aiter__(self) -> AsyncIterator[Message]:

@@ -509,6 +509,13 @@ class Node:
         if self._endpoint is not None:
             self._endpoint.wake()
 
+    def _flush(self, *, now: bool) -> None:
+        if self._endpoint is not None:
+            if now:
+                self._endpoint.flush()
+            else:
+                self._endpoint.wake()
+
     def _progress_made(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:

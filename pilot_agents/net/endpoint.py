@@ -100,6 +100,11 @@ class Endpoint:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Send what is due right now (an API call that wants no extra loop iteration)."""
+        if self._sock is not None:
+            self._flush()
+
     def send_raw(self, data: bytes, address: tuple[str, int]) -> None:
         if self._sock is None:
             return
