@@ -2,28 +2,38 @@
 
 from .connection import Connection, Listener, Message
 from .errors import (
+    BeaconError,
     ConfigError,
     ConnectionClosedError,
     IdentityError,
     MessageTooLargeError,
+    NameTakenError,
     NotTrustedError,
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
     PortClosedError,
+    UnknownHostError,
 )
 from .identity import Identity
+from .ipc import DaemonNotRunningError, KeyMismatchError
 from .node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
+from .sdk import Client, connect, listen, receive, send
 
 __all__ = [
+    "BeaconError",
+    "Client",
     "ConfigError",
     "Connection",
     "ConnectionClosedError",
+    "DaemonNotRunningError",
     "Identity",
     "IdentityError",
+    "KeyMismatchError",
     "Listener",
     "Message",
     "MessageTooLargeError",
+    "NameTakenError",
     "Node",
     "NodeInfo",
     "NotTrustedError",
@@ -34,4 +44,9 @@ __all__ = [
     "PilotTimeoutError",
     "PingResult",
     "PortClosedError",
+    "UnknownHostError",
+    "connect",
+    "listen",
+    "receive",
+    "send",
 ]

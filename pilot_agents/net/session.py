@@ -41,6 +41,11 @@ class IndexAllocator(Protocol):
     def release(self, index: int) -> None: ...
 
 
+def _probing_only(frames: list[wire.Frame]) -> bool:
+    """A path probe or its answer: PATH_CHALLENGE/PATH_RESPONSE (and padding) only."""
+    return all(isinstance(f, wire.PathChallengeFrame | wire.PathResponseFrame) for f in frames)
+
+
 class State(Enum):
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
@@ -255,16 +260,19 @@ class Session:
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
-    def message_consumed(self, stream_id: int, size: int) -> None:
-        """The application took a delivered message: its bytes become flow-control credit."""
+    def message_consumed(self, stream_id: int, size: int) -> bool:
+        """The application took a delivered message: its bytes become flow-control credit.
+        True if that queued a window update to send."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            return  # dropped already; its queued bytes were released then
+            return False  # dropped already; its queued bytes were released then
         self._recv_queued_total -= size
         stream.recv.consumed(size)
+        queued = len(self._control), self._max_data_pending
         self._queue_window_updates(stream)
         self._maybe_forget_stream(stream)
         self._queue_connection_window_update()
+        return (len(self._control), self._max_data_pending) != queued
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "", now: float = 0.0) -> None:
         """Close the tunnel; the peer is told with one CLOSE frame if keys exist."""
@@ -458,10 +466,15 @@ class Session:
         self.stats.bytes_received += len(data)
         self._last_received = now
         self._quiet_checked = False
-        if packet_number == self._replay.highest:
-            self._on_newest_packet_from(address, now)
         try:
             frames = wire.parse_frames_untrusted(payload)
+            if packet_number == self._replay.highest:
+                if _probing_only(frames):
+                    # A probe says nothing about where the peer sends from now (RFC 9000 §9.3:
+                    # only non-probing packets move the path), but it may name a new address.
+                    self.paths.on_peer_address(address, now)
+                else:
+                    self._on_newest_packet_from(address, now)
             self._handle_frames(packet_number, frames, address, now)
         except WireError as exc:
             log.warning("[%s] protocol error from peer: %s", self._tag, exc)
@@ -473,7 +486,7 @@ class Session:
         """Datagrams and where each goes (probes and path responses leave off the active
         path). Nothing goes out while no path is known."""
         active = self.paths.active
-        if active is None:
+        if active is None or self._nothing_due(now):
             return []
         out = [(packet, active) for packet in self._handshake_packets]
         self._handshake_packets = []
@@ -615,7 +628,7 @@ class Session:
     def _handle_frames(
         self, packet_number: int, frames: list[wire.Frame], source: Address, now: float
     ) -> None:
-        ack_eliciting = False
+        ack_eliciting = immediate = False
         for frame in frames:
             if isinstance(frame, wire.StreamFrame):
                 ack_eliciting = True
@@ -623,7 +636,9 @@ class Session:
             elif isinstance(frame, wire.AckFrame):
                 self._on_ack(frame, now)
             elif isinstance(frame, wire.PingFrame):
-                ack_eliciting = True
+                # A PING asks for an answer: keepalives, probe timeouts and user pings all
+                # want it now rather than after the ACK delay.
+                ack_eliciting = immediate = True
             elif isinstance(frame, wire.MaxDataFrame):
                 ack_eliciting = True
                 if frame.limit > self._peer_max_data:
@@ -650,9 +665,11 @@ class Session:
                 ack_eliciting = True
                 if self.paths.on_response(frame.token, source):
                     self._on_path_validated(source)
-        self._record_received(packet_number, ack_eliciting, now)
+        self._record_received(packet_number, ack_eliciting, immediate, now)
 
-    def _record_received(self, packet_number: int, ack_eliciting: bool, now: float) -> None:
+    def _record_received(
+        self, packet_number: int, ack_eliciting: bool, immediate: bool, now: float
+    ) -> None:
         in_order = not self._received or packet_number == self._received.bounds().stop
         self._received.add(packet_number)
         # Bound the ACK state: ranges far below the newest are acknowledged already or lost.
@@ -661,7 +678,7 @@ class Session:
         if not ack_eliciting:
             return
         self._ack_eliciting_unacked += 1
-        if self._ack_eliciting_unacked >= self.config.ack_every or not in_order:
+        if immediate or self._ack_eliciting_unacked >= self.config.ack_every or not in_order:
             self._ack_deadline = now
         elif self._ack_deadline is None:
             self._ack_deadline = now + self.config.max_ack_delay
@@ -880,6 +897,7 @@ class Session:
                 # peer was ever seen on the direct path, its relayed packets only mean that it
                 # hasn't validated the path yet: following them back would make both sides
                 # swap paths in turn and end on the relay for good.
+                log.debug("[%s] the peer now sends through the relay: following it", self._tag)
                 self._migrate(address)
             return
         self._latest_source = address
@@ -887,6 +905,7 @@ class Session:
             self._peer_on_active = True
             return
         if self.paths.is_validated(address):
+            log.debug("[%s] the peer now sends from %s: following it", self._tag, address)
             self._migrate(address)  # the peer moved to a path we already proved
             self._peer_on_active = True
         else:
@@ -910,6 +929,7 @@ class Session:
         # Leave the relay for any proven direct path; leave a direct path only when the peer
         # itself now sends from the new one (its NAT rebound or it changed networks).
         if not self.paths.direct or address == self._latest_source:
+            log.debug("[%s] path to %s validated", self._tag, address)
             self._migrate(address)
 
     def _migrate(self, address: Address) -> None:
@@ -975,6 +995,22 @@ class Session:
             self._pacing_deadline = at
             return False
         return True
+
+    def _nothing_due(self, now: float) -> bool:
+        """A cheap check that :meth:`datagrams_to_send` would produce nothing: it runs after
+        every received datagram, and most of them (ACKs) cause no output."""
+        if self._handshake_packets or self._close_frame is not None or self._path_responses:
+            return False
+        if self.state is not State.ESTABLISHED:
+            return True
+        if self._ping_pending or self._probes_pending or self._has_payload_to_send():
+            return False
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            return False
+        if self._mtu_probes and not self._mtu_probe_in_flight:
+            return False
+        probe_at = self.paths.get_timer()
+        return probe_at is None or now < probe_at
 
     def _has_payload_to_send(self) -> bool:
         return bool(

@@ -1,0 +1,381 @@
+"""The asyncio SDK: send and receive through the daemon of a home, or through an embedded Node,
+with the same calls.
+
+    import pilot_agents as pilot
+
+    async with pilot.connect("reporter-agent", port=1001) as conn:   # via the daemon (IPC)
+        await conn.send({"rows": 1842})
+        reply = await conn.receive(timeout=5)
+    await pilot.send("reporter-agent", 1001, b"data")
+    msg = await pilot.receive(1001, timeout=30)
+    async with pilot.listen(1001) as listener:
+        async for msg in listener:
+            await msg.reply("thanks")
+
+Which daemon: ``home=`` (default ``PILOT_HOME``, else ``~/.pilot-agents``). To run the same code on
+an embedded Node instead of a daemon, pass ``node=``: ``pilot.connect("peer", 1001, node=node)``
+returns the Node's own :class:`~pilot_agents.node.Connection` (likewise ``send``, ``receive``,
+``listen``). ``node=`` also takes a :class:`Client`, to share one daemon connection between calls.
+
+The objects returned through the daemon mirror the Node's: :class:`DaemonConnection` has ``send``,
+``receive``, ``drain``, ``close``, ``path``, ``rtt``, ``peer_id``; :class:`DaemonListener` has
+``receive``, ``async for`` and ``port``; :class:`DaemonMessage` has ``data``, ``sender``, ``port``,
+``source_port``, ``text()``, ``json()`` and ``await reply()``. Differences: ``abort()`` and
+``Listener.close()`` are coroutines here (they talk to the daemon).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Union
+
+from .connection import DEFAULT_TIMEOUT, Connection, Listener, Message, encode_payload
+from .errors import ConnectionClosedError
+from .ipc import DaemonNotRunningError, IpcClient, decode_data, encode_data
+from .node import Node
+
+DEFAULT_PORT = 1001
+CONNECT_TIMEOUT = 10.0  # seconds, as Node.connect
+
+Via = Union[Node, "Client", None]
+
+
+def _wire(data: bytes | str | Any) -> dict[str, str]:
+    text, encoding = encode_data(encode_payload(data))
+    return {"data": text, "encoding": encoding}
+
+
+@dataclass
+class DaemonMessage:
+    """A message received through the daemon (the same fields as :class:`Message`)."""
+
+    data: bytes
+    sender: str  # node id
+    port: int  # our port it arrived on
+    source_port: int
+    hostname: str | None = None  # the sender's name, if we know it
+    message_id: str | None = None  # the daemon's id for it (IPC "reply")
+    _reply: Callable[[dict[str, str]], Awaitable[Any]] | None = field(default=None, repr=False)
+
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    async def reply(self, data: bytes | str | Any) -> None:
+        """Send a message back on the connection this one came from."""
+        if self._reply is None:
+            raise ConnectionClosedError("this message cannot be replied to")
+        await self._reply(_wire(data))
+
+
+def _message(fields: dict[str, Any],
+             reply: Callable[[dict[str, str]], Awaitable[Any]]) -> DaemonMessage:
+    return DaemonMessage(
+        data=decode_data(fields["data"], fields["encoding"]), sender=fields["from"],
+        port=fields["port"], source_port=fields["source_port"], hostname=fields.get("hostname"),
+        message_id=fields.get("id"), _reply=reply,
+    )
+
+
+class Client:
+    """A connection to the daemon of ``home``; every call of the SDK goes through one.
+
+        async with pilot.Client() as client:
+            print(await client.info())
+            async with client.connect("reporter-agent") as conn: ...
+    """
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self._ipc = IpcClient(home)
+
+    @property
+    def home(self) -> Path:
+        return self._ipc.home
+
+    async def __aenter__(self) -> Client:
+        await self._ipc.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._ipc.close()
+
+    async def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised."""
+        return await self._ipc.request(cmd, **fields)
+
+    # -- messaging ----------------------------------------------------------------------------
+
+    def connect(self, target: str, port: int = DEFAULT_PORT,
+                timeout: float = CONNECT_TIMEOUT) -> DaemonConnection:
+        return DaemonConnection(self, target, port, timeout)
+
+    async def send(self, target: str, port: int, data: bytes | str | Any,
+                   timeout: float = CONNECT_TIMEOUT) -> None:
+        await self.request("send", target=target, port=port, timeout=timeout, **_wire(data))
+
+    async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
+        reply = await self.request("receive", port=port, timeout=timeout)
+        return self._port_message(reply["message"])
+
+    def listen(self, port: int) -> DaemonListener:
+        return DaemonListener(self, port)
+
+    def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
+        message_id = fields["id"]
+
+        async def reply(wire: dict[str, str]) -> None:
+            await self.request("reply", message=message_id, **wire)
+
+        return _message(fields, reply)
+
+    # -- administration ----------------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        return _strip(await self.request("info"))
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return list((await self.request("peers"))["peers"])
+
+    async def resolve(self, name: str) -> dict[str, Any]:
+        return _strip(await self.request("resolve", name=name))
+
+    async def ping(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+        return _strip(await self.request("ping", target=target, timeout=timeout))
+
+    async def add_peer(self, node_id: str, address: str, hostname: str | None = None) -> None:
+        await self.request("add_peer", node_id=node_id, address=address, hostname=hostname)
+
+    async def trust_add(self, target: str, reason: str = "") -> dict[str, Any]:
+        return _strip(await self.request("trust_add", target=target, reason=reason))
+
+    async def trust_approve(self, target: str) -> dict[str, Any]:
+        return _strip(await self.request("trust_approve", target=target))
+
+    async def trust_reject(self, target: str) -> dict[str, Any]:
+        return _strip(await self.request("trust_reject", target=target))
+
+    async def trust_remove(self, target: str) -> dict[str, Any]:
+        return _strip(await self.request("trust_remove", target=target))
+
+    async def trust_list(self) -> list[dict[str, Any]]:
+        return list((await self.request("trust_list"))["entries"])
+
+    async def trust_pending(self) -> list[dict[str, Any]]:
+        return list((await self.request("trust_pending"))["pending"])
+
+
+def _strip(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k not in ("ok", "id")}
+
+
+class DaemonConnection:
+    """A stream to a port on a peer, held by the daemon (mirrors :class:`Connection`)."""
+
+    def __init__(self, client: Client, target: str, port: int, timeout: float,
+                 owns_client: bool = False) -> None:
+        self._client = client
+        self._target = target
+        self._port = port
+        self._timeout = timeout
+        self._owns_client = owns_client
+        self._stream: str | None = None
+        self._info: dict[str, Any] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return str(self._info.get("peer", ""))
+
+    @property
+    def hostname(self) -> str | None:
+        return self._info.get("hostname")
+
+    @property
+    def path(self) -> str:
+        return str(self._info.get("path", "none"))
+
+    @property
+    def rtt(self) -> float | None:
+        return self._info.get("rtt")
+
+    async def __aenter__(self) -> DaemonConnection:
+        try:
+            reply = await self._client.request("connect", target=self._target, port=self._port,
+                                               timeout=self._timeout)
+        except BaseException:
+            await self._release()
+            raise
+        self._stream = reply["stream"]
+        self._info = reply
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            if exc_type is None:
+                await self.close()
+            else:
+                await self.abort()
+        finally:
+            await self._release()
+
+    def _id(self) -> str:
+        if self._stream is None:
+            raise ConnectionClosedError("the connection is not open (use 'async with')")
+        return self._stream
+
+    async def send(self, data: bytes | str | Any) -> None:
+        await self._client.request("stream_send", stream=self._id(), **_wire(data))
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
+        stream = self._id()
+        reply = await self._client.request("stream_receive", stream=stream, timeout=timeout)
+
+        async def answer(wire: dict[str, str]) -> None:
+            await self._client.request("stream_send", stream=stream, **wire)
+
+        return _message(reply["message"], answer)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the peer acknowledged everything sent so far; raise if it never will."""
+        reply = await self._client.request("stream_drain", stream=self._id(),
+                                           timeout=timeout or self._timeout)
+        self._info.update(path=reply.get("path", self.path), rtt=reply.get("rtt", self.rtt))
+
+    async def close(self) -> None:
+        """Finish the stream and wait until the peer has every byte."""
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        await self._client.request("stream_close", stream=stream)
+
+    async def abort(self) -> None:
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
+            await self._client.request("stream_abort", stream=stream)
+
+    async def _release(self) -> None:
+        if self._owns_client:
+            await self._client.close()
+
+
+class DaemonListener:
+    """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
+    Several listeners (in any process) on one port share its buffer: each message goes to one."""
+
+    def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
+        self._client = client
+        self.port = port
+        self._owns_client = owns_client
+        self._open = False
+
+    async def __aenter__(self) -> DaemonListener:
+        try:
+            await self._client.request("listen", port=self.port)
+        except BaseException:
+            if self._owns_client:
+                await self._client.close()
+            raise
+        self._open = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            if self._open:
+                self._open = False
+                with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
+                    await self._client.request("unlisten", port=self.port)
+        finally:
+            if self._owns_client:
+                await self._client.close()
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
+        if not self._open:
+            raise ConnectionClosedError("the listener is not open (use 'async with')")
+        return await self._client.receive(self.port, timeout)
+
+    def __aiter__(self) -> AsyncIterator[DaemonMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[DaemonMessage]:
+        while self._open:
+            yield await self.receive(timeout=None)
+
+
+# -- module-level calls ---------------------------------------------------------------------
+
+
+def connect(target: str, port: int = DEFAULT_PORT, *, timeout: float = CONNECT_TIMEOUT,
+            home: str | Path | None = None, node: Via = None) -> DaemonConnection | Connection:
+    """A connection to ``port`` on ``target`` (a hostname or node id); use with ``async with``."""
+    if isinstance(node, Node):
+        return node.connect(target, port, timeout)
+    if isinstance(node, Client):
+        return node.connect(target, port, timeout)
+    return DaemonConnection(Client(home), target, port, timeout, owns_client=True)
+
+
+async def send(target: str, port: int, data: bytes | str | Any, *,
+               timeout: float = CONNECT_TIMEOUT, home: str | Path | None = None,
+               node: Via = None) -> None:
+    """Deliver one message and wait until the peer has it."""
+    if isinstance(node, Node):
+        await node.send(target, port, data, timeout)
+        return
+    if isinstance(node, Client):
+        await node.send(target, port, data, timeout)
+        return
+    async with Client(home) as client:
+        await client.send(target, port, data, timeout)
+
+
+async def receive(port: int, timeout: float | None = DEFAULT_TIMEOUT, *,
+                  home: str | Path | None = None,
+                  node: Via = None) -> DaemonMessage | Message:
+    """One message on ``port``. Through a daemon that already listens on ``port`` (its inbox
+    ports, 1001 by default) it is the next buffered one; otherwise the port is listened on just
+    for this call."""
+    if isinstance(node, Node):
+        return await node.receive(port, timeout)
+    if isinstance(node, Client):
+        return await node.receive(port, timeout)
+    async with Client(home) as client:
+        message = await client.receive(port, timeout)
+    message_id = message.message_id
+
+    async def reply(wire: dict[str, str]) -> None:  # its client is closed: use a new one
+        async with Client(home) as replier:
+            await replier.request("reply", message=message_id, **wire)
+
+    message._reply = reply
+    return message
+
+
+def listen(port: int, *, home: str | Path | None = None,
+           node: Via = None) -> DaemonListener | Listener:
+    """Messages on ``port``; use with ``async with`` and ``async for``."""
+    if isinstance(node, Node):
+        return node.listen(port)
+    if isinstance(node, Client):
+        return node.listen(port)
+    return DaemonListener(Client(home), port, owns_client=True)
+
+
+__all__ = [
+    "Client", "DaemonConnection", "DaemonListener", "DaemonMessage", "connect", "listen",
+    "receive", "send",
+]

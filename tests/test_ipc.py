@@ -1,0 +1,255 @@
+"""The daemon's local API spoken raw, as a non-Python program would: plain ZeroMQ sockets and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from pilot_agents import daemon
+from tests.conftest import DaemonHandle
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[zmq.Context[Any]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def req_socket(ctx: zmq.Context[Any], home: Path) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 15000)
+    sock.connect(f"ipc://{home}/daemon.sock")
+    return sock
+
+
+def call(ctx: zmq.Context[Any], home: Path, request: dict[str, Any] | bytes) -> dict[str, Any]:
+    """One request on a fresh REQ socket, exactly like the example in docs/ipc.md."""
+    sock = req_socket(ctx, home)
+    try:
+        sock.send(request if isinstance(request, bytes) else json.dumps(request).encode())
+        return json.loads(sock.recv())  # type: ignore[no-any-return]
+    finally:
+        sock.close()
+
+
+def dealer(ctx: zmq.Context[Any], home: Path) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 15000)
+    sock.connect(f"ipc://{home}/daemon.sock")
+    return sock
+
+
+def test_info_over_a_plain_req_socket(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    reply = call(context, a.home, {"cmd": "info", "id": 7})
+    assert reply["ok"] is True and reply["id"] == 7
+    assert reply["node_id"] == a.node_id and reply["hostname"] == "alpha"
+    assert reply["pid"] == a.pid
+    assert {"port": 1001, "publish": False, "buffered": 0, "received": 0} in reply["listening"] \
+        or any(p["port"] == 1001 for p in reply["listening"])
+
+
+def test_socket_and_home_are_owner_only(daemon_pair: Pair) -> None:
+    a, _ = daemon_pair
+    for name in ("daemon.sock", "pub.sock"):
+        mode = stat.S_IMODE((a.home / name).stat().st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    assert stat.S_IMODE(a.home.stat().st_mode) & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "not valid UTF-8 JSON"),
+        (b"\xff\xfe\x00", "not valid UTF-8 JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"{}", "no 'cmd' field"),
+        (b'{"cmd": "launch_missiles"}', "unknown command 'launch_missiles'"),
+        (b'{"cmd": 5}', "unknown command"),
+        (b'{"cmd": "send", "target": "beta"}', "needs the field"),
+        (b'{"cmd": "send", "target": "beta", "port": 70000, "data": "x"}', "port"),
+        (b'{"cmd": "receive", "port": "many"}', "port"),
+        (b'{"cmd": "info", "extra": 1}', "unknown field 'extra'"),
+        (b'{"cmd": "send", "target": "beta", "port": 1, "data": "%%%", "encoding": "base64"}',
+         "base64"),
+        (b'{"cmd": "stream_send", "stream": "nope", "data": "x"}', "no open stream"),
+        (b'{"cmd": "reply", "message": "m999999", "data": "x"}', "can no longer be replied"),
+        (b'{"cmd": "trust_import", "request": "AAAA"}', "bad size"),
+        (b"", "not valid UTF-8 JSON"),
+    ],
+)
+def test_malformed_requests_get_error_replies(daemon_pair: Pair, context: zmq.Context[Any],
+                                              body: bytes, fragment: str) -> None:
+    a, _ = daemon_pair
+    reply = call(context, a.home, body)
+    assert reply["ok"] is False, reply
+    assert set(reply["error"]) == {"type", "message"}
+    assert fragment in reply["error"]["message"], reply
+    assert call(context, a.home, {"cmd": "info"})["ok"] is True  # still alive
+
+
+def test_bad_request_keeps_its_id(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    reply = call(context, a.home, {"cmd": "nope", "id": "abc"})
+    assert reply == {"ok": False, "id": "abc", "error": {
+        "type": "BadRequestError",
+        "message": "unknown command 'nope' (see docs/ipc.md for the list)"}}
+
+
+def test_garbage_frames_never_kill_the_daemon(daemon_pair: Pair,
+                                              context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    sock = dealer(context, a.home)
+    try:
+        sock.send_multipart([b"a", b"b", b"c", b"\x00" * 100])  # odd envelope
+        sock.send(os.urandom(1 << 16))
+        sock.send_multipart([b"", b'{"cmd": "info", "id": 1}'])  # REQ-style envelope on DEALER
+        replies = [json.loads(sock.recv_multipart()[-1]) for _ in range(3)]
+    finally:
+        sock.close()
+    assert [r["ok"] for r in replies].count(True) == 1
+    assert call(context, a.home, {"cmd": "info"})["ok"] is True
+
+
+def test_long_receive_does_not_block_other_requests(daemon_pair: Pair,
+                                                    context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    sock = dealer(context, a.home)
+    try:
+        sock.send(json.dumps({"cmd": "receive", "port": 4100, "timeout": 0.8, "id": 1}).encode())
+        started = time.monotonic()
+        sock.send(json.dumps({"cmd": "info", "id": 2}).encode())  # same socket, behind it
+        first = json.loads(sock.recv())
+        assert first["id"] == 2 and time.monotonic() - started < 0.6
+        assert call(context, a.home, {"cmd": "trust_list"})["ok"]  # another client
+        second = json.loads(sock.recv())
+        assert second["id"] == 1
+        assert second["error"]["type"] == "PilotTimeoutError"
+    finally:
+        sock.close()
+
+
+def test_cancel_a_waiting_request(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    sock = dealer(context, a.home)
+    try:
+        sock.send(json.dumps({"cmd": "receive", "port": 4101, "timeout": 30, "id": 5}).encode())
+        time.sleep(0.2)
+        sock.send(json.dumps({"cmd": "cancel", "request": 5}).encode())
+        assert json.loads(sock.recv()) == {"ok": True, "cancelled": True}
+        info = call(context, a.home, {"cmd": "info"})
+        assert all(p["port"] != 4101 for p in info["listening"])  # the temporary listen ended
+    finally:
+        sock.close()
+
+
+def test_messages_streams_and_replies_raw(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    assert call(context, b.home, {"cmd": "listen", "port": 4200})["created"] is True
+    opened = call(context, a.home, {"cmd": "connect", "target": "beta", "port": 4200})
+    assert opened["ok"], opened
+    assert (opened["peer"], opened["hostname"], opened["path"]) == (b.node_id, "beta", "direct")
+    stream = opened["stream"]
+    assert call(context, a.home, {"cmd": "stream_send", "stream": stream,
+                                  "data": "question"})["bytes"] == 8
+    got = call(context, b.home, {"cmd": "receive", "port": 4200, "timeout": 5})
+    message = got["message"]
+    assert (message["data"], message["encoding"], message["from"], message["hostname"],
+            message["port"]) == ("question", "utf-8", a.node_id, "alpha", 4200)
+    assert call(context, b.home, {"cmd": "reply", "message": message["id"],
+                                  "data": "AAEC/w==", "encoding": "base64"})["bytes"] == 4
+    answer = call(context, a.home, {"cmd": "stream_receive", "stream": stream, "timeout": 5})
+    assert (answer["message"]["data"], answer["message"]["encoding"]) == ("AAEC/w==", "base64")
+    assert call(context, a.home, {"cmd": "stream_drain", "stream": stream})["ok"]
+    assert call(context, a.home, {"cmd": "stream_close", "stream": stream})["ok"]
+    closed = call(context, a.home, {"cmd": "stream_send", "stream": stream, "data": "x"})
+    assert closed["error"]["type"] == "ConnectionClosedError"
+    assert call(context, b.home, {"cmd": "unlisten", "port": 4200})["closed"] is True
+
+
+def test_one_shot_send_and_inbox_buffering(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    """Port 1001 is listened on from the start: messages wait there until someone reads."""
+    a, b = daemon_pair
+    for i in range(3):
+        sent = call(context, a.home, {"cmd": "send", "target": b.node_id, "port": 1001,
+                                      "data": f"m{i}"})
+        assert sent["ok"] and sent["bytes"] == 2, sent
+    got = [call(context, b.home, {"cmd": "receive", "port": 1001, "timeout": 5})["message"]
+           ["data"] for _ in range(3)]
+    assert got == ["m0", "m1", "m2"]
+
+
+def test_message_is_requeued_when_its_receiver_vanished(daemon_pair: Pair,
+                                                        context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    assert call(context, b.home, {"cmd": "listen", "port": 4300})["ok"]
+    try:
+        gone = dealer(context, b.home)
+        gone.send(json.dumps({"cmd": "receive", "port": 4300, "timeout": 30, "id": 1}).encode())
+        time.sleep(0.2)
+        gone.close()  # the client dies while the daemon waits for a message for it
+        time.sleep(0.1)
+        assert call(context, a.home, {"cmd": "send", "target": "beta", "port": 4300,
+                                      "data": "precious"})["ok"]
+        got = call(context, b.home, {"cmd": "receive", "port": 4300, "timeout": 5})
+        assert got["ok"] and got["message"]["data"] == "precious", got
+    finally:
+        call(context, b.home, {"cmd": "unlisten", "port": 4300})
+
+
+def test_published_port_reaches_a_plain_sub_socket(daemon_pair: Pair,
+                                                   context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    listened = call(context, b.home, {"cmd": "listen", "port": 4400, "publish": True})
+    assert listened["pub_endpoint"] == f"ipc://{b.home}/pub.sock"
+    assert listened["topic"] == "04400"
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVTIMEO, 10000)
+    sub.setsockopt(zmq.SUBSCRIBE, b"04400")
+    sub.connect(listened["pub_endpoint"])
+    try:
+        time.sleep(0.2)  # a SUB misses what is published before it is connected
+        assert call(context, a.home, {"cmd": "send", "target": "beta", "port": 4400,
+                                      "data": "broadcast"})["ok"]
+        topic, meta, data = sub.recv_multipart()
+        assert (topic, data) == (b"04400", b"broadcast")
+        assert json.loads(meta)["from"] == a.node_id
+        refused = call(context, b.home, {"cmd": "receive", "port": 4400, "timeout": 1})
+        assert refused["error"]["type"] == "ConfigError" and "subscribe" in \
+            refused["error"]["message"]
+    finally:
+        sub.close()
+        call(context, b.home, {"cmd": "unlisten", "port": 4400})
+
+
+def test_untrusted_and_unknown_targets(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    from pilot_agents.identity import Identity
+
+    stranger = Identity.generate().node_id
+    reply = call(context, a.home, {"cmd": "send", "target": stranger, "port": 1001, "data": "x"})
+    assert reply["error"]["type"] == "NotTrustedError"
+    assert f"pilotctl trust add {stranger}" in reply["error"]["message"]
+    reply = call(context, a.home, {"cmd": "resolve", "name": "nobody"})
+    assert reply["error"]["type"] == "UnknownHostError"
+
+
+def test_commands_table_matches_the_docs() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "ipc.md").read_text()
+    for cmd in daemon.COMMANDS:
+        assert f"`{cmd}`" in doc, f"docs/ipc.md does not document {cmd!r}"

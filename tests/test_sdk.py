@@ -1,0 +1,202 @@
+"""The asyncio SDK against real daemons, and the same code against embedded Nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pilot_agents.sdk as pilot
+from pilot_agents import (
+    ConnectionClosedError,
+    Node,
+    NotTrustedError,
+    PilotTimeoutError,
+    PortClosedError,
+)
+from pilot_agents.identity import Identity
+from pilot_agents.ipc import DaemonNotRunningError, UnknownHostError
+from tests.conftest import DaemonHandle, ipc_call, short_home, start_daemons, stop_daemons
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+
+
+async def exchange(client_side: dict[str, Any], server_side: dict[str, Any], server: str,
+                   port: int) -> list[Any]:
+    """The same application code, whatever ``node=``/``home=`` says: a server that answers
+    each request, a client that asks twice on one connection, plus a one-shot send/receive."""
+    seen: list[Any] = []
+
+    async def serve(ready: asyncio.Event) -> None:
+        async with pilot.listen(port, **server_side) as listener:
+            ready.set()
+            count = 0
+            async for message in listener:
+                seen.append((message.sender, message.port, message.json()))
+                await message.reply({"echo": message.json(), "n": count})
+                count += 1
+                if count == 2:
+                    return
+
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(ready))
+    await ready.wait()
+    async with pilot.connect(server, port, **client_side) as conn:
+        assert conn.path == "direct"
+        await conn.send({"rows": 1842})
+        first = await conn.receive(timeout=5)
+        await conn.send({"rows": 7})
+        second = await conn.receive(timeout=5)
+        await conn.drain(timeout=5)
+    await asyncio.wait_for(task, 5)
+    seen.append(first.json())
+    seen.append(second.json())
+    return seen
+
+
+async def one_shot(client_side: dict[str, Any], server_side: dict[str, Any], server: str,
+                   port: int) -> bytes:
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await pilot.send(server, port, b"\x00\xffraw", **client_side)
+
+    task = asyncio.create_task(later())
+    message = await pilot.receive(port, timeout=5, **server_side)
+    await task
+    return message.data
+
+
+def expected(client_id: str, port: int) -> list[Any]:
+    return [(client_id, port, {"rows": 1842}), (client_id, port, {"rows": 7}),
+            {"echo": {"rows": 1842}, "n": 0}, {"echo": {"rows": 7}, "n": 1}]
+
+
+async def test_connect_listen_reply_through_daemons(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    seen = await exchange({"home": a.home}, {"home": b.home}, "beta", 5001)
+    assert seen == expected(a.node_id, 5001)
+    assert await one_shot({"home": a.home}, {"home": b.home}, "beta", 5003) == b"\x00\xffraw"
+
+
+async def test_same_code_on_embedded_nodes(tmp_path: Path) -> None:
+    async with Node(tmp_path / "a", "127.0.0.1:0") as a, Node(tmp_path / "b",
+                                                               "127.0.0.1:0") as b:
+        a.trust(b.node_id)
+        b.trust(a.node_id)
+        a.add_peer(b.node_id, b.local_endpoint)
+        seen = await exchange({"node": a}, {"node": b}, b.node_id, 5001)
+        assert seen == expected(a.node_id, 5001)
+        assert await one_shot({"node": a}, {"node": b}, b.node_id, 5003) == b"\x00\xffraw"
+
+
+async def test_conversation_details(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(5010) as listener:
+        async with client.connect("beta", 5010) as conn:
+            assert conn.peer_id == b.node_id and conn.hostname == "beta"
+            await conn.send("text")
+            await conn.send({"json": [1, 2]})
+            await conn.send(b"\x01\x02")
+            got = [await listener.receive(timeout=5) for _ in range(3)]
+            assert got[0].text() == "text" and got[0].hostname == "alpha"
+            assert got[1].json() == {"json": [1, 2]}
+            assert got[2].data == b"\x01\x02" and got[2].sender == a.node_id
+            assert got[2].port == 5010 and got[2].source_port > 0
+            await got[2].reply(b"\xff")
+            answer = await conn.receive(timeout=5)
+            assert answer.data == b"\xff" and answer.sender == b.node_id
+            await answer.reply("on the same stream")
+            assert (await listener.receive(timeout=5)).text() == "on the same stream"
+        with pytest.raises(PilotTimeoutError):
+            await listener.receive(timeout=0.2)
+
+
+async def test_one_shot_receive_can_reply(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.connect("beta", 1001, home=a.home) as conn:
+        await conn.send("ping?")
+        message = await pilot.receive(1001, timeout=5, home=b.home)
+        await message.reply("pong!")
+        assert (await conn.receive(timeout=5)).text() == "pong!"
+
+
+async def test_a_cancelled_receive_loses_no_message(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, server.listen(5020) as listener:
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(listener.receive(timeout=None), 0.1)
+        await pilot.send("beta", 5020, "kept", home=a.home)
+        assert (await listener.receive(timeout=5)).text() == "kept"
+        # a receive cancelled just as its message arrives hands the message back
+        waiting = asyncio.create_task(listener.receive(timeout=None))
+        await asyncio.sleep(0.05)
+        await pilot.send("beta", 5020, "raced", home=a.home)
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        try:
+            got = [await waiting]
+        except asyncio.CancelledError:
+            got = []
+        if not got:
+            got = [await listener.receive(timeout=5)]
+        assert [m.text() for m in got] == ["raced"]
+
+
+async def test_errors_are_the_node_errors(daemon_pair: Pair) -> None:
+    a, _ = daemon_pair
+    stranger = Identity.generate().node_id
+    with pytest.raises(NotTrustedError, match=f"pilotctl trust add {stranger}"):
+        await pilot.send(stranger, 1001, "x", home=a.home)
+    with pytest.raises(UnknownHostError):
+        await pilot.send("nobody", 1001, "x", home=a.home)
+    with pytest.raises(PortClosedError, match="beta is not listening on port 5099"):
+        await pilot.send("beta", 5099, "x", home=a.home)
+    with pytest.raises(PilotTimeoutError):
+        await pilot.receive(5098, timeout=0.2, home=a.home)
+    with pytest.raises(ConnectionClosedError):
+        await pilot.DaemonConnection(pilot.Client(a.home), "beta", 1, 1).send("not open")
+
+
+async def test_no_daemon(tmp_path: Path) -> None:
+    with pytest.raises(DaemonNotRunningError, match="pilotctl daemon start"):
+        await pilot.send("beta", 1001, "x", home=tmp_path)
+    with pytest.raises(DaemonNotRunningError):
+        async with pilot.listen(1001, home=tmp_path):
+            pass  # pragma: no cover
+
+
+@pytest.fixture
+async def lone_daemon() -> AsyncIterator[DaemonHandle]:
+    home = short_home()
+    try:
+        (handle,) = await asyncio.to_thread(start_daemons, (home, "lone"))
+        yield handle
+    finally:
+        await asyncio.to_thread(stop_daemons, home)
+
+
+async def test_daemon_going_away_fails_waiting_calls_fast(lone_daemon: DaemonHandle) -> None:
+    async with pilot.Client(lone_daemon.home) as client, client.listen(1001) as listener:
+        waiting = asyncio.create_task(listener.receive(timeout=None))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(ipc_call, lone_daemon.home, cmd="stop")
+        with pytest.raises(DaemonNotRunningError, match="went away"):
+            await asyncio.wait_for(waiting, 5)
+        with pytest.raises(DaemonNotRunningError):
+            await client.info()
+
+
+async def test_admin_calls(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(a.home) as client:
+        info = await client.info()
+        assert info["node_id"] == a.node_id and "ok" not in info
+        assert (await client.resolve("beta"))["node_id"] == b.node_id
+        entries = await client.trust_list()
+        assert [e["node_id"] for e in entries] == [b.node_id]
+        assert await client.trust_pending() == []
