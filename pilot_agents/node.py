@@ -153,6 +153,7 @@ class Node:
         self._requests: dict[int, asyncio.Future[bc.BeaconEvent]] = {}
         self._registration: asyncio.Future[None] | None = None
         self._pings: dict[tuple[bytes, int], asyncio.Future[float]] = {}
+        self._candidates: list[tuple[str, int]] = []  # LAN endpoints told to the beacon
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -171,7 +172,7 @@ class Node:
     def info(self) -> NodeInfo:
         endpoint = self._running()
         beacon = endpoint.beacon
-        endpoints = [f"{h}:{p}" for h, p in self._local_candidates()]
+        endpoints = [f"{h}:{p}" for h, p in self._candidates or self._local_candidates()]
         if beacon is not None and beacon.reflexive is not None:
             endpoints.insert(0, f"{beacon.reflexive[0]}:{beacon.reflexive[1]}")
         return NodeInfo(
@@ -226,7 +227,8 @@ class Node:
             beacon_key=pinned or pins.get(f"{host}:{port}"),
             config=self._beacon_config,
         )
-        client.set_local_candidates(self._local_candidates(address[0]))
+        self._candidates = self._local_candidates(address[0])
+        client.set_local_candidates(self._candidates)
         endpoint.beacon = client
         endpoint.on_beacon_event = self._on_beacon_event
         self._registration = loop.create_future()
