@@ -91,7 +91,7 @@ def table(rows: Sequence[Row]) -> str:
 def results_markdown(run: Run) -> str:
     return f"""# Benchmark results
 
-Written by `benchmarks/bench.py --write`, which replaces this file; see `benchmarks/README.md`
+Written by `benchmarks/bench.py --write`, which replaces this part of the file; see `benchmarks/README.md`
 for what each number measures.
 
 - Date: {run.date}
@@ -106,7 +106,15 @@ for what each number measures.
 
 
 def write_results(run: Run) -> Path:
-    RESULTS.write_text(results_markdown(run), encoding="utf-8")
+    """Replace this run's part of RESULTS.md; sections other tools own (between their
+    ``<!-- NAME:start -->`` / ``<!-- NAME:end -->`` markers) are kept."""
+    kept = ""
+    if RESULTS.exists():
+        old = RESULTS.read_text(encoding="utf-8")
+        start = old.find("<!-- ")
+        if start != -1 and ":start -->" in old[start:]:
+            kept = "\n" + old[start:]
+    RESULTS.write_text(results_markdown(run) + kept, encoding="utf-8")
     return RESULTS
 
 
