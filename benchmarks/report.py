@@ -91,8 +91,8 @@ def table(rows: Sequence[Row]) -> str:
 def results_markdown(run: Run) -> str:
     return f"""# Benchmark results
 
-Written by `benchmarks/bench.py --write`, which replaces this part of the file; see `benchmarks/README.md`
-for what each number measures.
+Written by `benchmarks/bench.py --write`, which replaces this part of the file; see
+`benchmarks/README.md` for what each number measures.
 
 - Date: {run.date}
 - Machine: {run.machine}
