@@ -32,14 +32,13 @@ from ..identity import Identity, default_home, node_id_from_key
 from ..net import beacon_wire as bw
 from ..net.beacon_wire import Address
 from ..net.endpoint import parse_host_port
+from ..net.udp import read_batch
 from .server import BeaconConfig, BeaconServer
 from .store import NameStore
 
 log = logging.getLogger("pilot_agents.beacon")
 
 DEFAULT_LISTEN = "0.0.0.0:9000"
-MAX_DATAGRAM = 65535
-READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; relayed bursts queue here rather than being dropped
 
 
@@ -130,16 +129,8 @@ class BeaconService:
 
     def _drain(self, sock: socket.socket, receive: Callable[[bytes, Address, float], None]) -> None:
         now = self._loop.time()
-        for _ in range(READ_BATCH):
-            try:
-                data, address = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
-                log.debug("recvfrom: %s", exc)
-                continue
-            receive(data, (address[0], address[1]), now)
+        for data, address in read_batch(sock):
+            receive(data, address, now)
 
     def _read_ready(self) -> None:
         if self._sock is not None:

@@ -16,11 +16,10 @@ from . import events, wire
 from .beacon_client import BeaconClient, BeaconEvent, Relayed
 from .mux import Mux
 from .paths import RelayPath
+from .udp import read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")
 
-MAX_DATAGRAM = 65535
-READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts of a full congestion window
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
@@ -124,20 +123,12 @@ class Endpoint:
         beacon = self.beacon
         beacon_addresses = beacon.addresses if beacon is not None else frozenset()
         now = self._loop.time()
-        for _ in range(READ_BATCH):
-            try:
-                data, address = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                # ICMP errors surface here on Linux (ECONNREFUSED): nothing to read, go on.
-                log.debug("recvfrom: %s", exc)
-                continue
-            if address[:2] in beacon_addresses and beacon is not None:
+        for data, address in read_batch(sock):
+            if address in beacon_addresses and beacon is not None:
                 beacon.receive_datagram(data, now)
                 self._drain_beacon_events(now)
             else:
-                mux.receive_datagram(data, address[:2], now)
+                mux.receive_datagram(data, address, now)
         self._flush()
 
     def _drain_beacon_events(self, now: float) -> None:
