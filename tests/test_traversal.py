@@ -117,3 +117,39 @@ def test_dead_direct_path_falls_back_to_relay_and_recovers() -> None:
     assert net.run_until(lambda: sa.paths.kind == "direct", 120)
     assert net.run_until(lambda: len(b.messages) == 5, 10)
     assert not [e for e in a.events + b.events if type(e).__name__ == "SessionClosed"]
+
+
+def test_receiver_nat_rebinding_mid_transfer_completes() -> None:
+    # The sender's packets to the receiver's old mapping vanish: it falls back to the relay,
+    # a fresh introduction carries the new mapping, and the transfer goes on. (The lab test
+    # adds what this model lacks: a beacon still relaying to the receiver's old port, which
+    # the receiver's quiet-peer PING resolves.)
+    net = SimNetwork(15, LinkProfile(delay=0.01))
+    a, b = natted_pair(net, "cone", "cone")
+    stream, _ = connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+    net.run_for(2)
+    sa = a.mux.get_session(b.key)
+    assert sa is not None and sa.paths.kind == "direct"
+    payload = random.Random(3).randbytes(10_000_000)
+    sa.send_message(stream, payload)
+    net.run_for(0.1)
+    assert b.nat is not None and len(b.messages) == 3
+    b.nat.rebind()
+    assert net.run_until(lambda: len(b.messages) == 4, 30)
+    assert b.messages[3].data == payload
+    assert not [e for e in a.events + b.events if type(e).__name__ == "SessionClosed"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cone_pair_settles_direct_under_jitter_and_loss(seed: int) -> None:
+    # Both sides validate the direct path at different moments; relayed packets still in
+    # flight must not pull a side back to the relay for good.
+    net = SimNetwork(100 + seed, LinkProfile(delay=0.01, jitter=0.01, reorder=0.05, loss=0.02))
+    a, b = natted_pair(net, "cone", "cone")
+    connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 30)
+    net.run_for(5)
+    sa, sb = a.mux.get_session(b.key), b.mux.get_session(a.key)
+    assert sa is not None and sb is not None
+    assert (sa.paths.kind, sb.paths.kind) == ("direct", "direct")
