@@ -169,6 +169,12 @@ class Connection:
         return self._stream().session.paths.kind
 
     @property
+    def address(self) -> tuple[str, int] | None:
+        """The peer's address on a direct path (LAN or public); None on the relay."""
+        active = self._stream().session.paths.active
+        return active if isinstance(active, tuple) else None
+
+    @property
     def rtt(self) -> float | None:
         return self._stream().session.smoothed_rtt
 

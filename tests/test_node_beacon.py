@@ -46,7 +46,7 @@ async def test_connect_by_hostname(tmp_path: Path, beacon: str) -> None:
                 if conn.path == "direct":
                     break
                 await asyncio.sleep(0.05)
-            assert conn.path == "direct"
+            assert conn.path == "direct" and conn.address == b.local_endpoint
         peers = {p.node_id: p for p in a.peers()}
         assert peers[b.node_id].hostname == "reporter-agent"
         assert peers[b.node_id].path == "direct" and peers[b.node_id].bytes_out > 0
