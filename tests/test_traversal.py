@@ -33,6 +33,18 @@ def connect_via_beacon(net: SimNetwork, a: Host, b: Host) -> tuple[int, list[byt
     return stream, messages
 
 
+def direct_cone_pair(seed: int) -> tuple[SimNetwork, Host, Host, int]:
+    """Two hosts behind cone NATs whose tunnel has settled on the direct path."""
+    net = SimNetwork(seed, LinkProfile(delay=0.01))
+    a, b = natted_pair(net, "cone", "cone")
+    stream, _ = connect_via_beacon(net, a, b)
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+    net.run_for(2)
+    sa = a.mux.get_session(b.key)
+    assert sa is not None and sa.paths.kind == "direct"
+    return net, a, b, stream
+
+
 @pytest.mark.parametrize(
     ("kind_a", "kind_b", "expected"),
     [
@@ -80,11 +92,7 @@ def test_same_lan_goes_direct_on_lan_addresses() -> None:
 
 
 def test_nat_rebinding_mid_transfer_moves_the_tunnel() -> None:
-    net = SimNetwork(13, LinkProfile(delay=0.01))
-    a, b = natted_pair(net, "cone", "cone")
-    stream, _ = connect_via_beacon(net, a, b)
-    assert net.run_until(lambda: len(b.messages) == 3, 10)
-    net.run_for(2)
+    net, a, b, stream = direct_cone_pair(13)
     sa, sb = a.mux.get_session(b.key), b.mux.get_session(a.key)
     assert sa is not None and sb is not None and sb.paths.kind == "direct"
     old = sb.address
@@ -100,13 +108,9 @@ def test_nat_rebinding_mid_transfer_moves_the_tunnel() -> None:
 
 
 def test_dead_direct_path_falls_back_to_relay_and_recovers() -> None:
-    net = SimNetwork(14, LinkProfile(delay=0.01))
-    a, b = natted_pair(net, "cone", "cone")
-    stream, _ = connect_via_beacon(net, a, b)
-    assert net.run_until(lambda: len(b.messages) == 3, 10)
-    net.run_for(2)
+    net, a, b, stream = direct_cone_pair(14)
     sa = a.mux.get_session(b.key)
-    assert sa is not None and sa.paths.kind == "direct"
+    assert sa is not None
     assert b.nat is not None
     b.nat.blocked = True  # the direct path dies; the relay still works
     sa.send_message(stream, b"during the outage")
@@ -124,13 +128,9 @@ def test_receiver_nat_rebinding_mid_transfer_completes() -> None:
     # a fresh introduction carries the new mapping, and the transfer goes on. (The lab test
     # adds what this model lacks: a beacon still relaying to the receiver's old port, which
     # the receiver's quiet-peer PING resolves.)
-    net = SimNetwork(15, LinkProfile(delay=0.01))
-    a, b = natted_pair(net, "cone", "cone")
-    stream, _ = connect_via_beacon(net, a, b)
-    assert net.run_until(lambda: len(b.messages) == 3, 10)
-    net.run_for(2)
+    net, a, b, stream = direct_cone_pair(15)
     sa = a.mux.get_session(b.key)
-    assert sa is not None and sa.paths.kind == "direct"
+    assert sa is not None
     payload = random.Random(3).randbytes(10_000_000)
     sa.send_message(stream, payload)
     net.run_for(0.1)
