@@ -17,6 +17,7 @@ from pilot_agents.net import crypto, events
 from pilot_agents.net.config import SessionConfig
 from pilot_agents.net.mux import Mux
 from pilot_agents.net.paths import RelayPath
+from pilot_agents.net.session import Session
 
 Address = tuple[str, int]
 
@@ -193,6 +194,16 @@ class SimNetwork:
             destination = internal
         host = self.hosts.get(destination)
         return None if host is None else (host, packet.source)
+
+    def start_stream(self, a: Host, b: Host, port: int, *messages: bytes) -> tuple[Session, int]:
+        """a opens a stream to ``port`` on b, queues ``messages`` on it and starts the
+        handshake: what a node does on connect() and send()."""
+        session = a.mux.session(b.key, self.now)
+        stream = session.open_stream(50000, port)
+        for message in messages:
+            session.send_message(stream, message)
+        session.connect(self.now)
+        return session, stream
 
     def send(self, source: object, destination: Address, data: bytes, hops: int = 1) -> None:
         """Put one datagram on the wire, subject to the link profile."""

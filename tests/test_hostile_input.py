@@ -18,10 +18,7 @@ from tests.simnet import SimNetwork
 def established_pair(seed: int = 0) -> tuple[SimNetwork, object, object, int]:
     net = SimNetwork(seed)
     a, b = net.pair()
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 1)
-    sa.send_message(stream, b"first")
-    sa.connect(net.now)
+    _, stream = net.start_stream(a, b, 1, b"first")
     assert net.run_until(lambda: len(b.messages) == 1, 5)
     return net, a, b, stream
 

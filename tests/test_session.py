@@ -106,10 +106,7 @@ def test_large_message_hash_and_bounded_buffers() -> None:
     config = SessionConfig(stream_window=256 * 1024, connection_window=512 * 1024)
     a, b = net.pair(config)
     data = random.Random(5).randbytes(4 * 1024 * 1024 + 17)
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 1)
-    sa.send_message(stream, data)
-    sa.connect(net.now)
+    _, stream = net.start_stream(a, b, 1, data)
     peak = 0
 
     def done() -> bool:
@@ -155,12 +152,8 @@ def test_rekey_by_packet_count_keeps_the_stream_going() -> None:
     config = SessionConfig(rekey_after_packets=50, mtu_probe_sizes=())
     net = SimNetwork(3, LinkProfile(loss=0.05, jitter=0.005))
     a, b = net.pair(config)
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 1)
     messages = [i.to_bytes(4, "big") * 300 for i in range(600)]
-    for m in messages:
-        sa.send_message(stream, m)
-    sa.connect(net.now)
+    net.start_stream(a, b, 1, *messages)
     assert net.run_until(lambda: len(b.messages) == len(messages), 120)
     assert [m.data for m in b.messages] == messages
     completions = [e for e in a.events if isinstance(e, events.HandshakeCompleted)]
@@ -183,10 +176,7 @@ def test_dead_peer_is_detected_and_reported() -> None:
     config = SessionConfig(keepalive_interval=1.0)
     net = SimNetwork(5)
     a, b = net.pair(config)
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 1)
-    sa.send_message(stream, b"x")
-    sa.connect(net.now)
+    sa, stream = net.start_stream(a, b, 1, b"x")
     assert net.run_until(lambda: len(b.messages) == 1, 5)
     del net.hosts[b.address]  # b vanishes without a word
     sa.send_message(stream, b"y" * 5000)
@@ -226,10 +216,7 @@ def test_simultaneous_open_makes_one_tunnel() -> None:
 def test_peer_restart_is_detected() -> None:
     net = SimNetwork(8)
     a, b = net.pair()
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 1)
-    sa.send_message(stream, b"before")
-    sa.connect(net.now)
+    net.start_stream(a, b, 1, b"before")
     assert net.run_until(lambda: len(b.messages) == 1, 5)
     # a restarts: same identity, fresh state.
     from pilot_agents.net.mux import Mux
@@ -254,10 +241,7 @@ def test_peer_restart_is_detected() -> None:
 def test_port_reset_reaches_the_opener() -> None:
     net = SimNetwork(9)
     a, b = net.pair()
-    sa = a.mux.session(b.key, net.now)
-    stream = sa.open_stream(50000, 9)
-    sa.send_message(stream, b"anyone?")
-    sa.connect(net.now)
+    sa, stream = net.start_stream(a, b, 9, b"anyone?")
     assert net.run_until(lambda: len(b.messages) == 1, 5)
     b.mux.get_session(a.key).reset_stream(stream, ResetCode.PORT_CLOSED)  # type: ignore[union-attr]
     assert net.run_until(lambda: any(isinstance(e, events.StreamReset) for e in a.events), 5)
