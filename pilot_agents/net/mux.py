@@ -134,7 +134,10 @@ class Mux:
                 self.stats.unknown_index += 1
                 return
             session.receive_data(data, address, now)
-        elif kind == wire.INITIATION:
+            # The per-packet path: only this session can have news (not every peer's).
+            self._collect_events_of(session)
+            return
+        if kind == wire.INITIATION:
             self._on_initiation(data, address, now)
         elif kind == wire.RESPONSE:
             if len(data) != handshake.RESPONSE_SIZE:
