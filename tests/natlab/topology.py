@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pilot_agents.daemon import process_alive
+
 from .procs import JsonChild, LabError, LineReader
 
 NatKind = Literal["cone", "symmetric", "full-cone"]
@@ -214,14 +216,6 @@ def list_netns() -> list[str]:
     return [line.split()[0] for line in sh(["ip", "netns", "list"]).splitlines() if line.strip()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill_netns_processes(netns: str) -> None:
@@ -237,7 +231,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for ns in list_netns():
         m = _STALE_RE.match(ns)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or process_alive(int(m.group(1))):
             continue
         _kill_netns_processes(ns)
         sh(["ip", "netns", "del", ns], check=False)
