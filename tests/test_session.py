@@ -250,6 +250,19 @@ def test_port_reset_reaches_the_opener() -> None:
     assert not sa.has_stream(stream)
 
 
+def test_close_carries_a_final_ack() -> None:
+    # b closes right after a message arrives, before its delayed ACK would have left: the
+    # CLOSE packet acknowledges it, so a knows the message got there.
+    net = SimNetwork(11)
+    a, b = net.pair(SessionConfig(mtu_probe_sizes=()))
+    sa, stream = net.start_stream(a, b, 1, b"last words")
+    assert net.run_until(lambda: len(b.messages) == 1, 5)
+    assert sa.stream_buffered(stream) > 0  # not acknowledged yet
+    b.mux.get_session(a.key).close(CloseCode.SHUTDOWN, "", net.now)  # type: ignore[union-attr]
+    assert net.run_until(lambda: sa.closed, 5)
+    assert sa.stream_buffered(stream) == 0
+
+
 def test_close_is_reported_to_the_peer() -> None:
     net = SimNetwork(10)
     a, b = net.pair()

@@ -492,7 +492,12 @@ class Session:
         self._handshake_packets = []
         if self._close_frame is not None:
             if self._current is not None:
-                out.append((self._seal(self._current, self._close_frame), active))
+                # With a final ACK, as QUIC's CONNECTION_CLOSE may carry one: the peer learns
+                # which of its messages arrived before the end.
+                payload = self._close_frame
+                if self._received:
+                    payload = self._encode_ack(now) + payload
+                out.append((self._seal(self._current, payload), active))
             self._close_frame = None
             return out
         if self.state is not State.ESTABLISHED:
@@ -836,21 +841,18 @@ class Session:
         return datagram
 
     def _build_packet(self, keypair: handshake.Keypair, now: float) -> bytes | None:
+        has_payload = self._has_payload_to_send()
+        # An ACK rides along whenever something else is going out anyway (a reply, say), so
+        # request/reply traffic needs no separate ACK packets.
+        ack_due = self._ack_deadline is not None and (has_payload or now >= self._ack_deadline)
+        probe = self._probes_pending > 0
+        if not (has_payload or ack_due or probe or self._ping_pending):
+            return None  # the common end of the send loop: checked before any allocation
         budget = self._packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
         payload = bytearray()
         items: list[Any] = []
-        # An ACK rides along whenever something else is going out anyway (a reply, say), so
-        # request/reply traffic needs no separate ACK packets.
-        ack_due = self._ack_deadline is not None and (
-            now >= self._ack_deadline or self._has_payload_to_send()
-        )
         if ack_due and self._received:
-            payload += wire.encode_ack(
-                [(r.start, r.stop) for r in self._received], now - self._largest_received_time
-            )
-            self._ack_deadline = None
-            self._ack_eliciting_unacked = 0
-        probe = self._probes_pending > 0
+            payload += self._encode_ack(now)
         if not (probe or self._may_send(now)):
             return self._finish_packet(keypair, payload, items, now, probe=False)
         if self._max_data_pending:
@@ -876,6 +878,13 @@ class Session:
             items.append(("ping", 0, 0))
         self._ping_pending = False
         return self._finish_packet(keypair, payload, items, now, probe=probe)
+
+    def _encode_ack(self, now: float) -> bytes:
+        self._ack_deadline = None
+        self._ack_eliciting_unacked = 0
+        return wire.encode_ack(
+            [(r.start, r.stop) for r in self._received], now - self._largest_received_time
+        )
 
     # -- internals: paths ---------------------------------------------------------------------
 

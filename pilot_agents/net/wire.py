@@ -58,13 +58,13 @@ MAX_ACK_RANGES: Final = 32
 MAX_CLOSE_REASON: Final = 512
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AckFrame:
     ranges: tuple[tuple[int, int], ...]  # half-open [start, stop)
     delay: float  # seconds the receiver held the ACK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamFrame:
     stream_id: int
     src_port: int
@@ -74,40 +74,40 @@ class StreamFrame:
     fin: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MaxDataFrame:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MaxStreamDataFrame:
     stream_id: int
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResetStreamFrame:
     stream_id: int
     code: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseFrame:
     code: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PingFrame:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PathChallengeFrame:
     token: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PathResponseFrame:
     token: bytes
 
