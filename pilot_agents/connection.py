@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
 from .identity import node_id_from_key
@@ -42,13 +43,61 @@ def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
         ) from None
 
 
-async def get_within(queue: asyncio.Queue[T], timeout: float | None) -> T:
-    """The next item, or TimeoutError. Takes a waiting item without arming a timer: on the
-    request/reply path that is most of the calls."""
-    if not queue.empty():
-        return queue.get_nowait()
-    async with asyncio.timeout(timeout):
-        return await queue.get()
+class Mailbox(Generic[T]):
+    """An unbounded FIFO whose :meth:`get` waits with a deadline.
+
+    asyncio.Queue under asyncio.timeout() costs a Timeout object, a cancellation scope and a
+    task cancel/uncancel per wait; on the request/reply path that is a measurable share of a
+    round trip. Here a wait is one future and, with a deadline, one timer handle.
+    """
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        self._wake_next()
+
+    async def get(self, timeout: float | None) -> T:
+        """The next item; TimeoutError after ``timeout`` seconds (None: wait for ever)."""
+        items = self._items
+        if items:
+            return items.popleft()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not items:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            except BaseException:
+                # Cancelled after a put woke us: the item must wake another waiter instead.
+                if items and waiter.done() and not waiter.cancelled() and not waiter.exception():
+                    self._wake_next()
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        return items.popleft()
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def check_port(port: int) -> int:
@@ -89,7 +138,7 @@ class StreamHandle:
         self.stream_id = stream_id
         self.local_port = local_port
         self.remote_port = remote_port
-        self.inbox: asyncio.Queue[Message | PilotError] = asyncio.Queue()
+        self.inbox: Mailbox[Message | PilotError] = Mailbox()
         self.error: PilotError | None = None
         self.reset = False
 
@@ -108,12 +157,12 @@ class StreamHandle:
         self.reset = self.reset or reset
         if self.error is None:
             self.error = error
-            self.inbox.put_nowait(error)
+            self.inbox.put(error)
         self.node._progress_made()
 
     def end(self) -> None:
         """The peer finished sending: receives raise once the inbox is empty; sends go on."""
-        self.inbox.put_nowait(ConnectionClosedError("the peer closed the connection"))
+        self.inbox.put(ConnectionClosedError("the peer closed the connection"))
 
     async def send(self, data: bytes | str | Any) -> None:
         payload = encode_payload(data)
@@ -125,23 +174,24 @@ class StreamHandle:
         # data it waits for the flush at the end of this loop iteration, coalescing with
         # whatever else is written meanwhile.
         self.node._flush(now=idle)
-        await self.node._wait_until(
-            lambda: (
-                self.error is not None
-                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
-            ),
-            None,
-        )
+        if self.session.stream_buffered(self.stream_id) >= SEND_HIGH_WATER:
+            await self.node._wait_until(
+                lambda: (
+                    self.error is not None
+                    or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
+                ),
+                None,
+            )
         if self.error is not None:
             raise self.error
 
     async def receive(self, timeout: float | None) -> Message:
         try:
-            item = await get_within(self.inbox, timeout)
+            item = await self.inbox.get(timeout)
         except TimeoutError:
             raise PilotTimeoutError(f"no message within {timeout} s") from None
         if isinstance(item, PilotError):
-            self.inbox.put_nowait(item)  # every later receive fails the same way
+            self.inbox.put(item)  # every later receive fails the same way
             raise item
         if self.session.message_consumed(self.stream_id, len(item.data)):
             self.node._endpoint_wake()
@@ -242,7 +292,7 @@ class Listener:
     def __init__(self, node: Node, port: int) -> None:
         self._node = node
         self.port = port
-        self._inbox: asyncio.Queue[tuple[StreamHandle, Message]] = asyncio.Queue()
+        self._inbox: Mailbox[tuple[StreamHandle, Message]] = Mailbox()
         self._closed = False
 
     async def __aenter__(self) -> Listener:
@@ -257,11 +307,11 @@ class Listener:
             self._node._listeners.pop(self.port, None)
 
     def _deliver(self, handle: StreamHandle, message: Message) -> None:
-        self._inbox.put_nowait((handle, message))
+        self._inbox.put((handle, message))
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         try:
-            handle, message = await get_within(self._inbox, timeout)
+            handle, message = await self._inbox.get(timeout)
         except TimeoutError:
             raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
         if handle.session.message_consumed(handle.stream_id, len(message.data)):

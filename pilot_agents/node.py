@@ -613,7 +613,7 @@ class Node:
             event.data, node_id_from_key(event.peer), event.dst_port, event.src_port, handle
         )
         if key in self._outgoing:
-            handle.inbox.put_nowait(message)
+            handle.inbox.put(message)
             return
         listener = self._listeners.get(handle.local_port)
         if listener is None:

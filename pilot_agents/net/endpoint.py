@@ -54,7 +54,7 @@ class Endpoint:
         self._sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         self.send_errors = 0
 
     @property
@@ -82,6 +82,9 @@ class Endpoint:
         self._rearm()
 
     def close(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -95,9 +98,8 @@ class Endpoint:
 
     def wake(self) -> None:
         """State changed outside a callback (an API call): flush soon, once."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def flush(self) -> None:
         """Send what is due right now (an API call that wants no extra loop iteration)."""
@@ -129,7 +131,11 @@ class Endpoint:
                 self._drain_beacon_events(now)
             else:
                 mux.receive_datagram(data, address, now)
-        self._flush()
+        # Hand what arrived to the application now, but send later in this loop iteration:
+        # the application runs first, so a reply leaves at once and carries the ACK, and the
+        # bookkeeping of the flush stays off the request/reply critical path.
+        self._deliver_events()
+        self.wake()
 
     def _drain_beacon_events(self, now: float) -> None:
         beacon = self.beacon
@@ -154,14 +160,13 @@ class Endpoint:
         self._flush()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # this flush does its work
+            self._flush_handle = None
         mux = self.mux
         # Events first: what the node does about them (refusing a stream, say) then leaves in
         # the same packets as the acknowledgements.
-        event = mux.next_event()
-        while event is not None:
-            self._on_event(event)
-            event = mux.next_event()
+        self._deliver_events()
         now = self._loop.time()
         beacon = self.beacon
         for data, address in mux.datagrams_to_send(now):
@@ -174,12 +179,16 @@ class Endpoint:
             for data, address in beacon.datagrams_to_send(now):
                 self.send_raw(data, address)
             self._drain_beacon_events(now)
+        self._deliver_events()
+        self._on_progress()
+        self._rearm()
+
+    def _deliver_events(self) -> None:
+        mux = self.mux
         event = mux.next_event()
         while event is not None:
             self._on_event(event)
             event = mux.next_event()
-        self._on_progress()
-        self._rearm()
 
     def _rearm(self) -> None:
         deadlines = [self.mux.get_timer(), self.beacon.get_timer() if self.beacon else None]
