@@ -37,6 +37,13 @@ class BuildExtOrPurePython(build_ext):
             for ext in self.extensions:
                 Path(self.build_lib, self.get_ext_filename(ext.name)).unlink(missing_ok=True)
             self.extensions = []
+            return
+        # An extension whose generated C did not change is not rebuilt, so it can be older than
+        # its just-edited .py (a comment, say): mark it current for _native.stale().
+        for ext in self.extensions:
+            path = Path(self.get_ext_fullpath(ext.name))
+            if path.exists():
+                path.touch()
 
 
 def ext_modules() -> list[Extension]:
