@@ -12,7 +12,7 @@ dev=0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 
-packages=(python3 python3-venv python3-dev libsodium23)
+packages=(python3 python3-venv python3-dev gcc libsodium23)  # gcc: see setup.py
 [ $dev -eq 1 ] && packages+=(iproute2 iptables conntrack tcpdump)
 
 missing=()

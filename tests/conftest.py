@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "beacon: needs the beacon integrated into Node (fails clearly until then)")
     config.addinivalue_line(
         "markers", "node_api: needs Node.peers()/ping()/info() (fails clearly until then)")
+    rebuild_stale_native_modules()
+
+
+def rebuild_stale_native_modules() -> None:
+    """Compiled protocol modules older than their .py would shadow it (Python imports the .so):
+    rebuild them before any test imports pilot_agents, or stop the run saying why."""
+    native = runpy.run_path(str(ROOT / "pilot_agents/net/_native.py"))  # not an import: see there
+    if not (stale := native["stale"]()):
+        return
+    print(f"rebuilding the compiled {', '.join(stale)} ({native['REBUILD']})", file=sys.stderr)
+    result = subprocess.run([ROOT / native["REBUILD"]], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable})
+    if result.returncode != 0:
+        pytest.exit(f"{native['REBUILD']} failed, so the compiled modules are stale:\n"
+                    f"{result.stdout}{result.stderr}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def require_node_api(*names: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.net.congestion import CongestionConfig, NewReno
@@ -41,7 +42,7 @@ class SentPacket:
     ack_eliciting: bool
     in_flight: bool
     is_probe_mtu: bool = False
-    data: object = None
+    data: Any = None  # not `object`: mypyc fails at import on a dataclass field of type object
 
 
 @dataclass(slots=True)

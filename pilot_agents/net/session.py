@@ -787,7 +787,7 @@ class Session:
     def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
         result = self._recovery.on_ack_received(frame.ranges, frame.delay, now)
         for packet in result.acked:
-            for item in packet.data:  # type: ignore[attr-defined]
+            for item in packet.data:
                 if isinstance(item, StreamChunk):
                     stream = self._streams.get(item.stream_id)
                     if stream is not None:
@@ -802,7 +802,7 @@ class Session:
     def _on_lost(self, lost: list[SentPacket]) -> None:
         for packet in lost:
             self.stats.packets_lost += 1
-            for item in packet.data:  # type: ignore[attr-defined]
+            for item in packet.data:
                 if isinstance(item, StreamChunk):
                     stream = self._streams.get(item.stream_id)
                     if stream is not None:

@@ -1,0 +1,54 @@
+"""Which modules of the sans-IO core mypyc compiles, and a check that such a build is current.
+
+setup.py compiles ``COMPILED`` when it can. A build in place (``pip install -e .`` or
+``scripts/build-native.sh``) leaves an extension module next to each of those ``.py`` files, and
+Python imports the extension first: after an edit to the ``.py`` the old code would run without
+a word. :func:`stale` finds such modules. Standard library only and no relative imports, because
+setup.py and tests/conftest.py load this file by path: importing the package would import the
+stale build (and, in setup.py, dependencies a build environment lacks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+# Not crypto, noise, handshake (their work is in libsodium; tests monkeypatch noise.x25519 to
+# count DH calls) nor the asyncio and socket code (endpoint, udp, stun, beacon_*): it waits on I/O.
+COMPILED = (
+    "congestion", "mux", "pacing", "paths", "rangeset", "recovery", "replay", "session",
+    "streams", "wire",
+)
+
+NET_DIR = Path(__file__).resolve().parent
+REBUILD = "scripts/build-native.sh"
+
+
+def stale(net_dir: Path = NET_DIR) -> list[str]:
+    """Compiled modules whose ``.py`` is newer than the extension module imported instead.
+
+    Only a source checkout can hold such a build (an installed wheel has no setup.py beside the
+    package; there, install order alone decides which file is newer)."""
+    if not (net_dir.parent.parent / "setup.py").exists():
+        return []
+    suffix = EXTENSION_SUFFIXES[0]
+    out = []
+    for name in COMPILED:
+        try:
+            built = (net_dir / f"{name}{suffix}").stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (net_dir / f"{name}.py").stat().st_mtime > built:
+            out.append(name)
+    return out
+
+
+def stale_message(names: list[str]) -> str:
+    return (f"pilot_agents: compiled {', '.join(names)} older than the .py, so old code runs; "
+            f"rebuild with {REBUILD} (or delete pilot_agents/net/*.so for pure Python)")
+
+
+def warn_if_stale() -> None:
+    if names := stale():
+        warnings.warn(stale_message(names), RuntimeWarning, stacklevel=2)
