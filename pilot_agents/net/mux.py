@@ -185,8 +185,12 @@ class Mux:
         self._collect_events()
 
     def get_timer(self) -> float | None:
-        timers = [t for t in (s.get_timer() for s in self._sessions.values()) if t is not None]
-        return min(timers) if timers else None
+        earliest: float | None = None
+        for session in self._sessions.values():
+            timer = session.get_timer()
+            if timer is not None and (earliest is None or timer < earliest):
+                earliest = timer
+        return earliest
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out: list[tuple[bytes, Address]] = []

@@ -24,10 +24,10 @@ INITIATION: Final = 0x10
 RESPONSE: Final = 0x11
 DATA: Final = 0x12
 
-INITIATION_HEADER = struct.Struct("!BI")  # type, sender index
-RESPONSE_HEADER = struct.Struct("!BII")  # type, sender index, receiver index
-DATA_HEADER = struct.Struct("!BIQ")  # type, receiver index, packet number
-DATA_HEADER_SIZE: Final = DATA_HEADER.size  # 13
+INITIATION_HEADER: Final[struct.Struct] = struct.Struct("!BI")  # type, sender index
+RESPONSE_HEADER: Final[struct.Struct] = struct.Struct("!BII")  # type, sender index, receiver index
+DATA_HEADER: Final[struct.Struct] = struct.Struct("!BIQ")  # type, receiver index, packet number
+DATA_HEADER_SIZE: Final[int] = DATA_HEADER.size  # 13
 
 # -- frame types -----------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ _RESET_STREAM = struct.Struct("!BIH")
 _CLOSE_HEAD = struct.Struct("!BHH")
 _PATH = struct.Struct("!B8s")
 
-STREAM_FRAME_OVERHEAD: Final = _STREAM_HEAD.size  # 21
+STREAM_FRAME_OVERHEAD: Final[int] = _STREAM_HEAD.size  # 21
 MAX_ACK_RANGES: Final = 32
 MAX_CLOSE_REASON: Final = 512
 
@@ -124,7 +124,7 @@ Frame = (
     | PathResponseFrame
 )
 
-PING_FRAME: Final = PingFrame()
+PING_FRAME: Final[PingFrame] = PingFrame()
 
 # -- encoding (our own frames: no validation beyond what struct enforces) --------------------
 
@@ -171,7 +171,7 @@ def encode_path_response(token: bytes) -> bytes:
     return _PATH.pack(PATH_RESPONSE, token)
 
 
-ENCODED_PING: Final = bytes([PING])
+ENCODED_PING: Final[bytes] = bytes([PING])
 
 
 # -- decoding --------------------------------------------------------------------------------
