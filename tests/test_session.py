@@ -250,6 +250,15 @@ def test_port_reset_reaches_the_opener() -> None:
     assert not sa.has_stream(stream)
 
 
+def test_the_handshake_gives_the_initiator_an_rtt() -> None:
+    net = SimNetwork(12, LinkProfile(delay=0.02))
+    a, b = net.pair()
+    sa = a.mux.session(b.key, net.now)
+    sa.connect(net.now)
+    assert net.run_until(lambda: sa.established, 5)
+    assert sa.smoothed_rtt == pytest.approx(0.04, abs=0.002)  # before any data was acked
+
+
 def test_close_carries_a_final_ack() -> None:
     # b closes right after a message arrives, before its delayed ACK would have left: the
     # CLOSE packet acknowledges it, so a knows the message got there.

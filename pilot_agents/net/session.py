@@ -77,7 +77,8 @@ class _Stream:
 class _PendingInitiation:
     initiator: noise.Initiator
     local_index: int
-    started: float
+    started: float  # the first initiation of this handshake (retries keep it)
+    sent: float  # this initiation
     next_retry: float
     retry_interval: float
 
@@ -396,6 +397,10 @@ class Session:
             initiator=True,
             confirmed=True,
         )
+        if not self._recovery.rtt.has_sample:
+            # The handshake is a round trip (QUIC samples its Initial packets the same way):
+            # the tunnel has an RTT before any data has been acknowledged.
+            self._recovery.rtt.update(now - pending.sent, 0.0, now)
         self._install(keypair, now)
         self._adopt_handshake_source(address)
         self._last_received = now
@@ -532,6 +537,7 @@ class Session:
         self._initiation = _PendingInitiation(
             initiator,
             local_index,
+            now,
             now,
             now + self.config.handshake_retry,
             self.config.handshake_retry,
