@@ -633,7 +633,7 @@ def test_rate_limit_per_node_registrations(tmp_path: Path) -> None:
     net.now += 10.0
     for _ in range(20):
         data, _ = _register_bytes(net, key=key, name=None)
-        _answers(net, data[:-1] + b"\0", ("192.0.2.66", 1))
+        _answers(net, data[:-1] + bytes([data[-1] ^ 1]), ("192.0.2.66", 1))
     data, _ = _register_bytes(net, key=key, name=None)
     assert _status_of(_answers(net, data, ("192.0.2.9", 1))[0]) == Status.OK
 

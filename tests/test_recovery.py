@@ -705,7 +705,10 @@ class RecoveryMachine(RuleBasedStateMachine):
         for pn in self.outstanding:
             # Nothing the ACK covers may stay outstanding...
             assert not any(s <= pn < e for s, e in ranges)
-        self._check_loss_detection_complete()
+        # RFC 9002 A.7 runs loss detection only for an ACK that acknowledges something new (a
+        # repeated one returns early); older packets past a threshold then wait for the loss timer.
+        if result.acked or largest != before:
+            self._check_loss_detection_complete()
         if result.acked:
             assert self.rec.pto_count == 0
 
