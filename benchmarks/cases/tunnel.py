@@ -20,6 +20,10 @@ from benchmarks.harness import (
     server_plan,
 )
 from pilot_agents import Node
+from pilot_agents.net import session
+
+CORE = "compiled core (mypyc)" if not session.__file__.endswith(".py") else "pure-Python core"
+"""Which build of the protocol core ran: setup.py compiles it when a C compiler is at hand."""
 
 SERVICE_PORT = 1001
 """The virtual port the server listens on."""
@@ -27,7 +31,7 @@ SERVICE_PORT = 1001
 
 class Tunnel(Case):
     name = "tunnel"
-    about = "Node.connect, conn.send/receive, msg.reply"
+    about = f"Node.connect, conn.send/receive, msg.reply; {CORE}"
 
     async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
         plan = server_plan(kind, p)
