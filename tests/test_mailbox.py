@@ -1,0 +1,42 @@
+"""The connection's Mailbox: FIFO order, deadlines, and no item lost to a cancelled waiter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pilot_agents.connection import Mailbox
+
+
+async def test_items_come_out_in_order_and_a_wait_ends_with_a_put() -> None:
+    box: Mailbox[int] = Mailbox()
+    box.put(1)
+    waiter = asyncio.create_task(box.get(5))
+    assert await waiter == 1
+    later = asyncio.create_task(box.get(5))
+    await asyncio.sleep(0)
+    box.put(2)
+    box.put(3)
+    assert await later == 2
+    assert len(box) == 1 and await box.get(None) == 3
+
+
+async def test_a_deadline_raises_timeout_error_and_leaves_nothing_behind() -> None:
+    box: Mailbox[int] = Mailbox()
+    with pytest.raises(TimeoutError):
+        await box.get(0.01)
+    box.put(7)
+    assert await box.get(0) == 7
+
+
+async def test_an_item_meant_for_a_cancelled_waiter_reaches_the_next_one() -> None:
+    box: Mailbox[str] = Mailbox()
+    first = asyncio.create_task(box.get(5))
+    second = asyncio.create_task(box.get(5))
+    await asyncio.sleep(0)
+    box.put("x")  # wakes the first waiter...
+    first.cancel()  # ...which is cancelled before it runs
+    assert await second == "x"
+    with pytest.raises(asyncio.CancelledError):
+        await first
