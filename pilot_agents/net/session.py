@@ -853,6 +853,7 @@ class Session:
         ack_due = self._ack_deadline is not None and (has_payload or now >= self._ack_deadline)
         probe = self._probes_pending > 0
         if not (has_payload or ack_due or probe or self._ping_pending):
+            self._pacing_deadline = None  # nothing waits for the pacer
             return None  # the common end of the send loop: checked before any allocation
         budget = self._packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
         payload = bytearray()
