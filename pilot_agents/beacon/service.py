@@ -32,14 +32,13 @@ from ..identity import Identity, default_home, node_id_from_key
 from ..net import beacon_wire as bw
 from ..net.beacon_wire import Address
 from ..net.endpoint import parse_host_port
-from ..net.udp import read_batch
+from ..net.udp import open_socket, read_batch
 from .server import BeaconConfig, BeaconServer
 from .store import NameStore
 
 log = logging.getLogger("pilot_agents.beacon")
 
 DEFAULT_LISTEN = "0.0.0.0:9000"
-SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; relayed bursts queue here rather than being dropped
 
 
 @dataclass(frozen=True)
@@ -64,20 +63,6 @@ class BeaconInfo:
         host, port = self.address
         alt = "off" if self.alt_address is None else str(self.alt_address[1])
         return f"listening on {host}:{port} alt-port {alt} key {self.node_id}"
-
-
-def _open_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class BeaconService:
@@ -200,14 +185,14 @@ async def start(
     identity = Identity.load_or_create(data_dir)
     store = NameStore.in_directory(data_dir)
     try:
-        sock = _open_socket(host, port)
+        sock = open_socket(host, port)
     except OSError as exc:
         store.close()
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     alt_sock = None
     if wanted is not None:
         try:
-            alt_sock = _open_socket(host, wanted)
+            alt_sock = open_socket(host, wanted)
         except OSError as exc:
             if alt_port != "auto":
                 sock.close()

@@ -16,13 +16,10 @@ from . import events, wire
 from .beacon_client import BeaconClient, BeaconEvent, Relayed
 from .mux import Mux
 from .paths import RelayPath
-from .udp import read_batch
+from .udp import open_socket, read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")
 
-SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts of a full congestion window
-IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
-IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
 
 
 def is_tunnel_packet(data: bytes) -> bool:
@@ -64,19 +61,7 @@ class Endpoint:
         return host, port
 
     def open(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-            if family == socket.AF_INET:
-                # Don't fragment: an oversized MTU probe must fail, not arrive in pieces.
-                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            raise
+        sock = open_socket(host, port, dont_fragment=True)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._read_ready)
         self._rearm()

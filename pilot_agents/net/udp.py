@@ -1,4 +1,5 @@
-"""Reading a non-blocking UDP socket in batches, shared by the node's endpoint and the beacon.
+"""Opening a non-blocking UDP socket and reading it in batches, shared by the node's endpoint and
+the beacon.
 
 asyncio's datagram transport reads one datagram per loop iteration, which caps throughput; a
 readiness callback that drains up to a batch instead keeps up with a full window.
@@ -12,9 +13,34 @@ import socket
 log = logging.getLogger("pilot_agents.udp")
 
 MAX_DATAGRAM = 65535
+# Bytes; a burst (a full congestion window, or the beacon's relayed traffic) queues here rather
+# than being dropped.
+SOCKET_BUFFER = 4 * 1024 * 1024
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
 READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
 
 Address = tuple[str, int]
+
+
+def open_socket(host: str, port: int, *, dont_fragment: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``(host, port)``, IPv6 if ``host`` has a colon.
+
+    ``dont_fragment``: IPv4 datagrams carry DF, so an oversized MTU probe fails instead of
+    arriving in pieces."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        if dont_fragment and family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def read_batch(sock: socket.socket, limit: int = READ_BATCH) -> list[tuple[bytes, Address]]:
