@@ -294,17 +294,35 @@ def run_pair(
 def finish(
     pair: Pair, expected: str, t0: float, first: float, first_reply: float, bulk: int
 ) -> PairResult:
-    a, b = pair.a, pair.b
     if bulk:
         bulk_both_ways(pair, bulk)
+    address = pair.a.call("status", timeout=5)["conns"]["c"]["address"]
+    return measured(
+        pair, pair.name, expected, t0, first, first_reply, bulk,
+        address=tuple(address) if address else None,
+    )  # fmt: skip
+
+
+def measured(
+    pair: Pair,
+    name: str,
+    expected: str,
+    t0: float,
+    first: float,
+    first_reply: float,
+    bulk: int,
+    notes: str = "",
+    address: tuple[str, int] | None = None,
+) -> PairResult:
+    """A scenario's result: the paths both sides ended on and alpha's path history."""
+    a, b = pair.a, pair.b
     final_a, rtt = paths_of(a, b.node_id)
     final_b, _ = paths_of(b, a.node_id)
     history = path_history(a, b, t0)
     direct = next((t for t, p in history if p == "direct"), None)
-    address = a.call("status", timeout=5)["conns"]["c"]["address"]
     return PairResult(
-        pair.name, expected, final_a, final_b, first, first_reply, direct, rtt, history, bulk,
-        address=tuple(address) if address else None,
+        name, expected, final_a, final_b, first, first_reply, direct, rtt, history, bulk, notes,
+        address,
     )  # fmt: skip
 
 
@@ -368,19 +386,13 @@ def run_rebind(lab: Lab, workdir: Path, side: str, size: int = REBIND_TRANSFER) 
         assert t_done > t_rebound, "the transfer ended before the NAT rebound: send more"
         reply = a.call("recv", conn="c", timeout=60)
         assert reply["sha256"] == sha(payload_for(size, 2)), pair.diagnostics()
-        final_a, rtt = paths_of(a, b.node_id)
-        final_b, _ = paths_of(b, a.node_id)
-        t0 = opened["t0"]
-        history = path_history(a, b, t0)
-        direct = next((t for t, p in history if p == "direct"), None)
         notes = (
             f"{side}'s NAT rebound to ports {ports[0]}-{ports[1]} {t_rebind - t_send:.2f} s into "
             f"the transfer; {size / 2**20:g} MiB in {t_done - t_send:.2f} s"
         )
-        return PairResult(
-            f"rebind-{side}", "direct|relay", final_a, final_b, first, first_reply, direct, rtt,
-            history, size, notes,
-        )  # fmt: skip
+        return measured(
+            pair, f"rebind-{side}", "direct|relay", opened["t0"], first, first_reply, size, notes
+        )
     finally:
         a.close()
         b.close()
@@ -435,24 +447,18 @@ def run_impaired(
         reply = a.call("recv", conn="c", timeout=60)
         assert reply["size"] == IMPAIRED_REPLY, reply
         assert reply["sha256"] == sha(payload_for(IMPAIRED_REPLY, 2)), pair.diagnostics()
-        final_a, rtt = paths_of(a, b.node_id)
-        final_b, _ = paths_of(b, a.node_id)
         t0 = opened["t0"]
-        history = path_history(a, b, t0)
-        direct = next((t for t, p in history if p == "direct"), None)
+        result = measured(pair, "impaired cone-cone", "direct", t0, first, first_reply, size)
         stats = lab.delayline_stats()
         dropped = ", ".join(
             f"{link} {c['up_drop']}/{c['up_in']}" for link, c in stats.get("links", {}).items()
         )
-        on_relay = time_on(history, "relay", t_send - t0, got["t"] - t0)
-        notes = (
+        on_relay = time_on(result.paths_a, "relay", t_send - t0, got["t"] - t0)
+        result.notes = (
             f"{size / 2**20:g} MiB in {elapsed:.1f} s ({size / elapsed / 1e3:.0f} kB/s), "
             f"{on_relay:.2f} s of it on the relay; delay line dropped {dropped} packets"
         )
-        return PairResult(
-            "impaired cone-cone", "direct", final_a, final_b, first, first_reply, direct, rtt,
-            history, size, notes,
-        )  # fmt: skip
+        return result
     finally:
         a.close()
         b.close()
