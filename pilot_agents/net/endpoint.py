@@ -67,9 +67,7 @@ class Endpoint:
         self._rearm()
 
     def close(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        self._cancel_scheduled_flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -85,6 +83,11 @@ class Endpoint:
         """State changed outside a callback (an API call): flush soon, once."""
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _cancel_scheduled_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
 
     def flush(self) -> None:
         """Send what is due right now (an API call that wants no extra loop iteration)."""
@@ -145,9 +148,7 @@ class Endpoint:
         self._flush()
 
     def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()  # this flush does its work
-            self._flush_handle = None
+        self._cancel_scheduled_flush()  # this flush does its work
         mux = self.mux
         # Events first: what the node does about them (refusing a stream, say) then leaves in
         # the same packets as the acknowledgements.
