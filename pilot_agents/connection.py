@@ -106,19 +106,25 @@ def check_port(port: int) -> int:
     return port
 
 
-@dataclass
-class Message:
+class Payload:
+    """How a received message's bytes read: for :class:`Message` and the SDK's daemon twin."""
+
     data: bytes
-    sender: str  # node id
-    port: int  # our port it arrived on
-    source_port: int
-    _stream: StreamHandle | None = field(default=None, repr=False)
 
     def text(self) -> str:
         return self.data.decode("utf-8")
 
     def json(self) -> Any:
         return json.loads(self.data)
+
+
+@dataclass
+class Message(Payload):
+    data: bytes
+    sender: str  # node id
+    port: int  # our port it arrived on
+    source_port: int
+    _stream: StreamHandle | None = field(default=None, repr=False)
 
     async def reply(self, data: bytes | str | Any) -> None:
         """Send a message back on the connection this one came from."""

@@ -27,14 +27,13 @@ The objects returned through the daemon mirror the Node's: :class:`DaemonConnect
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
 
-from .connection import DEFAULT_TIMEOUT, Connection, Listener, Message, encode_payload
+from .connection import DEFAULT_TIMEOUT, Connection, Listener, Message, Payload, encode_payload
 from .errors import ConnectionClosedError
 from .ipc import DaemonNotRunningError, IpcClient, decode_data, encode_data
 from .node import Node
@@ -51,7 +50,7 @@ def _wire(data: bytes | str | Any) -> dict[str, str]:
 
 
 @dataclass
-class DaemonMessage:
+class DaemonMessage(Payload):
     """A message received through the daemon (the same fields as :class:`Message`)."""
 
     data: bytes
@@ -61,12 +60,6 @@ class DaemonMessage:
     hostname: str | None = None  # the sender's name, if we know it
     message_id: str | None = None  # the daemon's id for it (IPC "reply")
     _reply: Callable[[dict[str, str]], Awaitable[Any]] | None = field(default=None, repr=False)
-
-    def text(self) -> str:
-        return self.data.decode("utf-8")
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
     async def reply(self, data: bytes | str | Any) -> None:
         """Send a message back on the connection this one came from."""
