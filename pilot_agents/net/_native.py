@@ -19,7 +19,7 @@ from pathlib import Path
 # compiled although they drive asyncio: their read and flush callbacks run for every datagram
 # (~6% fewer instructions per round trip than with them interpreted).
 COMPILED = (
-    "congestion", "endpoint", "mux", "pacing", "paths", "rangeset", "recovery", "replay",
+    "congestion", "endpoint", "events", "mux", "pacing", "paths", "rangeset", "recovery", "replay",
     "session", "streams", "udp", "wire",
 )
 

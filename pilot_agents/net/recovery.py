@@ -27,7 +27,7 @@ from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.net.congestion import CongestionConfig, NewReno
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class SentPacket:
     """What recovery remembers about one sent packet.
 
@@ -41,8 +41,28 @@ class SentPacket:
     size: int
     ack_eliciting: bool
     in_flight: bool
-    is_probe_mtu: bool = False
-    data: Any = None  # not `object`: mypyc fails at import on a dataclass field of type object
+    is_probe_mtu: bool
+    data: Any  # not `object`: mypyc fails at import on a dataclass field of type object
+
+    # Written out (init=False) on the per-packet path: mypyc leaves a generated dataclass
+    # __init__ interpreted, and it cost more than the rest of the object's life.
+    def __init__(
+        self,
+        packet_number: int,
+        time_sent: float,
+        size: int,
+        ack_eliciting: bool,
+        in_flight: bool,
+        is_probe_mtu: bool = False,
+        data: Any = None,
+    ) -> None:
+        self.packet_number = packet_number
+        self.time_sent = time_sent
+        self.size = size
+        self.ack_eliciting = ack_eliciting
+        self.in_flight = in_flight
+        self.is_probe_mtu = is_probe_mtu
+        self.data = data
 
 
 @dataclass(slots=True)
@@ -161,7 +181,7 @@ class RttEstimator:
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AckResult:
     """What one ACK frame changed.
 
@@ -171,14 +191,21 @@ class AckResult:
     (``is_probe_mtu``), which did not count as congestion.
     """
 
-    acked: list[SentPacket] = field(default_factory=list)
-    lost: list[SentPacket] = field(default_factory=list)
-    newly_acked_largest: bool = False
+    acked: list[SentPacket]
+    lost: list[SentPacket]
+    newly_acked_largest: bool
     """The frame's largest acknowledged packet was acknowledged for the first time."""
-    rtt_sampled: bool = False
+    rtt_sampled: bool
     """The frame produced an RTT sample (§5.1)."""
-    persistent_congestion: bool = False
+    persistent_congestion: bool
     """Losses in this frame amounted to persistent congestion; the window collapsed (§7.6)."""
+
+    def __init__(self, acked: list[SentPacket] | None = None) -> None:  # see SentPacket
+        self.acked = [] if acked is None else acked
+        self.lost = []
+        self.newly_acked_largest = False
+        self.rtt_sampled = False
+        self.persistent_congestion = False
 
 
 @dataclass(slots=True)
@@ -412,7 +439,7 @@ class Recovery:
             return AckResult()
         self._ack_eliciting_in_flight -= ack_eliciting
 
-        result = AckResult(acked=acked)
+        result = AckResult(acked)
         if acked:
             largest = acked[-1]
             if largest.packet_number == top:

@@ -20,7 +20,7 @@ _LENGTH = struct.Struct("!Q")
 MESSAGE_HEADER_SIZE = _LENGTH.size
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StreamChunk:
     """What a STREAM frame carried, kept in the sent packet so a loss can be re-queued."""
 
@@ -28,6 +28,13 @@ class StreamChunk:
     offset: int
     length: int
     fin: bool
+
+    # Written out on the per-packet path: mypyc leaves a generated __init__ interpreted.
+    def __init__(self, stream_id: int, offset: int, length: int, fin: bool) -> None:
+        self.stream_id = stream_id
+        self.offset = offset
+        self.length = length
+        self.fin = fin
 
 
 class SendStream:
