@@ -48,14 +48,19 @@ class Mailbox(Generic[T]):
 
     asyncio.Queue under asyncio.timeout() costs a Timeout object, a cancellation scope and a
     task cancel/uncancel per wait; on the request/reply path that is a measurable share of a
-    round trip. Here a wait is one future and, with a deadline, one timer handle.
+    round trip. Here a wait is one future, and all waits share one timer that only ever moves
+    earlier: a wait that ends before its deadline (the common case) leaves it armed, and when it
+    fires it expires what is due and re-arms for the earliest deadline still waiting. A
+    request/reply loop thus schedules a timer about once per timeout, not once per message.
     """
 
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_items", "_timer", "_timer_at", "_waiters")
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], float | None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -73,8 +78,9 @@ class Mailbox(Generic[T]):
         deadline = None if timeout is None else loop.time() + timeout
         while not items:
             waiter = loop.create_future()
-            self._waiters.append(waiter)
-            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+            self._waiters.append((waiter, deadline))
+            if deadline is not None and (self._timer is None or deadline < self._timer_at):
+                self._arm(loop, deadline)
             try:
                 await waiter
             except BaseException:
@@ -82,22 +88,38 @@ class Mailbox(Generic[T]):
                 if items and waiter.done() and not waiter.cancelled() and not waiter.exception():
                     self._wake_next()
                 raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
         return items.popleft()
 
     def _wake_next(self) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire, loop)
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        earliest: float | None = None
+        waiting: deque[tuple[asyncio.Future[None], float | None]] = deque()
+        for waiter, deadline in self._waiters:
+            if waiter.done():
+                continue
+            if deadline is not None and deadline <= now:
+                waiter.set_exception(TimeoutError())
+                continue
+            waiting.append((waiter, deadline))
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        self._waiters = waiting
+        if earliest is not None:
+            self._arm(loop, earliest)
 
 
 def check_port(port: int) -> int:

@@ -40,3 +40,28 @@ async def test_an_item_meant_for_a_cancelled_waiter_reaches_the_next_one() -> No
     assert await second == "x"
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_waits_share_one_timer_that_only_moves_earlier() -> None:
+    loop = asyncio.get_running_loop()
+    box: Mailbox[int] = Mailbox()
+    for i in range(50):  # a request/reply loop: every wait ends long before its deadline
+        waiter = asyncio.create_task(box.get(60))
+        await asyncio.sleep(0)
+        box.put(i)
+        assert await waiter == i
+    assert sum(1 for h in loop._scheduled if not h.cancelled()) == 1  # type: ignore[attr-defined]
+    # A shorter deadline than the armed one still fires on time...
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await box.get(0.05)
+    assert 0.05 <= loop.time() - started < 1
+    # ...and a timer left from an earlier, shorter wait does not end a longer one early.
+    short = asyncio.create_task(box.get(0.02))
+    long = asyncio.create_task(box.get(0.2))
+    with pytest.raises(TimeoutError):
+        await short
+    await asyncio.sleep(0.05)
+    assert not long.done()
+    box.put(9)
+    assert await long == 9
