@@ -519,6 +519,8 @@ class Node:
                 self._endpoint.wake()
 
     def _progress_made(self) -> None:
+        if not self._waiters:
+            return  # the usual case, after every flush and event
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

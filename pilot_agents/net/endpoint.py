@@ -1,7 +1,9 @@
 """The asyncio driver of a :class:`Mux`: one non-blocking UDP socket and exactly one timer.
 
 Reads drain the socket in a loop on each readiness callback (asyncio's datagram transport reads
-one datagram per loop iteration, which caps throughput), then the mux's output is flushed once.
+one datagram per loop iteration, which caps throughput). What they make due to send leaves in
+one flush at the end of that loop iteration; a delayed ACK alone waits for the timer, or for the
+application's reply to carry it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .paths import RelayPath
 from .udp import open_socket, read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")
+TIMER_SLACK = 1 / 16
 
 
 
@@ -113,17 +116,24 @@ class Endpoint:
         beacon = self.beacon
         beacon_addresses = beacon.addresses if beacon is not None else frozenset()
         now = self._loop.time()
+        from_beacon = False
         for data, address in read_batch(sock):
             if address in beacon_addresses and beacon is not None:
+                from_beacon = True
                 beacon.receive_datagram(data, now)
                 self._drain_beacon_events(now)
             else:
                 mux.receive_datagram(data, address, now)
-        # Hand what arrived to the application now, but send later in this loop iteration:
-        # the application runs first, so a reply leaves at once and carries the ACK, and the
-        # bookkeeping of the flush stays off the request/reply critical path.
+        # Hand what arrived to the application first. If nothing must leave at once (a request
+        # wants only a delayed ACK), the timer covers the ACK and the application's reply,
+        # written in this loop iteration, carries it. Otherwise the flush still waits for the
+        # end of the iteration, so a reply written meanwhile leaves in the same packet.
         self._deliver_events()
-        self.wake()
+        if from_beacon or mux.output_due(now):
+            self.wake()
+        else:
+            self._on_progress()  # acknowledgements may have freed send buffers
+            self._rearm()
 
     def _drain_beacon_events(self, now: float) -> None:
         beacon = self.beacon
@@ -177,14 +187,22 @@ class Endpoint:
             event = mux.next_event()
 
     def _rearm(self) -> None:
-        deadlines = [self.mux.get_timer(), self.beacon.get_timer() if self.beacon else None]
-        deadline = min((d for d in deadlines if d is not None), default=None)
+        deadline = self.mux.get_timer()
+        if self.beacon is not None:
+            beacon_deadline = self.beacon.get_timer()
+            if deadline is None or (beacon_deadline is not None and beacon_deadline < deadline):
+                deadline = beacon_deadline
         if deadline is None:
             return
         # A timer that fires early is harmless (the mux checks what is due and we re-arm), so
         # only move it earlier: re-arming on every flush churns the event loop's timer heap.
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return
+        # Nor for a little: a deadline may be met late by a sixteenth of its lead time (as
+        # Linux's timer slack), which spares a request/reply loop a new timer per request for
+        # a delayed ACK due just before the armed loss timer; a pacing gap stays precise.
+        if self._timer_at is not None:
+            slack = (deadline - self._loop.time()) * TIMER_SLACK
+            if self._timer_at <= deadline + slack:
+                return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline

@@ -58,6 +58,9 @@ class Mux:
         self._trusted: dict[bytes, bytes] = {}  # X25519 static -> Ed25519 node key
         self._trusted_static: dict[bytes, bytes] = {}  # Ed25519 node key -> X25519 static
         self._events: deque[events.Event] = deque()
+        # What received datagrams may have made due, for output_due().
+        self._touched: set[Session] = set()
+        self._output_due = False
 
     # -- trust and peers ---------------------------------------------------------------------
 
@@ -136,7 +139,9 @@ class Mux:
             session.receive_data(data, address, now)
             # The per-packet path: only this session can have news (not every peer's).
             self._collect_events_of(session)
+            self._touched.add(session)
             return
+        self._output_due = True  # a handshake: its answer goes out at once
         if kind == wire.INITIATION:
             self._on_initiation(data, address, now)
         elif kind == wire.RESPONSE:
@@ -176,6 +181,15 @@ class Mux:
         self._collect_events_of(old)
         del self._sessions[old.peer]
         return self.session(old.peer, now)
+
+    def output_due(self, now: float) -> bool:
+        """Whether the datagrams received since the last call made something due to send now
+        (an immediate ACK, data the peer's ACKs let out, a handshake answer), as against
+        only a delayed ACK, which :meth:`get_timer` covers."""
+        due = self._output_due or any(s.sending_due(now) for s in self._touched)
+        self._output_due = False
+        self._touched.clear()
+        return due
 
     def handle_timer(self, now: float) -> None:
         for session in list(self._sessions.values()):

@@ -134,6 +134,8 @@ class PathManager:
         return due
 
     def get_timer(self) -> float | None:
+        if not self._candidates and self._next_round is None:
+            return None  # the usual case, checked on every flush
         times = [c.next_probe for c in self._candidates.values() if c.probes_left > 0]
         if self._next_round is not None:
             times.append(self._next_round)

@@ -41,9 +41,16 @@ class IndexAllocator(Protocol):
     def release(self, index: int) -> None: ...
 
 
+def _earlier(at: float, other: float | None) -> float:
+    return other if other is not None and other < at else at
+
+
 def _probing_only(frames: list[wire.Frame]) -> bool:
     """A path probe or its answer: PATH_CHALLENGE/PATH_RESPONSE (and padding) only."""
-    return all(isinstance(f, wire.PathChallengeFrame | wire.PathResponseFrame) for f in frames)
+    for frame in frames:  # a loop, not all(generator): this runs for every packet
+        if not isinstance(frame, wire.PathChallengeFrame | wire.PathResponseFrame):
+            return False
+    return True
 
 
 class State(Enum):
@@ -286,33 +293,25 @@ class Session:
     # -- timers ------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
+        # Runs after every flush: a running minimum, not a list of candidates.
         if self.state is State.CLOSED:
             return None
-        deadlines = [self._last_received + self.config.idle_timeout]
+        at = self._last_received + self.config.idle_timeout
         if self._initiation is not None:
-            deadlines.append(self._initiation.next_retry)
+            at = _earlier(at, self._initiation.next_retry)
         if self.state is State.HANDSHAKING:
-            deadlines.append(self._created + self.config.handshake_timeout)
+            at = _earlier(at, self._created + self.config.handshake_timeout)
         if self.state is State.ESTABLISHED:
             if self._recovery.ack_eliciting_in_flight == 0:
-                deadlines.append(self._last_ack_eliciting_sent + self.config.keepalive_interval)
-            if self._ack_deadline is not None:
-                deadlines.append(self._ack_deadline)
-            recovery = self._recovery.get_timer()
-            if recovery is not None:
-                deadlines.append(recovery)
-            if self._pacing_deadline is not None:
-                deadlines.append(self._pacing_deadline)
-            probe = self.paths.get_timer()
-            if probe is not None:
-                deadlines.append(probe)
-            quiet = self._quiet_deadline()
-            if quiet is not None:
-                deadlines.append(quiet)
-            key_deadline = self._key_deadline()
-            if key_deadline is not None:
-                deadlines.append(key_deadline)
-        return min(deadlines)
+                keepalive = self._last_ack_eliciting_sent + self.config.keepalive_interval
+                at = _earlier(at, keepalive)
+            at = _earlier(at, self._ack_deadline)
+            at = _earlier(at, self._recovery.get_timer())
+            at = _earlier(at, self._pacing_deadline)
+            at = _earlier(at, self.paths.get_timer())
+            at = _earlier(at, self._quiet_deadline())
+            at = _earlier(at, self._key_deadline())
+        return at
 
     def handle_timer(self, now: float) -> None:
         if self.state is State.CLOSED:
@@ -1011,6 +1010,10 @@ class Session:
             self._pacing_deadline = at
             return False
         return True
+
+    def sending_due(self, now: float) -> bool:
+        """Whether :meth:`datagrams_to_send` would send something now."""
+        return not self._nothing_due(now)
 
     def _nothing_due(self, now: float) -> bool:
         """A cheap check that :meth:`datagrams_to_send` would produce nothing: it runs after

@@ -7,8 +7,11 @@ readiness callback that drains up to a batch instead keeps up with a full window
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
+import sys
+import termios
 
 log = logging.getLogger("pilot_agents.udp")
 
@@ -19,6 +22,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
 READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
+_INT_BUFFER = bytes(4)
 
 Address = tuple[str, int]
 
@@ -56,4 +60,14 @@ def read_batch(sock: socket.socket, limit: int = READ_BATCH) -> list[tuple[bytes
             log.debug("recvfrom: %s", exc)
             continue
         batch.append((data, (address[0], address[1])))
+        if len(batch) == 1 and not _pending(sock):
+            # A lone datagram (request/reply traffic): asking is cheaper than a read that fails
+            # with an exception; epoll is level-triggered, so nothing that races in is missed.
+            break
     return batch
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether a datagram waits to be read (FIONREAD: the size of the next one)."""
+    size = fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT_BUFFER)
+    return int.from_bytes(size, sys.byteorder) > 0
