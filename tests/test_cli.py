@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import ipc
-from pilot_agents.daemon import process_alive
+from pilot_agents.daemon import process_alive, run_loop
 from pilot_agents.identity import Identity
 from tests.conftest import (
     ROOT,
@@ -114,6 +115,17 @@ def test_restart_after_sigkill(fresh_home: Path) -> None:
     second = start_daemon(home, "phoenix")
     assert second.pid != first.pid and second.node_id == first.node_id  # same identity
     assert cli_json(home, "info")["pid"] == second.pid
+
+
+def test_the_daemon_loop_is_uvloop() -> None:
+    # uvloop is a dependency on Linux: the daemon's tunnels run on its C event loop.
+    seen: list[str] = []
+
+    async def which() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    run_loop(which())
+    assert seen and seen[0].startswith("uvloop")
 
 
 def test_home_path_too_long_is_one_line() -> None:
