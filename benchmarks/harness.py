@@ -326,3 +326,7 @@ class Case(ABC):
     @abstractmethod
     def client(self, ctl: Control, p: Params, kind: Kind) -> Result | Coroutine[Any, Any, Result]:
         """Reads the server's address from :meth:`Control.peer` and measures."""
+
+    def run_async(self, main: Coroutine[Any, Any, R]) -> R:
+        """Runs a role that is a coroutine: on asyncio's own event loop unless a case says."""
+        return asyncio.run(main)

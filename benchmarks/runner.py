@@ -6,7 +6,6 @@ The runner is the only thing that waits without a transport-level timeout, and i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import multiprocessing as mp
 import sys
@@ -165,7 +164,7 @@ def _role_main(case: str, role: Role, kind: Kind, p: Params, conn: Connection) -
         run = impl.server if role == "server" else impl.client
         out: object = run(Control(conn, p.wait), p, kind)
         if isinstance(out, Coroutine):
-            out = asyncio.run(out)
+            out = impl.run_async(out)
         conn.send(("result", out))
     except BaseException as exc:
         print(f"--- {case} {kind} {role} failed:", file=sys.stderr)

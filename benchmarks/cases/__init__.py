@@ -11,8 +11,11 @@ from benchmarks.harness import Case
 CASES: dict[str, str] = {
     "raw-udp": "benchmarks.cases.raw_udp",
     "zmq-tcp": "benchmarks.cases.zmq_tcp",
+    "zmq-asyncio": "benchmarks.cases.zmq_asyncio",
     "aioquic": "benchmarks.cases.quic",
     "tunnel": "benchmarks.cases.tunnel",
+    "tunnel-uvloop": "benchmarks.cases.tunnel_uvloop",
+    "core-blocking": "benchmarks.cases.core_blocking",
 }
 
 

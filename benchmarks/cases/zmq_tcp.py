@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 
 from benchmarks.harness import (
@@ -24,7 +26,7 @@ class ZmqTcp(Case):
     def server(self, ctl: Control, p: Params, kind: Kind) -> None:
         plan = server_plan(kind, p)
         with zmq.Context() as context, context.socket(zmq.REP) as sock:
-            _limit(sock, p.timeout(kind))
+            limit(sock, p.timeout(kind))
             ctl.publish(port=sock.bind_to_random_port(f"tcp://{HOST}"))
             for responder in plan:
                 frame = sock.recv(copy=False)
@@ -35,7 +37,7 @@ class ZmqTcp(Case):
     def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
         port = ctl.peer()["port"]
         with zmq.Context() as context, context.socket(zmq.REQ) as sock:
-            _limit(sock, p.timeout(kind))
+            limit(sock, p.timeout(kind))
             sock.connect(f"tcp://{HOST}:{port}")
 
             def roundtrip(request: bytes) -> bytes:
@@ -45,7 +47,7 @@ class ZmqTcp(Case):
             return drive(client_session(kind, p), roundtrip)
 
 
-def _limit(sock: zmq.Socket[bytes], seconds: float) -> None:
+def limit(sock: zmq.Socket[Any], seconds: float) -> None:
     """Every send and receive gives up (zmq.Again) after ``seconds``; close drops unsent data."""
     sock.setsockopt(zmq.RCVTIMEO, int(seconds * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(seconds * 1000))
