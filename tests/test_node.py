@@ -205,3 +205,29 @@ async def test_across_two_processes(tmp_path: Path, size: int) -> None:
     finally:
         process.kill()
         await process.wait()
+
+
+def test_rtt_samples_are_precise_on_uvloop(tmp_path: Path) -> None:
+    """uvloop's loop.time() counts whole milliseconds; the protocol reads the clock itself, so
+    RTT samples on loopback (a fraction of a millisecond) stay precise on the daemon's loop."""
+    import uvloop
+
+    async def exchange() -> tuple[float, float]:
+        async with (
+            Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
+            Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+        ):
+            a.trust(b.node_id)
+            b.trust(a.node_id)
+            a.add_peer(b.node_id, b.local_endpoint)
+            async with b.listen(1001) as listener, a.connect(b.node_id, port=1001) as conn:
+                for _ in range(50):
+                    await conn.send(b"ping")
+                    await (await listener.receive(timeout=5)).reply(b"pong")
+                    await conn.receive(timeout=5)
+                session = a._mux.get_session(key_from_node_id(b.node_id))  # type: ignore[union-attr]
+                assert session is not None
+                return session._recovery.rtt.min_rtt, session._recovery.rtt.smoothed_rtt
+
+    min_rtt, smoothed = uvloop.run(exchange())
+    assert 0 < min_rtt < 0.001 and 0 < smoothed < 0.01

@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from time import monotonic
 
 from . import events, wire
 from .beacon_client import BeaconClient, BeaconEvent, Relayed
@@ -80,7 +81,10 @@ class Endpoint:
             self._sock = None
 
     def now(self) -> float:
-        return self._loop.time()
+        """The protocol's clock: CLOCK_MONOTONIC, as the event loop's timers use, but read
+        directly. uvloop's ``loop.time()`` counts whole milliseconds, too coarse for RTT
+        samples on a LAN, and asyncio's reads the same clock behind a Python call."""
+        return monotonic()
 
     def wake(self) -> None:
         """State changed outside a callback (an API call): flush soon, once."""
@@ -115,7 +119,7 @@ class Endpoint:
         mux = self.mux
         beacon = self.beacon
         beacon_addresses = beacon.addresses if beacon is not None else frozenset()
-        now = self._loop.time()
+        now = monotonic()
         from_beacon = False
         for data, address in read_batch(sock):
             if address in beacon_addresses and beacon is not None:
@@ -150,7 +154,7 @@ class Endpoint:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        now = self._loop.time()
+        now = monotonic()
         self.mux.handle_timer(now)
         if self.beacon is not None:
             self.beacon.handle_timer(now)
@@ -163,7 +167,7 @@ class Endpoint:
         # Events first: what the node does about them (refusing a stream, say) then leaves in
         # the same packets as the acknowledgements.
         self._deliver_events()
-        now = self._loop.time()
+        now = monotonic()
         beacon = self.beacon
         for data, address in mux.datagrams_to_send(now):
             if isinstance(address, RelayPath):
@@ -200,7 +204,7 @@ class Endpoint:
         # Linux's timer slack), which spares a request/reply loop a new timer per request for
         # a delayed ACK due just before the armed loss timer; a pacing gap stays precise.
         if self._timer_at is not None:
-            slack = (deadline - self._loop.time()) * TIMER_SLACK
+            slack = (deadline - monotonic()) * TIMER_SLACK
             if self._timer_at <= deadline + slack:
                 return
         if self._timer is not None:
