@@ -128,6 +128,11 @@ class SendStream:
         stop = offset + length
         if stop <= self._buffer_start:
             return
+        if offset <= self._buffer_start and not self._acked:
+            # In order, nothing acknowledged ahead of it: the usual case, without the range set.
+            del self._buffer[: stop - self._buffer_start]
+            self._buffer_start = stop
+            return
         self._acked.add(max(offset, self._buffer_start), stop)
         first = next(iter(self._acked))
         if first.start == self._buffer_start:
