@@ -81,6 +81,8 @@ def test_contains_bounds_shift_index_and_reverse() -> None:
     assert [x for x in range(15) if x in rs] == [0, 1, 5, 6, 7, 8, 12]
     assert "1" not in rs
     assert rs.bounds() == range(0, 13)
+    assert rs.stop == 13
+    assert rs.pairs() == [(0, 2), (5, 9), (12, 13)]
     assert rs[0] == range(0, 2)
     assert rs[-1] == range(12, 13)
     assert list(reversed(rs)) == [range(12, 13), range(5, 9), range(0, 2)]
@@ -156,8 +158,10 @@ def test_matches_set_model(operations: list[tuple[str, int, int]]) -> None:
         for x in range(-2, DOMAIN + 14):
             assert (x in rs) == (x in model)
         assert bool(rs) == bool(model)
+        assert rs.pairs() == pieces
         if model:
             assert rs.bounds() == range(min(model), max(model) + 1)
+            assert rs.stop == max(model) + 1
         # Canonical form: rebuilding from the model's points gives an equal set.
         rebuilt = RangeSet()
         for x in sorted(model, reverse=True):

@@ -97,6 +97,16 @@ class RangeSet:
             raise IndexError("bounds() of an empty RangeSet")
         return range(self._starts[0], self._stops[-1])
 
+    @property
+    def stop(self) -> int:
+        """One past the highest member (``bounds().stop`` without a range object). Raises
+        IndexError when empty."""
+        return self._stops[-1]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each range, lowest first (no range objects: an ACK per packet)."""
+        return list(zip(self._starts, self._stops, strict=True))
+
     def shift(self) -> range:
         """Remove and return the lowest range. Raises IndexError when empty."""
         # list.pop(0) is O(n) in ranges; callers use this to trim a handful of old ACK ranges.

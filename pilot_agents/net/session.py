@@ -680,11 +680,12 @@ class Session:
     def _record_received(
         self, packet_number: int, ack_eliciting: bool, immediate: bool, now: float
     ) -> None:
-        in_order = not self._received or packet_number == self._received.bounds().stop
-        self._received.add(packet_number)
+        received = self._received
+        in_order = not received or packet_number == received.stop
+        received.add(packet_number)
         # Bound the ACK state: ranges far below the newest are acknowledged already or lost.
-        while len(self._received) > 4 * wire.MAX_ACK_RANGES:
-            self._received.shift()
+        while len(received) > 4 * wire.MAX_ACK_RANGES:
+            received.shift()
         if not ack_eliciting:
             return
         self._ack_eliciting_unacked += 1
@@ -692,7 +693,7 @@ class Session:
             self._ack_deadline = now
         elif self._ack_deadline is None:
             self._ack_deadline = now + self.config.max_ack_delay
-        if packet_number == self._received.bounds().stop - 1:
+        if packet_number == received.stop - 1:
             self._largest_received_time = now
 
     def _on_stream_frame(self, frame: wire.StreamFrame) -> None:
@@ -889,7 +890,7 @@ class Session:
         self._ack_deadline = None
         self._ack_eliciting_unacked = 0
         return wire.encode_ack(
-            [(r.start, r.stop) for r in self._received], now - self._largest_received_time
+            self._received.pairs(), now - self._largest_received_time
         )
 
     # -- internals: paths ---------------------------------------------------------------------
