@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,9 @@ from pilot_agents.net.config import SessionConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+@contextlib.asynccontextmanager
+async def trusted_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """Two nodes on 127.0.0.1 that trust each other; ``a`` knows where ``b`` is."""
     async with (
         Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
         Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
@@ -38,6 +40,12 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
         b.trust(a.node_id)
         a.add_peer(b.node_id, b.local_endpoint)
         yield a, b
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    async with trusted_pair(tmp_path) as nodes:
+        yield nodes
 
 
 async def test_issue_example_send_and_receive(pair: tuple[Node, Node]) -> None:
@@ -214,20 +222,17 @@ def test_rtt_samples_are_precise_on_uvloop(tmp_path: Path) -> None:
 
     async def exchange() -> tuple[float, float]:
         async with (
-            Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
-            Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+            trusted_pair(tmp_path) as (a, b),
+            b.listen(1001) as listener,
+            a.connect(b.node_id, port=1001) as conn,
         ):
-            a.trust(b.node_id)
-            b.trust(a.node_id)
-            a.add_peer(b.node_id, b.local_endpoint)
-            async with b.listen(1001) as listener, a.connect(b.node_id, port=1001) as conn:
-                for _ in range(50):
-                    await conn.send(b"ping")
-                    await (await listener.receive(timeout=5)).reply(b"pong")
-                    await conn.receive(timeout=5)
-                session = a._mux.get_session(key_from_node_id(b.node_id))  # type: ignore[union-attr]
-                assert session is not None
-                return session._recovery.rtt.min_rtt, session._recovery.rtt.smoothed_rtt
+            for _ in range(50):
+                await conn.send(b"ping")
+                await (await listener.receive(timeout=5)).reply(b"pong")
+                await conn.receive(timeout=5)
+            session = a._mux.get_session(key_from_node_id(b.node_id))  # type: ignore[union-attr]
+            assert session is not None
+            return session._recovery.rtt.min_rtt, session._recovery.rtt.smoothed_rtt
 
     min_rtt, smoothed = uvloop.run(exchange())
     assert 0 < min_rtt < 0.001 and 0 < smoothed < 0.01
