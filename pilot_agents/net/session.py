@@ -889,9 +889,7 @@ class Session:
     def _encode_ack(self, now: float) -> bytes:
         self._ack_deadline = None
         self._ack_eliciting_unacked = 0
-        return wire.encode_ack(
-            self._received.pairs(), now - self._largest_received_time
-        )
+        return wire.encode_ack(self._received.pairs(), now - self._largest_received_time)
 
     # -- internals: paths ---------------------------------------------------------------------
 
