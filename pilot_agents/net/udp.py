@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import socket
-import sys
 import termios
 
 log = logging.getLogger("pilot_agents.udp")
@@ -22,7 +21,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
 READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
-_INT_BUFFER = bytes(4)
+# FIONREAD writes its answer here. A bytes object would be read-only: ioctl then first fails to
+# get a writable buffer, formats that error message, and only then falls back, on every read.
+_FIONREAD_BUFFER = bytearray(4)
 
 Address = tuple[str, int]
 
@@ -69,5 +70,5 @@ def read_batch(sock: socket.socket, limit: int = READ_BATCH) -> list[tuple[bytes
 
 def _pending(sock: socket.socket) -> bool:
     """Whether a datagram waits to be read (FIONREAD: the size of the next one)."""
-    size = fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT_BUFFER)
-    return int.from_bytes(size, sys.byteorder) > 0
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUFFER)
+    return any(_FIONREAD_BUFFER)
