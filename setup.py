@@ -1,8 +1,8 @@
 """Compiles the sans-IO protocol core with mypyc when it can; pyproject.toml has everything else.
 
-The modules compiled are listed in pilot_agents/net/_native.py. The install is pure Python (the
-same code, about half as fast per packet) when PILOT_PURE_PYTHON=1, when mypyc cannot be
-imported, or when the C compiler fails.
+The modules compiled are listed in pilot_agents/net/_native.py, with the C modules. The install
+is pure Python (the same code, about half as fast per packet) when PILOT_PURE_PYTHON=1, when
+mypyc cannot be imported, or when the C compiler fails.
 """
 
 import os
@@ -66,12 +66,17 @@ def ext_modules() -> list[Extension]:
         # depending on the order mypy checks the cycle in).
         # Named inside the package, so the library sits beside the modules (by default it is a
         # top-level module, importable only from the source root).
-        return mypycify(options + [f"pilot_agents/net/{name}.py" for name in NATIVE["COMPILED"]],
+        core = mypycify(options + [f"pilot_agents/net/{name}.py" for name in NATIVE["COMPILED"]],
                         group_name="pilot_agents.net._core")
     except SystemExit:
         print("mypyc failed (above); PILOT_PURE_PYTHON=1 installs without compiling",
               file=sys.stderr)
         raise
+    # Code mypyc compiles reaches C libraries only through Python calls (here ctypes), so the
+    # AEAD call made for every packet has a small C module of its own.
+    c_modules = [Extension(f"pilot_agents.net.{name}", [f"pilot_agents/net/{source}"])
+                 for name, source in NATIVE["C_MODULES"].items()]
+    return [*core, *c_modules]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExtOrPurePython})

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -89,6 +90,46 @@ def test_aead_rejects_bad_key_and_counter() -> None:
             aead.seal(counter, b"")
         with pytest.raises(CryptoError):
             aead.open(counter, bytes(16))
+
+
+AEAD_BACKENDS = [pytest.param((crypto._ctypes_seal, crypto._ctypes_open), id="ctypes"),
+                 pytest.param((crypto._seal, crypto._open), id=crypto.AEAD_BACKEND)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1200, 65535])
+def test_aead_backends_agree(size: int) -> None:
+    """The C module (where built) and the ctypes fallback give the same bytes, either way."""
+    nonce, plaintext, ad = os.urandom(12), os.urandom(size), os.urandom(size % 40)
+    sealed = crypto._ctypes_seal(KEY, nonce, plaintext, ad)
+    assert crypto._seal(KEY, nonce, plaintext, ad) == sealed
+    assert crypto._open(KEY, nonce, sealed, ad) == crypto._ctypes_open(KEY, nonce, sealed, ad)
+    assert crypto._open(KEY, nonce, sealed, ad) == plaintext
+
+
+@pytest.mark.parametrize("backend", AEAD_BACKENDS)
+def test_aead_backends_return_none_for_forgeries(
+        backend: tuple[Callable[..., bytes], Callable[..., bytes | None]]) -> None:
+    seal, open_ = backend
+    nonce = bytes(12)
+    sealed = seal(KEY, nonce, b"attack at dawn", b"ad")
+    assert open_(KEY, nonce, flip(sealed, 3), b"ad") is None
+    assert open_(KEY, nonce, flip(sealed, len(sealed) - 1), b"ad") is None
+    assert open_(KEY, nonce, sealed, b"ae") is None
+    assert open_(KEY, bytes(11) + b"\1", sealed, b"ad") is None
+
+
+def test_aead_c_module_checks_its_arguments() -> None:
+    aead = pytest.importorskip("pilot_agents.net._aead", reason="a pure-Python install")
+    nonce = bytes(12)
+    with pytest.raises(ValueError):
+        aead.seal(KEY[:31], nonce, b"x", b"")  # libsodium would read past the key's end
+    with pytest.raises(ValueError):
+        aead.open(KEY, nonce[:8], bytes(32), b"")
+    with pytest.raises(TypeError):
+        aead.seal(KEY, nonce, bytearray(b"x"), b"")
+    with pytest.raises(TypeError):
+        aead.seal(KEY, nonce, b"x")
+    assert aead.open(KEY, nonce, bytes(15), b"") is None  # shorter than a tag
 
 
 def test_x25519_agreement() -> None:

@@ -89,9 +89,11 @@ def test_compiled_build_is_the_one_imported() -> None:
     if not built:
         pytest.skip("no compiled build here (pure Python); scripts/build-native.sh makes one")
     assert built == list(_native.COMPILED), "a partial build: rerun scripts/build-native.sh"
-    for name in _native.COMPILED:
+    for name in [*_native.COMPILED, *_native.C_MODULES]:
         module = importlib.import_module(f"pilot_agents.net.{name}")
         assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
+    from pilot_agents.net import crypto
+    assert crypto.AEAD_BACKEND == "C"
 
 
 def test_stale_build_is_found(tmp_path: Path) -> None:

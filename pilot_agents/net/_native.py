@@ -24,31 +24,35 @@ COMPILED = (
     "recovery", "replay", "session", "streams", "udp", "wire",
 )
 
+# Hand-written C extension modules (name: source) built with the core; each has a fallback.
+C_MODULES = {"_aead": "_aead.c"}
+
 NET_DIR = Path(__file__).resolve().parent
 REBUILD = "scripts/build-native.sh"
 
 
 def stale(net_dir: Path = NET_DIR) -> list[str]:
-    """Compiled modules whose ``.py`` is newer than the extension module imported instead.
+    """Compiled modules whose source is newer than the extension module imported instead.
 
     Only a source checkout can hold such a build (an installed wheel has no setup.py beside the
     package; there, install order alone decides which file is newer)."""
     if not (net_dir.parent.parent / "setup.py").exists():
         return []
     suffix = EXTENSION_SUFFIXES[0]
+    sources = {name: f"{name}.py" for name in COMPILED} | C_MODULES
     out = []
-    for name in COMPILED:
+    for name, source in sources.items():
         try:
             built = (net_dir / f"{name}{suffix}").stat().st_mtime
         except FileNotFoundError:
             continue
-        if (net_dir / f"{name}.py").stat().st_mtime > built:
+        if (net_dir / source).stat().st_mtime > built:
             out.append(name)
     return out
 
 
 def stale_message(names: list[str]) -> str:
-    return (f"pilot_agents: compiled {', '.join(names)} older than the .py, so old code runs; "
+    return (f"pilot_agents: compiled {', '.join(names)} older than its source, so old code runs; "
             f"rebuild with {REBUILD} (or delete pilot_agents/net/*.so for pure Python)")
 
 

@@ -1,7 +1,8 @@
 """Thin bindings to libsodium: the AEAD, X25519, Ed25519 and the BLAKE2b helpers Noise needs.
 
-:class:`Aead` is on the path of every packet, so it calls libsodium through ctypes bound once at
-import, without pysodium's per-call wrappers and buffer allocations.
+:class:`Aead` is on the path of every packet, so it calls libsodium without pysodium's per-call
+wrappers and buffer allocations: through the small C module ``_aead`` where the core is compiled,
+else through ctypes bound once at import. Both call the libsodium that pysodium loaded.
 """
 
 from __future__ import annotations
@@ -74,6 +75,45 @@ _sk_to_curve25519 = _bind("crypto_sign_ed25519_sk_to_curve25519", (_ptr, _ptr))
 _pack_nonce = struct.Struct("<4xQ").pack
 
 
+# The output of both is written by libsodium directly into a freshly created ``bytes`` object:
+# nothing else can reference it yet, so filling it in place is safe and saves a copy.
+def _ctypes_seal(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    size = len(plaintext)
+    out = bytes(size + TAG_SIZE)
+    _aead_encrypt(out, None, plaintext, size, ad, len(ad), None, nonce, key)
+    return out
+
+
+def _ctypes_open(key: bytes, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes | None:
+    size = len(ciphertext)
+    # For an empty plaintext this is the shared b"" singleton; libsodium writes exactly
+    # len(out) bytes, so it stays untouched.
+    out = bytes(size - TAG_SIZE)
+    if _aead_decrypt(out, None, None, ciphertext, size, ad, len(ad), nonce, key) != 0:
+        return None
+    return out
+
+
+def _address(function: Callable[..., int]) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value or 0  # type: ignore[arg-type]
+
+
+# (key, nonce, text, ad); open returns None if the ciphertext does not authenticate.
+_seal: Callable[[bytes, bytes, bytes, bytes], bytes] = _ctypes_seal
+_open: Callable[[bytes, bytes, bytes, bytes], bytes | None] = _ctypes_open
+try:
+    # Compiled with the core. A ctypes call converts nine arguments and cost 9 % of a 100-byte
+    # round trip, which this module's direct call saves (benchmarks/RESULTS.md).
+    from pilot_agents.net import _aead
+except ImportError:  # a pure-Python install
+    AEAD_BACKEND = "ctypes"
+else:
+    _aead.bind(_address(_aead_encrypt), _address(_aead_decrypt))
+    _seal = _aead.seal
+    _open = _aead.open
+    AEAD_BACKEND = "C"
+
+
 def _check_size(what: str, value: bytes, size: int) -> None:
     # libsodium reads a fixed number of bytes from each key pointer: a short key is an over-read.
     if len(value) != size:
@@ -81,11 +121,7 @@ def _check_size(what: str, value: bytes, size: int) -> None:
 
 
 class Aead:
-    """ChaCha20-Poly1305 (IETF) under one fixed key, nonces built from a 64-bit counter.
-
-    Output is written by libsodium directly into a freshly created ``bytes`` object: nothing else
-    can reference it yet, so filling it in place is safe and saves an allocation and a copy.
-    """
+    """ChaCha20-Poly1305 (IETF) under one fixed key, nonces built from a 64-bit counter."""
 
     __slots__ = ("_key",)
 
@@ -97,32 +133,27 @@ class Aead:
         """Encrypt ``plaintext`` with nonce ``counter``; returns ciphertext followed by the tag."""
         if type(plaintext) is not bytes:
             plaintext = bytes(plaintext)
-        try:
-            nonce = _pack_nonce(counter)
-        except struct.error:
-            raise CryptoError(f"AEAD counter {counter} is outside 0..2**64-1") from None
-        size = len(plaintext)
-        out = bytes(size + TAG_SIZE)
-        _aead_encrypt(out, None, plaintext, size, ad, len(ad), None, nonce, self._key)
-        return out
+        return _seal(self._key, _nonce(counter), plaintext, ad)
 
     def open(self, counter: int, ciphertext: BytesLike, ad: bytes = b"") -> bytes:
         """Authenticate and decrypt; raises :class:`CryptoError` if anything was tampered with."""
         if type(ciphertext) is not bytes:
             ciphertext = bytes(ciphertext)
-        size = len(ciphertext)
-        if size < TAG_SIZE:
-            raise CryptoError(f"AEAD ciphertext of {size} bytes is shorter than its tag")
-        try:
-            nonce = _pack_nonce(counter)
-        except struct.error:
-            raise CryptoError(f"AEAD counter {counter} is outside 0..2**64-1") from None
-        # For an empty plaintext this is the shared b"" singleton; libsodium writes exactly
-        # len(out) bytes, so it stays untouched.
-        out = bytes(size - TAG_SIZE)
-        if _aead_decrypt(out, None, None, ciphertext, size, ad, len(ad), nonce, self._key) != 0:
+        if len(ciphertext) < TAG_SIZE:
+            raise CryptoError(
+                f"AEAD ciphertext of {len(ciphertext)} bytes is shorter than its tag"
+            )
+        out = _open(self._key, _nonce(counter), ciphertext, ad)
+        if out is None:
             raise CryptoError("AEAD authentication failed")
         return out
+
+
+def _nonce(counter: int) -> bytes:
+    try:
+        return _pack_nonce(counter)
+    except struct.error:
+        raise CryptoError(f"AEAD counter {counter} is outside 0..2**64-1") from None
 
 
 def random_bytes(n: int) -> bytes:
