@@ -47,8 +47,10 @@ def _earlier(at: float, other: float | None) -> float:
 
 def _probing_only(frames: list[wire.Frame]) -> bool:
     """A path probe or its answer: PATH_CHALLENGE/PATH_RESPONSE (and padding) only."""
-    for frame in frames:  # a loop, not all(generator): this runs for every packet
-        if not isinstance(frame, wire.PathChallengeFrame | wire.PathResponseFrame):
+    # A loop, not all(generator), and a tuple, not a union (mypyc builds the union object on
+    # every call): this runs for every packet.
+    for frame in frames:
+        if not isinstance(frame, (wire.PathChallengeFrame, wire.PathResponseFrame)):
             return False
     return True
 
