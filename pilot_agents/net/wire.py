@@ -46,6 +46,7 @@ STREAM_FIN: Final = 0x01
 
 _ACK_HEAD = struct.Struct("!BIB")  # type, ack delay (µs), range count
 _ACK_RANGE = struct.Struct("!QI")  # start, length
+_ACK_ONE = struct.Struct("!BIBQI")  # _ACK_HEAD and one _ACK_RANGE
 _STREAM_HEAD = struct.Struct("!BBHHIQH")  # type, flags, src port, dst port, stream, offset, length
 _MAX_DATA = struct.Struct("!BQ")
 _MAX_STREAM_DATA = struct.Struct("!BIQ")
@@ -147,11 +148,15 @@ PING_FRAME: Final[PingFrame] = PingFrame()
 
 def encode_ack(ranges: list[tuple[int, int]], delay: float) -> bytes:
     """ACK for the newest ``MAX_ACK_RANGES`` ranges; older ones were acked before or are lost."""
-    newest = ranges[-MAX_ACK_RANGES:]
     delay_us = min(int(delay * 1_000_000), 0xFFFFFFFF)
-    parts = [_ACK_HEAD.pack(ACK, delay_us, len(newest))]
-    parts.extend(_ACK_RANGE.pack(start, stop - start) for start, stop in newest)
-    return b"".join(parts)
+    if len(ranges) == 1:  # nothing lost recently: one pack, no list (an ACK per packet)
+        start, stop = ranges[0]
+        return _ACK_ONE.pack(ACK, delay_us, 1, start, stop - start)
+    newest = ranges[-MAX_ACK_RANGES:]
+    out = bytearray(_ACK_HEAD.pack(ACK, delay_us, len(newest)))
+    for start, stop in newest:
+        out += _ACK_RANGE.pack(start, stop - start)
+    return bytes(out)
 
 
 def encode_stream_header(
