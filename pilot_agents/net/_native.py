@@ -14,14 +14,16 @@ import warnings
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-# Not noise, handshake (their work is in libsodium; tests monkeypatch noise.x25519 to count DH
-# calls) nor stun and beacon_* (off the per-packet path). crypto is: its AEAD wrapper runs twice
-# per packet around the ctypes call. The endpoint and udp are compiled although they drive
-# asyncio: their read and flush callbacks run for every datagram (~6% fewer instructions per
-# round trip than with them interpreted).
+# Not noise (its work is in libsodium; tests monkeypatch noise.x25519 to count DH calls) nor
+# stun and beacon_* (off the per-packet path). crypto is: its AEAD wrapper runs twice per packet.
+# So are config and handshake, although little of their code runs per packet: the session reads
+# their fields (SessionConfig, Keypair) on every packet, and compiled code reads an interpreted
+# object's attribute through the generic getattr (5 % of a round trip's instructions). The
+# endpoint and udp are compiled although they drive asyncio: their read and flush callbacks run
+# for every datagram (~6% fewer instructions per round trip than with them interpreted).
 COMPILED = (
-    "congestion", "crypto", "endpoint", "events", "mux", "pacing", "paths", "rangeset",
-    "recovery", "replay", "session", "streams", "udp", "wire",
+    "config", "congestion", "crypto", "endpoint", "events", "handshake", "mux", "pacing", "paths",
+    "rangeset", "recovery", "replay", "session", "streams", "udp", "wire",
 )
 
 # Hand-written C extension modules (name: source) built with the core; each has a fallback.
