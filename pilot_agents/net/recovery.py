@@ -413,21 +413,19 @@ class Recovery:
         frontier_moved = top > frontier
         if frontier_moved:
             cursor = frontier + 1
-            pop = sent.pop
-            get = sent.get
             for start, stop in spans:
                 if stop <= cursor:
                     continue
                 if start > cursor:
                     for pn in range(cursor, start):
-                        gap_packet = get(pn)
+                        gap_packet = sent.get(pn)
                         if gap_packet is not None:
                             pending[pn] = gap_packet
                     gaps.append((cursor, start))
                 else:
                     start = cursor
                 for pn in range(start, stop):
-                    packet_or_none = pop(pn, None)
+                    packet_or_none = sent.pop(pn, None)
                     if packet_or_none is not None:
                         acked.append(packet_or_none)
                         if packet_or_none.ack_eliciting:

@@ -54,6 +54,14 @@ _RESET_STREAM = struct.Struct("!BIH")
 _CLOSE_HEAD = struct.Struct("!BHH")
 _PATH = struct.Struct("!B8s")
 
+# Bound once: the frames in nearly every packet. From compiled code, Struct.pack(...) is a
+# method lookup and a call each time; a bound method is only the call.
+_pack_ack_one = _ACK_ONE.pack
+_pack_stream_head = _STREAM_HEAD.pack
+_unpack_ack_head = _ACK_HEAD.unpack_from
+_unpack_ack_range = _ACK_RANGE.unpack_from
+_unpack_stream_head = _STREAM_HEAD.unpack_from
+
 STREAM_FRAME_OVERHEAD: Final[int] = _STREAM_HEAD.size  # 21
 MAX_ACK_RANGES: Final = 32
 MAX_CLOSE_REASON: Final = 512
@@ -151,7 +159,7 @@ def encode_ack(ranges: list[tuple[int, int]], delay: float) -> bytes:
     delay_us = min(int(delay * 1_000_000), 0xFFFFFFFF)
     if len(ranges) == 1:  # nothing lost recently: one pack, no list (an ACK per packet)
         start, stop = ranges[0]
-        return _ACK_ONE.pack(ACK, delay_us, 1, start, stop - start)
+        return _pack_ack_one(ACK, delay_us, 1, start, stop - start)
     newest = ranges[-MAX_ACK_RANGES:]
     out = bytearray(_ACK_HEAD.pack(ACK, delay_us, len(newest)))
     for start, stop in newest:
@@ -162,7 +170,7 @@ def encode_ack(ranges: list[tuple[int, int]], delay: float) -> bytes:
 def encode_stream_header(
     stream_id: int, src_port: int, dst_port: int, offset: int, length: int, fin: bool
 ) -> bytes:
-    return _STREAM_HEAD.pack(
+    return _pack_stream_head(
         STREAM, STREAM_FIN if fin else 0, src_port, dst_port, stream_id, offset, length
     )
 
@@ -207,7 +215,7 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
         while pos < end:
             kind = payload[pos]
             if kind == STREAM:
-                _, flags, src, dst, sid, offset, length = _STREAM_HEAD.unpack_from(payload, pos)
+                _, flags, src, dst, sid, offset, length = _unpack_stream_head(payload, pos)
                 pos += _STREAM_HEAD.size
                 if pos + length > end:
                     raise WireError("STREAM frame runs past the packet")
@@ -218,13 +226,13 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
                 )
                 pos += length
             elif kind == ACK:
-                _, delay_us, count = _ACK_HEAD.unpack_from(payload, pos)
+                _, delay_us, count = _unpack_ack_head(payload, pos)
                 pos += _ACK_HEAD.size
                 if count == 0 or count > MAX_ACK_RANGES:
                     raise WireError(f"ACK frame with {count} ranges")
                 ranges = []
                 for _ in range(count):
-                    start, length = _ACK_RANGE.unpack_from(payload, pos)
+                    start, length = _unpack_ack_range(payload, pos)
                     pos += _ACK_RANGE.size
                     if length == 0:
                         raise WireError("empty ACK range")
