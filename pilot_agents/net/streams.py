@@ -107,7 +107,11 @@ class SendStream:
             fin = self.fin_offset == stop and self.fin_sent
             return start, self._slice(start, stop), fin
         start = self.send_offset
-        stop = min(self.write_offset, start + max_length, self.max_data, start + connection_credit)
+        # Comparisons, not min() of four: compiled, min() is a generic call on boxed ints.
+        stop = self.write_offset
+        for limit in (start + max_length, self.max_data, start + connection_credit):
+            if limit < stop:
+                stop = limit
         if stop <= start and not (self.fin_offset == start and not self.fin_sent):
             return None
         self.send_offset = stop

@@ -63,6 +63,8 @@ _unpack_ack_range = _ACK_RANGE.unpack_from
 _unpack_stream_head = _STREAM_HEAD.unpack_from
 
 STREAM_FRAME_OVERHEAD: Final[int] = _STREAM_HEAD.size  # 21
+_ACK_HEAD_SIZE: Final[int] = _ACK_HEAD.size
+_ACK_RANGE_SIZE: Final[int] = _ACK_RANGE.size
 MAX_ACK_RANGES: Final = 32
 MAX_CLOSE_REASON: Final = 512
 
@@ -213,10 +215,10 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
     end = len(payload)
     try:
         while pos < end:
-            kind = payload[pos]
+            kind: int = payload[pos]
             if kind == STREAM:
                 _, flags, src, dst, sid, offset, length = _unpack_stream_head(payload, pos)
-                pos += _STREAM_HEAD.size
+                pos += STREAM_FRAME_OVERHEAD
                 if pos + length > end:
                     raise WireError("STREAM frame runs past the packet")
                 frames.append(
@@ -227,13 +229,13 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
                 pos += length
             elif kind == ACK:
                 _, delay_us, count = _unpack_ack_head(payload, pos)
-                pos += _ACK_HEAD.size
+                pos += _ACK_HEAD_SIZE
                 if count == 0 or count > MAX_ACK_RANGES:
                     raise WireError(f"ACK frame with {count} ranges")
                 ranges = []
                 for _ in range(count):
                     start, length = _unpack_ack_range(payload, pos)
-                    pos += _ACK_RANGE.size
+                    pos += _ACK_RANGE_SIZE
                     if length == 0:
                         raise WireError("empty ACK range")
                     ranges.append((start, start + length))
