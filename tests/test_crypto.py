@@ -99,37 +99,44 @@ AEAD_BACKENDS = [pytest.param((crypto._ctypes_seal, crypto._ctypes_open), id="ct
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1200, 65535])
 def test_aead_backends_agree(size: int) -> None:
     """The C module (where built) and the ctypes fallback give the same bytes, either way."""
-    nonce, plaintext, ad = os.urandom(12), os.urandom(size), os.urandom(size % 40)
-    sealed = crypto._ctypes_seal(KEY, nonce, plaintext, ad)
-    assert crypto._seal(KEY, nonce, plaintext, ad) == sealed
-    assert crypto._open(KEY, nonce, sealed, ad) == crypto._ctypes_open(KEY, nonce, sealed, ad)
-    assert crypto._open(KEY, nonce, sealed, ad) == plaintext
+    counter, plaintext, ad = size * 7919, os.urandom(size), os.urandom(size % 40)
+    sealed = crypto._ctypes_seal(KEY, counter, plaintext, ad)
+    assert crypto._seal(KEY, counter, plaintext, ad) == sealed
+    assert crypto._seal(KEY, counter, bytearray(plaintext), ad) == sealed
+    for text in (sealed, bytearray(sealed)):
+        assert crypto._open(KEY, counter, text, ad) == plaintext
+        assert crypto._ctypes_open(KEY, counter, text, ad) == plaintext
 
 
 @pytest.mark.parametrize("backend", AEAD_BACKENDS)
-def test_aead_backends_return_none_for_forgeries(
+def test_aead_backends_reject_forgeries_and_bad_counters(
         backend: tuple[Callable[..., bytes], Callable[..., bytes | None]]) -> None:
     seal, open_ = backend
-    nonce = bytes(12)
-    sealed = seal(KEY, nonce, b"attack at dawn", b"ad")
-    assert open_(KEY, nonce, flip(sealed, 3), b"ad") is None
-    assert open_(KEY, nonce, flip(sealed, len(sealed) - 1), b"ad") is None
-    assert open_(KEY, nonce, sealed, b"ae") is None
-    assert open_(KEY, bytes(11) + b"\1", sealed, b"ad") is None
+    sealed = seal(KEY, 0, b"attack at dawn", b"ad")
+    assert open_(KEY, 0, flip(sealed, 3), b"ad") is None
+    assert open_(KEY, 0, flip(sealed, len(sealed) - 1), b"ad") is None
+    assert open_(KEY, 0, sealed, b"ae") is None
+    assert open_(KEY, 1, sealed, b"ad") is None
+    assert open_(KEY, 0, sealed[:15], b"ad") is None  # shorter than a tag
+    for counter in (-1, 2**64):
+        with pytest.raises(OverflowError):
+            seal(KEY, counter, b"", b"")
+        with pytest.raises(OverflowError):
+            open_(KEY, counter, sealed, b"ad")
 
 
 def test_aead_c_module_checks_its_arguments() -> None:
     aead = pytest.importorskip("pilot_agents.net._aead", reason="a pure-Python install")
-    nonce = bytes(12)
     with pytest.raises(ValueError):
-        aead.seal(KEY[:31], nonce, b"x", b"")  # libsodium would read past the key's end
-    with pytest.raises(ValueError):
-        aead.open(KEY, nonce[:8], bytes(32), b"")
+        aead.seal(KEY[:31], 0, b"x", b"")  # libsodium would read past the key's end
     with pytest.raises(TypeError):
-        aead.seal(KEY, nonce, bytearray(b"x"), b"")
+        aead.seal(KEY, 0, memoryview(b"x"), b"")
     with pytest.raises(TypeError):
-        aead.seal(KEY, nonce, b"x")
-    assert aead.open(KEY, nonce, bytes(15), b"") is None  # shorter than a tag
+        aead.open(KEY, 0, bytes(32), bytearray())
+    with pytest.raises(TypeError):
+        aead.seal(KEY, 0.0, b"x", b"")
+    with pytest.raises(TypeError):
+        aead.seal(KEY, 0, b"x")
 
 
 def test_x25519_agreement() -> None:

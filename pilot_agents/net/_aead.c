@@ -2,9 +2,8 @@
  *
  * Every tunnel packet is sealed once and opened once. Through ctypes each call converts nine
  * arguments and takes about 2 us, three times libsodium's own work on a small packet; in a
- * request/reply loop that was 9 % of the round trip. This module does only the call: the key
- * sizes, nonces and error handling stay in crypto.py, which falls back to ctypes where this
- * module was not compiled.
+ * request/reply loop that was 9 % of the round trip. This module does the call and builds the
+ * nonce; crypto.py keeps the errors and falls back to ctypes where this module was not compiled.
  *
  * It links against nothing. crypto.bind() hands over the addresses of the two libsodium
  * functions from the library pysodium loaded, so there is one libsodium in the process and no
@@ -31,7 +30,22 @@ static decrypt_fn aead_decrypt = NULL;
 
 #define DATA(obj) ((unsigned char *)PyBytes_AS_STRING(obj))
 
-/* key, nonce, text, ad: all bytes; libsodium reads a fixed length from key and nonce. */
+/* Noise's ChaChaPoly nonce: 32 zero bits, then the counter as a little-endian 64-bit integer. */
+static int make_nonce(PyObject *counter, unsigned char nonce[NONCE_SIZE]) {
+    if (!PyLong_Check(counter)) {
+        PyErr_SetString(PyExc_TypeError, "the counter must be an int");
+        return -1;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(counter); /* OverflowError if < 0 */
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    memset(nonce, 0, 4);
+    for (int i = 0; i < 8; i++)
+        nonce[4 + i] = (unsigned char)(value >> (8 * i));
+    return 0;
+}
+
+/* The text may be bytes or bytearray (a packet is assembled in a bytearray); key and ad bytes. */
 static int check_args(PyObject *const *args, Py_ssize_t nargs, const char *name) {
     if (aead_encrypt == NULL || aead_decrypt == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_aead: bind() was not called");
@@ -41,25 +55,34 @@ static int check_args(PyObject *const *args, Py_ssize_t nargs, const char *name)
         PyErr_Format(PyExc_TypeError, "%s() takes 4 arguments (%zd given)", name, nargs);
         return -1;
     }
-    for (int i = 0; i < 4; i++) {
-        if (!PyBytes_CheckExact(args[i])) {
-            PyErr_Format(PyExc_TypeError, "%s() argument %d must be bytes", name, i + 1);
-            return -1;
-        }
+    if (!PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[3]) ||
+        !(PyBytes_CheckExact(args[2]) || PyByteArray_CheckExact(args[2]))) {
+        PyErr_Format(PyExc_TypeError, "%s(): key and ad must be bytes, the text bytes or bytearray",
+                     name);
+        return -1;
     }
-    if (PyBytes_GET_SIZE(args[0]) != KEY_SIZE || PyBytes_GET_SIZE(args[1]) != NONCE_SIZE) {
-        PyErr_Format(PyExc_ValueError, "%s(): the key must be %d bytes and the nonce %d", name,
-                     KEY_SIZE, NONCE_SIZE);
+    /* libsodium reads a fixed length from the key pointer. */
+    if (PyBytes_GET_SIZE(args[0]) != KEY_SIZE) {
+        PyErr_Format(PyExc_ValueError, "%s(): the key must be %d bytes", name, KEY_SIZE);
         return -1;
     }
     return 0;
 }
 
-/* seal(key, nonce, plaintext, ad) -> ciphertext followed by the tag */
+static unsigned char *text_data(PyObject *text) {
+    return PyBytes_CheckExact(text) ? DATA(text) : (unsigned char *)PyByteArray_AS_STRING(text);
+}
+
+static Py_ssize_t text_size(PyObject *text) {
+    return PyBytes_CheckExact(text) ? PyBytes_GET_SIZE(text) : PyByteArray_GET_SIZE(text);
+}
+
+/* seal(key, counter, plaintext, ad) -> ciphertext followed by the tag */
 static PyObject *seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_args(args, nargs, "seal") < 0)
+    unsigned char nonce[NONCE_SIZE];
+    if (check_args(args, nargs, "seal") < 0 || make_nonce(args[1], nonce) < 0)
         return NULL;
-    Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
+    Py_ssize_t size = text_size(args[2]);
     if (size > PY_SSIZE_T_MAX - TAG_SIZE) {
         PyErr_SetString(PyExc_OverflowError, "seal(): plaintext too long");
         return NULL;
@@ -67,25 +90,26 @@ static PyObject *seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyBytes_FromStringAndSize(NULL, size + TAG_SIZE);
     if (out == NULL)
         return NULL;
-    aead_encrypt(DATA(out), NULL, DATA(args[2]), (unsigned long long)size, DATA(args[3]),
-                 (unsigned long long)PyBytes_GET_SIZE(args[3]), NULL, DATA(args[1]),
-                 DATA(args[0]));
+    /* No Python code runs between here and the call, so a bytearray cannot be resized under it. */
+    aead_encrypt(DATA(out), NULL, text_data(args[2]), (unsigned long long)size, DATA(args[3]),
+                 (unsigned long long)PyBytes_GET_SIZE(args[3]), NULL, nonce, DATA(args[0]));
     return out;
 }
 
-/* open(key, nonce, ciphertext, ad) -> plaintext, or None if it does not authenticate */
+/* open(key, counter, ciphertext, ad) -> plaintext, or None if it does not authenticate */
 static PyObject *open_(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_args(args, nargs, "open") < 0)
+    unsigned char nonce[NONCE_SIZE];
+    if (check_args(args, nargs, "open") < 0 || make_nonce(args[1], nonce) < 0)
         return NULL;
-    Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
+    Py_ssize_t size = text_size(args[2]);
     if (size < TAG_SIZE)
         Py_RETURN_NONE;
     PyObject *out = PyBytes_FromStringAndSize(NULL, size - TAG_SIZE);
     if (out == NULL)
         return NULL;
-    if (aead_decrypt(DATA(out), NULL, NULL, DATA(args[2]), (unsigned long long)size,
-                     DATA(args[3]), (unsigned long long)PyBytes_GET_SIZE(args[3]),
-                     DATA(args[1]), DATA(args[0])) != 0) {
+    if (aead_decrypt(DATA(out), NULL, NULL, text_data(args[2]), (unsigned long long)size,
+                     DATA(args[3]), (unsigned long long)PyBytes_GET_SIZE(args[3]), nonce,
+                     DATA(args[0])) != 0) {
         Py_DECREF(out);
         Py_RETURN_NONE;
     }
@@ -108,9 +132,9 @@ static PyObject *bind(PyObject *module, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
-     "seal(key, nonce, plaintext, ad) -> ciphertext and tag"},
+     "seal(key, counter, plaintext, ad) -> ciphertext and tag"},
     {"open", (PyCFunction)(void (*)(void))open_, METH_FASTCALL,
-     "open(key, nonce, ciphertext, ad) -> plaintext, or None if it does not authenticate"},
+     "open(key, counter, ciphertext, ad) -> plaintext, or None if it does not authenticate"},
     {"bind", bind, METH_VARARGS, "bind(encrypt_address, decrypt_address)"},
     {NULL, NULL, 0, NULL},
 };
