@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,3 +149,22 @@ def test_replay_window() -> None:
     assert not window.check(69)
     window.accept(1000)
     assert not window.check(70) and window.check(999)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_replay_window_matches_a_model(seed: int) -> None:
+    """Against the definition: new above the highest; within the window, new if never accepted;
+    below it, refused. Numbers arrive in bursts, with duplicates, reordering and long jumps."""
+    rng = random.Random(seed)
+    size = rng.choice([1, 2, 8, 64, 100])
+    window, accepted, highest = ReplayWindow(size), set(), -1
+    number = 0
+    for _ in range(3000):
+        number = max(0, number + rng.choice([1, 1, 1, -1, -3, 2, 5, -size, size, 3 * size]))
+        expected = number > highest or (highest - number < size and number not in accepted)
+        assert window.check(number) == expected, (size, number, highest)
+        if expected and rng.random() < 0.9:  # some fail authentication and are never accepted
+            window.accept(number)
+            accepted.add(number)
+            highest = max(highest, number)
+        assert window.highest == highest
