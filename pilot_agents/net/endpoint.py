@@ -14,6 +14,7 @@ import logging
 import socket
 from collections.abc import Callable
 from time import monotonic
+from typing import Final
 
 from . import events, wire
 from .beacon_client import BeaconClient, BeaconEvent, Relayed
@@ -22,8 +23,7 @@ from .paths import RelayPath
 from .udp import open_socket, read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")
-TIMER_SLACK = 1 / 16
-
+TIMER_SLACK: Final = 1 / 16
 
 
 def is_tunnel_packet(data: bytes) -> bool:

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import socket
 import termios
+from typing import Final
 
 log = logging.getLogger("pilot_agents.udp")
 
@@ -24,6 +25,9 @@ READ_BATCH = 256  # datagrams per readiness callback before yielding to other ta
 # FIONREAD writes its answer here. A bytes object would be read-only: ioctl then first fails to
 # get a writable buffer, formats that error message, and only then falls back, on every read.
 _FIONREAD_BUFFER = bytearray(4)
+# Looked up once: from compiled code a module attribute is a generic getattr on every read.
+_ioctl = fcntl.ioctl
+_FIONREAD: Final[int] = termios.FIONREAD
 
 Address = tuple[str, int]
 
@@ -51,6 +55,7 @@ def open_socket(host: str, port: int, *, dont_fragment: bool = False) -> socket.
 def read_batch(sock: socket.socket, limit: int = READ_BATCH) -> list[tuple[bytes, Address]]:
     """Up to ``limit`` datagrams waiting on ``sock``, with their (host, port) senders."""
     batch: list[tuple[bytes, Address]] = []
+    fd = sock.fileno()
     for _ in range(limit):
         try:
             data, address = sock.recvfrom(MAX_DATAGRAM)
@@ -61,14 +66,14 @@ def read_batch(sock: socket.socket, limit: int = READ_BATCH) -> list[tuple[bytes
             log.debug("recvfrom: %s", exc)
             continue
         batch.append((data, (address[0], address[1])))
-        if len(batch) == 1 and not _pending(sock):
+        if len(batch) == 1 and not _pending(fd):
             # A lone datagram (request/reply traffic): asking is cheaper than a read that fails
             # with an exception; epoll is level-triggered, so nothing that races in is missed.
             break
     return batch
 
 
-def _pending(sock: socket.socket) -> bool:
+def _pending(fd: int) -> bool:
     """Whether a datagram waits to be read (FIONREAD: the size of the next one)."""
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUFFER)
+    _ioctl(fd, _FIONREAD, _FIONREAD_BUFFER)
     return any(_FIONREAD_BUFFER)
