@@ -14,18 +14,18 @@ import os
 import struct
 import sys
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import pysodium
 
 from pilot_agents.errors import CryptoError
 
-KEY_SIZE = 32
-TAG_SIZE = 16
-PUBLIC_KEY_SIZE = 32
-ED25519_SECRET_KEY_SIZE = 64
-ED25519_SEED_SIZE = 32
-SIGNATURE_SIZE = 64
+KEY_SIZE: Final = 32
+TAG_SIZE: Final = 16
+PUBLIC_KEY_SIZE: Final = 32
+ED25519_SECRET_KEY_SIZE: Final = 64
+ED25519_SEED_SIZE: Final = 32
+SIGNATURE_SIZE: Final = 64
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import heapq
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import MessageTooLargeError, WireError
 from .rangeset import RangeSet
 
 _LENGTH = struct.Struct("!Q")
-MESSAGE_HEADER_SIZE = _LENGTH.size
+MESSAGE_HEADER_SIZE: Final[int] = _LENGTH.size
 
 
 @dataclass(slots=True, init=False)

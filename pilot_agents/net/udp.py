@@ -15,13 +15,13 @@ from typing import Final
 
 log = logging.getLogger("pilot_agents.udp")
 
-MAX_DATAGRAM = 65535
+MAX_DATAGRAM: Final = 65535
 # Bytes; a burst (a full congestion window, or the beacon's relayed traffic) queues here rather
 # than being dropped.
 SOCKET_BUFFER = 4 * 1024 * 1024
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore the PMTU cache
-READ_BATCH = 256  # datagrams per readiness callback before yielding to other tasks
+READ_BATCH: Final = 256  # datagrams per readiness callback before yielding to other tasks
 # FIONREAD writes its answer here. A bytes object would be read-only: ioctl then first fails to
 # get a writable buffer, formats that error message, and only then falls back, on every read.
 _FIONREAD_BUFFER = bytearray(4)
