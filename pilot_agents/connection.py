@@ -163,6 +163,8 @@ class StreamHandle:
     ) -> None:
         self.node = node
         self.session = session
+        # Computed once: every message received on the stream names its sender.
+        self.peer_id = node_id_from_key(session.peer)
         self.stream_id = stream_id
         self.local_port = local_port
         self.remote_port = remote_port
@@ -174,10 +176,6 @@ class StreamHandle:
     def undelivered(self) -> bool:
         """Something we sent may not have reached the peer's application."""
         return self.reset or self.session.stream_buffered(self.stream_id) > 0
-
-    @property
-    def peer_id(self) -> str:
-        return node_id_from_key(self.session.peer)
 
     def fail(self, error: PilotError, *, reset: bool = False) -> None:
         """The stream is dead: sends and receives raise ``error`` from now on. ``reset``: the

@@ -611,9 +611,7 @@ class Node:
         handle = self._streams.get(key)
         if handle is None:
             return
-        message = Message(
-            event.data, node_id_from_key(event.peer), event.dst_port, event.src_port, handle
-        )
+        message = Message(event.data, handle.peer_id, event.dst_port, event.src_port, handle)
         if key in self._outgoing:
             handle.inbox.put(message)
             return

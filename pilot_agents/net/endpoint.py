@@ -24,6 +24,7 @@ from .udp import open_socket, read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")
 TIMER_SLACK: Final = 1 / 16
+_NO_ADDRESSES: Final[frozenset[tuple[str, int]]] = frozenset()
 
 
 def is_tunnel_packet(data: bytes) -> bool:
@@ -118,7 +119,7 @@ class Endpoint:
             return
         mux = self.mux
         beacon = self.beacon
-        beacon_addresses = beacon.addresses if beacon is not None else frozenset()
+        beacon_addresses = beacon.addresses if beacon is not None else _NO_ADDRESSES
         now = monotonic()
         from_beacon = False
         for data, address in read_batch(sock):
