@@ -1,6 +1,6 @@
 """Benchmark pilot-agents' tunnel against raw UDP, ZeroMQ and aioquic, side by side in one run.
 
-.venv/bin/python -m benchmarks.bench [--quick] [--only NAME] [--json] [--write]
+.venv/bin/python -m benchmarks.bench [--quick] [--passes N] [--only NAME] [--json] [--write]
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="16 MB bulk, 500 round trips (after 50 warm-up)"
     )
     parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure RTT in N passes, the cases taking turns; the table pools their samples",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=list(CASES),
@@ -42,11 +49,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.passes < 1:
+        print("--passes must be at least 1", file=sys.stderr)
+        return 2
     names = args.only or list(CASES)
     before = CpuSample.now()
     with tempfile.TemporaryDirectory(prefix="pilot-bench-") as workdir:
-        params = replace(Params.quick() if args.quick else Params(), workdir=workdir)
+        params = replace(
+            Params.quick() if args.quick else Params(), workdir=workdir, passes=args.passes
+        )
         rows = [run_case(name, params) for name in names]
+        for _ in range(params.passes - 1):
+            for row in rows:
+                row.add_pass(run_case(row.case, params, kinds=("rtt",)))
     others = others_share(before, CpuSample.now())
     command = report.command(argv)
     run = report.Run(rows, params, args.quick, command, report.now(), describe(), others)

@@ -47,6 +47,9 @@ class Params:
     """Limit, in seconds, of one setup step or one round trip."""
     bulk_wait: float = 60.0
     """Limit, in seconds, of the whole bulk transfer."""
+    passes: int = 1
+    """RTT passes: each case's round trips measured again in a fresh pair, the cases taking
+    turns, so that a machine whose speed drifts (a VM's does) slows every case alike."""
     seed: int = 20261125
     workdir: str = ""
     """Scratch directory of this run (for node homes)."""
@@ -170,6 +173,9 @@ class BulkResult:
 @dataclass(frozen=True)
 class RttResult:
     samples_ns: tuple[int, ...]
+
+    def __add__(self, other: RttResult) -> RttResult:
+        return RttResult(self.samples_ns + other.samples_ns)
 
     @property
     def median_us(self) -> float:

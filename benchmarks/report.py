@@ -66,9 +66,14 @@ def command(argv: Sequence[str]) -> str:
 
 
 def sizes(p: Params) -> str:
+    passes = (
+        f", in {p.passes} passes with the cases taking turns (pooled samples)"
+        if p.passes > 1
+        else ""
+    )
     return (
         f"bulk {p.bulk_bytes / MB:g} MB (MB = 10^6 bytes) client → server; RTT {p.rtt_count} "
-        f"round trips of {p.msg_size} B after {p.rtt_warmup} warm-up"
+        f"round trips of {p.msg_size} B after {p.rtt_warmup} warm-up{passes}"
     )
 
 

@@ -44,6 +44,14 @@ class Row:
     others_cpu: dict[Kind, float] = field(default_factory=dict)
     """Share of the CPU other processes used during each measurement."""
 
+    def add_pass(self, other: Row) -> None:
+        """Fold in another RTT pass of the same case: its samples, its notes and its CPU."""
+        if other.rtt is not None:
+            self.rtt = other.rtt if self.rtt is None else self.rtt + other.rtt
+        self.notes += [note for note in other.notes if note not in self.notes]
+        if "rtt" in other.others_cpu:
+            self.others_cpu["rtt"] = max(self.others_cpu.get("rtt", 0.0), other.others_cpu["rtt"])
+
     def remarks(self) -> list[str]:
         """The notes, led by a warning if other processes took a share of the CPU meanwhile."""
         busiest = max(self.others_cpu.values(), default=0.0)
@@ -65,8 +73,8 @@ class Row:
         }
 
 
-def run_case(name: str, p: Params) -> Row:
-    """Both measurements of one case, each in a fresh server/client pair."""
+def run_case(name: str, p: Params, kinds: tuple[Kind, ...] = KINDS) -> Row:
+    """The case's measurements of these kinds, each in a fresh server/client pair."""
     row = Row(name)
     try:
         case = load_case(name)
@@ -74,7 +82,7 @@ def run_case(name: str, p: Params) -> Row:
         row.notes.append(f"unavailable: {_describe(exc)}")
         return row
     row.notes.append(case.about)
-    for kind in KINDS:
+    for kind in kinds:
         _log(f"{name} {kind} ...")
         before = CpuSample.now()
         try:
