@@ -30,7 +30,7 @@ from benchmarks.runner import CaseFailed, run_pair
 TRACEFS = Path("/sys/kernel/tracing")
 WAITS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "pselect6", "poll", "ppoll")
 TRACEPOINTS = ["sys_enter_sendto", "sys_exit_recvfrom"] + [f"sys_exit_{w}" for w in WAITS]
-DEFAULT_CASES = ("zmq-tcp", "zmq-asyncio", "tunnel", "tunnel-uvloop", "core-blocking")
+DEFAULT_CASES = ("zmq-tcp", "zmq-asyncio", "tunnel", "tunnel-asyncio", "core-blocking")
 LINE = re.compile(r"^\s*.+?-(\d+)\s+\[\d+\]\s+\S+\s+([\d.]+): sys_(\w+)(?:\(| -> )(.*)$")
 
 

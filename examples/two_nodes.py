@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import tempfile
 import time
 
+import pilot_agents
 from pilot_agents import Node
 
 
@@ -52,4 +52,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    pilot_agents.run(main())  # asyncio.run on uvloop

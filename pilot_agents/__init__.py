@@ -18,6 +18,7 @@ from .errors import (
 from .identity import Identity
 from .ipc import DaemonNotRunningError, KeyMismatchError
 from .node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
+from .runtime import run
 from .sdk import Client, connect, listen, receive, send
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "connect",
     "listen",
     "receive",
+    "run",
     "send",
 ]

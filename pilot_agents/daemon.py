@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -59,6 +59,7 @@ from .ipc import (
     encode_data,
 )
 from .node import Node
+from .runtime import run
 from .trust import (
     TrustEntry,
     TrustStore,
@@ -1236,17 +1237,6 @@ class Daemon:
 # -- running it ----------------------------------------------------------------------------
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run the daemon's event loop: uvloop where it is installed (the default on Linux), whose
-    C event loop takes about a tenth off a tunnel round trip; asyncio's own otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def setup_logging(home: Path, *, to_stderr: bool) -> None:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = home / ipc.LOG_NAME
@@ -1289,7 +1279,7 @@ def run_foreground(options: DaemonOptions, ready_fd: int | None = None) -> int:
     log.info("starting (pid %d): hostname %s, beacon %s, listen %s", os.getpid(),
              options.hostname, options.beacon, options.listen)
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(Daemon(options).run(ready))
+        run(Daemon(options).run(ready))
     if failure:
         if ready_fd is None:
             raise failure[0]

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import ipc
-from pilot_agents.daemon import process_alive, run_loop
+from pilot_agents.daemon import process_alive
 from pilot_agents.identity import Identity
+from pilot_agents.runtime import run
 from tests.conftest import (
     ROOT,
     DaemonHandle,
@@ -117,15 +118,13 @@ def test_restart_after_sigkill(fresh_home: Path) -> None:
     assert cli_json(home, "info")["pid"] == second.pid
 
 
-def test_the_daemon_loop_is_uvloop() -> None:
-    # uvloop is a dependency on Linux: the daemon's tunnels run on its C event loop.
-    seen: list[str] = []
+def test_pilot_agents_run_uses_uvloop() -> None:
+    # uvloop is a dependency on Linux: the daemon's tunnels, and applications started with
+    # pilot_agents.run, run on its C event loop.
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__
 
-    async def which() -> None:
-        seen.append(type(asyncio.get_running_loop()).__module__)
-
-    run_loop(which())
-    assert seen and seen[0].startswith("uvloop")
+    assert run(which()).startswith("uvloop")
 
 
 def test_home_path_too_long_is_one_line() -> None:

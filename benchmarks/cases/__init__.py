@@ -14,7 +14,7 @@ CASES: dict[str, str] = {
     "zmq-asyncio": "benchmarks.cases.zmq_asyncio",
     "aioquic": "benchmarks.cases.quic",
     "tunnel": "benchmarks.cases.tunnel",
-    "tunnel-uvloop": "benchmarks.cases.tunnel_uvloop",
+    "tunnel-asyncio": "benchmarks.cases.tunnel_asyncio",
     "core-blocking": "benchmarks.cases.core_blocking",
 }
 

@@ -6,8 +6,11 @@ itself unavailable with that ImportError.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
+import pilot_agents
 from benchmarks.harness import (
     HOST,
     Case,
@@ -25,13 +28,19 @@ from pilot_agents.net import session
 CORE = "compiled core (mypyc)" if not session.__file__.endswith(".py") else "pure-Python core"
 """Which build of the protocol core ran: setup.py compiles it when a C compiler is at hand."""
 
+R = TypeVar("R")
+
 SERVICE_PORT = 1001
 """The virtual port the server listens on."""
 
 
 class Tunnel(Case):
     name = "tunnel"
-    about = f"Node.connect, conn.send/receive, msg.reply; {CORE}"
+    about = f"Node.connect, conn.send/receive, msg.reply; pilot_agents.run (uvloop); {CORE}"
+
+    def run_async(self, main: Coroutine[Any, Any, R]) -> R:
+        """As the README starts an application that embeds a Node."""
+        return pilot_agents.run(main)
 
     async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
         plan = server_plan(kind, p)
