@@ -24,6 +24,8 @@ IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)  # set DF, ignore th
 READ_BATCH: Final = 256  # datagrams per readiness callback before yielding to other tasks
 # FIONREAD writes its answer here. A bytes object would be read-only: ioctl then first fails to
 # get a writable buffer, formats that error message, and only then falls back, on every read.
+# Shared by every socket: nodes on loops in two threads racing on it cost at most a read that
+# finds nothing or a datagram left for the next loop iteration, never a datagram.
 _FIONREAD_BUFFER = bytearray(4)
 # Looked up once: from compiled code a module attribute is a generic getattr on every read.
 _ioctl = fcntl.ioctl
