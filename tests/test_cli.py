@@ -127,6 +127,15 @@ def test_pilot_agents_run_uses_uvloop() -> None:
     assert run(which()).startswith("uvloop")
 
 
+def test_pilot_agents_run_falls_back_to_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
+
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(which()).startswith("asyncio")
+
+
 def test_home_path_too_long_is_one_line() -> None:
     home = Path("/tmp/" + "x" * 120)
     try:
