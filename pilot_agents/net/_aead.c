@@ -5,8 +5,8 @@
  * request/reply loop that was 9 % of the round trip. This module does the call and builds the
  * nonce; crypto.py keeps the errors and falls back to ctypes where this module was not compiled.
  *
- * It links against nothing. crypto.bind() hands over the addresses of the two libsodium
- * functions from the library pysodium loaded, so there is one libsodium in the process and no
+ * It links against nothing. crypto.py calls bind() with the addresses of the two libsodium
+ * functions in the library pysodium loaded, so there is one libsodium in the process and no
  * build-time dependency on its headers.
  */
 #define PY_SSIZE_T_CLEAN
@@ -90,7 +90,8 @@ static PyObject *seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyBytes_FromStringAndSize(NULL, size + TAG_SIZE);
     if (out == NULL)
         return NULL;
-    /* No Python code runs between here and the call, so a bytearray cannot be resized under it. */
+    /* No Python code ran since text_size(): bytes objects are not tracked by the garbage
+     * collector, so allocating `out` cannot run a finalizer that resizes a bytearray text. */
     aead_encrypt(DATA(out), NULL, text_data(args[2]), (unsigned long long)size, DATA(args[3]),
                  (unsigned long long)PyBytes_GET_SIZE(args[3]), NULL, nonce, DATA(args[0]));
     return out;
@@ -104,6 +105,8 @@ static PyObject *open_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t size = text_size(args[2]);
     if (size < TAG_SIZE)
         Py_RETURN_NONE;
+    /* For an empty plaintext this is the shared b"" object: libsodium writes nothing to it. As
+     * in seal(), allocating it runs no Python code. */
     PyObject *out = PyBytes_FromStringAndSize(NULL, size - TAG_SIZE);
     if (out == NULL)
         return NULL;
