@@ -108,3 +108,8 @@ def test_stale_build_is_found(tmp_path: Path) -> None:
     assert _native.stale(net) == ["session"]
     built.touch()
     assert _native.stale(net) == []
+    c_source, c_built = net / "_aead.c", net / f"_aead{SUFFIX}"  # a hand-written C module
+    c_source.touch()
+    c_built.touch()
+    os.utime(c_built, (0, 0))
+    assert _native.stale(net) == ["_aead"]
