@@ -184,7 +184,7 @@ class MessageReader:
     def feed(self, data: bytes) -> list[bytes]:
         if self._remaining < 0 and not self._header and len(data) >= MESSAGE_HEADER_SIZE:
             # One whole message in one frame, the request/reply case: no views, one copy.
-            size = int.from_bytes(data[:MESSAGE_HEADER_SIZE], "big")
+            size: int = _LENGTH.unpack_from(data)[0]
             if size + MESSAGE_HEADER_SIZE == len(data) and size <= self.max_message_size:
                 return [data[MESSAGE_HEADER_SIZE:]]
         messages: list[bytes] = []
