@@ -118,22 +118,19 @@ def test_restart_after_sigkill(fresh_home: Path) -> None:
     assert cli_json(home, "info")["pid"] == second.pid
 
 
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
 def test_pilot_agents_run_uses_uvloop() -> None:
     # uvloop is a dependency on Linux: the daemon's tunnels, and applications started with
     # pilot_agents.run, run on its C event loop.
-    async def which() -> str:
-        return type(asyncio.get_running_loop()).__module__
-
-    assert run(which()).startswith("uvloop")
+    assert run(_loop_module()).startswith("uvloop")
 
 
 def test_pilot_agents_run_falls_back_to_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
-
-    async def which() -> str:
-        return type(asyncio.get_running_loop()).__module__
-
-    assert run(which()).startswith("asyncio")
+    assert run(_loop_module()).startswith("asyncio")
 
 
 def test_home_path_too_long_is_one_line() -> None:

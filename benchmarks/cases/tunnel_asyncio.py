@@ -3,11 +3,11 @@ Node without starting it through ``pilot_agents.run``, which the ``tunnel`` case
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from benchmarks.cases.tunnel import CORE, Tunnel
+from benchmarks.harness import Case
 
 R = TypeVar("R")
 
@@ -17,7 +17,7 @@ class TunnelAsyncio(Tunnel):
     about = f"as tunnel, on asyncio's own event loop (asyncio.run); {CORE}"
 
     def run_async(self, main: Coroutine[Any, Any, R]) -> R:
-        return asyncio.run(main)
+        return Case.run_async(self, main)  # the harness's default: asyncio.run
 
 
 CASE = TunnelAsyncio()
