@@ -66,7 +66,8 @@ def ext_modules() -> list[Extension]:
         # depending on the order mypy checks the cycle in).
         # Named inside the package, so the library sits beside the modules (by default it is a
         # top-level module, importable only from the source root).
-        core = mypycify(options + [f"pilot_agents/net/{name}.py" for name in NATIVE["COMPILED"]],
+        core = mypycify(options + [f"pilot_agents/net/{NATIVE['source_path'](name)}"
+                                   for name in NATIVE["COMPILED"]],
                         group_name="pilot_agents.net._core")
     except SystemExit:
         print("mypyc failed (above); PILOT_PURE_PYTHON=1 installs without compiling",

@@ -1,6 +1,5 @@
 """pilot-agents: encrypted peer-to-peer tunnels and message-bus patterns for AI agents."""
 
-from .connection import Connection, Listener, Message
 from .errors import (
     BeaconError,
     ConfigError,
@@ -17,7 +16,8 @@ from .errors import (
 )
 from .identity import Identity
 from .ipc import DaemonNotRunningError, KeyMismatchError
-from .node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
+from .node.connection import Connection, Listener, Message
+from .node.node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
 from .runtime import run
 from .sdk import Client, connect, listen, receive, send
 

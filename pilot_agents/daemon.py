@@ -58,7 +58,7 @@ from .ipc import (
     decode_data,
     encode_data,
 )
-from .node import Node
+from .node.node import Node
 from .runtime import run
 from .trust import (
     TrustEntry,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, IdentityError
-from .net import crypto
+from .net.tunnel import crypto
 
 KEY_FILE = "identity.key"
 NODE_ID_LENGTH = 52

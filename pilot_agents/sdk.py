@@ -33,10 +33,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
 
-from .connection import DEFAULT_TIMEOUT, Connection, Listener, Message, Payload, encode_payload
 from .errors import ConnectionClosedError
 from .ipc import DaemonNotRunningError, IpcClient, decode_data, encode_data
-from .node import Node
+from .node.connection import DEFAULT_TIMEOUT, Connection, Listener, Message, Payload, encode_payload
+from .node.node import Node
 
 DEFAULT_PORT = 1001
 CONNECT_TIMEOUT = 10.0  # seconds, as Node.connect

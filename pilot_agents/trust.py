@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .identity import Identity, key_from_node_id, node_id_from_key
 from .ipc import KeyMismatchError, TrustRequestError
-from .net import crypto
+from .net.tunnel import crypto
 
 TRUST_FILE = "trust.json"
 REQUEST_DOMAIN = b"pilot-agents trust request v1\x00"

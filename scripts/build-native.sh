@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles the protocol core in place (pilot_agents/net/*.so; which modules: pilot_agents/net/
+# Compiles the protocol core in place (pilot_agents/net/*/*.so; which modules: pilot_agents/net/
 # _native.py), as `pip install -e .` does, without reinstalling. Run it after editing one of
 # those modules: Python imports the .so, not the .py. Only modules whose C changed recompile.
 # Uses $PYTHON, else .venv/bin/python, else python3; that environment needs mypy (~=2.4.0).

@@ -55,7 +55,7 @@ def require_node_api(*names: str) -> None:
     '=' is a constructor keyword (``"beacon="``)."""
     import inspect
 
-    from pilot_agents.node import Node
+    from pilot_agents.node.node import Node
 
     params = inspect.signature(Node.__init__).parameters
     missing = [

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pilot_agents.identity import Identity
-from pilot_agents.net import crypto, events
-from pilot_agents.net.config import SessionConfig
-from pilot_agents.net.mux import Mux
-from pilot_agents.net.paths import RelayPath
-from pilot_agents.net.session import Session
+from pilot_agents.net.tunnel import crypto, events
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.mux import Mux
+from pilot_agents.net.tunnel.paths import RelayPath
+from pilot_agents.net.tunnel.session import Session
 
 Address = tuple[str, int]
 

@@ -19,10 +19,10 @@ from pilot_agents.beacon.server import BeaconConfig, BeaconServer
 from pilot_agents.beacon.store import NameStore
 from pilot_agents.errors import ConfigError, NameTakenError
 from pilot_agents.identity import node_id_from_key
-from pilot_agents.net import beacon_client as bc
-from pilot_agents.net import beacon_wire as bw
-from pilot_agents.net import crypto
-from pilot_agents.net.beacon_wire import Address, NatType, Status
+from pilot_agents.net.traversal import beacon_client as bc
+from pilot_agents.net.traversal import beacon_wire as bw
+from pilot_agents.net.traversal.beacon_wire import Address, NatType, Status
+from pilot_agents.net.tunnel import crypto
 
 BEACON: Address = ("198.51.100.1", 9000)
 ALT: Address = ("198.51.100.1", 9001)

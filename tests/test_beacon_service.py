@@ -28,9 +28,9 @@ import pytest
 from pilot_agents.beacon import service
 from pilot_agents.errors import PilotTimeoutError
 from pilot_agents.identity import Identity, key_from_node_id, node_id_from_key
-from pilot_agents.net import beacon_client as bc
-from pilot_agents.net import stun
-from pilot_agents.net.beacon_wire import Address, Status
+from pilot_agents.net.traversal import beacon_client as bc
+from pilot_agents.net.traversal import stun
+from pilot_agents.net.traversal.beacon_wire import Address, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on (\S+):(\d+) alt-port (\d+|off) key (\w+)")

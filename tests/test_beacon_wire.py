@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from pilot_agents.errors import WireError
 from pilot_agents.identity import node_id_from_key
-from pilot_agents.net import beacon_wire as bw
-from pilot_agents.net import crypto, stun
-from pilot_agents.net.beacon_wire import NatType, Status
+from pilot_agents.net.traversal import beacon_wire as bw
+from pilot_agents.net.traversal import stun
+from pilot_agents.net.traversal.beacon_wire import NatType, Status
+from pilot_agents.net.tunnel import crypto
 
 NODE_SK, NODE_PK = crypto.ed25519_keypair()
 BEACON_SK, BEACON_PK = crypto.ed25519_keypair()

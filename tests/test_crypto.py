@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from pilot_agents.errors import CryptoError
-from pilot_agents.net import crypto
-from pilot_agents.net.crypto import Aead
+from pilot_agents.net.tunnel import crypto
+from pilot_agents.net.tunnel.crypto import Aead
 
 KEY = bytes(range(32))
 
@@ -126,7 +126,7 @@ def test_aead_backends_reject_forgeries_and_bad_counters(
 
 
 def test_aead_c_module_checks_its_arguments() -> None:
-    aead = pytest.importorskip("pilot_agents.net._aead", reason="a pure-Python install")
+    aead = pytest.importorskip("pilot_agents.net.tunnel._aead", reason="a pure-Python install")
     with pytest.raises(ValueError):
         aead.seal(KEY[:31], 0, b"x", b"")  # libsodium would read past the key's end
     with pytest.raises(TypeError):

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilot_agents.errors import WireError
-from pilot_agents.net import wire
-from pilot_agents.net.replay import ReplayWindow
+from pilot_agents.net.tunnel import wire
+from pilot_agents.net.tunnel.replay import ReplayWindow
 from tests.simnet import SimNetwork
 
 

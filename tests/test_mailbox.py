@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pilot_agents.connection import Mailbox
+from pilot_agents.node.connection import Mailbox
 
 
 async def test_items_come_out_in_order_and_a_wait_ends_with_a_put() -> None:

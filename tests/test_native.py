@@ -69,7 +69,7 @@ def test_pure_python_fallback_runs_the_protocol(pure_exchange: dict[str, object]
     assert isinstance(files, dict)
     for name, file in files.items():
         assert file == os.path.join(str(pure_exchange["copy"]), "pilot_agents", "net",
-                                    f"{name}.py"), (name, file)
+                                    _native.source_path(name)), (name, file)
     assert pure_exchange["done"] is True
 
 
@@ -85,31 +85,33 @@ def test_this_build_runs_the_same_protocol_as_pure_python(
 def test_compiled_build_is_the_one_imported() -> None:
     assert Path(pilot_agents.__file__).is_relative_to(ROOT), (
         f"pilot_agents imported from {pilot_agents.__file__}, not from this checkout")
-    built = [n for n in _native.COMPILED if (_native.NET_DIR / f"{n}{SUFFIX}").exists()]
+    built = [n for n in _native.COMPILED
+             if (_native.NET_DIR / f"{n.replace('.', '/')}{SUFFIX}").exists()]
     if not built:
         pytest.skip("no compiled build here (pure Python); scripts/build-native.sh makes one")
     assert built == list(_native.COMPILED), "a partial build: rerun scripts/build-native.sh"
     for name in [*_native.COMPILED, *_native.C_MODULES]:
         module = importlib.import_module(f"pilot_agents.net.{name}")
         assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
-    from pilot_agents.net import crypto
+    from pilot_agents.net.tunnel import crypto
     assert crypto.AEAD_BACKEND == "C"
 
 
 def test_stale_build_is_found(tmp_path: Path) -> None:
     net = tmp_path / "pilot_agents" / "net"
-    net.mkdir(parents=True)
-    source, built = net / "session.py", net / f"session{SUFFIX}"
+    (net / "tunnel").mkdir(parents=True)
+    source, built = net / "tunnel/session.py", net / f"tunnel/session{SUFFIX}"
     source.touch()
     built.touch()
     os.utime(built, (0, 0))
     assert _native.stale(net) == [], "outside a source checkout (no setup.py) nothing is stale"
     (tmp_path / "setup.py").touch()
-    assert _native.stale(net) == ["session"]
+    assert _native.stale(net) == ["tunnel.session"]
     built.touch()
     assert _native.stale(net) == []
-    c_source, c_built = net / "_aead.c", net / f"_aead{SUFFIX}"  # a hand-written C module
+    # a hand-written C module
+    c_source, c_built = net / "tunnel/_aead.c", net / f"tunnel/_aead{SUFFIX}"
     c_source.touch()
     c_built.touch()
     os.utime(c_built, (0, 0))
-    assert _native.stale(net) == ["_aead"]
+    assert _native.stale(net) == ["tunnel._aead"]

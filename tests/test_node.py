@@ -24,7 +24,7 @@ from pilot_agents import (
     PortClosedError,
 )
 from pilot_agents.identity import Identity, key_from_node_id
-from pilot_agents.net.config import SessionConfig
+from pilot_agents.net.tunnel.config import SessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

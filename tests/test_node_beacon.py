@@ -11,8 +11,8 @@ import pytest
 from pilot_agents import Node, NotTrustedError, PeerUnreachableError
 from pilot_agents.beacon import service
 from pilot_agents.errors import NameTakenError, UnknownHostError
-from pilot_agents.net.config import SessionConfig
-from pilot_agents.net.paths import PathConfig
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.paths import PathConfig
 
 
 @pytest.fixture

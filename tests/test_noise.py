@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
 from pilot_agents.errors import HandshakeError, NotTrustedError
-from pilot_agents.net import crypto, noise
-from pilot_agents.net.crypto import Aead
-from pilot_agents.net.noise import (
+from pilot_agents.net.tunnel import crypto, noise
+from pilot_agents.net.tunnel.crypto import Aead
+from pilot_agents.net.tunnel.noise import (
     INITIATION_OVERHEAD,
     PROTOCOL_NAME,
     RESPONSE_OVERHEAD,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pilot_agents.net.rangeset import RangeSet
+from pilot_agents.net.tunnel.rangeset import RangeSet
 
 
 def as_tuples(rs: RangeSet) -> list[tuple[int, int]]:

@@ -15,9 +15,9 @@ from hypothesis.stateful import (
 )
 
 from pilot_agents.errors import ConfigError, WireError
-from pilot_agents.net.congestion import CongestionConfig, NewReno
-from pilot_agents.net.rangeset import RangeSet
-from pilot_agents.net.recovery import (
+from pilot_agents.net.tunnel.congestion import CongestionConfig, NewReno
+from pilot_agents.net.tunnel.rangeset import RangeSet
+from pilot_agents.net.tunnel.recovery import (
     Recovery,
     RecoveryConfig,
     RttEstimator,

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from pilot_agents.net import events
-from pilot_agents.net.codes import CloseCode, ResetCode
-from pilot_agents.net.config import SessionConfig
+from pilot_agents.net.tunnel import events
+from pilot_agents.net.tunnel.codes import CloseCode, ResetCode
+from pilot_agents.net.tunnel.config import SessionConfig
 from tests.simnet import Host, LinkProfile, SimNetwork
 
 
@@ -219,7 +219,7 @@ def test_peer_restart_is_detected() -> None:
     net.start_stream(a, b, 1, b"before")
     assert net.run_until(lambda: len(b.messages) == 1, 5)
     # a restarts: same identity, fresh state.
-    from pilot_agents.net.mux import Mux
+    from pilot_agents.net.tunnel.mux import Mux
 
     a.mux = Mux(
         a.identity.secret_key,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pilot_agents.net.streams import SendStream
+from pilot_agents.net.tunnel.streams import SendStream
 
 
 @settings(max_examples=300, deadline=None)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pilot_agents.net.udp import open_socket, read_batch
+from pilot_agents.net.io.udp import open_socket, read_batch
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pilot_agents.net import wire
+from pilot_agents.net.tunnel import wire
 
 
 @pytest.mark.parametrize("count", [1, 2, wire.MAX_ACK_RANGES, wire.MAX_ACK_RANGES + 5])

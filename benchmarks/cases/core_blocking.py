@@ -28,10 +28,10 @@ from benchmarks.harness import (
     server_plan,
 )
 from pilot_agents.identity import Identity
-from pilot_agents.net import events
-from pilot_agents.net.mux import Mux
-from pilot_agents.net.session import Session
-from pilot_agents.net.udp import open_socket, read_batch
+from pilot_agents.net.io.udp import open_socket, read_batch
+from pilot_agents.net.tunnel import events
+from pilot_agents.net.tunnel.mux import Mux
+from pilot_agents.net.tunnel.session import Session
 
 E = TypeVar("E")
 CLIENT_PORT = 50000

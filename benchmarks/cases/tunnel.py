@@ -23,7 +23,7 @@ from benchmarks.harness import (
     server_plan,
 )
 from pilot_agents import Node
-from pilot_agents.net import session
+from pilot_agents.net.tunnel import session
 
 CORE = "compiled core (mypyc)" if not session.__file__.endswith(".py") else "pure-Python core"
 """Which build of the protocol core ran: setup.py compiles it when a C compiler is at hand."""

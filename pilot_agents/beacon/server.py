@@ -36,9 +36,9 @@ from typing import Any
 
 from ..errors import WireError
 from ..identity import node_id_from_key
-from ..net import beacon_wire as bw
-from ..net import stun
-from ..net.beacon_wire import Address, NatType, Status
+from ..net.traversal import beacon_wire as bw
+from ..net.traversal import stun
+from ..net.traversal.beacon_wire import Address, NatType, Status
 from .store import Registry
 
 log = logging.getLogger("pilot_agents.beacon")

@@ -29,10 +29,10 @@ from typing import Any
 
 from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
 from ..identity import Identity, default_home, node_id_from_key
-from ..net import beacon_wire as bw
-from ..net.beacon_wire import Address
-from ..net.endpoint import parse_host_port
-from ..net.udp import open_socket, read_batch
+from ..net.io.endpoint import parse_host_port
+from ..net.io.udp import open_socket, read_batch
+from ..net.traversal import beacon_wire as bw
+from ..net.traversal.beacon_wire import Address
 from .server import BeaconConfig, BeaconServer
 from .store import NameStore
 

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import WireError
+from ...errors import WireError
 
 Address = tuple[str, int]
 

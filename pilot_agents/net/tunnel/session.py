@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from ..errors import CryptoError, HandshakeError, MessageTooLargeError, WireError
+from ...errors import CryptoError, HandshakeError, MessageTooLargeError, WireError
 from . import events, handshake, noise, wire
 from .codes import CloseCode, ResetCode, close_reason
 from .config import SessionConfig

@@ -25,15 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .connection import (
-    DEFAULT_TIMEOUT,
-    Connection,
-    Listener,
-    Message,
-    StreamHandle,
-    check_port,
-)
-from .errors import (
+from ..errors import (
     BeaconError,
     ConfigError,
     ConnectionClosedError,
@@ -44,16 +36,24 @@ from .errors import (
     PortClosedError,
     UnknownHostError,
 )
-from .identity import Identity, default_home, key_from_node_id, node_id_from_key
-from .net import beacon_client as bc
-from .net import events
-from .net.beacon_wire import looks_like_node_id
-from .net.codes import CloseCode, ResetCode, close_reason, reset_reason
-from .net.config import SessionConfig
-from .net.endpoint import Endpoint, parse_host_port
-from .net.mux import Mux
-from .net.paths import RelayPath
-from .net.session import Session
+from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
+from ..net.io.endpoint import Endpoint, parse_host_port
+from ..net.traversal import beacon_client as bc
+from ..net.traversal.beacon_wire import looks_like_node_id
+from ..net.tunnel import events
+from ..net.tunnel.codes import CloseCode, ResetCode, close_reason, reset_reason
+from ..net.tunnel.config import SessionConfig
+from ..net.tunnel.mux import Mux
+from ..net.tunnel.paths import RelayPath
+from ..net.tunnel.session import Session
+from .connection import (
+    DEFAULT_TIMEOUT,
+    Connection,
+    Listener,
+    Message,
+    StreamHandle,
+    check_port,
+)
 
 log = logging.getLogger("pilot_agents.node")
 

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
-from ..errors import WireError
-from . import crypto
+from ...errors import WireError
+from ..tunnel import crypto
 
 Address = tuple[str, int]
 

@@ -2,7 +2,7 @@
 
 All windows and counters are in bytes of UDP payload (what RFC 9002 calls "bytes in flight":
 the datagram payload, without IP/UDP headers). Loss *detection* lives in
-:mod:`pilot_agents.net.recovery`; this module only reacts to what recovery reports.
+:mod:`pilot_agents.net.tunnel.recovery`; this module only reacts to what recovery reports.
 """
 
 from __future__ import annotations

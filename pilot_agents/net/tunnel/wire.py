@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import WireError
+from ...errors import WireError
 
 # -- packet types ----------------------------------------------------------------------------
 

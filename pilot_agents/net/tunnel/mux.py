@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import HandshakeError, NotTrustedError
+from ...errors import HandshakeError, NotTrustedError
 from . import crypto, events, handshake, wire
 from .codes import CloseCode
 from .config import SessionConfig

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import HandshakeError
+from ...errors import HandshakeError
 from . import noise, wire
 from .crypto import Aead
 

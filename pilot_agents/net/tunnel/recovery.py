@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot_agents.errors import ConfigError, WireError
-from pilot_agents.net.congestion import CongestionConfig, NewReno
+from pilot_agents.net.tunnel.congestion import CongestionConfig, NewReno
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -365,7 +365,7 @@ class Recovery:
         """Process one ACK frame (RFC 9002 A.7).
 
         ``ranges`` are half-open ``(start, stop)`` tuples or ``range`` objects in any order
-        (a :class:`~pilot_agents.net.rangeset.RangeSet` works as is); overlaps are tolerated.
+        (a :class:`~pilot_agents.net.tunnel.rangeset.RangeSet` works as is); overlaps are tolerated.
         ``ack_delay`` is the peer-reported delay in seconds. Stale and duplicate ACKs are
         harmless no-ops.
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pilot_agents.errors import CryptoError, HandshakeError, NotTrustedError
-from pilot_agents.net.crypto import (
+from pilot_agents.net.tunnel.crypto import (
     KEY_SIZE,
     PUBLIC_KEY_SIZE,
     TAG_SIZE,

@@ -1,6 +1,6 @@
 """A node's side of the beacon protocol, sans-IO: registration, resolution, introductions, relay.
 
-Driven like :class:`~pilot_agents.net.mux.Mux`: feed every datagram that came from one of
+Driven like :class:`~pilot_agents.net.tunnel.mux.Mux`: feed every datagram that came from one of
 :attr:`BeaconClient.addresses` to :meth:`receive_datagram`, call :meth:`handle_timer` at
 :meth:`get_timer`, send what :meth:`datagrams_to_send` returns (each with its destination: the
 beacon, or its second STUN port), and act on :meth:`next_event`. ``now`` is any monotonic clock in
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from ..errors import BeaconError, ConfigError, NameTakenError, WireError
+from ...errors import BeaconError, ConfigError, NameTakenError, WireError
 from . import beacon_wire as bw
 from . import stun
 from .beacon_wire import Address, NatType, Status

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Final
 
-from . import events, wire
-from .beacon_client import BeaconClient, BeaconEvent, Relayed
-from .mux import Mux
-from .paths import RelayPath
+from ..traversal.beacon_client import BeaconClient, BeaconEvent, Relayed
+from ..tunnel import events, wire
+from ..tunnel.mux import Mux
+from ..tunnel.paths import RelayPath
 from .udp import open_socket, read_batch
 
 log = logging.getLogger("pilot_agents.endpoint")

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import MessageTooLargeError, WireError
+from ...errors import MessageTooLargeError, WireError
 from .rangeset import RangeSet
 
 _LENGTH = struct.Struct("!Q")

@@ -32,7 +32,7 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 if sys.implementation.name != "cpython":
     # Every output here is written by libsodium straight into a fresh bytes object passed as
     # ctypes.c_char_p; only CPython guarantees that pointer is the object's own storage.
-    raise ImportError("pilot_agents.net.crypto requires CPython")
+    raise ImportError("pilot_agents.net.tunnel.crypto requires CPython")
 
 # A handle of our own (same shared library) so the argtypes set below never change how
 # pysodium's calls through its handle are converted.
@@ -119,7 +119,7 @@ _open: Callable[[bytes, int, bytes | bytearray, bytes], bytes | None] = _ctypes_
 try:
     # Compiled with the core. A ctypes call converts nine arguments and cost 9 % of a 100-byte
     # round trip, which this module's direct call saves (benchmarks/RESULTS.md).
-    from pilot_agents.net import _aead
+    from pilot_agents.net.tunnel import _aead
 except ImportError:  # a pure-Python install
     AEAD_BACKEND = "ctypes"
 else:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
-from .identity import node_id_from_key
-from .net.codes import ResetCode
-from .net.session import Session
+from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from ..identity import node_id_from_key
+from ..net.tunnel.codes import ResetCode
+from ..net.tunnel.session import Session
 
 if TYPE_CHECKING:
     from .node import Node
