@@ -4,7 +4,9 @@ from .errors import (
     BeaconError,
     ConfigError,
     ConnectionClosedError,
+    DaemonNotRunningError,
     IdentityError,
+    KeyMismatchError,
     MessageTooLargeError,
     NameTakenError,
     NotTrustedError,
@@ -15,7 +17,6 @@ from .errors import (
     UnknownHostError,
 )
 from .identity import Identity
-from .ipc import DaemonNotRunningError, KeyMismatchError
 from .node.connection import Connection, Listener, Message
 from .node.node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
 from .runtime import run

@@ -22,27 +22,23 @@ from typing import Any, NoReturn
 
 from . import ipc
 from .errors import (
+    BadRequestError,
+    BeaconError,
     ConfigError,
     ConnectionClosedError,
+    DaemonNotRunningError,
+    DaemonRunningError,
+    KeyMismatchError,
+    NotAvailableError,
     NotTrustedError,
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
     PortClosedError,
-)
-from .ipc import (
-    BadRequestError,
-    BeaconError,
-    DaemonNotRunningError,
-    DaemonRunningError,
-    IpcClient,
-    KeyMismatchError,
-    NotAvailableError,
     TrustRequestError,
     UnknownHostError,
-    decode_data,
-    encode_data,
 )
+from .ipc import IpcClient, decode_data, encode_data
 
 DEFAULT_PORT = 1001
 

@@ -38,26 +38,24 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import ipc
 from .errors import (
+    BadRequestError,
+    BeaconError,
     ConfigError,
     ConnectionClosedError,
+    DaemonRunningError,
+    InternalError,
+    KeyMismatchError,
+    NameTakenError,
     NotTrustedError,
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
     PortClosedError,
-)
-from .identity import key_from_node_id
-from .ipc import (
-    BadRequestError,
-    BeaconError,
-    DaemonRunningError,
-    KeyMismatchError,
-    NameTakenError,
     TrustRequestError,
     UnknownHostError,
-    decode_data,
-    encode_data,
 )
+from .identity import key_from_node_id
+from .ipc import decode_data, encode_data
 from .node.node import Node
 from .runtime import run
 from .trust import (
@@ -79,10 +77,6 @@ STREAM_IDLE_TIMEOUT = 600.0  # seconds an IPC stream may go unused before the da
 MESSAGE_MEMORY = 10_000  # received messages remembered for reply/requeue
 STATIC_PEERS_FILE = "static-peers.json"
 LOG_MAX_BYTES = 5 * 1024 * 1024
-
-
-class InternalError(PilotError):
-    """A bug in the daemon; the details are in daemon.log."""
 
 
 @dataclass
@@ -746,8 +740,6 @@ class Daemon:
                 hint = (f"; if it does not trust you yet, run 'pilotctl trust add {me}' "
                         "on that machine")
             return PeerUnreachableError(f"{label} did not answer: {exc}{hint}")
-        if isinstance(exc, ConfigError) and "no known address" in str(exc):
-            return PeerUnreachableError(str(exc))
         return exc
 
     def _message_json(self, message: Any, inbox: Inbox,

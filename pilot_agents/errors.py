@@ -72,3 +72,55 @@ class UnknownHostError(BeaconError):
 
 class MessageTooLargeError(PilotError):
     """A message exceeds the configured maximum message size."""
+
+
+class KeyMismatchError(PilotError):
+    """A name now resolves to a different key than the one pinned when it was trusted."""
+
+
+class TrustRequestError(PilotError):
+    """A trust request is malformed, forged, stale or meant for another node."""
+
+
+# -- the daemon and its local API ---------------------------------------------------------------
+
+
+class DaemonNotRunningError(PilotError):
+    """No daemon runs for this home, or it does not answer."""
+
+
+class DaemonRunningError(PilotError):
+    """A daemon already runs for this home."""
+
+
+class BadRequestError(PilotError):
+    """An IPC request was not valid JSON or not a valid command."""
+
+
+class NotAvailableError(PilotError):
+    """The feature is not available in this build or configuration."""
+
+
+class InternalError(PilotError):
+    """A bug in the daemon; the details are in daemon.log."""
+
+
+def _subclasses(cls: type[PilotError]) -> list[type[PilotError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
+
+
+# An IPC error reply names its exception's class; the client raises the same class from it.
+BY_NAME: dict[str, type[PilotError]] = {cls.__name__: cls for cls in _subclasses(PilotError)}
+
+
+def from_name(name: str, message: str) -> PilotError:
+    """The error an IPC reply names, or a plain :class:`PilotError` for a name this version does
+    not know (a newer daemon)."""
+    cls = BY_NAME.get(name, PilotError)
+    try:
+        return cls(message)
+    except TypeError:  # a constructor with required arguments beyond the message
+        return PilotError(message)

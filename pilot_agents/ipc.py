@@ -23,8 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import errors as _errors
-from .errors import ConfigError, PilotError
+from .errors import (
+    BadRequestError,
+    ConfigError,
+    DaemonNotRunningError,
+    PilotError,
+    from_name,
+)
 from .identity import default_home
 
 SOCKET_NAME = "daemon.sock"
@@ -40,47 +45,6 @@ PROTOCOL_VERSION = 1
 # -- errors ------------------------------------------------------------------------------------
 
 
-def _error_class(name: str, doc: str, base: type[PilotError] = PilotError) -> type[PilotError]:
-    """``errors.<name>`` if the Node layer defines it, else a local stand-in."""
-    existing = getattr(_errors, name, None)
-    if isinstance(existing, type) and issubclass(existing, PilotError):
-        return existing
-    return type(name, (base,), {"__doc__": doc, "__module__": __name__})
-
-
-BeaconError = _error_class("BeaconError", "The beacon refused or failed a request.")
-NameTakenError = _error_class(
-    "NameTakenError", "The hostname is registered to another key.", BeaconError
-)
-UnknownHostError = _error_class("UnknownHostError", "No node is registered under that name.")
-
-
-class DaemonNotRunningError(PilotError):
-    """No daemon runs for this home, or it does not answer."""
-
-
-class DaemonRunningError(PilotError):
-    """A daemon already runs for this home."""
-
-
-class BadRequestError(PilotError):
-    """An IPC request was not valid JSON or not a valid command."""
-
-
-class NotAvailableError(PilotError):
-    """The feature is not available in this build or configuration."""
-
-
-KeyMismatchError = _error_class(
-    "KeyMismatchError",
-    "A name now resolves to a different key than the one pinned when it was trusted.",
-)
-
-
-class TrustRequestError(PilotError):
-    """A trust request is malformed, forged, stale or meant for another node."""
-
-
 def error_reply(exc: BaseException, request_id: Any = None) -> dict[str, Any]:
     reply: dict[str, Any] = {
         "ok": False, "error": {"type": type(exc).__name__, "message": str(exc) or repr(exc)},
@@ -92,16 +56,8 @@ def error_reply(exc: BaseException, request_id: Any = None) -> dict[str, Any]:
 
 def error_from_reply(error: dict[str, Any]) -> PilotError:
     """The exception an error reply stands for (a PilotError subclass found by name)."""
-    name = str(error.get("type", "PilotError"))
-    message = str(error.get("message", "the daemon reported an error"))
-    for module in (_errors, globals()):
-        cls = module.get(name) if isinstance(module, dict) else getattr(module, name, None)
-        if isinstance(cls, type) and issubclass(cls, PilotError):
-            try:
-                return cls(message)
-            except TypeError:
-                break
-    return PilotError(message)
+    return from_name(str(error.get("type", "PilotError")),
+                     str(error.get("message", "the daemon reported an error")))
 
 
 # -- paths and the daemon's lock -------------------------------------------------------------

@@ -33,8 +33,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
 
-from .errors import ConnectionClosedError
-from .ipc import DaemonNotRunningError, IpcClient, decode_data, encode_data
+from .errors import (
+    ConnectionClosedError,
+    DaemonNotRunningError,
+)
+from .ipc import IpcClient, decode_data, encode_data
 from .node.connection import DEFAULT_TIMEOUT, Connection, Listener, Message, Payload, encode_payload
 from .node.node import Node
 

@@ -38,9 +38,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import (
+    ConfigError,
+    KeyMismatchError,
+    TrustRequestError,
+)
 from .identity import Identity, key_from_node_id, node_id_from_key
-from .ipc import KeyMismatchError, TrustRequestError
 from .net.tunnel import crypto
 
 TRUST_FILE = "trust.json"

@@ -17,8 +17,8 @@ from pilot_agents import (
     PilotTimeoutError,
     PortClosedError,
 )
+from pilot_agents.errors import DaemonNotRunningError, UnknownHostError
 from pilot_agents.identity import Identity
-from pilot_agents.ipc import DaemonNotRunningError, UnknownHostError
 from tests.conftest import DaemonHandle, ipc_call, short_home, start_daemons, stop_daemons
 
 Pair = tuple[DaemonHandle, DaemonHandle]
