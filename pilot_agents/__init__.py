@@ -17,10 +17,10 @@ from .errors import (
     UnknownHostError,
 )
 from .identity import Identity
-from .node.connection import Connection, Listener, Message
 from .node.node import Node, NodeInfo, PeerInfo, PeerStatus, PingResult
 from .runtime import run
 from .sdk import Client, connect, listen, receive, send
+from .transport import Connection, Listener, Message, Transport
 
 __all__ = [
     "BeaconError",
@@ -46,6 +46,7 @@ __all__ = [
     "PilotTimeoutError",
     "PingResult",
     "PortClosedError",
+    "Transport",
     "UnknownHostError",
     "connect",
     "listen",

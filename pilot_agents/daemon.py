@@ -794,7 +794,7 @@ class Daemon:
     def _close_port(self, state: PortState) -> None:
         if state.task is not None:
             state.task.cancel()
-        state.listener.close()
+        state.listener.close_now()
         self._ports.pop(state.port, None)
         if len(state.inbox):
             log.info("port %d closed with %d unread messages", state.port, len(state.inbox))
@@ -843,7 +843,7 @@ class Daemon:
             stream.task.cancel()
         if abort:
             with contextlib.suppress(Exception):
-                stream.conn.abort()
+                stream.conn.abort_now()
 
     @contextlib.contextmanager
     def _using(self, stream: StreamState) -> Any:
@@ -1144,7 +1144,7 @@ class Daemon:
         try:
             await stream.conn.close()
         except PilotError as exc:
-            stream.conn.abort()
+            await stream.conn.abort()
             raise self._explain(exc, stream.peer, stream.hostname or stream.peer,
                                 stream.port) from None
         return {}

@@ -1,5 +1,5 @@
-"""The asyncio SDK: send and receive through the daemon of a home, or through an embedded Node,
-with the same calls.
+"""The daemon-backed :class:`~pilot_agents.transport.Transport`, and module-level calls that
+use the daemon of a home unless given another transport.
 
     import pilot_agents as pilot
 
@@ -12,16 +12,12 @@ with the same calls.
         async for msg in listener:
             await msg.reply("thanks")
 
-Which daemon: ``home=`` (default ``PILOT_HOME``, else ``~/.pilot-agents``). To run the same code on
-an embedded Node instead of a daemon, pass ``node=``: ``pilot.connect("peer", 1001, node=node)``
-returns the Node's own :class:`~pilot_agents.node.Connection` (likewise ``send``, ``receive``,
-``listen``). ``node=`` also takes a :class:`Client`, to share one daemon connection between calls.
-
-The objects returned through the daemon mirror the Node's: :class:`DaemonConnection` has ``send``,
-``receive``, ``drain``, ``close``, ``path``, ``rtt``, ``peer_id``; :class:`DaemonListener` has
-``receive``, ``async for`` and ``port``; :class:`DaemonMessage` has ``data``, ``sender``, ``port``,
-``source_port``, ``text()``, ``json()`` and ``await reply()``. Differences: ``abort()`` and
-``Listener.close()`` are coroutines here (they talk to the daemon).
+Which daemon: ``home=`` (default ``PILOT_HOME``, else ``~/.pilot-agents``). ``node=`` takes any
+transport instead: an embedded :class:`~pilot_agents.node.Node` (``pilot.connect("peer", 1001,
+node=node)``), or a :class:`Client` to share one daemon connection between calls. Both implement
+the same interface (:mod:`pilot_agents.transport`): :class:`DaemonConnection`,
+:class:`DaemonListener` and :class:`DaemonMessage` behave as the Node's connection, listener and
+message do; :class:`DaemonMessage` and :class:`DaemonConnection` add the sender's ``hostname``.
 """
 
 from __future__ import annotations
@@ -31,20 +27,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ConnectionClosedError,
-    DaemonNotRunningError,
-)
+from .errors import ConnectionClosedError, DaemonNotRunningError
 from .ipc import IpcClient, decode_data, encode_data
-from .node.connection import DEFAULT_TIMEOUT, Connection, Listener, Message, Payload, encode_payload
-from .node.node import Node
+from .node.connection import Payload, encode_payload
+from .transport import (
+    CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    Connection,
+    Listener,
+    Message,
+    Transport,
+)
 
-DEFAULT_PORT = 1001
-CONNECT_TIMEOUT = 10.0  # seconds, as Node.connect
-
-Via = Union[Node, "Client", None]
+if TYPE_CHECKING:
+    from .node.node import Node
 
 
 def _wire(data: bytes | str | Any) -> dict[str, str]:
@@ -105,7 +104,7 @@ class Client:
     async def close(self) -> None:
         await self._ipc.close()
 
-    async def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+    async def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised."""
         return await self._ipc.request(cmd, **fields)
 
@@ -117,10 +116,10 @@ class Client:
 
     async def send(self, target: str, port: int, data: bytes | str | Any,
                    timeout: float = CONNECT_TIMEOUT) -> None:
-        await self.request("send", target=target, port=port, timeout=timeout, **_wire(data))
+        await self.call("send", target=target, port=port, timeout=timeout, **_wire(data))
 
     async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
-        reply = await self.request("receive", port=port, timeout=timeout)
+        reply = await self.call("receive", port=port, timeout=timeout)
         return self._port_message(reply["message"])
 
     def listen(self, port: int) -> DaemonListener:
@@ -130,44 +129,44 @@ class Client:
         message_id = fields["id"]
 
         async def reply(wire: dict[str, str]) -> None:
-            await self.request("reply", message=message_id, **wire)
+            await self.call("reply", message=message_id, **wire)
 
         return _message(fields, reply)
 
     # -- administration ----------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        return _strip(await self.request("info"))
+        return _strip(await self.call("info"))
 
     async def peers(self) -> list[dict[str, Any]]:
-        return list((await self.request("peers"))["peers"])
+        return list((await self.call("peers"))["peers"])
 
     async def resolve(self, name: str) -> dict[str, Any]:
-        return _strip(await self.request("resolve", name=name))
+        return _strip(await self.call("resolve", name=name))
 
     async def ping(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
-        return _strip(await self.request("ping", target=target, timeout=timeout))
+        return _strip(await self.call("ping", target=target, timeout=timeout))
 
     async def add_peer(self, node_id: str, address: str, hostname: str | None = None) -> None:
-        await self.request("add_peer", node_id=node_id, address=address, hostname=hostname)
+        await self.call("add_peer", node_id=node_id, address=address, hostname=hostname)
 
     async def trust_add(self, target: str, reason: str = "") -> dict[str, Any]:
-        return _strip(await self.request("trust_add", target=target, reason=reason))
+        return _strip(await self.call("trust_add", target=target, reason=reason))
 
     async def trust_approve(self, target: str) -> dict[str, Any]:
-        return _strip(await self.request("trust_approve", target=target))
+        return _strip(await self.call("trust_approve", target=target))
 
     async def trust_reject(self, target: str) -> dict[str, Any]:
-        return _strip(await self.request("trust_reject", target=target))
+        return _strip(await self.call("trust_reject", target=target))
 
     async def trust_remove(self, target: str) -> dict[str, Any]:
-        return _strip(await self.request("trust_remove", target=target))
+        return _strip(await self.call("trust_remove", target=target))
 
     async def trust_list(self) -> list[dict[str, Any]]:
-        return list((await self.request("trust_list"))["entries"])
+        return list((await self.call("trust_list"))["entries"])
 
     async def trust_pending(self) -> list[dict[str, Any]]:
-        return list((await self.request("trust_pending"))["pending"])
+        return list((await self.call("trust_pending"))["pending"])
 
 
 def _strip(reply: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +204,7 @@ class DaemonConnection:
 
     async def __aenter__(self) -> DaemonConnection:
         try:
-            reply = await self._client.request("connect", target=self._target, port=self._port,
+            reply = await self._client.call("connect", target=self._target, port=self._port,
                                                timeout=self._timeout)
         except BaseException:
             await self._release()
@@ -230,20 +229,20 @@ class DaemonConnection:
         return self._stream
 
     async def send(self, data: bytes | str | Any) -> None:
-        await self._client.request("stream_send", stream=self._id(), **_wire(data))
+        await self._client.call("stream_send", stream=self._id(), **_wire(data))
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
         stream = self._id()
-        reply = await self._client.request("stream_receive", stream=stream, timeout=timeout)
+        reply = await self._client.call("stream_receive", stream=stream, timeout=timeout)
 
         async def answer(wire: dict[str, str]) -> None:
-            await self._client.request("stream_send", stream=stream, **wire)
+            await self._client.call("stream_send", stream=stream, **wire)
 
         return _message(reply["message"], answer)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
-        reply = await self._client.request("stream_drain", stream=self._id(),
+        reply = await self._client.call("stream_drain", stream=self._id(),
                                            timeout=timeout or self._timeout)
         self._info.update(path=reply.get("path", self.path), rtt=reply.get("rtt", self.rtt))
 
@@ -252,14 +251,14 @@ class DaemonConnection:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
-        await self._client.request("stream_close", stream=stream)
+        await self._client.call("stream_close", stream=stream)
 
     async def abort(self) -> None:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
         with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
-            await self._client.request("stream_abort", stream=stream)
+            await self._client.call("stream_abort", stream=stream)
 
     async def _release(self) -> None:
         if self._owns_client:
@@ -278,7 +277,7 @@ class DaemonListener:
 
     async def __aenter__(self) -> DaemonListener:
         try:
-            await self._client.request("listen", port=self.port)
+            await self._client.call("listen", port=self.port)
         except BaseException:
             if self._owns_client:
                 await self._client.close()
@@ -294,7 +293,7 @@ class DaemonListener:
             if self._open:
                 self._open = False
                 with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
-                    await self._client.request("unlisten", port=self.port)
+                    await self._client.call("unlisten", port=self.port)
         finally:
             if self._owns_client:
                 await self._client.close()
@@ -316,23 +315,18 @@ class DaemonListener:
 
 
 def connect(target: str, port: int = DEFAULT_PORT, *, timeout: float = CONNECT_TIMEOUT,
-            home: str | Path | None = None, node: Via = None) -> DaemonConnection | Connection:
+            home: str | Path | None = None, node: Transport | None = None) -> Connection:
     """A connection to ``port`` on ``target`` (a hostname or node id); use with ``async with``."""
-    if isinstance(node, Node):
-        return node.connect(target, port, timeout)
-    if isinstance(node, Client):
+    if node is not None:
         return node.connect(target, port, timeout)
     return DaemonConnection(Client(home), target, port, timeout, owns_client=True)
 
 
 async def send(target: str, port: int, data: bytes | str | Any, *,
                timeout: float = CONNECT_TIMEOUT, home: str | Path | None = None,
-               node: Via = None) -> None:
+               node: Transport | None = None) -> None:
     """Deliver one message and wait until the peer has it."""
-    if isinstance(node, Node):
-        await node.send(target, port, data, timeout)
-        return
-    if isinstance(node, Client):
+    if node is not None:
         await node.send(target, port, data, timeout)
         return
     async with Client(home) as client:
@@ -340,14 +334,11 @@ async def send(target: str, port: int, data: bytes | str | Any, *,
 
 
 async def receive(port: int, timeout: float | None = DEFAULT_TIMEOUT, *,
-                  home: str | Path | None = None,
-                  node: Via = None) -> DaemonMessage | Message:
+                  home: str | Path | None = None, node: Transport | None = None) -> Message:
     """One message on ``port``. Through a daemon that already listens on ``port`` (its inbox
     ports, 1001 by default) it is the next buffered one; otherwise the port is listened on just
     for this call."""
-    if isinstance(node, Node):
-        return await node.receive(port, timeout)
-    if isinstance(node, Client):
+    if node is not None:
         return await node.receive(port, timeout)
     async with Client(home) as client:
         message = await client.receive(port, timeout)
@@ -355,20 +346,24 @@ async def receive(port: int, timeout: float | None = DEFAULT_TIMEOUT, *,
 
     async def reply(wire: dict[str, str]) -> None:  # its client is closed: use a new one
         async with Client(home) as replier:
-            await replier.request("reply", message=message_id, **wire)
+            await replier.call("reply", message=message_id, **wire)
 
     message._reply = reply
     return message
 
 
 def listen(port: int, *, home: str | Path | None = None,
-           node: Via = None) -> DaemonListener | Listener:
+           node: Transport | None = None) -> Listener:
     """Messages on ``port``; use with ``async with`` and ``async for``."""
-    if isinstance(node, Node):
-        return node.listen(port)
-    if isinstance(node, Client):
+    if node is not None:
         return node.listen(port)
     return DaemonListener(Client(home), port, owns_client=True)
+
+
+if TYPE_CHECKING:
+    def _both_are_transports(node: Node, client: Client) -> list[Transport]:
+        """Never called: mypy checks here that both implement the interface."""
+        return [node, client]
 
 
 __all__ = [

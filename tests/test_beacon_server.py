@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pilot_agents.addressing import parse_beacon_spec
 from pilot_agents.beacon.server import BeaconConfig, BeaconServer
 from pilot_agents.beacon.store import NameStore
 from pilot_agents.errors import ConfigError, NameTakenError
@@ -822,12 +823,12 @@ def test_stop_ends_refreshes_and_fails_requests(net: Net) -> None:
 def test_beacon_spec_parsing() -> None:
     key = crypto.ed25519_keypair()[1]
     node_id = node_id_from_key(key)
-    assert bc.parse_beacon_spec(f"{node_id}@198.51.100.1:9000") == (key, ("198.51.100.1", 9000))
-    assert bc.parse_beacon_spec(f"{node_id.upper()}@[2001:db8::1]:9000") == (
+    assert parse_beacon_spec(f"{node_id}@198.51.100.1:9000") == (key, ("198.51.100.1", 9000))
+    assert parse_beacon_spec(f"{node_id.upper()}@[2001:db8::1]:9000") == (
         key,
         ("2001:db8::1", 9000),
     )
-    assert bc.parse_beacon_spec("beacon.example:9000") == (None, ("beacon.example", 9000))
+    assert parse_beacon_spec("beacon.example:9000") == (None, ("beacon.example", 9000))
     for bad in ("nokey@1.2.3.4:9000", "1.2.3.4", "1.2.3.4:0", f"{node_id}@:9000", ":9000"):
         with pytest.raises(ConfigError):
-            bc.parse_beacon_spec(bad)
+            parse_beacon_spec(bad)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..addressing import parse_host_port
 from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
 from ..identity import Identity, default_home, node_id_from_key
-from ..net.io.endpoint import parse_host_port
 from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
@@ -178,7 +178,7 @@ async def start(
     """A running beacon (sockets bound, key and name store opened); close() it when done."""
     try:
         host, port = parse_host_port(listen)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     # A listen port of 0 (tests) takes any free second port too.
     wanted = _alt_port_for(alt_port, port)
@@ -302,10 +302,7 @@ async def query_status(beacon_addr: Address | str, timeout: float = 3.0) -> dict
 
     Tries three times within ``timeout`` seconds; PilotTimeoutError if no answer came."""
     if isinstance(beacon_addr, str):
-        try:
-            beacon_addr = parse_host_port(beacon_addr)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        beacon_addr = parse_host_port(beacon_addr)
     loop = asyncio.get_running_loop()
     request_id = secrets.randbits(32)
     protocol = _StatusProtocol(request_id)

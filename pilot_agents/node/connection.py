@@ -1,7 +1,8 @@
 """What applications hold: connections (streams to a peer's port), listeners, and messages.
 
 Each is a thin handle on a stream inside a session; the :class:`~pilot_agents.node.Node` routes
-the session's events to them.
+the session's events to them. They reach the running node only through its
+:class:`~pilot_agents.node.driver.Driver` and the callbacks it hands them.
 """
 
 from __future__ import annotations
@@ -9,22 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
 from ..identity import node_id_from_key
 from ..net.tunnel.codes import ResetCode
 from ..net.tunnel.session import Session
-
-if TYPE_CHECKING:
-    from .node import Node
+from ..transport import DEFAULT_TIMEOUT
+from .driver import Driver
 
 SEND_HIGH_WATER = 8 * 1024 * 1024  # bytes unacknowledged on a stream before send() waits
 T = TypeVar("T")
-DEFAULT_TIMEOUT = 30.0  # seconds, for every wait without an explicit timeout
 
 
 def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
@@ -159,9 +158,9 @@ class StreamHandle:
     """Our side of one stream: its inbox and the way back into the session."""
 
     def __init__(
-        self, node: Node, session: Session, stream_id: int, local_port: int, remote_port: int
+        self, driver: Driver, session: Session, stream_id: int, local_port: int, remote_port: int
     ) -> None:
-        self.node = node
+        self.driver = driver
         self.session = session
         # Computed once: every message received on the stream names its sender.
         self.peer_id = node_id_from_key(session.peer)
@@ -184,7 +183,7 @@ class StreamHandle:
         if self.error is None:
             self.error = error
             self.inbox.put(error)
-        self.node._progress_made()
+        self.driver.progress_made()
 
     def end(self) -> None:
         """The peer finished sending: receives raise once the inbox is empty; sends go on."""
@@ -199,9 +198,9 @@ class StreamHandle:
         # On an idle stream the message leaves now (request/reply latency); behind unacked
         # data it waits for the flush at the end of this loop iteration, coalescing with
         # whatever else is written meanwhile.
-        self.node._flush(now=idle)
+        self.driver.flush(now=idle)
         if self.session.stream_buffered(self.stream_id) >= SEND_HIGH_WATER:
-            await self.node._wait_until(
+            await self.driver.wait_until(
                 lambda: (
                     self.error is not None
                     or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
@@ -220,18 +219,25 @@ class StreamHandle:
             self.inbox.put(item)  # every later receive fails the same way
             raise item
         if self.session.message_consumed(self.stream_id, len(item.data)):
-            self.node._endpoint_wake()
+            self.driver.wake()
         return item
 
 
 class Connection:
     """A stream to a port on a peer; messages are ordered and delivered exactly once."""
 
-    def __init__(self, node: Node, peer: str, port: int, timeout: float) -> None:
-        """``peer``: a node id, or a hostname the node's beacon resolves."""
-        self._node = node
-        self._peer = peer
-        self._port = port
+    def __init__(
+        self,
+        driver: Driver,
+        open_stream: Callable[[], Awaitable[StreamHandle]],
+        forget: Callable[[StreamHandle], None],
+        timeout: float,
+    ) -> None:
+        """``open_stream`` opens the stream (and the tunnel if needed) when the connection is
+        entered; ``forget`` tells the node the stream is no longer ours."""
+        self._driver = driver
+        self._open_stream = open_stream
+        self._forget = forget
         self._timeout = timeout
         self._handle: StreamHandle | None = None
 
@@ -255,7 +261,7 @@ class Connection:
         return self._stream().session.smoothed_rtt
 
     async def __aenter__(self) -> Connection:
-        self._handle = await self._node._open_stream(self._peer, self._port, self._timeout)
+        self._handle = await self._open_stream()
         return self
 
     async def __aexit__(
@@ -267,7 +273,7 @@ class Connection:
         if exc_type is None:
             await self.close()
         else:
-            self.abort()
+            await self.abort()
 
     def _stream(self) -> StreamHandle:
         if self._handle is None:
@@ -283,7 +289,7 @@ class Connection:
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
         handle = self._stream()
-        await self._node._wait_until(
+        await self._driver.wait_until(
             lambda: handle.error is not None or not handle.undelivered,
             timeout or self._timeout,
         )
@@ -296,27 +302,34 @@ class Connection:
         if handle is None:
             return
         handle.session.finish_stream(handle.stream_id)
-        self._node._endpoint_wake()
+        self._driver.wake()
         try:
             await self.drain()
         finally:
-            self._node._forget(handle)
+            self._forget(handle)
             self._handle = None
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
+        """Drop the stream at once: the peer sees it reset, unsent data is discarded.
+        A coroutine, as on every transport (the daemon's has to tell the daemon)."""
+        self.abort_now()
+
+    def abort_now(self) -> None:
+        """:meth:`abort` for code that cannot await (the daemon dropping a client's stream)."""
         handle = self._handle
         if handle is not None:
             handle.session.reset_stream(handle.stream_id, ResetCode.CANCELLED)
-            self._node._endpoint_wake()
-            self._node._forget(handle)
+            self._driver.wake()
+            self._forget(handle)
             self._handle = None
 
 
 class Listener:
     """Messages arriving on one of our ports, from any trusted peer."""
 
-    def __init__(self, node: Node, port: int) -> None:
-        self._node = node
+    def __init__(self, port: int, on_close: Callable[[Listener], None]) -> None:
+        """``on_close`` is called once, when the listener closes."""
+        self._on_close = on_close
         self.port = port
         self._inbox: Mailbox[tuple[StreamHandle, Message]] = Mailbox()
         self._closed = False
@@ -325,12 +338,18 @@ class Listener:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.close()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop listening; messages not yet received are dropped (their streams reset when the
+        peer sends more). A coroutine, as on every transport."""
+        self.close_now()
+
+    def close_now(self) -> None:
+        """:meth:`close` for the node's own shutdown, which cannot await."""
         if not self._closed:
             self._closed = True
-            self._node._listeners.pop(self.port, None)
+            self._on_close(self)
 
     def _deliver(self, handle: StreamHandle, message: Message) -> None:
         self._inbox.put((handle, message))
@@ -341,7 +360,7 @@ class Listener:
         except TimeoutError:
             raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
         if handle.session.message_consumed(handle.stream_id, len(message.data)):
-            self._node._endpoint_wake()
+            handle.driver.wake()
         return message
 
     def __aiter__(self) -> AsyncIterator[Message]:

@@ -14,8 +14,6 @@ to a direct path when hole punching succeeds.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
 import logging
 import random
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..addressing import parse_beacon_spec, parse_host_port
 from ..errors import (
     BeaconError,
     ConfigError,
@@ -37,7 +36,7 @@ from ..errors import (
     UnknownHostError,
 )
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
-from ..net.io.endpoint import Endpoint, parse_host_port
+from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
 from ..net.traversal.beacon_wire import looks_like_node_id
 from ..net.tunnel import events
@@ -46,14 +45,15 @@ from ..net.tunnel.config import SessionConfig
 from ..net.tunnel.mux import Mux
 from ..net.tunnel.paths import RelayPath
 from ..net.tunnel.session import Session
+from ..transport import CONNECT_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT
 from .connection import (
-    DEFAULT_TIMEOUT,
     Connection,
     Listener,
     Message,
     StreamHandle,
     check_port,
 )
+from .driver import Driver
 
 log = logging.getLogger("pilot_agents.node")
 
@@ -98,24 +98,6 @@ class PingResult:
     path: str
 
 
-def parse_beacon(text: str) -> tuple[bytes | None, str, int]:
-    """``HOST:PORT`` or ``KEY@HOST:PORT`` (KEY: the beacon's key in base32) to its parts."""
-    key: bytes | None = None
-    if "@" in text:
-        key_text, text = text.split("@", 1)
-        try:
-            key = base64.b32decode(key_text.strip().upper() + "=" * (-len(key_text) % 8))
-        except ValueError:
-            raise ConfigError(f"{key_text!r} is not a beacon key (base32)") from None
-        if len(key) != 32:
-            raise ConfigError(f"{key_text!r} is not a beacon key (32 bytes)")
-    try:
-        host, port = parse_host_port(text)
-    except ValueError as exc:
-        raise ConfigError(f"beacon {exc}") from None
-    return key, host, port
-
-
 class Node:
     def __init__(
         self,
@@ -130,11 +112,8 @@ class Node:
         self.home = Path(home) if home is not None else default_home()
         self.identity = Identity.load_or_create(self.home)
         self.config = config or SessionConfig()
-        try:
-            self._listen = parse_host_port(listen)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        self._beacon_spec = parse_beacon(beacon) if beacon else None
+        self._listen = parse_host_port(listen)
+        self._beacon_spec = parse_beacon_spec(beacon) if beacon else None
         self._beacon_text = beacon
         self._beacon_config = beacon_config
         if hostname is not None and beacon is None:
@@ -149,7 +128,7 @@ class Node:
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
         self._hostnames: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._driver = Driver()
         self._requests: dict[int, asyncio.Future[bc.BeaconEvent]] = {}
         self._registration: asyncio.Future[None] | None = None
         self._pings: dict[tuple[bytes, int], asyncio.Future[float]] = {}
@@ -192,14 +171,14 @@ class Node:
         if self._endpoint is not None:
             return
         self._mux = Mux(self.identity.secret_key, self.identity.public_key, self.config)
-        endpoint = Endpoint(self._mux, self._on_event, self._progress_made)
+        endpoint = Endpoint(self._mux, self._on_event, self._driver.progress_made)
         try:
             endpoint.open(*self._listen)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self._listen[0]}:{self._listen[1]}: {exc.strerror}"
             ) from None
-        self._endpoint = endpoint
+        self._endpoint = self._driver.endpoint = endpoint
         for peer in self._trusted:
             self._mux.trust(peer)
         if self._beacon_spec is not None:
@@ -211,7 +190,7 @@ class Node:
 
     async def _start_beacon(self, endpoint: Endpoint) -> None:
         assert self._beacon_spec is not None
-        pinned, host, port = self._beacon_spec
+        pinned, (host, port) = self._beacon_spec
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -279,16 +258,16 @@ class Node:
             session.close(CloseCode.SHUTDOWN, "", now)
         if endpoint.beacon is not None:
             endpoint.beacon.stop()
-        endpoint._flush()
+        endpoint.flush()
         endpoint.close()
-        self._endpoint = None
+        self._endpoint = self._driver.endpoint = None
         for listener in list(self._listeners.values()):
-            listener.close()
+            listener.close_now()
         pending: list[asyncio.Future[Any]] = [*self._requests.values(), *self._pings.values()]
         for future in pending:
             if not future.done():
                 future.set_exception(ConnectionClosedError("the node was closed"))
-        self._progress_made()
+        self._driver.progress_made()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -325,10 +304,7 @@ class Node:
         """Reach ``node_id`` directly at ``address`` (no beacon needed)."""
         key = key_from_node_id(node_id)
         if isinstance(address, str):
-            try:
-                address = parse_host_port(address)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+            address = parse_host_port(address)
         self._peer_addresses[key] = address
 
     async def resolve(self, name: str, timeout: float = 5.0) -> PeerInfo:
@@ -408,15 +384,24 @@ class Node:
         check_port(port)
         if port in self._listeners:
             raise ConfigError(f"port {port} is already being listened on")
-        listener = Listener(self, port)
+        listener = Listener(port, self._listener_closed)
         self._listeners[port] = listener
         return listener
 
-    def connect(self, peer: str, port: int, timeout: float = 10.0) -> Connection:
-        """A connection to ``port`` on ``peer`` (a node id, or a hostname with a beacon)."""
-        return Connection(self, peer, check_port(port), timeout)
+    def _listener_closed(self, listener: Listener) -> None:
+        if self._listeners.get(listener.port) is listener:
+            del self._listeners[listener.port]
 
-    async def send(self, peer: str, port: int, data: Any, timeout: float = 10.0) -> None:
+    def connect(self, peer: str, port: int = DEFAULT_PORT,
+                timeout: float = CONNECT_TIMEOUT) -> Connection:
+        """A connection to ``port`` on ``peer`` (a node id, or a hostname with a beacon)."""
+        check_port(port)
+        return Connection(
+            self._driver, lambda: self._open_stream(peer, port, timeout), self._forget, timeout
+        )
+
+    async def send(self, peer: str, port: int, data: Any,
+                   timeout: float = CONNECT_TIMEOUT) -> None:
         """Deliver one message and wait until the peer has it."""
         async with self.connect(peer, port, timeout) as conn:
             await conn.send(data)
@@ -458,7 +443,9 @@ class Node:
         session.connect(endpoint.now())
         endpoint.wake()
         try:
-            await self._wait_until(lambda: session.established or session.closed, timeout)
+            await self._driver.wait_until(
+                lambda: session.established or session.closed, timeout
+            )
         except PilotTimeoutError:
             raise PeerUnreachableError(
                 f"no answer from {self._hostnames.get(key) or node_id_from_key(key)} within "
@@ -490,7 +477,7 @@ class Node:
         session = await self._established_session(key, timeout)
         local_port = self._ephemeral_port(key)
         stream_id = session.open_stream(local_port, port)
-        handle = StreamHandle(self, session, stream_id, local_port, port)
+        handle = StreamHandle(self._driver, session, stream_id, local_port, port)
         self._streams[(key, stream_id)] = handle
         self._outgoing.add((key, stream_id))
         return handle
@@ -506,40 +493,6 @@ class Node:
         key = (handle.session.peer, handle.stream_id)
         self._streams.pop(key, None)
         self._outgoing.discard(key)
-
-    def _endpoint_wake(self) -> None:
-        if self._endpoint is not None:
-            self._endpoint.wake()
-
-    def _flush(self, *, now: bool) -> None:
-        if self._endpoint is not None:
-            if now:
-                self._endpoint.flush()
-            else:
-                self._endpoint.wake()
-
-    def _progress_made(self) -> None:
-        if not self._waiters:
-            return  # the usual case, after every flush and event
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _wait_until(self, condition: Callable[[], bool], timeout: float | None) -> None:
-        """Wait for ``condition()`` to hold, re-checked after every burst of network progress."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not condition():
-            if self._endpoint is None:
-                raise ConnectionClosedError("the node was closed")
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise PilotTimeoutError(f"timed out after {timeout} s")
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, remaining)
 
     # -- internals: beacon events -------------------------------------------------------------
 
@@ -604,7 +557,7 @@ class Node:
             future = self._pings.get((event.peer, event.ping_id))
             if future is not None and not future.done():
                 future.set_result(event.rtt)
-        self._progress_made()
+        self._driver.progress_made()
 
     def _on_message(self, event: events.MessageReceived) -> None:
         key = (event.peer, event.stream_id)
@@ -630,7 +583,7 @@ class Node:
             session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
             return
         self._streams[(event.peer, event.stream_id)] = StreamHandle(
-            self, session, event.stream_id, event.dst_port, event.src_port
+            self._driver, session, event.stream_id, event.dst_port, event.src_port
         )
 
     def _on_stream_ended(self, event: events.StreamEnded) -> None:

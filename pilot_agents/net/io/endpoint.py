@@ -31,14 +31,6 @@ def is_tunnel_packet(data: bytes) -> bool:
     return bool(data) and wire.INITIATION <= data[0] <= 0x1F
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` to a tuple; ValueError with a readable message."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class Endpoint:
     def __init__(
         self,

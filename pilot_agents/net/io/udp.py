@@ -13,6 +13,8 @@ import socket
 import termios
 from typing import Final
 
+from ...addressing import HostPort as Address
+
 log = logging.getLogger("pilot_agents.udp")
 
 MAX_DATAGRAM: Final = 65535
@@ -31,7 +33,6 @@ _FIONREAD_BUFFER = bytearray(4)
 _ioctl = fcntl.ioctl
 _FIONREAD: Final[int] = termios.FIONREAD
 
-Address = tuple[str, int]
 
 
 def open_socket(host: str, port: int, *, dont_fragment: bool = False) -> socket.socket:

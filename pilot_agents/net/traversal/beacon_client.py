@@ -161,22 +161,6 @@ class _Request:
     refusal: Status | None = None  # what an (unsigned) REFUSED said about it
 
 
-def parse_beacon_spec(text: str) -> tuple[bytes | None, Address]:
-    """``KEY@HOST:PORT`` or ``HOST:PORT`` (as ``--beacon`` takes it) to ``(key or None,
-    (host, port))``. KEY is the beacon's node id; HOST may be a name the caller resolves."""
-    key_text, _, address = text.strip().rpartition("@")
-    key = None
-    if key_text:
-        if not bw.looks_like_node_id(key_text.lower()):
-            raise ConfigError(f"{key_text!r} in --beacon is not a beacon key (a node id)")
-        key = base64.b32decode(key_text.upper() + "====")
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--beacon {text!r}: expected KEY@HOST:PORT or HOST:PORT")
-    return key, (host, int(port))
-
-
 def _check_candidate(candidate: Address) -> Address:
     host, port = candidate
     try:

@@ -53,10 +53,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
+from ...addressing import HostPort
 from ...errors import WireError
 from ..tunnel import crypto
-
-Address = tuple[str, int]
 
 REGISTER: Final = 0x20
 REGISTERED: Final = 0x21
@@ -103,6 +102,9 @@ INTRODUCE_SIZE: Final = _INTRODUCE.size
 
 _HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _NODE_ID_LENGTH = 52  # base32 of a 32-byte key, as identity.node_id_from_key writes it
+
+
+Address = HostPort  # the name the beacon layers use for a UDP endpoint
 
 
 class Status(IntEnum):

@@ -23,9 +23,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
+from ...addressing import HostPort as Address
 from ...errors import WireError
-
-Address = tuple[str, int]
 
 MAGIC_COOKIE: Final = 0x2112A442
 HEADER_SIZE: Final = 20

@@ -19,7 +19,8 @@ from ...errors import HandshakeError, NotTrustedError
 from . import crypto, events, handshake, wire
 from .codes import CloseCode
 from .config import SessionConfig
-from .session import Address, Session
+from .paths import Address
+from .session import Session
 
 log = logging.getLogger("pilot_agents.mux")
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-Address = Any  # a (host, port) tuple for a direct path, or a RelayPath
+from ...addressing import HostPort
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +22,9 @@ class RelayPath:
     """Packets for ``peer`` sent through the beacon's relay."""
 
     peer: bytes  # the peer's Ed25519 key, as the beacon knows it
+
+
+Address = HostPort | RelayPath  # where a tunnel's packets go: a UDP endpoint, or the relay
 
 
 def is_relay(address: Address) -> bool:
@@ -167,7 +169,7 @@ class PathManager:
 
     def on_path_failing(self, now: float) -> bool:
         """The active direct path stopped answering; True if the tunnel fell back to the relay."""
-        if not self.direct or self.relay is None:
+        if not self.direct or self.relay is None or self.active is None:
             return False
         failed = self._candidates.get(self.active)
         if failed is not None:

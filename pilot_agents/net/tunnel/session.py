@@ -25,7 +25,7 @@ from .codes import CloseCode, ResetCode, close_reason
 from .config import SessionConfig
 from .crypto import TAG_SIZE, Aead
 from .pacing import Pacer
-from .paths import PathManager, RelayPath, is_relay
+from .paths import Address, PathManager, RelayPath, is_relay
 from .rangeset import RangeSet
 from .recovery import Recovery, SentPacket
 from .replay import ReplayWindow
@@ -33,7 +33,6 @@ from .streams import RecvStream, SendStream, StreamChunk
 
 log = logging.getLogger("pilot_agents.session")
 
-Address = Any  # a (host, port) tuple or a RelayPath; the endpoint knows how to send to each
 
 
 class IndexAllocator(Protocol):
@@ -111,7 +110,8 @@ class Session:
         self.config = config
         self.state = State.HANDSHAKING
         self.paths = PathManager(config.paths)
-        self._latest_source: Address = None  # where the newest authenticated packet came from
+        # Where the newest authenticated packet came from.
+        self._latest_source: Address | None = None
         # The peer's newest packets arrived over our (direct) active path since we moved to it:
         # until then a relayed packet from it only means it hasn't validated the path yet.
         self._peer_on_active = False
@@ -181,8 +181,8 @@ class Session:
     # -- public API ------------------------------------------------------------------------
 
     @property
-    def address(self) -> Address:
-        """Where packets go now: the active path."""
+    def address(self) -> Address | None:
+        """Where packets go now: the active path (None before one is known)."""
         return self.paths.active
 
     @address.setter
@@ -190,7 +190,7 @@ class Session:
         """A known direct address (used at once) or the relay (used until a direct path is
         proven)."""
         before = self.paths.active
-        if is_relay(address):
+        if isinstance(address, RelayPath):
             self.paths.set_relay(address)
         else:
             self.paths.set_direct(address)
@@ -899,7 +899,7 @@ class Session:
         """Until a path is known, answer where the handshake came from."""
         if self.paths.active is None:
             self.address = address
-        elif is_relay(address):
+        elif isinstance(address, RelayPath):
             self.paths.set_relay(address)
 
     def _on_newest_packet_from(self, address: Address, now: float) -> None:

@@ -1,0 +1,133 @@
+"""The one interface every layer above the network is written against.
+
+An application, a message-bus pattern, a LangGraph node or an MCP bridge talks to a
+:class:`Transport`; two implement it:
+
+- :class:`pilot_agents.node.Node`, the embedded node (the tunnel runs in this process), and
+- :class:`pilot_agents.sdk.Client`, the daemon of a home reached over its local ZeroMQ API.
+
+Both give the same calls with the same shapes (every wait is a coroutine, ``close`` and
+``abort`` included), so code written once runs on either::
+
+    async def hello(t: Transport) -> None:
+        async with t.connect("reporter-agent", 1001) as conn:
+            await conn.send({"rows": 1842})
+            print((await conn.receive(timeout=5)).json())
+
+This module imports nothing of the package but the constants below; the layers above it may
+import it, :mod:`pilot_agents.errors` and the SDK, and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+DEFAULT_PORT = 1001  # the port `connect`, `send` and the daemon's inbox use unless told
+DEFAULT_TIMEOUT = 30.0  # seconds, for every receive without an explicit timeout
+CONNECT_TIMEOUT = 10.0  # seconds to open a tunnel and a stream (resolution included)
+
+
+class Message(Protocol):
+    """One message as it arrived: its bytes, who sent it, and the way to answer it."""
+
+    data: bytes
+    sender: str  # the sender's node id
+    port: int  # our port it arrived on
+    source_port: int  # the sender's port (ephemeral for a connection)
+
+    def text(self) -> str:
+        """The bytes as UTF-8."""
+        ...
+
+    def json(self) -> Any:
+        """The bytes as JSON (any JSON value)."""
+        ...
+
+    async def reply(self, data: object) -> None:
+        """Send ``data`` back on the stream this message came from."""
+        ...
+
+
+class Connection(Protocol):
+    """A stream to a port on a peer: messages both ways, ordered, each delivered once.
+    Opened by ``async with``; leaving the block closes it (or aborts it on an exception)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def path(self) -> str:
+        """``"direct"`` or ``"relay"``: how packets reach the peer now."""
+        ...
+
+    @property
+    def rtt(self) -> float | None:
+        """The smoothed round-trip time in seconds, once measured."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+
+    async def send(self, data: object) -> None:
+        """Queue a message (bytes as they are, str as UTF-8, anything else as JSON); waits
+        while the peer is slower than us."""
+        ...
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
+        """The next message from the peer; :class:`~pilot_agents.errors.PilotTimeoutError`
+        after ``timeout`` seconds (``None``: wait for ever)."""
+        ...
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the peer has acknowledged everything sent so far."""
+        ...
+
+    async def close(self) -> None:
+        """Finish the stream and wait until the peer has every byte."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop the stream at once; the peer sees it reset."""
+        ...
+
+
+class Listener(Protocol):
+    """Messages arriving on one of our ports, from any trusted peer."""
+
+    port: int
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message: ...
+
+    def __aiter__(self) -> AsyncIterator[Message]: ...
+
+    async def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Reliable messages to ports on trusted peers, named by hostname or node id."""
+
+    def connect(self, peer: str, port: int = DEFAULT_PORT,
+                timeout: float = CONNECT_TIMEOUT) -> Connection:
+        """A connection to ``port`` on ``peer``; use with ``async with``."""
+        ...
+
+    def listen(self, port: int) -> Listener:
+        """Messages on ``port``; use with ``async with`` and ``async for``."""
+        ...
+
+    async def send(self, peer: str, port: int, data: object,
+                   timeout: float = CONNECT_TIMEOUT) -> None:
+        """Deliver one message and wait until the peer has it."""
+        ...
+
+    async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
+        """One message on ``port``."""
+        ...
