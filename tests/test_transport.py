@@ -19,7 +19,6 @@ import pytest
 from pilot_agents import (
     Client,
     ConnectionClosedError,
-    Node,
     NotTrustedError,
     PilotTimeoutError,
     PortClosedError,
@@ -27,6 +26,7 @@ from pilot_agents import (
 )
 from pilot_agents.identity import Identity
 from tests.conftest import DaemonHandle
+from tests.test_node import trusted_pair
 
 
 @dataclass
@@ -44,13 +44,7 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def embedded(tmp_path: Path) -> AsyncIterator[Pair]:
-    async with (
-        Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
-        Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
-    ):
-        a.trust(b.node_id)
-        b.trust(a.node_id)
-        a.add_peer(b.node_id, b.local_endpoint)
+    async with trusted_pair(tmp_path) as (a, b):
         yield Pair(Side(a, a.node_id), Side(b, b.node_id), b.node_id)
 
 
