@@ -124,3 +124,15 @@ def from_name(name: str, message: str) -> PilotError:
         return cls(message)
     except TypeError:  # a constructor with required arguments beyond the message
         return PilotError(message)
+
+
+# -- message-bus patterns -----------------------------------------------------------------------
+
+
+class RemoteError(PilotError):
+    """The peer's handler raised while answering our request; ``remote_type`` names the
+    exception it raised there, and the message is its message."""
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, DaemonNotRunningError
 from .ipc import IpcClient, decode_data, encode_data
-from .node.connection import Payload, encode_payload
 from .transport import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -39,7 +38,9 @@ from .transport import (
     Connection,
     Listener,
     Message,
+    Payload,
     Transport,
+    encode_payload,
 )
 
 if TYPE_CHECKING:

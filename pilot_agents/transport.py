@@ -14,19 +14,50 @@ Both give the same calls with the same shapes (every wait is a coroutine, ``clos
             await conn.send({"rows": 1842})
             print((await conn.receive(timeout=5)).json())
 
-This module imports nothing of the package but the constants below; the layers above it may
+This module imports nothing of the package but its errors; the layers above it may
 import it, :mod:`pilot_agents.errors` and the SDK, and nothing else.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from .errors import ConfigError
+
 DEFAULT_PORT = 1001  # the port `connect`, `send` and the daemon's inbox use unless told
 DEFAULT_TIMEOUT = 30.0  # seconds, for every receive without an explicit timeout
 CONNECT_TIMEOUT = 10.0  # seconds to open a tunnel and a stream (resolution included)
+
+
+def encode_payload(data: object) -> bytes:
+    """What ``send`` puts on the wire: bytes as they are, str as UTF-8, anything else as JSON."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    try:
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})"
+        ) from None
+
+
+class Payload:
+    """How a received message's bytes read; a base of every transport's message class."""
+
+    data: bytes
+
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.data)
 
 
 class Message(Protocol):

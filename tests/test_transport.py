@@ -8,68 +8,18 @@ whichever transport it is handed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from pilot_agents import (
-    Client,
     ConnectionClosedError,
     NotTrustedError,
     PilotTimeoutError,
     PortClosedError,
-    Transport,
 )
 from pilot_agents.identity import Identity
-from tests.conftest import DaemonHandle
-from tests.test_node import trusted_pair
-
-
-@dataclass
-class Side:
-    transport: Transport
-    node_id: str
-
-
-@dataclass
-class Pair:
-    client: Side
-    server: Side
-    server_name: str  # how the client names the server
-
-
-@contextlib.asynccontextmanager
-async def embedded(tmp_path: Path) -> AsyncIterator[Pair]:
-    async with trusted_pair(tmp_path) as (a, b):
-        yield Pair(Side(a, a.node_id), Side(b, b.node_id), b.node_id)
-
-
-@contextlib.asynccontextmanager
-async def through_daemons(daemons: tuple[DaemonHandle, DaemonHandle]) -> AsyncIterator[Pair]:
-    a, b = daemons
-    async with Client(a.home) as client, Client(b.home) as server:
-        yield Pair(Side(client, a.node_id), Side(server, b.node_id), "beta")
-
-
-@pytest.fixture(params=["embedded", "daemon"])
-def kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield request.param
-
-
-@pytest.fixture
-async def pair(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
-    if kind == "embedded":
-        async with embedded(tmp_path) as p:
-            yield p
-    else:
-        daemons = request.getfixturevalue("daemon_pair")
-        async with through_daemons(daemons) as p:
-            yield p
-
+from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 # Ports differ per test: the daemons live for the module and keep a port's unread messages.
 
@@ -155,3 +105,4 @@ async def test_abort_and_close_are_coroutines_on_both(pair: Pair) -> None:
             await conn.abort()
             with pytest.raises(ConnectionClosedError):
                 await conn.send(b"after abort")
+

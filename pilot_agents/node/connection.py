@@ -8,7 +8,6 @@ the session's events to them. They reach the running node only through its
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,27 +18,11 @@ from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeou
 from ..identity import node_id_from_key
 from ..net.tunnel.codes import ResetCode
 from ..net.tunnel.session import Session
-from ..transport import DEFAULT_TIMEOUT
+from ..transport import DEFAULT_TIMEOUT, Payload, encode_payload
 from .driver import Driver
 
 SEND_HIGH_WATER = 8 * 1024 * 1024  # bytes unacknowledged on a stream before send() waits
 T = TypeVar("T")
-
-
-def encode_payload(data: bytes | bytearray | memoryview | str | Any) -> bytes:
-    """bytes as they are, str as UTF-8, anything else as JSON."""
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, bytearray | memoryview):
-        return bytes(data)
-    if isinstance(data, str):
-        return data.encode("utf-8")
-    try:
-        return json.dumps(data, separators=(",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot send {type(data).__name__}: not bytes, str or JSON ({exc})"
-        ) from None
 
 
 class Mailbox(Generic[T]):
@@ -63,6 +46,10 @@ class Mailbox(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def items(self) -> list[T]:
+        """What waits, oldest first (a copy)."""
+        return list(self._items)
 
     def put(self, item: T) -> None:
         self._items.append(item)
@@ -125,18 +112,6 @@ def check_port(port: int) -> int:
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"port {port!r} is not in 1..65535")
     return port
-
-
-class Payload:
-    """How a received message's bytes read: for :class:`Message` and the SDK's daemon twin."""
-
-    data: bytes
-
-    def text(self) -> str:
-        return self.data.decode("utf-8")
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
 
 @dataclass
@@ -353,6 +328,10 @@ class Listener:
 
     def _deliver(self, handle: StreamHandle, message: Message) -> None:
         self._inbox.put((handle, message))
+
+    def unread_streams(self) -> list[StreamHandle]:
+        """The streams of the messages waiting in the inbox, each once."""
+        return list({id(h): h for h, _ in self._inbox.items()}.values())
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         try:

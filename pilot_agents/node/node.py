@@ -389,8 +389,15 @@ class Node:
         return listener
 
     def _listener_closed(self, listener: Listener) -> None:
-        if self._listeners.get(listener.port) is listener:
-            del self._listeners[listener.port]
+        """Messages the application never took are not lost silently: their streams are
+        reset, so their senders hear at once (PortClosedError), not at a timeout."""
+        if self._listeners.get(listener.port) is not listener:
+            return
+        del self._listeners[listener.port]
+        for handle in listener.unread_streams():
+            handle.session.reset_stream(handle.stream_id, ResetCode.PORT_CLOSED)
+            self._forget(handle)
+        self._driver.wake()
 
     def connect(self, peer: str, port: int = DEFAULT_PORT,
                 timeout: float = CONNECT_TIMEOUT) -> Connection:

@@ -1,0 +1,313 @@
+"""Request/reply over any :class:`~pilot_agents.transport.Transport`.
+
+    requester = Requester(transport)
+    reply = await requester.request("db-agent", 2001, {"sql": "..."}, timeout=5)
+
+    async with Replier(transport, 2001) as replier:     # or: await serve(transport, 2001, fn)
+        async for request in replier:
+            await request.reply({"rows": 3})
+
+Each request carries a 64-bit correlation id, so replies may come back in any order and many
+requests are in flight on one stream at once: a slow handler holds up nobody but its own
+requester. A requester keeps a few streams per peer and port (``streams_per_peer``) and puts a
+request on the least busy one, so one large request delays the bytes of small ones only on its
+own stream. A reply that does not come within the timeout raises
+:class:`~pilot_agents.errors.PilotTimeoutError`; a handler that raises is answered with an error
+reply, raised at the requester as :class:`~pilot_agents.errors.RemoteError`; a stream that dies
+(the replier's node went away, its tunnel closed) fails every request waiting on it at once.
+
+Delivery: a request reaches the replier at most once (a requester never resends it; after a
+timeout it cannot know whether the replier saw it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..errors import (
+    ConfigError,
+    ConnectionClosedError,
+    PilotError,
+    PilotTimeoutError,
+    RemoteError,
+    WireError,
+)
+from ..transport import (
+    DEFAULT_TIMEOUT,
+    Connection,
+    Listener,
+    Message,
+    Payload,
+    Transport,
+    encode_payload,
+)
+from .frames import Kind, encode_error, encode_frame, parse_error_untrusted, parse_frame_untrusted
+
+log = logging.getLogger("pilot_agents.patterns.reqrep")
+
+
+@dataclass(frozen=True)
+class ReqRepConfig:
+    streams_per_peer: int = 4  # streams a requester opens to one peer and port, at most
+    max_in_flight: int = 1024  # requests waiting for replies on one stream; more wait their turn
+    handler_concurrency: int = 64  # requests serve() runs its handler on at once
+
+    def __post_init__(self) -> None:
+        for name in ("streams_per_peer", "max_in_flight", "handler_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ReqRepConfig.{name} must be at least 1")
+
+
+@dataclass
+class Reply(Payload):
+    """The answer to a request."""
+
+    data: bytes
+    sender: str  # the replier's node id
+
+
+@dataclass
+class Request(Payload):
+    """A request as the replier sees it; answer it once with :meth:`reply` or :meth:`fail`."""
+
+    data: bytes
+    sender: str  # the requester's node id
+    port: int
+    id: int
+    _message: Message = field(repr=False)
+    _replier: Replier | None = field(default=None, repr=False)
+    answered: bool = False
+
+    async def reply(self, data: object) -> None:
+        await self._answer(Kind.REPLY, encode_payload(data))
+
+    async def fail(self, error: BaseException) -> None:
+        """Answer with an error: the requester raises :class:`RemoteError` naming its type."""
+        await self._answer(Kind.ERROR, encode_error(error))
+
+    async def _answer(self, kind: Kind, payload: bytes) -> None:
+        if self.answered:
+            raise ConfigError(f"request {self.id} was already answered")
+        self.answered = True
+        if self._replier is not None:
+            self._replier._unanswered.pop(id(self), None)
+        await self._message.reply(encode_frame(kind, self.id, payload))
+
+
+class _Stream:
+    """One requester stream: its connection, the requests waiting on it, its reader task."""
+
+    def __init__(self, conn: Connection, max_in_flight: int) -> None:
+        self.conn = conn
+        self.waiting: dict[int, asyncio.Future[Reply]] = {}
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.reader: asyncio.Task[None] | None = None
+        self.dead = False
+        self.malformed = 0
+
+
+class Requester:
+    """Sends requests and matches their replies; one per transport is plenty.
+    ``async with`` it, or :meth:`close` it, to close its streams."""
+
+    def __init__(self, transport: Transport, config: ReqRepConfig | None = None) -> None:
+        self._transport = transport
+        self.config = config or ReqRepConfig()
+        self._streams: dict[tuple[str, int], list[_Stream]] = {}
+        self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> Requester:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, peer: str, port: int, data: object,
+                      timeout: float = DEFAULT_TIMEOUT) -> Reply:
+        """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply."""
+        payload = encode_payload(data)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                stream = await self._stream_for(peer, port)
+                async with stream.slots:
+                    request_id = next(self._ids)
+                    future: asyncio.Future[Reply] = loop.create_future()
+                    stream.waiting[request_id] = future
+                    try:
+                        await stream.conn.send(encode_frame(Kind.REQUEST, request_id, payload))
+                        return await future
+                    finally:
+                        stream.waiting.pop(request_id, None)
+        except TimeoutError:
+            raise PilotTimeoutError(
+                f"no reply from {peer} port {port} within {timeout} s") from None
+
+    async def close(self) -> None:
+        streams = [s for group in self._streams.values() for s in group]
+        self._streams.clear()
+        readers = [s.reader for s in streams if s.reader is not None]
+        for reader in readers:
+            reader.cancel()  # its reader fails what waits on the stream and aborts it
+        await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _stream_for(self, peer: str, port: int) -> _Stream:
+        key = (peer, port)
+        group = self._streams.setdefault(key, [])
+        group[:] = [s for s in group if not s.dead]
+        idle = [s for s in group if not s.waiting]
+        if idle or len(group) >= self.config.streams_per_peer:
+            return idle[0] if idle else min(group, key=lambda s: len(s.waiting))
+        # One opening at a time per peer and port: a burst of requests shares new streams
+        # instead of opening one each.
+        lock = self._opening.setdefault(key, asyncio.Lock())
+        async with lock:
+            group[:] = [s for s in group if not s.dead]
+            if group and (len(group) >= self.config.streams_per_peer
+                          or any(not s.waiting for s in group)):
+                return min(group, key=lambda s: len(s.waiting))
+            conn = self._transport.connect(peer, port)
+            await conn.__aenter__()
+            stream = _Stream(conn, self.config.max_in_flight)
+            stream.reader = asyncio.create_task(self._read(stream, peer, port))
+            group.append(stream)
+            return stream
+
+    async def _read(self, stream: _Stream, peer: str, port: int) -> None:
+        error: PilotError | None = None
+        try:
+            while True:
+                message = await stream.conn.receive(timeout=None)
+                try:
+                    frame = parse_frame_untrusted(message.data)
+                except WireError as exc:
+                    stream.malformed += 1
+                    log.warning("%s port %d sent a malformed reply: %s", peer, port, exc)
+                    continue
+                future = stream.waiting.get(frame.id)
+                if future is None or future.done():
+                    continue  # its requester gave up (timed out or was cancelled)
+                if frame.kind == Kind.REPLY:
+                    future.set_result(Reply(frame.payload, message.sender))
+                elif frame.kind == Kind.ERROR:
+                    remote_type, text = parse_error_untrusted(frame.payload)
+                    future.set_exception(RemoteError(f"{remote_type}: {text}", remote_type))
+                else:
+                    stream.malformed += 1
+        except PilotError as exc:
+            error = exc
+        finally:
+            stream.dead = True
+            for future in stream.waiting.values():
+                if not future.done():
+                    future.set_exception(error or PilotError(f"the stream to {peer} closed"))
+            with contextlib.suppress(PilotError):
+                await stream.conn.abort()
+
+
+class Replier:
+    """Requests arriving on ``port``, from any trusted peer; use with ``async with`` and
+    ``async for``. A message that is not a request frame is dropped and counted in
+    :attr:`malformed`. Closing the replier answers every request it handed out and nobody
+    answered with an error, and the transport resets the streams of those never handed out:
+    no requester waits for its timeout because its replier went away."""
+
+    def __init__(self, transport: Transport, port: int) -> None:
+        self._transport = transport
+        self.port = port
+        self._listener: Listener | None = None
+        self._unanswered: dict[int, Request] = {}
+        self.malformed = 0
+
+    async def __aenter__(self) -> Replier:
+        self._listener = self._transport.listen(self.port)
+        await self._listener.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        unanswered, self._unanswered = list(self._unanswered.values()), {}
+        for request in unanswered:
+            with contextlib.suppress(PilotError):
+                await request.fail(ConnectionClosedError(
+                    f"the replier on port {self.port} closed before answering"))
+        if listener is not None:
+            await listener.close()
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Request:
+        """The next request; :class:`PilotTimeoutError` after ``timeout`` seconds."""
+        if self._listener is None:
+            raise ConfigError("the replier is not open (use 'async with')")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            message = await self._listener.receive(remaining)
+            try:
+                frame = parse_frame_untrusted(message.data)
+            except WireError as exc:
+                frame = None
+                log.warning("%s sent port %d a malformed request: %s", message.sender,
+                            self.port, exc)
+            if frame is None or frame.kind != Kind.REQUEST:
+                self.malformed += 1
+                continue
+            request = Request(frame.payload, message.sender, self.port, frame.id, message, self)
+            self._unanswered[id(request)] = request
+            return request
+
+    def __aiter__(self) -> AsyncIterator[Request]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Request]:
+        while self._listener is not None:
+            yield await self.receive(timeout=None)
+
+
+Handler = Callable[[Request], Awaitable[object]]
+
+
+async def serve(transport: Transport, port: int, handler: Handler,
+                config: ReqRepConfig | None = None) -> None:
+    """Answer every request on ``port`` with what ``handler`` returns (bytes, str or JSON), or
+    with an error reply if it raises; runs until cancelled. Up to ``handler_concurrency``
+    requests are handled at once; more wait (and so, in the end, do their senders)."""
+    config = config or ReqRepConfig()
+    slots = asyncio.Semaphore(config.handler_concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(request: Request) -> None:
+        try:
+            try:
+                result = await handler(request)
+            except Exception as exc:  # the handler's failure is the requester's to see
+                log.info("handler for port %d raised %s: %s", port, type(exc).__name__, exc)
+                await request.fail(exc)
+            else:
+                if not request.answered:
+                    await request.reply(result)
+        except PilotError as exc:  # the requester went away before its answer
+            log.info("could not answer %s on port %d: %s", request.sender, port, exc)
+        finally:
+            slots.release()
+
+    async with Replier(transport, port) as replier:
+        try:
+            async for request in replier:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
