@@ -1,0 +1,192 @@
+"""What the command line prints: human text or one JSON object a line (``--json``), the exit
+codes, and how an error ends a command (one line on stderr, a traceback only with PILOT_DEBUG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict, TypeVar
+
+from ..errors import (
+    BadRequestError,
+    BeaconError,
+    ConfigError,
+    ConnectionClosedError,
+    DaemonNotRunningError,
+    DaemonRunningError,
+    KeyMismatchError,
+    NotAvailableError,
+    NotTrustedError,
+    PeerUnreachableError,
+    PilotError,
+    PilotTimeoutError,
+    PortClosedError,
+    TrustRequestError,
+    UnknownHostError,
+)
+from ..ipc import decode_data
+
+# Most specific first: the first class an error is an instance of gives the code.
+EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
+    (DaemonNotRunningError, 3, "the daemon is not running or not answering"),
+    (DaemonRunningError, 4, "a daemon already runs for this home"),
+    (UnknownHostError, 5, "unknown host"),
+    (NotTrustedError, 6, "peer not trusted"),
+    (KeyMismatchError, 7, "a trusted name now resolves to another key"),
+    (PeerUnreachableError, 8, "peer unreachable"),
+    (PortClosedError, 9, "nothing listens on that port"),
+    (PilotTimeoutError, 10, "timed out"),
+    (BeaconError, 11, "beacon unreachable, name taken, or refused"),
+    (ConnectionClosedError, 12, "connection closed"),
+    (NotAvailableError, 2, "not available"),
+    (BadRequestError, 2, "bad arguments"),
+    (ConfigError, 2, "bad arguments"),
+    (TrustRequestError, 2, "bad arguments"),
+]
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+
+EPILOG = """\
+exit codes:
+  0   success
+  1   other error (network, file system)
+  2   bad arguments, bad input, or a command that is not available yet
+  3   daemon not running or not answering (start it: pilotctl daemon start --hostname NAME)
+  4   a daemon is already running for this home
+  5   unknown host
+  6   peer not trusted (the message says the 'pilotctl trust ...' command that fixes it)
+  7   key mismatch: a trusted name now resolves to a different key
+  8   peer unreachable (down, no path, or it does not trust us)
+  9   port closed: nothing listens on that port at the peer
+  10  timed out
+  11  beacon error: unreachable, name taken, refused
+  12  connection closed by the peer
+  70  internal error (a bug; PILOT_DEBUG=1 shows the traceback)
+  130 interrupted
+
+environment: PILOT_HOME (default home), PILOT_BEACON (default --beacon), PILOT_DEBUG=1
+"""
+
+E = TypeVar("E")
+
+STATE_NAMES = {"mutual": "mutual", "outgoing": "outgoing", "incoming": "incoming-pending"}
+
+Reply = dict[str, Any]
+"""A daemon reply's fields: a JSON object (docs/ipc.md has each command's)."""
+
+# A message as the daemon hands it over ('from' is a keyword, hence the functional form).
+Message = TypedDict("Message", {
+    "from": str, "hostname": str | None, "port": int, "source_port": int, "data": str,
+    "encoding": str,
+})
+
+
+class TrustEntry(TypedDict):
+    """One peer in the trust store, as the daemon's trust commands return it."""
+
+    node_id: str
+    hostname: str | None
+    state: str
+    reason: str
+    updated_at: float
+
+
+def exit_code(exc: BaseException) -> int:
+    for cls, code, _ in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_ERROR
+
+
+def emit(obj: object) -> None:
+    print(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), flush=True)
+
+
+def fields(reply: Reply) -> Reply:
+    """The reply without its envelope (``ok``, ``id``): what ``--json`` prints of it."""
+    return {k: v for k, v in reply.items() if k not in ("ok", "id")}
+
+
+def ms(rtt: float | None) -> str:
+    if rtt is None:
+        return "unknown"
+    millis = rtt * 1000.0
+    return f"{millis:.2f} ms" if millis < 0.1 else f"{millis:.1f} ms"
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_list(as_json: bool, key: str, items: list[E], empty: str, header: list[str],
+               row: Callable[[E], list[str]]) -> bool:
+    """A list reply: ``{key: items}`` with ``as_json``, else the line ``empty`` or a table of
+    ``row(item)`` under ``header``. True if it printed the table."""
+    if as_json:
+        emit({key: items})
+        return False
+    if not items:
+        print(empty)
+        return False
+    table([row(item) for item in items], header)
+    return True
+
+
+def print_fields(rows: list[tuple[str, object]], indent: str = "") -> None:
+    """``name value`` lines, the values lined up one space after the longest name."""
+    width = max(len(name) for name, _ in rows) + 1
+    for name, value in rows:
+        print(f"{indent}{name:<{width}}{value}")
+
+
+def label(obj: Mapping[str, object], key: str = "node_id") -> str:
+    """How a peer is called in human output: its hostname, else its id."""
+    return str(obj.get("hostname") or obj.get(key))
+
+
+def message_out(message: Message) -> dict[str, object]:
+    return {"from": message["from"], "hostname": message.get("hostname"),
+            "port": message["port"], "source_port": message["source_port"],
+            "data": message["data"], "encoding": message["encoding"]}
+
+
+def write_message(message: Message) -> None:
+    """A message's data on stdout, raw bytes ending in one newline."""
+    data = decode_data(str(message.get("data", "")), str(message.get("encoding", "utf-8")))
+    sys.stdout.buffer.write(data + (b"" if data.endswith(b"\n") else b"\n"))
+    sys.stdout.buffer.flush()
+
+
+def _report(exc: BaseException, as_json: bool, code: int) -> None:
+    message = str(exc) or type(exc).__name__
+    sys.stderr.write(f"error: {message}\n")
+    if as_json:
+        emit({"error": {"type": type(exc).__name__, "message": message, "exit_code": code}})
+
+
+def exit_status(exc: BaseException, as_json: bool) -> int | None:
+    """The exit status of a command that raised ``exc``, once said in one line on stderr (and
+    as a JSON ``error`` object with ``as_json``); None when ``exc`` should go on up with its
+    traceback: it is no Exception, or PILOT_DEBUG asks for the traceback of a bug."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, PilotError):
+        code = exit_code(exc)
+        _report(exc, as_json, code)
+        return code
+    if isinstance(exc, OSError):
+        _report(OSError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")),
+                as_json, EXIT_ERROR)
+        return EXIT_ERROR
+    if not isinstance(exc, Exception) or os.environ.get("PILOT_DEBUG"):
+        return None
+    _report(RuntimeError(f"internal error: {type(exc).__name__}: {exc} (run with "
+                         "PILOT_DEBUG=1 for the traceback)"), as_json, EXIT_BUG)
+    return EXIT_BUG

@@ -1,0 +1,122 @@
+"""The argparse side: the top-level parser, the argument types, and :class:`Commands`, through
+which each command-group module adds its subcommands and their handlers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import NoReturn, TypeVar
+
+from .context import Handler
+from .output import EPILOG, EXIT_USAGE
+
+_HOME_HELP = "node home (default: $PILOT_HOME or ~/.pilot-agents)"
+_JSON_HELP = "machine-readable output"
+
+N = TypeVar("N", int, float)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+# -- argument types: a bad value is a usage error naming it ----------------------------------
+
+
+def _number(text: str, convert: Callable[[str], N], kind: str) -> N:
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+
+
+def port(text: str) -> int:
+    value = _number(text, int, "port number")
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {value} is not in 1..65535")
+    return value
+
+
+def positive(text: str) -> float:
+    value = _number(text, float, "number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def count(text: str) -> int:
+    value = _number(text, int, "whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+    return value
+
+
+def ports(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(port(p) for p in text.split(","))
+
+
+# -- the command tree ---------------------------------------------------------------------------
+
+
+class Commands:
+    """One level of subcommands (``pilotctl COMMAND``, ``pilotctl trust ACTION``)."""
+
+    def __init__(self, action: argparse._SubParsersAction[_Parser],
+                 common: _Parser) -> None:
+        self._action = action
+        self._common = common
+
+    def command(self, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+        """A command run by ``handler``; add its arguments to the parser returned."""
+        sub = self._action.add_parser(
+            name, help=help_text, description=help_text, parents=[self._common], epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def group(self, name: str, help_text: str) -> Commands:
+        """A command whose actions are subcommands of it (``pilotctl NAME ACTION``)."""
+        parser = self._action.add_parser(name, help=help_text)
+        return Commands(parser.add_subparsers(dest=f"{name}_command", metavar="ACTION",
+                                              required=True), self._common)
+
+    def listed(self, name: str, help_text: str) -> None:
+        """A command shown in the help but parsed by its own code (see ``beacon``)."""
+        self._action.add_parser(name, help=help_text, add_help=False)
+
+
+Register = Callable[[Commands], None]
+"""What a command-group module offers: adds its commands."""
+
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in ("pilotctl", "pilot-agents") else "pilotctl"
+
+
+def build_parser(groups: Iterable[Register], prog: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``groups`` add their commands in the order ``--help`` lists
+    them."""
+    # --home and --json are accepted after the command too; there they only count if given.
+    common = _Parser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=_HOME_HELP)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help=_JSON_HELP)
+
+    parser = _Parser(
+        prog=prog or _prog(), description="pilot-agents: encrypted P2P tunnels for AI agents.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--home", default=None, metavar="DIR", help=_HOME_HELP)
+    parser.add_argument("--json", action="store_true", default=False, help=_JSON_HELP)
+    commands = Commands(
+        parser.add_subparsers(dest="command", metavar="COMMAND", required=True), common)
+    for register in groups:
+        register(commands)
+    return parser

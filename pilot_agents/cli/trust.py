@@ -1,0 +1,114 @@
+"""``pilotctl trust ...``: who this node trusts, and trust requests in both directions."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .context import Context, Handler
+from .output import EXIT_OK, STATE_NAMES, Reply, TrustEntry, emit, fields, label, print_list
+from .parser import Commands
+
+
+def register(commands: Commands) -> None:
+    trust = commands.group("trust", "who this node trusts")
+    sub = trust.command("add", "trust a peer (pins the key its name resolves to now) and ask it "
+                        "to trust us", add_cmd)
+    sub.add_argument("target", metavar="NAME|NODE_ID")
+    sub.add_argument("--reason", default="", help="shown to the peer with the request")
+    trust.command("pending", "trust requests waiting for approve/reject", pending_cmd)
+    decisions: list[tuple[str, str, Handler]] = [
+        ("approve", "trust a peer that asked us", approve_cmd),
+        ("reject", "drop a peer's trust request", reject_cmd),
+        ("remove", "stop trusting a peer (tears down its tunnels)", remove_cmd),
+    ]
+    for name, help_text, handler in decisions:
+        trust.command(name, help_text, handler).add_argument("target", metavar="NAME|NODE_ID")
+    trust.command("list", "trusted peers and pending requests", list_cmd)
+    sub = trust.command("export", "print a signed trust request for a peer, to hand over out of "
+                        "band (no beacon needed)", export_cmd)
+    sub.add_argument("target", metavar="NAME|NODE_ID")
+    sub.add_argument("--reason", default="")
+    sub = trust.command("import", "take a trust request printed by 'trust export' on the peer",
+                        import_cmd)
+    sub.add_argument("request", metavar="REQUEST", help="the request, or - to read stdin")
+
+
+def _print_entry_result(ctx: Context, result: Reply, verb: str) -> None:
+    if ctx.json:
+        emit(fields(result))
+        return
+    entry: TrustEntry = result["entry"]
+    print(f"{verb} {label(entry)} ({entry['node_id']}): "
+          f"{STATE_NAMES.get(entry['state'], entry['state'])}.")
+    note: str | None = result.get("note")
+    if note:
+        print(note[0].upper() + note[1:] + ".")
+
+
+def add_cmd(ctx: Context) -> int:
+    result = ctx.call("trust_add", target=ctx.args.target, reason=ctx.args.reason)
+    _print_entry_result(ctx, result, "Trusted")
+    return EXIT_OK
+
+
+def approve_cmd(ctx: Context) -> int:
+    _print_entry_result(ctx, ctx.call("trust_approve", target=ctx.args.target), "Approved")
+    return EXIT_OK
+
+
+def reject_cmd(ctx: Context) -> int:
+    _print_entry_result(ctx, ctx.call("trust_reject", target=ctx.args.target), "Rejected")
+    return EXIT_OK
+
+
+def remove_cmd(ctx: Context) -> int:
+    entry: TrustEntry = ctx.call("trust_remove", target=ctx.args.target)["entry"]
+    if ctx.json:
+        emit({"entry": entry})
+    else:
+        print(f"Removed {label(entry)} ({entry['node_id']}) from the trust store.")
+    return EXIT_OK
+
+
+def list_cmd(ctx: Context) -> int:
+    entries: list[TrustEntry] = ctx.call("trust_list")["entries"]
+    print_list(ctx.json, "entries", entries,
+               "No trusted peers. Add one with 'pilotctl trust add NAME'.",
+               ["NAME", "NODE ID", "STATE"], lambda e: [
+                   e.get("hostname") or "-", e["node_id"], STATE_NAMES.get(e["state"], e["state"])])
+    return EXIT_OK
+
+
+def pending_cmd(ctx: Context) -> int:
+    pending: list[TrustEntry] = ctx.call("trust_pending")["pending"]
+    now = time.time()
+    if print_list(ctx.json, "pending", pending, "No pending trust requests.",
+                  ["NAME", "NODE ID", "RECEIVED", "REASON"], lambda e: [
+                      e.get("hostname") or "-", e["node_id"], f"{now - e['updated_at']:.0f} s ago",
+                      e.get("reason") or ""]):
+        print("Approve with 'pilotctl trust approve NAME', or reject with "
+              "'pilotctl trust reject NAME'.")
+    return EXIT_OK
+
+
+def export_cmd(ctx: Context) -> int:
+    result = ctx.call("trust_export", target=ctx.args.target, reason=ctx.args.reason)
+    if ctx.json:
+        emit({"request": result["request"], "to": result["to"]})
+    else:
+        print(result["request"])
+    return EXIT_OK
+
+
+def import_cmd(ctx: Context) -> int:
+    text = sys.stdin.read() if ctx.args.request == "-" else ctx.args.request
+    entry: TrustEntry = ctx.call("trust_import", request=text.strip())["entry"]
+    if ctx.json:
+        emit({"entry": entry})
+    elif entry["state"] == "incoming":
+        print(f"Trust request from {label(entry)} ({entry['node_id']}) is pending: approve it "
+              f"with 'pilotctl trust approve {label(entry)}'.")
+    else:
+        print(f"Trust with {label(entry)} ({entry['node_id']}) is {entry['state']}.")
+    return EXIT_OK
