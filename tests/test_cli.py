@@ -389,6 +389,18 @@ def test_help_documents_the_exit_codes() -> None:
     assert "exit codes:" in cli(None, "send", "--help").stdout
 
 
+def test_commands_other_than_daemon_start_and_stop_load_no_daemon_code() -> None:
+    # Every command group is imported to build the parser: none may pull in the daemon (and
+    # pydantic with it), or every pilotctl call pays for it.
+    probe = ("import sys; from pilot_agents.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic' "
+             "or m.startswith('pilot_agents.daemon')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_unreadable_trust_store_fails_the_start_in_one_line(fresh_home: Path) -> None:
     (fresh_home / "trust.json").write_text("{not json")
     result = cli(fresh_home, "daemon", "start", "--listen", "127.0.0.1:0")

@@ -39,6 +39,7 @@ class Context:
 
     def call(self, cmd: str, **request: object) -> Reply:
         """One request to the daemon: its reply, or the error it reports raised."""
+        # wait=None: the client waits for the request's own timeout plus its margin.
         return self.run(lambda client: client.request(cmd, None, **request))
 
 

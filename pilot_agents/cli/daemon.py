@@ -89,7 +89,7 @@ def status_cmd(ctx: Context) -> int:
                 if stale else ""
             print(f"The daemon is not running (home {home}){note}. Start it with "
                   f"'{ipc.start_hint(home)}'.")
-        return 3
+        return 3  # the code of DaemonNotRunningError: not an error here, but the answer
 
     info = fields(ctx.call("info"))
     if ctx.json:

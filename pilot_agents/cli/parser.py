@@ -67,8 +67,7 @@ def ports(text: str) -> tuple[int, ...]:
 class Commands:
     """One level of subcommands (``pilotctl COMMAND``, ``pilotctl trust ACTION``)."""
 
-    def __init__(self, action: argparse._SubParsersAction[_Parser],
-                 common: _Parser) -> None:
+    def __init__(self, action: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
         self._action = action
         self._common = common
 
