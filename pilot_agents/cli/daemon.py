@@ -10,8 +10,8 @@ import argparse
 import os
 
 from .. import ipc
-from ..defaults import DEFAULT_PORT
 from ..errors import ConfigError, DaemonRunningError
+from ..transport import DEFAULT_PORT
 from .context import Context
 from .output import EXIT_OK, emit, fields, print_fields
 from .parser import Commands, ports

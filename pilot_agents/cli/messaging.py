@@ -9,9 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..defaults import DEFAULT_PORT
 from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
 from ..ipc import IpcClient, encode_data
+from ..transport import DEFAULT_PORT
 from .context import Context
 from .output import EXIT_OK, Message, emit, label, message_out, ms, write_message
 from .parser import Commands, count, port, positive
