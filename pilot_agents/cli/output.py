@@ -10,41 +10,25 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict, TypeVar
 
-from ..errors import (
-    BadRequestError,
-    BeaconError,
-    ConfigError,
-    ConnectionClosedError,
-    DaemonNotRunningError,
-    DaemonRunningError,
-    KeyMismatchError,
-    NotAvailableError,
-    NotTrustedError,
-    PeerUnreachableError,
-    PilotError,
-    PilotTimeoutError,
-    PortClosedError,
-    TrustRequestError,
-    UnknownHostError,
-)
+from .. import errors
 from ..ipc import decode_data
 
 # Most specific first: the first class an error is an instance of gives the code.
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
-    (DaemonNotRunningError, 3, "the daemon is not running or not answering"),
-    (DaemonRunningError, 4, "a daemon already runs for this home"),
-    (UnknownHostError, 5, "unknown host"),
-    (NotTrustedError, 6, "peer not trusted"),
-    (KeyMismatchError, 7, "a trusted name now resolves to another key"),
-    (PeerUnreachableError, 8, "peer unreachable"),
-    (PortClosedError, 9, "nothing listens on that port"),
-    (PilotTimeoutError, 10, "timed out"),
-    (BeaconError, 11, "beacon unreachable, name taken, or refused"),
-    (ConnectionClosedError, 12, "connection closed"),
-    (NotAvailableError, 2, "not available"),
-    (BadRequestError, 2, "bad arguments"),
-    (ConfigError, 2, "bad arguments"),
-    (TrustRequestError, 2, "bad arguments"),
+    (errors.DaemonNotRunningError, 3, "the daemon is not running or not answering"),
+    (errors.DaemonRunningError, 4, "a daemon already runs for this home"),
+    (errors.UnknownHostError, 5, "unknown host"),
+    (errors.NotTrustedError, 6, "peer not trusted"),
+    (errors.KeyMismatchError, 7, "a trusted name now resolves to another key"),
+    (errors.PeerUnreachableError, 8, "peer unreachable"),
+    (errors.PortClosedError, 9, "nothing listens on that port"),
+    (errors.PilotTimeoutError, 10, "timed out"),
+    (errors.BeaconError, 11, "beacon unreachable, name taken, or refused"),
+    (errors.ConnectionClosedError, 12, "connection closed"),
+    (errors.NotAvailableError, 2, "not available"),
+    (errors.BadRequestError, 2, "bad arguments"),
+    (errors.ConfigError, 2, "bad arguments"),
+    (errors.TrustRequestError, 2, "bad arguments"),
 ]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 
@@ -177,7 +161,7 @@ def exit_status(exc: BaseException, as_json: bool) -> int | None:
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
-    if isinstance(exc, PilotError):
+    if isinstance(exc, errors.PilotError):
         code = exit_code(exc)
         _report(exc, as_json, code)
         return code
