@@ -8,7 +8,7 @@ import pytest
 
 from pilot_agents import PilotTimeoutError
 from pilot_agents.errors import PilotError, RemoteError, WireError
-from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serve
+from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serving
 from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
@@ -18,14 +18,13 @@ async def echo(request: Request) -> object:
 
 
 async def test_a_request_gets_its_reply(pair: Pair) -> None:
-    server = asyncio.create_task(serve(pair.server.transport, 7001, echo))
-    try:
-        async with Requester(pair.client.transport) as requester:
-            reply = await requester.request(pair.server_name, 7001, {"q": 1}, timeout=10)
-            assert reply.json() == {"echo": {"q": 1}, "from": pair.client.node_id}
-            assert reply.sender == pair.server.node_id
-    finally:
-        server.cancel()
+    async with (
+        serving(pair.server.transport, 7001, echo),
+        Requester(pair.client.transport) as requester,
+    ):
+        reply = await requester.request(pair.server_name, 7001, {"q": 1}, timeout=10)
+        assert reply.json() == {"echo": {"q": 1}, "from": pair.client.node_id}
+        assert reply.sender == pair.server.node_id
 
 
 async def test_many_requests_in_flight_on_one_tunnel_come_back_matched(pair: Pair) -> None:
@@ -34,15 +33,14 @@ async def test_many_requests_in_flight_on_one_tunnel_come_back_matched(pair: Pai
         await asyncio.sleep(0.001 * (n % 7))  # answers come back out of order
         return {"n": n}
 
-    server = asyncio.create_task(serve(pair.server.transport, 7002, slow_echo))
-    try:
-        async with Requester(pair.client.transport) as requester:
-            replies = await asyncio.gather(*(
-                requester.request(pair.server_name, 7002, {"n": n}, timeout=30)
-                for n in range(300)))
-            assert [r.json()["n"] for r in replies] == list(range(300))
-    finally:
-        server.cancel()
+    async with (
+        serving(pair.server.transport, 7002, slow_echo),
+        Requester(pair.client.transport) as requester,
+    ):
+        replies = await asyncio.gather(*(
+            requester.request(pair.server_name, 7002, {"n": n}, timeout=30)
+            for n in range(300)))
+        assert [r.json()["n"] for r in replies] == list(range(300))
 
 
 async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
@@ -53,36 +51,33 @@ async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
             await release.wait()
         return request.text()
 
-    server = asyncio.create_task(serve(pair.server.transport, 7003, handler))
-    try:
-        async with Requester(pair.client.transport,
-                             ReqRepConfig(streams_per_peer=1)) as requester:
-            slow = asyncio.create_task(
-                requester.request(pair.server_name, 7003, "slow", timeout=10))
-            await asyncio.sleep(0.2)
-            fast = await requester.request(pair.server_name, 7003, "fast", timeout=5)
-            assert fast.text() == "fast" and not slow.done()
-            release.set()
-            assert (await slow).text() == "slow"
-    finally:
-        server.cancel()
+    async with (
+        serving(pair.server.transport, 7003, handler),
+        Requester(pair.client.transport, ReqRepConfig(streams_per_peer=1)) as requester,
+    ):
+        slow = asyncio.create_task(
+            requester.request(pair.server_name, 7003, "slow", timeout=10))
+        await asyncio.sleep(0.2)
+        fast = await requester.request(pair.server_name, 7003, "fast", timeout=5)
+        assert fast.text() == "fast" and not slow.done()
+        release.set()
+        assert (await slow).text() == "slow"
 
 
 async def test_a_handler_that_raises_is_a_remote_error(pair: Pair) -> None:
     async def handler(request: Request) -> object:
         raise ValueError("no such table: sales")
 
-    server = asyncio.create_task(serve(pair.server.transport, 7004, handler))
-    try:
-        async with Requester(pair.client.transport) as requester:
-            with pytest.raises(RemoteError, match="ValueError: no such table: sales") as info:
-                await requester.request(pair.server_name, 7004, "x", timeout=10)
-            assert info.value.remote_type == "ValueError"
-            # The stream survives an error reply.
-            with pytest.raises(RemoteError):
-                await requester.request(pair.server_name, 7004, "y", timeout=10)
-    finally:
-        server.cancel()
+    async with (
+        serving(pair.server.transport, 7004, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        with pytest.raises(RemoteError, match="ValueError: no such table: sales") as info:
+            await requester.request(pair.server_name, 7004, "x", timeout=10)
+        assert info.value.remote_type == "ValueError"
+        # The stream survives an error reply.
+        with pytest.raises(RemoteError):
+            await requester.request(pair.server_name, 7004, "y", timeout=10)
 
 
 async def test_no_reply_in_time_is_a_timeout(pair: Pair) -> None:
@@ -109,16 +104,13 @@ async def test_a_replier_that_goes_away_mid_request_fails_the_requester(pair: Pa
 
 
 async def test_malformed_frames_from_a_trusted_peer_are_dropped(pair: Pair) -> None:
-    server = asyncio.create_task(serve(pair.server.transport, 7007, echo))
-    try:
+    async with serving(pair.server.transport, 7007, echo):
         # Garbage straight onto the port, then a real request: the replier goes on.
         for junk in (b"", b"\x01", b"\x09" + bytes(8), encode_frame(Kind.REPLY, 1, b"x")):
             await pair.client.transport.send(pair.server_name, 7007, junk, timeout=10)
         async with Requester(pair.client.transport) as requester:
             reply = await requester.request(pair.server_name, 7007, [1], timeout=10)
             assert reply.json()["echo"] == [1]
-    finally:
-        server.cancel()
 
 
 def test_frame_parsing_raises_only_wire_errors() -> None:

@@ -282,7 +282,27 @@ async def serve(transport: Transport, port: int, handler: Handler,
     """Answer every request on ``port`` with what ``handler`` returns (bytes, str or JSON), or
     with an error reply if it raises; runs until cancelled. Up to ``handler_concurrency``
     requests are handled at once; more wait (and so, in the end, do their senders)."""
-    config = config or ReqRepConfig()
+    async with Replier(transport, port) as replier:
+        await _answer_all(replier, handler, config or ReqRepConfig())
+
+
+@contextlib.asynccontextmanager
+async def serving(transport: Transport, port: int, handler: Handler,
+                  config: ReqRepConfig | None = None) -> AsyncIterator[Replier]:
+    """:func:`serve` in the background for the ``async with`` block; the port is listened on
+    before the block starts, so a request sent from inside it finds its replier."""
+    async with Replier(transport, port) as replier:
+        task = asyncio.create_task(_answer_all(replier, handler, config or ReqRepConfig()))
+        try:
+            yield replier
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) -> None:
+    port = replier.port
     slots = asyncio.Semaphore(config.handler_concurrency)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -301,13 +321,12 @@ async def serve(transport: Transport, port: int, handler: Handler,
         finally:
             slots.release()
 
-    async with Replier(transport, port) as replier:
-        try:
-            async for request in replier:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        finally:
-            for task in tasks:
-                task.cancel()
+    try:
+        async for request in replier:
+            await slots.acquire()
+            task = asyncio.create_task(answer(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()

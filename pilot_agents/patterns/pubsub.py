@@ -1,0 +1,404 @@
+"""Publish/subscribe with topic prefixes over any :class:`~pilot_agents.transport.Transport`.
+
+    async with Publisher(transport, 3001) as pub:
+        await pub.publish("sales.q4", {"total": 1842})
+
+    async with Subscriber(transport, "scraper", 3001, ["sales."]) as sub:
+        async for publication in sub:
+            print(publication.topic, publication.json(), publication.missed)
+
+Subscriptions travel to the publisher (as with ZeroMQ's XPUB/XSUB), so a publication crosses the
+network only to the trusted subscribers whose prefix matches its topic. Each subscriber has a
+queue at the publisher, bounded in bytes; what happens when it is full is the publisher's
+documented choice (:class:`Overflow`), and never a silent loss:
+
+- ``BLOCK`` (the default): ``publish`` waits until every matching subscriber has room, so the
+  slowest subscriber sets the pace (and the tunnel's flow control carries that back from a
+  subscriber that stops reading);
+- ``DROP_OLDEST``: the oldest queued publications for that subscriber are dropped, and the next
+  one it receives says how many it missed (:attr:`Publication.missed`).
+
+A subscriber whose stream breaks (the publisher's node restarted, the tunnel closed) connects
+again with backoff and subscribes again; the first publication after that has
+:attr:`Publication.resumed` set, since what was published meanwhile never reached it.
+
+Delivery: in order per subscriber, at most once; none while a subscriber is reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
+from ..transport import (
+    DEFAULT_TIMEOUT,
+    Connection,
+    Listener,
+    Message,
+    Payload,
+    Transport,
+    encode_payload,
+)
+from .frames import (
+    MAX_TOPIC,
+    Kind,
+    encode_frame,
+    encode_prefixes,
+    encode_publication,
+    parse_frame_untrusted,
+    parse_prefixes_untrusted,
+    parse_publication_untrusted,
+)
+
+log = logging.getLogger("pilot_agents.patterns.pubsub")
+
+
+class Overflow(enum.Enum):
+    BLOCK = "block"
+    DROP_OLDEST = "drop-oldest"
+
+
+@dataclass(frozen=True)
+class PubSubConfig:
+    overflow: Overflow = Overflow.BLOCK
+    queue_bytes: int = 4 * 2**20  # per subscriber, at the publisher
+    max_prefixes: int = 256  # per subscription
+    max_subscribers: int = 1024  # per publisher; more are refused until one leaves
+    reconnect_min: float = 0.2  # seconds a subscriber waits before connecting again; doubles
+    reconnect_max: float = 10.0  # seconds, the cap of that doubling
+    # Seconds a subscription may stay idle before the publisher says it is still there; a
+    # subscriber that hears nothing for three of them subscribes again (the publisher may
+    # have gone without a word: its process died while its daemon and tunnel lived on).
+    heartbeat_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.queue_bytes < 1 or self.max_prefixes < 1 or self.max_subscribers < 1:
+            raise ConfigError("PubSubConfig bounds must be at least 1")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ConfigError("PubSubConfig: need 0 < reconnect_min <= reconnect_max")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError("PubSubConfig.heartbeat_interval must be positive")
+
+
+@dataclass
+class Publication(Payload):
+    topic: str
+    data: bytes
+    sender: str  # the publisher's node id
+    missed: int = 0  # publications dropped for us just before this one (DROP_OLDEST)
+    resumed: bool = False  # the first after a reconnection: some may have been published
+
+
+def _topic_bytes(topic: str) -> bytes:
+    raw = topic.encode("utf-8")
+    if len(raw) > MAX_TOPIC:
+        raise ConfigError(f"topic of {len(raw)} bytes: at most {MAX_TOPIC}")
+    return raw
+
+
+@dataclass
+class _Subscription:
+    """One subscriber, as the publisher keeps it: its prefixes and its bounded queue."""
+
+    sender: str
+    prefixes: tuple[bytes, ...]
+    way_back: Message  # its SUBSCRIBE message: replies go back on its stream
+    queue: deque[bytes] = field(default_factory=deque)
+    queued_bytes: int = 0
+    dropped: int = 0
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: bool = False
+
+    def matches(self, topic: bytes) -> bool:
+        return any(topic.startswith(p) for p in self.prefixes)
+
+
+class Publisher:
+    """Publications on ``port`` to the subscribers that want their topic."""
+
+    def __init__(self, transport: Transport, port: int,
+                 config: PubSubConfig | None = None) -> None:
+        self._transport = transport
+        self.port = port
+        self.config = config or PubSubConfig()
+        self._listener: Listener | None = None
+        self._subscriptions: dict[tuple[str, int], _Subscription] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.malformed = 0
+        self.refused = 0
+
+    async def __aenter__(self) -> Publisher:
+        self._listener = self._transport.listen(self.port)
+        await self._listener.__aenter__()
+        self._spawn(self._accept(self._listener))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    async def publish(self, topic: str, data: object) -> int:
+        """Queue ``data`` under ``topic`` for every matching subscriber; how many that was."""
+        if self._listener is None:
+            raise ConfigError("the publisher is not open (use 'async with')")
+        raw_topic = _topic_bytes(topic)
+        frame = encode_frame(Kind.PUBLISH, 0, encode_publication(raw_topic, encode_payload(data)))
+        matching = [s for s in self._subscriptions.values() if s.matches(raw_topic)]
+        for sub in matching:
+            await self._enqueue(sub, frame)
+        return len(matching)
+
+    async def close(self) -> None:
+        """Stop; each subscriber is told, so it subscribes again at once rather than after
+        its heartbeat timeout."""
+        listener, self._listener = self._listener, None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        subscriptions, self._subscriptions = list(self._subscriptions.values()), {}
+        for sub in subscriptions:
+            with contextlib.suppress(PilotError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await sub.way_back.reply(encode_frame(Kind.BYE, 0, b""))
+        if listener is not None:
+            await listener.close()
+
+    async def _enqueue(self, sub: _Subscription, frame: bytes) -> None:
+        limit = self.config.queue_bytes
+        if self.config.overflow is Overflow.BLOCK:
+            while sub.queued_bytes and sub.queued_bytes + len(frame) > limit and not sub.gone:
+                sub.room.clear()
+                await sub.room.wait()
+        else:
+            while sub.queue and sub.queued_bytes + len(frame) > limit:
+                sub.queued_bytes -= len(sub.queue.popleft())
+                sub.dropped += 1
+        if sub.gone:
+            return
+        sub.queue.append(frame)
+        sub.queued_bytes += len(frame)
+        sub.ready.set()
+
+    async def _accept(self, listener: Listener) -> None:
+        while True:
+            message = await listener.receive(timeout=None)
+            try:
+                frame = parse_frame_untrusted(message.data)
+                if frame.kind != Kind.SUBSCRIBE:
+                    raise WireError(f"a {frame.kind.name} frame sent to a publisher")
+                prefixes = parse_prefixes_untrusted(frame.payload, self.config.max_prefixes)
+            except WireError as exc:
+                self.malformed += 1
+                log.warning("%s sent publisher port %d a malformed frame: %s", message.sender,
+                            self.port, exc)
+                continue
+            key = (message.sender, frame.id)
+            known = self._subscriptions.get(key)
+            if known is not None:  # a new SUBSCRIBE on the same stream replaces the prefixes
+                known.prefixes = tuple(p.encode() for p in prefixes)
+                continue
+            if len(self._subscriptions) >= self.config.max_subscribers:
+                self.refused += 1
+                continue
+            sub = _Subscription(message.sender, tuple(p.encode() for p in prefixes), message)
+            self._subscriptions[key] = sub
+            self._spawn(self._feed(key, sub))
+
+    async def _feed(self, key: tuple[str, int], sub: _Subscription) -> None:
+        """Send one subscriber's queue down its stream, in order, until the stream breaks."""
+        heartbeat = encode_frame(Kind.HEARTBEAT, 0, b"")
+        try:
+            while True:
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                    # that comes as the event is set, and close() would wait a heartbeat.
+                    async with asyncio.timeout(self.config.heartbeat_interval):
+                        await sub.ready.wait()
+                except TimeoutError:
+                    await sub.way_back.reply(heartbeat)
+                    continue
+                if sub.dropped:
+                    dropped, sub.dropped = sub.dropped, 0
+                    await sub.way_back.reply(encode_frame(Kind.GAP, dropped, b""))
+                if not sub.queue:
+                    sub.ready.clear()
+                    continue
+                frame = sub.queue.popleft()
+                sub.queued_bytes -= len(frame)
+                sub.room.set()
+                await sub.way_back.reply(frame)
+        except PilotError as exc:
+            log.info("subscriber %s left publisher port %d: %s", sub.sender, self.port, exc)
+        finally:
+            sub.gone = True
+            sub.room.set()
+            if self._subscriptions.get(key) is sub and self._listener is not None:
+                del self._subscriptions[key]
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class Subscriber:
+    """Publications from the publisher on ``port`` of ``peer`` whose topic starts with one of
+    ``prefixes`` (``[""]``: all). Reconnects by itself when its stream breaks."""
+
+    def __init__(self, transport: Transport, peer: str, port: int, prefixes: list[str],
+                 config: PubSubConfig | None = None) -> None:
+        self._transport = transport
+        self.peer = peer
+        self.port = port
+        self.config = config or PubSubConfig()
+        if len(prefixes) > self.config.max_prefixes:
+            raise ConfigError(f"{len(prefixes)} prefixes: at most {self.config.max_prefixes}")
+        for prefix in prefixes:
+            _topic_bytes(prefix)
+        self.prefixes = list(prefixes)
+        # Names this subscription at the publisher: one node may hold several.
+        self._id = secrets.randbits(63)
+        self._conn: Connection | None = None
+        self._closed = False
+        self._missed = 0
+        self._resumed = False
+        self._publisher_left = False
+        # Grows while subscribing again leads nowhere (the port is closed, the stream is reset
+        # at once); back to reconnect_min when the publisher is heard from.
+        self._backoff = self.config.reconnect_min
+        self.reconnections = 0
+        self.malformed = 0
+
+    async def __aenter__(self) -> Subscriber:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(PilotError):
+                await conn.abort()
+
+    async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Publication:
+        """The next publication; :class:`PilotTimeoutError` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._closed:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            if self._conn is None:
+                await self._reconnect(deadline)
+                continue
+            silence = 3 * self.config.heartbeat_interval
+            try:
+                message = await self._conn.receive(
+                    silence if remaining is None else min(remaining, silence))
+            except PilotTimeoutError:
+                if remaining is not None and remaining <= silence:
+                    break
+                log.info("no word from %s port %d for %.0f s; subscribing again", self.peer,
+                         self.port, silence)
+                await self._drop_connection()
+                continue
+            except PilotError as exc:
+                log.info("subscription to %s port %d broke (%s); reconnecting", self.peer,
+                         self.port, exc)
+                await self._drop_connection()
+                continue
+            publication = self._read(message)
+            if publication is not None:
+                return publication
+            if self._publisher_left:
+                self._publisher_left = False
+                await self._drop_connection()
+        if self._closed:
+            raise ConfigError("the subscriber is closed")
+        raise PilotTimeoutError(f"no publication from {self.peer} port {self.port} "
+                                f"within {timeout} s")
+
+    def __aiter__(self) -> AsyncIterator[Publication]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Publication]:
+        while not self._closed:
+            yield await self.receive(timeout=None)
+
+    def _read(self, message: Message) -> Publication | None:
+        try:
+            frame = parse_frame_untrusted(message.data)
+            if frame.kind == Kind.GAP:
+                self._missed += frame.id
+                return None
+            if frame.kind == Kind.HEARTBEAT:
+                self._backoff = self.config.reconnect_min
+                return None
+            if frame.kind == Kind.BYE:
+                self._publisher_left = True  # an orderly close: subscribe again (backoff)
+                return None
+            if frame.kind != Kind.PUBLISH:
+                raise WireError(f"a {frame.kind.name} frame sent to a subscriber")
+            topic, data = parse_publication_untrusted(frame.payload)
+        except WireError as exc:
+            self.malformed += 1
+            log.warning("%s sent a malformed publication: %s", self.peer, exc)
+            return None
+        self._backoff = self.config.reconnect_min
+        publication = Publication(topic, data, message.sender, self._missed, self._resumed)
+        self._missed, self._resumed = 0, False
+        return publication
+
+    async def _connect(self) -> None:
+        conn = self._transport.connect(self.peer, self.port)
+        await conn.__aenter__()
+        try:
+            await conn.send(encode_frame(Kind.SUBSCRIBE, self._id,
+                                         encode_prefixes(self.prefixes)))
+        except BaseException:
+            with contextlib.suppress(PilotError):
+                await conn.abort()
+            raise
+        self._conn = conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(PilotError):
+                await conn.abort()
+
+    async def _reconnect(self, deadline: float | None) -> None:
+        """Subscribe again after a pause that doubles while attempts lead nowhere."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            pause = self._backoff
+            if deadline is not None:
+                pause = min(pause, max(deadline - loop.time(), 0.0))
+            await asyncio.sleep(pause)
+            self._backoff = min(self._backoff * 2, self.config.reconnect_max)
+            if deadline is not None and loop.time() >= deadline:
+                return
+            try:
+                await self._connect()
+            except PilotError as exc:
+                log.info("subscribing to %s port %d again failed: %s", self.peer, self.port,
+                         exc)
+                continue
+            self.reconnections += 1
+            self._resumed = True
+            return
