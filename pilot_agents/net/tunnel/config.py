@@ -20,9 +20,28 @@ class SessionConfig:
     # Datagram sizes tried in turn once the tunnel is up (DPLPMTUD, RFC 8899): Ethernet, jumbo
     # frames, and loopback/jumbo-capable paths. A lost probe ends the climb. () disables it.
     mtu_probe_sizes: tuple[int, ...] = (1452, 8952, 16384)
+    # Receiving. What a tunnel holds for an application that does not read is bounded by
+    # connection_window (stream bytes: messages not yet taken, partial messages, out-of-order
+    # data), plus one message beyond it (max_message_size), plus the overhead part of
+    # connection_delivery_window. docs/protocol.md, "Flow control", has the accounting.
     stream_window: int = 16 * MiB  # bytes a peer may send on one stream ahead of our reader
     connection_window: int = 64 * MiB  # the same, summed over all streams of the tunnel
-    max_message_size: int = 1024 * MiB  # bytes; a larger incoming message resets its stream
+    # bytes; a larger incoming message resets its stream as soon as its header arrives. One
+    # stream at a time may receive a message larger than the windows (it is handed over whole).
+    max_message_size: int = 64 * MiB
+    # bytes charged per message handed to the application and not yet taken, beyond its length
+    # and 8-byte header: the Python objects that carry it (bytes object ~33, the event ~80,
+    # the node's Message and its inbox entry ~200), measured in tests/test_flow_control.py.
+    message_overhead: int = 320
+    # bytes (each message charged length + 8 + message_overhead) handed to the application
+    # ahead of what it has taken, per stream and per tunnel; further whole messages wait in
+    # the stream buffers, where they count against the windows above.
+    stream_delivery_window: int = 1 * MiB
+    connection_delivery_window: int = 4 * MiB
+    # holes (separate out-of-order ranges) in all of a tunnel's stream buffers before the peer
+    # is judged hostile and the tunnel closed: each costs a range entry (~100 bytes). A real
+    # sender makes one per lost packet still missing.
+    max_reassembly_gaps: int = 16384
     max_incoming_streams: int = 1024  # concurrently open streams the peer may open
     ack_every: int = 2  # ack-eliciting packets received before an ACK is sent at once
     max_ack_delay: float = 0.025  # seconds an ACK may be held back

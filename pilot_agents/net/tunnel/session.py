@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ...errors import CryptoError, HandshakeError, MessageTooLargeError, WireError
 from . import events, handshake, noise, wire
@@ -29,7 +29,7 @@ from .paths import Address, PathManager, RelayPath, is_relay
 from .rangeset import RangeSet
 from .recovery import Recovery, SentPacket
 from .replay import ReplayWindow
-from .streams import RecvStream, SendStream, StreamChunk
+from .streams import MESSAGE_HEADER_SIZE, RecvStream, SendStream, StreamChunk
 
 log = logging.getLogger("pilot_agents.session")
 
@@ -79,6 +79,66 @@ class _Stream:
     remote_port: int
     send: SendStream
     recv: RecvStream
+
+
+# What a sent packet carried besides stream data, so its loss can be repaired and its
+# acknowledgement acted on (StreamChunk, from streams.py, is the stream data's record).
+
+
+class _MaxData:
+    """A MAX_DATA frame: on loss the current limit is sent again."""
+
+    __slots__ = ()
+
+
+class _Ping:
+    """A PING that only elicits an ACK (keepalive, probe): nothing to repair."""
+
+    __slots__ = ()
+
+
+class _MaxStreamData:
+    """A MAX_STREAM_DATA frame: on loss the stream's current limit is sent again."""
+
+    __slots__ = ("limit", "stream_id")
+
+    def __init__(self, stream_id: int, limit: int) -> None:
+        self.stream_id = stream_id
+        self.limit = limit
+
+
+class _ResetStream:
+    """A RESET_STREAM frame: sent again until acknowledged."""
+
+    __slots__ = ("code", "stream_id")
+
+    def __init__(self, stream_id: int, code: int) -> None:
+        self.stream_id = stream_id
+        self.code = code
+
+
+class _MtuProbe:
+    """A padded PING testing whether the path carries ``size``-byte datagrams."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class _UserPing:
+    """A PING asked for by :meth:`Session.ping`, asked at ``asked`` (its RTT counts from there)."""
+
+    __slots__ = ("asked", "ping_id")
+
+    def __init__(self, ping_id: int, asked: float) -> None:
+        self.ping_id = ping_id
+        self.asked = asked
+
+
+_MAX_DATA: Final = _MaxData()
+_PING: Final = _Ping()
+_Control = _MaxStreamData | _ResetStream  # frames queued for the next packet
 
 
 @dataclass(slots=True)
@@ -165,18 +225,29 @@ class Session:
         # may open streams at once without asking.
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 0 if local_id < peer else 1
+        # Indices (id // 2) of the peer's streams that are gone: its ids all have one parity,
+        # so sequential use leaves one merged range rather than one range per stream.
         self._peer_closed_streams = RangeSet()
         self._incoming_open = 0
-        self._control: deque[tuple[str, int, int]] = deque()  # ("max_stream_data"|"reset", id, n)
+        self._control: deque[_Control] = deque()
         self._max_data_pending = False
         self._send_order: deque[int] = deque()  # streams with data, round robin
-        # Connection-level flow control.
+        # Connection-level flow control (docs/protocol.md, "Flow control").
         self._peer_max_data = config.connection_window
         self._sent_new_bytes = 0
-        self._recv_max_data = config.connection_window
-        self._recv_highest_total = 0
-        self._recv_delivered_total = 0
-        self._recv_queued_total = 0
+        self._recv_max_data = config.connection_window  # the limit we advertised
+        self._recv_highest_total = 0  # sum over streams of the highest offset received
+        self._recv_consumed_total = 0  # sum of what the application took (or nobody will)
+        self._unread_bytes = 0  # charge of messages handed out and not yet taken
+        self._delivery_waiting: deque[int] = deque()  # held back by connection_delivery_window
+        # The large-message allowance: one stream at a time may receive the message at its front
+        # beyond the windows, up to its end (a message is handed over whole, so one larger than
+        # the windows needs it); the stream, the end offset, and the extra connection credit.
+        self._large_stream = -1
+        self._large_end = 0
+        self._large_extra = 0
+        self._large_waiting: deque[int] = deque()
+        self._reassembly_gaps = 0  # holes in all streams' reassembly buffers
 
     # -- public API ------------------------------------------------------------------------
 
@@ -260,7 +331,7 @@ class Session:
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         if self._drop_stream(stream_id):
-            self._control.append(("reset", stream_id, code))
+            self._control.append(_ResetStream(stream_id, code))
 
     def stream_buffered(self, stream_id: int) -> int:
         """Bytes written to the stream and not yet acknowledged (0 for a gone stream)."""
@@ -271,18 +342,35 @@ class Session:
         return stream_id in self._streams
 
     def message_consumed(self, stream_id: int, size: int) -> bool:
-        """The application took a delivered message: its bytes become flow-control credit.
-        True if that queued a window update to send."""
+        """The application took a message of ``size`` bytes handed out on the stream: its bytes
+        become flow-control credit and more held-back messages may be handed out. Messages of
+        one stream are taken in the order they were handed out. True if that queued something
+        (a window update to send, events): the driver should flush."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            return False  # dropped already; its queued bytes were released then
-        self._recv_queued_total -= size
-        stream.recv.consumed(size)
-        queued = len(self._control), self._max_data_pending
-        self._queue_window_updates(stream)
-        self._maybe_forget_stream(stream)
+            return False  # dropped already; its charge was released then
+        before = len(self._control), self._max_data_pending, len(self._events)
+        recv = stream.recv
+        charge = size + MESSAGE_HEADER_SIZE + self.config.message_overhead
+        recv.unread -= 1
+        recv.unread_bytes -= charge
+        self._unread_bytes -= charge
+        recv.consumed += size + MESSAGE_HEADER_SIZE
+        self._recv_consumed_total += size + MESSAGE_HEADER_SIZE
+        if self._large_stream == stream_id and recv.consumed >= self._large_end:
+            self._release_large()
+        self._deliver(stream)
+        limit = self.config.connection_delivery_window
+        while self._delivery_waiting and self._unread_bytes < limit:
+            waiting = self._streams.get(self._delivery_waiting.popleft())
+            if waiting is not None:
+                waiting.recv.waiting = False
+                self._deliver(waiting)
+        if stream_id in self._streams:
+            self._queue_window_updates(stream)
+            self._maybe_forget_stream(stream)
         self._queue_connection_window_update()
-        return (len(self._control), self._max_data_pending) != queued
+        return (len(self._control), self._max_data_pending, len(self._events)) != before
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "", now: float = 0.0) -> None:
         """Close the tunnel; the peer is told with one CLOSE frame if keys exist."""
@@ -705,31 +793,112 @@ class Session:
             if stream is None:
                 return
         recv = stream.recv
-        highest_before, delivered_before = recv.highest, recv.delivered
+        highest_before, gaps_before = recv.highest, recv.gaps
         try:
-            messages = recv.receive_untrusted(frame.offset, frame.data, frame.fin)
+            message = recv.receive_untrusted(
+                frame.offset, frame.data, frame.fin, self._may_deliver(recv)
+            )
+            self._recv_highest_total += recv.highest - highest_before
+            if self._recv_highest_total > self._recv_max_data:
+                raise WireError("peer exceeded the connection window")
+            if message is not None:
+                self._hand_out(stream, message)
+                if recv.final_size is not None:
+                    self._deliver(stream)  # reports the end
+            else:
+                self._reassembly_gaps += recv.gaps - gaps_before
+                if self._reassembly_gaps > self.config.max_reassembly_gaps:
+                    raise WireError(
+                        f"peer left more than {self.config.max_reassembly_gaps} holes in its "
+                        "streams"
+                    )
+                self._deliver(stream)
         except MessageTooLargeError:
             self.reset_stream(frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
             self._events.append(
                 events.StreamReset(self.peer, frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
             )
             return
-        self._recv_highest_total += recv.highest - highest_before
-        if self._recv_highest_total > self._recv_max_data:
-            raise WireError("peer exceeded the connection window")
-        self._recv_delivered_total += recv.delivered - delivered_before
-        for message in messages:
-            self._recv_queued_total += len(message)
-            self._events.append(
-                events.MessageReceived(
-                    self.peer, frame.stream_id, stream.remote_port, stream.local_port, message
-                )
-            )
-        self._queue_window_updates(stream)
+        if stream.stream_id in self._streams:
+            self._queue_window_updates(stream)
         self._queue_connection_window_update()
-        if recv.finished:
-            self._events.append(events.StreamEnded(self.peer, frame.stream_id))
+
+    def _may_deliver(self, recv: RecvStream) -> bool:
+        """The delivery windows let the stream hand out one more message."""
+        return (
+            recv.unread_bytes < self.config.stream_delivery_window
+            and self._unread_bytes < self.config.connection_delivery_window
+        )
+
+    def _hand_out(self, stream: _Stream, message: bytes) -> None:
+        # A message handed out costs Python objects beyond its bytes (see message_overhead),
+        # so the delivery windows charge it more than its wire size.
+        charge = len(message) + MESSAGE_HEADER_SIZE + self.config.message_overhead
+        recv = stream.recv
+        recv.unread += 1
+        recv.unread_bytes += charge
+        self._unread_bytes += charge
+        self._events.append(
+            events.MessageReceived(
+                self.peer, stream.stream_id, stream.remote_port, stream.local_port, message
+            )
+        )
+
+    def _deliver(self, stream: _Stream) -> None:
+        """Hand out the stream's whole messages while the delivery windows allow; report the
+        end of the stream once all of them are out. Raises MessageTooLargeError."""
+        recv = stream.recv
+        while True:
+            recv.parse_header()
+            if not recv.message_ready:
+                self._claim_large(stream)
+                break
+            if recv.unread_bytes >= self.config.stream_delivery_window:
+                break  # its own reader's next take resumes it
+            if self._unread_bytes >= self.config.connection_delivery_window:
+                if not recv.waiting:
+                    recv.waiting = True
+                    self._delivery_waiting.append(stream.stream_id)
+                break
+            self._hand_out(stream, recv.pop_message())
+        if recv.finished and not recv.end_reported:
+            recv.end_reported = True
+            self._events.append(events.StreamEnded(self.peer, stream.stream_id))
             self._maybe_forget_stream(stream)
+
+    def _claim_large(self, stream: _Stream) -> None:
+        """Give the large-message allowance to the message at the stream's front if it cannot
+        complete within the credit there is; with the allowance taken, queue for it."""
+        recv = stream.recv
+        end = recv.message_end
+        stream_id = stream.stream_id
+        if end < 0 or not recv.at_head or self._large_stream == stream_id:
+            return
+        connection_room = self._recv_max_data - self._recv_highest_total
+        if end <= recv.max_data and end - recv.highest <= connection_room:
+            return
+        if self._large_stream >= 0:
+            if stream_id not in self._large_waiting:
+                self._large_waiting.append(stream_id)
+            return
+        self._large_stream = stream_id
+        self._large_end = end
+        self._large_extra = end - recv.consumed
+        if end > recv.max_data:
+            recv.max_data = end
+            self._control.append(_MaxStreamData(stream_id, end))
+        limit = self._recv_consumed_total + self.config.connection_window + self._large_extra
+        if limit > self._recv_max_data:
+            self._recv_max_data = limit
+            self._max_data_pending = True
+
+    def _release_large(self) -> None:
+        self._large_stream = -1
+        self._large_extra = 0
+        while self._large_waiting and self._large_stream < 0:
+            stream = self._streams.get(self._large_waiting.popleft())
+            if stream is not None:
+                self._claim_large(stream)
 
     def _accept_stream(self, frame: wire.StreamFrame) -> _Stream | None:
         stream_id = frame.stream_id
@@ -737,11 +906,11 @@ class Session:
             if stream_id >= self._next_stream_id:
                 raise WireError(f"peer used stream {stream_id}, which we never opened")
             return None  # ours, closed already: a late retransmission
-        if stream_id in self._peer_closed_streams:
+        if stream_id >> 1 in self._peer_closed_streams:
             return None
         if self._incoming_open >= self.config.max_incoming_streams:
-            self._peer_closed_streams.add(stream_id)
-            self._control.append(("reset", stream_id, ResetCode.TOO_MANY_STREAMS))
+            self._peer_closed_streams.add(stream_id >> 1)
+            self._control.append(_ResetStream(stream_id, ResetCode.TOO_MANY_STREAMS))
             return None
         self._incoming_open += 1
         stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
@@ -766,28 +935,36 @@ class Session:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return False
-        # Bytes the peer sent that nobody will read count as consumed, so its credit comes back.
-        self._recv_delivered_total += stream.recv.highest - stream.recv.delivered
-        self._recv_queued_total -= stream.recv.queued
+        # What the peer sent that nobody will read counts as consumed: its credit comes back.
+        recv = stream.recv
+        self._recv_consumed_total += recv.highest - recv.consumed
+        self._unread_bytes -= recv.unread_bytes
+        self._reassembly_gaps -= recv.gaps
         if stream_id % 2 != self._next_stream_id % 2:
             self._incoming_open -= 1
-            self._peer_closed_streams.add(stream_id)
+            self._peer_closed_streams.add(stream_id >> 1)
+        if self._large_stream == stream_id:
+            self._release_large()
         return True
 
     def _maybe_forget_stream(self, stream: _Stream) -> None:
-        if stream.send.all_acked and stream.recv.finished and stream.recv.queued == 0:
+        recv = stream.recv
+        if stream.send.all_acked and recv.finished and recv.unread == 0:
             self._drop_stream(stream.stream_id)
 
     def _queue_window_updates(self, stream: _Stream) -> None:
-        limit = stream.recv.window_update()
-        if limit is not None:
-            self._control.append(("max_stream_data", stream.stream_id, limit))
+        """More stream credit once the application has taken half a window's worth."""
+        recv = stream.recv
+        limit = recv.consumed + recv.window
+        if recv.final_size is None and limit - recv.max_data > recv.window // 2:
+            recv.max_data = limit
+            self._control.append(_MaxStreamData(stream.stream_id, limit))
 
     def _queue_connection_window_update(self) -> None:
-        consumed = self._recv_delivered_total - self._recv_queued_total
         window = self.config.connection_window
-        if self._recv_max_data - consumed < window // 2:
-            self._recv_max_data = consumed + window
+        limit = self._recv_consumed_total + window + self._large_extra
+        if limit - self._recv_max_data > window // 2:
+            self._recv_max_data = limit
             self._max_data_pending = True
 
     # -- internals: acknowledgements and loss ----------------------------------------------------
@@ -801,10 +978,10 @@ class Session:
                     if stream is not None:
                         stream.send.on_acked(item.offset, item.length, item.fin)
                         self._maybe_forget_stream(stream)
-                elif item[0] == "mtu_probe":
-                    self._on_mtu_probe(item[1], acked=True)
-                elif item[0] == "user_ping":
-                    self._events.append(events.PingAcked(self.peer, item[1], now - item[2]))
+                elif isinstance(item, _MtuProbe):
+                    self._on_mtu_probe(item.size, acked=True)
+                elif isinstance(item, _UserPing):
+                    self._events.append(events.PingAcked(self.peer, item.ping_id, now - item.asked))
         self._on_lost(result.lost)
 
     def _on_lost(self, lost: list[SentPacket]) -> None:
@@ -816,18 +993,18 @@ class Session:
                     if stream is not None:
                         stream.send.on_lost(item.offset, item.length, item.fin)
                         self._schedule(item.stream_id)
-                elif item[0] == "max_data":
+                elif isinstance(item, _MaxData):
                     self._max_data_pending = True
-                elif item[0] == "max_stream_data":
-                    stream = self._streams.get(item[1])
+                elif isinstance(item, _MaxStreamData):
+                    stream = self._streams.get(item.stream_id)
                     if stream is not None:
-                        self._control.append(("max_stream_data", item[1], stream.recv.max_data))
-                elif item[0] == "reset":
+                        self._control.append(_MaxStreamData(item.stream_id, stream.recv.max_data))
+                elif isinstance(item, _ResetStream):
                     self._control.append(item)
-                elif item[0] == "mtu_probe":
-                    self._on_mtu_probe(item[1], acked=False)
-                elif item[0] == "user_ping":
-                    self._pings_pending.append((item[1], item[2]))  # RTT counts from the ask
+                elif isinstance(item, _MtuProbe):
+                    self._on_mtu_probe(item.size, acked=False)
+                elif isinstance(item, _UserPing):
+                    self._pings_pending.append((item.ping_id, item.asked))
 
     # -- internals: building packets -------------------------------------------------------
 
@@ -867,24 +1044,24 @@ class Session:
         if self._max_data_pending:
             self._max_data_pending = False
             payload += wire.encode_max_data(self._recv_max_data)
-            items.append(("max_data", 0, 0))
+            items.append(_MAX_DATA)
         while self._control and len(payload) + 16 < budget:
-            kind, stream_id, value = self._control.popleft()
-            if kind == "reset":
-                payload += wire.encode_reset_stream(stream_id, value)
-            elif stream_id in self._streams:
-                payload += wire.encode_max_stream_data(stream_id, value)
+            control = self._control.popleft()
+            if isinstance(control, _ResetStream):
+                payload += wire.encode_reset_stream(control.stream_id, control.code)
+            elif control.stream_id in self._streams:
+                payload += wire.encode_max_stream_data(control.stream_id, control.limit)
             else:
                 continue
-            items.append((kind, stream_id, value))
+            items.append(control)
         self._fill_streams(payload, items, budget)
         for ping_id, asked in self._pings_pending:
             payload += wire.ENCODED_PING
-            items.append(("user_ping", ping_id, asked))
+            items.append(_UserPing(ping_id, asked))
         self._pings_pending.clear()
         if (probe or self._ping_pending) and not items:
             payload += wire.ENCODED_PING
-            items.append(("ping", 0, 0))
+            items.append(_PING)
         self._ping_pending = False
         return self._finish_packet(keypair, payload, items, now, probe=probe)
 
@@ -936,10 +1113,7 @@ class Session:
 
     def _expecting_data(self) -> bool:
         """Some stream of the peer's stopped in the middle of a message (or has a gap)."""
-        return any(
-            s.recv.highest > s.recv.delivered or s.recv.reader.in_message
-            for s in self._streams.values()
-        )
+        return any(s.recv.expecting_data for s in self._streams.values())
 
     def _on_path_validated(self, address: Address) -> None:
         # Leave the relay for any proven direct path; leave a direct path only when the peer
@@ -982,7 +1156,7 @@ class Session:
         payload = wire.ENCODED_PING + bytes(size - wire.DATA_HEADER_SIZE - TAG_SIZE - 1)
         packet_number = self._next_packet_number
         datagram = self._seal(keypair, payload)
-        self._track(packet_number, datagram, [("mtu_probe", size, 0)], now, is_probe_mtu=True)
+        self._track(packet_number, datagram, [_MtuProbe(size)], now, is_probe_mtu=True)
         return datagram
 
     def _on_mtu_probe(self, size: int, *, acked: bool) -> None:

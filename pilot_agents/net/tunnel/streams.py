@@ -9,7 +9,6 @@ what was delivered, so a slow reader slows the sender instead of growing memory.
 
 from __future__ import annotations
 
-import heapq
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -91,9 +90,6 @@ class SendStream:
             return self.send_offset < self.max_data
         return self.fin_offset is not None and not self.fin_sent
 
-    def blocked_by_flow_control(self) -> bool:
-        return self.send_offset < self.write_offset and self.send_offset >= self.max_data
-
     def next_chunk(self, max_length: int, connection_credit: int) -> tuple[int, bytes, bool] | None:
         """The next (offset, data, fin) to put in a frame of at most ``max_length`` data bytes.
 
@@ -166,93 +162,95 @@ class SendStream:
         return self.fin_acked and self._buffer_start == self.write_offset
 
 
-class MessageReader:
-    """Cuts a reassembled byte stream into length-prefixed messages."""
-
-    __slots__ = ("_body", "_header", "_remaining", "max_message_size")
-
-    def __init__(self, max_message_size: int) -> None:
-        self.max_message_size = max_message_size
-        self._header = b""
-        self._body = bytearray()
-        self._remaining = -1  # -1: reading a header
-
-    @property
-    def in_message(self) -> bool:
-        return self._remaining >= 0 or bool(self._header)
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if self._remaining < 0 and not self._header and len(data) >= MESSAGE_HEADER_SIZE:
-            # One whole message in one frame, the request/reply case: no views, one copy.
-            size: int = _LENGTH.unpack_from(data)[0]
-            if size + MESSAGE_HEADER_SIZE == len(data) and size <= self.max_message_size:
-                return [data[MESSAGE_HEADER_SIZE:]]
-        messages: list[bytes] = []
-        view = memoryview(data)
-        while view:
-            if self._remaining < 0:
-                need = MESSAGE_HEADER_SIZE - len(self._header)
-                self._header += view[:need]
-                view = view[need:]
-                if len(self._header) < MESSAGE_HEADER_SIZE:
-                    break
-                size = _LENGTH.unpack(self._header)[0]
-                self._header = b""
-                if size > self.max_message_size:
-                    raise MessageTooLargeError(
-                        f"peer sent a {size}-byte message; the limit is {self.max_message_size}"
-                    )
-                if len(view) >= size and not self._body:
-                    # Whole message in this chunk: the common case for small messages.
-                    messages.append(bytes(view[:size]))
-                    view = view[size:]
-                    continue
-                self._remaining = size
-            take = view[: self._remaining]
-            self._body += take
-            self._remaining -= len(take)
-            view = view[len(take) :]
-            if self._remaining == 0:
-                messages.append(bytes(self._body))
-                self._body = bytearray()
-                self._remaining = -1
-        return messages
-
-
 class RecvStream:
-    """Reorders STREAM frames by offset and hands contiguous bytes to a :class:`MessageReader`."""
+    """One stream's receiving half: reassembly by offset, message framing, and the bookkeeping
+    flow control needs.
+
+    Every byte from the start of the first message not yet handed out (``_base``) up to the
+    highest offset received sits in one buffer at its own position, so overlapping or repeated
+    frames cost nothing twice and the buffer never holds more than the span the window allows.
+    Holes not yet filled are zeros; ``_have`` records which ranges above the contiguous prefix
+    arrived. Messages leave the buffer only when the session hands them out (:meth:`pop_message`),
+    and credit returns only when the application has taken them (:meth:`consumed`): everything
+    between the application's read point and the highest offset, including partial messages
+    and bytes held back from delivery, counts against the window.
+    """
 
     __slots__ = (
-        "_chunk_offsets",
-        "_chunks",
+        "_base",
+        "_buffer",
+        "_have",
+        "consumed",
         "delivered",
+        "end_reported",
         "final_size",
         "highest",
         "max_data",
-        "queued",
-        "reader",
+        "max_message_size",
+        "message_end",
+        "unread",
+        "unread_bytes",
+        "waiting",
         "window",
     )
 
     def __init__(self, window: int, max_message_size: int) -> None:
         self.window = window
         self.max_data = window  # the limit we advertised
-        self.delivered = 0  # contiguous bytes handed to the reader
-        self.highest = 0  # highest offset+length received: what counts against flow control
-        self.queued = 0  # bytes of delivered messages the application has not taken yet
+        self.max_message_size = max_message_size
+        self.highest = 0  # highest offset+length received
+        self.delivered = 0  # every byte below this offset has arrived
+        self.consumed = 0  # end of the last message the application took
         self.final_size: int | None = None
-        self.reader = MessageReader(max_message_size)
-        self._chunks: dict[int, bytes] = {}
-        self._chunk_offsets: list[int] = []  # heap of the keys of _chunks
+        self.message_end = -1  # end offset of the message at _base, once its header is in
+        self.unread = 0  # messages handed out that the application has not taken yet
+        self.unread_bytes = 0  # what they are charged (see Session._hand_out)
+        self.waiting = False  # queued for delivery budget at the session
+        self.end_reported = False
+        self._base = 0  # stream offset of _buffer[0]: the first byte not handed out
+        self._buffer = bytearray()  # bytes from _base up to highest; holes are zeros
+        self._have = RangeSet()  # ranges received above ``delivered``
+
+    @property
+    def gaps(self) -> int:
+        """Separate ranges received ahead of the contiguous prefix."""
+        return len(self._have)
 
     @property
     def finished(self) -> bool:
-        """Every byte up to the FIN has been delivered."""
-        return self.final_size is not None and self.delivered == self.final_size
+        """Every byte up to the FIN has arrived and every whole message was handed out."""
+        return (
+            self.final_size is not None
+            and self.delivered == self.final_size
+            and not self.message_ready
+        )
 
-    def receive_untrusted(self, offset: int, data: bytes, fin: bool) -> list[bytes]:
-        """Messages completed by this frame. Raises WireError on a flow-control or final-size
-        violation, MessageTooLargeError on an oversized message."""
+    @property
+    def message_ready(self) -> bool:
+        """A whole message waits at the front of the buffer."""
+        return 0 <= self.message_end <= self.delivered
+
+    @property
+    def at_head(self) -> bool:
+        """The application has taken everything before the message at the front."""
+        return self._base == self.consumed
+
+    @property
+    def expecting_data(self) -> bool:
+        """A hole, or a message (or its header) only partly received."""
+        if self.highest > self.delivered:
+            return True
+        if self.message_end < 0:
+            return self.delivered > self._base
+        return self.message_end > self.delivered
+
+    def receive_untrusted(self, offset: int, data: bytes, fin: bool, deliver: bool) -> bytes | None:
+        """Store a STREAM frame's bytes.
+
+        Returns the message itself when the frame is exactly one whole message arriving in
+        order with nothing buffered and ``deliver`` allows handing it out (the request/reply
+        case, kept free of any buffer). Raises WireError on a flow-control or final-size
+        violation, MessageTooLargeError on a header declaring an oversized message."""
         stop = offset + len(data)
         if stop > self.max_data:
             raise WireError(f"peer exceeded the stream window ({stop} > {self.max_data})")
@@ -262,39 +260,65 @@ class RecvStream:
             if (self.final_size is not None and self.final_size != stop) or stop < self.highest:
                 raise WireError("stream final size changed")
             self.final_size = stop
-        self.highest = max(self.highest, stop)
-        if stop <= self.delivered:
-            return []
-        if offset > self.delivered:
-            known = self._chunks.get(offset)
-            if known is None or len(known) < len(data):
-                if known is None:
-                    heapq.heappush(self._chunk_offsets, offset)
-                self._chunks[offset] = data
-            return []
-        messages = self._deliver(data[self.delivered - offset :])
-        while self._chunk_offsets and self._chunk_offsets[0] <= self.delivered:
-            start = heapq.heappop(self._chunk_offsets)
-            chunk = self._chunks.pop(start)
-            if start + len(chunk) > self.delivered:
-                messages += self._deliver(chunk[self.delivered - start :])
-        return messages
-
-    def _deliver(self, data: bytes) -> list[bytes]:
-        self.delivered += len(data)
-        messages = self.reader.feed(data)
-        for message in messages:
-            self.queued += len(message)
-        return messages
-
-    def consumed(self, size: int) -> None:
-        """The application took a message of ``size`` bytes."""
-        self.queued -= size
-
-    def window_update(self) -> int | None:
-        """A new limit to advertise once half the window is used, else None."""
-        consumed = self.delivered - self.queued
-        if self.final_size is None and self.max_data - consumed < self.window // 2:
-            self.max_data = consumed + self.window
-            return self.max_data
+        if stop > self.highest:
+            self.highest = stop
+        delivered = self.delivered
+        if stop <= delivered:
+            return None
+        buffer = self._buffer
+        if offset == delivered and not buffer and len(data) >= MESSAGE_HEADER_SIZE:
+            size: int = _LENGTH.unpack_from(data)[0]
+            whole = size + MESSAGE_HEADER_SIZE == len(data) and size <= self.max_message_size
+            if deliver and whole:
+                self.delivered = self._base = stop
+                return data[MESSAGE_HEADER_SIZE:]
+        if offset < delivered:
+            data = data[delivered - offset :]  # the part already held is dropped, not stored
+            offset = delivered
+        at = offset - self._base
+        if at == len(buffer):
+            buffer += data
+        else:
+            end = at + len(data)
+            if end > len(buffer):
+                buffer += bytes(end - len(buffer))
+            buffer[at:end] = data
+        if offset > delivered:
+            self._have.add(offset, stop)
+            return None
+        delivered = stop
+        have = self._have
+        while have and have[0].start <= delivered:
+            stop = have.shift().stop
+            if stop > delivered:
+                delivered = stop
+        self.delivered = delivered
+        self.parse_header()
         return None
+
+    def parse_header(self) -> None:
+        """Read the front message's length as soon as its header is in: an oversized one is
+        refused before any of its body is held."""
+        if self.message_end < 0 and self.delivered - self._base >= MESSAGE_HEADER_SIZE:
+            size: int = _LENGTH.unpack_from(self._buffer)[0]
+            if size > self.max_message_size:
+                raise MessageTooLargeError(
+                    f"peer sent a {size}-byte message; the limit is {self.max_message_size}"
+                )
+            self.message_end = self._base + MESSAGE_HEADER_SIZE + size
+
+    def pop_message(self) -> bytes:
+        """The whole message at the front (check :attr:`message_ready` first)."""
+        buffer = self._buffer
+        length = self.message_end - self._base
+        if length == len(buffer):
+            del buffer[:MESSAGE_HEADER_SIZE]  # O(1) at the front of a bytearray
+            message = bytes(buffer)
+            buffer.clear()
+        else:
+            message = bytes(buffer[MESSAGE_HEADER_SIZE:length])
+            del buffer[:length]
+        self._base = self.message_end
+        self.message_end = -1
+        self.parse_header()
+        return message
