@@ -229,20 +229,27 @@ class SimNetwork:
             heapq.heappush(self._queue, _InFlight(at, self._seq, source, destination, data))
 
     def flush(self, host: Host) -> None:
-        for data, destination in host.mux.datagrams_to_send(self.now):
-            self.route(host, destination, data)
-        event = host.mux.next_event()
-        while event is not None:
-            host.events.append(event)
-            if isinstance(event, events.PathChanged) and event.path == "relay":
-                self.reintroduce(host, event.peer)
-            if isinstance(event, events.MessageReceived):
-                host.messages.append(event)
-                if host.auto_consume:
-                    session = host.mux.get_session(event.peer)
-                    if session is not None:
-                        session.message_consumed(event.stream_id, len(event.data))
+        # As the node's driver does: a take that let held-back messages out (or queued a window
+        # update) is followed by another round of sending and events.
+        again = True
+        while again:
+            again = False
+            for data, destination in host.mux.datagrams_to_send(self.now):
+                self.route(host, destination, data)
             event = host.mux.next_event()
+            while event is not None:
+                host.events.append(event)
+                if isinstance(event, events.PathChanged) and event.path == "relay":
+                    self.reintroduce(host, event.peer)
+                if isinstance(event, events.MessageReceived):
+                    host.messages.append(event)
+                    if host.auto_consume:
+                        session = host.mux.get_session(event.peer)
+                        if session is not None and session.message_consumed(
+                            event.stream_id, len(event.data)
+                        ):
+                            again = True
+                event = host.mux.next_event()
 
     def flush_all(self) -> None:
         for host in self.hosts.values():

@@ -369,6 +369,13 @@ class Session:
         if stream_id in self._streams:
             self._queue_window_updates(stream)
             self._maybe_forget_stream(stream)
+        if self._unread_bytes == 0 and self._large_stream < 0:
+            window = self.config.connection_window
+            if self._recv_max_data - self._recv_highest_total < window // 2:
+                # The application took everything: a stream stuck on a partial message with
+                # the tunnel's credit spent gets the allowance now.
+                for other in list(self._streams.values()):
+                    self._claim_large(other)
         self._queue_connection_window_update()
         return (len(self._control), self._max_data_pending, len(self._events)) != before
 
@@ -868,26 +875,33 @@ class Session:
 
     def _claim_large(self, stream: _Stream) -> None:
         """Give the large-message allowance to the message at the stream's front if it cannot
-        complete within the credit there is; with the allowance taken, queue for it."""
+        complete otherwise: it is larger than the stream's credit, or the tunnel's credit is
+        spent and nothing handed out is left for the application to take. With the allowance
+        taken, queue for it."""
         recv = stream.recv
         end = recv.message_end
         stream_id = stream.stream_id
         if end < 0 or not recv.at_head or self._large_stream == stream_id:
             return
-        connection_room = self._recv_max_data - self._recv_highest_total
-        if end <= recv.max_data and end - recv.highest <= connection_room:
-            return
+        if end <= recv.max_data:
+            room = self._recv_max_data - self._recv_highest_total
+            if end - recv.highest <= room or self._unread_bytes > 0:
+                return
         if self._large_stream >= 0:
             if stream_id not in self._large_waiting:
                 self._large_waiting.append(stream_id)
             return
+        # The peer spreads connection credit over every stream with stream credit left
+        # (including streams it has yet to open): one more connection window covers what the
+        # others take meanwhile, so the message completes unless more than that is taken.
+        window = self.config.connection_window
         self._large_stream = stream_id
         self._large_end = end
-        self._large_extra = end - recv.consumed
+        self._large_extra = end - recv.consumed + window
         if end > recv.max_data:
             recv.max_data = end
             self._control.append(_MaxStreamData(stream_id, end))
-        limit = self._recv_consumed_total + self.config.connection_window + self._large_extra
+        limit = self._recv_consumed_total + window + self._large_extra
         if limit > self._recv_max_data:
             self._recv_max_data = limit
             self._max_data_pending = True

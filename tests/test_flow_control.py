@@ -1,0 +1,166 @@
+"""Receive-side flow control on the sans-IO tunnel (simnet, fake clock): what a receiver holds
+for an application that does not read stays bounded whatever a trusted peer sends, and the
+sender blocks instead (issue #11, items 1, 3 and 5)."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+
+from pilot_agents.errors import WireError
+from pilot_agents.net.tunnel import events, wire
+from pilot_agents.net.tunnel.codes import ResetCode
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.session import Session
+from tests.simnet import Host, SimNetwork
+
+KiB = 1024
+
+
+def established(config: SessionConfig) -> tuple[SimNetwork, Host, Host, Session, Session, int]:
+    """A tunnel whose receiver ``b`` does not read; a stream from ``a`` to b's port 1."""
+    net = SimNetwork(7)
+    a, b = net.pair(config)
+    b.auto_consume = False
+    sa, stream = net.start_stream(a, b, 1, b"first")
+    assert net.run_until(lambda: len(b.messages) == 1, 5)
+    sb = b.mux.get_session(a.key)
+    assert sb is not None
+    return net, a, b, sa, sb, stream
+
+
+def inject(session: Session, stream_id: int, offset: int, data: bytes, fin: bool = False) -> None:
+    """A STREAM frame as if it had arrived in an authenticated packet."""
+    session._on_stream_frame(wire.StreamFrame(stream_id, 50000, 1, offset, data, fin))
+
+
+def test_empty_messages_stop_the_sender_and_resume_when_read() -> None:
+    """Item 1: 8-byte empty messages used to be free (only payload bytes counted), so a reader
+    that took nothing received every one of them as a Python object."""
+    config = SessionConfig(
+        stream_window=64 * KiB,
+        connection_window=128 * KiB,
+        stream_delivery_window=16 * KiB,
+        connection_delivery_window=32 * KiB,
+    )
+    net, _, b, sa, sb, stream = established(config)
+    total = 40_000  # 320 kB on the wire: five stream windows
+    for _ in range(total):
+        sa.send_message(stream, b"")
+    net.run_for(5)
+    handed_out = len(b.messages)
+    charge = 8 + config.message_overhead
+    assert handed_out <= 1 + config.stream_delivery_window // charge + 1
+    recv = sb._streams[stream].recv
+    assert len(recv._buffer) <= config.stream_window
+    assert sa.stream_buffered(stream) >= (total - config.stream_window // 8) * 8  # blocked
+    # Reading resumes it: every message arrives, in order, none twice.
+    b.auto_consume = True
+    for message in b.messages:
+        sb.message_consumed(message.stream_id, len(message.data))
+    assert net.run_until(
+        lambda: len(b.messages) == total + 1 and sa.stream_buffered(stream) == 0, 60
+    )
+
+
+def test_held_bytes_count_against_the_connection_window_across_streams() -> None:
+    """Whole messages the application has not taken hold the tunnel's credit; a reader that
+    takes them releases it and the held-back ones follow."""
+    config = SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB)
+    net, _, b, sa, sb, first = established(config)
+    streams = [first] + [sa.open_stream(50001 + i, 1) for i in range(3)]
+    for stream in streams:
+        for _ in range(64):
+            sa.send_message(stream, bytes(1000))
+    net.run_for(5)
+    held = sum(s.recv.highest - s.recv.consumed for s in sb._streams.values())
+    assert held <= config.connection_window
+    assert sa._sent_new_bytes <= config.connection_window
+    b.auto_consume = True
+    for message in b.messages:
+        sb.message_consumed(message.stream_id, len(message.data))
+    assert net.run_until(lambda: len(b.messages) == 1 + 4 * 64, 60)
+
+
+def test_overlapping_out_of_order_frames_are_stored_once() -> None:
+    """Item 3: every overlapping chunk used to be kept (1.2 GB from 20k frames of 60 kB)."""
+    config = SessionConfig(stream_window=1024 * KiB, connection_window=1024 * KiB)
+    _, _, _, _, sb, stream = established(config)
+    base = sb._streams[stream].recv.delivered
+    chunk = bytes(60_000)
+    tracemalloc.start()
+    try:
+        for i in range(2000):
+            # Out of order (nothing at ``base``), each overlapping its neighbours.
+            inject(sb, stream, base + 1 + (i * 7919) % (1000 * KiB - len(chunk)), chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * config.stream_window
+    assert not sb.closed
+
+
+def test_declared_length_above_the_limit_resets_at_the_header() -> None:
+    config = SessionConfig(max_message_size=64 * KiB)
+    _, _, _, _, sb, stream = established(config)
+    base = sb._streams[stream].recv.delivered
+    inject(sb, stream, base, struct.pack("!Q", 1 << 30) + bytes(100))
+    resets = [e for e in sb._events if isinstance(e, events.StreamReset)]
+    assert [r.code for r in resets] == [ResetCode.MESSAGE_TOO_LARGE]
+    assert not sb.has_stream(stream)
+
+
+def test_partial_bodies_count_against_the_window() -> None:
+    """Item 3: headers declaring large messages let each stream hold a whole message's worth of
+    partial body with no credit counted. Now the tunnel holds at most its window plus the one
+    message the large-message allowance admits."""
+    config = SessionConfig(
+        stream_window=64 * KiB, connection_window=128 * KiB, max_message_size=1024 * KiB
+    )
+    net, _, b, sa, sb, first = established(config)
+    streams = [first] + [sa.open_stream(50001 + i, 1) for i in range(3)]
+    for stream in streams:
+        sa.send_message(stream, bytes(1000 * KiB))
+    net.run_for(10)
+    # The message with the allowance and what the others may hold (two connection windows).
+    bound = 2 * config.connection_window + config.max_message_size + 8 * len(streams)
+    assert sa._sent_new_bytes <= bound
+    # The one that got the allowance is whole; the reader takes it and the next one follows.
+    assert len(b.messages) == 2
+    b.auto_consume = True
+    for message in b.messages:
+        sb.message_consumed(message.stream_id, len(message.data))
+    assert net.run_until(lambda: len(b.messages) == 1 + len(streams), 60)
+    assert all(len(m.data) == 1000 * KiB for m in b.messages[1:])
+
+
+def test_scattered_holes_close_the_tunnel() -> None:
+    config = SessionConfig(max_reassembly_gaps=100)
+    _, _, _, _, sb, stream = established(config)
+    base = sb._streams[stream].recv.delivered
+    for i in range(100):
+        inject(sb, stream, base + 2 + 2 * i, b"x")
+    # One more hole is a protocol error, which closes the tunnel (receive_data's handling).
+    with pytest.raises(WireError, match="holes"):
+        inject(sb, stream, base + 2 + 2 * 100, b"x")
+
+
+def test_closed_stream_ids_stay_one_range() -> None:
+    """Item 5: ids of one side step by 2, so a set of ids never merged: one range per stream."""
+    net = SimNetwork(9)
+    a, b = net.pair()
+    sa = a.mux.session(b.key, net.now)
+    sa.connect(net.now)
+    for i in range(300):
+        stream = sa.open_stream(50000, 1)
+        sa.send_message(stream, i.to_bytes(2, "big"))
+        sa.finish_stream(stream)
+    assert net.run_until(lambda: len(b.messages) == 300, 30)
+    sb = b.mux.get_session(a.key)
+    assert sb is not None
+    for stream_id in list(sb._streams):
+        sb.finish_stream(stream_id)
+    assert net.run_until(lambda: not sb._streams, 30)
+    assert len(sb._peer_closed_streams) == 1
