@@ -70,6 +70,10 @@ class UnknownHostError(BeaconError):
     """The beacon knows no node by that name (or it is offline)."""
 
 
+class TooManyConnectionsError(PilotError):
+    """Every local port for connections to one peer is taken by an open connection."""
+
+
 class MessageTooLargeError(PilotError):
     """A message exceeds the configured maximum message size."""
 

@@ -51,6 +51,12 @@ class Mailbox(Generic[T]):
         """What waits, oldest first (a copy)."""
         return list(self._items)
 
+    def take_all(self) -> list[T]:
+        """Every item, removed, without waiting."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     def put(self, item: T) -> None:
         self._items.append(item)
         self._wake_next()
@@ -159,6 +165,15 @@ class StreamHandle:
             self.error = error
             self.inbox.put(error)
         self.driver.progress_made()
+
+    def discard_unread(self) -> None:
+        """Nobody will receive from this handle again: what its inbox holds goes back to the
+        peer as flow-control credit (errors stay for a late receive)."""
+        for item in self.inbox.take_all():
+            if isinstance(item, PilotError):
+                self.inbox.put(item)
+            elif self.session.message_consumed(self.stream_id, len(item.data)):
+                self.driver.wake()
 
     def end(self) -> None:
         """The peer finished sending: receives raise once the inbox is empty; sends go on."""

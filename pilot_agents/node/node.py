@@ -33,6 +33,7 @@ from ..errors import (
     PilotError,
     PilotTimeoutError,
     PortClosedError,
+    TooManyConnectionsError,
     UnknownHostError,
 )
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
@@ -125,6 +126,7 @@ class Node:
         self._listeners: dict[int, Listener] = {}
         self._streams: dict[tuple[bytes, int], StreamHandle] = {}
         self._outgoing: set[tuple[bytes, int]] = set()
+        self._local_ports: dict[bytes, set[int]] = {}  # per peer, taken by our connections
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
         self._hostnames: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
@@ -487,19 +489,32 @@ class Node:
         handle = StreamHandle(self._driver, session, stream_id, local_port, port)
         self._streams[(key, stream_id)] = handle
         self._outgoing.add((key, stream_id))
+        self._local_ports.setdefault(key, set()).add(local_port)
         return handle
 
     def _ephemeral_port(self, peer: bytes) -> int:
-        used = {h.local_port for (p, _), h in self._streams.items() if p == peer}
-        while True:
+        used = self._local_ports.get(peer, set())
+        for _ in range(64):
             port = random.choice(EPHEMERAL_PORTS)
             if port not in used:
                 return port
+        # Nearly all taken (a random draw would have found one otherwise): look at each.
+        free = [port for port in EPHEMERAL_PORTS if port not in used]
+        if not free:
+            name = self._hostnames.get(peer) or node_id_from_key(peer)
+            raise TooManyConnectionsError(
+                f"all {len(EPHEMERAL_PORTS)} local ports for connections to {name} are in use: "
+                "close some of them first"
+            )
+        return random.choice(free)
 
     def _forget(self, handle: StreamHandle) -> None:
         key = (handle.session.peer, handle.stream_id)
         self._streams.pop(key, None)
-        self._outgoing.discard(key)
+        if key in self._outgoing:
+            self._outgoing.discard(key)
+            self._local_ports.get(key[0], set()).discard(handle.local_port)
+        handle.discard_unread()
 
     # -- internals: beacon events -------------------------------------------------------------
 
@@ -570,6 +585,10 @@ class Node:
         key = (event.peer, event.stream_id)
         handle = self._streams.get(key)
         if handle is None:
+            # Nobody will read it: its bytes go back to the peer as credit.
+            session = self._mux.get_session(event.peer) if self._mux else None
+            if session is not None and session.message_consumed(event.stream_id, len(event.data)):
+                self._driver.wake()
             return
         message = Message(event.data, handle.peer_id, event.dst_port, event.src_port, handle)
         if key in self._outgoing:

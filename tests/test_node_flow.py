@@ -1,0 +1,142 @@
+"""Flow control through the embedded Node, on 127.0.0.1: a listener that never reads stops its
+sender instead of growing (issue #11 item 1's acceptance test), and the node refuses a
+connection it has no local port for instead of spinning (item 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from pilot_agents import Node
+from pilot_agents.errors import PilotTimeoutError, TooManyConnectionsError
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.node.connection import Connection
+from pilot_agents.node.node import EPHEMERAL_PORTS
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+OFFERED = 2 * 1000**3  # bytes offered per message size (it blocks long before)
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process, bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def offer(conn: Connection, size: int, count: int) -> int:
+    """Send up to ``count`` messages of ``size`` bytes; stop at the first send that does not
+    complete within 2 s (the sender is blocked). Returns how many were accepted."""
+    data = bytes(size)
+    for sent in range(count):
+        try:
+            await asyncio.wait_for(conn.send(data), 2)
+        except TimeoutError:
+            return sent
+    return count
+
+
+async def test_listener_that_never_reads_stops_the_sender(tmp_path: Path) -> None:
+    """Default settings on both sides: ~2 GB offered per message size, the receiver in its own
+    process so that its memory is its own."""
+    stream_window = SessionConfig().stream_window
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "tests" / "flood_receiver.py"),
+        str(tmp_path / "receiver"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        info = json.loads(await asyncio.wait_for(process.stdout.readline(), 20))
+        async with Node(home=tmp_path / "sender", listen="127.0.0.1:0") as me:
+            process.stdin.write(me.node_id.encode() + b"\n")
+            await process.stdin.drain()
+            me.trust(info["node_id"])
+            me.add_peer(info["node_id"], ("127.0.0.1", info["port"]))
+            await asyncio.sleep(0.5)  # the receiver is listening
+            before = rss(process.pid)
+            connections = []
+            accepted = []
+            started = time.monotonic()
+            for size, count in ((0, 0), (1000, OFFERED // 1000), (MiB, OFFERED // MiB)):
+                conn = me.connect(info["node_id"], port=1001, timeout=10)
+                await conn.__aenter__()
+                connections.append(conn)
+                if size == 0:
+                    # An empty message is 8 bytes on the wire: the sender's own buffer (8 MiB)
+                    # would take a million of them to fill, so offer more than the receiver's
+                    # window and see that they never all arrive.
+                    empty = stream_window // 8 + 100_000
+                    for _ in range(empty):
+                        await conn.send(b"")
+                    accepted.append(empty)
+                    with pytest.raises(PilotTimeoutError):
+                        await conn.drain(timeout=2)
+                else:
+                    accepted.append(await offer(conn, size, count))
+                    assert accepted[-1] < count  # blocked
+            grown = rss(process.pid) - before
+            assert grown < 100 * MiB, f"the receiver grew by {grown / MiB:.0f} MiB"
+            assert time.monotonic() - started < 120
+            # Reading resumes every sender.
+            process.stdin.write(b"read\n")
+            await process.stdin.drain()
+            for conn in connections:
+                await conn.drain(timeout=60)
+            for conn in connections:
+                await conn.close()
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@contextmanager
+def alarm(seconds: int) -> Iterator[None]:
+    """Interrupt a call that never returns (a busy loop starves asyncio's own timeouts)."""
+
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+async def test_every_local_port_in_use_is_an_error(tmp_path: Path) -> None:
+    async with (
+        Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
+        Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+    ):
+        a.trust(b.node_id)
+        b.trust(a.node_id)
+        a.add_peer(b.node_id, b.local_endpoint)
+        opened = []
+        for _ in range(len(EPHEMERAL_PORTS)):
+            conn = a.connect(b.node_id, port=1001)
+            await conn.__aenter__()
+            opened.append(conn)
+        with alarm(20), pytest.raises(TooManyConnectionsError, match="in use"):
+            await a.connect(b.node_id, port=1001).__aenter__()
+        # Closing one frees its port.
+        await opened.pop().abort()
+        conn = a.connect(b.node_id, port=1001)
+        await conn.__aenter__()
+        await conn.abort()
