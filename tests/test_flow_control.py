@@ -114,7 +114,7 @@ def test_declared_length_above_the_limit_resets_at_the_header() -> None:
 def test_partial_bodies_count_against_the_window() -> None:
     """Item 3: headers declaring large messages let each stream hold a whole message's worth of
     partial body with no credit counted. Now the tunnel holds at most its window plus the one
-    message the large-message allowance admits."""
+    message the large-message allowance admits and one more window for the other streams."""
     config = SessionConfig(
         stream_window=64 * KiB, connection_window=128 * KiB, max_message_size=1024 * KiB
     )
