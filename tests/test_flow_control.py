@@ -163,3 +163,19 @@ def test_closed_stream_ids_stay_one_range() -> None:
         sb.finish_stream(stream_id)
     assert net.run_until(lambda: not sb._streams, 30)
     assert len(sb._peer_closed_streams) == 1
+
+
+def test_oversized_header_behind_a_held_back_message_resets_when_reached() -> None:
+    config = SessionConfig(max_message_size=64 * KiB, stream_delivery_window=1)
+    _, _, b, _, sb, stream = established(config)
+    base = sb._streams[stream].recv.delivered
+    oversized = struct.pack("!Q", 1 << 30) + bytes(10)
+    inject(sb, stream, base, struct.pack("!Q", 1) + b"x" + oversized)
+    assert not [e for e in sb._events if isinstance(e, events.MessageReceived)]  # held back
+    sb.message_consumed(stream, len(b.messages[0].data))  # "first" taken: "x" goes out
+    kinds = [(type(e), getattr(e, "code", None)) for e in sb._events]
+    assert kinds[-2:] == [
+        (events.MessageReceived, None),
+        (events.StreamReset, ResetCode.MESSAGE_TOO_LARGE),
+    ]
+    assert not sb.has_stream(stream)

@@ -26,7 +26,8 @@ T = TypeVar("T")
 
 
 class Mailbox(Generic[T]):
-    """An unbounded FIFO whose :meth:`get` waits with a deadline.
+    """A FIFO whose :meth:`get` waits with a deadline. Unbounded itself: the session hands a
+    stream's messages to it only within its delivery windows (see docs/protocol.md).
 
     asyncio.Queue under asyncio.timeout() costs a Timeout object, a cancellation scope and a
     task cancel/uncancel per wait; on the request/reply path that is a measurable share of a

@@ -347,7 +347,7 @@ class Session:
         one stream are taken in the order they were handed out. True if that queued something
         (a window update to send, events): the driver should flush."""
         stream = self._streams.get(stream_id)
-        if stream is None:
+        if stream is None or self.state is State.CLOSED:
             return False  # dropped already; its charge was released then
         before = len(self._control), self._max_data_pending, len(self._events)
         recv = stream.recv
@@ -821,14 +821,15 @@ class Session:
                     )
                 self._deliver(stream)
         except MessageTooLargeError:
-            self.reset_stream(frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
-            self._events.append(
-                events.StreamReset(self.peer, frame.stream_id, ResetCode.MESSAGE_TOO_LARGE)
-            )
+            self._reset_oversized(frame.stream_id)
             return
         if stream.stream_id in self._streams:
             self._queue_window_updates(stream)
         self._queue_connection_window_update()
+
+    def _reset_oversized(self, stream_id: int) -> None:
+        self.reset_stream(stream_id, ResetCode.MESSAGE_TOO_LARGE)
+        self._events.append(events.StreamReset(self.peer, stream_id, ResetCode.MESSAGE_TOO_LARGE))
 
     def _may_deliver(self, recv: RecvStream) -> bool:
         """The delivery windows let the stream hand out one more message."""
@@ -853,10 +854,15 @@ class Session:
 
     def _deliver(self, stream: _Stream) -> None:
         """Hand out the stream's whole messages while the delivery windows allow; report the
-        end of the stream once all of them are out. Raises MessageTooLargeError."""
+        end of the stream once all of them are out. A header declaring an oversized message
+        resets the stream."""
         recv = stream.recv
         while True:
-            recv.parse_header()
+            try:
+                recv.parse_header()
+            except MessageTooLargeError:
+                self._reset_oversized(stream.stream_id)
+                return
             if not recv.message_ready:
                 self._claim_large(stream)
                 break

@@ -320,5 +320,4 @@ class RecvStream:
             del buffer[:length]
         self._base = self.message_end
         self.message_end = -1
-        self.parse_header()
         return message
