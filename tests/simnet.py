@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pilot_agents.identity import Identity
 from pilot_agents.net.tunnel import crypto, events
 from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.events import Event, MessageReceived
 from pilot_agents.net.tunnel.mux import Mux
 from pilot_agents.net.tunnel.paths import RelayPath
 from pilot_agents.net.tunnel.session import Session
 
 Address = tuple[str, int]
+Source = Address | RelayPath  # where a datagram comes from: an address, or the relay for a peer
 
 
 @dataclass
@@ -36,8 +38,9 @@ class Host:
     address: Address
     identity: Identity
     mux: Mux
-    events: list[events.Event] = field(default_factory=list)
-    messages: list[events.MessageReceived] = field(default_factory=list)
+    # Annotated by name: inside the class body, ``events`` is this field, not the module.
+    events: list[Event] = field(default_factory=list)
+    messages: list[MessageReceived] = field(default_factory=list)
     # Simulated application: take every message at once, releasing flow-control credit.
     auto_consume: bool = True
     nat: SimNat | None = None
@@ -93,7 +96,7 @@ BEACON: Address = ("beacon", 3478)
 class _InFlight:
     at: float
     seq: int
-    source: object = field(compare=False)
+    source: Source = field(compare=False)
     destination: Address = field(compare=False)
     data: bytes = field(compare=False)
 
@@ -106,7 +109,7 @@ class SimNetwork:
         self.hosts: dict[Address, Host] = {}
         self.delivered = 0
         self.dropped = 0
-        self.tap: Callable[[Address, Address, bytes], bytes | None] | None = None
+        self.tap: Callable[[Source, Address, bytes], bytes | None] | None = None
         self._queue: list[_InFlight] = []
         self._seq = 0
         self._stalled = 0
@@ -180,7 +183,7 @@ class SimNetwork:
             source = host.nat.outbound(host.address, destination)
         self.send(source, destination, data)
 
-    def _arrive(self, packet: _InFlight) -> tuple[Host, Address] | None:
+    def _arrive(self, packet: _InFlight) -> tuple[Host, Source] | None:
         destination = packet.destination
         nat = self.nats.get(destination[0])
         if nat is not None and not isinstance(packet.source, RelayPath):
@@ -205,7 +208,7 @@ class SimNetwork:
         session.connect(self.now)
         return session, stream
 
-    def send(self, source: object, destination: Address, data: bytes, hops: int = 1) -> None:
+    def send(self, source: Source, destination: Address, data: bytes, hops: int = 1) -> None:
         """Put one datagram on the wire, subject to the link profile."""
         profile = self.profile
         if self.tap is not None:
