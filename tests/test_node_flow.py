@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +19,9 @@ import pytest
 
 from pilot_agents import Node
 from pilot_agents.errors import PilotTimeoutError, TooManyConnectionsError
+from pilot_agents.net.tunnel import events
 from pilot_agents.net.tunnel.config import SessionConfig
-from pilot_agents.node.connection import Connection
+from pilot_agents.node.connection import Connection, Mailbox, Message
 from pilot_agents.node.node import EPHEMERAL_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,3 +142,24 @@ async def test_every_local_port_in_use_is_an_error(tmp_path: Path) -> None:
         conn = a.connect(b.node_id, port=1001)
         await conn.__aenter__()
         await conn.abort()
+
+
+def test_message_overhead_covers_what_a_message_waiting_for_the_reader_costs() -> None:
+    """The delivery windows charge each handed-out message ``message_overhead`` bytes beyond
+    its payload: its event, the node's Message and the listener's inbox entry must fit."""
+    count = 20_000
+    inbox: Mailbox[tuple[object, Message]] = Mailbox()
+    queued: list[events.MessageReceived] = []
+    handle = object()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            payload = (i % 65536).to_bytes(2, "big")  # an object of its own, as received
+            event = events.MessageReceived(b"k" * 32, i, 50000, 1001, payload)
+            queued.append(event)  # the session's event queue, until the node takes it
+            inbox.put((handle, Message(event.data, "peer", 1001, 50000, None)))
+        per_message = (tracemalloc.get_traced_memory()[0] - before) / count - 2
+    finally:
+        tracemalloc.stop()
+    assert per_message <= SessionConfig().message_overhead, per_message

@@ -22,8 +22,9 @@ class SessionConfig:
     mtu_probe_sizes: tuple[int, ...] = (1452, 8952, 16384)
     # Receiving. What a tunnel holds for an application that does not read is bounded by
     # connection_window (stream bytes: messages not yet taken, partial messages, out-of-order
-    # data), plus one message beyond it (max_message_size), plus the overhead part of
-    # connection_delivery_window. docs/protocol.md, "Flow control", has the accounting.
+    # data), plus the overhead part of connection_delivery_window; while a message larger than
+    # the windows arrives, that message (up to max_message_size) and one more connection_window.
+    # docs/protocol.md, "Flow control", has the accounting.
     stream_window: int = 16 * MiB  # bytes a peer may send on one stream ahead of our reader
     connection_window: int = 64 * MiB  # the same, summed over all streams of the tunnel
     # bytes; a larger incoming message resets its stream as soon as its header arrives. One
@@ -31,7 +32,7 @@ class SessionConfig:
     max_message_size: int = 64 * MiB
     # bytes charged per message handed to the application and not yet taken, beyond its length
     # and 8-byte header: the Python objects that carry it (bytes object ~33, the event ~80,
-    # the node's Message and its inbox entry ~200), measured in tests/test_flow_control.py.
+    # the node's Message and its inbox entry ~200), as tests/test_node_flow.py measures.
     message_overhead: int = 320
     # bytes (each message charged length + 8 + message_overhead) handed to the application
     # ahead of what it has taken, per stream and per tunnel; further whole messages wait in
