@@ -60,7 +60,7 @@ def test_random_datagrams_are_dropped_and_counted() -> None:
         net.flush(b)
     assert b.messages == before
     stats = b.mux.stats
-    assert stats.malformed + stats.unknown_index + stats.bad_handshakes > 2000
+    assert stats.malformed + stats.unknown_index + stats.bad_handshakes + stats.bad_mac1 > 2000
     # The tunnel still works afterwards.
     a.mux.get_session(b.key).send_message(stream, b"still fine")
     assert net.run_until(lambda: len(b.messages) == 2, 5)
@@ -133,7 +133,7 @@ def test_replayed_initiation_is_refused() -> None:
     b.mux.receive_datagram(initiations[0], ("evil", 1), net.now)
     net.flush(b)
     assert sb.stats.handshakes == handshakes
-    assert sb.stats.replayed >= 1
+    assert b.mux.stats.replayed_initiations >= 1
     assert sb.established and sb.address == a.address
 
 

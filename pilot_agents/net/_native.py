@@ -18,14 +18,16 @@ from pathlib import Path
 # stun and beacon_* (off the per-packet path). crypto is: its AEAD wrapper runs twice per packet.
 # So are config and handshake, although little of their code runs per packet: the session reads
 # their fields (SessionConfig, Keypair) on every packet, and compiled code reads an interpreted
-# object's attribute through the generic getattr (5 % of a round trip's instructions). The
-# endpoint and udp are compiled although they drive asyncio: their read and flush callbacks run
-# for every datagram (~6% fewer instructions per round trip than with them interpreted).
+# object's attribute through the generic getattr (5 % of a round trip's instructions). cookie
+# and ratelimit run for every handshake packet of a flood. The endpoint and udp are compiled
+# although they drive asyncio: their read and flush callbacks run for every datagram (~6% fewer
+# instructions per round trip than with them interpreted).
 # Named relative to pilot_agents.net: the tunnel protocol, and the asyncio driver around it.
 COMPILED = (
-    "tunnel.config", "tunnel.congestion", "tunnel.crypto", "tunnel.events", "tunnel.handshake",
-    "tunnel.mux", "tunnel.pacing", "tunnel.paths", "tunnel.rangeset", "tunnel.recovery",
-    "tunnel.replay", "tunnel.session", "tunnel.streams", "tunnel.wire",
+    "tunnel.config", "tunnel.congestion", "tunnel.cookie", "tunnel.crypto", "tunnel.events",
+    "tunnel.handshake", "tunnel.mux", "tunnel.pacing", "tunnel.paths", "tunnel.rangeset",
+    "tunnel.ratelimit", "tunnel.recovery", "tunnel.replay", "tunnel.session", "tunnel.streams",
+    "tunnel.wire",
     "io.endpoint", "io.udp",
 )
 

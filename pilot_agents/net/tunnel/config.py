@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .congestion import CongestionConfig
 from .paths import PathConfig
+from .ratelimit import HandshakeLimits
 from .recovery import RecoveryConfig
 
 MiB = 1024 * 1024
@@ -64,3 +65,4 @@ class SessionConfig:
     )
     congestion: CongestionConfig = field(default_factory=CongestionConfig)
     paths: PathConfig = field(default_factory=PathConfig)
+    handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)

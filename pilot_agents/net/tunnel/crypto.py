@@ -1,4 +1,5 @@
-"""Thin bindings to libsodium: the AEAD, X25519, Ed25519 and the BLAKE2b helpers Noise needs.
+"""Thin bindings to libsodium: the AEAD, X25519, Ed25519, the BLAKE2b helpers Noise needs, and
+the keyed MAC and XChaCha20-Poly1305 of the handshake cookies.
 
 :class:`Aead` is on the path of every packet, so it calls libsodium without pysodium's per-call
 wrappers and buffer allocations: through the small C module ``_aead`` where the core is compiled,
@@ -62,6 +63,15 @@ _aead_decrypt = _bind(
     "crypto_aead_chacha20poly1305_ietf_decrypt",
     (_ptr, _ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr),
 )
+_xaead_encrypt = _bind(
+    "crypto_aead_xchacha20poly1305_ietf_encrypt",
+    (_ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr, _ptr),
+)
+_xaead_decrypt = _bind(
+    "crypto_aead_xchacha20poly1305_ietf_decrypt",
+    (_ptr, _ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr),
+)
+XNONCE_SIZE: Final = 24
 _scalarmult = _bind("crypto_scalarmult_curve25519", (_ptr, _ptr, _ptr))
 _scalarmult_base = _bind("crypto_scalarmult_curve25519_base", (_ptr, _ptr))
 _sign_keypair = _bind("crypto_sign_ed25519_keypair", (_ptr, _ptr))
@@ -254,6 +264,33 @@ def ed25519_sk_to_x25519(secret_key: bytes) -> bytes:
 def blake2b(data: bytes) -> bytes:
     """BLAKE2b-512."""
     return hashlib.blake2b(data).digest()
+
+
+def keyed_mac(key: bytes, data: bytes, size: int = 16) -> bytes:
+    """Keyed BLAKE2b of ``size`` bytes (key at most 64 bytes): the handshake MACs."""
+    return hashlib.blake2b(data, digest_size=size, key=key).digest()
+
+
+def xaead_seal(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    """XChaCha20-Poly1305 (IETF): ciphertext followed by the tag. The 24-byte nonce may be
+    random."""
+    _check_size("XChaCha20 key", key, KEY_SIZE)
+    _check_size("XChaCha20 nonce", nonce, XNONCE_SIZE)
+    out = bytes(len(plaintext) + TAG_SIZE)
+    _xaead_encrypt(out, None, plaintext, len(plaintext), ad, len(ad), None, nonce, key)
+    return out
+
+
+def xaead_open(key: bytes, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes | None:
+    """The plaintext, or None if the ciphertext does not authenticate."""
+    _check_size("XChaCha20 key", key, KEY_SIZE)
+    _check_size("XChaCha20 nonce", nonce, XNONCE_SIZE)
+    if len(ciphertext) < TAG_SIZE:
+        return None
+    out = bytes(len(ciphertext) - TAG_SIZE)
+    if _xaead_decrypt(out, None, None, ciphertext, len(ciphertext), ad, len(ad), nonce, key):
+        return None
+    return out
 
 
 def hmac_blake2b(key: bytes, data: bytes) -> bytes:

@@ -1,6 +1,13 @@
 """All tunnels of one node, sans-IO: routes datagrams to sessions by receiver index and answers
 handshakes from trusted peers.
 
+Before an initiation costs a Diffie-Hellman it must pass, in this order: its size; its mac1
+(``cookie.py``: one keyed hash, which drops random bytes and packets for another key); when the
+node is under load, its mac2 (else the sender gets a cookie reply, unless it is a source already
+out of budget); and its source's budget (``ratelimit.py``). After the Noise checks, its timestamp
+must be newer than the greatest accepted from that peer, which the injected ``timestamps`` store
+keeps across sessions (a node's store also survives restarts).
+
 The asyncio endpoint feeds it every tunnel datagram with :meth:`receive_datagram`, fires
 :meth:`handle_timer` at :meth:`get_timer`, sends what :meth:`datagrams_to_send` returns and hands
 :meth:`next_event` results to the node.
@@ -12,14 +19,16 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 from ...errors import HandshakeError, NotTrustedError
 from . import crypto, events, handshake, wire
 from .codes import CloseCode
 from .config import SessionConfig
-from .paths import Address
+from .cookie import COOKIE_REPLY_SIZE, CookieChecker, PeerMacs
+from .paths import Address, RelayPath
+from .ratelimit import LoadMeter, SourceLimiter
 from .session import Session
 
 log = logging.getLogger("pilot_agents.mux")
@@ -34,6 +43,11 @@ class MuxStats:
     unknown_index: int = 0
     bad_handshakes: int = 0  # forged or corrupted initiations
     untrusted: int = 0  # well-formed initiations from keys we don't trust
+    bad_mac1: int = 0  # handshake packets not addressed to our key (dropped before any DH)
+    cookie_replies: int = 0  # initiations answered with a cookie while under load
+    rate_limited: int = 0  # initiations over their source's budget (dropped before any DH)
+    replayed_initiations: int = 0  # timestamp not newer than the peer's last accepted one
+    wrong_relay_source: int = 0  # relayed initiations whose sender is not their Noise key
 
 
 class Mux:
@@ -45,15 +59,29 @@ class Mux:
         *,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         random_bits: Callable[[int], int] = secrets.randbits,
+        timestamps: MutableMapping[bytes, int] | None = None,
     ) -> None:
         """``signing_secret``/``public_key``: the node's Ed25519 identity; its X25519 form is
-        the Noise static key. ``random_bits`` picks indices and session nonces (tests seed it)."""
+        the Noise static key. ``random_bits`` picks indices, session nonces and cookie secrets
+        (tests seed it). ``timestamps`` maps a peer's Ed25519 key to the greatest initiation
+        timestamp accepted from it (an in-memory dict by default)."""
         self.public_key = public_key
         self.config = config or SessionConfig()
         self.stats = MuxStats()
         self._static_private = crypto.ed25519_sk_to_x25519(signing_secret)
         self._wall_clock_ns = wall_clock_ns
         self._random_bits = random_bits
+        self._timestamps: MutableMapping[bytes, int] = {} if timestamps is None else timestamps
+        limits = self.config.handshakes
+        self._cookies = CookieChecker(
+            crypto.x25519_public(self._static_private), limits.cookie_lifetime_s, self._random
+        )
+        self._load = LoadMeter(limits)
+        self._sources = SourceLimiter(
+            limits.source_rate_per_s, limits.source_burst, limits.max_sources
+        )
+        self._peer_macs: dict[bytes, PeerMacs] = {}  # Ed25519 node key -> our MACs to it
+        self._replies: list[tuple[bytes, Address]] = []  # cookie replies, sent statelessly
         self._sessions: dict[bytes, Session] = {}
         self._by_index: dict[int, Session] = {}
         self._trusted: dict[bytes, bytes] = {}  # X25519 static -> Ed25519 node key
@@ -74,6 +102,7 @@ class Mux:
         static = self._trusted_static.pop(peer, None)
         if static is not None:
             del self._trusted[static]
+        self._peer_macs.pop(peer, None)
         session = self._sessions.get(peer)
         if session is not None:
             session.close(CloseCode.NOT_TRUSTED, "", now)
@@ -99,9 +128,21 @@ class Mux:
                 nonce=self._random_bits(64),
                 wall_clock_ns=self._wall_clock_ns,
                 now=now,
+                macs=self._macs_to(peer, static),
             )
             self._sessions[peer] = session
         return session
+
+    def _macs_to(self, peer: bytes, static: bytes) -> PeerMacs:
+        # Kept per peer, not per session: a cookie outlives a restarted session.
+        macs = self._peer_macs.get(peer)
+        if macs is None:
+            macs = PeerMacs(static, self.config.handshakes.cookie_lifetime_s)
+            self._peer_macs[peer] = macs
+        return macs
+
+    def _random(self, size: int) -> bytes:
+        return self._random_bits(8 * size).to_bytes(size, "big")
 
     def get_session(self, peer: bytes) -> Session | None:
         return self._sessions.get(peer)
@@ -153,14 +194,31 @@ class Mux:
             if session is None:
                 self.stats.unknown_index += 1
                 return
+            if not self._cookies.mac1_ok(data):
+                self.stats.bad_mac1 += 1
+                return
             session.receive_response(data, address, now)
             if session.closed:
                 self._replace_restarted(session, now).connect(now)
+        elif kind == wire.COOKIE_REPLY:
+            if len(data) != COOKIE_REPLY_SIZE:
+                self.stats.malformed += 1
+                return
+            session = self._by_index.get(int.from_bytes(data[1:5], "big"))
+            if session is None:
+                self.stats.unknown_index += 1
+                return
+            session.receive_cookie_reply(data, now)
         else:
             self.stats.malformed += 1
         self._collect_events()
 
     def _on_initiation(self, data: bytes, address: Address, now: float) -> None:
+        if len(data) != handshake.INITIATION_SIZE:
+            self.stats.malformed += 1
+            return
+        if not self._admit(data, address, now):
+            return
         try:
             initiation = handshake.read_initiation_untrusted(
                 data, self._static_private, PROLOGUE, self._trusted.__contains__
@@ -172,10 +230,38 @@ class Mux:
             self.stats.bad_handshakes += 1
             return
         peer = self._trusted[initiation.remote_static]
+        if isinstance(address, RelayPath) and address.peer != peer:
+            # Relayed by another key than the one inside: a captured initiation sent on.
+            self.stats.wrong_relay_source += 1
+            return
+        if initiation.timestamp_ns <= self._timestamps.get(peer, 0):
+            self.stats.replayed_initiations += 1
+            return
+        self._timestamps[peer] = initiation.timestamp_ns
         session = self.session(peer, now)
         session.receive_initiation(initiation, address, now)
         if session.closed:
             self._replace_restarted(session, now).receive_initiation(initiation, address, now)
+
+    def _admit(self, data: bytes, address: Address, now: float) -> bool:
+        """Whether an initiation may cost a DH (the order is in the module docstring)."""
+        cookies = self._cookies
+        if not cookies.mac1_ok(data):
+            self.stats.bad_mac1 += 1
+            return False
+        if self._load.under_load(now) and not cookies.mac2_ok(data, address, now):
+            if self._sources.exhausted(address, now):
+                self.stats.rate_limited += 1
+            else:
+                sender_index = wire.INITIATION_HEADER.unpack_from(data)[1]
+                self._replies.append((cookies.reply(data, sender_index, address, now), address))
+                self.stats.cookie_replies += 1
+            return False
+        if not self._sources.allow(address, now):
+            self.stats.rate_limited += 1
+            return False
+        self._load.spend(now)
+        return True
 
     def _replace_restarted(self, old: Session, now: float) -> Session:
         """A session the peer abandoned by restarting; its successor starts from nothing."""
@@ -208,7 +294,8 @@ class Mux:
         return earliest
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        out: list[tuple[bytes, Address]] = []
+        out = self._replies
+        self._replies = []
         for session in list(self._sessions.values()):
             out += session.datagrams_to_send(now)
             if session.closed:

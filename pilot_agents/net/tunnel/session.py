@@ -23,6 +23,7 @@ from ...errors import CryptoError, HandshakeError, MessageTooLargeError, WireErr
 from . import events, handshake, noise, wire
 from .codes import CloseCode, ResetCode, close_reason
 from .config import SessionConfig
+from .cookie import PeerMacs
 from .crypto import TAG_SIZE, Aead
 from .pacing import Pacer
 from .paths import Address, PathManager, RelayPath, is_relay
@@ -165,13 +166,16 @@ class Session:
         nonce: int,
         wall_clock_ns: Callable[[], int],
         now: float,
+        macs: PeerMacs,
     ) -> None:
+        """``macs`` writes the cookie MACs of our handshake messages to the peer."""
         self.peer = peer
         self.config = config
         self.state = State.HANDSHAKING
         self.paths = PathManager(config.paths)
         # Where the newest authenticated packet came from.
         self._latest_source: Address | None = None
+        self._path_from_handshake = False  # the active path is only where a handshake came from
         # The peer's newest packets arrived over our (direct) active path since we moved to it:
         # until then a relayed packet from it only means it hasn't validated the path yet.
         self._peer_on_active = False
@@ -185,6 +189,7 @@ class Session:
         self._prologue = prologue
         self._indices = indices
         self._wall_clock_ns = wall_clock_ns
+        self._macs = macs
         self._created = now
         self._events: deque[events.Event] = deque()
         self._tag = peer.hex()[:8]
@@ -195,7 +200,6 @@ class Session:
         self._previous: handshake.Keypair | None = None
         self._next: handshake.Keypair | None = None
         self._initiation: _PendingInitiation | None = None
-        self._last_initiation_ns = 0  # newest peer timestamp accepted (replay defence)
         self._handshake_packets: list[bytes] = []
 
         # Reliability.
@@ -506,11 +510,9 @@ class Session:
     def receive_initiation(
         self, initiation: handshake.Initiation, address: Address, now: float
     ) -> None:
-        """An initiation from this peer that passed the Noise checks in the mux."""
+        """An initiation from this peer that passed the Noise checks, and the replay check of its
+        timestamp, in the mux."""
         if self.state is State.CLOSED:
-            return
-        if initiation.timestamp_ns <= self._last_initiation_ns:
-            self.stats.replayed += 1
             return
         if self.remote_nonce is not None and initiation.nonce != self.remote_nonce:
             self._peer_restarted()
@@ -521,10 +523,9 @@ class Session:
                 return
             self._indices.release(self._initiation.local_index)
             self._initiation = None
-        self._last_initiation_ns = initiation.timestamp_ns
         self.remote_nonce = initiation.nonce
         local_index = self._indices.allocate(self)
-        packet, keys = handshake.write_response(initiation, local_index, self.nonce)
+        packet, keys = handshake.write_response(initiation, local_index, self.nonce, self._macs)
         keypair = handshake.Keypair(
             local_index=local_index,
             remote_index=initiation.sender_index,
@@ -542,6 +543,14 @@ class Session:
         self._adopt_handshake_source(address)
         self._last_received = now
         self.stats.handshakes += 1
+
+    def receive_cookie_reply(self, data: bytes, now: float) -> None:
+        """A COOKIE_REPLY whose receiver index is our pending initiation's: the peer is under
+        load and wants our initiations to prove our address."""
+        if self._initiation is None or self.state is State.CLOSED:
+            return
+        if self._macs.consume_cookie_reply(data, now):
+            self._retry_initiation(now)
 
     def receive_data(self, data: bytes, address: Address, now: float) -> None:
         """A DATA packet whose receiver index is one of ours."""
@@ -639,7 +648,9 @@ class Session:
             self.config.handshake_retry,
         )
         self._handshake_packets.append(
-            handshake.write_initiation(initiator, local_index, self._wall_clock_ns(), self.nonce)
+            handshake.write_initiation(
+                initiator, local_index, self._wall_clock_ns(), self.nonce, self._macs, now
+            )
         )
         self.stats.handshakes += 1
 
@@ -1093,9 +1104,20 @@ class Session:
     # -- internals: paths ---------------------------------------------------------------------
 
     def _adopt_handshake_source(self, address: Address) -> None:
-        """Until a path is known, answer where the handshake came from."""
-        if self.paths.active is None:
+        """Until a data packet proves a path, answer where the newest handshake came from.
+
+        A handshake alone never moves a path the node gave or a data packet proved: an
+        initiation can be replayed, or raced ahead of the genuine one, from any address. A path
+        taken from a handshake is only provisional: the peer's next handshake overrules it."""
+        if isinstance(address, RelayPath) and address != RelayPath(self.peer):
+            return  # the beacon named another sender: not a route to this peer
+        if self.paths.active is None or (
+            self._path_from_handshake and self.state is State.HANDSHAKING
+        ):
+            if isinstance(address, RelayPath):
+                self.paths.active = None  # set_relay takes the relay only where there is no path
             self.address = address
+            self._path_from_handshake = True
         elif isinstance(address, RelayPath):
             self.paths.set_relay(address)
 

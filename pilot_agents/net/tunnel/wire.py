@@ -23,9 +23,11 @@ from ...errors import WireError
 INITIATION: Final = 0x10
 RESPONSE: Final = 0x11
 DATA: Final = 0x12
+COOKIE_REPLY: Final = 0x13
 
 INITIATION_HEADER: Final[struct.Struct] = struct.Struct("!BI")  # type, sender index
 RESPONSE_HEADER: Final[struct.Struct] = struct.Struct("!BII")  # type, sender index, receiver index
+COOKIE_REPLY_HEADER: Final[struct.Struct] = struct.Struct("!BI")  # type, receiver index
 DATA_HEADER: Final[struct.Struct] = struct.Struct("!BIQ")  # type, receiver index, packet number
 DATA_HEADER_SIZE: Final[int] = DATA_HEADER.size  # 13
 
