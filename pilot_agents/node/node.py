@@ -55,6 +55,8 @@ from .connection import (
     check_port,
 )
 from .driver import Driver
+from .timestamps import FILE_NAME as TIMESTAMPS_FILE
+from .timestamps import TimestampStore
 
 log = logging.getLogger("pilot_agents.node")
 
@@ -172,7 +174,14 @@ class Node:
         or PeerUnreachableError if the beacon does not answer)."""
         if self._endpoint is not None:
             return
-        self._mux = Mux(self.identity.secret_key, self.identity.public_key, self.config)
+        # Replay protection of handshakes that survives restarts (the mux checks, we persist).
+        self._timestamps = TimestampStore(self.home / TIMESTAMPS_FILE)
+        self._mux = Mux(
+            self.identity.secret_key,
+            self.identity.public_key,
+            self.config,
+            timestamps=self._timestamps,
+        )
         endpoint = Endpoint(self._mux, self._on_event, self._driver.progress_made)
         try:
             endpoint.open(*self._listen)
@@ -262,6 +271,7 @@ class Node:
             endpoint.beacon.stop()
         endpoint.flush()
         endpoint.close()
+        self._timestamps.flush()
         self._endpoint = self._driver.endpoint = None
         for listener in list(self._listeners.values()):
             listener.close_now()
