@@ -342,3 +342,19 @@ def test_a_handshake_alone_never_moves_an_established_path() -> None:
     a.mux.get_session(b.key).send_message(stream, b"second")  # type: ignore[union-attr]
     assert net.run_until(lambda: len(b.messages) == 2, 5)
     assert sb.address == a.address
+
+
+def test_a_relayed_initiator_under_load_gets_its_cookie_through_the_relay() -> None:
+    net = SimNetwork(12)
+    config = guarded(load_rate_per_s=1.0, load_burst=1)
+    b = net.add_host("b", config)
+    c = net.add_host("c", config)
+    attacker = net.add_host("attacker")
+    b.mux.trust(c.key)
+    c.mux.trust(b.key)
+    b.mux.receive_datagram(initiation_from(net, attacker, b), EVIL, net.now)  # b under load
+    session = c.mux.session(b.key, net.now)
+    session.address = RelayPath(b.key)
+    net.start_stream(c, b, 1, b"via the relay")
+    assert net.run_until(lambda: len(b.messages) == 1, 1)
+    assert b.mux.stats.cookie_replies == 1  # sent back through the relay, to c's key

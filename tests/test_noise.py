@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
 from pilot_agents.errors import HandshakeError, NotTrustedError
-from pilot_agents.net.tunnel import crypto, noise
+from pilot_agents.net.tunnel import crypto, noise, wire
+from pilot_agents.net.tunnel import handshake as packets
+from pilot_agents.net.tunnel.cookie import MAC_SIZE, MACS_SIZE, CookieChecker, PeerMacs
 from pilot_agents.net.tunnel.crypto import Aead
 from pilot_agents.net.tunnel.noise import (
     INITIATION_OVERHEAD,
@@ -164,6 +166,25 @@ def test_messages_are_byte_identical_to_noiseprotocol() -> None:
     assert responder.write_response(b"response payload")[0] == their_side.write_message(
         b"response payload"
     )
+
+
+def test_the_cookie_macs_wrap_a_standard_noise_message() -> None:
+    """Our handshake packets are a header, a standard Noise message and the two MACs (as in
+    WireGuard): noiseprotocol reads the middle of each, and mac1 is what cookie.py says."""
+    initiator = Initiator(INITIATOR_STATIC, RESPONDER_PUBLIC, PROLOGUE)
+    packet = packets.write_initiation(
+        initiator, 7, 123, 456, PeerMacs(RESPONDER_PUBLIC, 120.0), 0.0
+    )
+    assert len(packet) == packets.INITIATION_SIZE
+    assert packet[-MAC_SIZE:] == bytes(MAC_SIZE)  # no cookie: mac2 is zero
+    assert CookieChecker(RESPONDER_PUBLIC, 120.0, bytes).mac1_ok(packet)
+    their_side = their_responder()
+    payload = their_side.read_message(packet[wire.INITIATION_HEADER.size : -MACS_SIZE])
+    assert payload == (123).to_bytes(8, "big") + (456).to_bytes(8, "big")
+    response = their_side.write_message(b"\x00" * 8)
+    wrapped = wire.RESPONSE_HEADER.pack(wire.RESPONSE, 9, 7) + response + bytes(MACS_SIZE)
+    nonce, keys = packets.read_response_untrusted(wrapped, initiator)
+    assert nonce == 0 and keys.handshake_hash == their_side.get_handshake_hash()
 
 
 @pytest.fixture
