@@ -33,15 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from pilot_agents.errors import PilotTimeoutError
+from pilot_agents.identity import Identity, key_from_node_id
+from pilot_agents.net.tunnel.mux import Mux
+from pilot_agents.node.node import Node
 from pilot_agents.runtime import run
 
 HOST = "127.0.0.1"
 PHASES = ("idle", "replay", "random")
 
 
-def _node(home: Path):  # type: ignore[no-untyped-def]
-    from pilot_agents.node.node import Node
-
+def _node(home: Path) -> Node:
     return Node(home=home, listen=f"{HOST}:0")
 
 
@@ -57,15 +59,14 @@ async def _responder(home: Path, trusted: list[str]) -> None:
         print(f"{port} {node.node_id}", flush=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
-        print(f"responder counted: {dataclasses.asdict(node._mux.stats)}", file=sys.stderr)
+        mux = node._mux  # the counters are the mux's; the Node API does not show them
+        assert mux is not None
+        print(f"responder counted: {dataclasses.asdict(mux.stats)}", file=sys.stderr)
 
 
 def _flood_packet(responder_id: str, home: Path) -> bytes:
     """An initiation to the responder from a key it does not trust, as the code under test
     writes it."""
-    from pilot_agents.identity import Identity, key_from_node_id
-    from pilot_agents.net.tunnel.mux import Mux
-
     identity = Identity.load_or_create(home)
     mux = Mux(identity.secret_key, identity.public_key)
     responder = key_from_node_id(responder_id)
@@ -118,12 +119,10 @@ def _spawn(*args: str, stdin: int | None = None) -> subprocess.Popen[str]:
     )
 
 
-async def _pings(node, peer: str, count: int, seconds: float) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
+async def _pings(node: Node, peer: str, count: int, seconds: float) -> tuple[list[float], int]:
     """Up to ``count`` pings, 5 ms apart, for at most ``seconds``: the RTTs and how many pings
     got no answer within 2 s."""
-    from pilot_agents.errors import PilotTimeoutError
-
-    rtts = []
+    rtts: list[float] = []
     lost = 0
     deadline = time.monotonic() + seconds
     while len(rtts) + lost < count and time.monotonic() < deadline:
