@@ -183,65 +183,83 @@ class Mux:
             self._collect_events_of(session)
             self._touched.add(session)
             return
-        self._output_due = True  # a handshake: its answer goes out at once
+        # A handshake: only the session it reached can have news, and its answer (or a cookie
+        # reply) goes out at once. Dropped packets touch nothing: a flood of them must not cost
+        # a pass over every session.
         if kind == wire.INITIATION:
-            self._on_initiation(data, address, now)
+            session = self._on_initiation(data, address, now)
         elif kind == wire.RESPONSE:
-            if len(data) != handshake.RESPONSE_SIZE:
-                self.stats.malformed += 1
-                return
-            session = self._by_index.get(int.from_bytes(data[5:9], "big"))
-            if session is None:
-                self.stats.unknown_index += 1
-                return
-            if not self._cookies.mac1_ok(data):
-                self.stats.bad_mac1 += 1
-                return
-            session.receive_response(data, address, now)
-            if session.closed:
-                self._replace_restarted(session, now).connect(now)
+            session = self._on_response(data, address, now)
         elif kind == wire.COOKIE_REPLY:
-            if len(data) != COOKIE_REPLY_SIZE:
-                self.stats.malformed += 1
-                return
-            session = self._by_index.get(int.from_bytes(data[1:5], "big"))
-            if session is None:
-                self.stats.unknown_index += 1
-                return
-            session.receive_cookie_reply(data, now)
+            session = self._on_cookie_reply(data, now)
         else:
             self.stats.malformed += 1
-        self._collect_events()
+            return
+        if session is not None:
+            self._collect_events_of(session)
+            self._output_due = True
+        elif self._replies:
+            self._output_due = True
 
-    def _on_initiation(self, data: bytes, address: Address, now: float) -> None:
+    def _on_initiation(self, data: bytes, address: Address, now: float) -> Session | None:
         if len(data) != handshake.INITIATION_SIZE:
             self.stats.malformed += 1
-            return
+            return None
         if not self._admit(data, address, now):
-            return
+            return None
         try:
             initiation = handshake.read_initiation_untrusted(
                 data, self._static_private, PROLOGUE, self._trusted.__contains__
             )
         except NotTrustedError:
             self.stats.untrusted += 1
-            return
+            return None
         except HandshakeError:
             self.stats.bad_handshakes += 1
-            return
+            return None
         peer = self._trusted[initiation.remote_static]
         if isinstance(address, RelayPath) and address.peer != peer:
             # Relayed by another key than the one inside: a captured initiation sent on.
             self.stats.wrong_relay_source += 1
-            return
+            return None
         if initiation.timestamp_ns <= self._timestamps.get(peer, 0):
             self.stats.replayed_initiations += 1
-            return
+            return None
         self._timestamps[peer] = initiation.timestamp_ns
         session = self.session(peer, now)
         session.receive_initiation(initiation, address, now)
         if session.closed:
-            self._replace_restarted(session, now).receive_initiation(initiation, address, now)
+            session = self._replace_restarted(session, now)
+            session.receive_initiation(initiation, address, now)
+        return session
+
+    def _on_response(self, data: bytes, address: Address, now: float) -> Session | None:
+        if len(data) != handshake.RESPONSE_SIZE:
+            self.stats.malformed += 1
+            return None
+        session = self._by_index.get(int.from_bytes(data[5:9], "big"))
+        if session is None:
+            self.stats.unknown_index += 1
+            return None
+        if not self._cookies.mac1_ok(data):
+            self.stats.bad_mac1 += 1
+            return None
+        session.receive_response(data, address, now)
+        if session.closed:
+            session = self._replace_restarted(session, now)
+            session.connect(now)
+        return session
+
+    def _on_cookie_reply(self, data: bytes, now: float) -> Session | None:
+        if len(data) != COOKIE_REPLY_SIZE:
+            self.stats.malformed += 1
+            return None
+        session = self._by_index.get(int.from_bytes(data[1:5], "big"))
+        if session is None:
+            self.stats.unknown_index += 1
+            return None
+        session.receive_cookie_reply(data, now)
+        return session
 
     def _admit(self, data: bytes, address: Address, now: float) -> bool:
         """Whether an initiation may cost a DH (the order is in the module docstring)."""
