@@ -12,6 +12,8 @@ import random
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pilot_agents.net.tunnel import cookie, crypto, handshake, noise, wire
 from pilot_agents.net.tunnel.config import SessionConfig
@@ -358,3 +360,15 @@ def test_a_relayed_initiator_under_load_gets_its_cookie_through_the_relay() -> N
     net.start_stream(c, b, 1, b"via the relay")
     assert net.run_until(lambda: len(b.messages) == 1, 1)
     assert b.mux.stats.cookie_replies == 1  # sent back through the relay, to c's key
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_cookie_checks_take_any_bytes(data: bytes) -> None:
+    _, static_public = crypto.x25519_keypair()
+    checker = CookieChecker(static_public, 120.0, bytes)
+    assert not checker.mac1_ok(data)
+    assert not checker.mac2_ok(data, EVIL, 0.0)
+    macs = PeerMacs(static_public, 120.0)
+    macs.seal_initiation(b"\x10" + bytes(116), 0.0)
+    assert not macs.consume_cookie_reply(data, 0.0)

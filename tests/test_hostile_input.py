@@ -53,8 +53,10 @@ def test_random_datagrams_are_dropped_and_counted() -> None:
     rng = random.Random(1)
     before = list(b.messages)
     for _ in range(3000):
-        kind = rng.choice([wire.INITIATION, wire.RESPONSE, wire.DATA, rng.randrange(256)])
-        size = rng.choice([0, 1, 5, 13, 29, 100, 116, 148, 1200, 70000 % 65536])
+        kind = rng.choice(
+            [wire.INITIATION, wire.RESPONSE, wire.DATA, wire.COOKIE_REPLY, rng.randrange(256)]
+        )
+        size = rng.choice([0, 1, 5, 13, 29, 60, 96, 100, 116, 148, 1200, 70000 % 65536])
         data = bytes([kind]) + rng.randbytes(size) if size else b""
         b.mux.receive_datagram(data, ("evil", 6666), net.now)
         net.flush(b)
