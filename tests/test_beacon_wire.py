@@ -48,6 +48,10 @@ def introduction() -> bytes:
     )
 
 
+def block_relay() -> bytes:
+    return bw.encode_block_relay(NODE_SK, NODE_PK, TS, OTHER_PK, 600)
+
+
 # Every message with the parser that takes it.
 SAMPLES: list[tuple[Callable[[], bytes], Callable[[bytes], Any]]] = [
     (register, bw.parse_register_untrusted),
@@ -62,6 +66,11 @@ SAMPLES: list[tuple[Callable[[], bytes], Callable[[bytes], Any]]] = [
     (lambda: bw.encode_status_request(3), bw.parse_status_request_untrusted),
     (lambda: bw.encode_status_reply(3, {"a": 1, "b": {"c": 2}}), bw.parse_status_reply_untrusted),
     (lambda: bw.encode_refused(Status.NOT_REGISTERED, 4), bw.parse_refused_untrusted),
+    (block_relay, bw.parse_block_relay_untrusted),
+    (
+        lambda: stun.encode_binding_request(b"p" * 12, pad_to=stun.PADDED_REQUEST_SIZE),
+        stun.parse_binding_request_untrusted,
+    ),
     (lambda: stun.encode_binding_request(b"t" * 12), stun.parse_binding_request_untrusted),
     (
         lambda: (
@@ -177,6 +186,59 @@ def test_small_messages_round_trip() -> None:
     )
 
 
+def test_register_is_padded_to_its_answer_and_the_padding_is_signed() -> None:
+    # A REGISTER never gets an answer longer than itself (issue #11 item 8).
+    data = bw.encode_register(NODE_SK, NODE_PK, TS, NatType.UNKNOWN, None, ())
+    assert len(data) == bw.REGISTER_MIN_SIZE == bw.REGISTERED_SIZE
+    assert len(register()) > bw.REGISTER_MIN_SIZE  # long enough already: no padding
+    body = data[: -bw.SIG_SIZE]
+    dirty = body[:-1] + b"\1"
+    with pytest.raises(WireError, match="padding"):
+        bw.parse_register_untrusted(
+            dirty + crypto.ed25519_sign(NODE_SK, bw.REGISTER_CONTEXT + dirty)
+        )
+    longer = body + b"\0" * 10
+    message = bw.parse_register_untrusted(
+        longer + crypto.ed25519_sign(NODE_SK, bw.REGISTER_CONTEXT + longer)
+    )
+    assert message.verify() and message.hostname is None
+
+
+def test_block_relay_round_trip_and_signature() -> None:
+    data = block_relay()
+    assert len(data) == bw.BLOCK_RELAY_SIZE == 141
+    message = bw.parse_block_relay_untrusted(data)
+    assert (message.node_key, message.timestamp_ns, message.blocked_key, message.seconds) == (
+        NODE_PK,
+        TS,
+        OTHER_PK,
+        600,
+    )
+    assert message.verify()
+    assert not bw.parse_block_relay_untrusted(
+        bw.encode_block_relay(OTHER_SK, NODE_PK, TS, OTHER_PK, 600)
+    ).verify()
+    # Domain-separated from REGISTER: the same key's signature over the same bytes won't do.
+    body = data[: -bw.SIG_SIZE]
+    resigned = body + crypto.ed25519_sign(NODE_SK, bw.REGISTER_CONTEXT + body)
+    assert not bw.parse_block_relay_untrusted(resigned).verify()
+    with pytest.raises(ValueError):
+        bw.encode_block_relay(NODE_SK, NODE_PK, TS, OTHER_PK, -1)
+    with pytest.raises(ValueError):
+        bw.encode_block_relay(NODE_SK, NODE_PK, TS, b"short", 1)
+
+
+def test_padded_stun_request_is_never_shorter_than_its_answer() -> None:
+    request = stun.encode_binding_request(b"q" * 12, pad_to=stun.PADDED_REQUEST_SIZE)
+    assert len(request) == stun.PADDED_REQUEST_SIZE
+    parsed = stun.parse_binding_request_untrusted(request)
+    assert parsed.attribute(stun.ATTR_SOFTWARE) is not None  # comprehension-optional
+    for source in (("198.51.100.1", 5000), ("2001:db8::7", 65535)):
+        reply = stun.encode_binding_response(parsed, source)
+        assert reply is not None and len(reply) <= len(request)
+        assert stun.parse_binding_response_untrusted(reply) == (b"q" * 12, source)
+
+
 def test_status_request_must_be_padded() -> None:
     with pytest.raises(WireError):
         bw.parse_status_request_untrusted(bw.encode_status_request(3)[:100])
@@ -273,6 +335,8 @@ def test_bit_flips_never_raise_and_never_verify(
             assert message.beacon_key != BEACON_PK or not message.verify(NODE_PK)
         elif isinstance(message, bw.Resolved | bw.Introduction):
             assert not message.verify(BEACON_PK, NODE_PK)
+        elif isinstance(message, bw.BlockRelay):
+            assert not message.verify()
 
 
 @given(st.binary(max_size=600))
@@ -280,14 +344,14 @@ def test_bit_flips_never_raise_and_never_verify(
 def test_random_bytes_raise_only_wire_error(data: bytes) -> None:
     for parse in ALL_PARSERS:
         _only_wire_error(parse, data)
-        for kind in (*range(0x20, 0x2B), 0, 1):
+        for kind in (*range(0x20, 0x2C), 0, 1):
             _only_wire_error(parse, bytes([kind]) + data)
 
 
 def test_random_prefixed_messages_raise_only_wire_error() -> None:
     rng = random.Random(7)
     for _ in range(3000):
-        kind = rng.choice([*range(0x20, 0x2B), 0, 1, rng.randrange(256)])
+        kind = rng.choice([*range(0x20, 0x2C), 0, 1, rng.randrange(256)])
         data = bytes([kind]) + rng.randbytes(rng.choice([0, 3, 19, 36, 64, 100, 128, 200, 1100]))
         for parse in ALL_PARSERS:
             _only_wire_error(parse, data)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -38,7 +39,9 @@ from .beacon_wire import Address, NatType, Status
 
 log = logging.getLogger("pilot_agents.beacon_client")
 
-PERMANENT_REFUSALS = frozenset({Status.NAME_TAKEN, Status.BAD_NAME, Status.BAD_SIGNATURE})
+PERMANENT_REFUSALS = frozenset(
+    {Status.NAME_TAKEN, Status.BAD_NAME, Status.BAD_SIGNATURE, Status.NAME_LIMIT}
+)
 
 
 @dataclass
@@ -53,6 +56,13 @@ class BeaconClientConfig:
     stun_tries: int = 3
     classify_nat: bool = True  # find our NAT type ourselves (set_nat_type turns it off)
     introduction_max_age: float = 120.0  # seconds; older pushed introductions are replays
+    # When the node reports refused relayed handshakes (report_invalid_relayed): after this many
+    # from one key within block_relay_window seconds, ask the beacon to stop relaying that key
+    # to us for block_relay_duration seconds. At most max_block_tracked keys are counted at once.
+    block_relay_after: int = 20
+    block_relay_window: float = 10.0
+    block_relay_duration: float = 600.0
+    max_block_tracked: int = 1024
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -229,6 +239,8 @@ class BeaconClient:
         self._stun_at: float | None = None
         self._stun_tries_left = 0
         self._classified_for: tuple[Address, tuple[Address, ...]] | None = None
+        # refused relayed handshakes per source key: (count, since)
+        self._invalid_relayed: dict[bytes, tuple[int, float]] = {}
 
     # -- what the node asks ----------------------------------------------------------------------
 
@@ -310,6 +322,40 @@ class BeaconClient:
             raise ConfigError("a node key is 32 bytes")
         return self._add_request(bw.encode_introduce(0, peer_key), peer_key, now)
 
+    def block_relay(self, peer_key: bytes, seconds: float, now: float) -> None:
+        """Ask the beacon to stop relaying ``peer_key``'s packets to us for ``seconds`` (0 lifts
+        a block; the beacon cuts long ones to its own maximum). The beacon does not answer:
+        call again if the packets keep coming. ConfigError on a bad key or duration."""
+        if len(peer_key) != bw.KEY_SIZE:
+            raise ConfigError("a node key is 32 bytes")
+        if not 0 <= seconds <= bw.MAX_BLOCK_SECONDS:
+            raise ConfigError(f"a relay block lasts 0..{bw.MAX_BLOCK_SECONDS} s, not {seconds}")
+        message = bw.encode_block_relay(
+            self.secret, self.public_key, self._next_timestamp(), peer_key, math.ceil(seconds)
+        )
+        log.info("asking the beacon to stop relaying %s for %g s", peer_key.hex()[:12], seconds)
+        self._out.append((message, self.beacon))
+
+    def report_invalid_relayed(self, source_key: bytes, now: float) -> bool:
+        """The node refused a handshake the beacon relayed from ``source_key`` (untrusted or
+        forged). Too many of them in a while (``block_relay_after`` within
+        ``block_relay_window``) ask the beacon to block the key; True when this call did."""
+        config = self.config
+        count, since = self._invalid_relayed.get(source_key, (0, now))
+        if now - since > config.block_relay_window:
+            count, since = 0, now
+        count += 1
+        if count >= config.block_relay_after:
+            self._invalid_relayed.pop(source_key, None)
+            self.block_relay(source_key, config.block_relay_duration, now)
+            return True
+        if source_key not in self._invalid_relayed and (
+            len(self._invalid_relayed) >= config.max_block_tracked
+        ):
+            self._invalid_relayed.clear()  # many keys at once: start counting afresh
+        self._invalid_relayed[source_key] = (count, since)
+        return False
+
     def wrap_relay(self, peer_key: bytes, packet: bytes) -> bytes:
         """The datagram to send to :attr:`beacon` so that it forwards ``packet`` to ``peer_key``."""
         return bw.encode_relay(peer_key, packet)
@@ -371,12 +417,16 @@ class BeaconClient:
         if self._state is _State.REGISTERED or self._state is _State.REGISTERING:
             self._register_at = float("-inf")
 
-    def _send_register(self, now: float) -> None:
+    def _next_timestamp(self) -> int:
         # A fresh timestamp every time: the beacon accepts only timestamps newer than the last
         # one it took from us, so a resend must never reuse one.
         # Strictly increasing even if the clock is coarse or stands still between two sends.
         timestamp = max(self._wall_clock_ns(), self._last_timestamp + 1)
         self._last_timestamp = timestamp
+        return timestamp
+
+    def _send_register(self, now: float) -> None:
+        timestamp = self._next_timestamp()
         self._last_register_sent = now
         self._outstanding.add(timestamp)
         self._out.append(
@@ -626,7 +676,10 @@ class BeaconClient:
         self._stun_tid = self._random_bytes(stun.TRANSACTION_ID_SIZE)
         self._stun_at = now + self.config.stun_timeout
         destination = (self.beacon[0], self.alt_port)
-        self._out.append((stun.encode_binding_request(self._stun_tid), destination))
+        # Padded: the beacon answers unpadded requests from unregistered sources only within a
+        # small budget, and a symmetric NAT sends this one from an unregistered mapping.
+        request = stun.encode_binding_request(self._stun_tid, pad_to=stun.PADDED_REQUEST_SIZE)
+        self._out.append((request, destination))
 
     def _on_stun(self, data: bytes, now: float) -> None:
         tid, mapped = stun.parse_binding_response_untrusted(data)

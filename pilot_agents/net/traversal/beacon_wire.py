@@ -9,7 +9,8 @@ Ed25519 signature over everything before it, prefixed by a per-type context stri
 type    name          layout (bytes)
 ======  ============  ===========================================================================
 0x20    REGISTER      type 1 | node key 32 | timestamp ns 8 | nat 1 | name len 1 | name |
-                      count 1 | count x address | sig (by node key, ``REGISTER_CONTEXT``)
+                      count 1 | count x address | zero padding | sig (by node key,
+                      ``REGISTER_CONTEXT``); padded to at least ``REGISTER_MIN_SIZE``
 0x21    REGISTERED    type 1 | status 1 | echoed timestamp ns 8 | ttl s 2 | alt port 2 |
                       reflexive address 19 | beacon key 32 | sig (by beacon)        = 129 bytes
 0x22    RESOLVE       type 1 | request id 4 | by 1 (0 name, 1 key) | len 1 | name or key
@@ -23,6 +24,8 @@ type    name          layout (bytes)
 0x28    STATUS        type 1 | request id 4 | zero padding to ``STATUS_REQUEST_SIZE``
 0x29    STATUS_REPLY  type 1 | request id 4 | len 2 | JSON object (UTF-8)
 0x2A    REFUSED       type 1 | reason 1 | request id 4 (0: a relay packet)               = 6 bytes
+0x2B    BLOCK_RELAY   type 1 | node key 32 | timestamp ns 8 | blocked key 32 | seconds 4 |
+                      sig (by node key, ``BLOCK_RELAY_CONTEXT``)                     = 141 bytes
 ======  ============  ===========================================================================
 
 Why these choices:
@@ -36,6 +39,15 @@ Why these choices:
 - STATUS is padded to a size no smaller than its reply, so a spoofed request can't make the beacon
   an amplifier. Its counters are JSON because their set grows (refusals by reason).
 - REFUSED is unsigned and only ever prompts a node to register again, which is harmless if forged.
+- No unauthenticated request gets an answer longer than itself, so a spoofed source can't turn
+  the beacon into an amplifier: REGISTER is padded to the size of REGISTERED (the beacon drops
+  shorter ones unanswered), STATUS to the size of its reply. A REGISTER whose signature fails
+  gets no answer at all (an answer would cost a signature and tell a real node nothing).
+- BLOCK_RELAY asks the beacon to stop relaying one key's packets to the sender for ``seconds``
+  (0 lifts the block). It is signed because a forged one would cut a node off its peers; its
+  block runs from its own timestamp, so a replay changes nothing, and the beacon takes only
+  timestamps newer than the last one it took from that node (an old block can't undo a lift).
+  The beacon does not answer it: a node under a flood sends it again if the flood goes on.
 
 Functions that parse network input end in ``_untrusted`` and raise :class:`WireError` only; they
 do not check signatures (verification costs far more than parsing, so the beacon rate-limits
@@ -68,11 +80,13 @@ RELAYED: Final = 0x27
 STATUS: Final = 0x28
 STATUS_REPLY: Final = 0x29
 REFUSED: Final = 0x2A
+BLOCK_RELAY: Final = 0x2B
 
 REGISTER_CONTEXT: Final = b"pilot-agents/register/1"
 REGISTERED_CONTEXT: Final = b"pilot-agents/registered/1"
 RESOLVED_CONTEXT: Final = b"pilot-agents/resolved/1"
 INTRODUCTION_CONTEXT: Final = b"pilot-agents/introduction/1"
+BLOCK_RELAY_CONTEXT: Final = b"pilot-agents/block-relay/1"
 
 KEY_SIZE: Final = crypto.PUBLIC_KEY_SIZE
 SIG_SIZE: Final = crypto.SIGNATURE_SIZE
@@ -95,9 +109,13 @@ _RELAY_HEAD = struct.Struct("!B32s")
 _STATUS = struct.Struct("!BI")
 _STATUS_REPLY_HEAD = struct.Struct("!BIH")
 _REFUSED = struct.Struct("!BBI")
+_BLOCK_RELAY = struct.Struct("!B32sQ32sI")
 
 REGISTERED_SIZE: Final = _REGISTERED.size + _ADDRESS.size + KEY_SIZE + SIG_SIZE
 REFUSED_SIZE: Final = _REFUSED.size
+REGISTER_MIN_SIZE: Final = REGISTERED_SIZE  # a REGISTER never gets an answer longer than itself
+BLOCK_RELAY_SIZE: Final = _BLOCK_RELAY.size + SIG_SIZE
+MAX_BLOCK_SECONDS: Final = 0xFFFFFFFF
 INTRODUCE_SIZE: Final = _INTRODUCE.size
 
 _HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -117,6 +135,7 @@ class Status(IntEnum):
     UNKNOWN = 6  # no such name or key
     OFFLINE = 7  # the name is owned, but its node holds no live registration
     NOT_REGISTERED = 8  # the request came from an address with no live registration
+    NAME_LIMIT = 9  # the source address already holds as many names as the beacon allows
 
 
 STATUS_REASONS: Final = {
@@ -135,6 +154,10 @@ STATUS_REASONS: Final = {
     Status.UNKNOWN: "unknown: no node has that name or key",
     Status.OFFLINE: "offline: the node is known but not registered now",
     Status.NOT_REGISTERED: "not registered with the beacon",
+    Status.NAME_LIMIT: (
+        "name limit: nodes at this address already hold as many hostnames as the beacon allows; "
+        "register without a name, or reuse one of theirs"
+    ),
 }
 
 
@@ -318,6 +341,7 @@ def encode_register(
         + name
         + _encode_addresses(candidates, MAX_LAN_CANDIDATES)
     )
+    body = body.ljust(REGISTER_MIN_SIZE - SIG_SIZE, b"\0")
     return body + crypto.ed25519_sign(secret_key, REGISTER_CONTEXT + body)
 
 
@@ -330,7 +354,8 @@ def parse_register_untrusted(data: bytes) -> Register:
         pos = _REGISTER_HEAD.size
         name = _parse_name_untrusted(body, pos, name_len)
         candidates, pos = _parse_addresses_untrusted(body, pos + name_len, MAX_LAN_CANDIDATES)
-        _expect_end(pos, len(body))
+        if body.count(0, pos) != len(body) - pos:
+            raise WireError("REGISTER padding is not zero")
         return Register(key, timestamp, _nat(nat), name, candidates, signature, body)
     except struct.error as exc:
         raise WireError(f"truncated REGISTER: {exc}") from None
@@ -592,6 +617,42 @@ def parse_relay_untrusted(data: bytes) -> tuple[int, bytes, bytes]:
     if kind != RELAY and kind != RELAYED:
         raise WireError("not a RELAY or RELAYED")
     return kind, data[1:RELAY_OVERHEAD], data[RELAY_OVERHEAD:]
+
+
+# -- BLOCK_RELAY -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRelay:
+    node_key: bytes  # who asks: relayed packets to this node are what stops
+    timestamp_ns: int  # the node's wall clock; the block runs from here
+    blocked_key: bytes  # whose packets stop
+    seconds: int  # how long; 0 lifts the block
+    signature: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self) -> bool:
+        return crypto.ed25519_verify(self.node_key, BLOCK_RELAY_CONTEXT + self.body, self.signature)
+
+
+def encode_block_relay(
+    secret_key: bytes, node_key: bytes, timestamp_ns: int, blocked_key: bytes, seconds: int
+) -> bytes:
+    if len(blocked_key) != KEY_SIZE:
+        raise ValueError("the blocked key must be 32 bytes")
+    if not 0 <= seconds <= MAX_BLOCK_SECONDS:
+        raise ValueError(f"a block lasts 0..{MAX_BLOCK_SECONDS} seconds, not {seconds}")
+    body = _BLOCK_RELAY.pack(BLOCK_RELAY, node_key, timestamp_ns, blocked_key, seconds)
+    return body + crypto.ed25519_sign(secret_key, BLOCK_RELAY_CONTEXT + body)
+
+
+def parse_block_relay_untrusted(data: bytes) -> BlockRelay:
+    if len(data) != BLOCK_RELAY_SIZE:
+        raise WireError(f"BLOCK_RELAY of {len(data)} bytes")
+    kind, key, timestamp, blocked, seconds = _BLOCK_RELAY.unpack_from(data)
+    if kind != BLOCK_RELAY:
+        raise WireError("not a BLOCK_RELAY")
+    return BlockRelay(key, timestamp, blocked, seconds, data[-SIG_SIZE:], data[:-SIG_SIZE])
 
 
 # -- STATUS / STATUS_REPLY ---------------------------------------------------------------------

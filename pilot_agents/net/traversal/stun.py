@@ -12,6 +12,15 @@ must understand but don't gets a 420 error, as RFC 5389 section 7.3.1 requires; 
 asking us to answer from another address or port (CHANGE-REQUEST) gets no answer, since we have no
 other address to answer from and silence is what tells the client so.
 
+Amplification: the smallest Binding request (20 bytes) is smaller than any valid answer (32
+bytes for IPv4, 44 for IPv6, 8 more with FINGERPRINT), so a server that answers every request
+reflects more bytes at a spoofed source than it received. Our node pads its request with a
+SOFTWARE attribute (comprehension-optional: any STUN server ignores it) to
+``PADDED_REQUEST_SIZE``, at least the largest answer, so the beacon never answers it with more
+than it got; RFC 5780's PADDING attribute would do the same but is comprehension-required, and a
+server without RFC 5780 would answer it with a 420 error. What the beacon does with unpadded
+requests from other clients is its policy (see :mod:`pilot_agents.beacon.server`).
+
 Functions that parse network input end in ``_untrusted`` and raise :class:`WireError` only.
 """
 
@@ -56,6 +65,9 @@ _FINGERPRINT_SIZE = _ATTR.size + 4
 _IGNORED_REQUIRED: Final = frozenset(
     {ATTR_USERNAME, ATTR_MESSAGE_INTEGRITY, 0x001C, 0x0024, 0x0025}
 )
+# The largest Binding success we send: XOR-MAPPED-ADDRESS of an IPv6 address and FINGERPRINT.
+PADDED_REQUEST_SIZE: Final = HEADER_SIZE + _ATTR.size + _ADDR_HEAD.size + 16 + _FINGERPRINT_SIZE
+SOFTWARE_NAME: Final = b"pilot-agents"
 MAX_ATTRIBUTES: Final = 32  # nobody needs more in a Binding message; bounds the parser's work
 
 
@@ -179,8 +191,17 @@ def _parse_address_untrusted(value: bytes, transaction_id: bytes, xor: bool) -> 
 # -- the client side ---------------------------------------------------------------------------
 
 
-def encode_binding_request(transaction_id: bytes, *, fingerprint: bool = True) -> bytes:
-    return _encode(BINDING_REQUEST, transaction_id, [], fingerprint)
+def encode_binding_request(
+    transaction_id: bytes, *, fingerprint: bool = True, pad_to: int = 0
+) -> bytes:
+    """``pad_to``: the least size, reached with a SOFTWARE attribute (``PADDED_REQUEST_SIZE``
+    makes sure no answer is larger than the request)."""
+    size = HEADER_SIZE + (_FINGERPRINT_SIZE if fingerprint else 0)
+    if pad_to <= size:
+        return _encode(BINDING_REQUEST, transaction_id, [], fingerprint)
+    room = max(len(SOFTWARE_NAME), pad_to - size - _ATTR.size)
+    software = SOFTWARE_NAME.ljust(room + (-room % 4), b" ")
+    return _encode(BINDING_REQUEST, transaction_id, [(ATTR_SOFTWARE, software)], fingerprint)
 
 
 def parse_binding_response_untrusted(data: bytes) -> tuple[bytes, Address]:
