@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,12 +23,15 @@ from pilot_agents.errors import ConfigError, NameTakenError
 from pilot_agents.identity import node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal import beacon_wire as bw
+from pilot_agents.net.traversal import stun
 from pilot_agents.net.traversal.beacon_wire import Address, NatType, Status
-from pilot_agents.net.tunnel import crypto
+from pilot_agents.net.tunnel import crypto, wire
 
 BEACON: Address = ("198.51.100.1", 9000)
 ALT: Address = ("198.51.100.1", 9001)
 WALL0 = 1_764_000_000 * 10**9
+E = TypeVar("E", bound=bc.BeaconEvent)
+DATA_PACKET = bytes([wire.DATA]) + b"sealed"  # what an established tunnel relays
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Peer:
     def key(self) -> bytes:
         return self.client.public_key
 
-    def of(self, kind: type[bc.BeaconEvent]) -> list[bc.BeaconEvent]:
+    def of(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
 
 
@@ -192,7 +196,7 @@ def net(tmp_path: Path) -> Net:
     return Net(tmp_path)
 
 
-def last(peer: Peer, kind: type[bc.BeaconEvent]) -> bc.BeaconEvent:
+def last(peer: Peer, kind: type[E]) -> E:
     found = peer.of(kind)
     assert found, f"no {kind.__name__} in {peer.events}"
     return found[-1]
@@ -245,7 +249,7 @@ def test_name_ownership_survives_a_store_reopen(net: Net) -> None:
     alice = net.add("alice")
     net.restart_server(reopen_store=True)
     mallory = net.add("alice")
-    assert last(mallory, bc.RegistrationFailed).code == Status.NAME_TAKEN  # type: ignore[attr-defined]
+    assert last(mallory, bc.RegistrationFailed).code == Status.NAME_TAKEN
     # The owner gets its name back after the restart.
     alice.events.clear()
     net.advance(26)
@@ -253,19 +257,41 @@ def test_name_ownership_survives_a_store_reopen(net: Net) -> None:
     assert net.server.status(net.now)["registered_nodes"] == 1
 
 
-def test_one_key_may_own_several_names(net: Net) -> None:
+def _claim_names(net: Net, names: list[str], source: Address) -> bytes:
+    """One key registers under each name in turn (a second apart); the key."""
     secret, public = crypto.ed25519_keypair()
-    for name in ("one", "two"):
+    for name in names:
+        net.now += 1.0
         data = bw.encode_register(
             secret, public, WALL0 + int(net.now * 1e9), NatType.OPEN, name, []
         )
-        net.now += 0.001
-        net.inject(data, ("192.0.2.50", 7))
-    assert net.store.names_of(public) == ["one", "two"]
+        net.inject(data, source)
+    return public
+
+
+def test_one_key_holds_one_name_and_a_new_one_is_a_rename(net: Net) -> None:
+    # Issue #11 item 8: one key claimed 14 names, each held forever.
+    names = [f"name-{i}" for i in range(14)]
+    public = _claim_names(net, names, ("192.0.2.50", 7))
+    assert net.store.names_of(public) == ["name-13"]
+    assert net.store.count() == 1
+    # The names it gave up are free for anyone.
+    other = _claim_names(net, ["name-0"], ("192.0.2.51", 7))
+    assert net.store.names_of(other) == ["name-0"]
+
+
+def test_max_names_per_key_is_a_setting(tmp_path: Path) -> None:
+    net = Net(tmp_path, BeaconConfig(max_names_per_key=3))
+    public = _claim_names(net, ["one", "two", "three", "four"], ("192.0.2.50", 7))
+    assert net.store.names_of(public) == ["two", "three", "four"]
 
 
 def _register_bytes(
-    net: Net, *, name: str | None = "carol", ts: int | None = None, key=None
+    net: Net,
+    *,
+    name: str | None = "carol",
+    ts: int | None = None,
+    key: tuple[bytes, bytes] | None = None,
 ) -> tuple[bytes, bytes]:
     secret, public = key or crypto.ed25519_keypair()
     stamp = WALL0 + int(net.now * 1e9) if ts is None else ts
@@ -315,16 +341,17 @@ def test_replay_defence_outlives_the_registration(net: Net) -> None:
 def test_stale_timestamp_is_refused(net: Net) -> None:
     carol = net.add("carol", clock_offset_s=-61)
     event = last(carol, bc.RegistrationFailed)
-    assert event.code == Status.STALE_TIMESTAMP and not event.permanent  # type: ignore[attr-defined]
-    assert "clock" in event.reason  # type: ignore[attr-defined]
+    assert event.code == Status.STALE_TIMESTAMP and not event.permanent
+    assert "clock" in event.reason
     dave = net.add("dave", clock_offset_s=59)
     assert dave.client.registered
 
 
-def test_bad_signature_is_refused(net: Net) -> None:
+def test_bad_signature_is_refused_without_an_answer(net: Net) -> None:
+    # An answer would cost a signature and be longer than the request.
     data, _ = _register_bytes(net)
     forged = data[:-1] + bytes([data[-1] ^ 1])
-    assert _status_of(_answers(net, forged, ("192.0.2.9", 1))[0]) == Status.BAD_SIGNATURE
+    assert _answers(net, forged, ("192.0.2.9", 1)) == []
     assert net.server.stats.refusals["bad_signature"] == 1
 
 
@@ -371,8 +398,8 @@ def test_resolve_ok_unknown_offline(net: Net) -> None:
     by_id = alice.client.resolve(node_id_from_key(bob.key), net.now)
     unknown_id = alice.client.resolve(node_id_from_key(crypto.ed25519_keypair()[1]), net.now)
     net.run()
-    resolved = {e.request_id: e for e in alice.of(bc.Resolved)}  # type: ignore[attr-defined]
-    failed = {e.request_id: e for e in alice.of(bc.ResolveFailed)}  # type: ignore[attr-defined]
+    resolved = {e.request_id: e for e in alice.of(bc.Resolved)}
+    failed = {e.request_id: e for e in alice.of(bc.ResolveFailed)}
     assert resolved[ok].node_key == bob.key
     assert resolved[ok].hostname == "bob"
     assert resolved[ok].candidates == (bob.mappings[BEACON], bob.local)
@@ -385,7 +412,7 @@ def test_resolve_ok_unknown_offline(net: Net) -> None:
     net.advance(95)
     offline = alice.client.resolve("bob", net.now)
     net.run()
-    (event,) = [e for e in alice.of(bc.ResolveFailed) if e.request_id == offline]  # type: ignore[attr-defined]
+    (event,) = [e for e in alice.of(bc.ResolveFailed) if e.request_id == offline]
     assert event.code == Status.OFFLINE and "offline" in event.reason
     assert net.server.stats.resolves == 5
 
@@ -405,7 +432,7 @@ def test_resolve_before_registration_waits_for_it(net: Net) -> None:
     assert not alice.events
     alice.client.start(net.now)
     net.run()
-    assert [e.request_id for e in alice.of(bc.Resolved)] == [request]  # type: ignore[attr-defined]
+    assert [e.request_id for e in alice.of(bc.Resolved)] == [request]
 
 
 def test_resolve_times_out_after_three_tries(net: Net) -> None:
@@ -418,8 +445,8 @@ def test_resolve_times_out_after_three_tries(net: Net) -> None:
     assert not alice.of(bc.ResolveFailed)
     net.advance(0.2)
     event = last(alice, bc.ResolveFailed)
-    assert event.request_id == request and event.code is None  # type: ignore[attr-defined]
-    assert "timeout" in event.reason  # type: ignore[attr-defined]
+    assert event.request_id == request and event.code is None
+    assert "timeout" in event.reason
     resolves = [d for d, _ in net.to_beacon[sent:] if d[0] == bw.RESOLVE]
     assert len(resolves) == 3
     assert net.now - start == pytest.approx(3.1)
@@ -432,7 +459,7 @@ def test_beacon_unreachable(net: Net) -> None:
     assert not alice.of(bc.BeaconUnreachable)
     net.advance(0.2)  # 1 + 2 + 4 s of unanswered REGISTERs
     event = last(alice, bc.BeaconUnreachable)
-    assert "no answer" in event.reason  # type: ignore[attr-defined]
+    assert "no answer" in event.reason
     # It keeps trying (capped backoff) and recovers by itself.
     net.drop_to_beacon = False
     net.advance(17)
@@ -451,12 +478,12 @@ def test_beacon_restart_makes_clients_register_again(net: Net) -> None:
     # the fresh beacon until his refresh.
     assert alice.client.registered
     failed = last(alice, bc.ResolveFailed)
-    assert failed.request_id == request and failed.code == Status.OFFLINE  # type: ignore[attr-defined]
+    assert failed.request_id == request and failed.code == Status.OFFLINE
     net.advance(25)
     assert bob.client.registered
     request = alice.client.resolve("bob", net.now)
     net.run()
-    assert last(alice, bc.Resolved).request_id == request  # type: ignore[attr-defined]
+    assert last(alice, bc.Resolved).request_id == request
 
 
 # -- pinning -----------------------------------------------------------------------------------
@@ -468,7 +495,7 @@ def test_pinned_key_rejects_another_beacon(net: Net) -> None:
     assert alice.client.stats.bad_signature >= 1
     net.advance(8)
     event = last(alice, bc.BeaconUnreachable)
-    assert "unexpected key" in event.reason  # type: ignore[attr-defined]
+    assert "unexpected key" in event.reason
 
 
 def test_first_use_pin_holds_after_the_beacon_changes_key(net: Net) -> None:
@@ -522,14 +549,14 @@ def test_introduction_to_an_unknown_or_offline_node_fails(net: Net) -> None:
     request = alice.client.introduce(stranger, net.now)
     net.run()
     event = last(alice, bc.IntroductionFailed)
-    assert event.request_id == request and event.code == Status.UNKNOWN  # type: ignore[attr-defined]
-    assert event.peer_key == stranger  # type: ignore[attr-defined]
+    assert event.request_id == request and event.code == Status.UNKNOWN
+    assert event.peer_key == stranger
     bob = net.add("bob")
     net.peers.remove(bob)
     net.advance(95)
     alice.client.introduce(bob.key, net.now)
     net.run()
-    assert last(alice, bc.IntroductionFailed).code == Status.OFFLINE  # type: ignore[attr-defined]
+    assert last(alice, bc.IntroductionFailed).code == Status.OFFLINE
     assert net.server.stats.introductions == 0
 
 
@@ -644,12 +671,12 @@ def test_rate_limit_per_node_relay(tmp_path: Path) -> None:
     alice = net.add("alice")
     bob = net.add("bob")
     for _ in range(15):
-        _relay(net, alice, bob, b"p")
+        _relay(net, alice, bob, DATA_PACKET)
     assert len(bob.of(bc.Relayed)) == 10
     assert net.server.stats.refusals["relay_rate_limited"] == 5
     net.now += 0.05  # 5 more tokens
     for _ in range(15):
-        _relay(net, alice, bob, b"p")
+        _relay(net, alice, bob, DATA_PACKET)
     assert len(bob.of(bc.Relayed)) == 15
 
 
@@ -658,7 +685,7 @@ def test_rate_limit_per_node_bytes(tmp_path: Path) -> None:
     alice = net.add("alice")
     bob = net.add("bob")
     for _ in range(5):
-        _relay(net, alice, bob, b"x" * 1000)
+        _relay(net, alice, bob, DATA_PACKET.ljust(1000, b"x"))
     assert len(bob.of(bc.Relayed)) == 3
 
 
@@ -698,7 +725,7 @@ def test_nat_classification(net: Net, nat: str) -> None:
     bob = net.add("bob")
     bob.client.resolve("alice", net.now)
     net.run()
-    assert last(bob, bc.Resolved).nat_type == nat  # type: ignore[attr-defined]
+    assert last(bob, bc.Resolved).nat_type == nat
 
 
 def test_without_alt_port_the_type_stays_unknown(tmp_path: Path) -> None:
@@ -725,7 +752,7 @@ def test_candidate_change_reregisters_at_once(net: Net) -> None:
     net.advance(0)
     bob.client.resolve("alice", net.now)
     net.run()
-    assert last(bob, bc.Resolved).candidates == (  # type: ignore[attr-defined]
+    assert last(bob, bc.Resolved).candidates == (
         alice.mappings[BEACON],
         ("10.9.9.9", 5000),
         ("fd00::5", 5000),
@@ -767,7 +794,7 @@ def test_random_datagrams_never_break_the_beacon(net: Net) -> None:
     # Still serving.
     request = bob.client.resolve("alice", net.now)
     net.run()
-    assert last(bob, bc.Resolved).request_id == request  # type: ignore[attr-defined]
+    assert last(bob, bc.Resolved).request_id == request
 
 
 def test_random_datagrams_never_break_the_client(net: Net) -> None:
@@ -786,9 +813,10 @@ def test_random_datagrams_never_break_the_client(net: Net) -> None:
 def test_store_reports_names(tmp_path: Path) -> None:
     store = NameStore(tmp_path / "x.db")
     a, b = b"a" * 32, b"b" * 32
-    assert store.claim("alpha", a, 1) == a
-    assert store.claim("alpha", b, 2) == a
-    assert store.claim("beta", a, 3) == a
+    assert store.claim("alpha", a, 1, "192.0.2.1") == a
+    assert store.claim("alpha", b, 2, "192.0.2.2") == a
+    assert store.claim("beta", a, 3, "192.0.2.1") == a
+    assert store.claimed_from("192.0.2.1") == 2 and store.claimed_from("192.0.2.2") == 0
     assert store.names_of(a) == ["alpha", "beta"] and store.names_of(b) == []
     assert store.count() == 2
     store.close()
@@ -813,7 +841,7 @@ def test_stop_ends_refreshes_and_fails_requests(net: Net) -> None:
     net.run()
     alice.client.stop()
     net.deliver()
-    assert last(alice, bc.ResolveFailed).request_id == request  # type: ignore[attr-defined]
+    assert last(alice, bc.ResolveFailed).request_id == request
     assert alice.client.get_timer() is None
     sent = len(net.to_beacon)
     net.advance(100)
@@ -832,3 +860,310 @@ def test_beacon_spec_parsing() -> None:
     for bad in ("nokey@1.2.3.4:9000", "1.2.3.4", "1.2.3.4:0", f"{node_id}@:9000", ":9000"):
         with pytest.raises(ConfigError):
             parse_beacon_spec(bad)
+
+
+# -- floods, names, amplification (issue #11, items 6, 8 and 9) ----------------------------------
+
+
+def _forged_register(net: Net, name: str | None = None) -> bytes:
+    data, _ = _register_bytes(net, name=name)
+    return data[:-64] + bytes(64)
+
+
+def test_register_flood_is_rationed_before_any_signature_check(tmp_path: Path) -> None:
+    # Issue #11 item 8: bad-signature REGISTERs from 1,000 addresses, each checked and answered.
+    config = BeaconConfig(alt_port=ALT[1], verify_rate=100.0, verify_burst=100.0)
+    net = Net(tmp_path, config)
+    alice = net.add("alice")
+    sent = answers = 0
+    for i in range(3000):
+        source = (f"10.{i % 1000 // 250}.{i % 250}.1", 4000)
+        net.server.receive_datagram(_forged_register(net), source, net.now)
+        sent += 1
+        answers += len(net.server.datagrams_to_send())
+    refusals = net.server.stats.refusals
+    assert answers == 0  # no signature spent on answers, nothing reflected
+    # Checked: what was left of the budget after alice's registration, no more.
+    assert refusals["bad_signature"] == 99
+    assert refusals["verify_budget"] == sent - 99
+    # The budget is spent: a new key is refused (unanswered) for now...
+    net.inject(_register_bytes(net, name="newcomer")[0], ("192.0.2.200", 1))
+    assert refusals["verify_budget"] == sent - 99 + 1
+    # ... but a registered node's refresh has a budget of its own, at the same instant.
+    refreshes = net.server.stats.refreshes
+    alice.client.set_local_candidates([("10.9.9.9", 5000)])
+    net.run()
+    assert net.server.stats.refreshes == refreshes + 1
+    assert alice.client.registered
+
+
+def test_one_source_ip_is_limited_before_any_signature_check(tmp_path: Path) -> None:
+    net = Net(tmp_path, BeaconConfig(register_source_rate=1.0, register_source_burst=5.0))
+    for port in range(50):
+        net.inject(_forged_register(net), ("192.0.2.77", port + 1))
+    refusals = net.server.stats.refusals
+    assert refusals["bad_signature"] == 5
+    assert refusals["verify_source_limited"] == 45
+    net.now += 2.0
+    net.inject(_forged_register(net), ("192.0.2.77", 1))
+    assert refusals["bad_signature"] == 6
+
+
+def test_one_claimed_key_is_limited_before_any_signature_check(tmp_path: Path) -> None:
+    net = Net(tmp_path, BeaconConfig(claimed_key_rate=1.0, claimed_key_burst=3.0))
+    alice = net.add("alice")
+    source = alice.mappings[BEACON]
+    forged, _ = _register_bytes(net, name=None, key=(bytes(64), alice.key))
+    for _ in range(20):
+        net.inject(forged, source)
+    refusals = net.server.stats.refusals
+    assert refusals["bad_signature"] == 2  # alice's own REGISTER took one of the 3
+    assert refusals["verify_key_limited"] == 18
+
+
+def test_unpadded_register_gets_no_answer(net: Net) -> None:
+    # A REGISTER shorter than REGISTERED: answering it would amplify.
+    secret, public = crypto.ed25519_keypair()
+    body = bw.encode_register(secret, public, WALL0, NatType.CONE, None, [])[:-64]
+    body = body.rstrip(b"\0")
+    data = body + crypto.ed25519_sign(secret, bw.REGISTER_CONTEXT + body)
+    assert len(data) < bw.REGISTERED_SIZE
+    assert _answers(net, data, ("192.0.2.9", 1)) == []
+    assert net.server.stats.refusals["unpadded"] == 1
+
+
+def test_every_register_answer_is_no_longer_than_its_request(net: Net) -> None:
+    carol = net.add("carol")
+    for name in (None, "a", "carol", "Bad_Name"):
+        data, _ = _register_bytes(net, name=name)
+        for reply in _answers(net, data, ("192.0.2.9", 1)):
+            assert len(reply) <= len(data)
+    stale, _ = _register_bytes(net, name=None, ts=WALL0 - 10**12, key=(bytes(64), carol.key))
+    assert all(len(r) <= len(stale) for r in _answers(net, stale, ("192.0.2.9", 2)))
+
+
+def test_names_claimed_from_one_address_are_capped(tmp_path: Path) -> None:
+    # Issue #11 item 8: one address claimed 1,856 permanent names in 20 s, with many keys.
+    net = Net(tmp_path, BeaconConfig(alt_port=ALT[1], max_names_per_ip=5))
+    statuses = []
+    for i in range(20):
+        data, _ = _register_bytes(net, name=f"squat-{i}")
+        statuses += [_status_of(r) for r in _answers(net, data, ("192.0.2.80", 1000 + i))]
+    assert statuses == [Status.OK] * 5 + [Status.NAME_LIMIT] * 15
+    assert net.store.count() == 5
+    # Another address is not affected; a node told NAME_LIMIT stops retrying and says why.
+    elsewhere = _answers(net, _register_bytes(net, name="x")[0], ("192.0.2.81", 1))
+    assert [_status_of(r) for r in elsewhere] == [Status.OK]
+    peer = net.add("late", start=False)
+    peer.public_ip = "192.0.2.80"
+    peer.client.start(net.now)
+    net.advance(2.0)
+    event = last(peer, bc.RegistrationFailed)
+    assert event.code == Status.NAME_LIMIT and event.permanent
+    assert "name limit" in event.reason
+
+
+def test_unused_names_expire_and_the_expiry_survives_a_restart(tmp_path: Path) -> None:
+    config = BeaconConfig(alt_port=ALT[1], name_expiry=1000.0, name_touch_interval=100.0)
+    net = Net(tmp_path, config)
+    kept = net.add("kept")
+    gone = net.add("gone")
+    net.advance(30.0)
+    gone.client.stop()
+    net.advance(600.0)
+    net.restart_server(reopen_store=True)  # the last use is on disk, not in memory
+    net.advance(500.0)
+    assert net.store.owner("gone") is None
+    assert net.store.owner("kept") == kept.key  # registering keeps it, for any length of time
+    net.advance(3000.0)
+    assert net.store.owner("kept") == kept.key
+    assert kept.client.registered
+
+
+def test_store_from_before_expiry_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE names (name TEXT PRIMARY KEY, node_key BLOB NOT NULL,"
+        " claimed_ns INTEGER NOT NULL)"
+    )
+    db.execute("INSERT INTO names VALUES ('old', ?, 1)", (b"k" * 32,))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = NameStore(path)
+    assert store.owner("old") == b"k" * 32
+    assert store.expire(1) == 0  # counted as used when the new beacon first opened it
+    store.close()
+
+
+def _stun_request(size: int) -> bytes:
+    if size == stun.PADDED_REQUEST_SIZE:
+        return stun.encode_binding_request(b"t" * 12, pad_to=size)
+    return stun.encode_binding_request(b"t" * 12, fingerprint=False)
+
+
+def test_stun_never_answers_an_unregistered_source_with_more_than_it_sent(
+    tmp_path: Path,
+) -> None:
+    # Issue #11 item 8: some STUN replies were 2.3x the request.
+    config = BeaconConfig(alt_port=ALT[1], stun_unpadded_rate=1.0, stun_unpadded_burst=3.0)
+    net = Net(tmp_path, config)
+    stranger = ("192.0.2.99", 5)
+    padded = _stun_request(stun.PADDED_REQUEST_SIZE)
+    for source in (stranger, ("2001:db8::1", 5)):
+        for _ in range(10):
+            (reply,) = _answers(net, padded, source)
+            assert len(reply) <= len(padded)
+    # An unknown comprehension-required attribute: the 420 answer would be 2.3x; silence.
+    body = b"\x00\x03\x00\x04\x00\x00\x00\x02"
+    request = b"\x00\x01\x00\x08\x21\x12\xa4\x42" + b"c" * 12 + body
+    assert _answers(net, request, stranger) == []
+    # Unpadded requests (any STUN client's): a small budget, shared by all unknown sources.
+    small = _stun_request(20)
+    answered = sum(len(_answers(net, small, (f"192.0.2.{i}", 5))) for i in range(10))
+    assert answered == 3
+    assert net.server.stats.refusals["stun_unpadded"] == 1 + 7
+    # A registered node's own address is known: answered whatever the size.
+    alice = net.add("alice")
+    assert all(len(_answers(net, small, alice.mappings[BEACON])) == 1 for _ in range(10))
+
+
+def test_node_pads_its_stun_request(net: Net) -> None:
+    peer = net.add("sym", nat="symmetric")
+    requests = [d for d, _ in net.to_beacon if d[0] < 4]
+    assert requests and all(len(d) == stun.PADDED_REQUEST_SIZE for d in requests)
+    assert peer.client.nat_type == "symmetric"
+    assert net.server.stats.refusals["stun_unpadded"] == 0
+
+
+# -- relayed handshakes and BLOCK_RELAY ----------------------------------------------------------
+
+INITIATION = bytes([wire.INITIATION]) + b"i" * 116
+TRUST_REQUEST = b"\x40" + b"t" * 100  # node.CONTROL_VIA_RELAY: the beacon treats it as a handshake
+
+
+def test_relayed_handshakes_are_limited_per_pair_while_data_flows(tmp_path: Path) -> None:
+    # Issue #11 items 6 and 9: initiations and trust requests flooded through the relay.
+    config = BeaconConfig(relay_pair_handshake_rate=1.0, relay_pair_handshake_burst=5.0)
+    net = Net(tmp_path, config)
+    alice, bob, carol = net.add("alice"), net.add("bob"), net.add("carol")
+    for _ in range(100):
+        _relay(net, alice, bob, INITIATION)
+        _relay(net, alice, bob, TRUST_REQUEST)
+        _relay(net, alice, bob, DATA_PACKET)
+        _relay(net, carol, bob, DATA_PACKET)
+    got = [e.packet[0] for e in bob.of(bc.Relayed) if e.source_key == alice.key]
+    assert got.count(wire.DATA) == 100
+    assert got.count(wire.INITIATION) + got.count(0x40) == 5
+    assert net.server.stats.refusals["relay_handshake_rate_limited"] == 195
+    # carol -> bob is another pair: its handshakes are untouched by alice's flood.
+    _relay(net, carol, bob, INITIATION)
+    assert last(bob, bc.Relayed).packet == INITIATION
+    net.now += 1.0
+    _relay(net, alice, bob, INITIATION)
+    assert last(bob, bc.Relayed) == bc.Relayed(alice.key, INITIATION)
+
+
+def test_relayed_handshakes_are_limited_per_sender(tmp_path: Path) -> None:
+    config = BeaconConfig(relay_handshake_rate=1.0, relay_handshake_burst=6.0)
+    net = Net(tmp_path, config)
+    alice = net.add("alice")
+    targets = [net.add(f"t{i}") for i in range(4)]
+    for _ in range(5):
+        for target in targets:
+            _relay(net, alice, target, INITIATION)
+    assert sum(len(t.of(bc.Relayed)) for t in targets) == 6
+
+
+def _block(
+    net: Net, peer: Peer, blocked: bytes, seconds: int, *, stamp: int | None = None
+) -> bytes:
+    message = bw.encode_block_relay(
+        peer.client.secret,
+        peer.key,
+        WALL0 + int(net.now * 1e9) if stamp is None else stamp,
+        blocked,
+        seconds,
+    )
+    net.inject(message, peer.mappings[BEACON])
+    return message
+
+
+def test_block_relay_stops_one_key_for_a_while(net: Net) -> None:
+    alice, bob, carol = net.add("alice"), net.add("bob"), net.add("carol")
+    block = _block(net, bob, alice.key, 60)
+    assert net.server.datagrams_to_send() == []  # not answered
+    _relay(net, alice, bob, DATA_PACKET)
+    _relay(net, carol, bob, DATA_PACKET)
+    _relay(net, bob, alice, DATA_PACKET)  # only the direction bob asked for
+    assert [e.source_key for e in bob.of(bc.Relayed)] == [carol.key]
+    assert len(alice.of(bc.Relayed)) == 1
+    assert net.server.stats.refusals["relay_blocked"] == 1
+    assert net.server.status(net.now)["relay_blocks"] == 1
+    net.advance(61.0)
+    _relay(net, alice, bob, DATA_PACKET)
+    assert last(bob, bc.Relayed).source_key == alice.key
+    # A replay of the block changes nothing: it ran from its own timestamp.
+    net.inject(block, bob.mappings[BEACON])
+    _relay(net, alice, bob, DATA_PACKET)
+    assert len([e for e in bob.of(bc.Relayed) if e.source_key == alice.key]) == 2
+
+
+def test_block_relay_is_lifted_and_an_old_block_cannot_undo_the_lift(net: Net) -> None:
+    alice, bob = net.add("alice"), net.add("bob")
+    block = _block(net, bob, alice.key, 600)
+    net.now += 1.0
+    _block(net, bob, alice.key, 0)
+    net.inject(block, bob.mappings[BEACON])  # replayed: older than the lift
+    _relay(net, alice, bob, DATA_PACKET)
+    assert len(bob.of(bc.Relayed)) == 1
+    assert net.server.stats.refusals["stale_timestamp"] == 1
+
+
+def test_block_relay_must_be_signed_by_the_registered_node(tmp_path: Path) -> None:
+    net = Net(tmp_path, BeaconConfig(max_block_duration=30.0))
+    alice, bob, mallory = net.add("alice"), net.add("bob"), net.add("mallory")
+    good = bw.encode_block_relay(bob.client.secret, bob.key, WALL0, alice.key, 600)
+    forged = good[:-64] + bytes(64)
+    net.inject(forged, bob.mappings[BEACON])
+    net.inject(good, mallory.mappings[BEACON])  # bob's message from mallory's address
+    _relay(net, alice, bob, DATA_PACKET)
+    assert len(bob.of(bc.Relayed)) == 1
+    refusals = net.server.stats.refusals
+    assert refusals["bad_signature"] == 1 and refusals["block_not_registered"] == 1
+    net.inject(good, bob.mappings[BEACON])
+    net.advance(31.0)  # cut to max_block_duration
+    _relay(net, alice, bob, DATA_PACKET)
+    assert len(bob.of(bc.Relayed)) == 2
+
+
+def test_blocks_per_node_are_bounded(tmp_path: Path) -> None:
+    net = Net(tmp_path, BeaconConfig(max_blocks_per_node=3))
+    bob = net.add("bob")
+    for i in range(10):
+        net.now += 0.001
+        _block(net, bob, bytes([i]) * 32, 100 + i)
+    assert net.server.status(net.now)["relay_blocks"] == 3
+
+
+def test_node_asks_its_beacon_to_block_a_flooding_key(tmp_path: Path) -> None:
+    config = bc.BeaconClientConfig(block_relay_after=5, block_relay_duration=60.0)
+    net = Net(tmp_path)
+    alice = net.add("alice")
+    bob = net.add("bob", config=config)
+    calls = [bob.client.report_invalid_relayed(alice.key, net.now) for _ in range(5)]
+    assert calls == [False] * 4 + [True]
+    net.run()
+    _relay(net, alice, bob, INITIATION)
+    assert not bob.of(bc.Relayed)
+    assert net.server.stats.refusals["relay_blocked"] == 1
+    # Reports spread thinner than the window never add up to a block.
+    carol = net.add("carol")
+    for _ in range(10):
+        net.now += config.block_relay_window / 2
+        assert not bob.client.report_invalid_relayed(carol.key, net.now)
+    with pytest.raises(ConfigError):
+        bob.client.block_relay(b"short", 1.0, net.now)

@@ -26,11 +26,14 @@ import aiostun
 import pytest
 
 from pilot_agents.beacon import service
+from pilot_agents.beacon.server import BeaconConfig
 from pilot_agents.errors import PilotTimeoutError
 from pilot_agents.identity import Identity, key_from_node_id, node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
+from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal import stun
-from pilot_agents.net.traversal.beacon_wire import Address, Status
+from pilot_agents.net.traversal.beacon_wire import Address, NatType, Status
+from pilot_agents.net.tunnel import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on (\S+):(\d+) alt-port (\d+|off) key (\w+)")
@@ -357,7 +360,7 @@ async def test_relay_throughput_on_loopback(tmp_path: Path, drivers: list[Client
             await node.wait_for(bc.Registered)
         count = 5000
         window = 200  # packets in flight: loopback loses nothing unless a buffer overflows
-        payload = os.urandom(1200)
+        payload = bytes([wire.DATA]) + os.urandom(1199)  # handshakes are limited far lower
         datagram = a.client.wrap_relay(b.client.public_key, payload)
 
         def received() -> int:
@@ -390,3 +393,46 @@ def test_main_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
         service.main(["--listen", "127.0.0.1:0", "--alt-port", "x", "--data-dir", str(tmp_path)])
         == 2
     )
+
+
+async def test_register_flood_from_many_addresses_gets_no_answer(
+    tmp_path: Path, drivers: list[ClientDriver]
+) -> None:
+    """Issue #11 item 8 over real UDP: forged REGISTERs from 40 loopback addresses are rationed
+    before their signatures are checked and never answered; a registered node resolves on."""
+    config = BeaconConfig(verify_rate=1.0, verify_burst=100.0)
+    async with running(tmp_path / "b", config=config) as info:
+        alice = ClientDriver(make_client(info.address, "alice"))
+        bob = ClientDriver(make_client(info.address, None))
+        drivers += [alice, bob]
+        for node in (alice, bob):
+            node.call(node.client.start)
+            await node.wait_for(bc.Registered)
+        flooders = []
+        for i in range(40):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind((f"127.0.0.{i + 2}", 0))
+            flooders.append(sock)
+        try:
+            key = Identity.generate().public_key
+            signed = bw.encode_register(bytes(64), key, time.time_ns(), NatType.OPEN, "x", [])
+            forged = signed[:-64] + bytes(64)
+            for _ in range(50):
+                for sock in flooders:
+                    with contextlib.suppress(BlockingIOError):
+                        sock.sendto(forged, info.address)
+                await asyncio.sleep(0.001)
+            request_id = bob.call(bob.client.resolve, "alice")
+            resolved = await bob.wait_for(bc.Resolved)
+            assert resolved.request_id == request_id
+            counters = await service.query_status(info.address, timeout=3.0)
+            refusals = counters["refusals"]
+            assert 0 < refusals["bad_signature"] <= 110  # the budget, and what refilled since
+            assert refusals["verify_source_limited"] + refusals["verify_budget"] > 1000
+            for sock in flooders:
+                with pytest.raises(BlockingIOError):
+                    sock.recv(2048)
+        finally:
+            for sock in flooders:
+                sock.close()

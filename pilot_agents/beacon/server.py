@@ -21,6 +21,32 @@ Who may ask what:
 Every refusal is counted by reason; answers that would cost us a signature are rate-limited per
 source IP before any work, and per node after the signature is checked (so nobody can spend a
 victim's allowance by forging its key).
+
+Floods (issue #11, item 8): a signature check costs ~50 µs, so it is rationed before it is done.
+A REGISTER (or BLOCK_RELAY) must first pass buckets per source IP and per claimed key (and
+IP), then a global budget of checks per second. Refreshes of a live registration from its own
+address draw on a budget of their own (``known_verify_rate``), so a flood of new or forged keys
+can't crowd out the nodes already registered; a new node shares ``verify_rate`` with the flood,
+but each source IP gets at most ``register_source_rate`` of it. A REGISTER with a bad signature
+gets no answer.
+
+Names: a key holds at most ``max_names_per_key`` hostnames (claiming another gives up its oldest,
+as a rename), one source IP may have claimed at most ``max_names_per_ip`` of the names held, and
+a name whose owner has not registered with it for ``name_expiry`` is deleted.
+
+Amplification: no unauthenticated request gets an answer longer than itself (REGISTER and STATUS
+are padded by their senders, REFUSED is 6 bytes). STUN is the one exception, for clients we don't
+write: a Binding answer (32-52 bytes) is longer than the smallest request (20 bytes). It goes out
+when the request was padded to its size (our nodes pad) or came from a live registration's
+address; other unpadded requests share a small global budget (``stun_unpadded_rate``), so any
+STUN client still learns its address, but the beacon reflects at most that many answers a second
+at spoofed sources in all. STUN error answers go out only if they fit in the request.
+
+Relay (items 6 and 9): the first byte of a relayed packet is its tunnel type in clear. Handshakes
+and trust requests (anything but a DATA packet) are limited per sending node and per (sender,
+receiver) pair with strict buckets; all packets of a pair with a generous one, so established
+tunnels keep flowing while a flood of initiations is dropped. A node can also ask us (signed
+BLOCK_RELAY) to stop relaying a key to it for a while.
 """
 
 from __future__ import annotations
@@ -39,6 +65,7 @@ from ..identity import node_id_from_key
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal import stun
 from ..net.traversal.beacon_wire import Address, NatType, Status
+from ..net.tunnel import wire
 from .store import Registry
 
 log = logging.getLogger("pilot_agents.beacon")
@@ -58,7 +85,7 @@ class BeaconConfig:
     # Per node, after its signature or registered address is checked:
     register_rate: float = 1.0  # REGISTERs; a node sends one per 25 s plus changes and retries
     register_burst: float = 10.0
-    request_rate: float = 20.0  # RESOLVEs and INTRODUCEs
+    request_rate: float = 20.0  # RESOLVEs, INTRODUCEs and BLOCK_RELAYs
     request_burst: float = 100.0
     relay_packet_rate: float = 20_000.0  # relayed packets per second per sending node
     relay_packet_burst: float = 40_000.0
@@ -66,7 +93,39 @@ class BeaconConfig:
     relay_byte_burst: float = 32e6
     max_relay_payload: int = 65_507 - bw.RELAY_OVERHEAD  # bytes; the largest UDP payload
     relay_idle: float = 60.0  # seconds without traffic before a relayed pair counts as new
-    max_sources: int = 100_000  # source IPs tracked for rate limiting before the oldest reset
+    max_sources: int = 100_000  # source IPs tracked for rate limiting before all reset
+    # Before a signature check (REGISTER, BLOCK_RELAY), per second and burst:
+    register_source_rate: float = 2.0  # signed messages per source IP, unless a known refresh
+    register_source_burst: float = 20.0
+    claimed_key_rate: float = 2.0  # signed messages claiming one key, per source IP
+    claimed_key_burst: float = 20.0
+    max_claimed_keys: int = 100_000  # (claimed key, IP) pairs tracked before all reset
+    verify_rate: float = 2_000.0  # checks for new keys, moved nodes and unknown senders, in all
+    verify_burst: float = 2_000.0
+    known_verify_rate: float = 2_000.0  # checks for refreshes from a live registration's address
+    known_verify_burst: float = 4_000.0
+    # Names:
+    max_names_per_key: int = 1  # hostnames one key holds; claiming one more gives up its oldest
+    max_names_per_ip: int = 64  # held hostnames claimed from one source IP (a NAT's nodes share it)
+    name_expiry: float = 30 * 86_400.0  # seconds a name lives while its owner doesn't use it
+    name_touch_interval: float = 86_400.0  # seconds between writes of a name's last use
+    # STUN answers longer than their request, to addresses with no live registration, in all:
+    stun_unpadded_rate: float = 50.0  # per second
+    stun_unpadded_burst: float = 100.0
+    # Relayed handshakes and trust requests (every packet but DATA), per second and burst:
+    relay_handshake_rate: float = 10.0  # per sending node
+    relay_handshake_burst: float = 40.0
+    relay_pair_handshake_rate: float = 1.0  # per (sender, receiver) pair
+    relay_pair_handshake_burst: float = 10.0
+    relay_pair_packet_rate: float = 10_000.0  # relayed packets of any kind per pair
+    relay_pair_packet_burst: float = 20_000.0
+    max_relay_pairs: int = 100_000  # pairs tracked; a new one beyond evicts the oldest
+    max_block_duration: float = 3_600.0  # seconds; longer BLOCK_RELAYs are cut to this
+    max_blocks_per_node: int = 1_024  # keys one node may have blocked; the soonest to end goes
+
+    def __post_init__(self) -> None:
+        if self.name_touch_interval >= self.name_expiry:
+            raise ValueError("name_touch_interval must be shorter than name_expiry")
 
 
 class TokenBucket:
@@ -93,6 +152,35 @@ class TokenBucket:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
+class BucketTable:
+    """A token bucket per key (an IP, a claimed node key), at most ``size`` of them.
+
+    A full table is cleared rather than grown: under a flood from many (likely spoofed) sources
+    everyone's history is forgotten, and the global budgets behind it still hold."""
+
+    __slots__ = ("buckets", "burst", "rate", "size")
+
+    def __init__(self, rate: float, burst: float, size: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.size = size
+        self.buckets: dict[Any, TokenBucket] = {}
+
+    def take(self, key: Any, now: float) -> bool:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.size:
+                self.buckets.clear()
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return bucket.take(now)
+
+    def sweep(self, now: float) -> None:
+        """Forget full buckets: a new one starts full anyway."""
+        for key, bucket in list(self.buckets.items()):
+            if bucket.full(now):
+                del self.buckets[key]
+
+
 @dataclass(slots=True)
 class _Limits:
     """A node's allowances; they outlive its registration so re-registering can't reset them."""
@@ -101,11 +189,28 @@ class _Limits:
     request: TokenBucket
     relay_packets: TokenBucket
     relay_bytes: TokenBucket
+    relay_handshakes: TokenBucket
 
     def idle(self, now: float) -> bool:
         return all(
-            b.full(now) for b in (self.register, self.request, self.relay_packets, self.relay_bytes)
+            b.full(now)
+            for b in (
+                self.register,
+                self.request,
+                self.relay_packets,
+                self.relay_bytes,
+                self.relay_handshakes,
+            )
         )
+
+
+@dataclass(slots=True)
+class _Pair:
+    """A relayed (sender, receiver) pair."""
+
+    last: float  # when it last relayed a packet
+    packets: TokenBucket
+    handshakes: TokenBucket
 
 
 @dataclass(slots=True)
@@ -119,6 +224,7 @@ class _Node:
     timestamp_ns: int
     expires: float
     reply: bytes  # the REGISTERED we sent, resent for a duplicate of the same REGISTER
+    name_touched: float  # when the store last recorded that its hostname is in use
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -175,8 +281,20 @@ class BeaconServer:
         self._by_address: dict[Address, bytes] = {}
         self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
         self._limits: dict[bytes, _Limits] = {}
-        self._sources: dict[str, TokenBucket] = {}
-        self._relay_pairs: dict[tuple[bytes, bytes], float] = {}
+        c = self.config
+        self._sources = BucketTable(c.source_rate, c.source_burst, c.max_sources)
+        self._register_sources = BucketTable(
+            c.register_source_rate, c.register_source_burst, c.max_sources
+        )
+        self._claimed_keys = BucketTable(
+            c.claimed_key_rate, c.claimed_key_burst, c.max_claimed_keys
+        )
+        self._verify = TokenBucket(c.verify_rate, c.verify_burst, now)
+        self._known_verify = TokenBucket(c.known_verify_rate, c.known_verify_burst, now)
+        self._stun_unpadded = TokenBucket(c.stun_unpadded_rate, c.stun_unpadded_burst, now)
+        self._relay_pairs: dict[tuple[bytes, bytes], _Pair] = {}
+        self._blocks: dict[bytes, dict[bytes, float]] = {}  # receiver -> sender -> until (now)
+        self._block_stamps: dict[bytes, int] = {}  # newest BLOCK_RELAY timestamp per node
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
 
@@ -195,13 +313,15 @@ class BeaconServer:
             return
         try:
             if kind < 4:
-                self._on_stun(data, address, self._out)
+                self._on_stun(data, address, self._out, now)
             elif kind == bw.REGISTER:
-                self._on_register(bw.parse_register_untrusted(data), address, now)
+                self._on_register(data, address, now)
             elif kind == bw.RESOLVE:
                 self._on_resolve(bw.parse_resolve_untrusted(data), address, now)
             elif kind == bw.INTRODUCE:
                 self._on_introduce(bw.parse_introduce_untrusted(data), address, now)
+            elif kind == bw.BLOCK_RELAY:
+                self._on_block_relay(bw.parse_block_relay_untrusted(data), address, now)
             elif kind == bw.STATUS:
                 request_id = bw.parse_status_request_untrusted(data)
                 self.stats.status_requests += 1
@@ -221,7 +341,7 @@ class BeaconServer:
             self._refuse("rate_limited")
             return
         try:
-            self._on_stun(data, address, self._alt_out)
+            self._on_stun(data, address, self._alt_out, now)
         except WireError:
             self._refuse("malformed")
 
@@ -250,16 +370,27 @@ class BeaconServer:
             # Any REGISTER older than the skew window is stale anyway: no need to remember.
             if stamp < horizon:
                 del self._last_timestamp[key]
+        for key, stamp in list(self._block_stamps.items()):
+            if stamp < horizon:
+                del self._block_stamps[key]
         for key, limits in list(self._limits.items()):
             if key not in self._nodes and limits.idle(now):
                 del self._limits[key]
-        for ip, bucket in list(self._sources.items()):
-            if bucket.full(now):
-                del self._sources[ip]
+        for table in (self._sources, self._register_sources, self._claimed_keys):
+            table.sweep(now)
         idle = now - self.config.relay_idle
-        for pair, last in list(self._relay_pairs.items()):
-            if last < idle:
+        for pair, state in list(self._relay_pairs.items()):
+            if state.last < idle:
                 del self._relay_pairs[pair]
+        for receiver, blocks in list(self._blocks.items()):
+            for sender, until in list(blocks.items()):
+                if until <= now:
+                    del blocks[sender]
+            if not blocks:
+                del self._blocks[receiver]
+        expired = self.registry.expire(self._wall_clock_ns() - int(self.config.name_expiry * 1e9))
+        if expired:
+            log.info("%d names expired unused", expired)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -280,6 +411,7 @@ class BeaconServer:
             "relayed_packets": stats.relayed_packets,
             "relayed_bytes": stats.relayed_bytes,
             "relay_pairs": len(self._relay_pairs),
+            "relay_blocks": sum(len(blocks) for blocks in self._blocks.values()),
             "stun_requests": stats.stun_requests,
             "status_requests": stats.status_requests,
             "refusals": dict(stats.refusals),
@@ -301,16 +433,28 @@ class BeaconServer:
         self.stats.refusals[reason] += 1
 
     def _source_allows(self, address: Address, now: float) -> bool:
-        ip = address[0]
-        bucket = self._sources.get(ip)
-        if bucket is None:
-            if len(self._sources) >= self.config.max_sources:
-                # Under a flood from many (likely spoofed) addresses, forget everyone's history
-                # rather than grow without bound; the per-node limits still hold.
-                self._sources.clear()
-            bucket = TokenBucket(self.config.source_rate, self.config.source_burst, now)
-            self._sources[ip] = bucket
-        return bucket.take(now)
+        return self._sources.take(address[0], now)
+
+    def _may_verify(self, key: bytes, address: Address, now: float) -> bool:
+        """Whether a message from ``address`` claiming ``key`` may cost a signature check."""
+        node = self._live_at(address, now)
+        if node is not None and node.key == key:
+            # The node refreshing from where it is: a budget that floods of other keys (or of
+            # the same key from elsewhere) can't drain.
+            budget = self._known_verify
+        elif self._register_sources.take(address[0], now):
+            budget = self._verify
+        else:
+            self._refuse("verify_source_limited")
+            return False
+        # Per key and IP: forgeries of a key from elsewhere don't spend its allowance here.
+        if not self._claimed_keys.take((key, address[0]), now):
+            self._refuse("verify_key_limited")
+            return False
+        if not budget.take(now):
+            self._refuse("verify_budget")
+            return False
+        return True
 
     def _limits_of(self, key: bytes, now: float) -> _Limits:
         limits = self._limits.get(key)
@@ -321,6 +465,7 @@ class BeaconServer:
                 TokenBucket(c.request_rate, c.request_burst, now),
                 TokenBucket(c.relay_packet_rate, c.relay_packet_burst, now),
                 TokenBucket(c.relay_byte_rate, c.relay_byte_burst, now),
+                TokenBucket(c.relay_handshake_rate, c.relay_handshake_burst, now),
             )
             self._limits[key] = limits
         return limits
@@ -343,18 +488,37 @@ class BeaconServer:
         if self._by_address.get(node.address) == node.key:
             del self._by_address[node.address]
 
-    def _on_stun(self, data: bytes, address: Address, out: list[tuple[bytes, Address]]) -> None:
+    def _on_stun(
+        self, data: bytes, address: Address, out: list[tuple[bytes, Address]], now: float
+    ) -> None:
         request = stun.parse_binding_request_untrusted(data)
         self.stats.stun_requests += 1
         reply = stun.encode_binding_response(request, reported_address(address))
-        if reply is not None:
-            out.append((reply, address))
+        if reply is None:
+            return
+        if len(reply) > len(data):
+            # Longer than the request: only a success answer, and only to a registered node's
+            # address or within the small budget kept for STUN clients that don't pad.
+            success = int.from_bytes(reply[:2], "big") == stun.BINDING_SUCCESS
+            if not success or (
+                self._live_at(address, now) is None and not self._stun_unpadded.take(now)
+            ):
+                self._refuse("stun_unpadded")
+                return
+        out.append((reply, address))
 
     # -- REGISTER ------------------------------------------------------------------------------
 
-    def _on_register(self, message: bw.Register, address: Address, now: float) -> None:
+    def _on_register(self, data: bytes, address: Address, now: float) -> None:
+        if len(data) < bw.REGISTER_MIN_SIZE:
+            self._refuse("unpadded")  # any answer would be longer than the request
+            return
+        message = bw.parse_register_untrusted(data)
+        if not self._may_verify(message.node_key, address, now):
+            return
         if not message.verify():
-            self._answer_register(message, address, Status.BAD_SIGNATURE)
+            # No answer: it would cost a signature, and a real node's signatures don't fail.
+            self._refuse("bad_signature")
             return
         key = message.node_key
         if not self._limits_of(key, now).register.take(now):
@@ -379,19 +543,46 @@ class BeaconServer:
             self._answer_register(message, address, Status.STALE_TIMESTAMP)
             return
         name = message.hostname
+        touched = now
         if name is not None:
             if not bw.valid_hostname(name):
                 self._answer_register(message, address, Status.BAD_NAME)
                 return
             previous = self._nodes.get(key)
-            # A refresh under the same name needs no trip to the store.
-            same = previous is not None and previous.hostname == name
-            owner = key if same else self.registry.claim(name, key, wall)
-            if owner != key:
-                log.info("refused %s to %s: owned by %s", name, _short(key), _short(owner))
-                self._answer_register(message, address, Status.NAME_TAKEN)
-                return
-        self._accept(message, address, now)
+            if (
+                previous is not None
+                and previous.hostname == name
+                and now < previous.name_touched + self.config.name_touch_interval
+            ):
+                # A refresh under the same name needs no trip to the store.
+                touched = previous.name_touched
+            else:
+                status = self._claim(name, key, address, wall)
+                if status is not Status.OK:
+                    self._answer_register(message, address, status)
+                    return
+        self._accept(message, address, now, touched)
+
+    def _claim(self, name: str, key: bytes, address: Address, wall: int) -> Status:
+        """Take ``name`` for ``key`` (or note that ``key`` still uses it)."""
+        registry = self.registry
+        owner = registry.owner(name)
+        if owner == key:
+            registry.touch(name, wall)
+            return Status.OK
+        if owner is not None:
+            log.info("refused %s to %s: owned by %s", name, _short(key), _short(owner))
+            return Status.NAME_TAKEN
+        ip = reported_address(address)[0]
+        if registry.claimed_from(ip) >= self.config.max_names_per_ip:
+            log.info("refused %s to %s: %s holds too many names", name, _short(key), ip)
+            return Status.NAME_LIMIT
+        held = registry.names_of(key)
+        for old in held[: max(0, len(held) - self.config.max_names_per_key + 1)]:
+            log.info("%s gives up %s for %s", _short(key), old, name)
+            registry.release(old)
+        owner = registry.claim(name, key, wall, ip)
+        return Status.OK if owner == key else Status.NAME_TAKEN
 
     def _answer_register(self, message: bw.Register, address: Address, status: Status) -> None:
         self._refuse(status.name.lower())
@@ -409,7 +600,9 @@ class BeaconServer:
             reported_address(address),
         )
 
-    def _accept(self, message: bw.Register, address: Address, now: float) -> None:
+    def _accept(
+        self, message: bw.Register, address: Address, now: float, name_touched: float
+    ) -> None:
         key = message.node_key
         self._last_timestamp[key] = message.timestamp_ns
         previous = self._nodes.get(key)
@@ -436,6 +629,7 @@ class BeaconServer:
             message.timestamp_ns,
             now + self.config.registration_ttl,
             reply,
+            name_touched,
         )
         self._by_address[address] = key
         self._out.append((reply, address))
@@ -601,25 +795,92 @@ class BeaconServer:
             if self._source_allows(address, now):
                 self._out.append((bw.encode_refused(Status.NOT_REGISTERED, 0), address))
             return
+        target_key = data[1 : bw.RELAY_OVERHEAD]
+        blocks = self._blocks.get(target_key)
+        if blocks is not None and blocks.get(source.key, 0.0) > now:
+            self._refuse("relay_blocked")
+            return
         limits = self._limits_of(source.key, now)
         if not limits.relay_packets.take(now) or not limits.relay_bytes.take(now, size):
             self._refuse("relay_rate_limited")
             return
-        target_key = data[1 : bw.RELAY_OVERHEAD]
         target = self._nodes.get(target_key)
         if target is None or target.expires <= now:
             self._refuse("relay_target_offline")
             return
+        pair = self._pair(source, target, now)
+        if not pair.packets.take(now):
+            self._refuse("relay_pair_rate_limited")
+            return
+        # The tunnel packet's type is in clear: a handshake or a trust request costs its
+        # receiver far more than a data packet of an established tunnel does.
+        if data[bw.RELAY_OVERHEAD] != wire.DATA and not (
+            pair.handshakes.take(now) and limits.relay_handshakes.take(now)
+        ):
+            self._refuse("relay_handshake_rate_limited")
+            return
+        pair.last = now
         self._out.append((bw.encode_relayed(source.key, data[bw.RELAY_OVERHEAD :]), target.address))
         stats = self.stats
         stats.relayed_packets += 1
         stats.relayed_bytes += size
-        pair = (source.key, target_key)
-        last = self._relay_pairs.get(pair)
-        if last is None:
+
+    def _pair(self, source: _Node, target: _Node, now: float) -> _Pair:
+        key = (source.key, target.key)
+        pair = self._relay_pairs.get(key)
+        if pair is None:
+            c = self.config
+            if len(self._relay_pairs) >= c.max_relay_pairs:
+                del self._relay_pairs[next(iter(self._relay_pairs))]
+            pair = self._relay_pairs[key] = _Pair(
+                now,
+                TokenBucket(c.relay_pair_packet_rate, c.relay_pair_packet_burst, now),
+                TokenBucket(c.relay_pair_handshake_rate, c.relay_pair_handshake_burst, now),
+            )
             log.info(
                 "relay started: %s -> %s",
                 source.hostname or _short(source.key),
                 target.hostname or _short(target.key),
             )
-        self._relay_pairs[pair] = now
+        return pair
+
+    # -- BLOCK_RELAY ---------------------------------------------------------------------------
+
+    def _on_block_relay(self, message: bw.BlockRelay, address: Address, now: float) -> None:
+        node = self._live_at(address, now)
+        if node is None or node.key != message.node_key:
+            self._refuse("block_not_registered")
+            return
+        key = node.key
+        if not self._limits_of(key, now).request.take(now):
+            self._refuse("rate_limited")
+            return
+        if not self._may_verify(key, address, now):
+            return
+        if not message.verify():
+            self._refuse("bad_signature")
+            return
+        wall = self._wall_clock_ns()
+        if message.timestamp_ns <= self._block_stamps.get(key, 0) or (
+            abs(message.timestamp_ns - wall) > self.config.max_clock_skew * 1e9
+        ):
+            self._refuse("stale_timestamp")
+            return
+        self._block_stamps[key] = message.timestamp_ns
+        # The block runs from the message's own time: a replay of it changes nothing.
+        age = max(0.0, (wall - message.timestamp_ns) / 1e9)
+        until = now + min(float(message.seconds), self.config.max_block_duration) - age
+        blocks = self._blocks.setdefault(key, {})
+        blocked = message.blocked_key
+        if until <= now:
+            blocks.pop(blocked, None)
+            log.info("%s lifted its relay block of %s", _short(key), _short(blocked))
+        else:
+            if blocked not in blocks and len(blocks) >= self.config.max_blocks_per_node:
+                del blocks[min(blocks, key=blocks.__getitem__)]
+            blocks[blocked] = until
+            log.info(
+                "%s blocked relaying from %s for %.0f s", _short(key), _short(blocked), until - now
+            )
+        if not blocks:
+            del self._blocks[key]
