@@ -25,6 +25,7 @@ from typing import Any
 import aiostun
 import pytest
 
+from pilot_agents import Node
 from pilot_agents.beacon import service
 from pilot_agents.beacon.server import BeaconConfig
 from pilot_agents.errors import PilotTimeoutError
@@ -436,3 +437,29 @@ async def test_register_flood_from_many_addresses_gets_no_answer(
         finally:
             for sock in flooders:
                 sock.close()
+
+
+async def test_node_under_a_relayed_flood_has_its_beacon_block_the_key(
+    tmp_path: Path, drivers: list[ClientDriver]
+) -> None:
+    """Issue #11 item 6: forged initiations relayed from a throwaway registered key. The node
+    refuses them; after ``block_relay_after`` it asks the beacon, which then drops that key's
+    relayed packets to the node before they cost it anything."""
+    async with running(tmp_path / "b") as info:
+        host, port = info.address
+        config = bc.BeaconClientConfig(block_relay_after=5)
+        async with Node(
+            tmp_path / "victim", "127.0.0.1:0", beacon=f"{host}:{port}", beacon_config=config
+        ) as victim:
+            attacker = ClientDriver(make_client(info.address, None))
+            drivers.append(attacker)
+            attacker.call(attacker.client.start)
+            await attacker.wait_for(bc.Registered)
+            victim_key = victim.identity.public_key
+            initiation = bytes([wire.INITIATION]) + os.urandom(116)
+            for i in range(30):
+                attacker.send_raw(attacker.client.wrap_relay(victim_key, initiation), info.address)
+                await asyncio.sleep(0.02 if i < 10 else 0.001)
+            counters = await service.query_status(info.address, timeout=3.0)
+            assert counters["relay_blocks"] == 1
+            assert counters["refusals"]["relay_blocked"] >= 10

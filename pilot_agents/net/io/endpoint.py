@@ -139,10 +139,25 @@ class Endpoint:
         while event is not None:
             if isinstance(event, Relayed) and is_tunnel_packet(event.packet):
                 # A tunnel packet through the relay: the same session, another path.
-                self.mux.receive_datagram(event.packet, RelayPath(event.source_key), now)
+                self._receive_relayed(beacon, event, now)
             elif self.on_beacon_event is not None:
                 self.on_beacon_event(event)
             event = beacon.next_event()
+
+    def _receive_relayed(self, beacon: BeaconClient, event: Relayed, now: float) -> None:
+        mux = self.mux
+        path = RelayPath(event.source_key)
+        if event.packet[0] != wire.INITIATION:
+            mux.receive_datagram(event.packet, path, now)
+            return
+        # A relayed flood comes from the beacon's address, so only the beacon can filter it:
+        # initiations we refuse (untrusted or forged) are reported, and enough of them from one
+        # key make the beacon client ask for a block (BeaconClientConfig.block_relay_after).
+        stats = mux.stats
+        refused = stats.untrusted + stats.bad_handshakes
+        mux.receive_datagram(event.packet, path, now)
+        if stats.untrusted + stats.bad_handshakes > refused:
+            beacon.report_invalid_relayed(event.source_key, now)
 
     def _on_timer(self) -> None:
         self._timer = None
