@@ -44,9 +44,9 @@ at spoofed sources in all. STUN error answers go out only if they fit in the req
 
 Relay (items 6 and 9): the first byte of a relayed packet is its tunnel type in clear. Handshakes
 and trust requests (anything but a DATA packet) are limited per sending node and per (sender,
-receiver) pair with strict buckets; all packets of a pair with a generous one, so established
-tunnels keep flowing while a flood of initiations is dropped. A node can also ask us (signed
-BLOCK_RELAY) to stop relaying a key to it for a while.
+receiver) pair with strict buckets; DATA packets only by the sender's packet and byte buckets,
+so established tunnels keep flowing while a flood of initiations is dropped. A node can also ask
+us (signed BLOCK_RELAY) to stop relaying a key to it for a while.
 """
 
 from __future__ import annotations
@@ -117,8 +117,6 @@ class BeaconConfig:
     relay_handshake_burst: float = 40.0
     relay_pair_handshake_rate: float = 1.0  # per (sender, receiver) pair
     relay_pair_handshake_burst: float = 10.0
-    relay_pair_packet_rate: float = 10_000.0  # relayed packets of any kind per pair
-    relay_pair_packet_burst: float = 20_000.0
     max_relay_pairs: int = 100_000  # pairs tracked; a new one beyond evicts the oldest
     max_block_duration: float = 3_600.0  # seconds; longer BLOCK_RELAYs are cut to this
     max_blocks_per_node: int = 1_024  # keys one node may have blocked; the soonest to end goes
@@ -209,7 +207,6 @@ class _Pair:
     """A relayed (sender, receiver) pair."""
 
     last: float  # when it last relayed a packet
-    packets: TokenBucket
     handshakes: TokenBucket
 
 
@@ -809,9 +806,6 @@ class BeaconServer:
             self._refuse("relay_target_offline")
             return
         pair = self._pair(source, target, now)
-        if not pair.packets.take(now):
-            self._refuse("relay_pair_rate_limited")
-            return
         # The tunnel packet's type is in clear: a handshake or a trust request costs its
         # receiver far more than a data packet of an established tunnel does.
         if data[bw.RELAY_OVERHEAD] != wire.DATA and not (
@@ -833,9 +827,7 @@ class BeaconServer:
             if len(self._relay_pairs) >= c.max_relay_pairs:
                 del self._relay_pairs[next(iter(self._relay_pairs))]
             pair = self._relay_pairs[key] = _Pair(
-                now,
-                TokenBucket(c.relay_pair_packet_rate, c.relay_pair_packet_burst, now),
-                TokenBucket(c.relay_pair_handshake_rate, c.relay_pair_handshake_burst, now),
+                now, TokenBucket(c.relay_pair_handshake_rate, c.relay_pair_handshake_burst, now)
             )
             log.info(
                 "relay started: %s -> %s",
