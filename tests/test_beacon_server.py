@@ -1167,3 +1167,28 @@ def test_node_asks_its_beacon_to_block_a_flooding_key(tmp_path: Path) -> None:
         assert not bob.client.report_invalid_relayed(carol.key, net.now)
     with pytest.raises(ConfigError):
         bob.client.block_relay(b"short", 1.0, net.now)
+
+
+def test_name_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="name_touch_interval"):
+        BeaconConfig(name_expiry=60.0, name_touch_interval=60.0)
+
+
+def test_a_new_node_keeps_a_share_while_many_addresses_flood(tmp_path: Path) -> None:
+    # Per-IP buckets cap what the flood takes of the global budget: 50 addresses at 1 check
+    # each leave room in a budget of 100 for a newcomer from elsewhere.
+    config = BeaconConfig(
+        alt_port=ALT[1],
+        verify_rate=1.0,
+        verify_burst=100.0,
+        register_source_rate=0.1,
+        register_source_burst=1.0,
+    )
+    net = Net(tmp_path, config)
+    for _ in range(10):
+        for i in range(50):
+            net.inject(_forged_register(net), (f"10.0.0.{i + 1}", 4000))
+    refusals = net.server.stats.refusals
+    assert refusals["bad_signature"] == 50 and refusals["verify_source_limited"] == 450
+    newcomer = net.add("newcomer")
+    assert newcomer.client.registered

@@ -56,11 +56,11 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from ..errors import WireError
+from ..errors import ConfigError, WireError
 from ..identity import node_id_from_key
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal import stun
@@ -71,6 +71,7 @@ from .store import Registry
 log = logging.getLogger("pilot_agents.beacon")
 
 ZERO_KEY = bytes(bw.KEY_SIZE)
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -123,7 +124,8 @@ class BeaconConfig:
 
     def __post_init__(self) -> None:
         if self.name_touch_interval >= self.name_expiry:
-            raise ValueError("name_touch_interval must be shorter than name_expiry")
+            # Else a name in use could expire between two writes of its last use.
+            raise ConfigError("name_touch_interval must be shorter than name_expiry")
 
 
 class TokenBucket:
@@ -150,7 +152,7 @@ class TokenBucket:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
-class BucketTable:
+class BucketTable(Generic[K]):
     """A token bucket per key (an IP, a claimed node key), at most ``size`` of them.
 
     A full table is cleared rather than grown: under a flood from many (likely spoofed) sources
@@ -162,9 +164,9 @@ class BucketTable:
         self.rate = rate
         self.burst = burst
         self.size = size
-        self.buckets: dict[Any, TokenBucket] = {}
+        self.buckets: dict[K, TokenBucket] = {}
 
-    def take(self, key: Any, now: float) -> bool:
+    def take(self, key: K, now: float) -> bool:
         bucket = self.buckets.get(key)
         if bucket is None:
             if len(self.buckets) >= self.size:
@@ -279,11 +281,11 @@ class BeaconServer:
         self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
         self._limits: dict[bytes, _Limits] = {}
         c = self.config
-        self._sources = BucketTable(c.source_rate, c.source_burst, c.max_sources)
-        self._register_sources = BucketTable(
+        self._sources: BucketTable[str] = BucketTable(c.source_rate, c.source_burst, c.max_sources)
+        self._register_sources: BucketTable[str] = BucketTable(
             c.register_source_rate, c.register_source_burst, c.max_sources
         )
-        self._claimed_keys = BucketTable(
+        self._claimed_keys: BucketTable[tuple[bytes, str]] = BucketTable(
             c.claimed_key_rate, c.claimed_key_burst, c.max_claimed_keys
         )
         self._verify = TokenBucket(c.verify_rate, c.verify_burst, now)
