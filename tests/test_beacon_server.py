@@ -1192,3 +1192,37 @@ def test_a_new_node_keeps_a_share_while_many_addresses_flood(tmp_path: Path) -> 
     assert refusals["bad_signature"] == 50 and refusals["verify_source_limited"] == 450
     newcomer = net.add("newcomer")
     assert newcomer.client.registered
+
+
+def test_no_answer_to_an_unregistered_source_is_longer_than_its_request(tmp_path: Path) -> None:
+    # The invariant behind issue #11 item 8's amplification finding, over every message kind
+    # (the STUN budget for short requests set to zero).
+    net = Net(tmp_path, BeaconConfig(alt_port=ALT[1], stun_unpadded_burst=0.0))
+    bob = net.add("bob")
+    rng = random.Random(11)
+    secret, public = crypto.ed25519_keypair()
+    stun_420 = b"\x00\x01\x00\x08\x21\x12\xa4\x42" + b"c" * 12 + b"\x00\x03\x00\x04\x00\x00\x00\x02"
+    requests = [
+        _register_bytes(net, name="carol")[0],
+        _register_bytes(net, name="bob")[0],  # NAME_TAKEN
+        _register_bytes(net, name="Bad")[0],
+        _register_bytes(net, ts=1)[0],  # stale
+        _forged_register(net),
+        bw.encode_resolve(1, hostname="bob"),
+        bw.encode_introduce(2, bob.key),
+        bw.encode_status_request(3),
+        bw.encode_relay(bob.key, DATA_PACKET),
+        bw.encode_block_relay(secret, public, WALL0, bob.key, 60),
+        _stun_request(20),
+        _stun_request(stun.PADDED_REQUEST_SIZE),
+        b"\x00\x01\x00\x00" + b"c" * 16,  # RFC 3489
+        stun_420,
+    ]
+    requests += [
+        bytes([rng.choice([0, 1, *range(0x20, 0x2C)])]) + rng.randbytes(rng.randrange(200))
+        for _ in range(2000)
+    ]
+    for i, request in enumerate(requests):
+        source = (f"192.0.2.{i % 200 + 1}", 1000 + i)
+        for reply in _answers(net, request, source):
+            assert len(reply) <= len(request), (request[:1], len(request), len(reply))
