@@ -1226,3 +1226,16 @@ def test_no_answer_to_an_unregistered_source_is_longer_than_its_request(tmp_path
         source = (f"192.0.2.{i % 200 + 1}", 1000 + i)
         for reply in _answers(net, request, source):
             assert len(reply) <= len(request), (request[:1], len(request), len(reply))
+
+
+def test_a_node_sending_many_blocks_keeps_its_registration(tmp_path: Path) -> None:
+    # A node flooded from many keys blocks each of them; its refreshes must not starve for it.
+    net = Net(tmp_path, BeaconConfig(alt_port=ALT[1], claimed_key_burst=5.0))
+    bob = net.add("bob")
+    for i in range(60):
+        net.now += 0.01
+        _block(net, bob, bytes([i]) * 32, 600)
+    assert net.server.status(net.now)["relay_blocks"] == 60
+    net.advance(30.0)
+    assert net.server.stats.refusals["verify_key_limited"] == 0
+    assert bob.client.registered and net.server.live_nodes(net.now) == 1

@@ -23,12 +23,12 @@ source IP before any work, and per node after the signature is checked (so nobod
 victim's allowance by forging its key).
 
 Floods (issue #11, item 8): a signature check costs ~50 µs, so it is rationed before it is done.
-A REGISTER (or BLOCK_RELAY) must first pass buckets per source IP and per claimed key (and
-IP), then a global budget of checks per second. Refreshes of a live registration from its own
-address draw on a budget of their own (``known_verify_rate``), so a flood of new or forged keys
-can't crowd out the nodes already registered; a new node shares ``verify_rate`` with the flood,
-but each source IP gets at most ``register_source_rate`` of it. A REGISTER with a bad signature
-gets no answer.
+A REGISTER must first pass buckets per source IP and per claimed key (and IP), then a global
+budget of checks per second (a BLOCK_RELAY: its node's request allowance, then that budget).
+Refreshes of a live registration from its own address draw on a budget of their own
+(``known_verify_rate``), so a flood of new or forged keys can't crowd out the nodes already
+registered; a new node shares ``verify_rate`` with the flood, but each source IP gets at most
+``register_source_rate`` of it. A REGISTER with a bad signature gets no answer.
 
 Names: a key holds at most ``max_names_per_key`` hostnames (claiming another gives up its oldest,
 as a rename), one source IP may have claimed at most ``max_names_per_ip`` of the names held, and
@@ -95,13 +95,13 @@ class BeaconConfig:
     max_relay_payload: int = 65_507 - bw.RELAY_OVERHEAD  # bytes; the largest UDP payload
     relay_idle: float = 60.0  # seconds without traffic before a relayed pair counts as new
     max_sources: int = 100_000  # source IPs tracked for rate limiting before all reset
-    # Before a signature check (REGISTER, BLOCK_RELAY), per second and burst:
+    # Before a signature check, per second and burst:
     register_source_rate: float = 2.0  # signed messages per source IP, unless a known refresh
     register_source_burst: float = 20.0
     claimed_key_rate: float = 2.0  # signed messages claiming one key, per source IP
     claimed_key_burst: float = 20.0
     max_claimed_keys: int = 100_000  # (claimed key, IP) pairs tracked before all reset
-    verify_rate: float = 2_000.0  # checks for new keys, moved nodes and unknown senders, in all
+    verify_rate: float = 2_000.0  # checks of new keys, moved nodes and BLOCK_RELAYs, in all
     verify_burst: float = 2_000.0
     known_verify_rate: float = 2_000.0  # checks for refreshes from a live registration's address
     known_verify_burst: float = 4_000.0
@@ -849,7 +849,10 @@ class BeaconServer:
         if not self._limits_of(key, now).request.take(now):
             self._refuse("rate_limited")
             return
-        if not self._may_verify(key, address, now):
+        # Not the budget of refreshes: a node flooded from many keys sends many of these, and
+        # its own REGISTERs must still get through.
+        if not self._verify.take(now):
+            self._refuse("verify_budget")
             return
         if not message.verify():
             self._refuse("bad_signature")
