@@ -9,6 +9,12 @@ the requester's RESOLVE round trips idle, then again while a second process send
 ``--sources`` sockets bound to 127.0.0.2, 127.0.0.3, ... (loopback is all of 127.0.0.0/8). During
 the flood a fresh key also registers twice a second: a new node's view. Everything is bounded by
 ``--seconds`` and ``--rate``; only 127.0.0.0/8 is used.
+
+    .venv/bin/python -m benchmarks.beacon_flood --relay [--rate 40000] [--seconds 10]
+
+Issue #11 item 6, the beacon's side: three throwaway keys register and send forged handshake
+initiations through the relay to a registered victim, which counts what the beacon delivers.
+(The victim here is a bare socket: it sends no BLOCK_RELAY, so this shows the rate limits alone.)
 """
 
 from __future__ import annotations
@@ -69,6 +75,28 @@ def flood(beacon: Address, rate: float, sources: int, seconds: float) -> None:
                 socks[i].sendto(packets[i], beacon)
             sent += 1
             i = (i + 1) % sources
+        time.sleep(0.0005)
+    print(f"sent {sent} in {time.monotonic() - start:.2f} s", flush=True)
+
+
+def relay_flood(beacon: Address, victim: bytes, rate: float, seconds: float) -> None:
+    """The flooding process of ``--relay``: three registered keys relay forged initiations."""
+    attackers = [Node(beacon, bytes(32), None) for _ in range(3)]  # the beacon key goes unchecked
+    for attacker in attackers:
+        assert attacker.register() is not None, "an attacker could not register"
+    initiation = bw.encode_relay(victim, b"\x10" + secrets.token_bytes(116))
+    socks = [a.sock for a in attackers]
+    for sock in socks:
+        sock.setblocking(False)
+    print("ready", flush=True)
+    sent = 0
+    start = time.monotonic()
+    end = start + seconds
+    while (now := time.monotonic()) < end:
+        while sent < int((now - start) * rate):
+            with contextlib.suppress(OSError):
+                socks[sent % 3].sendto(initiation, beacon)
+            sent += 1
         time.sleep(0.0005)
     print(f"sent {sent} in {time.monotonic() - start:.2f} s", flush=True)
 
@@ -147,32 +175,21 @@ def summary(label: str, samples: list[float | None]) -> str:
     )
 
 
+def start_beacon(data_dir: str) -> tuple[subprocess.Popen[str], Address, bytes]:
+    """A beacon process, its address and key."""
+    command = [sys.executable, "-m", "pilot_agents.beacon.service", "--listen", "127.0.0.1:0"]
+    command += ["--data-dir", data_dir, "--alt-port", "off", "--log-level", "WARNING"]
+    beacon_proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert beacon_proc.stdout is not None
+    match = READY.search(beacon_proc.stdout.readline())
+    assert match, "the beacon did not start"
+    return beacon_proc, (match.group(1), int(match.group(2))), key_from_node_id(match.group(4))
+
+
 def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        beacon_proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pilot_agents.beacon.service",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                tmp,
-                "--alt-port",
-                "off",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+        beacon_proc, beacon, beacon_key = start_beacon(tmp)
         try:
-            assert beacon_proc.stdout is not None
-            match = READY.search(beacon_proc.stdout.readline())
-            assert match, "the beacon did not start"
-            beacon = (match.group(1), int(match.group(2)))
-            beacon_key = key_from_node_id(match.group(4))
             target = Node(beacon, beacon_key, "target")
             requester = Node(beacon, beacon_key, None)
             assert target.register() is not None and requester.register() is not None
@@ -229,19 +246,61 @@ def measure(args: argparse.Namespace) -> None:
     print(f"beacon refusals: {counters['refusals']}")
 
 
+def measure_relay(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        beacon_proc, beacon, beacon_key = start_beacon(tmp)
+        try:
+            victim = Node(beacon, beacon_key, None)
+            assert victim.register() is not None
+            cpu0 = cpu_seconds(beacon_proc.pid)
+            command = [sys.executable, "-m", "benchmarks.beacon_flood"]
+            command += ["--relay-child", f"{beacon[0]}:{beacon[1]}", "--victim"]
+            command += [victim.public.hex(), "--rate", str(args.rate), "--seconds"]
+            command += [str(args.seconds)]
+            flooder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            assert flooder.stdout is not None
+            assert flooder.stdout.readline().strip() == "ready"
+            started = time.monotonic()
+            delivered = 0
+            victim.sock.settimeout(0.2)
+            while time.monotonic() < started + args.seconds:
+                with contextlib.suppress(TimeoutError):
+                    data, _ = victim.sock.recvfrom(2048)
+                    delivered += data[0] == bw.RELAYED
+            flood_cpu = cpu_seconds(beacon_proc.pid) - cpu0
+            flood_wall = time.monotonic() - started
+            out, _ = flooder.communicate(timeout=args.seconds + 30)
+            counters = asyncio.run(service.query_status(beacon, timeout=3.0))
+        finally:
+            beacon_proc.terminate()
+            beacon_proc.wait(timeout=10)
+    print(f"relay flood: {out.strip()} from 3 registered keys (asked {args.rate:g}/s)")
+    print(f"delivered to the victim: {delivered} ({delivered / flood_wall:.0f}/s)")
+    print(f"beacon CPU under flood: {100 * flood_cpu / flood_wall:.0f} % of one core")
+    print(f"beacon refusals: {counters['refusals']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=17_000.0, help="REGISTERs per second")
+    parser.add_argument("--rate", type=float, default=17_000.0, help="datagrams per second")
     parser.add_argument("--sources", type=int, default=1000, help="source addresses")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the flood")
     parser.add_argument("--idle-seconds", type=float, default=2.0)
+    parser.add_argument("--relay", action="store_true", help="the relayed initiation flood")
     parser.add_argument("--flood-child", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-child", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--victim", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seconds > 120 or args.rate > 100_000 or args.sources > 10_000:
         parser.error("bounded: at most 120 s, 100k/s and 10,000 sources")
     if args.flood_child:
         host, _, port = args.flood_child.rpartition(":")
         flood((host, int(port)), args.rate, args.sources, args.seconds)
+    elif args.relay_child:
+        host, _, port = args.relay_child.rpartition(":")
+        relay_flood((host, int(port)), bytes.fromhex(args.victim), args.rate, args.seconds)
+    elif args.relay:
+        measure_relay(args)
     else:
         measure(args)
 
