@@ -4,10 +4,10 @@ The daemon binds a ROUTER socket; a client connects a DEALER (or REQ) and sends 
 message, ``{"cmd": "...", "id": ..., ...}``; the reply is ``{"ok": true, "id": ..., ...}`` or
 ``{"ok": false, "id": ..., "error": {"type": "...", "message": "..."}}``. Requests run concurrently,
 so replies may come back out of order: match them by ``id``. The whole protocol is described in
-``docs/ipc.md``; the request models in ``daemon.py`` are its machine-readable form.
+``docs/ipc.md``; the request models in ``daemon/requests.py`` are its machine-readable form.
 
 This module has the error mapping, the paths in the home, and the asyncio client the SDK and the
-CLI use; the request models (pydantic) are in ``daemon.py``, so clients never load pydantic.
+CLI use; the request models (pydantic) are in ``daemon/requests.py``, so clients never load pydantic.
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""What every command module shares: the running Node, the trust store, the static peers, and
+the way names and errors are explained to someone at a command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import (
+    ConfigError,
+    NotTrustedError,
+    PeerUnreachableError,
+    PilotError,
+    PortClosedError,
+    UnknownHostError,
+)
+from ..node.node import Node, PeerInfo
+from ..trust import TrustStore, is_node_id
+from .options import DaemonOptions
+
+STATIC_PEERS_FILE = "static-peers.json"
+
+
+class StaticPeer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    address: str  # HOST:PORT
+    hostname: str | None = None
+
+
+class StaticPeersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    peers: list[StaticPeer] = Field(default_factory=list)
+
+
+def load_static_peers(home: Path) -> dict[str, StaticPeer]:
+    path = home / STATIC_PEERS_FILE
+    try:
+        data = StaticPeersFile.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValidationError) as exc:
+        raise ConfigError(
+            f"{path} is not a valid static peers file ({exc}): fix or remove it") from None
+    return {p.node_id: p for p in data.peers}
+
+
+def save_static_peers(home: Path, peers: dict[str, StaticPeer]) -> None:
+    path = home / STATIC_PEERS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(StaticPeersFile(peers=list(peers.values())).model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A peer named in a request, resolved."""
+
+    node_id: str
+    hostname: str | None
+    info: PeerInfo | None = None  # what the beacon said, when it was asked
+    node_arg: str = ""  # what to pass to the Node: the name (so it resolves it) or the node id
+
+    @property
+    def label(self) -> str:
+        return self.hostname or self.node_id
+
+
+class DaemonContext:
+    def __init__(self, options: DaemonOptions, node: Node, store: TrustStore,
+                 static: dict[str, StaticPeer]) -> None:
+        self.options = options
+        self.home = options.home
+        self.node = node
+        self.store = store
+        self.static = static
+
+    @property
+    def has_beacon(self) -> bool:
+        return bool(self.options.beacon)
+
+    def hostname(self) -> str | None:
+        return self.node.hostname or self.options.hostname
+
+    def me(self) -> str:
+        """How a peer's user names this node."""
+        return self.hostname() or self.node.node_id
+
+    def label(self, node_id: str) -> str:
+        name = self.store.name_of(node_id)
+        if name is None and node_id in self.static:
+            name = self.static[node_id].hostname
+        return name or node_id
+
+    def label_or_none(self, node_id: str) -> str | None:
+        label = self.label(node_id)
+        return None if label == node_id else label
+
+    def _static_by_name(self, name: str) -> StaticPeer | None:
+        for peer in self.static.values():
+            if peer.hostname == name:
+                return peer
+        return None
+
+    async def lookup(self, target: str) -> Target:
+        """A name or node id resolved, with the pin checked."""
+        target = target.strip()
+        if is_node_id(target):
+            node_id = target.lower()
+            return Target(node_id, self.store.name_of(node_id) or (
+                self.static[node_id].hostname if node_id in self.static else None))
+        if self.has_beacon:
+            info = await self.node.resolve(target)
+            self.store.check_pin(target, info.node_id)
+            return Target(info.node_id, target, info)
+        pinned = self.store.pinned(target)
+        if pinned is not None:
+            return Target(pinned.node_id, target)
+        static = self._static_by_name(target)
+        if static is not None:
+            return Target(static.node_id, target)
+        raise UnknownHostError(
+            f"unknown host {target!r}: no beacon is configured (start the daemon with "
+            "--beacon HOST:PORT), and no trusted or static peer has that name"
+        )
+
+    async def trusted_target(self, target: str) -> Target:
+        """A peer we may talk to. Refuses untrusted peers with the command that fixes it."""
+        found = await self.lookup(target)
+        entry = self.store.get(found.node_id)
+        if entry is None or not entry.trusted:
+            label = found.hostname or target
+            if entry is not None and entry.state == "incoming":
+                raise NotTrustedError(
+                    f"{label} asked you to trust it but you have not approved it: run "
+                    f"'pilotctl trust approve {label}'"
+                )
+            raise NotTrustedError(f"{label} is not trusted: run 'pilotctl trust add {label}'")
+        by_name = self.has_beacon and not is_node_id(target)
+        return Target(found.node_id, found.hostname, found.info,
+                      target.strip() if by_name else found.node_id)
+
+    def explain(self, exc: PilotError, node_id: str, label: str, port: int | None) -> PilotError:
+        """The Node's error, reworded for someone at a command line."""
+        if isinstance(exc, PortClosedError) and port is not None:
+            return PortClosedError(
+                f"{label} is not listening on port {port} (it must listen first, e.g. "
+                f"'pilotctl listen {port}' on that machine)", exc.code, exc.reason,
+            )
+        if isinstance(exc, PeerUnreachableError):
+            entry = self.store.get(node_id)
+            hint = ""
+            if entry is not None and entry.state == "outgoing":
+                hint = (f"; if it does not trust you yet, run 'pilotctl trust add {self.me()}' "
+                        "on that machine")
+            return PeerUnreachableError(f"{label} did not answer: {exc}{hint}")
+        return exc

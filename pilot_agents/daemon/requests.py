@@ -1,0 +1,234 @@
+"""The IPC requests (docs/ipc.md) as strict pydantic models, and their untrusted parser.
+
+Strict: a JSON ``true`` is not the port 1 and ``"5"`` is not the timeout 5; every field has the
+JSON type the docs name (an integer is still a valid number of seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..errors import BadRequestError
+from ..ipc import decode_data
+
+Encoding = Literal["utf-8", "base64"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Timeout = Annotated[float, Field(gt=0, le=7 * 86400)]
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+RequestId = int | str
+
+
+class BaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: RequestId | None = None
+
+
+class _Payload(BaseRequest):
+    data: str
+    encoding: Encoding = "utf-8"
+
+    def payload(self) -> bytes:
+        return decode_data(self.data, self.encoding)
+
+
+class InfoRequest(BaseRequest):
+    cmd: Literal["info"]
+
+
+class PeersRequest(BaseRequest):
+    cmd: Literal["peers"]
+
+
+class ResolveRequest(BaseRequest):
+    cmd: Literal["resolve"]
+    name: Name
+
+
+class AddPeerRequest(BaseRequest):
+    cmd: Literal["add_peer"]
+    node_id: Name
+    address: Name
+    hostname: Name | None = None
+
+
+class TrustAddRequest(BaseRequest):
+    cmd: Literal["trust_add"]
+    target: Name
+    reason: str = Field(default="", max_length=500)
+
+
+class TrustApproveRequest(BaseRequest):
+    cmd: Literal["trust_approve"]
+    target: Name
+
+
+class TrustRejectRequest(BaseRequest):
+    cmd: Literal["trust_reject"]
+    target: Name
+
+
+class TrustRemoveRequest(BaseRequest):
+    cmd: Literal["trust_remove"]
+    target: Name
+
+
+class TrustListRequest(BaseRequest):
+    cmd: Literal["trust_list"]
+
+
+class TrustPendingRequest(BaseRequest):
+    cmd: Literal["trust_pending"]
+
+
+class TrustExportRequest(BaseRequest):
+    cmd: Literal["trust_export"]
+    target: Name
+    reason: str = Field(default="", max_length=500)
+
+
+class TrustImportRequest(BaseRequest):
+    cmd: Literal["trust_import"]
+    request: str = Field(min_length=1, max_length=8192)
+
+
+class ConnectRequest(BaseRequest):
+    cmd: Literal["connect"]
+    target: Name
+    port: Port = 1001
+    timeout: Timeout = 10.0
+
+
+class StreamSendRequest(_Payload):
+    cmd: Literal["stream_send"]
+    stream: str
+
+
+class StreamReceiveRequest(BaseRequest):
+    cmd: Literal["stream_receive"]
+    stream: str
+    timeout: Timeout | None = 30.0
+
+
+class StreamDrainRequest(BaseRequest):
+    cmd: Literal["stream_drain"]
+    stream: str
+    timeout: Timeout | None = None
+
+
+class StreamCloseRequest(BaseRequest):
+    cmd: Literal["stream_close"]
+    stream: str
+
+
+class StreamAbortRequest(BaseRequest):
+    cmd: Literal["stream_abort"]
+    stream: str
+
+
+class SendRequest(_Payload):
+    cmd: Literal["send"]
+    target: Name
+    port: Port
+    timeout: Timeout = 10.0
+
+
+class ListenRequest(BaseRequest):
+    cmd: Literal["listen"]
+    port: Port
+    publish: bool = False
+
+
+class UnlistenRequest(BaseRequest):
+    cmd: Literal["unlisten"]
+    port: Port
+
+
+class ReceiveRequest(BaseRequest):
+    cmd: Literal["receive"]
+    port: Port
+    timeout: Timeout | None = 30.0
+
+
+class ReplyRequest(_Payload):
+    cmd: Literal["reply"]
+    message: str
+
+
+class RequeueRequest(BaseRequest):
+    cmd: Literal["requeue"]
+    message: str
+
+
+class PingRequest(BaseRequest):
+    cmd: Literal["ping"]
+    target: Name
+    timeout: Timeout = 5.0
+
+
+class CancelRequest(BaseRequest):
+    cmd: Literal["cancel"]
+    request: RequestId
+
+
+class StopRequest(BaseRequest):
+    cmd: Literal["stop"]
+
+
+AnyRequest = (
+    InfoRequest | PeersRequest | ResolveRequest | AddPeerRequest | TrustAddRequest
+    | TrustApproveRequest | TrustRejectRequest | TrustRemoveRequest | TrustListRequest
+    | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
+    | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
+    | StreamAbortRequest | SendRequest | ListenRequest | UnlistenRequest | ReceiveRequest
+    | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
+)
+REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(
+    Annotated[AnyRequest, Field(discriminator="cmd")])
+REQUEST_TYPES: tuple[type[BaseRequest], ...] = get_args(AnyRequest)
+COMMANDS: tuple[str, ...] = tuple(
+    get_args(model.model_fields["cmd"].annotation)[0] for model in REQUEST_TYPES
+)
+
+
+def load_request_untrusted(body: bytes) -> dict[str, object]:
+    """The JSON object a request body holds; BadRequestError if it is none."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequestError("the request is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("the request must be a JSON object with a 'cmd' field")
+    return data
+
+
+def request_id_of(data: dict[str, object]) -> RequestId | None:
+    """The id to answer with: the request's own, if it is an integer or a string."""
+    raw = data.get("id")
+    return raw if isinstance(raw, int | str) and not isinstance(raw, bool) else None
+
+
+def validate_request_untrusted(data: dict[str, object]) -> AnyRequest:
+    """The request ``data`` stands for; BadRequestError naming what is wrong with it."""
+    try:
+        return REQUEST_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise BadRequestError(_describe(exc, data)) from None
+
+
+def _describe(exc: ValidationError, data: dict[str, object]) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        cmd = data.get("cmd")
+        if cmd is None:
+            return "the request has no 'cmd' field"
+        return f"unknown command {cmd!r} (see docs/ipc.md for the list)"
+    where = ".".join(loc[1:]) if len(loc) > 1 else ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {where!r} for command {data.get('cmd')!r}"
+    if err["type"] == "missing":
+        return f"command {data.get('cmd')!r} needs the field {where!r}"
+    return f"bad field {where!r} for command {data.get('cmd')!r}: {err['msg']}"
