@@ -39,7 +39,7 @@ from ..errors import (
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
-from ..net.traversal.beacon_wire import looks_like_node_id
+from ..net.traversal.beacon_wire import Status, looks_like_node_id
 from ..net.tunnel import events
 from ..net.tunnel.codes import CloseCode, ResetCode, close_reason, reset_reason
 from ..net.tunnel.config import SessionConfig
@@ -328,7 +328,10 @@ class Node:
         request_id = beacon.resolve(name, endpoint.now())
         event = await self._beacon_request(request_id, timeout)
         if isinstance(event, bc.ResolveFailed):
-            raise UnknownHostError(f"{name}: {event.reason}")
+            if event.code in (Status.UNKNOWN, Status.OFFLINE):
+                raise UnknownHostError(f"{name}: {event.reason}")
+            # Refused (rate limited, not registered) or unanswered: the name may well exist.
+            raise BeaconError(f"the beacon did not resolve {name}: {event.reason}")
         assert isinstance(event, bc.Resolved)
         if event.hostname:
             self._hostnames[event.node_key] = event.hostname
