@@ -101,6 +101,10 @@ class BadRequestError(PilotError):
     """An IPC request was not valid JSON or not a valid command."""
 
 
+class BusyError(PilotError):
+    """The daemon refused a request: this client already has as many in flight as it may."""
+
+
 class NotAvailableError(PilotError):
     """The feature is not available in this build or configuration."""
 

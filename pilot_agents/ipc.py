@@ -7,7 +7,8 @@ so replies may come back out of order: match them by ``id``. The whole protocol 
 ``docs/ipc.md``; the request models in ``daemon/requests.py`` are its machine-readable form.
 
 This module has the error mapping, the paths in the home, and the asyncio client the SDK and the
-CLI use; the request models (pydantic) are in ``daemon/requests.py``, so clients never load pydantic.
+CLI use; the request models (pydantic) are in ``daemon/requests.py``, so clients never load
+pydantic.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class AdminCommands:
             "protocol": ipc.PROTOCOL_VERSION, "uptime": round(time.time() - self.started, 1),
             "listening": [
                 {"port": s.port, "publish": s.publish, "buffered": len(s.inbox),
+                 "buffered_bytes": s.inbox.bytes, "unacked": s.inbox.held,
                  "received": s.received} for s in ports
             ],
             "streams": len(self.messaging.streams), "pub_endpoint": ipc.pub_endpoint(ctx.home),

@@ -1,4 +1,11 @@
-"""Messages waiting in the daemon for an IPC client, and what it remembers of handed-out ones."""
+"""Messages waiting in the daemon for an IPC client, and what it remembers of handed-out ones.
+
+Back-pressure: a pump moves messages from the Node into an :class:`Inbox` only while the inbox
+has room (:meth:`Inbox.wait_for_room`, then take one message, then :meth:`Inbox.put` with no
+wait in between). A full inbox therefore leaves messages in the Node, whose flow control credits
+the sender only as messages are taken: the sender slows down, nothing is dropped, and the daemon
+holds at most its bounds.
+"""
 
 from __future__ import annotations
 
@@ -10,83 +17,215 @@ from dataclasses import dataclass
 from ..errors import PilotError, PilotTimeoutError
 from ..node.connection import Message
 
+ReplyFunction = Callable[[bytes], Awaitable[None]]
+
 
 class Inbox:
-    """Messages waiting for an IPC client, bounded: a full inbox stops its pump, which stops
-    crediting the tunnel, which slows the sender (no message is ever dropped here)."""
+    """Bounded by message count and payload bytes; messages handed out for acknowledgement
+    (:meth:`hold`) count until :meth:`release`\\ d."""
 
-    def __init__(self, what: str, limit: int) -> None:
+    def __init__(self, what: str, max_messages: int, max_bytes: int) -> None:
         self.what = what
-        self.limit = limit
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self._items: collections.deque[Message] = collections.deque()
-        self._cond = asyncio.Condition()
+        self._bytes = 0  # payload bytes of the items and of the held messages
+        self._held = 0  # messages handed out and not yet acknowledged
         self._error: PilotError | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put(self, item: Message) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: len(self._items) < self.limit)
-            self._items.append(item)
-            self._cond.notify_all()
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
-    async def push_front(self, item: Message) -> None:
-        async with self._cond:
-            self._items.appendleft(item)
-            self._cond.notify_all()
+    @property
+    def held(self) -> int:
+        return self._held
 
-    async def fail(self, error: PilotError) -> None:
+    def has_room(self) -> bool:
+        return (len(self._items) + self._held < self.max_messages
+                and self._bytes < self.max_bytes)
+
+    def put(self, item: Message) -> None:
+        """Append without waiting: the pump checked :meth:`has_room` before taking ``item``."""
+        self._items.append(item)
+        self._bytes += len(item.data)
+        self._wake()
+
+    def push_front(self, item: Message) -> None:
+        """A handed-out message comes back: it is the next one out."""
+        self._items.appendleft(item)
+        self._bytes += len(item.data)
+        self._wake()
+
+    def hold(self, size: int) -> None:
+        """A message of ``size`` bytes was handed out and awaits its ack: it keeps its room."""
+        self._held += 1
+        self._bytes += size
+
+    def release(self, size: int) -> None:
+        self._held -= 1
+        self._bytes -= size
+        self._wake()
+
+    def fail(self, error: PilotError) -> None:
         """No more items will come: once empty, gets raise ``error``."""
-        async with self._cond:
-            self._error = error
-            self._cond.notify_all()
+        self._error = error
+        self._wake()
+
+    def drain(self) -> list[Message]:
+        """Every waiting message, removed (the daemon is stopping)."""
+        items = list(self._items)
+        self._items.clear()
+        self._bytes -= sum(len(m.data) for m in items)
+        return items
+
+    async def wait_for_room(self) -> None:
+        await self._wait(self.has_room, None)
 
     async def get(self, timeout: float | None) -> Message:
-        async with self._cond:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._cond.wait_for(lambda: bool(self._items) or self._error is not None)
-            except TimeoutError:
-                raise PilotTimeoutError(f"no message on {self.what} within {timeout:g} s") from None
-            if self._items:
-                item = self._items.popleft()
-                self._cond.notify_all()
-                return item
+        if not await self._wait(lambda: bool(self._items) or self._error is not None, timeout):
+            raise PilotTimeoutError(f"no message on {self.what} within {timeout:g} s")
+        if not self._items:
             assert self._error is not None
             raise self._error
+        item = self._items.popleft()
+        self._bytes -= len(item.data)
+        self._wake()
+        return item
 
+    async def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``ready()``; False if ``timeout`` seconds passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not ready():
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return ready()
+            finally:
+                self._waiters.discard(waiter)
+        return True
 
-ReplyFunction = Callable[[bytes], Awaitable[None]]
+    def _wake(self) -> None:
+        """Something changed: every waiter looks again (getters and the pump alike)."""
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 @dataclass
-class Remembered:
-    """A message handed to a client: how to reply to it and where to put it back."""
+class Handed:
+    """A message handed to a client, remembered by the id the client knows it by."""
 
-    message: Message
+    sender: str
+    reply: ReplyFunction  # answers on the stream it came on (holds no payload)
     inbox: Inbox
-    reply: ReplyFunction
+    # The message itself while it may still go back to its inbox: until acked (ack mode), or
+    # while the requeue budget has room for it.
+    message: Message | None
+    ack_timer: asyncio.TimerHandle | None = None  # ack mode: redelivers it when it fires
+
+    @property
+    def size(self) -> int:
+        return 0 if self.message is None else len(self.message.data)
 
 
 class MessageMemory:
-    """The last ``limit`` handed-out messages by the id their client knows them by."""
+    """Handed-out messages: how to reply to each (the last ``limit``), the payloads of the
+    recent ones for ``requeue`` (at most ``requeue_bytes``), and those awaiting an ack (counted
+    in their inbox, redelivered after ``ack_wait`` seconds)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, requeue_bytes: int, ack_wait: float) -> None:
         self.limit = limit
-        self._messages: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
+        self.requeue_bytes = requeue_bytes
+        self.ack_wait = ack_wait
+        self._handed: collections.OrderedDict[str, Handed] = collections.OrderedDict()
+        self._requeueable: collections.OrderedDict[str, Handed] = collections.OrderedDict()
+        self._requeueable_bytes = 0
         self._count = 0
 
-    def remember(self, message: Message, inbox: Inbox, reply: ReplyFunction) -> str:
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes kept for requeue (acked-mode messages count in their inbox instead)."""
+        return self._requeueable_bytes
+
+    def remember(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
+                 ack: bool) -> str:
         self._count += 1
         message_id = f"m{self._count}"
-        self._messages[message_id] = Remembered(message, inbox, reply)
-        while len(self._messages) > self.limit:
-            self._messages.popitem(last=False)
+        handed = Handed(message.sender, reply, inbox, message)
+        self._handed[message_id] = handed
+        if ack:
+            inbox.hold(handed.size)
+            handed.ack_timer = asyncio.get_running_loop().call_later(
+                self.ack_wait, self._ack_expired, message_id)
+        else:
+            self._requeueable[message_id] = handed
+            self._requeueable_bytes += handed.size
+            while self._requeueable_bytes > self.requeue_bytes:
+                self._forget_payload(next(iter(self._requeueable)))
+        while len(self._handed) > self.limit:
+            oldest = next(iter(self._handed))
+            if self._handed[oldest].ack_timer is not None:
+                self.requeue(oldest)  # an unacked message goes back rather than vanish
+            self._forget_payload(oldest)
+            del self._handed[oldest]
         return message_id
 
-    def get(self, message_id: str) -> Remembered | None:
-        return self._messages.get(message_id)
+    def get(self, message_id: str) -> Handed | None:
+        return self._handed.get(message_id)
 
-    def pop(self, message_id: str) -> Remembered | None:
-        return self._messages.pop(message_id, None)
+    def ack(self, message_id: str) -> bool:
+        """The client has the message: it will not come back. False if it was not awaiting one."""
+        handed = self._handed.get(message_id)
+        if handed is None or handed.ack_timer is None:
+            return False
+        handed.ack_timer.cancel()
+        handed.ack_timer = None
+        handed.inbox.release(handed.size)
+        handed.message = None
+        return True
+
+    def requeue(self, message_id: str) -> bool:
+        """Put a handed-out message back at the head of its inbox, if it still can be."""
+        handed = self._handed.get(message_id)
+        if handed is None or handed.message is None:
+            return False
+        message = handed.message
+        if handed.ack_timer is not None:
+            handed.ack_timer.cancel()
+            handed.ack_timer = None
+            handed.inbox.release(handed.size)
+        else:
+            self._forget_payload(message_id)
+        handed.message = None
+        handed.inbox.push_front(message)
+        return True
+
+    def unacked(self) -> list[tuple[Inbox, Message]]:
+        """Messages handed out and not acknowledged, oldest first (the daemon is stopping)."""
+        return [(h.inbox, h.message) for h in self._handed.values()
+                if h.ack_timer is not None and h.message is not None]
+
+    def _ack_expired(self, message_id: str) -> None:
+        handed = self._handed.get(message_id)
+        if handed is not None:
+            handed.ack_timer = None
+            handed.inbox.release(handed.size)
+            if handed.message is not None:
+                handed.inbox.push_front(handed.message)
+                handed.message = None
+
+    def _forget_payload(self, message_id: str) -> None:
+        handed = self._requeueable.pop(message_id, None)
+        if handed is not None:
+            self._requeueable_bytes -= handed.size
+            handed.message = None

@@ -5,13 +5,17 @@ an :class:`Inbox` the IPC clients read."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import ipc
 from ..errors import ConfigError, ConnectionClosedError, PilotError
@@ -21,6 +25,7 @@ from .context import DaemonContext
 from .dispatch import DispatchTable, Reply
 from .inbox import Inbox, MessageMemory, ReplyFunction
 from .requests import (
+    AckRequest,
     ConnectRequest,
     ListenRequest,
     ReceiveRequest,
@@ -38,6 +43,7 @@ from .requests import (
 log = logging.getLogger("pilot_agents.daemon")
 
 Publish = Callable[[list[bytes]], None]  # sends one multipart message on the PUB socket
+UNREAD_FILE = "unread.jsonl"  # port messages nobody had read when the daemon stopped
 
 
 @dataclass
@@ -74,7 +80,8 @@ class Messaging:
         self.ctx = ctx
         self.ports: dict[int, PortState] = {}
         self.streams: dict[str, StreamState] = {}
-        self.memory = MessageMemory(ctx.options.message_memory)
+        opts = ctx.options
+        self.memory = MessageMemory(opts.message_memory, opts.requeue_memory_bytes, opts.ack_wait)
         self.publish: Publish | None = None  # set once the PUB socket is bound
 
     def register(self, table: DispatchTable) -> None:
@@ -90,6 +97,11 @@ class Messaging:
         table.add(ReceiveRequest, self.receive)
         table.add(ReplyRequest, self.reply)
         table.add(RequeueRequest, self.requeue_request)
+        table.add(AckRequest, self.ack)
+
+    def _inbox(self, what: str) -> Inbox:
+        opts = self.ctx.options
+        return Inbox(what, opts.inbox_messages, opts.inbox_bytes)
 
     def _explain(self, exc: PilotError, stream: StreamState) -> PilotError:
         return self.ctx.explain(exc, stream.peer, stream.label, stream.port)
@@ -106,8 +118,7 @@ class Messaging:
         self.ctx.store.confirm(target.node_id)
         stream = StreamState(
             "s" + secrets.token_hex(8), conn, target.node_id, target.hostname, req.port,
-            Inbox(f"the connection to {target.label} port {req.port}",
-                  self.ctx.options.inbox_messages))
+            self._inbox(f"the connection to {target.label} port {req.port}"))
         stream.task = asyncio.create_task(self._pump_stream(stream))
         self.streams[stream.stream_id] = stream
         return {"stream": stream.stream_id, "peer": target.node_id, "hostname": target.hostname,
@@ -127,7 +138,8 @@ class Messaging:
         stream = self._stream(req.stream)
         with self._using(stream):
             message = await stream.inbox.get(req.timeout)
-        return {"message": self._message_json(message, stream.inbox, stream.conn.send)}
+        return {"message": self._message_json(message, stream.inbox, stream.conn.send,
+                                               ack=req.ack)}
 
     async def stream_drain(self, req: StreamDrainRequest) -> Reply:
         stream = self._stream(req.stream)
@@ -196,33 +208,35 @@ class Messaging:
         finally:
             if temporary:
                 self._unlisten(state)
-        return {"message": self._message_json(message, state.inbox, message.reply)}
+        # The reply path, without the payload: remembering it must not keep the message.
+        reply = dataclasses.replace(message, data=b"").reply
+        return {"message": self._message_json(message, state.inbox, reply, ack=req.ack)}
 
     async def reply(self, req: ReplyRequest) -> Reply:
-        remembered = self.memory.get(req.message)
-        if remembered is None:
+        handed = self.memory.get(req.message)
+        if handed is None:
             raise ConnectionClosedError(f"message {req.message!r} can no longer be replied to")
         data = req.payload()
         try:
-            await remembered.reply(data)
+            await handed.reply(data)
         except PilotError as exc:
-            sender = remembered.message.sender
-            raise self.ctx.explain(exc, sender, self.ctx.label(sender), None) from None
+            raise self.ctx.explain(exc, handed.sender, self.ctx.label(handed.sender),
+                                   None) from None
         return {"bytes": len(data)}
 
     async def requeue_request(self, req: RequeueRequest) -> Reply:
-        return {"requeued": await self.requeue(req.message)}
+        return {"requeued": self.memory.requeue(req.message)}
+
+    async def ack(self, req: AckRequest) -> Reply:
+        return {"acked": self.memory.ack(req.message)}
 
     async def requeue(self, message_id: str) -> bool:
-        """Put a handed-out message back at the head of its inbox."""
-        remembered = self.memory.pop(message_id)
-        if remembered is None:
-            return False
-        await remembered.inbox.push_front(remembered.message)
-        return True
+        """A reply carrying this message could not be handed to its client: it goes back."""
+        return self.memory.requeue(message_id)
 
-    def _message_json(self, message: Message, inbox: Inbox, reply: ReplyFunction) -> Reply:
-        message_id = self.memory.remember(message, inbox, reply)
+    def _message_json(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
+                      ack: bool) -> Reply:
+        message_id = self.memory.remember(message, inbox, reply, ack=ack)
         text, encoding = encode_data(message.data)
         return {
             "id": message_id, "from": message.sender,
@@ -241,8 +255,8 @@ class Messaging:
             state.publish = state.publish or publish
             return state, False
         listener = self.ctx.node.listen(port)
-        state = PortState(port, listener, Inbox(f"port {port}", self.ctx.options.inbox_messages),
-                          permanent=permanent, publish=publish)
+        state = PortState(port, listener, self._inbox(f"port {port}"), permanent=permanent,
+                          publish=publish)
         state.task = asyncio.create_task(self._pump_port(state))
         self.ports[port] = state
         log.info("listening on port %d%s", port, " (published)" if publish else "")
@@ -266,6 +280,9 @@ class Messaging:
 
     async def _pump_port(self, state: PortState) -> None:
         while True:
+            # Room first, then take: a message is never held outside an inbox's bounds, and
+            # cancelling the pump never loses one.
+            await state.inbox.wait_for_room()
             message = await state.listener.receive(timeout=None)
             state.received += 1
             self.ctx.store.confirm(message.sender)  # a tunnel came up: it trusts us
@@ -274,7 +291,7 @@ class Messaging:
                     message.sender), "port": message.port, "source_port": message.source_port}
                 self.publish([b"%05d" % state.port, json.dumps(meta).encode(), message.data])
             else:
-                await state.inbox.put(message)
+                state.inbox.put(message)
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -287,12 +304,13 @@ class Messaging:
 
     async def _pump_stream(self, stream: StreamState) -> None:
         while True:
+            await stream.inbox.wait_for_room()
             try:
                 message = await stream.conn.receive(timeout=None)
             except PilotError as exc:
-                await stream.inbox.fail(self._explain(exc, stream))
+                stream.inbox.fail(self._explain(exc, stream))
                 return
-            await stream.inbox.put(message)
+            stream.inbox.put(message)
 
     def drop_stream(self, stream: StreamState, *, abort: bool) -> None:
         self.streams.pop(stream.stream_id, None)
@@ -325,8 +343,69 @@ class Messaging:
             stream.busy -= 1
             stream.last_used = time.monotonic()
 
-    def close_all(self) -> None:
+    async def close_all(self) -> None:
+        """Stop taking messages, and keep the port messages no client has read (nor acked) in
+        the home for the next daemon: the Node already acknowledged them to their senders."""
         for stream in list(self.streams.values()):
             self.drop_stream(stream, abort=True)
-        for state in list(self.ports.values()):
+        ports = list(self.ports.values())
+        for state in ports:
+            if state.task is not None:
+                state.task.cancel()
+        await asyncio.gather(*(s.task for s in ports if s.task), return_exceptions=True)
+        unacked = self.memory.unacked()
+        unread: list[Message] = []
+        for state in ports:
+            state.listener.close()  # from now on the Node refuses new messages for the port
+            if not state.publish:
+                unread += [m for inbox, m in unacked if inbox is state.inbox]
+                unread += state.inbox.drain()
+                unread += await _taken_from(state.listener)
             self.close_port(state)
+        if unread:
+            _save_unread(self.ctx.home / UNREAD_FILE, unread)
+            log.info("kept %d unread messages in %s for the next start", len(unread),
+                     UNREAD_FILE)
+
+    def restore_unread(self) -> None:
+        """Put the messages a previous daemon kept back into their ports' inboxes, ahead of
+        anything new."""
+        path = self.ctx.home / UNREAD_FILE
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        restored = 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                message = Message(base64.b64decode(record["data"]), str(record["from"]),
+                                  int(record["port"]), int(record["source_port"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("skipped a damaged line in %s", path)
+                continue
+            state = self.ports.get(message.port) or self.listen_port(message.port)[0]
+            state.inbox.put(message)
+            restored += 1
+        path.unlink()
+        log.info("restored %d unread messages from %s", restored, UNREAD_FILE)
+
+
+async def _taken_from(listener: Listener) -> list[Message]:
+    """What the Node still holds for a closed listener."""
+    messages = []
+    while True:
+        try:
+            messages.append(await listener.receive(timeout=0))
+        except PilotError:
+            return messages
+
+
+def _save_unread(path: Path, messages: list[Message]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        for m in messages:
+            file.write(json.dumps({"port": m.port, "from": m.sender, "source_port": m.source_port,
+                                   "data": base64.b64encode(m.data).decode()}).encode() + b"\n")
+    os.replace(tmp, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +20,40 @@ class DaemonOptions:
     beacon: str | None = None  # "HOST:PORT" or "KEYB32@HOST:PORT"
     listen: str = "0.0.0.0:0"  # UDP address of the tunnel endpoint
     inbox_ports: tuple[int, ...] = DEFAULT_INBOX_PORTS  # listened on from the start
-    # Messages buffered per listened port or stream before the daemon stops taking more from
-    # the tunnel (which then back-pressures the sender).
+    # -- inboxes: messages waiting in the daemon for a client --------------------------------
+    # A listened port's (or a stream's) inbox takes messages from the tunnel while it holds fewer
+    # than inbox_messages messages and fewer than inbox_bytes payload bytes (so it can overshoot
+    # by one message); when full it takes no more, and the tunnel's flow control holds the sender.
+    # Messages handed out with "ack": true count until acknowledged.
     inbox_messages: int = 1024
+    inbox_bytes: int = 16 * 1024 * 1024
     stream_idle_timeout: float = 600.0  # seconds an IPC stream may go unused before it is aborted
-    message_memory: int = 10_000  # handed-out messages remembered for `reply`
+    # Handed-out messages remembered for `reply`: their sender and stream, not their payload.
+    message_memory: int = 10_000
+    # Payload bytes of recently handed-out messages kept so `requeue` can put them back (a client
+    # that gave up waiting hands its late reply back at once); the oldest are forgotten first.
+    requeue_memory_bytes: int = 8 * 1024 * 1024
+    ack_wait: float = 30.0  # seconds a message received with "ack": true waits for its `ack`
+    # -- the local API ---------------------------------------------------------------------------
+    max_request_bytes: int = 16 * 1024 * 1024  # a larger request is refused (BadRequestError)
+    max_request_depth: int = 4  # nesting of arrays/objects in a request (requests are flat)
+    # Replies (and requests) ZeroMQ queues per client (its SNDHWM/RCVHWM): a client that does
+    # not read its replies loses those beyond this, instead of growing the daemon.
+    client_queue_messages: int = 1000
+    # Requests of one client the daemon works on at once; more are refused with BusyError, so one
+    # client cannot crowd out the others.
+    client_max_requests: int = 256
+
+    def to_json(self) -> str:
+        """The options for a daemon started in another process (``python -m
+        pilot_agents.daemon --options JSON``)."""
+        fields = dataclasses.asdict(self)
+        fields["home"] = str(self.home)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonOptions:
+        fields = json.loads(text)
+        fields["home"] = Path(fields["home"])
+        fields["inbox_ports"] = tuple(fields["inbox_ports"])
+        return cls(**fields)

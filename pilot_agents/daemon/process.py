@@ -1,9 +1,9 @@
 """Process control: the home's lock and pid file, logging, running in the foreground, starting
 detached, stopping.
 
-``pilotctl daemon start`` runs ``python -m pilot_agents.cli daemon start --foreground
---ready-fd N`` in a new session and waits until that child reports on the pipe N that it is
-registered and serving (or why it failed). One daemon per home: it holds an exclusive ``flock``
+``pilotctl daemon start`` runs ``python -m pilot_agents.daemon --ready-fd N --options JSON`` in
+a new session and waits until that child reports on the pipe N that it is registered and serving
+(or why it failed). One daemon per home: it holds an exclusive ``flock``
 on ``<home>/daemon.lock`` for its whole life; the kernel drops the lock when the process dies,
 however it dies, so a stale pid file or socket from a killed daemon never blocks a restart (the
 next daemon removes them). Logs go to ``<home>/daemon.log``.
@@ -96,13 +96,8 @@ def start_detached(options: DaemonOptions, timeout: float = START_TIMEOUT) -> Re
             "'pilotctl daemon stop'"
         )
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "pilot_agents.cli", "daemon", "start", "--foreground",
-           "--home", str(home), "--listen", options.listen, "--ready-fd", str(write_fd),
-           "--inbox", ",".join(map(str, options.inbox_ports)) or "none"]
-    if options.hostname:
-        cmd += ["--hostname", options.hostname]
-    if options.beacon:
-        cmd += ["--beacon", options.beacon]
+    cmd = [sys.executable, "-m", "pilot_agents.daemon", "--ready-fd", str(write_fd),
+           "--options", options.to_json()]
     log_path = home / ipc.LOG_NAME
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

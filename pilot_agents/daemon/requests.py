@@ -7,6 +7,7 @@ JSON type the docs name (an integer is still a valid number of seconds).
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -110,6 +111,7 @@ class StreamReceiveRequest(BaseRequest):
     cmd: Literal["stream_receive"]
     stream: str
     timeout: Timeout | None = 30.0
+    ack: bool = False
 
 
 class StreamDrainRequest(BaseRequest):
@@ -150,6 +152,12 @@ class ReceiveRequest(BaseRequest):
     cmd: Literal["receive"]
     port: Port
     timeout: Timeout | None = 30.0
+    ack: bool = False  # at-least-once: redelivered unless acknowledged with `ack` in time
+
+
+class AckRequest(BaseRequest):
+    cmd: Literal["ack"]
+    message: str
 
 
 class ReplyRequest(_Payload):
@@ -183,7 +191,7 @@ AnyRequest = (
     | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
     | StreamAbortRequest | SendRequest | ListenRequest | UnlistenRequest | ReceiveRequest
-    | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
+    | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
 )
 REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(
     Annotated[AnyRequest, Field(discriminator="cmd")])
@@ -193,8 +201,33 @@ COMMANDS: tuple[str, ...] = tuple(
 )
 
 
-def load_request_untrusted(body: bytes) -> dict[str, object]:
-    """The JSON object a request body holds; BadRequestError if it is none."""
+# A JSON string, escapes included: what the nesting check skips (brackets in strings don't nest).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_PAIRS = (b"[]", b"{}")
+
+
+def _nesting_within(body: bytes, max_depth: int) -> bool:
+    """Whether ``body`` nests arrays and objects at most ``max_depth`` deep, checked without a
+    recursive parser: strings removed, then innermost bracket pairs peeled off once per level."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            break
+        brackets = brackets.replace(_PAIRS[0], b"").replace(_PAIRS[1], b"")
+    return not brackets
+
+
+def load_request_untrusted(body: bytes, max_bytes: int, max_depth: int) -> dict[str, object]:
+    """The JSON object a request body holds; BadRequestError if it is none, or if it is larger
+    or nested deeper than the daemon's bounds (so the parser never recurses without limit)."""
+    if len(body) > max_bytes:
+        raise BadRequestError(
+            f"the request is {len(body)} bytes, more than the daemon's limit of {max_bytes} "
+            "(send large payloads as several messages on a stream)")
+    if not _nesting_within(body, max_depth):
+        raise BadRequestError(
+            f"the request nests deeper than {max_depth} levels, or its brackets do not match")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError):

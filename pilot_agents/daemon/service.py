@@ -119,7 +119,8 @@ class Daemon:
             raise ConfigError(f"cannot start the node: {exc.strerror or exc}") from None
         for port in opts.inbox_ports:
             messaging.listen_port(port, permanent=True)
-        server = self._server = IpcServer(self.home, dispatch, messaging.requeue, self._stop.set)
+        messaging.restore_unread()
+        server = self._server = IpcServer(opts, dispatch, messaging.requeue, self._stop.set)
         server.bind(ipc_address)
         messaging.publish = server.publish
         self._lock.write_pid()
@@ -127,7 +128,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         if self._messaging is not None:
-            self._messaging.close_all()
+            await self._messaging.close_all()
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._node.close()

@@ -1,0 +1,302 @@
+"""The daemon's local API against careless and hostile clients (issue #11, items 2 and 10-16):
+real daemons, plain ZeroMQ sockets, loopback only, every flood bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from pilot_agents import ipc
+from pilot_agents.daemon import DaemonOptions, start_detached
+from tests.conftest import (
+    DaemonHandle,
+    ipc_call,
+    peer_up,
+    short_home,
+    start_daemon,
+    start_daemons,
+    stop_daemons,
+)
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+MiB = 1024 * 1024
+
+
+def call(home: Path, **request: Any) -> dict[str, Any]:
+    return ipc_call(home, **request)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def start_with(home: Path, hostname: str, **bounds: Any) -> DaemonHandle:
+    """A daemon started through the API, so any DaemonOptions field can be set."""
+    info = start_detached(DaemonOptions(home=home, hostname=hostname, listen="127.0.0.1:0",
+                                        **bounds))
+    return DaemonHandle(home, hostname, info["node_id"], info["endpoints"][0], info["pid"])
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[Any]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def small_pair() -> Iterator[Pair]:
+    """alpha (defaults) and beta, whose inboxes hold 1 MiB and whose acks wait 1 s."""
+    homes = [short_home(), short_home()]
+    try:
+        a = start_with(homes[0], "alpha")
+        b = start_with(homes[1], "beta", inbox_bytes=MiB, ack_wait=1.0,
+                       requeue_memory_bytes=2 * MiB, max_request_bytes=4 * MiB)
+        peer_up(a, b)
+        yield a, b
+    finally:
+        stop_daemons(*homes)
+
+
+def raw(ctx: zmq.Context[Any], home: Path, body: bytes, wait: float = 10.0) -> dict[str, Any]:
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(wait * 1000))
+    sock.connect(f"ipc://{home}/daemon.sock")
+    try:
+        sock.send(body)
+        return json.loads(sock.recv())  # type: ignore[no-any-return]
+    finally:
+        sock.close()
+
+
+def listening(home: Path, port: int) -> dict[str, Any]:
+    info = call(home, cmd="info")
+    return next(p for p in info["listening"] if p["port"] == port)
+
+
+# -- item 10: requests that used to kill the IPC server ----------------------------------------
+
+
+def test_deeply_nested_request_is_refused_and_the_server_goes_on(
+        daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    for body in (b"[" * 100_000, b'{"cmd": "info", "id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
+        reply = raw(context, a.home, body)
+        assert reply["ok"] is False and reply["error"]["type"] == "BadRequestError", reply
+        assert "nests deeper" in reply["error"]["message"]
+    assert raw(context, a.home, b'{"cmd": "info"}')["ok"] is True
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(
+        daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    text = '[[[[[[[[[[{{{{{{{{"\\"]]]]'
+    sent = raw(context, a.home, json.dumps({"cmd": "send", "target": "beta", "port": 1001,
+                                            "data": text}).encode())
+    assert sent["ok"], sent
+    got = raw(context, b.home, b'{"cmd": "receive", "port": 1001, "timeout": 5}')
+    assert got["message"]["data"] == text
+
+
+def test_request_over_the_size_bound_is_refused(small_pair: Pair,
+                                                context: zmq.Context[Any]) -> None:
+    _, b = small_pair
+    body = json.dumps({"cmd": "send", "target": "alpha", "port": 1001,
+                       "data": "x" * (5 * MiB)}).encode()
+    reply = raw(context, b.home, body)
+    assert reply["error"]["type"] == "BadRequestError"
+    assert f"more than the daemon's limit of {4 * MiB}" in reply["error"]["message"]
+    assert raw(context, b.home, b'{"cmd": "info"}')["ok"] is True
+
+
+# -- item 16: strict types ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    b'{"cmd": "receive", "port": true, "timeout": 1}',
+    b'{"cmd": "listen", "port": "4500"}',
+    b'{"cmd": "receive", "port": 1001, "timeout": true}',
+    b'{"cmd": "listen", "port": 4500, "publish": 1}',
+])
+def test_wrong_json_types_are_not_coerced(daemon_pair: Pair, context: zmq.Context[Any],
+                                          body: bytes) -> None:
+    a, _ = daemon_pair
+    reply = raw(context, a.home, body)
+    assert reply["ok"] is False and reply["error"]["type"] == "BadRequestError", reply
+    assert all(p["port"] not in (1, 4500) for p in call(a.home, cmd="info")["listening"])
+
+
+# -- item 2: memory bounded in bytes -------------------------------------------------------------
+
+
+def test_inbox_is_bounded_in_bytes_and_loses_nothing(small_pair: Pair) -> None:
+    a, b = small_pair
+    chunk = 256 * 1024
+    for i in range(12):
+        sent = call(a.home, cmd="send", target="beta", port=1001, data=f"{i:02d}" * (chunk // 2))
+        assert sent["ok"], sent
+    port = listening(b.home, 1001)
+    assert port["buffered_bytes"] <= MiB + chunk and port["buffered"] <= 5, port
+    got = [call(b.home, cmd="receive", port=1001, timeout=10)["message"]["data"][:2]
+           for _ in range(12)]
+    assert got == [f"{i:02d}" for i in range(12)]
+
+
+def test_messages_read_promptly_do_not_stay_in_memory(small_pair: Pair) -> None:
+    """The daemon used to keep the payload of each of the last 10,000 handed-out messages."""
+    a, b = small_pair
+    payload = "y" * MiB
+    stream = call(a.home, cmd="connect", target="beta", port=1001)["stream"]
+    before = rss_bytes(b.pid)
+    for _ in range(120):
+        assert call(a.home, cmd="stream_send", stream=stream, data=payload)["ok"]
+        got = call(b.home, cmd="receive", port=1001, timeout=10)
+        assert len(got["message"]["data"]) == MiB
+    grown = rss_bytes(b.pid) - before
+    assert grown < 60 * MiB, f"the daemon grew by {grown / MiB:.0f} MiB"
+    last = got["message"]["id"]
+    assert call(b.home, cmd="reply", message=last, data="thanks")["ok"]  # reply still works
+    answer = call(a.home, cmd="stream_receive", stream=stream, timeout=5)
+    assert answer["message"]["data"] == "thanks"
+
+
+# -- item 11: a client that floods without reading ----------------------------------------------
+
+
+def test_flooding_client_neither_starves_others_nor_grows_the_daemon(
+        daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    """One client sends info requests as fast as it can and never reads (bounded: 400k requests
+    or 4 s); another client's info must still be answered promptly."""
+    a, _ = daemon_pair
+    before = rss_bytes(a.pid)
+    stop = threading.Event()
+
+    def flood() -> None:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # the flooder queues without limit on its own side
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(f"ipc://{a.home}/daemon.sock")
+        body = json.dumps({"cmd": "info"}).encode()
+        for _ in range(400):
+            if stop.is_set():
+                break
+            for _ in range(1000):
+                sock.send(body)
+            time.sleep(0.005)
+        stop.wait()
+        sock.close()
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    slowest = 0.0
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            reply = raw(context, a.home, b'{"cmd": "info"}', wait=5.0)
+            slowest = max(slowest, time.monotonic() - started)
+            assert reply["ok"] is True
+            time.sleep(0.2)
+        grown = rss_bytes(a.pid) - before
+    finally:
+        stop.set()
+        flooder.join()
+    assert slowest < 1.0, f"another client waited {slowest:.1f} s"
+    assert grown < 50 * MiB, f"the daemon grew by {grown / MiB:.0f} MiB"
+
+
+def test_too_many_requests_in_flight_are_refused(daemon_pair: Pair,
+                                                context: zmq.Context[Any]) -> None:
+    a, _ = daemon_pair
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(f"ipc://{a.home}/daemon.sock")
+    try:
+        for i in range(300):  # 256 wait for a message; the rest are refused at once
+            sock.send(json.dumps({"cmd": "receive", "port": 4700, "timeout": 30,
+                                  "id": i}).encode())
+        refused = [json.loads(sock.recv()) for _ in range(300 - 256)]
+        assert {r["error"]["type"] for r in refused} == {"BusyError"}
+        assert call(a.home, cmd="info")["ok"]  # other clients are served
+    finally:
+        sock.close()
+        time.sleep(0.2)
+        for _ in range(3):  # the abandoned receives are cancelled with their client's
+            call(a.home, cmd="unlisten", port=4700)
+
+
+# -- item 12: acknowledged delivery ---------------------------------------------------------------
+
+
+def test_unacknowledged_message_is_delivered_again(small_pair: Pair,
+                                                   context: zmq.Context[Any]) -> None:
+    a, b = small_pair
+    assert call(a.home, cmd="send", target="beta", port=1001, data="precious")["ok"]
+    dying = context.socket(zmq.DEALER)
+    dying.setsockopt(zmq.LINGER, 0)
+    dying.setsockopt(zmq.RCVTIMEO, 5000)
+    dying.connect(f"ipc://{b.home}/daemon.sock")
+    dying.send(json.dumps({"cmd": "receive", "port": 1001, "ack": True, "id": 1}).encode())
+    taken = json.loads(dying.recv())["message"]
+    dying.close()  # dies with the message unacknowledged
+    assert taken["data"] == "precious"
+    assert listening(b.home, 1001)["unacked"] == 1
+    started = time.monotonic()
+    again = call(b.home, cmd="receive", port=1001, ack=True, timeout=5)["message"]
+    assert again["data"] == "precious", again
+    assert 0.5 < time.monotonic() - started < 3.0  # after ack_wait (1 s)
+    assert call(b.home, cmd="ack", message=again["id"])["acked"] is True
+    assert call(b.home, cmd="ack", message=again["id"])["acked"] is False
+    time.sleep(1.5)  # past ack_wait: an acknowledged message never comes back
+    port = listening(b.home, 1001)
+    assert (port["buffered"], port["unacked"], port["buffered_bytes"]) == (0, 0, 0), port
+    assert call(b.home, cmd="receive", port=1001, timeout=0.5)["ok"] is False
+
+
+def test_without_ack_a_message_is_handed_out_once(small_pair: Pair) -> None:
+    a, b = small_pair
+    assert call(a.home, cmd="send", target="beta", port=1001, data="once")["ok"]
+    assert call(b.home, cmd="receive", port=1001, timeout=5)["message"]["data"] == "once"
+    time.sleep(1.5)
+    assert call(b.home, cmd="receive", port=1001, timeout=0.5)["ok"] is False
+
+
+# -- item 13: daemon stop keeps what the tunnel acknowledged ---------------------------------------
+
+
+def test_stop_keeps_unread_messages_for_the_next_start() -> None:
+    homes = [short_home(), short_home()]
+    try:
+        a, b = start_daemons((homes[0], "alpha"), (homes[1], "beta"))
+        peer_up(a, b)
+        for i in range(3):
+            assert call(a.home, cmd="send", target="beta", port=1001, data=f"m{i}")["ok"]
+        assert call(a.home, cmd="send", target="beta", port=4800, data="x")["ok"] is False
+        stop_daemons_keep_home(b.home)
+        start_daemon(b.home, "beta")
+        got = [call(b.home, cmd="receive", port=1001, timeout=5) for _ in range(3)]
+        assert [g["message"]["data"] for g in got] == ["m0", "m1", "m2"], got
+        assert not (b.home / "unread.jsonl").exists()
+    finally:
+        stop_daemons(*homes)
+
+
+def stop_daemons_keep_home(home: Path) -> None:
+    assert call(home, cmd="stop")["ok"]
+    deadline = time.monotonic() + 10
+    while ipc.daemon_pid(home) is not None:
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.05)
