@@ -15,6 +15,7 @@ PACKAGE = ROOT / "pilot_agents"
 # sit in the same package. The longest matching prefix decides a module's layer.
 LAYERS: dict[str, int] = {
     "pilot_agents.errors": 0,
+    "pilot_agents.version": 0,
     "pilot_agents.addressing": 1,
     "pilot_agents.transport": 1,
     "pilot_agents.runtime": 1,

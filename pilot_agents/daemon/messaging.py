@@ -356,7 +356,7 @@ class Messaging:
         unacked = self.memory.unacked()
         unread: list[Message] = []
         for state in ports:
-            state.listener.close()  # from now on the Node refuses new messages for the port
+            state.listener.close_now()  # from now on the Node refuses new messages for the port
             if not state.publish:
                 unread += [m for inbox, m in unacked if inbox is state.inbox]
                 unread += state.inbox.drain()
