@@ -356,10 +356,12 @@ class Messaging:
         unacked = self.memory.unacked()
         unread: list[Message] = []
         for state in ports:
-            state.listener.close_now()  # from now on the Node refuses new messages for the port
             if not state.publish:
                 unread += [m for inbox, m in unacked if inbox is state.inbox]
                 unread += state.inbox.drain()
+                # Taken before the listener closes (a close resets the streams of messages
+                # still in the Node, telling their senders they were not delivered); from the
+                # close on, the Node refuses new messages for the port.
                 unread += await _taken_from(state.listener)
             self.close_port(state)
         if unread:
@@ -392,7 +394,8 @@ class Messaging:
 
 
 async def _taken_from(listener: Listener) -> list[Message]:
-    """What the Node still holds for a closed listener."""
+    """What the Node still holds for a listener. The last (empty) wait returns with nothing more
+    queued, so a close right after it leaves nothing behind."""
     messages = []
     while True:
         try:
