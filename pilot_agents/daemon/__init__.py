@@ -5,7 +5,8 @@
 - ``server``: the ZeroMQ sockets and serve loop; ``dispatch``: request type -> handler;
 - ``messaging``, ``trust_commands``, ``admin``: the commands, by concern; ``context``: what
   they share (the Node, the trust store, static peers, naming);
-- ``inbox``: messages waiting for clients; ``service``: :class:`Daemon`, the wiring;
+- ``inbox``: messages waiting for clients; ``spool``: those kept across a restart;
+  ``service``: :class:`Daemon`, the wiring;
 - ``process``: lock, pid file, logging, foreground run, detached start, stop.
 """
 

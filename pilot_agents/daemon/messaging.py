@@ -5,17 +5,14 @@ an :class:`Inbox` the IPC clients read."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import ipc
 from ..errors import ConfigError, ConnectionClosedError, PilotError
@@ -39,11 +36,11 @@ from .requests import (
     StreamSendRequest,
     UnlistenRequest,
 )
+from .spool import save_unread, take_unread
 
 log = logging.getLogger("pilot_agents.daemon")
 
 Publish = Callable[[list[bytes]], None]  # sends one multipart message on the PUB socket
-UNREAD_FILE = "unread.jsonl"  # port messages nobody had read when the daemon stopped
 
 
 @dataclass
@@ -365,32 +362,14 @@ class Messaging:
                 unread += await _taken_from(state.listener)
             self.close_port(state)
         if unread:
-            _save_unread(self.ctx.home / UNREAD_FILE, unread)
-            log.info("kept %d unread messages in %s for the next start", len(unread),
-                     UNREAD_FILE)
+            save_unread(self.ctx.home, unread)
 
     def restore_unread(self) -> None:
         """Put the messages a previous daemon kept back into their ports' inboxes, ahead of
-        anything new."""
-        path = self.ctx.home / UNREAD_FILE
-        try:
-            lines = path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return
-        restored = 0
-        for line in lines:
-            try:
-                record = json.loads(line)
-                message = Message(base64.b64decode(record["data"]), str(record["from"]),
-                                  int(record["port"]), int(record["source_port"]))
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipped a damaged line in %s", path)
-                continue
+        anything new (beyond the inboxes' bounds if need be: they were accepted already)."""
+        for message in take_unread(self.ctx.home):
             state = self.ports.get(message.port) or self.listen_port(message.port)[0]
             state.inbox.put(message)
-            restored += 1
-        path.unlink()
-        log.info("restored %d unread messages from %s", restored, UNREAD_FILE)
 
 
 async def _taken_from(listener: Listener) -> list[Message]:
@@ -403,12 +382,3 @@ async def _taken_from(listener: Listener) -> list[Message]:
         except PilotError:
             return messages
 
-
-def _save_unread(path: Path, messages: list[Message]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        for m in messages:
-            file.write(json.dumps({"port": m.port, "from": m.sender, "source_port": m.source_port,
-                                   "data": base64.b64encode(m.data).decode()}).encode() + b"\n")
-    os.replace(tmp, path)

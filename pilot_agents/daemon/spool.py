@@ -1,0 +1,48 @@
+"""Port messages no client had read when the daemon stopped, kept in the home for the next start
+(``<home>/unread.jsonl``, 0600): the tunnel acknowledged them to their senders already."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..node.connection import Message
+
+log = logging.getLogger("pilot_agents.daemon")
+
+UNREAD_FILE = "unread.jsonl"
+
+
+def save_unread(home: Path, messages: list[Message]) -> None:
+    path = home / UNREAD_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        for m in messages:
+            file.write(json.dumps({"port": m.port, "from": m.sender, "source_port": m.source_port,
+                                   "data": base64.b64encode(m.data).decode()}).encode() + b"\n")
+    os.replace(tmp, path)
+    log.info("kept %d unread messages in %s for the next start", len(messages), UNREAD_FILE)
+
+
+def take_unread(home: Path) -> list[Message]:
+    """The messages a previous daemon kept, oldest first; the file is gone afterwards."""
+    path = home / UNREAD_FILE
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    messages = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            messages.append(Message(base64.b64decode(record["data"]), str(record["from"]),
+                                    int(record["port"]), int(record["source_port"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipped a damaged line in %s", path)
+    path.unlink()
+    log.info("restored %d unread messages from %s", len(messages), UNREAD_FILE)
+    return messages
