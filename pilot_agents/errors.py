@@ -93,8 +93,16 @@ class DaemonNotRunningError(PilotError):
     """No daemon runs for this home, or it does not answer."""
 
 
-class DaemonRunningError(PilotError):
+class HomeInUseError(PilotError):
+    """Another process runs a node (a daemon or an embedded Node) on this home."""
+
+
+class DaemonRunningError(HomeInUseError):
     """A daemon already runs for this home."""
+
+
+class UnsafeHomeError(ConfigError):
+    """The home, or a file in it, belongs to another user or others can write to it."""
 
 
 class BadRequestError(PilotError):

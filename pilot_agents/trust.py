@@ -23,28 +23,45 @@ Wire format of a trust request (the bytes ``Node.send_trust_request`` carries)::
 The receiver checks the signature with the key in ``from`` (which must equal the key the beacon says
 sent it), that ``to`` is its own node id (a request can't be forwarded to someone else), and that
 ``ts`` is within ``REQUEST_MAX_AGE`` of its clock.
+
+Anyone registered at the beacon can send us requests, so what they can make us do is bounded
+(:class:`TrustLimits`): requests are rate-limited per sending key and in total before any
+signature is checked; at most ``max_pending`` requests wait for a decision, and when that many
+wait a request from a new key is dropped (the older ones stay, so spam can't push out a real
+request); a repeated request only refreshes its entry; and changes that came from the network are
+written to ``trust.json`` at most once per ``save_interval_s`` (and by :meth:`TrustStore.flush`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import ipc
 from .errors import (
     ConfigError,
     KeyMismatchError,
     TrustRequestError,
 )
-from .identity import Identity, key_from_node_id, node_id_from_key
+from .home import check_home, read_private_text
+from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
 from .net.tunnel import crypto
+
+log = logging.getLogger("pilot_agents.trust")
 
 TRUST_FILE = "trust.json"
 REQUEST_DOMAIN = b"pilot-agents trust request v1\x00"
@@ -53,18 +70,15 @@ MAX_REQUEST_SIZE = 4096  # bytes, signature included
 MAX_REASON_LENGTH = 500  # characters
 MAX_HOSTNAME_LENGTH = 253
 REQUEST_MAX_AGE = 600.0  # seconds a request stays valid (and the clock skew we accept)
-MAX_PENDING = 256  # incoming requests kept; the oldest is dropped beyond that
 
 TrustState = Literal["mutual", "outgoing", "incoming"]
 _NODE_ID_RE = re.compile(r"^[a-z2-7]{52}$")
 
 
 def is_node_id(text: str) -> bool:
-    try:
-        key_from_node_id(text)
-    except ConfigError:
-        return False
-    return True
+    """Whether ``text`` is meant as a node id rather than a name: it has the form of one. A
+    typo'd id has it too; :func:`key_from_node_id` refuses it with a message saying so."""
+    return looks_like_node_id(text)
 
 
 def short_id(node_id: str) -> str:
@@ -126,7 +140,10 @@ def parse_trust_request_untrusted(
         raise TrustRequestError(f"trust request is malformed: {_first_line(exc)}") from None
     if request.body() != body:
         raise TrustRequestError("trust request is not in canonical form")
-    key = key_from_node_id(request.sender)
+    try:
+        key = key_from_node_id(request.sender)
+    except ConfigError as exc:
+        raise TrustRequestError(f"trust request is from a bad key: {exc}") from None
     if sender_key is not None and key != sender_key:
         raise TrustRequestError(
             f"trust request claims to be from {request.sender} but was sent by "
@@ -153,6 +170,72 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+# -- limits on what the network can make the store do ----------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustLimits:
+    """Bounds on the work and storage that trust requests from untrusted nodes can cost us."""
+
+    max_pending: int = 256
+    """Requests waiting for approve/reject. When full, a request from a new key is dropped."""
+    pending_max_age_s: float = 7 * 24 * 3600.0
+    """A pending request older than this (seconds) is forgotten when room is needed."""
+    key_rate_per_s: float = 0.2
+    """Requests per second one key may send us in the long run (one every 5 s)..."""
+    key_burst: int = 4
+    """...after a burst of this many."""
+    total_rate_per_s: float = 20.0
+    """Requests per second from all keys together..."""
+    total_burst: int = 40
+    """...after a burst of this many."""
+    max_keys: int = 4096
+    """Keys whose rate we track; the one heard from least recently is forgotten beyond that."""
+    save_interval_s: float = 5.0
+    """Changes that came from the network are written at most once per this many seconds."""
+    drop_log_interval_s: float = 60.0
+    """Dropped requests are logged as one count per this many seconds, not one line each."""
+
+
+class _Bucket:
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+    def refill(self, now: float, rate: float, burst: int) -> None:
+        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.at) * rate)
+        self.at = now
+
+
+class RequestLimiter:
+    """Token buckets per sending key (an LRU table of at most ``max_keys``) behind one bucket for
+    all keys: decides, before any signature check, whether a request is worth looking at."""
+
+    def __init__(self, limits: TrustLimits, now: float) -> None:
+        self.limits = limits
+        self._keys: collections.OrderedDict[bytes, _Bucket] = collections.OrderedDict()
+        self._total = _Bucket(float(limits.total_burst), now)
+
+    def allow(self, key: bytes, now: float) -> bool:
+        limits = self.limits
+        bucket = self._keys.pop(key, None) or _Bucket(float(limits.key_burst), now)
+        self._keys[key] = bucket
+        while len(self._keys) > limits.max_keys:
+            self._keys.popitem(last=False)
+        bucket.refill(now, limits.key_rate_per_s, limits.key_burst)
+        self._total.refill(now, limits.total_rate_per_s, limits.total_burst)
+        if bucket.tokens < 1.0 or self._total.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        self._total.tokens -= 1.0
+        return True
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 # -- the store -----------------------------------------------------------------------------
 
 
@@ -166,6 +249,15 @@ class TrustEntry(BaseModel):
     added_at: float
     updated_at: float
     request: str | None = None  # incoming: the signed request, base64, so it can be re-verified
+
+    @field_validator("node_id")
+    @classmethod
+    def _real_key(cls, node_id: str) -> str:
+        try:
+            key_from_node_id(node_id)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return node_id
 
     @property
     def trusted(self) -> bool:
@@ -186,30 +278,70 @@ class TrustFile(BaseModel):
     entries: list[TrustEntry] = Field(default_factory=list)
 
 
-class TrustStore:
-    """The persistent trust set of one home. Only the daemon writes it."""
+class _StoredFile(BaseModel):
+    """trust.json as read: its entries are checked one by one, so one bad entry (a hand-edited
+    typo) is skipped instead of keeping the daemon from starting."""
 
-    def __init__(self, path: Path, entries: Iterable[TrustEntry] = ()) -> None:
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    entries: list[Any] = Field(default_factory=list)
+
+
+class TrustStore:
+    """The persistent trust set of one home. Only the daemon writes it while it runs (see
+    :func:`remove_without_daemon` for when it does not).
+
+    Changes asked for by the user are written at once; changes that came from the network
+    (:meth:`receive_request`) at most once per ``limits.save_interval_s``: call :meth:`flush`
+    before exiting."""
+
+    def __init__(
+        self, path: Path, entries: Iterable[TrustEntry] = (), limits: TrustLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
-        self.max_pending = MAX_PENDING  # incoming requests kept; the oldest is dropped beyond
+        self.limits = limits or TrustLimits()
         self._entries: dict[str, TrustEntry] = {e.node_id: e for e in entries}
+        self._clock = clock
+        self._limiter = RequestLimiter(self.limits, clock())
+        self._dirty = False
+        self._last_save = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self._dropped = 0
+        self._drops_logged_at = clock()
+        self.saves = 0  # writes of trust.json by this store
 
     @classmethod
-    def load(cls, home: str | Path) -> TrustStore:
+    def load(
+        cls, home: str | Path, limits: TrustLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> TrustStore:
+        """The store of ``home``. UnsafeHomeError if the home or trust.json can be changed by
+        another user; ConfigError if trust.json is unreadable as a whole. A bad entry is skipped
+        with a warning (and dropped the next time the store is written)."""
         path = Path(home) / TRUST_FILE
         try:
-            text = path.read_text(encoding="utf-8")
+            check_home(path.parent)
+            text = read_private_text(path)
         except FileNotFoundError:
-            return cls(path)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+            return cls(path, (), limits, clock)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', exc)}") from None
         try:
-            data = TrustFile.model_validate_json(text)
+            data = _StoredFile.model_validate_json(text)
         except ValidationError as exc:
             raise ConfigError(
                 f"{path} is not a valid trust store ({_first_line(exc)}): fix or remove it"
             ) from None
-        return cls(path, data.entries)
+        entries = []
+        for number, raw in enumerate(data.entries, 1):
+            try:
+                entries.append(TrustEntry.model_validate(raw))
+            except ValidationError as exc:
+                log.warning("%s: entry %d skipped (%s); it is dropped the next time the trust "
+                            "store is written", path, number, _first_line(exc))
+        return cls(path, entries, limits, clock)
 
     def save(self) -> None:
         """Write atomically, mode 0600."""
@@ -226,6 +358,40 @@ class TrustStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self.saves += 1
+        self._dirty = False
+        self._last_save = self._clock()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def flush(self) -> None:
+        """Write the changes the network made since the last write, if any."""
+        if self._dirty:
+            self.save()
+
+    def close(self) -> None:
+        """At shutdown: write what the network changed; a failure is logged, not raised."""
+        try:
+            self.flush()
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.path, exc.strerror or exc)
+
+    def _save_soon(self) -> None:
+        """A change that came from the network: written now if the last write is older than
+        ``save_interval_s``, else when it is (by a timer on the running event loop; without one,
+        by the next write or :meth:`flush`)."""
+        self._dirty = True
+        wait = self._last_save + self.limits.save_interval_s - self._clock()
+        if wait <= 0:
+            self.save()
+        elif self._timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop
+                self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        self.close()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -282,12 +448,83 @@ class TrustStore:
                 f"'pilotctl trust remove {hostname}' and then 'pilotctl trust add {hostname}'"
             )
 
-    # -- changes (each saves) --------------------------------------------------------------
+    # -- trust requests from the network -------------------------------------------------------
+
+    def admit(self, sender_key: bytes) -> bool:
+        """Whether to look at a trust request the beacon says ``sender_key`` sent: False beyond
+        the rate limits, or when the request is from a new key and ``max_pending`` requests wait
+        already. Costs a few dict operations: call it before verifying anything."""
+        now = self._clock()
+        if self._limiter.allow(sender_key, now) and not self._pending_full_for(sender_key):
+            return True
+        self._dropped += 1
+        if now - self._drops_logged_at >= self.limits.drop_log_interval_s:
+            log.warning("dropped %d trust requests in the last %.0f s (over the rate limits, or "
+                        "%d requests pending already)", self._dropped,
+                        now - self._drops_logged_at, self.limits.max_pending)
+            self._dropped, self._drops_logged_at = 0, now
+        return False
+
+    def _pending_full_for(self, sender_key: bytes) -> bool:
+        """Whether a request from this key would be dropped for want of room (see _make_room)."""
+        if node_id_from_key(sender_key) in self._entries:
+            return False
+        oldest = time.time() - self.limits.pending_max_age_s
+        waiting = sum(e.state == "incoming" and e.added_at >= oldest
+                      for e in self._entries.values())
+        return waiting >= self.limits.max_pending
+
+    def receive_request(
+        self, request: TrustRequest, raw: bytes, now: float | None = None,
+    ) -> TrustEntry:
+        """Record a verified request: confirms trust we already gave, or becomes pending.
+        TrustRequestError if it would be pending and ``max_pending`` requests wait already."""
+        now = time.time() if now is None else now
+        entry = self._entries.get(request.sender)
+        if entry is not None and entry.trusted:
+            if entry.state == "outgoing":
+                entry = entry.model_copy(update={"state": "mutual", "updated_at": now})
+                self._entries[request.sender] = entry
+                self.save()
+            return entry
+        fresh = TrustEntry(
+            node_id=request.sender, hostname=request.hostname, state="incoming",
+            reason=request.reason, added_at=entry.added_at if entry else now, updated_at=now,
+            request=base64.b64encode(raw).decode("ascii"),
+        )
+        if entry is None:
+            self._make_room(now)
+        self._entries[request.sender] = fresh
+        # Asked again with the same words: only refreshed in memory, so a repeat costs no write.
+        if entry is None or (entry.hostname, entry.reason) != (fresh.hostname, fresh.reason):
+            self._save_soon()
+        return fresh
+
+    def _make_room(self, now: float) -> None:
+        """Forget expired pending requests if the pending set is full; TrustRequestError if
+        it still is (the new request is dropped: older requests win)."""
+        pending = [e for e in self._entries.values() if e.state == "incoming"]
+        if len(pending) < self.limits.max_pending:
+            return
+        expired = [e for e in pending if now - e.added_at > self.limits.pending_max_age_s]
+        for entry in expired:
+            del self._entries[entry.node_id]
+        if expired:
+            self._save_soon()
+        if len(pending) - len(expired) >= self.limits.max_pending:
+            raise TrustRequestError(
+                f"{self.limits.max_pending} trust requests are pending already, so this one is "
+                f"dropped: see 'pilotctl trust pending' and reject the ones you don't want"
+            )
+
+    # -- changes the user asked for (each saves) ------------------------------------------------
 
     def add_trusted(
         self, node_id: str, hostname: str | None, reason: str = "", now: float | None = None,
     ) -> TrustEntry:
-        """Trust ``node_id`` (pinned to ``hostname``). If it had asked us, trust is now mutual."""
+        """Trust ``node_id`` (pinned to ``hostname``). If it had asked us, trust is now mutual.
+        ConfigError, before anything is saved, if ``node_id`` is not a valid key."""
+        key_from_node_id(node_id)
         now = time.time() if now is None else now
         if hostname is not None:
             self.check_pin(hostname, node_id)
@@ -319,31 +556,54 @@ class TrustStore:
         self.save()
         return True
 
-    def receive_request(
-        self, request: TrustRequest, raw: bytes, now: float | None = None,
-    ) -> TrustEntry:
-        """Record a verified request: confirms trust we already gave, or becomes pending."""
-        now = time.time() if now is None else now
-        entry = self._entries.get(request.sender)
-        if entry is not None and entry.trusted:
-            if entry.state == "outgoing":
-                entry = entry.model_copy(update={"state": "mutual", "updated_at": now})
-                self._entries[request.sender] = entry
-                self.save()
-            return entry
-        entry = TrustEntry(
-            node_id=request.sender, hostname=request.hostname, state="incoming",
-            reason=request.reason, added_at=entry.added_at if entry else now, updated_at=now,
-            request=base64.b64encode(raw).decode("ascii"),
-        )
-        self._entries[request.sender] = entry
-        pending = self.pending()
-        for old in pending[: max(0, len(pending) - self.max_pending)]:
-            del self._entries[old.node_id]
-        self.save()
-        return entry
-
     def remove(self, node_id: str) -> TrustEntry:
         entry = self._entries.pop(node_id)
         self.save()
         return entry
+
+
+# -- editing the store while no daemon runs ------------------------------------------------------
+
+DAEMON_LOCK_WAIT = 0.5  # seconds to wait for a status check's brief hold on the daemon's lock
+
+
+@contextlib.contextmanager
+def _daemon_lock(home: Path) -> Iterator[bool]:
+    """Hold the daemon's lock of ``home`` (so that no daemon starts meanwhile) and yield True;
+    yield False at once if a daemon runs."""
+    fd = os.open(home / ipc.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + DAEMON_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if ipc.daemon_pid(home) is not None or time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.02)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_without_daemon(home: str | Path, target: str) -> TrustEntry | None:
+    """``trust remove`` when no daemon runs for ``home``: edit trust.json directly, holding the
+    daemon's lock. None if a daemon runs: ask it instead (it also tears down the peer's
+    tunnels)."""
+    home = ipc.resolve_home(home)
+    try:
+        check_home(home)
+    except FileNotFoundError:
+        raise ConfigError(f"{target} is not in the trust store ({home} does not exist)") from None
+    with _daemon_lock(home) as held:
+        if not held:
+            return None
+        store = TrustStore.load(home)
+        try:
+            entry = store.find(target)
+        except ConfigError:
+            raise ConfigError(f"{target} is not in the trust store of {home}") from None
+        log.info("removed %s (%s) from the trust store", entry.label, entry.node_id)
+        return store.remove(entry.node_id)

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import json
+import logging
 import os
 import stat
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pilot_agents.errors import ConfigError
+from pilot_agents import ipc
+from pilot_agents.errors import ConfigError, CryptoError, KeyMismatchError, TrustRequestError
 from pilot_agents.identity import Identity, key_from_node_id
+from pilot_agents.net.tunnel import crypto
 from pilot_agents.trust import (
-    MAX_PENDING,
     REQUEST_MAX_AGE,
-    KeyMismatchError,
-    TrustRequestError,
+    TrustLimits,
     TrustStore,
+    is_node_id,
     make_trust_request,
     parse_trust_request_untrusted,
 )
+from tests.conftest import assert_one_line_error, cli, cli_json, ipc_call, start_daemon
 
 ALICE = Identity.generate()
 BOB = Identity.generate()
@@ -198,23 +205,9 @@ def test_remove(tmp_path: Path) -> None:
     assert TrustStore.load(tmp_path).entries() == []
 
 
-def test_pending_requests_are_capped(tmp_path: Path) -> None:
-    store = TrustStore.load(tmp_path)
-    assert store.max_pending == MAX_PENDING
-    store.max_pending = 5
-    for i in range(store.max_pending + 3):
-        who = Identity.generate()
-        raw = make_trust_request(who, BOB.node_id, f"n{i}", "", now=NOW)
-        store.receive_request(verified(raw), raw, now=NOW + i)  # type: ignore[arg-type]
-    pending = store.pending()
-    assert len(pending) == 5
-    assert pending[0].hostname == "n3"
-
-
-@pytest.mark.parametrize("text", ["{", "[]", '{"version": 1, "entries": [{"node_id": "x"}]}',
-                                  '{"version": 2}'])
+@pytest.mark.parametrize("text", ["{", "[]", '{"version": 1, "entries": {}}', '{"version": 2}'])
 def test_malformed_store_is_a_config_error(tmp_path: Path, text: str) -> None:
-    (tmp_path / "trust.json").write_text(text)
+    write_store(tmp_path, text)
     with pytest.raises(ConfigError, match="fix or remove it"):
         TrustStore.load(tmp_path)
 
@@ -222,3 +215,239 @@ def test_malformed_store_is_a_config_error(tmp_path: Path, text: str) -> None:
 def test_node_ids_in_requests_are_real_keys() -> None:
     parsed = parse_trust_request_untrusted(request(), None, BOB.node_id, now=NOW)
     assert key_from_node_id(parsed.sender) == ALICE.public_key
+
+
+def write_store(home: Path, text: str) -> Path:
+    path = home / "trust.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def typo_of(node_id: str) -> str:
+    """``node_id`` with one character changed so that it is no longer a valid key (as most
+    typos are): still 52 base32 characters."""
+    for i in range(len(node_id)):
+        for char in "abcdefghijklmnopqrstuvwxyz234567":
+            typo = node_id[:i] + char + node_id[i + 1:]
+            try:
+                crypto.ed25519_pk_to_x25519(base64.b32decode(typo.upper() + "===="))
+            except CryptoError:
+                return typo
+    raise AssertionError("no typo of that id is an invalid key")
+
+
+# -- 14: a typo'd node id never reaches trust.json, a bad entry in it is not fatal ------------
+
+
+TYPO = typo_of(ALICE.node_id)
+
+
+def test_typod_node_id_is_refused_before_anything_is_saved(tmp_path: Path) -> None:
+    store = TrustStore.load(tmp_path)
+    with pytest.raises(ConfigError, match="not a valid public key"):
+        store.add_trusted(TYPO, None)
+    assert not (tmp_path / "trust.json").exists()
+    assert store.entries() == []
+    with pytest.raises(ConfigError, match="not a valid public key"):
+        key_from_node_id(TYPO)
+    assert is_node_id(TYPO)  # still read as a node id (not a name), so the message says typo
+
+
+def test_bad_entry_in_the_store_is_skipped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = {"node_id": ALICE.node_id, "hostname": "alice", "state": "mutual",
+            "added_at": NOW, "updated_at": NOW}
+    entries = [{**good, "node_id": TYPO}, good, {"node_id": "x"}]
+    write_store(tmp_path, json.dumps({"version": 1, "entries": entries}))
+    with caplog.at_level(logging.WARNING, logger="pilot_agents.trust"):
+        store = TrustStore.load(tmp_path)
+    assert [e.node_id for e in store.entries()] == [ALICE.node_id]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and "entry 1" in skipped[0] and "entry 3" in skipped[1], skipped
+
+
+def test_request_from_a_key_that_is_no_curve_point_is_a_trust_request_error() -> None:
+    raw = bytearray(request())
+    body = json.loads(raw[64:])
+    body["from"] = TYPO
+    forged = bytes(64) + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(TrustRequestError):
+        parse_trust_request_untrusted(forged, None, BOB.node_id, now=NOW)
+
+
+# -- 9: trust-request spam is bounded ------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spam_store(tmp_path: Path, **limits: Any) -> tuple[TrustStore, FakeClock]:
+    clock = FakeClock()
+    return TrustStore.load(tmp_path, TrustLimits(**limits), clock=clock), clock
+
+
+def receive(store: TrustStore, who: Identity, hostname: str = "x", now: float = NOW,
+            reason: str = "") -> object:
+    raw = make_trust_request(who, BOB.node_id, hostname, reason, now=now)
+    return store.receive_request(verified(raw), raw, now=now)  # type: ignore[arg-type]
+
+
+def test_spam_keys_do_not_evict_a_real_pending_request(tmp_path: Path) -> None:
+    """300 throwaway keys after a real request: the real one stays, the newest spam is
+    dropped."""
+    store = TrustStore.load(tmp_path)
+    assert store.limits.max_pending == TrustLimits().max_pending == 256
+    receive(store, ALICE, "alice")
+    dropped = 0
+    for i in range(300):
+        try:
+            receive(store, Identity.generate(), f"spam{i}", now=NOW + 1 + i)
+        except TrustRequestError as exc:
+            assert "pending already" in str(exc)
+            dropped += 1
+    pending = store.pending()
+    assert len(pending) == 256 and dropped == 300 - 255
+    assert pending[0].node_id == ALICE.node_id
+    assert [e.hostname for e in pending[1:]] == [f"spam{i}" for i in range(255)]
+    assert store.get(ALICE.node_id) is not None
+    store.flush()
+    assert TrustStore.load(tmp_path).get(ALICE.node_id) is not None
+
+
+def test_expired_pending_requests_make_room(tmp_path: Path) -> None:
+    store, _ = spam_store(tmp_path, max_pending=2, pending_max_age_s=100.0)
+    receive(store, ALICE, "alice", now=NOW)
+    receive(store, MALLORY, "mallory", now=NOW + 50)
+    with pytest.raises(TrustRequestError):
+        receive(store, Identity.generate(), "late", now=NOW + 60)
+    receive(store, Identity.generate(), "later", now=NOW + 120)  # alice's expired
+    assert [e.hostname for e in store.pending()] == ["mallory", "later"]
+
+
+def test_admit_limits_each_key_and_all_keys(tmp_path: Path) -> None:
+    store, clock = spam_store(tmp_path, key_rate_per_s=0.5, key_burst=3, total_rate_per_s=10.0,
+                              total_burst=20, max_keys=50)
+    one = ALICE.public_key
+    assert [store.admit(one) for _ in range(5)] == [True, True, True, False, False]
+    clock.now += 2.0  # one token back
+    assert [store.admit(one) for _ in range(2)] == [True, False]
+    keys = [Identity.generate().public_key for _ in range(100)]
+    admitted = sum(store.admit(k) for k in keys)
+    assert admitted == 19  # the total bucket: refilled to its burst of 20, minus alice's last
+    assert len(store._limiter) <= 50  # the table of keys is bounded
+    clock.now += 10.0
+    assert store.admit(keys[-1])
+
+
+def test_admit_drops_new_keys_but_not_pending_ones_when_full(tmp_path: Path) -> None:
+    store, _ = spam_store(tmp_path, max_pending=1)
+    raw = request()
+    store.receive_request(verified(raw), raw, now=time.time())  # type: ignore[arg-type]
+    assert not store.admit(MALLORY.public_key)  # a new key: no room
+    assert store.admit(ALICE.public_key)  # alice may ask again (a refresh)
+    store.add_trusted(BOB.node_id, None)
+    assert store.admit(BOB.public_key)  # a key we trust may confirm it
+
+
+def test_repeated_request_refreshes_without_a_write(tmp_path: Path) -> None:
+    store, clock = spam_store(tmp_path, save_interval_s=5.0)
+    receive(store, ALICE, "alice", now=NOW)
+    assert store.saves == 1
+    for i in range(50):
+        clock.now += 10.0  # well past the interval: a write would be allowed
+        entry = receive(store, ALICE, "alice", now=NOW + 1 + i)
+    assert store.saves == 1
+    assert entry.updated_at == NOW + 50 and entry.added_at == NOW  # type: ignore[attr-defined]
+    clock.now += 10.0
+    receive(store, ALICE, "alice", reason="new words", now=NOW + 60)
+    assert store.saves == 2  # a changed request is a change
+
+
+def test_network_changes_are_written_at_most_once_per_interval(tmp_path: Path) -> None:
+    store, clock = spam_store(tmp_path, save_interval_s=5.0)
+    for i in range(20):
+        receive(store, Identity.generate(), f"n{i}", now=NOW + i)
+        clock.now += 0.1
+    assert store.saves == 1  # the first one; the others wait for the interval
+    assert len(TrustStore.load(tmp_path).pending()) == 1
+    clock.now += 5.0
+    receive(store, Identity.generate(), "n20", now=NOW + 20)
+    assert store.saves == 2 and len(TrustStore.load(tmp_path).pending()) == 21
+    receive(store, Identity.generate(), "n21", now=NOW + 21)
+    store.flush()  # at shutdown
+    assert store.saves == 3 and len(TrustStore.load(tmp_path).pending()) == 22
+    store.flush()
+    assert store.saves == 3  # nothing left to write
+    store.add_trusted(ALICE.node_id, "alice")  # the user's changes are written at once
+    assert store.saves == 4
+
+
+async def test_batched_changes_are_written_by_a_timer(tmp_path: Path) -> None:
+    store = TrustStore.load(tmp_path, TrustLimits(save_interval_s=0.2))
+    receive(store, ALICE, "alice")
+    receive(store, MALLORY, "mallory")
+    assert store.saves == 1
+    await asyncio.sleep(0.4)
+    assert store.saves == 2
+    assert len(TrustStore.load(tmp_path).pending()) == 2
+
+
+# -- 14, with real daemons ---------------------------------------------------------------------
+
+
+def wait_stopped(home: Path) -> None:
+    deadline = time.monotonic() + 10
+    while ipc.daemon_pid(home) is not None:
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.05)
+
+
+def test_daemon_starts_again_after_a_bad_trust_add(fresh_home: Path) -> None:
+    start_daemon(fresh_home, "gamma")
+    typo = typo_of(Identity.generate().node_id)
+    refused = cli(fresh_home, "trust", "add", typo)
+    assert_one_line_error(refused, 2, "not a valid public key (a typo?)")
+    assert ipc_call(fresh_home, cmd="trust_list")["entries"] == []
+    assert ipc_call(fresh_home, cmd="stop")["ok"]
+    wait_stopped(fresh_home)
+    start_daemon(fresh_home, "gamma")  # asserts that it started
+
+
+def test_daemon_starts_with_a_bad_entry_in_trust_json(fresh_home: Path) -> None:
+    fresh_home.chmod(0o700)
+    good = {"node_id": ALICE.node_id, "hostname": "alice", "state": "outgoing",
+            "added_at": NOW, "updated_at": NOW}
+    write_store(fresh_home, json.dumps({"version": 1, "entries": [{**good, "node_id": TYPO},
+                                                                  good]}))
+    start_daemon(fresh_home, "gamma")
+    entries: Any = ipc_call(fresh_home, cmd="trust_list")["entries"]
+    assert [e["node_id"] for e in entries] == [ALICE.node_id]
+    log = (fresh_home / "daemon.log").read_text()
+    assert "entry 1 skipped" in log and "not a valid public key" in log
+
+
+def test_trust_remove_works_without_a_daemon(fresh_home: Path) -> None:
+    store = TrustStore.load(fresh_home)
+    store.add_trusted(ALICE.node_id, "alice")
+    store.add_trusted(MALLORY.node_id, "mallory")
+    removed = cli(fresh_home, "trust", "remove", "alice")
+    assert removed.returncode == 0, removed.stderr
+    assert f"Removed alice ({ALICE.node_id})" in removed.stdout
+    assert [e.node_id for e in TrustStore.load(fresh_home).entries()] == [MALLORY.node_id]
+    as_json = cli_json(fresh_home, "trust", "remove", MALLORY.node_id)
+    assert as_json["entry"]["node_id"] == MALLORY.node_id  # type: ignore[index]
+    assert TrustStore.load(fresh_home).entries() == []
+    assert_one_line_error(cli(fresh_home, "trust", "remove", "alice"), 2,
+                          "alice is not in the trust store")
+    # with a daemon running, the daemon does it (and tears down the peer's tunnels)
+    start_daemon(fresh_home, "gamma")
+    assert ipc_call(fresh_home, cmd="trust_add", target=ALICE.node_id)["ok"]
+    removed = cli(fresh_home, "trust", "remove", ALICE.node_id)
+    assert removed.returncode == 0, removed.stderr
+    assert ipc_call(fresh_home, cmd="trust_list")["entries"] == []

@@ -16,7 +16,7 @@ from ..ipc import decode_data
 # Most specific first: the first class an error is an instance of gives the code.
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
     (errors.DaemonNotRunningError, 3, "the daemon is not running or not answering"),
-    (errors.DaemonRunningError, 4, "a daemon already runs for this home"),
+    (errors.HomeInUseError, 4, "a daemon (or another node) already runs for this home"),
     (errors.UnknownHostError, 5, "unknown host"),
     (errors.NotTrustedError, 6, "peer not trusted"),
     (errors.KeyMismatchError, 7, "a trusted name now resolves to another key"),
@@ -38,7 +38,7 @@ exit codes:
   1   other error (network, file system)
   2   bad arguments, bad input, or a command that is not available yet
   3   daemon not running or not answering (start it: pilotctl daemon start --hostname NAME)
-  4   a daemon is already running for this home
+  4   a daemon (or another node) is already running for this home
   5   unknown host
   6   peer not trusted (the message says the 'pilotctl trust ...' command that fixes it)
   7   key mismatch: a trusted name now resolves to a different key

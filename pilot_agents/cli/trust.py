@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import cast
 
 from .context import Context, Handler
 from .output import EXIT_OK, STATE_NAMES, Reply, TrustEntry, emit, fields, label, print_list
@@ -63,7 +64,11 @@ def reject_cmd(ctx: Context) -> int:
 
 
 def remove_cmd(ctx: Context) -> int:
-    entry: TrustEntry = ctx.call("trust_remove", target=ctx.args.target)["entry"]
+    from ..trust import remove_without_daemon  # not at the top: it loads pydantic
+
+    removed = remove_without_daemon(ctx.home, ctx.args.target)  # None: a daemon runs, ask it
+    entry: TrustEntry = cast(TrustEntry, removed.public()) if removed else ctx.call(
+        "trust_remove", target=ctx.args.target)["entry"]
     if ctx.json:
         emit({"entry": entry})
     else:

@@ -17,6 +17,7 @@ from ..errors import (
     PortClosedError,
     UnknownHostError,
 )
+from ..home import read_private_text
 from ..node.node import Node, PeerInfo
 from ..trust import TrustStore, is_node_id
 from .options import DaemonOptions
@@ -40,7 +41,7 @@ class StaticPeersFile(BaseModel):
 def load_static_peers(home: Path) -> dict[str, StaticPeer]:
     path = home / STATIC_PEERS_FILE
     try:
-        data = StaticPeersFile.model_validate_json(path.read_text(encoding="utf-8"))
+        data = StaticPeersFile.model_validate_json(read_private_text(path))
     except FileNotFoundError:
         return {}
     except (OSError, ValidationError) as exc:

@@ -44,6 +44,7 @@ class Daemon:
         self._node: Node | None = None
         self._messaging: Messaging | None = None
         self._server: IpcServer | None = None
+        self._store: TrustStore | None = None
 
     async def run(self, ready: Ready) -> None:
         """Start, call ``ready`` with our info (or the error that stopped us), serve until
@@ -88,7 +89,7 @@ class Daemon:
         ipc_address = ipc.endpoint(self.home)  # checks the path length before anything else
         if opts.hostname is not None and is_node_id(opts.hostname):
             raise ConfigError(f"hostname {opts.hostname!r} looks like a node id: choose another")
-        store = TrustStore.load(self.home)
+        store = self._store = TrustStore.load(self.home)
         static = load_static_peers(self.home)
         # Without a beacon the hostname stays the daemon's own label (the Node registers names
         # only at a beacon).
@@ -132,6 +133,8 @@ class Daemon:
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._node.close()
+        if self._store is not None:
+            self._store.close()  # writes what the batching still holds
         if self._server is not None:
             self._server.close()
         self._lock.release()

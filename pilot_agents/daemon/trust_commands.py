@@ -191,6 +191,8 @@ class TrustCommands:
 
     def on_trust_request(self, sender_key: bytes, payload: bytes) -> None:
         """Called by the Node when the beacon relays a trust request to us."""
+        if not self.ctx.store.admit(sender_key):
+            return  # over its rate (or everybody's): dropped before any signature check
         try:
             request = parse_trust_request_untrusted(payload, sender_key, self.ctx.node.node_id)
             self._accept_request(request, payload)

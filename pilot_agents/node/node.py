@@ -36,6 +36,7 @@ from ..errors import (
     TooManyConnectionsError,
     UnknownHostError,
 )
+from ..home import NodeLock, read_private_text
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
@@ -137,6 +138,7 @@ class Node:
         self._registration: asyncio.Future[None] | None = None
         self._pings: dict[tuple[bytes, int], asyncio.Future[float]] = {}
         self._candidates: list[tuple[str, int]] = []  # LAN endpoints told to the beacon
+        self._home_lock = NodeLock(self.home)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class Node:
         or PeerUnreachableError if the beacon does not answer)."""
         if self._endpoint is not None:
             return
+        # One node per home: a second one would take over the first's beacon name and tunnels.
+        self._home_lock.acquire()
         # Replay protection of handshakes that survives restarts (the mux checks, we persist).
         self._timestamps = TimestampStore(self.home / TIMESTAMPS_FILE)
         self._mux = Mux(
@@ -186,6 +190,7 @@ class Node:
         try:
             endpoint.open(*self._listen)
         except OSError as exc:
+            self._home_lock.release()
             raise ConfigError(
                 f"cannot listen on {self._listen[0]}:{self._listen[1]}: {exc.strerror}"
             ) from None
@@ -236,7 +241,7 @@ class Node:
 
     def _load_beacon_pins(self) -> dict[str, bytes]:
         try:
-            raw = json.loads((self.home / BEACON_PINS).read_text())
+            raw = json.loads(read_private_text(self.home / BEACON_PINS))
             return {k: bytes.fromhex(v) for k, v in raw.items()}
         except (OSError, ValueError, AttributeError):
             return {}
@@ -273,6 +278,7 @@ class Node:
         endpoint.close()
         self._timestamps.flush()
         self._endpoint = self._driver.endpoint = None
+        self._home_lock.release()
         for listener in list(self._listeners.values()):
             listener.close_now()
         pending: list[asyncio.Future[Any]] = [*self._requests.values(), *self._pings.values()]

@@ -1,0 +1,170 @@
+"""The home directory: refused when another user owns it or can write to it, as are planted files
+in it; one node per home (an embedded Node never takes over a running daemon's home)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pilot_agents.errors import (
+    ConfigError,
+    DaemonRunningError,
+    HomeInUseError,
+    UnsafeHomeError,
+)
+from pilot_agents.identity import Identity
+from pilot_agents.node.node import Node
+from pilot_agents.trust import TrustStore
+from tests.conftest import assert_one_line_error, cli, ipc_call, short_home, start_daemon
+
+MALLORY = Identity.generate()
+NOBODY = 65534
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    from tests.conftest import stop_daemons
+
+    path = short_home()
+    try:
+        yield path
+    finally:
+        path.chmod(0o700)
+        stop_daemons(path)
+
+
+def plant_trust(home: Path, mode: int) -> Path:
+    """A trust.json someone else wrote: Mallory's key, trusted both ways."""
+    path = home / "trust.json"
+    path.write_text(json.dumps({"version": 1, "entries": [{
+        "node_id": MALLORY.node_id, "hostname": "friend", "state": "mutual",
+        "added_at": time.time(), "updated_at": time.time()}]}))
+    path.chmod(mode)
+    return path
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+
+
+# -- the home and the files in it ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+async def test_home_writable_by_others_is_refused(home: Path, mode: int) -> None:
+    home.chmod(mode)
+    with pytest.raises(UnsafeHomeError, match=f"run: chmod 700 {home}"):
+        Node(home, "127.0.0.1:0")
+    with pytest.raises(UnsafeHomeError, match="chmod 700"):
+        TrustStore.load(home)
+    assert not (home / "identity.key").exists()
+
+
+async def test_home_readable_by_others_is_accepted(home: Path) -> None:
+    home.chmod(0o755)  # as ssh: only writing matters for the directory
+    async with Node(home, "127.0.0.1:0"):
+        pass
+
+
+async def test_home_owned_by_another_user_is_refused(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    me = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: me + 1)
+    with pytest.raises(UnsafeHomeError, match=r"belongs to .*not to you"):
+        Node(home, "127.0.0.1:0")
+    with pytest.raises(UnsafeHomeError, match="belongs to"):
+        TrustStore.load(home)
+
+
+def test_daemon_refuses_a_home_writable_by_others(home: Path) -> None:
+    home.chmod(0o777)
+    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+    assert_one_line_error(result, 2, f"chmod 700 {home}")
+
+
+def test_daemon_refuses_a_home_owned_by_another_user(home: Path) -> None:
+    need_root()
+    os.chown(home, NOBODY, -1)
+    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+    assert_one_line_error(result, 2, "belongs to", "not to you")
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620])
+def test_planted_writable_trust_json_is_refused(home: Path, mode: int) -> None:
+    path = plant_trust(home, mode)
+    with pytest.raises(UnsafeHomeError, match=f"run: chmod 600 {path}"):
+        TrustStore.load(home)
+    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+    assert_one_line_error(result, 2, f"chmod 600 {path}")
+
+
+def test_trust_json_of_another_user_is_refused(home: Path) -> None:
+    need_root()
+    path = plant_trust(home, 0o600)
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(UnsafeHomeError, match="belongs to"):
+        TrustStore.load(home)
+    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+    assert_one_line_error(result, 2, str(path), "belongs to")
+
+
+def test_our_own_trust_json_is_loaded(home: Path) -> None:
+    plant_trust(home, 0o644)  # readable by others is fine, as for ssh's authorized_keys
+    assert TrustStore.load(home).is_trusted(MALLORY.node_id)
+
+
+@pytest.mark.parametrize("name", ["static-peers.json", "beacons.json"])
+async def test_other_state_files_writable_by_others_are_refused(home: Path, name: str) -> None:
+    path = home / name
+    path.write_text("{}")
+    path.chmod(0o666)
+    if name == "beacons.json":
+        with pytest.raises(UnsafeHomeError, match=f"chmod 600 {path}"):
+            async with Node(home, "127.0.0.1:0", beacon="127.0.0.1:9", hostname="x"):
+                pass
+    else:
+        result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+        assert_one_line_error(result, 2, f"chmod 600 {path}")
+
+
+# -- one node per home ---------------------------------------------------------------------
+
+
+async def test_embedded_node_on_a_daemon_home_is_refused(home: Path) -> None:
+    daemon = start_daemon(home, "gamma")
+    node = Node(home, "127.0.0.1:0")
+    with pytest.raises(DaemonRunningError) as info:
+        await node.start()
+    assert str(info.value) == (f"a daemon runs on {home} (pid {daemon.pid}); use "
+                               f"pilot_agents.Client('{home}') or another home")
+    assert ipc_call(home, cmd="info")["pid"] == daemon.pid  # the daemon is untouched
+    await node.close()
+
+
+async def test_daemon_refuses_a_home_an_embedded_node_runs_on(home: Path) -> None:
+    async with Node(home, "127.0.0.1:0"):
+        result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+        assert_one_line_error(result, 4, f"another pilot-agents node (pid {os.getpid()}) runs "
+                                         f"on {home}")
+    start_daemon(home, "gamma")  # free again once the node is closed
+
+
+async def test_two_embedded_nodes_on_one_home(home: Path) -> None:
+    first = Node(home, "127.0.0.1:0")
+    second = Node(home, "127.0.0.1:0")
+    async with first:
+        with pytest.raises(HomeInUseError, match=f"pid {os.getpid()}"):
+            await second.start()
+    async with second:  # the lock went with the first node
+        pass
+    with pytest.raises(ConfigError, match="cannot listen"):
+        async with Node(home, "192.0.2.1:0"):  # not an address of ours
+            pass
+    async with Node(home, "127.0.0.1:0"):  # the node that failed to start let the home go
+        pass
