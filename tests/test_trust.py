@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilot_agents import ipc
+from pilot_agents.beacon import service
 from pilot_agents.errors import ConfigError, CryptoError, KeyMismatchError, TrustRequestError
 from pilot_agents.identity import Identity, key_from_node_id
 from pilot_agents.net.tunnel import crypto
+from pilot_agents.node.node import Node
 from pilot_agents.trust import (
     REQUEST_MAX_AGE,
     TrustLimits,
@@ -29,7 +32,15 @@ from pilot_agents.trust import (
     make_trust_request,
     parse_trust_request_untrusted,
 )
-from tests.conftest import assert_one_line_error, cli, cli_json, ipc_call, start_daemon
+from tests.conftest import (
+    assert_one_line_error,
+    cli,
+    cli_json,
+    ipc_call,
+    short_home,
+    start_daemon,
+    stop_daemons,
+)
 
 ALICE = Identity.generate()
 BOB = Identity.generate()
@@ -451,3 +462,57 @@ def test_trust_remove_works_without_a_daemon(fresh_home: Path) -> None:
     removed = cli(fresh_home, "trust", "remove", ALICE.node_id)
     assert removed.returncode == 0, removed.stderr
     assert ipc_call(fresh_home, cmd="trust_list")["entries"] == []
+
+
+# -- 9, with a real daemon and beacon ------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_trust_request_flood_through_the_beacon_costs_few_writes(tmp_path: Path) -> None:
+    """One key floods a daemon with valid, distinct trust requests through the beacon's relay
+    for 2 s: it is pending once, trust.json is written at most twice, the daemon answers."""
+    running = await service.start("127.0.0.1:0", tmp_path / "beacon")
+    beacon = "{}:{}".format(*running.address)
+    home = short_home()
+    writes: set[tuple[int, int]] = set()  # each write renames a new file in: (inode, mtime)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(home / "trust.json")
+                writes.add((info.st_ino, info.st_mtime_ns))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    try:
+        daemon = await asyncio.to_thread(start_daemon, home, "target", "--beacon", beacon)
+        async with Node(tmp_path / "spammer", "127.0.0.1:0", beacon=beacon,
+                        hostname="spammer") as spammer:
+            watcher.start()
+            cpu_before, sent = cpu_seconds(daemon.pid), 0
+            start = time.monotonic()
+            while time.monotonic() - start < 2.0:
+                for _ in range(20):
+                    await spammer.send_trust_request(daemon.node_id, make_trust_request(
+                        spammer.identity, daemon.node_id, "spammer", f"spam {sent}"))
+                    sent += 1
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.5)
+            cpu = cpu_seconds(daemon.pid) - cpu_before
+            done.set()
+            watcher.join()
+            pending: Any = await asyncio.to_thread(ipc_call, home, cmd="trust_pending")
+        print(f"{sent} requests in 2 s: daemon CPU {cpu:.2f} s, {len(writes)} writes")
+        assert sent > 1000
+        assert [p["node_id"] for p in pending["pending"]] == [spammer.node_id]
+        assert len(writes) <= 2, len(writes)
+    finally:
+        done.set()
+        await asyncio.to_thread(stop_daemons, home)
+        running.close()
+        running.server.registry.close()
