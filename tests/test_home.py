@@ -82,10 +82,15 @@ async def test_home_owned_by_another_user_is_refused(
         TrustStore.load(home)
 
 
-def test_daemon_refuses_a_home_writable_by_others(home: Path) -> None:
+@pytest.mark.parametrize("foreground", [False, True])
+def test_daemon_refuses_a_home_writable_by_others(home: Path, foreground: bool) -> None:
     home.chmod(0o777)
-    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0")
+    planted = home / "daemon.log"
+    planted.symlink_to(home / "victim")  # the log would be written through it
+    result = cli(home, "daemon", "start", "--hostname", "gamma", "--listen", "127.0.0.1:0",
+                 *(["--foreground"] if foreground else []), timeout=20)
     assert_one_line_error(result, 2, f"chmod 700 {home}")
+    assert not (home / "victim").exists()
 
 
 def test_daemon_refuses_a_home_owned_by_another_user(home: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import ipc
 from ..errors import DaemonRunningError, PilotError, PilotTimeoutError
+from ..home import check_home
 from ..runtime import run
 from .dispatch import Reply
 from .options import LOG_MAX_BYTES, START_TIMEOUT, STOP_TIMEOUT, DaemonOptions
@@ -35,6 +36,7 @@ log = logging.getLogger("pilot_agents.daemon")
 
 def setup_logging(home: Path, *, to_stderr: bool) -> None:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_home(home)  # before writing to a file someone else may have planted there
     path = home / ipc.LOG_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
@@ -89,6 +91,7 @@ def start_detached(options: DaemonOptions, timeout: float = START_TIMEOUT) -> Re
     home = options.home
     ipc.endpoint(home)  # a home too long for a socket path fails here, before anything starts
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_home(home)  # before writing to a file someone else may have planted there
     pid = ipc.daemon_pid(home)
     if pid is not None:
         raise DaemonRunningError(
