@@ -564,13 +564,14 @@ class TrustStore:
 
 # -- editing the store while no daemon runs ------------------------------------------------------
 
-DAEMON_LOCK_WAIT = 0.5  # seconds to wait for a status check's brief hold on the daemon's lock
+DAEMON_LOCK_WAIT = 0.5  # seconds to wait for another brief holder of the daemon's lock
 
 
 @contextlib.contextmanager
 def _daemon_lock(home: Path) -> Iterator[bool]:
     """Hold the daemon's lock of ``home`` (so that no daemon starts meanwhile) and yield True;
-    yield False at once if a daemon runs."""
+    yield False if a daemon runs. Someone else holding the lock without a pid file (a status
+    check, another ``trust remove``) holds it only for a moment: we wait for it."""
     fd = os.open(home / ipc.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + DAEMON_LOCK_WAIT
@@ -579,7 +580,8 @@ def _daemon_lock(home: Path) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if ipc.daemon_pid(home) is not None or time.monotonic() > deadline:
+                daemon = ipc.daemon_pid(home) is not None and (home / ipc.PID_NAME).exists()
+                if daemon or time.monotonic() > deadline:
                     yield False
                     return
                 time.sleep(0.02)

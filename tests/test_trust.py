@@ -36,6 +36,7 @@ from tests.conftest import (
     assert_one_line_error,
     cli,
     cli_json,
+    cli_many,
     ipc_call,
     short_home,
     start_daemon,
@@ -456,6 +457,14 @@ def test_trust_remove_works_without_a_daemon(fresh_home: Path) -> None:
     assert TrustStore.load(fresh_home).entries() == []
     assert_one_line_error(cli(fresh_home, "trust", "remove", "alice"), 2,
                           "alice is not in the trust store")
+    # several at once: each edits under the lock, none is lost
+    names = [f"peer{i}" for i in range(4)]
+    store = TrustStore.load(fresh_home)
+    for name in names:
+        store.add_trusted(Identity.generate().node_id, name)
+    results = cli_many([(fresh_home, "trust", "remove", name) for name in names])
+    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
+    assert TrustStore.load(fresh_home).entries() == []
     # with a daemon running, the daemon does it (and tears down the peer's tunnels)
     start_daemon(fresh_home, "gamma")
     assert ipc_call(fresh_home, cmd="trust_add", target=ALICE.node_id)["ok"]
