@@ -15,7 +15,11 @@ The directories above the home are not checked.
 One node per home: a running Node holds an exclusive ``flock`` on ``<home>/node.lock`` (the
 daemon's Node too), so a second one on the same home (an embedded Node while the daemon runs, or
 the daemon while an embedded Node runs) is refused instead of taking over the beacon registration
-and the tunnels of the first.
+and the tunnels of the first. The daemon itself holds ``<home>/daemon.lock`` for its whole life
+and writes its pid to ``<home>/daemon.pid`` once it serves; :func:`hold_daemon_lock` lets a tool
+edit the home while no daemon runs.
+
+A leaf module: it imports nothing of the package but errors, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ import fcntl
 import os
 import pwd
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DaemonRunningError, HomeInUseError, UnsafeHomeError
 
 NODE_LOCK = "node.lock"
+DAEMON_LOCK = "daemon.lock"
+DAEMON_PID = "daemon.pid"
+DAEMON_LOCK_WAIT = 0.5  # seconds to wait for another brief holder of the daemon's lock
 
 
 def _user(uid: int) -> str:
@@ -127,9 +136,11 @@ class NodeLock:
 
 
 def _in_use(home: Path, holder: int | None) -> HomeInUseError:
-    from . import ipc  # not at the top: ipc imports identity, which imports this module
-
-    if holder is not None and ipc.daemon_pid(home) == holder:
+    try:
+        daemon = int((home / DAEMON_PID).read_text().strip())
+    except (OSError, ValueError):
+        daemon = None
+    if holder is not None and holder == daemon:
         return DaemonRunningError(
             f"a daemon runs on {home} (pid {holder}); use pilot_agents.Client({str(home)!r}) "
             f"or another home"
@@ -139,3 +150,26 @@ def _in_use(home: Path, holder: int | None) -> HomeInUseError:
         f"another pilot-agents node ({who}) runs on {home}: stop it or use another home (if it "
         f"is the daemon, use pilot_agents.Client({str(home)!r}))"
     )
+
+
+@contextlib.contextmanager
+def hold_daemon_lock(home: Path) -> Iterator[bool]:
+    """Hold the daemon's lock of ``home`` (so that no daemon starts meanwhile) and yield True;
+    yield False if a daemon runs (it holds the lock and has written its pid file). Another
+    holder without a pid file (a status check, another tool) holds it only for a moment: we
+    wait up to ``DAEMON_LOCK_WAIT`` for it."""
+    fd = os.open(home / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + DAEMON_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if (home / DAEMON_PID).exists() or time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.02)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

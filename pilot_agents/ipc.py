@@ -31,12 +31,13 @@ from .errors import (
     PilotError,
     from_name,
 )
+from .home import DAEMON_LOCK, DAEMON_PID
 from .identity import default_home
 
 SOCKET_NAME = "daemon.sock"
 PUB_SOCKET_NAME = "pub.sock"
-LOCK_NAME = "daemon.lock"
-PID_NAME = "daemon.pid"
+LOCK_NAME = DAEMON_LOCK
+PID_NAME = DAEMON_PID
 LOG_NAME = "daemon.log"
 MAX_SOCKET_PATH = 100  # bytes; sun_path holds 108 and ZeroMQ needs a little of it
 REQUEST_TIMEOUT = 10.0  # seconds a client waits for the daemon beyond the request's own timeout

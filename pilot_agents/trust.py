@@ -38,26 +38,24 @@ import asyncio
 import base64
 import collections
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import ipc
 from .errors import (
     ConfigError,
     KeyMismatchError,
     TrustRequestError,
 )
-from .home import check_home, read_private_text
+from .home import check_home, hold_daemon_lock, read_private_text
 from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
 from .net.tunnel import crypto
 
@@ -564,42 +562,16 @@ class TrustStore:
 
 # -- editing the store while no daemon runs ------------------------------------------------------
 
-DAEMON_LOCK_WAIT = 0.5  # seconds to wait for another brief holder of the daemon's lock
-
-
-@contextlib.contextmanager
-def _daemon_lock(home: Path) -> Iterator[bool]:
-    """Hold the daemon's lock of ``home`` (so that no daemon starts meanwhile) and yield True;
-    yield False if a daemon runs. Someone else holding the lock without a pid file (a status
-    check, another ``trust remove``) holds it only for a moment: we wait for it."""
-    fd = os.open(home / ipc.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + DAEMON_LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                daemon = ipc.daemon_pid(home) is not None and (home / ipc.PID_NAME).exists()
-                if daemon or time.monotonic() > deadline:
-                    yield False
-                    return
-                time.sleep(0.02)
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def remove_without_daemon(home: str | Path, target: str) -> TrustEntry | None:
     """``trust remove`` when no daemon runs for ``home``: edit trust.json directly, holding the
     daemon's lock. None if a daemon runs: ask it instead (it also tears down the peer's
     tunnels)."""
-    home = ipc.resolve_home(home)
+    home = Path(home)
     try:
         check_home(home)
     except FileNotFoundError:
         raise ConfigError(f"{target} is not in the trust store ({home} does not exist)") from None
-    with _daemon_lock(home) as held:
+    with hold_daemon_lock(home) as held:
         if not held:
             return None
         store = TrustStore.load(home)
