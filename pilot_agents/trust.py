@@ -58,6 +58,7 @@ from .errors import (
 from .home import check_home, hold_daemon_lock, read_private_text
 from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
 from .net.tunnel import crypto
+from .net.tunnel.ratelimit import TokenBucket
 
 log = logging.getLogger("pilot_agents.trust")
 
@@ -195,40 +196,26 @@ class TrustLimits:
     """Dropped requests are logged as one count per this many seconds, not one line each."""
 
 
-class _Bucket:
-    __slots__ = ("at", "tokens")
-
-    def __init__(self, tokens: float, at: float) -> None:
-        self.tokens = tokens
-        self.at = at
-
-    def refill(self, now: float, rate: float, burst: int) -> None:
-        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.at) * rate)
-        self.at = now
-
-
 class RequestLimiter:
     """Token buckets per sending key (an LRU table of at most ``max_keys``) behind one bucket for
     all keys: decides, before any signature check, whether a request is worth looking at."""
 
     def __init__(self, limits: TrustLimits, now: float) -> None:
         self.limits = limits
-        self._keys: collections.OrderedDict[bytes, _Bucket] = collections.OrderedDict()
-        self._total = _Bucket(float(limits.total_burst), now)
+        self._keys: collections.OrderedDict[bytes, TokenBucket] = collections.OrderedDict()
+        self._total = TokenBucket(limits.total_rate_per_s, limits.total_burst, now)
 
     def allow(self, key: bytes, now: float) -> bool:
         limits = self.limits
-        bucket = self._keys.pop(key, None) or _Bucket(float(limits.key_burst), now)
+        bucket = self._keys.pop(key, None) or TokenBucket(
+            limits.key_rate_per_s, limits.key_burst, now)
         self._keys[key] = bucket
         while len(self._keys) > limits.max_keys:
             self._keys.popitem(last=False)
-        bucket.refill(now, limits.key_rate_per_s, limits.key_burst)
-        self._total.refill(now, limits.total_rate_per_s, limits.total_burst)
-        if bucket.tokens < 1.0 or self._total.tokens < 1.0:
+        # Both or neither: a refused request costs neither its key nor everybody a token.
+        if bucket.refill(now) < 1.0 or self._total.refill(now) < 1.0:
             return False
-        bucket.tokens -= 1.0
-        self._total.tokens -= 1.0
-        return True
+        return bucket.take(now) and self._total.take(now)
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -1169,6 +1169,24 @@ def test_node_asks_its_beacon_to_block_a_flooding_key(tmp_path: Path) -> None:
         bob.client.block_relay(b"short", 1.0, net.now)
 
 
+def test_trusting_a_blocked_key_lifts_its_block(tmp_path: Path) -> None:
+    config = bc.BeaconClientConfig(block_relay_after=2, block_relay_duration=60.0)
+    net = Net(tmp_path)
+    alice = net.add("alice")
+    bob = net.add("bob", config=config)
+    for _ in range(2):
+        bob.client.report_invalid_relayed(alice.key, net.now)
+    net.run()
+    _relay(net, alice, bob, INITIATION)
+    assert not bob.of(bc.Relayed)
+    net.now += 1.0
+    assert bob.client.lift_block(alice.key, net.now)  # what Node.trust() calls
+    assert not bob.client.lift_block(alice.key, net.now)  # once
+    net.run()
+    _relay(net, alice, bob, INITIATION)
+    assert bob.of(bc.Relayed)
+
+
 def test_name_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="name_touch_interval"):
         BeaconConfig(name_expiry=60.0, name_touch_interval=60.0)

@@ -66,6 +66,7 @@ from ..net.traversal import beacon_wire as bw
 from ..net.traversal import stun
 from ..net.traversal.beacon_wire import Address, NatType, Status
 from ..net.tunnel import wire
+from ..net.tunnel.ratelimit import TokenBucket
 from .store import Registry
 
 log = logging.getLogger("pilot_agents.beacon")
@@ -126,30 +127,6 @@ class BeaconConfig:
         if self.name_touch_interval >= self.name_expiry:
             # Else a name in use could expire between two writes of its last use.
             raise ConfigError("name_touch_interval must be shorter than name_expiry")
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; refilled lazily from the caller's clock."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, now: float, amount: float = 1.0) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if tokens < amount:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - amount
-        return True
-
-    def full(self, now: float) -> bool:
-        return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 class BucketTable(Generic[K]):

@@ -306,6 +306,11 @@ class Node:
         self._trusted.add(key)
         if self._mux is not None:
             self._mux.trust(key)
+        endpoint = self._endpoint
+        # A key we had the beacon block while it was a stranger flooding us.
+        beacon = endpoint.beacon if endpoint is not None else None
+        if endpoint is not None and beacon is not None and beacon.lift_block(key, endpoint.now()):
+            endpoint.wake()
 
     def untrust(self, node_id: str) -> None:
         """Stop trusting the peer and tear down its tunnel."""

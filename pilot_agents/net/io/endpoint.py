@@ -151,12 +151,13 @@ class Endpoint:
             mux.receive_datagram(event.packet, path, now)
             return
         # A relayed flood comes from the beacon's address, so only the beacon can filter it:
-        # initiations we refuse (untrusted or forged) are reported, and enough of them from one
-        # key make the beacon client ask for a block (BeaconClientConfig.block_relay_after).
+        # initiations we refuse (forged, untrusted, over their sender's budget, replayed) are
+        # reported, and enough of them from one key make the beacon client ask for a block
+        # (BeaconClientConfig.block_relay_after).
         stats = mux.stats
-        refused = stats.untrusted + stats.bad_handshakes
+        refused = stats.refused()
         mux.receive_datagram(event.packet, path, now)
-        if stats.untrusted + stats.bad_handshakes > refused:
+        if stats.refused() > refused:
             beacon.report_invalid_relayed(event.source_key, now)
 
     def _on_timer(self) -> None:

@@ -241,6 +241,7 @@ class BeaconClient:
         self._classified_for: tuple[Address, tuple[Address, ...]] | None = None
         # refused relayed handshakes per source key: (count, since)
         self._invalid_relayed: dict[bytes, tuple[int, float]] = {}
+        self._blocked_until: dict[bytes, float] = {}  # keys our reports had blocked, to when
 
     # -- what the node asks ----------------------------------------------------------------------
 
@@ -348,6 +349,10 @@ class BeaconClient:
         if count >= config.block_relay_after:
             self._invalid_relayed.pop(source_key, None)
             self.block_relay(source_key, config.block_relay_duration, now)
+            if len(self._blocked_until) >= config.max_block_tracked:
+                self._blocked_until = {k: t for k, t in self._blocked_until.items() if t > now}
+            if len(self._blocked_until) < config.max_block_tracked:
+                self._blocked_until[source_key] = now + config.block_relay_duration
             return True
         if source_key not in self._invalid_relayed and (
             len(self._invalid_relayed) >= config.max_block_tracked
@@ -355,6 +360,16 @@ class BeaconClient:
             self._invalid_relayed.clear()  # many keys at once: start counting afresh
         self._invalid_relayed[source_key] = (count, since)
         return False
+
+    def lift_block(self, peer_key: bytes, now: float) -> bool:
+        """The user now trusts ``peer_key``: if our reports had it blocked at the beacon, lift
+        the block, else its first packets would wait out the block. True if it asked."""
+        until = self._blocked_until.pop(peer_key, None)
+        self._invalid_relayed.pop(peer_key, None)
+        if until is None or until <= now:
+            return False
+        self.block_relay(peer_key, 0, now)
+        return True
 
     def wrap_relay(self, peer_key: bytes, packet: bytes) -> bytes:
         """The datagram to send to :attr:`beacon` so that it forwards ``packet`` to ``peer_key``."""

@@ -49,6 +49,12 @@ class MuxStats:
     replayed_initiations: int = 0  # timestamp not newer than the peer's last accepted one
     wrong_relay_source: int = 0  # relayed initiations whose sender is not their Noise key
 
+    def refused(self) -> int:
+        """Datagrams dropped for what they are or who sent them; not cookie replies, which a
+        genuine initiator gets too when we are under load."""
+        return (self.malformed + self.bad_handshakes + self.untrusted + self.bad_mac1
+                + self.rate_limited + self.replayed_initiations + self.wrong_relay_source)
+
 
 class Mux:
     def __init__(

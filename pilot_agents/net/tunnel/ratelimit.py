@@ -41,7 +41,8 @@ class HandshakeLimits:
 
 
 class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full. The one token bucket
+    of the package: the beacon's limits and the trust store's use it too."""
 
     __slots__ = ("_burst", "_rate", "_stamp", "tokens")
 
@@ -58,9 +59,9 @@ class TokenBucket:
             self._stamp = now
         return self.tokens
 
-    def take(self, now: float) -> bool:
-        if self.refill(now) >= 1.0:
-            self.tokens -= 1.0
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        if self.refill(now) >= amount:
+            self.tokens -= amount
             return True
         return False
 
