@@ -255,7 +255,10 @@ class Publisher:
 
 class Subscriber:
     """Publications from the publisher on ``port`` of ``peer`` whose topic starts with one of
-    ``prefixes`` (``[""]``: all). Reconnects by itself when its stream breaks."""
+    ``prefixes`` (``[""]``: all). Subscribes again by itself when its stream breaks, while the
+    application is receiving (no task runs behind its back: a subscriber nobody reads from
+    holds nothing but its stream). Open it once the publisher runs; if it is not running yet,
+    the first ``receive`` subscribes again until it is."""
 
     def __init__(self, transport: Transport, peer: str, port: int, prefixes: list[str],
                  config: PubSubConfig | None = None) -> None:

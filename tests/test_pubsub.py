@@ -1,0 +1,136 @@
+"""Publish/subscribe (pilot_agents.patterns.pubsub) on both transports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pilot_agents import PilotTimeoutError
+from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
+from pilot_agents.patterns.frames import Kind, encode_frame
+from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
+
+
+async def until_subscribed(pub: Publisher, count: int) -> None:
+    for _ in range(200):
+        if pub.subscribers >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{pub.subscribers} of {count} subscriptions arrived")
+
+
+async def test_subscribers_get_only_their_prefixes(pair: Pair) -> None:
+    client = pair.client.transport
+    async with (
+        Publisher(pair.server.transport, 8001) as pub,
+        Subscriber(client, pair.server_name, 8001, ["sales."]) as sales,
+        Subscriber(client, pair.server_name, 8001, ["sales.q4", "ops."]) as q4_ops,
+        Subscriber(client, pair.server_name, 8001, [""]) as everything,
+    ):
+        await until_subscribed(pub, 3)
+        fanout = [await pub.publish(t, {"t": t})
+                  for t in ("sales.q3", "sales.q4", "ops.disk", "hr.leave")]
+        assert fanout == [2, 3, 2, 1]
+        assert [(await sales.receive(5)).topic for _ in range(2)] == ["sales.q3", "sales.q4"]
+        assert [(await q4_ops.receive(5)).topic for _ in range(2)] == ["sales.q4", "ops.disk"]
+        got = [await everything.receive(5) for _ in range(4)]
+        assert [p.json()["t"] for p in got] == ["sales.q3", "sales.q4", "ops.disk", "hr.leave"]
+        assert all(p.sender == pair.server.node_id and p.missed == 0 for p in got)
+        with pytest.raises(PilotTimeoutError):
+            await sales.receive(0.3)
+
+
+async def test_drop_oldest_tells_the_subscriber_how_many_it_missed(pair: Pair) -> None:
+    config = PubSubConfig(overflow=Overflow.DROP_OLDEST, queue_bytes=2000)
+    async with (
+        Publisher(pair.server.transport, 8002, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8002, ["t"]) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        for n in range(400):  # far faster than a tunnel drains 2 KB of queue
+            await pub.publish("t", b"x" * 500 + str(n).encode())
+        seen, missed = [], 0
+        while len(seen) + missed < 400:
+            publication = await sub.receive(5)
+            missed += publication.missed
+            seen.append(int(publication.data[500:]))
+        assert seen == sorted(seen) and seen[-1] == 399
+        assert missed > 0 and len(seen) + missed == 400
+
+
+# Through the daemon a publication takes an IPC round trip per subscriber, and close or resubscribe
+# hang at times there: pub/sub gets daemon-side commands in issue #13, and these two run through
+# the daemon then. Embedded only until that lands.
+EMBEDDED_ONLY = pytest.mark.parametrize("kind", ["embedded"], indirect=True)
+
+
+@EMBEDDED_ONLY
+async def test_block_makes_the_publisher_wait_for_a_subscriber_that_does_not_read(
+        pair: Pair) -> None:
+    config = PubSubConfig(overflow=Overflow.BLOCK, queue_bytes=64 * 1024)
+    async with (
+        Publisher(pair.server.transport, 8003, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8003, [""]) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        published = 0
+
+        async def flood() -> None:
+            nonlocal published
+            for _ in range(100_000):
+                await pub.publish("t", b"y" * 1024)
+                published += 1
+
+        task = asyncio.create_task(flood())
+        loop = asyncio.get_running_loop()
+        started = last_change = loop.time()
+        seen = 0
+        while loop.time() - last_change < 2.0:  # two seconds without a publish: blocked
+            await asyncio.sleep(0.25)
+            if published != seen:
+                seen, last_change = published, loop.time()
+            assert loop.time() - started < 60, f"{published} publications and still going"
+        stalled = published
+        assert stalled < 100_000, "the publisher did not wait"
+        for _ in range(stalled):  # the windows may take a while to reopen: read until then
+            assert (await sub.receive(5)).missed == 0
+            if published > stalled:
+                break
+        assert published > stalled, "reading did not let the publisher go on"
+        task.cancel()
+
+
+@EMBEDDED_ONLY
+async def test_a_subscriber_resubscribes_when_its_publisher_comes_back(pair: Pair) -> None:
+    config = PubSubConfig(reconnect_min=0.05, reconnect_max=0.2)
+    first = Publisher(pair.server.transport, 8004)
+    await first.__aenter__()
+    async with Subscriber(pair.client.transport, pair.server_name, 8004, ["news"],
+                          config) as sub:
+        await until_subscribed(first, 1)
+        await first.publish("news", "first")
+        assert (await sub.receive(5)).text() == "first"
+        await first.close()
+        waiting = asyncio.create_task(sub.receive(20))
+        await asyncio.sleep(0.5)  # the subscription broke; the publisher is away
+        async with Publisher(pair.server.transport, 8004) as pub:
+            await until_subscribed(pub, 1)
+            await pub.publish("news", "second")
+            publication = await waiting
+            assert publication.text() == "second" and publication.resumed
+            assert sub.reconnections >= 1
+
+
+async def test_malformed_frames_never_stop_a_publisher(pair: Pair) -> None:
+    async with Publisher(pair.server.transport, 8005) as pub:
+        for junk in (b"", encode_frame(Kind.SUBSCRIBE, 1, b"\xff\xff"),
+                     encode_frame(Kind.SUBSCRIBE, 1, b"\x00\x01\x00\x09abc"),
+                     encode_frame(Kind.SUBSCRIBE, 1, b"[" * 100_000),
+                     encode_frame(Kind.PUBLISH, 1, b"")):
+            await pair.client.transport.send(pair.server_name, 8005, junk, timeout=10)
+        async with Subscriber(pair.client.transport, pair.server_name, 8005, [""]) as sub:
+            await until_subscribed(pub, 1)
+            await pub.publish("ok", "still here")
+            assert (await sub.receive(5)).text() == "still here"
+        assert pub.malformed == 5
