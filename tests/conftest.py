@@ -187,10 +187,10 @@ def peer_up(a: DaemonHandle, b: DaemonHandle) -> None:
         assert ipc_call(me.home, cmd="trust_add", target=other.node_id)["ok"]
 
 
-@pytest.fixture(scope="module")
-def daemon_pair() -> Iterator[tuple[DaemonHandle, DaemonHandle]]:
+@contextlib.contextmanager
+def named_pair() -> Iterator[tuple[DaemonHandle, DaemonHandle]]:
     """Two daemons (alpha, beta) on 127.0.0.1, each a static peer of the other under its name,
-    trusting each other by node id."""
+    trusting each other by node id; stopped and their homes removed afterwards."""
     homes = [short_home(), short_home()]
     try:
         a, b = start_daemons((homes[0], "alpha"), (homes[1], "beta"))
@@ -198,6 +198,13 @@ def daemon_pair() -> Iterator[tuple[DaemonHandle, DaemonHandle]]:
         yield a, b
     finally:
         stop_daemons(*homes)
+
+
+@pytest.fixture(scope="module")
+def daemon_pair() -> Iterator[tuple[DaemonHandle, DaemonHandle]]:
+    """:func:`named_pair`, shared by a module's tests."""
+    with named_pair() as pair:
+        yield pair
 
 
 def stop_daemons(*homes: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import Client
-from tests.conftest import DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
+from tests.conftest import DaemonHandle, named_pair
 
 OFFERED_BYTES = 2 * 10**9
 EMPTY_MESSAGES = 50_000
@@ -36,13 +36,9 @@ def rss(pid: int) -> int:
 
 @pytest.fixture
 def flood_pair() -> Iterator[tuple[DaemonHandle, DaemonHandle]]:
-    homes = [short_home(), short_home()]
-    try:
-        a, b = start_daemons((homes[0], "alpha"), (homes[1], "beta"))
-        peer_up(a, b)
-        yield a, b
-    finally:
-        stop_daemons(*homes)
+    """Daemons of their own: a flood leaves a tunnel and inboxes no other test should share."""
+    with named_pair() as pair:
+        yield pair
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from pilot_agents.net.tunnel import events
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.node.connection import Connection, Mailbox, Message
 from pilot_agents.node.node import EPHEMERAL_PORTS
+from tests.test_node import trusted_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -123,13 +124,7 @@ def alarm(seconds: int) -> Iterator[None]:
 
 
 async def test_every_local_port_in_use_is_an_error(tmp_path: Path) -> None:
-    async with (
-        Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
-        Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
-    ):
-        a.trust(b.node_id)
-        b.trust(a.node_id)
-        a.add_peer(b.node_id, b.local_endpoint)
+    async with trusted_pair(tmp_path) as (a, b):
         opened = []
         for _ in range(len(EPHEMERAL_PORTS)):
             conn = a.connect(b.node_id, port=1001)
