@@ -100,6 +100,23 @@ def read_private_text(path: Path) -> str:
         return file.read()
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace a file of the home with ``text``, atomically and durably, mode 0600: a crash
+    leaves the old file or the new one, never half of one, and nobody else can read it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o600)  # a leftover tmp of ours may have had other bits
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class NodeLock:
     """The exclusive lock a running Node holds on its home: ``<home>/node.lock``, which holds
     the pid of its holder."""

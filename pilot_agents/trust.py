@@ -40,7 +40,6 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -55,7 +54,7 @@ from .errors import (
     KeyMismatchError,
     TrustRequestError,
 )
-from .home import check_home, hold_daemon_lock, read_private_text
+from .home import check_home, hold_daemon_lock, read_private_text, write_private
 from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
 from .net.tunnel import crypto
 from .net.tunnel.ratelimit import TokenBucket
@@ -331,18 +330,7 @@ class TrustStore:
     def save(self) -> None:
         """Write atomically, mode 0600."""
         text = TrustFile(entries=sorted(self._entries.values(), key=lambda e: e.added_at))
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text.model_dump_json(indent=2) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private(self.path, text.model_dump_json(indent=2) + "\n")
         self.saves += 1
         self._dirty = False
         self._last_save = self._clock()

@@ -3,7 +3,6 @@ the way names and errors are explained to someone at a command line."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..errors import (
     PortClosedError,
     UnknownHostError,
 )
-from ..home import read_private_text
+from ..home import read_private_text, write_private
 from ..node.node import Node, PeerInfo
 from ..trust import TrustStore, is_node_id
 from .options import DaemonOptions
@@ -51,12 +50,8 @@ def load_static_peers(home: Path) -> dict[str, StaticPeer]:
 
 
 def save_static_peers(home: Path, peers: dict[str, StaticPeer]) -> None:
-    path = home / STATIC_PEERS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        file.write(StaticPeersFile(peers=list(peers.values())).model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    write_private(home / STATIC_PEERS_FILE,
+                  StaticPeersFile(peers=list(peers.values())).model_dump_json(indent=2) + "\n")
 
 
 @dataclass(frozen=True)

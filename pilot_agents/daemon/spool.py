@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from pathlib import Path
 
+from ..home import read_private_text, write_private
 from ..node.connection import Message
 
 log = logging.getLogger("pilot_agents.daemon")
@@ -17,14 +17,10 @@ UNREAD_FILE = "unread.jsonl"
 
 
 def save_unread(home: Path, messages: list[Message]) -> None:
-    path = home / UNREAD_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        for m in messages:
-            file.write(json.dumps({"port": m.port, "from": m.sender, "source_port": m.source_port,
-                                   "data": base64.b64encode(m.data).decode()}).encode() + b"\n")
-    os.replace(tmp, path)
+    write_private(home / UNREAD_FILE, "".join(
+        json.dumps({"port": m.port, "from": m.sender, "source_port": m.source_port,
+                    "data": base64.b64encode(m.data).decode()}) + "\n"
+        for m in messages))
     log.info("kept %d unread messages in %s for the next start", len(messages), UNREAD_FILE)
 
 
@@ -32,7 +28,8 @@ def take_unread(home: Path) -> list[Message]:
     """The messages a previous daemon kept, oldest first; the file is gone afterwards."""
     path = home / UNREAD_FILE
     try:
-        lines = path.read_bytes().splitlines()
+        # Checked as every file of the home: a planted one could forge messages from a peer.
+        lines = read_private_text(path).splitlines()
     except FileNotFoundError:
         return []
     messages = []

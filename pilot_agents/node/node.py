@@ -36,7 +36,7 @@ from ..errors import (
     TooManyConnectionsError,
     UnknownHostError,
 )
-from ..home import NodeLock, read_private_text
+from ..home import NodeLock, read_private_text, write_private
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
@@ -247,9 +247,8 @@ class Node:
             return {}
 
     def _save_beacon_pins(self, pins: dict[str, bytes]) -> None:
-        path = self.home / BEACON_PINS
-        path.write_text(json.dumps({k: v.hex() for k, v in pins.items()}, indent=1))
-        path.chmod(0o600)
+        write_private(self.home / BEACON_PINS,
+                      json.dumps({k: v.hex() for k, v in pins.items()}, indent=1))
 
     def _local_candidates(self, towards: str | None = None) -> list[tuple[str, int]]:
         """Our LAN endpoints: the bound address, or the one the route to the beacon uses."""

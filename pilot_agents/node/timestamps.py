@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+
+from ..home import write_private
 
 log = logging.getLogger("pilot_agents.node")
 
@@ -96,18 +97,11 @@ class TimestampStore(MutableMapping[bytes, int]):
             return
         self._dirty = False
         text = json.dumps({key.hex(): value for key, value in self._values.items()}, indent=1)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self.path)
+            write_private(self.path, text + "\n")
         except OSError as exc:
             # Called from the event loop: a full disk must not take the node down with it.
             log.warning("cannot save %s: %s", self.path, exc)
-            tmp.unlink(missing_ok=True)
             self._dirty = True
             return
         self.writes += 1
