@@ -161,24 +161,29 @@ class Requester:
     async def _stream_for(self, peer: str, port: int) -> _Stream:
         key = (peer, port)
         group = self._streams.setdefault(key, [])
-        group[:] = [s for s in group if not s.dead]
-        idle = [s for s in group if not s.waiting]
-        if idle or len(group) >= self.config.streams_per_peer:
-            return idle[0] if idle else min(group, key=lambda s: len(s.waiting))
+        if (stream := self._reusable(group)) is not None:
+            return stream
         # One opening at a time per peer and port: a burst of requests shares new streams
         # instead of opening one each.
-        lock = self._opening.setdefault(key, asyncio.Lock())
-        async with lock:
-            group[:] = [s for s in group if not s.dead]
-            if group and (len(group) >= self.config.streams_per_peer
-                          or any(not s.waiting for s in group)):
-                return min(group, key=lambda s: len(s.waiting))
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            if (stream := self._reusable(group)) is not None:
+                return stream
             conn = self._transport.connect(peer, port)
             await conn.__aenter__()
             stream = _Stream(conn, self.config.max_in_flight)
             stream.reader = asyncio.create_task(self._read(stream, peer, port))
             group.append(stream)
             return stream
+
+    def _reusable(self, group: list[_Stream]) -> _Stream | None:
+        """The least busy live stream of ``group``, if it is idle or no more may be opened."""
+        group[:] = [s for s in group if not s.dead]
+        if not group:
+            return None
+        least = min(group, key=lambda s: len(s.waiting))
+        if not least.waiting or len(group) >= self.config.streams_per_peer:
+            return least
+        return None
 
     async def _read(self, stream: _Stream, peer: str, port: int) -> None:
         error: PilotError | None = None
