@@ -125,7 +125,6 @@ class Node:
         self.hostname = hostname.lower() if hostname else None
         self.on_trust_request: Callable[[bytes, bytes], None] | None = None
         self._mux: Mux | None = None
-        self._endpoint: Endpoint | None = None
         self._listeners: dict[int, Listener] = {}
         self._streams: dict[tuple[bytes, int], StreamHandle] = {}
         self._outgoing: set[tuple[bytes, int]] = set()
@@ -139,6 +138,11 @@ class Node:
         self._pings: dict[tuple[bytes, int], asyncio.Future[float]] = {}
         self._candidates: list[tuple[str, int]] = []  # LAN endpoints told to the beacon
         self._home_lock = NodeLock(self.home)
+
+    @property
+    def _endpoint(self) -> Endpoint | None:
+        """The running endpoint; the driver holds it, for the connection objects too."""
+        return self._driver.endpoint
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class Node:
             raise ConfigError(
                 f"cannot listen on {self._listen[0]}:{self._listen[1]}: {exc.strerror}"
             ) from None
-        self._endpoint = self._driver.endpoint = endpoint
+        self._driver.endpoint = endpoint
         for peer in self._trusted:
             self._mux.trust(peer)
         if self._beacon_spec is not None:
@@ -276,7 +280,7 @@ class Node:
         endpoint.flush()
         endpoint.close()
         self._timestamps.flush()
-        self._endpoint = self._driver.endpoint = None
+        self._driver.endpoint = None
         self._home_lock.release()
         for listener in list(self._listeners.values()):
             listener.close_now()
