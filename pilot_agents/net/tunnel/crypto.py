@@ -53,24 +53,15 @@ def _bind(name: str, argtypes: tuple[type[_ptr] | type[_len], ...]) -> Callable[
     return function  # type: ignore[no-any-return]
 
 
-# (c, clen_p, m, mlen, ad, adlen, nsec, npub, k)
-_aead_encrypt = _bind(
-    "crypto_aead_chacha20poly1305_ietf_encrypt",
-    (_ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr, _ptr),
-)
-# (m, mlen_p, nsec, c, clen, ad, adlen, npub, k)
-_aead_decrypt = _bind(
-    "crypto_aead_chacha20poly1305_ietf_decrypt",
-    (_ptr, _ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr),
-)
-_xaead_encrypt = _bind(
-    "crypto_aead_xchacha20poly1305_ietf_encrypt",
-    (_ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr, _ptr),
-)
-_xaead_decrypt = _bind(
-    "crypto_aead_xchacha20poly1305_ietf_decrypt",
-    (_ptr, _ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr),
-)
+# libsodium's AEAD signatures, the same for both ciphers.
+# encrypt(c, clen_p, m, mlen, ad, adlen, nsec, npub, k)
+_SEAL_ARGS = (_ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr, _ptr)
+# decrypt(m, mlen_p, nsec, c, clen, ad, adlen, npub, k)
+_OPEN_ARGS = (_ptr, _ptr, _ptr, _ptr, _len, _ptr, _len, _ptr, _ptr)
+_aead_encrypt = _bind("crypto_aead_chacha20poly1305_ietf_encrypt", _SEAL_ARGS)
+_aead_decrypt = _bind("crypto_aead_chacha20poly1305_ietf_decrypt", _OPEN_ARGS)
+_xaead_encrypt = _bind("crypto_aead_xchacha20poly1305_ietf_encrypt", _SEAL_ARGS)
+_xaead_decrypt = _bind("crypto_aead_xchacha20poly1305_ietf_decrypt", _OPEN_ARGS)
 XNONCE_SIZE: Final = 24
 _scalarmult = _bind("crypto_scalarmult_curve25519", (_ptr, _ptr, _ptr))
 _scalarmult_base = _bind("crypto_scalarmult_curve25519_base", (_ptr, _ptr))
