@@ -48,10 +48,6 @@ class Mailbox(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def items(self) -> list[T]:
-        """What waits, oldest first (a copy)."""
-        return list(self._items)
-
     def take_all(self) -> list[T]:
         """Every item, removed, without waiting."""
         items = list(self._items)
@@ -345,9 +341,9 @@ class Listener:
     def _deliver(self, handle: StreamHandle, message: Message) -> None:
         self._inbox.put((handle, message))
 
-    def unread_streams(self) -> list[StreamHandle]:
-        """The streams of the messages waiting in the inbox, each once."""
-        return list({id(h): h for h, _ in self._inbox.items()}.values())
+    def take_unread_streams(self) -> list[StreamHandle]:
+        """Empty the inbox; the streams of the messages that waited there, each once."""
+        return list({id(h): h for h, _ in self._inbox.take_all()}.values())
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         try:

@@ -423,7 +423,7 @@ class Node:
         if self._listeners.get(listener.port) is not listener:
             return
         del self._listeners[listener.port]
-        for handle in listener.unread_streams():
+        for handle in listener.take_unread_streams():
             handle.session.reset_stream(handle.stream_id, ResetCode.PORT_CLOSED)
             self._forget(handle)
         self._driver.wake()
