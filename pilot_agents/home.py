@@ -30,7 +30,7 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DaemonRunningError, HomeInUseError, UnsafeHomeError
@@ -177,16 +177,21 @@ def hold_daemon_lock(home: Path) -> Iterator[bool]:
     wait up to ``DAEMON_LOCK_WAIT`` for it."""
     fd = os.open(home / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + DAEMON_LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if (home / DAEMON_PID).exists() or time.monotonic() > deadline:
-                    yield False
-                    return
-                time.sleep(0.02)
-        yield True
+        yield lock_within(fd, DAEMON_LOCK_WAIT, give_up=(home / DAEMON_PID).exists)
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_within(fd: int, wait: float, give_up: Callable[[], bool] | None = None) -> bool:
+    """Take an exclusive lock on ``fd``, trying again for up to ``wait`` seconds (a status
+    check holds a lock only for a moment) unless ``give_up()`` says its holder is there to
+    stay; whether we have it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if (give_up is not None and give_up()) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import time
 from pathlib import Path
 
 from .. import ipc
 from ..errors import DaemonRunningError
+from ..home import lock_within
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -25,20 +24,12 @@ class HomeLock:
     def acquire(self) -> None:
         path = self.home / ipc.LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + 0.5  # a status check may hold a shared lock for a moment
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    pid = ipc.daemon_pid(self.home)
-                    raise DaemonRunningError(
-                        f"a daemon is already running for {self.home} (pid {pid}); "
-                        "stop it with 'pilotctl daemon stop'"
-                    ) from None
-                time.sleep(0.02)
+        if not lock_within(fd, 0.5):  # a status check may hold a shared lock for a moment
+            os.close(fd)
+            raise DaemonRunningError(
+                f"a daemon is already running for {self.home} (pid {ipc.daemon_pid(self.home)}); "
+                "stop it with 'pilotctl daemon stop'"
+            )
         self._fd = fd
         for stale in (ipc.SOCKET_NAME, ipc.PUB_SOCKET_NAME, ipc.PID_NAME):
             with contextlib.suppress(FileNotFoundError):
