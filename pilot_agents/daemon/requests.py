@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..errors import BadRequestError
 from ..ipc import decode_data
+from ..patterns.frames import MAX_TOPIC
 
 Encoding = Literal["utf-8", "base64"]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -185,6 +186,27 @@ class StopRequest(BaseRequest):
     cmd: Literal["stop"]
 
 
+# -- daemon-hosted publishers (daemon/publishing.py): a one-shot `publish` needs a publisher that
+# outlives its client.
+
+
+class PublishRequest(_Payload):
+    cmd: Literal["publish"]
+    port: Port
+    topic: str = Field(max_length=MAX_TOPIC)  # characters here; the publisher checks the bytes
+    overflow: Literal["block", "drop-oldest"] | None = None  # only when it creates the publisher
+    timeout: Timeout | None = 10.0  # with "block": how long a full subscriber may hold it up
+
+
+class PublishersRequest(BaseRequest):
+    cmd: Literal["publishers"]
+
+
+class UnpublishRequest(BaseRequest):
+    cmd: Literal["unpublish"]
+    port: Port
+
+
 AnyRequest = (
     InfoRequest | PeersRequest | ResolveRequest | AddPeerRequest | TrustAddRequest
     | TrustApproveRequest | TrustRejectRequest | TrustRemoveRequest | TrustListRequest
@@ -192,6 +214,7 @@ AnyRequest = (
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
     | StreamAbortRequest | SendRequest | ListenRequest | UnlistenRequest | ReceiveRequest
     | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
+    | PublishRequest | PublishersRequest | UnpublishRequest
 )
 REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(
     Annotated[AnyRequest, Field(discriminator="cmd")])

@@ -26,6 +26,7 @@ from .dispatch import DispatchTable, Reply
 from .lock import HomeLock
 from .messaging import Messaging
 from .options import DaemonOptions
+from .publishing import Publishing
 from .server import IpcServer
 from .trust_commands import TrustCommands
 
@@ -43,6 +44,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._node: Node | None = None
         self._messaging: Messaging | None = None
+        self._publishing: Publishing | None = None
         self._server: IpcServer | None = None
         self._store: TrustStore | None = None
 
@@ -99,8 +101,9 @@ class Daemon:
         messaging = self._messaging = Messaging(ctx)
         trust = TrustCommands(ctx, messaging)
         admin = AdminCommands(ctx, messaging)
+        publishing = self._publishing = Publishing(ctx, messaging)
         dispatch = DispatchTable()
-        for commands in (messaging, trust, admin):
+        for commands in (messaging, trust, admin, publishing):
             commands.register(dispatch)
         node.on_trust_request = trust.on_trust_request
         for entry in store.trusted():
@@ -128,6 +131,8 @@ class Daemon:
         return admin, server
 
     async def _shutdown(self) -> None:
+        if self._publishing is not None:
+            await self._publishing.close_all()  # says bye while the tunnels are up
         if self._messaging is not None:
             await self._messaging.close_all()
         if self._node is not None:
