@@ -152,3 +152,9 @@ class RemoteError(PilotError):
     def __init__(self, message: str, remote_type: str = "") -> None:
         super().__init__(message)
         self.remote_type = remote_type
+
+
+class CommandFailedError(PilotError):
+    """A command run for a request (``pilotctl serve --exec``) exited non-zero, ran past its
+    timeout, or wrote more than the reply limit; the message says which, with its stderr's
+    tail. The requester sees it as a :class:`RemoteError`."""

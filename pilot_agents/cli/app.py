@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import beacon, daemon, diagnostics, messaging, pipeline, trust
+from . import beacon, daemon, diagnostics, messaging, patterns, pipeline, trust
 from .context import Context, Handler
 from .output import exit_status
 from .parser import Register
@@ -19,6 +19,7 @@ GROUPS: tuple[Register, ...] = (
     trust.register,
     diagnostics.register_add_peer,
     messaging.register,
+    patterns.register,
     diagnostics.register,
     pipeline.register,
 )

@@ -25,6 +25,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
     (errors.PilotTimeoutError, 10, "timed out"),
     (errors.BeaconError, 11, "beacon unreachable, name taken, or refused"),
     (errors.ConnectionClosedError, 12, "connection closed"),
+    (errors.RemoteError, 13, "the peer's handler failed"),
     (errors.NotAvailableError, 2, "not available"),
     (errors.BadRequestError, 2, "bad arguments"),
     (errors.ConfigError, 2, "bad arguments"),
@@ -47,6 +48,8 @@ exit codes:
   10  timed out
   11  beacon error: unreachable, name taken, refused
   12  connection closed by the peer
+  13  the peer's request handler failed (request: an error reply, e.g. serve --exec's
+      command exited non-zero)
   70  internal error (a bug; PILOT_DEBUG=1 shows the traceback)
   130 interrupted
 
