@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import ipc
+from ..errors import PilotTimeoutError
 from ..ipc import IpcClient
 from .output import Reply
 
@@ -45,3 +46,29 @@ class Context:
 
 Handler = Callable[[Context], int]
 """A command: runs it with its context and returns the exit status."""
+
+
+async def receive_until(receive: Callable[[float | None], Awaitable[T]],
+                        each: Callable[[T], None], *, count: int | None, timeout: float | None,
+                        what: str, source: str) -> None:
+    """Hand ``each`` what ``receive(remaining seconds)`` returns until ``count`` items came (None:
+    no end) or ``timeout`` seconds passed. Running out of time is PilotTimeoutError ("no
+    {what} {source} within ...", or "received k of n {what}s ..."), unless there is no
+    ``count`` and something came: then it is the end the user asked for."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    received = 0
+    while count is None or received < count:
+        remaining = None if deadline is None else deadline - loop.time()
+        try:
+            if remaining is not None and remaining <= 0:
+                raise PilotTimeoutError("out of time")
+            item = await receive(remaining)
+        except PilotTimeoutError:
+            if received and count is None:
+                return
+            raise PilotTimeoutError(
+                f"received {received} of {count} {what}s {source} within {timeout:g} s"
+                if count else f"no {what} {source} within {timeout:g} s") from None
+        received += 1
+        each(item)

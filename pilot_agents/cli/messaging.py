@@ -9,10 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from ..errors import ConfigError, ConnectionClosedError, PilotError
 from ..ipc import IpcClient, encode_data
 from ..transport import DEFAULT_PORT
-from .context import Context
+from .context import Context, receive_until
 from .output import EXIT_OK, Message, emit, label, message_out, ms, write_message
 from .parser import Commands, count, port, positive
 
@@ -219,27 +219,18 @@ async def _listen(ctx: Context, client: IpcClient) -> int:
         print(f"Listening on port {args.port}" + (
             f" for {args.count} message(s)" if args.count else "") + ".", file=sys.stderr,
             flush=True)
-    received = 0
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+
+    async def receive(timeout: float | None) -> Message:
+        message: Message = (await client.request("receive", port=args.port,
+                                                 timeout=timeout))["message"]
+        return message
+
+    def show(message: Message) -> None:
+        _print_message(ctx, message, f"[{message.get('hostname') or message['from']}] ")
+
     try:
-        while args.count is None or received < args.count:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PilotTimeoutError(f"no message on port {args.port} within "
-                                        f"{args.timeout:g} s")
-            try:
-                reply = await client.request("receive", port=args.port, timeout=remaining)
-            except PilotTimeoutError:
-                if received and args.count is None:
-                    break
-                raise PilotTimeoutError(
-                    f"received {received} of {args.count} messages on port {args.port} within "
-                    f"{args.timeout:g} s" if args.count else
-                    f"no message on port {args.port} within {args.timeout:g} s"
-                ) from None
-            received += 1
-            message: Message = reply["message"]
-            _print_message(ctx, message, f"[{message.get('hostname') or message['from']}] ")
+        await receive_until(receive, show, count=args.count, timeout=args.timeout,
+                            what="message", source=f"on port {args.port}")
     finally:
         with contextlib.suppress(PilotError):
             await client.request("unlisten", port=args.port)

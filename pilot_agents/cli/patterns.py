@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..errors import CommandFailedError, ConfigError, PilotError, PilotTimeoutError
+from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
 from ..patterns.pubsub import Overflow, Publication, Subscriber
 from ..patterns.reqrep import Replier, Request, Requester
 from ..runtime import run
 from ..sdk import Client
-from .context import Context
+from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, print_list
 from .parser import Commands, count, port, positive
 
@@ -389,29 +389,15 @@ def subscribe_cmd(ctx: Context) -> int:
 
 async def _subscribe(ctx: Context, client: Client) -> int:
     args = ctx.args
-    loop = asyncio.get_running_loop()
-    deadline = None if args.timeout is None else loop.time() + args.timeout
-    received = 0
     async with Subscriber(client, args.target, args.port, list(args.prefixes)) as subscriber:
         if not ctx.json and sys.stderr.isatty():
             prefixes = ", ".join(map(repr, args.prefixes))
             print(f"Subscribed to {args.target} port {args.port} ({prefixes})"
                   + (f" for {args.count} publication(s)" if args.count else "") + ".",
                   file=sys.stderr, flush=True)
-        while args.count is None or received < args.count:
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            try:
-                publication = await subscriber.receive(timeout=remaining)
-            except PilotTimeoutError:
-                if received and args.count is None:
-                    break
-                raise PilotTimeoutError(
-                    f"received {received} of {args.count} publications from {args.target} "
-                    f"port {args.port} within {args.timeout:g} s" if args.count else
-                    f"no publication from {args.target} port {args.port} within "
-                    f"{args.timeout:g} s") from None
-            received += 1
-            _print_publication(ctx, publication)
+        await receive_until(subscriber.receive, lambda p: _print_publication(ctx, p),
+                            count=args.count, timeout=args.timeout, what="publication",
+                            source=f"from {args.target} port {args.port}")
     return EXIT_OK
 
 
