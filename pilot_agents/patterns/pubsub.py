@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
+from ..errors import ConfigError, DaemonNotRunningError, PilotError, PilotTimeoutError, WireError
 from ..transport import (
     DEFAULT_TIMEOUT,
     Connection,
@@ -320,6 +320,8 @@ class Subscriber:
                          self.port, silence)
                 await self._drop_connection()
                 continue
+            except DaemonNotRunningError:
+                raise  # our own daemon is gone, not the stream: no subscribing again
             except PilotError as exc:
                 log.info("subscription to %s port %d broke (%s); reconnecting", self.peer,
                          self.port, exc)
@@ -398,6 +400,8 @@ class Subscriber:
                 return
             try:
                 await self._connect()
+            except DaemonNotRunningError:
+                raise
             except PilotError as exc:
                 log.info("subscribing to %s port %d again failed: %s", self.peer, self.port,
                          exc)
