@@ -20,6 +20,7 @@ from tests.conftest import (
     cli_json,
     cli_many,
     ipc_call,
+    named_pair,
     short_home,
     stop_daemons,
 )
@@ -86,8 +87,10 @@ def test_serve_json_log_and_concurrency(daemon_pair: Pair) -> None:
     a, b = daemon_pair
     sleepy = f"{sys.executable} -c \"import sys, time; time.sleep(1); print(sys.stdin.read())\""
     with serving(b.home, 5002, "--json", "--exec", sleepy, "--concurrency", "4") as server:
-        results = cli_many([(a.home, "--json", "request", "beta", 5002, "--data", f"r{i}")
-                            for i in range(4)])
+        calls: list[tuple[Path | None, ...]] = [
+            (a.home, "--json", "request", "beta", "5002", "--data", f"r{i}")  # type: ignore[misc]
+            for i in range(4)]
+        results = cli_many(calls)
     for i, result in enumerate(results):
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
@@ -177,6 +180,20 @@ def test_verbs_without_a_daemon() -> None:
         stop_daemons(home)
 
 
+def test_serve_and_subscribe_end_when_their_daemon_goes_away() -> None:
+    with named_pair() as (a, b):
+        cli_json(a.home, "publish", "6010", "t", "--data", "-")
+        sub = start(b.home, "subscribe", "alpha", "6010", "")
+        wait_for(lambda: subscribers(a.home, 6010) == 1, timeout=20)
+        server = start(b.home, "serve", "5010", "--exec", "cat")
+        wait_for(lambda: listening(b.home, 5010), timeout=20)
+        ipc_call(b.home, cmd="stop")
+        for proc in (server, sub):
+            _, err = finish(proc)
+            assert proc.returncode == 3, err
+            assert err.strip().splitlines()[-1].startswith("error: the daemon (home ")
+
+
 # -- publish / subscribe ---------------------------------------------------------------------
 
 
@@ -196,8 +213,8 @@ def test_publish_reaches_a_subscriber(daemon_pair: Pair) -> None:
     wait_for(lambda: subscribers(b.home, 6001) == 1, timeout=20)
     assert cli_json(b.home, "publish", "6001", "hr.jobs", "--data", "no")["subscribers"] == 0
     for topic, data in (("sales.q2", "1842"), ("ops.disk", "full"), ("sales.q3", "é")):
-        out = cli_json(b.home, "publish", "6001", topic, "--data", data)
-        assert (out["subscribers"], out["created"]) == (1, False)
+        published = cli_json(b.home, "publish", "6001", topic, "--data", data)
+        assert (published["subscribers"], published["created"]) == (1, False)
     out, err = finish(sub)
     assert sub.returncode == 0, err
     got = [json.loads(line) for line in out.splitlines()]
@@ -257,3 +274,52 @@ def test_subscribe_timeout_interrupt_and_mistakes(daemon_pair: Pair) -> None:
                               "already being listened on")
     finally:
         ipc_call(b.home, cmd="unpublish", port=6003)
+
+
+def test_a_subscriber_that_stops_reading(daemon_pair: Pair) -> None:
+    """A subscriber that stops reading (SIGSTOP) while its buffers fill: with block, publish
+    waits and times out; with drop-oldest it goes on, and the subscriber, once it reads again,
+    is told how many it missed: received + missed = published, nothing lost silently."""
+    a, b = daemon_pair
+    blob = "x" * 100 * 1024  # fits in one argument of the command line
+    # Room between the publisher and a stopped reader: the publisher's queue (4 MiB), the
+    # reader's stream window (16 MiB) and its daemon's stream inbox (16 MiB), ~36 MiB.
+    most = 800
+    for port, overflow in ((6004, "block"), (6005, "drop-oldest")):
+        cli_json(b.home, "publish", str(port), "start", "--data", "-", "--overflow", overflow)
+        sub = start(a.home, "--json", "subscribe", "beta", str(port), "")
+        try:
+            wait_for(lambda p=port: subscribers(b.home, p) == 1, timeout=20)
+            sub.send_signal(signal.SIGSTOP)
+            published = 0
+            while published < most:
+                reply = ipc_call(b.home, cmd="publish", port=port, topic="t", data=blob,
+                                 timeout=1)
+                if not reply["ok"]:
+                    break
+                published += 1
+            if overflow == "block":
+                assert reply["error"]["type"] == "PilotTimeoutError", reply  # type: ignore
+                assert 100 < published < most
+                result = cli(b.home, "publish", str(port), "t", "--data", blob, "--timeout",
+                             "0.5")
+                assert_one_line_error(result, 10, "stayed full for 0.5 s", "drop-oldest")
+                continue
+            assert published == most
+            assert cli_json(b.home, "publish", str(port), "end", "--data", "!")["subscribers"] == 1
+            sub.send_signal(signal.SIGCONT)
+            assert sub.stdout is not None
+            got = []
+            for line in sub.stdout:
+                got.append(json.loads(line))
+                if got[-1]["topic"] == "end":
+                    break
+            blobs = [g for g in got if g["topic"] == "t"]
+            missed = sum(g["missed"] for g in got)
+            assert missed > 0 and len(blobs) + missed == most, (len(blobs), missed)
+            assert all(g["data"] == blob for g in blobs)
+        finally:
+            sub.send_signal(signal.SIGCONT)
+            sub.send_signal(signal.SIGINT)
+            sub.communicate(timeout=30)
+            ipc_call(b.home, cmd="unpublish", port=port)
