@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from pilot_agents.cli.patterns import ExecConfig, run_command
+from pilot_agents.errors import CommandFailedError
 from tests.conftest import (
     ROOT,
     DaemonHandle,
@@ -162,9 +166,30 @@ def test_request_and_serve_mistakes(daemon_pair: Pair) -> None:
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "tr 'a-z"), 2,
                           "cannot split --exec")
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", ""), 2, "needs a command")
-    # The inbox port is the daemon's own buffer: nobody may serve on it but through listen.
+    # A port is a publisher's or a client's, not both.
     assert_one_line_error(cli(a.home, "publish", "1001", "t", "--data", "x"), 2,
                           "port 1001 is listened on by a client")
+    cli_json(a.home, "publish", "5006", "t", "--data", "x")
+    try:
+        assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "cat"), 2,
+                              "port 5006 is already being listened on")
+    finally:
+        ipc_call(a.home, cmd="unpublish", port=5006)
+
+
+async def test_run_command_bounds() -> None:
+    config = ExecConfig(stderr_tail_bytes=10, max_reply_bytes=1000, timeout=10)
+    # A command that does not read its stdin is fine; only the end of stderr is kept.
+    assert await run_command(["echo", "hi"], b"x" * 2**20, config) == b"hi\n"
+    noisy = [sys.executable, "-c", "import sys; sys.stderr.write('a' * 5000 + 'THE END'); "
+             "sys.exit(1)"]
+    with pytest.raises(CommandFailedError) as failed:
+        await run_command(noisy, b"", config)
+    assert str(failed.value) == f"{sys.executable} exited with status 1: aaaTHE END"
+    with pytest.raises(CommandFailedError, match="was killed by signal 9"):
+        await run_command(["sh", "-c", "kill -9 $$"], b"", config)
+    with pytest.raises(CommandFailedError, match="cannot run /nonexistent"):
+        await run_command(["/nonexistent"], b"", config)
 
 
 def test_verbs_without_a_daemon() -> None:

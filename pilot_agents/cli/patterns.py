@@ -208,27 +208,26 @@ class _Server:
         port = self.ctx.args.port
         slots = asyncio.Semaphore(self.config.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        try:
-            async with Replier(self.client, port) as replier:
-                if not self.ctx.json:
-                    print(f"Serving port {port} with {shlex.join(self.argv)} (up to "
-                          f"{self.config.concurrency} at once); Ctrl-C stops.", file=sys.stderr,
-                          flush=True)
-                try:
-                    async for request in replier:
-                        await slots.acquire()
-                        task = asyncio.create_task(self._answer(request, slots))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                finally:
-                    # Their commands are killed before the replier closes, which answers
-                    # their requests with an error: no requester waits for its timeout.
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
+        async with Replier(self.client, port) as replier:
             if not self.ctx.json:
-                print(f"Stopped after {self.answered} request(s).", file=sys.stderr, flush=True)
+                print(f"Serving port {port} with {shlex.join(self.argv)} (up to "
+                      f"{self.config.concurrency} at once); Ctrl-C stops.", file=sys.stderr,
+                      flush=True)
+            try:
+                async for request in replier:
+                    await slots.acquire()
+                    task = asyncio.create_task(self._answer(request, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                # Their commands are killed before the replier closes, which answers their
+                # requests with an error: no requester waits for its timeout.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if not self.ctx.json:
+                    print(f"Stopped after {self.answered} request(s).", file=sys.stderr,
+                          flush=True)
         return EXIT_OK
 
     async def _answer(self, request: Request, slots: asyncio.Semaphore) -> None:
