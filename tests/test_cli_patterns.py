@@ -152,6 +152,20 @@ def test_request_timeout(daemon_pair: Pair) -> None:
         assert time.monotonic() - started < 15
 
 
+def test_a_server_stopped_mid_request_answers_it_with_an_error(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    with serving(b.home, 5008, "--exec", "sleep 30") as server:
+        request = start(a.home, "request", "beta", "5008", "--data", "x", "--timeout", "60")
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+        wait_for(lambda: children.read_text().strip() != "", timeout=20)  # sleep is running
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        _, err = finish(request)
+        assert request.returncode == 13, err
+        assert "the replier on port 5008 closed before answering" in err
+        assert time.monotonic() - started < 10
+
+
 def test_request_and_serve_mistakes(daemon_pair: Pair) -> None:
     a, _ = daemon_pair
     assert_one_line_error(cli(a.home, "request", "beta", "70000", "--data", "x"), 2,
