@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
@@ -261,9 +260,8 @@ class _Server:
                   "ms": round(elapsed_ms, 3)})
             return
         outcome = f"{len(output)} B" if error is None and output is not None else f"error: {error}"
-        now = datetime.now(UTC).strftime("%H:%M:%S")
-        print(f"{now} {hostname or request.sender} {len(request.data)} B -> {outcome} "
-              f"({elapsed_ms:.1f} ms)", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {hostname or request.sender} "
+              f"{len(request.data)} B -> {outcome} ({elapsed_ms:.1f} ms)", flush=True)
 
     async def _hostname(self, node_id: str) -> str | None:
         """The requester's name in the trust store, looked up once per requester."""
