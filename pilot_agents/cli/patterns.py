@@ -42,7 +42,8 @@ class ExecConfig:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_reply_bytes < 1 or self.stderr_tail_bytes < 0:
-            raise ConfigError("ExecConfig: concurrency and max_reply_bytes must be at least 1")
+            raise ConfigError("ExecConfig: concurrency and max_reply_bytes must be at least 1, "
+                              "stderr_tail_bytes at least 0")
         if not self.timeout > 0:
             raise ConfigError("ExecConfig.timeout must be positive")
 
