@@ -158,3 +158,15 @@ class CommandFailedError(PilotError):
     """A command run for a request (``pilotctl serve --exec``) exited non-zero, ran past its
     timeout, or wrote more than the reply limit; the message says which, with its stderr's
     tail. The requester sees it as a :class:`RemoteError`."""
+
+
+# -- integrations -------------------------------------------------------------------------------
+
+
+class MissingStateKeyError(ConfigError):
+    """A LangGraph node was asked to read a key the graph's state does not have."""
+
+
+class UnserializableValueError(ConfigError):
+    """A value is neither JSON nor anything LangGraph's serializer can encode, so it cannot be
+    sent to a peer."""

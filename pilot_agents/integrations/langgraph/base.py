@@ -1,0 +1,178 @@
+"""What every pilot node shares: where its transport comes from, running under both
+``graph.invoke`` and ``graph.ainvoke``, reading the state, and the keys that make a re-run of a
+LangGraph task recognisable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import uuid
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Lock
+from typing import Any, Generic, TypeVar
+
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+
+from ...errors import ConfigError, MissingStateKeyError
+from ...sdk import Client
+from ...transport import Transport
+from .codec import Codec
+
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The bounds of the pilot nodes; every node takes one as ``delivery=``."""
+
+    retry_interval: float = 0.25  # seconds between tries while the peer has no listener
+    remembered_ids: int = 10_000  # idempotency keys a PilotReceive remembers (oldest go first)
+    remembered_receives: int = 64  # received updates kept for a re-run of the same task
+
+    def __post_init__(self) -> None:
+        if self.retry_interval <= 0:
+            raise ConfigError("DeliveryConfig.retry_interval must be positive (seconds)")
+        for name in ("remembered_ids", "remembered_receives"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DeliveryConfig.{name} must be at least 1")
+
+
+class BoundedMemory(Generic[K, V]):
+    """A map that forgets its oldest entries beyond ``size``; safe to share between the threads
+    LangGraph runs sync nodes on."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def add(self, key: K, value: V) -> bool:
+        """Remember ``key``; False if it was already there (and it stays where it was)."""
+        with self._lock:
+            if key in self._items:
+                return False
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+            return True
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end from synchronous code, on a loop of its own (in a helper thread
+    when this thread already runs a loop, which must not be re-entered)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1, thread_name_prefix="pilot-langgraph") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@contextlib.asynccontextmanager
+async def using(transport: Transport | None, home: str | Path | None) -> AsyncIterator[Transport]:
+    """``transport``, or a client of the daemon of ``home`` (``$PILOT_HOME`` by default) for the
+    block."""
+    if transport is not None:
+        yield transport
+        return
+    async with Client(home) as client:
+        yield client
+
+
+def read_key(state: Any, key: str, who: str) -> Any:
+    """``state[key]`` of a dict state, ``state.key`` of a dataclass or pydantic state."""
+    if isinstance(state, Mapping):
+        if key in state:
+            return state[key]
+        present = ", ".join(repr(k) for k in state) or "none"
+    else:
+        if hasattr(state, key):
+            return getattr(state, key)
+        present = f"a {type(state).__name__}"
+    raise MissingStateKeyError(
+        f"{who} reads the state key {key!r}, which this state does not have (keys: {present}); "
+        f"set it in an earlier node or the graph's input, or name another key")
+
+
+def task_of(config: RunnableConfig) -> str | None:
+    """The LangGraph task a node runs as: its thread and namespace. LangGraph derives the task
+    id in the namespace from the checkpoint it starts from, so a task re-run after an interrupt,
+    a retry or a crash has the same one. None outside a graph."""
+    configurable = config.get("configurable") or {}
+    namespace = configurable.get("checkpoint_ns")
+    if not namespace:
+        return None
+    return f"{configurable.get('thread_id', '')}\x00{namespace}"
+
+
+def idempotency_key(config: RunnableConfig, *parts: object) -> str:
+    """Equal for every run of one LangGraph task (and ``parts``); random outside a graph."""
+    task = task_of(config)
+    if task is None:
+        return uuid.uuid4().hex
+    text = json.dumps([task, *map(str, parts)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class PilotNode(Runnable[Any, dict[str, Any]]):
+    """A LangGraph node (a Runnable) that talks to peers: ``graph.invoke`` and ``graph.ainvoke``
+    both work. Its transport: the one given, else a client of the daemon of ``home``
+    (``$PILOT_HOME``, else ``~/.pilot-agents``) opened for each call.
+
+    Under ``invoke`` (a synchronous graph) each call runs on an event loop of its own, so the
+    transport must be a daemon :class:`~pilot_agents.Client` (a new client of its home is used)
+    or none; an embedded Node lives on its own loop and serves ``ainvoke`` only."""
+
+    def __init__(self, *, transport: Transport | None, home: str | Path | None,
+                 allowed_types: Iterable[type | tuple[str, ...]], delivery: DeliveryConfig | None,
+                 name: str) -> None:
+        self.transport = transport
+        self.home = home
+        self.codec = Codec(allowed_types)
+        self.delivery = delivery or DeliveryConfig()
+        self.name = name
+        self.label = name  # self.name, typed as set
+
+    @abstractmethod
+    async def run(self, state: Any, config: RunnableConfig,
+                  transport: Transport) -> dict[str, Any]:
+        """The node's work on ``transport``; returns the state update."""
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
+        async with using(self.transport, self.home) as transport:
+            return await self.run(input, ensure_config(config), transport)
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None,
+               **kwargs: Any) -> dict[str, Any]:
+        return run_sync(self._on_own_loop(input, ensure_config(config)))
+
+    async def _on_own_loop(self, state: Any, config: RunnableConfig) -> dict[str, Any]:
+        async with using(None, self._sync_home()) as transport:
+            return await self.run(state, config, transport)
+
+    def _sync_home(self) -> str | Path | None:
+        if self.transport is None:
+            return self.home
+        if isinstance(self.transport, Client):
+            return self.transport.home
+        raise ConfigError(
+            f"{self.label} was given a {type(self.transport).__name__}, which runs on its own "
+            f"event loop: run the graph with 'await graph.ainvoke(...)', or give the node a "
+            f"daemon Client (or no transport) to use it under graph.invoke")

@@ -1,0 +1,116 @@
+"""How LangGraph values travel in tunnel messages.
+
+A value that is plain JSON (dicts with string keys, lists, strings, numbers, booleans, null)
+goes as itself, so a peer that is not a graph (``pilotctl receive``, a ``patterns.reqrep``
+handler) reads it as it would any JSON message. Anything else — LangChain messages, ``Interrupt``,
+``Command``, datetimes, sets, pydantic models — goes through LangGraph's own checkpoint serializer
+(``JsonPlusSerializer``, msgpack) inside a small envelope::
+
+    {"pilot": "lg-value/1", "msgpack": "<base64>"}
+
+A message sent by :class:`~pilot_agents.integrations.langgraph.PilotSend` is an envelope around
+such a value with the idempotency key its receiver deduplicates on::
+
+    {"pilot": "lg-send/1", "id": "<idempotency key>", "key": "<state key>", "value": <value>}
+
+and a call of a served graph is ``{"pilot": "lg-graph/1", "op": "invoke" | "stream", "input":
+<value>, "config": {"configurable": {...}}}``.
+
+Decoding is strict about what it builds: the receiver's serializer constructs only LangGraph's
+list of safe types (messages, documents, ``Interrupt``, ``Command``, datetimes, ...) plus the
+types a node is given in ``allowed_types``; any other class a peer names arrives as its raw
+fields (a dict), never constructed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from ...errors import UnserializableValueError, WireError
+
+VALUE = "lg-value/1"
+SEND = "lg-send/1"
+GRAPH = "lg-graph/1"
+MARK = "pilot"  # the key that makes a JSON object one of our envelopes
+
+
+def is_json(value: object) -> bool:
+    """True if ``value`` survives a JSON round trip unchanged (so it may go as itself)."""
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, list):
+        return all(is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_json(v) for k, v in value.items())
+    return False
+
+
+class Codec:
+    """Values to JSON and back; ``allowed_types``: classes (or ``(module, name)`` pairs) a peer
+    may make us construct beyond LangGraph's safe list."""
+
+    def __init__(self, allowed_types: Iterable[type | tuple[str, ...]] = ()) -> None:
+        self._writer = JsonPlusSerializer()
+        strict = JsonPlusSerializer(allowed_msgpack_modules=None)
+        allowed = tuple(allowed_types)
+        self._reader = strict.with_msgpack_allowlist(allowed) if allowed else strict
+
+    def encode(self, value: object, what: str = "the value") -> Any:
+        """``value`` as a JSON value; :class:`UnserializableValueError` naming ``what``."""
+        if is_json(value) and not (isinstance(value, dict) and MARK in value):
+            return value
+        try:
+            kind, data = self._writer.dumps_typed(value)
+        except (TypeError, ValueError) as exc:
+            raise UnserializableValueError(
+                f"{what} is a {type(value).__name__}, which is neither JSON nor anything "
+                f"LangGraph's serializer can encode ({exc}); put plain data, messages or "
+                f"pydantic models in the state") from None
+        if kind != "msgpack":  # None and bytes: the serializer's other two cases
+            return {MARK: VALUE, "type": kind, "data": base64.b64encode(data).decode("ascii")}
+        return {MARK: VALUE, "msgpack": base64.b64encode(data).decode("ascii")}
+
+    def decode(self, value: Any) -> Any:
+        """The value :meth:`encode` made; :class:`WireError` if an envelope is malformed."""
+        if not (isinstance(value, dict) and value.get(MARK) == VALUE):
+            return value
+        try:
+            if "msgpack" in value:
+                return self._reader.loads_typed(("msgpack", _b64(value["msgpack"])))
+            kind = value["type"]
+            if kind not in ("null", "bytes", "bytearray"):
+                raise WireError(f"a value of unknown type {kind!r}")
+            return self._reader.loads_typed((kind, _b64(value["data"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"a malformed value envelope ({type(exc).__name__}: {exc})") from None
+
+
+def parse(data: bytes) -> Any:
+    """A received message's bytes as JSON (envelopes left as they are), else text, else bytes:
+    a peer that is not a graph may send anything."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        return data
+    except ValueError:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+
+
+def _b64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("base64 data must be a string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from None

@@ -1,0 +1,196 @@
+"""The three nodes: send a state key to a peer, receive one, ask a peer and wait for its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+
+from ...errors import PilotTimeoutError, PortClosedError, WireError
+from ...patterns.reqrep import Requester
+from ...transport import CONNECT_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, Message, Transport
+from .base import BoundedMemory, DeliveryConfig, PilotNode, idempotency_key, read_key, task_of
+from .codec import MARK, SEND, parse
+
+log = logging.getLogger("pilot_agents.integrations.langgraph")
+
+AllowedTypes = Iterable[type | tuple[str, ...]]
+
+
+def to_bytes(value: Any) -> bytes:
+    """A JSON value as message bytes (a string too, so the peer reads it back as JSON)."""
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+class PilotSend(PilotNode):
+    """Send the state's ``key`` to port ``port`` of peer ``to``; the update it returns is a
+    delivery receipt under ``receipt_key`` (default ``KEY_receipt``)::
+
+        {"to": "analyzer", "peer": NODE_ID, "port": 1001, "id": IDEMPOTENCY_KEY,
+         "bytes": 1234, "path": "direct", "rtt": 0.0004, "sent_at": UNIX_SECONDS}
+
+    The message is sent once the peer's port has a listener (a daemon's inbox ports always do):
+    until then it is tried again every ``delivery.retry_interval`` seconds, for up to
+    ``timeout`` seconds in all. It carries an idempotency key equal for every run of the same
+    LangGraph task, so when LangGraph runs the task again — an ``interrupt()`` later in the same
+    node, a retry, a resume after the process died before the task was checkpointed — the
+    receiving :class:`PilotReceive` drops the copy."""
+
+    def __init__(self, to: str, port: int = DEFAULT_PORT, key: str = "message", *,
+                 receipt_key: str | None = None, timeout: float = CONNECT_TIMEOUT,
+                 transport: Transport | None = None, home: str | Path | None = None,
+                 delivery: DeliveryConfig | None = None, name: str | None = None) -> None:
+        super().__init__(transport=transport, home=home, allowed_types=(), delivery=delivery,
+                         name=name or f"PilotSend({to}:{port})")
+        self.to, self.port, self.key, self.timeout = to, port, key, timeout
+        self.receipt_key = receipt_key or f"{key}_receipt"
+
+    async def run(self, state: Any, config: RunnableConfig,
+                  transport: Transport) -> dict[str, Any]:
+        value = read_key(state, self.key, self.label)
+        message_id = idempotency_key(config, "send", self.to, self.port, self.key)
+        data = to_bytes({MARK: SEND, "id": message_id, "key": self.key,
+                         "value": self.codec.encode(value, f"the state key {self.key!r}")})
+        receipt = await self._deliver(transport, data)
+        receipt.update(id=message_id, bytes=len(data), sent_at=time.time())
+        return {self.receipt_key: receipt}
+
+    async def _deliver(self, transport: Transport, data: bytes) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = transport.connect(self.to, self.port,
+                                             timeout=max(deadline - loop.time(), 0.001))
+                    async with conn:
+                        await conn.send(data)
+                        receipt = {"to": self.to, "peer": conn.peer_id, "port": self.port,
+                                   "path": conn.path, "rtt": conn.rtt}
+                    # Leaving the block closed the stream, which waits until the peer has it.
+                    return receipt
+            except PortClosedError:
+                if loop.time() + self.delivery.retry_interval >= deadline:
+                    raise PilotTimeoutError(
+                        f"{self.to} had no listener on port {self.port} for {self.timeout} s: "
+                        f"start its PilotReceive (or daemon) first, or raise timeout=") from None
+                await asyncio.sleep(self.delivery.retry_interval)
+            except PilotTimeoutError:
+                raise
+            except TimeoutError:
+                raise PilotTimeoutError(
+                    f"could not deliver to {self.to} port {self.port} within {self.timeout} s"
+                ) from None
+
+
+class PilotReceive(PilotNode):
+    """Wait up to ``timeout`` seconds for a message on ``port`` and write it into the state:
+    its value under ``key``, its sender (hostname if known, else node id) under ``sender_key``
+    (default ``KEY_from``). A message from :class:`PilotSend` arrives as the value it sent
+    (typed values rebuilt); any other message as its JSON, else its text, else its bytes.
+
+    Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages are kept
+    (per sender, in this object, so in memory: a restarted receiver forgets them), and a message
+    whose key is among them is dropped and counted in :attr:`duplicates`. A re-run of the same
+    LangGraph task gets the message that task already took (the last
+    ``delivery.remembered_receives`` are kept), not the next one."""
+
+    def __init__(self, port: int = DEFAULT_PORT, key: str = "message", *,
+                 sender_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 transport: Transport | None = None, home: str | Path | None = None,
+                 allowed_types: AllowedTypes = (), delivery: DeliveryConfig | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(transport=transport, home=home, allowed_types=allowed_types,
+                         delivery=delivery, name=name or f"PilotReceive({port})")
+        self.port, self.key, self.timeout = port, key, timeout
+        self.sender_key = sender_key or f"{key}_from"
+        self._seen: BoundedMemory[tuple[str, str], None] = BoundedMemory(
+            self.delivery.remembered_ids)
+        self._taken: BoundedMemory[str, dict[str, Any]] = BoundedMemory(
+            self.delivery.remembered_receives)
+        self.duplicates = 0  # messages dropped because their idempotency key was seen
+        self.malformed = 0  # envelopes from a peer that did not parse
+
+    async def run(self, state: Any, config: RunnableConfig,
+                  transport: Transport) -> dict[str, Any]:
+        task = task_of(config)
+        if task is not None and (update := self._taken.get(task)) is not None:
+            return update
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                message = await transport.receive(self.port, timeout=remaining)
+            except PilotTimeoutError:
+                raise PilotTimeoutError(
+                    f"{self.label}: no message on port {self.port} within {self.timeout} s"
+                ) from None
+            try:
+                value = self._value(message)
+            except WireError as exc:
+                self.malformed += 1
+                log.warning("%s sent port %d a malformed message: %s", message.sender,
+                            self.port, exc)
+                continue
+            if value is _DUPLICATE:
+                continue
+            update = {self.key: value,
+                      self.sender_key: getattr(message, "hostname", None) or message.sender}
+            if task is not None:
+                self._taken.add(task, update)
+            return update
+
+    def _value(self, message: Message) -> Any:
+        body = parse(message.data)
+        if not (isinstance(body, dict) and body.get(MARK) == SEND):
+            return self.codec.decode(body)
+        message_id = body.get("id")
+        if not isinstance(message_id, str) or "value" not in body:
+            raise WireError("a send envelope without an id or a value")
+        if not self._seen.add((message.sender, message_id), None):
+            self.duplicates += 1
+            log.info("dropped a second copy of message %s from %s", message_id, message.sender)
+            return _DUPLICATE
+        return self.codec.decode(body["value"])
+
+
+_DUPLICATE = object()
+
+
+class PilotRequest(PilotNode):
+    """Send the state's ``key`` as a request to the replier on ``port`` of ``to`` (a
+    :func:`~pilot_agents.patterns.reqrep.serve` handler, or a graph exposed by
+    :func:`serve_graph`, which takes it as its input state) and put the reply under
+    ``result_key``: one agent calls another like a tool. A request reaches the replier at most
+    once per call; a re-run of the task asks again, as a re-run tool call would."""
+
+    def __init__(self, to: str, port: int, key: str, result_key: str, *,
+                 timeout: float = DEFAULT_TIMEOUT, transport: Transport | None = None,
+                 home: str | Path | None = None, allowed_types: AllowedTypes = (),
+                 name: str | None = None) -> None:
+        super().__init__(transport=transport, home=home, allowed_types=allowed_types,
+                         delivery=None, name=name or f"PilotRequest({to}:{port})")
+        self.to, self.port, self.key, self.result_key = to, port, key, result_key
+        self.timeout = timeout
+
+    async def run(self, state: Any, config: RunnableConfig,
+                  transport: Transport) -> dict[str, Any]:
+        value = read_key(state, self.key, self.label)
+        body = to_bytes(self.codec.encode(value, f"the state key {self.key!r}"))
+        return {self.result_key: await call(transport, self.to, self.port, body, self.timeout,
+                                            self.codec.decode)}
+
+
+async def call(transport: Transport, to: str, port: int, body: bytes, timeout: float,
+               decode: Callable[[Any], Any]) -> Any:
+    """One request and its decoded reply."""
+    async with Requester(transport) as requester:
+        reply = await requester.request(to, port, body, timeout=timeout)
+    return decode(parse(reply.data))
