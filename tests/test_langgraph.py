@@ -1,0 +1,423 @@
+"""pilot_agents.integrations.langgraph: real compiled graphs talking through real tunnels, on
+embedded Nodes and through daemons, and as agents in processes of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, Interrupt, interrupt
+from pydantic import BaseModel
+
+from pilot_agents import Client
+from pilot_agents.errors import (
+    ConfigError,
+    DaemonNotRunningError,
+    MissingStateKeyError,
+    PilotTimeoutError,
+    RemoteError,
+    UnserializableValueError,
+    WireError,
+)
+from pilot_agents.integrations.langgraph import (
+    PilotReceive,
+    PilotRemoteGraph,
+    PilotRequest,
+    PilotSend,
+    serving_graph,
+)
+from pilot_agents.integrations.langgraph.codec import Codec
+from pilot_agents.patterns import Request, serving
+from tests.conftest import ROOT, DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
+from tests.transport_pairs import (  # noqa: F401 (fixtures)
+    Pair,
+    embedded,
+    kind_fixture,
+    pair_fixture,
+)
+
+AGENTS = str(ROOT / "tests" / "langgraph_agents.py")
+
+
+class State(TypedDict, total=False):
+    message: Any
+    message_receipt: dict[str, Any]
+    message_from: str
+    question: Any
+    answer: Any
+    approved: Any
+
+
+def one_node(node: Any, checkpointer: Any = None) -> Any:
+    """A compiled graph START -> node -> END."""
+    builder = StateGraph(State)
+    builder.add_node("node", node)
+    builder.add_edge(START, "node")
+    builder.add_edge("node", END)
+    return builder.compile(checkpointer=checkpointer)
+
+
+def receiver(pair: Pair, port: int, **kw: Any) -> PilotReceive:
+    return PilotReceive(port, transport=pair.server.transport, timeout=20, **kw)
+
+
+# -- send and receive ------------------------------------------------------------------------
+
+
+async def test_a_state_key_arrives_typed_with_its_sender_and_a_receipt(pair: Pair) -> None:
+    value = {"rows": [1, 2.5, None], "chat": [HumanMessage("hi"), AIMessage("hello")]}
+    receiving = asyncio.create_task(one_node(receiver(pair, 7101)).ainvoke({}))
+    sent = await one_node(PilotSend(pair.server_name, 7101, transport=pair.client.transport)
+                          ).ainvoke({"message": value})
+    got = await asyncio.wait_for(receiving, 30)
+    assert got["message"] == value
+    assert isinstance(got["message"]["chat"][0], HumanMessage)
+    assert got["message_from"] in (pair.client.node_id, "alpha")  # alpha: its daemon's name
+    receipt = sent["message_receipt"]
+    assert receipt["peer"] == pair.server.node_id
+    assert (receipt["to"], receipt["port"], receipt["path"]) == (pair.server_name, 7101, "direct")
+    assert receipt["bytes"] > 0 and len(receipt["id"]) == 32
+
+
+async def test_a_send_waits_for_the_receiver_to_listen(pair: Pair) -> None:
+    """The receiver's graph gets to its PilotReceive after the send began: the send is tried
+    again until the port has a listener."""
+    sending = asyncio.create_task(one_node(
+        PilotSend(pair.server_name, 7102, transport=pair.client.transport, timeout=20)
+    ).ainvoke({"message": "early"}))
+    await asyncio.sleep(1.0)
+    got = await one_node(receiver(pair, 7102)).ainvoke({})
+    assert got["message"] == "early"
+    assert (await asyncio.wait_for(sending, 20))["message_receipt"]["port"] == 7102
+
+
+async def test_a_plain_message_is_received_as_its_json_or_text(pair: Pair) -> None:
+    graph = one_node(receiver(pair, 7103))
+    for data, expected in (({"a": 1}, {"a": 1}), ("plain text", "plain text"),
+                           (b"\xff\xfe", b"\xff\xfe")):
+        receiving = asyncio.create_task(graph.ainvoke({}))
+        await send_when_listening(pair, 7103, data)
+        assert (await asyncio.wait_for(receiving, 20))["message"] == expected
+
+
+async def send_when_listening(pair: Pair, port: int, data: object) -> None:
+    """A raw send, tried until the receiving graph's node listens."""
+    for _ in range(100):
+        with contextlib.suppress(Exception):
+            await pair.client.transport.send(pair.server_name, port, data, timeout=5)
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"port {port} never listened")
+
+
+async def test_a_malformed_envelope_is_dropped_and_counted(pair: Pair) -> None:
+    node = receiver(pair, 7104)
+    receiving = asyncio.create_task(one_node(node).ainvoke({}))
+    await send_when_listening(pair, 7104, {"pilot": "lg-send/1", "value": 1})  # no id
+    await one_node(PilotSend(pair.server_name, 7104, transport=pair.client.transport)
+                   ).ainvoke({"message": "good"})
+    assert (await asyncio.wait_for(receiving, 20))["message"] == "good"
+    assert node.malformed == 1
+
+
+# -- request/reply and remote graphs ----------------------------------------------------------
+
+
+def doubling_graph() -> Any:
+    """The graph a peer serves: answer = question * 2, in two steps."""
+    builder = StateGraph(State)
+    builder.add_node("read", lambda state: {"approved": True})
+    builder.add_node("double", lambda state: {"answer": state["question"] * 2})
+    builder.add_edge(START, "read")
+    builder.add_edge("read", "double")
+    builder.add_edge("double", END)
+    return builder.compile()
+
+
+async def test_request_reply_between_graphs(pair: Pair) -> None:
+    """A PilotRequest to a served graph (its input is the request's value) and to a plain
+    req/rep handler."""
+    async def handler(request: Request) -> object:
+        return {"len": len(request.json()["question"])}
+
+    async with serving_graph(doubling_graph(), 7201, pair.server.transport), \
+            serving(pair.server.transport, 7202, handler):
+        asks = one_node(PilotRequest(pair.server_name, 7201, "message", "answer",
+                                     transport=pair.client.transport))
+        out = await asks.ainvoke({"message": {"question": 21}})
+        assert out["answer"] == {"question": 21, "approved": True, "answer": 42}
+        asks = one_node(PilotRequest(pair.server_name, 7202, "message", "answer",
+                                     transport=pair.client.transport))
+        assert (await asks.ainvoke({"message": {"question": "four"}}))["answer"] == {"len": 4}
+
+
+async def test_a_remote_graph_as_a_subgraph_node_and_streamed(pair: Pair) -> None:
+    remote = PilotRemoteGraph(pair.server_name, 7203, transport=pair.client.transport)
+    builder = StateGraph(State)
+    builder.add_node("ask", lambda state: {"question": "ab"})
+    builder.add_node("remote", remote)
+    builder.add_node("check", lambda state: {"message": f"got {state['answer']}"})
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", "remote")
+    builder.add_edge("remote", "check")
+    builder.add_edge("check", END)
+    parent = builder.compile()
+    async with serving_graph(doubling_graph(), 7203, pair.server.transport):
+        out = await parent.ainvoke({})
+        assert out == {"question": "ab", "answer": "abab", "approved": True,
+                       "message": "got abab"}
+        updates = [chunk async for chunk in remote.astream({"question": 3})]
+        assert updates == [{"read": {"approved": True}}, {"double": {"answer": 6}}]
+        # The parent's own stream shows the remote node's update, not the remote steps.
+        parent_updates = [c async for c in parent.astream({}, stream_mode="updates")]
+        assert parent_updates[1] == {"remote": {"question": "ab", "approved": True,
+                                                "answer": "abab"}}
+        with pytest.raises(RemoteError, match="KeyError"):
+            await remote.ainvoke({"message": "no question"})
+
+
+async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:
+    """A served graph with a checkpointer: the caller's thread_id is its thread, an interrupt
+    comes back as LangGraph's Interrupt, and Command(resume=...) goes there."""
+    def review(state: State) -> State:
+        return {"approved": interrupt({"question": state["question"]})}
+
+    builder = StateGraph(State)
+    builder.add_node("review", review)
+    builder.add_edge(START, "review")
+    served = builder.compile(checkpointer=InMemorySaver())
+    remote = PilotRemoteGraph(pair.server_name, 7204, transport=pair.client.transport)
+    config = RunnableConfig(configurable={"thread_id": "t-1"})
+    async with serving_graph(served, 7204, pair.server.transport):
+        first = await remote.ainvoke({"question": "ship it?"}, config)
+        [pending] = first["__interrupt__"]
+        assert isinstance(pending, Interrupt) and pending.value == {"question": "ship it?"}
+        assert await remote.ainvoke(Command(resume="yes"), config) == {
+            "question": "ship it?", "approved": "yes"}
+
+
+# -- re-runs: no second delivery ---------------------------------------------------------------
+
+
+async def test_a_task_rerun_after_an_interrupt_does_not_deliver_twice(pair: Pair) -> None:
+    """A node sends, then asks for approval (interrupt): resuming re-runs the whole node, so
+    the send happens again with the same idempotency key and the receiver drops it."""
+    send = PilotSend(pair.server_name, 7301, transport=pair.client.transport, timeout=20)
+
+    async def send_then_approve(state: State, config: RunnableConfig) -> State:
+        update = await send.ainvoke(state, config)
+        return {**update, "approved": interrupt("sent: approve?")}  # type: ignore[typeddict-item]
+
+    builder = StateGraph(State)
+    builder.add_node("send", send_then_approve)
+    builder.add_node("send_more", lambda state: {"message": "second"})
+    builder.add_node("send_again", PilotSend(pair.server_name, 7301,
+                                             transport=pair.client.transport, timeout=20))
+    builder.add_edge(START, "send")
+    builder.add_edge("send", "send_more")
+    builder.add_edge("send_more", "send_again")
+    builder.add_edge("send_again", END)
+    sender = builder.compile(checkpointer=InMemorySaver())
+    config = RunnableConfig(configurable={"thread_id": "approval"})
+
+    node = receiver(pair, 7301)
+    receiving = one_node(node)
+    first = asyncio.create_task(receiving.ainvoke({}))
+    paused = await sender.ainvoke({"message": "first"}, config)
+    assert "__interrupt__" in paused
+    assert (await asyncio.wait_for(first, 20))["message"] == "first"
+
+    second = asyncio.create_task(receiving.ainvoke({}))
+    done = await sender.ainvoke(Command(resume=True), config)
+    assert (await asyncio.wait_for(second, 20))["message"] == "second"
+    assert done["approved"] is True
+    assert node.duplicates == 1  # the re-run's copy of "first"
+
+
+async def test_a_killed_agent_resumed_from_its_sqlite_checkpoint_delivers_once(
+        tmp_path: Path) -> None:
+    """Two agents, each a process with its daemon. The sender is checkpointed (AsyncSqliteSaver)
+    before its send, killed after the send but before the send's step is checkpointed, and
+    resumed in a new process: that runs the send again, and the receiver gets it once."""
+    with agent_daemons("alpha", "beta") as (alpha, beta):
+        db = str(tmp_path / "sender.db")
+        node = PilotReceive(transport=None, home=beta.home, timeout=60)
+        receiving = one_node(node)
+        first = start_agent(alpha, "crash-sender", db, "beta", "1001", "first")
+        try:
+            got = await asyncio.wait_for(receiving.ainvoke({}), 60)
+            assert (got["message"], got["message_from"]) == ("v1", "alpha")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        resumed = start_agent(alpha, "crash-sender", db, "beta", "1001", "resume")
+        got = await asyncio.wait_for(receiving.ainvoke({}), 60)
+        assert got["message"] == "v2"  # the copy of "v1" before it was dropped
+        assert node.duplicates == 1
+        state = await finish(resumed)
+        assert state["blocked"] is True and state["draft_receipt"]["peer"] == beta.node_id
+
+
+# -- three agents, three processes --------------------------------------------------------------
+
+
+async def test_three_agents_in_three_processes_hand_the_work_on() -> None:
+    """scraper -> analyzer -> reporter, each a graph in its own process with its own daemon,
+    by hostname; the scraper runs synchronously (graph.invoke)."""
+    with agent_daemons("scraper", "analyzer", "reporter") as (scraper, analyzer, reporter):
+        agents = [start_agent(reporter, "reporter"), start_agent(analyzer, "analyzer"),
+                  start_agent(scraper, "scraper")]
+        reported, analyzed, scraped = [await finish(a) for a in agents]
+    assert reported["insights"] == {"totals": {"north": 300.5, "south": 150.25},
+                                    "note": "four rows, two regions", "source": "scraper"}
+    assert reported["insights_from"] == "analyzer"
+    assert analyzed["batch_from"] == "scraper"
+    assert analyzed["insights_receipt"]["peer"] == reporter.node_id
+    assert scraped["batch_receipt"]["peer"] == analyzer.node_id
+
+
+@contextlib.contextmanager
+def agent_daemons(*names: str) -> Iterator[list[DaemonHandle]]:
+    """A daemon per name, each a static, trusted peer of the next."""
+    homes = [short_home() for _ in names]
+    try:
+        daemons = start_daemons(*zip(homes, names, strict=True))
+        for a, b in itertools.pairwise(daemons):
+            peer_up(a, b)
+        yield daemons
+    finally:
+        stop_daemons(*homes)
+
+
+def start_agent(daemon: DaemonHandle, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PILOT_HOME": str(daemon.home)}
+    return subprocess.Popen([sys.executable, AGENTS, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+async def finish(agent: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
+    try:
+        out, err = await asyncio.to_thread(agent.communicate, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        out, err = agent.communicate()
+        raise AssertionError(f"agent {agent.args!r} did not finish: {err}") from None
+    assert agent.returncode == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+# -- synchronous graphs -------------------------------------------------------------------------
+
+
+async def test_graph_invoke_runs_the_nodes_synchronously(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle]) -> None:
+    """Under graph.invoke (no event loop in the thread, or one running) the nodes open their
+    own daemon clients."""
+    alpha, beta = daemon_pair
+    async with Client(alpha.home) as client:
+        send = one_node(PilotSend("beta", 7401, transport=client))
+        receive = one_node(PilotReceive(7401, home=beta.home, timeout=20))
+        with ThreadPoolExecutor(1) as pool:  # a thread without a loop
+            receiving = pool.submit(receive.invoke, {})
+            sent = send.invoke({"message": [HumanMessage("sync")]})  # this thread runs a loop
+            got = receiving.result(timeout=30)
+    assert got["message"] == [HumanMessage("sync")] and got["message_from"] == "alpha"
+    assert sent["message_receipt"]["peer"] == beta.node_id
+
+
+async def test_an_embedded_node_under_graph_invoke_is_a_clear_error(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as pair:
+        graph = one_node(PilotSend(pair.server_name, 7402, transport=pair.client.transport))
+        with pytest.raises(ConfigError, match=r"graph\.ainvoke"):
+            await asyncio.to_thread(graph.invoke, {"message": 1})
+
+
+# -- user mistakes ------------------------------------------------------------------------------
+
+
+async def test_user_mistakes_are_clear_errors(pair: Pair) -> None:
+    send = one_node(PilotSend(pair.server_name, 7501, key="report",
+                              transport=pair.client.transport, timeout=1))
+    with pytest.raises(MissingStateKeyError, match=r"'report'.*keys: 'message'"):
+        await send.ainvoke({"message": 1})
+    with pytest.raises(UnserializableValueError, match="'message' is a lock"):
+        await one_node(PilotSend(pair.server_name, 7501, transport=pair.client.transport)
+                       ).ainvoke({"message": threading.Lock()})
+    with pytest.raises(PilotTimeoutError, match="no listener on port 7501"):
+        await one_node(PilotSend(pair.server_name, 7501, transport=pair.client.transport,
+                                 timeout=1)).ainvoke({"message": 1})
+    with pytest.raises(PilotTimeoutError, match=r"no message on port 7502 within 0\.5 s"):
+        await one_node(PilotReceive(7502, transport=pair.server.transport, timeout=0.5)
+                       ).ainvoke({})
+
+
+def test_no_daemon_running_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    home = short_home()
+    try:
+        monkeypatch.setenv("PILOT_HOME", str(home))
+        with pytest.raises(DaemonNotRunningError, match="daemon start"):
+            one_node(PilotSend("analyzer")).invoke({"message": 1})
+    finally:
+        stop_daemons(home)
+
+
+# -- the codec ----------------------------------------------------------------------------------
+
+
+def test_values_round_trip_and_plain_json_goes_as_itself() -> None:
+    codec = Codec()
+    plain: list[object] = [{"a": [1, "x", None, True]}, "text", 3.5, None]
+    for value in plain:
+        assert codec.encode(value) == value  # as itself: any JSON peer reads it
+    typed: list[object] = [[HumanMessage("hi")], (1, 2), {1: "int key"}, b"raw", {"pilot": "mine"},
+                           Command(resume={"ok": 1}), float("inf")]
+    for value in typed:
+        wire = codec.encode(value)
+        assert wire["pilot"] == "lg-value/1"
+        decoded = codec.decode(json.loads(json.dumps(wire)))
+        if isinstance(value, Command):  # msgpack has no tuples: compare what a resume uses
+            assert isinstance(decoded, Command) and decoded.resume == value.resume
+        else:
+            assert decoded == (list(value) if isinstance(value, tuple) else value)
+
+
+class Custom:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Custom) and other.n == self.n
+
+
+class Point(BaseModel):
+    x: int
+
+
+def test_a_peer_cannot_make_us_build_classes_we_did_not_allow() -> None:
+    wire = json.loads(json.dumps(Codec().encode(Point(x=1))))
+    assert Codec().decode(wire) == {"x": 1}  # its fields, not the class
+    assert Codec(allowed_types=[Point]).decode(wire) == Point(x=1)
+    with pytest.raises(UnserializableValueError, match="Custom"):
+        Codec().encode(Custom(1))
+    for bad in ({"pilot": "lg-value/1", "msgpack": "not base64!"},
+                {"pilot": "lg-value/1", "msgpack": "AAAA"[:3]},
+                {"pilot": "lg-value/1", "type": "pickle", "data": ""},
+                {"pilot": "lg-value/1"}):
+        with pytest.raises(WireError):
+            Codec().decode(bad)
