@@ -40,6 +40,7 @@ from pilot_agents.integrations.langgraph import (
     PilotRemoteGraph,
     PilotRequest,
     PilotSend,
+    ServeGraphConfig,
     serving_graph,
 )
 from pilot_agents.integrations.langgraph.codec import Codec
@@ -190,6 +191,43 @@ async def test_a_remote_graph_as_a_subgraph_node_and_streamed(pair: Pair) -> Non
                                                 "answer": "abab"}}
         with pytest.raises(RemoteError, match="KeyError"):
             await remote.ainvoke({"message": "no question"})
+
+
+async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> None:
+    """The first update arrives while the remote run still waits; a caller that stops early
+    cancels the remote run; a caller beyond max_streams is told the server is busy."""
+    release = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def wait_for_release(state: State) -> State:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {"answer": "released"}
+
+    builder = StateGraph(State)
+    builder.add_node("first", lambda state: {"question": "started"})
+    builder.add_node("second", wait_for_release)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "second")
+    served = builder.compile()
+    remote = PilotRemoteGraph(pair.server_name, 7205, transport=pair.client.transport)
+    config = ServeGraphConfig(max_streams=1, poll_wait=0.5)
+    async with serving_graph(served, 7205, pair.server.transport, config=config):
+        updates = remote.astream({})
+        assert await asyncio.wait_for(anext(updates), 10) == {"first": {"question": "started"}}
+        with pytest.raises(RemoteError, match="BusyError"):
+            await anext(remote.astream({}))
+        release.set()
+        assert [u async for u in updates] == [{"second": {"answer": "released"}}]
+
+        release.clear()
+        early = remote.astream({})
+        assert await asyncio.wait_for(anext(early), 10) == {"first": {"question": "started"}}
+        await early.aclose()  # stop asking: the remote run is cancelled
+        await asyncio.wait_for(cancelled.wait(), 10)
 
 
 async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:

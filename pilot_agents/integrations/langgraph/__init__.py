@@ -23,7 +23,7 @@ of ``$PILOT_HOME``. The user guide is docs/langgraph.md; the wire format, :mod:`
 
 from .base import DeliveryConfig, PilotNode
 from .nodes import PilotReceive, PilotRequest, PilotSend
-from .remote import PilotRemoteGraph, graph_handler, serve_graph, serving_graph
+from .remote import GraphServer, PilotRemoteGraph, ServeGraphConfig, serve_graph, serving_graph
 
-__all__ = ["DeliveryConfig", "PilotNode", "PilotReceive", "PilotRemoteGraph", "PilotRequest",
-           "PilotSend", "graph_handler", "serve_graph", "serving_graph"]
+__all__ = ["DeliveryConfig", "GraphServer", "PilotNode", "PilotReceive", "PilotRemoteGraph",
+           "PilotRequest", "PilotSend", "ServeGraphConfig", "serve_graph", "serving_graph"]

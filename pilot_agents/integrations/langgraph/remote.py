@@ -1,19 +1,31 @@
 """A compiled graph served to trusted peers, and the graph-like object that calls it by hostname.
 
 LangGraph's own ``RemoteGraph`` needs the URL of a LangGraph Server; this one needs the peer's
-hostname and a port, and works with both peers behind NAT."""
+hostname and a port, and works with both peers behind NAT.
+
+Everything is request/reply (:mod:`pilot_agents.patterns.reqrep`) on one port: ``invoke`` is one
+request. A stream is pulled: ``stream`` starts the run on the server and names it, then each
+``next`` returns the updates produced since the last one (waiting up to a few seconds for at
+least one), until the run has ended. The server holds a bounded number of updates per run, so a
+slow caller holds up its run instead of filling the server's memory, and it cancels a run whose
+caller stopped asking.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 
-from ...errors import ConfigError
-from ...patterns.reqrep import Handler, Replier, ReqRepConfig, Request, serve, serving
+from ...errors import BusyError, ConfigError, PilotError
+from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...transport import DEFAULT_TIMEOUT, Transport
 from .base import DeliveryConfig, PilotNode, run_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
@@ -22,31 +34,134 @@ from .nodes import AllowedTypes, call, to_bytes
 Graph = Runnable[Any, Any]  # a compiled graph, or any Runnable with LangGraph's astream
 
 
-def graph_handler(graph: Graph, allowed_types: AllowedTypes = ()) -> Handler:
-    """The req/rep handler that runs ``graph`` for a request. A request is either a graph call
-    (from :class:`PilotRemoteGraph`) or a bare value, taken as the input state (from
-    :class:`~pilot_agents.integrations.langgraph.PilotRequest` or any requester)."""
-    codec = Codec(allowed_types)
+@dataclass(frozen=True)
+class ServeGraphConfig:
+    """The bounds of a served graph."""
 
-    async def handle(request: Request) -> object:
+    max_streams: int = 16  # streamed runs kept at once; a caller beyond that gets BusyError
+    buffered_updates: int = 64  # updates a streamed run may get ahead of its caller
+    poll_wait: float = 10.0  # seconds a ``next`` waits for an update before answering none
+    idle_timeout: float = 60.0  # seconds without a ``next`` before a streamed run is cancelled
+    reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)  # runs at once, streams per peer
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams", "buffered_updates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServeGraphConfig.{name} must be at least 1")
+        if not 0 < self.poll_wait < self.idle_timeout:
+            raise ConfigError("ServeGraphConfig.poll_wait must be positive and below "
+                              "idle_timeout (seconds)")
+
+
+_END = object()
+
+
+def _last(updates: list[Any]) -> bool:
+    """True if ``updates`` ends with the end of its run (or the error that ended it)."""
+    return updates[-1] is _END or isinstance(updates[-1], Exception)
+
+
+class _Run:
+    """A streamed run: the task that runs the graph, and its updates not yet fetched."""
+
+    def __init__(self, buffered: int) -> None:
+        self.updates: asyncio.Queue[Any] = asyncio.Queue(buffered)
+        self.task: asyncio.Task[None] | None = None
+        self.last_asked = time.monotonic()
+
+
+class GraphServer:
+    """The req/rep handler that runs ``graph`` for trusted peers (:meth:`handle`). A request is
+    a graph call (from :class:`PilotRemoteGraph`) or a bare value, taken as the input state
+    (from :class:`~pilot_agents.integrations.langgraph.PilotRequest` or any requester)."""
+
+    def __init__(self, graph: Graph, allowed_types: AllowedTypes = (),
+                 config: ServeGraphConfig | None = None) -> None:
+        self.graph = graph
+        self.codec = Codec(allowed_types)
+        self.config = config or ServeGraphConfig()
+        self._runs: dict[str, _Run] = {}
+
+    async def handle(self, request: Request) -> object:
         body = parse(request.data)
-        op: Any = "invoke"
-        config = RunnableConfig()
-        if isinstance(body, dict) and body.get(MARK) == GRAPH:
-            op = body.get("op")
-            config = peer_config(body.get("config"))
-            body = body.get("input")
-        state = codec.decode(body)
+        if not (isinstance(body, dict) and body.get(MARK) == GRAPH):
+            return await self._invoke(body, RunnableConfig())
+        op = body.get("op")
         if op == "invoke":
-            output = await graph.ainvoke(state, config)
-        elif op == "stream":
-            output = [chunk async for chunk in graph.astream(state, config,
-                                                              stream_mode="updates")]
-        else:
-            raise ConfigError(f"a graph call names an unknown op {op!r}")
-        return to_bytes(codec.encode(output, "the graph's output"))
+            return await self._invoke(body.get("input"), peer_config(body.get("config")))
+        if op == "stream":
+            return to_bytes({"run": self._start(body.get("input"),
+                                                peer_config(body.get("config")))})
+        if op == "next":
+            return await self._next(self._run(body.get("run")))
+        if op == "cancel":
+            run = self._runs.pop(str(body.get("run")), None)
+            if run is not None and run.task is not None:
+                run.task.cancel()
+            return to_bytes({"cancelled": run is not None})
+        raise ConfigError(f"a graph call names an unknown op {op!r}")
 
-    return handle
+    def close(self) -> None:
+        """Cancel every streamed run."""
+        runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            if run.task is not None:
+                run.task.cancel()
+
+    async def _invoke(self, state: Any, config: RunnableConfig) -> bytes:
+        output = await self.graph.ainvoke(self.codec.decode(state), config)
+        return to_bytes(self.codec.encode(output, "the graph's output"))
+
+    def _start(self, state: Any, config: RunnableConfig) -> str:
+        self._forget_idle()
+        if len(self._runs) >= self.config.max_streams:
+            raise BusyError(f"this graph streams {self.config.max_streams} runs at once "
+                            f"already (ServeGraphConfig.max_streams); try again later")
+        state = self.codec.decode(state)
+        run_id = uuid.uuid4().hex
+        run = self._runs[run_id] = _Run(self.config.buffered_updates)
+        run.task = asyncio.create_task(self._produce(run, state, config))
+        return run_id
+
+    async def _produce(self, run: _Run, state: Any, config: RunnableConfig) -> None:
+        try:
+            async for update in self.graph.astream(state, config, stream_mode="updates"):
+                await run.updates.put(self.codec.encode(update, "an update of the graph"))
+        except Exception as exc:  # the caller's to see, at its next fetch
+            await run.updates.put(exc)
+        else:
+            await run.updates.put(_END)
+
+    def _run(self, run_id: object) -> _Run:
+        run = self._runs.get(str(run_id))
+        if run is None:
+            raise ConfigError(f"no streamed run {run_id!r} here: it ended, or nobody asked "
+                              f"for its updates for {self.config.idle_timeout} s")
+        run.last_asked = time.monotonic()
+        return run
+
+    async def _next(self, run: _Run) -> bytes:
+        """The updates ready now, waiting up to ``poll_wait`` seconds for the first."""
+        updates: list[Any] = []
+        with contextlib.suppress(TimeoutError):
+            updates.append(await asyncio.wait_for(run.updates.get(), self.config.poll_wait))
+        while updates and not _last(updates) and not run.updates.empty():
+            updates.append(run.updates.get_nowait())
+        done = bool(updates) and _last(updates)
+        if done:
+            self._runs = {k: r for k, r in self._runs.items() if r is not run}
+            if isinstance(updates[-1], Exception):
+                raise updates[-1]
+            updates.pop()
+        return to_bytes({"updates": updates, "done": done})
+
+    def _forget_idle(self) -> None:
+        horizon = time.monotonic() - self.config.idle_timeout
+        for run_id, run in list(self._runs.items()):
+            if run.last_asked < horizon:
+                del self._runs[run_id]
+                if run.task is not None:
+                    run.task.cancel()
 
 
 def peer_config(raw: Any) -> RunnableConfig:
@@ -65,37 +180,46 @@ def forwardable(configurable: dict[str, Any]) -> dict[str, Any]:
 
 async def serve_graph(graph: Graph, port: int, transport: Transport | None = None, *,
                       home: str | Path | None = None, allowed_types: AllowedTypes = (),
-                      config: ReqRepConfig | None = None) -> None:
+                      config: ServeGraphConfig | None = None) -> None:
     """Run ``graph`` for every request trusted peers send to ``port``, until cancelled; up to
-    ``config.handler_concurrency`` runs at once. A run that raises is answered with an error
-    the caller raises as :class:`~pilot_agents.errors.RemoteError`. Peers may set the run's
-    ``thread_id`` (so, with a checkpointer, continue any of its threads): serve only to peers
-    you would let do that."""
-    async with using(transport, home) as t:
-        await serve(t, port, graph_handler(graph, allowed_types), config)
+    ``config.reqrep.handler_concurrency`` requests at once. A run that raises is answered with
+    an error the caller raises as :class:`~pilot_agents.errors.RemoteError`. Peers may set the
+    run's ``thread_id`` (so, with a checkpointer, continue any of its threads): serve only to
+    peers you would let do that."""
+    server = GraphServer(graph, allowed_types, config)
+    try:
+        async with using(transport, home) as t:
+            await serve(t, port, server.handle, server.config.reqrep)
+    finally:
+        server.close()
 
 
 @contextlib.asynccontextmanager
 async def serving_graph(graph: Graph, port: int, transport: Transport | None = None, *,
                         home: str | Path | None = None, allowed_types: AllowedTypes = (),
-                        config: ReqRepConfig | None = None) -> AsyncIterator[Replier]:
+                        config: ServeGraphConfig | None = None) -> AsyncIterator[Replier]:
     """:func:`serve_graph` in the background for the ``async with`` block; the port is listened
     on before the block starts."""
-    async with using(transport, home) as t, \
-            serving(t, port, graph_handler(graph, allowed_types), config) as replier:
-        yield replier
+    server = GraphServer(graph, allowed_types, config)
+    try:
+        async with using(transport, home) as t, \
+                serving(t, port, server.handle, server.config.reqrep) as replier:
+            yield replier
+    finally:
+        server.close()
 
 
 class PilotRemoteGraph(PilotNode):
     """A graph served by :func:`serve_graph` on ``port`` of the peer ``to``, used like a local
-    compiled graph: ``invoke``/``ainvoke`` return its output state, ``stream``/``astream`` its
-    updates (``stream_mode="updates"``, ``{node: update}`` per step). Add it to a graph as a
-    node (``builder.add_node("analyze", PilotRemoteGraph("analyzer", 2001))``): it is given the
+    compiled graph: ``invoke``/``ainvoke`` return its output state, ``astream`` its updates as
+    they happen (``stream_mode="updates"``: ``{node: update}`` per step; ``stream``, the
+    synchronous one, yields them once the run has ended). Add it to a graph as a node
+    (``builder.add_node("analyze", PilotRemoteGraph("analyzer", 2001))``): it is given the
     parent's state and its output state is the node's update.
 
     The config passed on is the ``configurable`` part's plain-JSON entries, ``thread_id``
     included, so a served graph with a checkpointer keeps a thread per caller thread.
-    Updates arrive when the remote run has ended (in one reply), not live."""
+    ``timeout``: seconds for an ``invoke``, and for each fetch of a stream's updates."""
 
     def __init__(self, to: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
                  transport: Transport | None = None, home: str | Path | None = None,
@@ -107,17 +231,17 @@ class PilotRemoteGraph(PilotNode):
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:
-        output = await self._call(transport, "invoke", state, config)
+        body = self._body("invoke", input=self.codec.encode(state, "the graph's input"),
+                          config={"configurable": forwardable(
+                              dict(config.get("configurable") or {}))})
+        output = await call(transport, self.to, self.port, body, self.timeout,
+                            self.codec.decode)
         if not isinstance(output, dict):
             raise ConfigError(f"{self.label} answered a {type(output).__name__}, not a state")
         return output
 
-    async def _call(self, transport: Transport, op: str, state: Any,
-                    config: RunnableConfig) -> Any:
-        body = {MARK: GRAPH, "op": op, "input": self.codec.encode(state, "the graph's input"),
-                "config": {"configurable": forwardable(dict(config.get("configurable") or {}))}}
-        return await call(transport, self.to, self.port, to_bytes(body), self.timeout,
-                          self.codec.decode)
+    def _body(self, op: str, **fields: Any) -> bytes:
+        return to_bytes({MARK: GRAPH, "op": op, **fields})
 
     async def astream(self, input: Any, config: RunnableConfig | None = None,
                       **kwargs: Any | None) -> AsyncIterator[dict[str, Any]]:
@@ -126,9 +250,35 @@ class PilotRemoteGraph(PilotNode):
             yield await self.ainvoke(input, config)
             return
         async with using(self.transport, self.home) as transport:
-            chunks = await self._call(transport, "stream", input, config)
-        for chunk in _chunks(chunks, self.label):
-            yield chunk
+            async for update in self._pull(transport, input, config):
+                yield update
+
+    async def _pull(self, transport: Transport, state: Any,
+                    config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
+        async with Requester(transport) as requester:
+            async def ask(op: str, **fields: Any) -> Any:
+                reply = await requester.request(self.to, self.port, self._body(op, **fields),
+                                                timeout=self.timeout)
+                return parse(reply.data)
+
+            started = await ask("stream", input=self.codec.encode(state, "the graph's input"),
+                                config={"configurable": forwardable(
+                                    dict(config.get("configurable") or {}))})
+            run_id = started.get("run") if isinstance(started, dict) else None
+            done = False
+            try:
+                while not done:
+                    batch = await ask("next", run=run_id)
+                    if not isinstance(batch, dict) or not isinstance(batch.get("updates"), list):
+                        raise ConfigError(f"{self.label} answered a stream fetch with "
+                                          f"something else: is it a served graph?")
+                    done = bool(batch.get("done"))
+                    for update in batch["updates"]:
+                        yield self.codec.decode(update)
+            finally:
+                if not done:  # the caller stopped early: the server's run need not go on
+                    with contextlib.suppress(PilotError):
+                        await ask("cancel", run=run_id)
 
     def stream(self, input: Any, config: RunnableConfig | None = None,
                **kwargs: Any | None) -> Iterator[dict[str, Any]]:
@@ -136,12 +286,11 @@ class PilotRemoteGraph(PilotNode):
         if self._as_node(config, kwargs):
             yield self.invoke(input, config)
             return
-        chunks = run_sync(self._stream_on_own_loop(input, config))
-        yield from _chunks(chunks, self.label)
+        yield from run_sync(self._collect(input, config))
 
-    async def _stream_on_own_loop(self, state: Any, config: RunnableConfig) -> Any:
+    async def _collect(self, state: Any, config: RunnableConfig) -> list[dict[str, Any]]:
         async with using(None, self._sync_home()) as transport:
-            return await self._call(transport, "stream", state, config)
+            return [update async for update in self._pull(transport, state, config)]
 
     def _as_node(self, config: RunnableConfig, kwargs: dict[str, Any]) -> bool:
         """LangGraph streams a node (under ``astream_events``) and wants its output, not its
@@ -150,9 +299,3 @@ class PilotRemoteGraph(PilotNode):
         if mode not in (None, "updates"):
             raise ConfigError(f"{self.label} streams stream_mode='updates' only, not {mode!r}")
         return mode is None and "langgraph_node" in (config.get("metadata") or {})
-
-
-def _chunks(chunks: Any, who: str) -> Iterable[dict[str, Any]]:
-    if not (isinstance(chunks, list) and all(isinstance(c, dict) for c in chunks)):
-        raise ConfigError(f"{who} answered a stream request with something else")
-    return chunks
