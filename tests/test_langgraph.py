@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict
@@ -225,6 +225,7 @@ async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> 
 
         release.clear()
         early = remote.astream({})
+        assert isinstance(early, AsyncGenerator)
         assert await asyncio.wait_for(anext(early), 10) == {"first": {"question": "started"}}
         await early.aclose()  # stop asking: the remote run is cancelled
         await asyncio.wait_for(cancelled.wait(), 10)
