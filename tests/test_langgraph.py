@@ -289,6 +289,25 @@ async def test_a_task_rerun_after_an_interrupt_does_not_deliver_twice(pair: Pair
     assert node.duplicates == 1  # the re-run's copy of "first"
 
 
+async def test_a_receive_rerun_after_an_interrupt_gets_the_same_message(pair: Pair) -> None:
+    """A node receives, then asks for approval: resuming re-runs it, and its PilotReceive hands
+    back what it took instead of waiting for another message."""
+    receive = receiver(pair, 7302)
+
+    async def receive_then_approve(state: State, config: RunnableConfig) -> State:
+        update = await receive.ainvoke(state, config)
+        return {**update, "approved": interrupt("received: approve?")}  # type: ignore[typeddict-item]
+
+    graph = one_node(receive_then_approve, InMemorySaver())
+    config = RunnableConfig(configurable={"thread_id": "receiver"})
+    receiving = asyncio.create_task(graph.ainvoke({}, config))
+    await one_node(PilotSend(pair.server_name, 7302, transport=pair.client.transport,
+                             timeout=20)).ainvoke({"message": "only"})
+    assert "__interrupt__" in await asyncio.wait_for(receiving, 20)
+    done = await asyncio.wait_for(graph.ainvoke(Command(resume="ok"), config), 5)
+    assert (done["message"], done["approved"]) == ("only", "ok")
+
+
 async def test_a_killed_agent_resumed_from_its_sqlite_checkpoint_delivers_once(
         tmp_path: Path) -> None:
     """Two agents, each a process with its daemon. The sender is checkpointed (AsyncSqliteSaver)

@@ -27,7 +27,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from ...errors import BusyError, ConfigError, PilotError
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...transport import DEFAULT_TIMEOUT, Transport
-from .base import DeliveryConfig, PilotNode, run_sync, using
+from .base import PilotNode, run_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, to_bytes
 
@@ -223,10 +223,9 @@ class PilotRemoteGraph(PilotNode):
 
     def __init__(self, to: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
                  transport: Transport | None = None, home: str | Path | None = None,
-                 allowed_types: AllowedTypes = (), delivery: DeliveryConfig | None = None,
-                 name: str | None = None) -> None:
+                 allowed_types: AllowedTypes = (), name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=allowed_types,
-                         delivery=delivery, name=name or f"PilotRemoteGraph({to}:{port})")
+                         delivery=None, name=name or f"PilotRemoteGraph({to}:{port})")
         self.to, self.port, self.timeout = to, port, timeout
 
     async def run(self, state: Any, config: RunnableConfig,
