@@ -251,6 +251,41 @@ async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) 
             "question": "ship it?", "approved": "yes"}
 
 
+async def test_an_interrupt_in_a_remote_subgraph_pauses_the_parent(pair: Pair) -> None:
+    """A remote graph used as a node of a checkpointed parent: its interrupt pauses the parent
+    with the remote question, and resuming the parent answers the remote thread without
+    running the remote graph's earlier steps again."""
+    drafts: list[str] = []
+
+    def draft(state: State) -> State:
+        drafts.append(state["question"])
+        return {"answer": f"draft of {state['question']}"}
+
+    served = StateGraph(State)
+    served.add_node("draft", draft)
+    served.add_node("review", lambda state: {"approved": interrupt({"check": state["answer"]})})
+    served.add_edge(START, "draft")
+    served.add_edge("draft", "review")
+    served.add_edge("review", END)
+    parent = StateGraph(State)
+    parent.add_node("remote", PilotRemoteGraph(pair.server_name, 7206,
+                                               transport=pair.client.transport))
+    parent.add_node("after", lambda state: {"message": f"{state['answer']}: {state['approved']}"})
+    parent.add_edge(START, "remote")
+    parent.add_edge("remote", "after")
+    parent.add_edge("after", END)
+    graph = parent.compile(checkpointer=InMemorySaver())
+    config = RunnableConfig(configurable={"thread_id": "parent-1"})
+    async with serving_graph(served.compile(checkpointer=InMemorySaver()), 7206,
+                             pair.server.transport):
+        paused = await graph.ainvoke({"question": "Q4"}, config)
+        [question] = paused["__interrupt__"]
+        assert question.value == {"check": "draft of Q4"}
+        done = await graph.ainvoke(Command(resume="looks right"), config)
+    assert done["message"] == "draft of Q4: looks right"
+    assert drafts == ["Q4"]
+
+
 # -- re-runs: no second delivery ---------------------------------------------------------------
 
 

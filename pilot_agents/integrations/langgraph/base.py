@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import uuid
@@ -80,8 +81,10 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
+    # The copied context carries LangGraph's config of the running task (interrupt() reads it).
+    context = contextvars.copy_context()
     with ThreadPoolExecutor(1, thread_name_prefix="pilot-langgraph") as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(context.run, asyncio.run, coro).result()
 
 
 @contextlib.asynccontextmanager

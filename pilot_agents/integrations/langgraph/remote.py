@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langgraph.types import Command, interrupt
 
 from ...errors import BusyError, ConfigError, PilotError
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
@@ -32,6 +33,7 @@ from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, to_bytes
 
 Graph = Runnable[Any, Any]  # a compiled graph, or any Runnable with LangGraph's astream
+INTERRUPT = "__interrupt__"  # where LangGraph puts a paused run's interrupts in its output
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class GraphServer:
                                                 peer_config(body.get("config")))})
         if op == "next":
             return await self._next(self._run(body.get("run")))
+        if op == "pending":
+            return await self._pending(peer_config(body.get("config")))
         if op == "cancel":
             run = self._runs.pop(str(body.get("run")), None)
             if run is not None and run.task is not None:
@@ -111,6 +115,18 @@ class GraphServer:
     async def _invoke(self, state: Any, config: RunnableConfig) -> bytes:
         output = await self.graph.ainvoke(self.codec.decode(state), config)
         return to_bytes(self.codec.encode(output, "the graph's output"))
+
+    async def _pending(self, config: RunnableConfig) -> bytes:
+        """The interrupts the thread of ``config`` waits on an answer to (none without a
+        checkpointer or a thread)."""
+        get_state = getattr(self.graph, "aget_state", None)
+        if get_state is None or "thread_id" not in (config.get("configurable") or {}):
+            return to_bytes([])
+        try:
+            snapshot = await get_state(config)
+        except ValueError:  # LangGraph: "No checkpointer set"
+            return to_bytes([])
+        return to_bytes(self.codec.encode(list(snapshot.interrupts), "the interrupts"))
 
     def _start(self, state: Any, config: RunnableConfig) -> str:
         self._forget_idle()
@@ -218,8 +234,10 @@ class PilotRemoteGraph(PilotNode):
     parent's state and its output state is the node's update.
 
     The config passed on is the ``configurable`` part's plain-JSON entries, ``thread_id``
-    included, so a served graph with a checkpointer keeps a thread per caller thread.
-    ``timeout``: seconds for an ``invoke``, and for each fetch of a stream's updates."""
+    included, so a served graph with a checkpointer keeps a thread per caller thread. As a node
+    of a checkpointed graph, a remote ``interrupt()`` pauses the parent graph, and resuming the
+    parent answers the remote thread. ``timeout``: seconds for an ``invoke``, and for each
+    fetch of a stream's updates."""
 
     def __init__(self, to: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
                  transport: Transport | None = None, home: str | Path | None = None,
@@ -230,14 +248,38 @@ class PilotRemoteGraph(PilotNode):
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:
+        forwarded = {"configurable": forwardable(dict(config.get("configurable") or {}))}
+        if not self._interrupts_pass(config, forwarded):
+            return await self._invoke(transport, state, forwarded)
+        # Resumed: the remote thread still waits, so it is answered, not run again.
+        pending = await call(transport, self.to, self.port,
+                             self._body("pending", config=forwarded), self.timeout,
+                             self.codec.decode)
+        output = ({INTERRUPT: pending} if pending
+                  else await self._invoke(transport, state, forwarded))
+        while output.get(INTERRUPT):
+            # Our interrupt() pauses the parent graph with the remote question; once the parent
+            # is resumed it returns the answer, which goes on to the remote thread.
+            answers = {i.id: interrupt(i.value) for i in output[INTERRUPT]}
+            output = await self._invoke(transport, Command(resume=answers), forwarded)
+        return output
+
+    async def _invoke(self, transport: Transport, state: Any,
+                      forwarded: dict[str, Any]) -> dict[str, Any]:
         body = self._body("invoke", input=self.codec.encode(state, "the graph's input"),
-                          config={"configurable": forwardable(
-                              dict(config.get("configurable") or {}))})
+                          config=forwarded)
         output = await call(transport, self.to, self.port, body, self.timeout,
                             self.codec.decode)
         if not isinstance(output, dict):
             raise ConfigError(f"{self.label} answered a {type(output).__name__}, not a state")
         return output
+
+    @staticmethod
+    def _interrupts_pass(config: RunnableConfig, forwarded: dict[str, Any]) -> bool:
+        """A node of a graph with a thread (so a checkpointer) passes the remote graph's
+        interrupts on to its own graph; called from anywhere else it returns them."""
+        return ("langgraph_node" in (config.get("metadata") or {})
+                and "thread_id" in forwarded["configurable"])
 
     def _body(self, op: str, **fields: Any) -> bytes:
         return to_bytes({MARK: GRAPH, "op": op, **fields})
