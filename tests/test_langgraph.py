@@ -96,6 +96,32 @@ async def test_a_state_key_arrives_typed_with_its_sender_and_a_receipt(pair: Pai
     assert receipt["bytes"] > 0 and len(receipt["id"]) == 32
 
 
+class Report(BaseModel):
+    """A pydantic state: the nodes read attributes and their updates are validated."""
+
+    title: str
+    chat: list[HumanMessage] = []
+    chat_from: str = ""
+    chat_receipt: dict[str, Any] = {}
+
+
+async def test_a_pydantic_state_is_read_and_updated(pair: Pair) -> None:
+    def graph(node: Any) -> Any:
+        builder = StateGraph(Report)
+        builder.add_node("node", node)
+        builder.add_edge(START, "node")
+        return builder.compile()
+
+    receiving = asyncio.create_task(graph(receiver(pair, 7105, key="chat")).ainvoke(
+        Report(title="in")))
+    sent = await graph(PilotSend(pair.server_name, 7105, key="chat", timeout=20,
+                                 transport=pair.client.transport)
+                       ).ainvoke(Report(title="out", chat=[HumanMessage("typed")]))
+    got = await asyncio.wait_for(receiving, 20)
+    assert got["chat"] == [HumanMessage("typed")] and got["chat_from"]
+    assert sent["chat_receipt"]["peer"] == pair.server.node_id
+
+
 async def test_a_send_waits_for_the_receiver_to_listen(pair: Pair) -> None:
     """The receiver's graph gets to its PilotReceive after the send began: the send is tried
     again until the port has a listener."""
