@@ -14,7 +14,7 @@ from langchain_core.runnables import RunnableConfig
 
 from ...errors import PilotTimeoutError, PortClosedError, WireError
 from ...patterns.reqrep import Requester
-from ...transport import CONNECT_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, Message, Transport
+from ...transport import DEFAULT_PORT, DEFAULT_TIMEOUT, Message, Transport
 from .base import BoundedMemory, DeliveryConfig, PilotNode, idempotency_key, read_key, task_of
 from .codec import MARK, SEND, parse
 
@@ -43,7 +43,7 @@ class PilotSend(PilotNode):
     receiving :class:`PilotReceive` drops the copy."""
 
     def __init__(self, to: str, port: int = DEFAULT_PORT, key: str = "message", *,
-                 receipt_key: str | None = None, timeout: float = CONNECT_TIMEOUT,
+                 receipt_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  transport: Transport | None = None, home: str | Path | None = None,
                  delivery: DeliveryConfig | None = None, name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=(), delivery=delivery,
@@ -154,11 +154,12 @@ class PilotReceive(PilotNode):
         message_id = body.get("id")
         if not isinstance(message_id, str) or "value" not in body:
             raise WireError("a send envelope without an id or a value")
+        value = self.codec.decode(body["value"])  # a malformed one is not remembered
         if not self._seen.add((message.sender, message_id), None):
             self.duplicates += 1
             log.info("dropped a second copy of message %s from %s", message_id, message.sender)
             return _DUPLICATE
-        return self.codec.decode(body["value"])
+        return value
 
 
 _DUPLICATE = object()
