@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict
@@ -219,12 +219,8 @@ async def test_a_remote_graph_as_a_subgraph_node_and_streamed(pair: Pair) -> Non
             await remote.ainvoke({"message": "no question"})
 
 
-async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> None:
-    """The first update arrives while the remote run still waits; a caller that stops early
-    cancels the remote run; a caller beyond max_streams is told the server is busy."""
-    release = asyncio.Event()
-    cancelled = asyncio.Event()
-
+def gated_graph(release: asyncio.Event, cancelled: asyncio.Event) -> Any:
+    """first -> second, which waits for ``release`` (and sets ``cancelled`` if cancelled)."""
     async def wait_for_release(state: State) -> State:
         try:
             await release.wait()
@@ -238,7 +234,14 @@ async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> 
     builder.add_node("second", wait_for_release)
     builder.add_edge(START, "first")
     builder.add_edge("first", "second")
-    served = builder.compile()
+    return builder.compile()
+
+
+async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> None:
+    """The first update arrives while the remote run still waits; a caller that stops early
+    cancels the remote run; a caller beyond max_streams is told the server is busy."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    served = gated_graph(release, cancelled)
     remote = PilotRemoteGraph(pair.server_name, 7205, transport=pair.client.transport)
     config = ServeGraphConfig(max_streams=1, poll_wait=0.5)
     async with serving_graph(served, 7205, pair.server.transport, config=config):
@@ -458,6 +461,26 @@ async def test_graph_invoke_runs_the_nodes_synchronously(
             got = receiving.result(timeout=30)
     assert got["message"] == [HumanMessage("sync")] and got["message_from"] == "alpha"
     assert sent["message_receipt"]["peer"] == beta.node_id
+
+
+async def test_a_remote_graph_streams_synchronously_as_it_happens(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle]) -> None:
+    alpha, beta = daemon_pair
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    async with Client(alpha.home) as client, Client(beta.home) as server, \
+            serving_graph(gated_graph(release, cancelled), 7403, server):
+        updates = PilotRemoteGraph("beta", 7403, transport=client).stream({})
+        first = await asyncio.wait_for(asyncio.to_thread(next, updates), 10)
+        assert first == {"first": {"question": "started"}}
+        release.set()
+        rest = await asyncio.wait_for(asyncio.to_thread(list, updates), 10)
+        assert rest == [{"second": {"answer": "released"}}]
+        release.clear()
+        early = PilotRemoteGraph("beta", 7403, home=alpha.home).stream({})
+        assert isinstance(early, Generator)
+        assert await asyncio.wait_for(asyncio.to_thread(next, early), 10) == first
+        await asyncio.to_thread(early.close)  # stop asking: the remote run is cancelled
+        await asyncio.wait_for(cancelled.wait(), 10)
 
 
 async def test_an_embedded_node_under_graph_invoke_is_a_clear_error(tmp_path: Path) -> None:

@@ -9,14 +9,23 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import queue
+import threading
 import uuid
 from abc import abstractmethod
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Lock
 from typing import Any, Generic, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
@@ -54,7 +63,7 @@ class BoundedMemory(Generic[K, V]):
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = Lock()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -85,6 +94,65 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     context = contextvars.copy_context()
     with ThreadPoolExecutor(1, thread_name_prefix="pilot-langgraph") as pool:
         return pool.submit(context.run, asyncio.run, coro).result()
+
+
+def iterate_sync(items: Callable[[], AsyncGenerator[T, None]], close_wait: float) -> Iterator[T]:
+    """The items of an async iterator as they come, to synchronous code: it runs on a loop of
+    its own in a helper thread, one item ahead at most. Leaving early cancels it (waiting up
+    to ``close_wait`` seconds for it to clean up)."""
+    handoff: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)  # (done, item or error)
+    lock = threading.Lock()
+    stopped = False
+    feeding: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+
+    async def feed() -> None:
+        nonlocal feeding
+        with lock:
+            if stopped:
+                return
+            task = asyncio.current_task()
+            assert task is not None  # asyncio.run runs us as a task
+            feeding = (asyncio.get_running_loop(), task)
+        # Closed here, not whenever it is collected: its clean-up needs this loop.
+        async with contextlib.aclosing(items()) as iterator:
+            async for item in iterator:
+                await asyncio.to_thread(handoff.put, (False, item))
+
+    def work() -> None:
+        nonlocal feeding
+        outcome: tuple[bool, Any] = (True, None)
+        try:
+            asyncio.run(feed())
+        except BaseException as exc:  # the consumer's to raise
+            outcome = (True, exc)
+        with lock:
+            feeding = None  # its loop is closed
+            if stopped:
+                return
+        handoff.put(outcome)
+
+    context = contextvars.copy_context()  # LangGraph's config of the running task, if any
+    thread = threading.Thread(target=context.run, args=(work,), name="pilot-langgraph-stream",
+                              daemon=True)
+    thread.start()
+    try:
+        while True:
+            done, item = handoff.get()
+            if not done:
+                yield item
+            elif item is not None:
+                raise item
+            else:
+                return
+    finally:
+        with lock:
+            stopped = True
+            if feeding is not None:
+                loop, task = feeding
+                loop.call_soon_threadsafe(task.cancel)
+        with contextlib.suppress(queue.Empty):
+            handoff.get_nowait()  # unblocks a feeder waiting to hand over the next item
+        thread.join(close_wait)
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from langgraph.types import Command, interrupt
 from ...errors import BusyError, ConfigError, PilotError
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...transport import DEFAULT_TIMEOUT, Transport
-from .base import PilotNode, run_sync, using
+from .base import PilotNode, iterate_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, to_bytes
 
@@ -227,11 +227,10 @@ async def serving_graph(graph: Graph, port: int, transport: Transport | None = N
 
 class PilotRemoteGraph(PilotNode):
     """A graph served by :func:`serve_graph` on ``port`` of the peer ``to``, used like a local
-    compiled graph: ``invoke``/``ainvoke`` return its output state, ``astream`` its updates as
-    they happen (``stream_mode="updates"``: ``{node: update}`` per step; ``stream``, the
-    synchronous one, yields them once the run has ended). Add it to a graph as a node
-    (``builder.add_node("analyze", PilotRemoteGraph("analyzer", 2001))``): it is given the
-    parent's state and its output state is the node's update.
+    compiled graph: ``invoke``/``ainvoke`` return its output state, ``astream``/``stream`` its
+    updates as they happen (``stream_mode="updates"``: ``{node: update}`` per step). As a node
+    (``builder.add_node("analyze", PilotRemoteGraph("analyzer", 2001))``) it is given the
+    parent's state, and its output state is the node's update.
 
     The config passed on is the ``configurable`` part's plain-JSON entries, ``thread_id``
     included, so a served graph with a checkpointer keeps a thread per caller thread. As a node
@@ -290,12 +289,13 @@ class PilotRemoteGraph(PilotNode):
         if self._as_node(config, kwargs):
             yield await self.ainvoke(input, config)
             return
-        async with using(self.transport, self.home) as transport:
-            async for update in self._pull(transport, input, config):
-                yield update
+        async with using(self.transport, self.home) as transport, \
+                contextlib.aclosing(self._pull(transport, input, config)) as updates:
+            async for update in updates:
+                yield update  # closed early, the block closes _pull at once: it cancels the run
 
     async def _pull(self, transport: Transport, state: Any,
-                    config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
+                    config: RunnableConfig) -> AsyncGenerator[dict[str, Any], None]:
         async with Requester(transport) as requester:
             async def ask(op: str, **fields: Any) -> Any:
                 reply = await requester.request(self.to, self.port, self._body(op, **fields),
@@ -327,11 +327,15 @@ class PilotRemoteGraph(PilotNode):
         if self._as_node(config, kwargs):
             yield self.invoke(input, config)
             return
-        yield from run_sync(self._collect(input, config))
+        home = self._sync_home()
 
-    async def _collect(self, state: Any, config: RunnableConfig) -> list[dict[str, Any]]:
-        async with using(None, self._sync_home()) as transport:
-            return [update async for update in self._pull(transport, state, config)]
+        async def updates() -> AsyncGenerator[dict[str, Any], None]:
+            async with using(None, home) as transport, \
+                    contextlib.aclosing(self._pull(transport, input, config)) as pulled:
+                async for update in pulled:
+                    yield update
+
+        yield from iterate_sync(updates, close_wait=self.timeout)
 
     def _as_node(self, config: RunnableConfig, kwargs: dict[str, Any]) -> bool:
         """LangGraph streams a node (under ``astream_events``) and wants its output, not its
