@@ -1,10 +1,13 @@
 """The daemon's local API: JSON requests over ZeroMQ on ``ipc://<home>/daemon.sock``.
 
 The daemon binds a ROUTER socket; a client connects a DEALER (or REQ) and sends one JSON object per
-message, ``{"cmd": "...", "id": ..., ...}``; the reply is ``{"ok": true, "id": ..., ...}`` or
-``{"ok": false, "id": ..., "error": {"type": "...", "message": "..."}}``. Requests run concurrently,
-so replies may come back out of order: match them by ``id``. The whole protocol is described in
-``docs/ipc.md``; the request models in ``daemon/requests.py`` are its machine-readable form.
+message, ``{"cmd": "...", "id": ..., ...}``, followed by a message's payload as a second frame
+where a command carries one; the reply is ``{"ok": true, "id": ..., ...}`` (a received message's
+payload in a second frame, when asked for) or ``{"ok": false, "id": ..., "error": {"type": "...",
+"message": "..."}}``. Requests run concurrently, so replies may come back out of order: match
+them by ``id``. A ``deliver`` request is answered many times, once per message pushed. The whole
+protocol is described in ``docs/ipc.md``; the request models in ``daemon/requests.py`` are its
+machine-readable form.
 
 This module has the error mapping, the paths in the home, and the asyncio client the SDK and the
 CLI use; the request models (pydantic) are in ``daemon/requests.py``, so clients never load
@@ -21,6 +24,7 @@ import fcntl
 import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,9 @@ LOCK_NAME = DAEMON_LOCK
 PID_NAME = DAEMON_PID
 LOG_NAME = "daemon.log"
 MAX_SOCKET_PATH = 100  # bytes; sun_path holds 108 and ZeroMQ needs a little of it
-REQUEST_TIMEOUT = 10.0  # seconds a client waits for the daemon beyond the request's own timeout
+# Seconds a client waits for the daemon beyond the request's own timeout (or, for a request
+# with no timeout, at all) before it asks whether the daemon still answers at all.
+REQUEST_TIMEOUT = 10.0
 PROTOCOL_VERSION = 1
 
 
@@ -153,19 +159,29 @@ def _zmq_context() -> Any:
     return _context
 
 
+OnReply = Callable[[dict[str, Any]], None]  # called with each reply of a delivery
+
+
 class IpcClient:
     """One DEALER connection to the daemon; many requests may be in flight at once.
 
         async with IpcClient(home) as client:
             info = await client.request("info")
+
+    ``margin``: seconds to wait for a reply beyond the request's own ``timeout`` (or, without
+    one, at all) before asking whether the daemon answers at all; only a daemon that does not
+    answer that question within ``margin`` is reported as not answering, so a request that
+    legitimately waits long (a ``stream_close`` on a slow peer) is never misreported.
     """
 
-    def __init__(self, home: str | Path | None = None) -> None:
+    def __init__(self, home: str | Path | None = None, margin: float = REQUEST_TIMEOUT) -> None:
         self.home = resolve_home(home)
+        self.margin = margin
         self._socket: Any = None
         self._monitor: Any = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._deliveries: dict[int, OnReply] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: PilotError | None = None
 
@@ -219,58 +235,123 @@ class IpcClient:
             self._socket = None
         self._fail_all(DaemonNotRunningError("the IPC client was closed"))
 
-    async def request(self, cmd: str, wait: float | None = None, **fields: Any) -> dict[str, Any]:
+    async def request(self, cmd: str, wait: float | None = None, payload: bytes | None = None,
+                      **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply's fields; raise the error it reports.
-        ``wait``: seconds to wait for the daemon (default: the request's timeout + 10 s)."""
-        await self.open()
-        if self._lost is not None:
-            raise self._lost
-        request_id = next(self._ids)
-        body = {"cmd": cmd, "id": request_id, **{k: v for k, v in fields.items()}}
-        if wait is None:
-            timeout = fields.get("timeout", 0.0)
-            wait = None if timeout is None else float(timeout or 0.0) + REQUEST_TIMEOUT
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        ``payload``: the message a command carries, sent as a frame of its own. A message in
+        the reply whose payload came as a frame has it as bytes in its ``data``.
+        ``wait``: seconds to wait for the daemon, at most (default: see :attr:`margin`)."""
+        request_id, future = await self._send(cmd, payload, fields)
         try:
-            await self._socket.send(json.dumps(body).encode("utf-8"))
-            reply = await asyncio.wait_for(asyncio.shield(future), wait)
-        except TimeoutError:
-            raise DaemonNotRunningError(
-                f"the daemon (home {self.home}) did not answer '{cmd}' within {wait:.0f} s; "
-                f"see {self.home / LOG_NAME}"
-            ) from None
+            reply = await self._answer(cmd, future, wait, fields)
         except asyncio.CancelledError:
             if not future.done():
                 with contextlib.suppress(Exception):
-                    await self._socket.send(json.dumps(
-                        {"cmd": "cancel", "request": request_id}).encode())
+                    await self.post("cancel", request=request_id)
             raise
         finally:
             self._waiting.pop(request_id, None)
         if reply.get("ok") is True:
             return reply
-        error = reply.get("error")
-        raise error_from_reply(error if isinstance(error, dict) else {})
+        raise error_of(reply)
+
+    async def deliver(self, on_reply: OnReply, **fields: Any) -> int:
+        """Start a ``deliver`` request: ``on_reply`` gets each of its replies, the last one an
+        error or ``"done"``. Its id, for :meth:`post` (``credit``) and :meth:`end_delivery`."""
+        return await self._post("deliver", None, fields, on_reply=on_reply)
+
+    async def end_delivery(self, request_id: int) -> None:
+        """Cancel a delivery; returns once every message it pushed has been handed to its
+        ``on_reply`` (the daemon answers the cancel after its last push)."""
+        if request_id not in self._deliveries:
+            return
+        try:
+            await self.request("cancel", request=request_id)
+        finally:
+            self._deliveries.pop(request_id, None)
+
+    async def post(self, cmd: str, **fields: Any) -> None:
+        """Send a request without waiting for (or matching) its reply."""
+        await self._post(cmd, None, fields)
+
+    async def _post(self, cmd: str, payload: bytes | None, fields: dict[str, Any], *,
+                    future: asyncio.Future[dict[str, Any]] | None = None,
+                    on_reply: OnReply | None = None) -> int:
+        """Send a request; its replies go to ``future`` (the first) or ``on_reply`` (all)."""
+        await self.open()
+        if self._lost is not None:
+            raise self._lost
+        request_id = next(self._ids)
+        if future is not None:
+            self._waiting[request_id] = future
+        if on_reply is not None:
+            self._deliveries[request_id] = on_reply
+        header = json.dumps({"cmd": cmd, "id": request_id, **fields}).encode("utf-8")
+        await self._socket.send_multipart([header] if payload is None else [header, payload])
+        return request_id
+
+    async def _send(self, cmd: str, payload: bytes | None, fields: dict[str, Any],
+                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        return await self._post(cmd, payload, fields, future=future), future
+
+    async def _answer(self, cmd: str, future: asyncio.Future[dict[str, Any]],
+                      wait: float | None, fields: dict[str, Any]) -> dict[str, Any]:
+        if wait is not None:
+            return await self._within(cmd, future, wait)
+        timeout = fields.get("timeout")
+        patience = self.margin + (float(timeout) if timeout is not None else 0.0)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), patience)
+            except TimeoutError:
+                pass
+            # Still working, or hung? Only a daemon that does not answer a question as short
+            # as 'info' is reported; one that does goes on with the request.
+            probe_id, probe = await self._send("info", None, {})
+            try:
+                await self._within(cmd, probe, self.margin)
+            finally:
+                self._waiting.pop(probe_id, None)
+            patience = self.margin
+
+    async def _within(self, cmd: str, future: asyncio.Future[dict[str, Any]],
+                      wait: float) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except TimeoutError:
+            raise DaemonNotRunningError(
+                f"the daemon (home {self.home}) did not answer '{cmd}' within {wait:g} s; "
+                f"see {self.home / LOG_NAME}"
+            ) from None
 
     async def _read_replies(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
             try:
-                reply = json.loads(frames[-1])
+                reply = json.loads(frames[0])
             except ValueError:
                 continue
             if not isinstance(reply, dict):
                 continue
-            future = self._waiting.get(reply.get("id"))  # type: ignore[arg-type]
+            message = reply.get("message")
+            if len(frames) > 1 and isinstance(message, dict):
+                message["data"] = frames[1]
+            request_id = reply.get("id")
+            on_reply = self._deliveries.get(request_id)  # type: ignore[arg-type]
+            if on_reply is not None:
+                if reply.get("ok") is not True or reply.get("done"):
+                    del self._deliveries[request_id]  # type: ignore[arg-type]  # its last
+                on_reply(reply)
+                continue
+            future = self._waiting.get(request_id)  # type: ignore[arg-type]
             if future is not None and not future.done():
                 future.set_result(reply)
-            elif reply.get("ok") and isinstance(reply.get("message"), dict):
+            elif reply.get("ok") and isinstance(message, dict):
                 # Its receiver gave up: hand the message back so the next receive gets it.
-                message_id = reply["message"].get("id")
+                message_id = message.get("id")
                 if message_id is not None:
-                    await self._socket.send(json.dumps(
-                        {"cmd": "requeue", "message": message_id}).encode())
+                    await self.post("requeue", message=message_id)
 
     async def _watch_connection(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -288,3 +369,12 @@ class IpcClient:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)
+        deliveries, self._deliveries = self._deliveries, {}
+        for on_reply in deliveries.values():
+            on_reply(error_reply(error))
+
+
+def error_of(reply: dict[str, Any]) -> PilotError:
+    """The exception an ``{"ok": false}`` reply reports."""
+    error = reply.get("error")
+    return error_from_reply(error if isinstance(error, dict) else {})

@@ -22,6 +22,8 @@ message do; :class:`DaemonMessage` and :class:`DaemonConnection` add the sender'
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,8 +31,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosedError, DaemonNotRunningError
-from .ipc import IpcClient, decode_data, encode_data
+from .errors import (
+    ConfigError,
+    ConnectionClosedError,
+    DaemonNotRunningError,
+    PilotError,
+    PilotTimeoutError,
+)
+from .ipc import REQUEST_TIMEOUT, IpcClient, decode_data, error_of
 from .transport import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -47,9 +55,28 @@ if TYPE_CHECKING:
     from .node.node import Node
 
 
-def _wire(data: bytes | str | Any) -> dict[str, str]:
-    text, encoding = encode_data(encode_payload(data))
-    return {"data": text, "encoding": encoding}
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a :class:`Client` talks to its daemon."""
+
+    # Seconds to wait for a reply beyond the request's own timeout (or at all, without one)
+    # before asking whether the daemon still answers (ipc.IpcClient.margin).
+    answer_margin: float = REQUEST_TIMEOUT
+    # What the daemon may push ahead of the application's receives on one listener or
+    # connection (IPC 'deliver' credit): messages, and payload bytes (overshot by one message
+    # at most). A client that stops receiving stops the pushes there, and so its senders.
+    receive_window_messages: int = 64
+    receive_window_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.answer_margin <= 0:
+            raise ConfigError("ClientOptions.answer_margin must be more than 0 seconds")
+        for name in ("receive_window_messages", "receive_window_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ClientOptions.{name} must be at least 1")
+
+
+ReplyFunction = Callable[[bytes], Awaitable[Any]]
 
 
 @dataclass
@@ -62,19 +89,20 @@ class DaemonMessage(Payload):
     source_port: int
     hostname: str | None = None  # the sender's name, if we know it
     message_id: str | None = None  # the daemon's id for it (IPC "reply")
-    _reply: Callable[[dict[str, str]], Awaitable[Any]] | None = field(default=None, repr=False)
+    _reply: ReplyFunction | None = field(default=None, repr=False)
 
     async def reply(self, data: bytes | str | Any) -> None:
         """Send a message back on the connection this one came from."""
         if self._reply is None:
             raise ConnectionClosedError("this message cannot be replied to")
-        await self._reply(_wire(data))
+        await self._reply(encode_payload(data))
 
 
-def _message(fields: dict[str, Any],
-             reply: Callable[[dict[str, str]], Awaitable[Any]]) -> DaemonMessage:
+def _message(fields: dict[str, Any], reply: ReplyFunction) -> DaemonMessage:
+    data = fields["data"]  # bytes when it came as a payload frame
     return DaemonMessage(
-        data=decode_data(fields["data"], fields["encoding"]), sender=fields["from"],
+        data=data if isinstance(data, bytes) else decode_data(data, fields["encoding"]),
+        sender=fields["from"],
         port=fields["port"], source_port=fields["source_port"], hostname=fields.get("hostname"),
         message_id=fields.get("id"), _reply=reply,
     )
@@ -88,8 +116,10 @@ class Client:
             async with client.connect("reporter-agent") as conn: ...
     """
 
-    def __init__(self, home: str | Path | None = None) -> None:
-        self._ipc = IpcClient(home)
+    def __init__(self, home: str | Path | None = None,
+                 options: ClientOptions | None = None) -> None:
+        self.options = options or ClientOptions()
+        self._ipc = IpcClient(home, self.options.answer_margin)
 
     @property
     def home(self) -> Path:
@@ -105,9 +135,10 @@ class Client:
     async def close(self) -> None:
         await self._ipc.close()
 
-    async def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised."""
-        return await self._ipc.request(cmd, **fields)
+    async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
+        """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
+        ``payload``: the message a command carries (``send``, ``stream_send``, ``reply``)."""
+        return await self._ipc.request(cmd, payload=payload, **fields)
 
     # -- messaging ----------------------------------------------------------------------------
 
@@ -117,10 +148,10 @@ class Client:
 
     async def send(self, target: str, port: int, data: bytes | str | Any,
                    timeout: float = CONNECT_TIMEOUT) -> None:
-        await self.call("send", target=target, port=port, timeout=timeout, **_wire(data))
+        await self.call("send", encode_payload(data), target=target, port=port, timeout=timeout)
 
     async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
-        reply = await self.call("receive", port=port, timeout=timeout)
+        reply = await self.call("receive", port=port, timeout=timeout, data_frame=True)
         return self._port_message(reply["message"])
 
     def listen(self, port: int) -> DaemonListener:
@@ -129,8 +160,8 @@ class Client:
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
         message_id = fields["id"]
 
-        async def reply(wire: dict[str, str]) -> None:
-            await self.call("reply", message=message_id, **wire)
+        async def reply(data: bytes) -> None:
+            await self.call("reply", data, message=message_id)
 
         return _message(fields, reply)
 
@@ -186,6 +217,7 @@ class DaemonConnection:
         self._owns_client = owns_client
         self._stream: str | None = None
         self._info: dict[str, Any] = {}
+        self._delivery: _Delivery | None = None
 
     @property
     def peer_id(self) -> str:
@@ -212,6 +244,8 @@ class DaemonConnection:
             raise
         self._stream = reply["stream"]
         self._info = reply
+        self._delivery = _Delivery(self._client, f"the connection to {self._target}",
+                                   self._stream_message, stream=self._stream)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -230,16 +264,20 @@ class DaemonConnection:
         return self._stream
 
     async def send(self, data: bytes | str | Any) -> None:
-        await self._client.call("stream_send", stream=self._id(), **_wire(data))
+        await self._client.call("stream_send", encode_payload(data), stream=self._id())
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
+        self._id()
+        assert self._delivery is not None
+        return await self._delivery.receive(timeout)
+
+    def _stream_message(self, fields: dict[str, Any]) -> DaemonMessage:
         stream = self._id()
-        reply = await self._client.call("stream_receive", stream=stream, timeout=timeout)
 
-        async def answer(wire: dict[str, str]) -> None:
-            await self._client.call("stream_send", stream=stream, **wire)
+        async def answer(data: bytes) -> None:
+            await self._client.call("stream_send", data, stream=stream)
 
-        return _message(reply["message"], answer)
+        return _message(fields, answer)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
@@ -252,14 +290,23 @@ class DaemonConnection:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
+        self._forget_delivery()
         await self._client.call("stream_close", stream=stream)
 
     async def abort(self) -> None:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
+        self._forget_delivery()
         with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
             await self._client.call("stream_abort", stream=stream)
+
+    def _forget_delivery(self) -> None:
+        """The stream goes, and what its delivery still holds with it (as a closed connection
+        of the embedded Node drops its unread messages); the daemon ends the delivery."""
+        if self._delivery is not None:
+            self._delivery.forget()
+            self._delivery = None
 
     async def _release(self) -> None:
         if self._owns_client:
@@ -275,6 +322,7 @@ class DaemonListener:
         self.port = port
         self._owns_client = owns_client
         self._open = False
+        self._delivery = _Delivery(client, f"port {port}", client._port_message, port=port)
 
     async def __aenter__(self) -> DaemonListener:
         try:
@@ -294,6 +342,10 @@ class DaemonListener:
             if self._open:
                 self._open = False
                 with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
+                    # What was pushed and not received goes back, in order, for another
+                    # listener; if none is left, unlisten tells the senders.
+                    for message in reversed(await self._delivery.stop()):
+                        await self._client.call("requeue", message=message.message_id)
                     await self._client.call("unlisten", port=self.port)
         finally:
             if self._owns_client:
@@ -302,7 +354,7 @@ class DaemonListener:
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
         if not self._open:
             raise ConnectionClosedError("the listener is not open (use 'async with')")
-        return await self._client.receive(self.port, timeout)
+        return await self._delivery.receive(timeout)
 
     def __aiter__(self) -> AsyncIterator[DaemonMessage]:
         return self._iterate()
@@ -310,6 +362,101 @@ class DaemonListener:
     async def _iterate(self) -> AsyncIterator[DaemonMessage]:
         while self._open:
             yield await self.receive(timeout=None)
+
+
+class _Delivery:
+    """The messages the daemon pushes for one port or stream (IPC ``deliver``), kept until the
+    application receives them. Started by the first receive. Bounded: the daemon pushes only
+    within the credit granted here, and credit comes back only as the application takes
+    messages, so an application that stops receiving stops the pushes, then the daemon's inbox
+    fills, then the tunnel's flow control stops the sender."""
+
+    def __init__(self, client: Client, what: str,
+                 make: Callable[[dict[str, Any]], DaemonMessage], **target: Any) -> None:
+        self._client = client
+        self._what = what
+        self._make = make
+        self._target = target
+        self._queue: collections.deque[DaemonMessage] = collections.deque()
+        self._error: PilotError | None = None
+        self._request: int | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._taken_messages = 0  # since credit was last granted
+        self._taken_bytes = 0
+
+    async def receive(self, timeout: float | None) -> DaemonMessage:
+        if self._request is None and self._error is None:
+            opts = self._client.options
+            self._request = await self._client._ipc.deliver(
+                self._on_reply, credit_messages=opts.receive_window_messages,
+                credit_bytes=opts.receive_window_bytes, **self._target)
+        if not self._queue and self._error is None:
+            await self._wait(timeout)
+        if not self._queue:
+            assert self._error is not None
+            raise self._error
+        message = self._queue.popleft()
+        await self._taken(len(message.data))
+        return message
+
+    async def _wait(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._queue and self._error is None:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise PilotTimeoutError(
+                    f"no message on {self._what} within {timeout:g} s") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def _taken(self, size: int) -> None:
+        """Credit back once half a window was taken: one small request per half window."""
+        self._taken_messages += 1
+        self._taken_bytes += size
+        opts = self._client.options
+        if self._request is None or (2 * self._taken_messages < opts.receive_window_messages
+                                     and 2 * self._taken_bytes < opts.receive_window_bytes):
+            return
+        messages, size = self._taken_messages, self._taken_bytes
+        self._taken_messages = self._taken_bytes = 0
+        await self._client._ipc.post("credit", request=self._request, messages=messages,
+                                     bytes=size)
+
+    def _on_reply(self, reply: dict[str, Any]) -> None:
+        message = reply.get("message")
+        if reply.get("ok") is True and isinstance(message, dict):
+            self._queue.append(self._make(message))
+        else:  # the last reply: the delivery ended
+            self._request = None
+            self._error = error_of(reply) if reply.get("ok") is not True else (
+                ConnectionClosedError(f"the daemon stopped delivering {self._what}"))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def stop(self) -> list[DaemonMessage]:
+        """End the delivery; the messages it pushed that nobody received, oldest first."""
+        if self._request is not None:
+            await self._client._ipc.end_delivery(self._request)
+        self._request = None
+        self.forget()
+        unread = list(self._queue)
+        self._queue.clear()
+        return unread
+
+    def forget(self) -> None:
+        """Receive nothing more here (the daemon ends the delivery with its stream)."""
+        self._request = None
+        self._error = self._error or ConnectionClosedError(f"{self._what} was closed")
+        self._on_reply({"ok": False, "error": {"type": type(self._error).__name__,
+                                                "message": str(self._error)}})
 
 
 # -- module-level calls ---------------------------------------------------------------------
@@ -345,9 +492,9 @@ async def receive(port: int, timeout: float | None = DEFAULT_TIMEOUT, *,
         message = await client.receive(port, timeout)
     message_id = message.message_id
 
-    async def reply(wire: dict[str, str]) -> None:  # its client is closed: use a new one
+    async def reply(data: bytes) -> None:  # its client is closed: use a new one
         async with Client(home) as replier:
-            await replier.call("reply", message=message_id, **wire)
+            await replier.call("reply", data, message=message_id)
 
     message._reply = reply
     return message
@@ -368,6 +515,6 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "Client", "DaemonConnection", "DaemonListener", "DaemonMessage", "connect", "listen",
-    "receive", "send",
+    "Client", "ClientOptions", "DaemonConnection", "DaemonListener", "DaemonMessage", "connect",
+    "listen", "receive", "send",
 ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,15 @@ from pilot_agents import (
 )
 from pilot_agents.errors import DaemonNotRunningError, UnknownHostError
 from pilot_agents.identity import Identity
-from tests.conftest import DaemonHandle, ipc_call, short_home, start_daemons, stop_daemons
+from pilot_agents.sdk import ClientOptions
+from tests.conftest import (
+    DaemonHandle,
+    ipc_call,
+    named_pair,
+    short_home,
+    start_daemons,
+    stop_daemons,
+)
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 
@@ -200,3 +211,107 @@ async def test_admin_calls(daemon_pair: Pair) -> None:
         entries = await client.trust_list()
         assert [e["node_id"] for e in entries] == [b.node_id]
         assert await client.trust_pending() == []
+
+
+# -- waiting for the daemon (a slow command is not a silent daemon) --------------------------
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process ``pid`` frozen (SIGSTOP) for the block: a daemon that does not answer."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_slow_stream_close_is_not_reported_as_a_silent_daemon() -> None:
+    """stream_close waits for the peer's acknowledgements, beyond any margin if the peer is
+    slow: the client must wait for it, not report the daemon as not answering."""
+    margin = ClientOptions(answer_margin=0.25)
+    with named_pair() as (a, b):
+        async with pilot.Client(a.home, margin) as client, \
+                pilot.Client(b.home).listen(7101) as listener:
+            conn = client.connect("beta", 7101)
+            await conn.__aenter__()
+            await conn.send(b"before")
+            assert (await listener.receive(timeout=5)).data == b"before"
+            loop = asyncio.get_running_loop()
+            with stopped(b.pid):
+                await conn.send(b"while the peer is frozen")
+                # Frozen for less than the tunnel takes to declare the peer dead (a few s).
+                thaw = loop.call_later(1.2, os.kill, b.pid, signal.SIGCONT)
+                started = loop.time()
+                try:
+                    await conn.close()  # before the fix: DaemonNotRunningError after the margin
+                finally:
+                    thaw.cancel()
+            assert loop.time() - started > 4 * margin.answer_margin
+            assert (await listener.receive(timeout=5)).data == b"while the peer is frozen"
+
+
+async def test_a_hung_daemon_is_reported_after_the_margin(lone_daemon: DaemonHandle) -> None:
+    margin = ClientOptions(answer_margin=0.3)
+    async with pilot.Client(lone_daemon.home, margin) as client:
+        await client.info()
+        loop = asyncio.get_running_loop()
+        with stopped(lone_daemon.pid):
+            for call in (client.info(), client.receive(7102, timeout=0.5)):
+                started = loop.time()
+                with pytest.raises(DaemonNotRunningError, match="did not answer"):
+                    await call
+                assert loop.time() - started < 5
+        # A request that carries its own timeout waits for it, and hears the daemon's answer.
+        with pytest.raises(PilotTimeoutError):
+            await client.receive(7102, timeout=1.0)
+
+
+# -- pushed delivery: bounded by the window, nothing lost on close ---------------------------
+
+
+def port_state(home: Path, port: int) -> dict[str, Any]:
+    listening = ipc_call(home, cmd="info")["listening"]
+    assert isinstance(listening, list)
+    return next(p for p in listening if p["port"] == port)
+
+
+async def test_a_listener_that_stops_receiving_holds_only_its_window(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    window = ClientOptions(receive_window_messages=4)
+    async with pilot.Client(a.home) as sender, pilot.Client(b.home, window) as receiver, \
+            receiver.listen(7103) as listener:
+        for n in range(20):
+            await sender.send("beta", 7103, {"n": n})
+        assert (await listener.receive(timeout=5)).json() == {"n": 0}
+        await asyncio.sleep(0.5)  # time for the daemon to push all it may
+        assert port_state(b.home, 7103)["buffered"] == 16  # 4 pushed, none granted back yet
+        got = [(await listener.receive(timeout=5)).json()["n"] for _ in range(19)]
+        assert got == list(range(1, 20))
+
+
+async def test_closing_a_listener_hands_back_what_was_pushed_and_not_read(
+        daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(a.home) as sender, pilot.Client(b.home) as receiver, \
+            receiver.listen(7104) as holder:  # keeps the port open
+        reader = receiver.listen(7104)
+        async with reader:
+            for n in range(5):
+                await sender.send("beta", 7104, {"n": n})
+            assert (await reader.receive(timeout=5)).json() == {"n": 0}
+            await asyncio.sleep(0.3)  # the other four are pushed to the reader meanwhile
+        got = [(await holder.receive(timeout=5)).json()["n"] for _ in range(4)]
+        assert got == [1, 2, 3, 4]
+
+
+async def test_binary_payloads_travel_as_frames(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    payload = bytes(range(256)) * 4096  # 1 MiB, not UTF-8
+    async with pilot.Client(a.home) as sender, pilot.Client(b.home) as receiver, \
+            receiver.listen(7105) as listener, sender.connect("beta", 7105) as conn:
+        await conn.send(payload)
+        message = await listener.receive(timeout=5)
+        assert message.data == payload
+        await message.reply(payload[::-1])
+        assert (await conn.receive(timeout=5)).data == payload[::-1]

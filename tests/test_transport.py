@@ -107,11 +107,6 @@ async def test_abort_and_close_are_coroutines_on_both(pair: Pair) -> None:
                 await conn.send(b"after abort")
 
 
-
-# The daemon's unlisten drops what its port still holds (docs/ipc.md), logged but not told to
-# the senders as the embedded Node now does: the two differ here until the daemon resets those
-# streams too (noted in issue #13's hand-over).
-@pytest.mark.parametrize("kind", ["embedded"], indirect=True)
 async def test_messages_a_closed_listener_never_gave_out_fail_their_sender(pair: Pair) -> None:
     listener = pair.server.transport.listen(6008)
     await listener.__aenter__()

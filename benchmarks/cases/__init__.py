@@ -16,6 +16,9 @@ CASES: dict[str, str] = {
     "tunnel": "benchmarks.cases.tunnel",
     "tunnel-asyncio": "benchmarks.cases.tunnel_asyncio",
     "core-blocking": "benchmarks.cases.core_blocking",
+    "daemon": "benchmarks.cases.daemon",
+    "daemon-reqrep": "benchmarks.cases.daemon_reqrep",
+    "nats": "benchmarks.cases.nats",
 }
 
 

@@ -18,14 +18,19 @@ from ..errors import PilotError, PilotTimeoutError
 from ..node.connection import Message
 
 ReplyFunction = Callable[[bytes], Awaitable[None]]
+Refuse = Callable[[list[Message]], None]  # tells the senders of messages nobody will read
 
 
 class Inbox:
     """Bounded by message count and payload bytes; messages handed out for acknowledgement
-    (:meth:`hold`) count until :meth:`release`\\ d."""
+    (:meth:`hold`) count until :meth:`release`\\ d. Once :meth:`close`\\ d, what it held and
+    whatever comes back to it is refused (``refuse``), never dropped unsaid."""
 
-    def __init__(self, what: str, max_messages: int, max_bytes: int) -> None:
+    def __init__(self, what: str, max_messages: int, max_bytes: int,
+                 refuse: Refuse | None = None) -> None:
         self.what = what
+        self._refuse = refuse
+        self._closed = False
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._items: collections.deque[Message] = collections.deque()
@@ -51,12 +56,18 @@ class Inbox:
 
     def put(self, item: Message) -> None:
         """Append without waiting: the pump checked :meth:`has_room` before taking ``item``."""
+        if self._closed:
+            self._refused([item])
+            return
         self._items.append(item)
         self._bytes += len(item.data)
         self._wake()
 
     def push_front(self, item: Message) -> None:
         """A handed-out message comes back: it is the next one out."""
+        if self._closed:
+            self._refused([item])
+            return
         self._items.appendleft(item)
         self._bytes += len(item.data)
         self._wake()
@@ -75,6 +86,19 @@ class Inbox:
         """No more items will come: once empty, gets raise ``error``."""
         self._error = error
         self._wake()
+
+    def close(self, error: PilotError) -> int:
+        """Nobody will read this inbox again: gets raise ``error``, and the messages it holds
+        are refused, as are those that come back to it later. Returns how many it held."""
+        self._closed = True
+        self.fail(error)
+        items = self.drain()
+        self._refused(items)
+        return len(items)
+
+    def _refused(self, items: list[Message]) -> None:
+        if items and self._refuse is not None:
+            self._refuse(items)
 
     def drain(self) -> list[Message]:
         """Every waiting message, removed (the daemon is stopping)."""

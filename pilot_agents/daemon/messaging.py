@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import ipc
-from ..errors import ConfigError, ConnectionClosedError, PilotError
-from ..ipc import encode_data
+from ..errors import BadRequestError, ConfigError, ConnectionClosedError, PilotError
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
-from .dispatch import DispatchTable, Reply
-from .inbox import Inbox, MessageMemory, ReplyFunction
+from .dispatch import Credit, DispatchTable, Push, Reply
+from .inbox import Inbox, MessageMemory, Refuse, ReplyFunction
 from .requests import (
     AckRequest,
     ConnectRequest,
+    DeliverRequest,
     ListenRequest,
     ReceiveRequest,
     ReplyRequest,
@@ -95,10 +95,11 @@ class Messaging:
         table.add(ReplyRequest, self.reply)
         table.add(RequeueRequest, self.requeue_request)
         table.add(AckRequest, self.ack)
+        table.add_delivery(DeliverRequest, self.deliver)
 
-    def _inbox(self, what: str) -> Inbox:
+    def _inbox(self, what: str, refuse: Refuse | None = None) -> Inbox:
         opts = self.ctx.options
-        return Inbox(what, opts.inbox_messages, opts.inbox_bytes)
+        return Inbox(what, opts.inbox_messages, opts.inbox_bytes, refuse)
 
     def _explain(self, exc: PilotError, stream: StreamState) -> PilotError:
         return self.ctx.explain(exc, stream.peer, stream.label, stream.port)
@@ -135,8 +136,8 @@ class Messaging:
         stream = self._stream(req.stream)
         with self._using(stream):
             message = await stream.inbox.get(req.timeout)
-        return {"message": self._message_json(message, stream.inbox, stream.conn.send,
-                                               ack=req.ack)}
+        return {"message": self._message_fields(message, stream.inbox, stream.conn.send,
+                                                 ack=req.ack)}
 
     async def stream_drain(self, req: StreamDrainRequest) -> Reply:
         stream = self._stream(req.stream)
@@ -191,23 +192,38 @@ class Messaging:
         return {"port": req.port, "closed": self._unlisten(state)}
 
     async def receive(self, req: ReceiveRequest) -> Reply:
-        state = self.ports.get(req.port)
-        temporary = state is None
-        if state is None:
-            state, _ = self.listen_port(req.port)
-        elif state.publish:
-            raise ConfigError(
-                f"port {req.port} is published on {ipc.pub_endpoint(self.ctx.home)}: subscribe "
-                f"there (topic {req.port:05d})"
-            )
+        # A reference of its own for the call: a port nobody listens on is listened on just
+        # for it, and closes when the last such call ends.
+        state = self.listen_port(req.port)[0]
         try:
+            self._receivable(req.port)
             message = await state.inbox.get(req.timeout)
         finally:
-            if temporary:
-                self._unlisten(state)
-        # The reply path, without the payload: remembering it must not keep the message.
-        reply = dataclasses.replace(message, data=b"").reply
-        return {"message": self._message_json(message, state.inbox, reply, ack=req.ack)}
+            self._unlisten(state)
+        return {"message": self._port_message(message, state.inbox, ack=req.ack)}
+
+    async def deliver(self, req: DeliverRequest, push: Push, credit: Credit) -> Reply:
+        """Push the messages of a port or a stream to the client as they come, within its
+        credit, until it cancels the request (or the port or stream goes away)."""
+        if (req.port is None) == (req.stream is None):
+            raise BadRequestError("'deliver' needs either a 'port' or a 'stream'")
+        if req.stream is not None:
+            stream = self._stream(req.stream)
+            with self._using(stream):
+                while True:
+                    await credit.wait()
+                    message = await stream.inbox.get(None)
+                    credit.take(len(message.data))
+                    if not push({"message": self._message_fields(
+                            message, stream.inbox, stream.conn.send, ack=req.ack)}):
+                        return {"done": True}
+        state = self._receivable(req.port)
+        while True:
+            await credit.wait()
+            message = await state.inbox.get(None)
+            credit.take(len(message.data))
+            if not push({"message": self._port_message(message, state.inbox, ack=req.ack)}):
+                return {"done": True}
 
     async def reply(self, req: ReplyRequest) -> Reply:
         handed = self.memory.get(req.message)
@@ -227,18 +243,35 @@ class Messaging:
     async def ack(self, req: AckRequest) -> Reply:
         return {"acked": self.memory.ack(req.message)}
 
-    async def requeue(self, message_id: str) -> bool:
+    def requeue(self, message_id: str) -> bool:
         """A reply carrying this message could not be handed to its client: it goes back."""
         return self.memory.requeue(message_id)
 
-    def _message_json(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
-                      ack: bool) -> Reply:
+    def _receivable(self, port: int | None) -> PortState:
+        state = self.ports.get(port) if port is not None else None
+        if state is None:
+            raise ConfigError(f"port {port} is not being listened on: send 'listen' first")
+        if state.publish:
+            raise ConfigError(
+                f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: subscribe "
+                f"there (topic {port:05d})"
+            )
+        return state
+
+    def _port_message(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
+        # The reply path, without the payload: remembering it must not keep the message.
+        reply = dataclasses.replace(message, data=b"").reply
+        return self._message_fields(message, inbox, reply, ack=ack)
+
+    def _message_fields(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
+                        ack: bool) -> Reply:
+        """A handed-out message as the reply's ``message``; its payload stays bytes, for the
+        server to send as a frame or as JSON text."""
         message_id = self.memory.remember(message, inbox, reply, ack=ack)
-        text, encoding = encode_data(message.data)
         return {
             "id": message_id, "from": message.sender,
             "hostname": self.ctx.label_or_none(message.sender), "port": message.port,
-            "source_port": message.source_port, "data": text, "encoding": encoding,
+            "source_port": message.source_port, "data": message.data,
         }
 
     # -- ports --------------------------------------------------------------------------------
@@ -252,8 +285,8 @@ class Messaging:
             state.publish = state.publish or publish
             return state, False
         listener = self.ctx.node.listen(port)
-        state = PortState(port, listener, self._inbox(f"port {port}"), permanent=permanent,
-                          publish=publish)
+        state = PortState(port, listener, self._inbox(f"port {port}", self.ctx.node.refuse),
+                          permanent=permanent, publish=publish)
         state.task = asyncio.create_task(self._pump_port(state))
         self.ports[port] = state
         log.info("listening on port %d%s", port, " (published)" if publish else "")
@@ -267,12 +300,16 @@ class Messaging:
         return True
 
     def close_port(self, state: PortState) -> None:
+        """Stop listening. Messages nobody read have their streams reset, so their senders
+        hear (PortClosedError), as a closing listener of the embedded Node tells them."""
         if state.task is not None:
             state.task.cancel()
+        unread = state.inbox.close(ConnectionClosedError(f"port {state.port} was closed"))
         state.listener.close_now()
         self.ports.pop(state.port, None)
-        if len(state.inbox):
-            log.info("port %d closed with %d unread messages", state.port, len(state.inbox))
+        if unread:
+            log.info("port %d closed with %d unread messages: their senders were told",
+                     state.port, unread)
         log.info("stopped listening on port %d", state.port)
 
     async def _pump_port(self, state: PortState) -> None:
@@ -313,6 +350,8 @@ class Messaging:
         self.streams.pop(stream.stream_id, None)
         if stream.task is not None:
             stream.task.cancel()
+        # Its receives and deliveries end now rather than wait for a message that can't come.
+        stream.inbox.fail(ConnectionClosedError(f"stream {stream.stream_id} was closed"))
         if abort:
             with contextlib.suppress(Exception):
                 stream.conn.abort_now()

@@ -36,6 +36,9 @@ class DaemonOptions:
     ack_wait: float = 30.0  # seconds a message received with "ack": true waits for its `ack`
     # -- the local API ---------------------------------------------------------------------------
     max_request_bytes: int = 16 * 1024 * 1024  # a larger request is refused (BadRequestError)
+    # A message's payload frame (docs/ipc.md, Framing): larger is refused. The tunnel's own
+    # largest message (TunnelConfig.max_message_size) is 64 MiB.
+    max_payload_bytes: int = 64 * 1024 * 1024
     max_request_depth: int = 4  # nesting of arrays/objects in a request (requests are flat)
     # Replies (and requests) ZeroMQ queues per client (its SNDHWM/RCVHWM): a client that does
     # not read its replies loses those beyond this, instead of growing the daemon.

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from ..errors import BadRequestError
 from ..ipc import decode_data
@@ -28,12 +28,30 @@ class BaseRequest(BaseModel):
     id: RequestId | None = None
 
 
-class _Payload(BaseRequest):
-    data: str
+class PayloadRequest(BaseRequest):
+    """A request that carries a message: in ``data`` (JSON text) or in a payload frame."""
+
+    data: str | None = None
     encoding: Encoding = "utf-8"
+    _frame: bytes | None = PrivateAttr(default=None)
+
+    def attach(self, frame: bytes) -> None:
+        """The request's payload frame (docs/ipc.md, Framing)."""
+        if self.data is not None:
+            raise BadRequestError(
+                f"'{self.cmd_name()}' has both a 'data' field and a payload frame: send one")
+        self._frame = frame
 
     def payload(self) -> bytes:
+        if self._frame is not None:
+            return self._frame
+        if self.data is None:
+            raise BadRequestError(
+                f"'{self.cmd_name()}' needs its payload: a 'data' field or a payload frame")
         return decode_data(self.data, self.encoding)
+
+    def cmd_name(self) -> str:
+        return str(getattr(self, "cmd", "?"))
 
 
 class InfoRequest(BaseRequest):
@@ -103,7 +121,7 @@ class ConnectRequest(BaseRequest):
     timeout: Timeout = 10.0
 
 
-class StreamSendRequest(_Payload):
+class StreamSendRequest(PayloadRequest):
     cmd: Literal["stream_send"]
     stream: str
 
@@ -113,6 +131,7 @@ class StreamReceiveRequest(BaseRequest):
     stream: str
     timeout: Timeout | None = 30.0
     ack: bool = False
+    data_frame: bool = False  # the payload in a frame of the reply, not in "data"
 
 
 class StreamDrainRequest(BaseRequest):
@@ -131,7 +150,7 @@ class StreamAbortRequest(BaseRequest):
     stream: str
 
 
-class SendRequest(_Payload):
+class SendRequest(PayloadRequest):
     cmd: Literal["send"]
     target: Name
     port: Port
@@ -154,6 +173,28 @@ class ReceiveRequest(BaseRequest):
     port: Port
     timeout: Timeout | None = 30.0
     ack: bool = False  # at-least-once: redelivered unless acknowledged with `ack` in time
+    data_frame: bool = False
+
+
+class DeliverRequest(BaseRequest):
+    """Push the messages of a port or a stream as they arrive, while the client's credit lasts:
+    one reply per message (its payload in a frame), then a last one with ``"done": true``."""
+
+    cmd: Literal["deliver"]
+    port: Port | None = None
+    stream: str | None = None
+    credit_messages: int = Field(default=64, ge=1, le=1 << 20)
+    credit_bytes: int = Field(default=4 << 20, ge=1, le=1 << 40)
+    ack: bool = False
+
+
+class CreditRequest(BaseRequest):
+    """More credit for the delivery the client started with the request ``request``."""
+
+    cmd: Literal["credit"]
+    request: RequestId
+    messages: int = Field(default=0, ge=0, le=1 << 20)
+    bytes: int = Field(default=0, ge=0, le=1 << 40)
 
 
 class AckRequest(BaseRequest):
@@ -161,7 +202,7 @@ class AckRequest(BaseRequest):
     message: str
 
 
-class ReplyRequest(_Payload):
+class ReplyRequest(PayloadRequest):
     cmd: Literal["reply"]
     message: str
 
@@ -215,6 +256,7 @@ AnyRequest = (
     | StreamAbortRequest | SendRequest | ListenRequest | UnlistenRequest | ReceiveRequest
     | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
     | PublishRequest | PublishersRequest | UnpublishRequest
+    | DeliverRequest | CreditRequest
 )
 REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(
     Annotated[AnyRequest, Field(discriminator="cmd")])

@@ -1,6 +1,10 @@
 """The ZeroMQ side: the ROUTER socket requests arrive on, the PUB socket published ports go out
 on, and the loop that runs each request as its own task so a long ``receive`` never holds up
-anything else."""
+anything else.
+
+A request is ``[identity, (empty delimiter,) header, (payload)]``: a JSON header and, for a
+message, its payload as a frame of its own, so no byte of it is ever encoded or parsed
+(docs/ipc.md, Framing)."""
 
 from __future__ import annotations
 
@@ -11,18 +15,23 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import cast
 
 import zmq
 import zmq.asyncio
 
 from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
-from .dispatch import DispatchTable, Reply
+from ..ipc import encode_data
+from .dispatch import Credit, DispatchTable, Reply
 from .options import DaemonOptions
 from .requests import (
     AnyRequest,
     CancelRequest,
+    CreditRequest,
+    DeliverRequest,
+    PayloadRequest,
     RequestId,
     StopRequest,
     load_request_untrusted,
@@ -37,8 +46,7 @@ TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id o
 
 class IpcServer:
     def __init__(self, options: DaemonOptions, dispatch: DispatchTable,
-                 undelivered: Callable[[str], Awaitable[bool]],
-                 stop: Callable[[], None]) -> None:
+                 undelivered: Callable[[str], bool], stop: Callable[[], None]) -> None:
         """``undelivered(message id)``: a message whose reply could not be sent goes back;
         ``stop()``: called once the reply to ``stop`` is out."""
         self.options = options
@@ -49,6 +57,7 @@ class IpcServer:
         self._router: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket[bytes] | None = None
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
+        self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
         self._in_flight: collections.Counter[bytes] = collections.Counter()  # per client
         self.undelivered_replies = 0
 
@@ -58,12 +67,13 @@ class IpcServer:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Per-client queues, both ways: a client that sends without reading fills its own
-        # queues, never the daemon's memory. A request too large for max_request_bytes is still
-        # read (to answer it); one over twice that makes ZeroMQ drop the connection unread.
+        # queues, never the daemon's memory. A frame too large for its bound is still read (to
+        # answer it); one over twice the larger bound makes ZeroMQ drop the connection unread.
         opts = self.options
         router.setsockopt(zmq.SNDHWM, opts.client_queue_messages)
         router.setsockopt(zmq.RCVHWM, opts.client_queue_messages)
-        router.setsockopt(zmq.MAXMSGSIZE, 2 * opts.max_request_bytes)
+        router.setsockopt(zmq.MAXMSGSIZE,
+                          2 * max(opts.max_request_bytes, opts.max_payload_bytes))
         # Publishing never waits (a PUB socket drops for slow subscribers), so it is a plain
         # socket the pumps call without awaiting.
         pub: zmq.Socket[bytes] = zmq.Socket(context, zmq.PUB)
@@ -102,55 +112,96 @@ class IpcServer:
         while True:
             frames = await self._router.recv_multipart()
             try:
-                await self._accept(frames)
+                self._accept(frames)
             except Exception:
                 log.exception("failed to handle a request (the daemon carries on)")
             # recv returns at once while requests are queued: without this the loop would
             # read a flood to its end before any request's handler (another client's) ran.
             await asyncio.sleep(0)
 
-    async def _accept(self, frames: list[bytes]) -> None:
+    def _accept(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             return
-        identity, envelope, body = frames[0], frames[1:-1], frames[-1]
+        identity = frames[0]
+        # A REQ socket puts an empty delimiter before the request (a header is never empty).
+        start = 2 if frames[1] == b"" else 1
+        envelope, parts = frames[1:start], frames[start:]
         request_id: RequestId | None = None
         try:
-            data = load_request_untrusted(body, self.options.max_request_bytes,
+            if not 1 <= len(parts) <= 2:
+                raise BadRequestError(
+                    f"a request is a JSON header and at most one payload frame, not {len(parts)} "
+                    "frames (docs/ipc.md, Framing)")
+            data = load_request_untrusted(parts[0], self.options.max_request_bytes,
                                           self.options.max_request_depth)
             request_id = request_id_of(data)
             request = validate_request_untrusted(data)
+            if len(parts) == 2:
+                self._attach(request, parts[1])
         except BadRequestError as exc:
             log.debug("bad request: %s", exc)
-            await self._send(identity, envelope, ipc.error_reply(exc, request_id))
+            self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
-        if isinstance(request, CancelRequest):
-            task = self._tasks.get((identity, request.request))
-            if task is not None:
-                task.cancel()
-            await self._send(identity, envelope, {"ok": True, "cancelled": task is not None})
+        if isinstance(request, CancelRequest | CreditRequest):
+            reply = self._control(identity, request)
+            if request_id is not None:
+                reply["id"] = request_id
+            self._send(identity, envelope, reply)
             return
         if self._in_flight[identity] >= self.options.client_max_requests:
-            await self._send(identity, envelope, ipc.error_reply(BusyError(
+            self._send(identity, envelope, ipc.error_reply(BusyError(
                 f"this client already has {self.options.client_max_requests} requests in "
                 "flight: wait for their replies (or cancel some) first"), request_id))
             return
         key: TaskKey = (identity, request_id if request_id is not None else object())
-        task = asyncio.create_task(self._handle(identity, envelope, request_id, request))
+        task = asyncio.create_task(self._handle(key, envelope, request_id, request))
         self._tasks[key] = task
         self._in_flight[identity] += 1
         task.add_done_callback(functools.partial(self._forget_task, key))
 
+    def _attach(self, request: AnyRequest, frame: bytes) -> None:
+        if not isinstance(request, PayloadRequest):
+            raise BadRequestError(f"'{request.cmd}' takes no payload frame")
+        if len(frame) > self.options.max_payload_bytes:
+            raise BadRequestError(
+                f"the payload is {len(frame)} bytes, more than the daemon's limit of "
+                f"{self.options.max_payload_bytes}")
+        request.attach(frame)
+
+    def _control(self, identity: bytes, request: CancelRequest | CreditRequest) -> Reply:
+        """The requests about another request of the same client, answered at once."""
+        key = (identity, request.request)
+        if isinstance(request, CancelRequest):
+            task = self._tasks.get(key)
+            if task is not None:
+                task.cancel()
+            return {"ok": True, "cancelled": task is not None}
+        credit = self._credits.get(key)
+        if credit is not None:
+            credit.grant(request.messages, request.bytes)
+        return {"ok": True, "granted": credit is not None}
+
     def _forget_task(self, key: TaskKey, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(key, None)
+        self._credits.pop(key, None)
         identity = key[0]
         self._in_flight[identity] -= 1
         if self._in_flight[identity] <= 0:
             del self._in_flight[identity]
 
-    async def _handle(self, identity: bytes, envelope: list[bytes],
+    async def _handle(self, key: TaskKey, envelope: list[bytes],
                       request_id: RequestId | None, request: AnyRequest) -> None:
+        identity = key[0]
+        frames = isinstance(request, DeliverRequest) or getattr(request, "data_frame", False)
         try:
-            reply = {"ok": True, **await self.dispatch(request)}
+            if self.dispatch.delivers(request):
+                assert isinstance(request, DeliverRequest)
+                credit = self._credits[key] = Credit(request.credit_messages,
+                                                     request.credit_bytes)
+                push = functools.partial(self._push, identity, envelope, request_id)
+                reply = {"ok": True, **await self.dispatch.deliver(request, push, credit)}
+            else:
+                reply = {"ok": True, **await self.dispatch(request)}
         except asyncio.CancelledError:
             return
         except PilotError as exc:
@@ -165,21 +216,42 @@ class IpcServer:
             ))
         if request_id is not None:
             reply["id"] = request_id
-        await self._send(identity, envelope, reply)
+        self._send(identity, envelope, reply, frames=frames)
         if isinstance(request, StopRequest) and reply["ok"]:
             self._stop()
 
-    async def _send(self, identity: bytes, envelope: list[bytes], reply: Reply) -> None:
+    def _push(self, identity: bytes, envelope: list[bytes], request_id: RequestId | None,
+              reply: Reply) -> bool:
+        reply = {"ok": True, **reply}
+        if request_id is not None:
+            reply["id"] = request_id
+        return self._send(identity, envelope, reply, frames=True)
+
+    def _send(self, identity: bytes, envelope: list[bytes], reply: Reply, *,
+              frames: bool = False) -> bool:
+        """Send a reply without waiting; False if it could not be. A message it carries has
+        its payload as bytes in ``data``: sent as a frame of its own with ``frames``, else as
+        the JSON ``data`` and ``encoding`` fields."""
         assert self._router is not None
-        body = json.dumps(reply, separators=(",", ":")).encode("utf-8")
-        try:
-            await self._router.send_multipart([identity, *envelope, body], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # The client is gone, or its queue is full because it does not read: a message
-            # the reply carried goes back to its inbox. Counted, not logged one by one (a
-            # flood would fill the log).
-            self.undelivered_replies += 1
-            log.debug("reply not delivered (%s)", exc)
-            message = reply.get("message")
-            if isinstance(message, dict):
-                await self._undelivered(str(message.get("id")))
+        parts = [identity, *envelope, b""]
+        message = reply.get("message")
+        if isinstance(message, dict) and isinstance(message.get("data"), bytes):
+            if frames:
+                parts.append(message.pop("data"))
+            else:
+                message["data"], message["encoding"] = encode_data(message["data"])
+        parts[len(envelope) + 1] = json.dumps(reply, separators=(",", ":")).encode("utf-8")
+        # NOBLOCK: the asyncio socket sends at once and returns a finished future.
+        sent = cast("asyncio.Future[object]",
+                    self._router.send_multipart(parts, flags=zmq.NOBLOCK))
+        exc = sent.exception()
+        if exc is None:
+            return True
+        # The client is gone, or its queue is full because it does not read: a message the
+        # reply carried goes back to its inbox. Counted, not logged one by one (a flood would
+        # fill the log).
+        self.undelivered_replies += 1
+        log.debug("reply not delivered (%s)", exc)
+        if isinstance(message, dict):
+            self._undelivered(str(message.get("id")))
+        return False

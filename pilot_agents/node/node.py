@@ -423,7 +423,17 @@ class Node:
         if self._listeners.get(listener.port) is not listener:
             return
         del self._listeners[listener.port]
-        for handle in listener.take_unread_streams():
+        self._refuse_streams(listener.take_unread_streams())
+
+    def refuse(self, messages: list[Message]) -> None:
+        """Messages taken from a listener that no application will read (the daemon closing a
+        port it buffered them for): their streams are reset, so their senders hear
+        (PortClosedError), as for the messages a closing listener still holds."""
+        handles = {id(m._stream): m._stream for m in messages if m._stream is not None}
+        self._refuse_streams(list(handles.values()))
+
+    def _refuse_streams(self, handles: list[StreamHandle]) -> None:
+        for handle in handles:
             handle.session.reset_stream(handle.stream_id, ResetCode.PORT_CLOSED)
             self._forget(handle)
         self._driver.wake()
