@@ -235,12 +235,19 @@ class IpcClient:
             self._socket = None
         self._fail_all(DaemonNotRunningError("the IPC client was closed"))
 
-    async def request(self, cmd: str, wait: float | None = None, payload: bytes | None = None,
-                      **fields: Any) -> dict[str, Any]:
-        """Send one request and return its reply's fields; raise the error it reports.
-        ``payload``: the message a command carries, sent as a frame of its own. A message in
-        the reply whose payload came as a frame has it as bytes in its ``data``.
+    async def request(self, cmd: str, wait: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply's fields; raise the error it reports. A
+        message in the reply whose payload came as a frame has it as bytes in its ``data``.
         ``wait``: seconds to wait for the daemon, at most (default: see :attr:`margin`)."""
+        return await self._request(cmd, wait, None, fields)
+
+    async def carry(self, cmd: str, payload: bytes, **fields: Any) -> dict[str, Any]:
+        """:meth:`request` for a command that carries a message (``send``, ``stream_send``,
+        ``reply``): ``payload`` goes as a frame of its own."""
+        return await self._request(cmd, None, payload, fields)
+
+    async def _request(self, cmd: str, wait: float | None, payload: bytes | None,
+                       fields: dict[str, Any]) -> dict[str, Any]:
         request_id, future = await self._send(cmd, payload, fields)
         try:
             reply = await self._answer(cmd, future, wait, fields)

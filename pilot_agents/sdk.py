@@ -138,7 +138,9 @@ class Client:
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
         ``payload``: the message a command carries (``send``, ``stream_send``, ``reply``)."""
-        return await self._ipc.request(cmd, payload=payload, **fields)
+        if payload is None:
+            return await self._ipc.request(cmd, **fields)
+        return await self._ipc.carry(cmd, payload, **fields)
 
     # -- messaging ----------------------------------------------------------------------------
 

@@ -253,3 +253,75 @@ def test_commands_table_matches_the_docs() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ipc.md").read_text()
     for cmd in daemon.COMMANDS:
         assert f"`{cmd}`" in doc, f"docs/ipc.md does not document {cmd!r}"
+
+
+def frames_call(ctx: zmq.Context[Any], home: Path, request: dict[str, Any],
+                *payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """One request of a JSON header and payload frames, as docs/ipc.md (Framing) shows; the
+    reply's header and the frames after it."""
+    sock = req_socket(ctx, home)
+    try:
+        sock.send_multipart([json.dumps(request).encode(), *payload])
+        header, *rest = sock.recv_multipart()
+        return json.loads(header), rest
+    finally:
+        sock.close()
+
+
+def test_payloads_as_frames_raw(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    binary = bytes(range(256)) * 1000
+    assert call(context, b.home, {"cmd": "listen", "port": 4201})["ok"]
+    stream = call(context, a.home, {"cmd": "connect", "target": "beta", "port": 4201})["stream"]
+    sent, extra = frames_call(context, a.home, {"cmd": "stream_send", "stream": stream}, binary)
+    assert sent["bytes"] == len(binary) and extra == []
+    got, frames = frames_call(context, b.home, {"cmd": "receive", "port": 4201, "timeout": 5,
+                                                "data_frame": True})
+    assert frames == [binary] and "data" not in got["message"]
+    replied, _ = frames_call(context, b.home, {"cmd": "reply", "message": got["message"]["id"]},
+                             b"")  # an empty payload is a payload
+    assert replied["bytes"] == 0, replied
+    answer, frames = frames_call(context, a.home, {"cmd": "stream_receive", "stream": stream,
+                                                   "timeout": 5, "data_frame": True})
+    assert answer["ok"] and frames == [b""]
+    assert call(context, a.home, {"cmd": "stream_close", "stream": stream})["ok"]
+
+
+@pytest.mark.parametrize(("request_", "payload", "fragment"), [
+    ({"cmd": "info"}, [b"x"], "takes no payload frame"),
+    ({"cmd": "send", "target": "beta", "port": 1, "data": "x"}, [b"x"], "both"),
+    ({"cmd": "send", "target": "beta", "port": 1}, [], "needs its payload"),
+    ({"cmd": "send", "target": "beta", "port": 1}, [b"x", b"y"], "at most one payload frame"),
+])
+def test_bad_frames_are_bad_requests(daemon_pair: Pair, context: zmq.Context[Any],
+                                     request_: dict[str, Any], payload: list[bytes],
+                                     fragment: str) -> None:
+    reply, _ = frames_call(context, daemon_pair[0].home, {**request_, "id": 3}, *payload)
+    assert reply["id"] == 3 and reply["error"]["type"] == "BadRequestError", reply
+    assert fragment in reply["error"]["message"]
+
+
+def test_deliver_pushes_within_credit_raw(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
+    a, b = daemon_pair
+    assert call(context, b.home, {"cmd": "listen", "port": 4202})["ok"]
+    for n in range(3):
+        assert call(context, a.home, {"cmd": "send", "target": "beta", "port": 4202,
+                                      "data": f"m{n}"})["ok"]
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"ipc://{b.home}/daemon.sock")
+    try:
+        dealer.send_json({"cmd": "deliver", "id": 9, "port": 4202, "credit_messages": 2})
+        pushed = [dealer.recv_multipart() for _ in range(2)]
+        assert [frames[1] for frames in pushed] == [b"m0", b"m1"]
+        assert all(json.loads(frames[0])["id"] == 9 for frames in pushed)
+        assert not dealer.poll(300)  # credit spent: the third waits
+        dealer.send_json({"cmd": "credit", "id": 10, "request": 9, "messages": 1, "bytes": 2})
+        replies = [dealer.recv_multipart() for _ in range(2)]
+        by_id = {json.loads(frames[0])["id"]: frames for frames in replies}
+        assert json.loads(by_id[10][0])["granted"] is True and by_id[9][1] == b"m2"
+        dealer.send_json({"cmd": "cancel", "id": 11, "request": 9})
+        assert json.loads(dealer.recv_multipart()[0]) == {"ok": True, "cancelled": True, "id": 11}
+    finally:
+        dealer.close()

@@ -128,13 +128,14 @@ class IpcServer:
         envelope, parts = frames[1:start], frames[start:]
         request_id: RequestId | None = None
         try:
-            if not 1 <= len(parts) <= 2:
+            data = load_request_untrusted(parts[0] if parts else b"",
+                                          self.options.max_request_bytes,
+                                          self.options.max_request_depth)
+            request_id = request_id_of(data)
+            if len(parts) > 2:
                 raise BadRequestError(
                     f"a request is a JSON header and at most one payload frame, not {len(parts)} "
                     "frames (docs/ipc.md, Framing)")
-            data = load_request_untrusted(parts[0], self.options.max_request_bytes,
-                                          self.options.max_request_depth)
-            request_id = request_id_of(data)
             request = validate_request_untrusted(data)
             if len(parts) == 2:
                 self._attach(request, parts[1])
