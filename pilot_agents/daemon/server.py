@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import cast
 
 import zmq
-import zmq.asyncio
 
 from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
@@ -54,7 +53,10 @@ class IpcServer:
         self.dispatch = dispatch
         self._undelivered = undelivered
         self._stop = stop
-        self._router: zmq.asyncio.Socket | None = None
+        # A plain socket, read and written without waiting (NOBLOCK) by the serve loop and the
+        # handlers, which is far cheaper per message than zmq.asyncio's futures.
+        self._router: zmq.Socket[bytes] | None = None
+        self._readable = asyncio.Event()
         self._pub: zmq.Socket[bytes] | None = None
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
@@ -63,7 +65,7 @@ class IpcServer:
 
     def bind(self, address: str) -> None:
         context = ipc._zmq_context()
-        router = context.socket(zmq.ROUTER)
+        router: zmq.Socket[bytes] = zmq.Socket(context, zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Per-client queues, both ways: a client that sends without reading fills its own
@@ -108,16 +110,31 @@ class IpcServer:
     async def serve(self) -> None:
         """Answer requests until cancelled. Nothing a client sends ends this loop: whatever
         goes wrong with one request is answered or logged, and the loop goes on."""
-        assert self._router is not None
-        while True:
-            frames = await self._router.recv_multipart()
-            try:
-                self._accept(frames)
-            except Exception:
-                log.exception("failed to handle a request (the daemon carries on)")
-            # recv returns at once while requests are queued: without this the loop would
-            # read a flood to its end before any request's handler (another client's) ran.
-            await asyncio.sleep(0)
+        router = self._router
+        assert router is not None
+        loop = asyncio.get_running_loop()
+        fd = cast(int, router.getsockopt(zmq.FD))
+        loop.add_reader(fd, self._readable.set)
+        try:
+            while True:
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    # ZeroMQ's descriptor signals a change, not readiness: look at the socket's
+                    # events before waiting for the next signal (a send may have taken it).
+                    self._readable.clear()
+                    if not _has_input(router):
+                        await self._readable.wait()
+                    continue
+                try:
+                    self._accept(frames)
+                except Exception:
+                    log.exception("failed to handle a request (the daemon carries on)")
+                # Without this the loop would read a flood to its end before any request's
+                # handler (another client's) ran.
+                await asyncio.sleep(0)
+        finally:
+            loop.remove_reader(fd)
 
     def _accept(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -242,12 +259,18 @@ class IpcServer:
             else:
                 message["data"], message["encoding"] = encode_data(message["data"])
         parts[len(envelope) + 1] = json.dumps(reply, separators=(",", ":")).encode("utf-8")
-        # NOBLOCK: the asyncio socket sends at once and returns a finished future.
-        sent = cast("asyncio.Future[object]",
-                    self._router.send_multipart(parts, flags=zmq.NOBLOCK))
-        exc = sent.exception()
-        if exc is None:
-            return True
+        try:
+            self._router.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._not_sent(exc, message)
+            return False
+        finally:
+            # Sending may have consumed the signal of a request that arrived meanwhile.
+            if _has_input(self._router):
+                self._readable.set()
+        return True
+
+    def _not_sent(self, exc: zmq.ZMQError, message: object) -> None:
         # The client is gone, or its queue is full because it does not read: a message the
         # reply carried goes back to its inbox. Counted, not logged one by one (a flood would
         # fill the log).
@@ -255,4 +278,7 @@ class IpcServer:
         log.debug("reply not delivered (%s)", exc)
         if isinstance(message, dict):
             self._undelivered(str(message.get("id")))
-        return False
+
+
+def _has_input(sock: zmq.Socket[bytes]) -> bool:
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
