@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .errors import (
     BadRequestError,
@@ -148,6 +148,7 @@ def decode_data(text: str, encoding: str) -> bytes:
 # -- the client ----------------------------------------------------------------------------------
 
 _context: Any = None
+_monitors = itertools.count()  # names the inproc endpoints of the clients' monitor sockets
 
 
 def _zmq_context() -> Any:
@@ -177,7 +178,12 @@ class IpcClient:
     def __init__(self, home: str | Path | None = None, margin: float = REQUEST_TIMEOUT) -> None:
         self.home = resolve_home(home)
         self.margin = margin
+        # A plain DEALER, read and written without waiting (NOBLOCK): cheaper per message than
+        # zmq.asyncio's futures. ``_readable`` is set by the event loop when ZeroMQ's
+        # descriptor signals, and by a send that finds replies waiting.
         self._socket: Any = None
+        self._fd: int | None = None
+        self._readable = asyncio.Event()
         self._monitor: Any = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -200,11 +206,17 @@ class IpcClient:
         address = endpoint(self.home)
         if daemon_pid(self.home) is None:
             raise not_running(self.home)
-        socket = _zmq_context().socket(zmq.DEALER)
+        context = _zmq_context()
+        socket = zmq.Socket(context, zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = context.socket(zmq.PAIR)
+        monitor_address = f"inproc://pilot-ipc-monitor-{id(self)}-{next(_monitors)}"
+        socket.monitor(monitor_address, zmq.EVENT_DISCONNECTED)
+        self._monitor.connect(monitor_address)
         socket.connect(address)
         self._socket = socket
+        self._fd = fd = cast(int, socket.getsockopt(zmq.FD))
+        asyncio.get_running_loop().add_reader(fd, self._readable.set)
         self._lost = None
         self._tasks = [
             asyncio.create_task(self._read_replies()),
@@ -228,6 +240,9 @@ class IpcClient:
                 await task
         self._tasks = []
         if self._socket is not None:
+            if self._fd is not None:
+                asyncio.get_running_loop().remove_reader(self._fd)
+                self._fd = None
             with contextlib.suppress(Exception):
                 self._socket.disable_monitor()
             self._monitor.close(linger=0)
@@ -294,8 +309,24 @@ class IpcClient:
         if on_reply is not None:
             self._deliveries[request_id] = on_reply
         header = json.dumps({"cmd": cmd, "id": request_id, **fields}).encode("utf-8")
-        await self._socket.send_multipart([header] if payload is None else [header, payload])
+        await self._send_frames([header] if payload is None else [header, payload])
         return request_id
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        import zmq
+
+        while True:
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                # Our queue to the daemon is full (client_queue_messages unread requests):
+                # rare, so a short sleep rather than a second kind of wake-up.
+                await asyncio.sleep(0.001)
+            finally:
+                # Sending may have consumed the signal of a reply that arrived meanwhile.
+                if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._readable.set()
 
     async def _send(self, cmd: str, payload: bytes | None, fields: dict[str, Any],
                     ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
@@ -333,8 +364,17 @@ class IpcClient:
             ) from None
 
     async def _read_replies(self) -> None:
+        import zmq
+
         while True:
-            frames = await self._socket.recv_multipart()
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # ZeroMQ's descriptor signals a change, not readiness: look before waiting.
+                self._readable.clear()
+                if not self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    await self._readable.wait()
+                continue
             try:
                 reply = json.loads(frames[0])
             except ValueError:
