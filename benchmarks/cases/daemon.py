@@ -15,7 +15,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pilot_agents
 from benchmarks.harness import (
@@ -34,6 +34,18 @@ from pilot_agents.daemon import DaemonOptions, start_detached, stop
 from pilot_agents.patterns.reqrep import Replier, Requester
 
 R = TypeVar("R")
+
+class Request(Protocol):
+    data: bytes
+
+    async def reply(self, data: bytes) -> None: ...
+
+
+class Requests(Protocol):
+    """A listener or a replier, as the server role uses either."""
+
+    async def receive(self, timeout: float | None = ...) -> Request: ...
+
 
 SERVICE_PORT = 2001
 """The virtual port the server listens on (not an inbox port: nothing buffers there before)."""
@@ -68,15 +80,19 @@ class Daemon(Case):
     def run_async(self, main: Coroutine[Any, Any, R]) -> R:
         return pilot_agents.run(main)
 
+    def requests(self, client: Client) -> contextlib.AbstractAsyncContextManager[Requests]:
+        """Where the server's requests come from (listened on when entered)."""
+        return client.listen(SERVICE_PORT)
+
     async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
         plan = server_plan(kind, p)
         async with daemon_client(ctl, p, "server") as (client, _), \
-                client.listen(SERVICE_PORT) as listener:
+                self.requests(client) as requests:
             ctl.publish(listening=True)
             for responder in plan:
-                msg = await listener.receive(timeout=p.timeout(kind))
-                responder.feed(msg.data)
-                await msg.reply(responder.finish())
+                request = await requests.receive(timeout=p.timeout(kind))
+                responder.feed(request.data)
+                await request.reply(responder.finish())
             await ctl.await_stop()
 
     async def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
@@ -96,16 +112,8 @@ class DaemonReqRep(Daemon):
     name = "daemon-reqrep"
     about = "two daemons; patterns.reqrep Requester/Replier over sdk.Client; uvloop"
 
-    async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
-        plan = server_plan(kind, p)
-        async with daemon_client(ctl, p, "server") as (client, _), \
-                Replier(client, SERVICE_PORT) as replier:
-            ctl.publish(listening=True)
-            for responder in plan:
-                request = await replier.receive(timeout=p.timeout(kind))
-                responder.feed(request.data)
-                await request.reply(responder.finish())
-            await ctl.await_stop()
+    def requests(self, client: Client) -> contextlib.AbstractAsyncContextManager[Requests]:
+        return Replier(client, SERVICE_PORT)
 
     async def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
         async with daemon_client(ctl, p, "client") as (client, server_id):

@@ -210,19 +210,24 @@ class Messaging:
         if req.stream is not None:
             stream = self._stream(req.stream)
             with self._using(stream):
-                while True:
-                    await credit.wait()
-                    message = await stream.inbox.get(None)
-                    credit.take(len(message.data))
-                    if not push({"message": self._message_fields(
-                            message, stream.inbox, stream.conn.send, ack=req.ack)}):
-                        return {"done": True}
+                return await self._push_all(stream.inbox, push, credit, lambda m: (
+                    self._message_fields(m, stream.inbox, stream.conn.send, ack=req.ack)))
         state = self._receivable(req.port)
+        return await self._push_all(state.inbox, push, credit, lambda m: (
+            self._port_message(m, state.inbox, ack=req.ack)))
+
+    async def _push_all(self, inbox: Inbox, push: Push, credit: Credit,
+                        fields: Callable[[Message], Reply]) -> Reply:
         while True:
             await credit.wait()
-            message = await state.inbox.get(None)
+            message = await inbox.get(None)
             credit.take(len(message.data))
-            if not push({"message": self._port_message(message, state.inbox, ack=req.ack)}):
+            handed = fields(message)
+            if not push({"message": handed}):
+                # The client is gone (or does not read): the message goes back, even if its
+                # payload was too large for the requeue memory.
+                if not self.memory.requeue(handed["id"]):
+                    inbox.push_front(message)
                 return {"done": True}
 
     async def reply(self, req: ReplyRequest) -> Reply:

@@ -243,13 +243,14 @@ class IpcServer:
         reply = {"ok": True, **reply}
         if request_id is not None:
             reply["id"] = request_id
-        return self._send(identity, envelope, reply, frames=True)
+        return self._send(identity, envelope, reply, frames=True, give_back=False)
 
     def _send(self, identity: bytes, envelope: list[bytes], reply: Reply, *,
-              frames: bool = False) -> bool:
+              frames: bool = False, give_back: bool = True) -> bool:
         """Send a reply without waiting; False if it could not be. A message it carries has
         its payload as bytes in ``data``: sent as a frame of its own with ``frames``, else as
-        the JSON ``data`` and ``encoding`` fields."""
+        the JSON ``data`` and ``encoding`` fields; ``give_back``: one that could not be sent
+        goes back to its inbox (a delivery does that itself)."""
         assert self._router is not None
         parts = [identity, *envelope, b""]
         message = reply.get("message")
@@ -262,7 +263,7 @@ class IpcServer:
         try:
             self._router.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._not_sent(exc, message)
+            self._not_sent(exc, message if give_back else None)
             return False
         finally:
             # Sending may have consumed the signal of a request that arrived meanwhile.
