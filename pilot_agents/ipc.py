@@ -258,7 +258,7 @@ class IpcClient:
 
     async def carry(self, cmd: str, payload: bytes, **fields: Any) -> dict[str, Any]:
         """:meth:`request` for a command that carries a message (``send``, ``stream_send``,
-        ``reply``): ``payload`` goes as a frame of its own."""
+        ``reply``, ``publish``): ``payload`` goes as a frame of its own."""
         return await self._request(cmd, None, payload, fields)
 
     async def _request(self, cmd: str, wait: float | None, payload: bytes | None,

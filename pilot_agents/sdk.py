@@ -137,7 +137,8 @@ class Client:
 
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
-        ``payload``: the message a command carries (``send``, ``stream_send``, ``reply``)."""
+        ``payload``: the message a command carries (``send``, ``stream_send``, ``reply``,
+        ``publish``)."""
         if payload is None:
             return await self._ipc.request(cmd, **fields)
         return await self._ipc.carry(cmd, payload, **fields)

@@ -231,7 +231,7 @@ class StopRequest(BaseRequest):
 # outlives its client.
 
 
-class PublishRequest(_Payload):
+class PublishRequest(PayloadRequest):
     cmd: Literal["publish"]
     port: Port
     topic: str = Field(max_length=MAX_TOPIC)  # characters here; the publisher checks the bytes
