@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{run.date} · {run.machine}\n{report.sizes(params)}\n")
         print(report.table(rows))
-        print(f"\n{report.interference(run)}")
+        print(f"\n{report.interference(run.others_cpu)}")
     if args.write:
         print(f"wrote {report.write_results(run)}", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import random
 import socket
 import time
@@ -33,6 +34,8 @@ OK = b"ok"
 """The server's reply once a bulk transfer is complete and its sha256 matches."""
 
 R = TypeVar("R")
+Y = TypeVar("Y")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,9 @@ def client_session(kind: Kind, p: Params) -> Session[Result]:
     return bulk_session(p) if kind == "bulk" else rtt_session(p)
 
 
-def drive(session: Session[R], roundtrip: Callable[[bytes], bytes]) -> R:
-    """Runs a session over a blocking request/reply function."""
+def drive(session: Generator[Y, S, R], roundtrip: Callable[[Y], S]) -> R:
+    """Runs a session over a blocking request/reply function (or any step function: the
+    session yields what to do and is sent the outcome)."""
     request = next(session)
     while True:
         try:
@@ -242,8 +246,8 @@ def drive(session: Session[R], roundtrip: Callable[[bytes], bytes]) -> R:
             return done.value  # type: ignore[no-any-return]
 
 
-async def adrive(session: Session[R], roundtrip: Callable[[bytes], Awaitable[bytes]]) -> R:
-    """Runs a session over an asynchronous request/reply function."""
+async def adrive(session: Generator[Y, S, R], roundtrip: Callable[[Y], Awaitable[S]]) -> R:
+    """Runs a session over an asynchronous request/reply (or step) function."""
     request = next(session)
     while True:
         try:
@@ -301,6 +305,10 @@ class Control:
         info: dict[str, Any] = self._expect("info", "the other role has published nothing")
         return info
 
+    def has_news(self) -> bool:
+        """Whether the other role has published something :meth:`peer` would return at once."""
+        return self._conn.poll()
+
     def wait_stop(self) -> None:
         """Blocks until the client has reported its result (servers call this last)."""
         self._expect("stop", "the client has not reported a result")
@@ -318,12 +326,30 @@ class Control:
         return body
 
 
-class Case(ABC):
-    """One transport under test. Each method runs in its own process."""
+class Roles:
+    """What the runner needs of a case: its roles are its methods, each run in its own process
+    with a :class:`Control` first, and a coroutine role runs on the case's event loop."""
 
     name: ClassVar[str]
     about: ClassVar[str]
     """Short description for the notes column."""
+
+    def run_async(self, main: Coroutine[Any, Any, R]) -> R:
+        """Runs a role that is a coroutine: on asyncio's own event loop unless a case says."""
+        return asyncio.run(main)
+
+
+def load(spec: str) -> Roles:
+    """The case object named ``module`` (its ``CASE``) or ``module:ATTRIBUTE``; raises
+    ImportError when its module can't be imported here (a missing dependency)."""
+    module, _, attribute = spec.partition(":")
+    case = getattr(importlib.import_module(module), attribute or "CASE")
+    assert isinstance(case, Roles)
+    return case
+
+
+class Case(Roles, ABC):
+    """One transport under test. Each method runs in its own process."""
 
     @abstractmethod
     def server(self, ctl: Control, p: Params, kind: Kind) -> Coroutine[Any, Any, None] | None:
@@ -332,7 +358,3 @@ class Case(ABC):
     @abstractmethod
     def client(self, ctl: Control, p: Params, kind: Kind) -> Result | Coroutine[Any, Any, Result]:
         """Reads the server's address from :meth:`Control.peer` and measures."""
-
-    def run_async(self, main: Coroutine[Any, Any, R]) -> R:
-        """Runs a role that is a coroutine: on asyncio's own event loop unless a case says."""
-        return asyncio.run(main)

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+from benchmarks import report
 from tests.natlab import Lab
 from tests.natlab.conftest_helpers import natlab_unavailable_reason
 from tests.test_natlab_traversal import (
@@ -53,8 +54,6 @@ from tests.test_natlab_traversal import (
     run_rebind,
 )
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- natlab:start -->", "<!-- natlab:end -->"
 HEADING = "## NAT lab matrix"
 
 
@@ -157,19 +156,6 @@ def stress_table(rows: list[tuple[str, PairResult | str]]) -> list[str]:
     return out
 
 
-def write_section(body: str) -> Path:
-    section = f"{START}\n{HEADING}\n\n{body.rstrip()}\n{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
-    return RESULTS
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per pair and delay")
@@ -181,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         help="MiB sent over the lossy WAN (default 10; takes about 3 minutes)",
     )  # fmt: skip
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy failed runs' logs here")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {RESULTS}")
+    parser.add_argument(
+        "--write", action="store_true", help=f"update the section in {report.RESULTS}"
+    )
     args = parser.parse_args(argv)
     reason = natlab_unavailable_reason()
     if reason:
@@ -244,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(header + lines)
     print(text)
     if args.write:
-        log(f"wrote {write_section(text)}")
+        written = report.write_section("natlab", HEADING + "\n\n" + text)
+        log(f"wrote {written}")
     return 1 if failures else 0
 
 

@@ -51,18 +51,19 @@ def now() -> str:
     return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def interference(run: Run) -> str:
-    if run.others_cpu is None:
+def interference(others_cpu: float | None) -> str:
+    """What other processes took of the CPU during a run (``others_cpu``: a share, or None)."""
+    if others_cpu is None:
         return "not measured (no /proc/stat)"
-    verdict = "; numbers are suspect" if run.others_cpu > BUSY_SHARE else ""
-    return f"other processes used {run.others_cpu:.0%} of the CPU during the run{verdict}"
+    verdict = "; numbers are suspect" if others_cpu > BUSY_SHARE else ""
+    return f"other processes used {others_cpu:.0%} of the CPU during the run{verdict}"
 
 
-def command(argv: Sequence[str]) -> str:
+def command(argv: Sequence[str], module: str = "benchmarks.bench") -> str:
     python = os.path.relpath(sys.executable)
     if python.startswith(".."):
         python = sys.executable
-    return " ".join([python, "-m", "benchmarks.bench", *argv])
+    return " ".join([python, "-m", module, *argv])
 
 
 def sizes(p: Params) -> str:
@@ -78,18 +79,24 @@ def sizes(p: Params) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """A Markdown table, padded so it also reads well in a terminal."""
-    cells = [HEADER, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
+    """The results as a Markdown table."""
+    return grid(HEADER, [_cells(row) for row in rows], NUMERIC)
+
+
+def grid(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:
+    """A Markdown table, padded so it also reads well in a terminal; the ``numeric`` columns
+    aligned right."""
+    cells = [header, *rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
 
     def line(values: Sequence[str]) -> str:
         padded = (
-            value.rjust(width) if i in NUMERIC else value.ljust(width)
+            value.rjust(width) if i in numeric else value.ljust(width)
             for i, (value, width) in enumerate(zip(values, widths, strict=True))
         )
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(_rule(width, i in NUMERIC) for i, width in enumerate(widths)) + "|"
+    rule = "|" + "|".join(_rule(width, i in numeric) for i, width in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), rule, *(line(c) for c in cells[1:])])
 
 
@@ -101,7 +108,7 @@ Written by `benchmarks/bench.py --write`, which replaces this part of the file; 
 
 - Date: {run.date}
 - Machine: {run.machine}
-- Quiet: {interference(run)}
+- Quiet: {interference(run.others_cpu)}
 - Command: `{run.command}`
 - Sizes: {sizes(run.params)}
 - Every case runs as two processes (server and client) on 127.0.0.1.
@@ -120,6 +127,22 @@ def write_results(run: Run) -> Path:
         if start != -1 and ":start -->" in old[start:]:
             kept = "\n" + old[start:]
     RESULTS.write_text(results_markdown(run) + kept, encoding="utf-8")
+    return RESULTS
+
+
+def write_section(name: str, body: str) -> Path:
+    """Replace the part of RESULTS.md between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``
+    with ``body`` (a tool's own section), or append it; the rest of the file is kept."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{body.rstrip()}\n{end}\n"
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + (("\n" + tail) if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text, encoding="utf-8")
     return RESULTS
 
 

@@ -11,18 +11,25 @@ import multiprocessing as mp
 import sys
 import time
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Literal
+from typing import Any
 
-from benchmarks.cases import load_case
-from benchmarks.harness import KINDS, BulkResult, Control, Kind, Params, Result, RttResult
+from benchmarks.cases import CASES, load_case
+from benchmarks.harness import (
+    KINDS,
+    BulkResult,
+    Control,
+    Kind,
+    Params,
+    Result,
+    RttResult,
+    load,
+)
 from benchmarks.machine import CpuSample, others_share
 
-Role = Literal["server", "client"]
-ROLES: tuple[Role, ...] = ("server", "client")
 BUSY_SHARE = 0.05
 """Above this share of the CPU taken by other processes, a measurement is flagged as suspect."""
 REAP_GRACE = 3.0
@@ -54,10 +61,7 @@ class Row:
 
     def remarks(self) -> list[str]:
         """The notes, led by a warning if other processes took a share of the CPU meanwhile."""
-        busiest = max(self.others_cpu.values(), default=0.0)
-        if busiest <= BUSY_SHARE:
-            return self.notes
-        return [f"SUSPECT: other processes took up to {busiest:.0%} of the CPU", *self.notes]
+        return suspect(self.others_cpu.values()) + self.notes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +75,15 @@ class Row:
             "others_cpu": {kind: round(share, 3) for kind, share in self.others_cpu.items()},
             "notes": self.remarks(),
         }
+
+
+def suspect(others_cpu: Iterable[float]) -> list[str]:
+    """A warning if other processes took more than :data:`BUSY_SHARE` of the CPU during any of
+    a row's measurements (their shares), else nothing."""
+    busiest = max(others_cpu, default=0.0)
+    if busiest <= BUSY_SHARE:
+        return []
+    return [f"SUSPECT: other processes took up to {busiest:.0%} of the CPU"]
 
 
 def run_case(name: str, p: Params, kinds: tuple[Kind, ...] = KINDS) -> Row:
@@ -107,38 +120,59 @@ def run_case(name: str, p: Params, kinds: tuple[Kind, ...] = KINDS) -> Row:
 
 def run_pair(case: str, kind: Kind, p: Params) -> Result:
     """Spawns the case's server and client; returns the client's measurement."""
-    ctx = mp.get_context("spawn")
-    links: dict[Role, Connection] = {}
-    procs: dict[Role, BaseProcess] = {}
-    grace = 0.2  # a failed pair's other role may be stuck in a long wait: end it promptly
-    try:
-        for role in ROLES:
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=_role_main,
-                args=(case, role, kind, p, theirs),
-                name=f"bench-{case}-{kind}-{role}",
-                daemon=True,
-            )
-            proc.start()
-            theirs.close()
-            links[role] = ours
-            procs[role] = proc
-        result = _relay(links, procs, p.pair_deadline)
-        grace = REAP_GRACE
-    finally:
-        for child in procs.values():
-            _reap(child, grace)
+    _, result = run_roles(CASES[case], [("server", (p, kind)), ("client", (p, kind))],
+                          p.wait, p.pair_deadline)
     if not isinstance(result, BulkResult | RttResult):
         raise CaseFailed(f"client returned {type(result).__name__}, not a measurement")
     return result
 
 
-def _relay(links: dict[Role, Connection], procs: dict[Role, BaseProcess], limit: float) -> object:
-    """Forwards what each role publishes to the other until both report; returns the client's."""
+RoleSpec = tuple[str, tuple[object, ...]]
+"""A role: the name of the case's method the process runs, and its arguments after the
+:class:`Control` (picklable)."""
+
+
+def run_roles(case: str, roles: Sequence[RoleSpec], wait: float, deadline: float) -> list[object]:
+    """Spawns one process per role of the case ``case`` (``module`` or ``module:ATTRIBUTE``, see
+    :func:`benchmarks.harness.load`); returns each role's result, in order.
+
+    The first role is the hub (a server, a publisher): what it publishes goes to every other
+    role, what they publish goes to it, and it is told to stop once all of them reported."""
+    ctx = mp.get_context("spawn")
+    links: dict[str, Connection] = {}
+    procs: dict[str, BaseProcess] = {}
+    methods = [method for method, _ in roles]
+    grace = 0.2  # a failed set's other roles may be stuck in a long wait: end them promptly
+    try:
+        for i, (method, args) in enumerate(roles):
+            label = method if methods.count(method) == 1 else f"{method} {i}"
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_role_main,
+                args=(case, method, args, wait, theirs),
+                name=f"bench-{case}-{label}".replace(" ", "-"),
+                daemon=True,
+            )
+            proc.start()
+            theirs.close()
+            links[label] = ours
+            procs[label] = proc
+        results = _relay(links, procs, deadline)
+        grace = REAP_GRACE
+    finally:
+        for child in procs.values():
+            _reap(child, grace)
+    return [results[label] for label in links]
+
+
+def _relay(links: dict[str, Connection], procs: dict[str, BaseProcess], limit: float
+           ) -> dict[str, object]:
+    """Forwards what the hub publishes to every other role and what they publish to the hub,
+    until every role reports; returns their results."""
     deadline = time.monotonic() + limit
+    hub = next(iter(links))
     waiting = {conn: role for role, conn in links.items()}
-    results: dict[Role, object] = {}
+    results: dict[str, object] = {}
     while waiting:
         ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
@@ -156,26 +190,28 @@ def _relay(links: dict[Role, Connection], procs: dict[Role, BaseProcess], limit:
             if tag == "error":
                 raise CaseFailed(f"{role}: {body}")
             if tag == "info":
-                _send(links[_other(role)], ("info", body))
+                for other in links if role == hub else [hub]:
+                    if other != role:
+                        _send(links[other], ("info", body))
                 continue
             results[role] = body
             del waiting[conn]
-            if role == "client":
-                _send(links["server"], ("stop", None))
-    return results["client"]
+            if role != hub and all(other == hub for other in waiting.values()):
+                _send(links[hub], ("stop", None))
+    return results
 
 
-def _role_main(case: str, role: Role, kind: Kind, p: Params, conn: Connection) -> None:
+def _role_main(case: str, method: str, args: tuple[object, ...], wait_s: float,
+               conn: Connection) -> None:
     """Entry point of a spawned role process."""
     try:
-        impl = load_case(case)
-        run = impl.server if role == "server" else impl.client
-        out: object = run(Control(conn, p.wait), p, kind)
+        impl = load(case)
+        out: object = getattr(impl, method)(Control(conn, wait_s), *args)
         if isinstance(out, Coroutine):
             out = impl.run_async(out)
         conn.send(("result", out))
     except BaseException as exc:
-        print(f"--- {case} {kind} {role} failed:", file=sys.stderr)
+        print(f"--- {case} {method} failed:", file=sys.stderr)
         traceback.print_exc()
         conn.send(("error", _describe(exc)))
 
@@ -194,10 +230,6 @@ def _send(conn: Connection, message: tuple[str, object]) -> None:
     # a role that has exited can't be told anything; the relay reports its EOF
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         conn.send(message)
-
-
-def _other(role: Role) -> Role:
-    return "client" if role == "server" else "server"
 
 
 def _describe(exc: BaseException) -> str:

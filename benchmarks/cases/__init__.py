@@ -4,9 +4,7 @@ the others."""
 
 from __future__ import annotations
 
-import importlib
-
-from benchmarks.harness import Case
+from benchmarks.harness import Case, load
 
 CASES: dict[str, str] = {
     "raw-udp": "benchmarks.cases.raw_udp",
@@ -24,6 +22,6 @@ CASES: dict[str, str] = {
 
 def load_case(name: str) -> Case:
     """The case called ``name``; raises ImportError when it can't run here."""
-    case = importlib.import_module(CASES[name]).CASE
+    case = load(CASES[name])
     assert isinstance(case, Case)
     return case
