@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what benchmarks/patterns.py compares pilot-agents with, on a Debian machine:
+# the servers (Debian's nats-server and redis-server) and the
+# Python clients (the `bench` extra: eclipse-zenoh, nats-py, redis) into ./.venv. The benchmark
+# starts its own server instances on ephemeral ports in temporary directories; a system service
+# the packages may start is not used. Run scripts/install.sh --dev first (it creates .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+
+packages=(nats-server redis-server)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || { echo "no .venv: run scripts/install.sh --dev first" >&2; exit 1; }
+.venv/bin/python -m pip install -q -e '.[dev,bench]'
+echo "benchmark peers installed: $(command -v nats-server) $(command -v redis-server)"
