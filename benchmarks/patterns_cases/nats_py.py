@@ -93,7 +93,8 @@ class NatsPy(PatternCase):
         try:
             async def roundtrip(data: bytes) -> bytes:
                 reply = await nc.request(SUBJECT, data, timeout=p.rtt.wait)
-                return reply.data
+                answer: bytes = reply.data
+                return answer
 
             return await adrive(rtt_session(p.rtt), roundtrip)
         finally:

@@ -125,7 +125,8 @@ class ZenohPeer(PatternCase):
             def roundtrip(data: bytes) -> bytes:
                 for reply in querier.get(payload=data):
                     if reply.ok is not None:
-                        return reply.ok.payload.to_bytes()
+                        answer: bytes = reply.ok.payload.to_bytes()
+                        return answer
                 raise TimeoutError(f"no reply within {p.rtt.wait} s")
 
             return drive(rtt_session(p.rtt), roundtrip)

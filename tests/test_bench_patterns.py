@@ -1,0 +1,67 @@
+"""The pattern benchmark keeps working: our two cases (embedded Node, daemon path) measured in
+tiny sizes through the real harness (a process per role, real daemons), and a case that can't run
+here shows as unavailable instead of breaking the run. Nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from benchmarks import patterns
+from benchmarks.harness import Params
+from benchmarks.pattern_harness import PatternParams
+
+TINY = PatternParams(
+    messages=200, fanout=2, fanout_messages=50, quiet=1.0, wait=30.0, deadline=120.0,
+    rtt=Params(msg_size=100, rtt_warmup=5, rtt_count=20),
+)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pp-"))  # short: daemon socket paths live under it
+    try:
+        yield path
+    finally:
+        patterns._stop_daemons(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rows(workdir: Path) -> dict[str, patterns.Row]:
+    p = replace(TINY, workdir=str(workdir))
+    return {name: patterns.run_case(name, p) for name in ("embedded", "daemon")}
+
+
+@pytest.mark.parametrize("name", ["embedded", "daemon"])
+def test_our_case_delivers_every_publication_and_answers_every_request(
+        rows: dict[str, patterns.Row], name: str) -> None:
+    row = rows[name]
+    assert not [note for note in row.notes if "error" in note], row.notes
+    one, fanout = row.pubsub[1], row.pubsub[TINY.fanout]
+    assert (one.delivered, one.lost) == (TINY.messages, 0)
+    assert (fanout.delivered, fanout.lost) == (TINY.fanout * TINY.fanout_messages, 0)
+    assert one.rate > 0 and all(s.ended for s in one.subscribers)
+    assert row.rtt is not None and len(row.rtt.samples_ns) == TINY.rtt.rtt_count
+
+
+def test_table_and_targets_name_every_case_and_what_was_not_measured(
+        rows: dict[str, patterns.Row]) -> None:
+    p = replace(TINY, workdir="")
+    text = patterns.markdown(list(rows.values()), p, "cmd", None)
+    assert "| embedded" in text and "| daemon" in text
+    assert "pub/sub 2 subs msg/s" in text
+    assert "- req/rep median, embedded / pyzmq REQ/REP: not measured" in text
+
+
+def test_a_case_that_cannot_run_here_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(patterns.CASES, "missing", "benchmarks.patterns_cases.no_such_module")
+    assert patterns.run_case("missing", TINY).notes[0].startswith("unavailable: ")
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    row = patterns.run_case("redis-py", TINY)  # no redis-server, or no redis-py
+    assert row.notes[0].startswith("unavailable: ") and not row.pubsub and row.rtt is None
