@@ -309,17 +309,19 @@ class Control:
         """Whether the other role has published something :meth:`peer` would return at once."""
         return self._conn.poll()
 
-    def wait_stop(self) -> None:
-        """Blocks until the client has reported its result (servers call this last)."""
-        self._expect("stop", "the client has not reported a result")
+    def wait_stop(self, limit: float | None = None) -> None:
+        """Blocks until the client has reported its result (servers call this last), for up to
+        ``limit`` seconds (default: the setup step's ``wait``)."""
+        self._expect("stop", "the client has not reported a result", limit)
 
-    async def await_stop(self) -> None:
+    async def await_stop(self, limit: float | None = None) -> None:
         """:meth:`wait_stop` without blocking the event loop (the transport keeps running)."""
-        await asyncio.to_thread(self.wait_stop)
+        await asyncio.to_thread(self.wait_stop, limit)
 
-    def _expect(self, tag: str, meaning: str) -> Any:
-        if not self._conn.poll(self._wait):
-            raise TimeoutError(f"{meaning} within {self._wait} s")
+    def _expect(self, tag: str, meaning: str, limit: float | None = None) -> Any:
+        limit = self._wait if limit is None else limit
+        if not self._conn.poll(limit):
+            raise TimeoutError(f"{meaning} within {limit} s")
         got, body = self._conn.recv()
         if got != tag:
             raise RuntimeError(f"expected {tag!r} from the benchmark runner, got {got!r}")

@@ -1,7 +1,9 @@
-"""Runs a case's server and client in two spawned processes and relays between them.
+"""Runs a case's roles (a server and a client; a publisher and its subscribers) in spawned
+processes, one each, and relays between them.
 
 The runner is the only thing that waits without a transport-level timeout, and it waits at most
-:attr:`Params.pair_deadline` for a pair; then it ends both processes and reports an error.
+:attr:`Params.pair_deadline` for a pair (the caller's deadline for other sets); then it ends
+every process and reports an error.
 """
 
 from __future__ import annotations

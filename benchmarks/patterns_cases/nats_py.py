@@ -48,7 +48,7 @@ class NatsPy(PatternCase):
                     await asyncio.sleep(what)
 
             result = await adrive(publisher_session(ctl, p, subscribers, messages), step)
-            await ctl.await_stop()
+            await ctl.await_stop(p.deadline)
             return result
         finally:
             await nc.close()
@@ -82,7 +82,7 @@ class NatsPy(PatternCase):
             await nc.subscribe(SUBJECT, cb=answer)
             await nc.flush(timeout=int(p.wait))  # the subscription is at the server
             ctl.publish()
-            await ctl.await_stop()
+            await ctl.await_stop(p.deadline)
         finally:
             await nc.close()
 

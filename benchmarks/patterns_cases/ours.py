@@ -10,6 +10,7 @@ is counted as the benchmark's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -37,7 +38,7 @@ from benchmarks.pattern_harness import (
 )
 from pilot_agents import Node
 from pilot_agents.daemon import DaemonOptions
-from pilot_agents.errors import PilotTimeoutError
+from pilot_agents.errors import DaemonNotRunningError, PilotTimeoutError
 from pilot_agents.net.tunnel import session
 from pilot_agents.patterns import Publisher, Request, Requester, Subscriber, serving
 from pilot_agents.sdk import Client
@@ -138,7 +139,8 @@ class DaemonSide(Side):
                         tb: TracebackType | None) -> None:
         proc, self.proc = self.proc, None
         try:
-            await self.client.call("stop")
+            with contextlib.suppress(DaemonNotRunningError):  # gone before it could answer
+                await self.client.call("stop")
         finally:
             await self.client.close()
             if proc is not None:
@@ -200,7 +202,7 @@ class Ours(PatternCase):
                         await asyncio.sleep(what)
 
                 result = await adrive(publisher_session(ctl, p, subscribers, messages), step)
-                await ctl.await_stop()
+                await ctl.await_stop(p.deadline)
                 return result
 
     async def subscriber(self, ctl: Control, p: PatternParams, messages: int,
@@ -225,7 +227,7 @@ class Ours(PatternCase):
             await side.meet(ctl.peer())
             async with serving(side.transport, PORT, echo):
                 ctl.publish(**side.card())
-                await ctl.await_stop()
+                await ctl.await_stop(p.deadline)
 
     async def requester(self, ctl: Control, p: PatternParams) -> RttResult:
         async with self.side(p, "req") as side:

@@ -43,7 +43,7 @@ class PyZmq(PatternCase):
                     time.sleep(what)
 
             result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop()
+            ctl.wait_stop(p.deadline)
             return result
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,

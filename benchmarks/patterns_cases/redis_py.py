@@ -65,7 +65,7 @@ class RedisPy(PatternCase):
                     time.sleep(what)
 
             result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop()
+            ctl.wait_stop(p.deadline)
             return result
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,
@@ -95,7 +95,7 @@ class RedisPy(PatternCase):
                 popped = client.brpop([REQUESTS], timeout=POLL)
                 if popped is not None:
                     client.lpush(REPLIES, popped[1])
-            ctl.wait_stop()
+            ctl.wait_stop(p.deadline)
 
     def requester(self, ctl: Control, p: PatternParams) -> RttResult:
         ctl.publish()

@@ -81,7 +81,7 @@ class ZenohPeer(PatternCase):
                     time.sleep(what)
 
             result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop()
+            ctl.wait_stop(p.deadline)
             return result
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,
@@ -114,7 +114,7 @@ class ZenohPeer(PatternCase):
 
             session.declare_queryable(QUERY_KEY, answer)
             ctl.publish(port=port)
-            ctl.wait_stop()
+            ctl.wait_stop(p.deadline)
 
     def requester(self, ctl: Control, p: PatternParams) -> RttResult:
         port = ctl.peer()["port"]
