@@ -17,14 +17,24 @@ processes of a machine), so a subscriber's arrival times compare with the publis
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from benchmarks.harness import HOST, Control, Params, Roles, RttResult, VerificationError
+from benchmarks.harness import (
+    HOST,
+    Control,
+    Params,
+    Roles,
+    RttResult,
+    VerificationError,
+    adrive,
+    drive,
+)
 
 TOPIC_PREFIX = "bench."
 DATA = "bench.data"
@@ -142,6 +152,44 @@ def publisher_session(ctl: Control, p: PatternParams, subscribers: int,
     return PubResult(messages, start_ns, seconds)
 
 
+def publish_all(ctl: Control, p: PatternParams, subscribers: int, messages: int,
+                publish: Callable[[str, bytes], object],
+                flush: Callable[[], object] = lambda: None) -> PubResult:
+    """Runs :func:`publisher_session` over a blocking ``publish(topic, payload)`` (a pause is a
+    sleep), then waits until every subscriber has reported (the transport keeps delivering)."""
+
+    def step(what: Step) -> None:
+        if isinstance(what, tuple):
+            publish(*what)
+        elif what is None:
+            flush()
+        else:
+            time.sleep(what)
+
+    result = drive(publisher_session(ctl, p, subscribers, messages), step)
+    ctl.wait_stop(p.deadline)
+    return result
+
+
+async def apublish_all(ctl: Control, p: PatternParams, subscribers: int, messages: int,
+                       publish: Callable[[str, bytes], Awaitable[object]],
+                       flush: Callable[[], Awaitable[object]] | None = None) -> PubResult:
+    """:func:`publish_all` for an asynchronous ``publish`` (a pause lets the event loop run)."""
+
+    async def step(what: Step) -> None:
+        if isinstance(what, tuple):
+            await publish(*what)
+        elif what is None:
+            if flush is not None:
+                await flush()
+        else:
+            await asyncio.sleep(what)
+
+    result = await adrive(publisher_session(ctl, p, subscribers, messages), step)
+    await ctl.await_stop(p.deadline)
+    return result
+
+
 def subscriber_session(ctl: Control, p: PatternParams,
                        messages: int) -> Generator[float, Item | None, SubResult]:
     """Wait for a warm-up publication and tell the publisher; then count the measured ones
@@ -194,7 +242,7 @@ class PatternCase(Roles, ABC):
     def publisher(self, ctl: Control, p: PatternParams, subscribers: int, messages: int
                   ) -> PubResult | Coroutine[Any, Any, PubResult]:
         """Reads each subscriber's :meth:`Control.publish` (one each), publishes its address,
-        runs :func:`publisher_session`, then waits for :meth:`Control.wait_stop`."""
+        runs :func:`publish_all` or :func:`apublish_all`."""
 
     @abstractmethod
     def subscriber(self, ctl: Control, p: PatternParams, messages: int, index: int

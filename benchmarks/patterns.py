@@ -263,7 +263,7 @@ def targets(rows: dict[str, Row]) -> list[str]:
         ratio = ours / theirs
         met = ratio >= limit if at_least else ratio <= limit
         sign = "≥" if at_least else "≤"
-        out.append(f"- {what}: {ratio:.2f}x (target {sign} {limit:g}x){extra}: "
+        out.append(f"- {what}: {ratio:.3g}x (target {sign} {limit:g}x){extra}: "
                    f"{'met' if met else 'MISSED'}")
 
     for ours in ("embedded", "daemon"):

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import nats
 import nats.errors
 from nats.aio.msg import Msg
@@ -17,9 +15,8 @@ from benchmarks.pattern_harness import (
     PatternCase,
     PatternParams,
     PubResult,
-    Step,
     SubResult,
-    publisher_session,
+    apublish_all,
     subscriber_session,
 )
 
@@ -39,17 +36,8 @@ class NatsPy(PatternCase):
         try:
             ctl.publish()
 
-            async def step(what: Step) -> None:
-                if isinstance(what, tuple):
-                    await nc.publish(what[0], what[1])
-                elif what is None:
-                    await nc.flush(timeout=int(p.wait))
-                else:
-                    await asyncio.sleep(what)
-
-            result = await adrive(publisher_session(ctl, p, subscribers, messages), step)
-            await ctl.await_stop(p.deadline)
-            return result
+            return await apublish_all(ctl, p, subscribers, messages, nc.publish,
+                                      lambda: nc.flush(timeout=int(p.wait)))
         finally:
             await nc.close()
 

@@ -31,9 +31,8 @@ from benchmarks.pattern_harness import (
     PatternCase,
     PatternParams,
     PubResult,
-    Step,
     SubResult,
-    publisher_session,
+    apublish_all,
     subscriber_session,
 )
 from pilot_agents import Node
@@ -195,15 +194,7 @@ class Ours(PatternCase):
             async with Publisher(side.transport, PORT) as pub:
                 ctl.publish(**side.card())
 
-                async def step(what: Step) -> None:
-                    if isinstance(what, tuple):
-                        await pub.publish(*what)
-                    elif what is not None:
-                        await asyncio.sleep(what)
-
-                result = await adrive(publisher_session(ctl, p, subscribers, messages), step)
-                await ctl.await_stop(p.deadline)
-                return result
+                return await apublish_all(ctl, p, subscribers, messages, pub.publish)
 
     async def subscriber(self, ctl: Control, p: PatternParams, messages: int,
                          index: int) -> SubResult:

@@ -4,8 +4,6 @@ loss shows), and for req/rep the ``zmq-tcp`` case of ``benchmarks.bench`` (REQ/R
 
 from __future__ import annotations
 
-import time
-
 import zmq
 
 from benchmarks.cases.zmq_tcp import CASE as REQ_REP
@@ -17,9 +15,8 @@ from benchmarks.pattern_harness import (
     PatternCase,
     PatternParams,
     PubResult,
-    Step,
     SubResult,
-    publisher_session,
+    publish_all,
     subscriber_session,
 )
 
@@ -36,15 +33,9 @@ class PyZmq(PatternCase):
             limit(sock, p.wait)
             ctl.publish(port=sock.bind_to_random_port(f"tcp://{HOST}"))
 
-            def step(what: Step) -> None:
-                if isinstance(what, tuple):
-                    sock.send_multipart([what[0].encode(), what[1]], copy=False)
-                elif what is not None:
-                    time.sleep(what)
-
-            result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop(p.deadline)
-            return result
+            return publish_all(
+                ctl, p, subscribers, messages,
+                lambda topic, data: sock.send_multipart([topic.encode(), data], copy=False))
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,
                    index: int) -> SubResult:

@@ -22,9 +22,8 @@ from benchmarks.pattern_harness import (
     PatternCase,
     PatternParams,
     PubResult,
-    Step,
     SubResult,
-    publisher_session,
+    publish_all,
     subscriber_session,
 )
 
@@ -54,19 +53,12 @@ class RedisPy(PatternCase):
         with _connect(p) as client, client.pipeline(transaction=False) as pipe:
             ctl.publish()
 
-            def step(what: Step) -> None:
-                if isinstance(what, tuple):
-                    pipe.publish(*what)
-                    if len(pipe) >= PUBLISH_BATCH:
-                        pipe.execute()
-                    return
-                pipe.execute()
-                if what is not None:
-                    time.sleep(what)
+            def publish(topic: str, data: bytes) -> None:
+                pipe.publish(topic, data)
+                if len(pipe) >= PUBLISH_BATCH:
+                    pipe.execute()
 
-            result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop(p.deadline)
-            return result
+            return publish_all(ctl, p, subscribers, messages, publish, pipe.execute)
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,
                    index: int) -> SubResult:

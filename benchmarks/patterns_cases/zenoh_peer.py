@@ -23,10 +23,9 @@ from benchmarks.pattern_harness import (
     PatternCase,
     PatternParams,
     PubResult,
-    Step,
     SubResult,
     free_port,
-    publisher_session,
+    publish_all,
     subscriber_session,
 )
 
@@ -74,15 +73,8 @@ class ZenohPeer(PatternCase):
             }
             ctl.publish(port=port)
 
-            def step(what: Step) -> None:
-                if isinstance(what, tuple):
-                    publishers[what[0]].put(what[1])
-                elif what is not None:
-                    time.sleep(what)
-
-            result = drive(publisher_session(ctl, p, subscribers, messages), step)
-            ctl.wait_stop(p.deadline)
-            return result
+            return publish_all(ctl, p, subscribers, messages,
+                               lambda topic, data: publishers[topic].put(data))
 
     def subscriber(self, ctl: Control, p: PatternParams, messages: int,
                    index: int) -> SubResult:
