@@ -25,7 +25,7 @@ from benchmarks.harness import HOST, RttResult, load
 from benchmarks.machine import CpuSample, describe, others_share
 from benchmarks.pattern_harness import PatternCase, PatternParams, PubResult, SubResult, free_port
 from benchmarks.patterns_cases import CASES
-from benchmarks.runner import CaseFailed, RoleSpec, run_roles, suspect
+from benchmarks.runner import CaseFailed, RoleSpec, measure, run_roles, suspect
 
 SERVICE_START = 10.0
 """Seconds a server gets to accept connections after it is started."""
@@ -203,23 +203,19 @@ def run_case(name: str, p: PatternParams) -> Row:
     ]
     plans.append(("req/rep", [("replier", ()), ("requester", ())]))
     for label, roles in plans:
-        _log(f"{name} {label} ...")
-        before = CpuSample.now()
-        try:
+
+        def run(roles: list[RoleSpec] = roles) -> list[object]:
             with contextlib.ExitStack() as stack:
                 q = p
                 if case.service is not None:
                     q = replace(p, service=stack.enter_context(
                         server(case.service, Path(p.workdir))))
-                results = run_roles(spec, [(m, (q, *args)) for m, args in roles], p.wait,
-                                    p.deadline)
-        except CaseFailed as exc:
-            row.notes.append(f"{label} error: {exc}")
-            _log(f"{name} {label} failed: {exc}")
+                return run_roles(spec, [(m, (q, *args)) for m, args in roles], p.wait,
+                                 p.deadline)
+
+        results = measure(name, label, row.notes, row.others_cpu, run)
+        if results is None:
             continue
-        share = others_share(before, CpuSample.now())
-        if share is not None:
-            row.others_cpu[label] = share
         if label == "req/rep":
             assert isinstance(results[1], RttResult)
             row.rtt = results[1]

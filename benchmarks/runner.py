@@ -13,11 +13,12 @@ import multiprocessing as mp
 import sys
 import time
 import traceback
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.cases import CASES, load_case
 from benchmarks.harness import (
@@ -34,6 +35,7 @@ from benchmarks.machine import CpuSample, others_share
 
 BUSY_SHARE = 0.05
 """Above this share of the CPU taken by other processes, a measurement is flagged as suspect."""
+T = TypeVar("T")
 REAP_GRACE = 3.0
 """Seconds a finished role gets to exit before it is terminated, then killed."""
 
@@ -50,7 +52,7 @@ class Row:
     bulk: BulkResult | None = None
     rtt: RttResult | None = None
     notes: list[str] = field(default_factory=list)
-    others_cpu: dict[Kind, float] = field(default_factory=dict)
+    others_cpu: dict[str, float] = field(default_factory=dict)
     """Share of the CPU other processes used during each measurement."""
 
     def add_pass(self, other: Row) -> None:
@@ -98,17 +100,9 @@ def run_case(name: str, p: Params, kinds: tuple[Kind, ...] = KINDS) -> Row:
         return row
     row.notes.append(case.about)
     for kind in kinds:
-        _log(f"{name} {kind} ...")
-        before = CpuSample.now()
-        try:
-            result = run_pair(name, kind, p)
-        except CaseFailed as exc:
-            row.notes.append(f"{kind} error: {exc}")
-            _log(f"{name} {kind} failed: {exc}")
+        result = measure(name, kind, row.notes, row.others_cpu, partial(run_pair, name, kind, p))
+        if result is None:
             continue
-        share = others_share(before, CpuSample.now())
-        if share is not None:
-            row.others_cpu[kind] = share
         if isinstance(result, BulkResult):
             row.bulk = result
             if result.note:
@@ -118,6 +112,24 @@ def run_case(name: str, p: Params, kinds: tuple[Kind, ...] = KINDS) -> Row:
             row.rtt = result
             _log(f"{name} rtt: median {result.median_us:.1f} µs, p99 {result.p99_us:.1f} µs")
     return row
+
+
+def measure(case: str, label: str, notes: list[str], others_cpu: dict[str, float],
+            run: Callable[[], T]) -> T | None:
+    """One measurement of a case: ``run()``'s result, or None with an error note when it failed;
+    records in ``others_cpu[label]`` the share of the CPU other processes took meanwhile."""
+    _log(f"{case} {label} ...")
+    before = CpuSample.now()
+    try:
+        result = run()
+    except CaseFailed as exc:
+        notes.append(f"{label} error: {exc}")
+        _log(f"{case} {label} failed: {exc}")
+        return None
+    share = others_share(before, CpuSample.now())
+    if share is not None:
+        others_cpu[label] = share
+    return result
 
 
 def run_pair(case: str, kind: Kind, p: Params) -> Result:
