@@ -96,19 +96,34 @@ class Row:
     """One case's line in the table."""
 
     case: str
-    pubsub: dict[int, PubSub] = field(default_factory=dict)
-    """By number of subscribers."""
+    passes: dict[int, list[PubSub]] = field(default_factory=dict)
+    """Pub/sub measurements by number of subscribers, one per pass."""
     rtt: RttResult | None = None
     notes: list[str] = field(default_factory=list)
     others_cpu: dict[str, float] = field(default_factory=dict)
     """Share of the CPU other processes used during each measurement."""
+
+    def pubsub(self, subscribers: int) -> PubSub | None:
+        """The pass with the median rate (of an even number, the slower middle one)."""
+        passes = sorted(self.passes.get(subscribers, []), key=lambda m: m.rate)
+        return passes[(len(passes) - 1) // 2] if passes else None
+
+    def add_pass(self, other: Row) -> None:
+        """Fold in another pass of the same case: its measurements, notes and CPU shares."""
+        for n, measured in other.passes.items():
+            self.passes.setdefault(n, []).extend(measured)
+        if other.rtt is not None:
+            self.rtt = other.rtt if self.rtt is None else self.rtt + other.rtt
+        self.notes += [note for note in other.notes if note not in self.notes]
+        for label, share in other.others_cpu.items():
+            self.others_cpu[label] = max(self.others_cpu.get(label, 0.0), share)
 
     def remarks(self) -> list[str]:
         return suspect(self.others_cpu.values()) + self.notes
 
     def cells(self, fanout: int) -> tuple[str, ...]:
         def rate(n: int) -> tuple[str, str]:
-            got = self.pubsub.get(n)
+            got = self.pubsub(n)
             return (f"{got.rate:.0f}", str(got.lost)) if got else (report.MISSING,) * 2
 
         median = f"{self.rtt.median_us:.1f}" if self.rtt else report.MISSING
@@ -118,7 +133,7 @@ class Row:
     def to_json(self) -> dict[str, Any]:
         return {
             "case": self.case,
-            "pubsub": [m.to_json() for m in self.pubsub.values()],
+            "pubsub": [m.to_json() for passes in self.passes.values() for m in passes],
             "rtt_median_us": round(self.rtt.median_us, 1) if self.rtt else None,
             "rtt_p99_us": round(self.rtt.p99_us, 1) if self.rtt else None,
             "rtt_samples": len(self.rtt.samples_ns) if self.rtt else None,
@@ -226,7 +241,7 @@ def run_case(name: str, p: PatternParams) -> Row:
         assert isinstance(pub, PubResult)
         assert all(isinstance(s, SubResult) for s in subs)
         measured = PubSub(pub, tuple(s for s in subs if isinstance(s, SubResult)))
-        row.pubsub[len(subs)] = measured
+        row.passes.setdefault(len(subs), []).append(measured)
         row.notes += [f"{label}: {note}" for note in measured.notes()]
         _log(f"{name} {label}: {measured.rate:.0f} msg/s per subscriber, {measured.lost} lost")
     return row
@@ -241,7 +256,7 @@ def targets(rows: dict[str, Row]) -> list[str]:
 
     def to_one(case: str) -> PubSub | None:
         row = rows.get(case)
-        return row.pubsub.get(1) if row else None
+        return row.pubsub(1) if row else None
 
     def rate(case: str) -> float | None:
         measured = to_one(case)
@@ -279,11 +294,13 @@ def targets(rows: dict[str, Row]) -> list[str]:
 # --- output -------------------------------------------------------------------------------------
 
 
-def sizes(p: PatternParams) -> str:
+def sizes(p: PatternParams, passes: int) -> str:
+    turns = (f"; {passes} passes with the cases taking turns: the pass with the median rate, "
+             "round trips pooled" if passes > 1 else "")
     return (f"pub/sub: {p.messages} publications of {p.message_bytes} B to 1 subscriber, "
             f"{p.fanout_messages} to {p.fanout} subscribers (each in its own process), rate = "
             f"publications each subscriber received per second; req/rep: {p.rtt.rtt_count} "
-            f"round trips of {p.rtt.msg_size} B after {p.rtt.rtt_warmup} warm-up")
+            f"round trips of {p.rtt.msg_size} B after {p.rtt.rtt_warmup} warm-up{turns}")
 
 
 def table(rows: list[Row], p: PatternParams) -> str:
@@ -291,7 +308,8 @@ def table(rows: list[Row], p: PatternParams) -> str:
     return report.grid(header, [row.cells(p.fanout) for row in rows], NUMERIC)
 
 
-def markdown(rows: list[Row], p: PatternParams, command: str, others: float | None) -> str:
+def markdown(rows: list[Row], p: PatternParams, passes: int, command: str,
+             others: float | None) -> str:
     return f"""## Patterns: pub/sub and req/rep beside pyzmq, zenoh, NATS and Redis (issue #13)
 
 Written by `benchmarks/patterns.py --write`, which replaces this section; see
@@ -301,7 +319,7 @@ Written by `benchmarks/patterns.py --write`, which replaces this section; see
 - Machine: {describe()}
 - Quiet: {report.interference(others)}
 - Command: `{command}`
-- Sizes: {sizes(p)}
+- Sizes: {sizes(p, passes)}
 
 {table(rows, p)}
 
@@ -321,6 +339,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"run only this case (repeatable): {', '.join(CASES)}")
     parser.add_argument("--fanout", type=int, default=None, metavar="N",
                         help="subscribers of the fan-out measurement (default 10)")
+    parser.add_argument("--passes", type=int, default=1, metavar="N",
+                        help="measure every case N times, the cases taking turns; the table "
+                             "shows the pass with the median rate and pools the round trips")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON instead of a table")
     parser.add_argument("--write", action="store_true",
@@ -334,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fanout is not None and args.fanout < 2:
         print("--fanout must be at least 2", file=sys.stderr)
         return 2
+    if args.passes < 1:
+        print("--passes must be at least 1", file=sys.stderr)
+        return 2
     names = args.only or list(CASES)
     before = CpuSample.now()
     with tempfile.TemporaryDirectory(prefix="pilot-patterns-") as workdir:
@@ -342,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             p = replace(p, fanout=args.fanout)
         try:
             rows = [run_case(name, p) for name in names]
+            for _ in range(args.passes - 1):
+                for row in rows:
+                    row.add_pass(run_case(row.case, p))
         finally:
             _stop_daemons(Path(workdir))
     others = others_share(before, CpuSample.now())
@@ -350,16 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({
             "date": report.now(), "machine": describe(), "command": command,
             "others_cpu": None if others is None else round(others, 3),
-            "sizes": sizes(p), "results": [row.to_json() for row in rows],
+            "sizes": sizes(p, args.passes), "results": [row.to_json() for row in rows],
             "targets": targets({row.case: row for row in rows}),
         }, indent=2, ensure_ascii=False))
     else:
-        print(f"{report.now()} · {describe()}\n{sizes(p)}\n")
+        print(f"{report.now()} · {describe()}\n{sizes(p, args.passes)}\n")
         print(table(rows, p))
         print("\n" + "\n".join(targets({row.case: row for row in rows})))
         print(f"\n{report.interference(others)}")
     if args.write:
-        written = report.write_section(SECTION, markdown(rows, p, command, others))
+        written = report.write_section(SECTION, markdown(rows, p, args.passes, command, others))
         print(f"wrote {written}", file=sys.stderr)
     return 0
 

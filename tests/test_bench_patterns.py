@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import patterns
-from benchmarks.harness import Params
-from benchmarks.pattern_harness import PatternParams
+from benchmarks.harness import Params, RttResult
+from benchmarks.pattern_harness import PatternParams, PubResult, SubResult
+from benchmarks.patterns_cases import CASES
 
 TINY = PatternParams(
     messages=200, fanout=2, fanout_messages=50, quiet=1.0, wait=30.0, deadline=120.0,
@@ -43,7 +44,8 @@ def test_our_case_delivers_every_publication_and_answers_every_request(
         rows: dict[str, patterns.Row], name: str) -> None:
     row = rows[name]
     assert not [note for note in row.notes if "error" in note], row.notes
-    one, fanout = row.pubsub[1], row.pubsub[TINY.fanout]
+    one, fanout = row.pubsub(1), row.pubsub(TINY.fanout)
+    assert one is not None and fanout is not None
     assert (one.delivered, one.lost) == (TINY.messages, 0)
     assert (fanout.delivered, fanout.lost) == (TINY.fanout * TINY.fanout_messages, 0)
     assert one.rate > 0 and all(s.ended for s in one.subscribers)
@@ -53,15 +55,30 @@ def test_our_case_delivers_every_publication_and_answers_every_request(
 def test_table_and_targets_name_every_case_and_what_was_not_measured(
         rows: dict[str, patterns.Row]) -> None:
     p = replace(TINY, workdir="")
-    text = patterns.markdown(list(rows.values()), p, "cmd", None)
+    text = patterns.markdown(list(rows.values()), p, 1, "cmd", None)
     assert "| embedded" in text and "| daemon" in text
     assert "pub/sub 2 subs msg/s" in text
     assert "- req/rep median, embedded / pyzmq REQ/REP: not measured" in text
 
 
 def test_a_case_that_cannot_run_here_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(patterns.CASES, "missing", "benchmarks.patterns_cases.no_such_module")
+    monkeypatch.setitem(CASES, "missing", "benchmarks.patterns_cases.no_such_module")
     assert patterns.run_case("missing", TINY).notes[0].startswith("unavailable: ")
     monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
     row = patterns.run_case("redis-py", TINY)  # no redis-server, or no redis-py
-    assert row.notes[0].startswith("unavailable: ") and not row.pubsub and row.rtt is None
+    assert row.notes[0].startswith("unavailable: ") and not row.passes and row.rtt is None
+
+
+def test_passes_fold_into_one_row_that_shows_the_median_rate() -> None:
+    def one_pass(seconds: float, rtt_ns: int) -> patterns.Row:
+        sub = SubResult(100, 0, 0, last_ns=int(seconds * 1e9), ended=True)
+        return patterns.Row("x", {1: [patterns.PubSub(PubResult(100, 0, 0.1), (sub,))]},
+                            RttResult((rtt_ns,)), ["about"], {"req/rep": 0.01})
+
+    row = one_pass(1.0, 10)
+    row.add_pass(one_pass(4.0, 20))
+    row.add_pass(one_pass(2.0, 30))
+    median = row.pubsub(1)
+    assert median is not None and median.rate == pytest.approx(50)
+    assert row.rtt is not None and sorted(row.rtt.samples_ns) == [10, 20, 30]
+    assert row.notes == ["about"]
