@@ -7,19 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-sudo=""
-[ "$(id -u)" -ne 0 ] && sudo="sudo"
-
-packages=(nats-server redis-server)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing Debian packages: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/debian-packages.sh
+install_missing_debian_packages nats-server redis-server
 
 [ -x .venv/bin/python ] || { echo "no .venv: run scripts/install.sh --dev first" >&2; exit 1; }
 .venv/bin/python -m pip install -q -e '.[dev,bench]'

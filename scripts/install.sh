@@ -9,21 +9,11 @@ cd "$(dirname "$0")/.."
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-sudo=""
-[ "$(id -u)" -ne 0 ] && sudo="sudo"
-
+source scripts/debian-packages.sh
 packages=(python3 python3-venv python3-dev gcc libsodium23)  # gcc: see setup.py
 [ $dev -eq 1 ] && packages+=(iproute2 iptables conntrack tcpdump)
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing Debian packages: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+install_missing_debian_packages "${packages[@]}"
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
