@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import beacon, daemon, diagnostics, messaging, patterns, pipeline, trust
+from . import beacon, bridge, daemon, diagnostics, messaging, patterns, pipeline, trust
 from .context import Context, Handler
 from .output import exit_status
 from .parser import Register
@@ -21,6 +21,7 @@ GROUPS: tuple[Register, ...] = (
     messaging.register,
     patterns.register,
     diagnostics.register,
+    bridge.register,
     pipeline.register,
 )
 

@@ -1,0 +1,1 @@
+"""Bridges from pilot-agents' transports to other systems (ZeroMQ, LangGraph, MCP)."""

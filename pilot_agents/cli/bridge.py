@@ -1,0 +1,176 @@
+"""``pilot-agents bridge sub|pub|req|rep``: a pattern on a local ZeroMQ socket, for programs
+that speak ZeroMQ and not pilot-agents (see docs/bridge.md and
+:mod:`pilot_agents.integrations.zmq_bridge`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from ..integrations.zmq_bridge import (
+    Bridge,
+    BridgeConfig,
+    PubBridge,
+    RepBridge,
+    ReqBridge,
+    SubBridge,
+)
+from ..patterns import Overflow, PubSubConfig
+from ..sdk import Client
+from ..transport import Transport
+from .context import Context
+from .output import EXIT_OK, emit
+from .parser import Commands, count, port, positive
+
+_ENDPOINT_HELP = "the local socket to bind: ipc://PATH or tcp://127.0.0.1:PORT ('*': any port)"
+
+
+def remote(text: str) -> tuple[str, int]:
+    """``NAME:PORT`` (a hostname or node id, and a pilot port)."""
+    name, colon, number = text.rpartition(":")
+    if not colon or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:PORT")
+    return name, port(number)
+
+
+def register(commands: Commands) -> None:
+    group = commands.group("bridge", "a pattern on a local ZeroMQ socket, for programs "
+                           "without pilot-agents")
+
+    sub = group.command("sub", "republish a remote publisher's topics on a local PUB (XPUB) "
+                        "socket as [topic, payload]", sub_cmd)
+    sub.add_argument("remote", type=remote, metavar="NAME:PORT")
+    sub.add_argument("prefixes", nargs="+", metavar="PREFIX",
+                     help="topic prefixes to subscribe to at the publisher ('' for all)")
+    sub.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
+    sub.add_argument("--gap-topic", default=None, metavar="TOPIC",
+                     help="after a gap, send [TOPIC, JSON {missed, resumed, topic}] locally "
+                     "before the next publication")
+    _common(sub)
+
+    pub = group.command("pub", "publish on a pilot port what local PUB sockets send as "
+                        "[topic, payload] (the bridge binds a SUB they connect to)", pub_cmd)
+    pub.add_argument("port", type=port, metavar="PORT")
+    pub.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
+    pub.add_argument("--overflow", choices=[o.value for o in Overflow], default="block",
+                     help="when a remote subscriber's queue is full: wait (block, default) or "
+                     "drop its oldest publications and tell it how many (drop-oldest)")
+    _common(pub)
+
+    req = group.command("req", "send the requests of local REQ/DEALER clients to a remote "
+                        "replier (the bridge binds a ROUTER they connect to)", req_cmd)
+    req.add_argument("remote", type=remote, metavar="NAME:PORT")
+    req.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
+    _common(req, requests=True)
+
+    rep = group.command("rep", "serve requests on a pilot port by local REP/ROUTER workers "
+                        "(the bridge binds a DEALER they connect to)", rep_cmd)
+    rep.add_argument("port", type=port, metavar="PORT")
+    rep.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
+    _common(rep, requests=True)
+
+
+def _common(parser: argparse.ArgumentParser, requests: bool = False) -> None:
+    defaults = BridgeConfig()
+    parser.add_argument("--hwm", type=count, default=defaults.hwm, metavar="N",
+                        help=f"high-water mark of the local socket, in messages (default "
+                        f"{defaults.hwm})")
+    parser.add_argument("--send-timeout", type=positive, default=defaults.send_timeout,
+                        metavar="S", help="seconds a message may wait for room locally before "
+                        f"it is dropped and counted (default {defaults.send_timeout:g})")
+    if requests:
+        parser.add_argument("--timeout", type=positive, default=defaults.request_timeout,
+                            metavar="S", help="seconds a request may wait for its reply "
+                            f"(default {defaults.request_timeout:g})")
+        parser.add_argument("--max-in-flight", type=count, default=defaults.max_in_flight,
+                            metavar="N", help="requests forwarded at once (default "
+                            f"{defaults.max_in_flight})")
+
+
+def _config(ctx: Context) -> BridgeConfig:
+    args = ctx.args
+    defaults = BridgeConfig()
+    return BridgeConfig(
+        hwm=args.hwm, send_timeout=args.send_timeout,
+        max_in_flight=getattr(args, "max_in_flight", defaults.max_in_flight),
+        request_timeout=getattr(args, "timeout", defaults.request_timeout),
+        gap_topic=getattr(args, "gap_topic", None),
+        pubsub=PubSubConfig(overflow=Overflow(getattr(args, "overflow", "block"))))
+
+
+def sub_cmd(ctx: Context) -> int:
+    name, to_port = ctx.args.remote
+    return _serve(ctx, lambda t: SubBridge(t, name, to_port, ctx.args.prefixes,
+                                           ctx.args.endpoint, _config(ctx)))
+
+
+def pub_cmd(ctx: Context) -> int:
+    return _serve(ctx, lambda t: PubBridge(t, ctx.args.port, ctx.args.endpoint, _config(ctx)))
+
+
+def req_cmd(ctx: Context) -> int:
+    name, to_port = ctx.args.remote
+    return _serve(ctx, lambda t: ReqBridge(t, name, to_port, ctx.args.endpoint, _config(ctx)))
+
+
+def rep_cmd(ctx: Context) -> int:
+    return _serve(ctx, lambda t: RepBridge(t, ctx.args.port, ctx.args.endpoint, _config(ctx)))
+
+
+def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
+    """Run the bridge through the home's daemon until Ctrl-C or SIGTERM; a status line when it
+    runs, one with its counts when it stops."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="bridge: %(message)s")
+
+    async def go() -> int:
+        client = Client(ctx.home)
+        bridge = make(client)  # a bad endpoint fails here, before the daemon is asked
+        async with client:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            async with bridge:
+                _announce(ctx, bridge)
+                runner = asyncio.create_task(bridge.run())
+                stopper = asyncio.create_task(stop.wait())
+                try:
+                    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (runner, stopper):
+                        task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stopper
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner  # raises what ended the bridge, if it ended by itself
+            _report(ctx, bridge)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _announce(ctx: Context, bridge: Bridge) -> None:
+    status = bridge.status()
+    if ctx.json:
+        emit(status | {"state": "running"})
+        return
+    where = f"{status['remote']} port {status['port']}" if status["remote"] else \
+        f"pilot port {status['port']}"
+    print(f"Bridging {where} ({bridge.kind}) at {status['endpoint']} ({status['socket']}, "
+          f"HWM {status['hwm']}). Ctrl-C stops.", flush=True)
+
+
+def _report(ctx: Context, bridge: Bridge) -> None:
+    counts = dataclasses.asdict(bridge.stats)
+    if ctx.json:
+        emit({"bridge": bridge.kind, "state": "stopped", "stats": counts})
+    else:
+        print("Stopped: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or
+                                      k == "forwarded") + ".", flush=True)

@@ -1,0 +1,564 @@
+"""Bridges between the message-bus patterns and plain ZeroMQ sockets on this machine, so a
+program that only speaks ZeroMQ takes part without importing pilot-agents.
+
+Each bridge binds one local socket and runs one pattern over a
+:class:`~pilot_agents.transport.Transport` (the daemon's :class:`~pilot_agents.sdk.Client` from
+``pilot-agents bridge``):
+
+- :class:`SubBridge` (``bridge sub NAME:PORT PREFIX... ENDPOINT``): an XPUB local SUB sockets
+  connect to; it republishes what the remote publisher sends as ``[topic, payload]``.
+- :class:`PubBridge` (``bridge pub PORT ENDPOINT``): a SUB, subscribed to everything, that local
+  PUB sockets connect to; each ``[topic, payload]`` they send is published on pilot port PORT.
+- :class:`ReqBridge` (``bridge req NAME:PORT ENDPOINT``): a ROUTER local REQ/DEALER clients
+  connect to; each request goes to the remote replier, its reply back to the client that asked.
+- :class:`RepBridge` (``bridge rep PORT ENDPOINT``): a DEALER local REP (or ROUTER) workers
+  connect to; requests arriving on pilot port PORT go to them, their replies back.
+
+A reply that cannot be had (the remote replier raised, timed out, is unreachable) still
+answers the local REQ client, whose socket would otherwise wait for ever: with the two frames
+``[ERROR_MARKER, JSON {"type", "message"[, "remote_type"]}]``, where a reply is one frame. A
+local worker answers a remote request with an error the same way.
+
+Bounds: every local socket has its send and receive high-water marks at ``BridgeConfig.hwm``
+messages. Nothing is dropped silently at them: the XPUB has ``XPUB_NODROP`` and the ROUTER
+``ROUTER_MANDATORY``, so a full queue makes the bridge wait (and stop reading its side of the
+tunnel, which carries the back-pressure on to the peer), for at most ``send_timeout`` seconds;
+a message still stuck then is dropped, counted in :class:`BridgeStats` and logged. The
+req and rep bridges forward at most ``max_in_flight`` requests at once; more wait in the
+queues behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import zmq
+import zmq.asyncio
+
+from ..errors import ConfigError, PilotError, PilotTimeoutError, RemoteError
+from ..patterns import (
+    Publication,
+    Publisher,
+    PubSubConfig,
+    Replier,
+    ReqRepConfig,
+    Request,
+    Requester,
+    Subscriber,
+)
+from ..transport import Transport
+
+log = logging.getLogger("pilot_agents.integrations.zmq_bridge")
+
+ERROR_MARKER = b"pilot-agents.error"
+"""First of the two frames of an error reply; the second is a JSON object."""
+
+_SOCKET_NAMES = {zmq.XPUB: "XPUB", zmq.SUB: "SUB", zmq.ROUTER: "ROUTER", zmq.DEALER: "DEALER"}
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    hwm: int = 1000  # messages: send and receive high-water mark of the local socket
+    send_timeout: float = 5.0  # seconds a message waits for room in a full local queue
+    max_in_flight: int = 256  # requests the req and rep bridges forward at once
+    request_timeout: float = 30.0  # seconds for a reply: the remote's (req), a worker's (rep)
+    gap_topic: str | None = None  # sub: topic of the notice sent locally after a gap
+    pubsub: PubSubConfig = field(default_factory=PubSubConfig)
+    reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)
+
+    def __post_init__(self) -> None:
+        if self.hwm < 1 or self.max_in_flight < 1:
+            raise ConfigError("BridgeConfig: hwm and max_in_flight must be at least 1")
+        if self.send_timeout <= 0 or self.request_timeout <= 0:
+            raise ConfigError("BridgeConfig: send_timeout and request_timeout must be positive")
+
+
+@dataclass
+class BridgeStats:
+    forwarded: int = 0  # publications or requests (answered) that crossed the bridge
+    dropped: int = 0  # given up on: the local queue stayed full, or the local client left
+    malformed: int = 0  # local messages of the wrong shape, answered or logged, not forwarded
+    errors: int = 0  # error replies: sent to local clients (req), to remote requesters (rep)
+    missed: int = 0  # sub: publications the remote publisher dropped for us (drop-oldest)
+    resumed: int = 0  # sub: subscriptions renewed after the tunnel or the publisher went away
+    unmatched: int = 0  # sub: publications no local subscriber wanted
+    late: int = 0  # rep: worker replies that came after their request had timed out
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if the bridge may bind it: a local one only, since the bridge's socket is
+    neither encrypted nor authenticated and speaks for this node to its trusted peers."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc" and rest:
+        return endpoint
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host in ("127.0.0.1", "[::1]") and (
+            port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+        return endpoint
+    raise ConfigError(f"cannot bind {endpoint!r}: a bridge binds ipc://PATH or "
+                      "tcp://127.0.0.1:PORT only (its socket is not encrypted)")
+
+
+def error_frames(exc: PilotError) -> list[bytes]:
+    """The error reply a local client gets instead of the reply ``exc`` stood in for."""
+    body: dict[str, str] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, RemoteError):
+        body["remote_type"] = exc.remote_type
+    return [ERROR_MARKER, json.dumps(body).encode("utf-8")]
+
+
+class Bridge:
+    """One local socket bound at ``endpoint`` and the pattern behind it. ``async with`` binds
+    and opens; :meth:`run` forwards until cancelled (or the transport fails)."""
+
+    kind: ClassVar[str]
+    socket_type: ClassVar[zmq.SocketType]
+
+    def __init__(self, transport: Transport, endpoint: str,
+                 config: BridgeConfig | None = None) -> None:
+        self._transport = transport
+        self.endpoint = check_endpoint(endpoint)
+        self.config = config or BridgeConfig()
+        self.stats = BridgeStats()
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+
+    async def __aenter__(self) -> Bridge:
+        self._context = zmq.asyncio.Context()
+        self._socket = sock = self._context.socket(self.socket_type)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+            sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+            if self.endpoint.startswith("tcp://["):
+                sock.setsockopt(zmq.IPV6, 1)
+            self._set_options(sock)
+            try:
+                sock.bind(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind {self.endpoint}: {exc.strerror}") from None
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the pattern, then the socket: what is still queued locally is discarded."""
+        with contextlib.suppress(PilotError):
+            await self._close()
+        sock, self._socket = self._socket, None
+        context, self._context = self._context, None
+        if sock is not None:
+            sock.close(linger=0)
+        if context is not None:
+            context.term()
+
+    def status(self) -> dict[str, Any]:
+        """What runs where, for the status line."""
+        return {"bridge": self.kind, "endpoint": self.endpoint,
+                "socket": _SOCKET_NAMES[self.socket_type], "hwm": self.config.hwm,
+                **self._remote()}
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    # -- for the bridges ------------------------------------------------------------------------
+
+    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
+        """Socket options beyond the common ones, set before the bind."""
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def _remote(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def sock(self) -> zmq.asyncio.Socket:
+        if self._socket is None:
+            raise ConfigError("the bridge is not open (use 'async with')")
+        return self._socket
+
+    async def _send_local(self, frames: list[bytes], timeout: float) -> bool:
+        """Send ``frames`` on the local socket, waiting up to ``timeout`` seconds while its queue
+        is full; False (counted, logged) if it stayed full or the client it names left.
+        Non-blocking sends and a backoff, since an XPUB at its HWM still polls writable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        while True:
+            try:
+                await self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                if loop.time() >= deadline:
+                    self.stats.dropped += 1
+                    log.warning("no room at %s for %g s (its queue is full, or nobody is "
+                                "connected): a message was dropped (%d so far)", self.endpoint,
+                                timeout, self.stats.dropped)
+                    return False
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
+                pause = min(pause * 2, 0.05)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.stats.dropped += 1
+                log.info("a local client of %s left before its reply", self.endpoint)
+                return False
+
+
+async def _together(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines until one ends; cancel the others and raise what it raised (a bare
+    exception, not a TaskGroup's ExceptionGroup, so the CLI reports it in one line)."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Spawner:
+    """At most ``limit`` tasks at once: :meth:`spawn` waits for a slot."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a bridge task failed: %r", exc)
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# -- pub/sub ------------------------------------------------------------------------------------
+
+
+class SubBridge(Bridge):
+    """The remote publisher's topics, republished on a local XPUB as ``[topic, payload]``.
+
+    The bridge reads from the tunnel only while a local subscriber wants something, so what is
+    published before the first one connects waits at the publisher (its overflow policy
+    applies) instead of vanishing. Publications no local subscription matches are counted in
+    ``unmatched``. A gap (the publisher dropped publications for us, or the subscription was
+    renewed after the tunnel dropped) is logged as a warning, counted, and, with
+    ``gap_topic``, announced locally before the publication after it as ``[gap_topic, JSON
+    {"missed": N, "resumed": bool, "topic": the next publication's topic}]``."""
+
+    kind = "sub"
+    socket_type = zmq.XPUB
+
+    def __init__(self, transport: Transport, peer: str, port: int, prefixes: list[str],
+                 endpoint: str, config: BridgeConfig | None = None) -> None:
+        super().__init__(transport, endpoint, config)
+        self.peer = peer
+        self.port = port
+        self.prefixes = prefixes
+        self._subscriber: Subscriber | None = None
+        self._local: set[bytes] = set()  # the prefixes local SUB sockets subscribed to
+        self._wanted = asyncio.Event()
+
+    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+
+    async def _open(self) -> None:
+        subscriber = Subscriber(self._transport, self.peer, self.port, self.prefixes,
+                                self.config.pubsub)
+        await subscriber.__aenter__()
+        self._subscriber = subscriber
+
+    async def _close(self) -> None:
+        if self._subscriber is not None:
+            await self._subscriber.close()
+
+    def _remote(self) -> dict[str, Any]:
+        return {"remote": self.peer, "port": self.port, "prefixes": self.prefixes}
+
+    async def run(self) -> None:
+        await _together(self._track_local_subscriptions(), self._forward())
+
+    async def _track_local_subscriptions(self) -> None:
+        while True:
+            event = (await self.sock.recv_multipart())[0]
+            if event[:1] == b"\x01":
+                self._local.add(event[1:])
+            elif event[:1] == b"\x00":
+                self._local.discard(event[1:])
+            if self._local:
+                self._wanted.set()
+            else:
+                self._wanted.clear()
+
+    async def _forward(self) -> None:
+        assert self._subscriber is not None
+        while True:
+            await self._wanted.wait()
+            publication = await self._subscriber.receive(timeout=None)
+            if publication.missed or publication.resumed:
+                await self._gap(publication)
+            topic = publication.topic.encode("utf-8")
+            if not any(topic.startswith(prefix) for prefix in self._local):
+                self.stats.unmatched += 1
+                continue
+            if await self._send_local([topic, publication.data], self.config.send_timeout):
+                self.stats.forwarded += 1
+
+    async def _gap(self, publication: Publication) -> None:
+        self.stats.missed += publication.missed
+        self.stats.resumed += publication.resumed
+        if publication.missed:
+            log.warning("the publisher on %s port %d dropped %d publication(s) for us before "
+                        "%r", self.peer, self.port, publication.missed, publication.topic)
+        if publication.resumed:
+            log.warning("subscribed again to %s port %d: what it published meanwhile was "
+                        "missed", self.peer, self.port)
+        if self.config.gap_topic is not None:
+            notice = {"missed": publication.missed, "resumed": publication.resumed,
+                      "topic": publication.topic}
+            await self._send_local([self.config.gap_topic.encode("utf-8"),
+                                    json.dumps(notice).encode("utf-8")],
+                                   self.config.send_timeout)
+
+
+class PubBridge(Bridge):
+    """What local PUB sockets send as ``[topic, payload]``, published on pilot port ``port``.
+
+    A publish waits while a remote subscriber's queue is full (the publisher's overflow policy,
+    ``block`` by default); meanwhile the bridge reads nothing, its SUB queue fills to its HWM,
+    then the local PUB's own. A PUB drops at its HWM without a word, inside the local program:
+    a program that must not lose publications uses an XPUB with ``XPUB_NODROP`` instead."""
+
+    kind = "pub"
+    socket_type = zmq.SUB
+
+    def __init__(self, transport: Transport, port: int, endpoint: str,
+                 config: BridgeConfig | None = None) -> None:
+        super().__init__(transport, endpoint, config)
+        self.port = port
+        self._publisher: Publisher | None = None
+
+    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+
+    async def _open(self) -> None:
+        publisher = Publisher(self._transport, self.port, self.config.pubsub)
+        await publisher.__aenter__()
+        self._publisher = publisher
+
+    async def _close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
+
+    def _remote(self) -> dict[str, Any]:
+        return {"remote": None, "port": self.port,
+                "overflow": self.config.pubsub.overflow.value}
+
+    async def run(self) -> None:
+        assert self._publisher is not None
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                if len(frames) != 2:
+                    raise ConfigError(f"{len(frames)} frames, not [topic, payload]")
+                await self._publisher.publish(frames[0].decode("utf-8"), frames[1])
+            except (ConfigError, UnicodeDecodeError) as exc:
+                self.stats.malformed += 1
+                log.warning("a local publication at %s was not forwarded: %s", self.endpoint,
+                            exc)
+                continue
+            self.stats.forwarded += 1
+
+
+# -- req/rep ------------------------------------------------------------------------------------
+
+
+class ReqBridge(Bridge):
+    """Requests from local REQ (or DEALER) clients, sent to the replier on ``port`` of
+    ``peer``; each reply goes back to the client that asked, as one frame, or an error reply
+    (:func:`error_frames`). The request is the last frame a client sends; the frames before it
+    (a DEALER's own envelope) come back unchanged before the reply."""
+
+    kind = "req"
+    socket_type = zmq.ROUTER
+
+    def __init__(self, transport: Transport, peer: str, port: int, endpoint: str,
+                 config: BridgeConfig | None = None) -> None:
+        super().__init__(transport, endpoint, config)
+        self.peer = peer
+        self.port = port
+        self._requester: Requester | None = None
+        self._in_flight = _Spawner(self.config.max_in_flight)
+
+    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+    async def _open(self) -> None:
+        # Fail now, not at the first request, if the peer is unknown, untrusted or unreachable.
+        conn = self._transport.connect(self.peer, self.port)
+        await conn.__aenter__()
+        await conn.abort()
+        self._requester = Requester(self._transport, self.config.reqrep)
+
+    async def _close(self) -> None:
+        await self._in_flight.cancel()
+        if self._requester is not None:
+            await self._requester.close()
+
+    def _remote(self) -> dict[str, Any]:
+        return {"remote": self.peer, "port": self.port}
+
+    async def run(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) < 2:
+                self.stats.malformed += 1  # a ROUTER always prefixes the client's identity
+                continue
+            await self._in_flight.spawn(self._answer(frames[:-1], frames[-1]))
+
+    async def _answer(self, envelope: list[bytes], payload: bytes) -> None:
+        assert self._requester is not None
+        try:
+            reply = await self._requester.request(self.peer, self.port, payload,
+                                                  timeout=self.config.request_timeout)
+            frames = [reply.data]
+        except PilotError as exc:
+            log.info("request to %s port %d failed: %s", self.peer, self.port, exc)
+            self.stats.errors += 1
+            frames = error_frames(exc)
+        if await self._send_local([*envelope, *frames], self.config.send_timeout):
+            self.stats.forwarded += 1
+
+
+class RepBridge(Bridge):
+    """Requests arriving on pilot port ``port``, served by local REP (or ROUTER) workers
+    connected to a DEALER, which deals them out in turn. Each goes out as ``[id, b"",
+    request]`` (the id is the bridge's, and a REP sends it back with its reply). A worker
+    answers with one frame, or with an error reply (:func:`error_frames`' shape), which the
+    remote requester raises as :class:`~pilot_agents.errors.RemoteError`. A request no worker
+    answers within ``request_timeout`` (none connected, all busy, one died) is answered with a
+    :class:`~pilot_agents.errors.PilotTimeoutError` error; a late answer is counted and
+    dropped."""
+
+    kind = "rep"
+    socket_type = zmq.DEALER
+
+    def __init__(self, transport: Transport, port: int, endpoint: str,
+                 config: BridgeConfig | None = None) -> None:
+        super().__init__(transport, endpoint, config)
+        self.port = port
+        self._replier: Replier | None = None
+        self._in_flight = _Spawner(self.config.max_in_flight)
+        self._waiting: dict[bytes, asyncio.Future[list[bytes]]] = {}
+        self._ids = itertools.count(1)
+
+    async def _open(self) -> None:
+        replier = Replier(self._transport, self.port)
+        await replier.__aenter__()
+        self._replier = replier
+
+    async def _close(self) -> None:
+        await self._in_flight.cancel()
+        if self._replier is not None:
+            await self._replier.close()  # answers what was handed out and not answered
+
+    def _remote(self) -> dict[str, Any]:
+        return {"remote": None, "port": self.port}
+
+    async def run(self) -> None:
+        await _together(self._accept(), self._read_replies())
+
+    async def _accept(self) -> None:
+        assert self._replier is not None
+        while True:
+            request = await self._replier.receive(timeout=None)
+            await self._in_flight.spawn(self._serve(request))
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) < 3 or frames[1] != b"":
+                self.stats.malformed += 1
+                log.warning("a local worker at %s sent a reply without its envelope",
+                            self.endpoint)
+                continue
+            future = self._waiting.get(frames[0])
+            if future is None or future.done():
+                self.stats.late += 1
+                continue
+            future.set_result(frames[2:])
+
+    async def _serve(self, request: Request) -> None:
+        request_id = next(self._ids).to_bytes(8, "big")
+        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        timeout = self.config.request_timeout
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    if not await self._send_local([request_id, b"", request.data], timeout):
+                        raise TimeoutError
+                    frames = await future
+            except TimeoutError:
+                await self._fail(request, PilotTimeoutError(
+                    f"no local worker at {self.endpoint} answered within {timeout:g} s"))
+                return
+            if len(frames) == 1:
+                await request.reply(frames[0])
+                self.stats.forwarded += 1
+            else:
+                await self._fail(request, _worker_error(frames))
+        except PilotError as exc:
+            log.info("could not answer %s on port %d: %s", request.sender, self.port, exc)
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _fail(self, request: Request, error: PilotError) -> None:
+        self.stats.errors += 1
+        await request.fail(error)
+
+
+def _worker_error(frames: list[bytes]) -> RemoteError:
+    """The error a worker's multi-frame answer stands for (its own, or a malformed answer)."""
+    if len(frames) == 2 and frames[0] == ERROR_MARKER:
+        try:
+            body = json.loads(frames[1])
+            return RemoteError(f"{body['type']}: {body['message']}", str(body["type"]))
+        except (ValueError, TypeError, KeyError):
+            pass
+    return RemoteError(f"the local worker sent {len(frames)} frames, not a reply of one frame "
+                       f"or an error reply [{ERROR_MARKER.decode()}, JSON]")
+
+
+__all__ = ["ERROR_MARKER", "Bridge", "BridgeConfig", "BridgeStats", "PubBridge", "RepBridge",
+           "ReqBridge", "SubBridge", "check_endpoint", "error_frames"]
+

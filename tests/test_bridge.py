@@ -1,0 +1,300 @@
+"""``pilot-agents bridge``: plain ZeroMQ programs (scripts that import only ``zmq``, run as
+their own processes) take part in the patterns across two real daemons, through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pilot_agents.errors import RemoteError
+from pilot_agents.patterns import Publisher, PubSubConfig, Request, Requester, Subscriber, serving
+from pilot_agents.sdk import Client
+from tests.conftest import ROOT, DaemonHandle, assert_one_line_error, cli, short_home
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+
+
+class BridgeProcess:
+    """``pilotctl --json bridge ARGS`` on ``home``, started; its status line read."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(home), "--json", "bridge",
+             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.status = json.loads(self._line(20.0))
+        assert self.status["state"] == "running", self.status
+
+    def _line(self, timeout: float) -> str:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not box or not box[0]:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"the bridge printed no status line: {err}")
+        return box[0]
+
+    def stop(self, signum: int = signal.SIGTERM) -> dict[str, Any]:
+        """Stop it as a user would; its final counts, after checking it stopped cleanly."""
+        self.proc.send_signal(signum)
+        out, err = self.proc.communicate(timeout=15)
+        assert self.proc.returncode == 0, err
+        assert "Traceback" not in err, err
+        final = json.loads(out.strip().splitlines()[-1])
+        assert final["state"] == "stopped"
+        return final["stats"]  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def bridges() -> Iterator[list[BridgeProcess]]:
+    started: list[BridgeProcess] = []
+    yield started
+    for bridge in started:
+        bridge.kill()
+
+
+def endpoint(tmp: Path, name: str) -> str:
+    return f"ipc://{tmp}/{name}.sock"
+
+
+@pytest.fixture
+def sockets() -> Iterator[Path]:
+    """A short directory for ipc:// endpoints (a unix socket path has ~100 bytes)."""
+    path = short_home("pz-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def zmq_script(source: str, *args: str, timeout: float = 20.0) -> Any:
+    """Run ``source`` (which imports only zmq) in its own python; the JSON it prints last."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(source), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture
+async def beta_client(daemon_pair: Pair) -> AsyncIterator[Client]:
+    async with Client(daemon_pair[1].home) as client:
+        yield client
+
+
+async def until_subscribed(pub: Publisher, count: int) -> None:
+    for _ in range(500):
+        if pub.subscribers >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{pub.subscribers} of {count} subscriptions arrived")
+
+
+SUB_SCRIPT = """
+    import json, sys, zmq
+    sock = zmq.Context().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVTIMEO, 15000)
+    sock.setsockopt(zmq.SUBSCRIBE, b"sales.")
+    sock.setsockopt(zmq.SUBSCRIBE, b"pilot.gap")
+    sock.connect(sys.argv[1])
+    got = [[f.decode("latin-1") for f in sock.recv_multipart()] for _ in range(int(sys.argv[2]))]
+    print(json.dumps(got))
+"""
+
+
+async def test_a_zmq_sub_receives_from_a_remote_publisher(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "sub")
+    async with Publisher(beta_client, 7101) as pub:
+        bridges.append(bridge := BridgeProcess(alpha.home, "sub", "beta:7101", "sales.", "ops.",
+                                               at, "--gap-topic", "pilot.gap"))
+        assert bridge.status | {"endpoint": at} == {
+            "bridge": "sub", "endpoint": at, "socket": "XPUB", "hwm": 1000, "remote": "beta",
+            "port": 7101, "prefixes": ["sales.", "ops."], "state": "running"}
+        await until_subscribed(pub, 1)
+        # Published before the local SUB connects: held at the publisher, not lost.
+        for topic in ("sales.q1", "hr.leave", "ops.disk", "sales.q2"):
+            await pub.publish(topic, f"{topic} data")
+        script = asyncio.create_task(zmq_script(SUB_SCRIPT, at, "5"))
+        await asyncio.sleep(1.0)
+        await pub.publish("sales.q3", b"\x00\xff raw")
+        await asyncio.sleep(0.5)  # closing a publisher discards what it has not sent yet
+    # The publisher went away (and says so): the bridge subscribes again, and the SUB hears of
+    # the gap before the next publication.
+    async with Publisher(beta_client, 7101) as pub:
+        await until_subscribed(pub, 1)
+        await pub.publish("sales.q4", "after")
+        got = await script
+    assert got[:3] == [["sales.q1", "sales.q1 data"], ["sales.q2", "sales.q2 data"],
+                       ["sales.q3", "\x00\xff raw"]]
+    assert got[3][0] == "pilot.gap" and json.loads(got[3][1]) == {
+        "missed": 0, "resumed": True, "topic": "sales.q4"}
+    assert got[4] == ["sales.q4", "after"]
+    stats = bridge.stop(signal.SIGINT)
+    assert stats["forwarded"] == 4 and stats["unmatched"] == 1 and stats["resumed"] == 1
+
+
+PUB_SCRIPT = """
+    import sys, zmq
+    # An XPUB is a PUB that shows the subscription arriving: nothing is sent before it, so
+    # none is lost to ZeroMQ's slow-joiner drop.
+    sock = zmq.Context().socket(zmq.XPUB)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.setsockopt(zmq.XPUB_NODROP, 1)
+    sock.connect(sys.argv[1])
+    assert sock.recv() == b"\\x01"  # the bridge's SUB subscribed to everything
+    for n in range(5):
+        sock.send_multipart([f"t.{n}".encode(), f"payload {n}".encode()])
+    sock.send_multipart([b"x.other", b"nobody wants this one"])
+    sock.send_multipart([b"t.bad", b"three", b"frames"])
+    sock.send_multipart([b"t.last", b"\\x00\\xff"])
+    print("[]")
+"""
+
+
+async def test_a_zmq_pub_feeds_a_remote_subscriber(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "pub")
+    bridges.append(bridge := BridgeProcess(alpha.home, "pub", "7102", at))
+    assert bridge.status["socket"] == "SUB" and bridge.status["port"] == 7102
+    async with Subscriber(beta_client, "alpha", 7102, ["t."], PubSubConfig()) as sub:
+        await asyncio.sleep(0.5)  # the subscription reaches the bridge's publisher
+        await zmq_script(PUB_SCRIPT, at)
+        got = [await sub.receive(10) for _ in range(6)]
+    assert [(p.topic, p.data) for p in got] == [
+        *((f"t.{n}", f"payload {n}".encode()) for n in range(5)), ("t.last", b"\x00\xff")]
+    assert all(p.sender == alpha.node_id and not p.missed for p in got)
+    assert bridge.stop() | {"unmatched": 0} == {
+        "forwarded": 7, "dropped": 0, "malformed": 1, "errors": 0, "missed": 0, "resumed": 0,
+        "unmatched": 0, "late": 0}
+
+
+REQ_SCRIPT = """
+    import json, sys, zmq
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 15000)
+    req.connect(sys.argv[1])
+    out = []
+    for data in (b"hello", b"fail", b"slow", b"again"):
+        req.send(data)
+        out.append([f.decode() for f in req.recv_multipart()])
+    # A DEALER keeps many requests in flight; each comes back with its own envelope.
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVTIMEO, 15000)
+    dealer.connect(sys.argv[1])
+    for n in range(50):
+        dealer.send_multipart([b"", f"n{n}".encode()])
+    replies = sorted(dealer.recv_multipart()[1].decode() for _ in range(50))
+    print(json.dumps({"req": out, "dealer": replies}))
+"""
+
+
+async def upper_or_fail(request: Request) -> bytes:
+    if request.data == b"fail":
+        raise ValueError("no such table")
+    if request.data == b"slow":
+        await asyncio.sleep(3)
+    return request.data.upper()
+
+
+async def test_a_zmq_req_client_asks_a_remote_replier(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "req")
+    async with serving(beta_client, 7103, upper_or_fail):
+        bridges.append(bridge := BridgeProcess(alpha.home, "req", "beta:7103", at,
+                                               "--timeout", "1"))
+        assert bridge.status["socket"] == "ROUTER" and bridge.status["remote"] == "beta"
+        got = await zmq_script(REQ_SCRIPT, at)
+    hello, fail, slow, again = got["req"]
+    assert hello == ["HELLO"] and again == ["AGAIN"]
+    assert fail[0] == "pilot-agents.error" and json.loads(fail[1]) == {
+        "type": "RemoteError", "remote_type": "ValueError", "message": "ValueError: no such table"}
+    assert slow[0] == "pilot-agents.error"
+    assert json.loads(slow[1])["type"] == "PilotTimeoutError"
+    assert got["dealer"] == sorted(f"N{n}" for n in range(50))
+    stats = bridge.stop()
+    assert stats["forwarded"] == 54 and stats["errors"] == 2 and stats["dropped"] == 0
+
+
+REP_SCRIPT = """
+    import json, sys, zmq
+    rep = zmq.Context().socket(zmq.REP)
+    rep.setsockopt(zmq.RCVTIMEO, 15000)
+    rep.connect(sys.argv[1])
+    served = 0
+    while True:
+        data = rep.recv()
+        served += 1
+        if data == b"fail":
+            rep.send_multipart([b"pilot-agents.error",
+                                json.dumps({"type": "KeyError", "message": "no row"}).encode()])
+        elif data == b"quit":
+            rep.send(b"bye")
+            break
+        else:
+            rep.send(data[::-1])
+    print(json.dumps(served))
+"""
+
+
+async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "rep")
+    bridges.append(bridge := BridgeProcess(alpha.home, "rep", "7104", at, "--timeout", "1"))
+    assert bridge.status["socket"] == "DEALER" and bridge.status["port"] == 7104
+    async with Requester(beta_client) as requester:
+        # No worker yet: an error reply after the bridge's timeout, not a hang.
+        with pytest.raises(RemoteError) as no_worker:
+            await requester.request("alpha", 7104, b"early", timeout=10)
+        assert no_worker.value.remote_type == "PilotTimeoutError"
+        worker = asyncio.create_task(zmq_script(REP_SCRIPT, at))
+        assert (await requester.request("alpha", 7104, b"abc", timeout=10)).data == b"cba"
+        with pytest.raises(RemoteError, match="KeyError: no row"):
+            await requester.request("alpha", 7104, b"fail", timeout=10)
+        replies = await asyncio.gather(*(requester.request("alpha", 7104, f"r{n}", timeout=10)
+                                         for n in range(20)))
+        assert [r.data for r in replies] == [f"r{n}"[::-1].encode() for n in range(20)]
+        assert (await requester.request("alpha", 7104, b"quit", timeout=10)).data == b"bye"
+        assert await worker == 23
+    stats = bridge.stop()
+    assert stats["forwarded"] == 22 and stats["errors"] == 2
+
+
+def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
+        daemon_pair: Pair, sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    assert_one_line_error(cli(alpha.home, "bridge", "pub", "7105", "tcp://0.0.0.0:5555"), 2,
+                          "tcp://127.0.0.1:PORT")
+    assert_one_line_error(cli(alpha.home, "bridge", "rep", "7105", "ipc:///nonexistent/x.sock"),
+                          2, "cannot bind")
+    assert_one_line_error(cli(alpha.home, "bridge", "req", "nobody:7105",
+                              endpoint(sockets, "r")), 5)
+    assert_one_line_error(cli(alpha.home, "bridge", "sub", "beta", "x", endpoint(sockets, "s")),
+                          2, "NAME:PORT")
