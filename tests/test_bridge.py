@@ -32,6 +32,7 @@ class BridgeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pilot_agents.cli", "--home", str(home), "--json", "bridge",
              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.stderr = ""
         self.status = json.loads(self._line(20.0))
         assert self.status["state"] == "running", self.status
 
@@ -52,6 +53,7 @@ class BridgeProcess:
         """Stop it as a user would; its final counts, after checking it stopped cleanly."""
         self.proc.send_signal(signum)
         out, err = self.proc.communicate(timeout=15)
+        self.stderr = err
         assert self.proc.returncode == 0, err
         assert "Traceback" not in err, err
         final = json.loads(out.strip().splitlines()[-1])
@@ -298,3 +300,35 @@ def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
                               endpoint(sockets, "r")), 5)
     assert_one_line_error(cli(alpha.home, "bridge", "sub", "beta", "x", endpoint(sockets, "s")),
                           2, "NAME:PORT")
+
+
+STUCK_SUB_SCRIPT = """
+    import sys, time, zmq
+    sock = zmq.Context().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(sys.argv[1])
+    time.sleep(float(sys.argv[2]))  # subscribed, and never reads
+    print("[]")
+"""
+
+
+async def test_a_local_subscriber_that_stops_reading_holds_back_the_bridge_then_is_counted(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "stuck")
+    async with Publisher(beta_client, 7106) as pub:
+        bridges.append(bridge := BridgeProcess(alpha.home, "sub", "beta:7106", "", at,
+                                               "--hwm", "1", "--send-timeout", "0.2"))
+        await until_subscribed(pub, 1)
+        script = asyncio.create_task(zmq_script(STUCK_SUB_SCRIPT, at, "6"))
+        for _ in range(400):  # 6 MB: more than the socket buffers between bridge and SUB
+            await pub.publish("t", bytes(16 * 1024))
+        await asyncio.sleep(3)
+        await script
+    stats = bridge.stop()
+    assert stats["dropped"] > 0, stats
+    assert stats["forwarded"] + stats["dropped"] <= 400, stats
+    assert bridge.stderr.count("a message was dropped") == stats["dropped"]
