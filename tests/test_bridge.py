@@ -21,6 +21,7 @@ from pilot_agents.errors import RemoteError
 from pilot_agents.patterns import Publisher, PubSubConfig, Request, Requester, Subscriber, serving
 from pilot_agents.sdk import Client
 from tests.conftest import ROOT, DaemonHandle, assert_one_line_error, cli, short_home
+from tests.test_pubsub import until_subscribed
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 
@@ -100,14 +101,6 @@ async def zmq_script(source: str, *args: str, timeout: float = 20.0) -> Any:
 async def beta_client(daemon_pair: Pair) -> AsyncIterator[Client]:
     async with Client(daemon_pair[1].home) as client:
         yield client
-
-
-async def until_subscribed(pub: Publisher, count: int) -> None:
-    for _ in range(500):
-        if pub.subscribers >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{pub.subscribers} of {count} subscriptions arrived")
 
 
 SUB_SCRIPT = """
