@@ -18,9 +18,24 @@ from typing import Any
 import pytest
 
 from pilot_agents.errors import RemoteError
-from pilot_agents.patterns import Publisher, PubSubConfig, Request, Requester, Subscriber, serving
+from pilot_agents.patterns import (
+    Overflow,
+    Publisher,
+    PubSubConfig,
+    Request,
+    Requester,
+    Subscriber,
+    serving,
+)
 from pilot_agents.sdk import Client
-from tests.conftest import ROOT, DaemonHandle, assert_one_line_error, cli, short_home
+from tests.conftest import (
+    ROOT,
+    DaemonHandle,
+    assert_one_line_error,
+    cli,
+    short_home,
+    start_daemon,
+)
 from tests.test_pubsub import until_subscribed
 
 Pair = tuple[DaemonHandle, DaemonHandle]
@@ -325,3 +340,55 @@ async def test_a_local_subscriber_that_stops_reading_holds_back_the_bridge_then_
     assert stats["dropped"] > 0, stats
     assert stats["forwarded"] + stats["dropped"] <= 400, stats
     assert bridge.stderr.count("a message was dropped") == stats["dropped"]
+
+
+GAP_SCRIPT = """
+    import json, sys, zmq
+    sock = zmq.Context().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVTIMEO, 15000)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(sys.argv[1])
+    received, missed = 0, 0
+    while True:
+        topic, payload = sock.recv_multipart()
+        if topic == b"gap":
+            missed += json.loads(payload)["missed"]
+        elif payload == b"end":
+            break
+        else:
+            received += 1
+    print(json.dumps({"received": received, "missed": missed}))
+"""
+
+
+async def test_publications_the_publisher_dropped_are_announced_on_the_gap_topic(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "gap")
+    config = PubSubConfig(overflow=Overflow.DROP_OLDEST, queue_bytes=8192)
+    async with Publisher(beta_client, 7107, config) as pub:
+        bridges.append(bridge := BridgeProcess(alpha.home, "sub", "beta:7107", "t", at,
+                                               "--gap-topic", "gap"))
+        await until_subscribed(pub, 1)
+        # No local subscriber yet, so the bridge reads nothing: the tunnel's window fills, then
+        # the publisher's small queue, which drops its oldest.
+        for n in range(1500):
+            await pub.publish("t", f"{n:04d}".encode() * 256)
+        await pub.publish("t", "end")
+        got = await zmq_script(GAP_SCRIPT, at)
+    assert got["missed"] > 0 and got["received"] + got["missed"] == 1500, got
+    stats = bridge.stop()
+    assert stats["missed"] == got["missed"] and stats["forwarded"] == got["received"] + 1
+
+
+def test_the_bridge_stops_with_its_daemon(fresh_home: Path, sockets: Path) -> None:
+    start_daemon(fresh_home, "solo")
+    bridge = BridgeProcess(fresh_home, "pub", "7108", endpoint(sockets, "solo"))
+    try:
+        assert cli(fresh_home, "daemon", "stop").returncode == 0
+        _, err = bridge.proc.communicate(timeout=15)
+        assert bridge.proc.returncode == 3, err
+        assert "Traceback" not in err and "stopped" in err.strip().splitlines()[-1], err
+    finally:
+        bridge.kill()

@@ -9,10 +9,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from .. import ipc
+from ..errors import DaemonNotRunningError
 from ..integrations.zmq_bridge import (
     Bridge,
     BridgeConfig,
@@ -27,6 +32,8 @@ from ..transport import Transport
 from .context import Context
 from .output import EXIT_OK, emit
 from .parser import Commands, count, port, positive
+
+DAEMON_CHECK_INTERVAL = 1.0  # seconds between looks at whether the daemon still runs
 
 _ENDPOINT_HELP = "the local socket to bind: ipc://PATH or tcp://127.0.0.1:PORT ('*': any port)"
 
@@ -135,25 +142,45 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
         async with client:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
+            if not os.environ.get("PILOT_DEBUG"):
+                loop.set_exception_handler(_one_line)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
             async with bridge:
                 _announce(ctx, bridge)
-                runner = asyncio.create_task(bridge.run())
-                stopper = asyncio.create_task(stop.wait())
+                tasks = [asyncio.create_task(bridge.run()), asyncio.create_task(stop.wait()),
+                         asyncio.create_task(_watch_daemon(client.home))]
                 try:
-                    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    for task in (runner, stopper):
+                    for task in tasks:
                         task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await stopper
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await runner  # raises what ended the bridge, if it ended by itself
+                    for task in tasks:  # raises what ended the bridge, if it ended by itself
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
             _report(ctx, bridge)
         return EXIT_OK
 
     return asyncio.run(go())
+
+
+def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What asyncio reports (a background task of a pattern that failed as the daemon went),
+    in one line: no traceback for the user (PILOT_DEBUG=1 keeps asyncio's own report)."""
+    exc = context.get("exception")
+    logging.getLogger("pilot_agents.cli.bridge").warning(
+        "%s%s", context.get("message", "asyncio"), f": {exc}" if exc else "")
+
+
+async def _watch_daemon(home: Path) -> None:
+    """Raise when the daemon the bridge runs through stops: the patterns would otherwise go on
+    resubscribing or answering errors through a connection that is gone for good."""
+    running = ipc.daemon_pid(home)
+    while True:
+        await asyncio.sleep(DAEMON_CHECK_INTERVAL)
+        if ipc.daemon_pid(home) != running:
+            raise DaemonNotRunningError(f"the daemon of home {home} stopped, and the bridge "
+                                        "with it")
 
 
 def _announce(ctx: Context, bridge: Bridge) -> None:
