@@ -30,6 +30,7 @@ queues behind them.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -82,10 +83,10 @@ class BridgeConfig:
 
 @dataclass
 class BridgeStats:
-    forwarded: int = 0  # publications or requests (answered) that crossed the bridge
+    forwarded: int = 0  # publications that crossed the bridge; requests answered with a reply
     dropped: int = 0  # given up on: the local queue stayed full, or the local client left
-    malformed: int = 0  # local messages of the wrong shape, answered or logged, not forwarded
-    errors: int = 0  # error replies: sent to local clients (req), to remote requesters (rep)
+    malformed: int = 0  # local messages of the wrong shape, logged, not forwarded
+    errors: int = 0  # requests answered with an error reply (to local clients, or remote ones)
     missed: int = 0  # sub: publications the remote publisher dropped for us (drop-oldest)
     resumed: int = 0  # sub: subscriptions renewed after the tunnel or the publisher went away
     unmatched: int = 0  # sub: publications no local subscriber wanted
@@ -114,12 +115,13 @@ def error_frames(exc: PilotError) -> list[bytes]:
     return [ERROR_MARKER, json.dumps(body).encode("utf-8")]
 
 
-class Bridge:
+class Bridge(abc.ABC):
     """One local socket bound at ``endpoint`` and the pattern behind it. ``async with`` binds
     and opens; :meth:`run` forwards until cancelled (or the transport fails)."""
 
     kind: ClassVar[str]
     socket_type: ClassVar[zmq.SocketType]
+    options: ClassVar[tuple[tuple[int, int | bytes], ...]] = ()  # set before the bind
 
     def __init__(self, transport: Transport, endpoint: str,
                  config: BridgeConfig | None = None) -> None:
@@ -139,7 +141,8 @@ class Bridge:
             sock.setsockopt(zmq.RCVHWM, self.config.hwm)
             if self.endpoint.startswith("tcp://["):
                 sock.setsockopt(zmq.IPV6, 1)
-            self._set_options(sock)
+            for option, value in self.options:
+                sock.setsockopt(option, value)
             try:
                 sock.bind(self.endpoint)
             except zmq.ZMQError as exc:
@@ -171,22 +174,23 @@ class Bridge:
                 "socket": _SOCKET_NAMES[self.socket_type], "hwm": self.config.hwm,
                 **self._remote()}
 
+    @abc.abstractmethod
     async def run(self) -> None:
-        raise NotImplementedError
+        """Forward until cancelled."""
 
     # -- for the bridges ------------------------------------------------------------------------
 
-    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
-        """Socket options beyond the common ones, set before the bind."""
-
+    @abc.abstractmethod
     async def _open(self) -> None:
-        raise NotImplementedError
+        """Open the pattern (the socket is bound)."""
 
+    @abc.abstractmethod
     async def _close(self) -> None:
-        raise NotImplementedError
+        """Close the pattern, if it was opened."""
 
+    @abc.abstractmethod
     def _remote(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The pilot side, for :meth:`status`."""
 
     @property
     def sock(self) -> zmq.asyncio.Socket:
@@ -195,8 +199,8 @@ class Bridge:
         return self._socket
 
     async def _send_local(self, frames: list[bytes], timeout: float) -> bool:
-        """Send ``frames`` on the local socket, waiting up to ``timeout`` seconds while its queue
-        is full; False (counted, logged) if it stayed full or the client it names left.
+        """Send ``frames`` on the local socket, waiting up to ``timeout`` seconds while it has no
+        room (its queue is full, or no peer is connected); False if it never had.
         Non-blocking sends and a backoff, since an XPUB at its HWM still polls writable."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -207,19 +211,24 @@ class Bridge:
                 return True
             except zmq.Again:
                 if loop.time() >= deadline:
-                    self.stats.dropped += 1
-                    log.warning("no room at %s for %g s (its queue is full, or nobody is "
-                                "connected): a message was dropped (%d so far)", self.endpoint,
-                                timeout, self.stats.dropped)
                     return False
                 await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
                 pause = min(pause * 2, 0.05)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.stats.dropped += 1
-                log.info("a local client of %s left before its reply", self.endpoint)
-                return False
+
+    async def _deliver(self, frames: list[bytes]) -> bool:
+        """:meth:`_send_local` within ``send_timeout``; a message it gives up on, or whose
+        client has left (a ROUTER's EHOSTUNREACH), is counted and logged."""
+        try:
+            if await self._send_local(frames, self.config.send_timeout):
+                return True
+            why = f"no room at {self.endpoint} for {self.config.send_timeout:g} s"
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            why = f"its client at {self.endpoint} left"
+        self.stats.dropped += 1
+        log.warning("a message was dropped: %s (%d so far)", why, self.stats.dropped)
+        return False
 
 
 async def _together(*coroutines: Coroutine[Any, Any, None]) -> None:
@@ -277,6 +286,7 @@ class SubBridge(Bridge):
 
     kind = "sub"
     socket_type = zmq.XPUB
+    options = ((zmq.XPUB_NODROP, 1),)
 
     def __init__(self, transport: Transport, peer: str, port: int, prefixes: list[str],
                  endpoint: str, config: BridgeConfig | None = None) -> None:
@@ -287,9 +297,6 @@ class SubBridge(Bridge):
         self._subscriber: Subscriber | None = None
         self._local: set[bytes] = set()  # the prefixes local SUB sockets subscribed to
         self._wanted = asyncio.Event()
-
-    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
 
     async def _open(self) -> None:
         subscriber = Subscriber(self._transport, self.peer, self.port, self.prefixes,
@@ -330,7 +337,7 @@ class SubBridge(Bridge):
             if not any(topic.startswith(prefix) for prefix in self._local):
                 self.stats.unmatched += 1
                 continue
-            if await self._send_local([topic, publication.data], self.config.send_timeout):
+            if await self._deliver([topic, publication.data]):
                 self.stats.forwarded += 1
 
     async def _gap(self, publication: Publication) -> None:
@@ -345,9 +352,8 @@ class SubBridge(Bridge):
         if self.config.gap_topic is not None:
             notice = {"missed": publication.missed, "resumed": publication.resumed,
                       "topic": publication.topic}
-            await self._send_local([self.config.gap_topic.encode("utf-8"),
-                                    json.dumps(notice).encode("utf-8")],
-                                   self.config.send_timeout)
+            await self._deliver([self.config.gap_topic.encode("utf-8"),
+                                 json.dumps(notice).encode("utf-8")])
 
 
 class PubBridge(Bridge):
@@ -360,15 +366,13 @@ class PubBridge(Bridge):
 
     kind = "pub"
     socket_type = zmq.SUB
+    options = ((zmq.SUBSCRIBE, b""),)
 
     def __init__(self, transport: Transport, port: int, endpoint: str,
                  config: BridgeConfig | None = None) -> None:
         super().__init__(transport, endpoint, config)
         self.port = port
         self._publisher: Publisher | None = None
-
-    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
 
     async def _open(self) -> None:
         publisher = Publisher(self._transport, self.port, self.config.pubsub)
@@ -410,6 +414,7 @@ class ReqBridge(Bridge):
 
     kind = "req"
     socket_type = zmq.ROUTER
+    options = ((zmq.ROUTER_MANDATORY, 1),)
 
     def __init__(self, transport: Transport, peer: str, port: int, endpoint: str,
                  config: BridgeConfig | None = None) -> None:
@@ -418,9 +423,6 @@ class ReqBridge(Bridge):
         self.port = port
         self._requester: Requester | None = None
         self._in_flight = _Spawner(self.config.max_in_flight)
-
-    def _set_options(self, sock: zmq.asyncio.Socket) -> None:
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
     async def _open(self) -> None:
         # Fail now, not at the first request, if the peer is unknown, untrusted or unreachable.
@@ -450,13 +452,13 @@ class ReqBridge(Bridge):
         try:
             reply = await self._requester.request(self.peer, self.port, payload,
                                                   timeout=self.config.request_timeout)
-            frames = [reply.data]
         except PilotError as exc:
             log.info("request to %s port %d failed: %s", self.peer, self.port, exc)
-            self.stats.errors += 1
-            frames = error_frames(exc)
-        if await self._send_local([*envelope, *frames], self.config.send_timeout):
-            self.stats.forwarded += 1
+            if await self._deliver([*envelope, *error_frames(exc)]):
+                self.stats.errors += 1
+        else:
+            if await self._deliver([*envelope, reply.data]):
+                self.stats.forwarded += 1
 
 
 class RepBridge(Bridge):
@@ -529,6 +531,8 @@ class RepBridge(Bridge):
                         raise TimeoutError
                     frames = await future
             except TimeoutError:
+                log.warning("no local worker at %s answered a request from %s within %g s",
+                            self.endpoint, request.sender, timeout)
                 await self._fail(request, PilotTimeoutError(
                     f"no local worker at {self.endpoint} answered within {timeout:g} s"))
                 return
