@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +24,7 @@ from ..integrations.zmq_bridge import (
     RepBridge,
     ReqBridge,
     SubBridge,
+    run_together,
 )
 from ..patterns import Overflow, PubSubConfig
 from ..sdk import Client
@@ -148,16 +148,7 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
                 loop.add_signal_handler(signum, stop.set)
             async with bridge:
                 _announce(ctx, bridge)
-                tasks = [asyncio.create_task(bridge.run()), asyncio.create_task(stop.wait()),
-                         asyncio.create_task(_watch_daemon(client.home))]
-                try:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                    for task in tasks:  # raises what ended the bridge, if it ended by itself
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
+                await run_together(bridge.run(), _until(stop), _watch_daemon(client.home))
             _report(ctx, bridge)
         return EXIT_OK
 
@@ -170,6 +161,10 @@ def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     exc = context.get("exception")
     logging.getLogger("pilot_agents.cli.bridge").warning(
         "%s%s", context.get("message", "asyncio"), f": {exc}" if exc else "")
+
+
+async def _until(event: asyncio.Event) -> None:
+    await event.wait()
 
 
 async def _watch_daemon(home: Path) -> None:

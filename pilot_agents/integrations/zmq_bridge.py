@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,14 +70,16 @@ class BridgeConfig:
     max_in_flight: int = 256  # requests the req and rep bridges forward at once
     request_timeout: float = 30.0  # seconds for a reply: the remote's (req), a worker's (rep)
     gap_topic: str | None = None  # sub: topic of the notice sent locally after a gap
+    # Seconds closing may take: the peer is told, the remote requests in flight are answered.
+    close_timeout: float = 5.0
     pubsub: PubSubConfig = field(default_factory=PubSubConfig)
     reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)
 
     def __post_init__(self) -> None:
         if self.hwm < 1 or self.max_in_flight < 1:
             raise ConfigError("BridgeConfig: hwm and max_in_flight must be at least 1")
-        if self.send_timeout <= 0 or self.request_timeout <= 0:
-            raise ConfigError("BridgeConfig: send_timeout and request_timeout must be positive")
+        if min(self.send_timeout, self.request_timeout, self.close_timeout) <= 0:
+            raise ConfigError("BridgeConfig: the timeouts must be positive")
 
 
 @dataclass
@@ -159,8 +160,14 @@ class Bridge(abc.ABC):
 
     async def close(self) -> None:
         """Close the pattern, then the socket: what is still queued locally is discarded."""
-        with contextlib.suppress(PilotError):
-            await self._close()
+        try:
+            async with asyncio.timeout(self.config.close_timeout):
+                await self._close()
+        except TimeoutError:
+            log.warning("closing the %s bridge took over %g s; it stops without waiting more",
+                        self.kind, self.config.close_timeout)
+        except PilotError as exc:
+            log.info("closing the %s bridge: %s", self.kind, exc)
         sock, self._socket = self._socket, None
         context, self._context = self._context, None
         if sock is not None:
@@ -231,7 +238,7 @@ class Bridge(abc.ABC):
         return False
 
 
-async def _together(*coroutines: Coroutine[Any, Any, None]) -> None:
+async def run_together(*coroutines: Coroutine[Any, Any, None]) -> None:
     """Run the coroutines until one ends; cancel the others and raise what it raised (a bare
     exception, not a TaskGroup's ExceptionGroup, so the CLI reports it in one line)."""
     tasks = [asyncio.create_task(c) for c in coroutines]
@@ -240,9 +247,19 @@ async def _together(*coroutines: Coroutine[Any, Any, None]) -> None:
         for task in done:
             task.result()
     finally:
-        for task in tasks:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks: Collection[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again any that goes on:
+    Python 3.11's ``wait_for`` (under every IPC request) swallows a cancel that lands as its
+    inner future completes, and the task would carry on for ever."""
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(pending, timeout=0.1)
+        pending = [task for task in pending if not task.done()]
 
 
 class _Spawner:
@@ -265,9 +282,7 @@ class _Spawner:
             log.error("a bridge task failed: %r", exc)
 
     async def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(list(self._tasks))
 
 
 # -- pub/sub ------------------------------------------------------------------------------------
@@ -312,7 +327,7 @@ class SubBridge(Bridge):
         return {"remote": self.peer, "port": self.port, "prefixes": self.prefixes}
 
     async def run(self) -> None:
-        await _together(self._track_local_subscriptions(), self._forward())
+        await run_together(self._track_local_subscriptions(), self._forward())
 
     async def _track_local_subscriptions(self) -> None:
         while True:
@@ -497,7 +512,7 @@ class RepBridge(Bridge):
         return {"remote": None, "port": self.port}
 
     async def run(self) -> None:
-        await _together(self._accept(), self._read_replies())
+        await run_together(self._accept(), self._read_replies())
 
     async def _accept(self) -> None:
         assert self._replier is not None
@@ -564,5 +579,6 @@ def _worker_error(frames: list[bytes]) -> RemoteError:
 
 
 __all__ = ["ERROR_MARKER", "Bridge", "BridgeConfig", "BridgeStats", "PubBridge", "RepBridge",
-           "ReqBridge", "SubBridge", "check_endpoint", "error_frames"]
+           "ReqBridge", "SubBridge", "cancel_all", "check_endpoint", "error_frames",
+           "run_together"]
 
