@@ -20,6 +20,7 @@ import pytest
 from pilot_agents.errors import RemoteError
 from pilot_agents.patterns import (
     Overflow,
+    Publication,
     Publisher,
     PubSubConfig,
     Request,
@@ -102,18 +103,22 @@ def sockets() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+Script = asyncio.subprocess.Process
+
+
 async def zmq_script(source: str, *args: str, timeout: float = 20.0,
-                     when_ready: Callable[[], Awaitable[None]] | None = None) -> Any:
+                     when_ready: Callable[[Script], Awaitable[None]] | None = None) -> Any:
     """Run ``source`` (which imports only zmq) in its own python; the JSON it prints last.
-    ``when_ready`` runs once the script has printed its first line, ``ready``."""
+    ``when_ready`` runs once the script has printed its first line, ``ready``; it may write to
+    the script's stdin."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", textwrap.dedent(source), *args,
+        sys.executable, "-c", textwrap.dedent(source), *args, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     if when_ready is not None:
         assert proc.stdout is not None
         ready = await asyncio.wait_for(proc.stdout.readline(), timeout)
         assert ready == b"ready\n", (ready, await proc.stderr.read())  # type: ignore[union-attr]
-        await when_ready()
+        await asyncio.wait_for(when_ready(proc), timeout)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode == 0, err.decode()
     return json.loads(out.decode().strip().splitlines()[-1])
@@ -172,7 +177,7 @@ async def test_a_zmq_sub_receives_from_a_remote_publisher(
 
 
 PUB_SCRIPT = """
-    import sys, zmq
+    import select, sys, zmq
     # An XPUB is a PUB that shows the subscription arriving: nothing is sent before it, so
     # none is lost to ZeroMQ's slow-joiner drop.
     sock = zmq.Context().socket(zmq.XPUB)
@@ -180,6 +185,11 @@ PUB_SCRIPT = """
     sock.setsockopt(zmq.XPUB_NODROP, 1)
     sock.connect(sys.argv[1])
     assert sock.recv() == b"\\x01"  # the bridge's SUB subscribed to everything
+    print("ready", flush=True)
+    # Until the remote subscriber has heard one (its subscription reached the bridge), a
+    # warm-up publication every 50 ms.
+    while not select.select([sys.stdin], [], [], 0.05)[0]:
+        sock.send_multipart([b"t.warm", b""])
     for n in range(5):
         sock.send_multipart([f"t.{n}".encode(), f"payload {n}".encode()])
     sock.send_multipart([b"x.other", b"nobody wants this one"])
@@ -197,15 +207,23 @@ async def test_a_zmq_pub_feeds_a_remote_subscriber(
     bridges.append(bridge := BridgeProcess(alpha.home, "pub", "7102", at))
     assert bridge.status["socket"] == "SUB" and bridge.status["port"] == 7102
     async with Subscriber(beta_client, "alpha", 7102, ["t."], PubSubConfig()) as sub:
-        await asyncio.sleep(0.5)  # the subscription reaches the bridge's publisher
-        await zmq_script(PUB_SCRIPT, at)
-        got = [await sub.receive(10) for _ in range(6)]
+
+        async def warmed_up(script: Script) -> None:
+            assert (await sub.receive(10)).topic == "t.warm"
+            assert script.stdin is not None
+            script.stdin.write(b"go\n")
+            await script.stdin.drain()
+
+        await zmq_script(PUB_SCRIPT, at, when_ready=warmed_up)
+        got: list[Publication] = []
+        while len(got) < 6:
+            if (publication := await sub.receive(10)).topic != "t.warm":
+                got.append(publication)
     assert [(p.topic, p.data) for p in got] == [
         *((f"t.{n}", f"payload {n}".encode()) for n in range(5)), ("t.last", b"\x00\xff")]
     assert all(p.sender == alpha.node_id and not p.missed for p in got)
-    assert bridge.stop() | {"unmatched": 0} == {
-        "forwarded": 7, "dropped": 0, "malformed": 1, "errors": 0, "missed": 0, "resumed": 0,
-        "unmatched": 0, "late": 0}
+    stats = bridge.stop()
+    assert stats["forwarded"] >= 8 and stats["malformed"] == 1 and stats["dropped"] == 0
 
 
 REQ_SCRIPT = """
@@ -263,6 +281,7 @@ REP_SCRIPT = """
     rep = zmq.Context().socket(zmq.REP)
     rep.setsockopt(zmq.RCVTIMEO, 15000)
     rep.connect(sys.argv[1])
+    print("ready", flush=True)
     served = 0
     while True:
         data = rep.recv()
@@ -284,24 +303,26 @@ async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
         sockets: Path) -> None:
     alpha, _ = daemon_pair
     at = endpoint(sockets, "rep")
-    bridges.append(bridge := BridgeProcess(alpha.home, "rep", "7104", at, "--timeout", "1"))
+    bridges.append(bridge := BridgeProcess(alpha.home, "rep", "7104", at, "--timeout", "2"))
     assert bridge.status["socket"] == "DEALER" and bridge.status["port"] == 7104
     async with Requester(beta_client) as requester:
         # No worker yet: an error reply after the bridge's timeout, not a hang.
         with pytest.raises(RemoteError) as no_worker:
             await requester.request("alpha", 7104, b"early", timeout=10)
         assert no_worker.value.remote_type == "PilotTimeoutError"
-        worker = asyncio.create_task(zmq_script(REP_SCRIPT, at))
-        assert (await requester.request("alpha", 7104, b"abc", timeout=10)).data == b"cba"
-        with pytest.raises(RemoteError, match="KeyError: no row"):
-            await requester.request("alpha", 7104, b"fail", timeout=10)
-        replies = await asyncio.gather(*(requester.request("alpha", 7104, f"r{n}", timeout=10)
-                                         for n in range(20)))
-        assert [r.data for r in replies] == [f"r{n}"[::-1].encode() for n in range(20)]
-        assert (await requester.request("alpha", 7104, b"quit", timeout=10)).data == b"bye"
-        assert await worker == 23
+
+        async def ask(_: Script) -> None:
+            assert (await requester.request("alpha", 7104, b"abc", timeout=10)).data == b"cba"
+            with pytest.raises(RemoteError, match="KeyError: no row"):
+                await requester.request("alpha", 7104, b"fail", timeout=10)
+            replies = await asyncio.gather(*(requester.request("alpha", 7104, f"r{n}", timeout=10)
+                                             for n in range(10)))
+            assert [r.data for r in replies] == [f"r{n}"[::-1].encode() for n in range(10)]
+            assert (await requester.request("alpha", 7104, b"quit", timeout=10)).data == b"bye"
+
+        assert await zmq_script(REP_SCRIPT, at, when_ready=ask) == 13
     stats = bridge.stop()
-    assert stats["forwarded"] == 22 and stats["errors"] == 2
+    assert stats["forwarded"] == 12 and stats["errors"] == 2
 
 
 def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
@@ -381,7 +402,7 @@ async def test_publications_the_publisher_dropped_are_announced_on_the_gap_topic
                                                "--gap-topic", "gap"))
         await until_subscribed(pub, 1)
 
-        async def flood() -> None:  # far faster than its small queue drains: it drops
+        async def flood(_: Script) -> None:  # far faster than its small queue drains: it drops
             for n in range(1500):
                 await pub.publish("t", f"{n:04d}".encode() * 256)
             await pub.publish("t", "end")
