@@ -423,3 +423,39 @@ def test_the_bridge_stops_with_its_daemon(fresh_home: Path, sockets: Path) -> No
         assert "Traceback" not in err and "stopped" in err.strip().splitlines()[-1], err
     finally:
         bridge.kill()
+
+
+HOLD_SCRIPT = """
+    import json, sys, zmq
+    req = zmq.Context().socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 15000)
+    req.connect(sys.argv[1])
+    req.send(b"hold")
+    print("ready", flush=True)
+    print(json.dumps([f.decode() for f in req.recv_multipart()]))
+"""
+
+
+async def test_a_req_client_hears_when_the_bridge_stops_before_its_reply(
+        daemon_pair: Pair, beta_client: Client, sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "hold")
+    arrived = asyncio.Event()
+
+    async def hold(_: Request) -> bytes:
+        arrived.set()
+        await asyncio.sleep(30)
+        return b"too late"
+
+    async with serving(beta_client, 7109, hold):
+        bridge = BridgeProcess(alpha.home, "req", "beta:7109", at)
+        try:
+            async def stop_the_bridge(_: Script) -> None:
+                await asyncio.wait_for(arrived.wait(), 10)  # the request is in flight
+                assert (await asyncio.to_thread(bridge.stop))["errors"] == 1
+
+            got = await zmq_script(HOLD_SCRIPT, at, when_ready=stop_the_bridge)
+        finally:
+            bridge.kill()
+    assert got[0] == "pilot-agents.error"
+    assert json.loads(got[1])["type"] == "ConnectionClosedError"

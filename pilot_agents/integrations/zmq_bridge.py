@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -42,7 +43,7 @@ from typing import Any, ClassVar
 import zmq
 import zmq.asyncio
 
-from ..errors import ConfigError, PilotError, PilotTimeoutError, RemoteError
+from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError, RemoteError
 from ..patterns import (
     Publication,
     Publisher,
@@ -70,8 +71,9 @@ class BridgeConfig:
     max_in_flight: int = 256  # requests the req and rep bridges forward at once
     request_timeout: float = 30.0  # seconds for a reply: the remote's (req), a worker's (rep)
     gap_topic: str | None = None  # sub: topic of the notice sent locally after a gap
-    # Seconds closing may take: the peer is told, the remote requests in flight are answered.
+    # Seconds closing may take: the peer is told, the requests in flight are answered.
     close_timeout: float = 5.0
+    linger: float = 1.0  # seconds the socket has at stop to send what is queued, then it drops
     pubsub: PubSubConfig = field(default_factory=PubSubConfig)
     reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)
 
@@ -80,6 +82,8 @@ class BridgeConfig:
             raise ConfigError("BridgeConfig: hwm and max_in_flight must be at least 1")
         if min(self.send_timeout, self.request_timeout, self.close_timeout) <= 0:
             raise ConfigError("BridgeConfig: the timeouts must be positive")
+        if self.linger < 0:
+            raise ConfigError("BridgeConfig.linger must not be negative")
 
 
 @dataclass
@@ -137,7 +141,6 @@ class Bridge(abc.ABC):
         self._context = zmq.asyncio.Context()
         self._socket = sock = self._context.socket(self.socket_type)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, self.config.hwm)
             sock.setsockopt(zmq.RCVHWM, self.config.hwm)
             if self.endpoint.startswith("tcp://["):
@@ -159,7 +162,8 @@ class Bridge(abc.ABC):
         await self.close()
 
     async def close(self) -> None:
-        """Close the pattern, then the socket: what is still queued locally is discarded."""
+        """Close the pattern, then the socket, which has ``linger`` seconds to send what is
+        queued (then the rest is discarded)."""
         try:
             async with asyncio.timeout(self.config.close_timeout):
                 await self._close()
@@ -171,7 +175,7 @@ class Bridge(abc.ABC):
         sock, self._socket = self._socket, None
         context, self._context = self._context, None
         if sock is not None:
-            sock.close(linger=0)
+            sock.close(linger=int(self.config.linger * 1000))
         if context is not None:
             context.term()
 
@@ -438,6 +442,8 @@ class ReqBridge(Bridge):
         self.port = port
         self._requester: Requester | None = None
         self._in_flight = _Spawner(self.config.max_in_flight)
+        self._unanswered: dict[int, list[bytes]] = {}  # the envelopes of requests in flight
+        self._keys = itertools.count()
 
     async def _open(self) -> None:
         # Fail now, not at the first request, if the peer is unknown, untrusted or unreachable.
@@ -448,6 +454,13 @@ class ReqBridge(Bridge):
 
     async def _close(self) -> None:
         await self._in_flight.cancel()
+        # Its clients would wait for ever for these replies (REQ has no timeout of its own).
+        stopped = error_frames(ConnectionClosedError("the bridge stopped before the reply came"))
+        unanswered, self._unanswered = list(self._unanswered.values()), {}
+        for envelope in unanswered:
+            with contextlib.suppress(zmq.ZMQError):  # this client has gone too
+                if await self._send_local([*envelope, *stopped], 0.0):
+                    self.stats.errors += 1
         if self._requester is not None:
             await self._requester.close()
 
@@ -460,19 +473,21 @@ class ReqBridge(Bridge):
             if len(frames) < 2:
                 self.stats.malformed += 1  # a ROUTER always prefixes the client's identity
                 continue
-            await self._in_flight.spawn(self._answer(frames[:-1], frames[-1]))
+            key = next(self._keys)
+            self._unanswered[key] = frames[:-1]
+            await self._in_flight.spawn(self._answer(key, frames[-1]))
 
-    async def _answer(self, envelope: list[bytes], payload: bytes) -> None:
+    async def _answer(self, key: int, payload: bytes) -> None:
         assert self._requester is not None
         try:
             reply = await self._requester.request(self.peer, self.port, payload,
                                                   timeout=self.config.request_timeout)
         except PilotError as exc:
             log.info("request to %s port %d failed: %s", self.peer, self.port, exc)
-            if await self._deliver([*envelope, *error_frames(exc)]):
+            if await self._deliver([*self._unanswered.pop(key), *error_frames(exc)]):
                 self.stats.errors += 1
         else:
-            if await self._deliver([*envelope, reply.data]):
+            if await self._deliver([*self._unanswered.pop(key), reply.data]):
                 self.stats.forwarded += 1
 
 
@@ -552,8 +567,8 @@ class RepBridge(Bridge):
                     f"no local worker at {self.endpoint} answered within {timeout:g} s"))
                 return
             if len(frames) == 1:
+                self.stats.forwarded += 1  # handed over: the stop may come before it is sent
                 await request.reply(frames[0])
-                self.stats.forwarded += 1
             else:
                 await self._fail(request, _worker_error(frames))
         except PilotError as exc:
