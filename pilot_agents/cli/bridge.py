@@ -27,6 +27,7 @@ from ..integrations.zmq_bridge import (
     run_together,
 )
 from ..patterns import Overflow, PubSubConfig
+from ..runtime import run
 from ..sdk import Client
 from ..transport import Transport
 from .context import Context
@@ -152,7 +153,7 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
             _report(ctx, bridge)
         return EXIT_OK
 
-    return asyncio.run(go())
+    return run(go())
 
 
 def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
