@@ -170,3 +170,9 @@ class MissingStateKeyError(ConfigError):
 class UnserializableValueError(ConfigError):
     """A value is neither JSON nor anything LangGraph's serializer can encode, so it cannot be
     sent to a peer."""
+
+
+class McpSessionError(PilotError):
+    """An MCP session through a tunnel (``pilot_agents.integrations.mcp``) could not open or
+    ended: the serving side refused it (all its sessions in use), its server process exited, or
+    the peer went silent; the message says which."""

@@ -1,0 +1,636 @@
+"""MCP through tunnels: a stdio MCP server behind NAT, reached by hostname.
+
+The serving side (``pilotctl mcp serve --port 80 -- CMD ARGS...``, or :class:`McpServer`) runs
+one server process per remote session: MCP sessions are stateful (the ``initialize`` handshake,
+subscriptions, a server's own state), so two clients never share a process. At most
+``max_sessions`` run at once; more are refused with a reason the client raises. A session ends
+when its client says so, when its client is heard from no more for ``peer_timeout`` seconds
+(both sides send heartbeats while idle), when nothing but heartbeats passed for
+``idle_timeout`` seconds (if set), or when its server process exits: then the client sees the
+error, with the end of the server's stderr. Ending a session stops its process the way the MCP
+spec says (stdin closed, then SIGTERM, then SIGKILL, to its whole process group).
+
+The client side:
+
+    async with pilot_agents.integrations.mcp.connect("db-tool-server", port=80) as session:
+        tools = await session.list_tools()          # an initialized mcp.ClientSession
+
+    async with mcp.Client(tunnel("db-tool-server", 80)) as client:   # any mcp client
+        ...
+
+and ``pilotctl mcp connect db-tool-server:80``, a local stdio MCP server forwarding to the remote
+one, for MCP clients configured with a command (desktop apps, IDEs).
+
+On the wire, each session is one tunnel stream (a :class:`~pilot_agents.transport.Connection`)
+and each tunnel message carries one JSON-RPC message, its UTF-8 JSON text as the server wrote it
+on a line (the line break dropped). JSON-RPC is forwarded without being interpreted, so every
+handshake (``initialize``, ``server/discover``) and method passes. A message whose first byte
+is 0 is ours (JSON text never starts with 0): byte 1 says which, the rest is UTF-8 text:
+``OPEN`` (client, first message), ``READY`` (server: the process runs), ``END`` (either side,
+with the reason; empty when the client just leaves), ``HEARTBEAT`` (either side, after
+``heartbeat_interval`` seconds with nothing sent). See docs/mcp.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, McpSessionError, PilotError, PilotTimeoutError, WireError
+from ..sdk import Client
+from ..transport import CONNECT_TIMEOUT, Connection, Message, Transport
+
+if TYPE_CHECKING:
+    from mcp import ClientSession
+    from mcp.client._transport import TransportStreams
+
+log = logging.getLogger("pilot_agents.integrations.mcp")
+
+DEFAULT_MCP_PORT = 80  # the port `serve` listens on and `connect` connects to unless told
+MAX_REASON_BYTES = 2048  # of an END message's reason
+
+
+@dataclass(frozen=True)
+class McpConfig:
+    """The bounds of MCP sessions through tunnels; both sides read the ones that concern them."""
+
+    max_message_bytes: int = 16 * 2**20  # one JSON-RPC message (a line of the server's stdout)
+    heartbeat_interval: float = 10.0  # seconds with nothing sent before a side sends a heartbeat
+    peer_timeout: float = 45.0  # seconds of hearing nothing from the other side: session over
+    open_timeout: float = 30.0  # seconds for the server side to start the process and say so
+    # serving side:
+    max_sessions: int = 8  # sessions (server processes) at once; more are refused
+    idle_timeout: float | None = None  # seconds without JSON-RPC either way: session over
+    write_timeout: float = 10.0  # seconds a server process may leave a message unread
+    stop_grace: float = 2.0  # seconds after closing stdin, then after SIGTERM, before SIGKILL
+    stderr_tail_bytes: int = 1024  # the end of a server's stderr told to its client if it dies
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024 or self.max_sessions < 1 or self.stderr_tail_bytes < 0:
+            raise ConfigError("McpConfig: max_message_bytes must be at least 1024, max_sessions "
+                              "at least 1, stderr_tail_bytes at least 0")
+        for name in ("heartbeat_interval", "peer_timeout", "open_timeout", "write_timeout",
+                     "stop_grace"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"McpConfig.{name} must be positive")
+        if self.peer_timeout <= self.heartbeat_interval:
+            raise ConfigError("McpConfig.peer_timeout must be longer than heartbeat_interval")
+        if self.idle_timeout is not None and not self.idle_timeout > 0:
+            raise ConfigError("McpConfig.idle_timeout must be positive (or None: never)")
+
+
+# -- the control messages ----------------------------------------------------------------------
+
+
+class Control(enum.IntEnum):
+    OPEN = 1
+    READY = 2
+    END = 3
+    HEARTBEAT = 4
+
+
+def control(kind: Control, text: str = "") -> bytes:
+    raw = text.encode("utf-8")[:MAX_REASON_BYTES]
+    return bytes((0, kind)) + raw
+
+
+def parse_control_untrusted(data: bytes) -> tuple[Control, str] | None:
+    """``(kind, text)`` of a control message; None for a JSON-RPC message."""
+    if data[:1] != b"\x00":
+        return None
+    if len(data) < 2:
+        raise WireError("an MCP control message without its kind")
+    try:
+        kind = Control(data[1])
+    except ValueError:
+        raise WireError(f"unknown MCP control message kind {data[1]}") from None
+    return kind, data[2:2 + MAX_REASON_BYTES].decode("utf-8", "replace")
+
+
+def _request_id(message: bytes) -> Any:
+    """The id of a JSON-RPC request (a ``method`` and an ``id``), else None."""
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and "method" in parsed:
+        return parsed.get("id")
+    return None
+
+
+def _response_id(message: bytes) -> Any:
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and "method" not in parsed:
+        return parsed.get("id")
+    return None
+
+
+# -- the client side ---------------------------------------------------------------------------
+
+
+class RemoteSession:
+    """One MCP session with a server behind ``serve``, as raw JSON-RPC messages (bytes).
+    ``async with`` opens it (:class:`McpSessionError` if the server side refuses) and leaves it
+    (the server process is stopped)."""
+
+    def __init__(self, transport: Transport, peer: str, port: int = DEFAULT_MCP_PORT,
+                 config: McpConfig | None = None) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.port = port
+        self.config = config or McpConfig()
+        self.ended: str | None = None  # why the session ended, once it did
+        self._conn: Connection | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_sent = 0.0
+        self._pending: set[str] = set()  # ids (as JSON) of our requests still unanswered
+
+    @property
+    def label(self) -> str:
+        return f"{self.peer}:{self.port}"
+
+    async def __aenter__(self) -> RemoteSession:
+        conn = self.transport.connect(self.peer, self.port, CONNECT_TIMEOUT)
+        await conn.__aenter__()
+        try:
+            await conn.send(control(Control.OPEN))
+            try:
+                answer = await conn.receive(timeout=self.config.open_timeout)
+            except PilotTimeoutError:
+                raise McpSessionError(f"{self.label} did not start an MCP server within "
+                                      f"{self.config.open_timeout:g} s") from None
+            except PilotError as exc:
+                raise McpSessionError(f"{self.label} serves no MCP server: {exc}") from None
+            reply = parse_control_untrusted(answer.data)
+            if reply is not None and reply[0] == Control.END:
+                raise McpSessionError(f"{self.label} refused the MCP session: {reply[1]}")
+            if reply is None or reply[0] != Control.READY:
+                raise McpSessionError(f"{self.label} does not speak MCP through tunnels "
+                                      "(its first answer was not READY)")
+        except BaseException:
+            await conn.abort()
+            raise
+        self._conn = conn
+        self._last_sent = time.monotonic()
+        self._heartbeat = asyncio.create_task(self._beat())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Tell the server side we are done (it stops the process) and close the stream."""
+        conn, self._conn = self._conn, None
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if conn is None:
+            return
+        if self.ended is None:
+            self.ended = "closed by this side"
+            with contextlib.suppress(PilotError):
+                await conn.send(control(Control.END))
+                await conn.close()
+                return
+        await conn.abort()
+
+    def _open(self) -> Connection:
+        if self._conn is None:
+            raise McpSessionError(f"the MCP session with {self.label} "
+                                  f"{'ended: ' + self.ended if self.ended else 'is not open'}")
+        return self._conn
+
+    async def send(self, message: bytes) -> None:
+        """One JSON-RPC message to the server; once the session ended, a request sent is
+        among :meth:`unanswered_errors`."""
+        if (request_id := _request_id(message)) is not None:
+            self._pending.add(json.dumps(request_id))
+        conn = self._open()
+        try:
+            await conn.send(message)
+        except PilotError as exc:
+            raise self._end(f"the tunnel to {self.label} failed: {exc}") from None
+        self._last_sent = time.monotonic()
+
+    async def receive(self) -> bytes:
+        """The server's next JSON-RPC message; :class:`McpSessionError` once the session ends."""
+        conn = self._open()
+        while True:
+            try:
+                message = await conn.receive(timeout=self.config.peer_timeout)
+            except PilotTimeoutError:
+                raise self._end(f"heard nothing from {self.label} for "
+                                f"{self.config.peer_timeout:g} s") from None
+            except PilotError as exc:
+                raise self._end(f"the tunnel to {self.label} failed: {exc}") from None
+            try:
+                kind = parse_control_untrusted(message.data)
+            except WireError as exc:
+                log.warning("%s: %s", self.label, exc)
+                continue
+            if kind is None:
+                if (response_id := _response_id(message.data)) is not None:
+                    self._pending.discard(json.dumps(response_id))
+                return message.data
+            if kind[0] == Control.END:
+                raise self._end(kind[1] or f"{self.label} ended the session")
+
+    def unanswered_errors(self) -> list[bytes]:
+        """Once ended: a JSON-RPC error response for each request still waiting, carrying the
+        reason, so the client's calls fail with it instead of a bare "connection closed"."""
+        reason = f"MCP server on {self.label}: {self.ended}"
+        errors = [b'{"jsonrpc":"2.0","id":%s,"error":{"code":-32000,"message":%s}}'
+                  % (request_id.encode(), json.dumps(reason).encode())
+                  for request_id in sorted(self._pending)]
+        self._pending.clear()
+        return errors
+
+    def _end(self, reason: str) -> McpSessionError:
+        if self.ended is None:
+            self.ended = reason
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        return McpSessionError(f"the MCP session with {self.label} ended: {self.ended}")
+
+    async def _beat(self) -> None:
+        interval = self.config.heartbeat_interval
+        while self._conn is not None:
+            await asyncio.sleep(max(self._last_sent + interval - time.monotonic(), 0.0))
+            if time.monotonic() - self._last_sent >= interval and self._conn is not None:
+                try:
+                    await self._conn.send(control(Control.HEARTBEAT))
+                except PilotError:
+                    return  # the next receive says why
+                self._last_sent = time.monotonic()
+
+
+@contextlib.asynccontextmanager
+async def _transport_for(transport: Transport | None,
+                         home: str | Path | None) -> AsyncIterator[Transport]:
+    if transport is not None:
+        yield transport
+        return
+    async with Client(home) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def remote_session(peer: str, port: int = DEFAULT_MCP_PORT, *,
+                         transport: Transport | None = None, home: str | Path | None = None,
+                         config: McpConfig | None = None) -> AsyncIterator[RemoteSession]:
+    """An open :class:`RemoteSession` through ``transport`` (default: the daemon of ``home``)."""
+    async with (_transport_for(transport, home) as pilot,
+                RemoteSession(pilot, peer, port, config) as session):
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def tunnel(peer: str, port: int = DEFAULT_MCP_PORT, *, transport: Transport | None = None,
+                 home: str | Path | None = None,
+                 config: McpConfig | None = None) -> AsyncIterator[TransportStreams]:
+    """An MCP client transport to the server ``serve`` exposes on ``port`` of ``peer``: the
+    read and write streams of :class:`mcp.shared.message.SessionMessage` that
+    ``mcp.ClientSession`` takes, and a value ``mcp.Client(...)`` accepts as its server."""
+    import anyio
+    import mcp_types
+    from mcp.shared.message import SessionMessage
+
+    async with remote_session(peer, port, transport=transport, home=home,
+                              config=config) as remote:
+        read_in, read_out = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        write_in, write_out = anyio.create_memory_object_stream[SessionMessage](0)
+
+        def parsed(data: bytes) -> SessionMessage | Exception:
+            try:
+                return SessionMessage(mcp_types.jsonrpc_message_adapter.validate_json(data))
+            except ValueError as exc:  # the session logs it and goes on
+                return exc
+
+        async def answer_unanswered() -> None:
+            for error in remote.unanswered_errors():
+                await read_in.send(parsed(error))
+
+        # Once the session ended, read_in stays open: each request waiting then, and each one
+        # sent later, is answered at once with an error saying why.
+        async def inbound() -> None:
+            try:
+                while True:
+                    await read_in.send(parsed(await remote.receive()))
+            except McpSessionError as exc:
+                log.info("%s", exc)
+                await answer_unanswered()
+
+        async def outbound() -> None:
+            async for item in write_out:
+                try:
+                    await remote.send(item.message.model_dump_json(
+                        by_alias=True, exclude_unset=True).encode("utf-8"))
+                except McpSessionError:
+                    await answer_unanswered()
+
+        async def pump(body: Callable[[], Awaitable[None]]) -> None:
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await body()  # the MCP session closed its streams: it is done
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(pump, inbound)
+            tasks.start_soon(pump, outbound)
+            try:
+                yield read_out, write_in
+            finally:
+                tasks.cancel_scope.cancel()
+                for stream in (read_in, read_out, write_in, write_out):
+                    stream.close()
+
+
+@contextlib.asynccontextmanager
+async def connect(peer: str, port: int = DEFAULT_MCP_PORT, *, transport: Transport | None = None,
+                  home: str | Path | None = None, config: McpConfig | None = None,
+                  **session_options: Any) -> AsyncIterator[ClientSession]:
+    """An initialized ``mcp.ClientSession`` (the 2025-11-25 ``initialize`` handshake done) with
+    the MCP server ``serve`` exposes on ``port`` of ``peer`` (a hostname or node id), through
+    ``transport`` (default: the daemon of ``home``). ``session_options`` go to ClientSession
+    (``read_timeout_seconds``, ``sampling_callback``, ...)."""
+    from mcp import ClientSession
+
+    async with (tunnel(peer, port, transport=transport, home=home, config=config) as streams,
+                ClientSession(*streams, **session_options) as session):
+        await session.initialize()
+        yield session
+
+
+# -- the serving side --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """What :class:`McpServer` tells its ``on_event`` callback: a session opened, was refused,
+    or ended (``reason`` says why)."""
+
+    kind: str  # "open", "refused" or "end"
+    peer: str  # node id of the client
+    hostname: str | None
+    source_port: int
+    reason: str = ""
+    messages_in: int = 0  # JSON-RPC messages from the client
+    messages_out: int = 0  # and from the server
+    seconds: float = 0.0  # how long the session lasted
+
+    @property
+    def label(self) -> str:
+        return f"{self.hostname or self.peer[:12]}:{self.source_port}"
+
+
+@dataclass(eq=False)
+class _Session:
+    key: tuple[str, int]
+    hostname: str | None
+    proc: asyncio.subprocess.Process
+    way_back: Message  # the latest message from the client: replies go on its stream
+    started: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
+    last_traffic: float = field(default_factory=time.monotonic)  # JSON-RPC either way
+    messages_in: int = 0
+    messages_out: int = 0
+    stderr_tail: bytearray = field(default_factory=bytearray)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    ended: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.hostname or self.key[0][:12]}:{self.key[1]}"
+
+
+class McpServer:
+    """Exposes the stdio MCP server ``argv`` on ``port`` of ``transport`` to its trusted peers:
+    one process per remote session (environment: ours, updated with ``env``). :meth:`serve`
+    runs until cancelled, then ends every session and stops every process."""
+
+    def __init__(self, transport: Transport, port: int, argv: Sequence[str], *,
+                 env: dict[str, str] | None = None, config: McpConfig | None = None,
+                 on_event: Callable[[SessionEvent], None] | None = None) -> None:
+        if not argv:
+            raise ConfigError("an MCP server needs a command to run")
+        self.transport = transport
+        self.port = port
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.config = config or McpConfig()
+        self.on_event = on_event
+        self.sessions: dict[tuple[str, int], _Session] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        try:
+            async with self.transport.listen(self.port) as listener:
+                while True:
+                    await self._dispatch(await listener.receive(timeout=None))
+        finally:
+            ending = [asyncio.create_task(self._end(s, "the MCP server side is stopping"))
+                      for s in list(self.sessions.values())]
+            await asyncio.shield(asyncio.gather(*ending, *self._stopping,
+                                                return_exceptions=True))
+
+    async def _dispatch(self, message: Message) -> None:
+        key = (message.sender, message.source_port)
+        session = self.sessions.get(key)
+        try:
+            kind = parse_control_untrusted(message.data)
+        except WireError as exc:
+            log.warning("%s:%d sent a malformed message: %s", message.sender[:12],
+                        message.source_port, exc)
+            return
+        if session is None:
+            if kind is not None and kind[0] == Control.OPEN:
+                await self._open(message)
+            elif kind is None or kind[0] != Control.END:
+                with contextlib.suppress(PilotError):  # the server restarted, or ended it
+                    await message.reply(control(Control.END, "no such MCP session (ended)"))
+            return
+        session.way_back = message
+        session.last_heard = time.monotonic()
+        if kind is None:
+            await self._to_server(session, message.data)
+        elif kind[0] == Control.END:
+            self._end_soon(session, kind[1] or "the client closed the session", tell=False)
+
+    async def _open(self, message: Message) -> None:
+        key = (message.sender, message.source_port)
+        hostname = getattr(message, "hostname", None)
+        if len(self.sessions) >= self.config.max_sessions:
+            reason = (f"all {self.config.max_sessions} sessions of the MCP server are in use; "
+                      "try again later")
+            self._event("refused", key, hostname, reason)
+            with contextlib.suppress(PilotError):
+                await message.reply(control(Control.END, reason))
+            return
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
+                limit=self.config.max_message_bytes)
+        except OSError as exc:
+            reason = f"cannot run {self.argv[0]}: {exc.strerror or exc}"
+            self._event("refused", key, hostname, reason)
+            with contextlib.suppress(PilotError):
+                await message.reply(control(Control.END, reason))
+            return
+        session = _Session(key, hostname, proc, message)
+        self.sessions[key] = session
+        session.tasks = [asyncio.create_task(self._from_server(session)),
+                         asyncio.create_task(self._read_stderr(session)),
+                         asyncio.create_task(self._watch(session))]
+        self._event("open", key, hostname)
+        if not await self._reply(session, control(Control.READY)):
+            self._end_soon(session, "the client went away", tell=False)
+
+    async def _to_server(self, session: _Session, data: bytes) -> None:
+        stdin = session.proc.stdin
+        assert stdin is not None
+        if b"\n" in data:
+            log.warning("%s sent a message with a line break: dropped", session.label)
+            return
+        session.messages_in += 1
+        session.last_traffic = time.monotonic()
+        try:
+            stdin.write(data + b"\n")
+            async with asyncio.timeout(self.config.write_timeout):
+                await stdin.drain()
+        except TimeoutError:
+            self._end_soon(session, f"the MCP server read nothing for "
+                           f"{self.config.write_timeout:g} s")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it exited: _from_server sees its stdout end and says so
+
+    async def _from_server(self, session: _Session) -> None:
+        stdout = session.proc.stdout
+        assert stdout is not None
+        try:
+            while line := await stdout.readline():
+                message = line.rstrip(b"\r\n")
+                if not message:
+                    continue
+                session.messages_out += 1
+                session.last_traffic = time.monotonic()
+                if not await self._reply(session, message):
+                    self._end_soon(session, "the client went away", tell=False)
+                    return
+        except ValueError:  # asyncio's StreamReader: a line longer than its limit
+            self._end_soon(session, f"the MCP server wrote a message of more than "
+                           f"{self.config.max_message_bytes} bytes")
+            return
+        try:
+            async with asyncio.timeout(self.config.stop_grace):
+                status = await session.proc.wait()
+        except TimeoutError:
+            self._end_soon(session, "the MCP server closed its stdout")
+            return
+        tail = session.stderr_tail.decode("utf-8", "replace").strip()
+        self._end_soon(session, f"the MCP server process exited with status {status}"
+                       + (f": {tail}" if tail else ""))
+
+    async def _read_stderr(self, session: _Session) -> None:
+        stderr = session.proc.stderr
+        assert stderr is not None
+        keep = self.config.stderr_tail_bytes
+        while chunk := await stderr.read(65536):
+            for line in chunk.decode("utf-8", "replace").splitlines():
+                log.info("%s: %s", session.label, line)
+            session.stderr_tail += chunk
+            del session.stderr_tail[:max(len(session.stderr_tail) - keep, 0)]
+
+    async def _watch(self, session: _Session) -> None:
+        """Heartbeats while we send nothing; the end of a silent or idle session."""
+        config = self.config
+        while True:
+            now = time.monotonic()
+            if now - session.last_heard > config.peer_timeout:
+                self._end_soon(session, f"heard nothing from the client for "
+                               f"{config.peer_timeout:g} s", tell=False)
+                return
+            if config.idle_timeout is not None and now - session.last_traffic > config.idle_timeout:
+                self._end_soon(session, f"idle for {config.idle_timeout:g} s")
+                return
+            if (now - session.last_sent >= config.heartbeat_interval
+                    and not await self._reply(session, control(Control.HEARTBEAT))):
+                self._end_soon(session, "the client went away", tell=False)
+                return
+            await asyncio.sleep(min(config.heartbeat_interval, config.peer_timeout) / 4)
+
+    async def _reply(self, session: _Session, data: bytes) -> bool:
+        try:
+            await session.way_back.reply(data)
+        except PilotError as exc:
+            log.info("%s: %s", session.label, exc)
+            return False
+        session.last_sent = time.monotonic()
+        return True
+
+    def _end_soon(self, session: _Session, reason: str, *, tell: bool = True) -> None:
+        """End ``session`` in a task of its own: it waits for the process to stop, and may be
+        called from one of the session's own tasks, which it cancels."""
+        if session.ended:
+            return
+        task = asyncio.create_task(self._end(session, reason, tell=tell))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _end(self, session: _Session, reason: str, *, tell: bool = True) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        self.sessions.pop(session.key, None)
+        current = asyncio.current_task()
+        for task in session.tasks:
+            if task is not current:
+                task.cancel()
+        if tell:
+            with contextlib.suppress(PilotError):
+                await session.way_back.reply(control(Control.END, reason))
+        await self._stop(session.proc)
+        self._event("end", session.key, session.hostname, reason, session)
+
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        """The MCP spec's shutdown: close stdin, wait; SIGTERM, wait; SIGKILL (the group)."""
+        grace = self.config.stop_grace
+        if proc.stdin is not None:
+            proc.stdin.close()
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if proc.returncode is not None:
+                return
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await proc.wait()
+                    return
+
+    def _event(self, kind: str, key: tuple[str, int], hostname: str | None, reason: str = "",
+               session: _Session | None = None) -> None:
+        event = SessionEvent(
+            kind, key[0], hostname, key[1], reason,
+            session.messages_in if session else 0, session.messages_out if session else 0,
+            time.monotonic() - session.started if session else 0.0)
+        log.info("session %s %s%s", event.label, kind, f": {reason}" if reason else "")
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+__all__ = [
+    "DEFAULT_MCP_PORT", "McpConfig", "McpServer", "RemoteSession", "SessionEvent", "connect",
+    "remote_session", "tunnel",
+]

@@ -1,0 +1,221 @@
+"""MCP through tunnels, with real third-party MCP servers from PyPI (each in a venv of its own,
+prepared by scripts/install-mcp-servers.sh), through two real daemons: ``pilotctl mcp serve``
+on beta, and on alpha ``connect()``, ``mcp.Client(tunnel(...))`` and ``pilotctl mcp connect``
+driven by the mcp SDK's own stdio client."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.shared.exceptions import MCPError
+
+from pilot_agents.errors import McpSessionError, PilotError
+from pilot_agents.integrations.mcp import (
+    Control,
+    McpConfig,
+    connect,
+    control,
+    parse_control_untrusted,
+    tunnel,
+)
+from tests.conftest import (
+    ROOT,
+    DaemonHandle,
+    assert_one_line_error,
+    cli,
+    ipc_call,
+    short_home,
+    start_daemons,
+    stop_daemons,
+)
+
+SERVERS = ROOT / ".mcp-servers"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Path:
+    """The third-party servers' venvs; installed on first use (PyPI must be reachable)."""
+    result = subprocess.run([ROOT / "scripts/install-mcp-servers.sh"], capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.skip(f"cannot install the MCP servers from PyPI: {result.stderr[-500:]}")
+    return SERVERS
+
+
+def server_command(servers: Path, name: str) -> str:
+    return str(servers / name / "bin" / name)
+
+
+@contextlib.contextmanager
+def serving(home: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``pilotctl mcp serve ARGS`` on ``home``'s daemon until the block ends (then SIGINT)."""
+    log = tempfile.NamedTemporaryFile(prefix="mcp-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pilot_agents.cli", "--home", str(home), "mcp", "serve", *args],
+        stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while b"Serving" not in Path(log.name).read_bytes():
+            assert proc.poll() is None, Path(log.name).read_text()
+            assert time.monotonic() < deadline, "mcp serve did not start"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def daemons() -> Iterator[tuple[DaemonHandle, DaemonHandle, DaemonHandle]]:
+    """alpha and beta trust each other; gamma knows beta's address and trusts it, but beta
+    does not trust gamma."""
+    homes = [short_home(), short_home(), short_home()]
+    try:
+        a, b, g = start_daemons((homes[0], "alpha"), (homes[1], "beta"), (homes[2], "gamma"))
+        for me, other in ((a, b), (b, a), (g, b)):
+            assert ipc_call(me.home, cmd="add_peer", node_id=other.node_id,
+                            address=other.endpoint, hostname=other.hostname)["ok"]
+            assert ipc_call(me.home, cmd="trust_add", target=other.node_id)["ok"]
+        yield a, b, g
+    finally:
+        stop_daemons(*homes)
+
+
+def test_control_messages_are_not_json() -> None:
+    assert parse_control_untrusted(b'{"jsonrpc":"2.0"}') is None
+    assert parse_control_untrusted(control(Control.END, "bye")) == (Control.END, "bye")
+    with pytest.raises(PilotError):
+        parse_control_untrusted(b"\x00\x63")
+
+
+async def test_connect_lists_and_calls_a_tool(servers: Path, daemons: tuple[DaemonHandle, ...],
+                                              ) -> None:
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "80", "--", server_command(servers, "mcp-server-time")):
+        async with connect("beta", port=80, home=alpha.home) as session:
+            tools = await session.list_tools()
+            assert "get_current_time" in [t.name for t in tools.tools]
+            result = await session.call_tool("get_current_time", {"timezone": "UTC"})
+            assert not result.is_error
+            assert "UTC" in result.content[0].text  # type: ignore[union-attr]
+        # mcp.Client's own handshake (server/discover, then initialize) passes as well.
+        async with Client(tunnel("beta", 80, home=alpha.home)) as client:
+            result = await client.call_tool("convert_time", {
+                "source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"})
+            assert not result.is_error and "21:00" in str(result.content)
+
+
+class _Page(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_cli_connect_serves_any_mcp_client(servers: Path, tmp_path: Path,
+                                                 daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    (tmp_path / "page.html").write_text("<html><body><p>Quarterly sales: 1842 rows</p>"
+                                        "</body></html>")
+    web = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Page, directory=str(tmp_path)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    command = StdioServerParameters(command=sys.executable, args=[
+        "-m", "pilot_agents.cli", "--home", str(alpha.home), "mcp", "connect", "beta:81"],
+        cwd=str(ROOT))
+    try:
+        with serving(beta.home, "--port", "81", "--",
+                     server_command(servers, "mcp-server-fetch"), "--allow-private-ips"):
+            async with Client(command) as client:
+                assert "fetch" in [t.name for t in (await client.list_tools()).tools]
+                result = await client.call_tool(
+                    "fetch", {"url": f"http://127.0.0.1:{web.server_port}/page.html"})
+                assert not result.is_error and "1842 rows" in str(result.content)
+    finally:
+        web.shutdown()
+
+
+async def test_server_death_is_the_clients_error(servers: Path,
+                                                 daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "82", "--",
+                 server_command(servers, "mcp-server-time")) as serve:
+        async with connect("beta", port=82, home=alpha.home) as session:
+            await session.list_tools()
+            (server,) = children(serve.pid)
+            os.kill(server, signal.SIGKILL)
+            with pytest.raises(MCPError, match="exited with status -9"):
+                await session.call_tool("get_current_time", {"timezone": "UTC"})
+        # the client leaving ends its server process
+        async with connect("beta", port=82, home=alpha.home) as session:
+            await session.list_tools()
+            assert len(children(serve.pid)) == 1
+        deadline = time.monotonic() + 10
+        while children(serve.pid):
+            assert time.monotonic() < deadline, "the server process outlived its session"
+            time.sleep(0.05)
+
+
+async def test_sessions_are_bounded(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "83", "--max-sessions", "1", "--",
+                 server_command(servers, "mcp-server-time")):
+        async with connect("beta", port=83, home=alpha.home) as session:
+            with pytest.raises(McpSessionError, match="all 1 sessions"):
+                async with connect("beta", port=83, home=alpha.home):
+                    pass
+            await session.list_tools()
+        async with connect("beta", port=83, home=alpha.home) as session:
+            await session.list_tools()
+
+
+def test_untrusted_peer_is_refused(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
+    _, beta, gamma = daemons
+    with serving(beta.home, "--port", "84", "--", server_command(servers, "mcp-server-time")):
+        result = cli(gamma.home, "mcp", "connect", "beta:84", input="", timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert result.stdout == ""
+
+
+def test_user_mistakes_are_one_line_errors(daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, _, _ = daemons
+    assert_one_line_error(cli(alpha.home, "mcp", "serve", "--port", "80", "--"), 2,
+                          "command after '--'")
+    assert_one_line_error(cli(alpha.home, "mcp", "serve", "--", "no-such-mcp-server"), 2,
+                          "no command 'no-such-mcp-server'")
+    assert_one_line_error(cli(alpha.home, "mcp", "connect", "nosuchhost:80", input=""), 5)
+    assert_one_line_error(cli(short_home(), "mcp", "connect", "beta:80", input=""), 3,
+                          "daemon is not running")
+
+
+def test_config_bounds_are_checked() -> None:
+    with pytest.raises(PilotError, match="peer_timeout"):
+        McpConfig(heartbeat_interval=10, peer_timeout=5)
