@@ -60,6 +60,9 @@ def register(commands: Commands) -> None:
         "connect", "be a stdio MCP server that forwards to the one a peer serves (put "
         "'pilotctl mcp connect NAME:PORT' as the command in an MCP client's config)", connect_cmd)
     sub.add_argument("target", type=_target, metavar="NAME:PORT")
+    sub.add_argument("--timeout", type=positive, default=_DEFAULTS.connect_timeout, metavar="S",
+                     help="seconds to reach the peer (default "
+                     f"{_DEFAULTS.connect_timeout:g})")
     sub.add_argument("--max-message-bytes", type=count, default=_DEFAULTS.max_message_bytes,
                      metavar="N", help="the largest JSON-RPC message either way (default "
                      f"{_DEFAULTS.max_message_bytes})")
@@ -106,7 +109,8 @@ def serve_cmd(ctx: Context) -> int:
 
 def connect_cmd(ctx: Context) -> int:
     name, number = ctx.args.target
-    config = McpConfig(max_message_bytes=ctx.args.max_message_bytes)
+    config = McpConfig(max_message_bytes=ctx.args.max_message_bytes,
+                       connect_timeout=ctx.args.timeout)
     return _run(ctx, lambda client: _forward(client, name, number, config), EXIT_OK)
 
 

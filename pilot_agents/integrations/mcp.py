@@ -67,6 +67,7 @@ class McpConfig:
     max_message_bytes: int = 16 * 2**20  # one JSON-RPC message (a line of the server's stdout)
     heartbeat_interval: float = 10.0  # seconds with nothing sent before a side sends a heartbeat
     peer_timeout: float = 45.0  # seconds of hearing nothing from the other side: session over
+    connect_timeout: float = CONNECT_TIMEOUT  # seconds to open the tunnel and the stream
     open_timeout: float = 30.0  # seconds for the server side to start the process and say so
     # serving side:
     max_sessions: int = 8  # sessions (server processes) at once; more are refused
@@ -79,8 +80,8 @@ class McpConfig:
         if self.max_message_bytes < 1024 or self.max_sessions < 1 or self.stderr_tail_bytes < 0:
             raise ConfigError("McpConfig: max_message_bytes must be at least 1024, max_sessions "
                               "at least 1, stderr_tail_bytes at least 0")
-        for name in ("heartbeat_interval", "peer_timeout", "open_timeout", "write_timeout",
-                     "stop_grace"):
+        for name in ("heartbeat_interval", "peer_timeout", "connect_timeout", "open_timeout",
+                     "write_timeout", "stop_grace"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"McpConfig.{name} must be positive")
         if self.peer_timeout <= self.heartbeat_interval:
@@ -163,7 +164,7 @@ class RemoteSession:
         return f"{self.peer}:{self.port}"
 
     async def __aenter__(self) -> RemoteSession:
-        conn = self.transport.connect(self.peer, self.port, CONNECT_TIMEOUT)
+        conn = self.transport.connect(self.peer, self.port, self.config.connect_timeout)
         await conn.__aenter__()
         try:
             await conn.send(control(Control.OPEN))
