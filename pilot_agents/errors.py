@@ -176,3 +176,8 @@ class McpSessionError(PilotError):
     """An MCP session through a tunnel (``pilot_agents.integrations.mcp``) could not open or
     ended: the serving side refused it (all its sessions in use), its server process exited, or
     the peer went silent; the message says which."""
+
+
+class McpToolError(PilotError):
+    """An MCP tool called in a pipeline step (``McpTool``) answered with an error, or its server
+    could not start; the message names the tool and says why."""

@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypedDict
 
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
 from pilot_agents.errors import McpSessionError, PilotError
-from pilot_agents.integrations.mcp import (
+from pilot_agents.integrations.mcp.remote import (
     Control,
     McpConfig,
     connect,
@@ -217,3 +218,39 @@ def test_user_mistakes_are_one_line_errors(daemons: tuple[DaemonHandle, ...]) ->
 def test_config_bounds_are_checked() -> None:
     with pytest.raises(PilotError, match="peer_timeout"):
         McpConfig(heartbeat_interval=10, peer_timeout=5)
+
+
+class TimeState(TypedDict, total=False):
+    tz: str
+    now: Any
+
+
+async def test_mcp_tool_is_a_langgraph_step(servers: Path) -> None:
+    from langgraph.graph import END, START, StateGraph
+
+    from pilot_agents.integrations.mcp import McpTool
+
+    config = {"mcpServers": {"time": {"command": server_command(servers, "mcp-server-time"),
+                                      "args": ["--local-timezone", "UTC"]}}}
+    builder = StateGraph(TimeState)
+    builder.add_node("now", McpTool(config["mcpServers"]["time"], "get_current_time",
+                                    args_from_state={"timezone": "tz"}, result_key="now"))
+    builder.add_edge(START, "now")
+    builder.add_edge("now", END)
+    graph = builder.compile()
+    first = graph.invoke({"tz": "Asia/Tokyo"})
+    second = await graph.ainvoke({"tz": "UTC"})
+    assert first["now"]["timezone"] == "Asia/Tokyo", first
+    assert second["now"]["timezone"] == "UTC", second
+    with pytest.raises(PilotError, match="get_current_time"):
+        await graph.ainvoke({"tz": "Not/A_Zone"})
+    started = [pid for pid in children(os.getpid())
+               if b"mcp-server-time" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(started) == 1  # one server for the process, reused by every call
+    os.kill(started[0], signal.SIGKILL)  # a server that dies is started again by a later call
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(PilotError):
+            assert (await graph.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"
+            break
+        assert time.monotonic() < deadline

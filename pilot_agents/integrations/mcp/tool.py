@@ -1,0 +1,187 @@
+"""``McpTool``: a LangGraph step calling a tool of a stdio MCP server this process starts."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.runnables import Runnable, RunnableConfig
+
+from ...errors import ConfigError, McpToolError, PilotTimeoutError
+
+if TYPE_CHECKING:
+    from mcp import ClientSession, StdioServerParameters
+    from mcp_types import CallToolResult
+
+log = logging.getLogger("pilot_agents.integrations.mcp")
+
+
+ServerSpec = Mapping[str, Any]  # an entry of an MCP client's mcpServers: command, args, env
+
+
+def _parameters(server: ServerSpec | StdioServerParameters) -> StdioServerParameters:
+    from mcp import StdioServerParameters
+
+    if isinstance(server, StdioServerParameters):
+        return server
+    unknown = set(server) - {"command", "args", "env", "cwd"}
+    if "command" not in server or unknown:
+        raise ConfigError(f"an MCP server is given as {{command, args, env}} (as in an MCP "
+                          f"client's mcpServers config), not {sorted(server)}")
+    return StdioServerParameters(**server)
+
+
+class _StdioServers:
+    """This process's stdio MCP servers, each started on first use and reused until the process
+    ends. They live on one event loop, in a thread of their own: ``stdio_client`` must be left
+    by the task that entered it, and a step may run under ``invoke`` (no loop, or a worker
+    thread) as well as under ``ainvoke`` (any loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[str, asyncio.Future[ClientSession]] = {}
+        self._gone: dict[str, asyncio.Event] = {}  # set: the host of that server leaves
+
+    def call(self, params: StdioServerParameters, tool: str,
+             arguments: dict[str, Any]) -> concurrent.futures.Future[CallToolResult]:
+        return asyncio.run_coroutine_threadsafe(self._call(params, tool, arguments),
+                                                self._running_loop())
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="mcp-stdio-servers",
+                                 daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    async def _call(self, params: StdioServerParameters, tool: str,
+                    arguments: dict[str, Any]) -> CallToolResult:
+        key = params.model_dump_json()
+        if key not in self._sessions:
+            ready: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
+            self._sessions[key] = ready
+            asyncio.get_running_loop().create_task(self._host(key, params, ready))
+        ready = self._sessions[key]
+        session = await ready
+        from mcp import MCPError
+        from mcp_types import CONNECTION_CLOSED
+
+        try:
+            return await session.call_tool(tool, arguments)
+        except MCPError as exc:  # no such tool, bad arguments, the server gone
+            if exc.error.code == CONNECTION_CLOSED and self._sessions.get(key) is ready:
+                self._gone[key].set()  # its process died: the next call starts a new one
+                del self._sessions[key]
+            raise McpToolError(f"MCP tool {tool} of {params.command}: {exc}") from None
+
+    async def _host(self, key: str, params: StdioServerParameters,
+                    ready: asyncio.Future[ClientSession]) -> None:
+        """Runs the server while this process runs; if it fails to start or dies, the next call
+        starts it again."""
+        from mcp import ClientSession, stdio_client
+
+        gone = self._gone[key] = asyncio.Event()
+        try:
+            async with stdio_client(params) as streams, ClientSession(*streams) as session:
+                await session.initialize()
+                ready.set_result(session)
+                await gone.wait()
+        except Exception as exc:
+            if not ready.done():
+                ready.set_exception(McpToolError(
+                    f"cannot start the MCP server {params.command}: {exc}"))
+            else:
+                log.warning("the MCP server %s ended: %s", params.command, exc)
+        finally:
+            if self._sessions.get(key) is ready:
+                del self._sessions[key]
+
+
+_SERVERS = _StdioServers()
+_MISSING = object()
+
+
+class McpTool(Runnable[Any, dict[str, Any]]):
+    """A LangGraph step that calls ``tool`` of a stdio MCP server and puts its result in state:
+
+        graph.add_node("now", McpTool({"command": "uvx", "args": ["mcp-server-time"]},
+                                      "get_current_time", args_from_state={"timezone": "tz"},
+                                      result_key="now"))
+
+    ``server`` is an entry of an MCP client's ``mcpServers`` config (``command``, ``args``,
+    ``env``), or a ``StdioServerParameters``; it is started once per process on first use and
+    reused by every step naming the same one. ``args_from_state`` builds the tool's arguments:
+    a mapping of argument name to state key, or a function of the state (default: none). The
+    result is the tool's structured content if it has some, else its text (parsed if it is
+    JSON), under ``result_key``. A tool error raises :class:`McpToolError`.
+    """
+
+    def __init__(self, server: ServerSpec | StdioServerParameters, tool: str, *,
+                 args_from_state: Mapping[str, str] | Callable[[Any], dict[str, Any]]
+                 | None = None, result_key: str = "result", timeout: float = 60.0) -> None:
+        self.server = _parameters(server)
+        self.tool = tool
+        self.args_from_state = args_from_state
+        self.result_key = result_key
+        self.timeout = timeout  # seconds one call may take, the server's start included
+
+    def _arguments(self, state: Any) -> dict[str, Any]:
+        if self.args_from_state is None:
+            return {}
+        if callable(self.args_from_state):
+            return self.args_from_state(state)
+        arguments = {}
+        for arg, key in self.args_from_state.items():  # a TypedDict state, dataclass, pydantic
+            value = (state.get(key, _MISSING) if isinstance(state, Mapping)
+                     else getattr(state, key, _MISSING))
+            if value is _MISSING:
+                raise McpToolError(f"MCP tool {self.tool}: the state has no {key!r}")
+            arguments[arg] = value
+        return arguments
+
+    def _update(self, result: CallToolResult) -> dict[str, Any]:
+        from mcp_types import TextContent
+
+        texts = [block.text for block in result.content if isinstance(block, TextContent)]
+        if result.is_error:
+            raise McpToolError(f"MCP tool {self.tool} failed: {' '.join(texts) or 'no reason'}")
+        if result.structured_content is not None:
+            return {self.result_key: result.structured_content}
+        text = "\n".join(texts)
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        return {self.result_key: value}
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None,
+               **kwargs: Any) -> dict[str, Any]:
+        future = _SERVERS.call(self.server, self.tool, self._arguments(input))
+        try:
+            return self._update(future.result(self.timeout))
+        except TimeoutError:
+            future.cancel()
+            raise PilotTimeoutError(f"MCP tool {self.tool} took more than {self.timeout:g} s")\
+                from None
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
+        future = _SERVERS.call(self.server, self.tool, self._arguments(input))
+        try:
+            async with asyncio.timeout(self.timeout):
+                return self._update(await asyncio.wrap_future(future))
+        except TimeoutError:
+            future.cancel()
+            raise PilotTimeoutError(f"MCP tool {self.tool} took more than {self.timeout:g} s")\
+                from None
+
+
+__all__ = ["McpTool", "ServerSpec"]
