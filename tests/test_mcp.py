@@ -5,6 +5,7 @@ driven by the mcp SDK's own stdio client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import http.server
@@ -23,13 +24,17 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
+from pilot_agents import Client as PilotClient
 from pilot_agents.errors import McpSessionError, PilotError
 from pilot_agents.integrations.mcp.remote import (
     Control,
     McpConfig,
+    McpServer,
+    SessionEvent,
     connect,
     control,
     parse_control_untrusted,
+    remote_session,
     tunnel,
 )
 from tests.conftest import (
@@ -254,3 +259,42 @@ async def test_mcp_tool_is_a_langgraph_step(servers: Path) -> None:
             assert (await graph.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"
             break
         assert time.monotonic() < deadline
+
+
+async def test_silent_and_idle_sessions_end(servers: Path,
+                                            daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    events: list[SessionEvent] = []
+    config = McpConfig(heartbeat_interval=0.3, peer_timeout=1.5, idle_timeout=2.0)
+    async with (PilotClient(beta.home) as server_side,
+                PilotClient(alpha.home) as client_side):
+        server = McpServer(server_side, 86, [server_command(servers, "mcp-server-time")],
+                           config=config, on_event=events.append)
+        serving_task = asyncio.create_task(server.serve())
+        try:
+            # A client that vanishes without a word (its process killed): it opens a session,
+            # then sends nothing, not even heartbeats.
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(PilotError):
+                    async with client_side.connect("beta", 86) as conn:
+                        await conn.send(control(Control.OPEN))
+                        answer = await conn.receive(timeout=5)
+                        assert parse_control_untrusted(answer.data) == (Control.READY, "")
+                        while not any(e.kind == "end" for e in events):
+                            assert time.monotonic() < deadline
+                            await asyncio.sleep(0.1)
+                        break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            assert "heard nothing from the client" in events[-1].reason
+            assert not server.sessions
+            # A live client that sends no JSON-RPC for idle_timeout: ended, and told why.
+            async with remote_session("beta", 86, transport=client_side,
+                                      config=config) as remote:
+                with pytest.raises(McpSessionError, match="idle for 2 s"):
+                    await remote.receive()
+        finally:
+            serving_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving_task
