@@ -178,6 +178,26 @@ async def test_server_death_is_the_clients_error(servers: Path,
             os.kill(server, signal.SIGKILL)
             with pytest.raises(MCPError, match="exited with status -9"):
                 await session.call_tool("get_current_time", {"timezone": "UTC"})
+        # through `pilotctl mcp connect`: a waiting request gets the reason, and it exits 1
+        connector = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(alpha.home), "mcp",
+             "connect", "beta:82"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=ROOT)
+        assert connector.stdin is not None and connector.stdout is not None
+        connector.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{'
+                              b'"protocolVersion":"2025-11-25","capabilities":{},'
+                              b'"clientInfo":{"name":"t","version":"1"}}}\n')
+        connector.stdin.flush()
+        assert b'"id":1' in connector.stdout.readline()
+        (server,) = children(serve.pid)
+        os.kill(server, signal.SIGKILL)
+        connector.stdin.write(b'{"jsonrpc":"2.0","id":2,"method":"tools/list"}\n')
+        connector.stdin.flush()
+        line = connector.stdout.readline()  # empty if the end came before the request
+        assert line == b"" or b"exited with status -9" in line, line
+        _, err = connector.communicate(timeout=10)
+        assert connector.returncode == 1 and len(err.splitlines()) == 1, err
+        assert b"exited with status -9" in err
         # the client leaving ends its server process
         async with connect("beta", port=82, home=alpha.home) as session:
             await session.list_tools()
