@@ -49,6 +49,8 @@ from tests.conftest import (
 )
 
 SERVERS = ROOT / ".mcp-servers"
+INITIALIZE = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+              b'"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}\n')
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,9 @@ async def test_connect_lists_and_calls_a_tool(servers: Path, daemons: tuple[Daem
             result = await client.call_tool("convert_time", {
                 "source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"})
             assert not result.is_error and "21:00" in str(result.content)
+        # a request piped in is answered before `mcp connect` leaves at the end of its stdin
+        result = cli(alpha.home, "mcp", "connect", "beta:80", input=INITIALIZE.decode())
+        assert result.returncode == 0 and '"id":1' in result.stdout, result.stderr
 
 
 class _Page(http.server.SimpleHTTPRequestHandler):
@@ -184,9 +189,7 @@ async def test_server_death_is_the_clients_error(servers: Path,
              "connect", "beta:82"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=ROOT)
         assert connector.stdin is not None and connector.stdout is not None
-        connector.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{'
-                              b'"protocolVersion":"2025-11-25","capabilities":{},'
-                              b'"clientInfo":{"name":"t","version":"1"}}}\n')
+        connector.stdin.write(INITIALIZE)
         connector.stdin.flush()
         assert b'"id":1' in connector.stdout.readline()
         (server,) = children(serve.pid)

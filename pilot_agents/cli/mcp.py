@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shlex
 import shutil
@@ -135,6 +136,10 @@ async def _forward(client: Client, name: str, number: int, config: McpConfig) ->
             except ValueError:  # the StreamReader's limit
                 raise ConfigError(f"a message of more than {config.max_message_bytes} bytes "
                                   "on stdin") from None
+            # An MCP client closes stdin to end the session: answers on their way still come.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.drain_timeout):
+                    await remote.all_answered()
 
         async def downstream() -> None:
             try:

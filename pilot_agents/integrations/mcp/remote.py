@@ -39,6 +39,8 @@ class McpConfig:
     peer_timeout: float = 45.0  # seconds of hearing nothing from the other side: session over
     connect_timeout: float = CONNECT_TIMEOUT  # seconds to open the tunnel and the stream
     open_timeout: float = 30.0  # seconds for the server side to start the process and say so
+    # seconds `mcp connect` waits, once its stdin ended, for answers to requests still waiting
+    drain_timeout: float = 30.0
     # serving side:
     max_sessions: int = 8  # sessions (server processes) at once; more are refused
     idle_timeout: float | None = None  # seconds without JSON-RPC either way: session over
@@ -51,7 +53,7 @@ class McpConfig:
             raise ConfigError("McpConfig: max_message_bytes must be at least 1024, max_sessions "
                               "at least 1, stderr_tail_bytes at least 0")
         for name in ("heartbeat_interval", "peer_timeout", "connect_timeout", "open_timeout",
-                     "write_timeout", "stop_grace"):
+                     "drain_timeout", "write_timeout", "stop_grace"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"McpConfig.{name} must be positive")
         if self.peer_timeout <= self.heartbeat_interval:
@@ -128,6 +130,8 @@ class RemoteSession:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_sent = 0.0
         self._pending: set[str] = set()  # ids (as JSON) of our requests still unanswered
+        self._all_answered = asyncio.Event()
+        self._all_answered.set()
 
     @property
     def label(self) -> str:
@@ -188,6 +192,7 @@ class RemoteSession:
         among :meth:`unanswered_errors`."""
         if (request_id := _request_id(message)) is not None:
             self._pending.add(json.dumps(request_id))
+            self._all_answered.clear()
         conn = self._open()
         try:
             await conn.send(message)
@@ -214,9 +219,15 @@ class RemoteSession:
             if kind is None:
                 if (response_id := _response_id(message.data)) is not None:
                     self._pending.discard(json.dumps(response_id))
+                    if not self._pending:
+                        self._all_answered.set()
                 return message.data
             if kind[0] == Control.END:
                 raise self._end(kind[1] or f"{self.label} ended the session")
+
+    async def all_answered(self) -> None:
+        """Wait until every request sent has had its response (returned by :meth:`receive`)."""
+        await self._all_answered.wait()
 
     def unanswered_errors(self) -> list[bytes]:
         """Once ended: a JSON-RPC error response for each request still waiting, carrying the
@@ -226,6 +237,7 @@ class RemoteSession:
                   % (request_id.encode(), json.dumps(reason).encode())
                   for request_id in sorted(self._pending)]
         self._pending.clear()
+        self._all_answered.set()
         return errors
 
     def _end(self, reason: str) -> McpSessionError:
