@@ -213,15 +213,16 @@ async def test_server_death_is_the_clients_error(servers: Path,
 
 async def test_sessions_are_bounded(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     alpha, beta, _ = daemons
-    with serving(beta.home, "--port", "83", "--max-sessions", "1", "--",
-                 server_command(servers, "mcp-server-time")):
+    with serving(beta.home, "--port", "83", "--max-sessions", "1", "--max-message-bytes",
+                 "4096", "--", server_command(servers, "mcp-server-time")):
         async with connect("beta", port=83, home=alpha.home) as session:
             with pytest.raises(McpSessionError, match="all 1 sessions"):
                 async with connect("beta", port=83, home=alpha.home):
                     pass
             await session.list_tools()
         async with connect("beta", port=83, home=alpha.home) as session:
-            await session.list_tools()
+            with pytest.raises(MCPError, match="more than 4096"):
+                await session.call_tool("get_current_time", {"timezone": "x" * 5000})
 
 
 def test_untrusted_peer_is_refused(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:

@@ -217,6 +217,9 @@ class RemoteSession:
                 log.warning("%s: %s", self.label, exc)
                 continue
             if kind is None:
+                if len(message.data) > self.config.max_message_bytes:
+                    raise self._end(f"{self.label} sent a message of {len(message.data)} "
+                                    f"bytes, more than {self.config.max_message_bytes}")
                 if (response_id := _response_id(message.data)) is not None:
                     self._pending.discard(json.dumps(response_id))
                     if not self._pending:
@@ -485,6 +488,10 @@ class McpServer:
         assert stdin is not None
         if b"\n" in data:
             log.warning("%s sent a message with a line break: dropped", session.label)
+            return
+        if len(data) > self.config.max_message_bytes:
+            self._end_soon(session, f"the client sent a message of {len(data)} bytes, more "
+                           f"than {self.config.max_message_bytes}")
             return
         session.messages_in += 1
         session.last_traffic = time.monotonic()
