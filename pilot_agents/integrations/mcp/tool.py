@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.runnables import Runnable, RunnableConfig
 
-from ...errors import ConfigError, McpToolError, PilotTimeoutError
+from ...errors import ConfigError, McpToolError, MissingStateKeyError, PilotTimeoutError
 
 if TYPE_CHECKING:
     from mcp import ClientSession, StdioServerParameters
@@ -143,7 +143,9 @@ class McpTool(Runnable[Any, dict[str, Any]]):
             value = (state.get(key, _MISSING) if isinstance(state, Mapping)
                      else getattr(state, key, _MISSING))
             if value is _MISSING:
-                raise McpToolError(f"MCP tool {self.tool}: the state has no {key!r}")
+                raise MissingStateKeyError(
+                    f"McpTool {self.tool!r} reads the state key {key!r}, which this state does "
+                    "not have; set it in an earlier node or the graph's input, or name another key")
             arguments[arg] = value
         return arguments
 
