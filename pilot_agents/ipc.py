@@ -341,7 +341,11 @@ class IpcClient:
         patience = self.margin + (float(timeout) if timeout is not None else 0.0)
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(future), patience)
+                # asyncio.timeout, not wait_for: 3.11's wait_for returns the reply when it comes
+                # in the same step as a cancel, and the cancel is lost (a task that must stop
+                # runs on: Publisher.close waited for ever on a feed task so spared).
+                async with asyncio.timeout(patience):
+                    return await asyncio.shield(future)
             except TimeoutError:
                 pass
             # Still working, or hung? Only a daemon that does not answer a question as short
@@ -356,7 +360,8 @@ class IpcClient:
     async def _within(self, cmd: str, future: asyncio.Future[dict[str, Any]],
                       wait: float) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), wait)
+            async with asyncio.timeout(wait):  # not wait_for: see _answer
+                return await asyncio.shield(future)
         except TimeoutError:
             raise DaemonNotRunningError(
                 f"the daemon (home {self.home}) did not answer '{cmd}' within {wait:g} s; "
