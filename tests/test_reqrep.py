@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 import pytest
 
@@ -11,6 +13,8 @@ from pilot_agents.errors import PilotError, RemoteError, WireError
 from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serving
 from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
+
+log = logging.getLogger("tests.reqrep")
 
 
 async def echo(request: Request) -> object:
@@ -27,20 +31,25 @@ async def test_a_request_gets_its_reply(pair: Pair) -> None:
         assert reply.sender == pair.server.node_id
 
 
-async def test_many_requests_in_flight_on_one_tunnel_come_back_matched(pair: Pair) -> None:
+async def test_1000_concurrent_requests_on_one_tunnel_come_back_matched(
+        pair: Pair, kind: str) -> None:
     async def slow_echo(request: Request) -> object:
         n = request.json()["n"]
         await asyncio.sleep(0.001 * (n % 7))  # answers come back out of order
-        return {"n": n}
+        return {"n": n, "from": request.sender}
 
     async with (
         serving(pair.server.transport, 7002, slow_echo),
         Requester(pair.client.transport) as requester,
     ):
+        started = time.perf_counter()
         replies = await asyncio.gather(*(
-            requester.request(pair.server_name, 7002, {"n": n}, timeout=30)
-            for n in range(300)))
-        assert [r.json()["n"] for r in replies] == list(range(300))
+            requester.request(pair.server_name, 7002, {"n": n}, timeout=60)
+            for n in range(1000)))
+        elapsed = time.perf_counter() - started
+        assert [r.json() for r in replies] == [
+            {"n": n, "from": pair.client.node_id} for n in range(1000)]
+        log.warning("1000 concurrent requests (%s): %.2f s", kind, elapsed)
 
 
 async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:

@@ -8,6 +8,7 @@ rather than fail.
 from __future__ import annotations
 
 import enum
+import logging
 import struct
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class Frame:
     kind: Kind
     id: int
     payload: bytes
+
+
+def note_malformed(log: logging.Logger, count: int, text: str, *args: object) -> None:
+    """Log a pattern's ``count``-th malformed frame if ``count`` is a power of two: a peer
+    sending nothing but garbage cannot flood the log (the pattern counts them all)."""
+    if count & (count - 1) == 0:
+        log.warning(text + " (%d malformed so far)", *args, count)
 
 
 def encode_frame(kind: Kind, frame_id: int, payload: bytes) -> bytes:

@@ -53,6 +53,7 @@ from .frames import (
     encode_frame,
     encode_prefixes,
     encode_publication,
+    note_malformed,
     parse_frame_untrusted,
     parse_prefixes_untrusted,
     parse_publication_untrusted,
@@ -71,6 +72,7 @@ class PubSubConfig:
     overflow: Overflow = Overflow.BLOCK
     queue_bytes: int = 4 * 2**20  # per subscriber, at the publisher
     max_prefixes: int = 256  # per subscription
+    max_prefix_bytes: int = 16 * 1024  # per subscription: its prefixes' UTF-8 bytes, summed
     max_subscribers: int = 1024  # per publisher; more are refused until one leaves
     reconnect_min: float = 0.2  # seconds a subscriber waits before connecting again; doubles
     reconnect_max: float = 10.0  # seconds, the cap of that doubling
@@ -80,7 +82,8 @@ class PubSubConfig:
     heartbeat_interval: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.queue_bytes < 1 or self.max_prefixes < 1 or self.max_subscribers < 1:
+        bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers)
+        if min(bounds) < 1:
             raise ConfigError("PubSubConfig bounds must be at least 1")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ConfigError("PubSubConfig: need 0 < reconnect_min <= reconnect_max")
@@ -109,6 +112,8 @@ class _Subscription:
     """One subscriber, as the publisher keeps it: its prefixes and its bounded queue."""
 
     sender: str
+    id: int  # the subscriber's name for it, the same on every stream it subscribes on
+    source_port: int  # its stream's port at the subscriber: names the stream
     prefixes: tuple[bytes, ...]
     way_back: Message  # its SUBSCRIBE message: replies go back on its stream
     queue: deque[bytes] = field(default_factory=deque)
@@ -131,7 +136,8 @@ class Publisher:
         self.port = port
         self.config = config or PubSubConfig()
         self._listener: Listener | None = None
-        self._subscriptions: dict[tuple[str, int], _Subscription] = {}
+        self._subscriptions: dict[tuple[str, int], _Subscription] = {}  # by (sender, its id)
+        self._by_stream: dict[tuple[str, int], _Subscription] = {}  # by (sender, source port)
         self._tasks: set[asyncio.Task[None]] = set()
         self.malformed = 0
         self.refused = 0
@@ -168,6 +174,7 @@ class Publisher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         subscriptions, self._subscriptions = list(self._subscriptions.values()), {}
+        self._by_stream.clear()
         for sub in subscriptions:
             with contextlib.suppress(PilotError, TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -192,35 +199,61 @@ class Publisher:
         sub.ready.set()
 
     async def _accept(self, listener: Listener) -> None:
-        while True:
-            message = await listener.receive(timeout=None)
-            try:
-                frame = parse_frame_untrusted(message.data)
-                if frame.kind != Kind.SUBSCRIBE:
-                    raise WireError(f"a {frame.kind.name} frame sent to a publisher")
-                prefixes = parse_prefixes_untrusted(frame.payload, self.config.max_prefixes)
-            except WireError as exc:
-                self.malformed += 1
-                log.warning("%s sent publisher port %d a malformed frame: %s", message.sender,
-                            self.port, exc)
-                continue
-            key = (message.sender, frame.id)
-            known = self._subscriptions.get(key)
-            if known is not None:  # a new SUBSCRIBE on the same stream replaces the prefixes
-                known.prefixes = tuple(p.encode() for p in prefixes)
-                continue
-            if len(self._subscriptions) >= self.config.max_subscribers:
-                self.refused += 1
-                continue
-            sub = _Subscription(message.sender, tuple(p.encode() for p in prefixes), message)
-            self._subscriptions[key] = sub
-            self._spawn(self._feed(key, sub))
-
-    async def _feed(self, key: tuple[str, int], sub: _Subscription) -> None:
-        """Send one subscriber's queue down its stream, in order, until the stream breaks."""
-        heartbeat = encode_frame(Kind.HEARTBEAT, 0, b"")
         try:
             while True:
+                self._take(await listener.receive(timeout=None))
+        except PilotError as exc:  # the transport went away (its daemon stopped)
+            log.warning("publisher port %d takes no more subscriptions: %s", self.port, exc)
+
+    def _take(self, message: Message) -> None:
+        stream = (message.sender, message.source_port)
+        try:
+            frame = parse_frame_untrusted(message.data)
+            if frame.kind != Kind.SUBSCRIBE:
+                raise WireError(f"a {frame.kind.name} frame sent to a publisher")
+            prefixes = parse_prefixes_untrusted(frame.payload, self.config.max_prefixes)
+            raw = tuple(p.encode() for p in prefixes)
+            if sum(map(len, raw)) > self.config.max_prefix_bytes:
+                raise WireError(f"prefixes of more than {self.config.max_prefix_bytes} bytes")
+        except WireError as exc:
+            self.malformed += 1
+            note_malformed(log, self.malformed, "%s sent publisher port %d a malformed frame: %s",
+                           message.sender, self.port, exc)
+            # Whatever that stream subscribed to, it speaks garbage now: no more publications.
+            self._retire(self._by_stream.get(stream))
+            return
+        key = (message.sender, frame.id)
+        known = self._subscriptions.get(key)
+        if known is not None and known.source_port == message.source_port:
+            known.prefixes = raw  # a new SUBSCRIBE on the same stream replaces the prefixes
+            return
+        # The same subscriber on a new stream: the old one broke (or is breaking) and is done.
+        self._retire(known)
+        if len(self._subscriptions) >= self.config.max_subscribers:
+            self.refused += 1
+            return
+        sub = _Subscription(message.sender, frame.id, message.source_port, raw, message)
+        self._subscriptions[key] = self._by_stream[stream] = sub
+        self._spawn(self._feed(sub))
+
+    def _retire(self, sub: _Subscription | None) -> None:
+        """Stop feeding ``sub``: its feed ends and a publish waiting for its room goes on."""
+        if sub is None or sub.gone:
+            return
+        sub.gone = True
+        sub.room.set()
+        sub.ready.set()
+        for index, key in ((self._subscriptions, (sub.sender, sub.id)),
+                           (self._by_stream, (sub.sender, sub.source_port))):
+            if index.get(key) is sub:
+                del index[key]
+
+    async def _feed(self, sub: _Subscription) -> None:
+        """Send one subscriber's queue down its stream, in order, until the stream breaks or
+        the subscription is retired."""
+        heartbeat = encode_frame(Kind.HEARTBEAT, 0, b"")
+        try:
+            while not sub.gone:
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
                     # that comes as the event is set, and close() would wait a heartbeat.
@@ -229,6 +262,8 @@ class Publisher:
                 except TimeoutError:
                     await sub.way_back.reply(heartbeat)
                     continue
+                if sub.gone:
+                    break
                 if sub.dropped:
                     dropped, sub.dropped = sub.dropped, 0
                     await sub.way_back.reply(encode_frame(Kind.GAP, dropped, b""))
@@ -242,10 +277,10 @@ class Publisher:
         except PilotError as exc:
             log.info("subscriber %s left publisher port %d: %s", sub.sender, self.port, exc)
         finally:
+            if self._listener is not None:  # close() forgets every subscription itself
+                self._retire(sub)
             sub.gone = True
             sub.room.set()
-            if self._subscriptions.get(key) is sub and self._listener is not None:
-                del self._subscriptions[key]
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -277,7 +312,7 @@ class Subscriber:
         self._closed = False
         self._missed = 0
         self._resumed = False
-        self._publisher_left = False
+        self._stream_done = False  # BYE, or garbage: subscribe again on a new stream
         # Grows while subscribing again leads nowhere (the port is closed, the stream is reset
         # at once); back to reconnect_min when the publisher is heard from.
         self._backoff = self.config.reconnect_min
@@ -330,8 +365,8 @@ class Subscriber:
             publication = self._read(message)
             if publication is not None:
                 return publication
-            if self._publisher_left:
-                self._publisher_left = False
+            if self._stream_done:
+                self._stream_done = False
                 await self._drop_connection()
         if self._closed:
             raise ConfigError("the subscriber is closed")
@@ -355,14 +390,16 @@ class Subscriber:
                 self._backoff = self.config.reconnect_min
                 return None
             if frame.kind == Kind.BYE:
-                self._publisher_left = True  # an orderly close: subscribe again (backoff)
+                self._stream_done = True  # an orderly close: subscribe again (backoff)
                 return None
             if frame.kind != Kind.PUBLISH:
                 raise WireError(f"a {frame.kind.name} frame sent to a subscriber")
             topic, data = parse_publication_untrusted(frame.payload)
         except WireError as exc:
             self.malformed += 1
-            log.warning("%s sent a malformed publication: %s", self.peer, exc)
+            note_malformed(log, self.malformed, "%s port %d sent a malformed publication: %s",
+                           self.peer, self.port, exc)
+            self._stream_done = True  # not a publisher we understand: a new stream, after a pause
             return None
         self._backoff = self.config.reconnect_min
         publication = Publication(topic, data, message.sender, self._missed, self._resumed)

@@ -46,7 +46,14 @@ from ..transport import (
     Transport,
     encode_payload,
 )
-from .frames import Kind, encode_error, encode_frame, parse_error_untrusted, parse_frame_untrusted
+from .frames import (
+    Kind,
+    encode_error,
+    encode_frame,
+    note_malformed,
+    parse_error_untrusted,
+    parse_frame_untrusted,
+)
 
 log = logging.getLogger("pilot_agents.patterns.reqrep")
 
@@ -108,7 +115,6 @@ class _Stream:
         self.slots = asyncio.Semaphore(max_in_flight)
         self.reader: asyncio.Task[None] | None = None
         self.dead = False
-        self.malformed = 0
 
 
 class Requester:
@@ -121,6 +127,7 @@ class Requester:
         self._streams: dict[tuple[str, int], list[_Stream]] = {}
         self._opening: dict[tuple[str, int], asyncio.Lock] = {}
         self._ids = itertools.count(1)
+        self.malformed = 0  # malformed replies; each dropped the stream it came on
 
     async def __aenter__(self) -> Requester:
         return self
@@ -190,22 +197,25 @@ class Requester:
         try:
             while True:
                 message = await stream.conn.receive(timeout=None)
-                try:
-                    frame = parse_frame_untrusted(message.data)
-                except WireError as exc:
-                    stream.malformed += 1
-                    log.warning("%s port %d sent a malformed reply: %s", peer, port, exc)
-                    continue
+                frame = parse_frame_untrusted(message.data)
+                if frame.kind not in (Kind.REPLY, Kind.ERROR):
+                    raise WireError(f"a {frame.kind.name} frame sent to a requester")
                 future = stream.waiting.get(frame.id)
                 if future is None or future.done():
                     continue  # its requester gave up (timed out or was cancelled)
                 if frame.kind == Kind.REPLY:
                     future.set_result(Reply(frame.payload, message.sender))
-                elif frame.kind == Kind.ERROR:
+                else:
                     remote_type, text = parse_error_untrusted(frame.payload)
                     future.set_exception(RemoteError(f"{remote_type}: {text}", remote_type))
-                else:
-                    stream.malformed += 1
+        except WireError as exc:
+            # Not a replier we understand: the stream goes, with what waits on it (a request
+            # is never resent, so each of those requesters hears why now).
+            self.malformed += 1
+            note_malformed(log, self.malformed, "%s port %d sent a malformed reply: %s", peer,
+                           port, exc)
+            error = WireError(f"{peer} port {port} sent a malformed reply ({exc}); its stream "
+                              "was dropped")
         except PilotError as exc:
             error = exc
         finally:
@@ -260,12 +270,12 @@ class Replier:
             message = await self._listener.receive(remaining)
             try:
                 frame = parse_frame_untrusted(message.data)
+                if frame.kind != Kind.REQUEST:
+                    raise WireError(f"a {frame.kind.name} frame sent to a replier")
             except WireError as exc:
-                frame = None
-                log.warning("%s sent port %d a malformed request: %s", message.sender,
-                            self.port, exc)
-            if frame is None or frame.kind != Kind.REQUEST:
                 self.malformed += 1
+                note_malformed(log, self.malformed, "%s sent port %d a malformed request: %s",
+                               message.sender, self.port, exc)
                 continue
             request = Request(frame.payload, message.sender, self.port, frame.id, message, self)
             self._unanswered[id(request)] = request
