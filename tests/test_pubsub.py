@@ -50,7 +50,8 @@ async def test_drop_oldest_tells_the_subscriber_how_many_it_missed(pair: Pair) -
         await until_subscribed(pub, 1)
         for n in range(400):  # far faster than a tunnel drains 2 KB of queue
             await pub.publish("t", b"x" * 500 + str(n).encode())
-        seen, missed = [], 0
+        seen: list[int] = []
+        missed = 0
         while len(seen) + missed < 400:
             publication = await sub.receive(5)
             missed += publication.missed
