@@ -35,6 +35,7 @@ from pilot_agents.patterns import (
     Overflow,
     Publisher,
     PubSubConfig,
+    Replier,
     Request,
     Requester,
     Subscriber,
@@ -530,3 +531,20 @@ async def test_a_subscriber_drops_a_publisher_stream_that_sends_garbage_and_resu
             resumed = await receiving
             assert resumed.text() == "ok" and resumed.resumed
         assert sub.malformed == 3
+
+
+async def test_a_replier_that_closes_fails_every_request_sent_to_it(pair: Pair) -> None:
+    """Those it took (answered with an error) and those still queued for it (their streams
+    reset): no requester waits for its timeout."""
+    async with Requester(pair.client.transport) as requester:
+        replier = Replier(pair.server.transport, 7301)
+        await replier.__aenter__()
+        waiting = [asyncio.create_task(requester.request(pair.server_name, 7301, b"%d" % n,
+                                                         timeout=60)) for n in range(10)]
+        await replier.receive(timeout=10)
+        await asyncio.sleep(0.5)  # the others are queued behind it by now
+        await replier.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True),
+                                          PROMPTLY)
+        assert all(isinstance(o, PilotError) and not isinstance(o, PilotTimeoutError)
+                   for o in outcomes), outcomes
