@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -271,6 +272,54 @@ async def test_a_publisher_drops_a_subscriber_whose_node_restarts_and_serves_a_n
             assert await pub.publish("t", "two") == 1
             publication = await new.receive(10)
             assert publication.text() == "two" and publication.missed == 0
+
+
+async def test_requests_to_a_crashed_repliers_daemon_time_out_and_succeed_once_it_is_back(
+        tmp_path: Path) -> None:
+    """A crash (SIGKILL) says nothing to the peer, unlike a stop: waiting requests end at their
+    timeout, never later; the first requests after the restart may fail while the tunnel finds
+    the old session dead (its probes go unanswered), then requests succeed."""
+    async with restartable("daemon", tmp_path) as (client, server, name):
+        assert isinstance(server, DaemonPeer)
+        hold = asyncio.Event()
+
+        async def stuck(request: Request) -> object:
+            await hold.wait()
+            return b"never sent"
+
+        async with Requester(client.transport) as requester:
+            with contextlib.suppress(PilotError):
+                async with serving(server.transport, 7401, stuck):
+                    waiting = [asyncio.create_task(
+                        requester.request(name, 7401, b"x", timeout=3)) for _ in range(5)]
+                    await asyncio.sleep(0.5)
+                    os.kill(server.handle.pid, signal.SIGKILL)
+                    outcomes = await asyncio.wait_for(
+                        asyncio.gather(*waiting, return_exceptions=True), 3 + PROMPTLY)
+            assert all(isinstance(o, PilotError) for o in outcomes), outcomes
+
+            assert server.client is not None
+            await server.client.close()
+            server.client = None
+            await within(10, "the killed daemon gone",
+                         lambda: ipc.daemon_pid(server.handle.home) is None)
+            await server.start()
+            async with serving(server.transport, 7401, echo):
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                failures = []
+                while True:
+                    try:
+                        reply = await requester.request(name, 7401, b"back?", timeout=5)
+                        break
+                    except PilotError as exc:
+                        failures.append(type(exc).__name__)
+                        assert loop.time() - started < RESUME, failures
+                        await asyncio.sleep(0.2)
+                assert reply.data == b"back?"
+                log.warning("req/rep: after a crash and restart of the replier's daemon, the "
+                            "first reply came %.2f s later (failed first: %s)",
+                            loop.time() - started, failures)
 
 
 # -- a subscriber that never reads, flooded: memory stays bounded -------------------------------
