@@ -22,6 +22,10 @@ A subscriber whose stream breaks (the publisher's node restarted, the tunnel clo
 again with backoff and subscribes again; the first publication after that has
 :attr:`Publication.resumed` set, since what was published meanwhile never reached it.
 
+A stream that sends a malformed frame is dropped: the publisher stops feeding that subscription,
+the subscriber subscribes again on a new stream. A subscriber back on a new stream (same
+subscription id) replaces its old subscription at once.
+
 Delivery: in order per subscriber, at most once; none while a subscriber is reconnecting.
 """
 

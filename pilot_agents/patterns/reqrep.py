@@ -14,7 +14,10 @@ request on the least busy one, so one large request delays the bytes of small on
 own stream. A reply that does not come within the timeout raises
 :class:`~pilot_agents.errors.PilotTimeoutError`; a handler that raises is answered with an error
 reply, raised at the requester as :class:`~pilot_agents.errors.RemoteError`; a stream that dies
-(the replier's node went away, its tunnel closed) fails every request waiting on it at once.
+(the replier's node went away, its tunnel closed) fails every request waiting on it at once, as
+does a malformed reply: the stream is dropped and its requests raise
+:class:`~pilot_agents.errors.WireError` (a reply to an unknown id is only ignored: it may be a
+late one).
 
 Delivery: a request reaches the replier at most once (a requester never resends it; after a
 timeout it cannot know whether the replier saw it).
