@@ -493,7 +493,7 @@ async def test_a_requester_drops_a_stream_that_sends_garbage_and_goes_on(pair: P
         good = encode_frame(Kind.REPLY, request_id, b"good")
         return {
             b"stray": [encode_frame(Kind.REPLY, request_id + 10**6, b"not yours"), good],
-            b"garbage": [os.urandom(100)],
+            b"garbage": [NO_KIND + os.urandom(100)],
             b"truncated": [encode_frame(Kind.REPLY, request_id, b"")[:5]],
             b"wrong kind": [encode_frame(Kind.PUBLISH, request_id, b"")],
             b"bad error": [encode_frame(Kind.ERROR, request_id, b"\xff" * 50)],
@@ -546,7 +546,7 @@ async def test_a_publisher_drops_hostile_subscriptions_and_serves_the_rest(pair:
         async with client.connect(pair.server_name, 8301) as hostile:
             await hostile.send(encode_frame(Kind.SUBSCRIBE, 3, encode_prefixes([""])))
             await until_subscribed(pub, 2)
-            await hostile.send(os.urandom(50))
+            await hostile.send(NO_KIND + os.urandom(50))
             await within(PROMPTLY, "the hostile subscription dropped",
                          lambda: pub.subscribers == 1)
         assert await pub.publish("t", "still here") == 1
