@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -12,7 +14,9 @@ from typing import TypeVar
 from .. import ipc
 from ..errors import PilotTimeoutError
 from ..ipc import IpcClient
-from .output import Reply
+from ..runtime import run
+from ..sdk import Client
+from .output import EXIT_INTERRUPTED, Reply
 
 T = TypeVar("T")
 
@@ -37,6 +41,38 @@ class Context:
                 return await body(client)
 
         return asyncio.run(go())
+
+    def run_client(self, body: Callable[[Client], Awaitable[int]], stopped_status: int) -> int:
+        """Run ``body`` with an SDK client of the home's daemon, on uvloop. SIGINT and SIGTERM
+        cancel it, so what it opened in the daemon (a listened port, a stream) is closed, and
+        the command ends with ``stopped_status``."""
+        async def go() -> int:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            stopped = asyncio.Event()
+
+            def stop() -> None:
+                if not stopped.is_set():  # a second signal does not cut the clean-up short
+                    stopped.set()
+                    task.cancel()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop)
+            try:
+                async with Client(self.home) as client:
+                    return await body(client)
+            except asyncio.CancelledError:
+                if not stopped.is_set():
+                    raise
+                if stopped_status == EXIT_INTERRUPTED:
+                    print("interrupted", file=sys.stderr, flush=True)
+                return stopped_status
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+        return run(go())
 
     def call(self, cmd: str, **request: object) -> Reply:
         """One request to the daemon: its reply, or the error it reports raised."""

@@ -24,7 +24,6 @@ from ..sdk import Client
 from .context import Context
 from .output import EXIT_OK, emit
 from .parser import Commands, count, port, positive
-from .patterns import _run
 
 _DEFAULTS = McpConfig()
 
@@ -102,7 +101,7 @@ def serve_cmd(ctx: Context) -> int:
         await server.serve()
         return EXIT_OK
 
-    return _run(ctx, body, EXIT_OK)
+    return ctx.run_client(body, EXIT_OK)
 
 
 # -- connect ------------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def connect_cmd(ctx: Context) -> int:
     name, number = ctx.args.target
     config = McpConfig(max_message_bytes=ctx.args.max_message_bytes,
                        connect_timeout=ctx.args.timeout)
-    return _run(ctx, lambda client: _forward(client, name, number, config), EXIT_OK)
+    return ctx.run_client(lambda client: _forward(client, name, number, config), EXIT_OK)
 
 
 def _write(data: bytes) -> None:

@@ -13,17 +13,14 @@ import asyncio
 import contextlib
 import shlex
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
 from ..patterns.pubsub import Overflow, Publication, Subscriber
 from ..patterns.reqrep import Replier, Request, Requester
-from ..runtime import run
 from ..sdk import Client
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, print_list
@@ -107,39 +104,6 @@ def register(commands: Commands) -> None:
     sub.add_argument("port", type=port, metavar="PORT")
 
 
-def _run(ctx: Context, body: Callable[[Client], Awaitable[int]], stopped_status: int) -> int:
-    """Run ``body`` with a client of the home's daemon. SIGINT and SIGTERM cancel it, so what it
-    opened in the daemon (a listened port, a stream) is closed, and the command ends with
-    ``stopped_status``."""
-    async def go() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        stopped = asyncio.Event()
-
-        def stop() -> None:
-            if not stopped.is_set():  # a second signal does not cut the clean-up short
-                stopped.set()
-                task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
-        try:
-            async with Client(ctx.home) as client:
-                return await body(client)
-        except asyncio.CancelledError:
-            if not stopped.is_set():
-                raise
-            if stopped_status == EXIT_INTERRUPTED:
-                print("interrupted", file=sys.stderr, flush=True)
-            return stopped_status
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    return run(go())
-
-
 def _write(data: bytes, prefix: bytes = b"") -> None:
     """``data`` on stdout as it came, after ``prefix``, ending in one newline."""
     sys.stdout.buffer.write(prefix + data + (b"" if data.endswith(b"\n") else b"\n"))
@@ -155,7 +119,7 @@ def _data_fields(data: bytes) -> dict[str, str]:
 
 
 def request_cmd(ctx: Context) -> int:
-    return _run(ctx, lambda client: _request(ctx, client), EXIT_INTERRUPTED)
+    return ctx.run_client(lambda client: _request(ctx, client), EXIT_INTERRUPTED)
 
 
 async def _request(ctx: Context, client: Client) -> int:
@@ -189,7 +153,7 @@ def serve_cmd(ctx: Context) -> int:
                           "executable)")
     config = ExecConfig(concurrency=args.concurrency, timeout=args.timeout,
                         max_reply_bytes=args.max_reply_bytes)
-    return _run(ctx, lambda client: _Server(ctx, client, argv, config).serve(), EXIT_OK)
+    return ctx.run_client(lambda client: _Server(ctx, client, argv, config).serve(), EXIT_OK)
 
 
 class _Server:
@@ -382,7 +346,7 @@ def unpublish_cmd(ctx: Context) -> int:
 
 
 def subscribe_cmd(ctx: Context) -> int:
-    return _run(ctx, lambda client: _subscribe(ctx, client), EXIT_INTERRUPTED)
+    return ctx.run_client(lambda client: _subscribe(ctx, client), EXIT_INTERRUPTED)
 
 
 async def _subscribe(ctx: Context, client: Client) -> int:
