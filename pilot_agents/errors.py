@@ -181,3 +181,24 @@ class McpSessionError(PilotError):
 class McpToolError(PilotError):
     """An MCP tool called in a pipeline step (``McpTool``) answered with an error, or its server
     could not start; the message names the tool and says why."""
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+
+
+class PipelineError(ConfigError):
+    """A pipeline file is invalid; the message names the file, the line and the field."""
+
+
+class FieldValueError(ValueError):
+    """Raised inside the pipeline schema's validators (pydantic reports only ValueErrors) for a
+    value deeper than the validated model: ``path`` extends the error's field path, so the
+    loader can point at the right line."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AgentFailedError(PilotError):
+    """An agent of a pipeline failed; the message names it and says why."""

@@ -1,16 +1,78 @@
-"""``pilotctl run PIPELINE.yaml``: named in the help already; pipelines are not available yet."""
+"""``pilotctl validate FILE`` and ``pilotctl run FILE [--agent NAME --beacon ADDR]``: YAML
+pipelines (pilot_agents.pipeline; docs/pipeline.md)."""
 
 from __future__ import annotations
 
-from ..errors import NotAvailableError
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
 from .context import Context
+from .output import EXIT_OK, emit
 from .parser import Commands
 
 
 def register(commands: Commands) -> None:
-    sub = commands.command("run", "run a YAML pipeline (not available yet)", run_cmd)
-    sub.add_argument("pipeline", metavar="PIPELINE.yaml")
+    validate = commands.command("validate", "check a YAML pipeline file", validate_cmd)
+    validate.add_argument("pipeline", metavar="PIPELINE.yaml")
+    run = commands.command(
+        "run", "run a YAML pipeline: every agent on this machine, or one with --agent", run_cmd)
+    run.add_argument("pipeline", metavar="PIPELINE.yaml")
+    run.add_argument("--agent", metavar="NAME",
+                     help="run only this agent, with the daemon of --home (started if none "
+                     "runs), so the file deploys over several machines")
+    run.add_argument("--beacon", default=os.environ.get("PILOT_BEACON") or None,
+                     metavar="HOST:PORT", help="the beacon (default: the file's, else "
+                     "$PILOT_BEACON; without --agent and none given, one is started)")
+    run.add_argument("--listen", default=None, metavar="ADDR",
+                     help="UDP address of a daemon started by --agent (default 0.0.0.0:0)")
+
+
+def validate_cmd(ctx: Context) -> int:
+    from ..pipeline.load import InvalidPipeline, load
+
+    try:
+        loaded = load(ctx.args.pipeline)
+    except InvalidPipeline as exc:
+        if ctx.json:
+            emit({"valid": False, "problems": [p.to_json() for p in exc.problems]})
+        raise
+    spec = loaded.spec
+    if ctx.json:
+        emit({"valid": True, "name": loaded.name, "agents": {
+            name: {"hostname": spec.hostname(name), "steps": agent.node_ids(),
+                   "peers": spec.peers_of(name)} for name, agent in spec.agents.items()}})
+        return EXIT_OK
+    print(f"{ctx.args.pipeline}: valid pipeline {loaded.name!r}")
+    for name, agent in spec.agents.items():
+        peers = ", ".join(spec.peers_of(name)) or "none"
+        print(f"  {name} ({spec.hostname(name)}): {' -> '.join(agent.node_ids())}; "
+              f"trusts {peers}")
+    return EXIT_OK
 
 
 def run_cmd(ctx: Context) -> int:
-    raise NotAvailableError(f"cannot run {ctx.args.pipeline}: pipelines are not available yet")
+    import asyncio
+
+    from ..pipeline.load import load
+    from ..pipeline.progress import Progress
+    from ..pipeline.run import AgentRun, interruptible, run_one, run_pipeline
+
+    args = ctx.args
+    loaded = load(args.pipeline)
+    progress = Progress(ctx.json)
+    try:
+        if args.agent is None:
+            if args.listen is not None:
+                raise ConfigError("--listen is for --agent (a whole run listens on 127.0.0.1)")
+            code = asyncio.run(interruptible(
+                lambda: run_pipeline(loaded, progress, beacon=args.beacon))())
+            return int(code)
+        if args.agent not in loaded.spec.agents:
+            raise ConfigError(f"{args.pipeline} has no agent {args.agent!r} (it has "
+                              f"{', '.join(loaded.spec.agents)})")
+        return run_one(AgentRun(loaded, args.agent, Path(ctx.home),
+                                args.beacon or loaded.spec.beacon,
+                                listen=args.listen or "0.0.0.0:0", emit=progress))
+    finally:
+        progress.close()

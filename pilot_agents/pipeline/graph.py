@@ -1,0 +1,131 @@
+"""An agent's steps as a LangGraph graph: the integrations' nodes (PilotSend, PilotReceive,
+PilotRequest, McpTool) and the user's Python functions or compiled graphs, joined by the
+agent's edges. Builds without touching the network, so it is tested on its own."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from langchain_core.runnables import Runnable
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.pregel import Pregel
+
+from ..errors import NotAvailableError, PipelineError
+from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
+from ..transport import Transport
+from .load import LoadedPipeline
+from .mcp import mcp_node
+from .schema import (
+    Agent,
+    McpStep,
+    PilotReceiveStep,
+    PilotRequestStep,
+    PilotSendStep,
+    PublishStep,
+    PythonStep,
+    StepBase,
+    SubscribeStep,
+)
+
+
+def merge(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The state's reducer: a node's update sets its keys, the others stay."""
+    return {**(old or {}), **(new or {})}
+
+
+State = Annotated[dict[str, Any], merge]
+"""An agent's state: an open dict, so steps need not declare the keys they write."""
+
+
+def resolve(dotted: str, folder: Path) -> Any:
+    """The object ``module:attr`` (or ``module.attr``) names; the pipeline's folder is searched
+    first, so a module next to the pipeline file imports."""
+    module_name, _, attr = dotted.partition(":")
+    if not attr:
+        module_name, _, attr = dotted.rpartition(".")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PipelineError(f"cannot import {module_name!r} for {dotted!r} ({exc}); it is looked "
+                            f"for in {folder} and the installed packages") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PipelineError(f"{module_name} has no {attr!r} (for {dotted!r})") from None
+    return obj
+
+
+def python_node(step: PythonStep, folder: Path) -> Any:
+    """A compiled graph as itself (a subgraph), a function with the step's ``args`` bound."""
+    target = resolve(step.python, folder)
+    if isinstance(target, Pregel):
+        if step.args:
+            raise PipelineError(f"{step.python} is a compiled graph, which takes no args")
+        return target
+    if not callable(target):
+        raise PipelineError(f"{step.python} is a {type(target).__name__}, not a function or a "
+                            "compiled graph")
+    if not step.args:
+        return target
+    if inspect.iscoroutinefunction(target):
+        async def call_async(state: dict[str, Any]) -> Any:
+            return await target(state, **step.args)
+        return functools.update_wrapper(call_async, target)
+
+    def call(state: dict[str, Any]) -> Any:
+        return target(state, **step.args)
+    return functools.update_wrapper(call, target)
+
+
+def step_node(step: StepBase, node: str, agent: Agent, folder: Path,
+              transport: Transport | None, home: str | Path | None) -> Any:
+    """What runs ``step``: a Runnable of the integrations, or the user's function."""
+    if isinstance(step, PythonStep):
+        return python_node(step, folder)
+    if isinstance(step, PilotSendStep):
+        s = step.pilot_send
+        return PilotSend(s.to, s.port, s.key, timeout=s.timeout, transport=transport,
+                         home=home, name=node)
+    if isinstance(step, PilotReceiveStep):
+        r = step.pilot_receive
+        return PilotReceive(r.port, r.key, timeout=r.timeout, transport=transport, home=home,
+                            name=node)
+    if isinstance(step, PilotRequestStep):
+        q = step.pilot_request
+        return PilotRequest(q.to, q.port, q.key, q.result_key, timeout=q.timeout,
+                            transport=transport, home=home, name=node)
+    if isinstance(step, McpStep):
+        return mcp_node(agent.mcp_servers[step.mcp.server], step.mcp)
+    if isinstance(step, PublishStep | SubscribeStep):
+        raise NotAvailableError(f"step {node!r}: {step.kind} steps are validated but cannot run "
+                                "yet; use pilot_send/pilot_receive")
+    raise AssertionError(f"no node for a {type(step).__name__}")
+
+
+def build_graph(pipeline: LoadedPipeline, agent: str, *, transport: Transport | None = None,
+                home: str | Path | None = None) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """``agent``'s graph. The pilot steps talk through ``transport`` (else the daemon of
+    ``home``, else of ``$PILOT_HOME``)."""
+    spec = pipeline.spec.agents.get(agent)
+    if spec is None:
+        raise PipelineError(f"{pipeline.path} has no agent {agent!r} (it has "
+                            f"{', '.join(pipeline.spec.agents)})")
+    builder: StateGraph[Any, Any, Any, Any] = StateGraph(State)
+    for step, node in zip(spec.steps, spec.node_ids(), strict=True):
+        action: Runnable[Any, Any] | Any = step_node(step, node, spec, pipeline.folder,
+                                                     transport, home)
+        builder.add_node(node, action)
+    ends = {"START": START, "END": END}
+    for a, b in spec.graph_edges():
+        builder.add_edge(ends.get(a, a), ends.get(b, b))
+    return builder.compile(name=f"{pipeline.name}/{agent}")

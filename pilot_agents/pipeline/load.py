@@ -1,0 +1,185 @@
+"""Reading a pipeline file: YAML (PyYAML, which keeps every node's line) validated by
+:mod:`.schema`, every error turned into ``FILE:LINE: FIELD.PATH: what is wrong``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import FieldValueError, PipelineError
+from .schema import DOTTED, NAME, STEP_ID, STEP_KINDS, Pipeline
+
+MAX_FILE_BYTES = 1 << 20  # a pipeline file is a description, not data
+
+
+PATTERNS = {
+    NAME: "a hostname label (lowercase letters, digits and inner '-', up to 63 characters)",
+    STEP_ID: "a step id (a letter or '_', then letters, digits, '_' or '-')",
+    DOTTED: "a dotted name (package.module:attribute)",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file."""
+
+    file: str
+    line: int  # 1-based
+    field: str  # dotted path, "" for the file itself
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "field": self.field,
+                "message": self.message}
+
+
+class InvalidPipeline(PipelineError):
+    """The file does not parse or validate; ``problems`` lists every error."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    path: Path  # absolute; the python steps' modules and relative paths are found from its folder
+    spec: Pipeline
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.path.stem
+
+
+class _Lines:
+    """The line of each field of a composed YAML document, by its path."""
+
+    def __init__(self, root: yaml.Node, file: str) -> None:
+        self.root = root
+        self.file = file
+        self.duplicates: list[Problem] = []
+        self._check(root, ())
+
+    def _check(self, node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+                if name in seen:
+                    self.duplicates.append(Problem(
+                        self.file, key.start_mark.line + 1, _dotted((*path, name)),
+                        "given twice in one mapping (YAML keeps only the last)"))
+                seen.add(name)
+                self._check(value, (*path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check(item, (*path, i))
+
+    def locate(self, loc: Sequence[str | int]) -> tuple[int, tuple[str | int, ...]]:
+        """The line of the deepest node of ``loc`` present in the file, and ``loc`` as the file
+        spells it (pydantic's union tags and ``[key]`` markers dropped)."""
+        node, line, path = self.root, self.root.start_mark.line + 1, []
+        rest = list(loc)
+        while rest:
+            part = rest.pop(0)
+            if part == "[key]" or (part in STEP_KINDS and rest[:1] == [part]):
+                continue  # pydantic's marker of a key, or the tag of the step's union
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                        child, line = value, key.start_mark.line + 1
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                    and part < len(node.value):
+                child = node.value[part]
+                line = child.start_mark.line + 1
+            if child is None:
+                path.append(part)
+                path.extend(p for p in rest if p != "[key]")
+                break
+            node = child
+            path.append(part)
+        return line, tuple(path)
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _message(error: Any) -> str:
+    text = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        text = text.removeprefix(prefix)
+    if error["type"] == "missing":
+        return "required, and missing"
+    if error["type"] == "extra_forbidden":
+        return "not a known field (a typo?)"
+    if error["type"] == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern")
+        what = PATTERNS.get(str(pattern), f"of the form {pattern}")
+        return f"{error['input']!r} is not {what}"
+    return text
+
+
+def parse(text: str, file: str) -> LoadedPipeline:
+    """Validate the pipeline ``text`` read from ``file``; InvalidPipeline lists what is wrong."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise InvalidPipeline([Problem(file, line, "", f"not valid YAML: {exc.problem}")]) \
+            from None
+    except yaml.YAMLError as exc:
+        raise InvalidPipeline([Problem(file, 1, "", f"not valid YAML: {exc}")]) from None
+    if root is None or not isinstance(data, dict):
+        raise InvalidPipeline([Problem(file, 1, "", "a pipeline file is a mapping with at least "
+                                       "'agents:'")])
+    lines = _Lines(root, file)
+    if lines.duplicates:
+        raise InvalidPipeline(lines.duplicates)
+    try:
+        spec = Pipeline.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc: tuple[str | int, ...] = tuple(error["loc"])
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, FieldValueError):
+                loc += cause.path
+            line, path = lines.locate(loc)
+            problems.append(Problem(file, line, _dotted(path), _message(error)))
+        raise InvalidPipeline(problems) from None
+    return LoadedPipeline(Path(file).resolve(), spec)
+
+
+def load(path: str | Path) -> LoadedPipeline:
+    """Read and validate the pipeline file at ``path``."""
+    file = Path(path)
+    try:
+        with file.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PipelineError(f"cannot read the pipeline {file}: {exc.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PipelineError(f"{file} is larger than {MAX_FILE_BYTES} bytes; a pipeline file "
+                            "describes agents (their data goes in other files)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{file} is not UTF-8 text (byte {exc.start})") from None
+    return parse(text, str(file))

@@ -1,0 +1,424 @@
+"""Running a pipeline: one agent (:func:`run_agent`, in this process) or all of them
+(:func:`run_pipeline`: a beacon if the file names none, and each agent in a process of its own,
+``pilot-agents run FILE --agent NAME``, whose JSON events it reads).
+
+Daemons are started and stopped through the CLI's own ``daemon start``/``daemon stop`` (this
+layer does not import the daemon). Every wait is bounded by the file's ``settings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from ..errors import (
+    AgentFailedError,
+    BeaconError,
+    ConfigError,
+    PeerUnreachableError,
+    PilotError,
+    PilotTimeoutError,
+    UnknownHostError,
+)
+from ..sdk import Client
+from .graph import build_graph
+from .load import LoadedPipeline
+from .schema import PilotReceiveStep, PilotSendStep, StepBase
+
+Event = dict[str, Any]
+Emit = Callable[[Event], None]
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+TRUST_POLL = 0.2  # seconds between looks at the trust store while trust becomes mutual
+EVENT_LINE_LIMIT = 1 << 20  # bytes of one event line read from an agent process
+
+
+def cli_command(*args: str) -> list[str]:
+    """This installation's command line, as a child process."""
+    return [sys.executable, "-m", "pilot_agents.cli", *args]
+
+
+async def _cli(args: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run a CLI command; its exit status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command(*args), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PilotTimeoutError(f"'pilotctl {' '.join(args)}' took over {timeout:g} s") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("error: ") if lines else "no output"
+
+
+# -- one agent ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AgentRun:
+    """What one agent needs to run in this process."""
+
+    pipeline: LoadedPipeline
+    agent: str
+    home: Path
+    beacon: str | None
+    listen: str = "0.0.0.0:0"
+    emit: Emit = field(default=lambda event: None)
+
+    @property
+    def hostname(self) -> str:
+        return self.pipeline.spec.hostname(self.agent)
+
+    def event(self, event: str, **fields: Any) -> None:
+        self.emit({"event": event, "agent": self.agent, "time": time.time(), **fields})
+
+
+@contextlib.asynccontextmanager
+async def agent_daemon(run: AgentRun) -> AsyncIterator[bool]:
+    """The agent's daemon for the block: the one running for its home, else one started now (and
+    stopped at the end). Yields whether it was started here."""
+    settings = run.pipeline.spec.settings
+    home = str(run.home)
+    code, out, err = await _cli(["--home", home, "--json", "daemon", "status"],
+                                settings.startup_timeout)
+    started = False
+    if code == 0:
+        info = json.loads(out)
+        if info.get("hostname") != run.hostname:
+            raise AgentFailedError(
+                f"the daemon of {home} runs as {info.get('hostname')!r}, not as "
+                f"{run.hostname!r}: give --home a home of its own for this agent")
+    else:
+        args = ["--home", home, "--json", "daemon", "start", "--hostname", run.hostname,
+                "--listen", run.listen]
+        ports = run.pipeline.spec.receive_ports(run.agent)
+        args += ["--inbox", ",".join(map(str, ports)) if ports else "none"]
+        if run.beacon:
+            args += ["--beacon", run.beacon]
+        code, out, err = await _cli(args, settings.startup_timeout)
+        if code != 0:
+            raise AgentFailedError(f"{run.agent}: its daemon did not start: {_last_line(err)}")
+        info = json.loads(out)
+        started = True
+    run.event("daemon", node_id=info.get("node_id"), pid=info.get("pid"), started=started,
+              home=home)
+    try:
+        yield started
+    finally:
+        if started:
+            await stop_daemon(run.home, settings.shutdown_timeout)
+
+
+async def stop_daemon(home: Path, timeout: float) -> None:
+    """Stop the daemon of ``home`` if one runs (the CLI's ``daemon stop``)."""
+    await asyncio.shield(_cli(["--home", str(home), "--json", "daemon", "stop"], timeout))
+
+
+async def set_up_trust(run: AgentRun, client: Client) -> None:
+    """Trust every peer the file connects this agent with, and wait until each trusts back."""
+    spec = run.pipeline.spec
+    peers = {spec.hostname(p): p for p in spec.peers_of(run.agent)}
+    if not peers:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + spec.settings.startup_timeout
+    pending = set(peers)
+    while pending:  # a peer not registered yet is unknown to the beacon: ask again
+        for host in sorted(pending):
+            try:
+                await client.trust_add(host, reason=f"pipeline {run.pipeline.name}")
+                pending.discard(host)
+            except (UnknownHostError, PeerUnreachableError):
+                pass
+        if pending:
+            if loop.time() > deadline:
+                raise PilotTimeoutError(
+                    f"{', '.join(sorted(pending))} did not come up within "
+                    f"{spec.settings.startup_timeout:g} s (settings.startup_timeout)")
+            await asyncio.sleep(TRUST_POLL)
+    waiting = set(peers)
+    while True:
+        entries = await client.trust_list()
+        mutual = {e.get("hostname") for e in entries if e.get("state") == "mutual"}
+        for host in sorted(waiting & mutual):
+            run.event("trust", peer=peers[host], hostname=host, state="mutual")
+        waiting -= mutual
+        if not waiting:
+            return
+        if loop.time() > deadline:
+            raise PilotTimeoutError(
+                f"{', '.join(sorted(waiting))} did not trust {run.hostname} back within "
+                f"{spec.settings.startup_timeout:g} s (settings.startup_timeout)")
+        await asyncio.sleep(TRUST_POLL)
+
+
+def _size(value: Any) -> int:
+    """A received value's size, as its JSON."""
+    return len(json.dumps(value, default=str, separators=(",", ":")).encode())
+
+
+def _step_details(step: StepBase, update: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a step's message went (or came from), and its size."""
+    if isinstance(step, PilotSendStep):
+        receipt = update.get(f"{step.pilot_send.key}_receipt") or {}
+        return {"to": receipt.get("to"), "bytes": receipt.get("bytes"),
+                "path": receipt.get("path"), "rtt": receipt.get("rtt"),
+                "port": receipt.get("port")}
+    if isinstance(step, PilotReceiveStep):
+        key = step.pilot_receive.key
+        return {"from": update.get(f"{key}_from"), "bytes": _size(update.get(key)),
+                "port": step.pilot_receive.port}
+    return {}
+
+
+async def run_graph(run: AgentRun, client: Client) -> dict[str, Any]:
+    """The agent's graph, each step's start and end an event; its final state."""
+    graph = build_graph(run.pipeline, run.agent, transport=client)
+    spec = run.pipeline.spec.agents[run.agent]
+    steps = dict(zip(spec.node_ids(), spec.steps, strict=True))
+    started: dict[str, float] = {}
+    state: dict[str, Any] = {}
+    async for mode, item in graph.astream({}, stream_mode=["tasks", "values"]):
+        chunk = cast(dict[str, Any], item)
+        if mode == "values":
+            state = chunk
+            continue
+        name = chunk["name"]
+        step = steps.get(name)
+        if step is None:
+            continue
+        if "input" in chunk:
+            started[chunk["id"]] = time.monotonic()
+            run.event("step", step=name, kind=step.kind, status="start")
+            continue
+        duration = time.monotonic() - started.pop(chunk["id"], time.monotonic())
+        if chunk.get("error") is not None:
+            run.event("step", step=name, kind=step.kind, status="failed", duration=duration,
+                      error=str(chunk["error"]) or type(chunk["error"]).__name__)
+            continue
+        update = (chunk.get("result") or {}).get("__root__") or {}
+        run.event("step", step=name, kind=step.kind, status="done", duration=duration,
+                  **_step_details(step, update))
+    return state
+
+
+async def run_agent(run: AgentRun) -> int:
+    """Run one agent: its daemon, trust, its graph; events through ``run.emit``. The exit
+    status: 0, 1 (failed) or 130 (interrupted)."""
+    settings = run.pipeline.spec.settings
+    begun = time.monotonic()
+    run.event("agent", status="starting", hostname=run.hostname, pid=os.getpid())
+    status, error = "ok", None
+    try:
+        async with asyncio.timeout(settings.timeout):
+            async with agent_daemon(run), Client(run.home) as client:
+                await set_up_trust(run, client)
+                run.event("agent", status="running")
+                state = await run_graph(run, client)
+                run.event("state", keys=sorted(state))
+    except TimeoutError as exc:
+        status = "failed"
+        error = str(exc) if isinstance(exc, PilotError) else \
+            f"did not finish within {settings.timeout:g} s (settings.timeout)"
+    except asyncio.CancelledError:
+        status = "interrupted"
+    except Exception as exc:  # reported as the agent's failure, not raised
+        status = "failed"
+        error = str(exc) or type(exc).__name__
+        if not isinstance(exc, PilotError):
+            error = f"{type(exc).__name__}: {error}"
+    run.event("done", status=status, error=error, duration=time.monotonic() - begun)
+    return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
+
+
+def interruptible(main: Callable[[], Any]) -> Callable[[], Any]:
+    """``main`` cancelled (once) by SIGINT or SIGTERM, so its clean-up runs; a second signal
+    while it cleans up does nothing."""
+    async def wrapped() -> Any:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(main())
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await task
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return wrapped
+
+
+def run_one(run: AgentRun) -> int:
+    """:func:`run_agent` on an event loop of its own, Ctrl-C included, in the pipeline file's
+    folder (relative paths in the steps' args are relative to it)."""
+    spec = run.pipeline.spec
+    if run.beacon is None and spec.peers_of(run.agent):
+        raise ConfigError(f"{run.agent} talks to {', '.join(spec.peers_of(run.agent))}, which it "
+                          "finds through a beacon: give --beacon HOST:PORT (or beacon: in the "
+                          "file)")
+    os.chdir(run.pipeline.folder)
+    return int(asyncio.run(interruptible(lambda: run_agent(run))()))
+
+
+# -- the whole pipeline -------------------------------------------------------------------------
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    home: Path
+    proc: asyncio.subprocess.Process
+    status: str = "starting"
+    error: str | None = None
+
+
+async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subprocess.Process, str]:
+    """A beacon on 127.0.0.1 for this run: its process and its KEY@HOST:PORT."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("beacon", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(timeout):
+            line = (await proc.stdout.readline()).decode()
+    except TimeoutError:
+        line = ""
+    words = line.split()  # listening on HOST:PORT alt-port PORT key NODE_ID
+    if len(words) < 7 or words[:2] != ["listening", "on"]:
+        await _end(proc, 0.0)
+        raise BeaconError(f"the pipeline's beacon did not start (it said {line.strip()!r})")
+    return proc, f"{words[6]}@{words[2]}"
+
+
+async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGINT, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await proc.wait()
+
+
+async def _follow(agent: AgentProcess, emit: Emit) -> None:
+    """Pass an agent process's events on, as they come."""
+    assert agent.proc.stdout is not None
+    async for raw in agent.proc.stdout:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue  # not an event (an error line goes to stderr)
+        if not isinstance(event, dict) or "event" not in event:
+            continue
+        if event["event"] == "done":
+            agent.status, agent.error = event.get("status", "failed"), event.get("error")
+        emit(event)
+    await agent.proc.wait()
+
+
+async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | None = None,
+                       homes: Path | None = None) -> int:
+    """Every agent of ``pipeline``, each in a process of its own (homes under ``homes``, else a
+    new temporary directory removed at the end), with a beacon of its own unless ``beacon``
+    (or the file) names one. 0 when every agent succeeded, 130 when interrupted, else 1."""
+    spec = pipeline.spec
+    settings = spec.settings
+    beacon = beacon or spec.beacon
+    scratch = Path(tempfile.mkdtemp(prefix="pa-run-", dir="/tmp")) if homes is None else None
+    root = homes or scratch
+    assert root is not None
+    begun = time.monotonic()
+    agents: list[AgentProcess] = []
+    beacon_proc: asyncio.subprocess.Process | None = None
+    interrupted = False
+    try:
+        if beacon is None:
+            beacon_proc, beacon = await start_beacon(root / "beacon", settings.startup_timeout)
+        emit({"event": "pipeline", "name": pipeline.name, "file": str(pipeline.path),
+              "beacon": beacon, "agents": list(spec.agents), "time": time.time()})
+        for name in spec.agents:
+            home = root / name
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            proc = await asyncio.create_subprocess_exec(
+                *cli_command("--home", str(home), "--json", "run", str(pipeline.path),
+                             "--agent", name, "--beacon", beacon, "--listen", "127.0.0.1:0"),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                limit=EVENT_LINE_LIMIT)
+            agents.append(AgentProcess(name, home, proc))
+        followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
+        limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await asyncio.gather(*followers)
+        except TimeoutError:
+            for agent in agents:
+                if agent.proc.returncode is None:
+                    agent.status, agent.error = "failed", f"still running after {limit:g} s"
+    except asyncio.CancelledError:
+        interrupted = True
+    finally:
+        await asyncio.shield(_clean_up(agents, beacon_proc, settings.shutdown_timeout))
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    for agent in agents:
+        if agent.status == "starting" or agent.status == "running":
+            agent.status = "interrupted" if interrupted else "failed"
+        if agent.status == "failed" and agent.error is None and agent.proc.stderr is not None:
+            agent.error = f"exited with status {agent.proc.returncode}"
+    ok = bool(agents) and all(a.status == "ok" for a in agents)
+    emit({"event": "summary", "ok": ok, "duration": time.monotonic() - begun,
+          "time": time.time(), "interrupted": interrupted,
+          "agents": {a.name: {"status": a.status, "error": a.error,
+                              "exit_code": a.proc.returncode} for a in agents}})
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _clean_up(agents: list[AgentProcess], beacon: asyncio.subprocess.Process | None,
+                    grace: float) -> None:
+    """Every agent process ended (each stops its own daemon on SIGINT), any daemon one left
+    behind stopped, then the beacon."""
+    await asyncio.gather(*(_end(a.proc, grace) for a in agents))
+    await asyncio.gather(*(_stop_left(a.home, grace) for a in agents))
+    if beacon is not None:
+        await _end(beacon, grace)
+
+
+async def _stop_left(home: Path, timeout: float) -> None:
+    with contextlib.suppress(PilotError):
+        await stop_daemon(home, timeout)

@@ -1,0 +1,358 @@
+"""The pipeline file's schema: agents, their MCP servers, their steps and edges.
+
+Strict (no coercion, no unknown keys), so a typo is an error naming its field rather than a
+setting silently ignored. :mod:`.load` reads the YAML and turns every error into one message with
+the file, line and field path; :func:`Pipeline.peers_of` derives the trust between agents from
+the steps that reach another agent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import FieldValueError
+from ..transport import DEFAULT_PORT
+
+NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: what the beacon registers
+STEP_ID = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+DOTTED = r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$"
+RESERVED_STEP_IDS = ("START", "END")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+StateKey = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class McpServer(Strict):
+    """A stdio MCP server, as an MCP client's ``mcpServers`` entry gives it."""
+
+    command: Annotated[StrictStr, Field(min_length=1)]
+    args: list[StrictStr] = []
+    env: dict[StrictStr, StrictStr] = {}
+
+
+# -- steps ---------------------------------------------------------------------------------
+
+
+class StepBase(Strict):
+    id: Annotated[StrictStr, Field(pattern=STEP_ID)] | None = None  # the graph node's name
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def node_id(self, index: int) -> str:
+        """The graph node's name: ``id``, else KIND_INDEX (1-based)."""
+        return self.id or f"{self.kind}_{index + 1}"
+
+    def peer(self) -> str | None:
+        """The agent this step reaches (sends to, asks, subscribes to), if any."""
+        return None
+
+
+class PythonStep(StepBase):
+    """A function ``f(state, **args) -> dict`` (sync or async), or a compiled graph, named by
+    ``module:attribute`` or ``module.attribute``; modules next to the pipeline file import."""
+
+    python: Annotated[StrictStr, Field(pattern=DOTTED)]
+    args: dict[StrictStr, Any] = {}
+
+    @property
+    def kind(self) -> str:
+        return "python"
+
+
+class McpCall(Strict):
+    server: StrictStr  # a key of the agent's mcp_servers
+    tool: Annotated[StrictStr, Field(min_length=1)]
+    args: dict[StrictStr, Any] = {}  # constant arguments
+    args_from_state: dict[StrictStr, StateKey] = {}  # tool argument -> state key
+    result_key: StateKey = "result"
+    timeout: Seconds = 60.0  # one call, the server's start included
+
+
+class McpStep(StepBase):
+    mcp: McpCall
+
+    @property
+    def kind(self) -> str:
+        return "mcp"
+
+
+class SendCall(Strict):
+    to: StrictStr  # an agent of this pipeline, by name or hostname
+    key: StateKey = "message"
+    port: Port = DEFAULT_PORT
+    timeout: Seconds = 30.0
+
+
+class PilotSendStep(StepBase):
+    pilot_send: SendCall
+
+    @property
+    def kind(self) -> str:
+        return "pilot_send"
+
+    def peer(self) -> str | None:
+        return self.pilot_send.to
+
+
+class ReceiveCall(Strict):
+    key: StateKey = "message"
+    port: Port = DEFAULT_PORT
+    timeout: Seconds = 60.0
+
+
+class PilotReceiveStep(StepBase):
+    pilot_receive: ReceiveCall
+
+    @property
+    def kind(self) -> str:
+        return "pilot_receive"
+
+
+class RequestCall(Strict):
+    to: StrictStr
+    port: Port
+    key: StateKey
+    result_key: StateKey
+    timeout: Seconds = 30.0
+
+
+class PilotRequestStep(StepBase):
+    pilot_request: RequestCall
+
+    @property
+    def kind(self) -> str:
+        return "pilot_request"
+
+    def peer(self) -> str | None:
+        return self.pilot_request.to
+
+
+class PublishCall(Strict):
+    port: Port
+    topic: Annotated[StrictStr, Field(min_length=1)]
+    key: StateKey
+    timeout: Seconds = 30.0  # for the subscribers this file names to subscribe
+
+
+class PublishStep(StepBase):
+    publish: PublishCall
+
+    @property
+    def kind(self) -> str:
+        return "publish"
+
+
+class SubscribeCall(Strict):
+    to: StrictStr  # the publishing agent
+    port: Port
+    topic: StrictStr = ""  # a prefix; "" is every topic
+    key: StateKey = "publication"
+    timeout: Seconds = 60.0
+
+
+class SubscribeStep(StepBase):
+    subscribe: SubscribeCall
+
+    @property
+    def kind(self) -> str:
+        return "subscribe"
+
+    def peer(self) -> str | None:
+        return self.subscribe.to
+
+
+STEP_KINDS: dict[str, type[StepBase]] = {
+    "python": PythonStep, "mcp": McpStep, "pilot_send": PilotSendStep,
+    "pilot_receive": PilotReceiveStep, "pilot_request": PilotRequestStep,
+    "publish": PublishStep, "subscribe": SubscribeStep,
+}
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, StepBase):
+        return value.kind
+    if isinstance(value, dict):
+        kinds = [k for k in value if k in STEP_KINDS]
+        if len(kinds) == 1:
+            return str(kinds[0])
+    return None  # pydantic reports it, with the tags it knows
+
+
+Step = Annotated[
+    Annotated[PythonStep, Tag("python")] | Annotated[McpStep, Tag("mcp")]
+    | Annotated[PilotSendStep, Tag("pilot_send")]
+    | Annotated[PilotReceiveStep, Tag("pilot_receive")]
+    | Annotated[PilotRequestStep, Tag("pilot_request")]
+    | Annotated[PublishStep, Tag("publish")] | Annotated[SubscribeStep, Tag("subscribe")],
+    Discriminator(_step_kind, custom_error_type="step_kind",
+                  custom_error_message="a step has exactly one of the keys "
+                  + ", ".join(STEP_KINDS)),
+]
+
+
+# -- agents and the pipeline ------------------------------------------------------------------
+
+
+class Agent(Strict):
+    """One agent: a daemon under ``hostname`` running the graph its ``steps`` describe."""
+
+    hostname: Annotated[StrictStr, Field(pattern=NAME)] | None = None  # default: the agent's name
+    mcp_servers: dict[StrictStr, McpServer] = {}
+    steps: Annotated[list[Step], Field(min_length=1)]
+    # [from, to] step ids ("START"/"END" allowed); absent: the steps run in their order.
+    edges: list[Annotated[list[StrictStr], Field(min_length=2, max_length=2)]] | None = None
+
+    def node_ids(self) -> list[str]:
+        return [step.node_id(i) for i, step in enumerate(self.steps)]
+
+    def graph_edges(self) -> list[tuple[str, str]]:
+        """The edges of the graph, START and END included."""
+        ids = self.node_ids()
+        if self.edges is None:
+            chain = ["START", *ids, "END"]
+            return list(itertools.pairwise(chain))
+        edges = [(a, b) for a, b in self.edges]
+        if not any(a == "START" for a, _ in edges):
+            edges.insert(0, ("START", ids[0]))
+        ends = {a for a, _ in edges}
+        edges += [(i, "END") for i in ids if i not in ends]
+        return edges
+
+    @model_validator(mode="after")
+    def _graph(self) -> Agent:
+        ids = self.node_ids()
+        seen: set[str] = set()
+        for i, node in enumerate(ids):
+            if node in RESERVED_STEP_IDS:
+                raise FieldValueError(("steps", i, "id"),
+                                      f"{node!r} is reserved (START and END are the graph's ends)")
+            if node in seen:
+                raise FieldValueError(("steps", i, "id"), f"two steps are called {node!r}")
+            seen.add(node)
+        for i, step in enumerate(self.steps):
+            if isinstance(step, McpStep) and step.mcp.server not in self.mcp_servers:
+                known = ", ".join(self.mcp_servers) or "none"
+                raise FieldValueError(("steps", i, "mcp", "server"),
+                                      f"{step.mcp.server!r} is not one of this agent's "
+                                      f"mcp_servers ({known})")
+        for j, (a, b) in enumerate(self.edges or []):
+            for end, name, allowed in ((0, a, "START"), (1, b, "END")):
+                if name not in seen and name != allowed:
+                    raise FieldValueError(("edges", j, end),
+                                          f"{name!r} is not a step id of this agent "
+                                          f"({', '.join(ids)}, or {allowed})")
+        reached = {b for a, b in self.graph_edges()}
+        for node in ids[1:] if self.edges is not None else ():
+            if node not in reached:
+                raise FieldValueError(("edges",), f"no edge leads to the step {node!r}")
+        return self
+
+
+class Settings(Strict):
+    """The bounds of a run (seconds)."""
+
+    timeout: Seconds = 600.0  # an agent's whole run, from its start to the end of its graph
+    startup_timeout: Seconds = 60.0  # a daemon up, registered, and trust with its peers mutual
+    shutdown_timeout: Seconds = 15.0  # an agent's stop (its daemon included) after Ctrl-C
+
+
+class Pipeline(Strict):
+    """A pipeline file."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=100)] | None = None
+    beacon: StrictStr | None = None  # HOST:PORT or KEY@HOST:PORT; none: `run` starts one
+    settings: Settings = Settings()
+    agents: Annotated[dict[StrictStr, Agent], Field(min_length=1)]
+
+    @field_validator("agents")
+    @classmethod
+    def _names(cls, agents: dict[str, Agent]) -> dict[str, Agent]:
+        for name in agents:
+            if not re.match(NAME, name):
+                raise FieldValueError((name,), "an agent's name is a hostname label (lowercase "
+                                      "letters, digits and inner '-', up to 63)")
+        return agents
+
+    def hostname(self, agent: str) -> str:
+        return self.agents[agent].hostname or agent
+
+    def agent_named(self, name: str) -> str | None:
+        """The agent called ``name``, or whose hostname it is."""
+        if name in self.agents:
+            return name
+        return next((a for a in self.agents if self.hostname(a) == name), None)
+
+    def peers_of(self, agent: str) -> list[str]:
+        """The agents ``agent`` must trust: those its steps reach and those whose steps reach
+        it. Trust is mutual, so each side adds the other."""
+        peers: set[str] = set()
+        for name, spec in self.agents.items():
+            for step in spec.steps:
+                target = self.agent_named(step.peer() or "")
+                if name == agent and target is not None:
+                    peers.add(target)
+                if target == agent:
+                    peers.add(name)
+        peers.discard(agent)
+        return sorted(peers)
+
+    def receive_ports(self, agent: str) -> list[int]:
+        """The ports of ``agent``'s receive steps: its daemon buffers them from its start."""
+        return sorted({s.pilot_receive.port for s in self.agents[agent].steps
+                       if isinstance(s, PilotReceiveStep)})
+
+    def subscribers_of(self, agent: str, port: int) -> int:
+        """How many subscribe steps of this file subscribe to ``agent``'s ``port``."""
+        return sum(1 for spec in self.agents.values() for s in spec.steps
+                   if isinstance(s, SubscribeStep) and s.subscribe.port == port
+                   and self.agent_named(s.subscribe.to) == agent)
+
+    @model_validator(mode="after")
+    def _links(self) -> Pipeline:
+        hostnames: dict[str, str] = {}
+        for name in self.agents:
+            host = self.hostname(name)
+            if host in hostnames:
+                raise FieldValueError(("agents", name, "hostname"),
+                                      f"{host!r} is already the hostname of {hostnames[host]}")
+            hostnames[host] = name
+        for name, spec in self.agents.items():
+            for i, step in enumerate(spec.steps):
+                to = step.peer()
+                if to is None:
+                    continue
+                where = ("agents", name, "steps", i, step.kind, "to")
+                target = self.agent_named(to)
+                if target is None:
+                    raise FieldValueError(where, f"{to!r} is not an agent of this pipeline "
+                                     f"({', '.join(self.agents)})")
+                if target == name:
+                    raise FieldValueError(where, "an agent does not send to itself")
+                if isinstance(step, PilotSendStep):
+                    port = step.pilot_send.port
+                    if port not in self.receive_ports(target):
+                        raise FieldValueError(where, f"{target} has no pilot_receive step on port "
+                                         f"{port}, so nothing there would read this message")
+        return self
+
+
