@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +37,7 @@ def analyze(state: dict[str, Any]) -> dict[str, Any]:
     by_quarter = {q: round(sum(regions.values()), 2) for q, regions in by_region.items()}
     quarters = list(by_quarter)
     growth = {q: round(100.0 * (by_quarter[q] / by_quarter[p] - 1.0), 1)
-              for p, q in zip(quarters, quarters[1:], strict=False)}
+              for p, q in itertools.pairwise(quarters)}
     return {"insights": {"by_quarter_region": by_region, "by_quarter": by_quarter,
                          "growth_percent": growth, "source": state.get("csv_from")}}
 

@@ -24,6 +24,10 @@ def register(commands: Commands) -> None:
     run.add_argument("--beacon", default=os.environ.get("PILOT_BEACON") or None,
                      metavar="HOST:PORT", help="the beacon (default: the file's, else "
                      "$PILOT_BEACON; without --agent and none given, one is started)")
+    run.add_argument("--homes", default=None, metavar="DIR",
+                     help="keep the agents' homes (keys, trust) in DIR/AGENT, so a beacon that "
+                     "remembers names sees the same keys next run (default: new homes in a "
+                     "temporary directory, removed at the end)")
     run.add_argument("--listen", default=None, metavar="ADDR",
                      help="UDP address of a daemon started by --agent (default 0.0.0.0:0)")
 
@@ -65,9 +69,12 @@ def run_cmd(ctx: Context) -> int:
         if args.agent is None:
             if args.listen is not None:
                 raise ConfigError("--listen is for --agent (a whole run listens on 127.0.0.1)")
+            homes = None if args.homes is None else Path(args.homes).resolve()
             code = asyncio.run(interruptible(
-                lambda: run_pipeline(loaded, progress, beacon=args.beacon))())
+                lambda: run_pipeline(loaded, progress, beacon=args.beacon, homes=homes))())
             return int(code)
+        if args.homes is not None:
+            raise ConfigError("--homes is for a whole run; --agent uses --home")
         if args.agent not in loaded.spec.agents:
             raise ConfigError(f"{args.pipeline} has no agent {args.agent!r} (it has "
                               f"{', '.join(loaded.spec.agents)})")

@@ -16,7 +16,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ Emit = Callable[[Event], None]
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 TRUST_POLL = 0.2  # seconds between looks at the trust store while trust becomes mutual
 EVENT_LINE_LIMIT = 1 << 20  # bytes of one event line read from an agent process
+FOLLOW_GRACE = 5.0  # seconds to read an ended agent's last output (its pipes may outlive it)
+STDERR_LINES = 20  # lines of an agent process's stderr kept for its failure's message
 
 
 def cli_command(*args: str) -> list[str]:
@@ -287,7 +291,21 @@ def run_one(run: AgentRun) -> int:
                           "finds through a beacon: give --beacon HOST:PORT (or beacon: in the "
                           "file)")
     os.chdir(run.pipeline.folder)
-    return int(asyncio.run(interruptible(lambda: run_agent(run))()))
+    loop = asyncio.new_event_loop()
+    try:
+        code = int(loop.run_until_complete(interruptible(lambda: run_agent(run))()))
+    finally:
+        # Not asyncio.run: it waits for the executor's threads, and a Python step still
+        # running in one (a sleep, a blocking call) would hold the agent after Ctrl-C.
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    if code != EXIT_OK and threading.active_count() > 1:
+        # Its daemon is stopped and its end reported; a step that ignores the cancel is
+        # abandoned rather than joined at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # -- the whole pipeline -------------------------------------------------------------------------
@@ -300,6 +318,8 @@ class AgentProcess:
     proc: asyncio.subprocess.Process
     status: str = "starting"
     error: str | None = None
+    # The end of its stderr: why it failed when it could not say so in an event.
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
 
 
 async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -334,8 +354,10 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
 
 
 async def _follow(agent: AgentProcess, emit: Emit) -> None:
-    """Pass an agent process's events on, as they come."""
-    assert agent.proc.stdout is not None
+    """Pass an agent process's events on, as they come; keep the end of its stderr (read, so
+    a chatty agent never blocks on a full pipe)."""
+    assert agent.proc.stdout is not None and agent.proc.stderr is not None
+    errors = asyncio.create_task(_tail(agent.proc.stderr, agent.stderr))
     async for raw in agent.proc.stdout:
         try:
             event = json.loads(raw)
@@ -346,7 +368,13 @@ async def _follow(agent: AgentProcess, emit: Emit) -> None:
         if event["event"] == "done":
             agent.status, agent.error = event.get("status", "failed"), event.get("error")
         emit(event)
+    await errors
     await agent.proc.wait()
+
+
+async def _tail(stream: asyncio.StreamReader, into: deque[str]) -> None:
+    async for raw in stream:
+        into.append(raw.decode(errors="replace").rstrip())
 
 
 async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | None = None,
@@ -362,6 +390,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     assert root is not None
     begun = time.monotonic()
     agents: list[AgentProcess] = []
+    followers: list[asyncio.Task[None]] = []
     beacon_proc: asyncio.subprocess.Process | None = None
     interrupted = False
     try:
@@ -381,24 +410,26 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
             agents.append(AgentProcess(name, home, proc))
         followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
-        try:
-            async with asyncio.timeout(limit):
-                await asyncio.gather(*followers)
-        except TimeoutError:
-            for agent in agents:
-                if agent.proc.returncode is None:
-                    agent.status, agent.error = "failed", f"still running after {limit:g} s"
+        # asyncio.wait, not gather: a cancel (Ctrl-C) leaves the followers reading, so each
+        # agent's last events (its own stop) still arrive.
+        _, late = await asyncio.wait(followers, timeout=limit)
+        for agent in agents:
+            if agent.proc.returncode is None and late:
+                agent.status, agent.error = "failed", f"still running after {limit:g} s"
     except asyncio.CancelledError:
         interrupted = True
     finally:
-        await asyncio.shield(_clean_up(agents, beacon_proc, settings.shutdown_timeout))
+        await asyncio.shield(_clean_up(agents, followers, beacon_proc,
+                                       settings.shutdown_timeout))
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     for agent in agents:
-        if agent.status == "starting" or agent.status == "running":
+        if agent.status == "starting":  # it ended without saying how
             agent.status = "interrupted" if interrupted else "failed"
-        if agent.status == "failed" and agent.error is None and agent.proc.stderr is not None:
-            agent.error = f"exited with status {agent.proc.returncode}"
+        if agent.status == "failed" and agent.error is None:
+            said = [line for line in agent.stderr if line.strip()]
+            agent.error = said[-1].removeprefix("error: ") if said else \
+                f"exited with status {agent.proc.returncode}"
     ok = bool(agents) and all(a.status == "ok" for a in agents)
     emit({"event": "summary", "ok": ok, "duration": time.monotonic() - begun,
           "time": time.time(), "interrupted": interrupted,
@@ -409,11 +440,15 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     return EXIT_OK if ok else EXIT_FAILED
 
 
-async def _clean_up(agents: list[AgentProcess], beacon: asyncio.subprocess.Process | None,
-                    grace: float) -> None:
-    """Every agent process ended (each stops its own daemon on SIGINT), any daemon one left
-    behind stopped, then the beacon."""
+async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[None]],
+                    beacon: asyncio.subprocess.Process | None, grace: float) -> None:
+    """Every agent process ended (each stops its own daemon on SIGINT) and its last events
+    read, any daemon one left behind stopped, then the beacon."""
     await asyncio.gather(*(_end(a.proc, grace) for a in agents))
+    if followers:
+        _, late = await asyncio.wait(followers, timeout=FOLLOW_GRACE)
+        for task in late:
+            task.cancel()
     await asyncio.gather(*(_stop_left(a.home, grace) for a in agents))
     if beacon is not None:
         await _end(beacon, grace)

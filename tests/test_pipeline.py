@@ -1,0 +1,181 @@
+"""Pipeline files: schema errors name the file, line and field; `validate`; graphs built from
+steps (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pilot_agents.errors import PipelineError
+from pilot_agents.integrations.langgraph import PilotReceive, PilotSend
+from pilot_agents.pipeline.graph import build_graph
+from pilot_agents.pipeline.load import InvalidPipeline, load, parse
+from tests.conftest import ROOT, assert_one_line_error, cli
+
+EXAMPLE = ROOT / "examples/pipeline/pipeline.yaml"
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(InvalidPipeline) as info:
+        parse(textwrap.dedent(text), "p.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_is_valid_and_trust_follows_the_sends() -> None:
+    spec = load(EXAMPLE).spec
+    assert spec.peers_of("scraper") == ["analyzer"]
+    assert spec.peers_of("analyzer") == ["reporter", "scraper"]
+    assert spec.peers_of("reporter") == ["analyzer"]
+    assert spec.receive_ports("analyzer") == [1001]
+
+
+def test_unknown_field_names_its_line_and_path() -> None:
+    assert problems("""\
+        agents:
+          a:
+            steps:
+              - pilot_receive: {key: x}
+          b:
+            steps:
+              - python: m:f
+              - pilot_send: {to: a, key: x, prot: 3}
+        """) == ["p.yaml:8: agents.b.steps.1.pilot_send.prot: not a known field (a typo?)"]
+
+
+def test_each_error_is_reported() -> None:
+    found = problems("""\
+        settings: {timeout: -1}
+        agents:
+          a:
+            hostname: Not_A_Host
+            steps:
+              - bogus: 1
+        """)
+    assert found[0] == "p.yaml:1: settings.timeout: Input should be greater than 0"
+    assert found[1].startswith("p.yaml:4: agents.a.hostname: 'Not_A_Host' is not a hostname")
+    assert found[2].startswith("p.yaml:6: agents.a.steps.0: a step has exactly one of the keys")
+
+
+def test_strict_types_and_missing_fields() -> None:
+    found = problems("""\
+        agents:
+          a:
+            steps:
+              - pilot_request: {to: b, port: "80", key: q}
+          b:
+            steps: [{python: m.f}]
+        """)
+    assert "p.yaml:4: agents.a.steps.0.pilot_request.port: Input should be a valid integer" \
+        in found
+    assert "p.yaml:4: agents.a.steps.0.pilot_request.result_key: required, and missing" in found
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("""\
+     agents:
+       a:
+         steps:
+           - pilot_send: {to: nobody}
+     """, "p.yaml:4: agents.a.steps.0.pilot_send.to: 'nobody' is not an agent of this pipeline"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f}]
+       b:
+         steps:
+           - pilot_send: {to: a, port: 7}
+     """, "p.yaml:6: agents.b.steps.0.pilot_send.to: a has no pilot_receive step on port 7"),
+    ("""\
+     agents:
+       a:
+         steps:
+           - {id: x, python: m:f}
+           - {id: x, python: m:g}
+     """, "p.yaml:5: agents.a.steps.1.id: two steps are called 'x'"),
+    ("""\
+     agents:
+       a:
+         mcp_servers:
+           fetch: {command: uvx, args: [mcp-server-fetch]}
+         steps:
+           - mcp: {server: fecth, tool: fetch}
+     """, "p.yaml:6: agents.a.steps.0.mcp.server: 'fecth' is not one of this agent's"),
+    ("""\
+     agents:
+       a:
+         steps: [{id: x, python: m:f}]
+         edges: [[x, y]]
+     """, "p.yaml:4: agents.a.edges.0.1: 'y' is not a step id of this agent"),
+    ("""\
+     agents:
+       a: {steps: [{python: m:f}]}
+       a: {steps: [{python: m:g}]}
+     """, "p.yaml:3: agents.a: given twice in one mapping"),
+    ("agents: [a, b\n", "p.yaml:2: not valid YAML"),
+    ("- a\n", "p.yaml:1: a pipeline file is a mapping"),
+])
+def test_cross_checks(text: str, expected: str) -> None:
+    found = problems(text)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_validate_cli(tmp_path: Path) -> None:
+    ok = cli(None, "validate", str(EXAMPLE))
+    assert ok.returncode == 0, ok.stderr
+    assert "analyzer (analyzer): receive -> analyze -> send; trusts reporter, scraper" in ok.stdout
+    data = json.loads(cli(None, "--json", "validate", str(EXAMPLE)).stdout)
+    assert data["valid"] and data["agents"]["scraper"]["peers"] == ["analyzer"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agents:\n  a:\n    steps:\n      - pilot_send: {to: zed}\n")
+    assert_one_line_error(cli(None, "validate", str(bad)), 2,
+                          f"{bad}:4: agents.a.steps.0.pilot_send.to: 'zed'")
+    result = cli(None, "--json", "validate", str(bad))
+    assert result.returncode == 2
+    report = json.loads(result.stdout.splitlines()[0])
+    assert report["valid"] is False
+    assert report["problems"][0] | {"message": ""} == {
+        "file": str(bad), "line": 4, "field": "agents.a.steps.0.pilot_send.to", "message": ""}
+    assert_one_line_error(cli(None, "validate", str(tmp_path / "none.yaml")), 2, "cannot read")
+
+
+def test_graph_of_each_agent_without_the_network() -> None:
+    loaded = load(EXAMPLE)
+    graph = build_graph(loaded, "analyzer")
+    nodes = graph.get_graph().nodes
+    assert [n for n in nodes if not n.startswith("__")] == ["receive", "analyze", "send"]
+    assert isinstance(graph.nodes["receive"].bound, PilotReceive)
+    assert isinstance(graph.nodes["send"].bound, PilotSend)
+    assert graph.nodes["send"].bound.to == "reporter"
+    with pytest.raises(PipelineError, match="no agent 'nobody'"):
+        build_graph(loaded, "nobody")
+
+
+def test_python_steps_run_in_a_built_graph(tmp_path: Path) -> None:
+    (tmp_path / "mysteps.py").write_text(textwrap.dedent("""\
+        async def double(state, by):
+            return {"x": state.get("x", 1) * by}
+        def label(state):
+            return {"label": f"x={state['x']}"}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          solo:
+            steps:
+              - {id: double, python: "mysteps:double", args: {by: 3}}
+              - {id: again, python: mysteps.double, args: {by: 2}}
+              - {id: label, python: "mysteps:label"}
+            edges: [[double, again], [again, label]]
+        """))
+    graph = build_graph(load(tmp_path / "p.yaml"), "solo")
+    assert asyncio.run(graph.ainvoke({"x": 5})) == {"x": 30, "label": "x=30"}
+
+
+def test_a_python_step_that_does_not_import(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("agents:\n  a:\n    steps: [{python: 'nomodule:f'}]\n")
+    with pytest.raises(PipelineError, match="cannot import 'nomodule'"):
+        build_graph(load(tmp_path / "p.yaml"), "a")

@@ -1,0 +1,222 @@
+"""`pilot-agents run`: the example end to end (a real beacon, three agents in processes, each
+with its daemon), its numbers checked against the dataset; --json events; a failing agent;
+Ctrl-C leaves no daemon; --agent runs one agent of the file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, short_home, stop_daemons
+
+EXAMPLE = ROOT / "examples/pipeline"
+CMD = [sys.executable, "-m", "pilot_agents.cli"]
+
+
+def expected_totals(path: Path) -> dict[str, dict[str, float]]:
+    """The dataset's sales by quarter and region, computed here independently of steps.py."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            q = f"Q{(int(row['date'].split('-')[1]) + 2) // 3}"
+            out[q][row["region"]] += int(row["units"]) * float(row["unit_price"])
+    return {q: dict(r) for q, r in out.items()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def events_of(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def daemon_pids(events: list[dict[str, Any]]) -> list[int]:
+    return [e["pid"] for e in events if e["event"] == "daemon"]
+
+
+def check_report(folder: Path) -> None:
+    report = json.loads((folder / "report.json").read_text())
+    expected = expected_totals(folder / "sales.csv")
+    assert set(report["by_quarter_region"]) == {"Q1", "Q2", "Q3", "Q4"}
+    for q, regions in expected.items():
+        assert report["by_quarter_region"][q] == pytest.approx(regions, abs=0.01)
+        assert report["by_quarter"][q] == pytest.approx(sum(regions.values()), abs=0.05)
+    q1, q2 = sum(expected["Q1"].values()), sum(expected["Q2"].values())
+    assert report["growth_percent"]["Q2"] == pytest.approx(100 * (q2 / q1 - 1), abs=0.06)
+    markdown = (folder / "report.md").read_text()
+    assert f"{sum(expected['Q4'].values()):,.2f}" in markdown
+    assert report["source"] == "scraper"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    folder = tmp_path / "example"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("report.*", "__pycache__"))
+    return folder
+
+
+def test_example_end_to_end_with_json_events(example: Path) -> None:
+    result = subprocess.run([*CMD, "--json", "run", str(example / "pipeline.yaml")],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr + result.stdout
+    events = events_of(result.stdout)
+    assert len(events) == len(result.stdout.splitlines())  # nothing but JSON lines
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["ok"], summary
+    assert {n: a["status"] for n, a in summary["agents"].items()} == {
+        "scraper": "ok", "analyzer": "ok", "reporter": "ok"}
+    sends = [e for e in events if e["event"] == "step" and e["kind"] == "pilot_send"
+             and e["status"] == "done"]
+    assert {(e["agent"], e["to"]) for e in sends} == {("scraper", "analyzer"),
+                                                       ("analyzer", "reporter")}
+    for e in sends:
+        assert e["bytes"] > 0 and e["path"] in ("direct", "relay")
+    csv_bytes = (example / "sales.csv").stat().st_size
+    assert next(e["bytes"] for e in sends if e["agent"] == "scraper") > csv_bytes
+    trusts = {(e["agent"], e["peer"]) for e in events if e["event"] == "trust"}
+    assert trusts == {("scraper", "analyzer"), ("analyzer", "scraper"),
+                      ("analyzer", "reporter"), ("reporter", "analyzer")}
+    check_report(example)
+    pids = daemon_pids(events)
+    assert len(pids) == 3 and not any(alive(pid) for pid in pids)
+
+
+def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
+    (tmp_path / "boom.py").write_text(textwrap.dedent("""\
+        def fine(state):
+            return {"fine": True}
+        def fail(state):
+            raise ValueError("no data")
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          ok:
+            steps: [{python: "boom:fine"}]
+          broken:
+            steps: [{id: crunch, python: "boom:fail"}]
+        """))
+    result = subprocess.run([*CMD, "run", str(tmp_path / "p.yaml")], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "[broken] crunch (python) failed: no data" in result.stdout
+    assert "pipeline FAILED" in result.stdout
+    assert "broken: failed: ValueError: no data" in result.stdout
+    assert "  ok: ok" in result.stdout
+
+
+def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(textwrap.dedent("""\
+        import time
+        def nap(state, seconds):
+            time.sleep(seconds)
+            return {"x": "late"}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        settings: {shutdown_timeout: 10}
+        agents:
+          waiter:
+            steps: [{pilot_receive: {key: x, timeout: 300}}]
+          sender:
+            steps:
+              - {python: "slow:nap", args: {seconds: 300}}
+              - {pilot_send: {to: waiter, key: x}}
+          idle:
+            steps: [{pilot_receive: {key: y, port: 1002, timeout: 300}}]
+        """))
+    proc = subprocess.Popen([*CMD, "--json", "run", str(tmp_path / "p.yaml")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    waiting: set[str] = set()
+    deadline = time.monotonic() + 120
+    while waiting != {"waiter", "idle", "sender"} and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        events.append(json.loads(line))
+        if events[-1]["event"] == "step" and events[-1]["status"] == "start":
+            waiting.add(events[-1]["agent"])
+    assert waiting == {"waiter", "idle", "sender"}, events
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # Each agent stopped by itself, before the 10 s after which it would have been killed.
+    assert time.monotonic() - interrupted_at < 10
+    events += events_of(out)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["interrupted"]
+    assert {a["status"] for a in summary["agents"].values()} == {"interrupted"}
+    assert {e["agent"] for e in events if e["event"] == "done"
+            and e["status"] == "interrupted"} == {"waiter", "idle", "sender"}
+    pids = daemon_pids(events)
+    assert len(pids) == 3
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_agent_mode_runs_one_agent_each(example: Path) -> None:
+    """The same file over three "machines": a beacon, and `run --agent` once per agent with a
+    home of its own."""
+    beacon_dir = Path(short_home("pa-beacon-"))
+    beacon = subprocess.Popen([*CMD, "beacon", "--listen", "127.0.0.1:0", "--data-dir",
+                               str(beacon_dir)], stdout=subprocess.PIPE, text=True)
+    homes = [short_home() for _ in range(3)]
+    try:
+        assert beacon.stdout is not None
+        words = beacon.stdout.readline().split()
+        address = f"{words[6]}@{words[2]}"
+        agents = [subprocess.Popen(
+            [*CMD, "--home", str(home), "--json", "run", str(example / "pipeline.yaml"),
+             "--agent", name, "--beacon", address, "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for home, name in zip(homes, ("reporter", "analyzer", "scraper"), strict=True)]
+        results = [p.communicate(timeout=180) for p in agents]
+        for proc, (out, err) in zip(agents, results, strict=True):
+            assert proc.returncode == 0, err + out
+            done = events_of(out)[-1]
+            assert done["event"] == "done" and done["status"] == "ok", done
+        check_report(example)
+        for home in homes:  # each agent stopped the daemon it started
+            assert not (home / "daemon.pid").exists() or not alive(
+                int((home / "daemon.pid").read_text().split()[0]))
+    finally:
+        beacon.send_signal(signal.SIGINT)
+        beacon.wait(10)
+        stop_daemons(*homes)
+        shutil.rmtree(beacon_dir, ignore_errors=True)
+
+
+def test_agent_mode_needs_a_beacon_and_a_known_agent(example: Path) -> None:
+    home = short_home()
+    try:
+        no_beacon = subprocess.run(
+            [*CMD, "--home", str(home), "run", str(example / "pipeline.yaml"), "--agent",
+             "scraper"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "PILOT_BEACON"})
+        assert no_beacon.returncode == 2 and "--beacon" in no_beacon.stderr
+        unknown = subprocess.run(
+            [*CMD, "--home", str(home), "run", str(example / "pipeline.yaml"), "--agent", "x"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert unknown.returncode == 2 and "no agent 'x'" in unknown.stderr
+    finally:
+        stop_daemons(home)
