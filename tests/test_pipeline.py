@@ -115,6 +115,18 @@ def test_strict_types_and_missing_fields() -> None:
        a: {steps: [{python: m:f}]}
        a: {steps: [{python: m:g}]}
      """, "p.yaml:3: agents.a: given twice in one mapping"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f}]
+       b:
+         steps:
+           - pilot_request: {to: a, port: 2001, key: q, result_key: r}
+     """, "p.yaml:6: agents.b.steps.0.pilot_request.to: a does not serve port 2001"),
+    ("""\
+     agents:
+       a: {serve: {port: 9}, steps: [{python: m:f}]}
+     """, "p.yaml:1: agents: every agent serves"),
     ("agents: [a, b\n", "p.yaml:2: not valid YAML"),
     ("- a\n", "p.yaml:1: a pipeline file is a mapping"),
 ])

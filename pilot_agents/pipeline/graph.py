@@ -16,8 +16,9 @@ from langchain_core.runnables import Runnable
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.pregel import Pregel
+from langgraph.types import RetryPolicy
 
-from ..errors import NotAvailableError, PipelineError
+from ..errors import NotAvailableError, PipelineError, PortClosedError
 from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
 from ..transport import Transport
 from .load import LoadedPipeline
@@ -30,6 +31,7 @@ from .schema import (
     PilotSendStep,
     PublishStep,
     PythonStep,
+    Settings,
     StepBase,
     SubscribeStep,
 )
@@ -112,6 +114,16 @@ def step_node(step: StepBase, node: str, agent: Agent, folder: Path,
     raise AssertionError(f"no node for a {type(step).__name__}")
 
 
+def _retry(step: StepBase, settings: Settings) -> RetryPolicy | None:
+    """A request to a replier that does not listen yet is tried again, for up to its timeout."""
+    if not isinstance(step, PilotRequestStep):
+        return None
+    tries = max(1, int(step.pilot_request.timeout / settings.retry_interval))
+    return RetryPolicy(initial_interval=settings.retry_interval, backoff_factor=1.0,
+                       max_interval=settings.retry_interval, max_attempts=tries, jitter=False,
+                       retry_on=PortClosedError)
+
+
 def build_graph(pipeline: LoadedPipeline, agent: str, *, transport: Transport | None = None,
                 home: str | Path | None = None) -> CompiledStateGraph[Any, Any, Any, Any]:
     """``agent``'s graph. The pilot steps talk through ``transport`` (else the daemon of
@@ -124,7 +136,7 @@ def build_graph(pipeline: LoadedPipeline, agent: str, *, transport: Transport | 
     for step, node in zip(spec.steps, spec.node_ids(), strict=True):
         action: Runnable[Any, Any] | Any = step_node(step, node, spec, pipeline.folder,
                                                      transport, home)
-        builder.add_node(node, action)
+        builder.add_node(node, action, retry_policy=_retry(step, pipeline.spec.settings))
     ends = {"START": START, "END": END}
     for a, b in spec.graph_edges():
         builder.add_edge(ends.get(a, a), ends.get(b, b))

@@ -33,6 +33,7 @@ from ..errors import (
     PilotTimeoutError,
     UnknownHostError,
 )
+from ..integrations.langgraph import serve_graph
 from ..sdk import Client
 from .graph import build_graph
 from .load import LoadedPipeline
@@ -240,15 +241,23 @@ async def run_agent(run: AgentRun) -> int:
         async with asyncio.timeout(settings.timeout):
             async with agent_daemon(run), Client(run.home) as client:
                 await set_up_trust(run, client)
-                run.event("agent", status="running")
-                state = await run_graph(run, client)
-                run.event("state", keys=sorted(state))
+                serve = run.pipeline.spec.agents[run.agent].serve
+                if serve is not None:  # until stopped
+                    graph = build_graph(run.pipeline, run.agent, transport=client)
+                    run.event("agent", status="serving", port=serve.port)
+                    await serve_graph(graph, serve.port, transport=client)
+                else:
+                    run.event("agent", status="running")
+                    state = await run_graph(run, client)
+                    run.event("state", keys=sorted(state))
     except TimeoutError as exc:
         status = "failed"
         error = str(exc) if isinstance(exc, PilotError) else \
             f"did not finish within {settings.timeout:g} s (settings.timeout)"
     except asyncio.CancelledError:
-        status = "interrupted"
+        # A serving agent serves until it is stopped: that is its normal end.
+        serving = run.pipeline.spec.agents[run.agent].serve is not None
+        status = "ok" if serving else "interrupted"
     except Exception as exc:  # reported as the agent's failure, not raised
         status = "failed"
         error = str(exc) or type(exc).__name__
@@ -389,6 +398,10 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     root = homes or scratch
     assert root is not None
     begun = time.monotonic()
+
+    def serves(agent: str) -> bool:
+        return spec.agents[agent].serve is not None
+
     agents: list[AgentProcess] = []
     followers: list[asyncio.Task[None]] = []
     beacon_proc: asyncio.subprocess.Process | None = None
@@ -411,10 +424,12 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
         # asyncio.wait, not gather: a cancel (Ctrl-C) leaves the followers reading, so each
-        # agent's last events (its own stop) still arrive.
-        _, late = await asyncio.wait(followers, timeout=limit)
+        # agent's last events (its own stop) still arrive. Serving agents answer until every
+        # other agent has ended, then they are stopped (by _clean_up).
+        once = [f for a, f in zip(agents, followers, strict=True) if not serves(a.name)]
+        _, late = await asyncio.wait(once, timeout=limit)
         for agent in agents:
-            if agent.proc.returncode is None and late:
+            if agent.proc.returncode is None and late and not serves(agent.name):
                 agent.status, agent.error = "failed", f"still running after {limit:g} s"
     except asyncio.CancelledError:
         interrupted = True

@@ -213,11 +213,21 @@ Step = Annotated[
 # -- agents and the pipeline ------------------------------------------------------------------
 
 
+class Serve(Strict):
+    """The agent's graph answers requests (``pilot_request`` steps of other agents) on ``port``
+    instead of running once: each request's value is its input state, the reply its output
+    state."""
+
+    port: Port
+
+
 class Agent(Strict):
-    """One agent: a daemon under ``hostname`` running the graph its ``steps`` describe."""
+    """One agent: a daemon under ``hostname`` running the graph its ``steps`` describe, once,
+    or for each request when it has ``serve``."""
 
     hostname: Annotated[StrictStr, Field(pattern=NAME)] | None = None  # default: the agent's name
     mcp_servers: dict[StrictStr, McpServer] = {}
+    serve: Serve | None = None
     steps: Annotated[list[Step], Field(min_length=1)]
     # [from, to] step ids ("START"/"END" allowed); absent: the steps run in their order.
     edges: list[Annotated[list[StrictStr], Field(min_length=2, max_length=2)]] | None = None
@@ -274,6 +284,9 @@ class Settings(Strict):
     timeout: Seconds = 600.0  # an agent's whole run, from its start to the end of its graph
     startup_timeout: Seconds = 60.0  # a daemon up, registered, and trust with its peers mutual
     shutdown_timeout: Seconds = 15.0  # an agent's stop (its daemon included) after Ctrl-C
+    # between tries of a pilot_request whose replier does not listen yet (a serving agent
+    # starting), for up to the step's timeout
+    retry_interval: Seconds = 0.25
 
 
 class Pipeline(Strict):
@@ -353,6 +366,15 @@ class Pipeline(Strict):
                     if port not in self.receive_ports(target):
                         raise FieldValueError(where, f"{target} has no pilot_receive step on port "
                                          f"{port}, so nothing there would read this message")
+                if isinstance(step, PilotRequestStep):
+                    served = self.agents[target].serve
+                    if served is None or served.port != step.pilot_request.port:
+                        raise FieldValueError(
+                            where, f"{target} does not serve port {step.pilot_request.port} "
+                            f"(give it 'serve: {{port: {step.pilot_request.port}}}')")
+        if all(spec.serve is not None for spec in self.agents.values()):
+            raise FieldValueError(("agents",), "every agent serves, so none would start the "
+                                  "pipeline: at least one runs its steps once")
         return self
 
 
