@@ -266,3 +266,29 @@ def test_a_serving_agent_answers_pilot_requests(tmp_path: Path) -> None:
     assert any(e["event"] == "step" and e["step"] == "ask" and e["status"] == "done"
                for e in events)
     assert not any(alive(pid) for pid in daemon_pids(events))
+
+
+def test_on_a_terminal_progress_is_a_live_table(tmp_path: Path) -> None:
+    import pty
+
+    (tmp_path / "hello.py").write_text("def hi(state):\n    return {'hi': 1}\n")
+    (tmp_path / "p.yaml").write_text("agents:\n  solo:\n    steps: [{python: 'hello:hi'}]\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*CMD, "run", str(tmp_path / "p.yaml")], stdout=follower,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "TERM": "xterm"})
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    text = output.decode(errors="replace")
+    assert "┏" in text and "│ solo" in text and "\x1b[" in text  # rich draws a table
+    assert "pipeline ok" in text and "solo: ok" in text
