@@ -232,8 +232,6 @@ def test_a_serving_agent_answers_pilot_requests(tmp_path: Path) -> None:
     """An agent with `serve:` answers each request with a run of its graph, and is stopped (as
     a success) once the agents that run once have ended."""
     (tmp_path / "calc.py").write_text(textwrap.dedent("""\
-        def ask(state):
-            return {"question": {"numbers": [3, 4, 5]}}
         def total(state):
             return {"sum": sum(state["numbers"])}
         def keep(state):
@@ -247,8 +245,8 @@ def test_a_serving_agent_answers_pilot_requests(tmp_path: Path) -> None:
             serve: {port: 2001}
             steps: [{python: "calc:total"}]
           client:
+            input: {question: {numbers: [3, 4, 5]}}
             steps:
-              - {python: "calc:ask"}
               - {id: ask, pilot_request: {to: calculator, port: 2001, key: question,
                                           result_key: reply}}
               - {python: "calc:keep"}

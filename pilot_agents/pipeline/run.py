@@ -206,7 +206,7 @@ async def run_graph(run: AgentRun, client: Client) -> dict[str, Any]:
     steps = dict(zip(spec.node_ids(), spec.steps, strict=True))
     started: dict[str, float] = {}
     state: dict[str, Any] = {}
-    async for mode, item in graph.astream({}, stream_mode=["tasks", "values"]):
+    async for mode, item in graph.astream(dict(spec.input), stream_mode=["tasks", "values"]):
         chunk = cast(dict[str, Any], item)
         if mode == "values":
             state = chunk

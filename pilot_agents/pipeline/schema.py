@@ -227,6 +227,7 @@ class Agent(Strict):
 
     hostname: Annotated[StrictStr, Field(pattern=NAME)] | None = None  # default: the agent's name
     mcp_servers: dict[StrictStr, McpServer] = {}
+    input: dict[StrictStr, Any] = {}  # the graph's initial state (a run-once agent's)
     serve: Serve | None = None
     steps: Annotated[list[Step], Field(min_length=1)]
     # [from, to] step ids ("START"/"END" allowed); absent: the steps run in their order.
