@@ -56,7 +56,8 @@ class StepBase(Strict):
 
     @property
     def kind(self) -> str:
-        raise NotImplementedError
+        """The step's type: its one field besides ``id`` (and that field's options)."""
+        return next(name for name in type(self).model_fields if name != "id")
 
     def node_id(self, index: int) -> str:
         """The graph node's name: ``id``, else KIND_INDEX (1-based)."""
@@ -64,7 +65,8 @@ class StepBase(Strict):
 
     def peer(self) -> str | None:
         """The agent this step reaches (sends to, asks, subscribes to), if any."""
-        return None
+        to = getattr(getattr(self, self.kind), "to", None)
+        return to if isinstance(to, str) else None
 
 
 class PythonStep(StepBase):
@@ -73,10 +75,6 @@ class PythonStep(StepBase):
 
     python: Annotated[StrictStr, Field(pattern=DOTTED)]
     args: dict[StrictStr, Any] = {}
-
-    @property
-    def kind(self) -> str:
-        return "python"
 
 
 class McpCall(Strict):
@@ -91,10 +89,6 @@ class McpCall(Strict):
 class McpStep(StepBase):
     mcp: McpCall
 
-    @property
-    def kind(self) -> str:
-        return "mcp"
-
 
 class SendCall(Strict):
     to: StrictStr  # an agent of this pipeline, by name or hostname
@@ -106,13 +100,6 @@ class SendCall(Strict):
 class PilotSendStep(StepBase):
     pilot_send: SendCall
 
-    @property
-    def kind(self) -> str:
-        return "pilot_send"
-
-    def peer(self) -> str | None:
-        return self.pilot_send.to
-
 
 class ReceiveCall(Strict):
     key: StateKey = "message"
@@ -122,10 +109,6 @@ class ReceiveCall(Strict):
 
 class PilotReceiveStep(StepBase):
     pilot_receive: ReceiveCall
-
-    @property
-    def kind(self) -> str:
-        return "pilot_receive"
 
 
 class RequestCall(Strict):
@@ -139,13 +122,6 @@ class RequestCall(Strict):
 class PilotRequestStep(StepBase):
     pilot_request: RequestCall
 
-    @property
-    def kind(self) -> str:
-        return "pilot_request"
-
-    def peer(self) -> str | None:
-        return self.pilot_request.to
-
 
 class PublishCall(Strict):
     port: Port
@@ -156,10 +132,6 @@ class PublishCall(Strict):
 
 class PublishStep(StepBase):
     publish: PublishCall
-
-    @property
-    def kind(self) -> str:
-        return "publish"
 
 
 class SubscribeCall(Strict):
@@ -172,13 +144,6 @@ class SubscribeCall(Strict):
 
 class SubscribeStep(StepBase):
     subscribe: SubscribeCall
-
-    @property
-    def kind(self) -> str:
-        return "subscribe"
-
-    def peer(self) -> str | None:
-        return self.subscribe.to
 
 
 STEP_KINDS: dict[str, type[StepBase]] = {
