@@ -325,7 +325,7 @@ MISTAKES: list[tuple[tuple[str, ...], int, tuple[str, ...]]] = [
         (("trust", "import", "bm90IGEgcmVxdWVzdA=="), 2, ("trust request",)),
         (("listen", "4900", "--timeout", "0.3"), 10, ("no message on port 4900 within 0.3 s",)),
         (("listen", "4900", "--count", "2", "--timeout", "0.3"), 10, ("received 0 of 2",)),
-        (("run", "pipeline.yaml"), 2, ("not available yet",)),
+        (("run", "no-such-pipeline.yaml"), 2, ("cannot read the pipeline no-such-pipeline.yaml",)),
         (("send", "beta"), 2, ("required", "--help")),
         (("listen", "70000"), 2, ("not in 1..65535",)),
         (("frobnicate",), 2, ("invalid choice",)),

@@ -123,7 +123,11 @@ async def agent_daemon(run: AgentRun) -> AsyncIterator[bool]:
         args += ["--inbox", ",".join(map(str, ports)) if ports else "none"]
         if run.beacon:
             args += ["--beacon", run.beacon]
-        code, out, err = await _cli(args, settings.startup_timeout)
+        try:
+            code, out, err = await _cli(args, settings.startup_timeout)
+        except BaseException:  # Ctrl-C or a timeout mid-start: the daemon may be up already
+            await stop_daemon(run.home, settings.shutdown_timeout)
+            raise
         if code != 0:
             raise AgentFailedError(f"{run.agent}: its daemon did not start: {_last_line(err)}")
         info = json.loads(out)
