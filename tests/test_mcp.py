@@ -47,24 +47,10 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
+from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
 
-SERVERS = ROOT / ".mcp-servers"
 INITIALIZE = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
               b'"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}\n')
-
-
-@pytest.fixture(scope="module")
-def servers() -> Path:
-    """The third-party servers' venvs; installed on first use (PyPI must be reachable)."""
-    result = subprocess.run([ROOT / "scripts/install-mcp-servers.sh"], capture_output=True,
-                            text=True, timeout=600)
-    if result.returncode != 0:
-        pytest.skip(f"cannot install the MCP servers from PyPI: {result.stderr[-500:]}")
-    return SERVERS
-
-
-def server_command(servers: Path, name: str) -> str:
-    return str(servers / name / "bin" / name)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, short_home, stop_daemons
+from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
 
 EXAMPLE = ROOT / "examples/pipeline"
 CMD = [sys.executable, "-m", "pilot_agents.cli"]
@@ -290,3 +291,35 @@ def test_on_a_terminal_progress_is_a_live_table(tmp_path: Path) -> None:
     text = output.decode(errors="replace")
     assert "┏" in text and "│ solo" in text and "\x1b[" in text  # rich draws a table
     assert "pipeline ok" in text and "solo: ok" in text
+
+
+def test_an_mcp_step_calls_a_third_party_server(tmp_path: Path, servers: Path) -> None:
+    """An `mcp` step starts the agent's stdio MCP server (mcp-server-time from PyPI, in its own
+    venv) and puts the tool's structured result in state, constant args merged with state's."""
+    (tmp_path / "keep.py").write_text(textwrap.dedent("""\
+        import json
+        def keep(state):
+            with open("now.json", "w") as f:
+                json.dump(state["now"], f)
+            return {}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""\
+        agents:
+          clock:
+            mcp_servers:
+              time: {{command: {server_command(servers, "mcp-server-time")}}}
+            input: {{zone: Europe/Paris}}
+            steps:
+              - {{id: ask, mcp: {{server: time, tool: convert_time,
+                                 args: {{source_timezone: UTC, time: "12:00"}},
+                                 args_from_state: {{target_timezone: zone}},
+                                 result_key: now}}}}
+              - {{python: "keep:keep"}}
+        """))
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    now = json.loads((tmp_path / "now.json").read_text())
+    assert now["source"]["timezone"] == "UTC"
+    assert now["target"]["timezone"] == "Europe/Paris"
+    assert now["target"]["datetime"].split("T")[1].startswith(("13:00", "14:00"))

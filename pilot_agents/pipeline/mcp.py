@@ -4,30 +4,22 @@ step's fields onto it)."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.runnables import Runnable
 
-from ..errors import MissingStateKeyError, NotAvailableError
+from ..errors import MissingStateKeyError
+from ..integrations.mcp import McpTool
 from .schema import McpCall, McpServer
 
 
 def mcp_node(server: McpServer, call: McpCall) -> Runnable[Any, Any]:
     """The step as a LangGraph node: constant ``args`` merged with ``args_from_state``."""
-    try:
-        # By name until integrations.mcp is on main; then a plain import.
-        tool: Callable[..., Runnable[Any, Any]] = importlib.import_module(
-            "pilot_agents.integrations.mcp").McpTool
-    except (ImportError, AttributeError) as exc:
-        raise NotAvailableError(
-            f"the mcp step needs pilot_agents.integrations.mcp, which this installation lacks "
-            f"({exc})") from None
     spec = server.model_dump()
     if not call.args:
-        return tool(spec, call.tool, args_from_state=dict(call.args_from_state),
-                       result_key=call.result_key, timeout=call.timeout)
+        return McpTool(spec, call.tool, args_from_state=dict(call.args_from_state),
+                      result_key=call.result_key, timeout=call.timeout)
 
     def arguments(state: Any) -> dict[str, Any]:
         out = dict(call.args)
@@ -39,5 +31,5 @@ def mcp_node(server: McpServer, call: McpCall) -> Runnable[Any, Any]:
             out[arg] = state[key]
         return out
 
-    return tool(spec, call.tool, args_from_state=arguments, result_key=call.result_key,
+    return McpTool(spec, call.tool, args_from_state=arguments, result_key=call.result_key,
                    timeout=call.timeout)
