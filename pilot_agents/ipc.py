@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ MAX_SOCKET_PATH = 100  # bytes; sun_path holds 108 and ZeroMQ needs a little of 
 # with no timeout, at all) before it asks whether the daemon still answers at all.
 REQUEST_TIMEOUT = 10.0
 PROTOCOL_VERSION = 1
+
+log = logging.getLogger("pilot_agents.ipc")
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -161,6 +164,8 @@ def _zmq_context() -> Any:
 
 
 OnReply = Callable[[dict[str, Any]], None]  # called with each reply of a delivery
+OnError = Callable[[PilotError], None]  # told the error of a quiet request
+QUIET = "q"  # a quiet request's id is "q<sink>.<n>": its error reply names where it goes
 
 
 class IpcClient:
@@ -188,6 +193,8 @@ class IpcClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._deliveries: dict[int, OnReply] = {}
+        self._sinks: dict[int, OnError] = {}  # where the errors of quiet requests go
+        self._sink_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: PilotError | None = None
 
@@ -261,9 +268,49 @@ class IpcClient:
         ``reply``, ``publish``): ``payload`` goes as a frame of its own."""
         return await self._request(cmd, None, payload, fields)
 
+    async def begin(self, cmd: str, payload: bytes, **fields: Any,
+                    ) -> asyncio.Task[dict[str, Any]]:
+        """:meth:`carry` without waiting: the request is written now, and the task returned
+        waits for its reply."""
+        request_id, future = await self._send(cmd, payload, fields)
+        return asyncio.create_task(self._finish(cmd, request_id, future, None, fields))
+
+    def add_sink(self, on_error: OnError) -> int:
+        """Somewhere for the errors of quiet requests to go (:meth:`quiet`)."""
+        sink = next(self._sink_ids)
+        self._sinks[sink] = on_error
+        return sink
+
+    def remove_sink(self, sink: int) -> None:
+        self._sinks.pop(sink, None)
+
+    async def quiet(self, cmd: str, payload: bytes, sink: int, **fields: Any) -> None:
+        """Send a command that carries a message with ``"quiet": true``: the daemon answers
+        only if it fails, and then its error goes to ``sink``'s ``on_error``."""
+        await self.open()
+        if self._lost is not None:
+            raise self._lost
+        request_id = f"{QUIET}{sink}.{next(self._ids)}"
+        header = json.dumps({"cmd": cmd, "id": request_id, "quiet": True, **fields})
+        await self._send_frames([header.encode("utf-8"), payload])
+
+    def _quiet_failed(self, request_id: str, reply: dict[str, Any]) -> None:
+        self.fail_sink(int(request_id[1:].partition(".")[0] or 0), error_of(reply))
+
+    def fail_sink(self, sink: int, error: PilotError) -> None:
+        on_error = self._sinks.get(sink)
+        if on_error is None:  # its connection was closed meanwhile: nobody left to raise it to
+            log.warning("a quiet request failed after its sender closed: %s", error)
+        else:
+            on_error(error)
+
     async def _request(self, cmd: str, wait: float | None, payload: bytes | None,
                        fields: dict[str, Any]) -> dict[str, Any]:
         request_id, future = await self._send(cmd, payload, fields)
+        return await self._finish(cmd, request_id, future, wait, fields)
+
+    async def _finish(self, cmd: str, request_id: int, future: asyncio.Future[dict[str, Any]],
+                      wait: float | None, fields: dict[str, Any]) -> dict[str, Any]:
         try:
             reply = await self._answer(cmd, future, wait, fields)
         except asyncio.CancelledError:
@@ -390,6 +437,10 @@ class IpcClient:
             if len(frames) > 1 and isinstance(message, dict):
                 message["data"] = frames[1]
             request_id = reply.get("id")
+            if type(request_id) is str and request_id[:1] == QUIET:
+                with contextlib.suppress(ValueError):
+                    self._quiet_failed(request_id, reply)
+                continue
             on_reply = self._deliveries.get(request_id)  # type: ignore[arg-type]
             if on_reply is not None:
                 if reply.get("ok") is not True or reply.get("done"):

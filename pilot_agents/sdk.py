@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,8 @@ from .transport import (
 if TYPE_CHECKING:
     from .node.node import Node
 
+log = logging.getLogger("pilot_agents.sdk")
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -67,11 +71,18 @@ class ClientOptions:
     # at most). A client that stops receiving stops the pushes there, and so its senders.
     receive_window_messages: int = 64
     receive_window_bytes: int = 4 * 1024 * 1024
+    # What a client may have sent (connection sends, replies) that the daemon has not yet
+    # confirmed taking (IPC "quiet" sends, one confirmed request per half window): messages,
+    # and payload bytes (overshot by one message at most). A send beyond it waits, so a peer
+    # that stops reading stops this client's sends too.
+    send_window_messages: int = 64
+    send_window_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.answer_margin <= 0:
             raise ConfigError("ClientOptions.answer_margin must be more than 0 seconds")
-        for name in ("receive_window_messages", "receive_window_bytes"):
+        for name in ("receive_window_messages", "receive_window_bytes", "send_window_messages",
+                     "send_window_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ClientOptions.{name} must be at least 1")
 
@@ -120,6 +131,9 @@ class Client:
                  options: ClientOptions | None = None) -> None:
         self.options = options or ClientOptions()
         self._ipc = IpcClient(home, self.options.answer_margin)
+        self._pipeline = _Pipeline(self._ipc, self.options)
+        self._reply_error: PilotError | None = None  # of a quiet reply, for flush()
+        self._reply_sink = self._ipc.add_sink(self._reply_failed)
 
     @property
     def home(self) -> Path:
@@ -133,7 +147,26 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        self._pipeline.closed = True  # what it still waits for fails with the connection
         await self._ipc.close()
+
+    async def flush(self) -> None:
+        """Wait until the daemon has taken every reply (:meth:`DaemonMessage.reply`) sent so
+        far, and raise the first error of a reply that failed since the last flush. A reply
+        does not wait for the daemon (IPC ``quiet``): its error comes back later, so this is
+        where an application that must know hears of it (it is logged in any case)."""
+        await self._pipeline.settle()
+        # A barrier: the daemon starts a client's requests in order, and answers this one
+        # (a requeue of no message) after every earlier reply had its go.
+        await self.call("requeue", message="")
+        error, self._reply_error = self._reply_error, None
+        if error is not None:
+            raise error
+
+    def _reply_failed(self, error: PilotError) -> None:
+        log.warning("a reply failed (raised by the next Client.flush()): %s", error)
+        if self._reply_error is None:
+            self._reply_error = error
 
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
@@ -164,7 +197,7 @@ class Client:
         message_id = fields["id"]
 
         async def reply(data: bytes) -> None:
-            await self.call("reply", data, message=message_id)
+            await self._pipeline.send("reply", data, self._reply_sink, message=message_id)
 
         return _message(fields, reply)
 
@@ -221,6 +254,8 @@ class DaemonConnection:
         self._stream: str | None = None
         self._info: dict[str, Any] = {}
         self._delivery: _Delivery | None = None
+        self._sink: int | None = None  # where the daemon's errors of our quiet sends go
+        self._failed: PilotError | None = None  # the first of those
 
     @property
     def peer_id(self) -> str:
@@ -247,6 +282,8 @@ class DaemonConnection:
             raise
         self._stream = reply["stream"]
         self._info = reply
+        self._failed = None
+        self._sink = self._client._ipc.add_sink(self._send_failed)
         self._delivery = _Delivery(self._client, f"the connection to {self._target}",
                                    self._stream_message, stream=self._stream)
         return self
@@ -267,7 +304,22 @@ class DaemonConnection:
         return self._stream
 
     async def send(self, data: bytes | str | Any) -> None:
-        await self._client.call("stream_send", encode_payload(data), stream=self._id())
+        """Hand a message to the daemon without waiting for it (see :class:`ClientOptions`
+        ``send_window_*``). A send that fails in the daemon is raised by this connection's
+        next :meth:`send`, :meth:`drain` or :meth:`close`."""
+        stream = self._id()
+        self._raise_failed()
+        assert self._sink is not None
+        await self._client._pipeline.send("stream_send", encode_payload(data), self._sink,
+                                          stream=stream)
+
+    def _send_failed(self, error: PilotError) -> None:
+        if self._failed is None:
+            self._failed = error
+
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
         self._id()
@@ -278,14 +330,19 @@ class DaemonConnection:
         stream = self._id()
 
         async def answer(data: bytes) -> None:
-            await self._client.call("stream_send", data, stream=stream)
+            if self._sink is None:
+                raise ConnectionClosedError("the connection was closed")
+            await self._client._pipeline.send("stream_send", data, self._sink, stream=stream)
 
         return _message(fields, answer)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
-        reply = await self._client.call("stream_drain", stream=self._id(),
-                                           timeout=timeout or self._timeout)
+        try:
+            reply = await self._client.call("stream_drain", stream=self._id(),
+                                               timeout=timeout or self._timeout)
+        finally:
+            self._raise_failed()
         self._info.update(path=reply.get("path", self.path), rtt=reply.get("rtt", self.rtt))
 
     async def close(self) -> None:
@@ -294,15 +351,25 @@ class DaemonConnection:
             return
         stream, self._stream = self._stream, None
         self._forget_delivery()
-        await self._client.call("stream_close", stream=stream)
+        try:
+            await self._client.call("stream_close", stream=stream)
+        finally:
+            self._forget_sink()
+            self._raise_failed()
 
     async def abort(self) -> None:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
         self._forget_delivery()
+        self._forget_sink()
         with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
             await self._client.call("stream_abort", stream=stream)
+
+    def _forget_sink(self) -> None:
+        if self._sink is not None:
+            self._client._ipc.remove_sink(self._sink)
+            self._sink = None
 
     def _forget_delivery(self) -> None:
         """The stream goes, and what its delivery still holds with it (as a closed connection
@@ -365,6 +432,55 @@ class DaemonListener:
     async def _iterate(self) -> AsyncIterator[DaemonMessage]:
         while self._open:
             yield await self.receive(timeout=None)
+
+
+class _Pipeline:
+    """Commands that carry a message (``stream_send``, ``reply``) sent without waiting for the
+    daemon: each goes ``"quiet"`` (answered only if it fails, the error to the sender's sink),
+    except one per half window (``ClientOptions.send_window_*``), answered as usual. A send
+    that finds two of those unanswered waits for the older: so at most about one window is
+    unconfirmed, and a daemon that cannot pass messages on (the peer stopped reading) stops
+    the client."""
+
+    def __init__(self, ipc: IpcClient, options: ClientOptions) -> None:
+        self._ipc = ipc
+        self._max_messages = options.send_window_messages
+        self._max_bytes = options.send_window_bytes
+        self._messages = 0  # since the last confirmed request
+        self._bytes = 0
+        self.closed = False
+        self._confirmations: collections.deque[asyncio.Task[dict[str, Any]]] = (
+            collections.deque())
+
+    async def send(self, cmd: str, payload: bytes, sink: int, **fields: Any) -> None:
+        while len(self._confirmations) >= 2:
+            await self._settled(self._confirmations.popleft())
+        self._messages += 1
+        self._bytes += len(payload)
+        if 2 * self._messages < self._max_messages and 2 * self._bytes < self._max_bytes:
+            await self._ipc.quiet(cmd, payload, sink, **fields)
+            return
+        self._messages = self._bytes = 0
+        task = await self._ipc.begin(cmd, payload, **fields)
+        task.add_done_callback(functools.partial(self._confirmed, sink))
+        self._confirmations.append(task)
+
+    def _confirmed(self, sink: int, task: asyncio.Task[dict[str, Any]]) -> None:
+        if task.cancelled() or self.closed:
+            return
+        error = task.exception()
+        if isinstance(error, PilotError):
+            self._ipc.fail_sink(sink, error)
+
+    async def settle(self) -> None:
+        """Wait for every confirmation requested so far."""
+        while self._confirmations:
+            await self._settled(self._confirmations.popleft())
+
+    @staticmethod
+    async def _settled(task: asyncio.Task[dict[str, Any]]) -> None:
+        with contextlib.suppress(Exception):  # its error went to its sink
+            await task
 
 
 class _Delivery:

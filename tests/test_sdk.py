@@ -315,3 +315,45 @@ async def test_binary_payloads_travel_as_frames(daemon_pair: Pair) -> None:
         assert message.data == payload
         await message.reply(payload[::-1])
         assert (await conn.receive(timeout=5)).data == payload[::-1]
+
+
+async def test_a_send_that_fails_in_the_daemon_is_raised_by_the_next_call(
+        daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7106) as listener, client.connect("beta", 7106) as conn:
+        await conn.send("first")
+        assert (await listener.receive(timeout=5)).text() == "first"
+        # The stream goes away in the daemon (here: another client ends it): a send does
+        # not wait for the daemon, so its failure comes with the connection's next call.
+        ipc_call(a.home, cmd="stream_abort", stream=conn._id())
+        await conn.send("lost")
+        with pytest.raises(ConnectionClosedError, match="no open stream"):
+            await conn.drain(timeout=5)
+        with pytest.raises(ConnectionClosedError, match="no open stream"):
+            await conn.send("after")
+        with pytest.raises(ConnectionClosedError, match="no open stream"):
+            await conn.close()
+
+
+async def test_sends_are_confirmed_once_per_half_window(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    window = ClientOptions(send_window_messages=4)
+    async with pilot.Client(b.home) as server, pilot.Client(a.home, window) as client, \
+            server.listen(7107) as listener, client.connect("beta", 7107) as conn:
+        for n in range(10):
+            await conn.send({"n": n})
+        got = [(await listener.receive(timeout=5)).json()["n"] for _ in range(10)]
+        assert got == list(range(10))
+        assert len(client._pipeline._confirmations) <= 2
+
+
+async def test_a_reply_that_fails_in_the_daemon_is_raised_by_flush(daemon_pair: Pair) -> None:
+    a, _ = daemon_pair
+    async with pilot.Client(a.home) as client:
+        message = client._port_message({"id": "m-gone", "data": b"x", "from": a.node_id,
+                                        "port": 7108, "source_port": 1})
+        await message.reply("too late")  # does not wait for the daemon
+        with pytest.raises(ConnectionClosedError, match="can no longer be replied to"):
+            await client.flush()
+        await client.flush()  # raised once

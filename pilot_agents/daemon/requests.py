@@ -124,6 +124,7 @@ class ConnectRequest(BaseRequest):
 class StreamSendRequest(PayloadRequest):
     cmd: Literal["stream_send"]
     stream: str
+    quiet: bool = False  # no reply unless it fails (docs/ipc.md, Quiet sends)
 
 
 class StreamReceiveRequest(BaseRequest):
@@ -205,6 +206,7 @@ class AckRequest(BaseRequest):
 class ReplyRequest(PayloadRequest):
     cmd: Literal["reply"]
     message: str
+    quiet: bool = False  # no reply unless it fails (docs/ipc.md, Quiet sends)
 
 
 class RequeueRequest(BaseRequest):

@@ -232,6 +232,8 @@ class IpcServer:
                 f"internal error in '{request.cmd}': {type(exc).__name__}: {exc} "
                 f"(details in {self.home / ipc.LOG_NAME})"
             ))
+        if reply["ok"] and getattr(request, "quiet", False):
+            return  # a quiet send is answered only if it fails
         if request_id is not None:
             reply["id"] = request_id
         self._send(identity, envelope, reply, frames=frames)
