@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +42,7 @@ from .identity import default_home
 
 SOCKET_NAME = "daemon.sock"
 PUB_SOCKET_NAME = "pub.sock"
+STREAM_SOCKET_NAME = "stream.sock"  # the same requests on a plain unix stream socket
 LOCK_NAME = DAEMON_LOCK
 PID_NAME = DAEMON_PID
 LOG_NAME = "daemon.log"
@@ -94,6 +96,63 @@ def endpoint(home: Path) -> str:
 
 def pub_endpoint(home: Path) -> str:
     return "ipc://" + str(home / PUB_SOCKET_NAME)
+
+
+def stream_socket_path(home: Path) -> Path:
+    return home / STREAM_SOCKET_NAME
+
+
+# -- the stream socket's framing -----------------------------------------------------------------
+
+# Each message: the count of its frames (1 or 2), the header's length, the payload's length
+# (0 without one), then the frames' bytes (docs/ipc.md, The stream socket).
+_PREFIX = struct.Struct("!BII")
+
+
+class FramingError(Exception):
+    """The bytes on a stream socket are not messages: the connection is dropped."""
+
+
+def pack_frames(frames: list[bytes]) -> list[bytes]:
+    """A message's frames (a header, and maybe a payload) as the byte strings to write."""
+    if len(frames) == 1:
+        return [_PREFIX.pack(1, len(frames[0]), 0), frames[0]]
+    header, payload = frames
+    return [_PREFIX.pack(2, len(header), len(payload)), header, payload]
+
+
+class FrameReader:
+    """Cuts the bytes read from a stream socket into messages; a frame longer than
+    ``max_frame`` bytes is a :class:`FramingError` before any of it is held."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._need = _PREFIX.size  # bytes the next message needs, at least
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        buffer = self._buffer
+        buffer += data
+        messages: list[list[bytes]] = []
+        start = 0
+        while len(buffer) - start >= self._need:
+            count, size, payload = _PREFIX.unpack_from(buffer, start)
+            if count not in (1, 2) or (count == 1 and payload) or size > self.max_frame \
+                    or payload > self.max_frame:
+                raise FramingError(f"not a message: {count} frames of {size} and {payload} "
+                                   "bytes")
+            end = start + _PREFIX.size + size + payload
+            if len(buffer) < end:
+                self._need = end - start
+                break
+            body = start + _PREFIX.size
+            header = bytes(buffer[body:body + size])
+            messages.append([header] if count == 1 else [header, bytes(buffer[body + size:end])])
+            start = end
+            self._need = _PREFIX.size
+        if start:
+            del buffer[:start]
+        return messages
 
 
 def daemon_pid(home: Path) -> int | None:
@@ -169,7 +228,8 @@ QUIET = "q"  # a quiet request's id is "q<sink>.<n>": its error reply names wher
 
 
 class IpcClient:
-    """One DEALER connection to the daemon; many requests may be in flight at once.
+    """One connection to the daemon; many requests may be in flight at once. It is the
+    daemon's stream socket where there is one (``stream_socket``), else a ZeroMQ DEALER.
 
         async with IpcClient(home) as client:
             info = await client.request("info")
@@ -180,9 +240,14 @@ class IpcClient:
     legitimately waits long (a ``stream_close`` on a slow peer) is never misreported.
     """
 
-    def __init__(self, home: str | Path | None = None, margin: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, home: str | Path | None = None, margin: float = REQUEST_TIMEOUT,
+                 stream_socket: bool = True) -> None:
         self.home = resolve_home(home)
         self.margin = margin
+        self.stream_socket = stream_socket
+        self._channel: _Channel | None = None  # on the stream socket
+        self._opening = asyncio.Lock()
+        self._requeues: set[asyncio.Task[None]] = set()
         # A plain DEALER, read and written without waiting (NOBLOCK): cheaper per message than
         # zmq.asyncio's futures. ``_readable`` is set by the event loop when ZeroMQ's
         # descriptor signals, and by a send that finds replies waiting.
@@ -206,13 +271,28 @@ class IpcClient:
         await self.close()
 
     async def open(self) -> None:
-        if self._socket is not None:
+        if self._socket is not None or self._channel is not None:
             return
+        async with self._opening:
+            if self._socket is None and self._channel is None:
+                await self._connect()
+
+    async def _connect(self) -> None:
         import zmq
 
         address = endpoint(self.home)
         if daemon_pid(self.home) is None:
             raise not_running(self.home)
+        path = stream_socket_path(self.home)
+        if self.stream_socket and path.exists():
+            try:
+                _, self._channel = await asyncio.get_running_loop().create_unix_connection(
+                    lambda: _Channel(self), str(path))
+            except OSError:
+                pass  # a daemon too old to have one, or going away: ZeroMQ tells
+            else:
+                self._lost = None
+                return
         context = _zmq_context()
         socket = zmq.Socket(context, zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -246,6 +326,9 @@ class IpcClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         if self._socket is not None:
             if self._fd is not None:
                 asyncio.get_running_loop().remove_reader(self._fd)
@@ -360,6 +443,9 @@ class IpcClient:
         return request_id
 
     async def _send_frames(self, frames: list[bytes]) -> None:
+        if self._channel is not None:
+            await self._channel.write(frames)
+            return
         import zmq
 
         while True:
@@ -427,34 +513,55 @@ class IpcClient:
                 if not self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     await self._readable.wait()
                 continue
-            try:
-                reply = json.loads(frames[0])
-            except ValueError:
-                continue
-            if not isinstance(reply, dict):
-                continue
-            message = reply.get("message")
-            if len(frames) > 1 and isinstance(message, dict):
-                message["data"] = frames[1]
-            request_id = reply.get("id")
-            if type(request_id) is str and request_id[:1] == QUIET:
-                with contextlib.suppress(ValueError):
-                    self._quiet_failed(request_id, reply)
-                continue
-            on_reply = self._deliveries.get(request_id)  # type: ignore[arg-type]
-            if on_reply is not None:
-                if reply.get("ok") is not True or reply.get("done"):
-                    del self._deliveries[request_id]  # type: ignore[arg-type]  # its last
-                on_reply(reply)
-                continue
-            future = self._waiting.get(request_id)  # type: ignore[arg-type]
-            if future is not None and not future.done():
-                future.set_result(reply)
-            elif reply.get("ok") and isinstance(message, dict):
-                # Its receiver gave up: hand the message back so the next receive gets it.
-                message_id = message.get("id")
-                if message_id is not None:
-                    await self.post("requeue", message=message_id)
+            requeue = self._dispatch(frames)
+            if requeue is not None:
+                await self.post("requeue", message=requeue)
+
+    def _dispatch(self, frames: list[bytes]) -> str | None:
+        """Hand a reply to whoever waits for it; a message nobody waits for any more: its id,
+        to be requeued."""
+        try:
+            reply = json.loads(frames[0])
+        except ValueError:
+            return None
+        if not isinstance(reply, dict):
+            return None
+        message = reply.get("message")
+        if len(frames) > 1 and isinstance(message, dict):
+            message["data"] = frames[1]
+        request_id = reply.get("id")
+        if type(request_id) is str and request_id[:1] == QUIET:
+            with contextlib.suppress(ValueError):
+                self._quiet_failed(request_id, reply)
+            return None
+        on_reply = self._deliveries.get(request_id)  # type: ignore[arg-type]
+        if on_reply is not None:
+            if reply.get("ok") is not True or reply.get("done"):
+                del self._deliveries[request_id]  # type: ignore[arg-type]  # its last
+            on_reply(reply)
+            return None
+        future = self._waiting.get(request_id)  # type: ignore[arg-type]
+        if future is not None and not future.done():
+            future.set_result(reply)
+        elif reply.get("ok") and isinstance(message, dict):
+            # Its receiver gave up: hand the message back so the next receive gets it.
+            message_id = message.get("id")
+            if message_id is not None:
+                return str(message_id)
+        return None
+
+    def _requeue_later(self, message_id: str) -> None:
+        task = asyncio.create_task(self.post("requeue", message=message_id))
+        self._requeues.add(task)
+        task.add_done_callback(self._requeues.discard)
+
+    def _channel_lost(self, channel: _Channel) -> None:
+        if channel is not self._channel:
+            return  # closed by us
+        self._channel = None
+        self._lost = DaemonNotRunningError(
+            f"the daemon (home {self.home}) went away; see {self.home / LOG_NAME}")
+        self._fail_all(self._lost)
 
     async def _watch_connection(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -481,3 +588,52 @@ def error_of(reply: dict[str, Any]) -> PilotError:
     """The exception an ``{"ok": false}`` reply reports."""
     error = reply.get("error")
     return error_from_reply(error if isinstance(error, dict) else {})
+
+
+class _Channel(asyncio.Protocol):
+    """The client's end of the daemon's stream socket."""
+
+    def __init__(self, client: IpcClient) -> None:
+        self._client = client
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader(2**32)  # what our own daemon sends
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._writable.set()
+        self._client._channel_lost(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except FramingError:
+            self.close()
+            return
+        for frames in messages:
+            requeue = self._client._dispatch(frames)
+            if requeue is not None:
+                self._client._requeue_later(requeue)
+
+    async def write(self, frames: list[bytes]) -> None:
+        # The daemon not reading makes the kernel's buffer and then the transport's fill:
+        # wait for room, as a full ZeroMQ queue makes the DEALER wait.
+        if not self._writable.is_set():
+            await self._writable.wait()
+        if self._transport is None:
+            raise self._client._lost or DaemonNotRunningError("the daemon went away")
+        self._transport.writelines(pack_frames(frames))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

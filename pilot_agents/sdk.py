@@ -77,6 +77,9 @@ class ClientOptions:
     # that stops reading stops this client's sends too.
     send_window_messages: int = 64
     send_window_bytes: int = 4 * 1024 * 1024
+    # Talk to the daemon on its plain unix stream socket (stream.sock) when it has one: the
+    # same requests at less cost per message than its ZeroMQ socket (docs/ipc.md).
+    stream_socket: bool = True
 
     def __post_init__(self) -> None:
         if self.answer_margin <= 0:
@@ -130,7 +133,7 @@ class Client:
     def __init__(self, home: str | Path | None = None,
                  options: ClientOptions | None = None) -> None:
         self.options = options or ClientOptions()
-        self._ipc = IpcClient(home, self.options.answer_margin)
+        self._ipc = IpcClient(home, self.options.answer_margin, self.options.stream_socket)
         self._pipeline = _Pipeline(self._ipc, self.options)
         self._reply_error: PilotError | None = None  # of a quiet reply, for flush()
         self._reply_sink = self._ipc.add_sink(self._reply_failed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +67,7 @@ def test_info_over_a_plain_req_socket(daemon_pair: Pair, context: zmq.Context[An
 
 def test_socket_and_home_are_owner_only(daemon_pair: Pair) -> None:
     a, _ = daemon_pair
-    for name in ("daemon.sock", "pub.sock"):
+    for name in ("daemon.sock", "pub.sock", "stream.sock"):
         mode = stat.S_IMODE((a.home / name).stat().st_mode)
         assert mode == 0o600, (name, oct(mode))
     assert stat.S_IMODE(a.home.stat().st_mode) & 0o077 == 0
@@ -325,3 +327,63 @@ def test_deliver_pushes_within_credit_raw(daemon_pair: Pair, context: zmq.Contex
         assert json.loads(dealer.recv_multipart()[0]) == {"ok": True, "cancelled": True, "id": 11}
     finally:
         dealer.close()
+
+
+def stream_call(sock: socket.socket, header: dict[str, Any], payload: bytes | None = None,
+                ) -> tuple[dict[str, Any], bytes | None]:
+    """One request on the stream socket, framed by hand as docs/ipc.md says."""
+    body = json.dumps(header).encode()
+    if payload is None:
+        sock.sendall(struct.pack("!BII", 1, len(body), 0) + body)
+    else:
+        sock.sendall(struct.pack("!BII", 2, len(body), len(payload)) + body + payload)
+    count, size, length = struct.unpack("!BII", recv_exactly(sock, 9))
+    reply = json.loads(recv_exactly(sock, size))
+    return reply, recv_exactly(sock, length) if count == 2 else None
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the daemon closed the stream socket"
+        data += chunk
+    return data
+
+
+def stream_socket(home: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(15)
+    sock.connect(str(home / "stream.sock"))
+    return sock
+
+
+def test_the_stream_socket_speaks_the_same_requests(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    with stream_socket(a.home) as sock:
+        reply, frame = stream_call(sock, {"cmd": "info", "id": 1})
+        assert reply["ok"] and reply["id"] == 1 and reply["node_id"] == a.node_id
+        assert frame is None
+        reply, _ = stream_call(sock, {"cmd": "send", "id": 2, "target": "beta", "port": 1001},
+                               b"\xff\x00 framed")
+        assert reply["ok"] and reply["bytes"] == 9, reply
+    with stream_socket(b.home) as sock:
+        reply, frame = stream_call(sock, {"cmd": "receive", "id": "r", "port": 1001,
+                                          "timeout": 10, "data_frame": True})
+        assert reply["ok"] and reply["message"]["from"] == a.node_id
+        assert frame == b"\xff\x00 framed"
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x07" + b"\x00" * 8,  # seven frames
+    struct.pack("!BII", 1, 2**31, 0),  # a header far over the bounds
+    struct.pack("!BII", 1, 3, 5) + b"abc",  # one frame, with a payload length
+], ids=["frames", "oversize", "inconsistent"])
+def test_garbage_on_the_stream_socket_drops_only_that_client(daemon_pair: Pair,
+                                                             garbage: bytes) -> None:
+    a, _ = daemon_pair
+    with stream_socket(a.home) as sock:
+        sock.sendall(garbage)
+        assert sock.recv(1) == b""  # dropped
+    with stream_socket(a.home) as sock:
+        assert stream_call(sock, {"cmd": "info"})[0]["ok"] is True

@@ -357,3 +357,20 @@ async def test_a_reply_that_fails_in_the_daemon_is_raised_by_flush(daemon_pair: 
         with pytest.raises(ConnectionClosedError, match="can no longer be replied to"):
             await client.flush()
         await client.flush()  # raised once
+
+
+@pytest.mark.parametrize("stream_socket", [True, False], ids=["stream socket", "zeromq"])
+async def test_the_sdk_speaks_either_socket(daemon_pair: Pair, stream_socket: bool) -> None:
+    a, b = daemon_pair
+    options = ClientOptions(stream_socket=stream_socket)
+    async with pilot.Client(b.home, options) as server, pilot.Client(a.home, options) as client, \
+            server.listen(7109) as listener, client.connect("beta", 7109) as conn:
+        assert (client._ipc._channel is not None) == stream_socket
+        for n in range(3):
+            await conn.send({"n": n})
+        for n in range(3):
+            message = await listener.receive(timeout=5)
+            assert message.json() == {"n": n}
+            await message.reply(b"%d" % n)
+        assert [(await conn.receive(timeout=5)).data for _ in range(3)] == [b"0", b"1", b"2"]
+        await server.flush()

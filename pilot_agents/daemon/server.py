@@ -12,9 +12,11 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -58,6 +60,12 @@ class IpcServer:
         self._router: zmq.Socket[bytes] | None = None
         self._readable = asyncio.Event()
         self._pub: zmq.Socket[bytes] | None = None
+        # The plain unix stream socket beside the ROUTER (docs/ipc.md, The stream socket): its
+        # clients by the identity they get here, which no ZeroMQ identity can be.
+        self._listening: socket.socket | None = None
+        self._stream_server: asyncio.AbstractServer | None = None
+        self._peers: dict[bytes, _StreamPeer] = {}
+        self._peer_ids = itertools.count(1)
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
         self._in_flight: collections.Counter[bytes] = collections.Counter()  # per client
@@ -80,15 +88,22 @@ class IpcServer:
         # socket the pumps call without awaiting.
         pub: zmq.Socket[bytes] = zmq.Socket(context, zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream_path = ipc.stream_socket_path(self.home)
+        with contextlib.suppress(FileNotFoundError):
+            stream_path.unlink()  # a crashed daemon's (we hold the home's lock)
         old_umask = os.umask(0o177)
         try:
             router.bind(address)
             pub.bind(ipc.pub_endpoint(self.home))
+            listening.bind(str(stream_path))
         finally:
             os.umask(old_umask)
-        for name in (ipc.SOCKET_NAME, ipc.PUB_SOCKET_NAME):
+        for name in (ipc.SOCKET_NAME, ipc.PUB_SOCKET_NAME, ipc.STREAM_SOCKET_NAME):
             os.chmod(self.home / name, 0o600)
-        self._router, self._pub = router, pub
+        listening.listen(64)
+        listening.setblocking(False)
+        self._router, self._pub, self._listening = router, pub, listening
 
     def publish(self, frames: list[bytes]) -> None:
         if self._pub is not None:
@@ -100,6 +115,15 @@ class IpcServer:
             if sock is not None:
                 sock.close(linger=0)
         self._router = self._pub = None
+        if self._stream_server is not None:
+            self._stream_server.close()
+        elif self._listening is not None:
+            self._listening.close()
+        self._stream_server = self._listening = None
+        for peer in list(self._peers.values()):
+            peer.transport.abort()
+        with contextlib.suppress(OSError):
+            ipc.stream_socket_path(self.home).unlink()
 
     async def cancel_all(self) -> None:
         tasks = list(self._tasks.values())
@@ -113,6 +137,9 @@ class IpcServer:
         router = self._router
         assert router is not None
         loop = asyncio.get_running_loop()
+        if self._listening is not None:
+            self._stream_server = await loop.create_unix_server(
+                lambda: _StreamPeer(self), sock=self._listening)
         fd = cast(int, router.getsockopt(zmq.FD))
         loop.add_reader(fd, self._readable.set)
         try:
@@ -247,6 +274,16 @@ class IpcServer:
             reply["id"] = request_id
         return self._send(identity, envelope, reply, frames=True, give_back=False)
 
+    def _connected(self, peer: _StreamPeer) -> bytes:
+        # Nine bytes from a zero byte: ZeroMQ's own identities are five, and an application
+        # may not choose one that starts with a zero byte.
+        identity = b"\x00" + next(self._peer_ids).to_bytes(8, "big")
+        self._peers[identity] = peer
+        return identity
+
+    def _disconnected(self, identity: bytes) -> None:
+        self._peers.pop(identity, None)
+
     def _send(self, identity: bytes, envelope: list[bytes], reply: Reply, *,
               frames: bool = False, give_back: bool = True) -> bool:
         """Send a reply without waiting; False if it could not be. A message it carries has
@@ -262,6 +299,13 @@ class IpcServer:
             else:
                 message["data"], message["encoding"] = encode_data(message["data"])
         parts[len(envelope) + 1] = json.dumps(reply, separators=(",", ":")).encode("utf-8")
+        peer = self._peers.get(identity) if len(identity) == 9 else None
+        if peer is not None:
+            if peer.write(parts[1:], self.options.max_payload_bytes):
+                return True
+            self._not_sent(zmq.ZMQError(zmq.EAGAIN, "the client does not read its replies"),
+                           message if give_back else None)
+            return False
         try:
             self._router.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -285,3 +329,56 @@ class IpcServer:
 
 def _has_input(sock: zmq.Socket[bytes]) -> bool:
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+class _StreamPeer(asyncio.Protocol):
+    """One client on the stream socket: frames in and out as ``ipc.pack_frames`` lays them."""
+
+    def __init__(self, server: IpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.identity = b""
+        opts = server.options
+        self._reader = ipc.FrameReader(2 * max(opts.max_request_bytes, opts.max_payload_bytes))
+        self._pending: collections.deque[list[bytes]] = collections.deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.identity = self.server._connected(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._disconnected(self.identity)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except ipc.FramingError as exc:
+            log.debug("stream client dropped: %s", exc)
+            self.transport.abort()
+            return
+        if messages:
+            # One request per turn of the loop, as the ROUTER is read: each request's task
+            # gets to run before the next is taken (and a flood waits in the client's socket).
+            self._pending.extend(messages)
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._next)
+
+    def _next(self) -> None:
+        if not self._pending:
+            return
+        try:
+            self.server._accept([self.identity, *self._pending.popleft()])
+        except Exception:
+            log.exception("failed to handle a request (the daemon carries on)")
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._next)
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write(self, frames: list[bytes], limit: int) -> bool:
+        """Queue a reply; False if the client has more than ``limit`` bytes unread already
+        (or is gone), as a full ZeroMQ queue refuses one."""
+        if self.transport.is_closing() or self.transport.get_write_buffer_size() > limit:
+            return False
+        self.transport.writelines(ipc.pack_frames(frames))
+        return True
