@@ -2,6 +2,7 @@
 round trip (the client, its daemon, the server's daemon, the server), beside the latency.
 
     .venv/bin/python -m benchmarks.daemon_path [--mode reqrep|plain] [--rounds N]
+        [--socket stream|zeromq]
 
 CPU time per round trip moves much less than latency on a loaded machine (it does not count
 the time a process waits for a core), so it compares two versions of the IPC path even while
@@ -27,6 +28,7 @@ from benchmarks.harness import HOST, percentile
 from pilot_agents import Client
 from pilot_agents.daemon import DaemonOptions, start_detached, stop
 from pilot_agents.patterns.reqrep import Replier, Requester
+from pilot_agents.sdk import ClientOptions
 
 PORT = 2001
 WARMUP = 200
@@ -39,9 +41,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def serve(home: str, mode: str) -> None:
+def options(socket: str) -> ClientOptions:
+    """The SDK on the daemon's stream socket (its default) or on its ZeroMQ socket."""
+    return ClientOptions(stream_socket=socket == "stream")
+
+
+async def serve(home: str, mode: str, socket: str) -> None:
     """The server process: echo every request until killed."""
-    async with Client(home) as client:
+    async with Client(home, options(socket)) as client:
         if mode == "plain":
             async with client.listen(PORT) as listener:
                 print("ready", flush=True)
@@ -54,9 +61,10 @@ async def serve(home: str, mode: str) -> None:
                     await request.reply(request.data)
 
 
-async def measure(home: Path, peer: str, mode: str, rounds: int) -> tuple[list[int], float]:
+async def measure(home: Path, peer: str, mode: str, rounds: int,
+                  socket: str) -> tuple[list[int], float]:
     """Round-trip times (ns) after the warm-up, and this process's CPU seconds over them."""
-    async with Client(home) as client, Requester(client) as requester, \
+    async with Client(home, options(socket)) as client, Requester(client) as requester, \
             client.connect(peer, PORT) as conn:
 
         async def roundtrip() -> bytes:
@@ -91,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=["reqrep", "plain"], default="reqrep")
     parser.add_argument("--rounds", type=int, default=2000)
-    parser.add_argument("--serve", nargs=2, metavar=("HOME", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--socket", choices=["stream", "zeromq"], default="stream",
+                        help="the daemon socket the SDK talks on (default: stream)")
+    parser.add_argument("--serve", nargs=3, metavar=("HOME", "MODE", "SOCKET"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         pilot_agents.run(serve(*args.serve))
@@ -106,19 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(trust_each_other(homes, infos))
         server = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.daemon_path", "--serve", str(homes[1]),
-             args.mode], stdout=subprocess.PIPE, text=True)
+             args.mode, args.socket], stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         server.stdout.readline()
         pids = {"client daemon": int(str(infos[0]["pid"])),
                 "server daemon": int(str(infos[1]["pid"])), "server": server.pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         samples, own = pilot_agents.run(measure(homes[0], str(infos[1]["node_id"]), args.mode,
-                                                args.rounds))
+                                                args.rounds, args.socket))
         per_rt = {name: round((cpu_seconds(pid) - before[name]) / args.rounds * 1e6)
                   for name, pid in pids.items()}
         per_rt["client"] = round(own / args.rounds * 1e6)
         print(json.dumps({
-            "mode": args.mode, "rounds": args.rounds,
+            "mode": args.mode, "socket": args.socket, "rounds": args.rounds,
             "median_us": round(percentile(tuple(samples), 50) / 1000, 1),
             "p99_us": round(percentile(tuple(samples), 99) / 1000, 1),
             "cpu_us_per_round_trip": per_rt, "cpu_us_total": sum(per_rt.values()),
