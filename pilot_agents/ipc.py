@@ -123,36 +123,59 @@ def pack_frames(frames: list[bytes]) -> list[bytes]:
 
 class FrameReader:
     """Cuts the bytes read from a stream socket into messages; a frame longer than
-    ``max_frame`` bytes is a :class:`FramingError` before any of it is held."""
+    ``max_frame`` bytes is a :class:`FramingError` before any of it is held. A payload is
+    gathered as views of what was read and joined once: one copy, whatever its size."""
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buffer = bytearray()
-        self._need = _PREFIX.size  # bytes the next message needs, at least
+        self._head = bytearray()  # the prefix and header of the next message, so far
+        self._size = -1  # the header's length, once the prefix is in
+        self._frames = 0
+        self._payload = 0
+        self._header: bytes | None = None  # once read, while its payload comes
+        self._chunks: list[memoryview] = []
+        self._have = 0  # payload bytes in _chunks
 
     def feed(self, data: bytes) -> list[list[bytes]]:
-        buffer = self._buffer
-        buffer += data
         messages: list[list[bytes]] = []
-        start = 0
-        while len(buffer) - start >= self._need:
-            count, size, payload = _PREFIX.unpack_from(buffer, start)
-            if count not in (1, 2) or (count == 1 and payload) or size > self.max_frame \
-                    or payload > self.max_frame:
-                raise FramingError(f"not a message: {count} frames of {size} and {payload} "
-                                   "bytes")
-            end = start + _PREFIX.size + size + payload
-            if len(buffer) < end:
-                self._need = end - start
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._header is not None:
+                take = min(self._payload - self._have, end - pos)
+                self._chunks.append(view[pos:pos + take])
+                self._have += take
+                pos += take
+                if self._have == self._payload:
+                    messages.append([self._header, b"".join(self._chunks)])
+                    self._header, self._chunks, self._have = None, [], 0
+                continue
+            want = _PREFIX.size if self._size < 0 else _PREFIX.size + self._size
+            take = min(want - len(self._head), end - pos)
+            self._head += view[pos:pos + take]
+            pos += take
+            if len(self._head) < want:
                 break
-            body = start + _PREFIX.size
-            header = bytes(buffer[body:body + size])
-            messages.append([header] if count == 1 else [header, bytes(buffer[body + size:end])])
-            start = end
-            self._need = _PREFIX.size
-        if start:
-            del buffer[:start]
+            if self._size < 0:
+                self._start(*_PREFIX.unpack(self._head))
+                if self._size:
+                    continue
+            header = bytes(self._head[_PREFIX.size:])
+            self._head.clear()
+            self._size = -1
+            if self._frames == 1:
+                messages.append([header])
+            elif self._payload == 0:
+                messages.append([header, b""])
+            else:
+                self._header = header
         return messages
+
+    def _start(self, frames: int, size: int, payload: int) -> None:
+        if frames not in (1, 2) or (frames == 1 and payload) or size == 0 \
+                or size > self.max_frame or payload > self.max_frame:
+            raise FramingError(f"not a message: {frames} frames of {size} and {payload} bytes")
+        self._frames, self._size, self._payload = frames, size, payload
 
 
 def daemon_pid(home: Path) -> int | None:

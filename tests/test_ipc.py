@@ -378,7 +378,8 @@ def test_the_stream_socket_speaks_the_same_requests(daemon_pair: Pair) -> None:
     b"\x07" + b"\x00" * 8,  # seven frames
     struct.pack("!BII", 1, 2**31, 0),  # a header far over the bounds
     struct.pack("!BII", 1, 3, 5) + b"abc",  # one frame, with a payload length
-], ids=["frames", "oversize", "inconsistent"])
+    struct.pack("!BII", 1, 0, 0),  # an empty header
+], ids=["frames", "oversize", "inconsistent", "empty"])
 def test_garbage_on_the_stream_socket_drops_only_that_client(daemon_pair: Pair,
                                                              garbage: bytes) -> None:
     a, _ = daemon_pair
@@ -387,3 +388,16 @@ def test_garbage_on_the_stream_socket_drops_only_that_client(daemon_pair: Pair,
         assert sock.recv(1) == b""  # dropped
     with stream_socket(a.home) as sock:
         assert stream_call(sock, {"cmd": "info"})[0]["ok"] is True
+
+
+def test_the_stream_framing_survives_any_split() -> None:
+    from pilot_agents.ipc import FrameReader, pack_frames
+
+    messages = [[b'{"a":1}'], [b'{"b":2}', b"payload" * 1000], [b'{"c":3}', b""], [b"{}"]]
+    wire = b"".join(b"".join(pack_frames(m)) for m in messages)
+    for step in (1, 2, 7, 9, 100, 4096, len(wire)):
+        reader = FrameReader(1 << 20)
+        got = []
+        for at in range(0, len(wire), step):
+            got += reader.feed(wire[at:at + step])
+        assert got == messages, step
