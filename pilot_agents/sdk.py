@@ -528,8 +528,11 @@ class _Delivery:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             try:
-                async with asyncio.timeout_at(deadline):
+                if deadline is None:  # no timer to arm and disarm per message
                     await waiter
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
             except TimeoutError:
                 raise PilotTimeoutError(
                     f"no message on {self._what} within {timeout:g} s") from None

@@ -129,8 +129,11 @@ class Inbox:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.add(waiter)
             try:
-                async with asyncio.timeout_at(deadline):
+                if deadline is None:  # a deliver's wait: no timer to arm and disarm each time
                     await waiter
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
             except TimeoutError:
                 return ready()
             finally:
