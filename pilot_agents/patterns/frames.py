@@ -27,6 +27,13 @@ class Kind(enum.IntEnum):
     GAP = 6  # id: how many publications the publisher dropped for this subscriber
     HEARTBEAT = 7  # the publisher is alive; sent on a subscription idle for a while
     BYE = 8  # the publisher is closing: subscribe again later
+    # push/pull (from 16 on, leaving room after the kinds above); a puller says HEARTBEAT
+    # while alive and BYE when it closes, as a publisher does
+    HELLO = 16  # id: a pusher opening a link to a puller, which answers with CREDIT
+    CREDIT = 17  # id: items a puller takes in flight on the link; its bytes and heartbeat
+    ITEM = 18  # id: the item's number at its pusher; payload: its data
+    ITEM_AGAIN = 19  # an ITEM sent once more: the puller it went to first went away
+    ACK = 20  # id: the item the puller's consumer finished, which frees its credit
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +144,22 @@ def parse_error_untrusted(payload: bytes) -> tuple[str, str]:
     except (WireError, ValueError):
         return "RemoteError", payload[:200].decode("utf-8", "replace")
     return remote_type, message
+
+
+_CREDIT = struct.Struct("!QI")
+MAX_HEARTBEAT_MS = 3_600_000  # an hour: a longer heartbeat interval is not believed
+
+
+def encode_credit(window_bytes: int, heartbeat_interval: float) -> bytes:
+    return _CREDIT.pack(window_bytes, max(1, round(heartbeat_interval * 1000)))
+
+
+def parse_credit_untrusted(payload: bytes) -> tuple[int, float]:
+    """A CREDIT frame's payload: the bytes a puller takes in flight (at least 1), and the
+    seconds between its heartbeats (its pusher counts it gone after three of them)."""
+    if len(payload) != _CREDIT.size:
+        raise WireError(f"a credit of {len(payload)} bytes, not {_CREDIT.size}")
+    window_bytes, heartbeat_ms = _CREDIT.unpack(payload)
+    if window_bytes < 1 or not 1 <= heartbeat_ms <= MAX_HEARTBEAT_MS:
+        raise WireError(f"a credit of {window_bytes} bytes, heartbeat {heartbeat_ms} ms")
+    return int(window_bytes), heartbeat_ms / 1000

@@ -1,0 +1,290 @@
+"""Push/pull (pilot_agents.patterns.pushpull) on both transports: a pusher and three pullers,
+each on its own embedded Node or behind its own daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pilot_agents import Client, PilotTimeoutError, Transport
+from pilot_agents.node import Node
+from pilot_agents.patterns import Puller, Pusher, PushPullConfig, WorkItem
+from pilot_agents.patterns.frames import Kind, encode_credit, encode_frame
+from tests.conftest import DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
+from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
+
+FAST = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
+                      push_timeout=10.0)
+
+
+@dataclass
+class Cluster:
+    hub: Transport  # the pusher's
+    workers: list[Transport]  # each puller's, on its own node
+    names: list[str]  # how the hub names each worker
+    kill: Callable[[int], Awaitable[None]]  # worker i's node goes away
+
+
+@contextlib.asynccontextmanager
+async def embedded_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with contextlib.AsyncExitStack() as stack:
+        hub, *workers = [await stack.enter_async_context(
+            Node(home=tmp_path / name, listen="127.0.0.1:0")) for name in ("hub", "w1", "w2", "w3")]
+        for worker in workers:
+            hub.trust(worker.node_id)
+            worker.trust(hub.node_id)
+            hub.add_peer(worker.node_id, worker.local_endpoint)
+
+        async def kill(index: int) -> None:
+            await workers[index].close()
+
+        yield Cluster(hub, list(workers), [w.node_id for w in workers], kill)
+
+
+@contextlib.contextmanager
+def daemons() -> Iterator[list[DaemonHandle]]:
+    """A hub daemon and three workers, each a named static peer of the hub, trusting it."""
+    names = ["hub", "w1", "w2", "w3"]
+    homes = [short_home() for _ in names]
+    try:
+        hub, *workers = start_daemons(*zip(homes, names, strict=True))
+        for worker in workers:
+            peer_up(hub, worker)
+        yield [hub, *workers]
+    finally:
+        stop_daemons(*homes)
+
+
+@contextlib.asynccontextmanager
+async def daemon_cluster(handles: list[DaemonHandle]) -> AsyncIterator[Cluster]:
+    async with contextlib.AsyncExitStack() as stack:
+        hub, *workers = [await stack.enter_async_context(Client(h.home)) for h in handles]
+
+        async def kill(index: int) -> None:  # no word to anyone: the hub must notice silence
+            os.kill(handles[index + 1].pid, signal.SIGKILL)
+
+        yield Cluster(hub, list(workers), [h.hostname for h in handles[1:]], kill)
+
+
+@pytest.fixture(name="daemon_cluster", scope="module")
+def daemon_cluster_fixture() -> Iterator[list[DaemonHandle]]:
+    with daemons() as handles:
+        yield handles
+
+
+@pytest.fixture
+async def cluster(kind: str, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    if kind == "embedded":
+        async with embedded_cluster(tmp_path) as c:
+            yield c
+    else:
+        async with daemon_cluster(request.getfixturevalue("daemon_cluster")) as c:
+            yield c
+
+
+async def until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+async def collect(puller: Puller, into: list[WorkItem]) -> None:
+    async for item in puller:
+        into.append(item)
+
+
+@contextlib.asynccontextmanager
+async def consuming(pullers: list[Puller]) -> AsyncIterator[list[list[WorkItem]]]:
+    """Each puller's items as its consumer (auto_ack) takes them, in the background."""
+    seen: list[list[WorkItem]] = [[] for _ in pullers]
+    tasks = [asyncio.create_task(collect(p, s)) for p, s in zip(pullers, seen, strict=True)]
+    try:
+        yield seen
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_three_pullers_share_the_work_and_none_gets_an_item_twice(
+        cluster: Cluster) -> None:
+    async with (
+        Puller(cluster.workers[0], 9001, FAST) as p1,
+        Puller(cluster.workers[1], 9001, FAST) as p2,
+        Puller(cluster.workers[2], 9001, FAST) as p3,
+        Pusher(cluster.hub, cluster.names, 9001, FAST) as pusher,
+        consuming([p1, p2, p3]) as seen,
+    ):
+        await until(lambda: len(pusher.connected) == 3, "three links")
+        pushed = [await pusher.push({"n": n}) for n in range(60)]
+        await pusher.join(timeout=20)
+        ids = [item.id for items in seen for item in items]
+        assert sorted(ids) == sorted(pushed)  # each once
+        assert sorted(item.json()["n"] for items in seen for item in items) == list(range(60))
+        assert [len(items) for items in seen] == [20, 20, 20]  # round robin, all with room
+        assert not any(item.redelivered for items in seen for item in items)
+        assert pusher.redelivered == 0 and pusher.pending == 0
+
+
+async def test_a_killed_puller_loses_nothing_its_items_go_to_the_others(
+        kind: str, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        if kind == "embedded":
+            made = embedded_cluster(tmp_path)
+        else:  # its own daemons: one of them is killed
+            made = daemon_cluster(stack.enter_context(daemons()))
+        async with made as cluster:
+            await _kill_a_puller(cluster)
+
+
+async def _kill_a_puller(cluster: Cluster) -> None:
+    # The third puller's consumer takes items and never finishes one: they stay unacknowledged
+    # until its node goes away, and must then be done by the others.
+    async with (
+        Puller(cluster.workers[0], 9002, FAST) as p1,
+        Puller(cluster.workers[1], 9002, FAST) as p2,
+        Puller(cluster.workers[2], 9002, FAST, auto_ack=False) as stuck,
+        Pusher(cluster.hub, cluster.names, 9002, FAST) as pusher,
+        consuming([p1, p2]) as seen,
+    ):
+        await until(lambda: len(pusher.connected) == 3, "three links")
+        pushed = [await pusher.push(n) for n in range(30)]
+        held = [await stuck.receive(5) for _ in range(10)]
+        await until(lambda: pusher.pending == 10, "the others' items acknowledged")
+        await cluster.kill(2)
+        for n in range(30, 60):
+            pushed.append(await pusher.push(n))
+        await pusher.join(timeout=20)
+        done = [item for items in seen for item in items]
+        assert sorted(item.id for item in done) == sorted(pushed)  # none lost, none twice
+        # Its items, and any pushed to it before its pusher knew it was gone, were sent again.
+        again = {item.id for item in done if item.redelivered}
+        assert {item.id for item in held} <= again and pusher.redelivered == len(again)
+        assert cluster.names[2] not in pusher.connected
+
+
+async def test_pullers_that_stop_reading_make_push_wait(cluster: Cluster) -> None:
+    async with (  # one window bounded by its items, the other by its bytes
+        Puller(cluster.workers[0], 9003, PushPullConfig(window_items=3)) as idle,
+        Puller(cluster.workers[1], 9003, PushPullConfig(window_bytes=4000)) as small,
+        Pusher(cluster.hub, cluster.names[:2], 9003, FAST) as pusher,
+    ):
+        await until(lambda: len(pusher.connected) == 2, "two links")
+        for _ in range(7):
+            await pusher.push(b"b" * 1000)
+        with pytest.raises(PilotTimeoutError, match="had room.*2 of 2 pullers connected"):
+            await pusher.push(b"b" * 1000, timeout=0.5)
+        await until(lambda: idle.queued == 3 and small.queued == 4, "windows full")
+        # A full puller is skipped: the one that reads takes everything after.
+        async with consuming([small]) as seen:
+            for _ in range(20):
+                await pusher.push(b"b" * 1000, timeout=5)
+            await until(lambda: len(seen[0]) == 24, "the reader's items")
+        assert idle.queued == 3 and pusher.pending >= 3  # the idle one held no more
+        async with consuming([idle]):
+            await pusher.join(timeout=10)
+
+
+async def test_a_puller_that_comes_back_gets_work_again(pair: Pair) -> None:
+    async with Pusher(pair.client.transport, [pair.server_name], 9004, FAST) as pusher:
+        async with Puller(pair.server.transport, 9004, FAST) as first:
+            await pusher.push("before")
+            assert (await first.receive(5)).text() == "before"
+        await until(lambda: not pusher.connected, "the link dropped")
+        with pytest.raises(PilotTimeoutError, match="no puller connected"):
+            await pusher.push("nobody", timeout=0.3)
+        async with Puller(pair.server.transport, 9004, FAST) as second:
+            await pusher.push("after", timeout=10)
+            item = await second.receive(5)
+            assert item.text() == "after" and not item.redelivered
+            await item.ack()  # auto_ack would at the next receive
+            await pusher.join(timeout=5)
+
+
+async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair) -> None:
+    async with Pusher(pair.client.transport, [pair.server_name], 9005, FAST) as pusher:
+        async with Puller(pair.server.transport, 9005, FAST, auto_ack=False) as first:
+            await pusher.push("one")
+            await pusher.push("two")
+            assert (await first.receive(5)).text() == "one"
+        async with Puller(pair.server.transport, 9005, FAST) as second:
+            got = [await second.receive(10) for _ in range(2)]
+            assert [(i.text(), i.redelivered) for i in got] == [("one", True), ("two", True)]
+            await got[1].ack()
+            await pusher.join(timeout=5)
+
+
+async def test_malformed_frames_never_stop_a_puller(pair: Pair) -> None:
+    config = PushPullConfig(window_items=2, heartbeat_interval=0.2)
+    client = pair.client.transport
+    async with Puller(pair.server.transport, 9006, config) as puller:
+        for junk in (b"", b"\x12", b"\xff" * 64, encode_frame(Kind.ITEM, 1, b"no link"),
+                     bytes([99]) + bytes(8), encode_frame(Kind.CREDIT, 2**64 - 1, b"\xff" * 12)):
+            await client.send(pair.server_name, 9006, junk, timeout=10)
+        async with client.connect(pair.server_name, 9006) as conn:  # beyond its window
+            await conn.send(encode_frame(Kind.HELLO, 7, b""))
+            assert (await conn.receive(5)).data[0] == Kind.CREDIT
+            for n in range(3):
+                await conn.send(encode_frame(Kind.ITEM, n, b"x"))
+            await conn.send(encode_frame(Kind.ACK, 1, b""))  # on a link dropped already
+            await until(lambda: puller.malformed == 8, "malformed counted")
+            assert puller.pushers == 0 and puller.queued == 0  # its items went with it
+        async with Pusher(client, [pair.server_name], 9006, config) as pusher:
+            await pusher.push("still here")
+            item = await puller.receive(5)
+            assert item.text() == "still here"
+            await item.ack()
+            await pusher.join(timeout=5)
+        assert puller.malformed == 8
+
+
+@pytest.mark.parametrize("kind", ["embedded"], indirect=True)
+async def test_malformed_frames_never_stop_a_pusher(cluster: Cluster) -> None:
+    """The first 'puller' answers each link with another kind of garbage; the pusher drops
+    those links and gives everything to the real one."""
+    credit = encode_credit(2**64 - 1, 0.001)
+    answers = [b"\xff" * 40, b"\x11", encode_frame(Kind.CREDIT, 0, credit),
+               encode_frame(Kind.CREDIT, 5, b"\x00"), encode_frame(Kind.ITEM, 1, b"?"),
+               encode_frame(Kind.CREDIT, 2**64 - 1, encode_credit(2**64 - 1, 3600)),
+               encode_frame(Kind.CREDIT, 1, credit)]  # then silent: a link that hears
+    # nothing for three of the heartbeats it announced drops
+
+    async def fake_puller() -> None:
+        async with cluster.workers[0].listen(9007) as listener:
+            async for message in listener:
+                if message.data[0] == Kind.HELLO and answers:
+                    await message.reply(answers.pop(0))
+                elif message.data[0] == Kind.ITEM:  # on a link its credit opened
+                    await message.reply(encode_frame(Kind.ACK, 12345, b""))
+
+    fake = asyncio.create_task(fake_puller())
+    try:
+        async with (
+            Puller(cluster.workers[1], 9007, FAST) as real,
+            Pusher(cluster.hub, cluster.names[:2], 9007, FAST) as pusher,
+            consuming([real]) as seen,
+        ):
+            pushed = []
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while answers or len(pushed) < 20:  # while the pusher links to the fake, again
+                assert loop.time() - started < 15, f"answers left: {answers}"
+                pushed.append(await pusher.push(len(pushed)))
+                await asyncio.sleep(0.01)
+            await pusher.join(timeout=20)
+            assert sorted(item.id for item in seen[0]) == sorted(pushed)
+            assert pusher.malformed == 6  # the 5 malformed answers and the unknown ACK
+            assert pusher.redelivered >= 1  # what went to the link its huge credit opened
+    finally:
+        fake.cancel()
+        await asyncio.gather(fake, return_exceptions=True)
