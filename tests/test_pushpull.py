@@ -13,11 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Client, PilotTimeoutError, Transport
+from pilot_agents import Client, PilotTimeoutError, Transport, ipc
 from pilot_agents.node import Node
 from pilot_agents.patterns import Puller, Pusher, PushPullConfig, WorkItem
 from pilot_agents.patterns.frames import Kind, encode_credit, encode_frame
-from tests.conftest import DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
+from tests.conftest import (
+    DaemonHandle,
+    peer_up,
+    short_home,
+    start_daemon,
+    start_daemons,
+    stop_daemons,
+)
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 FAST = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
@@ -30,6 +37,7 @@ class Cluster:
     workers: list[Transport]  # each puller's, on its own node
     names: list[str]  # how the hub names each worker
     kill: Callable[[int], Awaitable[None]]  # worker i's node goes away
+    restart: Callable[[int], Awaitable[Transport]]  # worker i's node, killed, starts again
 
 
 @contextlib.asynccontextmanager
@@ -45,19 +53,27 @@ async def embedded_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         async def kill(index: int) -> None:
             await workers[index].close()
 
-        yield Cluster(hub, list(workers), [w.node_id for w in workers], kill)
+        ports = [w.local_endpoint[1] for w in workers]
+
+        async def restart(index: int) -> Transport:  # the same home, the same address
+            node = await stack.enter_async_context(
+                Node(home=tmp_path / f"w{index + 1}", listen=f"127.0.0.1:{ports[index]}"))
+            node.trust(hub.node_id)
+            return node
+
+        yield Cluster(hub, list(workers), [w.node_id for w in workers], kill, restart)
 
 
 @contextlib.contextmanager
-def daemons() -> Iterator[list[DaemonHandle]]:
-    """A hub daemon and three workers, each a named static peer of the hub, trusting it."""
-    names = ["hub", "w1", "w2", "w3"]
+def daemons(workers: int = 3) -> Iterator[list[DaemonHandle]]:
+    """A hub daemon and its workers, each a named static peer of the hub, trusting it."""
+    names = ["hub", *(f"w{n}" for n in range(1, workers + 1))]
     homes = [short_home() for _ in names]
     try:
-        hub, *workers = start_daemons(*zip(homes, names, strict=True))
-        for worker in workers:
-            peer_up(hub, worker)
-        yield [hub, *workers]
+        handles = start_daemons(*zip(homes, names, strict=True))
+        for worker in handles[1:]:
+            peer_up(handles[0], worker)
+        yield handles
     finally:
         stop_daemons(*homes)
 
@@ -69,8 +85,16 @@ async def daemon_cluster(handles: list[DaemonHandle]) -> AsyncIterator[Cluster]:
 
         async def kill(index: int) -> None:  # no word to anyone: the hub must notice silence
             os.kill(handles[index + 1].pid, signal.SIGKILL)
+            await until(lambda: ipc.daemon_pid(handles[index + 1].home) is None, "it died")
 
-        yield Cluster(hub, list(workers), [h.hostname for h in handles[1:]], kill)
+        async def restart(index: int) -> Transport:  # the same home, a new UDP port
+            old = handles[index + 1]
+            new = start_daemon(old.home, old.hostname)
+            peer_up(handles[0], new)
+            handles[index + 1] = new
+            return await stack.enter_async_context(Client(new.home))
+
+        yield Cluster(hub, list(workers), [h.hostname for h in handles[1:]], kill, restart)
 
 
 @pytest.fixture(name="daemon_cluster", scope="module")
@@ -136,21 +160,24 @@ async def test_three_pullers_share_the_work_and_none_gets_an_item_twice(
         assert pusher.redelivered == 0 and pusher.pending == 0
 
 
+@contextlib.asynccontextmanager
+async def own_cluster(kind: str, tmp_path: Path, workers: int = 3) -> AsyncIterator[Cluster]:
+    """A cluster for a test that kills a worker: on daemons, its own."""
+    if kind == "embedded":
+        async with embedded_cluster(tmp_path) as cluster:
+            yield cluster
+    else:
+        with daemons(workers) as handles:
+            async with daemon_cluster(handles) as cluster:
+                yield cluster
+
+
 async def test_a_killed_puller_loses_nothing_its_items_go_to_the_others(
         kind: str, tmp_path: Path) -> None:
-    with contextlib.ExitStack() as stack:
-        if kind == "embedded":
-            made = embedded_cluster(tmp_path)
-        else:  # its own daemons: one of them is killed
-            made = daemon_cluster(stack.enter_context(daemons()))
-        async with made as cluster:
-            await _kill_a_puller(cluster)
-
-
-async def _kill_a_puller(cluster: Cluster) -> None:
     # The third puller's consumer takes items and never finishes one: they stay unacknowledged
     # until its node goes away, and must then be done by the others.
     async with (
+        own_cluster(kind, tmp_path) as cluster,
         Puller(cluster.workers[0], 9002, FAST) as p1,
         Puller(cluster.workers[1], 9002, FAST) as p2,
         Puller(cluster.workers[2], 9002, FAST, auto_ack=False) as stuck,
@@ -182,8 +209,9 @@ async def test_pullers_that_stop_reading_make_push_wait(cluster: Cluster) -> Non
         await until(lambda: len(pusher.connected) == 2, "two links")
         for _ in range(7):
             await pusher.push(b"b" * 1000)
-        with pytest.raises(PilotTimeoutError, match="had room.*2 of 2 pullers connected"):
+        with pytest.raises(PilotTimeoutError, match=r"had room.*2 of 2 pullers connected"):
             await pusher.push(b"b" * 1000, timeout=0.5)
+        assert pusher.pending == 7  # what the pusher holds is bounded by the windows too
         await until(lambda: idle.queued == 3 and small.queued == 4, "windows full")
         # A full puller is skipped: the one that reads takes everything after.
         async with consuming([small]) as seen:
@@ -221,6 +249,30 @@ async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair
             got = [await second.receive(10) for _ in range(2)]
             assert [(i.text(), i.redelivered) for i in got] == [("one", True), ("two", True)]
             await got[1].ack()
+            await pusher.join(timeout=5)
+
+
+async def test_a_puller_whose_node_restarts_gets_work_again(kind: str, tmp_path: Path) -> None:
+    async with (
+        own_cluster(kind, tmp_path, workers=1) as cluster,
+        Pusher(cluster.hub, cluster.names[:1], 9008, FAST) as pusher,
+    ):
+        async with Puller(cluster.workers[0], 9008, FAST, auto_ack=False) as before:
+            await pusher.push("one")
+            await pusher.push("two")
+            assert (await before.receive(5)).text() == "one"  # and never finished
+            await cluster.kill(0)
+        await until(lambda: not pusher.connected, "the pusher noticed")
+        with pytest.raises(PilotTimeoutError):  # a puller gone gets no more work
+            await pusher.push("three", timeout=0.2)
+        worker = await cluster.restart(0)
+        async with Puller(worker, 9008, FAST, auto_ack=False) as after:
+            await pusher.push("three", timeout=15)
+            got = [await after.receive(10) for _ in range(3)]
+            assert [(i.text(), i.redelivered) for i in got] == [
+                ("one", True), ("two", True), ("three", False)]
+            for item in got:
+                await item.ack()
             await pusher.join(timeout=5)
 
 
@@ -274,7 +326,7 @@ async def test_malformed_frames_never_stop_a_pusher(cluster: Cluster) -> None:
             Pusher(cluster.hub, cluster.names[:2], 9007, FAST) as pusher,
             consuming([real]) as seen,
         ):
-            pushed = []
+            pushed: list[int] = []
             loop = asyncio.get_running_loop()
             started = loop.time()
             while answers or len(pushed) < 20:  # while the pusher links to the fake, again
