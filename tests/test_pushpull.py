@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,22 @@ class Cluster:
     hub: Transport  # the pusher's
     workers: list[Transport]  # each puller's, on its own node
     names: list[str]  # how the hub names each worker
+    hub_name: str  # how the workers name the hub
     kill: Callable[[int], Awaitable[None]]  # worker i's node goes away
     restart: Callable[[int], Awaitable[Transport]]  # worker i's node, killed, starts again
+    binds: bool = False  # the pusher listens and the pullers connect to it
+
+    def pusher(self, port: int, count: int = 3, config: PushPullConfig = FAST) -> Pusher:
+        """A pusher to the first ``count`` workers' pullers."""
+        if self.binds:
+            return Pusher(self.hub, port, config=config)
+        return Pusher(self.hub, self.names[:count], port, config)
+
+    def puller(self, worker: int | Transport, port: int, config: PushPullConfig = FAST, *,
+               auto_ack: bool = True) -> Puller:
+        transport = self.workers[worker] if isinstance(worker, int) else worker
+        return Puller(transport, port, config, peer=self.hub_name if self.binds else None,
+                      auto_ack=auto_ack)
 
 
 @contextlib.asynccontextmanager
@@ -49,6 +64,7 @@ async def embedded_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             hub.trust(worker.node_id)
             worker.trust(hub.node_id)
             hub.add_peer(worker.node_id, worker.local_endpoint)
+            worker.add_peer(hub.node_id, hub.local_endpoint)
 
         async def kill(index: int) -> None:
             await workers[index].close()
@@ -59,9 +75,11 @@ async def embedded_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             node = await stack.enter_async_context(
                 Node(home=tmp_path / f"w{index + 1}", listen=f"127.0.0.1:{ports[index]}"))
             node.trust(hub.node_id)
+            node.add_peer(hub.node_id, hub.local_endpoint)
             return node
 
-        yield Cluster(hub, list(workers), [w.node_id for w in workers], kill, restart)
+        yield Cluster(hub, list(workers), [w.node_id for w in workers], hub.node_id, kill,
+                      restart)
 
 
 @contextlib.contextmanager
@@ -94,7 +112,8 @@ async def daemon_cluster(handles: list[DaemonHandle]) -> AsyncIterator[Cluster]:
             handles[index + 1] = new
             return await stack.enter_async_context(Client(new.home))
 
-        yield Cluster(hub, list(workers), [h.hostname for h in handles[1:]], kill, restart)
+        yield Cluster(hub, list(workers), [h.hostname for h in handles[1:]], handles[0].hostname,
+                      kill, restart)
 
 
 @pytest.fixture(name="daemon_cluster", scope="module")
@@ -103,15 +122,36 @@ def daemon_cluster_fixture() -> Iterator[list[DaemonHandle]]:
         yield handles
 
 
+@pytest.fixture(name="binds", params=[False, True], ids=["pullers-listen", "pusher-listens"])
+def binds_fixture(request: pytest.FixtureRequest) -> bool:
+    """Which end listens: the pullers (the pusher connects to each), or the pusher."""
+    return bool(request.param)
+
+
 @pytest.fixture
-async def cluster(kind: str, tmp_path: Path,
+async def cluster(kind: str, binds: bool, tmp_path: Path,
                   request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     if kind == "embedded":
         async with embedded_cluster(tmp_path) as c:
+            c.binds = binds
             yield c
     else:
         async with daemon_cluster(request.getfixturevalue("daemon_cluster")) as c:
+            c.binds = binds
             yield c
+
+
+def pair_pusher(pair: Pair, binds: bool, port: int) -> Pusher:
+    if binds:
+        return Pusher(pair.server.transport, port, config=FAST)
+    return Pusher(pair.client.transport, [pair.server_name], port, FAST)
+
+
+def pair_puller(pair: Pair, binds: bool, port: int, *, auto_ack: bool = True) -> Puller:
+    if binds:
+        return Puller(pair.client.transport, port, FAST, peer=pair.server_name,
+                      auto_ack=auto_ack)
+    return Puller(pair.server.transport, port, FAST, auto_ack=auto_ack)
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
@@ -143,10 +183,10 @@ async def consuming(pullers: list[Puller]) -> AsyncIterator[list[list[WorkItem]]
 async def test_three_pullers_share_the_work_and_none_gets_an_item_twice(
         cluster: Cluster) -> None:
     async with (
-        Puller(cluster.workers[0], 9001, FAST) as p1,
-        Puller(cluster.workers[1], 9001, FAST) as p2,
-        Puller(cluster.workers[2], 9001, FAST) as p3,
-        Pusher(cluster.hub, cluster.names, 9001, FAST) as pusher,
+        cluster.puller(0, 9001) as p1,
+        cluster.puller(1, 9001) as p2,
+        cluster.puller(2, 9001) as p3,
+        cluster.pusher(9001) as pusher,
         consuming([p1, p2, p3]) as seen,
     ):
         await until(lambda: len(pusher.connected) == 3, "three links")
@@ -161,27 +201,29 @@ async def test_three_pullers_share_the_work_and_none_gets_an_item_twice(
 
 
 @contextlib.asynccontextmanager
-async def own_cluster(kind: str, tmp_path: Path, workers: int = 3) -> AsyncIterator[Cluster]:
+async def own_cluster(kind: str, binds: bool, tmp_path: Path,
+                      workers: int = 3) -> AsyncIterator[Cluster]:
     """A cluster for a test that kills a worker: on daemons, its own."""
-    if kind == "embedded":
-        async with embedded_cluster(tmp_path) as cluster:
-            yield cluster
-    else:
-        with daemons(workers) as handles:
-            async with daemon_cluster(handles) as cluster:
-                yield cluster
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "embedded":
+            cluster = await stack.enter_async_context(embedded_cluster(tmp_path))
+        else:
+            handles = stack.enter_context(daemons(workers))
+            cluster = await stack.enter_async_context(daemon_cluster(handles))
+        cluster.binds = binds
+        yield cluster
 
 
 async def test_a_killed_puller_loses_nothing_its_items_go_to_the_others(
-        kind: str, tmp_path: Path) -> None:
+        kind: str, binds: bool, tmp_path: Path) -> None:
     # The third puller's consumer takes items and never finishes one: they stay unacknowledged
     # until its node goes away, and must then be done by the others.
     async with (
-        own_cluster(kind, tmp_path) as cluster,
-        Puller(cluster.workers[0], 9002, FAST) as p1,
-        Puller(cluster.workers[1], 9002, FAST) as p2,
-        Puller(cluster.workers[2], 9002, FAST, auto_ack=False) as stuck,
-        Pusher(cluster.hub, cluster.names, 9002, FAST) as pusher,
+        own_cluster(kind, binds, tmp_path) as cluster,
+        cluster.puller(0, 9002) as p1,
+        cluster.puller(1, 9002) as p2,
+        cluster.puller(2, 9002, auto_ack=False) as stuck,
+        cluster.pusher(9002) as pusher,
         consuming([p1, p2]) as seen,
     ):
         await until(lambda: len(pusher.connected) == 3, "three links")
@@ -197,19 +239,19 @@ async def test_a_killed_puller_loses_nothing_its_items_go_to_the_others(
         # Its items, and any pushed to it before its pusher knew it was gone, were sent again.
         again = {item.id for item in done if item.redelivered}
         assert {item.id for item in held} <= again and pusher.redelivered == len(again)
-        assert cluster.names[2] not in pusher.connected
+        assert len(pusher.connected) == 2
 
 
 async def test_pullers_that_stop_reading_make_push_wait(cluster: Cluster) -> None:
     async with (  # one window bounded by its items, the other by its bytes
-        Puller(cluster.workers[0], 9003, PushPullConfig(window_items=3)) as idle,
-        Puller(cluster.workers[1], 9003, PushPullConfig(window_bytes=4000)) as small,
-        Pusher(cluster.hub, cluster.names[:2], 9003, FAST) as pusher,
+        cluster.puller(0, 9003, PushPullConfig(window_items=3)) as idle,
+        cluster.puller(1, 9003, PushPullConfig(window_bytes=4000)) as small,
+        cluster.pusher(9003, count=2) as pusher,
     ):
         await until(lambda: len(pusher.connected) == 2, "two links")
         for _ in range(7):
             await pusher.push(b"b" * 1000)
-        with pytest.raises(PilotTimeoutError, match=r"had room.*2 of 2 pullers connected"):
+        with pytest.raises(PilotTimeoutError, match=r"had room.*2( of 2)? pullers connected"):
             await pusher.push(b"b" * 1000, timeout=0.5)
         assert pusher.pending == 7  # what the pusher holds is bounded by the windows too
         await until(lambda: idle.queued == 3 and small.queued == 4, "windows full")
@@ -223,15 +265,15 @@ async def test_pullers_that_stop_reading_make_push_wait(cluster: Cluster) -> Non
             await pusher.join(timeout=10)
 
 
-async def test_a_puller_that_comes_back_gets_work_again(pair: Pair) -> None:
-    async with Pusher(pair.client.transport, [pair.server_name], 9004, FAST) as pusher:
-        async with Puller(pair.server.transport, 9004, FAST) as first:
+async def test_a_puller_that_comes_back_gets_work_again(pair: Pair, binds: bool) -> None:
+    async with pair_pusher(pair, binds, 9004) as pusher:
+        async with pair_puller(pair, binds, 9004) as first:
             await pusher.push("before")
             assert (await first.receive(5)).text() == "before"
         await until(lambda: not pusher.connected, "the link dropped")
-        with pytest.raises(PilotTimeoutError, match="no puller connected"):
+        with pytest.raises(PilotTimeoutError, match=r"0( of 1)? pullers connected"):
             await pusher.push("nobody", timeout=0.3)
-        async with Puller(pair.server.transport, 9004, FAST) as second:
+        async with pair_puller(pair, binds, 9004) as second:
             await pusher.push("after", timeout=10)
             item = await second.receive(5)
             assert item.text() == "after" and not item.redelivered
@@ -239,25 +281,27 @@ async def test_a_puller_that_comes_back_gets_work_again(pair: Pair) -> None:
             await pusher.join(timeout=5)
 
 
-async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair) -> None:
-    async with Pusher(pair.client.transport, [pair.server_name], 9005, FAST) as pusher:
-        async with Puller(pair.server.transport, 9005, FAST, auto_ack=False) as first:
+async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair,
+                                                                     binds: bool) -> None:
+    async with pair_pusher(pair, binds, 9005) as pusher:
+        async with pair_puller(pair, binds, 9005, auto_ack=False) as first:
             await pusher.push("one")
             await pusher.push("two")
             assert (await first.receive(5)).text() == "one"
-        async with Puller(pair.server.transport, 9005, FAST) as second:
+        async with pair_puller(pair, binds, 9005) as second:
             got = [await second.receive(10) for _ in range(2)]
             assert [(i.text(), i.redelivered) for i in got] == [("one", True), ("two", True)]
             await got[1].ack()
             await pusher.join(timeout=5)
 
 
-async def test_a_puller_whose_node_restarts_gets_work_again(kind: str, tmp_path: Path) -> None:
+async def test_a_puller_whose_node_restarts_gets_work_again(kind: str, binds: bool,
+                                                            tmp_path: Path) -> None:
     async with (
-        own_cluster(kind, tmp_path, workers=1) as cluster,
-        Pusher(cluster.hub, cluster.names[:1], 9008, FAST) as pusher,
+        own_cluster(kind, binds, tmp_path, workers=1) as cluster,
+        cluster.pusher(9008, count=1) as pusher,
     ):
-        async with Puller(cluster.workers[0], 9008, FAST, auto_ack=False) as before:
+        async with cluster.puller(0, 9008, auto_ack=False) as before:
             await pusher.push("one")
             await pusher.push("two")
             assert (await before.receive(5)).text() == "one"  # and never finished
@@ -266,7 +310,7 @@ async def test_a_puller_whose_node_restarts_gets_work_again(kind: str, tmp_path:
         with pytest.raises(PilotTimeoutError):  # a puller gone gets no more work
             await pusher.push("three", timeout=0.2)
         worker = await cluster.restart(0)
-        async with Puller(worker, 9008, FAST, auto_ack=False) as after:
+        async with cluster.puller(worker, 9008, auto_ack=False) as after:
             await pusher.push("three", timeout=15)
             got = [await after.receive(10) for _ in range(3)]
             assert [(i.text(), i.redelivered) for i in got] == [
@@ -301,6 +345,7 @@ async def test_malformed_frames_never_stop_a_puller(pair: Pair) -> None:
 
 
 @pytest.mark.parametrize("kind", ["embedded"], indirect=True)
+@pytest.mark.parametrize("binds", [False], indirect=True)
 async def test_malformed_frames_never_stop_a_pusher(cluster: Cluster) -> None:
     """The first 'puller' answers each link with another kind of garbage; the pusher drops
     those links and gives everything to the real one."""
@@ -340,3 +385,51 @@ async def test_malformed_frames_never_stop_a_pusher(cluster: Cluster) -> None:
     finally:
         fake.cancel()
         await asyncio.gather(fake, return_exceptions=True)
+
+
+async def test_malformed_frames_never_stop_a_listening_pusher(pair: Pair) -> None:
+    client = pair.client.transport
+    credit = encode_credit(1000, 0.2)
+    async with Pusher(pair.server.transport, 9009, config=FAST) as pusher:
+        for junk in (b"", b"\x11", b"\xff" * 64, encode_frame(Kind.ITEM, 1, b"wrong way"),
+                     encode_frame(Kind.CREDIT, 0, credit), encode_frame(Kind.CREDIT, 4, b"\x00"),
+                     encode_frame(Kind.CREDIT, 4, struct.pack("!QI", 1000, 0))):  # no heartbeat
+            await client.send(pair.server_name, 9009, junk, timeout=10)
+        async with client.connect(pair.server_name, 9009) as conn:
+            await conn.send(encode_frame(Kind.CREDIT, 4, credit))
+            await until(lambda: len(pusher.connected) == 1, "the link its credit opened")
+            await conn.send(encode_frame(Kind.ACK, 99, b""))  # of an item it never had
+            await until(lambda: not pusher.connected, "the link dropped")
+        assert pusher.malformed == 8
+        async with Puller(client, 9009, FAST, peer=pair.server_name) as puller:
+            await pusher.push("still here", timeout=10)
+            item = await puller.receive(5)
+            assert item.text() == "still here"
+            await item.ack()
+            await pusher.join(timeout=5)
+
+
+async def test_malformed_frames_never_stop_a_connecting_puller(pair: Pair) -> None:
+    """The 'pusher' answers each link the puller makes with another kind of garbage; then a
+    real pusher takes its port, and the puller links to it."""
+    answers = [b"", b"\xff" * 20, encode_frame(Kind.CREDIT, 5, b""), encode_frame(Kind.ACK, 1, b""),
+               *[encode_frame(Kind.ITEM, n, b"x") for n in range(3)]]
+    config = PushPullConfig(window_items=2, heartbeat_interval=0.2, reconnect_min=0.05,
+                            reconnect_max=0.2)
+    async with Puller(pair.client.transport, 9010, config, peer=pair.server_name) as puller:
+        async with pair.server.transport.listen(9010) as listener:
+            for answer in answers[:4]:  # one link each
+                credit = await listener.receive(timeout=10)
+                assert credit.data[0] == Kind.CREDIT
+                await credit.reply(answer)
+            credit = await listener.receive(timeout=10)
+            for answer in answers[4:]:  # one link: two items fit its window, the third not
+                await credit.reply(answer)
+            await until(lambda: puller.malformed == 5, "malformed counted")
+            assert puller.queued == 0  # the two items went with their link
+        async with Pusher(pair.server.transport, 9010, config=FAST) as pusher:
+            await pusher.push("real", timeout=10)
+            item = await puller.receive(5)
+            assert item.text() == "real"
+            await item.ack()
+            await pusher.join(timeout=5)

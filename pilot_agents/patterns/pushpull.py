@@ -10,13 +10,17 @@
             await pusher.push(job)       # waits while every worker is full
         await pusher.join(timeout=60)    # until every item was acknowledged
 
-A pusher keeps a link to each puller it is given (by hostname or node id). Each puller grants
-every link a window: at most ``window_items`` items and ``window_bytes`` bytes in flight (sent and
-not yet acknowledged by its consumer). ``push`` hands an item to the next puller in round-robin
-order whose window has room, skipping full ones, and waits while all are full (back-pressure:
-a consumer that stops reading stops its pushers once the windows fill). A push that finds no
-room within its timeout raises :class:`~pilot_agents.errors.PilotTimeoutError`: the item was
-given to nobody.
+Either end may be the one that listens. Above, each puller listens and the pusher connects to
+the pullers it is given (by hostname or node id). The other way round, ZeroMQ's "the ventilator
+binds", suits a stage whose workers come and go: ``Pusher(transport, 4001)`` listens, and each
+``Puller(transport, 4001, peer="ventilator")`` connects to it (and again when the link breaks).
+
+Each puller grants each link a window: at most ``window_items`` items and ``window_bytes`` bytes
+in flight (sent and not yet acknowledged by its consumer). ``push`` hands an item to the next
+puller in round-robin order whose window has room, skipping full ones, and waits while all are
+full (back-pressure: a consumer that stops reading stops its pushers once the windows fill). A
+push that finds no room within its timeout raises :class:`~pilot_agents.errors.PilotTimeoutError`,
+and then no puller has the item.
 
 An item is done when its consumer acknowledges it: ``await item.ack()``, or, with ``auto_ack``
 (the default), when the consumer asks for the next item (or leaves the puller's ``async with``
@@ -24,10 +28,10 @@ block without an exception). A consumer that handles items in several tasks at o
 ``auto_ack=False`` and acknowledges each item itself.
 
 Delivery is at least once. While every puller is live, each item goes to one puller, once. When
-a puller goes away (its stream breaks, its node stops, it closes, or it is silent for three
-heartbeats), the pusher sends the items it had not acknowledged to the other pullers, flagged
-:attr:`WorkItem.redelivered` (its consumer may have done it already), and connects to it again,
-with backoff, until it is back. Items keep their pusher's order per puller, not overall.
+a puller goes away (its stream breaks, its node stops, it closes, or it is silent for three of
+its heartbeats), the pusher sends the items it had not acknowledged to the other pullers, flagged
+:attr:`WorkItem.redelivered` (its consumer may have done it already); the link is made again,
+with backoff, when the puller is back. Items keep their pusher's order per puller, not overall.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -66,28 +70,33 @@ from .frames import (
 log = logging.getLogger("pilot_agents.patterns.pushpull")
 
 T = TypeVar("T")
+Send = Callable[[bytes], Awaitable[None]]  # one link's way to its other end
+
+_HEARTBEAT = encode_frame(Kind.HEARTBEAT, 0, b"")
+_BYE = encode_frame(Kind.BYE, 0, b"")
 
 
 @dataclass(frozen=True)
 class PushPullConfig:
     """The bounds of both ends. A link's window is the smaller of the puller's and the
-    pusher's, so a puller never holds more than ``max_pushers`` windows of items, nor a pusher
-    more than one window per puller."""
+    pusher's, so a puller holds at most ``max_links`` windows of items, and a pusher one window
+    per puller (and, listening, at most ``max_links`` pullers)."""
 
     window_items: int = 64  # items in flight on one link (sent, not yet acknowledged)
     window_bytes: int = 4 * 2**20  # payload bytes in flight on one link; the largest item
-    max_pushers: int = 64  # links a puller serves at once; more are told to come back later
+    max_links: int = 64  # links a listening end serves at once; more are told to come back later
     push_timeout: float = 30.0  # seconds push() waits for a puller with room, by default
     send_timeout: float = 10.0  # seconds one frame may take to leave before its link is dropped
     connect_timeout: float = CONNECT_TIMEOUT  # seconds to open a link, its credit included
-    # Seconds between a puller's heartbeats on every link. It tells its pushers, which count
-    # it gone when they hear nothing for three of them (its node may have died without a word).
+    # Seconds between a puller's heartbeats on every link. It tells its pusher, which counts it
+    # gone when it hears nothing for three of them (its node may have died without a word), and
+    # answers each, so a puller that connected notices a pusher gone the same way.
     heartbeat_interval: float = 5.0
-    reconnect_min: float = 0.2  # seconds a pusher waits before connecting again; doubles
+    reconnect_min: float = 0.2  # seconds the connecting end waits before linking again; doubles
     reconnect_max: float = 10.0  # seconds, the cap of that doubling
 
     def __post_init__(self) -> None:
-        if self.window_items < 1 or self.window_bytes < 1 or self.max_pushers < 1:
+        if self.window_items < 1 or self.window_bytes < 1 or self.max_links < 1:
             raise ConfigError("PushPullConfig bounds must be at least 1")
         for name in ("push_timeout", "send_timeout", "connect_timeout", "heartbeat_interval"):
             if getattr(self, name) <= 0:
@@ -99,13 +108,31 @@ class PushPullConfig:
             raise ConfigError("PushPullConfig: need 0 < reconnect_min <= reconnect_max")
 
 
-async def _send_within(seconds: float, send: Coroutine[Any, Any, None]) -> None:
+async def _send_within(seconds: float, send: Awaitable[None]) -> None:
     """``send``, or :class:`PilotTimeoutError` once it has taken ``seconds``."""
     try:
         async with asyncio.timeout(seconds):
             await send
     except TimeoutError:
         raise PilotTimeoutError(f"a frame did not leave within {seconds} s") from None
+
+
+async def _abort(conn: Connection) -> None:
+    with contextlib.suppress(PilotError):
+        await conn.abort()
+
+
+async def _open(transport: Transport, peer: str, port: int, first: bytes,
+                config: PushPullConfig) -> Connection:
+    """A connection to ``port`` on ``peer`` with ``first`` sent on it, within the timeout."""
+    conn = transport.connect(peer, port, timeout=config.connect_timeout)
+    await conn.__aenter__()
+    try:
+        await _send_within(config.connect_timeout, conn.send(first))
+    except BaseException:
+        await _abort(conn)
+        raise
+    return conn
 
 
 class _Waiter:
@@ -124,6 +151,43 @@ class _Waiter:
         return value
 
 
+class _Redial:
+    """The pause before the connecting end links again: doubles while attempts lead nowhere,
+    back to the least once a link was made."""
+
+    def __init__(self, config: PushPullConfig) -> None:
+        self._config = config
+        self._pause = config.reconnect_min
+
+    def linked(self) -> None:
+        self._pause = self._config.reconnect_min
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self._pause)
+        self._pause = min(self._pause * 2, self._config.reconnect_max)
+
+
+class _Tasks:
+    """The background tasks of one end; all cancelled, and waited for, at its close."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def cancel(self) -> None:
+        # Cancelled again until done: Python 3.11's wait_for (under the daemon's IPC calls) can
+        # swallow a cancellation that comes as its future completes. A task cancelled may spawn
+        # another (an abort): that one is waited for too.
+        while self._running:
+            for task in self._running:
+                task.cancel()
+            await asyncio.wait(self._running, timeout=0.1)
+
+
 # -- the puller --------------------------------------------------------------------------------
 
 
@@ -132,10 +196,14 @@ class _Feed:
     """One pusher's link, as its puller keeps it."""
 
     key: tuple[str, int]  # (the pusher's node id, its port): names the stream
-    way_back: Message  # its HELLO: credit, acks and heartbeats go back on its stream
+    send: Send  # credit, acks and heartbeats go back this way
     in_flight: int = 0
     in_flight_bytes: int = 0
     gone: bool = False
+
+    @property
+    def sender(self) -> str:
+        return self.key[0]
 
 
 @dataclass
@@ -160,31 +228,39 @@ class WorkItem(Payload):
 
 
 class Puller:
-    """Work items pushed to ``port`` by any trusted pusher; use with ``async with`` and
-    ``async for``. A frame that breaks the protocol (malformed, of the wrong kind, beyond
-    its link's window) drops that link and is counted in :attr:`malformed`; the others go on."""
+    """Work items from pushers, for ``async for``, opened with ``async with``: pushed to
+    ``port`` by any trusted pusher, or, given ``peer``, from the pusher listening on ``port``
+    of ``peer`` (linked again, with backoff, whenever the link breaks). A frame that breaks
+    the protocol (malformed, of the wrong kind, beyond its link's window) drops that link and
+    is counted in :attr:`malformed`; the others go on."""
 
     def __init__(self, transport: Transport, port: int, config: PushPullConfig | None = None,
-                 *, auto_ack: bool = True) -> None:
+                 *, peer: str | None = None, auto_ack: bool = True) -> None:
         self._transport = transport
         self.port = port
+        self.peer = peer
         self.config = config or PushPullConfig()
         self.auto_ack = auto_ack
+        self._open = False
         self._listener: Listener | None = None
         self._feeds: dict[tuple[str, int], _Feed] = {}
         self._queue: deque[WorkItem] = deque()
         self._waiter = _Waiter()
         self._last: WorkItem | None = None  # handed out, acknowledged by the next receive
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = _Tasks()
         self._failure: PilotError | None = None  # why the listener stopped, if it did
         self.malformed = 0
         self.refused = 0
 
     async def __aenter__(self) -> Puller:
-        self._listener = self._transport.listen(self.port)
-        await self._listener.__aenter__()
-        self._tasks = [asyncio.create_task(self._accept(self._listener)),
-                       asyncio.create_task(self._beat())]
+        if self.peer is None:
+            self._listener = self._transport.listen(self.port)
+            await self._listener.__aenter__()
+            self._tasks.spawn(self._accept(self._listener))
+        else:
+            self._tasks.spawn(self._keep_linked(self.peer))
+        self._tasks.spawn(self._beat())
+        self._open = True
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -194,7 +270,7 @@ class Puller:
 
     @property
     def pushers(self) -> int:
-        """Links from pushers open now."""
+        """Links to pushers open now."""
         return len(self._feeds)
 
     @property
@@ -205,15 +281,15 @@ class Puller:
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> WorkItem:
         """The next item (acknowledging the one before with ``auto_ack``);
         :class:`PilotTimeoutError` after ``timeout`` seconds."""
-        if self._listener is None:
+        if not self._open:
             raise ConfigError("the puller is not open (use 'async with')")
         if self._last is not None:
             last, self._last = self._last, None
             await last.ack()
         try:
             async with asyncio.timeout(timeout):
-                await self._waiter.until(lambda: True if (
-                    self._queue or self._listener is None or self._failure) else None)
+                await self._waiter.until(
+                    lambda: True if self._queue or not self._open or self._failure else None)
         except TimeoutError:
             raise PilotTimeoutError(
                 f"no work item on port {self.port} within {timeout} s") from None
@@ -228,7 +304,7 @@ class Puller:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[WorkItem]:
-        while self._listener is not None:
+        while self._open:
             yield await self.receive(timeout=None)
 
     async def close(self) -> None:
@@ -236,18 +312,15 @@ class Puller:
         the others at once rather than after its heartbeat timeout."""
         if self._last is not None:
             last, self._last = self._last, None
-            with contextlib.suppress(PilotError):
-                await last.ack()
-        listener, self._listener = self._listener, None
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await last.ack()
+        self._open = False
+        await self._tasks.cancel()
         feeds, self._feeds = list(self._feeds.values()), {}
-        bye = encode_frame(Kind.BYE, 0, b"")
-        await asyncio.gather(*(_send_within(1.0, f.way_back.reply(bye)) for f in feeds),
+        await asyncio.gather(*(_send_within(1.0, f.send(_BYE)) for f in feeds),
                              return_exceptions=True)
         self._queue.clear()
         self._waiter.changed()
+        listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
 
@@ -262,39 +335,83 @@ class Puller:
             feed = self._feeds.get((message.sender, message.source_port))
             try:
                 frame = parse_frame_untrusted(message.data)
-                if feed is None and frame.kind == Kind.HELLO:
-                    await self._greet(message)
-                elif feed is None:
-                    raise WireError(f"a {frame.kind.name} frame on no link")
-                elif frame.kind in (Kind.ITEM, Kind.ITEM_AGAIN):
-                    self._take(feed, frame)
-                else:
-                    raise WireError(f"a {frame.kind.name} frame sent to a puller")
-            except WireError as exc:
-                self.malformed += 1
-                log.warning("%s sent puller port %d a malformed frame: %s", message.sender,
-                            self.port, exc)
                 if feed is not None:
-                    self._drop(feed)
+                    self._take(feed, frame)
+                elif frame.kind == Kind.HELLO:
+                    await self._greet(message)
+                else:
+                    raise WireError(f"a {frame.kind.name} frame on no link")
+            except WireError as exc:
+                self._malformed(message.sender, exc, feed)
+
+    def _malformed(self, sender: str, exc: WireError, feed: _Feed | None) -> None:
+        self.malformed += 1
+        log.warning("pusher %s sent puller port %d a malformed frame: %s", sender, self.port,
+                    exc)
+        if feed is not None:
+            self._drop(feed)
 
     async def _greet(self, hello: Message) -> None:
-        if len(self._feeds) >= self.config.max_pushers:
+        if len(self._feeds) >= self.config.max_links:
             self.refused += 1
-            await self._send(None, hello, encode_frame(Kind.BYE, 0, b""))
+            await self._send(None, hello.reply, _BYE)
             return
-        feed = _Feed((hello.sender, hello.source_port), hello)
+        feed = _Feed((hello.sender, hello.source_port), hello.reply)
         self._feeds[feed.key] = feed
-        credit = encode_credit(self.config.window_bytes, self.config.heartbeat_interval)
-        await self._send(feed, hello, encode_frame(Kind.CREDIT, self.config.window_items, credit))
+        await self._send(feed, feed.send, self._credit())
+
+    def _credit(self) -> bytes:
+        config = self.config
+        return encode_frame(Kind.CREDIT, config.window_items,
+                            encode_credit(config.window_bytes, config.heartbeat_interval))
+
+    async def _keep_linked(self, peer: str) -> None:
+        redial = _Redial(self.config)
+        while True:
+            feed: _Feed | None = None
+            conn: Connection | None = None
+            try:
+                conn = await _open(self._transport, peer, self.port, self._credit(),
+                                   self.config)
+                feed = _Feed((conn.peer_id, 0), conn.send)
+                self._feeds[feed.key] = feed
+                redial.linked()
+                await self._read(conn, feed)
+            except WireError as exc:
+                self._malformed(peer, exc, feed)
+            except PilotError as exc:
+                log.info("link to pusher %s port %d: %s", peer, self.port, exc)
+            finally:
+                if feed is not None:
+                    self._drop(feed)
+                if conn is not None:
+                    await _abort(conn)
+            await redial.wait()
+
+    async def _read(self, conn: Connection, feed: _Feed) -> None:
+        """Items from a pusher we connected to, until it says BYE or falls silent."""
+        silence = 3 * self.config.heartbeat_interval
+        while not feed.gone:
+            try:
+                message = await conn.receive(timeout=silence)
+            except PilotTimeoutError:
+                raise PilotTimeoutError(f"silent for {silence:.1f} s") from None
+            frame = parse_frame_untrusted(message.data)
+            if frame.kind == Kind.BYE:
+                return
+            if frame.kind != Kind.HEARTBEAT:
+                self._take(feed, frame)
 
     def _take(self, feed: _Feed, frame: Frame) -> None:
+        if frame.kind not in (Kind.ITEM, Kind.ITEM_AGAIN):
+            raise WireError(f"a {frame.kind.name} frame sent to a puller")
         size = len(frame.payload)
         if (feed.in_flight >= self.config.window_items
                 or feed.in_flight_bytes + size > self.config.window_bytes):
             raise WireError("a pusher sent beyond its window")
         feed.in_flight += 1
         feed.in_flight_bytes += size
-        self._queue.append(WorkItem(frame.payload, feed.key[0], frame.id,
+        self._queue.append(WorkItem(frame.payload, feed.sender, frame.id,
                                     frame.kind == Kind.ITEM_AGAIN, self, feed))
         self._waiter.changed()
 
@@ -303,21 +420,20 @@ class Puller:
         feed.in_flight -= 1
         feed.in_flight_bytes -= len(item.data)
         if not feed.gone:
-            await self._send(feed, feed.way_back, encode_frame(Kind.ACK, item.id, b""))
+            await self._send(feed, feed.send, encode_frame(Kind.ACK, item.id, b""))
 
     async def _beat(self) -> None:
-        heartbeat = encode_frame(Kind.HEARTBEAT, 0, b"")
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            await asyncio.gather(*(self._send(f, f.way_back, heartbeat)
+            await asyncio.gather(*(self._send(f, f.send, _HEARTBEAT)
                                    for f in list(self._feeds.values())))
 
-    async def _send(self, feed: _Feed | None, way_back: Message, frame: bytes) -> None:
-        """Send ``frame`` back to a pusher; if it cannot leave, drop ``feed``."""
+    async def _send(self, feed: _Feed | None, send: Send, frame: bytes) -> None:
+        """Send ``frame`` to a pusher; if it cannot leave, drop ``feed``."""
         try:
-            await _send_within(self.config.send_timeout, way_back.reply(frame))
+            await _send_within(self.config.send_timeout, send(frame))
         except PilotError as exc:
-            log.info("pusher %s left puller port %d: %s", way_back.sender, self.port, exc)
+            log.info("a pusher left puller port %d: %s", self.port, exc)
             if feed is not None:
                 self._drop(feed)
 
@@ -339,11 +455,14 @@ class Puller:
 class _Link:
     """One puller's link, as its pusher keeps it."""
 
+    key: object  # the peer named, or (node id, port) of a puller that connected
     peer: str
-    conn: Connection
+    send: Send
     window_items: int
     window_bytes: int
     silence: float  # seconds without a word after which the puller counts as gone
+    heard: float  # when it last said something (loop time)
+    conn: Connection | None = None  # ours, if we connected
     unacked: dict[int, bytes] = field(default_factory=dict)  # by item id, in the order sent
     unacked_bytes: int = 0
     gone: bool = False
@@ -354,33 +473,44 @@ class _Link:
 
 
 class Pusher:
-    """Work items for the pullers on ``port`` of each of ``peers`` (hostnames or node ids)."""
+    """Work items for pullers: those on ``port`` of each of ``peers`` (hostnames or node ids),
+    or, given a port alone (``Pusher(transport, 4001)``), those that connect to that port."""
 
-    def __init__(self, transport: Transport, peers: list[str], port: int,
+    def __init__(self, transport: Transport, peers: list[str] | int, port: int | None = None,
                  config: PushPullConfig | None = None) -> None:
-        if not peers:
-            raise ConfigError("a pusher needs at least one puller to push to")
-        if len(set(peers)) != len(peers):
+        if isinstance(peers, int) and port is None:
+            self.peers: list[str] = []
+            self.port = peers
+        elif isinstance(peers, int) or not peers or port is None:
+            raise ConfigError("a pusher takes a list of pullers and their port, "
+                              "or a port to listen on")
+        elif len(set(peers)) != len(peers):
             raise ConfigError(f"a puller is listed twice in {peers}")
+        else:
+            self.peers, self.port = list(peers), port
         self._transport = transport
-        self.peers = list(peers)
-        self.port = port
         self.config = config or PushPullConfig()
-        self._links: dict[str, _Link] = {}
+        self._listener: Listener | None = None
+        self._links: dict[object, _Link] = {}
         self._next = 0  # where the round-robin looks first
         self._again: deque[tuple[int, bytes]] = deque()  # items of pullers that went away
         self._waiter = _Waiter()
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = _Tasks()
         self._open = False
         self.redelivered = 0
         self.malformed = 0
+        self.refused = 0
 
     async def __aenter__(self) -> Pusher:
-        self._open = True
+        if not self.peers:
+            self._listener = self._transport.listen(self.port)
+            await self._listener.__aenter__()
+            self._tasks.spawn(self._accept(self._listener))
         for peer in self.peers:
-            self._spawn(self._keep_linked(peer))
-        self._spawn(self._redeliver())
+            self._tasks.spawn(self._keep_linked(peer))
+        self._tasks.spawn(self._redeliver())
+        self._open = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -388,8 +518,8 @@ class Pusher:
 
     @property
     def connected(self) -> list[str]:
-        """The peers with a live link now."""
-        return [peer for peer in self.peers if peer in self._links]
+        """The pullers linked now: as named in ``peers``, or by node id if they connected."""
+        return [link.peer for link in self._links.values()]
 
     @property
     def pending(self) -> int:
@@ -433,29 +563,31 @@ class Pusher:
         """Stop, dropping the links. Items not yet acknowledged are reported in the log (call
         :meth:`join` first to wait for them): their pullers may still finish them."""
         self._open = False
-        while self._tasks:  # losing a link starts the abort of its stream: wait for that too
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self.pending:
+        listener, self._listener = self._listener, None
+        await self._tasks.cancel()
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(_send_within(1.0, link.send(_BYE)) for link in links
+                               if link.conn is None), return_exceptions=True)
+        await asyncio.gather(*(_abort(link.conn) for link in links if link.conn is not None))
+        if listener is not None:
+            await listener.close()
+        unacked = len(self._again) + sum(len(link.unacked) for link in links)
+        if unacked:
             log.warning("pusher on port %d closed with %d items not acknowledged", self.port,
-                        self.pending)
+                        unacked)
 
     def _state(self) -> str:
-        if not self._links:
-            return f"no puller connected of {', '.join(self.peers)}"
-        return f"{len(self._links)} of {len(self.peers)} pullers connected"
+        wanted = f" of {len(self.peers)}" if self.peers else ""
+        return f"{len(self._links)}{wanted} pullers connected"
 
     def _pick(self, size: int) -> _Link | None:
         """The next puller in round-robin order with room for ``size`` bytes."""
-        count = len(self.peers)
-        for step in range(count):
-            index = (self._next + step) % count
-            link = self._links.get(self.peers[index])
-            if link is not None and link.fits(size):
+        links = list(self._links.values())
+        for step in range(len(links)):
+            index = (self._next + step) % len(links)
+            if links[index].fits(size):
                 self._next = index + 1
-                return link
+                return links[index]
         return None
 
     async def _send(self, link: _Link, kind: Kind, item_id: int, data: bytes) -> None:
@@ -464,7 +596,7 @@ class Pusher:
         link.unacked_bytes += len(data)
         try:
             await _send_within(self.config.send_timeout,
-                               link.conn.send(encode_frame(kind, item_id, data)))
+                               link.send(encode_frame(kind, item_id, data)))
         except PilotError as exc:
             log.info("puller %s port %d is gone: %s", link.peer, self.port, exc)
             self._lose(link)  # the item goes to another puller with the rest
@@ -483,84 +615,143 @@ class Pusher:
         if link.gone:
             return
         link.gone = True
-        if self._links.get(link.peer) is link:
-            del self._links[link.peer]
+        if self._links.get(link.key) is link:
+            del self._links[link.key]
         self._again.extend(sorted(link.unacked.items()))
         link.unacked.clear()
         link.unacked_bytes = 0
         self._waiter.changed()
-        # The link's reader is waiting on the stream: aborting it ends that wait now.
-        self._spawn(self._abort(link.conn))
+        if link.conn is not None:
+            self._tasks.spawn(_abort(link.conn))
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _add(self, key: object, peer: str, send: Send, credit: Frame,
+             conn: Connection | None = None) -> _Link:
+        """The link a puller's CREDIT opens."""
+        if credit.kind == Kind.BYE:
+            raise PilotError(f"puller {peer} port {self.port} serves enough pushers")
+        if credit.kind != Kind.CREDIT:
+            raise WireError(f"a {credit.kind.name} frame where a credit belongs")
+        if credit.id < 1:
+            raise WireError("a credit of no items")
+        window_bytes, heartbeat = parse_credit_untrusted(credit.payload)
+        link = _Link(key, peer, send, min(credit.id, self.config.window_items),
+                     min(window_bytes, self.config.window_bytes), 3 * heartbeat,
+                     asyncio.get_running_loop().time(), conn)
+        self._links[key] = link
+        self._waiter.changed()
+        return link
 
-    @staticmethod
-    async def _abort(conn: Connection) -> None:
-        with contextlib.suppress(PilotError):
-            await conn.abort()
+    def _heard(self, link: _Link, frame: Frame) -> bool:
+        """Handle a frame from a puller; False when it said BYE."""
+        link.heard = asyncio.get_running_loop().time()
+        if frame.kind == Kind.ACK:
+            data = link.unacked.pop(frame.id, None)
+            if data is None:
+                raise WireError(f"an ACK of item {frame.id}, which it does not have")
+            link.unacked_bytes -= len(data)
+            self._waiter.changed()
+        elif frame.kind == Kind.HEARTBEAT:
+            if link.conn is None:  # it connected: it waits to hear that we are alive
+                self._tasks.spawn(self._answer(link))
+        elif frame.kind == Kind.BYE:
+            return False  # the puller closed: what it had goes to the others
+        else:
+            raise WireError(f"a {frame.kind.name} frame sent to a pusher")
+        return True
+
+    async def _answer(self, link: _Link) -> None:
+        try:
+            await _send_within(self.config.send_timeout, link.send(_HEARTBEAT))
+        except PilotError as exc:
+            log.info("puller %s port %d is gone: %s", link.peer, self.port, exc)
+            self._lose(link)
+
+    def _malformed(self, peer: str, exc: WireError) -> None:
+        self.malformed += 1
+        log.warning("puller %s sent pusher port %d a malformed frame: %s", peer, self.port, exc)
 
     async def _keep_linked(self, peer: str) -> None:
-        """Link to ``peer`` and read its frames; when the link breaks, link again after a
-        pause that doubles while attempts lead nowhere."""
-        backoff = self.config.reconnect_min
+        """Link to ``peer`` and read its frames; link again when the link breaks."""
+        redial = _Redial(self.config)
         while True:
             link: _Link | None = None
             try:
                 link = await self._link(peer)
-                backoff = self.config.reconnect_min
+                redial.linked()
                 await self._read(link)
+            except WireError as exc:
+                self._malformed(peer, exc)
             except PilotError as exc:
-                if isinstance(exc, WireError):
-                    self.malformed += 1
                 log.info("link to puller %s port %d: %s", peer, self.port, exc)
             finally:
                 if link is not None:
                     self._lose(link)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.reconnect_max)
+            await redial.wait()
 
     async def _link(self, peer: str) -> _Link:
-        config = self.config
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + config.connect_timeout
-        conn = self._transport.connect(peer, self.port, timeout=config.connect_timeout)
-        await conn.__aenter__()
+        deadline = loop.time() + self.config.connect_timeout
+        hello = encode_frame(Kind.HELLO, secrets.randbits(63), b"")
+        conn = await _open(self._transport, peer, self.port, hello, self.config)
         try:
-            await _send_within(config.connect_timeout,
-                               conn.send(encode_frame(Kind.HELLO, secrets.randbits(63), b"")))
             answer = await conn.receive(timeout=max(deadline - loop.time(), 0.0))
-            frame = parse_frame_untrusted(answer.data)
-            if frame.kind == Kind.BYE:
-                raise PilotError(f"puller {peer} port {self.port} serves enough pushers")
-            if frame.kind != Kind.CREDIT or frame.id < 1:
-                raise WireError(f"a {frame.kind.name} frame where a credit belongs")
-            window_bytes, heartbeat = parse_credit_untrusted(frame.payload)
+            return self._add(peer, peer, conn.send, parse_frame_untrusted(answer.data), conn)
         except BaseException:
-            await self._abort(conn)
+            await _abort(conn)
             raise
-        link = _Link(peer, conn, min(frame.id, config.window_items),
-                     min(window_bytes, config.window_bytes), 3 * heartbeat)
-        self._links[peer] = link
-        self._waiter.changed()
-        return link
 
     async def _read(self, link: _Link) -> None:
+        """Frames from a puller we connected to, until it goes or falls silent."""
+        assert link.conn is not None
         while not link.gone:
             try:
                 message = await link.conn.receive(timeout=link.silence)
             except PilotTimeoutError:
                 raise PilotTimeoutError(f"silent for {link.silence:.1f} s") from None
+            if not self._heard(link, parse_frame_untrusted(message.data)):
+                return
+
+    async def _accept(self, listener: Listener) -> None:
+        """Pullers that connect to us, and their frames; drops those that fall silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await listener.receive(timeout=self._shortest_silence() / 3)
+            except PilotTimeoutError:
+                message = None
+            except PilotError as exc:  # the daemon went away: nothing more will come
+                log.warning("pusher port %d stopped listening: %s", self.port, exc)
+                return
+            now = loop.time()
+            for link in [k for k in self._links.values() if now - k.heard > k.silence]:
+                log.info("puller %s port %d silent for %.1f s", link.peer, self.port,
+                         link.silence)
+                self._lose(link)
+            if message is not None:
+                await self._from_puller(message)
+
+    def _shortest_silence(self) -> float:
+        # Floored so that a puller announcing a tiny heartbeat cannot make us spin.
+        return max(min((k.silence for k in self._links.values()), default=1.0), 0.03)
+
+    async def _from_puller(self, message: Message) -> None:
+        key = (message.sender, message.source_port)
+        link = self._links.get(key)
+        try:
             frame = parse_frame_untrusted(message.data)
-            if frame.kind == Kind.ACK:
-                data = link.unacked.pop(frame.id, None)
-                if data is None:
-                    raise WireError(f"an ACK of item {frame.id}, which it does not have")
-                link.unacked_bytes -= len(data)
-                self._waiter.changed()
-            elif frame.kind == Kind.BYE:
-                return  # the puller closed: what it had goes to the others
-            elif frame.kind != Kind.HEARTBEAT:
-                raise WireError(f"a {frame.kind.name} frame sent to a pusher")
+            if link is not None:
+                if not self._heard(link, frame):
+                    self._lose(link)
+            elif frame.kind in (Kind.ACK, Kind.HEARTBEAT, Kind.BYE):
+                pass  # on a link dropped already: the puller will link again
+            elif len(self._links) >= self.config.max_links:
+                self.refused += 1
+                await _send_within(self.config.send_timeout, message.reply(_BYE))
+            else:
+                self._add(key, message.sender, message.reply, frame)
+        except WireError as exc:
+            self._malformed(message.sender, exc)
+            if link is not None:
+                self._lose(link)
+        except PilotError as exc:
+            log.info("puller %s port %d: %s", message.sender, self.port, exc)
