@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Client, PilotTimeoutError, Transport, ipc
+from pilot_agents import Client, DaemonNotRunningError, PilotTimeoutError, Transport, ipc
 from pilot_agents.node import Node
 from pilot_agents.patterns import Puller, Pusher, PushPullConfig, WorkItem
 from pilot_agents.patterns.frames import Kind, encode_credit, encode_frame
@@ -231,6 +231,9 @@ async def test_a_killed_puller_loses_nothing_its_items_go_to_the_others(
         held = [await stuck.receive(5) for _ in range(10)]
         await until(lambda: pusher.pending == 10, "the others' items acknowledged")
         await cluster.kill(2)
+        if kind == "daemon":  # its own daemon gone: the puller says so rather than wait
+            with pytest.raises(DaemonNotRunningError):
+                await stuck.receive(10)
         for n in range(30, 60):
             pushed.append(await pusher.push(n))
         await pusher.join(timeout=20)

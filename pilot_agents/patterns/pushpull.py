@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
+from ..errors import ConfigError, DaemonNotRunningError, PilotError, PilotTimeoutError, WireError
 from ..transport import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -248,7 +248,7 @@ class Puller:
         self._waiter = _Waiter()
         self._last: WorkItem | None = None  # handed out, acknowledged by the next receive
         self._tasks = _Tasks()
-        self._failure: PilotError | None = None  # why the listener stopped, if it did
+        self._failure: PilotError | None = None  # why it can get no more items, if it cannot
         self.malformed = 0
         self.refused = 0
 
@@ -379,6 +379,10 @@ class Puller:
                 await self._read(conn, feed)
             except WireError as exc:
                 self._malformed(peer, exc, feed)
+            except DaemonNotRunningError as exc:  # our own daemon, not the link: give up
+                self._failure = exc
+                self._waiter.changed()
+                return
             except PilotError as exc:
                 log.info("link to pusher %s port %d: %s", peer, self.port, exc)
             finally:
@@ -498,6 +502,7 @@ class Pusher:
         self._ids = itertools.count(1)
         self._tasks = _Tasks()
         self._open = False
+        self._failure: PilotError | None = None  # why it can reach no puller, if it cannot
         self.redelivered = 0
         self.malformed = 0
         self.refused = 0
@@ -537,14 +542,19 @@ class Pusher:
             raise ConfigError(f"an item of {len(payload)} bytes: a link takes at most "
                               f"{self.config.window_bytes} (PushPullConfig.window_bytes)")
         timeout = self.config.push_timeout if timeout is None else timeout
+        def room() -> _Link | PilotError | None:
+            if self._failure is not None:
+                return self._failure
+            return None if self._again else self._pick(len(payload))  # those first: older
+
         try:
             async with asyncio.timeout(timeout):
-                # Items sent again go first: they were pushed earlier.
-                link = await self._waiter.until(
-                    lambda: None if self._again else self._pick(len(payload)))
+                link: _Link | PilotError = await self._waiter.until(room)
         except TimeoutError:
             raise PilotTimeoutError(f"no puller on port {self.port} had room for the item "
                                     f"within {timeout} s ({self._state()})") from None
+        if isinstance(link, PilotError):
+            raise link
         item_id = next(self._ids)
         await self._send(link, Kind.ITEM, item_id, payload)
         return item_id
@@ -554,10 +564,12 @@ class Pusher:
         saying how many were not after ``timeout`` seconds."""
         try:
             async with asyncio.timeout(timeout):
-                await self._waiter.until(lambda: True if self.pending == 0 else None)
+                await self._waiter.until(lambda: True if self.pending == 0 else self._failure)
         except TimeoutError:
             raise PilotTimeoutError(f"{self.pending} items pushed to port {self.port} were not "
                                     f"acknowledged within {timeout} s ({self._state()})") from None
+        if self.pending and self._failure is not None:
+            raise self._failure
 
     async def close(self) -> None:
         """Stop, dropping the links. Items not yet acknowledged are reported in the log (call
@@ -681,6 +693,9 @@ class Pusher:
                 await self._read(link)
             except WireError as exc:
                 self._malformed(peer, exc)
+            except DaemonNotRunningError as exc:  # our own daemon, not the link: give up
+                self._fail(exc)
+                return
             except PilotError as exc:
                 log.info("link to puller %s port %d: %s", peer, self.port, exc)
             finally:
@@ -720,7 +735,7 @@ class Pusher:
             except PilotTimeoutError:
                 message = None
             except PilotError as exc:  # the daemon went away: nothing more will come
-                log.warning("pusher port %d stopped listening: %s", self.port, exc)
+                self._fail(exc)
                 return
             now = loop.time()
             for link in [k for k in self._links.values() if now - k.heard > k.silence]:
@@ -729,6 +744,11 @@ class Pusher:
                 self._lose(link)
             if message is not None:
                 await self._from_puller(message)
+
+    def _fail(self, error: PilotError) -> None:
+        log.warning("pusher on port %d can reach no puller: %s", self.port, error)
+        self._failure = error
+        self._waiter.changed()
 
     def _shortest_silence(self) -> float:
         # Floored so that a puller announcing a tiny heartbeat cannot make us spin.
