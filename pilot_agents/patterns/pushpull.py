@@ -443,7 +443,7 @@ class Puller:
 
     def _drop(self, feed: _Feed) -> None:
         """Forget a link, and the items it brought that the consumer has not seen: its pusher
-        gives them to another puller, or, if it died, had nobody left to report them to."""
+        sends them to another puller (and if the pusher died, nobody waits for them)."""
         feed.gone = True
         if self._feeds.get(feed.key) is feed:
             del self._feeds[feed.key]
