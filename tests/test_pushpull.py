@@ -175,9 +175,12 @@ async def consuming(pullers: list[Puller]) -> AsyncIterator[list[list[WorkItem]]
     try:
         yield seen
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled until done: a cancel that comes as a daemon call completes can be lost
+        # (3.11's wait_for, under the IPC client), and the consumer would wait for ever.
+        while not all(task.done() for task in tasks):
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.1)
 
 
 async def test_three_pullers_share_the_work_and_none_gets_an_item_twice(
