@@ -330,10 +330,13 @@ class DaemonConnection:
         return await self._delivery.receive(timeout)
 
     def _stream_message(self, fields: dict[str, Any]) -> DaemonMessage:
-        stream = self._id()
+        # Called by the IPC client's reader for a message the daemon pushed: it must not raise
+        # there (that ends the reader and the whole Client) when the connection has just been
+        # aborted; answering such a message fails instead.
+        stream = self._stream
 
         async def answer(data: bytes) -> None:
-            if self._sink is None:
+            if self._sink is None or stream is None:
                 raise ConnectionClosedError("the connection was closed")
             await self._client._pipeline.send("stream_send", data, self._sink, stream=stream)
 
