@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import pilot_agents as pilot
-from pilot_agents.errors import ConfigError, ConnectionClosedError
+from pilot_agents.errors import ConnectionClosedError
 from pilot_agents.patterns import Publisher, Subscriber
 from tests.conftest import DaemonHandle, peer_up, short_home, stop_daemons
 from tests.test_daemon_hardening import start_with
@@ -68,28 +68,41 @@ async def test_a_subscription_keeps_receiving_after_many_others(forgetful_pair: 
         assert (publication.data, publication.resumed) == (b"still there", False)
 
 
+async def reply_fails(server: pilot.Client, message_id: str | None) -> str:
+    """The error of a reply to a message whose stream is ending (the daemon hears it soon)."""
+    for _ in range(100):
+        try:
+            await server.call("reply", b"late", message=message_id)
+        except ConnectionClosedError as exc:
+            return str(exc)
+        await asyncio.sleep(0.05)
+    raise AssertionError("replies on an ended stream kept succeeding")
+
+
 async def test_a_stream_that_ended_can_no_longer_be_replied_to(forgetful_pair: Pair) -> None:
     a, b = forgetful_pair
     async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
             server.listen(7405) as listener:
         async with client.connect("beta", 7405) as conn:
-            await conn.send("bye")
-            message = await listener.receive(timeout=10)
-            await conn.abort()  # the stream is reset: the daemon hears it at once
-        for _ in range(100):
-            try:
-                await server.call("reply", b"late", message=message.message_id)
-            except ConnectionClosedError as exc:
-                assert "ended" in str(exc) or "closed" in str(exc), exc
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("a reply on a reset stream kept succeeding")
+            await conn.send("reset")
+            reset = await listener.receive(timeout=10)
+            await conn.abort()
+        await client.send("beta", 7405, "closed")  # a one-shot send closes its stream
+        closed = await listener.receive(timeout=10)
+        error = await reply_fails(server, reset.message_id)
+        assert "the stream it came on has ended" in error and "cancelled" in error, error
+        error = await reply_fails(server, closed.message_id)
+        assert error.endswith("the stream it came on has ended"), error
+        await hand_out_others(client, server, 7406)  # nothing of either stream is kept now
+        for message in (reset, closed):
+            assert (await reply_fails(server, message.message_id)).startswith(
+                f"message {message.message_id!r} can no longer be replied to: the stream it "
+                "came on has ended"), message
 
 
 async def test_an_unknown_message_id_is_not_a_closed_stream(forgetful_pair: Pair) -> None:
     _, b = forgetful_pair
     async with pilot.Client(b.home) as server:
-        for bogus in ("m999999", "nonsense", "m1.p999999"):
-            with pytest.raises(ConfigError, match="was never handed out"):
+        for bogus in ("m999999", "nonsense", "m1.abcdef-1", "m1.-"):
+            with pytest.raises(ConnectionClosedError, match="did not hand it out"):
                 await server.call("reply", b"x", message=bogus)

@@ -1,4 +1,5 @@
-"""Messages waiting in the daemon for an IPC client, and what it remembers of handed-out ones.
+"""Messages waiting in the daemon for an IPC client, what it remembers of handed-out ones, and
+the way back to the streams they came on.
 
 Back-pressure: a pump moves messages from the Node into an :class:`Inbox` only while the inbox
 has room (:meth:`Inbox.wait_for_room`, then take one message, then :meth:`Inbox.put` with no
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+import secrets
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..errors import PilotError, PilotTimeoutError
+from ..errors import ConnectionClosedError, PilotError, PilotTimeoutError
 from ..node.connection import Message
 
-ReplyFunction = Callable[[bytes], Awaitable[None]]
 Refuse = Callable[[list[Message]], None]  # tells the senders of messages nobody will read
 
 
@@ -148,12 +151,75 @@ class Inbox:
                 waiter.set_result(None)
 
 
+class WayBack(Protocol):
+    """The stream a message came on, as far as a reply needs it (a Node's stream handle)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def ended(self) -> bool: ...  # the Node forgot the stream: it closed or broke
+
+    @property
+    def error(self) -> PilotError | None: ...  # why it broke, if it did
+
+    async def send(self, data: bytes) -> None: ...
+
+
+class ReplyPaths:
+    """How to reply to a handed-out message: the way back of the stream it came on, one entry
+    per stream however many messages it brings, found by a key that each message's id carries.
+
+    Entries are held weakly, so a reply path lasts as long as its stream does, whatever else
+    the daemon hands out meanwhile: the Node holds a stream's handle until the stream ends
+    (closed, reset, its tunnel gone), and a message of it still queued or kept for ``requeue``
+    keeps it a little longer (marked ended: a reply says so). So this holds at most one
+    entry per stream the Node has open (at most ``TunnelConfig.max_incoming_streams`` per
+    peer's tunnel, plus the IPC clients' ``connect`` streams) and per stream of a message the
+    daemon still holds (within the inboxes' and the message memory's bounds)."""
+
+    def __init__(self) -> None:
+        # Keys of an earlier daemon (a client that outlived a restart) never name a new stream.
+        self._run = secrets.token_hex(3)
+        self._issued = 0
+        self._keys: weakref.WeakKeyDictionary[WayBack, str] = weakref.WeakKeyDictionary()
+        self._ways: weakref.WeakValueDictionary[str, WayBack] = weakref.WeakValueDictionary()
+
+    def __len__(self) -> int:
+        return len(self._ways)
+
+    def key(self, way: WayBack) -> str:
+        """The key of ``way``'s stream: the same for all its messages."""
+        key = self._keys.get(way)
+        if key is None:
+            self._issued += 1
+            key = f"{self._run}-{self._issued}"
+            self._keys[way] = key
+            self._ways[key] = way
+        return key
+
+    def find(self, message_id: str) -> WayBack:
+        """The way back for a message id; ConnectionClosedError saying why there is none."""
+        key = message_id.partition(".")[2]
+        way = self._ways.get(key)
+        if way is not None and not way.ended:
+            return way
+        run, _, number = key.partition("-")
+        if way is not None or (
+                run == self._run and number.isdigit() and 0 < int(number) <= self._issued):
+            why = "" if way is None or way.error is None else f" ({way.error})"
+            raise ConnectionClosedError(f"message {message_id!r} can no longer be replied to: "
+                                        f"the stream it came on has ended{why}")
+        raise ConnectionClosedError(
+            f"message {message_id!r} can no longer be replied to: this daemon did not hand it "
+            "out (message ids do not outlive a daemon restart)")
+
+
 @dataclass
 class Handed:
-    """A message handed to a client, remembered by the id the client knows it by."""
+    """A message handed to a client, remembered by the id the client knows it by for
+    ``requeue`` and ``ack``."""
 
-    sender: str
-    reply: ReplyFunction  # answers on the stream it came on (holds no payload)
     inbox: Inbox
     # The message itself while it may still go back to its inbox: until acked (ack mode), or
     # while the requeue budget has room for it.
@@ -166,9 +232,10 @@ class Handed:
 
 
 class MessageMemory:
-    """Handed-out messages: how to reply to each (the last ``limit``), the payloads of the
-    recent ones for ``requeue`` (at most ``requeue_bytes``), and those awaiting an ack (counted
-    in their inbox, redelivered after ``ack_wait`` seconds)."""
+    """Handed-out messages (the last ``limit``), for ``requeue`` and ``ack``: the payloads of
+    the recent ones (at most ``requeue_bytes``), and those awaiting an ack (counted in their
+    inbox, redelivered after ``ack_wait`` seconds). Replies do not depend on it
+    (:class:`ReplyPaths`)."""
 
     def __init__(self, limit: int, requeue_bytes: int, ack_wait: float) -> None:
         self.limit = limit
@@ -184,11 +251,12 @@ class MessageMemory:
         """Payload bytes kept for requeue (acked-mode messages count in their inbox instead)."""
         return self._requeueable_bytes
 
-    def remember(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
-                 ack: bool) -> str:
+    def remember(self, message: Message, inbox: Inbox, *, ack: bool, stream: str | None) -> str:
+        """The message's id: ``m<n>``, then ``.<stream>``, the key of the stream it came on
+        (none for a message that cannot be replied to)."""
         self._count += 1
-        message_id = f"m{self._count}"
-        handed = Handed(message.sender, reply, inbox, message)
+        message_id = f"m{self._count}" if stream is None else f"m{self._count}.{stream}"
+        handed = Handed(inbox, message)
         self._handed[message_id] = handed
         if ack:
             inbox.hold(handed.size)
@@ -206,9 +274,6 @@ class MessageMemory:
             self._forget_payload(oldest)
             del self._handed[oldest]
         return message_id
-
-    def get(self, message_id: str) -> Handed | None:
-        return self._handed.get(message_id)
 
     def ack(self, message_id: str) -> bool:
         """The client has the message: it will not come back. False if it was not awaiting one."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import secrets
@@ -19,7 +18,7 @@ from ..errors import BadRequestError, ConfigError, ConnectionClosedError, PilotE
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
 from .dispatch import Credit, DispatchTable, Push, Reply
-from .inbox import Inbox, MessageMemory, Refuse, ReplyFunction
+from .inbox import Inbox, MessageMemory, Refuse, ReplyPaths
 from .requests import (
     AckRequest,
     ConnectRequest,
@@ -79,6 +78,7 @@ class Messaging:
         self.streams: dict[str, StreamState] = {}
         opts = ctx.options
         self.memory = MessageMemory(opts.message_memory, opts.requeue_memory_bytes, opts.ack_wait)
+        self.replies = ReplyPaths()
         self.publish: Publish | None = None  # set once the PUB socket is bound
 
     def register(self, table: DispatchTable) -> None:
@@ -136,8 +136,7 @@ class Messaging:
         stream = self._stream(req.stream)
         with self._using(stream):
             message = await stream.inbox.get(req.timeout)
-        return {"message": self._message_fields(message, stream.inbox, stream.conn.send,
-                                                 ack=req.ack)}
+        return {"message": self._message_fields(message, stream.inbox, ack=req.ack)}
 
     async def stream_drain(self, req: StreamDrainRequest) -> Reply:
         stream = self._stream(req.stream)
@@ -200,7 +199,7 @@ class Messaging:
             message = await state.inbox.get(req.timeout)
         finally:
             self._unlisten(state)
-        return {"message": self._port_message(message, state.inbox, ack=req.ack)}
+        return {"message": self._message_fields(message, state.inbox, ack=req.ack)}
 
     async def deliver(self, req: DeliverRequest, push: Push, credit: Credit) -> Reply:
         """Push the messages of a port or a stream to the client as they come, within its
@@ -210,19 +209,15 @@ class Messaging:
         if req.stream is not None:
             stream = self._stream(req.stream)
             with self._using(stream):
-                return await self._push_all(stream.inbox, push, credit, lambda m: (
-                    self._message_fields(m, stream.inbox, stream.conn.send, ack=req.ack)))
-        state = self._receivable(req.port)
-        return await self._push_all(state.inbox, push, credit, lambda m: (
-            self._port_message(m, state.inbox, ack=req.ack)))
+                return await self._push_all(stream.inbox, push, credit, ack=req.ack)
+        return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
 
-    async def _push_all(self, inbox: Inbox, push: Push, credit: Credit,
-                        fields: Callable[[Message], Reply]) -> Reply:
+    async def _push_all(self, inbox: Inbox, push: Push, credit: Credit, *, ack: bool) -> Reply:
         while True:
             await credit.wait()
             message = await inbox.get(None)
             credit.take(len(message.data))
-            handed = fields(message)
+            handed = self._message_fields(message, inbox, ack=ack)
             if not push({"message": handed}):
                 # The client is gone (or does not read): the message goes back, even if its
                 # payload was too large for the requeue memory.
@@ -231,15 +226,12 @@ class Messaging:
                 return {"done": True}
 
     async def reply(self, req: ReplyRequest) -> Reply:
-        handed = self.memory.get(req.message)
-        if handed is None:
-            raise ConnectionClosedError(f"message {req.message!r} can no longer be replied to")
+        way = self.replies.find(req.message)
         data = req.payload()
         try:
-            await handed.reply(data)
+            await way.send(data)
         except PilotError as exc:
-            raise self.ctx.explain(exc, handed.sender, self.ctx.label(handed.sender),
-                                   None) from None
+            raise self.ctx.explain(exc, way.peer_id, self.ctx.label(way.peer_id), None) from None
         return {"bytes": len(data)}
 
     async def requeue_request(self, req: RequeueRequest) -> Reply:
@@ -263,16 +255,12 @@ class Messaging:
             )
         return state
 
-    def _port_message(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
-        # The reply path, without the payload: remembering it must not keep the message.
-        reply = dataclasses.replace(message, data=b"").reply
-        return self._message_fields(message, inbox, reply, ack=ack)
-
-    def _message_fields(self, message: Message, inbox: Inbox, reply: ReplyFunction, *,
-                        ack: bool) -> Reply:
+    def _message_fields(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
         """A handed-out message as the reply's ``message``; its payload stays bytes, for the
         server to send as a frame or as JSON text."""
-        message_id = self.memory.remember(message, inbox, reply, ack=ack)
+        way = message.way_back
+        message_id = self.memory.remember(message, inbox, ack=ack,
+                                          stream=None if way is None else self.replies.key(way))
         return {
             "id": message_id, "from": message.sender,
             "hostname": self.ctx.label_or_none(message.sender), "port": message.port,

@@ -28,7 +28,9 @@ class DaemonOptions:
     inbox_messages: int = 1024
     inbox_bytes: int = 16 * 1024 * 1024
     stream_idle_timeout: float = 600.0  # seconds an IPC stream may go unused before it is aborted
-    # Handed-out messages remembered for `reply`: their sender and stream, not their payload.
+    # Handed-out messages remembered for `requeue` and `ack` (their id and inbox; payloads only
+    # within requeue_memory_bytes). `reply` does not depend on it: a message can be replied to
+    # as long as the stream it came on is open (docs/ipc.md, Messages).
     message_memory: int = 10_000
     # Payload bytes of recently handed-out messages kept so `requeue` can put them back (a client
     # that gave up waiting hands its late reply back at once); the oldest are forgotten first.

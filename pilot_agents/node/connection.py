@@ -125,6 +125,12 @@ class Message(Payload):
     source_port: int
     _stream: StreamHandle | None = field(default=None, repr=False)
 
+    @property
+    def way_back(self) -> StreamHandle | None:
+        """The stream a reply goes on: one object for all the messages of a stream (none for a
+        message that cannot be replied to)."""
+        return self._stream
+
     async def reply(self, data: bytes | str | Any) -> None:
         """Send a message back on the connection this one came from."""
         if self._stream is None:
@@ -148,6 +154,7 @@ class StreamHandle:
         self.inbox: Mailbox[Message | PilotError] = Mailbox()
         self.error: PilotError | None = None
         self.reset = False
+        self.ended = False  # the node forgot it: nothing more can be sent
 
     @property
     def undelivered(self) -> bool:
@@ -180,6 +187,8 @@ class StreamHandle:
         payload = encode_payload(data)
         if self.error is not None:
             raise self.error
+        if self.ended:  # a late reply, after the peer closed the stream (or we did)
+            raise ConnectionClosedError("the stream has ended: nothing more can be sent on it")
         idle = self.session.stream_buffered(self.stream_id) == 0
         self.session.send_message(self.stream_id, payload)
         # On an idle stream the message leaves now (request/reply latency); behind unacked
