@@ -27,6 +27,7 @@ import collections
 import contextlib
 import functools
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ class Client:
         self._ipc = IpcClient(home, self.options.answer_margin, self.options.stream_socket)
         self._pipeline = _Pipeline(self._ipc, self.options)
         self._reply_error: PilotError | None = None  # of a quiet reply, for flush()
-        self._reply_sink = self._ipc.add_sink(self._reply_failed)
+        self._path_errors: dict[int, PilotError] = {}  # a reply path's sink: its first error
 
     @property
     def home(self) -> Path:
@@ -166,10 +167,21 @@ class Client:
         if error is not None:
             raise error
 
-    def _reply_failed(self, error: PilotError) -> None:
-        log.warning("a reply failed (raised by the next Client.flush()): %s", error)
-        if self._reply_error is None:
-            self._reply_error = error
+    def _reply_sink(self) -> int:
+        """A sink for the errors of one message's replies (see :class:`_ReplyPath`)."""
+        def failed(error: PilotError) -> None:  # holds the client, not the path
+            log.warning("a reply failed (raised by the next reply to that message, and by the "
+                        "next Client.flush()): %s", error)
+            self._path_errors.setdefault(sink, error)
+            if self._reply_error is None:
+                self._reply_error = error
+
+        sink = self._ipc.add_sink(failed)
+        return sink
+
+    def _forget_reply_sink(self, sink: int) -> None:
+        self._ipc.remove_sink(sink)
+        self._path_errors.pop(sink, None)
 
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
@@ -197,12 +209,7 @@ class Client:
         return DaemonListener(self, port)
 
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
-        message_id = fields["id"]
-
-        async def reply(data: bytes) -> None:
-            await self._pipeline.send("reply", data, self._reply_sink, message=message_id)
-
-        return _message(fields, reply)
+        return _message(fields, _ReplyPath(self, fields["id"]).reply)
 
     # -- administration ----------------------------------------------------------------------
 
@@ -438,6 +445,29 @@ class DaemonListener:
     async def _iterate(self) -> AsyncIterator[DaemonMessage]:
         while self._open:
             yield await self.receive(timeout=None)
+
+
+class _ReplyPath:
+    """The way back of one message received on a port. Replies go without waiting for the
+    daemon (IPC ``quiet``), so one that fails there (the stream it came on has ended) is known
+    only later: then the next reply to the same message raises it. A publisher answering a
+    subscriber on its subscription message, again and again, so hears that the subscriber is
+    gone. Its sink lives as long as this object (the message holds it)."""
+
+    def __init__(self, client: Client, message_id: str) -> None:
+        self._client = client
+        self._message_id = message_id
+        self._sink: int | None = None
+
+    async def reply(self, data: bytes) -> None:
+        client = self._client
+        if self._sink is None:
+            self._sink = client._reply_sink()
+            weakref.finalize(self, client._forget_reply_sink, self._sink)
+        error = client._path_errors.get(self._sink)
+        if error is not None:
+            raise error
+        await client._pipeline.send("reply", data, self._sink, message=self._message_id)
 
 
 class _Pipeline:
