@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import FieldValueError, PipelineError
-from .schema import DOTTED, NAME, STEP_ID, STEP_KINDS, Pipeline
+from .schema import DOTTED, HOST_PORT, NAME, STEP_ID, STEP_KINDS, Pipeline
+from .variables import Expander, port_env
 
 MAX_FILE_BYTES = 1 << 20  # a pipeline file is a description, not data
 
@@ -21,6 +22,7 @@ PATTERNS = {
     NAME: "a hostname label (lowercase letters, digits and inner '-', up to 63 characters)",
     STEP_ID: "a step id (a letter or '_', then letters, digits, '_' or '-')",
     DOTTED: "a dotted name (package.module:attribute)",
+    HOST_PORT: "HOST:PORT",
 }
 
 
@@ -54,6 +56,11 @@ class InvalidPipeline(PipelineError):
 class LoadedPipeline:
     path: Path  # absolute; the python steps' modules and relative paths are found from its folder
     spec: Pipeline
+    ports: dict[str, int] = field(default_factory=dict)  # the ${PORT:NAME} it was given
+
+    def port_environ(self) -> dict[str, str]:
+        """The environment that gives another process of this run the same ports."""
+        return {port_env(name): str(port) for name, port in self.ports.items()}
 
     @property
     def folder(self) -> Path:
@@ -134,8 +141,9 @@ def _message(error: Any) -> str:
     return text
 
 
-def parse(text: str, file: str) -> LoadedPipeline:
-    """Validate the pipeline ``text`` read from ``file``; InvalidPipeline lists what is wrong."""
+def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> LoadedPipeline:
+    """Validate the pipeline ``text`` read from ``file``, its variables expanded from
+    ``environ`` (default: this process's); InvalidPipeline lists what is wrong."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
@@ -152,6 +160,13 @@ def parse(text: str, file: str) -> LoadedPipeline:
     lines = _Lines(root, file)
     if lines.duplicates:
         raise InvalidPipeline(lines.duplicates)
+    path = Path(file).resolve()
+    expander = Expander(path.parent) if environ is None else Expander(path.parent, environ)
+    try:
+        data = expander.value(data)
+    except FieldValueError as exc:
+        line, where = lines.locate(exc.path)
+        raise InvalidPipeline([Problem(file, line, _dotted(where), str(exc))]) from None
     try:
         spec = Pipeline.model_validate(data)
     except ValidationError as exc:
@@ -161,14 +176,15 @@ def parse(text: str, file: str) -> LoadedPipeline:
             cause = (error.get("ctx") or {}).get("error")
             if isinstance(cause, FieldValueError):
                 loc += cause.path
-            line, path = lines.locate(loc)
-            problems.append(Problem(file, line, _dotted(path), _message(error)))
+            line, where = lines.locate(loc)
+            problems.append(Problem(file, line, _dotted(where), _message(error)))
         raise InvalidPipeline(problems) from None
-    return LoadedPipeline(Path(file).resolve(), spec)
+    return LoadedPipeline(path, spec, expander.ports)
 
 
-def load(path: str | Path) -> LoadedPipeline:
-    """Read and validate the pipeline file at ``path``."""
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedPipeline:
+    """Read and validate the pipeline file at ``path`` (variables from ``environ``, default
+    this process's environment)."""
     file = Path(path)
     try:
         with file.open("rb") as f:
@@ -182,4 +198,4 @@ def load(path: str | Path) -> LoadedPipeline:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{file} is not UTF-8 text (byte {exc.start})") from None
-    return parse(text, str(file))
+    return parse(text, str(file), environ)

@@ -24,6 +24,9 @@ def describe(event: Event) -> str | None:
     if kind == "daemon":
         how = "started" if event.get("started") else "already running"
         return f"daemon {how} (node {str(event.get('node_id'))[:12]}, pid {event.get('pid')})"
+    if kind == "service":
+        return f"service {event['service']} {event['status']}" + \
+            (f" (pid {event['pid']})" if event.get("pid") else "")
     if kind == "trust":
         return f"trust with {event['peer']} is mutual"
     if kind == "agent":

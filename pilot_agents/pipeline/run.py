@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,13 +32,14 @@ from ..errors import (
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
+    PipelineError,
     UnknownHostError,
 )
 from ..integrations.langgraph import serve_graph
 from ..sdk import Client
 from .graph import build_graph
 from .load import LoadedPipeline
-from .schema import PilotReceiveStep, PilotSendStep, StepBase
+from .schema import PilotReceiveStep, PilotSendStep, Ready, Service, StepBase
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
@@ -354,6 +356,94 @@ async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subproce
     return proc, f"{words[6]}@{words[2]}"
 
 
+@dataclass
+class ServiceProcess:
+    name: str
+    proc: asyncio.subprocess.Process
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
+    reader: asyncio.Task[None] | None = None
+
+
+async def _answers(ready: Ready) -> bool:
+    """Whether the service answers its readiness check now."""
+    if ready.http is not None:
+        url = urllib.parse.urlsplit(ready.http)
+        host, port = url.hostname or "", url.port or 80
+    else:
+        name, _, number = str(ready.tcp).rpartition(":")
+        host, port = name, int(number)
+    try:
+        async with asyncio.timeout(max(ready.interval, 1.0)):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                if ready.http is None:
+                    return True
+                writer.write(f"GET {url.path or '/'} HTTP/1.0\r\nHost: {url.netloc}\r\n\r\n"
+                             .encode())
+                words = (await reader.readline()).split()
+                return len(words) >= 2 and words[1].isdigit() and int(words[1]) < 500
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError):
+        return False
+
+
+async def _until_ready(service: ServiceProcess, ready: Ready) -> None:
+    """Until ``ready`` answers, or the process exits (PipelineError with its last word)."""
+    proc = service.proc
+    try:
+        async with asyncio.timeout(ready.timeout):
+            while proc.returncode is None and not await _answers(ready):
+                await asyncio.sleep(ready.interval)
+    except TimeoutError:
+        check = f"tcp {ready.tcp}" if ready.tcp else f"http {ready.http}"
+        raise PipelineError(f"service {service.name} was not ready ({check}) within "
+                            f"{ready.timeout:g} s (services.{service.name}.ready.timeout)") \
+            from None
+    if proc.returncode is not None:
+        if service.reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.reader, FOLLOW_GRACE)
+        said = next((line for line in reversed(service.stderr) if line.strip()), "")
+        raise PipelineError(f"service {service.name} exited with status {proc.returncode} "
+                            f"before it was ready: {said or 'it said nothing'}")
+
+
+async def start_service(name: str, service: Service, folder: Path, environ: Mapping[str, str],
+                        emit: Emit) -> ServiceProcess:
+    """Start ``service`` in ``folder`` and wait until it is ready; PipelineError (with the end
+    of its stderr) if it exits or is not ready in time."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            service.command, *service.args, cwd=folder, env={**environ, **service.env},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        raise PipelineError(f"service {name}: cannot start {service.command}: "
+                            f"{exc.strerror}") from None
+    assert proc.stderr is not None
+    started = ServiceProcess(name, proc)
+    started.reader = asyncio.create_task(_tail(proc.stderr, started.stderr))
+    emit({"event": "service", "service": name, "status": "starting", "pid": proc.pid,
+          "time": time.time()})
+    if service.ready is not None:
+        try:
+            await _until_ready(started, service.ready)
+        except BaseException:
+            await _stop_service(started, 0.0)
+            raise
+    emit({"event": "service", "service": name, "status": "ready", "pid": proc.pid,
+          "time": time.time()})
+    return started
+
+
+async def _stop_service(service: ServiceProcess, grace: float) -> None:
+    await _end(service.proc, grace)
+    if service.reader is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service.reader, FOLLOW_GRACE)
+
+
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     """SIGINT, then SIGKILL after ``grace`` seconds."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
@@ -407,14 +497,19 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         return spec.agents[agent].serve is not None
 
     agents: list[AgentProcess] = []
+    services: list[ServiceProcess] = []
     followers: list[asyncio.Task[None]] = []
     beacon_proc: asyncio.subprocess.Process | None = None
     interrupted = False
+    # The ports of ${PORT:NAME}, the same in every agent's process and service.
+    environ = {**os.environ, **pipeline.port_environ()}
     try:
         if beacon is None:
             beacon_proc, beacon = await start_beacon(root / "beacon", settings.startup_timeout)
         emit({"event": "pipeline", "name": pipeline.name, "file": str(pipeline.path),
               "beacon": beacon, "agents": list(spec.agents), "time": time.time()})
+        for name, service in spec.services.items():
+            services.append(await start_service(name, service, pipeline.folder, environ, emit))
         for name in spec.agents:
             home = root / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -423,7 +518,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
                              "--agent", name, "--beacon", beacon, "--listen", "127.0.0.1:0"),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                limit=EVENT_LINE_LIMIT)
+                limit=EVENT_LINE_LIMIT, env=environ)
             agents.append(AgentProcess(name, home, proc))
         followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
@@ -438,8 +533,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     except asyncio.CancelledError:
         interrupted = True
     finally:
-        await asyncio.shield(_clean_up(agents, followers, beacon_proc,
-                                       settings.shutdown_timeout))
+        await asyncio.shield(_clean_up(agents, followers, services, beacon_proc,
+                                       settings.shutdown_timeout, emit))
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     for agent in agents:
@@ -460,15 +555,20 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
 
 
 async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[None]],
-                    beacon: asyncio.subprocess.Process | None, grace: float) -> None:
+                    services: list[ServiceProcess], beacon: asyncio.subprocess.Process | None,
+                    grace: float, emit: Emit) -> None:
     """Every agent process ended (each stops its own daemon on SIGINT) and its last events
-    read, any daemon one left behind stopped, then the beacon."""
+    read, any daemon one left behind stopped, then the services, then the beacon."""
     await asyncio.gather(*(_end(a.proc, grace) for a in agents))
     if followers:
         _, late = await asyncio.wait(followers, timeout=FOLLOW_GRACE)
         for task in late:
             task.cancel()
     await asyncio.gather(*(_stop_left(a.home, grace) for a in agents))
+    await asyncio.gather(*(_stop_service(s, grace) for s in services))
+    for service in services:
+        emit({"event": "service", "service": service.name, "status": "stopped",
+              "exit_code": service.proc.returncode, "time": time.time()})
     if beacon is not None:
         await _end(beacon, grace)
 

@@ -29,6 +29,7 @@ from ..transport import DEFAULT_PORT
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: what the beacon registers
 STEP_ID = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 DOTTED = r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$"
+HOST_PORT = r"^[^\s:]+:[0-9]{1,5}$"
 RESERVED_STEP_IDS = ("START", "END")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -255,12 +256,40 @@ class Settings(Strict):
     retry_interval: Seconds = 0.25
 
 
+class Ready(Strict):
+    """When a service counts as started: ``tcp: HOST:PORT`` accepts a connection, or ``http:
+    URL`` answers (any status below 500). Polled every ``interval`` for up to ``timeout``."""
+
+    tcp: Annotated[StrictStr, Field(pattern=HOST_PORT)] | None = None
+    http: Annotated[StrictStr, Field(pattern=r"^http://[^/\s]+(/\S*)?$")] | None = None
+    timeout: Seconds = 30.0
+    interval: Seconds = 0.1
+
+    @model_validator(mode="after")
+    def _one(self) -> Ready:
+        if (self.tcp is None) == (self.http is None):
+            raise FieldValueError((), "give one of tcp: HOST:PORT or http: URL")
+        return self
+
+
+class Service(Strict):
+    """A process ``run`` starts (in the file's folder) before the agents, once it is ready, and
+    stops (SIGINT, then SIGKILL after ``settings.shutdown_timeout``) once they have ended: a
+    data source, a sink, a database the agents' MCP servers reach."""
+
+    command: Annotated[StrictStr, Field(min_length=1)]
+    args: list[StrictStr] = []
+    env: dict[StrictStr, StrictStr] = {}  # added to run's environment
+    ready: Ready | None = None  # none: started is ready
+
+
 class Pipeline(Strict):
     """A pipeline file."""
 
     name: Annotated[StrictStr, Field(min_length=1, max_length=100)] | None = None
     beacon: StrictStr | None = None  # HOST:PORT or KEY@HOST:PORT; none: `run` starts one
     settings: Settings = Settings()
+    services: dict[Annotated[StrictStr, Field(pattern=NAME)], Service] = {}
     agents: Annotated[dict[StrictStr, Agent], Field(min_length=1)]
 
     @field_validator("agents")
