@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs third-party MCP servers from PyPI, each in a venv of its own under .mcp-servers/NAME/
 # (they pin their own mcp versions, as MCP users run them with uvx or pipx):
-#   scripts/install-mcp-servers.sh                  the servers the tests use
+#   scripts/install-mcp-servers.sh                  the servers the tests and examples/pipeline use
 #   scripts/install-mcp-servers.sh PACKAGE...       those packages instead
 # A server already installed is kept; its command is .mcp-servers/NAME/bin/NAME.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
 servers=("$@")
-[ ${#servers[@]} -eq 0 ] && servers=(mcp-server-time mcp-server-fetch)
+[ ${#servers[@]} -eq 0 ] && servers=(mcp-server-time mcp-server-fetch mcp-alchemy mcp-email-server)
 
 for name in "${servers[@]}"; do
   venv=".mcp-servers/$name"

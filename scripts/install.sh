@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs pilot-agents into ./.venv on a Debian machine.
-#   scripts/install.sh        runtime: libsodium, Python venv, the package
+#   scripts/install.sh        runtime: libsodium, Python venv, the package, and what the example
+#                             pipeline needs (examples/pipeline/requirements.txt, and the
+#                             third-party MCP servers in venvs of their own: .mcp-servers/)
 #   scripts/install.sh --dev  plus test tools: pytest and friends, and the NAT lab's
 #                             iproute2, iptables, conntrack, tcpdump (the lab needs root)
 set -euo pipefail
@@ -23,4 +25,7 @@ if [ $dev -eq 1 ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# The example's own needs (a chart, a local SMTP server), not the package's.
+.venv/bin/python -m pip install -q -r examples/pipeline/requirements.txt
+scripts/install-mcp-servers.sh
 echo "pilot-agents installed in $(pwd)/.venv"

@@ -14,9 +14,11 @@ from pilot_agents.errors import PipelineError
 from pilot_agents.integrations.langgraph import PilotReceive, PilotSend
 from pilot_agents.pipeline.graph import build_graph
 from pilot_agents.pipeline.load import InvalidPipeline, load, parse
+from pilot_agents.pipeline.schema import PythonStep
 from tests.conftest import ROOT, assert_one_line_error, cli
 
-EXAMPLE = ROOT / "examples/pipeline/pipeline.yaml"
+EXAMPLE = ROOT / "examples/pipeline-basic/pipeline.yaml"
+FULL_EXAMPLE = ROOT / "examples/pipeline/pipeline.yaml"
 
 
 def problems(text: str) -> list[str]:
@@ -127,12 +129,79 @@ def test_strict_types_and_missing_fields() -> None:
      agents:
        a: {serve: {port: 9}, steps: [{python: m:f}]}
      """, "p.yaml:1: agents: every agent serves"),
+    ("""\
+     services:
+       web: {command: x, ready: {}}
+     agents: {a: {steps: [{python: m:f}]}}
+     """, "p.yaml:2: services.web.ready: give one of tcp: HOST:PORT or http: URL"),
+    ("""\
+     services:
+       web: {command: x, ready: {tcp: localhost}}
+     agents: {a: {steps: [{python: m:f}]}}
+     """, "p.yaml:2: services.web.ready.tcp: 'localhost' is not HOST:PORT"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f, args: {p: "${PIPELINE_TEST_UNSET}"}}]
+     """, "p.yaml:3: agents.a.steps.0.args.p: ${PIPELINE_TEST_UNSET}: the environment variable "
+         "PIPELINE_TEST_UNSET is not set"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f, args: {p: "${PORT:Web}"}}]
+     """, "p.yaml:3: agents.a.steps.0.args.p: ${PORT:Web}: a port's name is lowercase"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f, args: {p: "${oops"}}]
+     """, "p.yaml:3: agents.a.steps.0.args.p: '${oops': an unclosed '${'"),
     ("agents: [a, b\n", "p.yaml:2: not valid YAML"),
     ("- a\n", "p.yaml:1: a pipeline file is a mapping"),
 ])
 def test_cross_checks(text: str, expected: str) -> None:
     found = problems(text)
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_variables_expand_before_validation(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        services:
+          web:
+            command: "${PYTHON}"
+            args: [-m, http.server, "${PORT:web}"]
+            ready: {http: "http://127.0.0.1:${PORT:web}/"}
+        agents:
+          a:
+            mcp_servers:
+              db: {command: "${TOOLS:-${PIPELINE_DIR}/bin}/db", env: {URL: "${PIPELINE_DIR}/x"}}
+            steps: [{python: m:f, args: {p: "${PORT:web}", home: "${HOME_DIR}", cost: "$$5"}}]
+        """))
+    loaded = load(tmp_path / "p.yaml", {"HOME_DIR": "/h"})
+    port = loaded.ports["web"]
+    assert loaded.spec.services["web"].args == ["-m", "http.server", str(port)]
+    ready = loaded.spec.services["web"].ready
+    assert ready is not None and ready.http == f"http://127.0.0.1:{port}/"
+    server = loaded.spec.agents["a"].mcp_servers["db"]
+    assert server.command == f"{tmp_path}/bin/db" and server.env["URL"] == f"{tmp_path}/x"
+    step = loaded.spec.agents["a"].steps[0]
+    assert isinstance(step, PythonStep)
+    assert step.args == {"p": str(port), "home": "/h", "cost": "$5"}
+    # Another process of the run gets the same port through the environment run passes on.
+    again = load(tmp_path / "p.yaml", {"HOME_DIR": "/h", **loaded.port_environ()})
+    assert again.ports == {"web": port}
+    assert loaded.port_environ() == {"PIPELINE_PORT_WEB": str(port)}
+    assert load(tmp_path / "p.yaml", {"HOME_DIR": "/h", "TOOLS": "/t"}).spec.agents["a"] \
+        .mcp_servers["db"].command == "/t/db"
+
+
+def test_the_full_example_is_valid() -> None:
+    loaded = load(FULL_EXAMPLE, {})
+    spec = loaded.spec
+    assert list(spec.services) == ["web", "mail"] and set(loaded.ports) == {"web", "smtp"}
+    assert spec.agents["analyzer"].mcp_servers["db"].env["DB_URL"] == \
+        f"sqlite:///{FULL_EXAMPLE.parent}/sales.db"
+    assert spec.peers_of("analyzer") == ["reporter", "scraper"]
+    assert [s.kind for s in spec.agents["analyzer"].steps].count("mcp") == 5
 
 
 def test_validate_cli(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ import pytest
 from tests.conftest import ROOT, short_home, stop_daemons
 from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
 
-EXAMPLE = ROOT / "examples/pipeline"
+EXAMPLE = ROOT / "examples/pipeline-basic"
+FULL_EXAMPLE = ROOT / "examples/pipeline"
 CMD = [sys.executable, "-m", "pilot_agents.cli"]
 
 
