@@ -5,10 +5,14 @@ Ctrl-C leaves no daemon; --agent runs one agent of the file."""
 from __future__ import annotations
 
 import csv
+import email
+import email.message
+import email.policy
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -105,6 +109,55 @@ def test_example_end_to_end_with_json_events(example: Path) -> None:
     check_report(example)
     pids = daemon_pids(events)
     assert len(pids) == 3 and not any(alive(pid) for pid in pids)
+
+
+def test_the_full_example_with_third_party_mcp_servers(tmp_path: Path, servers: Path) -> None:
+    """The README's first command: services (an HTTP server, an SMTP sink) around three agents
+    whose steps call mcp-server-fetch, mcp-alchemy and mcp-email-server, each from its own
+    venv; the report's numbers (computed in SQL) checked against the dataset, the mail read back
+    from the sink."""
+    folder = tmp_path / "example"
+    shutil.copytree(FULL_EXAMPLE, folder, ignore=shutil.ignore_patterns(
+        "report.*", "chart.png", "sales.db", "mail", "__pycache__"))
+    begun = time.monotonic()
+    result = subprocess.run([*CMD, "--json", "run", str(folder / "pipeline.yaml")],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT,
+                            env={**os.environ, "MCP_SERVERS": str(servers)})
+    took = time.monotonic() - begun
+    assert result.returncode == 0, result.stderr + result.stdout
+    events = events_of(result.stdout)
+    assert events[-1]["ok"], events[-1]
+    services = [(e["service"], e["status"]) for e in events if e["event"] == "service"]
+    assert services == [("web", "starting"), ("web", "ready"), ("mail", "starting"),
+                        ("mail", "ready"), ("web", "stopped"), ("mail", "stopped")]
+    pids = [e["pid"] for e in events if e["event"] == "service" and e["status"] == "ready"]
+    assert not any(alive(pid) for pid in pids + daemon_pids(events))
+    mcp_steps = {(e["agent"], e["step"]) for e in events if e["event"] == "step"
+                 and e["kind"] == "mcp" and e["status"] == "done"}
+    assert mcp_steps == {("scraper", "fetch"), ("analyzer", "drop"), ("analyzer", "create"),
+                         ("analyzer", "load"), ("analyzer", "by_region"),
+                         ("analyzer", "growth"), ("reporter", "email")}
+    check_report(folder)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["rows"] == 3000
+    expected = expected_totals(folder / "sales.csv")
+    quarters = [sum(expected[q].values()) for q in ("Q1", "Q2", "Q3", "Q4")]
+    for q, before, now in zip(("Q2", "Q3", "Q4"), quarters, quarters[1:], strict=False):
+        assert report["growth_percent"][q] == pytest.approx(100 * (now / before - 1), abs=0.06)
+    assert (folder / "chart.png").read_bytes().startswith(b"\x89PNG")
+    assert "![Sales by quarter and region](chart.png)" in (folder / "report.md").read_text()
+    with sqlite3.connect(folder / "sales.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM sales").fetchone() == (3000,)
+    mails = list((folder / "mail" / "new").iterdir())
+    assert len(mails) == 1
+    mail = email.message_from_bytes(mails[0].read_bytes(), policy=email.policy.default)
+    assert mail["To"] == "sales-team@example.test" and "Q4 best" in mail["Subject"]
+    assert isinstance(mail, email.message.EmailMessage)
+    body = mail.get_body(("plain",))
+    assert body is not None and f"{quarters[3]:,.2f}" in body.get_content()
+    attached = [part.get_filename() for part in mail.iter_attachments()]
+    assert attached == ["chart.png"]
+    assert took < 90, f"the example took {took:.1f} s"
 
 
 def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
