@@ -197,7 +197,8 @@ def test_variables_expand_before_validation(tmp_path: Path) -> None:
 def test_the_full_example_is_valid() -> None:
     loaded = load(FULL_EXAMPLE, {})
     spec = loaded.spec
-    assert list(spec.services) == ["web", "mail"] and set(loaded.ports) == {"web", "smtp"}
+    assert list(spec.services) == ["web", "mail", "chat"]
+    assert set(loaded.ports) == {"web", "smtp", "chat"}
     assert spec.agents["analyzer"].mcp_servers["db"].env["DB_URL"] == \
         f"sqlite:///{FULL_EXAMPLE.parent}/sales.db"
     assert spec.peers_of("analyzer") == ["reporter", "scraper"]

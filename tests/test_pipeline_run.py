@@ -112,13 +112,14 @@ def test_example_end_to_end_with_json_events(example: Path) -> None:
 
 
 def test_the_full_example_with_third_party_mcp_servers(tmp_path: Path, servers: Path) -> None:
-    """The README's first command: services (an HTTP server, an SMTP sink) around three agents
-    whose steps call mcp-server-fetch, mcp-alchemy and mcp-email-server, each from its own
-    venv; the report's numbers (computed in SQL) checked against the dataset, the mail read back
-    from the sink."""
+    """The README's first command: services (an HTTP server, an SMTP sink, a chat webhook)
+    around three agents whose steps call mcp-server-fetch, mcp-alchemy and mcp-email-server,
+    each from its own venv (and the example's chat webhook server); the report's numbers
+    (computed in SQL) checked against the dataset, the mail and the chat post read back from
+    the sinks."""
     folder = tmp_path / "example"
     shutil.copytree(FULL_EXAMPLE, folder, ignore=shutil.ignore_patterns(
-        "report.*", "chart.png", "sales.db", "mail", "__pycache__"))
+        "report.*", "chart.png", "sales.db", "mail", "chat.jsonl", "__pycache__"))
     begun = time.monotonic()
     result = subprocess.run([*CMD, "--json", "run", str(folder / "pipeline.yaml")],
                             capture_output=True, text=True, timeout=240, cwd=ROOT,
@@ -128,15 +129,16 @@ def test_the_full_example_with_third_party_mcp_servers(tmp_path: Path, servers: 
     events = events_of(result.stdout)
     assert events[-1]["ok"], events[-1]
     services = [(e["service"], e["status"]) for e in events if e["event"] == "service"]
-    assert services == [("web", "starting"), ("web", "ready"), ("mail", "starting"),
-                        ("mail", "ready"), ("web", "stopped"), ("mail", "stopped")]
+    names = ("web", "mail", "chat")
+    assert services == [(n, s) for n in names for s in ("starting", "ready")] + \
+        [(n, "stopped") for n in names]
     pids = [e["pid"] for e in events if e["event"] == "service" and e["status"] == "ready"]
     assert not any(alive(pid) for pid in pids + daemon_pids(events))
     mcp_steps = {(e["agent"], e["step"]) for e in events if e["event"] == "step"
                  and e["kind"] == "mcp" and e["status"] == "done"}
     assert mcp_steps == {("scraper", "fetch"), ("analyzer", "drop"), ("analyzer", "create"),
                          ("analyzer", "load"), ("analyzer", "by_region"),
-                         ("analyzer", "growth"), ("reporter", "email")}
+                         ("analyzer", "growth"), ("reporter", "email"), ("reporter", "chat")}
     check_report(folder)
     report = json.loads((folder / "report.json").read_text())
     assert report["rows"] == 3000
@@ -157,6 +159,9 @@ def test_the_full_example_with_third_party_mcp_servers(tmp_path: Path, servers: 
     assert body is not None and f"{quarters[3]:,.2f}" in body.get_content()
     attached = [part.get_filename() for part in mail.iter_attachments()]
     assert attached == ["chart.png"]
+    posts = [json.loads(line) for line in (folder / "chat.jsonl").read_text().splitlines()]
+    assert len(posts) == 1 and posts[0]["path"] == "/hooks/sales"
+    assert f"{sum(quarters):,.2f}" in posts[0]["text"]
     assert took < 90, f"the example took {took:.1f} s"
 
 

@@ -142,4 +142,4 @@ def write_report(state: dict[str, Any], path: str) -> dict[str, Any]:
     report.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     body = "\n".join([summary, "", *lines[8:], "", f"The full report: {report}"])
     return {"report": str(report), "subject": f"Sales report: {best} best, {total:,.2f} in all",
-            "summary": body, "attachments": [str(png)]}
+            "summary": body, "attachments": [str(png)], "chat_text": f"{summary} {report}"}
