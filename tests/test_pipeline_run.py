@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, short_home, stop_daemons
+from tests.conftest import ROOT, assert_one_line_error, short_home, stop_daemons
 from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
 
 EXAMPLE = ROOT / "examples/pipeline-basic"
@@ -163,6 +163,32 @@ def test_the_full_example_with_third_party_mcp_servers(tmp_path: Path, servers: 
     assert len(posts) == 1 and posts[0]["path"] == "/hooks/sales"
     assert f"{sum(quarters):,.2f}" in posts[0]["text"]
     assert took < 90, f"the example took {took:.1f} s"
+
+
+def test_a_service_that_dies_before_it_is_ready_stops_the_run(tmp_path: Path) -> None:
+    """Its last stderr line is the run's one-line error; the services already up are stopped."""
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        services:
+          good:
+            command: ${PYTHON}
+            args: [-m, http.server, "${PORT:good}", --bind, 127.0.0.1]
+            ready: {http: "http://127.0.0.1:${PORT:good}/"}
+          bad:
+            command: ${PYTHON}
+            args: [-c, "import sys; sys.exit('no config file')"]
+            ready: {tcp: "127.0.0.1:${PORT:bad}"}
+        agents:
+          a: {steps: [{python: "m:f"}]}
+        """))
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert_one_line_error(result, 2, "service bad exited with status 1 before it was ready: "
+                          "no config file")
+    events = events_of(result.stdout)
+    good = next(e["pid"] for e in events if e.get("event") == "service"
+                and e["status"] == "ready")
+    assert not alive(good)
+    assert not any(e.get("event") == "agent" for e in events)
 
 
 def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
