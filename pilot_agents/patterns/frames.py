@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import WireError
 
@@ -36,8 +36,12 @@ class Kind(enum.IntEnum):
     ACK = 20  # id: the item the puller's consumer finished, which frees its credit
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+# By value, for parsing: a dict lookup, where Kind(value) goes through the enum machinery on
+# every frame of the hot path.
+_KINDS = {kind.value: kind for kind in Kind}
+
+
+class Frame(NamedTuple):  # not a frozen dataclass: that one sets each field through a call
     kind: Kind
     id: int
     payload: bytes
@@ -58,10 +62,10 @@ def parse_frame_untrusted(data: bytes) -> Frame:
     if len(data) < HEADER_SIZE:
         raise WireError(f"a pattern frame of {len(data)} bytes is shorter than its header")
     kind, frame_id = _HEADER.unpack_from(data)
-    try:
-        return Frame(Kind(kind), frame_id, data[HEADER_SIZE:])
-    except ValueError:
-        raise WireError(f"unknown pattern frame kind {kind}") from None
+    known = _KINDS.get(kind)
+    if known is None:
+        raise WireError(f"unknown pattern frame kind {kind}")
+    return Frame(known, frame_id, data[HEADER_SIZE:])
 
 
 _TOPIC_LENGTH = struct.Struct("!H")
@@ -72,15 +76,18 @@ def encode_publication(topic: bytes, data: bytes) -> bytes:
     return _TOPIC_LENGTH.pack(len(topic)) + topic + data
 
 
-def parse_publication_untrusted(payload: bytes) -> tuple[str, bytes]:
-    if len(payload) < _TOPIC_LENGTH.size:
+def parse_publication_untrusted(payload: bytes, start: int = 0) -> tuple[str, bytes]:
+    """Topic and data of the publication at ``payload[start:]`` (an offset, not a slice: the
+    data is copied once)."""
+    if len(payload) < start + _TOPIC_LENGTH.size:
         raise WireError("a publication shorter than its topic length")
-    (length,) = _TOPIC_LENGTH.unpack_from(payload)
-    end = _TOPIC_LENGTH.size + length
+    (length,) = _TOPIC_LENGTH.unpack_from(payload, start)
+    begin = start + _TOPIC_LENGTH.size
+    end = begin + length
     if length > MAX_TOPIC or end > len(payload):
         raise WireError(f"a publication's topic of {length} bytes does not fit")
     try:
-        topic = payload[_TOPIC_LENGTH.size:end].decode("utf-8")
+        topic = payload[begin:end].decode("utf-8")
     except UnicodeDecodeError:
         raise WireError("a publication's topic is not UTF-8") from None
     return topic, payload[end:]
