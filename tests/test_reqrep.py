@@ -99,6 +99,29 @@ async def test_no_reply_in_time_is_a_timeout(pair: Pair) -> None:
         await request.reply("too late")  # dropped by the requester, which gave up
 
 
+async def test_timeouts_share_a_timer_yet_each_request_keeps_its_own(pair: Pair) -> None:
+    """A long deadline armed first, then shorter ones: each short one still times out on time,
+    the long one still gets its late reply, and a caller's own cancel stays a cancel."""
+    async with Replier(pair.server.transport, 7007) as replier, \
+            Requester(pair.client.transport) as requester:
+        patient = asyncio.create_task(
+            requester.request(pair.server_name, 7007, "patient", timeout=30))
+        cancelled = asyncio.create_task(
+            requester.request(pair.server_name, 7007, "cancelled", timeout=30))
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        for timeout in (0.6, 0.3):
+            started = time.monotonic()
+            with pytest.raises(PilotTimeoutError, match="no reply"):
+                await requester.request(pair.server_name, 7007, "hasty", timeout=timeout)
+            assert timeout <= time.monotonic() - started < timeout + 2
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        requests = {(r := await replier.receive(timeout=5)).text(): r for _ in range(4)}
+        await requests["patient"].reply("late but in time")
+        assert (await asyncio.wait_for(patient, 10)).text() == "late but in time"
+
+
 async def test_a_replier_that_goes_away_mid_request_fails_the_requester(pair: Pair) -> None:
     async with Requester(pair.client.transport) as requester:
         replier = Replier(pair.server.transport, 7006)
