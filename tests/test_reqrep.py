@@ -52,6 +52,28 @@ async def test_1000_concurrent_requests_on_one_tunnel_come_back_matched(
         log.warning("1000 concurrent requests (%s): %.2f s", kind, elapsed)
 
 
+async def test_requests_beyond_max_in_flight_wait_their_turn(pair: Pair) -> None:
+    busy = peak = 0
+
+    async def slow_echo(request: Request) -> object:
+        nonlocal busy, peak
+        busy += 1
+        peak = max(peak, busy)
+        await asyncio.sleep(0.05)
+        busy -= 1
+        return request.data
+
+    config = ReqRepConfig(streams_per_peer=1, max_in_flight=2)
+    async with (
+        serving(pair.server.transport, 7008, slow_echo),
+        Requester(pair.client.transport, config) as requester,
+    ):
+        replies = await asyncio.gather(*(
+            requester.request(pair.server_name, 7008, str(n), timeout=30) for n in range(12)))
+        assert [r.text() for r in replies] == [str(n) for n in range(12)]
+        assert peak == 2
+
+
 async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
     release = asyncio.Event()
 
