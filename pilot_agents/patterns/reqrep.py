@@ -148,7 +148,6 @@ class Requester:
         # a few percent of a round trip; this one is armed about once per timeout.
         self._deadlines: dict[int, _Deadline] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self.malformed = 0  # malformed replies; each dropped the stream it came on
 
     async def __aenter__(self) -> Requester:
@@ -177,7 +176,7 @@ class Requester:
         request_id = next(self._ids)
         task: asyncio.Task[Reply] = asyncio.current_task()  # type: ignore[assignment]
         entry = self._deadlines[request_id] = _Deadline(deadline, task)
-        if self._timer is None or deadline < self._timer_at:
+        if self._timer is None or deadline < self._timer.when():
             self._arm(loop, deadline)
         future: asyncio.Future[Reply] = loop.create_future()
         stream.waiting[request_id] = future
@@ -196,7 +195,6 @@ class Requester:
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = at
         self._timer = loop.call_at(at, self._expire, loop)
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
