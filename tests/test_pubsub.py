@@ -118,6 +118,26 @@ async def test_a_subscriber_resubscribes_when_its_publisher_comes_back(pair: Pai
             assert sub.reconnections >= 1
 
 
+async def test_heartbeats_keep_an_idle_subscription_between_publications(pair: Pair) -> None:
+    """The publisher says it is alive on a subscription idle for heartbeat_interval, after
+    traffic as before any: a subscriber that waits through many intervals never subscribes
+    again, and hears the next publication."""
+    config = PubSubConfig(heartbeat_interval=0.2)
+    async with (
+        Publisher(pair.server.transport, 8006, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8006, [""], config) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        for n in range(3):
+            for m in range(50):  # a burst: the feed sends from its queue without waiting
+                await pub.publish("t", f"{n}.{m}")
+            assert [(await sub.receive(5)).text() for _ in range(50)] == [
+                f"{n}.{m}" for m in range(50)]
+            with pytest.raises(PilotTimeoutError):
+                await sub.receive(1.5)  # silent for 0.6 s would subscribe again
+            assert sub.reconnections == 0 and pub.subscribers == 1
+
+
 async def test_malformed_frames_never_stop_a_publisher(pair: Pair) -> None:
     async with Publisher(pair.server.transport, 8005) as pub:
         for junk in (b"", encode_frame(Kind.SUBSCRIBE, 1, b"\xff\xff"),
