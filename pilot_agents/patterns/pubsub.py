@@ -180,6 +180,27 @@ class Publisher:
                 await self._enqueue(sub, frame)
         return len(matching)
 
+    async def drain(self, timeout: float, poll_interval: float = 0.01) -> None:
+        """Wait until every subscriber's queue is empty and its last publication handed to the
+        transport, so a ``close`` that follows loses none; :class:`PilotTimeoutError` after
+        ``timeout`` seconds, naming how many are still queued. A subscriber that leaves
+        meanwhile takes its queue with it (at most once). Polls every ``poll_interval`` seconds:
+        the feeds signal room, not completion."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # A feed clears `ready` only once it finds its queue empty after its last send.
+            busy = [s for s in self._subscriptions.values()
+                    if s.queue or s.dropped or s.ready.is_set()]
+            if not busy:
+                return
+            if loop.time() >= deadline:
+                queued = sum(len(s.queue) for s in busy)  # besides one being sent to each
+                raise PilotTimeoutError(
+                    f"publisher port {self.port}: {queued} publications still queued for "
+                    f"{len(busy)} subscribers after {timeout:g} s")
+            await asyncio.sleep(poll_interval)
+
     async def close(self) -> None:
         """Stop; each subscriber is told, so it subscribes again at once rather than after
         its heartbeat timeout."""

@@ -1,6 +1,7 @@
 """An agent's steps as a LangGraph graph: the integrations' nodes (PilotSend, PilotReceive,
-PilotRequest, McpTool) and the user's Python functions or compiled graphs, joined by the
-agent's edges. Builds without touching the network, so it is tested on its own."""
+PilotRequest, McpTool; publish/subscribe from :mod:`.pubsub`) and the user's Python functions or
+compiled graphs, joined by the agent's edges. Builds without touching the network, so it is
+tested on its own."""
 
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.pregel import Pregel
 from langgraph.types import RetryPolicy
 
-from ..errors import NotAvailableError, PipelineError, PortClosedError
+from ..errors import PipelineError, PortClosedError
 from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
 from ..transport import Transport
 from .load import LoadedPipeline
 from .mcp import mcp_node
+from .pubsub import PublishNode, SubscribeNode
 from .schema import (
-    Agent,
     McpStep,
     PilotReceiveStep,
     PilotRequestStep,
     PilotSendStep,
+    Pipeline,
     PublishStep,
     PythonStep,
     Settings,
@@ -89,9 +91,12 @@ def python_node(step: PythonStep, folder: Path) -> Any:
     return functools.update_wrapper(call, target)
 
 
-def step_node(step: StepBase, node: str, agent: Agent, folder: Path,
+def step_node(pipeline: Pipeline, name: str, index: int, folder: Path,
               transport: Transport | None, home: str | Path | None) -> Any:
-    """What runs ``step``: a Runnable of the integrations, or the user's function."""
+    """What runs agent ``name``'s step ``index``: a Runnable of the integrations, or the
+    user's function."""
+    agent = pipeline.agents[name]
+    step, node = agent.steps[index], agent.node_ids()[index]
     if isinstance(step, PythonStep):
         return python_node(step, folder)
     if isinstance(step, PilotSendStep):
@@ -108,9 +113,17 @@ def step_node(step: StepBase, node: str, agent: Agent, folder: Path,
                             transport=transport, home=home, name=node)
     if isinstance(step, McpStep):
         return mcp_node(agent.mcp_servers[step.mcp.server], step.mcp)
-    if isinstance(step, PublishStep | SubscribeStep):
-        raise NotAvailableError(f"step {node!r}: {step.kind} steps are validated but cannot run "
-                                "yet; use pilot_send/pilot_receive")
+    if isinstance(step, PublishStep):
+        port = step.publish.port
+        rank = sum(1 for s in agent.steps[:index + 1]
+                   if isinstance(s, PublishStep) and s.publish.port == port)
+        return PublishNode(step.publish, pipeline.subscribers_of(name, port, rank),
+                           transport=transport, home=home, name=node)
+    if isinstance(step, SubscribeStep):
+        target = pipeline.agent_named(step.subscribe.to) or step.subscribe.to
+        return SubscribeNode(step.subscribe, pipeline.hostname(target),
+                             pipeline.settings.retry_interval, transport=transport, home=home,
+                             name=node)
     raise AssertionError(f"no node for a {type(step).__name__}")
 
 
@@ -133,9 +146,9 @@ def build_graph(pipeline: LoadedPipeline, agent: str, *, transport: Transport | 
         raise PipelineError(f"{pipeline.path} has no agent {agent!r} (it has "
                             f"{', '.join(pipeline.spec.agents)})")
     builder: StateGraph[Any, Any, Any, Any] = StateGraph(State)
-    for step, node in zip(spec.steps, spec.node_ids(), strict=True):
-        action: Runnable[Any, Any] | Any = step_node(step, node, spec, pipeline.folder,
-                                                     transport, home)
+    for index, (step, node) in enumerate(zip(spec.steps, spec.node_ids(), strict=True)):
+        action: Runnable[Any, Any] | Any = step_node(pipeline.spec, agent, index,
+                                                     pipeline.folder, transport, home)
         builder.add_node(node, action, retry_policy=_retry(step, pipeline.spec.settings))
     ends = {"START": START, "END": END}
     for a, b in spec.graph_edges():

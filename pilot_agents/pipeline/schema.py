@@ -141,6 +141,7 @@ class SubscribeCall(Strict):
     topic: StrictStr = ""  # a prefix; "" is every topic
     key: StateKey = "publication"
     timeout: Seconds = 60.0
+    count: Annotated[int, Field(ge=1, le=10_000)] = 1  # publications to take before going on
 
 
 class SubscribeStep(StepBase):
@@ -329,11 +330,19 @@ class Pipeline(Strict):
         return sorted({s.pilot_receive.port for s in self.agents[agent].steps
                        if isinstance(s, PilotReceiveStep)})
 
-    def subscribers_of(self, agent: str, port: int) -> int:
-        """How many subscribe steps of this file subscribe to ``agent``'s ``port``."""
+    def subscribers_of(self, agent: str, port: int, publication: int = 1) -> int:
+        """How many subscribe steps of this file subscribe to ``agent``'s ``port`` and take
+        ``publication`` (its 1-based rank among the agent's publish steps on the port) or
+        more: those the ``publication``-th publish step waits for."""
         return sum(1 for spec in self.agents.values() for s in spec.steps
                    if isinstance(s, SubscribeStep) and s.subscribe.port == port
+                   and s.subscribe.count >= publication
                    and self.agent_named(s.subscribe.to) == agent)
+
+    def publish_topics(self, agent: str, port: int) -> list[str]:
+        """The topics of ``agent``'s publish steps on ``port``, in their order."""
+        return [s.publish.topic for s in self.agents[agent].steps
+                if isinstance(s, PublishStep) and s.publish.port == port]
 
     @model_validator(mode="after")
     def _links(self) -> Pipeline:
@@ -361,6 +370,13 @@ class Pipeline(Strict):
                     if port not in self.receive_ports(target):
                         raise FieldValueError(where, f"{target} has no pilot_receive step on port "
                                          f"{port}, so nothing there would read this message")
+                if isinstance(step, SubscribeStep):
+                    sub = step.subscribe
+                    topics = self.publish_topics(target, sub.port)
+                    if not any(t.startswith(sub.topic) for t in topics):
+                        raise FieldValueError(where, f"{target} has no publish step on port "
+                                              f"{sub.port} with a topic starting {sub.topic!r}, "
+                                              "so nothing would reach this subscription")
                 if isinstance(step, PilotRequestStep):
                     served = self.agents[target].serve
                     if served is None or served.port != step.pilot_request.port:
