@@ -50,6 +50,8 @@ def _step(event: Event) -> str:
                     f"({event.get('path')})"
         elif event.get("from"):
             text += f", {event.get('bytes')} B from {event['from']}"
+        elif event.get("subscribers") is not None:
+            text += f", {event.get('topic')!r} to {event['subscribers']} subscribers"
     return text
 
 

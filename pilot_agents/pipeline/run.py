@@ -39,7 +39,15 @@ from ..integrations.langgraph import serve_graph
 from ..sdk import Client
 from .graph import build_graph
 from .load import LoadedPipeline
-from .schema import PilotReceiveStep, PilotSendStep, Ready, Service, StepBase
+from .schema import (
+    PilotReceiveStep,
+    PilotSendStep,
+    PublishStep,
+    Ready,
+    Service,
+    StepBase,
+    SubscribeStep,
+)
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
@@ -202,6 +210,14 @@ def _step_details(step: StepBase, update: Mapping[str, Any]) -> dict[str, Any]:
         key = step.pilot_receive.key
         return {"from": update.get(f"{key}_from"), "bytes": _size(update.get(key)),
                 "port": step.pilot_receive.port}
+    if isinstance(step, PublishStep):
+        published = update.get(f"{step.publish.key}_published") or {}
+        return {"topic": step.publish.topic, "port": step.publish.port,
+                "subscribers": published.get("subscribers")}
+    if isinstance(step, SubscribeStep):
+        key = step.subscribe.key
+        return {"from": update.get(f"{key}_from"), "port": step.subscribe.port,
+                "topic": update.get(f"{key}_topic"), "bytes": _size(update.get(key))}
     return {}
 
 
