@@ -74,30 +74,33 @@ def run(folder: Path, pipeline: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_one_agent_publishes_to_two_subscriber_agents(tmp_path: Path) -> None:
+    """Both get the first publication; the one that takes two subscribes again for the
+    second publish step."""
     result = run(tmp_path, """\
         agents:
           editor:
             input: {story: {headline: "rates up", n: 1}}
             steps:
               - {id: announce, publish: {port: 3001, topic: news.markets, key: story}}
+              - {id: again, publish: {port: 3001, topic: news.later, key: story}}
           reader-a:
             steps:
               - {subscribe: {to: editor, port: 3001, topic: news., key: news}}
               - {python: "keep:keep", args: {path: a.json}}
           reader-b:
             steps:
-              - {subscribe: {to: editor, port: 3001, key: news}}
+              - {subscribe: {to: editor, port: 3001, key: news, count: 2}}
               - {python: "keep:keep", args: {path: b.json}}
         """)
     assert result.returncode == 0, result.stdout + result.stderr
-    got = {"headline": "rates up", "n": 1}
-    for name in ("a", "b"):
-        assert json.loads((tmp_path / f"{name}.json").read_text()) == [
-            got, "news.markets", "editor"]
+    story = {"headline": "rates up", "n": 1}
+    assert json.loads((tmp_path / "a.json").read_text()) == [story, "news.markets", "editor"]
+    assert json.loads((tmp_path / "b.json").read_text()) == [
+        [story, story], ["news.markets", "news.later"], "editor"]
     events = events_of(result.stdout)
-    published = next(e for e in events if e["event"] == "step" and e["step"] == "announce"
-                     and e["status"] == "done")
-    assert published["subscribers"] == 2
+    reached = {e["step"]: e["subscribers"] for e in events if e["event"] == "step"
+               and e["agent"] == "editor" and e["status"] == "done"}
+    assert reached == {"announce": 2, "again": 1}
     assert not any(alive(pid) for pid in daemon_pids(events))
 
 
