@@ -6,7 +6,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import beacon, bridge, daemon, diagnostics, mcp, messaging, patterns, pipeline, trust
+from . import (
+    beacon,
+    bridge,
+    daemon,
+    diagnostics,
+    mcp,
+    messaging,
+    patterns,
+    pipeline,
+    pushpull,
+    trust,
+)
 from .context import Context, Handler
 from .output import exit_status
 from .parser import Register
@@ -20,6 +31,7 @@ GROUPS: tuple[Register, ...] = (
     diagnostics.register_add_peer,
     messaging.register,
     patterns.register,
+    pushpull.register,
     mcp.register,
     diagnostics.register,
     bridge.register,

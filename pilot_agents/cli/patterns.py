@@ -104,13 +104,13 @@ def register(commands: Commands) -> None:
     sub.add_argument("port", type=port, metavar="PORT")
 
 
-def _write(data: bytes, prefix: bytes = b"") -> None:
+def write_data(data: bytes, prefix: bytes = b"") -> None:
     """``data`` on stdout as it came, after ``prefix``, ending in one newline."""
     sys.stdout.buffer.write(prefix + data + (b"" if data.endswith(b"\n") else b"\n"))
     sys.stdout.buffer.flush()
 
 
-def _data_fields(data: bytes) -> dict[str, str]:
+def data_fields(data: bytes) -> dict[str, str]:
     text, encoding = encode_data(data)
     return {"data": text, "encoding": encoding}
 
@@ -131,9 +131,9 @@ async def _request(ctx: Context, client: Client) -> int:
         elapsed_ms = (time.perf_counter() - started) * 1000.0
     if ctx.json:
         emit({"target": args.target, "port": args.port, "replier": reply.sender,
-              "bytes": len(reply.data), "ms": round(elapsed_ms, 3)} | _data_fields(reply.data))
+              "bytes": len(reply.data), "ms": round(elapsed_ms, 3)} | data_fields(reply.data))
     else:
-        _write(reply.data)
+        write_data(reply.data)
     return EXIT_OK
 
 
@@ -142,18 +142,24 @@ async def _request(ctx: Context, client: Client) -> int:
 
 def serve_cmd(ctx: Context) -> int:
     args = ctx.args
+    argv = exec_argv(args.command)
+    config = ExecConfig(concurrency=args.concurrency, timeout=args.timeout,
+                        max_reply_bytes=args.max_reply_bytes)
+    return ctx.run_client(lambda client: _Server(ctx, client, argv, config).serve(), EXIT_OK)
+
+
+def exec_argv(command: str) -> list[str]:
+    """``--exec CMD`` split into argv; ConfigError if it cannot be, or names no command."""
     try:
-        argv = shlex.split(args.command)
+        argv = shlex.split(command)
     except ValueError as exc:
-        raise ConfigError(f"cannot split --exec {args.command!r}: {exc}") from None
+        raise ConfigError(f"cannot split --exec {command!r}: {exc}") from None
     if not argv:
         raise ConfigError("--exec needs a command")
     if shutil.which(argv[0]) is None:
         raise ConfigError(f"--exec: no command {argv[0]!r} found (not on PATH, or not "
                           "executable)")
-    config = ExecConfig(concurrency=args.concurrency, timeout=args.timeout,
-                        max_reply_bytes=args.max_reply_bytes)
-    return ctx.run_client(lambda client: _Server(ctx, client, argv, config).serve(), EXIT_OK)
+    return argv
 
 
 class _Server:
@@ -367,12 +373,12 @@ def _print_publication(ctx: Context, publication: Publication) -> None:
     if ctx.json:
         emit({"topic": publication.topic, "sender": publication.sender,
               "missed": publication.missed, "resumed": publication.resumed}
-             | _data_fields(publication.data))
+             | data_fields(publication.data))
         return
     if publication.resumed:
         print("(subscribed again: what was published meanwhile was missed)", file=sys.stderr)
     if publication.missed:
         print(f"(missed {publication.missed} publication(s): this subscriber fell behind)",
               file=sys.stderr)
-    _write(publication.data, publication.topic.encode("utf-8") + b" ")
+    write_data(publication.data, publication.topic.encode("utf-8") + b" ")
 

@@ -41,7 +41,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -506,6 +506,8 @@ class Pusher:
         self.redelivered = 0
         self.malformed = 0
         self.refused = 0
+        # Items acknowledged, by puller (as in ``connected``): how the work was spread.
+        self.acknowledged: Counter[str] = Counter()
 
     async def __aenter__(self) -> Pusher:
         if not self.peers:
@@ -661,6 +663,7 @@ class Pusher:
             if data is None:
                 raise WireError(f"an ACK of item {frame.id}, which it does not have")
             link.unacked_bytes -= len(data)
+            self.acknowledged[link.peer] += 1
             self._waiter.changed()
         elif frame.kind == Kind.HEARTBEAT:
             if link.conn is None:  # it connected: it waits to hear that we are alive

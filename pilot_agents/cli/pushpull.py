@@ -1,0 +1,244 @@
+"""``pilotctl push|pull``: work spread over workers (:mod:`pilot_agents.patterns.pushpull`) from
+a shell, through the daemon (``sdk.Client`` is the transport). Both run the pattern in this
+process for as long as the command runs.
+
+``pull`` acknowledges an item once it is printed and flushed (with ``--exec``, once the command
+run for it exited 0), so a pull killed mid-stream loses nothing: what it had not acknowledged
+goes to the other pullers. ``push`` exits once every item it pushed was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import CommandFailedError, ConfigError, PilotTimeoutError
+from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
+from ..sdk import Client
+from .context import Context, receive_until
+from .output import EXIT_INTERRUPTED, EXIT_OK, emit
+from .parser import Commands, count, port, positive
+from .patterns import ExecConfig, data_fields, exec_argv, run_command, write_data
+
+_DEFAULTS = PushPullConfig()
+_EXEC = ExecConfig()
+STDIN_QUEUE_LINES = 256  # lines of stdin read ahead of the pushes (so memory stays bounded)
+LINK_POLL_INTERVAL = 0.05  # seconds between looks at the pullers linked, for --wait-for
+
+
+def register(commands: Commands) -> None:
+    sub = commands.command(
+        "push", "hand work items to pullers, one item to one puller, and wait until every item "
+        "is acknowledged", push_cmd)
+    sub.add_argument("targets", nargs="?", metavar="NAME[,NAME...]",
+                     help="the pullers (hostnames or node ids), listening on PORT")
+    sub.add_argument("port", type=port, metavar="PORT")
+    sub.add_argument("--listen", action="store_true",
+                     help="listen on PORT instead: pullers connect ('pull --from')")
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", action="append", metavar="TEXT",
+                        help="an item (repeat for several)")
+    source.add_argument("--stdin", action="store_true",
+                        help="one item per line of stdin (without its newline)")
+    sub.add_argument("--wait-for", type=count, default=None, metavar="N",
+                     help="push nothing until N pullers are linked (with --listen, so that the "
+                     "first to connect does not take all the work)")
+    sub.add_argument("--timeout", type=positive, default=_DEFAULTS.push_timeout, metavar="S",
+                     help="seconds an item may wait for a puller with room, and the last items "
+                     f"for their acknowledgement (default {_DEFAULTS.push_timeout:g})")
+
+    sub = commands.command(
+        "pull", "take work items pushed to a port and print them (or run a command per item); "
+        "each is acknowledged once done", pull_cmd)
+    sub.add_argument("port", type=port, metavar="PORT")
+    sub.add_argument("--from", dest="source", metavar="NAME|NODE_ID",
+                     help="connect to the pusher listening on PORT there ('push --listen')")
+    sub.add_argument("--count", type=count, default=None, metavar="N",
+                     help="exit after N items")
+    sub.add_argument("--timeout", type=positive, default=None, metavar="S",
+                     help="give up after S seconds")
+    sub.add_argument("--window", type=count, default=_DEFAULTS.window_items, metavar="N",
+                     help="items this puller takes ahead of its consumer (default "
+                     f"{_DEFAULTS.window_items}; 1 for slow commands, so that items wait for a "
+                     "free worker)")
+    sub.add_argument("--exec", dest="command", metavar="CMD",
+                     help="run CMD per item (split like a shell would, no shell), the item on "
+                     "its stdin; acknowledged when it exits 0; a failure stops the pull and its "
+                     "unacknowledged items go to other pullers")
+    sub.add_argument("--exec-timeout", type=positive, default=_EXEC.timeout, metavar="S",
+                     help=f"seconds one run may take before it is killed (default "
+                     f"{_EXEC.timeout:g})")
+
+
+def _quiet() -> None:
+    # The pattern logs a pusher closed with items unacknowledged; the command's own error line
+    # says so already, and a user mistake is one line.
+    logging.getLogger("pilot_agents.patterns.pushpull").setLevel(logging.ERROR)
+
+
+# -- push ---------------------------------------------------------------------------------------
+
+
+def push_cmd(ctx: Context) -> int:
+    args = ctx.args
+    if args.listen == (args.targets is not None):
+        raise ConfigError("push takes NAME[,NAME...] PORT, or --listen PORT")
+    targets = [] if args.targets is None else [t for t in args.targets.split(",") if t]
+    if args.targets is not None and not targets:
+        raise ConfigError(f"no puller named in {args.targets!r}")
+    _quiet()
+    return ctx.run_client(lambda client: _push(ctx, client, targets), EXIT_INTERRUPTED)
+
+
+async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
+    args = ctx.args
+    for target in targets:  # an unknown name is the user's mistake, not a wait to time out
+        await client.resolve(target)
+    started = time.perf_counter()
+    pushed = 0
+    async with Pusher(client, targets or args.port, None if args.listen else args.port) as pusher:
+        try:
+            if args.wait_for is not None:
+                await _linked(pusher, args.wait_for, args.timeout)
+            async for item in _items(ctx):
+                await pusher.push(item, timeout=args.timeout)
+                pushed += 1
+            await pusher.join(timeout=args.timeout)
+        except PilotTimeoutError as exc:
+            raise PilotTimeoutError(f"{exc}; {pushed} item(s) pushed, {pusher.pending} of them "
+                                    "not acknowledged") from None
+        spread = dict(pusher.acknowledged)
+        redelivered = pusher.redelivered
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    if ctx.json:
+        emit({"port": args.port, "pushed": pushed, "acknowledged": spread,
+              "redelivered": redelivered, "ms": round(elapsed_ms, 3)})
+    else:
+        shares = ", ".join(f"{name} {n}" for name, n in sorted(spread.items())) or "none"
+        print(f"Pushed {pushed} item(s) to port {args.port}, all acknowledged ({shares}; "
+              f"{redelivered} sent again) in {elapsed_ms / 1000:.2f} s.")
+    return EXIT_OK
+
+
+async def _linked(pusher: Pusher, pullers: int, timeout: float) -> None:
+    """Wait until ``pullers`` are linked to ``pusher``; PilotTimeoutError after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while len(pusher.connected) < pullers:
+                await asyncio.sleep(LINK_POLL_INTERVAL)
+    except TimeoutError:
+        raise PilotTimeoutError(f"{len(pusher.connected)} of {pullers} pullers linked to port "
+                                f"{pusher.port} within {timeout:g} s") from None
+
+
+async def _items(ctx: Context) -> AsyncIterator[bytes]:
+    if not ctx.args.stdin:
+        for text in ctx.args.data:
+            yield text.encode("utf-8")
+        return
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue(STDIN_QUEUE_LINES)
+
+    def read() -> None:
+        # A thread of its own: a blocking read must not hold up the event loop, and a daemon
+        # thread does not keep a stopped command waiting for a terminal's next line.
+        try:
+            for line in sys.stdin.buffer:
+                asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
+            asyncio.run_coroutine_threadsafe(lines.put(None), loop).result()
+        except Exception:  # the loop is gone: the command is over
+            return
+
+    threading.Thread(target=read, name="push-stdin", daemon=True).start()
+    while (line := await lines.get()) is not None:
+        yield line[:-1] if line.endswith(b"\n") else line
+
+
+# -- pull ---------------------------------------------------------------------------------------
+
+
+def pull_cmd(ctx: Context) -> int:
+    args = ctx.args
+    argv: list[str] | None = None
+    if args.command is not None:
+        argv = exec_argv(args.command)
+    _quiet()
+    return ctx.run_client(lambda client: _Pull(ctx, client, argv).run(), EXIT_INTERRUPTED)
+
+
+@dataclass
+class _Done:
+    """An item whose command exited 0, and what it wrote."""
+
+    item: WorkItem
+    output: bytes
+    ms: float
+
+
+class _Pull:
+    def __init__(self, ctx: Context, client: Client, argv: list[str] | None) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.argv = argv
+        self.exec_config = ExecConfig(timeout=ctx.args.exec_timeout)
+
+    async def run(self) -> int:
+        args = self.ctx.args
+        config = PushPullConfig(window_items=args.window)
+        # With --exec the command's exit decides; else the next receive (after the item was
+        # printed and flushed) acknowledges it.
+        async with Puller(self.client, args.port, config, peer=args.source,
+                          auto_ack=self.argv is None) as puller:
+            if not self.ctx.json and sys.stderr.isatty():
+                where = f"from {args.source} " if args.source else ""
+                print(f"Pulling {where}on port {args.port}; Ctrl-C stops.", file=sys.stderr,
+                      flush=True)
+            source = f"from {args.source} port {args.port}" if args.source else \
+                f"on port {args.port}"
+            if self.argv is None:
+                await receive_until(puller.receive, self._print, count=args.count,
+                                    timeout=args.timeout, what="work item", source=source)
+            else:
+                argv = self.argv
+
+                async def run_next(remaining: float | None) -> _Done:
+                    return await self._run(argv, await puller.receive(remaining))
+
+                await receive_until(run_next, self._print_done, count=args.count,
+                                    timeout=args.timeout, what="work item", source=source)
+        return EXIT_OK
+
+    async def _run(self, argv: list[str], item: WorkItem) -> _Done:
+        started = time.perf_counter()
+        try:
+            output = await run_command(argv, item.data, self.exec_config)
+        except CommandFailedError as exc:
+            # Not acknowledged: leaving the puller tells the pusher, which gives this item and
+            # the others not acknowledged to another puller.
+            raise CommandFailedError(f"{exc} (item {item.id} from {item.sender}, not "
+                                     "acknowledged: it goes to another puller)") from None
+        await item.ack()
+        return _Done(item, output, (time.perf_counter() - started) * 1000.0)
+
+    def _print(self, item: WorkItem) -> None:
+        if self.ctx.json:
+            emit(_item_fields(item) | data_fields(item.data))
+        else:
+            write_data(item.data)
+
+    def _print_done(self, done: _Done) -> None:
+        if self.ctx.json:
+            emit(_item_fields(done.item) | {"bytes": len(done.item.data),
+                                            "ms": round(done.ms, 3)} | data_fields(done.output))
+        elif done.output:
+            sys.stdout.buffer.write(done.output)
+            sys.stdout.buffer.flush()
+
+
+def _item_fields(item: WorkItem) -> dict[str, object]:
+    return {"sender": item.sender, "id": item.id, "redelivered": item.redelivered}
