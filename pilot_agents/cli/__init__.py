@@ -20,8 +20,9 @@ How it is built, so that a new command group is one new module:
   mapping, reported in one line on stderr.
 - The groups: :mod:`.daemon` (start/stop/status), :mod:`.trust`, :mod:`.messaging`
   (connect/send/listen/unlisten), :mod:`.patterns` (request/serve/publish/subscribe/publishers/
-  unpublish: the message-bus patterns), :mod:`.diagnostics` (ping/peers/info/resolve/add-peer),
-  :mod:`.beacon` (hands its arguments to the beacon server's own parser), :mod:`.pipeline`.
+  unpublish: the message-bus patterns), :mod:`.pushpull` (push/pull), :mod:`.diagnostics`
+  (ping/peers/info/resolve/add-peer), :mod:`.beacon` (hands its arguments to the beacon
+  server's own parser), :mod:`.pipeline`.
 
 To add a group (the bus verbs, ``mcp``, pipelines): write ``cli/<group>.py`` with ``register``
 and one handler per command, using only ``context``, ``output`` and ``parser``; add its
