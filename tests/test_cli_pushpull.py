@@ -67,7 +67,7 @@ def test_push_stdin_spreads_over_two_pullers_none_twice(trio: Trio) -> None:
     a, b, c = trio
     pullers = [pull(b.home, 4001, "--json"), pull(c.home, 4001, "--json")]
     lines = "".join(f"{n}\n" for n in range(1, 101))
-    out = push(a.home, "beta,gamma", "4001", "--stdin", input=lines)
+    out = push(a.home, "beta,gamma", "4001", "--wait-for", "2", "--stdin", input=lines)
     assert (out["port"], out["pushed"], out["redelivered"]) == (4001, 100, 0)
     got = [stop(p) for p in pullers]
     spread = out["acknowledged"]

@@ -46,8 +46,8 @@ def register(commands: Commands) -> None:
     source.add_argument("--stdin", action="store_true",
                         help="one item per line of stdin (without its newline)")
     sub.add_argument("--wait-for", type=count, default=None, metavar="N",
-                     help="push nothing until N pullers are linked (with --listen, so that the "
-                     "first to connect does not take all the work)")
+                     help="push nothing until N pullers are linked (so that the first to link "
+                     "does not take all of a short batch)")
     sub.add_argument("--timeout", type=positive, default=_DEFAULTS.push_timeout, metavar="S",
                      help="seconds an item may wait for a puller with room, and the last items "
                      f"for their acknowledgement (default {_DEFAULTS.push_timeout:g})")
@@ -76,9 +76,11 @@ def register(commands: Commands) -> None:
 
 
 def _quiet() -> None:
-    # The pattern logs a pusher closed with items unacknowledged; the command's own error line
-    # says so already, and a user mistake is one line.
-    logging.getLogger("pilot_agents.patterns.pushpull").setLevel(logging.ERROR)
+    # The pattern logs a pusher closed with items unacknowledged, and the SDK an ACK or BYE
+    # that found its pusher gone (which gives the item to another puller anyway): the
+    # command's own output and error line say what matters, and a user mistake is one line.
+    for name in ("pilot_agents.patterns.pushpull", "pilot_agents.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # -- push ---------------------------------------------------------------------------------------
