@@ -104,16 +104,16 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
     started = time.perf_counter()
     pushed = 0
     async with Pusher(client, targets or args.port, None if args.listen else args.port) as pusher:
+        if args.wait_for is not None:
+            await _linked(pusher, args.wait_for, args.timeout)
         try:
-            if args.wait_for is not None:
-                await _linked(pusher, args.wait_for, args.timeout)
             async for item in _items(ctx):
                 await pusher.push(item, timeout=args.timeout)
                 pushed += 1
-            await pusher.join(timeout=args.timeout)
         except PilotTimeoutError as exc:
             raise PilotTimeoutError(f"{exc}; {pushed} item(s) pushed, {pusher.pending} of them "
                                     "not acknowledged") from None
+        await pusher.join(timeout=args.timeout)  # its timeout says how many were not acked
         spread = dict(pusher.acknowledged)
         redelivered = pusher.redelivered
     elapsed_ms = (time.perf_counter() - started) * 1000.0
