@@ -32,19 +32,11 @@ from ..sdk import Client
 from ..transport import Transport
 from .context import Context
 from .output import EXIT_OK, emit
-from .parser import Commands, count, port, positive
+from .parser import Commands, count, name_port, port, positive
 
 DAEMON_CHECK_INTERVAL = 1.0  # seconds between looks at whether the daemon still runs
 
 _ENDPOINT_HELP = "the local socket to bind: ipc://PATH or tcp://127.0.0.1:PORT ('*': any port)"
-
-
-def remote(text: str) -> tuple[str, int]:
-    """``NAME:PORT`` (a hostname or node id, and a pilot port)."""
-    name, colon, number = text.rpartition(":")
-    if not colon or not name:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:PORT")
-    return name, port(number)
 
 
 def register(commands: Commands) -> None:
@@ -53,7 +45,7 @@ def register(commands: Commands) -> None:
 
     sub = group.command("sub", "republish a remote publisher's topics on a local PUB (XPUB) "
                         "socket as [topic, payload]", sub_cmd)
-    sub.add_argument("remote", type=remote, metavar="NAME:PORT")
+    sub.add_argument("remote", type=name_port, metavar="NAME:PORT")
     sub.add_argument("prefixes", nargs="+", metavar="PREFIX",
                      help="topic prefixes to subscribe to at the publisher ('' for all)")
     sub.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
@@ -73,7 +65,7 @@ def register(commands: Commands) -> None:
 
     req = group.command("req", "send the requests of local REQ/DEALER clients to a remote "
                         "replier (the bridge binds a ROUTER they connect to)", req_cmd)
-    req.add_argument("remote", type=remote, metavar="NAME:PORT")
+    req.add_argument("remote", type=name_port, metavar="NAME:PORT")
     req.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
     _common(req, requests=True)
 

@@ -23,16 +23,9 @@ from ..integrations.mcp import DEFAULT_MCP_PORT, McpConfig, McpServer, RemoteSes
 from ..sdk import Client
 from .context import Context
 from .output import EXIT_OK, emit
-from .parser import Commands, count, port, positive
+from .parser import Commands, count, name_port, port, positive
 
 _DEFAULTS = McpConfig()
-
-
-def _target(text: str) -> tuple[str, int]:
-    name, sep, number = text.rpartition(":")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:PORT (e.g. db-tool-server:80)")
-    return name, port(number)
 
 
 def register(commands: Commands) -> None:
@@ -59,7 +52,7 @@ def register(commands: Commands) -> None:
     sub = group.command(
         "connect", "be a stdio MCP server that forwards to the one a peer serves (put "
         "'pilotctl mcp connect NAME:PORT' as the command in an MCP client's config)", connect_cmd)
-    sub.add_argument("target", type=_target, metavar="NAME:PORT")
+    sub.add_argument("target", type=name_port, metavar="NAME:PORT")
     sub.add_argument("--timeout", type=positive, default=_DEFAULTS.connect_timeout, metavar="S",
                      help="seconds to reach the peer (default "
                      f"{_DEFAULTS.connect_timeout:g})")

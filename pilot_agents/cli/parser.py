@@ -55,6 +55,14 @@ def count(text: str) -> int:
     return value
 
 
+def name_port(text: str) -> tuple[str, int]:
+    """``NAME:PORT``: a peer (hostname or node id) and a pilot port."""
+    name, colon, number = text.rpartition(":")
+    if not colon or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:PORT (e.g. db-agent:2001)")
+    return name, port(number)
+
+
 def ports(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
