@@ -282,6 +282,8 @@ class IpcClient:
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._deliveries: dict[int, OnReply] = {}
         self._sinks: dict[int, OnError] = {}  # where the errors of quiet requests go
+        # ... and those whose sink is gone (its sender was closed or dropped meanwhile)
+        self.orphan_errors: OnError | None = None
         self._sink_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: PilotError | None = None
@@ -404,8 +406,8 @@ class IpcClient:
         self.fail_sink(int(request_id[1:].partition(".")[0] or 0), error_of(reply))
 
     def fail_sink(self, sink: int, error: PilotError) -> None:
-        on_error = self._sinks.get(sink)
-        if on_error is None:  # its connection was closed meanwhile: nobody left to raise it to
+        on_error = self._sinks.get(sink, self.orphan_errors)
+        if on_error is None:  # its sender was closed meanwhile: nobody left to raise it to
             log.warning("a quiet request failed after its sender closed: %s", error)
         else:
             on_error(error)

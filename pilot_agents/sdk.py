@@ -138,6 +138,7 @@ class Client:
         self._pipeline = _Pipeline(self._ipc, self.options)
         self._reply_error: PilotError | None = None  # of a quiet reply, for flush()
         self._path_errors: dict[int, PilotError] = {}  # a reply path's sink: its first error
+        self._ipc.orphan_errors = self._late_failure
 
     @property
     def home(self) -> Path:
@@ -178,6 +179,14 @@ class Client:
 
         sink = self._ipc.add_sink(failed)
         return sink
+
+    def _late_failure(self, error: PilotError) -> None:
+        """A quiet send or reply whose sender is gone (a message dropped after its reply, a
+        connection closed): nobody is left to raise it to but :meth:`flush`."""
+        log.warning("a send or reply failed after its sender was gone (raised by the next "
+                    "Client.flush()): %s", error)
+        if self._reply_error is None:
+            self._reply_error = error
 
     def _forget_reply_sink(self, sink: int) -> None:
         self._ipc.remove_sink(sink)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -357,6 +358,29 @@ async def test_a_reply_that_fails_in_the_daemon_is_raised_by_flush(daemon_pair: 
         with pytest.raises(ConnectionClosedError, match="can no longer be replied to"):
             await client.flush()
         await client.flush()  # raised once
+
+
+async def test_a_failed_reply_is_raised_by_the_next_reply_and_by_flush_once_dropped(
+        daemon_pair: Pair) -> None:
+    """Each message's replies have their own sink: the next reply to it raises (a publisher so
+    hears its subscriber is gone); a message dropped before its error came back still has it
+    raised by flush."""
+    a, _ = daemon_pair
+    fields = {"data": b"x", "from": a.node_id, "port": 7108, "source_port": 1}
+    async with pilot.Client(a.home) as client:
+        kept = client._port_message({"id": "m-kept", **fields})
+        await kept.reply("one")
+        with pytest.raises(ConnectionClosedError):  # its error has come back by now
+            await client.flush()
+        with pytest.raises(ConnectionClosedError, match="can no longer be replied to"):
+            await kept.reply("two")
+
+        dropped = client._port_message({"id": "m-dropped", **fields})
+        await dropped.reply("too late")
+        del dropped
+        gc.collect()
+        with pytest.raises(ConnectionClosedError, match="can no longer be replied to"):
+            await client.flush()
 
 
 @pytest.mark.parametrize("stream_socket", [True, False], ids=["stream socket", "zeromq"])
