@@ -14,7 +14,7 @@ from ..ipc import IpcClient, encode_data
 from ..transport import DEFAULT_PORT
 from .context import Context, receive_until
 from .output import EXIT_OK, Message, emit, label, message_out, ms, write_message
-from .parser import Commands, count, port, positive
+from .parser import Commands, add_until, port, positive
 
 
 def register(commands: Commands) -> None:
@@ -44,10 +44,7 @@ def register(commands: Commands) -> None:
 
     sub = commands.command("listen", "print messages arriving on a port", listen_cmd)
     sub.add_argument("port", type=port, metavar="PORT")
-    sub.add_argument("--count", type=count, default=None, metavar="N",
-                     help="exit after N messages")
-    sub.add_argument("--timeout", type=positive, default=None, metavar="S",
-                     help="give up after S seconds")
+    add_until(sub, "messages")
     sub.add_argument("--publish", action="store_true",
                      help="keep listening in the daemon and publish the messages on its ZeroMQ "
                      "PUB socket (ipc://HOME/pub.sock, topic = port as 5 digits); returns at once")

@@ -63,6 +63,15 @@ def name_port(text: str) -> tuple[str, int]:
     return name, port(number)
 
 
+def add_until(parser: argparse.ArgumentParser, items: str) -> None:
+    """``--count``/``--timeout`` of a command that prints what arrives until it has enough or
+    waited long enough (``context.receive_until`` runs that loop)."""
+    parser.add_argument("--count", type=count, default=None, metavar="N",
+                        help=f"exit after N {items}")
+    parser.add_argument("--timeout", type=positive, default=None, metavar="S",
+                        help="give up after S seconds")
+
+
 def ports(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()

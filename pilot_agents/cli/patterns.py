@@ -24,7 +24,7 @@ from ..patterns.reqrep import Replier, Request, Requester
 from ..sdk import Client
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, print_list
-from .parser import Commands, count, port, positive
+from .parser import Commands, add_until, count, port, positive
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,7 @@ def register(commands: Commands) -> None:
     sub.add_argument("port", type=port, metavar="PORT")
     sub.add_argument("prefixes", nargs="+", metavar="PREFIX",
                      help="topic prefixes ('' for every topic)")
-    sub.add_argument("--count", type=count, default=None, metavar="N",
-                     help="exit after N publications")
-    sub.add_argument("--timeout", type=positive, default=None, metavar="S",
-                     help="give up after S seconds")
+    add_until(sub, "publications")
 
     commands.command("publishers", "list the publishers this daemon hosts", publishers_cmd)
     sub = commands.command("unpublish", "close the daemon's publisher on a port (its "

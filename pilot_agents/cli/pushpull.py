@@ -22,7 +22,7 @@ from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit
-from .parser import Commands, count, port, positive
+from .parser import Commands, add_until, count, port, positive
 from .patterns import ExecConfig, data_fields, exec_argv, run_command, write_data
 
 _DEFAULTS = PushPullConfig()
@@ -58,10 +58,7 @@ def register(commands: Commands) -> None:
     sub.add_argument("port", type=port, metavar="PORT")
     sub.add_argument("--from", dest="source", metavar="NAME|NODE_ID",
                      help="connect to the pusher listening on PORT there ('push --listen')")
-    sub.add_argument("--count", type=count, default=None, metavar="N",
-                     help="exit after N items")
-    sub.add_argument("--timeout", type=positive, default=None, metavar="S",
-                     help="give up after S seconds")
+    add_until(sub, "items")
     sub.add_argument("--window", type=count, default=_DEFAULTS.window_items, metavar="N",
                      help="items this puller takes ahead of its consumer (default "
                      f"{_DEFAULTS.window_items}; 1 for slow commands, so that items wait for a "
