@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from ..errors import (
+    ConfigError,
+    ConnectionClosedError,
+    PeerUnreachableError,
+    PilotError,
+    PilotTimeoutError,
+)
 from ..identity import node_id_from_key
 from ..net.tunnel.codes import ResetCode
 from ..net.tunnel.session import Session
@@ -161,6 +167,13 @@ class StreamHandle:
         """Something we sent may not have reached the peer's application."""
         return self.reset or self.session.stream_buffered(self.stream_id) > 0
 
+    def hold_tunnel(self, timeout: float | None) -> None:
+        """Someone waits ``timeout`` s on this stream: the tunnel does not give up on a silent
+        peer before (Session.keep_trying_until)."""
+        endpoint = self.driver.endpoint
+        if timeout is not None and endpoint is not None:
+            self.session.keep_trying_until(endpoint.now() + timeout)
+
     def fail(self, error: PilotError, *, reset: bool = False) -> None:
         """The stream is dead: sends and receives raise ``error`` from now on. ``reset``: the
         peer's application never saw what we sent."""
@@ -207,6 +220,7 @@ class StreamHandle:
             raise self.error
 
     async def receive(self, timeout: float | None) -> Message:
+        self.hold_tunnel(timeout)
         try:
             item = await self.inbox.get(timeout)
         except TimeoutError:
@@ -285,10 +299,19 @@ class Connection:
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
         handle = self._stream()
-        await self._driver.wait_until(
-            lambda: handle.error is not None or not handle.undelivered,
-            timeout or self._timeout,
-        )
+        timeout = timeout or self._timeout
+        handle.hold_tunnel(timeout)
+        try:
+            await self._driver.wait_until(
+                lambda: handle.error is not None or not handle.undelivered, timeout
+            )
+        except PilotTimeoutError:
+            if handle.session.waiting_for_peer:
+                raise PeerUnreachableError(
+                    f"{handle.peer_id} did not acknowledge the message within {timeout} s: "
+                    "it is down or unreachable"
+                ) from None
+            raise
         if handle.error is not None and handle.undelivered:
             raise handle.error
 

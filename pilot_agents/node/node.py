@@ -62,6 +62,10 @@ from .timestamps import TimestampStore
 log = logging.getLogger("pilot_agents.node")
 
 EPHEMERAL_PORTS = range(49152, 65536)
+# A tunnel that closed for these reasons is not tried again while a caller waits.
+_FINAL_CLOSE_CODES = frozenset(
+    {CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR, CloseCode.SHUTDOWN}
+)
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
 BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
@@ -477,31 +481,40 @@ class Node:
     # -- internals: opening tunnels and streams ---------------------------------------------
 
     async def _established_session(self, key: bytes, timeout: float) -> Session:
+        """The tunnel to ``key``, established within ``timeout`` s. Until then the tunnel does
+        not give up on a silent peer (it retries, on the relay, asking for introductions), and
+        one that closes anyway (the peer shut it down to restart) is replaced by a new one."""
         endpoint = self._running()
         mux = self._mux
         assert mux is not None
+        name = self._hostnames.get(key) or node_id_from_key(key)
         if not mux.is_trusted(key):
-            name = self._hostnames.get(key) or node_id_from_key(key)
             raise NotTrustedError(f"{name} is not trusted: run 'pilotctl trust add {name}'")
-        session = mux.session(key, endpoint.now())
-        if session.address is None:
-            self._route(session, key)
-        session.connect(endpoint.now())
-        endpoint.wake()
-        try:
-            await self._driver.wait_until(
-                lambda: session.established or session.closed, timeout
-            )
-        except PilotTimeoutError:
-            raise PeerUnreachableError(
-                f"no answer from {self._hostnames.get(key) or node_id_from_key(key)} within "
-                f"{timeout} s: it is down, unreachable, or does not trust us"
-            ) from None
-        if session.closed:
-            raise PeerUnreachableError(
-                f"tunnel to {node_id_from_key(key)} failed: {session.close_reason}"
-            )
-        return session
+        deadline = endpoint.now() + timeout
+        while True:
+            now = endpoint.now()
+            session = mux.session(key, now)
+            if session.address is None:
+                self._route(session, key)
+            session.keep_trying_until(deadline)
+            session.connect(now)
+            endpoint.wake()
+            try:
+                await self._settled(session, deadline - now)
+            except PilotTimeoutError:
+                raise PeerUnreachableError(
+                    f"no answer from {name} within {timeout} s: it is down, unreachable, or "
+                    "does not trust us"
+                ) from None
+            if session.established:
+                return session
+            if session.close_code in _FINAL_CLOSE_CODES or endpoint.now() >= deadline:
+                raise PeerUnreachableError(f"tunnel to {name} failed: {session.close_reason}")
+            log.info("tunnel to %s closed (%s): trying again", name, session.close_reason)
+
+    async def _settled(self, session: Session, timeout: float) -> None:
+        """Wait until the tunnel is established or closed (PilotTimeoutError after timeout)."""
+        await self._driver.wait_until(lambda: session.established or session.closed, timeout)
 
     def _route(self, session: Session, key: bytes) -> None:
         """A first path for a new tunnel: a configured address, else the beacon's relay at once
@@ -617,6 +630,8 @@ class Node:
             future = self._pings.get((event.peer, event.ping_id))
             if future is not None and not future.done():
                 future.set_result(event.rtt)
+        elif isinstance(event, events.PeerUnanswered):
+            self._on_peer_unanswered(event)
         self._driver.progress_made()
 
     def _on_message(self, event: events.MessageReceived) -> None:
@@ -690,14 +705,28 @@ class Node:
         )
         reason = event.reason or close_reason(event.code)
         name = self._hostnames.get(event.peer) or node_id_from_key(event.peer)
+        successor = self._mux.get_session(event.peer) if self._mux and event.moved else None
         for (peer, stream_id), handle in list(self._streams.items()):
-            if peer == event.peer:
-                handle.fail(error_type(f"tunnel to {name} closed: {reason}"))
-                if (peer, stream_id) not in self._outgoing:
-                    self._forget(handle)
+            # Streams on the peer's newer session (opened since) live on.
+            if peer != event.peer or not handle.session.closed:
+                continue
+            if successor is not None and stream_id in event.moved:
+                handle.session = successor  # the peer never saw it: it goes on there
+                continue
+            handle.fail(error_type(f"tunnel to {name} closed: {reason}"))
+            if (peer, stream_id) not in self._outgoing:
+                self._forget(handle)
         for (peer, _), future in list(self._pings.items()):
             if peer == event.peer and not future.done():
                 future.set_exception(error_type(f"tunnel to {name} closed: {reason}"))
+
+    def _on_peer_unanswered(self, event: events.PeerUnanswered) -> None:
+        """A tunnel's handshakes go unanswered: the peer's NAT may have rebound, or it moved.
+        A fresh introduction carries the addresses it registered since, and both sides punch
+        again."""
+        endpoint = self._endpoint
+        if endpoint is not None and endpoint.beacon is not None:
+            endpoint.beacon.introduce(event.peer, endpoint.now())
 
     def _on_path_changed(self, event: events.PathChanged) -> None:
         log.info(

@@ -79,8 +79,17 @@ class StreamReset(Event):
 
 @dataclass(slots=True)
 class SessionClosed(Event):
-    """The tunnel is gone: every stream on it is dead. ``code`` is a :class:`CloseCode`."""
+    """The tunnel is gone: every stream on it is dead, but the ``moved`` ones, which go on (same
+    ids) in the session that replaced it (the peer restarted before it saw them). ``code`` is a
+    :class:`CloseCode`."""
 
     code: int
     reason: str
     by_peer: bool
+    moved: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class PeerUnanswered(Event):
+    """The tunnel's handshakes go unanswered: the peer's addresses may have changed. A node
+    with a beacon asks it for a fresh introduction."""

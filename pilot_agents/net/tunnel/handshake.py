@@ -10,9 +10,10 @@ before any Diffie-Hellman.
 
 The timestamp (wall-clock nanoseconds) lets the responder refuse a replayed initiation, as
 WireGuard's TAI64N does: the mux keeps the greatest accepted per peer in a store that outlives
-sessions (and, in a node, restarts). The nonce names the sender's session: a rekey repeats it, a
-restarted peer comes with a new one, which tells the other side to drop the stale reliability
-state.
+sessions (and, in a node, restarts). The nonce names the sender's session state: a rekey repeats
+it, a session that lost its state (a restart, a tunnel that timed out) comes with a greater one,
+which tells the other side to drop its stale reliability state; a smaller one than already seen
+is a delayed packet of an older session (docs/protocol.md, "Session lifecycle").
 """
 
 from __future__ import annotations
@@ -113,3 +114,16 @@ def read_response_untrusted(
     if len(payload) != _RESPONSE_PAYLOAD.size:
         raise HandshakeError("response payload has the wrong size")
     return _RESPONSE_PAYLOAD.unpack(payload)[0], keys
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """An authenticated answer to one of our initiations, not yet installed: the mux first
+    decides which session takes it (the one that initiated, or its successor when the answer
+    shows that the peer's state was reset)."""
+
+    local_index: int  # our initiation's index: the peer now sends to it
+    remote_index: int
+    nonce: int  # the responder's session nonce
+    keys: noise.TransportKeys
+    initiation_sent: float  # `now` when the initiation it answers left: an RTT sample

@@ -8,6 +8,13 @@ out of budget); and its source's budget (``ratelimit.py``). After the Noise chec
 must be newer than the greatest accepted from that peer, which the injected ``timestamps`` store
 keeps across sessions (a node's store also survives restarts).
 
+The mux also decides which session a handshake belongs to (docs/protocol.md, "Session
+lifecycle"). Session nonces are ordered (wall-clock ns, strictly increasing): a handshake with a
+smaller nonce than the greatest seen from its peer is a delayed packet of an older session and
+is dropped; a greater one than the session is paired with means the peer lost its state, and a
+successor session takes over, with the same nonce of ours (so the peer's fresh state, which holds
+nothing of ours, does not reset in turn) and the streams the peer never saw.
+
 The asyncio endpoint feeds it every tunnel datagram with :meth:`receive_datagram`, fires
 :meth:`handle_timer` at :meth:`get_timer`, sends what :meth:`datagrams_to_send` returns and hands
 :meth:`next_event` results to the node.
@@ -48,6 +55,10 @@ class MuxStats:
     rate_limited: int = 0  # initiations over their source's budget (dropped before any DH)
     replayed_initiations: int = 0  # timestamp not newer than the peer's last accepted one
     wrong_relay_source: int = 0  # relayed initiations whose sender is not their Noise key
+    # Genuine handshakes of an older session of the peer, delayed: not refused (not counted
+    # in refused(), so never reported to the beacon), only ignored.
+    stale_handshakes: int = 0
+    successions: int = 0  # sessions replaced because the peer lost its state
 
     def refused(self) -> int:
         """Datagrams dropped for what they are or who sent them; not cookie replies, which a
@@ -68,9 +79,10 @@ class Mux:
         timestamps: MutableMapping[bytes, int] | None = None,
     ) -> None:
         """``signing_secret``/``public_key``: the node's Ed25519 identity; its X25519 form is
-        the Noise static key. ``random_bits`` picks indices, session nonces and cookie secrets
-        (tests seed it). ``timestamps`` maps a peer's Ed25519 key to the greatest initiation
-        timestamp accepted from it (an in-memory dict by default)."""
+        the Noise static key. ``wall_clock_ns`` stamps initiations and session nonces.
+        ``random_bits`` picks indices and cookie secrets (tests seed it). ``timestamps`` maps a
+        peer's Ed25519 key to the greatest initiation timestamp accepted from it (an in-memory
+        dict by default)."""
         self.public_key = public_key
         self.config = config or SessionConfig()
         self.stats = MuxStats()
@@ -78,6 +90,8 @@ class Mux:
         self._wall_clock_ns = wall_clock_ns
         self._random_bits = random_bits
         self._timestamps: MutableMapping[bytes, int] = {} if timestamps is None else timestamps
+        self._last_stamp = 0
+        self._peer_nonces: dict[bytes, int] = {}  # the greatest session nonce seen per peer
         limits = self.config.handshakes
         self._cookies = CookieChecker(
             crypto.x25519_public(self._static_private), limits.cookie_lifetime_s, self._random
@@ -109,6 +123,7 @@ class Mux:
         if static is not None:
             del self._trusted[static]
         self._peer_macs.pop(peer, None)
+        self._peer_nonces.pop(peer, None)
         session = self._sessions.get(peer)
         if session is not None:
             session.close(CloseCode.NOT_TRUSTED, "", now)
@@ -120,24 +135,36 @@ class Mux:
         """The tunnel to ``peer``, created (not yet connected) if there is none."""
         session = self._sessions.get(peer)
         if session is None or session.closed:
-            static = self._trusted_static.get(peer)
-            if static is None:
-                raise NotTrustedError("peer is not trusted")
-            session = Session(
-                local_id=self.public_key,
-                peer=peer,
-                peer_static=static,
-                static_private=self._static_private,
-                prologue=PROLOGUE,
-                config=self.config,
-                indices=self,
-                nonce=self._random_bits(64),
-                wall_clock_ns=self._wall_clock_ns,
-                now=now,
-                macs=self._macs_to(peer, static),
-            )
-            self._sessions[peer] = session
+            # A new nonce: the peer may still hold the state of our last session.
+            session = self._new_session(peer, self._stamp(), now)
         return session
+
+    def _new_session(self, peer: bytes, nonce: int, now: float) -> Session:
+        static = self._trusted_static.get(peer)
+        if static is None:
+            raise NotTrustedError("peer is not trusted")
+        session = Session(
+            local_id=self.public_key,
+            peer=peer,
+            peer_static=static,
+            static_private=self._static_private,
+            prologue=PROLOGUE,
+            config=self.config,
+            indices=self,
+            nonce=nonce,
+            wall_clock_ns=self._stamp,
+            now=now,
+            macs=self._macs_to(peer, static),
+        )
+        self._sessions[peer] = session
+        return session
+
+    def _stamp(self) -> int:
+        """Wall-clock ns, strictly increasing (a coarse clock must not make a retry look like
+        a replay, nor two sessions share a nonce)."""
+        stamp = max(self._wall_clock_ns(), self._last_stamp + 1)
+        self._last_stamp = stamp
+        return stamp
 
     def _macs_to(self, peer: bytes, static: bytes) -> PeerMacs:
         # Kept per peer, not per session: a cookie outlives a restarted session.
@@ -232,11 +259,14 @@ class Mux:
             self.stats.replayed_initiations += 1
             return None
         self._timestamps[peer] = initiation.timestamp_ns
-        session = self.session(peer, now)
+        if self._is_stale(peer, initiation.nonce):
+            return None
+        session = self._sessions.get(peer)
+        if session is not None and self._peer_was_reset(session, initiation.nonce):
+            session = self._succeed(session, None, now)
+        else:
+            session = self.session(peer, now)
         session.receive_initiation(initiation, address, now)
-        if session.closed:
-            session = self._replace_restarted(session, now)
-            session.receive_initiation(initiation, address, now)
         return session
 
     def _on_response(self, data: bytes, address: Address, now: float) -> Session | None:
@@ -250,10 +280,15 @@ class Mux:
         if not self._cookies.mac1_ok(data):
             self.stats.bad_mac1 += 1
             return None
-        session.receive_response(data, address, now)
-        if session.closed:
-            session = self._replace_restarted(session, now)
-            session.connect(now)
+        response = session.open_response(data)
+        if response is None or self._is_stale(session.peer, response.nonce):
+            return None
+        if self._peer_was_reset(session, response.nonce):
+            # The answer already holds keys the peer's fresh state accepts: the successor
+            # installs them, no second round trip.
+            session = self._succeed(session, response.local_index, now)
+            self._by_index[response.local_index] = session
+        session.complete_handshake(response, address, now)
         return session
 
     def _on_cookie_reply(self, data: bytes, now: float) -> Session | None:
@@ -287,11 +322,28 @@ class Mux:
         self._load.spend(now)
         return True
 
-    def _replace_restarted(self, old: Session, now: float) -> Session:
-        """A session the peer abandoned by restarting; its successor starts from nothing."""
+    def _is_stale(self, peer: bytes, nonce: int) -> bool:
+        """A handshake of an older session of the peer's (else its nonce is now the newest)."""
+        if nonce < self._peer_nonces.get(peer, 0):
+            self.stats.stale_handshakes += 1
+            return True
+        self._peer_nonces[peer] = nonce
+        return False
+
+    @staticmethod
+    def _peer_was_reset(session: Session, nonce: int) -> bool:
+        """The peer's session nonce changed under a live session: it lost its state."""
+        paired = session.remote_nonce
+        return not session.closed and paired is not None and paired != nonce
+
+    def _succeed(self, old: Session, answered_index: int | None, now: float) -> Session:
+        """The successor of a session whose peer lost its state: our nonce stays (our state
+        is as fresh as the peer's now), the paths and the streams the peer never saw move."""
+        self.stats.successions += 1
+        successor = self._new_session(old.peer, old.nonce, now)
+        old.hand_over(successor.take_over(old), answered_index)
         self._collect_events_of(old)
-        del self._sessions[old.peer]
-        return self.session(old.peer, now)
+        return successor
 
     def output_due(self, now: float) -> bool:
         """Whether the datagrams received since the last call made something due to send now

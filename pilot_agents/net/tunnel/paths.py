@@ -38,6 +38,9 @@ class PathConfig:
     retry_interval: float = 15.0  # seconds between rounds while on the relay; doubles
     retry_interval_max: float = 120.0  # seconds, cap of the doubling
     max_candidates: int = 16  # addresses remembered per peer
+    # Seconds between asks for a fresh introduction (events.PeerUnanswered) while handshakes
+    # go unanswered: a peer whose NAT rebound is reachable again once it re-registered.
+    reintroduce_interval: float = 3.0
     # Seconds (and at least two probe timeouts) without a packet from a peer that stopped in the
     # middle of a message before we PING it over the direct path: a receiver sends only ACKs,
     # which nothing acknowledges, so without this it never notices that its side of the path

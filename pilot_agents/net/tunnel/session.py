@@ -8,11 +8,18 @@ into the caller.
 
 Reliability is one packet-number space per direction that survives rekeys: keys change, packet
 numbers keep counting, so loss recovery and the replay window never restart.
+
+A session gives up on a silent peer (handshake timeout, probe timeouts, idle timeout) only when
+nobody waits on it: :meth:`keep_trying_until` holds it open until a caller's deadline, retrying
+handshakes and probes with backoff, on the relay once the direct path fails, and asking the node
+for fresh introductions (:class:`~.events.PeerUnanswered`). docs/protocol.md, "Session
+lifecycle", has the rules that make crossing and restarted handshakes end in one session.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +157,7 @@ class _PendingInitiation:
     sent: float  # this initiation
     next_retry: float
     retry_interval: float
+    attempts: int = 1  # initiations of this handshake sent so far
 
 
 class Session:
@@ -191,6 +199,13 @@ class Session:
         self._wall_clock_ns = wall_clock_ns
         self._macs = macs
         self._created = now
+        # Until when someone waits on this tunnel (keep_trying_until): no giving up before.
+        self._patient_until = -math.inf
+        self.close_code: int | None = None
+        # A responder whose answer is not confirmed by then starts its own initiation: the
+        # initiator may have lost its state, and nothing else would retry.
+        self._confirm_by: float | None = None
+        self._last_reintroduction = -math.inf
         self._events: deque[events.Event] = deque()
         self._tag = peer.hex()[:8]
 
@@ -306,6 +321,23 @@ class Session:
     def close_reason(self) -> str:
         return self._close_reason
 
+    def keep_trying_until(self, deadline: float) -> None:
+        """Someone waits on this tunnel until ``deadline``: until then a silent peer is not
+        declared dead (no handshake, probe or idle timeout). Handshakes and probes go on with
+        backoff, on the relay once the direct path failed, with PeerUnanswered events asking
+        for fresh introductions; the first answer resumes the tunnel."""
+        if deadline > self._patient_until:
+            self._patient_until = deadline
+
+    @property
+    def waiting_for_peer(self) -> bool:
+        """The peer is not answering right now: no keys yet, or probes unanswered."""
+        return self.state is not State.ESTABLISHED or self._recovery.pto_count > 0
+
+    def _give_up_at(self, at: float) -> float:
+        """``at``, a deadline to declare the peer dead, postponed while someone waits."""
+        return at if at >= self._patient_until else self._patient_until
+
     def next_event(self) -> events.Event | None:
         return self._events.popleft() if self._events else None
 
@@ -391,18 +423,54 @@ class Session:
             self._close_frame = wire.encode_close(code, reason or close_reason(code))
         self._enter_closed(code, reason or close_reason(code), by_peer=False)
 
+    # -- succession: the peer lost its state ----------------------------------------------
+
+    def take_over(self, old: Session) -> tuple[int, ...]:
+        """This session replaces ``old``, whose peer lost its session state (it restarted, or
+        its tunnel timed out). It keeps ``old``'s paths, and the streams we opened on ``old``
+        on which the peer acknowledged and sent nothing move here with all their data: the
+        peer's new state never saw them. (One that reached the peer just before it lost its
+        state, unacknowledged, is delivered again.) Returns the moved stream ids, which keep
+        their numbers."""
+        self.paths = old.paths
+        self._path_from_handshake = old._path_from_handshake
+        self._patient_until = old._patient_until
+        self._next_stream_id = old._next_stream_id
+        moved = []
+        for stream in old._streams.values():
+            ours = stream.stream_id % 2 == old._next_stream_id % 2
+            if ours and stream.send.nothing_acked and stream.recv.highest == 0:
+                new = self._add_stream(stream.stream_id, stream.local_port, stream.remote_port)
+                new.send.take_unacknowledged(stream.send)
+                self._schedule(stream.stream_id)
+                moved.append(stream.stream_id)
+        return tuple(moved)
+
+    def hand_over(self, moved: tuple[int, ...], answered_index: int | None) -> None:
+        """Close, replaced by a successor that took the ``moved`` streams and, if the peer
+        answered our pending initiation (``answered_index``), that index with its keys."""
+        pending = self._initiation
+        if pending is not None and pending.local_index == answered_index:
+            self._initiation = None  # not released: the successor's now
+        for stream_id in moved:
+            del self._streams[stream_id]
+        self._enter_closed(CloseCode.PEER_RESTARTED, "", by_peer=True, moved=moved)
+
     # -- timers ------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
         # Runs after every flush: a running minimum, not a list of candidates.
         if self.state is State.CLOSED:
             return None
-        at = self._last_received + self.config.idle_timeout
+        at = self._give_up_at(self._last_received + self.config.idle_timeout)
         if self._initiation is not None:
             at = _earlier(at, self._initiation.next_retry)
         if self.state is State.HANDSHAKING:
-            at = _earlier(at, self._created + self.config.handshake_timeout)
+            at = _earlier(at, self._give_up_at(self._created + self.config.handshake_timeout))
+            at = _earlier(at, self._confirm_by)
         if self.state is State.ESTABLISHED:
+            if self._recovery.pto_count >= self.config.max_probe_timeouts:
+                at = _earlier(at, self._patient_until)  # the verdict waited only for it
             if self._recovery.ack_eliciting_in_flight == 0:
                 keepalive = self._last_ack_eliciting_sent + self.config.keepalive_interval
                 at = _earlier(at, keepalive)
@@ -417,18 +485,30 @@ class Session:
     def handle_timer(self, now: float) -> None:
         if self.state is State.CLOSED:
             return
-        if self.state is State.HANDSHAKING and now >= self._created + self.config.handshake_timeout:
+        if self.state is State.HANDSHAKING and now >= self._give_up_at(
+            self._created + self.config.handshake_timeout
+        ):
             self._enter_closed(CloseCode.HANDSHAKE_TIMEOUT, "", by_peer=False)
             return
-        if now >= self._last_received + self.config.idle_timeout:
+        if now >= self._give_up_at(self._last_received + self.config.idle_timeout):
             self._enter_closed(CloseCode.IDLE_TIMEOUT, "", by_peer=False)
             return
         if self._initiation is not None and now >= self._initiation.next_retry:
             self._retry_initiation(now)
+        elif self._confirm_by is not None and now >= self._confirm_by:
+            log.debug("[%s] our answer was not confirmed: initiating", self._tag)
+            self._confirm_by = None
+            self._start_initiation(now)
         if self.state is not State.ESTABLISHED:
             return
         self._check_key_age(now)
         if self.state is not State.ESTABLISHED:
+            return
+        if (
+            self._recovery.pto_count >= self.config.max_probe_timeouts
+            and now >= self._patient_until
+        ):
+            self._enter_closed(CloseCode.PEER_UNREACHABLE, "", by_peer=False)
             return
         timer = self._recovery.get_timer()
         if timer is not None and now >= timer:
@@ -448,7 +528,10 @@ class Session:
                     self._packet_size = self.config.max_packet_size
                     self._recovery.cc.set_max_datagram_size(self._packet_size)
                     self._mtu_probes.clear()
-                if self._recovery.pto_count >= self.config.max_probe_timeouts:
+                if (
+                    self._recovery.pto_count >= self.config.max_probe_timeouts
+                    and now >= self._patient_until
+                ):
                     self._enter_closed(CloseCode.PEER_UNREACHABLE, "", by_peer=False)
                     return
                 # A peer that restarted drops our packets silently; a new handshake finds out.
@@ -470,26 +553,37 @@ class Session:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def receive_response(self, data: bytes, address: Address, now: float) -> None:
-        """A RESPONSE whose receiver index is our pending initiation's."""
+    def open_response(self, data: bytes) -> handshake.Response | None:
+        """A RESPONSE whose receiver index is our pending initiation's, authenticated but not
+        installed (:meth:`complete_handshake` does that); None if it does not authenticate."""
         pending = self._initiation
         if pending is None or self.state is State.CLOSED:
-            return
+            return None
         try:
             remote_index, _ = handshake.response_indices_untrusted(data)
             remote_nonce, keys = handshake.read_response_untrusted(data, pending.initiator)
         except HandshakeError as exc:
             log.debug("[%s] bad handshake response: %s", self._tag, exc)
             self.stats.bad_auth += 1
+            return None
+        return handshake.Response(
+            pending.local_index, remote_index, remote_nonce, keys, pending.sent
+        )
+
+    def complete_handshake(
+        self, response: handshake.Response, address: Address, now: float
+    ) -> None:
+        """Install the keys of an opened response: to our own initiation, or to the one of the
+        session this one succeeds (its index now ours: the mux moved it)."""
+        if self.state is State.CLOSED:
             return
-        if self.remote_nonce is not None and remote_nonce != self.remote_nonce:
-            self._peer_restarted()
-            return
-        self.remote_nonce = remote_nonce
-        self._initiation = None
+        if self._initiation is not None and self._initiation.local_index == response.local_index:
+            self._initiation = None  # its index lives on in the keypair
+        self.remote_nonce = response.nonce
+        keys = response.keys
         keypair = handshake.Keypair(
-            local_index=pending.local_index,
-            remote_index=remote_index,
+            local_index=response.local_index,
+            remote_index=response.remote_index,
             sender=Aead(keys.initiator_to_responder),
             receiver=Aead(keys.responder_to_initiator),
             created=now,
@@ -500,7 +594,7 @@ class Session:
         if not self._recovery.rtt.has_sample:
             # The handshake is a round trip (QUIC samples its Initial packets the same way):
             # the tunnel has an RTT before any data has been acknowledged.
-            self._recovery.rtt.update(now - pending.sent, 0.0, now)
+            self._recovery.rtt.update(now - response.initiation_sent, 0.0, now)
         self._install(keypair, now)
         self._adopt_handshake_source(address)
         self._last_received = now
@@ -510,19 +604,16 @@ class Session:
     def receive_initiation(
         self, initiation: handshake.Initiation, address: Address, now: float
     ) -> None:
-        """An initiation from this peer that passed the Noise checks, and the replay check of its
-        timestamp, in the mux."""
+        """An initiation from this peer that passed the Noise checks, the replay check of its
+        timestamp and the check of its session nonce, in the mux."""
         if self.state is State.CLOSED:
             return
-        if self.remote_nonce is not None and initiation.nonce != self.remote_nonce:
-            self._peer_restarted()
+        if self._initiation is not None and self._local_id > self.peer:
+            # Both sides initiated at once: the higher key's initiation wins, so only one
+            # handshake completes. The lower side answers ours and keeps its own pending,
+            # retried as usual, until our keys reach it: if ours was lost, or was a stale
+            # one the peer cannot complete, its retry gets through once we have keys.
             return
-        if self._initiation is not None:
-            # Both sides initiated at once: the higher id's initiation wins.
-            if self._local_id > self.peer:
-                return
-            self._indices.release(self._initiation.local_index)
-            self._initiation = None
         self.remote_nonce = initiation.nonce
         local_index = self._indices.allocate(self)
         packet, keys = handshake.write_response(initiation, local_index, self.nonce, self._macs)
@@ -543,6 +634,8 @@ class Session:
         self._adopt_handshake_source(address)
         self._last_received = now
         self.stats.handshakes += 1
+        if self.state is State.HANDSHAKING and self._initiation is None:
+            self._confirm_by = now + 2 * self.config.handshake_retry
 
     def receive_cookie_reply(self, data: bytes, now: float) -> None:
         """A COOKIE_REPLY whose receiver index is our pending initiation's: the peer is under
@@ -652,6 +745,7 @@ class Session:
                 initiator, local_index, self._wall_clock_ns(), self.nonce, self._macs, now
             )
         )
+        self._confirm_by = None
         self.stats.handshakes += 1
 
     def _retry_initiation(self, now: float) -> None:
@@ -659,10 +753,18 @@ class Session:
         pending = self._initiation
         assert pending is not None
         self._indices.release(pending.local_index)
+        if pending.attempts >= 2 and self.paths.on_path_failing(now):
+            # Two initiations unanswered on a direct path: it may have died (a NAT rebound)
+            # while the relay still reaches the peer. PathChanged asks for an introduction.
+            log.info("[%s] no handshake answer on the direct path: back to the relay", self._tag)
+            self._on_path_changed()
+        if pending.attempts >= 3:
+            self._ask_for_introduction(now)
         interval = min(pending.retry_interval * 2, self.config.handshake_retry_max)
         self._start_initiation(now)
         assert self._initiation is not None
         self._initiation.started = pending.started
+        self._initiation.attempts = pending.attempts + 1
         self._initiation.retry_interval = interval
         self._initiation.next_retry = now + interval
         if (
@@ -672,15 +774,30 @@ class Session:
             # A rekey that gets no answer: current keys stay until they expire.
             self._initiation.next_retry = now + self.config.handshake_retry_max
 
+    def _ask_for_introduction(self, now: float) -> None:
+        """The peer does not answer: its addresses may have changed (a NAT rebound, a
+        restart). The node asks the beacon for a fresh introduction, now and then."""
+        if now - self._last_reintroduction >= self.config.paths.reintroduce_interval:
+            self._last_reintroduction = now
+            self._events.append(events.PeerUnanswered(self.peer))
+
     def _install(self, keypair: handshake.Keypair, now: float) -> None:
         if self._previous is not None:
             self._indices.release(self._previous.local_index)
+        if keypair.initiator and self._next is not None:
+            # Our handshake completed while we held an answer to one of the peer's (the two
+            # crossed): the peer may already send with that one, so it stays for receiving,
+            # and our current keys, which both sides are leaving, go (as WireGuard does).
+            if self._current is not None:
+                self._indices.release(self._current.local_index)
+            self._current, self._next = self._next, None
         self._previous = self._current
         self._current = keypair
         rekey = self.state is State.ESTABLISHED
         if self.state is State.HANDSHAKING:
             self.state = State.ESTABLISHED
             self._last_ack_eliciting_sent = now
+            self._confirm_by = None
         self._events.append(events.HandshakeCompleted(self.peer, rekey))
         log.debug("[%s] keys installed (rekey=%s)", self._tag, rekey)
 
@@ -691,6 +808,11 @@ class Session:
         keypair.confirmed = True
         keypair.first_packet_number = self._next_packet_number
         self._install(keypair, now)
+        if self._initiation is not None:
+            # The peer's handshake completed first (we were the lower key of a crossing, or
+            # our rekey raced its): fresh keys are what ours would have made.
+            self._indices.release(self._initiation.local_index)
+            self._initiation = None
 
     def _keypair_for(self, index: int) -> handshake.Keypair | None:
         for keypair in (self._current, self._next, self._previous):
@@ -725,19 +847,21 @@ class Session:
         if due and self._initiation is None:
             self._start_initiation(now)
 
-    def _peer_restarted(self) -> None:
-        self._enter_closed(CloseCode.PEER_RESTARTED, "", by_peer=True)
-
-    def _enter_closed(self, code: int, reason: str, *, by_peer: bool) -> None:
+    def _enter_closed(
+        self, code: int, reason: str, *, by_peer: bool, moved: tuple[int, ...] = ()
+    ) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.close_code = code
         self._close_reason = reason or close_reason(code)
         for index in self.local_indices:
             self._indices.release(index)
         self._initiation = None
         self._events.append(
-            events.SessionClosed(self.peer, int(code), reason or close_reason(code), by_peer)
+            events.SessionClosed(
+                self.peer, int(code), reason or close_reason(code), by_peer, moved
+            )
         )
         log.info("[%s] tunnel closed: %s", self._tag, reason or close_reason(code))
 

@@ -74,6 +74,17 @@ class SendStream:
     def finished(self) -> bool:
         return self.fin_offset is not None
 
+    @property
+    def nothing_acked(self) -> bool:
+        return self._buffer_start == 0 and not self._acked and not self.fin_acked
+
+    def take_unacknowledged(self, other: SendStream) -> None:
+        """Everything written to ``other``, none of it acknowledged, to send from the start
+        (on the session that replaced ``other``'s; see Session.take_over)."""
+        self._buffer = other._buffer
+        self.write_offset = other.write_offset
+        self.fin_offset = other.fin_offset
+
     def write_message(self, data: bytes) -> None:
         self._buffer += _LENGTH.pack(len(data))
         self._buffer += data
