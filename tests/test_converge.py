@@ -461,3 +461,16 @@ def test_a_handshake_nobody_answers_gives_up_at_the_callers_deadline() -> None:
     assert nodes.run_until(lambda: want.session.closed, 60)
     assert want.session.close_code == CloseCode.HANDSHAKE_TIMEOUT
     assert want.deadline <= nodes.net.now <= want.deadline + 0.01
+
+
+def test_a_peer_whose_nonces_do_not_read_as_times_is_still_followed_across_restarts() -> None:
+    """A build before ordered nonces drew them at random, mostly beyond any clock: such a
+    nonce orders nothing, and the peer's next session (a smaller nonce) is a reset, not a
+    stale handshake to ignore."""
+    nodes, a, b = fresh_pair(0.005, beacon=False)
+    nodes.tunnel(b, a).nonce = 0x9E3779B97F4A7C15  # drawn at random by the older build
+    warm_up(nodes, b, a)
+    nodes.restart(b)  # a clock-based nonce now, far below the last one
+    want = nodes.want(b, a, b"after")
+    assert nodes.run_until(lambda: nodes.delivered(want) > 0 and paired(a, b), 5)
+    assert a.mux.stats.stale_handshakes == 0 and a.mux.stats.successions == 1

@@ -41,6 +41,7 @@ from .session import Session
 log = logging.getLogger("pilot_agents.mux")
 
 PROLOGUE = b"pilot-agents/1"
+_CLOCK_SKEW_NS = 3600 * 10**9  # a peer's clock ahead of ours by more: its nonces don't order
 
 
 @dataclass(slots=True)
@@ -260,6 +261,7 @@ class Mux:
             return None
         self._timestamps[peer] = initiation.timestamp_ns
         if self._is_stale(peer, initiation.nonce):
+            self.stats.stale_handshakes += 1
             return None
         session = self._sessions.get(peer)
         if session is not None and self._peer_was_reset(session, initiation.nonce):
@@ -281,8 +283,11 @@ class Mux:
             self.stats.bad_mac1 += 1
             return None
         response = session.open_response(data)
-        if response is None or self._is_stale(session.peer, response.nonce):
+        if response is None:
             return None
+        # Never stale: it answers our pending initiation, and a newer session of the peer's
+        # would have replaced ours (and its index) when its own handshake arrived.
+        self._is_stale(session.peer, response.nonce)
         if self._peer_was_reset(session, response.nonce):
             # The answer already holds keys the peer's fresh state accepts: the successor
             # installs them, no second round trip.
@@ -323,11 +328,16 @@ class Mux:
         return True
 
     def _is_stale(self, peer: bytes, nonce: int) -> bool:
-        """A handshake of an older session of the peer's (else its nonce is now the newest)."""
-        if nonce < self._peer_nonces.get(peer, 0):
-            self.stats.stale_handshakes += 1
+        """A handshake of an older session of the peer's (else its nonce is now the newest).
+
+        Only a newest nonce that reads as a time, not in the future, orders: a build before
+        ordered nonces drew them at random (mostly "in the future"), and a peer's clock may run
+        ahead; for those any other nonce means a reset, as it did before."""
+        known = self._peer_nonces.get(peer)
+        if known is not None and nonce < known <= self._wall_clock_ns() + _CLOCK_SKEW_NS:
             return True
-        self._peer_nonces[peer] = nonce
+        if known is None or nonce > known:
+            self._peer_nonces[peer] = nonce
         return False
 
     @staticmethod
