@@ -238,6 +238,7 @@ class Session:
         self._path_responses: list[tuple[bytes, Address]] = []  # (token, where from)
         self._close_frame: bytes | None = None
         self._last_received = now
+        self._last_data_received = -math.inf  # handshakes count as heard, not as a path
         self._last_ack_eliciting_sent = now
 
         # Streams. The peer with the lower id opens even stream ids, the other odd ones, so both
@@ -433,7 +434,9 @@ class Session:
         state, unacknowledged, is delivered again.) Returns the moved stream ids, which keep
         their numbers."""
         self.paths = old.paths
-        self._path_from_handshake = old._path_from_handshake
+        # Proven with the peer's old state: its new one may sit elsewhere (a restart behind a
+        # NAT gets a new mapping), so its handshakes may move it, as on a new tunnel.
+        self._path_from_handshake = True
         self._patient_until = old._patient_until
         self._next_stream_id = old._next_stream_id
         moved = []
@@ -668,6 +671,7 @@ class Session:
         self.stats.packets_received += 1
         self.stats.bytes_received += len(data)
         self._last_received = now
+        self._last_data_received = now
         self._quiet_checked = False
         try:
             frames = wire.parse_frames_untrusted(payload)
@@ -753,12 +757,16 @@ class Session:
         pending = self._initiation
         assert pending is not None
         self._indices.release(pending.local_index)
-        if pending.attempts >= 2 and self.paths.on_path_failing(now):
-            # Two initiations unanswered on a direct path: it may have died (a NAT rebound)
-            # while the relay still reaches the peer. PathChanged asks for an introduction.
+        # No data heard since the handshake began (a rekey's initiations may get lost while
+        # data flows; the peer's own handshakes may reach us while ours don't reach it): the
+        # path may have died, or the peer moved.
+        silent = self._last_data_received < pending.started
+        if silent and pending.attempts >= 2 and self.paths.on_path_failing(now):
+            # The direct path may have died (a NAT rebound) while the relay still reaches
+            # the peer. PathChanged makes the node ask for an introduction.
             log.info("[%s] no handshake answer on the direct path: back to the relay", self._tag)
             self._on_path_changed()
-        if pending.attempts >= 3:
+        if silent and pending.attempts >= 3:
             self._ask_for_introduction(now)
         interval = min(pending.retry_interval * 2, self.config.handshake_retry_max)
         self._start_initiation(now)
