@@ -63,9 +63,7 @@ log = logging.getLogger("pilot_agents.node")
 
 EPHEMERAL_PORTS = range(49152, 65536)
 # A tunnel that closed for these reasons is not tried again while a caller waits.
-_FINAL_CLOSE_CODES = frozenset(
-    {CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR, CloseCode.SHUTDOWN}
-)
+_FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR})
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
 BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
@@ -508,6 +506,8 @@ class Node:
                 ) from None
             if session.established:
                 return session
+            if self._endpoint is None:
+                raise ConnectionClosedError("the node was closed")
             if session.close_code in _FINAL_CLOSE_CODES or endpoint.now() >= deadline:
                 raise PeerUnreachableError(f"tunnel to {name} failed: {session.close_reason}")
             log.info("tunnel to %s closed (%s): trying again", name, session.close_reason)

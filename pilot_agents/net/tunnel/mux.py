@@ -213,6 +213,12 @@ class Mux:
                 self.stats.unknown_index += 1
                 return
             session.receive_data(data, address, now)
+            if session.peer_shut_down is not None:
+                # The peer's node shuts down, maybe to restart: a successor waits for it with
+                # the streams it never saw (and gives up as any new tunnel does).
+                session = self._succeed(session, None, now)
+                session.connect(now)
+                self._output_due = True
             # The per-packet path: only this session can have news (not every peer's).
             self._collect_events_of(session)
             self._touched.add(session)

@@ -202,6 +202,9 @@ class Session:
         # Until when someone waits on this tunnel (keep_trying_until): no giving up before.
         self._patient_until = -math.inf
         self.close_code: int | None = None
+        # The peer shut down (to restart, perhaps) before it saw some of our streams: the CLOSE
+        # reason, until the mux hands those streams to a successor that waits for the peer.
+        self.peer_shut_down: str | None = None
         # A responder whose answer is not confirmed by then starts its own initiation: the
         # initiator may have lost its state, and nothing else would retry.
         self._confirm_by: float | None = None
@@ -440,14 +443,20 @@ class Session:
         self._patient_until = old._patient_until
         self._next_stream_id = old._next_stream_id
         moved = []
-        for stream in old._streams.values():
-            ours = stream.stream_id % 2 == old._next_stream_id % 2
-            if ours and stream.send.nothing_acked and stream.recv.highest == 0:
-                new = self._add_stream(stream.stream_id, stream.local_port, stream.remote_port)
-                new.send.take_unacknowledged(stream.send)
-                self._schedule(stream.stream_id)
-                moved.append(stream.stream_id)
+        for stream in old._unseen_streams():
+            new = self._add_stream(stream.stream_id, stream.local_port, stream.remote_port)
+            new.send.take_unacknowledged(stream.send)
+            self._schedule(stream.stream_id)
+            moved.append(stream.stream_id)
         return tuple(moved)
+
+    def _unseen_streams(self) -> list[_Stream]:
+        """Streams we opened of which the peer acknowledged nothing and sent nothing."""
+        parity = self._next_stream_id % 2
+        return [
+            s for s in self._streams.values()
+            if s.stream_id % 2 == parity and s.send.nothing_acked and s.recv.highest == 0
+        ]
 
     def hand_over(self, moved: tuple[int, ...], answered_index: int | None) -> None:
         """Close, replaced by a successor that took the ``moved`` streams and, if the peer
@@ -457,7 +466,11 @@ class Session:
             self._initiation = None  # not released: the successor's now
         for stream_id in moved:
             del self._streams[stream_id]
-        self._enter_closed(CloseCode.PEER_RESTARTED, "", by_peer=True, moved=moved)
+        if self.peer_shut_down is not None:
+            code, reason = CloseCode.SHUTDOWN, self.peer_shut_down
+        else:
+            code, reason = CloseCode.PEER_RESTARTED, ""
+        self._enter_closed(code, reason, by_peer=True, moved=moved)
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -905,7 +918,11 @@ class Session:
                 if self._drop_stream(frame.stream_id):
                     self._events.append(events.StreamReset(self.peer, frame.stream_id, frame.code))
             elif isinstance(frame, wire.CloseFrame):
-                self._enter_closed(frame.code, frame.reason, by_peer=True)
+                # Its final ACK came first: what it does not cover, the peer never saw.
+                if frame.code == CloseCode.SHUTDOWN and self._unseen_streams():
+                    self.peer_shut_down = frame.reason
+                else:
+                    self._enter_closed(frame.code, frame.reason, by_peer=True)
                 return
             elif isinstance(frame, wire.PathChallengeFrame):
                 ack_eliciting = True
