@@ -19,6 +19,8 @@ import pytest
 
 from pilot_agents import Node
 from pilot_agents.beacon import service
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.node.connection import Listener
 from pilot_agents.node.node import Node as NodeClass
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +148,34 @@ async def test_a_caller_waiting_40_s_outlasts_a_15_s_outage(tmp_path: Path, beac
             assert (await listener.receive(timeout=5)).data == b"through"
             with pytest.raises(Exception, match="no message"):
                 await listener.receive(timeout=0.5)  # delivered once
+
+
+async def test_connect_waits_for_a_peer_that_is_down_until_the_callers_deadline(
+    tmp_path: Path,
+) -> None:
+    """The peer's node is down when we connect and comes back after longer than a handshake
+    may take (1 s here): the connection waits for it, up to the caller's timeout."""
+    impatient = SessionConfig(handshake_timeout=1.0)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    async with Node(home=tmp_path / "a", listen="127.0.0.1:0", config=impatient) as a:
+        b = Node(home=tmp_path / "b", listen=f"127.0.0.1:{port}")
+        a.trust(b.node_id)
+        a.add_peer(b.node_id, ("127.0.0.1", port))
+
+        async def start_b_later() -> Listener:
+            await asyncio.sleep(2.5)
+            await b.start()
+            b.trust(a.node_id)
+            return b.listen(1001)
+
+        starting = asyncio.create_task(start_b_later())
+        try:
+            await a.send(b.node_id, 1001, b"you're back", timeout=15)
+            listener = await starting
+            assert (await listener.receive(timeout=5)).data == b"you're back"
+        finally:
+            await asyncio.gather(starting, return_exceptions=True)
+            await b.close()
