@@ -11,19 +11,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pilot_agents import Node
-from pilot_agents.beacon import service
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.node.connection import Listener
 from pilot_agents.node.node import Node as NodeClass
+from tests import test_node_beacon
 
 ROOT = Path(__file__).resolve().parent.parent
+beacon = test_node_beacon.beacon  # a real beacon on loopback (the fixture)
 
 
 class PeerProcess:
@@ -83,17 +83,6 @@ async def test_the_first_send_after_the_peer_crashed_and_restarted_is_delivered(
             assert await peer.line() == {"data": "and on"}  # "after" came once
     finally:
         await peer.stop()
-
-
-@pytest.fixture
-async def beacon(tmp_path: Path) -> AsyncIterator[str]:
-    running = await service.start("127.0.0.1:0", tmp_path / "beacon")
-    host, port = running.address
-    try:
-        yield f"{host}:{port}"
-    finally:
-        running.close()
-        running.server.registry.close()
 
 
 class Blackhole:
