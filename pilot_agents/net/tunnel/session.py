@@ -205,8 +205,8 @@ class Session:
         # The peer shut down (to restart, perhaps) before it saw some of our streams: the CLOSE
         # reason, until the mux hands those streams to a successor that waits for the peer.
         self.peer_shut_down: str | None = None
-        # A responder whose answer is not confirmed by then starts its own initiation: the
-        # initiator may have lost its state, and nothing else would retry.
+        # A responder whose answer is not confirmed by then starts its own initiation if it
+        # wants the tunnel: the initiator may have lost its state, and nothing else retries.
         self._confirm_by: float | None = None
         self._last_reintroduction = -math.inf
         self._events: deque[events.Event] = deque()
@@ -512,9 +512,12 @@ class Session:
         if self._initiation is not None and now >= self._initiation.next_retry:
             self._retry_initiation(now)
         elif self._confirm_by is not None and now >= self._confirm_by:
-            log.debug("[%s] our answer was not confirmed: initiating", self._tag)
             self._confirm_by = None
-            self._start_initiation(now)
+            # Only for a tunnel we want (streams, a caller waiting): an answer to a replayed
+            # initiation must not make us send initiations to whoever replayed it.
+            if self._streams or now < self._patient_until:
+                log.debug("[%s] our answer was not confirmed: initiating", self._tag)
+                self._start_initiation(now)
         if self.state is not State.ESTABLISHED:
             return
         self._check_key_age(now)
