@@ -74,6 +74,9 @@ async def test_the_first_send_after_the_peer_crashed_and_restarted_is_delivered(
             me.add_peer(peer.node_id, ("127.0.0.1", peer.port))
             await me.send(peer.node_id, 1001, b"before", timeout=10)
             assert await peer.line() == {"data": "before"}
+            await peer.crash()
+            await peer.start(me.node_id)
+            assert (await me.ping(peer.node_id, timeout=10)).rtt < 1.0  # pinged on again
             await peer.crash()  # no CLOSE: our tunnel still looks established
             await peer.start(me.node_id)
             # Failed with 'tunnel closed: the peer restarted' (exit 12) before.

@@ -460,21 +460,35 @@ class Node:
             return await listener.receive(timeout)
 
     async def ping(self, peer: str, timeout: float = 5.0) -> PingResult:
-        """One round trip through the tunnel (opened if needed)."""
+        """One round trip through the tunnel (opened if needed). If the tunnel turns out to
+        be to a peer that restarted, the ping goes again on the one that replaced it."""
         key = await self._peer_key(peer)
-        session = await self._established_session(key, timeout)
+        endpoint = self._running()
+        deadline = endpoint.now() + timeout
+        while True:
+            session = await self._established_session(key, max(deadline - endpoint.now(), 0.0))
+            try:
+                rtt = await self._ping_once(session, key, deadline - endpoint.now(), timeout)
+            except ConnectionClosedError:
+                if session.close_code != CloseCode.PEER_RESTARTED or endpoint.now() >= deadline:
+                    raise
+                continue
+            return PingResult(rtt, session.paths.kind)
+
+    async def _ping_once(
+        self, session: Session, key: bytes, remaining: float, timeout: float
+    ) -> float:
         endpoint = self._running()
         ping_id = session.ping(endpoint.now())
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[(key, ping_id)] = future
         endpoint.wake()
         try:
-            rtt = await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, remaining)
         except TimeoutError:
             raise PilotTimeoutError(f"no answer to the ping within {timeout} s") from None
         finally:
             self._pings.pop((key, ping_id), None)
-        return PingResult(rtt, session.paths.kind)
 
     # -- internals: opening tunnels and streams ---------------------------------------------
 
