@@ -478,7 +478,9 @@ class Session:
         # Runs after every flush: a running minimum, not a list of candidates.
         if self.state is State.CLOSED:
             return None
-        at = self._give_up_at(self._last_received + self.config.idle_timeout)
+        at = self._last_received + self.config.idle_timeout
+        if at < self._patient_until:
+            at = self._patient_until  # no verdict while someone waits
         if self._initiation is not None:
             at = _earlier(at, self._initiation.next_retry)
         if self.state is State.HANDSHAKING:
