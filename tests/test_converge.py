@@ -332,10 +332,10 @@ def test_crossing_initiations_converge_within_a_round_trip_and_the_retry_delay(
             drop_silently(host, b if host is a else a)
     took = both_send_at_once(nodes, a, b)
     rtt = 2 * (2 if beacon else 1) * delay
-    retry = nodes.config.handshake_retry
-    # The winning handshake's round trip, the data's one-way trip, and at most one retry (a
-    # side whose answer or initiation met stale state on the other).
-    assert took <= 2 * rtt + 2 * retry, (trouble, took)
+    # The winning handshake's round trip, then the winner's first packet (its data, and the
+    # confirmation the loser waits for) and the loser's data: two round trips, no retry delay,
+    # whatever state each side was in (measured: 80 ms direct, 140 ms through the relay).
+    assert took <= 2 * rtt + 0.001, (trouble, took)
     assert nodes.run_until(lambda: paired(a, b), 5)
 
 
