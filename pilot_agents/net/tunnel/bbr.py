@@ -45,6 +45,13 @@ EXTRA_ACKED_WINDOW_ROUNDS = 5
 """Each of the two ACK-aggregation slots covers this many round trips."""
 MAX_AGGREGATION_TIME = 0.1
 """Seconds of bandwidth the ACK-aggregation allowance may add to the window, at most."""
+LOSS_THRESHOLD = 0.1
+"""A round trip that lost more than this share of what it sent (and at least LOSS_MIN_PACKETS)
+overflowed a queue: random loss on a link is rarely that high, so only this counts."""
+LOSS_MIN_PACKETS = 3
+INFLIGHT_BETA = 0.7
+"""What an overflowing round trip leaves of the in-flight bound (BBRv2's inflight_hi)."""
+NO_BOUND = 1 << 62
 
 
 class Bbr(CongestionController):
@@ -65,6 +72,8 @@ class Bbr(CongestionController):
         "_extra_acked_rounds",
         "_full_bw",
         "_full_bw_count",
+        "_hi_growth",
+        "_inflight_hi",
         "_initial_window",
         "_lost_since_ack",
         "_min_rtt_stamp",
@@ -74,7 +83,9 @@ class Bbr(CongestionController):
         "_prior_cwnd",
         "_probe_rtt_done",
         "_probe_rtt_round_done",
+        "_round_acked",
         "_round_count",
+        "_round_lost",
         "_round_start",
         "btl_bw",
         "filled_pipe",
@@ -107,6 +118,14 @@ class Bbr(CongestionController):
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
         self._lost_since_ack = False
+        # BBRv2's answer to BBRv1 keeping a shallow queue overflowing, and so starving a flow
+        # that joins: a round trip that lost more than LOSS_THRESHOLD bounds what may be in
+        # flight to INFLIGHT_BETA of it; each round trip without such loss raises the bound
+        # by twice as much as the one before.
+        self._round_acked = 0
+        self._round_lost = 0
+        self._inflight_hi = NO_BOUND
+        self._hi_growth = self._max_datagram_size
         # ACK aggregation (Linux's extra_acked): how far ACKs ran ahead of the bandwidth
         # estimate, the highest of two alternating windows of rounds. Added to the window, it
         # keeps a sender whose ACKs come in bursts (delayed ACKs, a busy receiver) from
@@ -131,6 +150,7 @@ class Bbr(CongestionController):
         # bandwidth probe early (see _advance_cycle).
         self.bytes_in_flight -= lost_bytes
         self._lost_since_ack = True
+        self._round_lost += lost_bytes
         return False
 
     def on_persistent_congestion(self) -> None:
@@ -141,6 +161,9 @@ class Bbr(CongestionController):
 
     def on_ack(self, sample: RateSample, now: float) -> None:
         self._update_round(sample)
+        if self._round_start:
+            self._check_round_loss()
+        self._round_acked += sample.acked_bytes
         self._update_bandwidth(sample)
         self._update_ack_aggregation(sample, now)
         mode = self.mode
@@ -169,6 +192,20 @@ class Bbr(CongestionController):
             self._round_start = True
         else:
             self._round_start = False
+
+    def _check_round_loss(self) -> None:
+        lost, acked = self._round_lost, self._round_acked
+        self._round_lost = self._round_acked = 0
+        mds = self._max_datagram_size
+        if lost >= LOSS_MIN_PACKETS * mds and lost > LOSS_THRESHOLD * (lost + acked):
+            bound = min(self.congestion_window, self._inflight_hi)
+            self._inflight_hi = max(int(bound * INFLIGHT_BETA), self.minimum_window)
+            self._hi_growth = mds
+            self.filled_pipe = True  # startup overshot: the queue is full
+        elif self._inflight_hi != NO_BOUND and self.bytes_in_flight + mds >= self._inflight_hi:
+            # Only a window that is in use probes upwards.
+            self._inflight_hi += self._hi_growth
+            self._hi_growth *= 2
 
     def _update_bandwidth(self, sample: RateSample) -> None:
         rate = sample.rate
@@ -303,6 +340,8 @@ class Bbr(CongestionController):
         if self.filled_pipe:
             extra = max(self._extra_acked[0], self._extra_acked[1])
             target += min(extra, int(self.btl_bw * MAX_AGGREGATION_TIME))
+        if target > self._inflight_hi:
+            target = self._inflight_hi
         cwnd = self.congestion_window
         if self.filled_pipe:
             cwnd = min(cwnd + acked, target)
