@@ -148,12 +148,14 @@ def _host(lab: Lab, kind: str, name: str, nats: dict[str, Nat]) -> Host:
     return lab.add_host_behind(nat, name)
 
 
-def build_pair(lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0) -> Pair:
+def build_pair(
+    lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0, congestion: str = ""
+) -> Pair:
     """``name``: "same-lan" or "<kind>-<kind>" with kinds public, cone, symmetric.
 
     ``delay_ms``: every WAN link (beacon, public hosts, NATs) delays what it sends into the
     internet by that much, so every round trip between two sites (node to beacon, node to
-    node) takes ``2 * delay_ms``."""
+    node) takes ``2 * delay_ms``. ``congestion``: the nodes' controller ("": the default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     beacon_host = lab.add_public_host("beacon")
     beacon = start_beacon(lab, beacon_host, workdir)
@@ -180,6 +182,7 @@ def build_pair(lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0) -> 
                 beacon=beacon.address,
                 hostname=hostname,
                 log_path=workdir / f"{hostname}.log",
+                congestion=congestion,
             )
         )
     return Pair(lab, name, beacon, nodes[0], nodes[1], nats, workdir)
