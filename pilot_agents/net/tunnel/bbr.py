@@ -16,42 +16,46 @@ Recovery supplies the delivery-rate samples (:class:`~.congestion.RateSample`).
 from __future__ import annotations
 
 import math
+from typing import Final
 
 from .congestion import CongestionConfig, CongestionController, RateSample
 
-STARTUP, DRAIN, PROBE_BW, PROBE_RTT = 0, 1, 2, 3
-MODE_NAMES = ("startup", "drain", "probe_bw", "probe_rtt")
+STARTUP: Final = 0
+DRAIN: Final = 1
+PROBE_BW: Final = 2
+PROBE_RTT: Final = 3
+MODE_NAMES: Final = ("startup", "drain", "probe_bw", "probe_rtt")
 
-HIGH_GAIN = 2 / math.log(2)
+HIGH_GAIN: Final = 2 / math.log(2)
 """Startup's pacing and window gain: the smallest that doubles the rate every round trip."""
-DRAIN_GAIN = 1 / HIGH_GAIN
+DRAIN_GAIN: Final = 1 / HIGH_GAIN
 """Drain's pacing gain: empties in one round trip the queue startup built."""
-CWND_GAIN = 2.0
+CWND_GAIN: Final = 2.0
 """In flight may reach twice the bandwidth-delay product: room for delayed and stretched ACKs."""
-PACING_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+PACING_GAINS: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """ProbeBW's cycle, one phase per min_rtt."""
-BW_WINDOW_ROUNDS = 10
+BW_WINDOW_ROUNDS: Final = 10
 """The bandwidth estimate is the highest sample of this many round trips."""
-MIN_RTT_WINDOW = 10.0
+MIN_RTT_WINDOW: Final = 10.0
 """Seconds a min_rtt sample stays valid; then ProbeRTT measures it afresh."""
-PROBE_RTT_DURATION = 0.2
+PROBE_RTT_DURATION: Final = 0.2
 """Seconds ProbeRTT holds in flight down to MIN_PIPE_PACKETS."""
-MIN_PIPE_PACKETS = 4
+MIN_PIPE_PACKETS: Final = 4
 """The window floor in datagrams: enough to keep ACKs flowing with delayed ACKs."""
-FULL_BW_GROWTH = 1.25
-FULL_BW_ROUNDS = 3
+FULL_BW_GROWTH: Final = 1.25
+FULL_BW_ROUNDS: Final = 3
 """Startup ends when the bandwidth grew less than FULL_BW_GROWTH in FULL_BW_ROUNDS rounds."""
-EXTRA_ACKED_WINDOW_ROUNDS = 5
+EXTRA_ACKED_WINDOW_ROUNDS: Final = 5
 """Each of the two ACK-aggregation slots covers this many round trips."""
-MAX_AGGREGATION_TIME = 0.1
+MAX_AGGREGATION_TIME: Final = 0.1
 """Seconds of bandwidth the ACK-aggregation allowance may add to the window, at most."""
-LOSS_THRESHOLD = 0.1
+LOSS_THRESHOLD: Final = 0.1
 """A round trip that lost more than this share of what it sent (and at least LOSS_MIN_PACKETS)
 overflowed a queue: random loss on a link is rarely that high, so only this counts."""
-LOSS_MIN_PACKETS = 3
-INFLIGHT_BETA = 0.7
+LOSS_MIN_PACKETS: Final = 3
+INFLIGHT_BETA: Final = 0.7
 """What an overflowing round trip leaves of the in-flight bound (BBRv2's inflight_hi)."""
-NO_BOUND = 1 << 62
+NO_BOUND: Final = 1 << 62
 
 
 class Bbr(CongestionController):
@@ -156,7 +160,6 @@ class Bbr(CongestionController):
     def on_persistent_congestion(self) -> None:
         # Every packet of several PTOs was lost: the path may have changed entirely. Start
         # again from the floor; the model grows the window back as ACKs return.
-        self._prior_cwnd = max(self._prior_cwnd, self.congestion_window)
         self.congestion_window = self.minimum_window
 
     def on_ack(self, sample: RateSample, now: float) -> None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Final
 
 from pilot_agents.errors import ConfigError
 
-ALGORITHMS = ("bbr", "cubic", "newreno")
+ALGORITHMS: Final = ("bbr", "cubic", "newreno")
 """The names ``CongestionConfig.algorithm`` accepts."""
 
-PACING_HEADROOM = 1.25
+PACING_HEADROOM: Final = 1.25
 """A window-based controller's pacing rate is this times cwnd/srtt, so that pacing smooths
 bursts without ever capping the window's growth (RFC 9002 §7.7)."""
 

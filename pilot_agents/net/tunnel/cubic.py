@@ -12,13 +12,15 @@ CUBIC still reads every loss as congestion: under random loss it does better tha
 
 from __future__ import annotations
 
+from typing import Final
+
 from .congestion import CongestionConfig, NewReno, RateSample
 
-C = 0.4
+C: Final = 0.4
 """RFC 9438 §5.1 C, in datagrams per second cubed."""
-BETA = 0.7
+BETA: Final = 0.7
 """RFC 9438 §4.6 beta_cubic: the window kept on a congestion event."""
-ALPHA = 3 * (1 - BETA) / (1 + BETA)
+ALPHA: Final = 3 * (1 - BETA) / (1 + BETA)
 """RFC 9438 §4.3 alpha_cubic: the Reno-friendly estimate's growth per window acknowledged."""
 
 
