@@ -24,7 +24,7 @@ STARTUP: Final = 0
 DRAIN: Final = 1
 PROBE_BW: Final = 2
 PROBE_RTT: Final = 3
-MODE_NAMES: Final = ("startup", "drain", "probe_bw", "probe_rtt")
+MODE_NAMES = ("startup", "drain", "probe_bw", "probe_rtt")
 
 HIGH_GAIN: Final = 2 / math.log(2)
 """Startup's pacing and window gain: the smallest that doubles the rate every round trip."""
@@ -32,8 +32,9 @@ DRAIN_GAIN: Final = 1 / HIGH_GAIN
 """Drain's pacing gain: empties in one round trip the queue startup built."""
 CWND_GAIN: Final = 2.0
 """In flight may reach twice the bandwidth-delay product: room for delayed and stretched ACKs."""
-PACING_GAINS: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-"""ProbeBW's cycle, one phase per min_rtt."""
+PACING_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+"""ProbeBW's cycle, one phase per min_rtt. (Not Final: compiled by mypyc 2.4, this Final tuple read as unset.)"""
+CYCLE_LENGTH: Final = 8
 BW_WINDOW_ROUNDS: Final = 10
 """The bandwidth estimate is the highest sample of this many round trips."""
 MIN_RTT_WINDOW: Final = 10.0
@@ -268,7 +269,7 @@ class Bbr(CongestionController):
         # Start anywhere in the cycle but the draining phase, so that flows which started
         # together do not probe in lockstep (Linux draws at random; the round count is as
         # good and keeps runs reproducible).
-        index = self._round_count % (len(PACING_GAINS) - 1)
+        index = self._round_count % (CYCLE_LENGTH - 1)
         self._cycle_index = index + 1 if index >= 1 else index
         self._cycle_stamp = now
         self._pacing_gain = PACING_GAINS[self._cycle_index]
@@ -287,7 +288,7 @@ class Bbr(CongestionController):
         else:
             advance = full_length or self.bytes_in_flight <= self._inflight(1.0)
         if advance:
-            self._cycle_index = (self._cycle_index + 1) % len(PACING_GAINS)
+            self._cycle_index = (self._cycle_index + 1) % CYCLE_LENGTH
             self._cycle_stamp = now
             self._pacing_gain = PACING_GAINS[self._cycle_index]
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from pilot_agents.errors import ConfigError
 
-ALGORITHMS: Final = ("bbr", "cubic", "newreno")
+ALGORITHMS = ("bbr", "cubic", "newreno")
 """The names ``CongestionConfig.algorithm`` accepts."""
 
 PACING_HEADROOM: Final = 1.25
