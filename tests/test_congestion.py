@@ -85,9 +85,9 @@ def test_overflowing_queue_bounds_the_window(algorithm: str) -> None:
         assert 2 * DELAY <= cc.min_rtt < 2 * DELAY + 0.005, cc
 
 
-def two_flows(algorithm: str, seconds: float = 10.0) -> tuple[float, float]:
-    """Two tunnels through one bottleneck, the second starting a second later; each one's
-    rate over ``seconds`` once both run."""
+def two_flows(algorithm: str, queue: int, seconds: float = 10.0) -> tuple[float, float]:
+    """Two tunnels through one bottleneck with a ``queue``-byte buffer, the second starting a
+    second later; each one's rate over ``seconds`` once both run."""
     net = SimNetwork(7, LinkProfile(delay=DELAY))
     hosts = [net.add_host(name, config(algorithm)) for name in "abcd"]
     pairs = [(hosts[0], hosts[1]), (hosts[2], hosts[3])]
@@ -95,7 +95,7 @@ def two_flows(algorithm: str, seconds: float = 10.0) -> tuple[float, float]:
         x.mux.trust(y.key)
         y.mux.trust(x.key)
         x.mux.session(y.key, net.now).address = y.address
-    net.bottleneck = Bottleneck(RATE, BDP, frozenset({hosts[0].address, hosts[2].address}))
+    net.bottleneck = Bottleneck(RATE, queue, frozenset({hosts[0].address, hosts[2].address}))
     chunk = bytes(64 << 10)
     count = int(RATE * (seconds + 4) / len(chunk))
     net.start_stream(*pairs[0], 1, *[chunk] * count)
@@ -111,9 +111,12 @@ def two_flows(algorithm: str, seconds: float = 10.0) -> tuple[float, float]:
     return first, second
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_two_flows_share_a_bottleneck_within_2x(algorithm: str) -> None:
-    first, second = two_flows(algorithm)
+@pytest.mark.parametrize(
+    ("algorithm", "queue"),
+    [(name, BDP) for name in ALGORITHMS] + [("newreno", BDP // 2), ("bbr", BDP // 2)],
+)
+def test_two_flows_share_a_bottleneck_within_2x(algorithm: str, queue: int) -> None:
+    first, second = two_flows(algorithm, queue)
     assert first + second > 0.8 * RATE, (first, second)
     assert max(first, second) < 2 * min(first, second), (first, second)
 

@@ -33,7 +33,8 @@ DRAIN_GAIN: Final = 1 / HIGH_GAIN
 CWND_GAIN: Final = 2.0
 """In flight may reach twice the bandwidth-delay product: room for delayed and stretched ACKs."""
 PACING_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-"""ProbeBW's cycle, one phase per min_rtt. (Not Final: compiled by mypyc 2.4, this Final tuple read as unset.)"""
+"""ProbeBW's cycle, one phase per min_rtt. (Not Final: compiled by mypyc 2.4, this Final tuple
+read as unset.)"""
 CYCLE_LENGTH: Final = 8
 BW_WINDOW_ROUNDS: Final = 10
 """The bandwidth estimate is the highest sample of this many round trips."""
@@ -50,10 +51,17 @@ EXTRA_ACKED_WINDOW_ROUNDS: Final = 5
 """Each of the two ACK-aggregation slots covers this many round trips."""
 MAX_AGGREGATION_TIME: Final = 0.1
 """Seconds of bandwidth the ACK-aggregation allowance may add to the window, at most."""
-LOSS_THRESHOLD: Final = 0.1
-"""A round trip that lost more than this share of what it sent (and at least LOSS_MIN_PACKETS)
-overflowed a queue: random loss on a link is rarely that high, so only this counts."""
-LOSS_MIN_PACKETS: Final = 3
+HIGH_LOSS: Final = 0.1
+"""A round trip that lost more than this share of what it sent (and at least
+HIGH_LOSS_MIN_PACKETS: fewer, in a small window, is chance) overflowed a queue: random loss on a
+link is rarely that high."""
+HIGH_LOSS_MIN_PACKETS: Final = 8
+QUEUE_LOSS: Final = 0.02
+"""A round trip that lost more than this share while even its fastest RTT sample was above
+QUEUE_RTT times min_rtt overflowed a standing queue. BBR's own probing raises the RTT to at most
+1.25 times min_rtt, so random loss on an uncongested path does not qualify."""
+QUEUE_RTT: Final = 1.3
+QUEUE_LOSS_MIN_PACKETS: Final = 2
 INFLIGHT_BETA: Final = 0.7
 """What an overflowing round trip leaves of the in-flight bound (BBRv2's inflight_hi)."""
 NO_BOUND: Final = 1 << 62
@@ -77,7 +85,6 @@ class Bbr(CongestionController):
         "_extra_acked_rounds",
         "_full_bw",
         "_full_bw_count",
-        "_hi_growth",
         "_inflight_hi",
         "_initial_window",
         "_lost_since_ack",
@@ -91,6 +98,7 @@ class Bbr(CongestionController):
         "_round_acked",
         "_round_count",
         "_round_lost",
+        "_round_rtt",
         "_round_start",
         "btl_bw",
         "filled_pipe",
@@ -123,14 +131,14 @@ class Bbr(CongestionController):
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
         self._lost_since_ack = False
-        # BBRv2's answer to BBRv1 keeping a shallow queue overflowing, and so starving a flow
-        # that joins: a round trip that lost more than LOSS_THRESHOLD bounds what may be in
-        # flight to INFLIGHT_BETA of it; each round trip without such loss raises the bound
-        # by twice as much as the one before.
+        # After BBRv2's inflight_hi: BBRv1 keeps a shallow queue overflowing and so starves a
+        # flow that joins. A round trip whose loss says a queue overflowed (HIGH_LOSS, or
+        # QUEUE_LOSS with the RTT showing a standing queue) bounds what may be in flight to
+        # INFLIGHT_BETA of it; each round trip that uses the bound raises it by a datagram.
         self._round_acked = 0
         self._round_lost = 0
+        self._round_rtt = math.inf  # the lowest RTT sample of the round trip
         self._inflight_hi = NO_BOUND
-        self._hi_growth = self._max_datagram_size
         # ACK aggregation (Linux's extra_acked): how far ACKs ran ahead of the bandwidth
         # estimate, the highest of two alternating windows of rounds. Added to the window, it
         # keeps a sender whose ACKs come in bursts (delayed ACKs, a busy receiver) from
@@ -166,8 +174,10 @@ class Bbr(CongestionController):
     def on_ack(self, sample: RateSample, now: float) -> None:
         self._update_round(sample)
         if self._round_start:
-            self._check_round_loss()
+            self._check_round_loss(self.bytes_in_flight + sample.acked_bytes)
         self._round_acked += sample.acked_bytes
+        if 0.0 < sample.latest_rtt < self._round_rtt:
+            self._round_rtt = sample.latest_rtt
         self._update_bandwidth(sample)
         self._update_ack_aggregation(sample, now)
         mode = self.mode
@@ -197,19 +207,24 @@ class Bbr(CongestionController):
         else:
             self._round_start = False
 
-    def _check_round_loss(self) -> None:
-        lost, acked = self._round_lost, self._round_acked
+    def _check_round_loss(self, prior_in_flight: int) -> None:
+        lost, acked, rtt = self._round_lost, self._round_acked, self._round_rtt
         self._round_lost = self._round_acked = 0
+        self._round_rtt = math.inf
         mds = self._max_datagram_size
-        if lost >= LOSS_MIN_PACKETS * mds and lost > LOSS_THRESHOLD * (lost + acked):
+        share = 0.0 if lost < QUEUE_LOSS_MIN_PACKETS * mds else lost / (lost + acked)
+        # Startup and drain build and empty a queue on purpose: only ProbeBW's is a signal.
+        queued = self.mode == PROBE_BW and rtt != math.inf and rtt > QUEUE_RTT * self.min_rtt
+        high = share > HIGH_LOSS and lost >= HIGH_LOSS_MIN_PACKETS * mds
+        if high or (share > QUEUE_LOSS and queued):
             bound = min(self.congestion_window, self._inflight_hi)
             self._inflight_hi = max(int(bound * INFLIGHT_BETA), self.minimum_window)
-            self._hi_growth = mds
-            self.filled_pipe = True  # startup overshot: the queue is full
-        elif self._inflight_hi != NO_BOUND and self.bytes_in_flight + mds >= self._inflight_hi:
-            # Only a window that is in use probes upwards.
-            self._inflight_hi += self._hi_growth
-            self._hi_growth *= 2
+            if high:
+                self.filled_pipe = True  # startup overshot: the queue is full
+        elif self._inflight_hi != NO_BOUND and prior_in_flight + mds >= self._inflight_hi:
+            # Only a bound that is in use (what was in flight before this ACK filled it to the
+            # last datagram) probes upwards.
+            self._inflight_hi += mds
 
     def _update_bandwidth(self, sample: RateSample) -> None:
         rate = sample.rate
