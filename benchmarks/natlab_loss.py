@@ -39,12 +39,12 @@ from benchmarks.natlab_matrix import attempt, log
 from pilot_agents.net.tunnel.congestion import ALGORITHMS
 from tests.natlab import Lab
 from tests.natlab.conftest_helpers import natlab_unavailable_reason
-from tests.natlab.pilot_node import PilotNode, payload_for
+from tests.natlab.pilot_node import PilotNode
 from tests.test_natlab_traversal import (
     SERVICE_PORT,
     build_pair,
     first_exchange,
-    sha,
+    send_checked,
     start_beacon,
     wait_for_path,
 )
@@ -80,13 +80,8 @@ def run_transfer(
         first_exchange(pair)
         wait_for_path(pair, "direct")
         b.call("reply_size", port=SERVICE_PORT, size=REPLY_SIZE, timeout=5)
-        mark_b = b.mark()
         started = time.monotonic()
-        msg_id = a.send({"cmd": "send", "conn": "c", "size": size, "seed": 30, "timeout": timeout})
-        got = b.wait_event(lambda e: e.get("event") == "received", timeout, start=mark_b)
-        a.result(msg_id, 10)
-        if got["size"] != size or got["sha256"] != sha(payload_for(size, 30)):
-            raise AssertionError(f"{got}\n{pair.diagnostics()}")
+        got = send_checked(pair, size, timeout)
         stats = lab.delayline_stats().get("links", {})
         dropped = ", ".join(f"{c['up_drop']}/{c['up_in']}" for c in stats.values())
         return Transfer(got["t"] - started, size, dropped)
@@ -189,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = [float(x) for x in args.losses.split(",") if x.strip()]
     size = int(args.size_mb * 2**20)
     started = time.monotonic()
-    failures = 0
+    failed: list[str] = []
     lines = [
         f"{args.size_mb:g} MiB alpha -> bravo, cone <-> cone, {DELAY_MS:g} ms per crossing (RTT "
         f"{2 * DELAY_MS:g} ms), random loss on each crossing; MB/s (10^6 bytes/s), dropped/seen "
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.keep_logs,
             )  # fmt: skip
             if isinstance(res, str):
-                failures += 1
+                failed.append(label)
                 cells.append(f"FAILED: {res}")
                 rates.append(None)
             else:
@@ -236,17 +231,17 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---:|---:|---:|---:|",
         ]
         for controller in controllers:
-            res2 = attempt(
+            shared = attempt(
                 f"fairness {controller}",
                 partial(run_fairness, controller=controller, rate_mbit=args.rate_mbit,
                         seconds=args.seconds),
                 args.keep_logs,
             )  # fmt: skip
-            if isinstance(res2, str):
-                failures += 1
-                lines.append(f"| {controller} | FAILED: {res2} | | | |")
+            if isinstance(shared, str):
+                failed.append(f"fairness {controller}")
+                lines.append(f"| {controller} | FAILED: {shared} | | | |")
                 continue
-            one, two = res2
+            one, two = shared
             ratio = max(one, two) / min(one, two) if min(one, two) > 0 else float("inf")
             log(f"    {one:.2f} + {two:.2f} MB/s, ratio {ratio:.2f}")
             lines.append(
@@ -266,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         written = report.write_section(NAME, f"{HEADING}\n\n{text}")
         log(f"wrote {written}")
-    return 1 if failures else 0
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -423,6 +423,20 @@ def test_lossy_delayed_wan_delivers_10mb_intact(lab: Lab, workdir: Path) -> None
     assert result.direct is not None, result
 
 
+def send_checked(pair: Pair, size: int, timeout: float, seed: int = 30) -> dict[str, Any]:
+    """``size`` bytes alpha -> bravo on connection "c"; bravo's "received" event, its content
+    checked by SHA-256."""
+    a, b = pair.a, pair.b
+    mark_b = b.mark()
+    msg_id = a.send({"cmd": "send", "conn": "c", "size": size, "seed": seed, "timeout": timeout})
+    got = b.wait_event(lambda e: e.get("event") == "received", timeout, start=mark_b)
+    a.result(msg_id, 10)
+    assert got["size"] == size and got["sha256"] == sha(payload_for(size, seed)), (
+        f"{got}\n{pair.diagnostics()}"
+    )
+    return got
+
+
 def run_impaired(
     lab: Lab, workdir: Path, size: int = IMPAIRED_TRANSFER, timeout: float = 300.0
 ) -> PairResult:
@@ -438,14 +452,8 @@ def run_impaired(
         opened, first, first_reply = first_exchange(pair)
         wait_for_path(pair, "direct")
         b.call("reply_size", port=SERVICE_PORT, size=IMPAIRED_REPLY, timeout=5)
-        mark_b = b.mark()
         t_send = time.monotonic()
-        msg_id = a.send({"cmd": "send", "conn": "c", "size": size, "seed": 30, "timeout": timeout})
-        got = b.wait_event(lambda e: e.get("event") == "received", timeout, start=mark_b)
-        a.result(msg_id, 10)
-        assert got["size"] == size and got["sha256"] == sha(payload_for(size, 30)), (
-            f"{got}\n{pair.diagnostics()}"
-        )
+        got = send_checked(pair, size, timeout)
         elapsed = got["t"] - t_send
         reply = a.call("recv", conn="c", timeout=60)
         assert reply["size"] == IMPAIRED_REPLY, reply
