@@ -8,7 +8,9 @@ that cycles around 1 (1.25 for a round trip to probe for more, 0.75 to drain the
 made, then 1 for six) and caps what is in flight at twice the bandwidth-delay product. A
 bottleneck queue that overflows shows as a delivery rate that stops growing, and the pacing
 follows it; a packet lost at random on a Wi-Fi or mobile hop leaves rate and RTT as they were,
-so the sending rate stays (NewReno and CUBIC halve or cut by 30 % for every such loss).
+so the sending rate stays (NewReno and CUBIC halve or cut by 30 % for every such loss). Only a
+round trip whose losses show an overflowing queue bounds what may be in flight, as BBRv2's
+inflight_hi does (see _check_round_loss), so that BBR shares a shallow queue with other flows.
 
 Recovery supplies the delivery-rate samples (:class:`~.congestion.RateSample`).
 """
@@ -159,8 +161,9 @@ class Bbr(CongestionController):
         return HIGH_GAIN * self.congestion_window / max(smoothed_rtt, 1e-6)
 
     def on_packets_lost(self, lost_bytes: int, largest_lost_time_sent: float, now: float) -> bool:
-        # Not a congestion signal: the model sees congestion in rate and RTT. A loss only ends a
-        # bandwidth probe early (see _advance_cycle).
+        # Not a congestion signal by itself: the model sees congestion in rate and RTT. A loss
+        # ends a bandwidth probe early (_advance_cycle) and counts toward the round trip's loss
+        # share, which may say a queue overflowed (_check_round_loss).
         self.bytes_in_flight -= lost_bytes
         self._lost_since_ack = True
         self._round_lost += lost_bytes
