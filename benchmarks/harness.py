@@ -56,6 +56,8 @@ class Params:
     seed: int = 20261125
     workdir: str = ""
     """Scratch directory of this run (for node homes)."""
+    congestion: str = ""
+    """The tunnel's congestion controller in the Node cases ("": the default)."""
 
     @classmethod
     def quick(cls) -> Params:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from benchmarks import report
 from tests.natlab import Lab
@@ -55,6 +56,7 @@ from tests.test_natlab_traversal import (
 )
 
 HEADING = "## NAT lab matrix"
+T = TypeVar("T")
 
 
 def log(msg: str) -> None:
@@ -87,9 +89,7 @@ def paths_summary(results: list[PairResult]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in counts.most_common())
 
 
-def attempt(
-    label: str, fn: Callable[[Lab, Path], PairResult], keep_logs: Path | None
-) -> PairResult | str:
+def attempt(label: str, fn: Callable[[Lab, Path], T], keep_logs: Path | None) -> T | str:
     """One scenario in a fresh lab; its result, or the error text (logs kept on failure)."""
     work = Path(tempfile.mkdtemp(prefix="natlab-"))
     os.chmod(work, 0o755)
@@ -105,7 +105,8 @@ def attempt(
         log(f"  {label}: FAILED ({type(exc).__name__}); logs in {where}")
         log("".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000])
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    log(f"  {label}: {result.final_path} in {time.monotonic() - started:.1f} s")
+    outcome = result.final_path if isinstance(result, PairResult) else "done"
+    log(f"  {label}: {outcome} in {time.monotonic() - started:.1f} s")
     shutil.rmtree(work, ignore_errors=True)
     return result
 

@@ -34,6 +34,31 @@ class LinkProfile:
 
 
 @dataclass
+class Bottleneck:
+    """A router on the way that forwards ``rate`` bytes per second, queues up to
+    ``queue_bytes`` waiting datagrams and drops what does not fit (a tail-drop FIFO, as most
+    home routers have). Datagrams from ``senders`` pass it (every datagram when None): flows
+    that share it compete, as they would for one uplink, and their ACKs coming back do not."""
+
+    rate: float  # bytes per second
+    queue_bytes: int  # datagrams waiting beyond this are dropped
+    senders: frozenset[Source] | None = None
+    free_at: float = 0.0  # when the datagram being forwarded has left
+    dropped: int = 0  # datagrams that found the queue full
+    forwarded: int = 0  # bytes through
+
+    def admit(self, now: float, size: int) -> float | None:
+        """When a datagram of ``size`` bytes arriving at ``now`` has left; None: dropped."""
+        start = self.free_at if self.free_at > now else now
+        if (start - now) * self.rate + size > self.queue_bytes:
+            self.dropped += 1
+            return None
+        self.free_at = start + size / self.rate
+        self.forwarded += size
+        return self.free_at
+
+
+@dataclass
 class Host:
     address: Address
     identity: Identity
@@ -117,6 +142,7 @@ class SimNetwork:
         self.nats: dict[str, SimNat] = {}
         self.beacon_introductions = True  # answer a fallback to the relay with a new intro
         self.relayed = 0
+        self.bottleneck: Bottleneck | None = None  # a shared bottleneck all datagrams pass
 
     def add_nat(self, name: str, kind: str) -> SimNat:
         nat = SimNat(name, kind)
@@ -222,6 +248,15 @@ class SimNetwork:
                 self.dropped += 1
                 continue
             at = self.now + hops * profile.delay + self.rng.random() * profile.jitter
+            bottleneck = self.bottleneck
+            if bottleneck is not None and (
+                bottleneck.senders is None or source in bottleneck.senders
+            ):
+                left = bottleneck.admit(self.now, len(data))
+                if left is None:
+                    self.dropped += 1
+                    continue
+                at += left - self.now
             link = (source, destination)
             if self.rng.random() < profile.reorder:
                 at += profile.delay

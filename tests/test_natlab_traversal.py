@@ -148,12 +148,14 @@ def _host(lab: Lab, kind: str, name: str, nats: dict[str, Nat]) -> Host:
     return lab.add_host_behind(nat, name)
 
 
-def build_pair(lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0) -> Pair:
+def build_pair(
+    lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0, congestion: str = ""
+) -> Pair:
     """``name``: "same-lan" or "<kind>-<kind>" with kinds public, cone, symmetric.
 
     ``delay_ms``: every WAN link (beacon, public hosts, NATs) delays what it sends into the
     internet by that much, so every round trip between two sites (node to beacon, node to
-    node) takes ``2 * delay_ms``."""
+    node) takes ``2 * delay_ms``. ``congestion``: the nodes' controller ("": the default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     beacon_host = lab.add_public_host("beacon")
     beacon = start_beacon(lab, beacon_host, workdir)
@@ -180,6 +182,7 @@ def build_pair(lab: Lab, workdir: Path, name: str, *, delay_ms: float = 0.0) -> 
                 beacon=beacon.address,
                 hostname=hostname,
                 log_path=workdir / f"{hostname}.log",
+                congestion=congestion,
             )
         )
     return Pair(lab, name, beacon, nodes[0], nodes[1], nats, workdir)
@@ -420,6 +423,20 @@ def test_lossy_delayed_wan_delivers_10mb_intact(lab: Lab, workdir: Path) -> None
     assert result.direct is not None, result
 
 
+def send_checked(pair: Pair, size: int, timeout: float, seed: int = 30) -> dict[str, Any]:
+    """``size`` bytes alpha -> bravo on connection "c"; bravo's "received" event, its content
+    checked by SHA-256."""
+    a, b = pair.a, pair.b
+    mark_b = b.mark()
+    msg_id = a.send({"cmd": "send", "conn": "c", "size": size, "seed": seed, "timeout": timeout})
+    got = b.wait_event(lambda e: e.get("event") == "received", timeout, start=mark_b)
+    a.result(msg_id, 10)
+    assert got["size"] == size and got["sha256"] == sha(payload_for(size, seed)), (
+        f"{got}\n{pair.diagnostics()}"
+    )
+    return got
+
+
 def run_impaired(
     lab: Lab, workdir: Path, size: int = IMPAIRED_TRANSFER, timeout: float = 300.0
 ) -> PairResult:
@@ -435,14 +452,8 @@ def run_impaired(
         opened, first, first_reply = first_exchange(pair)
         wait_for_path(pair, "direct")
         b.call("reply_size", port=SERVICE_PORT, size=IMPAIRED_REPLY, timeout=5)
-        mark_b = b.mark()
         t_send = time.monotonic()
-        msg_id = a.send({"cmd": "send", "conn": "c", "size": size, "seed": 30, "timeout": timeout})
-        got = b.wait_event(lambda e: e.get("event") == "received", timeout, start=mark_b)
-        a.result(msg_id, 10)
-        assert got["size"] == size and got["sha256"] == sha(payload_for(size, 30)), (
-            f"{got}\n{pair.diagnostics()}"
-        )
+        got = send_checked(pair, size, timeout)
         elapsed = got["t"] - t_send
         reply = a.call("recv", conn="c", timeout=60)
         assert reply["size"] == IMPAIRED_REPLY, reply

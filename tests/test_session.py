@@ -152,7 +152,8 @@ def test_rekey_by_packet_count_keeps_the_stream_going() -> None:
     config = SessionConfig(rekey_after_packets=50, mtu_probe_sizes=())
     net = SimNetwork(3, LinkProfile(loss=0.05, jitter=0.005))
     a, b = net.pair(config)
-    messages = [i.to_bytes(4, "big") * 300 for i in range(600)]
+    # Enough data to outlast five rekey handshakes at BBR's rate (NewReno needed 600 messages).
+    messages = [i.to_bytes(4, "big") * 300 for i in range(3000)]
     net.start_stream(a, b, 1, *messages)
     assert net.run_until(lambda: len(b.messages) == len(messages), 120)
     assert [m.data for m in b.messages] == messages

@@ -24,6 +24,8 @@ from benchmarks.harness import (
 )
 from pilot_agents import Node
 from pilot_agents.net.tunnel import session
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.congestion import CongestionConfig
 
 CORE = "compiled core (mypyc)" if not session.__file__.endswith(".py") else "pure-Python core"
 """Which build of the protocol core ran: setup.py compiles it when a C compiler is at hand."""
@@ -45,7 +47,7 @@ class Tunnel(Case):
     async def server(self, ctl: Control, p: Params, kind: Kind) -> None:
         plan = server_plan(kind, p)
         client_id: str = ctl.peer()["node_id"]
-        async with Node(home=_home(p, "server"), listen=f"{HOST}:0") as node:
+        async with Node(home=_home(p, "server"), listen=f"{HOST}:0", config=_config(p)) as node:
             node.trust(client_id)
             async with node.listen(SERVICE_PORT) as listener:
                 ctl.publish(node_id=node.node_id, port=node.local_endpoint[1])
@@ -56,7 +58,7 @@ class Tunnel(Case):
                 await ctl.await_stop()
 
     async def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
-        node = Node(home=_home(p, "client"), listen=f"{HOST}:0")
+        node = Node(home=_home(p, "client"), listen=f"{HOST}:0", config=_config(p))
         ctl.publish(node_id=node.node_id)
         server = ctl.peer()
         async with node as a:
@@ -70,6 +72,13 @@ class Tunnel(Case):
                     return reply.data
 
                 return await adrive(client_session(kind, p), roundtrip)
+
+
+def _config(p: Params) -> SessionConfig:
+    config = SessionConfig()
+    if p.congestion:
+        config.congestion = CongestionConfig(algorithm=p.congestion)
+    return config
 
 
 def _home(p: Params, role: str) -> str:

@@ -24,10 +24,10 @@ from pathlib import Path
 # instructions per round trip than with them interpreted).
 # Named relative to pilot_agents.net: the tunnel protocol, and the asyncio driver around it.
 COMPILED = (
-    "tunnel.config", "tunnel.congestion", "tunnel.cookie", "tunnel.crypto", "tunnel.events",
-    "tunnel.handshake", "tunnel.mux", "tunnel.pacing", "tunnel.paths", "tunnel.rangeset",
-    "tunnel.ratelimit", "tunnel.recovery", "tunnel.replay", "tunnel.session", "tunnel.streams",
-    "tunnel.wire",
+    "tunnel.bbr", "tunnel.config", "tunnel.congestion", "tunnel.cookie", "tunnel.crypto",
+    "tunnel.cubic", "tunnel.events", "tunnel.handshake", "tunnel.mux", "tunnel.pacing",
+    "tunnel.paths", "tunnel.rangeset", "tunnel.ratelimit", "tunnel.recovery", "tunnel.replay",
+    "tunnel.session", "tunnel.streams", "tunnel.wire",
     "io.endpoint", "io.udp",
 )
 

@@ -103,7 +103,19 @@ class Runner:
         from pilot_agents import Node
 
         args = self.args
-        self.node = Node(args.home, args.listen, beacon=args.beacon, hostname=args.hostname or None)
+        from pilot_agents.net.tunnel.config import SessionConfig
+        from pilot_agents.net.tunnel.congestion import CongestionConfig
+
+        config = SessionConfig()
+        if args.congestion:
+            config.congestion = CongestionConfig(algorithm=args.congestion)
+        self.node = Node(
+            args.home,
+            args.listen,
+            beacon=args.beacon,
+            hostname=args.hostname or None,
+            config=config,
+        )
         await self.node.start()
         try:
             info = self.node.info()
@@ -326,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostname", default="")
     parser.add_argument("--log", default=None, help="log file (default: stderr)")
     parser.add_argument("--log-level", default="DEBUG")
+    parser.add_argument("--congestion", default="", help="congestion control (default: the node's)")
     args = parser.parse_args(argv)
     handler: logging.Handler = (
         logging.FileHandler(args.log) if args.log else logging.StreamHandler(sys.stderr)
@@ -370,6 +383,7 @@ class PilotNode:
         listen: str = "0.0.0.0:0",
         log_level: str = "DEBUG",
         ready_timeout: float = 15.0,
+        congestion: str = "",
     ) -> None:
         self.name = hostname
         self.host = host
@@ -377,6 +391,7 @@ class PilotNode:
         args = [
             "--home", str(home), "--beacon", beacon, "--hostname", hostname,
             "--listen", listen, "--log", str(log_path), "--log-level", log_level,
+            "--congestion", congestion,
         ]  # fmt: skip
         self.proc = lab.python_cmd(
             host,

@@ -63,6 +63,10 @@ class SessionConfig:
     recovery: RecoveryConfig = field(
         default_factory=lambda: RecoveryConfig(max_pto_backoff_exponent=3)
     )
-    congestion: CongestionConfig = field(default_factory=CongestionConfig)
+    # BBR: loss on a Wi-Fi or mobile hop is not congestion to it (docs/protocol.md, "Congestion
+    # control"); "cubic" and "newreno" are the loss-based alternatives.
+    congestion: CongestionConfig = field(
+        default_factory=lambda: CongestionConfig(algorithm="bbr")
+    )
     paths: PathConfig = field(default_factory=PathConfig)
     handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 
 class Pacer:
-    """A token bucket refilled at ``multiplier * cwnd / srtt`` bytes per second."""
+    """A token bucket refilled at the congestion controller's pacing rate."""
 
-    __slots__ = ("_last", "_rate", "_tokens", "burst_packets", "granularity", "multiplier")
+    __slots__ = ("_last", "_rate", "_tokens", "burst_packets", "granularity")
 
-    def __init__(
-        self, burst_packets: int = 16, multiplier: float = 1.25, granularity: float = 0.001
-    ) -> None:
+    def __init__(self, burst_packets: int = 16, granularity: float = 0.001) -> None:
         self.burst_packets = burst_packets  # packets that may leave back to back
-        self.multiplier = multiplier  # headroom over cwnd/srtt so pacing never caps cwnd growth
         self.granularity = granularity  # seconds; the event loop's useful timer resolution
         self._rate = 0.0  # bytes per second; 0 means not yet known: no pacing
         self._tokens = 0.0
@@ -23,8 +20,9 @@ class Pacer:
         # At least one timer tick's worth, or a timer could never release a whole tick's rate.
         return max(self.burst_packets * packet_size, 2 * self._rate * self.granularity)
 
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        self._rate = self.multiplier * congestion_window / max(smoothed_rtt, 1e-6)
+    def set_rate(self, rate: float) -> None:
+        """Bytes per second from now on."""
+        self._rate = rate
 
     def _refill(self, now: float, packet_size: int) -> None:
         if now > self._last:

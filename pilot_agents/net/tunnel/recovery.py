@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot_agents.errors import ConfigError, WireError
-from pilot_agents.net.tunnel.congestion import CongestionConfig, NewReno
+from pilot_agents.net.tunnel.bbr import Bbr
+from pilot_agents.net.tunnel.congestion import (
+    CongestionConfig,
+    CongestionController,
+    NewReno,
+    RateSample,
+)
+from pilot_agents.net.tunnel.cubic import Cubic
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -34,6 +41,10 @@ class SentPacket:
     ``size`` counts toward bytes in flight when ``in_flight`` is true. ``data`` is opaque here:
     the session stores whatever it needs to retransmit. ``eq=False`` keeps identity semantics
     (and hashability): two packets are never "equal" just because their fields match.
+
+    The last four fields are the connection's delivery state when the packet left, stamped by
+    :meth:`Recovery.on_packet_sent` for in-flight packets; its ACK turns them into a delivery
+    rate sample (draft-cheng-iccrg-delivery-rate-estimation).
     """
 
     packet_number: int
@@ -43,6 +54,10 @@ class SentPacket:
     in_flight: bool
     is_probe_mtu: bool
     data: Any  # not `object`: mypyc fails at import on a dataclass field of type object
+    delivered: int  # bytes acknowledged before it left
+    delivered_time: float  # when the most recent of those was acknowledged
+    first_sent_time: float  # when the packet acknowledged then had left
+    is_app_limited: bool  # the sender ran out of data to send while this one flew
 
     # Written out (init=False) on the per-packet path: mypyc leaves a generated dataclass
     # __init__ interpreted, and it cost more than the rest of the object's life.
@@ -63,6 +78,10 @@ class SentPacket:
         self.in_flight = in_flight
         self.is_probe_mtu = is_probe_mtu
         self.data = data
+        self.delivered = 0
+        self.delivered_time = 0.0
+        self.first_sent_time = 0.0
+        self.is_app_limited = False
 
 
 @dataclass(slots=True)
@@ -225,6 +244,16 @@ class TimeoutResult:
 AckRange = tuple[int, int] | range
 
 
+def new_controller(config: CongestionConfig | None = None) -> CongestionController:
+    """The controller ``config.algorithm`` names: the one place that maps names to classes."""
+    config = config if config is not None else CongestionConfig()
+    if config.algorithm == "newreno":
+        return NewReno(config)
+    if config.algorithm == "cubic":
+        return Cubic(config)
+    return Bbr(config)
+
+
 class Recovery:
     """Loss detection, RTT estimation and congestion control for one tunnel.
 
@@ -237,12 +266,17 @@ class Recovery:
 
     __slots__ = (
         "_ack_eliciting_in_flight",
+        "_app_limited_until",
         "_config",
+        "_delivered",
+        "_delivered_time",
+        "_first_sent_time",
         "_largest_acked",
         "_largest_sent",
         "_loss_time",
         "_pending",
         "_pto_count",
+        "_sample",
         "_sent",
         "_time_of_last_ack_eliciting",
         "cc",
@@ -257,7 +291,15 @@ class Recovery:
         self._config = config if config is not None else RecoveryConfig()
         cfg = self._config
         self.rtt = RttEstimator(cfg.initial_rtt, cfg.max_ack_delay, cfg.granularity)
-        self.cc = NewReno(congestion)
+        self.cc = new_controller(congestion)
+        # Delivery-rate estimation (draft-cheng-iccrg-delivery-rate-estimation): in-flight bytes
+        # acknowledged so far, when the latest of them was, when the packet it acknowledged
+        # left, and the delivered count below which samples are app-limited (0: none are).
+        self._delivered = 0
+        self._delivered_time = 0.0
+        self._first_sent_time = 0.0
+        self._app_limited_until = 0
+        self._sample = RateSample()
         # Every unacknowledged, not-yet-lost packet, keyed by packet number; insertion order is
         # packet-number order because numbers only grow.
         self._sent: dict[int, SentPacket] = {}
@@ -339,10 +381,26 @@ class Recovery:
         self._largest_sent = pn
         self._sent[pn] = packet
         if packet.in_flight:
-            self.cc.on_packet_sent(packet.size)
+            cc = self.cc
+            if cc.bytes_in_flight == 0:
+                # After a quiet spell, a rate sample starts from now, not from the last ACK.
+                self._first_sent_time = self._delivered_time = packet.time_sent
+            packet.delivered = self._delivered
+            packet.delivered_time = self._delivered_time
+            packet.first_sent_time = self._first_sent_time
+            packet.is_app_limited = self._app_limited_until != 0
+            cc.on_packet_sent(packet.size)
         if packet.ack_eliciting:
             self._ack_eliciting_in_flight += 1
             self._time_of_last_ack_eliciting = packet.time_sent
+
+    def on_app_limited(self) -> None:
+        """The sender has nothing more to send now. Delivery-rate samples of packets in flight
+        until then measure the application, not the path, and say so (``is_app_limited``)."""
+        cc = self.cc
+        if cc.bytes_in_flight < cc.congestion_window:
+            in_flight = self._delivered + cc.bytes_in_flight
+            self._app_limited_until = in_flight if in_flight > 0 else 1
 
     def on_untracked_packet_sent(self, packet_number: int) -> None:
         """Note a packet number used by a packet not given to :meth:`on_packet_sent`.
@@ -455,9 +513,16 @@ class Recovery:
         if lost:
             result.persistent_congestion = self._on_lost(lost, now, gaps)
         cc = self.cc
+        acked_bytes = 0
+        newest: SentPacket | None = None
         for packet in acked:
             if packet.in_flight:
-                cc.on_packet_acked(packet.size, packet.time_sent)
+                size = packet.size
+                acked_bytes += size
+                cc.on_packet_acked(size, packet.time_sent)
+                newest = packet  # acked is in sending order
+        if newest is not None:
+            cc.on_ack(self._rate_sample(newest, acked_bytes, result.rtt_sampled, now), now)
 
         # §6.2.1: an acknowledgement resets the backoff. (A peer that only repeats old ranges
         # acknowledges nothing new and so does not reset it.)
@@ -516,6 +581,37 @@ class Recovery:
         return packets
 
     # ----------------------------------------------------------------- internals
+
+    def _rate_sample(
+        self, newest: SentPacket, acked_bytes: int, rtt_sampled: bool, now: float
+    ) -> RateSample:
+        """Account ``acked_bytes`` delivered now; the delivery rate since ``newest`` left."""
+        delivered = self._delivered + acked_bytes
+        self._delivered = delivered
+        self._delivered_time = now
+        self._first_sent_time = newest.time_sent
+        if self._app_limited_until and delivered > self._app_limited_until:
+            self._app_limited_until = 0
+        sample = self._sample
+        sample.acked_bytes = acked_bytes
+        sample.delivered_total = delivered
+        sample.prior_delivered = newest.delivered
+        sample.delivered = delivered - newest.delivered
+        sample.is_app_limited = newest.is_app_limited
+        # The longer of the send and the ACK intervals: neither a burst sent at once nor
+        # ACKs compressed on the way back may inflate the rate.
+        send_elapsed = newest.time_sent - newest.first_sent_time
+        ack_elapsed = now - newest.delivered_time
+        interval = send_elapsed if send_elapsed > ack_elapsed else ack_elapsed
+        sample.interval = interval
+        # Shorter than a round trip, an interval says more about bursts than about the path.
+        if interval > 0.0 and interval >= self.rtt.min_rtt:
+            sample.rate = sample.delivered / interval
+        else:
+            sample.rate = 0.0
+        sample.latest_rtt = self.rtt.latest_rtt if rtt_sampled else 0.0
+        sample.smoothed_rtt = self.rtt.smoothed_rtt
+        return sample
 
     def _pto_deadline(self) -> float | None:
         last = self._time_of_last_ack_eliciting

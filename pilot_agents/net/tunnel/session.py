@@ -1218,6 +1218,7 @@ class Session:
         probe = self._probes_pending > 0
         if not (has_payload or ack_due or probe or self._ping_pending):
             self._pacing_deadline = None  # nothing waits for the pacer
+            self._recovery.on_app_limited()
             return None  # the common end of the send loop: checked before any allocation
         budget = self._packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE
         payload = bytearray()
@@ -1375,7 +1376,7 @@ class Session:
             return False
         if not self._has_payload_to_send():
             return True  # nothing paced is waiting: don't arm a timer for nothing
-        self._pacer.update_rate(recovery.congestion_window, recovery.rtt.smoothed_rtt)
+        self._pacer.set_rate(recovery.cc.pacing_rate(recovery.rtt.smoothed_rtt))
         at = self._pacer.next_send_time(now, size)
         if at > now:
             self._pacing_deadline = at
