@@ -40,7 +40,7 @@ import pytest
 from pilot_agents.ipc import LOG_NAME
 from tests.natlab import Host, Lab, Nat
 from tests.natlab.conftest_helpers import lab_fixture, natlab_fixture  # noqa: F401 - fixtures
-from tests.test_natlab_traversal import HOME_SUBNET, Beacon, start_beacon
+from tests.test_natlab_traversal import HOME_SUBNET, Beacon, PairResult, start_beacon
 
 MAPPING_TIMEOUT = 20  # seconds a NAT keeps an unused UDP mapping
 DELAY_MS = 20.0  # per crossing into the internet
@@ -159,13 +159,11 @@ def moves_after(site: Site, since: float) -> list[tuple[float, tuple[str, int], 
     return found
 
 
-@pytest.fixture
-def pair(lab: Lab, tmp_path: Path) -> Iterator[Lab2]:
+def build(lab: Lab, workdir: Path) -> Lab2:
     """alpha and bravo, each a daemon behind its own cone NAT, trusting each other, with a
-    direct tunnel that has carried one message."""
-    os.chmod(tmp_path, 0o755)
+    direct tunnel that has carried one message. ``close`` stops the daemons."""
     beacon_host = lab.add_public_host("beacon")
-    beacon = start_beacon(lab, beacon_host, tmp_path)
+    beacon = start_beacon(lab, beacon_host, workdir)
     sites = []
     for name in ("alpha", "bravo"):
         nat = lab.add_nat(f"nat_{name}", "cone", lan_subnet=HOME_SUBNET)
@@ -188,24 +186,47 @@ def pair(lab: Lab, tmp_path: Path) -> Iterator[Lab2]:
         assert sent.returncode == 0, f"{sent.stderr}\n{pair.diagnostics()}"
         assert receive(b) == ["before"]
         wait_direct(pair)
-        yield pair
-    finally:
-        for site in sites:
+    except BaseException:
+        close(pair)
+        raise
+    return pair
+
+
+def close(pair: Lab2) -> None:
+    for site in (pair.a, pair.b):
+        if site.node_id:
             pilotctl(site.home, "daemon", "stop", timeout=20)
-            shutil.rmtree(site.home, ignore_errors=True)
+        shutil.rmtree(site.home, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    os.chmod(tmp_path, 0o755)  # the beacon, as root in another namespace, writes its log here
+    return tmp_path
+
+
+@pytest.fixture
+def pair(lab: Lab, workdir: Path) -> Iterator[Lab2]:
+    built = build(lab, workdir)
+    try:
+        yield built
+    finally:
+        close(built)
 
 
 def idle_then_rebind(pair: Lab2, *sides: Site) -> tuple[float, dict[str, tuple[int, int]]]:
     """The tunnel idles past the mapping timeout; then the NATs of ``sides`` rebind. Returns
     the wall-clock time of the rebinding and each rebound site's new port range."""
     time.sleep(MAPPING_TIMEOUT + 1)
-    assert peer_path(pair.a, pair.b) == "direct", f"keepalives lost the tunnel\n{pair.diagnostics()}"
+    assert peer_path(pair.a, pair.b) == "direct", f"idle lost the tunnel\n{pair.diagnostics()}"
     when = time.time()
     return when, {site.name: pair.lab.rebind(site.nat) for site in sides}
 
 
-def connect_after_rebind(pair: Lab2, text: str) -> float:
-    """The issue's command; it must deliver. Returns how long it took (seconds)."""
+def connect_after_rebind(pair: Lab2, text: str) -> tuple[float, float]:
+    """The issue's command; it must deliver, and the tunnel go direct again. Returns how long
+    (seconds from the start of the command) until it had delivered and until both sides were
+    seen direct (the latter polled with `pilotctl peers`, so late by up to a second)."""
     start = time.monotonic()
     sent = pilotctl(pair.a.home, "connect", "bravo", "--timeout", str(CONNECT_TIMEOUT),
                     "--message", text, timeout=CONNECT_TIMEOUT + 20)  # fmt: skip
@@ -216,7 +237,7 @@ def connect_after_rebind(pair: Lab2, text: str) -> float:
     assert sent.stdout.startswith("Connected via ") and "Delivered" in sent.stdout, sent.stdout
     assert receive(pair.b) == [text], pair.diagnostics()
     wait_direct(pair)  # both sides punched to the new addresses
-    return took
+    return took, time.monotonic() - start
 
 
 def assert_reregistered(site: Site, since: float, ports: tuple[int, int], pair: Lab2) -> float:
@@ -237,24 +258,42 @@ def assert_reregistered(site: Site, since: float, ports: tuple[int, int], pair: 
     return took
 
 
-def test_receiver_rebinds_while_idle_and_connect_delivers(pair: Lab2) -> None:
+def run_idle_rebind(lab: Lab, workdir: Path, sides: tuple[str, ...]) -> PairResult:
+    """Idle past the mapping timeout, the NATs of ``sides`` ("alpha", "bravo") rebind, then
+    alpha's ``pilotctl connect --timeout 40 --message`` must deliver and the tunnel go direct
+    again; each rebound daemon must have re-registered within one keepalive interval."""
+    pair = build(lab, workdir)
+    try:
+        rebound = [site for site in (pair.a, pair.b) if site.name in sides]
+        since, ports = idle_then_rebind(pair, *rebound)
+        text = f"after {' and '.join(sides)} rebound"
+        delivered, direct = connect_after_rebind(pair, text)
+        times = [assert_reregistered(s, since, ports[s.name], pair) for s in rebound]
+        notes = "re-registered " + ", ".join(
+            f"{site.name} {took:.2f} s" for site, took in zip(rebound, times, strict=True)
+        ) + f" after the rebinding; idle {MAPPING_TIMEOUT + 1} s before it"
+        return PairResult(
+            f"idle-rebind-{'-'.join(sides)}", "direct", peer_path(pair.a, pair.b),
+            peer_path(pair.b, pair.a), delivered, delivered, direct, None, notes=notes,
+        )  # fmt: skip
+    finally:
+        close(pair)
+
+
+def test_receiver_rebinds_while_idle_and_connect_delivers(lab: Lab, workdir: Path) -> None:
     """(a) The issue's scenario: idle past the mapping timeout, the receiver's NAT rebinds,
     ``pilotctl connect --timeout 40 --message`` is delivered."""
-    since, ports = idle_then_rebind(pair, pair.b)
-    took = connect_after_rebind(pair, "after the receiver rebound")
-    reregistered = assert_reregistered(pair.b, since, ports["bravo"], pair)
-    print(f"\nreceiver rebound: bravo re-registered after {reregistered:.2f} s; "
-          f"connect delivered in {took:.2f} s; path {peer_path(pair.a, pair.b)}")  # fmt: skip
+    result = run_idle_rebind(lab, workdir, ("bravo",))
+    print(f"\n{result.row()}  {result.notes}")
+    assert (result.final_path, result.peer_path) == ("direct", "direct"), result
 
 
-def test_both_sides_rebind_while_idle_and_connect_delivers(pair: Lab2) -> None:
+def test_both_sides_rebind_while_idle_and_connect_delivers(lab: Lab, workdir: Path) -> None:
     """(b) Both NATs rebind at once: each side notices its own new address, and the two
     re-introductions put both back in touch."""
-    since, ports = idle_then_rebind(pair, pair.a, pair.b)
-    took = connect_after_rebind(pair, "after both rebound")
-    times = [assert_reregistered(s, since, ports[s.name], pair) for s in (pair.a, pair.b)]
-    print(f"\nboth rebound: re-registered after {times[0]:.2f} / {times[1]:.2f} s; "
-          f"connect delivered in {took:.2f} s; path {peer_path(pair.a, pair.b)}")  # fmt: skip
+    result = run_idle_rebind(lab, workdir, ("alpha", "bravo"))
+    print(f"\n{result.row()}  {result.notes}")
+    assert (result.final_path, result.peer_path) == ("direct", "direct"), result
 
 
 def test_reregistration_follows_a_rebinding_within_seconds(pair: Lab2) -> None:
