@@ -53,7 +53,8 @@ def test_wire_round_trip_and_sizes() -> None:
     message = bw.parse_keepalive_untrusted(bw.encode_keepalive(key, node, 7))
     assert (message.node_key, message.counter) == (node, 7) and message.verify(key)
     assert not message.verify(bytes(32))
-    ack = bw.parse_keepalive_ack_untrusted(bw.encode_keepalive_ack(key, 7, ("203.0.113.5", 4)))
+    seen = bw.encode_address(("203.0.113.5", 4))
+    ack = bw.parse_keepalive_ack_untrusted(bw.encode_keepalive_ack(key, 7, seen))
     assert (ack.counter, ack.reflexive) == (7, ("203.0.113.5", 4)) and ack.verify(key)
     assert bw.KEEPALIVE_ACK_SIZE <= bw.KEEPALIVE_SIZE  # never an amplifier
     assert (bw.KEEPALIVE_SIZE, bw.KEEPALIVE_ACK_SIZE) == (57, 44)
@@ -152,7 +153,7 @@ def test_spoofed_replayed_and_forged_keepalives_get_no_answer(net: Net) -> None:
     unknown = bw.encode_keepalive(key, stranger, counter + 2)
     assert beacon_answers(net, unknown, ("192.0.2.9", 1234)) == []  # not registered
     # an answer pretending to be a request (and the reverse) fails the MAC or the parser
-    ack = bw.encode_keepalive_ack(key, counter, home)
+    ack = bw.encode_keepalive_ack(key, counter, bw.encode_address(home))
     assert beacon_answers(net, ack, home) == []
     refusals = net.server.stats.refusals
     assert refusals["keepalive_unknown"] - refused.get("keepalive_unknown", 0) == 3
@@ -177,9 +178,10 @@ def test_forged_or_stale_acks_change_nothing(net: Net) -> None:
     alice = net.add("alice")
     net.advance(INTERVAL)  # a keepalive went out and was answered
     client = alice.client
-    fake = bw.encode_keepalive_ack(bytes(32), 1, ("198.51.100.66", 1))
+    elsewhere = bw.encode_address(("198.51.100.66", 1))
+    fake = bw.encode_keepalive_ack(bytes(32), 1, elsewhere)
     client.receive_datagram(fake, net.now)
-    stale = bw.encode_keepalive_ack(keepalive_key(alice, net), 1, ("198.51.100.66", 1))
+    stale = bw.encode_keepalive_ack(keepalive_key(alice, net), 1, elsewhere)
     client.receive_datagram(stale, net.now)
     assert client.stats.unexpected == 2
     since = len(net.to_beacon)

@@ -269,9 +269,8 @@ def run_idle_rebind(lab: Lab, workdir: Path, sides: tuple[str, ...]) -> PairResu
         text = f"after {' and '.join(sides)} rebound"
         delivered, direct = connect_after_rebind(pair, text)
         times = [assert_reregistered(s, since, ports[s.name], pair) for s in rebound]
-        notes = "re-registered " + ", ".join(
-            f"{site.name} {took:.2f} s" for site, took in zip(rebound, times, strict=True)
-        ) + f" after the rebinding; idle {MAPPING_TIMEOUT + 1} s before it"
+        each = ", ".join(f"{s.name} {t:.2f} s" for s, t in zip(rebound, times, strict=True))
+        notes = f"re-registered {each} after the rebinding; idle {MAPPING_TIMEOUT + 1} s before it"
         return PairResult(
             f"idle-rebind-{'-'.join(sides)}", "direct", peer_path(pair.a, pair.b),
             peer_path(pair.b, pair.a), delivered, delivered, direct, None, notes=notes,

@@ -210,6 +210,7 @@ class _Node:
     name_touched: float  # when the store last recorded that its hostname is in use
     keepalive_counter: int = 0  # the newest KEEPALIVE counter taken (at first: the timestamp)
     keepalive_key: bytes | None = None  # derived at its first KEEPALIVE; b"": not derivable
+    reflexive_wire: bytes = b""  # reflexive, encoded for KEEPALIVE_ACKs, at the first one
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -626,6 +627,8 @@ class BeaconServer:
         node.keepalive_counter = message.timestamp_ns
         if previous is not None:
             node.keepalive_key = previous.keepalive_key
+            if previous.address == address:
+                node.reflexive_wire = previous.reflexive_wire
         self._by_address[address] = key
         self._out.append((reply, address))
         label = message.hostname or "(no name)"
@@ -671,11 +674,17 @@ class BeaconServer:
             return
         node.keepalive_counter = message.counter
         self.stats.keepalives += 1
-        seen = node.reflexive
-        if node.address != address:
-            seen = reported_address(address)
-            log.info("%s sends keepalives from %s, registered at %s: its NAT rebound",
-                     node.hostname or _short(node.key), address, node.address)
+        if node.address == address:
+            seen = node.reflexive_wire or bw.encode_address(node.reflexive)
+            node.reflexive_wire = seen
+        else:
+            seen = bw.encode_address(reported_address(address))
+            log.info(
+                "%s sends keepalives from %s, registered at %s: its NAT rebound",
+                node.hostname or _short(node.key),
+                address,
+                node.address,
+            )
         self._out.append((bw.encode_keepalive_ack(key, message.counter, seen), address))
 
     # -- RESOLVE -------------------------------------------------------------------------------

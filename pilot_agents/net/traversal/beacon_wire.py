@@ -792,8 +792,10 @@ class KeepaliveAck:
         return hmac.compare_digest(_keepalive_mac(key, self.body), self.mac)
 
 
-def encode_keepalive_ack(key: bytes, counter: int, reflexive: Address) -> bytes:
-    body = _KEEPALIVE_ACK.pack(KEEPALIVE_ACK, counter) + encode_address(reflexive)
+def encode_keepalive_ack(key: bytes, counter: int, reflexive: bytes) -> bytes:
+    """``reflexive`` as :func:`encode_address` wrote it (the beacon keeps it per node: parsing
+    the IP string again would cost half of what answering a keepalive costs)."""
+    body = _KEEPALIVE_ACK.pack(KEEPALIVE_ACK, counter) + reflexive
     return body + _keepalive_mac(key, body)
 
 
@@ -804,6 +806,4 @@ def parse_keepalive_ack_untrusted(data: bytes) -> KeepaliveAck:
     if kind != KEEPALIVE_ACK:
         raise WireError("not a KEEPALIVE_ACK")
     reflexive = _parse_address_untrusted(data, _KEEPALIVE_ACK.size)
-    return KeepaliveAck(
-        counter, reflexive, data[-KEEPALIVE_MAC_SIZE:], data[:-KEEPALIVE_MAC_SIZE]
-    )
+    return KeepaliveAck(counter, reflexive, data[-KEEPALIVE_MAC_SIZE:], data[:-KEEPALIVE_MAC_SIZE])
