@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         "(`alpha` connects to `bravo` by name and sends 1000 B; `bravo` answers; then 1 MiB each "
         "way on the settled path). Times run from the start of `connect()`; medians over "
         f"{args.repeat} runs (min-max). Cone <-> symmetric stays on the relay by design (no port "
-        "prediction). Path changes are polled every 20 ms.",
+        "prediction). Path changes are polled every 20 ms. In the idle-rebinding rows "
+        "(`tests/test_natlab_rebind.py`, daemons driven by `pilotctl`) the time to the first "
+        "message is the whole `pilotctl connect` command after the rebinding, process start-up "
+        "included, and the time to direct runs from its start until both daemons logged their "
+        "move to the direct path.",
         "",
     ]
     text = "\n".join(header + lines)
