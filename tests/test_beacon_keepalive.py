@@ -4,6 +4,8 @@ answers only what proves the node's key, never longer than the request."""
 
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,23 @@ def test_wire_round_trip_and_sizes() -> None:
     for bad in (b"", bw.encode_keepalive(key, node, 7)[:-1], bytes([bw.KEEPALIVE_ACK]) * 57):
         with pytest.raises(WireError):
             bw.parse_keepalive_untrusted(bad)
+
+
+def test_parsers_raise_only_wire_errors() -> None:
+    rng = random.Random(7)
+    key = bytes(32)
+    good = [
+        bw.encode_keepalive(key, bytes(32), 9),
+        bw.encode_keepalive_ack(key, 9, bw.encode_address(("2001:db8::1", 9))),
+    ]
+    samples = [rng.randbytes(rng.choice((44, 57, rng.randrange(80)))) for _ in range(3000)]
+    for data in good:
+        samples += [data[:cut] for cut in range(len(data))]
+        samples += [data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :] for i in range(len(data))]
+    for data in samples:
+        for parse in (bw.parse_keepalive_untrusted, bw.parse_keepalive_ack_untrusted):
+            with contextlib.suppress(WireError):  # anything else fails the test
+                parse(data)
 
 
 def test_both_sides_derive_one_key(net: Net) -> None:
