@@ -90,7 +90,8 @@ class Lab2:
 
 def pilotctl(home: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """``pilotctl --home HOME ARGS`` from the test's own namespace: the CLI reaches its daemon
-    over a unix socket in the home, which works across network namespaces."""
+    over a unix socket in the home, which works across network namespaces. (As conftest's
+    ``cli``; importing that would bring conftest into the benchmarks' strict type check.)"""
     env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
     return subprocess.run(
         [sys.executable, "-m", "pilot_agents.cli", "--home", str(home), *args],
