@@ -4,8 +4,11 @@ Runs the scenarios of ``tests/test_natlab_traversal.py`` (a real beacon and real
 process in a network namespace of the NAT lab) and prints, per NAT pair: the final path, the time
 to the first message (from the start of ``connect()`` until the listener has the message) and the
 time to the direct path (from the start of ``connect()`` until the tunnel reports "direct"; "-"
-if it never does). Then the stress scenarios: NAT rebinding in the middle of an 8 MB transfer, and
-a 10 MB message over WAN links with 5 % loss and 50 ms delay.
+if it never does). Then the stress scenarios: NAT rebinding in the middle of an 8 MB transfer,
+NAT rebinding while the tunnel is idle (``tests/test_natlab_rebind.py``: daemons driven by
+``pilotctl``; the receiver's NAT, then both; times run from the start of ``pilotctl connect``
+after the rebinding, "direct" polled through ``pilotctl peers``), and a 10 MB message over WAN
+links with 5 % loss and 50 ms delay.
 
     sudo .venv/bin/python -m benchmarks.natlab_matrix                # pairs at 0 and 20 ms, stress
     .venv/bin/python -m benchmarks.natlab_matrix --repeat 5 --delays 0,20,50
@@ -43,6 +46,7 @@ from typing import TypeVar
 from benchmarks import report
 from tests.natlab import Lab
 from tests.natlab.conftest_helpers import natlab_unavailable_reason
+from tests.test_natlab_rebind import MAPPING_TIMEOUT, run_idle_rebind
 from tests.test_natlab_traversal import (
     EXPECTED_PATH,
     IMPAIRED_TRANSFER,
@@ -150,9 +154,10 @@ def stress_table(rows: list[tuple[str, PairResult | str]]) -> list[str]:
             out.append(f"| {label} | FAILED | - | - | {r} |")
             continue
         changes = " → ".join(f"{p}@{t:.2f}s" for t, p in r.paths_a)
+        history = f"; alpha's path: {changes}" if changes else ""
         out.append(
             f"| {label} | {paths_summary([r])} | {ms(r.first_message)} ms | "
-            f"{ms(r.direct)} ms | {r.notes}; alpha's path: {changes} |"
+            f"{ms(r.direct)} ms | {r.notes}{history} |"
         )
     return out
 
@@ -202,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
             res = attempt(f"rebind-{side}", partial(run_rebind, side=side), args.keep_logs)
             stress.append((label, res))
             failures += isinstance(res, str)
+        idle_rebinds = {("bravo",): "the receiver's NAT rebinds", ("alpha", "bravo"): "both do"}
+        for sides, who in idle_rebinds.items():
+            label = (
+                f"cone-cone daemons, idle {MAPPING_TIMEOUT + 1} s (mappings expire after "
+                f"{MAPPING_TIMEOUT} s), then {who}; `pilotctl connect --timeout 40 --message`"
+            )
+            run = partial(run_idle_rebind, sides=sides)
+            res = attempt(f"idle-rebind-{'-'.join(sides)}", run, args.keep_logs)
+            stress.append((label, res))
+            failures += isinstance(res, str)
         size = int(args.impaired_mb * 2**20)
         label = (
             f"cone-cone, {WAN_LOSS:.0%} loss + {WAN_DELAY_MS:g} ms on each WAN link "
@@ -227,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "(`alpha` connects to `bravo` by name and sends 1000 B; `bravo` answers; then 1 MiB each "
         "way on the settled path). Times run from the start of `connect()`; medians over "
         f"{args.repeat} runs (min-max). Cone <-> symmetric stays on the relay by design (no port "
-        "prediction). Path changes are polled every 20 ms.",
+        "prediction). Path changes are polled every 20 ms. In the idle-rebinding rows "
+        "(`tests/test_natlab_rebind.py`, daemons driven by `pilotctl`) the time to the first "
+        "message is the whole `pilotctl connect` command after the rebinding, process start-up "
+        "included, and the time to direct runs from its start until both daemons logged their "
+        "move to the direct path.",
         "",
     ]
     text = "\n".join(header + lines)

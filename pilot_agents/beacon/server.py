@@ -47,6 +47,13 @@ and trust requests (anything but a DATA packet) are limited per sending node and
 receiver) pair with strict buckets; DATA packets only by the sender's packet and byte buckets,
 so established tunnels keep flowing while a flood of initiations is dropped. A node can also ask
 us (signed BLOCK_RELAY) to stop relaying a key to it for a while.
+
+Keepalives (issue #15): a KEEPALIVE every few seconds per node is the most common message, so it
+costs no signature: a keyed BLAKE2b with a key we derive once per registration (X25519, see
+:mod:`beacon_wire`), a counter above the last one we took, and an answer (shorter than the
+request) carrying the address we saw it from. From the registered address it skips the source
+bucket, as relay packets do (a CGNAT puts many nodes behind one IP); from elsewhere (the node's
+NAT rebound) it draws on that bucket. Unknown keys, bad MACs and stale counters get no answer.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from ..identity import node_id_from_key
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal import stun
 from ..net.traversal.beacon_wire import Address, NatType, Status
-from ..net.tunnel import wire
+from ..net.tunnel import crypto, wire
 from ..net.tunnel.ratelimit import TokenBucket
 from .store import Registry
 
@@ -201,6 +208,9 @@ class _Node:
     expires: float
     reply: bytes  # the REGISTERED we sent, resent for a duplicate of the same REGISTER
     name_touched: float  # when the store last recorded that its hostname is in use
+    keepalive_counter: int = 0  # the newest KEEPALIVE counter taken (at first: the timestamp)
+    keepalive_key: bytes | None = None  # derived at its first KEEPALIVE; b"": not derivable
+    reflexive_wire: bytes = b""  # reflexive, encoded for KEEPALIVE_ACKs, at the first one
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -217,6 +227,7 @@ class BeaconStats:
     relayed_bytes: int = 0
     stun_requests: int = 0
     status_requests: int = 0
+    keepalives: int = 0
     refusals: Counter[str] = field(default_factory=Counter)
 
 
@@ -273,6 +284,7 @@ class BeaconServer:
         self._block_stamps: dict[bytes, int] = {}  # newest BLOCK_RELAY timestamp per node
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
+        self._x25519_secret = crypto.ed25519_sk_to_x25519(secret_key)  # for keepalive keys
 
     # -- driving -------------------------------------------------------------------------------
 
@@ -283,6 +295,9 @@ class BeaconServer:
         kind = data[0]
         if kind == bw.RELAY:  # first: it is most of the traffic
             self._on_relay(data, address, now)
+            return
+        if kind == bw.KEEPALIVE:  # checks the source bucket itself, only for moved nodes
+            self._on_keepalive(data, address, now)
             return
         if not self._source_allows(address, now):
             self._refuse("rate_limited")
@@ -390,6 +405,7 @@ class BeaconServer:
             "relay_blocks": sum(len(blocks) for blocks in self._blocks.values()),
             "stun_requests": stats.stun_requests,
             "status_requests": stats.status_requests,
+            "keepalives": stats.keepalives,
             "refusals": dict(stats.refusals),
         }
 
@@ -607,6 +623,12 @@ class BeaconServer:
             reply,
             name_touched,
         )
+        node = self._nodes[key]
+        node.keepalive_counter = message.timestamp_ns
+        if previous is not None:
+            node.keepalive_key = previous.keepalive_key
+            if previous.address == address:
+                node.reflexive_wire = previous.reflexive_wire
         self._by_address[address] = key
         self._out.append((reply, address))
         label = message.hostname or "(no name)"
@@ -626,6 +648,44 @@ class BeaconServer:
         else:
             self.stats.refreshes += 1
             log.debug("refreshed %s %s at %s", label, _short(key), address)
+
+    # -- KEEPALIVE -----------------------------------------------------------------------------
+
+    def _on_keepalive(self, data: bytes, address: Address, now: float) -> None:
+        try:
+            message = bw.parse_keepalive_untrusted(data)
+        except WireError:
+            self._refuse("malformed")
+            return
+        node = self._nodes.get(message.node_key)
+        if node is None or node.expires <= now or message.counter <= node.keepalive_counter:
+            self._refuse("keepalive_unknown")  # no answer: it would tell who is registered
+            return
+        if node.address != address and not self._source_allows(address, now):
+            self._refuse("rate_limited")
+            return
+        key = node.keepalive_key
+        if key is None:
+            key = node.keepalive_key = (
+                bw.keepalive_key(self._x25519_secret, node.key, node.key) or b""
+            )
+        if not key or not message.verify(key):
+            self._refuse("keepalive_bad_mac")
+            return
+        node.keepalive_counter = message.counter
+        self.stats.keepalives += 1
+        if node.address == address:
+            seen = node.reflexive_wire or bw.encode_address(node.reflexive)
+            node.reflexive_wire = seen
+        else:
+            seen = bw.encode_address(reported_address(address))
+            log.info(
+                "%s sends keepalives from %s, registered at %s: its NAT rebound",
+                node.hostname or _short(node.key),
+                address,
+                node.address,
+            )
+        self._out.append((bw.encode_keepalive_ack(key, message.counter, seen), address))
 
     # -- RESOLVE -------------------------------------------------------------------------------
 

@@ -589,6 +589,8 @@ class Node:
             log.info("registered at the beacon as %s (seen as %s)", self.hostname, event.reflexive)
             if registration is not None and not registration.done():
                 registration.set_result(None)
+            if event.previous is not None and event.previous != event.reflexive:
+                self._reintroduce(event.previous, event.reflexive)
         elif isinstance(event, bc.RegistrationFailed | bc.BeaconUnreachable):
             error: PilotError = (
                 event.to_error()
@@ -612,6 +614,21 @@ class Node:
             and self.on_trust_request is not None
         ):
             self.on_trust_request(event.source_key, event.packet[1:])
+
+    def _reintroduce(self, previous: tuple[str, int], reflexive: tuple[str, int]) -> None:
+        """Our NAT rebound: every peer we have a tunnel with still sends to our old address,
+        and its NAT lets in only what comes from there. A fresh introduction gives both sides
+        each other's current addresses, and both punch again."""
+        mux, endpoint = self._mux, self._endpoint
+        if mux is None or endpoint is None or endpoint.beacon is None:
+            return
+        peers = [s.peer for s in mux.sessions() if not s.closed]
+        log.info("our address moved from %s to %s: asking the beacon to introduce us again to "
+                 "%d peers", previous, reflexive, len(peers))
+        now = endpoint.now()
+        for peer in peers:
+            endpoint.beacon.introduce(peer, now)
+        endpoint.wake()
 
     def _on_introduction(self, event: bc.Introduction) -> None:
         """Either side of an introduction: probe every candidate now (the peer does too)."""

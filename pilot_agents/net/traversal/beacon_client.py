@@ -17,6 +17,15 @@ second port, we send a STUN Binding request there from the same socket: the same
 means the NAT maps independently of the destination ("cone": punching works), a different one
 means a mapping per destination ("symmetric"). One beacon address can't tell the two apart, which
 is why the second port exists.
+
+Keepalives: between registrations a KEEPALIVE goes to the beacon every ``keepalive_interval``
+(MAC'd with a key derived from our key and the beacon's, see :mod:`beacon_wire`). It holds the
+NAT mapping open, and its answer says where the beacon saw it come from: when that is not our
+reflexive address any more (the NAT rebound or forgot us), we register again at once, and the
+Registered event that follows names the previous address, so the node can have the beacon
+introduce it again to every peer it has a tunnel with. ``keepalive_misses`` unanswered
+keepalives in a row (the beacon restarted and forgot us, or our mapping broke) also send a
+REGISTER at once rather than at the next refresh.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ...errors import BeaconError, ConfigError, NameTakenError, WireError
+from ..tunnel import crypto
 from . import beacon_wire as bw
 from . import stun
 from .beacon_wire import Address, NatType, Status
@@ -47,6 +57,10 @@ PERMANENT_REFUSALS = frozenset(
 @dataclass
 class BeaconClientConfig:
     refresh_interval: float = 25.0  # seconds between REGISTERs; also holds the NAT mapping open
+    # seconds between KEEPALIVEs while registered (0: none): how soon we notice that our NAT
+    # mapping changed. 44 + 57 bytes of UDP payload a round, ~31 bytes/s with IPv4 headers at 5 s.
+    keepalive_interval: float = 5.0
+    keepalive_misses: int = 2  # unanswered KEEPALIVEs in a row before registering again
     register_retry: float = 1.0  # seconds before resending an unanswered REGISTER; doubles
     register_retry_max: float = 16.0  # seconds, cap of that doubling
     unreachable_after: int = 3  # unanswered REGISTERs in a row before BeaconUnreachable
@@ -81,6 +95,7 @@ class Registered(BeaconEvent):
 
     reflexive: Address
     expires: float  # on the caller's clock: the registration lapses then without a refresh
+    previous: Address | None = None  # the reflexive address before; None at the first one
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +245,10 @@ class BeaconClient:
         self._expires: float | None = None
         self.reflexive: Address | None = None
         self.alt_port = 0
+        # keepalives
+        self._keepalive_key: bytes | None = None  # derived once the beacon's key is known
+        self._keepalive_at: float | None = None
+        self._keepalives_out: deque[int] = deque(maxlen=8)  # counters sent, unanswered
         # requests
         self._next_id = int.from_bytes(random_bytes(4), "big") or 1
         self._requests: dict[int, _Request] = {}
@@ -295,8 +314,9 @@ class BeaconClient:
         """Stop registering (the beacon forgets us when the registration expires); requests
         still pending fail."""
         self._state = _State.IDLE
-        self._register_at = self._expires = None
+        self._register_at = self._expires = self._keepalive_at = None
         self._outstanding.clear()
+        self._keepalives_out.clear()
         self._stun_tid = self._stun_at = None
         self._fail_requests(None, "the beacon client was stopped")
 
@@ -395,6 +415,8 @@ class BeaconClient:
                 self._on_introduction(bw.parse_introduction_untrusted(data))
             elif kind == bw.REFUSED:
                 self._on_refused(*bw.parse_refused_untrusted(data), now)
+            elif kind == bw.KEEPALIVE_ACK:
+                self._on_keepalive_ack(bw.parse_keepalive_ack_untrusted(data))
             elif kind < 4:
                 self._on_stun(data, now)
             else:
@@ -410,6 +432,8 @@ class BeaconClient:
         deadlines = [r.deadline for r in self._requests.values()]
         if self._expires is not None and self._state is _State.REGISTERED:
             deadlines.append(self._expires)
+            if self._keepalive_at is not None:
+                deadlines.append(self._keepalive_at)
         if self._register_at is not None:
             deadlines.append(self._register_at)
         if self._stun_at is not None:
@@ -484,14 +508,18 @@ class BeaconClient:
             self._on_refusal(reply.status, now)
             return
         was_registered = self._state is _State.REGISTERED
-        changed = reply.reflexive != self.reflexive
+        previous = self.reflexive
+        changed = reply.reflexive != previous
         self._state = _State.REGISTERED
         self._expires = now + reply.ttl
         self._register_at = now + min(self.config.refresh_interval, reply.ttl / 2)
         self.reflexive = reply.reflexive
         self.alt_port = reply.alt_port
+        if self.config.keepalive_interval > 0:
+            self._keepalive_at = now + self.config.keepalive_interval
+        self._keepalives_out.clear()
         if changed or not was_registered:
-            self._events.append(Registered(reply.reflexive, self._expires))
+            self._events.append(Registered(reply.reflexive, self._expires, previous))
         if (reply.reflexive, self._candidates) != self._classified_for:
             self._classify(now)
         for request in self._requests.values():
@@ -541,6 +569,12 @@ class BeaconClient:
             self._state = _State.REGISTERING
             self._expires = None
             log.warning("beacon registration lapsed: %s", self._last_failure)
+        if (
+            self._keepalive_at is not None
+            and now >= self._keepalive_at
+            and self._state is _State.REGISTERED
+        ):
+            self._send_keepalive(now)
         if self._register_at is not None and now >= self._register_at:
             if self._outstanding:
                 self._unanswered += 1
@@ -557,6 +591,50 @@ class BeaconClient:
         if self._stun_at is not None and now >= self._stun_at:
             self._send_stun(now)
         self._poll_requests(now)
+
+    # -- keepalives ------------------------------------------------------------------------------
+
+    def _send_keepalive(self, now: float) -> None:
+        self._keepalive_at = now + self.config.keepalive_interval
+        if len(self._keepalives_out) >= self.config.keepalive_misses and not self._outstanding:
+            # The beacon forgot us (it restarted) or our mapping broke: a REGISTER finds out,
+            # and moves our registration if we have a new address.
+            log.info("%d keepalives unanswered: registering again", len(self._keepalives_out))
+            self._keepalives_out.clear()
+            self._register_at = now
+            return
+        key = self._keepalive_key
+        if key is None:
+            if self._beacon_key is None:
+                return
+            key = bw.keepalive_key(
+                crypto.ed25519_sk_to_x25519(self.secret), self._beacon_key, self.public_key
+            )
+            if key is None:
+                log.warning("the beacon's key is not a curve point: no keepalives")
+                self._keepalive_at = None
+                return
+            self._keepalive_key = key
+        counter = self._next_timestamp()
+        self._keepalives_out.append(counter)
+        self._out.append((bw.encode_keepalive(key, self.public_key, counter), self.beacon))
+
+    def _on_keepalive_ack(self, reply: bw.KeepaliveAck) -> None:
+        key = self._keepalive_key
+        if reply.counter not in self._keepalives_out or key is None:
+            self.stats.unexpected += 1
+            return
+        if not reply.verify(key):
+            self.stats.bad_signature += 1
+            return
+        self._keepalives_out.clear()
+        if reply.reflexive != self.reflexive and self._state is _State.REGISTERED:
+            log.info(
+                "our NAT mapping changed: the beacon sees us at %s, not %s; registering again",
+                reply.reflexive,
+                self.reflexive,
+            )
+            self._register_at = float("-inf")
 
     # -- requests --------------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ type    name          layout (bytes)
 0x2A    REFUSED       type 1 | reason 1 | request id 4 (0: a relay packet)               = 6 bytes
 0x2B    BLOCK_RELAY   type 1 | node key 32 | timestamp ns 8 | blocked key 32 | seconds 4 |
                       sig (by node key, ``BLOCK_RELAY_CONTEXT``)                     = 141 bytes
+0x2E    KEEPALIVE     type 1 | node key 32 | counter 8 | mac 16 (by keepalive key)    = 57 bytes
+0x2F    KEEPALIVE_ACK type 1 | echoed counter 8 | reflexive address 19 | mac 16        = 44 bytes
 ======  ============  ===========================================================================
 
 Why these choices:
@@ -48,6 +50,19 @@ Why these choices:
   block runs from its own timestamp, so a replay changes nothing, and the beacon takes only
   timestamps newer than the last one it took from that node (an old block can't undo a lift).
   The beacon does not answer it: a node under a flood sends it again if the flood goes on.
+- KEEPALIVE (every few seconds) holds the NAT mapping to the beacon open and asks where the
+  beacon sees us: its answer carries our reflexive address, so a node whose NAT rebound (router
+  reboot, CGNAT timeout, new network) learns it within one interval and registers again. It
+  must be cheap for the beacon (100k nodes at 5 s are 20k a second), so it is not signed: both
+  sides share a keepalive key, a BLAKE2b of the X25519 of the node's and the beacon's keys
+  (their Ed25519 keys converted, as Noise does), computed once per registration on the beacon
+  and never sent; a 16-byte keyed BLAKE2b authenticates each way (``KEEPALIVE_CONTEXT``; the
+  type byte is in the MAC'd body, so an answer can't pass for a request). The counter is the
+  node's strictly increasing wall clock in ns (shared with REGISTER timestamps): the beacon takes
+  only counters above the last one it took from that node (or its registration's timestamp),
+  so a replay gets no answer. The answer is shorter than the request and goes only to a source
+  that proved the key; an unknown key, a bad MAC or a stale counter gets no answer at all, so a
+  spoofed keepalive learns nothing (not even whether the key is registered).
 
 Functions that parse network input end in ``_untrusted`` and raise :class:`WireError` only; they
 do not check signatures (verification costs far more than parsing, so the beacon rate-limits
@@ -57,6 +72,7 @@ first): call the message's ``verify`` method.
 from __future__ import annotations
 
 import base64
+import hmac
 import ipaddress
 import json
 import re
@@ -66,7 +82,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 from ...addressing import HostPort
-from ...errors import WireError
+from ...errors import CryptoError, WireError
 from ..tunnel import crypto
 
 REGISTER: Final = 0x20
@@ -81,12 +97,16 @@ STATUS: Final = 0x28
 STATUS_REPLY: Final = 0x29
 REFUSED: Final = 0x2A
 BLOCK_RELAY: Final = 0x2B
+KEEPALIVE: Final = 0x2E
+KEEPALIVE_ACK: Final = 0x2F
 
 REGISTER_CONTEXT: Final = b"pilot-agents/register/1"
 REGISTERED_CONTEXT: Final = b"pilot-agents/registered/1"
 RESOLVED_CONTEXT: Final = b"pilot-agents/resolved/1"
 INTRODUCTION_CONTEXT: Final = b"pilot-agents/introduction/1"
 BLOCK_RELAY_CONTEXT: Final = b"pilot-agents/block-relay/1"
+KEEPALIVE_CONTEXT: Final = b"pilot-agents/keepalive/1"
+KEEPALIVE_KEY_CONTEXT: Final = b"pilot-agents/keepalive-key/1"
 
 KEY_SIZE: Final = crypto.PUBLIC_KEY_SIZE
 SIG_SIZE: Final = crypto.SIGNATURE_SIZE
@@ -110,6 +130,8 @@ _STATUS = struct.Struct("!BI")
 _STATUS_REPLY_HEAD = struct.Struct("!BIH")
 _REFUSED = struct.Struct("!BBI")
 _BLOCK_RELAY = struct.Struct("!B32sQ32sI")
+_KEEPALIVE = struct.Struct("!B32sQ")
+_KEEPALIVE_ACK = struct.Struct("!BQ")
 
 REGISTERED_SIZE: Final = _REGISTERED.size + _ADDRESS.size + KEY_SIZE + SIG_SIZE
 REFUSED_SIZE: Final = _REFUSED.size
@@ -117,6 +139,9 @@ REGISTER_MIN_SIZE: Final = REGISTERED_SIZE  # a REGISTER never gets an answer lo
 BLOCK_RELAY_SIZE: Final = _BLOCK_RELAY.size + SIG_SIZE
 MAX_BLOCK_SECONDS: Final = 0xFFFFFFFF
 INTRODUCE_SIZE: Final = _INTRODUCE.size
+KEEPALIVE_MAC_SIZE: Final = 16
+KEEPALIVE_SIZE: Final = _KEEPALIVE.size + KEEPALIVE_MAC_SIZE
+KEEPALIVE_ACK_SIZE: Final = _KEEPALIVE_ACK.size + _ADDRESS.size + KEEPALIVE_MAC_SIZE
 
 _HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _NODE_ID_LENGTH = 52  # base32 of a 32-byte key, as identity.node_id_from_key writes it
@@ -711,3 +736,74 @@ def parse_refused_untrusted(data: bytes) -> tuple[Status, int]:
     if kind != REFUSED:
         raise WireError("not a REFUSED")
     return _status(reason), int(request_id)
+
+
+# -- KEEPALIVE / KEEPALIVE_ACK -----------------------------------------------------------------
+
+
+def keepalive_key(own_x25519_secret: bytes, other_key: bytes, node_key: bytes) -> bytes | None:
+    """The key a node and its beacon share for keepalives: either side's X25519 secret (its
+    Ed25519 key converted) with the other's Ed25519 public key. None if ``other_key`` is not a
+    usable curve point (such a node gets no keepalive answers, only registrations)."""
+    try:
+        shared = crypto.x25519(own_x25519_secret, crypto.ed25519_pk_to_x25519(other_key))
+    except CryptoError:
+        return None
+    return crypto.keyed_mac(shared, KEEPALIVE_KEY_CONTEXT + node_key, 32)
+
+
+def _keepalive_mac(key: bytes, body: bytes) -> bytes:
+    return crypto.keyed_mac(key, KEEPALIVE_CONTEXT + body, KEEPALIVE_MAC_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    node_key: bytes
+    counter: int  # the node's wall clock in ns, strictly increasing
+    mac: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self, key: bytes) -> bool:
+        return hmac.compare_digest(_keepalive_mac(key, self.body), self.mac)
+
+
+def encode_keepalive(key: bytes, node_key: bytes, counter: int) -> bytes:
+    body = _KEEPALIVE.pack(KEEPALIVE, node_key, counter)
+    return body + _keepalive_mac(key, body)
+
+
+def parse_keepalive_untrusted(data: bytes) -> Keepalive:
+    if len(data) != KEEPALIVE_SIZE:
+        raise WireError(f"KEEPALIVE of {len(data)} bytes")
+    kind, node_key, counter = _KEEPALIVE.unpack_from(data)
+    if kind != KEEPALIVE:
+        raise WireError("not a KEEPALIVE")
+    return Keepalive(node_key, counter, data[-KEEPALIVE_MAC_SIZE:], data[:-KEEPALIVE_MAC_SIZE])
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveAck:
+    counter: int  # echoes the KEEPALIVE it answers
+    reflexive: Address  # where the beacon saw that KEEPALIVE come from
+    mac: bytes = field(repr=False)
+    body: bytes = field(repr=False, compare=False)
+
+    def verify(self, key: bytes) -> bool:
+        return hmac.compare_digest(_keepalive_mac(key, self.body), self.mac)
+
+
+def encode_keepalive_ack(key: bytes, counter: int, reflexive: bytes) -> bytes:
+    """``reflexive`` as :func:`encode_address` wrote it (the beacon keeps it per node: parsing
+    the IP string again would cost half of what answering a keepalive costs)."""
+    body = _KEEPALIVE_ACK.pack(KEEPALIVE_ACK, counter) + reflexive
+    return body + _keepalive_mac(key, body)
+
+
+def parse_keepalive_ack_untrusted(data: bytes) -> KeepaliveAck:
+    if len(data) != KEEPALIVE_ACK_SIZE:
+        raise WireError(f"KEEPALIVE_ACK of {len(data)} bytes")
+    kind, counter = _KEEPALIVE_ACK.unpack_from(data)
+    if kind != KEEPALIVE_ACK:
+        raise WireError("not a KEEPALIVE_ACK")
+    reflexive = _parse_address_untrusted(data, _KEEPALIVE_ACK.size)
+    return KeepaliveAck(counter, reflexive, data[-KEEPALIVE_MAC_SIZE:], data[:-KEEPALIVE_MAC_SIZE])

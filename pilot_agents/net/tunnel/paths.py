@@ -93,7 +93,7 @@ class PathManager:
             self.active = relay
 
     def add_candidates(self, addresses: list[Address], now: float) -> None:
-        """Start probing each new candidate (a round starts now for all of them)."""
+        """Start probing each candidate (a round starts now for all of them)."""
         for address in addresses:
             if address == self.active or is_relay(address):
                 continue
@@ -103,8 +103,9 @@ class PathManager:
                     continue
                 candidate = _Candidate(address, now, self.config.probe_interval, 0)
                 self._candidates[address] = candidate
-            if not candidate.validated:
-                self._start_round(candidate, now)
+            # Even one that worked before: the peer punches towards us now (an introduction),
+            # and a NAT that rebound since has forgotten it, ours or the peer's.
+            self._start_round(candidate, now)
 
     def _start_round(self, candidate: _Candidate, now: float) -> None:
         candidate.next_probe = now
