@@ -518,8 +518,9 @@ class Node:
         return session
 
     def _route(self, session: Session, key: bytes) -> None:
-        """A first path for a new tunnel: a configured address, else the beacon's relay at once
-        (with an introduction so both sides start punching)."""
+        """A first path for a new tunnel: a configured address, else the beacon's relay at once.
+        Moving to the relay is a PathChanged, whose handler asks for the introduction (both
+        sides start punching); it leaves in the same flush as the initiation."""
         endpoint = self._running()
         address = self._peer_addresses.get(key)
         if address is not None:
@@ -530,7 +531,6 @@ class Node:
                 f"no known address for {node_id_from_key(key)}: add_peer() it, or use a beacon"
             )
         session.address = RelayPath(key)
-        endpoint.beacon.introduce(key, endpoint.now())
 
     async def _session_to(self, peer: str, timeout: float) -> Session:
         """The established tunnel to ``peer``. A pinned name leads straight to its key: the
