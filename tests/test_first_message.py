@@ -18,7 +18,7 @@ from pilot_agents.errors import KeyMismatchError, PeerUnreachableError, PilotTim
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.paths import PathConfig
 from tests.conftest import ROOT, cli, ipc_call, short_home, start_daemons, stop_daemons
-from tests.test_cli import start_beacon, wait_for
+from tests.test_cli import entries, start_beacon, wait_for
 
 # No punching: the first message must take the relay, the path the issue is about.
 RELAY_ONLY = SessionConfig(paths=PathConfig(probes_per_round=0))
@@ -153,7 +153,7 @@ def test_pilotctl_connect_to_a_trusted_name_asks_the_beacon_nothing_first(
         start_daemons((one, "one"), (two, "two"), extra=("--beacon", daemon_beacon))
         assert ipc_call(one, cmd="trust_add", target="two")["ok"]
         assert ipc_call(two, cmd="trust_add", target="one")["ok"]
-        wait_for(lambda: ipc_call(one, cmd="trust_list")["entries"][0]["state"] == "mutual")
+        wait_for(lambda: entries(one)[0]["state"] == "mutual")
         assert ipc_call(two, cmd="listen", port=1001)["ok"]
         before = asyncio.run(asked(daemon_beacon))
         sent = cli(one, "connect", "two", "--message", "first")
