@@ -1,5 +1,5 @@
 """The first message after ``connect(name)``: a name pinned at trust time costs no beacon lookup
-(the initiation leaves with the introduction), and the pin, not the beacon, decides which key
+(the initiation leaves with the introduction), and the pin, not the at_beacon, decides which key
 the name means. A real beacon on loopback; what it was asked is read from its counters.
 """
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,10 @@ from pilot_agents.errors import KeyMismatchError, PeerUnreachableError, PilotTim
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.paths import PathConfig
 from tests.conftest import ROOT, cli, ipc_call, short_home, start_daemons, stop_daemons
-from tests.test_cli import entries, start_beacon, wait_for
+from tests.test_cli import entries, wait_for
+from tests.test_node_beacon import beacon as beacon_fixture
+
+at_beacon = beacon_fixture  # the fixture, a beacon in this process; its HOST:PORT
 
 # No punching: the first message must take the relay, the path the issue is about.
 RELAY_ONLY = SessionConfig(paths=PathConfig(probes_per_round=0))
@@ -28,25 +30,14 @@ CONNECT_TIMEOUT = 10.0  # seconds; the failures below must come long before it
 INTRODUCTIONS = 2
 
 
-@pytest.fixture
-async def beacon(tmp_path: Path) -> AsyncIterator[str]:
-    running = await service.start("127.0.0.1:0", tmp_path / "beacon")
-    host, port = running.address
-    try:
-        yield f"{host}:{port}"
-    finally:
-        running.close()
-        running.server.registry.close()
-
-
-def node(tmp_path: Path, name: str, beacon: str, hostname: str | None = None) -> Node:
-    return Node(tmp_path / name, "127.0.0.1:0", RELAY_ONLY, beacon=beacon,
+def node(tmp_path: Path, name: str, at_beacon: str, hostname: str | None = None) -> Node:
+    return Node(tmp_path / name, "127.0.0.1:0", RELAY_ONLY, beacon=at_beacon,
                 hostname=hostname or name)
 
 
-async def asked(beacon: str) -> tuple[int, int]:
+async def asked(at_beacon: str) -> tuple[int, int]:
     """(resolves, introductions) the beacon has answered so far."""
-    status = await service.query_status(beacon)
+    status = await service.query_status(at_beacon)
     return status["resolves"], status["introductions"]
 
 
@@ -58,34 +49,34 @@ async def first_message(a: Node, b: Node, name: str) -> None:
 
 
 async def test_a_pinned_name_costs_one_introduction_and_no_lookup(
-        tmp_path: Path, beacon: str) -> None:
-    async with node(tmp_path, "alpha", beacon) as a, node(tmp_path, "bravo", beacon) as b:
+        tmp_path: Path, at_beacon: str) -> None:
+    async with node(tmp_path, "alpha", at_beacon) as a, node(tmp_path, "bravo", at_beacon) as b:
         a.trust(b.node_id, hostname="bravo")
         b.trust(a.node_id)
-        before = await asked(beacon)
+        before = await asked(at_beacon)
         await first_message(a, b, "bravo")
-        resolves, introductions = await asked(beacon)
+        resolves, introductions = await asked(at_beacon)
         assert (resolves - before[0], introductions - before[1]) == (0, INTRODUCTIONS)
         assert {p.node_id: p.hostname for p in a.peers()} == {b.node_id: "bravo"}
 
 
-async def test_an_unpinned_name_is_looked_up_first(tmp_path: Path, beacon: str) -> None:
-    async with node(tmp_path, "alpha", beacon) as a, node(tmp_path, "bravo", beacon) as b:
+async def test_an_unpinned_name_is_looked_up_first(tmp_path: Path, at_beacon: str) -> None:
+    async with node(tmp_path, "alpha", at_beacon) as a, node(tmp_path, "bravo", at_beacon) as b:
         a.trust(b.node_id)  # trusted by key only: the beacon says which key "bravo" is
         b.trust(a.node_id)
-        before = await asked(beacon)
+        before = await asked(at_beacon)
         await first_message(a, b, "bravo")
-        resolves, introductions = await asked(beacon)
+        resolves, introductions = await asked(at_beacon)
         assert (resolves - before[0], introductions - before[1]) == (1, INTRODUCTIONS)
 
 
-async def test_the_pin_not_the_beacon_decides_the_key(tmp_path: Path, beacon: str) -> None:
+async def test_the_pin_not_the_beacon_decides_the_key(tmp_path: Path, at_beacon: str) -> None:
     """The beacon gives "bravo" to another key, one we also trust (by key): the connection
     still goes to the key "bravo" was trusted as."""
     async with (
-        node(tmp_path, "alpha", beacon) as a,
-        node(tmp_path, "pinned", beacon, hostname="bravo-now-elsewhere") as pinned,
-        node(tmp_path, "other", beacon, hostname="bravo") as other,
+        node(tmp_path, "alpha", at_beacon) as a,
+        node(tmp_path, "pinned", at_beacon, hostname="bravo-now-elsewhere") as pinned,
+        node(tmp_path, "other", at_beacon, hostname="bravo") as other,
     ):
         assert (await a.resolve("bravo")).node_id == other.node_id
         a.trust(pinned.node_id, hostname="bravo")
@@ -100,11 +91,11 @@ async def test_the_pin_not_the_beacon_decides_the_key(tmp_path: Path, beacon: st
 
 
 async def test_a_moved_name_whose_pinned_key_is_gone_is_refused(
-        tmp_path: Path, beacon: str) -> None:
+        tmp_path: Path, at_beacon: str) -> None:
     """The pinned key is not at the beacon and the name now belongs to another key (trusted by
     key, so following the name would connect): KeyMismatchError naming both keys, at once."""
     gone = Node(tmp_path / "gone", "127.0.0.1:0")  # a key that never registered
-    async with node(tmp_path, "alpha", beacon) as a, node(tmp_path, "bravo", beacon) as other:
+    async with node(tmp_path, "alpha", at_beacon) as a, node(tmp_path, "bravo", at_beacon) as other:
         a.trust(gone.node_id, hostname="bravo")
         a.trust(other.node_id)
         other.trust(a.node_id)
@@ -118,9 +109,9 @@ async def test_a_moved_name_whose_pinned_key_is_gone_is_refused(
         assert a.node_id not in [p.node_id for p in other.peers()]
 
 
-async def test_a_pinned_key_that_is_away_fails_fast(tmp_path: Path, beacon: str) -> None:
+async def test_a_pinned_key_that_is_away_fails_fast(tmp_path: Path, at_beacon: str) -> None:
     gone = Node(tmp_path / "gone", "127.0.0.1:0")
-    async with node(tmp_path, "alpha", beacon) as a:
+    async with node(tmp_path, "alpha", at_beacon) as a:
         a.trust(gone.node_id, hostname="bravo")
         started = time.monotonic()
         with pytest.raises(PeerUnreachableError, match="not at the beacon"):
@@ -132,33 +123,28 @@ async def test_a_pinned_key_that_is_away_fails_fast(tmp_path: Path, beacon: str)
 # -- the daemon and the CLI take the same path ---------------------------------------------
 
 
-@pytest.fixture
-def daemon_beacon(tmp_path: Path) -> Iterator[str]:
-    proc, address = start_beacon(tmp_path / "beacon")
-    try:
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.mark.beacon
-def test_pilotctl_connect_to_a_trusted_name_asks_the_beacon_nothing_first(
-        daemon_beacon: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_pilotctl_connect_to_a_trusted_name_asks_the_beacon_nothing_first(
+        at_beacon: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The daemon runs detached with cwd "/": without this it would import whichever
     # pilot_agents is installed, not this tree's.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # Daemons and the CLI block: they run in a thread while this loop serves the beacon.
+    await asyncio.to_thread(connect_with_pilotctl, at_beacon)
+
+
+def connect_with_pilotctl(at_beacon: str) -> None:
     one, two = short_home(), short_home()
     try:
-        start_daemons((one, "one"), (two, "two"), extra=("--beacon", daemon_beacon))
+        start_daemons((one, "one"), (two, "two"), extra=("--beacon", at_beacon))
         assert ipc_call(one, cmd="trust_add", target="two")["ok"]
         assert ipc_call(two, cmd="trust_add", target="one")["ok"]
         wait_for(lambda: entries(one)[0]["state"] == "mutual")
         assert ipc_call(two, cmd="listen", port=1001)["ok"]
-        before = asyncio.run(asked(daemon_beacon))
+        before = asyncio.run(asked(at_beacon))
         sent = cli(one, "connect", "two", "--message", "first")
         assert sent.returncode == 0, sent.stderr
-        resolves, introductions = asyncio.run(asked(daemon_beacon))
+        resolves, introductions = asyncio.run(asked(at_beacon))
         assert (resolves - before[0], introductions - before[1]) == (0, INTRODUCTIONS)
         got = ipc_call(two, cmd="receive", port=1001, timeout=5)["message"]
         assert got["data"] == "first"  # type: ignore[index]
