@@ -2,13 +2,13 @@
 
     async with Node(home=PATH, listen="0.0.0.0:0", beacon="beacon.example:9000",
                     hostname="analyst-agent") as node:
-        node.trust(peer_id)
+        node.trust(peer_id, hostname="reporter-agent")
         async with node.connect("reporter-agent", port=1001) as conn:
             await conn.send(b"hello")
 
 Without a beacon, peers are reached at addresses given with :meth:`Node.add_peer`. With one,
-names resolve through it, the first packets go through its relay at once, and the tunnel moves
-to a direct path when hole punching succeeds.
+names resolve through it (a name pinned by :meth:`Node.trust` needs no lookup), the first packets
+go through its relay at once, and the tunnel moves to a direct path when hole punching succeeds.
 """
 
 from __future__ import annotations
