@@ -14,8 +14,10 @@ import pytest
 from pilot_agents import Node
 from pilot_agents.beacon import service
 from pilot_agents.errors import KeyMismatchError, PeerUnreachableError, PilotTimeoutError
+from pilot_agents.identity import Identity
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.paths import PathConfig
+from pilot_agents.trust import TrustStore, make_trust_request, parse_trust_request_untrusted
 from tests.conftest import ROOT, cli, ipc_call, short_home, start_daemons, stop_daemons
 from tests.test_cli import entries, wait_for
 from tests.test_node_beacon import beacon as beacon_fixture
@@ -118,6 +120,18 @@ async def test_a_pinned_key_that_is_away_fails_fast(tmp_path: Path, at_beacon: s
             async with a.connect("bravo", 1001, CONNECT_TIMEOUT):
                 pass
         assert time.monotonic() - started < CONNECT_TIMEOUT / 4
+
+
+def test_a_claimed_name_approved_by_key_is_not_pinned(tmp_path: Path) -> None:
+    """A trust request's name is only a claim; approved by key (the daemon does that when the
+    beacon gives the name to another key), the name must not become a pin, or connect(name)
+    would go to the claimant without a lookup."""
+    claimant, me = Identity.generate(), Identity.generate()
+    raw = make_trust_request(claimant, me.node_id, "bravo")
+    store = TrustStore.load(tmp_path)
+    store.receive_request(parse_trust_request_untrusted(raw, None, me.node_id), raw)
+    assert store.add_trusted(claimant.node_id, None).hostname is None
+    assert store.pinned("bravo") is None
 
 
 # -- the daemon and the CLI take the same path ---------------------------------------------
