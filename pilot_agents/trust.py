@@ -506,8 +506,10 @@ class TrustStore:
             entry = TrustEntry(node_id=node_id, hostname=hostname, state="outgoing",
                                reason=reason, added_at=now, updated_at=now)
         elif entry.state == "incoming":
+            # The request's name is only a claim: the caller passes it if it checked it. A
+            # pinned name is connected to without a lookup (docs/protocol.md, connection set-up).
             entry = entry.model_copy(update={
-                "state": "mutual", "hostname": hostname or entry.hostname, "updated_at": now,
+                "state": "mutual", "hostname": hostname, "updated_at": now,
                 "request": None, "reason": reason or entry.reason,
             })
         else:

@@ -204,10 +204,11 @@ def sha(data: bytes) -> str:
 
 
 def first_exchange(pair: Pair, *, first_size: int = 1000) -> tuple[dict[str, Any], float, float]:
-    """Trust both ways, listen on bravo, connect from alpha with a first message and wait for
-    bravo's answer. Returns (alpha's connect answer, time to first message, time to reply)."""
+    """Trust both ways (alpha pins bravo's name, as ``trust add bravo`` does), listen on bravo,
+    connect from alpha with a first message and wait for bravo's answer. Returns (alpha's
+    connect answer, time to first message, time to reply)."""
     a, b = pair.a, pair.b
-    a.call("trust", node_id=b.node_id, timeout=5)
+    a.call("trust", node_id=b.node_id, hostname=b.name, timeout=5)
     b.call("trust", node_id=a.node_id, timeout=5)
     b.call("listen", port=SERVICE_PORT, reply_seed=2, timeout=5)
     mark_b = b.mark()

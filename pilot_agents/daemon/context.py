@@ -61,7 +61,7 @@ class Target:
     node_id: str
     hostname: str | None
     info: PeerInfo | None = None  # what the beacon said, when it was asked
-    node_arg: str = ""  # what to pass to the Node: the name (so it resolves it) or the node id
+    node_arg: str = ""  # what to pass to the Node: a pinned name (see trusted_target) or the id
 
     @property
     def label(self) -> str:
@@ -127,7 +127,15 @@ class DaemonContext:
         )
 
     async def trusted_target(self, target: str) -> Target:
-        """A peer we may talk to. Refuses untrusted peers with the command that fixes it."""
+        """A peer we may talk to. Refuses untrusted peers with the command that fixes it.
+
+        A name pinned by ``trust add`` is not looked up: the Node, which has the same pin,
+        connects to the pinned key at once and asks the beacon only if that key does not
+        answer (KeyMismatchError if the name moved). Any other name is resolved here, once."""
+        name = target.strip()
+        pinned = self.store.pinned(name) if self.has_beacon and not is_node_id(name) else None
+        if pinned is not None:
+            return Target(pinned.node_id, name, None, name)
         found = await self.lookup(target)
         entry = self.store.get(found.node_id)
         if entry is None or not entry.trusted:
@@ -138,9 +146,7 @@ class DaemonContext:
                     f"'pilotctl trust approve {label}'"
                 )
             raise NotTrustedError(f"{label} is not trusted: run 'pilotctl trust add {label}'")
-        by_name = self.has_beacon and not is_node_id(target)
-        return Target(found.node_id, found.hostname, found.info,
-                      target.strip() if by_name else found.node_id)
+        return Target(found.node_id, found.hostname, found.info, found.node_id)
 
     def explain(self, exc: PilotError, node_id: str, label: str, port: int | None) -> PilotError:
         """The Node's error, reworded for someone at a command line."""

@@ -107,7 +107,7 @@ class Daemon:
             commands.register(dispatch)
         node.on_trust_request = trust.on_trust_request
         for entry in store.trusted():
-            node.trust(entry.node_id)
+            node.trust(entry.node_id, entry.hostname)
         for peer in static.values():
             node.add_peer(peer.node_id, peer.address)
         try:

@@ -84,7 +84,7 @@ class TrustCommands:
         if pending is not None and pending.state == "incoming":
             return await self._approve(pending, target)
         entry = store.add_trusted(node_id, hostname, req.reason)
-        node.trust(node_id)
+        node.trust(node_id, entry.hostname)
         log.info("trusted %s (%s): %s", entry.label, node_id, entry.state)
         sent, note = await self._send_trust_request(
             node_id, target if self.ctx.has_beacon else node_id, req.reason)
@@ -126,7 +126,7 @@ class TrustCommands:
                     )
                 hostname = None  # approved by key: don't pin a name that isn't its own
         entry = self.ctx.store.add_trusted(pending.node_id, hostname, "")
-        self.ctx.node.trust(pending.node_id)
+        self.ctx.node.trust(pending.node_id, entry.hostname)
         log.info("approved %s (%s): %s", entry.label, entry.node_id, entry.state)
         sent, note = await self._send_trust_request(
             entry.node_id, hostname if (self.ctx.has_beacon and hostname) else entry.node_id, "")

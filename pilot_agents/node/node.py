@@ -2,13 +2,13 @@
 
     async with Node(home=PATH, listen="0.0.0.0:0", beacon="beacon.example:9000",
                     hostname="analyst-agent") as node:
-        node.trust(peer_id)
+        node.trust(peer_id, hostname="reporter-agent")
         async with node.connect("reporter-agent", port=1001) as conn:
             await conn.send(b"hello")
 
 Without a beacon, peers are reached at addresses given with :meth:`Node.add_peer`. With one,
-names resolve through it, the first packets go through its relay at once, and the tunnel moves
-to a direct path when hole punching succeeds.
+names resolve through it (a name pinned by :meth:`Node.trust` needs no lookup), the first packets
+go through its relay at once, and the tunnel moves to a direct path when hole punching succeeds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..errors import (
     BeaconError,
     ConfigError,
     ConnectionClosedError,
+    KeyMismatchError,
     NotTrustedError,
     PeerUnreachableError,
     PilotError,
@@ -65,6 +66,7 @@ EPHEMERAL_PORTS = range(49152, 65536)
 # A tunnel that closed for these reasons is not tried again while a caller waits.
 _FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR})
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
+PIN_CHECK_TIMEOUT = 5.0  # seconds a pinned name's lookup may take after its key did not answer
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
 BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
 
@@ -134,6 +136,7 @@ class Node:
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
         self._hostnames: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
+        self._pins: dict[str, bytes] = {}  # name -> key it was trusted as (trust(hostname=))
         self._driver = Driver()
         self._requests: dict[int, asyncio.Future[bc.BeaconEvent]] = {}
         self._registration: asyncio.Future[None] | None = None
@@ -306,8 +309,15 @@ class Node:
 
     # -- trust and peers --------------------------------------------------------------------
 
-    def trust(self, node_id: str) -> None:
+    def trust(self, node_id: str, hostname: str | None = None) -> None:
+        """Accept tunnels with ``node_id``. With ``hostname``, that name is pinned to the key
+        (as ``pilotctl trust add NAME`` does): ``connect(hostname)`` then goes straight to the
+        key, without asking the beacon first, and never follows the name to another key."""
         key = key_from_node_id(node_id)
+        if hostname:
+            name = hostname.strip().lower()
+            self._pins[name] = key
+            self._hostnames[key] = name
         self._trusted.add(key)
         if self._mux is not None:
             self._mux.trust(key)
@@ -321,6 +331,7 @@ class Node:
         """Stop trusting the peer and tear down its tunnel."""
         key = key_from_node_id(node_id)
         self._trusted.discard(key)
+        self._pins = {name: pinned for name, pinned in self._pins.items() if pinned != key}
         if self._mux is not None and self._endpoint is not None:
             self._mux.untrust(key, self._endpoint.now())
             self._endpoint.wake()
@@ -370,10 +381,13 @@ class Node:
             self._requests.pop(request_id, None)
 
     async def _peer_key(self, name_or_id: str) -> bytes:
-        """The key for a node id, or a hostname resolved through the beacon."""
+        """The key for a node id, a pinned name, or a hostname resolved through the beacon."""
         text = name_or_id.strip().lower()
         if looks_like_node_id(text):
             return key_from_node_id(text)
+        pinned = self._pins.get(text)
+        if pinned is not None:
+            return pinned
         if self._endpoint is None or self._endpoint.beacon is None:
             raise ConfigError(
                 f"{name_or_id!r} is not a node id, and without a beacon names can't be resolved"
@@ -462,16 +476,18 @@ class Node:
     async def ping(self, peer: str, timeout: float = 5.0) -> PingResult:
         """One round trip through the tunnel (opened if needed). If the tunnel turns out to
         be to a peer that restarted, the ping goes again on the one that replaced it."""
-        key = await self._peer_key(peer)
         endpoint = self._running()
         deadline = endpoint.now() + timeout
+        session = await self._session_to(peer, timeout)
+        key = session.peer
         while True:
-            session = await self._established_session(key, max(deadline - endpoint.now(), 0.0))
             try:
                 rtt = await self._ping_once(session, key, deadline - endpoint.now(), timeout)
             except ConnectionClosedError:
                 if session.close_code != CloseCode.PEER_RESTARTED or endpoint.now() >= deadline:
                     raise
+                session = await self._established_session(
+                    key, max(deadline - endpoint.now(), 0.0))
                 continue
             return PingResult(rtt, session.paths.kind)
 
@@ -531,8 +547,9 @@ class Node:
         await self._driver.wait_until(lambda: session.established or session.closed, timeout)
 
     def _route(self, session: Session, key: bytes) -> None:
-        """A first path for a new tunnel: a configured address, else the beacon's relay at once
-        (with an introduction so both sides start punching)."""
+        """A first path for a new tunnel: a configured address, else the beacon's relay at once.
+        Moving to the relay is a PathChanged, whose handler asks for the introduction (both
+        sides start punching); it leaves in the same flush as the initiation."""
         endpoint = self._running()
         address = self._peer_addresses.get(key)
         if address is not None:
@@ -543,11 +560,39 @@ class Node:
                 f"no known address for {node_id_from_key(key)}: add_peer() it, or use a beacon"
             )
         session.address = RelayPath(key)
-        endpoint.beacon.introduce(key, endpoint.now())
+
+    async def _session_to(self, peer: str, timeout: float) -> Session:
+        """The established tunnel to ``peer``. A pinned name leads straight to its key: the
+        initiation leaves with the introduction, no lookup first (docs/protocol.md, connection
+        set-up). Only when that key does not answer is the beacon asked where the name went."""
+        key = await self._peer_key(peer)
+        try:
+            return await self._established_session(key, timeout)
+        except PeerUnreachableError:
+            name = peer.strip().lower()
+            if self._pins.get(name) == key:
+                await self._refuse_moved_name(name, key, timeout)
+            raise
+
+    async def _refuse_moved_name(self, name: str, pinned: bytes, timeout: float) -> None:
+        """KeyMismatchError if the beacon now gives ``name`` to a key other than the pinned
+        one: say so, rather than "unreachable", and never connect to the new key."""
+        try:
+            info = await self.resolve(name, min(timeout, PIN_CHECK_TIMEOUT))
+        except PilotError:
+            return  # the beacon can't tell either: the unreachable error stands
+        old = node_id_from_key(pinned)
+        if info.node_id != old:
+            raise KeyMismatchError(
+                f"{name} did not answer at key {old}, the key you trusted it as, and the beacon "
+                f"now gives the name to key {info.node_id}; refusing the new key. If {name} "
+                f"really has a new key, run 'pilotctl trust remove {name}' and then "
+                f"'pilotctl trust add {name}'"
+            ) from None
 
     async def _open_stream(self, peer: str, port: int, timeout: float) -> StreamHandle:
-        key = await self._peer_key(peer)
-        session = await self._established_session(key, timeout)
+        session = await self._session_to(peer, timeout)
+        key = session.peer
         local_port = self._ephemeral_port(key)
         stream_id = session.open_stream(local_port, port)
         handle = StreamHandle(self._driver, session, stream_id, local_port, port)
@@ -607,7 +652,7 @@ class Node:
         elif isinstance(event, bc.Introduction):
             self._on_introduction(event)
         elif isinstance(event, bc.IntroductionFailed):
-            log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
+            self._on_introduction_failed(event)
         elif (
             isinstance(event, bc.Relayed)
             and event.packet[:1] == bytes([CONTROL_VIA_RELAY])
@@ -640,6 +685,24 @@ class Node:
         if session.address is None:
             session.address = RelayPath(event.peer_key)
         session.add_candidates([(str(h), int(p)) for h, p in event.candidates], now)
+        endpoint.wake()
+
+    def _on_introduction_failed(self, event: bc.IntroductionFailed) -> None:
+        """The beacon signed that the peer is not registered: a new tunnel waiting for its
+        first answer through the relay would only wait out its timeout. It fails now, and a
+        pinned name then learns at once whether it moved (_session_to)."""
+        log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
+        mux, endpoint = self._mux, self._endpoint
+        if mux is None or endpoint is None or event.code not in (Status.OFFLINE, Status.UNKNOWN):
+            return
+        session = mux.get_session(event.peer_key)
+        if session is None or session.established or not isinstance(session.address, RelayPath):
+            return
+        name = self._hostnames.get(event.peer_key) or node_id_from_key(event.peer_key)
+        session.close(
+            CloseCode.PEER_UNREACHABLE, f"{name} is not at the beacon ({event.reason})",
+            endpoint.now(),
+        )
         endpoint.wake()
 
     # -- internals: tunnel events -------------------------------------------------------------

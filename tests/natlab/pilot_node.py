@@ -18,7 +18,7 @@ the test process compare directly):
 Commands on stdin (each may carry ``"id"``; each runs as its own task, so a long ``drain`` does
 not block a ``status``; every wait has a timeout, ``"timeout"`` in seconds, default 30):
 
-- ``trust {node_id}``
+- ``trust {node_id, hostname?}``: with ``hostname``, the name is pinned (as ``trust add NAME``)
 - ``listen {port, reply?, reply_seed?}``: unless ``reply`` is false, answer every message with
   as many pseudo-random bytes (``payload_for(size, reply_seed)``), reported as
   ``{"event": "replied", "size", "sha256"}``
@@ -199,7 +199,7 @@ class Runner:
     # -- commands
 
     async def cmd_trust(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        self.node.trust(cmd["node_id"])
+        self.node.trust(cmd["node_id"], cmd.get("hostname"))
         return {}
 
     async def cmd_listen(self, cmd: dict[str, Any]) -> dict[str, Any]:
