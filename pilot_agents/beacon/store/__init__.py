@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import ConfigError
+from ...errors import ConfigError, StoreUnavailableError
 from .base import Claim, Found, NameLimits, Registration, Store, run_now
 from .sqlite import DB_FILE, SqliteStore
 
@@ -45,9 +45,9 @@ async def open_store(spec: str | None, data_dir: Path, *, timeout: float = 2.0) 
         store = RedisStore(spec, timeout=timeout)
         try:
             await store.check()
-        except BaseException:
+        except StoreUnavailableError as exc:
             await store.aclose()
-            raise
+            raise StoreUnavailableError(f"the store does not answer: {exc}") from None
         return store
     raise ConfigError(
         f"--store {spec}: expected sqlite:PATH or redis://HOST:PORT/DB (default: sqlite in "
