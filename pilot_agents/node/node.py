@@ -131,6 +131,9 @@ class Node:
         self._local_ports: dict[bytes, set[int]] = {}  # per peer, taken by our connections
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
         self._hostnames: dict[bytes, str] = {}
+        # Peers our beacon can't introduce or relay to (registered at another beacon of its
+        # fleet), with its reason: a connection to them fails at once, saying so.
+        self._elsewhere: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
         self._driver = Driver()
         self._requests: dict[int, asyncio.Future[bc.BeaconEvent]] = {}
@@ -484,19 +487,25 @@ class Node:
             name = self._hostnames.get(key) or node_id_from_key(key)
             raise NotTrustedError(f"{name} is not trusted: run 'pilotctl trust add {name}'")
         session = mux.session(key, endpoint.now())
+        self._elsewhere.pop(key, None)
         if session.address is None:
             self._route(session, key)
         session.connect(endpoint.now())
         endpoint.wake()
         try:
             await self._driver.wait_until(
-                lambda: session.established or session.closed, timeout
+                lambda: session.established or session.closed or key in self._elsewhere, timeout
             )
         except PilotTimeoutError:
             raise PeerUnreachableError(
                 f"no answer from {self._hostnames.get(key) or node_id_from_key(key)} within "
                 f"{timeout} s: it is down, unreachable, or does not trust us"
             ) from None
+        if not session.established and key in self._elsewhere:
+            raise PeerUnreachableError(
+                f"cannot reach {self._hostnames.get(key) or node_id_from_key(key)}: "
+                f"{self._elsewhere.pop(key)}"
+            )
         if session.closed:
             raise PeerUnreachableError(
                 f"tunnel to {node_id_from_key(key)} failed: {session.close_reason}"
@@ -579,6 +588,8 @@ class Node:
             self._on_introduction(event)
         elif isinstance(event, bc.IntroductionFailed):
             log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
+            if event.code == Status.ELSEWHERE:
+                self._elsewhere[event.peer_key] = event.reason
         elif (
             isinstance(event, bc.Relayed)
             and event.packet[:1] == bytes([CONTROL_VIA_RELAY])
