@@ -23,6 +23,7 @@ from pilot_agents.beacon.store import (
 )
 from pilot_agents.beacon.store.redis import RedisStore
 from pilot_agents.errors import ConfigError, StoreUnavailableError
+from pilot_agents.identity import node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import NatType, Status
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
@@ -255,11 +256,22 @@ def test_a_registration_waits_for_the_store(deferred_net: Callable[..., Net]) ->
     assert finish_store_calls(net) >= 1  # its registration, published
     bob = net.add("bob")
     finish_store_calls(net)
-    request = bob.client.resolve("alice", net.now)
-    net.run()
-    assert not [e for e in bob.of(bc.Resolved) if e.request_id == request]
-    finish_store_calls(net)
-    assert last(bob, bc.Resolved).node_key == alice.key
+    # A node registered here under a name is resolved from memory, by name or key...
+    for name in ("alice", node_id_from_key(alice.key)):
+        request = bob.client.resolve(name, net.now)
+        net.run()
+        assert last(bob, bc.Resolved).request_id == request
+    calls = net.server.store_calls()
+    assert [c.coroutine.__qualname__ for c in calls] == ["SqliteStore.publish"] * len(calls)
+    for call in calls:
+        call.coroutine.close()
+    # ... any other name or key from the store, when it answers.
+    for name in ("carol", node_id_from_key(b"k" * 32)):
+        request = bob.client.resolve(name, net.now)
+        net.run()
+        assert not [e for e in bob.of(bc.ResolveFailed) if e.request_id == request]
+        assert finish_store_calls(net) == 1
+        assert last(bob, bc.ResolveFailed).request_id == request
 
 
 def test_a_failing_store_refuses_clearly_and_warns_once(
@@ -275,7 +287,7 @@ def test_a_failing_store_refuses_clearly_and_warns_once(
     bob = net.add(None)  # no name: no claim, registered at once
     assert bob.client.registered
     failures += finish_store_calls(net, fail=True)  # its publications fail quietly
-    request = bob.client.resolve("alice", net.now)
+    request = bob.client.resolve("alice", net.now)  # not registered here: the store is asked
     net.run()
     failures += finish_store_calls(net, fail=True)
     failed_resolve = last(bob, bc.ResolveFailed)

@@ -290,6 +290,7 @@ class BeaconServer:
         self._next_sweep = now + self.config.sweep_interval
         self._nodes: dict[bytes, _Node] = {}
         self._by_address: dict[Address, bytes] = {}
+        self._by_name: dict[str, bytes] = {}  # hostname -> key, of the nodes in _nodes
         self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
         self._limits: dict[bytes, _Limits] = {}
         c = self.config
@@ -564,6 +565,11 @@ class BeaconServer:
         del self._nodes[node.key]
         if self._by_address.get(node.address) == node.key:
             del self._by_address[node.address]
+        self._forget_name(node)
+
+    def _forget_name(self, node: _Node) -> None:
+        if node.hostname is not None and self._by_name.get(node.hostname) == node.key:
+            del self._by_name[node.hostname]
 
     def _on_stun(
         self, data: bytes, address: Address, out: list[tuple[bytes, Address]], now: float
@@ -712,6 +718,10 @@ class BeaconServer:
             name_touched,
         )
         self._by_address[address] = key
+        if previous is not None and previous.hostname != message.hostname:
+            self._forget_name(previous)
+        if message.hostname is not None:
+            self._by_name[message.hostname] = key
         self._out.append((reply, address))
         registration = Registration(
             key, message.hostname, self._nodes[key].candidates, message.nat_type, self.home
@@ -768,10 +778,21 @@ class BeaconServer:
         def unavailable(at: float) -> None:
             self._resolved(Found(None, None, None), message, asker, address, at, Status.UNAVAILABLE)
 
+        # A node registered here under a name answers from memory; the rest asks the store.
         if message.node_key is not None:
-            self._call_store(self.registry.find_key(message.node_key), answer, unavailable, now)
+            target = self._live(message.node_key, now)
+            if target is not None and target.hostname is not None:
+                answer(Found(target.key, target.hostname, None), now)
+            else:
+                self._call_store(self.registry.find_key(message.node_key), answer, unavailable, now)
         elif message.hostname is not None and bw.valid_hostname(message.hostname):
-            self._call_store(self.registry.find_name(message.hostname), answer, unavailable, now)
+            key = self._by_name.get(message.hostname)
+            if key is not None and self._live(key, now) is not None:
+                answer(Found(key, message.hostname, None), now)
+            else:
+                self._call_store(
+                    self.registry.find_name(message.hostname), answer, unavailable, now
+                )
         else:
             answer(Found(None, message.hostname, None), now)
 
