@@ -153,6 +153,9 @@ class BeaconService:
             self.server.store_failed(
                 call.call_id, f"no answer within {timeout} s", self._loop.time()
             )
+        except Exception:  # a bug; the request waiting for the call still gets an answer
+            log.exception("store call failed")
+            self.server.store_failed(call.call_id, "internal error, logged", self._loop.time())
         else:
             self.server.store_done(call.call_id, result, self._loop.time())
         self._flush()
