@@ -319,3 +319,24 @@ def test_store_calls_are_bounded(deferred_net: Callable[..., Net]) -> None:
     assert last(third, bc.RegistrationFailed).code == Status.UNAVAILABLE
     finish_store_calls(net)
     assert first.client.registered and second.client.registered
+
+
+async def test_a_malformed_registration_in_redis_is_an_error_not_an_answer(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    store = await open_store(redis_server.url(), tmp_path)
+    raw = aioredis.Redis.from_url(redis_server.url())
+    try:
+        for value in (
+            "not json",
+            '{"hostname": null, "candidates": [["evil.example", 1]], "nat": 2, "home": "x"}',
+            '{"hostname": "-bad-", "candidates": [], "nat": 2, "home": "x"}',
+        ):
+            await raw.set(f"pilot:reg:{A.hex()}", value)
+            with pytest.raises(StoreUnavailableError, match="malformed registration"):
+                await store.find_key(A)
+    finally:
+        await raw.aclose()
+        await store.aclose()

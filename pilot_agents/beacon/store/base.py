@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ...errors import StoreUnavailableError
-from ...net.traversal.beacon_wire import Address, NatType, Status
+from ...net.traversal.beacon_wire import (
+    MAX_CANDIDATES,
+    Address,
+    NatType,
+    Status,
+    encode_address,
+    valid_hostname,
+)
 
 T = TypeVar("T")
 
@@ -67,16 +74,19 @@ class Registration:
 
     @classmethod
     def from_json(cls, key: bytes, text: str | bytes) -> Registration:
-        """Raises StoreUnavailableError for what no beacon of ours wrote."""
+        """Raises StoreUnavailableError for what no beacon of ours wrote (the beacon signs what
+        it answers from this, so it must be what a REGISTER could have said)."""
         try:
             fields = json.loads(text)
-            return cls(
-                key,
-                fields["hostname"],
-                tuple((str(host), int(port)) for host, port in fields["candidates"]),
-                NatType(fields["nat"]),
-                str(fields["home"]),
-            )
+            candidates = tuple((str(host), int(port)) for host, port in fields["candidates"])
+            if len(candidates) > MAX_CANDIDATES:
+                raise ValueError(f"{len(candidates)} candidates")
+            for candidate in candidates:
+                encode_address(candidate)  # an IP and a port, or ValueError
+            hostname = fields["hostname"]
+            if hostname is not None and not valid_hostname(hostname):
+                raise ValueError(f"hostname {hostname!r}")
+            return cls(key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreUnavailableError(
                 f"the store holds a malformed registration for {key.hex()}: {exc}"
