@@ -26,6 +26,7 @@ from .base import Claim, Found, NameLimits, Registration
 
 PREFIX = "pilot:"
 EXPIRE_BATCH = 1_000  # names deleted per sweep at most: one script never holds Redis long
+MAX_CONNECTIONS = 32  # to Redis, per beacon
 
 # Shared by the scripts: drop a name and its entries in the indexes.
 _RELEASE = """
@@ -112,11 +113,18 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout: float = 2.0, prefix: str = PREFIX) -> None:
         try:
-            self._redis: aioredis.Redis = aioredis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            # Calls beyond the pool's connections wait for one (within the caller's timeout)
+            # rather than each opening its own.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
             )
         except ValueError as exc:
             raise ConfigError(f"--store {self._hide_password(url)}: {exc}") from None
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._url = self._hide_password(url)
         self._prefix = prefix
         self._claim = self._redis.register_script(_CLAIM)
