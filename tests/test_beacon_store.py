@@ -340,3 +340,20 @@ async def test_a_malformed_registration_in_redis_is_an_error_not_an_answer(
     finally:
         await raw.aclose()
         await store.aclose()
+
+
+async def test_concurrent_publications_all_land_or_all_fail(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    store = await open_store(redis_server.url(), tmp_path)
+    keys = [bytes([i]) * 32 for i in range(1, 201)]
+    await asyncio.gather(*(store.publish(registration(key, None), 30) for key in keys))
+    found = await asyncio.gather(*(store.find_key(key) for key in keys))
+    assert [f.registration for f in found] == [registration(key, None) for key in keys]
+    redis_server.stop()
+    results = await asyncio.gather(
+        *(asyncio.wait_for(store.publish(registration(k), 30), 5) for k in keys),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results[:3]
+    await store.aclose()

@@ -14,6 +14,7 @@ the caller bounds how long it waits.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -125,6 +126,10 @@ class RedisStore:
         except ValueError as exc:
             raise ConfigError(f"--store {self._hide_password(url)}: {exc}") from None
         self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        # The publications of one event-loop turn, sent together by one task.
+        self._publications: list[tuple[str, str, int]] | None = None
+        self._published: asyncio.Future[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
         self._url = self._hide_password(url)
         self._prefix = prefix
         self._claim = self._redis.register_script(_CLAIM)
@@ -177,8 +182,40 @@ class RedisStore:
         return Found(key, _text(name) or None, self._registration(key, registration))
 
     async def publish(self, registration: Registration, ttl: float) -> None:
+        """Every node's refresh publishes: those of one event-loop turn (a datagram batch) go
+        to Redis in one pipeline, one round trip."""
         key = f"{self._prefix}reg:{registration.key.hex()}"
-        await self._run(self._redis.set(key, registration.to_json(), px=max(1, int(ttl * 1000))))
+        entry = (key, registration.to_json(), max(1, int(ttl * 1000)))
+        if self._publications is None or self._published is None:
+            self._publications = []
+            self._published = asyncio.get_running_loop().create_future()
+            sender = asyncio.create_task(self._send_publications())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        self._publications.append(entry)
+        # Shielded: a caller that stops waiting must not cancel the others' publication.
+        await asyncio.shield(self._published)
+
+    async def _send_publications(self) -> None:
+        entries, done = self._publications, self._published
+        self._publications = self._published = None
+        assert entries is not None and done is not None
+        pipeline = self._redis.pipeline(transaction=False)
+        for key, value, ttl_ms in entries:
+            pipeline.set(key, value, px=ttl_ms)
+        try:
+            await self._run(pipeline.execute())
+            done.set_result(None)
+        except StoreUnavailableError as exc:
+            self._fail(done, exc)
+        except asyncio.CancelledError:
+            self._fail(done, StoreUnavailableError(f"{self._url}: the store was closed"))
+            raise
+
+    @staticmethod
+    def _fail(done: asyncio.Future[None], error: StoreUnavailableError) -> None:
+        done.set_exception(error)
+        done.exception()  # retrieved: callers that gave up waiting leave nobody to read it
 
     async def expire_names(self, unused_since_ns: int) -> int:
         args: list[str | int] = [self._prefix, unused_since_ns, EXPIRE_BATCH]
@@ -188,6 +225,8 @@ class RedisStore:
         return int(await self._run(self._redis.zcard(f"{self._prefix}names")))
 
     async def aclose(self) -> None:
+        for sender in self._senders:
+            sender.cancel()
         await self._redis.aclose()
 
     @staticmethod
