@@ -103,7 +103,8 @@ class Found:
 
 
 class Store(Protocol):
-    """Names and live registrations; every method but ``synchronous`` may be awaited."""
+    """Names and live registrations. The ``async`` methods raise StoreUnavailableError when
+    the store fails; the caller bounds how long it waits."""
 
     @property
     def synchronous(self) -> bool:
