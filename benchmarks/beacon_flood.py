@@ -175,10 +175,10 @@ def summary(label: str, samples: list[float | None]) -> str:
     )
 
 
-def start_beacon(data_dir: str) -> tuple[subprocess.Popen[str], Address, bytes]:
-    """A beacon process, its address and key."""
+def start_beacon(data_dir: str, *options: str) -> tuple[subprocess.Popen[str], Address, bytes]:
+    """A beacon process (with more command-line ``options``), its address and key."""
     command = [sys.executable, "-m", "pilot_agents.beacon.service", "--listen", "127.0.0.1:0"]
-    command += ["--data-dir", data_dir, "--alt-port", "off", "--log-level", "WARNING"]
+    command += ["--data-dir", data_dir, "--alt-port", "off", "--log-level", "WARNING", *options]
     beacon_proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert beacon_proc.stdout is not None
     match = READY.search(beacon_proc.stdout.readline())

@@ -70,6 +70,10 @@ class UnknownHostError(BeaconError):
     """The beacon knows no node by that name (or it is offline)."""
 
 
+class StoreUnavailableError(BeaconError):
+    """The beacon's shared registry (Redis) did not answer, or answered with an error."""
+
+
 class TooManyConnectionsError(PilotError):
     """Every local port for connections to one peer is taken by an open connection."""
 

@@ -3,8 +3,9 @@
 #   scripts/install.sh        runtime: libsodium, Python venv, the package, and what the example
 #                             pipeline needs (examples/pipeline/requirements.txt, and the
 #                             third-party MCP servers in venvs of their own: .mcp-servers/)
-#   scripts/install.sh --dev  plus test tools: pytest and friends, and the NAT lab's
-#                             iproute2, iptables, conntrack, tcpdump (the lab needs root)
+#   scripts/install.sh --dev  plus test tools: pytest and friends, the NAT lab's
+#                             iproute2, iptables, conntrack, tcpdump (the lab needs root), and
+#                             redis-server (the beacon fleet's tests start their own)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,7 @@ dev=0
 
 source scripts/debian-packages.sh
 packages=(python3 python3-venv python3-dev gcc libsodium23)  # gcc: see setup.py
-[ $dev -eq 1 ] && packages+=(iproute2 iptables conntrack tcpdump)
+[ $dev -eq 1 ] && packages+=(iproute2 iptables conntrack tcpdump redis-server)
 
 install_missing_debian_packages "${packages[@]}"
 

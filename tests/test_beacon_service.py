@@ -136,7 +136,7 @@ def make_client(
 
 
 class BeaconProcess:
-    def __init__(self, data_dir: Path, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, data_dir: Path, listen: str = "127.0.0.1:0", *options: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -148,6 +148,7 @@ class BeaconProcess:
                 str(data_dir),
                 "--stats",
                 "3600",
+                *options,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -63,7 +63,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -74,12 +74,14 @@ from ..net.traversal import stun
 from ..net.traversal.beacon_wire import Address, NatType, Status
 from ..net.tunnel import crypto, wire
 from ..net.tunnel.ratelimit import TokenBucket
-from .store import Registry
+from .store import Claim, Found, NameLimits, Registration, Store, run_now
 
 log = logging.getLogger("pilot_agents.beacon")
 
 ZERO_KEY = bytes(bw.KEY_SIZE)
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+STORE_WARNING_INTERVAL = 10.0  # seconds between operator warnings that the store is failing
 
 
 @dataclass
@@ -129,6 +131,9 @@ class BeaconConfig:
     max_relay_pairs: int = 100_000  # pairs tracked; a new one beyond evicts the oldest
     max_block_duration: float = 3_600.0  # seconds; longer BLOCK_RELAYs are cut to this
     max_blocks_per_node: int = 1_024  # keys one node may have blocked; the soonest to end goes
+    # Calls to a store that is not synchronous (Redis), waiting or running; more are refused:
+    max_store_calls: int = 10_000
+    store_timeout: float = 1.0  # seconds a store call may take before it counts as failed
 
     def __post_init__(self) -> None:
         if self.name_touch_interval >= self.name_expiry:
@@ -231,6 +236,27 @@ class BeaconStats:
     refusals: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreCall:
+    """A call for the driver to await on the store (one that is not synchronous); its result
+    goes to :meth:`BeaconServer.store_done`, its failure to :meth:`BeaconServer.store_failed`."""
+
+    call_id: int
+    coroutine: Coroutine[Any, Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """What to do when a store call ends."""
+
+    done: Callable[[Any, float], None]
+    failed: Callable[[float], None]
+
+
+def _nothing(*_: object) -> None:
+    pass
+
+
 def reported_address(address: Address) -> Address:
     """An address as a node should see it: no scope id, IPv4-mapped IPv6 as plain IPv4."""
     host, port = address[0], address[1]
@@ -249,23 +275,33 @@ class BeaconServer:
         self,
         secret_key: bytes,
         public_key: bytes,
-        registry: Registry,
+        registry: Store,
         config: BeaconConfig | None = None,
         *,
         now: float = 0.0,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        home: str = "",
     ) -> None:
-        """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start."""
+        """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start;
+        ``home``: this beacon's name among the beacons sharing ``registry``."""
         self.secret_key = secret_key
         self.public_key = public_key
         self.registry = registry
+        self.home = home
         self.config = config or BeaconConfig()
+        self._name_limits = NameLimits(self.config.max_names_per_key, self.config.max_names_per_ip)
+        self._store_calls: list[StoreCall] = []
+        self._waiting: dict[int, _Waiting] = {}
+        self._next_call_id = 0
+        self._store_warned = -math.inf
+        self._name_count = 0  # as the last sweep counted them (a store that is not synchronous)
         self.stats = BeaconStats()
         self._wall_clock_ns = wall_clock_ns
         self._started = now
         self._next_sweep = now + self.config.sweep_interval
         self._nodes: dict[bytes, _Node] = {}
         self._by_address: dict[Address, bytes] = {}
+        self._by_name: dict[str, bytes] = {}  # hostname -> key, of the nodes in _nodes
         self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
         self._limits: dict[bytes, _Limits] = {}
         c = self.config
@@ -348,6 +384,58 @@ class BeaconServer:
     def get_timer(self) -> float:
         return self._next_sweep
 
+    # -- the store -----------------------------------------------------------------------------
+    # A synchronous store (SQLite) is called on the spot. Any other store's calls wait here,
+    # at most max_store_calls of them, for the driver to await them and report how they ended.
+    # Nothing waits for them but the request that needs the answer: relay, STUN and refreshes
+    # under a name already recorded go on while the store is slow or down.
+
+    def store_calls(self) -> list[StoreCall]:
+        calls, self._store_calls = self._store_calls, []
+        return calls
+
+    def store_done(self, call_id: int, result: Any, now: float) -> None:
+        waiting = self._waiting.pop(call_id, None)
+        if waiting is not None:
+            waiting.done(result, now)
+
+    def store_failed(self, call_id: int, reason: str, now: float) -> None:
+        """The call raised StoreUnavailableError, or the driver gave up waiting for it."""
+        waiting = self._waiting.pop(call_id, None)
+        if waiting is not None:
+            self._store_unavailable(reason, now)
+            waiting.failed(now)
+
+    def _call_store(
+        self,
+        call: Coroutine[Any, Any, T],
+        done: Callable[[T, float], None],
+        failed: Callable[[float], None],
+        now: float,
+    ) -> None:
+        if self.registry.synchronous:
+            done(run_now(call), now)
+            return
+        if len(self._waiting) >= self.config.max_store_calls:
+            call.close()
+            self._store_unavailable(f"{len(self._waiting)} calls waiting", now)
+            failed(now)
+            return
+        self._next_call_id += 1
+        self._waiting[self._next_call_id] = _Waiting(done, failed)
+        self._store_calls.append(StoreCall(self._next_call_id, call))
+
+    def _store_unavailable(self, reason: str, now: float) -> None:
+        self._refuse("store_unavailable")
+        if now >= self._store_warned + STORE_WARNING_INTERVAL:
+            self._store_warned = now
+            log.warning(
+                "store %s unavailable (%s): refusing new names and lookups of other beacons' "
+                "nodes until it answers",
+                self.registry.describe(),
+                reason,
+            )
+
     def handle_timer(self, now: float) -> None:
         if now < self._next_sweep:
             return
@@ -379,9 +467,19 @@ class BeaconServer:
                     del blocks[sender]
             if not blocks:
                 del self._blocks[receiver]
-        expired = self.registry.expire(self._wall_clock_ns() - int(self.config.name_expiry * 1e9))
+        unused_since = self._wall_clock_ns() - int(self.config.name_expiry * 1e9)
+        self._call_store(
+            self.registry.expire_names(unused_since), self._names_expired, _nothing, now
+        )
+
+    def _names_expired(self, expired: int, now: float) -> None:
         if expired:
             log.info("%d names expired unused", expired)
+        if not self.registry.synchronous:
+            self._call_store(self.registry.name_count(), self._names_counted, _nothing, now)
+
+    def _names_counted(self, count: int, now: float) -> None:
+        self._name_count = count
 
     # -- status --------------------------------------------------------------------------------
 
@@ -394,7 +492,11 @@ class BeaconServer:
             "beacon_key": node_id_from_key(self.public_key),
             "uptime_s": round(now - self._started, 3),
             "registered_nodes": self.live_nodes(now),
-            "names": self.registry.count(),
+            "names": (
+                run_now(self.registry.name_count())
+                if self.registry.synchronous
+                else self._name_count
+            ),
             "registrations": stats.registrations,
             "refreshes": stats.refreshes,
             "resolves": stats.resolves,
@@ -479,6 +581,11 @@ class BeaconServer:
         del self._nodes[node.key]
         if self._by_address.get(node.address) == node.key:
             del self._by_address[node.address]
+        self._forget_name(node)
+
+    def _forget_name(self, node: _Node) -> None:
+        if node.hostname is not None and self._by_name.get(node.hostname) == node.key:
+            del self._by_name[node.hostname]
 
     def _on_stun(
         self, data: bytes, address: Address, out: list[tuple[bytes, Address]], now: float
@@ -549,32 +656,35 @@ class BeaconServer:
                 # A refresh under the same name needs no trip to the store.
                 touched = previous.name_touched
             else:
-                status = self._claim(name, key, address, wall)
-                if status is not Status.OK:
-                    self._answer_register(message, address, status)
-                    return
+                # Take the name for the key (or record that the key still uses it).
+                self._call_store(
+                    self.registry.claim_name(
+                        name, key, wall, reported_address(address)[0], self._name_limits
+                    ),
+                    lambda claim, at: self._claimed(claim, message, address, at),
+                    lambda at: self._answer_register(message, address, Status.UNAVAILABLE),
+                    now,
+                )
+                return
         self._accept(message, address, now, touched)
 
-    def _claim(self, name: str, key: bytes, address: Address, wall: int) -> Status:
-        """Take ``name`` for ``key`` (or note that ``key`` still uses it)."""
-        registry = self.registry
-        owner = registry.owner(name)
-        if owner == key:
-            registry.touch(name, wall)
-            return Status.OK
-        if owner is not None:
-            log.info("refused %s to %s: owned by %s", name, _short(key), _short(owner))
-            return Status.NAME_TAKEN
-        ip = reported_address(address)[0]
-        if registry.claimed_from(ip) >= self.config.max_names_per_ip:
-            log.info("refused %s to %s: %s holds too many names", name, _short(key), ip)
-            return Status.NAME_LIMIT
-        held = registry.names_of(key)
-        for old in held[: max(0, len(held) - self.config.max_names_per_key + 1)]:
+    def _claimed(self, claim: Claim, message: bw.Register, address: Address, now: float) -> None:
+        key, name = message.node_key, message.hostname
+        for old in claim.released:
             log.info("%s gives up %s for %s", _short(key), old, name)
-            registry.release(old)
-        owner = registry.claim(name, key, wall, ip)
-        return Status.OK if owner == key else Status.NAME_TAKEN
+        if claim.status is Status.OK:
+            last = self._last_timestamp.get(key)
+            if last is None or message.timestamp_ns > last:
+                self._accept(message, address, now, now)
+            # Else a newer REGISTER (or this one's duplicate) was accepted while the store
+            # answered: that one's reply went out.
+            return
+        if claim.owner is not None:
+            log.info("refused %s to %s: owned by %s", name, _short(key), _short(claim.owner))
+        else:
+            ip = reported_address(address)[0]
+            log.info("refused %s to %s: %s holds too many names", name, _short(key), ip)
+        self._answer_register(message, address, claim.status)
 
     def _answer_register(self, message: bw.Register, address: Address, status: Status) -> None:
         self._refuse(status.name.lower())
@@ -630,7 +740,20 @@ class BeaconServer:
             if previous.address == address:
                 node.reflexive_wire = previous.reflexive_wire
         self._by_address[address] = key
+        if previous is not None and previous.hostname != message.hostname:
+            self._forget_name(previous)
+        if message.hostname is not None:
+            self._by_name[message.hostname] = key
         self._out.append((reply, address))
+        registration = Registration(
+            key, message.hostname, self._nodes[key].candidates, message.nat_type, self.home
+        )
+        self._call_store(
+            self.registry.publish(registration, self.config.registration_ttl),
+            _nothing,
+            _nothing,
+            now,
+        )
         label = message.hostname or "(no name)"
         if previous is None or previous.expires <= now:
             self.stats.registrations += 1
@@ -707,20 +830,48 @@ class BeaconServer:
         if requester is None:
             return
         self.stats.resolves += 1
+        asker = requester.key
+
+        def answer(found: Found, at: float) -> None:
+            self._resolved(found, message, asker, address, at)
+
+        def unavailable(at: float) -> None:
+            self._resolved(Found(None, None, None), message, asker, address, at, Status.UNAVAILABLE)
+
+        # A node registered here under a name answers from memory; the rest asks the store.
         if message.node_key is not None:
-            key: bytes | None = message.node_key
-            names = self.registry.names_of(message.node_key)
-            hostname = names[0] if names else None
+            target = self._live(message.node_key, now)
+            if target is not None and target.hostname is not None:
+                answer(Found(target.key, target.hostname, None), now)
+            else:
+                self._call_store(self.registry.find_key(message.node_key), answer, unavailable, now)
+        elif message.hostname is not None and bw.valid_hostname(message.hostname):
+            key = self._by_name.get(message.hostname)
+            if key is not None and self._live(key, now) is not None:
+                answer(Found(key, message.hostname, None), now)
+            else:
+                self._call_store(
+                    self.registry.find_name(message.hostname), answer, unavailable, now
+                )
         else:
-            hostname = message.hostname
-            assert hostname is not None
-            key = self.registry.owner(hostname) if bw.valid_hostname(hostname) else None
-        target = self._live(key, now) if key is not None else None
+            answer(Found(None, message.hostname, None), now)
+
+    def _resolved(
+        self,
+        found: Found,
+        message: bw.Resolve,
+        asker: bytes,
+        address: Address,
+        now: float,
+        failure: Status | None = None,
+    ) -> None:
+        key, hostname = found.key, found.hostname
+        target: _Node | Registration | None = self._live(key, now) if key is not None else None
+        target = target or self._elsewhere(found)
         if target is not None:
-            status = Status.OK
             answer = bw.encode_resolved(
                 self.secret_key,
-                requester.key,
+                asker,
                 Status.OK,
                 message.request_id,
                 target.key,
@@ -730,10 +881,12 @@ class BeaconServer:
             )
         else:
             # Offline: the name (or key's name) is owned, its node is away. Unknown otherwise.
-            status = Status.OFFLINE if hostname is not None and key is not None else Status.UNKNOWN
+            known = hostname is not None and key is not None
+            status = failure or (Status.OFFLINE if known else Status.UNKNOWN)
+            self._refuse(f"resolve_{status.name.lower()}")
             answer = bw.encode_resolved(
                 self.secret_key,
-                requester.key,
+                asker,
                 status,
                 message.request_id,
                 key or ZERO_KEY,
@@ -741,9 +894,13 @@ class BeaconServer:
                 hostname if status == Status.OFFLINE else message.hostname,
                 (),
             )
-        if status != Status.OK:
-            self._refuse(f"resolve_{status.name.lower()}")
         self._out.append((answer, address))
+
+    def _elsewhere(self, found: Found) -> Registration | None:
+        """The live registration ``found`` carries, if another beacon holds it (ours are in
+        ``_nodes``, fresher than the store's copy)."""
+        registration = found.registration
+        return registration if registration is not None and registration.home != self.home else None
 
     # -- INTRODUCE -----------------------------------------------------------------------------
 
@@ -754,24 +911,37 @@ class BeaconServer:
         wall = self._wall_clock_ns()
         target = self._live(message.peer_key, now)
         if target is None or target.key == requester.key:
-            known = message.peer_key in self._nodes or self.registry.names_of(message.peer_key)
-            status = Status.OFFLINE if known else Status.UNKNOWN
-            self._refuse(f"introduce_{status.name.lower()}")
-            self._out.append(
-                (
-                    bw.encode_introduction(
-                        self.secret_key,
-                        requester.key,
-                        status,
-                        message.request_id,
-                        wall,
-                        message.peer_key,
-                        NatType.UNKNOWN,
-                        (),
-                    ),
-                    address,
+            asker = requester.key
+
+            def refuse(status: Status) -> None:
+                self._refuse(f"introduce_{status.name.lower()}")
+                answer = bw.encode_introduction(
+                    self.secret_key,
+                    asker,
+                    status,
+                    message.request_id,
+                    wall,
+                    message.peer_key,
+                    NatType.UNKNOWN,
+                    (),
                 )
-            )
+                self._out.append((answer, address))
+
+            def found(found: Found, at: float) -> None:
+                if self._elsewhere(found) is not None:
+                    refuse(Status.ELSEWHERE)
+                else:
+                    refuse(Status.OFFLINE if found.hostname is not None else Status.UNKNOWN)
+
+            if target is not None or message.peer_key in self._nodes:
+                refuse(Status.OFFLINE)
+            else:
+                self._call_store(
+                    self.registry.find_key(message.peer_key),
+                    found,
+                    lambda at: refuse(Status.UNAVAILABLE),
+                    now,
+                )
             return
         self.stats.introductions += 1
         # The target first: it has no reason to expect this, the requester is waiting anyway.

@@ -1,13 +1,16 @@
 """The beacon as a process: the asyncio driver of :class:`BeaconServer` and its command line.
 
     pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
+                        [--store sqlite:PATH|redis://HOST:PORT/DB] [--key-file PATH]
     python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
 
 When the sockets are bound it prints one line to stdout,
 ``listening on HOST:PORT alt-port PORT key NODE_ID``, which scripts and tests wait for.
 
 The driver mirrors the node's endpoint: non-blocking sockets read in batches from one reader
-callback per socket, output flushed once per batch, exactly one timer armed.
+callback per socket, output flushed once per batch, exactly one timer armed. Calls to a store
+that is not synchronous (Redis) run as tasks, each bounded by ``BeaconConfig.store_timeout``; how
+they end goes back to the server, and what it answers then is flushed at once.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from ..addressing import parse_host_port
-from ..errors import ConfigError, PilotError, PilotTimeoutError, WireError
+from ..errors import ConfigError, PilotError, PilotTimeoutError, StoreUnavailableError, WireError
 from ..identity import Identity, default_home, node_id_from_key
 from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
-from .server import BeaconConfig, BeaconServer
-from .store import NameStore
+from .server import BeaconConfig, BeaconServer, StoreCall
+from .store import open_store
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -79,6 +82,7 @@ class BeaconService:
         self._sock: socket.socket | None = sock
         self._alt_sock = alt_sock
         self._timer: asyncio.TimerHandle | None = None
+        self._store_tasks: set[asyncio.Task[None]] = set()
         self.send_errors = 0
         self._loop.add_reader(sock.fileno(), self._read_ready)
         if alt_sock is not None:
@@ -106,6 +110,10 @@ class BeaconService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in self._store_tasks:
+            task.cancel()
+        for call in self.server.store_calls():
+            call.coroutine.close()
         for sock in (self._sock, self._alt_sock):
             if sock is not None:
                 self._loop.remove_reader(sock.fileno())
@@ -129,7 +137,28 @@ class BeaconService:
 
     def _flush(self) -> None:
         if self._sock is not None:
+            for call in self.server.store_calls():
+                task = self._loop.create_task(self._run_store_call(call))
+                self._store_tasks.add(task)
+                task.add_done_callback(self._store_tasks.discard)
             self._send_all(self._sock, self.server.datagrams_to_send())
+
+    async def _run_store_call(self, call: StoreCall) -> None:
+        timeout = self.server.config.store_timeout
+        try:
+            result = await asyncio.wait_for(call.coroutine, timeout)
+        except StoreUnavailableError as exc:
+            self.server.store_failed(call.call_id, str(exc), self._loop.time())
+        except TimeoutError:
+            self.server.store_failed(
+                call.call_id, f"no answer within {timeout} s", self._loop.time()
+            )
+        except Exception:  # a bug; the request waiting for the call still gets an answer
+            log.exception("store call failed")
+            self.server.store_failed(call.call_id, "internal error, logged", self._loop.time())
+        else:
+            self.server.store_done(call.call_id, result, self._loop.time())
+        self._flush()
 
     def _send_all(self, sock: socket.socket, datagrams: list[tuple[bytes, Address]]) -> None:
         sendto = sock.sendto
@@ -168,26 +197,48 @@ def _alt_port_for(alt_port: int | str | None, port: int) -> int | None:
     return value
 
 
+def _identity(data_dir: Path, key_file: Path | None) -> Identity:
+    """The beacon's key: its own in ``data_dir`` (created on first use), or the fleet's."""
+    if key_file is None:
+        return Identity.load_or_create(data_dir)
+    try:
+        return Identity.load(key_file)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--key-file {key_file}: no such file; copy the fleet's key there (the identity.key "
+            "of the first beacon's data directory), mode 600"
+        ) from None
+
+
 async def start(
     listen: str,
     data_dir: Path,
     *,
     alt_port: int | str | None = "auto",
     config: BeaconConfig | None = None,
+    store: str | None = None,
+    key_file: Path | None = None,
+    beacon_id: str | None = None,
 ) -> BeaconService:
-    """A running beacon (sockets bound, key and name store opened); close() it when done."""
+    """A running beacon (sockets bound, key and store opened); close() it, then ``aclose()``
+    its ``server.registry``, when done.
+
+    ``store``: ``sqlite:PATH`` or ``redis://HOST:PORT/DB``; None: SQLite in ``data_dir``.
+    ``key_file``: the fleet's shared key instead of the beacon's own. ``beacon_id``: its name
+    among the beacons sharing the store (default HOSTNAME:PORT)."""
     try:
         host, port = parse_host_port(listen)
     except ConfigError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     # A listen port of 0 (tests) takes any free second port too.
     wanted = _alt_port_for(alt_port, port)
-    identity = Identity.load_or_create(data_dir)
-    store = NameStore.in_directory(data_dir)
+    identity = _identity(data_dir, key_file)
+    config = config or BeaconConfig()
+    registry = await open_store(store, data_dir, timeout=config.store_timeout)
     try:
         sock = open_socket(host, port)
     except OSError as exc:
-        store.close()
+        await registry.aclose()
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     alt_sock = None
     if wanted is not None:
@@ -196,16 +247,24 @@ async def start(
         except OSError as exc:
             if alt_port != "auto":
                 sock.close()
-                store.close()
+                await registry.aclose()
                 raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
             # The second port only refines NAT classification: run without it.
             log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
     config = dataclasses.replace(
-        config or BeaconConfig(),
+        config,
         alt_port=0 if alt_sock is None else alt_sock.getsockname()[1],
     )
     loop = asyncio.get_running_loop()
-    server = BeaconServer(identity.secret_key, identity.public_key, store, config, now=loop.time())
+    server = BeaconServer(
+        identity.secret_key,
+        identity.public_key,
+        registry,
+        config,
+        now=loop.time(),
+        home=beacon_id or f"{socket.gethostname()}:{sock.getsockname()[1]}",
+    )
+    log.info("store %s, beacon id %s", registry.describe(), server.home)
     return BeaconService(server, sock, alt_sock)
 
 
@@ -218,12 +277,23 @@ async def serve(
     config: BeaconConfig | None = None,
     stats_interval: float | None = None,
     stop: asyncio.Event | None = None,
+    store: str | None = None,
+    key_file: Path | None = None,
+    beacon_id: str | None = None,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
     ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
-    seconds between log lines of the counters; None for none."""
-    service = await start(listen, data_dir, alt_port=alt_port, config=config)
+    seconds between log lines of the counters; None for none. The rest as :func:`start`."""
+    service = await start(
+        listen,
+        data_dir,
+        alt_port=alt_port,
+        config=config,
+        store=store,
+        key_file=key_file,
+        beacon_id=beacon_id,
+    )
     loop = asyncio.get_running_loop()
     info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
     log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
@@ -240,7 +310,7 @@ async def serve(
         if stats_interval is not None:
             log.info("final status %s", service.server.status(loop.time()))
         service.close()
-        service.server.registry.close()
+        await service.server.registry.aclose()
 
 
 def run(
@@ -251,6 +321,9 @@ def run(
     stats_interval: float | None = None,
     ready: Callable[[BeaconInfo], Any] | None = None,
     config: BeaconConfig | None = None,
+    store: str | None = None,
+    key_file: Path | None = None,
+    beacon_id: str | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
@@ -268,6 +341,9 @@ def run(
             config=config,
             stats_interval=stats_interval,
             stop=stop,
+            store=store,
+            key_file=key_file,
+            beacon_id=beacon_id,
         )
 
     try:
@@ -340,6 +416,29 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         help="where the beacon's key and name registry live (default $PILOT_HOME/beacon)",
     )
     parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="where names and live registrations are kept: sqlite:PATH (default: a file in the "
+        "data directory) for one beacon, or redis://[:PASSWORD@]HOST:PORT/DB shared by a fleet "
+        "of beacons (docs/beacon.md)",
+    )
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="sign with this key (every beacon of a fleet loads the same one, so nodes pinning "
+        "it can use any of them) instead of DATA_DIR/identity.key",
+    )
+    parser.add_argument(
+        "--beacon-id",
+        default=None,
+        metavar="NAME",
+        help="this beacon's name in the shared store, recorded as its nodes' home beacon "
+        "(default HOSTNAME:PORT)",
+    )
+    parser.add_argument(
         "--alt-port",
         default="auto",
         help="second UDP port answering STUN, for NAT type detection: auto (listen port + 1), "
@@ -395,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_interval=args.stats,
         ready=ready,
         config=config,
+        store=args.store,
+        key_file=args.key_file,
+        beacon_id=args.beacon_id,
     )
 
 

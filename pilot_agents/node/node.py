@@ -65,6 +65,8 @@ log = logging.getLogger("pilot_agents.node")
 EPHEMERAL_PORTS = range(49152, 65536)
 # A tunnel that closed for these reasons is not tried again while a caller waits.
 _FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR})
+# What the beacon signs about an introduction that makes waiting for the peer pointless.
+_UNREACHABLE_VERDICTS = frozenset({Status.OFFLINE, Status.UNKNOWN, Status.ELSEWHERE})
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
 PIN_CHECK_TIMEOUT = 5.0  # seconds a pinned name's lookup may take after its key did not answer
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
@@ -135,6 +137,10 @@ class Node:
         self._local_ports: dict[bytes, set[int]] = {}  # per peer, taken by our connections
         self._peer_addresses: dict[bytes, tuple[str, int]] = {}
         self._hostnames: dict[bytes, str] = {}
+        # Peers the beacon signed it can't introduce us to (not registered, or registered at
+        # another beacon of its fleet), with its reason: a tunnel to them still waiting for its
+        # first answer fails at once, saying so, rather than at the caller's deadline.
+        self._unreachable: dict[bytes, str] = {}
         self._trusted: set[bytes] = set()
         self._pins: dict[str, bytes] = {}  # name -> key it was trusted as (trust(hostname=))
         self._driver = Driver()
@@ -522,6 +528,7 @@ class Node:
         while True:
             now = endpoint.now()
             session = mux.session(key, now)
+            self._unreachable.pop(key, None)
             if session.address is None:
                 self._route(session, key)
             session.keep_trying_until(deadline)
@@ -536,6 +543,8 @@ class Node:
                 ) from None
             if session.established:
                 return session
+            if (verdict := self._unreachable.pop(key, None)) is not None:
+                raise PeerUnreachableError(f"cannot reach {name}: {verdict}")
             if self._endpoint is None:
                 raise ConnectionClosedError("the node was closed")
             if session.close_code in _FINAL_CLOSE_CODES or endpoint.now() >= deadline:
@@ -544,7 +553,10 @@ class Node:
 
     async def _settled(self, session: Session, timeout: float) -> None:
         """Wait until the tunnel is established or closed (PilotTimeoutError after timeout)."""
-        await self._driver.wait_until(lambda: session.established or session.closed, timeout)
+        await self._driver.wait_until(
+            lambda: session.established or session.closed or session.peer in self._unreachable,
+            timeout,
+        )
 
     def _route(self, session: Session, key: bytes) -> None:
         """A first path for a new tunnel: a configured address, else the beacon's relay at once.
@@ -688,21 +700,23 @@ class Node:
         endpoint.wake()
 
     def _on_introduction_failed(self, event: bc.IntroductionFailed) -> None:
-        """The beacon signed that the peer is not registered: a new tunnel waiting for its
-        first answer through the relay would only wait out its timeout. It fails now, and a
+        """The beacon signed that the peer is not registered (or is, at another beacon of its
+        fleet): a new tunnel waiting for its first answer through the relay would only wait
+        out its timeout. It fails now, and a
         pinned name then learns at once whether it moved (_session_to)."""
         log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
         mux, endpoint = self._mux, self._endpoint
-        if mux is None or endpoint is None or event.code not in (Status.OFFLINE, Status.UNKNOWN):
+        if mux is None or endpoint is None or event.code not in _UNREACHABLE_VERDICTS:
             return
         session = mux.get_session(event.peer_key)
         if session is None or session.established or not isinstance(session.address, RelayPath):
             return
-        name = self._hostnames.get(event.peer_key) or node_id_from_key(event.peer_key)
-        session.close(
-            CloseCode.PEER_UNREACHABLE, f"{name} is not at the beacon ({event.reason})",
-            endpoint.now(),
+        verdict = (
+            event.reason if event.code == Status.ELSEWHERE else f"not at the beacon ({event.reason})"
         )
+        self._unreachable[event.peer_key] = verdict
+        name = self._hostnames.get(event.peer_key) or node_id_from_key(event.peer_key)
+        session.close(CloseCode.PEER_UNREACHABLE, f"{name}: {verdict}", endpoint.now())
         endpoint.wake()
 
     # -- internals: tunnel events -------------------------------------------------------------

@@ -161,6 +161,8 @@ class Status(IntEnum):
     OFFLINE = 7  # the name is owned, but its node holds no live registration
     NOT_REGISTERED = 8  # the request came from an address with no live registration
     NAME_LIMIT = 9  # the source address already holds as many names as the beacon allows
+    UNAVAILABLE = 10  # the beacon's shared store did not answer: try again later
+    ELSEWHERE = 11  # the node is registered at another beacon of the fleet
 
 
 STATUS_REASONS: Final = {
@@ -182,6 +184,14 @@ STATUS_REASONS: Final = {
     Status.NAME_LIMIT: (
         "name limit: nodes at this address already hold as many hostnames as the beacon allows; "
         "register without a name, or reuse one of theirs"
+    ),
+    Status.UNAVAILABLE: (
+        "registry unavailable: the beacon's shared store did not answer; try again later (a "
+        "registering node retries by itself)"
+    ),
+    Status.ELSEWHERE: (
+        "registered at another beacon of the fleet: introductions and relay work only between "
+        "nodes of one beacon; use the same --beacon on both nodes"
     ),
 }
 

@@ -1,15 +1,15 @@
-"""Who owns which hostname, kept in SQLite so that ownership outlives beacon restarts.
+"""The default store: names in SQLite, so that ownership outlives beacon restarts; live
+registrations in memory, for the one beacon that uses the file.
 
 A name belongs to the first key that registers it for as long as that key keeps using it: each
 row records when its owner last registered with it (``last_used_ns``, written at most once per
 ``BeaconConfig.name_touch_interval``, not on every refresh) and the source IP that claimed it (for
 the per-address cap). The beacon deletes names unused for ``BeaconConfig.name_expiry``; the times
-are wall-clock, so a restart keeps them. Live registrations (endpoints, NAT type) are not stored:
-they expire within a minute and a half anyway, and writing every refresh would cost a disk write
-per node every 25 seconds.
+are wall-clock, so a restart keeps them. Live registrations are not written to the file: they
+expire within a minute and a half anyway, and writing every refresh would cost a disk write per
+node every 25 seconds.
 
-:class:`Registry` is what the beacon core needs, so a shared store (Redis, say, for several
-beacons) can replace :class:`NameStore` without touching the core.
+Every call completes without suspending (``synchronous``): the beacon's core runs it on the spot.
 """
 
 from __future__ import annotations
@@ -17,28 +17,17 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
-from typing import Protocol
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ...net.traversal.beacon_wire import Status
+from .base import Claim, Found, NameLimits, Registration
 
 DB_FILE = "names.sqlite3"
 SCHEMA_VERSION = 2
 
 
-class Registry(Protocol):
-    def owner(self, name: str) -> bytes | None: ...
-    def claim(self, name: str, key: bytes, now_ns: int, source: str) -> bytes: ...
-    def names_of(self, key: bytes) -> list[str]: ...
-    def claimed_from(self, source: str) -> int: ...
-    def touch(self, name: str, now_ns: int) -> None: ...
-    def release(self, name: str) -> None: ...
-    def expire(self, unused_since_ns: int) -> int: ...
-    def count(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class NameStore:
-    """The SQLite registry: ``path`` is a file (created if missing) or ``":memory:"``."""
+class SqliteStore:
+    """The SQLite store: ``path`` is a file (created if missing) or ``":memory:"``."""
 
     def __init__(self, path: Path | str) -> None:
         try:
@@ -71,9 +60,12 @@ class NameStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot open the beacon's name store {path}: {exc}") from None
+        self._path = path
+        # key -> (registration, when it expires on the monotonic clock)
+        self._registrations: dict[bytes, tuple[Registration, float]] = {}
 
     @classmethod
-    def in_directory(cls, data_dir: Path) -> NameStore:
+    def in_directory(cls, data_dir: Path) -> SqliteStore:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(data_dir / DB_FILE)
 
@@ -126,3 +118,58 @@ class NameStore:
 
     def close(self) -> None:
         self._db.close()
+
+    # -- the Store interface -------------------------------------------------------------------
+
+    @property
+    def synchronous(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"sqlite:{self._path}"
+
+    async def claim_name(
+        self, name: str, key: bytes, now_ns: int, source: str, limits: NameLimits
+    ) -> Claim:
+        owner = self.owner(name)
+        if owner == key:
+            self.touch(name, now_ns)
+            return Claim(Status.OK, key)
+        if owner is not None:
+            return Claim(Status.NAME_TAKEN, owner)
+        if self.claimed_from(source) >= limits.per_source:
+            return Claim(Status.NAME_LIMIT, None)
+        held = self.names_of(key)
+        released = tuple(held[: max(0, len(held) - limits.per_key + 1)])
+        for old in released:
+            self.release(old)
+        owner = self.claim(name, key, now_ns, source)
+        return Claim(Status.OK if owner == key else Status.NAME_TAKEN, owner, released)
+
+    async def find_name(self, name: str) -> Found:
+        key = self.owner(name)
+        return Found(key, name, None if key is None else self._live(key))
+
+    async def find_key(self, key: bytes) -> Found:
+        names = self.names_of(key)
+        return Found(key, names[0] if names else None, self._live(key))
+
+    async def publish(self, registration: Registration, ttl: float) -> None:
+        self._registrations[registration.key] = (registration, time.monotonic() + ttl)
+
+    async def expire_names(self, unused_since_ns: int) -> int:
+        now = time.monotonic()
+        for key, (_, expires) in list(self._registrations.items()):
+            if expires <= now:
+                del self._registrations[key]
+        return self.expire(unused_since_ns)
+
+    async def name_count(self) -> int:
+        return self.count()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def _live(self, key: bytes) -> Registration | None:
+        entry = self._registrations.get(key)
+        return entry[0] if entry is not None and entry[1] > time.monotonic() else None

@@ -1,0 +1,149 @@
+"""What the beacon keeps in its store, and the one interface both stores implement.
+
+A store holds two things:
+
+- **Names**, owned first-come: the first key to claim a name keeps it while it uses it (a claim
+  by its owner records the use; names unused for ``name_expiry`` are deleted by
+  :meth:`Store.expire_names`). A claim is atomic in the store, so two beacons sharing one store
+  can never give one name to two keys.
+- **Live registrations**: a node's key, candidates, NAT type and home beacon, published by the
+  beacon it registered with and kept for a TTL (renewed by every refresh), so that any beacon
+  sharing the store can resolve it.
+
+The interface is asynchronous because a shared store is across the network. The SQLite store is
+local and answers without ever suspending (``synchronous``): the beacon's core runs its calls on
+the spot with :func:`run_now`, so a beacon on SQLite behaves exactly as it did before the
+interface existed. A store whose calls suspend (Redis) is run by the service layer instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from ...errors import StoreUnavailableError
+from ...net.traversal.beacon_wire import (
+    MAX_CANDIDATES,
+    Address,
+    NatType,
+    Status,
+    encode_address,
+    valid_hostname,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class NameLimits:
+    per_key: int  # names one key holds; claiming one more gives up its oldest
+    per_source: int  # held names claimed from one source IP
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """How a claim ended: ``OK`` (the name is the claimer's), ``NAME_TAKEN`` or ``NAME_LIMIT``."""
+
+    status: Status
+    owner: bytes | None  # the name's owner afterwards (None after NAME_LIMIT)
+    released: tuple[str, ...] = ()  # names the claimer gave up to stay within its limit
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A live registration as every beacon sharing the store sees it."""
+
+    key: bytes
+    hostname: str | None
+    candidates: tuple[Address, ...]  # reflexive endpoint first
+    nat_type: NatType
+    home: str  # the beacon it registered with (BeaconServer's ``home``)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "hostname": self.hostname,
+                "candidates": [[host, port] for host, port in self.candidates],
+                "nat": int(self.nat_type),
+                "home": self.home,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, key: bytes, text: str | bytes) -> Registration:
+        """Raises StoreUnavailableError for what no beacon of ours wrote (the beacon signs what
+        it answers from this, so it must be what a REGISTER could have said)."""
+        try:
+            fields = json.loads(text)
+            candidates = tuple((str(host), int(port)) for host, port in fields["candidates"])
+            if len(candidates) > MAX_CANDIDATES:
+                raise ValueError(f"{len(candidates)} candidates")
+            for candidate in candidates:
+                encode_address(candidate)  # an IP and a port, or ValueError
+            hostname = fields["hostname"]
+            if hostname is not None and not valid_hostname(hostname):
+                raise ValueError(f"hostname {hostname!r}")
+            return cls(key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreUnavailableError(
+                f"the store holds a malformed registration for {key.hex()}: {exc}"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What the store knows of a name or a key."""
+
+    key: bytes | None  # the name's owner (or the key asked about); None: nobody owns the name
+    hostname: str | None  # the name asked about (or the key's oldest name)
+    registration: Registration | None  # its live registration, on any beacon
+
+
+class Store(Protocol):
+    """Names and live registrations. The ``async`` methods raise StoreUnavailableError when
+    the store fails; the caller bounds how long it waits."""
+
+    @property
+    def synchronous(self) -> bool:
+        """True when no call ever suspends (run them with :func:`run_now`)."""
+        ...
+
+    def describe(self) -> str:
+        """Where it is, for log lines (no password)."""
+        ...
+
+    async def claim_name(
+        self, name: str, key: bytes, now_ns: int, source: str, limits: NameLimits
+    ) -> Claim:
+        """Give ``name`` to ``key`` (claiming from IP ``source``) unless another key owns it;
+        for its owner, record that it is in use at ``now_ns`` (wall clock). Atomic."""
+        ...
+
+    async def find_name(self, name: str) -> Found: ...
+
+    async def find_key(self, key: bytes) -> Found: ...
+
+    async def publish(self, registration: Registration, ttl: float) -> None:
+        """Keep ``registration`` for ``ttl`` seconds, replacing the key's previous one."""
+        ...
+
+    async def expire_names(self, unused_since_ns: int) -> int:
+        """Delete names last used before ``unused_since_ns``; how many went."""
+        ...
+
+    async def name_count(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+def run_now(call: Coroutine[Any, Any, T]) -> T:
+    """The result of a call to a synchronous store, without an event loop."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    call.close()
+    raise RuntimeError("a synchronous store suspended")
