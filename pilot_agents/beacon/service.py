@@ -1,6 +1,7 @@
 """The beacon as a process: the asyncio driver of :class:`BeaconServer` and its command line.
 
     pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
+                        [--metrics HOST:PORT]
     python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
 
 When the sockets are bound it prints one line to stdout,
@@ -33,6 +34,7 @@ from ..identity import Identity, default_home, node_id_from_key
 from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
+from . import metrics as beacon_metrics
 from .server import BeaconConfig, BeaconServer
 from .store import NameStore
 
@@ -218,12 +220,20 @@ async def serve(
     config: BeaconConfig | None = None,
     stats_interval: float | None = None,
     stop: asyncio.Event | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
     ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
-    seconds between log lines of the counters; None for none."""
+    seconds between log lines of the counters; None for none. ``metrics``: HOST:PORT to serve
+    Prometheus metrics on; None for none."""
     service = await start(listen, data_dir, alt_port=alt_port, config=config)
+    try:
+        exporter = await beacon_metrics.serve(metrics, service) if metrics else None
+    except ConfigError:
+        service.close()
+        service.server.registry.close()
+        raise
     loop = asyncio.get_running_loop()
     info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
     log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
@@ -239,6 +249,8 @@ async def serve(
     finally:
         if stats_interval is not None:
             log.info("final status %s", service.server.status(loop.time()))
+        if exporter is not None:
+            exporter.close()
         service.close()
         service.server.registry.close()
 
@@ -251,6 +263,7 @@ def run(
     stats_interval: float | None = None,
     ready: Callable[[BeaconInfo], Any] | None = None,
     config: BeaconConfig | None = None,
+    metrics: str | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
@@ -268,6 +281,7 @@ def run(
             config=config,
             stats_interval=stats_interval,
             stop=stop,
+            metrics=metrics,
         )
 
     try:
@@ -362,6 +376,12 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         help="relayed megabytes per second allowed per node, 0 for no limit (default %(default)g)",
     )
     parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics; docs/metrics.md)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
@@ -395,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_interval=args.stats,
         ready=ready,
         config=config,
+        metrics=args.metrics,
     )
 
 
