@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.beacon_swarm import node_ip, node_keys
+from benchmarks.beacon_swarm import NODES_PER_IP, node_ip, node_keys
 from pilot_agents.beacon.server import BeaconServer
 from pilot_agents.beacon.store import NameStore
 from pilot_agents.net.traversal import beacon_wire as bw
@@ -47,6 +47,11 @@ RAMP_STEP = 0.004
 STEP = 0.001
 
 
+def nodes_clock(nodes: int) -> float:
+    """The beacon's clock once ``nodes`` registered, each address under 2 new keys/s."""
+    return nodes * max(RAMP_STEP, 0.6 * NODES_PER_IP / nodes)
+
+
 def build(nodes: int) -> tuple[BeaconServer, list[tuple[bytes, bytes]], list[tuple[str, int]]]:
     secret, public = crypto.ed25519_keypair()
     server = BeaconServer(secret, public, NameStore(":memory:"))
@@ -54,11 +59,12 @@ def build(nodes: int) -> tuple[BeaconServer, list[tuple[bytes, bytes]], list[tup
     addresses = [(node_ip(i), 40_000 + i % 20_000) for i in range(nodes)]
     stamp = time.time_ns()
     # One address after the other, spread over time, so that no budget is what limits.
-    order = sorted(range(nodes), key=lambda i: (i % 50, i))
+    order = sorted(range(nodes), key=lambda i: (i % NODES_PER_IP, i))
+    step = nodes_clock(nodes) / nodes
     for n, i in enumerate(order):
         sk, pk = keys[i]
         data = bw.encode_register(sk, pk, stamp, bw.NatType.CONE, f"n{i}", [addresses[i]])
-        server.receive_datagram(data, addresses[i], n * RAMP_STEP)
+        server.receive_datagram(data, addresses[i], n * step)
     server.datagrams_to_send()
     assert server.stats.registrations == nodes, server.stats
     return server, keys, addresses
@@ -138,7 +144,7 @@ def main() -> None:
     }
     if args.only:
         kinds = {args.only: kinds[args.only]}
-    clock = args.nodes * RAMP_STEP
+    clock = nodes_clock(args.nodes)  # past the last registration
     for kind, datagrams in kinds.items():
         profiler = cProfile.Profile() if kind == args.profile else None
         if profiler is not None:
