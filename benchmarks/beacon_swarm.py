@@ -317,10 +317,11 @@ def relay_child(config: dict[str, Any]) -> None:
     pairs = config["pairs"]
     sending = config["role"] == "send"
     first = 0 if sending else pairs
-    swarm = Swarm(beacon, first, pairs, 2 * pairs, config["salt"], net=100)
+    # Few nodes per address, so that they all register at once.
+    swarm = Swarm(beacon, first, pairs, 2 * pairs, config["salt"], net=100, per_ip=5)
     for sock in swarm.socks:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    failed = swarm.ramp(1000.0, time.monotonic() + 10.0)
+    failed = swarm.ramp(1000.0, time.monotonic() + 30.0)
     print(json.dumps({"failed": failed}), flush=True)
     sys.stdin.readline()  # the go
     seconds = config["seconds"]

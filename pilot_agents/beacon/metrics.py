@@ -50,7 +50,9 @@ class Observed(Protocol):
     """What the metrics read of a running beacon (:class:`~.service.BeaconService`)."""
 
     server: BeaconServer
-    send_errors: int
+
+    @property
+    def send_errors(self) -> int: ...
 
     def status(self) -> dict[str, Any]: ...
 

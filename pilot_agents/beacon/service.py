@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
 import secrets
 import signal
@@ -37,6 +36,7 @@ from ..net.traversal.beacon_wire import Address
 from . import metrics as beacon_metrics
 from .server import BeaconConfig, BeaconServer
 from .store import NameStore
+from .udp_batch import Sender, enable_gro, read_coalesced
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -81,11 +81,20 @@ class BeaconService:
         self._sock: socket.socket | None = sock
         self._alt_sock = alt_sock
         self._timer: asyncio.TimerHandle | None = None
-        self.send_errors = 0
+        # Relayed traffic comes and goes in runs of one flow: read and send those in batches.
+        self._gro = enable_gro(sock)
+        self._sender = Sender(sock)
+        self._alt_sender = Sender(alt_sock, gso=False) if alt_sock is not None else None
         self._loop.add_reader(sock.fileno(), self._read_ready)
         if alt_sock is not None:
             self._loop.add_reader(alt_sock.fileno(), self._alt_read_ready)
         self._arm()
+
+    @property
+    def send_errors(self) -> int:
+        """Datagrams lost to a full send buffer or a failed send."""
+        alt = self._alt_sender.errors if self._alt_sender is not None else 0
+        return self._sender.errors + alt
 
     @property
     def address(self) -> Address:
@@ -121,28 +130,20 @@ class BeaconService:
 
     def _read_ready(self) -> None:
         if self._sock is not None:
-            self._drain(self._sock, self.server.receive_datagram)
+            if self._gro:
+                read_coalesced(self._sock, self.server.receive_datagram, self._loop.time())
+            else:
+                self._drain(self._sock, self.server.receive_datagram)
             self._flush()
 
     def _alt_read_ready(self) -> None:
-        if self._alt_sock is not None:
+        if self._alt_sock is not None and self._alt_sender is not None:
             self._drain(self._alt_sock, self.server.receive_alt_datagram)
-            self._send_all(self._alt_sock, self.server.alt_datagrams_to_send())
+            self._alt_sender.send_all(self.server.alt_datagrams_to_send())
 
     def _flush(self) -> None:
         if self._sock is not None:
-            self._send_all(self._sock, self.server.datagrams_to_send())
-
-    def _send_all(self, sock: socket.socket, datagrams: list[tuple[bytes, Address]]) -> None:
-        sendto = sock.sendto
-        for data, address in datagrams:
-            try:
-                sendto(data, address)
-            except OSError as exc:
-                # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
-                self.send_errors += 1
-                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
-                    log.debug("sendto %s failed: %s", address, exc)
+            self._sender.send_all(self.server.datagrams_to_send())
 
     def _on_timer(self) -> None:
         self._timer = None
