@@ -57,7 +57,7 @@ NODES_PER_PROCESS = 16_000  # a process may hold 20,000 descriptors here (ulimit
 RAMP_RETRY = 2.0  # seconds before an unanswered ramp REGISTER is sent again
 RELAY_PAYLOAD = 1200  # bytes of the sealed tunnel packet a RELAY carries
 UDP_SEGMENT = 103  # Linux's UDP GSO option (netinet/udp.h)
-GSO_BATCH = 32  # RELAYs per sendmsg
+GSO_BATCH = 32  # RELAYs per sendmsg, by default
 
 
 def node_ip(index: int, net: int = 1, per_ip: int = NODES_PER_IP) -> str:
@@ -329,9 +329,9 @@ def relay_child(config: dict[str, Any]) -> None:
     count = nbytes = 0
     if sending:
         packet = bytes([wire.DATA]) + bytes(RELAY_PAYLOAD - 1)
-        batches = [
-            bw.encode_relay(node_keys(pairs + i, config["salt"])[1], packet) * GSO_BATCH
-            for i in range(pairs)
+        batch = config["gso"]
+        relays = [
+            bw.encode_relay(node_keys(pairs + i, config["salt"])[1], packet) for i in range(pairs)
         ]
         size = struct.pack("H", RELAY_PAYLOAD + bw.RELAY_OVERHEAD)
         segment = [(socket.SOL_UDP, UDP_SEGMENT, size)]
@@ -340,8 +340,11 @@ def relay_child(config: dict[str, Any]) -> None:
         while (now := time.monotonic()) < start + seconds:
             while count < (now - start) * rate:
                 with contextlib.suppress(BlockingIOError):
-                    swarm.socks[i].sendmsg([batches[i]], segment, 0, beacon)
-                count += GSO_BATCH
+                    if batch > 1:
+                        swarm.socks[i].sendmsg([relays[i] * batch], segment, 0, beacon)
+                    else:
+                        swarm.socks[i].sendto(relays[i], beacon)
+                count += batch
                 i = (i + 1) % pairs
             time.sleep(0.0005)
     else:
@@ -466,7 +469,7 @@ def refusals_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, i
 def status(beacon: Address) -> dict[str, Any]:
     import asyncio
 
-    return asyncio.run(service.query_status(beacon, timeout=3.0))
+    return asyncio.run(service.query_status(beacon, timeout=10.0))
 
 
 def run_steps(
@@ -536,7 +539,8 @@ def run_steps(
 
 def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, Any]:
     base = {"host": beacon[0], "port": beacon[1], "pairs": args.relay_pairs,
-            "salt": args.salt + 1, "seconds": args.relay_seconds, "rate": args.relay_rate}
+            "salt": args.salt + 1, "seconds": args.relay_seconds, "rate": args.relay_rate,
+            "gso": args.relay_gso}
     receivers = Child("--relay-child", base | {"role": "receive"})
     senders = Child("--relay-child", base | {"role": "send"})
     try:
@@ -566,7 +570,8 @@ def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, 
     }
     seconds = args.relay_seconds
     print(
-        f"relay, {args.relay_pairs} pairs, {RELAY_PAYLOAD} B packets, {seconds:g} s: "
+        f"relay, {args.relay_pairs} pairs, {RELAY_PAYLOAD} B packets, {args.relay_gso} per send, "
+        f"{seconds:g} s: "
         f"{result['sent']} sent ({result['sent'] / seconds:.0f}/s), {result['relayed']} relayed "
         f"by the beacon, {result['delivered']} delivered ({result['delivered'] / seconds:.0f}/s);"
         f" beacon {result['cpu']:.0f} % of a core, {result['drops']} dropped by its socket; "
@@ -617,6 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relay-rate", type=float, default=100_000.0,
                         help="relayed packets per second in all")
     parser.add_argument("--relay-seconds", type=float, default=10.0)
+    parser.add_argument("--relay-gso", type=int, default=GSO_BATCH,
+                        help=f"RELAYs per sendmsg, sent with UDP GSO (default {GSO_BATCH}); 1: "
+                        "one sendto each, which the beacon then can't read in batches either")
     parser.add_argument("--salt", type=int, default=0, help="varies the nodes' keys")
     parser.add_argument("--swarm-child", help=argparse.SUPPRESS)
     parser.add_argument("--relay-child", help=argparse.SUPPRESS)
