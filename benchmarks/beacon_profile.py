@@ -39,6 +39,7 @@ from pilot_agents.net.tunnel import crypto, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("refresh", "resolve", "introduce", "relay")
+SHORT, LONG = 200, 700  # messages in the two runs of --instructions
 
 Datagram = tuple[bytes, tuple[str, int]]
 # Seconds of the beacon's clock between two datagrams, so that no budget is what limits (and
@@ -87,7 +88,7 @@ def instructions(tree: Path, kind: str, messages: int) -> int:
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
         command += [sys.executable, "-m", "benchmarks.beacon_profile", "--nodes", "1000"]
-        command += ["--only", kind, "--messages", str(messages)]
+        command += ["--only", kind, "--messages", str(messages), "--build", str(LONG)]
         result = subprocess.run(
             command, env=env, cwd=tree, capture_output=True, text=True, check=True, timeout=900
         )
@@ -98,11 +99,10 @@ def instructions(tree: Path, kind: str, messages: int) -> int:
 
 
 def count_instructions(trees: list[Path]) -> None:
-    short, long = 200, 700
     for tree in trees:
         for kind in ("refresh", "relay"):
-            extra = instructions(tree, kind, long) - instructions(tree, kind, short)
-            per = extra / (long - short)
+            extra = instructions(tree, kind, LONG) - instructions(tree, kind, SHORT)
+            per = extra / (LONG - SHORT)
             print(f"{tree}: {kind} {per / 1000:.1f} k instructions per message", flush=True)
 
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5_000, help="per kind")
     parser.add_argument("--profile", choices=KINDS)
     parser.add_argument("--only", choices=KINDS, help="time only this kind")
+    parser.add_argument("--build", type=int, default=0, help="datagrams made per kind, at least")
     parser.add_argument("--instructions", action="store_true", help="count with valgrind")
     parser.add_argument("--tree", type=Path, action="append", default=[],
                         help="with --instructions: another checkout to count beside this one")
@@ -122,28 +123,34 @@ def main() -> None:
     server, keys, addresses = build(args.nodes)
     n = min(args.messages, args.nodes)
     stamp = time.time_ns() + 1
-    kinds: dict[str, list[Datagram]] = {
-        "refresh": [
+    built = max(args.messages, args.build)  # the same count in both valgrind runs
+    m = min(built, args.nodes)
+    builders: dict[str, Callable[[], list[Datagram]]] = {
+        "refresh": lambda: [
             (bw.encode_register(sk, pk, stamp, bw.NatType.CONE, f"n{i}", [addresses[i]]),
              addresses[i])
-            for i, (sk, pk) in enumerate(keys[:n])
+            for i, (sk, pk) in enumerate(keys[:m])
         ],
-        "resolve": [
+        "resolve": lambda: [
             (bw.encode_resolve(i + 1, hostname=f"n{(i * 7919) % args.nodes}"), addresses[i])
-            for i in range(n)
+            for i in range(m)
         ],
-        "introduce": [
+        "introduce": lambda: [
             (bw.encode_introduce(i + 1, keys[(i * 7919 + 1) % args.nodes][1]), addresses[i])
-            for i in range(n)
+            for i in range(m)
         ],
-        "relay": [
+        "relay": lambda: [
             (bw.encode_relay(keys[(i + 1) % 100][1], bytes([wire.DATA]) + bytes(1199)),
              addresses[i % 100])
-            for i in range(args.messages)
+            for i in range(built)
         ],
     }
-    if args.only:
-        kinds = {args.only: kinds[args.only]}
+    limit = {"relay": args.messages}
+    kinds = {
+        kind: build()[: limit.get(kind, n)]
+        for kind, build in builders.items()
+        if args.only in (None, kind)
+    }
     clock = nodes_clock(args.nodes)  # past the last registration
     for kind, datagrams in kinds.items():
         profiler = cProfile.Profile() if kind == args.profile else None

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ Address = tuple[str, int]
 NODES_PER_IP = 50  # under the beacon's max_names_per_ip (64) and its per-address rates
 NODES_PER_PROCESS = 16_000  # a process may hold 20,000 descriptors here (ulimit -Hn)
 RAMP_RETRY = 2.0  # seconds before an unanswered ramp REGISTER is sent again
+KEEPALIVE = 20.0  # seconds between a node's REGISTERs outside a step (registrations live 90 s)
 RELAY_PAYLOAD = 1200  # bytes of the sealed tunnel packet a RELAY carries
 UDP_SEGMENT = 103  # Linux's UDP GSO option (netinet/udp.h)
 GSO_BATCH = 32  # RELAYs per sendmsg, by default
@@ -115,6 +117,7 @@ class StepResult:
     latencies_us: dict[str, list[int]] = field(default_factory=dict)
     pushed: int = 0  # introductions pushed to the introduced side
     late_s: float = 0.0  # how far behind its schedule the generator fell, at worst
+    presign_s: float = 0.0  # from the start of presigning to the go
     cpu_s: float = 0.0
     wall_s: float = 0.0
 
@@ -153,6 +156,8 @@ class Swarm:
         self.last_stamp = [0] * count
         self.pending: dict[tuple[int, int], Pending] = {}
         self.registered: set[int] = set()  # nodes whose last REGISTER was answered OK
+        self.last_sent = [0.0] * count  # when each node last sent a REGISTER (monotonic)
+        self.refresh_order: deque[tuple[float, int]] = deque()  # (sent, node), oldest first
         self.per_ip = per_ip
         self.result = StepResult()
 
@@ -167,7 +172,11 @@ class Swarm:
         )
 
     def send(self, i: int, data: bytes, kind: str, match: int) -> None:
-        self.pending[(i, match)] = Pending(kind, time.monotonic())
+        now = time.monotonic()
+        self.pending[(i, match)] = Pending(kind, now)
+        if data[0] == bw.REGISTER:
+            self.last_sent[i] = now
+            self.refresh_order.append((now, i))
         r = self.result
         r.sent[kind] = r.sent.get(kind, 0) + 1
         with contextlib.suppress(BlockingIOError):  # a full buffer: it counts as lost
@@ -227,6 +236,9 @@ class Swarm:
                 self.send(i, self.register_message(i, stamp), "ramp", stamp)
                 sent += 1
             self.receive(0.002)
+            self.keepalive()
+            if len(self.registered) == len(self.socks):
+                return 0
             if sent >= len(waiting) and time.monotonic() - start > RAMP_RETRY:
                 # Resend what is unanswered (or was refused) once the last answers had time.
                 waiting = [i for i in waiting if i not in self.registered]
@@ -234,12 +246,31 @@ class Swarm:
                 start, sent = time.monotonic(), 0
         return len(waiting)
 
+    def keepalive(self) -> None:
+        """Refresh the registered nodes whose last REGISTER is KEEPALIVE old (outside a step)."""
+        now = time.monotonic()
+        order = self.refresh_order
+        while order and now - order[0][0] >= KEEPALIVE:
+            sent, i = order.popleft()
+            if self.last_sent[i] == sent and i in self.registered:
+                stamp = time.time_ns()
+                self.send(i, self.register_message(i, stamp), "keepalive", stamp)
+
+    def wait_line(self) -> str:
+        """The parent's next line; the nodes stay registered meanwhile."""
+        while not select.select([sys.stdin], [], [], 0.01)[0]:
+            self.keepalive()
+            self.receive(0)
+        return sys.stdin.readline()
+
     def step(self, params: dict[str, Any]) -> None:
         """Presign the step's REGISTERs, say so, wait for the go, run it, print the result."""
         count = len(self.socks)
         interval = self.total / params["rate"]
         seconds = params["seconds"]
-        lead = 5.0  # the step starts after every generator presigned: about this much later
+        # The step starts once every generator has signed: about this much later. A REGISTER's
+        # timestamp may be a minute off the beacon's clock, so signing may take up to a minute.
+        lead = 5.0
         presign_start = time.time_ns()
         schedule: list[tuple[float, int, bytes, int]] = []
         for i in range(count):
@@ -257,8 +288,8 @@ class Swarm:
             requests += [(rng.uniform(0, seconds), kind) for _ in range(n)]
         requests.sort()
         print("presigned", flush=True)
-        sys.stdin.readline()  # the go
-        self.result = StepResult()
+        self.wait_line()  # the go
+        self.result = StepResult(presign_s=(time.time_ns() - presign_start) / 1e9)
         self.pending.clear()
         cpu0, start = own_cpu(), time.monotonic()
         next_event = next_request = 0
@@ -302,9 +333,7 @@ def swarm_child(config: dict[str, Any]) -> None:
     ramp = json.loads(sys.stdin.readline())
     failed = swarm.ramp(ramp["rate"], time.monotonic() + ramp["timeout"])
     print(json.dumps({"failed": failed}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            break
+    while line := swarm.wait_line().strip():
         swarm.step(json.loads(line))
 
 
@@ -421,6 +450,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"sent": {}, "answered": {}, "refused": {}, "latencies_us": {}}
     merged["pushed"] = sum(r["pushed"] for r in results)
     merged["late_s"] = max(r["late_s"] for r in results)
+    merged["presign_s"] = max(r["presign_s"] for r in results)
     merged["cpu_s"] = sum(r["cpu_s"] for r in results)
     for r in results:
         for key in ("sent", "answered", "refused"):
@@ -457,7 +487,8 @@ def report_step(rate: float, seconds: float, merged: dict[str, Any], beacon: dic
     lines.append(f"  beacon refusals in the step: {beacon['refusals'] or 'none'}")
     lines.append(
         f"  generators: {100 * merged['cpu_s'] / seconds:.0f} % of a core in all, at worst "
-        f"{merged['late_s'] * 1000:.0f} ms behind schedule; other processes: {beacon['others']}"
+        f"{merged['late_s'] * 1000:.0f} ms behind schedule, signing took "
+        f"{merged['presign_s']:.1f} s before the step; other processes: {beacon['others']}"
     )
     return "\n".join(lines)
 
