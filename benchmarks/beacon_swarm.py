@@ -246,6 +246,14 @@ class Swarm:
                 start, sent = time.monotonic(), 0
         return len(waiting)
 
+    def signing_time(self, messages: float) -> float:
+        """Seconds it will take to sign ``messages`` REGISTERs, from a sample of 50."""
+        secret, public = self.keys[0]
+        began = time.perf_counter()
+        for _ in range(50):
+            bw.encode_register(secret, public, 0, bw.NatType.CONE, self.name(0), self.addresses[:1])
+        return (time.perf_counter() - began) / 50 * messages
+
     def keepalive(self) -> None:
         """Refresh the registered nodes whose last REGISTER is KEEPALIVE old (outside a step)."""
         now = time.monotonic()
@@ -268,10 +276,11 @@ class Swarm:
         count = len(self.socks)
         interval = self.total / params["rate"]
         seconds = params["seconds"]
-        # The step starts once every generator has signed: about this much later. A REGISTER's
-        # timestamp may be a minute off the beacon's clock, so signing may take up to a minute.
-        lead = 5.0
+        # The step starts once every generator has signed: the timestamps are set that much
+        # ahead (estimated from a sample), since the beacon takes them only within a minute of
+        # its clock.
         presign_start = time.time_ns()
+        lead = 5.0 + 1.5 * self.signing_time(count * (seconds / interval + 1))
         schedule: list[tuple[float, int, bytes, int]] = []
         for i in range(count):
             phase = (self.first + i) / self.total * interval

@@ -72,6 +72,8 @@ from .store import Registry
 log = logging.getLogger("pilot_agents.beacon")
 
 ZERO_KEY = bytes(bw.KEY_SIZE)
+RELAY_OVERHEAD = bw.RELAY_OVERHEAD
+DATA = wire.DATA
 K = TypeVar("K", bound=Hashable)
 
 
@@ -203,6 +205,7 @@ class _Node:
     expires: float
     reply: bytes  # the REGISTERED we sent, resent for a duplicate of the same REGISTER
     name_touched: float  # when the store last recorded that its hostname is in use
+    relayed_head: bytes  # what starts a RELAYED from it: the type and its key
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -277,6 +280,7 @@ class BeaconServer:
         self._relay_pairs: dict[tuple[bytes, bytes], _Pair] = {}
         self._blocks: dict[bytes, dict[bytes, float]] = {}  # receiver -> sender -> until (now)
         self._block_stamps: dict[bytes, int] = {}  # newest BLOCK_RELAY timestamp per node
+        self._max_relay_payload = self.config.max_relay_payload
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
 
@@ -622,6 +626,7 @@ class BeaconServer:
             now + self.config.registration_ttl,
             reply,
             name_touched,
+            bytes([bw.RELAYED]) + key,
         )
         self._by_address[address] = key
         self._out.append((reply, address))
@@ -775,12 +780,14 @@ class BeaconServer:
     # -- RELAY ---------------------------------------------------------------------------------
 
     def _on_relay(self, data: bytes, address: Address, now: float) -> None:
-        size = len(data) - bw.RELAY_OVERHEAD
-        if size <= 0 or size > self.config.max_relay_payload:
+        # Most of the beacon's traffic: every lookup here runs per packet (hence the locals).
+        size = len(data) - RELAY_OVERHEAD
+        if size <= 0 or size > self._max_relay_payload:
             self._refuse("malformed")
             return
+        nodes = self._nodes
         key = self._by_address.get(address)
-        source = self._nodes.get(key) if key is not None else None
+        source = nodes.get(key) if key is not None else None
         if source is None or source.expires <= now:
             self._refuse("relay_not_registered")
             # Tells a node whose registration we lost (we restarted) to register again; costs
@@ -788,29 +795,31 @@ class BeaconServer:
             if self._source_allows(address, now):
                 self._out.append((bw.encode_refused(Status.NOT_REGISTERED, 0), address))
             return
-        target_key = data[1 : bw.RELAY_OVERHEAD]
-        blocks = self._blocks.get(target_key)
-        if blocks is not None and blocks.get(source.key, 0.0) > now:
-            self._refuse("relay_blocked")
-            return
-        limits = self._limits_of(source.key, now)
+        target_key = data[1:RELAY_OVERHEAD]
+        if self._blocks:
+            blocks = self._blocks.get(target_key)
+            if blocks is not None and blocks.get(source.key, 0.0) > now:
+                self._refuse("relay_blocked")
+                return
+        limits = self._limits.get(source.key) or self._limits_of(source.key, now)
         if not limits.relay_packets.take(now) or not limits.relay_bytes.take(now, size):
             self._refuse("relay_rate_limited")
             return
-        target = self._nodes.get(target_key)
+        target = nodes.get(target_key)
         if target is None or target.expires <= now:
             self._refuse("relay_target_offline")
             return
-        pair = self._pair(source, target, now)
+        pair = self._relay_pairs.get((source.key, target_key)) or self._pair(source, target, now)
         # The tunnel packet's type is in clear: a handshake or a trust request costs its
         # receiver far more than a data packet of an established tunnel does.
-        if data[bw.RELAY_OVERHEAD] != wire.DATA and not (
+        if data[RELAY_OVERHEAD] != DATA and not (
             pair.handshakes.take(now) and limits.relay_handshakes.take(now)
         ):
             self._refuse("relay_handshake_rate_limited")
             return
         pair.last = now
-        self._out.append((bw.encode_relayed(source.key, data[bw.RELAY_OVERHEAD :]), target.address))
+        # RELAYED is RELAY with the source's key where the target's was (bw.encode_relayed).
+        self._out.append((source.relayed_head + data[RELAY_OVERHEAD:], target.address))
         stats = self.stats
         stats.relayed_packets += 1
         stats.relayed_bytes += size
