@@ -19,7 +19,15 @@ from benchmarks.beacon_flood import READY, Node
 from pilot_agents.identity import key_from_node_id
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.tunnel import wire
-from tests.conftest import ROOT, ipc_call, peer_up, short_home, start_daemon, stop_daemons
+from tests.conftest import (
+    ROOT,
+    cli,
+    ipc_call,
+    peer_up,
+    short_home,
+    start_daemon,
+    stop_daemons,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -155,3 +163,19 @@ def test_daemon_metrics_follow_tunnels_and_messages() -> None:
         assert value(after, "process_resident_memory_bytes") > 0
     finally:
         stop_daemons(*homes)
+
+
+def test_daemon_metrics_port_in_use_stops_the_start_with_a_one_line_error() -> None:
+    home = short_home()
+    try:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            result = cli(home, "daemon", "start", "--listen", "127.0.0.1:0",
+                         "--metrics", f"127.0.0.1:{port}")
+        assert result.returncode != 0
+        assert f"--metrics: cannot listen on 127.0.0.1:{port}" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        stop_daemons(home)
