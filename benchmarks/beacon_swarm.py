@@ -537,7 +537,8 @@ def run_steps(
         failed = sum(json.loads(child.hear())["failed"] for child in children)
         print(
             f"ramp: {nodes - failed} of {nodes} nodes registered in "
-            f"{time.monotonic() - started:.1f} s",
+            f"{time.monotonic() - started:.1f} s; beacon refusals {status(beacon)['refusals']}, "
+            f"{socket_drops(beacon[1])} datagrams dropped by its socket",
             flush=True,
         )
         for rate in args.rates or [nodes / args.interval]:
