@@ -57,7 +57,7 @@ Address = tuple[str, int]
 NODES_PER_IP = 50  # under the beacon's max_names_per_ip (64) and its per-address rates
 NODES_PER_PROCESS = 16_000  # a process may hold 20,000 descriptors here (ulimit -Hn)
 RAMP_RETRY = 2.0  # seconds before an unanswered ramp REGISTER is sent again
-KEEPALIVE = 20.0  # seconds between a node's REGISTERs outside a step (registrations live 90 s)
+KEEPALIVE = 25.0  # seconds between a node's REGISTERs outside a step, as nodes do (TTL 90 s)
 KEEPALIVE_BATCH = 10  # keepalives per look at the clock
 RELAY_PAYLOAD = 1200  # bytes of the sealed tunnel packet a RELAY carries
 UDP_SEGMENT = 103  # Linux's UDP GSO option (netinet/udp.h)
@@ -249,12 +249,12 @@ class Swarm:
         return len(waiting)
 
     def signing_time(self, messages: float) -> float:
-        """Seconds it will take to sign ``messages`` REGISTERs, from a sample of 50."""
+        """CPU seconds it will take to sign ``messages`` REGISTERs, from a sample of 50."""
         secret, public = self.keys[0]
-        began = time.perf_counter()
+        began = time.process_time()
         for _ in range(50):
             bw.encode_register(secret, public, 0, bw.NatType.CONE, self.name(0), self.addresses[:1])
-        return (time.perf_counter() - began) / 50 * messages
+        return (time.process_time() - began) / 50 * messages
 
     def keepalive(self) -> None:
         """Refresh the registered nodes whose last REGISTER is KEEPALIVE old (outside a step)."""
@@ -276,23 +276,27 @@ class Swarm:
         return sys.stdin.readline()
 
     def step(self, params: dict[str, Any]) -> None:
-        """Presign the step's REGISTERs, say so, wait for the go, run it, print the result."""
+        """Say how long signing the step takes; sign its REGISTERs for the start the parent
+        sets; wait for the go; run it; print the result."""
         count = len(self.socks)
         interval = self.total / params["rate"]
         seconds = params["seconds"]
-        # The step starts once every generator has signed: the timestamps are set that much
-        # ahead (estimated from a sample), since the beacon takes them only within a minute of
-        # its clock.
+        print(json.dumps(self.signing_time(count * (seconds / interval + 1))), flush=True)
+        # Every timestamp is the time its REGISTER is due: the beacon takes them only within a
+        # minute of its clock, so the step must start within a minute of the parent's go_at.
+        go_at = int(json.loads(self.wait_line())["go_at"] * 1e9)
         presign_start = time.time_ns()
-        lead = 5.0 + 1.5 * self.signing_time(count * (seconds / interval + 1))
         schedule: list[tuple[float, int, bytes, int]] = []
         for i in range(count):
             phase = (self.first + i) / self.total * interval
             offset = phase
             while offset < seconds:
-                stamp = max(presign_start + int((lead + offset) * 1e9), self.last_stamp[i] + 1)
+                stamp = max(go_at + int(offset * 1e9), self.last_stamp[i] + 1)
                 schedule.append((offset, i, self.register_message(i, stamp), stamp))
                 offset += interval
+            if i % 256 == 255:  # registrations must not expire while we sign
+                self.keepalive()
+                self.receive(0)
         schedule.sort(key=lambda event: event[0])
         rng = random.Random(self.first)
         requests = []  # (offset, kind)
@@ -500,8 +504,9 @@ def report_step(rate: float, seconds: float, merged: dict[str, Any], beacon: dic
     lines.append(f"  beacon refusals in the step: {beacon['refusals'] or 'none'}")
     lines.append(
         f"  generators: {100 * merged['cpu_s'] / seconds:.0f} % of a core in all, at worst "
-        f"{merged['late_s'] * 1000:.0f} ms behind schedule, signing took "
-        f"{merged['presign_s']:.1f} s before the step; other processes: {beacon['others']}"
+        f"{merged['late_s'] * 1000:.0f} ms behind schedule, the step started "
+        f"{merged['presign_s']:.1f} s after they began signing it; other processes: "
+        f"{beacon['others']}"
     )
     return "\n".join(lines)
 
@@ -558,8 +563,14 @@ def run_steps(
             }
             for child in children:
                 child.say(params)
+            # They sign at once, on the machine's cores: three times the slowest one's estimate.
+            signing = max(json.loads(child.hear()) for child in children)
+            go_at = time.time() + 5 + 3 * signing * len(children) / (os.cpu_count() or 1)
+            for child in children:
+                child.say({"go_at": go_at})
             for child in children:
                 assert child.hear() == "presigned"
+            time.sleep(max(0.0, go_at - time.time()))
             refusals0 = status(beacon)["refusals"]
             before = BeaconSample.take(pid, beacon[1])
             for child in children:
