@@ -576,11 +576,14 @@ def run_steps(
                 child.say({"go_at": go_at})
             for child in children:
                 assert child.hear() == "presigned"
-            time.sleep(max(0.0, go_at - time.time()))
             refusals0 = status(beacon)["refusals"]
+            time.sleep(max(0.0, go_at - time.time()))
             before = BeaconSample.take(pid, beacon[1])
             for child in children:
                 child.say("go")
+            if (late := time.time() - go_at) > 30:
+                print(f"(the step starts {late:.0f} s late: REGISTERs stamped more than a minute"
+                      " before they are sent are refused as stale)", flush=True)
             time.sleep(args.seconds)
             after = BeaconSample.take(pid, beacon[1])
             rss, hwm = proc_rss_mb(pid)
