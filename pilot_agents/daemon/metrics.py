@@ -22,6 +22,17 @@ from ..node.node import PeerStatus
 from .dispatch import Reply
 
 PATHS = ("direct", "relay", "none")
+# Per listened port: the field of `daemon info`'s "listening" entry, the metric, what it says.
+PORT_METRICS: tuple[tuple[str, type[CounterMetricFamily | GaugeMetricFamily], str, str], ...] = (
+    ("received", CounterMetricFamily, "pilot_daemon_port_received_messages",
+     "Messages a listened port took from its tunnels"),
+    ("buffered", GaugeMetricFamily, "pilot_daemon_port_buffered_messages",
+     "Messages waiting in a port's inbox for a client"),
+    ("buffered_bytes", GaugeMetricFamily, "pilot_daemon_port_buffered_bytes",
+     "Payload bytes waiting in a port's inbox"),
+    ("unacked", GaugeMetricFamily, "pilot_daemon_port_unacked_messages",
+     "Messages handed out with ack and not acknowledged yet"),
+)
 
 
 class DaemonCollector(Collector):
@@ -75,27 +86,12 @@ class DaemonCollector(Collector):
         yield from (received, sent, rtt)
 
     def _ports(self, listening: list[Reply]) -> Iterator[Metric]:
-        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "received": CounterMetricFamily(
-                "pilot_daemon_port_received_messages",
-                "Messages a listened port took from its tunnels", labels=["port"],
-            ),
-            "buffered": GaugeMetricFamily(
-                "pilot_daemon_port_buffered_messages",
-                "Messages waiting in a port's inbox for a client", labels=["port"],
-            ),
-            "buffered_bytes": GaugeMetricFamily(
-                "pilot_daemon_port_buffered_bytes",
-                "Payload bytes waiting in a port's inbox", labels=["port"],
-            ),
-            "unacked": GaugeMetricFamily(
-                "pilot_daemon_port_unacked_messages",
-                "Messages handed out with ack and not acknowledged yet", labels=["port"],
-            ),
+        families = {
+            key: family(name, doc, labels=["port"]) for key, family, name, doc in PORT_METRICS
         }
         for port in listening:
-            for key, family in families.items():
-                family.add_metric([str(port["port"])], port[key])
+            for key, metric in families.items():
+                metric.add_metric([str(port["port"])], port[key])
         yield from families.values()
 
 
