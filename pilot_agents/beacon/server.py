@@ -79,6 +79,8 @@ from .store import Claim, Found, NameLimits, Registration, Store, run_now
 log = logging.getLogger("pilot_agents.beacon")
 
 ZERO_KEY = bytes(bw.KEY_SIZE)
+RELAY_OVERHEAD = bw.RELAY_OVERHEAD
+DATA = wire.DATA
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 STORE_WARNING_INTERVAL = 10.0  # seconds between operator warnings that the store is failing
@@ -113,8 +115,10 @@ class BeaconConfig:
     max_claimed_keys: int = 100_000  # (claimed key, IP) pairs tracked before all reset
     verify_rate: float = 2_000.0  # checks of new keys, moved nodes and BLOCK_RELAYs, in all
     verify_burst: float = 2_000.0
-    known_verify_rate: float = 2_000.0  # checks for refreshes from a live registration's address
-    known_verify_burst: float = 4_000.0
+    # Checks for refreshes from a live registration's address: 100k nodes refreshing every 25 s
+    # need 4,000/s, and retries come on top.
+    known_verify_rate: float = 10_000.0
+    known_verify_burst: float = 20_000.0
     # Names:
     max_names_per_key: int = 1  # hostnames one key holds; claiming one more gives up its oldest
     max_names_per_ip: int = 64  # held hostnames claimed from one source IP (a NAT's nodes share it)
@@ -213,6 +217,7 @@ class _Node:
     expires: float
     reply: bytes  # the REGISTERED we sent, resent for a duplicate of the same REGISTER
     name_touched: float  # when the store last recorded that its hostname is in use
+    relayed_head: bytes  # what starts a RELAYED from it: the type and its key
     keepalive_counter: int = 0  # the newest KEEPALIVE counter taken (at first: the timestamp)
     keepalive_key: bytes | None = None  # derived at its first KEEPALIVE; b"": not derivable
     reflexive_wire: bytes = b""  # reflexive, encoded for KEEPALIVE_ACKs, at the first one
@@ -260,6 +265,10 @@ def _nothing(*_: object) -> None:
 def reported_address(address: Address) -> Address:
     """An address as a node should see it: no scope id, IPv4-mapped IPv6 as plain IPv4."""
     host, port = address[0], address[1]
+    if ":" not in host:
+        # IPv4 as the socket reports it (canonical already): the common case, and parsing it
+        # with ipaddress would cost a tenth of a refresh.
+        return host, port
     ip = ipaddress.ip_address(host.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -318,6 +327,7 @@ class BeaconServer:
         self._relay_pairs: dict[tuple[bytes, bytes], _Pair] = {}
         self._blocks: dict[bytes, dict[bytes, float]] = {}  # receiver -> sender -> until (now)
         self._block_stamps: dict[bytes, int] = {}  # newest BLOCK_RELAY timestamp per node
+        self._max_relay_payload = self.config.max_relay_payload
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
         self._x25519_secret = crypto.ed25519_sk_to_x25519(secret_key)  # for keepalive keys
@@ -690,7 +700,13 @@ class BeaconServer:
         self._refuse(status.name.lower())
         self._out.append((self._registered(message, address, status), address))
 
-    def _registered(self, message: bw.Register, address: Address, status: Status) -> bytes:
+    def _registered(
+        self,
+        message: bw.Register,
+        address: Address,
+        status: Status,
+        reflexive: Address | None = None,  # reported_address(address), if known
+    ) -> bytes:
         return bw.encode_registered(
             self.secret_key,
             self.public_key,
@@ -699,7 +715,7 @@ class BeaconServer:
             message.timestamp_ns,
             math.ceil(self.config.registration_ttl),
             self.config.alt_port,
-            reported_address(address),
+            reflexive or reported_address(address),
         )
 
     def _accept(
@@ -720,18 +736,23 @@ class BeaconServer:
             and self._by_address.get(previous.address) == key
         ):
             del self._by_address[previous.address]
-        reply = self._registered(message, address, Status.OK)
+        if previous is not None and previous.address == address:
+            reflexive = previous.reflexive
+        else:
+            reflexive = reported_address(address)
+        reply = self._registered(message, address, Status.OK, reflexive)
         self._nodes[key] = _Node(
             key,
             message.hostname,
             address,
-            reported_address(address),
+            reflexive,
             message.candidates,
             message.nat_type,
             message.timestamp_ns,
             now + self.config.registration_ttl,
             reply,
             name_touched,
+            bytes([bw.RELAYED]) + key,
         )
         node = self._nodes[key]
         node.keepalive_counter = message.timestamp_ns
@@ -770,7 +791,8 @@ class BeaconServer:
             log.info("%s %s moved from %s to %s", label, _short(key), previous.address, address)
         else:
             self.stats.refreshes += 1
-            log.debug("refreshed %s %s at %s", label, _short(key), address)
+            if log.isEnabledFor(logging.DEBUG):  # the node id costs a base32 encoding
+                log.debug("refreshed %s %s at %s", label, _short(key), address)
 
     # -- KEEPALIVE -----------------------------------------------------------------------------
 
@@ -988,12 +1010,14 @@ class BeaconServer:
     # -- RELAY ---------------------------------------------------------------------------------
 
     def _on_relay(self, data: bytes, address: Address, now: float) -> None:
-        size = len(data) - bw.RELAY_OVERHEAD
-        if size <= 0 or size > self.config.max_relay_payload:
+        # Most of the beacon's traffic: every lookup here runs per packet (hence the locals).
+        size = len(data) - RELAY_OVERHEAD
+        if size <= 0 or size > self._max_relay_payload:
             self._refuse("malformed")
             return
+        nodes = self._nodes
         key = self._by_address.get(address)
-        source = self._nodes.get(key) if key is not None else None
+        source = nodes.get(key) if key is not None else None
         if source is None or source.expires <= now:
             self._refuse("relay_not_registered")
             # Tells a node whose registration we lost (we restarted) to register again; costs
@@ -1001,29 +1025,31 @@ class BeaconServer:
             if self._source_allows(address, now):
                 self._out.append((bw.encode_refused(Status.NOT_REGISTERED, 0), address))
             return
-        target_key = data[1 : bw.RELAY_OVERHEAD]
-        blocks = self._blocks.get(target_key)
-        if blocks is not None and blocks.get(source.key, 0.0) > now:
-            self._refuse("relay_blocked")
-            return
-        limits = self._limits_of(source.key, now)
+        target_key = data[1:RELAY_OVERHEAD]
+        if self._blocks:
+            blocks = self._blocks.get(target_key)
+            if blocks is not None and blocks.get(source.key, 0.0) > now:
+                self._refuse("relay_blocked")
+                return
+        limits = self._limits.get(source.key) or self._limits_of(source.key, now)
         if not limits.relay_packets.take(now) or not limits.relay_bytes.take(now, size):
             self._refuse("relay_rate_limited")
             return
-        target = self._nodes.get(target_key)
+        target = nodes.get(target_key)
         if target is None or target.expires <= now:
             self._refuse("relay_target_offline")
             return
-        pair = self._pair(source, target, now)
+        pair = self._relay_pairs.get((source.key, target_key)) or self._pair(source, target, now)
         # The tunnel packet's type is in clear: a handshake or a trust request costs its
         # receiver far more than a data packet of an established tunnel does.
-        if data[bw.RELAY_OVERHEAD] != wire.DATA and not (
+        if data[RELAY_OVERHEAD] != DATA and not (
             pair.handshakes.take(now) and limits.relay_handshakes.take(now)
         ):
             self._refuse("relay_handshake_rate_limited")
             return
         pair.last = now
-        self._out.append((bw.encode_relayed(source.key, data[bw.RELAY_OVERHEAD :]), target.address))
+        # RELAYED is RELAY with the source's key where the target's was (bw.encode_relayed).
+        self._out.append((source.relayed_head + data[RELAY_OVERHEAD:], target.address))
         stats = self.stats
         stats.relayed_packets += 1
         stats.relayed_bytes += size

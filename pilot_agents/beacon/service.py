@@ -2,6 +2,7 @@
 
     pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
                         [--store sqlite:PATH|redis://HOST:PORT/DB] [--key-file PATH]
+                        [--metrics HOST:PORT]
     python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
 
 When the sockets are bound it prints one line to stdout,
@@ -19,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
 import secrets
 import signal
@@ -36,8 +36,10 @@ from ..identity import Identity, default_home, node_id_from_key
 from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
+from . import metrics as beacon_metrics
 from .server import BeaconConfig, BeaconServer, StoreCall
 from .store import open_store
+from .udp_batch import Sender, enable_gro, read_coalesced
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -83,11 +85,20 @@ class BeaconService:
         self._alt_sock = alt_sock
         self._timer: asyncio.TimerHandle | None = None
         self._store_tasks: set[asyncio.Task[None]] = set()
-        self.send_errors = 0
+        # Relayed traffic comes and goes in runs of one flow: read and send those in batches.
+        self._gro = enable_gro(sock)
+        self._sender = Sender(sock)
+        self._alt_sender = Sender(alt_sock, gso=False) if alt_sock is not None else None
         self._loop.add_reader(sock.fileno(), self._read_ready)
         if alt_sock is not None:
             self._loop.add_reader(alt_sock.fileno(), self._alt_read_ready)
         self._arm()
+
+    @property
+    def send_errors(self) -> int:
+        """Datagrams lost to a full send buffer or a failed send."""
+        alt = self._alt_sender.errors if self._alt_sender is not None else 0
+        return self._sender.errors + alt
 
     @property
     def address(self) -> Address:
@@ -127,13 +138,16 @@ class BeaconService:
 
     def _read_ready(self) -> None:
         if self._sock is not None:
-            self._drain(self._sock, self.server.receive_datagram)
+            if self._gro:
+                read_coalesced(self._sock, self.server.receive_datagram, self._loop.time())
+            else:
+                self._drain(self._sock, self.server.receive_datagram)
             self._flush()
 
     def _alt_read_ready(self) -> None:
-        if self._alt_sock is not None:
+        if self._alt_sock is not None and self._alt_sender is not None:
             self._drain(self._alt_sock, self.server.receive_alt_datagram)
-            self._send_all(self._alt_sock, self.server.alt_datagrams_to_send())
+            self._alt_sender.send_all(self.server.alt_datagrams_to_send())
 
     def _flush(self) -> None:
         if self._sock is not None:
@@ -141,7 +155,7 @@ class BeaconService:
                 task = self._loop.create_task(self._run_store_call(call))
                 self._store_tasks.add(task)
                 task.add_done_callback(self._store_tasks.discard)
-            self._send_all(self._sock, self.server.datagrams_to_send())
+            self._sender.send_all(self.server.datagrams_to_send())
 
     async def _run_store_call(self, call: StoreCall) -> None:
         timeout = self.server.config.store_timeout
@@ -159,17 +173,6 @@ class BeaconService:
         else:
             self.server.store_done(call.call_id, result, self._loop.time())
         self._flush()
-
-    def _send_all(self, sock: socket.socket, datagrams: list[tuple[bytes, Address]]) -> None:
-        sendto = sock.sendto
-        for data, address in datagrams:
-            try:
-                sendto(data, address)
-            except OSError as exc:
-                # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
-                self.send_errors += 1
-                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
-                    log.debug("sendto %s failed: %s", address, exc)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -280,11 +283,13 @@ async def serve(
     store: str | None = None,
     key_file: Path | None = None,
     beacon_id: str | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
     ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
-    seconds between log lines of the counters; None for none. The rest as :func:`start`."""
+    seconds between log lines of the counters; None for none. ``metrics``: HOST:PORT to serve
+    Prometheus metrics on; None for none. The rest as :func:`start`."""
     service = await start(
         listen,
         data_dir,
@@ -294,6 +299,12 @@ async def serve(
         key_file=key_file,
         beacon_id=beacon_id,
     )
+    try:
+        exporter = await beacon_metrics.serve(metrics, service) if metrics else None
+    except ConfigError:
+        service.close()
+        await service.server.registry.aclose()
+        raise
     loop = asyncio.get_running_loop()
     info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
     log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
@@ -309,6 +320,8 @@ async def serve(
     finally:
         if stats_interval is not None:
             log.info("final status %s", service.server.status(loop.time()))
+        if exporter is not None:
+            exporter.close()
         service.close()
         await service.server.registry.aclose()
 
@@ -324,6 +337,7 @@ def run(
     store: str | None = None,
     key_file: Path | None = None,
     beacon_id: str | None = None,
+    metrics: str | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
@@ -344,6 +358,7 @@ def run(
             store=store,
             key_file=key_file,
             beacon_id=beacon_id,
+            metrics=metrics,
         )
 
     try:
@@ -461,6 +476,12 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         help="relayed megabytes per second allowed per node, 0 for no limit (default %(default)g)",
     )
     parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics; docs/metrics.md)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
@@ -497,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store=args.store,
         key_file=args.key_file,
         beacon_id=args.beacon_id,
+        metrics=args.metrics,
     )
 
 

@@ -30,6 +30,8 @@ def register(commands: Commands) -> None:
     start.add_argument("--inbox", type=ports, default=(DEFAULT_PORT,), metavar="PORTS",
                        help="ports listened on from the start, messages buffered until read "
                        f"(comma-separated; default {DEFAULT_PORT}; 'none')")
+    start.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                       help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics)")
     start.add_argument("--foreground", action="store_true",
                        help="run in this process, logging to stderr too")
     start.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -48,7 +50,7 @@ def start_cmd(ctx: Context) -> int:
     from ..daemon import DaemonOptions, run_foreground, start_detached
 
     options = DaemonOptions(home=ctx.home, hostname=args.hostname, beacon=args.beacon,
-                            listen=args.listen, inbox_ports=args.inbox)
+                            listen=args.listen, inbox_ports=args.inbox, metrics=args.metrics)
     if args.foreground:
         return run_foreground(options, args.ready_fd)
     info = start_detached(options)

@@ -20,6 +20,7 @@ class DaemonOptions:
     beacon: str | None = None  # "HOST:PORT" or "KEYB32@HOST:PORT"
     listen: str = "0.0.0.0:0"  # UDP address of the tunnel endpoint
     inbox_ports: tuple[int, ...] = DEFAULT_INBOX_PORTS  # listened on from the start
+    metrics: str | None = None  # HOST:PORT serving Prometheus metrics (docs/metrics.md); None: off
     # -- inboxes: messages waiting in the daemon for a client --------------------------------
     # A listened port's (or a stream's) inbox takes messages from the tunnel while it holds fewer
     # than inbox_messages messages and fewer than inbox_bytes payload bytes (so it can overshoot

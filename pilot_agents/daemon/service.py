@@ -18,6 +18,7 @@ from ..errors import (
     PilotError,
     PilotTimeoutError,
 )
+from ..net.io.metrics_http import MetricsServer
 from ..node.node import Node
 from ..trust import TrustStore, is_node_id
 from .admin import AdminCommands
@@ -25,6 +26,7 @@ from .context import DaemonContext, load_static_peers
 from .dispatch import DispatchTable, Reply
 from .lock import HomeLock
 from .messaging import Messaging
+from .metrics import serve as serve_metrics
 from .options import DaemonOptions
 from .publishing import Publishing
 from .server import IpcServer
@@ -47,6 +49,7 @@ class Daemon:
         self._publishing: Publishing | None = None
         self._server: IpcServer | None = None
         self._store: TrustStore | None = None
+        self._metrics: MetricsServer | None = None
 
     async def run(self, ready: Ready) -> None:
         """Start, call ``ready`` with our info (or the error that stopped us), serve until
@@ -127,10 +130,14 @@ class Daemon:
         server = self._server = IpcServer(opts, dispatch, messaging.requeue, self._stop.set)
         server.bind(ipc_address)
         messaging.publish = server.publish
+        if opts.metrics:
+            self._metrics = await serve_metrics(opts.metrics, admin.snapshot, node.peers)
         self._lock.write_pid()
         return admin, server
 
     async def _shutdown(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
         if self._publishing is not None:
             await self._publishing.close_all()  # says bye while the tunnels are up
         if self._messaging is not None:

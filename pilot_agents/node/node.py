@@ -711,9 +711,9 @@ class Node:
         session = mux.get_session(event.peer_key)
         if session is None or session.established or not isinstance(session.address, RelayPath):
             return
-        verdict = (
-            event.reason if event.code == Status.ELSEWHERE else f"not at the beacon ({event.reason})"
-        )
+        verdict = event.reason
+        if event.code != Status.ELSEWHERE:
+            verdict = f"not at the beacon ({verdict})"
         self._unreachable[event.peer_key] = verdict
         name = self._hostnames.get(event.peer_key) or node_id_from_key(event.peer_key)
         session.close(CloseCode.PEER_UNREACHABLE, f"{name}: {verdict}", endpoint.now())

@@ -34,6 +34,9 @@ class SqliteStore:
             # isolation_level=None: every statement commits by itself; a claim is one INSERT.
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # No fsync per commit (6 ms each here: 170 claims/s, the beacon stalled meanwhile);
+            # in WAL mode the file stays consistent, a power cut loses only the last claims.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise ConfigError(

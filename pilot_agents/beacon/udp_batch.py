@@ -1,0 +1,119 @@
+"""The beacon's socket I/O in batches: UDP GRO to receive, UDP GSO to send (Linux).
+
+A relaying beacon spends most of a packet's cost in two system calls, one to read it and one to
+send it on. Linux can do both for many datagrams at once (DESIGN.md §8): with ``UDP_GRO`` set,
+one ``recvmsg`` returns consecutive datagrams of one flow glued together, with their size in a
+control message; with ``UDP_SEGMENT``, one ``sendmsg`` sends a buffer as datagrams of a given
+size to one address. Relayed traffic is made of such runs: one sender's packets to one receiver,
+all of the tunnel's packet size. The receivers see ordinary datagrams either way (the kernel, or
+the NIC, cuts them), and where the kernel lacks either option the beacon reads and sends one
+datagram per call as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Final
+
+from ..net.traversal.beacon_wire import Address
+
+log = logging.getLogger("pilot_agents.beacon")
+
+UDP_SEGMENT: Final = 103  # linux/udp.h: send a buffer as datagrams of this size
+UDP_GRO: Final = 104  # linux/udp.h: receive coalesced datagrams, their size in a cmsg
+MAX_SEGMENTS: Final = 64  # datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS)
+MAX_GSO_BYTES: Final = 65_000  # a GSO buffer stays under the largest UDP payload
+# Datagrams larger than this go out one by one: a GSO segment must fit the path MTU (1,500
+# bytes on Ethernet: 1,452 of UDP payload over IPv6), and relayed tunnel packets are 1,233.
+MAX_GSO_SEGMENT: Final = 1_452
+MAX_DATAGRAM: Final = 65_535
+READ_BATCH: Final = 256  # reads per readiness callback before yielding to other tasks
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+_EXPECTED_SEND_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
+
+Receive = Callable[[bytes, Address, float], None]
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced reads on ``sock``; whether the kernel agreed."""
+    try:
+        sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def read_coalesced(sock: socket.socket, receive: Receive, now: float) -> None:
+    """Feed every datagram waiting on ``sock`` (GRO set) to ``receive``, up to a batch of reads."""
+    for _ in range(READ_BATCH):
+        try:
+            data, ancillary, _, source = sock.recvmsg(MAX_DATAGRAM, _GRO_CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
+            log.debug("recvmsg: %s", exc)
+            continue
+        address = (source[0], source[1])
+        size = 0
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_UDP and kind == UDP_GRO:
+                size = int.from_bytes(value[:4], sys.byteorder)
+        if 0 < size < len(data):
+            for start in range(0, len(data), size):
+                receive(data[start : start + size], address, now)
+        else:
+            receive(data, address, now)
+
+
+class Sender:
+    """Sends a list of datagrams, runs of one size to one address in one ``sendmsg`` each."""
+
+    def __init__(self, sock: socket.socket, *, gso: bool = True) -> None:
+        self.sock = sock
+        self.gso = gso
+        self.errors = 0  # datagrams lost to a full buffer or a failed send
+
+    def send_all(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, address = datagrams[i]
+            size = len(data)
+            j = i + 1
+            if self.gso and 0 < size <= MAX_GSO_SEGMENT:
+                limit = min(n, i + MAX_SEGMENTS, i + MAX_GSO_BYTES // size)
+                while j < limit and datagrams[j][1] == address and len(datagrams[j][0]) == size:
+                    j += 1
+            if j - i == 1:
+                self._send_one(data, address)
+            else:
+                self._send_run(datagrams[i:j], size, address)
+            i = j
+
+    def _send_one(self, data: bytes, address: Address) -> None:
+        try:
+            self.sock.sendto(data, address)
+        except OSError as exc:
+            # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
+            self.errors += 1
+            if exc.errno not in _EXPECTED_SEND_ERRORS:
+                log.debug("sendto %s failed: %s", address, exc)
+
+    def _send_run(self, run: list[tuple[bytes, Address]], size: int, address: Address) -> None:
+        segment = [(socket.IPPROTO_UDP, UDP_SEGMENT, struct.pack("H", size))]
+        try:
+            self.sock.sendmsg([b"".join(data for data, _ in run)], segment, 0, address)
+        except OSError as exc:
+            if exc.errno in _EXPECTED_SEND_ERRORS:
+                self.errors += len(run)
+                return
+            # No GSO here (an old kernel, a device that refuses it): one at a time from now on.
+            log.info("UDP GSO unavailable (%s): sending datagrams one by one", exc)
+            self.gso = False
+            for data, _ in run:
+                self._send_one(data, address)
