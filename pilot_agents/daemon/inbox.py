@@ -163,7 +163,9 @@ class WayBack(Protocol):
     @property
     def error(self) -> PilotError | None: ...  # why it broke, if it did
 
-    async def send(self, data: bytes) -> None: ...
+    def write(self, payload: bytes) -> bool: ...  # sent; False: wait for room() before more
+
+    async def room(self) -> None: ...
 
 
 class ReplyPaths:
