@@ -222,17 +222,42 @@ class Messaging:
         return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
 
     async def _push_all(self, inbox: Inbox, push: Push, credit: Credit, *, ack: bool) -> Reply:
-        while True:
-            await credit.wait()
-            message = await inbox.get(None)
-            credit.take(len(message.data))
-            handed = self._message_fields(message, inbox, ack=ack)
-            if not push({"message": handed}):
-                # The client is gone (or does not read): the message goes back, even if its
-                # payload was too large for the requeue memory.
-                if not self.memory.requeue(handed["id"]):
-                    inbox.push_front(message)
-                return {"done": True}
+        ended = False
+
+        def take(message: Message) -> bool:  # the inbox hands over a message as it comes
+            nonlocal ended
+            if ended or not credit.available():
+                return False  # it stays queued
+            if not self._hand_out(message, inbox, push, credit, ack=ack):
+                ended = True
+                inbox.changed()  # wakes the loop below, to end the delivery
+            return True
+
+        inbox.add_taker(take)
+        try:
+            while not ended:
+                await credit.wait()
+                message = inbox.get_nowait()
+                if message is None:  # new messages come through take()
+                    await inbox.wait_until(lambda: ended or inbox.ready())
+                elif not self._hand_out(message, inbox, push, credit, ack=ack):
+                    break
+            return {"done": True}
+        finally:
+            inbox.remove_taker(take)
+
+    def _hand_out(self, message: Message, inbox: Inbox, push: Push, credit: Credit, *,
+                  ack: bool) -> bool:
+        """Push one message to the client; False if it could not be (the client is gone or
+        does not read): the message goes back, even if its payload was too large for the
+        requeue memory."""
+        credit.take(len(message.data))
+        handed = self._message_fields(message, inbox, ack=ack)
+        if push({"message": handed}):
+            return True
+        if not self.memory.requeue(handed["id"]):
+            inbox.push_front(message)
+        return False
 
     def reply(self, req: ReplyRequest) -> Reply | Awaitable[Reply]:
         """Sent at once, as :meth:`stream_send`."""
