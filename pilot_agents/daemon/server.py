@@ -43,6 +43,8 @@ from .requests import (
 log = logging.getLogger("pilot_agents.daemon")
 
 TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id or a fresh token)
+# One encoder for every reply: json.dumps with separators builds a new one per call.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class IpcServer:
@@ -334,7 +336,7 @@ class IpcServer:
                 parts.append(message.pop("data"))
             else:
                 message["data"], message["encoding"] = encode_data(message["data"])
-        parts[len(envelope) + 1] = json.dumps(reply, separators=(",", ":")).encode("utf-8")
+        parts[len(envelope) + 1] = _encode_json(reply).encode("utf-8")
         peer = self._peers.get(identity) if len(identity) == 9 else None
         if peer is not None:
             if peer.write(parts[1:], self.options.max_payload_bytes):
