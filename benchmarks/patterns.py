@@ -1,7 +1,7 @@
 """Benchmark pilot-agents' pub/sub and req/rep patterns against pyzmq, zenoh, NATS and Redis,
 side by side in one run.
 
-.venv/bin/python -m benchmarks.patterns [--quick] [--only NAME] [--json] [--write]
+.venv/bin/python -m benchmarks.patterns [--quick] [--only NAME] [--reqrep] [--json] [--write]
 """
 
 from __future__ import annotations
@@ -198,9 +198,9 @@ def _await_listening(proc: subprocess.Popen[bytes], port: int, name: str) -> Non
 # --- measurements -------------------------------------------------------------------------------
 
 
-def run_case(name: str, p: PatternParams) -> Row:
-    """The case's pub/sub to 1 and to ``fanout`` subscribers and its round trips, each in fresh
-    processes (and a fresh server, if it has one)."""
+def run_case(name: str, p: PatternParams, pubsub: bool = True) -> Row:
+    """The case's pub/sub to 1 and to ``fanout`` subscribers (unless not ``pubsub``) and its
+    round trips, each in fresh processes (and a fresh server, if it has one)."""
     row = Row(name)
     try:
         case = load(CASES[name])
@@ -214,7 +214,7 @@ def run_case(name: str, p: PatternParams) -> Row:
     spec = CASES[name]
     plans: list[tuple[str, list[RoleSpec]]] = [
         (f"pub/sub {n}", [("publisher", (n, m)), *(("subscriber", (m, i)) for i in range(n))])
-        for n, m in ((1, p.messages), (p.fanout, p.fanout_messages))
+        for n, m in ((1, p.messages), (p.fanout, p.fanout_messages)) if pubsub
     ]
     plans.append(("req/rep", [("replier", ()), ("requester", ())]))
     for label, roles in plans:
@@ -342,6 +342,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=1, metavar="N",
                         help="measure every case N times, the cases taking turns; the table "
                              "shows the pass with the median rate and pools the round trips")
+    parser.add_argument("--reqrep", action="store_true",
+                        help="measure only the round trips (no pub/sub)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON instead of a table")
     parser.add_argument("--write", action="store_true",
@@ -365,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.fanout is not None:
             p = replace(p, fanout=args.fanout)
         try:
-            rows = [run_case(name, p) for name in names]
+            pubsub = not args.reqrep
+            rows = [run_case(name, p, pubsub) for name in names]
             for _ in range(args.passes - 1):
                 for row in rows:
-                    row.add_pass(run_case(row.case, p))
+                    row.add_pass(run_case(row.case, p, pubsub))
         finally:
             _stop_daemons(Path(workdir))
     others = others_share(before, CpuSample.now())

@@ -546,7 +546,7 @@ class IpcClient:
         """Hand a reply to whoever waits for it; a message nobody waits for any more: its id,
         to be requeued."""
         try:
-            reply = json.loads(frames[0])
+            reply = json.loads(frames[0].decode("utf-8"))
         except ValueError:
             return None
         if not isinstance(reply, dict):

@@ -27,7 +27,6 @@ import collections
 import contextlib
 import functools
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,16 +462,22 @@ class _ReplyPath:
     subscriber on its subscription message, again and again, so hears that the subscriber is
     gone. Its sink lives as long as this object (the message holds it)."""
 
+    __slots__ = ("_client", "_message_id", "_sink")
+
     def __init__(self, client: Client, message_id: str) -> None:
         self._client = client
         self._message_id = message_id
         self._sink: int | None = None
 
+    def __del__(self) -> None:
+        # Not weakref.finalize: that costs a registry entry per replied-to message.
+        if self._sink is not None:
+            self._client._forget_reply_sink(self._sink)
+
     async def reply(self, data: bytes) -> None:
         client = self._client
         if self._sink is None:
             self._sink = client._reply_sink()
-            weakref.finalize(self, client._forget_reply_sink, self._sink)
         error = client._path_errors.get(self._sink)
         if error is not None:
             raise error

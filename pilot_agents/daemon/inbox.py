@@ -22,6 +22,7 @@ from ..errors import ConnectionClosedError, PilotError, PilotTimeoutError
 from ..node.connection import Message
 
 Refuse = Callable[[list[Message]], None]  # tells the senders of messages nobody will read
+Taker = Callable[[Message], bool]  # a delivery taking a message as it comes; False: not now
 
 
 class Inbox:
@@ -41,6 +42,7 @@ class Inbox:
         self._held = 0  # messages handed out and not yet acknowledged
         self._error: PilotError | None = None
         self._waiters: set[asyncio.Future[None]] = set()
+        self._takers: collections.deque[Taker] = collections.deque()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -58,13 +60,34 @@ class Inbox:
                 and self._bytes < self.max_bytes)
 
     def put(self, item: Message) -> None:
-        """Append without waiting: the pump checked :meth:`has_room` before taking ``item``."""
+        """Append without waiting: the pump checked :meth:`has_room` before taking ``item``.
+        With nothing queued, a delivery that can take it now (:meth:`add_taker`) gets it
+        directly: no task of its own wakes to pass it on."""
         if self._closed:
             self._refused([item])
+            return
+        if not self._items and self._takers and self._hand(item):
             return
         self._items.append(item)
         self._bytes += len(item.data)
         self._wake()
+
+    def add_taker(self, take: Taker) -> None:
+        self._takers.append(take)
+
+    def remove_taker(self, take: Taker) -> None:
+        self._takers.remove(take)
+
+    def _hand(self, item: Message) -> bool:
+        """The next taker in turn that takes ``item`` (several deliveries of one port share
+        its messages)."""
+        takers = self._takers
+        for _ in range(len(takers)):
+            take = takers.popleft()
+            takers.append(take)
+            if take(item):
+                return True
+        return False
 
     def push_front(self, item: Message) -> None:
         """A handed-out message comes back: it is the next one out."""
@@ -114,15 +137,35 @@ class Inbox:
         await self._wait(self.has_room, None)
 
     async def get(self, timeout: float | None) -> Message:
-        if not await self._wait(lambda: bool(self._items) or self._error is not None, timeout):
+        if not await self._wait(self.ready, timeout):
             raise PilotTimeoutError(f"no message on {self.what} within {timeout:g} s")
+        item = self.get_nowait()
+        assert item is not None
+        return item
+
+    def ready(self) -> bool:
+        """A get would return at once: a message is queued, or the inbox failed."""
+        return bool(self._items) or self._error is not None
+
+    def get_nowait(self) -> Message | None:
+        """The next message, None if none is queued; the inbox's error once it failed and
+        is empty."""
         if not self._items:
-            assert self._error is not None
-            raise self._error
+            if self._error is not None:
+                raise self._error
+            return None
         item = self._items.popleft()
         self._bytes -= len(item.data)
         self._wake()
         return item
+
+    async def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``, looked at again whenever the inbox changes (or
+        :meth:`changed` is called)."""
+        await self._wait(ready, None)
+
+    def changed(self) -> None:
+        self._wake()
 
     async def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ``ready()``; False if ``timeout`` seconds passed first."""
@@ -163,7 +206,9 @@ class WayBack(Protocol):
     @property
     def error(self) -> PilotError | None: ...  # why it broke, if it did
 
-    async def send(self, data: bytes) -> None: ...
+    def write(self, payload: bytes) -> bool: ...  # sent; False: wait for room() before more
+
+    async def room(self) -> None: ...
 
 
 class ReplyPaths:

@@ -10,7 +10,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import ipc
@@ -18,7 +18,7 @@ from ..errors import BadRequestError, ConfigError, ConnectionClosedError, PilotE
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
 from .dispatch import Credit, DispatchTable, Push, Reply
-from .inbox import Inbox, MessageMemory, Refuse, ReplyPaths
+from .inbox import Inbox, MessageMemory, Refuse, ReplyPaths, WayBack
 from .requests import (
     AckRequest,
     ConnectRequest,
@@ -83,7 +83,7 @@ class Messaging:
 
     def register(self, table: DispatchTable) -> None:
         table.add(ConnectRequest, self.connect)
-        table.add(StreamSendRequest, self.stream_send)
+        table.add_immediate(StreamSendRequest, self.stream_send)
         table.add(StreamReceiveRequest, self.stream_receive)
         table.add(StreamDrainRequest, self.stream_drain)
         table.add(StreamCloseRequest, self.stream_close)
@@ -92,7 +92,7 @@ class Messaging:
         table.add(ListenRequest, self.listen)
         table.add(UnlistenRequest, self.unlisten)
         table.add(ReceiveRequest, self.receive)
-        table.add(ReplyRequest, self.reply)
+        table.add_immediate(ReplyRequest, self.reply)
         table.add(RequeueRequest, self.requeue_request)
         table.add(AckRequest, self.ack)
         table.add_delivery(DeliverRequest, self.deliver)
@@ -122,15 +122,24 @@ class Messaging:
         return {"stream": stream.stream_id, "peer": target.node_id, "hostname": target.hostname,
                 "port": req.port, "path": conn.path, "rtt": conn.rtt}
 
-    async def stream_send(self, req: StreamSendRequest) -> Reply:
+    def stream_send(self, req: StreamSendRequest) -> Reply | Awaitable[Reply]:
+        """Sent at once; if the stream's send buffer is full, what the reply waits for."""
         stream = self._stream(req.stream)
         data = req.payload()
+        try:
+            if stream.conn.write(data):
+                return {"bytes": len(data)}
+        except PilotError as exc:
+            raise self._explain(exc, stream) from None
+        return self._stream_room(stream, len(data))
+
+    async def _stream_room(self, stream: StreamState, size: int) -> Reply:
         with self._using(stream):
             try:
-                await stream.conn.send(data)
+                await stream.conn.room()
             except PilotError as exc:
                 raise self._explain(exc, stream) from None
-        return {"bytes": len(data)}
+        return {"bytes": size}
 
     async def stream_receive(self, req: StreamReceiveRequest) -> Reply:
         stream = self._stream(req.stream)
@@ -213,26 +222,63 @@ class Messaging:
         return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
 
     async def _push_all(self, inbox: Inbox, push: Push, credit: Credit, *, ack: bool) -> Reply:
-        while True:
-            await credit.wait()
-            message = await inbox.get(None)
-            credit.take(len(message.data))
-            handed = self._message_fields(message, inbox, ack=ack)
-            if not push({"message": handed}):
-                # The client is gone (or does not read): the message goes back, even if its
-                # payload was too large for the requeue memory.
-                if not self.memory.requeue(handed["id"]):
-                    inbox.push_front(message)
-                return {"done": True}
+        ended = False
 
-    async def reply(self, req: ReplyRequest) -> Reply:
+        def take(message: Message) -> bool:  # the inbox hands over a message as it comes
+            nonlocal ended
+            if ended or not credit.available():
+                return False  # it stays queued
+            if not self._hand_out(message, inbox, push, credit, ack=ack):
+                ended = True
+                inbox.changed()  # wakes the loop below, to end the delivery
+            return True
+
+        inbox.add_taker(take)
+        try:
+            while not ended:
+                await credit.wait()
+                message = inbox.get_nowait()
+                if message is None:  # new messages come through take()
+                    await inbox.wait_until(lambda: ended or inbox.ready())
+                elif not self._hand_out(message, inbox, push, credit, ack=ack):
+                    break
+            return {"done": True}
+        finally:
+            inbox.remove_taker(take)
+
+    def _hand_out(self, message: Message, inbox: Inbox, push: Push, credit: Credit, *,
+                  ack: bool) -> bool:
+        """Push one message to the client; False if it could not be (the client is gone or
+        does not read): the message goes back, even if its payload was too large for the
+        requeue memory."""
+        credit.take(len(message.data))
+        handed = self._message_fields(message, inbox, ack=ack)
+        if push({"message": handed}):
+            return True
+        if not self.memory.requeue(handed["id"]):
+            inbox.push_front(message)
+        return False
+
+    def reply(self, req: ReplyRequest) -> Reply | Awaitable[Reply]:
+        """Sent at once, as :meth:`stream_send`."""
         way = self.replies.find(req.message)
         data = req.payload()
         try:
-            await way.send(data)
+            if way.write(data):
+                return {"bytes": len(data)}
         except PilotError as exc:
-            raise self.ctx.explain(exc, way.peer_id, self.ctx.label(way.peer_id), None) from None
-        return {"bytes": len(data)}
+            raise self._way_error(exc, way) from None
+        return self._way_room(way, len(data))
+
+    async def _way_room(self, way: WayBack, size: int) -> Reply:
+        try:
+            await way.room()
+        except PilotError as exc:
+            raise self._way_error(exc, way) from None
+        return {"bytes": size}
+
+    def _way_error(self, exc: PilotError, way: WayBack) -> PilotError:
+        return self.ctx.explain(exc, way.peer_id, self.ctx.label(way.peer_id), None)
 
     async def requeue_request(self, req: RequeueRequest) -> Reply:
         return {"requeued": self.memory.requeue(req.message)}

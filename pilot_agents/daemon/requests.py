@@ -297,7 +297,7 @@ def load_request_untrusted(body: bytes, max_bytes: int, max_depth: int) -> dict[
         raise BadRequestError(
             f"the request nests deeper than {max_depth} levels, or its brackets do not match")
     try:
-        data = json.loads(body)
+        data = json.loads(body.decode("utf-8"))  # a str: json skips guessing its encoding
     except (UnicodeDecodeError, ValueError):
         raise BadRequestError("the request is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):

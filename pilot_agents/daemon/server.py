@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import zmq
@@ -25,7 +25,7 @@ import zmq
 from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
-from .dispatch import Credit, DispatchTable, Reply
+from .dispatch import Credit, DispatchTable, Immediate, Reply
 from .options import DaemonOptions
 from .requests import (
     AnyRequest,
@@ -43,6 +43,8 @@ from .requests import (
 log = logging.getLogger("pilot_agents.daemon")
 
 TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id or a fresh token)
+# One encoder for every reply: json.dumps with separators builds a new one per call.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class IpcServer:
@@ -69,6 +71,7 @@ class IpcServer:
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
         self._in_flight: collections.Counter[bytes] = collections.Counter()  # per client
+        self._sending: collections.Counter[bytes] = collections.Counter()  # its sends in tasks
         self.undelivered_replies = 0
 
     def bind(self, address: str) -> None:
@@ -199,10 +202,32 @@ class IpcServer:
                 "flight: wait for their replies (or cancel some) first"), request_id))
             return
         key: TaskKey = (identity, request_id if request_id is not None else object())
-        task = asyncio.create_task(self._handle(key, envelope, request_id, request))
+        work: Awaitable[Reply]
+        immediate = self.dispatch.immediate(request)
+        if immediate is None:
+            work = self._work(key, envelope, request_id, request)
+        elif self._sending[identity]:
+            # An earlier send of this client waits in a task: this one must not overtake it.
+            work = _awaited(immediate, request)
+        else:
+            # A send that needs no wait (the usual case) is done now: no task, no extra turn
+            # of the loop before its datagram leaves.
+            try:
+                outcome = immediate(request)
+            except Exception as exc:
+                self._answer(identity, envelope, request_id, request, self._failure(request, exc))
+                return
+            if isinstance(outcome, dict):
+                self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
+                return
+            work = outcome
+        task = asyncio.create_task(self._handle(identity, envelope, request_id, request, work))
         self._tasks[key] = task
         self._in_flight[identity] += 1
-        task.add_done_callback(functools.partial(self._forget_task, key))
+        sending = immediate is not None
+        if sending:
+            self._sending[identity] += 1
+        task.add_done_callback(functools.partial(self._forget_task, key, sending))
 
     def _attach(self, request: AnyRequest, frame: bytes) -> None:
         if not isinstance(request, PayloadRequest):
@@ -226,43 +251,56 @@ class IpcServer:
             credit.grant(request.messages, request.bytes)
         return {"ok": True, "granted": credit is not None}
 
-    def _forget_task(self, key: TaskKey, _task: asyncio.Task[None]) -> None:
+    def _forget_task(self, key: TaskKey, sending: bool, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(key, None)
         self._credits.pop(key, None)
         identity = key[0]
         self._in_flight[identity] -= 1
         if self._in_flight[identity] <= 0:
             del self._in_flight[identity]
+        if sending:
+            self._sending[identity] -= 1
+            if self._sending[identity] <= 0:
+                del self._sending[identity]
 
-    async def _handle(self, key: TaskKey, envelope: list[bytes],
-                      request_id: RequestId | None, request: AnyRequest) -> None:
-        identity = key[0]
-        frames = isinstance(request, DeliverRequest) or getattr(request, "data_frame", False)
+    async def _work(self, key: TaskKey, envelope: list[bytes], request_id: RequestId | None,
+                    request: AnyRequest) -> Reply:
+        if self.dispatch.delivers(request):
+            assert isinstance(request, DeliverRequest)
+            credit = self._credits[key] = Credit(request.credit_messages, request.credit_bytes)
+            push = functools.partial(self._push, key[0], envelope, request_id)
+            return await self.dispatch.deliver(request, push, credit)
+        return await self.dispatch(request)
+
+    async def _handle(self, identity: bytes, envelope: list[bytes],
+                      request_id: RequestId | None, request: AnyRequest,
+                      work: Awaitable[Reply]) -> None:
         try:
-            if self.dispatch.delivers(request):
-                assert isinstance(request, DeliverRequest)
-                credit = self._credits[key] = Credit(request.credit_messages,
-                                                     request.credit_bytes)
-                push = functools.partial(self._push, identity, envelope, request_id)
-                reply = {"ok": True, **await self.dispatch.deliver(request, push, credit)}
-            else:
-                reply = {"ok": True, **await self.dispatch(request)}
+            reply = {"ok": True, **await work}
         except asyncio.CancelledError:
             return
-        except PilotError as exc:
-            reply = ipc.error_reply(exc)
-        except OSError as exc:
-            reply = ipc.error_reply(PilotError(f"{exc.strerror or exc}"))
         except Exception as exc:
-            log.exception("internal error in %r", request.cmd)
-            reply = ipc.error_reply(InternalError(
-                f"internal error in '{request.cmd}': {type(exc).__name__}: {exc} "
-                f"(details in {self.home / ipc.LOG_NAME})"
-            ))
+            reply = self._failure(request, exc)
+        self._answer(identity, envelope, request_id, request, reply)
+
+    def _failure(self, request: AnyRequest, exc: Exception) -> Reply:
+        if isinstance(exc, PilotError):
+            return ipc.error_reply(exc)
+        if isinstance(exc, OSError):
+            return ipc.error_reply(PilotError(f"{exc.strerror or exc}"))
+        log.exception("internal error in %r", request.cmd, exc_info=exc)
+        return ipc.error_reply(InternalError(
+            f"internal error in '{request.cmd}': {type(exc).__name__}: {exc} "
+            f"(details in {self.home / ipc.LOG_NAME})"
+        ))
+
+    def _answer(self, identity: bytes, envelope: list[bytes], request_id: RequestId | None,
+                request: AnyRequest, reply: Reply) -> None:
         if reply["ok"] and getattr(request, "quiet", False):
             return  # a quiet send is answered only if it fails
         if request_id is not None:
             reply["id"] = request_id
+        frames = isinstance(request, DeliverRequest) or getattr(request, "data_frame", False)
         self._send(identity, envelope, reply, frames=frames)
         if isinstance(request, StopRequest) and reply["ok"]:
             self._stop()
@@ -298,7 +336,7 @@ class IpcServer:
                 parts.append(message.pop("data"))
             else:
                 message["data"], message["encoding"] = encode_data(message["data"])
-        parts[len(envelope) + 1] = json.dumps(reply, separators=(",", ":")).encode("utf-8")
+        parts[len(envelope) + 1] = _encode_json(reply).encode("utf-8")
         peer = self._peers.get(identity) if len(identity) == 9 else None
         if peer is not None:
             if peer.write(parts[1:], self.options.max_payload_bytes):
@@ -325,6 +363,11 @@ class IpcServer:
         log.debug("reply not delivered (%s)", exc)
         if isinstance(message, dict):
             self._undelivered(str(message.get("id")))
+
+
+async def _awaited(immediate: Immediate, request: AnyRequest) -> Reply:
+    outcome = immediate(request)
+    return outcome if isinstance(outcome, dict) else await outcome
 
 
 def _has_input(sock: zmq.Socket[bytes]) -> bool:
@@ -356,24 +399,31 @@ class _StreamPeer(asyncio.Protocol):
             log.debug("stream client dropped: %s", exc)
             self.transport.abort()
             return
-        if messages:
-            # One request per turn of the loop, as the ROUTER is read: each request's task
-            # gets to run before the next is taken (and a flood waits in the client's socket).
-            self._pending.extend(messages)
-            self.transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._next)
+        if not messages:
+            return
+        if len(messages) == 1 and not self._pending:  # the usual case: handled now
+            self._take(messages[0])
+            return
+        # One request per turn of the loop, as the ROUTER is read: each request's task gets to
+        # run before the next is taken (and a flood waits in the client's socket).
+        self._pending.extend(messages)
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._next)
 
     def _next(self) -> None:
         if not self._pending:
             return
-        try:
-            self.server._accept([self.identity, *self._pending.popleft()])
-        except Exception:
-            log.exception("failed to handle a request (the daemon carries on)")
+        self._take(self._pending.popleft())
         if self._pending:
             asyncio.get_running_loop().call_soon(self._next)
         elif not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _take(self, frames: list[bytes]) -> None:
+        try:
+            self.server._accept([self.identity, *frames])
+        except Exception:
+            log.exception("failed to handle a request (the daemon carries on)")
 
     def write(self, frames: list[bytes], limit: int) -> bool:
         """Queue a reply; False if the client has more than ``limit`` bytes unread already

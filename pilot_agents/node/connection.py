@@ -197,25 +197,38 @@ class StreamHandle:
         self.inbox.put(ConnectionClosedError("the peer closed the connection"))
 
     async def send(self, data: bytes | str | Any) -> None:
-        payload = encode_payload(data)
+        if not self.write(encode_payload(data)):
+            await self.room()
+
+    def write(self, payload: bytes) -> bool:
+        """Queue a message without waiting (it leaves at once on an idle stream); False if
+        the stream now holds more unacknowledged bytes than it should: wait for :meth:`room`
+        before writing more. Raises the stream's error if it is dead."""
         if self.error is not None:
             raise self.error
         if self.ended:  # a late reply, after the peer closed the stream (or we did)
             raise ConnectionClosedError("the stream has ended: nothing more can be sent on it")
-        idle = self.session.stream_buffered(self.stream_id) == 0
-        self.session.send_message(self.stream_id, payload)
+        session, stream_id = self.session, self.stream_id
+        idle = session.stream_buffered(stream_id) == 0
+        session.send_message(stream_id, payload)
         # On an idle stream the message leaves now (request/reply latency); behind unacked
         # data it waits for the flush at the end of this loop iteration, coalescing with
         # whatever else is written meanwhile.
         self.driver.flush(now=idle)
-        if self.session.stream_buffered(self.stream_id) >= SEND_HIGH_WATER:
-            await self.driver.wait_until(
-                lambda: (
-                    self.error is not None
-                    or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
-                ),
-                None,
-            )
+        if self.error is not None:  # the flush found the stream reset, or its tunnel gone
+            raise self.error
+        return session.stream_buffered(stream_id) < SEND_HIGH_WATER
+
+    async def room(self) -> None:
+        """Wait until the stream holds fewer unacknowledged bytes than its bound; raise its
+        error if it dies meanwhile."""
+        await self.driver.wait_until(
+            lambda: (
+                self.error is not None
+                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
+            ),
+            None,
+        )
         if self.error is not None:
             raise self.error
 
@@ -292,6 +305,14 @@ class Connection:
 
     async def send(self, data: bytes | str | Any) -> None:
         await self._stream().send(data)
+
+    def write(self, payload: bytes) -> bool:
+        """:meth:`send` for code that cannot await: see :meth:`StreamHandle.write`."""
+        return self._stream().write(payload)
+
+    async def room(self) -> None:
+        """Wait until more may be written: see :meth:`StreamHandle.room`."""
+        await self._stream().room()
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         return await self._stream().receive(timeout)
