@@ -122,6 +122,12 @@ async def _abort(conn: Connection) -> None:
         await conn.abort()
 
 
+async def _finish(conn: Connection) -> None:
+    """End the stream after what was sent on it, waiting at most a second for the peer."""
+    with contextlib.suppress(PilotError):
+        await _send_within(1.0, conn.close())
+
+
 async def _open(transport: Transport, peer: str, port: int, first: bytes,
                 config: PushPullConfig) -> Connection:
     """A connection to ``port`` on ``peer`` with ``first`` sent on it, within the timeout."""
@@ -314,10 +320,12 @@ class Puller:
             last, self._last = self._last, None
             await last.ack()
         self._open = False
-        await self._tasks.cancel()
+        # BYE while the links still stand: the links we dialled end with their tasks, and
+        # must carry the last acknowledgement and the BYE out first (see _keep_linked).
         feeds, self._feeds = list(self._feeds.values()), {}
         await asyncio.gather(*(_send_within(1.0, f.send(_BYE)) for f in feeds),
                              return_exceptions=True)
+        await self._tasks.cancel()
         self._queue.clear()
         self._waiter.changed()
         listener, self._listener = self._listener, None
@@ -389,7 +397,9 @@ class Puller:
                 if feed is not None:
                     self._drop(feed)
                 if conn is not None:
-                    await _abort(conn)
+                    # Closing, a reset would discard what was written last (the final
+                    # acknowledgement, the BYE) before it left: finish the stream instead.
+                    await (_abort(conn) if self._open else _finish(conn))
             await redial.wait()
 
     async def _read(self, conn: Connection, feed: _Feed) -> None:
