@@ -485,22 +485,20 @@ class Node:
         endpoint = self._running()
         deadline = endpoint.now() + timeout
         session = await self._session_to(peer, timeout)
-        key = session.peer
         while True:
             try:
-                rtt = await self._ping_once(session, key, deadline - endpoint.now(), timeout)
+                rtt = await self._ping_once(session, deadline - endpoint.now(), timeout)
             except ConnectionClosedError:
                 if session.close_code != CloseCode.PEER_RESTARTED or endpoint.now() >= deadline:
                     raise
                 session = await self._established_session(
-                    key, max(deadline - endpoint.now(), 0.0))
+                    session.peer, max(deadline - endpoint.now(), 0.0))
                 continue
             return PingResult(rtt, session.paths.kind)
 
-    async def _ping_once(
-        self, session: Session, key: bytes, remaining: float, timeout: float
-    ) -> float:
+    async def _ping_once(self, session: Session, remaining: float, timeout: float) -> float:
         endpoint = self._running()
+        key = session.peer
         ping_id = session.ping(endpoint.now())
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[(key, ping_id)] = future
@@ -521,7 +519,7 @@ class Node:
         endpoint = self._running()
         mux = self._mux
         assert mux is not None
-        name = self._hostnames.get(key) or node_id_from_key(key)
+        name = self._name_of(key)
         if not mux.is_trusted(key):
             raise NotTrustedError(f"{name} is not trusted: run 'pilotctl trust add {name}'")
         deadline = endpoint.now() + timeout
@@ -557,6 +555,10 @@ class Node:
             lambda: session.established or session.closed or session.peer in self._unreachable,
             timeout,
         )
+
+    def _name_of(self, key: bytes) -> str:
+        """How a peer is shown in messages: its hostname when we know one, else its node id."""
+        return self._hostnames.get(key) or node_id_from_key(key)
 
     def _route(self, session: Session, key: bytes) -> None:
         """A first path for a new tunnel: a configured address, else the beacon's relay at once.
@@ -622,7 +624,7 @@ class Node:
         # Nearly all taken (a random draw would have found one otherwise): look at each.
         free = [port for port in EPHEMERAL_PORTS if port not in used]
         if not free:
-            name = self._hostnames.get(peer) or node_id_from_key(peer)
+            name = self._name_of(peer)
             raise TooManyConnectionsError(
                 f"all {len(EPHEMERAL_PORTS)} local ports for connections to {name} are in use: "
                 "close some of them first"
@@ -702,8 +704,8 @@ class Node:
     def _on_introduction_failed(self, event: bc.IntroductionFailed) -> None:
         """The beacon signed that the peer is not registered (or is, at another beacon of its
         fleet): a new tunnel waiting for its first answer through the relay would only wait
-        out its timeout. It fails now, and a
-        pinned name then learns at once whether it moved (_session_to)."""
+        out its timeout. It fails now, and a pinned name then learns at once whether it moved
+        (_session_to)."""
         log.info("introduction to %s failed: %s", event.peer_key.hex()[:8], event.reason)
         mux, endpoint = self._mux, self._endpoint
         if mux is None or endpoint is None or event.code not in _UNREACHABLE_VERDICTS:
@@ -715,7 +717,7 @@ class Node:
         if event.code != Status.ELSEWHERE:
             verdict = f"not at the beacon ({verdict})"
         self._unreachable[event.peer_key] = verdict
-        name = self._hostnames.get(event.peer_key) or node_id_from_key(event.peer_key)
+        name = self._name_of(event.peer_key)
         session.close(CloseCode.PEER_UNREACHABLE, f"{name}: {verdict}", endpoint.now())
         endpoint.wake()
 
@@ -794,7 +796,7 @@ class Node:
             PortClosedError if event.code == ResetCode.PORT_CLOSED else ConnectionClosedError
         )
         reason = reset_reason(event.code)
-        name = self._hostnames.get(event.peer) or node_id_from_key(event.peer)
+        name = self._name_of(event.peer)
         handle.fail(
             error_type(f"{name} port {handle.remote_port}: {reason}", event.code, reason),
             reset=True,
@@ -812,7 +814,7 @@ class Node:
             PeerUnreachableError if event.code in unreachable else ConnectionClosedError
         )
         reason = event.reason or close_reason(event.code)
-        name = self._hostnames.get(event.peer) or node_id_from_key(event.peer)
+        name = self._name_of(event.peer)
         successor = self._mux.get_session(event.peer) if self._mux and event.moved else None
         for (peer, stream_id), handle in list(self._streams.items()):
             # Streams on the peer's newer session (opened since) live on.
@@ -839,7 +841,7 @@ class Node:
     def _on_path_changed(self, event: events.PathChanged) -> None:
         log.info(
             "tunnel to %s now %s (%s)",
-            self._hostnames.get(event.peer) or node_id_from_key(event.peer)[:12],
+            self._name_of(event.peer)[:12],
             event.path,
             event.address,
         )
