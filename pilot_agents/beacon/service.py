@@ -160,7 +160,10 @@ class BeaconService:
     async def _run_store_call(self, call: StoreCall) -> None:
         timeout = self.server.config.store_timeout
         try:
-            result = await asyncio.wait_for(call.coroutine, timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel that
+            # close() sends, leaving the call running past the beacon (as in ipc.py).
+            async with asyncio.timeout(timeout):
+                result = await call.coroutine
         except StoreUnavailableError as exc:
             self.server.store_failed(call.call_id, str(exc), self._loop.time())
         except TimeoutError:
