@@ -7,8 +7,18 @@ import asyncio
 import pytest
 
 from pilot_agents import PilotTimeoutError
+from pilot_agents.errors import WireError
 from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
-from pilot_agents.patterns.frames import Kind, encode_frame
+from pilot_agents.patterns.frames import (
+    HEADER_SIZE,
+    MAX_BATCH_FRAMES,
+    Kind,
+    batch_entries_untrusted,
+    encode_batch,
+    encode_frame,
+    encode_publication,
+    parse_frame_untrusted,
+)
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 
@@ -150,3 +160,73 @@ async def test_malformed_frames_never_stop_a_publisher(pair: Pair) -> None:
             await pub.publish("ok", "still here")
             assert (await sub.receive(5)).text() == "still here"
         assert pub.malformed == 5
+
+
+def publication(topic: bytes, data: bytes) -> bytes:
+    return encode_frame(Kind.PUBLISH, 0, encode_publication(topic, data))
+
+
+def test_a_batch_splits_into_the_frames_it_was_made_of() -> None:
+    frames = [publication(b"t", b"one"), encode_frame(Kind.GAP, 7, b""), publication(b"", b"")]
+    batch = encode_batch(frames)
+    assert parse_frame_untrusted(batch)[:2] == (Kind.BATCH, 3)
+    assert [batch[a:b] for a, b in batch_entries_untrusted(batch)] == frames
+
+
+@pytest.mark.parametrize("junk", [
+    encode_frame(Kind.BATCH, MAX_BATCH_FRAMES + 1, b""),  # more frames than allowed
+    encode_frame(Kind.BATCH, 2, b"\x00\x00\x00\x09" + bytes(9)),  # one of two
+    encode_frame(Kind.BATCH, 1, b"\x00\x00\x00\x09" + bytes(8)),  # runs past the end
+    encode_frame(Kind.BATCH, 1, b"\x00\x00\x00\x01" + bytes(1)),  # shorter than a header
+    encode_frame(Kind.BATCH, 1, b"\x00\x00\x00\x09" + bytes(10)),  # a byte after the last
+    encode_frame(Kind.BATCH, 1, b"\xff\xff\xff"),  # a length cut short
+    b"\x09",
+])
+def test_a_malformed_batch_raises_wire_error(junk: bytes) -> None:
+    with pytest.raises(WireError):
+        batch_entries_untrusted(junk)
+
+
+async def test_a_subscriber_behind_gets_batches_in_order_with_its_gaps(pair: Pair) -> None:
+    """While a subscriber does not read, its queue fills and then leaves in BATCH frames:
+    every publication arrives once, in order, and those dropped are counted before the next."""
+    config = PubSubConfig(overflow=Overflow.DROP_OLDEST, queue_bytes=20_000, batch_bytes=4000)
+    async with (
+        Publisher(pair.server.transport, 8007, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8007, ["t"]) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        for n in range(3000):
+            await pub.publish("t", b"%d" % n)
+        seen: list[int] = []
+        missed = 0
+        while not seen or seen[-1] != 2999:
+            got = await sub.receive(10)
+            missed += got.missed
+            seen.append(int(got.data))
+        assert seen == sorted(set(seen)) and len(seen) + missed == 3000
+        assert pub.batches > 0
+
+
+async def test_a_subscriber_drops_a_stream_that_sends_a_malformed_batch(pair: Pair) -> None:
+    """A hostile publisher (a listener answering the SUBSCRIBE itself): a good batch is read
+    with its gap, a bad one delivers none of its publications, and the subscriber subscribes
+    again on a new stream."""
+    config = PubSubConfig(reconnect_min=0.05, reconnect_max=0.2)
+    async with pair.server.transport.listen(8008) as listener, \
+            Subscriber(pair.client.transport, pair.server_name, 8008, [""], config) as sub:
+        first = await listener.receive(10)
+        await first.reply(encode_batch([publication(b"a", b"1"), encode_frame(Kind.GAP, 2, b""),
+                                        publication(b"b", b"2")]))
+        got = [await sub.receive(10) for _ in range(2)]
+        assert [(p.topic, p.data, p.missed) for p in got] == [("a", b"1", 0), ("b", b"2", 2)]
+
+        receiving = asyncio.create_task(sub.receive(10))
+        await first.reply(encode_batch([publication(b"c", b"lost"),
+                                        encode_frame(Kind.REQUEST, 1, bytes(HEADER_SIZE))]))
+        again = await listener.receive(10)
+        assert parse_frame_untrusted(again.data).kind == Kind.SUBSCRIBE
+        assert again.source_port != first.source_port
+        await again.reply(publication(b"d", b"after"))
+        resumed = await receiving
+        assert resumed.data == b"after" and resumed.resumed and sub.malformed == 1

@@ -27,6 +27,7 @@ class Kind(enum.IntEnum):
     GAP = 6  # id: how many publications the publisher dropped for this subscriber
     HEARTBEAT = 7  # the publisher is alive; sent on a subscription idle for a while
     BYE = 8  # the publisher is closing: subscribe again later
+    BATCH = 9  # id: how many frames (PUBLISH, GAP) follow, each after its 32-bit length
     # push/pull (from 16 on, leaving room after the kinds above); a puller says HEARTBEAT
     # while alive and BYE when it closes, as a publisher does
     HELLO = 16  # id: a pusher opening a link to a puller, which answers with CREDIT
@@ -76,21 +77,61 @@ def encode_publication(topic: bytes, data: bytes) -> bytes:
     return _TOPIC_LENGTH.pack(len(topic)) + topic + data
 
 
-def parse_publication_untrusted(payload: bytes, start: int = 0) -> tuple[str, bytes]:
-    """Topic and data of the publication at ``payload[start:]`` (an offset, not a slice: the
-    data is copied once)."""
-    if len(payload) < start + _TOPIC_LENGTH.size:
+def parse_publication_untrusted(payload: bytes, start: int = 0,
+                                stop: int | None = None) -> tuple[str, bytes]:
+    """Topic and data of the publication at ``payload[start:stop]`` (offsets, not a slice:
+    the data is copied once)."""
+    if stop is None:
+        stop = len(payload)
+    if stop < start + _TOPIC_LENGTH.size:
         raise WireError("a publication shorter than its topic length")
     (length,) = _TOPIC_LENGTH.unpack_from(payload, start)
     begin = start + _TOPIC_LENGTH.size
     end = begin + length
-    if length > MAX_TOPIC or end > len(payload):
+    if length > MAX_TOPIC or end > stop:
         raise WireError(f"a publication's topic of {length} bytes does not fit")
     try:
         topic = payload[begin:end].decode("utf-8")
     except UnicodeDecodeError:
         raise WireError("a publication's topic is not UTF-8") from None
-    return topic, payload[end:]
+    return topic, payload[end:stop]
+
+
+_ENTRY_LENGTH = struct.Struct("!I")
+MAX_BATCH_FRAMES = 1024
+
+
+def encode_batch(frames: list[bytes]) -> bytes:
+    """Several frames in one message: a publisher sends what queued up meanwhile at once, so
+    a subscriber that keeps up costs one message per publication, and one that falls behind
+    costs the tunnel (and every process on a daemon path) one message per batch."""
+    parts = [_HEADER.pack(Kind.BATCH, len(frames))]
+    for frame in frames:
+        parts += (_ENTRY_LENGTH.pack(len(frame)), frame)
+    return b"".join(parts)
+
+
+def batch_entries_untrusted(data: bytes) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each frame in the BATCH frame ``data``, each at least a header
+    long; the frames themselves are for the caller to parse, in place."""
+    if len(data) < HEADER_SIZE:
+        raise WireError(f"a batch of {len(data)} bytes is shorter than its header")
+    count = _HEADER.unpack_from(data)[1]
+    if count > MAX_BATCH_FRAMES:
+        raise WireError(f"a batch of {count} frames, more than {MAX_BATCH_FRAMES}")
+    entries, pos, size = [], HEADER_SIZE, _ENTRY_LENGTH.size
+    for _ in range(count):
+        if pos + size > len(data):
+            raise WireError("a batched frame's length runs past the batch")
+        (length,) = _ENTRY_LENGTH.unpack_from(data, pos)
+        pos += size
+        if length < HEADER_SIZE or pos + length > len(data):
+            raise WireError(f"a batched frame of {length} bytes does not fit")
+        entries.append((pos, pos + length))
+        pos += length
+    if pos != len(data):
+        raise WireError("bytes after the last batched frame")
+    return entries
 
 
 def _encode_strings(items: list[str]) -> bytes:

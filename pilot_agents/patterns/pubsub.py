@@ -53,8 +53,11 @@ from ..transport import (
 )
 from .frames import (
     HEADER_SIZE,
+    MAX_BATCH_FRAMES,
     MAX_TOPIC,
     Kind,
+    batch_entries_untrusted,
+    encode_batch,
     encode_frame,
     encode_prefixes,
     encode_publication,
@@ -66,6 +69,8 @@ from .frames import (
 
 log = logging.getLogger("pilot_agents.patterns.pubsub")
 _PUBLISH = int(Kind.PUBLISH)
+_BATCH = int(Kind.BATCH)
+_GAP = int(Kind.GAP)
 
 
 class Overflow(enum.Enum):
@@ -86,11 +91,16 @@ class PubSubConfig:
     # subscriber that hears nothing for three of them subscribes again (the publisher may
     # have gone without a word: its process died while its daemon and tunnel lived on).
     heartbeat_interval: float = 5.0
+    # The most bytes of a subscriber's queued publications that leave as one message (a
+    # BATCH frame) when it has fallen behind; 0 sends each on its own.
+    batch_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers)
         if min(bounds) < 1:
             raise ConfigError("PubSubConfig bounds must be at least 1")
+        if self.batch_bytes < 0:
+            raise ConfigError("PubSubConfig.batch_bytes must be 0 or more")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ConfigError("PubSubConfig: need 0 < reconnect_min <= reconnect_max")
         if self.heartbeat_interval <= 0:
@@ -147,6 +157,7 @@ class Publisher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.malformed = 0
         self.refused = 0
+        self.batches = 0  # messages that carried several frames to a subscriber behind
 
     async def __aenter__(self) -> Publisher:
         self._listener = self._transport.listen(self.port)
@@ -302,15 +313,7 @@ class Publisher:
                     except TimeoutError:
                         await sub.way_back.reply(heartbeat)
                     continue
-                if sub.dropped:
-                    dropped, sub.dropped = sub.dropped, 0
-                    await sub.way_back.reply(encode_frame(Kind.GAP, dropped, b""))
-                if not sub.queue:
-                    continue
-                frame = sub.queue.popleft()
-                sub.queued_bytes -= len(frame)
-                sub.room.set()
-                await sub.way_back.reply(frame)
+                await sub.way_back.reply(self._next_message(sub))
         except PilotError as exc:
             log.info("subscriber %s left publisher port %d: %s", sub.sender, self.port, exc)
         finally:
@@ -318,6 +321,25 @@ class Publisher:
                 self._retire(sub)
             sub.gone = True
             sub.room.set()
+
+    def _next_message(self, sub: _Subscription) -> bytes:
+        """What ``sub`` is sent next: its first queued publication, or a BATCH of those that
+        fit in ``batch_bytes`` (a GAP first if publications were dropped before them)."""
+        frames = [encode_frame(Kind.GAP, sub.dropped, b"")] if sub.dropped else []
+        sub.dropped = 0
+        size, limit = 0, self.config.batch_bytes
+        queue = sub.queue
+        while queue and len(frames) < MAX_BATCH_FRAMES and (
+                not size or size + len(queue[0]) <= limit):
+            frame = queue.popleft()
+            size += len(frame)
+            frames.append(frame)
+        sub.queued_bytes -= size
+        sub.room.set()
+        if len(frames) == 1:
+            return frames[0]
+        self.batches += 1
+        return encode_batch(frames)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -350,6 +372,7 @@ class Subscriber:
         self._missed = 0
         self._resumed = False
         self._stream_done = False  # BYE, or garbage: subscribe again on a new stream
+        self._batched: deque[Publication] = deque()  # the rest of a BATCH, to hand out first
         # Grows while subscribing again leads nowhere (the port is closed, the stream is reset
         # at once); back to reconnect_min when the publisher is heard from.
         self._backoff = self.config.reconnect_min
@@ -375,6 +398,8 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not self._closed:
+            if self._batched:
+                return self._batched.popleft()
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 break
@@ -423,6 +448,9 @@ class Subscriber:
             if len(data) >= HEADER_SIZE and data[0] == _PUBLISH:  # the usual one: in place
                 topic, body = parse_publication_untrusted(data, HEADER_SIZE)
                 return self._publication(topic, body, message.sender)
+            if len(data) >= HEADER_SIZE and data[0] == _BATCH:
+                self._read_batch(data, message.sender)
+                return self._batched.popleft() if self._batched else None
             frame = parse_frame_untrusted(data)
             if frame.kind == Kind.GAP:
                 self._missed += frame.id
@@ -440,6 +468,25 @@ class Subscriber:
                            self.peer, self.port, exc)
             self._stream_done = True  # not a publisher we understand: a new stream, after a pause
             return None
+
+    def _read_batch(self, data: bytes, sender: str) -> None:
+        """Queue a BATCH's publications; its GAPs count as missed for the one after them.
+        Checked whole before any is queued, so a malformed batch delivers none of it."""
+        entries = batch_entries_untrusted(data)
+        items: list[tuple[str, bytes] | int] = []
+        for start, stop in entries:
+            kind = data[start]
+            if kind == _PUBLISH:
+                items.append(parse_publication_untrusted(data, start + HEADER_SIZE, stop))
+            elif kind == _GAP:
+                items.append(parse_frame_untrusted(data[start:stop]).id)
+            else:
+                raise WireError(f"a batched frame of kind {kind}, not PUBLISH or GAP")
+        for item in items:
+            if isinstance(item, int):
+                self._missed += item
+            else:
+                self._batched.append(self._publication(*item, sender))
 
     def _publication(self, topic: str, data: bytes, sender: str) -> Publication:
         self._backoff = self.config.reconnect_min
