@@ -395,11 +395,11 @@ class Subscriber:
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Publication:
         """The next publication; :class:`PilotTimeoutError` after ``timeout`` seconds."""
+        if self._batched and not self._closed:  # the rest of a batch, without the loop's time
+            return self._batched.popleft()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not self._closed:
-            if self._batched:
-                return self._batched.popleft()
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 break
