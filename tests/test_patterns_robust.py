@@ -26,17 +26,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pilot_agents import Client, PilotError, PilotTimeoutError, Transport, ipc
-from pilot_agents.errors import RemoteError, WireError
-from pilot_agents.node import Node
+from pilot_agents.errors import ConnectionClosedError, RemoteError, WireError
+from pilot_agents.node import Connection, Node
 from pilot_agents.patterns import (
     Overflow,
     Publisher,
     PubSubConfig,
     Replier,
+    ReqRepConfig,
     Request,
     Requester,
     Subscriber,
@@ -320,6 +322,81 @@ async def test_requests_to_a_crashed_repliers_daemon_time_out_and_succeed_once_i
                 log.warning("req/rep: after a crash and restart of the replier's daemon, the "
                             "first reply came %.2f s later (failed first: %s)",
                             loop.time() - started, failures)
+
+
+class ReplierProcess:
+    """tests/restart_replier.py: a replier's node in its own process, killed (SIGKILL: no word
+    to its peers) and started again on the same home and UDP port."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = 0
+        self.node_id = ""
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, trust: str) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "tests" / "restart_replier.py"), str(self.home),
+            str(self.port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's code
+        )
+        info = await self.line()
+        self.node_id, self.port = info["node_id"], info["port"]
+        assert self.process.stdin is not None
+        self.process.stdin.write(trust.encode() + b"\n")
+        await self.process.stdin.drain()
+        assert await self.line() == {"listening": True}
+
+    async def line(self, timeout: float = 20) -> Any:
+        assert self.process is not None and self.process.stdout is not None
+        return json.loads(await asyncio.wait_for(self.process.stdout.readline(), timeout))
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            await self.process.wait()
+
+
+async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarted_one(
+        tmp_path: Path) -> None:
+    """At most once across a crash: on a long-lived stream, a request sent while the replier's
+    node was down is sent again on a new stream once it is back, and handled once; one the old
+    node had received (acknowledged) but not answered fails, saying the replier restarted."""
+    replier = ReplierProcess(tmp_path / "replier")
+    try:
+        # One stream per peer: the next request goes on the stream the held one waits on.
+        async with Node(home=tmp_path / "me", listen="127.0.0.1:0") as me, \
+                Requester(me, ReqRepConfig(streams_per_peer=1)) as requester:
+            await replier.start(me.node_id)
+            me.trust(replier.node_id)
+            me.add_peer(replier.node_id, ("127.0.0.1", replier.port))
+            name = replier.node_id
+            assert (await requester.request(name, 7501, b"one", timeout=10)).data == b"one"
+            assert await replier.line() == {"data": "one"}
+            held = asyncio.create_task(requester.request(name, 7501, b"hold", timeout=60))
+            assert await replier.line() == {"data": "hold"}
+            (stream,) = requester._streams[(name, 7501)]
+            conn = stream.conn
+            assert isinstance(conn, Connection)
+            await within(10, "the held request acknowledged", lambda: conn.written > 0
+                         and not conn._stream().undelivered)
+
+            await replier.kill()
+            # Sent on the old stream, which still looks alive: the old node is gone, the new
+            # one not yet there, so nobody acknowledges it.
+            two = asyncio.create_task(requester.request(name, 7501, b"two", timeout=RESUME))
+            await within(10, "the request sent", lambda: len(stream.waiting) == 2
+                         and conn._stream().undelivered)
+            await replier.start(me.node_id)
+            assert (await two).data == b"two"
+            with pytest.raises(ConnectionClosedError, match="restarted before replying"):
+                await asyncio.wait_for(held, PROMPTLY)
+            assert (await requester.request(name, 7501, b"three", timeout=10)).data == b"three"
+            # The new node handled "two" once: the next line it printed is "three".
+            assert [await replier.line(), await replier.line()] == [{"data": "two"},
+                                                                    {"data": "three"}]
+    finally:
+        await replier.kill()
 
 
 # -- a subscriber that never reads, flooded: memory stays bounded -------------------------------

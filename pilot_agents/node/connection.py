@@ -22,7 +22,7 @@ from ..errors import (
     PilotTimeoutError,
 )
 from ..identity import node_id_from_key
-from ..net.tunnel.codes import ResetCode
+from ..net.tunnel.codes import CloseCode, ResetCode
 from ..net.tunnel.session import Session
 from ..transport import DEFAULT_TIMEOUT, Payload, encode_payload
 from .driver import Driver
@@ -282,6 +282,31 @@ class Connection:
     @property
     def rtt(self) -> float | None:
         return self._stream().session.smoothed_rtt
+
+    @property
+    def written(self) -> int:
+        """The stream offset at which the next message sent starts (see
+        :meth:`unseen_after_restart`)."""
+        handle = self._stream()
+        return handle.session.stream_written(handle.stream_id)
+
+    def hold_tunnel(self, timeout: float) -> None:
+        """Someone waits ``timeout`` s for an answer on this stream: until then the tunnel
+        keeps trying a silent peer (it may be restarting) instead of giving up on it."""
+        self._stream().hold_tunnel(timeout)
+
+    def unseen_after_restart(self) -> int | None:
+        """If the stream died because the peer's node restarted: the stream offset (as
+        :attr:`written`) from which its old node acknowledged nothing, so what was sent from
+        there may go again to the new node without being handled twice (but for one whose
+        acknowledgement was due, at most ``max_ack_delay``, when the old node died). None if
+        the stream lives or died otherwise."""
+        handle = self._handle
+        if handle is None or handle.error is None or handle.reset:
+            return None
+        if handle.session.close_code != CloseCode.PEER_RESTARTED:
+            return None
+        return handle.session.stream_acked_until(handle.stream_id)
 
     async def __aenter__(self) -> Connection:
         self._handle = await self._open_stream()

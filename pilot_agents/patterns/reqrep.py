@@ -19,8 +19,12 @@ does a malformed reply: the stream is dropped and its requests raise
 :class:`~pilot_agents.errors.WireError` (a reply to an unknown id is only ignored: it may be a
 late one).
 
-Delivery: a request reaches the replier at most once (a requester never resends it; after a
-timeout it cannot know whether the replier saw it).
+Delivery: a request reaches the replier at most once (after a timeout a requester cannot know
+whether the replier saw it, so it never resends one). The one resend: when the replier's node
+restarted (a crash, a kill) under a stream, a request its old node never acknowledged goes again
+on a new stream to the new one (the embedded transport knows which those are; see
+:meth:`pilot_agents.node.Connection.unseen_after_restart`); one it had acknowledged but not
+answered raises :class:`~pilot_agents.errors.ConnectionClosedError` saying so.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import (
     ConfigError,
@@ -110,6 +114,23 @@ class Request(Payload):
         await self._message.reply(encode_frame(kind, self.id, payload))
 
 
+@runtime_checkable
+class _Resumable(Protocol):
+    """A connection that can tell which messages a restarted peer never saw (the embedded
+    :class:`~pilot_agents.node.Connection`)."""
+
+    @property
+    def written(self) -> int: ...
+
+    def hold_tunnel(self, timeout: float) -> None: ...
+
+    def unseen_after_restart(self) -> int | None: ...
+
+
+class _Unseen(Exception):
+    """A request's replier restarted before it acknowledged the request: send it again."""
+
+
 class _Stream:
     """One requester stream: its connection, the requests waiting on it, and who reads it.
 
@@ -122,6 +143,10 @@ class _Stream:
     def __init__(self, conn: Connection, max_in_flight: int) -> None:
         self.conn = conn
         self.waiting: dict[int, asyncio.Future[Reply]] = {}
+        # Where each waiting request starts in the stream, if the connection can tell which
+        # ones a restarted replier never saw.
+        self.resumable = conn if isinstance(conn, _Resumable) else None
+        self.starts: dict[int, int] = {}
         self.unanswered = 0  # futures in waiting not yet done
         self.slots = asyncio.Semaphore(max_in_flight)
         self.reader: asyncio.Task[Any] | None = None  # the task reading, if any
@@ -136,11 +161,21 @@ class _Stream:
         else:
             future.set_result(reply)
 
-    def fail(self, error: PilotError) -> None:
-        """The stream is gone: every request waiting on it raises ``error``."""
+    def fail(self, error: PilotError, peer: str = "", port: int = 0) -> None:
+        """The stream is gone: every request waiting on it raises ``error``; or, if the
+        replier's node restarted, goes again (the old node never saw it) or raises that it
+        restarted before replying."""
         self.dead = True
-        for future in self.waiting.values():
-            self.answer(future, error)
+        unseen = self.resumable.unseen_after_restart() if self.resumable is not None else None
+        for request_id, future in self.waiting.items():
+            if unseen is None:
+                self.answer(future, error)
+            elif self.starts[request_id] >= unseen:
+                self.answer(future, _Unseen())
+            else:
+                self.answer(future, ConnectionClosedError(
+                    f"the replier on {peer} port {port} restarted before replying (its node "
+                    "had received the request, so it may have been handled): not resent"))
 
 
 @dataclass(slots=True)
@@ -186,41 +221,55 @@ class Requester:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         expired = PilotTimeoutError(f"no reply from {peer} port {port} within {timeout} s")
-        stream = self._reusable(self._streams.get((peer, port)))
-        if stream is None or stream.slots.locked():  # a stream to open, or a turn to wait for
-            try:
-                async with asyncio.timeout_at(deadline):
-                    stream = await self._stream_for(peer, port)
-                    await stream.slots.acquire()
-            except TimeoutError:
-                raise expired from None
-        else:
-            await stream.slots.acquire()  # free: returns at once
-        request_id = next(self._ids)
         task: asyncio.Task[Reply] = asyncio.current_task()  # type: ignore[assignment]
-        entry = self._deadlines[request_id] = _Deadline(deadline, task)
-        if self._timer is None or deadline < self._timer.when():
-            self._arm(loop, deadline)
-        future: asyncio.Future[Reply] = loop.create_future()
-        stream.waiting[request_id] = future
-        stream.unanswered += 1
-        try:
-            await stream.conn.send(encode_frame(Kind.REQUEST, request_id, payload))
-            if stream.reader is None:
-                await self._read(stream, peer, port, future, task)
-            return await future
-        except asyncio.CancelledError:
-            if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
-                raise expired from None
-            error = future.exception() if future.done() else None
-            if error is not None and stream.dead and task.uncancel() == 0:  # close()'s cancel
-                raise error from None
-            raise
-        finally:
-            del self._deadlines[request_id]
-            if stream.waiting.pop(request_id, None) is future and not future.done():
-                stream.unanswered -= 1
-            stream.slots.release()
+        while True:  # more than once only if the replier restarted before it saw the request
+            stream = self._reusable(self._streams.get((peer, port)))
+            if stream is None or stream.slots.locked():  # a stream to open, or a turn to wait
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        stream = await self._stream_for(peer, port)
+                        await stream.slots.acquire()
+                except TimeoutError:
+                    raise expired from None
+            else:
+                await stream.slots.acquire()  # free: returns at once
+            request_id = next(self._ids)
+            entry = self._deadlines[request_id] = _Deadline(deadline, task)
+            if self._timer is None or deadline < self._timer.when():
+                self._arm(loop, deadline)
+            future: asyncio.Future[Reply] = loop.create_future()
+            stream.waiting[request_id] = future
+            stream.unanswered += 1
+            if stream.resumable is not None:
+                stream.starts[request_id] = stream.resumable.written
+                # Not given up on before the reply's deadline: a replier's node may restart
+                # meanwhile, and the request then goes again to the new one.
+                stream.resumable.hold_tunnel(deadline - loop.time())
+            try:
+                try:
+                    await stream.conn.send(encode_frame(Kind.REQUEST, request_id, payload))
+                except PilotError as exc:
+                    if stream.resumable is None or stream.resumable.unseen_after_restart() is None:
+                        raise
+                    await self._drop(stream, exc, peer, port)  # this request goes again
+                if stream.reader is None and not future.done():
+                    await self._read(stream, peer, port, future, task)
+                return await future
+            except _Unseen:
+                continue
+            except asyncio.CancelledError:
+                if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
+                    raise expired from None
+                error = future.exception() if future.done() else None
+                if error is not None and stream.dead and task.uncancel() == 0:  # close()'s
+                    raise error from None
+                raise
+            finally:
+                del self._deadlines[request_id]
+                if stream.waiting.pop(request_id, None) is future and not future.done():
+                    stream.unanswered -= 1
+                stream.starts.pop(request_id, None)
+                stream.slots.release()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
@@ -324,9 +373,13 @@ class Requester:
                 # Our reply is in (or we were cancelled): others still wait for theirs.
                 stream.reader = asyncio.create_task(self._read(stream, peer, port, None))
         if error is not None:
-            stream.fail(error)
-            with contextlib.suppress(PilotError):
-                await stream.conn.abort()
+            await self._drop(stream, error, peer, port)
+
+    async def _drop(self, stream: _Stream, error: PilotError, peer: str, port: int) -> None:
+        """The stream is dead or useless: fail (or send again) what waits on it, and end it."""
+        stream.fail(error, peer, port)
+        with contextlib.suppress(PilotError):
+            await stream.conn.abort()
 
 
 class Replier:

@@ -378,6 +378,18 @@ class Session:
         stream = self._streams.get(stream_id)
         return stream.send.buffered if stream is not None else 0
 
+    def stream_written(self, stream_id: int) -> int:
+        """The stream offset where the next message written will start (0 for a gone stream)."""
+        stream = self._streams.get(stream_id)
+        return stream.send.write_offset if stream is not None else 0
+
+    def stream_acked_until(self, stream_id: int) -> int | None:
+        """The stream offset from which the peer acknowledged nothing: what was written there
+        it never received, unless its acknowledgement was lost or not yet sent (None for a
+        gone stream). Kept after the session closes, for a replaced session's streams."""
+        stream = self._streams.get(stream_id)
+        return stream.send.acked_until if stream is not None else None
+
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 

@@ -75,6 +75,11 @@ class SendStream:
         return self.fin_offset is not None
 
     @property
+    def acked_until(self) -> int:
+        """The stream offset from which the peer acknowledged nothing."""
+        return self._acked.stop if self._acked else self._buffer_start
+
+    @property
     def nothing_acked(self) -> bool:
         return self._buffer_start == 0 and not self._acked and not self.fin_acked
 
