@@ -43,13 +43,15 @@ class Mailbox(Generic[T]):
     request/reply loop thus schedules a timer about once per timeout, not once per message.
     """
 
-    __slots__ = ("_items", "_timer", "_timer_at", "_waiters")
+    __slots__ = ("_items", "_loop", "_timer", "_timer_at", "_waiters")
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
         self._waiters: deque[tuple[asyncio.Future[None], float | None]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # Looked up at the first wait: asyncio.get_running_loop() is a getpid call on 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -69,7 +71,9 @@ class Mailbox(Generic[T]):
         items = self._items
         if items:
             return items.popleft()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not items:
             waiter = loop.create_future()
@@ -233,7 +237,8 @@ class StreamHandle:
             raise self.error
 
     async def receive(self, timeout: float | None) -> Message:
-        self.hold_tunnel(timeout)
+        if timeout is not None:
+            self.hold_tunnel(timeout)
         try:
             item = await self.inbox.get(timeout)
         except TimeoutError:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -111,16 +112,26 @@ class Request(Payload):
         self.answered = True
         if self._replier is not None:
             self._replier._unanswered.pop(id(self), None)
-        await self._message.reply(encode_frame(kind, self.id, payload))
+        frame = encode_frame(kind, self.id, payload)
+        # The embedded transport's stream takes it without a coroutine when it has room.
+        way_back = getattr(self._message, "way_back", None)
+        if way_back is None:
+            await self._message.reply(frame)
+        elif not way_back.write(frame):
+            await way_back.room()
 
 
 @runtime_checkable
 class _Resumable(Protocol):
-    """A connection that can tell which messages a restarted peer never saw (the embedded
-    :class:`~pilot_agents.node.Connection`)."""
+    """A connection that can tell which messages a restarted peer never saw, and write without
+    a coroutine when there is room (the embedded :class:`~pilot_agents.node.Connection`)."""
 
     @property
     def written(self) -> int: ...
+
+    def write(self, payload: bytes) -> bool: ...
+
+    async def room(self) -> None: ...
 
     def hold_tunnel(self, timeout: float) -> None: ...
 
@@ -147,10 +158,41 @@ class _Stream:
         # ones a restarted replier never saw.
         self.resumable = conn if isinstance(conn, _Resumable) else None
         self.starts: dict[int, int] = {}
+        self.held_until = 0.0  # the loop's clock: until when the tunnel is held for us
         self.unanswered = 0  # futures in waiting not yet done
-        self.slots = asyncio.Semaphore(max_in_flight)
+        # Requests holding one of the max_in_flight slots, and those waiting for one, in turn.
+        # (An asyncio.Semaphore costs three calls and a coroutine per request.)
+        self.in_flight = 0
+        self.max_in_flight = max_in_flight
+        self.turns: deque[asyncio.Future[None]] = deque()
         self.reader: asyncio.Task[Any] | None = None  # the task reading, if any
         self.dead = False
+
+    async def take_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for a slot, in turn (the caller bounds the wait)."""
+        while self.in_flight >= self.max_in_flight:
+            turn = loop.create_future()
+            self.turns.append(turn)
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._next_turn()  # woken, then cancelled: the slot is the next one's
+                else:
+                    self.turns.remove(turn)
+                raise
+        self.in_flight += 1
+
+    def release_slot(self) -> None:
+        self.in_flight -= 1
+        self._next_turn()
+
+    def _next_turn(self) -> None:
+        while self.turns:
+            turn = self.turns.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
 
     def answer(self, future: asyncio.Future[Reply], reply: Reply | BaseException) -> None:
         if future.done():
@@ -187,6 +229,10 @@ class _Deadline:
     expired: bool = False
 
 
+def _expired(peer: str, port: int, timeout: float) -> PilotTimeoutError:
+    return PilotTimeoutError(f"no reply from {peer} port {port} within {timeout} s")
+
+
 def _load(stream: _Stream) -> int:
     return len(stream.waiting)
 
@@ -206,6 +252,7 @@ class Requester:
         # a few percent of a round trip; this one is armed about once per timeout.
         self._deadlines: dict[int, _Deadline] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # asking costs a getpid on 3.11
         self.malformed = 0  # malformed replies; each dropped the stream it came on
 
     async def __aenter__(self) -> Requester:
@@ -218,21 +265,23 @@ class Requester:
                       timeout: float = DEFAULT_TIMEOUT) -> Reply:
         """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply."""
         payload = encode_payload(data)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        expired = PilotTimeoutError(f"no reply from {peer} port {port} within {timeout} s")
-        task: asyncio.Task[Reply] = asyncio.current_task()  # type: ignore[assignment]
+        task: asyncio.Task[Reply] = asyncio.current_task(loop)  # type: ignore[assignment]
         while True:  # more than once only if the replier restarted before it saw the request
             stream = self._reusable(self._streams.get((peer, port)))
-            if stream is None or stream.slots.locked():  # a stream to open, or a turn to wait
+            if (stream is None or stream.in_flight >= stream.max_in_flight
+                    or stream.turns):  # a stream to open, or a turn to wait for
                 try:
                     async with asyncio.timeout_at(deadline):
                         stream = await self._stream_for(peer, port)
-                        await stream.slots.acquire()
+                        await stream.take_slot(loop)
                 except TimeoutError:
-                    raise expired from None
+                    raise _expired(peer, port, timeout) from None
             else:
-                await stream.slots.acquire()  # free: returns at once
+                stream.in_flight += 1
             request_id = next(self._ids)
             entry = self._deadlines[request_id] = _Deadline(deadline, task)
             if self._timer is None or deadline < self._timer.when():
@@ -242,12 +291,19 @@ class Requester:
             stream.unanswered += 1
             if stream.resumable is not None:
                 stream.starts[request_id] = stream.resumable.written
-                # Not given up on before the reply's deadline: a replier's node may restart
-                # meanwhile, and the request then goes again to the new one.
-                stream.resumable.hold_tunnel(deadline - loop.time())
+                if deadline > stream.held_until:
+                    # Not given up on before the reply's deadline: a replier's node may restart
+                    # meanwhile, and the request then goes again to the new one. Held for
+                    # twice as long, so a loop of requests does this once per timeout.
+                    stream.resumable.hold_tunnel(2 * timeout)
+                    stream.held_until = loop.time() + 2 * timeout
             try:
                 try:
-                    await stream.conn.send(encode_frame(Kind.REQUEST, request_id, payload))
+                    frame = encode_frame(Kind.REQUEST, request_id, payload)
+                    if stream.resumable is None:
+                        await stream.conn.send(frame)
+                    elif not stream.resumable.write(frame):
+                        await stream.resumable.room()
                 except PilotError as exc:
                     if stream.resumable is None or stream.resumable.unseen_after_restart() is None:
                         raise
@@ -259,7 +315,7 @@ class Requester:
                 continue
             except asyncio.CancelledError:
                 if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
-                    raise expired from None
+                    raise _expired(peer, port, timeout) from None
                 error = future.exception() if future.done() else None
                 if error is not None and stream.dead and task.uncancel() == 0:  # close()'s
                     raise error from None
@@ -268,8 +324,9 @@ class Requester:
                 del self._deadlines[request_id]
                 if stream.waiting.pop(request_id, None) is future and not future.done():
                     stream.unanswered -= 1
-                stream.starts.pop(request_id, None)
-                stream.slots.release()
+                if stream.starts:
+                    del stream.starts[request_id]
+                stream.release_slot()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
@@ -326,10 +383,12 @@ class Requester:
         """The least busy live stream of ``group``, if it is idle or no more may be opened."""
         if not group:
             return None
-        if any(s.dead for s in group):
-            group[:] = [s for s in group if not s.dead]
-            if not group:
-                return None
+        for stream in group:
+            if stream.dead:
+                group[:] = [s for s in group if not s.dead]
+                if not group:
+                    return None
+                break
         least = group[0] if len(group) == 1 else min(group, key=_load)
         if not least.waiting or len(group) >= self.config.streams_per_peer:
             return least
@@ -418,10 +477,13 @@ class Replier:
         """The next request; :class:`PilotTimeoutError` after ``timeout`` seconds."""
         if self._listener is None:
             raise ConfigError("the replier is not open (use 'async with')")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        if timeout is None:  # no deadline, no clock (asking for the loop costs a getpid)
+            loop, deadline = None, 0.0
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
         while True:
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            remaining = None if loop is None else max(deadline - loop.time(), 0.0)
             message = await self._listener.receive(remaining)
             try:
                 frame = parse_frame_untrusted(message.data)
