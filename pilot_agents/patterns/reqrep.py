@@ -539,7 +539,8 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
     port = replier.port
 
     async def work() -> None:
-        async for request in replier:
+        while replier._listener is not None:  # as `async for`, without an async generator
+            request = await replier.receive(timeout=None)
             try:
                 try:
                     result = await handler(request)
