@@ -359,9 +359,9 @@ class ReplierProcess:
 
 async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarted_one(
         tmp_path: Path) -> None:
-    """At most once across a crash: on a long-lived stream, a request sent while the replier's
-    node was down is sent again on a new stream once it is back, and handled once; one the old
-    node had received (acknowledged) but not answered fails, saying the replier restarted."""
+    """At most once across a crash: on a long-lived stream, requests sent while the replier's
+    node was down are sent again on a new stream once it is back, and handled once each; one the
+    old node had received (acknowledged) but not answered fails, saying the replier restarted."""
     replier = ReplierProcess(tmp_path / "replier")
     try:
         # One stream per peer: the next request goes on the stream the held one waits on.
@@ -383,18 +383,21 @@ async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarte
 
             await replier.kill()
             # Sent on the old stream, which still looks alive: the old node is gone, the new
-            # one not yet there, so nobody acknowledges it.
-            two = asyncio.create_task(requester.request(name, 7501, b"two", timeout=RESUME))
-            await within(10, "the request sent", lambda: len(stream.waiting) == 2
+            # one not yet there, so nobody acknowledges them.
+            sent = [b"two-%d" % n for n in range(5)]
+            waiting = [asyncio.create_task(requester.request(name, 7501, data, timeout=RESUME))
+                       for data in sent]
+            await within(10, "the requests sent", lambda: len(stream.waiting) == 6
                          and conn._stream().undelivered)
             await replier.start(me.node_id)
-            assert (await two).data == b"two"
+            assert [reply.data for reply in await asyncio.gather(*waiting)] == sent
             with pytest.raises(ConnectionClosedError, match="restarted before replying"):
                 await asyncio.wait_for(held, PROMPTLY)
             assert (await requester.request(name, 7501, b"three", timeout=10)).data == b"three"
-            # The new node handled "two" once: the next line it printed is "three".
-            assert [await replier.line(), await replier.line()] == [{"data": "two"},
-                                                                    {"data": "three"}]
+            # The new node handled each once: after them, the next line it printed is "three".
+            handled = [(await replier.line())["data"] for _ in range(len(sent) + 1)]
+            assert sorted(handled[:-1]) == [data.decode() for data in sent]
+            assert handled[-1] == "three"
     finally:
         await replier.kill()
 

@@ -212,7 +212,7 @@ class _Stream:
         for request_id, future in self.waiting.items():
             if unseen is None:
                 self.answer(future, error)
-            elif self.starts[request_id] >= unseen:
+            elif self.starts.get(request_id, unseen) >= unseen:  # (none: not written yet)
                 self.answer(future, _Unseen())
             else:
                 self.answer(future, ConnectionClosedError(
@@ -280,6 +280,9 @@ class Requester:
                         await stream.take_slot(loop)
                 except TimeoutError:
                     raise _expired(peer, port, timeout) from None
+                if stream.dead:  # it died while we waited for a turn: not sent, so try again
+                    stream.release_slot()
+                    continue
             else:
                 stream.in_flight += 1
             request_id = next(self._ids)
@@ -289,21 +292,23 @@ class Requester:
             future: asyncio.Future[Reply] = loop.create_future()
             stream.waiting[request_id] = future
             stream.unanswered += 1
-            if stream.resumable is not None:
-                stream.starts[request_id] = stream.resumable.written
-                if deadline > stream.held_until:
-                    # Not given up on before the reply's deadline: a replier's node may restart
-                    # meanwhile, and the request then goes again to the new one. Held for
-                    # twice as long, so a loop of requests does this once per timeout.
-                    stream.resumable.hold_tunnel(2 * timeout)
-                    stream.held_until = loop.time() + 2 * timeout
             try:
                 try:
                     frame = encode_frame(Kind.REQUEST, request_id, payload)
-                    if stream.resumable is None:
+                    resumable = stream.resumable
+                    if resumable is None:
                         await stream.conn.send(frame)
-                    elif not stream.resumable.write(frame):
-                        await stream.resumable.room()
+                    else:
+                        stream.starts[request_id] = resumable.written
+                        if deadline > stream.held_until:
+                            # Not given up on before the reply's deadline: the replier's node
+                            # may restart meanwhile, and the request then goes again to the new
+                            # one. Held for twice as long: a loop of requests does this once
+                            # per timeout.
+                            resumable.hold_tunnel(2 * timeout)
+                            stream.held_until = loop.time() + 2 * timeout
+                        if not resumable.write(frame):
+                            await resumable.room()
                 except PilotError as exc:
                     if stream.resumable is None or stream.resumable.unseen_after_restart() is None:
                         raise
@@ -325,7 +330,7 @@ class Requester:
                 if stream.waiting.pop(request_id, None) is future and not future.done():
                     stream.unanswered -= 1
                 if stream.starts:
-                    del stream.starts[request_id]
+                    stream.starts.pop(request_id, None)
                 stream.release_slot()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
