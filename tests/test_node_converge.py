@@ -27,18 +27,19 @@ beacon = test_node_beacon.beacon  # a real beacon on loopback (the fixture)
 
 
 class PeerProcess:
-    """tests/restart_peer.py: a node in its own process that can be killed and started again
-    on the same home and port."""
+    """tests/restart_peer.py (or another ``script`` that starts the same way): a node in its own
+    process that can be killed and started again on the same home and port."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, script: str = "restart_peer.py") -> None:
         self.home = home
+        self.script = script
         self.port = 0
         self.node_id = ""
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, trust: str) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "restart_peer.py"), str(self.home),
+            sys.executable, str(ROOT / "tests" / self.script), str(self.home),
             str(self.port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's code
         )

@@ -26,7 +26,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -55,6 +54,7 @@ from pilot_agents.patterns.frames import (
 from pilot_agents.transport import Listener
 from tests.conftest import ROOT, DaemonHandle, cli, ipc_call, named_pair
 from tests.test_flood import rss
+from tests.test_node_converge import PeerProcess
 from tests.test_pubsub import until_subscribed
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
@@ -324,45 +324,12 @@ async def test_requests_to_a_crashed_repliers_daemon_time_out_and_succeed_once_i
                             loop.time() - started, failures)
 
 
-class ReplierProcess:
-    """tests/restart_replier.py: a replier's node in its own process, killed (SIGKILL: no word
-    to its peers) and started again on the same home and UDP port."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = 0
-        self.node_id = ""
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, trust: str) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "restart_replier.py"), str(self.home),
-            str(self.port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's code
-        )
-        info = await self.line()
-        self.node_id, self.port = info["node_id"], info["port"]
-        assert self.process.stdin is not None
-        self.process.stdin.write(trust.encode() + b"\n")
-        await self.process.stdin.drain()
-        assert await self.line() == {"listening": True}
-
-    async def line(self, timeout: float = 20) -> Any:
-        assert self.process is not None and self.process.stdout is not None
-        return json.loads(await asyncio.wait_for(self.process.stdout.readline(), timeout))
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
-
-
 async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarted_one(
         tmp_path: Path) -> None:
     """At most once across a crash: on a long-lived stream, requests sent while the replier's
     node was down are sent again on a new stream once it is back, and handled once each; one the
     old node had received (acknowledged) but not answered fails, saying the replier restarted."""
-    replier = ReplierProcess(tmp_path / "replier")
+    replier = PeerProcess(tmp_path / "replier", script="restart_replier.py")
     try:
         # One stream per peer: the next request goes on the stream the held one waits on.
         async with Node(home=tmp_path / "me", listen="127.0.0.1:0") as me, \
@@ -381,7 +348,7 @@ async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarte
             await within(10, "the held request acknowledged", lambda: conn.written > 0
                          and not conn._stream().undelivered)
 
-            await replier.kill()
+            await replier.crash()
             # Sent on the old stream, which still looks alive: the old node is gone, the new
             # one not yet there, so nobody acknowledges them.
             sent = [b"two-%d" % n for n in range(5)]
@@ -399,7 +366,7 @@ async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarte
             assert sorted(handled[:-1]) == [data.decode() for data in sent]
             assert handled[-1] == "three"
     finally:
-        await replier.kill()
+        await replier.stop()
 
 
 # -- a subscriber that never reads, flooded: memory stays bounded -------------------------------
