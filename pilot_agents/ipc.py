@@ -137,6 +137,16 @@ class FrameReader:
         self._have = 0  # payload bytes in _chunks
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        if self._size < 0 and self._header is None and not self._head \
+                and len(data) >= _PREFIX.size:
+            # The usual read on a request/reply path: exactly one whole message, cut at once.
+            frames, size, payload = _PREFIX.unpack_from(data)
+            end = _PREFIX.size + size
+            if end + payload == len(data):
+                self._check(frames, size, payload)
+                if frames == 1:
+                    return [[data[_PREFIX.size:]]]
+                return [[data[_PREFIX.size:end], data[end:]]]
         messages: list[list[bytes]] = []
         view = memoryview(data)
         pos, end = 0, len(data)
@@ -172,10 +182,13 @@ class FrameReader:
         return messages
 
     def _start(self, frames: int, size: int, payload: int) -> None:
+        self._check(frames, size, payload)
+        self._frames, self._size, self._payload = frames, size, payload
+
+    def _check(self, frames: int, size: int, payload: int) -> None:
         if frames not in (1, 2) or (frames == 1 and payload) or size == 0 \
                 or size > self.max_frame or payload > self.max_frame:
             raise FramingError(f"not a message: {frames} frames of {size} and {payload} bytes")
-        self._frames, self._size, self._payload = frames, size, payload
 
 
 # -- compact headers: the hot data verbs without JSON (docs/ipc.md, Compact headers) ------------

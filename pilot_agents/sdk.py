@@ -545,10 +545,12 @@ class _Delivery:
         self._waiters: list[asyncio.Future[None]] = []
         self._taken_messages = 0  # since credit was last granted
         self._taken_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def receive(self, timeout: float | None) -> DaemonMessage:
         if self._request is None and self._error is None:
             opts = self._client.options
+            self._loop = asyncio.get_running_loop()
             self._request = await self._client._ipc.deliver(
                 self._on_reply, credit_messages=opts.receive_window_messages,
                 credit_bytes=opts.receive_window_bytes, compact=True, **self._target)
@@ -562,7 +564,8 @@ class _Delivery:
         return message
 
     async def _wait(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
+        # The loop the delivery started on (each get_running_loop() is a getpid() on 3.11).
+        loop = self._loop or asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not self._queue and self._error is None:
             waiter: asyncio.Future[None] = loop.create_future()
