@@ -183,6 +183,9 @@ class IpcServer:
             if header[:1] in _COMPACT:
                 request_id, request = load_compact_untrusted(header,
                                                              self.options.max_request_bytes)
+                if len(parts) < 2:
+                    raise BadRequestError("a compact request needs its payload frame "
+                                          "(docs/ipc.md, Compact headers)")
             else:
                 data = load_request_untrusted(header, self.options.max_request_bytes,
                                               self.options.max_request_depth)
