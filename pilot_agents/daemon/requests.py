@@ -310,10 +310,16 @@ def load_request_untrusted(body: bytes, max_bytes: int, max_depth: int) -> dict[
     return data
 
 
-def load_compact_untrusted(header: bytes, max_bytes: int,
-                           ) -> tuple[RequestId, StreamSendRequest | ReplyRequest]:
-    """The request a compact header stands for (docs/ipc.md, Compact headers), and the id to
-    answer it with; BadRequestError if it is none."""
+def check_payload_size(frame: bytes, max_bytes: int) -> None:
+    if len(frame) > max_bytes:
+        raise BadRequestError(
+            f"the payload is {len(frame)} bytes, more than the daemon's limit of {max_bytes}")
+
+
+def load_compact_untrusted(header: bytes, payload: bytes | None, max_bytes: int,
+                           max_payload: int) -> tuple[RequestId, StreamSendRequest | ReplyRequest]:
+    """The request a compact header and its payload frame stand for (docs/ipc.md, Compact
+    headers), and the id to answer it with; BadRequestError if they are none."""
     if len(header) > max_bytes:
         raise BadRequestError(
             f"the request is {len(header)} bytes, more than the daemon's limit of {max_bytes}")
@@ -331,9 +337,13 @@ def load_compact_untrusted(header: bytes, max_bytes: int,
         raise BadRequestError("a compact header's stream or message id is not UTF-8") from None
     quiet = bool(flags & COMPACT_QUIET)
     request_id: RequestId = f"q{number}.{about}" if quiet else number
+    if payload is None:
+        raise BadRequestError("a compact request needs its payload frame "
+                              "(docs/ipc.md, Compact headers)")
+    check_payload_size(payload, max_payload)
     model, cmd, field = _COMPACT_COMMANDS[verb]
     return request_id, model.model_validate(
-        {"cmd": cmd, "id": request_id, "quiet": quiet, field: about})
+        {"cmd": cmd, "id": request_id, "quiet": quiet, field: about, "data": payload})
 
 
 def request_id_of(data: dict[str, object]) -> RequestId | None:

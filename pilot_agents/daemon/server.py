@@ -35,6 +35,7 @@ from .requests import (
     PayloadRequest,
     RequestId,
     StopRequest,
+    check_payload_size,
     load_compact_untrusted,
     load_request_untrusted,
     request_id_of,
@@ -48,6 +49,7 @@ TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id o
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 # The first bytes of a compact request header (a JSON header starts with "{" or blank space).
 _COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY])})
+_CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
 
 class IpcServer:
@@ -180,12 +182,12 @@ class IpcServer:
         header = parts[0] if parts else b""
         request: AnyRequest
         try:
-            if header[:1] in _COMPACT:
-                request_id, request = load_compact_untrusted(header,
-                                                             self.options.max_request_bytes)
-                if len(parts) < 2:
-                    raise BadRequestError("a compact request needs its payload frame "
-                                          "(docs/ipc.md, Compact headers)")
+            compact = header[:1] in _COMPACT
+            if compact:
+                # The payload goes into the model as it is validated: no attach afterwards.
+                request_id, request = load_compact_untrusted(
+                    header, parts[1] if len(parts) > 1 else None,
+                    self.options.max_request_bytes, self.options.max_payload_bytes)
             else:
                 data = load_request_untrusted(header, self.options.max_request_bytes,
                                               self.options.max_request_depth)
@@ -193,21 +195,23 @@ class IpcServer:
                 request = validate_request_untrusted(data)
             if len(parts) > 2:
                 raise BadRequestError(
-                    f"a request is a JSON header and at most one payload frame, not {len(parts)} "
+                    f"a request is a header and at most one payload frame, not {len(parts)} "
                     "frames (docs/ipc.md, Framing)")
-            if len(parts) == 2:
+            if len(parts) == 2 and not compact:
                 self._attach(request, parts[1])
         except BadRequestError as exc:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
-        if isinstance(request, CancelRequest | CreditRequest):
+        if type(request) in _CONTROL:
+            assert isinstance(request, CancelRequest | CreditRequest)
             reply = self._control(identity, request)
             if request_id is not None:
                 reply["id"] = request_id
             self._send(identity, envelope, reply)
             return
-        if self._in_flight[identity] >= self.options.client_max_requests:
+        # .get, not the Counter's item: a missing key would call its __missing__ (Python).
+        if self._in_flight.get(identity, 0) >= self.options.client_max_requests:
             self._send(identity, envelope, ipc.error_reply(BusyError(
                 f"this client already has {self.options.client_max_requests} requests in "
                 "flight: wait for their replies (or cancel some) first"), request_id))
@@ -217,7 +221,7 @@ class IpcServer:
         immediate = self.dispatch.immediate(request)
         if immediate is None:
             work = self._work(key, envelope, request_id, request)
-        elif self._sending[identity]:
+        elif self._sending.get(identity):
             # An earlier send of this client waits in a task: this one must not overtake it.
             work = _awaited(immediate, request)
         else:
@@ -229,7 +233,8 @@ class IpcServer:
                 self._answer(identity, envelope, request_id, request, self._failure(request, exc))
                 return
             if isinstance(outcome, dict):
-                self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
+                if not getattr(request, "quiet", False):  # a quiet one is answered only if it fails
+                    self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
                 return
             work = outcome
         task = asyncio.create_task(self._handle(identity, envelope, request_id, request, work))
@@ -243,10 +248,7 @@ class IpcServer:
     def _attach(self, request: AnyRequest, frame: bytes) -> None:
         if not isinstance(request, PayloadRequest):
             raise BadRequestError(f"'{request.cmd}' takes no payload frame")
-        if len(frame) > self.options.max_payload_bytes:
-            raise BadRequestError(
-                f"the payload is {len(frame)} bytes, more than the daemon's limit of "
-                f"{self.options.max_payload_bytes}")
+        check_payload_size(frame, self.options.max_payload_bytes)
         request.attach(frame)
 
     def _control(self, identity: bytes, request: CancelRequest | CreditRequest) -> Reply:
