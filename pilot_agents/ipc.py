@@ -530,7 +530,8 @@ class IpcClient:
 
     async def _send_frames(self, frames: list[bytes]) -> None:
         if self._channel is not None:
-            await self._channel.write(frames)
+            if not self._channel.write_now(frames):
+                await self._channel.write(frames)
             return
         import zmq
 
@@ -713,6 +714,13 @@ class _Channel(asyncio.Protocol):
             requeue = self._client._dispatch(frames)
             if requeue is not None:
                 self._client._requeue_later(requeue)
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """:meth:`write` if it need not wait (the usual case): no coroutine; False if not."""
+        if self._transport is None or not self._writable.is_set():
+            return False
+        self._transport.writelines(pack_frames(frames))
+        return True
 
     async def write(self, frames: list[bytes]) -> None:
         # The daemon not reading makes the kernel's buffer and then the transport's fill:

@@ -560,7 +560,8 @@ class _Delivery:
             assert self._error is not None
             raise self._error
         message = self._queue.popleft()
-        await self._taken(len(message.data))
+        if self._taken(len(message.data)):
+            await self._grant()
         return message
 
     async def _wait(self, timeout: float | None) -> None:
@@ -580,17 +581,20 @@ class _Delivery:
                 raise PilotTimeoutError(
                     f"no message on {self._what} within {timeout:g} s") from None
             finally:
-                with contextlib.suppress(ValueError):
+                if waiter in self._waiters:  # not woken: _on_reply empties the list
                     self._waiters.remove(waiter)
 
-    async def _taken(self, size: int) -> None:
-        """Credit back once half a window was taken: one small request per half window."""
+    def _taken(self, size: int) -> bool:
+        """Count a message taken; True once half a window was: time to :meth:`_grant` (one
+        small request per half window)."""
         self._taken_messages += 1
         self._taken_bytes += size
         opts = self._client.options
-        if self._request is None or (2 * self._taken_messages < opts.receive_window_messages
-                                     and 2 * self._taken_bytes < opts.receive_window_bytes):
-            return
+        return self._request is not None and (
+            2 * self._taken_messages >= opts.receive_window_messages
+            or 2 * self._taken_bytes >= opts.receive_window_bytes)
+
+    async def _grant(self) -> None:
         messages, size = self._taken_messages, self._taken_bytes
         self._taken_messages = self._taken_bytes = 0
         await self._client._ipc.post("credit", request=self._request, messages=messages,
