@@ -5,7 +5,9 @@ message, ``{"cmd": "...", "id": ..., ...}``, followed by a message's payload as 
 where a command carries one; the reply is ``{"ok": true, "id": ..., ...}`` (a received message's
 payload in a second frame, when asked for) or ``{"ok": false, "id": ..., "error": {"type": "...",
 "message": "..."}}``. Requests run concurrently, so replies may come back out of order: match
-them by ``id``. A ``deliver`` request is answered many times, once per message pushed. The whole
+them by ``id``. A ``deliver`` request is answered many times, once per message pushed. The hot
+data messages (``stream_send``, ``reply``, a compact delivery's pushes) may carry a compact binary
+header instead of JSON (``COMPACT_*`` below; docs/ipc.md, Compact headers). The whole
 protocol is described in ``docs/ipc.md``; the request models in ``daemon/requests.py`` are its
 machine-readable form.
 

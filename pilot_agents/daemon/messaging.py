@@ -119,7 +119,7 @@ class Messaging:
             "s" + secrets.token_hex(8), conn, target.node_id, target.hostname, req.port,
             self._inbox(f"the connection to {target.label} port {req.port}"))
         stream.task = asyncio.create_task(self._pump_stream(stream))
-        conn.set_taker(stream.inbox.offer)
+        conn.set_taker(functools.partial(_offer, stream.inbox))
         self.streams[stream.stream_id] = stream
         return {"stream": stream.stream_id, "peer": target.node_id, "hostname": target.hostname,
                 "port": req.port, "path": conn.path, "rtt": conn.rtt}
@@ -371,7 +371,7 @@ class Messaging:
     def _offered(self, state: PortState, message: Message) -> bool:
         """A message as the Node receives it: straight to a delivery that takes it now, or
         False, and the pump takes it as it comes (published ports always go the pump's way)."""
-        if state.publish or not state.inbox.offer(message):
+        if state.publish or not _offer(state.inbox, message):
             return False
         self._arrived(state, message)
         return True
@@ -464,6 +464,17 @@ class Messaging:
         for message in take_unread(self.ctx.home):
             state = self.ports.get(message.port) or self.listen_port(message.port)[0]
             state.inbox.put(message)
+
+
+def _offer(inbox: Inbox, message: Message) -> bool:
+    """:meth:`Inbox.offer`, called by the Node as a datagram's events are dispatched: an error
+    must not reach that dispatch (the rest of the events, the timers), so it is logged, and the
+    message counts as taken (at most once: it may have gone out already)."""
+    try:
+        return inbox.offer(message)
+    except Exception:
+        log.exception("failed to hand a message to its delivery (the daemon carries on)")
+        return True
 
 
 async def _taken_from(listener: Listener) -> list[Message]:
