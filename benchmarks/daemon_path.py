@@ -1,5 +1,6 @@
 """Where a round trip through the daemons spends CPU: each of the four processes' CPU time per
-round trip (the client, its daemon, the server's daemon, the server), beside the latency.
+round trip (the client, its daemon, the server's daemon, the server), and the kernel's share of
+it for the three started here, beside the latency.
 
     .venv/bin/python -m benchmarks.daemon_path [--mode reqrep|plain] [--rounds N]
         [--socket stream|zeromq]
