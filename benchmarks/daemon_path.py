@@ -1,5 +1,6 @@
 """Where a round trip through the daemons spends CPU: each of the four processes' CPU time per
-round trip (the client, its daemon, the server's daemon, the server), beside the latency.
+round trip (the client, its daemon, the server's daemon, the server), and the kernel's share of
+it for the three started here, beside the latency.
 
     .venv/bin/python -m benchmarks.daemon_path [--mode reqrep|plain] [--rounds N]
         [--socket stream|zeromq]
@@ -37,8 +38,15 @@ MESSAGE = b"\x5a" * 100
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of ``pid`` so far (from /proc)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` so far (from /proc): how much of a hop is the
+    kernel's (socket writes, wake-ups), which no Python trimming changes."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def options(socket: str) -> ClientOptions:
@@ -122,17 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         server.stdout.readline()
         pids = {"client daemon": int(str(infos[0]["pid"])),
                 "server daemon": int(str(infos[1]["pid"])), "server": server.pid}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: cpu_split(pid) for name, pid in pids.items()}
         samples, own = pilot_agents.run(measure(homes[0], str(infos[1]["node_id"]), args.mode,
                                                 args.rounds, args.socket))
-        per_rt = {name: round((cpu_seconds(pid) - before[name]) / args.rounds * 1e6)
-                  for name, pid in pids.items()}
+        after = {name: cpu_split(pid) for name, pid in pids.items()}
+        per_rt = {name: round((sum(after[name]) - sum(before[name])) / args.rounds * 1e6)
+                  for name in pids}
+        system = {name: round((after[name][1] - before[name][1]) / args.rounds * 1e6)
+                  for name in pids}
         per_rt["client"] = round(own / args.rounds * 1e6)
         print(json.dumps({
             "mode": args.mode, "socket": args.socket, "rounds": args.rounds,
             "median_us": round(percentile(tuple(samples), 50) / 1000, 1),
             "p99_us": round(percentile(tuple(samples), 99) / 1000, 1),
             "cpu_us_per_round_trip": per_rt, "cpu_us_total": sum(per_rt.values()),
+            "system_cpu_us_of_it": system,
             "loadavg_1min": float(Path("/proc/loadavg").read_text().split()[0]),
         }))
     finally:

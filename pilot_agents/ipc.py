@@ -5,7 +5,9 @@ message, ``{"cmd": "...", "id": ..., ...}``, followed by a message's payload as 
 where a command carries one; the reply is ``{"ok": true, "id": ..., ...}`` (a received message's
 payload in a second frame, when asked for) or ``{"ok": false, "id": ..., "error": {"type": "...",
 "message": "..."}}``. Requests run concurrently, so replies may come back out of order: match
-them by ``id``. A ``deliver`` request is answered many times, once per message pushed. The whole
+them by ``id``. A ``deliver`` request is answered many times, once per message pushed. The hot
+data messages (``stream_send``, ``reply``, a compact delivery's pushes) may carry a compact binary
+header instead of JSON (``COMPACT_*`` below; docs/ipc.md, Compact headers). The whole
 protocol is described in ``docs/ipc.md``; the request models in ``daemon/requests.py`` are its
 machine-readable form.
 
@@ -137,6 +139,16 @@ class FrameReader:
         self._have = 0  # payload bytes in _chunks
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        if self._size < 0 and self._header is None and not self._head \
+                and len(data) >= _PREFIX.size:
+            # The usual read on a request/reply path: exactly one whole message, cut at once.
+            frames, size, payload = _PREFIX.unpack_from(data)
+            end = _PREFIX.size + size
+            if end + payload == len(data):
+                self._check(frames, size, payload)
+                if frames == 1:
+                    return [[data[_PREFIX.size:]]]
+                return [[data[_PREFIX.size:end], data[end:]]]
         messages: list[list[bytes]] = []
         view = memoryview(data)
         pos, end = 0, len(data)
@@ -172,10 +184,56 @@ class FrameReader:
         return messages
 
     def _start(self, frames: int, size: int, payload: int) -> None:
+        self._check(frames, size, payload)
+        self._frames, self._size, self._payload = frames, size, payload
+
+    def _check(self, frames: int, size: int, payload: int) -> None:
         if frames not in (1, 2) or (frames == 1 and payload) or size == 0 \
                 or size > self.max_frame or payload > self.max_frame:
             raise FramingError(f"not a message: {frames} frames of {size} and {payload} bytes")
-        self._frames, self._size, self._payload = frames, size, payload
+
+
+# -- compact headers: the hot data verbs without JSON (docs/ipc.md, Compact headers) ------------
+
+# A request: verb, flags, a number (the sink of a quiet one, else its id), then the stream or
+# message id it is about, UTF-8, to the header's end. Its payload is the second frame.
+COMPACT_REQUEST = struct.Struct("!BBQ")
+COMPACT_STREAM_SEND = 0x01
+COMPACT_REPLY = 0x02
+COMPACT_QUIET = 0x01  # flags: answered only if it fails, with the id "q<number>.<about>"
+# A message a compact delivery pushes: verb, the delivery's request id, port, source port, and
+# the lengths of the message id, the sender's node id and its hostname (0: unknown), which
+# follow in that order, UTF-8. Its payload is the second frame.
+COMPACT_MESSAGE = struct.Struct("!BQHHBBB")
+COMPACT_DELIVERED = 0x81
+COMPACT_VERBS = frozenset({COMPACT_STREAM_SEND, COMPACT_REPLY, COMPACT_DELIVERED})
+COMPACT_MAX_ID = 2**64 - 1
+
+
+def pack_message(request_id: int, message: dict[str, Any]) -> bytes | None:
+    """A pushed message's compact header; None if a field does not fit it (then it goes as
+    JSON)."""
+    hostname = message["hostname"] or ""
+    texts = [message["id"].encode(), message["from"].encode(), hostname.encode()]
+    if max(map(len, texts)) > 255:
+        return None
+    return b"".join((COMPACT_MESSAGE.pack(COMPACT_DELIVERED, request_id, message["port"],
+                                          message["source_port"], *map(len, texts)), *texts))
+
+
+def unpack_message(header: bytes) -> dict[str, Any]:
+    """The reply a compact message header stands for, as its JSON form would be (without the
+    payload). Our own daemon wrote it: a malformed one is a ValueError."""
+    _, request_id, port, source_port, id_size, from_size, name_size = \
+        COMPACT_MESSAGE.unpack_from(header)
+    start = COMPACT_MESSAGE.size
+    sender = start + id_size
+    name = sender + from_size
+    if len(header) != name + name_size:
+        raise ValueError("not a compact message header")
+    return {"ok": True, "id": request_id, "message": {
+        "id": header[start:sender].decode(), "from": header[sender:name].decode(),
+        "hostname": header[name:].decode() or None, "port": port, "source_port": source_port}}
 
 
 def daemon_pid(home: Path) -> int | None:
@@ -246,8 +304,10 @@ def _zmq_context() -> Any:
 
 
 OnReply = Callable[[dict[str, Any]], None]  # called with each reply of a delivery
-OnError = Callable[[PilotError], None]  # told the error of a quiet request
-QUIET = "q"  # a quiet request's id is "q<sink>.<n>": its error reply names where it goes
+# Told the error of a quiet request, and the stream or message id it was about ("": unknown).
+OnError = Callable[[PilotError, str], None]
+QUIET = "q"  # a quiet request's id is "q<sink>.<about>": its error reply names where it goes
+_DELIVERED = bytes([COMPACT_DELIVERED])
 
 
 class IpcClient:
@@ -392,25 +452,28 @@ class IpcClient:
     def remove_sink(self, sink: int) -> None:
         self._sinks.pop(sink, None)
 
-    async def quiet(self, cmd: str, payload: bytes, sink: int, **fields: Any) -> None:
-        """Send a command that carries a message with ``"quiet": true``: the daemon answers
-        only if it fails, and then its error goes to ``sink``'s ``on_error``."""
-        await self.open()
+    async def quiet(self, verb: int, about: str, payload: bytes, sink: int) -> None:
+        """Send a ``stream_send`` (``verb`` COMPACT_STREAM_SEND, ``about`` the stream) or a
+        ``reply`` (COMPACT_REPLY, the message) quiet, with a compact header: the daemon
+        answers only if it fails, and then its error goes to ``sink``'s ``on_error``."""
         if self._lost is not None:
             raise self._lost
-        request_id = f"{QUIET}{sink}.{next(self._ids)}"
-        header = json.dumps({"cmd": cmd, "id": request_id, "quiet": True, **fields})
-        await self._send_frames([header.encode("utf-8"), payload])
+        if self._channel is None and self._socket is None:
+            await self.open()
+        header = COMPACT_REQUEST.pack(verb, COMPACT_QUIET, sink) + about.encode()
+        await self._send_frames([header, payload])
 
     def _quiet_failed(self, request_id: str, reply: dict[str, Any]) -> None:
-        self.fail_sink(int(request_id[1:].partition(".")[0] or 0), error_of(reply))
+        sink, _, about = request_id[1:].partition(".")
+        self.fail_sink(int(sink or 0), error_of(reply), about)
 
-    def fail_sink(self, sink: int, error: PilotError) -> None:
+    def fail_sink(self, sink: int, error: PilotError, about: str = "") -> None:
+        """``about``: the stream or message id the failed request was about, if known."""
         on_error = self._sinks.get(sink, self.orphan_errors)
         if on_error is None:  # its sender was closed meanwhile: nobody left to raise it to
             log.warning("a quiet request failed after its sender closed: %s", error)
         else:
-            on_error(error)
+            on_error(error, about)
 
     async def _request(self, cmd: str, wait: float | None, payload: bytes | None,
                        fields: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +532,8 @@ class IpcClient:
 
     async def _send_frames(self, frames: list[bytes]) -> None:
         if self._channel is not None:
-            await self._channel.write(frames)
+            if not self._channel.write_now(frames):
+                await self._channel.write(frames)
             return
         import zmq
 
@@ -546,8 +610,11 @@ class IpcClient:
         """Hand a reply to whoever waits for it; a message nobody waits for any more: its id,
         to be requeued."""
         try:
-            reply = json.loads(frames[0].decode("utf-8"))
-        except ValueError:
+            if frames[0][:1] == _DELIVERED:
+                reply = unpack_message(frames[0])
+            else:
+                reply = json.loads(frames[0].decode("utf-8"))
+        except (ValueError, struct.error):
             return None
         if not isinstance(reply, dict):
             return None
@@ -649,6 +716,13 @@ class _Channel(asyncio.Protocol):
             requeue = self._client._dispatch(frames)
             if requeue is not None:
                 self._client._requeue_later(requeue)
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """:meth:`write` if it need not wait (the usual case): no coroutine; False if not."""
+        if self._transport is None or not self._writable.is_set():
+            return False
+        self._transport.writelines(pack_frames(frames))
+        return True
 
     async def write(self, frames: list[bytes]) -> None:
         # The daemon not reading makes the kernel's buffer and then the transport's fill:

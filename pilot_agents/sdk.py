@@ -40,7 +40,14 @@ from .errors import (
     PilotError,
     PilotTimeoutError,
 )
-from .ipc import REQUEST_TIMEOUT, IpcClient, decode_data, error_of
+from .ipc import (
+    COMPACT_REPLY,
+    COMPACT_STREAM_SEND,
+    REQUEST_TIMEOUT,
+    IpcClient,
+    decode_data,
+    error_of,
+)
 from .transport import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -91,6 +98,11 @@ class ClientOptions:
 
 
 ReplyFunction = Callable[[bytes], Awaitable[Any]]
+# Messages whose replies failed that a Client remembers, to raise at their next reply.
+_REMEMBERED_REPLY_ERRORS = 1024
+# What a compact verb is as a confirmed (JSON) request: its command, and the field naming what
+# it is about.
+_CONFIRMED = {COMPACT_STREAM_SEND: ("stream_send", "stream"), COMPACT_REPLY: ("reply", "message")}
 
 
 @dataclass
@@ -136,7 +148,10 @@ class Client:
         self._ipc = IpcClient(home, self.options.answer_margin, self.options.stream_socket)
         self._pipeline = _Pipeline(self._ipc, self.options)
         self._reply_error: PilotError | None = None  # of a quiet reply, for flush()
-        self._path_errors: dict[int, PilotError] = {}  # a reply path's sink: its first error
+        # The first error of each message's replies, by its id (of the latest that failed):
+        # the next reply to the message raises it. One sink for every reply, not one each.
+        self._path_errors: collections.OrderedDict[str, PilotError] = collections.OrderedDict()
+        self._replies_sink = self._ipc.add_sink(self._reply_failed)
         self._ipc.orphan_errors = self._late_failure
 
     @property
@@ -167,29 +182,33 @@ class Client:
         if error is not None:
             raise error
 
-    def _reply_sink(self) -> int:
-        """A sink for the errors of one message's replies (see :class:`_ReplyPath`)."""
-        def failed(error: PilotError) -> None:  # holds the client, not the path
-            log.warning("a reply failed (raised by the next reply to that message, and by the "
-                        "next Client.flush()): %s", error)
-            self._path_errors.setdefault(sink, error)
-            if self._reply_error is None:
-                self._reply_error = error
+    def _reply_failed(self, error: PilotError, message_id: str) -> None:
+        log.warning("a reply failed (raised by the next reply to that message, and by the "
+                    "next Client.flush()): %s", error)
+        if message_id and message_id not in self._path_errors:
+            self._path_errors[message_id] = error
+            if len(self._path_errors) > _REMEMBERED_REPLY_ERRORS:
+                self._path_errors.popitem(last=False)
+        if self._reply_error is None:
+            self._reply_error = error
 
-        sink = self._ipc.add_sink(failed)
-        return sink
+    async def _reply(self, message_id: str, data: bytes) -> None:
+        """A message's reply, sent without waiting for the daemon (IPC ``quiet``): one that
+        fails there (the stream it came on has ended) is known only later, so the next reply
+        to the same message raises it. A publisher answering a subscriber on its subscription
+        message, again and again, so hears that the subscriber is gone."""
+        error = self._path_errors.get(message_id)
+        if error is not None:
+            raise error
+        await self._pipeline.send(COMPACT_REPLY, message_id, data, self._replies_sink)
 
-    def _late_failure(self, error: PilotError) -> None:
+    def _late_failure(self, error: PilotError, about: str = "") -> None:
         """A quiet send or reply whose sender is gone (a message dropped after its reply, a
         connection closed): nobody is left to raise it to but :meth:`flush`."""
         log.warning("a send or reply failed after its sender was gone (raised by the next "
                     "Client.flush()): %s", error)
         if self._reply_error is None:
             self._reply_error = error
-
-    def _forget_reply_sink(self, sink: int) -> None:
-        self._ipc.remove_sink(sink)
-        self._path_errors.pop(sink, None)
 
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
@@ -217,7 +236,7 @@ class Client:
         return DaemonListener(self, port)
 
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
-        return _message(fields, _ReplyPath(self, fields["id"]).reply)
+        return _message(fields, functools.partial(self._reply, fields["id"]))
 
     # -- administration ----------------------------------------------------------------------
 
@@ -328,10 +347,10 @@ class DaemonConnection:
         stream = self._id()
         self._raise_failed()
         assert self._sink is not None
-        await self._client._pipeline.send("stream_send", encode_payload(data), self._sink,
-                                          stream=stream)
+        await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, encode_payload(data),
+                                          self._sink)
 
-    def _send_failed(self, error: PilotError) -> None:
+    def _send_failed(self, error: PilotError, _stream: str) -> None:
         if self._failed is None:
             self._failed = error
 
@@ -353,7 +372,7 @@ class DaemonConnection:
         async def answer(data: bytes) -> None:
             if self._sink is None or stream is None:
                 raise ConnectionClosedError("the connection was closed")
-            await self._client._pipeline.send("stream_send", data, self._sink, stream=stream)
+            await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, data, self._sink)
 
         return _message(fields, answer)
 
@@ -455,35 +474,6 @@ class DaemonListener:
             yield await self.receive(timeout=None)
 
 
-class _ReplyPath:
-    """The way back of one message received on a port. Replies go without waiting for the
-    daemon (IPC ``quiet``), so one that fails there (the stream it came on has ended) is known
-    only later: then the next reply to the same message raises it. A publisher answering a
-    subscriber on its subscription message, again and again, so hears that the subscriber is
-    gone. Its sink lives as long as this object (the message holds it)."""
-
-    __slots__ = ("_client", "_message_id", "_sink")
-
-    def __init__(self, client: Client, message_id: str) -> None:
-        self._client = client
-        self._message_id = message_id
-        self._sink: int | None = None
-
-    def __del__(self) -> None:
-        # Not weakref.finalize: that costs a registry entry per replied-to message.
-        if self._sink is not None:
-            self._client._forget_reply_sink(self._sink)
-
-    async def reply(self, data: bytes) -> None:
-        client = self._client
-        if self._sink is None:
-            self._sink = client._reply_sink()
-        error = client._path_errors.get(self._sink)
-        if error is not None:
-            raise error
-        await client._pipeline.send("reply", data, self._sink, message=self._message_id)
-
-
 class _Pipeline:
     """Commands that carry a message (``stream_send``, ``reply``) sent without waiting for the
     daemon: each goes ``"quiet"`` (answered only if it fails, the error to the sender's sink),
@@ -502,25 +492,28 @@ class _Pipeline:
         self._confirmations: collections.deque[asyncio.Task[dict[str, Any]]] = (
             collections.deque())
 
-    async def send(self, cmd: str, payload: bytes, sink: int, **fields: Any) -> None:
+    async def send(self, verb: int, about: str, payload: bytes, sink: int) -> None:
+        """``verb``: COMPACT_STREAM_SEND (``about`` the stream) or COMPACT_REPLY (the message
+        replied to)."""
         while len(self._confirmations) >= 2:
             await self._settled(self._confirmations.popleft())
         self._messages += 1
         self._bytes += len(payload)
         if 2 * self._messages < self._max_messages and 2 * self._bytes < self._max_bytes:
-            await self._ipc.quiet(cmd, payload, sink, **fields)
+            await self._ipc.quiet(verb, about, payload, sink)
             return
         self._messages = self._bytes = 0
-        task = await self._ipc.begin(cmd, payload, **fields)
-        task.add_done_callback(functools.partial(self._confirmed, sink))
+        cmd, field = _CONFIRMED[verb]
+        task = await self._ipc.begin(cmd, payload, **{field: about})
+        task.add_done_callback(functools.partial(self._confirmed, sink, about))
         self._confirmations.append(task)
 
-    def _confirmed(self, sink: int, task: asyncio.Task[dict[str, Any]]) -> None:
+    def _confirmed(self, sink: int, about: str, task: asyncio.Task[dict[str, Any]]) -> None:
         if task.cancelled() or self.closed:
             return
         error = task.exception()
         if isinstance(error, PilotError):
-            self._ipc.fail_sink(sink, error)
+            self._ipc.fail_sink(sink, error, about)
 
     async def settle(self) -> None:
         """Wait for every confirmation requested so far."""
@@ -552,24 +545,28 @@ class _Delivery:
         self._waiters: list[asyncio.Future[None]] = []
         self._taken_messages = 0  # since credit was last granted
         self._taken_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def receive(self, timeout: float | None) -> DaemonMessage:
         if self._request is None and self._error is None:
             opts = self._client.options
+            self._loop = asyncio.get_running_loop()
             self._request = await self._client._ipc.deliver(
                 self._on_reply, credit_messages=opts.receive_window_messages,
-                credit_bytes=opts.receive_window_bytes, **self._target)
+                credit_bytes=opts.receive_window_bytes, compact=True, **self._target)
         if not self._queue and self._error is None:
             await self._wait(timeout)
         if not self._queue:
             assert self._error is not None
             raise self._error
         message = self._queue.popleft()
-        await self._taken(len(message.data))
+        if self._taken(len(message.data)):
+            await self._grant()
         return message
 
     async def _wait(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
+        # The loop the delivery started on (each get_running_loop() is a getpid() on 3.11).
+        loop = self._loop or asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not self._queue and self._error is None:
             waiter: asyncio.Future[None] = loop.create_future()
@@ -584,17 +581,20 @@ class _Delivery:
                 raise PilotTimeoutError(
                     f"no message on {self._what} within {timeout:g} s") from None
             finally:
-                with contextlib.suppress(ValueError):
+                if waiter in self._waiters:  # not woken: _on_reply empties the list
                     self._waiters.remove(waiter)
 
-    async def _taken(self, size: int) -> None:
-        """Credit back once half a window was taken: one small request per half window."""
+    def _taken(self, size: int) -> bool:
+        """Count a message taken; True once half a window was: time to :meth:`_grant` (one
+        small request per half window)."""
         self._taken_messages += 1
         self._taken_bytes += size
         opts = self._client.options
-        if self._request is None or (2 * self._taken_messages < opts.receive_window_messages
-                                     and 2 * self._taken_bytes < opts.receive_window_bytes):
-            return
+        return self._request is not None and (
+            2 * self._taken_messages >= opts.receive_window_messages
+            or 2 * self._taken_bytes >= opts.receive_window_bytes)
+
+    async def _grant(self) -> None:
         messages, size = self._taken_messages, self._taken_bytes
         self._taken_messages = self._taken_bytes = 0
         await self._client._ipc.post("credit", request=self._request, messages=messages,

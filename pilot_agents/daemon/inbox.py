@@ -72,6 +72,19 @@ class Inbox:
         self._bytes += len(item.data)
         self._wake()
 
+    def offer(self, item: Message) -> bool:
+        """Hand ``item`` to a delivery that takes it now, without it ever being queued: the
+        Node offers each message as it arrives (``Listener.set_taker``), so no pump task wakes
+        to move it. Only with nothing queued (order), and only while the inbox would still have
+        room with it held (a delivery in ack mode holds it): a pump waiting for the Node's next
+        message checked for room before it waited, and must not find less when it comes."""
+        if self._closed or self._items or not self._takers:
+            return False
+        if (len(self._items) + self._held + 1 >= self.max_messages
+                or self._bytes + len(item.data) >= self.max_bytes):
+            return False
+        return self._hand(item)
+
     def add_taker(self, take: Taker) -> None:
         self._takers.append(take)
 

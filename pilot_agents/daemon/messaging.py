@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -118,6 +119,7 @@ class Messaging:
             "s" + secrets.token_hex(8), conn, target.node_id, target.hostname, req.port,
             self._inbox(f"the connection to {target.label} port {req.port}"))
         stream.task = asyncio.create_task(self._pump_stream(stream))
+        conn.set_taker(functools.partial(_offer, stream.inbox))
         self.streams[stream.stream_id] = stream
         return {"stream": stream.stream_id, "peer": target.node_id, "hostname": target.hostname,
                 "port": req.port, "path": conn.path, "rtt": conn.rtt}
@@ -327,6 +329,7 @@ class Messaging:
         state = PortState(port, listener, self._inbox(f"port {port}", self.ctx.node.refuse),
                           permanent=permanent, publish=publish)
         state.task = asyncio.create_task(self._pump_port(state))
+        listener.set_taker(functools.partial(self._offered, state))
         self.ports[port] = state
         log.info("listening on port %d%s", port, " (published)" if publish else "")
         return state, True
@@ -357,14 +360,25 @@ class Messaging:
             # cancelling the pump never loses one.
             await state.inbox.wait_for_room()
             message = await state.listener.receive(timeout=None)
-            state.received += 1
-            self.ctx.store.confirm(message.sender)  # a tunnel came up: it trusts us
+            self._arrived(state, message)
             if state.publish and self.publish is not None:
                 meta = {"from": message.sender, "hostname": self.ctx.label_or_none(
                     message.sender), "port": message.port, "source_port": message.source_port}
                 self.publish([b"%05d" % state.port, json.dumps(meta).encode(), message.data])
             else:
                 state.inbox.put(message)
+
+    def _offered(self, state: PortState, message: Message) -> bool:
+        """A message as the Node receives it: straight to a delivery that takes it now, or
+        False, and the pump takes it as it comes (published ports always go the pump's way)."""
+        if state.publish or not _offer(state.inbox, message):
+            return False
+        self._arrived(state, message)
+        return True
+
+    def _arrived(self, state: PortState, message: Message) -> None:
+        state.received += 1
+        self.ctx.store.confirm(message.sender)  # a tunnel came up: it trusts us
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -389,6 +403,7 @@ class Messaging:
         self.streams.pop(stream.stream_id, None)
         if stream.task is not None:
             stream.task.cancel()
+        stream.conn.set_taker(None)  # as its pump, it takes nothing more
         # Its receives and deliveries end now rather than wait for a message that can't come.
         stream.inbox.fail(ConnectionClosedError(f"stream {stream.stream_id} was closed"))
         if abort:
@@ -425,6 +440,7 @@ class Messaging:
             self.drop_stream(stream, abort=True)
         ports = list(self.ports.values())
         for state in ports:
+            state.listener.set_taker(None)
             if state.task is not None:
                 state.task.cancel()
         await asyncio.gather(*(s.task for s in ports if s.task), return_exceptions=True)
@@ -448,6 +464,17 @@ class Messaging:
         for message in take_unread(self.ctx.home):
             state = self.ports.get(message.port) or self.listen_port(message.port)[0]
             state.inbox.put(message)
+
+
+def _offer(inbox: Inbox, message: Message) -> bool:
+    """:meth:`Inbox.offer`, called by the Node as a datagram's events are dispatched: an error
+    must not reach that dispatch (the rest of the events, the timers), so it is logged, and the
+    message counts as taken (at most once: it may have gone out already)."""
+    try:
+        return inbox.offer(message)
+    except Exception:
+        log.exception("failed to hand a message to its delivery (the daemon carries on)")
+        return True
 
 
 async def _taken_from(listener: Listener) -> list[Message]:

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..errors import BadRequestError
-from ..ipc import decode_data
+from ..ipc import COMPACT_QUIET, COMPACT_REPLY, COMPACT_REQUEST, COMPACT_STREAM_SEND, decode_data
 from ..patterns.frames import MAX_TOPIC
 
 Encoding = Literal["utf-8", "base64"]
@@ -187,6 +187,7 @@ class DeliverRequest(BaseRequest):
     credit_messages: int = Field(default=64, ge=1, le=1 << 20)
     credit_bytes: int = Field(default=4 << 20, ge=1, le=1 << 40)
     ack: bool = False
+    compact: bool = False  # each message with a compact header (docs/ipc.md, Compact headers)
 
 
 class CreditRequest(BaseRequest):
@@ -263,6 +264,10 @@ AnyRequest = (
 REQUEST_ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(
     Annotated[AnyRequest, Field(discriminator="cmd")])
 REQUEST_TYPES: tuple[type[BaseRequest], ...] = get_args(AnyRequest)
+_COMPACT_COMMANDS: dict[int, tuple[type[StreamSendRequest] | type[ReplyRequest], str, str]] = {
+    COMPACT_STREAM_SEND: (StreamSendRequest, "stream_send", "stream"),
+    COMPACT_REPLY: (ReplyRequest, "reply", "message"),
+}
 COMMANDS: tuple[str, ...] = tuple(
     get_args(model.model_fields["cmd"].annotation)[0] for model in REQUEST_TYPES
 )
@@ -303,6 +308,42 @@ def load_request_untrusted(body: bytes, max_bytes: int, max_depth: int) -> dict[
     if not isinstance(data, dict):
         raise BadRequestError("the request must be a JSON object with a 'cmd' field")
     return data
+
+
+def check_payload_size(frame: bytes, max_bytes: int) -> None:
+    if len(frame) > max_bytes:
+        raise BadRequestError(
+            f"the payload is {len(frame)} bytes, more than the daemon's limit of {max_bytes}")
+
+
+def load_compact_untrusted(header: bytes, payload: bytes | None, max_bytes: int,
+                           max_payload: int) -> tuple[RequestId, StreamSendRequest | ReplyRequest]:
+    """The request a compact header and its payload frame stand for (docs/ipc.md, Compact
+    headers), and the id to answer it with; BadRequestError if they are none."""
+    if len(header) > max_bytes:
+        raise BadRequestError(
+            f"the request is {len(header)} bytes, more than the daemon's limit of {max_bytes}")
+    if len(header) < COMPACT_REQUEST.size:
+        raise BadRequestError(f"a compact header is at least {COMPACT_REQUEST.size} bytes, "
+                              f"not {len(header)}")
+    verb, flags, number = COMPACT_REQUEST.unpack_from(header)
+    if verb not in _COMPACT_COMMANDS:
+        raise BadRequestError(f"unknown compact verb {verb} (see docs/ipc.md)")
+    if flags & ~COMPACT_QUIET:
+        raise BadRequestError(f"unknown compact flags {flags:#04x} (see docs/ipc.md)")
+    try:
+        about = header[COMPACT_REQUEST.size:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestError("a compact header's stream or message id is not UTF-8") from None
+    quiet = bool(flags & COMPACT_QUIET)
+    request_id: RequestId = f"q{number}.{about}" if quiet else number
+    if payload is None:
+        raise BadRequestError("a compact request needs its payload frame "
+                              "(docs/ipc.md, Compact headers)")
+    check_payload_size(payload, max_payload)
+    model, cmd, field = _COMPACT_COMMANDS[verb]
+    return request_id, model.model_validate(
+        {"cmd": cmd, "id": request_id, "quiet": quiet, field: about, "data": payload})
 
 
 def request_id_of(data: dict[str, object]) -> RequestId | None:

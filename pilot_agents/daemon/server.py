@@ -25,7 +25,7 @@ import zmq
 from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
-from .dispatch import Credit, DispatchTable, Immediate, Reply
+from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
     AnyRequest,
@@ -35,6 +35,8 @@ from .requests import (
     PayloadRequest,
     RequestId,
     StopRequest,
+    check_payload_size,
+    load_compact_untrusted,
     load_request_untrusted,
     request_id_of,
     validate_request_untrusted,
@@ -45,6 +47,9 @@ log = logging.getLogger("pilot_agents.daemon")
 TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id or a fresh token)
 # One encoder for every reply: json.dumps with separators builds a new one per call.
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
+# The first bytes of a compact request header (a JSON header starts with "{" or blank space).
+_COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY])})
+_CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
 
 class IpcServer:
@@ -174,29 +179,39 @@ class IpcServer:
         start = 2 if frames[1] == b"" else 1
         envelope, parts = frames[1:start], frames[start:]
         request_id: RequestId | None = None
+        header = parts[0] if parts else b""
+        request: AnyRequest
         try:
-            data = load_request_untrusted(parts[0] if parts else b"",
-                                          self.options.max_request_bytes,
-                                          self.options.max_request_depth)
-            request_id = request_id_of(data)
+            compact = header[:1] in _COMPACT
+            if compact:
+                # The payload goes into the model as it is validated: no attach afterwards.
+                request_id, request = load_compact_untrusted(
+                    header, parts[1] if len(parts) > 1 else None,
+                    self.options.max_request_bytes, self.options.max_payload_bytes)
+            else:
+                data = load_request_untrusted(header, self.options.max_request_bytes,
+                                              self.options.max_request_depth)
+                request_id = request_id_of(data)
+                request = validate_request_untrusted(data)
             if len(parts) > 2:
                 raise BadRequestError(
-                    f"a request is a JSON header and at most one payload frame, not {len(parts)} "
+                    f"a request is a header and at most one payload frame, not {len(parts)} "
                     "frames (docs/ipc.md, Framing)")
-            request = validate_request_untrusted(data)
-            if len(parts) == 2:
+            if len(parts) == 2 and not compact:
                 self._attach(request, parts[1])
         except BadRequestError as exc:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
-        if isinstance(request, CancelRequest | CreditRequest):
+        if type(request) in _CONTROL:
+            assert isinstance(request, CancelRequest | CreditRequest)
             reply = self._control(identity, request)
             if request_id is not None:
                 reply["id"] = request_id
             self._send(identity, envelope, reply)
             return
-        if self._in_flight[identity] >= self.options.client_max_requests:
+        # .get, not the Counter's item: a missing key would call its __missing__ (Python).
+        if self._in_flight.get(identity, 0) >= self.options.client_max_requests:
             self._send(identity, envelope, ipc.error_reply(BusyError(
                 f"this client already has {self.options.client_max_requests} requests in "
                 "flight: wait for their replies (or cancel some) first"), request_id))
@@ -206,7 +221,7 @@ class IpcServer:
         immediate = self.dispatch.immediate(request)
         if immediate is None:
             work = self._work(key, envelope, request_id, request)
-        elif self._sending[identity]:
+        elif self._sending.get(identity):
             # An earlier send of this client waits in a task: this one must not overtake it.
             work = _awaited(immediate, request)
         else:
@@ -218,7 +233,8 @@ class IpcServer:
                 self._answer(identity, envelope, request_id, request, self._failure(request, exc))
                 return
             if isinstance(outcome, dict):
-                self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
+                if not getattr(request, "quiet", False):  # a quiet one is answered only if it fails
+                    self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
                 return
             work = outcome
         task = asyncio.create_task(self._handle(identity, envelope, request_id, request, work))
@@ -232,10 +248,7 @@ class IpcServer:
     def _attach(self, request: AnyRequest, frame: bytes) -> None:
         if not isinstance(request, PayloadRequest):
             raise BadRequestError(f"'{request.cmd}' takes no payload frame")
-        if len(frame) > self.options.max_payload_bytes:
-            raise BadRequestError(
-                f"the payload is {len(frame)} bytes, more than the daemon's limit of "
-                f"{self.options.max_payload_bytes}")
+        check_payload_size(frame, self.options.max_payload_bytes)
         request.attach(frame)
 
     def _control(self, identity: bytes, request: CancelRequest | CreditRequest) -> Reply:
@@ -268,7 +281,12 @@ class IpcServer:
         if self.dispatch.delivers(request):
             assert isinstance(request, DeliverRequest)
             credit = self._credits[key] = Credit(request.credit_messages, request.credit_bytes)
-            push = functools.partial(self._push, key[0], envelope, request_id)
+            push: Push = functools.partial(self._push, key[0], envelope, request_id)
+            if request.compact:
+                if type(request_id) is not int or not 0 <= request_id <= ipc.COMPACT_MAX_ID:
+                    raise BadRequestError("a compact delivery needs an integer 'id' from 0 to "
+                                          "2**64-1 (docs/ipc.md, Compact headers)")
+                push = functools.partial(self._push_compact, key[0], envelope, request_id)
             return await self.dispatch.deliver(request, push, credit)
         return await self.dispatch(request)
 
@@ -312,6 +330,15 @@ class IpcServer:
             reply["id"] = request_id
         return self._send(identity, envelope, reply, frames=True, give_back=False)
 
+    def _push_compact(self, identity: bytes, envelope: list[bytes], request_id: int,
+                      reply: Reply) -> bool:
+        """:meth:`_push` with a compact header (JSON for a message whose ids don't fit one)."""
+        message = reply["message"]
+        header = ipc.pack_message(request_id, message)
+        if header is None:
+            return self._push(identity, envelope, request_id, reply)
+        return self._write(identity, [identity, *envelope, header, message["data"]], None)
+
     def _connected(self, peer: _StreamPeer) -> bytes:
         # Nine bytes from a zero byte: ZeroMQ's own identities are five, and an application
         # may not choose one that starts with a zero byte.
@@ -328,7 +355,6 @@ class IpcServer:
         its payload as bytes in ``data``: sent as a frame of its own with ``frames``, else as
         the JSON ``data`` and ``encoding`` fields; ``give_back``: one that could not be sent
         goes back to its inbox (a delivery does that itself)."""
-        assert self._router is not None
         parts = [identity, *envelope, b""]
         message = reply.get("message")
         if isinstance(message, dict) and isinstance(message.get("data"), bytes):
@@ -337,17 +363,23 @@ class IpcServer:
             else:
                 message["data"], message["encoding"] = encode_data(message["data"])
         parts[len(envelope) + 1] = _encode_json(reply).encode("utf-8")
+        return self._write(identity, parts, message if give_back else None)
+
+    def _write(self, identity: bytes, parts: list[bytes], message: object) -> bool:
+        """Send ``[identity, *envelope, header, (payload)]`` without waiting; False if it
+        could not be, and then ``message``, a dict with its id, goes back to its inbox."""
         peer = self._peers.get(identity) if len(identity) == 9 else None
         if peer is not None:
             if peer.write(parts[1:], self.options.max_payload_bytes):
                 return True
             self._not_sent(zmq.ZMQError(zmq.EAGAIN, "the client does not read its replies"),
-                           message if give_back else None)
+                           message)
             return False
+        assert self._router is not None
         try:
             self._router.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._not_sent(exc, message if give_back else None)
+            self._not_sent(exc, message)
             return False
         finally:
             # Sending may have consumed the signal of a request that arrived meanwhile.

@@ -8,6 +8,7 @@ the session's events to them. They reach the running node only through its
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class Mailbox(Generic[T]):
     request/reply loop thus schedules a timer about once per timeout, not once per message.
     """
 
-    __slots__ = ("_items", "_loop", "_timer", "_timer_at", "_waiters")
+    __slots__ = ("_items", "_loop", "_taker", "_timer", "_timer_at", "_waiters")
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
@@ -52,6 +53,8 @@ class Mailbox(Generic[T]):
         self._timer_at = 0.0
         # Looked up at the first wait: asyncio.get_running_loop() is a getpid call on 3.11.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Takes an item as it is put, when nothing is queued (see set_taker); False: queue it.
+        self._taker: Callable[[T], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -63,8 +66,17 @@ class Mailbox(Generic[T]):
         return items
 
     def put(self, item: T) -> None:
+        if self._taker is not None and not self._items and self._taker(item):
+            return
         self._items.append(item)
         self._wake_next()
+
+    def set_taker(self, take: Callable[[T], bool] | None) -> None:
+        """Offer each item to ``take`` as it is put, while nothing is queued: a consumer that
+        can use it at once (the daemon handing a message to its client) gets it without a
+        task waking for it; what ``take`` refuses is queued for :meth:`get` as before, and
+        so is everything behind it, in order."""
+        self._taker = take
 
     async def get(self, timeout: float | None) -> T:
         """The next item; TimeoutError after ``timeout`` seconds (None: wait for ever)."""
@@ -236,6 +248,18 @@ class StreamHandle:
         if self.error is not None:
             raise self.error
 
+    def set_taker(self, take: Callable[[Message], bool] | None) -> None:
+        """Messages go to ``take`` as they arrive while none is queued (:meth:`Mailbox.set_taker`);
+        one it takes counts as received. Errors are always queued, for :meth:`receive`."""
+        self.inbox.set_taker(None if take is None else functools.partial(self._offer, take))
+
+    def _offer(self, take: Callable[[Message], bool], item: Message | PilotError) -> bool:
+        if isinstance(item, PilotError) or not take(item):
+            return False
+        if self.session.message_consumed(self.stream_id, len(item.data)):
+            self.driver.wake()
+        return True
+
     async def receive(self, timeout: float | None) -> Message:
         if timeout is not None:
             self.hold_tunnel(timeout)
@@ -347,6 +371,11 @@ class Connection:
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         return await self._stream().receive(timeout)
 
+    def set_taker(self, take: Callable[[Message], bool] | None) -> None:
+        """See :meth:`StreamHandle.set_taker` (nothing once the connection is closed)."""
+        if self._handle is not None:
+            self._handle.set_taker(take)
+
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
         handle = self._stream()
@@ -424,6 +453,11 @@ class Listener:
     def _deliver(self, handle: StreamHandle, message: Message) -> None:
         self._inbox.put((handle, message))
 
+    def set_taker(self, take: Callable[[Message], bool] | None) -> None:
+        """Messages go to ``take`` as they arrive while none is queued (:meth:`Mailbox.set_taker`);
+        one it takes counts as received."""
+        self._inbox.set_taker(None if take is None else functools.partial(_offer, take))
+
     def take_unread_streams(self) -> list[StreamHandle]:
         """Empty the inbox; the streams of the messages that waited there, each once."""
         return list({id(h): h for h, _ in self._inbox.take_all()}.values())
@@ -443,3 +477,7 @@ class Listener:
     async def _iterate(self) -> AsyncIterator[Message]:
         while not self._closed:
             yield await self.receive(timeout=None)
+
+
+def _offer(take: Callable[[Message], bool], item: tuple[StreamHandle, Message]) -> bool:
+    return item[0]._offer(take, item[1])
