@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...net.traversal.beacon_wire import Status
-from .base import Claim, Found, NameLimits, Registration
+from .base import Claim, Found, NameLimits, Registration, RelayTarget
 
 DB_FILE = "names.sqlite3"
 SCHEMA_VERSION = 2
@@ -66,6 +66,7 @@ class SqliteStore:
         self._path = path
         # key -> (registration, when it expires on the monotonic clock)
         self._registrations: dict[bytes, tuple[Registration, float]] = {}
+        self._blocks: dict[bytes, dict[bytes, int]] = {}  # one process: for the interface's sake
 
     @classmethod
     def in_directory(cls, data_dir: Path) -> SqliteStore:
@@ -169,6 +170,22 @@ class SqliteStore:
 
     async def name_count(self) -> int:
         return self.count()
+
+    async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
+        blocks = self._blocks.setdefault(receiver, {})
+        if until_ns:
+            blocks[sender] = until_ns
+        else:
+            blocks.pop(sender, None)
+        now_ns = time.time_ns()
+        for blocked, until in list(blocks.items()):
+            if until <= now_ns:
+                del blocks[blocked]
+        if not blocks:
+            del self._blocks[receiver]
+
+    async def relay_target(self, key: bytes) -> RelayTarget:
+        return RelayTarget(self._live(key), dict(self._blocks.get(key, {})))
 
     async def aclose(self) -> None:
         self.close()
