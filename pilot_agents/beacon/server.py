@@ -171,11 +171,12 @@ class BucketTable(Generic[K]):
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket.take(now)
 
-    def sweep(self, now: float) -> None:
-        """Forget full buckets: a new one starts full anyway."""
-        for key, bucket in list(self.buckets.items()):
-            if bucket.full(now):
-                del self.buckets[key]
+    def sweep(self, now: float, phase: int) -> None:
+        """Forget full buckets (a new one starts full anyway), of slice ``phase``."""
+        buckets = self.buckets
+        for key in _slice(buckets, phase):
+            if buckets[key].full(now):
+                del buckets[key]
 
 
 @dataclass(slots=True)
@@ -289,6 +290,15 @@ def reported_address(address: Address) -> Address:
     return str(ip), port
 
 
+SWEEP_SLICES = 20  # each timer sweeps one slice of every table, all of them per sweep_interval
+
+
+def _slice(table: dict[K, Any], phase: int) -> list[K]:
+    """Slice ``phase`` of ``table``'s keys. Keys move between slices as others are deleted,
+    so one may wait a turn longer: what the sweep frees is checked where it is used anyway."""
+    return list(table)[phase::SWEEP_SLICES]
+
+
 def _short(key: bytes) -> str:
     return node_id_from_key(key)[:12]
 
@@ -325,6 +335,7 @@ class BeaconServer:
         self._wall_clock_ns = wall_clock_ns
         self._started = now
         self._next_sweep = now + self.config.sweep_interval
+        self._sweep_phase = 0
         self._nodes: dict[bytes, _Node] = {}
         self._by_address: dict[Address, bytes] = {}
         self._by_name: dict[str, bytes] = {}  # hostname -> key, of the nodes in _nodes
@@ -466,39 +477,49 @@ class BeaconServer:
             )
 
     def handle_timer(self, now: float) -> None:
+        """Purge expired state. Walking every table at once took 236 ms at 100k nodes, while
+        answers waited; so each call walks one slice of each, all of them per sweep_interval."""
         if now < self._next_sweep:
             return
-        self._next_sweep = now + self.config.sweep_interval
-        for key, node in list(self._nodes.items()):
+        self._next_sweep = now + self.config.sweep_interval / SWEEP_SLICES
+        phase = self._sweep_phase
+        self._sweep_phase = (phase + 1) % SWEEP_SLICES
+        nodes = self._nodes
+        for key in _slice(nodes, phase):
+            node = nodes[key]
             if node.expires <= now:
                 self._drop(node)
                 log.debug("registration of %s expired", node.hostname or _short(key))
         horizon = self._wall_clock_ns() - int(self.config.max_clock_skew * 1e9)
-        for key, stamp in list(self._last_timestamp.items()):
+        for stamps in (self._last_timestamp, self._block_stamps):
             # Any REGISTER older than the skew window is stale anyway: no need to remember.
-            if stamp < horizon:
-                del self._last_timestamp[key]
-        for key, stamp in list(self._block_stamps.items()):
-            if stamp < horizon:
-                del self._block_stamps[key]
-        for key, limits in list(self._limits.items()):
-            if key not in self._nodes and limits.idle(now):
-                del self._limits[key]
+            for key in _slice(stamps, phase):
+                if stamps[key] < horizon:
+                    del stamps[key]
+        limits = self._limits
+        for key in _slice(limits, phase):
+            if key not in nodes and limits[key].idle(now):
+                del limits[key]
         for table in (self._sources, self._register_sources, self._claimed_keys):
-            table.sweep(now)
+            table.sweep(now, phase)
         idle = now - self.config.relay_idle
-        for pair, state in list(self._relay_pairs.items()):
-            if state.last < idle:
-                del self._relay_pairs[pair]
-        for key, sibling in list(self._siblings.items()):
-            if sibling.expires <= now:
-                del self._siblings[key]
-        for receiver, blocks in list(self._blocks.items()):
+        pairs = self._relay_pairs
+        for pair in _slice(pairs, phase):
+            if pairs[pair].last < idle:
+                del pairs[pair]
+        siblings = self._siblings
+        for key in _slice(siblings, phase):
+            if siblings[key].expires <= now:
+                del siblings[key]
+        for receiver in _slice(self._blocks, phase):
+            blocks = self._blocks[receiver]
             for sender, until in list(blocks.items()):
                 if until <= now:
                     del blocks[sender]
             if not blocks:
                 del self._blocks[receiver]
+        if phase:
+            return
         unused_since = self._wall_clock_ns() - int(self.config.name_expiry * 1e9)
         self._call_store(
             self.registry.expire_names(unused_since), self._names_expired, _nothing, now

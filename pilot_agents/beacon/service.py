@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import secrets
@@ -87,6 +88,8 @@ class BeaconService:
         self._alt_sock = alt_sock
         self._timer: asyncio.TimerHandle | None = None
         self._store_tasks: set[asyncio.Task[None]] = set()
+        # Set by a beacon process (not one embedded in a test): see _on_timer.
+        self.freeze_gc = False
         # Relayed traffic comes and goes in runs of one flow: read and send those in batches.
         self._gro = enable_gro(sock)
         self._sender = Sender(sock)
@@ -183,6 +186,12 @@ class BeaconService:
         self._timer = None
         self.server.handle_timer(self._loop.time())
         self._flush()
+        if self.freeze_gc:
+            # The cyclic collector's full passes walk every object the beacon holds, hundreds of
+            # milliseconds at 100k nodes while answers wait. Its records hold no cycles
+            # (reference counting frees them), so what outlived a sweep is frozen: a pass walks
+            # only what is younger than the last sweep (benchmarks/RESULTS.md).
+            gc.freeze()
         self._arm()
 
     def _arm(self) -> None:
@@ -350,12 +359,15 @@ async def serve(
     beacon_id: str | None = None,
     metrics: str | None = None,
     worker: Worker | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
     ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
     seconds between log lines of the counters; None for none. ``metrics``: HOST:PORT to serve
-    Prometheus metrics on; None for none. The rest as :func:`start`."""
+    Prometheus metrics on; None for none. ``freeze_gc``: keep what outlives start-up and each
+    sweep out of the cyclic garbage collector's passes (``gc.freeze``), for a beacon that is
+    its own process. The rest as :func:`start`."""
     service = await start(
         listen,
         data_dir,
@@ -372,6 +384,10 @@ async def serve(
         service.close()
         await service.server.registry.aclose()
         raise
+    if freeze_gc:
+        gc.collect()  # what start-up left over, once; the rest outlives the beacon anyway
+        gc.freeze()
+        service.freeze_gc = True
     loop = asyncio.get_running_loop()
     info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
     log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
@@ -426,6 +442,7 @@ def run(
             beacon_id=beacon_id,
             metrics=metrics,
             worker=worker,
+            freeze_gc=True,
         )
 
     return _exit_status(main)
