@@ -10,6 +10,7 @@ introductions and 1,200-byte relayed DATA packets. It prints microseconds per me
 the kind named by ``--profile``, cProfile's top functions by own time. The signature checks and
 signatures themselves are timed alone for comparison. Complements ``beacon_swarm`` (the whole
 process on loopback) with numbers that don't depend on what else the machine runs as much.
+Times are the process's CPU time (``time.process_time``), not wall time, for the same reason.
 
 ``--gc`` measures the cyclic garbage collector instead: a full collection and a whole sweep
 (``handle_timer``, one call per slice of the tables) with ``--nodes`` live nodes, and the longest
@@ -83,13 +84,13 @@ def build(nodes: int) -> tuple[BeaconServer, list[tuple[bytes, bytes]], list[tup
 def run(server: BeaconServer, datagrams: list[Datagram], start: float) -> float:
     """Seconds per datagram, each fed at a ``now`` that keeps every budget full."""
     receive, flush = server.receive_datagram, server.datagrams_to_send
-    began = time.perf_counter()
+    began = time.process_time()
     for n, (data, address) in enumerate(datagrams):
         receive(data, address, start + n * STEP)
         if n % 64 == 63:
             flush()
     flush()
-    return (time.perf_counter() - began) / len(datagrams)
+    return (time.process_time() - began) / len(datagrams)
 
 
 def instructions(tree: Path, kind: str, messages: int) -> int:
@@ -197,9 +198,9 @@ def measure_gc(
 
     def timing(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[0] = time.process_time()
         else:
-            pauses.append((info["generation"], time.perf_counter() - started[0]))
+            pauses.append((info["generation"], time.process_time() - started[0]))
 
     clock = nodes_clock(len(keys))
     for frozen in (False, True):
@@ -208,15 +209,15 @@ def measure_gc(
             gc.freeze()
         label = "frozen" if frozen else "as is"
         tracked = len(gc.get_objects())
-        began = time.perf_counter()
+        began = time.process_time()
         gc.collect()
-        full = time.perf_counter() - began
+        full = time.process_time() - began
         slices = []  # a whole sweep: one call per slice of the tables
         for _ in range(SWEEP_SLICES):
             server._next_sweep = clock  # due now
-            began = time.perf_counter()
+            began = time.process_time()
             server.handle_timer(clock)
-            slices.append(time.perf_counter() - began)
+            slices.append(time.process_time() - began)
         if frozen:
             gc.freeze()  # as the beacon does after each sweep
         # Every node refreshes once (a registration's 25 s of refreshes), timing collections.
@@ -246,10 +247,10 @@ def measure_gc(
 
 
 def timed(call: Callable[[], object], count: int = 2000) -> float:
-    began = time.perf_counter()
+    began = time.process_time()
     for _ in range(count):
         call()
-    return (time.perf_counter() - began) / count
+    return (time.process_time() - began) / count
 
 
 if __name__ == "__main__":

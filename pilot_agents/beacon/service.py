@@ -2,9 +2,10 @@
 
     pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
                         [--store sqlite:PATH|redis://HOST:PORT/DB] [--key-file PATH]
-                        [--metrics HOST:PORT]
+                        [--metrics HOST:PORT] [--workers N]
     python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
 
+``--workers N`` runs N such processes on one port under a supervisor (:mod:`.workers`).
 When the sockets are bound it prints one line to stdout,
 ``listening on HOST:PORT alt-port PORT key NODE_ID``, which scripts and tests wait for.
 
