@@ -139,9 +139,12 @@ class BeaconConfig:
     max_store_calls: int = 10_000
     store_timeout: float = 1.0  # seconds a store call may take before it counts as failed
     # Relaying to a node another worker of this beacon holds (--workers), from the store:
-    sibling_ttl: float = 2.0  # seconds a lookup is reused (a moved node's address is this stale)
+    sibling_ttl: float = 2.0  # seconds a lookup is fresh; then one runs again in the background
     max_siblings: int = 100_000  # lookups kept before all are forgotten
-    sibling_queue: int = 16  # packets to one node held while its lookup runs; more are dropped
+    # Packets held while a first lookup runs (more are dropped): per target (two GSO runs of a
+    # sender), and in all (their memory: 4 MB of 1,200-byte packets).
+    sibling_queue: int = 64
+    max_sibling_queued: int = 4_096
 
     def __post_init__(self) -> None:
         if self.name_touch_interval >= self.name_expiry:
@@ -358,6 +361,7 @@ class BeaconServer:
         self._max_relay_payload = self.config.max_relay_payload
         self._siblings: dict[bytes, _Sibling] = {}  # relay targets held by other workers
         self._sibling_waiting: dict[bytes, list[tuple[bytes, Address]]] = {}  # their packets
+        self._sibling_queued = 0  # packets in _sibling_waiting
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
         self._x25519_secret = crypto.ed25519_sk_to_x25519(secret_key)  # for keepalive keys
@@ -508,8 +512,9 @@ class BeaconServer:
             if pairs[pair].last < idle:
                 del pairs[pair]
         siblings = self._siblings
+        stale = now - self.config.sibling_ttl  # a target in use is looked up again before this
         for key in _slice(siblings, phase):
-            if siblings[key].expires <= now:
+            if siblings[key].expires <= stale:
                 del siblings[key]
         for receiver in _slice(self._blocks, phase):
             blocks = self._blocks[receiver]
@@ -1182,7 +1187,10 @@ class BeaconServer:
             self._refuse("relay_target_offline")
             return None
         sibling = self._siblings.get(target_key)
-        if sibling is not None and sibling.expires > now:
+        if sibling is not None:
+            if sibling.expires <= now and target_key not in self._sibling_waiting:
+                # Looked up again while the last answer serves: a flow is never held up.
+                self._look_up_sibling(target_key, now)
             if sibling.address is None:
                 self._refuse("relay_target_offline")
                 return None
@@ -1191,19 +1199,29 @@ class BeaconServer:
                 self._refuse("relay_blocked")
                 return None
             return sibling.address
-        waiting = self._sibling_waiting.setdefault(target_key, [])
-        if len(waiting) >= self.config.sibling_queue:
+        waiting = self._sibling_waiting.get(target_key)
+        if waiting is None:
+            waiting = self._sibling_waiting[target_key] = []
+            self._look_up_sibling(target_key, now)
+        if (
+            len(waiting) >= self.config.sibling_queue
+            or self._sibling_queued >= self.config.max_sibling_queued
+            or target_key not in self._sibling_waiting  # the lookup failed at once
+        ):
             self._refuse("relay_lookup_queue_full")
             return None
         waiting.append((data, address))
-        if len(waiting) == 1:
-            self._call_store(
-                self.registry.relay_target(target_key),
-                lambda found, at: self._sibling_found(target_key, found, at),
-                lambda at: self._sibling_failed(target_key),
-                now,
-            )
+        self._sibling_queued += 1
         return None
+
+    def _look_up_sibling(self, key: bytes, now: float) -> None:
+        self._sibling_waiting.setdefault(key, [])
+        self._call_store(
+            self.registry.relay_target(key),
+            lambda found, at: self._sibling_found(key, found, at),
+            lambda at: self._sibling_failed(key),
+            now,
+        )
 
     def _sibling_found(self, key: bytes, found: RelayTarget, now: float) -> None:
         registration = found.registration
@@ -1217,11 +1235,18 @@ class BeaconServer:
             {s: now + (until - wall) / 1e9 for s, until in found.blocks.items() if until > wall},
             now + self.config.sibling_ttl,
         )
-        for data, address in self._sibling_waiting.pop(key, ()):
+        waiting = self._sibling_waiting.pop(key, [])
+        self._sibling_queued -= len(waiting)
+        for data, address in waiting:
             self._on_relay(data, address, now)  # checked again: the sender may have gone
 
     def _sibling_failed(self, key: bytes) -> None:
-        for _ in self._sibling_waiting.pop(key, ()):
+        # The last answer, if any, goes too: packets wait for the next lookup rather than go
+        # on to an address (and blocks) the store could not confirm.
+        self._siblings.pop(key, None)
+        waiting = self._sibling_waiting.pop(key, [])
+        self._sibling_queued -= len(waiting)
+        for _ in waiting:
             self._refuse("relay_store_unavailable")
 
     # -- BLOCK_RELAY ---------------------------------------------------------------------------
