@@ -10,6 +10,7 @@ the same socket; a beacon without a shared store refuses to start with more than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -42,8 +43,9 @@ def beacon(tmp_path: Path, redis_server: RedisServer) -> Iterator[BeaconProcess]
     try:
         yield process
     finally:
+        running = process.proc.poll() is None  # some tests end it themselves
         code, log = process.stop()
-        assert code == 0, log
+        assert code == 0 or not running, log
 
 
 def status_from(beacon: Address, port: int) -> dict[str, Any]:
@@ -203,3 +205,37 @@ def test_more_than_one_worker_needs_a_shared_store(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--workers 2 needs --store redis://" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_worker_that_keeps_dying_stops_the_beacon(beacon: BeaconProcess) -> None:
+    killed: set[int] = set()
+    for _ in range(400):  # bounded: each restart takes a fraction of a second
+        if beacon.proc.poll() is not None:
+            break
+        running = [pid for pid in children(beacon.proc.pid) if pid not in killed]
+        if len(running) == 2:
+            # The newest worker 1 dies each time it is up (worker 0 keeps serving).
+            victim = max(running)
+            os.kill(victim, signal.SIGKILL)
+            killed.add(victim)
+        await asyncio.sleep(0.05)
+    assert beacon.proc.wait(10) == 1
+    assert "died 6 times within 60 s" in beacon.stderr()
+    assert not [pid for pid in killed if Path(f"/proc/{pid}").exists()]
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(beacon: BeaconProcess) -> None:
+    workers = children(beacon.proc.pid)
+    beacon.proc.kill()
+    beacon.proc.wait()
+    for _ in range(100):
+        if not [pid for pid in workers if Path(f"/proc/{pid}").exists() and not zombie(pid)]:
+            break
+        await asyncio.sleep(0.05)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+
+
+def zombie(pid: int) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False

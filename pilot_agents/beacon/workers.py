@@ -139,16 +139,22 @@ class Supervisor:
             stopped.cancel()
 
     async def _died(self, worker: _Worker, code: int) -> None:
-        now = time.monotonic()
-        worker.deaths = [t for t in worker.deaths if t > now - RESTART_WINDOW] + [now]
-        if len(worker.deaths) > MAX_RESTARTS:
-            raise WorkerFailedError(
-                f"worker {worker.index} died {len(worker.deaths)} times within "
-                f"{RESTART_WINDOW:.0f} s (last exit status {code}): stopping the beacon; its "
-                "log lines above say why"
-            )
-        log.error("worker %d exited with status %d: restarting it", worker.index, code)
-        await self._spawn(worker)
+        while True:
+            now = time.monotonic()
+            worker.deaths = [t for t in worker.deaths if t > now - RESTART_WINDOW] + [now]
+            if len(worker.deaths) > MAX_RESTARTS:
+                raise WorkerFailedError(
+                    f"worker {worker.index} died {len(worker.deaths)} times within "
+                    f"{RESTART_WINDOW:.0f} s (last exit status {code}): stopping the beacon; "
+                    "its log lines above say why"
+                )
+            log.error("worker %d exited with status %d: restarting it", worker.index, code)
+            try:
+                await self._spawn(worker)
+                return
+            except ConfigError:  # it died again before it was ready: one more death
+                assert worker.process is not None
+                code = worker.process.returncode or 0
 
     async def _stop_all(self) -> None:
         running = [w.process for w in self._workers
