@@ -334,6 +334,32 @@ def test_a_refresh_under_a_recorded_name_needs_no_store(deferred_net: Callable[.
     assert alice.client.registered and not alice.of(bc.RegistrationFailed)
 
 
+def test_a_node_that_moved_to_another_worker_is_served_from_the_store(
+    deferred_net: Callable[..., Net],
+) -> None:
+    net = deferred_net()
+    alice, bob = net.add(None), net.add(None)  # no names: no claims
+    net.advance(5)  # their NAT classification, and its REGISTERs
+    finish_store_calls(net)  # their publications
+    # His NAT gave bob a port another worker of this beacon answers: he registered there, and
+    # refreshes there from now on.
+    moved = ("198.51.100.9", 7000)
+    home = net.server.home
+    run_now(net.store.publish(Registration(bob.key, None, (moved,), NatType.CONE, home), 90))
+    net.peers.remove(bob)
+    net.advance(15)
+    request = alice.client.introduce(bob.key, net.now)
+    net.run()
+    assert last(alice, bc.Introduction).candidates[0] != moved  # 20 s old: still ours
+    net.advance(30)  # 45 s since his last refresh here (at most): he may have moved
+    finish_store_calls(net)
+    request = alice.client.introduce(bob.key, net.now)
+    net.run()
+    assert finish_store_calls(net) >= 1  # the lookup
+    introduction = last(alice, bc.Introduction)
+    assert introduction.request_id == request and introduction.candidates == (moved,)
+
+
 def test_store_calls_are_bounded(deferred_net: Callable[..., Net]) -> None:
     net = deferred_net(max_store_calls=2)
     first, second = net.add("first"), net.add("second")

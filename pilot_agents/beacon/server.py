@@ -140,6 +140,9 @@ class BeaconConfig:
     store_timeout: float = 1.0  # seconds a store call may take before it counts as failed
     # Relaying to a node another worker of this beacon holds (--workers), from the store:
     sibling_ttl: float = 2.0  # seconds a lookup is fresh; then one runs again in the background
+    # A node not refreshed here for this long (it refreshes every 25 s) may have moved to another
+    # worker (a new port from its NAT): it is then served from the store, which has its latest.
+    sibling_refresh_age: float = 35.0
     max_siblings: int = 100_000  # lookups kept before all are forgotten
     # Packets held while a first lookup runs (more are dropped): per target (two GSO runs of a
     # sender), and in all (their memory: 4 MB of 1,200-byte packets).
@@ -325,9 +328,9 @@ class BeaconServer:
         self.secret_key = secret_key
         self.worker = worker
         self.public_key = public_key
-        self.registry = registry
         self.home = home
         self.config = config or BeaconConfig()
+        self.registry = registry
         self._name_limits = NameLimits(self.config.max_names_per_key, self.config.max_names_per_ip)
         self._store_calls: list[StoreCall] = []
         self._waiting: dict[int, _Waiting] = {}
@@ -365,6 +368,22 @@ class BeaconServer:
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
         self._x25519_secret = crypto.ed25519_sk_to_x25519(secret_key)  # for keepalive keys
+
+    @property
+    def registry(self) -> Store:
+        return self._registry
+
+    @registry.setter
+    def registry(self, store: Store) -> None:
+        """(A setter: the metrics wrap the store in a timing one after the start.)"""
+        self._registry = store
+        # How much longer than now a registration we hold must live to be served from memory:
+        # see sibling_refresh_age. 0 for a synchronous store (one process: nobody else has it).
+        self._stale_margin = (
+            0.0
+            if store.synchronous
+            else max(0.0, self.config.registration_ttl - self.config.sibling_refresh_age)
+        )
 
     # -- driving -------------------------------------------------------------------------------
 
@@ -632,9 +651,10 @@ class BeaconServer:
             return None
         return node
 
-    def _live(self, key: bytes, now: float) -> _Node | None:
+    def _fresh(self, key: bytes, now: float) -> _Node | None:
+        """The node if we hold it and may answer for it from memory (see _stale_margin)."""
         node = self._nodes.get(key)
-        return node if node is not None and node.expires > now else None
+        return node if node is not None and node.expires > now + self._stale_margin else None
 
     def _drop(self, node: _Node) -> None:
         del self._nodes[node.key]
@@ -920,14 +940,14 @@ class BeaconServer:
 
         # A node registered here under a name answers from memory; the rest asks the store.
         if message.node_key is not None:
-            target = self._live(message.node_key, now)
+            target = self._fresh(message.node_key, now)
             if target is not None and target.hostname is not None:
                 answer(Found(target.key, target.hostname, None), now)
             else:
                 self._call_store(self.registry.find_key(message.node_key), answer, unavailable, now)
         elif message.hostname is not None and bw.valid_hostname(message.hostname):
             key = self._by_name.get(message.hostname)
-            if key is not None and self._live(key, now) is not None:
+            if key is not None and self._fresh(key, now) is not None:
                 answer(Found(key, message.hostname, None), now)
             else:
                 self._call_store(
@@ -946,7 +966,7 @@ class BeaconServer:
         failure: Status | None = None,
     ) -> None:
         key, hostname = found.key, found.hostname
-        target: _Node | Registration | None = self._live(key, now) if key is not None else None
+        target: _Node | Registration | None = self._fresh(key, now) if key is not None else None
         target = target or self._elsewhere(found) or self._at_sibling(found)
         if target is not None:
             answer = bw.encode_resolved(
@@ -989,7 +1009,7 @@ class BeaconServer:
         if requester is None:
             return
         wall = self._wall_clock_ns()
-        target = self._live(message.peer_key, now)
+        target = self._fresh(message.peer_key, now)
         if target is None or target.key == requester.key:
             asker = requester.key
 
@@ -1110,7 +1130,7 @@ class BeaconServer:
             self._refuse("relay_rate_limited")
             return
         target = nodes.get(target_key)
-        if target is not None and target.expires > now:
+        if target is not None and target.expires > now + self._stale_margin:
             target_address = target.address
         else:
             sibling = self._sibling_address(data, address, source.key, target_key, now)
