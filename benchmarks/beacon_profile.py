@@ -10,6 +10,13 @@ introductions and 1,200-byte relayed DATA packets. It prints microseconds per me
 the kind named by ``--profile``, cProfile's top functions by own time. The signature checks and
 signatures themselves are timed alone for comparison. Complements ``beacon_swarm`` (the whole
 process on loopback) with numbers that don't depend on what else the machine runs as much.
+Times are the process's CPU time (``time.process_time``), not wall time, for the same reason.
+
+``--gc`` measures the cyclic garbage collector instead: a full collection and a whole sweep
+(``handle_timer``, one call per slice of the tables) with ``--nodes`` live nodes, and the longest
+collection while every node refreshes once (what a refresh waits behind), with the collector as
+Python leaves it and after ``gc.freeze()`` (what the beacon process does after start-up and
+after each sweep call).
 
 ``--instructions`` counts instructions per message instead, with valgrind (callgrind): two runs
 per kind, of a short and a long series, the difference divided by the extra messages (so setup
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import re
@@ -32,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.beacon_swarm import NODES_PER_IP, node_ip, node_keys
-from pilot_agents.beacon.server import BeaconServer
+from pilot_agents.beacon.server import SWEEP_SLICES, BeaconServer
 from pilot_agents.beacon.store import NameStore
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.tunnel import crypto, wire
@@ -76,13 +84,13 @@ def build(nodes: int) -> tuple[BeaconServer, list[tuple[bytes, bytes]], list[tup
 def run(server: BeaconServer, datagrams: list[Datagram], start: float) -> float:
     """Seconds per datagram, each fed at a ``now`` that keeps every budget full."""
     receive, flush = server.receive_datagram, server.datagrams_to_send
-    began = time.perf_counter()
+    began = time.process_time()
     for n, (data, address) in enumerate(datagrams):
         receive(data, address, start + n * STEP)
         if n % 64 == 63:
             flush()
     flush()
-    return (time.perf_counter() - began) / len(datagrams)
+    return (time.process_time() - began) / len(datagrams)
 
 
 def instructions(tree: Path, kind: str, messages: int) -> int:
@@ -116,6 +124,7 @@ def main() -> None:
     parser.add_argument("--only", choices=KINDS, help="time only this kind")
     parser.add_argument("--build", type=int, default=0, help="datagrams made per kind, at least")
     parser.add_argument("--instructions", action="store_true", help="count with valgrind")
+    parser.add_argument("--gc", action="store_true", help="time the garbage collector")
     parser.add_argument("--tree", type=Path, action="append", default=[],
                         help="with --instructions: another checkout to count beside this one")
     args = parser.parse_args()
@@ -123,6 +132,9 @@ def main() -> None:
         count_instructions([*args.tree, ROOT])
         return
     server, keys, addresses = build(args.nodes)
+    if args.gc:
+        measure_gc(server, keys, addresses)
+        return
     n = min(args.messages, args.nodes)
     stamp = WALL + 1
     built = max(args.messages, args.build)  # the same count in both valgrind runs
@@ -178,11 +190,67 @@ def main() -> None:
         print(f"{label}: {timed(call) * 1e6:.1f} us")
 
 
+def measure_gc(
+    server: BeaconServer, keys: list[tuple[bytes, bytes]], addresses: list[tuple[str, int]]
+) -> None:
+    pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+    started = [0.0]
+
+    def timing(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            pauses.append((info["generation"], time.process_time() - started[0]))
+
+    clock = nodes_clock(len(keys))
+    for frozen in (False, True):
+        gc.collect()
+        if frozen:
+            gc.freeze()
+        label = "frozen" if frozen else "as is"
+        tracked = len(gc.get_objects())
+        began = time.process_time()
+        gc.collect()
+        full = time.process_time() - began
+        slices = []  # a whole sweep: one call per slice of the tables
+        for _ in range(SWEEP_SLICES):
+            server._next_sweep = clock  # due now
+            began = time.process_time()
+            server.handle_timer(clock)
+            slices.append(time.process_time() - began)
+        if frozen:
+            gc.freeze()  # as the beacon does after each sweep
+        # Every node refreshes once (a registration's 25 s of refreshes), timing collections.
+        stamp = WALL + (2 if frozen else 1)
+        datagrams = [
+            (bw.encode_register(sk, pk, stamp, bw.NatType.CONE, f"n{i}", [addresses[i]]),
+             addresses[i])
+            for i, (sk, pk) in enumerate(keys)
+        ]
+        pauses.clear()
+        gc.callbacks.append(timing)
+        try:
+            per = run(server, datagrams, clock)
+        finally:
+            gc.callbacks.remove(timing)
+        clock += len(datagrams) * STEP
+        longest = max((p for _, p in pauses), default=0.0)
+        full_runs = [p for g, p in pauses if g == 2]
+        print(
+            f"gc {label}: {tracked:,} objects tracked; full collection {full * 1e3:.1f} ms; "
+            f"sweep {sum(slices) * 1e3:.1f} ms in {len(slices)} calls, the longest "
+            f"{max(slices) * 1e3:.1f} ms; {len(keys):,} refreshes at {per * 1e6:.1f} us each: "
+            f"{len(pauses)} collections, {len(full_runs)} full, the longest "
+            f"{longest * 1e3:.1f} ms, all {sum(p for _, p in pauses) * 1e3:.0f} ms"
+        )
+    gc.unfreeze()
+
+
 def timed(call: Callable[[], object], count: int = 2000) -> float:
-    began = time.perf_counter()
+    began = time.process_time()
     for _ in range(count):
         call()
-    return (time.perf_counter() - began) / count
+    return (time.process_time() - began) / count
 
 
 if __name__ == "__main__":

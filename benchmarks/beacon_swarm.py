@@ -24,6 +24,12 @@ by reason, datagrams its socket dropped (``/proc/net/udp``), and the generators'
 packets to N registered receivers at ``--relay-rate`` packets/s in all (sent in batches with UDP
 GSO so the generator stays cheap; the beacon reads and forwards each datagram on its own), and
 the receivers count what arrives. Only 127.0.0.0/8 is used; every loop is bounded in time.
+
+Scale-out (``--workers N``, ``--beacons N``, ``--store redis``): the beacon runs N worker
+processes on one port, or N beacons share one Redis (the generators split the nodes among them,
+and the relay runs through the first), on a redis-server the benchmark starts. The beacon's CPU
+is then the sum over its processes and Redis's, each listed; its counters are summed over the
+workers (STATUS answers from the worker the asking port lands on).
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from benchmarks.beacon_flood import ROOT, cpu_seconds, start_beacon
 from benchmarks.machine import CpuSample, describe
 from pilot_agents.beacon import service
 from pilot_agents.errors import PilotTimeoutError
+from pilot_agents.identity import Identity
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.tunnel import crypto, wire
+from tests.redis_server import RedisServer
 
 Address = tuple[str, int]
 NODES_PER_IP = 50  # under the beacon's max_names_per_ip (64) and its per-address rates
@@ -99,8 +107,9 @@ def socket_drops(port: int) -> int:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return -1
-    found = re.search(r"skmem:\(.*?,d(\d+)\)", out)
-    return int(found.group(1)) if found else -1
+    # Workers share the port: one line (and drop count) per socket.
+    found = re.findall(r"skmem:\(.*?,d(\d+)\)", out)
+    return sum(int(d) for d in found) if found else -1
 
 
 def own_cpu() -> float:
@@ -448,16 +457,80 @@ class Child:
             self.proc.wait()
 
 
+class Beacons:
+    """The beacon processes (their workers too) and the redis-server they share, if any."""
+
+    def __init__(self, procs: list[subprocess.Popen[str]], addresses: list[Address],
+                 workers: int, redis: RedisServer | None) -> None:
+        self.procs = procs
+        self.addresses = addresses
+        self.workers = workers
+        self.redis = redis
+
+    @property
+    def first(self) -> Address:
+        return self.addresses[0]
+
+    def pids(self) -> dict[str, int]:
+        """Every process doing the beacon's work, by a label."""
+        found: dict[str, int] = {}
+        for b, proc in enumerate(self.procs):
+            tree = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            workers = [int(pid) for pid in tree] if self.workers > 1 else []
+            found[f"beacon {b}"] = proc.pid
+            found.update({f"beacon {b} worker {w}": pid for w, pid in enumerate(workers)})
+        if self.redis is not None and self.redis._process is not None:
+            found["redis"] = self.redis._process.pid
+        return found
+
+    def status(self) -> dict[str, Any]:
+        """The counters summed over every beacon and worker."""
+        total: dict[str, Any] = {"refusals": {}}
+        for address in self.addresses:
+            for counters in worker_statuses(address, self.workers):
+                for key, value in counters.items():
+                    if key == "refusals":
+                        for reason, count in value.items():
+                            total["refusals"][reason] = total["refusals"].get(reason, 0) + count
+                    elif isinstance(value, int | float) and key != "worker":
+                        total[key] = total.get(key, 0) + value
+        return total
+
+
+def worker_statuses(beacon: Address, workers: int) -> list[dict[str, Any]]:
+    """Each worker's counters: STATUS from fresh ports until every worker answered one."""
+    seen: dict[int, dict[str, Any]] = {}
+    for _ in range(20 * workers):
+        counters = status(beacon)
+        seen[int(counters.get("worker", 0))] = counters
+        if len(seen) == workers:
+            break
+    return list(seen.values())
+
+
 @dataclass
 class BeaconSample:
-    cpu: float
+    cpu: dict[str, float]  # CPU seconds by process
     wall: float
     drops: int
     machine: CpuSample | None
 
     @classmethod
-    def take(cls, pid: int, port: int) -> BeaconSample:
-        return cls(cpu_seconds(pid), time.monotonic(), socket_drops(port), CpuSample.now())
+    def take(cls, beacons: Beacons) -> BeaconSample:
+        cpu = {label: cpu_seconds(pid) for label, pid in beacons.pids().items()}
+        drops = sum(socket_drops(port) for _, port in beacons.addresses)
+        return cls(cpu, time.monotonic(), drops, CpuSample.now())
+
+    def used(self, before: BeaconSample) -> dict[str, float]:
+        """CPU seconds each process took since ``before``."""
+        return {label: cpu - before.cpu.get(label, 0.0) for label, cpu in self.cpu.items()}
+
+
+def cpu_report(used: dict[str, float], wall: float, messages: int) -> str:
+    total = sum(used.values())
+    each = ", ".join(f"{label} {100 * cpu / wall:.0f} %" for label, cpu in used.items())
+    per = f", {1e6 * total / messages:.1f} us of CPU per message" if messages else ""
+    return f"beacon side {100 * total / wall:.0f} % of a core ({each}){per}"
 
 
 def others_percent(before: BeaconSample, after: BeaconSample, ours: float) -> str:
@@ -507,6 +580,7 @@ def report_step(rate: float, seconds: float, merged: dict[str, Any], beacon: dic
         f"{beacon['hwm']:.0f} MB), {beacon['drops']} datagrams dropped by its socket, "
         f"{beacon['nodes']} live nodes"
     )
+    lines.append(f"  {beacon['cpu_detail']}")
     lines.append(f"  beacon refusals in the step: {beacon['refusals'] or 'none'}")
     lines.append(
         f"  generators: {100 * merged['cpu_s'] / seconds:.0f} % of a core in all, at worst "
@@ -533,19 +607,21 @@ def status(beacon: Address) -> dict[str, Any]:
 
 
 def run_steps(
-    args: argparse.Namespace, beacon: Address, pid: int
+    args: argparse.Namespace, beacons: Beacons
 ) -> list[tuple[float, dict[str, Any], dict[str, Any]]]:
     """Ramp, then each rate step; per step the generators' merged result and the beacon's."""
     nodes = args.nodes
     procs = args.processes or max(1, -(-nodes // NODES_PER_PROCESS))
     share = -(-nodes // procs)
+    targets = beacons.addresses
     children = [
         Child(
             "--swarm-child",
-            {"host": beacon[0], "port": beacon[1], "first": first, "total": nodes,
-             "count": min(share, nodes - first), "salt": args.salt, "per_ip": args.per_ip},
+            {"host": targets[k % len(targets)][0], "port": targets[k % len(targets)][1],
+             "first": first, "total": nodes, "count": min(share, nodes - first),
+             "salt": args.salt, "per_ip": args.per_ip},
         )
-        for first in range(0, nodes, share)
+        for k, first in enumerate(range(0, nodes, share))
     ]
     out = []
     try:
@@ -557,8 +633,9 @@ def run_steps(
         failed = sum(json.loads(child.hear())["failed"] for child in children)
         print(
             f"ramp: {nodes - failed} of {nodes} nodes registered in "
-            f"{time.monotonic() - started:.1f} s; beacon refusals {status(beacon)['refusals']}, "
-            f"{socket_drops(beacon[1])} datagrams dropped by its socket",
+            f"{time.monotonic() - started:.1f} s; beacon refusals "
+            f"{beacons.status()['refusals']}, "
+            f"{sum(socket_drops(port) for _, port in targets)} datagrams dropped by its socket",
             flush=True,
         )
         for rate in args.rates or [nodes / args.interval]:
@@ -576,24 +653,28 @@ def run_steps(
                 child.say({"go_at": go_at})
             for child in children:
                 assert child.hear() == "presigned"
-            refusals0 = status(beacon)["refusals"]
+            refusals0 = beacons.status()["refusals"]
             time.sleep(max(0.0, go_at - time.time()))
-            before = BeaconSample.take(pid, beacon[1])
+            before = BeaconSample.take(beacons)
             for child in children:
                 child.say("go")
             if (late := time.time() - go_at) > 30:
                 print(f"(the step starts {late:.0f} s late: REGISTERs stamped more than a minute"
                       " before they are sent are refused as stale)", flush=True)
             time.sleep(args.seconds)
-            after = BeaconSample.take(pid, beacon[1])
-            rss, hwm = proc_rss_mb(pid)
+            after = BeaconSample.take(beacons)
+            memory = [proc_rss_mb(pid) for label, pid in beacons.pids().items()
+                      if label != "redis"]
+            rss, hwm = sum(m[0] for m in memory), sum(m[1] for m in memory)
             results = [json.loads(child.hear()) for child in children]
-            counters = status(beacon)
+            counters = beacons.status()
             merged = merge(results)
             wall = after.wall - before.wall
-            ours = after.cpu - before.cpu + merged["cpu_s"]
+            used = after.used(before)
+            ours = sum(used.values()) + merged["cpu_s"]
             stats = {
-                "cpu": 100 * (after.cpu - before.cpu) / wall,
+                "cpu": 100 * sum(used.values()) / wall,
+                "cpu_detail": cpu_report(used, wall, sum(merged["answered"].values())),
                 "rss": rss, "hwm": hwm, "drops": after.drops - before.drops,
                 "nodes": counters["registered_nodes"],
                 "refusals": refusals_delta(refusals0, counters["refusals"]),
@@ -607,7 +688,8 @@ def run_steps(
     return out
 
 
-def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, Any]:
+def run_relay(args: argparse.Namespace, beacons: Beacons) -> dict[str, Any]:
+    beacon = beacons.first
     base = {"host": beacon[0], "port": beacon[1], "pairs": args.relay_pairs,
             "salt": args.salt + 1, "seconds": args.relay_seconds, "rate": args.relay_rate,
             "gso": args.relay_gso}
@@ -617,23 +699,25 @@ def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, 
         for child in (receivers, senders):
             failed = json.loads(child.hear())["failed"]
             assert failed == 0, f"{failed} relay nodes did not register"
-        stats0 = status(beacon)
-        before = BeaconSample.take(pid, beacon[1])
+        stats0 = beacons.status()
+        before = BeaconSample.take(beacons)
         for child in (receivers, senders):
             child.say("go")
         sent = json.loads(senders.hear())
-        after = BeaconSample.take(pid, beacon[1])
+        after = BeaconSample.take(beacons)
         got = json.loads(receivers.hear())
-        stats1 = status(beacon)
+        stats1 = beacons.status()
     finally:
         receivers.close()
         senders.close()
     wall = after.wall - before.wall
-    ours = after.cpu - before.cpu + sent["cpu_s"] + got["cpu_s"]
+    used = after.used(before)
+    ours = sum(used.values()) + sent["cpu_s"] + got["cpu_s"]
+    relayed = stats1.get("relayed_packets", 0) - stats0.get("relayed_packets", 0)
     result = {
-        "sent": sent["packets"], "delivered": got["packets"],
-        "relayed": stats1["relayed_packets"] - stats0["relayed_packets"],
-        "cpu": 100 * (after.cpu - before.cpu) / wall, "drops": after.drops - before.drops,
+        "sent": sent["packets"], "delivered": got["packets"], "relayed": relayed,
+        "cpu": 100 * sum(used.values()) / wall, "drops": after.drops - before.drops,
+        "cpu_detail": cpu_report(used, wall, relayed),
         "generator_cpu": 100 * (sent["cpu_s"] + got["cpu_s"]) / args.relay_seconds,
         "refusals": refusals_delta(stats0["refusals"], stats1["refusals"]),
         "others": others_percent(before, after, ours),
@@ -646,7 +730,8 @@ def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, 
         f"by the beacon, {result['delivered']} delivered ({result['delivered'] / seconds:.0f}/s);"
         f" beacon {result['cpu']:.0f} % of a core, {result['drops']} dropped by its socket; "
         f"generators {result['generator_cpu']:.0f} % of a core; refusals "
-        f"{result['refusals'] or 'none'}; other processes: {result['others']}",
+        f"{result['refusals'] or 'none'}; other processes: {result['others']}\n"
+        f"  {result['cpu_detail']}",
         flush=True,
     )
     return result
@@ -655,15 +740,36 @@ def run_relay(args: argparse.Namespace, beacon: Address, pid: int) -> dict[str, 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"machine: {describe()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        beacon_proc, beacon, _ = start_beacon(tmp)
+        redis = None
+        options = ["--workers", str(args.workers)]
+        if args.store == "redis":
+            redis = RedisServer(Path(tmp) / "redis")
+            redis.start()
+            # One key for the fleet (each beacon would make its own in its data directory).
+            Identity.load_or_create(Path(tmp) / "fleet")
+            options += ["--store", redis.url(), "--key-file", f"{tmp}/fleet/identity.key"]
+        procs: list[subprocess.Popen[str]] = []
+        addresses: list[Address] = []
         try:
-            rss0, _ = proc_rss_mb(beacon_proc.pid)
-            print(f"beacon started: RSS {rss0:.0f} MB", flush=True)
-            steps = run_steps(args, beacon, beacon_proc.pid) if args.nodes else []
-            relay = run_relay(args, beacon, beacon_proc.pid) if args.relay_pairs else None
+            for b in range(args.beacons):
+                proc, address, _ = start_beacon(
+                    f"{tmp}/beacon-{b}", *options, "--beacon-id", f"beacon-{b}"
+                )
+                procs.append(proc)
+                addresses.append(address)
+            beacons = Beacons(procs, addresses, args.workers, redis)
+            rss0 = sum(proc_rss_mb(pid)[0] for label, pid in beacons.pids().items()
+                       if label != "redis")
+            print(f"{args.beacons} beacon(s) of {args.workers} worker(s), store {args.store}: "
+                  f"RSS {rss0:.0f} MB", flush=True)
+            steps = run_steps(args, beacons) if args.nodes else []
+            relay = run_relay(args, beacons) if args.relay_pairs else None
         finally:
-            beacon_proc.terminate()
-            beacon_proc.wait(timeout=10)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=20)
+            if redis is not None:
+                redis.stop()
     return {"steps": steps, "relay": relay}
 
 
@@ -696,9 +802,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"RELAYs per sendmsg, sent with UDP GSO (default {GSO_BATCH}); 1: "
                         "one sendto each, which the beacon then can't read in batches either")
     parser.add_argument("--salt", type=int, default=0, help="varies the nodes' keys")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the beacon's worker processes (more than 1 implies --store redis)")
+    parser.add_argument("--beacons", type=int, default=1,
+                        help="beacons sharing one Redis (more than 1 implies --store redis); the "
+                        "generators split the nodes among them, the relay runs through the first")
+    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite",
+                        help="sqlite (default) or a redis-server the benchmark starts")
     parser.add_argument("--swarm-child", help=argparse.SUPPRESS)
     parser.add_argument("--relay-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workers > 1 or args.beacons > 1:
+        args.store = "redis"
+    if not (1 <= args.workers <= 8 and 1 <= args.beacons <= 4):
+        parser.error("bounded: 1 to 8 workers, 1 to 4 beacons")
     if args.nodes > 200_000 or args.seconds > 300 or args.relay_seconds > 120:
         parser.error("bounded: at most 200,000 nodes, 300 s steps and 120 s of relay")
     if args.relay_pairs > 1000 or args.relay_rate > 1e6:

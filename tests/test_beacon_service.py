@@ -43,13 +43,19 @@ READY = re.compile(r"listening on (\S+):(\d+) alt-port (\d+|off) key (\w+)")
 class ClientDriver:
     """One UDP socket on 127.0.0.1, one timer, the client's events collected in order."""
 
-    def __init__(self, client: bc.BeaconClient, *, advertise_local: bool = True) -> None:
+    def __init__(
+        self,
+        client: bc.BeaconClient,
+        *,
+        advertise_local: bool = True,
+        bind: Address = ("127.0.0.1", 0),
+    ) -> None:
         self.client = client
         self.loop = asyncio.get_running_loop()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(bind)
         self.address: Address = self.sock.getsockname()
         self.events: list[bc.BeaconEvent] = []
         self.other: list[tuple[bytes, Address]] = []  # datagrams not from the beacon

@@ -5,7 +5,9 @@ redis-server), then the core's handling of a store whose calls wait (sans-IO, fa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from pilot_agents.beacon.server import BeaconConfig
 from pilot_agents.beacon.store import (
     NameLimits,
     Registration,
+    RelayTarget,
     SqliteStore,
     Store,
     open_store,
@@ -168,6 +171,21 @@ async def test_registrations_are_found_until_they_expire(store: Store) -> None:
     assert (await store.find_key(B)).registration == registration(B, None)
 
 
+async def test_relay_target_carries_the_observed_address_and_the_blocks(store: Store) -> None:
+    mapped = dataclasses.replace(registration(A), address=("::ffff:192.0.2.7", 4000))
+    await store.publish(mapped, ttl=30)
+    assert (await store.relay_target(A)) == RelayTarget(mapped, {})
+    assert mapped.observed == ("::ffff:192.0.2.7", 4000)
+    assert registration(B).observed == registration(B).candidates[0]
+    now_ns = time.time_ns()
+    await store.block_relay(A, B, now_ns + 60 * NS)
+    await store.block_relay(A, C, now_ns + 30 * NS)
+    assert (await store.relay_target(A)).blocks == {B: now_ns + 60 * NS, C: now_ns + 30 * NS}
+    await store.block_relay(A, B, 0)  # lifted
+    assert (await store.relay_target(A)).blocks == {C: now_ns + 30 * NS}
+    assert (await store.relay_target(B)) == RelayTarget(None, {})
+
+
 # -- opening -------------------------------------------------------------------------------------
 
 
@@ -251,11 +269,15 @@ def test_a_registration_waits_for_the_store(deferred_net: Callable[..., Net]) ->
     alice = net.add("alice")
     assert not alice.client.registered and not alice.of(bc.Registered)
     assert finish_store_calls(net) == 1  # the claim
-    assert alice.client.registered
     assert net.store.owner("alice") == alice.key
-    assert finish_store_calls(net) >= 1  # its registration, published
+    # Answered once the store holds its registration too, so that whoever hears back from it
+    # (through another worker or beacon) finds it there.
+    assert not alice.client.registered
+    assert finish_store_calls(net) == 1  # its registration, published
+    assert alice.client.registered
     bob = net.add("bob")
-    finish_store_calls(net)
+    finish_store_calls(net)  # the claim
+    finish_store_calls(net)  # the publication
     # A node registered here under a name is resolved from memory, by name or key...
     for name in ("alice", node_id_from_key(alice.key)):
         request = bob.client.resolve(name, net.now)
@@ -284,9 +306,9 @@ def test_a_failing_store_refuses_clearly_and_warns_once(
     failed = last(alice, bc.RegistrationFailed)
     assert failed.code == Status.UNAVAILABLE and not failed.permanent
     assert "registry unavailable" in failed.reason
-    bob = net.add(None)  # no name: no claim, registered at once
+    bob = net.add(None)  # no name: no claim; a publication that fails fails quietly
+    failures += finish_store_calls(net, fail=True)
     assert bob.client.registered
-    failures += finish_store_calls(net, fail=True)  # its publications fail quietly
     request = bob.client.resolve("alice", net.now)  # not registered here: the store is asked
     net.run()
     failures += finish_store_calls(net, fail=True)
@@ -312,12 +334,39 @@ def test_a_refresh_under_a_recorded_name_needs_no_store(deferred_net: Callable[.
     assert alice.client.registered and not alice.of(bc.RegistrationFailed)
 
 
+def test_a_node_that_moved_to_another_worker_is_served_from_the_store(
+    deferred_net: Callable[..., Net],
+) -> None:
+    net = deferred_net()
+    alice, bob = net.add(None), net.add(None)  # no names: no claims
+    net.advance(5)  # their NAT classification, and its REGISTERs
+    finish_store_calls(net)  # their publications
+    # His NAT gave bob a port another worker of this beacon answers: he registered there, and
+    # refreshes there from now on.
+    moved = ("198.51.100.9", 7000)
+    home = net.server.home
+    run_now(net.store.publish(Registration(bob.key, None, (moved,), NatType.CONE, home), 90))
+    net.peers.remove(bob)
+    net.advance(15)
+    request = alice.client.introduce(bob.key, net.now)
+    net.run()
+    assert last(alice, bc.Introduction).candidates[0] != moved  # 20 s old: still ours
+    net.advance(30)  # 45 s since his last refresh here (at most): he may have moved
+    finish_store_calls(net)
+    request = alice.client.introduce(bob.key, net.now)
+    net.run()
+    assert finish_store_calls(net) >= 1  # the lookup
+    introduction = last(alice, bc.Introduction)
+    assert introduction.request_id == request and introduction.candidates == (moved,)
+
+
 def test_store_calls_are_bounded(deferred_net: Callable[..., Net]) -> None:
     net = deferred_net(max_store_calls=2)
     first, second = net.add("first"), net.add("second")
     third = net.add("third")
     assert last(third, bc.RegistrationFailed).code == Status.UNAVAILABLE
-    finish_store_calls(net)
+    finish_store_calls(net)  # the claims
+    finish_store_calls(net)  # the publications
     assert first.client.registered and second.client.registered
 
 

@@ -4,14 +4,18 @@ measurement. Nothing here asserts a speed."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import beacon_swarm
 
 
-def test_tiny_swarm_gets_every_answer_and_the_relay_delivers() -> None:
+# Two workers: nodes resolve, introduce and relay to nodes the other worker holds, via Redis.
+@pytest.mark.parametrize("scale", [[], ["--workers", "2"]], ids=["one process", "two workers"])
+def test_tiny_swarm_gets_every_answer_and_the_relay_delivers(scale: list[str]) -> None:
     args = beacon_swarm.parse_args([
         "--nodes", "60", "--per-ip", "5", "--processes", "2", "--rates", "30",
         "--seconds", "2", "--relay-pairs", "3", "--relay-rate", "3000", "--relay-seconds", "1",
-        "--relay-gso", "8",
+        "--relay-gso", "8", *scale,
     ])
     result = beacon_swarm.measure(args)
     [(rate, generators, beacon)] = result["steps"]

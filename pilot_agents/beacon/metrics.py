@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from ..net.io.metrics_http import MetricsServer, serve_metrics
 from .server import BeaconServer
-from .store import Claim, Found, NameLimits, Registration, Store
+from .store import Claim, Found, NameLimits, Registration, RelayTarget, Store
 
 T = TypeVar("T")
 
@@ -128,6 +128,12 @@ class TimedStore:
 
     async def name_count(self) -> int:
         return await self._timed("name_count", self._inner.name_count())
+
+    async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
+        await self._timed("block_relay", self._inner.block_relay(receiver, sender, until_ns))
+
+    async def relay_target(self, key: bytes) -> RelayTarget:
+        return await self._timed("relay_target", self._inner.relay_target(key))
 
     async def aclose(self) -> None:
         await self._inner.aclose()

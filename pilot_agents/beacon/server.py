@@ -74,7 +74,7 @@ from ..net.traversal import stun
 from ..net.traversal.beacon_wire import Address, NatType, Status
 from ..net.tunnel import crypto, wire
 from ..net.tunnel.ratelimit import TokenBucket
-from .store import Claim, Found, NameLimits, Registration, Store, run_now
+from .store import Claim, Found, NameLimits, Registration, RelayTarget, Store, run_now
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -138,6 +138,16 @@ class BeaconConfig:
     # Calls to a store that is not synchronous (Redis), waiting or running; more are refused:
     max_store_calls: int = 10_000
     store_timeout: float = 1.0  # seconds a store call may take before it counts as failed
+    # Relaying to a node another worker of this beacon holds (--workers), from the store:
+    sibling_ttl: float = 2.0  # seconds a lookup is fresh; then one runs again in the background
+    # A node not refreshed here for this long (it refreshes every 25 s) may have moved to another
+    # worker (a new port from its NAT): it is then served from the store, which has its latest.
+    sibling_refresh_age: float = 35.0
+    max_siblings: int = 100_000  # lookups kept before all are forgotten
+    # Packets held while a first lookup runs (more are dropped): per target (two GSO runs of a
+    # sender), and in all (their memory: 4 MB of 1,200-byte packets).
+    sibling_queue: int = 64
+    max_sibling_queued: int = 4_096
 
     def __post_init__(self) -> None:
         if self.name_touch_interval >= self.name_expiry:
@@ -167,11 +177,12 @@ class BucketTable(Generic[K]):
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket.take(now)
 
-    def sweep(self, now: float) -> None:
-        """Forget full buckets: a new one starts full anyway."""
-        for key, bucket in list(self.buckets.items()):
-            if bucket.full(now):
-                del self.buckets[key]
+    def sweep(self, now: float, phase: int) -> None:
+        """Forget full buckets (a new one starts full anyway), of slice ``phase``."""
+        buckets = self.buckets
+        for key in _slice(buckets, phase):
+            if buckets[key].full(now):
+                del buckets[key]
 
 
 @dataclass(slots=True)
@@ -227,6 +238,16 @@ class _Node:
         return (self.reflexive, *(a for a in self.lan if a != self.reflexive))
 
 
+@dataclass(slots=True)
+class _Sibling:
+    """A relay target this worker does not hold, as the store described it."""
+
+    address: Address | None  # where its beacon reaches it; None: not registered at this beacon
+    label: str  # for log lines
+    blocks: dict[bytes, float]  # senders it blocked -> until (now)
+    expires: float  # when to ask the store again
+
+
 @dataclass
 class BeaconStats:
     registrations: int = 0  # new registrations (not refreshes)
@@ -275,6 +296,15 @@ def reported_address(address: Address) -> Address:
     return str(ip), port
 
 
+SWEEP_SLICES = 20  # each timer sweeps one slice of every table, all of them per sweep_interval
+
+
+def _slice(table: dict[K, Any], phase: int) -> list[K]:
+    """Slice ``phase`` of ``table``'s keys. Keys move between slices as others are deleted,
+    so one may wait a turn longer: what the sweep frees is checked where it is used anyway."""
+    return list(table)[phase::SWEEP_SLICES]
+
+
 def _short(key: bytes) -> str:
     return node_id_from_key(key)[:12]
 
@@ -290,14 +320,17 @@ class BeaconServer:
         now: float = 0.0,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         home: str = "",
+        worker: int | None = None,
     ) -> None:
         """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start;
-        ``home``: this beacon's name among the beacons sharing ``registry``."""
+        ``home``: this beacon's name among the beacons sharing ``registry``; ``worker``: which
+        of the beacon's worker processes this is (None: the only one)."""
         self.secret_key = secret_key
+        self.worker = worker
         self.public_key = public_key
-        self.registry = registry
         self.home = home
         self.config = config or BeaconConfig()
+        self.registry = registry
         self._name_limits = NameLimits(self.config.max_names_per_key, self.config.max_names_per_ip)
         self._store_calls: list[StoreCall] = []
         self._waiting: dict[int, _Waiting] = {}
@@ -308,6 +341,7 @@ class BeaconServer:
         self._wall_clock_ns = wall_clock_ns
         self._started = now
         self._next_sweep = now + self.config.sweep_interval
+        self._sweep_phase = 0
         self._nodes: dict[bytes, _Node] = {}
         self._by_address: dict[Address, bytes] = {}
         self._by_name: dict[str, bytes] = {}  # hostname -> key, of the nodes in _nodes
@@ -328,9 +362,28 @@ class BeaconServer:
         self._blocks: dict[bytes, dict[bytes, float]] = {}  # receiver -> sender -> until (now)
         self._block_stamps: dict[bytes, int] = {}  # newest BLOCK_RELAY timestamp per node
         self._max_relay_payload = self.config.max_relay_payload
+        self._siblings: dict[bytes, _Sibling] = {}  # relay targets held by other workers
+        self._sibling_waiting: dict[bytes, list[tuple[bytes, Address]]] = {}  # their packets
+        self._sibling_queued = 0  # packets in _sibling_waiting
         self._out: list[tuple[bytes, Address]] = []
         self._alt_out: list[tuple[bytes, Address]] = []
         self._x25519_secret = crypto.ed25519_sk_to_x25519(secret_key)  # for keepalive keys
+
+    @property
+    def registry(self) -> Store:
+        return self._registry
+
+    @registry.setter
+    def registry(self, store: Store) -> None:
+        """(A setter: the metrics wrap the store in a timing one after the start.)"""
+        self._registry = store
+        # How much longer than now a registration we hold must live to be served from memory:
+        # see sibling_refresh_age. 0 for a synchronous store (one process: nobody else has it).
+        self._stale_margin = (
+            0.0
+            if store.synchronous
+            else max(0.0, self.config.registration_ttl - self.config.sibling_refresh_age)
+        )
 
     # -- driving -------------------------------------------------------------------------------
 
@@ -447,36 +500,50 @@ class BeaconServer:
             )
 
     def handle_timer(self, now: float) -> None:
+        """Purge expired state. Walking every table at once took 236 ms at 100k nodes, while
+        answers waited; so each call walks one slice of each, all of them per sweep_interval."""
         if now < self._next_sweep:
             return
-        self._next_sweep = now + self.config.sweep_interval
-        for key, node in list(self._nodes.items()):
+        self._next_sweep = now + self.config.sweep_interval / SWEEP_SLICES
+        phase = self._sweep_phase
+        self._sweep_phase = (phase + 1) % SWEEP_SLICES
+        nodes = self._nodes
+        for key in _slice(nodes, phase):
+            node = nodes[key]
             if node.expires <= now:
                 self._drop(node)
                 log.debug("registration of %s expired", node.hostname or _short(key))
         horizon = self._wall_clock_ns() - int(self.config.max_clock_skew * 1e9)
-        for key, stamp in list(self._last_timestamp.items()):
+        for stamps in (self._last_timestamp, self._block_stamps):
             # Any REGISTER older than the skew window is stale anyway: no need to remember.
-            if stamp < horizon:
-                del self._last_timestamp[key]
-        for key, stamp in list(self._block_stamps.items()):
-            if stamp < horizon:
-                del self._block_stamps[key]
-        for key, limits in list(self._limits.items()):
-            if key not in self._nodes and limits.idle(now):
-                del self._limits[key]
+            for key in _slice(stamps, phase):
+                if stamps[key] < horizon:
+                    del stamps[key]
+        limits = self._limits
+        for key in _slice(limits, phase):
+            if key not in nodes and limits[key].idle(now):
+                del limits[key]
         for table in (self._sources, self._register_sources, self._claimed_keys):
-            table.sweep(now)
+            table.sweep(now, phase)
         idle = now - self.config.relay_idle
-        for pair, state in list(self._relay_pairs.items()):
-            if state.last < idle:
-                del self._relay_pairs[pair]
-        for receiver, blocks in list(self._blocks.items()):
+        pairs = self._relay_pairs
+        for pair in _slice(pairs, phase):
+            if pairs[pair].last < idle:
+                del pairs[pair]
+        siblings = self._siblings
+        stale = now - self.config.sibling_ttl  # a target in use is looked up again before this
+        for key in _slice(siblings, phase):
+            if siblings[key].expires <= stale:
+                del siblings[key]
+        for receiver in _slice(self._blocks, phase):
+            blocks = self._blocks[receiver]
             for sender, until in list(blocks.items()):
                 if until <= now:
                     del blocks[sender]
             if not blocks:
                 del self._blocks[receiver]
+        if phase:
+            return
         unused_since = self._wall_clock_ns() - int(self.config.name_expiry * 1e9)
         self._call_store(
             self.registry.expire_names(unused_since), self._names_expired, _nothing, now
@@ -519,6 +586,7 @@ class BeaconServer:
             "status_requests": stats.status_requests,
             "keepalives": stats.keepalives,
             "refusals": dict(stats.refusals),
+            **({} if self.worker is None else {"worker": self.worker}),
         }
 
     def _status_reply(self, request_id: int, now: float) -> bytes:
@@ -583,9 +651,10 @@ class BeaconServer:
             return None
         return node
 
-    def _live(self, key: bytes, now: float) -> _Node | None:
+    def _fresh(self, key: bytes, now: float) -> _Node | None:
+        """The node if we hold it and may answer for it from memory (see _stale_margin)."""
         node = self._nodes.get(key)
-        return node if node is not None and node.expires > now else None
+        return node if node is not None and node.expires > now + self._stale_margin else None
 
     def _drop(self, node: _Node) -> None:
         del self._nodes[node.key]
@@ -765,16 +834,25 @@ class BeaconServer:
             self._forget_name(previous)
         if message.hostname is not None:
             self._by_name[message.hostname] = key
-        self._out.append((reply, address))
         registration = Registration(
-            key, message.hostname, self._nodes[key].candidates, message.nat_type, self.home
+            key,
+            message.hostname,
+            self._nodes[key].candidates,
+            message.nat_type,
+            self.home,
+            address if address != reflexive else None,
         )
-        self._call_store(
-            self.registry.publish(registration, self.config.registration_ttl),
-            _nothing,
-            _nothing,
-            now,
-        )
+        publish = self.registry.publish(registration, self.config.registration_ttl)
+        if (previous is None or previous.address != address) and not self.registry.synchronous:
+            # A node new here (or moved) answered at once could be asked for, through another
+            # worker or beacon, before the store has it: answer when it does (or gave up).
+            def answer(*_: object) -> None:
+                self._out.append((reply, address))
+
+            self._call_store(publish, answer, answer, now)
+        else:
+            self._out.append((reply, address))
+            self._call_store(publish, _nothing, _nothing, now)
         label = message.hostname or "(no name)"
         if previous is None or previous.expires <= now:
             self.stats.registrations += 1
@@ -862,14 +940,14 @@ class BeaconServer:
 
         # A node registered here under a name answers from memory; the rest asks the store.
         if message.node_key is not None:
-            target = self._live(message.node_key, now)
+            target = self._fresh(message.node_key, now)
             if target is not None and target.hostname is not None:
                 answer(Found(target.key, target.hostname, None), now)
             else:
                 self._call_store(self.registry.find_key(message.node_key), answer, unavailable, now)
         elif message.hostname is not None and bw.valid_hostname(message.hostname):
             key = self._by_name.get(message.hostname)
-            if key is not None and self._live(key, now) is not None:
+            if key is not None and self._fresh(key, now) is not None:
                 answer(Found(key, message.hostname, None), now)
             else:
                 self._call_store(
@@ -888,8 +966,8 @@ class BeaconServer:
         failure: Status | None = None,
     ) -> None:
         key, hostname = found.key, found.hostname
-        target: _Node | Registration | None = self._live(key, now) if key is not None else None
-        target = target or self._elsewhere(found)
+        target: _Node | Registration | None = self._fresh(key, now) if key is not None else None
+        target = target or self._elsewhere(found) or self._at_sibling(found)
         if target is not None:
             answer = bw.encode_resolved(
                 self.secret_key,
@@ -931,7 +1009,7 @@ class BeaconServer:
         if requester is None:
             return
         wall = self._wall_clock_ns()
-        target = self._live(message.peer_key, now)
+        target = self._fresh(message.peer_key, now)
         if target is None or target.key == requester.key:
             asker = requester.key
 
@@ -950,12 +1028,17 @@ class BeaconServer:
                 self._out.append((answer, address))
 
             def found(found: Found, at: float) -> None:
-                if self._elsewhere(found) is not None:
+                sibling = self._at_sibling(found)
+                if sibling is not None:
+                    self._introduce_sibling(requester, sibling, message.request_id, wall, address)
+                elif self._elsewhere(found) is not None:
                     refuse(Status.ELSEWHERE)
                 else:
                     refuse(Status.OFFLINE if found.hostname is not None else Status.UNKNOWN)
 
-            if target is not None or message.peer_key in self._nodes:
+            # An expired registration may live on at another worker (the node moved there).
+            expired = message.peer_key in self._nodes and self.registry.synchronous
+            if target is not None or expired:
                 refuse(Status.OFFLINE)
             else:
                 self._call_store(
@@ -965,6 +1048,17 @@ class BeaconServer:
                     now,
                 )
             return
+        self._introduce(requester, target, target.address, message.request_id, wall, address)
+
+    def _introduce(
+        self,
+        requester: _Node,
+        target: _Node | Registration,
+        target_address: Address,
+        request_id: int,
+        wall: int,
+        address: Address,
+    ) -> None:
         self.stats.introductions += 1
         # The target first: it has no reason to expect this, the requester is waiting anyway.
         self._out.append(
@@ -979,7 +1073,7 @@ class BeaconServer:
                     requester.nat_type,
                     requester.candidates,
                 ),
-                target.address,
+                target_address,
             )
         )
         self._out.append(
@@ -988,7 +1082,7 @@ class BeaconServer:
                     self.secret_key,
                     requester.key,
                     Status.OK,
-                    message.request_id,
+                    request_id,
                     wall,
                     target.key,
                     target.nat_type,
@@ -1003,7 +1097,7 @@ class BeaconServer:
             requester.reflexive,
             requester.nat_type.label,
             target.hostname or _short(target.key),
-            target.reflexive,
+            target.candidates[0],
             target.nat_type.label,
         )
 
@@ -1036,10 +1130,15 @@ class BeaconServer:
             self._refuse("relay_rate_limited")
             return
         target = nodes.get(target_key)
-        if target is None or target.expires <= now:
-            self._refuse("relay_target_offline")
-            return
-        pair = self._relay_pairs.get((source.key, target_key)) or self._pair(source, target, now)
+        if target is not None and target.expires > now + self._stale_margin:
+            target_address = target.address
+        else:
+            sibling = self._sibling_address(data, address, source.key, target_key, now)
+            if sibling is None:
+                return
+            target_address = sibling
+        pair = self._relay_pairs.get((source.key, target_key))
+        pair = pair or self._pair(source, target_key, now)
         # The tunnel packet's type is in clear: a handshake or a trust request costs its
         # receiver far more than a data packet of an established tunnel does.
         if data[RELAY_OVERHEAD] != DATA and not (
@@ -1049,13 +1148,13 @@ class BeaconServer:
             return
         pair.last = now
         # RELAYED is RELAY with the source's key where the target's was (bw.encode_relayed).
-        self._out.append((source.relayed_head + data[RELAY_OVERHEAD:], target.address))
+        self._out.append((source.relayed_head + data[RELAY_OVERHEAD:], target_address))
         stats = self.stats
         stats.relayed_packets += 1
         stats.relayed_bytes += size
 
-    def _pair(self, source: _Node, target: _Node, now: float) -> _Pair:
-        key = (source.key, target.key)
+    def _pair(self, source: _Node, target_key: bytes, now: float) -> _Pair:
+        key = (source.key, target_key)
         pair = self._relay_pairs.get(key)
         if pair is None:
             c = self.config
@@ -1064,12 +1163,111 @@ class BeaconServer:
             pair = self._relay_pairs[key] = _Pair(
                 now, TokenBucket(c.relay_pair_handshake_rate, c.relay_pair_handshake_burst, now)
             )
+            target = self._nodes.get(target_key)
+            sibling = self._siblings.get(target_key)
             log.info(
                 "relay started: %s -> %s",
                 source.hostname or _short(source.key),
-                target.hostname or _short(target.key),
+                (target and target.hostname) or (sibling and sibling.label) or _short(target_key),
             )
         return pair
+
+    # -- nodes another worker of this beacon holds (--workers) ---------------------------------
+    # The workers share one port, one beacon id and the store. The kernel keeps each node's
+    # packets on one worker, which holds it in memory; what a worker is asked about a node of
+    # its beacon that it does not hold, it takes from the node's registration in the store.
+
+    def _at_sibling(self, found: Found) -> Registration | None:
+        """The live registration ``found`` carries if it is of this beacon (so another worker
+        holds it: ours are in ``_nodes``, and fresher than the store's copy)."""
+        registration = found.registration
+        if registration is None or registration.home != self.home or self.registry.synchronous:
+            return None  # a synchronous store serves one process: what it holds, we hold
+        return registration
+
+    def _introduce_sibling(
+        self,
+        requester: _Node,
+        target: Registration,
+        request_id: int,
+        wall: int,
+        address: Address,
+    ) -> None:
+        # Sent from this worker's socket, which has the address of the target's worker: its
+        # NAT lets it through as it does the beacon's other answers.
+        self._introduce(requester, target, target.observed, request_id, wall, address)
+
+    def _sibling_address(
+        self, data: bytes, address: Address, sender: bytes, target_key: bytes, now: float
+    ) -> Address | None:
+        """Where a relayed packet goes to a node this worker does not hold: its address at
+        another worker of this beacon, from the store and cached for ``sibling_ttl``. None: the
+        packet was refused, or waits for the store (and is relayed when it answers)."""
+        if self.registry.synchronous:  # one process: no other worker holds nodes of ours
+            self._refuse("relay_target_offline")
+            return None
+        sibling = self._siblings.get(target_key)
+        if sibling is not None:
+            if sibling.expires <= now and target_key not in self._sibling_waiting:
+                # Looked up again while the last answer serves: a flow is never held up.
+                self._look_up_sibling(target_key, now)
+            if sibling.address is None:
+                self._refuse("relay_target_offline")
+                return None
+            # Its blocks live at its worker, which told the store (_on_block_relay).
+            if sibling.blocks and sibling.blocks.get(sender, 0.0) > now:
+                self._refuse("relay_blocked")
+                return None
+            return sibling.address
+        waiting = self._sibling_waiting.get(target_key)
+        if waiting is None:
+            waiting = self._sibling_waiting[target_key] = []
+            self._look_up_sibling(target_key, now)
+        if (
+            len(waiting) >= self.config.sibling_queue
+            or self._sibling_queued >= self.config.max_sibling_queued
+            or target_key not in self._sibling_waiting  # the lookup failed at once
+        ):
+            self._refuse("relay_lookup_queue_full")
+            return None
+        waiting.append((data, address))
+        self._sibling_queued += 1
+        return None
+
+    def _look_up_sibling(self, key: bytes, now: float) -> None:
+        self._sibling_waiting.setdefault(key, [])
+        self._call_store(
+            self.registry.relay_target(key),
+            lambda found, at: self._sibling_found(key, found, at),
+            lambda at: self._sibling_failed(key),
+            now,
+        )
+
+    def _sibling_found(self, key: bytes, found: RelayTarget, now: float) -> None:
+        registration = found.registration
+        ours = registration is not None and registration.home == self.home
+        wall = self._wall_clock_ns()
+        if len(self._siblings) >= self.config.max_siblings:
+            self._siblings.clear()
+        self._siblings[key] = _Sibling(
+            registration.observed if registration is not None and ours else None,
+            (registration and registration.hostname) or _short(key),
+            {s: now + (until - wall) / 1e9 for s, until in found.blocks.items() if until > wall},
+            now + self.config.sibling_ttl,
+        )
+        waiting = self._sibling_waiting.pop(key, [])
+        self._sibling_queued -= len(waiting)
+        for data, address in waiting:
+            self._on_relay(data, address, now)  # checked again: the sender may have gone
+
+    def _sibling_failed(self, key: bytes) -> None:
+        # The last answer, if any, goes too: packets wait for the next lookup rather than go
+        # on to an address (and blocks) the store could not confirm.
+        self._siblings.pop(key, None)
+        waiting = self._sibling_waiting.pop(key, [])
+        self._sibling_queued -= len(waiting)
+        for _ in waiting:
+            self._refuse("relay_store_unavailable")
 
     # -- BLOCK_RELAY ---------------------------------------------------------------------------
 
@@ -1102,6 +1300,12 @@ class BeaconServer:
         until = now + min(float(message.seconds), self.config.max_block_duration) - age
         blocks = self._blocks.setdefault(key, {})
         blocked = message.blocked_key
+        if not self.registry.synchronous:
+            # For the other workers, which relay to this node from senders they hold.
+            until_ns = 0 if until <= now else wall + int((until - now) * 1e9)
+            self._call_store(
+                self.registry.block_relay(key, blocked, until_ns), _nothing, _nothing, now
+            )
         if until <= now:
             blocks.pop(blocked, None)
             log.info("%s lifted its relay block of %s", _short(key), _short(blocked))

@@ -2,9 +2,10 @@
 
     pilot-agents beacon --listen 0.0.0.0:9000 [--alt-port auto|off|PORT] [--data-dir DIR] [--stats]
                         [--store sqlite:PATH|redis://HOST:PORT/DB] [--key-file PATH]
-                        [--metrics HOST:PORT]
+                        [--metrics HOST:PORT] [--workers N]
     python -m pilot_agents.beacon.service --listen 127.0.0.1:0 --data-dir DIR
 
+``--workers N`` runs N such processes on one port under a supervisor (:mod:`.workers`).
 When the sockets are bound it prints one line to stdout,
 ``listening on HOST:PORT alt-port PORT key NODE_ID``, which scripts and tests wait for.
 
@@ -20,12 +21,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
+import os
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,9 @@ from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
 from . import metrics as beacon_metrics
+from . import workers
 from .server import BeaconConfig, BeaconServer, StoreCall
-from .store import open_store
+from .store import Store, open_store
 from .udp_batch import Sender, enable_gro, read_coalesced
 
 log = logging.getLogger("pilot_agents.beacon")
@@ -85,6 +89,8 @@ class BeaconService:
         self._alt_sock = alt_sock
         self._timer: asyncio.TimerHandle | None = None
         self._store_tasks: set[asyncio.Task[None]] = set()
+        # Set by a beacon process (not one embedded in a test): see _on_timer.
+        self.freeze_gc = False
         # Relayed traffic comes and goes in runs of one flow: read and send those in batches.
         self._gro = enable_gro(sock)
         self._sender = Sender(sock)
@@ -181,6 +187,12 @@ class BeaconService:
         self._timer = None
         self.server.handle_timer(self._loop.time())
         self._flush()
+        if self.freeze_gc:
+            # The cyclic collector's full passes walk every object the beacon holds, hundreds of
+            # milliseconds at 100k nodes while answers wait. Its records hold no cycles
+            # (reference counting frees them), so what outlived a sweep is frozen: a pass walks
+            # only what is younger than the last sweep (benchmarks/RESULTS.md).
+            gc.freeze()
         self._arm()
 
     def _arm(self) -> None:
@@ -225,13 +237,18 @@ async def start(
     store: str | None = None,
     key_file: Path | None = None,
     beacon_id: str | None = None,
+    worker: Worker | None = None,
 ) -> BeaconService:
     """A running beacon (sockets bound, key and store opened); close() it, then ``aclose()``
     its ``server.registry``, when done.
 
     ``store``: ``sqlite:PATH`` or ``redis://HOST:PORT/DB``; None: SQLite in ``data_dir``.
     ``key_file``: the fleet's shared key instead of the beacon's own. ``beacon_id``: its name
-    among the beacons sharing the store (default HOSTNAME:PORT)."""
+    among the beacons sharing the store (default HOSTNAME:PORT). ``worker``: this process is
+    one of a beacon's workers, on the sockets its supervisor bound (``listen`` and ``alt_port``
+    are then not used)."""
+    if worker is not None:
+        return await _start_worker(worker, data_dir, config, store, key_file, beacon_id)
     try:
         host, port = parse_host_port(listen)
     except ConfigError as exc:
@@ -257,6 +274,18 @@ async def start(
                 raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
             # The second port only refines NAT classification: run without it.
             log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+    return _service(identity, registry, config, sock, alt_sock, beacon_id)
+
+
+def _service(
+    identity: Identity,
+    registry: Store,
+    config: BeaconConfig,
+    sock: socket.socket,
+    alt_sock: socket.socket | None,
+    beacon_id: str | None,
+    worker: int | None = None,
+) -> BeaconService:
     config = dataclasses.replace(
         config,
         alt_port=0 if alt_sock is None else alt_sock.getsockname()[1],
@@ -269,9 +298,52 @@ async def start(
         config,
         now=loop.time(),
         home=beacon_id or f"{socket.gethostname()}:{sock.getsockname()[1]}",
+        worker=worker,
     )
     log.info("store %s, beacon id %s", registry.describe(), server.home)
     return BeaconService(server, sock, alt_sock)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One of a beacon's worker processes (:mod:`.workers`): its index and inherited sockets."""
+
+    index: int
+    fd: int
+    alt_fd: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Worker:
+        """``INDEX:FD[,ALT_FD]``, as the supervisor writes it."""
+        try:
+            index, fds = text.split(":")
+            numbers = [int(fd) for fd in fds.split(",")]
+            return cls(int(index), numbers[0], numbers[1] if len(numbers) > 1 else None)
+        except (ValueError, IndexError):
+            raise ConfigError(f"--worker {text!r}: expected INDEX:FD[,ALT_FD]") from None
+
+
+async def _start_worker(
+    worker: Worker,
+    data_dir: Path,
+    config: BeaconConfig | None,
+    store: str | None,
+    key_file: Path | None,
+    beacon_id: str | None,
+) -> BeaconService:
+    # The supervisor created the key before starting any worker: loading it races with nobody.
+    identity = _identity(data_dir, key_file)
+    config = config or BeaconConfig()
+    registry = await open_store(store, data_dir, timeout=config.store_timeout)
+    sock = _inherited(worker.fd)
+    alt_sock = _inherited(worker.alt_fd) if worker.alt_fd is not None else None
+    return _service(identity, registry, config, sock, alt_sock, beacon_id, worker.index)
+
+
+def _inherited(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
 
 
 async def serve(
@@ -287,12 +359,16 @@ async def serve(
     key_file: Path | None = None,
     beacon_id: str | None = None,
     metrics: str | None = None,
+    worker: Worker | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
     ``ready`` gets the bound addresses and key once the sockets listen. ``stats_interval``:
     seconds between log lines of the counters; None for none. ``metrics``: HOST:PORT to serve
-    Prometheus metrics on; None for none. The rest as :func:`start`."""
+    Prometheus metrics on; None for none. ``freeze_gc``: keep what outlives start-up and each
+    sweep out of the cyclic garbage collector's passes (``gc.freeze``), for a beacon that is
+    its own process. The rest as :func:`start`."""
     service = await start(
         listen,
         data_dir,
@@ -301,6 +377,7 @@ async def serve(
         store=store,
         key_file=key_file,
         beacon_id=beacon_id,
+        worker=worker,
     )
     try:
         exporter = await beacon_metrics.serve(metrics, service) if metrics else None
@@ -308,6 +385,10 @@ async def serve(
         service.close()
         await service.server.registry.aclose()
         raise
+    if freeze_gc:
+        gc.collect()  # what start-up left over, once; the rest outlives the beacon anyway
+        gc.freeze()
+        service.freeze_gc = True
     loop = asyncio.get_running_loop()
     info = BeaconInfo(service.address, service.alt_address, service.server.public_key)
     log.info("beacon %s listening on %s:%d", info.node_id, *info.address)
@@ -341,15 +422,14 @@ def run(
     key_file: Path | None = None,
     beacon_id: str | None = None,
     metrics: str | None = None,
+    worker: Worker | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, stop.set)
+        stop = _stop_on_signals()
+        if worker is not None:
+            _stop_when_orphaned(stop)
         await serve(
             listen,
             data_dir,
@@ -362,16 +442,96 @@ def run(
             key_file=key_file,
             beacon_id=beacon_id,
             metrics=metrics,
+            worker=worker,
+            freeze_gc=True,
         )
 
+    return _exit_status(main)
+
+
+def _exit_status(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     try:
         asyncio.run(main())
     except PilotError as exc:  # a bad setting, an unsafe key file: the message says what to do
         print(f"pilot-agents beacon: {exc}", file=sys.stderr)
-        return 2
+        # 1: it ran, then failed (a worker kept dying); 2: it could not start.
+        return 1 if isinstance(exc, workers.WorkerFailedError) else 2
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def _stop_when_orphaned(stop: asyncio.Event, interval: float = 1.0) -> None:
+    """A worker whose supervisor is gone (killed) stops rather than serve on unsupervised."""
+    loop = asyncio.get_running_loop()
+    parent = os.getppid()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.error("the beacon's supervisor is gone: stopping")
+            stop.set()
+        elif not stop.is_set():
+            loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
+
+
+def run_workers(
+    count: int,
+    listen: str,
+    data_dir: Path,
+    worker_argv: list[str],
+    *,
+    alt_port: int | str | None = "auto",
+    store: str | None = None,
+    key_file: Path | None = None,
+    ready: Callable[[str], Any] | None = None,
+) -> int:
+    """Serve with ``count`` worker processes (:mod:`.workers`) until SIGINT or SIGTERM; the exit
+    status. ``worker_argv``: every worker's options but its sockets."""
+
+    async def main() -> None:
+        workers.require_shared_store(store, count)
+        # Created here, once: N workers creating it at once would each write a different key.
+        _identity(data_dir, key_file)
+        try:
+            host, port = parse_host_port(listen)
+        except ConfigError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
+        wanted = _alt_port_for(alt_port, port)
+        try:
+            sockets = workers.bind_group(host, port, count)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+        alt_sockets = None
+        if wanted is not None:
+            try:
+                alt_sockets = workers.bind_group(host, wanted, count)
+            except OSError as exc:
+                if alt_port != "auto":
+                    for sock in sockets:
+                        sock.close()
+                    raise ConfigError(
+                        f"cannot listen on alt port {wanted}: {exc.strerror}"
+                    ) from None
+                log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+        supervisor = workers.Supervisor(worker_argv, sockets, alt_sockets)
+        await supervisor.run(_stop_on_signals(), ready or _nothing)
+
+    return _exit_status(main)
+
+
+def _nothing(*_: object) -> None:
+    pass
 
 
 # -- the status client -------------------------------------------------------------------------
@@ -485,6 +645,16 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics; docs/metrics.md)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="answer from N processes sharing the port (SO_REUSEPORT), one per core; needs a "
+        "redis:// store (default 1; docs/beacon.md, Workers)",
+    )
+    # Set by the supervisor of --workers on each worker's command line: INDEX:FD[,ALT_FD].
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
@@ -492,17 +662,40 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        worker = Worker.parse(args.worker) if args.worker is not None else None
+    except ConfigError as exc:
+        print(f"pilot-agents beacon: {exc}", file=sys.stderr)
+        return 2
+    name = "%(name)s" if worker is None else f"%(name)s[worker {worker.index}]"
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=args.log_level, format=f"%(asctime)s {name} %(levelname)s %(message)s"
     )
     data_dir = args.data_dir if args.data_dir is not None else default_home() / "beacon"
 
     def ready(info: BeaconInfo) -> None:
         print(info.ready_line(), flush=True)
 
+    def printed(line: str) -> None:
+        print(line, flush=True)
+
     if args.relay_rate < 0:
         print("pilot-agents beacon: --relay-rate must be >= 0", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("pilot-agents beacon: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and worker is None:
+        return run_workers(
+            args.workers,
+            args.listen,
+            data_dir,
+            _worker_argv(args, data_dir),
+            alt_port=args.alt_port,
+            store=args.store,
+            key_file=args.key_file,
+            ready=printed,
+        )
     config = BeaconConfig()
     if args.relay_rate:
         config.relay_byte_rate = args.relay_rate * 1e6
@@ -521,8 +714,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         store=args.store,
         key_file=args.key_file,
         beacon_id=args.beacon_id,
-        metrics=args.metrics,
+        metrics=_metrics_of(args.metrics, worker),
+        worker=worker,
     )
+
+
+def _worker_argv(args: argparse.Namespace, data_dir: Path) -> list[str]:
+    """A worker's options: the beacon's, but for the sockets (the supervisor adds its own)."""
+    argv = ["--data-dir", str(data_dir), "--relay-rate", str(args.relay_rate)]
+    argv += ["--log-level", args.log_level]
+    for option, value in (
+        ("--store", args.store),
+        ("--key-file", args.key_file),
+        ("--beacon-id", args.beacon_id),
+        ("--stats", args.stats),
+        ("--metrics", args.metrics),
+    ):
+        if value is not None:
+            argv += [option, str(value)]
+    return argv
+
+
+def _metrics_of(listen: str | None, worker: Worker | None) -> str | None:
+    """Worker I serves its metrics on PORT + I (each worker its own Prometheus target)."""
+    if listen is None or worker is None or worker.index == 0:
+        return listen
+    try:
+        host, port = parse_host_port(listen)
+    except ConfigError:
+        return listen  # the exporter says what is wrong with it
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + worker.index if port else 0}"
 
 
 if __name__ == "__main__":

@@ -81,16 +81,24 @@ class Sender:
 
     def send_all(self, datagrams: list[tuple[bytes, Address]]) -> None:
         i, n = 0, len(datagrams)
+        sendto = self.sock.sendto
         while i < n:
             data, address = datagrams[i]
             size = len(data)
             j = i + 1
-            if self.gso and 0 < size <= MAX_GSO_SEGMENT:
+            # The run's bounds only when the next one goes to the same address (it mostly
+            # doesn't without runs at the sender: a min() per datagram saved).
+            if self.gso and j < n and datagrams[j][1] == address and 0 < size <= MAX_GSO_SEGMENT:
                 limit = min(n, i + MAX_SEGMENTS, i + MAX_GSO_BYTES // size)
                 while j < limit and datagrams[j][1] == address and len(datagrams[j][0]) == size:
                     j += 1
             if j - i == 1:
-                self._send_one(data, address)
+                # A call less per datagram than _send_one: relayed packets without runs (one
+                # sendto each at the sender) go out here, 0.6 us of Python around a 3.4 us send.
+                try:
+                    sendto(data, address)
+                except OSError as exc:
+                    self._failed(exc, address)
             else:
                 self._send_run(datagrams[i:j], size, address)
             i = j
@@ -99,10 +107,13 @@ class Sender:
         try:
             self.sock.sendto(data, address)
         except OSError as exc:
-            # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
-            self.errors += 1
-            if exc.errno not in _EXPECTED_SEND_ERRORS:
-                log.debug("sendto %s failed: %s", address, exc)
+            self._failed(exc, address)
+
+    def _failed(self, exc: OSError, address: Address) -> None:
+        # A full buffer loses the datagram; senders recover (tunnels resend, nodes retry).
+        self.errors += 1
+        if exc.errno not in _EXPECTED_SEND_ERRORS:
+            log.debug("sendto %s failed: %s", address, exc)
 
     def _send_run(self, run: list[tuple[bytes, Address]], size: int, address: Address) -> None:
         segment = [(socket.IPPROTO_UDP, UDP_SEGMENT, struct.pack("H", size))]

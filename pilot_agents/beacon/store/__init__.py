@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import ConfigError, StoreUnavailableError
-from .base import Claim, Found, NameLimits, Registration, Store, run_now
+from .base import Claim, Found, NameLimits, Registration, RelayTarget, Store, run_now
 from .sqlite import DB_FILE, SqliteStore
 
 NameStore = SqliteStore  # its name before there were two stores
@@ -21,6 +21,7 @@ __all__ = [
     "NameLimits",
     "NameStore",
     "Registration",
+    "RelayTarget",
     "SqliteStore",
     "Store",
     "open_store",

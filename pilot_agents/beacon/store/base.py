@@ -60,17 +60,26 @@ class Registration:
     candidates: tuple[Address, ...]  # reflexive endpoint first
     nat_type: NatType
     home: str  # the beacon it registered with (BeaconServer's ``home``)
+    # Where the beacon's socket sees its datagrams come from, when that is not the reflexive
+    # candidate (an IPv4-mapped IPv6 address on a dual-stack socket): the address another
+    # worker of the beacon sends to.
+    address: Address | None = None
+
+    @property
+    def observed(self) -> Address:
+        """The address its beacon's datagrams reach it at."""
+        return self.address or self.candidates[0]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "hostname": self.hostname,
-                "candidates": [[host, port] for host, port in self.candidates],
-                "nat": int(self.nat_type),
-                "home": self.home,
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, object] = {
+            "hostname": self.hostname,
+            "candidates": [[host, port] for host, port in self.candidates],
+            "nat": int(self.nat_type),
+            "home": self.home,
+        }
+        if self.address is not None:
+            fields["address"] = list(self.address)
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, key: bytes, text: str | bytes) -> Registration:
@@ -86,7 +95,15 @@ class Registration:
             hostname = fields["hostname"]
             if hostname is not None and not valid_hostname(hostname):
                 raise ValueError(f"hostname {hostname!r}")
-            return cls(key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]))
+            if not candidates:
+                raise ValueError("no candidates")
+            address = None
+            if "address" in fields:
+                host, port = fields["address"]
+                address = (str(host), int(port))
+            return cls(
+                key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]), address
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreUnavailableError(
                 f"the store holds a malformed registration for {key.hex()}: {exc}"
@@ -100,6 +117,14 @@ class Found:
     key: bytes | None  # the name's owner (or the key asked about); None: nobody owns the name
     hostname: str | None  # the name asked about (or the key's oldest name)
     registration: Registration | None  # its live registration, on any beacon
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTarget:
+    """What a beacon needs to relay to a node another of its workers holds."""
+
+    registration: Registration | None  # its live registration, on any beacon
+    blocks: dict[bytes, int]  # senders it asked not to be relayed from -> until (wall ns)
 
 
 class Store(Protocol):
@@ -132,6 +157,15 @@ class Store(Protocol):
 
     async def expire_names(self, unused_since_ns: int) -> int:
         """Delete names last used before ``unused_since_ns``; how many went."""
+        ...
+
+    async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
+        """``receiver`` asked not to be relayed packets from ``sender`` until ``until_ns`` (wall
+        clock); 0 lifts the block. Read by the workers that relay to it (:meth:`relay_target`)."""
+        ...
+
+    async def relay_target(self, key: bytes) -> RelayTarget:
+        """``key``'s live registration and the relay blocks in force for it."""
         ...
 
     async def name_count(self) -> int: ...

@@ -15,6 +15,7 @@ the caller bounds how long it waits.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +24,7 @@ from redis.exceptions import RedisError
 
 from ...errors import ConfigError, StoreUnavailableError
 from ...net.traversal.beacon_wire import Status
-from .base import Claim, Found, NameLimits, Registration
+from .base import Claim, Found, NameLimits, Registration, RelayTarget
 
 PREFIX = "pilot:"
 EXPIRE_BATCH = 1_000  # names deleted per sweep at most: one script never holds Redis long
@@ -98,6 +99,26 @@ return #names
 """
 )
 
+# ARGV: prefix, key (hex). Returns {registration (JSON or ''), sender, until, sender, until...}.
+_RELAY_TARGET = """
+local p, key = ARGV[1], ARGV[2]
+local result = {redis.call('GET', p .. 'reg:' .. key) or ''}
+for _, value in ipairs(redis.call('HGETALL', p .. 'blocks:' .. key)) do
+  table.insert(result, value)
+end
+return result
+"""
+
+# ARGV: prefix, receiver (hex), sender (hex), until (wall ns; '0' lifts), milliseconds it lasts.
+# The hash lives until its longest block ends (PTTL is -1 for the hash HSET just created).
+_BLOCK = """
+local blocks = ARGV[1] .. 'blocks:' .. ARGV[2]
+if ARGV[4] == '0' then return redis.call('HDEL', blocks, ARGV[3]) end
+redis.call('HSET', blocks, ARGV[3], ARGV[4])
+if redis.call('PTTL', blocks) < tonumber(ARGV[5]) then redis.call('PEXPIRE', blocks, ARGV[5]) end
+return 1
+"""
+
 _CLAIM_STATUS = {b"ok": Status.OK, b"taken": Status.NAME_TAKEN, b"limit": Status.NAME_LIMIT}
 
 
@@ -136,6 +157,8 @@ class RedisStore:
         self._find_name = self._redis.register_script(_FIND_NAME)
         self._find_key = self._redis.register_script(_FIND_KEY)
         self._expire = self._redis.register_script(_EXPIRE)
+        self._relay_target = self._redis.register_script(_RELAY_TARGET)
+        self._block = self._redis.register_script(_BLOCK)
 
     @staticmethod
     def _hide_password(url: str) -> str:
@@ -223,6 +246,20 @@ class RedisStore:
 
     async def name_count(self) -> int:
         return int(await self._run(self._redis.zcard(f"{self._prefix}names")))
+
+    async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
+        """A hash of the receiver's blocks, kept until its longest block ends (the relaying
+        worker ignores those that ended before)."""
+        lasts_ms = max(1, (until_ns - time.time_ns()) // 1_000_000) if until_ns else 0
+        args: list[str | int] = [self._prefix, receiver.hex(), sender.hex(), until_ns, lasts_ms]
+        await self._run(self._block(args=args))
+
+    async def relay_target(self, key: bytes) -> RelayTarget:
+        reply = await self._run(self._relay_target(args=[self._prefix, key.hex()]))
+        blocks = {
+            bytes.fromhex(reply[i].decode()): int(reply[i + 1]) for i in range(1, len(reply), 2)
+        }
+        return RelayTarget(self._registration(key, reply[0]), blocks)
 
     async def aclose(self) -> None:
         for sender in self._senders:

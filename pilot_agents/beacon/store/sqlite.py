@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...net.traversal.beacon_wire import Status
-from .base import Claim, Found, NameLimits, Registration
+from .base import Claim, Found, NameLimits, Registration, RelayTarget
 
 DB_FILE = "names.sqlite3"
 SCHEMA_VERSION = 2
@@ -66,6 +66,7 @@ class SqliteStore:
         self._path = path
         # key -> (registration, when it expires on the monotonic clock)
         self._registrations: dict[bytes, tuple[Registration, float]] = {}
+        self._blocks: dict[bytes, dict[bytes, int]] = {}  # one process: for the interface's sake
 
     @classmethod
     def in_directory(cls, data_dir: Path) -> SqliteStore:
@@ -158,17 +159,41 @@ class SqliteStore:
         return Found(key, names[0] if names else None, self._live(key))
 
     async def publish(self, registration: Registration, ttl: float) -> None:
+        # Moved to the end: the dict stays in order of expiry (one beacon, one TTL).
+        self._registrations.pop(registration.key, None)
         self._registrations[registration.key] = (registration, time.monotonic() + ttl)
 
     async def expire_names(self, unused_since_ns: int) -> int:
+        # Only the expired head of the dict: walking all of it took 100 ms at 100k nodes, every
+        # sweep. (An entry behind a longer TTL waits; _live checks the expiry anyway.)
         now = time.monotonic()
-        for key, (_, expires) in list(self._registrations.items()):
-            if expires <= now:
-                del self._registrations[key]
+        expired = []
+        for key, (_, expires) in self._registrations.items():
+            if expires > now:
+                break
+            expired.append(key)
+        for key in expired:
+            del self._registrations[key]
         return self.expire(unused_since_ns)
 
     async def name_count(self) -> int:
         return self.count()
+
+    async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
+        blocks = self._blocks.setdefault(receiver, {})
+        if until_ns:
+            blocks[sender] = until_ns
+        else:
+            blocks.pop(sender, None)
+        now_ns = time.time_ns()
+        for blocked, until in list(blocks.items()):
+            if until <= now_ns:
+                del blocks[blocked]
+        if not blocks:
+            del self._blocks[receiver]
+
+    async def relay_target(self, key: bytes) -> RelayTarget:
+        return RelayTarget(self._live(key), dict(self._blocks.get(key, {})))
 
     async def aclose(self) -> None:
         self.close()

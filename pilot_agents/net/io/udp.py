@@ -35,11 +35,14 @@ _FIONREAD: Final[int] = termios.FIONREAD
 
 
 
-def open_socket(host: str, port: int, *, dont_fragment: bool = False) -> socket.socket:
+def open_socket(
+    host: str, port: int, *, dont_fragment: bool = False, reuse_port: bool = False
+) -> socket.socket:
     """A non-blocking UDP socket bound to ``(host, port)``, IPv6 if ``host`` has a colon.
 
     ``dont_fragment``: IPv4 datagrams carry DF, so an oversized MTU probe fails instead of
-    arriving in pieces."""
+    arriving in pieces. ``reuse_port``: SO_REUSEPORT, so several sockets share the port and the
+    kernel spreads senders among them (the beacon's worker processes)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -48,6 +51,8 @@ def open_socket(host: str, port: int, *, dont_fragment: bool = False) -> socket.
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         if dont_fragment and family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
