@@ -221,6 +221,7 @@ class _Node:
     keepalive_counter: int = 0  # the newest KEEPALIVE counter taken (at first: the timestamp)
     keepalive_key: bytes | None = None  # derived at its first KEEPALIVE; b"": not derivable
     reflexive_wire: bytes = b""  # reflexive, encoded for KEEPALIVE_ACKs, at the first one
+    guest: bool = False  # registered at another beacon of the fleet: here to meet a peer
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -238,6 +239,7 @@ class BeaconStats:
     stun_requests: int = 0
     status_requests: int = 0
     keepalives: int = 0
+    guests: int = 0  # nodes of other beacons of the fleet that attached here (not refreshes)
     refusals: Counter[str] = field(default_factory=Counter)
 
 
@@ -290,13 +292,16 @@ class BeaconServer:
         now: float = 0.0,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         home: str = "",
+        advertise: Address | None = None,
     ) -> None:
         """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start;
-        ``home``: this beacon's name among the beacons sharing ``registry``."""
+        ``home``: this beacon's name among the beacons sharing ``registry``; ``advertise``:
+        where nodes reach it, told to the other beacons with every registration it publishes."""
         self.secret_key = secret_key
         self.public_key = public_key
         self.registry = registry
         self.home = home
+        self.advertise = advertise
         self.config = config or BeaconConfig()
         self._name_limits = NameLimits(self.config.max_names_per_key, self.config.max_names_per_ip)
         self._store_calls: list[StoreCall] = []
@@ -351,7 +356,7 @@ class BeaconServer:
         try:
             if kind < 4:
                 self._on_stun(data, address, self._out, now)
-            elif kind == bw.REGISTER:
+            elif kind == bw.REGISTER or kind == bw.GUEST:
                 self._on_register(data, address, now)
             elif kind == bw.RESOLVE:
                 self._on_resolve(bw.parse_resolve_untrusted(data), address, now)
@@ -518,6 +523,7 @@ class BeaconServer:
             "stun_requests": stats.stun_requests,
             "status_requests": stats.status_requests,
             "keepalives": stats.keepalives,
+            "guests": stats.guests,
             "refusals": dict(stats.refusals),
         }
 
@@ -651,6 +657,9 @@ class BeaconServer:
                 return
             self._answer_register(message, address, Status.STALE_TIMESTAMP)
             return
+        if message.guest:
+            self._accept_guest(message, address, now)
+            return
         name = message.hostname
         touched = now
         if name is not None:
@@ -753,6 +762,7 @@ class BeaconServer:
             reply,
             name_touched,
             bytes([bw.RELAYED]) + key,
+            guest=message.guest,
         )
         node = self._nodes[key]
         node.keepalive_counter = message.timestamp_ns
@@ -766,8 +776,15 @@ class BeaconServer:
         if message.hostname is not None:
             self._by_name[message.hostname] = key
         self._out.append((reply, address))
+        if message.guest:
+            return  # in our memory only: its registration in the store is its home's
         registration = Registration(
-            key, message.hostname, self._nodes[key].candidates, message.nat_type, self.home
+            key,
+            message.hostname,
+            self._nodes[key].candidates,
+            message.nat_type,
+            self.home,
+            self.advertise,
         )
         self._call_store(
             self.registry.publish(registration, self.config.registration_ttl),
@@ -793,6 +810,25 @@ class BeaconServer:
             self.stats.refreshes += 1
             if log.isEnabledFor(logging.DEBUG):  # the node id costs a base32 encoding
                 log.debug("refreshed %s %s at %s", label, _short(key), address)
+
+    # -- GUEST ---------------------------------------------------------------------------------
+
+    def _accept_guest(self, message: bw.Register, address: Address, now: float) -> None:
+        """A node registered at another beacon of the fleet attaches here to be introduced to a
+        node of ours and relayed to and from it (its home sent it: RESOLVED and ELSEWHERE name
+        us). It lives in our memory only, as a registration without a name that expires unless
+        refreshed, and never reaches the store, where its home's registration stays. A GUEST
+        from a node registered here changes nothing: only a REGISTER moves a node."""
+        key = message.node_key
+        node = self._live(key, now)
+        if node is not None and not node.guest:
+            self._last_timestamp[key] = message.timestamp_ns
+            self._out.append((self._registered(message, address, Status.OK), address))
+            return
+        if node is None:
+            self.stats.guests += 1
+            log.info("guest %s at %s", _short(key), address)
+        self._accept(message, address, now, now)
 
     # -- KEEPALIVE -----------------------------------------------------------------------------
 
@@ -888,8 +924,9 @@ class BeaconServer:
         failure: Status | None = None,
     ) -> None:
         key, hostname = found.key, found.hostname
-        target: _Node | Registration | None = self._live(key, now) if key is not None else None
-        target = target or self._elsewhere(found)
+        target: _Node | Registration | None = self._registered_here(key, now)
+        elsewhere = self._elsewhere(found)
+        target = target or elsewhere
         if target is not None:
             answer = bw.encode_resolved(
                 self.secret_key,
@@ -900,6 +937,7 @@ class BeaconServer:
                 target.nat_type,
                 hostname if message.hostname is not None else target.hostname or hostname,
                 target.candidates,
+                elsewhere.home_address if target is elsewhere else None,
             )
         else:
             # Offline: the name (or key's name) is owned, its node is away. Unknown otherwise.
@@ -920,9 +958,16 @@ class BeaconServer:
 
     def _elsewhere(self, found: Found) -> Registration | None:
         """The live registration ``found`` carries, if another beacon holds it (ours are in
-        ``_nodes``, fresher than the store's copy)."""
+        ``_nodes``, fresher than the store's copy). Its ``home_address`` is where the asking
+        node goes to be introduced to it (as a guest there)."""
         registration = found.registration
         return registration if registration is not None and registration.home != self.home else None
+
+    def _registered_here(self, key: bytes | None, now: float) -> _Node | None:
+        """The live registration of ``key`` at this beacon; not a guest's, whose home (in the
+        store) is where lookups must lead."""
+        node = self._live(key, now) if key is not None else None
+        return node if node is not None and not node.guest else None
 
     # -- INTRODUCE -----------------------------------------------------------------------------
 
@@ -935,7 +980,7 @@ class BeaconServer:
         if target is None or target.key == requester.key:
             asker = requester.key
 
-            def refuse(status: Status) -> None:
+            def refuse(status: Status, home: Address | None = None) -> None:
                 self._refuse(f"introduce_{status.name.lower()}")
                 answer = bw.encode_introduction(
                     self.secret_key,
@@ -946,12 +991,15 @@ class BeaconServer:
                     message.peer_key,
                     NatType.UNKNOWN,
                     (),
+                    home,
                 )
                 self._out.append((answer, address))
 
             def found(found: Found, at: float) -> None:
-                if self._elsewhere(found) is not None:
-                    refuse(Status.ELSEWHERE)
+                elsewhere = self._elsewhere(found)
+                if elsewhere is not None:
+                    # Its home introduces it: the asker attaches there as a guest.
+                    refuse(Status.ELSEWHERE, elsewhere.home_address)
                 else:
                     refuse(Status.OFFLINE if found.hostname is not None else Status.UNKNOWN)
 

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import secrets
 import signal
@@ -37,7 +38,7 @@ from ..net.io.udp import open_socket, read_batch
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
 from . import metrics as beacon_metrics
-from .server import BeaconConfig, BeaconServer, StoreCall
+from .server import BeaconConfig, BeaconServer, StoreCall, reported_address
 from .store import open_store
 from .udp_batch import Sender, enable_gro, read_coalesced
 
@@ -216,6 +217,30 @@ def _identity(data_dir: Path, key_file: Path | None) -> Identity:
         ) from None
 
 
+def _advertised(
+    advertise: str | None, bound: tuple[str, int], alone: bool
+) -> tuple[str, int] | None:
+    """Where nodes of other beacons of the fleet are sent to reach this one: ``advertise``, or
+    the bound address unless it is a wildcard. A beacon on a shared store (not ``alone``) must
+    have one, or its nodes could not be reached from the rest of the fleet."""
+    if advertise is None:
+        host = bound[0]
+        if host not in ("0.0.0.0", "::"):
+            return reported_address((host, bound[1]))
+        if alone:
+            return None
+        raise ConfigError(
+            f"--listen {host}:{bound[1]} on a shared store needs --advertise IP:PORT, the "
+            "address nodes reach this beacon at (the other beacons of the fleet send nodes there)"
+        )
+    try:
+        address = parse_host_port(advertise)
+        ipaddress.ip_address(address[0])
+    except (ConfigError, ValueError):
+        raise ConfigError(f"--advertise {advertise!r}: expected IP:PORT") from None
+    return address
+
+
 async def start(
     listen: str,
     data_dir: Path,
@@ -225,13 +250,16 @@ async def start(
     store: str | None = None,
     key_file: Path | None = None,
     beacon_id: str | None = None,
+    advertise: str | None = None,
 ) -> BeaconService:
     """A running beacon (sockets bound, key and store opened); close() it, then ``aclose()``
     its ``server.registry``, when done.
 
     ``store``: ``sqlite:PATH`` or ``redis://HOST:PORT/DB``; None: SQLite in ``data_dir``.
     ``key_file``: the fleet's shared key instead of the beacon's own. ``beacon_id``: its name
-    among the beacons sharing the store (default HOSTNAME:PORT)."""
+    among the beacons sharing the store (default HOSTNAME:PORT). ``advertise``: IP:PORT where
+    nodes reach it, which the other beacons of a fleet send nodes to (default: the listen
+    address, which must then not be a wildcard on a shared store)."""
     try:
         host, port = parse_host_port(listen)
     except ConfigError as exc:
@@ -261,6 +289,14 @@ async def start(
         config,
         alt_port=0 if alt_sock is None else alt_sock.getsockname()[1],
     )
+    try:
+        advertised = _advertised(advertise, sock.getsockname()[:2], registry.synchronous)
+    except ConfigError:
+        sock.close()
+        if alt_sock is not None:
+            alt_sock.close()
+        await registry.aclose()
+        raise
     loop = asyncio.get_running_loop()
     server = BeaconServer(
         identity.secret_key,
@@ -269,6 +305,7 @@ async def start(
         config,
         now=loop.time(),
         home=beacon_id or f"{socket.gethostname()}:{sock.getsockname()[1]}",
+        advertise=advertised,
     )
     log.info("store %s, beacon id %s", registry.describe(), server.home)
     return BeaconService(server, sock, alt_sock)
@@ -287,6 +324,7 @@ async def serve(
     key_file: Path | None = None,
     beacon_id: str | None = None,
     metrics: str | None = None,
+    advertise: str | None = None,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
@@ -301,6 +339,7 @@ async def serve(
         store=store,
         key_file=key_file,
         beacon_id=beacon_id,
+        advertise=advertise,
     )
     try:
         exporter = await beacon_metrics.serve(metrics, service) if metrics else None
@@ -341,6 +380,7 @@ def run(
     key_file: Path | None = None,
     beacon_id: str | None = None,
     metrics: str | None = None,
+    advertise: str | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
@@ -362,6 +402,7 @@ def run(
             key_file=key_file,
             beacon_id=beacon_id,
             metrics=metrics,
+            advertise=advertise,
         )
 
     try:
@@ -457,6 +498,14 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         "(default HOSTNAME:PORT)",
     )
     parser.add_argument(
+        "--advertise",
+        default=None,
+        metavar="IP:PORT",
+        help="where nodes reach this beacon; the other beacons of a fleet send nodes here to "
+        "meet its nodes (default: the --listen address; required with a wildcard --listen on "
+        "a shared store)",
+    )
+    parser.add_argument(
         "--alt-port",
         default="auto",
         help="second UDP port answering STUN, for NAT type detection: auto (listen port + 1), "
@@ -522,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         key_file=args.key_file,
         beacon_id=args.beacon_id,
         metrics=args.metrics,
+        advertise=args.advertise,
     )
 
 

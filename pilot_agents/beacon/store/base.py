@@ -60,17 +60,20 @@ class Registration:
     candidates: tuple[Address, ...]  # reflexive endpoint first
     nat_type: NatType
     home: str  # the beacon it registered with (BeaconServer's ``home``)
+    # Where that beacon takes datagrams (its --advertise address): other beacons of the fleet
+    # send a node there to be introduced to this one, or relayed to it. None: not advertised.
+    home_address: Address | None = None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "hostname": self.hostname,
-                "candidates": [[host, port] for host, port in self.candidates],
-                "nat": int(self.nat_type),
-                "home": self.home,
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, Any] = {
+            "hostname": self.hostname,
+            "candidates": [[host, port] for host, port in self.candidates],
+            "nat": int(self.nat_type),
+            "home": self.home,
+        }
+        if self.home_address is not None:
+            fields["addr"] = list(self.home_address)
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, key: bytes, text: str | bytes) -> Registration:
@@ -86,7 +89,19 @@ class Registration:
             hostname = fields["hostname"]
             if hostname is not None and not valid_hostname(hostname):
                 raise ValueError(f"hostname {hostname!r}")
-            return cls(key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]))
+            home_address = None
+            if fields.get("addr") is not None:
+                host, port = fields["addr"]
+                home_address = (str(host), int(port))
+                encode_address(home_address)
+            return cls(
+                key,
+                hostname,
+                candidates,
+                NatType(fields["nat"]),
+                str(fields["home"]),
+                home_address,
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreUnavailableError(
                 f"the store holds a malformed registration for {key.hex()}: {exc}"
