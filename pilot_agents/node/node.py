@@ -438,9 +438,10 @@ class Node:
         if beacon is None:
             raise ConfigError("trust requests travel through the beacon: this node has none")
         key = await self._peer_key(name_or_id)
-        # The lookup says where it is registered now (the beacon that relays to it) and that
-        # it is: a request to a node that is not would be dropped without a word.
-        await self.resolve(node_id_from_key(key))
+        if not beacon.located(key, endpoint.now()):
+            # The lookup says where it is registered now (the beacon that relays to it) and
+            # that it is: a request to a node that is not would be dropped without a word.
+            await self.resolve(node_id_from_key(key))
         message = bytes([CONTROL_VIA_RELAY]) + payload
         relayed = beacon.relay(key, message, endpoint.now())
         if relayed is not None:

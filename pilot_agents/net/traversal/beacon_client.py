@@ -651,12 +651,12 @@ class BeaconClient:
                 return
             self._keepalive_key = key
         counter = self._next_timestamp()
+        self._keepalives_out.append(counter)
         if len(self._keepalives_out) == 1:
-            # The last one went unanswered: ask once more soon, so that a dead beacon is told
-            # from a lost datagram well within two intervals (then the usual pace again).
+            # Unless answered within request_timeout, ask once more then (the answer puts the
+            # usual pace back): a dead beacon is told from a lost datagram within two intervals.
             self._keepalive_at = now + min(self.config.keepalive_interval,
                                            self.config.request_timeout)
-        self._keepalives_out.append(counter)
         self._out.append((bw.encode_keepalive(key, self.public_key, counter), self.beacon))
 
     def _on_keepalive_ack(self, reply: bw.KeepaliveAck, now: float) -> None:
@@ -669,6 +669,8 @@ class BeaconClient:
             return
         self.last_heard = now
         self._keepalives_out.clear()
+        if self._keepalive_at is not None:
+            self._keepalive_at = now + self.config.keepalive_interval
         if reply.reflexive != self.reflexive and self._state is _State.REGISTERED:
             log.info(
                 "our NAT mapping changed: the beacon sees us at %s, not %s; registering again",

@@ -50,6 +50,8 @@ from .beacon_wire import Address, Status
 
 log = logging.getLogger("pilot_agents.beacon_client")
 
+LOCATED_FOR = 30.0  # seconds a lookup's answer about a peer's home is taken as current
+MAX_LOCATED = 4096  # peers whose lookups are remembered; more start the memory afresh
 MAX_HELD = 64  # relayed packets waiting for one guest to attach; the oldest go first
 MAX_REDIRECTS = 3  # ELSEWHERE answers followed in a row for one peer (a store in flux)
 START_TRIES = 2  # unanswered REGISTERs before a beacon that never answered is passed over
@@ -101,6 +103,7 @@ class FleetClient:
         self._held: dict[Address, deque[bytes]] = {}  # relayed datagrams waiting for a guest
         self._lookups: dict[int, bytes] = {}  # our own RESOLVEs (request id -> peer)
         self._redirects: dict[bytes, int] = {}
+        self._located: dict[bytes, float] = {}  # peer -> when a lookup last said where it is
         self._events: deque[BeaconEvent] = deque()
         self._out: list[tuple[bytes, Address]] = []
         self._by_address: dict[Address, BeaconClient] = {}
@@ -143,6 +146,11 @@ class FleetClient:
     def route(self, peer_key: bytes) -> Address:
         """The beacon through which ``peer_key`` is introduced and relayed to."""
         return self._routes.get(peer_key, self.home.beacon)
+
+    def located(self, peer_key: bytes, now: float) -> bool:
+        """A lookup said where ``peer_key`` is registered within the last ``LOCATED_FOR``
+        seconds (so its route is current, and it was registered then)."""
+        return now < self._located.get(peer_key, -LOCATED_FOR) + LOCATED_FOR
 
     def set_local_candidates(self, candidates: list[Address]) -> None:
         self._candidates = list(candidates)
@@ -355,7 +363,7 @@ class FleetClient:
         elif isinstance(event, Resolved | ResolveFailed):
             peer = self._lookups.pop(event.request_id, None)
             if isinstance(event, Resolved):
-                self._learn_home(event.node_key, event.home)
+                self._learn_home(event.node_key, event.home, now)
             if peer is not None:  # ours, after its guest beacon went away
                 if isinstance(event, Resolved):
                     self.introduce(peer, now)
@@ -377,7 +385,10 @@ class FleetClient:
         elif not self._followed(event, now):
             self._events.append(event)
 
-    def _learn_home(self, peer_key: bytes, home: Address | None) -> None:
+    def _learn_home(self, peer_key: bytes, home: Address | None, now: float) -> None:
+        if len(self._located) >= MAX_LOCATED:
+            self._located.clear()
+        self._located[peer_key] = now
         if home is None or home == self.home.beacon:
             self._routes.pop(peer_key, None)
         else:
