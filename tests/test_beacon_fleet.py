@@ -11,6 +11,7 @@ A node given both beacons fails over to the second when its home dies, and its t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import Status
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.paths import PathConfig
+from tests.conftest import cli, short_home, start_daemon, stop_daemons
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.test_beacon_service import BeaconProcess, ClientDriver, make_client
 from tests.test_beacon_service import drivers as drivers  # the fixture
@@ -288,3 +290,42 @@ def test_a_missing_key_file_or_store_stops_the_start_in_one_line(
     assert "\n" not in error
     assert service.main([*base, "--store", "postgres://x"]) == 2
     assert "expected sqlite:PATH or redis://" in capsys.readouterr().err
+
+
+async def test_daemons_on_two_beacons_trust_each_other_and_talk_by_name(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """The CLI as the README shows it, with a fleet: each daemon given both beacons, its own
+    first (one through $PILOT_BEACON); trust requests and messages cross between them."""
+    home_a, home_b = short_home(), short_home()
+    try:
+        await asyncio.to_thread(
+            start_daemon, home_a, "alpha", "--beacon", fleet.spec(fleet.a, fleet.b)
+        )
+        result = await asyncio.to_thread(
+            cli, home_b, "daemon", "start", "--hostname", "bravo", "--listen", "127.0.0.1:0",
+            env={"PILOT_BEACON": fleet.spec(fleet.b, fleet.a)},
+        )
+        assert result.returncode == 0, result.stderr
+        await _published(fleet, tmp_path, "alpha", "bravo")
+
+        added = await asyncio.to_thread(cli, home_a, "trust", "add", "bravo")
+        assert added.returncode == 0 and "Trust request sent" in added.stdout, added
+        async with asyncio.timeout(10):  # the request is one datagram: it lands soon after
+            while True:
+                pending = await asyncio.to_thread(cli, home_b, "--json", "trust", "pending")
+                if json.loads(pending.stdout)["pending"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert [p["hostname"] for p in json.loads(pending.stdout)["pending"]] == ["alpha"]
+        back = await asyncio.to_thread(cli, home_b, "trust", "add", "alpha")
+        assert back.returncode == 0, back
+
+        sent = await asyncio.to_thread(cli, home_a, "send", "bravo", "1001", "--data", "hi")
+        assert sent.returncode == 0, sent.stderr
+        heard = await asyncio.to_thread(
+            cli, home_b, "listen", "1001", "--count", "1", "--timeout", "20"
+        )
+        assert heard.returncode == 0 and "[alpha] hi" in heard.stdout, heard
+    finally:
+        await asyncio.to_thread(stop_daemons, home_a, home_b)
