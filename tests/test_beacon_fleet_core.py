@@ -230,6 +230,22 @@ def test_a_silent_home_is_left_for_the_next_within_two_keepalive_intervals(
     assert alpha.client.beacon == B
 
 
+def test_a_lookup_waiting_on_a_dead_home_is_answered_by_the_next(net: FleetNet) -> None:
+    net.add("bravo", [B])
+    alpha = net.add("alpha", [A, B])
+    net.advance(INTERVAL)
+    net.down.add(A)
+    net.advance(2 * INTERVAL - 1)
+    # Asked of A, which is gone, a second before alpha gives up on it (a request earlier in
+    # those two intervals times out after its three tries, 3 s, and fails as before).
+    request = alpha.client.resolve("bravo", net.now)
+    net.advance(INTERVAL)
+    assert alpha.client.beacon == B
+    [resolved] = alpha.of(bc.Resolved)
+    assert resolved.request_id == request and resolved.hostname == "bravo"
+    assert not alpha.of(bc.ResolveFailed)
+
+
 def test_a_lost_keepalive_is_not_a_dead_beacon(net: FleetNet) -> None:
     alpha = net.add("alpha", [A, B])
     net.advance(INTERVAL - 0.5)

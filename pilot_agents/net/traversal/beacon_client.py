@@ -347,6 +347,26 @@ class BeaconClient:
         self._stun_tid = self._stun_at = None
         self._fail_requests(None, reason)
 
+    def hand_over(self, successor: BeaconClient, now: float) -> None:
+        """Give our pending RESOLVEs and INTRODUCEs to ``successor`` (the next home of a fleet,
+        as we stop answering), under the same request ids: they go out once it registers us,
+        within the time their tries allow, and their answers reach whoever waits on the ids."""
+        config = successor.config
+        for request_id in list(self._requests):
+            if request_id in successor._requests:
+                continue  # the same random id drawn twice: that one fails here
+            request = self._requests.pop(request_id)
+            successor._requests[request_id] = _Request(
+                request.message,
+                request.peer_key,
+                now + config.request_timeout * config.request_tries,
+                config.request_tries,
+                False,
+            )
+            if request_id in self._resolves:
+                self._resolves.discard(request_id)
+                successor._resolves.add(request_id)
+
     def resolve(self, name_or_node_id: str, now: float) -> int:
         """Look up a hostname or node id; the answer is a Resolved or ResolveFailed event with
         the returned request id. ConfigError if the string is neither; BeaconError if the

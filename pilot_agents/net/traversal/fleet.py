@@ -303,8 +303,6 @@ class FleetClient:
 
     def _fail_over(self, now: float, reason: str) -> None:
         old = self.home
-        old.stop(f"the beacon at {_where(old.beacon)} stopped answering")
-        self._drain(old, now)
         self._index = (self._index + 1) % len(self.beacons)
         address = self.beacons[self._index]
         log.info(
@@ -318,6 +316,9 @@ class FleetClient:
         self.home.set_local_candidates(self._candidates)
         if self._nat_type is not None:
             self.home.set_nat_type(self._nat_type)
+        old.hand_over(self.home, now)  # what the node waits for is asked again there
+        old.stop(f"the beacon at {_where(old.beacon)} stopped answering")
+        self._drain(old, now)
         self._readdress()
         if old.reflexive is not None and self._moved_from is None:
             self._moved_from = old.beacon
