@@ -95,6 +95,10 @@ class FleetClient:
         self._wall_clock_ns = wall_clock_ns
         self._random_bytes = random_bytes
         self.beacons = tuple(dict.fromkeys(beacons))
+        self._failover = len(self.beacons) > 1
+        # Seconds without an answer after which a registered beacon counts as gone.
+        interval = self.config.keepalive_interval
+        self._silence = self.config.keepalive_misses * interval if interval > 0 else None
         self._index = 0
         self._pinned = beacon_key
         self.home = self._client(self.beacons[0], hostname, guest=False)
@@ -220,6 +224,10 @@ class FleetClient:
         client.receive_datagram(data, now)
         self._drain(client, now)
 
+    # The endpoint calls datagrams_to_send and get_timer at every flush, so with one beacon and
+    # no guest they cost little more than the home client's own. Silences are checked only when
+    # the timer fires: get_timer includes the moment each would count as gone.
+
     def handle_timer(self, now: float) -> None:
         for client in self._clients():
             client.handle_timer(now)
@@ -227,19 +235,32 @@ class FleetClient:
         self._check(now)
 
     def get_timer(self) -> float | None:
-        deadlines = [t for c in self._clients() if (t := c.get_timer()) is not None]
-        silence = self._silence()
-        if silence is not None:
-            watched = self._clients() if len(self.beacons) > 1 else list(self._guests.values())
-            deadlines.extend(c.last_heard + silence for c in watched if c.registered)
-        return min(deadlines) if deadlines else None
+        home = self.home
+        deadline = home.get_timer()
+        silence = self._silence
+        if silence is not None and self._failover and home.registered:
+            gone = home.last_heard + silence
+            deadline = gone if deadline is None or gone < deadline else deadline
+        for guest in self._guests.values():
+            timer = guest.get_timer()
+            if silence is not None and guest.registered:
+                gone = guest.last_heard + silence
+                timer = gone if timer is None or gone < timer else timer
+            if timer is not None and (deadline is None or timer < deadline):
+                deadline = timer
+        return deadline
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        self._check(now)
-        out, self._out = self._out, []
-        for client in self._clients():
-            out.extend(client.datagrams_to_send(now))
-            self._drain(client, now)
+        home = self.home
+        out = home.datagrams_to_send(now)
+        self._drain(home, now)
+        if self._out:  # relayed packets that waited for a guest
+            out.extend(self._out)
+            self._out = []
+        if self._guests:
+            for guest in list(self._guests.values()):
+                out.extend(guest.datagrams_to_send(now))
+                self._drain(guest, now)
         return out
 
     def next_event(self) -> BeaconEvent | None:
@@ -280,19 +301,14 @@ class FleetClient:
             log.info("attaching to the beacon at %s as a guest", _where(address))
         return guest
 
-    def _silence(self) -> float | None:
-        """Seconds without an answer after which a registered beacon counts as gone."""
-        interval = self.config.keepalive_interval
-        return self.config.keepalive_misses * interval if interval > 0 else None
-
     def _gone(self, client: BeaconClient, now: float) -> bool:
         if client.registered:
-            silence = self._silence()
+            silence = self._silence
             return silence is not None and now >= client.last_heard + silence
         return client.registering and client.unanswered_registers >= START_TRIES
 
     def _check(self, now: float) -> None:
-        if len(self.beacons) > 1 and self._gone(self.home, now):
+        if self._failover and self._gone(self.home, now):
             self._fail_over(now, "it stopped answering")
         routed = set(self._routes.values())
         for address, guest in list(self._guests.items()):
