@@ -297,6 +297,22 @@ def test_when_a_guests_beacon_dies_its_peers_are_found_where_they_went(net: Flee
     assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), A)
 
 
+def test_a_node_whose_home_dies_moves_to_where_it_was_a_guest(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A, B])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.advance(1)
+    assert alpha.client.route(bravo.key) == B and net.beacons[B]._nodes[alpha.key].guest
+    net.down.add(A)
+    net.advance(3 * INTERVAL)
+    # Its guest session at B gave way to its registration there; bravo is now at its home.
+    assert alpha.client.beacon == B and alpha.client.addresses == {B}
+    assert not net.beacons[B]._nodes[alpha.key].guest
+    assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), B)
+    found = run_now(net.store.find_name("alpha"))
+    assert found.registration is not None and found.registration.home == "b"
+
+
 def test_a_guest_claims_no_name_and_a_guest_message_is_not_a_register(net: FleetNet) -> None:
     secret, public = crypto.ed25519_keypair()
     guest = bw.encode_register(secret, public, WALL0, bw.NatType.OPEN, None, [], guest=True)

@@ -9,6 +9,9 @@
 Without a beacon, peers are reached at addresses given with :meth:`Node.add_peer`. With one,
 names resolve through it (a name pinned by :meth:`Node.trust` needs no lookup), the first packets
 go through its relay at once, and the tunnel moves to a direct path when hole punching succeeds.
+``beacon`` may list a fleet's beacons, ``"KEY@A:9000,B:9000"``: the node registers at the first
+that answers, fails over to the next when it stops answering, and reaches a peer of another
+beacon through the peer's home beacon (:mod:`~pilot_agents.net.traversal.fleet`).
 """
 
 from __future__ import annotations
