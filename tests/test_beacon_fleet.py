@@ -329,3 +329,14 @@ async def test_daemons_on_two_beacons_trust_each_other_and_talk_by_name(
         assert heard.returncode == 0 and "[alpha] hi" in heard.stdout, heard
     finally:
         await asyncio.to_thread(stop_daemons, home_a, home_b)
+
+
+def test_a_wildcard_beacon_on_a_shared_store_needs_advertise(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--data-dir", str(tmp_path / "d"), "--alt-port", "off", "--store", redis_server.url()]
+    assert service.main([*base, "--listen", "0.0.0.0:0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs --advertise IP:PORT" in error and "\n" not in error
+    assert service.main([*base, "--listen", "0.0.0.0:0", "--advertise", "example:1"]) == 2
+    assert "--advertise 'example:1': expected IP:PORT" in capsys.readouterr().err
