@@ -784,7 +784,7 @@ class BeaconServer:
             self._nodes[key].candidates,
             message.nat_type,
             self.home,
-            self.advertise,
+            home_address=self.advertise,
         )
         self._call_store(
             self.registry.publish(registration, self.config.registration_ttl),

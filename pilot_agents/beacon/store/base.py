@@ -72,7 +72,7 @@ class Registration:
             "home": self.home,
         }
         if self.home_address is not None:
-            fields["addr"] = list(self.home_address)
+            fields["home_address"] = list(self.home_address)
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
@@ -90,8 +90,8 @@ class Registration:
             if hostname is not None and not valid_hostname(hostname):
                 raise ValueError(f"hostname {hostname!r}")
             home_address = None
-            if fields.get("addr") is not None:
-                host, port = fields["addr"]
+            if fields.get("home_address") is not None:
+                host, port = fields["home_address"]
                 home_address = (str(host), int(port))
                 encode_address(home_address)
             return cls(
@@ -100,7 +100,7 @@ class Registration:
                 candidates,
                 NatType(fields["nat"]),
                 str(fields["home"]),
-                home_address,
+                home_address=home_address,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreUnavailableError(
