@@ -19,7 +19,7 @@ import pytest
 from pilot_agents.beacon import service
 from pilot_agents.beacon.server import BeaconConfig, BeaconServer
 from pilot_agents.beacon.store import NameStore, run_now
-from pilot_agents.errors import ConfigError
+from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
@@ -323,6 +323,28 @@ def test_a_guest_claims_no_name_and_a_guest_message_is_not_a_register(net: Fleet
     assert not forged.guest and not forged.verify()
     with pytest.raises(ValueError):
         bw.encode_register(secret, public, WALL0, bw.NatType.OPEN, "name", [], guest=True)
+
+
+def test_the_home_field_is_signed_and_absent_without_a_home() -> None:
+    secret, public = crypto.ed25519_keypair()
+    me = crypto.ed25519_keypair()[1]
+    key = bytes(range(32))
+    args = (secret, me, bw.Status.OK, 7, key, bw.NatType.CONE, "bravo", [("192.0.2.9", 4000)])
+    local = bw.encode_resolved(*args)
+    elsewhere = bw.encode_resolved(*args, B)
+    assert len(elsewhere) == len(local) + 1 + 19  # a count of 1 and the address
+    assert bw.parse_resolved_untrusted(local).home is None
+    parsed = bw.parse_resolved_untrusted(elsewhere)
+    assert parsed.home == B and parsed.verify(public, me)
+    refused = bw.encode_introduction(
+        secret, me, bw.Status.ELSEWHERE, 7, WALL0, key, bw.NatType.UNKNOWN, (), B
+    )
+    introduction = bw.parse_introduction_untrusted(refused)
+    assert introduction.home == B and introduction.verify(public, me)
+    # A home field must hold its address: a count of 0 there is no message we send.
+    body = local[: -bw.SIG_SIZE] + b"\x00"
+    with pytest.raises(WireError):
+        bw.parse_resolved_untrusted(body + bytes(bw.SIG_SIZE))
 
 
 def test_a_wildcard_beacon_on_a_shared_store_must_advertise() -> None:

@@ -15,12 +15,10 @@ type    name          layout (bytes)
                       reflexive address 19 | beacon key 32 | sig (by beacon)        = 129 bytes
 0x22    RESOLVE       type 1 | request id 4 | by 1 (0 name, 1 key) | len 1 | name or key
 0x23    RESOLVED      type 1 | status 1 | request id 4 | node key 32 | nat 1 | name len 1 | name |
-                      count 1 | count x address | home count 1 | home count x address |
-                      sig (by beacon)
+                      count 1 | count x address | [1 | home address] | sig (by beacon)
 0x24    INTRODUCE     type 1 | request id 4 | peer key 32                              = 37 bytes
 0x25    INTRODUCTION  type 1 | status 1 | request id 4 (0: pushed) | timestamp ns 8 | peer key 32 |
-                      nat 1 | count 1 | count x address | home count 1 | home count x address |
-                      sig (by beacon)
+                      nat 1 | count 1 | count x address | [1 | home address] | sig (by beacon)
 0x26    RELAY         type 1 | target key 32 | sealed tunnel packet
 0x27    RELAYED       type 1 | source key 32 | sealed tunnel packet
 0x28    STATUS        type 1 | request id 4 | zero padding to ``STATUS_REQUEST_SIZE``
@@ -53,9 +51,10 @@ Why these choices:
   block runs from its own timestamp, so a replay changes nothing, and the beacon takes only
   timestamps newer than the last one it took from that node (an old block can't undo a lift).
   The beacon does not answer it: a node under a flood sends it again if the flood goes on.
-- A fleet (several beacons on one store, one key): RESOLVED and INTRODUCTION carry the peer's
-  *home* beacon (0 or 1 address, the address that beacon advertises) when the peer is registered
-  at another beacon of the fleet, and an INTRODUCTION refused with ELSEWHERE says where to go.
+- A fleet (several beacons on one store, one key): RESOLVED and INTRODUCTION end with the peer's
+  *home* beacon (a count of 1 and the address that beacon advertises) when the peer is
+  registered at another beacon of the fleet, and an INTRODUCTION refused with ELSEWHERE says
+  where to go. Without one they end as before fleets, so older nodes still parse them.
   A node then attaches to that beacon as a *guest* (GUEST: a signed REGISTER that claims no name
   and that the beacon keeps in its memory only, never in the shared store), so that beacon can
   introduce it to the peer and relay between them, as a Tailscale client talks to a peer's home
@@ -308,12 +307,18 @@ def _parse_addresses_untrusted(
 
 
 def _encode_home(home: Address | None) -> bytes:
-    return _encode_addresses([home] if home is not None else [], 1)
+    # Nothing at all without one: an answer about a node of this beacon stays as it was before
+    # fleets, which nodes of older versions parse.
+    return b"" if home is None else _encode_addresses([home], 1)
 
 
 def _parse_home_untrusted(data: bytes, pos: int) -> tuple[Address | None, int]:
+    if pos == len(data):
+        return None, pos
     homes, pos = _parse_addresses_untrusted(data, pos, 1)
-    return (homes[0] if homes else None), pos
+    if not homes:
+        raise WireError("a home field with no address")
+    return homes[0], pos
 
 
 def _parse_name_untrusted(data: bytes, pos: int, length: int) -> str | None:
