@@ -52,6 +52,8 @@ log = logging.getLogger("pilot_agents.beacon_client")
 
 LOCATED_FOR = 30.0  # seconds a lookup's answer about a peer's home is taken as current
 MAX_LOCATED = 4096  # peers whose lookups are remembered; more start the memory afresh
+MAX_ROUTES = 4096  # peers routed to another home; beyond, the oldest route goes (an ELSEWHERE
+# from our home brings it back when that peer is introduced again)
 MAX_HELD = 64  # relayed packets waiting for one guest to attach; the oldest go first
 MAX_REDIRECTS = 3  # ELSEWHERE answers followed in a row for one peer (a store in flux)
 START_TRIES = 2  # unanswered REGISTERs before a beacon that never answered is passed over
@@ -409,7 +411,15 @@ class FleetClient:
         if home is None or home == self.home.beacon:
             self._routes.pop(peer_key, None)
         else:
-            self._routes[peer_key] = home
+            self._route_to(peer_key, home)
+
+    def _route_to(self, peer_key: bytes, home: Address) -> None:
+        routes = self._routes
+        if peer_key not in routes and len(routes) >= MAX_ROUTES:
+            oldest = next(iter(routes))
+            del routes[oldest]
+            self._redirects.pop(oldest, None)
+        routes[peer_key] = home
 
     def _followed(self, event: BeaconEvent, now: float) -> bool:
         """An introduction refused with ELSEWHERE and the peer's home: ask there instead."""
@@ -422,8 +432,10 @@ class FleetClient:
         redirects = self._redirects.get(peer, 0)
         if home is None or home == self.home.beacon or redirects >= MAX_REDIRECTS:
             return False
+        if len(self._redirects) >= MAX_ROUTES:
+            self._redirects.clear()  # counts of peers long gone: start afresh
         self._redirects[peer] = redirects + 1
-        self._routes[peer] = home
+        self._route_to(peer, home)
         log.info("%s is registered at the beacon at %s: introduced there", peer.hex()[:12],
                  _where(home))
         self.introduce(peer, now)
