@@ -194,6 +194,8 @@ async def test_a_killed_beacon_moves_its_nodes_and_their_tunnels_recover(
             assert (await conn.receive(timeout=30)).data == b"recovered"
             assert conn.path == "relay"
 
+        host, port = fleet.a.address
+        assert b.info().beacon == f"{host}:{port} (home, of 2)"
         # bravo registered at beacon-a, which now resolves it from its own memory.
         store = await open_store(fleet.redis.url(), tmp_path)
         try:

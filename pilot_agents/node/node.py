@@ -181,13 +181,17 @@ class Node:
         endpoints = [f"{h}:{p}" for h, p in self._candidates or self._local_candidates()]
         if beacon is not None and beacon.reflexive is not None:
             endpoints.insert(0, f"{beacon.reflexive[0]}:{beacon.reflexive[1]}")
+        where = self._beacon_text
+        if beacon is not None and len(beacon.beacons) > 1:
+            # Which one is home changes with fail-over: that is what the user wants to see.
+            where = f"{beacon.beacon[0]}:{beacon.beacon[1]} (home, of {len(beacon.beacons)})"
         return NodeInfo(
             node_id=self.node_id,
             virtual_address=self.virtual_address,
             hostname=self.hostname,
             nat_type=beacon.nat_type if beacon is not None else "unknown",
             endpoints=endpoints,
-            beacon=self._beacon_text,
+            beacon=where,
         )
 
     # -- lifecycle --------------------------------------------------------------------------
