@@ -42,3 +42,18 @@ def parse_beacon_spec(text: str) -> tuple[bytes | None, HostPort]:
     if not host.strip("[]") or not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--beacon {text!r}: expected KEY@HOST:PORT or HOST:PORT")
     return key, parse_host_port(address)
+
+
+def parse_beacon_list(text: str) -> tuple[bytes | None, list[HostPort]]:
+    """``A,B,...`` of :func:`parse_beacon_spec` (the beacons of a fleet, preferred first) to
+    ``(key or None, addresses)``. A fleet signs with one key, so the keys given must agree."""
+    specs = [parse_beacon_spec(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise ConfigError(f"--beacon {text!r}: expected HOST:PORT[,HOST:PORT...]")
+    keys = {key for key, _ in specs if key is not None}
+    if len(keys) > 1:
+        raise ConfigError(
+            f"--beacon {text!r}: the beacons of a fleet share one key; give it once or the same "
+            "on each"
+        )
+    return (keys.pop() if keys else None), [address for _, address in specs]

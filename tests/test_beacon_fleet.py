@@ -1,17 +1,17 @@
 """A fleet: two beacon processes sharing one registry in a real redis-server and one key, with
 real nodes on loopback.
 
-What works across beacons: names are owned fleet-wide (two beacons racing for one name give it
-to exactly one key), a node registered at one beacon resolves at the other, and both beacons
-sign with the fleet's key, so a node pinning it may use either. What does not (yet): a tunnel
-between nodes of different beacons, since introductions and the relay stay within one beacon;
-the introduction is refused with ELSEWHERE, and the connection fails at once with a
-PeerUnreachableError saying so.
+Names are owned fleet-wide (two beacons racing for one name give it to exactly one key), a node
+registered at one beacon resolves at the other, and both beacons sign with the fleet's key, so
+a node pinning it may use either. A node reaches a peer of the other beacon through the peer's
+home beacon, where it attaches as a guest: introductions, the relay and trust requests go there.
+A node given both beacons fails over to the second when its home dies, and its tunnels recover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,15 +19,21 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Node, PeerUnreachableError
+from pilot_agents import Node
 from pilot_agents.beacon import service
 from pilot_agents.beacon.store import open_store
 from pilot_agents.identity import Identity, node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import Status
+from pilot_agents.net.tunnel.config import SessionConfig
+from pilot_agents.net.tunnel.paths import PathConfig
+from tests.conftest import cli, short_home, start_daemon, stop_daemons
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.test_beacon_service import BeaconProcess, ClientDriver, make_client
 from tests.test_beacon_service import drivers as drivers  # the fixture
+
+# No probes at all: as if both nodes sat behind symmetric NATs, so the tunnel stays relayed.
+RELAY_ONLY = SessionConfig(paths=PathConfig(probes_per_round=0))
 
 
 @dataclass
@@ -41,9 +47,9 @@ class Fleet:
     def key(self) -> bytes:
         return self.a.key
 
-    def spec(self, beacon: BeaconProcess) -> str:
-        host, port = beacon.address
-        return f"{node_id_from_key(self.key)}@{host}:{port}"
+    def spec(self, *beacons: BeaconProcess) -> str:
+        key = node_id_from_key(self.key)
+        return ",".join(f"{key}@{b.address[0]}:{b.address[1]}" for b in beacons)
 
 
 @pytest.fixture
@@ -67,16 +73,45 @@ def fleet(tmp_path: Path, redis_server: RedisServer) -> Iterator[Fleet]:
         yield Fleet(redis_server, beacons[0], beacons[1], key_file)
     finally:
         for beacon in beacons:
-            code, log = beacon.stop()
-            assert code == 0, log
+            if beacon.proc.poll() is None:  # not killed by the test
+                code, log = beacon.stop()
+                assert code == 0, log
 
 
-async def test_nodes_of_two_beacons_resolve_each_other(tmp_path: Path, fleet: Fleet) -> None:
+async def _published(fleet: Fleet, tmp_path: Path, *names: str) -> None:
+    """Wait until the store holds the registrations of ``names``: a beacon answers a REGISTER
+    before its write to the store has landed, so another beacon may not know it for a moment.
+    (Asked of the store, not of a node, which would learn each peer's home from the answer.)"""
+    store = await open_store(fleet.redis.url(), tmp_path)
+    try:
+        async with asyncio.timeout(10):
+            for name in names:
+                while (await store.find_name(name)).registration is None:
+                    await asyncio.sleep(0.02)
+    finally:
+        await store.aclose()
+
+
+async def _exchange(a: Node, b: Node, peer: str, port: int) -> str:
+    """A message from a to b on ``port`` and its reply; the path the connection ended on."""
+    async with b.listen(port) as listener, a.connect(peer, port, timeout=20.0) as conn:
+        await conn.send(b"hello " + peer.encode())
+        message = await listener.receive(timeout=20)
+        assert message.data == b"hello " + peer.encode() and message.sender == a.node_id
+        await message.reply(b"back")
+        assert (await conn.receive(timeout=20)).data == b"back"
+        return conn.path
+
+
+async def test_nodes_of_two_beacons_resolve_trust_and_connect(tmp_path: Path, fleet: Fleet) -> None:
     assert fleet.a.key == fleet.b.key  # one fleet key: a pinned key fits every beacon
     async with (
-        Node(tmp_path / "na", "127.0.0.1:0", beacon=fleet.spec(fleet.a), hostname="alpha") as a,
-        Node(tmp_path / "nb", "127.0.0.1:0", beacon=fleet.spec(fleet.b), hostname="bravo") as b,
+        Node(tmp_path / "na", "127.0.0.1:0", RELAY_ONLY, beacon=fleet.spec(fleet.a),
+             hostname="alpha") as a,
+        Node(tmp_path / "nb", "127.0.0.1:0", RELAY_ONLY, beacon=fleet.spec(fleet.b),
+             hostname="bravo") as b,
     ):
+        await _published(fleet, tmp_path, "alpha", "bravo")
         info = await a.resolve("bravo")
         assert info.node_id == b.node_id and info.hostname == "bravo"
         assert b.local_endpoint in info.candidates
@@ -86,27 +121,90 @@ async def test_nodes_of_two_beacons_resolve_each_other(tmp_path: Path, fleet: Fl
         with pytest.raises(Exception, match="no node has that name"):
             await a.resolve("charlie")
 
-        # Trust takes the resolved ids; a tunnel between the two beacons' nodes is refused.
+        # A trust request crosses too: through bravo's home, where alpha attaches as a guest.
+        received: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(4)
+        b.on_trust_request = lambda key, payload: received.put_nowait((key, payload))
+        await a.send_trust_request("bravo", b"please trust alpha")
+        sender, payload = await asyncio.wait_for(received.get(), 10)
+        assert node_id_from_key(sender) == a.node_id and payload == b"please trust alpha"
+
+        # A tunnel by name, relayed by bravo's home (alpha is its guest), both ways.
         a.trust(b.node_id)
         b.trust(a.node_id)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(PeerUnreachableError) as failed:
-            async with b.listen(1001), a.connect("bravo", 1001, timeout=10.0) as conn:
-                await conn.send(b"hello")
-        assert str(failed.value).startswith(
-            "cannot reach bravo: registered at another beacon of the fleet"
-        )
-        assert loop.time() - started < 2.0  # at once, not after the timeout
+        assert await _exchange(a, b, "bravo", 1001) == "relay"
+        assert await _exchange(b, a, "alpha", 1002) == "relay"
+        status_b = await service.query_status(fleet.b.address)
+        assert status_b["guests"] >= 1 and status_b["relayed_packets"] > 0
 
-    # The names are in the shared store, with each node's home beacon.
+    # The names are in the shared store, with each node's home beacon and its address.
     store = await open_store(fleet.redis.url(), tmp_path)
     try:
         found = await store.find_name("bravo")
         assert found.registration is not None and found.registration.home == "beacon-b"
+        assert found.registration.home_address == fleet.b.address
         assert (await store.find_name("alpha")).key is not None
     finally:
         await store.aclose()
+
+
+async def test_a_node_id_of_another_beacon_is_followed_to_its_home(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    # By node id there is no lookup first: our home refuses the introduction as ELSEWHERE,
+    # naming the peer's home, and the node goes there. With punching on, the tunnel goes direct.
+    async with (
+        Node(tmp_path / "na", "127.0.0.1:0", beacon=fleet.spec(fleet.a), hostname="alpha") as a,
+        Node(tmp_path / "nb", "127.0.0.1:0", beacon=fleet.spec(fleet.b), hostname="bravo") as b,
+    ):
+        await _published(fleet, tmp_path, "bravo")
+        a.trust(b.node_id)
+        b.trust(a.node_id)
+        await _exchange(a, b, b.node_id, 1001)
+        for _ in range(100):
+            if (await a.ping(b.node_id)).path == "direct":
+                break
+            await asyncio.sleep(0.05)
+        assert (await a.ping(b.node_id)).path == "direct"
+
+
+async def test_a_killed_beacon_moves_its_nodes_and_their_tunnels_recover(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    fast = bc.BeaconClientConfig(keepalive_interval=1.0)  # fail over within 2 s, not 10
+    async with (
+        Node(tmp_path / "na", "127.0.0.1:0", RELAY_ONLY, beacon=fleet.spec(fleet.a, fleet.b),
+             hostname="alpha", beacon_config=fast) as a,
+        Node(tmp_path / "nb", "127.0.0.1:0", RELAY_ONLY, beacon=fleet.spec(fleet.b, fleet.a),
+             hostname="bravo", beacon_config=fast) as b,
+    ):
+        await _published(fleet, tmp_path, "bravo")
+        a.trust(b.node_id)
+        b.trust(a.node_id)
+        async with b.listen(1001) as listener, a.connect("bravo", 1001, timeout=20) as conn:
+            await conn.send(b"before")
+            assert (await listener.receive(timeout=20)).data == b"before"
+            assert conn.path == "relay"
+
+            fleet.b.proc.kill()  # bravo's home, and the relay of the tunnel
+            fleet.b.proc.wait()
+            await conn.send(b"after")  # waits in the tunnel until a path carries it
+            message = await listener.receive(timeout=30)
+            assert message.data == b"after"
+            await message.reply(b"recovered")
+            assert (await conn.receive(timeout=30)).data == b"recovered"
+            assert conn.path == "relay"
+
+        host, port = fleet.a.address
+        assert b.info().beacon == f"{host}:{port} (home, of 2)"
+        # bravo registered at beacon-a, which now resolves it from its own memory.
+        store = await open_store(fleet.redis.url(), tmp_path)
+        try:
+            found = await store.find_name("bravo")
+            assert found.registration is not None and found.registration.home == "beacon-a"
+        finally:
+            await store.aclose()
+        status_a = await service.query_status(fleet.a.address)
+        assert status_a["registered_nodes"] == 2
 
 
 async def test_two_beacons_racing_for_names_give_each_to_one_key(
@@ -194,3 +292,53 @@ def test_a_missing_key_file_or_store_stops_the_start_in_one_line(
     assert "\n" not in error
     assert service.main([*base, "--store", "postgres://x"]) == 2
     assert "expected sqlite:PATH or redis://" in capsys.readouterr().err
+
+
+async def test_daemons_on_two_beacons_trust_each_other_and_talk_by_name(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """The CLI as the README shows it, with a fleet: each daemon given both beacons, its own
+    first (one through $PILOT_BEACON); trust requests and messages cross between them."""
+    home_a, home_b = short_home(), short_home()
+    try:
+        await asyncio.to_thread(
+            start_daemon, home_a, "alpha", "--beacon", fleet.spec(fleet.a, fleet.b)
+        )
+        result = await asyncio.to_thread(
+            cli, home_b, "daemon", "start", "--hostname", "bravo", "--listen", "127.0.0.1:0",
+            env={"PILOT_BEACON": fleet.spec(fleet.b, fleet.a)},
+        )
+        assert result.returncode == 0, result.stderr
+        await _published(fleet, tmp_path, "alpha", "bravo")
+
+        added = await asyncio.to_thread(cli, home_a, "trust", "add", "bravo")
+        assert added.returncode == 0 and "Trust request sent" in added.stdout, added
+        async with asyncio.timeout(10):  # the request is one datagram: it lands soon after
+            while True:
+                pending = await asyncio.to_thread(cli, home_b, "--json", "trust", "pending")
+                if json.loads(pending.stdout)["pending"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert [p["hostname"] for p in json.loads(pending.stdout)["pending"]] == ["alpha"]
+        back = await asyncio.to_thread(cli, home_b, "trust", "add", "alpha")
+        assert back.returncode == 0, back
+
+        sent = await asyncio.to_thread(cli, home_a, "send", "bravo", "1001", "--data", "hi")
+        assert sent.returncode == 0, sent.stderr
+        heard = await asyncio.to_thread(
+            cli, home_b, "listen", "1001", "--count", "1", "--timeout", "20"
+        )
+        assert heard.returncode == 0 and "[alpha] hi" in heard.stdout, heard
+    finally:
+        await asyncio.to_thread(stop_daemons, home_a, home_b)
+
+
+def test_a_wildcard_beacon_on_a_shared_store_needs_advertise(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--data-dir", str(tmp_path / "d"), "--alt-port", "off", "--store", redis_server.url()]
+    assert service.main([*base, "--listen", "0.0.0.0:0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs --advertise IP:PORT" in error and "\n" not in error
+    assert service.main([*base, "--listen", "0.0.0.0:0", "--advertise", "example:1"]) == 2
+    assert "--advertise 'example:1': expected IP:PORT" in capsys.readouterr().err

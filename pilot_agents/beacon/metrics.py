@@ -37,6 +37,7 @@ COUNTERS = (
     ("relayed_bytes", "Payload bytes relayed between registered nodes"),
     ("stun_requests", "STUN Binding requests parsed"),
     ("status_requests", "STATUS requests answered"),
+    ("guests", "Nodes of other beacons of the fleet that attached here as guests"),
 )
 GAUGES = (
     ("registered_nodes", "live_nodes", "Nodes with a live registration"),

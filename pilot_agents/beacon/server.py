@@ -232,6 +232,7 @@ class _Node:
     keepalive_counter: int = 0  # the newest KEEPALIVE counter taken (at first: the timestamp)
     keepalive_key: bytes | None = None  # derived at its first KEEPALIVE; b"": not derivable
     reflexive_wire: bytes = b""  # reflexive, encoded for KEEPALIVE_ACKs, at the first one
+    guest: bool = False  # registered at another beacon of the fleet: here to meet a peer
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -259,6 +260,7 @@ class BeaconStats:
     stun_requests: int = 0
     status_requests: int = 0
     keepalives: int = 0
+    guests: int = 0  # nodes of other beacons of the fleet that attached here (not refreshes)
     refusals: Counter[str] = field(default_factory=Counter)
 
 
@@ -321,14 +323,17 @@ class BeaconServer:
         wall_clock_ns: Callable[[], int] = time.time_ns,
         home: str = "",
         worker: int | None = None,
+        advertise: Address | None = None,
     ) -> None:
         """``secret_key``/``public_key``: the beacon's Ed25519 identity; ``now``: the start;
         ``home``: this beacon's name among the beacons sharing ``registry``; ``worker``: which
-        of the beacon's worker processes this is (None: the only one)."""
+        of the beacon's worker processes this is (None: the only one); ``advertise``: where
+        nodes reach it, told to the other beacons with every registration it publishes."""
         self.secret_key = secret_key
         self.worker = worker
         self.public_key = public_key
         self.home = home
+        self.advertise = advertise
         self.config = config or BeaconConfig()
         self.registry = registry
         self._name_limits = NameLimits(self.config.max_names_per_key, self.config.max_names_per_ip)
@@ -404,7 +409,7 @@ class BeaconServer:
         try:
             if kind < 4:
                 self._on_stun(data, address, self._out, now)
-            elif kind == bw.REGISTER:
+            elif kind == bw.REGISTER or kind == bw.GUEST:
                 self._on_register(data, address, now)
             elif kind == bw.RESOLVE:
                 self._on_resolve(bw.parse_resolve_untrusted(data), address, now)
@@ -585,6 +590,7 @@ class BeaconServer:
             "stun_requests": stats.stun_requests,
             "status_requests": stats.status_requests,
             "keepalives": stats.keepalives,
+            "guests": stats.guests,
             "refusals": dict(stats.refusals),
             **({} if self.worker is None else {"worker": self.worker}),
         }
@@ -650,6 +656,10 @@ class BeaconServer:
         if node is None or node.expires <= now:
             return None
         return node
+
+    def _live(self, key: bytes, now: float) -> _Node | None:
+        node = self._nodes.get(key)
+        return node if node is not None and node.expires > now else None
 
     def _fresh(self, key: bytes, now: float) -> _Node | None:
         """The node if we hold it and may answer for it from memory (see _stale_margin)."""
@@ -719,6 +729,9 @@ class BeaconServer:
                 self._out.append((node.reply, address))
                 return
             self._answer_register(message, address, Status.STALE_TIMESTAMP)
+            return
+        if message.guest:
+            self._accept_guest(message, address, now)
             return
         name = message.hostname
         touched = now
@@ -822,6 +835,7 @@ class BeaconServer:
             reply,
             name_touched,
             bytes([bw.RELAYED]) + key,
+            guest=message.guest,
         )
         node = self._nodes[key]
         node.keepalive_counter = message.timestamp_ns
@@ -834,6 +848,10 @@ class BeaconServer:
             self._forget_name(previous)
         if message.hostname is not None:
             self._by_name[message.hostname] = key
+        if message.guest:
+            # In our memory only: its registration in the store is its home's.
+            self._out.append((reply, address))
+            return
         registration = Registration(
             key,
             message.hostname,
@@ -841,6 +859,7 @@ class BeaconServer:
             message.nat_type,
             self.home,
             address if address != reflexive else None,
+            self.advertise,
         )
         publish = self.registry.publish(registration, self.config.registration_ttl)
         if (previous is None or previous.address != address) and not self.registry.synchronous:
@@ -871,6 +890,25 @@ class BeaconServer:
             self.stats.refreshes += 1
             if log.isEnabledFor(logging.DEBUG):  # the node id costs a base32 encoding
                 log.debug("refreshed %s %s at %s", label, _short(key), address)
+
+    # -- GUEST ---------------------------------------------------------------------------------
+
+    def _accept_guest(self, message: bw.Register, address: Address, now: float) -> None:
+        """A node registered at another beacon of the fleet attaches here to be introduced to a
+        node of ours and relayed to and from it (its home sent it: RESOLVED and ELSEWHERE name
+        us). It lives in our memory only, as a registration without a name that expires unless
+        refreshed, and never reaches the store, where its home's registration stays. A GUEST
+        from a node registered here changes nothing: only a REGISTER moves a node."""
+        key = message.node_key
+        node = self._live(key, now)
+        if node is not None and not node.guest:
+            self._last_timestamp[key] = message.timestamp_ns
+            self._out.append((self._registered(message, address, Status.OK), address))
+            return
+        if node is None:
+            self.stats.guests += 1
+            log.info("guest %s at %s", _short(key), address)
+        self._accept(message, address, now, now)
 
     # -- KEEPALIVE -----------------------------------------------------------------------------
 
@@ -966,8 +1004,9 @@ class BeaconServer:
         failure: Status | None = None,
     ) -> None:
         key, hostname = found.key, found.hostname
-        target: _Node | Registration | None = self._fresh(key, now) if key is not None else None
-        target = target or self._elsewhere(found) or self._at_sibling(found)
+        target: _Node | Registration | None = self._registered_here(key, now)
+        elsewhere = self._elsewhere(found)
+        target = target or elsewhere or self._at_sibling(found)
         if target is not None:
             answer = bw.encode_resolved(
                 self.secret_key,
@@ -978,6 +1017,7 @@ class BeaconServer:
                 target.nat_type,
                 hostname if message.hostname is not None else target.hostname or hostname,
                 target.candidates,
+                elsewhere.home_address if target is elsewhere else None,
             )
         else:
             # Offline: the name (or key's name) is owned, its node is away. Unknown otherwise.
@@ -998,9 +1038,16 @@ class BeaconServer:
 
     def _elsewhere(self, found: Found) -> Registration | None:
         """The live registration ``found`` carries, if another beacon holds it (ours are in
-        ``_nodes``, fresher than the store's copy)."""
+        ``_nodes``, fresher than the store's copy). Its ``home_address`` is where the asking
+        node goes to be introduced to it (as a guest there)."""
         registration = found.registration
         return registration if registration is not None and registration.home != self.home else None
+
+    def _registered_here(self, key: bytes | None, now: float) -> _Node | None:
+        """The registration of ``key`` at this beacon, if we may answer for it from memory; not
+        a guest's, whose home (in the store) is where lookups must lead."""
+        node = self._fresh(key, now) if key is not None else None
+        return node if node is not None and not node.guest else None
 
     # -- INTRODUCE -----------------------------------------------------------------------------
 
@@ -1013,7 +1060,7 @@ class BeaconServer:
         if target is None or target.key == requester.key:
             asker = requester.key
 
-            def refuse(status: Status) -> None:
+            def refuse(status: Status, home: Address | None = None) -> None:
                 self._refuse(f"introduce_{status.name.lower()}")
                 answer = bw.encode_introduction(
                     self.secret_key,
@@ -1024,15 +1071,18 @@ class BeaconServer:
                     message.peer_key,
                     NatType.UNKNOWN,
                     (),
+                    home,
                 )
                 self._out.append((answer, address))
 
             def found(found: Found, at: float) -> None:
                 sibling = self._at_sibling(found)
+                elsewhere = self._elsewhere(found)
                 if sibling is not None:
                     self._introduce_sibling(requester, sibling, message.request_id, wall, address)
-                elif self._elsewhere(found) is not None:
-                    refuse(Status.ELSEWHERE)
+                elif elsewhere is not None:
+                    # Its home introduces it: the asker attaches there as a guest.
+                    refuse(Status.ELSEWHERE, elsewhere.home_address)
                 else:
                     refuse(Status.OFFLINE if found.hostname is not None else Status.UNKNOWN)
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import ipaddress
 import logging
 import os
 import secrets
@@ -41,7 +42,7 @@ from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
 from . import metrics as beacon_metrics
 from . import workers
-from .server import BeaconConfig, BeaconServer, StoreCall
+from .server import BeaconConfig, BeaconServer, StoreCall, reported_address
 from .store import Store, open_store
 from .udp_batch import Sender, enable_gro, read_coalesced
 
@@ -228,6 +229,30 @@ def _identity(data_dir: Path, key_file: Path | None) -> Identity:
         ) from None
 
 
+def _advertised(
+    advertise: str | None, bound: tuple[str, int], alone: bool
+) -> tuple[str, int] | None:
+    """Where nodes of other beacons of the fleet are sent to reach this one: ``advertise``, or
+    the bound address unless it is a wildcard. A beacon on a shared store (not ``alone``) must
+    have one, or its nodes could not be reached from the rest of the fleet."""
+    if advertise is None:
+        host = bound[0]
+        if host not in ("0.0.0.0", "::"):
+            return reported_address((host, bound[1]))
+        if alone:
+            return None
+        raise ConfigError(
+            f"--listen {host}:{bound[1]} on a shared store needs --advertise IP:PORT, the "
+            "address nodes reach this beacon at (the other beacons of the fleet send nodes there)"
+        )
+    try:
+        address = parse_host_port(advertise)
+        ipaddress.ip_address(address[0])
+    except (ConfigError, ValueError):
+        raise ConfigError(f"--advertise {advertise!r}: expected IP:PORT") from None
+    return address
+
+
 async def start(
     listen: str,
     data_dir: Path,
@@ -238,6 +263,7 @@ async def start(
     key_file: Path | None = None,
     beacon_id: str | None = None,
     worker: Worker | None = None,
+    advertise: str | None = None,
 ) -> BeaconService:
     """A running beacon (sockets bound, key and store opened); close() it, then ``aclose()``
     its ``server.registry``, when done.
@@ -246,9 +272,11 @@ async def start(
     ``key_file``: the fleet's shared key instead of the beacon's own. ``beacon_id``: its name
     among the beacons sharing the store (default HOSTNAME:PORT). ``worker``: this process is
     one of a beacon's workers, on the sockets its supervisor bound (``listen`` and ``alt_port``
-    are then not used)."""
+    are then not used). ``advertise``: IP:PORT where nodes reach it, which the other beacons of
+    a fleet send nodes to (default: the listen address, which must then not be a wildcard on a
+    shared store)."""
     if worker is not None:
-        return await _start_worker(worker, data_dir, config, store, key_file, beacon_id)
+        return await _start_worker(worker, data_dir, config, store, key_file, beacon_id, advertise)
     try:
         host, port = parse_host_port(listen)
     except ConfigError as exc:
@@ -274,22 +302,31 @@ async def start(
                 raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
             # The second port only refines NAT classification: run without it.
             log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
-    return _service(identity, registry, config, sock, alt_sock, beacon_id)
+    return await _service(identity, registry, config, sock, alt_sock, beacon_id, advertise)
 
 
-def _service(
+async def _service(
     identity: Identity,
     registry: Store,
     config: BeaconConfig,
     sock: socket.socket,
     alt_sock: socket.socket | None,
     beacon_id: str | None,
+    advertise: str | None,
     worker: int | None = None,
 ) -> BeaconService:
     config = dataclasses.replace(
         config,
         alt_port=0 if alt_sock is None else alt_sock.getsockname()[1],
     )
+    try:
+        advertised = _advertised(advertise, sock.getsockname()[:2], registry.synchronous)
+    except ConfigError:
+        sock.close()
+        if alt_sock is not None:
+            alt_sock.close()
+        await registry.aclose()
+        raise
     loop = asyncio.get_running_loop()
     server = BeaconServer(
         identity.secret_key,
@@ -299,6 +336,7 @@ def _service(
         now=loop.time(),
         home=beacon_id or f"{socket.gethostname()}:{sock.getsockname()[1]}",
         worker=worker,
+        advertise=advertised,
     )
     log.info("store %s, beacon id %s", registry.describe(), server.home)
     return BeaconService(server, sock, alt_sock)
@@ -330,6 +368,7 @@ async def _start_worker(
     store: str | None,
     key_file: Path | None,
     beacon_id: str | None,
+    advertise: str | None,
 ) -> BeaconService:
     # The supervisor created the key before starting any worker: loading it races with nobody.
     identity = _identity(data_dir, key_file)
@@ -337,7 +376,9 @@ async def _start_worker(
     registry = await open_store(store, data_dir, timeout=config.store_timeout)
     sock = _inherited(worker.fd)
     alt_sock = _inherited(worker.alt_fd) if worker.alt_fd is not None else None
-    return _service(identity, registry, config, sock, alt_sock, beacon_id, worker.index)
+    return await _service(
+        identity, registry, config, sock, alt_sock, beacon_id, advertise, worker.index
+    )
 
 
 def _inherited(fd: int) -> socket.socket:
@@ -361,6 +402,7 @@ async def serve(
     metrics: str | None = None,
     worker: Worker | None = None,
     freeze_gc: bool = False,
+    advertise: str | None = None,
 ) -> None:
     """Run a beacon until ``stop`` is set (or the task is cancelled).
 
@@ -378,6 +420,7 @@ async def serve(
         key_file=key_file,
         beacon_id=beacon_id,
         worker=worker,
+        advertise=advertise,
     )
     try:
         exporter = await beacon_metrics.serve(metrics, service) if metrics else None
@@ -423,6 +466,7 @@ def run(
     beacon_id: str | None = None,
     metrics: str | None = None,
     worker: Worker | None = None,
+    advertise: str | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; the exit status."""
 
@@ -444,6 +488,7 @@ def run(
             metrics=metrics,
             worker=worker,
             freeze_gc=True,
+            advertise=advertise,
         )
 
     return _exit_status(main)
@@ -494,6 +539,7 @@ def run_workers(
     alt_port: int | str | None = "auto",
     store: str | None = None,
     key_file: Path | None = None,
+    advertise: str | None = None,
     ready: Callable[[str], Any] | None = None,
 ) -> int:
     """Serve with ``count`` worker processes (:mod:`.workers`) until SIGINT or SIGTERM; the exit
@@ -507,6 +553,8 @@ def run_workers(
             host, port = parse_host_port(listen)
         except ConfigError as exc:
             raise ConfigError(f"--listen: {exc}") from None
+        # Checked here too: each worker would refuse it, N times, after the sockets were bound.
+        _advertised(advertise, (host, port), alone=False)
         wanted = _alt_port_for(alt_port, port)
         try:
             sockets = workers.bind_group(host, port, count)
@@ -617,6 +665,14 @@ def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
         "(default HOSTNAME:PORT)",
     )
     parser.add_argument(
+        "--advertise",
+        default=None,
+        metavar="IP:PORT",
+        help="where nodes reach this beacon; the other beacons of a fleet send nodes here to "
+        "meet its nodes (default: the --listen address; required with a wildcard --listen on "
+        "a shared store)",
+    )
+    parser.add_argument(
         "--alt-port",
         default="auto",
         help="second UDP port answering STUN, for NAT type detection: auto (listen port + 1), "
@@ -694,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             alt_port=args.alt_port,
             store=args.store,
             key_file=args.key_file,
+            advertise=args.advertise,
             ready=printed,
         )
     config = BeaconConfig()
@@ -716,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         beacon_id=args.beacon_id,
         metrics=_metrics_of(args.metrics, worker),
         worker=worker,
+        advertise=args.advertise,
     )
 
 
@@ -727,6 +785,7 @@ def _worker_argv(args: argparse.Namespace, data_dir: Path) -> list[str]:
         ("--store", args.store),
         ("--key-file", args.key_file),
         ("--beacon-id", args.beacon_id),
+        ("--advertise", args.advertise),
         ("--stats", args.stats),
         ("--metrics", args.metrics),
     ):

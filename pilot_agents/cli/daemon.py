@@ -23,8 +23,10 @@ def register(commands: Commands) -> None:
     start.add_argument("--hostname", help="name to register at the beacon (required with "
                        "--beacon)")
     start.add_argument("--beacon", default=os.environ.get("PILOT_BEACON") or None,
-                       metavar="HOST:PORT", help="beacon address, or KEY@HOST:PORT to pin its "
-                       "key (default: $PILOT_BEACON; none: static peers only)")
+                       metavar="HOST:PORT[,...]", help="beacon address, or KEY@HOST:PORT to "
+                       "pin its key; a fleet's beacons separated by commas, the preferred home "
+                       "first (fails over to the next) (default: $PILOT_BEACON; none: static "
+                       "peers only)")
     start.add_argument("--listen", default="0.0.0.0:0", metavar="ADDR",
                        help="UDP address of the tunnel endpoint (default 0.0.0.0:0)")
     start.add_argument("--inbox", type=ports, default=(DEFAULT_PORT,), metavar="PORTS",

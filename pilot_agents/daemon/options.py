@@ -17,7 +17,7 @@ LOG_MAX_BYTES = 5 * 1024 * 1024
 class DaemonOptions:
     home: Path
     hostname: str | None = None
-    beacon: str | None = None  # "HOST:PORT" or "KEYB32@HOST:PORT"
+    beacon: str | None = None  # "HOST:PORT" or "KEYB32@HOST:PORT"; a fleet's: comma-separated
     listen: str = "0.0.0.0:0"  # UDP address of the tunnel endpoint
     inbox_ports: tuple[int, ...] = DEFAULT_INBOX_PORTS  # listened on from the start
     metrics: str | None = None  # HOST:PORT serving Prometheus metrics (docs/metrics.md); None: off

@@ -9,6 +9,9 @@
 Without a beacon, peers are reached at addresses given with :meth:`Node.add_peer`. With one,
 names resolve through it (a name pinned by :meth:`Node.trust` needs no lookup), the first packets
 go through its relay at once, and the tunnel moves to a direct path when hole punching succeeds.
+``beacon`` may list a fleet's beacons, ``"KEY@A:9000,B:9000"``: the node registers at the first
+that answers, fails over to the next when it stops answering, and reaches a peer of another
+beacon through the peer's home beacon (:mod:`~pilot_agents.net.traversal.fleet`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..addressing import parse_beacon_spec, parse_host_port
+from ..addressing import parse_beacon_list, parse_host_port
 from ..errors import (
     BeaconError,
     ConfigError,
@@ -42,6 +45,7 @@ from ..identity import Identity, default_home, key_from_node_id, node_id_from_ke
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
 from ..net.traversal.beacon_wire import Status, looks_like_node_id
+from ..net.traversal.fleet import FleetClient, HomeMoved
 from ..net.tunnel import events
 from ..net.tunnel.codes import CloseCode, ResetCode, close_reason, reset_reason
 from ..net.tunnel.config import SessionConfig
@@ -68,6 +72,7 @@ _FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR}
 # What the beacon signs about an introduction that makes waiting for the peer pointless.
 _UNREACHABLE_VERDICTS = frozenset({Status.OFFLINE, Status.UNKNOWN, Status.ELSEWHERE})
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
+FAILOVER_ALLOWANCE = 3.0  # seconds more per further beacon of a list (two tries of each)
 PIN_CHECK_TIMEOUT = 5.0  # seconds a pinned name's lookup may take after its key did not answer
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
 BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
@@ -123,7 +128,8 @@ class Node:
         self.identity = Identity.load_or_create(self.home)
         self.config = config or SessionConfig()
         self._listen = parse_host_port(listen)
-        self._beacon_spec = parse_beacon_spec(beacon) if beacon else None
+        # One beacon, or a fleet's (preferred home first): HOST:PORT or KEY@HOST:PORT, by ','.
+        self._beacon_spec = parse_beacon_list(beacon) if beacon else None
         self._beacon_text = beacon
         self._beacon_config = beacon_config
         if hostname is not None and beacon is None:
@@ -175,13 +181,17 @@ class Node:
         endpoints = [f"{h}:{p}" for h, p in self._candidates or self._local_candidates()]
         if beacon is not None and beacon.reflexive is not None:
             endpoints.insert(0, f"{beacon.reflexive[0]}:{beacon.reflexive[1]}")
+        where = self._beacon_text
+        if beacon is not None and len(beacon.beacons) > 1:
+            # Which one is home changes with fail-over: that is what the user wants to see.
+            where = f"{beacon.beacon[0]}:{beacon.beacon[1]} (home, of {len(beacon.beacons)})"
         return NodeInfo(
             node_id=self.node_id,
             virtual_address=self.virtual_address,
             hostname=self.hostname,
             nat_type=beacon.nat_type if beacon is not None else "unknown",
             endpoints=endpoints,
-            beacon=self._beacon_text,
+            beacon=where,
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -221,37 +231,45 @@ class Node:
 
     async def _start_beacon(self, endpoint: Endpoint) -> None:
         assert self._beacon_spec is not None
-        pinned, (host, port) = self._beacon_spec
+        pinned, given = self._beacon_spec
         loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise BeaconError(f"cannot resolve beacon host {host!r}: {exc}") from None
-        address = (str(infos[0][4][0]), int(infos[0][4][1]))
+        addresses = []
+        for host, port in given:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise BeaconError(f"cannot resolve beacon host {host!r}: {exc}") from None
+            addresses.append((str(infos[0][4][0]), int(infos[0][4][1])))
         pins = self._load_beacon_pins()
-        client = bc.BeaconClient(
+        names = [f"{host}:{port}" for host, port in given]
+        # A fleet signs with one key: a pin learnt at any of its beacons holds for all.
+        known = pinned or next((pins[name] for name in names if name in pins), None)
+        client = FleetClient(
             self.identity.secret_key,
             self.identity.public_key,
             self.hostname,
-            address,
-            beacon_key=pinned or pins.get(f"{host}:{port}"),
+            addresses,
+            beacon_key=known,
             config=self._beacon_config,
         )
-        self._candidates = self._local_candidates(address[0])
+        self._candidates = self._local_candidates(addresses[0][0])
         client.set_local_candidates(self._candidates)
         endpoint.beacon = client
         endpoint.on_beacon_event = self._on_beacon_event
         self._registration = loop.create_future()
         client.start(endpoint.now())
         endpoint.wake()
+        timeout = REGISTER_TIMEOUT + FAILOVER_ALLOWANCE * (len(client.beacons) - 1)
         try:
-            await asyncio.wait_for(asyncio.shield(self._registration), REGISTER_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(self._registration), timeout)
         except TimeoutError:
+            where = "the beacon at " + names[0] if len(names) == 1 else "no beacon of " + (
+                ", ".join(names))
             raise PeerUnreachableError(
-                f"the beacon at {host}:{port} did not answer within {REGISTER_TIMEOUT:.0f} s"
+                f"{where} did not answer within {timeout:.0f} s"
             ) from None
         if client.beacon_key is not None and pinned is None:
-            pins[f"{host}:{port}"] = client.beacon_key
+            pins.update((name, client.beacon_key) for name in names)
             self._save_beacon_pins(pins)
 
     def _load_beacon_pins(self) -> dict[str, bytes]:
@@ -419,15 +437,23 @@ class Node:
         ]
 
     async def send_trust_request(self, name_or_id: str, payload: bytes) -> None:
-        """Deliver a signed trust request through the beacon's relay: the one thing a peer
-        that does not trust us yet can receive from us."""
+        """Deliver a signed trust request through the relay of the peer's home beacon: the
+        one thing a peer that does not trust us yet can receive from us. UnknownHostError if
+        the peer is not registered at any beacon of the fleet (it could not be delivered)."""
         endpoint = self._running()
         beacon = endpoint.beacon
         if beacon is None:
             raise ConfigError("trust requests travel through the beacon: this node has none")
         key = await self._peer_key(name_or_id)
+        if not beacon.located(key, endpoint.now()):
+            # The lookup says where it is registered now (the beacon that relays to it) and
+            # that it is: a request to a node that is not would be dropped without a word.
+            await self.resolve(node_id_from_key(key))
         message = bytes([CONTROL_VIA_RELAY]) + payload
-        endpoint.send_raw(beacon.wrap_relay(key, message), beacon.beacon)
+        relayed = beacon.relay(key, message, endpoint.now())
+        if relayed is not None:
+            endpoint.send_raw(*relayed)
+        endpoint.wake()  # or it waits for us to attach to the peer's home as a guest
 
     # -- ports --------------------------------------------------------------------------------
 
@@ -663,6 +689,10 @@ class Node:
             future = self._requests.get(event.request_id)
             if future is not None and not future.done():
                 future.set_result(event)
+        elif isinstance(event, HomeMoved):
+            log.warning("our beacon at %s:%d stopped answering: registered at %s:%d instead",
+                        *event.previous, *event.beacon)
+            self._reintroduce_all(f"our home beacon moved to {event.beacon[0]}:{event.beacon[1]}")
         elif isinstance(event, bc.Introduction):
             self._on_introduction(event)
         elif isinstance(event, bc.IntroductionFailed):
@@ -678,12 +708,16 @@ class Node:
         """Our NAT rebound: every peer we have a tunnel with still sends to our old address,
         and its NAT lets in only what comes from there. A fresh introduction gives both sides
         each other's current addresses, and both punch again."""
+        self._reintroduce_all(f"our address moved from {previous} to {reflexive}")
+
+    def _reintroduce_all(self, why: str) -> None:
+        """Ask for a fresh introduction to every peer we have a tunnel with: our address, or
+        our home beacon (whose relay a tunnel may use), changed."""
         mux, endpoint = self._mux, self._endpoint
         if mux is None or endpoint is None or endpoint.beacon is None:
             return
         peers = [s.peer for s in mux.sessions() if not s.closed]
-        log.info("our address moved from %s to %s: asking the beacon to introduce us again to "
-                 "%d peers", previous, reflexive, len(peers))
+        log.info("%s: asking for fresh introductions to %d peers", why, len(peers))
         now = endpoint.now()
         for peer in peers:
             endpoint.beacon.introduce(peer, now)
@@ -829,6 +863,9 @@ class Node:
         for (peer, _), future in list(self._pings.items()):
             if peer == event.peer and not future.done():
                 future.set_exception(error_type(f"tunnel to {name} closed: {reason}"))
+        endpoint = self._endpoint
+        if successor is None and endpoint is not None and endpoint.beacon is not None:
+            endpoint.beacon.forget_peer(event.peer)  # a guest kept for it may go
 
     def _on_peer_unanswered(self, event: events.PeerUnanswered) -> None:
         """A tunnel's handshakes go unanswered: the peer's NAT may have rebound, or it moved.

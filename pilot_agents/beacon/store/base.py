@@ -64,6 +64,9 @@ class Registration:
     # candidate (an IPv4-mapped IPv6 address on a dual-stack socket): the address another
     # worker of the beacon sends to.
     address: Address | None = None
+    # Where that beacon takes datagrams (its --advertise address): other beacons of the fleet
+    # send a node there to be introduced to this one, or relayed to it. None: not advertised.
+    home_address: Address | None = None
 
     @property
     def observed(self) -> Address:
@@ -71,7 +74,7 @@ class Registration:
         return self.address or self.candidates[0]
 
     def to_json(self) -> str:
-        fields: dict[str, object] = {
+        fields: dict[str, Any] = {
             "hostname": self.hostname,
             "candidates": [[host, port] for host, port in self.candidates],
             "nat": int(self.nat_type),
@@ -79,6 +82,8 @@ class Registration:
         }
         if self.address is not None:
             fields["address"] = list(self.address)
+        if self.home_address is not None:
+            fields["home_address"] = list(self.home_address)
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
@@ -101,8 +106,19 @@ class Registration:
             if "address" in fields:
                 host, port = fields["address"]
                 address = (str(host), int(port))
+            home_address = None
+            if fields.get("home_address") is not None:
+                host, port = fields["home_address"]
+                home_address = (str(host), int(port))
+                encode_address(home_address)
             return cls(
-                key, hostname, candidates, NatType(fields["nat"]), str(fields["home"]), address
+                key,
+                hostname,
+                candidates,
+                NatType(fields["nat"]),
+                str(fields["home"]),
+                address,
+                home_address,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreUnavailableError(

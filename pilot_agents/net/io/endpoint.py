@@ -16,7 +16,8 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Final
 
-from ..traversal.beacon_client import BeaconClient, BeaconEvent, Relayed
+from ..traversal.beacon_client import BeaconEvent, Relayed
+from ..traversal.fleet import FleetClient
 from ..tunnel import events, wire
 from ..tunnel.mux import Mux
 from ..tunnel.paths import RelayPath
@@ -40,7 +41,7 @@ class Endpoint:
     ) -> None:
         """``on_progress`` runs after every flush: acknowledgements may have freed buffers."""
         self.mux = mux
-        self.beacon: BeaconClient | None = None
+        self.beacon: FleetClient | None = None
         self.on_beacon_event: Callable[[BeaconEvent], None] | None = None
         self._on_event = on_event
         self._on_progress = on_progress
@@ -117,7 +118,7 @@ class Endpoint:
         for data, address in read_batch(sock):
             if address in beacon_addresses and beacon is not None:
                 from_beacon = True
-                beacon.receive_datagram(data, now)
+                beacon.receive_datagram(data, address, now)
                 self._drain_beacon_events(now)
             else:
                 mux.receive_datagram(data, address, now)
@@ -144,7 +145,7 @@ class Endpoint:
                 self.on_beacon_event(event)
             event = beacon.next_event()
 
-    def _receive_relayed(self, beacon: BeaconClient, event: Relayed, now: float) -> None:
+    def _receive_relayed(self, beacon: FleetClient, event: Relayed, now: float) -> None:
         mux = self.mux
         path = RelayPath(event.source_key)
         if event.packet[0] != wire.INITIATION:
@@ -180,8 +181,10 @@ class Endpoint:
         beacon = self.beacon
         for data, address in mux.datagrams_to_send(now):
             if isinstance(address, RelayPath):
-                if beacon is not None:
-                    self.send_raw(beacon.wrap_relay(address.peer, data), beacon.beacon)
+                # Through the peer's home beacon; None: held until we are a guest there.
+                relayed = beacon.relay(address.peer, data, now) if beacon is not None else None
+                if relayed is not None:
+                    self.send_raw(relayed[0], relayed[1])
             else:
                 self.send_raw(data, address)
         if beacon is not None:

@@ -25,7 +25,14 @@ reflexive address any more (the NAT rebound or forgot us), we register again at 
 Registered event that follows names the previous address, so the node can have the beacon
 introduce it again to every peer it has a tunnel with. ``keepalive_misses`` unanswered
 keepalives in a row (the beacon restarted and forgot us, or our mapping broke) also send a
-REGISTER at once rather than at the next refresh.
+REGISTER at once rather than at the next refresh. After one unanswered keepalive the next goes
+after ``request_timeout`` rather than a whole interval, so that :attr:`BeaconClient.last_heard`
+tells a dead beacon from a lost datagram within two intervals (the fleet's fail-over,
+:mod:`fleet`).
+
+A *guest* client (``guest=True``) attaches to a beacon of the fleet other than our home with
+GUEST instead of REGISTER: no name, nothing in the shared store, only so that beacon can
+introduce us to its nodes and relay between us.
 """
 
 from __future__ import annotations
@@ -127,6 +134,7 @@ class Resolved(BeaconEvent):
     hostname: str | None
     candidates: tuple[Address, ...]  # reflexive first, then LAN
     nat_type: str
+    home: Address | None = None  # the beacon of the fleet it is registered at, if not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +160,7 @@ class IntroductionFailed(BeaconEvent):
     peer_key: bytes
     reason: str
     code: Status | None  # None: no answer (timeout)
+    home: Address | None = None  # with ELSEWHERE: the beacon of the fleet the peer is at
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +218,14 @@ class BeaconClient:
         config: BeaconClientConfig | None = None,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        guest: bool = False,
     ) -> None:
         """``beacon`` must be an IP literal and port (the driver resolves names), since
         :attr:`addresses` is matched against datagram source addresses. ``beacon_key`` pins the
-        beacon's Ed25519 key; without it the first signed REGISTERED pins it."""
+        beacon's Ed25519 key; without it the first signed REGISTERED pins it. ``guest``: attach
+        with GUEST (``hostname`` must be None), at a beacon of the fleet other than our home."""
+        if guest and hostname is not None:
+            raise ConfigError("a guest registration claims no name")
         if hostname is not None:
             hostname = hostname.lower()
             if not bw.valid_hostname(hostname):
@@ -222,7 +235,10 @@ class BeaconClient:
         self.secret = identity_secret
         self.public_key = identity_public
         self.hostname = hostname
+        self.guest = guest
         self.beacon = _check_candidate(beacon)
+        # When an authenticated answer last came (the fleet fails over on silence).
+        self.last_heard = -math.inf
         self.config = config or BeaconClientConfig()
         self.stats = BeaconClientStats()
         self._beacon_key = beacon_key
@@ -303,22 +319,53 @@ class BeaconClient:
         self._stun_tid = self._stun_at = None
         self._set_nat(value)
 
+    @property
+    def registering(self) -> bool:
+        """Started, and not (or no longer) registered: REGISTERs are going out."""
+        return self._state is _State.REGISTERING
+
+    @property
+    def unanswered_registers(self) -> int:
+        """REGISTERs in a row that went unanswered."""
+        return self._unanswered
+
     def start(self, now: float) -> None:
         """Register now (and again every ``refresh_interval`` seconds)."""
         if self._state is _State.IDLE or self._state is _State.FAILED:
             self._state = _State.REGISTERING
             self._unanswered = 0
+            self.last_heard = now  # silence counts from here
             self._send_register(now)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the beacon client was stopped") -> None:
         """Stop registering (the beacon forgets us when the registration expires); requests
-        still pending fail."""
+        still pending fail with ``reason``."""
         self._state = _State.IDLE
         self._register_at = self._expires = self._keepalive_at = None
         self._outstanding.clear()
         self._keepalives_out.clear()
         self._stun_tid = self._stun_at = None
-        self._fail_requests(None, "the beacon client was stopped")
+        self._fail_requests(None, reason)
+
+    def hand_over(self, successor: BeaconClient, now: float) -> None:
+        """Give our pending RESOLVEs and INTRODUCEs to ``successor`` (the next home of a fleet,
+        as we stop answering), under the same request ids: they go out once it registers us,
+        within the time their tries allow, and their answers reach whoever waits on the ids."""
+        config = successor.config
+        for request_id in list(self._requests):
+            if request_id in successor._requests:
+                continue  # the same random id drawn twice: that one fails here
+            request = self._requests.pop(request_id)
+            successor._requests[request_id] = _Request(
+                request.message,
+                request.peer_key,
+                now + config.request_timeout * config.request_tries,
+                config.request_tries,
+                False,
+            )
+            if request_id in self._resolves:
+                self._resolves.discard(request_id)
+                successor._resolves.add(request_id)
 
     def resolve(self, name_or_node_id: str, now: float) -> int:
         """Look up a hostname or node id; the answer is a Resolved or ResolveFailed event with
@@ -326,12 +373,18 @@ class BeaconClient:
         beacon refused our registration for good (a request could never be answered)."""
         text = name_or_node_id.strip().lower()
         if bw.looks_like_node_id(text):
-            key = base64.b32decode(text.upper() + "====")
-            message = bw.encode_resolve(0, node_key=key)
-        elif bw.valid_hostname(text):
-            message = bw.encode_resolve(0, hostname=text)
-        else:
+            return self.resolve_key(base64.b32decode(text.upper() + "===="), now)
+        if not bw.valid_hostname(text):
             raise ConfigError(f"{name_or_node_id!r} is neither a hostname nor a node id")
+        return self._add_resolve(bw.encode_resolve(0, hostname=text), now)
+
+    def resolve_key(self, node_key: bytes, now: float) -> int:
+        """As :meth:`resolve`, by key."""
+        if len(node_key) != bw.KEY_SIZE:
+            raise ConfigError("a node key is 32 bytes")
+        return self._add_resolve(bw.encode_resolve(0, node_key=node_key), now)
+
+    def _add_resolve(self, message: bytes, now: float) -> int:
         request_id = self._add_request(message, None, now)
         self._resolves.add(request_id)
         return request_id
@@ -410,13 +463,13 @@ class BeaconClient:
             elif kind == bw.REGISTERED:
                 self._on_registered(bw.parse_registered_untrusted(data), now)
             elif kind == bw.RESOLVED:
-                self._on_resolved(bw.parse_resolved_untrusted(data))
+                self._on_resolved(bw.parse_resolved_untrusted(data), now)
             elif kind == bw.INTRODUCTION:
-                self._on_introduction(bw.parse_introduction_untrusted(data))
+                self._on_introduction(bw.parse_introduction_untrusted(data), now)
             elif kind == bw.REFUSED:
                 self._on_refused(*bw.parse_refused_untrusted(data), now)
             elif kind == bw.KEEPALIVE_ACK:
-                self._on_keepalive_ack(bw.parse_keepalive_ack_untrusted(data))
+                self._on_keepalive_ack(bw.parse_keepalive_ack_untrusted(data), now)
             elif kind < 4:
                 self._on_stun(data, now)
             else:
@@ -477,6 +530,7 @@ class BeaconClient:
                     self._nat_type,
                     self.hostname,
                     self._candidates,
+                    guest=self.guest,
                 ),
                 self.beacon,
             )
@@ -501,6 +555,7 @@ class BeaconClient:
         if self._beacon_key is None:
             self._beacon_key = reply.beacon_key
             log.info("pinned beacon key %s (first use)", reply.beacon_key.hex())
+        self.last_heard = now
         self._outstanding.clear()
         self._unanswered = 0
         self._unreachable_reported = False
@@ -617,9 +672,14 @@ class BeaconClient:
             self._keepalive_key = key
         counter = self._next_timestamp()
         self._keepalives_out.append(counter)
+        if len(self._keepalives_out) == 1:
+            # Unless answered within request_timeout, ask once more then (the answer puts the
+            # usual pace back): a dead beacon is told from a lost datagram within two intervals.
+            self._keepalive_at = now + min(self.config.keepalive_interval,
+                                           self.config.request_timeout)
         self._out.append((bw.encode_keepalive(key, self.public_key, counter), self.beacon))
 
-    def _on_keepalive_ack(self, reply: bw.KeepaliveAck) -> None:
+    def _on_keepalive_ack(self, reply: bw.KeepaliveAck, now: float) -> None:
         key = self._keepalive_key
         if reply.counter not in self._keepalives_out or key is None:
             self.stats.unexpected += 1
@@ -627,7 +687,10 @@ class BeaconClient:
         if not reply.verify(key):
             self.stats.bad_signature += 1
             return
+        self.last_heard = now
         self._keepalives_out.clear()
+        if self._keepalive_at is not None:
+            self._keepalive_at = now + self.config.keepalive_interval
         if reply.reflexive != self.reflexive and self._state is _State.REGISTERED:
             log.info(
                 "our NAT mapping changed: the beacon sees us at %s, not %s; registering again",
@@ -683,13 +746,14 @@ class BeaconClient:
         for request_id in list(self._requests):
             self._fail_request(request_id, reason, code)
 
-    def _on_resolved(self, reply: bw.Resolved) -> None:
+    def _on_resolved(self, reply: bw.Resolved, now: float) -> None:
         if reply.request_id not in self._resolves:
             self.stats.unexpected += 1
             return
         if self._beacon_key is None or not reply.verify(self._beacon_key, self.public_key):
             self.stats.bad_signature += 1
             return
+        self.last_heard = now
         del self._requests[reply.request_id]
         self._resolves.discard(reply.request_id)
         if reply.status == Status.OK:
@@ -700,6 +764,7 @@ class BeaconClient:
                     reply.hostname,
                     reply.candidates,
                     reply.nat_type.label,
+                    reply.home,
                 )
             )
         else:
@@ -707,10 +772,11 @@ class BeaconClient:
                 ResolveFailed(reply.request_id, bw.status_reason(reply.status), reply.status)
             )
 
-    def _on_introduction(self, reply: bw.Introduction) -> None:
+    def _on_introduction(self, reply: bw.Introduction, now: float) -> None:
         if self._beacon_key is None or not reply.verify(self._beacon_key, self.public_key):
             self.stats.bad_signature += 1
             return
+        self.last_heard = now
         if reply.request_id == 0:
             age = abs(self._wall_clock_ns() - reply.timestamp_ns) / 1e9
             if age > self.config.introduction_max_age or reply.status != Status.OK:
@@ -733,6 +799,7 @@ class BeaconClient:
                         reply.peer_key,
                         bw.status_reason(reply.status),
                         reply.status,
+                        reply.home,
                     )
                 )
                 return
@@ -749,7 +816,12 @@ class BeaconClient:
             self._register_soon()
 
     def _classify(self, now: float) -> None:
-        if self._nat_manual or not self.config.classify_nat or self.reflexive is None:
+        if (
+            self._nat_manual
+            or self.guest  # our home classifies; a guest's NAT type is our home's
+            or not self.config.classify_nat
+            or self.reflexive is None
+        ):
             return
         self._classified_for = (self.reflexive, self._candidates)
         if self.reflexive in self._candidates:

@@ -15,10 +15,10 @@ type    name          layout (bytes)
                       reflexive address 19 | beacon key 32 | sig (by beacon)        = 129 bytes
 0x22    RESOLVE       type 1 | request id 4 | by 1 (0 name, 1 key) | len 1 | name or key
 0x23    RESOLVED      type 1 | status 1 | request id 4 | node key 32 | nat 1 | name len 1 | name |
-                      count 1 | count x address | sig (by beacon)
+                      count 1 | count x address | [1 | home address] | sig (by beacon)
 0x24    INTRODUCE     type 1 | request id 4 | peer key 32                              = 37 bytes
 0x25    INTRODUCTION  type 1 | status 1 | request id 4 (0: pushed) | timestamp ns 8 | peer key 32 |
-                      nat 1 | count 1 | count x address | sig (by beacon)
+                      nat 1 | count 1 | count x address | [1 | home address] | sig (by beacon)
 0x26    RELAY         type 1 | target key 32 | sealed tunnel packet
 0x27    RELAYED       type 1 | source key 32 | sealed tunnel packet
 0x28    STATUS        type 1 | request id 4 | zero padding to ``STATUS_REQUEST_SIZE``
@@ -26,6 +26,7 @@ type    name          layout (bytes)
 0x2A    REFUSED       type 1 | reason 1 | request id 4 (0: a relay packet)               = 6 bytes
 0x2B    BLOCK_RELAY   type 1 | node key 32 | timestamp ns 8 | blocked key 32 | seconds 4 |
                       sig (by node key, ``BLOCK_RELAY_CONTEXT``)                     = 141 bytes
+0x2C    GUEST         as REGISTER, with no name and ``GUEST_CONTEXT``; answered by REGISTERED
 0x2E    KEEPALIVE     type 1 | node key 32 | counter 8 | mac 16 (by keepalive key)    = 57 bytes
 0x2F    KEEPALIVE_ACK type 1 | echoed counter 8 | reflexive address 19 | mac 16        = 44 bytes
 ======  ============  ===========================================================================
@@ -50,6 +51,15 @@ Why these choices:
   block runs from its own timestamp, so a replay changes nothing, and the beacon takes only
   timestamps newer than the last one it took from that node (an old block can't undo a lift).
   The beacon does not answer it: a node under a flood sends it again if the flood goes on.
+- A fleet (several beacons on one store, one key): RESOLVED and INTRODUCTION end with the peer's
+  *home* beacon (a count of 1 and the address that beacon advertises) when the peer is
+  registered at another beacon of the fleet, and an INTRODUCTION refused with ELSEWHERE says
+  where to go. Without one they end as before fleets, so older nodes still parse them.
+  A node then attaches to that beacon as a *guest* (GUEST: a signed REGISTER that claims no name
+  and that the beacon keeps in its memory only, never in the shared store), so that beacon can
+  introduce it to the peer and relay between them, as a Tailscale client talks to a peer's home
+  DERP server. GUEST has its own signing context, so a captured GUEST can't pass for a REGISTER
+  (it would move the node's home), nor the reverse.
 - KEEPALIVE (every few seconds) holds the NAT mapping to the beacon open and asks where the
   beacon sees us: its answer carries our reflexive address, so a node whose NAT rebound (router
   reboot, CGNAT timeout, new network) learns it within one interval and registers again. It
@@ -98,10 +108,12 @@ STATUS: Final = 0x28
 STATUS_REPLY: Final = 0x29
 REFUSED: Final = 0x2A
 BLOCK_RELAY: Final = 0x2B
+GUEST: Final = 0x2C
 KEEPALIVE: Final = 0x2E
 KEEPALIVE_ACK: Final = 0x2F
 
 REGISTER_CONTEXT: Final = b"pilot-agents/register/1"
+GUEST_CONTEXT: Final = b"pilot-agents/guest/1"
 REGISTERED_CONTEXT: Final = b"pilot-agents/registered/1"
 RESOLVED_CONTEXT: Final = b"pilot-agents/resolved/1"
 INTRODUCTION_CONTEXT: Final = b"pilot-agents/introduction/1"
@@ -190,10 +202,7 @@ STATUS_REASONS: Final = {
         "registry unavailable: the beacon's shared store did not answer; try again later (a "
         "registering node retries by itself)"
     ),
-    Status.ELSEWHERE: (
-        "registered at another beacon of the fleet: introductions and relay work only between "
-        "nodes of one beacon; use the same --beacon on both nodes"
-    ),
+    Status.ELSEWHERE: "registered at another beacon of the fleet, which did not say where",
 }
 
 
@@ -297,6 +306,21 @@ def _parse_addresses_untrusted(
     return tuple(addresses), pos
 
 
+def _encode_home(home: Address | None) -> bytes:
+    # Nothing at all without one: an answer about a node of this beacon stays as it was before
+    # fleets, which nodes of older versions parse.
+    return b"" if home is None else _encode_addresses([home], 1)
+
+
+def _parse_home_untrusted(data: bytes, pos: int) -> tuple[Address | None, int]:
+    if pos == len(data):
+        return None, pos
+    homes, pos = _parse_addresses_untrusted(data, pos, 1)
+    if not homes:
+        raise WireError("a home field with no address")
+    return homes[0], pos
+
+
 def _parse_name_untrusted(data: bytes, pos: int, length: int) -> str | None:
     if length > MAX_HOSTNAME:
         raise WireError(f"name of {length} bytes")
@@ -364,9 +388,11 @@ class Register:
     candidates: tuple[Address, ...]  # the node's LAN endpoints
     signature: bytes = field(repr=False)
     body: bytes = field(repr=False, compare=False)
+    guest: bool = False  # a GUEST: no name, kept in the beacon's memory only
 
     def verify(self) -> bool:
-        return crypto.ed25519_verify(self.node_key, REGISTER_CONTEXT + self.body, self.signature)
+        context = GUEST_CONTEXT if self.guest else REGISTER_CONTEXT
+        return crypto.ed25519_verify(self.node_key, context + self.body, self.signature)
 
 
 def encode_register(
@@ -376,29 +402,39 @@ def encode_register(
     nat_type: NatType,
     hostname: str | None,
     candidates: tuple[Address, ...] | list[Address],
+    *,
+    guest: bool = False,
 ) -> bytes:
+    """A REGISTER, or with ``guest`` a GUEST (``hostname`` must then be None)."""
+    if guest and hostname is not None:
+        raise ValueError("a guest claims no name")
     name = _encode_name(hostname)
+    kind = GUEST if guest else REGISTER
     body = (
-        _REGISTER_HEAD.pack(REGISTER, node_key, timestamp_ns, nat_type, len(name))
+        _REGISTER_HEAD.pack(kind, node_key, timestamp_ns, nat_type, len(name))
         + name
         + _encode_addresses(candidates, MAX_LAN_CANDIDATES)
     )
     body = body.ljust(REGISTER_MIN_SIZE - SIG_SIZE, b"\0")
-    return body + crypto.ed25519_sign(secret_key, REGISTER_CONTEXT + body)
+    context = GUEST_CONTEXT if guest else REGISTER_CONTEXT
+    return body + crypto.ed25519_sign(secret_key, context + body)
 
 
 def parse_register_untrusted(data: bytes) -> Register:
     try:
         body, signature = _split_signature(data, _REGISTER_HEAD.size + 1)
         kind, key, timestamp, nat, name_len = _REGISTER_HEAD.unpack_from(body)
-        if kind != REGISTER:
-            raise WireError("not a REGISTER")
+        if kind != REGISTER and kind != GUEST:
+            raise WireError("not a REGISTER or GUEST")
         pos = _REGISTER_HEAD.size
         name = _parse_name_untrusted(body, pos, name_len)
+        if kind == GUEST and name is not None:
+            raise WireError("a GUEST with a name")
         candidates, pos = _parse_addresses_untrusted(body, pos + name_len, MAX_LAN_CANDIDATES)
         if body.count(0, pos) != len(body) - pos:
             raise WireError("REGISTER padding is not zero")
-        return Register(key, timestamp, _nat(nat), name, candidates, signature, body)
+        guest = kind == GUEST
+        return Register(key, timestamp, _nat(nat), name, candidates, signature, body, guest)
     except struct.error as exc:
         raise WireError(f"truncated REGISTER: {exc}") from None
 
@@ -519,6 +555,7 @@ class Resolved:
     nat_type: NatType
     hostname: str | None
     candidates: tuple[Address, ...]  # reflexive first, then LAN
+    home: Address | None  # the beacon of the fleet it is registered at, if not this one
     signature: bytes = field(repr=False)
     body: bytes = field(repr=False, compare=False)
 
@@ -535,12 +572,14 @@ def encode_resolved(
     nat_type: NatType,
     hostname: str | None,
     candidates: tuple[Address, ...] | list[Address],
+    home: Address | None = None,
 ) -> bytes:
     name = _encode_name(hostname)
     body = (
         _RESOLVED_HEAD.pack(RESOLVED, status, request_id, node_key, nat_type, len(name))
         + name
         + _encode_addresses(candidates, MAX_CANDIDATES)
+        + _encode_home(home)
     )
     return _beacon_sign(beacon_secret, RESOLVED_CONTEXT, recipient, body)
 
@@ -554,9 +593,10 @@ def parse_resolved_untrusted(data: bytes) -> Resolved:
         pos = _RESOLVED_HEAD.size
         name = _parse_name_untrusted(body, pos, name_len)
         candidates, pos = _parse_addresses_untrusted(body, pos + name_len, MAX_CANDIDATES)
+        home, pos = _parse_home_untrusted(body, pos)
         _expect_end(pos, len(body))
         return Resolved(
-            _status(status), request_id, key, _nat(nat), name, candidates, signature, body
+            _status(status), request_id, key, _nat(nat), name, candidates, home, signature, body
         )
     except struct.error as exc:
         raise WireError(f"truncated RESOLVED: {exc}") from None
@@ -594,6 +634,7 @@ class Introduction:
     peer_key: bytes
     nat_type: NatType
     candidates: tuple[Address, ...]  # reflexive first, then LAN
+    home: Address | None  # with ELSEWHERE: the beacon of the fleet the peer is registered at
     signature: bytes = field(repr=False)
     body: bytes = field(repr=False, compare=False)
 
@@ -612,13 +653,14 @@ def encode_introduction(
     peer_key: bytes,
     nat_type: NatType,
     candidates: tuple[Address, ...] | list[Address],
+    home: Address | None = None,
 ) -> bytes:
     body = _INTRODUCTION_HEAD.pack(
         INTRODUCTION, status, request_id, timestamp_ns, peer_key, nat_type, len(candidates)
     )
     if len(candidates) > MAX_CANDIDATES:
         raise ValueError(f"{len(candidates)} candidates, at most {MAX_CANDIDATES}")
-    body += b"".join(encode_address(a) for a in candidates)
+    body += b"".join(encode_address(a) for a in candidates) + _encode_home(home)
     return _beacon_sign(beacon_secret, INTRODUCTION_CONTEXT, recipient, body)
 
 
@@ -632,9 +674,18 @@ def parse_introduction_untrusted(data: bytes) -> Introduction:
         candidates, pos = _parse_addresses_untrusted(
             body, _INTRODUCTION_HEAD.size - 1, MAX_CANDIDATES
         )
+        home, pos = _parse_home_untrusted(body, pos)
         _expect_end(pos, len(body))
         return Introduction(
-            _status(status), request_id, timestamp, key, _nat(nat), candidates, signature, body
+            _status(status),
+            request_id,
+            timestamp,
+            key,
+            _nat(nat),
+            candidates,
+            home,
+            signature,
+            body,
         )
     except struct.error as exc:
         raise WireError(f"truncated INTRODUCTION: {exc}") from None

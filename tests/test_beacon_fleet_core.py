@@ -1,0 +1,357 @@
+"""A fleet sans-IO, on a fake clock: two beacon cores on one store, nodes' fleet clients.
+
+What the real fleet test (test_beacon_fleet.py) shows with processes, this shows step by step
+and to the second: a peer of another beacon is introduced and relayed by its home, where the
+node is a guest (and nothing of the guest reaches the store); an ELSEWHERE is followed; a node
+fails over within two keepalive intervals; a guest is left when no peer needs it, and when it
+dies, the peers routed through it are looked up and introduced again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from pilot_agents.beacon import service
+from pilot_agents.beacon.server import BeaconConfig, BeaconServer
+from pilot_agents.beacon.store import NameStore, run_now
+from pilot_agents.errors import ConfigError, WireError
+from pilot_agents.net.traversal import beacon_client as bc
+from pilot_agents.net.traversal import beacon_wire as bw
+from pilot_agents.net.traversal.beacon_wire import Address
+from pilot_agents.net.traversal.fleet import MAX_HELD, FleetClient, HomeMoved
+from pilot_agents.net.tunnel import crypto, wire
+
+A: Address = ("198.51.100.1", 9000)
+B: Address = ("198.51.100.2", 9000)
+WALL0 = 1_764_000_000 * 10**9
+INTERVAL = bc.BeaconClientConfig.keepalive_interval
+DATA = bytes([wire.DATA]) + b"sealed"
+E = TypeVar("E", bound=bc.BeaconEvent)
+
+
+@dataclass
+class Member:
+    client: FleetClient
+    local: Address
+    events: list[bc.BeaconEvent] = field(default_factory=list)
+
+    @property
+    def key(self) -> bytes:
+        return self.client.home.public_key
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class FleetNet:
+    """Beacons at A and B on one store (one SQLite file, shared as a Redis would be), nodes on
+    public addresses. ``down`` beacons neither receive nor send."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.now = 0.0
+        self.rng = random.Random(7)
+        secret, public = crypto.ed25519_keypair()
+        self.store = NameStore(tmp / "fleet.db")
+        self.beacons = {
+            address: BeaconServer(
+                secret,
+                public,
+                self.store,
+                BeaconConfig(),
+                wall_clock_ns=self._wall,
+                home=name,
+                advertise=address,
+            )
+            for name, address in (("a", A), ("b", B))
+        }
+        self.down: set[Address] = set()
+        self.members: dict[Address, Member] = {}
+        # What each beacon received, and from where.
+        self.to: dict[Address, list[tuple[bytes, Address]]] = {A: [], B: []}
+
+    def _wall(self) -> int:
+        return WALL0 + int(self.now * 1e9)
+
+    def add(self, hostname: str | None, beacons: list[Address]) -> Member:
+        secret, public = crypto.ed25519_keypair()
+        local = (f"203.0.113.{len(self.members) + 1}", 5000)
+        client = FleetClient(
+            secret, public, hostname, beacons, wall_clock_ns=self._wall,
+            random_bytes=self.rng.randbytes,
+        )
+        client.set_local_candidates([local])
+        member = self.members[local] = Member(client, local)
+        client.start(self.now)
+        self.run()
+        return member
+
+    def run(self) -> None:
+        for _ in range(100):
+            moved = 0
+            for member in self.members.values():
+                for data, destination in member.client.datagrams_to_send(self.now):
+                    moved += 1
+                    if destination in self.beacons and destination not in self.down:
+                        self.to[destination].append((data, member.local))
+                        self.beacons[destination].receive_datagram(data, member.local, self.now)
+                self._collect(member)
+            for address, server in self.beacons.items():
+                for data, destination in server.datagrams_to_send():
+                    moved += 1
+                    member = self.members.get(destination)
+                    if member is not None and address not in self.down:
+                        member.client.receive_datagram(data, address, self.now)
+                        self._collect(member)
+            if not moved:
+                return
+        raise AssertionError("the datagrams never settle")
+
+    def _collect(self, member: Member) -> None:
+        while (event := member.client.next_event()) is not None:
+            member.events.append(event)
+
+    def advance(self, seconds: float, step: float = 0.25) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for server in self.beacons.values():
+                server.handle_timer(self.now)
+            for member in self.members.values():
+                member.client.handle_timer(self.now)
+                self._collect(member)
+            self.run()
+
+    def sent_to(self, beacon: Address, kind: int) -> int:
+        return sum(1 for data, _ in self.to[beacon] if data[0] == kind)
+
+    def sent_by(self, member: Member, beacon: Address) -> int:
+        return sum(1 for _, source in self.to[beacon] if source == member.local)
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> FleetNet:
+    return FleetNet(tmp_path)
+
+
+def test_a_peer_of_another_beacon_is_introduced_and_relayed_by_its_home(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    assert alpha.client.registered and bravo.client.registered
+
+    request = alpha.client.resolve("bravo", net.now)
+    net.run()
+    [resolved] = alpha.of(bc.Resolved)
+    assert resolved.request_id == request and resolved.home == B
+    assert alpha.client.route(bravo.key) == B
+
+    # The first relayed packet waits while alpha attaches to B as a guest, then leaves.
+    assert alpha.client.relay(bravo.key, DATA, net.now) is None
+    alpha.client.introduce(bravo.key, net.now)
+    net.run()
+    assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, DATA)]
+    [pushed] = bravo.of(bc.Introduction)
+    assert pushed.peer_key == alpha.key and alpha.local in pushed.candidates
+    [answer] = alpha.of(bc.Introduction)
+    assert answer.peer_key == bravo.key and bravo.local in answer.candidates
+    assert alpha.client.addresses == {A, B}
+
+    # Both ways through B: bravo answers through its home, where alpha is now a guest.
+    datagram, to = alpha.client.relay(bravo.key, DATA, net.now) or (b"", A)
+    assert to == B and datagram == bw.encode_relay(bravo.key, DATA)
+    datagram, to = bravo.client.relay(alpha.key, b"\x04reply", net.now) or (b"", A)
+    assert to == B
+    net.beacons[B].receive_datagram(datagram, bravo.local, net.now)
+    net.run()
+    assert alpha.of(bc.Relayed) == [bc.Relayed(bravo.key, b"\x04reply")]
+    assert net.beacons[B].stats.guests == 1
+
+    # The guest lives in B's memory only: the store still has alpha at its home.
+    found = run_now(net.store.find_key(alpha.key))
+    assert found.registration is not None and found.registration.home == "a"
+    assert found.registration.home_address == A
+    # And a lookup at B of alpha leads to A, not to the guest.
+    bravo.client.resolve(alpha.client.home.hostname or "", net.now)
+    net.run()
+    [found_alpha] = bravo.of(bc.Resolved)
+    assert found_alpha.home == A
+
+
+def test_held_packets_are_bounded(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    net.down.add(B)
+    alpha.client.resolve("bravo", net.now)
+    net.run()
+    for _ in range(MAX_HELD + 10):
+        assert alpha.client.relay(bravo.key, DATA, net.now) is None
+    net.down.clear()
+    net.advance(2)
+    assert len(bravo.of(bc.Relayed)) == MAX_HELD
+
+
+def test_an_introduction_refused_as_elsewhere_is_followed_to_the_peers_home(
+    net: FleetNet,
+) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)  # no lookup first: A says ELSEWHERE, at B
+    net.run()
+    assert not alpha.of(bc.IntroductionFailed)
+    [answer] = alpha.of(bc.Introduction)
+    assert answer.peer_key == bravo.key
+    assert net.beacons[A].stats.refusals["introduce_elsewhere"] == 1
+    assert alpha.client.route(bravo.key) == B
+
+
+def test_a_silent_home_is_left_for_the_next_within_two_keepalive_intervals(
+    net: FleetNet,
+) -> None:
+    alpha = net.add("alpha", [A, B])
+    net.advance(3 * INTERVAL)
+    assert alpha.client.beacon == A and net.sent_to(B, bw.REGISTER) == 0
+    net.down.add(A)
+    died = net.now
+    while net.sent_to(B, bw.REGISTER) == 0:
+        net.advance(0.25)
+        assert net.now <= died + 2 * INTERVAL, "no fail-over within two keepalive intervals"
+    net.run()
+    assert alpha.client.beacon == B and alpha.client.registered
+    assert alpha.of(HomeMoved) == [HomeMoved(A, B)]
+    found = run_now(net.store.find_name("alpha"))
+    assert found.registration is not None and found.registration.home == "b"
+    # It stays at B when A returns: going back would move it twice.
+    net.down.clear()
+    net.advance(3 * INTERVAL)
+    assert alpha.client.beacon == B
+
+
+def test_a_lookup_waiting_on_a_dead_home_is_answered_by_the_next(net: FleetNet) -> None:
+    net.add("bravo", [B])
+    alpha = net.add("alpha", [A, B])
+    net.advance(INTERVAL)
+    net.down.add(A)
+    net.advance(2 * INTERVAL - 1)
+    # Asked of A, which is gone, a second before alpha gives up on it (a request earlier in
+    # those two intervals times out after its three tries, 3 s, and fails as before).
+    request = alpha.client.resolve("bravo", net.now)
+    net.advance(INTERVAL)
+    assert alpha.client.beacon == B
+    [resolved] = alpha.of(bc.Resolved)
+    assert resolved.request_id == request and resolved.hostname == "bravo"
+    assert not alpha.of(bc.ResolveFailed)
+
+
+def test_a_lost_keepalive_is_not_a_dead_beacon(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A, B])
+    net.advance(INTERVAL - 0.5)
+    net.down.add(A)  # the next keepalive (or its answer) is lost
+    net.advance(1.0)
+    net.down.clear()
+    net.advance(4 * INTERVAL)
+    assert alpha.client.beacon == A and not alpha.of(HomeMoved)
+
+
+def test_a_first_beacon_that_never_answers_is_passed_over(net: FleetNet) -> None:
+    net.down.add(A)
+    alpha = net.add("alpha", [A, B])
+    net.advance(4)
+    assert alpha.client.registered and alpha.client.beacon == B
+    assert not alpha.of(bc.BeaconUnreachable)
+    net.down.add(B)
+    bravo = net.add("bravo", [A, B])
+    net.advance(10)
+    assert bravo.of(bc.BeaconUnreachable)  # once round the list, then it keeps trying
+
+
+def test_a_guest_is_left_when_no_peer_is_routed_through_it(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.advance(1)
+    assert B in alpha.client.addresses
+    alpha.client.forget_peer(bravo.key)
+    net.advance(1)
+    assert alpha.client.addresses == {A}
+    before = net.sent_by(alpha, B)
+    net.advance(3 * INTERVAL)
+    assert net.sent_by(alpha, B) == before  # no keepalives, no refreshes
+
+
+def test_when_a_guests_beacon_dies_its_peers_are_found_where_they_went(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B, A])
+    alpha.client.introduce(bravo.key, net.now)
+    net.advance(1)
+    assert alpha.client.route(bravo.key) == B
+    net.down.add(B)
+    net.advance(3 * INTERVAL)
+    # bravo moved to A; alpha left its guest at B, looked bravo up at A and was introduced.
+    assert bravo.client.beacon == A and alpha.client.addresses == {A}
+    assert alpha.client.route(bravo.key) == A
+    assert [e.peer_key for e in alpha.of(bc.Introduction)][-1] == bravo.key
+    assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), A)
+
+
+def test_a_node_whose_home_dies_moves_to_where_it_was_a_guest(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A, B])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.advance(1)
+    assert alpha.client.route(bravo.key) == B and net.beacons[B]._nodes[alpha.key].guest
+    net.down.add(A)
+    net.advance(3 * INTERVAL)
+    # Its guest session at B gave way to its registration there; bravo is now at its home.
+    assert alpha.client.beacon == B and alpha.client.addresses == {B}
+    assert not net.beacons[B]._nodes[alpha.key].guest
+    assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), B)
+    found = run_now(net.store.find_name("alpha"))
+    assert found.registration is not None and found.registration.home == "b"
+
+
+def test_a_guest_claims_no_name_and_a_guest_message_is_not_a_register(net: FleetNet) -> None:
+    secret, public = crypto.ed25519_keypair()
+    guest = bw.encode_register(secret, public, WALL0, bw.NatType.OPEN, None, [], guest=True)
+    parsed = bw.parse_register_untrusted(guest)
+    assert parsed.guest and parsed.verify()
+    # The same body under REGISTER's type fails its signature: GUEST has its own context.
+    forged = bw.parse_register_untrusted(bytes([bw.REGISTER]) + guest[1:])
+    assert not forged.guest and not forged.verify()
+    with pytest.raises(ValueError):
+        bw.encode_register(secret, public, WALL0, bw.NatType.OPEN, "name", [], guest=True)
+
+
+def test_the_home_field_is_signed_and_absent_without_a_home() -> None:
+    secret, public = crypto.ed25519_keypair()
+    me = crypto.ed25519_keypair()[1]
+    key = bytes(range(32))
+    args = (secret, me, bw.Status.OK, 7, key, bw.NatType.CONE, "bravo", [("192.0.2.9", 4000)])
+    local = bw.encode_resolved(*args)
+    elsewhere = bw.encode_resolved(*args, B)
+    assert len(elsewhere) == len(local) + 1 + 19  # a count of 1 and the address
+    assert bw.parse_resolved_untrusted(local).home is None
+    parsed = bw.parse_resolved_untrusted(elsewhere)
+    assert parsed.home == B and parsed.verify(public, me)
+    refused = bw.encode_introduction(
+        secret, me, bw.Status.ELSEWHERE, 7, WALL0, key, bw.NatType.UNKNOWN, (), B
+    )
+    introduction = bw.parse_introduction_untrusted(refused)
+    assert introduction.home == B and introduction.verify(public, me)
+    # A home field must hold its address: a count of 0 there is no message we send.
+    body = local[: -bw.SIG_SIZE] + b"\x00"
+    with pytest.raises(WireError):
+        bw.parse_resolved_untrusted(body + bytes(bw.SIG_SIZE))
+
+
+def test_a_wildcard_beacon_on_a_shared_store_must_advertise() -> None:
+    with pytest.raises(ConfigError, match="--advertise"):
+        service._advertised(None, ("0.0.0.0", 9000), alone=False)
+    assert service._advertised(None, ("0.0.0.0", 9000), alone=True) is None
+    assert service._advertised(None, ("127.0.0.1", 9000), alone=False) == ("127.0.0.1", 9000)
+    assert service._advertised("192.0.2.7:9100", ("0.0.0.0", 9000), False) == ("192.0.2.7", 9100)
+    with pytest.raises(ConfigError, match="IP:PORT"):
+        service._advertised("beacon.example:9000", ("0.0.0.0", 9000), alone=False)
