@@ -18,13 +18,14 @@ import pytest
 
 from pilot_agents.beacon import service
 from pilot_agents.beacon.server import BeaconConfig, BeaconServer
-from pilot_agents.beacon.store import NameStore, run_now
+from pilot_agents.beacon.store import NameStore, Store, run_now
 from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
 from pilot_agents.net.traversal.fleet import MAX_HELD, FleetClient, HomeMoved
 from pilot_agents.net.tunnel import crypto, wire
+from tests.test_beacon_store import Deferred
 
 A: Address = ("198.51.100.1", 9000)
 B: Address = ("198.51.100.2", 9000)
@@ -50,25 +51,40 @@ class Member:
 
 class FleetNet:
     """Beacons at A and B on one store (one SQLite file, shared as a Redis would be), nodes on
-    public addresses. ``down`` beacons neither receive nor send."""
+    public addresses. ``down`` beacons neither receive nor send.
 
-    def __init__(self, tmp: Path) -> None:
+    With ``workers_at_b``, B is that many worker cores on one address, as ``--workers`` runs
+    them, and the store's calls wait for the network's turn, as Redis's do; a node's datagrams
+    to B reach the worker ``add`` was given (the kernel's hash of its address)."""
+
+    def __init__(
+        self, tmp: Path, config: BeaconConfig | None = None, workers_at_b: int = 1
+    ) -> None:
         self.now = 0.0
         self.rng = random.Random(7)
         secret, public = crypto.ed25519_keypair()
         self.store = NameStore(tmp / "fleet.db")
-        self.beacons = {
-            address: BeaconServer(
-                secret,
-                public,
-                self.store,
-                BeaconConfig(),
-                wall_clock_ns=self._wall,
-                home=name,
-                advertise=address,
-            )
-            for name, address in (("a", A), ("b", B))
+        shared: Store = self.store
+        if workers_at_b > 1:
+            shared = Deferred(self.store)  # type: ignore[assignment]
+        self.workers = {
+            address: [
+                BeaconServer(
+                    secret,
+                    public,
+                    shared,
+                    config or BeaconConfig(),
+                    wall_clock_ns=self._wall,
+                    home=name,
+                    advertise=address,
+                    worker=None if count == 1 else index,
+                )
+                for index in range(count)
+            ]
+            for name, address, count in (("a", A, 1), ("b", B, workers_at_b))
         }
+        self.beacons = {address: workers[0] for address, workers in self.workers.items()}
+        self.lands: dict[Address, int] = {}  # a node's address -> its worker at B
         self.down: set[Address] = set()
         self.members: dict[Address, Member] = {}
         # What each beacon received, and from where.
@@ -77,9 +93,10 @@ class FleetNet:
     def _wall(self) -> int:
         return WALL0 + int(self.now * 1e9)
 
-    def add(self, hostname: str | None, beacons: list[Address]) -> Member:
+    def add(self, hostname: str | None, beacons: list[Address], worker: int = 0) -> Member:
         secret, public = crypto.ed25519_keypair()
         local = (f"203.0.113.{len(self.members) + 1}", 5000)
+        self.lands[local] = worker
         client = FleetClient(
             secret, public, hostname, beacons, wall_clock_ns=self._wall,
             random_bytes=self.rng.randbytes,
@@ -96,11 +113,12 @@ class FleetNet:
             for member in self.members.values():
                 for data, destination in member.client.datagrams_to_send(self.now):
                     moved += 1
-                    if destination in self.beacons and destination not in self.down:
-                        self.to[destination].append((data, member.local))
-                        self.beacons[destination].receive_datagram(data, member.local, self.now)
+                    self.send(member, data, destination)
                 self._collect(member)
-            for address, server in self.beacons.items():
+            for address, server in self.servers():
+                for call in server.store_calls():
+                    moved += 1
+                    server.store_done(call.call_id, run_now(call.coroutine), self.now)
                 for data, destination in server.datagrams_to_send():
                     moved += 1
                     member = self.members.get(destination)
@@ -111,6 +129,19 @@ class FleetNet:
                 return
         raise AssertionError("the datagrams never settle")
 
+    def send(self, member: Member, data: bytes, beacon: Address) -> None:
+        """A datagram from ``member`` to ``beacon``, at the worker its address lands on."""
+        if beacon in self.workers and beacon not in self.down:
+            self.to[beacon].append((data, member.local))
+            self.worker(beacon, member).receive_datagram(data, member.local, self.now)
+
+    def worker(self, beacon: Address, member: Member) -> BeaconServer:
+        workers = self.workers[beacon]
+        return workers[self.lands[member.local] % len(workers)]
+
+    def servers(self) -> list[tuple[Address, BeaconServer]]:
+        return [(a, server) for a, workers in self.workers.items() for server in workers]
+
     def _collect(self, member: Member) -> None:
         while (event := member.client.next_event()) is not None:
             member.events.append(event)
@@ -119,7 +150,7 @@ class FleetNet:
         end = self.now + seconds
         while self.now < end:
             self.now = min(end, self.now + step)
-            for server in self.beacons.values():
+            for _, server in self.servers():
                 server.handle_timer(self.now)
             for member in self.members.values():
                 member.client.handle_timer(self.now)
@@ -170,9 +201,11 @@ def test_a_peer_of_another_beacon_is_introduced_and_relayed_by_its_home(net: Fle
     assert alpha.of(bc.Relayed) == [bc.Relayed(bravo.key, b"\x04reply")]
     assert net.beacons[B].stats.guests == 1
 
-    # The guest lives in B's memory only: the store still has alpha at its home.
-    found = run_now(net.store.find_key(alpha.key))
+    # The guest lives in B's memory only (one process on SQLite: nothing for other workers);
+    # the store still has alpha at its home.
+    found = run_now(net.store.find_key(alpha.key, "b"))
     assert found.registration is not None and found.registration.home == "a"
+    assert found.guest is None
     assert found.registration.home_address == A
     # And a lookup at B of alpha leads to A, not to the guest.
     bravo.client.resolve(alpha.client.home.hostname or "", net.now)
@@ -355,3 +388,72 @@ def test_a_wildcard_beacon_on_a_shared_store_must_advertise() -> None:
     assert service._advertised("192.0.2.7:9100", ("0.0.0.0", 9000), False) == ("192.0.2.7", 9100)
     with pytest.raises(ConfigError, match="IP:PORT"):
         service._advertised("beacon.example:9000", ("0.0.0.0", 9000), alone=False)
+
+
+def test_a_guest_and_a_node_on_different_workers_meet_and_relay_both_ways(tmp_path: Path) -> None:
+    net = FleetNet(tmp_path, workers_at_b=2)
+    alpha = net.add("alpha", [A], worker=0)  # at B, as a guest, on worker 0
+    bravo = net.add("bravo", [B], worker=1)
+    first, second = net.workers[B]
+    alpha.client.introduce(bravo.key, net.now)  # ELSEWHERE from A, then at B as a guest
+    net.run()
+    assert alpha.key in first._nodes and first._nodes[alpha.key].guest
+    assert alpha.key not in second._nodes and bravo.key not in first._nodes
+    [answer] = alpha.of(bc.Introduction)
+    assert answer.peer_key == bravo.key and bravo.local in answer.candidates
+    [pushed] = bravo.of(bc.Introduction)  # sent by worker 0, from the store's bravo
+    assert pushed.peer_key == alpha.key and alpha.local in pushed.candidates
+
+    # The store has alpha as B's guest, apart from its registration at A.
+    found = run_now(net.store.find_key(alpha.key, "b"))
+    assert found.registration is not None and found.registration.home == "a"
+    assert found.guest is not None and found.guest.observed == alpha.local
+    assert found.guest.home == "b" and found.guest.hostname is None
+
+    # Bravo asks for alpha at its home: worker 1 introduces it to B's guest (before, it
+    # answered ELSEWHERE, sending bravo to A for a peer that is here).
+    request = bravo.client.introduce(alpha.key, net.now)
+    net.run()
+    introduction = bravo.of(bc.Introduction)[-1]
+    assert introduction.request_id == request and introduction.peer_key == alpha.key
+    assert alpha.local in introduction.candidates
+    assert alpha.of(bc.Introduction)[-1].peer_key == bravo.key
+    assert second.stats.refusals["introduce_elsewhere"] == 0
+    assert bravo.client.route(alpha.key) == B and bravo.client.addresses == {B}  # no guest at A
+
+    # The relay both ways, each packet relayed by the worker its sender lands on.
+    datagram, to = alpha.client.relay(bravo.key, DATA, net.now) or (b"", A)
+    assert to == B
+    net.send(alpha, datagram, to)
+    net.run()
+    assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, DATA)]
+    datagram, to = bravo.client.relay(alpha.key, b"\x04reply", net.now) or (b"", A)
+    assert to == B
+    net.send(bravo, datagram, to)
+    net.run()
+    assert alpha.of(bc.Relayed) == [bc.Relayed(bravo.key, b"\x04reply")]
+    assert (first.stats.relayed_packets, second.stats.relayed_packets) == (1, 1)
+    assert not second.stats.refusals["relay_target_offline"]
+
+
+
+def test_guests_are_bounded_per_worker(tmp_path: Path) -> None:
+    net = FleetNet(tmp_path, BeaconConfig(max_guests=1))
+    bravo = net.add("bravo", [B])
+    alpha, charlie = net.add("alpha", [A]), net.add("charlie", [A])
+    alpha.client.introduce(bravo.key, net.now)
+    net.run()
+    charlie.client.introduce(bravo.key, net.now)
+    net.run()
+    b = net.beacons[B]
+    assert b._nodes[alpha.key].guest and charlie.key not in b._nodes
+    assert b.stats.refusals["guest_limit"] == 1 and b.stats.guests == 1
+    # The guest there refreshes; once it has left and expired, the next gets in.
+    net.advance(2 * INTERVAL)
+    assert b.stats.refusals["guest_limit"] >= 1 and alpha.key in b._nodes
+    alpha.client.forget_peer(bravo.key)
+    net.advance(BeaconConfig().registration_ttl + 10)
+    assert alpha.key not in b._nodes
+    charlie.client.introduce(bravo.key, net.now)
+    net.advance(5)
+    assert b._nodes[charlie.key].guest

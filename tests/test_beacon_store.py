@@ -16,6 +16,7 @@ import pytest
 
 from pilot_agents.beacon.server import BeaconConfig
 from pilot_agents.beacon.store import (
+    Found,
     NameLimits,
     Registration,
     RelayTarget,
@@ -184,6 +185,32 @@ async def test_relay_target_carries_the_observed_address_and_the_blocks(store: S
     await store.block_relay(A, B, 0)  # lifted
     assert (await store.relay_target(A)).blocks == {C: now_ns + 30 * NS}
     assert (await store.relay_target(B)) == RelayTarget(None, {})
+
+
+async def test_a_guest_is_kept_per_beacon_apart_from_its_registration(store: Store) -> None:
+    await store.claim_name("alpha", A, 1 * NS, "192.0.2.1", ONE)
+    home = dataclasses.replace(registration(A), home_address=("192.0.2.10", 9000))
+    await store.publish(home, ttl=30)
+    at_b2 = dataclasses.replace(registration(A, None, home="b2"), address=("192.0.2.7", 4000))
+    await store.publish_guest(at_b2, ttl=0.5)
+    await store.publish_guest(registration(A, None, home="b3"), ttl=30)
+    # Only the beacon it is a guest of sees it, and only when it asks for guests.
+    assert await store.find_key(A, "b2") == Found(A, "alpha", home, at_b2)
+    assert (await store.find_key(A, "b3")).guest == registration(A, None, home="b3")
+    assert (await store.find_key(A)).guest is None
+    assert (await store.find_key(A, "b4")).guest is None
+    assert (await store.relay_target(A, "b2")) == RelayTarget(home, {}, at_b2)
+    assert (await store.relay_target(A)) == RelayTarget(home, {})
+    # Its registration (at its home) and its name are untouched.
+    found = await store.find_name("alpha")
+    assert (found.key, found.registration, found.guest) == (A, home, None)
+    # A guest expires on its own; so, later, does a guest whose node has no registration.
+    await store.publish_guest(registration(B, None, home="b2"), ttl=30)
+    await asyncio.sleep(0.7)
+    await store.expire_names(0)
+    assert (await store.find_key(A, "b2")) == Found(A, "alpha", home, None)
+    assert (await store.relay_target(B, "b2")).guest == registration(B, None, home="b2")
+    assert (await store.find_key(B, "b2")).registration is None
 
 
 # -- opening -------------------------------------------------------------------------------------

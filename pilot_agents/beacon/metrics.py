@@ -118,11 +118,14 @@ class TimedStore:
     async def find_name(self, name: str) -> Found:
         return await self._timed("find_name", self._inner.find_name(name))
 
-    async def find_key(self, key: bytes) -> Found:
-        return await self._timed("find_key", self._inner.find_key(key))
+    async def find_key(self, key: bytes, guest_at: str | None = None) -> Found:
+        return await self._timed("find_key", self._inner.find_key(key, guest_at))
 
     async def publish(self, registration: Registration, ttl: float) -> None:
         await self._timed("publish", self._inner.publish(registration, ttl))
+
+    async def publish_guest(self, guest: Registration, ttl: float) -> None:
+        await self._timed("publish_guest", self._inner.publish_guest(guest, ttl))
 
     async def expire_names(self, unused_since_ns: int) -> int:
         return await self._timed("expire_names", self._inner.expire_names(unused_since_ns))
@@ -133,8 +136,8 @@ class TimedStore:
     async def block_relay(self, receiver: bytes, sender: bytes, until_ns: int) -> None:
         await self._timed("block_relay", self._inner.block_relay(receiver, sender, until_ns))
 
-    async def relay_target(self, key: bytes) -> RelayTarget:
-        return await self._timed("relay_target", self._inner.relay_target(key))
+    async def relay_target(self, key: bytes, guest_at: str | None = None) -> RelayTarget:
+        return await self._timed("relay_target", self._inner.relay_target(key, guest_at))
 
     async def aclose(self) -> None:
         await self._inner.aclose()

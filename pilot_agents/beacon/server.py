@@ -148,6 +148,9 @@ class BeaconConfig:
     # sender), and in all (their memory: 4 MB of 1,200-byte packets).
     sibling_queue: int = 64
     max_sibling_queued: int = 4_096
+    # Nodes of other beacons of the fleet attached here (per worker; each is also an entry in a
+    # shared store): a new one beyond is refused, as rate limited, until some expire.
+    max_guests: int = 10_000
 
     def __post_init__(self) -> None:
         if self.name_touch_interval >= self.name_expiry:
@@ -350,6 +353,7 @@ class BeaconServer:
         self._nodes: dict[bytes, _Node] = {}
         self._by_address: dict[Address, bytes] = {}
         self._by_name: dict[str, bytes] = {}  # hostname -> key, of the nodes in _nodes
+        self._guest_count = 0  # nodes in _nodes that are guests
         self._last_timestamp: dict[bytes, int] = {}  # replay defence, outlives registrations
         self._limits: dict[bytes, _Limits] = {}
         c = self.config
@@ -668,6 +672,7 @@ class BeaconServer:
 
     def _drop(self, node: _Node) -> None:
         del self._nodes[node.key]
+        self._guest_count -= node.guest
         if self._by_address.get(node.address) == node.key:
             del self._by_address[node.address]
         self._forget_name(node)
@@ -823,6 +828,7 @@ class BeaconServer:
         else:
             reflexive = reported_address(address)
         reply = self._registered(message, address, Status.OK, reflexive)
+        self._guest_count += message.guest - (previous is not None and previous.guest)
         self._nodes[key] = _Node(
             key,
             message.hostname,
@@ -848,8 +854,8 @@ class BeaconServer:
             self._forget_name(previous)
         if message.hostname is not None:
             self._by_name[message.hostname] = key
-        if message.guest:
-            # In our memory only: its registration in the store is its home's.
+        if message.guest and self.registry.synchronous:
+            # One process holds all our guests: nothing to tell the store.
             self._out.append((reply, address))
             return
         registration = Registration(
@@ -861,7 +867,13 @@ class BeaconServer:
             address if address != reflexive else None,
             self.advertise,
         )
-        publish = self.registry.publish(registration, self.config.registration_ttl)
+        ttl = self.config.registration_ttl
+        if message.guest:
+            # For our other workers, which introduce and relay to it from the nodes they hold;
+            # its registration in the store stays its home's.
+            publish = self.registry.publish_guest(registration, ttl)
+        else:
+            publish = self.registry.publish(registration, ttl)
         if (previous is None or previous.address != address) and not self.registry.synchronous:
             # A node new here (or moved) answered at once could be asked for, through another
             # worker or beacon, before the store has it: answer when it does (or gave up).
@@ -872,6 +884,8 @@ class BeaconServer:
         else:
             self._out.append((reply, address))
             self._call_store(publish, _nothing, _nothing, now)
+        if message.guest:
+            return  # counted and logged by _accept_guest
         label = message.hostname or "(no name)"
         if previous is None or previous.expires <= now:
             self.stats.registrations += 1
@@ -896,14 +910,20 @@ class BeaconServer:
     def _accept_guest(self, message: bw.Register, address: Address, now: float) -> None:
         """A node registered at another beacon of the fleet attaches here to be introduced to a
         node of ours and relayed to and from it (its home sent it: RESOLVED and ELSEWHERE name
-        us). It lives in our memory only, as a registration without a name that expires unless
-        refreshed, and never reaches the store, where its home's registration stays. A GUEST
-        from a node registered here changes nothing: only a REGISTER moves a node."""
+        us). It lives in our memory as a registration without a name that expires unless
+        refreshed; in a shared store, only as a guest of ours (for our other workers), apart
+        from its home's registration. A GUEST from a node registered here changes nothing: only
+        a REGISTER moves a node."""
         key = message.node_key
         node = self._live(key, now)
         if node is not None and not node.guest:
             self._last_timestamp[key] = message.timestamp_ns
             self._out.append((self._registered(message, address, Status.OK), address))
+            return
+        if key not in self._nodes and self._guest_count >= self.config.max_guests:
+            # Expired ones still in _nodes go at the sweep; one replaced here keeps the count.
+            self._refuse("guest_limit")
+            self._out.append((self._registered(message, address, Status.RATE_LIMITED), address))
             return
         if node is None:
             self.stats.guests += 1
@@ -976,7 +996,8 @@ class BeaconServer:
         def unavailable(at: float) -> None:
             self._resolved(Found(None, None, None), message, asker, address, at, Status.UNAVAILABLE)
 
-        # A node registered here under a name answers from memory; the rest asks the store.
+        # A node registered here under a name answers from memory; the rest asks the store
+        # (not for guests: a lookup leads to a node's home).
         if message.node_key is not None:
             target = self._fresh(message.node_key, now)
             if target is not None and target.hostname is not None:
@@ -1092,7 +1113,7 @@ class BeaconServer:
                 refuse(Status.OFFLINE)
             else:
                 self._call_store(
-                    self.registry.find_key(message.peer_key),
+                    self.registry.find_key(message.peer_key, self.home),
                     found,
                     lambda at: refuse(Status.UNAVAILABLE),
                     now,
@@ -1227,13 +1248,16 @@ class BeaconServer:
     # packets on one worker, which holds it in memory; what a worker is asked about a node of
     # its beacon that it does not hold, it takes from the node's registration in the store.
 
-    def _at_sibling(self, found: Found) -> Registration | None:
-        """The live registration ``found`` carries if it is of this beacon (so another worker
-        holds it: ours are in ``_nodes``, and fresher than the store's copy)."""
-        registration = found.registration
-        if registration is None or registration.home != self.home or self.registry.synchronous:
+    def _at_sibling(self, found: Found | RelayTarget) -> Registration | None:
+        """The live registration ``found`` carries if it is of this beacon, else the key as a
+        guest of this beacon (looked up with ``guest_at``): another worker holds it (ours are in
+        ``_nodes``, and fresher than the store's copy)."""
+        if self.registry.synchronous:
             return None  # a synchronous store serves one process: what it holds, we hold
-        return registration
+        registration = found.registration
+        if registration is not None and registration.home == self.home:
+            return registration
+        return found.guest
 
     def _introduce_sibling(
         self,
@@ -1287,7 +1311,7 @@ class BeaconServer:
     def _look_up_sibling(self, key: bytes, now: float) -> None:
         self._sibling_waiting.setdefault(key, [])
         self._call_store(
-            self.registry.relay_target(key),
+            self.registry.relay_target(key, self.home),
             lambda found, at: self._sibling_found(key, found, at),
             lambda at: self._sibling_failed(key),
             now,
@@ -1295,12 +1319,12 @@ class BeaconServer:
 
     def _sibling_found(self, key: bytes, found: RelayTarget, now: float) -> None:
         registration = found.registration
-        ours = registration is not None and registration.home == self.home
+        ours = self._at_sibling(found)
         wall = self._wall_clock_ns()
         if len(self._siblings) >= self.config.max_siblings:
             self._siblings.clear()
         self._siblings[key] = _Sibling(
-            registration.observed if registration is not None and ours else None,
+            ours.observed if ours is not None else None,
             (registration and registration.hostname) or _short(key),
             {s: now + (until - wall) / 1e9 for s, until in found.blocks.items() if until > wall},
             now + self.config.sibling_ttl,

@@ -9,6 +9,9 @@ A store holds two things:
 - **Live registrations**: a node's key, candidates, NAT type and home beacon, published by the
   beacon it registered with and kept for a TTL (renewed by every refresh), so that any beacon
   sharing the store can resolve it.
+- **Guests**: a node attached to a beacon that is not its home (to meet a node of that beacon),
+  kept per (beacon, key) apart from its registration, for a TTL, so that the other workers of
+  that beacon can introduce it and relay to it. Only that beacon asks for them.
 
 The interface is asynchronous because a shared store is across the network. The SQLite store is
 local and answers without ever suspending (``synchronous``): the beacon's core runs its calls on
@@ -133,6 +136,7 @@ class Found:
     key: bytes | None  # the name's owner (or the key asked about); None: nobody owns the name
     hostname: str | None  # the name asked about (or the key's oldest name)
     registration: Registration | None  # its live registration, on any beacon
+    guest: Registration | None = None  # the key as a guest of the beacon that asked, if it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,7 @@ class RelayTarget:
 
     registration: Registration | None  # its live registration, on any beacon
     blocks: dict[bytes, int]  # senders it asked not to be relayed from -> until (wall ns)
+    guest: Registration | None = None  # the key as a guest of the beacon that asked, if it is
 
 
 class Store(Protocol):
@@ -165,10 +170,20 @@ class Store(Protocol):
 
     async def find_name(self, name: str) -> Found: ...
 
-    async def find_key(self, key: bytes) -> Found: ...
+    async def find_key(self, key: bytes, guest_at: str | None = None) -> Found:
+        """What the store knows of ``key``; with ``guest_at`` (a beacon id), also the key as a
+        guest of that beacon (:meth:`publish_guest`)."""
+        ...
 
     async def publish(self, registration: Registration, ttl: float) -> None:
         """Keep ``registration`` for ``ttl`` seconds, replacing the key's previous one."""
+        ...
+
+    async def publish_guest(self, guest: Registration, ttl: float) -> None:
+        """Keep ``guest`` (a node attached as a guest to the beacon ``guest.home``) for ``ttl``
+        seconds, replacing its previous entry at that beacon. Its registration (at its home)
+        and its names are not touched: only ``find_key`` and ``relay_target`` with
+        ``guest_at=guest.home`` read it."""
         ...
 
     async def expire_names(self, unused_since_ns: int) -> int:
@@ -180,8 +195,9 @@ class Store(Protocol):
         clock); 0 lifts the block. Read by the workers that relay to it (:meth:`relay_target`)."""
         ...
 
-    async def relay_target(self, key: bytes) -> RelayTarget:
-        """``key``'s live registration and the relay blocks in force for it."""
+    async def relay_target(self, key: bytes, guest_at: str | None = None) -> RelayTarget:
+        """``key``'s live registration and the relay blocks in force for it; with ``guest_at``,
+        also the key as a guest of that beacon."""
         ...
 
     async def name_count(self) -> int: ...

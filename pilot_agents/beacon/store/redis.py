@@ -4,7 +4,7 @@ Every operation that reads and writes is one Lua script, which Redis runs atomic
 beacons claiming one name at once can't both win, and a key's oldest name is given up in the
 same step that claims its new one. Names carry no Redis TTL (their expiry is the owner's last
 use, kept in a sorted set and swept by :meth:`RedisStore.expire_names`, as the SQLite store does);
-registrations do (``PX``), renewed by every refresh. The key layout is documented in
+registrations and guests do (``PX``), renewed by every refresh. The key layout is documented in
 ``docs/beacon.md``; all keys sit under one prefix, and the scripts compute the keys they touch,
 so the store needs one Redis (or a primary with replicas), not a Redis Cluster.
 
@@ -80,12 +80,24 @@ if not owner then return {'', ''} end
 return {owner, redis.call('GET', p .. 'reg:' .. owner) or ''}
 """
 
-# ARGV: prefix, key (hex). Returns {oldest name or '', registration (JSON or '')}.
-_FIND_KEY = """
+# Shared by the scripts: the key as a guest of beacon id ``at`` ('' for none), JSON or ''.
+_GUEST = """
+local function guest(p, at, key)
+  if at == '' then return '' end
+  return redis.call('GET', p .. 'guest:' .. at .. ':' .. key) or ''
+end
+"""
+
+# ARGV: prefix, key (hex), beacon id or ''. Returns {oldest name or '', registration (JSON or
+# ''), guest (JSON or '')}.
+_FIND_KEY = (
+    _GUEST
+    + """
 local p, key = ARGV[1], ARGV[2]
 local names = redis.call('ZRANGE', p .. 'key:' .. key, 0, 0)
-return {names[1] or '', redis.call('GET', p .. 'reg:' .. key) or ''}
+return {names[1] or '', redis.call('GET', p .. 'reg:' .. key) or '', guest(p, ARGV[3], key)}
 """
+)
 
 # ARGV: prefix, cutoff (ns), batch. Returns how many names went.
 _EXPIRE = (
@@ -99,15 +111,19 @@ return #names
 """
 )
 
-# ARGV: prefix, key (hex). Returns {registration (JSON or ''), sender, until, sender, until...}.
-_RELAY_TARGET = """
+# ARGV: prefix, key (hex), beacon id or ''. Returns {registration (JSON or ''), guest (JSON or
+# ''), sender, until, sender, until...}.
+_RELAY_TARGET = (
+    _GUEST
+    + """
 local p, key = ARGV[1], ARGV[2]
-local result = {redis.call('GET', p .. 'reg:' .. key) or ''}
+local result = {redis.call('GET', p .. 'reg:' .. key) or '', guest(p, ARGV[3], key)}
 for _, value in ipairs(redis.call('HGETALL', p .. 'blocks:' .. key)) do
   table.insert(result, value)
 end
 return result
 """
+)
 
 # ARGV: prefix, receiver (hex), sender (hex), until (wall ns; '0' lifts), milliseconds it lasts.
 # The hash lives until its longest block ends (PTTL is -1 for the hash HSET just created).
@@ -200,14 +216,26 @@ class RedisStore:
         key = _key(owner)
         return Found(key, name, self._registration(key, registration))
 
-    async def find_key(self, key: bytes) -> Found:
-        name, registration = await self._run(self._find_key(args=[self._prefix, key.hex()]))
-        return Found(key, _text(name) or None, self._registration(key, registration))
+    async def find_key(self, key: bytes, guest_at: str | None = None) -> Found:
+        args = [self._prefix, key.hex(), guest_at or ""]
+        name, registration, guest = await self._run(self._find_key(args=args))
+        return Found(
+            key,
+            _text(name) or None,
+            self._registration(key, registration),
+            self._registration(key, guest),
+        )
 
     async def publish(self, registration: Registration, ttl: float) -> None:
         """Every node's refresh publishes: those of one event-loop turn (a datagram batch) go
         to Redis in one pipeline, one round trip."""
-        key = f"{self._prefix}reg:{registration.key.hex()}"
+        await self._set(f"{self._prefix}reg:{registration.key.hex()}", registration, ttl)
+
+    async def publish_guest(self, guest: Registration, ttl: float) -> None:
+        """In the pipeline of the publications: a guest refreshes as often as a node does."""
+        await self._set(f"{self._prefix}guest:{guest.home}:{guest.key.hex()}", guest, ttl)
+
+    async def _set(self, key: str, registration: Registration, ttl: float) -> None:
         entry = (key, registration.to_json(), max(1, int(ttl * 1000)))
         if self._publications is None or self._published is None:
             self._publications = []
@@ -254,12 +282,15 @@ class RedisStore:
         args: list[str | int] = [self._prefix, receiver.hex(), sender.hex(), until_ns, lasts_ms]
         await self._run(self._block(args=args))
 
-    async def relay_target(self, key: bytes) -> RelayTarget:
-        reply = await self._run(self._relay_target(args=[self._prefix, key.hex()]))
+    async def relay_target(self, key: bytes, guest_at: str | None = None) -> RelayTarget:
+        args = [self._prefix, key.hex(), guest_at or ""]
+        reply = await self._run(self._relay_target(args=args))
         blocks = {
-            bytes.fromhex(reply[i].decode()): int(reply[i + 1]) for i in range(1, len(reply), 2)
+            bytes.fromhex(reply[i].decode()): int(reply[i + 1]) for i in range(2, len(reply), 2)
         }
-        return RelayTarget(self._registration(key, reply[0]), blocks)
+        return RelayTarget(
+            self._registration(key, reply[0]), blocks, self._registration(key, reply[1])
+        )
 
     async def aclose(self) -> None:
         for sender in self._senders:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Hashable
 from pathlib import Path
+from typing import TypeVar
 
 from ...errors import ConfigError
 from ...net.traversal.beacon_wire import Status
@@ -66,6 +68,9 @@ class SqliteStore:
         self._path = path
         # key -> (registration, when it expires on the monotonic clock)
         self._registrations: dict[bytes, tuple[Registration, float]] = {}
+        # (beacon id, key) -> the same, for guests: one process holds its guests in memory
+        # anyway, so only the conformance suite writes these.
+        self._guests: dict[tuple[str, bytes], tuple[Registration, float]] = {}
         self._blocks: dict[bytes, dict[bytes, int]] = {}  # one process: for the interface's sake
 
     @classmethod
@@ -152,28 +157,22 @@ class SqliteStore:
 
     async def find_name(self, name: str) -> Found:
         key = self.owner(name)
-        return Found(key, name, None if key is None else self._live(key))
+        return Found(key, name, None if key is None else _live(self._registrations, key))
 
-    async def find_key(self, key: bytes) -> Found:
+    async def find_key(self, key: bytes, guest_at: str | None = None) -> Found:
         names = self.names_of(key)
-        return Found(key, names[0] if names else None, self._live(key))
+        guest = None if guest_at is None else _live(self._guests, (guest_at, key))
+        return Found(key, names[0] if names else None, _live(self._registrations, key), guest)
 
     async def publish(self, registration: Registration, ttl: float) -> None:
-        # Moved to the end: the dict stays in order of expiry (one beacon, one TTL).
-        self._registrations.pop(registration.key, None)
-        self._registrations[registration.key] = (registration, time.monotonic() + ttl)
+        _keep(self._registrations, registration.key, registration, ttl)
+
+    async def publish_guest(self, guest: Registration, ttl: float) -> None:
+        _keep(self._guests, (guest.home, guest.key), guest, ttl)
 
     async def expire_names(self, unused_since_ns: int) -> int:
-        # Only the expired head of the dict: walking all of it took 100 ms at 100k nodes, every
-        # sweep. (An entry behind a longer TTL waits; _live checks the expiry anyway.)
-        now = time.monotonic()
-        expired = []
-        for key, (_, expires) in self._registrations.items():
-            if expires > now:
-                break
-            expired.append(key)
-        for key in expired:
-            del self._registrations[key]
+        _expire_head(self._registrations)
+        _expire_head(self._guests)
         return self.expire(unused_since_ns)
 
     async def name_count(self) -> int:
@@ -192,12 +191,39 @@ class SqliteStore:
         if not blocks:
             del self._blocks[receiver]
 
-    async def relay_target(self, key: bytes) -> RelayTarget:
-        return RelayTarget(self._live(key), dict(self._blocks.get(key, {})))
+    async def relay_target(self, key: bytes, guest_at: str | None = None) -> RelayTarget:
+        guest = None if guest_at is None else _live(self._guests, (guest_at, key))
+        blocks = dict(self._blocks.get(key, {}))
+        return RelayTarget(_live(self._registrations, key), blocks, guest)
 
     async def aclose(self) -> None:
         self.close()
 
-    def _live(self, key: bytes) -> Registration | None:
-        entry = self._registrations.get(key)
-        return entry[0] if entry is not None and entry[1] > time.monotonic() else None
+
+Entry = TypeVar("Entry", bound=Hashable)
+
+
+def _keep(
+    table: dict[Entry, tuple[Registration, float]], key: Entry, value: Registration, ttl: float
+) -> None:
+    # Moved to the end: the dict stays in order of expiry (one beacon, one TTL).
+    table.pop(key, None)
+    table[key] = (value, time.monotonic() + ttl)
+
+
+def _live(table: dict[Entry, tuple[Registration, float]], key: Entry) -> Registration | None:
+    entry = table.get(key)
+    return entry[0] if entry is not None and entry[1] > time.monotonic() else None
+
+
+def _expire_head(table: dict[Entry, tuple[Registration, float]]) -> None:
+    """Drop the expired head of ``table``: walking all of it took 100 ms at 100k nodes, every
+    sweep. (An entry behind a longer TTL waits; _live checks the expiry anyway.)"""
+    now = time.monotonic()
+    expired = []
+    for key, (_, expires) in table.items():
+        if expires > now:
+            break
+        expired.append(key)
+    for key in expired:
+        del table[key]
