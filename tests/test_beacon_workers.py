@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from pilot_agents import Node
+from pilot_agents.beacon.service import query_status
 from pilot_agents.beacon.store import open_store
 from pilot_agents.identity import Identity, node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
@@ -31,6 +32,9 @@ from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
 from pilot_agents.net.tunnel.config import PathConfig, SessionConfig
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
+from tests.test_beacon_fleet import RELAY_ONLY, Fleet
+from tests.test_beacon_fleet import _exchange as exchange
+from tests.test_beacon_fleet import _published as published
 from tests.test_beacon_service import ROOT, BeaconProcess, ClientDriver, make_client
 from tests.test_beacon_service import drivers as drivers  # the fixture
 
@@ -148,6 +152,49 @@ async def test_nodes_on_two_workers_resolve_introduce_relay_and_block(
         await asyncio.sleep(0.05)
     assert status_from(beacon.address, port)["refusals"]["relay_blocked"] == 4
     assert not [e for e in bob.events if isinstance(e, bc.Relayed)]
+
+
+async def test_a_guest_and_a_node_on_different_workers_connect_both_ways(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Beacon B runs two workers, beacon A one, on one Redis: alpha (home A) is B's guest on
+    worker 0, bravo (home B) is on worker 1. Worker 1 relays to alpha and introduces it from
+    alpha's guest entry in the store; worker 0 relays to bravo from his registration."""
+    key_file = tmp_path / "fleet" / "identity.key"
+    Identity.load_or_create(key_file.parent)
+    common = ("--store", redis_server.url(), "--key-file", str(key_file))
+    a = BeaconProcess(tmp_path / "a", "127.0.0.1:0", *common, "--beacon-id", "beacon-a")
+    b = BeaconProcess(
+        tmp_path / "b", "127.0.0.1:0", *common, "--beacon-id", "beacon-b", "--workers", "2"
+    )
+    try:
+        ports = ports_by_worker(b.address)
+        key = node_id_from_key(a.key)
+        spec_a, spec_b = (f"{key}@{x.address[0]}:{x.address[1]}" for x in (a, b))
+        async with (
+            Node(tmp_path / "na", f"127.0.0.1:{ports[0]}", RELAY_ONLY, beacon=spec_a,
+                 hostname="alpha") as alpha,
+            Node(tmp_path / "nb", f"127.0.0.1:{ports[1]}", RELAY_ONLY, beacon=spec_b,
+                 hostname="bravo") as bravo,
+        ):
+            await published(Fleet(redis_server, a, b, key_file), tmp_path, "alpha", "bravo")
+            alpha.trust(bravo.node_id)
+            bravo.trust(alpha.node_id)
+            assert await exchange(alpha, bravo, "bravo", 1001) == "relay"
+            # Bravo answered alpha through his own home: he did not have to be a guest at A.
+            assert (await query_status(a.address))["guests"] == 0
+            assert await exchange(bravo, alpha, "alpha", 1002) == "relay"
+        # A port of each worker, free again now that the nodes are gone.
+        workers = [status_from(b.address, port) for port in ports_by_worker(b.address).values()]
+        first, second = sorted(workers, key=lambda counters: int(counters["worker"]))
+        assert first["guests"] >= 1 and second["guests"] == 0
+        assert first["relayed_packets"] > 0 and second["relayed_packets"] > 0
+        assert not second["refusals"].get("relay_target_offline")
+        assert not second["refusals"].get("introduce_elsewhere")
+    finally:
+        for beacon in (a, b):
+            code, log = beacon.stop()
+            assert code == 0, log
 
 
 def redis_url(beacon: BeaconProcess) -> str:
