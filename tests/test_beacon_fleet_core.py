@@ -10,6 +10,7 @@ dies, the peers routed through it are looked up and introduced again.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +30,7 @@ from tests.test_beacon_store import Deferred
 
 A: Address = ("198.51.100.1", 9000)
 B: Address = ("198.51.100.2", 9000)
-WALL0 = 1_764_000_000 * 10**9
+WALL0 = time.time_ns()  # the store keeps relay blocks until their end on the real clock
 INTERVAL = bc.BeaconClientConfig.keepalive_interval
 DATA = bytes([wire.DATA]) + b"sealed"
 E = TypeVar("E", bound=bc.BeaconEvent)
@@ -340,7 +341,7 @@ def test_a_node_whose_home_dies_moves_to_where_it_was_a_guest(net: FleetNet) -> 
     net.advance(3 * INTERVAL)
     # Its guest session at B gave way to its registration there; bravo is now at its home.
     assert alpha.client.beacon == B and alpha.client.addresses == {B}
-    assert not net.beacons[B]._nodes[alpha.key].guest
+    assert not net.beacons[B]._nodes[alpha.key].guest and net.beacons[B]._guest_count == 0
     assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), B)
     found = run_now(net.store.find_name("alpha"))
     assert found.registration is not None and found.registration.home == "b"
@@ -434,6 +435,20 @@ def test_a_guest_and_a_node_on_different_workers_meet_and_relay_both_ways(tmp_pa
     assert alpha.of(bc.Relayed) == [bc.Relayed(bravo.key, b"\x04reply")]
     assert (first.stats.relayed_packets, second.stats.relayed_packets) == (1, 1)
     assert not second.stats.refusals["relay_target_offline"]
+
+    # Alpha blocks bravo at its worker (BLOCK_RELAY to B, which relayed him): worker 1 holds
+    # the block once its lookup of alpha (sibling_ttl old) is made again.
+    while not alpha.client.report_invalid_relayed(bravo.key, net.now):
+        pass
+    net.run()
+    net.advance(BeaconConfig().sibling_ttl + 1)
+    datagram, to = bravo.client.relay(alpha.key, b"\x04blocked", net.now) or (b"", A)
+    net.send(bravo, datagram, to)  # looked up again; served the last answer meanwhile
+    net.run()
+    net.send(bravo, datagram, to)
+    net.run()
+    assert second.stats.refusals["relay_blocked"] == 1
+    assert alpha.of(bc.Relayed).count(bc.Relayed(bravo.key, b"\x04blocked")) == 1
 
 
 

@@ -26,7 +26,7 @@ import pytest
 from pilot_agents import Node
 from pilot_agents.beacon.service import query_status
 from pilot_agents.beacon.store import open_store
-from pilot_agents.identity import Identity, node_id_from_key
+from pilot_agents.identity import Identity, key_from_node_id, node_id_from_key
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
@@ -184,6 +184,17 @@ async def test_a_guest_and_a_node_on_different_workers_connect_both_ways(
             # Bravo answered alpha through his own home: he did not have to be a guest at A.
             assert (await query_status(a.address))["guests"] == 0
             assert await exchange(bravo, alpha, "alpha", 1002) == "relay"
+            # Alpha is B's guest in the store too, for worker 1; bravo, since guest at A
+            # (which has one process), is not A's there.
+            store = await open_store(redis_server.url(), tmp_path)
+            try:
+                found = await store.find_key(key_from_node_id(alpha.node_id), "beacon-b")
+                assert found.guest is not None and found.guest.home == "beacon-b"
+                assert found.registration is not None and found.registration.home == "beacon-a"
+                bravo_key = key_from_node_id(bravo.node_id)
+                assert (await store.find_key(bravo_key, "beacon-a")).guest is None
+            finally:
+                await store.aclose()
         # A port of each worker, free again now that the nodes are gone.
         workers = [status_from(b.address, port) for port in ports_by_worker(b.address).values()]
         first, second = sorted(workers, key=lambda counters: int(counters["worker"]))

@@ -854,7 +854,7 @@ class BeaconServer:
             self._forget_name(previous)
         if message.hostname is not None:
             self._by_name[message.hostname] = key
-        if message.guest and self.registry.synchronous:
+        if message.guest and (self.worker is None or self.registry.synchronous):
             # One process holds all our guests: nothing to tell the store.
             self._out.append((reply, address))
             return
@@ -920,8 +920,8 @@ class BeaconServer:
             self._last_timestamp[key] = message.timestamp_ns
             self._out.append((self._registered(message, address, Status.OK), address))
             return
-        if key not in self._nodes and self._guest_count >= self.config.max_guests:
-            # Expired ones still in _nodes go at the sweep; one replaced here keeps the count.
+        held = self._nodes.get(key)  # live or not: replacing a guest keeps the count
+        if (held is None or not held.guest) and self._guest_count >= self.config.max_guests:
             self._refuse("guest_limit")
             self._out.append((self._registered(message, address, Status.RATE_LIMITED), address))
             return
