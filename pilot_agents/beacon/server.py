@@ -1246,7 +1246,8 @@ class BeaconServer:
     # -- nodes another worker of this beacon holds (--workers) ---------------------------------
     # The workers share one port, one beacon id and the store. The kernel keeps each node's
     # packets on one worker, which holds it in memory; what a worker is asked about a node of
-    # its beacon that it does not hold, it takes from the node's registration in the store.
+    # its beacon that it does not hold, it takes from the node's registration in the store (or,
+    # for a guest of the beacon, from its guest entry there).
 
     def _at_sibling(self, found: Found | RelayTarget) -> Registration | None:
         """The live registration ``found`` carries if it is of this beacon, else the key as a
