@@ -74,7 +74,8 @@ def ext_modules() -> list[Extension]:
               file=sys.stderr)
         raise
     # Code mypyc compiles reaches C libraries only through Python calls (here ctypes), so the
-    # AEAD call made for every packet has a small C module of its own.
+    # AEAD call made for every packet has a small C module of its own; so have recvmmsg and
+    # sendmmsg, which Python's socket module lacks (each module has a Python fallback).
     c_modules = [Extension(f"pilot_agents.net.{name}", [f"pilot_agents/net/{source}"])
                  for name, source in NATIVE["C_MODULES"].items()]
     return [*core, *c_modules]

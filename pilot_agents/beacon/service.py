@@ -37,14 +37,14 @@ from typing import Any
 from ..addressing import parse_host_port
 from ..errors import ConfigError, PilotError, PilotTimeoutError, StoreUnavailableError, WireError
 from ..identity import Identity, default_home, node_id_from_key
-from ..net.io.udp import open_socket, read_batch
+from ..net.io.udp import open_socket
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
 from . import metrics as beacon_metrics
 from . import workers
 from .server import BeaconConfig, BeaconServer, StoreCall, reported_address
 from .store import Store, open_store
-from .udp_batch import Sender, enable_gro, read_coalesced
+from .udp_batch import Reader, Sender
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -92,9 +92,11 @@ class BeaconService:
         self._store_tasks: set[asyncio.Task[None]] = set()
         # Set by a beacon process (not one embedded in a test): see _on_timer.
         self.freeze_gc = False
-        # Relayed traffic comes and goes in runs of one flow: read and send those in batches.
-        self._gro = enable_gro(sock)
+        # Relayed traffic comes and goes in runs of one flow, and in any case many datagrams at a
+        # time: read and send them in batches (udp_batch). The STUN-only socket has no runs.
+        self._reader = Reader(sock)
         self._sender = Sender(sock)
+        self._alt_reader = Reader(alt_sock, gro=False) if alt_sock is not None else None
         self._alt_sender = Sender(alt_sock, gso=False) if alt_sock is not None else None
         self._loop.add_reader(sock.fileno(), self._read_ready)
         if alt_sock is not None:
@@ -138,22 +140,14 @@ class BeaconService:
                 sock.close()
         self._sock = self._alt_sock = None
 
-    def _drain(self, sock: socket.socket, receive: Callable[[bytes, Address, float], None]) -> None:
-        now = self._loop.time()
-        for data, address in read_batch(sock):
-            receive(data, address, now)
-
     def _read_ready(self) -> None:
         if self._sock is not None:
-            if self._gro:
-                read_coalesced(self._sock, self.server.receive_datagram, self._loop.time())
-            else:
-                self._drain(self._sock, self.server.receive_datagram)
+            self._reader.read(self.server.receive_datagram, self._loop.time())
             self._flush()
 
     def _alt_read_ready(self) -> None:
-        if self._alt_sock is not None and self._alt_sender is not None:
-            self._drain(self._alt_sock, self.server.receive_alt_datagram)
+        if self._alt_sock is not None and self._alt_reader is not None and self._alt_sender:
+            self._alt_reader.read(self.server.receive_alt_datagram, self._loop.time())
             self._alt_sender.send_all(self.server.alt_datagrams_to_send())
 
     def _flush(self) -> None:

@@ -1,4 +1,4 @@
-"""The beacon's socket I/O in batches: UDP GRO to receive, UDP GSO to send (Linux).
+"""The beacon's socket I/O in batches: many datagrams per system call, UDP GRO and GSO (Linux).
 
 A relaying beacon spends most of a packet's cost in two system calls, one to read it and one to
 send it on. Linux can do both for many datagrams at once (DESIGN.md §8): with ``UDP_GRO`` set,
@@ -8,19 +8,35 @@ size to one address. Relayed traffic is made of such runs: one sender's packets 
 all of the tunnel's packet size. The receivers see ordinary datagrams either way (the kernel, or
 the NIC, cuts them), and where the kernel lacks either option the beacon reads and sends one
 datagram per call as before.
+
+Traffic that does not come in runs (senders sending one datagram per call, many flows
+interleaved) still costs two system calls per packet that way. Where the C module
+:mod:`pilot_agents.net.io._mmsg` was compiled (Linux), one ``recvmmsg`` reads up to
+``MMSG_BATCH`` datagrams (each perhaps a GRO run, cut as above) and one ``sendmmsg`` sends a
+flush's datagrams (runs still as one GSO message each); elsewhere the same calls one datagram
+at a time.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import sys
 from collections.abc import Callable
 from typing import Final
 
+from ..net.io.udp import read_batch
 from ..net.traversal.beacon_wire import Address
+
+try:
+    from ..net.io import _mmsg
+except ImportError:  # not compiled (a pure-Python install) or not Linux
+    MMSG = False
+else:
+    MMSG = True
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -33,6 +49,9 @@ MAX_GSO_BYTES: Final = 65_000  # a GSO buffer stays under the largest UDP payloa
 MAX_GSO_SEGMENT: Final = 1_452
 MAX_DATAGRAM: Final = 65_535
 READ_BATCH: Final = 256  # reads per readiness callback before yielding to other tasks
+# Datagrams per recvmmsg: its buffers are this many times MAX_DATAGRAM (4 MB of address space,
+# resident only as far as datagrams filled them: a page each for unbatched tunnel packets).
+MMSG_BATCH: Final = 64
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _EXPECTED_SEND_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
 
@@ -71,15 +90,58 @@ def read_coalesced(sock: socket.socket, receive: Receive, now: float) -> None:
             receive(data, address, now)
 
 
-class Sender:
-    """Sends a list of datagrams, runs of one size to one address in one ``sendmsg`` each."""
+class Reader:
+    """Reads what waits on a socket, a batch per readiness callback: ``recvmmsg`` where it can.
 
-    def __init__(self, sock: socket.socket, *, gso: bool = True) -> None:
+    ``gro``: ask for coalesced reads (relayed runs). ``mmsg``: whether to use the C module (the
+    tests turn it off to check the fallback)."""
+
+    def __init__(self, sock: socket.socket, *, gro: bool = True, mmsg: bool = MMSG) -> None:
+        self.sock = sock
+        self.gro = gro and enable_gro(sock)
+        self._receiver = _mmsg.Receiver(MMSG_BATCH, MAX_DATAGRAM) if mmsg and MMSG else None
+
+    def read(self, receive: Receive, now: float) -> None:
+        """Feed each datagram waiting, up to ``READ_BATCH``, to ``receive``."""
+        if self._receiver is not None:
+            self._read_many(self._receiver, receive, now)
+        elif self.gro:
+            read_coalesced(self.sock, receive, now)
+        else:
+            for data, address in read_batch(self.sock, READ_BATCH):
+                receive(data, address, now)
+
+    def _read_many(self, receiver: _mmsg.Receiver, receive: Receive, now: float) -> None:
+        fd = self.sock.fileno()
+        for _ in range(READ_BATCH // MMSG_BATCH):
+            batch: list[tuple[bytes, Address]] = []
+            try:
+                count = receiver.read(fd, batch)
+            except OSError as exc:
+                # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
+                log.debug("recvmmsg: %s", exc)
+                continue
+            for data, address in batch:
+                receive(data, address, now)
+            if count < MMSG_BATCH:
+                return  # drained: no further call to find nothing
+
+
+class Sender:
+    """Sends a list of datagrams, runs of one size to one address in one ``sendmsg`` each, and
+    with ``mmsg`` (the C module) the whole list in one ``sendmmsg`` (or a few: see _mmsg.c)."""
+
+    def __init__(self, sock: socket.socket, *, gso: bool = True, mmsg: bool = MMSG) -> None:
         self.sock = sock
         self.gso = gso
+        self.mmsg = mmsg and MMSG
         self.errors = 0  # datagrams lost to a full buffer or a failed send
 
     def send_all(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        if self.mmsg:
+            if datagrams:
+                self._send_many(datagrams)
+            return
         i, n = 0, len(datagrams)
         sendto = self.sock.sendto
         while i < n:
@@ -103,6 +165,33 @@ class Sender:
                 self._send_run(datagrams[i:j], size, address)
             i = j
 
+    def _send_many(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        failures = _mmsg.send(
+            self.sock.fileno(), self.sock.family, datagrams,
+            MAX_GSO_SEGMENT if self.gso else 0, MAX_SEGMENTS, MAX_GSO_BYTES,
+        )
+        # One failed destination loses its datagrams only; the C module went on with the rest.
+        for start, end, error in failures:
+            if error == _mmsg.NOT_NUMERIC:
+                # An address sendto must resolve (or refuse, with the reason): it is one datagram.
+                self._send_one(*datagrams[start])
+            elif end - start > 1 and error not in _EXPECTED_SEND_ERRORS:
+                self._run_failed(datagrams[start:end], OSError(error, os.strerror(error)))
+            else:
+                self.errors += end - start
+                if error not in _EXPECTED_SEND_ERRORS:
+                    log.debug("sendmmsg to %s failed: %s", datagrams[start][1], os.strerror(error))
+
+    def _run_failed(self, run: list[tuple[bytes, Address]], exc: OSError) -> None:
+        """A GSO send failed, not for a full buffer: the destination refused (a firewall's EPERM,
+        a broadcast address), or the kernel or device can't do GSO. Sent one by one, they tell."""
+        errors = self.errors
+        for data, address in run:
+            self._send_one(data, address)
+        if self.errors - errors < len(run):
+            log.info("UDP GSO unavailable (%s): sending datagrams one by one", exc)
+            self.gso = False
+
     def _send_one(self, data: bytes, address: Address) -> None:
         try:
             self.sock.sendto(data, address)
@@ -122,9 +211,5 @@ class Sender:
         except OSError as exc:
             if exc.errno in _EXPECTED_SEND_ERRORS:
                 self.errors += len(run)
-                return
-            # No GSO here (an old kernel, a device that refuses it): one at a time from now on.
-            log.info("UDP GSO unavailable (%s): sending datagrams one by one", exc)
-            self.gso = False
-            for data, _ in run:
-                self._send_one(data, address)
+            else:
+                self._run_failed(run, exc)

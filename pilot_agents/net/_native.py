@@ -32,7 +32,7 @@ COMPILED = (
 )
 
 # Hand-written C extension modules (name: source) built with the core; each has a fallback.
-C_MODULES = {"tunnel._aead": "tunnel/_aead.c"}
+C_MODULES = {"tunnel._aead": "tunnel/_aead.c", "io._mmsg": "io/_mmsg.c"}
 
 NET_DIR = Path(__file__).resolve().parent
 REBUILD = "scripts/build-native.sh"
