@@ -30,7 +30,7 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         with pytest.raises(ValueError):
             _mmsg.Receiver(count, size)
     with pytest.raises(TypeError):
-        _mmsg.Receiver(4, 100).read(0, ())
+        _mmsg.Receiver(4, 100).read(0, (), 0.0)
     with pytest.raises(TypeError):
         _mmsg.send(0, socket.AF_INET, (), 0, 64, 65_000)
     with pytest.raises(ValueError):
@@ -43,10 +43,10 @@ def test_a_datagram_larger_than_the_buffer_is_skipped(
     a, b = pair
     for data in (b"x" * 200, b"fits"):
         a.sendto(data, b.getsockname())
-    out: list[tuple[bytes, tuple[str, int]]] = []
+    out: list[tuple[bytes, tuple[str, int], float]] = []
     b.recv(0, socket.MSG_PEEK)  # both have arrived (loopback delivers in order)
-    assert _mmsg.Receiver(4, 100).read(b.fileno(), out) == 2
-    assert out == [(b"fits", a.getsockname())]
+    assert _mmsg.Receiver(4, 100).read(b.fileno(), lambda *args: out.append(args), 1.5) == 2
+    assert out == [(b"fits", a.getsockname(), 1.5)]
 
 
 def test_what_it_cannot_send_is_handed_back(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -74,4 +74,4 @@ def test_a_closed_socket_fails_every_datagram_without_raising(
         (i, i + 1, errno.EBADF) for i in range(3)
     ]
     with pytest.raises(OSError):
-        _mmsg.Receiver(4, 100).read(fd, [])
+        _mmsg.Receiver(4, 100).read(fd, print, 0.0)

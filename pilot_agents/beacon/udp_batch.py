@@ -114,15 +114,12 @@ class Reader:
     def _read_many(self, receiver: _mmsg.Receiver, receive: Receive, now: float) -> None:
         fd = self.sock.fileno()
         for _ in range(READ_BATCH // MMSG_BATCH):
-            batch: list[tuple[bytes, Address]] = []
             try:
-                count = receiver.read(fd, batch)
+                count = receiver.read(fd, receive, now)
             except OSError as exc:
                 # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
                 log.debug("recvmmsg: %s", exc)
                 continue
-            for data, address in batch:
-                receive(data, address, now)
             if count < MMSG_BATCH:
                 return  # drained: no further call to find nothing
 

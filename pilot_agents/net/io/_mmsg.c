@@ -62,8 +62,8 @@ typedef struct {
     address_t *names;
     char *control; /* count * RECV_CONTROL */
     char *data;    /* count * size */
-    /* Set during read(): building the output can run a collection, whose finalizers may let
-     * another thread in, which must not refill the buffers being read. */
+    /* Set during read(): the receive callback (or a collection) may let another thread in,
+     * which must not refill the buffers still being handed out. */
     int busy;
 } Receiver;
 
@@ -144,21 +144,22 @@ static int gro_size(struct msghdr *header) {
     return 0;
 }
 
-static int append(PyObject *out, const char *data, size_t size, PyObject *address) {
-    PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)size);
-    if (bytes == NULL)
+/* receive(data, address, now) for one datagram: the bytes are the only object made for it. */
+static int deliver(PyObject *receive, const char *data, size_t size, PyObject *address,
+                   PyObject *now) {
+    PyObject *args[3] = {PyBytes_FromStringAndSize(data, (Py_ssize_t)size), address, now};
+    if (args[0] == NULL)
         return -1;
-    PyObject *item = PyTuple_Pack(2, bytes, address);
-    Py_DECREF(bytes);
-    if (item == NULL)
+    PyObject *result = PyObject_Vectorcall(receive, args, 3, NULL);
+    Py_DECREF(args[0]);
+    if (result == NULL)
         return -1;
-    int failed = PyList_Append(out, item);
-    Py_DECREF(item);
-    return failed;
+    Py_DECREF(result);
+    return 0;
 }
 
-/* One recvmmsg on fd into the buffers; what it read appended to out. */
-static PyObject *receive(Receiver *self, int fd, PyObject *out) {
+/* One recvmmsg on fd into the buffers; each datagram read handed to receive. */
+static PyObject *read_into(Receiver *self, int fd, PyObject *receive, PyObject *now) {
     for (unsigned int i = 0; i < self->count; i++) {
         struct msghdr *header = &self->messages[i].msg_hdr;
         header->msg_namelen = sizeof(address_t);
@@ -201,7 +202,7 @@ static PyObject *receive(Receiver *self, int fd, PyObject *out) {
         size_t start = 0;
         do {
             size_t length = size - start < segment ? size - start : segment;
-            if (append(out, data + start, length, address) < 0) {
+            if (deliver(receive, data + start, length, address, now) < 0) {
                 Py_DECREF(address);
                 return NULL;
             }
@@ -212,10 +213,11 @@ static PyObject *receive(Receiver *self, int fd, PyObject *out) {
     return PyLong_FromLong(got);
 }
 
-/* read(fd, out) -> datagrams read: appends (data, (host, port)) for each, cut at GRO sizes. */
+/* read(fd, receive, now) -> datagrams read: receive(data, (host, port), now) for each datagram,
+ * a GRO run cut into its datagrams. If receive raises, the rest of the batch is lost. */
 static PyObject *receiver_read(Receiver *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyList_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, out): out must be a list");
+    if (nargs != 3 || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "read(fd, receive, now): receive must be callable");
         return NULL;
     }
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -226,15 +228,15 @@ static PyObject *receiver_read(Receiver *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     self->busy = 1;
-    PyObject *result = receive(self, fd, args[1]);
+    PyObject *result = read_into(self, fd, args[1], args[2]);
     self->busy = 0;
     return result;
 }
 
 static PyMethodDef receiver_methods[] = {
     {"read", (PyCFunction)(void (*)(void))receiver_read, METH_FASTCALL,
-     "read(fd, out) -> datagrams read (0: none waiting); appends (data, (host, port)) to out "
-     "for each, a GRO run cut into its datagrams"},
+     "read(fd, receive, now) -> datagrams read (0: none waiting); calls receive(data, (host, "
+     "port), now) for each, a GRO run cut into its datagrams"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -291,9 +293,9 @@ static int failed(PyObject *failures, Py_ssize_t start, Py_ssize_t end, int erro
 }
 
 /* The (data, address) at `index`, its address parsed; 0 if not sendable here. */
-static int datagram_at(PyObject *list, Py_ssize_t index, int family, PyObject **data,
+static int datagram_at(PyObject *items, Py_ssize_t index, int family, PyObject **data,
                        PyObject **last_address, address_t *last_name, address_t *name) {
-    PyObject *item = PyList_GET_ITEM(list, index);
+    PyObject *item = PyTuple_GET_ITEM(items, index);
     if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
         !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0)))
         return 0;
@@ -357,10 +359,16 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
                                           "gso_segments 1..512");
         return NULL;
     }
-    PyObject *list = args[2];
-    PyObject *failures = PyList_New(0);
-    if (failures == NULL)
+    /* The kernel reads the bytes objects after Python code may have run (a collection while a
+     * failure is recorded): a tuple of the list's items keeps them alive whatever the list. */
+    PyObject *items = PyList_AsTuple(args[2]);
+    if (items == NULL)
         return NULL;
+    PyObject *failures = PyList_New(0);
+    if (failures == NULL) {
+        Py_DECREF(items);
+        return NULL;
+    }
 
     struct mmsghdr messages[SEND_MESSAGES];
     struct iovec iovecs[SEND_IOVECS];
@@ -373,12 +381,12 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     unsigned int count = 0, used = 0;
     PyObject *last_address = NULL;
     address_t last_name = {0};
-    Py_ssize_t total = PyList_GET_SIZE(list);
+    Py_ssize_t total = PyTuple_GET_SIZE(items);
     Py_ssize_t i = 0;
     /* The next datagram, parsed ahead: a run ends at the first one that does not join it. */
     PyObject *data = NULL;
     address_t name;
-    int ok = total > 0 && datagram_at(list, 0, family, &data, &last_address, &last_name, &name);
+    int ok = total > 0 && datagram_at(items, 0, family, &data, &last_address, &last_name, &name);
     while (i < total) {
         /* Full, or a datagram left to the caller: what was built goes first, so that a full
          * buffer's failure (the rest of the list) never covers a datagram reported before. */
@@ -387,7 +395,7 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             if (result == -1)
                 goto error;
             if (result == -2)
-                return failures;
+                goto done;
             count = used = 0;
         }
         if (!ok) {
@@ -395,7 +403,7 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
                 goto error;
             i++;
             ok = i < total &&
-                 datagram_at(list, i, family, &data, &last_address, &last_name, &name);
+                 datagram_at(items, i, family, &data, &last_address, &last_name, &name);
             continue;
         }
         Py_ssize_t size = PyBytes_GET_SIZE(data);
@@ -413,7 +421,7 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             limit = gso_segments;
         starts[count] = i;
         i++;
-        ok = i < total && datagram_at(list, i, family, &data, &last_address, &last_name, &name);
+        ok = i < total && datagram_at(items, i, family, &data, &last_address, &last_name, &name);
         while (ok && segments < limit && PyBytes_GET_SIZE(data) == size &&
                memcmp(&name, &names[count], sizeof(name)) == 0) {
             iovecs[used + segments].iov_base = PyBytes_AS_STRING(data);
@@ -421,7 +429,7 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             segments++;
             i++;
             ok = i < total &&
-                 datagram_at(list, i, family, &data, &last_address, &last_name, &name);
+                 datagram_at(items, i, family, &data, &last_address, &last_name, &name);
         }
         message->msg_hdr.msg_iovlen = segments;
         if (segments > 1) {
@@ -440,8 +448,11 @@ static PyObject *send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     }
     if (flush(fd, failures, messages, count, starts, ends, total) == -1)
         goto error;
+done:
+    Py_DECREF(items);
     return failures;
 error:
+    Py_DECREF(items);
     Py_DECREF(failures);
     return NULL;
 }

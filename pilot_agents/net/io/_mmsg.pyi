@@ -1,9 +1,13 @@
 # The C module _mmsg.c: many UDP datagrams per system call (recvmmsg, sendmmsg; Linux only).
+from collections.abc import Callable
+
 NOT_NUMERIC: int
 
 class Receiver:
     def __init__(self, count: int, size: int) -> None: ...
-    def read(self, fd: int, out: list[tuple[bytes, tuple[str, int]]], /) -> int: ...
+    def read(
+        self, fd: int, receive: Callable[[bytes, tuple[str, int], float], object], now: float, /
+    ) -> int: ...
 
 def send(
     fd: int,
