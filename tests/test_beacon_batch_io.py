@@ -4,14 +4,17 @@ order, whatever was batched; with the C module and with Python's socket calls al
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from pilot_agents.beacon import udp_batch
 from pilot_agents.beacon.udp_batch import (
     MAX_GSO_SEGMENT,
     MMSG,
@@ -20,7 +23,10 @@ from pilot_agents.beacon.udp_batch import (
     Reader,
     Sender,
 )
+from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import Address
+from pilot_agents.net.tunnel import wire
+from tests.test_beacon_service import ClientDriver, make_client, running
 
 # The C module (skipped where it was not compiled), then the fallback.
 WAYS = [pytest.param(True, marks=pytest.mark.skipif(not MMSG, reason="_mmsg not compiled")), False]
@@ -151,3 +157,33 @@ def test_a_reader_takes_more_than_one_batch_of_many_senders(mmsg: bool) -> None:
     finally:
         for sock in (beacon, *senders):
             sock.close()
+
+
+@pytest.mark.parametrize("mmsg", WAYS)
+async def test_a_beacon_registers_and_relays_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmsg: bool
+) -> None:
+    """The beacon (in process) on the C module's calls and on the fallback: two clients register,
+    and a burst relayed from one to the other arrives whole and in order."""
+    monkeypatch.setattr(udp_batch, "MMSG", mmsg)
+    async with running(tmp_path / "beacon") as info:
+        a = ClientDriver(make_client(info.address, None))
+        b = ClientDriver(make_client(info.address, None))
+        try:
+            for node in (a, b):
+                node.call(node.client.start)
+                await node.wait_for(bc.Registered)
+            payloads = [bytes([wire.DATA]) + i.to_bytes(2, "big") * 600 for i in range(300)]
+            for payload in payloads:
+                a.send_raw(a.client.wrap_relay(b.client.public_key, payload), info.address)
+
+            def relayed() -> list[bytes]:
+                return [e.packet for e in b.events if isinstance(e, bc.Relayed)]
+
+            deadline = time.monotonic() + 10
+            while len(relayed()) < len(payloads) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert relayed() == payloads
+        finally:
+            a.close()
+            b.close()
