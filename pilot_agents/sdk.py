@@ -104,9 +104,9 @@ ReplyFunction = Callable[[bytes], Awaitable[Any]]
 _REMEMBERED_REPLY_ERRORS = 1024
 # What a compact verb is as a confirmed (JSON) request: its command, and the field naming what
 # it is about.
+_CONFIRMED = {COMPACT_STREAM_SEND: ("stream_send", "stream"), COMPACT_REPLY: ("reply", "message")}
 # The longest wait the daemon takes (its requests' bound on a timeout, docs/ipc.md).
 _LONGEST_TIMEOUT = 7 * 86400.0
-_CONFIRMED = {COMPACT_STREAM_SEND: ("stream_send", "stream"), COMPACT_REPLY: ("reply", "message")}
 
 
 @dataclass
