@@ -391,11 +391,8 @@ class DaemonConnection:
         next :meth:`send`, :meth:`drain` or :meth:`close`."""
         stream = self._id()
         self._raise_failed()
-        await self._write(stream, encode_payload(data))
-
-    async def _write(self, stream: str, payload: bytes) -> None:
-        if self._sink is None:
-            raise ConnectionClosedError("the connection was closed")
+        assert self._sink is not None
+        payload = encode_payload(data)
         await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, payload, self._sink)
         # Counted here: nothing awaits between handing the message to the daemon and this.
         self._written += framed_size(len(payload))
@@ -417,12 +414,11 @@ class DaemonConnection:
         # Called by the IPC client's reader for a message the daemon pushed: it must not raise
         # there (that ends the reader and the whole Client) when the connection has just been
         # aborted; answering such a message fails instead.
-        stream = self._stream
 
         async def answer(data: bytes) -> None:
-            if stream is None:
+            if self._stream is None:
                 raise ConnectionClosedError("the connection was closed")
-            await self._write(stream, data)
+            await self.send(data)
 
         return _message(fields, answer)
 
