@@ -60,10 +60,17 @@ log = logging.getLogger("pilot_agents.ipc")
 # -- errors ------------------------------------------------------------------------------------
 
 
+# An error's field, on a stream that died because its peer's node restarted: the stream offset
+# from which the old node acknowledged nothing (docs/ipc.md, Streams across a peer's restart).
+UNSEEN_AFTER_RESTART = "unseen_after_restart"
+
+
 def error_reply(exc: BaseException, request_id: Any = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {
-        "ok": False, "error": {"type": type(exc).__name__, "message": str(exc) or repr(exc)},
-    }
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+    unseen = unseen_after_restart(exc)
+    if unseen is not None:
+        error[UNSEEN_AFTER_RESTART] = unseen
+    reply: dict[str, Any] = {"ok": False, "error": error}
     if request_id is not None:
         reply["id"] = request_id
     return reply
@@ -71,8 +78,27 @@ def error_reply(exc: BaseException, request_id: Any = None) -> dict[str, Any]:
 
 def error_from_reply(error: dict[str, Any]) -> PilotError:
     """The exception an error reply stands for (a PilotError subclass found by name)."""
-    return from_name(str(error.get("type", "PilotError")),
-                     str(error.get("message", "the daemon reported an error")))
+    exc = from_name(str(error.get("type", "PilotError")),
+                    str(error.get("message", "the daemon reported an error")))
+    unseen = error.get(UNSEEN_AFTER_RESTART)
+    if type(unseen) is int and unseen >= 0:
+        mark_restarted(exc, unseen)
+    return exc
+
+
+def mark_restarted(exc: PilotError, unseen: int) -> PilotError:
+    """``exc``, the error of a stream that died because its peer's node restarted, carrying
+    the stream offset from which the old node acknowledged nothing (as
+    :meth:`pilot_agents.node.Connection.unseen_after_restart`). An attribute rather than a
+    subclass: the error keeps its type, by which clients map it."""
+    setattr(exc, UNSEEN_AFTER_RESTART, unseen)
+    return exc
+
+
+def unseen_after_restart(exc: BaseException | None) -> int | None:
+    """What :func:`mark_restarted` put on ``exc``; None if it is not such an error."""
+    unseen = getattr(exc, UNSEEN_AFTER_RESTART, None)
+    return unseen if type(unseen) is int else None
 
 
 # -- paths and the daemon's lock -------------------------------------------------------------

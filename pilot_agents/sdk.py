@@ -47,7 +47,9 @@ from .ipc import (
     IpcClient,
     decode_data,
     error_of,
+    unseen_after_restart,
 )
+from .node.connection import framed_size
 from .transport import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -103,6 +105,8 @@ _REMEMBERED_REPLY_ERRORS = 1024
 # What a compact verb is as a confirmed (JSON) request: its command, and the field naming what
 # it is about.
 _CONFIRMED = {COMPACT_STREAM_SEND: ("stream_send", "stream"), COMPACT_REPLY: ("reply", "message")}
+# The longest wait the daemon takes (its requests' bound on a timeout, docs/ipc.md).
+_LONGEST_TIMEOUT = 7 * 86400.0
 
 
 @dataclass
@@ -274,6 +278,11 @@ class Client:
         return list((await self.call("trust_pending"))["pending"])
 
 
+def _ignore_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception never retrieved" at exit
+
+
 def _strip(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in reply.items() if k not in ("ok", "id")}
 
@@ -293,6 +302,10 @@ class DaemonConnection:
         self._delivery: _Delivery | None = None
         self._sink: int | None = None  # where the daemon's errors of our quiet sends go
         self._failed: PilotError | None = None  # the first of those
+        # The stream offset at which our next message starts in the daemon's stream, counted
+        # here (no IPC per message) by the framing rule of the Node's own streams.
+        self._written = 0
+        self._holding: asyncio.Task[None] | None = None  # a stream_hold on its way
 
     @property
     def peer_id(self) -> str:
@@ -310,6 +323,37 @@ class DaemonConnection:
     def rtt(self) -> float | None:
         return self._info.get("rtt")
 
+    @property
+    def written(self) -> int:
+        """The stream offset at which the next message sent starts, as the daemon's stream
+        counts it (see :meth:`unseen_after_restart`). A message counts once it is handed to
+        the daemon, which writes a client's messages to the stream in the order it gets them:
+        so a position read before a send is never past where that send's message starts."""
+        return self._written
+
+    def hold_tunnel(self, timeout: float) -> None:
+        """Someone waits ``timeout`` s for an answer on this stream: until then the daemon's
+        tunnel keeps trying a silent peer (it may be restarting) instead of giving up on it.
+        One small request (``stream_hold``), not waited for; its error, if any (the stream
+        is gone), is of no use to anyone and is dropped."""
+        stream = self._stream
+        if stream is None or (self._holding is not None and not self._holding.done()):
+            return
+        self._holding = asyncio.get_running_loop().create_task(
+            self._client._ipc.post("stream_hold", stream=stream,
+                                   timeout=min(timeout, _LONGEST_TIMEOUT)))
+        self._holding.add_done_callback(_ignore_outcome)
+
+    def unseen_after_restart(self) -> int | None:
+        """If the stream died because the peer's node restarted: the stream offset (as
+        :attr:`written`) from which its old node acknowledged nothing, as the daemon reported
+        it with the stream's error (docs/ipc.md). None if the stream lives or died otherwise,
+        or if a send of ours failed for another reason first (the count may be off then)."""
+        error = self._failed
+        if error is None and self._delivery is not None:
+            error = self._delivery.error
+        return unseen_after_restart(error)
+
     async def __aenter__(self) -> DaemonConnection:
         try:
             reply = await self._client.call("connect", target=self._target, port=self._port,
@@ -320,6 +364,7 @@ class DaemonConnection:
         self._stream = reply["stream"]
         self._info = reply
         self._failed = None
+        self._written = 0
         self._sink = self._client._ipc.add_sink(self._send_failed)
         self._delivery = _Delivery(self._client, f"the connection to {self._target}",
                                    self._stream_message, stream=self._stream)
@@ -347,8 +392,10 @@ class DaemonConnection:
         stream = self._id()
         self._raise_failed()
         assert self._sink is not None
-        await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, encode_payload(data),
-                                          self._sink)
+        payload = encode_payload(data)
+        await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, payload, self._sink)
+        # Counted here: nothing awaits between handing the message to the daemon and this.
+        self._written += framed_size(len(payload))
 
     def _send_failed(self, error: PilotError, _stream: str) -> None:
         if self._failed is None:
@@ -367,12 +414,11 @@ class DaemonConnection:
         # Called by the IPC client's reader for a message the daemon pushed: it must not raise
         # there (that ends the reader and the whole Client) when the connection has just been
         # aborted; answering such a message fails instead.
-        stream = self._stream
 
         async def answer(data: bytes) -> None:
-            if self._sink is None or stream is None:
+            if self._stream is None:
                 raise ConnectionClosedError("the connection was closed")
-            await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, data, self._sink)
+            await self.send(data)
 
         return _message(fields, answer)
 
@@ -546,6 +592,11 @@ class _Delivery:
         self._taken_messages = 0  # since credit was last granted
         self._taken_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def error(self) -> PilotError | None:
+        """Why the delivery ended, once it did."""
+        return self._error
 
     async def receive(self, timeout: float | None) -> DaemonMessage:
         if self._request is None and self._error is None:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import zmq
 
-from pilot_agents import daemon
+from pilot_agents import daemon, ipc
+from pilot_agents.errors import ConnectionClosedError
 from tests.conftest import DaemonHandle
 
 Pair = tuple[DaemonHandle, DaemonHandle]
@@ -177,9 +178,13 @@ def test_messages_streams_and_replies_raw(daemon_pair: Pair, context: zmq.Contex
     answer = call(context, a.home, {"cmd": "stream_receive", "stream": stream, "timeout": 5})
     assert (answer["message"]["data"], answer["message"]["encoding"]) == ("AAEC/w==", "base64")
     assert call(context, a.home, {"cmd": "stream_drain", "stream": stream})["ok"]
+    assert call(context, a.home, {"cmd": "stream_hold", "stream": stream, "timeout": 30})["ok"]
     assert call(context, a.home, {"cmd": "stream_close", "stream": stream})["ok"]
     closed = call(context, a.home, {"cmd": "stream_send", "stream": stream, "data": "x"})
     assert closed["error"]["type"] == "ConnectionClosedError"
+    assert "unseen_after_restart" not in closed["error"]  # closed by us, not a restart
+    held = call(context, a.home, {"cmd": "stream_hold", "stream": stream, "timeout": 30})
+    assert held["error"]["type"] == "ConnectionClosedError"
     assert call(context, b.home, {"cmd": "unlisten", "port": 4200})["closed"] is True
 
 
@@ -249,6 +254,19 @@ def test_untrusted_and_unknown_targets(daemon_pair: Pair, context: zmq.Context[A
     assert f"pilotctl trust add {stranger}" in reply["error"]["message"]
     reply = call(context, a.home, {"cmd": "resolve", "name": "nobody"})
     assert reply["error"]["type"] == "UnknownHostError"
+
+
+def test_a_restarted_peers_stream_error_says_what_it_never_acknowledged() -> None:
+    """The field travels with the error, which keeps its type; a bad value is ignored."""
+    error = ipc.mark_restarted(ConnectionClosedError("the peer restarted"), 2154)
+    reply = ipc.error_reply(error, 7)
+    assert reply["error"]["unseen_after_restart"] == 2154
+    back = ipc.error_of(json.loads(json.dumps(reply)))
+    assert type(back) is ConnectionClosedError and ipc.unseen_after_restart(back) == 2154
+    for bad in (-1, "12", True, None):
+        reply["error"]["unseen_after_restart"] = bad
+        assert ipc.unseen_after_restart(ipc.error_of(reply)) is None
+    assert "unseen_after_restart" not in ipc.error_reply(ConnectionClosedError("x"))["error"]
 
 
 def test_commands_table_matches_the_docs() -> None:

@@ -52,7 +52,17 @@ from pilot_agents.patterns.frames import (
     parse_frame_untrusted,
 )
 from pilot_agents.transport import Listener
-from tests.conftest import ROOT, DaemonHandle, cli, ipc_call, named_pair
+from tests.conftest import (
+    ROOT,
+    DaemonHandle,
+    cli,
+    ipc_call,
+    named_pair,
+    short_home,
+    start_daemons,
+    stop_daemons,
+)
+from tests.test_cli import start_beacon
 from tests.test_flood import rss
 from tests.test_node_converge import PeerProcess
 from tests.test_pubsub import until_subscribed
@@ -367,6 +377,102 @@ async def test_a_request_the_killed_repliers_node_never_saw_goes_to_its_restarte
             assert handled[-1] == "three"
     finally:
         await replier.stop()
+
+
+@contextlib.asynccontextmanager
+async def daemon_sides(via: str, tmp_path: Path) -> AsyncIterator[tuple[DaemonPeer, DaemonPeer,
+                                                                        tuple[str, ...]]]:
+    """Two daemons, alpha and beta, that reach each other by static peers or through a real
+    beacon, each with a client; (alpha, beta, what else beta's ``daemon start`` needs)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if via == "static peers":
+            alpha, beta = stack.enter_context(named_pair())
+            extra: tuple[str, ...] = ()
+        else:
+            beacon, address = start_beacon(tmp_path / "beacon")
+            stack.callback(beacon.wait, 10)
+            stack.callback(beacon.terminate)
+            homes = short_home(), short_home()
+            stack.callback(stop_daemons, *homes)
+            extra = ("--beacon", address)
+            alpha, beta = start_daemons((homes[0], "alpha"), (homes[1], "beta"), extra=extra)
+            for home, other in ((alpha.home, "beta"), (beta.home, "alpha")):
+                assert ipc_call(home, cmd="trust_add", target=other)["ok"]
+        peers = DaemonPeer(alpha), DaemonPeer(beta)
+        try:
+            for peer in peers:
+                await peer.start()
+            yield peers[0], peers[1], extra
+        finally:
+            for peer in peers:
+                if peer.client is not None:
+                    await peer.client.close()
+
+
+@pytest.mark.parametrize("via", ["static peers", "beacon"])
+async def test_a_request_the_killed_repliers_daemon_never_saw_goes_to_its_restarted_one(
+        via: str, tmp_path: Path) -> None:
+    """The same guarantee through two daemons: SIGKILL to the replier's daemon with a request
+    in flight that it acknowledged, more requests sent while it is down; once it is back (its
+    inbox port buffering requests until a replier comes), each unacknowledged request is
+    answered by it, once, and the acknowledged one raises that the replier restarted, all
+    within their timeouts."""
+    async with daemon_sides(via, tmp_path) as (client, server, restart_args):
+        assert client.client is not None
+        handled: list[bytes] = []
+
+        async def record(request: Request) -> object:
+            handled.append(request.data)
+            if request.data == b"hold":
+                await asyncio.Event().wait()
+            return request.data
+
+        # One stream per peer: the next requests go on the stream the held one waits on.
+        async with Requester(client.client, ReqRepConfig(streams_per_peer=1)) as requester:
+            with contextlib.suppress(PilotError):  # serving's exit: its daemon is gone
+                async with serving(server.transport, 7502, record):
+                    one = await requester.request("beta", 7502, b"one", timeout=10)
+                    assert one.data == b"one"
+                    held = asyncio.create_task(
+                        requester.request("beta", 7502, b"hold", timeout=60))
+                    await within(10, "the held request handled", lambda: b"hold" in handled)
+                    (stream,) = requester._streams[("beta", 7502)]
+                    await stream.conn.drain(10)  # the replier's node acknowledged it
+                    os.kill(server.handle.pid, signal.SIGKILL)
+                    await within(10, "the killed daemon gone",
+                                 lambda: ipc.daemon_pid(server.handle.home) is None)
+            assert server.client is not None
+            await server.client.close()
+            server.client = None
+
+            # Sent on the old stream, which the requester's daemon still holds: nobody
+            # acknowledges them. One with a short timeout ends at it: no hang.
+            written = stream.conn.written
+            sent = [b"two-%d" % n for n in range(5)]
+            waiting = [asyncio.create_task(requester.request("beta", 7502, data, timeout=RESUME))
+                       for data in sent]
+            short = asyncio.create_task(requester.request("beta", 7502, b"short", timeout=1))
+            await within(10, "the requests handed to the daemon",
+                         lambda: stream.conn.written > written and len(stream.waiting) == 7)
+            with pytest.raises(PilotTimeoutError):
+                await asyncio.wait_for(short, 1 + PROMPTLY)
+
+            handled.clear()
+            result = await asyncio.to_thread(
+                cli, server.handle.home, "--json", "daemon", "start", "--hostname", "beta",
+                "--listen", server.handle.endpoint, "--inbox", "1001,7502", *restart_args)
+            assert result.returncode == 0, result.stderr
+            await server.start()
+            async with serving(server.transport, 7502, record):
+                replies = await asyncio.wait_for(asyncio.gather(*waiting), RESUME + PROMPTLY)
+                assert [reply.data for reply in replies] == sent
+                with pytest.raises(ConnectionClosedError, match="restarted before replying"):
+                    await asyncio.wait_for(held, PROMPTLY)
+                again = await requester.request("beta", 7502, b"three", timeout=10)
+                assert again.data == b"three"
+                # The restarted daemon's replier handled each once ("short" was given up on
+                # before the restart was known: not resent).
+                assert sorted(handled) == sorted([*sent, b"three"])
 
 
 # -- a subscriber that never reads, flooded: memory stays bounded -------------------------------

@@ -32,6 +32,7 @@ from .requests import (
     StreamAbortRequest,
     StreamCloseRequest,
     StreamDrainRequest,
+    StreamHoldRequest,
     StreamReceiveRequest,
     StreamSendRequest,
     UnlistenRequest,
@@ -89,6 +90,7 @@ class Messaging:
         table.add(StreamDrainRequest, self.stream_drain)
         table.add(StreamCloseRequest, self.stream_close)
         table.add(StreamAbortRequest, self.stream_abort)
+        table.add(StreamHoldRequest, self.stream_hold)
         table.add(SendRequest, self.send)
         table.add(ListenRequest, self.listen)
         table.add(UnlistenRequest, self.unlisten)
@@ -103,7 +105,12 @@ class Messaging:
         return Inbox(what, opts.inbox_messages, opts.inbox_bytes, refuse)
 
     def _explain(self, exc: PilotError, stream: StreamState) -> PilotError:
-        return self.ctx.explain(exc, stream.peer, stream.label, stream.port)
+        """The Node's error for the client; if the stream died because the peer's node
+        restarted, it says from where the old node acknowledged nothing, so that the client
+        may send that again on a new stream (docs/ipc.md, Streams across a peer's restart)."""
+        explained = self.ctx.explain(exc, stream.peer, stream.label, stream.port)
+        unseen = stream.conn.unseen_after_restart()
+        return explained if unseen is None else ipc.mark_restarted(explained, unseen)
 
     # -- commands: streams ------------------------------------------------------------------
 
@@ -170,6 +177,12 @@ class Messaging:
 
     async def stream_abort(self, req: StreamAbortRequest) -> Reply:
         self.drop_stream(self._stream(req.stream), abort=True)
+        return {}
+
+    async def stream_hold(self, req: StreamHoldRequest) -> Reply:
+        """The client waits up to ``timeout`` s for an answer on the stream: until then its
+        tunnel keeps trying a silent peer (it may be restarting) instead of giving up."""
+        self._stream(req.stream).conn.hold_tunnel(req.timeout)
         return {}
 
     # -- commands: one-shot messages and ports ------------------------------------------------

@@ -151,6 +151,12 @@ class StreamAbortRequest(BaseRequest):
     stream: str
 
 
+class StreamHoldRequest(BaseRequest):
+    cmd: Literal["stream_hold"]
+    stream: str
+    timeout: Timeout
+
+
 class SendRequest(PayloadRequest):
     cmd: Literal["send"]
     target: Name
@@ -256,8 +262,9 @@ AnyRequest = (
     | TrustApproveRequest | TrustRejectRequest | TrustRemoveRequest | TrustListRequest
     | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
-    | StreamAbortRequest | SendRequest | ListenRequest | UnlistenRequest | ReceiveRequest
-    | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest | StopRequest
+    | StreamAbortRequest | StreamHoldRequest | SendRequest | ListenRequest | UnlistenRequest
+    | ReceiveRequest | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest
+    | StopRequest
     | PublishRequest | PublishersRequest | UnpublishRequest
     | DeliverRequest | CreditRequest
 )

@@ -25,6 +25,7 @@ from ..errors import (
 from ..identity import node_id_from_key
 from ..net.tunnel.codes import CloseCode, ResetCode
 from ..net.tunnel.session import Session
+from ..net.tunnel.streams import MESSAGE_HEADER_SIZE
 from ..transport import DEFAULT_TIMEOUT, Payload, encode_payload
 from .driver import Driver
 
@@ -131,6 +132,12 @@ class Mailbox(Generic[T]):
         self._waiters = waiting
         if earliest is not None:
             self._arm(loop, earliest)
+
+
+def framed_size(payload_bytes: int) -> int:
+    """How far a message of ``payload_bytes`` moves its stream's offsets (:attr:`Connection.
+    written`): for a transport that counts them itself, as the daemon's SDK does."""
+    return MESSAGE_HEADER_SIZE + payload_bytes
 
 
 def check_port(port: int) -> int:

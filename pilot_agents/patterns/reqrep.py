@@ -22,9 +22,12 @@ late one).
 Delivery: a request reaches the replier at most once (after a timeout a requester cannot know
 whether the replier saw it, so it never resends one). The one resend: when the replier's node
 restarted (a crash, a kill) under a stream, a request its old node never acknowledged goes again
-on a new stream to the new one (the embedded transport knows which those are; see
-:meth:`pilot_agents.node.Connection.unseen_after_restart`); one it had acknowledged but not
-answered raises :class:`~pilot_agents.errors.ConnectionClosedError` saying so.
+on a new stream to the new one; one it had acknowledged but not answered raises
+:class:`~pilot_agents.errors.ConnectionClosedError` saying so. Both transports know which those
+are: the embedded one from its stream (:meth:`pilot_agents.node.Connection.
+unseen_after_restart`), the daemon's from the stream's error (:meth:`pilot_agents.sdk.
+DaemonConnection.unseen_after_restart`, docs/ipc.md "Streams across a peer's restart"). Until a
+request's deadline its tunnel keeps trying a silent replier (it may be restarting).
 """
 
 from __future__ import annotations
@@ -124,7 +127,9 @@ class Request(Payload):
 @runtime_checkable
 class _Resumable(Protocol):
     """A connection that can tell which messages a restarted peer never saw (the embedded
-    :class:`~pilot_agents.node.Connection`; another transport may add these three)."""
+    :class:`~pilot_agents.node.Connection` and the daemon's
+    :class:`~pilot_agents.sdk.DaemonConnection`; another transport may add these three).
+    ``written`` is read per request: it must cost no more than an attribute."""
 
     @property
     def written(self) -> int: ...
