@@ -208,7 +208,7 @@ class Mux:
             if len(data) < wire.DATA_HEADER_SIZE:
                 self.stats.malformed += 1
                 return
-            session = self._by_index.get(int.from_bytes(data[1:5], "big"))
+            session = self._by_index.get(wire.read_u32(data, 1))
             if session is None:
                 self.stats.unknown_index += 1
                 return
@@ -306,7 +306,7 @@ class Mux:
         if len(data) != COOKIE_REPLY_SIZE:
             self.stats.malformed += 1
             return None
-        session = self._by_index.get(int.from_bytes(data[1:5], "big"))
+        session = self._by_index.get(wire.read_u32(data, 1))
         if session is None:
             self.stats.unknown_index += 1
             return None

@@ -682,7 +682,8 @@ class Session:
         """A DATA packet whose receiver index is one of ours."""
         if self.state is State.CLOSED or len(data) < wire.DATA_HEADER_SIZE + TAG_SIZE:
             return
-        _, index, packet_number = wire.DATA_HEADER.unpack_from(data)
+        index = wire.read_u32(data, 1)  # DATA_HEADER: type, receiver index, packet number
+        packet_number = wire.read_u64(data, 5)
         keypair = self._keypair_for(index)
         if keypair is None:
             return
