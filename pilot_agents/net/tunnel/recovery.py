@@ -483,8 +483,10 @@ class Recovery:
                 else:
                     start = cursor
                 for pn in range(start, stop):
-                    packet_or_none = sent.pop(pn, None)
+                    # get and del, not pop(pn, None): compiled, both are native dict operations.
+                    packet_or_none = sent.get(pn)
                     if packet_or_none is not None:
+                        del sent[pn]
                         acked.append(packet_or_none)
                         if packet_or_none.ack_eliciting:
                             ack_eliciting += 1
@@ -732,6 +734,10 @@ class Recovery:
 
 def _normalise(ranges: Iterable[AckRange]) -> list[tuple[int, int]]:
     """ACK ranges as ascending, merged, non-empty ``(start, stop)`` tuples."""
+    if type(ranges) is tuple and len(ranges) == 1 and type(ranges[0]) is tuple:
+        # A frame's one range (nearly every ACK): no loop over a generic iterable.
+        start, stop = ranges[0]
+        return [(start, stop)] if stop > start else []
     spans: list[tuple[int, int]] = []
     for r in ranges:
         if isinstance(r, range):

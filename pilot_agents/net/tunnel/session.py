@@ -1170,7 +1170,9 @@ class Session:
     def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
         result = self._recovery.on_ack_received(frame.ranges, frame.delay, now)
         for packet in result.acked:
-            for item in packet.data:
+            # Typed: a native loop over the list, where iterating an Any makes an iterator.
+            items: list[Any] = packet.data
+            for item in items:
                 if isinstance(item, StreamChunk):
                     stream = self._streams.get(item.stream_id)
                     if stream is not None:
@@ -1217,7 +1219,7 @@ class Session:
     def _seal(self, keypair: handshake.Keypair, payload: bytes | bytearray) -> bytes:
         packet_number = self._next_packet_number
         self._next_packet_number += 1
-        header = wire.DATA_HEADER.pack(wire.DATA, keypair.remote_index, packet_number)
+        header = wire.pack_data_header(wire.DATA, keypair.remote_index, packet_number)
         datagram = header + keypair.sender.seal(packet_number, payload, header)
         self.stats.packets_sent += 1
         self.stats.bytes_sent += len(datagram)

@@ -120,11 +120,15 @@ class SendStream:
             fin = self.fin_offset == stop and self.fin_sent
             return start, self._slice(start, stop), fin
         start = self.send_offset
-        # Comparisons, not min() of four: compiled, min() is a generic call on boxed ints.
+        # Comparisons, not min() of four (compiled, min() is a generic call on boxed ints) nor
+        # a loop over a tuple of them (which boxes each).
         stop = self.write_offset
-        for limit in (start + max_length, self.max_data, start + connection_credit):
-            if limit < stop:
-                stop = limit
+        if start + max_length < stop:
+            stop = start + max_length
+        if self.max_data < stop:
+            stop = self.max_data
+        if start + connection_credit < stop:
+            stop = start + connection_credit
         if stop <= start and not (self.fin_offset == start and not self.fin_sent):
             return None
         self.send_offset = stop

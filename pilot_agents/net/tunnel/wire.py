@@ -59,6 +59,7 @@ _PATH = struct.Struct("!B8s")
 # Bound once: the frames in nearly every packet. From compiled code, Struct.pack(...) is a
 # method lookup and a call each time; a bound method is only the call.
 _pack_ack_one = _ACK_ONE.pack
+pack_data_header = DATA_HEADER.pack
 _pack_stream_head = _STREAM_HEAD.pack
 _unpack_ack_head = _ACK_HEAD.unpack_from
 _unpack_ack_range = _ACK_RANGE.unpack_from
