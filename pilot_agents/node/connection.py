@@ -70,7 +70,8 @@ class Mailbox(Generic[T]):
         if self._taker is not None and not self._items and self._taker(item):
             return
         self._items.append(item)
-        self._wake_next()
+        if self._waiters:
+            self._wake_next()
 
     def set_taker(self, take: Callable[[T], bool] | None) -> None:
         """Offer each item to ``take`` as it is put, while nothing is queued: a consumer that
@@ -438,6 +439,9 @@ class Listener:
         self._on_close = on_close
         self.port = port
         self._inbox: Mailbox[tuple[StreamHandle, Message]] = Mailbox()
+        # What the node hands each message to, (stream, message): the inbox's put itself, not
+        # a method around it (a call less per message).
+        self._deliver = self._inbox.put
         self._closed = False
 
     async def __aenter__(self) -> Listener:
@@ -456,9 +460,6 @@ class Listener:
         if not self._closed:
             self._closed = True
             self._on_close(self)
-
-    def _deliver(self, handle: StreamHandle, message: Message) -> None:
-        self._inbox.put((handle, message))
 
     def set_taker(self, take: Callable[[Message], bool] | None) -> None:
         """Messages go to ``take`` as they arrive while none is queued (:meth:`Mailbox.set_taker`);

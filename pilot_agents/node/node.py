@@ -776,7 +776,8 @@ class Node:
                 future.set_result(event.rtt)
         elif isinstance(event, events.PeerUnanswered):
             self._on_peer_unanswered(event)
-        self._driver.progress_made()
+        # No progress_made() here: the endpoint calls it (its on_progress) after every burst of
+        # events, which is when waiters need to look again; per event it cost a call each.
 
     def _on_message(self, event: events.MessageReceived) -> None:
         key = (event.peer, event.stream_id)
@@ -796,7 +797,7 @@ class Node:
             handle.session.reset_stream(event.stream_id, ResetCode.PORT_CLOSED)
             self._forget(handle)
         else:
-            listener._deliver(handle, message)
+            listener._deliver((handle, message))
 
     def _on_stream_opened(self, event: events.StreamOpened) -> None:
         session = self._mux.get_session(event.peer) if self._mux else None
