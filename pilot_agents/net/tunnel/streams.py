@@ -106,7 +106,9 @@ class SendStream:
             return self.send_offset < self.max_data
         return self.fin_offset is not None and not self.fin_sent
 
-    def next_chunk(self, max_length: int, connection_credit: int) -> tuple[int, bytes, bool] | None:
+    def next_chunk(
+        self, max_length: int, connection_credit: int
+    ) -> tuple[int, bytearray, bool] | None:
         """The next (offset, data, fin) to put in a frame of at most ``max_length`` data bytes.
 
         Retransmissions come first and need no new credit; new data is bounded by the stream's
@@ -137,9 +139,10 @@ class SendStream:
             self.fin_sent = True
         return start, self._slice(start, stop), fin
 
-    def _slice(self, start: int, stop: int) -> bytes:
+    def _slice(self, start: int, stop: int) -> bytearray:
+        # A copy already: bytes() of it would copy again, through a generic call.
         base = self._buffer_start
-        return bytes(self._buffer[start - base : stop - base])
+        return self._buffer[start - base : stop - base]
 
     def on_acked(self, offset: int, length: int, fin: bool) -> None:
         if fin:
