@@ -388,12 +388,16 @@ class Mux:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out = self._replies
         self._replies = []
-        for session in list(self._sessions.values()):
+        closed = []
+        # No copy of the sessions per flush: the closed ones go after the loop.
+        for session in self._sessions.values():
             out += session.datagrams_to_send(now)
             if session.closed:
-                self._collect_events_of(session)
-                if self._sessions.get(session.peer) is session:
-                    del self._sessions[session.peer]
+                closed.append(session)
+        for session in closed:
+            self._collect_events_of(session)
+            if self._sessions.get(session.peer) is session:
+                del self._sessions[session.peer]
         self._collect_events()
         return out
 

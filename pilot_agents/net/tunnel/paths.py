@@ -112,6 +112,12 @@ class PathManager:
         candidate.interval = self.config.probe_interval
         candidate.probes_left = self.config.probes_per_round
 
+    @property
+    def probing(self) -> bool:
+        """Candidates to probe or a round to start; without, :meth:`probes_due` has nothing
+        to do (the usual case, on every flush)."""
+        return bool(self._candidates) or self._next_round is not None
+
     def probes_due(self, now: float) -> list[tuple[Address, bytes]]:
         """(address, challenge token) pairs to send now."""
         if self._next_round is not None and now >= self._next_round:
@@ -140,8 +146,8 @@ class PathManager:
         return due
 
     def get_timer(self) -> float | None:
-        if not self._candidates and self._next_round is None:
-            return None  # the usual case, checked on every flush
+        if not self.probing:
+            return None
         times = [c.next_probe for c in self._candidates.values() if c.probes_left > 0]
         if self._next_round is not None:
             times.append(self._next_round)

@@ -726,8 +726,8 @@ class Session:
         active = self.paths.active
         if active is None or self._nothing_due(now):
             return []
-        out = [(packet, active) for packet in self._handshake_packets]
-        self._handshake_packets = []
+        out: list[tuple[bytes, Address]] = []
+        self._take_handshake_packets(out, active)
         if self._close_frame is not None:
             if self._current is not None:
                 # With a final ACK, as QUIC's CONNECTION_CLOSE may carry one: the peer learns
@@ -744,15 +744,16 @@ class Session:
         keypair = self._current
         if self.state is not State.ESTABLISHED or keypair is None or not keypair.confirmed:
             return out
-        out += [(packet, active) for packet in self._handshake_packets]  # a rekey just started
-        self._handshake_packets = []
-        for token, source in self._path_responses:
-            frame = wire.encode_path_response(token)
-            out.append((self._build_unpaced(keypair, frame, now), source))
-        self._path_responses.clear()
-        for address, token in self.paths.probes_due(now):
-            frame = wire.encode_path_challenge(token)
-            out.append((self._build_unpaced(keypair, frame, now), address))
+        self._take_handshake_packets(out, active)  # a rekey just started
+        if self._path_responses:
+            for token, source in self._path_responses:
+                frame = wire.encode_path_response(token)
+                out.append((self._build_unpaced(keypair, frame, now), source))
+            self._path_responses.clear()
+        if self.paths.probing:
+            for address, token in self.paths.probes_due(now):
+                frame = wire.encode_path_challenge(token)
+                out.append((self._build_unpaced(keypair, frame, now), address))
         if self._mtu_probes and not self._mtu_probe_in_flight:
             out.append((self._build_mtu_probe(keypair, now), active))
         while True:
@@ -761,6 +762,12 @@ class Session:
                 break
             out.append((packet, active))
         return out
+
+    def _take_handshake_packets(self, out: list[tuple[bytes, Address]], to: Address) -> None:
+        # Checked first: nearly every flush has none, and a new list for them each time cost.
+        if self._handshake_packets:
+            out += [(packet, to) for packet in self._handshake_packets]
+            self._handshake_packets = []
 
     # -- internals: handshakes ----------------------------------------------------------------
 
