@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -332,6 +333,7 @@ def _zmq_context() -> Any:
 OnReply = Callable[[dict[str, Any]], None]  # called with each reply of a delivery
 # Told the error of a quiet request, and the stream or message id it was about ("": unknown).
 OnError = Callable[[PilotError, str], None]
+ABANDONED_SINKS = 1024  # aborted senders whose late failures are dropped, newest kept
 QUIET = "q"  # a quiet request's id is "q<sink>.<about>": its error reply names where it goes
 _DELIVERED = bytes([COMPACT_DELIVERED])
 
@@ -370,6 +372,9 @@ class IpcClient:
         self._sinks: dict[int, OnError] = {}  # where the errors of quiet requests go
         # ... and those whose sink is gone (its sender was closed or dropped meanwhile)
         self.orphan_errors: OnError | None = None
+        # Sinks of senders that gave up their stream (an abort): what still fails there was
+        # given up with it. The newest only: a failure comes back within the daemon's answer.
+        self._abandoned: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._sink_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: PilotError | None = None
@@ -475,8 +480,14 @@ class IpcClient:
         self._sinks[sink] = on_error
         return sink
 
-    def remove_sink(self, sink: int) -> None:
+    def remove_sink(self, sink: int, *, abandoned: bool = False) -> None:
+        """``abandoned``: its sender gave up what it sent (aborted its stream), so the errors
+        still to come back for it are dropped instead of going to :attr:`orphan_errors`."""
         self._sinks.pop(sink, None)
+        if abandoned:
+            self._abandoned[sink] = None
+            if len(self._abandoned) > ABANDONED_SINKS:
+                self._abandoned.popitem(last=False)
 
     async def quiet(self, verb: int, about: str, payload: bytes, sink: int) -> None:
         """Send a ``stream_send`` (``verb`` COMPACT_STREAM_SEND, ``about`` the stream) or a
@@ -496,7 +507,9 @@ class IpcClient:
     def fail_sink(self, sink: int, error: PilotError, about: str = "") -> None:
         """``about``: the stream or message id the failed request was about, if known."""
         on_error = self._sinks.get(sink, self.orphan_errors)
-        if on_error is None:  # its sender was closed meanwhile: nobody left to raise it to
+        if sink in self._abandoned:
+            log.debug("a quiet request of an aborted stream failed: %s", error)
+        elif on_error is None:  # its sender was closed meanwhile: nobody left to raise it to
             log.warning("a quiet request failed after its sender closed: %s", error)
         else:
             on_error(error, about)

@@ -444,17 +444,19 @@ class DaemonConnection:
             self._raise_failed()
 
     async def abort(self) -> None:
+        """Reset the stream at once. What was sent on it is given up: a send failing in the
+        daemon after this is dropped (logged), not raised by the client's next flush."""
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
         self._forget_delivery()
-        self._forget_sink()
+        self._forget_sink(abandoned=True)
         with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
             await self._client.call("stream_abort", stream=stream)
 
-    def _forget_sink(self) -> None:
+    def _forget_sink(self, abandoned: bool = False) -> None:
         if self._sink is not None:
-            self._client._ipc.remove_sink(self._sink)
+            self._client._ipc.remove_sink(self._sink, abandoned=abandoned)
             self._sink = None
 
     def _forget_delivery(self) -> None:

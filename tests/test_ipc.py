@@ -419,3 +419,18 @@ def test_the_stream_framing_survives_any_split() -> None:
         for at in range(0, len(wire), step):
             got += reader.feed(wire[at:at + step])
         assert got == messages, step
+
+
+def test_the_late_failures_of_an_abandoned_sink_are_dropped(tmp_path: Path) -> None:
+    """A sender that aborted its stream gave up what it sent: failures that come back after
+    are not the application's (they would make its next Client.flush() raise); those of a
+    sender merely closed still reach the client's orphan handler."""
+    client = ipc.IpcClient(tmp_path)
+    orphans: list[str] = []
+    client.orphan_errors = lambda error, about="": orphans.append(about)
+    closed, aborted = client.add_sink(print), client.add_sink(print)
+    client.remove_sink(closed)
+    client.remove_sink(aborted, abandoned=True)
+    client.fail_sink(closed, ConnectionClosedError("the peer restarted"), "s1")
+    client.fail_sink(aborted, ConnectionClosedError("the peer restarted"), "s2")
+    assert orphans == ["s1"]

@@ -473,6 +473,9 @@ async def test_a_request_the_killed_repliers_daemon_never_saw_goes_to_its_restar
                 # The restarted daemon's replier handled each once ("short" was given up on
                 # before the restart was known: not resent).
                 assert sorted(handled) == sorted([*sent, b"three"])
+            # What failed on the stream the requester gave up on went with it: nothing for
+            # the application's next flush to raise.
+            await client.client.flush()
 
 
 # -- a subscriber that never reads, flooded: memory stays bounded -------------------------------
