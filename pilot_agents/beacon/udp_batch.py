@@ -25,18 +25,13 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable
 from typing import Final
 
-from ..net.io.udp import read_batch
+from ..net.io.udp import MMSG, MMSG_BATCH, Receive, read_batch, read_many
 from ..net.traversal.beacon_wire import Address
 
-try:
+if MMSG:
     from ..net.io import _mmsg
-except ImportError:  # not compiled (a pure-Python install) or not Linux
-    MMSG = False
-else:
-    MMSG = True
 
 log = logging.getLogger("pilot_agents.beacon")
 
@@ -49,13 +44,8 @@ MAX_GSO_BYTES: Final = 65_000  # a GSO buffer stays under the largest UDP payloa
 MAX_GSO_SEGMENT: Final = 1_452
 MAX_DATAGRAM: Final = 65_535
 READ_BATCH: Final = 256  # reads per readiness callback before yielding to other tasks
-# Datagrams per recvmmsg: its buffers are this many times MAX_DATAGRAM (4 MB of address space,
-# resident only as far as datagrams filled them: a page each for unbatched tunnel packets).
-MMSG_BATCH: Final = 64
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _EXPECTED_SEND_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
-
-Receive = Callable[[bytes, Address, float], None]
 
 
 def enable_gro(sock: socket.socket) -> bool:
@@ -104,24 +94,12 @@ class Reader:
     def read(self, receive: Receive, now: float) -> None:
         """Feed each datagram waiting, up to ``READ_BATCH``, to ``receive``."""
         if self._receiver is not None:
-            self._read_many(self._receiver, receive, now)
+            read_many(self._receiver, self.sock.fileno(), receive, now)
         elif self.gro:
             read_coalesced(self.sock, receive, now)
         else:
             for data, address in read_batch(self.sock, READ_BATCH):
                 receive(data, address, now)
-
-    def _read_many(self, receiver: _mmsg.Receiver, receive: Receive, now: float) -> None:
-        fd = self.sock.fileno()
-        for _ in range(READ_BATCH // MMSG_BATCH):
-            try:
-                count = receiver.read(fd, receive, now)
-            except OSError as exc:
-                # ICMP errors from earlier sends surface here on Linux: nothing to read, go on.
-                log.debug("recvmmsg: %s", exc)
-                continue
-            if count < MMSG_BATCH:
-                return  # drained: no further call to find nothing
 
 
 class Sender:

@@ -21,11 +21,10 @@ from ..traversal.fleet import FleetClient
 from ..tunnel import events, wire
 from ..tunnel.mux import Mux
 from ..tunnel.paths import RelayPath
-from .udp import open_socket, read_batch
+from .udp import DatagramReader, open_socket
 
 log = logging.getLogger("pilot_agents.endpoint")
 TIMER_SLACK: Final = 1 / 16
-_NO_ADDRESSES: Final[frozenset[tuple[str, int]]] = frozenset()
 
 
 def is_tunnel_packet(data: bytes) -> bool:
@@ -47,6 +46,8 @@ class Endpoint:
         self._on_progress = on_progress
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
+        self._reader: DatagramReader | None = None
+        self._from_beacon = False  # set by _receive during a read
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -61,6 +62,7 @@ class Endpoint:
     def open(self, host: str, port: int) -> None:
         sock = open_socket(host, port, dont_fragment=True)
         self._sock = sock
+        self._reader = DatagramReader(sock)
         self._loop.add_reader(sock.fileno(), self._read_ready)
         self._rearm()
 
@@ -73,6 +75,7 @@ class Endpoint:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            self._reader = None
 
     def now(self) -> float:
         """The protocol's clock: CLOCK_MONOTONIC, as the event loop's timers use, but read
@@ -107,21 +110,14 @@ class Endpoint:
                 log.debug("sendto %s failed: %s", address, exc)
 
     def _read_ready(self) -> None:
-        sock = self._sock
-        if sock is None:
+        reader = self._reader
+        if self._sock is None or reader is None:
             return
         mux = self.mux
-        beacon = self.beacon
-        beacon_addresses = beacon.addresses if beacon is not None else _NO_ADDRESSES
         now = monotonic()
-        from_beacon = False
-        for data, address in read_batch(sock):
-            if address in beacon_addresses and beacon is not None:
-                from_beacon = True
-                beacon.receive_datagram(data, address, now)
-                self._drain_beacon_events(now)
-            else:
-                mux.receive_datagram(data, address, now)
+        self._from_beacon = False
+        reader.read(self._receive, now)
+        from_beacon = self._from_beacon
         # Hand what arrived to the application first. If nothing must leave at once (a request
         # wants only a delayed ACK), the timer covers the ACK and the application's reply,
         # written in this loop iteration, carries it. Otherwise the flush still waits for the
@@ -132,6 +128,15 @@ class Endpoint:
         else:
             self._on_progress()  # acknowledgements may have freed send buffers
             self._rearm()
+
+    def _receive(self, data: bytes, address: tuple[str, int], now: float) -> None:
+        beacon = self.beacon
+        if beacon is not None and address in beacon.addresses:
+            self._from_beacon = True
+            beacon.receive_datagram(data, address, now)
+            self._drain_beacon_events(now)
+        else:
+            self.mux.receive_datagram(data, address, now)
 
     def _drain_beacon_events(self, now: float) -> None:
         beacon = self.beacon
