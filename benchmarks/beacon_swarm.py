@@ -60,7 +60,7 @@ from benchmarks.machine import CpuSample, describe
 from pilot_agents.beacon import service
 from pilot_agents.errors import PilotTimeoutError
 from pilot_agents.identity import Identity
-from pilot_agents.net.io.udp import read_batch
+from pilot_agents.net.io.udp import MAX_DATAGRAM, MMSG_BATCH, read_batch, read_many
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.tunnel import crypto, wire
 from tests.redis_server import RedisServer
@@ -440,15 +440,14 @@ def receiver_of() -> Callable[[socket.socket], list[bytes]]:
         from pilot_agents.net.io import _mmsg
     except ImportError:
         return lambda sock: [data for data, _ in read_batch(sock)]
-    receiver = _mmsg.Receiver(64, 65535)
+    receiver = _mmsg.Receiver(MMSG_BATCH, MAX_DATAGRAM)  # one for every socket: read in turn
 
-    def read_many(sock: socket.socket) -> list[bytes]:
+    def read(sock: socket.socket) -> list[bytes]:
         batch: list[bytes] = []
-        while receiver.read(sock.fileno(), lambda data, _, __: batch.append(data), 0.0) == 64:
-            pass
+        read_many(receiver, sock.fileno(), lambda data, _, __: batch.append(data), 0.0)
         return batch
 
-    return read_many
+    return read
 
 
 # -- the parent --------------------------------------------------------------------------------

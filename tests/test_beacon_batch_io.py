@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 
 from pilot_agents.beacon import udp_batch
-from pilot_agents.beacon.udp_batch import (
-    MAX_GSO_SEGMENT,
-    MMSG,
-    MMSG_BATCH,
-    UDP_SEGMENT,
-    Reader,
-    Sender,
-)
+from pilot_agents.beacon.udp_batch import MAX_GSO_SEGMENT, UDP_SEGMENT, Reader, Sender
+from pilot_agents.net.io.udp import MMSG, MMSG_BATCH
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import Address
 from pilot_agents.net.tunnel import wire

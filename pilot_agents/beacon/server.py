@@ -1100,7 +1100,11 @@ class BeaconServer:
                 sibling = self._at_sibling(found)
                 elsewhere = self._elsewhere(found)
                 if sibling is not None:
-                    self._introduce_sibling(requester, sibling, message.request_id, wall, address)
+                    # Sent from this worker's socket, which has the address of the target's
+                    # worker: its NAT lets it through as it does the beacon's other answers.
+                    self._introduce(
+                        requester, sibling, sibling.observed, message.request_id, wall, address
+                    )
                 elif elsewhere is not None:
                     # Its home introduces it: the asker attaches there as a guest.
                     refuse(Status.ELSEWHERE, elsewhere.home_address)
@@ -1259,18 +1263,6 @@ class BeaconServer:
         if registration is not None and registration.home == self.home:
             return registration
         return found.guest
-
-    def _introduce_sibling(
-        self,
-        requester: _Node,
-        target: Registration,
-        request_id: int,
-        wall: int,
-        address: Address,
-    ) -> None:
-        # Sent from this worker's socket, which has the address of the target's worker: its
-        # NAT lets it through as it does the beacon's other answers.
-        self._introduce(requester, target, target.observed, request_id, wall, address)
 
     def _sibling_address(
         self, data: bytes, address: Address, sender: bytes, target_key: bytes, now: float

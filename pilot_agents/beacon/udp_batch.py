@@ -27,7 +27,7 @@ import struct
 import sys
 from typing import Final
 
-from ..net.io.udp import MMSG, MMSG_BATCH, Receive, read_batch, read_many
+from ..net.io.udp import MAX_DATAGRAM, MMSG, READ_BATCH, DatagramReader, Receive
 from ..net.traversal.beacon_wire import Address
 
 if MMSG:
@@ -42,8 +42,6 @@ MAX_GSO_BYTES: Final = 65_000  # a GSO buffer stays under the largest UDP payloa
 # Datagrams larger than this go out one by one: a GSO segment must fit the path MTU (1,500
 # bytes on Ethernet: 1,452 of UDP payload over IPv6), and relayed tunnel packets are 1,233.
 MAX_GSO_SEGMENT: Final = 1_452
-MAX_DATAGRAM: Final = 65_535
-READ_BATCH: Final = 256  # reads per readiness callback before yielding to other tasks
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _EXPECTED_SEND_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
 
@@ -89,17 +87,15 @@ class Reader:
     def __init__(self, sock: socket.socket, *, gro: bool = True, mmsg: bool = MMSG) -> None:
         self.sock = sock
         self.gro = gro and enable_gro(sock)
-        self._receiver = _mmsg.Receiver(MMSG_BATCH, MAX_DATAGRAM) if mmsg and MMSG else None
+        # The node's reader: recvmmsg (which cuts GRO runs too), else one datagram per call.
+        self._reader = DatagramReader(sock, mmsg=mmsg)
 
     def read(self, receive: Receive, now: float) -> None:
         """Feed each datagram waiting, up to ``READ_BATCH``, to ``receive``."""
-        if self._receiver is not None:
-            read_many(self._receiver, self.sock.fileno(), receive, now)
-        elif self.gro:
+        if self._reader.receiver is None and self.gro:
             read_coalesced(self.sock, receive, now)
         else:
-            for data, address in read_batch(self.sock, READ_BATCH):
-                receive(data, address, now)
+            self._reader.read(receive, now)
 
 
 class Sender:
