@@ -80,8 +80,7 @@ class Inbox:
         message checked for room before it waited, and must not find less when it comes."""
         if self._closed or self._items or not self._takers:
             return False
-        if (len(self._items) + self._held + 1 >= self.max_messages
-                or self._bytes + len(item.data) >= self.max_bytes):
+        if self._held + 1 >= self.max_messages or self._bytes + len(item.data) >= self.max_bytes:
             return False
         return self._hand(item)
 
