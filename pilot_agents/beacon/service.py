@@ -281,22 +281,45 @@ async def start(
     config = config or BeaconConfig()
     registry = await open_store(store, data_dir, timeout=config.store_timeout)
     try:
-        sock = open_socket(host, port)
-    except OSError as exc:
+        (sock,), alt = _bind(listen, host, port, wanted, alt_port == "auto", _one_socket)
+    except ConfigError:
         await registry.aclose()
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
-    alt_sock = None
-    if wanted is not None:
-        try:
-            alt_sock = open_socket(host, wanted)
-        except OSError as exc:
-            if alt_port != "auto":
-                sock.close()
-                await registry.aclose()
-                raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
-            # The second port only refines NAT classification: run without it.
-            log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+        raise
+    alt_sock = alt[0] if alt is not None else None
     return await _service(identity, registry, config, sock, alt_sock, beacon_id, advertise)
+
+
+def _one_socket(host: str, port: int) -> list[socket.socket]:
+    return [open_socket(host, port)]
+
+
+def _bind(
+    listen: str,
+    host: str,
+    port: int,
+    wanted: int | None,
+    auto: bool,
+    bind: Callable[[str, int], list[socket.socket]],
+) -> tuple[list[socket.socket], list[socket.socket] | None]:
+    """``bind``'s sockets on the listen port and on the alt port ``wanted`` (None: not wanted,
+    or taken while ``auto``); ConfigError if the listen port, or an alt port asked for by
+    number, cannot be had."""
+    try:
+        sockets = bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+    if wanted is None:
+        return sockets, None
+    try:
+        return sockets, bind(host, wanted)
+    except OSError as exc:
+        if not auto:
+            for sock in sockets:
+                sock.close()
+            raise ConfigError(f"cannot listen on alt port {wanted}: {exc.strerror}") from None
+        # The second port only refines NAT classification: run without it.
+        log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+        return sockets, None
 
 
 async def _service(
@@ -550,22 +573,10 @@ def run_workers(
         # Checked here too: each worker would refuse it, N times, after the sockets were bound.
         _advertised(advertise, (host, port), alone=False)
         wanted = _alt_port_for(alt_port, port)
-        try:
-            sockets = workers.bind_group(host, port, count)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
-        alt_sockets = None
-        if wanted is not None:
-            try:
-                alt_sockets = workers.bind_group(host, wanted, count)
-            except OSError as exc:
-                if alt_port != "auto":
-                    for sock in sockets:
-                        sock.close()
-                    raise ConfigError(
-                        f"cannot listen on alt port {wanted}: {exc.strerror}"
-                    ) from None
-                log.warning("alt port %d unavailable (%s): NAT type detection off", wanted, exc)
+        sockets, alt_sockets = _bind(
+            listen, host, port, wanted, alt_port == "auto",
+            lambda host, port: workers.bind_group(host, port, count),
+        )
         supervisor = workers.Supervisor(worker_argv, sockets, alt_sockets)
         await supervisor.run(_stop_on_signals(), ready or _nothing)
 
