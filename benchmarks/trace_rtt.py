@@ -5,8 +5,8 @@ the answer.
     sudo .venv/bin/python -m benchmarks.trace_rtt [--only CASE ...] [--rounds N]
 
 Needs root and tracefs (/sys/kernel/tracing): it enables the syscall tracepoints of sendto,
-recvfrom and the waits (epoll_wait, epoll_pwait, select, poll...) while the benchmark's rtt
-measurement runs, then matches each datagram sent by one process to the other process's wait,
+recvfrom, recvmmsg and the waits (epoll_wait, epoll_pwait, select, poll...), on the ``mono``
+clock, while the benchmark's rtt measurement runs, then matches each datagram sent by one process to the other process's wait,
 read and next send. Times are medians over the second half of the round trips (steady state).
 Tracing itself adds about a microsecond per syscall, so RTTs come out a little higher than in
 ``benchmarks.bench``.
@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from benchmarks.runner import CaseFailed, run_pair
 
 TRACEFS = Path("/sys/kernel/tracing")
 WAITS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "pselect6", "poll", "ppoll")
-TRACEPOINTS = ["sys_enter_sendto", "sys_exit_recvfrom"] + [f"sys_exit_{w}" for w in WAITS]
+# recvmmsg: the node reads its socket in batches (net/io/udp.DatagramReader).
+TRACEPOINTS = ["sys_enter_sendto", "sys_exit_recvfrom", "sys_exit_recvmmsg"] + [
+    f"sys_exit_{w}" for w in WAITS]
 DEFAULT_CASES = ("zmq-tcp", "zmq-asyncio", "tunnel", "tunnel-asyncio", "core-blocking")
 LINE = re.compile(r"^\s*.+?-(\d+)\s+\[\d+\]\s+\S+\s+([\d.]+): sys_(\w+)(?:\(| -> )(.*)$")
 
@@ -63,7 +66,7 @@ def parse(trace: str) -> dict[int, Timeline]:
         tid, at, call, rest = int(match[1]), float(match[2]), match[3], match[4]
         if call == "sendto":
             threads[tid].sends.append(at)
-        elif call == "recvfrom":
+        elif call in ("recvfrom", "recvmmsg"):
             if not rest.startswith("0xf") and rest not in ("0x0", "0"):  # a datagram, not -errno
                 threads[tid].reads.append(at)
         elif call in WAITS and rest not in ("0x0", "0"):  # woke with something ready
@@ -116,21 +119,32 @@ def _set(path: str, value: str) -> None:
     (TRACEFS / path).write_text(value)
 
 
-def trace_case(case: str, p: Params) -> str:
+def traced(points: Iterable[str], action: Callable[[], object]) -> str:
+    """The trace of the syscall tracepoints ``points`` while ``action`` runs. On the ``mono``
+    clock: the default ``local`` clock is per CPU and not synchronised across CPUs, which
+    skews every hop between processes on different CPUs (changing the clock empties the
+    trace, so it is read before the clock is put back)."""
+    clock = (TRACEFS / "trace_clock").read_text().split("[")[1].split("]")[0]
     _set("tracing_on", "0")
+    _set("trace_clock", "mono")
     _set("trace", "")
     _set("buffer_size_kb", "65536")
-    for point in TRACEPOINTS:
+    for point in points:
         _set(f"events/syscalls/{point}/enable", "1")
     try:
         _set("tracing_on", "1")
-        run_pair(case, "rtt", p)
+        action()
         _set("tracing_on", "0")
         return (TRACEFS / "trace").read_text()
     finally:
         _set("tracing_on", "0")
-        for point in TRACEPOINTS:
+        for point in points:
             _set(f"events/syscalls/{point}/enable", "0")
+        _set("trace_clock", clock)
+
+
+def trace_case(case: str, p: Params) -> str:
+    return traced(TRACEPOINTS, lambda: run_pair(case, "rtt", p))
 
 
 def main() -> int:
