@@ -6,10 +6,10 @@ the answer.
 
 Needs root and tracefs (/sys/kernel/tracing): it enables the syscall tracepoints of sendto,
 recvfrom, recvmmsg and the waits (epoll_wait, epoll_pwait, select, poll...), on the ``mono``
-clock, while the benchmark's rtt measurement runs, then matches each datagram sent by one process to the other process's wait,
-read and next send. Times are medians over the second half of the round trips (steady state).
-Tracing itself adds about a microsecond per syscall, so RTTs come out a little higher than in
-``benchmarks.bench``.
+clock, while the benchmark's rtt measurement runs, then matches each datagram sent by one
+process to the other process's wait, read and next send. Times are medians over the second
+half of the round trips (steady state). Tracing itself adds about a microsecond per syscall, so
+RTTs come out a little higher than in ``benchmarks.bench``.
 """
 
 from __future__ import annotations
