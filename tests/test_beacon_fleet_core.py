@@ -108,6 +108,21 @@ class FleetNet:
         self.run()
         return member
 
+    def restart(self, member: Member, beacons: list[Address]) -> Member:
+        """The same node (key and name) starts again, from another address, with ``beacons``."""
+        old = self.members.pop(member.local).client.home
+        local = (f"203.0.113.{200 + len(self.members)}", 5000)
+        self.lands[local] = 0
+        client = FleetClient(
+            old.secret, old.public_key, old.hostname, beacons, wall_clock_ns=self._wall,
+            random_bytes=self.rng.randbytes,
+        )
+        client.set_local_candidates([local])
+        new = self.members[local] = Member(client, local)
+        client.start(self.now)
+        self.run()
+        return new
+
     def run(self) -> None:
         for _ in range(100):
             moved = 0
@@ -314,6 +329,65 @@ def test_a_guest_is_left_when_no_peer_is_routed_through_it(net: FleetNet) -> Non
     before = net.sent_by(alpha, B)
     net.advance(3 * INTERVAL)
     assert net.sent_by(alpha, B) == before  # no keepalives, no refreshes
+
+
+def test_an_elsewhere_naming_our_own_home_brings_the_peer_back_there(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.run()
+    assert alpha.client.route(bravo.key) == B
+    # bravo starts again at A; once B has forgotten it, B answers ELSEWHERE, naming A.
+    bravo = net.restart(bravo, [A])
+    net.advance(BeaconConfig().registration_ttl + 10)
+    alpha.events.clear()
+    alpha.client.introduce(bravo.key, net.now)
+    net.run()
+    assert alpha.client.route(bravo.key) == A
+    assert [e.peer_key for e in alpha.of(bc.Introduction)] == [bravo.key]
+    assert not alpha.of(bc.IntroductionFailed)  # followed, not reported
+    assert alpha.client.relay(bravo.key, DATA, net.now) == (bw.encode_relay(bravo.key, DATA), A)
+
+
+def test_an_elsewhere_that_comes_after_forget_peer_attaches_no_guest(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    alpha.client.forget_peer(bravo.key)  # the tunnel closed before A answered ELSEWHERE
+    net.advance(3 * INTERVAL)
+    assert alpha.client.addresses == {A} and alpha.client.route(bravo.key) == A
+    assert not alpha.of(bc.IntroductionFailed) and not alpha.of(bc.Introduction)
+
+
+def test_a_lookup_that_comes_after_forget_peer_attaches_no_guest(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.run()
+    # alpha's datagrams to B are lost (B is up for everyone else): alpha leaves its guest
+    # there and asks A where bravo is; its tunnel closes before A answers.
+    net.down.add(B)
+    while B in alpha.client.addresses:
+        net.now += 0.25
+        alpha.client.handle_timer(net.now)
+    net.down.discard(B)
+    alpha.client.forget_peer(bravo.key)
+    alpha.events.clear()
+    net.advance(3 * INTERVAL)
+    # The answer still says where bravo is (B), but nobody is introduced or attached for it.
+    assert alpha.client.addresses == {A}
+    assert alpha.client.route(bravo.key) == B and not alpha.of(bc.Introduction)
+
+
+def test_a_forgotten_route_is_not_taken_as_located(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.resolve("bravo", net.now)
+    net.run()
+    assert alpha.client.located(bravo.key, net.now) and alpha.client.route(bravo.key) == B
+    alpha.client.forget_peer(bravo.key)
+    # A trust request looks it up again rather than go through our home, which cannot relay it.
+    assert not alpha.client.located(bravo.key, net.now)
 
 
 def test_when_a_guests_beacon_dies_its_peers_are_found_where_they_went(net: FleetNet) -> None:

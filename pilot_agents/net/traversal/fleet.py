@@ -109,6 +109,9 @@ class FleetClient:
         self._held: dict[Address, deque[bytes]] = {}  # relayed datagrams waiting for a guest
         self._lookups: dict[int, bytes] = {}  # our own RESOLVEs (request id -> peer)
         self._redirects: dict[bytes, int] = {}
+        # Peers whose introduction awaits its answer: an ELSEWHERE is followed only for them
+        # (one that comes after forget_peer would attach a guest for nobody).
+        self._introducing: dict[bytes, None] = {}
         self._located: dict[bytes, float] = {}  # peer -> when a lookup last said where it is
         self._events: deque[BeaconEvent] = deque()
         self._out: list[tuple[bytes, Address]] = []
@@ -182,6 +185,10 @@ class FleetClient:
     def introduce(self, peer_key: bytes, now: float) -> int:
         """At the peer's home (ours unless it resolved elsewhere): both sides get an
         Introduction, or we IntroductionFailed. An ELSEWHERE answer is followed, not reported."""
+        introducing = self._introducing
+        if peer_key not in introducing and len(introducing) >= MAX_ROUTES:
+            del introducing[next(iter(introducing))]  # long unanswered: its beacon went away
+        introducing[peer_key] = None
         route = self._routes.get(peer_key)
         client = self.home if route is None else self._guest(route, now)
         return client.introduce(peer_key, now)
@@ -204,9 +211,11 @@ class FleetClient:
 
     def forget_peer(self, peer_key: bytes) -> None:
         """No tunnel to ``peer_key`` any more: its route goes, and with the last peer routed
-        through a guest, the guest (at the next timer)."""
-        self._routes.pop(peer_key, None)
-        self._redirects.pop(peer_key, None)
+        through a guest, the guest (at the next timer). An answer still on its way about it
+        (a lookup, an ELSEWHERE) routes it nowhere."""
+        self._unroute(peer_key)
+        self._introducing.pop(peer_key, None)
+        self._lookups = {rid: peer for rid, peer in self._lookups.items() if peer != peer_key}
 
     def report_invalid_relayed(self, source_key: bytes, now: float) -> bool:
         """As :meth:`BeaconClient.report_invalid_relayed`, to the beacon that relayed it."""
@@ -356,7 +365,7 @@ class FleetClient:
         log.info("leaving the beacon at %s: %s", _where(address), reason)
         for peer in [peer for peer, at in self._routes.items() if at == address]:
             # Where did it go? Our home knows; then the introduction goes there.
-            del self._routes[peer]
+            self._unroute(peer)
             if self.home.registered:
                 self._lookups[self.home.resolve_key(peer, now)] = peer
 
@@ -416,26 +425,42 @@ class FleetClient:
     def _route_to(self, peer_key: bytes, home: Address) -> None:
         routes = self._routes
         if peer_key not in routes and len(routes) >= MAX_ROUTES:
-            oldest = next(iter(routes))
-            del routes[oldest]
-            self._redirects.pop(oldest, None)
+            self._unroute(next(iter(routes)))
         routes[peer_key] = home
 
+    def _unroute(self, peer_key: bytes) -> None:
+        """Where ``peer_key`` is registered is no longer known: a trust request for it looks
+        it up again rather than take our home for its."""
+        self._routes.pop(peer_key, None)
+        self._redirects.pop(peer_key, None)
+        self._located.pop(peer_key, None)
+
     def _followed(self, event: BeaconEvent, now: float) -> bool:
-        """An introduction refused with ELSEWHERE and the peer's home: ask there instead."""
+        """Whether ``event`` is dealt with here: an introduction refused with ELSEWHERE and the
+        peer's home is asked there instead, and dropped if the peer was forgotten meanwhile."""
         if isinstance(event, Introduction):
             self._redirects.pop(event.peer_key, None)
+            self._introducing.pop(event.peer_key, None)
             return False
-        if not isinstance(event, IntroductionFailed) or event.code != Status.ELSEWHERE:
+        if not isinstance(event, IntroductionFailed):
             return False
         peer, home = event.peer_key, event.home
+        if event.code != Status.ELSEWHERE:
+            self._introducing.pop(peer, None)
+            return False
+        if peer not in self._introducing:
+            return True  # forgotten since it was asked for: nobody waits for it
         redirects = self._redirects.get(peer, 0)
-        if home is None or home == self.home.beacon or redirects >= MAX_REDIRECTS:
+        if home is None or redirects >= MAX_REDIRECTS:
+            self._introducing.pop(peer, None)
             return False
         if len(self._redirects) >= MAX_ROUTES:
             self._redirects.clear()  # counts of peers long gone: start afresh
+        if home == self.home.beacon:
+            self._unroute(peer)  # back at our home (restarted there, or moved): asked here
+        else:
+            self._route_to(peer, home)
         self._redirects[peer] = redirects + 1
-        self._route_to(peer, home)
         log.info("%s is registered at the beacon at %s: introduced there", peer.hex()[:12],
                  _where(home))
         self.introduce(peer, now)
