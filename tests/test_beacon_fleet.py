@@ -27,6 +27,7 @@ from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal.beacon_wire import Status
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.paths import PathConfig
+from pilot_agents.node import node as node_module
 from tests.conftest import cli, short_home, start_daemon, stop_daemons
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.test_beacon_service import BeaconProcess, ClientDriver, make_client
@@ -145,6 +146,29 @@ async def test_nodes_of_two_beacons_resolve_trust_and_connect(tmp_path: Path, fl
         assert (await store.find_name("alpha")).key is not None
     finally:
         await store.aclose()
+
+
+async def test_a_guest_attached_for_a_trust_request_alone_is_left(
+    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "TRUST_REQUEST_ROUTE_TTL", 0.5)
+    async with (
+        Node(tmp_path / "na", "127.0.0.1:0", beacon=fleet.spec(fleet.a), hostname="alpha") as a,
+        Node(tmp_path / "nb", "127.0.0.1:0", beacon=fleet.spec(fleet.b), hostname="bravo") as b,
+    ):
+        await _published(fleet, tmp_path, "bravo")
+        received: asyncio.Queue[bytes] = asyncio.Queue(4)
+        b.on_trust_request = lambda key, payload: received.put_nowait(payload)
+        await a.send_trust_request("bravo", b"please trust alpha")
+        assert await asyncio.wait_for(received.get(), 10) == b"please trust alpha"
+        beacons = a._endpoint.beacon if a._endpoint is not None else None
+        assert beacons is not None and fleet.b.address in beacons.addresses
+        # bravo never answers with a tunnel: the guest at its home goes (at the guest's next
+        # timer, within a keepalive interval), rather than refresh for the life of the node.
+        async with asyncio.timeout(15):
+            while fleet.b.address in beacons.addresses:
+                await asyncio.sleep(0.1)
+        assert beacons.addresses == beacons.home.addresses  # the home beacon alone
 
 
 async def test_a_node_id_of_another_beacon_is_followed_to_its_home(

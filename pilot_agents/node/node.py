@@ -75,6 +75,9 @@ REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
 FAILOVER_ALLOWANCE = 3.0  # seconds more per further beacon of a list (two tries of each)
 PIN_CHECK_TIMEOUT = 5.0  # seconds a pinned name's lookup may take after its key did not answer
 CONTROL_VIA_RELAY = 0x40  # first byte of node-to-node messages the beacon relays (trust requests)
+# seconds a route made for a trust request alone is kept: the guest it may attach registers and
+# sends the request well within; then the guest goes, unless a tunnel to the peer came of it
+TRUST_REQUEST_ROUTE_TTL = 30.0
 BEACON_PINS = "beacons.json"  # beacon keys pinned on first contact, per beacon address
 
 
@@ -454,6 +457,17 @@ class Node:
         if relayed is not None:
             endpoint.send_raw(*relayed)
         endpoint.wake()  # or it waits for us to attach to the peer's home as a guest
+        # Only a tunnel's close forgets a peer's route (and the guest kept for it): a request
+        # that no tunnel follows must not keep one for the life of the node.
+        asyncio.get_running_loop().call_later(TRUST_REQUEST_ROUTE_TTL, self._forget_untunnelled,
+                                              key)
+
+    def _forget_untunnelled(self, key: bytes) -> None:
+        endpoint, mux = self._endpoint, self._mux
+        if endpoint is None or endpoint.beacon is None or mux is None:
+            return
+        if mux.get_session(key) is None:
+            endpoint.beacon.forget_peer(key)
 
     # -- ports --------------------------------------------------------------------------------
 
