@@ -306,6 +306,7 @@ class DaemonConnection:
         # here (no IPC per message) by the framing rule of the Node's own streams.
         self._written = 0
         self._holding: asyncio.Task[None] | None = None  # a stream_hold on its way
+        self._hold_next: float | None = None  # the longest hold asked for meanwhile
 
     @property
     def peer_id(self) -> str:
@@ -335,14 +336,26 @@ class DaemonConnection:
         """Someone waits ``timeout`` s for an answer on this stream: until then the daemon's
         tunnel keeps trying a silent peer (it may be restarting) instead of giving up on it.
         One small request (``stream_hold``), not waited for; its error, if any (the stream
-        is gone), is of no use to anyone and is dropped."""
-        stream = self._stream
-        if stream is None or (self._holding is not None and not self._holding.done()):
+        is gone), is of no use to anyone and is dropped. One at a time: a hold asked for while
+        one is on its way goes after it (the longest of them), so none is lost."""
+        if self._stream is None:
             return
+        timeout = min(timeout, _LONGEST_TIMEOUT)
+        if self._holding is not None and not self._holding.done():
+            self._hold_next = max(self._hold_next or 0.0, timeout)
+            return
+        self._post_hold(self._stream, timeout)
+
+    def _post_hold(self, stream: str, timeout: float) -> None:
         self._holding = asyncio.get_running_loop().create_task(
-            self._client._ipc.post("stream_hold", stream=stream,
-                                   timeout=min(timeout, _LONGEST_TIMEOUT)))
-        self._holding.add_done_callback(_ignore_outcome)
+            self._client._ipc.post("stream_hold", stream=stream, timeout=timeout))
+        self._holding.add_done_callback(self._held)
+
+    def _held(self, task: asyncio.Task[None]) -> None:
+        _ignore_outcome(task)
+        timeout, self._hold_next = self._hold_next, None
+        if timeout is not None and self._stream is not None:
+            self._post_hold(self._stream, timeout)
 
     def unseen_after_restart(self) -> int | None:
         """If the stream died because the peer's node restarted: the stream offset (as
@@ -400,6 +413,11 @@ class DaemonConnection:
     def _send_failed(self, error: PilotError, _stream: str) -> None:
         if self._failed is None:
             self._failed = error
+            # What the peer gets is no longer what was sent: the stream is done, for receives
+            # too (a request waiting for the reply to a refused message would wait out its
+            # timeout).
+            if self._delivery is not None:
+                self._delivery.fail(error)
 
     def _raise_failed(self) -> None:
         if self._failed is not None:
@@ -661,6 +679,15 @@ class _Delivery:
             self._request = None
             self._error = error_of(reply) if reply.get("ok") is not True else (
                 ConnectionClosedError(f"the daemon stopped delivering {self._what}"))
+        self._wake()
+
+    def fail(self, error: PilotError) -> None:
+        """Receives raise ``error`` once the messages already pushed are taken."""
+        if self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pilot_agents import PilotTimeoutError
-from pilot_agents.errors import PilotError, RemoteError, WireError
+from pilot_agents.errors import ConnectionClosedError, PilotError, RemoteError, WireError
 from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serving
 from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
@@ -173,3 +173,33 @@ def test_frame_parsing_raises_only_wire_errors() -> None:
             parse_frame_untrusted(data)
     frame = parse_frame_untrusted(encode_frame(Kind.REQUEST, 2**64 - 1, b"body"))
     assert (frame.kind, frame.id, frame.payload) == (Kind.REQUEST, 2**64 - 1, b"body")
+
+
+async def test_a_stream_opened_after_close_is_aborted_not_kept() -> None:
+    """close() while a request opens its stream (a resend after a restart does): the stream,
+    once open, is aborted, and the request raises that the requester was closed."""
+    opened: list[object] = []
+    aborted: list[object] = []
+    gate = asyncio.Event()
+
+    class SlowConnection:
+        async def __aenter__(self) -> SlowConnection:
+            await gate.wait()
+            opened.append(self)
+            return self
+
+        async def abort(self) -> None:
+            aborted.append(self)
+
+    class SlowTransport:
+        def connect(self, peer: str, port: int, timeout: float = 10.0) -> SlowConnection:
+            return SlowConnection()
+
+    requester = Requester(SlowTransport(), None)  # type: ignore[arg-type]
+    request = asyncio.create_task(requester.request("beta", 1, b"x", timeout=5))
+    await asyncio.sleep(0.05)
+    await requester.close()
+    gate.set()
+    with pytest.raises(ConnectionClosedError, match="requester was closed"):
+        await request
+    assert opened and aborted == opened

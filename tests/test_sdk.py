@@ -398,3 +398,34 @@ async def test_the_sdk_speaks_either_socket(daemon_pair: Pair, stream_socket: bo
             await message.reply(b"%d" % n)
         assert [(await conn.receive(timeout=5)).data for _ in range(3)] == [b"0", b"1", b"2"]
         await server.flush()
+
+
+class _PostRecorder:
+    """The daemon's side of ``stream_hold`` as a connection sees it: each post recorded, each
+    answered only when the test says (as a busy daemon would)."""
+
+    def __init__(self) -> None:
+        self.posted: list[dict[str, Any]] = []
+        self.answer = asyncio.Event()
+
+    async def post(self, cmd: str, **fields: Any) -> None:
+        self.posted.append({"cmd": cmd, **fields})
+        await self.answer.wait()
+
+
+async def test_a_longer_hold_asked_while_one_is_on_its_way_follows_it() -> None:
+    # A unit test of DaemonConnection.hold_tunnel alone: the first request of a burst asks for
+    # a short hold, a later one for a long one before the daemon answered the first.
+    ipc = _PostRecorder()
+    client: Any = type("FakeClient", (), {"_ipc": ipc})()
+    conn = pilot.DaemonConnection(client, "beta", 7502, 10.0)
+    conn._stream = "s1"
+    conn.hold_tunnel(2)
+    conn.hold_tunnel(120)
+    conn.hold_tunnel(30)
+    await asyncio.sleep(0)
+    assert [p["timeout"] for p in ipc.posted] == [2]
+    ipc.answer.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [p["timeout"] for p in ipc.posted] == [2, 120]  # the longest asked meanwhile

@@ -215,12 +215,15 @@ class _Stream:
         else:
             future.set_result(reply)
 
-    def fail(self, error: PilotError, peer: str = "", port: int = 0) -> None:
+    def fail(self, error: PilotError, peer: str = "", port: int = 0, *,
+             resend: bool = True) -> None:
         """The stream is gone: every request waiting on it raises ``error``; or, if the
-        replier's node restarted, goes again (the old node never saw it) or raises that it
-        restarted before replying."""
+        replier's node restarted (and ``resend``), goes again (the old node never saw it) or
+        raises that it restarted before replying."""
         self.dead = True
-        unseen = self.resumable.unseen_after_restart() if self.resumable is not None else None
+        unseen = None
+        if resend and self.resumable is not None:
+            unseen = self.resumable.unseen_after_restart()
         for request_id, future in self.waiting.items():
             if unseen is None:
                 self.answer(future, error)
@@ -323,9 +326,10 @@ class Requester:
                     elif not writable.write(frame):
                         await writable.room()
                 except PilotError as exc:
-                    if stream.resumable is None or stream.resumable.unseen_after_restart() is None:
-                        raise
-                    await self._drop(stream, exc, peer, port)  # this request goes again
+                    # A stream that fails a send is done with (a later send would fail the
+                    # same way): it goes, with what waits on it, this request among them,
+                    # which goes again on a new stream if its replier restarted before it.
+                    await self._drop(stream, exc, peer, port)
                 if stream.reader is None and not future.done():
                     await self._read(stream, peer, port, future, task)
                 return await future
@@ -373,7 +377,9 @@ class Requester:
         self._streams.clear()
         readers = []
         for peer, stream in streams:
-            stream.fail(PilotError(f"the stream to {peer} closed"))
+            # Nothing goes again, even to a restarted replier: the requester is closed.
+            stream.fail(ConnectionClosedError(f"the requester's stream to {peer} was closed"),
+                        resend=False)
             if stream.reader is not None:
                 readers.append(stream.reader)
                 stream.reader.cancel()  # the request reading raises the error above
@@ -393,6 +399,10 @@ class Requester:
                 return stream
             conn = self._transport.connect(peer, port)
             await conn.__aenter__()
+            if self._streams.get(key) is not group:  # close() came meanwhile: no stream of ours
+                with contextlib.suppress(PilotError):
+                    await conn.abort()
+                raise ConnectionClosedError("the requester was closed")
             stream = _Stream(conn, self.config.max_in_flight)
             group.append(stream)
             return stream
