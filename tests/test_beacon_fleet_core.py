@@ -97,6 +97,16 @@ class FleetNet:
     def add(self, hostname: str | None, beacons: list[Address], worker: int = 0) -> Member:
         secret, public = crypto.ed25519_keypair()
         local = (f"203.0.113.{len(self.members) + 1}", 5000)
+        return self._start(secret, public, hostname, beacons, local, worker)
+
+    def restart(self, member: Member, beacons: list[Address]) -> Member:
+        """The same node (key and name) starts again, from another address, with ``beacons``."""
+        old = self.members.pop(member.local).client.home
+        local = (f"203.0.113.{200 + len(self.members)}", 5000)
+        return self._start(old.secret, old.public_key, old.hostname, beacons, local, 0)
+
+    def _start(self, secret: bytes, public: bytes, hostname: str | None,
+               beacons: list[Address], local: Address, worker: int) -> Member:
         self.lands[local] = worker
         client = FleetClient(
             secret, public, hostname, beacons, wall_clock_ns=self._wall,
@@ -107,21 +117,6 @@ class FleetNet:
         client.start(self.now)
         self.run()
         return member
-
-    def restart(self, member: Member, beacons: list[Address]) -> Member:
-        """The same node (key and name) starts again, from another address, with ``beacons``."""
-        old = self.members.pop(member.local).client.home
-        local = (f"203.0.113.{200 + len(self.members)}", 5000)
-        self.lands[local] = 0
-        client = FleetClient(
-            old.secret, old.public_key, old.hostname, beacons, wall_clock_ns=self._wall,
-            random_bytes=self.rng.randbytes,
-        )
-        client.set_local_candidates([local])
-        new = self.members[local] = Member(client, local)
-        client.start(self.now)
-        self.run()
-        return new
 
     def run(self) -> None:
         for _ in range(100):

@@ -539,61 +539,46 @@ class Meter:
             assert mb * 2**20 < RSS_GROWTH_LIMIT, f"{name} grew {mb:.0f} MB ({what})"
 
 
-async def test_a_request_its_daemon_refuses_fails_at_once_and_the_next_ones_go_on() -> None:
+async def test_a_request_its_daemon_refuses_fails_at_once_and_the_next_ones_go_on(
+        tmp_path: Path) -> None:
     """A request the requester's daemon refuses (a payload over its limit) raises the daemon's
     error at once, not at its timeout; its stream goes with it (what the peer gets is no longer
     what was sent), and the next requests go on a new one."""
-    with named_pair() as (alpha, beta):
-        client, server = DaemonPeer(alpha), DaemonPeer(beta)
-        await client.start()
-        await server.start()
-        try:
-            assert client.client is not None
-            async with serving(server.transport, 7503, echo), \
-                    Requester(client.client, ReqRepConfig(streams_per_peer=1)) as requester:
-                assert (await requester.request("beta", 7503, b"ok", timeout=5)).data == b"ok"
-                started = time.monotonic()
-                with pytest.raises(PilotError, match="more than the daemon's limit"):
-                    await requester.request("beta", 7503, b"x" * (64 * 2**20 + 1), timeout=30)
-                assert time.monotonic() - started < 10
-                for n in range(3):
-                    reply = await requester.request("beta", 7503, b"next-%d" % n, timeout=5)
-                    assert reply.data == b"next-%d" % n
-        finally:
-            for peer in (client, server):
-                if peer.client is not None:
-                    await peer.client.close()
+    async with daemon_sides("static peers", tmp_path) as (client, server, _):
+        assert client.client is not None
+        async with serving(server.transport, 7503, echo), \
+                Requester(client.client, ReqRepConfig(streams_per_peer=1)) as requester:
+            assert (await requester.request("beta", 7503, b"ok", timeout=5)).data == b"ok"
+            started = time.monotonic()
+            with pytest.raises(PilotError, match="more than the daemon's limit"):
+                await requester.request("beta", 7503, b"x" * (64 * 2**20 + 1), timeout=30)
+            assert time.monotonic() - started < 10
+            for n in range(3):
+                reply = await requester.request("beta", 7503, b"next-%d" % n, timeout=5)
+                assert reply.data == b"next-%d" % n
 
 
-async def test_after_the_requesters_own_daemon_restarts_a_new_stream_serves_it() -> None:
+async def test_after_the_requesters_own_daemon_restarts_a_new_stream_serves_it(
+        tmp_path: Path) -> None:
     """The requester's own daemon stops and starts again: the request that finds its stream
     gone raises at once, and the next one opens a stream on the new daemon."""
-    with named_pair() as (alpha, beta):
-        client, server = DaemonPeer(alpha), DaemonPeer(beta)
-        await client.start()
-        await server.start()
-        try:
-            assert client.client is not None
-            async with serving(server.transport, 7504, echo), \
-                    Requester(client.client) as requester:
-                assert (await requester.request("beta", 7504, b"ok", timeout=30)).data == b"ok"
-                await asyncio.to_thread(ipc_call, alpha.home, 5.0, cmd="stop")
-                await within(15, "the daemon stopped", lambda: ipc.daemon_pid(alpha.home) is None)
-                result = await asyncio.to_thread(
-                    cli, alpha.home, "--json", "daemon", "start", "--hostname", alpha.hostname,
-                    "--listen", alpha.endpoint)
-                assert result.returncode == 0, result.stderr
-                assert ipc_call(alpha.home, cmd="add_peer", node_id=beta.node_id,
-                                address=beta.endpoint, hostname=beta.hostname)["ok"]
-                assert ipc_call(alpha.home, cmd="trust_add", target=beta.node_id)["ok"]
-                with pytest.raises(PilotError):  # its stream was the old daemon's
-                    await requester.request("beta", 7504, b"lost", timeout=30)
-                reply = await requester.request("beta", 7504, b"again", timeout=30)
-                assert reply.data == b"again"
-        finally:
-            for peer in (client, server):
-                if peer.client is not None:
-                    await peer.client.close()
+    async with daemon_sides("static peers", tmp_path) as (client, server, _):
+        assert client.client is not None
+        alpha, beta = client.handle, server.handle
+        async with serving(server.transport, 7504, echo), Requester(client.client) as requester:
+            assert (await requester.request("beta", 7504, b"ok", timeout=30)).data == b"ok"
+            await asyncio.to_thread(ipc_call, alpha.home, 5.0, cmd="stop")
+            await within(15, "the daemon stopped", lambda: ipc.daemon_pid(alpha.home) is None)
+            result = await asyncio.to_thread(
+                cli, alpha.home, "--json", "daemon", "start", "--hostname", alpha.hostname,
+                "--listen", alpha.endpoint)
+            assert result.returncode == 0, result.stderr
+            assert ipc_call(alpha.home, cmd="add_peer", node_id=beta.node_id,
+                            address=beta.endpoint, hostname=beta.hostname)["ok"]
+            assert ipc_call(alpha.home, cmd="trust_add", target=beta.node_id)["ok"]
+            with pytest.raises(PilotError):  # its stream was the old daemon's
+                await requester.request("beta", 7504, b"lost", timeout=30)
+            assert (await requester.request("beta", 7504, b"again", timeout=30)).data == b"again"
 
 
 @pytest.fixture
