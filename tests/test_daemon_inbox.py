@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
 import pytest
 
@@ -138,3 +139,13 @@ async def test_a_reply_path_lives_with_its_stream_not_with_a_message_count() -> 
 ])
 def test_nesting_is_measured_without_parsing(body: bytes, depth: int, within: bool) -> None:
     assert _nesting_within(body, depth) is within
+
+
+@pytest.mark.parametrize("tail", [b'\\"' * 500_000, b'"' + b'\\"' * 500_000 + b"\\",
+                                  b'"\\' * 500_000, b'"' * 1_000_000])
+def test_nesting_is_measured_in_linear_time(tail: bytes) -> None:
+    # Unterminated strings full of escaped quotes: a failed match at each quote made the
+    # check quadratic (48 KB held the daemon 6 s; these 1-2 MB, hours).
+    started = time.perf_counter()
+    assert _nesting_within(b"[[[[[" + tail, 4) is False
+    assert time.perf_counter() - started < 2

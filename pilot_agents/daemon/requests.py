@@ -281,7 +281,10 @@ COMMANDS: tuple[str, ...] = tuple(
 
 
 # A JSON string, escapes included: what the nesting check skips (brackets in strings don't nest).
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Possessive, and one left open (or ending in a lone backslash) runs to the end: every match
+# succeeds where it starts and never backtracks, so the scan is linear. (A failed match at
+# every quote of a long unterminated string made it quadratic: seconds for 32 KB.)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\[\s\S]?)*+(?:"|\Z)')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _PAIRS = (b"[]", b"{}")
 
