@@ -217,6 +217,12 @@ class IpcServer:
                 "flight: wait for their replies (or cancel some) first"), request_id))
             return
         key: TaskKey = (identity, request_id if request_id is not None else object())
+        if key in self._tasks and not getattr(request, "quiet", False):
+            # The id names its request to cancel and credit: another may not take it meanwhile.
+            self._send(identity, envelope, ipc.error_reply(BadRequestError(
+                f"request id {request_id!r} is in use by a request still in flight: give each "
+                "request its own id (docs/ipc.md)"), request_id))
+            return
         work: Awaitable[Reply]
         immediate = self.dispatch.immediate(request)
         if immediate is None:
@@ -348,6 +354,11 @@ class IpcServer:
 
     def _disconnected(self, identity: bytes) -> None:
         self._peers.pop(identity, None)
+        # Nobody will read what its requests still in flight answer: they end, as cancelled (a
+        # delivery stops, a receive waiting for ever gives up its port).
+        for key, task in list(self._tasks.items()):
+            if key[0] == identity:
+                task.cancel()
 
     def _send(self, identity: bytes, envelope: list[bytes], reply: Reply, *,
               frames: bool = False, give_back: bool = True) -> bool:
