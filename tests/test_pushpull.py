@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import Client, DaemonNotRunningError, PilotTimeoutError, Transport, ipc
+from pilot_agents.errors import ConfigError, ConnectionClosedError
 from pilot_agents.node import Node
 from pilot_agents.patterns import Puller, Pusher, PushPullConfig, WorkItem
 from pilot_agents.patterns.frames import Kind, encode_credit, encode_frame
@@ -439,3 +440,57 @@ async def test_malformed_frames_never_stop_a_connecting_puller(pair: Pair) -> No
             assert item.text() == "real"
             await item.ack()
             await pusher.join(timeout=5)
+
+
+def test_an_item_larger_than_a_tunnel_message_is_refused_by_the_config() -> None:
+    # Pushed, it would reset every link it went to, and go to the next, for ever.
+    with pytest.raises(ConfigError, match="window_bytes: at most"):
+        PushPullConfig(window_bytes=64 * 2**20 + 1)
+
+
+async def test_an_item_to_send_again_that_no_puller_can_take_holds_up_no_push(
+        tmp_path: Path) -> None:
+    async with embedded_cluster(tmp_path) as cluster:
+        big = PushPullConfig(heartbeat_interval=0.2, window_bytes=10_000)
+        small = PushPullConfig(heartbeat_interval=0.2, window_bytes=1_000)
+        async with cluster.puller(0, 9100, big, auto_ack=False) as large, \
+                cluster.puller(1, 9100, small) as little, cluster.pusher(9100, 2) as pusher:
+            await until(lambda: len(pusher.connected) == 2, "both linked")
+            await pusher.push(b"x" * 5000)  # only the large puller's window takes it
+            assert len((await large.receive(5)).data) == 5000
+            await large.close()  # unacknowledged: it waits for a puller that can take it
+            await until(lambda: len(pusher.connected) == 1, "the large puller gone")
+            await pusher.push(b"small", timeout=5)  # the little one takes new items meanwhile
+            assert (await little.receive(5)).data == b"small"
+            assert pusher.pending == 2  # the large item still waiting, the small one unacked
+
+
+async def test_close_wakes_a_push_and_a_join_that_wait(tmp_path: Path) -> None:
+    async with embedded_cluster(tmp_path) as cluster:
+        one = PushPullConfig(heartbeat_interval=0.2, window_items=1)
+        async with cluster.puller(0, 9300, one, auto_ack=False):
+            pusher = cluster.pusher(9300, 1)
+            await pusher.__aenter__()
+            await until(lambda: bool(pusher.connected), "linked")
+            await pusher.push("a")  # the window of one is full now
+            waiting = [asyncio.create_task(pusher.push("b", timeout=30)),
+                       asyncio.create_task(pusher.join(timeout=30))]
+            await asyncio.sleep(0.2)
+            await pusher.close()
+            for task in waiting:
+                with pytest.raises(ConnectionClosedError, match="was closed"):
+                    await asyncio.wait_for(task, 5)
+
+
+async def test_a_puller_refused_by_a_full_pusher_backs_off(tmp_path: Path) -> None:
+    async with embedded_cluster(tmp_path) as cluster:
+        cluster.binds = True
+        config = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=1.0,
+                                max_links=1)
+        async with cluster.pusher(9400, config=config) as pusher, \
+                cluster.puller(0, 9400, config):
+            await until(lambda: len(pusher.connected) == 1, "the first puller linked")
+            async with cluster.puller(1, 9400, config):
+                await asyncio.sleep(3)
+            # Doubling from 0.05 s to 1 s: about 7 tries in 3 s (without it, dozens).
+            assert 1 <= pusher.refused <= 12, pusher.refused

@@ -16,6 +16,9 @@ from ..errors import WireError
 
 _HEADER = struct.Struct("!BQ")
 HEADER_SIZE = _HEADER.size
+# The largest message a tunnel (SessionConfig.max_message_size) and a daemon
+# (DaemonOptions.max_payload_bytes) take by default: a larger frame resets its stream.
+MAX_MESSAGE = 64 * 2**20
 
 
 class Kind(enum.IntEnum):

@@ -46,7 +46,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DaemonNotRunningError, PilotError, PilotTimeoutError, WireError
+from ..errors import (
+    ConfigError,
+    ConnectionClosedError,
+    DaemonNotRunningError,
+    PilotError,
+    PilotTimeoutError,
+    WireError,
+)
 from ..transport import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -58,16 +65,20 @@ from ..transport import (
     encode_payload,
 )
 from .frames import (
+    HEADER_SIZE,
     MAX_HEARTBEAT_MS,
+    MAX_MESSAGE,
     Frame,
     Kind,
     encode_credit,
     encode_frame,
+    note_malformed,
     parse_credit_untrusted,
     parse_frame_untrusted,
 )
 
 log = logging.getLogger("pilot_agents.patterns.pushpull")
+MAX_ITEM = MAX_MESSAGE - HEADER_SIZE  # the largest item: its frame is one tunnel message
 
 T = TypeVar("T")
 Send = Callable[[bytes], Awaitable[None]]  # one link's way to its other end
@@ -98,6 +109,11 @@ class PushPullConfig:
     def __post_init__(self) -> None:
         if self.window_items < 1 or self.window_bytes < 1 or self.max_links < 1:
             raise ConfigError("PushPullConfig bounds must be at least 1")
+        if self.window_bytes > MAX_ITEM:
+            # The largest item: one beyond what a tunnel carries would reset every link it
+            # went to, again and again.
+            raise ConfigError(f"PushPullConfig.window_bytes: at most {MAX_ITEM} (the largest "
+                              "message a tunnel carries, less a frame header)")
         for name in ("push_timeout", "send_timeout", "connect_timeout", "heartbeat_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"PushPullConfig.{name} must be positive")
@@ -354,8 +370,8 @@ class Puller:
 
     def _malformed(self, sender: str, exc: WireError, feed: _Feed | None) -> None:
         self.malformed += 1
-        log.warning("pusher %s sent puller port %d a malformed frame: %s", sender, self.port,
-                    exc)
+        note_malformed(log, self.malformed, "pusher %s sent puller port %d a malformed frame: %s",
+                       sender, self.port, exc)
         if feed is not None:
             self._drop(feed)
 
@@ -383,8 +399,7 @@ class Puller:
                                    self.config)
                 feed = _Feed((conn.peer_id, 0), conn.send)
                 self._feeds[feed.key] = feed
-                redial.linked()
-                await self._read(conn, feed)
+                await self._read(conn, feed, redial)
             except WireError as exc:
                 self._malformed(peer, exc, feed)
             except DaemonNotRunningError as exc:  # our own daemon, not the link: give up
@@ -402,8 +417,10 @@ class Puller:
                     await (_abort(conn) if self._open else _finish(conn))
             await redial.wait()
 
-    async def _read(self, conn: Connection, feed: _Feed) -> None:
-        """Items from a pusher we connected to, until it says BYE or falls silent."""
+    async def _read(self, conn: Connection, feed: _Feed, redial: _Redial) -> None:
+        """Items from a pusher we connected to, until it says BYE or falls silent. The pause
+        before linking again goes back to the least only once the pusher said something else
+        than BYE (one that serves enough pullers answers each link so, at once)."""
         silence = 3 * self.config.heartbeat_interval
         while not feed.gone:
             try:
@@ -413,6 +430,7 @@ class Puller:
             frame = parse_frame_untrusted(message.data)
             if frame.kind == Kind.BYE:
                 return
+            redial.linked()
             if frame.kind != Kind.HEARTBEAT:
                 self._take(feed, frame)
 
@@ -557,7 +575,9 @@ class Pusher:
         def room() -> _Link | PilotError | None:
             if self._failure is not None:
                 return self._failure
-            return None if self._again else self._pick(len(payload))  # those first: older
+            if self._again and self._takes(len(self._again[0][1])):
+                return None  # items to send again go first (they are older)
+            return self._pick(len(payload))
 
         try:
             async with asyncio.timeout(timeout):
@@ -574,19 +594,27 @@ class Pusher:
     async def join(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Wait until every item pushed so far was acknowledged; :class:`PilotTimeoutError`
         saying how many were not after ``timeout`` seconds."""
+        def done() -> bool | PilotError | None:
+            if not self._open:
+                return self._failure  # close()'s
+            return True if self.pending == 0 else self._failure
+
         try:
             async with asyncio.timeout(timeout):
-                await self._waiter.until(lambda: True if self.pending == 0 else self._failure)
+                await self._waiter.until(done)
         except TimeoutError:
             raise PilotTimeoutError(f"{self.pending} items pushed to port {self.port} were not "
                                     f"acknowledged within {timeout} s ({self._state()})") from None
-        if self.pending and self._failure is not None:
+        if (self.pending or not self._open) and self._failure is not None:
             raise self._failure
 
     async def close(self) -> None:
         """Stop, dropping the links. Items not yet acknowledged are reported in the log (call
-        :meth:`join` first to wait for them): their pullers may still finish them."""
+        :meth:`join` first to wait for them): their pullers may still finish them. A push or
+        join waiting meanwhile raises ConnectionClosedError."""
         self._open = False
+        self._failure = ConnectionClosedError(f"the pusher on port {self.port} was closed")
+        self._waiter.changed()
         listener, self._listener = self._listener, None
         await self._tasks.cancel()
         links, self._links = list(self._links.values()), {}
@@ -603,6 +631,11 @@ class Pusher:
     def _state(self) -> str:
         wanted = f" of {len(self.peers)}" if self.peers else ""
         return f"{len(self._links)}{wanted} pullers connected"
+
+    def _takes(self, size: int) -> bool:
+        """Whether some puller linked now has a window for ``size`` bytes (full or not): an
+        item to send again that none of them could ever take holds up no new one."""
+        return any(size <= link.window_bytes for link in self._links.values())
 
     def _pick(self, size: int) -> _Link | None:
         """The next puller in round-robin order with room for ``size`` bytes."""
@@ -693,7 +726,8 @@ class Pusher:
 
     def _malformed(self, peer: str, exc: WireError) -> None:
         self.malformed += 1
-        log.warning("puller %s sent pusher port %d a malformed frame: %s", peer, self.port, exc)
+        note_malformed(log, self.malformed, "puller %s sent pusher port %d a malformed frame: %s",
+                       peer, self.port, exc)
 
     async def _keep_linked(self, peer: str) -> None:
         """Link to ``peer`` and read its frames; link again when the link breaks."""
