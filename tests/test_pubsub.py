@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 
 import pytest
 
-from pilot_agents import PilotTimeoutError
-from pilot_agents.errors import WireError
+from pilot_agents import Node, PilotError, PilotTimeoutError
+from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
 from pilot_agents.patterns.frames import (
     HEADER_SIZE,
@@ -230,3 +232,108 @@ async def test_a_subscriber_drops_a_stream_that_sends_a_malformed_batch(pair: Pa
         await again.reply(publication(b"d", b"after"))
         resumed = await receiving
         assert resumed.data == b"after" and resumed.resumed and sub.malformed == 1
+
+
+async def test_close_ends_an_iteration_that_waits(pair: Pair) -> None:
+    client = pair.client.transport
+    async with Publisher(pair.server.transport, 8101):
+        sub = Subscriber(client, pair.server_name, 8101, [""])
+        await sub.__aenter__()
+        received: list[object] = []
+
+        async def read() -> None:
+            async for publication in sub:
+                received.append(publication)
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.2)
+        await sub.close()
+        await asyncio.wait_for(reader, 5)  # ended, not left to its silence timer
+        assert received == []
+
+
+async def test_close_while_subscribing_again_leaves_no_subscription(pair: Pair) -> None:
+    config = PubSubConfig(reconnect_min=0.5, reconnect_max=0.5)
+    publisher = Publisher(pair.server.transport, 8102)
+    await publisher.__aenter__()
+    sub = Subscriber(pair.client.transport, pair.server_name, 8102, [""], config)
+    await sub.__aenter__()
+    await until_subscribed(publisher, 1)
+    await publisher.close()  # BYE: the subscriber's reader waits to subscribe again
+    reader = asyncio.create_task(sub.receive(timeout=30))
+    await asyncio.sleep(0.1)
+    async with Publisher(pair.server.transport, 8102) as again:
+        await sub.close()  # during the pause before subscribing again
+        with pytest.raises(ConfigError, match="closed"):
+            await asyncio.wait_for(reader, 5)
+        await asyncio.sleep(1.0)
+        assert again.subscribers == 0
+
+
+async def test_a_receive_keeps_its_timeout_while_the_publishers_node_is_away(
+        tmp_path: Path) -> None:
+    config = PubSubConfig(reconnect_min=0.1, reconnect_max=0.1)
+    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a:
+        b = Node(home=tmp_path / "b", listen="127.0.0.1:0")
+        await b.__aenter__()
+        a.trust(b.node_id)
+        b.trust(a.node_id)
+        a.add_peer(b.node_id, b.local_endpoint)
+        async with Publisher(b, 8103, config) as publisher:
+            sub = Subscriber(a, b.node_id, 8103, [""], config)
+            await sub.__aenter__()
+            await until_subscribed(publisher, 1)
+        await b.close()  # its node is gone: subscribing again waits on connects
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            started = loop.time()
+            with pytest.raises(PilotError):
+                await sub.receive(timeout=1.0)
+            assert loop.time() - started < 3  # not the transport's 10 s connect timeout
+        await sub.close()
+
+
+async def test_a_subscriber_polling_briefly_notices_a_silent_publisher(pair: Pair) -> None:
+    config = PubSubConfig(heartbeat_interval=0.5)
+    async with Publisher(pair.server.transport, 8104, config) as publisher, \
+            Subscriber(pair.client.transport, pair.server_name, 8104, [""], config) as sub:
+        await until_subscribed(publisher, 1)
+        # Its publisher falls silent without a word (a process behind a daemon that keeps the
+        # stream): its feed stops, the stream stays.
+        for task in list(publisher._tasks):
+            if task.get_coro().__name__ == "_feed":  # type: ignore[union-attr]
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 4  # 1.5 s of silence counts as gone
+        while loop.time() < end and sub.reconnections == 0:
+            with contextlib.suppress(PilotTimeoutError):
+                await sub.receive(timeout=0.5)  # each poll shorter than the silence
+        assert sub.reconnections >= 1
+
+
+def test_prefixes_the_publisher_would_refuse_are_refused_at_once() -> None:
+    many = [f"topic-{n:04d}-" + "x" * 90 for n in range(200)]  # 20 KB, over 16 KiB
+    with pytest.raises(ConfigError, match="max_prefix_bytes"):
+        Subscriber(None, "peer", 8105, many)  # type: ignore[arg-type]
+
+
+async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
+    """Subscribers that do not read: each BYE waits for room; close() waits a second in all,
+    not one each."""
+    config = PubSubConfig(overflow=Overflow.DROP_OLDEST)
+    async with contextlib.AsyncExitStack() as stack:
+        publisher = Publisher(pair.server.transport, 8106, config)
+        await publisher.__aenter__()
+        for _ in range(3):
+            await stack.enter_async_context(
+                Subscriber(pair.client.transport, pair.server_name, 8106, [""], config))
+        await until_subscribed(publisher, 3)
+        for _ in range(60):  # 60 MiB to each: past what the windows and send buffers hold
+            await publisher.publish("t", b"x" * 2**20)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1)
+        assert all(sub.queue for sub in publisher._subscriptions.values())  # streams full
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await publisher.close()
+        assert loop.time() - started < 2.5

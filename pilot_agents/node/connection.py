@@ -427,6 +427,8 @@ class Connection:
         if handle is not None:
             handle.session.reset_stream(handle.stream_id, ResetCode.CANCELLED)
             self._driver.wake()
+            # A receive waiting on it (another task's) raises now, not at its timeout.
+            handle.fail(ConnectionClosedError("the connection was aborted"))
             self._forget(handle)
             self._handle = None
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from ..errors import ConfigError, DaemonNotRunningError, PilotError, PilotTimeoutError, WireError
 from ..transport import (
+    CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     Connection,
     Listener,
@@ -221,10 +222,13 @@ class Publisher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         subscriptions, self._subscriptions = list(self._subscriptions.values()), {}
         self._by_stream.clear()
-        for sub in subscriptions:
-            with contextlib.suppress(PilotError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await sub.way_back.reply(encode_frame(Kind.BYE, 0, b""))
+        # At once, within a second in all: one by one, each subscriber whose stream is full
+        # would hold close() a second (with a thousand of them, a quarter of an hour).
+        bye = encode_frame(Kind.BYE, 0, b"")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*(sub.way_back.reply(bye) for sub in subscriptions),
+                                     return_exceptions=True)
         if listener is not None:
             await listener.close()
 
@@ -362,8 +366,11 @@ class Subscriber:
         self.config = config or PubSubConfig()
         if len(prefixes) > self.config.max_prefixes:
             raise ConfigError(f"{len(prefixes)} prefixes: at most {self.config.max_prefixes}")
-        for prefix in prefixes:
-            _topic_bytes(prefix)
+        size = sum(len(_topic_bytes(prefix)) for prefix in prefixes)
+        if size > self.config.max_prefix_bytes:
+            # The publisher would take the SUBSCRIBE for garbage and never answer it.
+            raise ConfigError(f"prefixes of {size} bytes in all: at most "
+                              f"{self.config.max_prefix_bytes} (PubSubConfig.max_prefix_bytes)")
         self.prefixes = list(prefixes)
         # Names this subscription at the publisher: one node may hold several.
         self._id = secrets.randbits(63)
@@ -376,6 +383,7 @@ class Subscriber:
         # Grows while subscribing again leads nowhere (the port is closed, the stream is reset
         # at once); back to reconnect_min when the publisher is heard from.
         self._backoff = self.config.reconnect_min
+        self._heard = 0.0  # the loop's clock: when the publisher last said anything
         self.reconnections = 0
         self.malformed = 0
 
@@ -406,13 +414,18 @@ class Subscriber:
             if self._conn is None:
                 await self._reconnect(deadline)
                 continue
+            # Silent since it was last heard from, over any number of receive calls: a
+            # subscriber that polls with short timeouts still notices a publisher gone.
             silence = 3 * self.config.heartbeat_interval
+            gone_at = self._heard + silence
+            wait = gone_at - loop.time()
+            if remaining is not None and remaining < wait:
+                wait = remaining
             try:
-                message = await self._conn.receive(
-                    silence if remaining is None else min(remaining, silence))
+                message = await self._conn.receive(max(wait, 0.0))
             except PilotTimeoutError:
-                if remaining is not None and remaining <= silence:
-                    break
+                if loop.time() < gone_at:
+                    break  # the caller's deadline came first
                 log.info("no word from %s port %d for %.0f s; subscribing again", self.peer,
                          self.port, silence)
                 await self._drop_connection()
@@ -424,6 +437,7 @@ class Subscriber:
                          self.port, exc)
                 await self._drop_connection()
                 continue
+            self._heard = loop.time()
             publication = self._read(message)
             if publication is not None:
                 return publication
@@ -440,7 +454,13 @@ class Subscriber:
 
     async def _iterate(self) -> AsyncIterator[Publication]:
         while not self._closed:
-            yield await self.receive(timeout=None)
+            try:
+                publication = await self.receive(timeout=None)
+            except ConfigError:
+                if self._closed:  # closed while it waited: the iteration ends
+                    return
+                raise
+            yield publication
 
     def _read(self, message: Message) -> Publication | None:
         data = message.data
@@ -494,17 +514,20 @@ class Subscriber:
         self._missed, self._resumed = 0, False
         return publication
 
-    async def _connect(self) -> None:
-        conn = self._transport.connect(self.peer, self.port)
+    async def _connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        conn = self._transport.connect(self.peer, self.port, timeout)
         await conn.__aenter__()
         try:
             await conn.send(encode_frame(Kind.SUBSCRIBE, self._id,
                                          encode_prefixes(self.prefixes)))
+            if self._closed:  # close() came meanwhile: this stream is nobody's
+                raise ConfigError("the subscriber is closed")
         except BaseException:
             with contextlib.suppress(PilotError):
                 await conn.abort()
             raise
         self._conn = conn
+        self._heard = asyncio.get_running_loop().time()
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -523,8 +546,11 @@ class Subscriber:
             self._backoff = min(self._backoff * 2, self.config.reconnect_max)
             if deadline is not None and loop.time() >= deadline:
                 return
+            if self._closed:
+                return
             try:
-                await self._connect()
+                await self._connect(CONNECT_TIMEOUT if deadline is None
+                                    else min(CONNECT_TIMEOUT, deadline - loop.time()))
             except DaemonNotRunningError:
                 raise
             except PilotError as exc:
