@@ -747,9 +747,17 @@ async def test_a_publisher_drops_hostile_subscriptions_and_serves_the_rest(pair:
             await hostile.send(NO_KIND + os.urandom(50))
             await within(PROMPTLY, "the hostile subscription dropped",
                          lambda: pub.subscribers == 1)
+        # One that subscribes twice on one stream (two feeds, every publication twice): the
+        # second is garbage, and the stream's subscription goes.
+        async with client.connect(pair.server_name, 8301) as twice:
+            await twice.send(encode_frame(Kind.SUBSCRIBE, 4, encode_prefixes([""])))
+            await until_subscribed(pub, 2)
+            await twice.send(encode_frame(Kind.SUBSCRIBE, 5, encode_prefixes([""])))
+            await within(PROMPTLY, "the doubled subscription dropped",
+                         lambda: pub.subscribers == 1)
         assert await pub.publish("t", "still here") == 1
         assert (await good.receive(10)).text() == "still here"
-        assert pub.malformed == len(JUNK) + 3
+        assert pub.malformed == len(JUNK) + 4
 
 
 async def test_a_subscriber_drops_a_publisher_stream_that_sends_garbage_and_resumes(

@@ -265,6 +265,11 @@ class Publisher:
             raw = tuple(p.encode() for p in prefixes)
             if sum(map(len, raw)) > self.config.max_prefix_bytes:
                 raise WireError(f"prefixes of more than {self.config.max_prefix_bytes} bytes")
+            on_stream = self._by_stream.get(stream)
+            if on_stream is not None and on_stream.id != frame.id:
+                # One stream, one feed: a second would send each publication twice on it, and
+                # one stream could take every subscriber slot.
+                raise WireError("a second subscription on one stream")
         except WireError as exc:
             self.malformed += 1
             note_malformed(log, self.malformed, "%s sent publisher port %d a malformed frame: %s",
