@@ -494,3 +494,33 @@ async def test_a_puller_refused_by_a_full_pusher_backs_off(tmp_path: Path) -> No
                 await asyncio.sleep(3)
             # Doubling from 0.05 s to 1 s: about 7 tries in 3 s (without it, dozens).
             assert 1 <= pusher.refused <= 12, pusher.refused
+
+
+async def test_a_push_cancelled_while_its_item_leaves_holds_no_room(tmp_path: Path) -> None:
+    """Cancelled while its frame waits to leave (as the daemon's SDK can make it wait), the
+    item may or may not have reached its puller: its link goes, and the item with the rest to
+    a puller, rather than hold its room on the link for good."""
+    async with embedded_cluster(tmp_path) as cluster:
+        config = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
+                                window_items=2)
+        async with cluster.puller(0, 9500, config, auto_ack=False) as puller, \
+                cluster.pusher(9500, 1, config) as pusher:
+            await until(lambda: bool(pusher.connected), "linked")
+            link = next(iter(pusher._links.values()))
+            send = link.send
+
+            async def slow(frame: bytes) -> None:
+                await asyncio.sleep(0.3)
+                await send(frame)
+
+            link.send = slow
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(pusher.push("job"), 0.05)
+            await pusher.push("next", timeout=10)
+            received = []
+            for _ in range(2):
+                item = await puller.receive(10)
+                received.append(item.data)
+                await item.ack()
+            assert sorted(received) == [b"job", b"next"]  # the cancelled one was not lost
+            await pusher.join(10)  # nor is its room held

@@ -564,7 +564,8 @@ class Pusher:
     async def push(self, data: object, timeout: float | None = None) -> int:
         """Hand ``data`` (bytes, str or JSON) to a puller with room; its item id. Waits while
         every puller is full or away; :class:`PilotTimeoutError` after ``timeout`` seconds
-        (default ``config.push_timeout``), and then no puller has the item."""
+        (default ``config.push_timeout``), and then no puller has the item. Cancelled while
+        the item leaves, its link is dropped and the item goes to another puller."""
         if not self._open:
             raise ConfigError("the pusher is not open (use 'async with')")
         payload = encode_payload(data)
@@ -657,6 +658,13 @@ class Pusher:
         except PilotError as exc:
             log.info("puller %s port %d is gone: %s", link.peer, self.port, exc)
             self._lose(link)  # the item goes to another puller with the rest
+        except asyncio.CancelledError:
+            # Cancelled while its frame waited to leave (the daemon's SDK may wait before
+            # handing it over): whether it reached the puller is unknown, and one counted on
+            # the link that never did would hold its room for good. The link goes, its items
+            # to the other pullers, as when a puller leaves (at least once).
+            self._lose(link)
+            raise
 
     async def _redeliver(self) -> None:
         while True:
