@@ -385,6 +385,20 @@ def test_a_forgotten_route_is_not_taken_as_located(net: FleetNet) -> None:
     assert not alpha.client.located(bravo.key, net.now)
 
 
+def test_a_nat_type_learnt_later_reaches_the_guest_beacons_too(net: FleetNet) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.introduce(bravo.key, net.now)
+    net.advance(1)
+    alpha.client.set_nat_type("symmetric")
+    net.advance(2 * INTERVAL)
+    bravo.events.clear()
+    bravo.client.introduce(alpha.key, net.now)  # through its home, where alpha is a guest
+    net.run()
+    (introduction,) = bravo.of(bc.Introduction)
+    assert introduction.nat_type == "symmetric"
+
+
 def test_when_a_guests_beacon_dies_its_peers_are_found_where_they_went(net: FleetNet) -> None:
     alpha = net.add("alpha", [A])
     bravo = net.add("bravo", [B, A])

@@ -167,8 +167,10 @@ class FleetClient:
             client.set_local_candidates(candidates)
 
     def set_nat_type(self, nat_type: str) -> None:
-        self.home.set_nat_type(nat_type)
+        """At home and at every guest beacon: each tells the peers it introduces us to."""
         self._nat_type = nat_type
+        for client in self._clients():
+            client.set_nat_type(nat_type)
 
     def start(self, now: float) -> None:
         self.home.start(now)
