@@ -16,7 +16,6 @@ process, this the latency each hop adds.
 from __future__ import annotations
 
 import argparse
-import bisect
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.trace_rtt import LINE, TRACEFS, traced
+from benchmarks.trace_rtt import LINE, TRACEFS, Hop, Timeline, hops, traced
 
 EVENTS = ("sys_exit_read", "sys_enter_writev", "sys_exit_recvmmsg", "sys_enter_sendto",
           "sys_exit_epoll_pwait")
@@ -68,23 +67,14 @@ def parse(trace: str, pids: dict[int, str]) -> dict[str, dict[str, list[float]]]
     return times
 
 
-def hop_times(times: dict[str, dict[str, list[float]]], sender: str, sent_by: str,
-              receiver: str, reads: str, writes: str) -> tuple[list[float], list[float]]:
-    """For each write of ``sender``: the time to ``receiver``'s next wake-up (0 if it read
-    without sleeping) and from its read to its next write onward."""
-    wakes, work = [], []
-    mine, theirs = times[receiver], times[sender][sent_by]
-    for sent in theirs[len(theirs) // 4:]:  # past the start of tracing
-        i = bisect.bisect_right(mine[reads], sent)
-        j = bisect.bisect_right(mine[writes], mine[reads][i]) if i < len(mine[reads]) else -1
-        if j < 0 or j == len(mine[writes]):
-            break
-        read = mine[reads][i]
-        k = bisect.bisect_right(mine["wake"], sent)
-        woke = mine["wake"][k] if k < len(mine["wake"]) and mine["wake"][k] <= read else None
-        wakes.append(0.0 if woke is None else woke - sent)
-        work.append(mine[writes][j] - read)
-    return wakes, work
+def hop_split(times: dict[str, dict[str, list[float]]], sender: str, sent_by: str,
+              receiver: str, reads: str, writes: str) -> list[Hop]:
+    """Each ``sent_by`` write of ``sender`` followed into ``receiver``'s ``reads`` call and its
+    ``writes`` onward, split as trace_rtt splits a hop."""
+    theirs, mine = times[sender], times[receiver]
+    found = hops(Timeline(sends=theirs[sent_by]),
+                 Timeline(sends=mine[writes], reads=mine[reads], wakes=mine["wake"]))
+    return found[len(found) // 4:]  # past the start of tracing
 
 
 def main() -> int:
@@ -115,11 +105,12 @@ def main() -> int:
     total = 0.0
     previous = HOPS[-1]
     for receiver, reads, writes in HOPS:
-        wakes, work = hop_times(times, previous[0], previous[2], receiver, reads, writes)
-        if not wakes:
+        split = hop_split(times, previous[0], previous[2], receiver, reads, writes)
+        if not split:
             print(f"| {previous[0]} → {receiver} | no events | |")
             return 1
-        wake, busy = statistics.median(wakes) * 1e6, statistics.median(work) * 1e6
+        wake = statistics.median(h.wake for h in split) * 1e6
+        busy = statistics.median(h.to_send for h in split) * 1e6
         total += wake + busy
         print(f"| {previous[0]} → {receiver} ({reads} … {writes}) | {wake:.1f} | {busy:.1f} |")
         previous = (receiver, reads, writes)
