@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Node, PilotError, PilotTimeoutError
+from pilot_agents import PilotError, PilotTimeoutError
 from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
 from pilot_agents.patterns.frames import (
@@ -21,6 +21,7 @@ from pilot_agents.patterns.frames import (
     encode_publication,
     parse_frame_untrusted,
 )
+from tests.test_node import trusted_pair
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 
@@ -273,12 +274,7 @@ async def test_close_while_subscribing_again_leaves_no_subscription(pair: Pair) 
 async def test_a_receive_keeps_its_timeout_while_the_publishers_node_is_away(
         tmp_path: Path) -> None:
     config = PubSubConfig(reconnect_min=0.1, reconnect_max=0.1)
-    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a:
-        b = Node(home=tmp_path / "b", listen="127.0.0.1:0")
-        await b.__aenter__()
-        a.trust(b.node_id)
-        b.trust(a.node_id)
-        a.add_peer(b.node_id, b.local_endpoint)
+    async with trusted_pair(tmp_path) as (a, b):
         async with Publisher(b, 8103, config) as publisher:
             sub = Subscriber(a, b.node_id, 8103, [""], config)
             await sub.__aenter__()
