@@ -706,9 +706,7 @@ class _Delivery:
     def forget(self) -> None:
         """Receive nothing more here (the daemon ends the delivery with its stream)."""
         self._request = None
-        self._error = self._error or ConnectionClosedError(f"{self._what} was closed")
-        self._on_reply({"ok": False, "error": {"type": type(self._error).__name__,
-                                                "message": str(self._error)}})
+        self.fail(ConnectionClosedError(f"{self._what} was closed"))
 
 
 # -- module-level calls ---------------------------------------------------------------------
