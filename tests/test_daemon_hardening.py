@@ -4,7 +4,6 @@ real daemons, plain ZeroMQ sockets, loopback only, every flood bounded in count 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
+from tests.test_ipc import stream_call, stream_send, stream_socket
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 MiB = 1024 * 1024
@@ -322,24 +322,6 @@ def test_stop_keeps_what_the_node_held_beyond_a_full_inbox(small_pair: Pair) -> 
 # -- the stream socket: a client that leaves, and a request id used twice -----------------------
 
 
-def stream_client(home: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(home / "stream.sock"))
-    return sock
-
-
-def stream_request(sock: socket.socket, **request: Any) -> None:
-    sock.sendall(b"".join(ipc.pack_frames([json.dumps(request).encode()])))
-
-
-def stream_reply(sock: socket.socket) -> dict[str, Any]:
-    reader = ipc.FrameReader(MiB)
-    while not (messages := reader.feed(sock.recv(65536))):
-        pass
-    return json.loads(messages[0][0])  # type: ignore[no-any-return]
-
-
 def listened(home: Path) -> set[int]:
     return {p["port"] for p in call(home, cmd="info")["listening"]}
 
@@ -348,9 +330,9 @@ def test_a_stream_client_that_leaves_ends_its_requests(daemon_pair: Pair) -> Non
     """Its requests in flight end with it: a receive waiting for ever gives its port up, as a
     delivery stops (the daemon learns of it at once on this socket)."""
     a, _ = daemon_pair
-    clients = [stream_client(a.home) for _ in range(5)]
+    clients = [stream_socket(a.home) for _ in range(5)]
     for port, sock in enumerate(clients, start=7100):
-        stream_request(sock, cmd="receive", id=1, port=port, timeout=None)
+        stream_send(sock, {"cmd": "receive", "id": 1, "port": port, "timeout": None})
     deadline = time.monotonic() + 10
     while not listened(a.home) >= set(range(7100, 7105)):
         assert time.monotonic() < deadline, "the receives never started"
@@ -364,14 +346,10 @@ def test_a_stream_client_that_leaves_ends_its_requests(daemon_pair: Pair) -> Non
 
 def test_a_request_id_in_flight_is_not_taken_by_another(daemon_pair: Pair) -> None:
     a, _ = daemon_pair
-    sock = stream_client(a.home)
-    try:
-        stream_request(sock, cmd="receive", id=9, port=7110, timeout=30)
-        stream_request(sock, cmd="receive", id=9, port=7111, timeout=30)
-        refused = stream_reply(sock)
+    with stream_socket(a.home) as sock:
+        stream_send(sock, {"cmd": "receive", "id": 9, "port": 7110, "timeout": 30})
+        refused, _ = stream_call(sock, {"cmd": "receive", "id": 9, "port": 7111, "timeout": 30})
         assert refused["id"] == 9 and refused["error"]["type"] == "BadRequestError", refused
         assert "in use by a request still in flight" in refused["error"]["message"]
-        stream_request(sock, cmd="cancel", id=10, request=9)  # the first is still its own
-        assert stream_reply(sock) == {"ok": True, "cancelled": True, "id": 10}
-    finally:
-        sock.close()
+        cancelled, _ = stream_call(sock, {"cmd": "cancel", "id": 10, "request": 9})
+        assert cancelled == {"ok": True, "cancelled": True, "id": 10}  # the first is still its own

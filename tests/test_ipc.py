@@ -350,11 +350,21 @@ def test_deliver_pushes_within_credit_raw(daemon_pair: Pair, context: zmq.Contex
 def stream_call(sock: socket.socket, header: dict[str, Any], payload: bytes | None = None,
                 ) -> tuple[dict[str, Any], bytes | None]:
     """One request on the stream socket, framed by hand as docs/ipc.md says."""
+    stream_send(sock, header, payload)
+    return stream_read(sock)
+
+
+def stream_send(sock: socket.socket, header: dict[str, Any], payload: bytes | None = None,
+                ) -> None:
     body = json.dumps(header).encode()
     if payload is None:
         sock.sendall(struct.pack("!BII", 1, len(body), 0) + body)
     else:
         sock.sendall(struct.pack("!BII", 2, len(body), len(payload)) + body + payload)
+
+
+def stream_read(sock: socket.socket) -> tuple[dict[str, Any], bytes | None]:
+    """The next message the daemon sends on the stream socket: its header and payload."""
     count, size, length = struct.unpack("!BII", recv_exactly(sock, 9))
     reply = json.loads(recv_exactly(sock, size))
     return reply, recv_exactly(sock, length) if count == 2 else None
