@@ -449,6 +449,12 @@ class DaemonConnection:
             self._raise_failed()
         self._info.update(path=reply.get("path", self.path), rtt=reply.get("rtt", self.rtt))
 
+    async def since_arrival(self) -> float | None:
+        """Seconds since bytes of the peer's side of the stream last reached the daemon (None:
+        none yet), whole messages or not: a long message still arriving is not silence."""
+        since = (await self._client.call("stream_arrival", stream=self._id()))["since"]
+        return None if since is None else float(since)
+
     async def close(self) -> None:
         """Finish the stream and wait until the peer has every byte."""
         if self._stream is None:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from .errors import ConfigError
+from .errors import ConfigError, PilotTimeoutError
 
 DEFAULT_PORT = 1001  # the port `connect`, `send` and the daemon's inbox use unless told
 DEFAULT_TIMEOUT = 30.0  # seconds, for every receive without an explicit timeout
@@ -117,6 +117,11 @@ class Connection(Protocol):
         """Wait until the peer has acknowledged everything sent so far."""
         ...
 
+    async def since_arrival(self) -> float | None:
+        """Seconds since bytes of the peer's side of the stream last arrived (None: none yet),
+        whole messages or not: a long message still arriving is not silence."""
+        ...
+
     async def close(self) -> None:
         """Finish the stream and wait until the peer has every byte."""
         ...
@@ -124,6 +129,22 @@ class Connection(Protocol):
     async def abort(self) -> None:
         """Drop the stream at once; the peer sees it reset."""
         ...
+
+
+async def receive_unless_silent(conn: Connection, silence: float) -> Message:
+    """The peer's next message; :class:`~pilot_agents.errors.PilotTimeoutError` once nothing
+    of the stream has arrived for ``silence`` seconds. A message whose bytes are still
+    arriving counts as word from the peer: no heartbeat can pass it on its stream, and a
+    large one on a slow link may take longer than any heartbeat interval."""
+    timeout = silence
+    while True:
+        try:
+            return await conn.receive(timeout=timeout)
+        except PilotTimeoutError:
+            since = await conn.since_arrival()
+            if since is None or since >= silence:
+                raise PilotTimeoutError(f"silent for {silence:.1f} s") from None
+            timeout = silence - since
 
 
 class Listener(Protocol):

@@ -22,7 +22,12 @@ from pilot_agents.patterns.frames import (
     parse_frame_untrusted,
 )
 from tests.test_node import trusted_pair
-from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
+from tests.transport_pairs import (  # noqa: F401 (fixtures)
+    Pair,
+    kind_fixture,
+    over_slow_link,
+    pair_fixture,
+)
 
 
 async def until_subscribed(pub: Publisher, count: int) -> None:
@@ -149,6 +154,32 @@ async def test_heartbeats_keep_an_idle_subscription_between_publications(pair: P
             with pytest.raises(PilotTimeoutError):
                 await sub.receive(1.5)  # silent for 0.6 s would subscribe again
             assert sub.reconnections == 0 and pub.subscribers == 1
+
+
+async def test_a_publication_longer_than_three_heartbeats_to_arrive_is_not_silence(
+        kind: str, tmp_path: Path) -> None:
+    """No heartbeat can pass a publication on its stream: a long one on a slow link (here
+    2 MB at 1 MB/s against 0.6 s of silence) still arriving is word from the publisher, so
+    the subscription holds and the publication comes whole."""
+    config = PubSubConfig(heartbeat_interval=0.2)
+    big = bytes(range(256)) * (2_000_000 // 256)
+    async with (
+        over_slow_link(kind, tmp_path, rate=1_000_000) as pair,
+        Publisher(pair.server.transport, 8013, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8013, [""], config) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await pub.publish("big", big)
+        publication = await sub.receive(30)
+        assert loop.time() - began > 1.0  # it did take longer than the silence allows
+        assert publication.data == big and publication.missed == 0
+        assert sub.reconnections == 0
+        # And a publisher that then falls silent is still noticed as gone.
+        await pub.close()
+        with pytest.raises(PilotTimeoutError):
+            await sub.receive(1.0)
 
 
 async def test_malformed_frames_never_stop_a_publisher(pair: Pair) -> None:

@@ -27,7 +27,12 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
-from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
+from tests.transport_pairs import (  # noqa: F401 (fixtures)
+    Pair,
+    kind_fixture,
+    over_slow_link,
+    pair_fixture,
+)
 
 FAST = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
                       push_timeout=10.0)
@@ -286,6 +291,25 @@ async def test_a_puller_that_comes_back_gets_work_again(pair: Pair, binds: bool)
             assert item.text() == "after" and not item.redelivered
             await item.ack()  # auto_ack would at the next receive
             await pusher.join(timeout=5)
+
+
+async def test_an_item_longer_than_three_heartbeats_to_arrive_is_not_silence(
+        tmp_path: Path) -> None:
+    """No heartbeat can pass an item on its link: a long one on a slow link (2 MB at 1 MB/s
+    against 0.6 s of silence) still arriving is word from the pusher, so the puller keeps the
+    link and gets the item once, not again and again on links it drops."""
+    big = bytes(range(256)) * (2_000_000 // 256)
+    async with (
+        over_slow_link("embedded", tmp_path, rate=1_000_000) as pair,
+        pair_pusher(pair, True, 9013) as pusher,
+        pair_puller(pair, True, 9013) as puller,
+    ):
+        await pusher.push(big, timeout=10)
+        item = await puller.receive(30)
+        assert item.data == big and not item.redelivered
+        await item.ack()
+        await pusher.join(timeout=10)
+        assert pusher.redelivered == 0
 
 
 async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair,

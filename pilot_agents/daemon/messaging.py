@@ -30,6 +30,7 @@ from .requests import (
     RequeueRequest,
     SendRequest,
     StreamAbortRequest,
+    StreamArrivalRequest,
     StreamCloseRequest,
     StreamDrainRequest,
     StreamHoldRequest,
@@ -91,6 +92,7 @@ class Messaging:
         table.add(StreamCloseRequest, self.stream_close)
         table.add(StreamAbortRequest, self.stream_abort)
         table.add(StreamHoldRequest, self.stream_hold)
+        table.add(StreamArrivalRequest, self.stream_arrival)
         table.add(SendRequest, self.send)
         table.add(ListenRequest, self.listen)
         table.add(UnlistenRequest, self.unlisten)
@@ -184,6 +186,9 @@ class Messaging:
         tunnel keeps trying a silent peer (it may be restarting) instead of giving up."""
         self._stream(req.stream).conn.hold_tunnel(req.timeout)
         return {}
+
+    async def stream_arrival(self, req: StreamArrivalRequest) -> Reply:
+        return {"since": await self._stream(req.stream).conn.since_arrival()}
 
     # -- commands: one-shot messages and ports ------------------------------------------------
 

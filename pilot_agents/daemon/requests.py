@@ -151,6 +151,11 @@ class StreamAbortRequest(BaseRequest):
     stream: str
 
 
+class StreamArrivalRequest(BaseRequest):
+    cmd: Literal["stream_arrival"]
+    stream: str
+
+
 class StreamHoldRequest(BaseRequest):
     cmd: Literal["stream_hold"]
     stream: str
@@ -262,7 +267,8 @@ AnyRequest = (
     | TrustApproveRequest | TrustRejectRequest | TrustRemoveRequest | TrustListRequest
     | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
-    | StreamAbortRequest | StreamHoldRequest | SendRequest | ListenRequest | UnlistenRequest
+    | StreamAbortRequest | StreamHoldRequest | StreamArrivalRequest | SendRequest
+    | ListenRequest | UnlistenRequest
     | ReceiveRequest | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest
     | StopRequest
     | PublishRequest | PublishersRequest | UnpublishRequest

@@ -327,6 +327,14 @@ class Connection:
         handle = self._stream()
         return handle.session.stream_written(handle.stream_id)
 
+    async def since_arrival(self) -> float | None:
+        """Seconds since bytes of the peer's side of the stream last arrived (None: none yet),
+        whole messages or not: a long message still arriving is not silence."""
+        handle = self._stream()
+        at = handle.session.stream_last_arrival(handle.stream_id)
+        endpoint = self._driver.endpoint
+        return None if at is None or endpoint is None else max(endpoint.now() - at, 0.0)
+
     def hold_tunnel(self, timeout: float) -> None:
         """Someone waits ``timeout`` s for an answer on this stream: until then the tunnel
         keeps trying a silent peer (it may be restarting) instead of giving up on it."""

@@ -431,6 +431,10 @@ class Subscriber:
             except PilotTimeoutError:
                 if loop.time() < gone_at:
                     break  # the caller's deadline came first
+                since = await self._since_arrival()
+                if since is not None and since < silence:
+                    self._heard = loop.time() - since  # a long publication, still arriving
+                    continue
                 log.info("no word from %s port %d for %.0f s; subscribing again", self.peer,
                          self.port, silence)
                 await self._drop_connection()
@@ -453,6 +457,17 @@ class Subscriber:
             raise ConfigError("the subscriber is closed")
         raise PilotTimeoutError(f"no publication from {self.peer} port {self.port} "
                                 f"within {timeout} s")
+
+    async def _since_arrival(self) -> float | None:
+        """Seconds since bytes of the subscription's stream last arrived; None if never, or
+        if the stream is gone (the receive that follows says how)."""
+        assert self._conn is not None
+        try:
+            return await self._conn.since_arrival()
+        except DaemonNotRunningError:
+            raise
+        except PilotError:
+            return None
 
     def __aiter__(self) -> AsyncIterator[Publication]:
         return self._iterate()

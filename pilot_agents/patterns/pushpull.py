@@ -63,6 +63,7 @@ from ..transport import (
     Payload,
     Transport,
     encode_payload,
+    receive_unless_silent,
 )
 from .frames import (
     HEADER_SIZE,
@@ -423,10 +424,7 @@ class Puller:
         than BYE (one that serves enough pullers answers each link so, at once)."""
         silence = 3 * self.config.heartbeat_interval
         while not feed.gone:
-            try:
-                message = await conn.receive(timeout=silence)
-            except PilotTimeoutError:
-                raise PilotTimeoutError(f"silent for {silence:.1f} s") from None
+            message = await receive_unless_silent(conn, silence)
             frame = parse_frame_untrusted(message.data)
             if frame.kind == Kind.BYE:
                 return

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, McpSessionError, PilotError, PilotTimeoutError, WireError
 from ...sdk import Client
-from ...transport import CONNECT_TIMEOUT, Connection, Message, Transport
+from ...transport import CONNECT_TIMEOUT, Connection, Message, Transport, receive_unless_silent
 
 if TYPE_CHECKING:
     from mcp import ClientSession
@@ -205,7 +205,7 @@ class RemoteSession:
         conn = self._open()
         while True:
             try:
-                message = await conn.receive(timeout=self.config.peer_timeout)
+                message = await receive_unless_silent(conn, self.config.peer_timeout)
             except PilotTimeoutError:
                 raise self._end(f"heard nothing from {self.label} for "
                                 f"{self.config.peer_timeout:g} s") from None

@@ -383,6 +383,12 @@ class Session:
         stream = self._streams.get(stream_id)
         return stream.send.write_offset if stream is not None else 0
 
+    def stream_last_arrival(self, stream_id: int) -> float | None:
+        """When bytes of the peer's side of the stream last arrived, whole messages or not
+        (None: none yet, or a gone stream): a long message's progress before it is whole."""
+        stream = self._streams.get(stream_id)
+        return stream.recv.last_arrival if stream is not None else None
+
     def stream_acked_until(self, stream_id: int) -> int | None:
         """The stream offset from which the peer acknowledged nothing: what was written there
         it never received, unless its acknowledgement was lost or not yet sent (None for a
@@ -985,6 +991,7 @@ class Session:
             if stream is None:
                 return
         recv = stream.recv
+        recv.last_arrival = self._last_data_received
         highest_before, gaps_before = recv.highest, recv.gaps
         try:
             message = recv.receive_untrusted(

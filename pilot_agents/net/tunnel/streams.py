@@ -208,6 +208,7 @@ class RecvStream:
         "end_reported",
         "final_size",
         "highest",
+        "last_arrival",
         "max_data",
         "max_message_size",
         "message_end",
@@ -222,6 +223,7 @@ class RecvStream:
         self.max_data = window  # the limit we advertised
         self.max_message_size = max_message_size
         self.highest = 0  # highest offset+length received
+        self.last_arrival: float | None = None  # when a STREAM frame of it last came
         self.delivered = 0  # every byte below this offset has arrived
         self.consumed = 0  # end of the last message the application took
         self.final_size: int | None = None
