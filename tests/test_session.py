@@ -11,7 +11,7 @@ import pytest
 from pilot_agents.net.tunnel import events
 from pilot_agents.net.tunnel.codes import CloseCode, ResetCode
 from pilot_agents.net.tunnel.config import SessionConfig
-from tests.simnet import Host, LinkProfile, SimNetwork
+from tests.simnet import Bottleneck, Host, LinkProfile, SimNetwork
 
 
 def payloads(rng: random.Random, count: int, max_size: int) -> list[bytes]:
@@ -121,6 +121,24 @@ def test_large_message_hash_and_bounded_buffers() -> None:
     assert hashlib.sha256(b.messages[0].data).digest() == hashlib.sha256(data).digest()
     # A message larger than the windows is held once, whole: its bytes in place, nothing else.
     assert peak <= len(data) + 8
+
+
+def test_a_streams_last_arrival_moves_while_a_long_message_arrives() -> None:
+    """What a pattern's silence check reads: bytes of a message not yet whole arrived lately."""
+    net = SimNetwork(3, LinkProfile(delay=0.005))
+    a, b = net.pair()
+    net.bottleneck = Bottleneck(1_000_000, 64 * 1024, frozenset({a.address}))  # 2 s for 2 MB
+    _, stream = net.start_stream(a, b, 1, bytes(2 * 1024 * 1024))
+    assert net.run_until(lambda: b.mux.get_session(a.key) is not None, 5)
+    sb = b.mux.get_session(a.key)
+    assert sb is not None
+    assert net.run_until(lambda: sb.stream_last_arrival(stream) is not None, 5)
+    net.run_for(1.0)
+    assert not b.messages  # not whole yet
+    arrival = sb.stream_last_arrival(stream)
+    assert arrival is not None and net.now - arrival < 0.05
+    assert net.run_until(lambda: len(b.messages) == 1, 60)
+    assert sb.stream_last_arrival(12345) is None  # no such stream
 
 
 def test_slow_reader_stops_the_sender() -> None:
