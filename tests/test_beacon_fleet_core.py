@@ -3,8 +3,9 @@
 What the real fleet test (test_beacon_fleet.py) shows with processes, this shows step by step
 and to the second: a peer of another beacon is introduced and relayed by its home, where the
 node is a guest (and nothing of the guest reaches the store); an ELSEWHERE is followed; a node
-fails over within two keepalive intervals; a guest is left when no peer needs it, and when it
-dies, the peers routed through it are looked up and introduced again.
+fails over within two keepalive intervals (onto a guest's beacon, it takes over what waited for
+the guest); a guest is left when no peer needs it, and when it dies, the peers routed through it
+are looked up and introduced again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
 from pilot_agents.net.traversal.fleet import MAX_HELD, FleetClient, HomeMoved
 from pilot_agents.net.tunnel import crypto, wire
+from pilot_agents.node.node import CONTROL_VIA_RELAY
 from tests.test_beacon_store import Deferred
 
 A: Address = ("198.51.100.1", 9000)
@@ -555,3 +557,58 @@ def test_guests_are_bounded_per_worker(tmp_path: Path) -> None:
     charlie.client.introduce(bravo.key, net.now)
     net.advance(5)
     assert b._nodes[charlie.key].guest
+
+
+def _fail_over_to_a_guest_not_attached_yet(
+    net: FleetNet, b_answers: bool = True
+) -> tuple[Member, Member, bytes, int]:
+    """alpha (at A, then B) fails over to B just after a trust request and an introduction
+    for bravo (at B) began to wait for its guest there, which has not attached yet."""
+    alpha = net.add("alpha", [A, B])
+    bravo = net.add("bravo", [B])
+    alpha.client.resolve("bravo", net.now)
+    net.run()
+    assert alpha.client.route(bravo.key) == B
+    net.down.add(A)
+    gone = alpha.client.home.last_heard + 2 * INTERVAL
+    net.advance(gone - net.now - 0.5)
+    assert alpha.client.beacon == A
+    request = bytes([CONTROL_VIA_RELAY]) + b"trust me"
+    assert alpha.client.relay(bravo.key, request, net.now) is None
+    introduction = alpha.client.introduce(bravo.key, net.now)
+    if not b_answers:
+        net.down.add(B)
+    net.now = gone
+    alpha.client.handle_timer(net.now)  # before the guest's first GUEST went out
+    assert alpha.client.beacon == B
+    return alpha, bravo, request, introduction
+
+
+def test_a_home_moved_to_a_guests_beacon_takes_over_what_waited_for_the_guest(
+    net: FleetNet,
+) -> None:
+    alpha, bravo, request, introduction = _fail_over_to_a_guest_not_attached_yet(net)
+    net.run()
+    assert alpha.client.registered and alpha.client.addresses == {B}
+    assert alpha.of(HomeMoved) == [HomeMoved(A, B)]
+    # Both go out at the new home: HomeMoved has the node introduce its tunnels' peers again,
+    # but nothing would send a trust request again.
+    assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, request)]
+    assert [e.request_id for e in alpha.of(bc.Introduction)] == [introduction]
+    assert not alpha.of(bc.IntroductionFailed)
+
+
+def test_packets_held_for_a_home_that_never_answered_are_not_sent_later(net: FleetNet) -> None:
+    alpha, bravo, _, introduction = _fail_over_to_a_guest_not_attached_yet(net, b_answers=False)
+    net.down.discard(A)
+    net.advance(10)  # B never answers: alpha goes back to A
+    assert alpha.client.beacon == A and alpha.client.registered
+    [failed] = alpha.of(bc.IntroductionFailed)  # at B, which never registered us
+    assert failed.request_id == introduction
+    net.down.clear()
+    alpha.client.resolve("bravo", net.now)
+    net.run()
+    later = bytes([CONTROL_VIA_RELAY]) + b"trust me now"
+    assert alpha.client.relay(bravo.key, later, net.now) is None
+    net.advance(2)
+    assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, later)]

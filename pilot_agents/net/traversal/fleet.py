@@ -337,9 +337,10 @@ class FleetClient:
         log.info(
             "beacon at %s: %s; registering at %s", _where(old.beacon), reason, _where(address)
         )
-        if address in self._guests:  # our new home: no guest there
-            self._guests.pop(address).stop()
-            self._held.pop(address, None)
+        # Held for the guest we gave way to there: that beacon never registered us either, and
+        # they go nowhere, as a dead guest's do.
+        self._held.pop(old.beacon, None)
+        guest = self._guests.pop(address, None)  # our new home: no guest there
         self._routes = {peer: at for peer, at in self._routes.items() if at != address}
         self.home = self._client(address, self._hostname, guest=False)
         self.home.set_local_candidates(self._candidates)
@@ -348,6 +349,12 @@ class FleetClient:
         old.hand_over(self.home, now)  # what the node waits for is asked again there
         old.stop(f"the beacon at {_where(old.beacon)} stopped answering")
         self._drain(old, now)
+        if guest is not None:
+            # And what waited for our guest there: its introductions and lookups are asked of
+            # the new home, its held relayed packets go once that registers us.
+            guest.hand_over(self.home, now)
+            guest.stop(f"our home moved to the beacon at {_where(address)}")
+            self._drain(guest, now)
         self._readdress()
         if old.reflexive is not None and self._moved_from is None:
             self._moved_from = old.beacon
@@ -382,6 +389,7 @@ class FleetClient:
 
     def _on_home_event(self, event: BeaconEvent, now: float) -> None:
         if isinstance(event, Registered):
+            self._release(self.home.beacon)  # held for a guest there, before we moved there
             self._failed = 0
             self._pinned = self._pinned or self.home.beacon_key  # the fleet's, for every beacon
             self._readdress()  # the beacon's STUN port may have come with it
@@ -404,9 +412,7 @@ class FleetClient:
 
     def _on_guest_event(self, guest: BeaconClient, event: BeaconEvent, now: float) -> None:
         if isinstance(event, Registered):
-            held = self._held.pop(guest.beacon, None)
-            if held:
-                self._out.extend((datagram, guest.beacon) for datagram in held)
+            self._release(guest.beacon)
         elif isinstance(event, RegistrationFailed):
             if event.permanent:
                 self._drop_guest(guest.beacon, event.reason, now)
@@ -414,6 +420,11 @@ class FleetClient:
             pass  # _check leaves it
         elif not self._followed(event, now):
             self._events.append(event)
+
+    def _release(self, address: Address) -> None:
+        held = self._held.pop(address, None)
+        if held:
+            self._out.extend((datagram, address) for datagram in held)
 
     def _learn_home(self, peer_key: bytes, home: Address | None, now: float) -> None:
         if len(self._located) >= MAX_LOCATED:
