@@ -612,3 +612,28 @@ def test_packets_held_for_a_home_that_never_answered_are_not_sent_later(net: Fle
     assert alpha.client.relay(bravo.key, later, net.now) is None
     net.advance(2)
     assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, later)]
+
+
+def test_a_trust_request_sent_while_the_new_home_registers_us_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    net = FleetNet(tmp_path, workers_at_b=2)  # B's store answers in its turn, as Redis does
+    alpha = net.add("alpha", [A, B])
+    bravo = net.add("bravo", [B])
+    net.down.add(A)
+    gone = alpha.client.home.last_heard + 2 * INTERVAL
+    net.advance(gone - net.now - 0.5)
+    net.now = gone
+    alpha.client.handle_timer(net.now)
+    assert alpha.client.beacon == B and not alpha.client.registered
+    for data, to in alpha.client.datagrams_to_send(net.now):  # the REGISTER at B
+        net.send(alpha, data, to)
+    # Sent before B has registered us (its store has not answered the claim of our name yet):
+    # B would drop it, and nothing sends a trust request again.
+    request = bytes([CONTROL_VIA_RELAY]) + b"trust me"
+    relayed = alpha.client.relay(bravo.key, request, net.now)
+    if relayed is not None:
+        net.send(alpha, *relayed)
+    net.run()
+    assert alpha.client.registered
+    assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, request)]

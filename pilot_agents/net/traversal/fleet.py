@@ -14,9 +14,9 @@ attaches there as a *guest* (a :class:`BeaconClient` with ``guest=True``, kept i
 memory only), and introductions, relayed packets and trust requests for the peer go there. The
 peer answers through its own home, where we now are: beacons never talk to each other. A guest
 lives while some peer is routed through it (until :meth:`FleetClient.forget_peer`); relayed
-packets for a guest that has not attached yet wait for it (at most ``MAX_HELD``). When a guest's
-beacon stops answering, the peers routed through it are looked up again at our home and
-introduced wherever they went.
+packets for a guest that has not attached yet wait for it (at most ``MAX_HELD``), as do those
+for our home while it registers us. When a guest's beacon stops answering, the peers routed
+through it are looked up again at our home and introduced wherever they went.
 
 Driven like a :class:`BeaconClient`, except that :meth:`FleetClient.receive_datagram` takes the
 datagram's source (one of :attr:`FleetClient.addresses`), and :meth:`FleetClient.relay` says
@@ -54,7 +54,7 @@ LOCATED_FOR = 30.0  # seconds a lookup's answer about a peer's home is taken as 
 MAX_LOCATED = 4096  # peers whose lookups are remembered; more start the memory afresh
 MAX_ROUTES = 4096  # peers routed to another home; beyond, the oldest route goes (an ELSEWHERE
 # from our home brings it back when that peer is introduced again)
-MAX_HELD = 64  # relayed packets waiting for one guest to attach; the oldest go first
+MAX_HELD = 64  # relayed packets waiting for one beacon to register us; the oldest go first
 MAX_REDIRECTS = 3  # ELSEWHERE answers followed in a row for one peer (a store in flux)
 START_TRIES = 2  # unanswered REGISTERs before a beacon that never answered is passed over
 
@@ -106,7 +106,7 @@ class FleetClient:
         self.home = self._client(self.beacons[0], hostname, guest=False)
         self._guests: dict[Address, BeaconClient] = {}
         self._routes: dict[bytes, Address] = {}  # peer -> its home, when not ours
-        self._held: dict[Address, deque[bytes]] = {}  # relayed datagrams waiting for a guest
+        self._held: dict[Address, deque[bytes]] = {}  # relayed datagrams waiting for a beacon
         self._lookups: dict[int, bytes] = {}  # our own RESOLVEs (request id -> peer)
         self._redirects: dict[bytes, int] = {}
         # Peers whose introduction awaits its answer: an ELSEWHERE is followed only for them
@@ -197,13 +197,17 @@ class FleetClient:
 
     def relay(self, peer_key: bytes, packet: bytes, now: float) -> tuple[bytes, Address] | None:
         """The datagram that has the peer's home relay ``packet`` to it, and where to send it;
-        None if it waits for us to attach there (it goes out with :meth:`datagrams_to_send`)."""
+        None if it waits for that beacon to register us (it goes out with
+        :meth:`datagrams_to_send`)."""
         datagram = bw.encode_relay(peer_key, packet)
         route = self._routes.get(peer_key)
         if route is None:
-            return datagram, self.home.beacon
-        guest = self._guest(route, now)
-        if guest.registered:
+            # A beacon relays only for a node it has registered: while our home registers us
+            # (at start, after a fail-over), the packet waits as it would for a guest.
+            route = self.home.beacon
+            if not self.home.registering:
+                return datagram, route
+        elif self._guest(route, now).registered:
             return datagram, route
         held = self._held.get(route)
         if held is None:
@@ -267,7 +271,7 @@ class FleetClient:
         home = self.home
         out = home.datagrams_to_send(now)
         self._drain(home, now)
-        if self._out:  # relayed packets that waited for a guest
+        if self._out:  # relayed packets that waited for a beacon to register us
             out.extend(self._out)
             self._out = []
         if self._guests:
@@ -337,8 +341,8 @@ class FleetClient:
         log.info(
             "beacon at %s: %s; registering at %s", _where(old.beacon), reason, _where(address)
         )
-        # Held for the guest we gave way to there: that beacon never registered us either, and
-        # they go nowhere, as a dead guest's do.
+        # Held for that beacon (as our home, or for a guest we gave way to there), which went
+        # silent before it registered us: they go nowhere, as a dead guest's do.
         self._held.pop(old.beacon, None)
         guest = self._guests.pop(address, None)  # our new home: no guest there
         self._routes = {peer: at for peer, at in self._routes.items() if at != address}
@@ -389,7 +393,7 @@ class FleetClient:
 
     def _on_home_event(self, event: BeaconEvent, now: float) -> None:
         if isinstance(event, Registered):
-            self._release(self.home.beacon)  # held for a guest there, before we moved there
+            self._release(self.home.beacon)  # held while it registered us, or for a guest there
             self._failed = 0
             self._pinned = self._pinned or self.home.beacon_key  # the fleet's, for every beacon
             self._readdress()  # the beacon's STUN port may have come with it
