@@ -10,6 +10,7 @@ are looked up and introduced again.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.net.traversal import beacon_client as bc
 from pilot_agents.net.traversal import beacon_wire as bw
 from pilot_agents.net.traversal.beacon_wire import Address
-from pilot_agents.net.traversal.fleet import MAX_HELD, FleetClient, HomeMoved
+from pilot_agents.net.traversal.fleet import MAX_HELD, FleetClient, HomeMoved, RelayDropped
 from pilot_agents.net.tunnel import crypto, wire
-from pilot_agents.node.node import CONTROL_VIA_RELAY
+from pilot_agents.node.node import CONTROL_VIA_RELAY, Node
 from tests.test_beacon_store import Deferred
 
 A: Address = ("198.51.100.1", 9000)
@@ -238,6 +239,7 @@ def test_held_packets_are_bounded(net: FleetNet) -> None:
     net.down.clear()
     net.advance(2)
     assert len(bravo.of(bc.Relayed)) == MAX_HELD
+    assert len(alpha.of(RelayDropped)) == 10  # the oldest, reported
 
 
 def test_an_introduction_refused_as_elsewhere_is_followed_to_the_peers_home(
@@ -599,12 +601,18 @@ def test_a_home_moved_to_a_guests_beacon_takes_over_what_waited_for_the_guest(
 
 
 def test_packets_held_for_a_home_that_never_answered_are_not_sent_later(net: FleetNet) -> None:
-    alpha, bravo, _, introduction = _fail_over_to_a_guest_not_attached_yet(net, b_answers=False)
+    alpha, bravo, request, introduction = _fail_over_to_a_guest_not_attached_yet(
+        net, b_answers=False
+    )
     net.down.discard(A)
     net.advance(10)  # B never answers: alpha goes back to A
     assert alpha.client.beacon == A and alpha.client.registered
     [failed] = alpha.of(bc.IntroductionFailed)  # at B, which never registered us
     assert failed.request_id == introduction
+    assert alpha.of(RelayDropped) == [
+        RelayDropped(bravo.key, request, "the beacon at 198.51.100.2:9000 went silent before it "
+                     "registered us")
+    ]
     net.down.clear()
     alpha.client.resolve("bravo", net.now)
     net.run()
@@ -637,3 +645,29 @@ def test_a_trust_request_sent_while_the_new_home_registers_us_waits_for_it(
     net.run()
     assert alpha.client.registered
     assert bravo.of(bc.Relayed) == [bc.Relayed(alpha.key, request)]
+
+
+def test_a_trust_request_held_for_a_guest_that_never_attached_is_reported_lost(
+    net: FleetNet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alpha = net.add("alpha", [A])
+    bravo = net.add("bravo", [B])
+    alpha.client.resolve("bravo", net.now)
+    net.run()
+    net.down.add(B)  # before alpha's GUEST there is answered
+    request = bytes([CONTROL_VIA_RELAY]) + b"trust me"
+    assert alpha.client.relay(bravo.key, request, net.now) is None
+    net.advance(4)  # two GUESTs unanswered: alpha leaves B, and what waited for it
+    net.down.clear()
+    net.advance(2)
+    assert not bravo.of(bc.Relayed)
+    # The node sent it once and its trust_add reply said so: it must hear of the loss.
+    [dropped] = alpha.of(RelayDropped)
+    assert dropped == RelayDropped(
+        bravo.key, request, "the beacon at 198.51.100.2:9000: it stopped answering"
+    )
+    node = Node(tmp_path / "alpha")
+    with caplog.at_level(logging.WARNING, logger="pilot_agents.node"):
+        node._on_beacon_event(dropped)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("the trust request to ") and "stopped answering" in warning

@@ -45,7 +45,7 @@ from ..identity import Identity, default_home, key_from_node_id, node_id_from_ke
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
 from ..net.traversal.beacon_wire import Status, looks_like_node_id
-from ..net.traversal.fleet import FleetClient, HomeMoved
+from ..net.traversal.fleet import FleetClient, HomeMoved, RelayDropped
 from ..net.tunnel import events
 from ..net.tunnel.codes import CloseCode, ResetCode, close_reason, reset_reason
 from ..net.tunnel.config import SessionConfig
@@ -711,6 +711,11 @@ class Node:
             self._on_introduction(event)
         elif isinstance(event, bc.IntroductionFailed):
             self._on_introduction_failed(event)
+        elif isinstance(event, RelayDropped) and event.packet[:1] == bytes([CONTROL_VIA_RELAY]):
+            # Its trust_add reply said sent, and nothing sends it again: the user must know.
+            name = self._name_of(event.peer_key)
+            log.warning("the trust request to %s was lost (%s): 'pilotctl trust add %s' sends "
+                        "another", name, event.reason, name)
         elif (
             isinstance(event, bc.Relayed)
             and event.packet[:1] == bytes([CONTROL_VIA_RELAY])

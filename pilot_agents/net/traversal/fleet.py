@@ -15,8 +15,9 @@ memory only), and introductions, relayed packets and trust requests for the peer
 peer answers through its own home, where we now are: beacons never talk to each other. A guest
 lives while some peer is routed through it (until :meth:`FleetClient.forget_peer`); relayed
 packets for a guest that has not attached yet wait for it (at most ``MAX_HELD``), as do those
-for our home while it registers us. When a guest's beacon stops answering, the peers routed
-through it are looked up again at our home and introduced wherever they went.
+for our home while it registers us; one dropped unsent is reported (:class:`RelayDropped`).
+When a guest's beacon stops answering, the peers routed through it are looked up again at our
+home and introduced wherever they went.
 
 Driven like a :class:`BeaconClient`, except that :meth:`FleetClient.receive_datagram` takes the
 datagram's source (one of :attr:`FleetClient.addresses`), and :meth:`FleetClient.relay` says
@@ -66,6 +67,16 @@ class HomeMoved(BeaconEvent):
 
     previous: Address
     beacon: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RelayDropped(BeaconEvent):
+    """A relayed packet that waited for a beacon to register us was dropped unsent. A tunnel
+    sends its handshakes again; nothing sends a trust request again, so the node says so."""
+
+    peer_key: bytes
+    packet: bytes
+    reason: str
 
 
 def _where(address: Address) -> str:
@@ -211,7 +222,10 @@ class FleetClient:
             return datagram, route
         held = self._held.get(route)
         if held is None:
-            held = self._held[route] = deque(maxlen=MAX_HELD)
+            held = self._held[route] = deque()
+        elif len(held) >= MAX_HELD:
+            self._dropped(held.popleft(), f"{MAX_HELD} newer packets wait for the beacon at "
+                          f"{_where(route)} to register us")
         held.append(datagram)
         return None
 
@@ -342,8 +356,9 @@ class FleetClient:
             "beacon at %s: %s; registering at %s", _where(old.beacon), reason, _where(address)
         )
         # Held for that beacon (as our home, or for a guest we gave way to there), which went
-        # silent before it registered us: they go nowhere, as a dead guest's do.
-        self._held.pop(old.beacon, None)
+        # silent before it registered us: they are dropped, as a dead guest's are.
+        self._drop_held(old.beacon, f"the beacon at {_where(old.beacon)} went silent before "
+                        "it registered us")
         guest = self._guests.pop(address, None)  # our new home: no guest there
         self._routes = {peer: at for peer, at in self._routes.items() if at != address}
         self.home = self._client(address, self._hostname, guest=False)
@@ -373,7 +388,7 @@ class FleetClient:
         guest = self._guests.pop(address)
         guest.stop(f"the beacon at {_where(address)}: {reason}")
         self._drain(guest, now)
-        self._held.pop(address, None)
+        self._drop_held(address, f"the beacon at {_where(address)}: {reason}")
         self._readdress()
         log.info("leaving the beacon at %s: %s", _where(address), reason)
         for peer in [peer for peer, at in self._routes.items() if at == address]:
@@ -429,6 +444,15 @@ class FleetClient:
         held = self._held.pop(address, None)
         if held:
             self._out.extend((datagram, address) for datagram in held)
+
+    def _drop_held(self, address: Address, reason: str) -> None:
+        for datagram in self._held.pop(address, ()):
+            self._dropped(datagram, reason)
+
+    def _dropped(self, datagram: bytes, reason: str) -> None:
+        # Split as bw.encode_relay joined them: the peer's key, then the packet.
+        peer_key, packet = datagram[1:bw.RELAY_OVERHEAD], datagram[bw.RELAY_OVERHEAD:]
+        self._events.append(RelayDropped(peer_key, packet, reason))
 
     def _learn_home(self, peer_key: bytes, home: Address | None, now: float) -> None:
         if len(self._located) >= MAX_LOCATED:
