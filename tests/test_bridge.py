@@ -28,6 +28,7 @@ from pilot_agents.patterns import (
     Subscriber,
     serving,
 )
+from pilot_agents.patterns.frames import MAX_MESSAGE
 from pilot_agents.sdk import Client
 from tests.conftest import (
     ROOT,
@@ -459,3 +460,91 @@ async def test_a_req_client_hears_when_the_bridge_stops_before_its_reply(
             bridge.kill()
     assert got[0] == "pilot-agents.error"
     assert json.loads(got[1])["type"] == "ConnectionClosedError"
+
+
+BIG_REQ_SCRIPT = """
+    import json, sys, zmq
+    req = zmq.Context().socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 30000)
+    req.connect(sys.argv[1])
+    out = []
+    for data in (bytes(int(sys.argv[2])), b"big reply", b"abc", b"quit"):
+        req.send(data)
+        out.append([f[:1000].decode() for f in req.recv_multipart()])
+    print(json.dumps(out))
+"""
+
+BIG_REP_SCRIPT = """
+    import sys, zmq
+    rep = zmq.Context().socket(zmq.REP)
+    rep.setsockopt(zmq.RCVTIMEO, 30000)
+    rep.connect(sys.argv[1])
+    while (data := rep.recv()) != b"quit":
+        rep.send(bytes(int(sys.argv[2])) if data == b"big reply" else data[::-1])
+    rep.send(b"bye")
+    print("[]")
+"""
+
+
+async def test_requests_and_replies_too_large_for_a_tunnel_are_error_replies(
+        daemon_pair: Pair, bridges: list[BridgeProcess], sockets: Path) -> None:
+    alpha, beta = daemon_pair
+    at_rep, at_req = endpoint(sockets, "bigrep"), endpoint(sockets, "bigreq")
+    # Plain ZeroMQ at both ends: a REQ on alpha asks a REP worker on beta, through two bridges.
+    bridges.append(rep := BridgeProcess(beta.home, "rep", "7110", at_rep, "--timeout", "10"))
+    bridges.append(req := BridgeProcess(alpha.home, "req", "beta:7110", at_req,
+                                        "--timeout", "15"))
+    too_large = str(MAX_MESSAGE)  # a tunnel message carries less, and so does the daemon
+    worker = asyncio.create_task(zmq_script(BIG_REP_SCRIPT, at_rep, too_large, timeout=40))
+    got = await zmq_script(BIG_REQ_SCRIPT, at_req, too_large, timeout=40)
+    await worker
+    big_request, big_reply, abc, quit_ = got
+    assert big_request[0] == "pilot-agents.error", big_request
+    assert json.loads(big_request[1])["type"] == "MessageTooLargeError"
+    assert big_reply[0] == "pilot-agents.error", big_reply
+    assert json.loads(big_reply[1])["remote_type"] == "MessageTooLargeError"
+    assert abc == ["cba"] and quit_ == ["bye"]
+    assert req.stop()["errors"] == 2 and rep.stop()["errors"] == 1
+
+
+BIG_PUB_SCRIPT = """
+    import select, sys, zmq
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.setsockopt(zmq.XPUB_NODROP, 1)
+    sock.connect(sys.argv[1])
+    assert sock.recv() == b"\\x01"
+    print("ready", flush=True)
+    while not select.select([sys.stdin], [], [], 0.05)[0]:
+        sock.send_multipart([b"t.warm", b""])
+    sock.send_multipart([b"t.big", bytes(int(sys.argv[2]))])
+    sock.send_multipart([b"t.after", b"small"])
+    sock.close(linger=10000)  # the big one takes a while to leave
+    ctx.term()
+    print("[]")
+"""
+
+
+async def test_a_local_publication_too_large_for_a_tunnel_is_counted_not_sent(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "bigpub")
+    bridges.append(bridge := BridgeProcess(alpha.home, "pub", "7111", at))
+    async with Subscriber(beta_client, "alpha", 7111, ["t."], PubSubConfig()) as sub:
+
+        async def warmed_up(script: Script) -> None:
+            assert (await sub.receive(10)).topic == "t.warm"
+            assert script.stdin is not None
+            script.stdin.write(b"go\n")
+            await script.stdin.drain()
+
+        await zmq_script(BIG_PUB_SCRIPT, at, str(MAX_MESSAGE), when_ready=warmed_up)
+        # The subscription outlives it: what comes next still arrives, with no gap.
+        while (publication := await sub.receive(10)).topic == "t.warm":
+            pass
+    assert (publication.topic, publication.data) == ("t.after", b"small")
+    assert not publication.missed and not publication.resumed
+    stats = bridge.stop()
+    assert stats["malformed"] == 1 and stats["forwarded"] >= 2, stats

@@ -43,7 +43,14 @@ from typing import Any, ClassVar
 import zmq
 import zmq.asyncio
 
-from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError, RemoteError
+from ..errors import (
+    ConfigError,
+    ConnectionClosedError,
+    MessageTooLargeError,
+    PilotError,
+    PilotTimeoutError,
+    RemoteError,
+)
 from ..patterns import (
     Publication,
     Publisher,
@@ -54,12 +61,18 @@ from ..patterns import (
     Requester,
     Subscriber,
 )
+from ..patterns.frames import HEADER_SIZE, MAX_MESSAGE, MAX_TOPIC, encode_publication
 from ..transport import Transport
 
 log = logging.getLogger("pilot_agents.integrations.zmq_bridge")
 
 ERROR_MARKER = b"pilot-agents.error"
 """First of the two frames of an error reply; the second is a JSON object."""
+
+MAX_DATA = MAX_MESSAGE - HEADER_SIZE - len(encode_publication(bytes(MAX_TOPIC), b""))
+"""The most bytes of a request, a reply or a publication's payload a local program may send:
+with its header (and topic) it is one tunnel message. A larger one is refused here, since past
+the bridge it fails out of sight: the daemon refuses it, or drops the bridge's connection."""
 
 _SOCKET_NAMES = {zmq.XPUB: "XPUB", zmq.SUB: "SUB", zmq.ROUTER: "ROUTER", zmq.DEALER: "DEALER"}
 
@@ -90,7 +103,7 @@ class BridgeConfig:
 class BridgeStats:
     forwarded: int = 0  # publications that crossed the bridge; requests answered with a reply
     dropped: int = 0  # given up on: the local queue stayed full, or the local client left
-    malformed: int = 0  # local messages of the wrong shape, logged, not forwarded
+    malformed: int = 0  # local publications of the wrong shape or too large, logged, dropped
     errors: int = 0  # requests answered with an error reply (to local clients, or remote ones)
     missed: int = 0  # sub: publications the remote publisher dropped for us (drop-oldest)
     resumed: int = 0  # sub: subscriptions renewed after the tunnel or the publisher went away
@@ -413,8 +426,10 @@ class PubBridge(Bridge):
             try:
                 if len(frames) != 2:
                     raise ConfigError(f"{len(frames)} frames, not [topic, payload]")
+                if len(frames[1]) > MAX_DATA:
+                    raise _too_large("the payload", frames[1])
                 await self._publisher.publish(frames[0].decode("utf-8"), frames[1])
-            except (ConfigError, UnicodeDecodeError) as exc:
+            except (ConfigError, MessageTooLargeError, UnicodeDecodeError) as exc:
                 self.stats.malformed += 1
                 log.warning("a local publication at %s was not forwarded: %s", self.endpoint,
                             exc)
@@ -480,6 +495,8 @@ class ReqBridge(Bridge):
     async def _answer(self, key: int, payload: bytes) -> None:
         assert self._requester is not None
         try:
+            if len(payload) > MAX_DATA:
+                raise _too_large("the request", payload)
             reply = await self._requester.request(self.peer, self.port, payload,
                                                   timeout=self.config.request_timeout)
         except PilotError as exc:
@@ -566,11 +583,13 @@ class RepBridge(Bridge):
                 await self._fail(request, PilotTimeoutError(
                     f"no local worker at {self.endpoint} answered within {timeout:g} s"))
                 return
-            if len(frames) == 1:
+            if len(frames) != 1:
+                await self._fail(request, _worker_error(frames))
+            elif len(frames[0]) > MAX_DATA:
+                await self._fail(request, _too_large("the local worker's reply", frames[0]))
+            else:
                 self.stats.forwarded += 1  # handed over: the stop may come before it is sent
                 await request.reply(frames[0])
-            else:
-                await self._fail(request, _worker_error(frames))
         except PilotError as exc:
             log.info("could not answer %s on port %d: %s", request.sender, self.port, exc)
         finally:
@@ -579,6 +598,11 @@ class RepBridge(Bridge):
     async def _fail(self, request: Request, error: PilotError) -> None:
         self.stats.errors += 1
         await request.fail(error)
+
+
+def _too_large(what: str, data: bytes) -> MessageTooLargeError:
+    return MessageTooLargeError(f"{what} is {len(data)} bytes: a bridge forwards at most "
+                                f"{MAX_DATA}, what one tunnel message carries")
 
 
 def _worker_error(frames: list[bytes]) -> RemoteError:
@@ -593,7 +617,6 @@ def _worker_error(frames: list[bytes]) -> RemoteError:
                        f"or an error reply [{ERROR_MARKER.decode()}, JSON]")
 
 
-__all__ = ["ERROR_MARKER", "Bridge", "BridgeConfig", "BridgeStats", "PubBridge", "RepBridge",
-           "ReqBridge", "SubBridge", "cancel_all", "check_endpoint", "error_frames",
+__all__ = ["ERROR_MARKER", "MAX_DATA", "Bridge", "BridgeConfig", "BridgeStats", "PubBridge",
+           "RepBridge", "ReqBridge", "SubBridge", "cancel_all", "check_endpoint", "error_frames",
            "run_together"]
-
