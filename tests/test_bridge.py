@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -548,3 +549,23 @@ async def test_a_local_publication_too_large_for_a_tunnel_is_counted_not_sent(
     assert not publication.missed and not publication.resumed
     stats = bridge.stop()
     assert stats["malformed"] == 1 and stats["forwarded"] >= 2, stats
+
+
+def test_an_ipc_path_in_use_or_not_a_socket_is_refused_not_taken_over(
+        fresh_home: Path, sockets: Path) -> None:
+    daemon = start_daemon(fresh_home, "solo")
+    # ZeroMQ would delete the daemon's own socket and take its clients.
+    in_use = f"ipc://{fresh_home}/daemon.sock"
+    assert_one_line_error(cli(fresh_home, "bridge", "pub", "7112", in_use, timeout=10), 2,
+                          "address in use")
+    assert cli(fresh_home, "--json", "daemon", "status").returncode == 0
+    precious = sockets / "notes.txt"
+    precious.write_text("keep me")
+    assert_one_line_error(cli(fresh_home, "bridge", "pub", "7112", f"ipc://{precious}",
+                              timeout=10), 2, "not a socket")
+    assert precious.read_text() == "keep me"
+    # A socket nobody listens on, left by a bridge that was killed, is taken.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(sockets / "stale.sock"))
+    bridge = BridgeProcess(daemon.home, "pub", "7112", endpoint(sockets, "stale"))
+    bridge.stop()

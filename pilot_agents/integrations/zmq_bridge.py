@@ -36,6 +36,9 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import socket
+import stat
 from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -125,6 +128,31 @@ def check_endpoint(endpoint: str) -> str:
                       "tcp://127.0.0.1:PORT only (its socket is not encrypted)")
 
 
+def _check_ipc_path(endpoint: str) -> None:
+    """ZeroMQ deletes whatever is at an ipc:// path before it binds there: a file, or the socket
+    of a program listening on it (another bridge, the daemon), whose clients would then reach
+    the bridge instead without a word. Only a socket nobody listens on (left by a program that
+    died) may be replaced."""
+    path = endpoint.removeprefix("ipc://")
+    if path.startswith("@"):  # abstract: nothing on disk, and a bind there fails if it is taken
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or nothing we may look at: the bind says which
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"cannot bind {endpoint}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return
+        except OSError as exc:
+            raise ConfigError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
+    raise ConfigError(f"cannot bind {endpoint}: address in use (a program listens there)")
+
+
 def error_frames(exc: PilotError) -> list[bytes]:
     """The error reply a local client gets instead of the reply ``exc`` stood in for."""
     body: dict[str, str] = {"type": type(exc).__name__, "message": str(exc)}
@@ -160,6 +188,8 @@ class Bridge(abc.ABC):
                 sock.setsockopt(zmq.IPV6, 1)
             for option, value in self.options:
                 sock.setsockopt(option, value)
+            if self.endpoint.startswith("ipc://"):
+                _check_ipc_path(self.endpoint)
             try:
                 sock.bind(self.endpoint)
             except zmq.ZMQError as exc:
