@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from tests.conftest import (
     DaemonHandle,
     assert_one_line_error,
     cli,
+    ipc_call,
+    named_pair,
     short_home,
     start_daemon,
 )
@@ -569,3 +572,23 @@ def test_an_ipc_path_in_use_or_not_a_socket_is_refused_not_taken_over(
         stale.bind(str(sockets / "stale.sock"))
     bridge = BridgeProcess(daemon.home, "pub", "7112", endpoint(sockets, "stale"))
     bridge.stop()
+
+
+def test_ctrl_c_while_the_peer_is_being_reached_stops_the_bridge_at_once(
+        sockets: Path) -> None:
+    with named_pair() as (alpha, beta):
+        assert ipc_call(beta.home, cmd="stop")["ok"]  # reaching it takes a handshake's timeout
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(alpha.home), "--json",
+             "bridge", "req", "beta:7113", endpoint(sockets, "early")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert json.loads(out.strip().splitlines()[-1])["state"] == "stopped"

@@ -139,9 +139,12 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
                 loop.set_exception_handler(_one_line)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
-            async with bridge:
-                _announce(ctx, bridge)
-                await run_together(bridge.run(), _until(stop), _watch_daemon(client.home))
+            if await _open_unless(stop, bridge):
+                try:
+                    _announce(ctx, bridge)
+                    await run_together(bridge.run(), _until(stop), _watch_daemon(client.home))
+                finally:
+                    await bridge.close()
             _report(ctx, bridge)
         return EXIT_OK
 
@@ -154,6 +157,22 @@ def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     exc = context.get("exception")
     logging.getLogger("pilot_agents.cli.bridge").warning(
         "%s%s", context.get("message", "asyncio"), f": {exc}" if exc else "")
+
+
+async def _open_unless(stop: asyncio.Event, bridge: Bridge) -> bool:
+    """Open ``bridge``; False, with nothing left open, if ``stop`` is set first: reaching the
+    peer of a req bridge can take a handshake's timeout, and a Ctrl-C meanwhile must stop it
+    then, not once that is over."""
+    opening = asyncio.create_task(bridge.__aenter__())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    opening.cancel()  # the bridge closes what it opened
+    await asyncio.wait({opening})
+    if opening.cancelled():
+        return False
+    opening.result()  # raises what the opening raised
+    return True
 
 
 async def _until(event: asyncio.Event) -> None:
