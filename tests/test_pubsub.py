@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import PilotError, PilotTimeoutError
+from pilot_agents import Message, PilotError, PilotTimeoutError
 from pilot_agents.errors import ConfigError, WireError
 from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
 from pilot_agents.patterns.frames import (
@@ -344,6 +344,109 @@ def test_prefixes_the_publisher_would_refuse_are_refused_at_once() -> None:
         Subscriber(None, "peer", 8105, many)  # type: ignore[arg-type]
 
 
+class GatedStream:
+    """A subscriber's way back that sends nothing until ``gate`` is set: its queue at the
+    publisher stays as full as the test makes it."""
+
+    def __init__(self, way_back: Message, gate: asyncio.Event) -> None:
+        self._way_back = way_back
+        self._gate = gate
+
+    async def reply(self, data: object) -> None:
+        await self._gate.wait()
+        await self._way_back.reply(data)
+
+
+async def fill_while_gated(pub: Publisher, prefix: str, topic: str) -> asyncio.Event:
+    """Hold the feed of the subscription to ``prefix`` on its first publication (X) and queue
+    a second (Y): 512 of its 1000 queue bytes taken, until the gate returned is set."""
+    gate = asyncio.Event()
+    (held,) = [s for s in pub._subscriptions.values() if s.prefixes == (prefix.encode(),)]
+    held.way_back = GatedStream(held.way_back, gate)  # type: ignore[assignment]
+    await pub.publish(topic, b"X" * 500)
+    await asyncio.sleep(0.1)  # its feed took X and waits at the gate
+    await pub.publish(topic, b"Y" * 500)
+    return gate
+
+
+async def received(sub: Subscriber, count: int) -> list[bytes]:
+    return [(await sub.receive(5)).data[:1] for _ in range(count)]
+
+
+async def test_a_publish_does_not_overtake_one_that_waits(pair: Pair) -> None:
+    """A waits for room (Y fills its subscriber's queue); C, published after it and small
+    enough to fit, waits behind it rather than reach the subscriber first."""
+    config = PubSubConfig(queue_bytes=1000)
+    async with (
+        Publisher(pair.server.transport, 8107, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8107, [""]) as sub,
+    ):
+        await until_subscribed(pub, 1)
+        gate = await fill_while_gated(pub, "", "t")
+        first = asyncio.create_task(pub.publish("t", b"A" * 500))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(pub.publish("t", b"C"))
+        await asyncio.sleep(0.1)
+        assert not first.done()
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [1, 1]
+        assert await received(sub, 4) == [b"X", b"Y", b"A", b"C"]
+
+
+async def test_every_subscriber_sees_concurrent_publishes_in_one_order(pair: Pair) -> None:
+    """A waits for the full subscriber to "a" after reaching the first subscriber; B (for the
+    other two) must not reach the third before A does."""
+    config = PubSubConfig(queue_bytes=1000)
+    client, server = pair.client.transport, pair.server_name
+    async with contextlib.AsyncExitStack() as stack:
+        pub = await stack.enter_async_context(Publisher(pair.server.transport, 8108, config))
+        subs = []
+        for count, prefix in enumerate(["", "a", ""], 1):  # in this order at the publisher
+            subs.append(await stack.enter_async_context(
+                Subscriber(client, server, 8108, [prefix])))
+            await until_subscribed(pub, count)
+        gate = await fill_while_gated(pub, "a", "a")
+        first = asyncio.create_task(pub.publish("a", b"A" * 500))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(pub.publish("b", b"B"))
+        await asyncio.sleep(0.1)
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [3, 2]
+        everything, only_a, also_everything = subs
+        assert await received(everything, 4) == [b"X", b"Y", b"A", b"B"]
+        assert await received(also_everything, 4) == [b"X", b"Y", b"A", b"B"]
+        assert await received(only_a, 3) == [b"X", b"Y", b"A"]
+
+
+async def test_a_cancelled_or_closed_publish_holds_up_none_behind_it(pair: Pair) -> None:
+    """A publish cancelled while it waits lets the one behind it go on when room comes; close()
+    ends every publish still waiting, for room or for its turn."""
+    config = PubSubConfig(queue_bytes=1000)
+    pub = Publisher(pair.server.transport, 8109, config)
+    await pub.__aenter__()
+    async with Subscriber(pair.client.transport, pair.server_name, 8109, [""]) as sub:
+        await until_subscribed(pub, 1)
+        gate = await fill_while_gated(pub, "", "t")
+        cancelled = asyncio.create_task(pub.publish("t", b"A" * 500))
+        await asyncio.sleep(0.1)
+        behind = asyncio.create_task(pub.publish("t", b"C"))
+        await asyncio.sleep(0.1)
+        assert not behind.done()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        gate.set()
+        assert await asyncio.wait_for(behind, 5) == 1
+        assert await received(sub, 3) == [b"X", b"Y", b"C"]
+
+        await fill_while_gated(pub, "", "t")
+        waiting = [asyncio.create_task(pub.publish("t", b"%d" % n * 500)) for n in range(3)]
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in waiting)
+        await pub.close()
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [1, 1, 1]
+
+
 async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
     """Subscribers that do not read: each BYE waits for room; close() waits a second in all,
     not one each."""
@@ -364,3 +467,4 @@ async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
         started = loop.time()
         await publisher.close()
         assert loop.time() - started < 2.5
+

@@ -14,7 +14,8 @@ documented choice (:class:`Overflow`), and never a silent loss:
 
 - ``BLOCK`` (the default): ``publish`` waits until every matching subscriber has room, so the
   slowest subscriber sets the pace (and the tunnel's flow control carries that back from a
-  subscriber that stops reading);
+  subscriber that stops reading); a publish called meanwhile waits behind it, even for
+  subscribers with room, so that none overtakes another;
 - ``DROP_OLDEST``: the oldest queued publications for that subscriber are dropped, and the next
   one it receives says how many it missed (:attr:`Publication.missed`).
 
@@ -26,7 +27,8 @@ A stream that sends a malformed frame is dropped: the publisher stops feeding th
 the subscriber subscribes again on a new stream. A subscriber back on a new stream (same
 subscription id) replaces its old subscription at once.
 
-Delivery: in order per subscriber, at most once; none while a subscriber is reconnecting.
+Delivery: in the order ``publish`` was called in, the same for every subscriber (concurrent
+publishes too), at most once; none while a subscriber is reconnecting.
 """
 
 from __future__ import annotations
@@ -156,6 +158,10 @@ class Publisher:
         self._subscriptions: dict[tuple[str, int], _Subscription] = {}  # by (sender, its id)
         self._by_stream: dict[tuple[str, int], _Subscription] = {}  # by (sender, source port)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Publishes waiting for room (BLOCK), or for their turn behind one that does: while
+        # there is one, each publish takes its turn, so none overtakes another.
+        self._waiting = 0
+        self._turn = asyncio.Lock()
         self.malformed = 0
         self.refused = 0
         self.batches = 0  # messages that carried several frames to a subscriber behind
@@ -183,13 +189,13 @@ class Publisher:
             data)
         size, limit = len(frame), self.config.queue_bytes
         matching = [s for s in self._subscriptions.values() if raw_topic.startswith(s.prefixes)]
-        for sub in matching:
-            if sub.queued_bytes + size <= limit and not sub.gone:  # room: nothing to wait for
-                sub.queue.append(frame)
-                sub.queued_bytes += size
-                sub.ready.set()
-            else:
-                await self._enqueue(sub, frame)
+        for index, sub in enumerate(matching):
+            if self._waiting or sub.queued_bytes + size > limit or sub.gone:
+                await self._enqueue_in_turn(matching[index:], frame)
+                break
+            sub.queue.append(frame)  # room, and no publish before this one waits
+            sub.queued_bytes += size
+            sub.ready.set()
         return len(matching)
 
     async def drain(self, timeout: float, poll_interval: float = 0.01) -> None:
@@ -231,6 +237,21 @@ class Publisher:
                                      return_exceptions=True)
         if listener is not None:
             await listener.close()
+
+    async def _enqueue_in_turn(self, subs: list[_Subscription], frame: bytes) -> None:
+        """Queue ``frame`` for ``subs`` after every publish waiting before this one. Had each
+        waited on its own, a later publish could reach a subscriber first (one that fits where
+        an earlier one does not yet, or one for subscribers an earlier one has not reached), and
+        subscribers would see different orders. A publish that finds none waiting takes the
+        turn at once (``publish`` queued ``frame`` for the subscribers before ``subs`` without
+        waiting), so no later publication reaches those first either."""
+        self._waiting += 1
+        try:
+            async with self._turn:  # FIFO: a publish called later cannot take it first
+                for sub in subs:
+                    await self._enqueue(sub, frame)
+        finally:
+            self._waiting -= 1
 
     async def _enqueue(self, sub: _Subscription, frame: bytes) -> None:
         limit = self.config.queue_bytes
