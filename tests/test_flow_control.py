@@ -14,7 +14,7 @@ from pilot_agents.net.tunnel import events, wire
 from pilot_agents.net.tunnel.codes import ResetCode
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.net.tunnel.session import Session
-from tests.simnet import Host, SimNetwork
+from tests.simnet import Host, LinkProfile, SimNetwork
 
 KiB = 1024
 
@@ -80,6 +80,55 @@ def test_held_bytes_count_against_the_connection_window_across_streams() -> None
     for message in b.messages:
         sb.message_consumed(message.stream_id, len(message.data))
     assert net.run_until(lambda: len(b.messages) == 1 + 4 * 64, 60)
+
+
+@pytest.mark.parametrize("who_resets", ["receiver", "sender"])
+def test_a_reset_stream_gives_its_unread_bytes_back_to_the_tunnel(who_resets: str) -> None:
+    """A stream whose reader never read, reset with the tunnel's credit spent on it: that credit
+    comes back at once, so a new stream's messages flow (they waited for ever before)."""
+    config = SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB)
+    net, _, b, sa, sb, first = established(config)
+    streams = [first, sa.open_stream(50001, 1)]
+    for stream in streams:
+        for _ in range(64):
+            sa.send_message(stream, bytes(1000))
+    net.run_for(5)
+    assert sa._sent_new_bytes >= config.connection_window * 0.9  # the tunnel's credit is spent
+    for stream in streams:
+        if who_resets == "receiver":
+            sb.reset_stream(stream, ResetCode.CANCELLED)
+        else:
+            sa.reset_stream(stream, ResetCode.CANCELLED)
+    b.messages.clear()
+    b.auto_consume = True
+    fresh = sa.open_stream(50003, 1)
+    sa.send_message(fresh, b"after")
+    assert net.run_until(lambda: [m.data for m in b.messages] == [b"after"], 10)
+
+
+@pytest.mark.parametrize("who_resets", ["receiver", "sender"])
+def test_bytes_in_flight_at_a_reset_are_accounted_by_its_final_size(who_resets: str) -> None:
+    """Streams abandoned mid-transfer on a lossy link, again and again: the bytes in flight at
+    each reset never arrive, and without the final size in RESET_STREAM both ends' counts of the
+    tunnel's credit drifted apart until the sender could send nothing (the receiver's resets
+    stopped this tunnel within 30). Both ends now agree on every byte sent."""
+    net = SimNetwork(11, LinkProfile(delay=0.01, loss=0.1))
+    a, b = net.pair(SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB))
+    sa, _ = net.start_stream(a, b, 1, b"first")
+    assert net.run_until(lambda: len(b.messages) == 1, 5)
+    sb = b.mux.get_session(a.key)
+    assert sb is not None
+    for i in range(30):
+        stream = sa.open_stream(50001 + i, 1)
+        for _ in range(64):
+            sa.send_message(stream, bytes(1000))
+        net.run_for(0.015)  # part of it on its way
+        (sa if who_resets == "sender" else sb).reset_stream(stream, ResetCode.CANCELLED)
+        net.run_for(0.3)
+    assert sb._recv_highest_total == sa._sent_new_bytes
+    fresh = sa.open_stream(60000, 1)
+    sa.send_message(fresh, b"after")
+    assert net.run_until(lambda: b.messages[-1].data == b"after", 20)
 
 
 def test_overlapping_out_of_order_frames_are_stored_once() -> None:

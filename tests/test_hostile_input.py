@@ -38,7 +38,7 @@ def test_parse_frames_byte_by_byte_truncation() -> None:
         + b"abc"
         + wire.encode_max_data(10)
         + wire.encode_max_stream_data(4, 10)
-        + wire.encode_reset_stream(4, 1)
+        + wire.encode_reset_stream(4, 1, 2**64 - 1)
         + wire.encode_path_challenge(b"12345678")
         + wire.encode_close(0, "bye")
     )

@@ -39,6 +39,11 @@ def test_stream_and_ack_round_trip() -> None:
     assert ack.delay == 0.5
 
 
+def test_reset_stream_round_trip() -> None:
+    (frame,) = wire.parse_frames_untrusted(wire.encode_reset_stream(2**32 - 1, 65535, 2**64 - 1))
+    assert frame == wire.ResetStreamFrame(2**32 - 1, 65535, 2**64 - 1)
+
+
 def test_every_truncation_is_a_wire_error() -> None:
     packet = _stream_and_ack()
     for size in range(1, len(packet)):

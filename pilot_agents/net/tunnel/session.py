@@ -40,7 +40,8 @@ from .replay import ReplayWindow
 from .streams import MESSAGE_HEADER_SIZE, RecvStream, SendStream, StreamChunk
 
 log = logging.getLogger("pilot_agents.session")
-
+# Streams we reset whose peer's final size is still to come (Session._awaiting_final).
+MAX_AWAITING_FINAL: Final = 1024
 
 
 class IndexAllocator(Protocol):
@@ -118,11 +119,12 @@ class _MaxStreamData:
 class _ResetStream:
     """A RESET_STREAM frame: sent again until acknowledged."""
 
-    __slots__ = ("code", "stream_id")
+    __slots__ = ("code", "final_size", "stream_id")
 
-    def __init__(self, stream_id: int, code: int) -> None:
+    def __init__(self, stream_id: int, code: int, final_size: int) -> None:
         self.stream_id = stream_id
         self.code = code
+        self.final_size = final_size
 
 
 class _MtuProbe:
@@ -251,6 +253,9 @@ class Session:
         # Indices (id // 2) of the peer's streams that are gone: its ids all have one parity,
         # so sequential use leaves one merged range rather than one range per stream.
         self._peer_closed_streams = RangeSet()
+        # Streams we reset while the peer may still have been sending: how far its bytes had
+        # reached (and the limit we had given), until its RESET_STREAM says how far it sent.
+        self._awaiting_final: dict[int, tuple[int, int]] = {}
         self._incoming_open = 0
         self._control: deque[_Control] = deque()
         self._max_data_pending = False
@@ -370,8 +375,14 @@ class Session:
             self._schedule(stream_id)
 
     def reset_stream(self, stream_id: int, code: int) -> None:
-        if self._drop_stream(stream_id):
-            self._control.append(_ResetStream(stream_id, code))
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        recv = stream.recv
+        if recv.final_size is None or recv.highest < recv.final_size:
+            self._await_final(stream_id, recv.highest, recv.max_data)
+        self._drop_stream(stream_id)
+        self._control.append(_ResetStream(stream_id, code, stream.send.send_offset))
 
     def stream_buffered(self, stream_id: int) -> int:
         """Bytes written to the stream and not yet acknowledged (0 for a gone stream)."""
@@ -946,8 +957,7 @@ class Session:
                     self._schedule(frame.stream_id)
             elif isinstance(frame, wire.ResetStreamFrame):
                 ack_eliciting = True
-                if self._drop_stream(frame.stream_id):
-                    self._events.append(events.StreamReset(self.peer, frame.stream_id, frame.code))
+                self._on_reset_stream(frame)
             elif isinstance(frame, wire.CloseFrame):
                 # Its final ACK came first: what it does not cover, the peer never saw.
                 if frame.code == CloseCode.SHUTDOWN and self._unseen_streams():
@@ -1018,6 +1028,43 @@ class Session:
         if stream.stream_id in self._streams:
             self._queue_window_updates(stream)
         self._queue_connection_window_update()
+
+    def _on_reset_stream(self, frame: wire.ResetStreamFrame) -> None:
+        """The peer dropped the stream. Every byte it sent on it counts against the tunnel's
+        window, arrived or not (bytes in flight are never sent again): so its final size is
+        accounted and given back as credit, or the two ends' counts would drift apart until
+        the peer could send nothing at all. Ours goes back the same way."""
+        stream_id, final = frame.stream_id, frame.final_size
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            awaited = self._awaiting_final.pop(stream_id, None)
+            if awaited is not None:  # we reset it first: the rest of what the peer sent
+                highest, limit = awaited
+                if final > limit:
+                    raise WireError(f"peer's final size {final} exceeds the stream window")
+                if final > highest:
+                    self._recv_highest_total += final - highest
+                    self._recv_consumed_total += final - highest
+                    self._queue_connection_window_update()
+            return
+        recv = stream.recv
+        if final > recv.max_data or final < recv.highest or (
+            recv.final_size is not None and final != recv.final_size
+        ):
+            raise WireError(f"peer reset stream {stream_id} with an inconsistent final size")
+        self._recv_highest_total += final - recv.highest
+        recv.highest = final
+        if self._recv_highest_total > self._recv_max_data:
+            raise WireError("peer exceeded the connection window")
+        self._drop_stream(stream_id)  # gives back what nobody read, up to the final size
+        self._control.append(_ResetStream(stream_id, frame.code, stream.send.send_offset))
+        self._events.append(events.StreamReset(self.peer, stream_id, frame.code))
+
+    def _await_final(self, stream_id: int, highest: int, limit: int) -> None:
+        if len(self._awaiting_final) >= MAX_AWAITING_FINAL:
+            # A peer that never answers resets only starves itself: the credit is its own.
+            del self._awaiting_final[next(iter(self._awaiting_final))]
+        self._awaiting_final[stream_id] = (highest, limit)
 
     def _reset_oversized(self, stream_id: int) -> None:
         self.reset_stream(stream_id, ResetCode.MESSAGE_TOO_LARGE)
@@ -1122,7 +1169,8 @@ class Session:
             return None
         if self._incoming_open >= self.config.max_incoming_streams:
             self._peer_closed_streams.add(stream_id >> 1)
-            self._control.append(_ResetStream(stream_id, ResetCode.TOO_MANY_STREAMS))
+            self._await_final(stream_id, 0, self.config.stream_window)
+            self._control.append(_ResetStream(stream_id, ResetCode.TOO_MANY_STREAMS, 0))
             return None
         self._incoming_open += 1
         stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
@@ -1157,6 +1205,9 @@ class Session:
             self._peer_closed_streams.add(stream_id >> 1)
         if self._large_stream == stream_id:
             self._release_large()
+        # Now, not at the next message taken: a stream reset with the tunnel's credit spent on
+        # it leaves no message to take, and every other stream would wait for that credit.
+        self._queue_connection_window_update()
         return True
 
     def _maybe_forget_stream(self, stream: _Stream) -> None:
@@ -1263,7 +1314,9 @@ class Session:
         while self._control and len(payload) + 16 < budget:
             control = self._control.popleft()
             if isinstance(control, _ResetStream):
-                payload += wire.encode_reset_stream(control.stream_id, control.code)
+                payload += wire.encode_reset_stream(
+                    control.stream_id, control.code, control.final_size
+                )
             elif control.stream_id in self._streams:
                 payload += wire.encode_max_stream_data(control.stream_id, control.limit)
             else:

@@ -52,7 +52,7 @@ _ACK_ONE = struct.Struct("!BIBQI")  # _ACK_HEAD and one _ACK_RANGE
 _STREAM_HEAD = struct.Struct("!BBHHIQH")  # type, flags, src port, dst port, stream, offset, length
 _MAX_DATA = struct.Struct("!BQ")
 _MAX_STREAM_DATA = struct.Struct("!BIQ")
-_RESET_STREAM = struct.Struct("!BIH")
+_RESET_STREAM = struct.Struct("!BIHQ")
 _CLOSE_HEAD = struct.Struct("!BHH")
 _PATH = struct.Struct("!B8s")
 
@@ -120,6 +120,7 @@ class MaxStreamDataFrame:
 class ResetStreamFrame:
     stream_id: int
     code: int
+    final_size: int  # the bytes its sender ever sent on the stream (flow-control accounting)
 
 
 @dataclass(slots=True)
@@ -189,8 +190,8 @@ def encode_max_stream_data(stream_id: int, limit: int) -> bytes:
     return _MAX_STREAM_DATA.pack(MAX_STREAM_DATA, stream_id, limit)
 
 
-def encode_reset_stream(stream_id: int, code: int) -> bytes:
-    return _RESET_STREAM.pack(RESET_STREAM, stream_id, code)
+def encode_reset_stream(stream_id: int, code: int, final_size: int) -> bytes:
+    return _RESET_STREAM.pack(RESET_STREAM, stream_id, code, final_size)
 
 
 def encode_close(code: int, reason: str) -> bytes:
@@ -292,8 +293,8 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
                 frames.append(MaxStreamDataFrame(sid, limit))
                 pos += _MAX_STREAM_DATA.size
             elif kind == RESET_STREAM:
-                _, sid, code = _RESET_STREAM.unpack_from(payload, pos)
-                frames.append(ResetStreamFrame(sid, code))
+                _, sid, code, final_size = _RESET_STREAM.unpack_from(payload, pos)
+                frames.append(ResetStreamFrame(sid, code, final_size))
                 pos += _RESET_STREAM.size
             elif kind == CLOSE:
                 _, code, length = _CLOSE_HEAD.unpack_from(payload, pos)
