@@ -308,3 +308,23 @@ async def test_silent_and_idle_sessions_end(servers: Path,
             serving_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving_task
+
+
+async def test_a_request_after_the_end_fails_at_once(servers: Path,
+                                                    daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "87", "--",
+                 server_command(servers, "mcp-server-time")) as serve:
+        async with connect("beta", port=87, home=alpha.home) as session:
+            await session.list_tools()
+            (server,) = children(serve.pid)
+            os.kill(server, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while children(serve.pid):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # the END has reached this side
+            async with asyncio.timeout(10):  # not the answer-less wait it was
+                for _ in range(2):
+                    with pytest.raises(MCPError, match="exited with status -9"):
+                        await session.call_tool("get_current_time", {"timezone": "UTC"})

@@ -182,7 +182,9 @@ class RemoteSession:
         await conn.abort()
 
     def _open(self) -> Connection:
-        if self._conn is None:
+        # Once ended, the stream may still be up but nobody reads it: a request sent on it
+        # would wait for good, where it must fail with the reason.
+        if self._conn is None or self.ended is not None:
             raise McpSessionError(f"the MCP session with {self.label} "
                                   f"{'ended: ' + self.ended if self.ended else 'is not open'}")
         return self._conn
