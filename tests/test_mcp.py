@@ -328,3 +328,30 @@ async def test_a_request_after_the_end_fails_at_once(servers: Path,
                 for _ in range(2):
                     with pytest.raises(MCPError, match="exited with status -9"):
                         await session.call_tool("get_current_time", {"timezone": "UTC"})
+
+
+def group_members(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if int(group) == pgid and state != "Z":  # a zombie is dead, waiting for its reaper
+                    found.append(int(entry.name))
+    return found
+
+
+async def test_a_server_s_helpers_end_with_its_session(servers: Path,
+                                                      daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    # a server that starts a helper of its own, which outlives it unless its group is stopped
+    with serving(beta.home, "--port", "88", "--", "sh", "-c", 'sleep 300 & exec "$0"',
+                 server_command(servers, "mcp-server-time")) as serve:
+        async with connect("beta", port=88, home=alpha.home) as session:
+            await session.list_tools()
+            (server,) = children(serve.pid)
+            assert len(group_members(server)) == 2
+        deadline = time.monotonic() + 10
+        while group_members(server):
+            assert time.monotonic() < deadline, "a process of the server's group outlived it"
+            await asyncio.sleep(0.05)

@@ -602,14 +602,18 @@ class McpServer:
             proc.stdin.close()
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if proc.returncode is not None:
-                return
+                break
             if sig is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, sig)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await proc.wait()
-                    return
+                    break
+        # The server gone, what it started in its group (a wrapper's child, a helper) would
+        # outlive the session, orphaned: nothing of it may serve anyone any more.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     def _event(self, kind: str, key: tuple[str, int], hostname: str | None, reason: str = "",
                session: _Session | None = None) -> None:
