@@ -355,3 +355,19 @@ async def test_a_server_s_helpers_end_with_its_session(servers: Path,
         while group_members(server):
             assert time.monotonic() < deadline, "a process of the server's group outlived it"
             await asyncio.sleep(0.05)
+
+
+async def test_a_server_s_death_ends_its_session_though_a_helper_lives(
+        servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    # the helper holds the server's stdout open: its end is not the server's
+    with serving(beta.home, "--port", "89", "--", "sh", "-c", 'sleep 300 & exec "$0"',
+                 server_command(servers, "mcp-server-time")) as serve:
+        async with connect("beta", port=89, home=alpha.home) as session:
+            await session.list_tools()
+            (server,) = children(serve.pid)
+            os.kill(server, signal.SIGKILL)
+            async with asyncio.timeout(10):
+                with pytest.raises(MCPError, match="exited with status -9"):
+                    await session.call_tool("get_current_time", {"timezone": "UTC"})
+            assert not group_members(server)

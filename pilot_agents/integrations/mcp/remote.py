@@ -480,7 +480,8 @@ class McpServer:
         self.sessions[key] = session
         session.tasks = [asyncio.create_task(self._from_server(session)),
                          asyncio.create_task(self._read_stderr(session)),
-                         asyncio.create_task(self._watch(session))]
+                         asyncio.create_task(self._watch(session)),
+                         asyncio.create_task(self._reap(session))]
         self._event("open", key, hostname)
         if not await self._reply(session, control(Control.READY)):
             self._end_soon(session, "the client went away", tell=False)
@@ -543,6 +544,12 @@ class McpServer:
                 log.info("%s: %s", session.label, line)
             session.stderr_tail += chunk
             del session.stderr_tail[:max(len(session.stderr_tail) - keep, 0)]
+
+    async def _reap(self, session: _Session) -> None:
+        await session.proc.wait()
+        # What the server started may hold its stdout open, and _from_server would wait for
+        # that end for good, its client's requests with it: their end makes the exit seen.
+        _kill_group(session.proc.pid)
 
     async def _watch(self, session: _Session) -> None:
         """Heartbeats while we send nothing; the end of a silent or idle session."""
@@ -612,8 +619,7 @@ class McpServer:
                     break
         # The server gone, what it started in its group (a wrapper's child, a helper) would
         # outlive the session, orphaned: nothing of it may serve anyone any more.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
 
     def _event(self, kind: str, key: tuple[str, int], hostname: str | None, reason: str = "",
                session: _Session | None = None) -> None:
@@ -624,6 +630,11 @@ class McpServer:
         log.info("session %s %s%s", event.label, kind, f": {reason}" if reason else "")
         if self.on_event is not None:
             self.on_event(event)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 __all__ = [
