@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -371,3 +372,14 @@ async def test_a_server_s_death_ends_its_session_though_a_helper_lives(
                 with pytest.raises(MCPError, match="exited with status -9"):
                     await session.call_tool("get_current_time", {"timezone": "UTC"})
             assert not group_members(server)
+
+
+async def test_a_message_on_several_lines_is_one_message(servers: Path,
+                                                        daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    request = json.dumps(json.loads(INITIALIZE), indent=2).replace("\n", "\r\n").encode()
+    with serving(beta.home, "--port", "91", "--", server_command(servers, "mcp-server-time")):
+        async with remote_session("beta", 91, home=alpha.home) as remote:
+            await remote.send(request)
+            async with asyncio.timeout(10):  # where it was dropped, and never answered
+                assert json.loads(await remote.receive())["id"] == 1
