@@ -383,3 +383,29 @@ async def test_a_message_on_several_lines_is_one_message(servers: Path,
             await remote.send(request)
             async with asyncio.timeout(10):  # where it was dropped, and never answered
                 assert json.loads(await remote.receive())["id"] == 1
+
+
+def test_cli_connect_reads_a_file_or_dev_null_as_stdin(servers: Path, tmp_path: Path,
+                                                       daemons: tuple[DaemonHandle, ...]) -> None:
+    alpha, beta, _ = daemons
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(INITIALIZE + b'{"jsonrpc":"2.0","id":2,"method":"tools/list"}\n'
+                         + b"x" * 5000)
+    command = [sys.executable, "-m", "pilot_agents.cli", "--home", str(alpha.home), "mcp",
+               "connect", "beta:92"]
+    with serving(beta.home, "--port", "92", "--", server_command(servers, "mcp-server-time")):
+        # where the event loop aborted the process (status -6), saying nothing
+        with open(os.devnull, "rb") as stdin:
+            result = subprocess.run(command, stdin=stdin, capture_output=True, cwd=ROOT,
+                                    timeout=30)
+        assert result.returncode == 0 and result.stdout == b"", result
+        with open(requests, "rb") as stdin:
+            result = subprocess.run(command, stdin=stdin, capture_output=True, cwd=ROOT,
+                                    timeout=30)
+        assert result.returncode == 0, result
+        assert [line[:16] for line in result.stdout.splitlines()] == [
+            b'{"jsonrpc":"2.0"', b'{"jsonrpc":"2.0"'], result.stdout
+        with open(requests, "rb") as stdin:
+            result = subprocess.run([*command, "--max-message-bytes", "4096"], stdin=stdin,
+                                    capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert_one_line_error(result, 2, "more than 4096 bytes on stdin")
