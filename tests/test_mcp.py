@@ -409,3 +409,15 @@ def test_cli_connect_reads_a_file_or_dev_null_as_stdin(servers: Path, tmp_path: 
             result = subprocess.run([*command, "--max-message-bytes", "4096"], stdin=stdin,
                                     capture_output=True, text=True, cwd=ROOT, timeout=30)
         assert_one_line_error(result, 2, "more than 4096 bytes on stdin")
+
+
+def test_cli_connect_fails_when_answers_never_come(daemons: tuple[DaemonHandle, ...]) -> None:
+    """stdin ended and a request is still unanswered after --drain-timeout: an error saying
+    so, where it exited with success and printed nothing."""
+    alpha, beta, _ = daemons
+    mute = [sys.executable, "-c", "import sys\nfor _ in sys.stdin: pass"]  # answers nothing
+    with serving(beta.home, "--port", "93", "--", *mute):
+        result = cli(alpha.home, "mcp", "connect", "beta:93", "--drain-timeout", "1",
+                     input=INITIALIZE.decode())
+    assert_one_line_error(result, 1, "1 request(s) had no answer 1 s after stdin ended")
+    assert result.stdout == ""

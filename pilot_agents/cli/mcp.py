@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import shlex
@@ -62,6 +61,9 @@ def register(commands: Commands) -> None:
     sub.add_argument("--max-message-bytes", type=count, default=_DEFAULTS.max_message_bytes,
                      metavar="N", help="the largest JSON-RPC message either way (default "
                      f"{_DEFAULTS.max_message_bytes})")
+    sub.add_argument("--drain-timeout", type=positive, default=_DEFAULTS.drain_timeout,
+                     metavar="S", help="once stdin ends, seconds to wait for answers still due; "
+                     f"then exit with an error (default {_DEFAULTS.drain_timeout:g})")
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def serve_cmd(ctx: Context) -> int:
 def connect_cmd(ctx: Context) -> int:
     name, number = ctx.args.target
     config = McpConfig(max_message_bytes=ctx.args.max_message_bytes,
-                       connect_timeout=ctx.args.timeout)
+                       connect_timeout=ctx.args.timeout, drain_timeout=ctx.args.drain_timeout)
     return ctx.run_client(lambda client: _forward(client, name, number, config), EXIT_OK)
 
 
@@ -151,9 +153,13 @@ async def _forward(client: Client, name: str, number: int, config: McpConfig) ->
                 raise ConfigError(f"a message of more than {config.max_message_bytes} bytes "
                                   "on stdin") from None
             # An MCP client closes stdin to end the session: answers on their way still come.
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(config.drain_timeout):
                     await remote.all_answered()
+            except TimeoutError:
+                raise McpSessionError(
+                    f"{remote.unanswered} request(s) had no answer {config.drain_timeout:g} s "
+                    "after stdin ended") from None
 
         async def downstream() -> None:
             try:

@@ -230,6 +230,11 @@ class RemoteSession:
             if kind[0] == Control.END:
                 raise self._end(kind[1] or f"{self.label} ended the session")
 
+    @property
+    def unanswered(self) -> int:
+        """Requests sent that have had no response yet."""
+        return len(self._pending)
+
     async def all_answered(self) -> None:
         """Wait until every request sent has had its response (returned by :meth:`receive`)."""
         await self._all_answered.wait()
