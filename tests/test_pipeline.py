@@ -114,6 +114,19 @@ def test_strict_types_and_missing_fields() -> None:
      """, "p.yaml:4: agents.a.edges.0.1: 'y' is not a step id of this agent"),
     ("""\
      agents:
+       a:
+         steps: [{id: x, python: m:f}, {id: y, python: m:g}]
+         edges: [[x, y], [y, x]]
+     """, "p.yaml:4: agents.a.edges.1: the edges loop (x -> y -> x), so the graph would never "
+         "end"),
+    ("""\
+     agents:
+       a:
+         steps: [{id: x, python: m:f}]
+         edges: [[START, x], [x, x], [x, END]]
+     """, "p.yaml:4: agents.a.edges.1: the edges loop (x -> x)"),
+    ("""\
+     agents:
        a: {steps: [{python: m:f}]}
        a: {steps: [{python: m:g}]}
      """, "p.yaml:3: agents.a: given twice in one mapping"),

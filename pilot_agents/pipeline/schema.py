@@ -243,7 +243,30 @@ class Agent(Strict):
         for node in ids[1:] if self.edges is not None else ():
             if node not in reached:
                 raise FieldValueError(("edges",), f"no edge leads to the step {node!r}")
+        self._no_cycle()
         return self
+
+    def _no_cycle(self) -> None:
+        # Every edge out of a step runs (they are not conditional), so a cycle never ends: the
+        # graph would loop until LangGraph's recursion limit.
+        after: dict[str, list[tuple[int, str]]] = {}
+        for j, (a, b) in enumerate(self.edges or []):
+            after.setdefault(a, []).append((j, b))
+        done: set[str] = set()
+        for first in self.node_ids():
+            path, pending = [first], [iter(after.get(first, []))]  # iterative: a long chain
+            while pending:
+                j, nxt = next(pending[-1], (-1, ""))
+                if j < 0:
+                    done.add(path.pop())
+                    pending.pop()
+                elif nxt in path:
+                    loop = " -> ".join([*path[path.index(nxt):], nxt])
+                    raise FieldValueError(("edges", j), f"the edges loop ({loop}), so the graph "
+                                          "would never end: every edge out of a step is taken")
+                elif nxt not in done:
+                    path.append(nxt)
+                    pending.append(iter(after.get(nxt, [])))
 
 
 class Settings(Strict):
