@@ -215,6 +215,38 @@ def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
     assert "  ok: ok" in result.stdout
 
 
+def test_a_step_that_prints_does_not_break_the_events(tmp_path: Path) -> None:
+    """A step's print (with no newline at that) and a program it starts write to stdout, where
+    the agent's events are, read as JSON lines by the run (or by the user of --agent --json)."""
+    (tmp_path / "chatty.py").write_text(textwrap.dedent("""\
+        import subprocess
+        def talk(state):
+            print("half done", end="")
+            return {"x": 1}
+        def child(state):
+            subprocess.run(["printf", "from a child"], check=True)
+            return {"y": 2}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          a:
+            steps: [{id: talk, python: "chatty:talk"}, {id: child, python: "chatty:child"}]
+        """))
+    whole = [*CMD, "--json", "run", str(tmp_path / "p.yaml")]
+    home = short_home()
+    try:
+        for args in (whole, [*CMD, "--home", str(home), *whole[3:], "--agent", "a"]):
+            result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert result.returncode == 0, result.stdout + result.stderr
+            events = events_of(result.stdout)
+            assert len(events) == len(result.stdout.splitlines()), result.stdout
+            done = [e["step"] for e in events if e["event"] == "step" and e["status"] == "done"]
+            assert done == ["talk", "child"]
+            assert next(e for e in events if e["event"] == "state")["keys"] == ["x", "y"]
+    finally:
+        stop_daemons(home)
+
+
 def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(textwrap.dedent("""\
         import time

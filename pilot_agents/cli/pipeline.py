@@ -3,8 +3,12 @@ pipelines (pilot_agents.pipeline; docs/pipeline.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import ConfigError
 from .context import Context
@@ -64,22 +68,44 @@ def run_cmd(ctx: Context) -> int:
 
     args = ctx.args
     loaded = load(args.pipeline)
-    progress = Progress(ctx.json)
-    try:
-        if args.agent is None:
-            if args.listen is not None:
-                raise ConfigError("--listen is for --agent (a whole run listens on 127.0.0.1)")
-            homes = None if args.homes is None else Path(args.homes).resolve()
+    if args.agent is None:
+        if args.listen is not None:
+            raise ConfigError("--listen is for --agent (a whole run listens on 127.0.0.1)")
+        homes = None if args.homes is None else Path(args.homes).resolve()
+        progress = Progress(ctx.json)
+        try:
             code = asyncio.run(interruptible(
                 lambda: run_pipeline(loaded, progress, beacon=args.beacon, homes=homes))())
-            return int(code)
-        if args.homes is not None:
-            raise ConfigError("--homes is for a whole run; --agent uses --home")
-        if args.agent not in loaded.spec.agents:
-            raise ConfigError(f"{args.pipeline} has no agent {args.agent!r} (it has "
-                              f"{', '.join(loaded.spec.agents)})")
-        return run_one(AgentRun(loaded, args.agent, Path(ctx.home),
-                                args.beacon or loaded.spec.beacon,
-                                listen=args.listen or "0.0.0.0:0", emit=progress))
+        finally:
+            progress.close()
+        return int(code)
+    if args.homes is not None:
+        raise ConfigError("--homes is for a whole run; --agent uses --home")
+    if args.agent not in loaded.spec.agents:
+        raise ConfigError(f"{args.pipeline} has no agent {args.agent!r} (it has "
+                          f"{', '.join(loaded.spec.agents)})")
+    with _stdout_for_events() as out:
+        progress = Progress(ctx.json, out)
+        try:
+            return run_one(AgentRun(loaded, args.agent, Path(ctx.home),
+                                    args.beacon or loaded.spec.beacon,
+                                    listen=args.listen or "0.0.0.0:0", emit=progress))
+        finally:
+            progress.close()
+
+
+@contextlib.contextmanager
+def _stdout_for_events() -> Iterator[TextIO]:
+    """This process's stdout as a stream of the events' own, while stdout itself (fd 1: print,
+    and the programs a step starts) goes to stderr: a step's output would break into the event
+    lines, which a whole run reads as JSON."""
+    sys.stdout.flush()
+    events = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(events, "w", buffering=1, closefd=False) as out:
+            yield out
     finally:
-        progress.close()
+        sys.stdout.flush()
+        os.dup2(events, 1)
+        os.close(events)
