@@ -247,6 +247,30 @@ def test_a_step_that_prints_does_not_break_the_events(tmp_path: Path) -> None:
         stop_daemons(home)
 
 
+def test_a_step_writing_a_huge_line_to_stderr_is_not_blocked(tmp_path: Path) -> None:
+    """5 MB on stderr with no newline, more than a line the run reads: the run keeps reading
+    the agent's stderr (else the agent blocks on the full pipe until settings.timeout)."""
+    (tmp_path / "loud.py").write_text(textwrap.dedent("""\
+        import sys
+        def shout(state):
+            for _ in range(50):
+                sys.stderr.write("." * 100_000)
+            return {"x": 1}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        settings: {timeout: 60}
+        agents:
+          a: {steps: [{python: "loud:shout"}]}
+        """))
+    begun = time.monotonic()
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert events_of(result.stdout)[-1]["ok"]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - begun < 40
+
+
 def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(textwrap.dedent("""\
         import time

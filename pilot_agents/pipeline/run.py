@@ -477,7 +477,7 @@ async def _follow(agent: AgentProcess, emit: Emit) -> None:
     a chatty agent never blocks on a full pipe)."""
     assert agent.proc.stdout is not None and agent.proc.stderr is not None
     errors = asyncio.create_task(_tail(agent.proc.stderr, agent.stderr))
-    async for raw in agent.proc.stdout:
+    async for raw in _lines(agent.proc.stdout):
         try:
             event = json.loads(raw)
         except ValueError:
@@ -492,8 +492,22 @@ async def _follow(agent: AgentProcess, emit: Emit) -> None:
 
 
 async def _tail(stream: asyncio.StreamReader, into: deque[str]) -> None:
-    async for raw in stream:
+    async for raw in _lines(stream):
         into.append(raw.decode(errors="replace").rstrip())
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines until its end. A line longer than the stream's limit (a progress bar
+    redrawn in place, a blob printed whole) is dropped, not the end of the reading: a pipe no
+    longer read fills up and blocks its writer, the process hung until killed."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # readline has discarded what it read of the long line
+            continue
+        if not line:
+            return
+        yield line
 
 
 async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | None = None,
