@@ -271,6 +271,50 @@ def test_a_step_writing_a_huge_line_to_stderr_is_not_blocked(tmp_path: Path) -> 
     assert time.monotonic() - begun < 40
 
 
+def test_a_reader_that_goes_away_leaves_nothing_running(tmp_path: Path) -> None:
+    """`run --json | head -N`, or a closed terminal: the run's output fails mid-run; it still
+    stops its service, its agent's daemon and its beacon."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent("""\
+        import time
+        def nap(state):
+            time.sleep(2)
+            return {"x": 1}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        services:
+          web:
+            command: ${PYTHON}
+            args: [-m, http.server, "${PORT:web}", --bind, 127.0.0.1]
+            ready: {tcp: "127.0.0.1:${PORT:web}"}
+        agents:
+          a: {steps: [{python: "slow:nap"}]}
+        """))
+    proc = subprocess.Popen([*CMD, "--json", "run", str(tmp_path / "p.yaml")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["event"] != "daemon":
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        events.append(json.loads(line))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err, err
+    run_dir = str(Path(events[-1]["home"]).parent)  # the beacon's data is there too
+    service = next(e["pid"] for e in events if e["event"] == "service")
+    assert not alive(service) and not alive(events[-1]["pid"])
+    assert not [p for p in Path("/proc").glob("[0-9]*")
+                if run_dir.encode() in _cmdline(p) and alive(int(p.name), 0)]
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(textwrap.dedent("""\
         import time

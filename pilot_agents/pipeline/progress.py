@@ -69,6 +69,7 @@ class Progress:
         self.out = out or sys.stdout
         self.as_json = as_json
         self.rows: dict[str, _Row] = {}
+        self.gone = False  # the output's reader (a pipe, a terminal) has closed it
         self.live: Live | None = None
         if not as_json and self.out.isatty():
             self.live = Live(self._table(), console=Console(file=self.out),
@@ -77,8 +78,7 @@ class Progress:
 
     def __call__(self, event: Event) -> None:
         if self.as_json:
-            print(json.dumps(event, separators=(",", ":"), default=str), file=self.out,
-                  flush=True)
+            self._print(json.dumps(event, separators=(",", ":"), default=str))
             return
         if event.get("event") == "summary":
             self._summary(event)
@@ -96,7 +96,7 @@ class Progress:
             self.live.update(self._table())
         elif text:
             prefix = f"[{agent}] " if agent else ""
-            print(prefix + text, file=self.out, flush=True)
+            self._print(prefix + text)
 
     def _table(self) -> Table:
         table = Table(title="pipeline", expand=False)
@@ -110,10 +110,20 @@ class Progress:
         self.close()
         verdict = "interrupted" if event.get("interrupted") else \
             ("ok" if event["ok"] else "FAILED")
-        print(f"pipeline {verdict} in {event['duration']:.1f} s", file=self.out)
+        self._print(f"pipeline {verdict} in {event['duration']:.1f} s")
         for name, agent in event["agents"].items():
             error = f": {agent['error']}" if agent.get("error") else ""
-            print(f"  {name}: {agent['status']}{error}", file=self.out, flush=True)
+            self._print(f"  {name}: {agent['status']}{error}")
+
+    def _print(self, line: str) -> None:
+        # The run goes on without its reader (`| head`, a closed terminal): an error here would
+        # end it before its clean-up, leaving its beacon and services running.
+        if self.gone:
+            return
+        try:
+            print(line, file=self.out, flush=True)
+        except OSError:
+            self.gone = True
 
     def close(self) -> None:
         if self.live is not None:
