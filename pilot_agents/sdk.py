@@ -80,10 +80,11 @@ class ClientOptions:
     # at most). A client that stops receiving stops the pushes there, and so its senders.
     receive_window_messages: int = 64
     receive_window_bytes: int = 4 * 1024 * 1024
-    # What a client may have sent (connection sends, replies) that the daemon has not yet
-    # confirmed taking (IPC "quiet" sends, one confirmed request per half window): messages,
-    # and payload bytes (overshot by one message at most). A send beyond it waits, so a peer
-    # that stops reading stops this client's sends too.
+    # What a client may have sent on one stream (a connection's sends, the replies on the
+    # stream a message came on) that the daemon has not yet confirmed taking (IPC "quiet"
+    # sends, one confirmed request per half window): messages, and payload bytes (overshot by
+    # one message at most). A send beyond it waits, so a peer that stops reading stops the
+    # sends on its stream, and those only.
     send_window_messages: int = 64
     send_window_bytes: int = 4 * 1024 * 1024
     # Talk to the daemon on its plain unix stream socket (stream.sock) when it has one: the
@@ -107,6 +108,9 @@ _REMEMBERED_REPLY_ERRORS = 1024
 _CONFIRMED = {COMPACT_STREAM_SEND: ("stream_send", "stream"), COMPACT_REPLY: ("reply", "message")}
 # The longest wait the daemon takes (its requests' bound on a timeout, docs/ipc.md).
 _LONGEST_TIMEOUT = 7 * 86400.0
+# Streams whose send windows a Client keeps; beyond, the longest unused one is forgotten (its
+# next sends start a window afresh: at most half a window more goes unconfirmed).
+_MAX_FLOWS = 1024
 
 
 @dataclass
@@ -196,7 +200,7 @@ class Client:
         if self._reply_error is None:
             self._reply_error = error
 
-    async def _reply(self, message_id: str, data: bytes) -> None:
+    async def _reply(self, flow: tuple[str, int, int], message_id: str, data: bytes) -> None:
         """A message's reply, sent without waiting for the daemon (IPC ``quiet``): one that
         fails there (the stream it came on has ended) is known only later, so the next reply
         to the same message raises it. A publisher answering a subscriber on its subscription
@@ -204,7 +208,7 @@ class Client:
         error = self._path_errors.get(message_id)
         if error is not None:
             raise error
-        await self._pipeline.send(COMPACT_REPLY, message_id, data, self._replies_sink)
+        await self._pipeline.send(COMPACT_REPLY, message_id, data, self._replies_sink, flow)
 
     def _late_failure(self, error: PilotError, about: str = "") -> None:
         """A quiet send or reply whose sender is gone (a message dropped after its reply, a
@@ -240,7 +244,9 @@ class Client:
         return DaemonListener(self, port)
 
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
-        return _message(fields, functools.partial(self._reply, fields["id"]))
+        # A peer's stream to one of our ports is its node, our port and its source port.
+        flow = (fields["from"], fields["port"], fields["source_port"])
+        return _message(fields, functools.partial(self._reply, flow, fields["id"]))
 
     # -- administration ----------------------------------------------------------------------
 
@@ -406,7 +412,8 @@ class DaemonConnection:
         self._raise_failed()
         assert self._sink is not None
         payload = encode_payload(data)
-        await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, payload, self._sink)
+        await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, payload, self._sink,
+                                          stream)
         # Counted here: nothing awaits between handing the message to the daemon and this.
         self._written += framed_size(len(payload))
 
@@ -546,39 +553,64 @@ class DaemonListener:
             yield await self.receive(timeout=None)
 
 
+@dataclass
+class _Flow:
+    """One stream's send window in the :class:`_Pipeline`."""
+
+    messages: int = 0  # since the last confirmed request
+    bytes: int = 0
+    confirmations: collections.deque[asyncio.Task[dict[str, Any]]] = field(
+        default_factory=collections.deque)
+
+
 class _Pipeline:
     """Commands that carry a message (``stream_send``, ``reply``) sent without waiting for the
     daemon: each goes ``"quiet"`` (answered only if it fails, the error to the sender's sink),
-    except one per half window (``ClientOptions.send_window_*``), answered as usual. A send
-    that finds two of those unanswered waits for the older: so at most about one window is
-    unconfirmed, and a daemon that cannot pass messages on (the peer stopped reading) stops
-    the client."""
+    except one per half window (``ClientOptions.send_window_*``) of its stream, answered as
+    usual. A send that finds two of those unanswered on its stream waits for the older: so at
+    most about one window per stream is unconfirmed, and a daemon that cannot pass messages
+    on (the peer stopped reading) stops the sends on that stream. One window for the whole
+    client would stop them all: one subscriber that stops reading would stall a publisher's
+    feeds to every other."""
 
     def __init__(self, ipc: IpcClient, options: ClientOptions) -> None:
         self._ipc = ipc
         self._max_messages = options.send_window_messages
         self._max_bytes = options.send_window_bytes
-        self._messages = 0  # since the last confirmed request
-        self._bytes = 0
+        self._flows: collections.OrderedDict[object, _Flow] = collections.OrderedDict()
         self.closed = False
-        self._confirmations: collections.deque[asyncio.Task[dict[str, Any]]] = (
-            collections.deque())
 
-    async def send(self, verb: int, about: str, payload: bytes, sink: int) -> None:
+    async def send(self, verb: int, about: str, payload: bytes, sink: int,
+                   flow: object) -> None:
         """``verb``: COMPACT_STREAM_SEND (``about`` the stream) or COMPACT_REPLY (the message
-        replied to)."""
-        while len(self._confirmations) >= 2:
-            await self._settled(self._confirmations.popleft())
-        self._messages += 1
-        self._bytes += len(payload)
-        if 2 * self._messages < self._max_messages and 2 * self._bytes < self._max_bytes:
+        replied to); ``flow`` names the stream the message goes on."""
+        state = self._flow(flow)
+        while len(state.confirmations) >= 2:
+            await self._settled(state.confirmations.popleft())
+        state.messages += 1
+        state.bytes += len(payload)
+        if 2 * state.messages < self._max_messages and 2 * state.bytes < self._max_bytes:
             await self._ipc.quiet(verb, about, payload, sink)
             return
-        self._messages = self._bytes = 0
-        cmd, field = _CONFIRMED[verb]
-        task = await self._ipc.begin(cmd, payload, **{field: about})
+        state.messages = state.bytes = 0
+        cmd, field_name = _CONFIRMED[verb]
+        task = await self._ipc.begin(cmd, payload, **{field_name: about})
         task.add_done_callback(functools.partial(self._confirmed, sink, about))
-        self._confirmations.append(task)
+        state.confirmations.append(task)
+
+    def _flow(self, flow: object) -> _Flow:
+        flows = self._flows
+        state = flows.get(flow)
+        if state is not None:
+            flows.move_to_end(flow)
+            return state
+        if len(flows) >= _MAX_FLOWS:
+            # The longest unused with nothing to wait for: settle() waits for the others.
+            idle = next((key for key, old in flows.items() if not old.confirmations), None)
+            if idle is not None:
+                del flows[idle]
+        state = flows[flow] = _Flow()
+        return state
 
     def _confirmed(self, sink: int, about: str, task: asyncio.Task[dict[str, Any]]) -> None:
         if task.cancelled() or self.closed:
@@ -589,8 +621,9 @@ class _Pipeline:
 
     async def settle(self) -> None:
         """Wait for every confirmation requested so far."""
-        while self._confirmations:
-            await self._settled(self._confirmations.popleft())
+        for state in list(self._flows.values()):
+            while state.confirmations:
+                await self._settled(state.confirmations.popleft())
 
     @staticmethod
     async def _settled(task: asyncio.Task[dict[str, Any]]) -> None:

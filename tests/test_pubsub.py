@@ -182,6 +182,32 @@ async def test_a_publication_longer_than_three_heartbeats_to_arrive_is_not_silen
             await sub.receive(1.0)
 
 
+async def test_a_subscriber_that_stops_reading_holds_up_no_other(pair: Pair) -> None:
+    """DROP_OLDEST: one subscriber that never reads costs only itself. Through the daemon it
+    stalled every other: the client's one send window waited on the stuck stream."""
+    config = PubSubConfig(overflow=Overflow.DROP_OLDEST)
+    async with (
+        Publisher(pair.server.transport, 8014, config) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8014, ["stuck"], config),
+        Subscriber(pair.client.transport, pair.server_name, 8014, [""], config) as reader,
+    ):
+        await until_subscribed(pub, 2)
+        accounted = 0  # received, or reported missed
+
+        async def read() -> None:
+            nonlocal accounted
+            while accounted < 80:
+                publication = await reader.receive(30)
+                accounted += 1 + publication.missed
+
+        reading = asyncio.create_task(read())
+        for _ in range(80):  # 80 MiB: past what the stuck stream's windows and buffers hold
+            await pub.publish("stuck", b"x" * 2**20)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(20):
+            await reading
+
+
 async def test_malformed_frames_never_stop_a_publisher(pair: Pair) -> None:
     async with Publisher(pair.server.transport, 8005) as pub:
         for junk in (b"", encode_frame(Kind.SUBSCRIBE, 1, b"\xff\xff"),

@@ -346,7 +346,7 @@ async def test_sends_are_confirmed_once_per_half_window(daemon_pair: Pair) -> No
             await conn.send({"n": n})
         got = [(await listener.receive(timeout=5)).json()["n"] for _ in range(10)]
         assert got == list(range(10))
-        assert len(client._pipeline._confirmations) <= 2
+        assert len(client._pipeline._flows[conn._stream].confirmations) <= 2
 
 
 async def test_a_reply_that_fails_in_the_daemon_is_raised_by_flush(daemon_pair: Pair) -> None:

@@ -138,7 +138,11 @@ class Messaging:
         stream = self._stream(req.stream)
         data = req.payload()
         try:
-            if stream.conn.write(data):
+            # A quiet one is not waited for: its data is queued all the same, and the client's
+            # confirmed sends on the stream (one per half window) wait for room instead. A task
+            # per quiet send would count against the client's requests in flight, and one
+            # stuck stream would use them up for all the client's others.
+            if stream.conn.write(data) or req.quiet:
                 return {"bytes": len(data)}
         except PilotError as exc:
             raise self._explain(exc, stream) from None
@@ -284,7 +288,7 @@ class Messaging:
         way = self.replies.find(req.message)
         data = req.payload()
         try:
-            if way.write(data):
+            if way.write(data) or req.quiet:  # as in stream_send
                 return {"bytes": len(data)}
         except PilotError as exc:
             raise self._way_error(exc, way) from None
