@@ -315,7 +315,9 @@ def _cmdline(proc: Path) -> bytes:
         return b""
 
 
-def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP],  # or the terminal closed
+                         ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path, signum: int) -> None:
     (tmp_path / "slow.py").write_text(textwrap.dedent("""\
         import time
         def nap(state, seconds):
@@ -349,7 +351,7 @@ def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path) -> None:
             waiting.add(events[-1]["agent"])
     assert waiting == {"waiter", "idle", "sender"}, events
     interrupted_at = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     # Each agent stopped by itself, before the 10 s after which it would have been killed.
     assert time.monotonic() - interrupted_at < 10

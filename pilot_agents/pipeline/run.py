@@ -289,9 +289,13 @@ async def run_agent(run: AgentRun) -> int:
     return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
 
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def interruptible(main: Callable[[], Any]) -> Callable[[], Any]:
-    """``main`` cancelled (once) by SIGINT or SIGTERM, so its clean-up runs; a second signal
-    while it cleans up does nothing."""
+    """``main`` cancelled (once) by SIGINT, SIGTERM or SIGHUP (its terminal closed), so its
+    clean-up runs and stops the beacon, services and daemons it started; a second signal while
+    it cleans up does nothing."""
     async def wrapped() -> Any:
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(main())
@@ -303,12 +307,12 @@ def interruptible(main: Callable[[], Any]) -> Callable[[], Any]:
                 stopping = True
                 task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _STOPPING:
             loop.add_signal_handler(sig, stop)
         try:
             return await task
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOPPING:
                 loop.remove_signal_handler(sig)
     return wrapped
 
