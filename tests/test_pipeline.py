@@ -60,6 +60,19 @@ def test_each_error_is_reported() -> None:
     assert found[0] == "p.yaml:1: settings.timeout: Input should be greater than 0"
     assert found[1].startswith("p.yaml:4: agents.a.hostname: 'Not_A_Host' is not a hostname")
     assert found[2].startswith("p.yaml:6: agents.a.steps.0: a step has exactly one of the keys")
+    assert found[2].endswith("; it has 'bogus'")
+
+
+def test_a_misspelt_step_kind_is_named_with_what_it_likely_meant() -> None:
+    found = problems("""\
+        agents:
+          a:
+            steps:
+              - pilot_sned: {to: b, key: x}
+              - {python: "m:f", mcp: {server: s, tool: t}}
+        """)
+    assert found[0].endswith("; it has 'pilot_sned' (did you mean 'pilot_send'?)"), found
+    assert found[1].endswith("; it has 2: python, mcp"), found
 
 
 def test_strict_types_and_missing_fields() -> None:

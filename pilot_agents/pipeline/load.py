@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,11 +135,24 @@ def _message(error: Any) -> str:
         return "required, and missing"
     if error["type"] == "extra_forbidden":
         return "not a known field (a typo?)"
+    if error["type"] == "step_kind" and isinstance(error.get("input"), dict):
+        return text + _step_keys_hint(error["input"])
     if error["type"] == "string_pattern_mismatch":
         pattern = (error.get("ctx") or {}).get("pattern")
         what = PATTERNS.get(str(pattern), f"of the form {pattern}")
         return f"{error['input']!r} is not {what}"
     return text
+
+
+def _step_keys_hint(step: dict[Any, Any]) -> str:
+    """What the step has instead, and the kind a misspelt key most likely meant."""
+    kinds = [str(k) for k in step if k in STEP_KINDS]
+    if kinds:
+        return f"; it has {len(kinds)}: {', '.join(kinds)}"
+    hints = [f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+             for key in map(str, step)
+             for close in [difflib.get_close_matches(key, STEP_KINDS, n=1)]]
+    return f"; it has {', '.join(hints)}" if hints else "; it has none"
 
 
 def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> LoadedPipeline:
