@@ -193,9 +193,11 @@ def test_a_service_that_dies_before_it_is_ready_stops_the_run(tmp_path: Path) ->
 
 def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
     (tmp_path / "boom.py").write_text(textwrap.dedent("""\
+        import time
         def fine(state):
             return {"fine": True}
         def fail(state):
+            time.sleep(5)  # after "ok" ended: a failure stops the agents still running
             raise ValueError("no data")
         """))
     (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
@@ -213,6 +215,30 @@ def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
     assert "pipeline FAILED" in result.stdout
     assert "broken: failed: ValueError: no data" in result.stdout
     assert "  ok: ok" in result.stdout
+
+
+def test_the_first_agent_that_fails_stops_the_others(tmp_path: Path) -> None:
+    """An agent waiting for what a failed one would have sent is stopped at once, where it
+    waited out its own timeout (300 s here)."""
+    (tmp_path / "boom.py").write_text("def fail(state):\n    raise ValueError('no data')\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          broken:
+            steps: [{python: "boom:fail"}, {pilot_send: {to: waiter, key: x}}]
+          waiter:
+            steps: [{pilot_receive: {key: x, timeout: 300}}]
+        """))
+    begun = time.monotonic()
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - begun < 60
+    summary = events_of(result.stdout)[-1]
+    assert summary["agents"]["broken"]["status"] == "failed"
+    assert summary["agents"]["waiter"] == {
+        "status": "interrupted", "error": "stopped because broken failed",
+        "exit_code": summary["agents"]["waiter"]["exit_code"]}
+    assert not summary["interrupted"]
 
 
 def test_a_step_that_prints_does_not_break_the_events(tmp_path: Path) -> None:

@@ -535,6 +535,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     followers: list[asyncio.Task[None]] = []
     beacon_proc: asyncio.subprocess.Process | None = None
     interrupted = False
+    failed_first: str | None = None  # the agent whose failure stopped the others
     # The ports of ${PORT:NAME}, the same in every agent's process and service.
     environ = {**os.environ, **pipeline.port_environ()}
     try:
@@ -559,8 +560,9 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         # asyncio.wait, not gather: a cancel (Ctrl-C) leaves the followers reading, so each
         # agent's last events (its own stop) still arrive. Serving agents answer until every
         # other agent has ended, then they are stopped (by _clean_up).
-        once = [f for a, f in zip(agents, followers, strict=True) if not serves(a.name)]
-        _, late = await asyncio.wait(once, timeout=limit)
+        once = {f: a for a, f in zip(agents, followers, strict=True) if not serves(a.name)}
+        failed_first = await _until_done_or_failed(once, limit)
+        late = failed_first is None and any(a.proc.returncode is None for a in once.values())
         for agent in agents:
             if agent.proc.returncode is None and late and not serves(agent.name):
                 agent.status, agent.error = "failed", f"still running after {limit:g} s"
@@ -574,6 +576,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     for agent in agents:
         if agent.status == "starting":  # it ended without saying how
             agent.status = "interrupted" if interrupted else "failed"
+        if failed_first is not None and agent.status == "interrupted":
+            agent.error = f"stopped because {failed_first} failed"
         if agent.status == "failed" and agent.error is None:
             said = [line for line in agent.stderr if line.strip()]
             agent.error = said[-1].removeprefix("error: ") if said else \
@@ -586,6 +590,25 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _until_done_or_failed(once: dict[asyncio.Task[None], AgentProcess],
+                                limit: float) -> str | None:
+    """Wait until every run-once agent has ended, or ``limit`` s; the name of the first that
+    failed, at once: the others are stopped then (fail fast), as an agent waiting for what a
+    failed one would have sent would only wait out its own timeout."""
+    pending = set(once)
+    deadline = asyncio.get_running_loop().time() + limit
+    while pending:
+        left = deadline - asyncio.get_running_loop().time()
+        done, pending = await asyncio.wait(pending, timeout=max(left, 0.0),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return None
+        for task in done:
+            if once[task].status != "ok":
+                return once[task].name
+    return None
 
 
 async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[None]],
