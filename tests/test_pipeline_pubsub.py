@@ -66,6 +66,8 @@ def run(folder: Path, pipeline: str) -> subprocess.CompletedProcess[str]:
                 json.dump([state["news"], state["news_topic"], state["news_from"]], f)
             return {}
         def crash(state):
+            import time
+            time.sleep(6)  # after the publisher's 2 s: its own failure, not a stop, ends it
             raise RuntimeError("the reader is down")
         """))
     (folder / "p.yaml").write_text(textwrap.dedent(pipeline))
