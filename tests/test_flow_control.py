@@ -131,6 +131,32 @@ def test_bytes_in_flight_at_a_reset_are_accounted_by_its_final_size(who_resets: 
     assert net.run_until(lambda: b.messages[-1].data == b"after", 20)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_stream_reset_before_any_of_its_bytes_arrived_is_settled(seed: int) -> None:
+    """Streams reset at once after a write, on a lossy and reordering link: a RESET_STREAM often
+    reaches the receiver before any of the stream's bytes (all lost, or overtaken). It was
+    ignored there, so those bytes were never counted (the ends drifted apart, the resetting end
+    awaited an answer for ever) and a late frame of the stream opened it again, for good."""
+    net = SimNetwork(seed, LinkProfile(delay=0.01, loss=0.3, reorder=0.2))
+    a, b = net.pair(SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB))
+    sa, first = net.start_stream(a, b, 1, b"first")
+    assert net.run_until(lambda: len(b.messages) == 1, 10)
+    sb = b.mux.get_session(a.key)
+    assert sb is not None
+    for i in range(20):
+        stream = sa.open_stream(50001 + i, 1)
+        sa.send_message(stream, bytes(3000))
+        net.flush(a)  # on its way
+        sa.reset_stream(stream, ResetCode.CANCELLED)
+        net.run_for(0.5)
+    net.run_for(3)
+    assert sb._recv_highest_total == sa._sent_new_bytes
+    assert list(sb._streams) == [first] and not sa._awaiting_final
+    fresh = sa.open_stream(60000, 1)
+    sa.send_message(fresh, b"after")
+    assert net.run_until(lambda: b.messages[-1].data == b"after", 20)
+
+
 def test_overlapping_out_of_order_frames_are_stored_once() -> None:
     """Item 3: every overlapping chunk used to be kept (1.2 GB from 20k frames of 60 kB)."""
     config = SessionConfig(stream_window=1024 * KiB, connection_window=1024 * KiB)

@@ -1038,14 +1038,27 @@ class Session:
         stream = self._streams.get(stream_id)
         if stream is None:
             awaited = self._awaiting_final.pop(stream_id, None)
-            if awaited is not None:  # we reset it first: the rest of what the peer sent
-                highest, limit = awaited
-                if final > limit:
-                    raise WireError(f"peer's final size {final} exceeds the stream window")
-                if final > highest:
-                    self._recv_highest_total += final - highest
-                    self._recv_consumed_total += final - highest
-                    self._queue_connection_window_update()
+            if awaited is None:
+                if stream_id % 2 == self._next_stream_id % 2 or (
+                    stream_id >> 1 in self._peer_closed_streams
+                ):
+                    return  # settled already
+                # None of its bytes reached us (lost, or overtaken by this frame), and none is
+                # sent again: it opens and closes here, late bytes of it are ignored, and the
+                # peer, which awaits our final size, gets it.
+                self._peer_closed_streams.add(stream_id >> 1)
+                self._control.append(_ResetStream(stream_id, frame.code, 0))
+                awaited = (0, self.config.stream_window)
+            # The rest of what the peer sent.
+            highest, limit = awaited
+            if final > limit:
+                raise WireError(f"peer's final size {final} exceeds the stream window")
+            if final > highest:
+                self._recv_highest_total += final - highest
+                if self._recv_highest_total > self._recv_max_data:
+                    raise WireError("peer exceeded the connection window")
+                self._recv_consumed_total += final - highest
+                self._queue_connection_window_update()
             return
         recv = stream.recv
         if final > recv.max_data or final < recv.highest or (
