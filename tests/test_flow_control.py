@@ -131,6 +131,59 @@ def test_bytes_in_flight_at_a_reset_are_accounted_by_its_final_size(who_resets: 
     assert net.run_until(lambda: b.messages[-1].data == b"after", 20)
 
 
+@pytest.mark.parametrize("who_resets", ["receiver", "sender"])
+def test_messages_held_back_for_a_reset_streams_share_of_the_delivery_window_go_out(
+    who_resets: str,
+) -> None:
+    """Two streams' unread messages fill the tunnel's delivery window and a third stream's wait
+    for it; then the two are reset. Their share of the window came back, but only a message
+    taken handed out what waited for it: with nothing left to take, the third stream's messages
+    waited for ever though the application read."""
+    config = SessionConfig(
+        stream_window=64 * KiB,
+        connection_window=256 * KiB,
+        stream_delivery_window=16 * KiB,
+        connection_delivery_window=32 * KiB,
+    )
+    net, _, b, sa, sb, first = established(config)
+    unread = [first, sa.open_stream(50001, 1)]
+    for stream in unread:
+        for _ in range(20):
+            sa.send_message(stream, bytes(1000))
+    net.run_for(2)
+    later = sa.open_stream(50002, 1)
+    expected = [b"later %d" % i for i in range(5)]
+    for message in expected:
+        sa.send_message(later, message)
+    net.run_for(2)
+    assert later in sb._delivery_waiting
+    for stream in unread:
+        (sb if who_resets == "receiver" else sa).reset_stream(stream, ResetCode.CANCELLED)
+    b.auto_consume = True
+    assert net.run_until(
+        lambda: [m.data for m in b.messages if m.stream_id == later] == expected, 10
+    )
+
+
+@pytest.mark.parametrize("who_resets", ["receiver", "sender"])
+def test_a_reset_of_the_only_unread_message_lets_a_partial_message_claim_the_allowance(
+    who_resets: str,
+) -> None:
+    """Two partial messages spend the tunnel's credit while the application holds one unread
+    message, so neither may claim the large-message allowance (taking that message would
+    return credit). Its stream is reset instead, returning too little to send MAX_DATA: with
+    nothing left to take, the allowance was never claimed and both messages waited for ever."""
+    config = SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB)
+    net, _, b, sa, sb, first = established(config)
+    for port in (50001, 50002):
+        sa.send_message(sa.open_stream(port, 1), bytes(60 * KiB))
+    net.run_for(3)
+    assert sa._sent_new_bytes == sb._recv_max_data and sb._large_stream < 0  # credit spent
+    (sb if who_resets == "receiver" else sa).reset_stream(first, ResetCode.CANCELLED)
+    b.auto_consume = True
+    assert net.run_until(lambda: len(b.messages) == 3, 10)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_a_stream_reset_before_any_of_its_bytes_arrived_is_settled(seed: int) -> None:
     """Streams reset at once after a write, on a lossy and reordering link: a RESET_STREAM often

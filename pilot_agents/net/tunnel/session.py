@@ -429,22 +429,10 @@ class Session:
         if self._large_stream == stream_id and recv.consumed >= self._large_end:
             self._release_large()
         self._deliver(stream)
-        limit = self.config.connection_delivery_window
-        while self._delivery_waiting and self._unread_bytes < limit:
-            waiting = self._streams.get(self._delivery_waiting.popleft())
-            if waiting is not None:
-                waiting.recv.waiting = False
-                self._deliver(waiting)
+        self._resume_delivery()
         if stream_id in self._streams:
             self._queue_window_updates(stream)
             self._maybe_forget_stream(stream)
-        if self._unread_bytes == 0 and self._large_stream < 0:
-            window = self.config.connection_window
-            if self._recv_max_data - self._recv_highest_total < window // 2:
-                # The application took everything: a stream stuck on a partial message with
-                # the tunnel's credit spent gets the allowance now.
-                for other in list(self._streams.values()):
-                    self._claim_large(other)
         self._queue_connection_window_update()
         return (len(self._control), self._max_data_pending, len(self._events)) != before
 
@@ -1131,6 +1119,23 @@ class Session:
             self._events.append(events.StreamEnded(self.peer, stream.stream_id))
             self._maybe_forget_stream(stream)
 
+    def _resume_delivery(self) -> None:
+        """Messages handed out were taken or dropped: what waited for the tunnel's delivery
+        window goes out, and with nothing left to take, the allowance is claimed."""
+        limit = self.config.connection_delivery_window
+        while self._delivery_waiting and self._unread_bytes < limit:
+            waiting = self._streams.get(self._delivery_waiting.popleft())
+            if waiting is not None:
+                waiting.recv.waiting = False
+                self._deliver(waiting)
+        if self._unread_bytes == 0 and self._large_stream < 0:
+            window = self.config.connection_window
+            if self._recv_max_data - self._recv_highest_total < window // 2:
+                # The application took everything: a stream stuck on a partial message with
+                # the tunnel's credit spent gets the allowance now.
+                for other in list(self._streams.values()):
+                    self._claim_large(other)
+
     def _claim_large(self, stream: _Stream) -> None:
         """Give the large-message allowance to the message at the stream's front if it cannot
         complete otherwise: it is larger than the stream's credit, or the tunnel's credit is
@@ -1218,6 +1223,10 @@ class Session:
             self._peer_closed_streams.add(stream_id >> 1)
         if self._large_stream == stream_id:
             self._release_large()
+        if recv.unread_bytes:
+            # As if the application had taken them: it may have nothing else to take, and what
+            # waited for their share of the delivery window would wait for ever.
+            self._resume_delivery()
         # Now, not at the next message taken: a stream reset with the tunnel's credit spent on
         # it leaves no message to take, and every other stream would wait for that credit.
         self._queue_connection_window_update()
