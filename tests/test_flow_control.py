@@ -210,6 +210,33 @@ def test_a_stream_reset_before_any_of_its_bytes_arrived_is_settled(seed: int) ->
     assert net.run_until(lambda: b.messages[-1].data == b"after", 20)
 
 
+@pytest.mark.parametrize("queue", ["delivery", "large"])
+def test_streams_opened_and_reset_in_a_loop_leave_nothing_queued(queue: str) -> None:
+    """A hostile peer opens streams whose first message must wait (for the delivery window a
+    reader that takes nothing keeps full, or for the large-message allowance another stream
+    holds) and resets each. Their ids stayed queued until the queue moved, which it need never
+    do: memory without bound, and each new claim scanned every stale id (20,000 took 4 s)."""
+    config = SessionConfig(
+        stream_window=64 * KiB,
+        connection_window=96 * KiB,
+        max_message_size=1024 * KiB,
+        connection_delivery_window=1,
+    )
+    _, _, _, _, sb, first = established(config)
+    if queue == "delivery":
+        message, waiting = struct.pack("!Q", 1) + b"x", sb._delivery_waiting
+    else:
+        message, waiting = struct.pack("!Q", 200 * KiB), sb._large_waiting
+        inject(sb, first + 2, 0, message)  # takes the allowance, and keeps it
+        assert sb._large_stream == first + 2
+    for i in range(2, 2000):
+        stream = first + 2 * i
+        inject(sb, stream, 0, message)
+        assert list(waiting) == [stream]
+        sb._on_reset_stream(wire.ResetStreamFrame(stream, ResetCode.CANCELLED, len(message)))
+    assert not waiting
+
+
 def test_overlapping_out_of_order_frames_are_stored_once() -> None:
     """Item 3: every overlapping chunk used to be kept (1.2 GB from 20k frames of 60 kB)."""
     config = SessionConfig(stream_window=1024 * KiB, connection_window=1024 * KiB)

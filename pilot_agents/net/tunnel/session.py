@@ -1124,10 +1124,9 @@ class Session:
         window goes out, and with nothing left to take, the allowance is claimed."""
         limit = self.config.connection_delivery_window
         while self._delivery_waiting and self._unread_bytes < limit:
-            waiting = self._streams.get(self._delivery_waiting.popleft())
-            if waiting is not None:
-                waiting.recv.waiting = False
-                self._deliver(waiting)
+            waiting = self._streams[self._delivery_waiting.popleft()]
+            waiting.recv.waiting = False
+            self._deliver(waiting)
         if self._unread_bytes == 0 and self._large_stream < 0:
             window = self.config.connection_window
             if self._recv_max_data - self._recv_highest_total < window // 2:
@@ -1173,9 +1172,7 @@ class Session:
         self._large_stream = -1
         self._large_extra = 0
         while self._large_waiting and self._large_stream < 0:
-            stream = self._streams.get(self._large_waiting.popleft())
-            if stream is not None:
-                self._claim_large(stream)
+            self._claim_large(self._streams[self._large_waiting.popleft()])
 
     def _accept_stream(self, frame: wire.StreamFrame) -> _Stream | None:
         stream_id = frame.stream_id
@@ -1221,6 +1218,13 @@ class Session:
         if stream_id % 2 != self._next_stream_id % 2:
             self._incoming_open -= 1
             self._peer_closed_streams.add(stream_id >> 1)
+        # Out of the queues now, not skipped when reached: while they do not move (a reader
+        # that takes nothing, an allowance held) a peer opening and resetting streams in a loop
+        # would grow them without bound, and each claim scans _large_waiting.
+        if recv.waiting:
+            self._delivery_waiting.remove(stream_id)
+        if stream_id in self._large_waiting:
+            self._large_waiting.remove(stream_id)
         if self._large_stream == stream_id:
             self._release_large()
         if recv.unread_bytes:
