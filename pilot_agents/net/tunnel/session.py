@@ -987,6 +987,11 @@ class Session:
         if stream is None:
             stream = self._accept_stream(frame)
             if stream is None:
+                if frame.fin and frame.stream_id in self._awaiting_final:
+                    # A FIN that came after we reset the stream says its final size as well as
+                    # the peer's answer would: and once it has the FIN acknowledged, and the
+                    # rest of its stream done, the peer forgets the stream and never answers.
+                    self._settle_final(frame.stream_id, frame.offset + len(frame.data))
                 return
         recv = stream.recv
         recv.last_arrival = self._last_data_received
@@ -1025,8 +1030,7 @@ class Session:
         stream_id, final = frame.stream_id, frame.final_size
         stream = self._streams.get(stream_id)
         if stream is None:
-            awaited = self._awaiting_final.pop(stream_id, None)
-            if awaited is None:
+            if stream_id not in self._awaiting_final:
                 if stream_id % 2 == self._next_stream_id % 2 or (
                     stream_id >> 1 in self._peer_closed_streams
                 ):
@@ -1036,17 +1040,8 @@ class Session:
                 # peer, which awaits our final size, gets it.
                 self._peer_closed_streams.add(stream_id >> 1)
                 self._control.append(_ResetStream(stream_id, frame.code, 0))
-                awaited = (0, self.config.stream_window)
-            # The rest of what the peer sent.
-            highest, limit = awaited
-            if final > limit:
-                raise WireError(f"peer's final size {final} exceeds the stream window")
-            if final > highest:
-                self._recv_highest_total += final - highest
-                if self._recv_highest_total > self._recv_max_data:
-                    raise WireError("peer exceeded the connection window")
-                self._recv_consumed_total += final - highest
-                self._queue_connection_window_update()
+                self._awaiting_final[stream_id] = (0, self.config.stream_window)
+            self._settle_final(stream_id, final)
             return
         recv = stream.recv
         if final > recv.max_data or final < recv.highest or (
@@ -1060,6 +1055,19 @@ class Session:
         self._drop_stream(stream_id)  # gives back what nobody read, up to the final size
         self._control.append(_ResetStream(stream_id, frame.code, stream.send.send_offset))
         self._events.append(events.StreamReset(self.peer, stream_id, frame.code))
+
+    def _settle_final(self, stream_id: int, final: int) -> None:
+        """The peer's final size for a stream gone here that awaits it: what it sent beyond
+        what had reached us counts, and comes back as credit at once."""
+        highest, limit = self._awaiting_final.pop(stream_id)
+        if final > limit:
+            raise WireError(f"peer's final size {final} exceeds the stream window")
+        if final > highest:
+            self._recv_highest_total += final - highest
+            if self._recv_highest_total > self._recv_max_data:
+                raise WireError("peer exceeded the connection window")
+            self._recv_consumed_total += final - highest
+            self._queue_connection_window_update()
 
     def _await_final(self, stream_id: int, highest: int, limit: int) -> None:
         if len(self._awaiting_final) >= MAX_AWAITING_FINAL:
