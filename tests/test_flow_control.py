@@ -373,3 +373,22 @@ def test_oversized_header_behind_a_held_back_message_resets_when_reached() -> No
         (events.StreamReset, ResetCode.MESSAGE_TOO_LARGE),
     ]
     assert not sb.has_stream(stream)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: the allowance holder's tunnel credit is eaten")
+def test_many_streams_of_messages_larger_than_their_window_all_arrive() -> None:
+    """Ten streams each send one message larger than the stream window to a reader that takes
+    everything. The allowance goes to one of them, with one more connection window for the
+    others; but the sender spreads that credit over every stream, the other nine hold a partial
+    message each (nothing the reader can take), the holder's message cannot complete, and
+    nothing ever moves again. Eight streams complete (windows in the defaults' 1:4 ratio)."""
+    config = SessionConfig(
+        stream_window=64 * KiB, connection_window=256 * KiB, max_message_size=1024 * KiB
+    )
+    net = SimNetwork(1)
+    a, b = net.pair(config)
+    sa, _ = net.start_stream(a, b, 1, b"first")
+    assert net.run_until(lambda: len(b.messages) == 1, 5)
+    for i in range(10):
+        sa.send_message(sa.open_stream(50001 + i, 1), bytes(96 * KiB))
+    assert net.run_until(lambda: len(b.messages) == 11, 30)
