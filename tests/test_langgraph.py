@@ -315,6 +315,28 @@ async def test_an_interrupt_in_a_remote_subgraph_pauses_the_parent(pair: Pair) -
     assert drafts == ["Q4"]
 
 
+async def test_a_remote_graph_node_of_a_replier_that_is_no_graph_is_a_clear_error(
+        tmp_path: Path) -> None:
+    """As a node of a checkpointed parent, the remote graph's answers about interrupts come
+    from the peer: a plain req/rep handler (or a hostile peer) answers anything, which must be
+    a ConfigError naming the peer, not an AttributeError from inside LangGraph's interrupt."""
+    async def plain(request: Request) -> object:
+        return {"rows": [1, 2]}
+
+    async def hostile(request: Request) -> object:
+        return [] if request.json()["op"] == "pending" else {"__interrupt__": ["not one"]}
+
+    config = RunnableConfig(configurable={"thread_id": "parent-1"})
+    async with embedded(tmp_path) as pair, \
+            serving(pair.server.transport, 7207, plain), \
+            serving(pair.server.transport, 7208, hostile):
+        for port in (7207, 7208):
+            graph = one_node(PilotRemoteGraph(pair.server_name, port,
+                                              transport=pair.client.transport), InMemorySaver())
+            with pytest.raises(ConfigError, match=rf"serve_graph on port {port}"):
+                await graph.ainvoke({"question": "Q4"}, config)
+
+
 # -- re-runs: no second delivery ---------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
-from langgraph.types import Command, interrupt
+from langgraph.types import Command, Interrupt, interrupt
 
 from ...errors import BusyError, ConfigError, PilotError
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
@@ -251,17 +251,28 @@ class PilotRemoteGraph(PilotNode):
         if not self._interrupts_pass(config, forwarded):
             return await self._invoke(transport, state, forwarded)
         # Resumed: the remote thread still waits, so it is answered, not run again.
-        pending = await call(transport, self.to, self.port,
-                             self._body("pending", config=forwarded), self.timeout,
-                             self.codec.decode)
+        pending = self._interrupts(await call(transport, self.to, self.port,
+                                              self._body("pending", config=forwarded),
+                                              self.timeout, self.codec.decode))
         output = ({INTERRUPT: pending} if pending
                   else await self._invoke(transport, state, forwarded))
-        while output.get(INTERRUPT):
+        while interrupts := self._interrupts(output.get(INTERRUPT, [])):
             # Our interrupt() pauses the parent graph with the remote question; once the parent
             # is resumed it returns the answer, which goes on to the remote thread.
-            answers = {i.id: interrupt(i.value) for i in output[INTERRUPT]}
+            answers = {i.id: interrupt(i.value) for i in interrupts}
             output = await self._invoke(transport, Command(resume=answers), forwarded)
         return output
+
+    def _interrupts(self, value: object) -> list[Interrupt]:
+        """``value`` checked to be what a served graph gives: a list of LangGraph Interrupts.
+        A replier that is no served graph (or a hostile one) answers anything, and its answer
+        must not reach LangGraph's interrupt() or crash the parent graph deep inside."""
+        if isinstance(value, list) and all(isinstance(i, Interrupt) and isinstance(i.id, str)
+                                           for i in value):
+            return value
+        raise ConfigError(f"{self.label} answered a {type(value).__name__} where a served "
+                          f"graph gives a list of interrupts: does {self.to} serve a graph "
+                          f"with serve_graph on port {self.port}?")
 
     async def _invoke(self, transport: Transport, state: Any,
                       forwarded: dict[str, Any]) -> dict[str, Any]:
