@@ -44,7 +44,7 @@ from pilot_agents.integrations.langgraph import (
     serving_graph,
 )
 from pilot_agents.integrations.langgraph.codec import Codec
-from pilot_agents.patterns import Request, serving
+from pilot_agents.patterns import Request, Requester, serving
 from tests.conftest import ROOT, DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
     Pair,
@@ -258,6 +258,21 @@ async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> 
         assert await asyncio.wait_for(anext(early), 10) == {"first": {"question": "started"}}
         await early.aclose()  # stop asking: the remote run is cancelled
         await asyncio.wait_for(cancelled.wait(), 10)
+
+
+async def test_a_streamed_run_whose_caller_stopped_asking_is_cancelled(tmp_path: Path) -> None:
+    """A caller that starts a stream and then dies never cancels it: the server cancels the run
+    after idle_timeout on its own, not only when another caller happens to start a stream."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    config = ServeGraphConfig(poll_wait=0.2, idle_timeout=0.5)
+    start = {"pilot": "lg-graph/1", "op": "stream", "input": {}, "config": {}}
+    async with embedded(tmp_path) as pair, \
+            serving_graph(gated_graph(release, cancelled), 7209, pair.server.transport,
+                          config=config):
+        async with Requester(pair.client.transport) as requester:  # the caller, gone after this
+            started = await requester.request(pair.server_name, 7209, start, timeout=10)
+        assert started.json()["run"]
+        await asyncio.wait_for(cancelled.wait(), 5)
 
 
 async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:

@@ -129,7 +129,6 @@ class GraphServer:
         return to_bytes(self.codec.encode(list(snapshot.interrupts), "the interrupts"))
 
     def _start(self, state: Any, config: RunnableConfig) -> str:
-        self._forget_idle()
         if len(self._runs) >= self.config.max_streams:
             raise BusyError(f"this graph streams {self.config.max_streams} runs at once "
                             f"already (ServeGraphConfig.max_streams); try again later")
@@ -137,7 +136,23 @@ class GraphServer:
         run_id = uuid.uuid4().hex
         run = self._runs[run_id] = _Run(self.config.buffered_updates)
         run.task = asyncio.create_task(self._produce(run, state, config))
+        self._watch(run_id, run)
         return run_id
+
+    def _watch(self, run_id: str, run: _Run) -> None:
+        """Cancel ``run`` once nobody has asked for its updates for ``idle_timeout`` seconds.
+        A caller that died or lost its tunnel never says so: without a clock of its own its run
+        would go on (or wait on its full buffer) for as long as the server runs."""
+        if self._runs.get(run_id) is not run:
+            return  # it ended, was cancelled, or the server closed
+        idle = time.monotonic() - run.last_asked
+        if idle < self.config.idle_timeout:
+            asyncio.get_running_loop().call_later(self.config.idle_timeout - idle, self._watch,
+                                                  run_id, run)
+            return
+        del self._runs[run_id]
+        if run.task is not None:
+            run.task.cancel()
 
     async def _produce(self, run: _Run, state: Any, config: RunnableConfig) -> None:
         try:
@@ -170,14 +185,6 @@ class GraphServer:
                 raise updates[-1]
             updates.pop()
         return to_bytes({"updates": updates, "done": done})
-
-    def _forget_idle(self) -> None:
-        horizon = time.monotonic() - self.config.idle_timeout
-        for run_id, run in list(self._runs.items()):
-            if run.last_asked < horizon:
-                del self._runs[run_id]
-                if run.task is not None:
-                    run.task.cancel()
 
 
 def peer_config(raw: Any) -> RunnableConfig:
