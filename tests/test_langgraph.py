@@ -219,6 +219,25 @@ async def test_a_remote_graph_as_a_subgraph_node_and_streamed(pair: Pair) -> Non
             await remote.ainvoke({"message": "no question"})
 
 
+async def test_a_reply_that_cannot_be_read_names_the_peer_and_port(tmp_path: Path) -> None:
+    """A replier's malformed value is its fault: the error says which peer and port sent it."""
+    bad = {"pilot": "lg-value/1", "msgpack": "not base64!"}
+
+    async def handler(request: Request) -> object:
+        answers = {"stream": {"run": "r1"}, "next": {"updates": [bad], "done": True}}
+        return answers.get(request.json().get("op"), bad)
+
+    async with embedded(tmp_path) as pair, serving(pair.server.transport, 7210, handler):
+        asks = one_node(PilotRequest(pair.server_name, 7210, "message", "answer",
+                                     transport=pair.client.transport))
+        where = rf"{pair.server_name} port 7210 answered a malformed value envelope"
+        with pytest.raises(WireError, match=where):
+            await asks.ainvoke({"message": {"question": 1}})
+        remote = PilotRemoteGraph(pair.server_name, 7210, transport=pair.client.transport)
+        with pytest.raises(WireError, match=where):
+            [update async for update in remote.astream({})]
+
+
 def gated_graph(release: asyncio.Event, cancelled: asyncio.Event) -> Any:
     """first -> second, which waits for ``release`` (and sets ``cancelled`` if cancelled)."""
     async def wait_for_release(state: State) -> State:

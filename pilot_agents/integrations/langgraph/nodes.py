@@ -194,4 +194,15 @@ async def call(transport: Transport, to: str, port: int, body: bytes, timeout: f
     """One request and its decoded reply."""
     async with Requester(transport) as requester:
         reply = await requester.request(to, port, body, timeout=timeout)
-    return decode(parse(reply.data))
+    return decoded(decode, parse(reply.data), to, port)
+
+
+def decoded(decode: Callable[[Any], Any], value: Any, to: str, port: int) -> Any:
+    """``decode(value)`` of what ``to`` answered on ``port``. The codec cannot know who sent
+    the value, and a bad one is the peer's doing: its error names the peer and port."""
+    try:
+        return decode(value)
+    except WireError as exc:
+        raise WireError(f"{to} port {port} answered {exc}, which this node cannot read: does "
+                        f"a served graph or a req/rep handler of pilot-agents answer there?"
+                        ) from None

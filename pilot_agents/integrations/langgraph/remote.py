@@ -30,7 +30,7 @@ from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve,
 from ...transport import DEFAULT_TIMEOUT, Transport
 from .base import PilotNode, iterate_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
-from .nodes import AllowedTypes, call, to_bytes
+from .nodes import AllowedTypes, call, decoded, to_bytes
 
 Graph = Runnable[Any, Any]  # a compiled graph, or any Runnable with LangGraph's astream
 INTERRUPT = "__interrupt__"  # where LangGraph puts a paused run's interrupts in its output
@@ -333,7 +333,7 @@ class PilotRemoteGraph(PilotNode):
                                           f"something else: is it a served graph?")
                     done = bool(batch.get("done"))
                     for update in batch["updates"]:
-                        yield self.codec.decode(update)
+                        yield decoded(self.codec.decode, update, self.to, self.port)
             finally:
                 if not done:  # the caller stopped early: the server's run need not go on
                     with contextlib.suppress(PilotError):
