@@ -95,11 +95,11 @@ class PilotReceive(PilotNode):
     (default ``KEY_from``). A message from :class:`PilotSend` arrives as the value it sent
     (typed values rebuilt); any other message as its JSON, else its text, else its bytes.
 
-    Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages are kept
-    (per sender, in this object, so in memory: a restarted receiver forgets them), and a message
-    whose key is among them is dropped and counted in :attr:`duplicates`. A re-run of the same
-    LangGraph task gets the message that task already took (the last
-    ``delivery.remembered_receives`` are kept), not the next one."""
+    Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages, from all
+    senders together, are kept (each for its sender, in this object, so in memory: a restarted
+    receiver forgets them), and a message whose key is among them is dropped and counted in
+    :attr:`duplicates`. A re-run of the same LangGraph task gets the message that task already
+    took (the last ``delivery.remembered_receives`` are kept), not the next one."""
 
     def __init__(self, port: int = DEFAULT_PORT, key: str = "message", *,
                  sender_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
