@@ -497,8 +497,8 @@ async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
     # Those streams held the tunnel's credit when they were reset: it comes back, and the
     # same tunnel carries a new subscription at once (it stalled for over a minute).
     async with (
-        Publisher(pair.server.transport, 8107) as pub,
-        Subscriber(pair.client.transport, pair.server_name, 8107, [""]) as sub,
+        Publisher(pair.server.transport, 8115) as pub,
+        Subscriber(pair.client.transport, pair.server_name, 8115, [""]) as sub,
     ):
         await until_subscribed(pub, 1)
         await pub.publish("after", b"x")
