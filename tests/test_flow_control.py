@@ -19,13 +19,15 @@ from tests.simnet import Host, LinkProfile, SimNetwork
 KiB = 1024
 
 
-def established(config: SessionConfig) -> tuple[SimNetwork, Host, Host, Session, Session, int]:
-    """A tunnel whose receiver ``b`` does not read; a stream from ``a`` to b's port 1."""
-    net = SimNetwork(7)
+def established(config: SessionConfig, net: SimNetwork | None = None, *, reading: bool = False
+                ) -> tuple[SimNetwork, Host, Host, Session, Session, int]:
+    """A tunnel (on ``net``, by default a perfect one) whose receiver ``b`` does not read
+    unless ``reading``; a stream from ``a`` to b's port 1."""
+    net = net or SimNetwork(7)
     a, b = net.pair(config)
-    b.auto_consume = False
+    b.auto_consume = reading
     sa, stream = net.start_stream(a, b, 1, b"first")
-    assert net.run_until(lambda: len(b.messages) == 1, 5)
+    assert net.run_until(lambda: len(b.messages) == 1, 10)
     sb = b.mux.get_session(a.key)
     assert sb is not None
     return net, a, b, sa, sb, stream
@@ -112,12 +114,9 @@ def test_bytes_in_flight_at_a_reset_are_accounted_by_its_final_size(who_resets: 
     each reset never arrive, and without the final size in RESET_STREAM both ends' counts of the
     tunnel's credit drifted apart until the sender could send nothing (the receiver's resets
     stopped this tunnel within 30). Both ends now agree on every byte sent."""
-    net = SimNetwork(11, LinkProfile(delay=0.01, loss=0.1))
-    a, b = net.pair(SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB))
-    sa, _ = net.start_stream(a, b, 1, b"first")
-    assert net.run_until(lambda: len(b.messages) == 1, 5)
-    sb = b.mux.get_session(a.key)
-    assert sb is not None
+    net, _, b, sa, sb, _ = established(
+        SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB),
+        SimNetwork(11, LinkProfile(delay=0.01, loss=0.1)), reading=True)
     for i in range(30):
         stream = sa.open_stream(50001 + i, 1)
         for _ in range(64):
@@ -190,12 +189,9 @@ def test_a_stream_reset_before_any_of_its_bytes_arrived_is_settled(seed: int) ->
     reaches the receiver before any of the stream's bytes (all lost, or overtaken). It was
     ignored there, so those bytes were never counted (the ends drifted apart, the resetting end
     awaited an answer for ever) and a late frame of the stream opened it again, for good."""
-    net = SimNetwork(seed, LinkProfile(delay=0.01, loss=0.3, reorder=0.2))
-    a, b = net.pair(SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB))
-    sa, first = net.start_stream(a, b, 1, b"first")
-    assert net.run_until(lambda: len(b.messages) == 1, 10)
-    sb = b.mux.get_session(a.key)
-    assert sb is not None
+    net, a, b, sa, sb, first = established(
+        SessionConfig(stream_window=64 * KiB, connection_window=96 * KiB),
+        SimNetwork(seed, LinkProfile(delay=0.01, loss=0.3, reorder=0.2)), reading=True)
     for i in range(20):
         stream = sa.open_stream(50001 + i, 1)
         sa.send_message(stream, bytes(3000))
