@@ -234,6 +234,10 @@ def test_user_mistakes_are_one_line_errors(daemons: tuple[DaemonHandle, ...]) ->
 def test_config_bounds_are_checked() -> None:
     with pytest.raises(PilotError, match="peer_timeout"):
         McpConfig(heartbeat_interval=10, peer_timeout=5)
+    with pytest.raises(PilotError, match="largest message a tunnel carries"):
+        McpConfig(max_message_bytes=2**30)
+    assert_one_line_error(cli(None, "mcp", "connect", "beta:80", "--max-message-bytes",
+                              str(2**30), input=""), 2, "at most 67108864")
 
 
 class TimeState(TypedDict, total=False):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, McpSessionError, PilotError, PilotTimeoutError, WireError
+from ...patterns.frames import MAX_MESSAGE
 from ...sdk import Client
 from ...transport import CONNECT_TIMEOUT, Connection, Message, Transport, receive_unless_silent
 
@@ -52,6 +53,11 @@ class McpConfig:
         if self.max_message_bytes < 1024 or self.max_sessions < 1 or self.stderr_tail_bytes < 0:
             raise ConfigError("McpConfig: max_message_bytes must be at least 1024, max_sessions "
                               "at least 1, stderr_tail_bytes at least 0")
+        if self.max_message_bytes > MAX_MESSAGE:
+            # A larger message resets its stream in the tunnel, which the serving side could
+            # only tell its client as "the client went away".
+            raise ConfigError(f"McpConfig.max_message_bytes: at most {MAX_MESSAGE}, the "
+                              "largest message a tunnel carries")
         for name in ("heartbeat_interval", "peer_timeout", "connect_timeout", "open_timeout",
                      "drain_timeout", "write_timeout", "stop_grace"):
             if not getattr(self, name) > 0:
