@@ -388,3 +388,16 @@ def test_many_streams_of_messages_larger_than_their_window_all_arrive() -> None:
     for i in range(10):
         sa.send_message(sa.open_stream(50001 + i, 1), bytes(96 * KiB))
     assert net.run_until(lambda: len(b.messages) == 11, 30)
+
+
+def test_a_peer_scattering_closed_stream_ids_is_a_protocol_error() -> None:
+    """Bare RESET_STREAMs for every other id of the peer's would each leave a range of closed
+    ids held for the tunnel's life; ids closed in order stay one range, however many."""
+    config = SessionConfig(max_incoming_streams=8)
+    _, _, _, _, sb, first = established(config)
+    for n in range(1, 200):  # in order: one range
+        sb._on_reset_stream(wire.ResetStreamFrame(first + 2 * n, 0, 0))
+    assert len(sb._peer_closed_streams) <= 2
+    with pytest.raises(WireError, match="too many holes"):
+        for n in range(200, 400):
+            sb._on_reset_stream(wire.ResetStreamFrame(first + 4 * n, 0, 0))

@@ -1039,6 +1039,7 @@ class Session:
                 # sent again: it opens and closes here, late bytes of it are ignored, and the
                 # peer, which awaits our final size, gets it.
                 self._peer_closed_streams.add(stream_id >> 1)
+                self._check_closed_ranges()
                 self._control.append(_ResetStream(stream_id, frame.code, 0))
                 self._awaiting_final[stream_id] = (0, self.config.stream_window)
             self._settle_final(stream_id, final)
@@ -1053,8 +1054,16 @@ class Session:
         if self._recv_highest_total > self._recv_max_data:
             raise WireError("peer exceeded the connection window")
         self._drop_stream(stream_id)  # gives back what nobody read, up to the final size
+        self._check_closed_ranges()
         self._control.append(_ResetStream(stream_id, frame.code, stream.send.send_offset))
         self._events.append(events.StreamReset(self.peer, stream_id, frame.code))
+
+    def _check_closed_ranges(self) -> None:
+        """A peer uses its stream ids in order, with at most max_incoming_streams open: the ids
+        it closed stay a few ranges. Skipping ids, it could make each closed stream a range of
+        its own, held for the tunnel's life: past a generous bound that is a protocol error."""
+        if len(self._peer_closed_streams) > 4 * self.config.max_incoming_streams + 64:
+            raise WireError("peer left too many holes among its closed stream ids")
 
     def _settle_final(self, stream_id: int, final: int) -> None:
         """The peer's final size for a stream gone here that awaits it: what it sent beyond
@@ -1192,6 +1201,7 @@ class Session:
             return None
         if self._incoming_open >= self.config.max_incoming_streams:
             self._peer_closed_streams.add(stream_id >> 1)
+            self._check_closed_ranges()
             self._await_final(stream_id, 0, self.config.stream_window)
             self._control.append(_ResetStream(stream_id, ResetCode.TOO_MANY_STREAMS, 0))
             return None
