@@ -371,13 +371,12 @@ def test_oversized_header_behind_a_held_back_message_resets_when_reached() -> No
     assert not sb.has_stream(stream)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the allowance holder's tunnel credit is eaten")
 def test_many_streams_of_messages_larger_than_their_window_all_arrive() -> None:
     """Ten streams each send one message larger than the stream window to a reader that takes
-    everything. The allowance goes to one of them, with one more connection window for the
-    others; but the sender spreads that credit over every stream, the other nine hold a partial
-    message each (nothing the reader can take), the holder's message cannot complete, and
-    nothing ever moves again. Eight streams complete (windows in the defaults' 1:4 ratio)."""
+    everything. The allowance goes to one of them, with one more connection window; the sender
+    spread that credit over every stream, the other nine held a partial message each (nothing
+    the reader can take), the holder's message could not complete, and nothing ever moved
+    again (eight completed). LARGE_MESSAGE makes the sender serve the holder first."""
     config = SessionConfig(
         stream_window=64 * KiB, connection_window=256 * KiB, max_message_size=1024 * KiB
     )
@@ -388,6 +387,37 @@ def test_many_streams_of_messages_larger_than_their_window_all_arrive() -> None:
     for i in range(10):
         sa.send_message(sa.open_stream(50001 + i, 1), bytes(96 * KiB))
     assert net.run_until(lambda: len(b.messages) == 11, 30)
+
+
+def test_a_late_large_message_frame_does_not_take_the_holders_place() -> None:
+    """A repeated or late LARGE_MESSAGE names a message sent whole long ago: were it obeyed, the
+    real holder would lose its turn and wait behind streams that wait for it."""
+    config = SessionConfig(stream_window=64 * KiB, connection_window=256 * KiB)
+    _, _, _, sa, _, first = established(config)
+    holder = sa.open_stream(50001, 1)
+    sa.send_message(holder, bytes(96 * KiB))
+    sa._on_large_message(wire.LargeMessageFrame(holder, 96 * KiB + 8))
+    sa._on_large_message(wire.LargeMessageFrame(first, 5 + 8))  # "first", sent whole
+    assert (sa._priority_stream, sa._priority_end) == (holder, 96 * KiB + 8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_large_messages_on_many_streams_both_ways_arrive_over_a_lossy_link(seed: int) -> None:
+    """Both ends send messages of one to four stream windows on 24 streams each, over a link
+    that loses, reorders and duplicates: a lost LARGE_MESSAGE (with the MAX_DATA that carries
+    the extra credit) must not let other streams spend that credit first."""
+    config = SessionConfig(
+        stream_window=32 * KiB, connection_window=128 * KiB, max_message_size=1024 * KiB
+    )
+    profile = LinkProfile(delay=0.005, loss=0.05, reorder=0.1, duplicate=0.02)
+    net, a, b, sa, sb, _ = established(config, SimNetwork(seed, profile), reading=True)
+    a.auto_consume = True
+    sizes = [(i % 4 + 1) * 32 * KiB + i for i in range(24)]
+    for size in sizes:
+        sa.send_message(sa.open_stream(50001, 1), bytes(size))
+        sb.send_message(sb.open_stream(1, 50001), bytes(size))
+    assert net.run_until(lambda: len(b.messages) == 25 and len(a.messages) == 24, 120)
+    assert sorted(len(m.data) for m in a.messages) == sorted(sizes)
 
 
 def test_a_peer_scattering_closed_stream_ids_is_a_protocol_error() -> None:

@@ -44,6 +44,13 @@ def test_reset_stream_round_trip() -> None:
     assert frame == wire.ResetStreamFrame(2**32 - 1, 65535, 2**64 - 1)
 
 
+def test_large_message_round_trip_and_truncation() -> None:
+    encoded = wire.encode_large_message(2**32 - 1, 2**64 - 1)
+    assert wire.parse_frames_untrusted(encoded) == [wire.LargeMessageFrame(2**32 - 1, 2**64 - 1)]
+    with pytest.raises(WireError, match="truncated"):
+        wire.parse_frames_untrusted(encoded[:-1])
+
+
 def test_every_truncation_is_a_wire_error() -> None:
     packet = _stream_and_ack()
     for size in range(1, len(packet)):

@@ -95,7 +95,7 @@ class _Stream:
 
 
 class _MaxData:
-    """A MAX_DATA frame: on loss the current limit is sent again."""
+    """A MAX_DATA frame (and LARGE_MESSAGE with it): on loss the current ones are sent again."""
 
     __slots__ = ()
 
@@ -260,6 +260,10 @@ class Session:
         self._control: deque[_Control] = deque()
         self._max_data_pending = False
         self._send_order: deque[int] = deque()  # streams with data, round robin
+        # The peer's large-message allowance holder (LARGE_MESSAGE): that stream's bytes up to
+        # the end go before other streams' new bytes, whose credit the peer counted for it.
+        self._priority_stream = -1
+        self._priority_end = 0
         # Connection-level flow control (docs/protocol.md, "Flow control").
         self._peer_max_data = config.connection_window
         self._sent_new_bytes = 0
@@ -943,6 +947,9 @@ class Session:
                 if stream is not None and frame.limit > stream.send.max_data:
                     stream.send.max_data = frame.limit
                     self._schedule(frame.stream_id)
+            elif isinstance(frame, wire.LargeMessageFrame):
+                ack_eliciting = True
+                self._on_large_message(frame)
             elif isinstance(frame, wire.ResetStreamFrame):
                 ack_eliciting = True
                 self._on_reset_stream(frame)
@@ -1021,6 +1028,19 @@ class Session:
         if stream.stream_id in self._streams:
             self._queue_window_updates(stream)
         self._queue_connection_window_update()
+
+    def _on_large_message(self, frame: wire.LargeMessageFrame) -> None:
+        """Our message ending at ``frame.end`` holds the peer's allowance. A late or repeated
+        frame for a message we sent whole already says nothing: it must not take the place of
+        the holder's."""
+        stream = self._streams.get(frame.stream_id)
+        if stream is None or stream.send.send_offset >= frame.end:
+            return
+        if frame.end > stream.send.max_data:
+            stream.send.max_data = frame.end
+        self._priority_stream = frame.stream_id
+        self._priority_end = frame.end
+        self._schedule(frame.stream_id)
 
     def _on_reset_stream(self, frame: wire.ResetStreamFrame) -> None:
         """The peer dropped the stream. Every byte it sent on it counts against the tunnel's
@@ -1170,20 +1190,20 @@ class Session:
             if stream_id not in self._large_waiting:
                 self._large_waiting.append(stream_id)
             return
-        # The peer spreads connection credit over every stream with stream credit left
-        # (including streams it has yet to open): one more connection window covers what the
-        # others take meanwhile, so the message completes unless more than that is taken.
+        # The extra credit covers the message and one more connection window: what the peer
+        # had sent on other streams, up to the window, before LARGE_MESSAGE reached it. From
+        # then on it sends the holder's new bytes before any other stream's, so the message
+        # completes however many other streams hold a partial one.
         window = self.config.connection_window
         self._large_stream = stream_id
         self._large_end = end
         self._large_extra = end - recv.consumed + window
         if end > recv.max_data:
-            recv.max_data = end
-            self._control.append(_MaxStreamData(stream_id, end))
+            recv.max_data = end  # LARGE_MESSAGE says so
         limit = self._recv_consumed_total + window + self._large_extra
         if limit > self._recv_max_data:
             self._recv_max_data = limit
-            self._max_data_pending = True
+        self._max_data_pending = True  # and LARGE_MESSAGE with it
 
     def _release_large(self) -> None:
         self._large_stream = -1
@@ -1354,6 +1374,10 @@ class Session:
         if self._max_data_pending:
             self._max_data_pending = False
             payload += wire.encode_max_data(self._recv_max_data)
+            if self._large_stream >= 0:
+                # With every limit that may count the allowance's extra credit, and lost or
+                # repeated with it: the peer never has that credit without knowing whose it is.
+                payload += wire.encode_large_message(self._large_stream, self._large_end)
             items.append(_MAX_DATA)
         while self._control and len(payload) + 16 < budget:
             control = self._control.popleft()
@@ -1536,6 +1560,9 @@ class Session:
 
     def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
         order = self._send_order
+        priority = self._priority_stream
+        if priority >= 0 and self._priority_served():
+            priority = -1
         rotations = len(order)
         while order and rotations > 0:
             room = budget - len(payload) - wire.STREAM_FRAME_OVERHEAD
@@ -1548,6 +1575,8 @@ class Session:
                 rotations -= 1
                 continue
             credit = max(self._peer_max_data - self._sent_new_bytes, 0)
+            if priority >= 0 and stream_id != priority:
+                credit = 0  # retransmissions only: new bytes wait for the holder's
             before = stream.send.send_offset
             chunk = stream.send.next_chunk(room, credit)
             if chunk is None:
@@ -1561,11 +1590,24 @@ class Session:
             )
             payload += data
             items.append(StreamChunk(stream_id, offset, len(data), fin))
+            if stream_id == priority and self._priority_served():
+                priority = -1
+                rotations = len(order)  # the others get this packet's room
             if not stream.send.has_data_to_send():
                 order.popleft()
                 rotations -= 1
             elif len(order) > 1:
                 order.rotate(-1)  # round robin between streams with data
+
+    def _priority_served(self) -> bool:
+        """The allowance holder's message is sent whole (or its stream gone): the streams passed
+        over meanwhile (they had only new bytes) are due again."""
+        holder = self._streams.get(self._priority_stream)
+        if holder is not None and holder.send.send_offset < self._priority_end:
+            return False
+        self._priority_stream = -1
+        self._schedule_all()
+        return True
 
     def _finish_packet(
         self,

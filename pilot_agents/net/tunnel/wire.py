@@ -43,6 +43,7 @@ RESET_STREAM: Final = 0x06
 CLOSE: Final = 0x07
 PATH_CHALLENGE: Final = 0x08
 PATH_RESPONSE: Final = 0x09
+LARGE_MESSAGE: Final = 0x0A
 
 STREAM_FIN: Final = 0x01
 
@@ -55,6 +56,7 @@ _MAX_STREAM_DATA = struct.Struct("!BIQ")
 _RESET_STREAM = struct.Struct("!BIHQ")
 _CLOSE_HEAD = struct.Struct("!BHH")
 _PATH = struct.Struct("!B8s")
+_LARGE_MESSAGE = struct.Struct("!BIQ")
 
 # Bound once: the frames in nearly every packet. From compiled code, Struct.pack(...) is a
 # method lookup and a call each time; a bound method is only the call.
@@ -117,6 +119,16 @@ class MaxStreamDataFrame:
 
 
 @dataclass(slots=True)
+class LargeMessageFrame:
+    """The receiver gave its large-message allowance to the message ending at ``end`` on the
+    stream: the stream's limit is at least ``end``, and its bytes go before other streams' new
+    bytes until then (docs/protocol.md, "Flow control")."""
+
+    stream_id: int
+    end: int
+
+
+@dataclass(slots=True)
 class ResetStreamFrame:
     stream_id: int
     code: int
@@ -149,6 +161,7 @@ Frame = (
     | StreamFrame
     | MaxDataFrame
     | MaxStreamDataFrame
+    | LargeMessageFrame
     | ResetStreamFrame
     | CloseFrame
     | PingFrame
@@ -188,6 +201,10 @@ def encode_max_data(limit: int) -> bytes:
 
 def encode_max_stream_data(stream_id: int, limit: int) -> bytes:
     return _MAX_STREAM_DATA.pack(MAX_STREAM_DATA, stream_id, limit)
+
+
+def encode_large_message(stream_id: int, end: int) -> bytes:
+    return _LARGE_MESSAGE.pack(LARGE_MESSAGE, stream_id, end)
 
 
 def encode_reset_stream(stream_id: int, code: int, final_size: int) -> bytes:
@@ -292,6 +309,10 @@ def parse_frames_untrusted(payload: bytes) -> list[Frame]:
                 _, sid, limit = _MAX_STREAM_DATA.unpack_from(payload, pos)
                 frames.append(MaxStreamDataFrame(sid, limit))
                 pos += _MAX_STREAM_DATA.size
+            elif kind == LARGE_MESSAGE:
+                _, sid, end_offset = _LARGE_MESSAGE.unpack_from(payload, pos)
+                frames.append(LargeMessageFrame(sid, end_offset))
+                pos += _LARGE_MESSAGE.size
             elif kind == RESET_STREAM:
                 _, sid, code, final_size = _RESET_STREAM.unpack_from(payload, pos)
                 frames.append(ResetStreamFrame(sid, code, final_size))
