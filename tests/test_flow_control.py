@@ -431,3 +431,14 @@ def test_a_peer_scattering_closed_stream_ids_is_a_protocol_error() -> None:
     with pytest.raises(WireError, match="too many holes"):
         for n in range(200, 400):
             sb._on_reset_stream(wire.ResetStreamFrame(first + 4 * n, 0, 0))
+
+
+def test_a_peer_flooding_resets_while_withholding_acks_is_a_protocol_error() -> None:
+    """Each bare RESET_STREAM is answered with ours, queued until a packet may carry it. A peer
+    that never acknowledges keeps the congestion window shut: its resets for streams in order
+    (one range of closed ids, however many) grew the queue without bound."""
+    _, _, _, _, sb, first = established(SessionConfig())
+    with pytest.raises(WireError, match="unacknowledged"):
+        for n in range(1, 100_000):
+            sb._on_reset_stream(wire.ResetStreamFrame(first + 2 * n, 0, 0))
+    assert len(sb._control) <= 16384

@@ -42,6 +42,8 @@ from .streams import MESSAGE_HEADER_SIZE, RecvStream, SendStream, StreamChunk
 log = logging.getLogger("pilot_agents.session")
 # Streams we reset whose peer's final size is still to come (Session._awaiting_final).
 MAX_AWAITING_FINAL: Final = 1024
+# Our RESET_STREAMs answering the peer's and not yet acknowledged (about 100 bytes each).
+MAX_ANSWERS_QUEUED: Final = 16384
 
 
 class IndexAllocator(Protocol):
@@ -1058,9 +1060,8 @@ class Session:
                 # None of its bytes reached us (lost, or overtaken by this frame), and none is
                 # sent again: it opens and closes here, late bytes of it are ignored, and the
                 # peer, which awaits our final size, gets it.
-                self._peer_closed_streams.add(stream_id >> 1)
-                self._check_closed_ranges()
-                self._control.append(_ResetStream(stream_id, frame.code, 0))
+                self._close_unheld(stream_id, frame.code)
+                # Not _await_final: settled at once below, it must not evict another.
                 self._awaiting_final[stream_id] = (0, self.config.stream_window)
             self._settle_final(stream_id, final)
             return
@@ -1075,8 +1076,25 @@ class Session:
             raise WireError("peer exceeded the connection window")
         self._drop_stream(stream_id)  # gives back what nobody read, up to the final size
         self._check_closed_ranges()
-        self._control.append(_ResetStream(stream_id, frame.code, stream.send.send_offset))
+        self._answer_reset(stream_id, frame.code, stream.send.send_offset)
         self._events.append(events.StreamReset(self.peer, stream_id, frame.code))
+
+    def _close_unheld(self, stream_id: int, code: int) -> None:
+        """Close a stream of the peer's that we hold nothing of: its id is closed here, and the
+        peer, which awaits our final size for it, gets 0."""
+        self._peer_closed_streams.add(stream_id >> 1)
+        self._check_closed_ranges()
+        self._answer_reset(stream_id, code, 0)
+
+    def _answer_reset(self, stream_id: int, code: int, final_size: int) -> None:
+        """Queue our RESET_STREAM for one of the peer's streams. It stays queued until
+        acknowledged, so a peer that opens and resets streams in a loop while withholding its
+        ACKs would grow the queue for ever. A peer that acknowledges lets ours out as fast as
+        its own come (each of its resets costs it a stream), so past a bound honest traffic
+        never nears, that is a protocol error."""
+        if len(self._control) >= MAX_ANSWERS_QUEUED:
+            raise WireError("peer left too many of our stream resets unacknowledged")
+        self._control.append(_ResetStream(stream_id, code, final_size))
 
     def _check_closed_ranges(self) -> None:
         """A peer uses its stream ids in order, with at most max_incoming_streams open: the ids
@@ -1220,10 +1238,8 @@ class Session:
         if stream_id >> 1 in self._peer_closed_streams:
             return None
         if self._incoming_open >= self.config.max_incoming_streams:
-            self._peer_closed_streams.add(stream_id >> 1)
-            self._check_closed_ranges()
+            self._close_unheld(stream_id, ResetCode.TOO_MANY_STREAMS)
             self._await_final(stream_id, 0, self.config.stream_window)
-            self._control.append(_ResetStream(stream_id, ResetCode.TOO_MANY_STREAMS, 0))
             return None
         self._incoming_open += 1
         stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
