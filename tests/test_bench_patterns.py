@@ -82,3 +82,8 @@ def test_passes_fold_into_one_row_that_shows_the_median_rate() -> None:
     assert median is not None and median.rate == pytest.approx(50)
     assert row.rtt is not None and sorted(row.rtt.samples_ns) == [10, 20, 30]
     assert row.notes == ["about"]
+
+
+def test_a_bad_publication_count_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert patterns.main(["--messages", "0"]) == 2
+    assert capsys.readouterr().err == "--messages must be at least 1\n"
