@@ -442,3 +442,21 @@ def test_a_peer_flooding_resets_while_withholding_acks_is_a_protocol_error() -> 
         for n in range(1, 100_000):
             sb._on_reset_stream(wire.ResetStreamFrame(first + 2 * n, 0, 0))
     assert len(sb._control) <= 16384
+
+
+def test_streams_held_back_for_the_holder_go_when_its_stream_is_reset() -> None:
+    """While the peer's allowance holder is served first, other streams' new bytes wait, and
+    a stream with nothing else leaves the send order. Reset the holder, and they must be due
+    again at once: nothing else would bring them back."""
+    config = SessionConfig(stream_window=64 * KiB, connection_window=256 * KiB)
+    net, a, _, sa, _, _ = established(config, reading=True)
+    holder = sa.open_stream(50001, 1)
+    sa.send_message(holder, bytes(96 * KiB))
+    other = sa.open_stream(50002, 1)
+    sa.send_message(other, b"after")
+    sa._on_large_message(wire.LargeMessageFrame(holder, 96 * KiB + 8))
+    sa._peer_max_data = sa._sent_new_bytes  # no credit: nothing goes
+    net.flush(a)
+    assert not sa._send_order
+    sa.reset_stream(holder, ResetCode.CANCELLED)
+    assert other in sa._send_order

@@ -1281,6 +1281,8 @@ class Session:
             self._large_waiting.remove(stream_id)
         if self._large_stream == stream_id:
             self._release_large()
+        if self._priority_stream == stream_id:
+            self._priority_served()  # the streams it held back are due now, not at a next send
         if recv.unread_bytes:
             # As if the application had taken them: it may have nothing else to take, and what
             # waited for their share of the delivery window would wait for ever.
