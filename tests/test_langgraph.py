@@ -428,6 +428,30 @@ async def test_a_receive_rerun_after_an_interrupt_gets_the_same_message(pair: Pa
     assert (done["message"], done["approved"]) == ("only", "ok")
 
 
+async def test_a_receive_called_twice_in_one_task_gets_the_next_message(pair: Pair) -> None:
+    """One PilotReceive called twice in a node gets two messages; the node's re-run after an
+    interrupt gets the same two again, in order, without waiting for more."""
+    receive = receiver(pair, 7303)
+
+    async def receive_two_then_approve(state: State, config: RunnableConfig) -> State:
+        first = await receive.ainvoke(state, config)
+        second = await receive.ainvoke(state, config)
+        return {"answer": [first["message"], second["message"]],
+                "approved": interrupt("received two: approve?")}
+
+    graph = one_node(receive_two_then_approve, InMemorySaver())
+    config = RunnableConfig(configurable={"thread_id": "twice"})
+    receiving = asyncio.create_task(graph.ainvoke({}, config))
+    for value in ("one", "two"):  # two tasks of the sender: two idempotency keys
+        await one_node(PilotSend(pair.server_name, 7303, transport=pair.client.transport,
+                                 timeout=20)).ainvoke({"message": value})
+    paused = await asyncio.wait_for(receiving, 20)
+    assert "__interrupt__" in paused
+    done = await asyncio.wait_for(graph.ainvoke(Command(resume="ok"), config), 5)
+    assert (done["answer"], done["approved"]) == (["one", "two"], "ok")
+    assert receive.duplicates == 0
+
+
 async def test_a_killed_agent_resumed_from_its_sqlite_checkpoint_delivers_once(
         tmp_path: Path) -> None:
     """Two agents, each a process with its daemon. The sender is checkpointed (AsyncSqliteSaver)

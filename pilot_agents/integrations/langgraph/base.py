@@ -72,15 +72,24 @@ class BoundedMemory(Generic[K, V]):
         with self._lock:
             return self._items.get(key)
 
+    def replace(self, key: K, value: V) -> None:
+        """Remember ``value`` for ``key``, as the newest entry."""
+        with self._lock:
+            self._items.pop(key, None)
+            self._put(key, value)
+
     def add(self, key: K, value: V) -> bool:
         """Remember ``key``; False if it was already there (and it stays where it was)."""
         with self._lock:
             if key in self._items:
                 return False
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            self._put(key, value)
             return True
+
+    def _put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -190,6 +199,35 @@ def task_of(config: RunnableConfig) -> str | None:
     if not namespace:
         return None
     return f"{configurable.get('thread_id', '')}\x00{namespace}"
+
+
+# Where LangGraph keeps the state of one execution of a task (its interrupt() counter): a new
+# object each time the task runs, a retry's attempt and a resumed re-run included. LangGraph has
+# no public name for it; without it, calls are counted per task, not per execution.
+_SCRATCHPAD = "__pregel_scratchpad"
+
+
+class CallCounter:
+    """Numbers the calls made in one execution of a LangGraph task (0, 1, ...), so the n-th
+    call of a re-run matches the n-th call of the run before it, as interrupt() matches its
+    resume values. Remembers the last ``size`` executions."""
+
+    def __init__(self, size: int) -> None:
+        # Each execution's object is held, not only its id, so the id is not reused meanwhile.
+        self._counts: BoundedMemory[int, list[Any]] = BoundedMemory(size)
+        self._lock = threading.Lock()
+
+    def next(self, config: RunnableConfig) -> int:
+        execution = (config.get("configurable") or {}).get(_SCRATCHPAD)
+        if execution is None:
+            return 0
+        with self._lock:
+            entry = self._counts.get(id(execution))
+            if entry is None or entry[0] is not execution:
+                entry = [execution, 0]
+                self._counts.replace(id(execution), entry)
+            entry[1] += 1
+            return int(entry[1]) - 1
 
 
 def idempotency_key(config: RunnableConfig, *parts: object) -> str:

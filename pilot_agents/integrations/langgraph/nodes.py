@@ -15,7 +15,15 @@ from langchain_core.runnables import RunnableConfig
 from ...errors import PilotTimeoutError, PortClosedError, WireError
 from ...patterns.reqrep import Requester
 from ...transport import DEFAULT_PORT, DEFAULT_TIMEOUT, Message, Transport
-from .base import BoundedMemory, DeliveryConfig, PilotNode, idempotency_key, read_key, task_of
+from .base import (
+    BoundedMemory,
+    CallCounter,
+    DeliveryConfig,
+    PilotNode,
+    idempotency_key,
+    read_key,
+    task_of,
+)
 from .codec import MARK, SEND, parse
 
 log = logging.getLogger("pilot_agents.integrations.langgraph")
@@ -98,8 +106,9 @@ class PilotReceive(PilotNode):
     Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages, from all
     senders together, are kept (each for its sender, in this object, so in memory: a restarted
     receiver forgets them), and a message whose key is among them is dropped and counted in
-    :attr:`duplicates`. A re-run of the same LangGraph task gets the message that task already
-    took (the last ``delivery.remembered_receives`` are kept), not the next one."""
+    :attr:`duplicates`. Called again in one execution of a LangGraph task, it gets the next
+    message; a re-run of the task gets, call by call, the messages the run before it took (the
+    last ``delivery.remembered_receives`` are kept), then new ones."""
 
     def __init__(self, port: int = DEFAULT_PORT, key: str = "message", *,
                  sender_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
@@ -112,15 +121,18 @@ class PilotReceive(PilotNode):
         self.sender_key = sender_key or f"{key}_from"
         self._seen: BoundedMemory[tuple[str, str], None] = BoundedMemory(
             self.delivery.remembered_ids)
-        self._taken: BoundedMemory[str, dict[str, Any]] = BoundedMemory(
+        self._taken: BoundedMemory[tuple[str, int], dict[str, Any]] = BoundedMemory(
             self.delivery.remembered_receives)
+        self._calls = CallCounter(self.delivery.remembered_receives)
         self.duplicates = 0  # messages dropped because their idempotency key was seen
         self.malformed = 0  # envelopes from a peer that did not parse
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:
         task = task_of(config)
-        if task is not None and (update := self._taken.get(task)) is not None:
+        # Taken in this call: the n-th call of every run of the task is one receive.
+        taken = None if task is None else (task, self._calls.next(config))
+        if taken is not None and (update := self._taken.get(taken)) is not None:
             return update
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
@@ -132,19 +144,18 @@ class PilotReceive(PilotNode):
                 raise PilotTimeoutError(
                     f"{self.label}: no message on port {self.port} within {self.timeout} s"
                 ) from None
+            sender = getattr(message, "hostname", None) or message.sender
             try:
                 value = self._value(message)
             except WireError as exc:
                 self.malformed += 1
-                log.warning("%s sent port %d a malformed message: %s", message.sender,
-                            self.port, exc)
+                log.warning("%s sent port %d a malformed message: %s", sender, self.port, exc)
                 continue
             if value is _DUPLICATE:
                 continue
-            update = {self.key: value,
-                      self.sender_key: getattr(message, "hostname", None) or message.sender}
-            if task is not None:
-                self._taken.add(task, update)
+            update = {self.key: value, self.sender_key: sender}
+            if taken is not None:
+                self._taken.add(taken, update)
             return update
 
     def _value(self, message: Message) -> Any:
