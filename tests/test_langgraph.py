@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict
@@ -25,7 +25,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, Interrupt, interrupt
 from pydantic import BaseModel
 
-from pilot_agents import Client
+from pilot_agents import Client, Node
 from pilot_agents.errors import (
     ConfigError,
     DaemonNotRunningError,
@@ -161,6 +161,51 @@ async def test_a_malformed_envelope_is_dropped_and_counted(pair: Pair) -> None:
                    ).ainvoke({"message": "good"})
     assert (await asyncio.wait_for(receiving, 20))["message"] == "good"
     assert node.malformed == 1
+
+
+@contextlib.asynccontextmanager
+async def trio(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """Embedded nodes ``a``, ``b`` and ``c``: ``b`` trusts the other two, which know where it
+    is (two peers of one receiver or server)."""
+    async with (Node(home=tmp_path / "a", listen="127.0.0.1:0") as a,
+                Node(home=tmp_path / "b", listen="127.0.0.1:0") as b,
+                Node(home=tmp_path / "c", listen="127.0.0.1:0") as c):
+        for peer in (a, c):
+            peer.trust(b.node_id)
+            b.trust(peer.node_id)
+            peer.add_peer(b.node_id, b.local_endpoint)
+        yield a, b, c
+
+
+async def test_a_receive_with_senders_refuses_other_peers_with_a_log_and_a_count(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Embedded nodes: senders= names node ids. A trusted peer not among them is refused (a
+    warning naming it, counted), and the receiver goes on waiting for an accepted one."""
+    async with trio(tmp_path) as (a, b, c):
+        node = PilotReceive(7106, transport=b, timeout=20, senders=[a.node_id.upper()])
+        receiving = asyncio.create_task(one_node(node).ainvoke({}))
+        await one_node(PilotSend(b.node_id, 7106, transport=c, timeout=20)
+                       ).ainvoke({"message": "from c"})
+        await one_node(PilotSend(b.node_id, 7106, transport=a, timeout=20)
+                       ).ainvoke({"message": "from a"})
+        got = await asyncio.wait_for(receiving, 20)
+    assert (got["message"], got["message_from"]) == ("from a", a.node_id)
+    assert node.refused == 1
+    assert f"refused a message from {c.node_id} on port 7106" in caplog.text
+
+
+async def test_a_daemon_receive_with_senders_takes_hostnames() -> None:
+    """Through a daemon, senders= takes the hostnames the daemon knows its peers by."""
+    with agent_daemons("carol", "hub", "dave") as (carol, hub, dave):
+        for who in (carol, dave):  # the inbox port takes both at once, carol's first
+            await asyncio.to_thread(one_node(PilotSend("hub", home=who.home)).invoke,
+                                    {"message": f"from {who.hostname}"})
+        node = PilotReceive(home=hub.home, timeout=20, senders=["Dave"])
+        got = await one_node(node).ainvoke({})
+    assert (got["message"], got["message_from"]) == ("from dave", "dave")
+    assert node.refused == 1
+    with pytest.raises(ConfigError, match="senders="):
+        PilotReceive(senders="dave")  # a string is not a list of names
 
 
 # -- request/reply and remote graphs ----------------------------------------------------------

@@ -12,7 +12,8 @@
     graph.invoke({"url": "..."})     # or: await graph.ainvoke(...)
 
 - :class:`PilotSend`: a state key to a peer, with a delivery receipt and an idempotency key.
-- :class:`PilotReceive`: a message from a peer into the state (duplicates dropped).
+- :class:`PilotReceive`: a message from a peer (any trusted one, or those in ``senders=``) into
+  the state (duplicates dropped).
 - :class:`PilotRequest`: a state key as a request, the reply into the state.
 - :func:`serve_graph` / :func:`serving_graph`: a compiled graph answering trusted peers;
   :class:`PilotRemoteGraph`: such a graph, used like a local one (and as a subgraph node).

@@ -12,7 +12,7 @@ from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 
-from ...errors import PilotTimeoutError, PortClosedError, WireError
+from ...errors import ConfigError, PilotTimeoutError, PortClosedError, WireError
 from ...patterns.reqrep import Requester
 from ...transport import DEFAULT_PORT, DEFAULT_TIMEOUT, Message, Transport
 from .base import (
@@ -103,6 +103,10 @@ class PilotReceive(PilotNode):
     (default ``KEY_from``). A message from :class:`PilotSend` arrives as the value it sent
     (typed values rebuilt); any other message as its JSON, else its text, else its bytes.
 
+    ``senders``: the peers accepted (hostnames as the daemon knows them, or node ids); by
+    default any trusted peer. A message from another peer is refused: taken from the port,
+    logged as a warning naming the peer, counted in :attr:`refused`, and the wait goes on.
+
     Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages, from all
     senders together, are kept (each for its sender, in this object, so in memory: a restarted
     receiver forgets them), and a message whose key is among them is dropped and counted in
@@ -112,6 +116,7 @@ class PilotReceive(PilotNode):
 
     def __init__(self, port: int = DEFAULT_PORT, key: str = "message", *,
                  sender_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 senders: Iterable[str] | None = None,
                  transport: Transport | None = None, home: str | Path | None = None,
                  allowed_types: AllowedTypes = (), delivery: DeliveryConfig | None = None,
                  name: str | None = None) -> None:
@@ -119,6 +124,7 @@ class PilotReceive(PilotNode):
                          delivery=delivery, name=name or f"PilotReceive({port})")
         self.port, self.key, self.timeout = port, key, timeout
         self.sender_key = sender_key or f"{key}_from"
+        self.senders = accepted_senders(senders, self.label)
         self._seen: BoundedMemory[tuple[str, str], None] = BoundedMemory(
             self.delivery.remembered_ids)
         self._taken: BoundedMemory[tuple[str, int], dict[str, Any]] = BoundedMemory(
@@ -126,6 +132,7 @@ class PilotReceive(PilotNode):
         self._calls = CallCounter(self.delivery.remembered_receives)
         self.duplicates = 0  # messages dropped because their idempotency key was seen
         self.malformed = 0  # envelopes from a peer that did not parse
+        self.refused = 0  # messages from peers not in ``senders``
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:
@@ -145,6 +152,12 @@ class PilotReceive(PilotNode):
                     f"{self.label}: no message on port {self.port} within {self.timeout} s"
                 ) from None
             sender = getattr(message, "hostname", None) or message.sender
+            if not self._accepts(message):
+                self.refused += 1
+                log.warning("%s refused a message from %s on port %d: it accepts only %s "
+                            "(senders=)", self.label, sender, self.port,
+                            ", ".join(sorted(self.senders or ())))
+                continue
             try:
                 value = self._value(message)
             except WireError as exc:
@@ -157,6 +170,12 @@ class PilotReceive(PilotNode):
             if taken is not None:
                 self._taken.add(taken, update)
             return update
+
+    def _accepts(self, message: Message) -> bool:
+        if self.senders is None:
+            return True
+        names = (message.sender, getattr(message, "hostname", None) or "")
+        return any(name.lower() in self.senders for name in names)
 
     def _value(self, message: Message) -> Any:
         body = parse(message.data)
@@ -171,6 +190,21 @@ class PilotReceive(PilotNode):
             log.info("dropped a second copy of message %s from %s", message_id, message.sender)
             return _DUPLICATE
         return value
+
+
+def accepted_senders(senders: Iterable[str] | None, who: str) -> frozenset[str] | None:
+    """``senders`` as the lower-case names a message's sender is matched against (node ids and
+    hostnames are case-insensitive); None: any trusted peer."""
+    if senders is None:
+        return None
+    if isinstance(senders, str) or not all(isinstance(s, str) and s.strip() for s in senders):
+        raise ConfigError(f"{who}: senders= takes a list of hostnames or node ids, such as "
+                          f"senders=['scraper'], not {senders!r}")
+    names = frozenset(s.strip().lower() for s in senders)
+    if not names:
+        raise ConfigError(f"{who}: senders=[] accepts nobody; leave it out to accept any "
+                          f"trusted peer")
+    return names
 
 
 _DUPLICATE = object()
