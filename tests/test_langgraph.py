@@ -15,14 +15,15 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Command, Interrupt, interrupt
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
+from langgraph.types import Command, Interrupt, Overwrite, Send, interrupt
 from pydantic import BaseModel
 
 from pilot_agents import Client, Node
@@ -161,6 +162,67 @@ async def test_a_malformed_envelope_is_dropped_and_counted(pair: Pair) -> None:
                    ).ainvoke({"message": "good"})
     assert (await asyncio.wait_for(receiving, 20))["message"] == "good"
     assert node.malformed == 1
+
+
+class Chat(TypedDict, total=False):
+    chat: Annotated[list[AnyMessage], add_messages]
+    chat_from: str
+
+
+HOSTILE: list[object] = [  # each would bypass the chat's reducer or wipe it
+    [RemoveMessage(id=REMOVE_ALL_MESSAGES)],
+    Overwrite([AIMessage("planted")]),
+    {"__overwrite__": [{"type": "ai", "content": "planted"}]},
+    {"type": "__overwrite__", "value": []},
+    [{"type": "remove", "id": REMOVE_ALL_MESSAGES, "content": ""}],
+    [{"lc": 1, "type": "constructor", "id": ["langchain", "RemoveMessage"],
+      "kwargs": {"id": REMOVE_ALL_MESSAGES, "content": ""}}],
+    Command(goto="elsewhere"),
+    [Send("node", {})],
+]
+
+
+async def test_a_peer_cannot_send_values_that_bypass_the_reducers(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """Values that are LangGraph instructions rather than data (an Overwrite, a RemoveMessage,
+    their plain-JSON spellings, a Command or Send) are refused, with a warning naming the peer;
+    the history kept by the add_messages reducer stays, and the next good message arrives."""
+    builder = StateGraph(Chat)
+    builder.add_node("node", receiver(pair, 7107, key="chat"))
+    builder.add_edge(START, "node")
+    node = builder.nodes["node"].runnable
+    assert isinstance(node, PilotReceive)
+    graph = builder.compile()
+    history: list[AnyMessage] = [HumanMessage("kept", id="h1")]
+    receiving = asyncio.create_task(graph.ainvoke({"chat": history}))
+    for value in [*HOSTILE, [AIMessage("good", id="a1")]]:
+        await one_node(PilotSend(pair.server_name, 7107, transport=pair.client.transport,
+                                 timeout=20)).ainvoke({"message": value})
+    got = await asyncio.wait_for(receiving, 20)
+    assert got["chat"] == [*history, AIMessage("good", id="a1")]
+    assert node.malformed == len(HOSTILE)
+    assert f"refused a message from {got['chat_from']} on port 7107" in caplog.text
+
+
+async def test_a_replier_or_caller_cannot_send_values_that_bypass_the_reducers(
+        tmp_path: Path) -> None:
+    """A replier's Overwrite is a WireError naming it; a caller's Overwrite or a Command that
+    is not a resume is refused by the served graph, whose error the caller raises."""
+    async def hostile(request: Request) -> object:
+        return Codec().encode({"chat": Overwrite([])})
+
+    async with embedded(tmp_path) as pair, serving(pair.server.transport, 7211, hostile), \
+            serving_graph(doubling_graph(), 7212, pair.server.transport):
+        asks = one_node(PilotRequest(pair.server_name, 7211, "message", "answer",
+                                     transport=pair.client.transport))
+        with pytest.raises(WireError, match=rf"{pair.server_name} port 7211 answered .*"
+                                            r"Overwrite"):
+            await asks.ainvoke({"message": 1})
+        remote = PilotRemoteGraph(pair.server_name, 7212, transport=pair.client.transport)
+        for value in ({"question": Overwrite(2)}, Command(goto="double"),
+                      Command(resume=1, update={"question": 2})):
+            with pytest.raises(RemoteError, match=rf"{pair.client.node_id}.*(Overwrite|goto)"):
+                await remote.ainvoke(value)
 
 
 @contextlib.asynccontextmanager
@@ -657,7 +719,7 @@ def test_values_round_trip_and_plain_json_goes_as_itself() -> None:
     for value in typed:
         wire = codec.encode(value)
         assert wire["pilot"] == "lg-value/1"
-        decoded = codec.decode(json.loads(json.dumps(wire)))
+        decoded = codec.decode(json.loads(json.dumps(wire)), (Command,))
         if isinstance(value, Command):  # msgpack has no tuples: compare what a resume uses
             assert isinstance(decoded, Command) and decoded.resume == value.resume
         else:
@@ -682,6 +744,10 @@ def test_a_peer_cannot_make_us_build_classes_we_did_not_allow() -> None:
     assert Codec(allowed_types=[Point]).decode(wire) == Point(x=1)
     with pytest.raises(UnserializableValueError, match="Custom"):
         Codec().encode(Custom(1))
+    for hostile in HOSTILE:
+        with pytest.raises(WireError, match="a value holding"):
+            Codec().decode(json.loads(json.dumps(Codec().encode(hostile))), (Command,))
+    assert Codec(allowed_types=[Overwrite]).decode(Codec().encode(Overwrite(1))) == Overwrite(1)
     for bad in ({"pilot": "lg-value/1", "msgpack": "not base64!"},
                 {"pilot": "lg-value/1", "msgpack": "AAAA"[:3]},
                 {"pilot": "lg-value/1", "type": "pickle", "data": ""},

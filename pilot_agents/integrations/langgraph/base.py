@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langgraph.types import Interrupt
 
 from ...errors import ConfigError, MissingStateKeyError
 from ...sdk import Client
@@ -257,6 +258,11 @@ class PilotNode(Runnable[Any, dict[str, Any]]):
         self.delivery = delivery or DeliveryConfig()
         self.name = name
         self.label = name  # self.name, typed as set
+
+    def reply_value(self, value: Any) -> Any:
+        """A served graph's (or replier's) answer, decoded: a graph's output may hold the
+        Interrupts it paused on."""
+        return self.codec.decode(value, (Interrupt,))
 
     @abstractmethod
     async def run(self, state: Any, config: RunnableConfig,

@@ -17,9 +17,13 @@ and a call of a served graph is ``{"pilot": "lg-graph/1", "op": "invoke" | "stre
 <value>, "config": {"configurable": {...}}}``.
 
 Decoding is strict about what it builds: the receiver's serializer constructs only LangGraph's
-list of safe types (messages, documents, ``Interrupt``, ``Command``, datetimes, ...) plus the
-types a node is given in ``allowed_types``; any other class a peer names arrives as its raw
-fields (a dict), never constructed.
+list of safe types (messages, documents, datetimes, ...) plus the types a node is given in
+``allowed_types``; any other class a peer names arrives as its raw fields (a dict), never
+constructed. And a received value must be data, not an instruction to the graph it lands in:
+one holding LangGraph's own types (``Overwrite``, ``Command``, ``Send``...), a
+``RemoveMessage``, or the plain-JSON spellings LangGraph's reducers take for an overwrite or a
+removal is refused with a :class:`WireError`, unless the caller expects that type there (a
+served graph takes ``Command(resume=...)``, a remote graph's output holds its interrupts).
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from langchain_core.messages import RemoveMessage
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.types import Command, Interrupt
 
 from ...errors import UnserializableValueError, WireError
 
@@ -38,6 +45,11 @@ VALUE = "lg-value/1"
 SEND = "lg-send/1"
 GRAPH = "lg-graph/1"
 MARK = "pilot"  # the key that makes a JSON object one of our envelopes
+# LangGraph's reducers take {OVERWRITE: v} and {"type": OVERWRITE, "value": v} as Overwrite(v),
+# and add_messages a message dict of type "remove" as a RemoveMessage.
+OVERWRITE = "__overwrite__"
+BYPASS = "which would bypass the state's reducers"
+REMOVES = "which would delete messages from the state"
 
 
 def is_json(value: object) -> bool:
@@ -62,6 +74,7 @@ class Codec:
         strict = JsonPlusSerializer(allowed_msgpack_modules=None)
         allowed = tuple(allowed_types)
         self._reader = strict.with_msgpack_allowlist(allowed) if allowed else strict
+        self._allowed = allowed
 
     def encode(self, value: object, what: str = "the value") -> Any:
         """``value`` as a JSON value; :class:`UnserializableValueError` naming ``what``."""
@@ -78,8 +91,19 @@ class Codec:
             return {MARK: VALUE, "type": kind, "data": base64.b64encode(data).decode("ascii")}
         return {MARK: VALUE, "msgpack": base64.b64encode(data).decode("ascii")}
 
-    def decode(self, value: Any) -> Any:
-        """The value :meth:`encode` made; :class:`WireError` if an envelope is malformed."""
+    def decode(self, value: Any, expected: tuple[type, ...] = ()) -> Any:
+        """The value :meth:`encode` made; :class:`WireError` if an envelope is malformed or
+        the value is an instruction to a graph (see the module's notes) of a type neither
+        ``expected`` here nor in ``allowed_types``. ``expected`` may hold ``Command``, taken
+        only as a resume, and ``Interrupt``."""
+        decoded = self._decode(value)
+        problem = instruction(decoded, (*expected, *self._allowed))
+        if problem is not None:
+            raise WireError(f"a value holding {problem}: a peer may send plain data, "
+                            f"messages and the types given in allowed_types= only")
+        return decoded
+
+    def _decode(self, value: Any) -> Any:
         if not (isinstance(value, dict) and value.get(MARK) == VALUE):
             return value
         try:
@@ -91,6 +115,55 @@ class Codec:
             return self._reader.loads_typed((kind, _b64(value["data"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"a malformed value envelope ({type(exc).__name__}: {exc})") from None
+
+
+def instruction(value: object, expected: tuple[type | tuple[str, ...], ...]) -> str | None:
+    """What in ``value`` would be an instruction to a graph rather than data, or None. Only
+    containers are looked into: a reducer or LangGraph looks no deeper than a list's items, and
+    the fields of an allowed class are its own business."""
+    pending: list[object] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if (problem := _instruction_dict(item)) is not None:
+                return problem
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset | deque):
+            pending.extend(item)
+        elif _is_expected(item, expected):
+            if isinstance(item, Command):
+                if item.update is not None or item.goto or item.graph is not None:
+                    return ("a LangGraph Command with goto, graph or update, where only a "
+                            "resume is taken")
+                pending.append(item.resume)
+            elif isinstance(item, Interrupt):
+                pending.append(item.value)
+        elif isinstance(item, RemoveMessage):
+            return f"a RemoveMessage, {REMOVES}"
+        elif type(item).__module__.split(".")[0] == "langgraph":
+            name = type(item).__name__
+            return f"a LangGraph {name}, " + (BYPASS if name == "Overwrite" else
+                                              "an instruction to the graph, not data")
+    return None
+
+
+def _instruction_dict(item: dict[Any, Any]) -> str | None:
+    if (OVERWRITE in item and len(item) == 1) or (item.get("type") == OVERWRITE
+                                                  and "value" in item):
+        return f"a dict LangGraph takes as an Overwrite, {BYPASS}"
+    kind = item.get("role", item.get("type"))
+    if kind == "remove" and "content" in item:
+        return f"a message dict of type 'remove', {REMOVES}"
+    names = item.get("id") if item.get("lc") == 1 else None
+    if isinstance(names, list) and names and names[-1] == "RemoveMessage":
+        return f"a serialized RemoveMessage, {REMOVES}"
+    return None
+
+
+def _is_expected(item: object, expected: tuple[type | tuple[str, ...], ...]) -> bool:
+    cls = type(item)
+    return any(cls is e if isinstance(e, type) else (cls.__module__, cls.__name__) == e
+               for e in expected)
 
 
 def parse(data: bytes) -> Any:

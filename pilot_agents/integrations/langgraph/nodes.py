@@ -107,6 +107,9 @@ class PilotReceive(PilotNode):
     default any trusted peer. A message from another peer is refused: taken from the port,
     logged as a warning naming the peer, counted in :attr:`refused`, and the wait goes on.
 
+    Values that are LangGraph instructions rather than data (an ``Overwrite``, a
+    ``RemoveMessage``, a ``Command``...) are refused likewise, counted in :attr:`malformed`.
+
     Duplicates: the idempotency keys of the last ``delivery.remembered_ids`` messages, from all
     senders together, are kept (each for its sender, in this object, so in memory: a restarted
     receiver forgets them), and a message whose key is among them is dropped and counted in
@@ -131,7 +134,7 @@ class PilotReceive(PilotNode):
             self.delivery.remembered_receives)
         self._calls = CallCounter(self.delivery.remembered_receives)
         self.duplicates = 0  # messages dropped because their idempotency key was seen
-        self.malformed = 0  # envelopes from a peer that did not parse
+        self.malformed = 0  # messages from a peer that did not parse, or held no plain data
         self.refused = 0  # messages from peers not in ``senders``
 
     async def run(self, state: Any, config: RunnableConfig,
@@ -162,7 +165,8 @@ class PilotReceive(PilotNode):
                 value = self._value(message)
             except WireError as exc:
                 self.malformed += 1
-                log.warning("%s sent port %d a malformed message: %s", sender, self.port, exc)
+                log.warning("%s refused a message from %s on port %d: %s", self.label, sender,
+                            self.port, exc)
                 continue
             if value is _DUPLICATE:
                 continue
@@ -231,7 +235,7 @@ class PilotRequest(PilotNode):
         value = read_key(state, self.key, self.label)
         body = to_bytes(self.codec.encode(value, f"the state key {self.key!r}"))
         return {self.result_key: await call(transport, self.to, self.port, body, self.timeout,
-                                            self.codec.decode)}
+                                            self.reply_value)}
 
 
 async def call(transport: Transport, to: str, port: int, body: bytes, timeout: float,

@@ -25,7 +25,7 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langgraph.types import Command, Interrupt, interrupt
 
-from ...errors import BusyError, ConfigError, PilotError
+from ...errors import BusyError, ConfigError, PilotError, WireError
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...transport import DEFAULT_TIMEOUT, Transport
 from .base import PilotNode, iterate_sync, using
@@ -86,13 +86,15 @@ class GraphServer:
 
     async def handle(self, request: Request) -> object:
         body = parse(request.data)
+        caller = request.sender
         if not (isinstance(body, dict) and body.get(MARK) == GRAPH):
-            return await self._invoke(body, RunnableConfig())
+            return await self._invoke(self._input(body, caller), RunnableConfig())
         op = body.get("op")
         if op == "invoke":
-            return await self._invoke(body.get("input"), peer_config(body.get("config")))
+            return await self._invoke(self._input(body.get("input"), caller),
+                                      peer_config(body.get("config")))
         if op == "stream":
-            return to_bytes({"run": self._start(body.get("input"),
+            return to_bytes({"run": self._start(self._input(body.get("input"), caller),
                                                 peer_config(body.get("config")))})
         if op == "next":
             return await self._next(self._run(body.get("run")))
@@ -112,8 +114,16 @@ class GraphServer:
             if run.task is not None:
                 run.task.cancel()
 
+    def _input(self, state: Any, caller: str) -> Any:
+        """A caller's input state; a resume (``Command(resume=...)``) is the one instruction
+        to the graph it may send."""
+        try:
+            return self.codec.decode(state, (Command,))
+        except WireError as exc:
+            raise WireError(f"refused the input of {caller}: {exc}") from None
+
     async def _invoke(self, state: Any, config: RunnableConfig) -> bytes:
-        output = await self.graph.ainvoke(self.codec.decode(state), config)
+        output = await self.graph.ainvoke(state, config)
         return to_bytes(self.codec.encode(output, "the graph's output"))
 
     async def _pending(self, config: RunnableConfig) -> bytes:
@@ -132,7 +142,6 @@ class GraphServer:
         if len(self._runs) >= self.config.max_streams:
             raise BusyError(f"this graph streams {self.config.max_streams} runs at once "
                             f"already (ServeGraphConfig.max_streams); try again later")
-        state = self.codec.decode(state)
         run_id = uuid.uuid4().hex
         run = self._runs[run_id] = _Run(self.config.buffered_updates)
         run.task = asyncio.create_task(self._produce(run, state, config))
@@ -260,7 +269,7 @@ class PilotRemoteGraph(PilotNode):
         # Resumed: the remote thread still waits, so it is answered, not run again.
         pending = self._interrupts(await call(transport, self.to, self.port,
                                               self._body("pending", config=forwarded),
-                                              self.timeout, self.codec.decode))
+                                              self.timeout, self.reply_value))
         output = ({INTERRUPT: pending} if pending
                   else await self._invoke(transport, state, forwarded))
         while interrupts := self._interrupts(output.get(INTERRUPT, [])):
@@ -286,7 +295,7 @@ class PilotRemoteGraph(PilotNode):
         body = self._body("invoke", input=self.codec.encode(state, "the graph's input"),
                           config=forwarded)
         output = await call(transport, self.to, self.port, body, self.timeout,
-                            self.codec.decode)
+                            self.reply_value)
         if not isinstance(output, dict):
             raise ConfigError(f"{self.label} answered a {type(output).__name__}, not a state")
         return output
@@ -333,7 +342,7 @@ class PilotRemoteGraph(PilotNode):
                                           f"something else: is it a served graph?")
                     done = bool(batch.get("done"))
                     for update in batch["updates"]:
-                        yield decoded(self.codec.decode, update, self.to, self.port)
+                        yield decoded(self.reply_value, update, self.to, self.port)
             finally:
                 if not done:  # the caller stopped early: the server's run need not go on
                     with contextlib.suppress(PilotError):
