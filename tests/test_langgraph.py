@@ -401,6 +401,53 @@ async def test_a_streamed_run_whose_caller_stopped_asking_is_cancelled(tmp_path:
         await asyncio.wait_for(cancelled.wait(), 5)
 
 
+async def test_a_streamed_run_answers_only_its_caller(tmp_path: Path) -> None:
+    """Another trusted peer that learns a run's id can neither fetch its updates nor cancel
+    it: to that peer the run does not exist. Its caller streams it to the end."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    start = {"pilot": "lg-graph/1", "op": "stream", "input": {}, "config": {}}
+    async with trio(tmp_path) as (a, b, c), \
+            serving_graph(gated_graph(release, cancelled), 7213, b), \
+            Requester(a) as owner, Requester(c) as other:
+        run = (await owner.request(b.node_id, 7213, start, timeout=10)).json()["run"]
+        with pytest.raises(RemoteError, match=f"no streamed run '{run}' of yours"):
+            await other.request(b.node_id, 7213, {**start, "op": "next", "run": run},
+                                timeout=10)
+        cancel = {**start, "op": "cancel", "run": run}
+        assert (await other.request(b.node_id, 7213, cancel, timeout=10)).json() == {
+            "cancelled": False}
+        assert not cancelled.is_set()
+        release.set()
+        updates: list[Any] = []
+        while True:
+            batch = (await owner.request(b.node_id, 7213, {**start, "op": "next", "run": run},
+                                         timeout=10)).json()
+            updates += batch["updates"]
+            if batch["done"]:
+                break
+    assert updates == [{"first": {"question": "started"}}, {"second": {"answer": "released"}}]
+
+
+async def test_a_call_that_times_out_cancels_the_remote_run(pair: Pair) -> None:
+    """invoke and a stream's first fetch: the caller's timeout cancels the run on the server,
+    which would otherwise go on for nobody."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    remote = PilotRemoteGraph(pair.server_name, 7214, transport=pair.client.transport,
+                              timeout=1)
+    config = ServeGraphConfig(poll_wait=5)  # a fetch waits longer than the caller
+    async with serving_graph(gated_graph(release, cancelled), 7214, pair.server.transport,
+                             config=config):
+        with pytest.raises(PilotTimeoutError, match="within 1"):
+            await remote.ainvoke({})
+        await asyncio.wait_for(cancelled.wait(), 10)
+        cancelled.clear()
+        updates = remote.astream({})
+        assert await asyncio.wait_for(anext(updates), 10) == {"first": {"question": "started"}}
+        with pytest.raises(PilotTimeoutError, match="within 1"):
+            await anext(updates)
+        await asyncio.wait_for(cancelled.wait(), 10)
+
+
 async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:
     """A served graph with a checkpointer: the caller's thread_id is its thread, an interrupt
     comes back as LangGraph's Interrupt, and Command(resume=...) goes there."""

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,17 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langgraph.types import Command, Interrupt, interrupt
 
-from ...errors import BusyError, ConfigError, PilotError, WireError
+from ...errors import (
+    BusyError,
+    ConfigError,
+    ConnectionClosedError,
+    PilotError,
+    PilotTimeoutError,
+    WireError,
+)
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...transport import DEFAULT_TIMEOUT, Transport
-from .base import PilotNode, iterate_sync, using
+from .base import BoundedMemory, PilotNode, iterate_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, decoded, to_bytes
 
@@ -63,10 +70,16 @@ def _last(updates: list[Any]) -> bool:
     return updates[-1] is _END or isinstance(updates[-1], Exception)
 
 
+RunKey = tuple[str, str]  # (the caller's node id, the run id): a run is its caller's alone
+CANCEL_WAIT = 5.0  # seconds at most a caller waits for the answer to its cancel
+REMEMBERED_CANCELS = 1024  # cancels of runs not (yet) here a server remembers
+
+
 class _Run:
     """A streamed run: the task that runs the graph, and its updates not yet fetched."""
 
-    def __init__(self, buffered: int) -> None:
+    def __init__(self, key: RunKey, buffered: int) -> None:
+        self.key = key
         self.updates: asyncio.Queue[Any] = asyncio.Queue(buffered)
         self.task: asyncio.Task[None] | None = None
         self.last_asked = time.monotonic()
@@ -75,44 +88,59 @@ class _Run:
 class GraphServer:
     """The req/rep handler that runs ``graph`` for trusted peers (:meth:`handle`). A request is
     a graph call (from :class:`PilotRemoteGraph`) or a bare value, taken as the input state
-    (from :class:`~pilot_agents.integrations.langgraph.PilotRequest` or any requester)."""
+    (from :class:`~pilot_agents.integrations.langgraph.PilotRequest` or any requester).
+
+    A run belongs to the peer that started it: its id means something only with that peer's
+    node id, so another peer that learns it can neither fetch its updates nor cancel it. The
+    caller names its runs, invoke calls included, so it can cancel one whose answer it gave up
+    waiting for; a cancel may overtake its run on another stream, so cancels of runs not here
+    are remembered (the last ``REMEMBERED_CANCELS``) and such a run is not started."""
 
     def __init__(self, graph: Graph, allowed_types: AllowedTypes = (),
                  config: ServeGraphConfig | None = None) -> None:
         self.graph = graph
         self.codec = Codec(allowed_types)
         self.config = config or ServeGraphConfig()
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[RunKey, _Run] = {}  # streamed
+        self._invoking: dict[RunKey, asyncio.Task[Any]] = {}
+        self._cancelled: BoundedMemory[RunKey, bool] = BoundedMemory(REMEMBERED_CANCELS)
 
     async def handle(self, request: Request) -> object:
         body = parse(request.data)
         caller = request.sender
         if not (isinstance(body, dict) and body.get(MARK) == GRAPH):
-            return await self._invoke(self._input(body, caller), RunnableConfig())
+            return await self._invoke(self._input(body, caller), RunnableConfig(), None)
         op = body.get("op")
+        key = self._key(caller, body.get("run"))
         if op == "invoke":
             return await self._invoke(self._input(body.get("input"), caller),
-                                      peer_config(body.get("config")))
+                                      peer_config(body.get("config")), key)
         if op == "stream":
-            return to_bytes({"run": self._start(self._input(body.get("input"), caller),
+            return to_bytes({"run": self._start(key or (caller, uuid.uuid4().hex),
+                                                self._input(body.get("input"), caller),
                                                 peer_config(body.get("config")))})
         if op == "next":
-            return await self._next(self._run(body.get("run")))
+            return await self._next(self._run(key, body.get("run")))
         if op == "pending":
             return await self._pending(peer_config(body.get("config")))
         if op == "cancel":
-            run = self._runs.pop(str(body.get("run")), None)
-            if run is not None and run.task is not None:
-                run.task.cancel()
-            return to_bytes({"cancelled": run is not None})
+            return to_bytes({"cancelled": key is not None and self._cancel(key)})
         raise ConfigError(f"a graph call names an unknown op {op!r}")
 
     def close(self) -> None:
-        """Cancel every streamed run."""
+        """Cancel every run."""
         runs, self._runs = list(self._runs.values()), {}
-        for run in runs:
-            if run.task is not None:
-                run.task.cancel()
+        tasks = [run.task for run in runs if run.task is not None]
+        for task in [*tasks, *self._invoking.values()]:
+            task.cancel()
+
+    @staticmethod
+    def _key(caller: str, run_id: object) -> RunKey | None:
+        if run_id is None:
+            return None  # a caller that does not name its runs: the server names a stream's
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
+            raise ConfigError(f"a run id is a string of 1 to 64 characters, not {run_id!r}")
+        return caller, run_id
 
     def _input(self, state: Any, caller: str) -> Any:
         """A caller's input state; a resume (``Command(resume=...)``) is the one instruction
@@ -122,8 +150,38 @@ class GraphServer:
         except WireError as exc:
             raise WireError(f"refused the input of {caller}: {exc}") from None
 
-    async def _invoke(self, state: Any, config: RunnableConfig) -> bytes:
-        output = await self.graph.ainvoke(state, config)
+    def _cancel(self, key: RunKey) -> bool:
+        run = self._runs.pop(key, None)
+        task = self._invoking.get(key) if run is None else run.task
+        if task is None:
+            self._cancelled.add(key, True)
+            return False
+        task.cancel()
+        return True
+
+    def _claim(self, key: RunKey) -> None:
+        """Check that ``key`` may start now."""
+        if key in self._runs or key in self._invoking:
+            raise ConfigError(f"run {key[1]!r} is running already: name each run anew")
+        if self._cancelled.get(key):
+            raise ConnectionClosedError(f"run {key[1]!r} was cancelled before it came")
+
+    async def _invoke(self, state: Any, config: RunnableConfig, key: RunKey | None) -> bytes:
+        if key is None:
+            output = await self.graph.ainvoke(state, config)
+            return to_bytes(self.codec.encode(output, "the graph's output"))
+        self._claim(key)
+        # A task of its own: a cancel ends the run, not the worker of serve() that awaits it.
+        run = self._invoking[key] = asyncio.create_task(self.graph.ainvoke(state, config))
+        try:
+            output = await run
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the server is closing
+            raise ConnectionClosedError(f"run {key[1]!r} was cancelled by its caller") from None
+        finally:
+            self._invoking.pop(key, None)
         return to_bytes(self.codec.encode(output, "the graph's output"))
 
     async def _pending(self, config: RunnableConfig) -> bytes:
@@ -138,28 +196,28 @@ class GraphServer:
             return to_bytes([])
         return to_bytes(self.codec.encode(list(snapshot.interrupts), "the interrupts"))
 
-    def _start(self, state: Any, config: RunnableConfig) -> str:
+    def _start(self, key: RunKey, state: Any, config: RunnableConfig) -> str:
         if len(self._runs) >= self.config.max_streams:
             raise BusyError(f"this graph streams {self.config.max_streams} runs at once "
                             f"already (ServeGraphConfig.max_streams); try again later")
-        run_id = uuid.uuid4().hex
-        run = self._runs[run_id] = _Run(self.config.buffered_updates)
+        self._claim(key)
+        run = self._runs[key] = _Run(key, self.config.buffered_updates)
         run.task = asyncio.create_task(self._produce(run, state, config))
-        self._watch(run_id, run)
-        return run_id
+        self._watch(run)
+        return key[1]
 
-    def _watch(self, run_id: str, run: _Run) -> None:
+    def _watch(self, run: _Run) -> None:
         """Cancel ``run`` once nobody has asked for its updates for ``idle_timeout`` seconds.
         A caller that died or lost its tunnel never says so: without a clock of its own its run
         would go on (or wait on its full buffer) for as long as the server runs."""
-        if self._runs.get(run_id) is not run:
+        if self._runs.get(run.key) is not run:
             return  # it ended, was cancelled, or the server closed
         idle = time.monotonic() - run.last_asked
         if idle < self.config.idle_timeout:
             asyncio.get_running_loop().call_later(self.config.idle_timeout - idle, self._watch,
-                                                  run_id, run)
+                                                  run)
             return
-        del self._runs[run_id]
+        del self._runs[run.key]
         if run.task is not None:
             run.task.cancel()
 
@@ -172,11 +230,13 @@ class GraphServer:
         else:
             await run.updates.put(_END)
 
-    def _run(self, run_id: object) -> _Run:
-        run = self._runs.get(str(run_id))
+    def _run(self, key: RunKey | None, run_id: object) -> _Run:
+        run = None if key is None else self._runs.get(key)
         if run is None:
-            raise ConfigError(f"no streamed run {run_id!r} here: it ended, or nobody asked "
-                              f"for its updates for {self.config.idle_timeout} s")
+            # Another caller's run is not told apart from none: its id is no capability.
+            raise ConfigError(f"no streamed run {run_id!r} of yours here: it ended, was "
+                              f"cancelled, or nobody asked for its updates for "
+                              f"{self.config.idle_timeout} s")
         run.last_asked = time.monotonic()
         return run
 
@@ -189,7 +249,8 @@ class GraphServer:
             updates.append(run.updates.get_nowait())
         done = bool(updates) and _last(updates)
         if done:
-            self._runs = {k: r for k, r in self._runs.items() if r is not run}
+            if self._runs.get(run.key) is run:
+                del self._runs[run.key]
             if isinstance(updates[-1], Exception):
                 raise updates[-1]
             updates.pop()
@@ -292,10 +353,19 @@ class PilotRemoteGraph(PilotNode):
 
     async def _invoke(self, transport: Transport, state: Any,
                       forwarded: dict[str, Any]) -> dict[str, Any]:
+        run_id = uuid.uuid4().hex
         body = self._body("invoke", input=self.codec.encode(state, "the graph's input"),
-                          config=forwarded)
-        output = await call(transport, self.to, self.port, body, self.timeout,
-                            self.reply_value)
+                          config=forwarded, run=run_id)
+        try:
+            output = await call(transport, self.to, self.port, body, self.timeout,
+                                self.reply_value)
+        except (PilotTimeoutError, asyncio.CancelledError):
+            # Nobody will read the answer: the server's run need not go on.
+            await self._cancel(lambda: call(transport, self.to, self.port,
+                                            self._body("cancel", run=run_id),
+                                            min(self.timeout, CANCEL_WAIT),
+                                            self.reply_value))
+            raise
         if not isinstance(output, dict):
             raise ConfigError(f"{self.label} answered a {type(output).__name__}, not a state")
         return output
@@ -309,6 +379,13 @@ class PilotRemoteGraph(PilotNode):
 
     def _body(self, op: str, **fields: Any) -> bytes:
         return to_bytes({MARK: GRAPH, "op": op, **fields})
+
+    @staticmethod
+    async def _cancel(ask: Callable[[], Awaitable[Any]]) -> None:
+        """Cancel a run whose caller gave up on it, as well as can be: the server cancels a
+        stream nobody fetches from on its own, and an invoke it cannot be told of runs on."""
+        with contextlib.suppress(PilotError):
+            await ask()
 
     async def astream(self, input: Any, config: RunnableConfig | None = None,
                       **kwargs: Any | None) -> AsyncIterator[dict[str, Any]]:
@@ -324,17 +401,21 @@ class PilotRemoteGraph(PilotNode):
     async def _pull(self, transport: Transport, state: Any,
                     config: RunnableConfig) -> AsyncGenerator[dict[str, Any], None]:
         async with Requester(transport) as requester:
-            async def ask(op: str, **fields: Any) -> Any:
+            async def ask(op: str, timeout: float = self.timeout, **fields: Any) -> Any:
                 reply = await requester.request(self.to, self.port, self._body(op, **fields),
-                                                timeout=self.timeout)
+                                                timeout=timeout)
                 return parse(reply.data)
 
-            started = await ask("stream", input=self.codec.encode(state, "the graph's input"),
-                                config={"configurable": forwardable(
-                                    dict(config.get("configurable") or {}))})
-            run_id = started.get("run") if isinstance(started, dict) else None
+            # Named here, so a start whose answer does not come in time can be cancelled too.
+            run_id = uuid.uuid4().hex
             done = False
             try:
+                started = await ask("stream", run=run_id,
+                                    input=self.codec.encode(state, "the graph's input"),
+                                    config={"configurable": forwardable(
+                                        dict(config.get("configurable") or {}))})
+                if isinstance(started, dict) and isinstance(started.get("run"), str):
+                    run_id = started["run"]  # a server that names runs itself
                 while not done:
                     batch = await ask("next", run=run_id)
                     if not isinstance(batch, dict) or not isinstance(batch.get("updates"), list):
@@ -345,8 +426,8 @@ class PilotRemoteGraph(PilotNode):
                         yield decoded(self.reply_value, update, self.to, self.port)
             finally:
                 if not done:  # the caller stopped early: the server's run need not go on
-                    with contextlib.suppress(PilotError):
-                        await ask("cancel", run=run_id)
+                    await self._cancel(lambda: ask("cancel", min(self.timeout, CANCEL_WAIT),
+                                                   run=run_id))
 
     def stream(self, input: Any, config: RunnableConfig | None = None,
                **kwargs: Any | None) -> Iterator[dict[str, Any]]:
