@@ -39,7 +39,8 @@ def register(commands: Commands) -> None:
     sub.add_argument("--port", type=port, default=DEFAULT_MCP_PORT, metavar="PORT",
                      help=f"the port to serve on (default {DEFAULT_MCP_PORT})")
     sub.add_argument("--max-sessions", type=count, default=_DEFAULTS.max_sessions, metavar="N",
-                     help="sessions (server processes) at once; more are refused (default "
+                     help="server processes at once, an ended session's counting until it "
+                     "has stopped; more sessions are refused (default "
                      f"{_DEFAULTS.max_sessions})")
     sub.add_argument("--idle-timeout", type=positive, default=None, metavar="S",
                      help="end a session after S seconds without a JSON-RPC message either "

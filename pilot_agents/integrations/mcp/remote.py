@@ -43,7 +43,9 @@ class McpConfig:
     # seconds `mcp connect` waits, once its stdin ended, for answers to requests still waiting
     drain_timeout: float = 30.0
     # serving side:
-    max_sessions: int = 8  # sessions (server processes) at once; more are refused
+    # server processes at once (of open sessions, and of ended ones still stopping); more
+    # sessions are refused
+    max_sessions: int = 8
     idle_timeout: float | None = None  # seconds without JSON-RPC either way: session over
     write_timeout: float = 10.0  # seconds a server process may leave a message unread
     stop_grace: float = 2.0  # seconds after closing stdin, then after SIGTERM, before SIGKILL
@@ -430,7 +432,10 @@ class McpServer:
         self.config = config or McpConfig()
         self.on_event = on_event
         self.sessions: dict[tuple[str, int], _Session] = {}
-        self._stopping: set[asyncio.Task[None]] = set()
+        # Ended sessions whose processes still stop: they count against max_sessions, or a
+        # client closing and opening sessions in a loop would hold more processes than that.
+        self.stopping: set[_Session] = set()
+        self._end_tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         try:
@@ -440,7 +445,7 @@ class McpServer:
         finally:
             ending = [asyncio.create_task(self._end(s, "the MCP server side is stopping"))
                       for s in list(self.sessions.values())]
-            await asyncio.shield(asyncio.gather(*ending, *self._stopping,
+            await asyncio.shield(asyncio.gather(*ending, *self._end_tasks,
                                                 return_exceptions=True))
 
     async def _dispatch(self, message: Message) -> None:
@@ -469,9 +474,10 @@ class McpServer:
     async def _open(self, message: Message) -> None:
         key = (message.sender, message.source_port)
         hostname = getattr(message, "hostname", None)
-        if len(self.sessions) >= self.config.max_sessions:
-            reason = (f"all {self.config.max_sessions} sessions of the MCP server are in use; "
-                      "try again later")
+        if len(self.sessions) + len(self.stopping) >= self.config.max_sessions:
+            still = f" ({len(self.stopping)} still stopping)" if self.stopping else ""
+            reason = (f"all {self.config.max_sessions} sessions of the MCP server are in "
+                      f"use{still}; try again later")
             self._event("refused", key, hostname, reason)
             with contextlib.suppress(PilotError):
                 await message.reply(control(Control.END, reason))
@@ -596,22 +602,26 @@ class McpServer:
         if session.ended:
             return
         task = asyncio.create_task(self._end(session, reason, tell=tell))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._end_tasks.add(task)
+        task.add_done_callback(self._end_tasks.discard)
 
     async def _end(self, session: _Session, reason: str, *, tell: bool = True) -> None:
         if session.ended:
             return
         session.ended = True
         self.sessions.pop(session.key, None)
+        self.stopping.add(session)
         current = asyncio.current_task()
         for task in session.tasks:
             if task is not current:
                 task.cancel()
-        if tell:
-            with contextlib.suppress(PilotError):
-                await session.way_back.reply(control(Control.END, reason))
-        await self._stop(session.proc)
+        try:
+            if tell:
+                with contextlib.suppress(PilotError):
+                    await session.way_back.reply(control(Control.END, reason))
+            await self._stop(session.proc)
+        finally:
+            self.stopping.discard(session)
         self._event("end", session.key, session.hostname, reason, session)
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
