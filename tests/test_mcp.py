@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -427,34 +427,43 @@ def test_cli_connect_fails_when_answers_never_come(daemons: tuple[DaemonHandle, 
     assert result.stdout == ""
 
 
+@contextlib.asynccontextmanager
+async def running(server: McpServer) -> AsyncIterator[McpServer]:
+    """``server`` serving in a task for the block."""
+    task = asyncio.create_task(server.serve())
+    try:
+        yield server
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_a_session_still_stopping_counts_against_max_sessions(
         servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     """A client that closes a session and opens the next at once gets no second process while
-    the first still stops: max_sessions bounds the processes, not the sessions still open."""
+    the first still stops (max_sessions bounds the processes): the new session waits for that
+    stop, or is refused once the serving side's open_timeout has passed."""
     alpha, beta, _ = daemons
-    events: list[SessionEvent] = []
-    config = McpConfig(max_sessions=1, stop_grace=1.5)
     # Ignores SIGTERM and outlives its server: each stop takes the whole 2 x stop_grace.
     slow_to_stop = ["sh", "-c", 'trap "" TERM; "$0"; sleep 30',
                     server_command(servers, "mcp-server-time")]
     async with (PilotClient(beta.home) as server_side,
                 PilotClient(alpha.home) as client_side):
-        server = McpServer(server_side, 95, slow_to_stop, config=config, on_event=events.append)
-        serving_task = asyncio.create_task(server.serve())
-        try:
-            async with remote_session("beta", 95, transport=client_side, config=config):
-                pass
-            with pytest.raises(McpSessionError, match=r"all 1 sessions .* \(1 still stopping\)"):
-                async with remote_session("beta", 95, transport=client_side, config=config):
+        for port, open_timeout in ((95, 30.0), (97, 1.0)):
+            events: list[SessionEvent] = []
+            config = McpConfig(max_sessions=1, stop_grace=1.5, open_timeout=open_timeout)
+            async with running(McpServer(server_side, port, slow_to_stop, config=config,
+                                         on_event=events.append)):
+                async with remote_session("beta", port, transport=client_side):
                     pass
-            assert [e.kind for e in events] == ["open", "refused"]
-            deadline = time.monotonic() + 10
-            while events[-1].kind != "end":
-                assert time.monotonic() < deadline, "the first session never stopped"
-                await asyncio.sleep(0.05)
-            async with remote_session("beta", 95, transport=client_side, config=config):
-                assert [e.kind for e in events] == ["open", "refused", "end", "open"]
-        finally:
-            serving_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving_task
+                if open_timeout > 3:
+                    async with remote_session("beta", port, transport=client_side):
+                        # where the second process started while the first still ran
+                        assert [e.kind for e in events] == ["open", "end", "open"], events
+                else:
+                    with pytest.raises(McpSessionError,
+                                       match=r"all 1 sessions .* \(1 still stopping\)"):
+                        async with remote_session("beta", port, transport=client_side):
+                            pass
+                    assert [e.kind for e in events] == ["open", "refused"], events

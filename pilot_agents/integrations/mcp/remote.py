@@ -435,6 +435,9 @@ class McpServer:
         # Ended sessions whose processes still stop: they count against max_sessions, or a
         # client closing and opening sessions in a loop would hold more processes than that.
         self.stopping: set[_Session] = set()
+        self._opening = 0  # sessions being opened: waiting for room, or starting their process
+        self._stopped = asyncio.Event()  # set (and replaced) each time a process has stopped
+        self._open_tasks: set[asyncio.Task[None]] = set()
         self._end_tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
@@ -443,6 +446,9 @@ class McpServer:
                 while True:
                     await self._dispatch(await listener.receive(timeout=None))
         finally:
+            for task in self._open_tasks:
+                task.cancel()
+            await asyncio.gather(*self._open_tasks, return_exceptions=True)
             ending = [asyncio.create_task(self._end(s, "the MCP server side is stopping"))
                       for s in list(self.sessions.values())]
             await asyncio.shield(asyncio.gather(*ending, *self._end_tasks,
@@ -471,27 +477,63 @@ class McpServer:
         elif kind[0] == Control.END:
             self._end_soon(session, kind[1] or "the client closed the session", tell=False)
 
+    def _in_use(self) -> int:
+        """Server processes running or about to: the ones max_sessions bounds."""
+        return len(self.sessions) + len(self.stopping) + self._opening
+
     async def _open(self, message: Message) -> None:
+        limit = self.config.max_sessions
+        if self._in_use() < limit:
+            self._opening += 1
+            try:
+                await self._start(message)
+            finally:
+                self._opening -= 1
+        elif len(self.sessions) + self._opening < limit:
+            # Only ended sessions still stopping are in the way, gone within 3 x stop_grace:
+            # a client that closed a session and opens the next waits for that, where a
+            # refusal would fail it for a moment's overlap. In a task: the other sessions'
+            # messages go on meanwhile.
+            self._opening += 1
+            task = asyncio.create_task(self._open_when_stopped(message))
+            self._open_tasks.add(task)
+            task.add_done_callback(self._open_tasks.discard)
+        else:
+            await self._refuse(message, f"all {limit} sessions of the MCP server are in use; "
+                               "try again later")
+
+    async def _open_when_stopped(self, message: Message) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.config.open_timeout):
+                    while self._in_use() > self.config.max_sessions:  # this one counted
+                        await self._stopped.wait()
+            except TimeoutError:
+                await self._refuse(message, f"all {self.config.max_sessions} sessions of the "
+                                   f"MCP server are in use ({len(self.stopping)} still "
+                                   "stopping); try again later")
+                return
+            await self._start(message)
+        finally:
+            self._opening -= 1
+
+    async def _refuse(self, message: Message, reason: str) -> None:
+        self._event("refused", (message.sender, message.source_port),
+                    getattr(message, "hostname", None), reason)
+        with contextlib.suppress(PilotError):
+            await message.reply(control(Control.END, reason))
+
+    async def _start(self, message: Message) -> None:
+        """The session's server process, and the session, told READY."""
         key = (message.sender, message.source_port)
         hostname = getattr(message, "hostname", None)
-        if len(self.sessions) + len(self.stopping) >= self.config.max_sessions:
-            still = f" ({len(self.stopping)} still stopping)" if self.stopping else ""
-            reason = (f"all {self.config.max_sessions} sessions of the MCP server are in "
-                      f"use{still}; try again later")
-            self._event("refused", key, hostname, reason)
-            with contextlib.suppress(PilotError):
-                await message.reply(control(Control.END, reason))
-            return
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
                 limit=self.config.max_message_bytes)
         except OSError as exc:
-            reason = f"cannot run {self.argv[0]}: {exc.strerror or exc}"
-            self._event("refused", key, hostname, reason)
-            with contextlib.suppress(PilotError):
-                await message.reply(control(Control.END, reason))
+            await self._refuse(message, f"cannot run {self.argv[0]}: {exc.strerror or exc}")
             return
         session = _Session(key, hostname, proc, message)
         self.sessions[key] = session
@@ -622,6 +664,8 @@ class McpServer:
             await self._stop(session.proc)
         finally:
             self.stopping.discard(session)
+            self._stopped.set()
+            self._stopped = asyncio.Event()
         self._event("end", session.key, session.hostname, reason, session)
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
