@@ -101,6 +101,7 @@ class ClientOptions:
 
 
 ReplyFunction = Callable[[bytes], Awaitable[Any]]
+SinceFunction = Callable[[], Awaitable[float | None]]
 # Messages whose replies failed that a Client remembers, to raise at their next reply.
 _REMEMBERED_REPLY_ERRORS = 1024
 # What a compact verb is as a confirmed (JSON) request: its command, and the field naming what
@@ -124,6 +125,7 @@ class DaemonMessage(Payload):
     hostname: str | None = None  # the sender's name, if we know it
     message_id: str | None = None  # the daemon's id for it (IPC "reply")
     _reply: ReplyFunction | None = field(default=None, repr=False)
+    _since: SinceFunction | None = field(default=None, repr=False)
 
     async def reply(self, data: bytes | str | Any) -> None:
         """Send a message back on the connection this one came from."""
@@ -131,14 +133,21 @@ class DaemonMessage(Payload):
             raise ConnectionClosedError("this message cannot be replied to")
         await self._reply(encode_payload(data))
 
+    async def since_arrival(self) -> float | None:
+        """Seconds since bytes of the stream this message came on last reached the daemon
+        (None: not known), whole messages or not."""
+        return None if self._since is None else await self._since()
 
-def _message(fields: dict[str, Any], reply: ReplyFunction) -> DaemonMessage:
+
+def _message(fields: dict[str, Any], reply: ReplyFunction, client: Client) -> DaemonMessage:
     data = fields["data"]  # bytes when it came as a payload frame
+    message_id = fields.get("id")
     return DaemonMessage(
         data=data if isinstance(data, bytes) else decode_data(data, fields["encoding"]),
         sender=fields["from"],
         port=fields["port"], source_port=fields["source_port"], hostname=fields.get("hostname"),
-        message_id=fields.get("id"), _reply=reply,
+        message_id=message_id, _reply=reply,
+        _since=functools.partial(client.arrival, message=message_id),
     )
 
 
@@ -246,7 +255,20 @@ class Client:
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
         # A peer's stream to one of our ports is its node, our port and its source port.
         flow = (fields["from"], fields["port"], fields["source_port"])
-        return _message(fields, functools.partial(self._reply, flow, fields["id"]))
+        return _message(fields, functools.partial(self._reply, flow, fields["id"]), self)
+
+    async def arrival(self, stream: str | None = None,
+                      message: str | None = None) -> float | None:
+        """IPC ``stream_arrival``: seconds since bytes of a ``stream`` of ours, or of the one
+        a received ``message`` (its id) came on, last arrived; None if none did (or the
+        message has no id)."""
+        if stream is not None:
+            reply = await self.call("stream_arrival", stream=stream)
+        elif message is not None:
+            reply = await self.call("stream_arrival", message=message)
+        else:
+            return None
+        return None if reply["since"] is None else float(reply["since"])
 
     # -- administration ----------------------------------------------------------------------
 
@@ -445,7 +467,7 @@ class DaemonConnection:
                 raise ConnectionClosedError("the connection was closed")
             await self.send(data)
 
-        return _message(fields, answer)
+        return _message(fields, answer, self._client)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
@@ -459,8 +481,7 @@ class DaemonConnection:
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the peer's side of the stream last reached the daemon (None:
         none yet), whole messages or not: a long message still arriving is not silence."""
-        since = (await self._client.call("stream_arrival", stream=self._id()))["since"]
-        return None if since is None else float(since)
+        return await self._client.arrival(stream=self._id())
 
     async def close(self) -> None:
         """Finish the stream and wait until the peer has every byte."""
@@ -785,7 +806,12 @@ async def receive(port: int, timeout: float | None = DEFAULT_TIMEOUT, *,
         async with Client(home) as replier:
             await replier.call("reply", data, message=message_id)
 
+    async def since() -> float | None:
+        async with Client(home) as asker:
+            return await asker.arrival(message=message_id)
+
     message._reply = reply
+    message._since = since
     return message
 
 

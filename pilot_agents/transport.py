@@ -80,6 +80,11 @@ class Message(Protocol):
         """Send ``data`` back on the stream this message came from."""
         ...
 
+    async def since_arrival(self) -> float | None:
+        """As :meth:`Connection.since_arrival`, for the stream this message came on (None:
+        not known): how a listener tells a peer sending a long message from a silent one."""
+        ...
+
 
 class Connection(Protocol):
     """A stream to a port on a peer: messages both ways, ordered, each delivered once.

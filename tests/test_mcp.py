@@ -49,6 +49,7 @@ from tests.conftest import (
     stop_daemons,
 )
 from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
+from tests.transport_pairs import kind_fixture, over_slow_link  # noqa: F401
 
 INITIALIZE = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
               b'"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}\n')
@@ -467,3 +468,31 @@ async def test_a_session_still_stopping_counts_against_max_sessions(
                         async with remote_session("beta", port, transport=client_side):
                             pass
                     assert [e.kind for e in events] == ["open", "refused"], events
+
+
+async def test_a_request_still_arriving_keeps_its_session(servers: Path, kind: str,
+                                                        tmp_path: Path) -> None:
+    """A request that takes longer than peer_timeout to cross a slow link is word from the
+    client while its bytes arrive (no heartbeat can pass it on its stream), where the serving
+    side ended the session as silent and the request was answered with "no such session"."""
+    config = McpConfig(heartbeat_interval=0.3, peer_timeout=1.5)
+    request = json.loads(INITIALIZE)
+    request["params"]["padding"] = "x" * 4_000_000  # 4 s at 1 MB/s
+    async with over_slow_link(kind, tmp_path, rate=1_000_000) as pair:
+        events: list[SessionEvent] = []
+        server = McpServer(pair.server.transport, 96, [server_command(servers, "mcp-server-time")],
+                           config=config, on_event=events.append)
+        serving_task = asyncio.create_task(server.serve())
+        try:
+            async with remote_session(pair.server_name, 96, transport=pair.client.transport,
+                                      config=config) as remote:
+                started = time.monotonic()
+                await remote.send(json.dumps(request).encode())
+                async with asyncio.timeout(30):
+                    assert json.loads(await remote.receive())["id"] == 1
+                assert time.monotonic() - started > config.peer_timeout  # it did take long
+            assert [e.kind for e in events] == ["open"], events
+        finally:
+            serving_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving_task

@@ -222,6 +222,8 @@ class WayBack(Protocol):
 
     async def room(self) -> None: ...
 
+    def since_arrival(self) -> float | None: ...  # seconds since the peer's bytes last came
+
 
 class ReplyPaths:
     """How to reply to a handed-out message: the way back of the stream it came on, one entry

@@ -192,7 +192,11 @@ class Messaging:
         return {}
 
     async def stream_arrival(self, req: StreamArrivalRequest) -> Reply:
-        return {"since": await self._stream(req.stream).conn.since_arrival()}
+        if req.stream is not None and req.message is None:
+            return {"since": await self._stream(req.stream).conn.since_arrival()}
+        if req.message is not None and req.stream is None:
+            return {"since": self.replies.find(req.message).since_arrival()}
+        raise BadRequestError("'stream_arrival' needs either a 'stream' or a 'message'")
 
     # -- commands: one-shot messages and ports ------------------------------------------------
 

@@ -152,8 +152,12 @@ class StreamAbortRequest(BaseRequest):
 
 
 class StreamArrivalRequest(BaseRequest):
+    """About a stream of ours (``stream``) or the one a handed-out message came on
+    (``message``, its id)."""
+
     cmd: Literal["stream_arrival"]
-    stream: str
+    stream: str | None = None
+    message: str | None = None
 
 
 class StreamHoldRequest(BaseRequest):

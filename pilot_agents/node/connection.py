@@ -167,6 +167,11 @@ class Message(Payload):
             raise ConnectionClosedError("this message cannot be replied to")
         await self._stream.send(data)
 
+    async def since_arrival(self) -> float | None:
+        """Seconds since bytes of the stream this message came on last arrived (None: not
+        known), whole messages or not."""
+        return None if self._stream is None else self._stream.since_arrival()
+
 
 class StreamHandle:
     """Our side of one stream: its inbox and the way back into the session."""
@@ -190,6 +195,12 @@ class StreamHandle:
     def undelivered(self) -> bool:
         """Something we sent may not have reached the peer's application."""
         return self.reset or self.session.stream_buffered(self.stream_id) > 0
+
+    def since_arrival(self) -> float | None:
+        """Seconds since bytes of the peer's side of the stream last arrived (None: none yet)."""
+        at = self.session.stream_last_arrival(self.stream_id)
+        endpoint = self.driver.endpoint
+        return None if at is None or endpoint is None else max(endpoint.now() - at, 0.0)
 
     def hold_tunnel(self, timeout: float | None) -> None:
         """Someone waits ``timeout`` s on this stream: the tunnel does not give up on a silent
@@ -330,10 +341,7 @@ class Connection:
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the peer's side of the stream last arrived (None: none yet),
         whole messages or not: a long message still arriving is not silence."""
-        handle = self._stream()
-        at = handle.session.stream_last_arrival(handle.stream_id)
-        endpoint = self._driver.endpoint
-        return None if at is None or endpoint is None else max(endpoint.now() - at, 0.0)
+        return self._stream().since_arrival()
 
     def hold_tunnel(self, timeout: float) -> None:
         """Someone waits ``timeout`` s for an answer on this stream: until then the tunnel

@@ -616,7 +616,8 @@ class McpServer:
         config = self.config
         while True:
             now = time.monotonic()
-            if now - session.last_heard > config.peer_timeout:
+            if now - session.last_heard > config.peer_timeout and not await self._arriving(
+                    session):
                 self._end_soon(session, f"heard nothing from the client for "
                                f"{config.peer_timeout:g} s", tell=False)
                 return
@@ -628,6 +629,19 @@ class McpServer:
                 self._end_soon(session, "the client went away", tell=False)
                 return
             await asyncio.sleep(min(config.heartbeat_interval, config.peer_timeout) / 4)
+
+    async def _arriving(self, session: _Session) -> bool:
+        """Whether bytes of the client's stream arrived within ``peer_timeout``: a long
+        message still arriving is word from the client, since no heartbeat can pass it on
+        its stream, and on a slow link it may take longer than any heartbeat interval."""
+        try:
+            since = await session.way_back.since_arrival()
+        except PilotError:  # the stream is gone: nothing more can arrive on it
+            return False
+        if since is None or since >= self.config.peer_timeout:
+            return False
+        session.last_heard = max(session.last_heard, time.monotonic() - since)
+        return True
 
     async def _reply(self, session: _Session, data: bytes) -> bool:
         try:
