@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,15 @@ def alive(pid: int, wait: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return True
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_logs_left() -> Iterator[None]:
+    """The stderr logs a failed run keeps in /tmp are of no use once its test is over."""
+    before = set(Path("/tmp").glob("pa-logs-*"))
+    yield
+    for path in set(Path("/tmp").glob("pa-logs-*")) - before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def events_of(stdout: str) -> list[dict[str, Any]]:
@@ -536,3 +546,68 @@ def test_an_mcp_step_calls_a_third_party_server(tmp_path: Path, servers: Path) -
     assert now["source"]["timezone"] == "UTC"
     assert now["target"]["timezone"] == "Europe/Paris"
     assert now["target"]["datetime"].split("T")[1].startswith(("13:00", "14:00"))
+
+
+def test_a_failed_agent_s_whole_stderr_is_kept_in_a_log(tmp_path: Path) -> None:
+    """Every line a failed agent wrote to stderr is in its log, whose path the summary gives
+    (where the failure message kept only the last line), and the log is bounded: past
+    STDERR_LOG_BYTES it says how much it left out, then gives the last lines."""
+    from pilot_agents.pipeline.run import STDERR_LOG_BYTES
+
+    (tmp_path / "noisy.py").write_text(textwrap.dedent(f"""\
+        import sys
+        def fail(state):
+            for n in range(100):
+                print(f"line {{n}}", file=sys.stderr)
+            sys.stderr.write(("." * 99 + "\\n") * ({STDERR_LOG_BYTES} // 100 + 1000))
+            print("last words", file=sys.stderr)
+            raise ValueError("no data")
+        def fine(state):
+            print("all well", file=sys.stderr)
+            return {{"x": 1}}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          broken: {steps: [{python: "noisy:fail"}]}
+          ok: {steps: [{python: "noisy:fine"}]}
+        """))
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    summary = events_of(result.stdout)[-1]
+    logs = Path(summary["logs"])
+    try:
+        broken = (logs / "broken.log").read_text()
+        assert broken.startswith("".join(f"line {n}\n" for n in range(100)))
+        assert len(broken) < STDERR_LOG_BYTES + 10_000
+        assert "bytes of stderr not kept" in broken
+        assert broken.rstrip().endswith("last words")
+        assert (logs / "ok.log").read_text() == "all well\n"
+        # the plain output names the log too
+        result = subprocess.run([*CMD, "run", str(tmp_path / "p.yaml")],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 1
+        named = Path(result.stdout.rsplit("stderr of each agent: ", 1)[1].split()[0])
+        assert named.name == "NAME.log"
+        assert (named.parent / "broken.log").read_text() == broken
+        shutil.rmtree(named.parent)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_an_event_line_too_long_to_read_fails_its_agent(tmp_path: Path) -> None:
+    """An event line of more than EVENT_LINE_LIMIT (a state of 100,000 keys, listed in the
+    `state` event) is not read: the agent fails saying so, where the line was dropped without a
+    word and the run passed."""
+    (tmp_path / "wide.py").write_text(
+        "def wide(state):\n    return {f'key_{n:06d}': n for n in range(100_000)}\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          a: {steps: [{python: "wide:wide"}]}
+        """))
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    summary = events_of(result.stdout)[-1]
+    assert summary["agents"]["a"]["status"] == "failed"
+    assert "event line of more than 1048576 bytes" in summary["agents"]["a"]["error"]

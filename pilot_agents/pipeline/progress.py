@@ -114,6 +114,8 @@ class Progress:
         for name, agent in event["agents"].items():
             error = f": {agent['error']}" if agent.get("error") else ""
             self._print(f"  {name}: {agent['status']}{error}")
+        if event.get("logs"):
+            self._print(f"stderr of each agent: {event['logs']}/NAME.log")
 
     def _print(self, line: str) -> None:
         # The run goes on without its reader (`| head`, a closed terminal): an error here would

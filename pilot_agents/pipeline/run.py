@@ -57,6 +57,8 @@ TRUST_POLL = 0.2  # seconds between looks at the trust store while trust becomes
 EVENT_LINE_LIMIT = 1 << 20  # bytes of one event line read from an agent process
 FOLLOW_GRACE = 5.0  # seconds to read an ended agent's last output (its pipes may outlive it)
 STDERR_LINES = 20  # lines of an agent process's stderr kept for its failure's message
+STDERR_LOG_BYTES = 8 << 20  # of a process's stderr written to its log; then only its last lines
+STDERR_LINE_BYTES = 4096  # of one stderr line kept for a failure's message (its end)
 
 
 def cli_command(*args: str) -> list[str]:
@@ -351,10 +353,12 @@ class AgentProcess:
     name: str
     home: Path
     proc: asyncio.subprocess.Process
+    log: Path  # all of its stderr (up to STDERR_LOG_BYTES)
     status: str = "starting"
     error: str | None = None
     # The end of its stderr: why it failed when it could not say so in an event.
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
+    event_too_long: bool = False  # it wrote an event line the run could not read
 
 
 async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -380,6 +384,7 @@ async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subproce
 class ServiceProcess:
     name: str
     proc: asyncio.subprocess.Process
+    log: Path  # all of its stderr (up to STDERR_LOG_BYTES)
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
     reader: asyncio.Task[None] | None = None
 
@@ -426,13 +431,15 @@ async def _until_ready(service: ServiceProcess, ready: Ready) -> None:
                 await asyncio.wait_for(service.reader, FOLLOW_GRACE)
         said = next((line for line in reversed(service.stderr) if line.strip()), "")
         raise PipelineError(f"service {service.name} exited with status {proc.returncode} "
-                            f"before it was ready: {said or 'it said nothing'}")
+                            f"before it was ready: {said or 'it said nothing'} (all its "
+                            f"stderr: {service.log})")
 
 
 async def start_service(name: str, service: Service, folder: Path, environ: Mapping[str, str],
-                        emit: Emit) -> ServiceProcess:
+                        emit: Emit, logs: Path) -> ServiceProcess:
     """Start ``service`` in ``folder`` and wait until it is ready; PipelineError (with the end
-    of its stderr) if it exits or is not ready in time."""
+    of its stderr; all of it is in ``logs``/service-NAME.log) if it exits or is not ready in
+    time."""
     try:
         proc = await asyncio.create_subprocess_exec(
             service.command, *service.args, cwd=folder, env={**environ, **service.env},
@@ -442,8 +449,8 @@ async def start_service(name: str, service: Service, folder: Path, environ: Mapp
         raise PipelineError(f"service {name}: cannot start {service.command}: "
                             f"{exc.strerror}") from None
     assert proc.stderr is not None
-    started = ServiceProcess(name, proc)
-    started.reader = asyncio.create_task(_tail(proc.stderr, started.stderr))
+    started = ServiceProcess(name, proc, logs / f"service-{name}.log")
+    started.reader = asyncio.create_task(_keep_stderr(proc.stderr, started.log, started.stderr))
     emit({"event": "service", "service": name, "status": "starting", "pid": proc.pid,
           "time": time.time()})
     if service.ready is not None:
@@ -477,11 +484,15 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
 
 
 async def _follow(agent: AgentProcess, emit: Emit) -> None:
-    """Pass an agent process's events on, as they come; keep the end of its stderr (read, so
-    a chatty agent never blocks on a full pipe)."""
+    """Pass an agent process's events on, as they come; keep its stderr (read, so a chatty
+    agent never blocks on a full pipe). An event line too long to read fails the agent: it
+    may have been any event, its end included."""
     assert agent.proc.stdout is not None and agent.proc.stderr is not None
-    errors = asyncio.create_task(_tail(agent.proc.stderr, agent.stderr))
+    errors = asyncio.create_task(_keep_stderr(agent.proc.stderr, agent.log, agent.stderr))
     async for raw in _lines(agent.proc.stdout):
+        if raw is None:
+            agent.event_too_long = True
+            continue
         try:
             event = json.loads(raw)
         except ValueError:
@@ -493,21 +504,48 @@ async def _follow(agent: AgentProcess, emit: Emit) -> None:
         emit(event)
     await errors
     await agent.proc.wait()
+    if agent.event_too_long:
+        said = f"{agent.error}; and " if agent.status != "ok" and agent.error else ""
+        agent.status = "failed"
+        agent.error = (f"{said}it wrote an event line of more than {EVENT_LINE_LIMIT} bytes, "
+                       "which the run does not read (its progress and end may be among them)")
 
 
-async def _tail(stream: asyncio.StreamReader, into: deque[str]) -> None:
-    async for raw in _lines(stream):
-        into.append(raw.decode(errors="replace").rstrip())
+async def _keep_stderr(stream: asyncio.StreamReader, log: Path, tail: deque[str]) -> None:
+    """All of a process's stderr into ``log``, up to STDERR_LOG_BYTES: past them, how many
+    bytes were left out, then its last lines, which ``tail`` keeps as they come (for a failure's
+    message). Read in chunks, not lines: a line of any length (a progress bar redrawn in place,
+    a blob printed whole) is read on, where a pipe no longer read fills up and blocks its
+    writer, the process hung until killed."""
+    written = left_out = 0
+    partial = b""  # the line not ended yet (its last STDERR_LINE_BYTES)
+    with log.open("wb") as out:
+        while chunk := await stream.read(65536):
+            room = max(STDERR_LOG_BYTES - written, 0)
+            out.write(chunk[:room])
+            written += min(len(chunk), room)
+            left_out += max(len(chunk) - room, 0)
+            *lines, partial = (partial + chunk).split(b"\n")
+            partial = partial[-STDERR_LINE_BYTES:]
+            tail.extend(line[-STDERR_LINE_BYTES:].decode(errors="replace").rstrip()
+                        for line in lines)
+        if partial:
+            tail.append(partial.decode(errors="replace").rstrip())
+        if left_out:
+            out.write(f"\n[pilot-agents: {left_out} more bytes of stderr not kept (a log keeps "
+                      f"the first {STDERR_LOG_BYTES}); the last lines:]\n".encode())
+            out.write("\n".join(tail).encode() + b"\n")
 
 
-async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """The stream's lines until its end. A line longer than the stream's limit (a progress bar
-    redrawn in place, a blob printed whole) is dropped, not the end of the reading: a pipe no
-    longer read fills up and blocks its writer, the process hung until killed."""
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes | None]:
+    """The stream's lines until its end; None for a line longer than the stream's limit,
+    which is skipped, not the end of the reading (a pipe no longer read would fill up and
+    block its writer)."""
     while True:
         try:
             line = await stream.readline()
         except ValueError:  # readline has discarded what it read of the long line
+            yield None
             continue
         if not line:
             return
@@ -524,6 +562,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     beacon = beacon or spec.beacon
     scratch = Path(tempfile.mkdtemp(prefix="pa-run-", dir="/tmp")) if homes is None else None
     root = homes or scratch
+    # Outside the homes, which may be removed at the end: kept unless every agent succeeded.
+    logs = Path(tempfile.mkdtemp(prefix="pa-logs-", dir="/tmp"))
     assert root is not None
     begun = time.monotonic()
 
@@ -544,7 +584,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         emit({"event": "pipeline", "name": pipeline.name, "file": str(pipeline.path),
               "beacon": beacon, "agents": list(spec.agents), "time": time.time()})
         for name, service in spec.services.items():
-            services.append(await start_service(name, service, pipeline.folder, environ, emit))
+            services.append(await start_service(name, service, pipeline.folder, environ, emit,
+                                                logs))
         for name in spec.agents:
             home = root / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -554,7 +595,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True,
                 limit=EVENT_LINE_LIMIT, env=environ)
-            agents.append(AgentProcess(name, home, proc))
+            agents.append(AgentProcess(name, home, proc, logs / f"{name}.log"))
         followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
         # asyncio.wait, not gather: a cancel (Ctrl-C) leaves the followers reading, so each
@@ -583,10 +624,16 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
             agent.error = said[-1].removeprefix("error: ") if said else \
                 f"exited with status {agent.proc.returncode}"
     ok = bool(agents) and all(a.status == "ok" for a in agents)
-    emit({"event": "summary", "ok": ok, "duration": time.monotonic() - begun,
-          "time": time.time(), "interrupted": interrupted,
-          "agents": {a.name: {"status": a.status, "error": a.error,
-                              "exit_code": a.proc.returncode} for a in agents}})
+    summary: Event = {
+        "event": "summary", "ok": ok, "duration": time.monotonic() - begun, "time": time.time(),
+        "interrupted": interrupted,
+        "agents": {a.name: {"status": a.status, "error": a.error, "exit_code": a.proc.returncode}
+                   for a in agents}}
+    if ok:
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        summary["logs"] = str(logs)
+    emit(summary)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if ok else EXIT_FAILED
