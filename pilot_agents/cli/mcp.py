@@ -95,9 +95,13 @@ def serve_cmd(ctx: Context) -> int:
     async def body(client: Client) -> int:
         server = McpServer(client, args.port, argv, config=config,
                            on_event=on_event if ctx.json else None)
-        print(f"Serving MCP server {shlex.join(argv)} on port {args.port} (up to "
-              f"{config.max_sessions} sessions); Ctrl-C stops.", file=sys.stderr, flush=True)
-        await server.serve()
+
+        def listening() -> None:  # not before: a client reaching the port then was refused
+            print(f"Serving MCP server {shlex.join(argv)} on port {args.port} (up to "
+                  f"{config.max_sessions} sessions); Ctrl-C stops.", file=sys.stderr,
+                  flush=True)
+
+        await server.serve(listening)
         return EXIT_OK
 
     return ctx.run_client(body, EXIT_OK)

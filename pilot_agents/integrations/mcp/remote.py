@@ -440,9 +440,12 @@ class McpServer:
         self._open_tasks: set[asyncio.Task[None]] = set()
         self._end_tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self) -> None:
+    async def serve(self, listening: Callable[[], None] | None = None) -> None:
+        """Serve until cancelled; ``listening`` is called once the port is listened on."""
         try:
             async with self.transport.listen(self.port) as listener:
+                if listening is not None:
+                    listening()
                 while True:
                     await self._dispatch(await listener.receive(timeout=None))
         finally:
