@@ -16,7 +16,13 @@ from pilot_agents.pipeline.graph import build_graph
 from pilot_agents.pipeline.load import InvalidPipeline, parse
 from pilot_agents.pipeline.pubsub import PublishNode
 from tests.conftest import ROOT
-from tests.test_pipeline_run import CMD, alive, daemon_pids, events_of
+from tests.test_pipeline_run import (  # noqa: F401 (no_logs_left: a fixture)
+    CMD,
+    alive,
+    daemon_pids,
+    events_of,
+    no_logs_left,
+)
 from tests.test_pubsub import until_subscribed
 from tests.transport_pairs import embedded
 
