@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import Client, PilotError, PilotTimeoutError, Transport, ipc
-from pilot_agents.errors import ConnectionClosedError, RemoteError, WireError
+from pilot_agents.errors import ConfigError, ConnectionClosedError, RemoteError, WireError
 from pilot_agents.node import Connection, Node
 from pilot_agents.patterns import (
     Overflow,
@@ -539,18 +539,17 @@ class Meter:
             assert mb * 2**20 < RSS_GROWTH_LIMIT, f"{name} grew {mb:.0f} MB ({what})"
 
 
-async def test_a_request_its_daemon_refuses_fails_at_once_and_the_next_ones_go_on(
+async def test_a_request_too_large_fails_at_once_and_the_next_ones_go_on(
         tmp_path: Path) -> None:
-    """A request the requester's daemon refuses (a payload over its limit) raises the daemon's
-    error at once, not at its timeout; its stream goes with it (what the peer gets is no longer
-    what was sent), and the next requests go on a new one."""
+    """A request over the daemon's payload limit (a tunnel message's) raises at once, not at its
+    timeout, before it reaches the daemon (which would refuse it); the next requests go on."""
     async with daemon_sides("static peers", tmp_path) as (client, server, _):
         assert client.client is not None
         async with serving(server.transport, 7503, echo), \
                 Requester(client.client, ReqRepConfig(streams_per_peer=1)) as requester:
             assert (await requester.request("beta", 7503, b"ok", timeout=5)).data == b"ok"
             started = time.monotonic()
-            with pytest.raises(PilotError, match="more than the daemon's limit"):
+            with pytest.raises(ConfigError, match="largest message a tunnel carries"):
                 await requester.request("beta", 7503, b"x" * (64 * 2**20 + 1), timeout=30)
             assert time.monotonic() - started < 10
             for n in range(3):

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from pilot_agents import PilotTimeoutError
-from pilot_agents.errors import ConnectionClosedError, PilotError, RemoteError, WireError
+from pilot_agents.errors import (
+    ConfigError,
+    ConnectionClosedError,
+    PilotError,
+    RemoteError,
+    WireError,
+)
 from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serving
-from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
+from pilot_agents.patterns.frames import MAX_MESSAGE, Kind, encode_frame, parse_frame_untrusted
+from pilot_agents.patterns.reqrep import Reply
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 log = logging.getLogger("tests.reqrep")
@@ -74,21 +83,31 @@ async def test_requests_beyond_max_in_flight_wait_their_turn(pair: Pair) -> None
         assert peak == 2
 
 
-async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
+@contextlib.asynccontextmanager
+async def one_stream_held(
+        pair: Pair, port: int, answers: dict[str, object] | None = None,
+) -> AsyncIterator[tuple[Requester, asyncio.Event, asyncio.Task[Reply]]]:
+    """A requester with one stream to ``port``, on which the request "slow" waits for its reply
+    until the event is set; another request is answered with ``answers[its text]``, or its
+    text."""
     release = asyncio.Event()
 
     async def handler(request: Request) -> object:
         if request.text() == "slow":
             await release.wait()
-        return request.text()
+        return (answers or {}).get(request.text(), request.text())
 
     async with (
-        serving(pair.server.transport, 7003, handler),
+        serving(pair.server.transport, port, handler),
         Requester(pair.client.transport, ReqRepConfig(streams_per_peer=1)) as requester,
     ):
-        slow = asyncio.create_task(
-            requester.request(pair.server_name, 7003, "slow", timeout=10))
+        slow = asyncio.create_task(requester.request(pair.server_name, port, "slow", timeout=30))
         await asyncio.sleep(0.2)
+        yield requester, release, slow
+
+
+async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
+    async with one_stream_held(pair, 7003) as (requester, release, slow):
         fast = await requester.request(pair.server_name, 7003, "fast", timeout=5)
         assert fast.text() == "fast" and not slow.done()
         release.set()
@@ -203,3 +222,22 @@ async def test_a_stream_opened_after_close_is_aborted_not_kept() -> None:
     with pytest.raises(ConnectionClosedError, match="requester was closed"):
         await request
     assert opened and aborted == opened
+
+
+async def test_a_request_or_reply_that_cannot_be_sent_fails_alone(pair: Pair) -> None:
+    """A request larger than a tunnel message is the caller's mistake, said at once; a handler's
+    return value that is not bytes, str or JSON, or is larger than a tunnel message, reaches its
+    requester as a RemoteError saying so, at once. Sent, such a frame reset the stream others
+    wait on (or had the daemon refuse it, and the stream was dropped): they failed with it, and
+    an unsendable reply was never answered, its requester waiting for its timeout."""
+    answers = {"object": object(), "huge": b"x" * (MAX_MESSAGE + 1)}
+    async with one_stream_held(pair, 7010, answers) as (requester, release, slow):
+        with pytest.raises(ConfigError, match="largest message"):
+            await requester.request(pair.server_name, 7010, answers["huge"], timeout=20)
+        with pytest.raises(RemoteError, match="cannot send object") as info:
+            await requester.request(pair.server_name, 7010, "object", timeout=20)
+        assert info.value.remote_type == "ConfigError"
+        with pytest.raises(RemoteError, match="largest message"):
+            await requester.request(pair.server_name, 7010, "huge", timeout=20)
+        release.set()
+        assert (await slow).text() == "slow"

@@ -12,13 +12,14 @@ import logging
 import struct
 from typing import NamedTuple
 
-from ..errors import WireError
+from ..errors import ConfigError, WireError
 
 _HEADER = struct.Struct("!BQ")
 HEADER_SIZE = _HEADER.size
 # The largest message a tunnel (SessionConfig.max_message_size) and a daemon
 # (DaemonOptions.max_payload_bytes) take by default: a larger frame resets its stream.
 MAX_MESSAGE = 64 * 2**20
+MAX_PAYLOAD = MAX_MESSAGE - HEADER_SIZE  # the most a frame carries in one tunnel message
 
 
 class Kind(enum.IntEnum):
@@ -60,6 +61,16 @@ def note_malformed(log: logging.Logger, count: int, text: str, *args: object) ->
 
 def encode_frame(kind: Kind, frame_id: int, payload: bytes) -> bytes:
     return _HEADER.pack(kind, frame_id) + payload
+
+
+def check_fits(what: str, payload: bytes) -> bytes:
+    """``payload``, or :class:`ConfigError` if its frame is larger than a tunnel message: sent,
+    it would reset (or have the daemon refuse) a stream that others' frames share."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ConfigError(f"{what} of {len(payload)} bytes: the largest message a tunnel "
+                          f"carries is {MAX_MESSAGE} bytes, {HEADER_SIZE} of them the frame's "
+                          "header")
+    return payload
 
 
 def parse_frame_untrusted(data: bytes) -> Frame:

@@ -66,9 +66,8 @@ from ..transport import (
     receive_unless_silent,
 )
 from .frames import (
-    HEADER_SIZE,
     MAX_HEARTBEAT_MS,
-    MAX_MESSAGE,
+    MAX_PAYLOAD,
     Frame,
     Kind,
     encode_credit,
@@ -79,7 +78,7 @@ from .frames import (
 )
 
 log = logging.getLogger("pilot_agents.patterns.pushpull")
-MAX_ITEM = MAX_MESSAGE - HEADER_SIZE  # the largest item: its frame is one tunnel message
+MAX_ITEM = MAX_PAYLOAD  # the largest item: its frame is one tunnel message
 
 T = TypeVar("T")
 Send = Callable[[bytes], Awaitable[None]]  # one link's way to its other end

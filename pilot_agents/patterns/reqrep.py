@@ -17,7 +17,9 @@ reply, raised at the requester as :class:`~pilot_agents.errors.RemoteError`; a s
 (the replier's node went away, its tunnel closed) fails every request waiting on it at once, as
 does a malformed reply: the stream is dropped and its requests raise
 :class:`~pilot_agents.errors.WireError` (a reply to an unknown id is only ignored: it may be a
-late one).
+late one). A request larger than a tunnel message raises :class:`~pilot_agents.errors.ConfigError`
+before it is sent, and a handler's return value that cannot be sent (not bytes, str or JSON, or
+too large) goes back as an error reply: neither touches the stream the others share.
 
 Delivery: a request reaches the replier at most once (after a timeout a requester cannot know
 whether the replier saw it, so it never resends one). The one resend: when the replier's node
@@ -60,6 +62,7 @@ from ..transport import (
 )
 from .frames import (
     Kind,
+    check_fits,
     encode_error,
     encode_frame,
     note_malformed,
@@ -103,7 +106,9 @@ class Request(Payload):
     answered: bool = False
 
     async def reply(self, data: object) -> None:
-        await self._answer(Kind.REPLY, encode_payload(data))
+        """Answer with ``data``; :class:`ConfigError` (and the request still unanswered) if it
+        is not bytes, str or JSON, or is larger than a tunnel message."""
+        await self._answer(Kind.REPLY, _reply_payload(data))
 
     async def fail(self, error: BaseException) -> None:
         """Answer with an error: the requester raises :class:`RemoteError` naming its type."""
@@ -122,6 +127,10 @@ class Request(Payload):
             await self._message.reply(frame)
         elif not way_back.write(frame):
             await way_back.room()
+
+
+def _reply_payload(data: object) -> bytes:
+    return check_fits("a reply", encode_payload(data))
 
 
 @runtime_checkable
@@ -278,8 +287,9 @@ class Requester:
 
     async def request(self, peer: str, port: int, data: object,
                       timeout: float = DEFAULT_TIMEOUT) -> Reply:
-        """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply."""
-        payload = encode_payload(data)
+        """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply;
+        :class:`ConfigError` at once if it is larger than a tunnel message."""
+        payload = check_fits("a request", encode_payload(data))
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -566,18 +576,25 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
     bound on concurrent handlers, without a task (3 us) and a semaphore per request."""
     port = replier.port
 
+    async def answer(request: Request) -> None:
+        try:
+            result = await handler(request)
+            if request.answered:
+                return
+            # Encoded here, so that a value that cannot be sent (not JSON, larger than a
+            # tunnel message) is an error reply too: else its requester waits for its timeout.
+            payload = _reply_payload(result)
+        except Exception as exc:  # the handler's failure is the requester's to see
+            log.info("handler for port %d raised %s: %s", port, type(exc).__name__, exc)
+            await request.fail(exc)
+        else:
+            await request._answer(Kind.REPLY, payload)
+
     async def work() -> None:
         while replier._listener is not None:  # as `async for`, without an async generator
             request = await replier.receive(timeout=None)
             try:
-                try:
-                    result = await handler(request)
-                except Exception as exc:  # the handler's failure is the requester's to see
-                    log.info("handler for port %d raised %s: %s", port, type(exc).__name__, exc)
-                    await request.fail(exc)
-                else:
-                    if not request.answered:
-                        await request.reply(result)
+                await answer(request)
             except PilotError as exc:  # the requester went away before its answer
                 log.info("could not answer %s on port %d: %s", request.sender, port, exc)
 
