@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -362,3 +365,33 @@ def test_a_subscriber_that_stops_reading(daemon_pair: Pair) -> None:
             sub.send_signal(signal.SIGINT)
             sub.communicate(timeout=30)
             ipc_call(b.home, cmd="unpublish", port=port)
+
+
+def running(marker: str) -> list[int]:
+    """The processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+async def test_a_command_past_its_timeout_is_killed_with_every_process_it_started() -> None:
+    """A pipeline through a shell (what ``--help`` suggests for pipes), or a command that
+    starts one in the background that keeps its output open: killing the shell alone left its
+    children running, and the wait for the shell's end waited for theirs."""
+    config = ExecConfig(timeout=1)
+    marker = f"{os.getpid()}{time.monotonic_ns() % 10**6}"  # a sleep nobody else runs
+    started = time.monotonic()
+    with pytest.raises(CommandFailedError, match="took longer than 1 s"):
+        await run_command(["sh", "-c", f"sleep 30.{marker} | cat"], b"", config)
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(0.2)
+    assert running(f"sleep 30.{marker}") == []
+    with pytest.raises(CommandFailedError, match=r"sh exited \(status 0\), but a process it "
+                       "started still held its stdout or stderr after 1 s and was killed"):
+        await run_command(["sh", "-c", f"sleep 40.{marker} & echo started"], b"", config)
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(0.2)
+    assert running(f"sleep 40.{marker}") == []

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -244,18 +246,26 @@ class _Server:
 async def run_command(argv: list[str], data: bytes, config: ExecConfig) -> bytes:
     """Run ``argv`` with ``data`` on its stdin; its stdout. CommandFailedError if it exits
     non-zero, is killed at ``config.timeout``, or writes more than ``config.max_reply_bytes``:
-    the message has the end of its stderr."""
+    the message has the end of its stderr. It runs in a process group of its own, killed
+    whole: a shell's pipeline, or what it started in the background, goes with it."""
     name = argv[0]
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         raise CommandFailedError(f"cannot run {name}: {exc.strerror or exc}") from None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
     tail = bytearray()
     too_much = False
+
+    def kill() -> None:
+        # The group, not the process alone: its children hold our pipes, and the wait for it
+        # ends only once they are closed (a pipeline past its timeout held its request, and
+        # a slot of --concurrency, until its last process ended by itself).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     async def feed() -> None:
         # A command that does not read its stdin (or exits early) closes the pipe: fine.
@@ -271,7 +281,7 @@ async def run_command(argv: list[str], data: bytes, config: ExecConfig) -> bytes
             out += chunk
             if len(out) > config.max_reply_bytes:
                 too_much = True
-                proc.kill()
+                kill()
                 return b""
         return bytes(out)
 
@@ -290,13 +300,16 @@ async def run_command(argv: list[str], data: bytes, config: ExecConfig) -> bytes
             _, output, _ = await asyncio.gather(feed(), read_stdout(), read_stderr())
             status = await proc.wait()
     except TimeoutError:
+        if proc.returncode is not None:  # it ended; what it started kept its output open
+            raise CommandFailedError(
+                f"{name} exited (status {proc.returncode}), but a process it started still "
+                f"held its stdout or stderr after {config.timeout:g} s and was killed (send "
+                f"a background process's output elsewhere){said()}") from None
         raise CommandFailedError(
             f"{name} took longer than {config.timeout:g} s and was killed{said()}") from None
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        kill()  # what is left of its group, if anything: nothing outlives its run
+        await proc.wait()
     if too_much:
         raise CommandFailedError(
             f"{name} wrote more than {config.max_reply_bytes} bytes and was killed{said()}")
