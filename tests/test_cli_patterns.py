@@ -183,6 +183,8 @@ def test_request_and_serve_mistakes(daemon_pair: Pair) -> None:
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "tr 'a-z"), 2,
                           "cannot split --exec")
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", ""), 2, "needs a command")
+    assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "cat", "--max-reply-bytes",
+                              str(64 * 2**20), timeout=10), 2, "--max-reply-bytes: at most")
     # A port is a publisher's or a client's, not both.
     assert_one_line_error(cli(a.home, "publish", "1001", "t", "--data", "x"), 2,
                           "port 1001 is listened on by a client")

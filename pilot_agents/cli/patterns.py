@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
+from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pubsub import Overflow, Publication, Subscriber
 from ..patterns.reqrep import Replier, Request, Requester
 from ..sdk import Client
@@ -45,6 +46,10 @@ class ExecConfig:
                               "stderr_tail_bytes at least 0")
         if not self.timeout > 0:
             raise ConfigError("ExecConfig.timeout must be positive")
+        if self.max_reply_bytes > MAX_PAYLOAD:
+            # A larger reply cannot be sent: its requester would get no answer but a timeout.
+            raise ConfigError(f"--max-reply-bytes: at most {MAX_PAYLOAD}, the largest reply a "
+                              "tunnel message carries")
 
 
 _DEFAULTS = ExecConfig()
