@@ -160,6 +160,20 @@ def test_listening_pusher(trio: Trio) -> None:
     assert sorted(int(str(i["data"])) for i in items) == list(range(20))
 
 
+def test_an_item_too_large_ends_the_push_once_those_before_it_are_done(trio: Trio) -> None:
+    """A line too large to be an item stops the push, but not before the items pushed ahead of
+    it are acknowledged: ended at once, the pusher dropped its links, and the items still
+    queued at a puller went with them, none of it said."""
+    a, b, _ = trio
+    worker = pull(b.home, 4009, "--json", "--exec", "sh -c 'sleep 0.2; cat'")
+    lines = "".join(f"{n}\n" for n in range(5)) + "x" * (5 * 2**20) + "\nafter\n"
+    result = cli(a.home, "push", "beta", "4009", "--stdin", input=lines, timeout=90)
+    assert_one_line_error(result, 2, "item 6 is 5242880 bytes", "the 5 before it were pushed "
+                          "and acknowledged")
+    got = stop(worker)
+    assert sorted(str(i["data"]) for i in got) == [str(n) for n in range(5)]
+
+
 def test_mistakes_and_timeouts(trio: Trio) -> None:
     a, b, _ = trio
     assert_one_line_error(cli(a.home, "push", "4007", "--data", "x"), 2,

@@ -105,6 +105,14 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
             await _linked(pusher, args.wait_for, args.timeout)
         try:
             async for item in _items(ctx):
+                if len(item) > pusher.config.window_bytes:
+                    # The items before it are done first: a pusher closed now would drop its
+                    # links, and what its pullers still held of them with them.
+                    await pusher.join(timeout=args.timeout)
+                    raise ConfigError(f"item {pushed + 1} is {len(item)} bytes, more than a "
+                                      f"puller takes ({pusher.config.window_bytes}): the "
+                                      f"{pushed} before it were pushed and acknowledged, none "
+                                      "after it was pushed")
                 await pusher.push(item, timeout=args.timeout)
                 pushed += 1
         except PilotTimeoutError as exc:
