@@ -520,31 +520,64 @@ async def test_a_puller_refused_by_a_full_pusher_backs_off(tmp_path: Path) -> No
             assert 1 <= pusher.refused <= 12, pusher.refused
 
 
+def delayed(send: Callable[[bytes], Awaitable[None]]) -> Callable[[bytes], Awaitable[None]]:
+    """``send``, 0.3 s late: a frame that waits to leave, as the daemon's SDK can make it."""
+    async def slow(frame: bytes) -> None:
+        await asyncio.sleep(0.3)
+        await send(frame)
+
+    return slow
+
+
+@contextlib.asynccontextmanager
+async def one_link(tmp_path: Path, port: int,
+                   window_items: int) -> AsyncIterator[tuple[Puller, Pusher]]:
+    """A pusher linked to one puller (``auto_ack`` off), on embedded nodes."""
+    async with embedded_cluster(tmp_path) as cluster:
+        config = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
+                                window_items=window_items)
+        async with cluster.puller(0, port, config, auto_ack=False) as puller, \
+                cluster.pusher(port, 1, config) as pusher:
+            await until(lambda: bool(pusher.connected), "linked")
+            yield puller, pusher
+
+
 async def test_a_push_cancelled_while_its_item_leaves_holds_no_room(tmp_path: Path) -> None:
     """Cancelled while its frame waits to leave (as the daemon's SDK can make it wait), the
     item may or may not have reached its puller: its link goes, and the item with the rest to
     a puller, rather than hold its room on the link for good."""
-    async with embedded_cluster(tmp_path) as cluster:
-        config = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3,
-                                window_items=2)
-        async with cluster.puller(0, 9500, config, auto_ack=False) as puller, \
-                cluster.pusher(9500, 1, config) as pusher:
-            await until(lambda: bool(pusher.connected), "linked")
-            link = next(iter(pusher._links.values()))
-            send = link.send
+    async with one_link(tmp_path, 9500, 2) as (puller, pusher):
+        link = next(iter(pusher._links.values()))
+        link.send = delayed(link.send)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pusher.push("job"), 0.05)
+        await pusher.push("next", timeout=10)
+        received = []
+        for _ in range(2):
+            item = await puller.receive(10)
+            received.append(item.data)
+            await item.ack()
+        assert sorted(received) == [b"job", b"next"]  # the cancelled one was not lost
+        await pusher.join(10)  # nor is its room held
 
-            async def slow(frame: bytes) -> None:
-                await asyncio.sleep(0.3)
-                await send(frame)
 
-            link.send = slow
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(pusher.push("job"), 0.05)
-            await pusher.push("next", timeout=10)
-            received = []
-            for _ in range(2):
-                item = await puller.receive(10)
-                received.append(item.data)
-                await item.ack()
-            assert sorted(received) == [b"job", b"next"]  # the cancelled one was not lost
-            await pusher.join(10)  # nor is its room held
+async def test_an_acknowledgement_cancelled_as_it_leaves_holds_no_credit(tmp_path: Path) -> None:
+    """An ack cancelled while its frame waits to leave may never reach the pusher, which then
+    held that item's room on the link for good, and its join waited for an item long done.
+    The link goes instead: the pusher sends what it had not heard acknowledged again (at
+    least once), and the work goes on."""
+    async with one_link(tmp_path, 9600, 1) as (puller, pusher):
+        await pusher.push("job")
+        item = await puller.receive(10)
+        item._feed.send = delayed(item._feed.send)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(item.ack(), 0.05)
+        pushing = asyncio.create_task(pusher.push("next", timeout=10))
+        again = await puller.receive(10)  # on a new link: the one window is free again
+        assert (again.data, again.redelivered) == (b"job", True)
+        await again.ack()
+        last = await puller.receive(10)
+        assert last.data == b"next"
+        await pushing
+        await last.ack()
+        await pusher.join(10)  # nothing is held for the ack that never left

@@ -243,7 +243,8 @@ class WorkItem(Payload):
     async def ack(self) -> None:
         """The item is done: its pusher forgets it and may send another. Acknowledging twice
         does nothing. If the link to the pusher broke meanwhile, the pusher has already given
-        the item to another puller (at least once)."""
+        the item to another puller (at least once). Cancelled while the acknowledgement leaves,
+        it drops the link: the pusher sends what it had not heard acknowledged again."""
         if not self.acked:
             self.acked = True
             await self._puller._ack(self)
@@ -449,7 +450,16 @@ class Puller:
         feed.in_flight -= 1
         feed.in_flight_bytes -= len(item.data)
         if not feed.gone:
-            await self._send(feed, feed.send, encode_frame(Kind.ACK, item.id, b""))
+            try:
+                await self._send(feed, feed.send, encode_frame(Kind.ACK, item.id, b""))
+            except asyncio.CancelledError:
+                # Cancelled while its frame waited to leave (the daemon's SDK may wait before
+                # handing it over): one the pusher never hears holds the item's room on the
+                # link for good, and its join waits for it. The link goes, with a BYE, and the
+                # pusher sends what it did not hear acknowledged again (at least once).
+                self._drop(feed)
+                self._tasks.spawn(self._send(None, feed.send, _BYE))
+                raise
 
     async def _beat(self) -> None:
         while True:
