@@ -146,13 +146,19 @@ def test_serve_kills_a_command_past_its_timeout_or_its_output_limit(daemon_pair:
         assert_one_line_error(result, 13, "wrote more than 100 bytes and was killed")
 
 
-def test_request_timeout(daemon_pair: Pair) -> None:
+def test_request_timeout_kills_the_command_it_gave_up_on(daemon_pair: Pair) -> None:
+    """The requester tells the server it gave up: the command (a long model call, say) is
+    killed then, not left running until its own --timeout (60 s by default)."""
     a, b = daemon_pair
-    with serving(b.home, 5005, "--exec", "sleep 30"):
+    with serving(b.home, 5005, "--exec", "sleep 30") as server:
         started = time.monotonic()
         result = cli(a.home, "request", "beta", "5005", "--data", "x", "--timeout", "1")
         assert_one_line_error(result, 10, "no reply from beta port 5005 within 1")
         assert time.monotonic() - started < 15
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+        wait_for(lambda: children.read_text().strip() == "", timeout=10)
+    out, _ = finish(server)
+    assert "error: the requester gave up (timed out or cancelled); the command was killed" in out
 
 
 def test_a_server_stopped_mid_request_answers_it_with_an_error(daemon_pair: Pair) -> None:

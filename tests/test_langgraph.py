@@ -448,6 +448,17 @@ async def test_a_call_that_times_out_cancels_the_remote_run(pair: Pair) -> None:
         await asyncio.wait_for(cancelled.wait(), 10)
 
 
+async def test_a_pilot_request_that_times_out_cancels_the_served_graph(pair: Pair) -> None:
+    """A bare request names no run, but req/rep's CANCEL stops the handler running it."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    ask = PilotRequest(pair.server_name, 7215, key="question", result_key="answer", timeout=1,
+                       transport=pair.client.transport)
+    async with serving_graph(gated_graph(release, cancelled), 7215, pair.server.transport):
+        with pytest.raises(PilotTimeoutError, match="within 1"):
+            await ask.ainvoke({"question": {"question": "q"}})  # the served graph's input
+        await asyncio.wait_for(cancelled.wait(), 10)
+
+
 async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:
     """A served graph with a checkpointer: the caller's thread_id is its thread, an interrupt
     comes back as LangGraph's Interrupt, and Command(resume=...) goes there."""

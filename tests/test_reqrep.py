@@ -179,7 +179,8 @@ async def test_a_replier_that_goes_away_mid_request_fails_the_requester(pair: Pa
 async def test_malformed_frames_from_a_trusted_peer_are_dropped(pair: Pair) -> None:
     async with serving(pair.server.transport, 7007, echo):
         # Garbage straight onto the port, then a real request: the replier goes on.
-        for junk in (b"", b"\x01", b"\x09" + bytes(8), encode_frame(Kind.REPLY, 1, b"x")):
+        for junk in (b"", b"\x01", b"\x09" + bytes(8), encode_frame(Kind.REPLY, 1, b"x"),
+                     encode_frame(Kind.CANCEL, 12345, b"")):  # a request nobody knows
             await pair.client.transport.send(pair.server_name, 7007, junk, timeout=10)
         async with Requester(pair.client.transport) as requester:
             reply = await requester.request(pair.server_name, 7007, [1], timeout=10)
@@ -241,3 +242,78 @@ async def test_a_request_or_reply_that_cannot_be_sent_fails_alone(pair: Pair) ->
             await requester.request(pair.server_name, 7010, "huge", timeout=20)
         release.set()
         assert (await slow).text() == "slow"
+
+
+async def test_a_request_its_requester_gave_up_on_is_cancelled_at_the_replier(
+        pair: Pair) -> None:
+    """A timed-out request (a long model call, say) ran on at the replier, holding one of its
+    handler slots with nobody to read the answer. The requester's CANCEL now stops it, also
+    when every handler slot is busy (one here), and the slot serves the next request."""
+    cancelled = asyncio.Event()
+
+    async def handler(request: Request) -> object:
+        if request.data == b"slow":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return request.data
+
+    config = ReqRepConfig(handler_concurrency=1)
+    async with (
+        serving(pair.server.transport, 7020, handler, config) as replier,
+        Requester(pair.client.transport) as requester,
+    ):
+        with pytest.raises(PilotTimeoutError):
+            await requester.request(pair.server_name, 7020, b"slow", timeout=1)
+        await asyncio.wait_for(cancelled.wait(), 10)
+        reply = await requester.request(pair.server_name, 7020, b"next", timeout=10)
+        assert reply.data == b"next"
+        assert replier.cancelled == 1
+
+
+async def test_a_cancelled_request_task_cancels_the_handler_too(pair: Pair) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Request) -> object:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    async with (
+        serving(pair.server.transport, 7021, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        asking = asyncio.create_task(
+            requester.request(pair.server_name, 7021, b"x", timeout=60))
+        await asyncio.wait_for(started.wait(), 10)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        await asyncio.wait_for(cancelled.wait(), 10)
+
+
+async def test_a_replier_sees_which_requests_were_given_up(pair: Pair) -> None:
+    """With `async for`, the application runs the work: `cancelled` and `on_cancel` tell it, and
+    an answer to a cancelled request is not sent."""
+    async with (
+        Replier(pair.server.transport, 7022) as replier,
+        Requester(pair.client.transport) as requester,
+    ):
+        asking = asyncio.create_task(
+            requester.request(pair.server_name, 7022, b"x", timeout=1))
+        request = await replier.receive(timeout=10)
+        told = asyncio.Event()
+        request.on_cancel(told.set)
+        with pytest.raises(PilotTimeoutError):
+            await asking
+        with pytest.raises(PilotTimeoutError):  # nothing else comes; the CANCEL is read
+            await replier.receive(timeout=2)
+        assert request.cancelled and told.is_set()
+        await request.reply(b"late")  # dropped: nobody waits for it
+        assert replier.cancelled == 1 and replier.malformed == 0

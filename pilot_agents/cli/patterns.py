@@ -23,7 +23,7 @@ from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
 from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pubsub import Overflow, Publication, Subscriber
-from ..patterns.reqrep import Replier, Request, Requester
+from ..patterns.reqrep import Replier, ReqRepConfig, Request, Requester
 from ..sdk import Client
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, print_list
@@ -180,48 +180,41 @@ class _Server:
 
     async def serve(self) -> int:
         port = self.ctx.args.port
-        slots = asyncio.Semaphore(self.config.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
         async with Replier(self.client, port) as replier:
             if not self.ctx.json:
                 print(f"Serving port {port} with {shlex.join(self.argv)} (up to "
                       f"{self.config.concurrency} at once); Ctrl-C stops.", file=sys.stderr,
                       flush=True)
             try:
-                async for request in replier:
-                    await slots.acquire()
-                    task = asyncio.create_task(self._answer(request, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                # Stopped, it kills the commands still running before the replier closes,
+                # which answers their requests with an error: no requester waits for its
+                # timeout.
+                await replier.serve(self._answer,
+                                    ReqRepConfig(handler_concurrency=self.config.concurrency))
             finally:
-                # Their commands are killed before the replier closes, which answers their
-                # requests with an error: no requester waits for its timeout.
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 if not self.ctx.json:
                     print(f"Stopped after {self.answered} request(s).", file=sys.stderr,
                           flush=True)
         return EXIT_OK
 
-    async def _answer(self, request: Request, slots: asyncio.Semaphore) -> None:
+    async def _answer(self, request: Request) -> bytes:
+        """Run the command for ``request``: its output is the reply, and its failure (raised
+        on) an error reply. A requester that gives up has the command killed."""
         started = time.perf_counter()
-        output: bytes | None = None
-        error: PilotError | None = None
         try:
-            try:
-                output = await run_command(self.argv, request.data, self.config)
-            except CommandFailedError as exc:
-                error = exc
-                await request.fail(exc)
-            else:
-                await request.reply(output)
+            output = await run_command(self.argv, request.data, self.config)
+        except CommandFailedError as exc:
             self.answered += 1
-        except PilotError as exc:  # the requester (or the daemon) went away before the answer
-            error = exc
-        finally:
-            slots.release()
-        await self._log(request, started, output, error)
+            await self._log(request, started, None, exc)
+            raise
+        except asyncio.CancelledError:
+            if request.cancelled:
+                await self._log(request, started, None, PilotError(
+                    "the requester gave up (timed out or cancelled); the command was killed"))
+            raise
+        self.answered += 1
+        await self._log(request, started, output, None)
+        return output
 
     async def _log(self, request: Request, started: float, output: bytes | None,
                    error: PilotError | None) -> None:

@@ -32,6 +32,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 7  # the publisher is alive; sent on a subscription idle for a while
     BYE = 8  # the publisher is closing: subscribe again later
     BATCH = 9  # id: how many frames (PUBLISH, GAP) follow, each after its 32-bit length
+    CANCEL = 10  # id: a request its requester gave up on (timed out, cancelled): stop its work
     # push/pull (from 16 on, leaving room after the kinds above); a puller says HEARTBEAT
     # while alive and BYE when it closes, as a publisher does
     HELLO = 16  # id: a pusher opening a link to a puller, which answers with CREDIT

@@ -21,6 +21,13 @@ late one). A request larger than a tunnel message raises :class:`~pilot_agents.e
 before it is sent, and a handler's return value that cannot be sent (not bytes, str or JSON, or
 too large) goes back as an error reply: neither touches the stream the others share.
 
+A requester that gives up on a request (its timeout, or its task cancelled) says so with a
+CANCEL frame, sent once and not waited for: the replier marks the request
+:attr:`Request.cancelled` and calls its :meth:`Request.on_cancel` callback, :func:`serve`
+cancels the handler (or drops the request before it starts), and an answer to it is not sent.
+The replier reads a CANCEL while it receives; :func:`serve` keeps one receiving even when every
+handler is busy. A replier from before CANCEL counts the frame as malformed and goes on.
+
 Delivery: a request reaches the replier at most once (after a timeout a requester cannot know
 whether the replier saw it, so it never resends one). The one resend: when the replier's node
 restarted (a crash, a kill) under a stream, a request its old node never acknowledged goes again
@@ -71,6 +78,9 @@ from .frames import (
 )
 
 log = logging.getLogger("pilot_agents.patterns.reqrep")
+# Seconds close() gives the CANCELs still on their way through a daemon: a process that ends
+# right after a timeout (the CLI's `request`) would end them unsent.
+CANCEL_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,11 @@ class Reply(Payload):
 
 @dataclass
 class Request(Payload):
-    """A request as the replier sees it; answer it once with :meth:`reply` or :meth:`fail`."""
+    """A request as the replier sees it; answer it once with :meth:`reply` or :meth:`fail`.
+
+    ``cancelled``: its requester gave up on it (timed out, or its task was cancelled) and said
+    so; an answer is then not sent (nobody reads it). :meth:`on_cancel` asks to be told:
+    :func:`serve` cancels the handler's work that way."""
 
     data: bytes
     sender: str  # the requester's node id
@@ -104,6 +118,21 @@ class Request(Payload):
     _message: Message = field(repr=False)
     _replier: Replier | None = field(default=None, repr=False)
     answered: bool = False
+    cancelled: bool = False
+    _on_cancel: Callable[[], object] | None = field(default=None, repr=False)
+
+    def on_cancel(self, callback: Callable[[], object] | None) -> None:
+        """Call ``callback`` when the requester gives up on this request (at once if it has);
+        it replaces an earlier one, and None removes it. The replier learns of a cancel
+        while it receives: :func:`serve` always keeps one receiving."""
+        self._on_cancel = callback
+        if self.cancelled and callback is not None:
+            callback()
+
+    def _given_up(self) -> None:
+        self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     async def reply(self, data: object) -> None:
         """Answer with ``data``; :class:`ConfigError` (and the request still unanswered) if it
@@ -118,8 +147,10 @@ class Request(Payload):
         if self.answered:
             raise ConfigError(f"request {self.id} was already answered")
         self.answered = True
+        if self.cancelled:
+            return
         if self._replier is not None:
-            self._replier._unanswered.pop(id(self), None)
+            self._replier._forget(self)
         frame = encode_frame(kind, self.id, payload)
         # The embedded transport's stream takes it without a coroutine when it has room.
         way_back = getattr(self._message, "way_back", None)
@@ -277,6 +308,7 @@ class Requester:
         self._deadlines: dict[int, _Deadline] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # asking costs a getpid on 3.11
+        self._telling: set[asyncio.Task[None]] = set()  # CANCELs on their way (daemon's)
         self.malformed = 0  # malformed replies; each dropped the stream it came on
 
     async def __aenter__(self) -> Requester:
@@ -356,9 +388,24 @@ class Requester:
                 del self._deadlines[request_id]
                 if stream.waiting.pop(request_id, None) is future and not future.done():
                     stream.unanswered -= 1
+                    if not stream.dead:  # we gave up on it (a timeout, a cancel)
+                        self._give_up(stream, request_id)
                 if stream.starts:
                     stream.starts.pop(request_id, None)
                 stream.release_slot()
+
+    def _give_up(self, stream: _Stream, request_id: int) -> None:
+        """Tell the replier that nobody waits for the request's answer, so that it can stop
+        the work (a long model call, say): sent once, never waited for."""
+        frame = encode_frame(Kind.CANCEL, request_id, b"")
+        writable = stream.writable
+        if writable is not None:
+            with contextlib.suppress(PilotError):
+                writable.write(frame)  # queued even behind a full window
+            return
+        telling = asyncio.ensure_future(_send_quietly(stream.conn, frame))
+        self._telling.add(telling)
+        telling.add_done_callback(self._telling.discard)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
@@ -383,6 +430,8 @@ class Requester:
             self._arm(loop, earliest)
 
     async def close(self) -> None:
+        if self._telling:  # CANCELs still on their way: the streams they go on close next
+            await asyncio.wait(self._telling, timeout=CANCEL_WAIT)
         streams = [(peer, s) for (peer, _), group in self._streams.items() for s in group]
         self._streams.clear()
         readers = []
@@ -479,19 +528,27 @@ class Requester:
             await stream.conn.abort()
 
 
+async def _send_quietly(conn: Connection, frame: bytes) -> None:
+    with contextlib.suppress(PilotError):
+        await conn.send(frame)
+
+
 class Replier:
     """Requests arriving on ``port``, from any trusted peer; use with ``async with`` and
     ``async for``. A message that is not a request frame is dropped and counted in
     :attr:`malformed`. Closing the replier answers every request it handed out and nobody
     answered with an error, and the transport resets the streams of those never handed out:
-    no requester waits for its timeout because its replier went away."""
+    no requester waits for its timeout because its replier went away. A requester's CANCEL
+    marks its request :attr:`Request.cancelled` (counted in :attr:`cancelled`)."""
 
     def __init__(self, transport: Transport, port: int) -> None:
         self._transport = transport
         self.port = port
         self._listener: Listener | None = None
-        self._unanswered: dict[int, Request] = {}
+        # By requester stream (its node and source port) and request id: what a CANCEL names.
+        self._unanswered: dict[tuple[str, int, int], Request] = {}
         self.malformed = 0
+        self.cancelled = 0  # requests their requesters gave up on before the answer
 
     async def __aenter__(self) -> Replier:
         self._listener = self._transport.listen(self.port)
@@ -525,6 +582,9 @@ class Replier:
             message = await self._listener.receive(remaining)
             try:
                 frame = parse_frame_untrusted(message.data)
+                if frame.kind == Kind.CANCEL:
+                    self._given_up(message, frame.id)
+                    continue
                 if frame.kind != Kind.REQUEST:
                     raise WireError(f"a {frame.kind.name} frame sent to a replier")
             except WireError as exc:
@@ -533,8 +593,26 @@ class Replier:
                                message.sender, self.port, exc)
                 continue
             request = Request(frame.payload, message.sender, self.port, frame.id, message, self)
-            self._unanswered[id(request)] = request
+            self._unanswered[_key(message, frame.id)] = request
             return request
+
+    def _given_up(self, message: Message, request_id: int) -> None:
+        # None: answered already, or never seen (a hostile peer's guess is no one else's:
+        # the key holds its own stream).
+        request = self._unanswered.pop(_key(message, request_id), None)
+        if request is not None:
+            self.cancelled += 1
+            request._given_up()
+
+    def _forget(self, request: Request) -> None:
+        key = _key(request._message, request.id)
+        if self._unanswered.get(key) is request:  # a peer may repeat an id: not another's
+            del self._unanswered[key]
+
+    async def serve(self, handler: Handler, config: ReqRepConfig | None = None) -> None:
+        """Answer every request with what ``handler`` returns, as :func:`serve` does, until
+        cancelled or the replier fails."""
+        await _answer_all(self, handler, config or ReqRepConfig())
 
     def __aiter__(self) -> AsyncIterator[Request]:
         return self._iterate()
@@ -542,6 +620,10 @@ class Replier:
     async def _iterate(self) -> AsyncIterator[Request]:
         while self._listener is not None:
             yield await self.receive(timeout=None)
+
+
+def _key(message: Message, request_id: int) -> tuple[str, int, int]:
+    return message.sender, message.source_port, request_id
 
 
 Handler = Callable[[Request], Awaitable[object]]
@@ -553,7 +635,7 @@ async def serve(transport: Transport, port: int, handler: Handler,
     with an error reply if it raises; runs until cancelled. Up to ``handler_concurrency``
     requests are handled at once; more wait (and so, in the end, do their senders)."""
     async with Replier(transport, port) as replier:
-        await _answer_all(replier, handler, config or ReqRepConfig())
+        await replier.serve(handler, config)
 
 
 @contextlib.asynccontextmanager
@@ -562,7 +644,7 @@ async def serving(transport: Transport, port: int, handler: Handler,
     """:func:`serve` in the background for the ``async with`` block; the port is listened on
     before the block starts, so a request sent from inside it finds its replier."""
     async with Replier(transport, port) as replier:
-        task = asyncio.create_task(_answer_all(replier, handler, config or ReqRepConfig()))
+        task = asyncio.create_task(replier.serve(handler, config))
         try:
             yield replier
         finally:
@@ -573,8 +655,17 @@ async def serving(transport: Transport, port: int, handler: Handler,
 
 async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) -> None:
     """``handler_concurrency`` workers, each taking the next request when it is free: the
-    bound on concurrent handlers, without a task (3 us) and a semaphore per request."""
+    bound on concurrent handlers, without a task (3 us) and a semaphore per request. One more
+    receives while they are all busy, so that a CANCEL for a running request is read; a request
+    it receives meanwhile is parked for the first worker free (at most ``handler_concurrency``
+    of them, then it waits too, and so in the end do the requests' senders). A request its
+    requester gave up on has its handler cancelled, or is dropped before it starts."""
     port = replier.port
+    limit = config.handler_concurrency
+    busy = 0
+    parked: deque[Request] = deque()
+    room = asyncio.Event()
+    room.set()
 
     async def answer(request: Request) -> None:
         try:
@@ -590,15 +681,48 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
         else:
             await request._answer(Kind.REPLY, payload)
 
+    async def next_request() -> Request:
+        while True:
+            if parked and busy < limit:
+                request = parked.popleft()
+                room.set()
+            else:
+                await room.wait()
+                # As `async for`, without an async generator.
+                request = await replier.receive(timeout=None)
+                if busy >= limit:
+                    parked.append(request)
+                    if len(parked) >= limit:
+                        room.clear()
+                    continue
+            if not request.cancelled:
+                return request
+
     async def work() -> None:
-        while replier._listener is not None:  # as `async for`, without an async generator
-            request = await replier.receive(timeout=None)
+        nonlocal busy
+        me = asyncio.current_task()
+        assert me is not None
+        while replier._listener is not None:
+            request = await next_request()
+            busy += 1
+            request.on_cancel(me.cancel)
             try:
                 await answer(request)
+            except asyncio.CancelledError:
+                if not request.cancelled or me.uncancel() > 0:
+                    raise  # the server stops
+                log.info("%s gave up on request %d on port %d: its handler was cancelled",
+                         request.sender, request.id, port)
             except PilotError as exc:  # the requester went away before its answer
                 log.info("could not answer %s on port %d: %s", request.sender, port, exc)
+            else:
+                if request.cancelled and me.cancelling():  # a handler that ignored it
+                    me.uncancel()
+            finally:
+                request.on_cancel(None)
+                busy -= 1
 
-    workers = [asyncio.create_task(work()) for _ in range(config.handler_concurrency)]
+    workers = [asyncio.create_task(work()) for _ in range(limit + 1)]
     try:
         # A worker ends only when the replier does (its transport failed, or it closed).
         done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
@@ -607,3 +731,6 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
     finally:
         for worker in workers:
             worker.cancel()
+        # Their handlers' work (a command run, say) is stopped before the replier closes and
+        # answers what they held with an error.
+        await asyncio.gather(*workers, return_exceptions=True)
