@@ -399,6 +399,8 @@ def test_a_late_large_message_frame_does_not_take_the_holders_place() -> None:
     sa._on_large_message(wire.LargeMessageFrame(holder, 96 * KiB + 8))
     sa._on_large_message(wire.LargeMessageFrame(first, 5 + 8))  # "first", sent whole
     assert (sa._priority_stream, sa._priority_end) == (holder, 96 * KiB + 8)
+    with pytest.raises(WireError, match="past what we wrote"):
+        sa._on_large_message(wire.LargeMessageFrame(holder, 2**64 - 1))
 
 
 @pytest.mark.parametrize("seed", range(4))

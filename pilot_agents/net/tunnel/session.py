@@ -1038,6 +1038,10 @@ class Session:
         stream = self._streams.get(frame.stream_id)
         if stream is None or stream.send.send_offset >= frame.end:
             return
+        if frame.end > stream.send.write_offset:
+            # No message of ours ends there: obeyed, it would hold our other streams for good.
+            raise WireError(f"peer's LARGE_MESSAGE names offset {frame.end} of stream "
+                            f"{frame.stream_id}, past what we wrote")
         if frame.end > stream.send.max_data:
             stream.send.max_data = frame.end
         self._priority_stream = frame.stream_id
