@@ -581,3 +581,70 @@ async def test_an_acknowledgement_cancelled_as_it_leaves_holds_no_credit(tmp_pat
         await pushing
         await last.ack()
         await pusher.join(10)  # nothing is held for the ack that never left
+
+
+async def test_a_listening_puller_drops_a_silent_link_so_no_pusher_is_locked_out(
+        pair: Pair) -> None:
+    """A trusted peer that opens links and then says nothing held each of them, and so the
+    puller's room for pushers, for good: silent for three heartbeats, such a link is dropped
+    (with a BYE), and a real pusher links in its place."""
+    config = PushPullConfig(heartbeat_interval=0.2, max_links=1)
+    client = pair.client.transport
+    async with (
+        Puller(pair.server.transport, 9700, config) as puller,
+        client.connect(pair.server_name, 9700) as squatter,
+    ):
+        await squatter.send(encode_frame(Kind.HELLO, 1, b""))
+        assert (await squatter.receive(5)).data[0] == Kind.CREDIT
+        await until(lambda: puller.pushers == 1, "the squatter linked")
+        async with Pusher(client, [pair.server_name], 9700, FAST) as pusher:
+            await pusher.push("real", timeout=10)
+            item = await puller.receive(5)
+            assert item.text() == "real"
+            await item.ack()
+            await pusher.join(timeout=5)
+        assert puller.refused >= 1  # it was locked out until the silent link went
+        kinds = set()
+        while Kind.BYE not in kinds:  # heartbeats it never answered, then the BYE
+            kinds.add((await squatter.receive(5)).data[0])
+
+
+async def test_an_idle_pusher_keeps_its_link_to_a_listening_puller(pair: Pair) -> None:
+    """A pusher with nothing to send, whose item the consumer holds for many heartbeats, says
+    it is alive (it answers the puller's heartbeats): its link stays, and nothing is sent
+    again."""
+    async with (
+        pair_puller(pair, False, 9701, auto_ack=False) as puller,
+        pair_pusher(pair, False, 9701) as pusher,
+    ):
+        await pusher.push("slow job", timeout=10)
+        item = await puller.receive(5)
+        await asyncio.sleep(2.0)  # ten heartbeats, more than three times the silence
+        assert puller.pushers == 1 and puller.queued == 0
+        await item.ack()
+        await pusher.join(timeout=5)
+        await pusher.push("next", timeout=5)
+        item = await puller.receive(5)
+        assert (item.text(), item.redelivered) == ("next", False)
+        assert pusher.redelivered == 0 and puller.refused == 0
+
+
+async def test_a_pusher_answers_only_the_heartbeats_that_ask_on_links_it_made(
+        pair: Pair) -> None:
+    """A listening puller of an earlier version takes any frame but an item as malformed (and
+    drops the link): a pusher that connected answers only a heartbeat that asks for it."""
+    async with (
+        pair.server.transport.listen(9702) as listener,
+        Pusher(pair.client.transport, [pair.server_name], 9702, FAST) as pusher,
+    ):
+        hello = await listener.receive(timeout=10)
+        assert hello.data[0] == Kind.HELLO
+        await hello.reply(encode_frame(Kind.CREDIT, 4, encode_credit(1000, 5.0)))
+        await until(lambda: bool(pusher.connected), "linked")
+        await hello.reply(encode_frame(Kind.HEARTBEAT, 0, b""))  # as an earlier puller does
+        with pytest.raises(PilotTimeoutError):
+            await listener.receive(timeout=0.5)
+        await hello.reply(encode_frame(Kind.HEARTBEAT, 1, b""))  # asks for an answer
+        answer = await listener.receive(timeout=5)
+        assert answer.data == encode_frame(Kind.HEARTBEAT, 0, b"")
+

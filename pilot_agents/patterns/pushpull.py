@@ -32,6 +32,10 @@ a puller goes away (its stream breaks, its node stops, it closes, or it is silen
 its heartbeats), the pusher sends the items it had not acknowledged to the other pullers, flagged
 :attr:`WorkItem.redelivered` (its consumer may have done it already); the link is made again,
 with backoff, when the puller is back. Items keep their pusher's order per puller, not overall.
+
+A puller drops a link on which its pusher said nothing (no item, no bytes of one arriving, no
+answer to a heartbeat) for three of its heartbeats: a live pusher answers each, so a peer that
+links and falls silent holds no room of a listening puller's ``max_links`` for long.
 """
 
 from __future__ import annotations
@@ -84,6 +88,11 @@ T = TypeVar("T")
 Send = Callable[[bytes], Awaitable[None]]  # one link's way to its other end
 
 _HEARTBEAT = encode_frame(Kind.HEARTBEAT, 0, b"")
+# A puller's heartbeat asks to be answered (id 1): a listening puller hears from an idle pusher
+# only so. A pusher answers an unasked one (id 0) only on a link the puller made, because a
+# listening puller of an earlier version takes any frame but an item as malformed.
+_ASKS = 1
+_PING = encode_frame(Kind.HEARTBEAT, _ASKS, b"")
 _BYE = encode_frame(Kind.BYE, 0, b"")
 
 
@@ -101,7 +110,8 @@ class PushPullConfig:
     connect_timeout: float = CONNECT_TIMEOUT  # seconds to open a link, its credit included
     # Seconds between a puller's heartbeats on every link. It tells its pusher, which counts it
     # gone when it hears nothing for three of them (its node may have died without a word), and
-    # answers each, so a puller that connected notices a pusher gone the same way.
+    # answers each, so the puller notices a pusher gone (or a peer that links and then says
+    # nothing, holding a listening puller's room) the same way.
     heartbeat_interval: float = 5.0
     reconnect_min: float = 0.2  # seconds the connecting end waits before linking again; doubles
     reconnect_max: float = 10.0  # seconds, the cap of that doubling
@@ -219,6 +229,10 @@ class _Feed:
 
     key: tuple[str, int]  # (the pusher's node id, its port): names the stream
     send: Send  # credit, acks and heartbeats go back this way
+    heard: float  # when it last said something (loop time)
+    # Seconds since bytes of the stream last arrived, on a link the pusher made (the one we
+    # made is watched by its reader): an item still arriving is not silence.
+    since_arrival: Callable[[], Awaitable[float | None]] | None = None
     in_flight: int = 0
     in_flight_bytes: int = 0
     gone: bool = False
@@ -381,7 +395,8 @@ class Puller:
             self.refused += 1
             await self._send(None, hello.reply, _BYE)
             return
-        feed = _Feed((hello.sender, hello.source_port), hello.reply)
+        feed = _Feed((hello.sender, hello.source_port), hello.reply,
+                     asyncio.get_running_loop().time(), hello.since_arrival)
         self._feeds[feed.key] = feed
         await self._send(feed, feed.send, self._credit())
 
@@ -398,7 +413,7 @@ class Puller:
             try:
                 conn = await _open(self._transport, peer, self.port, self._credit(),
                                    self.config)
-                feed = _Feed((conn.peer_id, 0), conn.send)
+                feed = _Feed((conn.peer_id, 0), conn.send, asyncio.get_running_loop().time())
                 self._feeds[feed.key] = feed
                 await self._read(conn, feed, redial)
             except WireError as exc:
@@ -429,10 +444,12 @@ class Puller:
             if frame.kind == Kind.BYE:
                 return
             redial.linked()
-            if frame.kind != Kind.HEARTBEAT:
-                self._take(feed, frame)
+            self._take(feed, frame)
 
     def _take(self, feed: _Feed, frame: Frame) -> None:
+        feed.heard = asyncio.get_running_loop().time()
+        if frame.kind == Kind.HEARTBEAT:
+            return  # the pusher's answer to ours
         if frame.kind not in (Kind.ITEM, Kind.ITEM_AGAIN):
             raise WireError(f"a {frame.kind.name} frame sent to a puller")
         size = len(frame.payload)
@@ -462,10 +479,36 @@ class Puller:
                 raise
 
     async def _beat(self) -> None:
+        silence = 3 * self.config.heartbeat_interval
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            await asyncio.gather(*(self._send(f, f.send, _HEARTBEAT)
-                                   for f in list(self._feeds.values())))
+            feeds = list(self._feeds.values())
+            await asyncio.gather(*(self._send(f, f.send, _PING) for f in feeds),
+                                 *(self._unless_silent(f, silence) for f in feeds
+                                   if f.since_arrival is not None))
+
+    async def _unless_silent(self, feed: _Feed, silence: float) -> None:
+        """Drop, with a BYE, a link a pusher made that has said nothing for ``silence``
+        seconds. A live pusher answers every heartbeat, so it is gone without a word, or it
+        holds the room of ``max_links`` that real pushers wait for. An earlier version's
+        pusher answers none: idle that long, it is dropped too and links again at once."""
+        assert feed.since_arrival is not None
+        loop = asyncio.get_running_loop()
+        if loop.time() - feed.heard < silence:
+            return
+        try:
+            since = await feed.since_arrival()
+        except PilotError:  # the stream is gone, or our daemon: nothing more comes on it
+            since = None
+        if since is not None and since < silence:
+            feed.heard = max(feed.heard, loop.time() - since)  # an item, still arriving
+            return
+        if feed.gone:
+            return
+        log.info("pusher %s silent for %.1f s on puller port %d", feed.sender, silence,
+                 self.port)
+        self._drop(feed)
+        await self._send(None, feed.send, _BYE)
 
     async def _send(self, feed: _Feed | None, send: Send, frame: bytes) -> None:
         """Send ``frame`` to a pusher; if it cannot leave, drop ``feed``."""
@@ -724,7 +767,9 @@ class Pusher:
             self.acknowledged[link.peer] += 1
             self._waiter.changed()
         elif frame.kind == Kind.HEARTBEAT:
-            if link.conn is None:  # it connected: it waits to hear that we are alive
+            # It waits to hear that we are alive: a puller that connected, always; one that
+            # listens, when it asks (see _ASKS).
+            if link.conn is None or frame.id == _ASKS:
                 self._tasks.spawn(self._answer(link))
         elif frame.kind == Kind.BYE:
             return False  # the puller closed: what it had goes to the others
