@@ -648,3 +648,34 @@ async def test_a_pusher_answers_only_the_heartbeats_that_ask_on_links_it_made(
         answer = await listener.receive(timeout=5)
         assert answer.data == encode_frame(Kind.HEARTBEAT, 0, b"")
 
+
+async def test_items_to_send_again_behind_one_no_puller_can_take_still_go(
+        tmp_path: Path) -> None:
+    """The large puller leaves with a large item and small ones behind it: the small ones go
+    to the small puller (the large item held them up until join timed out), and once every
+    puller named is linked and none can hold the large item, join says so at once."""
+    large = PushPullConfig(heartbeat_interval=0.2, window_bytes=10_000)
+    small = PushPullConfig(heartbeat_interval=0.2, window_bytes=1_000)
+    async with (
+        embedded_cluster(tmp_path) as cluster,
+        cluster.pusher(9800, 2) as pusher,
+        cluster.puller(0, 9800, large, auto_ack=False) as first,
+    ):
+        await until(lambda: len(pusher.connected) == 1, "the large puller linked")
+        pushed = [await pusher.push(data) for data in (b"x" * 5000, b"a", b"b", b"c")]
+        assert [(await first.receive(5)).id for _ in pushed] == pushed
+        async with cluster.puller(1, 9800, small) as little, consuming([little]) as seen:
+            await until(lambda: len(pusher.connected) == 2, "the small puller linked")
+            await first.close()  # none acknowledged: all four are to be sent again
+            await until(lambda: len(seen[0]) == 3, "the small items sent again")
+            assert [(i.data, i.redelivered) for i in seen[0]] == [
+                (b"a", True), (b"b", True), (b"c", True)]
+            with pytest.raises(PilotTimeoutError, match=r"5000 bytes.*1000"):
+                await pusher.join(timeout=0.5)
+            async with cluster.puller(0, 9800, small):  # back, with a small window
+                await until(lambda: len(pusher.connected) == 2, "both linked")
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(ConfigError, match=r"5000 bytes.*1000"):
+                    await pusher.join(timeout=10)
+                assert asyncio.get_running_loop().time() - started < 1
+                assert pusher.pending == 1  # still kept, for a puller that can take it

@@ -32,6 +32,7 @@ a puller goes away (its stream breaks, its node stops, it closes, or it is silen
 its heartbeats), the pusher sends the items it had not acknowledged to the other pullers, flagged
 :attr:`WorkItem.redelivered` (its consumer may have done it already); the link is made again,
 with backoff, when the puller is back. Items keep their pusher's order per puller, not overall.
+An item to send again that no puller's window has room for lets the others pass.
 
 A puller drops a link on which its pusher said nothing (no item, no bytes of one arriving, no
 answer to a heartbeat) for three of its heartbeats: a live pusher answers each, so a peer that
@@ -626,7 +627,7 @@ class Pusher:
         def room() -> _Link | PilotError | None:
             if self._failure is not None:
                 return self._failure
-            if self._again and self._takes(len(self._again[0][1])):
+            if self._next_again() is not None:
                 return None  # items to send again go first (they are older)
             return self._pick(len(payload))
 
@@ -648,16 +649,21 @@ class Pusher:
         def done() -> bool | PilotError | None:
             if not self._open:
                 return self._failure  # close()'s
-            return True if self.pending == 0 else self._failure
+            if self.pending == 0:
+                return True
+            return self._failure or self._stuck()
 
         try:
             async with asyncio.timeout(timeout):
-                await self._waiter.until(done)
+                outcome = await self._waiter.until(done)
         except TimeoutError:
+            why = self._stranded()[1]
+            why = f"; {why}" if why else ""
             raise PilotTimeoutError(f"{self.pending} items pushed to port {self.port} were not "
-                                    f"acknowledged within {timeout} s ({self._state()})") from None
-        if (self.pending or not self._open) and self._failure is not None:
-            raise self._failure
+                                    f"acknowledged within {timeout} s ({self._state()}){why}"
+                                    ) from None
+        if isinstance(outcome, PilotError):
+            raise outcome
 
     async def close(self) -> None:
         """Stop, dropping the links. Items not yet acknowledged are reported in the log (call
@@ -683,10 +689,42 @@ class Pusher:
         wanted = f" of {len(self.peers)}" if self.peers else ""
         return f"{len(self._links)}{wanted} pullers connected"
 
-    def _takes(self, size: int) -> bool:
-        """Whether some puller linked now has a window for ``size`` bytes (full or not): an
-        item to send again that none of them could ever take holds up no new one."""
-        return any(size <= link.window_bytes for link in self._links.values())
+    def _next_again(self) -> int | None:
+        """Where the oldest item to send again that a puller has room for now is in the
+        queue: one that fits no window now holds up neither those behind it nor new items.
+        Items sent again keep no order (they come after later ones anyway)."""
+        room = max((link.window_bytes - link.unacked_bytes for link in self._links.values()
+                    if not link.gone and len(link.unacked) < link.window_items), default=-1)
+        if room < 0:
+            return None
+        return next((index for index, (_, data) in enumerate(self._again)
+                     if len(data) <= room), None)
+
+    def _stranded(self) -> tuple[int, str]:
+        """How many of the items to send again no puller linked now could ever take (too large
+        for its window, empty or not), and a word on them ("" if none). With no puller
+        linked, none is counted: every item waits for one."""
+        widest = max((link.window_bytes for link in self._links.values()), default=None)
+        sizes = {item_id: len(data) for item_id, data in self._again
+                 if widest is not None and len(data) > widest}
+        if not sizes:
+            return 0, ""
+        largest = max(sizes, key=sizes.__getitem__)
+        return len(sizes), (f"{len(sizes)} item(s) to send again fit no linked puller's window, "
+                            f"the largest (id {largest}) of {sizes[largest]} bytes where a "
+                            f"window takes at most {widest}")
+
+    def _stuck(self) -> ConfigError | None:
+        """Why join cannot end, if all it waits for is items no linked puller can take while
+        every puller named is linked: none that could take them is still to come."""
+        if not self.peers or len(self._links) < len(self.peers):
+            return None
+        count, stranded = self._stranded()
+        if not count or count < self.pending:
+            return None
+        return ConfigError(f"{stranded}: they stay queued for a puller that can take them; "
+                           "give the pullers a larger PushPullConfig.window_bytes, or push "
+                           "smaller items")
 
     def _pick(self, size: int) -> _Link | None:
         """The next puller in round-robin order with room for ``size`` bytes."""
@@ -718,9 +756,11 @@ class Pusher:
 
     async def _redeliver(self) -> None:
         while True:
-            link = await self._waiter.until(
-                lambda: self._pick(len(self._again[0][1])) if self._again else None)
-            item_id, data = self._again.popleft()
+            index = await self._waiter.until(self._next_again)
+            item_id, data = self._again[index]
+            del self._again[index]
+            link = self._pick(len(data))
+            assert link is not None  # _next_again saw its room, and nothing ran since
             self._waiter.changed()  # pushes wait while items to send again are queued
             self.redelivered += 1
             await self._send(link, Kind.ITEM_AGAIN, item_id, data)
