@@ -257,12 +257,19 @@ class ReplyPaths:
             self._ways[key] = way
         return key
 
+    def live(self, message_id: str) -> WayBack | None:
+        """The way back for a message id while its stream lasts; None once it ended (or if
+        there never was one)."""
+        way = self._ways.get(message_id.partition(".")[2])
+        return None if way is None or way.ended else way
+
     def find(self, message_id: str) -> WayBack:
         """The way back for a message id; ConnectionClosedError saying why there is none."""
+        way = self.live(message_id)
+        if way is not None:
+            return way
         key = message_id.partition(".")[2]
         way = self._ways.get(key)
-        if way is not None and not way.ended:
-            return way
         run, _, number = key.partition("-")
         if way is not None or (
                 run == self._run and number.isdigit() and 0 < int(number) <= self._issued):
@@ -360,6 +367,11 @@ class MessageMemory:
         handed.message = None
         handed.inbox.push_front(message)
         return True
+
+    def awaits_ack(self, message_id: str) -> bool:
+        """Handed out in ack mode and not acknowledged yet: it comes back unless acked."""
+        handed = self._handed.get(message_id)
+        return handed is not None and handed.ack_timer is not None
 
     def unacked(self) -> list[tuple[Inbox, Message]]:
         """Messages handed out and not acknowledged, oldest first (the daemon is stopping)."""

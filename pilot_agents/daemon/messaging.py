@@ -225,7 +225,7 @@ class Messaging:
         state = self.ports.get(req.port)
         if state is None:
             raise ConfigError(f"port {req.port} is not being listened on")
-        return {"port": req.port, "closed": self._unlisten(state)}
+        return {"port": req.port, "closed": self.release_port(state)}
 
     async def receive(self, req: ReceiveRequest) -> Reply:
         # A reference of its own for the call: a port nobody listens on is listened on just
@@ -235,7 +235,7 @@ class Messaging:
             self._receivable(req.port)
             message = await state.inbox.get(req.timeout)
         finally:
-            self._unlisten(state)
+            self.release_port(state)
         return {"message": self._message_fields(message, state.inbox, ack=req.ack)}
 
     async def deliver(self, req: DeliverRequest, push: Push, credit: Credit) -> Reply:
@@ -360,7 +360,9 @@ class Messaging:
         log.info("listening on port %d%s", port, " (published)" if publish else "")
         return state, True
 
-    def _unlisten(self, state: PortState) -> bool:
+    def release_port(self, state: PortState) -> bool:
+        """One user of the port fewer (an unlisten, a receive ending, a client gone); the last
+        closes it, unless it is permanent. True if it closed."""
         state.refs -= 1
         if state.refs > 0 or state.permanent:
             return False

@@ -25,6 +25,7 @@ import zmq
 from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
+from .clients import Clients
 from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
@@ -32,9 +33,13 @@ from .requests import (
     CancelRequest,
     CreditRequest,
     DeliverRequest,
+    ListenRequest,
     PayloadRequest,
+    ReplyRequest,
     RequestId,
+    RequeueRequest,
     StopRequest,
+    UnlistenRequest,
     check_payload_size,
     load_compact_untrusted,
     load_request_untrusted,
@@ -54,10 +59,13 @@ _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: a
 
 class IpcServer:
     def __init__(self, options: DaemonOptions, dispatch: DispatchTable,
-                 undelivered: Callable[[str], bool], stop: Callable[[], None]) -> None:
+                 undelivered: Callable[[str], bool], stop: Callable[[], None],
+                 clients: Clients | None = None) -> None:
         """``undelivered(message id)``: a message whose reply could not be sent goes back;
-        ``stop()``: called once the reply to ``stop`` is out."""
+        ``stop()``: called once the reply to ``stop`` is out; ``clients``: told what each
+        stream socket client holds, and when it goes away."""
         self.options = options
+        self._clients = clients
         self.home = options.home
         self.dispatch = dispatch
         self._undelivered = undelivered
@@ -223,6 +231,9 @@ class IpcServer:
                 f"request id {request_id!r} is in use by a request still in flight: give each "
                 "request its own id (docs/ipc.md)"), request_id))
             return
+        if (isinstance(request, ReplyRequest | RequeueRequest) and self._clients is not None
+                and identity in self._peers):
+            self._clients.settled(identity, request.message)
         work: Awaitable[Reply]
         immediate = self.dispatch.immediate(request)
         if immediate is None:
@@ -324,6 +335,12 @@ class IpcServer:
             return  # a quiet send is answered only if it fails
         if request_id is not None:
             reply["id"] = request_id
+        if (reply["ok"] and isinstance(request, ListenRequest | UnlistenRequest)
+                and self._clients is not None and identity in self._peers):
+            if isinstance(request, UnlistenRequest):
+                self._clients.unlistened(identity, request.port)
+            elif not request.publish:  # a published port outlives the command that asked
+                self._clients.listened(identity, request.port)
         frames = isinstance(request, DeliverRequest) or getattr(request, "data_frame", False)
         self._send(identity, envelope, reply, frames=frames)
         if isinstance(request, StopRequest) and reply["ok"]:
@@ -334,7 +351,10 @@ class IpcServer:
         reply = {"ok": True, **reply}
         if request_id is not None:
             reply["id"] = request_id
-        return self._send(identity, envelope, reply, frames=True, give_back=False)
+        if not self._send(identity, envelope, reply, frames=True, give_back=False):
+            return False
+        self._handed(identity, reply["message"])
+        return True
 
     def _push_compact(self, identity: bytes, envelope: list[bytes], request_id: int,
                       reply: Reply) -> bool:
@@ -343,7 +363,10 @@ class IpcServer:
         header = ipc.pack_message(request_id, message)
         if header is None:
             return self._push(identity, envelope, request_id, reply)
-        return self._write(identity, [identity, *envelope, header, message["data"]], None)
+        if not self._write(identity, [identity, *envelope, header, message["data"]], None):
+            return False
+        self._handed(identity, message)
+        return True
 
     def _connected(self, peer: _StreamPeer) -> bytes:
         # Nine bytes from a zero byte: ZeroMQ's own identities are five, and an application
@@ -359,6 +382,8 @@ class IpcServer:
         for key, task in list(self._tasks.items()):
             if key[0] == identity:
                 task.cancel()
+        if self._clients is not None:
+            self._clients.gone(identity)
 
     def _send(self, identity: bytes, envelope: list[bytes], reply: Reply, *,
               frames: bool = False, give_back: bool = True) -> bool:
@@ -375,6 +400,14 @@ class IpcServer:
                 message["data"], message["encoding"] = encode_data(message["data"])
         parts[len(envelope) + 1] = _encode_json(reply).encode("utf-8")
         return self._write(identity, parts, message if give_back else None)
+
+    def _handed(self, identity: bytes, message: dict[str, object]) -> None:
+        """A delivery pushed a message to a stream socket client (the only clients the daemon
+        hears go away): the client owes its sender an answer. Only a delivery's: a consumer
+        that stays connected. A ``receive``'s caller may hang up before the reply is sent, by
+        another client, as the SDK's one-shot ``receive`` does."""
+        if self._clients is not None and identity in self._peers:
+            self._clients.handed(identity, str(message["id"]))
 
     def _write(self, identity: bytes, parts: list[bytes], message: object) -> bool:
         """Send ``[identity, *envelope, header, (payload)]`` without waiting; False if it

@@ -22,6 +22,7 @@ from ..net.io.metrics_http import MetricsServer
 from ..node.node import Node
 from ..trust import TrustStore, is_node_id
 from .admin import AdminCommands
+from .clients import Clients
 from .context import DaemonContext, load_static_peers
 from .dispatch import DispatchTable, Reply
 from .lock import HomeLock
@@ -127,7 +128,8 @@ class Daemon:
         for port in opts.inbox_ports:
             messaging.listen_port(port, permanent=True)
         messaging.restore_unread()
-        server = self._server = IpcServer(opts, dispatch, messaging.requeue, self._stop.set)
+        server = self._server = IpcServer(opts, dispatch, messaging.requeue, self._stop.set,
+                                          Clients(messaging))
         server.bind(ipc_address)
         messaging.publish = server.publish
         if opts.metrics:

@@ -494,9 +494,20 @@ class Node:
         handles = {id(m._stream): m._stream for m in messages if m._stream is not None}
         self._refuse_streams(list(handles.values()))
 
-    def _refuse_streams(self, handles: list[StreamHandle]) -> None:
+    def abandon(self, handles: list[StreamHandle], why: str) -> None:
+        """Streams whose messages went to a reader that is gone without answering them (a
+        daemon's client was killed): reset, so their senders hear at once
+        (ConnectionClosedError) instead of waiting for replies that cannot come. ``why`` is
+        what a late reply on one of them is told."""
+        live = [handle for handle in handles if not handle.ended]
+        for handle in live:
+            handle.fail(ConnectionClosedError(why))
+        self._refuse_streams(live, ResetCode.CANCELLED)
+
+    def _refuse_streams(self, handles: list[StreamHandle],
+                        code: ResetCode = ResetCode.PORT_CLOSED) -> None:
         for handle in handles:
-            handle.session.reset_stream(handle.stream_id, ResetCode.PORT_CLOSED)
+            handle.session.reset_stream(handle.stream_id, code)
             self._forget(handle)
         self._driver.wake()
 

@@ -1,0 +1,109 @@
+"""What the daemon keeps on behalf of each client of its stream socket, undone when the client
+goes away without a word (its process killed): a client that dies must not leave a peer waiting
+for replies it can no longer send, nor a port listened on for nobody (issue #13: a replier that
+dies mid-request gives the requester an error, never a hang).
+
+Only the stream socket tells the daemon that a client is gone (its connection drops); ZeroMQ
+says nothing of a peer's death, so a ZeroMQ client's holdings stay as they are
+(docs/ipc.md, A client that dies)."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from ..node.connection import StreamHandle
+from .inbox import WayBack
+from .messaging import Messaging, PortState
+
+log = logging.getLogger("pilot_agents.daemon")
+
+
+@dataclass
+class _Holdings:
+    # Per stream: how many of its messages the client was handed and has neither replied to
+    # nor given back. Weak, so that a client reading many streams and answering none holds
+    # an entry per stream still open, not per message.
+    owed: weakref.WeakKeyDictionary[WayBack, int] = field(
+        default_factory=weakref.WeakKeyDictionary)
+    ports: list[PortState] = field(default_factory=list)  # one per 'listen' not undone
+
+
+class Clients:
+    def __init__(self, messaging: Messaging) -> None:
+        self._messaging = messaging
+        self._clients: dict[bytes, _Holdings] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def handed(self, client: bytes, message_id: str) -> None:
+        """A delivery pushed a message to ``client``."""
+        messaging = self._messaging
+        # One in ack mode comes back to its inbox unless acknowledged: a client that dies
+        # loses nothing, and its stream must stay for whoever gets it next.
+        if messaging.memory.awaits_ack(message_id):
+            return
+        way = messaging.replies.live(message_id)
+        if way is not None:
+            owed = self._holdings(client).owed
+            owed[way] = owed.get(way, 0) + 1
+
+    def settled(self, client: bytes, message_id: str) -> None:
+        """``client`` replied to a message, or gave it back (requeue): it owes it no more.
+        Counted per stream, not per message: a client that replies to one message many times
+        (a publisher to a subscription) may settle its stream's others early, which only
+        spares that stream a reset."""
+        holdings = self._clients.get(client)
+        way = None if holdings is None else self._messaging.replies.live(message_id)
+        if holdings is None or way is None:
+            return
+        owed = holdings.owed.get(way, 0)
+        if owed > 1:
+            holdings.owed[way] = owed - 1
+        elif owed == 1:
+            del holdings.owed[way]
+
+    def listened(self, client: bytes, port: int) -> None:
+        state = self._messaging.ports.get(port)
+        if state is not None:
+            self._holdings(client).ports.append(state)
+
+    def unlistened(self, client: bytes, port: int) -> None:
+        """``client`` undid a listen: one of its own, if it has one on the port (an unlisten
+        of another's, as 'pilotctl unlisten' is, only lowers the port's count)."""
+        holdings = self._clients.get(client)
+        if holdings is None:
+            return
+        for state in holdings.ports:
+            if state.port == port:
+                holdings.ports.remove(state)
+                return
+
+    def gone(self, client: bytes) -> None:
+        """``client`` went away: reset the streams of the messages it owed (their senders
+        hear at once, as if its node had died: at most once, nobody else will answer them),
+        and release the ports it listened on (the last closes a port, and its senders hear
+        PortClosedError)."""
+        holdings = self._clients.pop(client, None)
+        if holdings is None:
+            return
+        messaging = self._messaging
+        ways = [way for way in list(holdings.owed.keys())
+                if isinstance(way, StreamHandle) and not way.ended]
+        if ways:
+            messaging.ctx.node.abandon(ways, "the client it was handed to went away without "
+                                             "answering: the stream was reset")
+            log.info("a client went away owing replies on %d streams: they were reset",
+                     len(ways))
+        for state in holdings.ports:
+            # A port closed meanwhile (and perhaps listened on anew) is no longer this one.
+            if messaging.ports.get(state.port) is state:
+                messaging.release_port(state)
+
+    def _holdings(self, client: bytes) -> _Holdings:
+        holdings = self._clients.get(client)
+        if holdings is None:
+            holdings = self._clients[client] = _Holdings()
+        return holdings

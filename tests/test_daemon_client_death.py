@@ -1,0 +1,147 @@
+"""A process that serves requests through its daemon and is killed mid-request leaves no
+requester waiting for its timeout (issue #13): the daemon hears its client go, resets the
+streams of the requests it held unanswered, and releases the ports it listened on, so a request
+sent afterwards is refused at once unless another client of the daemon still serves the port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pilot_agents import Client
+from pilot_agents.errors import ConnectionClosedError, PortClosedError
+from pilot_agents.patterns import Request, Requester, serving
+from tests.conftest import ROOT, DaemonHandle, named_pair
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+TIMEOUT = 30.0  # far longer than the daemons take to report a dead replier
+
+# Serves a port through the daemon of the home given; prints each request and never answers.
+HOLDING_REPLIER = """
+import asyncio, sys
+from pilot_agents import Client
+from pilot_agents.patterns import serving
+
+async def hold(request):
+    print(request.data.decode(), flush=True)
+    await asyncio.Event().wait()
+
+async def main(home, port):
+    async with Client(home) as client, serving(client, port, hold):
+        print("listening", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    with named_pair() as daemons:
+        yield daemons
+
+
+@contextlib.asynccontextmanager
+async def holding_replier(daemon: DaemonHandle, port: int) -> AsyncIterator[
+        asyncio.subprocess.Process]:
+    """The replier in a process of its own, listening when this yields; killed on the way
+    out if the test did not kill it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDING_REPLIER, str(daemon.home), str(port),
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        assert await printed(proc) == "listening"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def printed(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode().strip()
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+
+async def test_requests_held_by_a_killed_replier_fail_and_its_port_closes(pair: Pair) -> None:
+    a, b = pair
+    async with Client(a.home) as client, Requester(client) as requester, \
+            holding_replier(b, 7601) as replier:
+        # Two requests in flight on one stream, both in the replier's hands.
+        waiting = [asyncio.create_task(requester.request("beta", 7601, name, timeout=TIMEOUT))
+                   for name in ("first", "second")]
+        assert {await printed(replier), await printed(replier)} == {"first", "second"}
+        await kill(replier)
+        for task in waiting:
+            with pytest.raises(ConnectionClosedError) as failed:
+                await task
+            assert not isinstance(failed.value, PortClosedError)  # reset, not refused
+        # Nobody serves the port any more: a later request is refused, not left to wait.
+        with pytest.raises(PortClosedError):
+            await requester.request("beta", 7601, "third", timeout=TIMEOUT)
+
+
+async def test_another_replier_on_the_port_serves_on_after_one_is_killed(pair: Pair) -> None:
+    a, b = pair
+
+    async def answer(request: Request) -> object:
+        return b"answered " + request.data
+
+    async with Client(a.home) as client, Requester(client) as requester, \
+            holding_replier(b, 7602) as replier:
+        held = asyncio.create_task(requester.request("beta", 7602, "held", timeout=TIMEOUT))
+        assert await printed(replier) == "held"
+        async with Client(b.home) as other, serving(other, 7602, answer):
+            await kill(replier)
+            with pytest.raises(ConnectionClosedError):
+                await held
+            # The port stays open for the replier still there, and the requester's next
+            # request (on a new stream: the old one was reset) reaches it.
+            assert (await requester.request("beta", 7602, "next", timeout=TIMEOUT)).data == \
+                b"answered next"
+
+
+def test_a_cli_request_to_a_killed_cli_server_fails_at_once(pair: Pair, tmp_path: Path) -> None:
+    """``pilotctl request`` gets an error, not its timeout, when the ``pilotctl serve --exec``
+    running its request is killed."""
+    a, b = pair
+    started = tmp_path / "started"  # the command's pid, once it runs (it then waits for ever)
+    command = f"sh -c 'echo $$ > {started}.tmp && mv {started}.tmp {started} && exec sleep 600'"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pilot_agents.cli", "--home", str(b.home), "serve", "7603",
+         "--exec", command], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    request = None
+    try:
+        assert server.stderr is not None
+        assert server.stderr.readline().startswith("Serving port 7603")
+        request = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home), "request", "beta",
+             "7603", "--data", "question", "--timeout", str(TIMEOUT)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        while not started.exists():
+            time.sleep(0.05)
+        server.send_signal(signal.SIGKILL)
+        _, err = request.communicate(timeout=2 * TIMEOUT)
+        assert request.returncode == 12, err  # connection closed (10 would be its timeout)
+    finally:
+        for proc in (server, request):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if started.exists():  # the command, in a process group of its own, outlives serve
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(started.read_text()), signal.SIGKILL)
