@@ -54,6 +54,9 @@ TaskKey = tuple[bytes, RequestId | object]  # (client identity, its request id o
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 # The first bytes of a compact request header (a JSON header starts with "{" or blank space).
 _COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY])})
+# Tuples, not unions: a union in isinstance() is built anew on every request.
+_SETTLING = (ReplyRequest, RequeueRequest)  # a client owes the message's sender no more
+_LISTENING = (ListenRequest, UnlistenRequest)
 _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
 
@@ -231,7 +234,7 @@ class IpcServer:
                 f"request id {request_id!r} is in use by a request still in flight: give each "
                 "request its own id (docs/ipc.md)"), request_id))
             return
-        if (isinstance(request, ReplyRequest | RequeueRequest) and self._clients is not None
+        if (isinstance(request, _SETTLING) and self._clients is not None
                 and identity in self._peers):
             self._clients.settled(identity, request.message)
         work: Awaitable[Reply]
@@ -335,7 +338,7 @@ class IpcServer:
             return  # a quiet send is answered only if it fails
         if request_id is not None:
             reply["id"] = request_id
-        if (reply["ok"] and isinstance(request, ListenRequest | UnlistenRequest)
+        if (reply["ok"] and isinstance(request, _LISTENING)
                 and self._clients is not None and identity in self._peers):
             if isinstance(request, UnlistenRequest):
                 self._clients.unlistened(identity, request.port)
