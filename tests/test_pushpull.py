@@ -679,3 +679,6 @@ async def test_items_to_send_again_behind_one_no_puller_can_take_still_go(
                     await pusher.join(timeout=10)
                 assert asyncio.get_running_loop().time() - started < 1
                 assert pusher.pending == 1  # still kept, for a puller that can take it
+                # A new item no linked puller's window can hold says so when it times out.
+                with pytest.raises(PilotTimeoutError, match=r"2000 bytes.*more than 1000"):
+                    await pusher.push(b"y" * 2000, timeout=0.5)

@@ -636,7 +636,8 @@ class Pusher:
                 link: _Link | PilotError = await self._waiter.until(room)
         except TimeoutError:
             raise PilotTimeoutError(f"no puller on port {self.port} had room for the item "
-                                    f"within {timeout} s ({self._state()})") from None
+                                    f"within {timeout} s ({self._state()}"
+                                    f"{self._too_wide(len(payload))})") from None
         if isinstance(link, PilotError):
             raise link
         item_id = next(self._ids)
@@ -713,6 +714,15 @@ class Pusher:
         return len(sizes), (f"{len(sizes)} item(s) to send again fit no linked puller's window, "
                             f"the largest (id {largest}) of {sizes[largest]} bytes where a "
                             f"window takes at most {widest}")
+
+    def _too_wide(self, size: int) -> str:
+        """Why no puller linked now could ever take a ``size``-byte item, if none could: a
+        puller's own window may be narrower than the pusher's."""
+        widest = max((link.window_bytes for link in self._links.values()), default=None)
+        if widest is None or size <= widest:
+            return ""
+        return (f"; the item is {size} bytes, and no puller linked takes more than {widest} "
+                "in its window (its PushPullConfig.window_bytes)")
 
     def _stuck(self) -> ConfigError | None:
         """Why join cannot end, if all it waits for is items no linked puller can take while
