@@ -611,3 +611,20 @@ def test_an_event_line_too_long_to_read_fails_its_agent(tmp_path: Path) -> None:
     summary = events_of(result.stdout)[-1]
     assert summary["agents"]["a"]["status"] == "failed"
     assert "event line of more than 1048576 bytes" in summary["agents"]["a"]["error"]
+
+
+def test_a_step_raising_a_huge_message_fails_with_its_beginning_and_end(tmp_path: Path) -> None:
+    """An exception carrying a whole document: its event line went over EVENT_LINE_LIMIT, and
+    the agent failed with "event line too long" instead of what the step said."""
+    (tmp_path / "huge.py").write_text(
+        "def huge(state):\n    raise ValueError('start ' + 'x' * 2_000_000 + ' end')\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          a: {steps: [{python: "huge:huge"}]}
+        """))
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    error = events_of(result.stdout)[-1]["agents"]["a"]["error"]
+    assert "ValueError: start xxx" in error and "characters left out" in error
+    assert error.endswith("xxx end") and len(error) < 20_000

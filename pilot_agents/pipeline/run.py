@@ -55,6 +55,9 @@ Emit = Callable[[Event], None]
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 TRUST_POLL = 0.2  # seconds between looks at the trust store while trust becomes mutual
 EVENT_LINE_LIMIT = 1 << 20  # bytes of one event line read from an agent process
+# Characters of an error an agent's event carries: a step that raises with a huge message (a
+# whole document, say) is reported by its beginning and end, not failed for a line too long.
+ERROR_TEXT_LIMIT = 16 * 1024
 FOLLOW_GRACE = 5.0  # seconds to read an ended agent's last output (its pipes may outlive it)
 STDERR_LINES = 20  # lines of an agent process's stderr kept for its failure's message
 STDERR_LOG_BYTES = 8 << 20  # of a process's stderr written to its log; then only its last lines
@@ -110,6 +113,11 @@ class AgentRun:
         return self.pipeline.spec.hostname(self.agent)
 
     def event(self, event: str, **fields: Any) -> None:
+        error = fields.get("error")
+        if isinstance(error, str) and len(error) > ERROR_TEXT_LIMIT:
+            half = ERROR_TEXT_LIMIT // 2
+            fields["error"] = (f"{error[:half]} [... {len(error) - 2 * half} characters left "
+                               f"out ...] {error[-half:]}")
         self.emit({"event": event, "agent": self.agent, "time": time.time(), **fields})
 
 
