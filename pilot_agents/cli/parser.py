@@ -9,8 +9,9 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import NoReturn, TypeVar
 
+from ..errors import ConfigError
 from .context import Handler
-from .output import EPILOG, EXIT_USAGE
+from .output import EPILOG
 
 _HOME_HELP = "node home (default: $PILOT_HOME or ~/.pilot-agents)"
 _JSON_HELP = "machine-readable output"
@@ -20,8 +21,9 @@ N = TypeVar("N", int, float)
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(EXIT_USAGE)
+        # Reported like any user mistake (exit 2, one line; a JSON error with --json), not
+        # argparse's way, which prints only to stderr: a script asking for --json got nothing.
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
 # -- argument types: a bad value is a usage error naming it ----------------------------------

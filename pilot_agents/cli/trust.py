@@ -6,6 +6,7 @@ import sys
 import time
 from typing import cast
 
+from ..errors import ConfigError
 from .context import Context, Handler
 from .output import EXIT_OK, STATE_NAMES, Reply, TrustEntry, emit, fields, label, print_list
 from .parser import Commands
@@ -107,8 +108,11 @@ def export_cmd(ctx: Context) -> int:
 
 
 def import_cmd(ctx: Context) -> int:
-    text = sys.stdin.read() if ctx.args.request == "-" else ctx.args.request
-    entry: TrustEntry = ctx.call("trust_import", request=text.strip())["entry"]
+    text = (sys.stdin.read() if ctx.args.request == "-" else ctx.args.request).strip()
+    if not text:
+        raise ConfigError("no trust request given: pass what 'pilotctl trust export' printed "
+                          "on the peer, or - to read it from stdin")
+    entry: TrustEntry = ctx.call("trust_import", request=text)["entry"]
     if ctx.json:
         emit({"entry": entry})
     elif entry["state"] == "incoming":
