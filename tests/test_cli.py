@@ -333,6 +333,9 @@ MISTAKES: list[tuple[tuple[str, ...], int, tuple[str, ...]]] = [
         (("connect", "beta", "5", "--port", "6", "-m", "x"), 2, ("two different ports",)),
         (("ping", "beta", "--count", "0"), 2, ("less than 1",)),
         (("send", "beta", "1001", "--file", "/nonexistent/file"), 2, ("cannot read",)),
+        # Ignored, they let a user believe the command would print what arrives.
+        (("listen", "4900", "--publish", "--count", "1"), 2,
+         ("--count and --timeout are for printing messages", "pilotctl unlisten 4900")),
 ]
 
 

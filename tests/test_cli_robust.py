@@ -4,10 +4,12 @@ bound, a peer that takes no more. Real daemons, real processes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tests.conftest import (
     DaemonHandle,
     assert_one_line_error,
     cli,
+    cli_json,
     named_pair,
 )
 
@@ -90,3 +93,39 @@ def test_arguments_that_are_not_utf8_are_usage_errors(pair: Pair) -> None:
         assert_one_line_error(cli(a.home, *args), 2, "argument b'caf\\xe9' is not UTF-8 text",
                               "--file")
     json_error(cli(a.home, "--json", "connect", "beta", "-m", raw), 2)
+
+
+def test_send_files_up_to_a_tunnel_message_and_refuses_larger(pair: Pair,
+                                                               tmp_path: Path) -> None:
+    # In the JSON header, base64 made a 20 MB binary file larger than the daemon's 16 MiB
+    # request bound: the daemon answers such a request without its id, so send waited for
+    # ever (and a file over 128 MiB of JSON was "the daemon went away", exit 3).
+    a, b = pair
+    data = os.urandom(20_000_000)
+    (tmp_path / "big").write_bytes(data)
+    sent = cli_json(a.home, "send", "beta", "1001", "--file", str(tmp_path / "big"), timeout=20)
+    assert sent["bytes"] == len(data) and sent["delivered"] is True
+    # What earlier tests sent waits before it in the inbox: the last message is this one.
+    listened = cli(b.home, "--json", "listen", "1001", "--timeout", "3", timeout=20)
+    assert listened.returncode == 0, listened.stderr
+    got = json.loads(listened.stdout.splitlines()[-1])
+    assert got["encoding"] == "base64" and base64.b64decode(str(got["data"])) == data
+    (tmp_path / "huge").write_bytes(b"\0" * (MAX_MESSAGE + 1))
+    assert_one_line_error(cli(a.home, "send", "beta", "1001", "--file", str(tmp_path / "huge")),
+                          2, "has more than 67108864 bytes", "the largest message")
+
+
+def test_send_to_a_peer_that_takes_no_more_ends_at_its_timeout(pair: Pair,
+                                                                tmp_path: Path) -> None:
+    # Beta's inbox on port 1001 holds 16 MiB; nobody reads it. Past that, a large message
+    # stays unsent, and the daemon does not bound that wait: send waited for ever, whatever
+    # its --timeout.
+    a, _ = pair
+    (tmp_path / "part").write_bytes(os.urandom(30_000_000))
+    send = ("send", "beta", "1001", "--file", str(tmp_path / "part"), "--timeout", "2")
+    for _ in range(2):
+        assert cli(a.home, *send, timeout=20).returncode == 0
+    started = time.monotonic()
+    assert_one_line_error(cli(a.home, *send, timeout=20), 10,
+                          "beta port 1001 did not take the message within 2 s")
+    assert time.monotonic() - started < 10

@@ -7,14 +7,18 @@ import contextlib
 import sys
 import threading
 import time
-from pathlib import Path
 
-from ..errors import ConfigError, ConnectionClosedError, PilotError
-from ..ipc import IpcClient, encode_data
+from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from ..ipc import IpcClient
+from ..patterns.frames import MAX_MESSAGE
 from ..transport import DEFAULT_PORT
 from .context import Context, receive_until
-from .output import EXIT_OK, Message, emit, label, message_out, ms, write_message
+from .output import EXIT_OK, Message, Reply, emit, label, message_out, ms, write_message
 from .parser import Commands, add_until, port, positive
+
+# Seconds past --timeout before send gives up on the daemon: the daemon's own error (not
+# trusted, unreachable), due at the timeout, says more, so it has this long to come first.
+SEND_GRACE = 1.0
 
 
 def register(commands: Commands) -> None:
@@ -40,7 +44,8 @@ def register(commands: Commands) -> None:
     data = sub.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", default=None, metavar="TEXT")
     data.add_argument("--file", default=None, metavar="PATH", help="file to send ('-': stdin)")
-    sub.add_argument("--timeout", type=positive, default=10.0, metavar="S")
+    sub.add_argument("--timeout", type=positive, default=10.0, metavar="S",
+                     help="seconds for connecting and delivery (default 10)")
 
     sub = commands.command("listen", "print messages arriving on a port", listen_cmd)
     sub.add_argument("port", type=port, metavar="PORT")
@@ -75,7 +80,7 @@ async def _connect_message(ctx: Context, client: IpcClient, to_port: int) -> int
     stream = opened["stream"]
     try:
         data = args.message.encode("utf-8")
-        await client.request("stream_send", stream=stream, data=args.message)
+        await client.carry("stream_send", data, stream=stream)
         drained = await client.request("stream_drain", stream=stream, timeout=args.timeout)
         reply: Message | None = None
         if args.wait_reply:
@@ -135,8 +140,7 @@ async def _netcat(ctx: Context, client: IpcClient, to_port: int) -> int:
 
     async def send() -> None:
         while (line := await lines.get()) is not None:
-            text, encoding = encode_data(line.rstrip(b"\n"))
-            await client.request("stream_send", stream=stream, data=text, encoding=encoding)
+            await client.carry("stream_send", line.rstrip(b"\n"), stream=stream)
         await client.request("stream_drain", stream=stream, timeout=args.timeout)
         last_input[0] = time.monotonic()
         while not peer_closed.is_set():  # linger for replies
@@ -177,16 +181,29 @@ def _print_message(ctx: Context, message: Message, prefix: str = "") -> None:
 
 def send_cmd(ctx: Context) -> int:
     args = ctx.args
-    if args.file is not None:
+    data = _payload(args.data, args.file)
+
+    async def deliver(client: IpcClient) -> Reply:
+        # The data as a frame of its own (docs/ipc.md): in the JSON header, base64 and escapes
+        # made a file of a few MiB too large for the daemon, which answers such a header
+        # without its request id, so the command waited for ever.
+        sending = client.carry("send", data, target=args.target, port=args.port,
+                               timeout=args.timeout)
+        # The daemon does not bound every wait of a send by the timeout: a peer that took no
+        # more (its port's inbox full) held a large message, and the command, for ever.
+        bound = asyncio.timeout(args.timeout + SEND_GRACE)
         try:
-            data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
-    else:
-        data = args.data.encode("utf-8")
-    text, encoding = encode_data(data)
-    result = ctx.call("send", target=args.target, port=args.port, data=text, encoding=encoding,
-                      timeout=args.timeout)
+            async with bound:
+                return await sending
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the daemon's own, which says more
+            raise PilotTimeoutError(
+                f"{args.target} port {args.port} did not take the message within "
+                f"{args.timeout:g} s (is its inbox full? it takes more once that port is "
+                "read there)") from None
+
+    result = ctx.run(deliver)
     if ctx.json:
         emit({k: result.get(k) for k in ("peer", "hostname", "port", "bytes", "path", "rtt")}
              | {"delivered": True})
@@ -196,9 +213,34 @@ def send_cmd(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _payload(text: str | None, path: str | None) -> bytes:
+    """The message ``--data`` or ``--file`` (``-``: stdin) gives; ConfigError if it cannot be
+    read or is larger than a tunnel message (read no further than that)."""
+    if path is None:
+        assert text is not None
+        data = text.encode("utf-8")
+    else:
+        try:
+            if path == "-":
+                data = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+            else:
+                with open(path, "rb") as file:
+                    data = file.read(MAX_MESSAGE + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_MESSAGE:
+        raise ConfigError(f"{'stdin' if path == '-' else path or '--data'} has more than "
+                          f"{MAX_MESSAGE} bytes, the largest message a tunnel carries")
+    return data
+
+
 def listen_cmd(ctx: Context) -> int:
     args = ctx.args
     if args.publish:
+        if args.count is not None or args.timeout is not None:
+            raise ConfigError("--count and --timeout are for printing messages: with --publish "
+                              "the daemon listens until 'pilotctl unlisten "
+                              f"{args.port}'")
         result = ctx.call("listen", port=args.port, publish=True)
         if ctx.json:
             emit({k: result[k] for k in ("port", "publish", "pub_endpoint", "topic")})
