@@ -247,6 +247,25 @@ def test_listen_human_output_and_count(daemon_pair: Pair) -> None:
     assert all(p["port"] != 4700 for p in info["listening"])  # listen cleaned up after itself
 
 
+def test_listen_into_a_reader_that_goes_away_ends_quietly(daemon_pair: Pair) -> None:
+    """`pilotctl listen PORT | head -1`: once head has its line and exits, the next message
+    has nowhere to go. That ended as "error: Broken pipe", exit 1; a Unix tool ends quietly."""
+    a, b = daemon_pair
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pilot_agents.cli", "--home", str(b.home), "listen", "4710"],
+        stdout=writer, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    os.close(writer)
+    wait_for(lambda: any(p["port"] == 4710 for p in ipc_call(b.home, cmd="info")["listening"]))
+    assert cli(a.home, "send", "beta", "4710", "--data", "first").returncode == 0
+    with os.fdopen(reader) as head:
+        assert head.readline() == "[alpha] first\n"
+    assert cli(a.home, "send", "beta", "4710", "--data", "second").returncode == 0
+    _, err = proc.communicate(timeout=10)
+    assert (proc.returncode, err) == (141, "")
+    wait_for(lambda: all(p["port"] != 4710 for p in ipc_call(b.home, cmd="info")["listening"]))
+
+
 def test_listen_publish_and_unlisten(daemon_pair: Pair) -> None:
     _, b = daemon_pair
     out = cli_json(b.home, "listen", "4800", "--publish")

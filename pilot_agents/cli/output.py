@@ -32,6 +32,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
     (errors.TrustRequestError, 2, "bad arguments"),
 ]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+EXIT_PIPE = 141  # what a shell reports for a process SIGPIPE ended, as a C tool's would be
 
 EPILOG = """\
 exit codes:
@@ -52,6 +53,7 @@ exit codes:
       command exited non-zero)
   70  internal error (a bug; PILOT_DEBUG=1 shows the traceback)
   130 interrupted
+  141 the reader of our output went away (as 'pilotctl listen 1001 | head -1' ends)
 
 environment: PILOT_HOME (default home), PILOT_BEACON (default --beacon), PILOT_DEBUG=1
 """
@@ -164,6 +166,11 @@ def exit_status(exc: BaseException, as_json: bool) -> int | None:
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
+    if isinstance(exc, BrokenPipeError):
+        # Nobody reads our output any more: end quietly, as a Unix tool does. Its writes go
+        # nowhere from now on, so the flush at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     if isinstance(exc, errors.PilotError):
         code = exit_code(exc)
         _report(exc, as_json, code)
