@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ConfigError, McpSessionError, PilotError, PilotTimeoutError, WireError
+from ...errors import (
+    ConfigError,
+    McpSessionError,
+    PilotError,
+    PilotTimeoutError,
+    PortClosedError,
+    WireError,
+)
 from ...patterns.frames import MAX_MESSAGE
 from ...sdk import Client
 from ...transport import CONNECT_TIMEOUT, Connection, Message, Transport, receive_unless_silent
@@ -155,6 +162,13 @@ class RemoteSession:
             except PilotTimeoutError:
                 raise McpSessionError(f"{self.label} did not start an MCP server within "
                                       f"{self.config.open_timeout:g} s") from None
+            except PortClosedError:
+                # Not the daemon's hint for a closed port ("pilotctl listen"): what is missing
+                # there is an MCP server.
+                raise McpSessionError(
+                    f"{self.label} serves no MCP server: nothing listens on port {self.port} "
+                    f"there (start one: 'pilotctl mcp serve --port {self.port} -- COMMAND')"
+                ) from None
             except PilotError as exc:
                 raise McpSessionError(f"{self.label} serves no MCP server: {exc}") from None
             reply = parse_control_untrusted(answer.data)
