@@ -174,6 +174,22 @@ async def test_errors_are_the_node_errors(daemon_pair: Pair) -> None:
         await pilot.DaemonConnection(pilot.Client(a.home), "beta", 1, 1).send("not open")
 
 
+async def test_a_send_the_peer_takes_no_more_of_ends_at_its_timeout(daemon_pair: Pair) -> None:
+    """Nobody reads beta's port: its inbox (16 MiB) fills, then the tunnel's windows, and a
+    large send has no room. The daemon bounded only the connecting by the timeout, and such a
+    send waited for ever."""
+    a, b = daemon_pair
+    assert ipc_call(b.home, cmd="listen", port=5097)["ok"]
+    try:
+        async with pilot.Client(a.home) as client:
+            big = os.urandom(30_000_000)
+            with pytest.raises(PilotTimeoutError, match="did not take the message within 2 s"):
+                for _ in range(6):
+                    await asyncio.wait_for(client.send("beta", 5097, big, timeout=2), 30)
+    finally:
+        ipc_call(b.home, cmd="unlisten", port=5097)
+
+
 async def test_no_daemon(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunningError, match="pilotctl daemon start"):
         await pilot.send("beta", 1001, "x", home=tmp_path)

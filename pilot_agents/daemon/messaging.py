@@ -15,7 +15,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import ipc
-from ..errors import BadRequestError, ConfigError, ConnectionClosedError, PilotError
+from ..errors import (
+    BadRequestError,
+    ConfigError,
+    ConnectionClosedError,
+    PilotError,
+    PilotTimeoutError,
+)
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
 from .dispatch import Credit, DispatchTable, Push, Reply
@@ -203,10 +209,21 @@ class Messaging:
     async def send(self, req: SendRequest) -> Reply:
         target = await self.ctx.trusted_target(req.target)
         data = req.payload()
+        deadline = asyncio.get_running_loop().time() + req.timeout
         try:
             async with self.ctx.node.connect(target.node_arg, req.port, req.timeout) as conn:
                 path, rtt = conn.path, conn.rtt
-                await conn.send(data)
+                # The timeout bounds the delivery too: a peer whose port's inbox is full takes
+                # no more until that port is read there, and the send waited for ever.
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await conn.send(data)
+                        await conn.close()  # delivered: the peer's node has every byte
+                except TimeoutError:
+                    raise PilotTimeoutError(
+                        f"{target.label} port {req.port} did not take the message within "
+                        f"{req.timeout:g} s (is its inbox full? it takes more once that port "
+                        "is read there)") from None
         except PilotError as exc:
             raise self.ctx.explain(exc, target.node_id, target.label, req.port) from None
         self.ctx.store.confirm(target.node_id)
