@@ -291,6 +291,9 @@ def test_info_resolve_and_add_peer_outputs(daemon_pair: Pair) -> None:
     assert_one_line_error(cli(a.home, "add-peer", "not-a-node-id", "127.0.0.1:1"), 2,
                           "not a node id")
     assert_one_line_error(cli(a.home, "add-peer", stranger, "nowhere"), 2)
+    for where in ("1.2.3.4:0", ":4000", "0.0.0.0:4000"):  # listen addresses, not a peer's
+        assert_one_line_error(cli(a.home, "add-peer", stranger, where), 2,
+                              "no address a peer can be reached at")
 
 
 def test_json_outputs_parse(daemon_pair: Pair) -> None:

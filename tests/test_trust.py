@@ -444,6 +444,20 @@ def test_daemon_starts_with_a_bad_entry_in_trust_json(fresh_home: Path) -> None:
     assert "entry 1 skipped" in log and "not a valid public key" in log
 
 
+def test_daemon_starts_with_a_static_peer_saved_at_a_listen_address(fresh_home: Path) -> None:
+    """add-peer now refuses an address a peer cannot be reached at (port 0, any interface);
+    one saved before that check must not keep the daemon from starting."""
+    fresh_home.chmod(0o700)
+    peers = fresh_home / "static-peers.json"
+    peers.write_text(json.dumps({"peers": [
+        {"node_id": ALICE.node_id, "address": "1.2.3.4:0", "hostname": "alice"},
+        {"node_id": MALLORY.node_id, "address": "127.0.0.1:9", "hostname": "mallory"}]}))
+    peers.chmod(0o600)
+    start_daemon(fresh_home, "gamma")
+    log = (fresh_home / "daemon.log").read_text()
+    assert f"static peer {ALICE.node_id} skipped" in log and "1.2.3.4:0" in log
+
+
 def test_trust_remove_works_without_a_daemon(fresh_home: Path) -> None:
     store = TrustStore.load(fresh_home)
     store.add_trusted(ALICE.node_id, "alice")

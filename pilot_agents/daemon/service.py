@@ -113,7 +113,10 @@ class Daemon:
         for entry in store.trusted():
             node.trust(entry.node_id, entry.hostname)
         for peer in static.values():
-            node.add_peer(peer.node_id, peer.address)
+            try:
+                node.add_peer(peer.node_id, peer.address)
+            except ConfigError as exc:  # saved before it was checked: never fatal at start
+                log.warning("static peer %s skipped: %s", peer.node_id, exc)
         try:
             await node.start()
         except (PeerUnreachableError, PilotTimeoutError) as exc:

@@ -371,6 +371,12 @@ class Node:
         key = key_from_node_id(node_id)
         if isinstance(address, str):
             address = parse_host_port(address)
+        host, port = address
+        if not 0 < port <= 65535 or host in ("", "0.0.0.0", "::"):
+            # A listen address takes these (any interface, any free port); a peer's cannot,
+            # and every packet to it would be lost without a word.
+            raise ConfigError(f"{host}:{port} is no address a peer can be reached at: give "
+                              "its HOST and a port in 1..65535")
         self._peer_addresses[key] = address
 
     async def resolve(self, name: str, timeout: float = 5.0) -> PeerInfo:
