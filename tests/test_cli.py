@@ -247,6 +247,12 @@ def test_listen_human_output_and_count(daemon_pair: Pair) -> None:
     assert all(p["port"] != 4700 for p in info["listening"])  # listen cleaned up after itself
 
 
+def test_a_beacon_usage_mistake_is_one_line() -> None:
+    result = cli(None, "beacon", "--bogus")
+    assert_one_line_error(result, 2, "unrecognized arguments: --bogus",
+                          "see 'pilot-agents beacon --help'")
+
+
 def test_listen_into_a_reader_that_goes_away_ends_quietly(daemon_pair: Pair) -> None:
     """`pilotctl listen PORT | head -1`: once head has its line and exits, the next message
     has nowhere to go. That ended as "error: Broken pipe", exit 1; a Unix tool ends quietly."""

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..addressing import parse_host_port
 from ..errors import ConfigError, PilotError, PilotTimeoutError, StoreUnavailableError, WireError
@@ -630,8 +630,15 @@ async def query_status(beacon_addr: Address | str, timeout: float = 3.0) -> dict
 # -- command line ------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every other command's mistakes: argparse's usage block buries it.
+        print(f"{self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser(prog: str = "pilot-agents beacon") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Run a beacon: registry, STUN, hole-punch coordination and relay.",
     )
