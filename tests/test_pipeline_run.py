@@ -595,36 +595,33 @@ def test_a_failed_agent_s_whole_stderr_is_kept_in_a_log(tmp_path: Path) -> None:
         shutil.rmtree(logs, ignore_errors=True)
 
 
+def one_step_failure(tmp_path: Path, name: str, source: str) -> str:
+    """Run a pipeline of one agent whose one step is ``name``, defined by ``source`` in
+    ``name``.py; the error its failure is summarised with."""
+    (tmp_path / f"{name}.py").write_text(source)
+    (tmp_path / "p.yaml").write_text(
+        f'agents:\n  a: {{steps: [{{python: "{name}:{name}"}}]}}\n')
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    agent = events_of(result.stdout)[-1]["agents"]["a"]
+    assert agent["status"] == "failed"
+    return str(agent["error"])
+
+
 def test_an_event_line_too_long_to_read_fails_its_agent(tmp_path: Path) -> None:
     """An event line of more than EVENT_LINE_LIMIT (a state of 100,000 keys, listed in the
     `state` event) is not read: the agent fails saying so, where the line was dropped without a
     word and the run passed."""
-    (tmp_path / "wide.py").write_text(
-        "def wide(state):\n    return {f'key_{n:06d}': n for n in range(100_000)}\n")
-    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
-        agents:
-          a: {steps: [{python: "wide:wide"}]}
-        """))
-    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
-    summary = events_of(result.stdout)[-1]
-    assert summary["agents"]["a"]["status"] == "failed"
-    assert "event line of more than 1048576 bytes" in summary["agents"]["a"]["error"]
+    error = one_step_failure(tmp_path, "wide", "def wide(state):\n"
+                             "    return {f'key_{n:06d}': n for n in range(100_000)}\n")
+    assert "event line of more than 1048576 bytes" in error
 
 
 def test_a_step_raising_a_huge_message_fails_with_its_beginning_and_end(tmp_path: Path) -> None:
     """An exception carrying a whole document: its event line went over EVENT_LINE_LIMIT, and
     the agent failed with "event line too long" instead of what the step said."""
-    (tmp_path / "huge.py").write_text(
-        "def huge(state):\n    raise ValueError('start ' + 'x' * 2_000_000 + ' end')\n")
-    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
-        agents:
-          a: {steps: [{python: "huge:huge"}]}
-        """))
-    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
-    error = events_of(result.stdout)[-1]["agents"]["a"]["error"]
+    error = one_step_failure(tmp_path, "huge", "def huge(state):\n"
+                             "    raise ValueError('start ' + 'x' * 2_000_000 + ' end')\n")
     assert "ValueError: start xxx" in error and "characters left out" in error
     assert error.endswith("xxx end") and len(error) < 20_000
