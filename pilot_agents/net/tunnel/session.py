@@ -1009,9 +1009,7 @@ class Session:
             message = recv.receive_untrusted(
                 frame.offset, frame.data, frame.fin, self._may_deliver(recv)
             )
-            self._recv_highest_total += recv.highest - highest_before
-            if self._recv_highest_total > self._recv_max_data:
-                raise WireError("peer exceeded the connection window")
+            self._count_arrived(recv.highest - highest_before)
             if message is not None:
                 self._hand_out(stream, message)
                 if recv.final_size is not None:
@@ -1074,10 +1072,8 @@ class Session:
             recv.final_size is not None and final != recv.final_size
         ):
             raise WireError(f"peer reset stream {stream_id} with an inconsistent final size")
-        self._recv_highest_total += final - recv.highest
+        self._count_arrived(final - recv.highest)
         recv.highest = final
-        if self._recv_highest_total > self._recv_max_data:
-            raise WireError("peer exceeded the connection window")
         self._drop_stream(stream_id)  # gives back what nobody read, up to the final size
         self._check_closed_ranges()
         self._answer_reset(stream_id, frame.code, stream.send.send_offset)
@@ -1114,11 +1110,16 @@ class Session:
         if final > limit:
             raise WireError(f"peer's final size {final} exceeds the stream window")
         if final > highest:
-            self._recv_highest_total += final - highest
-            if self._recv_highest_total > self._recv_max_data:
-                raise WireError("peer exceeded the connection window")
+            self._count_arrived(final - highest)
             self._recv_consumed_total += final - highest
             self._queue_connection_window_update()
+
+    def _count_arrived(self, more: int) -> None:
+        """``more`` bytes of the peer's streams count against the tunnel's window (new ones
+        arrived, or ones a final size says were sent)."""
+        self._recv_highest_total += more
+        if self._recv_highest_total > self._recv_max_data:
+            raise WireError("peer exceeded the connection window")
 
     def _await_final(self, stream_id: int, highest: int, limit: int) -> None:
         if len(self._awaiting_final) >= MAX_AWAITING_FINAL:
