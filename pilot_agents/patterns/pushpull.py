@@ -701,11 +701,15 @@ class Pusher:
         return next((index for index, (_, data) in enumerate(self._again)
                      if len(data) <= room), None)
 
+    def _widest(self) -> int | None:
+        """The widest window of a puller linked now (None: none is)."""
+        return max((link.window_bytes for link in self._links.values()), default=None)
+
     def _stranded(self) -> tuple[int, str]:
         """How many of the items to send again no puller linked now could ever take (too large
         for its window, empty or not), and a word on them ("" if none). With no puller
         linked, none is counted: every item waits for one."""
-        widest = max((link.window_bytes for link in self._links.values()), default=None)
+        widest = self._widest()
         sizes = {item_id: len(data) for item_id, data in self._again
                  if widest is not None and len(data) > widest}
         if not sizes:
@@ -718,7 +722,7 @@ class Pusher:
     def _too_wide(self, size: int) -> str:
         """Why no puller linked now could ever take a ``size``-byte item, if none could: a
         puller's own window may be narrower than the pusher's."""
-        widest = max((link.window_bytes for link in self._links.values()), default=None)
+        widest = self._widest()
         if widest is None or size <= widest:
             return ""
         return (f"; the item is {size} bytes, and no puller linked takes more than {widest} "
