@@ -8,17 +8,13 @@ import sys
 import threading
 import time
 
-from ..errors import ConfigError, ConnectionClosedError, PilotError, PilotTimeoutError
+from ..errors import ConfigError, ConnectionClosedError, PilotError
 from ..ipc import IpcClient
 from ..patterns.frames import MAX_MESSAGE
 from ..transport import DEFAULT_PORT
 from .context import Context, receive_until
 from .output import EXIT_OK, Message, Reply, emit, label, message_out, ms, write_message
 from .parser import Commands, add_until, port, positive
-
-# Seconds past --timeout before send gives up on the daemon: the daemon's own error (not
-# trusted, unreachable), due at the timeout, says more, so it has this long to come first.
-SEND_GRACE = 1.0
 
 
 def register(commands: Commands) -> None:
@@ -187,21 +183,9 @@ def send_cmd(ctx: Context) -> int:
         # The data as a frame of its own (docs/ipc.md): in the JSON header, base64 and escapes
         # made a file of a few MiB too large for the daemon, which answers such a header
         # without its request id, so the command waited for ever.
-        sending = client.carry("send", data, target=args.target, port=args.port,
-                               timeout=args.timeout)
-        # The daemon does not bound every wait of a send by the timeout: a peer that took no
-        # more (its port's inbox full) held a large message, and the command, for ever.
-        bound = asyncio.timeout(args.timeout + SEND_GRACE)
-        try:
-            async with bound:
-                return await sending
-        except TimeoutError:
-            if not bound.expired():
-                raise  # the daemon's own, which says more
-            raise PilotTimeoutError(
-                f"{args.target} port {args.port} did not take the message within "
-                f"{args.timeout:g} s (is its inbox full? it takes more once that port is "
-                "read there)") from None
+        # The daemon bounds the delivery by the timeout too (a peer whose inbox is full).
+        return await client.carry("send", data, target=args.target, port=args.port,
+                                  timeout=args.timeout)
 
     result = ctx.run(deliver)
     if ctx.json:
