@@ -42,6 +42,7 @@ from pilot_agents.integrations.langgraph import (
     PilotRequest,
     PilotSend,
     ServeGraphConfig,
+    peer_thread,
     serving_graph,
 )
 from pilot_agents.integrations.langgraph.codec import Codec
@@ -459,24 +460,84 @@ async def test_a_pilot_request_that_times_out_cancels_the_served_graph(pair: Pai
         await asyncio.wait_for(cancelled.wait(), 10)
 
 
-async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:
-    """A served graph with a checkpointer: the caller's thread_id is its thread, an interrupt
-    comes back as LangGraph's Interrupt, and Command(resume=...) goes there."""
+def review_graph() -> Any:
+    """A checkpointed graph START -> review, which asks to approve the state's question (None
+    on a thread that has none yet)."""
     def review(state: State) -> State:
-        return {"approved": interrupt({"question": state["question"]})}
+        return {"approved": interrupt({"question": state.get("question")})}
 
     builder = StateGraph(State)
     builder.add_node("review", review)
     builder.add_edge(START, "review")
-    served = builder.compile(checkpointer=InMemorySaver())
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) -> None:
+    """A served graph with a checkpointer: the caller's thread_id is its thread, an interrupt
+    comes back as LangGraph's Interrupt, and Command(resume=...) goes there."""
     remote = PilotRemoteGraph(pair.server_name, 7204, transport=pair.client.transport)
     config = RunnableConfig(configurable={"thread_id": "t-1"})
-    async with serving_graph(served, 7204, pair.server.transport):
+    async with serving_graph(review_graph(), 7204, pair.server.transport):
         first = await remote.ainvoke({"question": "ship it?"}, config)
         [pending] = first["__interrupt__"]
         assert isinstance(pending, Interrupt) and pending.value == {"question": "ship it?"}
         assert await remote.ainvoke(Command(resume="yes"), config) == {
             "question": "ship it?", "approved": "yes"}
+
+
+async def pending(requester: Requester, server: Node, port: int, thread: object) -> Any:
+    """The questions the served graph's thread ``thread`` waits on an answer to, as the
+    requester's PilotRemoteGraph node asks for them."""
+    body = {"pilot": "lg-graph/1", "op": "pending",
+            "config": {"configurable": {"thread_id": thread}}}
+    reply = await requester.request(server.node_id, port, body, timeout=10)
+    return [i.value for i in Codec().decode(reply.json(), (Interrupt,))]
+
+
+async def test_each_peer_has_threads_of_its_own(tmp_path: Path) -> None:
+    """Two peers naming the same thread_id get two threads. The other peer neither sees the
+    first one's pending interrupt nor answers it: its resume goes to a thread of its own, new
+    as LangGraph makes any thread it has no checkpoint of (as a local graph would, and without
+    telling whether another peer has a thread of that name). The first continues its own."""
+    served = review_graph()
+    config = RunnableConfig(configurable={"thread_id": "t"})
+    async with trio(tmp_path) as (a, b, c), serving_graph(served, 7216, b), \
+            Requester(a) as first, Requester(c) as other:
+        mine, theirs = (PilotRemoteGraph(b.node_id, 7216, transport=peer) for peer in (a, c))
+        asked = await mine.ainvoke({"question": "from a"}, config)
+        assert [i.value for i in asked["__interrupt__"]] == [{"question": "from a"}]
+        assert await pending(first, b, 7216, "t") == [{"question": "from a"}]
+        assert await pending(other, b, 7216, "t") == []
+        answered = await theirs.ainvoke(Command(resume="c approves"), config)
+        assert [i.value for i in answered["__interrupt__"]] == [{"question": None}]
+        assert await mine.ainvoke(Command(resume="a approves"), config) == {
+            "question": "from a", "approved": "a approves"}
+        with pytest.raises(RemoteError, match="a thread_id is a string or an integer, not a "
+                                              "dict"):
+            await pending(other, b, 7216, {"t": 1})
+    # The checkpointer lists each peer's thread under its node id.
+    assert (await served.aget_state({"configurable": {"thread_id": peer_thread(
+        a.node_id, "t")}})).values == {"question": "from a", "approved": "a approves"}
+    assert (await served.aget_state({"configurable": {"thread_id": peer_thread(
+        c.node_id, "t")}})).next == ("review",)
+    assert peer_thread(a.node_id, "t") == f"{a.node_id}:t"
+
+
+async def test_shared_threads_let_peers_answer_each_others_interrupts(tmp_path: Path) -> None:
+    """ServeGraphConfig(shared_threads=True): a thread_id names the graph's thread as is, for
+    every peer, so one peer sees and answers the interrupt another's run paused on."""
+    served = review_graph()
+    config = RunnableConfig(configurable={"thread_id": "t"})
+    async with trio(tmp_path) as (a, b, c), \
+            serving_graph(served, 7217, b, config=ServeGraphConfig(shared_threads=True)), \
+            Requester(c) as other:
+        await PilotRemoteGraph(b.node_id, 7217, transport=a).ainvoke({"question": "from a"},
+                                                                     config)
+        assert await pending(other, b, 7217, "t") == [{"question": "from a"}]
+        assert await PilotRemoteGraph(b.node_id, 7217, transport=c).ainvoke(
+            Command(resume="c approves"), config) == {"question": "from a",
+                                                      "approved": "c approves"}
+    assert (await served.aget_state(config)).values["approved"] == "c approves"
 
 
 async def test_an_interrupt_in_a_remote_subgraph_pauses_the_parent(pair: Pair) -> None:

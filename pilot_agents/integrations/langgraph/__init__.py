@@ -24,7 +24,15 @@ of ``$PILOT_HOME``. The user guide is docs/langgraph.md; the wire format, :mod:`
 
 from .base import DeliveryConfig, PilotNode
 from .nodes import PilotReceive, PilotRequest, PilotSend
-from .remote import GraphServer, PilotRemoteGraph, ServeGraphConfig, serve_graph, serving_graph
+from .remote import (
+    GraphServer,
+    PilotRemoteGraph,
+    ServeGraphConfig,
+    peer_thread,
+    serve_graph,
+    serving_graph,
+)
 
 __all__ = ["DeliveryConfig", "GraphServer", "PilotNode", "PilotReceive", "PilotRemoteGraph",
-           "PilotRequest", "PilotSend", "ServeGraphConfig", "serve_graph", "serving_graph"]
+           "PilotRequest", "PilotSend", "ServeGraphConfig", "peer_thread", "serve_graph",
+           "serving_graph"]

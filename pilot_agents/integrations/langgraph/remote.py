@@ -52,6 +52,10 @@ class ServeGraphConfig:
     poll_wait: float = 10.0  # seconds a ``next`` waits for an update before answering none
     idle_timeout: float = 60.0  # seconds without a ``next`` before a streamed run is cancelled
     reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)  # runs at once, streams per peer
+    # True: a peer's thread_id is the graph's thread as is, so (with a checkpointer) every peer
+    # reads, continues and answers the interrupts of every other peer's threads of that name.
+    # Only for peers that work on the same threads on purpose and trust each other with them.
+    shared_threads: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_streams", "buffered_updates"):
@@ -94,7 +98,13 @@ class GraphServer:
     node id, so another peer that learns it can neither fetch its updates nor cancel it. The
     caller names its runs, invoke calls included, so it can cancel one whose answer it gave up
     waiting for; a cancel may overtake its run on another stream, so cancels of runs not here
-    are remembered (the last ``REMEMBERED_CANCELS``) and such a run is not started."""
+    are remembered (the last ``REMEMBERED_CANCELS``) and such a run is not started.
+
+    A thread belongs to its peer too, unless ``config.shared_threads``: the graph runs a peer's
+    ``thread_id`` as :func:`peer_thread` of it, everywhere (runs, resumes, the interrupts a
+    ``pending`` asks for). Another peer naming the same ``thread_id`` gets a thread of its own,
+    new as LangGraph makes any thread it has no checkpoint of, and cannot read, continue or
+    answer the first one's. What goes back (states, updates, interrupts) holds no thread id."""
 
     def __init__(self, graph: Graph, allowed_types: AllowedTypes = (),
                  config: ServeGraphConfig | None = None) -> None:
@@ -114,15 +124,15 @@ class GraphServer:
         key = self._key(caller, body.get("run"))
         if op == "invoke":
             return await self._invoke(self._input(body.get("input"), caller),
-                                      peer_config(body.get("config")), key)
+                                      self._config(body.get("config"), caller), key)
         if op == "stream":
             return to_bytes({"run": self._start(key or (caller, uuid.uuid4().hex),
                                                 self._input(body.get("input"), caller),
-                                                peer_config(body.get("config")))})
+                                                self._config(body.get("config"), caller))})
         if op == "next":
             return await self._next(self._run(key, body.get("run")))
         if op == "pending":
-            return await self._pending(peer_config(body.get("config")))
+            return await self._pending(self._config(body.get("config"), caller))
         if op == "cancel":
             return to_bytes({"cancelled": key is not None and self._cancel(key)})
         raise ConfigError(f"a graph call names an unknown op {op!r}")
@@ -141,6 +151,15 @@ class GraphServer:
         if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
             raise ConfigError(f"a run id is a string of 1 to 64 characters, not {run_id!r}")
         return caller, run_id
+
+    def _config(self, raw: Any, caller: str) -> RunnableConfig:
+        """:func:`peer_config` of ``raw``, its thread made ``caller``'s own."""
+        config = peer_config(raw)
+        configurable = config.get("configurable") or {}
+        if self.config.shared_threads or "thread_id" not in configurable:
+            return config
+        return RunnableConfig(configurable={
+            **configurable, "thread_id": peer_thread(caller, configurable["thread_id"])})
 
     def _input(self, state: Any, caller: str) -> Any:
         """A caller's input state; a resume (``Command(resume=...)``) is the one instruction
@@ -266,6 +285,16 @@ def peer_config(raw: Any) -> RunnableConfig:
     return RunnableConfig(configurable=forwardable(configurable))
 
 
+def peer_thread(node_id: str, thread_id: object) -> str:
+    """The thread of a served graph that the peer ``node_id`` calls ``thread_id`` (a string or
+    an integer): the id the graph runs it as, and its checkpoints are listed under. A node id
+    has no ``:``, so two peers' threads never share one."""
+    if isinstance(thread_id, bool) or not isinstance(thread_id, str | int):
+        raise ConfigError(f"a thread_id is a string or an integer, not a "
+                          f"{type(thread_id).__name__}")
+    return f"{node_id}:{thread_id}"
+
+
 def forwardable(configurable: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in configurable.items()
             if not k.startswith(("__", "checkpoint_")) and is_json(v)}
@@ -277,8 +306,10 @@ async def serve_graph(graph: Graph, port: int, transport: Transport | None = Non
     """Run ``graph`` for every request trusted peers send to ``port``, until cancelled; up to
     ``config.reqrep.handler_concurrency`` requests at once. A run that raises is answered with
     an error the caller raises as :class:`~pilot_agents.errors.RemoteError`. Peers may set the
-    run's ``thread_id`` (so, with a checkpointer, continue any of its threads): serve only to
-    peers you would let do that."""
+    run's ``thread_id``, which names a thread of their own (:func:`peer_thread`): with a
+    checkpointer each continues its own threads, never another peer's. With
+    ``config.shared_threads`` every peer continues every thread of the name it gives, and
+    answers its interrupts: set it only for peers you would let do that."""
     server = GraphServer(graph, allowed_types, config)
     try:
         async with using(transport, home) as t:
@@ -310,7 +341,8 @@ class PilotRemoteGraph(PilotNode):
     parent's state, and its output state is the node's update.
 
     The config passed on is the ``configurable`` part's plain-JSON entries, ``thread_id``
-    included, so a served graph with a checkpointer keeps a thread per caller thread. As a node
+    included, so a served graph with a checkpointer keeps a thread per caller thread (its
+    caller's alone, unless it shares threads: :class:`ServeGraphConfig`). As a node
     of a checkpointed graph, a remote ``interrupt()`` pauses the parent graph, and resuming the
     parent answers the remote thread. ``timeout``: seconds for an ``invoke``, and for each
     fetch of a stream's updates."""
