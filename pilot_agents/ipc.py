@@ -46,6 +46,7 @@ from .identity import default_home
 SOCKET_NAME = "daemon.sock"
 PUB_SOCKET_NAME = "pub.sock"
 STREAM_SOCKET_NAME = "stream.sock"  # the same requests on a plain unix stream socket
+BYE = b'{"cmd":"bye"}'  # a client closing on purpose (docs/ipc.md, A client that dies)
 LOCK_NAME = DAEMON_LOCK
 PID_NAME = DAEMON_PID
 LOG_NAME = "daemon.log"
@@ -443,6 +444,11 @@ class IpcClient:
                 await task
         self._tasks = []
         if self._channel is not None:
+            # Said only where the daemon hears a client go (the stream socket): without it,
+            # the daemon resets the streams of the messages this client was handed and did not
+            # reply to, as for a client killed mid-request. Not waited for: if the socket's
+            # buffer is full it goes unsaid, and that reset is the safe side.
+            self._channel.write_now([BYE])
             self._channel.close()
             self._channel = None
         if self._socket is not None:

@@ -6,6 +6,7 @@ sent afterwards is refused at once unless another client of the daemon still ser
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Client
+from pilot_agents import Client, ipc
 from pilot_agents.errors import ConnectionClosedError, PortClosedError
 from pilot_agents.patterns import Request, Requester, serving
 from tests.conftest import ROOT, DaemonHandle, named_pair
@@ -28,7 +29,7 @@ TIMEOUT = 30.0  # far longer than the daemons take to report a dead replier
 # Serves a port through the daemon of the home given; prints each request and never answers.
 HOLDING_REPLIER = """
 import asyncio, sys
-from pilot_agents import Client
+from pilot_agents import Client, ipc
 from pilot_agents.patterns import serving
 
 async def hold(request):
@@ -145,3 +146,46 @@ def test_a_cli_request_to_a_killed_cli_server_fails_at_once(pair: Pair, tmp_path
         if started.exists():  # the command, in a process group of its own, outlives serve
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(started.read_text()), signal.SIGKILL)
+
+
+async def test_messages_a_killed_client_had_not_acknowledged_come_back_at_once(
+        pair: Pair) -> None:
+    """A client taking messages with ``"ack": true`` that dies gives them back to the port's
+    other readers at once, not after ``ack_wait`` (30 s here)."""
+    a, b = pair
+    reader, writer = await asyncio.open_unix_connection(ipc.stream_socket_path(b.home))
+    frames = ipc.FrameReader(1 << 20)
+
+    async def next_reply() -> list[bytes]:
+        while True:
+            if got := frames.feed(await asyncio.wait_for(reader.read(65536), TIMEOUT)):
+                return got[0]
+
+    for request in ({"cmd": "listen", "port": 7604, "id": 1},
+                    {"cmd": "deliver", "port": 7604, "ack": True, "id": 2}):
+        writer.writelines(ipc.pack_frames([json.dumps(request).encode()]))
+    assert json.loads((await next_reply())[0])["ok"] is True  # the listen
+    async with Client(a.home) as sender, sender.connect("beta", 7604) as conn, \
+            Client(b.home) as other, other.listen(7604) as listener:
+        for data in (b"first", b"second"):
+            await conn.send(data)
+            pushed = await next_reply()
+            assert json.loads(pushed[0])["message"]["port"] == 7604 and pushed[1] == data
+        writer.close()  # dies with both unacknowledged
+        started = time.monotonic()
+        again = [(await listener.receive(timeout=TIMEOUT)).data for _ in range(2)]
+        assert again == [b"first", b"second"]  # in the order they first came
+        assert time.monotonic() - started < 5.0
+
+
+async def test_a_listener_that_closes_leaves_its_senders_streams_alone(pair: Pair) -> None:
+    """A client that reads one-way messages and closes owes no replies: the sender's
+    connection goes on to the port's next reader (it was reset, and the next message lost,
+    when the daemon counted every unanswered message as owed)."""
+    a, b = pair
+    async with Client(a.home) as sender, sender.connect("beta", 7605) as conn:
+        for data in (b"first", b"second"):
+            async with Client(b.home) as reader, reader.listen(7605) as listener:
+                await conn.send(data)
+                assert (await listener.receive(timeout=TIMEOUT)).data == data
+        await conn.drain()  # no reset came back

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from ..node.connection import StreamHandle
 from .inbox import WayBack
 from .messaging import Messaging, PortState
+from .requests import AckRequest, ReplyRequest, RequeueRequest
+
+# What settles a message a client was handed: an answer, giving it back, or an acknowledgement.
+Settling = ReplyRequest | RequeueRequest | AckRequest
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -28,6 +32,10 @@ class _Holdings:
     owed: weakref.WeakKeyDictionary[WayBack, int] = field(
         default_factory=weakref.WeakKeyDictionary)
     ports: list[PortState] = field(default_factory=list)  # one per 'listen' not undone
+    # Messages pushed in ack mode and neither acknowledged nor given back, oldest first: they
+    # go back to their inboxes as soon as the client dies (ack_wait is for a client that lives
+    # on and forgets). Ids that expired meanwhile stay until the next pruning.
+    unacked: dict[str, None] = field(default_factory=dict)
 
 
 class Clients:
@@ -43,21 +51,37 @@ class Clients:
         messaging = self._messaging
         # One in ack mode comes back to its inbox unless acknowledged: a client that dies
         # loses nothing, and its stream must stay for whoever gets it next.
-        if messaging.memory.awaits_ack(message_id):
+        memory = messaging.memory
+        if memory.awaits_ack(message_id):
+            unacked = self._holdings(client).unacked
+            unacked[message_id] = None
+            # The memory holds at most `limit` ids awaiting an ack, so pruning at twice that
+            # keeps this bounded at a cost per message that stays constant on average.
+            if len(unacked) > 2 * memory.limit:
+                for stale in [i for i in unacked if not memory.awaits_ack(i)]:
+                    del unacked[stale]
             return
         way = messaging.replies.live(message_id)
         if way is not None:
             owed = self._holdings(client).owed
             owed[way] = owed.get(way, 0) + 1
 
-    def settled(self, client: bytes, message_id: str) -> None:
-        """``client`` replied to a message, or gave it back (requeue): it owes it no more.
-        Counted per stream, not per message: a client that replies to one message many times
-        (a publisher to a subscription) may settle its stream's others early, which only
-        spares that stream a reset."""
+    def settled(self, client: bytes, request: Settling) -> None:
+        """``client`` replied to a message, gave it back (requeue) or acknowledged it: it owes
+        its sender no answer (but an ack), or it awaits no ack (but a requeue). Counted per
+        stream, not per message: a client that replies to one message many times (a publisher
+        to a subscription) may settle its stream's others early, which only spares that stream
+        a reset."""
         holdings = self._clients.get(client)
-        way = None if holdings is None else self._messaging.replies.live(message_id)
-        if holdings is None or way is None:
+        if holdings is None:
+            return
+        message_id = request.message
+        if not isinstance(request, ReplyRequest):
+            holdings.unacked.pop(message_id, None)
+            if isinstance(request, AckRequest):
+                return
+        way = self._messaging.replies.live(message_id)
+        if way is None:
             return
         owed = holdings.owed.get(way, 0)
         if owed > 1:
@@ -81,15 +105,30 @@ class Clients:
                 holdings.ports.remove(state)
                 return
 
+    def leaving(self, client: bytes) -> None:
+        """``client`` said it is closing: a reply it did not send is one it chose not to (a
+        listener of one-way messages sends none; a replier answers what it gives up on with
+        an error), so its streams are not reset when it goes."""
+        holdings = self._clients.get(client)
+        if holdings is not None:
+            holdings.owed.clear()
+
     def gone(self, client: bytes) -> None:
-        """``client`` went away: reset the streams of the messages it owed (their senders
-        hear at once, as if its node had died: at most once, nobody else will answer them),
-        and release the ports it listened on (the last closes a port, and its senders hear
-        PortClosedError)."""
+        """``client`` went away: put the messages it had not acknowledged back in their
+        inboxes (at least once: another reader gets them now), reset the streams of the
+        messages it owed (their senders hear at once, as if its node had died: at most once,
+        nobody else will answer them), and release the ports it listened on (the last closes
+        a port, and its senders hear PortClosedError)."""
         holdings = self._clients.pop(client, None)
         if holdings is None:
             return
         messaging = self._messaging
+        # Newest first: each goes to the head of its inbox, so the oldest ends up first again.
+        back = sum(messaging.memory.requeue(message_id)
+                   for message_id in reversed(holdings.unacked))
+        if back:
+            log.info("a client went away with %d messages unacknowledged: they were requeued",
+                     back)
         ways = [way for way in list(holdings.owed.keys())
                 if isinstance(way, StreamHandle) and not way.ended]
         if ways:

@@ -245,6 +245,13 @@ class StopRequest(BaseRequest):
     cmd: Literal["stop"]
 
 
+class ByeRequest(BaseRequest):
+    """The client is closing, having answered or given back what it means to: what it was
+    handed stays as it is when its connection drops (docs/ipc.md, A client that dies)."""
+
+    cmd: Literal["bye"]
+
+
 # -- daemon-hosted publishers (daemon/publishing.py): a one-shot `publish` needs a publisher that
 # outlives its client.
 
@@ -274,7 +281,7 @@ AnyRequest = (
     | StreamAbortRequest | StreamHoldRequest | StreamArrivalRequest | SendRequest
     | ListenRequest | UnlistenRequest
     | ReceiveRequest | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest
-    | StopRequest
+    | StopRequest | ByeRequest
     | PublishRequest | PublishersRequest | UnpublishRequest
     | DeliverRequest | CreditRequest
 )

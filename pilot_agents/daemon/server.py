@@ -29,7 +29,9 @@ from .clients import Clients
 from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
+    AckRequest,
     AnyRequest,
+    ByeRequest,
     CancelRequest,
     CreditRequest,
     DeliverRequest,
@@ -55,7 +57,7 @@ _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 # The first bytes of a compact request header (a JSON header starts with "{" or blank space).
 _COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY])})
 # Tuples, not unions: a union in isinstance() is built anew on every request.
-_SETTLING = (ReplyRequest, RequeueRequest)  # a client owes the message's sender no more
+_SETTLING = (ReplyRequest, RequeueRequest, AckRequest)  # see Clients.settled
 _LISTENING = (ListenRequest, UnlistenRequest)
 _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
@@ -214,6 +216,10 @@ class IpcServer:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
+        if type(request) is ByeRequest:  # no reply: the client is closing
+            if self._clients is not None and identity in self._peers:
+                self._clients.leaving(identity)
+            return
         if type(request) in _CONTROL:
             assert isinstance(request, CancelRequest | CreditRequest)
             reply = self._control(identity, request)
@@ -236,7 +242,7 @@ class IpcServer:
             return
         if (isinstance(request, _SETTLING) and self._clients is not None
                 and identity in self._peers):
-            self._clients.settled(identity, request.message)
+            self._clients.settled(identity, request)
         work: Awaitable[Reply]
         immediate = self.dispatch.immediate(request)
         if immediate is None:
