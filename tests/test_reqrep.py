@@ -15,6 +15,7 @@ from pilot_agents.errors import (
     ConfigError,
     ConnectionClosedError,
     PilotError,
+    PortClosedError,
     RemoteError,
     WireError,
 )
@@ -317,3 +318,21 @@ async def test_a_replier_sees_which_requests_were_given_up(pair: Pair) -> None:
         assert request.cancelled and told.is_set()
         await request.reply(b"late")  # dropped: nobody waits for it
         assert replier.cancelled == 1 and replier.malformed == 0
+
+
+async def test_a_stream_that_fails_is_forgotten_at_once(pair: Pair) -> None:
+    """A request to a port nobody listens on, or whose stream the replier's node resets (the
+    replier closed before reading it), left its peer and port an entry (a lock, a list, the
+    dead stream in it) until the next request there, if one ever came."""
+    async with Requester(pair.client.transport) as requester:
+        for port in range(7050, 7055):
+            with pytest.raises(PortClosedError):
+                await requester.request(pair.server_name, port, "anyone?", timeout=10)
+        assert requester._streams == {} and requester._opening == {}
+        async with Replier(pair.server.transport, 7056):
+            waiting = asyncio.create_task(
+                requester.request(pair.server_name, 7056, "hello?", timeout=30))
+            await asyncio.sleep(0.3)
+        with pytest.raises(PilotError):
+            await asyncio.wait_for(waiting, 15)
+        assert requester._streams == {} and requester._opening == {}

@@ -292,6 +292,17 @@ def _load(stream: _Stream) -> int:
     return len(stream.waiting)
 
 
+class _Opening:
+    """The requests opening a stream to one peer and port, one at a time: a burst of requests
+    shares new streams instead of opening one each. Forgotten once none is left."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # holding the lock or waiting for it
+
+
 class Requester:
     """Sends requests and matches their replies; one per transport is plenty.
     ``async with`` it, or :meth:`close` it, to close its streams."""
@@ -299,8 +310,11 @@ class Requester:
     def __init__(self, transport: Transport, config: ReqRepConfig | None = None) -> None:
         self._transport = transport
         self.config = config or ReqRepConfig()
+        # Live streams only, and no peer and port without one: a stream that dies goes at
+        # once, so a long-lived requester (a gateway) holds no entry per port it ever asked.
         self._streams: dict[tuple[str, int], list[_Stream]] = {}
-        self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+        self._opening: dict[tuple[str, int], _Opening] = {}
+        self._closes = 0  # close() calls: a stream opened across one is not kept
         self._ids = itertools.count(1)
         # Every request's deadline, and one timer for them all that only ever moves earlier
         # (as the node's Mailbox does): arming a timer per request costs about 3 us on uvloop,
@@ -432,6 +446,7 @@ class Requester:
     async def close(self) -> None:
         if self._telling:  # CANCELs still on their way: the streams they go on close next
             await asyncio.wait(self._telling, timeout=CANCEL_WAIT)
+        self._closes += 1
         streams = [(peer, s) for (peer, _), group in self._streams.items() for s in group]
         self._streams.clear()
         readers = []
@@ -448,34 +463,35 @@ class Requester:
 
     async def _stream_for(self, peer: str, port: int) -> _Stream:
         key = (peer, port)
-        group = self._streams.setdefault(key, [])
-        if (stream := self._reusable(group)) is not None:
+        if (stream := self._reusable(self._streams.get(key))) is not None:
             return stream
-        # One opening at a time per peer and port: a burst of requests shares new streams
-        # instead of opening one each.
-        async with self._opening.setdefault(key, asyncio.Lock()):
-            if (stream := self._reusable(group)) is not None:
+        opening = self._opening.get(key)
+        if opening is None:
+            opening = self._opening[key] = _Opening()
+        opening.users += 1
+        try:
+            async with opening.lock:
+                if (stream := self._reusable(self._streams.get(key))) is not None:
+                    return stream
+                closes = self._closes
+                conn = self._transport.connect(peer, port)
+                await conn.__aenter__()
+                if self._closes != closes:  # close() came meanwhile: no stream of ours
+                    with contextlib.suppress(PilotError):
+                        await conn.abort()
+                    raise ConnectionClosedError("the requester was closed")
+                stream = _Stream(conn, self.config.max_in_flight)
+                self._streams.setdefault(key, []).append(stream)
                 return stream
-            conn = self._transport.connect(peer, port)
-            await conn.__aenter__()
-            if self._streams.get(key) is not group:  # close() came meanwhile: no stream of ours
-                with contextlib.suppress(PilotError):
-                    await conn.abort()
-                raise ConnectionClosedError("the requester was closed")
-            stream = _Stream(conn, self.config.max_in_flight)
-            group.append(stream)
-            return stream
+        finally:
+            opening.users -= 1
+            if not opening.users:
+                del self._opening[key]
 
     def _reusable(self, group: list[_Stream] | None) -> _Stream | None:
-        """The least busy live stream of ``group``, if it is idle or no more may be opened."""
+        """The least busy stream of ``group``, if it is idle or no more may be opened."""
         if not group:
             return None
-        for stream in group:
-            if stream.dead:
-                group[:] = [s for s in group if not s.dead]
-                if not group:
-                    return None
-                break
         least = group[0] if len(group) == 1 else min(group, key=_load)
         if not least.waiting or len(group) >= self.config.streams_per_peer:
             return least
@@ -524,6 +540,14 @@ class Requester:
     async def _drop(self, stream: _Stream, error: PilotError, peer: str, port: int) -> None:
         """The stream is dead or useless: fail (or send again) what waits on it, and end it."""
         stream.fail(error, peer, port)
+        # Out of its group now: no request takes it meanwhile, _reusable (on every request)
+        # need not look for dead ones, and a port never asked again keeps no entry.
+        key = (peer, port)
+        group = self._streams.get(key)
+        if group is not None and stream in group:
+            group.remove(stream)
+            if not group:
+                del self._streams[key]
         with contextlib.suppress(PilotError):
             await stream.conn.abort()
 
