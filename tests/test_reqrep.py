@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from pilot_agents import PilotTimeoutError
+from pilot_agents import Client, Node, PilotTimeoutError
 from pilot_agents.errors import (
     ConfigError,
     ConnectionClosedError,
@@ -188,6 +188,12 @@ async def test_malformed_frames_from_a_trusted_peer_are_dropped(pair: Pair) -> N
             assert reply.json()["echo"] == [1]
 
 
+def test_an_idle_timeout_must_be_a_positive_number_of_seconds() -> None:
+    for idle_timeout in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="idle_timeout"):
+            ReqRepConfig(idle_timeout=idle_timeout)
+
+
 def test_frame_parsing_raises_only_wire_errors() -> None:
     for data in (b"", b"\x01" * 8, b"\xff" + bytes(8)):
         with pytest.raises(WireError):
@@ -318,6 +324,79 @@ async def test_a_replier_sees_which_requests_were_given_up(pair: Pair) -> None:
         assert request.cancelled and told.is_set()
         await request.reply(b"late")  # dropped: nobody waits for it
         assert replier.cancelled == 1 and replier.malformed == 0
+
+
+async def streams_open(pair: Pair, kind: str) -> int:
+    """The requester's streams as seen from outside it: embedded, those the replier's node has
+    not seen end; through daemons, those the requester's daemon holds for its client."""
+    if kind == "embedded":
+        node = pair.server.transport
+        assert isinstance(node, Node)
+        return len(node._streams)
+    client = pair.client.transport
+    assert isinstance(client, Client)
+    return int((await client.info())["streams"])
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str,
+                     seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_streams_unused_for_idle_timeout_are_closed_and_forgotten(
+        pair: Pair, kind: str) -> None:
+    """A long-lived requester (a gateway) kept a stream to every peer and port it ever asked,
+    and an entry for each, for ever: memory in both nodes, and streams counted against the
+    peers' limits. One unused for idle_timeout now closes and goes; the next request to its
+    port opens a new one."""
+    ports = range(7030, 7035)
+    async with contextlib.AsyncExitStack() as stack:
+        for port in ports:
+            await stack.enter_async_context(serving(pair.server.transport, port, echo))
+        before = await streams_open(pair, kind)
+        requester = await stack.enter_async_context(
+            Requester(pair.client.transport, ReqRepConfig(idle_timeout=0.3)))
+        for port in ports:
+            await requester.request(pair.server_name, port, port, timeout=10)
+        assert len(requester._streams) == len(ports)
+        assert await streams_open(pair, kind) == before + len(ports)
+
+        async def all_gone() -> bool:
+            return await streams_open(pair, kind) == before
+
+        await eventually(all_gone, "the idle streams closed")
+        assert requester._streams == {} and requester._opening == {}
+        reply = await requester.request(pair.server_name, ports[0], ["again"], timeout=10)
+        assert reply.json()["echo"] == ["again"]
+        assert await streams_open(pair, kind) == before + 1
+
+
+async def test_requests_racing_idle_closes_all_succeed(pair: Pair) -> None:
+    """Bursts of concurrent requests, each about when the last burst's streams fall idle: a
+    request finding its stream closed under it opens a new one, and none fails."""
+    streams: set[int] = set()  # the requester streams the replier saw, by source port
+
+    async def handler(request: Request) -> object:
+        streams.add(request._message.source_port)
+        await asyncio.sleep(0.01)
+        return request.data
+
+    config = ReqRepConfig(streams_per_peer=2, max_in_flight=2, idle_timeout=0.1)
+    async with (
+        serving(pair.server.transport, 7040, handler),
+        Requester(pair.client.transport, config) as requester,
+    ):
+        for burst in range(16):
+            await asyncio.sleep(0.07 + 0.01 * (burst % 8))
+            replies = await asyncio.gather(*(
+                requester.request(pair.server_name, 7040, str(n), timeout=10)
+                for n in range(8)))
+            assert [r.text() for r in replies] == [str(n) for n in range(8)]
+    assert len(streams) > config.streams_per_peer  # streams closed and opened meanwhile
 
 
 async def test_a_stream_that_fails_is_forgotten_at_once(pair: Pair) -> None:

@@ -11,7 +11,10 @@ Each request carries a 64-bit correlation id, so replies may come back in any or
 requests are in flight on one stream at once: a slow handler holds up nobody but its own
 requester. A requester keeps a few streams per peer and port (``streams_per_peer``) and puts a
 request on the least busy one, so one large request delays the bytes of small ones only on its
-own stream. A reply that does not come within the timeout raises
+own stream. A stream no request has used for ``idle_timeout`` seconds (60 by default) is
+closed, and one that dies is forgotten at once: a long-lived requester (a gateway talking to
+many peers and ports) holds only the streams it uses, and a request whose stream was just closed
+opens a new one. A reply that does not come within the timeout raises
 :class:`~pilot_agents.errors.PilotTimeoutError`; a handler that raises is answered with an error
 reply, raised at the requester as :class:`~pilot_agents.errors.RemoteError`; a stream that dies
 (the replier's node went away, its tunnel closed) fails every request waiting on it at once, as
@@ -45,6 +48,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -88,11 +92,16 @@ class ReqRepConfig:
     streams_per_peer: int = 4  # streams a requester opens to one peer and port, at most
     max_in_flight: int = 1024  # requests waiting for replies on one stream; more wait their turn
     handler_concurrency: int = 64  # requests serve() runs its handler on at once
+    # Seconds a requester's stream may go unused before it is closed; under the daemon's own
+    # stream_idle_timeout (10 min), after which it aborts a stream nobody uses.
+    idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("streams_per_peer", "max_in_flight", "handler_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ReqRepConfig.{name} must be at least 1")
+        if not 0 < self.idle_timeout < math.inf:  # (a timer can't be armed for ever on uvloop)
+            raise ConfigError("ReqRepConfig.idle_timeout must be a positive number of seconds")
 
 
 @dataclass
@@ -202,8 +211,10 @@ class _Stream:
     round trip). A reader whose reply is in stops reading; if others still wait, a reader task
     takes over until none does."""
 
-    def __init__(self, conn: Connection, max_in_flight: int) -> None:
+    def __init__(self, conn: Connection, max_in_flight: int, now: float) -> None:
         self.conn = conn
+        # The loop's clock: when a request last took it, or the idle sweep found one on it.
+        self.used = now
         self.waiting: dict[int, asyncio.Future[Reply]] = {}
         # Where each waiting request starts in the stream, if the connection can tell which
         # ones a restarted replier never saw.
@@ -310,10 +321,13 @@ class Requester:
     def __init__(self, transport: Transport, config: ReqRepConfig | None = None) -> None:
         self._transport = transport
         self.config = config or ReqRepConfig()
-        # Live streams only, and no peer and port without one: a stream that dies goes at
-        # once, so a long-lived requester (a gateway) holds no entry per port it ever asked.
+        # Live streams only, and no peer and port without one: a stream that dies, or goes
+        # unused for idle_timeout, goes at once, so a long-lived requester (a gateway) holds
+        # only what it uses. One timer sweeps out the idle ones.
         self._streams: dict[tuple[str, int], list[_Stream]] = {}
         self._opening: dict[tuple[str, int], _Opening] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # idle streams being aborted
         self._closes = 0  # close() calls: a stream opened across one is not kept
         self._ids = itertools.count(1)
         # Every request's deadline, and one timer for them all that only ever moves earlier
@@ -339,7 +353,8 @@ class Requester:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        now = loop.time()
+        deadline = now + timeout
         task: asyncio.Task[Reply] = asyncio.current_task(loop)  # type: ignore[assignment]
         while True:  # more than once only if the replier restarted before it saw the request
             stream = self._reusable(self._streams.get((peer, port)))
@@ -347,15 +362,17 @@ class Requester:
                     or stream.turns):  # a stream to open, or a turn to wait for
                 try:
                     async with asyncio.timeout_at(deadline):
-                        stream = await self._stream_for(peer, port)
+                        stream = await self._stream_for(peer, port, loop)
                         await stream.take_slot(loop)
                 except TimeoutError:
                     raise _expired(peer, port, timeout) from None
-                if stream.dead:  # it died while we waited for a turn: not sent, so try again
-                    stream.release_slot()
+                if stream.dead:  # it died (or went idle) while we waited for a turn: not sent,
+                    stream.release_slot()  # so try again
                     continue
+                stream.used = loop.time()  # (`now` is before its wait)
             else:
                 stream.in_flight += 1
+                stream.used = now  # what keeps it from the idle sweep: one store per request
             request_id = next(self._ids)
             entry = self._deadlines[request_id] = _Deadline(deadline, task)
             if self._timer is None or deadline < self._timer.when():
@@ -447,6 +464,9 @@ class Requester:
         if self._telling:  # CANCELs still on their way: the streams they go on close next
             await asyncio.wait(self._telling, timeout=CANCEL_WAIT)
         self._closes += 1
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         streams = [(peer, s) for (peer, _), group in self._streams.items() for s in group]
         self._streams.clear()
         readers = []
@@ -459,9 +479,10 @@ class Requester:
                 stream.reader.cancel()  # the request reading raises the error above
             with contextlib.suppress(PilotError):
                 await stream.conn.abort()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*readers, *self._retiring, return_exceptions=True)
 
-    async def _stream_for(self, peer: str, port: int) -> _Stream:
+    async def _stream_for(self, peer: str, port: int,
+                          loop: asyncio.AbstractEventLoop) -> _Stream:
         key = (peer, port)
         if (stream := self._reusable(self._streams.get(key))) is not None:
             return stream
@@ -480,13 +501,67 @@ class Requester:
                     with contextlib.suppress(PilotError):
                         await conn.abort()
                     raise ConnectionClosedError("the requester was closed")
-                stream = _Stream(conn, self.config.max_in_flight)
+                stream = _Stream(conn, self.config.max_in_flight, loop.time())
                 self._streams.setdefault(key, []).append(stream)
+                if self._sweeper is None:
+                    self._sweeper = loop.call_at(stream.used + self.config.idle_timeout,
+                                                 self._sweep, loop)
                 return stream
         finally:
             opening.users -= 1
             if not opening.users:
                 del self._opening[key]
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the streams no request has used for idle_timeout, and forget them; re-arm
+        for the next one due. A stream in use counts as used now: its last request may have
+        started long ago. Done at once, in the timer's callback, so that no request can take
+        a stream after it was found idle: the next one opens a new stream."""
+        self._sweeper = None
+        now = loop.time()
+        idle = self.config.idle_timeout
+        retired: list[_Stream] = []
+        due: float | None = None
+        for key, group in list(self._streams.items()):
+            live = []
+            for stream in group:
+                if stream.in_flight or stream.turns:
+                    stream.used = now
+                elif stream.used + idle <= now:
+                    # Dead now: a request woken for its turn on it, not yet running, tries
+                    # another.
+                    stream.dead = True
+                    retired.append(stream)
+                    continue
+                live.append(stream)
+                if due is None or stream.used + idle < due:
+                    due = stream.used + idle
+            if live:
+                group[:] = live
+            else:
+                del self._streams[key]
+        if retired:
+            retiring = asyncio.ensure_future(self._retire_idle(retired))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+        if due is not None:
+            # Not sooner than a quarter of idle_timeout from now (as the daemon's janitor):
+            # streams falling due one after another are swept in batches, not one sweep each.
+            self._sweeper = loop.call_at(max(due, now + idle / 4), self._sweep, loop)
+
+    @staticmethod
+    async def _retire_idle(streams: list[_Stream]) -> None:
+        readers = []
+        for stream in streams:
+            if stream.reader is not None:  # it waits for late replies to given-up requests
+                readers.append(stream.reader)
+                stream.reader.cancel()
+            # Aborted, not closed: nothing sent on it is unacknowledged but a CANCEL or two
+            # (sent once and never waited for anyway), and a close waits for the peer, for up
+            # to the connection's timeout if it is down.
+            with contextlib.suppress(PilotError):
+                await stream.conn.abort()
+        await asyncio.gather(*readers, return_exceptions=True)
 
     def _reusable(self, group: list[_Stream] | None) -> _Stream | None:
         """The least busy stream of ``group``, if it is idle or no more may be opened."""
