@@ -282,8 +282,16 @@ def test_listen_publish_and_unlisten(daemon_pair: Pair) -> None:
     assert_one_line_error(cli(b.home, "unlisten", "4800"), 2, "not being listened on")
 
 
+def tunnel_up(a: DaemonHandle, b: DaemonHandle) -> None:
+    """A message from a to b, taken from b's inbox: their tunnel is up, and a has learnt that b
+    trusts it (trust is "outgoing" until then, "mutual" once it has)."""
+    assert ipc_call(a.home, cmd="send", target=b.node_id, port=1001, data="warm-up")["ok"]
+    assert ipc_call(b.home, cmd="receive", port=1001, timeout=5)["ok"]
+
+
 def test_info_resolve_and_add_peer_outputs(daemon_pair: Pair) -> None:
     a, b = daemon_pair
+    tunnel_up(a, b)  # alone, no earlier test of the module has brought it up
     info = cli_json(a.home, "info")
     assert {"node_id", "virtual_address", "hostname", "nat_type", "endpoints",
             "beacon"} <= set(info)
@@ -520,8 +528,7 @@ def test_trust_store_and_static_peers_survive_a_restart(fresh_home: Path) -> Non
 def test_peers_and_ping(daemon_pair: Pair) -> None:
     require_node_api("peers", "ping", "info")
     a, b = daemon_pair
-    assert cli(a.home, "send", "beta", "1001", "--data", "warm-up").returncode == 0
-    ipc_call(b.home, cmd="receive", port=1001, timeout=5)
+    tunnel_up(a, b)
     peers = cli_json(a.home, "peers")["peers"]
     beta = next(p for p in peers if p["node_id"] == b.node_id)
     assert beta["path"] == "direct" and beta["hostname"] == "beta" and beta["established"]
