@@ -37,6 +37,8 @@ from tests.conftest import (
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 CONNECTED = re.compile(r"^Connected via (direct|relay)\. RTT: [0-9.]+ ms\. Encrypted\.$")
+# What a --json command stopped by Ctrl-C or SIGTERM prints last.
+INTERRUPTED = {"error": {"type": "KeyboardInterrupt", "message": "interrupted", "exit_code": 130}}
 
 # A service in its own process, written against the SDK: answers each message on a port with
 # its upper-case form.
@@ -270,6 +272,33 @@ def test_listen_into_a_reader_that_goes_away_ends_quietly(daemon_pair: Pair) -> 
     _, err = proc.communicate(timeout=10)
     assert (proc.returncode, err) == (141, "")
     wait_for(lambda: all(p["port"] != 4710 for p in ipc_call(b.home, cmd="info")["listening"]))
+
+
+def test_ctrl_c_under_json_ends_the_stream_with_an_error_object(daemon_pair: Pair) -> None:
+    """A script reading ``listen --json`` that stopped it with Ctrl-C got no JSON at all, so it
+    could not tell a stream cut short from one that ended: the last line is now the error
+    object any other failure prints. A reader gone by then (Ctrl-C ends ``... | jq`` too)
+    leaves the status and "interrupted", not a traceback of that last write."""
+    a, b = daemon_pair
+    for reader_gone in (False, True):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(b.home), "--json", "listen",
+             "4720"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stdout is not None and proc.stderr is not None
+        wait_for(lambda: any(p["port"] == 4720
+                             for p in ipc_call(b.home, cmd="info")["listening"]))
+        assert cli(a.home, "send", "beta", "4720", "--data", "x").returncode == 0
+        assert json.loads(proc.stdout.readline())["data"] == "x"
+        if reader_gone:
+            proc.stdout.close()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        out = "" if reader_gone else proc.stdout.read()
+        assert (proc.wait(timeout=10), err) == (130, "interrupted\n")
+        assert [json.loads(line) for line in out.splitlines()] == \
+            ([] if reader_gone else [INTERRUPTED])
+        wait_for(lambda: all(p["port"] != 4720
+                             for p in ipc_call(b.home, cmd="info")["listening"]))
 
 
 def test_listen_publish_and_unlisten(daemon_pair: Pair) -> None:

@@ -22,7 +22,7 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
-from tests.test_cli import wait_for
+from tests.test_cli import INTERRUPTED, wait_for
 from tests.test_cli_patterns import FAILING, finish, listening, start
 
 Trio = tuple[DaemonHandle, DaemonHandle, DaemonHandle]
@@ -50,11 +50,14 @@ def pull(home: Path, port: int, *args: str) -> subprocess.Popen[str]:
 
 
 def stop(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
-    """SIGTERM a ``pull --json``; what it printed. It stops as interrupted, cleanly."""
+    """SIGTERM a ``pull --json``; the items it printed. It stops as interrupted, cleanly: the
+    error object that says so is its last line, as any failure's is."""
     proc.send_signal(signal.SIGTERM)
     out, err = finish(proc)
-    assert proc.returncode == 130, err
-    return [json.loads(line) for line in out.splitlines()]
+    assert (proc.returncode, err) == (130, "interrupted\n")
+    *items, last = [json.loads(line) for line in out.splitlines()]
+    assert last == INTERRUPTED
+    return items
 
 
 def push(home: Path, *args: str, input: str | None = None) -> dict[str, object]:

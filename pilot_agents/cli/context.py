@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import functools
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +15,7 @@ from ..errors import PilotTimeoutError
 from ..ipc import IpcClient
 from ..runtime import run
 from ..sdk import Client
-from .output import EXIT_INTERRUPTED, Reply
+from .output import EXIT_INTERRUPTED, Reply, interrupted
 
 T = TypeVar("T")
 
@@ -45,7 +44,8 @@ class Context:
     def run_client(self, body: Callable[[Client], Awaitable[int]], stopped_status: int) -> int:
         """Run ``body`` with an SDK client of the home's daemon, on uvloop. SIGINT and SIGTERM
         cancel it, so what it opened in the daemon (a listened port, a stream) is closed, and
-        the command ends with ``stopped_status``."""
+        the command ends with ``stopped_status`` (EXIT_INTERRUPTED: reported as
+        :func:`.output.interrupted`, as Ctrl-C is in any command)."""
         async def go() -> int:
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
@@ -65,9 +65,8 @@ class Context:
             except asyncio.CancelledError:
                 if not stopped.is_set():
                     raise
-                if stopped_status == EXIT_INTERRUPTED:
-                    print("interrupted", file=sys.stderr, flush=True)
-                return stopped_status
+                return interrupted(self.json) if stopped_status == EXIT_INTERRUPTED \
+                    else stopped_status
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)

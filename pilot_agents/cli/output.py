@@ -154,7 +154,33 @@ def _report(exc: BaseException, as_json: bool, code: int) -> None:
     message = str(exc) or type(exc).__name__
     sys.stderr.write(f"error: {message}\n")
     if as_json:
-        emit({"error": {"type": type(exc).__name__, "message": message, "exit_code": code}})
+        _emit_error(type(exc).__name__, message, code)
+
+
+def _emit_error(kind: str, message: str, code: int) -> None:
+    try:
+        emit({"error": {"type": kind, "message": message, "exit_code": code}})
+    except OSError:
+        # Its reader is gone (Ctrl-C ends `pilotctl ... --json | jq` both at once): the
+        # command ends with its own status all the same, not a traceback of this write.
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Writes to stdout go nowhere from now on, so the flush at exit raises nothing either."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def interrupted(as_json: bool) -> int:
+    """Say that a signal (Ctrl-C, SIGTERM) stopped the command; its exit status. With
+    ``as_json``, the error object a script gets for any other failure, too: for a command that
+    prints one object per line (``listen``, ``subscribe``, ``pull``) the stream's last line,
+    so that its reader tells an interrupted stream from a finished one without the status."""
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    if as_json:
+        _emit_error("KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 def exit_status(exc: BaseException, as_json: bool) -> int | None:
@@ -164,12 +190,10 @@ def exit_status(exc: BaseException, as_json: bool) -> int | None:
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     if isinstance(exc, KeyboardInterrupt):
-        sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
+        return interrupted(as_json)
     if isinstance(exc, BrokenPipeError):
-        # Nobody reads our output any more: end quietly, as a Unix tool does. Its writes go
-        # nowhere from now on, so the flush at exit raises nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Nobody reads our output any more: end quietly, as a Unix tool does.
+        _stdout_to_devnull()
         return EXIT_PIPE
     if isinstance(exc, errors.PilotError):
         code = exit_code(exc)
