@@ -4,14 +4,19 @@ beta and gamma pull), each verb its own process."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pilot_agents.cli.output import PROGRESS_INTERVAL
 from tests.conftest import (
     ROOT,
     DaemonHandle,
@@ -175,6 +180,59 @@ def test_an_item_too_large_ends_the_push_once_those_before_it_are_done(trio: Tri
                           "and acknowledged")
     got = stop(worker)
     assert sorted(str(i["data"]) for i in got) == [str(n) for n in range(5)]
+
+
+def read_terminal(fd: int, until: str | None = None, timeout: float = 30.0) -> str:
+    """What a terminal's master side ``fd`` shows: up to ``until``, else up to its end (the
+    process on the other side exited)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while until is None or until.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        assert ready, (until, seen)
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: nothing has the other side open any more
+            chunk = b""
+        if not chunk:
+            assert until is None, (until, seen)
+            break
+        seen += chunk
+    return seen.decode()
+
+
+def test_push_shows_progress_on_a_terminal(trio: Trio) -> None:
+    """``producer | push --stdin`` said nothing until it ended, minutes later for a long input.
+    With stderr a terminal it now keeps a line there up to date, erased at the end; its stdout
+    is the same, and ``--json`` shows no progress at all (a script reads it)."""
+    a, b, _ = trio
+    worker = pull(b.home, 4010, "--json")
+    for as_json in (False, True):
+        terminal, stderr = pty.openpty()
+        pusher = subprocess.Popen(
+            [sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home),
+             *(["--json"] if as_json else []), "push", "beta", "4010", "--stdin"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
+        os.close(stderr)
+        assert pusher.stdin is not None and pusher.stdout is not None
+        assert worker.stdout is not None
+        pusher.stdin.write("1\n2\n3\n")
+        pusher.stdin.flush()
+        assert [json.loads(worker.stdout.readline())["data"] for _ in range(3)] == ["1", "2", "3"]
+        shown = "" if as_json else read_terminal(
+            terminal, "3 read, 3 pushed, 3 acknowledged, 1 puller linked")
+        time.sleep(3 * PROGRESS_INTERVAL)  # what --json would have drawn meanwhile
+        pusher.stdin.close()
+        out = pusher.stdout.read()
+        assert pusher.wait(timeout=30) == 0
+        shown += read_terminal(terminal)
+        os.close(terminal)
+        if as_json:
+            assert shown == "" and json.loads(out)["pushed"] == 3
+        else:
+            assert out.startswith("Pushed 3 item(s) to port 4010, all acknowledged (beta 3;")
+            assert shown.startswith("\r") and shown.endswith("\r\x1b[K"), shown
+    assert stop(worker) == []  # each item was read above
 
 
 def test_mistakes_and_timeouts(trio: Trio) -> None:

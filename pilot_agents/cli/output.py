@@ -4,10 +4,12 @@ codes, and how an error ends a command (one line on stderr, a traceback only wit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypedDict, TypeVar
 
 from .. import errors
@@ -33,6 +35,9 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
 ]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 EXIT_PIPE = 141  # what a shell reports for a process SIGPIPE ended, as a C tool's would be
+# Seconds between redraws of a progress line: a few a second reads as live, more only flickers
+# (and costs a write to a terminal each).
+PROGRESS_INTERVAL = 0.25
 
 EPILOG = """\
 exit codes:
@@ -148,6 +153,54 @@ def write_message(message: Message) -> None:
     data = decode_data(str(message.get("data", "")), str(message.get("encoding", "utf-8")))
     sys.stdout.buffer.write(data + (b"" if data.endswith(b"\n") else b"\n"))
     sys.stdout.buffer.flush()
+
+
+@contextlib.asynccontextmanager
+async def progress(status: Callable[[], str], wanted: bool,
+                   interval: float = PROGRESS_INTERVAL) -> AsyncIterator[None]:
+    """While the body runs, ``status()`` on one line of stderr, redrawn in place every
+    ``interval`` seconds when it changed, and erased at the end: what follows (the result, an
+    error, "interrupted") starts on a clean line. Only if ``wanted`` (not under ``--json``)
+    and stderr is a terminal: a log or a script reading stderr gets none of it."""
+    if not wanted or not sys.stderr.isatty():
+        yield
+        return
+    shown = ""
+
+    async def redraw() -> None:
+        nonlocal shown
+        while True:
+            await asyncio.sleep(interval)
+            line = status()[:_columns() - 1]  # a wrapped line would not be redrawn in place
+            if line != shown:
+                if not _to_terminal(f"\r{line}\x1b[K"):
+                    return
+                shown = line
+
+    task = asyncio.create_task(redraw())
+    try:
+        yield
+    finally:
+        task.cancel()
+        if shown:
+            _to_terminal("\r\x1b[K")
+
+
+def _columns() -> int:
+    with contextlib.suppress(OSError):
+        # A terminal that has not said its size (a new pty) reports 0.
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80
+    return 80
+
+
+def _to_terminal(text: str) -> bool:
+    """Write ``text`` to stderr; False once the terminal is gone (the command goes on)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except OSError:
+        return False
+    return True
 
 
 def _report(exc: BaseException, as_json: bool, code: int) -> None:

@@ -21,7 +21,7 @@ from ..errors import CommandFailedError, ConfigError, PilotTimeoutError
 from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
 from .context import Context, receive_until
-from .output import EXIT_INTERRUPTED, EXIT_OK, emit
+from .output import EXIT_INTERRUPTED, EXIT_OK, emit, progress
 from .parser import Commands, add_until, count, port, positive
 from .patterns import ExecConfig, data_fields, exec_argv, run_command, write_data
 
@@ -94,40 +94,56 @@ def push_cmd(ctx: Context) -> int:
     return ctx.run_client(lambda client: _push(ctx, client, targets), EXIT_INTERRUPTED)
 
 
+@dataclass
+class _Tally:
+    """How far a push got: its progress line, and what its errors say."""
+
+    read: int = 0  # items read: from stdin, ahead of the pushes (up to STDIN_QUEUE_LINES)
+    pushed: int = 0
+
+
 async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
     args = ctx.args
     for target in targets:  # an unknown name is the user's mistake, not a wait to time out
         await client.resolve(target)
     started = time.perf_counter()
-    pushed = 0
+    tally = _Tally()
     async with Pusher(client, targets or args.port, None if args.listen else args.port) as pusher:
-        if args.wait_for is not None:
-            await _linked(pusher, args.wait_for, args.timeout)
-        try:
-            async for item in _items(ctx):
-                if len(item) > pusher.config.window_bytes:
-                    # The items before it are done first: a pusher closed now would drop its
-                    # links, and what its pullers still held of them with them.
-                    await pusher.join(timeout=args.timeout)
-                    raise ConfigError(f"item {pushed + 1} is {len(item)} bytes, more than a "
-                                      f"puller takes ({pusher.config.window_bytes}): the "
-                                      f"{pushed} before it were pushed and acknowledged, none "
-                                      "after it was pushed")
-                await pusher.push(item, timeout=args.timeout)
-                pushed += 1
-        except PilotTimeoutError as exc:
-            raise PilotTimeoutError(f"{exc}; {pushed} item(s) pushed, {pusher.pending} of them "
-                                    "not acknowledged") from None
-        await pusher.join(timeout=args.timeout)  # its timeout says how many were not acked
+        def status() -> str:
+            linked = len(pusher.connected)
+            return (f"{tally.read} read, {tally.pushed} pushed, "
+                    f"{sum(pusher.acknowledged.values())} acknowledged, {linked} "
+                    f"puller{'' if linked == 1 else 's'} linked")
+
+        async with progress(status, not ctx.json):
+            if args.wait_for is not None:
+                await _linked(pusher, args.wait_for, args.timeout)
+            try:
+                async for item in _items(ctx, tally):
+                    if len(item) > pusher.config.window_bytes:
+                        # The items before it are done first: a pusher closed now would drop
+                        # its links, and what its pullers still held of them with them.
+                        await pusher.join(timeout=args.timeout)
+                        raise ConfigError(f"item {tally.pushed + 1} is {len(item)} bytes, more "
+                                          "than a puller takes "
+                                          f"({pusher.config.window_bytes}): the {tally.pushed} "
+                                          "before it were pushed and acknowledged, none after "
+                                          "it was pushed")
+                    await pusher.push(item, timeout=args.timeout)
+                    tally.pushed += 1
+            except PilotTimeoutError as exc:
+                raise PilotTimeoutError(f"{exc}; {tally.pushed} item(s) pushed, "
+                                        f"{pusher.pending} of them not acknowledged") from None
+            await pusher.join(timeout=args.timeout)  # its timeout says how many were not acked
         spread = dict(pusher.acknowledged)
         redelivered = pusher.redelivered
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     if ctx.json:
-        emit({"port": args.port, "pushed": pushed, "acknowledged": spread,
+        emit({"port": args.port, "pushed": tally.pushed, "acknowledged": spread,
               "redelivered": redelivered, "ms": round(elapsed_ms, 3)})
     else:
         shares = ", ".join(f"{name} {n}" for name, n in sorted(spread.items())) or "none"
-        print(f"Pushed {pushed} item(s) to port {args.port}, all acknowledged ({shares}; "
+        print(f"Pushed {tally.pushed} item(s) to port {args.port}, all acknowledged ({shares}; "
               f"{redelivered} sent again) in {elapsed_ms / 1000:.2f} s.")
     return EXIT_OK
 
@@ -143,9 +159,10 @@ async def _linked(pusher: Pusher, pullers: int, timeout: float) -> None:
                                 f"{pusher.port} within {timeout:g} s") from None
 
 
-async def _items(ctx: Context) -> AsyncIterator[bytes]:
+async def _items(ctx: Context, tally: _Tally) -> AsyncIterator[bytes]:
     if not ctx.args.stdin:
         for text in ctx.args.data:
+            tally.read += 1
             yield text.encode("utf-8")
         return
     loop = asyncio.get_running_loop()
@@ -156,6 +173,7 @@ async def _items(ctx: Context) -> AsyncIterator[bytes]:
         # thread does not keep a stopped command waiting for a terminal's next line.
         try:
             for line in sys.stdin.buffer:
+                tally.read += 1  # this thread alone writes it; the loop only shows it
                 asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
             asyncio.run_coroutine_threadsafe(lines.put(None), loop).result()
         except Exception:  # the loop is gone: the command is over
