@@ -67,11 +67,11 @@ class Clients:
             owed[way] = owed.get(way, 0) + 1
 
     def settled(self, client: bytes, request: Settling) -> None:
-        """``client`` replied to a message, gave it back (requeue) or acknowledged it: it owes
-        its sender no answer (but an ack), or it awaits no ack (but a requeue). Counted per
-        stream, not per message: a client that replies to one message many times (a publisher
-        to a subscription) may settle its stream's others early, which only spares that stream
-        a reset."""
+        """``client`` replied to a message or gave it back (requeue): it owes its sender no
+        answer. Or it acknowledged it, or gave it back: it is not put back when the client
+        dies. Answers are counted per stream, not per message: a client that replies to one
+        message many times (a publisher to a subscription) may settle its stream's others
+        early, which only spares that stream a reset."""
         holdings = self._clients.get(client)
         if holdings is None:
             return
