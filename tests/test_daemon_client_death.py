@@ -6,8 +6,8 @@ sent afterwards is refused at once unless another client of the daemon still ser
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import os
 import signal
 import subprocess
