@@ -469,17 +469,13 @@ class Requester:
             self._sweeper = None
         streams = [(peer, s) for (peer, _), group in self._streams.items() for s in group]
         self._streams.clear()
-        readers = []
         for peer, stream in streams:
-            # Nothing goes again, even to a restarted replier: the requester is closed.
+            # Nothing goes again, even to a restarted replier: the requester is closed. The
+            # request reading raises this once _end cancels its reader.
             stream.fail(ConnectionClosedError(f"the requester's stream to {peer} was closed"),
                         resend=False)
-            if stream.reader is not None:
-                readers.append(stream.reader)
-                stream.reader.cancel()  # the request reading raises the error above
-            with contextlib.suppress(PilotError):
-                await stream.conn.abort()
-        await asyncio.gather(*readers, *self._retiring, return_exceptions=True)
+        await self._end([stream for _, stream in streams])
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def _stream_for(self, peer: str, port: int,
                           loop: asyncio.AbstractEventLoop) -> _Stream:
@@ -541,7 +537,7 @@ class Requester:
             else:
                 del self._streams[key]
         if retired:
-            retiring = asyncio.ensure_future(self._retire_idle(retired))
+            retiring = asyncio.ensure_future(self._end(retired))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
         if due is not None:
@@ -550,15 +546,16 @@ class Requester:
             self._sweeper = loop.call_at(max(due, now + idle / 4), self._sweep, loop)
 
     @staticmethod
-    async def _retire_idle(streams: list[_Stream]) -> None:
+    async def _end(streams: list[_Stream]) -> None:
+        """Stop the streams' readers and abort the streams (closed, or found idle)."""
         readers = []
         for stream in streams:
-            if stream.reader is not None:  # it waits for late replies to given-up requests
+            if stream.reader is not None:  # a request's, or one reading late replies
                 readers.append(stream.reader)
                 stream.reader.cancel()
-            # Aborted, not closed: nothing sent on it is unacknowledged but a CANCEL or two
-            # (sent once and never waited for anyway), and a close waits for the peer, for up
-            # to the connection's timeout if it is down.
+            # Aborted, not closed: nobody waits for a reply on it any more (an idle stream
+            # has nothing unacknowledged but a CANCEL or two, sent once and never waited for),
+            # and a close waits for the peer, for up to the connection's timeout if it is down.
             with contextlib.suppress(PilotError):
                 await stream.conn.abort()
         await asyncio.gather(*readers, return_exceptions=True)
