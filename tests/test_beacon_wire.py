@@ -288,7 +288,9 @@ def test_too_many_candidates() -> None:
         ("a_b", False),
         ("a.b", False),
         ("héllo", False),
-        (node_id_from_key(OTHER_PK), False),  # would be ambiguous with a node id
+        # Would be ambiguous with a node id. Named: the key is random per process, and
+        # pytest-xdist needs the same test ids in every worker.
+        pytest.param(node_id_from_key(OTHER_PK), False, id="a-node-id"),
     ],
 )
 def test_hostname_rules(name: str, ok: bool) -> None:
