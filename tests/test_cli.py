@@ -278,9 +278,11 @@ def test_ctrl_c_under_json_ends_the_stream_with_an_error_object(daemon_pair: Pai
     """A script reading ``listen --json`` that stopped it with Ctrl-C got no JSON at all, so it
     could not tell a stream cut short from one that ended: the last line is now the error
     object any other failure prints. A reader gone by then (Ctrl-C ends ``... | jq`` too)
-    leaves the status and "interrupted", not a traceback of that last write."""
+    leaves the status and "interrupted", not a traceback of that last write. SIGTERM (a
+    supervisor's stop) ends it the same way; it used to kill it without a word."""
     a, b = daemon_pair
-    for reader_gone in (False, True):
+    for reader_gone, signum in ((False, signal.SIGINT), (True, signal.SIGINT),
+                                (False, signal.SIGTERM)):
         proc = subprocess.Popen(
             [sys.executable, "-m", "pilot_agents.cli", "--home", str(b.home), "--json", "listen",
              "4720"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -291,7 +293,7 @@ def test_ctrl_c_under_json_ends_the_stream_with_an_error_object(daemon_pair: Pai
         assert json.loads(proc.stdout.readline())["data"] == "x"
         if reader_gone:
             proc.stdout.close()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         err = proc.stderr.read()
         out = "" if reader_gone else proc.stdout.read()
         assert (proc.wait(timeout=10), err) == (130, "interrupted\n")
