@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(10)
         for home in homes:
             stop(home)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

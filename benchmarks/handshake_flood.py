@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -207,6 +208,7 @@ async def _measure(args: argparse.Namespace) -> list[dict[str, object]]:
             responder.wait(10)
         except subprocess.TimeoutExpired:
             responder.kill()
+        shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
