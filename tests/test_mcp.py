@@ -435,9 +435,12 @@ def test_cli_connect_fails_when_answers_never_come(daemons: tuple[DaemonHandle, 
 
 @contextlib.asynccontextmanager
 async def running(server: McpServer) -> AsyncIterator[McpServer]:
-    """``server`` serving in a task for the block."""
-    task = asyncio.create_task(server.serve())
+    """``server`` serving in a task for the block, which starts once its port is listened on
+    (else a client's first session may find the port closed, as it did on a loaded machine)."""
+    listening = asyncio.Event()
+    task = asyncio.create_task(server.serve(listening.set))
     try:
+        await asyncio.wait_for(listening.wait(), 10)
         yield server
     finally:
         task.cancel()
@@ -487,8 +490,7 @@ async def test_a_request_still_arriving_keeps_its_session(servers: Path, kind: s
         events: list[SessionEvent] = []
         server = McpServer(pair.server.transport, 96, [server_command(servers, "mcp-server-time")],
                            config=config, on_event=events.append)
-        serving_task = asyncio.create_task(server.serve())
-        try:
+        async with running(server):
             async with remote_session(pair.server_name, 96, transport=pair.client.transport,
                                       config=config) as remote:
                 started = time.monotonic()
@@ -497,7 +499,3 @@ async def test_a_request_still_arriving_keeps_its_session(servers: Path, kind: s
                     assert json.loads(await remote.receive())["id"] == 1
                 assert time.monotonic() - started > config.peer_timeout  # it did take long
             assert [e.kind for e in events] == ["open"], events
-        finally:
-            serving_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving_task
