@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a command or an agent: Ctrl-C, a supervisor's stop, its terminal closed."""
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -20,3 +24,29 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def interruptible(main: Callable[[], Awaitable[T]]) -> Callable[[], Coroutine[Any, Any, T]]:
+    """``main`` cancelled (once) by any of :data:`STOPPING`, so that its clean-up runs (stops
+    what it started, gives back a listened port); a second signal while it cleans up does
+    nothing. A ``main`` that does not catch the cancel ends in CancelledError, out of
+    ``asyncio.run`` too."""
+    async def wrapped() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(main())
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                task.cancel()
+
+        for sig in STOPPING:
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await task
+        finally:
+            for sig in STOPPING:
+                loop.remove_signal_handler(sig)
+    return wrapped

@@ -41,7 +41,9 @@ LAYERS: dict[str, int] = {
 
 # What the layers built on the interface may import, whatever their layer number.
 ON_THE_INTERFACE = ("pilot_agents.patterns", "pilot_agents.integrations", "pilot_agents.pipeline")
-INTERFACE = ("pilot_agents.transport", "pilot_agents.errors", "pilot_agents.sdk")
+# runtime: the public pilot_agents.run and the signal handling an agent and a command share.
+INTERFACE = ("pilot_agents.transport", "pilot_agents.errors", "pilot_agents.sdk",
+             "pilot_agents.runtime")
 
 
 def module_name(path: Path) -> str:

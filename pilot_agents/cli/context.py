@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -13,7 +12,7 @@ from typing import TypeVar
 from .. import ipc
 from ..errors import PilotTimeoutError
 from ..ipc import IpcClient
-from ..runtime import run
+from ..runtime import interruptible, run
 from ..sdk import Client
 from .output import EXIT_INTERRUPTED, Reply, interrupted
 
@@ -35,20 +34,21 @@ class Context:
 
     def run(self, body: Callable[[IpcClient], Awaitable[T]]) -> T:
         """Run ``body`` with a client of this home's daemon, in an event loop of its own.
-        SIGINT and SIGTERM cancel it (what it opened in the daemon, such as a listened port, is
-        closed) and raise KeyboardInterrupt, which the command reports as interrupted."""
+        SIGINT, SIGTERM and SIGHUP cancel it (what it opened in the daemon, such as a listened
+        port, is closed) and raise KeyboardInterrupt, which the command reports as
+        interrupted."""
         async def go() -> T:
             async with IpcClient(self.home) as client:
                 return await body(client)
 
         try:
-            return asyncio.run(_until_stopped(go))
-        except _Stopped:
+            return asyncio.run(interruptible(go)())
+        except asyncio.CancelledError:
             raise KeyboardInterrupt from None
 
     def run_client(self, body: Callable[[Client], Awaitable[int]], stopped_status: int) -> int:
-        """Run ``body`` with an SDK client of the home's daemon, on uvloop. SIGINT and SIGTERM
-        cancel it, as in :meth:`run`, and the command ends with ``stopped_status``
+        """Run ``body`` with an SDK client of the home's daemon, on uvloop. A signal cancels
+        it, as in :meth:`run`, and the command ends with ``stopped_status``
         (EXIT_INTERRUPTED: reported as :func:`.output.interrupted`, as Ctrl-C is in any
         command)."""
         async def go() -> int:
@@ -56,8 +56,8 @@ class Context:
                 return await body(client)
 
         try:
-            return run(_until_stopped(go))
-        except _Stopped:
+            return run(interruptible(go)())
+        except asyncio.CancelledError:
             if stopped_status == EXIT_INTERRUPTED:
                 return interrupted(self.json)
             return stopped_status
@@ -66,38 +66,6 @@ class Context:
         """One request to the daemon: its reply, or the error it reports raised."""
         # wait=None: the client waits for the request's own timeout plus its margin.
         return self.run(lambda client: client.request(cmd, None, **request))
-
-
-class _Stopped(Exception):
-    """A signal stopped the command. Not KeyboardInterrupt itself: a task that raises that
-    takes the event loop down with it before the loop closes cleanly."""
-
-
-async def _until_stopped(body: Callable[[], Awaitable[T]]) -> T:
-    """Await ``body()``; SIGINT or SIGTERM cancels it, lets its clean-up run, and raises
-    _Stopped. A second signal does not cut that clean-up short."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    stopped = False
-
-    def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-    try:
-        return await body()
-    except asyncio.CancelledError:
-        if not stopped:
-            raise
-        raise _Stopped from None
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 Handler = Callable[[Context], int]

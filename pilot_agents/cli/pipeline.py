@@ -64,7 +64,8 @@ def run_cmd(ctx: Context) -> int:
 
     from ..pipeline.load import load
     from ..pipeline.progress import Progress
-    from ..pipeline.run import AgentRun, interruptible, run_one, run_pipeline
+    from ..pipeline.run import AgentRun, run_one, run_pipeline
+    from ..runtime import interruptible
 
     args = ctx.args
     loaded = load(args.pipeline)

@@ -36,6 +36,7 @@ from ..errors import (
     UnknownHostError,
 )
 from ..integrations.langgraph import serve_graph
+from ..runtime import interruptible
 from ..sdk import Client
 from .graph import build_graph
 from .load import LoadedPipeline
@@ -297,34 +298,6 @@ async def run_agent(run: AgentRun) -> int:
             error = f"{type(exc).__name__}: {error}"
     run.event("done", status=status, error=error, duration=time.monotonic() - begun)
     return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
-
-
-_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def interruptible(main: Callable[[], Any]) -> Callable[[], Any]:
-    """``main`` cancelled (once) by SIGINT, SIGTERM or SIGHUP (its terminal closed), so its
-    clean-up runs and stops the beacon, services and daemons it started; a second signal while
-    it cleans up does nothing."""
-    async def wrapped() -> Any:
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(main())
-        stopping = False
-
-        def stop() -> None:
-            nonlocal stopping
-            if not stopping:
-                stopping = True
-                task.cancel()
-
-        for sig in _STOPPING:
-            loop.add_signal_handler(sig, stop)
-        try:
-            return await task
-        finally:
-            for sig in _STOPPING:
-                loop.remove_signal_handler(sig)
-    return wrapped
 
 
 def run_one(run: AgentRun) -> int:
