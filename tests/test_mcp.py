@@ -89,6 +89,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
+async def group_ends(pgid: int, within: float) -> None:
+    """Every process of group ``pgid`` ends within ``within`` seconds (a killed one takes a
+    moment to die: longer on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while group_members(pgid):
+        assert time.monotonic() < deadline, "a process of the server's group outlived it"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def daemons() -> Iterator[tuple[DaemonHandle, DaemonHandle, DaemonHandle]]:
     """alpha and beta trust each other; gamma knows beta's address and trusts it, but beta
@@ -362,10 +371,7 @@ async def test_a_server_s_helpers_end_with_its_session(servers: Path,
             await session.list_tools()
             (server,) = children(serve.pid)
             assert len(group_members(server)) == 2
-        deadline = time.monotonic() + 10
-        while group_members(server):
-            assert time.monotonic() < deadline, "a process of the server's group outlived it"
-            await asyncio.sleep(0.05)
+        await group_ends(server, 10)
 
 
 async def test_a_server_s_death_ends_its_session_though_a_helper_lives(
@@ -381,7 +387,9 @@ async def test_a_server_s_death_ends_its_session_though_a_helper_lives(
             async with asyncio.timeout(10):
                 with pytest.raises(MCPError, match="exited with status -9"):
                     await session.call_tool("get_current_time", {"timezone": "UTC"})
-            assert not group_members(server)
+            # Killed as the session ends, not after the helper's 300 s. Its end can reach the
+            # client a moment before the helper is dead.
+            await group_ends(server, 2)
 
 
 async def test_a_message_on_several_lines_is_one_message(servers: Path,
