@@ -89,15 +89,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-async def group_ends(pgid: int, within: float) -> None:
-    """Every process of group ``pgid`` ends within ``within`` seconds (a killed one takes a
-    moment to die: longer on a loaded machine)."""
-    deadline = time.monotonic() + within
-    while group_members(pgid):
-        assert time.monotonic() < deadline, "a process of the server's group outlived it"
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def daemons() -> Iterator[tuple[DaemonHandle, DaemonHandle, DaemonHandle]]:
     """alpha and beta trust each other; gamma knows beta's address and trusts it, but beta
@@ -300,23 +291,17 @@ async def test_silent_and_idle_sessions_end(servers: Path,
                 PilotClient(alpha.home) as client_side):
         server = McpServer(server_side, 86, [server_command(servers, "mcp-server-time")],
                            config=config, on_event=events.append)
-        serving_task = asyncio.create_task(server.serve())
-        try:
+        async with running(server):
             # A client that vanishes without a word (its process killed): it opens a session,
             # then sends nothing, not even heartbeats.
             deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(PilotError):
-                    async with client_side.connect("beta", 86) as conn:
-                        await conn.send(control(Control.OPEN))
-                        answer = await conn.receive(timeout=5)
-                        assert parse_control_untrusted(answer.data) == (Control.READY, "")
-                        while not any(e.kind == "end" for e in events):
-                            assert time.monotonic() < deadline
-                            await asyncio.sleep(0.1)
-                        break
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+            async with client_side.connect("beta", 86) as conn:
+                await conn.send(control(Control.OPEN))
+                answer = await conn.receive(timeout=5)
+                assert parse_control_untrusted(answer.data) == (Control.READY, "")
+                while not any(e.kind == "end" for e in events):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
             assert "heard nothing from the client" in events[-1].reason
             assert not server.sessions
             # A live client that sends no JSON-RPC for idle_timeout: ended, and told why.
@@ -324,10 +309,6 @@ async def test_silent_and_idle_sessions_end(servers: Path,
                                       config=config) as remote:
                 with pytest.raises(McpSessionError, match="idle for 2 s"):
                     await remote.receive()
-        finally:
-            serving_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving_task
 
 
 async def test_a_request_after_the_end_fails_at_once(servers: Path,
@@ -359,6 +340,15 @@ def group_members(pgid: int) -> list[int]:
                 if int(group) == pgid and state != "Z":  # a zombie is dead, waiting for its reaper
                     found.append(int(entry.name))
     return found
+
+
+async def group_ends(pgid: int, within: float) -> None:
+    """Every process of group ``pgid`` ends within ``within`` seconds (a killed one takes a
+    moment to die: longer on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while group_members(pgid):
+        assert time.monotonic() < deadline, "a process of the server's group outlived it"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_server_s_helpers_end_with_its_session(servers: Path,
