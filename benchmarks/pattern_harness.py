@@ -231,12 +231,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class PatternCase(Roles, ABC):
-    """One messaging system under test. Each method runs in its own process."""
+class ReqRepCase(Roles, ABC):
+    """A system measured for its round trips only. Each method runs in its own process."""
 
     service: ClassVar[str | None] = None
     """The server the benchmark starts for each of the case's measurements ("nats-server",
     "redis-server"), its address passed as ``p.service``; None: no server."""
+
+    @abstractmethod
+    def replier(self, ctl: Control, p: PatternParams) -> Coroutine[Any, Any, None] | None:
+        """Reads the requester's :meth:`Control.publish`, publishes its address, echoes every
+        request until :meth:`Control.wait_stop`."""
+
+    @abstractmethod
+    def requester(self, ctl: Control, p: PatternParams
+                  ) -> RttResult | Coroutine[Any, Any, RttResult]:
+        """Publishes what the replier needs, reads its address, runs ``rtt_session(p.rtt)``."""
+
+
+class PatternCase(ReqRepCase):
+    """One messaging system under test, pub/sub and req/rep."""
 
     @abstractmethod
     def publisher(self, ctl: Control, p: PatternParams, subscribers: int, messages: int
@@ -249,13 +263,3 @@ class PatternCase(Roles, ABC):
                    ) -> SubResult | Coroutine[Any, Any, SubResult]:
         """Publishes what the publisher needs (at least an empty message), reads its address,
         subscribes to :data:`TOPIC_PREFIX` and runs :func:`subscriber_session`."""
-
-    @abstractmethod
-    def replier(self, ctl: Control, p: PatternParams) -> Coroutine[Any, Any, None] | None:
-        """Reads the requester's :meth:`Control.publish`, publishes its address, echoes every
-        request until :meth:`Control.wait_stop`."""
-
-    @abstractmethod
-    def requester(self, ctl: Control, p: PatternParams
-                  ) -> RttResult | Coroutine[Any, Any, RttResult]:
-        """Publishes what the replier needs, reads its address, runs ``rtt_session(p.rtt)``."""

@@ -23,7 +23,14 @@ from typing import Any
 from benchmarks import report
 from benchmarks.harness import HOST, RttResult, load
 from benchmarks.machine import CpuSample, describe, others_share
-from benchmarks.pattern_harness import PatternCase, PatternParams, PubResult, SubResult, free_port
+from benchmarks.pattern_harness import (
+    PatternCase,
+    PatternParams,
+    PubResult,
+    ReqRepCase,
+    SubResult,
+    free_port,
+)
 from benchmarks.patterns_cases import CASES
 from benchmarks.runner import CaseFailed, RoleSpec, measure, run_roles, suspect
 
@@ -204,7 +211,7 @@ def run_case(name: str, p: PatternParams, pubsub: bool = True) -> Row:
     row = Row(name)
     try:
         case = load(CASES[name])
-        assert isinstance(case, PatternCase)
+        assert isinstance(case, ReqRepCase)
         if case.service is not None:
             _binary(case.service)
     except (ImportError, Unavailable) as exc:
@@ -214,7 +221,8 @@ def run_case(name: str, p: PatternParams, pubsub: bool = True) -> Row:
     spec = CASES[name]
     plans: list[tuple[str, list[RoleSpec]]] = [
         (f"pub/sub {n}", [("publisher", (n, m)), *(("subscriber", (m, i)) for i in range(n))])
-        for n, m in ((1, p.messages), (p.fanout, p.fanout_messages)) if pubsub
+        for n, m in ((1, p.messages), (p.fanout, p.fanout_messages))
+        if pubsub and isinstance(case, PatternCase)
     ]
     plans.append(("req/rep", [("replier", ()), ("requester", ())]))
     for label, roles in plans:

@@ -1,6 +1,7 @@
-"""The pattern benchmark keeps working: our two cases (embedded Node, daemon path) measured in
-tiny sizes through the real harness (a process per role, real daemons), and a case that can't run
-here shows as unavailable instead of breaking the run. Nothing here asserts a speed."""
+"""The pattern benchmark keeps working: our two cases (embedded Node, daemon path) and the floor
+cases (forwarders in the daemons' places) measured in tiny sizes through the real harness (a
+process per role, real daemons), and a case that can't run here shows as unavailable instead of
+breaking the run. Nothing here asserts a speed."""
 
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def test_table_and_targets_name_every_case_and_what_was_not_measured(
     assert "| embedded" in text and "| daemon" in text
     assert "pub/sub 2 subs msg/s" in text
     assert "- req/rep median, embedded / pyzmq REQ/REP: not measured" in text
+
+
+@pytest.mark.parametrize("name", ["floor-c", "floor-py", "floor-node"])
+def test_a_floor_case_answers_every_request_and_measures_no_pub_sub(
+        workdir: Path, name: str) -> None:
+    row = patterns.run_case(name, replace(TINY, workdir=str(workdir)))
+    assert not [note for note in row.notes if "error" in note], row.notes
+    assert not row.passes
+    assert row.rtt is not None and len(row.rtt.samples_ns) == TINY.rtt.rtt_count
 
 
 def test_a_case_that_cannot_run_here_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

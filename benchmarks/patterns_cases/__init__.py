@@ -11,5 +11,8 @@ CASES: dict[str, str] = {
     "zenoh": "benchmarks.patterns_cases.zenoh_peer",
     "nats-py": "benchmarks.patterns_cases.nats_py",
     "redis-py": "benchmarks.patterns_cases.redis_py",
+    "floor-c": "benchmarks.patterns_cases.floor:FLOOR_C",
+    "floor-py": "benchmarks.patterns_cases.floor:FLOOR_PY",
+    "floor-node": "benchmarks.patterns_cases.floor:FLOOR_NODE",
 }
 OURS = ("embedded", "daemon")
