@@ -32,7 +32,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TextIO, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import pilot_agents
 from benchmarks.harness import HOST, Control, RttResult, adrive, rtt_session
@@ -203,6 +203,13 @@ class _Forwarder(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.udp = cast(asyncio.DatagramTransport, transport)
 
+    async def start(self, stdin: asyncio.StreamReader) -> None:
+        """Nothing to set up: the peer's port came on the command line, or comes with its
+        first datagram."""
+
+    async def stop(self) -> None:
+        pass
+
     def client_connected(self, transport: asyncio.WriteTransport) -> None:
         self.client = transport
 
@@ -227,6 +234,18 @@ class _NodeForwarder:
         self.write: Callable[[bytes], bool] | None = None
         self.pending: list[bytes] = []
         self.stack = contextlib.AsyncExitStack()
+
+    async def start(self, stdin: asyncio.StreamReader) -> None:
+        """Trust the other forwarder's Node (the replier's reads its card from stdin), and on
+        the replier's side take the port's messages."""
+        other = self.peer if self.peer is not None else json.loads(await stdin.readline())
+        self.node.trust(other["node_id"])
+        self.node.add_peer(other["node_id"], (HOST, other["port"]))
+        if self.peer is None:
+            self.node.listen(PORT).set_taker(self.take)
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
 
     def client_connected(self, transport: asyncio.WriteTransport) -> None:
         self.client = transport
@@ -282,26 +301,18 @@ async def forward(kind: str, home: str, socket: str, peer: dict[str, Any] | None
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     gone = asyncio.Event()
 
-    async def serve(forwarder: _Forwarder | _NodeForwarder, card: dict[str, Any],
-                    out: TextIO = sys.stdout) -> None:
-        print(json.dumps(card), file=out, flush=True)
-        if isinstance(forwarder, _NodeForwarder):
-            node = forwarder.node
-            other = peer if peer is not None else json.loads(await stdin.readline())
-            node.trust(other["node_id"])
-            node.add_peer(other["node_id"], (HOST, other["port"]))
-            if peer is None:
-                node.listen(PORT).set_taker(forwarder.take)
+    async def serve(forwarder: _Forwarder | _NodeForwarder, card: dict[str, Any]) -> None:
+        print(json.dumps(card), flush=True)
+        await forwarder.start(stdin)
         server = await loop.create_unix_server(lambda: _Client(forwarder, gone), socket)
-        print("ready", file=out, flush=True)
+        print("ready", flush=True)
         eof = loop.create_task(stdin.read())  # the role that started us is gone
         hangup = loop.create_task(gone.wait())
         await asyncio.wait((eof, hangup), return_when=asyncio.FIRST_COMPLETED)
         for task in (eof, hangup):
             task.cancel()
         server.close()
-        if isinstance(forwarder, _NodeForwarder):
-            await forwarder.stack.aclose()
+        await forwarder.stop()
 
     if kind == "py":
         udp, forwarder = await loop.create_datagram_endpoint(
