@@ -221,6 +221,18 @@ class FrameReader:
             raise FramingError(f"not a message: {frames} frames of {size} and {payload} bytes")
 
 
+# -- data sockets: one stream's messages on a connection of their own (docs/ipc.md) --------------
+
+# The kind byte that starts a data socket's header frame: the client's, then the daemon's.
+DATA_SEND = 0x01
+DATA_DRAIN = 0x02
+DATA_CLOSE = 0x03
+DATA_MESSAGE = 0x81
+DATA_DRAINED = 0x82
+DATA_CLOSED = 0x83
+DATA_ENDED = 0x84
+
+
 # -- compact headers: the hot data verbs without JSON (docs/ipc.md, Compact headers) ------------
 
 # A request: verb, flags, a number (the sink of a quiet one, else its id), then the stream or
@@ -383,6 +395,11 @@ class IpcClient:
     async def __aenter__(self) -> IpcClient:
         await self.open()
         return self
+
+    @property
+    def on_stream_socket(self) -> bool:
+        """Whether this client talks to the daemon on its stream socket (not ZeroMQ)."""
+        return self._channel is not None
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "pilot_agents.identity": 5,
     "pilot_agents.trust": 6,
     "pilot_agents.ipc": 6,
+    "pilot_agents.datasocket": 6,
     "pilot_agents.node": 6,
     "pilot_agents.beacon": 6,
     "pilot_agents.sdk": 7,
