@@ -1,0 +1,155 @@
+"""A connection through the daemon on a data socket of its own (docs/ipc.md, Data sockets), as
+the SDK uses it: real daemons, the SDK's Client on both ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pilot_agents.sdk as pilot
+from pilot_agents import ConnectionClosedError, PilotTimeoutError
+from pilot_agents.sdk import ClientOptions
+from tests.conftest import DaemonHandle, ipc_call
+
+Pair = tuple[DaemonHandle, DaemonHandle]
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("options", [ClientOptions(), ClientOptions(data_sockets=False),
+                                     ClientOptions(stream_socket=False)],
+                         ids=["data socket", "requests", "zeromq"])
+async def test_a_connection_carries_messages_both_ways_whichever_path(
+        daemon_pair: Pair, options: ClientOptions) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home, options) as client, \
+            server.listen(7201) as listener, client.connect("beta", 7201) as conn:
+        assert (conn._data is not None) == (options.data_sockets and options.stream_socket)
+        for n in range(3):
+            await conn.send({"n": n})
+        for n in range(3):
+            message = await listener.receive(timeout=5)
+            assert message.json() == {"n": n}
+            await message.reply({"echo": n})
+        for n in range(3):
+            reply = await conn.receive(timeout=5)
+            assert reply.json() == {"echo": n}
+            assert (reply.sender, reply.hostname, reply.source_port) == (b.node_id, "beta", 7201)
+        assert (await reply.since_arrival() or 0.0) >= 0.0
+        await reply.reply("an answer to a reply goes on the connection")
+        assert (await listener.receive(timeout=5)).text().startswith("an answer")
+        await conn.drain(timeout=5)
+        await server.flush()
+
+
+async def test_close_delivers_everything_sent_before_it(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7202) as listener:
+        async with client.connect("beta", 7202) as conn:
+            for n in range(200):
+                await conn.send(b"%d" % n)
+        # The close returned once the peer's node had every byte: all of it is there to read.
+        got = [(await listener.receive(timeout=5)).data for _ in range(200)]
+        assert got == [b"%d" % n for n in range(200)]
+
+
+async def test_a_receive_times_out_and_the_connection_goes_on(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7203) as listener, client.connect("beta", 7203) as conn:
+        with pytest.raises(PilotTimeoutError, match="no message on the connection to beta"):
+            await conn.receive(timeout=0.2)
+        await conn.send("still here")
+        message = await listener.receive(timeout=5)
+        await message.reply("yes")
+        assert (await conn.receive(timeout=5)).text() == "yes"
+
+
+async def test_a_stream_aborted_in_the_daemon_ends_the_connection(daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7204) as listener, client.connect("beta", 7204) as conn:
+        await conn.send("first")
+        assert (await listener.receive(timeout=5)).text() == "first"
+        ipc_call(a.home, cmd="stream_abort", stream=conn._id())
+        with pytest.raises(ConnectionClosedError):
+            await conn.receive(timeout=5)
+        with pytest.raises(ConnectionClosedError):
+            await conn.send("after")
+        with pytest.raises(ConnectionClosedError):
+            await conn.drain(timeout=5)
+
+
+async def test_a_sender_whose_peer_stops_reading_waits(daemon_pair: Pair) -> None:
+    """Nothing grows without bound: the listener never receives, so its daemon's inbox fills,
+    the tunnel stops, the sender's daemon stops reading the data socket, and the sends wait."""
+    a, b = daemon_pair
+    options = ClientOptions(send_window_bytes=MiB)
+    chunk = b"x" * MiB
+    async with pilot.Client(b.home) as server, pilot.Client(a.home, options) as client, \
+            server.listen(7205), client.connect("beta", 7205) as conn:
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await conn.send(chunk)
+                sent += 1
+
+        task = asyncio.create_task(flood())
+        await asyncio.sleep(3)
+        stalled_at = sent
+        await asyncio.sleep(1)
+        assert sent == stalled_at  # waiting, not sending
+        # The listener's inbox (16 MiB), the two streams' windows and the sockets' buffers:
+        # well under this, and far from all of a flood.
+        assert sent < 64
+        task.cancel()
+        await conn.abort()
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, sys
+    import pilot_agents.sdk as pilot
+
+    async def main() -> None:
+        async with pilot.Client(sys.argv[1]) as client, \\
+                client.connect("beta", 7206) as conn:
+            await conn.send("hello")
+            print("sent", flush=True)
+            await asyncio.sleep(300)
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_killed_clients_stream_is_reset_at_once(daemon_pair: Pair) -> None:
+    """A data socket is the stream's: when its client dies, the stream goes with it, rather
+    than at the daemon's idle timeout (10 minutes)."""
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, server.listen(7206) as listener:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(a.home)],
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert child.stdout is not None
+            assert await asyncio.to_thread(child.stdout.readline) == "sent\n"
+            message = await listener.receive(timeout=5)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            await message.reply("anyone?")
+            try:
+                await server.flush()
+            except ConnectionClosedError:
+                break
+            assert loop.time() < deadline, "the dead client's stream is still open"
+            await asyncio.sleep(0.1)
