@@ -1,10 +1,10 @@
-"""The client's end of a data socket: one stream's messages on a connection of their own to the
-daemon (docs/ipc.md, Data sockets).
+"""The client's end of a data socket: a stream's messages, or a port's, on a connection of their
+own to the daemon (docs/ipc.md, Data sockets).
 
-A message is a frame in or a frame out, and the socket's own buffers are the flow control: the
-writer waits while its transport holds more than its window, and the reader stops reading while
-the application has a window's worth unread, so the daemon stops taking the stream's messages,
-and the tunnel stops the peer. Nothing here waits on the daemon per message.
+A message is a frame in or a frame out. Nothing here waits on the daemon per message: the
+writer waits only while its transport holds more than its window (the daemon reads a stream's
+data socket no faster than the peer takes), and what comes in is bounded by the application's
+window, through the socket's own buffers (a stream) or credit (a port).
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from .errors import ConnectionClosedError, DaemonNotRunningError, PilotError, PilotTimeoutError
 from .ipc import (
@@ -24,6 +27,17 @@ from .ipc import (
     DATA_ENDED,
     DATA_MESSAGE,
     DATA_SEND,
+    PORT_ARRIVAL,
+    PORT_ARRIVED,
+    PORT_CLOSE,
+    PORT_CONFIRMED,
+    PORT_MESSAGE,
+    PORT_REPLY,
+    PORT_REPLY_CONFIRM,
+    PORT_SYNC,
+    PORT_SYNCED,
+    PORT_TAKEN,
+    PORT_WAY_ENDED,
     REQUEST_TIMEOUT,
     FrameReader,
     FramingError,
@@ -32,16 +46,21 @@ from .ipc import (
     stream_socket_path,
 )
 
+T = TypeVar("T")  # what a message comes with: nothing on a stream's socket, a port's way
+S = TypeVar("S", bound="_Attached[Any]")
+
 _SEND = bytes([DATA_SEND])
 _CLOSE = bytes([DATA_CLOSE])
-_ATTACH_ID = 1  # the only request this connection ever makes
+_PORT_CLOSE = bytes([PORT_CLOSE])
+_PORT_SYNC = bytes([PORT_SYNC])
+_NUMBERED = struct.Struct("!BI")  # a port socket's kind, and its way or count
+_REPLY = struct.Struct("!BIB")  # ... and a reply's flags
+_ATTACH_ID = 1  # the only request a data socket ever makes
 
 
-class DataSocket(asyncio.Protocol):
-    """One attached stream: :meth:`attach` opens it; then :meth:`send`, :meth:`receive`,
-    :meth:`drain`, :meth:`close` or :meth:`abort`. ``what`` names the stream in errors; the
-    windows are what the application may leave unread before the daemon stops pushing
-    (messages, bytes)."""
+class _Attached(asyncio.Protocol, Generic[T]):
+    """What both kinds of data socket share: the attach request, the messages waiting for the
+    application, the answers that come in order, and the end."""
 
     def __init__(self, what: str, window_messages: int, window_bytes: int) -> None:
         self._what = what
@@ -51,33 +70,30 @@ class DataSocket(asyncio.Protocol):
         self._reader = FrameReader(2**32)  # what our own daemon sends
         self._attached: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
-        self._messages: collections.deque[bytes] = collections.deque()
+        self._messages: collections.deque[tuple[T, bytes]] = collections.deque()
         self._queued_bytes = 0
-        self._reading = True
         self._waiter: asyncio.Future[None] | None = None
         self._answers: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
         self._writable = asyncio.Event()
         self._writable.set()
         self.ended: PilotError | None = None
-        """Why the stream is over, once it is: raised by every later call."""
+        """Why the socket is over, once it is: raised by every later call."""
 
     @classmethod
-    async def attach(cls, home: Path, stream: str, what: str, window_messages: int,
-                     window_bytes: int, send_window: int) -> tuple[DataSocket, dict[str, Any]]:
-        """A data socket for ``stream`` (a ``connect``'s), and the daemon's answer (the
-        stream's ports, peer and hostname). A send waits while more than ``send_window``
-        bytes are not yet written to the socket."""
+    async def _open(cls: type[S], home: Path, request: dict[str, Any], make: Callable[[], S],
+                    send_window: int) -> tuple[S, dict[str, Any]]:
+        """A socket of ``make()``'s kind, attached by ``request``, and the daemon's answer. A
+        write waits while more than ``send_window`` bytes are not yet in the socket."""
         loop = asyncio.get_running_loop()
+        what = request.get("stream") or f"port {request.get('port')}"
         try:
-            transport, sock = await loop.create_unix_connection(
-                lambda: cls(what, window_messages, window_bytes), str(stream_socket_path(home)))
+            transport, sock = await loop.create_unix_connection(make,
+                                                                str(stream_socket_path(home)))
         except OSError as exc:
             raise DaemonNotRunningError(f"the daemon's stream socket refused a data socket for "
                                         f"{what}: {exc}") from None
-        # The writer waits beyond a window: the daemon reads no faster than the peer takes.
         transport.set_write_buffer_limits(high=send_window)
-        request = {"cmd": "stream_attach", "id": _ATTACH_ID, "stream": stream}
-        transport.writelines(pack_frames([json.dumps(request).encode()]))
+        transport.writelines(pack_frames([json.dumps({**request, "id": _ATTACH_ID}).encode()]))
         try:
             reply = await asyncio.wait_for(sock._attached, REQUEST_TIMEOUT)
         except BaseException:
@@ -114,27 +130,27 @@ class DataSocket(asyncio.Protocol):
         for frames in messages:
             if not self._attached.done():
                 self._attached.set_result(_json(frames[0]))
-            elif frames[0][0] == DATA_MESSAGE and len(frames) == 2:
-                self._arrived(frames[1])
-            elif frames[0][0] in (DATA_DRAINED, DATA_CLOSED) and self._answers:
-                self._answers.popleft().set_result(_json(frames[0][1:]))
             elif frames[0][0] == DATA_ENDED:
                 self._end(error_of(_json(frames[0][1:])))
-            else:
+            elif not self._frame(frames):
                 self._fail(f"the daemon's data socket sent an unexpected frame "
                            f"(kind {frames[0][0]:#04x})")
+                return
 
-    # -- the stream ------------------------------------------------------------------------
+    def _frame(self, frames: list[bytes]) -> bool:
+        """Take one frame of this socket's kind; False if it is not one."""
+        raise NotImplementedError
 
-    async def send(self, payload: bytes) -> None:
-        if not self._writable.is_set():
-            await self._writable.wait()
-        if self.ended is not None:
-            raise self.ended
-        assert self._transport is not None  # not ended
-        self._transport.writelines(pack_frames([_SEND, payload]))
+    # -- shared -----------------------------------------------------------------------------
 
-    async def receive(self, timeout: float | None) -> bytes:
+    def abort(self) -> None:
+        """Drop the connection: the daemon undoes what it held for it at once."""
+        self._end(ConnectionClosedError(f"{self._what} was aborted"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _next(self, timeout: float | None) -> tuple[T, bytes]:
+        """The next message, once there is one; the socket's end raised after the last."""
         while not self._messages:
             if self.ended is not None:
                 raise self.ended
@@ -147,12 +163,100 @@ class DataSocket(asyncio.Protocol):
                     f"no message on {self._what} within {timeout:g} s") from None
             finally:
                 self._waiter = None
-        payload = self._messages.popleft()
-        self._queued_bytes -= len(payload)
-        if not self._reading and self._below_half():
-            self._reading = True
-            if self._transport is not None:
-                self._transport.resume_reading()
+        item = self._messages.popleft()
+        self._queued_bytes -= len(item[1])
+        return item
+
+    def _arrived(self, item: tuple[T, bytes]) -> None:
+        self._messages.append(item)
+        self._queued_bytes += len(item[1])
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _window_full(self) -> bool:
+        return (len(self._messages) >= self._window_messages
+                or self._queued_bytes >= self._window_bytes)
+
+    def _below_half(self) -> bool:
+        return (2 * len(self._messages) < self._window_messages
+                and 2 * self._queued_bytes < self._window_bytes)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+        self._write_now(frames)
+
+    def _write_now(self, frames: list[bytes]) -> None:
+        if self.ended is not None:
+            raise self.ended
+        assert self._transport is not None  # not ended
+        self._transport.writelines(pack_frames(frames))
+
+    async def _ask(self, header: bytes, wait: float | None) -> dict[str, Any]:
+        """Write ``header`` and wait for its answer, which comes in order."""
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._write_now([header])
+        self._answers.append(answer)
+        try:
+            reply = await asyncio.wait_for(answer, wait)
+        except TimeoutError:
+            raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
+        if reply.get("ok") is not True:
+            raise error_of(reply)
+        return reply
+
+    def _answered(self, body: bytes) -> bool:
+        if not self._answers:
+            return False
+        self._answers.popleft().set_result(_json(body))
+        return True
+
+    def _end(self, error: PilotError) -> None:
+        if self.ended is None:
+            self.ended = error
+        while self._answers:
+            answer = self._answers.popleft()
+            if not answer.done():
+                answer.set_exception(self.ended)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._writable.set()  # a writer waiting for room hears the end
+
+    def _fail(self, why: str) -> None:
+        self._end(ConnectionClosedError(f"{self._what}: {why}"))
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class StreamSocket(_Attached[None]):
+    """A stream's data socket (a ``connect``'s): :meth:`send`, :meth:`receive`,
+    :meth:`drain`, :meth:`close`, or :meth:`abort`. When the application is a window behind,
+    it stops reading: what comes next waits in the daemon, then in the peer."""
+
+    @classmethod
+    async def attach(cls, home: Path, stream: str, what: str, window_messages: int,
+                     window_bytes: int, send_window: int) -> tuple[StreamSocket, dict[str, Any]]:
+        """The stream's data socket, and the daemon's answer (its ports, peer, hostname)."""
+        return await cls._open(home, {"cmd": "stream_attach", "stream": stream},
+                               lambda: cls(what, window_messages, window_bytes), send_window)
+
+    def _frame(self, frames: list[bytes]) -> bool:
+        kind = frames[0][0]
+        if kind == DATA_MESSAGE and len(frames) == 2:
+            self._arrived((None, frames[1]))
+            if self._window_full() and self._transport is not None:
+                self._transport.pause_reading()
+            return True
+        return kind in (DATA_DRAINED, DATA_CLOSED) and self._answered(frames[0][1:])
+
+    async def send(self, payload: bytes) -> None:
+        await self._write([_SEND, payload])
+
+    async def receive(self, timeout: float | None) -> bytes:
+        reading = not self._window_full()
+        payload = (await self._next(timeout))[1]
+        if not reading and self._below_half() and self._transport is not None:
+            self._transport.resume_reading()
         return payload
 
     async def drain(self, timeout: float) -> dict[str, Any]:
@@ -165,61 +269,135 @@ class DataSocket(asyncio.Protocol):
         """Finish the stream once everything sent is out; return once the peer has every byte."""
         await self._ask(_CLOSE, None)
 
-    def abort(self) -> None:
-        """Drop the connection: the daemon resets the stream at once."""
-        self._end(ConnectionClosedError(f"{self._what} was aborted"))
-        if self._transport is not None:
-            self._transport.abort()
 
-    async def _ask(self, header: bytes, wait: float | None) -> dict[str, Any]:
-        if self.ended is not None:
-            raise self.ended
-        assert self._transport is not None  # not ended
-        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._answers.append(answer)
-        self._transport.writelines(pack_frames([header]))
-        try:
-            reply = await asyncio.wait_for(answer, wait)
-        except TimeoutError:
-            raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
-        if reply.get("ok") is not True:
-            raise error_of(reply)
-        return reply
+@dataclass
+class Way:
+    """A peer's stream to the port, as a port socket knows it."""
 
-    # -- inside ---------------------------------------------------------------------------
+    number: int  # the daemon's for it, on this socket
+    sender: str
+    hostname: str | None
+    source_port: int
+    error: PilotError | None = None  # why replies on it fail, once they do
+    messages: int = 0  # replies since the last confirmed one
+    bytes: int = 0
+    confirmations: collections.deque[asyncio.Future[None]] = field(
+        default_factory=collections.deque)
 
-    def _arrived(self, payload: bytes) -> None:
-        self._messages.append(payload)
-        self._queued_bytes += len(payload)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        if self._reading and (len(self._messages) >= self._window_messages
-                              or self._queued_bytes >= self._window_bytes):
-            # The application is a window behind: what comes next waits in the daemon, and
-            # then in the peer.
-            self._reading = False
-            if self._transport is not None:
-                self._transport.pause_reading()
 
-    def _below_half(self) -> bool:
-        return (2 * len(self._messages) < self._window_messages
-                and 2 * self._queued_bytes < self._window_bytes)
+class PortSocket(_Attached[Way]):
+    """A port's data socket: :meth:`receive` a port's messages (each with its :class:`Way`),
+    :meth:`reply` on a way, :meth:`close`. The daemon writes within the credit this grants back
+    as the application takes messages; replies are confirmed once per half send window of a
+    way, and a reply finding two confirmations of its way outstanding waits for the older."""
 
-    def _end(self, error: PilotError) -> None:
-        if self.ended is None:
-            self.ended = error
-        while self._answers:
-            answer = self._answers.popleft()
-            if not answer.done():
-                answer.set_exception(self.ended)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        self._writable.set()  # a sender waiting for room hears the end
+    def __init__(self, what: str, window_messages: int, window_bytes: int,
+                 send_messages: int, send_bytes: int,
+                 on_failed: Callable[[PilotError], None]) -> None:
+        super().__init__(what, window_messages, window_bytes)
+        self._send_messages = send_messages
+        self._send_bytes = send_bytes
+        self._on_failed = on_failed
+        self.ways: dict[int, Way] = {}
+        self._taken_messages = 0  # since the last 'taken'
+        self._taken_bytes = 0
 
-    def _fail(self, why: str) -> None:
-        self._end(ConnectionClosedError(f"{self._what}: {why}"))
-        if self._transport is not None:
-            self._transport.abort()
+    @classmethod
+    async def attach(cls, home: Path, port: int, window_messages: int, window_bytes: int,
+                     send_messages: int, send_bytes: int,
+                     on_failed: Callable[[PilotError], None]) -> PortSocket:
+        """The port's data socket; ``on_failed`` hears of each reply that failed."""
+        request = {"cmd": "port_attach", "port": port, "credit_messages": window_messages,
+                   "credit_bytes": window_bytes}
+        sock, _ = await cls._open(
+            home, request, lambda: cls(f"port {port}", window_messages, window_bytes,
+                                       send_messages, send_bytes, on_failed), send_bytes)
+        return sock
+
+    def _frame(self, frames: list[bytes]) -> bool:
+        header = frames[0]
+        kind = header[0]
+        if kind in (DATA_CLOSED, PORT_SYNCED, PORT_ARRIVED):
+            return self._answered(header[1:])
+        if len(header) < _NUMBERED.size:
+            return False
+        number = _NUMBERED.unpack_from(header)[1]
+        if kind == PORT_MESSAGE and len(frames) == 2:
+            if len(header) > _NUMBERED.size:
+                meta = _json(header[_NUMBERED.size:])
+                self.ways[number] = Way(number, str(meta.get("from")), meta.get("hostname"),
+                                        int(meta.get("source_port", 0)))
+            way = self.ways.get(number)
+            if way is None:
+                return False
+            self._arrived((way, frames[1]))
+            return True
+        way = self.ways.get(number)
+        if kind == PORT_WAY_ENDED and way is not None:
+            # Its messages still waiting here keep the way, and its replies fail.
+            way.error = error_of(_json(header[_NUMBERED.size:]))
+            for waiting in way.confirmations:
+                if not waiting.done():
+                    waiting.set_result(None)
+            del self.ways[number]
+            self._on_failed(way.error)
+            return True
+        if kind == PORT_CONFIRMED and way is not None and way.confirmations:
+            way.confirmations.popleft().set_result(None)
+            return True
+        return False
+
+    async def receive(self, timeout: float | None) -> tuple[Way, bytes]:
+        item = await self._next(timeout)
+        self._taken_messages += 1
+        self._taken_bytes += len(item[1])
+        if (2 * self._taken_messages >= self._window_messages
+                or 2 * self._taken_bytes >= self._window_bytes):
+            self._report_taken()
+        return item
+
+    def _report_taken(self) -> None:
+        if self._taken_messages and self.ended is None:
+            self._write_now([_NUMBERED.pack(PORT_TAKEN, self._taken_messages)])
+        self._taken_messages = self._taken_bytes = 0
+
+    async def reply(self, way: Way, payload: bytes) -> None:
+        """Send ``payload`` on ``way``; raise why it can't be, once the daemon said so."""
+        if way.error is not None:
+            raise way.error
+        while len(way.confirmations) >= 2:
+            await way.confirmations.popleft()
+            if way.error is not None:
+                raise way.error
+        way.messages += 1
+        way.bytes += len(payload)
+        flags = 0
+        if 2 * way.messages >= self._send_messages or 2 * way.bytes >= self._send_bytes:
+            way.messages = way.bytes = 0
+            flags = PORT_REPLY_CONFIRM
+            way.confirmations.append(asyncio.get_running_loop().create_future())
+        await self._write([_REPLY.pack(PORT_REPLY, way.number, flags), payload])
+
+    async def sync(self) -> None:
+        """Return once the daemon has handled every reply written before (its failures are
+        with ``on_failed`` by then)."""
+        await self._ask(_PORT_SYNC, REQUEST_TIMEOUT)
+
+    async def since_arrival(self, way: Way) -> float | None:
+        """Seconds since bytes of ``way``'s stream last reached the daemon (None: not known)."""
+        if way.error is not None:
+            return None
+        reply = await self._ask(_NUMBERED.pack(PORT_ARRIVAL, way.number), REQUEST_TIMEOUT)
+        since = reply.get("since")
+        return since if isinstance(since, float | int) else None
+
+    async def close(self) -> None:
+        """Stop reading: what the daemon wrote that was not received goes back to the port."""
+        self._report_taken()
+        await self._ask(_PORT_CLOSE, None)
+        # What this socket still holds goes back with the rest: the daemon counted it as not
+        # taken (only messages returned by receive() were reported).
+        self._messages.clear()
 
 
 def _json(header: bytes) -> dict[str, Any]:

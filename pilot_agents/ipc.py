@@ -231,6 +231,18 @@ DATA_MESSAGE = 0x81
 DATA_DRAINED = 0x82
 DATA_CLOSED = 0x83
 DATA_ENDED = 0x84
+# ... and a port's data socket (a way: the number the daemon gives a peer's stream to the port).
+PORT_REPLY = 0x21
+PORT_TAKEN = 0x22
+PORT_CLOSE = 0x23
+PORT_SYNC = 0x24
+PORT_ARRIVAL = 0x25
+PORT_MESSAGE = 0xA1
+PORT_WAY_ENDED = 0xA2
+PORT_CONFIRMED = 0xA3
+PORT_SYNCED = 0xA4
+PORT_ARRIVED = 0xA5
+PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
 
 
 # -- compact headers: the hot data verbs without JSON (docs/ipc.md, Compact headers) ------------

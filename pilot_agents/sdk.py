@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .datasocket import DataSocket
+from .datasocket import PortSocket, StreamSocket
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -175,6 +175,7 @@ class Client:
         self._path_errors: collections.OrderedDict[str, PilotError] = collections.OrderedDict()
         self._replies_sink = self._ipc.add_sink(self._reply_failed)
         self._ipc.orphan_errors = self._late_failure
+        self._port_sockets: set[PortSocket] = set()  # the open listeners' data sockets
 
     @property
     def home(self) -> Path:
@@ -197,6 +198,9 @@ class Client:
         does not wait for the daemon (IPC ``quiet``): its error comes back later, so this is
         where an application that must know hears of it (it is logged in any case)."""
         await self._pipeline.settle()
+        for sock in list(self._port_sockets):  # their replies do not pass the barrier below
+            with contextlib.suppress(PilotError):  # a socket ended: its listener says why
+                await sock.sync()
         # A barrier: the daemon starts a client's requests in order, and answers this one
         # (a requeue of no message) after every earlier reply had its go.
         await self.call("requeue", message="")
@@ -342,7 +346,7 @@ class DaemonConnection:
         self._hold_next: float | None = None  # the longest hold asked for meanwhile
         # On the stream socket: the stream's data socket, and the ports its messages carry
         # (ours, the peer's). Else its messages are requests and a delivery.
-        self._data: DataSocket | None = None
+        self._data: StreamSocket | None = None
         self._ports = (0, port)
 
     @property
@@ -421,7 +425,7 @@ class DaemonConnection:
         opts = self._client.options
         if opts.data_sockets and self._client._ipc.on_stream_socket:
             try:
-                self._data, attached = await DataSocket.attach(
+                self._data, attached = await StreamSocket.attach(
                     self._client.home, self._stream, what, opts.receive_window_messages,
                     opts.receive_window_bytes, opts.send_window_bytes)
             except BaseException:
@@ -567,21 +571,35 @@ class DaemonConnection:
 
 class DaemonListener:
     """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
-    Several listeners (in any process) on one port share its buffer: each message goes to one."""
+    Several listeners (in any process) on one port share its buffer: each message goes to one.
+    On the stream socket they come on a data socket of the listener's own (docs/ipc.md), and
+    its messages' replies go back on it: once the listener is closed, they fail."""
 
     def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
         self._client = client
         self.port = port
         self._owns_client = owns_client
         self._open = False
+        self._socket: PortSocket | None = None
         self._delivery = _Delivery(client, f"port {port}", client._port_message, port=port)
 
     async def __aenter__(self) -> DaemonListener:
+        client = self._client
         try:
-            await self._client.call("listen", port=self.port)
+            await client._ipc.open()
+            opts = client.options
+            if opts.data_sockets and client._ipc.on_stream_socket:
+                self._socket = await PortSocket.attach(
+                    client.home, self.port, opts.receive_window_messages,
+                    opts.receive_window_bytes, opts.send_window_messages, opts.send_window_bytes,
+                    # The next reply on its way raises it (the socket keeps it), and flush().
+                    functools.partial(client._reply_failed, message_id=""))
+                client._port_sockets.add(self._socket)
+            else:
+                await client.call("listen", port=self.port)
         except BaseException:
             if self._owns_client:
-                await self._client.close()
+                await client.close()
             raise
         self._open = True
         return self
@@ -594,6 +612,12 @@ class DaemonListener:
             if self._open:
                 self._open = False
                 with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
+                    if self._socket is not None:
+                        self._client._port_sockets.discard(self._socket)
+                        # The daemon puts back what it wrote and we did not receive, and
+                        # undoes the listen.
+                        await self._socket.close()
+                        return
                     # What was pushed and not received goes back, in order, for another
                     # listener; if none is left, unlisten tells the senders.
                     for message in reversed(await self._delivery.stop()):
@@ -606,7 +630,13 @@ class DaemonListener:
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
         if not self._open:
             raise ConnectionClosedError("the listener is not open (use 'async with')")
-        return await self._delivery.receive(timeout)
+        if self._socket is None:
+            return await self._delivery.receive(timeout)
+        way, payload = await self._socket.receive(timeout)
+        return DaemonMessage(
+            data=payload, sender=way.sender, port=self.port, source_port=way.source_port,
+            hostname=way.hostname, _reply=functools.partial(self._socket.reply, way),
+            _since=functools.partial(self._socket.since_arrival, way))
 
     def __aiter__(self) -> AsyncIterator[DaemonMessage]:
         return self._iterate()
