@@ -4,6 +4,7 @@ the SDK uses it: real daemons, the SDK's Client on both ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,3 +154,85 @@ async def test_a_killed_clients_stream_is_reset_at_once(daemon_pair: Pair) -> No
                 break
             assert loop.time() < deadline, "the dead client's stream is still open"
             await asyncio.sleep(0.1)
+
+
+# -- a port's messages on a listener's data socket ---------------------------------------------
+
+
+async def test_a_listeners_messages_come_with_their_senders_and_take_replies(
+        daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7211) as listener, client.connect("beta", 7211) as first, \
+            client.connect("beta", 7211) as second:
+        assert listener._socket is not None
+        await first.send("one")
+        await second.send("two")
+        got = {}
+        for _ in range(2):
+            message = await listener.receive(timeout=5)
+            assert (message.sender, message.hostname, message.port) == (a.node_id, "alpha", 7211)
+            assert (await message.since_arrival() or 0.0) >= 0.0
+            got[message.text()] = message
+        assert got["one"].source_port != got["two"].source_port  # two streams, two ways
+        for text, message in got.items():
+            await message.reply(text.upper())
+        assert (await first.receive(timeout=5)).text() == "ONE"
+        assert (await second.receive(timeout=5)).text() == "TWO"
+        await server.flush()
+
+
+async def test_a_reply_on_an_ended_stream_is_raised_by_the_next_reply_and_by_flush(
+        daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7212) as listener:
+        async with client.connect("beta", 7212) as conn:
+            await conn.send("hello")
+            message = await listener.receive(timeout=5)
+            await conn.abort()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        with pytest.raises(ConnectionClosedError):
+            while loop.time() < deadline:  # until the reset reached the listener's daemon
+                await message.reply("anyone?")
+                await server.flush()
+                await asyncio.sleep(0.05)
+        with pytest.raises(ConnectionClosedError):
+            await message.reply("still?")
+        await server.flush()  # raised once
+
+
+REPLIER = textwrap.dedent("""
+    import asyncio, sys
+    import pilot_agents.sdk as pilot
+
+    async def main() -> None:
+        async with pilot.Client(sys.argv[1]) as client, client.listen(7213) as listener:
+            print("listening", flush=True)
+            await listener.receive(timeout=30)
+            print("got it", flush=True)
+            await asyncio.sleep(300)
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_replier_killed_mid_request_fails_its_requester_at_once(
+        daemon_pair: Pair) -> None:
+    a, b = daemon_pair
+    child = subprocess.Popen([sys.executable, "-c", REPLIER, str(b.home)],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout is not None
+        assert await asyncio.to_thread(child.stdout.readline) == "listening\n"
+        async with pilot.Client(a.home) as client, client.connect("beta", 7213) as conn:
+            await conn.send("please answer")
+            assert await asyncio.to_thread(child.stdout.readline) == "got it\n"
+            os.killpg(child.pid, signal.SIGKILL)
+            with pytest.raises(ConnectionClosedError):
+                await conn.receive(timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
