@@ -17,7 +17,7 @@ import pytest
 
 from pilot_agents import ipc
 from pilot_agents.daemon import DaemonOptions, start_detached
-from tests.conftest import DaemonHandle, ipc_call, peer_up, short_home, stop_daemons
+from tests.conftest import ROOT, DaemonHandle, ipc_call, peer_up, short_home, stop_daemons
 from tests.test_ipc import stream_call, stream_read, stream_send, stream_socket
 
 Pair = tuple[DaemonHandle, DaemonHandle]
@@ -33,12 +33,17 @@ def pair() -> Iterator[Pair]:
     homes = [short_home(), short_home()]
     try:
         daemons = []
-        for home, name, bounds in ((homes[0], "alpha", {"max_payload_bytes": LIMIT}),
-                                   (homes[1], "beta", {"inbox_bytes": MiB})):
-            info = start_detached(DaemonOptions(home=home, hostname=name, listen="127.0.0.1:0",
-                                                **bounds))  # type: ignore[arg-type]
-            daemons.append(DaemonHandle(home, name, info["node_id"], info["endpoints"][0],
-                                        info["pid"]))
+        with pytest.MonkeyPatch.context() as env:
+            # The daemons start from "/": they import this checkout's code, not the one an
+            # editable install may point at.
+            env.setenv("PYTHONPATH", str(ROOT))
+            for home, name, bounds in ((homes[0], "alpha", {"max_payload_bytes": LIMIT}),
+                                       (homes[1], "beta", {"inbox_bytes": MiB})):
+                info = start_detached(DaemonOptions(home=home, hostname=name,
+                                                    listen="127.0.0.1:0",
+                                                    **bounds))  # type: ignore[arg-type]
+                daemons.append(DaemonHandle(home, name, info["node_id"],
+                                            info["endpoints"][0], info["pid"]))
         a, b = daemons
         peer_up(a, b)
         yield a, b
