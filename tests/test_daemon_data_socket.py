@@ -26,32 +26,36 @@ WAIT = 10.0  # seconds any one answer may take, far more than it does
 LIMIT = MiB  # alpha's max_payload_bytes: what a data socket's client may leave unread
 
 
+def started(*specs: tuple[str, dict[str, int]]) -> list[DaemonHandle]:
+    """Daemons (a hostname, bounds of DaemonOptions) that are static peers trusting each
+    other; stop_daemons their homes afterwards."""
+    daemons = []
+    with pytest.MonkeyPatch.context() as env:
+        # The daemons start from "/": they import this checkout's code, not the one an
+        # editable install may point at.
+        env.setenv("PYTHONPATH", str(ROOT))
+        for name, bounds in specs:
+            home = short_home()
+            info = start_detached(DaemonOptions(home=home, hostname=name, listen="127.0.0.1:0",
+                                                **bounds))  # type: ignore[arg-type]
+            daemons.append(DaemonHandle(home, name, info["node_id"], info["endpoints"][0],
+                                        info["pid"]))
+    peer_up(*daemons)
+    return daemons
+
+
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     """alpha, whose data sockets hold at most 1 MiB unread, and beta, whose inboxes hold
     1 MiB: small bounds, so that flow control shows within a few MiB."""
-    homes = [short_home(), short_home()]
+    a, b = started(("alpha", {"max_payload_bytes": LIMIT}), ("beta", {"inbox_bytes": MiB}))
     try:
-        daemons = []
-        with pytest.MonkeyPatch.context() as env:
-            # The daemons start from "/": they import this checkout's code, not the one an
-            # editable install may point at.
-            env.setenv("PYTHONPATH", str(ROOT))
-            for home, name, bounds in ((homes[0], "alpha", {"max_payload_bytes": LIMIT}),
-                                       (homes[1], "beta", {"inbox_bytes": MiB})):
-                info = start_detached(DaemonOptions(home=home, hostname=name,
-                                                    listen="127.0.0.1:0",
-                                                    **bounds))  # type: ignore[arg-type]
-                daemons.append(DaemonHandle(home, name, info["node_id"],
-                                            info["endpoints"][0], info["pid"]))
-        a, b = daemons
-        peer_up(a, b)
         yield a, b
-        for daemon in daemons:  # whatever a client sent, nothing went wrong in the daemon
+        for daemon in (a, b):  # whatever a client sent, nothing went wrong in the daemon
             log = (daemon.home / ipc.LOG_NAME).read_text()
             assert "Traceback" not in log and "ERROR" not in log, log
     finally:
-        stop_daemons(*homes)
+        stop_daemons(a.home, b.home)
 
 
 _ports = iter(range(7700, 7800))
@@ -288,6 +292,34 @@ def test_a_peer_that_resets_the_stream_ends_the_data_socket(pair: Pair,
     assert gone(a, stream)
 
 
+def test_a_stream_that_failed_before_the_attach_ends_after_what_came_before(
+        pair: Pair, data: DataSocket) -> None:
+    """beta's reader answers one of the two messages it was handed and dies: the stream is
+    reset (docs/ipc.md, A client that dies) behind the answer, both waiting at alpha."""
+    a, b = pair
+    port = next(_ports)
+    stream = connect(a, port)
+    with stream_socket(b.home) as reader:
+        for request in ({"cmd": "listen", "port": port, "id": 1},
+                        {"cmd": "deliver", "port": port, "id": 2}):
+            stream_send(reader, request)
+        assert stream_read(reader)[0]["ok"]  # the listen
+        for text in ("first", "second"):
+            assert ipc_call(a.home, cmd="stream_send", stream=stream, data=text)["ok"]
+        pushed = [stream_read(reader)[0]["message"]["id"] for _ in range(2)]
+        stream_send(reader, {"cmd": "reply", "id": 3, "message": pushed[0]}, b"answer")
+        assert stream_read(reader)[0]["ok"]
+    deadline = time.monotonic() + 5.0
+    while ipc_call(a.home, cmd="stream_send", stream=stream, data="probe")["ok"]:
+        assert time.monotonic() < deadline, "alpha never heard of the reset"
+        time.sleep(0.02)
+    assert data.attach(stream)["ok"]
+    assert data.message() == b"answer"
+    ended = data.answer(ipc.DATA_ENDED)
+    assert ended["error"]["type"] == "ConnectionClosedError", ended
+    data.assert_closed()
+
+
 def test_a_client_that_leaves_without_close_resets_the_stream_at_once(
         pair: Pair, data: DataSocket) -> None:
     a, b = pair
@@ -303,6 +335,21 @@ def test_a_client_that_leaves_without_close_resets_the_stream_at_once(
         time.sleep(0.02)
     assert reply["error"]["type"] == "ConnectionClosedError", reply
     assert gone(a, stream)
+
+
+def test_a_daemon_that_stops_ends_its_data_sockets() -> None:
+    a, b = started(("alpha", {}), ("beta", {}))
+    data = DataSocket(a)
+    try:
+        stream = connect(a, listened(b))
+        assert data.attach(stream)["ok"]
+        assert ipc_call(a.home, cmd="stop")["ok"]
+        ended = data.answer(ipc.DATA_ENDED)
+        assert ended["error"]["type"] == "ConnectionClosedError", ended
+        data.assert_closed()
+    finally:
+        data.close()
+        stop_daemons(a.home, b.home)
 
 
 SEND, DRAIN, CLOSE = bytes([ipc.DATA_SEND]), bytes([ipc.DATA_DRAIN]), bytes([ipc.DATA_CLOSE])
