@@ -288,6 +288,19 @@ def unpack_message(header: bytes) -> dict[str, Any]:
         "hostname": header[name:].decode() or None, "port": port, "source_port": source_port}}
 
 
+# -- data sockets: a stream's messages on a connection of their own (docs/ipc.md, Data sockets) --
+
+# The kind of a data socket's message: its header's first byte. The client's kinds, then the
+# daemon's (their high bit set).
+DATA_SEND = 0x01  # its payload frame is a message to send on the stream
+DATA_DRAIN = 0x02  # then JSON {"timeout": seconds}: answer once the peer acked what came before
+DATA_CLOSE = 0x03  # finish the stream after what came before; nothing may follow it
+DATA_MESSAGE = 0x81  # its payload frame is a message that came on the stream
+DATA_DRAINED = 0x82  # then JSON: the answer to a drain, in order
+DATA_CLOSED = 0x83  # then JSON: the answer to the close; the connection closes after it
+DATA_ENDED = 0x84  # then JSON, an error reply: the stream ended; the connection's last message
+
+
 def daemon_pid(home: Path) -> int | None:
     """The pid of the daemon running for ``home``, or None. Whoever holds the lock file runs it;
     a lock dies with its process, so a crashed daemon never looks alive."""

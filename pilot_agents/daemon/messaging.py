@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .. import ipc
 from ..errors import (
@@ -63,6 +64,12 @@ class PortState:
     received: int = 0
 
 
+class Attachment(Protocol):
+    """The data socket a stream's messages go through once attached (daemon/datasock.py)."""
+
+    def end(self, error: PilotError) -> None: ...  # the stream is gone: say so, and close
+
+
 @dataclass
 class StreamState:
     stream_id: str
@@ -73,7 +80,8 @@ class StreamState:
     inbox: Inbox
     task: asyncio.Task[None] | None = None
     last_used: float = field(default_factory=time.monotonic)
-    busy: int = 0
+    busy: int = 0  # receives, deliveries, drains and waits for room using it now
+    attached: Attachment | None = None  # its data socket: its messages go there only
 
     @property
     def label(self) -> str:
@@ -112,7 +120,7 @@ class Messaging:
         opts = self.ctx.options
         return Inbox(what, opts.inbox_messages, opts.inbox_bytes, refuse)
 
-    def _explain(self, exc: PilotError, stream: StreamState) -> PilotError:
+    def explain_stream(self, exc: PilotError, stream: StreamState) -> PilotError:
         """The Node's error for the client; if the stream died because the peer's node
         restarted, it says from where the old node acknowledged nothing, so that the client
         may send that again on a new stream (docs/ipc.md, Streams across a peer's restart)."""
@@ -141,7 +149,7 @@ class Messaging:
 
     def stream_send(self, req: StreamSendRequest) -> Reply | Awaitable[Reply]:
         """Sent at once; if the stream's send buffer is full, what the reply waits for."""
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         data = req.payload()
         try:
             # A quiet one is not waited for: its data is queued all the same, and the client's
@@ -151,7 +159,7 @@ class Messaging:
             if stream.conn.write(data) or req.quiet:
                 return {"bytes": len(data)}
         except PilotError as exc:
-            raise self._explain(exc, stream) from None
+            raise self.explain_stream(exc, stream) from None
         return self._stream_room(stream, len(data))
 
     async def _stream_room(self, stream: StreamState, size: int) -> Reply:
@@ -159,32 +167,32 @@ class Messaging:
             try:
                 await stream.conn.room()
             except PilotError as exc:
-                raise self._explain(exc, stream) from None
+                raise self.explain_stream(exc, stream) from None
         return {"bytes": size}
 
     async def stream_receive(self, req: StreamReceiveRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         with self._using(stream):
             message = await stream.inbox.get(req.timeout)
         return {"message": self._message_fields(message, stream.inbox, ack=req.ack)}
 
     async def stream_drain(self, req: StreamDrainRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         with self._using(stream):
             try:
                 await stream.conn.drain(req.timeout)
             except PilotError as exc:
-                raise self._explain(exc, stream) from None
+                raise self.explain_stream(exc, stream) from None
         return {"path": stream.conn.path, "rtt": stream.conn.rtt}
 
     async def stream_close(self, req: StreamCloseRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         self.drop_stream(stream, abort=False)
         try:
             await stream.conn.close()
         except PilotError as exc:
             await stream.conn.abort()
-            raise self._explain(exc, stream) from None
+            raise self.explain_stream(exc, stream) from None
         return {}
 
     async def stream_abort(self, req: StreamAbortRequest) -> Reply:
@@ -261,7 +269,7 @@ class Messaging:
         if (req.port is None) == (req.stream is None):
             raise BadRequestError("'deliver' needs either a 'port' or a 'stream'")
         if req.stream is not None:
-            stream = self._stream(req.stream)
+            stream = self._unattached(req.stream)
             with self._using(stream):
                 return await self._push_all(stream.inbox, push, credit, ack=req.ack)
         return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
@@ -434,13 +442,45 @@ class Messaging:
         stream.last_used = time.monotonic()
         return stream
 
+    def _unattached(self, stream_id: str) -> StreamState:
+        """A stream whose messages go through requests: not one with a data socket."""
+        stream = self._stream(stream_id)
+        if stream.attached is not None:
+            raise BadRequestError(
+                f"stream {stream_id!r} has a data socket: send, receive, drain and close it "
+                "there (docs/ipc.md, Data sockets)")
+        return stream
+
+    def attachable(self, stream_id: str) -> StreamState:
+        """The stream, if a data socket may take it over (docs/ipc.md, Data sockets)."""
+        stream = self._stream(stream_id)
+        if stream.attached is not None:
+            raise BadRequestError(f"stream {stream_id!r} has a data socket already: a stream "
+                                  "has one (close it, or open another stream with 'connect')")
+        if stream.busy:
+            raise BadRequestError(
+                f"stream {stream_id!r} is in use by a receive, deliver, drain or a send waiting "
+                "for room: attach it once those have ended (or before they start)")
+        return stream
+
+    def attach(self, stream: StreamState, socket: Attachment) -> list[Message]:
+        """Make ``socket`` (for an :meth:`attachable` stream) the stream's only way in and
+        out; the messages its inbox held, in order, which go out on it first. The caller then
+        sets the stream's taker: from now on the Node's messages wait there, not here."""
+        if stream.task is not None:
+            # Cancelling loses nothing: a message the pump was woken for stays in the Node.
+            stream.task.cancel()
+            stream.task = None
+        stream.attached = socket
+        return stream.inbox.drain()
+
     async def _pump_stream(self, stream: StreamState) -> None:
         while True:
             await stream.inbox.wait_for_room()
             try:
                 message = await stream.conn.receive(timeout=None)
             except PilotError as exc:
-                stream.inbox.fail(self._explain(exc, stream))
+                stream.inbox.fail(self.explain_stream(exc, stream))
                 return
             stream.inbox.put(message)
 
@@ -449,8 +489,12 @@ class Messaging:
         if stream.task is not None:
             stream.task.cancel()
         stream.conn.set_taker(None)  # as its pump, it takes nothing more
-        # Its receives and deliveries end now rather than wait for a message that can't come.
-        stream.inbox.fail(ConnectionClosedError(f"stream {stream.stream_id} was closed"))
+        # Its receives, deliveries and data socket end now rather than wait for a message that
+        # can't come.
+        closed = ConnectionClosedError(f"stream {stream.stream_id} was closed")
+        stream.inbox.fail(closed)
+        if stream.attached is not None:
+            stream.attached.end(closed)
         if abort:
             with contextlib.suppress(Exception):
                 stream.conn.abort_now()
@@ -464,7 +508,9 @@ class Messaging:
         now = time.monotonic()
         limit = self.ctx.options.stream_idle_timeout
         for stream in list(self.streams.values()):
-            if stream.busy == 0 and now - stream.last_used > limit:
+            # An attached stream is used by its data socket, which the daemon does not watch
+            # message by message: it lives as long as that connection.
+            if stream.busy == 0 and stream.attached is None and now - stream.last_used > limit:
                 log.info("stream %s to %s idle for %.0f s: aborted", stream.stream_id,
                          stream.peer, now - stream.last_used)
                 self.drop_stream(stream, abort=True)

@@ -26,6 +26,7 @@ from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
 from .clients import Clients
+from .datasock import DataSocket, DataSockets
 from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
@@ -41,6 +42,7 @@ from .requests import (
     RequestId,
     RequeueRequest,
     StopRequest,
+    StreamAttachRequest,
     UnlistenRequest,
     check_payload_size,
     load_compact_untrusted,
@@ -65,12 +67,15 @@ _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: a
 class IpcServer:
     def __init__(self, options: DaemonOptions, dispatch: DispatchTable,
                  undelivered: Callable[[str], bool], stop: Callable[[], None],
-                 clients: Clients | None = None) -> None:
+                 clients: Clients | None = None,
+                 data_sockets: DataSockets | None = None) -> None:
         """``undelivered(message id)``: a message whose reply could not be sent goes back;
         ``stop()``: called once the reply to ``stop`` is out; ``clients``: told what each
-        stream socket client holds, and when it goes away."""
+        stream socket client holds, and when it goes away; ``data_sockets``: what attaches a
+        stream to a stream socket connection (none: ``stream_attach`` is refused)."""
         self.options = options
         self._clients = clients
+        self._data_sockets = data_sockets
         self.home = options.home
         self.dispatch = dispatch
         self._undelivered = undelivered
@@ -216,6 +221,9 @@ class IpcServer:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
+        if type(request) is StreamAttachRequest:
+            self._attach_stream(identity, envelope, request_id, request)
+            return
         if type(request) is ByeRequest:  # no reply: the client is closing
             if self._clients is not None and identity in self._peers:
                 self._clients.leaving(identity)
@@ -270,6 +278,27 @@ class IpcServer:
         if sending:
             self._sending[identity] += 1
         task.add_done_callback(functools.partial(self._forget_task, key, sending))
+
+    def _attach_stream(self, identity: bytes, envelope: list[bytes],
+                       request_id: RequestId | None, request: StreamAttachRequest) -> None:
+        """Make the connection a stream's data socket (docs/ipc.md, Data sockets); a refusal
+        leaves it an ordinary one."""
+        peer = self._peers.get(identity)
+        try:
+            if peer is None or peer.taken != 1 or self._data_sockets is None:
+                raise BadRequestError(
+                    "'stream_attach' must be the first request on a new connection to the "
+                    f"stream socket, {ipc.stream_socket_path(self.home)} (docs/ipc.md, Data "
+                    "sockets)")
+            reply, data = self._data_sockets.attach(request.stream, peer.transport)
+        except PilotError as exc:
+            log.debug("stream_attach refused: %s", exc)
+            self._send(identity, envelope, ipc.error_reply(exc, request_id))
+            return
+        if request_id is not None:
+            reply["id"] = request_id
+        self._send(identity, envelope, reply)
+        peer.attach(data)
 
     def _attach(self, request: AnyRequest, frame: bytes) -> None:
         if not isinstance(request, PayloadRequest):
@@ -469,13 +498,33 @@ class _StreamPeer(asyncio.Protocol):
         opts = server.options
         self._reader = ipc.FrameReader(2 * max(opts.max_request_bytes, opts.max_payload_bytes))
         self._pending: collections.deque[list[bytes]] = collections.deque()
+        self.taken = 0  # requests taken: 'stream_attach' must be the first
+        self._data: DataSocket | None = None  # once the connection is a stream's data socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.identity = self.server._connected(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._data is not None:
+            self._data.lost()
         self.server._disconnected(self.identity)
+
+    def pause_writing(self) -> None:
+        if self._data is not None:
+            self._data.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._data is not None:
+            self._data.resume_writing()
+
+    def attach(self, data: DataSocket) -> None:
+        """From now on the connection is a stream's data socket: what is read goes to it, and
+        it decides when to read (the messages read but not yet taken are its first)."""
+        self._data = data
+        pending = list(self._pending)
+        self._pending.clear()
+        data.start(pending)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -483,6 +532,10 @@ class _StreamPeer(asyncio.Protocol):
         except ipc.FramingError as exc:
             log.debug("stream client dropped: %s", exc)
             self.transport.abort()
+            return
+        if self._data is not None:
+            # A data socket's messages are stream writes, no requests: all taken at once.
+            self._data.received(messages)
             return
         if not messages:
             return
@@ -501,10 +554,11 @@ class _StreamPeer(asyncio.Protocol):
         self._take(self._pending.popleft())
         if self._pending:
             asyncio.get_running_loop().call_soon(self._next)
-        elif not self.transport.is_closing():
+        elif self._data is None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _take(self, frames: list[bytes]) -> None:
+        self.taken += 1
         try:
             self.server._accept([self.identity, *frames])
         except Exception:
