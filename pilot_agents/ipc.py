@@ -221,30 +221,6 @@ class FrameReader:
             raise FramingError(f"not a message: {frames} frames of {size} and {payload} bytes")
 
 
-# -- data sockets: one stream's messages on a connection of their own (docs/ipc.md) --------------
-
-# The kind byte that starts a data socket's header frame: the client's, then the daemon's.
-DATA_SEND = 0x01
-DATA_DRAIN = 0x02
-DATA_CLOSE = 0x03
-DATA_MESSAGE = 0x81
-DATA_DRAINED = 0x82
-DATA_CLOSED = 0x83
-DATA_ENDED = 0x84
-# ... and a port's data socket (a way: the number the daemon gives a peer's stream to the port).
-PORT_REPLY = 0x21
-PORT_TAKEN = 0x22
-PORT_CLOSE = 0x23
-PORT_SYNC = 0x24
-PORT_ARRIVAL = 0x25
-PORT_MESSAGE = 0xA1
-PORT_WAY_ENDED = 0xA2
-PORT_CONFIRMED = 0xA3
-PORT_SYNCED = 0xA4
-PORT_ARRIVED = 0xA5
-PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
-
-
 # -- compact headers: the hot data verbs without JSON (docs/ipc.md, Compact headers) ------------
 
 # A request: verb, flags, a number (the sink of a quiet one, else its id), then the stream or
@@ -299,6 +275,18 @@ DATA_MESSAGE = 0x81  # its payload frame is a message that came on the stream
 DATA_DRAINED = 0x82  # then JSON: the answer to a drain, in order
 DATA_CLOSED = 0x83  # then JSON: the answer to the close; the connection closes after it
 DATA_ENDED = 0x84  # then JSON, an error reply: the stream ended; the connection's last message
+# ... and a port's data socket (a way: the number the daemon gives a peer's stream to the port).
+PORT_REPLY = 0x21  # a way (u32), flags (u8), then the reply as the payload frame
+PORT_TAKEN = 0x22
+PORT_CLOSE = 0x23
+PORT_SYNC = 0x24
+PORT_ARRIVAL = 0x25
+PORT_MESSAGE = 0xA1
+PORT_WAY_ENDED = 0xA2
+PORT_CONFIRMED = 0xA3
+PORT_SYNCED = 0xA4
+PORT_ARRIVED = 0xA5
+PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
 
 
 def daemon_pid(home: Path) -> int | None:
