@@ -37,6 +37,7 @@ from .ipc import (
     PORT_SYNC,
     PORT_SYNCED,
     PORT_TAKEN,
+    PORT_WAY_CLOSED,
     PORT_WAY_ENDED,
     REQUEST_TIMEOUT,
     FrameReader,
@@ -333,14 +334,19 @@ class PortSocket(_Attached[Way]):
             self._arrived((way, frames[1]))
             return True
         way = self.ways.get(number)
-        if kind == PORT_WAY_ENDED and way is not None:
-            # Its messages still waiting here keep the way, and its replies fail.
-            way.error = error_of(_json(header[_NUMBERED.size:]))
-            for waiting in way.confirmations:
-                if not waiting.done():
-                    waiting.set_result(None)
-            del self.ways[number]
-            self._on_failed(way.error)
+        if kind in (PORT_WAY_ENDED, PORT_WAY_CLOSED):
+            error = error_of(_json(header[_NUMBERED.size:]))
+            if way is not None:
+                # Its messages still waiting here keep the way, and its replies fail.
+                way.error = error
+                for waiting in way.confirmations:
+                    if not waiting.done():
+                        waiting.set_result(None)
+                del self.ways[number]
+            # A reply failed (perhaps one sent before the way's close came): the application
+            # hears. A way that closed with no reply failing is no failure.
+            if kind == PORT_WAY_ENDED:
+                self._on_failed(error)
             return True
         if kind == PORT_CONFIRMED and way is not None and way.confirmations:
             way.confirmations.popleft().set_result(None)

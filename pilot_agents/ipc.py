@@ -282,10 +282,11 @@ PORT_CLOSE = 0x23
 PORT_SYNC = 0x24
 PORT_ARRIVAL = 0x25
 PORT_MESSAGE = 0xA1
-PORT_WAY_ENDED = 0xA2
+PORT_WAY_ENDED = 0xA2  # a reply on the way failed
 PORT_CONFIRMED = 0xA3
 PORT_SYNCED = 0xA4
 PORT_ARRIVED = 0xA5
+PORT_WAY_CLOSED = 0xA6  # the way's stream ended: the number is forgotten
 PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
 
 

@@ -85,6 +85,8 @@ async def test_a_stream_aborted_in_the_daemon_ends_the_connection(daemon_pair: P
             await conn.send("after")
         with pytest.raises(ConnectionClosedError):
             await conn.drain(timeout=5)
+        with pytest.raises(ConnectionClosedError):  # as on the requests' path
+            await conn.close()
 
 
 async def test_a_sender_whose_peer_stops_reading_waits(daemon_pair: Pair) -> None:
@@ -230,8 +232,9 @@ async def test_a_replier_killed_mid_request_fails_its_requester_at_once(
             await conn.send("please answer")
             assert await asyncio.to_thread(child.stdout.readline) == "got it\n"
             os.killpg(child.pid, signal.SIGKILL)
-            with pytest.raises(ConnectionClosedError):
+            with pytest.raises(ConnectionClosedError, match="cancelled"):
                 await conn.receive(timeout=5)
+            await conn.abort()  # it is over: a close would raise why
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)

@@ -1,7 +1,7 @@
 """Data sockets (docs/ipc.md, Data sockets): a connection to the stream socket that carries one
-stream's messages both ways. A message is a frame in and a stream write, or a stream message and
-a frame out: no request, reply or task per message, and the socket's own buffers do the flow
-control that credit and send windows do for requests."""
+stream's messages both ways (a port's: daemon/portsock.py). A message is a frame in and a
+stream write, or a stream message and a frame out: no request, reply or task per message, and
+the socket's own buffers do the flow control that credit and send windows do for requests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import collections
 import json
 import logging
+from typing import Protocol
 
 from .. import ipc
 from ..errors import BadRequestError, PilotError
@@ -16,7 +17,13 @@ from ..node.connection import Message
 from .dispatch import Reply
 from .messaging import Messaging, StreamState
 from .options import DaemonOptions
-from .requests import MAX_TIMEOUT, load_request_untrusted
+from .portsock import PortSocket
+from .requests import (
+    MAX_TIMEOUT,
+    PortAttachRequest,
+    StreamAttachRequest,
+    load_request_untrusted,
+)
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -25,18 +32,36 @@ _CLOSE = bytes([ipc.DATA_CLOSE])
 _MESSAGE = bytes([ipc.DATA_MESSAGE])
 
 
+class Attached(Protocol):
+    """A connection to the stream socket once it is a data socket: daemon/server.py's protocol
+    hands it what it reads and the connection's events."""
+
+    def start(self, pending: list[list[bytes]]) -> None: ...  # the attach's reply is written
+    def received(self, messages: list[list[bytes]]) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+    def lost(self) -> None: ...  # the connection is gone
+
+
 class DataSockets:
-    """Hands streams over to the connections that ask for them with ``stream_attach``."""
+    """Hands streams and ports over to the connections that ask for them with
+    ``stream_attach`` or ``port_attach``."""
 
     def __init__(self, messaging: Messaging) -> None:
         self._messaging = messaging
 
-    def attach(self, stream_id: str, transport: asyncio.Transport) -> tuple[Reply, DataSocket]:
-        """The reply to ``stream_attach`` and the data socket ``transport`` becomes; it starts
-        (:meth:`DataSocket.start`) once that reply is written. PilotError if the stream can't be
-        attached: the connection stays an ordinary one."""
+    def attach(self, request: StreamAttachRequest | PortAttachRequest,
+               transport: asyncio.Transport) -> tuple[Reply, Attached]:
+        """The reply to the request and the data socket ``transport`` becomes; it starts
+        (``start``) once that reply is written. PilotError if it can't be attached: the
+        connection stays an ordinary one."""
         messaging = self._messaging
-        stream = messaging.attachable(stream_id)
+        if isinstance(request, PortAttachRequest):
+            state = messaging.listen_to_read(request.port)
+            port_socket = PortSocket(messaging, state, transport, request.credit_messages,
+                                     request.credit_bytes)
+            return {"ok": True, "port": request.port}, port_socket
+        stream = messaging.attachable(request.stream)
         reply: Reply = {"ok": True, "port": stream.conn.local_port, "source_port": stream.port,
                         "peer": stream.peer, "hostname": stream.hostname}
         socket = DataSocket(messaging, stream, transport, messaging.ctx.options)

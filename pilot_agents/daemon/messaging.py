@@ -320,17 +320,18 @@ class Messaging:
             if way.write(data) or req.quiet:  # as in stream_send
                 return {"bytes": len(data)}
         except PilotError as exc:
-            raise self._way_error(exc, way) from None
+            raise self.explain_way(exc, way) from None
         return self._way_room(way, len(data))
 
     async def _way_room(self, way: WayBack, size: int) -> Reply:
         try:
             await way.room()
         except PilotError as exc:
-            raise self._way_error(exc, way) from None
+            raise self.explain_way(exc, way) from None
         return {"bytes": size}
 
-    def _way_error(self, exc: PilotError, way: WayBack) -> PilotError:
+    def explain_way(self, exc: PilotError, way: WayBack) -> PilotError:
+        """The Node's error on a way back, for the client that replied."""
         return self.ctx.explain(exc, way.peer_id, self.ctx.label(way.peer_id), None)
 
     async def requeue_request(self, req: RequeueRequest) -> Reply:
@@ -348,11 +349,20 @@ class Messaging:
         if state is None:
             raise ConfigError(f"port {port} is not being listened on: send 'listen' first")
         if state.publish:
-            raise ConfigError(
-                f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: subscribe "
-                f"there (topic {port:05d})"
-            )
+            raise self._published(state.port)
         return state
+
+    def _published(self, port: int) -> ConfigError:
+        return ConfigError(f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: "
+                           f"subscribe there (topic {port:05d})")
+
+    def listen_to_read(self, port: int) -> PortState:
+        """Listen on ``port`` for a reader of its messages (a port's data socket): not on a
+        published port, whose messages go to subscribers. Undone by :meth:`release_port`."""
+        state = self.ports.get(port)
+        if state is not None and state.publish:
+            raise self._published(port)
+        return self.listen_port(port)[0]
 
     def _message_fields(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
         """A handed-out message as the reply's ``message``; its payload stays bytes, for the

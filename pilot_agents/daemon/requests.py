@@ -175,6 +175,16 @@ class StreamAttachRequest(BaseRequest):
     stream: str
 
 
+class PortAttachRequest(BaseRequest):
+    """Makes the connection to the stream socket it is the first request on a data socket for
+    the port's messages (docs/ipc.md, A port's messages on a data socket)."""
+
+    cmd: Literal["port_attach"]
+    port: Port
+    credit_messages: Annotated[int, Field(ge=1, le=2**20)]
+    credit_bytes: Annotated[int, Field(ge=1, le=2**32)]
+
+
 class SendRequest(PayloadRequest):
     cmd: Literal["send"]
     target: Name
@@ -288,7 +298,7 @@ AnyRequest = (
     | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
     | StreamAbortRequest | StreamHoldRequest | StreamArrivalRequest | StreamAttachRequest
-    | SendRequest
+    | PortAttachRequest | SendRequest
     | ListenRequest | UnlistenRequest
     | ReceiveRequest | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest
     | StopRequest | ByeRequest

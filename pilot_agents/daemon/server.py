@@ -26,7 +26,7 @@ from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
 from .clients import Clients
-from .datasock import DataSocket, DataSockets
+from .datasock import Attached, DataSockets
 from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
@@ -38,6 +38,7 @@ from .requests import (
     DeliverRequest,
     ListenRequest,
     PayloadRequest,
+    PortAttachRequest,
     ReplyRequest,
     RequestId,
     RequeueRequest,
@@ -61,6 +62,7 @@ _COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY
 # Tuples, not unions: a union in isinstance() is built anew on every request.
 _SETTLING = (ReplyRequest, RequeueRequest, AckRequest)  # see Clients.settled
 _LISTENING = (ListenRequest, UnlistenRequest)
+_ATTACHING = (StreamAttachRequest, PortAttachRequest)
 _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
 
@@ -72,7 +74,7 @@ class IpcServer:
         """``undelivered(message id)``: a message whose reply could not be sent goes back;
         ``stop()``: called once the reply to ``stop`` is out; ``clients``: told what each
         stream socket client holds, and when it goes away; ``data_sockets``: what attaches a
-        stream to a stream socket connection (none: ``stream_attach`` is refused)."""
+        stream or a port to a stream socket connection (none: the attach requests are refused)."""
         self.options = options
         self._clients = clients
         self._data_sockets = data_sockets
@@ -221,8 +223,8 @@ class IpcServer:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
-        if type(request) is StreamAttachRequest:
-            self._attach_stream(identity, envelope, request_id, request)
+        if isinstance(request, _ATTACHING):
+            self._make_data_socket(identity, envelope, request_id, request)
             return
         if type(request) is ByeRequest:  # no reply: the client is closing
             if self._clients is not None and identity in self._peers:
@@ -279,20 +281,21 @@ class IpcServer:
             self._sending[identity] += 1
         task.add_done_callback(functools.partial(self._forget_task, key, sending))
 
-    def _attach_stream(self, identity: bytes, envelope: list[bytes],
-                       request_id: RequestId | None, request: StreamAttachRequest) -> None:
-        """Make the connection a stream's data socket (docs/ipc.md, Data sockets); a refusal
-        leaves it an ordinary one."""
+    def _make_data_socket(self, identity: bytes, envelope: list[bytes],
+                          request_id: RequestId | None,
+                          request: StreamAttachRequest | PortAttachRequest) -> None:
+        """Make the connection a stream's or a port's data socket (docs/ipc.md, Data
+        sockets); a refusal leaves it an ordinary one."""
         peer = self._peers.get(identity)
         try:
             if peer is None or peer.taken != 1 or self._data_sockets is None:
                 raise BadRequestError(
-                    "'stream_attach' must be the first request on a new connection to the "
+                    f"'{request.cmd}' must be the first request on a new connection to the "
                     f"stream socket, {ipc.stream_socket_path(self.home)} (docs/ipc.md, Data "
                     "sockets)")
-            reply, data = self._data_sockets.attach(request.stream, peer.transport)
+            reply, data = self._data_sockets.attach(request, peer.transport)
         except PilotError as exc:
-            log.debug("stream_attach refused: %s", exc)
+            log.debug("%s refused: %s", request.cmd, exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
         if request_id is not None:
@@ -499,7 +502,7 @@ class _StreamPeer(asyncio.Protocol):
         self._reader = ipc.FrameReader(2 * max(opts.max_request_bytes, opts.max_payload_bytes))
         self._pending: collections.deque[list[bytes]] = collections.deque()
         self.taken = 0  # requests taken: 'stream_attach' must be the first
-        self._data: DataSocket | None = None  # once the connection is a stream's data socket
+        self._data: Attached | None = None  # once the connection is a data socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -518,8 +521,8 @@ class _StreamPeer(asyncio.Protocol):
         if self._data is not None:
             self._data.resume_writing()
 
-    def attach(self, data: DataSocket) -> None:
-        """From now on the connection is a stream's data socket: what is read goes to it, and
+    def attach(self, data: Attached) -> None:
+        """From now on the connection is a data socket: what is read goes to it, and
         it decides when to read (the messages read but not yet taken are its first)."""
         self._data = data
         pending = list(self._pending)
