@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import struct
 from collections.abc import Callable
@@ -73,7 +74,9 @@ class _Attached(asyncio.Protocol, Generic[T]):
             asyncio.get_running_loop().create_future())
         self._messages: collections.deque[tuple[T, bytes]] = collections.deque()
         self._queued_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Receives waiting for a message, first come first served: several tasks may receive
+        # at once (a replier's workers each do).
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._answers: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -155,15 +158,21 @@ class _Attached(asyncio.Protocol, Generic[T]):
         while not self._messages:
             if self.ended is not None:
                 raise self.ended
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
                 async with asyncio.timeout(timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise PilotTimeoutError(
-                    f"no message on {self._what} within {timeout:g} s") from None
-            finally:
-                self._waiter = None
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken for a message, but leaving: it is the next one's
+                else:
+                    with contextlib.suppress(ValueError):  # unless _wake_one passed it by
+                        self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise PilotTimeoutError(
+                        f"no message on {self._what} within {timeout:g} s") from None
+                raise
         item = self._messages.popleft()
         self._queued_bytes -= len(item[1])
         return item
@@ -171,8 +180,14 @@ class _Attached(asyncio.Protocol, Generic[T]):
     def _arrived(self, item: tuple[T, bytes]) -> None:
         self._messages.append(item)
         self._queued_bytes += len(item[1])
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _window_full(self) -> bool:
         return (len(self._messages) >= self._window_messages
@@ -219,8 +234,8 @@ class _Attached(asyncio.Protocol, Generic[T]):
             answer = self._answers.popleft()
             if not answer.done():
                 answer.set_exception(self.ended)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        while self._waiters:
+            self._wake_one()
         self._writable.set()  # a writer waiting for room hears the end
 
     def _fail(self, why: str) -> None:

@@ -184,6 +184,22 @@ async def test_a_listeners_messages_come_with_their_senders_and_take_replies(
         await server.flush()
 
 
+async def test_several_tasks_receive_from_one_listener_at_once(daemon_pair: Pair) -> None:
+    """A replier's workers each wait on the listener: every message wakes one of them, and
+    one that gives up (its timeout) hands its turn on rather than leave a message unread."""
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7214) as listener, client.connect("beta", 7214) as conn:
+        with pytest.raises(PilotTimeoutError):
+            await listener.receive(timeout=0.1)
+        waiting = [asyncio.create_task(listener.receive(timeout=10)) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        for n in range(4):
+            await conn.send(b"%d" % n)
+        got = await asyncio.gather(*waiting)
+        assert sorted(m.data for m in got) == [b"0", b"1", b"2", b"3"]
+
+
 async def test_a_reply_on_an_ended_stream_is_raised_by_the_next_reply_and_by_flush(
         daemon_pair: Pair) -> None:
     a, b = daemon_pair

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 from typing import Protocol
@@ -147,7 +148,11 @@ class DataSocket:
         self._cancel(self._forwarding, self._room)
         if not self._closing:
             self._cancel(self._answering)
-            self._messaging.drop_stream(self._stream, abort=True)
+            # Soon, not now: what the client wrote before it went goes out first (the flush
+            # its writes asked for comes before this), as its sends did before an IPC
+            # stream_abort; a requester's CANCEL that its close then aborts, say.
+            asyncio.get_running_loop().call_soon(
+                functools.partial(self._messaging.drop_stream, self._stream, abort=True))
         # A close goes on: the client asked for it, and the stream ends as it would have.
 
     # -- the stream's side ----------------------------------------------------------------------
