@@ -16,32 +16,21 @@ from typing import Any
 import pytest
 
 from pilot_agents import ipc
-from pilot_agents.daemon import DaemonOptions, start_detached
-from tests.conftest import ROOT, DaemonHandle, ipc_call, peer_up, short_home, stop_daemons
+from tests.conftest import DaemonHandle, ipc_call, stop_daemons
+from tests.datasock_helpers import (
+    WAIT,
+    FramedSocket,
+    assert_clean_logs,
+    connect,
+    payload,
+    receive,
+    started,
+)
 from tests.test_ipc import stream_call, stream_read, stream_send, stream_socket
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 KiB, MiB = 1024, 1024 * 1024
-WAIT = 10.0  # seconds any one answer may take, far more than it does
 LIMIT = MiB  # alpha's max_payload_bytes: what a data socket's client may leave unread
-
-
-def started(*specs: tuple[str, dict[str, int]]) -> list[DaemonHandle]:
-    """Daemons (a hostname, bounds of DaemonOptions) that are static peers trusting each
-    other; stop_daemons their homes afterwards."""
-    daemons = []
-    with pytest.MonkeyPatch.context() as env:
-        # The daemons start from "/": they import this checkout's code, not the one an
-        # editable install may point at.
-        env.setenv("PYTHONPATH", str(ROOT))
-        for name, bounds in specs:
-            home = short_home()
-            info = start_detached(DaemonOptions(home=home, hostname=name, listen="127.0.0.1:0",
-                                                **bounds))  # type: ignore[arg-type]
-            daemons.append(DaemonHandle(home, name, info["node_id"], info["endpoints"][0],
-                                        info["pid"]))
-    peer_up(*daemons)
-    return daemons
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +40,7 @@ def pair() -> Iterator[Pair]:
     a, b = started(("alpha", {"max_payload_bytes": LIMIT}), ("beta", {"inbox_bytes": MiB}))
     try:
         yield a, b
-        for daemon in (a, b):  # whatever a client sent, nothing went wrong in the daemon
-            log = (daemon.home / ipc.LOG_NAME).read_text()
-            assert "Traceback" not in log and "ERROR" not in log, log
+        assert_clean_logs(a, b)
     finally:
         stop_daemons(a.home, b.home)
 
@@ -68,30 +55,8 @@ def listened(daemon: DaemonHandle) -> int:
     return port
 
 
-def connect(a: DaemonHandle, port: int) -> str:
-    reply = ipc_call(a.home, cmd="connect", target="beta", port=port)
-    assert reply["ok"], reply
-    return str(reply["stream"])
-
-
-def receive(daemon: DaemonHandle, port: int) -> dict[str, Any]:
-    reply = ipc_call(daemon.home, cmd="receive", port=port, timeout=WAIT)
-    assert reply["ok"], reply
-    return reply["message"]  # type: ignore[no-any-return]
-
-
-def payload(message: dict[str, Any]) -> bytes:
-    return ipc.decode_data(message["data"], message["encoding"])
-
-
-class DataSocket:
-    """The client's end of a data socket, framed by hand."""
-
-    def __init__(self, daemon: DaemonHandle) -> None:
-        self.sock = stream_socket(daemon.home)
-        self.sock.settimeout(WAIT)
-        self._reader = ipc.FrameReader(1 << 30)
-        self._messages: list[list[bytes]] = []
+class DataSocket(FramedSocket):
+    """The client's end of a stream's data socket."""
 
     def attach(self, stream: str, *then: list[bytes]) -> dict[str, Any]:
         """``then``: messages written in the same write as the attach, before its reply."""
@@ -99,36 +64,13 @@ class DataSocket:
         self.write([request], *then)
         return json.loads(self.next()[0])  # type: ignore[no-any-return]
 
-    def write(self, *messages: list[bytes]) -> None:
-        self.sock.sendall(b"".join(b"".join(ipc.pack_frames(m)) for m in messages))
-
     def send(self, *payloads: bytes) -> None:
         self.write(*([bytes([ipc.DATA_SEND]), p] for p in payloads))
-
-    def next(self) -> list[bytes]:
-        while not self._messages:
-            data = self.sock.recv(1 << 20)
-            assert data, "the daemon closed the data socket"
-            self._messages += self._reader.feed(data)
-        return self._messages.pop(0)
 
     def message(self) -> bytes:
         header, payload = self.next()
         assert header == bytes([ipc.DATA_MESSAGE])
         return payload
-
-    def answer(self, kind: int) -> dict[str, Any]:
-        (header,) = self.next()
-        assert header[0] == kind, header
-        return json.loads(header[1:])  # type: ignore[no-any-return]
-
-    def assert_closed(self) -> None:
-        """The daemon closes the connection (what it sent before is read first)."""
-        assert self._messages == []
-        assert self.sock.recv(1 << 20) == b""
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -62,12 +62,15 @@ class PortState:
     publish: bool = False
     task: asyncio.Task[None] | None = None
     received: int = 0
+    # Its data sockets (daemon/portsock.py): ended when it closes.
+    attached: list[Attachment] = field(default_factory=list)
 
 
 class Attachment(Protocol):
-    """The data socket a stream's messages go through once attached (daemon/datasock.py)."""
+    """The data socket a stream's or a port's messages go through once attached
+    (daemon/datasock.py, daemon/portsock.py)."""
 
-    def end(self, error: PilotError) -> None: ...  # the stream is gone: say so, and close
+    def end(self, error: PilotError) -> None: ...  # the stream or port is gone: say so, close
 
 
 @dataclass
@@ -409,9 +412,14 @@ class Messaging:
         hear (PortClosedError), as a closing listener of the embedded Node tells them."""
         if state.task is not None:
             state.task.cancel()
-        unread = state.inbox.close(ConnectionClosedError(f"port {state.port} was closed"))
+        closed = ConnectionClosedError(f"port {state.port} was closed")
+        unread = state.inbox.close(closed)
         state.listener.close_now()
         self.ports.pop(state.port, None)
+        # Now, not on a later turn of the loop: a stopping daemon closes the connections
+        # right after, and a data socket without credit would not look at its inbox.
+        for socket in list(state.attached):
+            socket.end(closed)
         if unread:
             log.info("port %d closed with %d unread messages: their senders were told",
                      state.port, unread)

@@ -65,6 +65,7 @@ class PortSocket:
 
     def start(self, pending: list[list[bytes]]) -> None:
         self._inbox.add_taker(self._take)
+        self._state.attached.append(self)  # so that the port's close ends it (end)
         self._forwarding = asyncio.create_task(self._forward())
         self.received(pending)
         if not self._over:
@@ -79,6 +80,17 @@ class PortSocket:
         except BadRequestError as exc:
             log.debug("data socket of port %d dropped: %s", self._state.port, exc)
             self._transport.abort()  # connection_lost: as a client that died
+
+    def end(self, error: PilotError) -> None:
+        """The port closed (the daemon is stopping, or its last listen was undone): ``ended``,
+        and the connection closes. Called as it closes: _forward, which saw the inbox fail
+        on a later turn of the loop and only with credit left, missed it when the daemon
+        stopped (its connections were closed first) or when the client had no credit."""
+        if self._over:
+            return
+        self._write(ipc.DATA_ENDED, ipc.error_reply(error))
+        self._stop()
+        self._transport.close()
 
     def pause_writing(self) -> None:
         """Credit bounds what is written; the socket's own buffer needs no watching."""
@@ -122,10 +134,8 @@ class PortSocket:
             await inbox.wait_until(lambda: inbox.ready() and self._has_credit())
             try:
                 message = inbox.get_nowait()
-            except PilotError as exc:
-                self._write(ipc.DATA_ENDED, ipc.error_reply(exc))
-                self._stop()
-                self._transport.close()
+            except PilotError as exc:  # the port closed (close_port ends us first: a fallback)
+                self.end(exc)
                 return
             if message is not None:
                 self._write_message(message)
@@ -204,6 +214,10 @@ class PortSocket:
             self._write_numbered(ipc.PORT_WAY_ENDED, number, ConnectionClosedError(
                 "the stream the message came on has ended (or it could not be replied to)"))
             return
+        if confirm and way.confirming >= 2:
+            # Refused before it is sent, as other bad input is: the reply must not go out
+            # on a connection that is dropped for it.
+            raise BadRequestError(f"a third reply awaiting confirmation on way {number}")
         if way.owed:
             way.owed -= 1
         try:
@@ -216,8 +230,6 @@ class PortSocket:
         if room and not way.confirming:
             self._send(_NUMBERED.pack(ipc.PORT_CONFIRMED, number))
             return
-        if way.confirming >= 2:
-            raise BadRequestError(f"a third reply awaiting confirmation on way {number}")
         way.confirming += 1
         if way.task is None:
             way.task = asyncio.create_task(self._confirm(number, way))
@@ -280,6 +292,7 @@ class PortSocket:
         """Take nothing more, and give back the port's listen."""
         self._over = True
         self._inbox.remove_taker(self._take)
+        self._state.attached.remove(self)
         current = asyncio.current_task()
         for task in [self._forwarding, *(w.task for w in self._ways.values())]:
             if task is not None and task is not current:
