@@ -387,7 +387,8 @@ class PortSocket(_Attached[Way]):
         if way.error is not None:
             raise way.error
         while len(way.confirmations) >= 2:
-            await way.confirmations.popleft()
+            # Left in place for 'confirmed' to take, and not cancelled with this task.
+            await asyncio.wait((way.confirmations[0],))
             if way.error is not None:
                 raise way.error
         way.messages += 1

@@ -74,7 +74,7 @@ class DataSocket:
     """One stream's data socket. Both ways stop when the other side can't keep up: the client's
     sends are not read while the stream is over its bound (``Connection.write`` said so), and
     the stream's messages stay in the Node, unacknowledged as read, while the client has more
-    than ``max_payload_bytes`` unread (the tunnel's flow control then stops the peer)."""
+    than ``inbox_bytes`` unread (the tunnel's flow control then stops the peer)."""
 
     def __init__(self, messaging: Messaging, stream: StreamState, transport: asyncio.Transport,
                  options: DaemonOptions) -> None:
@@ -83,7 +83,9 @@ class DataSocket:
         self._conn = stream.conn
         self._transport = transport
         self._options = options
-        self._limit = options.max_payload_bytes
+        # The bound of the stream's inbox, which the data socket stands in for: a reader that
+        # stops holds no more of the daemon's memory than it did there.
+        self._limit = options.inbox_bytes
         self.queued: list[Message] = []  # what the stream's inbox held: out first
         self._writable = asyncio.Event()  # the client has at most _limit bytes unread
         self._writable.set()
