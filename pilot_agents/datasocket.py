@@ -249,6 +249,8 @@ class StreamSocket(_Attached[None]):
     :meth:`drain`, :meth:`close`, or :meth:`abort`. When the application is a window behind,
     it stops reading: what comes next waits in the daemon, then in the peer."""
 
+    _paused = False  # not reading: the window is full, until it is half empty
+
     @classmethod
     async def attach(cls, home: Path, stream: str, what: str, window_messages: int,
                      window_bytes: int, send_window: int) -> tuple[StreamSocket, dict[str, Any]]:
@@ -260,7 +262,8 @@ class StreamSocket(_Attached[None]):
         kind = frames[0][0]
         if kind == DATA_MESSAGE and len(frames) == 2:
             self._arrived((None, frames[1]))
-            if self._window_full() and self._transport is not None:
+            if self._window_full() and self._transport is not None and not self._paused:
+                self._paused = True
                 self._transport.pause_reading()
             return True
         return kind in (DATA_DRAINED, DATA_CLOSED) and self._answered(frames[0][1:])
@@ -269,9 +272,9 @@ class StreamSocket(_Attached[None]):
         await self._write([_SEND, payload])
 
     async def receive(self, timeout: float | None) -> bytes:
-        reading = not self._window_full()
         payload = (await self._next(timeout))[1]
-        if not reading and self._below_half() and self._transport is not None:
+        if self._paused and self._below_half() and self._transport is not None:
+            self._paused = False
             self._transport.resume_reading()
         return payload
 
@@ -415,10 +418,16 @@ class PortSocket(_Attached[Way]):
 
     async def close(self) -> None:
         """Stop reading: what the daemon wrote that was not received goes back to the port."""
-        self._report_taken()
-        await self._ask(_PORT_CLOSE, None)
-        # What this socket still holds goes back with the rest: the daemon counted it as not
-        # taken (only messages returned by receive() were reported).
+        if self.ended is None:
+            self._report_taken()
+            try:
+                await self._ask(_PORT_CLOSE, None)
+            except PilotError:
+                if self.ended is None:
+                    raise
+        # What this socket still holds went back with the rest: the daemon counted it as not
+        # taken (only messages returned by receive() were reported). An ended socket has
+        # nothing to give back: its port closed (the daemon stopped, say), and with it that.
         self._messages.clear()
 
 

@@ -89,6 +89,23 @@ async def test_a_stream_aborted_in_the_daemon_ends_the_connection(daemon_pair: P
             await conn.close()
 
 
+async def test_a_reader_a_window_behind_gets_everything_once_it_reads(
+        daemon_pair: Pair) -> None:
+    """The socket stops reading at a full window and reads again once half of it is taken,
+    however the reads come."""
+    a, b = daemon_pair
+    options = ClientOptions(receive_window_messages=4)
+    async with pilot.Client(b.home) as server, pilot.Client(a.home, options) as client, \
+            server.listen(7215) as listener, client.connect("beta", 7215) as conn:
+        await conn.send("start")
+        message = await listener.receive(timeout=5)
+        for n in range(40):
+            await message.reply(b"%d" % n)
+        await asyncio.sleep(0.3)  # the window fills, the rest waits in the daemons
+        got = [(await conn.receive(timeout=5)).data for _ in range(40)]
+        assert got == [b"%d" % n for n in range(40)]
+
+
 async def test_a_sender_whose_peer_stops_reading_waits(daemon_pair: Pair) -> None:
     """Nothing grows without bound: the listener never receives, so its daemon's inbox fills,
     the tunnel stops, the sender's daemon stops reading the data socket, and the sends wait."""

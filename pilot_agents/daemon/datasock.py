@@ -28,6 +28,13 @@ from .requests import (
 
 log = logging.getLogger("pilot_agents.daemon")
 
+# What a stream's data socket may hold unread for its client (or inbox_bytes, if smaller), plus
+# one message. It stands in for the stream's inbox, bounded at inbox_messages (1024): about as
+# many small messages, so that a reader that stops is felt as soon as it was there (a
+# publisher's drop-oldest starts dropping), and enough to keep a local reader busy (the unix
+# socket's own buffer holds as much again).
+UNREAD_LIMIT = 2**20
+
 _SEND = bytes([ipc.DATA_SEND])
 _CLOSE = bytes([ipc.DATA_CLOSE])
 _MESSAGE = bytes([ipc.DATA_MESSAGE])
@@ -74,7 +81,7 @@ class DataSocket:
     """One stream's data socket. Both ways stop when the other side can't keep up: the client's
     sends are not read while the stream is over its bound (``Connection.write`` said so), and
     the stream's messages stay in the Node, unacknowledged as read, while the client has more
-    than ``inbox_bytes`` unread (the tunnel's flow control then stops the peer)."""
+    than :data:`UNREAD_LIMIT` unread (the tunnel's flow control then stops the peer)."""
 
     def __init__(self, messaging: Messaging, stream: StreamState, transport: asyncio.Transport,
                  options: DaemonOptions) -> None:
@@ -83,9 +90,7 @@ class DataSocket:
         self._conn = stream.conn
         self._transport = transport
         self._options = options
-        # The bound of the stream's inbox, which the data socket stands in for: a reader that
-        # stops holds no more of the daemon's memory than it did there.
-        self._limit = options.inbox_bytes
+        self._limit = min(options.inbox_bytes, UNREAD_LIMIT)
         self.queued: list[Message] = []  # what the stream's inbox held: out first
         self._writable = asyncio.Event()  # the client has at most _limit bytes unread
         self._writable.set()
