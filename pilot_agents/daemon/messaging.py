@@ -20,6 +20,7 @@ from ..errors import (
     BadRequestError,
     ConfigError,
     ConnectionClosedError,
+    DaemonNotRunningError,
     PilotError,
     PilotTimeoutError,
 )
@@ -407,9 +408,10 @@ class Messaging:
         self.close_port(state)
         return True
 
-    def close_port(self, state: PortState) -> None:
+    def close_port(self, state: PortState, why: PilotError | None = None) -> None:
         """Stop listening. Messages nobody read have their streams reset, so their senders
-        hear (PortClosedError), as a closing listener of the embedded Node tells them."""
+        hear (PortClosedError), as a closing listener of the embedded Node tells them. Its
+        data sockets end with ``why`` (by default: the port was closed)."""
         if state.task is not None:
             state.task.cancel()
         closed = ConnectionClosedError(f"port {state.port} was closed")
@@ -419,7 +421,7 @@ class Messaging:
         # Now, not on a later turn of the loop: a stopping daemon closes the connections
         # right after, and a data socket without credit would not look at its inbox.
         for socket in list(state.attached):
-            socket.end(closed)
+            socket.end(why or closed)
         if unread:
             log.info("port %d closed with %d unread messages: their senders were told",
                      state.port, unread)
@@ -563,7 +565,9 @@ class Messaging:
                 # still in the Node, telling their senders they were not delivered); from the
                 # close on, the Node refuses new messages for the port.
                 unread += await _taken_from(state.listener)
-            self.close_port(state)
+            # Its readers hear what a client of a stopping daemon hears on its own socket.
+            self.close_port(state, DaemonNotRunningError(
+                f"the daemon (home {self.ctx.home}) went away: it is stopping"))
         if unread:
             save_unread(self.ctx.home, unread)
 
