@@ -72,6 +72,9 @@ class _Attached(asyncio.Protocol, Generic[T]):
         self._reader = FrameReader(2**32)  # what our own daemon sends
         self._attached: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
+        # Its failure is seen, even with nobody to raise it to: an attach given up on while
+        # connecting has asyncio close the connection it had just made.
+        self._attached.add_done_callback(_seen)
         self._messages: collections.deque[tuple[T, bytes]] = collections.deque()
         self._queued_bytes = 0
         # Receives waiting for a message, first come first served: several tasks may receive
@@ -224,7 +227,9 @@ class _Attached(asyncio.Protocol, Generic[T]):
     def _answered(self, body: bytes) -> bool:
         if not self._answers:
             return False
-        self._answers.popleft().set_result(_json(body))
+        answer = self._answers.popleft()
+        if not answer.done():  # else its asker gave up waiting (a timeout, a cancel)
+            answer.set_result(_json(body))
         return True
 
     def _end(self, error: PilotError) -> None:
@@ -429,6 +434,11 @@ class PortSocket(_Attached[Way]):
         # taken (only messages returned by receive() were reported). An ended socket has
         # nothing to give back: its port closed (the daemon stopped, say), and with it that.
         self._messages.clear()
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _json(header: bytes) -> dict[str, Any]:

@@ -287,7 +287,8 @@ def test_a_daemon_that_stops_ends_its_data_sockets() -> None:
         assert data.attach(stream)["ok"]
         assert ipc_call(a.home, cmd="stop")["ok"]
         ended = data.answer(ipc.DATA_ENDED)
-        assert ended["error"]["type"] == "ConnectionClosedError", ended
+        assert ended["error"]["type"] == "DaemonNotRunningError", ended
+        assert "went away" in ended["error"]["message"]  # as its other clients hear
         data.assert_closed()
     finally:
         data.close()

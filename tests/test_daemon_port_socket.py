@@ -529,7 +529,8 @@ def test_a_daemon_that_stops_ends_its_port_sockets(credit: int) -> None:
         assert sock.message()[2] == b"before"  # not taken: with credit 1, none is left
         assert ipc_call(b.home, cmd="stop")["ok"]
         ended = sock.answer(ipc.DATA_ENDED)
-        assert ended["ok"] is False and ended["error"]["type"] == "ConnectionClosedError", ended
+        assert ended["ok"] is False and ended["error"]["type"] == "DaemonNotRunningError", ended
+        assert "went away" in ended["error"]["message"]  # as its other clients hear
         sock.assert_closed()
     finally:
         sock.close()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -104,6 +105,23 @@ async def test_a_reader_a_window_behind_gets_everything_once_it_reads(
         await asyncio.sleep(0.3)  # the window fills, the rest waits in the daemons
         got = [(await conn.receive(timeout=5)).data for _ in range(40)]
         assert got == [b"%d" % n for n in range(40)]
+
+
+async def test_the_reason_a_stream_ended_is_read_even_after_a_write_fails(
+        daemon_pair: Pair) -> None:
+    """The daemon closes its side after its last frame and reads until the client closes its
+    own: a client that writes after that frame came and before reading it still reads why,
+    where a write failing with EPIPE had asyncio drop the unread frame."""
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7216), client.connect("beta", 7216) as conn:
+        ipc_call(a.home, cmd="stream_abort", stream=conn._id())
+        time.sleep(0.3)  # blocking: the loop reads nothing meanwhile, the daemon is done
+        with contextlib.suppress(ConnectionClosedError):
+            await conn.send("into a connection the daemon is done with")
+        with pytest.raises(ConnectionClosedError, match="was closed"):
+            await conn.receive(timeout=5)
+        await conn.abort()
 
 
 async def test_a_sender_whose_peer_stops_reading_waits(daemon_pair: Pair) -> None:

@@ -16,6 +16,7 @@ from .. import ipc
 from ..errors import BadRequestError, PilotError
 from ..node.connection import Message
 from .dispatch import Reply
+from .hangup import hang_up
 from .messaging import Messaging, StreamState
 from .options import DaemonOptions
 from .portsock import PortSocket
@@ -309,7 +310,7 @@ class DataSocket:
     # -- the end ----------------------------------------------------------------------------------
 
     def _write(self, kind: int, reply: Reply) -> None:
-        if not self._transport.is_closing():
+        if not self._over and not self._transport.is_closing():
             header = bytes([kind]) + json.dumps(reply, separators=(",", ":")).encode()
             self._transport.writelines(ipc.pack_frames([header]))
 
@@ -318,7 +319,7 @@ class DataSocket:
         self._over = True
         self._conn.set_taker(None)
         self._cancel(self._forwarding, self._room)
-        self._transport.close()
+        hang_up(self._transport)
 
     def _stop_reading(self) -> None:
         self._stopped = True

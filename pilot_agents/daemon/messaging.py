@@ -504,7 +504,8 @@ class Messaging:
                 return
             stream.inbox.put(message)
 
-    def drop_stream(self, stream: StreamState, *, abort: bool) -> None:
+    def drop_stream(self, stream: StreamState, *, abort: bool,
+                    why: PilotError | None = None) -> None:
         self.streams.pop(stream.stream_id, None)
         if stream.task is not None:
             stream.task.cancel()
@@ -514,7 +515,7 @@ class Messaging:
         closed = ConnectionClosedError(f"stream {stream.stream_id} was closed")
         stream.inbox.fail(closed)
         if stream.attached is not None:
-            stream.attached.end(closed)
+            stream.attached.end(why or closed)
         if abort:
             with contextlib.suppress(Exception):
                 stream.conn.abort_now()
@@ -547,8 +548,11 @@ class Messaging:
     async def close_all(self) -> None:
         """Stop taking messages, and keep the port messages no client has read (nor acked) in
         the home for the next daemon: the Node already acknowledged them to their senders."""
+        # Data sockets hear what a client of a stopping daemon hears on its own socket.
+        stopping = DaemonNotRunningError(
+            f"the daemon (home {self.ctx.home}) went away: it is stopping")
         for stream in list(self.streams.values()):
-            self.drop_stream(stream, abort=True)
+            self.drop_stream(stream, abort=True, why=stopping)
         ports = list(self.ports.values())
         for state in ports:
             state.listener.set_taker(None)
@@ -565,9 +569,7 @@ class Messaging:
                 # still in the Node, telling their senders they were not delivered); from the
                 # close on, the Node refuses new messages for the port.
                 unread += await _taken_from(state.listener)
-            # Its readers hear what a client of a stopping daemon hears on its own socket.
-            self.close_port(state, DaemonNotRunningError(
-                f"the daemon (home {self.ctx.home}) went away: it is stopping"))
+            self.close_port(state, stopping)
         if unread:
             save_unread(self.ctx.home, unread)
 

@@ -17,6 +17,7 @@ from .. import ipc
 from ..errors import BadRequestError, ConnectionClosedError, PilotError
 from ..node.connection import Message, StreamHandle
 from .dispatch import Reply
+from .hangup import hang_up
 from .inbox import WayBack
 from .messaging import Messaging, PortState
 
@@ -60,6 +61,7 @@ class PortSocket:
         self._pruned_at = 0  # how many ways were live after the last pruning
         self._forwarding: asyncio.Task[None] | None = None
         self._over = False  # closed, ended, or the client is gone
+        self._hung_up = False  # the last frame is written
 
     # -- the connection's side (daemon/server.py's protocol calls these) -----------------------
 
@@ -75,7 +77,7 @@ class PortSocket:
         try:
             for frames in messages:
                 if self._over:
-                    raise BadRequestError("a message after 'close' (nothing may follow it)")
+                    return  # the connection is over: what the client wrote meanwhile is moot
                 self._handle(frames)
         except BadRequestError as exc:
             log.debug("data socket of port %d dropped: %s", self._state.port, exc)
@@ -90,7 +92,7 @@ class PortSocket:
             return
         self._write(ipc.DATA_ENDED, ipc.error_reply(error))
         self._stop()
-        self._transport.close()
+        self._hang_up()
 
     def pause_writing(self) -> None:
         """Credit bounds what is written; the socket's own buffer needs no watching."""
@@ -266,7 +268,7 @@ class PortSocket:
         for message in reversed(back):
             self._inbox.push_front(message)
         self._write(ipc.DATA_CLOSED, {"ok": True})
-        self._transport.close()
+        self._hang_up()
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -285,8 +287,12 @@ class PortSocket:
         self._send(bytes([kind]) + _json(reply))
 
     def _send(self, header: bytes) -> None:
-        if not self._transport.is_closing():
+        if not self._hung_up and not self._transport.is_closing():
             self._transport.writelines(ipc.pack_frames([header]))
+
+    def _hang_up(self) -> None:
+        self._hung_up = True  # nothing may be written after it
+        hang_up(self._transport)
 
     def _stop(self) -> None:
         """Take nothing more, and give back the port's listen."""
