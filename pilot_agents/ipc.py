@@ -264,6 +264,32 @@ def unpack_message(header: bytes) -> dict[str, Any]:
         "hostname": header[name:].decode() or None, "port": port, "source_port": source_port}}
 
 
+# -- data sockets: a stream's messages on a connection of their own (docs/ipc.md, Data sockets) --
+
+# The kind of a data socket's message: its header's first byte. The client's kinds, then the
+# daemon's (their high bit set).
+DATA_SEND = 0x01  # its payload frame is a message to send on the stream
+DATA_DRAIN = 0x02  # then JSON {"timeout": seconds}: answer once the peer acked what came before
+DATA_CLOSE = 0x03  # finish the stream after what came before; nothing may follow it
+DATA_MESSAGE = 0x81  # its payload frame is a message that came on the stream
+DATA_DRAINED = 0x82  # then JSON: the answer to a drain, in order
+DATA_CLOSED = 0x83  # then JSON: the answer to the close; the connection closes after it
+DATA_ENDED = 0x84  # then JSON, an error reply: the stream ended; the connection's last message
+# ... and a port's data socket (a way: the number the daemon gives a peer's stream to the port).
+PORT_REPLY = 0x21  # a way (u32), flags (u8), then the reply as the payload frame
+PORT_TAKEN = 0x22
+PORT_CLOSE = 0x23
+PORT_SYNC = 0x24
+PORT_ARRIVAL = 0x25
+PORT_MESSAGE = 0xA1
+PORT_WAY_ENDED = 0xA2  # a reply on the way failed
+PORT_CONFIRMED = 0xA3
+PORT_SYNCED = 0xA4
+PORT_ARRIVED = 0xA5
+PORT_WAY_CLOSED = 0xA6  # the way's stream ended: the number is forgotten
+PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
+
+
 def daemon_pid(home: Path) -> int | None:
     """The pid of the daemon running for ``home``, or None. Whoever holds the lock file runs it;
     a lock dies with its process, so a crashed daemon never looks alive."""
@@ -383,6 +409,11 @@ class IpcClient:
     async def __aenter__(self) -> IpcClient:
         await self.open()
         return self
+
+    @property
+    def on_stream_socket(self) -> bool:
+        """Whether this client talks to the daemon on its stream socket (not ZeroMQ)."""
+        return self._channel is not None
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .datasocket import PortSocket, StreamSocket
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -90,6 +91,10 @@ class ClientOptions:
     # Talk to the daemon on its plain unix stream socket (stream.sock) when it has one: the
     # same requests at less cost per message than its ZeroMQ socket (docs/ipc.md).
     stream_socket: bool = True
+    # On the stream socket, give each connection's messages a connection of their own to the
+    # daemon (docs/ipc.md, Data sockets): a frame per message, the socket's buffers for flow
+    # control. Its windows are the receive and send windows above.
+    data_sockets: bool = True
 
     def __post_init__(self) -> None:
         if self.answer_margin <= 0:
@@ -170,6 +175,7 @@ class Client:
         self._path_errors: collections.OrderedDict[str, PilotError] = collections.OrderedDict()
         self._replies_sink = self._ipc.add_sink(self._reply_failed)
         self._ipc.orphan_errors = self._late_failure
+        self._port_sockets: set[PortSocket] = set()  # the open listeners' data sockets
 
     @property
     def home(self) -> Path:
@@ -192,6 +198,9 @@ class Client:
         does not wait for the daemon (IPC ``quiet``): its error comes back later, so this is
         where an application that must know hears of it (it is logged in any case)."""
         await self._pipeline.settle()
+        for sock in list(self._port_sockets):  # their replies do not pass the barrier below
+            with contextlib.suppress(PilotError):  # a socket ended: its listener says why
+                await sock.sync()
         # A barrier: the daemon starts a client's requests in order, and answers this one
         # (a requeue of no message) after every earlier reply had its go.
         await self.call("requeue", message="")
@@ -335,6 +344,10 @@ class DaemonConnection:
         self._written = 0
         self._holding: asyncio.Task[None] | None = None  # a stream_hold on its way
         self._hold_next: float | None = None  # the longest hold asked for meanwhile
+        # On the stream socket: the stream's data socket, and the ports its messages carry
+        # (ours, the peer's). Else its messages are requests and a delivery.
+        self._data: StreamSocket | None = None
+        self._ports = (0, port)
 
     @property
     def peer_id(self) -> str:
@@ -393,6 +406,8 @@ class DaemonConnection:
         error = self._failed
         if error is None and self._delivery is not None:
             error = self._delivery.error
+        if error is None and self._data is not None:
+            error = self._data.ended
         return unseen_after_restart(error)
 
     async def __aenter__(self) -> DaemonConnection:
@@ -406,9 +421,21 @@ class DaemonConnection:
         self._info = reply
         self._failed = None
         self._written = 0
+        what = f"the connection to {self._target}"
+        opts = self._client.options
+        if opts.data_sockets and self._client._ipc.on_stream_socket:
+            try:
+                self._data, attached = await StreamSocket.attach(
+                    self._client.home, self._stream, what, opts.receive_window_messages,
+                    opts.receive_window_bytes, opts.send_window_bytes)
+            except BaseException:
+                await self.abort()
+                await self._release()
+                raise
+            self._ports = (attached["port"], attached["source_port"])
+            return self
         self._sink = self._client._ipc.add_sink(self._send_failed)
-        self._delivery = _Delivery(self._client, f"the connection to {self._target}",
-                                   self._stream_message, stream=self._stream)
+        self._delivery = _Delivery(self._client, what, self._stream_message, stream=self._stream)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -431,9 +458,13 @@ class DaemonConnection:
         ``send_window_*``). A send that fails in the daemon is raised by this connection's
         next :meth:`send`, :meth:`drain` or :meth:`close`."""
         stream = self._id()
+        payload = encode_payload(data)
+        if self._data is not None:
+            await self._data.send(payload)
+            self._written += framed_size(len(payload))
+            return
         self._raise_failed()
         assert self._sink is not None
-        payload = encode_payload(data)
         await self._client._pipeline.send(COMPACT_STREAM_SEND, stream, payload, self._sink,
                                           stream)
         # Counted here: nothing awaits between handing the message to the daemon and this.
@@ -453,7 +484,13 @@ class DaemonConnection:
             raise self._failed
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
-        self._id()
+        stream = self._id()
+        if self._data is not None:
+            payload = await self._data.receive(timeout)
+            return DaemonMessage(
+                data=payload, sender=self.peer_id, port=self._ports[0],
+                source_port=self._ports[1], hostname=self.hostname, _reply=self._answer,
+                _since=functools.partial(self._client.arrival, stream=stream))
         assert self._delivery is not None
         return await self._delivery.receive(timeout)
 
@@ -461,21 +498,24 @@ class DaemonConnection:
         # Called by the IPC client's reader for a message the daemon pushed: it must not raise
         # there (that ends the reader and the whole Client) when the connection has just been
         # aborted; answering such a message fails instead.
+        return _message(fields, self._answer, self._client)
 
-        async def answer(data: bytes) -> None:
-            if self._stream is None:
-                raise ConnectionClosedError("the connection was closed")
-            await self.send(data)
-
-        return _message(fields, answer, self._client)
+    async def _answer(self, data: bytes) -> None:
+        if self._stream is None:
+            raise ConnectionClosedError("the connection was closed")
+        await self.send(data)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged everything sent so far; raise if it never will."""
-        try:
-            reply = await self._client.call("stream_drain", stream=self._id(),
-                                               timeout=timeout or self._timeout)
-        finally:
-            self._raise_failed()
+        stream = self._id()
+        if self._data is not None:
+            reply = await self._data.drain(timeout or self._timeout)
+        else:
+            try:
+                reply = await self._client.call("stream_drain", stream=stream,
+                                                   timeout=timeout or self._timeout)
+            finally:
+                self._raise_failed()
         self._info.update(path=reply.get("path", self.path), rtt=reply.get("rtt", self.rtt))
 
     async def since_arrival(self) -> float | None:
@@ -488,6 +528,9 @@ class DaemonConnection:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
+        if self._data is not None:
+            await self._data.close()
+            return
         self._forget_delivery()
         try:
             await self._client.call("stream_close", stream=stream)
@@ -501,6 +544,9 @@ class DaemonConnection:
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
+        if self._data is not None:
+            self._data.abort()  # the daemon resets the stream as the socket drops
+            return
         self._forget_delivery()
         self._forget_sink(abandoned=True)
         with contextlib.suppress(ConnectionClosedError, DaemonNotRunningError):
@@ -525,21 +571,35 @@ class DaemonConnection:
 
 class DaemonListener:
     """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
-    Several listeners (in any process) on one port share its buffer: each message goes to one."""
+    Several listeners (in any process) on one port share its buffer: each message goes to one.
+    On the stream socket they come on a data socket of the listener's own (docs/ipc.md), and
+    its messages' replies go back on it: once the listener is closed, they fail."""
 
     def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
         self._client = client
         self.port = port
         self._owns_client = owns_client
         self._open = False
+        self._socket: PortSocket | None = None
         self._delivery = _Delivery(client, f"port {port}", client._port_message, port=port)
 
     async def __aenter__(self) -> DaemonListener:
+        client = self._client
         try:
-            await self._client.call("listen", port=self.port)
+            await client._ipc.open()
+            opts = client.options
+            if opts.data_sockets and client._ipc.on_stream_socket:
+                self._socket = await PortSocket.attach(
+                    client.home, self.port, opts.receive_window_messages,
+                    opts.receive_window_bytes, opts.send_window_messages, opts.send_window_bytes,
+                    # The next reply on its way raises it (the socket keeps it), and flush().
+                    functools.partial(client._reply_failed, message_id=""))
+                client._port_sockets.add(self._socket)
+            else:
+                await client.call("listen", port=self.port)
         except BaseException:
             if self._owns_client:
-                await self._client.close()
+                await client.close()
             raise
         self._open = True
         return self
@@ -552,6 +612,12 @@ class DaemonListener:
             if self._open:
                 self._open = False
                 with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
+                    if self._socket is not None:
+                        self._client._port_sockets.discard(self._socket)
+                        # The daemon puts back what it wrote and we did not receive, and
+                        # undoes the listen.
+                        await self._socket.close()
+                        return
                     # What was pushed and not received goes back, in order, for another
                     # listener; if none is left, unlisten tells the senders.
                     for message in reversed(await self._delivery.stop()):
@@ -564,7 +630,13 @@ class DaemonListener:
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> DaemonMessage:
         if not self._open:
             raise ConnectionClosedError("the listener is not open (use 'async with')")
-        return await self._delivery.receive(timeout)
+        if self._socket is None:
+            return await self._delivery.receive(timeout)
+        way, payload = await self._socket.receive(timeout)
+        return DaemonMessage(
+            data=payload, sender=way.sender, port=self.port, source_port=way.source_port,
+            hostname=way.hostname, _reply=functools.partial(self._socket.reply, way),
+            _since=functools.partial(self._socket.since_arrival, way))
 
     def __aiter__(self) -> AsyncIterator[DaemonMessage]:
         return self._iterate()

@@ -21,7 +21,12 @@ import pytest
 from pilot_agents import Client, ipc
 from pilot_agents.errors import ConnectionClosedError, PortClosedError
 from pilot_agents.patterns import Request, Requester, serving
+from pilot_agents.sdk import ClientOptions
 from tests.conftest import ROOT, DaemonHandle, named_pair
+
+# A reader that takes nothing before it receives (a listener on a data socket takes its window
+# at once, and would share the dead client's messages before it dies).
+REQUESTS = ClientOptions(data_sockets=False)
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 TIMEOUT = 30.0  # far longer than the daemons take to report a dead replier
@@ -166,7 +171,7 @@ async def test_messages_a_killed_client_had_not_acknowledged_come_back_at_once(
         writer.writelines(ipc.pack_frames([json.dumps(request).encode()]))
     assert json.loads((await next_reply())[0])["ok"] is True  # the listen
     async with Client(a.home) as sender, sender.connect("beta", 7604) as conn, \
-            Client(b.home) as other, other.listen(7604) as listener:
+            Client(b.home, REQUESTS) as other, other.listen(7604) as listener:
         for data in (b"first", b"second"):
             await conn.send(data)
             pushed = await next_reply()

@@ -12,9 +12,14 @@ import pytest
 import pilot_agents as pilot
 from pilot_agents.errors import ConnectionClosedError
 from pilot_agents.patterns import Publisher, Subscriber
+from pilot_agents.sdk import ClientOptions
 from tests.conftest import DaemonHandle, peer_up, short_home, stop_daemons
 from tests.test_daemon_hardening import start_with
 from tests.test_pubsub import until_subscribed
+
+# The server's messages by id, through requests and deliveries: the reply paths kept here. A data
+# socket's messages come by way instead (tests/test_daemon_port_socket.py).
+REQUESTS = ClientOptions(data_sockets=False)
 
 Pair = tuple[DaemonHandle, DaemonHandle]
 MEMORY = 50  # messages the daemons remember for requeue and ack
@@ -44,7 +49,7 @@ async def hand_out_others(sender: pilot.Client, receiver: pilot.Client, port: in
 
 async def test_a_request_is_answered_after_many_others(forgetful_pair: Pair) -> None:
     a, b = forgetful_pair
-    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+    async with pilot.Client(b.home, REQUESTS) as server, pilot.Client(a.home) as client, \
             server.listen(7401) as listener, client.connect("beta", 7401) as conn:
         await conn.send("question")
         request = await listener.receive(timeout=10)
@@ -58,7 +63,7 @@ async def test_a_request_is_answered_after_many_others(forgetful_pair: Pair) -> 
 
 async def test_a_subscription_keeps_receiving_after_many_others(forgetful_pair: Pair) -> None:
     a, b = forgetful_pair
-    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+    async with pilot.Client(b.home, REQUESTS) as server, pilot.Client(a.home) as client, \
             Publisher(server, 7403) as pub, Subscriber(client, "beta", 7403, [""]) as sub:
         await until_subscribed(pub, 1)
         await hand_out_others(client, server, 7404)
@@ -81,7 +86,7 @@ async def reply_fails(server: pilot.Client, message_id: str | None) -> str:
 
 async def test_a_stream_that_ended_can_no_longer_be_replied_to(forgetful_pair: Pair) -> None:
     a, b = forgetful_pair
-    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+    async with pilot.Client(b.home, REQUESTS) as server, pilot.Client(a.home) as client, \
             server.listen(7405) as listener:
         async with client.connect("beta", 7405) as conn:
             await conn.send("reset")
@@ -102,7 +107,7 @@ async def test_a_stream_that_ended_can_no_longer_be_replied_to(forgetful_pair: P
 
 async def test_an_unknown_message_id_is_not_a_closed_stream(forgetful_pair: Pair) -> None:
     _, b = forgetful_pair
-    async with pilot.Client(b.home) as server:
+    async with pilot.Client(b.home, REQUESTS) as server:
         for bogus in ("m999999", "nonsense", "m1.abcdef-1", "m1.-"):
             with pytest.raises(ConnectionClosedError, match="did not hand it out"):
                 await server.call("reply", b"x", message=bogus)

@@ -28,15 +28,16 @@ LAYERS: dict[str, int] = {
     "pilot_agents.identity": 5,
     "pilot_agents.trust": 6,
     "pilot_agents.ipc": 6,
+    "pilot_agents.datasocket": 7,
     "pilot_agents.node": 6,
     "pilot_agents.beacon": 6,
-    "pilot_agents.sdk": 7,
-    "pilot_agents.patterns": 8,
-    "pilot_agents.daemon": 9,  # hosts patterns for the CLI's one-shot verbs (a daemon's publisher)
-    "pilot_agents.integrations": 9,
-    "pilot_agents.pipeline": 10,
-    "pilot_agents.cli": 11,
-    "pilot_agents": 12,  # the package's own __init__: re-exports the public names
+    "pilot_agents.sdk": 8,
+    "pilot_agents.patterns": 9,
+    "pilot_agents.daemon": 10,  # hosts patterns for the CLI's one-shot verbs (a daemon's publisher)
+    "pilot_agents.integrations": 10,
+    "pilot_agents.pipeline": 11,
+    "pilot_agents.cli": 12,
+    "pilot_agents": 13,  # the package's own __init__: re-exports the public names
 }
 
 # What the layers built on the interface may import, whatever their layer number.

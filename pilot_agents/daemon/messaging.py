@@ -13,12 +13,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .. import ipc
 from ..errors import (
     BadRequestError,
     ConfigError,
     ConnectionClosedError,
+    DaemonNotRunningError,
     PilotError,
     PilotTimeoutError,
 )
@@ -61,6 +63,15 @@ class PortState:
     publish: bool = False
     task: asyncio.Task[None] | None = None
     received: int = 0
+    # Its data sockets (daemon/portsock.py): ended when it closes.
+    attached: list[Attachment] = field(default_factory=list)
+
+
+class Attachment(Protocol):
+    """The data socket a stream's or a port's messages go through once attached
+    (daemon/datasock.py, daemon/portsock.py)."""
+
+    def end(self, error: PilotError) -> None: ...  # the stream or port is gone: say so, close
 
 
 @dataclass
@@ -73,7 +84,8 @@ class StreamState:
     inbox: Inbox
     task: asyncio.Task[None] | None = None
     last_used: float = field(default_factory=time.monotonic)
-    busy: int = 0
+    busy: int = 0  # receives, deliveries, drains and waits for room using it now
+    attached: Attachment | None = None  # its data socket: its messages go there only
 
     @property
     def label(self) -> str:
@@ -112,7 +124,7 @@ class Messaging:
         opts = self.ctx.options
         return Inbox(what, opts.inbox_messages, opts.inbox_bytes, refuse)
 
-    def _explain(self, exc: PilotError, stream: StreamState) -> PilotError:
+    def explain_stream(self, exc: PilotError, stream: StreamState) -> PilotError:
         """The Node's error for the client; if the stream died because the peer's node
         restarted, it says from where the old node acknowledged nothing, so that the client
         may send that again on a new stream (docs/ipc.md, Streams across a peer's restart)."""
@@ -141,7 +153,7 @@ class Messaging:
 
     def stream_send(self, req: StreamSendRequest) -> Reply | Awaitable[Reply]:
         """Sent at once; if the stream's send buffer is full, what the reply waits for."""
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         data = req.payload()
         try:
             # A quiet one is not waited for: its data is queued all the same, and the client's
@@ -151,7 +163,7 @@ class Messaging:
             if stream.conn.write(data) or req.quiet:
                 return {"bytes": len(data)}
         except PilotError as exc:
-            raise self._explain(exc, stream) from None
+            raise self.explain_stream(exc, stream) from None
         return self._stream_room(stream, len(data))
 
     async def _stream_room(self, stream: StreamState, size: int) -> Reply:
@@ -159,32 +171,32 @@ class Messaging:
             try:
                 await stream.conn.room()
             except PilotError as exc:
-                raise self._explain(exc, stream) from None
+                raise self.explain_stream(exc, stream) from None
         return {"bytes": size}
 
     async def stream_receive(self, req: StreamReceiveRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         with self._using(stream):
             message = await stream.inbox.get(req.timeout)
         return {"message": self._message_fields(message, stream.inbox, ack=req.ack)}
 
     async def stream_drain(self, req: StreamDrainRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         with self._using(stream):
             try:
                 await stream.conn.drain(req.timeout)
             except PilotError as exc:
-                raise self._explain(exc, stream) from None
+                raise self.explain_stream(exc, stream) from None
         return {"path": stream.conn.path, "rtt": stream.conn.rtt}
 
     async def stream_close(self, req: StreamCloseRequest) -> Reply:
-        stream = self._stream(req.stream)
+        stream = self._unattached(req.stream)
         self.drop_stream(stream, abort=False)
         try:
             await stream.conn.close()
         except PilotError as exc:
             await stream.conn.abort()
-            raise self._explain(exc, stream) from None
+            raise self.explain_stream(exc, stream) from None
         return {}
 
     async def stream_abort(self, req: StreamAbortRequest) -> Reply:
@@ -261,7 +273,7 @@ class Messaging:
         if (req.port is None) == (req.stream is None):
             raise BadRequestError("'deliver' needs either a 'port' or a 'stream'")
         if req.stream is not None:
-            stream = self._stream(req.stream)
+            stream = self._unattached(req.stream)
             with self._using(stream):
                 return await self._push_all(stream.inbox, push, credit, ack=req.ack)
         return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
@@ -312,17 +324,18 @@ class Messaging:
             if way.write(data) or req.quiet:  # as in stream_send
                 return {"bytes": len(data)}
         except PilotError as exc:
-            raise self._way_error(exc, way) from None
+            raise self.explain_way(exc, way) from None
         return self._way_room(way, len(data))
 
     async def _way_room(self, way: WayBack, size: int) -> Reply:
         try:
             await way.room()
         except PilotError as exc:
-            raise self._way_error(exc, way) from None
+            raise self.explain_way(exc, way) from None
         return {"bytes": size}
 
-    def _way_error(self, exc: PilotError, way: WayBack) -> PilotError:
+    def explain_way(self, exc: PilotError, way: WayBack) -> PilotError:
+        """The Node's error on a way back, for the client that replied."""
         return self.ctx.explain(exc, way.peer_id, self.ctx.label(way.peer_id), None)
 
     async def requeue_request(self, req: RequeueRequest) -> Reply:
@@ -340,11 +353,20 @@ class Messaging:
         if state is None:
             raise ConfigError(f"port {port} is not being listened on: send 'listen' first")
         if state.publish:
-            raise ConfigError(
-                f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: subscribe "
-                f"there (topic {port:05d})"
-            )
+            raise self._published(state.port)
         return state
+
+    def _published(self, port: int) -> ConfigError:
+        return ConfigError(f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: "
+                           f"subscribe there (topic {port:05d})")
+
+    def listen_to_read(self, port: int) -> PortState:
+        """Listen on ``port`` for a reader of its messages (a port's data socket): not on a
+        published port, whose messages go to subscribers. Undone by :meth:`release_port`."""
+        state = self.ports.get(port)
+        if state is not None and state.publish:
+            raise self._published(port)
+        return self.listen_port(port)[0]
 
     def _message_fields(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
         """A handed-out message as the reply's ``message``; its payload stays bytes, for the
@@ -386,14 +408,20 @@ class Messaging:
         self.close_port(state)
         return True
 
-    def close_port(self, state: PortState) -> None:
+    def close_port(self, state: PortState, why: PilotError | None = None) -> None:
         """Stop listening. Messages nobody read have their streams reset, so their senders
-        hear (PortClosedError), as a closing listener of the embedded Node tells them."""
+        hear (PortClosedError), as a closing listener of the embedded Node tells them. Its
+        data sockets end with ``why`` (by default: the port was closed)."""
         if state.task is not None:
             state.task.cancel()
-        unread = state.inbox.close(ConnectionClosedError(f"port {state.port} was closed"))
+        closed = ConnectionClosedError(f"port {state.port} was closed")
+        unread = state.inbox.close(closed)
         state.listener.close_now()
         self.ports.pop(state.port, None)
+        # Now, not on a later turn of the loop: a stopping daemon closes the connections
+        # right after, and a data socket without credit would not look at its inbox.
+        for socket in list(state.attached):
+            socket.end(why or closed)
         if unread:
             log.info("port %d closed with %d unread messages: their senders were told",
                      state.port, unread)
@@ -434,23 +462,60 @@ class Messaging:
         stream.last_used = time.monotonic()
         return stream
 
+    def _unattached(self, stream_id: str) -> StreamState:
+        """A stream whose messages go through requests: not one with a data socket."""
+        stream = self._stream(stream_id)
+        if stream.attached is not None:
+            raise BadRequestError(
+                f"stream {stream_id!r} has a data socket: send, receive, drain and close it "
+                "there (docs/ipc.md, Data sockets)")
+        return stream
+
+    def attachable(self, stream_id: str) -> StreamState:
+        """The stream, if a data socket may take it over (docs/ipc.md, Data sockets)."""
+        stream = self._stream(stream_id)
+        if stream.attached is not None:
+            raise BadRequestError(f"stream {stream_id!r} has a data socket already: a stream "
+                                  "has one (close it, or open another stream with 'connect')")
+        if stream.busy:
+            raise BadRequestError(
+                f"stream {stream_id!r} is in use by a receive, deliver, drain or a send waiting "
+                "for room: attach it once those have ended (or before they start)")
+        return stream
+
+    def attach(self, stream: StreamState, socket: Attachment) -> list[Message]:
+        """Make ``socket`` (for an :meth:`attachable` stream) the stream's only way in and
+        out; the messages its inbox held, in order, which go out on it first. The caller then
+        sets the stream's taker: from now on the Node's messages wait there, not here."""
+        if stream.task is not None:
+            # Cancelling loses nothing: a message the pump was woken for stays in the Node.
+            stream.task.cancel()
+            stream.task = None
+        stream.attached = socket
+        return stream.inbox.drain()
+
     async def _pump_stream(self, stream: StreamState) -> None:
         while True:
             await stream.inbox.wait_for_room()
             try:
                 message = await stream.conn.receive(timeout=None)
             except PilotError as exc:
-                stream.inbox.fail(self._explain(exc, stream))
+                stream.inbox.fail(self.explain_stream(exc, stream))
                 return
             stream.inbox.put(message)
 
-    def drop_stream(self, stream: StreamState, *, abort: bool) -> None:
+    def drop_stream(self, stream: StreamState, *, abort: bool,
+                    why: PilotError | None = None) -> None:
         self.streams.pop(stream.stream_id, None)
         if stream.task is not None:
             stream.task.cancel()
         stream.conn.set_taker(None)  # as its pump, it takes nothing more
-        # Its receives and deliveries end now rather than wait for a message that can't come.
-        stream.inbox.fail(ConnectionClosedError(f"stream {stream.stream_id} was closed"))
+        # Its receives, deliveries and data socket end now rather than wait for a message that
+        # can't come.
+        closed = ConnectionClosedError(f"stream {stream.stream_id} was closed")
+        stream.inbox.fail(closed)
+        if stream.attached is not None:
+            stream.attached.end(why or closed)
         if abort:
             with contextlib.suppress(Exception):
                 stream.conn.abort_now()
@@ -464,7 +529,9 @@ class Messaging:
         now = time.monotonic()
         limit = self.ctx.options.stream_idle_timeout
         for stream in list(self.streams.values()):
-            if stream.busy == 0 and now - stream.last_used > limit:
+            # An attached stream is used by its data socket, which the daemon does not watch
+            # message by message: it lives as long as that connection.
+            if stream.busy == 0 and stream.attached is None and now - stream.last_used > limit:
                 log.info("stream %s to %s idle for %.0f s: aborted", stream.stream_id,
                          stream.peer, now - stream.last_used)
                 self.drop_stream(stream, abort=True)
@@ -481,8 +548,11 @@ class Messaging:
     async def close_all(self) -> None:
         """Stop taking messages, and keep the port messages no client has read (nor acked) in
         the home for the next daemon: the Node already acknowledged them to their senders."""
+        # Data sockets hear what a client of a stopping daemon hears on its own socket.
+        stopping = DaemonNotRunningError(
+            f"the daemon (home {self.ctx.home}) went away: it is stopping")
         for stream in list(self.streams.values()):
-            self.drop_stream(stream, abort=True)
+            self.drop_stream(stream, abort=True, why=stopping)
         ports = list(self.ports.values())
         for state in ports:
             state.listener.set_taker(None)
@@ -499,7 +569,7 @@ class Messaging:
                 # still in the Node, telling their senders they were not delivered); from the
                 # close on, the Node refuses new messages for the port.
                 unread += await _taken_from(state.listener)
-            self.close_port(state)
+            self.close_port(state, stopping)
         if unread:
             save_unread(self.ctx.home, unread)
 

@@ -18,7 +18,8 @@ from ..patterns.frames import MAX_TOPIC
 
 Encoding = Literal["utf-8", "base64"]
 Port = Annotated[int, Field(ge=1, le=65535)]
-Timeout = Annotated[float, Field(gt=0, le=7 * 86400)]
+MAX_TIMEOUT = 7 * 86400  # seconds: a wait longer than a week is a mistake
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 RequestId = int | str
 
@@ -166,6 +167,24 @@ class StreamHoldRequest(BaseRequest):
     timeout: Timeout
 
 
+class StreamAttachRequest(BaseRequest):
+    """Makes the connection to the stream socket it is the first request on the stream's data
+    socket (docs/ipc.md, Data sockets)."""
+
+    cmd: Literal["stream_attach"]
+    stream: str
+
+
+class PortAttachRequest(BaseRequest):
+    """Makes the connection to the stream socket it is the first request on a data socket for
+    the port's messages (docs/ipc.md, A port's messages on a data socket)."""
+
+    cmd: Literal["port_attach"]
+    port: Port
+    credit_messages: Annotated[int, Field(ge=1, le=2**20)]
+    credit_bytes: Annotated[int, Field(ge=1, le=2**32)]
+
+
 class SendRequest(PayloadRequest):
     cmd: Literal["send"]
     target: Name
@@ -278,7 +297,8 @@ AnyRequest = (
     | TrustApproveRequest | TrustRejectRequest | TrustRemoveRequest | TrustListRequest
     | TrustPendingRequest | TrustExportRequest | TrustImportRequest | ConnectRequest
     | StreamSendRequest | StreamReceiveRequest | StreamDrainRequest | StreamCloseRequest
-    | StreamAbortRequest | StreamHoldRequest | StreamArrivalRequest | SendRequest
+    | StreamAbortRequest | StreamHoldRequest | StreamArrivalRequest | StreamAttachRequest
+    | PortAttachRequest | SendRequest
     | ListenRequest | UnlistenRequest
     | ReceiveRequest | AckRequest | ReplyRequest | RequeueRequest | PingRequest | CancelRequest
     | StopRequest | ByeRequest

@@ -26,6 +26,7 @@ from .. import ipc
 from ..errors import BadRequestError, BusyError, InternalError, PilotError
 from ..ipc import encode_data
 from .clients import Clients
+from .datasock import Attached, DataSockets
 from .dispatch import Credit, DispatchTable, Immediate, Push, Reply
 from .options import DaemonOptions
 from .requests import (
@@ -37,10 +38,12 @@ from .requests import (
     DeliverRequest,
     ListenRequest,
     PayloadRequest,
+    PortAttachRequest,
     ReplyRequest,
     RequestId,
     RequeueRequest,
     StopRequest,
+    StreamAttachRequest,
     UnlistenRequest,
     check_payload_size,
     load_compact_untrusted,
@@ -59,18 +62,22 @@ _COMPACT = frozenset({bytes([ipc.COMPACT_STREAM_SEND]), bytes([ipc.COMPACT_REPLY
 # Tuples, not unions: a union in isinstance() is built anew on every request.
 _SETTLING = (ReplyRequest, RequeueRequest, AckRequest)  # see Clients.settled
 _LISTENING = (ListenRequest, UnlistenRequest)
+_ATTACHING = (StreamAttachRequest, PortAttachRequest)
 _CONTROL = frozenset({CancelRequest, CreditRequest})  # about another request: answered at once
 
 
 class IpcServer:
     def __init__(self, options: DaemonOptions, dispatch: DispatchTable,
                  undelivered: Callable[[str], bool], stop: Callable[[], None],
-                 clients: Clients | None = None) -> None:
+                 clients: Clients | None = None,
+                 data_sockets: DataSockets | None = None) -> None:
         """``undelivered(message id)``: a message whose reply could not be sent goes back;
         ``stop()``: called once the reply to ``stop`` is out; ``clients``: told what each
-        stream socket client holds, and when it goes away."""
+        stream socket client holds, and when it goes away; ``data_sockets``: what attaches a
+        stream or a port to a stream socket connection (none: the attach requests are refused)."""
         self.options = options
         self._clients = clients
+        self._data_sockets = data_sockets
         self.home = options.home
         self.dispatch = dispatch
         self._undelivered = undelivered
@@ -216,6 +223,9 @@ class IpcServer:
             log.debug("bad request: %s", exc)
             self._send(identity, envelope, ipc.error_reply(exc, request_id))
             return
+        if isinstance(request, _ATTACHING):
+            self._make_data_socket(identity, envelope, request_id, request)
+            return
         if type(request) is ByeRequest:  # no reply: the client is closing
             if self._clients is not None and identity in self._peers:
                 self._clients.leaving(identity)
@@ -270,6 +280,28 @@ class IpcServer:
         if sending:
             self._sending[identity] += 1
         task.add_done_callback(functools.partial(self._forget_task, key, sending))
+
+    def _make_data_socket(self, identity: bytes, envelope: list[bytes],
+                          request_id: RequestId | None,
+                          request: StreamAttachRequest | PortAttachRequest) -> None:
+        """Make the connection a stream's or a port's data socket (docs/ipc.md, Data
+        sockets); a refusal leaves it an ordinary one."""
+        peer = self._peers.get(identity)
+        try:
+            if peer is None or peer.taken != 1 or self._data_sockets is None:
+                raise BadRequestError(
+                    f"'{request.cmd}' must be the first request on a new connection to the "
+                    f"stream socket, {ipc.stream_socket_path(self.home)} (docs/ipc.md, Data "
+                    "sockets)")
+            reply, data = self._data_sockets.attach(request, peer.transport)
+        except PilotError as exc:
+            log.debug("%s refused: %s", request.cmd, exc)
+            self._send(identity, envelope, ipc.error_reply(exc, request_id))
+            return
+        if request_id is not None:
+            reply["id"] = request_id
+        self._send(identity, envelope, reply)
+        peer.attach(data)
 
     def _attach(self, request: AnyRequest, frame: bytes) -> None:
         if not isinstance(request, PayloadRequest):
@@ -469,13 +501,33 @@ class _StreamPeer(asyncio.Protocol):
         opts = server.options
         self._reader = ipc.FrameReader(2 * max(opts.max_request_bytes, opts.max_payload_bytes))
         self._pending: collections.deque[list[bytes]] = collections.deque()
+        self.taken = 0  # requests taken: 'stream_attach' must be the first
+        self._data: Attached | None = None  # once the connection is a data socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.identity = self.server._connected(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._data is not None:
+            self._data.lost()
         self.server._disconnected(self.identity)
+
+    def pause_writing(self) -> None:
+        if self._data is not None:
+            self._data.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._data is not None:
+            self._data.resume_writing()
+
+    def attach(self, data: Attached) -> None:
+        """From now on the connection is a data socket: what is read goes to it, and
+        it decides when to read (the messages read but not yet taken are its first)."""
+        self._data = data
+        pending = list(self._pending)
+        self._pending.clear()
+        data.start(pending)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -483,6 +535,10 @@ class _StreamPeer(asyncio.Protocol):
         except ipc.FramingError as exc:
             log.debug("stream client dropped: %s", exc)
             self.transport.abort()
+            return
+        if self._data is not None:
+            # A data socket's messages are stream writes, no requests: all taken at once.
+            self._data.received(messages)
             return
         if not messages:
             return
@@ -501,10 +557,11 @@ class _StreamPeer(asyncio.Protocol):
         self._take(self._pending.popleft())
         if self._pending:
             asyncio.get_running_loop().call_soon(self._next)
-        elif not self.transport.is_closing():
+        elif self._data is None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _take(self, frames: list[bytes]) -> None:
+        self.taken += 1
         try:
             self.server._accept([self.identity, *frames])
         except Exception:

@@ -24,6 +24,7 @@ from ..trust import TrustStore, is_node_id
 from .admin import AdminCommands
 from .clients import Clients
 from .context import DaemonContext, load_static_peers
+from .datasock import DataSockets
 from .dispatch import DispatchTable, Reply
 from .lock import HomeLock
 from .messaging import Messaging
@@ -132,7 +133,7 @@ class Daemon:
             messaging.listen_port(port, permanent=True)
         messaging.restore_unread()
         server = self._server = IpcServer(opts, dispatch, messaging.requeue, self._stop.set,
-                                          Clients(messaging))
+                                          Clients(messaging), DataSockets(messaging))
         server.bind(ipc_address)
         messaging.publish = server.publish
         if opts.metrics:

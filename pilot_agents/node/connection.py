@@ -322,6 +322,11 @@ class Connection:
         return self._stream().session.paths.kind
 
     @property
+    def local_port(self) -> int:
+        """Our port that the peer's messages on this stream arrive on (their ``port``)."""
+        return self._stream().local_port
+
+    @property
     def address(self) -> tuple[str, int] | None:
         """The peer's address on a direct path (LAN or public); None on the relay."""
         active = self._stream().session.paths.active

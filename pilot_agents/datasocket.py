@@ -1,0 +1,452 @@
+"""The client's end of a data socket: a stream's messages, or a port's, on a connection of their
+own to the daemon (docs/ipc.md, Data sockets).
+
+A message is a frame in or a frame out. Nothing here waits on the daemon per message: the
+writer waits only while its transport holds more than its window (the daemon reads a stream's
+data socket no faster than the peer takes), and what comes in is bounded by the application's
+window, through the socket's own buffers (a stream) or credit (a port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+
+from .errors import ConnectionClosedError, DaemonNotRunningError, PilotError, PilotTimeoutError
+from .ipc import (
+    DATA_CLOSE,
+    DATA_CLOSED,
+    DATA_DRAIN,
+    DATA_DRAINED,
+    DATA_ENDED,
+    DATA_MESSAGE,
+    DATA_SEND,
+    PORT_ARRIVAL,
+    PORT_ARRIVED,
+    PORT_CLOSE,
+    PORT_CONFIRMED,
+    PORT_MESSAGE,
+    PORT_REPLY,
+    PORT_REPLY_CONFIRM,
+    PORT_SYNC,
+    PORT_SYNCED,
+    PORT_TAKEN,
+    PORT_WAY_CLOSED,
+    PORT_WAY_ENDED,
+    REQUEST_TIMEOUT,
+    FrameReader,
+    FramingError,
+    error_of,
+    pack_frames,
+    stream_socket_path,
+)
+
+T = TypeVar("T")  # what a message comes with: nothing on a stream's socket, a port's way
+S = TypeVar("S", bound="_Attached[Any]")
+
+_SEND = bytes([DATA_SEND])
+_CLOSE = bytes([DATA_CLOSE])
+_PORT_CLOSE = bytes([PORT_CLOSE])
+_PORT_SYNC = bytes([PORT_SYNC])
+_NUMBERED = struct.Struct("!BI")  # a port socket's kind, and its way or count
+_REPLY = struct.Struct("!BIB")  # ... and a reply's flags
+_ATTACH_ID = 1  # the only request a data socket ever makes
+
+
+class _Attached(asyncio.Protocol, Generic[T]):
+    """What both kinds of data socket share: the attach request, the messages waiting for the
+    application, the answers that come in order, and the end."""
+
+    def __init__(self, what: str, window_messages: int, window_bytes: int) -> None:
+        self._what = what
+        self._window_messages = window_messages
+        self._window_bytes = window_bytes
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader(2**32)  # what our own daemon sends
+        self._attached: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future())
+        # Its failure is seen, even with nobody to raise it to: an attach given up on while
+        # connecting has asyncio close the connection it had just made.
+        self._attached.add_done_callback(_seen)
+        self._messages: collections.deque[tuple[T, bytes]] = collections.deque()
+        self._queued_bytes = 0
+        # Receives waiting for a message, first come first served: several tasks may receive
+        # at once (a replier's workers each do).
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._answers: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.ended: PilotError | None = None
+        """Why the socket is over, once it is: raised by every later call."""
+
+    @classmethod
+    async def _open(cls: type[S], home: Path, request: dict[str, Any], make: Callable[[], S],
+                    send_window: int) -> tuple[S, dict[str, Any]]:
+        """A socket of ``make()``'s kind, attached by ``request``, and the daemon's answer. A
+        write waits while more than ``send_window`` bytes are not yet in the socket."""
+        loop = asyncio.get_running_loop()
+        what = request.get("stream") or f"port {request.get('port')}"
+        try:
+            transport, sock = await loop.create_unix_connection(make,
+                                                                str(stream_socket_path(home)))
+        except OSError as exc:
+            raise DaemonNotRunningError(f"the daemon's stream socket refused a data socket for "
+                                        f"{what}: {exc}") from None
+        transport.set_write_buffer_limits(high=send_window)
+        transport.writelines(pack_frames([json.dumps({**request, "id": _ATTACH_ID}).encode()]))
+        try:
+            reply = await asyncio.wait_for(sock._attached, REQUEST_TIMEOUT)
+        except BaseException:
+            transport.abort()
+            raise
+        if reply.get("ok") is not True:
+            transport.abort()
+            raise error_of(reply)
+        return sock, reply
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._end(DaemonNotRunningError(f"the daemon closed the data socket of {self._what}"))
+        if not self._attached.done():
+            self._attached.set_exception(cast(PilotError, self.ended))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except FramingError:
+            self._fail("the daemon's data socket sent something that is not a message")
+            return
+        for frames in messages:
+            if not self._attached.done():
+                self._attached.set_result(_json(frames[0]))
+            elif frames[0][0] == DATA_ENDED:
+                self._end(error_of(_json(frames[0][1:])))
+            elif not self._frame(frames):
+                self._fail(f"the daemon's data socket sent an unexpected frame "
+                           f"(kind {frames[0][0]:#04x})")
+                return
+
+    def _frame(self, frames: list[bytes]) -> bool:
+        """Take one frame of this socket's kind; False if it is not one."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Drop the connection: the daemon undoes what it held for it at once."""
+        self._end(ConnectionClosedError(f"{self._what} was aborted"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _next(self, timeout: float | None) -> tuple[T, bytes]:
+        """The next message, once there is one; the socket's end raised after the last."""
+        while not self._messages:
+            if self.ended is not None:
+                raise self.ended
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken for a message, but leaving: it is the next one's
+                else:
+                    with contextlib.suppress(ValueError):  # unless _wake_one passed it by
+                        self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise PilotTimeoutError(
+                        f"no message on {self._what} within {timeout:g} s") from None
+                raise
+        item = self._messages.popleft()
+        self._queued_bytes -= len(item[1])
+        return item
+
+    def _arrived(self, item: tuple[T, bytes]) -> None:
+        self._messages.append(item)
+        self._queued_bytes += len(item[1])
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _window_full(self) -> bool:
+        return (len(self._messages) >= self._window_messages
+                or self._queued_bytes >= self._window_bytes)
+
+    def _below_half(self) -> bool:
+        return (2 * len(self._messages) < self._window_messages
+                and 2 * self._queued_bytes < self._window_bytes)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+        self._write_now(frames)
+
+    def _write_now(self, frames: list[bytes]) -> None:
+        if self.ended is not None:
+            raise self.ended
+        assert self._transport is not None  # not ended
+        self._transport.writelines(pack_frames(frames))
+
+    async def _ask(self, header: bytes, wait: float | None) -> dict[str, Any]:
+        """Write ``header`` and wait for its answer, which comes in order."""
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._write_now([header])
+        self._answers.append(answer)
+        try:
+            reply = await asyncio.wait_for(answer, wait)
+        except TimeoutError:
+            raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
+        if reply.get("ok") is not True:
+            raise error_of(reply)
+        return reply
+
+    def _answered(self, body: bytes) -> bool:
+        if not self._answers:
+            return False
+        answer = self._answers.popleft()
+        if not answer.done():  # else its asker gave up waiting (a timeout, a cancel)
+            answer.set_result(_json(body))
+        return True
+
+    def _end(self, error: PilotError) -> None:
+        if self.ended is None:
+            self.ended = error
+        while self._answers:
+            answer = self._answers.popleft()
+            if not answer.done():
+                answer.set_exception(self.ended)
+        while self._waiters:
+            self._wake_one()
+        self._writable.set()  # a writer waiting for room hears the end
+
+    def _fail(self, why: str) -> None:
+        self._end(ConnectionClosedError(f"{self._what}: {why}"))
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class StreamSocket(_Attached[None]):
+    """A stream's data socket (a ``connect``'s): :meth:`send`, :meth:`receive`,
+    :meth:`drain`, :meth:`close`, or :meth:`abort`. When the application is a window behind,
+    it stops reading: what comes next waits in the daemon, then in the peer."""
+
+    _paused = False  # not reading: the window is full, until it is half empty
+
+    @classmethod
+    async def attach(cls, home: Path, stream: str, what: str, window_messages: int,
+                     window_bytes: int, send_window: int) -> tuple[StreamSocket, dict[str, Any]]:
+        """The stream's data socket, and the daemon's answer (its ports, peer, hostname)."""
+        return await cls._open(home, {"cmd": "stream_attach", "stream": stream},
+                               lambda: cls(what, window_messages, window_bytes), send_window)
+
+    def _frame(self, frames: list[bytes]) -> bool:
+        kind = frames[0][0]
+        if kind == DATA_MESSAGE and len(frames) == 2:
+            self._arrived((None, frames[1]))
+            if self._window_full() and self._transport is not None and not self._paused:
+                self._paused = True
+                self._transport.pause_reading()
+            return True
+        return kind in (DATA_DRAINED, DATA_CLOSED) and self._answered(frames[0][1:])
+
+    async def send(self, payload: bytes) -> None:
+        await self._write([_SEND, payload])
+
+    async def receive(self, timeout: float | None) -> bytes:
+        payload = (await self._next(timeout))[1]
+        if self._paused and self._below_half() and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return payload
+
+    async def drain(self, timeout: float) -> dict[str, Any]:
+        """The daemon's ``drained`` answer, once the peer acknowledged every message sent."""
+        header = bytes([DATA_DRAIN]) + json.dumps({"timeout": timeout}).encode()
+        # The daemon answers within ``timeout``; beyond it by a margin, it does not answer.
+        return await self._ask(header, timeout + REQUEST_TIMEOUT)
+
+    async def close(self) -> None:
+        """Finish the stream once everything sent is out; return once the peer has every byte."""
+        await self._ask(_CLOSE, None)
+
+
+@dataclass
+class Way:
+    """A peer's stream to the port, as a port socket knows it."""
+
+    number: int  # the daemon's for it, on this socket
+    sender: str
+    hostname: str | None
+    source_port: int
+    error: PilotError | None = None  # why replies on it fail, once they do
+    messages: int = 0  # replies since the last confirmed one
+    bytes: int = 0
+    confirmations: collections.deque[asyncio.Future[None]] = field(
+        default_factory=collections.deque)
+
+
+class PortSocket(_Attached[Way]):
+    """A port's data socket: :meth:`receive` a port's messages (each with its :class:`Way`),
+    :meth:`reply` on a way, :meth:`close`. The daemon writes within the credit this grants back
+    as the application takes messages; replies are confirmed once per half send window of a
+    way, and a reply finding two confirmations of its way outstanding waits for the older."""
+
+    def __init__(self, what: str, window_messages: int, window_bytes: int,
+                 send_messages: int, send_bytes: int,
+                 on_failed: Callable[[PilotError], None]) -> None:
+        super().__init__(what, window_messages, window_bytes)
+        self._send_messages = send_messages
+        self._send_bytes = send_bytes
+        self._on_failed = on_failed
+        self.ways: dict[int, Way] = {}
+        self._taken_messages = 0  # since the last 'taken'
+        self._taken_bytes = 0
+
+    @classmethod
+    async def attach(cls, home: Path, port: int, window_messages: int, window_bytes: int,
+                     send_messages: int, send_bytes: int,
+                     on_failed: Callable[[PilotError], None]) -> PortSocket:
+        """The port's data socket; ``on_failed`` hears of each reply that failed."""
+        request = {"cmd": "port_attach", "port": port, "credit_messages": window_messages,
+                   "credit_bytes": window_bytes}
+        sock, _ = await cls._open(
+            home, request, lambda: cls(f"port {port}", window_messages, window_bytes,
+                                       send_messages, send_bytes, on_failed), send_bytes)
+        return sock
+
+    def _frame(self, frames: list[bytes]) -> bool:
+        header = frames[0]
+        kind = header[0]
+        if kind in (DATA_CLOSED, PORT_SYNCED, PORT_ARRIVED):
+            return self._answered(header[1:])
+        if len(header) < _NUMBERED.size:
+            return False
+        number = _NUMBERED.unpack_from(header)[1]
+        if kind == PORT_MESSAGE and len(frames) == 2:
+            if len(header) > _NUMBERED.size:
+                meta = _json(header[_NUMBERED.size:])
+                self.ways[number] = Way(number, str(meta.get("from")), meta.get("hostname"),
+                                        int(meta.get("source_port", 0)))
+            way = self.ways.get(number)
+            if way is None:
+                return False
+            self._arrived((way, frames[1]))
+            return True
+        way = self.ways.get(number)
+        if kind in (PORT_WAY_ENDED, PORT_WAY_CLOSED):
+            error = error_of(_json(header[_NUMBERED.size:]))
+            if way is not None:
+                # Its messages still waiting here keep the way, and its replies fail.
+                way.error = error
+                for waiting in way.confirmations:
+                    if not waiting.done():
+                        waiting.set_result(None)
+                del self.ways[number]
+            # A reply failed (perhaps one sent before the way's close came): the application
+            # hears. A way that closed with no reply failing is no failure.
+            if kind == PORT_WAY_ENDED:
+                self._on_failed(error)
+            return True
+        if kind == PORT_CONFIRMED and way is not None and way.confirmations:
+            way.confirmations.popleft().set_result(None)
+            return True
+        return False
+
+    async def receive(self, timeout: float | None) -> tuple[Way, bytes]:
+        item = await self._next(timeout)
+        self._taken_messages += 1
+        self._taken_bytes += len(item[1])
+        if (2 * self._taken_messages >= self._window_messages
+                or 2 * self._taken_bytes >= self._window_bytes):
+            self._report_taken()
+        return item
+
+    def _report_taken(self) -> None:
+        if self._taken_messages and self.ended is None:
+            self._write_now([_NUMBERED.pack(PORT_TAKEN, self._taken_messages)])
+        self._taken_messages = self._taken_bytes = 0
+
+    async def reply(self, way: Way, payload: bytes) -> None:
+        """Send ``payload`` on ``way``; raise why it can't be, once the daemon said so."""
+        if way.error is not None:
+            raise way.error
+        while len(way.confirmations) >= 2:
+            # Left in place for 'confirmed' to take, and not cancelled with this task.
+            await asyncio.wait((way.confirmations[0],))
+            if way.error is not None:
+                raise way.error
+        way.messages += 1
+        way.bytes += len(payload)
+        flags = 0
+        if 2 * way.messages >= self._send_messages or 2 * way.bytes >= self._send_bytes:
+            way.messages = way.bytes = 0
+            flags = PORT_REPLY_CONFIRM
+            way.confirmations.append(asyncio.get_running_loop().create_future())
+        await self._write([_REPLY.pack(PORT_REPLY, way.number, flags), payload])
+
+    async def sync(self) -> None:
+        """Return once the daemon has handled every reply written before (its failures are
+        with ``on_failed`` by then)."""
+        await self._ask(_PORT_SYNC, REQUEST_TIMEOUT)
+
+    async def since_arrival(self, way: Way) -> float | None:
+        """Seconds since bytes of ``way``'s stream last reached the daemon (None: not known)."""
+        if way.error is not None:
+            return None
+        reply = await self._ask(_NUMBERED.pack(PORT_ARRIVAL, way.number), REQUEST_TIMEOUT)
+        since = reply.get("since")
+        return since if isinstance(since, float | int) else None
+
+    async def close(self) -> None:
+        """Stop reading: what the daemon wrote that was not received goes back to the port."""
+        if self.ended is None:
+            self._report_taken()
+            try:
+                await self._ask(_PORT_CLOSE, None)
+            except PilotError:
+                if self.ended is None:
+                    raise
+        # What this socket still holds went back with the rest: the daemon counted it as not
+        # taken (only messages returned by receive() were reported). An ended socket has
+        # nothing to give back: its port closed (the daemon stopped, say), and with it that.
+        self._messages.clear()
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _json(header: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(header)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        return {"ok": False, "error": {"type": "InternalError",
+                                       "message": "the daemon sent a header that is not JSON"}}
+    return value
