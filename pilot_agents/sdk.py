@@ -573,7 +573,9 @@ class DaemonListener:
     """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
     Several listeners (in any process) on one port share its buffer: each message goes to one.
     On the stream socket they come on a data socket of the listener's own (docs/ipc.md), and
-    its messages' replies go back on it: once the listener is closed, they fail."""
+    its messages' replies go back on it: once the listener is closed, they fail. Such a
+    listener takes up to its receive window of the port's messages as soon as it opens, not at
+    its first receive; closing it gives back what it did not receive."""
 
     def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
         self._client = client
