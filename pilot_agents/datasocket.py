@@ -41,8 +41,7 @@ from .ipc import (
     PORT_WAY_CLOSED,
     PORT_WAY_ENDED,
     REQUEST_TIMEOUT,
-    FrameReader,
-    FramingError,
+    FramedProtocol,
     error_of,
     pack_frames,
     stream_socket_path,
@@ -60,16 +59,15 @@ _REPLY = struct.Struct("!BIB")  # ... and a reply's flags
 _ATTACH_ID = 1  # the only request a data socket ever makes
 
 
-class _Attached(asyncio.Protocol, Generic[T]):
+class _Attached(FramedProtocol, Generic[T]):
     """What both kinds of data socket share: the attach request, the messages waiting for the
     application, the answers that come in order, and the end."""
 
     def __init__(self, what: str, window_messages: int, window_bytes: int) -> None:
+        super().__init__()
         self._what = what
         self._window_messages = window_messages
         self._window_bytes = window_bytes
-        self._transport: asyncio.Transport | None = None
-        self._reader = FrameReader(2**32)  # what our own daemon sends
         self._attached: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
         # Its failure is seen, even with nobody to raise it to: an attach given up on while
@@ -81,8 +79,6 @@ class _Attached(asyncio.Protocol, Generic[T]):
         # at once (a replier's workers each do).
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._answers: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
-        self._writable = asyncio.Event()
-        self._writable.set()
         self.ended: PilotError | None = None
         """Why the socket is over, once it is: raised by every later call."""
 
@@ -113,27 +109,16 @@ class _Attached(asyncio.Protocol, Generic[T]):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._end(DaemonNotRunningError(f"the daemon closed the data socket of {self._what}"))
         if not self._attached.done():
             self._attached.set_exception(cast(PilotError, self.ended))
 
-    def pause_writing(self) -> None:
-        self._writable.clear()
+    def not_framed(self) -> None:
+        self._fail("the daemon's data socket sent something that is not a message")
 
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            messages = self._reader.feed(data)
-        except FramingError:
-            self._fail("the daemon's data socket sent something that is not a message")
-            return
+    def messages_received(self, messages: list[list[bytes]]) -> None:
         for frames in messages:
             if not self._attached.done():
                 self._attached.set_result(_json(frames[0]))

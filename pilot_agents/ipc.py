@@ -758,11 +758,12 @@ def error_of(reply: dict[str, Any]) -> PilotError:
     return error_from_reply(error if isinstance(error, dict) else {})
 
 
-class _Channel(asyncio.Protocol):
-    """The client's end of the daemon's stream socket."""
+class FramedProtocol(asyncio.Protocol):
+    """A client's connection to the daemon's stream socket, in its framing (docs/ipc.md): what
+    it reads goes to :meth:`messages_received` as whole messages, and a writer waits for
+    ``_writable`` while the transport holds more than its high-water mark."""
 
-    def __init__(self, client: IpcClient) -> None:
-        self._client = client
+    def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader(2**32)  # what our own daemon sends
         self._writable = asyncio.Event()
@@ -770,11 +771,6 @@ class _Channel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._writable.set()
-        self._client._channel_lost(self)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -786,8 +782,34 @@ class _Channel(asyncio.Protocol):
         try:
             messages = self._reader.feed(data)
         except FramingError:
-            self.close()
+            self.not_framed()
             return
+        self.messages_received(messages)
+
+    def messages_received(self, messages: list[list[bytes]]) -> None:
+        raise NotImplementedError
+
+    def not_framed(self) -> None:
+        """The daemon sent something that is not a message: the connection can't go on."""
+        raise NotImplementedError
+
+
+class _Channel(FramedProtocol):
+    """The client's end of the daemon's stream socket."""
+
+    def __init__(self, client: IpcClient) -> None:
+        super().__init__()
+        self._client = client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._writable.set()
+        self._client._channel_lost(self)
+
+    def not_framed(self) -> None:
+        self.close()
+
+    def messages_received(self, messages: list[list[bytes]]) -> None:
         for frames in messages:
             requeue = self._client._dispatch(frames)
             if requeue is not None:
