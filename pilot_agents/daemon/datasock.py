@@ -20,12 +20,7 @@ from .hangup import hang_up
 from .messaging import Messaging, StreamState
 from .options import DaemonOptions
 from .portsock import PortSocket
-from .requests import (
-    MAX_TIMEOUT,
-    PortAttachRequest,
-    StreamAttachRequest,
-    load_request_untrusted,
-)
+from .requests import PortAttachRequest, StreamAttachRequest, load_drain_untrusted
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -230,23 +225,13 @@ class DataSocket:
             self._stop_reading()
             self._answer(ipc.DATA_CLOSED, None)
         elif len(frames) == 1 and header[0] == ipc.DATA_DRAIN:
-            self._answer(ipc.DATA_DRAINED, self._drain_timeout(header[1:]))
+            opts = self._options
+            drain = load_drain_untrusted(header[1:], opts.max_request_bytes,
+                                         opts.max_request_depth)
+            self._answer(ipc.DATA_DRAINED, drain.timeout)
         else:
             raise BadRequestError(f"not a data socket message: kind {header[0]:#04x} in "
                                   f"{len(frames)} frames (docs/ipc.md, Data sockets)")
-
-    def _drain_timeout(self, body: bytes) -> float | None:
-        opts = self._options
-        fields = load_request_untrusted(body, opts.max_request_bytes, opts.max_request_depth)
-        timeout = fields.pop("timeout", None)
-        if fields:
-            raise BadRequestError(f"unknown fields {sorted(fields)} in a drain")
-        if timeout is None:
-            return None
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
-                or not 0 < timeout <= MAX_TIMEOUT:
-            raise BadRequestError(f"a drain's timeout is seconds, not {timeout!r}")
-        return float(timeout)
 
     async def _wait_for_room(self) -> None:
         try:

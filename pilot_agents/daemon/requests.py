@@ -18,8 +18,7 @@ from ..patterns.frames import MAX_TOPIC
 
 Encoding = Literal["utf-8", "base64"]
 Port = Annotated[int, Field(ge=1, le=65535)]
-MAX_TIMEOUT = 7 * 86400  # seconds: a wait longer than a week is a mistake
-Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT)]
+Timeout = Annotated[float, Field(gt=0, le=7 * 86400)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 RequestId = int | str
 
@@ -355,6 +354,24 @@ def load_request_untrusted(body: bytes, max_bytes: int, max_depth: int) -> dict[
     if not isinstance(data, dict):
         raise BadRequestError("the request must be a JSON object with a 'cmd' field")
     return data
+
+
+class DataDrain(BaseModel):
+    """What follows a data socket's ``drain`` kind byte (docs/ipc.md, Data sockets)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    timeout: Timeout | None = None
+
+
+def load_drain_untrusted(body: bytes, max_bytes: int, max_depth: int) -> DataDrain:
+    """A data socket's drain; BadRequestError naming what is wrong with it."""
+    fields = load_request_untrusted(body, max_bytes, max_depth)
+    try:
+        return DataDrain.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BadRequestError(f"bad field {where!r} in a drain: {err['msg']}") from None
 
 
 def check_payload_size(frame: bytes, max_bytes: int) -> None:
