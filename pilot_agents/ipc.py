@@ -143,6 +143,11 @@ class FramingError(Exception):
     """The bytes on a stream socket are not messages: the connection is dropped."""
 
 
+def compact_json(value: dict[str, Any]) -> bytes:
+    """A header's JSON without blanks: what a data socket's kinds carry after their bytes."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def pack_frames(frames: list[bytes]) -> list[bytes]:
     """A message's frames (a header, and maybe a payload) as the byte strings to write."""
     if len(frames) == 1:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import json
 import logging
 from typing import Protocol
 
@@ -296,8 +295,7 @@ class DataSocket:
 
     def _write(self, kind: int, reply: Reply) -> None:
         if not self._over and not self._transport.is_closing():
-            header = bytes([kind]) + json.dumps(reply, separators=(",", ":")).encode()
-            self._transport.writelines(ipc.pack_frames([header]))
+            self._transport.writelines(ipc.pack_frames([bytes([kind]) + ipc.compact_json(reply)]))
 
     def _finish(self) -> None:
         """The last message is written: the connection closes once the client has read it."""

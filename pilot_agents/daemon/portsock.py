@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import struct
 from dataclasses import dataclass
@@ -163,7 +162,7 @@ class PortSocket:
             sender = message.sender
             meta = {"from": sender, "hostname": self._messaging.ctx.label_or_none(sender),
                     "source_port": message.source_port}
-            header = _NUMBERED.pack(ipc.PORT_MESSAGE, number) + _json(meta)
+            header = _NUMBERED.pack(ipc.PORT_MESSAGE, number) + ipc.compact_json(meta)
         self._transport.writelines(ipc.pack_frames([header, message.data]))
 
     def _prune(self) -> None:
@@ -281,10 +280,10 @@ class PortSocket:
         self._write_numbered(kind, number, error)
 
     def _write_numbered(self, kind: int, number: int, error: PilotError) -> None:
-        self._send(_NUMBERED.pack(kind, number) + _json(ipc.error_reply(error)))
+        self._send(_NUMBERED.pack(kind, number) + ipc.compact_json(ipc.error_reply(error)))
 
     def _write(self, kind: int, reply: Reply) -> None:
-        self._send(bytes([kind]) + _json(reply))
+        self._send(bytes([kind]) + ipc.compact_json(reply))
 
     def _send(self, header: bytes) -> None:
         if not self._hung_up and not self._transport.is_closing():
@@ -312,6 +311,3 @@ def _ended(back: WayBack) -> PilotError:
     why = "" if back.error is None else f" ({back.error})"
     return ConnectionClosedError(f"the stream the message came on has ended{why}")
 
-
-def _json(value: Reply) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
