@@ -98,7 +98,10 @@ class _Attached(FramedProtocol, Generic[T]):
         transport.set_write_buffer_limits(high=send_window)
         transport.writelines(pack_frames([json.dumps({**request, "id": _ATTACH_ID}).encode()]))
         try:
-            reply = await asyncio.wait_for(sock._attached, REQUEST_TIMEOUT)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that comes
+            # as the answer does, and a cancelled connect (a ^C) would go on as if opened.
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                reply = await sock._attached
         except BaseException:
             transport.abort()
             raise
@@ -202,7 +205,8 @@ class _Attached(FramedProtocol, Generic[T]):
         self._write_now([header])
         self._answers.append(answer)
         try:
-            reply = await asyncio.wait_for(answer, wait)
+            async with asyncio.timeout(wait):  # as in _open
+                reply = await answer
         except TimeoutError:
             raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
         if reply.get("ok") is not True:

@@ -124,6 +124,26 @@ async def test_the_reason_a_stream_ended_is_read_even_after_a_write_fails(
         await conn.abort()
 
 
+async def test_a_connect_cancelled_at_any_point_ends_at_once(daemon_pair: Pair) -> None:
+    """A cancel (a ^C) that comes as the daemon answers the attach or a close is not lost: the
+    task ends, rather than go on with a connection it was told to give up."""
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7217):
+
+        async def use() -> None:
+            async with client.connect("beta", 7217) as conn:
+                await conn.send(b"x")
+                await asyncio.sleep(60)
+
+        for n in range(100):
+            task = asyncio.create_task(use())
+            await asyncio.sleep(n * 0.0001)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)  # TimeoutError if the cancel was lost
+
+
 async def test_a_sender_whose_peer_stops_reading_waits(daemon_pair: Pair) -> None:
     """Nothing grows without bound: the listener never receives, so its daemon's inbox fills,
     the tunnel stops, the sender's daemon stops reading the data socket, and the sends wait."""
