@@ -458,7 +458,8 @@ async def serve(
             ready(info)
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), stats_interval)
+                async with asyncio.timeout(stats_interval):
+                    await stop.wait()
             except TimeoutError:
                 log.info("status %s", service.server.status(loop.time()))
     finally:
@@ -619,7 +620,8 @@ async def query_status(beacon_addr: Address | str, timeout: float = 3.0) -> dict
         for _ in range(3):
             transport.sendto(request)
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(protocol.reply), timeout / 3)
+                async with asyncio.timeout(timeout / 3):
+                    return await asyncio.shield(protocol.reply)
         raise PilotTimeoutError(
             f"no status from the beacon at {beacon_addr[0]}:{beacon_addr[1]} within {timeout} s"
         )

@@ -144,7 +144,8 @@ async def _netcat(ctx: Context, client: IpcClient, to_port: int) -> int:
             if idle >= args.linger:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(peer_closed.wait(), args.linger - idle)
+                async with asyncio.timeout(args.linger - idle):
+                    await peer_closed.wait()
 
     receiver = asyncio.create_task(receive())
     sender = asyncio.create_task(send())

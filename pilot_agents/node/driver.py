@@ -61,4 +61,5 @@ class Driver:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, remaining)
+                async with asyncio.timeout(remaining):
+                    await waiter

@@ -264,7 +264,8 @@ class Node:
         endpoint.wake()
         timeout = REGISTER_TIMEOUT + FAILOVER_ALLOWANCE * (len(client.beacons) - 1)
         try:
-            await asyncio.wait_for(asyncio.shield(self._registration), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._registration)
         except TimeoutError:
             where = "the beacon at " + names[0] if len(names) == 1 else "no beacon of " + (
                 ", ".join(names))
@@ -407,7 +408,8 @@ class Node:
         self._requests[request_id] = future
         self._running().wake()
         try:
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             raise PilotTimeoutError(f"the beacon did not answer within {timeout} s") from None
         finally:
@@ -561,7 +563,8 @@ class Node:
         self._pings[(key, ping_id)] = future
         endpoint.wake()
         try:
-            return await asyncio.wait_for(future, remaining)
+            async with asyncio.timeout(remaining):
+                return await future
         except TimeoutError:
             raise PilotTimeoutError(f"no answer to the ping within {timeout} s") from None
         finally:

@@ -409,7 +409,8 @@ async def _until_ready(service: ServiceProcess, ready: Ready) -> None:
     if proc.returncode is not None:
         if service.reader is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(service.reader, FOLLOW_GRACE)
+                async with asyncio.timeout(FOLLOW_GRACE):
+                    await service.reader
         said = next((line for line in reversed(service.stderr) if line.strip()), "")
         raise PipelineError(f"service {service.name} exited with status {proc.returncode} "
                             f"before it was ready: {said or 'it said nothing'} (all its "
@@ -449,7 +450,8 @@ async def _stop_service(service: ServiceProcess, grace: float) -> None:
     await _end(service.proc, grace)
     if service.reader is not None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(service.reader, FOLLOW_GRACE)
+            async with asyncio.timeout(FOLLOW_GRACE):
+                await service.reader
 
 
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:

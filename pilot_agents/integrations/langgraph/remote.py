@@ -263,7 +263,8 @@ class GraphServer:
         """The updates ready now, waiting up to ``poll_wait`` seconds for the first."""
         updates: list[Any] = []
         with contextlib.suppress(TimeoutError):
-            updates.append(await asyncio.wait_for(run.updates.get(), self.config.poll_wait))
+            async with asyncio.timeout(self.config.poll_wait):
+                updates.append(await run.updates.get())
         while updates and not _last(updates) and not run.updates.empty():
             updates.append(run.updates.get_nowait())
         done = bool(updates) and _last(updates)

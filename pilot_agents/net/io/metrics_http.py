@@ -63,9 +63,11 @@ class MetricsServer:
             return
         self._open += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT)
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
             writer.write(self._answer(head.split(b"\r\n", 1)[0]))
-            await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT)
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                await writer.drain()
         except (
             TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
         ):
