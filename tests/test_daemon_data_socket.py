@@ -31,13 +31,16 @@ from tests.test_ipc import stream_call, stream_read, stream_send, stream_socket
 Pair = tuple[DaemonHandle, DaemonHandle]
 KiB, MiB = 1024, 1024 * 1024
 LIMIT = MiB  # alpha's max_payload_bytes: what a data socket's client may leave unread
+ACK_WAIT = 2.0  # alpha's seconds before a message received with "ack" comes back
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     """alpha, whose data sockets hold at most 1 MiB unread, and beta, whose inboxes hold
-    1 MiB: small bounds, so that flow control shows within a few MiB."""
-    a, b = started(("alpha", {"max_payload_bytes": LIMIT}), ("beta", {"inbox_bytes": MiB}))
+    1 MiB: small bounds, so that flow control shows within a few MiB. alpha waits 2 s for an
+    ack."""
+    a, b = started(("alpha", {"max_payload_bytes": LIMIT, "ack_wait": ACK_WAIT}),
+                   ("beta", {"inbox_bytes": MiB}))
     try:
         yield a, b
         assert_clean_logs(a, b)
@@ -141,6 +144,49 @@ def test_messages_waiting_in_the_inbox_go_out_first(pair: Pair, data: DataSocket
     assert data.attach(stream)["ok"]
     assert ipc_call(b.home, cmd="reply", message=message, data="four")["ok"]
     assert [data.message() for _ in range(3)] == [b"two", b"three", b"four"]
+
+
+def _two_replies_one_taken(pair: Pair, data: DataSocket) -> tuple[str, str]:
+    """A stream to beta with "one" handed out by stream_receive and "two" in the inbox when
+    the data socket attaches; the stream and the id "one" was handed out with."""
+    a, b = pair
+    port = listened(b)
+    stream = connect(a, port)
+    assert ipc_call(a.home, cmd="stream_send", stream=stream, data="hello")["ok"]
+    message = receive(b, port)["id"]
+    for answer in ("one", "two"):
+        assert ipc_call(b.home, cmd="reply", message=message, data=answer)["ok"]
+    taken = ipc_call(a.home, cmd="stream_receive", stream=stream, timeout=WAIT)["message"]
+    assert taken["data"] == "one"
+    assert data.attach(stream)["ok"]
+    assert data.message() == b"two"
+    return message, str(taken["id"])
+
+
+def test_a_message_given_back_after_the_attach_goes_out_on_the_data_socket(
+        pair: Pair, data: DataSocket) -> None:
+    a, b = pair
+    message, one = _two_replies_one_taken(pair, data)
+    assert ipc_call(a.home, cmd="requeue", message=one)["requeued"]
+    assert data.message() == b"one"  # it waited in an inbox nobody reads any more
+    assert ipc_call(b.home, cmd="reply", message=message, data="three")["ok"]
+    assert data.message() == b"three"
+
+
+def test_a_message_never_acknowledged_comes_back_on_the_data_socket(
+        pair: Pair, data: DataSocket) -> None:
+    a, b = pair
+    port = listened(b)
+    stream = connect(a, port)
+    assert ipc_call(a.home, cmd="stream_send", stream=stream, data="hello")["ok"]
+    message = receive(b, port)["id"]
+    assert ipc_call(b.home, cmd="reply", message=message, data="one")["ok"]
+    taken = ipc_call(a.home, cmd="stream_receive", stream=stream, timeout=WAIT, ack=True)
+    assert taken["message"]["data"] == "one"
+    assert data.attach(stream)["ok"]
+    started_at = time.monotonic()
+    assert data.message() == b"one"  # after ack_wait, to the stream's one reader now
+    assert time.monotonic() - started_at > ACK_WAIT / 2
 
 
 # -- attaching -------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ class DataSocket:
         self._options = options
         self._limit = min(options.inbox_bytes, UNREAD_LIMIT)
         self.queued: list[Message] = []  # what the stream's inbox held: out first
+        self._started = False  # the attach's reply is written: frames may follow it
         self._writable = asyncio.Event()  # the client has at most _limit bytes unread
         self._writable.set()
         self._forwarding: asyncio.Task[None] | None = None
@@ -108,6 +109,7 @@ class DataSocket:
         transport = self._transport
         # pause_writing is the sign to stop taking the stream's messages (see _forward).
         transport.set_write_buffer_limits(high=self._limit)
+        self._started = True
         for message in self.queued:
             transport.writelines(ipc.pack_frames([_MESSAGE, message.data]))
         self.queued = []
@@ -169,6 +171,19 @@ class DataSocket:
         if self._answering is None:  # else it writes ``ended`` after its last answer
             self._write(ipc.DATA_ENDED, ipc.error_reply(error))
             self._finish()
+
+    def returned(self, message: Message) -> None:
+        """A message ``stream_receive`` handed out before the attach came back (a requeue, an
+        ack that never came): it goes out next, ahead of what still waits in the Node, even
+        past the unread bound (by one message). Once the stream is over there is nobody to
+        read it, as for a message that arrives then."""
+        if self._over or self._error is not None:
+            log.debug("stream %s: a message given back after its end was dropped",
+                      self._stream.stream_id)
+        elif not self._started:
+            self.queued.insert(0, message)
+        else:
+            self._transport.writelines(ipc.pack_frames([_MESSAGE, message.data]))
 
     def _take(self, message: Message) -> bool:
         """The Node's message as it arrives, written at once if the client's unread bytes stay

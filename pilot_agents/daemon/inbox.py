@@ -43,6 +43,7 @@ class Inbox:
         self._error: PilotError | None = None
         self._waiters: set[asyncio.Future[None]] = set()
         self._takers: collections.deque[Taker] = collections.deque()
+        self._returned: Callable[[Message], None] | None = None  # set by hand_over
 
     def __len__(self) -> int:
         return len(self._items)
@@ -103,6 +104,9 @@ class Inbox:
 
     def push_front(self, item: Message) -> None:
         """A handed-out message comes back: it is the next one out."""
+        if self._returned is not None:
+            self._returned(item)
+            return
         if self._closed:
             self._refused([item])
             return
@@ -137,6 +141,13 @@ class Inbox:
     def _refused(self, items: list[Message]) -> None:
         if items and self._refuse is not None:
             self._refuse(items)
+
+    def hand_over(self, returned: Callable[[Message], None]) -> list[Message]:
+        """Another reader takes over (a stream's data socket): the messages waiting, in order,
+        for it to send first. Nobody reads this inbox after it, so a handed-out message that
+        comes back (a requeue, an ack that never came) goes to ``returned`` instead."""
+        self._returned = returned
+        return self.drain()
 
     def drain(self) -> list[Message]:
         """Every waiting message, removed (the daemon is stopping)."""

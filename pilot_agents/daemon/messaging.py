@@ -74,6 +74,12 @@ class Attachment(Protocol):
     def end(self, error: PilotError) -> None: ...  # the stream or port is gone: say so, close
 
 
+class StreamAttachment(Attachment, Protocol):
+    """A stream's data socket (daemon/datasock.py)."""
+
+    def returned(self, message: Message) -> None: ...  # handed out before it, and given back
+
+
 @dataclass
 class StreamState:
     stream_id: str
@@ -483,16 +489,17 @@ class Messaging:
                 "for room: attach it once those have ended (or before they start)")
         return stream
 
-    def attach(self, stream: StreamState, socket: Attachment) -> list[Message]:
+    def attach(self, stream: StreamState, socket: StreamAttachment) -> list[Message]:
         """Make ``socket`` (for an :meth:`attachable` stream) the stream's only way in and
-        out; the messages its inbox held, in order, which go out on it first. The caller then
-        sets the stream's taker: from now on the Node's messages wait there, not here."""
+        out; the messages its inbox held, in order, which go out on it first, as does a
+        message handed out before and given back after. The caller then sets the stream's
+        taker: from now on the Node's messages wait there, not here."""
         if stream.task is not None:
             # Cancelling loses nothing: a message the pump was woken for stays in the Node.
             stream.task.cancel()
             stream.task = None
         stream.attached = socket
-        return stream.inbox.drain()
+        return stream.inbox.hand_over(socket.returned)
 
     async def _pump_stream(self, stream: StreamState) -> None:
         while True:
