@@ -32,6 +32,7 @@ from .ipc import (
     PORT_ARRIVED,
     PORT_CLOSE,
     PORT_CONFIRMED,
+    PORT_CREDIT,
     PORT_MESSAGE,
     PORT_REPLY,
     PORT_REPLY_CONFIRM,
@@ -56,6 +57,7 @@ _PORT_CLOSE = bytes([PORT_CLOSE])
 _PORT_SYNC = bytes([PORT_SYNC])
 _NUMBERED = struct.Struct("!BI")  # a port socket's kind, and its way or count
 _REPLY = struct.Struct("!BIB")  # ... and a reply's flags
+_CREDIT = struct.Struct("!BII")  # a port socket's credit: messages and bytes
 _ATTACH_ID = 1  # the only request a data socket ever makes
 
 
@@ -300,9 +302,12 @@ class Way:
 
 class PortSocket(_Attached[Way]):
     """A port's data socket: :meth:`receive` a port's messages (each with its :class:`Way`),
-    :meth:`reply` on a way, :meth:`close`. The daemon writes within the credit this grants back
-    as the application takes messages; replies are confirmed once per half send window of a
-    way, and a reply finding two confirmations of its way outstanding waits for the older."""
+    :meth:`reply` on a way, :meth:`close`. The daemon writes nothing before the first
+    :meth:`receive`, which grants the window as credit, and then within the credit this gives
+    back as the application takes messages: a listener that opens and never receives takes
+    none of the port's messages from its other readers. Replies are confirmed once per half
+    send window of a way, and a reply finding two confirmations of its way outstanding waits
+    for the older."""
 
     def __init__(self, what: str, window_messages: int, window_bytes: int,
                  send_messages: int, send_bytes: int,
@@ -314,14 +319,14 @@ class PortSocket(_Attached[Way]):
         self.ways: dict[int, Way] = {}
         self._taken_messages = 0  # since the last 'taken'
         self._taken_bytes = 0
+        self._granted = False  # the window, at the first receive
 
     @classmethod
     async def attach(cls, home: Path, port: int, window_messages: int, window_bytes: int,
                      send_messages: int, send_bytes: int,
                      on_failed: Callable[[PilotError], None]) -> PortSocket:
         """The port's data socket; ``on_failed`` hears of each reply that failed."""
-        request = {"cmd": "port_attach", "port": port, "credit_messages": window_messages,
-                   "credit_bytes": window_bytes}
+        request = {"cmd": "port_attach", "port": port, "credit_messages": 0, "credit_bytes": 0}
         sock, _ = await cls._open(
             home, request, lambda: cls(f"port {port}", window_messages, window_bytes,
                                        send_messages, send_bytes, on_failed), send_bytes)
@@ -366,6 +371,11 @@ class PortSocket(_Attached[Way]):
         return False
 
     async def receive(self, timeout: float | None) -> tuple[Way, bytes]:
+        if not self._granted:
+            self._granted = True
+            if self.ended is None:
+                self._write_now([_CREDIT.pack(PORT_CREDIT, self._window_messages,
+                                              self._window_bytes)])
         item = await self._next(timeout)
         self._taken_messages += 1
         self._taken_bytes += len(item[1])

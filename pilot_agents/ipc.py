@@ -286,6 +286,7 @@ PORT_TAKEN = 0x22
 PORT_CLOSE = 0x23
 PORT_SYNC = 0x24
 PORT_ARRIVAL = 0x25
+PORT_CREDIT = 0x26  # messages (u32), bytes (u32): the credit from now on
 PORT_MESSAGE = 0xA1
 PORT_WAY_ENDED = 0xA2  # a reply on the way failed
 PORT_CONFIRMED = 0xA3

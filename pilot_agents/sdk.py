@@ -103,6 +103,10 @@ class ClientOptions:
                      "send_window_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ClientOptions.{name} must be at least 1")
+        # What the daemon takes as a listener's credit (docs/ipc.md).
+        if self.receive_window_messages > 1 << 20 or self.receive_window_bytes >= 1 << 32:
+            raise ConfigError("ClientOptions.receive_window_messages can be at most 2**20, "
+                              "and receive_window_bytes at most 2**32 - 1")
 
 
 ReplyFunction = Callable[[bytes], Awaitable[Any]]
@@ -573,9 +577,9 @@ class DaemonListener:
     """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
     Several listeners (in any process) on one port share its buffer: each message goes to one.
     On the stream socket they come on a data socket of the listener's own (docs/ipc.md), and
-    its messages' replies go back on it: once the listener is closed, they fail. Such a
-    listener takes up to its receive window of the port's messages as soon as it opens, not at
-    its first receive; closing it gives back what it did not receive."""
+    its messages' replies go back on it: once the listener is closed, they fail. It takes
+    nothing from the port before its first receive, then up to its receive window; closing it
+    gives back what it did not receive."""
 
     def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
         self._client = client

@@ -36,6 +36,7 @@ QUIET = 0.3  # seconds in which nothing more coming means nothing will (it comes
 _WAY = struct.Struct("!I")
 _NUMBERED = struct.Struct("!BI")  # a kind, then a way or a count
 _REPLY = struct.Struct("!BIB")  # ... and a reply's flags
+_CREDIT = struct.Struct("!BII")  # a kind, then messages and bytes
 CLOSE, SYNC = bytes([ipc.PORT_CLOSE]), bytes([ipc.PORT_SYNC])
 
 
@@ -45,6 +46,10 @@ def reply_header(way: int, flags: int = 0) -> bytes:
 
 def taken_header(count: int) -> bytes:
     return _NUMBERED.pack(ipc.PORT_TAKEN, count)
+
+
+def credit_header(messages: int, size: int = 4 * MiB) -> bytes:
+    return _CREDIT.pack(ipc.PORT_CREDIT, messages, size)
 
 
 def arrival_header(way: int) -> bytes:
@@ -83,6 +88,9 @@ class PortSocket(FramedSocket):
 
     def taken(self, count: int) -> None:
         self.write([taken_header(count)])
+
+    def credit(self, messages: int, size: int = 4 * MiB) -> None:
+        self.write([credit_header(messages, size)])
 
     def sync(self) -> None:
         """Every message before the ``synced`` that answers a sync (way ended first)."""
@@ -242,6 +250,25 @@ def test_credit_in_bytes_is_overshot_by_one_message_at_most(pair: Pair,
     assert sock.message()[2] == b"8 bytes3"
 
 
+def test_an_attach_without_credit_writes_nothing_until_credit_is_given(
+        pair: Pair, sock: PortSocket) -> None:
+    a, _ = pair
+    port = new_port()
+    assert sock.attach(port, credit_messages=0, credit_bytes=0)["ok"]
+    ask(a, port, "m0", "m1", "m2", "m3")
+    sock.assert_quiet()
+    sock.credit(1)
+    assert sock.message()[2] == b"m0"
+    sock.assert_quiet()
+    sock.credit(3)  # in place of the last: one written and not taken, so two more
+    assert [sock.message()[2] for _ in range(2)] == [b"m1", b"m2"]
+    sock.credit(0, 0)
+    sock.taken(3)
+    sock.assert_quiet()  # nothing written, nothing owed: still no credit
+    sock.credit(64)
+    assert sock.message()[2] == b"m3"
+
+
 # -- the end ---------------------------------------------------------------------------------------
 
 
@@ -351,7 +378,7 @@ def test_a_published_port_or_a_late_attach_is_refused(pair: Pair) -> None:
                       credit_bytes=MiB)
     assert zeromq["error"]["type"] == "BadRequestError", zeromq  # type: ignore[index]
     with stream_socket(b.home) as raw:
-        reply, _ = stream_call(raw, {**attach, "credit_messages": 0})
+        reply, _ = stream_call(raw, {**attach, "credit_messages": -1})
         assert reply["error"]["type"] == "BadRequestError", reply
     assert not listening(b) & {port, port + 1, port + 2}  # no refusal left a listen behind
 
@@ -486,7 +513,7 @@ def test_a_third_reply_awaiting_confirmation_is_bad_input_and_not_sent(
 
 
 @pytest.mark.parametrize(("bad", "resets"), [
-    pytest.param(lambda way: [[b"\x26"]], True, id="unknown-kind"),
+    pytest.param(lambda way: [[b"\x2f"]], True, id="unknown-kind"),
     pytest.param(lambda way: [[reply_header(way + 1000), b"x"]], True, id="never-given-way"),
     pytest.param(lambda way: [[taken_header(2)]], True, id="taken-more-than-written"),
     pytest.param(lambda way: [[taken_header(0)]], True, id="taken-none"),
@@ -494,6 +521,8 @@ def test_a_third_reply_awaiting_confirmation_is_bad_input_and_not_sent(
     pytest.param(lambda way: [[reply_header(way)]], True, id="reply-without-payload"),
     pytest.param(lambda way: [[SYNC + b"x"]], True, id="sync-header-too-long"),
     pytest.param(lambda way: [[taken_header(1)[:3]]], True, id="taken-header-too-short"),
+    pytest.param(lambda way: [[credit_header(1)[:5]]], True, id="credit-header-too-short"),
+    pytest.param(lambda way: [[credit_header(2**20 + 1)]], True, id="credit-too-many"),
     pytest.param(lambda way: [[SYNC, b"payload"]], True, id="sync-with-payload"),
     # After 'close', nothing is owed: the client chose not to reply (the message goes back).
     pytest.param(lambda way: [[CLOSE], [SYNC]], False, id="sync-after-close"),

@@ -239,6 +239,22 @@ async def test_a_listeners_messages_come_with_their_senders_and_take_replies(
         await server.flush()
 
 
+async def test_a_listener_takes_nothing_from_the_port_before_it_receives(
+        daemon_pair: Pair) -> None:
+    """Listeners sharing a port share its messages: one that opened and has not received yet
+    holds none of them back from the one that reads."""
+    a, b = daemon_pair
+    async with pilot.Client(b.home) as server, pilot.Client(a.home) as client, \
+            server.listen(7218) as idle, server.listen(7218) as reader, \
+            client.connect("beta", 7218) as conn:
+        for n in range(10):
+            await conn.send(b"%d" % n)
+        got = [(await reader.receive(timeout=5)).data for _ in range(10)]
+        assert got == [b"%d" % n for n in range(10)]
+        await conn.send(b"10")
+        assert (await idle.receive(timeout=5)).data == b"10"  # it takes once it receives
+
+
 async def test_several_tasks_receive_from_one_listener_at_once(daemon_pair: Pair) -> None:
     """A replier's workers each wait on the listener: every message wakes one of them, and
     one that gives up (its timeout) hands its turn on rather than leave a message unread."""

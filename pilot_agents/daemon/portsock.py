@@ -19,11 +19,13 @@ from .dispatch import Reply
 from .hangup import hang_up
 from .inbox import WayBack
 from .messaging import Messaging, PortState
+from .requests import MAX_CREDIT_MESSAGES
 
 log = logging.getLogger("pilot_agents.daemon")
 
 _NUMBERED = struct.Struct("!BI")  # a kind, then a way or a count
 _REPLY = struct.Struct("!BIB")  # ... and a reply's flags
+_CREDIT = struct.Struct("!BII")  # a kind, then messages and bytes
 _CLOSE = bytes([ipc.PORT_CLOSE])
 _SYNC = bytes([ipc.PORT_SYNC])
 # Ways that ended are forgotten (and the client told) once this many more are known than were
@@ -185,6 +187,8 @@ class PortSocket:
             raise BadRequestError(f"kind {kind:#04x} takes no payload frame")
         elif kind == ipc.PORT_TAKEN and len(header) == _NUMBERED.size:
             self._taken(_NUMBERED.unpack(header)[1])
+        elif kind == ipc.PORT_CREDIT and len(header) == _CREDIT.size:
+            self._credit(*_CREDIT.unpack(header)[1:])
         elif kind == ipc.PORT_ARRIVAL and len(header) == _NUMBERED.size:
             way = self._way(_NUMBERED.unpack(header)[1])
             since = None if way is None else way.back.since_arrival()
@@ -257,6 +261,17 @@ class PortSocket:
             self._written_bytes -= len(written.popleft().data)
         if not had_credit:
             self._inbox.changed()  # wakes _forward, now that there is credit
+
+    def _credit(self, messages: int, size: int) -> None:
+        """The client's credit from now on (0 stops writing); a smaller one than what it has
+        been written and not taken only holds what comes next back until it takes more."""
+        if messages > MAX_CREDIT_MESSAGES:
+            raise BadRequestError(f"a credit of {messages} messages, over the limit of "
+                                  f"{MAX_CREDIT_MESSAGES}")
+        had_credit = self._has_credit()
+        self._credit_messages, self._credit_bytes = messages, size
+        if not had_credit and self._has_credit():
+            self._inbox.changed()  # wakes _forward
 
     def _close(self) -> None:
         """The client stops reading: what it did not take goes back to the head of the port,

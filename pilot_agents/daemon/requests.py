@@ -21,6 +21,10 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Timeout = Annotated[float, Field(gt=0, le=7 * 86400)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 RequestId = int | str
+# A port data socket's credit (its attach, and its 'credit' frames, which give each in four
+# bytes).
+MAX_CREDIT_MESSAGES = 1 << 20
+MAX_CREDIT_BYTES = (1 << 32) - 1
 
 
 class BaseRequest(BaseModel):
@@ -180,8 +184,9 @@ class PortAttachRequest(BaseRequest):
 
     cmd: Literal["port_attach"]
     port: Port
-    credit_messages: Annotated[int, Field(ge=1, le=2**20)]
-    credit_bytes: Annotated[int, Field(ge=1, le=2**32)]
+    # 0: nothing is written until the client grants credit (a 'credit' frame).
+    credit_messages: Annotated[int, Field(ge=0, le=MAX_CREDIT_MESSAGES)]
+    credit_bytes: Annotated[int, Field(ge=0, le=MAX_CREDIT_BYTES)]
 
 
 class SendRequest(PayloadRequest):
