@@ -227,7 +227,7 @@ async def test_a_zmq_pub_feeds_a_remote_subscriber(
     assert [(p.topic, p.data) for p in got] == [
         *((f"t.{n}", f"payload {n}".encode()) for n in range(5)), ("t.last", b"\x00\xff")]
     assert all(p.sender == alpha.node_id and not p.missed for p in got)
-    stats = bridge.stop()
+    stats = bridge.stop(signal.SIGHUP)  # its terminal closed: as Ctrl-C
     assert stats["forwarded"] >= 8 and stats["malformed"] == 1 and stats["dropped"] == 0
 
 

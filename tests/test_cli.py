@@ -150,7 +150,9 @@ def test_start_reports_a_bad_listen_address(fresh_home: Path) -> None:
     assert ipc.daemon_pid(fresh_home) is None
 
 
-def test_foreground_daemon_stops_on_sigterm(fresh_home: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP],  # or its terminal closed
+                         ids=["SIGTERM", "SIGHUP"])
+def test_foreground_daemon_stops_cleanly_on_a_signal(fresh_home: Path, signum: int) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pilot_agents.cli", "--home", str(fresh_home), "daemon", "start",
          "--foreground", "--listen", "127.0.0.1:0", "--hostname", "fg"],
@@ -160,9 +162,10 @@ def test_foreground_daemon_stops_on_sigterm(fresh_home: Path) -> None:
         if "pilot-agents daemon ready" in line:
             break
     assert cli_json(fresh_home, "info")["hostname"] == "fg"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(timeout=10) == 0
     assert ipc.daemon_pid(fresh_home) is None
+    assert "stopped" in (fresh_home / "daemon.log").read_text()  # its clean-up ran
 
 
 # -- messaging ------------------------------------------------------------------------------

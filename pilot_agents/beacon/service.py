@@ -26,7 +26,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -40,6 +39,7 @@ from ..identity import Identity, default_home, node_id_from_key
 from ..net.io.udp import open_socket
 from ..net.traversal import beacon_wire as bw
 from ..net.traversal.beacon_wire import Address
+from ..runtime import STOPPING
 from . import metrics as beacon_metrics
 from . import workers
 from .server import BeaconConfig, BeaconServer, StoreCall, reported_address
@@ -486,7 +486,7 @@ def run(
     worker: Worker | None = None,
     advertise: str | None = None,
 ) -> int:
-    """Serve until SIGINT or SIGTERM; the exit status."""
+    """Serve until SIGINT, SIGTERM or SIGHUP; the exit status."""
 
     async def main() -> None:
         stop = _stop_on_signals()
@@ -527,7 +527,7 @@ def _exit_status(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
 def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPPING:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     return stop
@@ -560,8 +560,8 @@ def run_workers(
     advertise: str | None = None,
     ready: Callable[[str], Any] | None = None,
 ) -> int:
-    """Serve with ``count`` worker processes (:mod:`.workers`) until SIGINT or SIGTERM; the exit
-    status. ``worker_argv``: every worker's options but its sockets."""
+    """Serve with ``count`` worker processes (:mod:`.workers`) until SIGINT, SIGTERM or
+    SIGHUP; the exit status. ``worker_argv``: every worker's options but its sockets."""
 
     async def main() -> None:
         workers.require_shared_store(store, count)

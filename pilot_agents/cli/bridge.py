@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..integrations.zmq_bridge import (
     run_together,
 )
 from ..patterns import Overflow, PubSubConfig
-from ..runtime import run
+from ..runtime import STOPPING, run
 from ..sdk import Client
 from ..transport import Transport
 from .context import Context
@@ -124,8 +123,8 @@ def rep_cmd(ctx: Context) -> int:
 
 
 def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
-    """Run the bridge through the home's daemon until Ctrl-C or SIGTERM; a status line when it
-    runs, one with its counts when it stops."""
+    """Run the bridge through the home's daemon until Ctrl-C, SIGTERM or SIGHUP (its terminal
+    closed); a status line when it runs, one with its counts when it stops."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="bridge: %(message)s")
 
@@ -137,7 +136,7 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
             loop = asyncio.get_running_loop()
             if not os.environ.get("PILOT_DEBUG"):
                 loop.set_exception_handler(_one_line)
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOPPING:
                 loop.add_signal_handler(signum, stop.set)
             if await _open_unless(stop, bridge):
                 try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 from .. import ipc
@@ -20,6 +19,7 @@ from ..errors import (
 )
 from ..net.io.metrics_http import MetricsServer
 from ..node.node import Node
+from ..runtime import STOPPING
 from ..trust import TrustStore, is_node_id
 from .admin import AdminCommands
 from .clients import Clients
@@ -66,7 +66,7 @@ class Daemon:
             await self._shutdown()
             raise
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOPPING:
             loop.add_signal_handler(sig, self._stop.set)
         info = admin.snapshot()
         log.info("ready: %s (%s) home %s, udp %s, beacon %s", info["hostname"], info["node_id"],
@@ -81,7 +81,7 @@ class Daemon:
             for task in (serve, janitor):
                 task.cancel()
             await asyncio.gather(serve, janitor, server.cancel_all(), return_exceptions=True)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOPPING:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
             log.info("stopped")
