@@ -269,6 +269,31 @@ def test_an_attach_without_credit_writes_nothing_until_credit_is_given(
     assert sock.message()[2] == b"m3"
 
 
+def test_the_daemon_holds_no_more_than_max_payload_bytes_for_one_client() -> None:
+    """A client that gives 4 GiB of credit and does not read can't make the daemon hold more
+    than it would on the requests' path."""
+    a, b = started(("alpha", {}), ("beta", {"max_payload_bytes": MiB}))
+    sock = PortSocket(b)
+    try:
+        port = new_port()
+        assert sock.attach(port, credit_bytes=2**32 - 1)["ok"]
+        big = "x" * (600 * 1024)
+        ask(a, port, big, big, big)
+        # 0 < 1 MiB: one goes; 600 KiB < 1 MiB: one more; 1.2 MiB: no room.
+        assert [len(sock.message()[2]) for _ in range(2)] == [len(big)] * 2
+        sock.assert_quiet()
+        sock.taken(1)
+        assert len(sock.message()[2]) == len(big)
+        ask(a, port, big)
+        sock.credit(64, 2**32 - 1)  # a credit frame is held to the same bound
+        sock.assert_quiet()
+        sock.taken(2)
+        assert len(sock.message()[2]) == len(big)
+    finally:
+        sock.close()
+        stop_daemons(a.home, b.home)
+
+
 # -- the end ---------------------------------------------------------------------------------------
 
 

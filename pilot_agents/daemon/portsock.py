@@ -51,8 +51,12 @@ class PortSocket:
         self._state = state
         self._inbox = state.inbox
         self._transport = transport
+        # What the daemon holds written and not taken for one client is at most
+        # max_payload_bytes (and one message), whatever credit the client gives: as much as it
+        # lets a client leave unread on the requests' path.
+        self._max_credit_bytes = messaging.ctx.options.max_payload_bytes
         self._credit_messages = credit_messages
-        self._credit_bytes = credit_bytes
+        self._credit_bytes = min(credit_bytes, self._max_credit_bytes)
         # Written and not reported taken, oldest first: they go back to the port on 'close'.
         self._written: collections.deque[Message] = collections.deque()
         self._written_bytes = 0
@@ -269,7 +273,8 @@ class PortSocket:
             raise BadRequestError(f"a credit of {messages} messages, over the limit of "
                                   f"{MAX_CREDIT_MESSAGES}")
         had_credit = self._has_credit()
-        self._credit_messages, self._credit_bytes = messages, size
+        self._credit_messages = messages
+        self._credit_bytes = min(size, self._max_credit_bytes)
         if not had_credit and self._has_credit():
             self._inbox.changed()  # wakes _forward
 
