@@ -113,6 +113,12 @@ class BadRequestError(PilotError):
     """An IPC request was not valid JSON or not a valid command."""
 
 
+class DaemonOutdatedError(BadRequestError):
+    """The daemon refused a request, and it runs other code than the program asking: the
+    package was upgraded, reinstalled or changed since it started, and it may not know the
+    request. Restart it."""
+
+
 class BusyError(PilotError):
     """The daemon refused a request: this client already has as many in flight as it may."""
 

@@ -37,11 +37,13 @@ from .errors import (
     BadRequestError,
     ConfigError,
     DaemonNotRunningError,
+    DaemonOutdatedError,
     PilotError,
     from_name,
 )
 from .home import DAEMON_LOCK, DAEMON_PID
 from .identity import default_home
+from .version import build
 
 SOCKET_NAME = "daemon.sock"
 PUB_SOCKET_NAME = "pub.sock"
@@ -575,7 +577,25 @@ class IpcClient:
             self._waiting.pop(request_id, None)
         if reply.get("ok") is True:
             return reply
-        raise error_of(reply)
+        error = error_of(reply)
+        if isinstance(error, BadRequestError) and cmd != "info":
+            raise await self.explain_refusal(error)
+        raise error
+
+    async def explain_refusal(self, error: BadRequestError) -> PilotError:
+        """``error``; or, when the daemon runs other code than this program (an upgrade it was
+        not restarted after: it may not know what it refused), an error that says so. Asked
+        only when a request is refused, so it costs nothing otherwise."""
+        try:
+            info = await self.request("info")
+        except PilotError:
+            return error
+        if info.get("build") == build():
+            return error
+        return DaemonOutdatedError(
+            f"{error}; the daemon (pid {info.get('pid')}) runs other code than this program "
+            "(pilot-agents was upgraded, reinstalled or changed since it started): restart it "
+            "with 'pilot-agents daemon stop', then 'pilot-agents daemon start'")
 
     async def deliver(self, on_reply: OnReply, **fields: Any) -> int:
         """Start a ``deliver`` request: ``on_reply`` gets each of its replies, the last one an

@@ -31,10 +31,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .datasocket import PortSocket, StreamSocket
 from .errors import (
+    BadRequestError,
     ConfigError,
     ConnectionClosedError,
     DaemonNotRunningError,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .node.node import Node
 
 log = logging.getLogger("pilot_agents.sdk")
+A = TypeVar("A")  # what an attach gives
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,14 @@ class Client:
                     "Client.flush()): %s", error)
         if self._reply_error is None:
             self._reply_error = error
+
+    async def _attached(self, attaching: Awaitable[A]) -> A:
+        """A data socket's attach; refused, with the refusal explained as a request's is
+        (:meth:`IpcClient.explain_refusal`): a daemon of older code may not know it."""
+        try:
+            return await attaching
+        except BadRequestError as exc:
+            raise await self._ipc.explain_refusal(exc) from None
 
     async def call(self, cmd: str, payload: bytes | None = None, **fields: Any) -> dict[str, Any]:
         """Any IPC command (docs/ipc.md); the reply's fields, or the error it reports raised.
@@ -429,9 +439,9 @@ class DaemonConnection:
         opts = self._client.options
         if opts.data_sockets and self._client._ipc.on_stream_socket:
             try:
-                self._data, attached = await StreamSocket.attach(
+                self._data, attached = await self._client._attached(StreamSocket.attach(
                     self._client.home, self._stream, what, opts.receive_window_messages,
-                    opts.receive_window_bytes, opts.send_window_bytes)
+                    opts.receive_window_bytes, opts.send_window_bytes))
             except BaseException:
                 await self.abort()
                 await self._release()
@@ -595,11 +605,11 @@ class DaemonListener:
             await client._ipc.open()
             opts = client.options
             if opts.data_sockets and client._ipc.on_stream_socket:
-                self._socket = await PortSocket.attach(
+                self._socket = await client._attached(PortSocket.attach(
                     client.home, self.port, opts.receive_window_messages,
                     opts.receive_window_bytes, opts.send_window_messages, opts.send_window_bytes,
                     # The next reply on its way raises it (the socket keeps it), and flush().
-                    functools.partial(client._reply_failed, message_id=""))
+                    functools.partial(client._reply_failed, message_id="")))
                 client._port_sockets.add(self._socket)
             else:
                 await client.call("listen", port=self.port)

@@ -18,6 +18,7 @@ from ..ipc import decode_data
 # Most specific first: the first class an error is an instance of gives the code.
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [
     (errors.DaemonNotRunningError, 3, "the daemon is not running or not answering"),
+    (errors.DaemonOutdatedError, 3, "the daemon runs older code: restart it"),
     (errors.HomeInUseError, 4, "a daemon (or another node) already runs for this home"),
     (errors.UnknownHostError, 5, "unknown host"),
     (errors.NotTrustedError, 6, "peer not trusted"),
@@ -44,7 +45,8 @@ exit codes:
   0   success
   1   other error (network, file system)
   2   bad arguments, bad input, or a command that is not available yet
-  3   daemon not running or not answering (start it: pilotctl daemon start --hostname NAME)
+  3   daemon not running or not answering (start it: pilotctl daemon start --hostname NAME),
+      or running other code than this command, which it refused (restart it)
   4   a daemon (or another node) is already running for this home
   5   unknown host
   6   peer not trusted (the message says the 'pilotctl trust ...' command that fixes it)

@@ -10,7 +10,7 @@ from .. import ipc
 from ..errors import ConfigError, PilotError
 from ..identity import key_from_node_id
 from ..trust import is_node_id
-from ..version import VERSION
+from ..version import VERSION, build
 from .context import DaemonContext, StaticPeer, save_static_peers
 from .dispatch import DispatchTable, Reply
 from .messaging import Messaging
@@ -46,7 +46,7 @@ class AdminCommands:
             "node_id": node.node_id, "virtual_address": node.virtual_address,
             "hostname": node.hostname or ctx.options.hostname, "nat_type": node.nat_type,
             "endpoints": list(node.endpoints), "beacon": node.beacon,
-            "home": str(ctx.home), "pid": os.getpid(), "version": VERSION,
+            "home": str(ctx.home), "pid": os.getpid(), "version": VERSION, "build": build(),
             "protocol": ipc.PROTOCOL_VERSION, "uptime": round(time.time() - self.started, 1),
             "listening": [
                 {"port": s.port, "publish": s.publish, "buffered": len(s.inbox),

@@ -21,6 +21,7 @@ from ..net.io.metrics_http import MetricsServer
 from ..node.node import Node
 from ..runtime import STOPPING
 from ..trust import TrustStore, is_node_id
+from ..version import build
 from .admin import AdminCommands
 from .clients import Clients
 from .context import DaemonContext, load_static_peers
@@ -91,6 +92,7 @@ class Daemon:
 
     async def _start(self) -> tuple[AdminCommands, IpcServer]:
         opts = self.options
+        build()  # of the code we run, now: an upgrade may replace the files while we do
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock.acquire()
         ipc_address = ipc.endpoint(self.home)  # checks the path length before anything else
