@@ -251,6 +251,7 @@ async def test_a_listener_takes_nothing_from_the_port_before_it_receives(
             await conn.send(b"%d" % n)
         got = [(await reader.receive(timeout=5)).data for _ in range(10)]
         assert got == [b"%d" % n for n in range(10)]
+        await reader.close()  # (the reader still has credit: "10" would be its)
         await conn.send(b"10")
         assert (await idle.receive(timeout=5)).data == b"10"  # it takes once it receives
 
