@@ -171,6 +171,14 @@ def test_foreground_daemon_stops_cleanly_on_a_signal(fresh_home: Path, signum: i
 # -- messaging ------------------------------------------------------------------------------
 
 
+def test_a_command_naming_its_own_node_says_so(daemon_pair: Pair) -> None:
+    """Not "not trusted: run trust add", which trust add refuses for one's own id."""
+    a, _ = daemon_pair
+    for target in ("alpha", a.node_id):
+        result = cli(a.home, "connect", target, "--message", "hello")
+        assert_one_line_error(result, 2, "is this node itself")
+
+
 def test_connect_with_message_then_listen(daemon_pair: Pair) -> None:
     a, b = daemon_pair
     message = '{"rows":1842,"summary":"Q4 up 23%"}'

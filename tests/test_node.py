@@ -117,6 +117,17 @@ async def test_untrusted_peer_is_refused_locally_and_remotely(tmp_path: Path) ->
                 pass
 
 
+async def test_a_node_is_told_it_named_itself(tmp_path: Path) -> None:
+    """Not "not trusted: run trust add", which would be refused: a node has no tunnel to
+    itself."""
+    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a:
+        with pytest.raises(ConfigError, match="is this node itself"):
+            async with a.connect(a.node_id, port=1):
+                pass
+        with pytest.raises(ConfigError, match="own id"):
+            a.trust(a.node_id)
+
+
 async def test_dead_peer_address_times_out(tmp_path: Path) -> None:
     async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a:
         other = Identity.load_or_create(tmp_path / "ghost")

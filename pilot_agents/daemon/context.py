@@ -133,6 +133,10 @@ class DaemonContext:
         connects to the pinned key at once and asks the beacon only if that key does not
         answer (KeyMismatchError if the name moved). Any other name is resolved here, once."""
         name = target.strip()
+        if name and name.lower() in (self.node.node_id, (self.hostname() or "").lower()):
+            # Not "not trusted": trusting one's own id is refused, so that hint leads nowhere.
+            raise ConfigError(f"{name!r} is this node itself: name another node (a node has "
+                              "no tunnel to itself)")
         pinned = self.store.pinned(name) if self.has_beacon and not is_node_id(name) else None
         if pinned is not None:
             return Target(pinned.node_id, name, None, name)

@@ -342,6 +342,8 @@ class Node:
         (as ``pilotctl trust add NAME`` does): ``connect(hostname)`` then goes straight to the
         key, without asking the beacon first, and never follows the name to another key."""
         key = key_from_node_id(node_id)
+        if node_id_from_key(key) == self.node_id:
+            raise ConfigError("that is this node's own id: a node has no tunnel to itself")
         if hostname:
             name = hostname.strip().lower()
             self._pins[name] = key
@@ -581,6 +583,9 @@ class Node:
         assert mux is not None
         name = self._name_of(key)
         if not mux.is_trusted(key):
+            if node_id_from_key(key) == self.node_id:  # trusting it would be refused too
+                raise ConfigError(f"{name} is this node itself: name another node (a node "
+                                  "has no tunnel to itself)")
             raise NotTrustedError(f"{name} is not trusted: run 'pilotctl trust add {name}'")
         deadline = endpoint.now() + timeout
         while True:
