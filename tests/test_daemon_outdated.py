@@ -63,6 +63,8 @@ async def test_what_a_daemon_of_older_code_refuses_says_to_restart_it(
 def test_the_cli_says_to_restart_it_too(older: DaemonHandle) -> None:
     result = cli(older.home, "peers")
     assert_one_line_error(result, 3, "unknown command", "restart it")
+    status = cli(older.home, "daemon", "status")
+    assert status.returncode == 0 and "runs other code than this command" in status.stdout
 
 
 async def test_a_daemon_of_the_same_code_refuses_as_it_did(
@@ -71,3 +73,5 @@ async def test_a_daemon_of_the_same_code_refuses_as_it_did(
         with pytest.raises(BadRequestError) as refused:
             await client.call("no_such_command")
         assert not isinstance(refused.value, DaemonOutdatedError)
+    status = cli(daemon_pair[0].home, "daemon", "status")
+    assert status.returncode == 0 and "other code" not in status.stdout, status.stdout

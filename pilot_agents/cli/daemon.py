@@ -12,6 +12,7 @@ import os
 from .. import ipc
 from ..errors import ConfigError, DaemonRunningError
 from ..transport import DEFAULT_PORT
+from ..version import build
 from .context import Context
 from .output import EXIT_OK, emit, fields, print_fields
 from .parser import Commands, ports
@@ -48,7 +49,8 @@ def start_cmd(ctx: Context) -> int:
     pid = None if args.foreground else ipc.daemon_pid(ctx.home)
     if pid is not None:  # said before loading the daemon's code
         raise DaemonRunningError(f"a daemon is already running for {ctx.home} (pid {pid}); "
-                                 "stop it with 'pilotctl daemon stop'")
+                                 "stop it with 'pilotctl daemon stop' first (to restart it, "
+                                 "after an upgrade say)")
     from ..daemon import DaemonOptions, run_foreground, start_detached
 
     options = DaemonOptions(home=ctx.home, hostname=args.hostname, beacon=args.beacon,
@@ -110,4 +112,8 @@ def status_cmd(ctx: Context) -> int:
         ("Listening:", listening or "-"),
         ("Trust:", f"{info['trusted']} trusted, {info['pending']} pending"),
     ])
+    if info.get("build") != build():
+        print("It runs other code than this command (pilot-agents was upgraded, reinstalled or "
+              "changed since it started): restart it with 'pilotctl daemon stop', then "
+              "'pilotctl daemon start'.")
     return EXIT_OK
