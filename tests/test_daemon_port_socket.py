@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -291,6 +292,39 @@ def test_the_daemon_holds_no_more_than_max_payload_bytes_for_one_client() -> Non
         assert len(sock.message()[2]) == len(big)
     finally:
         sock.close()
+        stop_daemons(a.home, b.home)
+
+
+def test_a_client_that_ignores_confirmations_is_held_back_not_buffered() -> None:
+    """Replies without the confirm flag to a requester that does not read: once its stream is
+    over its bound by more than max_payload_bytes, the daemon stops reading the socket (the
+    client's writes wait) until the stream has room, rather than hold whatever comes."""
+    a, b = started(("alpha", {"inbox_bytes": MiB}), ("beta", {"max_payload_bytes": MiB}))
+    sock, reader = PortSocket(b), FramedSocket(a)
+    try:
+        port = new_port()
+        assert sock.attach(port)["ok"]
+        stream = ask(a, port, "q")
+        way, _, _ = sock.message()
+        # What would all go to alpha: its inbox (1 MiB), its node's stream window (16 MiB),
+        # beta's stream bound (8 MiB), and more than the 1 MiB beta lets it be over by.
+        count, reply = 48, b"r" * (MiB - 64)
+        writer = threading.Thread(
+            target=sock.write, args=[[reply_header(way), reply]] * count, daemon=True)
+        writer.start()
+        writer.join(5.0)
+        assert writer.is_alive(), "the daemon took 48 MiB of replies nobody reads"
+        reader.write([json.dumps({"cmd": "stream_attach", "id": 1,
+                                  "stream": stream}).encode()])
+        assert json.loads(reader.next()[0])["ok"]
+        for _ in range(count):  # alpha reads: room again, and every reply comes, in order
+            kind, data = reader.next()
+            assert kind == bytes([ipc.DATA_MESSAGE]) and data == reply
+        writer.join(WAIT)
+        assert not writer.is_alive()
+    finally:
+        sock.close()
+        reader.close()
         stop_daemons(a.home, b.home)
 
 

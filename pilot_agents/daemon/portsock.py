@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class _Way:
     owed: int = 0  # messages written to the client and not replied to
     confirming: int = 0  # replies whose 'confirmed' waits for the stream's room
     task: asyncio.Task[None] | None = None  # the one that waits for it
+    over: int = 0  # reply bytes written while its stream was over its bound
 
 
 class PortSocket:
@@ -65,6 +67,7 @@ class PortSocket:
         self._issued = 0  # the last way number given out
         self._pruned_at = 0  # how many ways were live after the last pruning
         self._forwarding: asyncio.Task[None] | None = None
+        self._room: asyncio.Task[None] | None = None  # reading stopped until a way has room
         self._over = False  # closed, ended, or the client is gone
         self._hung_up = False  # the last frame is written
 
@@ -234,6 +237,14 @@ class PortSocket:
         except PilotError as exc:
             self._forget(number, ipc.PORT_WAY_ENDED, self._messaging.explain_way(exc, way.back))
             return
+        way.over = 0 if room else way.over + len(payload)
+        if way.over > limit and self._room is None:
+            # Replies go out over a stream's bound so that one slow requester holds up no
+            # other, and a client that waits for its confirmations (the SDK) adds at most its
+            # send window there. One that ignores them would grow the stream without bound:
+            # it is held back instead, all its ways with it, until this one has room.
+            self._transport.pause_reading()
+            self._room = asyncio.create_task(self._wait_for_room(way))
         if not confirm:
             return
         if room and not way.confirming:
@@ -242,6 +253,14 @@ class PortSocket:
         way.confirming += 1
         if way.task is None:
             way.task = asyncio.create_task(self._confirm(number, way))
+
+    async def _wait_for_room(self, way: _Way) -> None:
+        with contextlib.suppress(PilotError):  # a stream that failed holds nothing back
+            await way.back.room()
+        way.over = 0
+        self._room = None
+        if not self._over:
+            self._transport.resume_reading()
 
     async def _confirm(self, number: int, way: _Way) -> None:
         """'confirmed' for each reply waiting for it, in order, as the stream has room."""
@@ -319,7 +338,7 @@ class PortSocket:
         self._inbox.remove_taker(self._take)
         self._state.attached.remove(self)
         current = asyncio.current_task()
-        for task in [self._forwarding, *(w.task for w in self._ways.values())]:
+        for task in [self._forwarding, self._room, *(w.task for w in self._ways.values())]:
             if task is not None and task is not current:
                 task.cancel()
         messaging, state = self._messaging, self._state
