@@ -289,6 +289,9 @@ PORT_CLOSE = 0x23
 PORT_SYNC = 0x24
 PORT_ARRIVAL = 0x25
 PORT_CREDIT = 0x26  # messages (u32), bytes (u32): the credit from now on
+# A port socket's credit, in its attach and its 'credit' frames (which give each in 4 bytes).
+MAX_CREDIT_MESSAGES = 1 << 20
+MAX_CREDIT_BYTES = (1 << 32) - 1
 PORT_MESSAGE = 0xA1
 PORT_WAY_ENDED = 0xA2  # a reply on the way failed
 PORT_CONFIRMED = 0xA3

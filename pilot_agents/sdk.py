@@ -45,6 +45,8 @@ from .errors import (
 from .ipc import (
     COMPACT_REPLY,
     COMPACT_STREAM_SEND,
+    MAX_CREDIT_BYTES,
+    MAX_CREDIT_MESSAGES,
     REQUEST_TIMEOUT,
     IpcClient,
     decode_data,
@@ -106,9 +108,11 @@ class ClientOptions:
             if getattr(self, name) < 1:
                 raise ConfigError(f"ClientOptions.{name} must be at least 1")
         # What the daemon takes as a listener's credit (docs/ipc.md).
-        if self.receive_window_messages > 1 << 20 or self.receive_window_bytes >= 1 << 32:
-            raise ConfigError("ClientOptions.receive_window_messages can be at most 2**20, "
-                              "and receive_window_bytes at most 2**32 - 1")
+        if (self.receive_window_messages > MAX_CREDIT_MESSAGES
+                or self.receive_window_bytes > MAX_CREDIT_BYTES):
+            raise ConfigError(f"ClientOptions.receive_window_messages can be at most "
+                              f"{MAX_CREDIT_MESSAGES}, and receive_window_bytes at most "
+                              f"{MAX_CREDIT_BYTES}")
 
 
 ReplyFunction = Callable[[bytes], Awaitable[Any]]

@@ -15,6 +15,7 @@ import pytest
 
 import pilot_agents.sdk as pilot
 from pilot_agents import (
+    ConfigError,
     ConnectionClosedError,
     Node,
     NotTrustedError,
@@ -450,3 +451,13 @@ async def test_a_longer_hold_asked_while_one_is_on_its_way_follows_it() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
     assert [p["timeout"] for p in ipc.posted] == [2, 120]  # the longest asked meanwhile
+
+
+@pytest.mark.parametrize("fields", [{"receive_window_messages": 0},
+                                    {"receive_window_messages": 2**20 + 1},
+                                    {"receive_window_bytes": 2**32}],
+                         ids=["no-messages", "messages-over-a-credit", "bytes-over-a-credit"])
+def test_client_options_refuse_a_window_the_daemon_cannot_take(fields: dict[str, int]) -> None:
+    with pytest.raises(ConfigError, match="receive_window"):
+        ClientOptions(**fields)  # type: ignore[arg-type]
+    ClientOptions(receive_window_messages=2**20, receive_window_bytes=2**32 - 1)  # the most

@@ -20,7 +20,6 @@ from .dispatch import Reply
 from .hangup import hang_up
 from .inbox import WayBack
 from .messaging import Messaging, PortState
-from .requests import MAX_CREDIT_MESSAGES
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -288,9 +287,9 @@ class PortSocket:
     def _credit(self, messages: int, size: int) -> None:
         """The client's credit from now on (0 stops writing); a smaller one than what it has
         been written and not taken only holds what comes next back until it takes more."""
-        if messages > MAX_CREDIT_MESSAGES:
+        if messages > ipc.MAX_CREDIT_MESSAGES:
             raise BadRequestError(f"a credit of {messages} messages, over the limit of "
-                                  f"{MAX_CREDIT_MESSAGES}")
+                                  f"{ipc.MAX_CREDIT_MESSAGES}")
         had_credit = self._has_credit()
         self._credit_messages = messages
         self._credit_bytes = min(size, self._max_credit_bytes)

@@ -13,7 +13,15 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..errors import BadRequestError
-from ..ipc import COMPACT_QUIET, COMPACT_REPLY, COMPACT_REQUEST, COMPACT_STREAM_SEND, decode_data
+from ..ipc import (
+    COMPACT_QUIET,
+    COMPACT_REPLY,
+    COMPACT_REQUEST,
+    COMPACT_STREAM_SEND,
+    MAX_CREDIT_BYTES,
+    MAX_CREDIT_MESSAGES,
+    decode_data,
+)
 from ..patterns.frames import MAX_TOPIC
 
 Encoding = Literal["utf-8", "base64"]
@@ -21,10 +29,6 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Timeout = Annotated[float, Field(gt=0, le=7 * 86400)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 RequestId = int | str
-# A port data socket's credit (its attach, and its 'credit' frames, which give each in four
-# bytes).
-MAX_CREDIT_MESSAGES = 1 << 20
-MAX_CREDIT_BYTES = (1 << 32) - 1
 
 
 class BaseRequest(BaseModel):
