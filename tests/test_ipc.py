@@ -160,6 +160,33 @@ def test_cancel_a_waiting_request(daemon_pair: Pair, context: zmq.Context[Any]) 
         sock.close()
 
 
+def test_an_id_is_free_again_as_soon_as_its_answer_came(daemon_pair: Pair,
+                                                        context: zmq.Context[Any]) -> None:
+    """A client that reuses one id, each request sent once the last one's answer came: none is
+    refused as still in flight (its task's clean-up may not have run yet when the next comes)."""
+    a, b = daemon_pair
+    count = 200
+    assert call(context, a.home, {"cmd": "listen", "port": 4102})["ok"]
+    sender, receiver = dealer(context, b.home), dealer(context, a.home)
+    try:
+        sender.send(json.dumps({"cmd": "connect", "target": "alpha", "port": 4102,
+                                "id": 0}).encode())
+        stream = json.loads(sender.recv())["stream"]
+        for number in range(1, count + 1):
+            sender.send(json.dumps({"cmd": "stream_send", "stream": stream, "data": str(number),
+                                    "id": number}).encode())
+        assert all(json.loads(sender.recv())["ok"] for _ in range(count))
+        for number in range(1, count + 1):  # each answered by a task of its own, at once
+            sent = {"cmd": "receive", "port": 4102, "timeout": 5, "id": 1}
+            receiver.send(json.dumps(sent).encode())
+            answer = json.loads(receiver.recv())
+            assert answer["ok"] and answer["message"]["data"] == str(number), answer
+    finally:
+        sender.close()
+        receiver.close()
+        call(context, a.home, {"cmd": "unlisten", "port": 4102})
+
+
 def test_messages_streams_and_replies_raw(daemon_pair: Pair, context: zmq.Context[Any]) -> None:
     a, b = daemon_pair
     assert call(context, b.home, {"cmd": "listen", "port": 4200})["created"] is True

@@ -273,7 +273,7 @@ class IpcServer:
                     self._answer(identity, envelope, request_id, request, {"ok": True, **outcome})
                 return
             work = outcome
-        task = asyncio.create_task(self._handle(identity, envelope, request_id, request, work))
+        task = asyncio.create_task(self._handle(key, envelope, request_id, request, work))
         self._tasks[key] = task
         self._in_flight[identity] += 1
         sending = immediate is not None
@@ -322,9 +322,10 @@ class IpcServer:
             credit.grant(request.messages, request.bytes)
         return {"ok": True, "granted": credit is not None}
 
-    def _forget_task(self, key: TaskKey, sending: bool, _task: asyncio.Task[None]) -> None:
-        self._tasks.pop(key, None)
-        self._credits.pop(key, None)
+    def _forget_task(self, key: TaskKey, sending: bool, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:  # (else answered, and its id may be in use again)
+            del self._tasks[key]
+            self._credits.pop(key, None)
         identity = key[0]
         self._in_flight[identity] -= 1
         if self._in_flight[identity] <= 0:
@@ -348,7 +349,7 @@ class IpcServer:
             return await self.dispatch.deliver(request, push, credit)
         return await self.dispatch(request)
 
-    async def _handle(self, identity: bytes, envelope: list[bytes],
+    async def _handle(self, key: TaskKey, envelope: list[bytes],
                       request_id: RequestId | None, request: AnyRequest,
                       work: Awaitable[Reply]) -> None:
         try:
@@ -357,7 +358,11 @@ class IpcServer:
             return
         except Exception as exc:
             reply = self._failure(request, exc)
-        self._answer(identity, envelope, request_id, request, reply)
+        # Forgotten before it is answered: the client may send its next request with the same
+        # id as soon as it has the answer, before this task's done callback has run.
+        self._tasks.pop(key, None)
+        self._credits.pop(key, None)
+        self._answer(key[0], envelope, request_id, request, reply)
 
     def _failure(self, request: AnyRequest, exc: Exception) -> Reply:
         if isinstance(exc, PilotError):
