@@ -236,6 +236,10 @@ COMPACT_REQUEST = struct.Struct("!BBQ")
 COMPACT_STREAM_SEND = 0x01
 COMPACT_REPLY = 0x02
 COMPACT_QUIET = 0x01  # flags: answered only if it fails, with the id "q<number>.<about>"
+# What a client may have sent quiet on one stream and not had confirmed (docs/ipc.md, Quiet
+# sends): the SDK's send window is at most this, and the daemon refuses a quiet send on a
+# stream that has taken more than this and one message past its bound.
+MAX_SEND_WINDOW_BYTES = 16 * 1024 * 1024
 # A message a compact delivery pushes: verb, the delivery's request id, port, source port, and
 # the lengths of the message id, the sender's node id and its hostname (0: unknown), which
 # follow in that order, UTF-8. Its payload is the second frame.

@@ -47,6 +47,7 @@ from .ipc import (
     COMPACT_STREAM_SEND,
     MAX_CREDIT_BYTES,
     MAX_CREDIT_MESSAGES,
+    MAX_SEND_WINDOW_BYTES,
     REQUEST_TIMEOUT,
     IpcClient,
     decode_data,
@@ -89,7 +90,8 @@ class ClientOptions:
     # stream a message came on) that the daemon has not yet confirmed taking (IPC "quiet"
     # sends, one confirmed request per half window): messages, and payload bytes (overshot by
     # one message at most). A send beyond it waits, so a peer that stops reading stops the
-    # sends on its stream, and those only.
+    # sends on its stream, and those only. At most ipc.MAX_SEND_WINDOW_BYTES (16 MiB): past
+    # that the daemon refuses quiet sends.
     send_window_messages: int = 64
     send_window_bytes: int = 4 * 1024 * 1024
     # Talk to the daemon on its plain unix stream socket (stream.sock) when it has one: the
@@ -113,6 +115,9 @@ class ClientOptions:
             raise ConfigError(f"ClientOptions.receive_window_messages can be at most "
                               f"{MAX_CREDIT_MESSAGES}, and receive_window_bytes at most "
                               f"{MAX_CREDIT_BYTES}")
+        if self.send_window_bytes > MAX_SEND_WINDOW_BYTES:  # what the daemon lets a client
+            raise ConfigError(f"ClientOptions.send_window_bytes can be at most "
+                              f"{MAX_SEND_WINDOW_BYTES}")
 
 
 ReplyFunction = Callable[[bytes], Awaitable[Any]]

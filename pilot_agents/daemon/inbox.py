@@ -231,6 +231,9 @@ class WayBack(Protocol):
 
     def write(self, payload: bytes) -> bool: ...  # sent; False: wait for room() before more
 
+    @property
+    def overshoot(self) -> int: ...  # bytes written past the bound since it last had room
+
     async def room(self) -> None: ...
 
     def since_arrival(self) -> float | None: ...  # seconds since the peer's bytes last came

@@ -18,6 +18,7 @@ from typing import Protocol
 from .. import ipc
 from ..errors import (
     BadRequestError,
+    BusyError,
     ConfigError,
     ConnectionClosedError,
     DaemonNotRunningError,
@@ -161,6 +162,8 @@ class Messaging:
         """Sent at once; if the stream's send buffer is full, what the reply waits for."""
         stream = self._unattached(req.stream)
         data = req.payload()
+        if req.quiet:
+            self._check_overshoot(stream.conn.overshoot, f"the stream {req.stream}")
         try:
             # A quiet one is not waited for: its data is queued all the same, and the client's
             # confirmed sends on the stream (one per half window) wait for room instead. A task
@@ -171,6 +174,19 @@ class Messaging:
         except PilotError as exc:
             raise self.explain_stream(exc, stream) from None
         return self._stream_room(stream, len(data))
+
+    def _check_overshoot(self, overshoot: int, what: str) -> None:
+        """Refuse a quiet send on a stream that holds more past its bound than a client that
+        waits for its confirmed sends (docs/ipc.md, Quiet sends) can have put there: one
+        window and one confirmed message. Else a client that never waited would grow it
+        without bound."""
+        allowed = ipc.MAX_SEND_WINDOW_BYTES + self.ctx.options.max_payload_bytes
+        if overshoot > allowed:
+            raise BusyError(
+                f"{what} already holds {overshoot} bytes past its bound, more than the "
+                f"{allowed} a client may add without waiting: this quiet send was not taken; "
+                "wait for a confirmed send on the stream before sending more (docs/ipc.md, "
+                "Quiet sends)")
 
     async def _stream_room(self, stream: StreamState, size: int) -> Reply:
         with self._using(stream):
@@ -326,6 +342,8 @@ class Messaging:
         """Sent at once, as :meth:`stream_send`."""
         way = self.replies.find(req.message)
         data = req.payload()
+        if req.quiet:
+            self._check_overshoot(way.overshoot, f"the stream message {req.message} came on")
         try:
             if way.write(data) or req.quiet:  # as in stream_send
                 return {"bytes": len(data)}

@@ -190,6 +190,9 @@ class StreamHandle:
         self.error: PilotError | None = None
         self.reset = False
         self.ended = False  # the node forgot it: nothing more can be sent
+        # Bytes written since a write last left the stream under its bound: what a writer that
+        # does not wait for room() has added past it (a daemon bounds its clients by this).
+        self.overshoot = 0
 
     @property
     def undelivered(self) -> bool:
@@ -252,7 +255,11 @@ class StreamHandle:
         self.driver.flush(now=idle)
         if self.error is not None:  # the flush found the stream reset, or its tunnel gone
             raise self.error
-        return session.stream_buffered(stream_id) < SEND_HIGH_WATER
+        if session.stream_buffered(stream_id) < SEND_HIGH_WATER:
+            self.overshoot = 0
+            return True
+        self.overshoot += len(payload)
+        return False
 
     async def room(self) -> None:
         """Wait until the stream holds fewer unacknowledged bytes than its bound; raise its
@@ -392,6 +399,12 @@ class Connection:
     def write(self, payload: bytes) -> bool:
         """:meth:`send` for code that cannot await: see :meth:`StreamHandle.write`."""
         return self._stream().write(payload)
+
+    @property
+    def overshoot(self) -> int:
+        """Bytes :meth:`write` took past the stream's bound since it last had room (0 when
+        not open: a write raises why)."""
+        return 0 if self._handle is None else self._handle.overshoot
 
     async def room(self) -> None:
         """Wait until more may be written: see :meth:`StreamHandle.room`."""
