@@ -8,6 +8,7 @@ from benchmarks.harness import Case, load
 
 CASES: dict[str, str] = {
     "raw-udp": "benchmarks.cases.raw_udp",
+    "udp-uvloop": "benchmarks.cases.udp_uvloop",
     "zmq-tcp": "benchmarks.cases.zmq_tcp",
     "zmq-asyncio": "benchmarks.cases.zmq_asyncio",
     "aioquic": "benchmarks.cases.quic",
