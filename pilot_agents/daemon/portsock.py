@@ -39,7 +39,6 @@ class _Way:
     owed: int = 0  # messages written to the client and not replied to
     confirming: int = 0  # replies whose 'confirmed' waits for the stream's room
     task: asyncio.Task[None] | None = None  # the one that waits for it
-    over: int = 0  # reply bytes written while its stream was over its bound
 
 
 class PortSocket:
@@ -236,8 +235,7 @@ class PortSocket:
         except PilotError as exc:
             self._forget(number, ipc.PORT_WAY_ENDED, self._messaging.explain_way(exc, way.back))
             return
-        way.over = 0 if room else way.over + len(payload)
-        if way.over > limit and self._room is None:
+        if way.back.overshoot > limit and self._room is None:
             # Replies go out over a stream's bound so that one slow requester holds up no
             # other, and a client that waits for its confirmations (the SDK) adds at most its
             # send window there. One that ignores them would grow the stream without bound:
@@ -256,7 +254,6 @@ class PortSocket:
     async def _wait_for_room(self, way: _Way) -> None:
         with contextlib.suppress(PilotError):  # a stream that failed holds nothing back
             await way.back.room()
-        way.over = 0
         self._room = None
         if not self._over:
             self._transport.resume_reading()

@@ -190,8 +190,9 @@ class StreamHandle:
         self.error: PilotError | None = None
         self.reset = False
         self.ended = False  # the node forgot it: nothing more can be sent
-        # Bytes written since a write last left the stream under its bound: what a writer that
-        # does not wait for room() has added past it (a daemon bounds its clients by this).
+        # Bytes written past the stream's bound since it last had room (at a write, or when
+        # room() returned): what writers that do not wait for room() have added past it (a
+        # daemon bounds its clients by this).
         self.overshoot = 0
 
     @property
@@ -273,6 +274,7 @@ class StreamHandle:
         )
         if self.error is not None:
             raise self.error
+        self.overshoot = 0  # it had room
 
     def set_taker(self, take: Callable[[Message], bool] | None) -> None:
         """Messages go to ``take`` as they arrive while none is queued (:meth:`Mailbox.set_taker`);
