@@ -143,19 +143,19 @@ async def test_overshoot_counts_what_write_took_past_the_bound_until_there_is_ro
         tmp_path: Path) -> None:
     """``write`` never refuses; ``overshoot`` says how much it took past the stream's bound, for
     a daemon to bound writers that do not wait for ``room``, and goes back to 0 with room."""
-    async with trusted_pair(tmp_path) as (a, b):
-        async with b.listen(4300) as listener, a.connect(b.node_id, port=4300) as conn:
-            chunk = bytes(64 * 1024)
-            written = 1
-            while conn.write(chunk):  # queued up to the stream's bound (nothing sent yet)
-                assert conn.overshoot == 0
-                written += 1
-            taken = [conn.write(chunk) for _ in range(3)]
-            assert taken == [False] * 3 and conn.overshoot == 4 * len(chunk)
-            for _ in range(written + 3):  # the application reads: acknowledged, room again
-                await listener.receive(timeout=10)
-            await asyncio.wait_for(conn.room(), 10)
+    async with (trusted_pair(tmp_path) as (a, b), b.listen(4300) as listener,
+                a.connect(b.node_id, port=4300) as conn):
+        chunk = bytes(64 * 1024)
+        written = 1
+        while conn.write(chunk):  # queued up to the stream's bound (nothing sent yet)
             assert conn.overshoot == 0
+            written += 1
+        taken = [conn.write(chunk) for _ in range(3)]
+        assert taken == [False] * 3 and conn.overshoot == 4 * len(chunk)
+        for _ in range(written + 3):  # the application reads: acknowledged, room again
+            await listener.receive(timeout=10)
+        await asyncio.wait_for(conn.room(), 10)
+        assert conn.overshoot == 0
     assert conn.overshoot == 0  # closed: nothing is held past a bound
 
 
