@@ -19,6 +19,7 @@ from .hangup import hang_up
 from .messaging import Messaging, StreamState
 from .options import DaemonOptions
 from .portsock import PortSocket
+from .readhold import ReadHold
 from .requests import PortAttachRequest, StreamAttachRequest, load_drain_untrusted
 
 log = logging.getLogger("pilot_agents.daemon")
@@ -29,6 +30,9 @@ log = logging.getLogger("pilot_agents.daemon")
 # publisher's drop-oldest starts dropping), and enough to keep a local reader busy (the unix
 # socket's own buffer holds as much again).
 UNREAD_LIMIT = 2**20
+# Drains waiting for the peer's acknowledgements on one data socket: while this many wait, the
+# client's next messages wait in its socket.
+MAX_WAITING_DRAINS = 16
 
 _SEND = bytes([ipc.DATA_SEND])
 _CLOSE = bytes([ipc.DATA_CLOSE])
@@ -96,7 +100,11 @@ class DataSocket:
         self._answers: collections.deque[tuple[int, float | None]] = collections.deque()
         self._answering: asyncio.Task[None] | None = None
         self._closing = False  # the client sent close: nothing may follow it
-        self._stopped = False  # nothing more is read: closing, or the stream failed or ended
+        # Not read while: the stream is over its bound ("room"), too many drains wait
+        # ("drains"), the client leaves more answers unread than messages can explain
+        # ("unread"), or for good ("stopped": closing, or the stream failed or ended).
+        self._hold = ReadHold(transport)
+        self._unread_room = self._limit + options.max_payload_bytes
         self._error: PilotError | None = None  # why the stream ended, once it did
         self._over = False  # the last message is written, or the client is gone
 
@@ -116,7 +124,7 @@ class DataSocket:
         self._conn.set_taker(self._take)
         self._forwarding = asyncio.create_task(self._forward())
         self.received(pending)
-        self._resume_reading()
+        self._hold.release("start")
 
     def received(self, messages: list[list[bytes]]) -> None:
         """Messages the client wrote, as the stream socket's reader cut them."""
@@ -131,6 +139,11 @@ class DataSocket:
                         return
                 else:
                     self._control(frames)
+            if self._transport.get_write_buffer_size() > self._unread_room:
+                # What it leaves unread is more than the messages written to it can be (one
+                # past _limit): answers it asked for (drains) and does not read. It is not read
+                # either until it does.
+                self._hold.hold("unread")
         except BadRequestError as exc:
             log.debug("data socket of stream %s dropped: %s", self._stream.stream_id, exc)
             self._closing = False  # a close before it counts no more: the stream is reset
@@ -141,6 +154,7 @@ class DataSocket:
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._hold.release("unread")
 
     def lost(self) -> None:
         """The connection is gone. A client that left without 'close' (killed, or aborting)
@@ -227,7 +241,7 @@ class DataSocket:
             self._stop_reading()
             return False
         # Over the stream's bound: the client's next messages wait in its socket.
-        self._transport.pause_reading()
+        self._hold.hold("room")
         if self._room is None:
             self._room = asyncio.create_task(self._wait_for_room())
         return True
@@ -254,12 +268,14 @@ class DataSocket:
             return  # the stream failed: _forward ends the socket
         finally:
             self._room = None
-        self._resume_reading()
+        self._hold.release("room")
 
     # -- drains and the close, in order ---------------------------------------------------------
 
     def _answer(self, kind: int, timeout: float | None) -> None:
         self._answers.append((kind, timeout))
+        if len(self._answers) >= MAX_WAITING_DRAINS:
+            self._hold.hold("drains")
         if self._answering is None:
             self._answering = asyncio.create_task(self._answer_all())
 
@@ -273,6 +289,8 @@ class DataSocket:
             reply = await self._drain(timeout)
             answers.popleft()
             self._write(kind, reply)
+            if len(answers) < MAX_WAITING_DRAINS:
+                self._hold.release("drains")
         self._answering = None
         if self._error is not None:
             self._write(ipc.DATA_ENDED, ipc.error_reply(self._error))
@@ -320,12 +338,7 @@ class DataSocket:
         hang_up(self._transport)
 
     def _stop_reading(self) -> None:
-        self._stopped = True
-        self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if not self._stopped and self._room is None:
-            self._transport.resume_reading()
+        self._hold.hold("stopped")
 
     @staticmethod
     def _cancel(*tasks: asyncio.Task[None] | None) -> None:

@@ -20,6 +20,7 @@ from .dispatch import Reply
 from .hangup import hang_up
 from .inbox import WayBack
 from .messaging import Messaging, PortState
+from .readhold import ReadHold
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -66,6 +67,11 @@ class PortSocket:
         self._pruned_at = 0  # how many ways were live after the last pruning
         self._forwarding: asyncio.Task[None] | None = None
         self._room: asyncio.Task[None] | None = None  # reading stopped until a way has room
+        # Not read while: a way's stream is too far over its bound ("room"), the client leaves
+        # more answers unread than the messages its credit lets through can be ("unread"),
+        # or for good ("stopped").
+        self._hold = ReadHold(transport)
+        self._unread_room = self._max_credit_bytes + messaging.ctx.options.max_payload_bytes
         self._over = False  # closed, ended, or the client is gone
         self._hung_up = False  # the last frame is written
 
@@ -76,8 +82,7 @@ class PortSocket:
         self._state.attached.append(self)  # so that the port's close ends it (end)
         self._forwarding = asyncio.create_task(self._forward())
         self.received(pending)
-        if not self._over:
-            self._transport.resume_reading()
+        self._hold.release("start")
 
     def received(self, messages: list[list[bytes]]) -> None:
         try:
@@ -85,6 +90,10 @@ class PortSocket:
                 if self._over:
                     return  # the connection is over: what the client wrote meanwhile is moot
                 self._handle(frames)
+            if self._transport.get_write_buffer_size() > self._unread_room:
+                # More unread than credit lets messages be (and one past it): answers it asked
+                # for (sync, arrival...) and does not read. It is not read either until it does.
+                self._hold.hold("unread")
         except BadRequestError as exc:
             log.debug("data socket of port %d dropped: %s", self._state.port, exc)
             self._transport.abort()  # connection_lost: as a client that died
@@ -101,10 +110,11 @@ class PortSocket:
         self._hang_up()
 
     def pause_writing(self) -> None:
-        """Credit bounds what is written; the socket's own buffer needs no watching."""
+        """Credit bounds the messages written; what is unread is checked as the client's
+        messages are read."""
 
     def resume_writing(self) -> None:
-        """As pause_writing."""
+        self._hold.release("unread")
 
     def lost(self) -> None:
         """The connection is gone without 'close' (the client died, or sent bad input): the
@@ -240,7 +250,7 @@ class PortSocket:
             # other, and a client that waits for its confirmations (the SDK) adds at most its
             # send window there. One that ignores them would grow the stream without bound:
             # it is held back instead, all its ways with it, until this one has room.
-            self._transport.pause_reading()
+            self._hold.hold("room")
             self._room = asyncio.create_task(self._wait_for_room(way))
         if not confirm:
             return
@@ -255,8 +265,7 @@ class PortSocket:
         with contextlib.suppress(PilotError):  # a stream that failed holds nothing back
             await way.back.room()
         self._room = None
-        if not self._over:
-            self._transport.resume_reading()
+        self._hold.release("room")
 
     async def _confirm(self, number: int, way: _Way) -> None:
         """'confirmed' for each reply waiting for it, in order, as the stream has room."""
@@ -331,6 +340,7 @@ class PortSocket:
     def _stop(self) -> None:
         """Take nothing more, and give back the port's listen."""
         self._over = True
+        self._hold.hold("stopped")
         self._inbox.remove_taker(self._take)
         self._state.attached.remove(self)
         current = asyncio.current_task()
