@@ -19,7 +19,7 @@ from pilot_agents.errors import (
     RemoteError,
     WireError,
 )
-from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, serving
+from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, reqrep, serving
 from pilot_agents.patterns.frames import MAX_MESSAGE, Kind, encode_frame, parse_frame_untrusted
 from pilot_agents.patterns.reqrep import Reply
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
@@ -415,3 +415,17 @@ async def test_a_stream_that_fails_is_forgotten_at_once(pair: Pair) -> None:
         with pytest.raises(PilotError):
             await asyncio.wait_for(waiting, 15)
         assert requester._streams == {} and requester._opening == {}
+
+
+async def test_a_cancel_to_a_replier_that_does_not_read_gives_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CANCEL through the daemon is a task of its own: to a replier whose stream is full its
+    send would wait for ever, and each request timing out meanwhile would leave one more."""
+    monkeypatch.setattr(reqrep, "CANCEL_WAIT", 0.05)
+
+    class Stuck:
+        async def send(self, data: bytes) -> None:
+            await asyncio.Event().wait()
+
+    await asyncio.wait_for(reqrep._send_quietly(Stuck(), b"cancel"),  # type: ignore[arg-type]
+                           1.0)

@@ -625,8 +625,11 @@ class Requester:
 
 
 async def _send_quietly(conn: Connection, frame: bytes) -> None:
-    with contextlib.suppress(PilotError):
-        await conn.send(frame)
+    # Bounded: to a replier that stopped reading, the send would wait as long as it does, and
+    # every request that times out meanwhile would leave one more such task behind.
+    with contextlib.suppress(PilotError, TimeoutError):
+        async with asyncio.timeout(CANCEL_WAIT):
+            await conn.send(frame)
 
 
 class Replier:
