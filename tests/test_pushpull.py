@@ -649,6 +649,31 @@ async def test_a_pusher_answers_only_the_heartbeats_that_ask_on_links_it_made(
         assert answer.data == encode_frame(Kind.HEARTBEAT, 0, b"")
 
 
+async def test_a_burst_of_heartbeats_is_answered_once_not_once_each(pair: Pair) -> None:
+    """Heartbeats that ask while the answer to an earlier one is on its way share it: a puller
+    flooding them to a link whose stream is full would otherwise have the pusher keep a task
+    waiting per heartbeat."""
+    async with (
+        pair.server.transport.listen(9703) as listener,
+        Pusher(pair.client.transport, [pair.server_name], 9703, FAST) as pusher,
+    ):
+        hello = await listener.receive(timeout=10)
+        await hello.reply(encode_frame(Kind.CREDIT, 4, encode_credit(1000, 5.0)))
+        await until(lambda: bool(pusher.connected), "linked")
+        asks = 200
+        for _ in range(asks):
+            await hello.reply(encode_frame(Kind.HEARTBEAT, 1, b""))
+        answers = 0
+        with contextlib.suppress(PilotTimeoutError):
+            while True:
+                answer = await listener.receive(timeout=0.5)
+                assert answer.data == encode_frame(Kind.HEARTBEAT, 0, b"")
+                answers += 1
+        assert 1 <= answers < asks // 2
+        await hello.reply(encode_frame(Kind.HEARTBEAT, 1, b""))  # and later ones get theirs
+        assert (await listener.receive(timeout=5)).data == encode_frame(Kind.HEARTBEAT, 0, b"")
+
+
 async def test_items_to_send_again_behind_one_no_puller_can_take_still_go(
         tmp_path: Path) -> None:
     """The large puller leaves with a large item and small ones behind it: the small ones go

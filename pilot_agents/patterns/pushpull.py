@@ -549,6 +549,7 @@ class _Link:
     unacked: dict[int, bytes] = field(default_factory=dict)  # by item id, in the order sent
     unacked_bytes: int = 0
     gone: bool = False
+    answering: bool = False  # a heartbeat's answer is on its way: more asked meanwhile share it
 
     def fits(self, size: int) -> bool:
         return (not self.gone and len(self.unacked) < self.window_items
@@ -823,7 +824,10 @@ class Pusher:
         elif frame.kind == Kind.HEARTBEAT:
             # It waits to hear that we are alive: a puller that connected, always; one that
             # listens, when it asks (see _ASKS).
-            if link.conn is None or frame.id == _ASKS:
+            if (link.conn is None or frame.id == _ASKS) and not link.answering:
+                # One answer at a time: a puller that floods heartbeats to a link whose stream
+                # is full would otherwise have a task waiting per heartbeat.
+                link.answering = True
                 self._tasks.spawn(self._answer(link))
         elif frame.kind == Kind.BYE:
             return False  # the puller closed: what it had goes to the others
@@ -837,6 +841,8 @@ class Pusher:
         except PilotError as exc:
             log.info("puller %s port %d is gone: %s", link.peer, self.port, exc)
             self._lose(link)
+        finally:
+            link.answering = False
 
     def _malformed(self, peer: str, exc: WireError) -> None:
         self.malformed += 1
