@@ -22,7 +22,8 @@ from pilot_agents import Client, ipc
 from pilot_agents.errors import ConnectionClosedError, PortClosedError
 from pilot_agents.patterns import Request, Requester, serving
 from pilot_agents.sdk import ClientOptions
-from tests.conftest import ROOT, DaemonHandle, named_pair
+from tests.conftest import ROOT, DaemonHandle, ipc_call, named_pair
+from tests.test_ipc import stream_socket
 
 # A reader that takes nothing before it receives (a listener on a data socket takes its window
 # at once, and would share the dead client's messages before it dies).
@@ -194,3 +195,33 @@ async def test_a_listener_that_closes_leaves_its_senders_streams_alone(pair: Pai
                 await conn.send(data)
                 assert (await listener.receive(timeout=TIMEOUT)).data == data
         await conn.drain()  # no reset came back
+
+
+def test_a_client_that_listened_many_times_releases_them_all_when_it_goes(pair: Pair) -> None:
+    """A client's listens are a count per port (not an entry each): one that listens 500
+    times and unlistens once holds the port until it goes, then gives all 499 back."""
+    b = pair[1]
+    port = 4601
+
+    def listening() -> bool:
+        info = ipc_call(b.home, cmd="info")
+        return any(entry["port"] == port for entry in info["listening"])
+
+    sock = stream_socket(b.home)
+    try:
+        reader = ipc.FrameReader(1 << 20)
+        requests = [{"cmd": "listen", "id": n, "port": port} for n in range(500)]
+        requests.append({"cmd": "unlisten", "id": 500, "port": port})
+        for request in requests:
+            sock.sendall(b"".join(ipc.pack_frames([json.dumps(request).encode()])))
+            while not (answers := reader.feed(sock.recv(1 << 16))):
+                pass
+            assert all(json.loads(a[0])["ok"] for a in answers)
+        assert listening()
+    finally:
+        sock.close()  # gone without 'bye'
+    deadline = time.monotonic() + TIMEOUT
+    while listening():
+        assert time.monotonic() < deadline, "the port stayed open after its client went"
+        time.sleep(0.05)
+

@@ -9,6 +9,7 @@ says nothing of a peer's death, so a ZeroMQ client's holdings stay as they are
 
 from __future__ import annotations
 
+import collections
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ class _Holdings:
     # an entry per stream still open, not per message.
     owed: weakref.WeakKeyDictionary[WayBack, int] = field(
         default_factory=weakref.WeakKeyDictionary)
-    ports: list[PortState] = field(default_factory=list)  # one per 'listen' not undone
+    # Its 'listen's not undone, by port: a count, however many times it listens.
+    ports: collections.Counter[PortState] = field(default_factory=collections.Counter)
     # Messages pushed in ack mode and neither acknowledged nor given back, oldest first: they
     # go back to their inboxes as soon as the client dies (ack_wait is for a client that lives
     # on and forgets). Ids that expired meanwhile stay until the next pruning.
@@ -92,7 +94,7 @@ class Clients:
     def listened(self, client: bytes, port: int) -> None:
         state = self._messaging.ports.get(port)
         if state is not None:
-            self._holdings(client).ports.append(state)
+            self._holdings(client).ports[state] += 1
 
     def unlistened(self, client: bytes, port: int) -> None:
         """``client`` undid a listen: one of its own, if it has one on the port (an unlisten
@@ -100,9 +102,13 @@ class Clients:
         holdings = self._clients.get(client)
         if holdings is None:
             return
-        for state in holdings.ports:
+        ports = holdings.ports
+        for state, count in ports.items():
             if state.port == port:
-                holdings.ports.remove(state)
+                if count > 1:
+                    ports[state] = count - 1
+                else:
+                    del ports[state]
                 return
 
     def leaving(self, client: bytes) -> None:
@@ -136,10 +142,12 @@ class Clients:
                                              "answering: the stream was reset")
             log.info("a client went away owing replies on %d streams: they were reset",
                      len(ways))
-        for state in holdings.ports:
+        for state, count in holdings.ports.items():
             # A port closed meanwhile (and perhaps listened on anew) is no longer this one.
             if messaging.ports.get(state.port) is state:
-                messaging.release_port(state)
+                for _ in range(count):
+                    if messaging.release_port(state):
+                        break  # that closed it
 
     def _holdings(self, client: bytes) -> _Holdings:
         holdings = self._clients.get(client)

@@ -54,7 +54,7 @@ log = logging.getLogger("pilot_agents.daemon")
 Publish = Callable[[list[bytes]], None]  # sends one multipart message on the PUB socket
 
 
-@dataclass
+@dataclass(eq=False)  # itself, not its fields: a client's listens are counted by it
 class PortState:
     port: int
     listener: Listener
