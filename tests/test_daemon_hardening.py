@@ -24,6 +24,7 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
+from tests.datasock_helpers import started
 from tests.test_ipc import stream_call, stream_send, stream_socket
 
 Pair = tuple[DaemonHandle, DaemonHandle]
@@ -237,6 +238,21 @@ def test_too_many_requests_in_flight_are_refused(daemon_pair: Pair,
         time.sleep(0.2)
         for _ in range(3):  # the abandoned receives are cancelled with their client's
             call(a.home, cmd="unlisten", port=4700)
+
+
+def test_streams_past_max_streams_are_refused_until_one_closes() -> None:
+    a, b = started(("alpha", {"max_streams": 3}), ("beta", {}))
+    try:
+        assert call(b.home, cmd="listen", port=4710)["ok"]
+        streams = [call(a.home, cmd="connect", target="beta", port=4710) for _ in range(3)]
+        assert all(s["ok"] for s in streams)
+        refused = call(a.home, cmd="connect", target="beta", port=4710)
+        assert refused["error"]["type"] == "BusyError", refused
+        assert "max_streams" in refused["error"]["message"]
+        assert call(a.home, cmd="stream_abort", stream=streams[0]["stream"])["ok"]
+        assert call(a.home, cmd="connect", target="beta", port=4710)["ok"]
+    finally:
+        stop_daemons(a.home, b.home)
 
 
 # -- item 12: acknowledged delivery ---------------------------------------------------------------

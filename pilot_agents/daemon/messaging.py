@@ -104,6 +104,7 @@ class Messaging:
         self.ctx = ctx
         self.ports: dict[int, PortState] = {}
         self.streams: dict[str, StreamState] = {}
+        self._opening = 0  # connects under way: streams too, for max_streams
         opts = ctx.options
         self.memory = MessageMemory(opts.message_memory, opts.requeue_memory_bytes, opts.ack_wait)
         self.replies = ReplyPaths()
@@ -142,6 +143,17 @@ class Messaging:
     # -- commands: streams ------------------------------------------------------------------
 
     async def connect(self, req: ConnectRequest) -> Reply:
+        limit = self.ctx.options.max_streams
+        if len(self.streams) + self._opening >= limit:
+            raise BusyError(f"this daemon has {limit} streams open (DaemonOptions.max_streams): "
+                            "close one first (stream_close, or close a connection)")
+        self._opening += 1
+        try:
+            return await self._connect(req)
+        finally:
+            self._opening -= 1
+
+    async def _connect(self, req: ConnectRequest) -> Reply:
         target = await self.ctx.trusted_target(req.target)
         conn = self.ctx.node.connect(target.node_arg, req.port, req.timeout)
         try:

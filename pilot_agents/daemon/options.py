@@ -29,6 +29,9 @@ class DaemonOptions:
     inbox_messages: int = 1024
     inbox_bytes: int = 16 * 1024 * 1024
     stream_idle_timeout: float = 600.0  # seconds an IPC stream may go unused before it is aborted
+    # IPC streams ('connect') open at once, all clients together: each may hold an inbox and a
+    # send buffer, so one more is refused (BusyError) until another closes.
+    max_streams: int = 4096
     # Handed-out messages remembered for `requeue` and `ack` (their id and inbox; payloads only
     # within requeue_memory_bytes). `reply` does not depend on it: a message can be replied to
     # as long as the stream it came on is open (docs/ipc.md, Messages).
