@@ -295,6 +295,29 @@ def test_the_daemon_holds_no_more_than_max_payload_bytes_for_one_client() -> Non
         stop_daemons(a.home, b.home)
 
 
+def test_the_daemon_holds_no_more_messages_than_their_overhead_fits_in_max_payload_bytes(
+        ) -> None:
+    """Empty messages cost memory too: the daemon takes as many messages of credit as
+    max_payload_bytes holds at the tunnel's 320 bytes a message (here 3200 // 320 = 10)."""
+    a, b = started(("alpha", {}), ("beta", {"max_payload_bytes": 3200}))
+    sock = PortSocket(b)
+    try:
+        port = new_port()
+        assert sock.attach(port, credit_messages=64, credit_bytes=2**32 - 1)["ok"]
+        ask(a, port, *(f"m{i}" for i in range(12)))
+        assert [sock.message()[2] for _ in range(10)] == [b"m%d" % i for i in range(10)]
+        sock.assert_quiet()
+        sock.taken(1)
+        assert sock.message()[2] == b"m10"
+        sock.credit(2**20, 2**32 - 1)  # a credit frame is held to the same bound
+        sock.assert_quiet()
+        sock.taken(1)
+        assert sock.message()[2] == b"m11"
+    finally:
+        sock.close()
+        stop_daemons(a.home, b.home)
+
+
 def test_a_client_that_ignores_confirmations_is_held_back_not_buffered() -> None:
     """Replies without the confirm flag to a requester that does not read: once its stream is
     over its bound by more than max_payload_bytes, the daemon stops reading the socket (the

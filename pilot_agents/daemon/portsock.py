@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .. import ipc
 from ..errors import BadRequestError, ConnectionClosedError, PilotError
+from ..net.tunnel.config import SessionConfig
 from ..node.connection import Message, StreamHandle
 from .dispatch import Reply
 from .hangup import hang_up
@@ -33,6 +34,8 @@ _SYNC = bytes([ipc.PORT_SYNC])
 # live at the last look: a look costs one pass over them, so on average a constant per way.
 _PRUNE_SLACK = 64
 
+# What the tunnel charges a message beside its payload (SessionConfig.message_overhead).
+_MESSAGE_COST = SessionConfig().message_overhead
 
 @dataclass(eq=False)
 class _Way:
@@ -56,7 +59,10 @@ class PortSocket:
         # max_payload_bytes (and one message), whatever credit the client gives: as much as it
         # lets a client leave unread on the requests' path.
         self._max_credit_bytes = messaging.ctx.options.max_payload_bytes
-        self._credit_messages = credit_messages
+        # ... and as many messages as that many bytes are in the tunnel's reckoning, where
+        # each costs message_overhead beside its payload: empty ones cost memory too.
+        self._max_credit_messages = self._max_credit_bytes // _MESSAGE_COST
+        self._credit_messages = min(credit_messages, self._max_credit_messages)
         self._credit_bytes = min(credit_bytes, self._max_credit_bytes)
         # Written and not reported taken, oldest first: they go back to the port on 'close'.
         self._written: collections.deque[Message] = collections.deque()
@@ -297,7 +303,7 @@ class PortSocket:
             raise BadRequestError(f"a credit of {messages} messages, over the limit of "
                                   f"{ipc.MAX_CREDIT_MESSAGES}")
         had_credit = self._has_credit()
-        self._credit_messages = messages
+        self._credit_messages = min(messages, self._max_credit_messages)
         self._credit_bytes = min(size, self._max_credit_bytes)
         if not had_credit and self._has_credit():
             self._inbox.changed()  # wakes _forward
