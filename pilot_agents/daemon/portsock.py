@@ -37,6 +37,7 @@ _PRUNE_SLACK = 64
 # What the tunnel charges a message beside its payload (SessionConfig.message_overhead).
 _MESSAGE_COST = SessionConfig().message_overhead
 
+
 @dataclass(eq=False)
 class _Way:
     back: WayBack
