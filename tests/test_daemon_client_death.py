@@ -225,3 +225,40 @@ def test_a_client_that_listened_many_times_releases_them_all_when_it_goes(pair: 
         assert time.monotonic() < deadline, "the port stayed open after its client went"
         time.sleep(0.05)
 
+
+
+def test_the_streams_of_a_client_that_dies_are_reset_at_once(pair: Pair) -> None:
+    """Streams a client opened and left open end when it dies, not after the idle timeout;
+    one that said bye first leaves them to it (what it sent may still be on its way)."""
+    a, b = pair
+    port = 4602
+    assert ipc_call(b.home, cmd="listen", port=port)["ok"]
+
+    def streams() -> int:
+        return int(ipc_call(a.home, cmd="info")["streams"])
+
+    def opened(bye: bool) -> None:
+        sock = stream_socket(a.home)
+        try:
+            reader = ipc.FrameReader(1 << 20)
+            for request in ({"cmd": "connect", "id": 1, "target": "beta", "port": port},
+                            {"cmd": "connect", "id": 2, "target": "beta", "port": port}):
+                sock.sendall(b"".join(ipc.pack_frames([json.dumps(request).encode()])))
+                while not (answers := reader.feed(sock.recv(1 << 16))):
+                    pass
+                assert json.loads(answers[0][0])["ok"]
+            if bye:
+                sock.sendall(b"".join(ipc.pack_frames([b'{"cmd": "bye"}'])))
+        finally:
+            sock.close()
+
+    before = streams()
+    opened(bye=False)
+    deadline = time.monotonic() + TIMEOUT
+    while streams() != before:
+        assert time.monotonic() < deadline, "the dead client's streams stayed open"
+        time.sleep(0.05)
+    opened(bye=True)
+    time.sleep(0.5)
+    assert streams() == before + 2
+    ipc_call(b.home, cmd="unlisten", port=port)

@@ -32,6 +32,9 @@ class _Holdings:
     # an entry per stream still open, not per message.
     owed: weakref.WeakKeyDictionary[WayBack, int] = field(
         default_factory=weakref.WeakKeyDictionary)
+    # The streams it opened ('connect'): aborted if it dies. Ids of streams that ended are
+    # pruned once there are twice as many as may be open.
+    streams: dict[str, None] = field(default_factory=dict)
     # Its 'listen's not undone, by port: a count, however many times it listens.
     ports: collections.Counter[PortState] = field(default_factory=collections.Counter)
     # Messages pushed in ack mode and neither acknowledged nor given back, oldest first: they
@@ -91,6 +94,14 @@ class Clients:
         elif owed == 1:
             del holdings.owed[way]
 
+    def connected(self, client: bytes, stream_id: str) -> None:
+        streams = self._holdings(client).streams
+        streams[stream_id] = None
+        live = self._messaging.streams
+        if len(streams) > 2 * self._messaging.ctx.options.max_streams:
+            for ended in [s for s in streams if s not in live]:
+                del streams[ended]
+
     def listened(self, client: bytes, port: int) -> None:
         state = self._messaging.ports.get(port)
         if state is not None:
@@ -118,13 +129,17 @@ class Clients:
         holdings = self._clients.get(client)
         if holdings is not None:
             holdings.owed.clear()
+            # Nor are the streams it left open aborted: what it sent on them may still be on
+            # its way. They end when closed, or idle (stream_idle_timeout).
+            holdings.streams.clear()
 
     def gone(self, client: bytes) -> None:
         """``client`` went away: put the messages it had not acknowledged back in their
         inboxes (at least once: another reader gets them now), reset the streams of the
         messages it owed (their senders hear at once, as if its node had died: at most once,
-        nobody else will answer them), and release the ports it listened on (the last closes
-        a port, and its senders hear PortClosedError)."""
+        nobody else will answer them), reset the streams it opened and left (unless it said
+        bye), and release the ports it listened on (the last closes a port, and its senders
+        hear PortClosedError)."""
         holdings = self._clients.pop(client, None)
         if holdings is None:
             return
@@ -142,6 +157,13 @@ class Clients:
                                              "answering: the stream was reset")
             log.info("a client went away owing replies on %d streams: they were reset",
                      len(ways))
+        orphans = [stream for stream_id in holdings.streams
+                   if (stream := messaging.streams.get(stream_id)) is not None
+                   and stream.attached is None]  # (a data socket's end is the data socket's)
+        for stream in orphans:
+            messaging.drop_stream(stream, abort=True)
+        if orphans:
+            log.info("a client went away with %d streams open: they were reset", len(orphans))
         for state, count in holdings.ports.items():
             # A port closed meanwhile (and perhaps listened on anew) is no longer this one.
             if messaging.ports.get(state.port) is state:

@@ -34,6 +34,7 @@ from .requests import (
     AnyRequest,
     ByeRequest,
     CancelRequest,
+    ConnectRequest,
     CreditRequest,
     DeliverRequest,
     ListenRequest,
@@ -387,6 +388,9 @@ class IpcServer:
                 self._clients.unlistened(identity, request.port)
             elif not request.publish:  # a published port outlives the command that asked
                 self._clients.listened(identity, request.port)
+        elif (reply["ok"] and type(request) is ConnectRequest
+                and self._clients is not None and identity in self._peers):
+            self._clients.connected(identity, reply["stream"])
         frames = isinstance(request, DeliverRequest) or getattr(request, "data_frame", False)
         self._send(identity, envelope, reply, frames=frames)
         if isinstance(request, StopRequest) and reply["ok"]:
