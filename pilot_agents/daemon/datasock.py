@@ -103,8 +103,8 @@ class DataSocket:
         # Not read while: the stream is over its bound ("room"), too many drains wait
         # ("drains"), the client leaves more answers unread than messages can explain
         # ("unread"), or for good ("stopped": closing, or the stream failed or ended).
-        self._hold = ReadHold(transport)
-        self._unread_room = self._limit + options.max_payload_bytes
+        # Unread: at most _limit of messages, and one more (up to max_payload_bytes).
+        self._hold = ReadHold(transport, self._limit + options.max_payload_bytes)
         self._error: PilotError | None = None  # why the stream ended, once it did
         self._over = False  # the last message is written, or the client is gone
 
@@ -139,11 +139,7 @@ class DataSocket:
                         return
                 else:
                     self._control(frames)
-            if self._transport.get_write_buffer_size() > self._unread_room:
-                # What it leaves unread is more than the messages written to it can be (one
-                # past _limit): answers it asked for (drains) and does not read. It is not read
-                # either until it does.
-                self._hold.hold("unread")
+            self._hold.check_unread()  # drains it does not read the answers of
         except BadRequestError as exc:
             log.debug("data socket of stream %s dropped: %s", self._stream.stream_id, exc)
             self._closing = False  # a close before it counts no more: the stream is reset
@@ -154,7 +150,7 @@ class DataSocket:
 
     def resume_writing(self) -> None:
         self._writable.set()
-        self._hold.release("unread")
+        self._hold.drained()
 
     def lost(self) -> None:
         """The connection is gone. A client that left without 'close' (killed, or aborting)

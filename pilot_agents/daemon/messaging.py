@@ -106,6 +106,10 @@ class Messaging:
         self.streams: dict[str, StreamState] = {}
         self._opening = 0  # connects under way: streams too, for max_streams
         opts = ctx.options
+        # What a stream may hold past its bound before a quiet send on it is refused: what a
+        # client that waits for its confirmed sends can have put there, one window and one
+        # confirmed message (docs/ipc.md, Quiet sends).
+        self._quiet_allowance = ipc.MAX_SEND_WINDOW_BYTES + opts.max_payload_bytes
         self.memory = MessageMemory(opts.message_memory, opts.requeue_memory_bytes, opts.ack_wait)
         self.replies = ReplyPaths()
         self.publish: Publish | None = None  # set once the PUB socket is bound
@@ -188,11 +192,9 @@ class Messaging:
         return self._stream_room(stream, len(data))
 
     def _check_overshoot(self, overshoot: int, what: str) -> None:
-        """Refuse a quiet send on a stream that holds more past its bound than a client that
-        waits for its confirmed sends (docs/ipc.md, Quiet sends) can have put there: one
-        window and one confirmed message. Else a client that never waited would grow it
-        without bound."""
-        allowed = ipc.MAX_SEND_WINDOW_BYTES + self.ctx.options.max_payload_bytes
+        """Refuse a quiet send on a stream that holds more past its bound than the allowance:
+        else a client that never waited would grow it without bound."""
+        allowed = self._quiet_allowance
         if overshoot > allowed:
             raise BusyError(
                 f"{what} already holds {overshoot} bytes past its bound, more than the "

@@ -77,8 +77,9 @@ class PortSocket:
         # Not read while: a way's stream is too far over its bound ("room"), the client leaves
         # more answers unread than the messages its credit lets through can be ("unread"),
         # or for good ("stopped").
-        self._hold = ReadHold(transport)
-        self._unread_room = self._max_credit_bytes + messaging.ctx.options.max_payload_bytes
+        # Unread: at most the credit's bytes of messages, and one more.
+        self._hold = ReadHold(transport,
+                              self._max_credit_bytes + messaging.ctx.options.max_payload_bytes)
         self._over = False  # closed, ended, or the client is gone
         self._hung_up = False  # the last frame is written
 
@@ -97,10 +98,7 @@ class PortSocket:
                 if self._over:
                     return  # the connection is over: what the client wrote meanwhile is moot
                 self._handle(frames)
-            if self._transport.get_write_buffer_size() > self._unread_room:
-                # More unread than credit lets messages be (and one past it): answers it asked
-                # for (sync, arrival...) and does not read. It is not read either until it does.
-                self._hold.hold("unread")
+            self._hold.check_unread()  # syncs and arrivals it does not read the answers of
         except BadRequestError as exc:
             log.debug("data socket of port %d dropped: %s", self._state.port, exc)
             self._transport.abort()  # connection_lost: as a client that died
@@ -121,7 +119,7 @@ class PortSocket:
         messages are read."""
 
     def resume_writing(self) -> None:
-        self._hold.release("unread")
+        self._hold.drained()
 
     def lost(self) -> None:
         """The connection is gone without 'close' (the client died, or sent bad input): the
