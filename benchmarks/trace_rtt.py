@@ -4,12 +4,12 @@ the answer.
 
     sudo .venv/bin/python -m benchmarks.trace_rtt [--only CASE ...] [--rounds N]
 
-Needs root and tracefs (/sys/kernel/tracing): it enables the syscall tracepoints of sendto,
-recvfrom, recvmmsg and the waits (epoll_wait, epoll_pwait, select, poll...), on the ``mono``
-clock, while the benchmark's rtt measurement runs, then matches each datagram sent by one
-process to the other process's wait, read and next send. Times are medians over the second
-half of the round trips (steady state). Tracing itself adds about a microsecond per syscall, so
-RTTs come out a little higher than in ``benchmarks.bench``.
+Needs root and tracefs (/sys/kernel/tracing, mounted if it is not): it enables the syscall
+tracepoints of sendto, recvfrom, recvmmsg and the waits (epoll_wait, epoll_pwait, select,
+poll...), on the ``mono`` clock, while the benchmark's rtt measurement runs, then matches each
+datagram sent by one process to the other process's wait, read and next send. Times are medians
+over the second half of the round trips (steady state). Tracing itself adds about a microsecond
+per syscall, so RTTs come out a little higher than in ``benchmarks.bench``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import bisect
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -152,6 +153,10 @@ def main() -> int:
     parser.add_argument("--only", action="append", metavar="CASE", help="a case (repeatable)")
     parser.add_argument("--rounds", type=int, default=2000, help="round trips per case")
     args = parser.parse_args()
+    if not (TRACEFS / "events/syscalls").is_dir():
+        # A VM that booted without it mounted (seen here): mounting it needs root too.
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True,
+                       check=False)
     if not (TRACEFS / "events/syscalls").is_dir():
         print(f"trace_rtt: needs root and tracefs at {TRACEFS} (syscall tracepoints)",
               file=sys.stderr)

@@ -15,6 +15,7 @@ CASES: dict[str, str] = {
     "tunnel": "benchmarks.cases.tunnel",
     "tunnel-asyncio": "benchmarks.cases.tunnel_asyncio",
     "core-blocking": "benchmarks.cases.core_blocking",
+    "reqrep": "benchmarks.cases.reqrep",
     "daemon": "benchmarks.cases.daemon",
     "daemon-reqrep": "benchmarks.cases.daemon_reqrep",
     "nats": "benchmarks.cases.nats",

@@ -786,7 +786,8 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
                 request = parked.popleft()
                 room.set()
             else:
-                await room.wait()
+                if not room.is_set():  # (a coroutine fewer per request when it is)
+                    await room.wait()
                 # As `async for`, without an async generator.
                 request = await replier.receive(timeout=None)
                 if busy >= limit:
@@ -801,10 +802,11 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
         nonlocal busy
         me = asyncio.current_task()
         assert me is not None
+        cancel = me.cancel
         while replier._listener is not None:
             request = await next_request()
             busy += 1
-            request.on_cancel(me.cancel)
+            request.on_cancel(cancel)
             try:
                 await answer(request)
             except asyncio.CancelledError:
