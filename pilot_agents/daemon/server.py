@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import socket
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -93,6 +94,8 @@ class IpcServer:
         self._listening: socket.socket | None = None
         self._stream_server: asyncio.AbstractServer | None = None
         self._peers: dict[bytes, _StreamPeer] = {}
+        self.max_clients = options.max_clients  # what the open-file limit leaves, once bound
+        self.refused_clients = 0
         self._peer_ids = itertools.count(1)
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
@@ -133,6 +136,7 @@ class IpcServer:
         listening.listen(64)
         listening.setblocking(False)
         self._router, self._pub, self._listening = router, pub, listening
+        self.max_clients = _client_capacity(opts.max_clients)
 
     def publish(self, frames: list[bytes]) -> None:
         if self._pub is not None:
@@ -418,6 +422,18 @@ class IpcServer:
         self._handed(identity, message)
         return True
 
+    def _refusal(self) -> BusyError | None:
+        """Why a new stream socket connection is refused, if it is."""
+        if len(self._peers) < self.max_clients:
+            return None
+        self.refused_clients += 1
+        if self.refused_clients & (self.refused_clients - 1) == 0:  # 1, 2, 4...: no log flood
+            log.warning("refused a client: %d connected (max_clients); %d refused so far",
+                        len(self._peers), self.refused_clients)
+        return BusyError(
+            f"the daemon has {len(self._peers)} clients connected, its limit (max_clients, "
+            "bounded by its open-file limit): close clients or connections you no longer use")
+
     def _connected(self, peer: _StreamPeer) -> bytes:
         # Nine bytes from a zero byte: ZeroMQ's own identities are five, and an application
         # may not choose one that starts with a zero byte.
@@ -500,6 +516,36 @@ def _has_input(sock: zmq.Socket[bytes]) -> bool:
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
+# Open files the daemon keeps for itself beyond its clients: its UDP and ZeroMQ sockets,
+# ZeroMQ's own, the log, the spool and the trust store, a metrics connection or two.
+RESERVED_FILES = 256
+REFUSED_WAIT = 5.0  # seconds a refused connection may take to send the request it is told on
+
+
+def _client_capacity(wanted: int) -> int:
+    """``wanted``, or fewer if the open-file limit leaves fewer; the soft limit is raised
+    toward the hard one first (a limit of 1024, common, would allow few data sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - RESERVED_FILES))
+
+
+def _request_id_untrusted(header: bytes, options: DaemonOptions) -> RequestId | None:
+    """The id of a JSON request, so that a refusal can answer it; None if it has none."""
+    with contextlib.suppress(BadRequestError):
+        if header[:1] not in _COMPACT:
+            return request_id_of(load_request_untrusted(
+                header, options.max_request_bytes, options.max_request_depth))
+    return None
+
+
 class _StreamPeer(asyncio.Protocol):
     """One client on the stream socket: frames in and out as ``ipc.pack_frames`` lays them."""
 
@@ -512,15 +558,29 @@ class _StreamPeer(asyncio.Protocol):
         self._pending: collections.deque[list[bytes]] = collections.deque()
         self.taken = 0  # requests taken: 'stream_attach' must be the first
         self._data: Attached | None = None  # once the connection is a data socket
+        self._refused: BusyError | None = None  # over max_clients: told so, then closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._refused = self.server._refusal()
+        if self._refused is not None:
+            # Told at its first request (which is what a client waits on), else closed.
+            asyncio.get_running_loop().call_later(REFUSED_WAIT, self.transport.close)
+            return
         self.identity = self.server._connected(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused is not None:
+            return
         if self._data is not None:
             self._data.lost()
         self.server._disconnected(self.identity)
+
+    def _refuse(self, frames: list[bytes], refusal: BusyError) -> None:
+        request_id = _request_id_untrusted(frames[0], self.server.options) if frames else None
+        reply = _encode_json(ipc.error_reply(refusal, request_id)).encode("utf-8")
+        self.transport.writelines(ipc.pack_frames([reply]))
+        self.transport.close()  # after what is written
 
     def pause_writing(self) -> None:
         if self._data is not None:
@@ -550,6 +610,10 @@ class _StreamPeer(asyncio.Protocol):
             self._data.received(messages)
             return
         if not messages:
+            return
+        if self._refused is not None:
+            if not self.transport.is_closing():
+                self._refuse(messages[0], self._refused)
             return
         if len(messages) == 1 and not self._pending:  # the usual case: handled now
             self._take(messages[0])
