@@ -5,11 +5,12 @@ the answer.
     sudo .venv/bin/python -m benchmarks.trace_rtt [--only CASE ...] [--rounds N]
 
 Needs root and tracefs (/sys/kernel/tracing, mounted if it is not): it enables the syscall
-tracepoints of sendto, recvfrom, recvmmsg and the waits (epoll_wait, epoll_pwait, select,
-poll...), on the ``mono`` clock, while the benchmark's rtt measurement runs, then matches each
-datagram sent by one process to the other process's wait, read and next send. Times are medians
-over the second half of the round trips (steady state). Tracing itself adds about a microsecond
-per syscall, so RTTs come out a little higher than in ``benchmarks.bench``.
+tracepoints of sendto, sendmsg, recvfrom, recvmsg, recvmmsg and the waits (epoll_wait,
+epoll_pwait, select, poll...), on the ``mono`` clock, while the benchmark's rtt measurement
+runs, then matches each datagram sent by one process to the other process's wait, read and next
+send. Times are medians over the second half of the round trips (steady state). Tracing itself
+adds about a microsecond per syscall, so RTTs come out a little higher than in
+``benchmarks.bench``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from benchmarks.runner import CaseFailed, run_pair
 
 TRACEFS = Path("/sys/kernel/tracing")
 WAITS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "pselect6", "poll", "ppoll")
-# recvmmsg: the node reads its socket in batches (net/io/udp.DatagramReader).
-TRACEPOINTS = ["sys_enter_sendto", "sys_exit_recvfrom", "sys_exit_recvmmsg"] + [
-    f"sys_exit_{w}" for w in WAITS]
+# recvmmsg: the node reads its socket in batches (net/io/udp.DatagramReader); sendmsg and
+# recvmsg: libuv's UDP handles (udp-uvloop).
+SENDS = ("sendto", "sendmsg")
+READS = ("recvfrom", "recvmmsg", "recvmsg")
+TRACEPOINTS = ([f"sys_enter_{s}" for s in SENDS] + [f"sys_exit_{r}" for r in READS]
+               + [f"sys_exit_{w}" for w in WAITS])
 DEFAULT_CASES = ("zmq-tcp", "zmq-asyncio", "tunnel", "tunnel-asyncio", "core-blocking")
 LINE = re.compile(r"^\s*.+?-(\d+)\s+\[\d+\]\s+\S+\s+([\d.]+): sys_(\w+)(?:\(| -> )(.*)$")
 
@@ -65,9 +69,9 @@ def parse(trace: str) -> dict[int, Timeline]:
         if match is None:
             continue
         tid, at, call, rest = int(match[1]), float(match[2]), match[3], match[4]
-        if call == "sendto":
+        if call in SENDS:
             threads[tid].sends.append(at)
-        elif call in ("recvfrom", "recvmmsg"):
+        elif call in READS:
             if not rest.startswith("0xf") and rest not in ("0x0", "0"):  # a datagram, not -errno
                 threads[tid].reads.append(at)
         elif call in WAITS and rest not in ("0x0", "0"):  # woke with something ready
