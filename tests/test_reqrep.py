@@ -326,6 +326,26 @@ async def test_a_replier_sees_which_requests_were_given_up(pair: Pair) -> None:
         assert replier.cancelled == 1 and replier.malformed == 0
 
 
+async def test_requests_sharing_a_stream_that_time_out_are_each_given_up(pair: Pair) -> None:
+    """One request reads the stream for all; the others await their replies. Each of those
+    that timed out went without its CANCEL (its own cancellation had cancelled what it awaited,
+    which read as answered), so its replier worked on for nobody."""
+    async with (
+        Replier(pair.server.transport, 7023) as replier,
+        Requester(pair.client.transport, ReqRepConfig(streams_per_peer=1)) as requester,
+    ):
+        asking = [asyncio.create_task(requester.request(pair.server_name, 7023, b"x", timeout=1))
+                  for _ in range(3)]
+        requests = [await replier.receive(timeout=10) for _ in range(3)]
+        for task in asking:
+            with pytest.raises(PilotTimeoutError):
+                await task
+        with pytest.raises(PilotTimeoutError):  # nothing else comes; the CANCELs are read
+            await replier.receive(timeout=2)
+        assert [request.cancelled for request in requests] == [True, True, True]
+        assert replier.cancelled == 3
+
+
 async def streams_open(pair: Pair, kind: str) -> int:
     """The requester's streams as seen from outside it: embedded, those the replier's node has
     not seen end; through daemons, those the requester's daemon holds for its client."""

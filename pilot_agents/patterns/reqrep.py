@@ -411,13 +411,16 @@ class Requester:
             except asyncio.CancelledError:
                 if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
                     raise _expired(peer, port, timeout) from None
-                error = future.exception() if future.done() else None
+                error = future.exception() if future.done() and not future.cancelled() else None
                 if error is not None and stream.dead and task.uncancel() == 0:  # close()'s
                     raise error from None
                 raise
             finally:
                 del self._deadlines[request_id]
-                if stream.waiting.pop(request_id, None) is future and not future.done():
+                # Cancelled: our task was, while it awaited the future itself (another request
+                # reads the stream), which cancels the future too; unanswered all the same.
+                if (stream.waiting.pop(request_id, None) is future
+                        and (not future.done() or future.cancelled())):
                     stream.unanswered -= 1
                     if not stream.dead:  # we gave up on it (a timeout, a cancel)
                         self._give_up(stream, request_id)
