@@ -3,6 +3,11 @@ process on uvloop, so a loaded machine changes the number far less than it chang
 
     .venv/bin/python -m benchmarks.patterns_cpu            # pub/sub and req/rep
     .venv/bin/python -m benchmarks.patterns_cpu --repeat 5 # the median of 5
+    .venv/bin/python -m benchmarks.patterns_cpu --only reqrep --only reqrep-floor
+
+``reqrep-floor`` is the least any request/reply pattern over the Node can cost (both sides
+answering in its delivery callbacks, nothing kept per request but a future): ``reqrep`` less
+``reqrep-floor`` is what the pattern's promises cost (deadlines, cancels, bounds, restarts).
 
 Each measurement is the difference between a long and a short run (process user + system time,
 ``getrusage``), divided by the difference in counts: start-up, handshakes and warm-up cancel
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import resource
 import statistics
 import tempfile
@@ -22,7 +28,9 @@ from typing import Any
 
 import pilot_agents
 from pilot_agents import Node
+from pilot_agents.node import Message
 from pilot_agents.patterns import Publisher, Request, Requester, Subscriber, serving
+from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
 
 PORT = 2001
 HOST = "127.0.0.1"
@@ -93,6 +101,54 @@ async def reqrep(count: int) -> float:
             await req_node.__aexit__(None, None, None)
 
 
+async def reqrep_floor(count: int) -> float:
+    """As :func:`reqrep`, with the least a request/reply pattern over the Node can do: both
+    sides answer in the Node's delivery callbacks (``set_taker``), a frame each way, a future
+    per request, and nothing else (no deadlines, cancels, bounds, Request objects or handler
+    task). What the patterns' own work is measured against."""
+    with tempfile.TemporaryDirectory() as home:
+        req_node, rep_node = await _pair(Path(home))
+        try:
+            async with (rep_node.listen(PORT) as listener,
+                        req_node.connect(rep_node.node_id, PORT) as conn):
+
+                def answer(message: Message) -> bool:
+                    frame = parse_frame_untrusted(message.data)
+                    way_back = message.way_back
+                    assert way_back is not None
+                    way_back.write(encode_frame(Kind.REPLY, frame.id, frame.payload))
+                    return True
+
+                waiting: dict[int, asyncio.Future[bytes]] = {}
+
+                def take_reply(message: Message) -> bool:
+                    frame = parse_frame_untrusted(message.data)
+                    waiting.pop(frame.id).set_result(frame.payload)
+                    return True
+
+                listener.set_taker(answer)
+                conn.set_taker(take_reply)
+                loop = asyncio.get_running_loop()
+                ids = itertools.count()
+
+                async def request(data: bytes) -> bytes:
+                    request_id = next(ids)
+                    future: asyncio.Future[bytes] = loop.create_future()
+                    waiting[request_id] = future
+                    conn.write(encode_frame(Kind.REQUEST, request_id, data))
+                    return await future
+
+                data = b"r" * 100
+                await request(data)
+                start = _cpu()
+                for _ in range(count):
+                    await request(data)
+                return _cpu() - start
+        finally:
+            await rep_node.__aexit__(None, None, None)
+            await req_node.__aexit__(None, None, None)
+
+
 def per_item(run: Callable[[int], Coroutine[Any, Any, float]], short: int, long: int) -> float:
     """Microseconds of CPU per item: (long run - short run) / (long - short)."""
     small = pilot_agents.run(run(short))
@@ -103,9 +159,10 @@ def per_item(run: Callable[[int], Coroutine[Any, Any, float]], short: int, long:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="measurements; the median is shown")
-    parser.add_argument("--only", choices=("pubsub", "reqrep"), action="append")
+    parser.add_argument("--only", choices=("pubsub", "reqrep", "reqrep-floor"), action="append")
     args = parser.parse_args()
-    cases = {"pubsub": (pubsub, 5000, 25000), "reqrep": (reqrep, 1000, 5000)}
+    cases = {"pubsub": (pubsub, 5000, 25000), "reqrep": (reqrep, 1000, 5000),
+             "reqrep-floor": (reqrep_floor, 1000, 5000)}
     for name in args.only or list(cases):
         run, short, long = cases[name]
         values = [per_item(run, short, long) for _ in range(args.repeat)]
