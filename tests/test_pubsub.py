@@ -310,6 +310,23 @@ async def test_close_ends_an_iteration_that_waits(pair: Pair) -> None:
         assert received == []
 
 
+async def test_close_ends_a_receive_waiting_to_subscribe_again(pair: Pair) -> None:
+    """A receive paused before subscribing again (its publisher said BYE) ended only when the
+    pause did, up to reconnect_max (10 s) after close()."""
+    config = PubSubConfig(reconnect_min=5.0, reconnect_max=5.0)
+    publisher = Publisher(pair.server.transport, 8103)
+    await publisher.__aenter__()
+    async with Subscriber(pair.client.transport, pair.server_name, 8103, [""], config) as sub:
+        await until_subscribed(publisher, 1)
+        receiving = asyncio.create_task(sub.receive(timeout=None))
+        await publisher.close()  # BYE: the subscriber drops the stream and pauses 5 s
+        await asyncio.sleep(0.5)
+        assert not receiving.done()
+        await sub.close()
+        with pytest.raises(ConfigError, match="closed"):
+            await asyncio.wait_for(receiving, 1.0)
+
+
 async def test_close_while_subscribing_again_leaves_no_subscription(pair: Pair) -> None:
     config = PubSubConfig(reconnect_min=0.5, reconnect_max=0.5)
     publisher = Publisher(pair.server.transport, 8102)

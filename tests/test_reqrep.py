@@ -203,8 +203,9 @@ def test_frame_parsing_raises_only_wire_errors() -> None:
 
 
 async def test_a_stream_opened_after_close_is_aborted_not_kept() -> None:
-    """close() while a request opens its stream (a resend after a restart does): the stream,
-    once open, is aborted, and the request raises that the requester was closed."""
+    """close() while requests open their stream (a resend after a restart does): the stream,
+    once open, is aborted, and each request raises that the requester was closed; the one
+    that waited for the first to open it opens none after close() (it did, and kept it)."""
     opened: list[object] = []
     aborted: list[object] = []
     gate = asyncio.Event()
@@ -223,13 +224,88 @@ async def test_a_stream_opened_after_close_is_aborted_not_kept() -> None:
             return SlowConnection()
 
     requester = Requester(SlowTransport(), None)  # type: ignore[arg-type]
-    request = asyncio.create_task(requester.request("beta", 1, b"x", timeout=5))
+    requests = [asyncio.create_task(requester.request("beta", 1, b"x", timeout=5))
+                for _ in range(2)]
     await asyncio.sleep(0.05)
     await requester.close()
     gate.set()
-    with pytest.raises(ConnectionClosedError, match="requester was closed"):
-        await request
+    for request in requests:
+        with pytest.raises(ConnectionClosedError, match="requester was closed"):
+            await request
     assert opened and aborted == opened
+    assert not requester._streams
+
+
+async def test_a_request_waiting_for_its_turn_at_close_fails_unsent(pair: Pair) -> None:
+    """close() fails the request in flight; the one waiting behind it for a slot
+    (max_in_flight) fails too. It used to open a new stream after close(), keep it, and send
+    the request on it, to time out there."""
+    config = ReqRepConfig(streams_per_peer=1, max_in_flight=1)
+    async with Replier(pair.server.transport, 7024) as replier:
+        requester = Requester(pair.client.transport, config)
+        first = asyncio.create_task(
+            requester.request(pair.server_name, 7024, "first", timeout=5))
+        await replier.receive(timeout=10)
+        second = asyncio.create_task(
+            requester.request(pair.server_name, 7024, "second", timeout=5))
+        await asyncio.sleep(0.3)  # the second waits for the only slot
+        assert not second.done()
+        await requester.close()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert [type(result) for result in results] == [ConnectionClosedError] * 2, results
+        with pytest.raises(PilotTimeoutError):  # the second was never sent
+            await replier.receive(timeout=0.5)
+        assert not requester._streams
+
+
+async def test_cancelling_a_request_and_the_one_waiting_for_its_slot_cancels_both(
+        pair: Pair) -> None:
+    """As gather() and TaskGroup cancel their children: the request holding the only slot,
+    then the one waiting for it, in one step. The second raised ValueError: the first's
+    release had already taken its (cancelled) turn off the queue."""
+    config = ReqRepConfig(streams_per_peer=1, max_in_flight=1)
+    async with (
+        Replier(pair.server.transport, 7025) as replier,
+        Requester(pair.client.transport, config) as requester,
+    ):
+        holder = asyncio.create_task(
+            requester.request(pair.server_name, 7025, "first", timeout=30))
+        await replier.receive(timeout=10)
+        waiter = asyncio.create_task(
+            requester.request(pair.server_name, 7025, "second", timeout=30))
+        await asyncio.sleep(0.3)
+        assert not waiter.done()
+        holder.cancel()
+        waiter.cancel()
+        results = await asyncio.gather(holder, waiter, return_exceptions=True)
+        assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+
+
+async def test_a_replier_closes_in_time_when_a_requester_does_not_read(pair: Pair) -> None:
+    """close() answers each request it handed out with an error. To a requester that stopped
+    reading, with its stream full of replies, that answer waited for room for ever, and so did
+    close() (and the end of serving())."""
+    async with Replier(pair.server.transport, 7026) as replier:
+        conn = pair.client.transport.connect(pair.server_name, 7026)
+        await conn.__aenter__()  # a requester that sends and never reads
+        try:
+            for request_id in range(1, 5):
+                await conn.send(encode_frame(Kind.REQUEST, request_id, b"big, please"))
+            replying = []
+            for _ in range(3):
+                request = await replier.receive(timeout=10)
+                replying.append(asyncio.create_task(request.reply(b"x" * (40 * 2**20))))
+            unanswered = await replier.receive(timeout=10)
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(replier.close(), reqrep.CANCEL_WAIT + 5)
+            finally:
+                for task in replying:
+                    task.cancel()
+                await asyncio.gather(*replying, return_exceptions=True)
+            assert unanswered.answered
+        finally:
+            await conn.abort()
 
 
 async def test_a_request_or_reply_that_cannot_be_sent_fails_alone(pair: Pair) -> None:

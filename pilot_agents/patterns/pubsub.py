@@ -402,6 +402,7 @@ class Subscriber:
         self._id = secrets.randbits(63)
         self._conn: Connection | None = None
         self._closed = False
+        self._closing = asyncio.Event()  # ends a receive's pause before it subscribes again
         self._missed = 0
         self._resumed = False
         self._stream_done = False  # BYE, or garbage: subscribe again on a new stream
@@ -422,6 +423,7 @@ class Subscriber:
 
     async def close(self) -> None:
         self._closed = True
+        self._closing.set()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(PilotError):
@@ -583,7 +585,9 @@ class Subscriber:
             pause = self._backoff
             if deadline is not None:
                 pause = min(pause, max(deadline - loop.time(), 0.0))
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._closing.wait()
             self._backoff = min(self._backoff * 2, self.config.reconnect_max)
             if deadline is not None and loop.time() >= deadline:
                 return

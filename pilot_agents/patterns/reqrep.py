@@ -241,7 +241,7 @@ class _Stream:
             except BaseException:
                 if turn.done() and not turn.cancelled():
                     self._next_turn()  # woken, then cancelled: the slot is the next one's
-                else:
+                elif turn in self.turns:  # (not if a release popped it, cancelled, meanwhile)
                     self.turns.remove(turn)
                 raise
         self.in_flight += 1
@@ -356,13 +356,14 @@ class Requester:
         now = loop.time()
         deadline = now + timeout
         task: asyncio.Task[Reply] = asyncio.current_task(loop)  # type: ignore[assignment]
+        closes = self._closes  # a close() after this fails the request: no new stream for it
         while True:  # more than once only if the replier restarted before it saw the request
             stream = self._reusable(self._streams.get((peer, port)))
             if (stream is None or stream.in_flight >= stream.max_in_flight
                     or stream.turns):  # a stream to open, or a turn to wait for
                 try:
                     async with asyncio.timeout_at(deadline):
-                        stream = await self._stream_for(peer, port, loop)
+                        stream = await self._stream_for(peer, port, loop, closes)
                         await stream.take_slot(loop)
                 except TimeoutError:
                     raise _expired(peer, port, timeout) from None
@@ -480,9 +481,13 @@ class Requester:
         await self._end([stream for _, stream in streams])
         await asyncio.gather(*self._retiring, return_exceptions=True)
 
-    async def _stream_for(self, peer: str, port: int,
-                          loop: asyncio.AbstractEventLoop) -> _Stream:
+    async def _stream_for(self, peer: str, port: int, loop: asyncio.AbstractEventLoop,
+                          closes: int) -> _Stream:
+        """A stream for a request begun before the ``closes``-th close(): raises
+        ConnectionClosedError, opening none, if a close() came since."""
         key = (peer, port)
+        if self._closes != closes:
+            raise ConnectionClosedError("the requester was closed")
         if (stream := self._reusable(self._streams.get(key))) is not None:
             return stream
         opening = self._opening.get(key)
@@ -491,9 +496,10 @@ class Requester:
         opening.users += 1
         try:
             async with opening.lock:
+                if self._closes != closes:  # came while we waited for the lock
+                    raise ConnectionClosedError("the requester was closed")
                 if (stream := self._reusable(self._streams.get(key))) is not None:
                     return stream
-                closes = self._closes
                 conn = self._transport.connect(peer, port)
                 await conn.__aenter__()
                 if self._closes != closes:  # close() came meanwhile: no stream of ours
@@ -635,11 +641,17 @@ async def _send_quietly(conn: Connection, frame: bytes) -> None:
             await conn.send(frame)
 
 
+async def _fail_quietly(request: Request, error: PilotError) -> None:
+    with contextlib.suppress(PilotError):
+        await request.fail(error)
+
+
 class Replier:
     """Requests arriving on ``port``, from any trusted peer; use with ``async with`` and
     ``async for``. A message that is not a request frame is dropped and counted in
     :attr:`malformed`. Closing the replier answers every request it handed out and nobody
-    answered with an error, and the transport resets the streams of those never handed out:
+    answered with an error (waiting at most ``CANCEL_WAIT``, 1 s, for room to send them), and
+    the transport resets the streams of those never handed out:
     no requester waits for its timeout because its replier went away. A requester's CANCEL
     marks its request :attr:`Request.cancelled` (counted in :attr:`cancelled`)."""
 
@@ -663,10 +675,16 @@ class Replier:
     async def close(self) -> None:
         listener, self._listener = self._listener, None
         unanswered, self._unanswered = list(self._unanswered.values()), {}
-        for request in unanswered:
-            with contextlib.suppress(PilotError):
-                await request.fail(ConnectionClosedError(
-                    f"the replier on port {self.port} closed before answering"))
+        error = ConnectionClosedError(f"the replier on port {self.port} closed before answering")
+        # All at once, and not waited for past CANCEL_WAIT: an answer to a requester that
+        # stopped reading waits for room in its stream for as long as it does not read.
+        failing = [asyncio.ensure_future(_fail_quietly(request, error))
+                   for request in unanswered]
+        if failing:
+            _, late = await asyncio.wait(failing, timeout=CANCEL_WAIT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if listener is not None:
             await listener.close()
 
