@@ -281,6 +281,29 @@ async def test_cancelling_a_request_and_the_one_waiting_for_its_slot_cancels_bot
         assert all(isinstance(result, asyncio.CancelledError) for result in results), results
 
 
+async def test_a_released_slot_goes_to_the_request_waiting_for_it() -> None:
+    """A request that comes between a slot's release and the woken request's step used to
+    take the slot first (the count said it was free), sending the woken one to the back."""
+    stream = reqrep._Stream(object(), max_in_flight=1, now=0.0)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    await stream.take_slot(loop)
+    waiting = asyncio.create_task(stream.take_slot(loop))
+    await asyncio.sleep(0)
+    stream.release_slot()
+    # What a request starting in this step sees (Requester.request takes a free slot without
+    # waiting): none free, the woken one's.
+    assert stream.in_flight == stream.max_in_flight
+    late = asyncio.create_task(stream.take_slot(loop))
+    await asyncio.sleep(0)
+    assert waiting.done() and not late.done()
+    assert stream.in_flight == 1 and len(stream.turns) == 1
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    stream.release_slot()
+    assert stream.in_flight == 0 and not stream.turns
+
+
 async def test_a_replier_closes_in_time_when_a_requester_does_not_read(pair: Pair) -> None:
     """close() answers each request it handed out with an error. To a requester that stopped
     reading, with its stream full of replies, that answer waited for room for ever, and so did

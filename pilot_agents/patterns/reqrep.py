@@ -233,29 +233,30 @@ class _Stream:
 
     async def take_slot(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for a slot, in turn (the caller bounds the wait)."""
-        while self.in_flight >= self.max_in_flight:
-            turn = loop.create_future()
-            self.turns.append(turn)
-            try:
-                await turn
-            except BaseException:
-                if turn.done() and not turn.cancelled():
-                    self._next_turn()  # woken, then cancelled: the slot is the next one's
-                elif turn in self.turns:  # (not if a release popped it, cancelled, meanwhile)
-                    self.turns.remove(turn)
-                raise
-        self.in_flight += 1
+        if self.in_flight < self.max_in_flight and not self.turns:
+            self.in_flight += 1
+            return
+        turn = loop.create_future()
+        self.turns.append(turn)
+        try:
+            await turn  # woken with the slot its holder released: in_flight counts it still
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.release_slot()  # handed the slot, then cancelled: the next one's
+            elif turn in self.turns:  # (not if a release popped it, cancelled, meanwhile)
+                self.turns.remove(turn)
+            raise
 
     def release_slot(self) -> None:
-        self.in_flight -= 1
-        self._next_turn()
-
-    def _next_turn(self) -> None:
+        """Hand the slot to the next request waiting for one, if any: a request that comes
+        meanwhile cannot take it first (it would, between the wake-up and the woken's step,
+        and the woken would wait again, at the back)."""
         while self.turns:
             turn = self.turns.popleft()
             if not turn.done():
                 turn.set_result(None)
                 return
+        self.in_flight -= 1
 
     def answer(self, future: asyncio.Future[Reply], reply: Reply | BaseException) -> None:
         if future.done():
