@@ -312,6 +312,20 @@ async def test_an_item_longer_than_three_heartbeats_to_arrive_is_not_silence(
         assert pusher.redelivered == 0
 
 
+async def test_close_ends_an_iteration_that_waits(pair: Pair, binds: bool) -> None:
+    """As a Subscriber's: `async for` over a puller closed meanwhile ends; it raised
+    ConfigError."""
+    async with pair_pusher(pair, binds, 9014):
+        puller = pair_puller(pair, binds, 9014)
+        await puller.__aenter__()
+        received: list[WorkItem] = []
+        reader = asyncio.create_task(collect(puller, received))
+        await asyncio.sleep(0.2)
+        await puller.close()
+        await asyncio.wait_for(reader, 5)
+        assert received == []
+
+
 async def test_unacknowledged_items_of_a_closed_puller_go_to_the_next(pair: Pair,
                                                                      binds: bool) -> None:
     async with pair_pusher(pair, binds, 9005) as pusher:

@@ -343,7 +343,13 @@ class Puller:
 
     async def _iterate(self) -> AsyncIterator[WorkItem]:
         while self._open:
-            yield await self.receive(timeout=None)
+            try:
+                item = await self.receive(timeout=None)
+            except ConfigError:
+                if not self._open and self._failure is None:
+                    return  # closed while it waited: the iteration ends, as a Subscriber's
+                raise
+            yield item
 
     async def close(self) -> None:
         """Stop. Every pusher is told, so it gives what this puller had not acknowledged to
