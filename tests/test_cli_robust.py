@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,30 @@ def test_a_closed_stdin_reads_as_empty(pair: Pair) -> None:
                           "no trust request given", "pilotctl trust export")
     assert_one_line_error(without_stdin(a.home, "request", "beta", "5999", "--data", "x"), 9,
                           "beta is not listening on port 5999")
+
+
+@pytest.mark.parametrize("args", [("connect", "beta"), ("push", "beta", "4998", "--stdin"),
+                                  ("--json", "push", "beta", "4998", "--stdin")])
+def test_ctrl_c_while_stdin_is_idle_interrupts_cleanly(pair: Pair, args: tuple[str, ...]) -> None:
+    """stdin a pipe nobody writes to, as `sleep 30 | pilotctl connect beta` leaves it. A
+    thread blocked reading it made the interpreter abort at exit ("Fatal Python error:
+    _enter_buffered_busy ... could not acquire lock for <_io.BufferedReader name='<stdin>'>"),
+    exit status 134, instead of ending as interrupted."""
+    a, _ = pair
+    env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home),
+                                 *args], stdin=read, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        time.sleep(2.0)  # connected, and waiting for stdin
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), (out, err)
+    assert "Fatal" not in err
 
 
 def test_usage_errors_under_json_are_json_errors() -> None:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shlex
 import shutil
-import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 from ..errors import ConfigError, McpSessionError
@@ -26,6 +23,7 @@ from ..sdk import Client
 from .context import Context
 from .output import EXIT_OK, emit
 from .parser import Commands, count, name_port, port, positive
+from .stdin import stdin_lines
 
 _DEFAULTS = McpConfig()
 
@@ -122,41 +120,16 @@ def _write(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-async def _stdin_lines(limit: int) -> Callable[[], Awaitable[bytes]]:
-    """What reads stdin's next line (b"" at its end; ValueError for one of more than ``limit``
-    bytes)."""
-    mode = os.fstat(sys.stdin.fileno()).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or sys.stdin.isatty():
-        stdin = asyncio.StreamReader(limit=limit)
-        await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-        return stdin.readline
-
-    async def readline() -> bytes:
-        # The event loop cannot watch a file or /dev/null (uvloop aborts the process if asked
-        # to); reading one never waits long, so a thread does it.
-        line: bytes = await asyncio.to_thread(sys.stdin.buffer.readline, limit + 1)
-        if len(line) > limit and not line.endswith(b"\n"):
-            raise ValueError(f"a line of more than {limit} bytes")
-        return line
-
-    return readline
-
-
 async def _forward(client: Client, name: str, number: int, config: McpConfig) -> int:
     """stdin's lines to the remote server, its messages to stdout, until stdin ends (the MCP
     client is done) or the session does (an error naming why, exit status 1)."""
-    readline = await _stdin_lines(config.max_message_bytes)
+    readline = await stdin_lines(config.max_message_bytes, "a message")
     async with RemoteSession(client, name, number, config) as remote:
 
         async def upstream() -> None:
-            try:
-                while line := await readline():
-                    if message := line.rstrip(b"\r\n"):
-                        await remote.send(message)
-            except ValueError:  # the line's limit
-                raise ConfigError(f"a message of more than {config.max_message_bytes} bytes "
-                                  "on stdin") from None
+            while line := await readline():
+                if message := line.rstrip(b"\r\n"):
+                    await remote.send(message)
             # An MCP client closes stdin to end the session: answers on their way still come.
             try:
                 async with asyncio.timeout(config.drain_timeout):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import threading
 import time
 
 from ..errors import ConfigError, ConnectionClosedError, PilotError
@@ -15,6 +14,7 @@ from ..transport import DEFAULT_PORT
 from .context import Context, receive_until
 from .output import EXIT_OK, Message, Reply, emit, label, message_out, ms, write_message
 from .parser import Commands, add_until, port, positive
+from .stdin import stdin_lines
 
 
 def register(commands: Commands) -> None:
@@ -112,15 +112,7 @@ async def _netcat(ctx: Context, client: IpcClient, to_port: int) -> int:
     if not ctx.json and sys.stderr.isatty():
         print(f"Connected to {label(opened, 'peer')} port {to_port} via {opened['path']}. RTT: "
               f"{ms(opened.get('rtt'))}. Encrypted.", file=sys.stderr, flush=True)
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def read_stdin() -> None:  # a daemon thread: a blocked read never holds up exit
-        for line in iter(sys.stdin.buffer.readline, b""):
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=read_stdin, daemon=True).start()
+    readline = await stdin_lines(MAX_MESSAGE, "a message")
     last_input = [time.monotonic()]
     peer_closed = asyncio.Event()
 
@@ -135,7 +127,7 @@ async def _netcat(ctx: Context, client: IpcClient, to_port: int) -> int:
             _print_message(ctx, reply["message"])
 
     async def send() -> None:
-        while (line := await lines.get()) is not None:
+        while line := await readline():
             await client.carry("stream_send", line.rstrip(b"\n"), stream=stream)
         await client.request("stream_drain", stream=stream, timeout=args.timeout)
         last_input[0] = time.monotonic()

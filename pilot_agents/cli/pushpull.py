@@ -12,22 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..errors import CommandFailedError, ConfigError, PilotTimeoutError
+from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, progress
 from .parser import Commands, add_until, count, port, positive
 from .patterns import ExecConfig, data_fields, exec_argv, run_command, write_data
+from .stdin import stdin_lines
 
 _DEFAULTS = PushPullConfig()
 _EXEC = ExecConfig()
-STDIN_QUEUE_LINES = 256  # lines of stdin read ahead of the pushes (so memory stays bounded)
 LINK_POLL_INTERVAL = 0.05  # seconds between looks at the pullers linked, for --wait-for
 
 
@@ -98,7 +98,7 @@ def push_cmd(ctx: Context) -> int:
 class _Tally:
     """How far a push got: its progress line, and what its errors say."""
 
-    read: int = 0  # items read: from stdin, ahead of the pushes (up to STDIN_QUEUE_LINES)
+    read: int = 0  # items read (from stdin, or --data)
     pushed: int = 0
 
 
@@ -165,22 +165,9 @@ async def _items(ctx: Context, tally: _Tally) -> AsyncIterator[bytes]:
             tally.read += 1
             yield text.encode("utf-8")
         return
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[bytes | None] = asyncio.Queue(STDIN_QUEUE_LINES)
-
-    def read() -> None:
-        # A thread of its own: a blocking read must not hold up the event loop, and a daemon
-        # thread does not keep a stopped command waiting for a terminal's next line.
-        try:
-            for line in sys.stdin.buffer:
-                tally.read += 1  # this thread alone writes it; the loop only shows it
-                asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
-            asyncio.run_coroutine_threadsafe(lines.put(None), loop).result()
-        except Exception:  # the loop is gone: the command is over
-            return
-
-    threading.Thread(target=read, name="push-stdin", daemon=True).start()
-    while (line := await lines.get()) is not None:
+    readline = await stdin_lines(MAX_PAYLOAD, "an item")
+    while line := await readline():
+        tally.read += 1
         yield line[:-1] if line.endswith(b"\n") else line
 
 
