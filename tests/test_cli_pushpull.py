@@ -22,6 +22,7 @@ from tests.conftest import (
     DaemonHandle,
     assert_one_line_error,
     cli,
+    cli_json,
     peer_up,
     short_home,
     start_daemons,
@@ -259,6 +260,16 @@ def test_mistakes_and_timeouts(trio: Trio) -> None:
                               "x", "--timeout", "1"), 10, "0 of 1 pullers linked")
     assert_one_line_error(cli(b.home, "pull", "4007", "--timeout", "1"), 10,
                           "no work item on port 4007 within 1 s")
+    # Named peers are checked first, not waited for to time out (pull --from waited for ever).
+    assert_one_line_error(cli(b.home, "pull", "4007", "--from", "nobody"), 5,
+                          "unknown host 'nobody'")
+    gamma = cli_json(a.home, "resolve", "gamma")
+    assert cli(b.home, "add-peer", str(gamma["node_id"]), str(gamma["candidates"][0]), "--name",
+               "gamma").returncode == 0  # known to beta, not trusted by it
+    assert_one_line_error(cli(b.home, "push", "gamma", "4007", "--data", "x"), 6,
+                          "gamma is not trusted: run 'pilotctl trust add gamma'")
+    assert_one_line_error(cli(b.home, "pull", "4007", "--from", "gamma"), 6,
+                          "gamma is not trusted")
 
 
 def test_verbs_without_a_daemon() -> None:

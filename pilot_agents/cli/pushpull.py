@@ -20,6 +20,7 @@ from ..errors import CommandFailedError, ConfigError, PilotTimeoutError
 from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
+from ..trust import not_trusted
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, progress
 from .parser import Commands, add_until, count, port, positive
@@ -104,8 +105,8 @@ class _Tally:
 
 async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
     args = ctx.args
-    for target in targets:  # an unknown name is the user's mistake, not a wait to time out
-        await client.resolve(target)
+    for target in targets:
+        await _check_peer(client, target)
     started = time.perf_counter()
     tally = _Tally()
     async with Pusher(client, targets or args.port, None if args.listen else args.port) as pusher:
@@ -146,6 +147,15 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
         print(f"Pushed {tally.pushed} item(s) to port {args.port}, all acknowledged ({shares}; "
               f"{redelivered} sent again) in {elapsed_ms / 1000:.2f} s.")
     return EXIT_OK
+
+
+async def _check_peer(client: Client, name: str) -> None:
+    """An unknown or untrusted name is the user's mistake, not a wait to time out: the links
+    to it would fail and be tried again until then (a peer may come back)."""
+    found = await client.resolve(name)
+    refusal = not_trusted(found.get("hostname") or name, found.get("trust"))
+    if refusal is not None:
+        raise refusal
 
 
 async def _linked(pusher: Pusher, pullers: int, timeout: float) -> None:
@@ -201,6 +211,8 @@ class _Pull:
 
     async def run(self) -> int:
         args = self.ctx.args
+        if args.source is not None:
+            await _check_peer(self.client, args.source)
         config = PushPullConfig(window_items=args.window)
         # With --exec the command's exit decides; else the next receive (after the item was
         # printed and flushed) acknowledges it.

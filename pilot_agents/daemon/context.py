@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import (
     ConfigError,
-    NotTrustedError,
     PeerUnreachableError,
     PilotError,
     PortClosedError,
@@ -18,7 +17,7 @@ from ..errors import (
 )
 from ..home import read_private_text, write_private
 from ..node.node import Node, PeerInfo
-from ..trust import TrustStore, is_node_id
+from ..trust import TrustStore, is_node_id, not_trusted
 from .options import DaemonOptions
 
 STATIC_PEERS_FILE = "static-peers.json"
@@ -142,14 +141,9 @@ class DaemonContext:
             return Target(pinned.node_id, name, None, name)
         found = await self.lookup(target)
         entry = self.store.get(found.node_id)
-        if entry is None or not entry.trusted:
-            label = found.hostname or target
-            if entry is not None and entry.state == "incoming":
-                raise NotTrustedError(
-                    f"{label} asked you to trust it but you have not approved it: run "
-                    f"'pilotctl trust approve {label}'"
-                )
-            raise NotTrustedError(f"{label} is not trusted: run 'pilotctl trust add {label}'")
+        refusal = not_trusted(found.hostname or target, None if entry is None else entry.state)
+        if refusal is not None:
+            raise refusal
         return Target(found.node_id, found.hostname, found.info, found.node_id)
 
     def explain(self, exc: PilotError, node_id: str, label: str, port: int | None) -> PilotError:
