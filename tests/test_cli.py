@@ -586,6 +586,21 @@ def test_peers_and_ping(daemon_pair: Pair) -> None:
     assert out["received"] == 1 and out["probes"][0]["path"] == "direct"
 
 
+def test_ping_that_gets_no_reply_prints_one_json_document(daemon_pair: Pair) -> None:
+    """It printed its summary, then the error: two documents, which json.load refuses."""
+    a, _ = daemon_pair
+    ghost = Identity.generate().node_id
+    assert cli(a.home, "add-peer", ghost, "127.0.0.1:9", "--name", "ghost").returncode == 0
+    assert cli(a.home, "trust", "add", "ghost").returncode == 0
+    try:
+        result = cli(a.home, "--json", "ping", "ghost", "--count", "2", "--interval", "0.05",
+                     "--timeout", "0.5")
+        assert result.returncode == 8, result.stderr
+        assert json.loads(result.stdout)["error"]["type"] == "PeerUnreachableError"
+    finally:
+        cli(a.home, "trust", "remove", "ghost")
+
+
 # -- the walkthrough, with a beacon ----------------------------------------------------------
 
 

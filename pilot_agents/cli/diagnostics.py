@@ -77,6 +77,8 @@ async def _ping(ctx: Context, client: IpcClient) -> int:
                   f"path={result['path']}")
     low, high = min(rtts, default=None), max(rtts, default=None)
     average = sum(rtts) / len(rtts) if rtts else None
+    if ctx.json and not rtts and last_error is not None:
+        raise last_error  # one document, the error's, as for any command that fails
     if ctx.json:
         emit({"target": args.target, "sent": len(probes), "received": len(rtts), "min": low,
               "max": high, "avg": average, "probes": probes})
