@@ -19,6 +19,7 @@ import pytest
 
 from pilot_agents.cli.patterns import ExecConfig, run_command
 from pilot_agents.errors import CommandFailedError
+from pilot_agents.identity import Identity
 from tests.conftest import (
     ROOT,
     DaemonHandle,
@@ -183,7 +184,8 @@ def test_request_and_serve_mistakes(daemon_pair: Pair) -> None:
     assert_one_line_error(cli(a.home, "request", "nobody", "5006", "--data", "x"), 5,
                           "unknown host 'nobody'")
     assert_one_line_error(cli(a.home, "request", "beta", "5006", "--data", "x"), 9,
-                          "beta is not listening on port 5006")
+                          "beta has no replier on port 5006",
+                          "'pilotctl serve 5006 --exec CMD'")
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "no-such-command-xyz"), 2,
                           "no command 'no-such-command-xyz' found")
     assert_one_line_error(cli(a.home, "serve", "5006", "--exec", "tr 'a-z"), 2,
@@ -300,6 +302,26 @@ def test_subscribe_before_the_publisher_and_human_output(daemon_pair: Pair) -> N
         assert_one_line_error(overflow, 2, "has overflow 'drop-oldest'", "unpublish 6002")
     finally:
         ipc_call(b.home, cmd="unpublish", port=6002)
+
+
+def test_a_peer_that_does_not_answer_is_named_so_within_the_timeout(daemon_pair: Pair) -> None:
+    """request said only "no reply ... within 1 s", as if the replier had been slow, and
+    subscribe waited its 10 s for the peer whatever --timeout said."""
+    a, _ = daemon_pair
+    ghost = Identity.generate().node_id
+    assert cli(a.home, "add-peer", ghost, "127.0.0.1:9", "--name", "ghost").returncode == 0
+    assert cli(a.home, "trust", "add", "ghost").returncode == 0
+    try:
+        started = time.monotonic()
+        assert_one_line_error(cli(a.home, "request", "ghost", "5009", "--data", "x",
+                                  "--timeout", "1"), 10,
+                              "ghost did not answer within 1.0 s (opening a stream",
+                              "down, unreachable, or does not trust us")
+        assert_one_line_error(cli(a.home, "subscribe", "ghost", "6009", "t", "--timeout", "1"),
+                              8, "no answer from ghost within 1.0 s")
+        assert time.monotonic() - started < 9
+    finally:
+        cli(a.home, "trust", "remove", "ghost")
 
 
 def test_subscribe_timeout_interrupt_and_mistakes(daemon_pair: Pair) -> None:

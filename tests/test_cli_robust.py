@@ -68,7 +68,7 @@ def test_a_closed_stdin_reads_as_empty(pair: Pair) -> None:
     assert_one_line_error(without_stdin(a.home, "trust", "import", "-"), 2,
                           "no trust request given", "pilotctl trust export")
     assert_one_line_error(without_stdin(a.home, "request", "beta", "5999", "--data", "x"), 9,
-                          "beta is not listening on port 5999")
+                          "beta has no replier on port 5999")
 
 
 @pytest.mark.parametrize("args", [("connect", "beta"), ("push", "beta", "4998", "--stdin"),

@@ -17,12 +17,12 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..errors import CommandFailedError, ConfigError, PilotError
+from ..errors import CommandFailedError, ConfigError, PilotError, PortClosedError
 from ..ipc import encode_data
 from ..patterns.frames import MAX_PAYLOAD
-from ..patterns.pubsub import Overflow, Publication, Subscriber
+from ..patterns.pubsub import Overflow, Publication, PubSubConfig, Subscriber
 from ..patterns.reqrep import Replier, ReqRepConfig, Request, Requester
 from ..sdk import Client
 from .context import Context, receive_until
@@ -130,8 +130,13 @@ async def _request(ctx: Context, client: Client) -> int:
     args = ctx.args
     async with Requester(client) as requester:
         started = time.perf_counter()
-        reply = await requester.request(args.target, args.port, args.data.encode("utf-8"),
-                                        timeout=args.timeout)
+        try:
+            reply = await requester.request(args.target, args.port, args.data.encode("utf-8"),
+                                            timeout=args.timeout)
+        except PortClosedError as exc:
+            raise PortClosedError(
+                f"{args.target} has no replier on port {args.port} (start one there, e.g. "
+                f"'pilotctl serve {args.port} --exec CMD')", exc.code, exc.reason) from None
         elapsed_ms = (time.perf_counter() - started) * 1000.0
     if ctx.json:
         emit({"target": args.target, "port": args.port, "replier": reply.sender,
@@ -365,7 +370,11 @@ def subscribe_cmd(ctx: Context) -> int:
 
 async def _subscribe(ctx: Context, client: Client) -> int:
     args = ctx.args
-    async with Subscriber(client, args.target, args.port, list(args.prefixes)) as subscriber:
+    config = PubSubConfig()
+    if args.timeout is not None:  # subscribing counts against it too
+        config = replace(config, connect_timeout=min(config.connect_timeout, args.timeout))
+    async with Subscriber(client, args.target, args.port, list(args.prefixes),
+                          config) as subscriber:
         if not ctx.json and sys.stderr.isatty():
             prefixes = ", ".join(map(repr, args.prefixes))
             print(f"Subscribed to {args.target} port {args.port} ({prefixes})"

@@ -97,6 +97,8 @@ class PubSubConfig:
     # The most bytes of a subscriber's queued publications that leave as one message (a
     # BATCH frame) when it has fallen behind; 0 sends each on its own.
     batch_bytes: int = 64 * 1024
+    # Seconds a subscriber waits for the publisher's node when it subscribes (again).
+    connect_timeout: float = CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers)
@@ -108,6 +110,8 @@ class PubSubConfig:
             raise ConfigError("PubSubConfig: need 0 < reconnect_min <= reconnect_max")
         if self.heartbeat_interval <= 0:
             raise ConfigError("PubSubConfig.heartbeat_interval must be positive")
+        if self.connect_timeout <= 0:
+            raise ConfigError("PubSubConfig.connect_timeout must be positive")
 
 
 @dataclass
@@ -415,7 +419,7 @@ class Subscriber:
         self.malformed = 0
 
     async def __aenter__(self) -> Subscriber:
-        await self._connect()
+        await self._connect(self.config.connect_timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -557,7 +561,7 @@ class Subscriber:
         self._missed, self._resumed = 0, False
         return publication
 
-    async def _connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
+    async def _connect(self, timeout: float) -> None:
         conn = self._transport.connect(self.peer, self.port, timeout)
         await conn.__aenter__()
         try:
@@ -594,8 +598,9 @@ class Subscriber:
             if self._closed:
                 return
             try:
-                await self._connect(CONNECT_TIMEOUT if deadline is None
-                                    else min(CONNECT_TIMEOUT, deadline - loop.time()))
+                limit = self.config.connect_timeout
+                await self._connect(limit if deadline is None
+                                    else min(limit, deadline - loop.time()))
             except DaemonNotRunningError:
                 raise
             except PilotError as exc:

@@ -362,11 +362,18 @@ class Requester:
             stream = self._reusable(self._streams.get((peer, port)))
             if (stream is None or stream.in_flight >= stream.max_in_flight
                     or stream.turns):  # a stream to open, or a turn to wait for
+                opened = False
                 try:
                     async with asyncio.timeout_at(deadline):
                         stream = await self._stream_for(peer, port, loop, closes)
+                        opened = True
                         await stream.take_slot(loop)
                 except TimeoutError:
+                    if not opened:  # not even a stream: nothing was sent, nothing answered
+                        raise PilotTimeoutError(
+                            f"{peer} did not answer within {timeout} s (opening a stream to "
+                            f"its port {port}): it is down, unreachable, or does not trust "
+                            "us") from None
                     raise _expired(peer, port, timeout) from None
                 if stream.dead:  # it died (or went idle) while we waited for a turn: not sent,
                     stream.release_slot()  # so try again
