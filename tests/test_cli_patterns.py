@@ -108,7 +108,10 @@ def test_serve_json_log_and_concurrency(daemon_pair: Pair) -> None:
         assert reply["ms"] < 3500, reply
     out, err = finish(server)
     assert err == ""  # --json: nothing but the JSON lines
-    lines = [json.loads(line) for line in out.splitlines()]
+    first, *lines, last = [json.loads(line) for line in out.splitlines()]
+    assert first == {"state": "serving", "port": 5002, "command": first["command"],
+                     "concurrency": 4} and first["command"][0] == sys.executable
+    assert last == {"state": "stopped", "answered": 4}
     assert len(lines) == 4
     for line in lines:
         assert (line["from"], line["hostname"], line["ok"], line["error"]) == (
@@ -129,7 +132,7 @@ def test_failing_command_is_a_remote_error(daemon_pair: Pair) -> None:
         error = json.loads(as_json.stdout)["error"]
         assert (error["type"], error["exit_code"]) == ("RemoteError", 13)
     out, _ = finish(server)
-    logged = [json.loads(line) for line in out.splitlines()]
+    _, *logged, _ = [json.loads(line) for line in out.splitlines()]  # (between its states)
     assert [entry["ok"] for entry in logged] == [False, False]
     assert "exited with status 3: no such row" in logged[0]["error"]
 

@@ -186,7 +186,10 @@ class _Server:
     async def serve(self) -> int:
         port = self.ctx.args.port
         async with Replier(self.client, port) as replier:
-            if not self.ctx.json:
+            if self.ctx.json:  # the first line: a script knows the port is served from here
+                emit({"state": "serving", "port": port, "command": self.argv,
+                      "concurrency": self.config.concurrency})
+            else:
                 print(f"Serving port {port} with {shlex.join(self.argv)} (up to "
                       f"{self.config.concurrency} at once); Ctrl-C stops.", file=sys.stderr,
                       flush=True)
@@ -197,7 +200,9 @@ class _Server:
                 await replier.serve(self._answer,
                                     ReqRepConfig(handler_concurrency=self.config.concurrency))
             finally:
-                if not self.ctx.json:
+                if self.ctx.json:
+                    emit({"state": "stopped", "answered": self.answered})
+                else:
                     print(f"Stopped after {self.answered} request(s).", file=sys.stderr,
                           flush=True)
         return EXIT_OK
