@@ -37,6 +37,17 @@ class NotTrustedError(PilotError):
     """The peer is not in the trust set (or we are not in its)."""
 
 
+def not_trusted(label: str, state: str | None) -> NotTrustedError | None:
+    """Why a peer whose trust store entry is in ``state`` ("mutual", "outgoing", "incoming";
+    None: none) may not be talked to, with the command that fixes it; None if it may."""
+    if state == "incoming":
+        return NotTrustedError(f"{label} asked you to trust it but you have not approved it: "
+                               f"run 'pilotctl trust approve {label}'")
+    if state is None:
+        return NotTrustedError(f"{label} is not trusted: run 'pilotctl trust add {label}'")
+    return None
+
+
 class PilotTimeoutError(PilotError, TimeoutError):
     """A network wait ran out of time."""
 

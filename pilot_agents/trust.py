@@ -52,7 +52,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import (
     ConfigError,
     KeyMismatchError,
-    NotTrustedError,
     TrustRequestError,
 )
 from .home import check_home, hold_daemon_lock, read_private_text, write_private
@@ -72,17 +71,6 @@ REQUEST_MAX_AGE = 600.0  # seconds a request stays valid (and the clock skew we 
 
 TrustState = Literal["mutual", "outgoing", "incoming"]
 _NODE_ID_RE = re.compile(r"^[a-z2-7]{52}$")
-
-
-def not_trusted(label: str, state: TrustState | None) -> NotTrustedError | None:
-    """Why a peer in ``state`` (None: not in the trust store) may not be talked to, with the
-    command that fixes it; None if it may."""
-    if state == "incoming":
-        return NotTrustedError(f"{label} asked you to trust it but you have not approved it: "
-                               f"run 'pilotctl trust approve {label}'")
-    if state is None:
-        return NotTrustedError(f"{label} is not trusted: run 'pilotctl trust add {label}'")
-    return None
 
 
 def is_node_id(text: str) -> bool:

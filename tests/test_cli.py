@@ -350,6 +350,9 @@ def test_info_resolve_and_add_peer_outputs(daemon_pair: Pair) -> None:
     for where in ("1.2.3.4:0", ":4000", "0.0.0.0:4000"):  # listen addresses, not a peer's
         assert_one_line_error(cli(a.home, "add-peer", stranger, where), 2,
                               "no address a peer can be reached at")
+    # It was taken, and the peer it named never answered, with nothing to say why.
+    assert_one_line_error(cli(a.home, "add-peer", stranger, "nosuchhost.invalid:4000"), 2,
+                          "cannot resolve 'nosuchhost.invalid'")
 
 
 def test_json_outputs_parse(daemon_pair: Pair) -> None:

@@ -16,11 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import CommandFailedError, ConfigError, PilotTimeoutError
+from ..errors import CommandFailedError, ConfigError, PilotTimeoutError, not_trusted
 from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
-from ..trust import not_trusted
 from .context import Context, receive_until
 from .output import EXIT_INTERRUPTED, EXIT_OK, emit, progress
 from .parser import Commands, add_until, count, port, positive

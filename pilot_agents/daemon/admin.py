@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import time
 
 from .. import ipc
+from ..addressing import parse_host_port
 from ..errors import ConfigError, PilotError
 from ..identity import key_from_node_id
 from ..trust import is_node_id
@@ -94,6 +97,12 @@ class AdminCommands:
         key_from_node_id(node_id)  # ConfigError if it is not a node id
         if req.hostname is not None and is_node_id(req.hostname):
             raise ConfigError(f"the name {req.hostname!r} looks like a node id")
+        host, port = parse_host_port(req.address)
+        try:  # now: a name that never resolves would be a peer that never answers, unexplained
+            await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConfigError(f"cannot resolve {host!r} in {req.address!r}: "
+                              f"{exc.strerror or exc}") from None
         self.ctx.node.add_peer(node_id, req.address)
         self.ctx.static[node_id] = StaticPeer(node_id=node_id, address=req.address,
                                               hostname=req.hostname)

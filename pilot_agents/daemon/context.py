@@ -14,10 +14,11 @@ from ..errors import (
     PilotError,
     PortClosedError,
     UnknownHostError,
+    not_trusted,
 )
 from ..home import read_private_text, write_private
 from ..node.node import Node, PeerInfo
-from ..trust import TrustStore, is_node_id, not_trusted
+from ..trust import TrustStore, is_node_id
 from .options import DaemonOptions
 
 STATIC_PEERS_FILE = "static-peers.json"
