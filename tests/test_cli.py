@@ -150,6 +150,14 @@ def test_start_reports_a_bad_listen_address(fresh_home: Path) -> None:
     assert ipc.daemon_pid(fresh_home) is None
 
 
+def test_start_refuses_a_hostname_no_beacon_would_take(fresh_home: Path) -> None:
+    """Taken without a beacon, it failed only once the node was given one."""
+    result = cli(fresh_home, "daemon", "start", "--hostname", "bad name!", "--listen",
+                 "127.0.0.1:0")
+    assert_one_line_error(result, 2, "--hostname 'bad name!': bad name")
+    assert ipc.daemon_pid(fresh_home) is None
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP],  # or its terminal closed
                          ids=["SIGTERM", "SIGHUP"])
 def test_foreground_daemon_stops_cleanly_on_a_signal(fresh_home: Path, signum: int) -> None:

@@ -11,6 +11,7 @@ import os
 
 from .. import ipc
 from ..errors import ConfigError, DaemonRunningError
+from ..net.traversal.beacon_wire import STATUS_REASONS, Status, valid_hostname
 from ..transport import DEFAULT_PORT
 from ..version import build
 from .context import Context
@@ -46,6 +47,10 @@ def start_cmd(ctx: Context) -> int:
     args = ctx.args
     if args.beacon and not args.hostname:
         raise ConfigError("--hostname is required with --beacon (the name to register)")
+    if args.hostname is not None and not valid_hostname(args.hostname.lower()):
+        # The beacon's rule, with a beacon or not: the same name must work with one later.
+        raise ConfigError(f"--hostname {args.hostname!r}: "
+                          f"{STATUS_REASONS[Status.BAD_NAME]}")
     pid = None if args.foreground else ipc.daemon_pid(ctx.home)
     if pid is not None:  # said before loading the daemon's code
         raise DaemonRunningError(f"a daemon is already running for {ctx.home} (pid {pid}); "
