@@ -354,7 +354,7 @@ def test_pair_ends_on_expected_path(lab: Lab, workdir: Path, name: str) -> None:
 # scenario 6: the NAT rebinds in the middle of a transfer
 
 
-REBIND_TRANSFER = 8 << 20  # bytes
+REBIND_TRANSFER = 32 << 20  # bytes: still arriving once the NAT has rebound, on a fast VM too
 
 
 @pytest.mark.parametrize("side", ["sender", "receiver"])
