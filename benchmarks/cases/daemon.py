@@ -15,9 +15,10 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pilot_agents
+from benchmarks.cases.tunnel import Requests
 from benchmarks.harness import (
     HOST,
     Case,
@@ -34,18 +35,6 @@ from pilot_agents.daemon import DaemonOptions, start_detached, stop
 from pilot_agents.patterns.reqrep import Replier, Requester
 
 R = TypeVar("R")
-
-class Request(Protocol):
-    data: bytes
-
-    async def reply(self, data: bytes) -> None: ...
-
-
-class Requests(Protocol):
-    """A listener or a replier, as the server role uses either."""
-
-    async def receive(self, timeout: float | None = ...) -> Request: ...
-
 
 SERVICE_PORT = 2001
 """The virtual port the server listens on (not an inbox port: nothing buffers there before)."""

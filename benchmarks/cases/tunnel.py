@@ -6,9 +6,10 @@ itself unavailable with that ImportError.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pilot_agents
 from benchmarks.harness import (
@@ -36,6 +37,18 @@ SERVICE_PORT = 1001
 """The virtual port the server listens on."""
 
 
+class Request(Protocol):
+    data: bytes
+
+    async def reply(self, data: bytes) -> None: ...
+
+
+class Requests(Protocol):
+    """A listener or a replier, as the server role uses either."""
+
+    async def receive(self, timeout: float | None = ...) -> Request: ...
+
+
 class Tunnel(Case):
     name = "tunnel"
     about = f"Node.connect, conn.send/receive, msg.reply; pilot_agents.run (uvloop); {CORE}"
@@ -49,13 +62,17 @@ class Tunnel(Case):
         client_id: str = ctl.peer()["node_id"]
         async with Node(home=_home(p, "server"), listen=f"{HOST}:0", config=_config(p)) as node:
             node.trust(client_id)
-            async with node.listen(SERVICE_PORT) as listener:
+            async with self.requests(node) as requests:
                 ctl.publish(node_id=node.node_id, port=node.local_endpoint[1])
                 for responder in plan:
-                    msg = await listener.receive(timeout=p.timeout(kind))
-                    responder.feed(msg.data)
-                    await msg.reply(responder.finish())
+                    request = await requests.receive(timeout=p.timeout(kind))
+                    responder.feed(request.data)
+                    await request.reply(responder.finish())
                 await ctl.await_stop()
+
+    def requests(self, node: Node) -> contextlib.AbstractAsyncContextManager[Requests]:
+        """Where the server's requests come from (listened on when entered)."""
+        return node.listen(SERVICE_PORT)
 
     async def client(self, ctl: Control, p: Params, kind: Kind) -> Result:
         node = Node(home=_home(p, "client"), listen=f"{HOST}:0", config=_config(p))
@@ -64,14 +81,21 @@ class Tunnel(Case):
         async with node as a:
             a.trust(server["node_id"])
             a.add_peer(server["node_id"], (HOST, server["port"]))
-            async with a.connect(server["node_id"], port=SERVICE_PORT) as conn:
-
-                async def roundtrip(request: bytes) -> bytes:
-                    await conn.send(request)
-                    reply = await conn.receive(timeout=p.timeout(kind))
-                    return reply.data
-
+            async with self.asking(a, server["node_id"], p.timeout(kind)) as roundtrip:
                 return await adrive(client_session(kind, p), roundtrip)
+
+    @contextlib.asynccontextmanager
+    async def asking(self, node: Node, server_id: str,
+                     timeout: float) -> AsyncIterator[Callable[[bytes], Awaitable[bytes]]]:
+        """The client's round trip: a request out, its answer's bytes back."""
+        async with node.connect(server_id, port=SERVICE_PORT) as conn:
+
+            async def roundtrip(request: bytes) -> bytes:
+                await conn.send(request)
+                reply = await conn.receive(timeout=timeout)
+                return reply.data
+
+            yield roundtrip
 
 
 def _config(p: Params) -> SessionConfig:
