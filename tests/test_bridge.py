@@ -204,6 +204,19 @@ PUB_SCRIPT = """
 """
 
 
+LATE_PUB_SCRIPT = """
+    import time, sys, zmq
+    sock = zmq.Context().socket(zmq.XPUB)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(sys.argv[1])
+    assert sock.recv() == b"\\x01"
+    for n in range(20):
+        sock.send_multipart([b"t.late", b"%d" % n])
+        time.sleep(0.025)
+    print("[]")
+"""
+
+
 async def test_a_zmq_pub_feeds_a_remote_subscriber(
         daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
         sockets: Path) -> None:
@@ -227,8 +240,13 @@ async def test_a_zmq_pub_feeds_a_remote_subscriber(
     assert [(p.topic, p.data) for p in got] == [
         *((f"t.{n}", f"payload {n}".encode()) for n in range(5)), ("t.last", b"\x00\xff")]
     assert all(p.sender == alpha.node_id and not p.missed for p in got)
+    await zmq_script(LATE_PUB_SCRIPT, at)  # to a remote subscriber that has left
     stats = bridge.stop(signal.SIGHUP)  # its terminal closed: as Ctrl-C
     assert stats["forwarded"] >= 8 and stats["malformed"] == 1 and stats["dropped"] == 0
+    # The subscriber left before the bridge stopped: nothing for the bridge's user to act on
+    # (the SDK's "a reply failed ... Client.flush()" was).
+    assert bridge.stderr.splitlines() == [
+        f"bridge: a local publication at {at} was not forwarded: 3 frames, not [topic, payload]"]
 
 
 REQ_SCRIPT = """

@@ -127,6 +127,10 @@ def _serve(ctx: Context, make: Callable[[Transport], Bridge]) -> int:
     closed); a status line when it runs, one with its counts when it stops."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="bridge: %(message)s")
+    # The SDK warns of a reply (a publication, an answer) to a remote peer that has left,
+    # for an application to ask Client.flush() about: for a bridge that is a peer coming and
+    # going, which its counts show, and nothing its user can act on.
+    logging.getLogger("pilot_agents.sdk").setLevel(logging.ERROR)
 
     async def go() -> int:
         client = Client(ctx.home)
