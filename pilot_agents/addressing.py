@@ -20,8 +20,10 @@ def parse_host_port(text: str) -> HostPort:
     """``"host:port"`` or ``"[v6]:port"``; an empty host means every interface (``0.0.0.0``),
     port 0 any free port (as a listen address takes them)."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isdigit():
         raise ConfigError(f"{text!r} is not HOST:PORT")
+    if int(port) > 65535:
+        raise ConfigError(f"{text!r}: port {port} is not in 0..65535")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -146,7 +146,7 @@ def test_home_path_too_long_is_one_line() -> None:
 
 def test_start_reports_a_bad_listen_address(fresh_home: Path) -> None:
     result = cli(fresh_home, "daemon", "start", "--listen", "256.1.1.1:99999")
-    assert_one_line_error(result, 2)
+    assert_one_line_error(result, 2, "port 99999 is not in 0..65535")
     assert ipc.daemon_pid(fresh_home) is None
 
 
