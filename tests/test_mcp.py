@@ -26,7 +26,7 @@ from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
 from pilot_agents import Client as PilotClient
-from pilot_agents.errors import McpSessionError, PilotError
+from pilot_agents.errors import McpSessionError, McpToolError, PilotError
 from pilot_agents.integrations.mcp.remote import (
     Control,
     McpConfig,
@@ -280,6 +280,19 @@ async def test_mcp_tool_is_a_langgraph_step(servers: Path) -> None:
             assert (await graph.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"
             break
         assert time.monotonic() < deadline
+
+
+async def test_a_server_that_dies_at_start_says_why_in_the_tool_s_error() -> None:
+    """The commonest mistake, a setting the server needs and did not get, read only
+    'unhandled errors in a TaskGroup (1 sub-exception)'; the reason was in the log alone."""
+    from pilot_agents.integrations.mcp import McpTool
+
+    dies = ("import sys; sys.stderr.write('starting\\nKeyError: DB_URL\\n'); sys.exit(3)")
+    tool = McpTool({"command": sys.executable, "args": ["-c", dies]}, "query", timeout=20)
+    with pytest.raises(McpToolError, match="cannot start the MCP server") as raised:
+        await tool.ainvoke({})
+    assert "TaskGroup" not in str(raised.value)
+    assert str(raised.value).endswith("its stderr ended with: starting / KeyError: DB_URL")
 
 
 async def test_silent_and_idle_sessions_end(servers: Path,

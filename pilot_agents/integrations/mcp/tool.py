@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -89,20 +92,86 @@ class _StdioServers:
         from mcp import ClientSession, stdio_client
 
         gone = self._gone[key] = asyncio.Event()
+        stderr = await _StderrTail.open()
         try:
-            async with stdio_client(params) as streams, ClientSession(*streams) as session:
+            async with (stdio_client(params, errlog=stderr.writer) as streams,
+                        ClientSession(*streams) as session):
                 await session.initialize()
                 ready.set_result(session)
                 await gone.wait()
         except Exception as exc:
+            said = await stderr.last_words()
+            why = f"{_innermost(exc)}" + (f"; its stderr ended with: {said}" if said else "")
             if not ready.done():
                 ready.set_exception(McpToolError(
-                    f"cannot start the MCP server {params.command}: {exc}"))
+                    f"cannot start the MCP server {params.command}: {why}"))
             else:
-                log.warning("the MCP server %s ended: %s", params.command, exc)
+                log.warning("the MCP server %s ended: %s", params.command, why)
         finally:
+            stderr.close()
             if self._sessions.get(key) is ready:
                 del self._sessions[key]
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The one error inside the SDK's task groups (ExceptionGroups of one), which say only
+    'unhandled errors in a TaskGroup'."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _StderrTail(asyncio.Protocol):
+    """A server's stderr, passed on to ours as it comes, its last bytes kept: a server that
+    dies at start (a missing setting, say) says why there, and the error should too."""
+
+    KEEP = 2048  # bytes
+    WAIT = 0.5  # seconds the last words may take to arrive after the server failed
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer  # the pipe's end the server writes to (a file: stdio_client's)
+        self._tail = bytearray()
+        self._ended = asyncio.Event()
+        self._transport: asyncio.BaseTransport | None = None
+
+    @classmethod
+    async def open(cls) -> _StderrTail:
+        read_fd, write_fd = os.pipe()
+        tail = cls(os.fdopen(write_fd, "w"))
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: tail, os.fdopen(read_fd, "rb", buffering=0))
+        return tail
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):  # our stderr closed: still kept here
+            if (raw := getattr(sys.stderr, "buffer", None)) is not None:
+                raw.write(data)
+                raw.flush()
+            else:  # replaced by text (a test's capture, a notebook)
+                sys.stderr.write(data.decode("utf-8", "replace"))
+        self._tail += data
+        del self._tail[:-self.KEEP]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended.set()
+
+    async def last_words(self) -> str:
+        """Its last line or so, once it ended (or after WAIT, if it lives on)."""
+        self.writer.close()  # ours: the server's end closes as it exits
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.WAIT):
+                await self._ended.wait()
+        lines = self._tail.decode("utf-8", "replace").strip().splitlines()
+        return " / ".join(lines[-3:])[-500:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 _SERVERS = _StdioServers()
