@@ -361,6 +361,8 @@ def test_info_resolve_and_add_peer_outputs(daemon_pair: Pair) -> None:
     # It was taken, and the peer it named never answered, with nothing to say why.
     assert_one_line_error(cli(a.home, "add-peer", stranger, "nosuchhost.invalid:4000"), 2,
                           "cannot resolve 'nosuchhost.invalid'")
+    assert_one_line_error(cli(a.home, "add-peer", stranger, "a..b:4000"), 2,  # not a name
+                          "cannot resolve 'a..b'")
 
 
 def test_json_outputs_parse(daemon_pair: Pair) -> None:

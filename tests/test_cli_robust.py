@@ -5,8 +5,10 @@ bound, a peer that takes no more. Real daemons, real processes."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -93,6 +95,27 @@ def test_ctrl_c_while_stdin_is_idle_interrupts_cleanly(pair: Pair, args: tuple[s
         os.close(write)
     assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), (out, err)
     assert "Fatal" not in err
+
+
+@pytest.mark.parametrize("args", [("connect", "beta"), ("push", "beta", "4998", "--stdin")])
+def test_a_terminal_is_left_as_it_was(pair: Pair, args: tuple[str, ...]) -> None:
+    """stdin a terminal, Ctrl-C: the terminal was left non-blocking (the event loop's doing,
+    on a flag the shell shares), and the next program reading it failed with EAGAIN."""
+    a, _ = pair
+    env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home),
+                                 *args], stdin=terminal, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err
+        assert not fcntl.fcntl(terminal, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(controller)
+        os.close(terminal)
 
 
 def test_usage_errors_under_json_are_json_errors() -> None:

@@ -5,17 +5,20 @@ closed, so that clients which never close cannot take the daemon's last open fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pilot_agents import ipc
-from pilot_agents.daemon.server import REFUSED_WAIT
+from pilot_agents.daemon.server import MAX_REFUSED_OPEN, REFUSED_WAIT
 from pilot_agents.errors import BusyError
 from pilot_agents.sdk import Client
-from tests.conftest import DaemonHandle, stop_daemons
+from tests.conftest import DaemonHandle, ipc_call, stop_daemons
 from tests.datasock_helpers import assert_clean_logs, started
 
 LIMIT = 3
@@ -97,3 +100,30 @@ def silent_until_closed(daemon: DaemonHandle) -> None:
         sock.settimeout(REFUSED_WAIT + 10)
         sock.connect(str(ipc.stream_socket_path(daemon.home)))
         assert sock.recv(65536) == b""  # closed by the daemon, unasked
+
+
+def test_a_flood_of_refused_connections_holds_few_files(daemon: DaemonHandle) -> None:
+    """Each refused connection was held open REFUSED_WAIT to be told why: a client connecting
+    in a loop took the files kept for the daemon's own sockets and stores, and with them its
+    ZeroMQ socket's accept (libzmq aborts the process on EMFILE there)."""
+    path = str(ipc.stream_socket_path(daemon.home))
+    fds = Path(f"/proc/{daemon.pid}/fd")
+    socks = []
+    try:
+        for _ in range(LIMIT):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            socks.append(sock)
+        time.sleep(0.5)
+        before = len(list(fds.iterdir()))
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(OSError):  # (a full backlog: the flood is what counts)
+                sock.connect(path)
+            socks.append(sock)
+        time.sleep(1.0)
+        assert len(list(fds.iterdir())) - before <= MAX_REFUSED_OPEN + 8
+        assert ipc_call(daemon.home, cmd="info")["ok"]  # its ZeroMQ socket still answers
+    finally:
+        for sock in socks:
+            sock.close()

@@ -304,6 +304,45 @@ async def test_a_released_slot_goes_to_the_request_waiting_for_it() -> None:
     assert stream.in_flight == 0 and not stream.turns
 
 
+async def test_a_cancelled_replier_close_leaves_no_answer_behind() -> None:
+    """close() cancelled while it waited for its error answers left them running, each
+    waiting for room for as long as its requester does not read, and the listener open."""
+    closed = asyncio.Event()
+    stuck = asyncio.Event()
+
+    class Listener:
+        async def __aenter__(self) -> Listener:
+            return self
+
+        async def close(self) -> None:
+            closed.set()
+
+    class StuckMessage:  # a way back that never has room
+        sender, source_port = "peer", 1
+
+        async def reply(self, data: bytes) -> None:
+            await stuck.wait()
+
+    class OneListener:
+        def listen(self, port: int) -> Listener:
+            return Listener()
+
+    replier = Replier(OneListener(), 1)  # type: ignore[arg-type]
+    await replier.__aenter__()
+    for request_id in range(3):
+        request = Request(b"", "peer", 1, request_id, StuckMessage(), replier)  # type: ignore[arg-type]
+        replier._unanswered[("peer", 1, request_id)] = request
+    before = asyncio.all_tasks()
+    closing = asyncio.create_task(replier.close())
+    await asyncio.sleep(0.1)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.sleep(0)
+    assert not [task for task in asyncio.all_tasks() - before if not task.done()]
+    assert closed.is_set()
+
+
 async def test_a_replier_closes_in_time_when_a_requester_does_not_read(pair: Pair) -> None:
     """close() answers each request it handed out with an error. To a requester that stopped
     reading, with its stream full of replies, that answer waited for room for ever, and so did

@@ -106,13 +106,13 @@ async def _connect_message(ctx: Context, client: IpcClient, to_port: int) -> int
 
 async def _netcat(ctx: Context, client: IpcClient, to_port: int) -> int:
     args = ctx.args
+    readline = await stdin_lines(MAX_MESSAGE, "a message")  # (before a stream to close)
     opened = await client.request("connect", target=args.target, port=to_port,
                                   timeout=args.timeout)
     stream = opened["stream"]
     if not ctx.json and sys.stderr.isatty():
         print(f"Connected to {label(opened, 'peer')} port {to_port} via {opened['path']}. RTT: "
               f"{ms(opened.get('rtt'))}. Encrypted.", file=sys.stderr, flush=True)
-    readline = await stdin_lines(MAX_MESSAGE, "a message")
     last_input = [time.monotonic()]
     peer_closed = asyncio.Event()
 

@@ -100,9 +100,9 @@ class AdminCommands:
         host, port = parse_host_port(req.address)
         try:  # now: a name that never resolves would be a peer that never answers, unexplained
             await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # (UnicodeError: not a name, "a..b")
             raise ConfigError(f"cannot resolve {host!r} in {req.address!r}: "
-                              f"{exc.strerror or exc}") from None
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
         self.ctx.node.add_peer(node_id, req.address)
         self.ctx.static[node_id] = StaticPeer(node_id=node_id, address=req.address,
                                               hostname=req.hostname)

@@ -51,8 +51,8 @@ class DaemonOptions:
     client_queue_messages: int = 1000
     # Connections to the stream socket at once (an SDK Client is one, and each data socket
     # of its streams and ports one more): one more gets its first request answered BusyError
-    # and is closed. Kept below the open-file limit, which the daemon raises to its hard
-    # limit at start, as Go programs do (docs/ipc.md, The stream socket).
+    # and is closed. Kept below the open-file limit, which the daemon raises at start as far
+    # as this needs, up to the hard limit (docs/ipc.md, The stream socket).
     max_clients: int = 8192
     # Requests of one client the daemon works on at once; more are refused with BusyError, so one
     # client cannot crowd out the others.

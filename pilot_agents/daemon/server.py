@@ -96,6 +96,7 @@ class IpcServer:
         self._peers: dict[bytes, _StreamPeer] = {}
         self.max_clients = options.max_clients  # what the open-file limit leaves, once bound
         self.refused_clients = 0
+        self.refused_open = 0  # refused connections not closed yet (each told why, or silent)
         self._peer_ids = itertools.count(1)
         self._tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._credits: dict[TaskKey, Credit] = {}  # the deliveries' credit, by request
@@ -427,6 +428,7 @@ class IpcServer:
         if len(self._peers) < self.max_clients:
             return None
         self.refused_clients += 1
+        self.refused_open += 1
         if self.refused_clients & (self.refused_clients - 1) == 0:  # 1, 2, 4...: no log flood
             log.warning("refused a client: %d connected (max_clients); %d refused so far",
                         len(self._peers), self.refused_clients)
@@ -520,6 +522,7 @@ def _has_input(sock: zmq.Socket[bytes]) -> bool:
 # ZeroMQ's own, the log, the spool and the trust store, a metrics connection or two.
 RESERVED_FILES = 256
 REFUSED_WAIT = 5.0  # seconds a refused connection may take to send the request it is told on
+MAX_REFUSED_OPEN = 64  # refused connections held open (to be told why) at once; well in reserve
 
 
 def _client_capacity(wanted: int) -> int:
@@ -564,6 +567,11 @@ class _StreamPeer(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self._refused = self.server._refusal()
         if self._refused is not None:
+            if self.server.refused_open > MAX_REFUSED_OPEN:
+                # A flood: closed untold, or refused connections would take the files the
+                # limit keeps for the daemon.
+                self.transport.abort()
+                return
             # Told at its first request (which is what a client waits on), else closed.
             asyncio.get_running_loop().call_later(REFUSED_WAIT, self.transport.close)
             return
@@ -571,6 +579,7 @@ class _StreamPeer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused is not None:
+            self.server.refused_open -= 1
             return
         if self._data is not None:
             self._data.lost()

@@ -688,13 +688,14 @@ class Replier:
         # stopped reading waits for room in its stream for as long as it does not read.
         failing = [asyncio.ensure_future(_fail_quietly(request, error))
                    for request in unanswered]
-        if failing:
-            _, late = await asyncio.wait(failing, timeout=CANCEL_WAIT)
-            for task in late:
+        try:
+            if failing:
+                await asyncio.wait(failing, timeout=CANCEL_WAIT)
+        finally:  # (close() cancelled too: none of them is left behind)
+            for task in failing:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        if listener is not None:
-            await listener.close()
+            if listener is not None:
+                await listener.close()
 
     async def receive(self, timeout: float | None = DEFAULT_TIMEOUT) -> Request:
         """The next request; :class:`PilotTimeoutError` after ``timeout`` seconds."""
