@@ -166,6 +166,9 @@ def test_strict_types_and_missing_fields() -> None:
      agents: {a: {steps: [{python: m:f}]}}
      """, "p.yaml:2: services.web.ready.tcp: 'localhost' is not HOST:PORT"),
     ("""\
+     agents: {a: {steps: [{python: steps2}]}}
+     """, "p.yaml:1: agents.a.steps.0.python: 'steps2' is not a module and an attribute of it"),
+    ("""\
      agents:
        a:
          steps: [{python: m:f, args: {p: "${PIPELINE_TEST_UNSET}"}}]
@@ -244,7 +247,7 @@ def test_validate_cli(tmp_path: Path) -> None:
                           f"{bad}:4: agents.a.steps.0.pilot_send.to: 'zed'")
     result = cli(None, "--json", "validate", str(bad))
     assert result.returncode == 2
-    report = json.loads(result.stdout.splitlines()[0])
+    report = json.loads(result.stdout)  # one document (the error object followed it)
     assert report["valid"] is False
     assert report["problems"][0] | {"message": ""} == {
         "file": str(bad), "line": 4, "field": "agents.a.steps.0.pilot_send.to", "message": ""}

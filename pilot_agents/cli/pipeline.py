@@ -12,7 +12,7 @@ from typing import TextIO
 
 from ..errors import ConfigError
 from .context import Context
-from .output import EXIT_OK, emit
+from .output import EXIT_OK, EXIT_USAGE, emit
 from .parser import Commands
 
 
@@ -42,9 +42,12 @@ def validate_cmd(ctx: Context) -> int:
     try:
         loaded = load(ctx.args.pipeline)
     except InvalidPipeline as exc:
-        if ctx.json:
-            emit({"valid": False, "problems": [p.to_json() for p in exc.problems]})
-        raise
+        if not ctx.json:
+            raise
+        # One document, the report: the error object too would make two, which json.load
+        # refuses.
+        emit({"valid": False, "problems": [p.to_json() for p in exc.problems]})
+        return EXIT_USAGE
     spec = loaded.spec
     if ctx.json:
         emit({"valid": True, "name": loaded.name, "agents": {

@@ -22,7 +22,7 @@ MAX_FILE_BYTES = 1 << 20  # a pipeline file is a description, not data
 PATTERNS = {
     NAME: "a hostname label (lowercase letters, digits and inner '-', up to 63 characters)",
     STEP_ID: "a step id (a letter or '_', then letters, digits, '_' or '-')",
-    DOTTED: "a dotted name (package.module:attribute)",
+    DOTTED: "a module and an attribute of it (package.module:attribute or module.attribute)",
     HOST_PORT: "HOST:PORT",
 }
 

@@ -28,7 +28,8 @@ from ..transport import DEFAULT_PORT
 
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: what the beacon registers
 STEP_ID = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
-DOTTED = r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$"
+# module:attribute or module.attribute: a bare name names no attribute of a module.
+DOTTED = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*|\.[A-Za-z_]\w*)$"
 HOST_PORT = r"^[^\s:]+:[0-9]{1,5}$"
 RESERVED_STEP_IDS = ("START", "END")
 
