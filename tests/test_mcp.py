@@ -199,6 +199,18 @@ async def test_server_death_is_the_clients_error(servers: Path,
             time.sleep(0.05)
 
 
+async def test_connect_to_a_server_that_dies_at_start_raises_mcp_error(
+        daemons: tuple[DaemonHandle, ...]) -> None:
+    """As docs/mcp.md says: an MCPError naming the status and the last stderr line, not the
+    SDK's ExceptionGroup of ExceptionGroups, which `except MCPError` does not catch."""
+    alpha, beta, _ = daemons
+    dies = "import sys; sys.stderr.write('db password wrong\\n'); sys.exit(3)"
+    with (serving(beta.home, "--port", "84", "--", sys.executable, "-c", dies),
+          pytest.raises(MCPError, match="exited with status 3: db password wrong")):
+        async with connect("beta", port=84, home=alpha.home):
+            pass
+
+
 async def test_sessions_are_bounded(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     alpha, beta, _ = daemons
     with serving(beta.home, "--port", "83", "--max-sessions", "1", "--max-message-bytes",

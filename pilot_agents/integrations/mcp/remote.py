@@ -378,12 +378,27 @@ async def connect(peer: str, port: int = DEFAULT_MCP_PORT, *, transport: Transpo
     the MCP server ``serve`` exposes on ``port`` of ``peer`` (a hostname or node id), through
     ``transport`` (default: the daemon of ``home``). ``session_options`` go to ClientSession
     (``read_timeout_seconds``, ``sampling_callback``, ...)."""
-    from mcp import ClientSession
+    from mcp import ClientSession, MCPError
 
-    async with (tunnel(peer, port, transport=transport, home=home, config=config) as streams,
-                ClientSession(*streams, **session_options) as session):
-        await session.initialize()
-        yield session
+    try:
+        async with (tunnel(peer, port, transport=transport, home=home, config=config) as streams,
+                    ClientSession(*streams, **session_options) as session):
+            await session.initialize()
+            yield session
+    except BaseExceptionGroup as group:
+        # The SDK's task group wraps a server that dies (at start, say) in groups of one:
+        # the MCPError saying why is what a caller catches.
+        if isinstance(leaf := innermost(group), MCPError):
+            raise leaf from None
+        raise
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The one error inside the MCP SDK's task groups (ExceptionGroups of one), which say only
+    'unhandled errors in a TaskGroup'."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 # -- the serving side --------------------------------------------------------------------------

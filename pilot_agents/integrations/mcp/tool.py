@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import Runnable, RunnableConfig
 
 from ...errors import ConfigError, McpToolError, MissingStateKeyError, PilotTimeoutError
+from .remote import innermost
 
 if TYPE_CHECKING:
     from mcp import ClientSession, StdioServerParameters
@@ -101,7 +102,7 @@ class _StdioServers:
                 await gone.wait()
         except Exception as exc:
             said = await stderr.last_words()
-            why = f"{_innermost(exc)}" + (f"; its stderr ended with: {said}" if said else "")
+            why = f"{innermost(exc)}" + (f"; its stderr ended with: {said}" if said else "")
             if not ready.done():
                 ready.set_exception(McpToolError(
                     f"cannot start the MCP server {params.command}: {why}"))
@@ -111,14 +112,6 @@ class _StdioServers:
             stderr.close()
             if self._sessions.get(key) is ready:
                 del self._sessions[key]
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """The one error inside the SDK's task groups (ExceptionGroups of one), which say only
-    'unhandled errors in a TaskGroup'."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class _StderrTail(asyncio.Protocol):
