@@ -73,6 +73,20 @@ def test_a_closed_stdin_reads_as_empty(pair: Pair) -> None:
                           "beta has no replier on port 5999")
 
 
+def interrupted(home: Path, args: tuple[str, ...], stdin: int) -> str:
+    """``pilotctl --home HOME ARGS`` with ``stdin`` that nobody writes to, Ctrl-C'd once it
+    waits for it: it must end as interrupted (exit 130); its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "pilot_agents.cli", "--home", str(home),
+                             *args], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    time.sleep(2.0)  # connected, and waiting for stdin
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err
+    return err
+
+
 @pytest.mark.parametrize("args", [("connect", "beta"), ("push", "beta", "4998", "--stdin"),
                                   ("--json", "push", "beta", "4998", "--stdin")])
 def test_ctrl_c_while_stdin_is_idle_interrupts_cleanly(pair: Pair, args: tuple[str, ...]) -> None:
@@ -80,38 +94,21 @@ def test_ctrl_c_while_stdin_is_idle_interrupts_cleanly(pair: Pair, args: tuple[s
     thread blocked reading it made the interpreter abort at exit ("Fatal Python error:
     _enter_buffered_busy ... could not acquire lock for <_io.BufferedReader name='<stdin>'>"),
     exit status 134, instead of ending as interrupted."""
-    a, _ = pair
-    env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
     read, write = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home),
-                                 *args], stdin=read, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        time.sleep(2.0)  # connected, and waiting for stdin
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        assert "Fatal" not in interrupted(pair[0].home, args, read)
     finally:
         os.close(read)
         os.close(write)
-    assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), (out, err)
-    assert "Fatal" not in err
 
 
 @pytest.mark.parametrize("args", [("connect", "beta"), ("push", "beta", "4998", "--stdin")])
 def test_a_terminal_is_left_as_it_was(pair: Pair, args: tuple[str, ...]) -> None:
     """stdin a terminal, Ctrl-C: the terminal was left non-blocking (the event loop's doing,
     on a flag the shell shares), and the next program reading it failed with EAGAIN."""
-    a, _ = pair
-    env = {k: v for k, v in os.environ.items() if k != "PILOT_DEBUG"}
     controller, terminal = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home),
-                                 *args], stdin=terminal, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err
+        interrupted(pair[0].home, args, terminal)
         assert not fcntl.fcntl(terminal, fcntl.F_GETFL) & os.O_NONBLOCK
     finally:
         os.close(controller)
