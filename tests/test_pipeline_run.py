@@ -227,6 +227,29 @@ def test_plain_output_and_a_failing_agent(tmp_path: Path) -> None:
     assert "  ok: ok" in result.stdout
 
 
+def test_a_pipeline_past_its_timeout_names_the_step_still_running(tmp_path: Path) -> None:
+    """It said only 'did not finish within 3 s': which of the agent's steps hung was left to
+    guess."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent("""\
+        import time
+        def fine(state):
+            return {"fine": True}
+        def hang(state):
+            time.sleep(60)
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        settings: {timeout: 3}
+        agents:
+          a:
+            steps: [{id: first, python: "slow:fine"}, {id: stuck, python: "slow:hang"}]
+        """))
+    result = subprocess.run([*CMD, "run", str(tmp_path / "p.yaml")], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("a: failed: did not finish within 3 s (settings.timeout); still running: step "
+            "stuck") in result.stdout, result.stdout
+
+
 def test_the_first_agent_that_fails_stops_the_others(tmp_path: Path) -> None:
     """An agent waiting for what a failed one would have sent is stopped at once, where it
     waited out its own timeout (300 s here)."""

@@ -108,6 +108,8 @@ class AgentRun:
     beacon: str | None
     listen: str = "0.0.0.0:0"
     emit: Emit = field(default=lambda event: None)
+    # Steps started and not done, by LangGraph task id: what a timeout names as still running.
+    running: dict[str, str] = field(default_factory=dict)
 
     @property
     def hostname(self) -> str:
@@ -250,8 +252,10 @@ async def run_graph(run: AgentRun, client: Client) -> dict[str, Any]:
             continue
         if "input" in chunk:
             started[chunk["id"]] = time.monotonic()
+            run.running[chunk["id"]] = name
             run.event("step", step=name, kind=step.kind, status="start")
             continue
+        run.running.pop(chunk["id"], None)
         duration = time.monotonic() - started.pop(chunk["id"], time.monotonic())
         if chunk.get("error") is not None:
             run.event("step", step=name, kind=step.kind, status="failed", duration=duration,
@@ -285,8 +289,12 @@ async def run_agent(run: AgentRun) -> int:
                     run.event("state", keys=sorted(state))
     except TimeoutError as exc:
         status = "failed"
-        error = str(exc) if isinstance(exc, PilotError) else \
-            f"did not finish within {settings.timeout:g} s (settings.timeout)"
+        if isinstance(exc, PilotError):
+            error = str(exc)
+        else:
+            steps = ", ".join(sorted(set(run.running.values())))
+            error = (f"did not finish within {settings.timeout:g} s (settings.timeout)"
+                     + (f"; still running: step {steps}" if steps else ""))
     except asyncio.CancelledError:
         # A serving agent serves until it is stopped: that is its normal end.
         serving = run.pipeline.spec.agents[run.agent].serve is not None
