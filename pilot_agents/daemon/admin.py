@@ -103,7 +103,7 @@ class AdminCommands:
         except (OSError, UnicodeError) as exc:  # (UnicodeError: not a name, "a..b")
             raise ConfigError(f"cannot resolve {host!r} in {req.address!r}: "
                               f"{getattr(exc, 'strerror', None) or exc}") from None
-        self.ctx.node.add_peer(node_id, req.address)
+        self.ctx.node.add_peer(node_id, (host, port))
         self.ctx.static[node_id] = StaticPeer(node_id=node_id, address=req.address,
                                               hostname=req.hostname)
         save_static_peers(self.ctx.home, self.ctx.static)

@@ -428,7 +428,6 @@ class IpcServer:
         if len(self._peers) < self.max_clients:
             return None
         self.refused_clients += 1
-        self.refused_open += 1
         if self.refused_clients & (self.refused_clients - 1) == 0:  # 1, 2, 4...: no log flood
             log.warning("refused a client: %d connected (max_clients); %d refused so far",
                         len(self._peers), self.refused_clients)
@@ -567,6 +566,7 @@ class _StreamPeer(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self._refused = self.server._refusal()
         if self._refused is not None:
+            self.server.refused_open += 1  # (less one in connection_lost, however it closes)
             if self.server.refused_open > MAX_REFUSED_OPEN:
                 # A flood: closed untold, or refused connections would take the files the
                 # limit keeps for the daemon.

@@ -108,8 +108,9 @@ class AgentRun:
     beacon: str | None
     listen: str = "0.0.0.0:0"
     emit: Emit = field(default=lambda event: None)
-    # Steps started and not done, by LangGraph task id: what a timeout names as still running.
-    running: dict[str, str] = field(default_factory=dict)
+    # Steps started and not done, by LangGraph task id: their name and start (monotonic); a
+    # timeout names them as still running.
+    running: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def hostname(self) -> str:
@@ -239,7 +240,6 @@ async def run_graph(run: AgentRun, client: Client) -> dict[str, Any]:
     graph = build_graph(run.pipeline, run.agent, transport=client)
     spec = run.pipeline.spec.agents[run.agent]
     steps = dict(zip(spec.node_ids(), spec.steps, strict=True))
-    started: dict[str, float] = {}
     state: dict[str, Any] = {}
     async for mode, item in graph.astream(dict(spec.input), stream_mode=["tasks", "values"]):
         chunk = cast(dict[str, Any], item)
@@ -250,13 +250,12 @@ async def run_graph(run: AgentRun, client: Client) -> dict[str, Any]:
         step = steps.get(name)
         if step is None:
             continue
+        now = time.monotonic()
         if "input" in chunk:
-            started[chunk["id"]] = time.monotonic()
-            run.running[chunk["id"]] = name
+            run.running[chunk["id"]] = (name, now)
             run.event("step", step=name, kind=step.kind, status="start")
             continue
-        run.running.pop(chunk["id"], None)
-        duration = time.monotonic() - started.pop(chunk["id"], time.monotonic())
+        duration = now - run.running.pop(chunk["id"], (name, now))[1]
         if chunk.get("error") is not None:
             run.event("step", step=name, kind=step.kind, status="failed", duration=duration,
                       error=str(chunk["error"]) or type(chunk["error"]).__name__)
@@ -292,7 +291,7 @@ async def run_agent(run: AgentRun) -> int:
         if isinstance(exc, PilotError):
             error = str(exc)
         else:
-            steps = ", ".join(sorted(set(run.running.values())))
+            steps = ", ".join(sorted({name for name, _ in run.running.values()}))
             error = (f"did not finish within {settings.timeout:g} s (settings.timeout)"
                      + (f"; still running: step {steps}" if steps else ""))
     except asyncio.CancelledError:
