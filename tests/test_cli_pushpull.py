@@ -108,7 +108,7 @@ def test_a_pull_killed_mid_run_loses_nothing(trio: Trio) -> None:
     fast = pull(c.home, 4003, "--json")
     pusher = subprocess.Popen(
         [sys.executable, "-m", "pilot_agents.cli", "--home", str(a.home), "--json", "push",
-         "beta,gamma", "4003", "--stdin", "--timeout", "60"],
+         "beta,gamma", "4003", "--wait-for", "2", "--stdin", "--timeout", "60"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=ROOT)
     assert pusher.stdin is not None and slow.stdout is not None
