@@ -221,5 +221,21 @@ class FieldValueError(ValueError):
         self.path = path
 
 
+class FieldValueErrors(ValueError):
+    """Several :class:`FieldValueError` from one validator, so that a file's every problem of a
+    kind is reported at once rather than one per run of ``validate``."""
+
+    def __init__(self, errors: list[FieldValueError]) -> None:
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
+
+    @staticmethod
+    def raise_any(errors: list[FieldValueError]) -> None:
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise FieldValueErrors(errors)
+
+
 class AgentFailedError(PilotError):
     """An agent of a pipeline failed; the message names it and says why."""

@@ -149,6 +149,15 @@ def test_strict_types_and_missing_fields() -> None:
          steps: [{python: m:f}]
        b:
          steps:
+           - pilot_receive: {port: 7}
+     """, "p.yaml:6: agents.b.steps.0.pilot_receive.port: no pilot_send step of this file sends "
+         "to b on port 7, so this step would wait for its timeout"),
+    ("""\
+     agents:
+       a:
+         steps: [{python: m:f}]
+       b:
+         steps:
            - pilot_request: {to: a, port: 2001, key: q, result_key: r}
      """, "p.yaml:6: agents.b.steps.0.pilot_request.to: a does not serve port 2001"),
     ("""\
@@ -190,6 +199,45 @@ def test_strict_types_and_missing_fields() -> None:
 def test_cross_checks(text: str, expected: str) -> None:
     found = problems(text)
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_every_cross_reference_problem_is_reported_at_once() -> None:
+    """Not one per run of validate: a file with three broken links names all three."""
+    assert problems("""\
+        agents:
+          a:
+            steps:
+              - pilot_send: {to: nobody}
+              - pilot_send: {to: b, port: 7}
+          b:
+            steps:
+              - {id: x, python: m:f}
+              - {id: x, python: m:g}
+              - mcp: {server: s, tool: t}
+            edges: [[x, y]]
+        """) == [
+        "p.yaml:9: agents.b.steps.1.id: two steps are called 'x'",
+        "p.yaml:10: agents.b.steps.2.mcp.server: 's' is not one of this agent's mcp_servers "
+        "(none)",
+        "p.yaml:11: agents.b.edges.0.1: 'y' is not a step id of this agent (x, x, mcp_3, or END)",
+        "p.yaml:11: agents.b.edges: no edge leads to the step 'mcp_3'",
+    ]
+    assert problems("""\
+        agents:
+          a:
+            steps:
+              - pilot_send: {to: nobody}
+              - pilot_send: {to: b, port: 7}
+          b:
+            hostname: a
+            steps: [{python: m:f}]
+        """) == [
+        "p.yaml:7: agents.b.hostname: 'a' is already the hostname of a",
+        "p.yaml:4: agents.a.steps.0.pilot_send.to: 'nobody' is not an agent of this pipeline "
+        "(a, b)",
+        "p.yaml:5: agents.a.steps.1.pilot_send.to: b has no pilot_receive step on port 7, so "
+        "nothing there would read this message",
+    ]
 
 
 def test_variables_expand_before_validation(tmp_path: Path) -> None:

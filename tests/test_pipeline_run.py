@@ -392,6 +392,7 @@ def test_ctrl_c_stops_every_agent_and_daemon(tmp_path: Path, signum: int) -> Non
             steps:
               - {python: "slow:nap", args: {seconds: 300}}
               - {pilot_send: {to: waiter, key: x}}
+              - {pilot_send: {to: idle, key: x, port: 1002}}
           idle:
             steps: [{pilot_receive: {key: y, port: 1002, timeout: 300}}]
         """))

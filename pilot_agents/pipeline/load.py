@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..errors import FieldValueError, PipelineError
+from ..errors import FieldValueError, FieldValueErrors, PipelineError
 from .schema import DOTTED, HOST_PORT, NAME, STEP_ID, STEP_KINDS, Pipeline
 from .variables import Expander, port_env
 
@@ -188,10 +188,14 @@ def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> Loa
         for error in exc.errors():
             loc: tuple[str | int, ...] = tuple(error["loc"])
             cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, FieldValueError):
-                loc += cause.path
-            line, where = lines.locate(loc)
-            problems.append(Problem(file, line, _dotted(where), _message(error)))
+            causes = cause.errors if isinstance(cause, FieldValueErrors) else [cause]
+            for one in causes:
+                if isinstance(one, FieldValueError):
+                    line, where = lines.locate(loc + one.path)
+                    problems.append(Problem(file, line, _dotted(where), str(one)))
+                else:
+                    line, where = lines.locate(loc)
+                    problems.append(Problem(file, line, _dotted(where), _message(error)))
         raise InvalidPipeline(problems) from None
     return LoadedPipeline(path, spec, expander.ports)
 

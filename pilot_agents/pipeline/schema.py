@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import FieldValueError
+from ..errors import FieldValueError, FieldValueErrors
 from ..transport import DEFAULT_PORT
 
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: what the beacon registers
@@ -219,32 +219,37 @@ class Agent(Strict):
 
     @model_validator(mode="after")
     def _graph(self) -> Agent:
+        problems: list[FieldValueError] = []
         ids = self.node_ids()
         seen: set[str] = set()
         for i, node in enumerate(ids):
             if node in RESERVED_STEP_IDS:
-                raise FieldValueError(("steps", i, "id"),
-                                      f"{node!r} is reserved (START and END are the graph's ends)")
-            if node in seen:
-                raise FieldValueError(("steps", i, "id"), f"two steps are called {node!r}")
+                problems.append(FieldValueError(
+                    ("steps", i, "id"), f"{node!r} is reserved (START and END are the graph's "
+                    "ends)"))
+            elif node in seen:
+                problems.append(FieldValueError(("steps", i, "id"),
+                                                f"two steps are called {node!r}"))
             seen.add(node)
         for i, step in enumerate(self.steps):
             if isinstance(step, McpStep) and step.mcp.server not in self.mcp_servers:
                 known = ", ".join(self.mcp_servers) or "none"
-                raise FieldValueError(("steps", i, "mcp", "server"),
-                                      f"{step.mcp.server!r} is not one of this agent's "
-                                      f"mcp_servers ({known})")
+                problems.append(FieldValueError(("steps", i, "mcp", "server"),
+                                                f"{step.mcp.server!r} is not one of this "
+                                                f"agent's mcp_servers ({known})"))
         for j, (a, b) in enumerate(self.edges or []):
             for end, name, allowed in ((0, a, "START"), (1, b, "END")):
                 if name not in seen and name != allowed:
-                    raise FieldValueError(("edges", j, end),
-                                          f"{name!r} is not a step id of this agent "
-                                          f"({', '.join(ids)}, or {allowed})")
+                    problems.append(FieldValueError(("edges", j, end),
+                                                    f"{name!r} is not a step id of this agent "
+                                                    f"({', '.join(ids)}, or {allowed})"))
         reached = {b for a, b in self.graph_edges()}
         for node in ids[1:] if self.edges is not None else ():
             if node not in reached:
-                raise FieldValueError(("edges",), f"no edge leads to the step {node!r}")
-        self._no_cycle()
+                problems.append(FieldValueError(("edges",),
+                                                f"no edge leads to the step {node!r}"))
+        FieldValueErrors.raise_any(problems)
+        self._no_cycle()  # (on a graph whose ids and edges are sound)
         return self
 
     def _no_cycle(self) -> None:
@@ -370,46 +375,64 @@ class Pipeline(Strict):
 
     @model_validator(mode="after")
     def _links(self) -> Pipeline:
+        problems: list[FieldValueError] = []
         hostnames: dict[str, str] = {}
         for name in self.agents:
             host = self.hostname(name)
             if host in hostnames:
-                raise FieldValueError(("agents", name, "hostname"),
-                                      f"{host!r} is already the hostname of {hostnames[host]}")
-            hostnames[host] = name
+                problems.append(FieldValueError(
+                    ("agents", name, "hostname"),
+                    f"{host!r} is already the hostname of {hostnames[host]}"))
+            hostnames.setdefault(host, name)
+        sent_to: set[tuple[str, int]] = set()  # (agent, port) of the pilot_send steps
         for name, spec in self.agents.items():
             for i, step in enumerate(spec.steps):
                 to = step.peer()
-                if to is None:
-                    continue
-                where = ("agents", name, "steps", i, step.kind, "to")
-                target = self.agent_named(to)
-                if target is None:
-                    raise FieldValueError(where, f"{to!r} is not an agent of this pipeline "
-                                     f"({', '.join(self.agents)})")
-                if target == name:
-                    raise FieldValueError(where, "an agent does not send to itself")
-                if isinstance(step, PilotSendStep):
-                    port = step.pilot_send.port
-                    if port not in self.receive_ports(target):
-                        raise FieldValueError(where, f"{target} has no pilot_receive step on port "
-                                         f"{port}, so nothing there would read this message")
-                if isinstance(step, SubscribeStep):
-                    sub = step.subscribe
-                    topics = self.publish_topics(target, sub.port)
-                    if not any(t.startswith(sub.topic) for t in topics):
-                        raise FieldValueError(where, f"{target} has no publish step on port "
-                                              f"{sub.port} with a topic starting {sub.topic!r}, "
-                                              "so nothing would reach this subscription")
-                if isinstance(step, PilotRequestStep):
-                    served = self.agents[target].serve
-                    if served is None or served.port != step.pilot_request.port:
-                        raise FieldValueError(
-                            where, f"{target} does not serve port {step.pilot_request.port} "
-                            f"(give it 'serve: {{port: {step.pilot_request.port}}}')")
+                if to is not None:
+                    where = ("agents", name, "steps", i, step.kind, "to")
+                    problems += self._link_problems(name, step, to, where, sent_to)
+        for name, spec in self.agents.items():
+            for i, step in enumerate(spec.steps):
+                if (isinstance(step, PilotReceiveStep)
+                        and (name, step.pilot_receive.port) not in sent_to):
+                    port = step.pilot_receive.port
+                    problems.append(FieldValueError(
+                        ("agents", name, "steps", i, "pilot_receive", "port"),
+                        f"no pilot_send step of this file sends to {name} on port {port}, so "
+                        f"this step would wait for its timeout"))
         if all(spec.serve is not None for spec in self.agents.values()):
-            raise FieldValueError(("agents",), "every agent serves, so none would start the "
-                                  "pipeline: at least one runs its steps once")
+            problems.append(FieldValueError(
+                ("agents",), "every agent serves, so none would start the pipeline: at least "
+                "one runs its steps once"))
+        FieldValueErrors.raise_any(problems)
         return self
 
-
+    def _link_problems(self, name: str, step: StepBase, to: str, where: tuple[str | int, ...],
+                       sent_to: set[tuple[str, int]]) -> list[FieldValueError]:
+        """What is wrong with the step of agent ``name`` that reaches the agent ``to``."""
+        target = self.agent_named(to)
+        if target is None:
+            return [FieldValueError(where, f"{to!r} is not an agent of this pipeline "
+                                    f"({', '.join(self.agents)})")]
+        if target == name:
+            return [FieldValueError(where, "an agent does not send to itself")]
+        if isinstance(step, PilotSendStep):
+            port = step.pilot_send.port
+            sent_to.add((target, port))
+            if port not in self.receive_ports(target):
+                return [FieldValueError(where, f"{target} has no pilot_receive step on port "
+                                        f"{port}, so nothing there would read this message")]
+        if isinstance(step, SubscribeStep):
+            sub = step.subscribe
+            topics = self.publish_topics(target, sub.port)
+            if not any(t.startswith(sub.topic) for t in topics):
+                return [FieldValueError(where, f"{target} has no publish step on port "
+                                        f"{sub.port} with a topic starting {sub.topic!r}, so "
+                                        "nothing would reach this subscription")]
+        if isinstance(step, PilotRequestStep):
+            served = self.agents[target].serve
+            if served is None or served.port != step.pilot_request.port:
+                return [FieldValueError(
+                    where, f"{target} does not serve port {step.pilot_request.port} (give it "
+                    f"'serve: {{port: {step.pilot_request.port}}}')")]
+        return []
