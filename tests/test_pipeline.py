@@ -334,6 +334,36 @@ def test_python_steps_run_in_a_built_graph(tmp_path: Path) -> None:
     assert asyncio.run(graph.ainvoke({"x": 5})) == {"x": 30, "label": "x=30"}
 
 
+def test_a_python_step_must_return_state_updates(tmp_path: Path) -> None:
+    """What is not a dict is refused naming the step and the function; a function asking for
+    LangGraph's config still gets it, and an object with an async __call__ is awaited."""
+    (tmp_path / "odd.py").write_text(textwrap.dedent("""\
+        def number(state):
+            return 42
+        def with_config(state, config, tag):
+            return {"tag": tag, "has_config": "configurable" in config}
+        class Later:
+            async def __call__(self, state):
+                return {"later": True}
+        later = Later()
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          good:
+            steps:
+              - {python: "odd:with_config", args: {tag: t}}
+              - {python: "odd:later"}
+          bad:
+            steps: [{id: calc, python: "odd:number"}]
+        """))
+    loaded = load(tmp_path / "p.yaml")
+    good = asyncio.run(build_graph(loaded, "good").ainvoke({}))
+    assert good == {"tag": "t", "has_config": True, "later": True}
+    with pytest.raises(PipelineError, match=r"^step calc: odd:number returned int 42, where a "
+                       r"step returns a dict"):
+        asyncio.run(build_graph(loaded, "bad").ainvoke({}))
+
+
 def test_a_python_step_that_does_not_import(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("agents:\n  a:\n    steps: [{python: 'nomodule:f'}]\n")
     with pytest.raises(PipelineError, match="cannot import 'nomodule'"):

@@ -17,7 +17,7 @@ from langchain_core.runnables import Runnable
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.pregel import Pregel
-from langgraph.types import RetryPolicy
+from langgraph.types import Command, RetryPolicy
 
 from ..errors import PipelineError, PortClosedError
 from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
@@ -69,8 +69,10 @@ def resolve(dotted: str, folder: Path) -> Any:
     return obj
 
 
-def python_node(step: PythonStep, folder: Path) -> Any:
-    """A compiled graph as itself (a subgraph), a function with the step's ``args`` bound."""
+def python_node(step: PythonStep, folder: Path, node: str) -> Any:
+    """A compiled graph as itself (a subgraph); a function with the step's ``args`` bound, whose
+    result is checked to be state updates (LangGraph's own error would name neither the step
+    nor the function: "'int' object is not a mapping")."""
     target = resolve(step.python, folder)
     if isinstance(target, Pregel):
         if step.args:
@@ -79,16 +81,30 @@ def python_node(step: PythonStep, folder: Path) -> Any:
     if not callable(target):
         raise PipelineError(f"{step.python} is a {type(target).__name__}, not a function or a "
                             "compiled graph")
-    if not step.args:
-        return target
-    if inspect.iscoroutinefunction(target):
-        async def call_async(state: dict[str, Any]) -> Any:
-            return await target(state, **step.args)
+
+    def updates(result: Any) -> Any:
+        if result is None or isinstance(result, Mapping | Command):
+            return result
+        raise PipelineError(f"step {node}: {step.python} returned {type(result).__name__} "
+                            f"{_preview(result)}, where a step returns a dict of the state's "
+                            "keys to set (or None)")
+
+    # (**kwargs: what LangGraph passes a function that asks for it, config say, by the
+    # signature update_wrapper gives the wrapper: the function's own)
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+            type(target).__call__):  # (an object whose __call__ is async)
+        async def call_async(state: dict[str, Any], **kwargs: Any) -> Any:
+            return updates(await target(state, **step.args, **kwargs))
         return functools.update_wrapper(call_async, target)
 
-    def call(state: dict[str, Any]) -> Any:
-        return target(state, **step.args)
+    def call(state: dict[str, Any], **kwargs: Any) -> Any:
+        return updates(target(state, **step.args, **kwargs))
     return functools.update_wrapper(call, target)
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def step_node(pipeline: Pipeline, name: str, index: int, folder: Path,
@@ -98,7 +114,7 @@ def step_node(pipeline: Pipeline, name: str, index: int, folder: Path,
     agent = pipeline.agents[name]
     step, node = agent.steps[index], agent.node_ids()[index]
     if isinstance(step, PythonStep):
-        return python_node(step, folder)
+        return python_node(step, folder, node)
     if isinstance(step, PilotSendStep):
         s = step.pilot_send
         return PilotSend(s.to, s.port, s.key, timeout=s.timeout, transport=transport,
