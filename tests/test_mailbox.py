@@ -65,3 +65,18 @@ async def test_waits_share_one_timer_that_only_moves_earlier() -> None:
     assert not long.done()
     box.put(9)
     assert await long == 9
+
+
+async def test_a_cancelled_wait_without_a_deadline_leaves_nothing_behind() -> None:
+    """A request's timeout cancels its wait for the reply, on a stream that may stay quiet: each
+    such wait left its entry behind until an item came (memory growing with every timeout)."""
+    box: Mailbox[int] = Mailbox()
+    for _ in range(100):
+        waiting = asyncio.create_task(box.get(None))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    assert len(box._waiters) == 0
+    box.put(1)
+    assert await box.get(0) == 1

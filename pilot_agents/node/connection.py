@@ -8,6 +8,7 @@ the session's events to them. They reach the running node only through its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -100,6 +101,12 @@ class Mailbox(Generic[T]):
                 # Cancelled after a put woke us: the item must wake another waiter instead.
                 if items and waiter.done() and not waiter.cancelled() and not waiter.exception():
                     self._wake_next()
+                elif waiter.cancelled():
+                    # Else its entry stays until an item or a timer comes, and a wait without
+                    # a deadline cancelled on a quiet stream (a request's timeout, each time)
+                    # would leave one more behind.
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove((waiter, deadline))
                 raise
         return items.popleft()
 
