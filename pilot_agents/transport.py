@@ -29,6 +29,10 @@ from .errors import ConfigError, PilotTimeoutError
 
 DEFAULT_PORT = 1001  # the port `connect`, `send` and the daemon's inbox use unless told
 DEFAULT_TIMEOUT = 30.0  # seconds, for every receive without an explicit timeout
+# Seconds a reply may wait for room on a stream whose peer reads none of it before the stream
+# is reset (ResetCode.UNREAD): a replier is shared, and one requester that stops reading its
+# replies must not hold it (its handlers, the daemon's confirmations) for ever.
+UNREAD_REPLIES_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0  # seconds to open a tunnel and a stream (resolution included)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ from pilot_agents.errors import (
 from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, reqrep, serving
 from pilot_agents.patterns.frames import MAX_MESSAGE, Kind, encode_frame, parse_frame_untrusted
 from pilot_agents.patterns.reqrep import Reply
+from tests.conftest import stop_daemons
+from tests.datasock_helpers import started
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 log = logging.getLogger("tests.reqrep")
@@ -587,3 +590,78 @@ async def test_a_cancel_to_a_replier_that_does_not_read_gives_up(
 
     await asyncio.wait_for(reqrep._send_quietly(Stuck(), b"cancel"),  # type: ignore[arg-type]
                            1.0)
+
+
+async def test_a_requester_that_reads_no_replies_cannot_hold_the_replier(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One peer sends requests and never reads the replies: they fill its stream, and each
+    handler's reply waited for room there for ever, until every handler did and nobody else was
+    answered. Now the stream is reset once its peer has read nothing of it for
+    UNREAD_REPLIES_TIMEOUT (1 s here), and the replier goes on."""
+    monkeypatch.setattr(reqrep, "UNREAD_REPLIES_TIMEOUT", 1.0, raising=False)
+    async with (
+        Node(home=tmp_path / "s", listen="127.0.0.1:0") as server,
+        Node(home=tmp_path / "h", listen="127.0.0.1:0") as hostile,
+        Node(home=tmp_path / "g", listen="127.0.0.1:0") as good,
+    ):
+        for peer in (hostile, good):
+            server.trust(peer.node_id)
+            peer.trust(server.node_id)
+            peer.add_peer(server.node_id, server.local_endpoint)
+
+        async def big_echo(request: Request) -> object:
+            return request.data
+
+        config = ReqRepConfig(handler_concurrency=2)
+        async with serving(server, 7040, big_echo, config), Requester(good) as requester:
+            conn = hostile.connect(server.node_id, 7040)
+            await conn.__aenter__()
+            try:
+                # 40 MiB of replies: what the hostile node's stream window (16 MiB) takes, and
+                # more than the stream's bound (8 MiB) waiting at the replier.
+                for request_id in range(1, 41):
+                    await conn.send(encode_frame(Kind.REQUEST, request_id, b"x" * 2**20))
+                started = time.monotonic()
+                reply = await requester.request(server.node_id, 7040, b"hi", timeout=20)
+                assert reply.data == b"hi"
+                assert time.monotonic() - started < 10
+                with pytest.raises(PilotError, match="went unread for too long"):
+                    while True:  # the replies it took before, then the reset
+                        await conn.receive(timeout=10)
+            finally:
+                await conn.abort()
+
+
+async def test_through_daemons_a_requester_that_reads_no_replies_cannot_hold_the_replier(
+        ) -> None:
+    """The same through two daemons: the replier's daemon holds its client's replies for room,
+    and resets the stream once its peer has read nothing of it for unread_replies_timeout."""
+    alpha, beta = started(("alpha", {}), ("beta", {"unread_replies_timeout": 1}))
+    try:
+        async def big_echo(request: Request) -> object:
+            return request.data
+
+        async with (
+            Client(alpha.home) as requesting,
+            Client(beta.home) as replying,
+            serving(replying, 7041, big_echo, ReqRepConfig(handler_concurrency=2)),
+            Requester(requesting) as requester,
+        ):
+            conn = requesting.connect("beta", 7041)
+            await conn.__aenter__()
+            try:
+                # What alpha's inbox (16 MiB) and the stream's window (16 MiB) take, and more
+                # than the stream's bound (8 MiB) waiting at beta.
+                for request_id in range(1, 65):
+                    await conn.send(encode_frame(Kind.REQUEST, request_id, b"x" * 2**20))
+                started_at = time.monotonic()
+                reply = await requester.request("beta", 7041, b"hi", timeout=30)
+                assert reply.data == b"hi"
+                assert time.monotonic() - started_at < 20
+                with pytest.raises(PilotError, match="went unread for too long"):
+                    while True:
+                        await conn.receive(timeout=10)
+            finally:
+                await conn.abort()
+    finally:
+        stop_daemons(alpha.home, beta.home)

@@ -234,7 +234,7 @@ class WayBack(Protocol):
     @property
     def overshoot(self) -> int: ...  # bytes written past the bound since it last had room
 
-    async def room(self) -> None: ...
+    async def room(self, stall: float | None = None) -> None: ...
 
     def since_arrival(self) -> float | None: ...  # seconds since the peer's bytes last came
 

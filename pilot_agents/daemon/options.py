@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..transport import UNREAD_REPLIES_TIMEOUT
+
 DEFAULT_INBOX_PORTS = (1001,)
 START_TIMEOUT = 30.0  # seconds `daemon start` waits for the daemon to be ready
 STOP_TIMEOUT = 10.0  # seconds `daemon stop` waits before it kills
@@ -40,6 +42,9 @@ class DaemonOptions:
     # that gave up waiting hands its late reply back at once); the oldest are forgotten first.
     requeue_memory_bytes: int = 8 * 1024 * 1024
     ack_wait: float = 30.0  # seconds a message received with "ack": true waits for its `ack`
+    # Seconds a client's reply may wait for room on a stream whose peer reads none of it; then
+    # the stream is reset (the requester stopped reading), and the reply fails.
+    unread_replies_timeout: float = UNREAD_REPLIES_TIMEOUT
     # -- the local API ---------------------------------------------------------------------------
     max_request_bytes: int = 16 * 1024 * 1024  # a larger request is refused (BadRequestError)
     # A message's payload frame (docs/ipc.md, Framing): larger is refused. The tunnel's own

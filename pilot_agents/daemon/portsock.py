@@ -268,7 +268,7 @@ class PortSocket:
 
     async def _wait_for_room(self, way: _Way) -> None:
         with contextlib.suppress(PilotError):  # a stream that failed holds nothing back
-            await way.back.room()
+            await way.back.room(stall=self._messaging.ctx.options.unread_replies_timeout)
         self._room = None
         self._hold.release("room")
 
@@ -276,7 +276,7 @@ class PortSocket:
         """'confirmed' for each reply waiting for it, in order, as the stream has room."""
         try:
             while way.confirming:
-                await way.back.room()
+                await way.back.room(stall=self._messaging.ctx.options.unread_replies_timeout)
                 way.confirming -= 1
                 self._send(_NUMBERED.pack(ipc.PORT_CONFIRMED, number))
         except PilotError as exc:

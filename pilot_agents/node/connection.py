@@ -269,19 +269,40 @@ class StreamHandle:
         self.overshoot += len(payload)
         return False
 
-    async def room(self) -> None:
+    async def room(self, stall: float | None = None) -> None:
         """Wait until the stream holds fewer unacknowledged bytes than its bound; raise its
-        error if it dies meanwhile."""
-        await self.driver.wait_until(
-            lambda: (
-                self.error is not None
-                or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER
-            ),
-            None,
-        )
+        error if it dies meanwhile.
+
+        ``stall``: seconds the peer may take nothing from the stream (what waits on it does not
+        shrink) before the stream is reset and :class:`PilotTimeoutError` raised. For a writer
+        that many peers share, a replier: one peer that sends requests and reads no replies
+        would hold it for ever, and with it everyone else's replies."""
+        def has_room() -> bool:
+            return (self.error is not None
+                    or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER)
+
+        backlog = self.session.stream_buffered(self.stream_id)
+        while not await self._room_within(has_room, stall):
+            now = self.session.stream_buffered(self.stream_id)
+            if now < backlog:  # slow, but reading
+                backlog = now
+                continue
+            self.session.reset_stream(self.stream_id, ResetCode.UNREAD)
+            self.driver.wake()
+            self.fail(PilotTimeoutError(
+                f"{self.peer_id} read nothing on this stream for {stall} s, with "
+                f"{backlog} bytes waiting for it: the stream was reset"), reset=True)
+            break
         if self.error is not None:
             raise self.error
         self.overshoot = 0  # it had room
+
+    async def _room_within(self, has_room: Callable[[], bool], seconds: float | None) -> bool:
+        try:
+            await self.driver.wait_until(has_room, seconds)
+        except PilotTimeoutError:
+            return False
+        return True
 
     def set_taker(self, take: Callable[[Message], bool] | None) -> None:
         """Messages go to ``take`` as they arrive while none is queued (:meth:`Mailbox.set_taker`);

@@ -64,6 +64,7 @@ from ..errors import (
 )
 from ..transport import (
     DEFAULT_TIMEOUT,
+    UNREAD_REPLIES_TIMEOUT,
     Connection,
     Listener,
     Message,
@@ -166,7 +167,7 @@ class Request(Payload):
         if way_back is None:
             await self._message.reply(frame)
         elif not way_back.write(frame):
-            await way_back.room()
+            await way_back.room(stall=UNREAD_REPLIES_TIMEOUT)
 
 
 def _reply_payload(data: object) -> bytes:

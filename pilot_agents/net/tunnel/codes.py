@@ -23,6 +23,7 @@ class ResetCode(IntEnum):
     MESSAGE_TOO_LARGE = 2
     TOO_MANY_STREAMS = 3
     PROTOCOL_ERROR = 4
+    UNREAD = 5  # what we sent on it went unread for too long (a replier's stalled requester)
 
 
 CLOSE_REASONS = {
@@ -45,6 +46,7 @@ RESET_REASONS = {
     ResetCode.MESSAGE_TOO_LARGE: "the message exceeds the peer's maximum message size",
     ResetCode.TOO_MANY_STREAMS: "the peer has too many open connections from us",
     ResetCode.PROTOCOL_ERROR: "protocol error on the stream",
+    ResetCode.UNREAD: "the peer gave up on it: what it sent on it went unread for too long",
 }
 
 
