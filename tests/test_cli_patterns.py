@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import pilot_agents
 from pilot_agents.cli.patterns import ExecConfig, run_command
 from pilot_agents.errors import CommandFailedError
 from pilot_agents.identity import Identity
@@ -220,6 +221,20 @@ async def test_run_command_bounds() -> None:
         await run_command(["sh", "-c", "kill -9 $$"], b"", config)
     with pytest.raises(CommandFailedError, match="cannot run /nonexistent"):
         await run_command(["/nonexistent"], b"", config)
+
+
+def test_run_command_on_uvloop_to_a_command_that_reads_nothing() -> None:
+    """As the CLI runs it, on uvloop: a command that exits without reading its stdin (or
+    failing) made the write raise uvloop's RuntimeError, which ended serve and pull (exit 70)."""
+    config = ExecConfig(timeout=10)
+
+    async def main() -> None:
+        for _ in range(20):
+            assert await run_command(["true"], b"x", config) == b""
+            with pytest.raises(CommandFailedError, match="exited with status 4: oops"):
+                await run_command(["sh", "-c", "echo oops >&2; exit 4"], b"x" * 2**16, config)
+
+    pilot_agents.run(main())
 
 
 def test_verbs_without_a_daemon() -> None:

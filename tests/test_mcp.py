@@ -19,12 +19,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
+import pilot_agents
 from pilot_agents import Client as PilotClient
 from pilot_agents.errors import McpSessionError, McpToolError, PilotError
 from pilot_agents.integrations.mcp.remote import (
@@ -32,6 +33,7 @@ from pilot_agents.integrations.mcp.remote import (
     McpConfig,
     McpServer,
     SessionEvent,
+    _Session,
     connect,
     control,
     parse_control_untrusted,
@@ -522,3 +524,21 @@ async def test_a_request_still_arriving_keeps_its_session(servers: Path, kind: s
                     assert json.loads(await remote.receive())["id"] == 1
                 assert time.monotonic() - started > config.peer_timeout  # it did take long
             assert [e.kind for e in events] == ["open"], events
+
+
+def test_a_message_for_a_server_that_has_exited_is_dropped_not_raised() -> None:
+    """Its session ends when its exit is seen; a message arriving just before was written to
+    the closed pipe, where uvloop raises RuntimeError, and that ended `mcp serve` itself (an
+    audit: the next client heard that nothing listened)."""
+    async def main() -> None:
+        server = McpServer(cast(Any, None), 84, ["true"])
+        proc = await asyncio.create_subprocess_exec("true", stdin=asyncio.subprocess.PIPE)
+        await proc.wait()
+        assert proc.stdin is not None
+        while not proc.stdin.is_closing():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # closed, not only closing
+        session = _Session(("peer", 1), None, proc, cast(Any, None))
+        await server._to_server(session, b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}')
+
+    pilot_agents.run(main())

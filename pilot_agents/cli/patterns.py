@@ -276,10 +276,12 @@ async def run_command(argv: list[str], data: bytes, config: ExecConfig) -> bytes
             os.killpg(proc.pid, signal.SIGKILL)
 
     async def feed() -> None:
-        # A command that does not read its stdin (or exits early) closes the pipe: fine.
+        # A command that does not read its stdin (or exits early) closes the pipe: fine. If
+        # it already has, the write is not tried: uvloop raises RuntimeError for it.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.write(data)
-            await stdin.drain()
+            if not stdin.is_closing():
+                stdin.write(data)
+                await stdin.drain()
             stdin.close()
 
     async def read_stdout() -> bytes:

@@ -590,6 +590,8 @@ class McpServer:
         # spaces they keep its meaning, and the message stays the one line a stdio server
         # reads as one message.
         data = data.replace(b"\r", b" ").replace(b"\n", b" ")
+        if stdin.is_closing():
+            return  # it exited (writing would raise RuntimeError on uvloop): as below
         try:
             stdin.write(data + b"\n")
             async with asyncio.timeout(self.config.write_timeout):
