@@ -274,6 +274,25 @@ def test_a_beacon_usage_mistake_is_one_line() -> None:
                           "see 'pilot-agents beacon --help'")
 
 
+def test_a_beacon_takes_home_for_its_data_and_refuses_json(tmp_path: Path) -> None:
+    """As every command: --home before the verb (the beacon's data directory is HOME/beacon,
+    where it was ignored); --json is refused, where it was ignored too."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pilot_agents.cli", "--home", str(tmp_path / "h"), "beacon",
+         "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on ")
+        assert (tmp_path / "h" / "beacon" / "identity.key").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    result = cli(None, "--json", "beacon", "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["message"].startswith("the beacon prints no JSON")
+
+
 def test_listen_into_a_reader_that_goes_away_ends_quietly(daemon_pair: Pair) -> None:
     """`pilotctl listen PORT | head -1`: once head has its line and exits, the next message
     has nowhere to go. That ended as "error: Broken pipe", exit 1; a Unix tool ends quietly."""
