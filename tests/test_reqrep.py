@@ -665,3 +665,12 @@ async def test_through_daemons_a_requester_that_reads_no_replies_cannot_hold_the
                 await conn.abort()
     finally:
         stop_daemons(alpha.home, beta.home)
+
+
+async def test_a_request_to_a_port_without_a_replier_says_so(pair: Pair) -> None:
+    """Whatever asks (the CLI's request, a bridge, a pipeline step): what is missing is a
+    replier, where the daemon's words suggested 'pilotctl listen'."""
+    async with Requester(pair.client.transport) as requester:
+        with pytest.raises(PortClosedError, match=f"^{pair.server_name} has no replier on port "
+                           "7042 .*'pilotctl serve 7042 --exec CMD'"):
+            await requester.request(pair.server_name, 7042, b"x", timeout=10)

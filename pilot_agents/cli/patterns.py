@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from ..errors import CommandFailedError, ConfigError, PilotError, PortClosedError
+from ..errors import CommandFailedError, ConfigError, PilotError
 from ..ipc import encode_data
 from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pubsub import Overflow, Publication, PubSubConfig, Subscriber
@@ -130,13 +130,8 @@ async def _request(ctx: Context, client: Client) -> int:
     args = ctx.args
     async with Requester(client) as requester:
         started = time.perf_counter()
-        try:
-            reply = await requester.request(args.target, args.port, args.data.encode("utf-8"),
-                                            timeout=args.timeout)
-        except PortClosedError as exc:
-            raise PortClosedError(
-                f"{args.target} has no replier on port {args.port} (start one there, e.g. "
-                f"'pilotctl serve {args.port} --exec CMD')", exc.code, exc.reason) from None
+        reply = await requester.request(args.target, args.port, args.data.encode("utf-8"),
+                                        timeout=args.timeout)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
     if ctx.json:
         emit({"target": args.target, "port": args.port, "replier": reply.sender,

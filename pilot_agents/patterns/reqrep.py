@@ -59,6 +59,7 @@ from ..errors import (
     ConnectionClosedError,
     PilotError,
     PilotTimeoutError,
+    PortClosedError,
     RemoteError,
     WireError,
 )
@@ -297,6 +298,12 @@ class _Deadline:
     expired: bool = False
 
 
+def _no_replier(peer: str, port: int, closed: PortClosedError) -> PortClosedError:
+    """What is missing there is a replier: the transport's own words suggest a listener."""
+    return PortClosedError(f"{peer} has no replier on port {port} (start one there: serve() or "
+                           f"'pilotctl serve {port} --exec CMD')", closed.code, closed.reason)
+
+
 def _expired(peer: str, port: int, timeout: float) -> PilotTimeoutError:
     return PilotTimeoutError(f"no reply from {peer} port {port} within {timeout} s")
 
@@ -369,6 +376,8 @@ class Requester:
                         stream = await self._stream_for(peer, port, loop, closes)
                         opened = True
                         await stream.take_slot(loop)
+                except PortClosedError as exc:
+                    raise _no_replier(peer, port, exc) from None
                 except TimeoutError:
                     if not opened:  # not even a stream: nothing was sent, nothing answered
                         raise PilotTimeoutError(
@@ -418,6 +427,8 @@ class Requester:
                 return await future
             except _Unseen:
                 continue
+            except PortClosedError as exc:
+                raise _no_replier(peer, port, exc) from None
             except asyncio.CancelledError:
                 if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
                     raise _expired(peer, port, timeout) from None
