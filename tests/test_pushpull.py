@@ -277,6 +277,15 @@ async def test_pullers_that_stop_reading_make_push_wait(cluster: Cluster) -> Non
             await pusher.join(timeout=10)
 
 
+async def test_a_push_nobody_takes_says_why_a_named_puller_is_not_linked(pair: Pair) -> None:
+    """A named puller whose port nobody listens on: the push waited out its timeout and said
+    only "0 of 1 pullers connected", where the link's own error says what is wrong."""
+    async with pair_pusher(pair, False, 9005) as pusher:
+        with pytest.raises(PilotTimeoutError,
+                           match=rf"0 of 1 pullers connected; {pair.server_name}.*port 9005"):
+            await pusher.push("anyone?", timeout=2)
+
+
 async def test_a_puller_that_comes_back_gets_work_again(pair: Pair, binds: bool) -> None:
     async with pair_pusher(pair, binds, 9004) as pusher:
         async with pair_puller(pair, binds, 9004) as first:

@@ -589,6 +589,8 @@ class Pusher:
         self._tasks = _Tasks()
         self._open = False
         self._failure: PilotError | None = None  # why it can reach no puller, if it cannot
+        # Why each named puller is not linked, while it is not: said when nobody has room.
+        self._unlinked: dict[str, PilotError] = {}
         self.redelivered = 0
         self.malformed = 0
         self.refused = 0
@@ -695,7 +697,8 @@ class Pusher:
 
     def _state(self) -> str:
         wanted = f" of {len(self.peers)}" if self.peers else ""
-        return f"{len(self._links)}{wanted} pullers connected"
+        why = "".join(f"; {exc}" for exc in self._unlinked.values())  # (each names its peer)
+        return f"{len(self._links)}{wanted} pullers connected{why}"
 
     def _next_again(self) -> int | None:
         """Where the oldest item to send again that a puller has room for now is in the
@@ -863,6 +866,7 @@ class Pusher:
             try:
                 link = await self._link(peer)
                 redial.linked()
+                self._unlinked.pop(peer, None)
                 await self._read(link)
             except WireError as exc:
                 self._malformed(peer, exc)
@@ -871,6 +875,8 @@ class Pusher:
                 return
             except PilotError as exc:
                 log.info("link to puller %s port %d: %s", peer, self.port, exc)
+                if link is None:
+                    self._unlinked[peer] = exc
             finally:
                 if link is not None:
                     self._lose(link)
