@@ -541,6 +541,9 @@ def test_trust_flow_export_import_approve_reject_remove(fresh_pair: Pair) -> Non
     assert imported.returncode == 0 and "pilotctl trust approve gamma" in imported.stdout
     replayed = ipc_call(d.home, cmd="trust_import", request=blob)
     assert replayed["error"]["type"] == "TrustRequestError"  # type: ignore[index]
+    assert replayed["error"]["message"] == (  # type: ignore[index]
+        "this trust request was already received; it waits for approval: 'pilotctl trust "
+        "approve gamma'")
     pending = ipc_call(d.home, cmd="trust_pending")["pending"]
     assert [(p["node_id"], p["hostname"], p["reason"], p["state"])  # type: ignore[index]
             for p in pending] == [(c.node_id, "gamma", "pipeline", "incoming")]  # type: ignore[union-attr]

@@ -203,7 +203,7 @@ class TrustCommands:
 
     def _accept_request(self, request: TrustRequest, raw: bytes) -> TrustEntry:
         if request.nonce in self._seen_nonces:
-            raise TrustRequestError("trust request replayed")
+            raise TrustRequestError(self._replayed(request))
         self._seen_nonces[request.nonce] = None
         while len(self._seen_nonces) > SEEN_NONCES:
             self._seen_nonces.popitem(last=False)
@@ -214,6 +214,16 @@ class TrustCommands:
         else:
             log.info("trust with %s (%s) is now %s", entry.label, entry.node_id, entry.state)
         return entry
+
+    def _replayed(self, request: TrustRequest) -> str:
+        """Why a request seen before is refused, and where its first coming left things."""
+        entry = self.ctx.store.get(request.sender)
+        said = "this trust request was already received"
+        if entry is None:
+            return f"{said} (and its sender is no longer in the trust store: ask for a new one)"
+        if entry.state == "incoming":
+            return f"{said}; it waits for approval: 'pilotctl trust approve {entry.label}'"
+        return f"{said}; trust with {entry.label} is {entry.state} ('pilotctl trust list')"
 
     async def _send_trust_request(self, node_id: str, target: str, reason: str) -> tuple[
             bool, str]:
