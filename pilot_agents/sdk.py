@@ -789,7 +789,15 @@ class _Delivery:
             raise self._error
         message = self._queue.popleft()
         if self._taken(len(message.data)):
-            await self._grant()
+            try:
+                await self._grant()
+            except asyncio.CancelledError:
+                self._queue.appendleft(message)  # the caller's still, at its next receive
+                self._taken_messages -= 1  # (counted again then)
+                self._taken_bytes -= len(message.data)
+                raise
+            except PilotError:
+                pass  # the daemon went away: the next receive says so; this one is delivered
         return message
 
     async def _wait(self, timeout: float | None) -> None:
@@ -825,8 +833,15 @@ class _Delivery:
     async def _grant(self) -> None:
         messages, size = self._taken_messages, self._taken_bytes
         self._taken_messages = self._taken_bytes = 0
-        await self._client._ipc.post("credit", request=self._request, messages=messages,
-                                     bytes=size)
+        try:
+            await self._client._ipc.post("credit", request=self._request, messages=messages,
+                                         bytes=size)
+        except BaseException:
+            # Granted again with the next: credit never granted would stop the deliveries
+            # for good (granted twice, the daemon may send past the window once).
+            self._taken_messages += messages
+            self._taken_bytes += size
+            raise
 
     def _on_reply(self, reply: dict[str, Any]) -> None:
         message = reply.get("message")

@@ -9,7 +9,8 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -24,7 +25,7 @@ from pilot_agents import (
 )
 from pilot_agents.errors import DaemonNotRunningError, UnknownHostError
 from pilot_agents.identity import Identity
-from pilot_agents.sdk import ClientOptions
+from pilot_agents.sdk import Client, ClientOptions, DaemonMessage, _Delivery
 from tests.conftest import (
     DaemonHandle,
     ipc_call,
@@ -461,3 +462,33 @@ def test_client_options_refuse_a_window_the_daemon_cannot_take(fields: dict[str,
     with pytest.raises(ConfigError, match="receive_window"):
         ClientOptions(**fields)  # type: ignore[arg-type]
     ClientOptions(receive_window_messages=2**20, receive_window_bytes=2**32 - 1)  # the most
+
+
+async def test_a_receive_cancelled_while_it_grants_credit_loses_no_message() -> None:
+    """A receive takes a message, then grants the daemon credit, which waits when the socket
+    to the daemon is full. Cancelled then, the message it had taken was lost, and so was the
+    credit (with it, in the end, the delivery). One layer: a stand-in for the daemon's socket."""
+    posts: list[dict[str, object]] = []
+    blocked = asyncio.Event()
+
+    class Ipc:
+        async def post(self, cmd: str, **fields: object) -> None:
+            if not blocked.is_set():
+                blocked.set()
+                await asyncio.sleep(3600)  # the socket is full
+            posts.append(fields)
+
+    client = SimpleNamespace(options=ClientOptions(receive_window_messages=2), _ipc=Ipc())
+    delivery = _Delivery(cast(Client, client), "port 7",
+                         lambda m: cast(DaemonMessage, SimpleNamespace(data=m["data"])))
+    delivery._request = 1
+    for data in (b"one", b"two"):
+        delivery._on_reply({"ok": True, "message": {"data": data}})
+    receiving = asyncio.create_task(delivery.receive(1))
+    await asyncio.wait_for(blocked.wait(), 5)
+    receiving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+    assert (await delivery.receive(1)).data == b"one"
+    assert (await delivery.receive(1)).data == b"two"
+    assert posts == [{"request": 1, "messages": 1, "bytes": 3}] * 2  # each counted once
