@@ -309,6 +309,30 @@ async def test_a_server_that_dies_at_start_says_why_in_the_tool_s_error() -> Non
     assert str(raised.value).endswith("its stderr ended with: starting / KeyError: DB_URL")
 
 
+async def test_a_server_that_hangs_at_start_is_started_again(servers: Path,
+                                                            tmp_path: Path) -> None:
+    """A server that never answered 'initialize' was waited for by every later call too, for
+    as long as the process ran: the first start's wait was shared, and never ended."""
+    from pilot_agents.integrations.mcp import McpTool
+
+    hung = tmp_path / "hung-once"
+    first_hangs = (f"import os, sys, time\nif not os.path.exists({str(hung)!r}):\n"
+                   f"    open({str(hung)!r}, 'w').close(); time.sleep(600)\n"
+                   f"os.execv({server_command(servers, 'mcp-server-time')!r}, "
+                   "['mcp-server-time', '--local-timezone', 'UTC'])")
+    tool = McpTool({"command": sys.executable, "args": ["-c", first_hangs]},
+                   "get_current_time", args_from_state={"timezone": "tz"}, result_key="now",
+                   timeout=3)
+    with pytest.raises(PilotError, match=r"took more than 3 s|did not answer 'initialize'"):
+        await tool.ainvoke({"tz": "UTC"})
+    deadline = time.monotonic() + 20
+    while True:  # once the hung start has failed, a call starts the server again
+        with contextlib.suppress(PilotError):
+            assert (await tool.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"
+            break
+        assert time.monotonic() < deadline, "the hung start was never given up"
+
+
 async def test_silent_and_idle_sessions_end(servers: Path,
                                             daemons: tuple[DaemonHandle, ...]) -> None:
     alpha, beta, _ = daemons

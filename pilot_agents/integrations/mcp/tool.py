@@ -52,10 +52,12 @@ class _StdioServers:
         self._sessions: dict[str, asyncio.Future[ClientSession]] = {}
         self._gone: dict[str, asyncio.Event] = {}  # set: the host of that server leaves
 
-    def call(self, params: StdioServerParameters, tool: str,
-             arguments: dict[str, Any]) -> concurrent.futures.Future[CallToolResult]:
-        return asyncio.run_coroutine_threadsafe(self._call(params, tool, arguments),
-                                                self._running_loop())
+    def call(self, params: StdioServerParameters, tool: str, arguments: dict[str, Any],
+             start_timeout: float) -> concurrent.futures.Future[CallToolResult]:
+        """Call ``tool``, starting its server if it is not running: a start that takes more
+        than ``start_timeout`` fails (else every later call would wait for the same one)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._call(params, tool, arguments, start_timeout), self._running_loop())
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -67,14 +69,17 @@ class _StdioServers:
             return self._loop
 
     async def _call(self, params: StdioServerParameters, tool: str,
-                    arguments: dict[str, Any]) -> CallToolResult:
+                    arguments: dict[str, Any], start_timeout: float) -> CallToolResult:
         key = params.model_dump_json()
         if key not in self._sessions:
             ready: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
             self._sessions[key] = ready
-            asyncio.get_running_loop().create_task(self._host(key, params, ready))
+            asyncio.get_running_loop().create_task(
+                self._host(key, params, ready, start_timeout))
         ready = self._sessions[key]
-        session = await ready
+        # Shielded: a caller that gives up (its timeout) must not cancel the start that the
+        # other callers wait for too.
+        session = await asyncio.shield(ready)
         from mcp import MCPError
         from mcp_types import CONNECTION_CLOSED
 
@@ -87,9 +92,9 @@ class _StdioServers:
             raise McpToolError(f"MCP tool {tool} of {params.command}: {exc}") from None
 
     async def _host(self, key: str, params: StdioServerParameters,
-                    ready: asyncio.Future[ClientSession]) -> None:
-        """Runs the server while this process runs; if it fails to start or dies, the next call
-        starts it again."""
+                    ready: asyncio.Future[ClientSession], start_timeout: float) -> None:
+        """Runs the server while this process runs; if it fails to start (in time) or dies,
+        the next call starts it again."""
         from mcp import ClientSession, stdio_client
 
         gone = self._gone[key] = asyncio.Event()
@@ -97,7 +102,12 @@ class _StdioServers:
         try:
             async with (stdio_client(params, errlog=stderr.writer) as streams,
                         ClientSession(*streams) as session):
-                await session.initialize()
+                try:
+                    async with asyncio.timeout(start_timeout):
+                        await session.initialize()
+                except TimeoutError:
+                    raise McpToolError(f"it did not answer 'initialize' within "
+                                       f"{start_timeout:g} s") from None
                 ready.set_result(session)
                 await gone.wait()
         except Exception as exc:
@@ -228,7 +238,7 @@ class McpTool(Runnable[Any, dict[str, Any]]):
 
     def invoke(self, input: Any, config: RunnableConfig | None = None,
                **kwargs: Any) -> dict[str, Any]:
-        future = _SERVERS.call(self.server, self.tool, self._arguments(input))
+        future = _SERVERS.call(self.server, self.tool, self._arguments(input), self.timeout)
         try:
             return self._update(future.result(self.timeout))
         except TimeoutError:
@@ -238,7 +248,7 @@ class McpTool(Runnable[Any, dict[str, Any]]):
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
                       **kwargs: Any) -> dict[str, Any]:
-        future = _SERVERS.call(self.server, self.tool, self._arguments(input))
+        future = _SERVERS.call(self.server, self.tool, self._arguments(input), self.timeout)
         try:
             async with asyncio.timeout(self.timeout):
                 return self._update(await asyncio.wrap_future(future))
