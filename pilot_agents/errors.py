@@ -199,6 +199,11 @@ class McpSessionError(PilotError):
     the peer went silent; the message says which."""
 
 
+class NoMcpServerError(McpSessionError, PortClosedError):
+    """Nothing listens on that port of the peer, so no MCP server either: a session error, and
+    a closed port (the CLI's exit status for one)."""
+
+
 class McpToolError(PilotError):
     """An MCP tool called in a pipeline step (``McpTool``) answered with an error, or its server
     could not start; the message names the tool and says why."""

@@ -244,9 +244,10 @@ def test_user_mistakes_are_one_line_errors(daemons: tuple[DaemonHandle, ...]) ->
     assert_one_line_error(cli(alpha.home, "mcp", "connect", "nosuchhost:80", input=""), 5)
     assert_one_line_error(cli(short_home(), "mcp", "connect", "beta:80", input=""), 3,
                           "daemon is not running")
-    # Nothing serves port 80 there: the hint is 'mcp serve', not the daemon's 'listen'.
+    # Nothing serves port 80 there: the hint is 'mcp serve', not the daemon's 'listen'; the
+    # exit status is a closed port's, as for every verb.
     result = cli(alpha.home, "mcp", "connect", "beta:80", "--timeout", "5", input="")
-    line = assert_one_line_error(result, 1, "serves no MCP server",
+    line = assert_one_line_error(result, 9, "serves no MCP server",
                                  "pilotctl mcp serve --port 80 -- COMMAND")
     assert "pilotctl listen" not in line
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import (
     ConfigError,
     McpSessionError,
+    NoMcpServerError,
     PilotError,
     PilotTimeoutError,
     PortClosedError,
@@ -165,7 +166,7 @@ class RemoteSession:
             except PortClosedError:
                 # Not the daemon's hint for a closed port ("pilotctl listen"): what is missing
                 # there is an MCP server.
-                raise McpSessionError(
+                raise NoMcpServerError(
                     f"{self.label} serves no MCP server: nothing listens on port {self.port} "
                     f"there (start one: 'pilotctl mcp serve --port {self.port} -- COMMAND')"
                 ) from None
