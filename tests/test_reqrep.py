@@ -674,3 +674,31 @@ async def test_a_request_to_a_port_without_a_replier_says_so(pair: Pair) -> None
         with pytest.raises(PortClosedError, match=f"^{pair.server_name} has no replier on port "
                            "7042 .*'pilotctl serve 7042 --exec CMD'"):
             await requester.request(pair.server_name, 7042, b"x", timeout=10)
+
+
+async def test_a_request_waits_its_own_timeout_for_a_replier_that_comes_up(
+        tmp_path: Path) -> None:
+    """Its stream was opened within the transport's connect timeout (10 s), so a request that
+    might wait 20 s for its reply gave up after 10 on a peer that was on its way up."""
+    async with Node(home=tmp_path / "b", listen="127.0.0.1:0") as b:
+        b_id, b_address = b.node_id, b.local_endpoint  # its key and address, for later
+    async with Node(home=tmp_path / "a", listen="127.0.0.1:0") as a:
+        a.trust(b_id)
+        a.add_peer(b_id, b_address)
+
+        async def replier_in(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            async with Node(home=tmp_path / "b", listen=f"127.0.0.1:{b_address[1]}") as late:
+                late.trust(a.node_id)
+                async with serving(late, 7043, echo):
+                    await asyncio.sleep(5)
+
+        starting = asyncio.create_task(replier_in(11))
+        try:
+            async with Requester(a) as requester:
+                reply = await requester.request(b_id, 7043, {"q": 1}, timeout=25)
+                assert reply.json() == {"echo": {"q": 1}, "from": a.node_id}
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting

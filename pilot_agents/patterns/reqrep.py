@@ -373,7 +373,7 @@ class Requester:
                 opened = False
                 try:
                     async with asyncio.timeout_at(deadline):
-                        stream = await self._stream_for(peer, port, loop, closes)
+                        stream = await self._stream_for(peer, port, loop, closes, deadline)
                         opened = True
                         await stream.take_slot(loop)
                 except PortClosedError as exc:
@@ -502,9 +502,11 @@ class Requester:
         await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def _stream_for(self, peer: str, port: int, loop: asyncio.AbstractEventLoop,
-                          closes: int) -> _Stream:
+                          closes: int, deadline: float) -> _Stream:
         """A stream for a request begun before the ``closes``-th close(): raises
-        ConnectionClosedError, opening none, if a close() came since."""
+        ConnectionClosedError, opening none, if a close() came since. Opened within the
+        request's ``deadline``, not the transport's connect timeout (10 s): a request that
+        may wait a minute waits as long for a peer that comes up meanwhile."""
         key = (peer, port)
         if self._closes != closes:
             raise ConnectionClosedError("the requester was closed")
@@ -520,7 +522,9 @@ class Requester:
                     raise ConnectionClosedError("the requester was closed")
                 if (stream := self._reusable(self._streams.get(key))) is not None:
                     return stream
-                conn = self._transport.connect(peer, port)
+                # (A second past it: the request's own deadline ends the wait, with its
+                # own words.)
+                conn = self._transport.connect(peer, port, max(deadline - loop.time(), 0.0) + 1)
                 await conn.__aenter__()
                 if self._closes != closes:  # close() came meanwhile: no stream of ours
                     with contextlib.suppress(PilotError):
