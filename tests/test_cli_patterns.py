@@ -89,7 +89,7 @@ def test_request_and_serve_exec(daemon_pair: Pair) -> None:
     assert server.returncode == 0  # SIGTERM is the normal way to stop a server
     log = out_text.splitlines()
     assert len(log) == 2 and " alpha 5 B -> 5 B (" in log[0], log
-    assert "Serving port 5001 with tr a-z A-Z" in err and "Stopped after 2 request(s)." in err
+    assert "Serving port 5001 with tr a-z A-Z" in err and "Stopped after 2 requests." in err
 
 
 def test_serve_json_log_and_concurrency(daemon_pair: Pair) -> None:

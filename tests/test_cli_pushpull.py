@@ -97,7 +97,7 @@ def test_human_output_and_data_items(trio: Trio) -> None:
     puller = pull(b.home, 4002, "--count", "2")
     result = cli(a.home, "push", "beta", "4002", "--data", "first", "--data", "second")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Pushed 2 item(s) to port 4002, all acknowledged (beta 2;")
+    assert result.stdout.startswith("Pushed 2 items to port 4002, all acknowledged (beta 2;")
     out, err = finish(puller)
     assert (puller.returncode, out, err) == (0, "first\nsecond\n", "")
 
@@ -233,7 +233,7 @@ def test_push_shows_progress_on_a_terminal(trio: Trio) -> None:
         if as_json:
             assert shown == "" and json.loads(out)["pushed"] == 3
         else:
-            assert out.startswith("Pushed 3 item(s) to port 4010, all acknowledged (beta 3;")
+            assert out.startswith("Pushed 3 items to port 4010, all acknowledged (beta 3;")
             assert shown.startswith("\r") and shown.endswith("\r\x1b[K"), shown
     assert stop(worker) == []  # each item was read above
 
@@ -255,7 +255,7 @@ def test_mistakes_and_timeouts(trio: Trio) -> None:
     assert_one_line_error(cli(a.home, "pull", "70000"), 2, "not in 1..65535")
     # Nothing pulls on beta 4007: the item waits, then the timeout says what became of it.
     assert_one_line_error(cli(a.home, "push", "beta", "4007", "--data", "x", "--timeout", "1"),
-                          10, "no puller on port 4007 had room", "0 item(s) pushed")
+                          10, "no puller on port 4007 had room", "0 items pushed")
     assert_one_line_error(cli(a.home, "push", "--listen", "4007", "--wait-for", "1", "--data",
                               "x", "--timeout", "1"), 10, "0 of 1 pullers linked")
     assert_one_line_error(cli(b.home, "pull", "4007", "--timeout", "1"), 10,

@@ -479,7 +479,7 @@ def test_cli_connect_fails_when_answers_never_come(daemons: tuple[DaemonHandle, 
     with serving(beta.home, "--port", "93", "--", *mute):
         result = cli(alpha.home, "mcp", "connect", "beta:93", "--drain-timeout", "1",
                      input=INITIALIZE.decode())
-    assert_one_line_error(result, 1, "1 request(s) had no answer 1 s after stdin ended")
+    assert_one_line_error(result, 1, "1 request had no answer 1 s after stdin ended")
     assert result.stdout == ""
 
 

@@ -21,7 +21,7 @@ from ..errors import ConfigError, McpSessionError
 from ..integrations.mcp import DEFAULT_MCP_PORT, McpConfig, McpServer, RemoteSession, SessionEvent
 from ..sdk import Client
 from .context import Context
-from .output import EXIT_OK, emit
+from .output import EXIT_OK, emit, plural
 from .parser import Commands, count, name_port, port, positive
 from .stdin import stdin_lines
 
@@ -136,8 +136,8 @@ async def _forward(client: Client, name: str, number: int, config: McpConfig) ->
                     await remote.all_answered()
             except TimeoutError:
                 raise McpSessionError(
-                    f"{remote.unanswered} request(s) had no answer {config.drain_timeout:g} s "
-                    "after stdin ended") from None
+                    f"{plural(remote.unanswered, 'request')} had no answer "
+                    f"{config.drain_timeout:g} s after stdin ended") from None
 
         async def downstream() -> None:
             try:

@@ -12,7 +12,17 @@ from ..ipc import IpcClient
 from ..patterns.frames import MAX_MESSAGE
 from ..transport import DEFAULT_PORT
 from .context import Context, receive_until
-from .output import EXIT_OK, Message, Reply, emit, label, message_out, ms, write_message
+from .output import (
+    EXIT_OK,
+    Message,
+    Reply,
+    emit,
+    label,
+    message_out,
+    ms,
+    plural,
+    write_message,
+)
 from .parser import Commands, add_until, port, positive
 from .stdin import stdin_lines
 
@@ -98,7 +108,8 @@ async def _connect_message(ctx: Context, client: IpcClient, to_port: int) -> int
         emit(out)
     else:
         print(f"Connected via {path}. RTT: {ms(rtt)}. Encrypted.")
-        print(f"Delivered {len(data)} bytes to {label(opened, 'peer')} port {to_port}.")
+        print(f"Delivered {plural(len(data), 'byte')} to {label(opened, 'peer')} port "
+              f"{to_port}.")
         if reply is not None:
             write_message(reply)
     return EXIT_OK
@@ -185,7 +196,8 @@ def send_cmd(ctx: Context) -> int:
         emit({k: result.get(k) for k in ("peer", "hostname", "port", "bytes", "path", "rtt")}
              | {"delivered": True})
     else:
-        print(f"Delivered {result['bytes']} bytes to {label(result, 'peer')} port {args.port} "
+        print(f"Delivered {plural(result['bytes'], 'byte')} to {label(result, 'peer')} port "
+              f"{args.port} "
               f"via {result['path']}. RTT: {ms(result.get('rtt'))}. Encrypted.")
     return EXIT_OK
 
@@ -233,7 +245,7 @@ async def _listen(ctx: Context, client: IpcClient) -> int:
     await client.request("listen", port=args.port)
     if not ctx.json and sys.stderr.isatty():
         print(f"Listening on port {args.port}" + (
-            f" for {args.count} message(s)" if args.count else "") + ".", file=sys.stderr,
+            f" for {plural(args.count, 'message')}" if args.count else "") + ".", file=sys.stderr,
             flush=True)
 
     async def receive(timeout: float | None) -> Message:

@@ -105,6 +105,11 @@ def fields(reply: Reply) -> Reply:
     return {k: v for k, v in reply.items() if k not in ("ok", "id")}
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 byte``, ``2 bytes``: a count in a sentence."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def ms(rtt: float | None) -> str:
     if rtt is None:
         return "unknown"

@@ -26,7 +26,7 @@ from ..patterns.pubsub import Overflow, Publication, PubSubConfig, Subscriber
 from ..patterns.reqrep import Replier, ReqRepConfig, Request, Requester
 from ..sdk import Client
 from .context import Context, receive_until
-from .output import EXIT_INTERRUPTED, EXIT_OK, emit, print_list
+from .output import EXIT_INTERRUPTED, EXIT_OK, emit, plural, print_list
 from .parser import Commands, add_until, count, port, positive
 
 
@@ -198,7 +198,7 @@ class _Server:
                 if self.ctx.json:
                     emit({"state": "stopped", "answered": self.answered})
                 else:
-                    print(f"Stopped after {self.answered} request(s).", file=sys.stderr,
+                    print(f"Stopped after {plural(self.answered, 'request')}.", file=sys.stderr,
                           flush=True)
         return EXIT_OK
 
@@ -336,10 +336,11 @@ def publish_cmd(ctx: Context) -> int:
     if ctx.json:
         emit({k: result[k] for k in ("port", "topic", "bytes", "subscribers", "created")})
     elif reached:
-        print(f"Published {result['bytes']} bytes on port {args.port}, topic {args.topic!r}, "
-              f"to {reached} subscriber(s).")
+        print(f"Published {plural(result['bytes'], 'byte')} on port {args.port}, topic "
+              f"{args.topic!r}, to {plural(reached, 'subscriber')}.")
     else:
-        print(f"Published {result['bytes']} bytes on port {args.port}, topic {args.topic!r}: "
+        print(f"Published {plural(result['bytes'], 'byte')} on port {args.port}, topic "
+              f"{args.topic!r}: "
               "no subscriber wants that topic now, so it reached nobody (a publication goes "
               "only to those subscribed when it is sent).")
     return EXIT_OK
@@ -380,7 +381,7 @@ async def _subscribe(ctx: Context, client: Client) -> int:
         if not ctx.json and sys.stderr.isatty():
             prefixes = ", ".join(map(repr, args.prefixes))
             print(f"Subscribed to {args.target} port {args.port} ({prefixes})"
-                  + (f" for {args.count} publication(s)" if args.count else "") + ".",
+                  + (f" for {plural(args.count, 'publication')}" if args.count else "") + ".",
                   file=sys.stderr, flush=True)
         await receive_until(subscriber.receive, lambda p: _print_publication(ctx, p),
                             count=args.count, timeout=args.timeout, what="publication",
@@ -397,7 +398,7 @@ def _print_publication(ctx: Context, publication: Publication) -> None:
     if publication.resumed:
         print("(subscribed again: what was published meanwhile was missed)", file=sys.stderr)
     if publication.missed:
-        print(f"(missed {publication.missed} publication(s): this subscriber fell behind)",
+        print(f"(missed {plural(publication.missed, 'publication')}: this subscriber fell behind)",
               file=sys.stderr)
     write_data(publication.data, publication.topic.encode("utf-8") + b" ")
 

@@ -21,7 +21,7 @@ from ..patterns.frames import MAX_PAYLOAD
 from ..patterns.pushpull import Puller, Pusher, PushPullConfig, WorkItem
 from ..sdk import Client
 from .context import Context, receive_until
-from .output import EXIT_INTERRUPTED, EXIT_OK, emit, progress
+from .output import EXIT_INTERRUPTED, EXIT_OK, emit, plural, progress
 from .parser import Commands, add_until, count, port, positive
 from .patterns import ExecConfig, data_fields, exec_argv, run_command, write_data
 from .stdin import stdin_lines
@@ -132,7 +132,7 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
                     await pusher.push(item, timeout=args.timeout)
                     tally.pushed += 1
             except PilotTimeoutError as exc:
-                raise PilotTimeoutError(f"{exc}; {tally.pushed} item(s) pushed, "
+                raise PilotTimeoutError(f"{exc}; {plural(tally.pushed, 'item')} pushed, "
                                         f"{pusher.pending} of them not acknowledged") from None
             await pusher.join(timeout=args.timeout)  # its timeout says how many were not acked
         spread = dict(pusher.acknowledged)
@@ -143,8 +143,8 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
               "redelivered": redelivered, "ms": round(elapsed_ms, 3)})
     else:
         shares = ", ".join(f"{name} {n}" for name, n in sorted(spread.items())) or "none"
-        print(f"Pushed {tally.pushed} item(s) to port {args.port}, all acknowledged ({shares}; "
-              f"{redelivered} sent again) in {elapsed_ms / 1000:.2f} s.")
+        print(f"Pushed {plural(tally.pushed, 'item')} to port {args.port}, all acknowledged "
+              f"({shares}; {redelivered} sent again) in {elapsed_ms / 1000:.2f} s.")
     return EXIT_OK
 
 
