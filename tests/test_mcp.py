@@ -445,6 +445,22 @@ async def test_a_message_on_several_lines_is_one_message(servers: Path,
                 assert json.loads(await remote.receive())["id"] == 1
 
 
+async def test_a_request_the_client_cancelled_is_not_waited_for(
+        daemons: tuple[DaemonHandle, ...]) -> None:
+    """A server need not answer a request its client cancelled (MCP's notifications/cancelled):
+    its id stayed among those waiting for the session's life, one more per request given up."""
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "93", "--", "sleep", "600"):  # answers nothing
+        async with remote_session("beta", 93, home=alpha.home) as remote:
+            await remote.send(b'{"jsonrpc": "2.0", "id": 5, "method": "tools/list"}')
+            assert remote.unanswered == 1
+            await remote.send(b'{"jsonrpc": "2.0", "method": "notifications/cancelled", '
+                              b'"params": {"requestId": 5, "reason": "timed out"}}')
+            assert remote.unanswered == 0
+            async with asyncio.timeout(1):
+                await remote.all_answered()
+
+
 def test_cli_connect_reads_a_file_or_dev_null_as_stdin(servers: Path, tmp_path: Path,
                                                        daemons: tuple[DaemonHandle, ...]) -> None:
     alpha, beta, _ = daemons

@@ -106,25 +106,17 @@ def parse_control_untrusted(data: bytes) -> tuple[Control, str] | None:
     return kind, data[2:2 + MAX_REASON_BYTES].decode("utf-8", "replace")
 
 
-def _request_id(message: bytes) -> Any:
-    """The id of a JSON-RPC request (a ``method`` and an ``id``), else None."""
+def _json_object(message: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(message)
     except ValueError:
         return None
-    if isinstance(parsed, dict) and "method" in parsed:
-        return parsed.get("id")
-    return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _response_id(message: bytes) -> Any:
-    try:
-        parsed = json.loads(message)
-    except ValueError:
-        return None
-    if isinstance(parsed, dict) and "method" not in parsed:
-        return parsed.get("id")
-    return None
+    parsed = _json_object(message)
+    return None if parsed is None or "method" in parsed else parsed.get("id")
 
 
 # -- the client side ---------------------------------------------------------------------------
@@ -215,9 +207,19 @@ class RemoteSession:
     async def send(self, message: bytes) -> None:
         """One JSON-RPC message to the server; once the session ended, a request sent is
         among :meth:`unanswered_errors`."""
-        if (request_id := _request_id(message)) is not None:
-            self._pending.add(json.dumps(request_id))
-            self._all_answered.clear()
+        parsed = _json_object(message)
+        if parsed is not None and "method" in parsed:
+            if (request_id := parsed.get("id")) is not None:
+                self._pending.add(json.dumps(request_id))
+                self._all_answered.clear()
+            elif parsed["method"] == "notifications/cancelled":
+                # A server need not answer a request its client cancelled (the MCP spec):
+                # kept, its id would wait for ever, one more per request the client gave up on.
+                params = parsed.get("params")
+                if isinstance(params, dict):
+                    self._pending.discard(json.dumps(params.get("requestId")))
+                    if not self._pending:
+                        self._all_answered.set()
         conn = self._open()
         try:
             await conn.send(message)
