@@ -290,7 +290,7 @@ class StreamHandle:
             self.session.reset_stream(self.stream_id, ResetCode.UNREAD)
             self.driver.wake()
             self.fail(PilotTimeoutError(
-                f"{self.peer_id} read nothing on this stream for {stall} s, with "
+                f"{self.peer_id} read nothing on this stream for {stall:g} s, with "
                 f"{backlog} bytes waiting for it: the stream was reset"), reset=True)
             break
         if self.error is not None:
