@@ -380,6 +380,14 @@ QUIET = "q"  # a quiet request's id is "q<sink>.<about>": its error reply names 
 _DELIVERED = bytes([COMPACT_DELIVERED])
 
 
+def _carried(reply: dict[str, Any]) -> str | None:
+    """The id of the message a successful reply hands out, if it carries one."""
+    message = reply.get("message")
+    if reply.get("ok") and isinstance(message, dict) and message.get("id") is not None:
+        return str(message["id"])
+    return None
+
+
 class IpcClient:
     """One connection to the daemon; many requests may be in flight at once. It is the
     daemon's stream socket where there is one (``stream_socket``), else a ZeroMQ DEALER.
@@ -576,9 +584,15 @@ class IpcClient:
         try:
             reply = await self._answer(cmd, future, wait, fields)
         except asyncio.CancelledError:
+            # From now on its reply is a late one, whose message _dispatch hands back.
+            self._waiting.pop(request_id, None)
             if not future.done():
                 with contextlib.suppress(Exception):
                     await self.post("cancel", request=request_id)
+            elif (message_id := _carried(future.result())) is not None:
+                # It came, and we were cancelled before taking it: back to its inbox, as a
+                # late one's (else a receive cancelled then lost its message).
+                self._requeue_later(message_id)
             raise
         finally:
             self._waiting.pop(request_id, None)
@@ -744,12 +758,9 @@ class IpcClient:
         future = self._waiting.get(request_id)  # type: ignore[arg-type]
         if future is not None and not future.done():
             future.set_result(reply)
-        elif reply.get("ok") and isinstance(message, dict):
-            # Its receiver gave up: hand the message back so the next receive gets it.
-            message_id = message.get("id")
-            if message_id is not None:
-                return str(message_id)
-        return None
+            return None
+        return _carried(reply)  # its receiver gave up: the next receive gets the message
+
 
     def _requeue_later(self, message_id: str) -> None:
         task = asyncio.create_task(self.post("requeue", message=message_id))
