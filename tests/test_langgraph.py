@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -45,7 +46,7 @@ from pilot_agents.integrations.langgraph import (
     peer_thread,
     serving_graph,
 )
-from pilot_agents.integrations.langgraph.codec import Codec
+from pilot_agents.integrations.langgraph.codec import Codec, parse
 from pilot_agents.patterns import Request, Requester, serving
 from tests.conftest import ROOT, DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
@@ -843,6 +844,19 @@ def test_values_round_trip_and_plain_json_goes_as_itself() -> None:
             assert isinstance(decoded, Command) and decoded.resume == value.resume
         else:
             assert decoded == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_values_nested_too_deep_are_refused_not_a_recursion_error() -> None:
+    """A peer's '[[[[...' crashed PilotReceive with RecursionError, uncounted; a state value
+    that contains itself raised it too, where a value that cannot go is an
+    UnserializableValueError naming its key."""
+    with pytest.raises(WireError, match="nested deeper"):
+        parse(b"[" * 100_000)
+    looped: dict[str, object] = {}
+    looped["me"] = looped
+    for value in (looped, functools.reduce(lambda inner, _: [inner], range(5000), [])):
+        with pytest.raises(UnserializableValueError, match="the state key 'k' is nested deeper"):
+            Codec().encode(value, "the state key 'k'")
 
 
 class Custom:

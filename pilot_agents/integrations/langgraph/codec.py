@@ -78,10 +78,14 @@ class Codec:
 
     def encode(self, value: object, what: str = "the value") -> Any:
         """``value`` as a JSON value; :class:`UnserializableValueError` naming ``what``."""
-        if is_json(value) and not (isinstance(value, dict) and MARK in value):
-            return value
         try:
+            if is_json(value) and not (isinstance(value, dict) and MARK in value):
+                return value
             kind, data = self._writer.dumps_typed(value)
+        except RecursionError:
+            raise UnserializableValueError(
+                f"{what} is nested deeper than Python's recursion limit, or contains itself: "
+                "put plain data in the state") from None
         except (TypeError, ValueError) as exc:
             raise UnserializableValueError(
                 f"{what} is a {type(value).__name__}, which is neither JSON nor anything "
@@ -113,7 +117,7 @@ class Codec:
             if kind not in ("null", "bytes", "bytearray"):
                 raise WireError(f"a value of unknown type {kind!r}")
             return self._reader.loads_typed((kind, _b64(value["data"])))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise WireError(f"a malformed value envelope ({type(exc).__name__}: {exc})") from None
 
 
@@ -168,9 +172,12 @@ def _is_expected(item: object, expected: tuple[type | tuple[str, ...], ...]) -> 
 
 def parse(data: bytes) -> Any:
     """A received message's bytes as JSON (envelopes left as they are), else text, else bytes:
-    a peer that is not a graph may send anything."""
+    a peer that is not a graph may send anything. :class:`WireError` for JSON nested deeper
+    than Python parses (``[[[...``: a peer's way to crash a parser that does not catch it)."""
     try:
         return json.loads(data)
+    except RecursionError:
+        raise WireError("a JSON value nested deeper than Python's recursion limit") from None
     except UnicodeDecodeError:
         return data
     except ValueError:
