@@ -358,6 +358,7 @@ SEND, DRAIN, CLOSE = bytes([ipc.DATA_SEND]), bytes([ipc.DATA_DRAIN]), bytes([ipc
 ])
 def test_bad_input_drops_the_connection_and_resets_the_stream(
         pair: Pair, data: DataSocket, bad: list[list[bytes]] | bytes) -> None:
+    """The connection is dropped; a payload over the limit is told why first ('ended')."""
     a, b = pair
     stream = connect(a, listened(b))
     assert data.attach(stream)["ok"]
@@ -366,8 +367,13 @@ def test_bad_input_drops_the_connection_and_resets_the_stream(
             data.sock.sendall(bad)
         else:
             data.write(*bad)
+    told: list[dict[str, Any]] = []
     with pytest.raises((ConnectionResetError, AssertionError)):  # reset, or closed
-        data.next()
+        while True:
+            told.append(data.answer(ipc.DATA_ENDED))
+    if bad == [[SEND, bytes(LIMIT + 1)]]:  # the one a user meets: it read as the daemon gone
+        assert told[0]["error"]["message"] == (
+            f"a payload of {LIMIT + 1} bytes, more than the daemon's limit of {LIMIT}")
     assert gone(a, stream)
     assert ipc_call(a.home, cmd="info")["ok"]
 

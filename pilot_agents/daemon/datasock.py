@@ -143,7 +143,12 @@ class DataSocket:
         except BadRequestError as exc:
             log.debug("data socket of stream %s dropped: %s", self._stream.stream_id, exc)
             self._closing = False  # a close before it counts no more: the stream is reset
-            self._transport.abort()  # connection_lost resets the stream (lost)
+            # Told why first (a payload over the limit read as "the daemon closed the data
+            # socket", as if it had stopped); the stream is reset, as for a client that dies.
+            self.end(exc)
+            self._messaging.drop_stream(self._stream, abort=True)
+            if not self._over:  # still answering a drain: it goes, untold
+                self._transport.abort()
 
     def pause_writing(self) -> None:
         self._writable.clear()
