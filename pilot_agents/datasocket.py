@@ -35,6 +35,7 @@ from .ipc import (
     PORT_CREDIT,
     PORT_MESSAGE,
     PORT_REPLY,
+    PORT_REPLY_BOUNDED,
     PORT_REPLY_CONFIRM,
     PORT_SYNC,
     PORT_SYNCED,
@@ -389,8 +390,10 @@ class PortSocket(_Attached[Way]):
             self._write_now([_NUMBERED.pack(PORT_TAKEN, self._taken_messages)])
         self._taken_messages = self._taken_bytes = 0
 
-    async def reply(self, way: Way, payload: bytes) -> None:
-        """Send ``payload`` on ``way``; raise why it can't be, once the daemon said so."""
+    async def reply(self, way: Way, payload: bytes, bounded: bool = False) -> None:
+        """Send ``payload`` on ``way``; raise why it can't be, once the daemon said so.
+        ``bounded``: the daemon resets the way's stream once its peer reads nothing of it for
+        the daemon's unread_replies_timeout (a replier's), rather than wait for it."""
         if way.error is not None:
             raise way.error
         while len(way.confirmations) >= 2:
@@ -400,10 +403,10 @@ class PortSocket(_Attached[Way]):
                 raise way.error
         way.messages += 1
         way.bytes += len(payload)
-        flags = 0
+        flags = PORT_REPLY_BOUNDED if bounded else 0
         if 2 * way.messages >= self._send_messages or 2 * way.bytes >= self._send_bytes:
             way.messages = way.bytes = 0
-            flags = PORT_REPLY_CONFIRM
+            flags |= PORT_REPLY_CONFIRM
             way.confirmations.append(asyncio.get_running_loop().create_future())
         await self._write([_REPLY.pack(PORT_REPLY, way.number, flags), payload])
 

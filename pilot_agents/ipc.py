@@ -303,6 +303,8 @@ PORT_SYNCED = 0xA4
 PORT_ARRIVED = 0xA5
 PORT_WAY_CLOSED = 0xA6  # the way's stream ended: the number is forgotten
 PORT_REPLY_CONFIRM = 0x01  # a reply's flag: answer 'confirmed' once its stream has room
+# ... and: reset the stream once its peer reads nothing for unread_replies_timeout (a replier's)
+PORT_REPLY_BOUNDED = 0x02
 
 
 def daemon_pid(home: Path) -> int | None:

@@ -146,12 +146,19 @@ class DaemonMessage(Payload):
     message_id: str | None = None  # the daemon's id for it (IPC "reply")
     _reply: ReplyFunction | None = field(default=None, repr=False)
     _since: SinceFunction | None = field(default=None, repr=False)
+    # A reply the daemon resets the stream of if its peer reads nothing of it for the daemon's
+    # unread_replies_timeout: a port's data socket has one (the ways of reaching the daemon
+    # that never wait there for room need none).
+    _bounded_reply: ReplyFunction | None = field(default=None, repr=False)
 
-    async def reply(self, data: bytes | str | Any) -> None:
-        """Send a message back on the connection this one came from."""
+    async def reply(self, data: bytes | str | Any, *, stall: float | None = None) -> None:
+        """Send a message back on the connection this one came from. ``stall``: if given, the
+        daemon waits for room at most its ``unread_replies_timeout`` for a peer that reads
+        nothing (the time is the daemon's, not this value)."""
         if self._reply is None:
             raise ConnectionClosedError("this message cannot be replied to")
-        await self._reply(encode_payload(data))
+        send = self._bounded_reply if stall is not None and self._bounded_reply else self._reply
+        await send(encode_payload(data))
 
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the stream this message came on last reached the daemon
@@ -661,6 +668,7 @@ class DaemonListener:
         return DaemonMessage(
             data=payload, sender=way.sender, port=self.port, source_port=way.source_port,
             hostname=way.hostname, _reply=functools.partial(self._socket.reply, way),
+            _bounded_reply=functools.partial(self._socket.reply, way, bounded=True),
             _since=functools.partial(self._socket.since_arrival, way))
 
     def __aiter__(self) -> AsyncIterator[DaemonMessage]:

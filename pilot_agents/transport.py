@@ -80,8 +80,11 @@ class Message(Protocol):
         """The bytes as JSON (any JSON value)."""
         ...
 
-    async def reply(self, data: object) -> None:
-        """Send ``data`` back on the stream this message came from."""
+    async def reply(self, data: object, *, stall: float | None = None) -> None:
+        """Send ``data`` back on the stream this message came from. ``stall``: seconds its
+        peer may read nothing of the stream, its bound reached, before the stream is reset and
+        :class:`PilotTimeoutError` raised (for a replier many peers share: see
+        UNREAD_REPLIES_TIMEOUT); None: wait as long as it takes."""
         ...
 
     async def since_arrival(self) -> float | None:

@@ -599,7 +599,7 @@ def test_a_third_reply_awaiting_confirmation_is_bad_input_and_not_sent(
     pytest.param(lambda way: [[reply_header(way + 1000), b"x"]], True, id="never-given-way"),
     pytest.param(lambda way: [[taken_header(2)]], True, id="taken-more-than-written"),
     pytest.param(lambda way: [[taken_header(0)]], True, id="taken-none"),
-    pytest.param(lambda way: [[reply_header(way, 0x02), b"x"]], True, id="unknown-flags"),
+    pytest.param(lambda way: [[reply_header(way, 0x04), b"x"]], True, id="unknown-flags"),
     pytest.param(lambda way: [[reply_header(way)]], True, id="reply-without-payload"),
     pytest.param(lambda way: [[SYNC + b"x"]], True, id="sync-header-too-long"),
     pytest.param(lambda way: [[taken_header(1)[:3]]], True, id="taken-header-too-short"),

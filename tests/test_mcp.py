@@ -27,6 +27,7 @@ from mcp.shared.exceptions import MCPError
 
 import pilot_agents
 from pilot_agents import Client as PilotClient
+from pilot_agents import Node
 from pilot_agents.errors import McpSessionError, McpToolError, PilotError
 from pilot_agents.integrations.mcp.remote import (
     Control,
@@ -583,3 +584,50 @@ def test_a_message_for_a_server_that_has_exited_is_dropped_not_raised() -> None:
         await server._to_server(session, b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}')
 
     pilot_agents.run(main())
+
+
+async def test_a_client_that_reads_nothing_holds_up_no_other_session(tmp_path: Path) -> None:
+    """A trusted peer's session to `cat` whose echoes it never reads ends at write_timeout;
+    its next message was answered END inline by the loop that reads every session's messages,
+    which then waited for ever on that peer's full stream: no other client was served (an
+    audit). The END goes from a task of its own, once per stream."""
+    async with (
+        Node(home=tmp_path / "s", listen="127.0.0.1:0") as s,
+        Node(home=tmp_path / "h", listen="127.0.0.1:0") as hostile,
+        Node(home=tmp_path / "g", listen="127.0.0.1:0") as good,
+    ):
+        for peer in (hostile, good):
+            s.trust(peer.node_id)
+            peer.trust(s.node_id)
+            peer.add_peer(s.node_id, s.local_endpoint)
+        server = McpServer(s, 9300, ["cat"], config=McpConfig(write_timeout=1, stop_grace=0.5,
+                                                             max_message_bytes=2**21))
+        serving = asyncio.create_task(server.serve())
+        try:
+            conn = hostile.connect(s.node_id, 9300)
+            await conn.__aenter__()
+            await conn.send(control(Control.OPEN))
+            await conn.receive(timeout=10)
+            line = b'"' + b"x" * (2**20 - 2) + b'"'
+            with contextlib.suppress(TimeoutError):  # until its stream is full both ways
+                async with asyncio.timeout(10):
+                    for _ in range(40):
+                        await conn.send(line)
+            deadline = time.monotonic() + 20
+            while server.sessions or server.stopping:  # write_timeout ended it
+                assert time.monotonic() < deadline, "the session did not end"
+                await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await conn.send(b'{"jsonrpc": "2.0", "method": "late"}')
+            await asyncio.sleep(0.5)
+            async with good.connect(s.node_id, 9300) as honest:
+                await honest.send(control(Control.OPEN))
+                assert parse_control_untrusted((await honest.receive(timeout=10)).data) == (
+                    Control.READY, "")
+                await honest.send(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}')
+                assert json.loads((await honest.receive(timeout=10)).data)["id"] == 1
+            await conn.abort()
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)

@@ -323,7 +323,7 @@ async def test_a_cancelled_replier_close_leaves_no_answer_behind() -> None:
     class StuckMessage:  # a way back that never has room
         sender, source_port = "peer", 1
 
-        async def reply(self, data: bytes) -> None:
+        async def reply(self, data: bytes, *, stall: float | None = None) -> None:
             await stuck.wait()
 
     class OneListener:

@@ -367,7 +367,7 @@ class Messaging:
 
     async def _way_room(self, way: WayBack, size: int) -> Reply:
         try:
-            await way.room(stall=self.ctx.options.unread_replies_timeout)
+            await way.room()
         except PilotError as exc:
             raise self.explain_way(exc, way) from None
         return {"bytes": size}

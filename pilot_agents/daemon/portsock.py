@@ -43,6 +43,7 @@ class _Way:
     back: WayBack
     owed: int = 0  # messages written to the client and not replied to
     confirming: int = 0  # replies whose 'confirmed' waits for the stream's room
+    bounded: bool = False  # a reply on it asked to be bounded (see _stall)
     task: asyncio.Task[None] | None = None  # the one that waits for it
 
 
@@ -200,9 +201,10 @@ class PortSocket:
         kind = header[0]
         if kind == ipc.PORT_REPLY and len(frames) == 2 and len(header) == _REPLY.size:
             _, number, flags = _REPLY.unpack(header)
-            if flags & ~ipc.PORT_REPLY_CONFIRM:
+            if flags & ~(ipc.PORT_REPLY_CONFIRM | ipc.PORT_REPLY_BOUNDED):
                 raise BadRequestError(f"a reply with unknown flags {flags:#04x}")
-            self._reply(number, flags == ipc.PORT_REPLY_CONFIRM, frames[1])
+            self._reply(number, bool(flags & ipc.PORT_REPLY_CONFIRM), frames[1],
+                        bool(flags & ipc.PORT_REPLY_BOUNDED))
         elif len(frames) != 1:
             raise BadRequestError(f"kind {kind:#04x} takes no payload frame")
         elif kind == ipc.PORT_TAKEN and len(header) == _NUMBERED.size:
@@ -229,7 +231,7 @@ class PortSocket:
             raise BadRequestError(f"way {number} was never given out on this socket")
         return self._ways.get(number)
 
-    def _reply(self, number: int, confirm: bool, payload: bytes) -> None:
+    def _reply(self, number: int, confirm: bool, payload: bytes, bounded: bool) -> None:
         limit = self._messaging.ctx.options.max_payload_bytes
         if len(payload) > limit:
             raise BadRequestError(f"a reply of {len(payload)} bytes, more than the daemon's "
@@ -239,6 +241,7 @@ class PortSocket:
             self._write_numbered(ipc.PORT_WAY_ENDED, number, ConnectionClosedError(
                 "the stream the message came on has ended (or it could not be replied to)"))
             return
+        way.bounded = way.bounded or bounded
         if confirm and way.confirming >= 2:
             # Refused before it is sent, as other bad input is: the reply must not go out
             # on a connection that is dropped for it.
@@ -266,9 +269,15 @@ class PortSocket:
         if way.task is None:
             way.task = asyncio.create_task(self._confirm(number, way))
 
+    def _stall(self, way: _Way) -> float | None:
+        """How long a way's replies wait for a peer that reads none of them: a replier's
+        (bounded replies), the daemon's unread_replies_timeout; else as long as it takes (a
+        publisher's, whose subscribers set its pace)."""
+        return self._messaging.ctx.options.unread_replies_timeout if way.bounded else None
+
     async def _wait_for_room(self, way: _Way) -> None:
         with contextlib.suppress(PilotError):  # a stream that failed holds nothing back
-            await way.back.room(stall=self._messaging.ctx.options.unread_replies_timeout)
+            await way.back.room(self._stall(way))
         self._room = None
         self._hold.release("room")
 
@@ -276,7 +285,7 @@ class PortSocket:
         """'confirmed' for each reply waiting for it, in order, as the stream has room."""
         try:
             while way.confirming:
-                await way.back.room(stall=self._messaging.ctx.options.unread_replies_timeout)
+                await way.back.room(self._stall(way))
                 way.confirming -= 1
                 self._send(_NUMBERED.pack(ipc.PORT_CONFIRMED, number))
         except PilotError as exc:

@@ -168,11 +168,14 @@ class Message(Payload):
         message that cannot be replied to)."""
         return self._stream
 
-    async def reply(self, data: bytes | str | Any) -> None:
-        """Send a message back on the connection this one came from."""
-        if self._stream is None:
+    async def reply(self, data: bytes | str | Any, *, stall: float | None = None) -> None:
+        """Send a message back on the connection this one came from (``stall``: as
+        :meth:`StreamHandle.room`'s)."""
+        stream = self._stream
+        if stream is None:
             raise ConnectionClosedError("this message cannot be replied to")
-        await self._stream.send(data)
+        if not stream.write(encode_payload(data)):
+            await stream.room(stall)
 
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the stream this message came on last arrived (None: not

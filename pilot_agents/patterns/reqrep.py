@@ -166,7 +166,7 @@ class Request(Payload):
         # The embedded transport's stream takes it without a coroutine when it has room.
         way_back = getattr(self._message, "way_back", None)
         if way_back is None:
-            await self._message.reply(frame)
+            await self._message.reply(frame, stall=UNREAD_REPLIES_TIMEOUT)
         elif not way_back.write(frame):
             await way_back.room(stall=UNREAD_REPLIES_TIMEOUT)
 

@@ -27,7 +27,14 @@ from ...errors import (
 )
 from ...patterns.frames import MAX_MESSAGE
 from ...sdk import Client
-from ...transport import CONNECT_TIMEOUT, Connection, Message, Transport, receive_unless_silent
+from ...transport import (
+    CONNECT_TIMEOUT,
+    UNREAD_REPLIES_TIMEOUT,
+    Connection,
+    Message,
+    Transport,
+    receive_unless_silent,
+)
 
 if TYPE_CHECKING:
     from mcp import ClientSession
@@ -447,6 +454,14 @@ class _Session:
         return f"{self.hostname or self.key[0][:12]}:{self.key[1]}"
 
 
+TELL_AT_STOP = 1.0  # seconds McpServer.serve waits, once stopped, for what it still tells
+
+
+async def _reply_quietly(message: Message, data: bytes) -> None:
+    with contextlib.suppress(PilotError):
+        await message.reply(data, stall=UNREAD_REPLIES_TIMEOUT)
+
+
 class McpServer:
     """Exposes the stdio MCP server ``argv`` on ``port`` of ``transport`` to its trusted peers:
     one process per remote session (environment: ours, updated with ``env``). :meth:`serve`
@@ -471,6 +486,7 @@ class McpServer:
         self._stopped = asyncio.Event()  # set (and replaced) each time a process has stopped
         self._open_tasks: set[asyncio.Task[None]] = set()
         self._end_tasks: set[asyncio.Task[None]] = set()
+        self._telling: dict[tuple[str, int], asyncio.Task[None]] = {}  # see _tell
 
     async def serve(self, listening: Callable[[], None] | None = None) -> None:
         """Serve until cancelled; ``listening`` is called once the port is listened on."""
@@ -488,6 +504,11 @@ class McpServer:
                       for s in list(self.sessions.values())]
             await asyncio.shield(asyncio.gather(*ending, *self._end_tasks,
                                                 return_exceptions=True))
+            # What is still being told (a client that reads nothing) is not waited for long.
+            if telling := list(self._telling.values()):
+                await asyncio.wait(telling, timeout=TELL_AT_STOP)
+                for task in telling:
+                    task.cancel()
 
     async def _dispatch(self, message: Message) -> None:
         key = (message.sender, message.source_port)
@@ -501,9 +522,8 @@ class McpServer:
         if session is None:
             if kind is not None and kind[0] == Control.OPEN:
                 await self._open(message)
-            elif kind is None or kind[0] != Control.END:
-                with contextlib.suppress(PilotError):  # the server restarted, or ended it
-                    await message.reply(control(Control.END, "no such MCP session (ended)"))
+            elif kind is None or kind[0] != Control.END:  # the server restarted, or ended it
+                self._tell(message, control(Control.END, "no such MCP session (ended)"))
             return
         session.way_back = message
         session.last_heard = time.monotonic()
@@ -534,8 +554,8 @@ class McpServer:
             self._open_tasks.add(task)
             task.add_done_callback(self._open_tasks.discard)
         else:
-            await self._refuse(message, f"all {limit} sessions of the MCP server are in use; "
-                               "try again later")
+            self._refuse(message, f"all {limit} sessions of the MCP server are in use; try "
+                         "again later")
 
     async def _open_when_stopped(self, message: Message) -> None:
         try:
@@ -544,19 +564,29 @@ class McpServer:
                     while self._in_use() > self.config.max_sessions:  # this one counted
                         await self._stopped.wait()
             except TimeoutError:
-                await self._refuse(message, f"all {self.config.max_sessions} sessions of the "
-                                   f"MCP server are in use ({len(self.stopping)} still "
-                                   "stopping); try again later")
+                self._refuse(message, f"all {self.config.max_sessions} sessions of the MCP "
+                             f"server are in use ({len(self.stopping)} still stopping); try "
+                             "again later")
                 return
             await self._start(message)
         finally:
             self._opening -= 1
 
-    async def _refuse(self, message: Message, reason: str) -> None:
+    def _refuse(self, message: Message, reason: str) -> None:
         self._event("refused", (message.sender, message.source_port),
                     getattr(message, "hostname", None), reason)
-        with contextlib.suppress(PilotError):
-            await message.reply(control(Control.END, reason))
+        self._tell(message, control(Control.END, reason))
+
+    def _tell(self, message: Message, data: bytes) -> None:
+        """Send ``data`` back on ``message``'s stream in a task of its own, one at a time per
+        stream: the loop that reads every session's messages must not wait on a client that
+        reads none (a reply waits at most UNREAD_REPLIES_TIMEOUT for one; then its stream is
+        reset, which tells it too)."""
+        key = (message.sender, message.source_port)
+        if key not in self._telling:
+            task = asyncio.create_task(_reply_quietly(message, data))
+            self._telling[key] = task
+            task.add_done_callback(lambda _: self._telling.pop(key, None))
 
     async def _start(self, message: Message) -> None:
         """The session's server process, and the session, told READY."""
@@ -568,7 +598,7 @@ class McpServer:
                 stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
                 limit=self.config.max_message_bytes)
         except OSError as exc:
-            await self._refuse(message, f"cannot run {self.argv[0]}: {exc.strerror or exc}")
+            self._refuse(message, f"cannot run {self.argv[0]}: {exc.strerror or exc}")
             return
         session = _Session(key, hostname, proc, message)
         self.sessions[key] = session
@@ -682,7 +712,9 @@ class McpServer:
 
     async def _reply(self, session: _Session, data: bytes) -> bool:
         try:
-            await session.way_back.reply(data)
+            # Bounded: a client that reads nothing would hold its session (and its slot of
+            # max_sessions) for ever.
+            await session.way_back.reply(data, stall=UNREAD_REPLIES_TIMEOUT)
         except PilotError as exc:
             log.info("%s: %s", session.label, exc)
             return False
@@ -705,13 +737,14 @@ class McpServer:
         self.sessions.pop(session.key, None)
         self.stopping.add(session)
         current = asyncio.current_task()
-        for task in session.tasks:
-            if task is not current:
-                task.cancel()
+        others = [task for task in session.tasks if task is not current]
+        for task in others:
+            task.cancel()
+        if tell:  # while the process stops: not after, nor holding its stop up
+            self._tell(session.way_back, control(Control.END, reason))
         try:
-            if tell:
-                with contextlib.suppress(PilotError):
-                    await session.way_back.reply(control(Control.END, reason))
+            # Ended before the stop reads what is left in the pipes they read.
+            await asyncio.gather(*others, return_exceptions=True)
             await self._stop(session.proc)
         finally:
             self.stopping.discard(session)
@@ -737,6 +770,15 @@ class McpServer:
         # The server gone, what it started in its group (a wrapper's child, a helper) would
         # outlive the session, orphaned: nothing of it may serve anyone any more.
         _kill_group(proc.pid)
+        # What it wrote and nobody read (its reader cancelled, a client that read nothing)
+        # holds its pipe, and with it the process's transport, open until garbage collected:
+        # read to the end, now that nobody writes.
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(TimeoutError, OSError):
+                    async with asyncio.timeout(grace):
+                        while await pipe.read(1 << 16):
+                            pass
 
     def _event(self, kind: str, key: tuple[str, int], hostname: str | None, reason: str = "",
                session: _Session | None = None) -> None:
