@@ -1168,7 +1168,13 @@ class Session:
                 break
             if recv.unread_bytes >= self.config.stream_delivery_window:
                 break  # its own reader's next take resumes it
-            if self._unread_bytes >= self.config.connection_delivery_window:
+            # The tunnel's window binds only a stream that holds unread messages already: one
+            # whose reader took all it was given gets its next message, so streams nobody
+            # reads (four at the stream window's 1 MiB fill the tunnel's 4 MiB) cannot stop
+            # every other stream of the tunnel. What this adds is a message per stream, whose
+            # bytes the flow-control windows bound already.
+            if (self._unread_bytes >= self.config.connection_delivery_window
+                    and recv.unread > 0):
                 if not recv.waiting:
                     recv.waiting = True
                     self._delivery_waiting.append(stream.stream_id)
