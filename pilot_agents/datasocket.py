@@ -321,6 +321,7 @@ class PortSocket(_Attached[Way]):
         self._taken_messages = 0  # since the last 'taken'
         self._taken_bytes = 0
         self._granted = False  # the window, at the first receive
+        self._bounded = False  # the daemon takes bounded replies (see attach)
 
     @classmethod
     async def attach(cls, home: Path, port: int, window_messages: int, window_bytes: int,
@@ -328,9 +329,10 @@ class PortSocket(_Attached[Way]):
                      on_failed: Callable[[PilotError], None]) -> PortSocket:
         """The port's data socket; ``on_failed`` hears of each reply that failed."""
         request = {"cmd": "port_attach", "port": port, "credit_messages": 0, "credit_bytes": 0}
-        sock, _ = await cls._open(
+        sock, reply = await cls._open(
             home, request, lambda: cls(f"port {port}", window_messages, window_bytes,
                                        send_messages, send_bytes, on_failed), send_bytes)
+        sock._bounded = reply.get("bounded_replies") is True
         return sock
 
     def _frame(self, frames: list[bytes]) -> bool:
@@ -403,7 +405,8 @@ class PortSocket(_Attached[Way]):
                 raise way.error
         way.messages += 1
         way.bytes += len(payload)
-        flags = PORT_REPLY_BOUNDED if bounded else 0
+        # (A daemon of older code knows no such flag: a reply to it is not bounded.)
+        flags = PORT_REPLY_BOUNDED if bounded and self._bounded else 0
         if 2 * way.messages >= self._send_messages or 2 * way.bytes >= self._send_bytes:
             way.messages = way.bytes = 0
             flags |= PORT_REPLY_CONFIRM

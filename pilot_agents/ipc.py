@@ -591,7 +591,8 @@ class IpcClient:
             if not future.done():
                 with contextlib.suppress(Exception):
                     await self.post("cancel", request=request_id)
-            elif (message_id := _carried(future.result())) is not None:
+            elif (not future.cancelled() and future.exception() is None
+                  and (message_id := _carried(future.result())) is not None):
                 # It came, and we were cancelled before taking it: back to its inbox, as a
                 # late one's (else a receive cancelled then lost its message).
                 self._requeue_later(message_id)

@@ -81,10 +81,12 @@ class Message(Protocol):
         ...
 
     async def reply(self, data: object, *, stall: float | None = None) -> None:
-        """Send ``data`` back on the stream this message came from. ``stall``: seconds its
-        peer may read nothing of the stream, its bound reached, before the stream is reset and
-        :class:`PilotTimeoutError` raised (for a replier many peers share: see
-        UNREAD_REPLIES_TIMEOUT); None: wait as long as it takes."""
+        """Send ``data`` back on the stream this message came from. ``stall``: bound the wait
+        for a peer that reads nothing of the stream, its bound reached: after ``stall``
+        seconds embedded, after the daemon's ``unread_replies_timeout`` on a port's data socket
+        (the SDK's listeners), the stream is reset and the reply fails (for a replier many
+        peers share: see UNREAD_REPLIES_TIMEOUT). None, or another way of reaching a daemon:
+        wait as long as it takes."""
         ...
 
     async def since_arrival(self) -> float | None:

@@ -100,12 +100,14 @@ class PortSocket(FramedSocket):
 
     def assert_dropped(self) -> None:
         """The daemon drops the connection: reset, or closed (after a 'closed' if the client
-        sent 'close' first)."""
+        sent 'close' first, an 'ended' saying why if it sent what is refused)."""
         assert self._messages == []
         with contextlib.suppress(ConnectionResetError):
             while data := self.sock.recv(1 << 20):
-                assert all(m == [bytes([ipc.DATA_CLOSED]) + b'{"ok":true}']
-                           for m in self._reader.feed(data)), data
+                for m in self._reader.feed(data):
+                    assert m == [bytes([ipc.DATA_CLOSED]) + b'{"ok":true}'] or (
+                        m[0][0] == ipc.DATA_ENDED
+                        and json.loads(m[0][1:])["error"]["type"] == "BadRequestError"), m
 
     def assert_quiet(self) -> None:
         """Nothing more comes (for QUIET seconds)."""
@@ -187,7 +189,7 @@ def test_messages_come_by_way_with_who_sent_them_on_a_ways_first(pair: Pair,
                                                                  sock: PortSocket) -> None:
     a, _ = pair
     port = new_port()
-    assert sock.attach(port) == {"ok": True, "id": 1, "port": port}
+    assert sock.attach(port) == {"ok": True, "id": 1, "port": port, "bounded_replies": True}
     ask(a, port, "one", "two")
     way, meta, data = sock.message()
     assert data == b"one" and way > 0

@@ -5,15 +5,17 @@ connection it has no local port for instead of spinning (item 4)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any, cast
 
 import pytest
 
@@ -21,7 +23,7 @@ from pilot_agents import Node
 from pilot_agents.errors import PilotTimeoutError, TooManyConnectionsError
 from pilot_agents.net.tunnel import events
 from pilot_agents.net.tunnel.config import SessionConfig
-from pilot_agents.node.connection import Connection, Mailbox, Message
+from pilot_agents.node.connection import SEND_HIGH_WATER, Connection, Mailbox, Message, StreamHandle
 from pilot_agents.node.node import EPHEMERAL_PORTS
 from tests.test_node import trusted_pair
 
@@ -204,3 +206,68 @@ async def test_messages_larger_than_the_stream_window_on_many_streams_all_arrive
             got = sorted([(await listener.receive(timeout=30)).data[0] for _ in range(12)])
             await sending
     assert got == list(range(12))
+
+
+async def test_streams_nobody_reads_do_not_stop_the_tunnel_s_other_streams(
+        tmp_path: Path) -> None:
+    """Messages handed to the application and not taken count against the tunnel's delivery
+    window (4 MiB) as well as their stream's (1 MiB): four streams nobody reads filled it, and
+    no other stream of the tunnel was handed a message again (an audit: a subscriber that reads
+    got 0 of 20 publications). A stream whose reader took all it was given gets its next."""
+    async with trusted_pair(tmp_path) as (a, b):
+        unread = [b.listen(port) for port in range(7301, 7305)]  # listened on, never read
+        stuck = []
+        for port in range(7301, 7305):
+            conn = a.connect(b.node_id, port)
+            await conn.__aenter__()
+            stuck.append(conn)
+            for _ in range(3):
+                await conn.send(b"x" * MiB)
+        await asyncio.sleep(1)  # in, and handed out up to the windows
+        async with b.listen(7300) as listener, a.connect(b.node_id, 7300) as reading:
+            for i in range(20):
+                await reading.send(f"small {i}")
+            got = [(await listener.receive(timeout=5)).data for _ in range(20)]
+            assert got == [f"small {i}".encode() for i in range(20)]
+        for conn in stuck:
+            await conn.abort()
+        for quiet in unread:
+            await quiet.close()
+
+
+async def test_a_reply_stall_is_measured_by_what_the_peer_takes() -> None:
+    """room(stall) judged a stalled reader by the bytes waiting for it, which other writers on
+    the stream (serve()'s handlers answering one requester) raise meanwhile: a requester that
+    read 1 MiB while 2 MiB more were written was reset as one that read nothing. One layer: a
+    stand-in for the session."""
+    class Session:
+        written, acked, resets, peer = SEND_HIGH_WATER + 2 * MiB, 0, 0, bytes(32)
+
+        def stream_written(self, _: int) -> int:
+            return self.written
+
+        def stream_buffered(self, _: int) -> int:
+            return self.written - self.acked
+
+        def reset_stream(self, _: int, code: int) -> None:
+            self.resets += 1
+
+    class Driver:
+        windows = 0
+
+        async def wait_until(self, has_room: Callable[[], bool], timeout: float | None) -> None:
+            self.windows += 1
+            session.acked += MiB  # the reader took 1 MiB in this stall window...
+            session.written += 0 if self.windows > 3 else 2 * MiB  # ...while 2 more came
+            if not has_room():
+                raise PilotTimeoutError("stall")
+
+        def wake(self) -> None: ...
+
+        def progress_made(self) -> None: ...
+
+    session = Session()
+    handle = StreamHandle(cast(Any, Driver()), cast(Any, session), 1, 1, 1)
+    with contextlib.suppress(PilotTimeoutError):
+        await handle.room(stall=30)  # the reader kept taking: room came
+    assert session.resets == 0

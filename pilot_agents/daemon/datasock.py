@@ -67,7 +67,9 @@ class DataSockets:
             state = messaging.listen_to_read(request.port)
             port_socket = PortSocket(messaging, state, transport, request.credit_messages,
                                      request.credit_bytes)
-            return {"ok": True, "port": request.port}, port_socket
+            # bounded_replies: it takes the reply flag PORT_REPLY_BOUNDED (a client asks, and
+            # sends it only then: a daemon of older code drops a socket that sends it).
+            return {"ok": True, "port": request.port, "bounded_replies": True}, port_socket
         stream = messaging.attachable(request.stream)
         reply: Reply = {"ok": True, "port": stream.conn.local_port, "source_port": stream.port,
                         "peer": stream.peer, "hostname": stream.hostname}

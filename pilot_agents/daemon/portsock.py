@@ -102,7 +102,11 @@ class PortSocket:
             self._hold.check_unread()  # syncs and arrivals it does not read the answers of
         except BadRequestError as exc:
             log.debug("data socket of port %d dropped: %s", self._state.port, exc)
-            self._transport.abort()  # connection_lost: as a client that died
+            # Told why ('ended'; a reply over the limit read as the daemon gone), then as a
+            # client that died: the streams it owed replies to are reset.
+            self._write(ipc.DATA_ENDED, ipc.error_reply(exc))
+            self.lost()
+            self._hang_up()
 
     def end(self, error: PilotError) -> None:
         """The port closed (the daemon is stopping, or its last listen was undone): ``ended``,

@@ -284,21 +284,27 @@ class StreamHandle:
             return (self.error is not None
                     or self.session.stream_buffered(self.stream_id) < SEND_HIGH_WATER)
 
-        backlog = self.session.stream_buffered(self.stream_id)
+        taken = self._taken()
         while not await self._room_within(has_room, stall):
-            now = self.session.stream_buffered(self.stream_id)
-            if now < backlog:  # slow, but reading
-                backlog = now
+            if self._taken() > taken:  # slow, but reading (what others write meanwhile
+                taken = self._taken()  # adds to what waits: progress is what it took)
                 continue
+            waiting = self.session.stream_buffered(self.stream_id)
             self.session.reset_stream(self.stream_id, ResetCode.UNREAD)
             self.driver.wake()
             self.fail(PilotTimeoutError(
                 f"{self.peer_id} read nothing on this stream for {stall:g} s, with "
-                f"{backlog} bytes waiting for it: the stream was reset"), reset=True)
+                f"{waiting} bytes waiting for it: the stream was reset"), reset=True)
             break
         if self.error is not None:
             raise self.error
         self.overshoot = 0  # it had room
+
+    def _taken(self) -> int:
+        """Bytes of the stream the peer acknowledged: with flow control tied to its reader's
+        taking, what moves this moves only as the reader takes."""
+        session, stream_id = self.session, self.stream_id
+        return session.stream_written(stream_id) - session.stream_buffered(stream_id)
 
     async def _room_within(self, has_room: Callable[[], bool], seconds: float | None) -> bool:
         try:

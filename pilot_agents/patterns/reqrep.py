@@ -298,6 +298,11 @@ class _Deadline:
     expired: bool = False
 
 
+# The longest a stream's opening waits, whatever the request's timeout (a daemon refuses a
+# timeout past a week).
+MAX_CONNECT_WAIT = 86400.0
+
+
 def _no_replier(peer: str, port: int, closed: PortClosedError) -> PortClosedError:
     """What is missing there is a replier: the transport's own words suggest a listener."""
     return PortClosedError(f"{peer} has no replier on port {port} (start one there: serve() or "
@@ -524,7 +529,8 @@ class Requester:
                     return stream
                 # (A second past it: the request's own deadline ends the wait, with its
                 # own words.)
-                conn = self._transport.connect(peer, port, max(deadline - loop.time(), 0.0) + 1)
+                wait = min(max(deadline - loop.time(), 0.0) + 1, MAX_CONNECT_WAIT)
+                conn = self._transport.connect(peer, port, wait)
                 await conn.__aenter__()
                 if self._closes != closes:  # close() came meanwhile: no stream of ours
                     with contextlib.suppress(PilotError):

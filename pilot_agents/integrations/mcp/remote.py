@@ -116,7 +116,7 @@ def parse_control_untrusted(data: bytes) -> tuple[Control, str] | None:
 def _json_object(message: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # ('[[[[...' from a peer: not one of ours)
         return None
     return parsed if isinstance(parsed, dict) else None
 
@@ -509,6 +509,7 @@ class McpServer:
                 await asyncio.wait(telling, timeout=TELL_AT_STOP)
                 for task in telling:
                     task.cancel()
+                await asyncio.gather(*telling, return_exceptions=True)
 
     async def _dispatch(self, message: Message) -> None:
         key = (message.sender, message.source_port)
