@@ -27,7 +27,6 @@ from mcp.shared.exceptions import MCPError
 
 import pilot_agents
 from pilot_agents import Client as PilotClient
-from pilot_agents import Node
 from pilot_agents.errors import McpSessionError, McpToolError, PilotError
 from pilot_agents.integrations.mcp.remote import (
     Control,
@@ -52,6 +51,7 @@ from tests.conftest import (
     stop_daemons,
 )
 from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
+from tests.test_node import server_and_two_clients
 from tests.transport_pairs import kind_fixture, over_slow_link  # noqa: F401
 
 INITIALIZE = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
@@ -591,15 +591,7 @@ async def test_a_client_that_reads_nothing_holds_up_no_other_session(tmp_path: P
     its next message was answered END inline by the loop that reads every session's messages,
     which then waited for ever on that peer's full stream: no other client was served (an
     audit). The END goes from a task of its own, once per stream."""
-    async with (
-        Node(home=tmp_path / "s", listen="127.0.0.1:0") as s,
-        Node(home=tmp_path / "h", listen="127.0.0.1:0") as hostile,
-        Node(home=tmp_path / "g", listen="127.0.0.1:0") as good,
-    ):
-        for peer in (hostile, good):
-            s.trust(peer.node_id)
-            peer.trust(s.node_id)
-            peer.add_peer(s.node_id, s.local_endpoint)
+    async with server_and_two_clients(tmp_path) as (s, hostile, good):
         server = McpServer(s, 9300, ["cat"], config=McpConfig(write_timeout=1, stop_grace=0.5,
                                                              max_message_bytes=2**21))
         serving = asyncio.create_task(server.serve())

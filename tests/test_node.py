@@ -42,6 +42,22 @@ async def trusted_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
         yield a, b
 
 
+@contextlib.asynccontextmanager
+async def server_and_two_clients(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """Three nodes on 127.0.0.1: a server, and two clients that trust it (and it them) and
+    know where it is: a hostile one and a good one, for tests of one holding up the other."""
+    async with (
+        Node(home=tmp_path / "s", listen="127.0.0.1:0") as server,
+        Node(home=tmp_path / "h", listen="127.0.0.1:0") as hostile,
+        Node(home=tmp_path / "g", listen="127.0.0.1:0") as good,
+    ):
+        for peer in (hostile, good):
+            server.trust(peer.node_id)
+            peer.trust(server.node_id)
+            peer.add_peer(server.node_id, server.local_endpoint)
+        yield server, hostile, good
+
+
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     async with trusted_pair(tmp_path) as nodes:

@@ -25,6 +25,7 @@ from pilot_agents.patterns.frames import MAX_MESSAGE, Kind, encode_frame, parse_
 from pilot_agents.patterns.reqrep import Reply
 from tests.conftest import stop_daemons
 from tests.datasock_helpers import started
+from tests.test_node import server_and_two_clients
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
 
 log = logging.getLogger("tests.reqrep")
@@ -599,15 +600,7 @@ async def test_a_requester_that_reads_no_replies_cannot_hold_the_replier(
     answered. Now the stream is reset once its peer has read nothing of it for
     UNREAD_REPLIES_TIMEOUT (1 s here), and the replier goes on."""
     monkeypatch.setattr(reqrep, "UNREAD_REPLIES_TIMEOUT", 1.0, raising=False)
-    async with (
-        Node(home=tmp_path / "s", listen="127.0.0.1:0") as server,
-        Node(home=tmp_path / "h", listen="127.0.0.1:0") as hostile,
-        Node(home=tmp_path / "g", listen="127.0.0.1:0") as good,
-    ):
-        for peer in (hostile, good):
-            server.trust(peer.node_id)
-            peer.trust(server.node_id)
-            peer.add_peer(server.node_id, server.local_endpoint)
+    async with server_and_two_clients(tmp_path) as (server, hostile, good):
 
         async def big_echo(request: Request) -> object:
             return request.data
