@@ -612,6 +612,7 @@ async def test_a_client_that_reads_nothing_holds_up_no_other_session(tmp_path: P
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await conn.send(b'{"jsonrpc": "2.0", "method": "late"}')
+                    await conn.send(control(Control.OPEN))  # READY would wait on it, too
             await asyncio.sleep(0.5)
             async with good.connect(s.node_id, 9300) as honest:
                 await honest.send(control(Control.OPEN))

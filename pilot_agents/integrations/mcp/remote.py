@@ -603,11 +603,17 @@ class McpServer:
             return
         session = _Session(key, hostname, proc, message)
         self.sessions[key] = session
-        session.tasks = [asyncio.create_task(self._from_server(session)),
+        # READY from a task of the session's own, the first (so the first thing written on
+        # its stream): not in the loop that reads every session's messages, which an OPEN
+        # again on a stream full of unread replies held for UNREAD_REPLIES_TIMEOUT each time.
+        session.tasks = [asyncio.create_task(self._ready(session)),
+                         asyncio.create_task(self._from_server(session)),
                          asyncio.create_task(self._read_stderr(session)),
                          asyncio.create_task(self._watch(session)),
                          asyncio.create_task(self._reap(session))]
         self._event("open", key, hostname)
+
+    async def _ready(self, session: _Session) -> None:
         if not await self._reply(session, control(Control.READY)):
             self._end_soon(session, "the client went away", tell=False)
 
