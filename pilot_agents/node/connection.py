@@ -171,11 +171,9 @@ class Message(Payload):
     async def reply(self, data: bytes | str | Any, *, stall: float | None = None) -> None:
         """Send a message back on the connection this one came from (``stall``: as
         :meth:`StreamHandle.room`'s)."""
-        stream = self._stream
-        if stream is None:
+        if self._stream is None:
             raise ConnectionClosedError("this message cannot be replied to")
-        if not stream.write(encode_payload(data)):
-            await stream.room(stall)
+        await self._stream.send(data, stall)
 
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the stream this message came on last arrived (None: not
@@ -245,9 +243,9 @@ class StreamHandle:
         """The peer finished sending: receives raise once the inbox is empty; sends go on."""
         self.inbox.put(ConnectionClosedError("the peer closed the connection"))
 
-    async def send(self, data: bytes | str | Any) -> None:
+    async def send(self, data: bytes | str | Any, stall: float | None = None) -> None:
         if not self.write(encode_payload(data)):
-            await self.room()
+            await self.room(stall)
 
     def write(self, payload: bytes) -> bool:
         """Queue a message without waiting (it leaves at once on an idle stream); False if
