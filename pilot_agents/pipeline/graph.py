@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import reprlib
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,9 @@ def merge(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[
 
 State = Annotated[dict[str, Any], merge]
 """An agent's state: an open dict, so steps need not declare the keys they write."""
+
+_PREVIEW = reprlib.Repr()  # a value in an error message: a glimpse, not the whole of it
+_PREVIEW.maxstring = _PREVIEW.maxother = 60
 
 
 def resolve(dotted: str, folder: Path) -> Any:
@@ -86,7 +90,7 @@ def python_node(step: PythonStep, folder: Path, node: str) -> Any:
         if result is None or isinstance(result, Mapping | Command):
             return result
         raise PipelineError(f"step {node}: {step.python} returned {type(result).__name__} "
-                            f"{_preview(result)}, where a step returns a dict of the state's "
+                            f"{_PREVIEW.repr(result)}, where a step returns a dict of the state's "
                             "keys to set (or None)")
 
     # (**kwargs: what LangGraph passes a function that asks for it, config say, by the
@@ -100,11 +104,6 @@ def python_node(step: PythonStep, folder: Path, node: str) -> Any:
     def call(state: dict[str, Any], **kwargs: Any) -> Any:
         return updates(target(state, **step.args, **kwargs))
     return functools.update_wrapper(call, target)
-
-
-def _preview(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def step_node(pipeline: Pipeline, name: str, index: int, folder: Path,
