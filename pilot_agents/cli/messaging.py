@@ -197,8 +197,7 @@ def send_cmd(ctx: Context) -> int:
              | {"delivered": True})
     else:
         print(f"Delivered {plural(result['bytes'], 'byte')} to {label(result, 'peer')} port "
-              f"{args.port} "
-              f"via {result['path']}. RTT: {ms(result.get('rtt'))}. Encrypted.")
+              f"{args.port} via {result['path']}. RTT: {ms(result.get('rtt'))}. Encrypted.")
     return EXIT_OK
 
 
