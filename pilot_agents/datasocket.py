@@ -48,6 +48,7 @@ from .ipc import (
     pack_frames,
     stream_socket_path,
 )
+from .transport import Hangups
 
 T = TypeVar("T")  # what a message comes with: nothing on a stream's socket, a port's way
 S = TypeVar("S", bound="_Attached[Any]")
@@ -299,6 +300,9 @@ class Way:
     bytes: int = 0
     confirmations: collections.deque[asyncio.Future[None]] = field(
         default_factory=collections.deque)
+    # Its messages' on_hangup callbacks: called when the daemon says the way ended (or the
+    # socket does), so a replier stops work whose requester went away.
+    hangups: Hangups = field(default_factory=Hangups)
 
 
 class PortSocket(_Attached[Way]):
@@ -363,6 +367,7 @@ class PortSocket(_Attached[Way]):
                     if not waiting.done():
                         waiting.set_result(None)
                 del self.ways[number]
+                way.hangups.hang_up()
             # A reply failed (perhaps one sent before the way's close came): the application
             # hears. A way that closed with no reply failing is no failure.
             if kind == PORT_WAY_ENDED:
@@ -372,6 +377,11 @@ class PortSocket(_Attached[Way]):
             way.confirmations.popleft().set_result(None)
             return True
         return False
+
+    def _end(self, error: PilotError) -> None:
+        super()._end(error)
+        for way in self.ways.values():  # no reply can go now
+            way.hangups.hang_up()
 
     async def receive(self, timeout: float | None) -> tuple[Way, bytes]:
         if not self._granted:

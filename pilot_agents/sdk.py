@@ -60,6 +60,7 @@ from .transport import (
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     Connection,
+    Hangups,
     Listener,
     Message,
     Payload,
@@ -150,6 +151,8 @@ class DaemonMessage(Payload):
     # unread_replies_timeout: a port's data socket has one (the ways of reaching the daemon
     # that never wait there for room need none).
     _bounded_reply: ReplyFunction | None = field(default=None, repr=False)
+    # Its stream's hang-ups, which only a port's data socket hears of.
+    _hangups: Hangups | None = field(default=None, repr=False)
 
     async def reply(self, data: bytes | str | Any, *, stall: float | None = None) -> None:
         """Send a message back on the connection this one came from. ``stall``: if given, the
@@ -164,6 +167,12 @@ class DaemonMessage(Payload):
         """Seconds since bytes of the stream this message came on last reached the daemon
         (None: not known), whole messages or not."""
         return None if self._since is None else await self._since()
+
+    def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object] | None:
+        """Call ``callback`` once the daemon says the stream this message came on can carry
+        no reply, at once if it has; returns what undoes this. None: not on a listener's data
+        socket, the one way that is told."""
+        return None if self._hangups is None else self._hangups.add(callback)
 
 
 def _message(fields: dict[str, Any], reply: ReplyFunction, client: Client) -> DaemonMessage:
@@ -669,7 +678,7 @@ class DaemonListener:
             data=payload, sender=way.sender, port=self.port, source_port=way.source_port,
             hostname=way.hostname, _reply=functools.partial(self._socket.reply, way),
             _bounded_reply=functools.partial(self._socket.reply, way, bounded=True),
-            _since=functools.partial(self._socket.since_arrival, way))
+            _since=functools.partial(self._socket.since_arrival, way), _hangups=way.hangups)
 
     def __aiter__(self) -> AsyncIterator[DaemonMessage]:
         return self._iterate()

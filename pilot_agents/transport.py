@@ -20,12 +20,16 @@ import it, :mod:`pilot_agents.errors` and the SDK, and nothing else.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 from .errors import ConfigError, PilotTimeoutError
+
+log = logging.getLogger("pilot_agents")
 
 DEFAULT_PORT = 1001  # the port `connect`, `send` and the daemon's inbox use unless told
 DEFAULT_TIMEOUT = 30.0  # seconds, for every receive without an explicit timeout
@@ -93,6 +97,47 @@ class Message(Protocol):
         """As :meth:`Connection.since_arrival`, for the stream this message came on (None:
         not known): how a listener tells a peer sending a long message from a silent one."""
         ...
+
+    def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object] | None:
+        """Call ``callback`` once the stream this message came on can no longer carry a reply
+        (its sender reset it, died or closed it, or its tunnel closed), at once if it already
+        cannot: a replier stops work nobody will read. Returns what undoes this, or None if
+        this message's transport cannot tell: through a daemon only a listener's data socket
+        hears of it (the SDK's listeners, by default)."""
+        ...
+
+
+def _nothing_to_undo() -> None:
+    pass
+
+
+class Hangups:
+    """The callbacks :meth:`Message.on_hangup` registered for one stream, until it hangs up."""
+
+    __slots__ = ("_callbacks", "gone")
+
+    def __init__(self, gone: bool = False) -> None:
+        self._callbacks: dict[object, Callable[[], object]] = {}
+        self.gone = gone
+
+    def add(self, callback: Callable[[], object]) -> Callable[[], object]:
+        if self.gone:
+            callback()
+            return _nothing_to_undo
+        token = object()
+        self._callbacks[token] = callback
+        return functools.partial(self._callbacks.pop, token, None)
+
+    def hang_up(self) -> None:
+        """Call each callback, once: the stream can no longer carry a reply."""
+        self.gone = True
+        callbacks = list(self._callbacks.values())
+        self._callbacks.clear()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one callback's bug must not keep the others from being told
+                log.exception("a hang-up callback raised")
 
 
 class Connection(Protocol):

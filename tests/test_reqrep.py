@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,7 +28,7 @@ from pilot_agents.errors import (
 from pilot_agents.patterns import Replier, ReqRepConfig, Request, Requester, reqrep, serving
 from pilot_agents.patterns.frames import MAX_MESSAGE, Kind, encode_frame, parse_frame_untrusted
 from pilot_agents.patterns.reqrep import Reply
-from tests.conftest import stop_daemons
+from tests.conftest import DaemonHandle, stop_daemons
 from tests.datasock_helpers import started
 from tests.test_node import server_and_two_clients
 from tests.transport_pairs import Pair, kind_fixture, pair_fixture  # noqa: F401 (fixtures)
@@ -33,6 +38,25 @@ log = logging.getLogger("tests.reqrep")
 
 async def echo(request: Request) -> object:
     return {"echo": request.json(), "from": request.sender}
+
+
+def slow_until_cancelled() -> tuple[Callable[[Request], Awaitable[object]], asyncio.Event,
+                                    asyncio.Event]:
+    """A handler that echoes, except a request of b"slow", which runs until cancelled; and
+    the events it sets then: started, cancelled."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Request) -> object:
+        if request.data == b"slow":
+            started.set()
+            try:
+                await asyncio.sleep(300)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return request.data
+
+    return handler, started, cancelled
 
 
 async def test_a_request_gets_its_reply(pair: Pair) -> None:
@@ -398,17 +422,7 @@ async def test_a_request_its_requester_gave_up_on_is_cancelled_at_the_replier(
     """A timed-out request (a long model call, say) ran on at the replier, holding one of its
     handler slots with nobody to read the answer. The requester's CANCEL now stops it, also
     when every handler slot is busy (one here), and the slot serves the next request."""
-    cancelled = asyncio.Event()
-
-    async def handler(request: Request) -> object:
-        if request.data == b"slow":
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-        return request.data
-
+    handler, _, cancelled = slow_until_cancelled()
     config = ReqRepConfig(handler_concurrency=1)
     async with (
         serving(pair.server.transport, 7020, handler, config) as replier,
@@ -423,23 +437,13 @@ async def test_a_request_its_requester_gave_up_on_is_cancelled_at_the_replier(
 
 
 async def test_a_cancelled_request_task_cancels_the_handler_too(pair: Pair) -> None:
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: Request) -> object:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return b""
-
+    handler, started, cancelled = slow_until_cancelled()
     async with (
         serving(pair.server.transport, 7021, handler),
         Requester(pair.client.transport) as requester,
     ):
         asking = asyncio.create_task(
-            requester.request(pair.server_name, 7021, b"x", timeout=60))
+            requester.request(pair.server_name, 7021, b"slow", timeout=60))
         await asyncio.wait_for(started.wait(), 10)
         asking.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -695,3 +699,58 @@ async def test_a_request_waits_its_own_timeout_for_a_replier_that_comes_up(
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
+
+
+async def test_a_requester_that_goes_away_without_a_cancel_stops_its_handler(
+        pair: Pair) -> None:
+    """A requester killed mid-request (or whose tunnel closed) sends no CANCEL: its handler (a
+    long model call, say) ran on to its end for nobody, holding a handler slot. Its stream's
+    end now says the same as a CANCEL: the handler is cancelled and the slot serves the next."""
+    handler, started, cancelled = slow_until_cancelled()
+    async with (
+        serving(pair.server.transport, 7023, handler, ReqRepConfig(handler_concurrency=1))
+        as replier,
+        Requester(pair.client.transport) as requester,
+    ):
+        # A requester's own stream, reset with the request unanswered and no CANCEL sent:
+        # what its node does to the streams of a process that died.
+        conn = pair.client.transport.connect(pair.server_name, 7023)
+        await conn.__aenter__()
+        await conn.send(encode_frame(Kind.REQUEST, 1, b"slow"))
+        await asyncio.wait_for(started.wait(), 10)
+        await conn.abort()
+        await asyncio.wait_for(cancelled.wait(), 10)
+        reply = await requester.request(pair.server_name, 7023, b"next", timeout=10)
+        assert reply.data == b"next"
+        assert replier.cancelled == 1
+
+
+KILLED_REQUESTER = textwrap.dedent("""
+    import asyncio, sys
+    import pilot_agents.sdk as pilot
+    from pilot_agents.patterns import Requester
+
+    async def main() -> None:
+        async with pilot.Client(sys.argv[1]) as client, Requester(client) as requester:
+            await requester.request("beta", 7024, b"slow", timeout=300)
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_killed_requester_process_stops_its_handler_through_daemons(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle]) -> None:
+    """The case above as it happens: the requesting process is killed (SIGKILL) while its
+    request runs. Its daemon resets the streams it held, and the replier's handler stops."""
+    a, b = daemon_pair
+    handler, started, cancelled = slow_until_cancelled()
+    async with Client(b.home) as replying, serving(replying, 7024, handler) as replier:
+        child = subprocess.Popen([sys.executable, "-c", KILLED_REQUESTER, str(a.home)],
+                                 start_new_session=True)
+        try:
+            await asyncio.wait_for(started.wait(), 30)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        await asyncio.wait_for(cancelled.wait(), 10)
+        assert replier.cancelled == 1

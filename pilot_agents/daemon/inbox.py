@@ -238,6 +238,8 @@ class WayBack(Protocol):
 
     def since_arrival(self) -> float | None: ...  # seconds since the peer's bytes last came
 
+    def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object]: ...
+
 
 class ReplyPaths:
     """How to reply to a handed-out message: the way back of the stream it came on, one entry

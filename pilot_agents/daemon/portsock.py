@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import ipc
@@ -45,6 +47,7 @@ class _Way:
     confirming: int = 0  # replies whose 'confirmed' waits for the stream's room
     bounded: bool = False  # a reply on it asked to be bounded (see _stall)
     task: asyncio.Task[None] | None = None  # the one that waits for it
+    unhook: Callable[[], object] | None = None  # undoes its on_hangup
 
 
 class PortSocket:
@@ -173,6 +176,7 @@ class PortSocket:
         self._written_bytes += len(message.data)
         back = message.way_back
         number = None if back is None else self._numbers.get(back)
+        new_way = None
         if number is not None:
             self._ways[number].owed += 1
             header = _NUMBERED.pack(ipc.PORT_MESSAGE, number)
@@ -183,7 +187,7 @@ class PortSocket:
             number = self._issued
             if back is not None:
                 self._numbers[back] = number
-                self._ways[number] = _Way(back, owed=1)
+                self._ways[number] = new_way = _Way(back, owed=1)
                 if len(self._ways) > self._pruned_at + _PRUNE_SLACK:
                     self._prune()
             sender = message.sender
@@ -191,6 +195,16 @@ class PortSocket:
                     "source_port": message.source_port}
             header = _NUMBERED.pack(ipc.PORT_MESSAGE, number) + ipc.compact_json(meta)
         self._transport.writelines(ipc.pack_frames([header, message.data]))
+        if new_way is not None:  # after its message: the client knows the way it closes
+            new_way.unhook = new_way.back.on_hangup(functools.partial(self._way_over, number))
+
+    def _way_over(self, number: int) -> None:
+        """The way's stream can carry no more replies: the client hears at once (a replier
+        stops work nobody will read). One waiting for room hears from that wait instead,
+        which tells the client why its reply failed."""
+        way = self._ways.get(number)
+        if way is not None and way.task is None:
+            self._forget(number, ipc.PORT_WAY_CLOSED, _ended(way.back))
 
     def _prune(self) -> None:
         for number, way in list(self._ways.items()):
@@ -337,6 +351,8 @@ class PortSocket:
         way = self._ways.pop(number, None)
         if way is not None:
             self._numbers.pop(way.back, None)
+            if way.unhook is not None:
+                way.unhook()
             if way.task is not None and way.task is not asyncio.current_task():
                 way.task.cancel()
         self._write_numbered(kind, number, error)
@@ -365,6 +381,9 @@ class PortSocket:
         for task in [self._forwarding, self._room, *(w.task for w in self._ways.values())]:
             if task is not None and task is not current:
                 task.cancel()
+        for way in self._ways.values():
+            if way.unhook is not None:
+                way.unhook()
         messaging, state = self._messaging, self._state
         if messaging.ports.get(state.port) is state:  # not closed (and listened on anew)
             messaging.release_port(state)

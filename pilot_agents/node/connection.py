@@ -27,7 +27,7 @@ from ..identity import node_id_from_key
 from ..net.tunnel.codes import CloseCode, ResetCode
 from ..net.tunnel.session import Session
 from ..net.tunnel.streams import MESSAGE_HEADER_SIZE
-from ..transport import DEFAULT_TIMEOUT, Payload, encode_payload
+from ..transport import DEFAULT_TIMEOUT, Hangups, Payload, encode_payload
 from .driver import Driver
 
 SEND_HIGH_WATER = 8 * 1024 * 1024  # bytes unacknowledged on a stream before send() waits
@@ -180,6 +180,13 @@ class Message(Payload):
         known), whole messages or not."""
         return None if self._stream is None else self._stream.since_arrival()
 
+    def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object]:
+        """Call ``callback`` once the stream this message came on can carry no reply (it
+        failed or ended), at once if it already cannot; returns what undoes this."""
+        if self._stream is None:
+            return Hangups(gone=True).add(callback)
+        return self._stream.on_hangup(callback)
+
 
 class StreamHandle:
     """Our side of one stream: its inbox and the way back into the session."""
@@ -197,7 +204,8 @@ class StreamHandle:
         self.inbox: Mailbox[Message | PilotError] = Mailbox()
         self.error: PilotError | None = None
         self.reset = False
-        self.ended = False  # the node forgot it: nothing more can be sent
+        self.ended = False  # the node forgot it (see forgotten): nothing more can be sent
+        self._hangups: Hangups | None = None  # created by the first on_hangup
         # Bytes written past the stream's bound since it last had room (at a write, or when
         # room() returned): what writers that do not wait for room() have added past it (a
         # daemon bounds its clients by this).
@@ -228,7 +236,22 @@ class StreamHandle:
         if self.error is None:
             self.error = error
             self.inbox.put(error)
+            if self._hangups is not None:
+                self._hangups.hang_up()
         self.driver.progress_made()
+
+    def forgotten(self) -> None:
+        """The node forgot the stream (it ended or failed): nothing more can be sent on it."""
+        self.ended = True
+        if self._hangups is not None:
+            self._hangups.hang_up()
+
+    def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object]:
+        """Call ``callback`` once the stream can carry nothing more to its peer (it failed,
+        or the node forgot it), at once if it already cannot; returns what undoes this."""
+        if self._hangups is None:
+            self._hangups = Hangups(gone=self.error is not None or self.ended)
+        return self._hangups.add(callback)
 
     def discard_unread(self) -> None:
         """Nobody will receive from this handle again: what its inbox holds goes back to the

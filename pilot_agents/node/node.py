@@ -698,7 +698,7 @@ class Node:
 
     def _forget(self, handle: StreamHandle) -> None:
         key = (handle.session.peer, handle.stream_id)
-        handle.ended = True
+        handle.forgotten()
         self._streams.pop(key, None)
         if key in self._outgoing:
             self._outgoing.discard(key)
