@@ -687,6 +687,8 @@ class IpcClient:
             return await self._within(cmd, future, wait)
         timeout = fields.get("timeout")
         patience = self.margin + (float(timeout) if timeout is not None else 0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for returns the reply when it comes
@@ -701,6 +703,13 @@ class IpcClient:
             probe_id, probe = await self._send("info", None, {})
             try:
                 await self._within(cmd, probe, self.margin)
+            except DaemonNotRunningError:
+                # The whole wait, which the request's own timeout is only part of.
+                raise DaemonNotRunningError(
+                    f"the daemon (home {self.home}) did not answer '{cmd}' in "
+                    f"{loop.time() - started:.1f} s, nor within {self.margin:g} s a check "
+                    f"that it is alive: it is stuck (stopped?); see {self.home / LOG_NAME}"
+                ) from None
             finally:
                 self._waiting.pop(probe_id, None)
             patience = self.margin
