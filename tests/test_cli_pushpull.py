@@ -272,6 +272,23 @@ def test_mistakes_and_timeouts(trio: Trio) -> None:
                           "gamma is not trusted")
 
 
+def test_a_push_whose_last_items_go_unacknowledged_says_how_many_of_how_many(
+        trio: Trio) -> None:
+    """It read "1 items pushed to port ... were not acknowledged" for three pushed, one of
+    them not acknowledged."""
+    a, b, _ = trio
+    slow = pull(b.home, 4009, "--exec", "sleep 60")  # takes the items, finishes none in time
+    try:
+        assert_one_line_error(
+            cli(a.home, "push", "beta", "4009", "--data", "one", "--data", "two", "--data",
+                "three", "--timeout", "2"),
+            10, "3 items pushed: 3 of the items pushed to port 4009 were not acknowledged "
+                "within 2.0 s")
+    finally:
+        slow.send_signal(signal.SIGTERM)  # it stops its command too
+        finish(slow)
+
+
 def test_verbs_without_a_daemon() -> None:
     home = short_home()
     try:

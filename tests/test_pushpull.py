@@ -8,6 +8,10 @@ import contextlib
 import os
 import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -730,3 +734,49 @@ async def test_items_to_send_again_behind_one_no_puller_can_take_still_go(
                 # A new item no linked puller's window can hold says so when it times out.
                 with pytest.raises(PilotTimeoutError, match=r"2000 bytes.*more than 1000"):
                     await pusher.push(b"y" * 2000, timeout=0.5)
+
+
+STALL_PULLER = textwrap.dedent("""
+    import asyncio, sys
+    import pilot_agents.sdk as pilot
+    from pilot_agents.patterns import Puller, PushPullConfig
+
+    async def main() -> None:
+        config = PushPullConfig(heartbeat_interval=0.2, reconnect_min=0.05, reconnect_max=0.3)
+        async with pilot.Client(sys.argv[1]) as client, \\
+                Puller(client, int(sys.argv[2]), config, peer=sys.argv[3] or None) as puller:
+            print("ready", flush=True)
+            async for item in puller:  # each acknowledged at the next receive
+                print(item.text(), item.redelivered, flush=True)
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_pusher_that_stalls_reads_the_acknowledgements_that_came_meanwhile(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle], binds: bool) -> None:
+    """A pusher whose process could not run for longer than its pullers' silence (stopped,
+    its loop blocked) counted a live puller silent as it resumed, before reading the ACKs
+    that had come meanwhile, and sent all that work again. What came is read first now."""
+    a, b = daemon_pair
+    port = 9030 + binds
+    puller = subprocess.Popen(
+        [sys.executable, "-c", STALL_PULLER, str(b.home), str(port), "alpha" if binds else ""],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert puller.stdout is not None
+        assert await asyncio.to_thread(puller.stdout.readline) == "ready\n"
+        async with Client(a.home) as client:
+            pusher = (Pusher(client, port, config=FAST) if binds
+                      else Pusher(client, ["beta"], port, FAST))
+            async with pusher:
+                await until(lambda: bool(pusher.connected), "the puller linked", 20)
+                for n in range(5):
+                    await pusher.push(f"item {n}")
+                time.sleep(1.5)  # the stall: 2.5 times the puller's silence (3 x 0.2 s)
+                await pusher.join(timeout=10)
+                assert pusher.redelivered == 0
+    finally:
+        os.killpg(puller.pid, signal.SIGKILL)
+        out, _ = puller.communicate()
+    assert out.splitlines() == [f"item {n} False" for n in range(5)]

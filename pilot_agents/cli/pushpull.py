@@ -134,7 +134,10 @@ async def _push(ctx: Context, client: Client, targets: list[str]) -> int:
             except PilotTimeoutError as exc:
                 raise PilotTimeoutError(f"{exc}; {plural(tally.pushed, 'item')} pushed, "
                                         f"{pusher.pending} of them not acknowledged") from None
-            await pusher.join(timeout=args.timeout)  # its timeout says how many were not acked
+            try:
+                await pusher.join(timeout=args.timeout)
+            except PilotTimeoutError as exc:  # it says how many were not acknowledged
+                raise PilotTimeoutError(f"{plural(tally.pushed, 'item')} pushed: {exc}") from None
         spread = dict(pusher.acknowledged)
         redelivered = pusher.redelivered
     elapsed_ms = (time.perf_counter() - started) * 1000.0

@@ -95,6 +95,31 @@ _HEARTBEAT = encode_frame(Kind.HEARTBEAT, 0, b"")
 _ASKS = 1
 _PING = encode_frame(Kind.HEARTBEAT, _ASKS, b"")
 _BYE = encode_frame(Kind.BYE, 0, b"")
+# Seconds given to the event loop before a pusher counts a link silent: frames that came while
+# this process could not run (stopped, its loop blocked) are still unread when the timer that
+# was due meanwhile fires first; the loop reads them within this, and they are handled first.
+_READ_PENDING = 0.05
+# Frames handled so at most, before the links still quiet are judged.
+_MAX_PENDING = 1024
+
+
+async def _last_heard(heard: float, since_arrival: Callable[[], Awaitable[float | None]]
+                      ) -> float:
+    """When a link's peer was last heard from: ``heard`` (its last frame), or later if bytes of
+    its stream arrived since (an item still arriving)."""
+    try:
+        since = await since_arrival()
+    except PilotError:  # the stream is gone, or our daemon: nothing more comes on it
+        return heard
+    return heard if since is None else max(heard, asyncio.get_running_loop().time() - since)
+
+
+async def _receive_now(receive: Callable[[float], Awaitable[Message]]) -> Message | None:
+    """A message already there, or None."""
+    try:
+        return await receive(0.0)
+    except PilotTimeoutError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -503,14 +528,8 @@ class Puller:
         loop = asyncio.get_running_loop()
         if loop.time() - feed.heard < silence:
             return
-        try:
-            since = await feed.since_arrival()
-        except PilotError:  # the stream is gone, or our daemon: nothing more comes on it
-            since = None
-        if since is not None and since < silence:
-            feed.heard = max(feed.heard, loop.time() - since)  # an item, still arriving
-            return
-        if feed.gone:
+        feed.heard = await _last_heard(feed.heard, feed.since_arrival)
+        if loop.time() - feed.heard < silence or feed.gone:
             return
         log.info("pusher %s silent for %.1f s on puller port %d", feed.sender, silence,
                  self.port)
@@ -551,6 +570,7 @@ class _Link:
     window_bytes: int
     silence: float  # seconds without a word after which the puller counts as gone
     heard: float  # when it last said something (loop time)
+    since_arrival: Callable[[], Awaitable[float | None]]  # of its stream's bytes (_last_heard)
     conn: Connection | None = None  # ours, if we connected
     unacked: dict[int, bytes] = field(default_factory=dict)  # by item id, in the order sent
     unacked_bytes: int = 0
@@ -669,9 +689,9 @@ class Pusher:
         except TimeoutError:
             why = self._stranded()[1]
             why = f"; {why}" if why else ""
-            raise PilotTimeoutError(f"{self.pending} items pushed to port {self.port} were not "
-                                    f"acknowledged within {timeout} s ({self._state()}){why}"
-                                    ) from None
+            raise PilotTimeoutError(f"{self.pending} of the items pushed to port {self.port} "
+                                    f"were not acknowledged within {timeout} s "
+                                    f"({self._state()}){why}") from None
         if isinstance(outcome, PilotError):
             raise outcome
 
@@ -803,7 +823,8 @@ class Pusher:
         if link.conn is not None:
             self._tasks.spawn(_abort(link.conn))
 
-    def _add(self, key: object, peer: str, send: Send, credit: Frame,
+    def _add(self, key: object, peer: str, send: Send,
+             since_arrival: Callable[[], Awaitable[float | None]], credit: Frame,
              conn: Connection | None = None) -> _Link:
         """The link a puller's CREDIT opens."""
         if credit.kind == Kind.BYE:
@@ -815,7 +836,7 @@ class Pusher:
         window_bytes, heartbeat = parse_credit_untrusted(credit.payload)
         link = _Link(key, peer, send, min(credit.id, self.config.window_items),
                      min(window_bytes, self.config.window_bytes), 3 * heartbeat,
-                     asyncio.get_running_loop().time(), conn)
+                     asyncio.get_running_loop().time(), since_arrival, conn)
         self._links[key] = link
         self._waiter.changed()
         return link
@@ -889,21 +910,36 @@ class Pusher:
         conn = await _open(self._transport, peer, self.port, hello, self.config)
         try:
             answer = await conn.receive(timeout=max(deadline - loop.time(), 0.0))
-            return self._add(peer, peer, conn.send, parse_frame_untrusted(answer.data), conn)
+            return self._add(peer, peer, conn.send, conn.since_arrival,
+                             parse_frame_untrusted(answer.data), conn)
         except BaseException:
             await _abort(conn)
             raise
 
     async def _read(self, link: _Link) -> None:
         """Frames from a puller we connected to, until it goes or falls silent."""
-        assert link.conn is not None
+        conn = link.conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
         while not link.gone:
+            message: Message | None
             try:
-                message = await link.conn.receive(timeout=link.silence)
+                message = await conn.receive(
+                    timeout=max(link.heard + link.silence - loop.time(), 0.0))
             except PilotTimeoutError:
-                raise PilotTimeoutError(f"silent for {link.silence:.1f} s") from None
+                await asyncio.sleep(_READ_PENDING)
+                message = await _receive_now(conn.receive)
+            if message is None:
+                if await self._silent(link):
+                    raise PilotTimeoutError(f"silent for {link.silence:.1f} s")
+                continue
             if not self._heard(link, parse_frame_untrusted(message.data)):
                 return
+
+    async def _silent(self, link: _Link) -> bool:
+        """Whether the puller said nothing for its silence (what came was read already)."""
+        link.heard = await _last_heard(link.heard, link.since_arrival)
+        return asyncio.get_running_loop().time() - link.heard > link.silence
 
     async def _accept(self, listener: Listener) -> None:
         """Pullers that connect to us, and their frames; drops those that fall silent."""
@@ -916,13 +952,29 @@ class Pusher:
             except PilotError as exc:  # the daemon went away: nothing more will come
                 self._fail(exc)
                 return
-            now = loop.time()
-            for link in [k for k in self._links.values() if now - k.heard > k.silence]:
-                log.info("puller %s port %d silent for %.1f s", link.peer, self.port,
-                         link.silence)
-                self._lose(link)
             if message is not None:
                 await self._from_puller(message)
+            now = loop.time()
+            if not any(now - k.heard > k.silence for k in self._links.values()):
+                continue
+            await asyncio.sleep(_READ_PENDING)
+            for _ in range(_MAX_PENDING):  # what the quiet ones may have said meanwhile
+                try:
+                    message = await _receive_now(listener.receive)
+                except PilotError as exc:
+                    self._fail(exc)
+                    return
+                if message is None:
+                    break
+                await self._from_puller(message)
+            now = loop.time()
+            quiet = [k for k in self._links.values() if now - k.heard > k.silence]
+            for link, silent in zip(quiet, await asyncio.gather(*map(self._silent, quiet)),
+                                    strict=True):
+                if silent and not link.gone:
+                    log.info("puller %s port %d silent for %.1f s", link.peer, self.port,
+                             link.silence)
+                    self._lose(link)
 
     def _fail(self, error: PilotError) -> None:
         log.warning("pusher on port %d can reach no puller: %s", self.port, error)
@@ -947,7 +999,7 @@ class Pusher:
                 self.refused += 1
                 await _send_within(self.config.send_timeout, message.reply(_BYE))
             else:
-                self._add(key, message.sender, message.reply, frame)
+                self._add(key, message.sender, message.reply, message.since_arrival, frame)
         except WireError as exc:
             self._malformed(message.sender, exc)
             if link is not None:
