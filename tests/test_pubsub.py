@@ -21,7 +21,8 @@ from pilot_agents.patterns.frames import (
     encode_publication,
     parse_frame_untrusted,
 )
-from tests.test_node import trusted_pair
+from tests.test_node import server_and_two_clients, trusted_pair
+from tests.test_pushpull import until
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
     Pair,
     kind_fixture,
@@ -520,3 +521,24 @@ async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
         await until_subscribed(pub, 1)
         await pub.publish("after", b"x")
         assert (await sub.receive(5)).topic == "after"
+
+
+async def test_one_peer_cannot_take_every_subscriber_slot(tmp_path: Path) -> None:
+    """A publisher's slots (max_subscribers) went to whoever came first, all of them to one
+    peer if it subscribed enough times; now each peer has at most max_subscribers_per_peer."""
+    config = PubSubConfig(max_subscribers=3, max_subscribers_per_peer=2)
+    async with (
+        server_and_two_clients(tmp_path) as (server, greedy, other),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        pub = await stack.enter_async_context(Publisher(server, 8030, config))
+        for _ in range(3):
+            await stack.enter_async_context(
+                Subscriber(greedy, server.node_id, 8030, [""], config))
+        await until_subscribed(pub, 2)
+        await until(lambda: pub.refused == 1, "the greedy peer's third refused")
+        latecomer = await stack.enter_async_context(
+            Subscriber(other, server.node_id, 8030, [""], config))
+        await until_subscribed(pub, 3)
+        assert await pub.publish("news", b"hello") == 3
+        assert (await latecomer.receive(5)).data == b"hello"

@@ -34,6 +34,7 @@ publishes too), at most once; none while a subscriber is reconnecting.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -88,6 +89,9 @@ class PubSubConfig:
     max_prefixes: int = 256  # per subscription
     max_prefix_bytes: int = 16 * 1024  # per subscription: its prefixes' UTF-8 bytes, summed
     max_subscribers: int = 1024  # per publisher; more are refused until one leaves
+    # ... and per subscribing node (the clients of a daemon share theirs), so that one peer
+    # cannot take every subscriber slot from the others.
+    max_subscribers_per_peer: int = 256
     reconnect_min: float = 0.2  # seconds a subscriber waits before connecting again; doubles
     reconnect_max: float = 10.0  # seconds, the cap of that doubling
     # Seconds a subscription may stay idle before the publisher says it is still there; a
@@ -101,7 +105,8 @@ class PubSubConfig:
     connect_timeout: float = CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
-        bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers)
+        bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers,
+                  self.max_subscribers_per_peer)
         if min(bounds) < 1:
             raise ConfigError("PubSubConfig bounds must be at least 1")
         if self.batch_bytes < 0:
@@ -161,6 +166,7 @@ class Publisher:
         self._listener: Listener | None = None
         self._subscriptions: dict[tuple[str, int], _Subscription] = {}  # by (sender, its id)
         self._by_stream: dict[tuple[str, int], _Subscription] = {}  # by (sender, source port)
+        self._per_peer: collections.Counter[str] = collections.Counter()  # subscriptions
         self._tasks: set[asyncio.Task[None]] = set()
         # Publishes waiting for room (BLOCK), or for their turn behind one that does: while
         # there is one, each publish takes its turn, so none overtakes another.
@@ -232,6 +238,7 @@ class Publisher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         subscriptions, self._subscriptions = list(self._subscriptions.values()), {}
         self._by_stream.clear()
+        self._per_peer.clear()
         # At once, within a second in all: one by one, each subscriber whose stream is full
         # would hold close() a second (with a thousand of them, a quarter of an hour).
         bye = encode_frame(Kind.BYE, 0, b"")
@@ -309,11 +316,20 @@ class Publisher:
             return
         # The same subscriber on a new stream: the old one broke (or is breaking) and is done.
         self._retire(known)
-        if len(self._subscriptions) >= self.config.max_subscribers:
+        config = self.config
+        if (len(self._subscriptions) >= config.max_subscribers
+                or self._per_peer[message.sender] >= config.max_subscribers_per_peer):
+            # Not told: it hears nothing, and subscribes again after three heartbeats.
             self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1, 2, 4...: no log flood
+                log.warning("publisher port %d refused a subscription of %s (%d subscribers, "
+                            "%d of them its; %d refused so far)", self.port, message.sender,
+                            len(self._subscriptions), self._per_peer[message.sender],
+                            self.refused)
             return
         sub = _Subscription(message.sender, frame.id, message.source_port, raw, message)
         self._subscriptions[key] = self._by_stream[stream] = sub
+        self._per_peer[message.sender] += 1
         self._spawn(self._feed(sub))
 
     def _retire(self, sub: _Subscription | None) -> None:
@@ -323,10 +339,13 @@ class Publisher:
         sub.gone = True
         sub.room.set()
         sub.ready.set()
-        for index, key in ((self._subscriptions, (sub.sender, sub.id)),
-                           (self._by_stream, (sub.sender, sub.source_port))):
-            if index.get(key) is sub:
-                del index[key]
+        if self._subscriptions.get((sub.sender, sub.id)) is sub:
+            del self._subscriptions[sub.sender, sub.id]
+            self._per_peer[sub.sender] -= 1
+            if not self._per_peer[sub.sender]:
+                del self._per_peer[sub.sender]
+        if self._by_stream.get((sub.sender, sub.source_port)) is sub:
+            del self._by_stream[sub.sender, sub.source_port]
 
     async def _feed(self, sub: _Subscription) -> None:
         """Send one subscriber's queue down its stream, in order, until the stream breaks or
