@@ -330,9 +330,14 @@ class PortSocket(_Attached[Way]):
     @classmethod
     async def attach(cls, home: Path, port: int, window_messages: int, window_bytes: int,
                      send_messages: int, send_bytes: int,
-                     on_failed: Callable[[PilotError], None]) -> PortSocket:
-        """The port's data socket; ``on_failed`` hears of each reply that failed."""
-        request = {"cmd": "port_attach", "port": port, "credit_messages": 0, "credit_bytes": 0}
+                     on_failed: Callable[[PilotError], None], *,
+                     exclusive: bool = False) -> PortSocket:
+        """The port's data socket; ``on_failed`` hears of each reply that failed;
+        ``exclusive``: the port's messages to it alone (docs/ipc.md)."""
+        request: dict[str, Any] = {"cmd": "port_attach", "port": port, "credit_messages": 0,
+                                   "credit_bytes": 0}
+        if exclusive:  # only then: a daemon of older code refuses a field it does not know
+            request["exclusive"] = True
         sock, reply = await cls._open(
             home, request, lambda: cls(f"port {port}", window_messages, window_bytes,
                                        send_messages, send_bytes, on_failed), send_bytes)

@@ -17,6 +17,12 @@ class ConfigError(PilotError):
     """A setting, argument or file given by the user is invalid."""
 
 
+class PortInUseError(ConfigError):
+    """A listen that wants a port's messages to itself (``exclusive``: an MCP server's, whose
+    sessions are tied to one listener) found it listened on already, or a listen found the port
+    held that way."""
+
+
 class IdentityError(PilotError):
     """The node's key file is missing, malformed or readable by others."""
 

@@ -297,8 +297,8 @@ class Client:
         reply = await self.call("receive", port=port, timeout=timeout, data_frame=True)
         return self._port_message(reply["message"])
 
-    def listen(self, port: int) -> DaemonListener:
-        return DaemonListener(self, port)
+    def listen(self, port: int, *, exclusive: bool = False) -> DaemonListener:
+        return DaemonListener(self, port, exclusive=exclusive)
 
     def _port_message(self, fields: dict[str, Any]) -> DaemonMessage:
         # A peer's stream to one of our ports is its node, our port and its source port.
@@ -610,16 +610,20 @@ class DaemonConnection:
 
 class DaemonListener:
     """Messages arriving on one of our ports, buffered by the daemon (mirrors :class:`Listener`).
-    Several listeners (in any process) on one port share its buffer: each message goes to one.
+    Several listeners (in any process) on one port share its buffer: each message goes to one;
+    an ``exclusive`` one takes them all (no other listen of the port is allowed meanwhile, and
+    it is refused with PortInUseError if the port is listened on already).
     On the stream socket they come on a data socket of the listener's own (docs/ipc.md), and
     its messages' replies go back on it: once the listener is closed, they fail. It takes
     nothing from the port before its first receive, then up to its receive window; closing it
     gives back what it did not receive."""
 
-    def __init__(self, client: Client, port: int, owns_client: bool = False) -> None:
+    def __init__(self, client: Client, port: int, owns_client: bool = False, *,
+                 exclusive: bool = False) -> None:
         self._client = client
         self.port = port
         self._owns_client = owns_client
+        self._exclusive = exclusive
         self._open = False
         self._socket: PortSocket | None = None
         self._delivery = _Delivery(client, f"port {port}", client._port_message, port=port)
@@ -634,10 +638,13 @@ class DaemonListener:
                     client.home, self.port, opts.receive_window_messages,
                     opts.receive_window_bytes, opts.send_window_messages, opts.send_window_bytes,
                     # The next reply on its way raises it (the socket keeps it), and flush().
-                    functools.partial(client._reply_failed, message_id="")))
+                    functools.partial(client._reply_failed, message_id=""),
+                    exclusive=self._exclusive))
                 client._port_sockets.add(self._socket)
             else:
-                await client.call("listen", port=self.port)
+                # The field only when asked: a daemon of older code refuses one it does not know.
+                exclusive: dict[str, Any] = {"exclusive": True} if self._exclusive else {}
+                await client.call("listen", port=self.port, **exclusive)
         except BaseException:
             if self._owns_client:
                 await client.close()

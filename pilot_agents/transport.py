@@ -230,8 +230,11 @@ class Transport(Protocol):
         """A connection to ``port`` on ``peer``; use with ``async with``."""
         ...
 
-    def listen(self, port: int) -> Listener:
-        """Messages on ``port``; use with ``async with`` and ``async for``."""
+    def listen(self, port: int, *, exclusive: bool = False) -> Listener:
+        """Messages on ``port``; use with ``async with`` and ``async for``. ``exclusive``: every
+        message of the port to this listener, for as long as it is open: PortInUseError if the
+        port is listened on already, and for any other listen of it meanwhile (an embedded
+        Node's listens always are)."""
         ...
 
     async def send(self, peer: str, port: int, data: object,

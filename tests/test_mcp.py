@@ -27,7 +27,7 @@ from mcp.shared.exceptions import MCPError
 
 import pilot_agents
 from pilot_agents import Client as PilotClient
-from pilot_agents.errors import McpSessionError, McpToolError, PilotError
+from pilot_agents.errors import McpSessionError, McpToolError, PilotError, PortInUseError
 from pilot_agents.integrations.mcp.remote import (
     Control,
     McpConfig,
@@ -226,6 +226,42 @@ async def test_sessions_are_bounded(servers: Path, daemons: tuple[DaemonHandle, 
         async with connect("beta", port=83, home=alpha.home) as session:
             with pytest.raises(MCPError, match="more than 4096"):
                 await session.call_tool("get_current_time", {"timezone": "x" * 5000})
+
+
+async def test_a_port_is_served_once(servers: Path, tmp_path: Path,
+                                     daemons: tuple[DaemonHandle, ...]) -> None:
+    """A second `mcp serve` on a served port started silently, and the daemon handed each
+    message of the port to one of the two: every session's messages went partly to a server
+    that had no such session (an audit). It is refused, and the sessions go on."""
+    alpha, beta, _ = daemons
+    time_server = server_command(servers, "mcp-server-time")
+    with serving(beta.home, "--port", "98", "--", time_server):
+        async with connect("beta", port=98, home=alpha.home) as session:
+            result = cli(beta.home, "mcp", "serve", "--port", "98", "--", time_server,
+                         timeout=20)
+            assert_one_line_error(result, 2, "cannot serve MCP on port 98: port 98 is already "
+                                  "listened on")
+            # nor may any other listen take the port's messages while it is served
+            reply = ipc_call(beta.home, cmd="listen", port=98)
+            assert reply["error"] == {"type": "PortInUseError", "message": (
+                "port 98 is held by a listener that takes all its messages (a server such as "
+                "'pilotctl mcp serve'): stop it, or use another port")}, reply
+            for _ in range(5):  # as many as the servers there were would have shared
+                await session.list_tools()
+    # a port listened on already is not served either (here through daemon.sock's listen)
+    assert ipc_call(beta.home, cmd="listen", port=99)["ok"]
+    try:
+        reply = ipc_call(beta.home, cmd="listen", port=99, exclusive=True)
+        assert cast(dict[str, str], reply["error"])["type"] == "PortInUseError", reply
+        assert_one_line_error(cli(beta.home, "mcp", "serve", "--port", "99", "--", time_server,
+                                  timeout=20), 2, "port 99 is already listened on")
+    finally:
+        assert ipc_call(beta.home, cmd="unlisten", port=99)["closed"]
+    # on an embedded Node as well
+    async with (server_and_two_clients(tmp_path) as (node, _, _),
+                running(McpServer(node, 98, ["cat"]))):
+        with pytest.raises(PortInUseError, match="cannot serve MCP on port 98"):
+            await McpServer(node, 98, ["cat"]).serve()
 
 
 def test_untrusted_peer_is_refused(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:

@@ -64,7 +64,7 @@ class DataSockets:
         connection stays an ordinary one."""
         messaging = self._messaging
         if isinstance(request, PortAttachRequest):
-            state = messaging.listen_to_read(request.port)
+            state = messaging.listen_to_read(request.port, exclusive=request.exclusive)
             port_socket = PortSocket(messaging, state, transport, request.credit_messages,
                                      request.credit_bytes)
             # bounded_replies: it takes the reply flag PORT_REPLY_BOUNDED (a client asks, and

@@ -24,6 +24,7 @@ from ..errors import (
     DaemonNotRunningError,
     PilotError,
     PilotTimeoutError,
+    PortInUseError,
 )
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
@@ -62,6 +63,7 @@ class PortState:
     refs: int = 1
     permanent: bool = False
     publish: bool = False
+    exclusive: bool = False  # its one listen takes every message: no other listen is allowed
     task: asyncio.Task[None] | None = None
     received: int = 0
     # Its data sockets (daemon/portsock.py): ended when it closes.
@@ -279,8 +281,9 @@ class Messaging:
                 "bytes": len(data), "path": path, "rtt": rtt}
 
     async def listen(self, req: ListenRequest) -> Reply:
-        state, created = self.listen_port(req.port, publish=req.publish)
-        result: Reply = {"port": req.port, "created": created, "publish": state.publish}
+        state, created = self.listen_port(req.port, publish=req.publish, exclusive=req.exclusive)
+        result: Reply = {"port": req.port, "created": created, "publish": state.publish,
+                         "exclusive": state.exclusive}
         if state.publish:
             result["pub_endpoint"] = ipc.pub_endpoint(self.ctx.home)
             result["topic"] = f"{req.port:05d}"
@@ -398,13 +401,13 @@ class Messaging:
         return ConfigError(f"port {port} is published on {ipc.pub_endpoint(self.ctx.home)}: "
                            f"subscribe there (topic {port:05d})")
 
-    def listen_to_read(self, port: int) -> PortState:
+    def listen_to_read(self, port: int, *, exclusive: bool = False) -> PortState:
         """Listen on ``port`` for a reader of its messages (a port's data socket): not on a
         published port, whose messages go to subscribers. Undone by :meth:`release_port`."""
         state = self.ports.get(port)
         if state is not None and state.publish:
             raise self._published(port)
-        return self.listen_port(port)[0]
+        return self.listen_port(port, exclusive=exclusive)[0]
 
     def _message_fields(self, message: Message, inbox: Inbox, *, ack: bool) -> Reply:
         """A handed-out message as the reply's ``message``; its payload stays bytes, for the
@@ -420,17 +423,28 @@ class Messaging:
 
     # -- ports --------------------------------------------------------------------------------
 
-    def listen_port(self, port: int, *, permanent: bool = False,
-                    publish: bool = False) -> tuple[PortState, bool]:
+    def listen_port(self, port: int, *, permanent: bool = False, publish: bool = False,
+                    exclusive: bool = False) -> tuple[PortState, bool]:
         state = self.ports.get(port)
         if state is not None:
+            # Listens of a port share its messages, each to one of them: a listener whose
+            # messages belong together (an MCP server's sessions, each a stream) would lose
+            # some to the other, silently, so it asks to be alone, and is alone.
+            if exclusive:
+                raise PortInUseError(
+                    f"port {port} is already listened on by another listener of this daemon "
+                    "(another server?): stop it, or use another port")
+            if state.exclusive:
+                raise PortInUseError(
+                    f"port {port} is held by a listener that takes all its messages (a "
+                    "server such as 'pilotctl mcp serve'): stop it, or use another port")
             state.refs += 1
             state.permanent = state.permanent or permanent
             state.publish = state.publish or publish
             return state, False
         listener = self.ctx.node.listen(port)
         state = PortState(port, listener, self._inbox(f"port {port}", self.ctx.node.refuse),
-                          permanent=permanent, publish=publish)
+                          permanent=permanent, publish=publish, exclusive=exclusive)
         state.task = asyncio.create_task(self._pump_port(state))
         listener.set_taker(functools.partial(self._offered, state))
         self.ports[port] = state

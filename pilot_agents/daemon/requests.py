@@ -191,6 +191,7 @@ class PortAttachRequest(BaseRequest):
     # 0: nothing is written until the client grants credit (a 'credit' frame).
     credit_messages: Annotated[int, Field(ge=0, le=MAX_CREDIT_MESSAGES)]
     credit_bytes: Annotated[int, Field(ge=0, le=MAX_CREDIT_BYTES)]
+    exclusive: bool = False  # as ListenRequest's
 
 
 class SendRequest(PayloadRequest):
@@ -204,6 +205,9 @@ class ListenRequest(BaseRequest):
     cmd: Literal["listen"]
     port: Port
     publish: bool = False
+    # The port's messages to this listen alone: refused if the port is listened on, and any
+    # other listen of it is while this one holds it (docs/ipc.md).
+    exclusive: bool = False
 
 
 class UnlistenRequest(BaseRequest):

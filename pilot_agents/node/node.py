@@ -37,6 +37,7 @@ from ..errors import (
     PilotError,
     PilotTimeoutError,
     PortClosedError,
+    PortInUseError,
     TooManyConnectionsError,
     UnknownHostError,
 )
@@ -481,10 +482,11 @@ class Node:
 
     # -- ports --------------------------------------------------------------------------------
 
-    def listen(self, port: int) -> Listener:
+    def listen(self, port: int, *, exclusive: bool = False) -> Listener:
+        """A port has one listener here, so every listen is ``exclusive`` (see Transport)."""
         check_port(port)
         if port in self._listeners:
-            raise ConfigError(f"port {port} is already being listened on")
+            raise PortInUseError(f"port {port} is already being listened on")
         listener = Listener(port, self._listener_closed)
         self._listeners[port] = listener
         return listener

@@ -23,6 +23,7 @@ from ...errors import (
     PilotError,
     PilotTimeoutError,
     PortClosedError,
+    PortInUseError,
     WireError,
 )
 from ...patterns.frames import MAX_MESSAGE
@@ -491,11 +492,15 @@ class McpServer:
     async def serve(self, listening: Callable[[], None] | None = None) -> None:
         """Serve until cancelled; ``listening`` is called once the port is listened on."""
         try:
-            async with self.transport.listen(self.port) as listener:
+            # Exclusive: a session is a stream, whose messages must all come here; another
+            # listener of the port would take some of them.
+            async with self.transport.listen(self.port, exclusive=True) as listener:
                 if listening is not None:
                     listening()
                 while True:
                     await self._dispatch(await listener.receive(timeout=None))
+        except PortInUseError as exc:  # (nothing in the loop listens: the listen's own)
+            raise PortInUseError(f"cannot serve MCP on port {self.port}: {exc}") from None
         finally:
             for task in self._open_tasks:
                 task.cancel()
