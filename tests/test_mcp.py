@@ -264,6 +264,24 @@ async def test_a_port_is_served_once(servers: Path, tmp_path: Path,
             await McpServer(node, 98, ["cat"]).serve()
 
 
+async def test_stopping_serve_tells_every_client(daemons: tuple[DaemonHandle, ...]) -> None:
+    """Sessions were ended once the port was closed, so their ENDs were lost: a client waiting
+    on a call heard ~9 s later that nothing listened on the port (an audit)."""
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "85", "--", "sleep", "600") as serve:  # answers nothing
+        async with (remote_session("beta", 85, home=alpha.home) as first,
+                    remote_session("beta", 85, home=alpha.home) as second):
+            for remote in (first, second):
+                await remote.send(b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}')
+            serve.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(3):  # at once, not after the stop of the processes
+                for remote in (first, second):
+                    with pytest.raises(McpSessionError,
+                                       match="ended: the MCP server side is stopping"):
+                        await remote.receive()
+        assert serve.wait(timeout=15) == 0
+
+
 def test_untrusted_peer_is_refused(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     _, beta, gamma = daemons
     with serving(beta.home, "--port", "84", "--", server_command(servers, "mcp-server-time")):

@@ -495,26 +495,31 @@ class McpServer:
             # Exclusive: a session is a stream, whose messages must all come here; another
             # listener of the port would take some of them.
             async with self.transport.listen(self.port, exclusive=True) as listener:
-                if listening is not None:
-                    listening()
-                while True:
-                    await self._dispatch(await listener.receive(timeout=None))
+                try:
+                    if listening is not None:
+                        listening()
+                    while True:
+                        await self._dispatch(await listener.receive(timeout=None))
+                finally:
+                    # Within the listen: the ENDs go back on its streams, which its close
+                    # resets, and a client would hear only that nothing listens any more.
+                    await self._end_all("the MCP server side is stopping")
         except PortInUseError as exc:  # (nothing in the loop listens: the listen's own)
             raise PortInUseError(f"cannot serve MCP on port {self.port}: {exc}") from None
-        finally:
-            for task in self._open_tasks:
+
+    async def _end_all(self, reason: str) -> None:
+        """End every session, telling its client ``reason``, and stop every process."""
+        for task in self._open_tasks:
+            task.cancel()
+        await asyncio.gather(*self._open_tasks, return_exceptions=True)
+        ending = [asyncio.create_task(self._end(s, reason)) for s in list(self.sessions.values())]
+        await asyncio.shield(asyncio.gather(*ending, *self._end_tasks, return_exceptions=True))
+        # What is still being told (a client that reads nothing) is not waited for long.
+        if telling := list(self._telling.values()):
+            await asyncio.wait(telling, timeout=TELL_AT_STOP)
+            for task in telling:
                 task.cancel()
-            await asyncio.gather(*self._open_tasks, return_exceptions=True)
-            ending = [asyncio.create_task(self._end(s, "the MCP server side is stopping"))
-                      for s in list(self.sessions.values())]
-            await asyncio.shield(asyncio.gather(*ending, *self._end_tasks,
-                                                return_exceptions=True))
-            # What is still being told (a client that reads nothing) is not waited for long.
-            if telling := list(self._telling.values()):
-                await asyncio.wait(telling, timeout=TELL_AT_STOP)
-                for task in telling:
-                    task.cancel()
-                await asyncio.gather(*telling, return_exceptions=True)
+            await asyncio.gather(*telling, return_exceptions=True)
 
     async def _dispatch(self, message: Message) -> None:
         key = (message.sender, message.source_port)
