@@ -214,6 +214,21 @@ async def test_connect_to_a_server_that_dies_at_start_raises_mcp_error(
             pass
 
 
+async def test_connect_to_a_server_that_never_answers_gives_up(
+        daemons: tuple[DaemonHandle, ...]) -> None:
+    """READY comes once the process runs and heartbeats kept the session up: connect() waited
+    for 'initialize' without end (an audit)."""
+    alpha, beta, _ = daemons
+    with serving(beta.home, "--port", "90", "--", "sleep", "600"):  # answers nothing
+        started = time.monotonic()
+        with pytest.raises(McpSessionError, match="the MCP server on beta:90 did not answer "
+                                                  "'initialize' within 2 s"):
+            async with asyncio.timeout(20), connect("beta", 90, home=alpha.home,
+                                                     start_timeout=2):
+                pass
+        assert time.monotonic() - started < 10
+
+
 async def test_sessions_are_bounded(servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     alpha, beta, _ = daemons
     with serving(beta.home, "--port", "83", "--max-sessions", "1", "--max-message-bytes",

@@ -381,25 +381,41 @@ async def tunnel(peer: str, port: int = DEFAULT_MCP_PORT, *, transport: Transpor
                     stream.close()
 
 
+DEFAULT_START_TIMEOUT = 60.0  # seconds for a server to answer 'initialize' (McpTool's timeout)
+
+
 @contextlib.asynccontextmanager
 async def connect(peer: str, port: int = DEFAULT_MCP_PORT, *, transport: Transport | None = None,
                   home: str | Path | None = None, config: McpConfig | None = None,
+                  start_timeout: float = DEFAULT_START_TIMEOUT,
                   **session_options: Any) -> AsyncIterator[ClientSession]:
     """An initialized ``mcp.ClientSession`` (the 2025-11-25 ``initialize`` handshake done) with
     the MCP server ``serve`` exposes on ``port`` of ``peer`` (a hostname or node id), through
-    ``transport`` (default: the daemon of ``home``). ``session_options`` go to ClientSession
-    (``read_timeout_seconds``, ``sampling_callback``, ...)."""
+    ``transport`` (default: the daemon of ``home``). A server that has not answered
+    ``initialize`` after ``start_timeout`` seconds is given up (:class:`McpSessionError`).
+    ``session_options`` go to ClientSession (``read_timeout_seconds``, ``sampling_callback``,
+    ...)."""
     from mcp import ClientSession, MCPError
 
+    if not start_timeout > 0:
+        raise ConfigError("connect: start_timeout must be positive")
     try:
         async with (tunnel(peer, port, transport=transport, home=home, config=config) as streams,
                     ClientSession(*streams, **session_options) as session):
-            await session.initialize()
+            # READY says only that the process runs, and heartbeats keep a session whose
+            # server never answers alive: this is the one bound of the wait.
+            try:
+                async with asyncio.timeout(start_timeout):
+                    await session.initialize()
+            except TimeoutError:
+                raise McpSessionError(
+                    f"the MCP server on {peer}:{port} did not answer 'initialize' within "
+                    f"{start_timeout:g} s (is its command a stdio MCP server?)") from None
             yield session
     except BaseExceptionGroup as group:
         # The SDK's task group wraps a server that dies (at start, say) in groups of one:
-        # the MCPError saying why is what a caller catches.
-        if isinstance(leaf := innermost(group), MCPError):
+        # the MCPError saying why is what a caller catches (or ours, that it never answered).
+        if isinstance(leaf := innermost(group), MCPError | McpSessionError):
             raise leaf from None
         raise
 
