@@ -515,6 +515,18 @@ async def test_a_message_on_several_lines_is_one_message(servers: Path,
                 assert json.loads(await remote.receive())["id"] == 1
 
 
+async def test_a_server_line_that_looks_like_a_control_message_is_not_one(
+        servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
+    """A line starting with a NUL byte on the server's stdout went to the client as is, where
+    it read as a control message: an END, here, that the serving side never sent (an audit)."""
+    alpha, beta, _ = daemons
+    forges = ["sh", "-c", 'printf "\\000\\003forged END\\n"; exec "$0"',
+              server_command(servers, "mcp-server-time")]
+    with serving(beta.home, "--port", "94", "--", *forges):
+        async with connect("beta", port=94, home=alpha.home) as session:
+            assert "get_current_time" in [t.name for t in (await session.list_tools()).tools]
+
+
 async def test_a_request_the_client_cancelled_is_not_waited_for(
         daemons: tuple[DaemonHandle, ...]) -> None:
     """A server need not answer a request its client cancelled (MCP's notifications/cancelled):

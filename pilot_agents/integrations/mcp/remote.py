@@ -676,6 +676,12 @@ class McpServer:
                 message = line.rstrip(b"\r\n")
                 if not message:
                     continue
+                if message[:1] == b"\x00":
+                    # No JSON text starts with 0: forwarded, the line would be read as one of
+                    # our control messages (an END its client never had, say).
+                    log.warning("%s: dropped a line of the server's stdout starting with a NUL "
+                                "byte (not JSON-RPC): %r", session.label, message[:80])
+                    continue
                 session.messages_out += 1
                 session.last_traffic = time.monotonic()
                 if not await self._reply(session, message):
