@@ -322,6 +322,26 @@ def test_user_mistakes_are_one_line_errors(daemons: tuple[DaemonHandle, ...]) ->
     assert "pilotctl listen" not in line
 
 
+def test_cli_connect_json_keeps_stdout_for_json_rpc(daemons: tuple[DaemonHandle, ...]) -> None:
+    """`mcp connect --json` wrote the CLI's error object on stdout, the MCP client's JSON-RPC
+    channel (an audit): its errors go to stderr, as JSON."""
+    alpha, beta, _ = daemons
+    result = cli(alpha.home, "--json", "mcp", "connect", "nosuchhost:80", input="")
+    assert result.returncode == 5 and result.stdout == "", result
+    (line,) = result.stderr.splitlines()
+    assert json.loads(line)["error"]["exit_code"] == 5
+    # the session ends under a waiting request: its answer is JSON-RPC, the reason on stderr
+    dies = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]
+    with serving(beta.home, "--port", "90", "--", *dies):
+        result = cli(alpha.home, "--json", "mcp", "connect", "beta:90",
+                     input=INITIALIZE.decode())
+    assert result.returncode == 1, result
+    (answer,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert answer["jsonrpc"] == "2.0" and answer["id"] == 1, answer
+    (line,) = result.stderr.splitlines()
+    assert "exited with status 3" in json.loads(line)["error"]["message"]
+
+
 def test_config_bounds_are_checked() -> None:
     with pytest.raises(PilotError, match="peer_timeout"):
         McpConfig(heartbeat_interval=10, peer_timeout=5)

@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         # A line that did not parse has no Context: --json is then looked for in the line
         # itself, so that a script's usage error is a JSON error object too.
-        code = exit_status(exc, as_json=ctx.json if ctx is not None else "--json" in own(argv))
+        code = exit_status(exc, as_json=ctx.json if ctx is not None else "--json" in own(argv),
+                           stdout_is_data=ctx is not None and ctx.stdout_is_data)
         if code is None:
             raise
         return code

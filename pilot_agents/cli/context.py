@@ -26,6 +26,9 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.json = bool(getattr(args, "json", False))
+        # Set by a command whose stdout carries another protocol (mcp connect's JSON-RPC):
+        # its errors, JSON ones too, go to stderr.
+        self.stdout_is_data = False
         self._home_arg: str | None = getattr(args, "home", None)
 
     @functools.cached_property
@@ -59,7 +62,7 @@ class Context:
             return run(interruptible(go)())
         except asyncio.CancelledError:
             if stopped_status == EXIT_INTERRUPTED:
-                return interrupted(self.json)
+                return interrupted(self.json, self.stdout_is_data)
             return stopped_status
 
     def call(self, cmd: str, **request: object) -> Reply:

@@ -109,6 +109,7 @@ def serve_cmd(ctx: Context) -> int:
 
 
 def connect_cmd(ctx: Context) -> int:
+    ctx.stdout_is_data = True  # stdout is the JSON-RPC channel of the MCP client
     name, number = ctx.args.target
     config = McpConfig(max_message_bytes=ctx.args.max_message_bytes,
                        connect_timeout=ctx.args.timeout, drain_timeout=ctx.args.drain_timeout)

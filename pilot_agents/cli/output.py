@@ -210,11 +210,24 @@ def _to_terminal(text: str) -> bool:
     return True
 
 
-def _report(exc: BaseException, as_json: bool, code: int) -> None:
+def _report(exc: BaseException, as_json: bool, code: int, stdout_is_data: bool) -> None:
     message = str(exc) or type(exc).__name__
-    sys.stderr.write(f"error: {message}\n")
-    if as_json:
-        _emit_error(type(exc).__name__, message, code)
+    _say_error(type(exc).__name__, message, code, f"error: {message}\n", as_json=as_json,
+               stdout_is_data=stdout_is_data)
+
+
+def _say_error(kind: str, message: str, code: int, line: str, *, as_json: bool,
+               stdout_is_data: bool) -> None:
+    """``line`` on stderr, and with ``as_json`` the error object on stdout; or, when stdout
+    carries another protocol (``mcp connect``'s JSON-RPC, which an object of ours would
+    corrupt), the object alone on stderr in place of ``line``."""
+    if as_json and stdout_is_data:
+        line = json.dumps({"error": {"type": kind, "message": message, "exit_code": code}},
+                          separators=(",", ":"), ensure_ascii=False) + "\n"
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    if as_json and not stdout_is_data:
+        _emit_error(kind, message, code)
 
 
 def _emit_error(kind: str, message: str, code: int) -> None:
@@ -231,40 +244,40 @@ def _stdout_to_devnull() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def interrupted(as_json: bool) -> int:
+def interrupted(as_json: bool, stdout_is_data: bool = False) -> int:
     """Say that a signal (Ctrl-C, SIGTERM) stopped the command; its exit status. With
     ``as_json``, the error object a script gets for any other failure, too: for a command that
     prints one object per line (``listen``, ``subscribe``, ``pull``) the stream's last line,
-    so that its reader tells an interrupted stream from a finished one without the status."""
-    sys.stderr.write("interrupted\n")
-    sys.stderr.flush()
-    if as_json:
-        _emit_error("KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED)
+    so that its reader tells an interrupted stream from a finished one without the status.
+    ``stdout_is_data``: see :func:`_say_error`."""
+    _say_error("KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, "interrupted\n",
+               as_json=as_json, stdout_is_data=stdout_is_data)
     return EXIT_INTERRUPTED
 
 
-def exit_status(exc: BaseException, as_json: bool) -> int | None:
+def exit_status(exc: BaseException, as_json: bool, stdout_is_data: bool = False) -> int | None:
     """The exit status of a command that raised ``exc``, once said in one line on stderr (and
-    as a JSON ``error`` object with ``as_json``); None when ``exc`` should go on up with its
-    traceback: it is no Exception, or PILOT_DEBUG asks for the traceback of a bug."""
+    as a JSON ``error`` object with ``as_json``: on stdout, unless ``stdout_is_data``, as for
+    :func:`_say_error`); None when ``exc`` should go on up with its traceback: it is no
+    Exception, or PILOT_DEBUG asks for the traceback of a bug."""
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     if isinstance(exc, KeyboardInterrupt):
-        return interrupted(as_json)
+        return interrupted(as_json, stdout_is_data)
     if isinstance(exc, BrokenPipeError):
         # Nobody reads our output any more: end quietly, as a Unix tool does.
         _stdout_to_devnull()
         return EXIT_PIPE
     if isinstance(exc, errors.PilotError):
         code = exit_code(exc)
-        _report(exc, as_json, code)
+        _report(exc, as_json, code, stdout_is_data)
         return code
     if isinstance(exc, OSError):
         _report(OSError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")),
-                as_json, EXIT_ERROR)
+                as_json, EXIT_ERROR, stdout_is_data)
         return EXIT_ERROR
     if not isinstance(exc, Exception) or os.environ.get("PILOT_DEBUG"):
         return None
     _report(RuntimeError(f"internal error: {type(exc).__name__}: {exc} (run with "
-                         "PILOT_DEBUG=1 for the traceback)"), as_json, EXIT_BUG)
+                         "PILOT_DEBUG=1 for the traceback)"), as_json, EXIT_BUG, stdout_is_data)
     return EXIT_BUG
