@@ -32,6 +32,7 @@ from pilot_agents.integrations.mcp.remote import (
     Control,
     McpConfig,
     McpServer,
+    RemoteSession,
     SessionEvent,
     _Session,
     connect,
@@ -725,3 +726,44 @@ async def test_a_client_that_reads_nothing_holds_up_no_other_session(tmp_path: P
         finally:
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+
+
+SERIAL_SERVER = (  # reads its next message once it has answered the last, as many do
+    "import json, sys, time\n"
+    "for line in sys.stdin:\n"
+    "    message = json.loads(line)\n"
+    "    if message.get('method') == 'sleep':\n"
+    "        time.sleep(message['params']['seconds'])\n"
+    "    if 'id' in message:\n"
+    "        print(json.dumps({'jsonrpc': '2.0', 'id': message['id'], 'result': {}}), "
+    "flush=True)\n")
+
+
+async def test_a_server_that_reads_nothing_holds_up_only_its_own_session(tmp_path: Path) -> None:
+    """A message to a server busy with a long call was written from the loop that reads every
+    session's messages, which then waited up to write_timeout for it to be read: every other
+    session stalled that long (an audit)."""
+    config = McpConfig(write_timeout=4, stop_grace=0.5)
+    async with server_and_two_clients(tmp_path) as (s, a, b):
+        server = McpServer(s, 9301, [sys.executable, "-c", SERIAL_SERVER], config=config)
+        async with (running(server), RemoteSession(a, s.node_id, 9301) as busy,
+                    RemoteSession(b, s.node_id, 9301) as other):
+            await busy.send(b'{"jsonrpc": "2.0", "id": 1, "method": "sleep", '
+                            b'"params": {"seconds": 30}}')
+            # more than its stdin's pipe holds: written, it waits for the server to read it
+            await busy.send(b'{"jsonrpc": "2.0", "method": "notifications/big", "params": '
+                            b'{"pad": "%s"}}' % (b"x" * 2**20))
+            worst, until, ping = 0.0, time.monotonic() + 6, 100
+            while time.monotonic() < until:
+                ping += 1
+                sent = time.monotonic()
+                await other.send(b'{"jsonrpc": "2.0", "id": %d, "method": "ping"}' % ping)
+                async with asyncio.timeout(10):
+                    assert json.loads(await other.receive())["id"] == ping
+                worst = max(worst, time.monotonic() - sent)
+                await asyncio.sleep(0.1)
+            assert worst < 2, f"a ping took {worst:.1f} s"
+            # and the busy one's session ends at write_timeout, as before, saying why
+            with pytest.raises(McpSessionError, match="the MCP server read nothing for 4 s"):
+                async with asyncio.timeout(10):
+                    await busy.receive()

@@ -463,6 +463,10 @@ class _Session:
     messages_in: int = 0
     messages_out: int = 0
     stderr_tail: bytearray = field(default_factory=bytearray)
+    # The client's messages its process has yet to be given (by _write_to_server), and their
+    # size, which max_message_bytes bounds.
+    to_server: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    to_server_bytes: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     ended: bool = False
 
@@ -555,7 +559,7 @@ class McpServer:
         session.way_back = message
         session.last_heard = time.monotonic()
         if kind is None:
-            await self._to_server(session, message.data)
+            self._queue_to_server(session, message.data)
         elif kind[0] == Control.END:
             self._end_soon(session, kind[1] or "the client closed the session", tell=False)
 
@@ -634,6 +638,7 @@ class McpServer:
         # again on a stream full of unread replies held for UNREAD_REPLIES_TIMEOUT each time.
         session.tasks = [asyncio.create_task(self._ready(session)),
                          asyncio.create_task(self._from_server(session)),
+                         asyncio.create_task(self._write_to_server(session)),
                          asyncio.create_task(self._read_stderr(session)),
                          asyncio.create_task(self._watch(session)),
                          asyncio.create_task(self._reap(session))]
@@ -643,21 +648,44 @@ class McpServer:
         if not await self._reply(session, control(Control.READY)):
             self._end_soon(session, "the client went away", tell=False)
 
-    async def _to_server(self, session: _Session, data: bytes) -> None:
-        stdin = session.proc.stdin
-        assert stdin is not None
-        if len(data) > self.config.max_message_bytes:
+    def _queue_to_server(self, session: _Session, data: bytes) -> None:
+        """``data`` for the session's process, written by the session's own writer: this loop
+        reads every session's messages, and a process that reads none must hold up only its
+        own session (a single-threaded server busy with a long call reads nothing)."""
+        limit = self.config.max_message_bytes
+        if len(data) > limit:
             self._end_soon(session, f"the client sent a message of {len(data)} bytes, more "
-                           f"than {self.config.max_message_bytes}")
+                           f"than {limit}")
+            return
+        # Bounded: a client may send on while its server reads nothing (for up to
+        # write_timeout), and all it sent would wait here. One message always fits.
+        if session.to_server_bytes and session.to_server_bytes + len(data) > limit:
+            self._end_soon(session, f"the MCP server reads too slowly: more than {limit} bytes "
+                           "of its client's messages waited for it")
             return
         session.messages_in += 1
         session.last_traffic = time.monotonic()
+        session.to_server.put_nowait(data)
+        session.to_server_bytes += len(data)
+
+    async def _write_to_server(self, session: _Session) -> None:
+        while True:
+            data = await session.to_server.get()
+            session.to_server_bytes -= len(data)
+            if not await self._to_server(session, data):
+                return
+
+    async def _to_server(self, session: _Session, data: bytes) -> bool:
+        """Write one message to the process's stdin; False once the session is over for it
+        (the process read nothing for write_timeout)."""
+        stdin = session.proc.stdin
+        assert stdin is not None
         # JSON text holds line breaks only as whitespace (in a string they are escaped): as
         # spaces they keep its meaning, and the message stays the one line a stdio server
         # reads as one message.
         data = data.replace(b"\r", b" ").replace(b"\n", b" ")
         if stdin.is_closing():
-            return  # it exited (writing would raise RuntimeError on uvloop): as below
+            return True  # it exited (writing would raise RuntimeError on uvloop): as below
         try:
             stdin.write(data + b"\n")
             async with asyncio.timeout(self.config.write_timeout):
@@ -665,8 +693,10 @@ class McpServer:
         except TimeoutError:
             self._end_soon(session, f"the MCP server read nothing for "
                            f"{self.config.write_timeout:g} s")
+            return False
         except (BrokenPipeError, ConnectionResetError):
             pass  # it exited: _from_server sees its stdout end and says so
+        return True
 
     async def _from_server(self, session: _Session) -> None:
         stdout = session.proc.stdout
