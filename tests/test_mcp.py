@@ -350,6 +350,12 @@ def test_config_bounds_are_checked() -> None:
         McpConfig(max_message_bytes=2**30)
     assert_one_line_error(cli(None, "mcp", "connect", "beta:80", "--max-message-bytes",
                               str(2**30), input=""), 2, "at most 67108864")
+    # only the option that is wrong is named, where one message listed three
+    line = assert_one_line_error(cli(None, "mcp", "serve", "--max-message-bytes", "10", "--",
+                                     "cat"), 2, "max_message_bytes must be at least 1024, not 10")
+    assert "max_sessions" not in line and "stderr_tail_bytes" not in line
+    with pytest.raises(PilotError, match=r"^McpConfig.max_sessions must be at least 1, not 0$"):
+        McpConfig(max_sessions=0)
 
 
 class TimeState(TypedDict, total=False):

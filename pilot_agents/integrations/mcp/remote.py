@@ -68,9 +68,11 @@ class McpConfig:
     stderr_tail_bytes: int = 1024  # the end of a server's stderr told to its client if it dies
 
     def __post_init__(self) -> None:
-        if self.max_message_bytes < 1024 or self.max_sessions < 1 or self.stderr_tail_bytes < 0:
-            raise ConfigError("McpConfig: max_message_bytes must be at least 1024, max_sessions "
-                              "at least 1, stderr_tail_bytes at least 0")
+        for name, least in (("max_message_bytes", 1024), ("max_sessions", 1),
+                            ("stderr_tail_bytes", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"McpConfig.{name} must be at least {least}, not "
+                                  f"{getattr(self, name)}")
         if self.max_message_bytes > MAX_MESSAGE:
             # A larger message resets its stream in the tunnel, which the serving side could
             # only tell its client as "the client went away".
