@@ -394,6 +394,22 @@ async def test_mcp_tool_is_a_langgraph_step(servers: Path) -> None:
         assert time.monotonic() < deadline
 
 
+async def test_mcp_tool_starts_a_server_that_died_idle_again(servers: Path) -> None:
+    """Its death was seen only when a call failed on it: the call after a server died between
+    calls failed with "Connection closed", where docs/mcp.md says it is started again."""
+    from pilot_agents.integrations.mcp import McpTool
+
+    tool = McpTool({"command": server_command(servers, "mcp-server-time"),
+                    "args": ["--local-timezone", "Pacific/Auckland"]}, "get_current_time",
+                   args_from_state={"timezone": "tz"}, result_key="now", timeout=30)
+    assert (await tool.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"
+    (server,) = [pid for pid in children(os.getpid())
+                 if b"Pacific/Auckland" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(server, signal.SIGKILL)
+    await asyncio.sleep(1)  # dead, between calls
+    assert (await tool.ainvoke({"tz": "UTC"}))["now"]["timezone"] == "UTC"  # the first call
+
+
 async def test_a_server_that_dies_at_start_says_why_in_the_tool_s_error() -> None:
     """The commonest mistake, a setting the server needs and did not get, read only
     'unhandled errors in a TaskGroup (1 sub-exception)'; the reason was in the log alone."""

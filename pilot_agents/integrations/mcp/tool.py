@@ -19,7 +19,10 @@ from ...errors import ConfigError, McpToolError, MissingStateKeyError, PilotTime
 from .remote import innermost
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
     from mcp import ClientSession, StdioServerParameters
+    from mcp.client._transport import ReadStream
+    from mcp.shared.message import SessionMessage
     from mcp_types import CallToolResult
 
 log = logging.getLogger("pilot_agents.integrations.mcp")
@@ -86,30 +89,57 @@ class _StdioServers:
         try:
             return await session.call_tool(tool, arguments)
         except MCPError as exc:  # no such tool, bad arguments, the server gone
-            if exc.error.code == CONNECTION_CLOSED and self._sessions.get(key) is ready:
+            if exc.error.code == CONNECTION_CLOSED:
                 self._gone[key].set()  # its process died: the next call starts a new one
-                del self._sessions[key]
+                self._forget(key, ready)
             raise McpToolError(f"MCP tool {tool} of {params.command}: {exc}") from None
+
+    def _forget(self, key: str, ready: asyncio.Future[ClientSession]) -> None:
+        """The server ``ready`` stands for is gone: the next call starts another."""
+        if self._sessions.get(key) is ready:
+            del self._sessions[key]
 
     async def _host(self, key: str, params: StdioServerParameters,
                     ready: asyncio.Future[ClientSession], start_timeout: float) -> None:
         """Runs the server while this process runs; if it fails to start (in time) or dies,
         the next call starts it again."""
+        import anyio
         from mcp import ClientSession, stdio_client
+        from mcp.shared.message import SessionMessage
 
         gone = self._gone[key] = asyncio.Event()
         stderr = await _StderrTail.open()
+
+        async def watch(read: ReadStream[SessionMessage | Exception],
+                        to_session: MemoryObjectSendStream[SessionMessage | Exception]) -> None:
+            """The server's messages to its session, and its stdout's end, which is its death
+            (or as good): seen only by a call failing, a server that died between calls
+            failed the next call too, where it should have been started again."""
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                async with to_session:
+                    async for message in read:
+                        await to_session.send(message)
+            gone.set()
+            self._forget(key, ready)
+
         try:
-            async with (stdio_client(params, errlog=stderr.writer) as streams,
-                        ClientSession(*streams) as session):
+            async with stdio_client(params, errlog=stderr.writer) as (read, write):
+                to_session, session_reads = anyio.create_memory_object_stream[
+                    SessionMessage | Exception](0)
+                watching = asyncio.create_task(watch(read, to_session))
                 try:
-                    async with asyncio.timeout(start_timeout):
-                        await session.initialize()
-                except TimeoutError:
-                    raise McpToolError(f"it did not answer 'initialize' within "
-                                       f"{start_timeout:g} s") from None
-                ready.set_result(session)
-                await gone.wait()
+                    async with ClientSession(session_reads, write) as session:
+                        try:
+                            async with asyncio.timeout(start_timeout):
+                                await session.initialize()
+                        except TimeoutError:
+                            raise McpToolError(f"it did not answer 'initialize' within "
+                                               f"{start_timeout:g} s") from None
+                        ready.set_result(session)
+                        await gone.wait()
+                finally:
+                    watching.cancel()
+                    session_reads.close()
         except Exception as exc:
             said = await stderr.last_words()
             why = f"{innermost(exc)}" + (f"; its stderr ended with: {said}" if said else "")
@@ -120,8 +150,7 @@ class _StdioServers:
                 log.warning("the MCP server %s ended: %s", params.command, why)
         finally:
             stderr.close()
-            if self._sessions.get(key) is ready:
-                del self._sessions[key]
+            self._forget(key, ready)
 
 
 class _StderrTail(asyncio.Protocol):
