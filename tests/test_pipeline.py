@@ -302,6 +302,30 @@ def test_validate_cli(tmp_path: Path) -> None:
     assert_one_line_error(cli(None, "validate", str(tmp_path / "none.yaml")), 2, "cannot read")
 
 
+def test_an_alias_inside_the_value_it_names_is_refused(tmp_path: Path) -> None:
+    """A recursive structure: every walk of the file (its lines, its variables) followed it
+    until Python's recursion limit, and validate failed with an internal error (exit 70)."""
+    assert problems("""\
+        agents:
+          a:
+            steps: &s
+              - {python: "m:f", args: {x: *s}}
+        """) == ["p.yaml:4: recursive alias *s: it is inside the value it names, which would "
+                 "never end"]
+    assert problems("""\
+        agents: &a
+          a:
+            steps:
+              - {python: "m:f", args: {x: *a}}
+        """)[0].startswith("p.yaml:4: recursive alias *a:")
+    deep = "[" * 1000 + "]" * 1000
+    assert problems(f"agents:\n  a:\n    input: {{x: {deep}}}\n    steps: [{{python: m:f}}]\n") \
+        == ["p.yaml:3: nested more than 100 levels deep"]
+    file = tmp_path / "p.yaml"
+    file.write_text("agents:\n  a:\n    steps: &s\n      - {python: m:f, args: {x: *s}}\n")
+    assert_one_line_error(cli(None, "validate", str(file)), 2, f"{file}:4: recursive alias *s")
+
+
 def test_graph_of_each_agent_without_the_network() -> None:
     loaded = load(EXAMPLE)
     graph = build_graph(loaded, "analyzer")

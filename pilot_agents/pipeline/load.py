@@ -17,6 +17,9 @@ from .schema import DOTTED, HOST_PORT, NAME, STEP_ID, STEP_KINDS, Pipeline
 from .variables import Expander, port_env
 
 MAX_FILE_BYTES = 1 << 20  # a pipeline file is a description, not data
+# Levels of nesting: PyYAML, the checks and the expansion of variables all recurse into a
+# value, and Python's stack is not the bound a user should meet (as an internal error).
+MAX_DEPTH = 100
 
 
 PATTERNS = {
@@ -70,6 +73,42 @@ class LoadedPipeline:
     @property
     def name(self) -> str:
         return self.spec.name or self.path.stem
+
+
+class _Refused(Exception):
+    """Valid YAML that this loader does not expand, at the line of ``event``."""
+
+    def __init__(self, event: yaml.Event, message: str) -> None:
+        super().__init__(message)
+        self.line = event.start_mark.line + 1 if event.start_mark else 1
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what would take it without bound: an alias inside the
+    value it names (a recursive structure, which every walk of the file would follow for
+    ever) and nesting deeper than MAX_DEPTH."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.composed: set[int] = set()  # id() of each node composed to its end
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.check_event()  # the next event, in current_event (peek_event is untyped)
+        event: yaml.Event = self.current_event
+        if isinstance(event, yaml.AliasEvent):
+            named = self.anchors.get(event.anchor)
+            if named is not None and id(named) not in self.composed:
+                raise _Refused(event, f"recursive alias *{event.anchor}: it is "
+                               "inside the value it names, which would never end")
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Refused(event, f"nested more than {MAX_DEPTH} levels deep")
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        self.composed.add(id(node))
+        return node
 
 
 class _Lines:
@@ -158,9 +197,12 @@ def _step_keys_hint(step: dict[Any, Any]) -> str:
 def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> LoadedPipeline:
     """Validate the pipeline ``text`` read from ``file``, its variables expanded from
     ``environ`` (default: this process's); InvalidPipeline lists what is wrong."""
+    loader = _Loader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
+    except _Refused as exc:
+        raise InvalidPipeline([Problem(file, exc.line, "", str(exc))]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -168,6 +210,8 @@ def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> Loa
             from None
     except yaml.YAMLError as exc:
         raise InvalidPipeline([Problem(file, 1, "", f"not valid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
     if root is None or not isinstance(data, dict):
         raise InvalidPipeline([Problem(file, 1, "", "a pipeline file is a mapping with at least "
                                        "'agents:'")])
