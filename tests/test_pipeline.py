@@ -326,6 +326,32 @@ def test_an_alias_inside_the_value_it_names_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(cli(None, "validate", str(file)), 2, f"{file}:4: recursive alias *s")
 
 
+def aliases_of_aliases(levels: int) -> str:
+    """A pipeline whose input is a "billion laughs": each level nine aliases of the last."""
+    lines = ["agents:", "  a:", "    steps: [{python: m:f}]", "    input:",
+             '      a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"      a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_aliases_that_expand_past_the_limit_are_refused(tmp_path: Path) -> None:
+    """Each level multiplies the values by 9: ten levels in 500 bytes held validate and run for
+    ever, their memory growing 8-fold a level. Refused at the alias that goes past
+    MAX_ALIAS_VALUES, at once; aliases under it still expand."""
+    from pilot_agents.pipeline.load import MAX_ALIAS_VALUES
+
+    assert 9 ** 5 < MAX_ALIAS_VALUES < 9 ** 6
+    input_ = parse(aliases_of_aliases(5), "p.yaml").spec.agents["a"].input
+    assert input_["a4"][8][8][8][8] == ["x"] * 9
+    assert problems(aliases_of_aliases(6)) == [
+        "p.yaml:10: *a4: with it the file's aliases expand to more than 100,000 values (each "
+        "alias is a copy of the value it names), a pipeline file's limit"]
+    file = tmp_path / "p.yaml"
+    file.write_text(aliases_of_aliases(10))
+    assert_one_line_error(cli(None, "validate", str(file), timeout=20), 2,
+                          f"{file}:10: *a4: with it the file's aliases expand")
+
+
 def test_graph_of_each_agent_without_the_network() -> None:
     loaded = load(EXAMPLE)
     graph = build_graph(loaded, "analyzer")

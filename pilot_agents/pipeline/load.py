@@ -20,6 +20,10 @@ MAX_FILE_BYTES = 1 << 20  # a pipeline file is a description, not data
 # Levels of nesting: PyYAML, the checks and the expansion of variables all recurse into a
 # value, and Python's stack is not the bound a user should meet (as an internal error).
 MAX_DEPTH = 100
+# Values the aliases of a file may add to it, in all: each alias stands for a copy of the value
+# it names, so a few hundred bytes of aliases of aliases ("billion laughs") would expand to
+# billions of values, each walk of the file taking memory and time in proportion.
+MAX_ALIAS_VALUES = 100_000
 
 
 PATTERNS = {
@@ -86,11 +90,15 @@ class _Refused(Exception):
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing what would take it without bound: an alias inside the
     value it names (a recursive structure, which every walk of the file would follow for
-    ever) and nesting deeper than MAX_DEPTH."""
+    ever), aliases that expand to more than MAX_ALIAS_VALUES values, and nesting deeper than
+    MAX_DEPTH."""
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
-        self.composed: set[int] = set()  # id() of each node composed to its end
+        # id() of each node composed to its end -> the values it stands for, its aliases
+        # expanded: an alias adds those of the value it names, known without expanding it
+        self.sizes: dict[int, int] = {}
+        self.aliased = 0  # values the aliases composed so far add to the file
         self.depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
@@ -98,16 +106,28 @@ class _Loader(yaml.SafeLoader):
         event: yaml.Event = self.current_event
         if isinstance(event, yaml.AliasEvent):
             named = self.anchors.get(event.anchor)
-            if named is not None and id(named) not in self.composed:
-                raise _Refused(event, f"recursive alias *{event.anchor}: it is "
-                               "inside the value it names, which would never end")
+            if named is not None:
+                if id(named) not in self.sizes:
+                    raise _Refused(event, f"recursive alias *{event.anchor}: it is "
+                                   "inside the value it names, which would never end")
+                self.aliased += self.sizes[id(named)]
+                if self.aliased > MAX_ALIAS_VALUES:
+                    raise _Refused(event, f"*{event.anchor}: with it the file's aliases expand "
+                                   f"to more than {MAX_ALIAS_VALUES:,} values (each alias is a "
+                                   "copy of the value it names), a pipeline file's limit")
             return super().compose_node(parent, index)
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _Refused(event, f"nested more than {MAX_DEPTH} levels deep")
         node = super().compose_node(parent, index)
         self.depth -= 1
-        self.composed.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            inner: list[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            inner = [part for pair in node.value for part in pair]
+        else:
+            inner = []
+        self.sizes[id(node)] = 1 + sum(self.sizes[id(part)] for part in inner)
         return node
 
 
