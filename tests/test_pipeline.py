@@ -352,6 +352,22 @@ def test_aliases_that_expand_past_the_limit_are_refused(tmp_path: Path) -> None:
                           f"{file}:10: *a4: with it the file's aliases expand")
 
 
+def test_the_beacon_field_is_checked_as_the_daemons_take_it(tmp_path: Path) -> None:
+    """`beacon: nonsense` passed validate, and run failed later, every agent's daemon refusing
+    it."""
+    agents = "agents:\n  a: {steps: [{python: m:f}]}\n"
+    assert problems(f"beacon: nonsense\n{agents}") == [
+        "p.yaml:1: beacon: 'nonsense': expected KEY@HOST:PORT or HOST:PORT"]
+    assert problems(f"beacon: 'NOTAKEY@127.0.0.1:9000'\n{agents}") == [
+        "p.yaml:1: beacon: 'NOTAKEY' in 'NOTAKEY@127.0.0.1:9000' is not a beacon key (a node id)"]
+    for beacon in ("127.0.0.1:9000", "beacon.example:9000,10.0.0.2:9000"):
+        assert parse(f"beacon: '{beacon}'\n{agents}", "p.yaml").spec.beacon == beacon
+    file = tmp_path / "p.yaml"
+    file.write_text(f"beacon: nonsense\n{agents}")
+    assert_one_line_error(cli(None, "validate", str(file)), 2,
+                          f"{file}:1: beacon: 'nonsense': expected KEY@HOST:PORT or HOST:PORT")
+
+
 def test_graph_of_each_agent_without_the_network() -> None:
     loaded = load(EXAMPLE)
     graph = build_graph(loaded, "analyzer")

@@ -23,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import FieldValueError, FieldValueErrors
+from ..addressing import parse_beacon_list
+from ..errors import ConfigError, FieldValueError, FieldValueErrors
 from ..transport import DEFAULT_PORT
 
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: what the beacon registers
@@ -321,6 +322,18 @@ class Pipeline(Strict):
     settings: Settings = Settings()
     services: dict[Annotated[StrictStr, Field(pattern=NAME)], Service] = {}
     agents: Annotated[dict[StrictStr, Agent], Field(min_length=1)]
+
+    @field_validator("beacon")
+    @classmethod
+    def _beacon(cls, beacon: str | None) -> str | None:
+        # As the daemons the run starts take it (their --beacon), so a typo is the file's
+        # error at its line rather than every agent's failure to start.
+        if beacon is not None:
+            try:
+                parse_beacon_list(beacon, given_as="")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return beacon
 
     @field_validator("agents")
     @classmethod
