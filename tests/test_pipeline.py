@@ -271,6 +271,30 @@ def test_variables_expand_before_validation(tmp_path: Path) -> None:
         .mcp_servers["db"].command == "/t/db"
 
 
+def test_every_variable_error_is_reported_with_the_file_s_other_problems() -> None:
+    """Only the first variable that did not expand was reported, and nothing else of the
+    file. A string whose variable does not expand is not checked as written either: its
+    error would only say the same again (not a hostname, here)."""
+    assert problems("""\
+        agents:
+          a:
+            hostname: "${PIPELINE_TEST_UNSET_HOST}"
+            steps:
+              - {python: "m:f", args: {p: "${PIPELINE_TEST_UNSET_A}"}}
+              - {python: "m:f", args: {p: "${PIPELINE_TEST_UNSET_B}"}}
+              - {pilot_send: {to: zz, port: "1"}}
+        """) == [
+        "p.yaml:3: agents.a.hostname: ${PIPELINE_TEST_UNSET_HOST}: the environment variable "
+        "PIPELINE_TEST_UNSET_HOST is not set (give a default with "
+        "${PIPELINE_TEST_UNSET_HOST:-DEFAULT})",
+        "p.yaml:5: agents.a.steps.0.args.p: ${PIPELINE_TEST_UNSET_A}: the environment variable "
+        "PIPELINE_TEST_UNSET_A is not set (give a default with ${PIPELINE_TEST_UNSET_A:-DEFAULT})",
+        "p.yaml:6: agents.a.steps.1.args.p: ${PIPELINE_TEST_UNSET_B}: the environment variable "
+        "PIPELINE_TEST_UNSET_B is not set (give a default with ${PIPELINE_TEST_UNSET_B:-DEFAULT})",
+        "p.yaml:7: agents.a.steps.2.pilot_send.port: Input should be a valid integer",
+    ]
+
+
 def test_the_full_example_is_valid() -> None:
     loaded = load(FULL_EXAMPLE, {})
     spec = loaded.spec

@@ -155,6 +155,11 @@ class _Lines:
             for i, item in enumerate(node.value):
                 self._check(item, (*path, i))
 
+    def problem(self, loc: Sequence[str | int], message: str) -> Problem:
+        """``message`` about the field at ``loc``, placed where the file has it."""
+        line, where = self.locate(loc)
+        return Problem(self.file, line, _dotted(where), message)
+
     def locate(self, loc: Sequence[str | int]) -> tuple[int, tuple[str | int, ...]]:
         """The line of the deepest node of ``loc`` present in the file, and ``loc`` as the file
         spells it (pydantic's union tags and ``[key]`` markers dropped)."""
@@ -180,6 +185,20 @@ class _Lines:
             node = child
             path.append(part)
         return line, tuple(path)
+
+
+def _schema_problems(exc: ValidationError, lines: _Lines) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc: tuple[str | int, ...] = tuple(error["loc"])
+        cause = (error.get("ctx") or {}).get("error")
+        causes = cause.errors if isinstance(cause, FieldValueErrors) else [cause]
+        for one in causes:
+            if isinstance(one, FieldValueError):
+                problems.append(lines.problem(loc + one.path, str(one)))
+            else:
+                problems.append(lines.problem(loc, _message(error)))
+    return problems
 
 
 def _dotted(path: Sequence[str | int]) -> str:
@@ -240,27 +259,20 @@ def parse(text: str, file: str, environ: Mapping[str, str] | None = None) -> Loa
         raise InvalidPipeline(lines.duplicates)
     path = Path(file).resolve()
     expander = Expander(path.parent) if environ is None else Expander(path.parent, environ)
-    try:
-        data = expander.value(data)
-    except FieldValueError as exc:
-        line, where = lines.locate(exc.path)
-        raise InvalidPipeline([Problem(file, line, _dotted(where), str(exc))]) from None
+    unexpanded: list[FieldValueError] = []
+    data = expander.value(data, unexpanded)
+    problems = [lines.problem(one.path, str(one)) for one in unexpanded]
+    # A string left as written is not what the file means: what the schema says of it (not a
+    # port, not a hostname) would only repeat that its variable did not expand.
+    unexpanded_fields = {problem.field for problem in problems}
     try:
         spec = Pipeline.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc: tuple[str | int, ...] = tuple(error["loc"])
-            cause = (error.get("ctx") or {}).get("error")
-            causes = cause.errors if isinstance(cause, FieldValueErrors) else [cause]
-            for one in causes:
-                if isinstance(one, FieldValueError):
-                    line, where = lines.locate(loc + one.path)
-                    problems.append(Problem(file, line, _dotted(where), str(one)))
-                else:
-                    line, where = lines.locate(loc)
-                    problems.append(Problem(file, line, _dotted(where), _message(error)))
-        raise InvalidPipeline(problems) from None
+        problems += [problem for problem in _schema_problems(exc, lines)
+                     if not any(problem.field == f or problem.field.startswith(f"{f}.")
+                                for f in unexpanded_fields)]
+    if problems:
+        raise InvalidPipeline(problems)
     return LoadedPipeline(path, spec, expander.ports)
 
 

@@ -108,16 +108,19 @@ class Expander:
         out.append(text[i:])
         return "".join(out)
 
-    def value(self, value: Any, path: tuple[str | int, ...] = ()) -> Any:
-        """``value`` (the loaded YAML) with every string expanded; an error is a
-        :class:`FieldValueError` naming the string's path."""
+    def value(self, value: Any, errors: list[FieldValueError],
+              path: tuple[str | int, ...] = ()) -> Any:
+        """``value`` (the loaded YAML) with every string expanded. A string that does not
+        expand is left as written and its error, a :class:`FieldValueError` naming its path,
+        added to ``errors``: the file's other problems are found and reported with it."""
         if isinstance(value, dict):
-            return {k: self.value(v, (*path, k)) for k, v in value.items()}
+            return {k: self.value(v, errors, (*path, k)) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.value(v, (*path, i)) for i, v in enumerate(value)]
+            return [self.value(v, errors, (*path, i)) for i, v in enumerate(value)]
         if not isinstance(value, str) or "$" not in value:
             return value
         try:
             return self.string(value)
         except ValueError as exc:
-            raise FieldValueError(path, str(exc)) from None
+            errors.append(FieldValueError(path, str(exc)))
+            return value
