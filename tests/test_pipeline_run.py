@@ -619,18 +619,23 @@ def test_a_failed_agent_s_whole_stderr_is_kept_in_a_log(tmp_path: Path) -> None:
         shutil.rmtree(logs, ignore_errors=True)
 
 
-def one_step_failure(tmp_path: Path, name: str, source: str) -> str:
+def one_step_failure_events(tmp_path: Path, name: str, source: str) -> list[dict[str, Any]]:
     """Run a pipeline of one agent whose one step is ``name``, defined by ``source`` in
-    ``name``.py; the error its failure is summarised with."""
+    ``name``.py, which fails; its events."""
     (tmp_path / f"{name}.py").write_text(source)
     (tmp_path / "p.yaml").write_text(
-        f'agents:\n  a: {{steps: [{{python: "{name}:{name}"}}]}}\n')
+        f'agents:\n  a: {{steps: [{{id: {name}, python: "{name}:{name}"}}]}}\n')
     result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr
-    agent = events_of(result.stdout)[-1]["agents"]["a"]
-    assert agent["status"] == "failed"
-    return str(agent["error"])
+    events = events_of(result.stdout)
+    assert events[-1]["agents"]["a"]["status"] == "failed"
+    return events
+
+
+def one_step_failure(tmp_path: Path, name: str, source: str) -> str:
+    """The error the failure of :func:`one_step_failure_events`'s step is summarised with."""
+    return str(one_step_failure_events(tmp_path, name, source)[-1]["agents"]["a"]["error"])
 
 
 def test_an_event_line_too_long_to_read_fails_its_agent(tmp_path: Path) -> None:
@@ -649,3 +654,18 @@ def test_a_step_raising_a_huge_message_fails_with_its_beginning_and_end(tmp_path
                              "    raise ValueError('start ' + 'x' * 2_000_000 + ' end')\n")
     assert "ValueError: start xxx" in error and "characters left out" in error
     assert error.endswith("xxx end") and len(error) < 20_000
+
+
+@pytest.mark.parametrize("source, said", [
+    ("import sys\ndef leave(state):\n    sys.exit(3)\n", "SystemExit: 3"),
+    ("async def leave(state):\n    raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+], ids=["sys.exit", "async-KeyboardInterrupt"])
+def test_a_step_that_exits_fails_naming_itself(tmp_path: Path, source: str, said: str) -> None:
+    """SystemExit and KeyboardInterrupt are not Exceptions: asyncio raised them out of the
+    agent's event loop, which failed with "RuntimeError: athrow(): asynchronous generator is
+    already running" and no event of the step's failure."""
+    events = one_step_failure_events(tmp_path, "leave", source)
+    error = f"step leave: leave:leave raised {said}"
+    assert [(e["step"], e["status"], e.get("error")) for e in events if e["event"] == "step"] \
+        == [("leave", "start", None), ("leave", "failed", error)]
+    assert events[-1]["agents"]["a"]["error"] == error
