@@ -4,6 +4,7 @@ Ctrl-C leaves no daemon; --agent runs one agent of the file."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import email
 import email.message
@@ -365,6 +366,42 @@ def test_a_reader_that_goes_away_leaves_nothing_running(tmp_path: Path) -> None:
     assert not alive(service) and not alive(events[-1]["pid"])
     assert not [p for p in Path("/proc").glob("[0-9]*")
                 if run_dir.encode() in _cmdline(p) and alive(int(p.name), 0)]
+
+
+@pytest.mark.parametrize("then", ["return {'x': 1}", "raise ValueError('gave up')"],
+                         ids=["ok", "failed"])
+def test_a_program_a_step_leaves_running_ends_with_its_agent(tmp_path: Path, then: str) -> None:
+    """A step that starts a program in the background (which inherits the agent's stderr) and
+    ends: the run waited for the end of that pipe, the program's, until its own deadline,
+    printed asyncio's "Exception ignored ... Event loop is closed" and left the program
+    running. The run ends with its agent, and the rest of the agent's session is stopped."""
+    (tmp_path / "bg.py").write_text(textwrap.dedent(f"""\
+        import subprocess
+        def start(state):
+            child = subprocess.Popen(["sleep", "300"])
+            with open("child.pid", "w") as f:
+                f.write(str(child.pid))
+            {then}
+        """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        settings: {timeout: 20, startup_timeout: 20, shutdown_timeout: 3}
+        agents:
+          a: {steps: [{python: "bg:start"}]}
+        """))
+    begun = time.monotonic()
+    result = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    took = time.monotonic() - begun
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        assert result.returncode == (0 if then.startswith("return") else 1), result.stderr
+        assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, \
+            result.stderr
+        assert took < 15, f"the run took {took:.1f} s"  # its deadline: 43 s
+        assert not alive(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def _cmdline(proc: Path) -> bytes:

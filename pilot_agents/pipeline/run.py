@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -60,6 +60,7 @@ EVENT_LINE_LIMIT = 1 << 20  # bytes of one event line read from an agent process
 # whole document, say) is reported by its beginning and end, not failed for a line too long.
 ERROR_TEXT_LIMIT = 16 * 1024
 FOLLOW_GRACE = 5.0  # seconds to read an ended agent's last output (its pipes may outlive it)
+GROUP_POLL = 0.05  # seconds between looks at whether an ended process's session is empty
 STDERR_LINES = 20  # lines of an agent process's stderr kept for its failure's message
 STDERR_LOG_BYTES = 8 << 20  # of a process's stderr written to its log; then only its last lines
 STDERR_LINE_BYTES = 4096  # of one stderr line kept for a failure's message (its end)
@@ -342,11 +343,44 @@ class AgentProcess:
     home: Path
     proc: asyncio.subprocess.Process
     log: Path  # all of its stderr (up to STDERR_LOG_BYTES)
+    # The end of its stderr: why it failed when it could not say so in an event.
+    stderr: deque[str]
+    reader: asyncio.Task[None]  # of its stderr (_keep_stderr)
     status: str = "starting"
     error: str | None = None
-    # The end of its stderr: why it failed when it could not say so in an event.
-    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
     event_too_long: bool = False  # it wrote an event line the run could not read
+
+
+def _tail() -> deque[str]:
+    return deque(maxlen=STDERR_LINES)
+
+
+async def _spawn(args: Sequence[str], log: Path, tail: deque[str],
+                 **options: Any) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    """``args`` started in a session of its own, and the task keeping its stderr in ``log``
+    and ``tail`` (:func:`_keep_stderr`). Its stderr is a pipe of ours, not asyncio's: a
+    program the process starts and leaves running holds the pipe open, and asyncio's pipes
+    would keep the process's wait() (on 3.11) and the transport waiting for that program's
+    end; ours is closed once read, or once the reading is given up."""
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()
+    reader = asyncio.StreamReader()
+    try:
+        # Connected before the start: a cancel after it must find the process tracked.
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", 0))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stderr=write_end,
+                start_new_session=True, **options)
+        except BaseException:
+            transport.close()
+            raise
+    finally:
+        os.close(write_end)
+    task = asyncio.create_task(_keep_stderr(reader, log, tail))
+    task.add_done_callback(lambda _: transport.close())
+    return proc, task
 
 
 async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -373,8 +407,8 @@ class ServiceProcess:
     name: str
     proc: asyncio.subprocess.Process
     log: Path  # all of its stderr (up to STDERR_LOG_BYTES)
-    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
-    reader: asyncio.Task[None] | None = None
+    stderr: deque[str]
+    reader: asyncio.Task[None]  # of its stderr (_keep_stderr)
 
 
 async def _answers(ready: Ready) -> bool:
@@ -414,10 +448,7 @@ async def _until_ready(service: ServiceProcess, ready: Ready) -> None:
                             f"{ready.timeout:g} s (services.{service.name}.ready.timeout)") \
             from None
     if proc.returncode is not None:
-        if service.reader is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FOLLOW_GRACE):
-                    await service.reader
+        await _finish_reading(service.reader)
         said = next((line for line in reversed(service.stderr) if line.strip()), "")
         raise PipelineError(f"service {service.name} exited with status {proc.returncode} "
                             f"before it was ready: {said or 'it said nothing'} (all its "
@@ -429,17 +460,15 @@ async def start_service(name: str, service: Service, folder: Path, environ: Mapp
     """Start ``service`` in ``folder`` and wait until it is ready; PipelineError (with the end
     of its stderr; all of it is in ``logs``/service-NAME.log) if it exits or is not ready in
     time."""
+    log, tail = logs / f"service-{name}.log", _tail()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            service.command, *service.args, cwd=folder, env={**environ, **service.env},
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        proc, reader = await _spawn([service.command, *service.args], log, tail, cwd=folder,
+                                    env={**environ, **service.env},
+                                    stdout=asyncio.subprocess.DEVNULL)
     except OSError as exc:
         raise PipelineError(f"service {name}: cannot start {service.command}: "
                             f"{exc.strerror}") from None
-    assert proc.stderr is not None
-    started = ServiceProcess(name, proc, logs / f"service-{name}.log")
-    started.reader = asyncio.create_task(_keep_stderr(proc.stderr, started.log, started.stderr))
+    started = ServiceProcess(name, proc, log, tail, reader)
     emit({"event": "service", "service": name, "status": "starting", "pid": proc.pid,
           "time": time.time()})
     if service.ready is not None:
@@ -455,30 +484,55 @@ async def start_service(name: str, service: Service, folder: Path, environ: Mapp
 
 async def _stop_service(service: ServiceProcess, grace: float) -> None:
     await _end(service.proc, grace)
-    if service.reader is not None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FOLLOW_GRACE):
-                await service.reader
+    await _finish_reading(service.reader)
+
+
+async def _finish_reading(reader: asyncio.Task[None]) -> None:
+    """Until an ended process's stderr is read to its end, for FOLLOW_GRACE at most: a
+    program that left its session may hold the pipe for ever. Past that the reading stops
+    (the timeout cancels it), the pipe closed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(FOLLOW_GRACE):
+            await reader
 
 
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """SIGINT, then SIGKILL after ``grace`` seconds."""
+    """SIGINT, then SIGKILL after ``grace`` seconds; then what it left running
+    (:func:`_stop_session`)."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
         if proc.returncode is not None:
-            return
+            break
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await proc.wait()
+    await _stop_session(proc.pid, grace)
 
 
-async def _follow(agent: AgentProcess, emit: Emit) -> None:
-    """Pass an agent process's events on, as they come; keep its stderr (read, so a chatty
-    agent never blocks on a full pipe). An event line too long to read fails the agent: it
-    may have been any event, its end included."""
-    assert agent.proc.stdout is not None and agent.proc.stderr is not None
-    errors = asyncio.create_task(_keep_stderr(agent.proc.stderr, agent.log, agent.stderr))
+async def _stop_session(leader: int, grace: float) -> None:
+    """The processes left in the session (and process group) of ``leader``, started with
+    start_new_session and ended: what its steps started and left running, which would outlive
+    the run (and hold its stderr open). SIGTERM, then SIGKILL after ``grace`` seconds."""
+    loop = asyncio.get_running_loop()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        deadline = loop.time() + wait
+        try:
+            os.killpg(leader, sig)
+            while loop.time() < deadline:  # no event says a group emptied: look again
+                await asyncio.sleep(GROUP_POLL)
+                os.killpg(leader, 0)
+        except ProcessLookupError:  # none left
+            return
+        except PermissionError:  # one became another user's (setuid): not ours to stop
+            return
+
+
+async def _follow(agent: AgentProcess, emit: Emit, grace: float) -> None:
+    """Pass an agent process's events on, as they come, until it ends; then stop what it left
+    running and read the rest of its stderr. An event line too long to read fails the
+    agent: it may have been any event, its end included."""
+    assert agent.proc.stdout is not None
     async for raw in _lines(agent.proc.stdout):
         if raw is None:
             agent.event_too_long = True
@@ -492,8 +546,9 @@ async def _follow(agent: AgentProcess, emit: Emit) -> None:
         if event["event"] == "done":
             agent.status, agent.error = event.get("status", "failed"), event.get("error")
         emit(event)
-    await errors
     await agent.proc.wait()
+    await _stop_session(agent.proc.pid, grace)
+    await _finish_reading(agent.reader)
     if agent.event_too_long:
         said = f"{agent.error}; and " if agent.status != "ok" and agent.error else ""
         agent.status = "failed"
@@ -579,14 +634,14 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         for name in spec.agents:
             home = root / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            proc = await asyncio.create_subprocess_exec(
-                *cli_command("--home", str(home), "--json", "run", str(pipeline.path),
-                             "--agent", name, "--beacon", beacon, "--listen", "127.0.0.1:0"),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                limit=EVENT_LINE_LIMIT, env=environ)
-            agents.append(AgentProcess(name, home, proc, logs / f"{name}.log"))
-        followers = [asyncio.create_task(_follow(a, emit)) for a in agents]
+            log, tail = logs / f"{name}.log", _tail()
+            proc, reader = await _spawn(
+                cli_command("--home", str(home), "--json", "run", str(pipeline.path),
+                            "--agent", name, "--beacon", beacon, "--listen", "127.0.0.1:0"),
+                log, tail, stdout=asyncio.subprocess.PIPE, limit=EVENT_LINE_LIMIT, env=environ)
+            agents.append(AgentProcess(name, home, proc, log, tail, reader))
+        followers = [asyncio.create_task(_follow(a, emit, settings.shutdown_timeout))
+                     for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
         # asyncio.wait, not gather: a cancel (Ctrl-C) leaves the followers reading, so each
         # agent's last events (its own stop) still arrive. Serving agents answer until every
