@@ -59,12 +59,14 @@ def alive(pid: int, wait: float = 5.0) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def no_logs_left() -> Iterator[None]:
-    """The stderr logs a failed run keeps in /tmp are of no use once its test is over."""
-    before = set(Path("/tmp").glob("pa-logs-*"))
+def no_logs_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The stderr logs a failed run keeps are of no use once its test is over. The runs of the
+    test keep them in a $TMPDIR of its own, removed then: what appeared in /tmp meanwhile may
+    be another process's run, still going."""
+    folder = short_home("pa-test-tmp-")
+    monkeypatch.setenv("TMPDIR", str(folder))
     yield
-    for path in set(Path("/tmp").glob("pa-logs-*")) - before:
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def events_of(stdout: str) -> list[dict[str, Any]]:
@@ -402,6 +404,62 @@ def test_a_program_a_step_leaves_running_ends_with_its_agent(tmp_path: Path, the
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_failure_while_cleaning_up_does_not_skip_the_rest(tmp_path: Path) -> None:
+    """The run's logs folder removed under it (a cleaner of /tmp, say): the stderr of a
+    service started then could not be kept, and its error ended the clean-up there, a
+    traceback and exit 1 on Ctrl-C, the beacon left running and the homes not removed. Now
+    each step of the clean-up is done; what failed is a warning line of the summary."""
+    (tmp_path / "remover.py").write_text(textwrap.dedent("""\
+        import contextlib, os, shutil, socket, sys, time
+        fds = f"/proc/{os.getppid()}/fd"  # the run's, one of them its log of this service
+        for fd in os.listdir(fds):
+            with contextlib.suppress(OSError):
+                log = os.readlink(f"{fds}/{fd}")
+                if log.endswith("/service-remover.log"):
+                    shutil.rmtree(os.path.dirname(log))
+        server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+        time.sleep(300)
+        """))
+    (tmp_path / "slow.py").write_text("import time\ndef nap(state):\n    time.sleep(300)\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        services:
+          remover:
+            command: ${PYTHON}
+            args: [remover.py, "${PORT:remover}"]
+            ready: {tcp: "127.0.0.1:${PORT:remover}"}
+          web:
+            command: ${PYTHON}
+            args: [-m, http.server, "${PORT:web}", --bind, 127.0.0.1]
+            ready: {http: "http://127.0.0.1:${PORT:web}/"}
+        agents:
+          a: {steps: [{id: nap, python: "slow:nap"}]}
+        """))
+    proc = subprocess.Popen([*CMD, "--json", "run", str(tmp_path / "p.yaml")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    while not events or events[-1].get("event") != "step":
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)
+        events.append(json.loads(line))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    events += events_of(out)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["interrupted"], summary
+    assert [w.split(": its stderr could not be kept in ")[0] for w in summary["warnings"]] \
+        == ["agent a", "service web"], summary["warnings"]
+    assert all(w.endswith("/service-web.log: No such file or directory")
+               or w.endswith("/a.log: No such file or directory") for w in summary["warnings"])
+    assert [e["service"] for e in events if e.get("status") == "stopped"] == ["remover", "web"]
+    run_dir = Path(next(e["home"] for e in events if e["event"] == "daemon")).parent
+    assert not run_dir.exists()  # the homes, the beacon's data among them
+    assert not [p for p in Path("/proc").glob("[0-9]*")
+                if str(run_dir).encode() in _cmdline(p) and alive(int(p.name), 0)]
 
 
 def _cmdline(proc: Path) -> bytes:

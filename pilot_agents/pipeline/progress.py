@@ -116,6 +116,8 @@ class Progress:
             self._print(f"  {name}: {agent['status']}{error}")
         if event.get("logs"):
             self._print(f"stderr of each agent: {event['logs']}/NAME.log")
+        for warning in event.get("warnings", []):
+            self._print(f"warning: {warning}")
 
     def _print(self, line: str) -> None:
         # The run goes on without its reader (`| head`, a closed terminal): an error here would

@@ -20,10 +20,10 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from ..errors import (
     AgentFailedError,
@@ -379,8 +379,25 @@ async def _spawn(args: Sequence[str], log: Path, tail: deque[str],
     finally:
         os.close(write_end)
     task = asyncio.create_task(_keep_stderr(reader, log, tail))
-    task.add_done_callback(lambda _: transport.close())
+
+    def done(task: asyncio.Task[None]) -> None:
+        transport.close()
+        # Retrieved, so that asyncio prints no traceback of it: the clean-up reports it.
+        _failure("", task)
+    task.add_done_callback(done)
     return proc, task
+
+
+def _failure(what: str, task: asyncio.Task[None]) -> list[str]:
+    """How ``task`` (of ``what``) failed, in a line, if it did."""
+    if not task.done() or task.cancelled():
+        return []
+    exc = task.exception()
+    return [] if exc is None else [f"{what}: {_said(exc)}"]
+
+
+def _said(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PilotError) else f"{type(exc).__name__}: {exc}"
 
 
 async def start_beacon(data_dir: Path, timeout: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -489,11 +506,11 @@ async def _stop_service(service: ServiceProcess, grace: float) -> None:
 
 async def _finish_reading(reader: asyncio.Task[None]) -> None:
     """Until an ended process's stderr is read to its end, for FOLLOW_GRACE at most: a
-    program that left its session may hold the pipe for ever. Past that the reading stops
-    (the timeout cancels it), the pipe closed."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(FOLLOW_GRACE):
-            await reader
+    program that left its session may hold the pipe for ever. Past that the reading stops,
+    the pipe closed. (An error of the reading is the clean-up's to report.)"""
+    _, late = await asyncio.wait({reader}, timeout=FOLLOW_GRACE)
+    for task in late:
+        task.cancel()
 
 
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
@@ -556,15 +573,47 @@ async def _follow(agent: AgentProcess, emit: Emit, grace: float) -> None:
                        "which the run does not read (its progress and end may be among them)")
 
 
+class _LogFile:
+    """A log that, once it cannot be written (its folder removed, the disk full), is given up,
+    its ``error`` kept, rather than the reading of what it logs: a pipe no longer read fills up
+    and blocks its writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.error: OSError | None = None
+        self.file: BinaryIO | None = None
+        try:
+            self.file = path.open("wb")
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            try:
+                self.file.write(data)
+            except OSError as exc:
+                self.error = exc
+                self.close()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:
+                self.error = self.error or exc
+
+
 async def _keep_stderr(stream: asyncio.StreamReader, log: Path, tail: deque[str]) -> None:
     """All of a process's stderr into ``log``, up to STDERR_LOG_BYTES: past them, how many
     bytes were left out, then its last lines, which ``tail`` keeps as they come (for a failure's
     message). Read in chunks, not lines: a line of any length (a progress bar redrawn in place,
     a blob printed whole) is read on, where a pipe no longer read fills up and blocks its
-    writer, the process hung until killed."""
+    writer, the process hung until killed. A log that cannot be written is a PipelineError
+    once all is read."""
     written = left_out = 0
     partial = b""  # the line not ended yet (its last STDERR_LINE_BYTES)
-    with log.open("wb") as out:
+    out = _LogFile(log)
+    try:
         while chunk := await stream.read(65536):
             room = max(STDERR_LOG_BYTES - written, 0)
             out.write(chunk[:room])
@@ -580,6 +629,11 @@ async def _keep_stderr(stream: asyncio.StreamReader, log: Path, tail: deque[str]
             out.write(f"\n[pilot-agents: {left_out} more bytes of stderr not kept (a log keeps "
                       f"the first {STDERR_LOG_BYTES}); the last lines:]\n".encode())
             out.write("\n".join(tail).encode() + b"\n")
+    finally:
+        out.close()
+    if out.error is not None:
+        raise PipelineError(f"its stderr could not be kept in {log}: "
+                            f"{out.error.strerror or out.error}")
 
 
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes | None]:
@@ -608,7 +662,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     scratch = Path(tempfile.mkdtemp(prefix="pa-run-", dir="/tmp")) if homes is None else None
     root = homes or scratch
     # Outside the homes, which may be removed at the end: kept unless every agent succeeded.
-    logs = Path(tempfile.mkdtemp(prefix="pa-logs-", dir="/tmp"))
+    # ($TMPDIR's, unlike the homes, whose sockets need a short path.)
+    logs = Path(tempfile.mkdtemp(prefix="pa-logs-"))
     assert root is not None
     begun = time.monotonic()
 
@@ -621,6 +676,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     beacon_proc: asyncio.subprocess.Process | None = None
     interrupted = False
     failed_first: str | None = None  # the agent whose failure stopped the others
+    warnings: list[str] = []  # what went wrong besides the agents, one line each
     # The ports of ${PORT:NAME}, the same in every agent's process and service.
     environ = {**os.environ, **pipeline.port_environ()}
     try:
@@ -655,10 +711,12 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     except asyncio.CancelledError:
         interrupted = True
     finally:
-        await asyncio.shield(_clean_up(agents, followers, services, beacon_proc,
-                                       settings.shutdown_timeout, emit))
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            warnings += await asyncio.shield(_clean_up(
+                agents, followers, services, beacon_proc, settings.shutdown_timeout, emit))
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
     for agent in agents:
         if agent.status == "starting":  # it ended without saying how
             agent.status = "interrupted" if interrupted else "failed"
@@ -678,6 +736,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         shutil.rmtree(logs, ignore_errors=True)
     else:
         summary["logs"] = str(logs)
+    if warnings:
+        summary["warnings"] = warnings
     emit(summary)
     if interrupted:
         return EXIT_INTERRUPTED
@@ -705,21 +765,41 @@ async def _until_done_or_failed(once: dict[asyncio.Task[None], AgentProcess],
 
 async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[None]],
                     services: list[ServiceProcess], beacon: asyncio.subprocess.Process | None,
-                    grace: float, emit: Emit) -> None:
+                    grace: float, emit: Emit) -> list[str]:
     """Every agent process ended (each stops its own daemon on SIGINT) and its last events
-    read, any daemon one left behind stopped, then the services, then the beacon."""
-    await asyncio.gather(*(_end(a.proc, grace) for a in agents))
+    read, any daemon one left behind stopped, then the services, then the beacon. Each of
+    them is done whatever failed before it (which would leave the rest running); what failed
+    is returned, one line each."""
+    problems: list[str] = []
+
+    async def each(what: str, action: Awaitable[object]) -> None:
+        try:
+            await action
+        except Exception as exc:
+            problems.append(f"{what}: {_said(exc)}")
+
+    await asyncio.gather(*(each(f"stopping agent {a.name}", _end(a.proc, grace))
+                           for a in agents))
     if followers:
         _, late = await asyncio.wait(followers, timeout=FOLLOW_GRACE)
         for task in late:
             task.cancel()
-    await asyncio.gather(*(_stop_left(a.home, grace) for a in agents))
-    await asyncio.gather(*(_stop_service(s, grace) for s in services))
+        for agent, task in zip(agents, followers, strict=True):
+            problems += _failure(f"following agent {agent.name}", task)
+    await asyncio.gather(*(each(f"stopping the daemon of {a.name}", _stop_left(a.home, grace))
+                           for a in agents))
+    await asyncio.gather(*(each(f"stopping service {s.name}", _stop_service(s, grace))
+                           for s in services))
     for service in services:
         emit({"event": "service", "service": service.name, "status": "stopped",
               "exit_code": service.proc.returncode, "time": time.time()})
     if beacon is not None:
-        await _end(beacon, grace)
+        await each("stopping the beacon", _end(beacon, grace))
+    for agent in agents:
+        problems += _failure(f"agent {agent.name}", agent.reader)
+    for service in services:
+        problems += _failure(f"service {service.name}", service.reader)
+    return problems
 
 
 async def _stop_left(home: Path, timeout: float) -> None:
