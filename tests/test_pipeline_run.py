@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, assert_one_line_error, short_home, stop_daemons
+from tests.conftest import ROOT, assert_one_line_error, cli, short_home, stop_daemons
 from tests.mcp_servers import server_command, servers_fixture  # noqa: F401
 
 EXAMPLE = ROOT / "examples/pipeline-basic"
@@ -552,6 +552,54 @@ def test_agent_mode_runs_one_agent_each(example: Path) -> None:
         beacon.send_signal(signal.SIGINT)
         beacon.wait(10)
         stop_daemons(*homes)
+        shutil.rmtree(beacon_dir, ignore_errors=True)
+
+
+def test_homes_are_one_run_s_at_a_time(tmp_path: Path) -> None:
+    """Two runs on the same --homes: the second used the first's daemons and stopped them at
+    its end, failing both. It is refused now; and a daemon that ran in a home before a run is
+    used and left running, as with --agent."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent("""\
+        import time
+        def nap(state):
+            time.sleep(4)
+            return {"x": 1}
+        """))
+    (tmp_path / "p.yaml").write_text("agents:\n  a: {steps: [{python: 'slow:nap'}]}\n")
+    homes = short_home("pa-homes-")
+    run = [*CMD, "--json", "run", str(tmp_path / "p.yaml"), "--homes", str(homes)]
+    beacon_dir = short_home("pa-beacon-")
+    beacon = subprocess.Popen([*CMD, "beacon", "--listen", "127.0.0.1:0", "--data-dir",
+                               str(beacon_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        first = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        assert first.stdout is not None
+        while (line := first.stdout.readline()) and json.loads(line).get("event") != "step":
+            pass
+        second = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert_one_line_error(second, 4, "another pilot-agents run is already running with the "
+                              f"homes in {homes}", f"(pid {first.pid})")
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err + out
+
+        assert beacon.stdout is not None
+        words = beacon.stdout.readline().split()
+        address = f"{words[6]}@{words[2]}"
+        daemon = cli(homes / "a", "--json", "daemon", "start", "--hostname", "a", "--beacon",
+                     address, "--listen", "127.0.0.1:0")
+        assert daemon.returncode == 0, daemon.stderr
+        again = subprocess.run([*run, "--beacon", address], capture_output=True, text=True,
+                               timeout=60, cwd=ROOT)
+        assert again.returncode == 0, again.stderr + again.stdout
+        used = next(e for e in events_of(again.stdout) if e["event"] == "daemon")
+        assert used["started"] is False and used["pid"] == json.loads(daemon.stdout)["pid"]
+        assert alive(used["pid"], 0)
+    finally:
+        stop_daemons(homes / "a")
+        beacon.send_signal(signal.SIGINT)
+        beacon.wait(10)
+        shutil.rmtree(homes, ignore_errors=True)
         shutil.rmtree(beacon_dir, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,12 +24,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TextIO, cast
 
 from ..errors import (
     AgentFailedError,
     BeaconError,
     ConfigError,
+    HomeInUseError,
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
@@ -349,6 +351,7 @@ class AgentProcess:
     status: str = "starting"
     error: str | None = None
     event_too_long: bool = False  # it wrote an event line the run could not read
+    daemon_was_running: bool = False  # its home's, which it used: left running at the end
 
 
 def _tail() -> deque[str]:
@@ -562,6 +565,8 @@ async def _follow(agent: AgentProcess, emit: Emit, grace: float) -> None:
             continue
         if event["event"] == "done":
             agent.status, agent.error = event.get("status", "failed"), event.get("error")
+        if event["event"] == "daemon":
+            agent.daemon_was_running = event.get("started") is False
         emit(event)
     await agent.proc.wait()
     await _stop_session(agent.proc.pid, grace)
@@ -659,6 +664,7 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     spec = pipeline.spec
     settings = spec.settings
     beacon = beacon or spec.beacon
+    lock = None if homes is None else _lock_homes(homes)
     scratch = Path(tempfile.mkdtemp(prefix="pa-run-", dir="/tmp")) if homes is None else None
     root = homes or scratch
     # Outside the homes, which may be removed at the end: kept unless every agent succeeded.
@@ -717,6 +723,8 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if lock is not None:
+                lock.close()
     for agent in agents:
         if agent.status == "starting":  # it ended without saying how
             agent.status = "interrupted" if interrupted else "failed"
@@ -744,6 +752,27 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _lock_homes(homes: Path) -> TextIO:
+    """``homes`` for this run alone, until the file returned is closed (or this process
+    ends): a second run on them would use the first's daemons, and stop them at its end.
+    HomeInUseError if another run has them."""
+    homes.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = (homes / "run.lock").open("a+")  # (not a hostname label: no agent's home)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise HomeInUseError(f"another pilot-agents run is already running with the homes in "
+                             f"{homes} (pid {holder}): wait for its end, or give --homes "
+                             "another folder") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 async def _until_done_or_failed(once: dict[asyncio.Task[None], AgentProcess],
                                 limit: float) -> str | None:
     """Wait until every run-once agent has ended, or ``limit`` s; the name of the first that
@@ -767,9 +796,10 @@ async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[Non
                     services: list[ServiceProcess], beacon: asyncio.subprocess.Process | None,
                     grace: float, emit: Emit) -> list[str]:
     """Every agent process ended (each stops its own daemon on SIGINT) and its last events
-    read, any daemon one left behind stopped, then the services, then the beacon. Each of
-    them is done whatever failed before it (which would leave the rest running); what failed
-    is returned, one line each."""
+    read, any daemon one left behind stopped (not one that ran before the run, which it used
+    and leaves running), then the services, then the beacon. Each of them is done whatever
+    failed before it (which would leave the rest running); what failed is returned, one line
+    each."""
     problems: list[str] = []
 
     async def each(what: str, action: Awaitable[object]) -> None:
@@ -787,7 +817,7 @@ async def _clean_up(agents: list[AgentProcess], followers: list[asyncio.Task[Non
         for agent, task in zip(agents, followers, strict=True):
             problems += _failure(f"following agent {agent.name}", task)
     await asyncio.gather(*(each(f"stopping the daemon of {a.name}", _stop_left(a.home, grace))
-                           for a in agents))
+                           for a in agents if not a.daemon_was_running))
     await asyncio.gather(*(each(f"stopping service {s.name}", _stop_service(s, grace))
                            for s in services))
     for service in services:
