@@ -42,9 +42,10 @@ LAYERS: dict[str, int] = {
 
 # What the layers built on the interface may import, whatever their layer number.
 ON_THE_INTERFACE = ("pilot_agents.patterns", "pilot_agents.integrations", "pilot_agents.pipeline")
-# runtime: the public pilot_agents.run and the signal handling an agent and a command share.
+# runtime: the public pilot_agents.run and the signal handling an agent and a command share;
+# addressing: the one parser of what users type as addresses (a pipeline file's beacon).
 INTERFACE = ("pilot_agents.transport", "pilot_agents.errors", "pilot_agents.sdk",
-             "pilot_agents.runtime")
+             "pilot_agents.runtime", "pilot_agents.addressing")
 
 
 def module_name(path: Path) -> str:
