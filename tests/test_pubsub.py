@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pilot_agents import Message, PilotError, PilotTimeoutError
-from pilot_agents.errors import ConfigError, WireError
+from pilot_agents import Client, Message, PilotError, PilotTimeoutError
+from pilot_agents.errors import ConfigError, PortInUseError, WireError
 from pilot_agents.patterns import Overflow, Publisher, PubSubConfig, Subscriber
 from pilot_agents.patterns.frames import (
     HEADER_SIZE,
@@ -21,6 +21,7 @@ from pilot_agents.patterns.frames import (
     encode_publication,
     parse_frame_untrusted,
 )
+from tests.conftest import DaemonHandle
 from tests.test_node import server_and_two_clients, trusted_pair
 from tests.test_pushpull import until
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
@@ -542,3 +543,17 @@ async def test_one_peer_cannot_take_every_subscriber_slot(tmp_path: Path) -> Non
         await until_subscribed(pub, 3)
         assert await pub.publish("news", b"hello") == 3
         assert (await latecomer.receive(5)).data == b"hello"
+
+
+async def test_a_second_publisher_on_a_port_is_refused(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle]) -> None:
+    """Through a daemon, two publishers on one port each took some of every subscription's
+    frames, and a subscriber heard one of them, or neither for long."""
+    _, b = daemon_pair
+    async with (
+        Client(b.home) as first_client, Client(b.home) as second_client,
+        Publisher(first_client, 8031),
+    ):
+        with pytest.raises(PortInUseError, match="port 8031"):
+            async with Publisher(second_client, 8031):
+                pass

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import Client, DaemonNotRunningError, PilotTimeoutError, Transport, ipc
-from pilot_agents.errors import ConfigError, ConnectionClosedError
+from pilot_agents.errors import ConfigError, ConnectionClosedError, PortInUseError
 from pilot_agents.node import Node
 from pilot_agents.patterns import Puller, Pusher, PushPullConfig, WorkItem
 from pilot_agents.patterns.frames import Kind, encode_credit, encode_frame
@@ -780,3 +780,18 @@ async def test_a_pusher_that_stalls_reads_the_acknowledgements_that_came_meanwhi
         os.killpg(puller.pid, signal.SIGKILL)
         out, _ = puller.communicate()
     assert out.splitlines() == [f"item {n} False" for n in range(5)]
+
+
+@pytest.mark.parametrize("end", ["puller", "pusher"])
+async def test_a_second_listening_end_on_a_port_is_refused(
+        daemon_pair: tuple[DaemonHandle, DaemonHandle], end: str) -> None:
+    """Through a daemon, two listening pullers (or pushers) on one port each took some of
+    every link's frames: a pusher's items went to one, its HELLO or ACKs to the other."""
+    _, b = daemon_pair
+    def listening(client: Client) -> Puller | Pusher:
+        return Puller(client, 9040, FAST) if end == "puller" else Pusher(client, 9040, config=FAST)
+
+    async with Client(b.home) as first, Client(b.home) as second, listening(first):
+        with pytest.raises(PortInUseError, match="port 9040"):
+            async with listening(second):
+                pass

@@ -177,7 +177,10 @@ class Publisher:
         self.batches = 0  # messages that carried several frames to a subscriber behind
 
     async def __aenter__(self) -> Publisher:
-        self._listener = self._transport.listen(self.port)
+        # Exclusive: a subscription is a stream, every frame of which must come here; through
+        # a daemon another listener of the port would take some (and two publishers on one
+        # port would each hear half of every subscriber).
+        self._listener = self._transport.listen(self.port, exclusive=True)
         await self._listener.__aenter__()
         self._spawn(self._accept(self._listener))
         return self

@@ -317,7 +317,9 @@ class Puller:
 
     async def __aenter__(self) -> Puller:
         if self.peer is None:
-            self._listener = self._transport.listen(self.port)
+            # Exclusive: a link is a stream, all of whose frames must come here (as a
+            # Publisher's subscriptions).
+            self._listener = self._transport.listen(self.port, exclusive=True)
             await self._listener.__aenter__()
             self._tasks.spawn(self._accept(self._listener))
         else:
@@ -619,7 +621,7 @@ class Pusher:
 
     async def __aenter__(self) -> Pusher:
         if not self.peers:
-            self._listener = self._transport.listen(self.port)
+            self._listener = self._transport.listen(self.port, exclusive=True)  # as a Puller's
             await self._listener.__aenter__()
             self._tasks.spawn(self._accept(self._listener))
         for peer in self.peers:
