@@ -28,6 +28,7 @@ from .ipc import (
     DATA_ENDED,
     DATA_MESSAGE,
     DATA_SEND,
+    LOG_NAME,
     PORT_ARRIVAL,
     PORT_ARRIVED,
     PORT_CLOSE,
@@ -106,6 +107,14 @@ class _Attached(FramedProtocol, Generic[T]):
             # as the answer does, and a cancelled connect (a ^C) would go on as if opened.
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 reply = await sock._attached
+        except TimeoutError:
+            transport.abort()
+            # A bare TimeoutError is an OSError: it would reach the user as one, not as the
+            # stuck daemon the IPC client reports for the same silence.
+            raise DaemonNotRunningError(
+                f"the daemon (home {home}) did not answer the opening of a data socket for "
+                f"{what} within {REQUEST_TIMEOUT:g} s: it is stuck (stopped?); see "
+                f"{home / LOG_NAME}") from None
         except BaseException:
             transport.abort()
             raise

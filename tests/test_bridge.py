@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from tests.conftest import (
     DaemonHandle,
     assert_one_line_error,
     cli,
+    cli_many,
     ipc_call,
     named_pair,
     short_home,
@@ -446,6 +448,19 @@ def test_the_bridge_stops_with_its_daemon(fresh_home: Path, sockets: Path) -> No
         assert "Traceback" not in err and "stopped" in err.strip().splitlines()[-1], err
     finally:
         bridge.kill()
+
+
+def test_a_bridge_whose_daemon_does_not_answer_says_so(fresh_home: Path, sockets: Path) -> None:
+    daemon = start_daemon(fresh_home, "solo")
+    os.kill(daemon.pid, signal.SIGSTOP)  # it accepts connections, and answers nothing
+    try:
+        results = cli_many([(fresh_home, "bridge", "rep", "7114", endpoint(sockets, "frozen-rep")),
+                            (fresh_home, "bridge", "pub", "7114", endpoint(sockets, "frozen-pub"))],
+                           timeout=40)
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    for result in results:  # before the fix: "error: OSError", exit 1
+        assert_one_line_error(result, 3, "did not answer", "stuck")
 
 
 HOLD_SCRIPT = """
