@@ -361,6 +361,11 @@ def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
                               endpoint(sockets, "r")), 5)
     assert_one_line_error(cli(alpha.home, "bridge", "sub", "beta", "x", endpoint(sockets, "s")),
                           2, "NAME:PORT")
+    # ZeroMQ takes a high-water mark as a C int: before the bound, an OverflowError (exit 70).
+    assert_one_line_error(cli(alpha.home, "bridge", "pub", "7105", endpoint(sockets, "p"),
+                              "--hwm", "3000000000"), 2, "--hwm", "more than 1000000")
+    assert_one_line_error(cli(alpha.home, "bridge", "rep", "7105", endpoint(sockets, "p"),
+                              "--max-in-flight", str(10**20)), 2, "--max-in-flight")
 
 
 STUCK_SUB_SCRIPT = """

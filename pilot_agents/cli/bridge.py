@@ -17,6 +17,7 @@ from typing import Any
 from .. import ipc
 from ..errors import DaemonNotRunningError
 from ..integrations.zmq_bridge import (
+    MAX_COUNT,
     Bridge,
     BridgeConfig,
     PubBridge,
@@ -31,7 +32,7 @@ from ..sdk import Client
 from ..transport import Transport
 from .context import Context
 from .output import EXIT_OK, emit
-from .parser import Commands, count, name_port, port, positive
+from .parser import Commands, count_up_to, name_port, port, positive
 
 DAEMON_CHECK_INTERVAL = 1.0  # seconds between looks at whether the daemon still runs
 
@@ -77,6 +78,7 @@ def register(commands: Commands) -> None:
 
 def _common(parser: argparse.ArgumentParser, requests: bool = False) -> None:
     defaults = BridgeConfig()
+    count = count_up_to(MAX_COUNT)
     parser.add_argument("--hwm", type=count, default=defaults.hwm, metavar="N",
                         help=f"high-water mark of the local socket, in messages (default "
                         f"{defaults.hwm})")

@@ -57,6 +57,17 @@ def count(text: str) -> int:
     return value
 
 
+def count_up_to(maximum: int) -> Callable[[str], int]:
+    """:func:`count`, and at most ``maximum``: a larger one would overflow where it goes (a C
+    int), or ask for more than any machine has."""
+    def bounded(text: str) -> int:
+        value = count(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is more than {maximum}")
+        return value
+    return bounded
+
+
 def name_port(text: str) -> tuple[str, int]:
     """``NAME:PORT``: a peer (hostname or node id) and a pilot port."""
     name, colon, number = text.rpartition(":")

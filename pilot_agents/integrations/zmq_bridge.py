@@ -80,6 +80,11 @@ the bridge it fails out of sight: the daemon refuses it, or drops the bridge's c
 _SOCKET_NAMES = {zmq.XPUB: "XPUB", zmq.SUB: "SUB", zmq.ROUTER: "ROUTER", zmq.DEALER: "DEALER"}
 
 
+MAX_COUNT = 1_000_000
+"""The most ``hwm`` and ``max_in_flight`` may be: ZeroMQ takes a high-water mark as a C int,
+and a million messages or requests is far past what a bridge needs to keep up."""
+
+
 @dataclass(frozen=True)
 class BridgeConfig:
     hwm: int = 1000  # messages: send and receive high-water mark of the local socket
@@ -94,8 +99,8 @@ class BridgeConfig:
     reqrep: ReqRepConfig = field(default_factory=ReqRepConfig)
 
     def __post_init__(self) -> None:
-        if self.hwm < 1 or self.max_in_flight < 1:
-            raise ConfigError("BridgeConfig: hwm and max_in_flight must be at least 1")
+        if not (1 <= self.hwm <= MAX_COUNT and 1 <= self.max_in_flight <= MAX_COUNT):
+            raise ConfigError(f"BridgeConfig: hwm and max_in_flight must be 1..{MAX_COUNT}")
         if min(self.send_timeout, self.request_timeout, self.close_timeout) <= 0:
             raise ConfigError("BridgeConfig: the timeouts must be positive")
         if self.linger < 0:
@@ -647,6 +652,6 @@ def _worker_error(frames: list[bytes]) -> RemoteError:
                        f"or an error reply [{ERROR_MARKER.decode()}, JSON]")
 
 
-__all__ = ["ERROR_MARKER", "MAX_DATA", "Bridge", "BridgeConfig", "BridgeStats", "PubBridge",
-           "RepBridge", "ReqBridge", "SubBridge", "cancel_all", "check_endpoint", "error_frames",
-           "run_together"]
+__all__ = ["ERROR_MARKER", "MAX_COUNT", "MAX_DATA", "Bridge", "BridgeConfig", "BridgeStats",
+           "PubBridge", "RepBridge", "ReqBridge", "SubBridge", "cancel_all", "check_endpoint",
+           "error_frames", "run_together"]
