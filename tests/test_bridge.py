@@ -469,17 +469,21 @@ def test_a_bridge_whose_daemon_does_not_answer_says_so(fresh_home: Path, sockets
 
 
 HOLD_SCRIPT = """
-    import json, sys, zmq
-    req = zmq.Context().socket(zmq.REQ)
-    req.setsockopt(zmq.RCVTIMEO, 15000)
-    req.connect(sys.argv[1])
-    req.send(b"hold")
+    import json, sys, time, zmq
+    ctx = zmq.Context()
+    clients = [ctx.socket(zmq.REQ) for _ in range(int(sys.argv[2]))]
+    for req in clients:
+        req.connect(sys.argv[1])
+        req.send(b"hold")
     print("ready", flush=True)
-    print(json.dumps([f.decode() for f in req.recv_multipart()]))
+    deadline = time.monotonic() + 15
+    got = [[f.decode() for f in req.recv_multipart()]
+           if req.poll(max(deadline - time.monotonic(), 0) * 1000) else None for req in clients]
+    print(json.dumps(got))
 """
 
 
-async def test_a_req_client_hears_when_the_bridge_stops_before_its_reply(
+async def test_req_clients_hear_when_the_bridge_stops_before_their_replies(
         daemon_pair: Pair, beta_client: Client, sockets: Path) -> None:
     alpha, _ = daemon_pair
     at = endpoint(sockets, "hold")
@@ -491,17 +495,21 @@ async def test_a_req_client_hears_when_the_bridge_stops_before_its_reply(
         return b"too late"
 
     async with serving(beta_client, 7109, hold):
-        bridge = BridgeProcess(alpha.home, "req", "beta:7109", at)
+        # One request in flight; the other read by the bridge, waiting for a slot.
+        bridge = BridgeProcess(alpha.home, "req", "beta:7109", at, "--max-in-flight", "1")
         try:
             async def stop_the_bridge(_: Script) -> None:
-                await asyncio.wait_for(arrived.wait(), 10)  # the request is in flight
-                assert (await asyncio.to_thread(bridge.stop))["errors"] == 1
+                await asyncio.wait_for(arrived.wait(), 10)
+                await asyncio.sleep(0.5)  # the bridge has read the second one
+                assert (await asyncio.to_thread(bridge.stop))["errors"] == 2
 
-            got = await zmq_script(HOLD_SCRIPT, at, when_ready=stop_the_bridge)
+            got = await zmq_script(HOLD_SCRIPT, at, "2", when_ready=stop_the_bridge)
         finally:
             bridge.kill()
-    assert got[0] == "pilot-agents.error"
-    assert json.loads(got[1])["type"] == "ConnectionClosedError"
+    for answer in got:
+        assert answer is not None and answer[0] == "pilot-agents.error", got
+        assert json.loads(answer[1])["type"] == "ConnectionClosedError"
+    assert "Warning" not in bridge.stderr, bridge.stderr  # a coroutine never awaited
 
 
 BIG_REQ_SCRIPT = """

@@ -33,13 +33,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import socket
 import stat
-from collections.abc import Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -321,9 +322,12 @@ class _Spawner:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    async def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work()`` as a task once there is a slot. The coroutine is made only then: one
+        made before, and never run because the wait was cancelled (the bridge stopping),
+        would be reported as never awaited."""
         await self._slots.acquire()
-        task = asyncio.create_task(coroutine)
+        task = asyncio.create_task(work())
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -525,7 +529,7 @@ class ReqBridge(Bridge):
                 continue
             key = next(self._keys)
             self._unanswered[key] = frames[:-1]
-            await self._in_flight.spawn(self._answer(key, frames[-1]))
+            await self._in_flight.spawn(functools.partial(self._answer, key, frames[-1]))
 
     async def _answer(self, key: int, payload: bytes) -> None:
         assert self._requester is not None
@@ -585,7 +589,7 @@ class RepBridge(Bridge):
         assert self._replier is not None
         while True:
             request = await self._replier.receive(timeout=None)
-            await self._in_flight.spawn(self._serve(request))
+            await self._in_flight.spawn(functools.partial(self._serve, request))
 
     async def _read_replies(self) -> None:
         while True:
