@@ -495,15 +495,17 @@ async def test_req_clients_hear_when_the_bridge_stops_before_their_replies(
         return b"too late"
 
     async with serving(beta_client, 7109, hold):
-        # One request in flight; the other read by the bridge, waiting for a slot.
+        # One request in flight, one read by the bridge and waiting for a slot, two queued on
+        # its socket: all four are answered (before the fix, the two queued waited for ever).
         bridge = BridgeProcess(alpha.home, "req", "beta:7109", at, "--max-in-flight", "1")
         try:
             async def stop_the_bridge(_: Script) -> None:
                 await asyncio.wait_for(arrived.wait(), 10)
                 await asyncio.sleep(0.5)  # the bridge has read the second one
-                assert (await asyncio.to_thread(bridge.stop))["errors"] == 2
+                stats = await asyncio.to_thread(bridge.stop)
+                assert stats["errors"] == 4 and stats["dropped"] == 0, stats
 
-            got = await zmq_script(HOLD_SCRIPT, at, "2", when_ready=stop_the_bridge)
+            got = await zmq_script(HOLD_SCRIPT, at, "4", when_ready=stop_the_bridge)
         finally:
             bridge.kill()
     for answer in got:

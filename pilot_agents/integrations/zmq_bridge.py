@@ -508,15 +508,39 @@ class ReqBridge(Bridge):
 
     async def _close(self) -> None:
         await self._in_flight.cancel()
-        # Its clients would wait for ever for these replies (REQ has no timeout of its own).
+        # Their clients would wait for ever for these replies (REQ has no timeout of its own):
+        # the requests in flight, then those still queued on the socket behind max_in_flight.
         stopped = error_frames(ConnectionClosedError("the bridge stopped before the reply came"))
         unanswered, self._unanswered = list(self._unanswered.values()), {}
         for envelope in unanswered:
-            with contextlib.suppress(zmq.ZMQError):  # this client has gone too
-                if await self._send_local([*envelope, *stopped], 0.0):
-                    self.stats.errors += 1
+            await self._answer_at_stop(envelope, stopped)
         if self._requester is not None:
             await self._requester.close()
+        if self._socket is not None:
+            await self._answer_queued(stopped)
+
+    async def _answer_queued(self, stopped: list[bytes]) -> None:
+        """Answer every request queued on the socket with ``stopped``, reading without waiting:
+        the queues hold at most ``hwm`` messages a client, and a client that sends on and on
+        (a DEALER) is cut short by ``close_timeout``."""
+        while True:
+            try:
+                frames = await self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) >= 2:
+                await self._answer_at_stop(frames[:-1], stopped)
+            await asyncio.sleep(0)  # where the close_timeout can end it
+
+    async def _answer_at_stop(self, envelope: list[bytes], stopped: list[bytes]) -> None:
+        """Answer a client with ``stopped`` if there is room at once: the socket is closing."""
+        with contextlib.suppress(zmq.ZMQError):  # this client has gone
+            if await self._send_local([*envelope, *stopped], 0.0):
+                self.stats.errors += 1
+                return
+        self.stats.dropped += 1
+        log.warning("a client at %s was not told that the bridge stopped: it has gone, or has "
+                    "no room (%d so far)", self.endpoint, self.stats.dropped)
 
     def _remote(self) -> dict[str, Any]:
         return {"remote": self.peer, "port": self.port}
