@@ -183,6 +183,29 @@ async def test_a_zmq_sub_receives_from_a_remote_publisher(
     assert stats["forwarded"] == 4 and stats["unmatched"] == 1 and stats["resumed"] == 1
 
 
+async def test_what_is_published_while_no_local_sub_is_connected_waits_for_the_next(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "resub")
+    async with Publisher(beta_client, 7115) as pub:
+        bridges.append(bridge := BridgeProcess(alpha.home, "sub", "beta:7115", "sales.", at))
+        await until_subscribed(pub, 1)
+        first = asyncio.create_task(zmq_script(SUB_SCRIPT, at, "1"))
+        await asyncio.sleep(1.0)  # its subscription reaches the bridge
+        await pub.publish("sales.0", "0")
+        assert await first == [["sales.0", "0"]]
+        await asyncio.sleep(0.5)  # the bridge hears it leave: no local SUB now
+        for n in (1, 2, 3):
+            await pub.publish(f"sales.{n}", str(n))
+        await asyncio.sleep(0.5)
+        # Before the fix, sales.1 (read as the SUB left) was counted unmatched and lost.
+        assert await zmq_script(SUB_SCRIPT, at, "3") == [
+            [f"sales.{n}", str(n)] for n in (1, 2, 3)]
+    stats = bridge.stop()
+    assert stats["forwarded"] == 4 and stats["unmatched"] == 0, stats
+
+
 PUB_SCRIPT = """
     import select, sys, zmq
     # An XPUB is a PUB that shows the subscription arriving: nothing is sent before it, so

@@ -348,12 +348,13 @@ class SubBridge(Bridge):
     """The remote publisher's topics, republished on a local XPUB as ``[topic, payload]``.
 
     The bridge reads from the tunnel only while a local subscriber wants something, so what is
-    published before the first one connects waits at the publisher (its overflow policy
-    applies) instead of vanishing. Publications no local subscription matches are counted in
-    ``unmatched``. A gap (the publisher dropped publications for us, or the subscription was
-    renewed after the tunnel dropped) is logged as a warning, counted, and, with
-    ``gap_topic``, announced locally before the publication after it as ``[gap_topic, JSON
-    {"missed": N, "resumed": bool, "topic": the next publication's topic}]``."""
+    published before the first one connects, or after the last one left, waits at the
+    publisher (its overflow policy applies) instead of vanishing; the bridge holds the one
+    publication it had read as the last left. Publications no local subscription matches are
+    counted in ``unmatched``. A gap (the publisher dropped publications for us, or the
+    subscription was renewed after the tunnel dropped) is logged as a warning, counted, and,
+    with ``gap_topic``, announced locally before the publication after it as ``[gap_topic,
+    JSON {"missed": N, "resumed": bool, "topic": the next publication's topic}]``."""
 
     kind = "sub"
     socket_type = zmq.XPUB
@@ -402,6 +403,10 @@ class SubBridge(Bridge):
         while True:
             await self._wanted.wait()
             publication = await self._subscriber.receive(timeout=None)
+            # The last local SUB may have left while the bridge waited for it: it waits for the
+            # next, as those behind it in the tunnel do (it alone is held: nothing is read
+            # meanwhile).
+            await self._wanted.wait()
             if publication.missed or publication.resumed:
                 await self._gap(publication)
             topic = publication.topic.encode("utf-8")
