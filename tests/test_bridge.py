@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pilot_agents.errors import RemoteError
+from pilot_agents.errors import PilotTimeoutError, RemoteError
 from pilot_agents.patterns import (
     Overflow,
     Publication,
@@ -371,6 +371,51 @@ async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
         assert await zmq_script(REP_SCRIPT, at, when_ready=ask) == 13
     stats = bridge.stop()
     assert stats["forwarded"] == 12 and stats["errors"] == 2
+
+
+SLOW_REP_SCRIPT = """
+    import json, sys, time, zmq
+    rep = zmq.Context().socket(zmq.REP)
+    rep.setsockopt(zmq.RCVTIMEO, 15000)
+    rep.connect(sys.argv[1])
+    print("ready", flush=True)
+    seen = []
+    while (data := rep.recv()) != b"quit":
+        seen.append(data.decode())
+        time.sleep(float(sys.argv[2]))
+        rep.send(data[::-1])
+    rep.send(b"bye")
+    print(json.dumps(seen))
+"""
+
+
+async def test_requests_their_requesters_gave_up_on_no_longer_hold_the_workers(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    at = endpoint(sockets, "given-up")
+    bridges.append(bridge := BridgeProcess(alpha.home, "rep", "7116", at,
+                                           "--max-in-flight", "1"))
+    async with Requester(beta_client) as requester:
+
+        async def give_up(data: bytes, timeout: float) -> None:
+            with pytest.raises(PilotTimeoutError):
+                await requester.request("alpha", 7116, data, timeout=timeout)
+
+        async def ask(_: Script) -> None:
+            # a0 goes to the worker (1.5 s a request); a1..a3 wait for its slot, and are given
+            # up on first. Before the fix, the worker served all four before "fresh", which
+            # timed out.
+            await asyncio.gather(give_up(b"a0", 0.5),
+                                 *(give_up(f"a{n}".encode(), 0.3) for n in (1, 2, 3)))
+            assert (await requester.request("alpha", 7116, b"fresh", timeout=5)).data == \
+                b"hserf"
+            assert (await requester.request("alpha", 7116, b"quit", timeout=5)).data == b"bye"
+
+        assert await zmq_script(SLOW_REP_SCRIPT, at, "1.5", when_ready=ask) == ["a0", "fresh"]
+    stats = bridge.stop()
+    # a0's answer came after it was given up on (its slot was free at once).
+    assert stats["late"] == 1 and stats["forwarded"] == 2, stats
 
 
 def test_bad_endpoints_and_unknown_peers_are_one_line_errors(

@@ -117,7 +117,7 @@ class BridgeStats:
     missed: int = 0  # sub: publications the remote publisher dropped for us (drop-oldest)
     resumed: int = 0  # sub: subscriptions renewed after the tunnel or the publisher went away
     unmatched: int = 0  # sub: publications no local subscriber wanted
-    late: int = 0  # rep: worker replies that came after their request had timed out
+    late: int = 0  # rep: worker replies after their request timed out or was given up on
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -334,11 +334,16 @@ class _Spawner:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("a bridge task failed: %r", exc)
+        _log_failure(task)
 
     async def cancel(self) -> None:
         await cancel_all(list(self._tasks))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A task nobody awaits: its failure is logged, not left for asyncio to report at exit."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("a bridge task failed: %r", exc)
 
 
 # -- pub/sub ------------------------------------------------------------------------------------
@@ -584,7 +589,13 @@ class RepBridge(Bridge):
     remote requester raises as :class:`~pilot_agents.errors.RemoteError`. A request no worker
     answers within ``request_timeout`` (none connected, all busy, one died) is answered with a
     :class:`~pilot_agents.errors.PilotTimeoutError` error; a late answer is counted and
-    dropped."""
+    dropped.
+
+    At most ``max_in_flight`` requests are with the workers at once; up to ``hwm`` more are
+    parked, so that the bridge goes on receiving, and so reads what the remote requesters give
+    up on (their CANCEL, or the end of their stream): a parked request given up on never
+    reaches a worker, and one given up on while a worker has it is no longer waited for (the
+    worker's answer is then late)."""
 
     kind = "rep"
     socket_type = zmq.DEALER
@@ -594,7 +605,12 @@ class RepBridge(Bridge):
         super().__init__(transport, endpoint, config)
         self.port = port
         self._replier: Replier | None = None
-        self._in_flight = _Spawner(self.config.max_in_flight)
+        self._parked: dict[int, Request] = {}  # received, in order, waiting for a slot
+        self._keys = itertools.count()
+        self._serving: dict[asyncio.Task[None], Request] = {}  # with the workers
+        self._room = asyncio.Event()  # set while fewer than hwm are parked
+        self._room.set()
+        self._stopping = False
         self._waiting: dict[bytes, asyncio.Future[list[bytes]]] = {}
         self._ids = itertools.count(1)
 
@@ -604,7 +620,9 @@ class RepBridge(Bridge):
         self._replier = replier
 
     async def _close(self) -> None:
-        await self._in_flight.cancel()
+        self._stopping = True  # no parked request starts as those served are cancelled
+        await cancel_all(list(self._serving))
+        self._parked.clear()
         if self._replier is not None:
             await self._replier.close()  # answers what was handed out and not answered
 
@@ -617,8 +635,39 @@ class RepBridge(Bridge):
     async def _accept(self) -> None:
         assert self._replier is not None
         while True:
+            await self._room.wait()
             request = await self._replier.receive(timeout=None)
-            await self._in_flight.spawn(functools.partial(self._serve, request))
+            key = next(self._keys)
+            self._parked[key] = request
+            request.on_cancel(functools.partial(self._unpark, key))
+            self._start_parked()
+
+    def _unpark(self, key: int) -> None:
+        """Drop a parked request its requester gave up on: no worker need see it."""
+        request = self._parked.pop(key, None)
+        if request is not None:
+            log.info("%s gave up on a request to port %d before a local worker had it",
+                     request.sender, self.port)
+            self._start_parked()
+
+    def _start_parked(self) -> None:
+        """Hand the parked requests, oldest first, to the workers while there are slots."""
+        while (self._parked and not self._stopping
+               and len(self._serving) < self.config.max_in_flight):
+            request = self._parked.pop(next(iter(self._parked)))
+            task = asyncio.create_task(self._serve(request))
+            self._serving[task] = request
+            request.on_cancel(task.cancel)
+            task.add_done_callback(self._served)
+        if len(self._parked) < self.config.hwm:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.pop(task).on_cancel(None)
+        _log_failure(task)
+        self._start_parked()
 
     async def _read_replies(self) -> None:
         while True:
@@ -660,6 +709,15 @@ class RepBridge(Bridge):
                 await request.reply(frames[0])
         except PilotError as exc:
             log.info("could not answer %s on port %d: %s", request.sender, self.port, exc)
+        except asyncio.CancelledError:
+            # Its requester gave up (request.on_cancel cancelled this task): the worker's
+            # answer, if it comes, is late. Any other cancel is the bridge stopping.
+            me = asyncio.current_task()
+            assert me is not None
+            if not request.cancelled or me.uncancel() > 0:
+                raise
+            log.info("%s gave up on a request to port %d while a local worker had it",
+                     request.sender, self.port)
         finally:
             self._waiting.pop(request_id, None)
 
