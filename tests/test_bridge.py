@@ -418,6 +418,30 @@ async def test_requests_their_requesters_gave_up_on_no_longer_hold_the_workers(
     assert stats["late"] == 1 and stats["forwarded"] == 2, stats
 
 
+async def test_the_requests_a_rep_bridge_holds_are_bounded_in_bytes(
+        daemon_pair: Pair, beta_client: Client, bridges: list[BridgeProcess],
+        sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    # No worker: each request the bridge takes is answered PilotTimeoutError after 1.5 s. It
+    # takes no more once it holds 1 MB: the other two wait in the tunnel meanwhile, and are
+    # answered 1.5 s later. Before the bound, it took all five at once.
+    bridges.append(bridge := BridgeProcess(alpha.home, "rep", "7117", endpoint(sockets, "held"),
+                                           "--timeout", "1.5", "--max-held-bytes", "1000000"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with Requester(beta_client) as requester:
+
+        async def answered_after() -> float:
+            with pytest.raises(RemoteError) as error:
+                await requester.request("alpha", 7117, bytes(400_000), timeout=10)
+            assert error.value.remote_type == "PilotTimeoutError"
+            return loop.time() - started
+
+        after = sorted(await asyncio.gather(*(answered_after() for _ in range(5))))
+    assert after[2] < 2.5 < after[3], after
+    assert bridge.stop()["errors"] == 5
+
+
 def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
         daemon_pair: Pair, sockets: Path) -> None:
     alpha, _ = daemon_pair

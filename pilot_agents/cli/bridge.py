@@ -32,7 +32,7 @@ from ..sdk import Client
 from ..transport import Transport
 from .context import Context
 from .output import EXIT_OK, emit
-from .parser import Commands, count_up_to, name_port, port, positive
+from .parser import Commands, count, count_up_to, name_port, port, positive
 
 DAEMON_CHECK_INTERVAL = 1.0  # seconds between looks at whether the daemon still runs
 
@@ -74,12 +74,16 @@ def register(commands: Commands) -> None:
     rep.add_argument("port", type=port, metavar="PORT")
     rep.add_argument("endpoint", metavar="ENDPOINT", help=_ENDPOINT_HELP)
     _common(rep, requests=True)
+    held = BridgeConfig().max_held_bytes
+    rep.add_argument("--max-held-bytes", type=count, default=held, metavar="N",
+                     help="take no more requests while those held (waiting for a worker, or "
+                     f"with one) come to N bytes; they wait in the tunnel (default {held})")
 
 
 def _common(parser: argparse.ArgumentParser, requests: bool = False) -> None:
     defaults = BridgeConfig()
-    count = count_up_to(MAX_COUNT)
-    parser.add_argument("--hwm", type=count, default=defaults.hwm, metavar="N",
+    at_most = count_up_to(MAX_COUNT)
+    parser.add_argument("--hwm", type=at_most, default=defaults.hwm, metavar="N",
                         help=f"high-water mark of the local socket, in messages (default "
                         f"{defaults.hwm})")
     parser.add_argument("--send-timeout", type=positive, default=defaults.send_timeout,
@@ -89,7 +93,7 @@ def _common(parser: argparse.ArgumentParser, requests: bool = False) -> None:
         parser.add_argument("--timeout", type=positive, default=defaults.request_timeout,
                             metavar="S", help="seconds a request may wait for its reply "
                             f"(default {defaults.request_timeout:g})")
-        parser.add_argument("--max-in-flight", type=count, default=defaults.max_in_flight,
+        parser.add_argument("--max-in-flight", type=at_most, default=defaults.max_in_flight,
                             metavar="N", help="requests forwarded at once (default "
                             f"{defaults.max_in_flight})")
 
@@ -101,6 +105,7 @@ def _config(ctx: Context) -> BridgeConfig:
         hwm=args.hwm, send_timeout=args.send_timeout,
         max_in_flight=getattr(args, "max_in_flight", defaults.max_in_flight),
         request_timeout=getattr(args, "timeout", defaults.request_timeout),
+        max_held_bytes=getattr(args, "max_held_bytes", defaults.max_held_bytes),
         gap_topic=getattr(args, "gap_topic", None),
         pubsub=PubSubConfig(overflow=Overflow(getattr(args, "overflow", "block"))))
 

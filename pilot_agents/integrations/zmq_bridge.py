@@ -92,6 +92,9 @@ class BridgeConfig:
     send_timeout: float = 5.0  # seconds a message waits for room in a full local queue
     max_in_flight: int = 256  # requests the req and rep bridges forward at once
     request_timeout: float = 30.0  # seconds for a reply: the remote's (req), a worker's (rep)
+    # rep: bytes of the requests held (parked, or with the workers) past which the bridge
+    # takes no more until some are answered; those wait in the tunnel meanwhile.
+    max_held_bytes: int = 256 * 2**20
     gap_topic: str | None = None  # sub: topic of the notice sent locally after a gap
     # Seconds closing may take: the peer is told, the requests in flight are answered.
     close_timeout: float = 5.0
@@ -102,6 +105,8 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         if not (1 <= self.hwm <= MAX_COUNT and 1 <= self.max_in_flight <= MAX_COUNT):
             raise ConfigError(f"BridgeConfig: hwm and max_in_flight must be 1..{MAX_COUNT}")
+        if self.max_held_bytes < 1:
+            raise ConfigError("BridgeConfig.max_held_bytes must be at least 1")
         if min(self.send_timeout, self.request_timeout, self.close_timeout) <= 0:
             raise ConfigError("BridgeConfig: the timeouts must be positive")
         if self.linger < 0:
@@ -592,10 +597,10 @@ class RepBridge(Bridge):
     dropped.
 
     At most ``max_in_flight`` requests are with the workers at once; up to ``hwm`` more are
-    parked, so that the bridge goes on receiving, and so reads what the remote requesters give
-    up on (their CANCEL, or the end of their stream): a parked request given up on never
-    reaches a worker, and one given up on while a worker has it is no longer waited for (the
-    worker's answer is then late)."""
+    parked (and none is taken while those held come to ``max_held_bytes``), so that the bridge
+    goes on receiving, and so reads what the remote requesters give up on (their CANCEL, or the
+    end of their stream): a parked request given up on never reaches a worker, and one given up
+    on while a worker has it is no longer waited for (the worker's answer is then late)."""
 
     kind = "rep"
     socket_type = zmq.DEALER
@@ -608,7 +613,8 @@ class RepBridge(Bridge):
         self._parked: dict[int, Request] = {}  # received, in order, waiting for a slot
         self._keys = itertools.count()
         self._serving: dict[asyncio.Task[None], Request] = {}  # with the workers
-        self._room = asyncio.Event()  # set while fewer than hwm are parked
+        self._held = 0  # bytes of the requests parked and served
+        self._room = asyncio.Event()  # set while fewer than hwm are parked, and bytes allow
         self._room.set()
         self._stopping = False
         self._waiting: dict[bytes, asyncio.Future[list[bytes]]] = {}
@@ -639,6 +645,7 @@ class RepBridge(Bridge):
             request = await self._replier.receive(timeout=None)
             key = next(self._keys)
             self._parked[key] = request
+            self._held += len(request.data)
             request.on_cancel(functools.partial(self._unpark, key))
             self._start_parked()
 
@@ -648,6 +655,7 @@ class RepBridge(Bridge):
         if request is not None:
             log.info("%s gave up on a request to port %d before a local worker had it",
                      request.sender, self.port)
+            self._held -= len(request.data)
             self._start_parked()
 
     def _start_parked(self) -> None:
@@ -659,13 +667,17 @@ class RepBridge(Bridge):
             self._serving[task] = request
             request.on_cancel(task.cancel)
             task.add_done_callback(self._served)
-        if len(self._parked) < self.config.hwm:
+        # Checked before a request is received, whose size is not known yet: the bridge holds
+        # at most one request (at most MAX_DATA) past max_held_bytes.
+        if len(self._parked) < self.config.hwm and self._held < self.config.max_held_bytes:
             self._room.set()
         else:
             self._room.clear()
 
     def _served(self, task: asyncio.Task[None]) -> None:
-        self._serving.pop(task).on_cancel(None)
+        request = self._serving.pop(task)
+        request.on_cancel(None)
+        self._held -= len(request.data)
         _log_failure(task)
         self._start_parked()
 
