@@ -442,6 +442,32 @@ async def test_the_requests_a_rep_bridge_holds_are_bounded_in_bytes(
     assert bridge.stop()["errors"] == 5
 
 
+async def test_a_rep_bridge_stopped_with_requests_held_counts_its_answers(
+        daemon_pair: Pair, beta_client: Client, sockets: Path) -> None:
+    alpha, _ = daemon_pair
+    # No worker: one request waits for one, the others for its slot, one is given up on.
+    bridge = BridgeProcess(alpha.home, "rep", "7118", endpoint(sockets, "held-stop"),
+                           "--max-in-flight", "1")
+    try:
+        async with Requester(beta_client) as requester:
+
+            async def stopped() -> None:
+                with pytest.raises(RemoteError) as error:
+                    await requester.request("alpha", 7118, b"held", timeout=10)
+                assert error.value.remote_type == "ConnectionClosedError"
+
+            held = [asyncio.create_task(stopped()) for _ in range(3)]
+            with pytest.raises(PilotTimeoutError):
+                await requester.request("alpha", 7118, b"given up", timeout=0.5)
+            await asyncio.sleep(0.5)
+            stats = await asyncio.to_thread(bridge.stop)
+            await asyncio.gather(*held)
+    finally:
+        bridge.kill()
+    # Before the fix: errors 0 (the replier's close answered them, uncounted).
+    assert stats["errors"] == 3 and stats["cancelled"] == 1 and stats["forwarded"] == 0, stats
+
+
 def test_bad_endpoints_and_unknown_peers_are_one_line_errors(
         daemon_pair: Pair, sockets: Path) -> None:
     alpha, _ = daemon_pair

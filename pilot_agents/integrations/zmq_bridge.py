@@ -66,6 +66,7 @@ from ..patterns import (
     Subscriber,
 )
 from ..patterns.frames import HEADER_SIZE, MAX_MESSAGE, MAX_TOPIC, encode_publication
+from ..patterns.reqrep import CANCEL_WAIT
 from ..transport import Transport
 
 log = logging.getLogger("pilot_agents.integrations.zmq_bridge")
@@ -123,6 +124,7 @@ class BridgeStats:
     resumed: int = 0  # sub: subscriptions renewed after the tunnel or the publisher went away
     unmatched: int = 0  # sub: publications no local subscriber wanted
     late: int = 0  # rep: worker replies after their request timed out or was given up on
+    cancelled: int = 0  # rep: requests their remote requesters gave up on before the answer
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -627,10 +629,22 @@ class RepBridge(Bridge):
 
     async def _close(self) -> None:
         self._stopping = True  # no parked request starts as those served are cancelled
+        held = [*self._serving.values(), *self._parked.values()]
         await cancel_all(list(self._serving))
         self._parked.clear()
-        if self._replier is not None:
-            await self._replier.close()  # answers what was handed out and not answered
+        # Answered here rather than by the replier's close, to be counted as error replies.
+        stopped = ConnectionClosedError(f"the bridge on port {self.port} stopped before a "
+                                        "local worker answered")
+        failing = [asyncio.ensure_future(self._fail_at_stop(request, stopped))
+                   for request in held if not (request.answered or request.cancelled)]
+        try:
+            if failing:  # bounded as the replier's close bounds its own
+                await asyncio.wait(failing, timeout=CANCEL_WAIT)
+        finally:
+            for task in failing:
+                task.cancel()
+            if self._replier is not None:
+                await self._replier.close()  # answers any other it handed out
 
     def _remote(self) -> dict[str, Any]:
         return {"remote": None, "port": self.port}
@@ -655,6 +669,7 @@ class RepBridge(Bridge):
         if request is not None:
             log.info("%s gave up on a request to port %d before a local worker had it",
                      request.sender, self.port)
+            self.stats.cancelled += 1
             self._held -= len(request.data)
             self._start_parked()
 
@@ -678,6 +693,8 @@ class RepBridge(Bridge):
         request = self._serving.pop(task)
         request.on_cancel(None)
         self._held -= len(request.data)
+        if request.cancelled:  # (if so, no answer went: see Request._answer)
+            self.stats.cancelled += 1
         _log_failure(task)
         self._start_parked()
 
@@ -717,7 +734,10 @@ class RepBridge(Bridge):
             elif len(frames[0]) > MAX_DATA:
                 await self._fail(request, _too_large("the local worker's reply", frames[0]))
             else:
-                self.stats.forwarded += 1  # handed over: the stop may come before it is sent
+                # Counted before the send, which the stop may cut short; not if nobody waits
+                # for it (then nothing is sent).
+                if not request.cancelled:
+                    self.stats.forwarded += 1
                 await request.reply(frames[0])
         except PilotError as exc:
             log.info("could not answer %s on port %d: %s", request.sender, self.port, exc)
@@ -734,8 +754,13 @@ class RepBridge(Bridge):
             self._waiting.pop(request_id, None)
 
     async def _fail(self, request: Request, error: PilotError) -> None:
-        self.stats.errors += 1
+        if not request.cancelled:  # as forwarded
+            self.stats.errors += 1
         await request.fail(error)
+
+    async def _fail_at_stop(self, request: Request, error: PilotError) -> None:
+        with contextlib.suppress(PilotError):  # its requester has gone
+            await self._fail(request, error)
 
 
 def _too_large(what: str, data: bytes) -> MessageTooLargeError:
