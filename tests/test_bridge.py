@@ -82,6 +82,9 @@ class BridgeProcess:
         assert "Traceback" not in err, err
         final = json.loads(out.strip().splitlines()[-1])
         assert final["state"] == "stopped"
+        # Its ipc:// socket file is gone: only a killed bridge leaves one.
+        path = self.status["endpoint"].removeprefix("ipc://")
+        assert path.startswith("tcp://") or not Path(path).exists(), path
         return final["stats"]  # type: ignore[no-any-return]
 
     def kill(self) -> None:

@@ -166,6 +166,28 @@ def _check_ipc_path(endpoint: str) -> None:
     raise ConfigError(f"cannot bind {endpoint}: address in use (a program listens there)")
 
 
+def _socket_file(endpoint: str) -> tuple[str, int, int] | None:
+    """The file a bind at ``endpoint`` made, and its device and inode, if it made one."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):  # tcp://, or an abstract socket
+        return None
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return path, status.st_dev, status.st_ino
+
+
+def _remove_socket_file(bound: tuple[str, int, int]) -> None:
+    """Remove the file of a socket this bridge bound, and closed: ZeroMQ leaves it behind. Not
+    if it is another's by now (a bridge that took the path once ours had closed)."""
+    path, device, inode = bound
+    with contextlib.suppress(OSError):  # gone already, or not ours to remove
+        status = os.lstat(path)
+        if (status.st_dev, status.st_ino) == (device, inode):
+            os.unlink(path)
+
+
 def error_frames(exc: PilotError) -> list[bytes]:
     """The error reply a local client gets instead of the reply ``exc`` stood in for."""
     body: dict[str, str] = {"type": type(exc).__name__, "message": str(exc)}
@@ -190,6 +212,7 @@ class Bridge(abc.ABC):
         self.stats = BridgeStats()
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self._socket_file: tuple[str, int, int] | None = None  # see _socket_file
 
     async def __aenter__(self) -> Bridge:
         self._context = zmq.asyncio.Context()
@@ -208,6 +231,7 @@ class Bridge(abc.ABC):
             except zmq.ZMQError as exc:
                 raise ConfigError(f"cannot bind {self.endpoint}: {exc.strerror}") from None
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._socket_file = _socket_file(self.endpoint)
             await self._open()
         except BaseException:
             await self.close()
@@ -219,7 +243,7 @@ class Bridge(abc.ABC):
 
     async def close(self) -> None:
         """Close the pattern, then the socket, which has ``linger`` seconds to send what is
-        queued (then the rest is discarded)."""
+        queued (then the rest is discarded), and remove its ipc:// file."""
         try:
             async with asyncio.timeout(self.config.close_timeout):
                 await self._close()
@@ -234,6 +258,9 @@ class Bridge(abc.ABC):
             sock.close(linger=int(self.config.linger * 1000))
         if context is not None:
             context.term()
+        bound, self._socket_file = self._socket_file, None
+        if bound is not None:
+            _remove_socket_file(bound)
 
     def status(self) -> dict[str, Any]:
         """What runs where, for the status line."""
