@@ -50,8 +50,10 @@ from .ipc import (
     MAX_SEND_WINDOW_BYTES,
     REQUEST_TIMEOUT,
     IpcClient,
+    daemon_pid,
     decode_data,
     error_of,
+    resolve_home,
     unseen_after_restart,
 )
 from .node.connection import framed_size
@@ -906,6 +908,11 @@ class _Delivery:
 
 
 # -- module-level calls ---------------------------------------------------------------------
+
+
+def daemon_running(home: str | Path | None = None) -> bool:
+    """Whether a daemon runs for ``home`` now (default: $PILOT_HOME, else ~/.pilot-agents)."""
+    return daemon_pid(resolve_home(home)) is not None
 
 
 def connect(target: str, port: int = DEFAULT_PORT, *, timeout: float = CONNECT_TIMEOUT,

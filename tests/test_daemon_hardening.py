@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import zmq
 
-from pilot_agents import ipc
+from pilot_agents import Client, ipc
 from pilot_agents.daemon import DaemonOptions, start_detached
 from tests.conftest import (
     DaemonHandle,
@@ -307,6 +307,26 @@ def test_stop_keeps_unread_messages_for_the_next_start() -> None:
         got = [call(b.home, cmd="receive", port=1001, timeout=5) for _ in range(3)]
         assert [g["message"]["data"] for g in got] == ["m0", "m1", "m2"], got
         assert not (b.home / "unread.jsonl").exists()
+    finally:
+        stop_daemons(*homes)
+
+
+async def test_an_exclusive_listener_takes_its_port_back_after_a_restart() -> None:
+    """A stopped daemon keeps its ports' unread messages, and the next one listens on those
+    ports for them, for no client: every exclusive listen of such a port (mcp serve, a
+    publisher) was refused for good. The first one now takes them over."""
+    homes = [short_home(), short_home()]
+    try:
+        a, b = start_daemons((homes[0], "alpha"), (homes[1], "beta"))
+        peer_up(a, b)
+        assert call(b.home, cmd="listen", port=4711, exclusive=True)["ok"]
+        assert call(a.home, cmd="send", target="beta", port=4711, data="kept")["ok"]
+        stop_daemons_keep_home(b.home)
+        start_daemon(b.home, "beta")
+        async with Client(b.home) as client, client.listen(4711, exclusive=True) as listener:
+            assert (await listener.receive(5)).data == b"kept"
+            refused = call(b.home, cmd="listen", port=4711, exclusive=True)
+            assert refused["error"]["type"] == "PortInUseError", refused
     finally:
         stop_daemons(*homes)
 

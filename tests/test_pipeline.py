@@ -376,6 +376,24 @@ def test_aliases_that_expand_past_the_limit_are_refused(tmp_path: Path) -> None:
                           f"{file}:10: *a4: with it the file's aliases expand")
 
 
+def test_aliases_that_nest_past_the_depth_limit_are_refused(tmp_path: Path) -> None:
+    """Each alias inside 90 levels of nesting names a value 90 levels deep: written, no value
+    nests past MAX_DEPTH (100), expanded, twelve of them nest 1,080 levels, and walking the
+    file failed with an internal RecursionError (exit 70)."""
+    levels = 90
+    lines = ["agents:", "  a:", "    steps:", "      - python: m:f", "        args:"]
+    inside = "1"
+    for n in range(1, 13):
+        lines.append(f"          l{n}: &l{n} {'[' * levels}{inside}{']' * levels}")
+        inside = f"*l{n}"
+    text = "\n".join(lines) + "\n"
+    assert problems(text) == [
+        "p.yaml:7: nested more than 100 levels deep, with the values its aliases name"]
+    file = tmp_path / "p.yaml"
+    file.write_text(text)
+    assert_one_line_error(cli(None, "validate", str(file)), 2, f"{file}:7: nested more than")
+
+
 def test_the_beacon_field_is_checked_as_the_daemons_take_it(tmp_path: Path) -> None:
     """`beacon: nonsense` passed validate, and run failed later, every agent's daemon refusing
     it."""

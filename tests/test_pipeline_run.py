@@ -603,6 +603,28 @@ def test_homes_are_one_run_s_at_a_time(tmp_path: Path) -> None:
         shutil.rmtree(beacon_dir, ignore_errors=True)
 
 
+def test_a_daemon_that_ran_before_is_left_running_by_an_agent_that_fails_first(
+        tmp_path: Path) -> None:
+    """The run knew of a daemon that ran before it only from the agent's 'daemon' event: an
+    agent that failed before (its home's daemon runs as another name) told nothing, and the
+    clean-up stopped the user's daemon."""
+    (tmp_path / "s.py").write_text("def f(state):\n    return {'x': 1}\n")
+    (tmp_path / "p.yaml").write_text("agents:\n  a: {steps: [{python: 's:f'}]}\n")
+    homes = short_home("pa-homes-")
+    try:
+        daemon = cli(homes / "a", "--json", "daemon", "start", "--hostname", "zed", "--listen",
+                     "127.0.0.1:0")
+        assert daemon.returncode == 0, daemon.stderr
+        run = subprocess.run([*CMD, "--json", "run", str(tmp_path / "p.yaml"), "--homes",
+                              str(homes)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert run.returncode == 1, run.stderr + run.stdout
+        assert "runs as 'zed', not as 'a'" in run.stdout
+        assert alive(json.loads(daemon.stdout)["pid"], 0)
+    finally:
+        stop_daemons(homes / "a")
+        shutil.rmtree(homes, ignore_errors=True)
+
+
 def test_agent_mode_needs_a_beacon_and_a_known_agent(example: Path) -> None:
     home = short_home()
     try:
@@ -812,3 +834,18 @@ def test_a_step_that_exits_fails_naming_itself(tmp_path: Path, source: str, said
     assert [(e["step"], e["status"], e.get("error")) for e in events if e["event"] == "step"] \
         == [("leave", "start", None), ("leave", "failed", error)]
     assert events[-1]["agents"]["a"]["error"] == error
+
+
+async def test_the_clean_up_signals_no_group_whose_leader_pid_is_taken_again() -> None:
+    """What a reaped agent left in its session is stopped by signalling its group, named by
+    the agent's pid; by the time of the clean-up that pid may be another process's, leading
+    a session of its own, which the run killed. Here a session leader stands for that one."""
+    from pilot_agents.pipeline.run import _stop_session
+
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        await _stop_session(other.pid, 0.5)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

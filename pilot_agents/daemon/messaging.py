@@ -64,6 +64,9 @@ class PortState:
     permanent: bool = False
     publish: bool = False
     exclusive: bool = False  # its one listen takes every message: no other listen is allowed
+    # Listened on by restore_unread for the messages a previous daemon kept, and by no client
+    # yet: the first exclusive listen takes that listen over (else none could ever come).
+    restored: bool = False
     task: asyncio.Task[None] | None = None
     received: int = 0
     # Its data sockets (daemon/portsock.py): ended when it closes.
@@ -427,6 +430,10 @@ class Messaging:
                     exclusive: bool = False) -> tuple[PortState, bool]:
         state = self.ports.get(port)
         if state is not None:
+            if exclusive and state.restored and state.refs == 1:
+                state.restored = False
+                state.exclusive = True
+                return state, False
             # Listens of a port share its messages, each to one of them: a listener whose
             # messages belong together (an MCP server's sessions, each a stream) would lose
             # some to the other, silently, so it asks to be alone, and is alone.
@@ -630,7 +637,10 @@ class Messaging:
         """Put the messages a previous daemon kept back into their ports' inboxes, ahead of
         anything new (beyond the inboxes' bounds if need be: they were accepted already)."""
         for message in take_unread(self.ctx.home):
-            state = self.ports.get(message.port) or self.listen_port(message.port)[0]
+            state = self.ports.get(message.port)
+            if state is None:
+                state = self.listen_port(message.port)[0]
+                state.restored = True
             state.inbox.put(message)
 
 

@@ -95,11 +95,12 @@ class _Loader(yaml.SafeLoader):
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
-        # id() of each node composed to its end -> the values it stands for, its aliases
-        # expanded: an alias adds those of the value it names, known without expanding it
-        self.sizes: dict[int, int] = {}
+        # id() of each node composed to its end -> the values it stands for and how deep they
+        # nest, its aliases expanded: an alias adds those of the value it names, known
+        # without expanding it.
+        self.extents: dict[int, tuple[int, int]] = {}
         self.aliased = 0  # values the aliases composed so far add to the file
-        self.depth = 0
+        self.depth = 0  # of the node being composed, as written (PyYAML's own recursion)
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self.check_event()  # the next event, in current_event (peek_event is untyped)
@@ -107,14 +108,15 @@ class _Loader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             named = self.anchors.get(event.anchor)
             if named is not None:
-                if id(named) not in self.sizes:
+                if id(named) not in self.extents:
                     raise _Refused(event, f"recursive alias *{event.anchor}: it is "
                                    "inside the value it names, which would never end")
-                self.aliased += self.sizes[id(named)]
+                self.aliased += self.extents[id(named)][0]
                 if self.aliased > MAX_ALIAS_VALUES:
-                    raise _Refused(event, f"*{event.anchor}: with it the file's aliases expand "
-                                   f"to more than {MAX_ALIAS_VALUES:,} values (each alias is a "
-                                   "copy of the value it names), a pipeline file's limit")
+                    raise _Refused(event, f"*{event.anchor}: with it the file's "
+                                   f"aliases expand to more than {MAX_ALIAS_VALUES:,} values "
+                                   "(each alias is a copy of the value it names), a pipeline "
+                                   "file's limit")
             return super().compose_node(parent, index)
         self.depth += 1
         if self.depth > MAX_DEPTH:
@@ -127,7 +129,12 @@ class _Loader(yaml.SafeLoader):
             inner = [part for pair in node.value for part in pair]
         else:
             inner = []
-        self.sizes[id(node)] = 1 + sum(self.sizes[id(part)] for part in inner)
+        extents = [self.extents[id(part)] for part in inner]
+        depth = 1 + max((d for _, d in extents), default=0)
+        if depth > MAX_DEPTH:  # only through aliases: each of which may add its value's depth
+            raise _Refused(event, f"nested more than {MAX_DEPTH} levels deep, with "
+                           "the values its aliases name")
+        self.extents[id(node)] = (1 + sum(size for size, _ in extents), depth)
         return node
 
 

@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..integrations.langgraph import serve_graph
 from ..runtime import interruptible
-from ..sdk import Client
+from ..sdk import Client, daemon_running
 from .graph import build_graph
 from .load import LoadedPipeline
 from .schema import (
@@ -532,12 +532,18 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
 
 async def _stop_session(leader: int, grace: float) -> None:
     """The processes left in the session (and process group) of ``leader``, started with
-    start_new_session and ended: what its steps started and left running, which would outlive
-    the run (and hold its stderr open). SIGTERM, then SIGKILL after ``grace`` seconds."""
+    start_new_session and ended (reaped): what its steps started and left running, which would
+    outlive the run (and hold its stderr open). SIGTERM, then SIGKILL after ``grace`` seconds.
+
+    A pid is not given out again while a group of that id has members, so while no process
+    has the leader's pid the group is what ours left; once one has it, the pid was reused, and
+    so may be the group's id: not ours to signal."""
     loop = asyncio.get_running_loop()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         deadline = loop.time() + wait
         try:
+            if _exists(leader):
+                return
             os.killpg(leader, sig)
             while loop.time() < deadline:  # no event says a group emptied: look again
                 await asyncio.sleep(GROUP_POLL)
@@ -546,6 +552,16 @@ async def _stop_session(leader: int, grace: float) -> None:
             return
         except PermissionError:  # one became another user's (setuid): not ours to stop
             return
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 async def _follow(agent: AgentProcess, emit: Emit, grace: float) -> None:
@@ -565,8 +581,8 @@ async def _follow(agent: AgentProcess, emit: Emit, grace: float) -> None:
             continue
         if event["event"] == "done":
             agent.status, agent.error = event.get("status", "failed"), event.get("error")
-        if event["event"] == "daemon":
-            agent.daemon_was_running = event.get("started") is False
+        if event["event"] == "daemon" and event.get("started") is False:
+            agent.daemon_was_running = True  # (one that came up meanwhile is not ours either)
         emit(event)
     await agent.proc.wait()
     await _stop_session(agent.proc.pid, grace)
@@ -696,12 +712,17 @@ async def run_pipeline(pipeline: LoadedPipeline, emit: Emit, *, beacon: str | No
         for name in spec.agents:
             home = root / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Looked at here, not left to the agent's 'daemon' event: an agent that fails
+            # before it (its home's daemon runs as another name) has told nothing, and the
+            # daemon it found must be left running all the same.
+            was_running = daemon_running(home)
             log, tail = logs / f"{name}.log", _tail()
             proc, reader = await _spawn(
                 cli_command("--home", str(home), "--json", "run", str(pipeline.path),
                             "--agent", name, "--beacon", beacon, "--listen", "127.0.0.1:0"),
                 log, tail, stdout=asyncio.subprocess.PIPE, limit=EVENT_LINE_LIMIT, env=environ)
-            agents.append(AgentProcess(name, home, proc, log, tail, reader))
+            agents.append(AgentProcess(name, home, proc, log, tail, reader,
+                                       daemon_was_running=was_running))
         followers = [asyncio.create_task(_follow(a, emit, settings.shutdown_timeout))
                      for a in agents]
         limit = settings.timeout + settings.startup_timeout + settings.shutdown_timeout
