@@ -408,6 +408,11 @@ def test_the_beacon_field_is_checked_as_the_daemons_take_it(tmp_path: Path) -> N
     file.write_text(f"beacon: nonsense\n{agents}")
     assert_one_line_error(cli(None, "validate", str(file)), 2,
                           f"{file}:1: beacon: 'nonsense': expected KEY@HOST:PORT or HOST:PORT")
+    # ... and so is run's --beacon, before anything starts.
+    file.write_text(agents)
+    for mode in ([], ["--agent", "a"]):
+        assert_one_line_error(cli(tmp_path / "home", "run", str(file), "--beacon", "nonsense",
+                                  *mode), 2, "--beacon 'nonsense': expected KEY@HOST:PORT")
 
 
 def test_graph_of_each_agent_without_the_network() -> None:

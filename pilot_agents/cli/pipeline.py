@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from ..addressing import parse_beacon_list
 from ..errors import ConfigError
 from .context import Context
 from .output import EXIT_OK, EXIT_USAGE, emit
@@ -72,6 +73,10 @@ def run_cmd(ctx: Context) -> int:
 
     args = ctx.args
     loaded = load(args.pipeline)
+    if args.beacon is not None:
+        # Checked before anything starts, as the file's beacon: is: each agent's daemon
+        # would refuse it, one after the other, once the run had started the rest.
+        parse_beacon_list(args.beacon)
     if args.agent is None:
         if args.listen is not None:
             raise ConfigError("--listen is for --agent (a whole run listens on 127.0.0.1)")
