@@ -296,6 +296,12 @@ class Messaging:
         state = self.ports.get(req.port)
         if state is None:
             raise ConfigError(f"port {req.port} is not being listened on")
+        if state.exclusive and state.attached:
+            # Its one listen is a data socket's, which gives it back as it closes: an unlisten
+            # is another client's, and would close the port under it (mcp serve's, say).
+            raise PortInUseError(f"port {req.port} is held by a listener that takes all its "
+                                 "messages (a server such as 'pilotctl mcp serve'): stop it to "
+                                 "close the port")
         return {"port": req.port, "closed": self.release_port(state)}
 
     async def receive(self, req: ReceiveRequest) -> Reply:
