@@ -28,7 +28,6 @@ from .ipc import (
     DATA_ENDED,
     DATA_MESSAGE,
     DATA_SEND,
-    LOG_NAME,
     PORT_ARRIVAL,
     PORT_ARRIVED,
     PORT_CLOSE,
@@ -46,6 +45,7 @@ from .ipc import (
     REQUEST_TIMEOUT,
     FramedProtocol,
     error_of,
+    not_answering,
     pack_frames,
     stream_socket_path,
 )
@@ -111,10 +111,9 @@ class _Attached(FramedProtocol, Generic[T]):
             transport.abort()
             # A bare TimeoutError is an OSError: it would reach the user as one, not as the
             # stuck daemon the IPC client reports for the same silence.
-            raise DaemonNotRunningError(
-                f"the daemon (home {home}) did not answer the opening of a data socket for "
-                f"{what} within {REQUEST_TIMEOUT:g} s: it is stuck (stopped?); see "
-                f"{home / LOG_NAME}") from None
+            raise not_answering(
+                home, f"the opening of a data socket for {what} within {REQUEST_TIMEOUT:g} s: "
+                "it is stuck (stopped?)") from None
         except BaseException:
             transport.abort()
             raise

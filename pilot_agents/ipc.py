@@ -382,6 +382,12 @@ QUIET = "q"  # a quiet request's id is "q<sink>.<about>": its error reply names 
 _DELIVERED = bytes([COMPACT_DELIVERED])
 
 
+def not_answering(home: Path, what: str) -> DaemonNotRunningError:
+    """A daemon that runs and did not answer ``what`` (a request, with how long it waited)."""
+    return DaemonNotRunningError(f"the daemon (home {home}) did not answer {what}; see "
+                                 f"{home / LOG_NAME}")
+
+
 def _carried(reply: dict[str, Any]) -> str | None:
     """The id of the message a successful reply hands out, if it carries one."""
     message = reply.get("message")
@@ -705,10 +711,9 @@ class IpcClient:
                 await self._within(cmd, probe, self.margin)
             except DaemonNotRunningError:
                 # The whole wait, which the request's own timeout is only part of.
-                raise DaemonNotRunningError(
-                    f"the daemon (home {self.home}) did not answer '{cmd}' in "
-                    f"{loop.time() - started:.1f} s, nor within {self.margin:g} s a check "
-                    f"that it is alive: it is stuck (stopped?); see {self.home / LOG_NAME}"
+                raise not_answering(
+                    self.home, f"'{cmd}' in {loop.time() - started:.1f} s, nor within "
+                    f"{self.margin:g} s a check that it is alive: it is stuck (stopped?)"
                 ) from None
             finally:
                 self._waiting.pop(probe_id, None)
@@ -720,10 +725,7 @@ class IpcClient:
             async with asyncio.timeout(wait):  # not wait_for: see _answer
                 return await asyncio.shield(future)
         except TimeoutError:
-            raise DaemonNotRunningError(
-                f"the daemon (home {self.home}) did not answer '{cmd}' within {wait:g} s; "
-                f"see {self.home / LOG_NAME}"
-            ) from None
+            raise not_answering(self.home, f"'{cmd}' within {wait:g} s") from None
 
     async def _read_replies(self) -> None:
         import zmq
