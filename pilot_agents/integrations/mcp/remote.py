@@ -91,6 +91,10 @@ class McpConfig:
 # -- the control messages ----------------------------------------------------------------------
 
 
+# The first byte of a control message: no JSON text starts with it.
+CONTROL_MARK = b"\x00"
+
+
 class Control(enum.IntEnum):
     OPEN = 1
     READY = 2
@@ -100,12 +104,12 @@ class Control(enum.IntEnum):
 
 def control(kind: Control, text: str = "") -> bytes:
     raw = text.encode("utf-8")[:MAX_REASON_BYTES]
-    return bytes((0, kind)) + raw
+    return CONTROL_MARK + bytes((kind,)) + raw
 
 
 def parse_control_untrusted(data: bytes) -> tuple[Control, str] | None:
     """``(kind, text)`` of a control message; None for a JSON-RPC message."""
-    if data[:1] != b"\x00":
+    if data[:1] != CONTROL_MARK:
         return None
     if len(data) < 2:
         raise WireError("an MCP control message without its kind")
@@ -708,9 +712,9 @@ class McpServer:
                 message = line.rstrip(b"\r\n")
                 if not message:
                     continue
-                if message[:1] == b"\x00":
-                    # No JSON text starts with 0: forwarded, the line would be read as one of
-                    # our control messages (an END its client never had, say).
+                if message[:1] == CONTROL_MARK:
+                    # Forwarded, the line would be read as one of our control messages (an
+                    # END its client never had, say).
                     log.warning("%s: dropped a line of the server's stdout starting with a NUL "
                                 "byte (not JSON-RPC): %r", session.label, message[:80])
                     continue
