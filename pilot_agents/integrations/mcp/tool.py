@@ -89,8 +89,10 @@ class _StdioServers:
         try:
             return await session.call_tool(tool, arguments)
         except MCPError as exc:  # no such tool, bad arguments, the server gone
-            if exc.error.code == CONNECTION_CLOSED:
-                self._gone[key].set()  # its process died: the next call starts a new one
+            # Its process died: the next call starts a new one. Only if this one is still the
+            # server of the key: else _gone[key] is a newer server's, which would be stopped.
+            if exc.error.code == CONNECTION_CLOSED and self._sessions.get(key) is ready:
+                self._gone[key].set()
                 self._forget(key, ready)
             raise McpToolError(f"MCP tool {tool} of {params.command}: {exc}") from None
 
