@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TextIO, TypedDict, TypeVar
 
 from .. import errors
 from ..ipc import decode_data
@@ -96,8 +96,9 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def emit(obj: object) -> None:
-    print(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), flush=True)
+def emit(obj: object, to: TextIO | None = None) -> None:
+    """``obj`` as one line of JSON on stdout (or ``to``)."""
+    print(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), file=to, flush=True)
 
 
 def fields(reply: Reply) -> Reply:
@@ -222,17 +223,17 @@ def _say_error(kind: str, message: str, code: int, line: str, *, as_json: bool,
     carries another protocol (``mcp connect``'s JSON-RPC, which an object of ours would
     corrupt), the object alone on stderr in place of ``line``."""
     if as_json and stdout_is_data:
-        line = json.dumps({"error": {"type": kind, "message": message, "exit_code": code}},
-                          separators=(",", ":"), ensure_ascii=False) + "\n"
+        _emit_error(kind, message, code, sys.stderr)
+        return
     sys.stderr.write(line)
     sys.stderr.flush()
-    if as_json and not stdout_is_data:
+    if as_json:
         _emit_error(kind, message, code)
 
 
-def _emit_error(kind: str, message: str, code: int) -> None:
+def _emit_error(kind: str, message: str, code: int, to: TextIO | None = None) -> None:
     try:
-        emit({"error": {"type": kind, "message": message, "exit_code": code}})
+        emit({"error": {"type": kind, "message": message, "exit_code": code}}, to)
     except OSError:
         # Its reader is gone (Ctrl-C ends `pilotctl ... --json | jq` both at once): the
         # command ends with its own status all the same, not a traceback of this write.
