@@ -331,6 +331,11 @@ def test_cli_connect_json_keeps_stdout_for_json_rpc(daemons: tuple[DaemonHandle,
     assert result.returncode == 5 and result.stdout == "", result
     (line,) = result.stderr.splitlines()
     assert json.loads(line)["error"]["exit_code"] == 5
+    # a line that does not parse, too (it has not got as far as knowing the command's needs)
+    result = cli(alpha.home, "--json", "mcp", "connect", "no-port", input="")
+    assert result.returncode == 2 and result.stdout == "", result
+    (line,) = result.stderr.splitlines()
+    assert json.loads(line)["error"]["type"] == "ConfigError", line
     # the session ends under a waiting request: its answer is JSON-RPC, the reason on stderr
     dies = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]
     with serving(beta.home, "--port", "90", "--", *dies):

@@ -22,7 +22,7 @@ from . import (
 )
 from .context import Context, Handler
 from .output import exit_status
-from .parser import Register
+from .parser import Register, UsageError
 from .parser import build_parser as _build_parser
 
 # In the order `pilotctl --help` lists their commands.
@@ -59,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = Context(args)
         return handler(ctx)
     except BaseException as exc:
-        # A line that did not parse has no Context: --json is then looked for in the line
+        # Before a Context (a line that did not parse), --json is looked for in the line
         # itself, so that a script's usage error is a JSON error object too.
-        code = exit_status(exc, as_json=ctx.json if ctx is not None else "--json" in own(argv),
-                           stdout_is_data=ctx is not None and ctx.stdout_is_data)
+        as_json = ctx.json if ctx is not None else "--json" in own(argv)
+        if isinstance(exc, UsageError):  # of the type a script gets for any wrong argument
+            code = exit_status(ConfigError(str(exc)), as_json, exc.stdout_is_data)
+        else:
+            code = exit_status(exc, as_json, ctx is not None and ctx.stdout_is_data)
         if code is None:
             raise
         return code

@@ -26,9 +26,8 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.json = bool(getattr(args, "json", False))
-        # Set by a command whose stdout carries another protocol (mcp connect's JSON-RPC):
-        # its errors, JSON ones too, go to stderr.
-        self.stdout_is_data = False
+        # A command whose stdout carries another protocol (parser.Commands.command).
+        self.stdout_is_data = bool(getattr(args, "stdout_is_data", False))
         self._home_arg: str | None = getattr(args, "home", None)
 
     @functools.cached_property

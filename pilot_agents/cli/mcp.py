@@ -52,7 +52,8 @@ def register(commands: Commands) -> None:
 
     sub = group.command(
         "connect", "be a stdio MCP server that forwards to the one a peer serves (put "
-        "'pilotctl mcp connect NAME:PORT' as the command in an MCP client's config)", connect_cmd)
+        "'pilotctl mcp connect NAME:PORT' as the command in an MCP client's config)", connect_cmd,
+        stdout_is_data=True)
     sub.add_argument("target", type=name_port, metavar="NAME:PORT")
     sub.add_argument("--timeout", type=positive, default=_DEFAULTS.connect_timeout, metavar="S",
                      help="seconds to reach the peer (default "
@@ -109,7 +110,6 @@ def serve_cmd(ctx: Context) -> int:
 
 
 def connect_cmd(ctx: Context) -> int:
-    ctx.stdout_is_data = True  # stdout is the JSON-RPC channel of the MCP client
     name, number = ctx.args.target
     config = McpConfig(max_message_bytes=ctx.args.max_message_bytes,
                        connect_timeout=ctx.args.timeout, drain_timeout=ctx.args.drain_timeout)

@@ -19,11 +19,22 @@ _JSON_HELP = "machine-readable output"
 N = TypeVar("N", int, float)
 
 
+class UsageError(ConfigError):
+    """A command line that did not parse. ``stdout_is_data``: the command's stdout carries
+    another protocol (see :meth:`Commands.command`), so the error must stay off it."""
+
+    def __init__(self, message: str, stdout_is_data: bool) -> None:
+        super().__init__(message)
+        self.stdout_is_data = stdout_is_data
+
+
 class _Parser(argparse.ArgumentParser):
+    stdout_is_data = False
+
     def error(self, message: str) -> NoReturn:
         # Reported like any user mistake (exit 2, one line; a JSON error with --json), not
         # argparse's way, which prints only to stderr: a script asking for --json got nothing.
-        raise ConfigError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(f"{message} (see '{self.prog} --help')", self.stdout_is_data)
 
 
 # -- argument types: a bad value is a usage error naming it ----------------------------------
@@ -101,12 +112,17 @@ class Commands:
         self._action = action
         self._common = common
 
-    def command(self, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
-        """A command run by ``handler``; add its arguments to the parser returned."""
+    def command(self, name: str, help_text: str, handler: Handler, *,
+                stdout_is_data: bool = False) -> argparse.ArgumentParser:
+        """A command run by ``handler``; add its arguments to the parser returned.
+        ``stdout_is_data``: its stdout carries another protocol (``mcp connect``'s JSON-RPC),
+        which an error object of ours would corrupt: its errors, JSON ones too, go to stderr,
+        from a usage error on."""
         sub = self._action.add_parser(
             name, help=help_text, description=help_text, parents=[self._common], epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, stdout_is_data=stdout_is_data)
+        sub.stdout_is_data = stdout_is_data
         return sub
 
     def group(self, name: str, help_text: str) -> Commands:
