@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 
 from pilot_agents.errors import WireError
 from pilot_agents.net.tunnel import wire
+from pilot_agents.net.tunnel.crypto import TAG_SIZE
 from pilot_agents.net.tunnel.replay import ReplayWindow
 from tests.simnet import SimNetwork
+
+PACKET_OVERHEAD = wire.DATA_HEADER_SIZE + TAG_SIZE
 
 
 def established_pair(seed: int = 0) -> tuple[SimNetwork, object, object, int]:
@@ -170,3 +173,74 @@ def test_replay_window_matches_a_model(seed: int) -> None:
             accepted.add(number)
             highest = max(highest, number)
         assert window.highest == highest
+
+
+def hostile_datagram(net: SimNetwork, a: object, b: object, payload: bytes) -> list[bytes]:
+    """``payload`` as the frames of one packet that ``a`` (trusted, with the tunnel's real
+    keys) sends to ``b``; what b sends back at once."""
+    sa = a.mux.get_session(b.key)  # type: ignore[attr-defined]
+    packet_number = sa._next_packet_number
+    datagram = sa._seal(sa._current, payload)
+    sa._recovery.on_untracked_packet_sent(packet_number)  # so that a takes b's ACK of it
+    b.mux.receive_datagram(datagram, a.address, net.now)  # type: ignore[attr-defined]
+    return [data for data, _ in b.mux.datagrams_to_send(net.now)]  # type: ignore[attr-defined]
+
+
+def test_a_packet_of_max_data_frames_costs_one_pass_over_the_streams() -> None:
+    """An audit: each MAX_DATA frame that raised the limit scheduled every stream, with a
+    linear search of the send order for each. With 1023 idle streams opened by the peer, one
+    65,000-byte packet of 9-byte MAX_DATA frames took 27 s of the node's only thread. Now
+    more credit schedules, once per packet, only the streams that have something to send."""
+    net, a, b, first = established_pair()
+    sb = b.mux.get_session(a.key)
+    opening = b"".join(wire.encode_stream_header(first + 2 * n, 50000, 1, 0, 0, False)
+                       for n in range(1, 1024))
+    for start in range(0, len(opening), 60_000):
+        hostile_datagram(net, a, b, opening[start:start + 60_000])
+    assert len(sb._streams) == 1024 and not sb.closed
+    # b's one stream with something to send, held back by the tunnel's credit
+    sb._peer_max_data = sb._sent_new_bytes
+    sb.send_message(first, b"reply")
+    hostile_datagram(net, a, b, b"")  # (an empty packet: only so that b flushes)
+    limit = sb._peer_max_data
+    flood = b"".join(wire.encode_max_data(limit + n) for n in range(1, 7000))
+    sent = hostile_datagram(net, a, b, flood)
+    assert not sb.closed and sb._peer_max_data == limit + 6999
+    sa = a.mux.get_session(b.key)
+    assert any(isinstance(frame, wire.StreamFrame) and b"reply" in frame.data
+               for data in sent for frame in _frames(sa, data))
+    assert not sb._send_order and not sb._scheduled  # nobody idle was ever scheduled
+
+
+def test_path_challenges_get_one_answer_no_larger_than_what_asked() -> None:
+    """An audit: every PATH_CHALLENGE (9 bytes) of a packet got its own answer padded to the
+    full packet size, sent outside congestion control to the packet's source address, which
+    nothing authenticates: a trusted peer spoofing a victim's address reflected 133x the
+    bytes it sent. Now the newest challenge from an address is answered, once, in a datagram
+    no larger than the one that carried it, whose size still proves the path (a prober pads
+    its challenge)."""
+    net, a, b, _ = established_pair()
+    tokens = [n.to_bytes(8, "big") for n in range(130)]
+    many = b"".join(wire.encode_path_challenge(token) for token in tokens)
+    sa = a.mux.get_session(b.key)
+    answers = _path_responses(sa, hostile_datagram(net, a, b, many))
+    assert answers == [(tokens[-1], len(many) + PACKET_OVERHEAD)]
+    # one challenge in a small packet: a small answer
+    one = wire.encode_path_challenge(tokens[0])
+    assert _path_responses(sa, hostile_datagram(net, a, b, one)) == [
+        (tokens[0], len(one) + PACKET_OVERHEAD)]
+
+
+def _path_responses(receiver: object, datagrams: list[bytes]) -> list[tuple[bytes, int]]:
+    """(token, size of its datagram) of each PATH_RESPONSE among ``datagrams``."""
+    return [(frame.token, len(data)) for data in datagrams for frame in _frames(receiver, data)
+            if isinstance(frame, wire.PathResponseFrame)]
+
+
+def _frames(receiver: object, datagram: bytes) -> list[wire.Frame]:
+    """The frames of a datagram sent to the session ``receiver``, opened with its keys without
+    the session taking it."""
+    header = datagram[:wire.DATA_HEADER_SIZE]
+    payload = receiver._current.receiver.open(  # type: ignore[attr-defined]
+        wire.read_u64(datagram, 5), datagram[wire.DATA_HEADER_SIZE:], header)
+    return wire.parse_frames_untrusted(payload)

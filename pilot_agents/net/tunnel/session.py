@@ -242,7 +242,8 @@ class Session:
         self._pings_pending: list[tuple[int, float]] = []  # (id, asked at)
         self._close_reason = ""
         self._probes_pending = 0
-        self._path_responses: list[tuple[bytes, Address]] = []  # (token, where from)
+        # Where from: (the newest token, the size of the datagram that carried it).
+        self._path_responses: dict[Address, tuple[bytes, int]] = {}
         self._close_frame: bytes | None = None
         self._last_received = now
         self._last_data_received = -math.inf  # handshakes count as heard, not as a path
@@ -262,6 +263,8 @@ class Session:
         self._control: deque[_Control] = deque()
         self._max_data_pending = False
         self._send_order: deque[int] = deque()  # streams with data, round robin
+        # The same ids, for a membership test that costs nothing with a thousand streams.
+        self._scheduled: set[int] = set()
         # The peer's large-message allowance holder (LARGE_MESSAGE): that stream's bytes up to
         # the end go before other streams' new bytes, whose credit the peer counted for it.
         self._priority_stream = -1
@@ -724,7 +727,7 @@ class Session:
                     self.paths.on_peer_address(address, now)
                 else:
                     self._on_newest_packet_from(address, now)
-            self._handle_frames(packet_number, frames, address, now)
+            self._handle_frames(packet_number, frames, address, len(data), now)
         except WireError as exc:
             log.warning("[%s] protocol error from peer: %s", self._tag, exc)
             self.close(CloseCode.PROTOCOL_ERROR, str(exc), now)
@@ -757,14 +760,15 @@ class Session:
             return out
         self._take_handshake_packets(out, active)  # a rekey just started
         if self._path_responses:
-            for token, source in self._path_responses:
+            for source, (token, size) in self._path_responses.items():
                 frame = wire.encode_path_response(token)
-                out.append((self._build_unpaced(keypair, frame, now), source))
+                out.append((self._build_unpaced(keypair, frame, size), source))
             self._path_responses.clear()
         if self.paths.probing:
             for address, token in self.paths.probes_due(now):
                 frame = wire.encode_path_challenge(token)
-                out.append((self._build_unpaced(keypair, frame, now), address))
+                out.append((self._build_unpaced(keypair, frame, self.config.max_packet_size),
+                            address))
         if self._mtu_probes and not self._mtu_probe_in_flight:
             out.append((self._build_mtu_probe(keypair, now), active))
         while True:
@@ -925,9 +929,14 @@ class Session:
     # -- internals: frames in ---------------------------------------------------------------
 
     def _handle_frames(
-        self, packet_number: int, frames: list[wire.Frame], source: Address, now: float
+        self, packet_number: int, frames: list[wire.Frame], source: Address, size: int,
+        now: float,
     ) -> None:
         ack_eliciting = immediate = False
+        # Acted on once per packet, after its frames: a packet of a thousand MAX_DATA frames
+        # (9 bytes each) must not cost a thousand passes over the streams.
+        more_credit = False
+        challenge: bytes | None = None
         for frame in frames:
             if isinstance(frame, wire.StreamFrame):
                 ack_eliciting = True
@@ -942,7 +951,7 @@ class Session:
                 ack_eliciting = True
                 if frame.limit > self._peer_max_data:
                     self._peer_max_data = frame.limit
-                    self._schedule_all()
+                    more_credit = True
             elif isinstance(frame, wire.MaxStreamDataFrame):
                 ack_eliciting = True
                 stream = self._streams.get(frame.stream_id)
@@ -964,12 +973,19 @@ class Session:
                 return
             elif isinstance(frame, wire.PathChallengeFrame):
                 ack_eliciting = True
-                # Answered on the path it came by: that is what it tests.
-                self._path_responses.append((frame.token, source))
+                challenge = frame.token
             elif isinstance(frame, wire.PathResponseFrame):
                 ack_eliciting = True
                 if self.paths.on_response(frame.token, source):
                     self._on_path_validated(source)
+        if more_credit:
+            self._schedule_all()
+        if challenge is not None:
+            # Answered on the path it came by (that is what it tests), the newest challenge
+            # from each address only, and never larger than the datagram that asked: the
+            # source address is not authenticated, and answering every challenge of a packet
+            # with a full-size datagram turned one datagram into 133x its bytes towards it.
+            self._path_responses[source] = (challenge, size)
         self._record_received(packet_number, ack_eliciting, immediate, now)
 
     def _record_received(
@@ -1367,12 +1383,15 @@ class Session:
     # -- internals: building packets -------------------------------------------------------
 
     def _schedule(self, stream_id: int) -> None:
-        if stream_id not in self._send_order:
+        if stream_id not in self._scheduled:
+            self._scheduled.add(stream_id)
             self._send_order.append(stream_id)
 
     def _schedule_all(self) -> None:
-        for stream_id in self._streams:
-            self._schedule(stream_id)
+        """Those with something to send (more credit came): not the idle rest of them."""
+        for stream_id, stream in self._streams.items():
+            if stream.send.has_data_to_send():
+                self._schedule(stream_id)
 
     def _seal(self, keypair: handshake.Keypair, payload: bytes | bytearray) -> bytes:
         packet_number = self._next_packet_number
@@ -1516,10 +1535,12 @@ class Session:
         # Relayed datagrams stay small: the beacon pays for every byte.
         self._mtu_probes = [] if not self.paths.direct else list(self.config.mtu_probe_sizes)
 
-    def _build_unpaced(self, keypair: handshake.Keypair, frame: bytes, now: float) -> bytes:
-        """A path-validation packet, padded to the base size (RFC 9000 §8.2.1: a path must
-        carry that much), outside congestion control so unreachable candidates cost nothing."""
-        padding = self.config.max_packet_size - wire.DATA_HEADER_SIZE - TAG_SIZE - len(frame)
+    def _build_unpaced(self, keypair: handshake.Keypair, frame: bytes, size: int) -> bytes:
+        """A path-validation packet, padded to ``size`` (a challenge to the base size: RFC 9000
+        §8.2.1, a path must carry that much; a response to its challenge's, at most that),
+        outside congestion control so unreachable candidates cost nothing."""
+        size = min(size, self.config.max_packet_size)
+        padding = size - wire.DATA_HEADER_SIZE - TAG_SIZE - len(frame)
         packet_number = self._next_packet_number
         datagram = self._seal(keypair, frame + bytes(max(padding, 0)))
         self._recovery.on_untracked_packet_sent(packet_number)
@@ -1589,6 +1610,7 @@ class Session:
 
     def _fill_streams(self, payload: bytearray, items: list[Any], budget: int) -> None:
         order = self._send_order
+        scheduled = self._scheduled
         priority = self._priority_stream
         if priority >= 0 and self._priority_served():
             priority = -1
@@ -1600,7 +1622,7 @@ class Session:
             stream_id = order[0]
             stream = self._streams.get(stream_id)
             if stream is None or not stream.send.has_data_to_send():
-                order.popleft()
+                scheduled.discard(order.popleft())
                 rotations -= 1
                 continue
             credit = max(self._peer_max_data - self._sent_new_bytes, 0)
@@ -1609,7 +1631,7 @@ class Session:
             before = stream.send.send_offset
             chunk = stream.send.next_chunk(room, credit)
             if chunk is None:
-                order.popleft()
+                scheduled.discard(order.popleft())
                 rotations -= 1
                 continue
             self._sent_new_bytes += stream.send.send_offset - before
@@ -1623,7 +1645,7 @@ class Session:
                 priority = -1
                 rotations = len(order)  # the others get this packet's room
             if not stream.send.has_data_to_send():
-                order.popleft()
+                scheduled.discard(order.popleft())
                 rotations -= 1
             elif len(order) > 1:
                 order.rotate(-1)  # round robin between streams with data
