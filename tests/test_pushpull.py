@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import os
 import signal
 import struct
@@ -31,6 +33,7 @@ from tests.conftest import (
     start_daemons,
     stop_daemons,
 )
+from tests.test_node import server_and_two_clients
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
     Pair,
     kind_fixture,
@@ -497,6 +500,53 @@ def test_an_item_larger_than_a_tunnel_message_is_refused_by_the_config() -> None
     # Pushed, it would reset every link it went to, and go to the next, for ever.
     with pytest.raises(ConfigError, match="window_bytes: at most"):
         PushPullConfig(window_bytes=64 * 2**20 + 1)
+
+
+def test_a_peers_share_of_the_links_is_from_one_to_max_links() -> None:
+    assert (PushPullConfig().links_per_peer, PushPullConfig(max_links=1).links_per_peer) == (32, 1)
+    assert PushPullConfig(max_links=10, max_links_per_peer=10).links_per_peer == 10
+    for wrong in (0, 11):
+        with pytest.raises(ConfigError, match=rf"max_links_per_peer must be at least 1 and at "
+                                              rf"most max_links \(10\), not {wrong}"):
+            PushPullConfig(max_links=10, max_links_per_peer=wrong)
+
+
+@pytest.mark.parametrize("listening", ["puller", "pusher"])
+async def test_one_peer_cannot_take_every_link(tmp_path: Path, listening: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A listening end's links (max_links) went to whoever linked first, all of them to one
+    peer if it linked enough times (each link kept by its heartbeats): the others were refused
+    for as long as it liked. Now each peer has at most max_links_per_peer of them, and a link
+    refused so is told which bound refused it."""
+    caplog.set_level(logging.INFO, "pilot_agents.patterns.pushpull")
+    config = dataclasses.replace(FAST, max_links=3, max_links_per_peer=2)
+    async with (
+        server_and_two_clients(tmp_path) as (server, greedy, other),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if listening == "puller":
+            puller = await stack.enter_async_context(Puller(server, 9800, config))
+            for _ in range(3):
+                await stack.enter_async_context(Pusher(greedy, [server.node_id], 9800, config))
+            await until(lambda: puller.pushers == 2 and puller.refused >= 1,
+                        "the greedy peer's third link refused")
+            pusher = await stack.enter_async_context(Pusher(other, [server.node_id], 9800, config))
+            await pusher.push("job", timeout=10)
+            item = await puller.receive(5)
+            assert (item.text(), item.sender) == ("job", other.node_id)
+        else:
+            pusher = await stack.enter_async_context(Pusher(server, 9800, config=config))
+            for _ in range(3):
+                await stack.enter_async_context(Puller(greedy, 9800, config, peer=server.node_id))
+            await until(lambda: len(pusher.connected) == 2 and pusher.refused >= 1,
+                        "the greedy peer's third link refused")
+            puller = await stack.enter_async_context(
+                Puller(other, 9800, config, peer=server.node_id))
+            await until(lambda: len(pusher.connected) == 3, "the other peer linked")
+            for n in range(3):  # round robin: one to each link
+                await pusher.push(f"job {n}", timeout=10)
+            assert (await puller.receive(5)).sender == server.node_id
+        assert "max_links_per_peer: it serves 2 links of your node already" in caplog.text
 
 
 async def test_an_item_to_send_again_that_no_puller_can_take_holds_up_no_push(

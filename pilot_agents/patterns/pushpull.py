@@ -36,7 +36,8 @@ An item to send again that no puller's window has room for lets the others pass.
 
 A puller drops a link on which its pusher said nothing (no item, no bytes of one arriving, no
 answer to a heartbeat) for three of its heartbeats: a live pusher answers each, so a peer that
-links and falls silent holds no room of a listening puller's ``max_links`` for long.
+links and falls silent holds no room of a listening puller's ``max_links`` for long. A live
+one holds at most ``max_links_per_peer`` of them, so it cannot lock the other peers out.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ from .frames import (
     parse_credit_untrusted,
     parse_frame_untrusted,
 )
+from .shares import PerPeer, check_share, peer_share
 
 log = logging.getLogger("pilot_agents.patterns.pushpull")
 MAX_ITEM = MAX_PAYLOAD  # the largest item: its frame is one tunnel message
@@ -131,6 +133,11 @@ class PushPullConfig:
     window_items: int = 64  # items in flight on one link (sent, not yet acknowledged)
     window_bytes: int = 4 * 2**20  # payload bytes in flight on one link; the largest item
     max_links: int = 64  # links a listening end serves at once; more are told to come back later
+    # ... and of one peer node (those of a daemon's clients are all its node's), so that one
+    # trusted peer cannot take every link and lock the others out. None: half of max_links
+    # (32 of 64): a node running many workers (or pushers), one link each, may still link as
+    # many, and whatever one peer holds, the other half stays for the rest.
+    max_links_per_peer: int | None = None
     push_timeout: float = 30.0  # seconds push() waits for a puller with room, by default
     send_timeout: float = 10.0  # seconds one frame may take to leave before its link is dropped
     connect_timeout: float = CONNECT_TIMEOUT  # seconds to open a link, its credit included
@@ -145,6 +152,7 @@ class PushPullConfig:
     def __post_init__(self) -> None:
         if self.window_items < 1 or self.window_bytes < 1 or self.max_links < 1:
             raise ConfigError("PushPullConfig bounds must be at least 1")
+        check_share(self, "max_links", "max_links_per_peer")
         if self.window_bytes > MAX_ITEM:
             # The largest item: one beyond what a tunnel carries would reset every link it
             # went to, again and again.
@@ -158,6 +166,30 @@ class PushPullConfig:
                               f"{MAX_HEARTBEAT_MS // 1000} s")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ConfigError("PushPullConfig: need 0 < reconnect_min <= reconnect_max")
+
+    @property
+    def links_per_peer(self) -> int:
+        """The links of one peer a listening end serves at once: ``max_links_per_peer``, or
+        half of ``max_links``."""
+        return peer_share(self.max_links_per_peer, self.max_links, 2)
+
+
+def _refusal(config: PushPullConfig, linked: int, theirs: int) -> bytes | None:
+    """None if a listening end with ``linked`` links, ``theirs`` of them the asking peer's,
+    takes one more; else the BYE that refuses it, saying which bound is reached."""
+    if linked >= config.max_links:
+        why = f"max_links: it serves {config.max_links} links already"
+    elif theirs >= config.links_per_peer:
+        why = f"max_links_per_peer: it serves {theirs} links of your node already"
+    else:
+        return None
+    return encode_frame(Kind.BYE, 0, why.encode())
+
+
+def _said(bye: Frame) -> str:
+    """Why a BYE refused a link (a peer of an earlier version says nothing), to be shown."""
+    why = bye.payload[:200].decode("utf-8", "replace")
+    return f" ({why})" if why.isprintable() and why else ""
 
 
 async def _send_within(seconds: float, send: Awaitable[None]) -> None:
@@ -307,6 +339,7 @@ class Puller:
         self._open = False
         self._listener: Listener | None = None
         self._feeds: dict[tuple[str, int], _Feed] = {}
+        self._per_peer = PerPeer()  # links in _feeds, by pusher
         self._queue: deque[WorkItem] = deque()
         self._waiter = _Waiter()
         self._last: WorkItem | None = None  # handed out, acknowledged by the next receive
@@ -388,6 +421,7 @@ class Puller:
         # BYE while the links still stand: the links we dialled end with their tasks, and
         # must carry the last acknowledgement and the BYE out first (see _keep_linked).
         feeds, self._feeds = list(self._feeds.values()), {}
+        self._per_peer.clear()
         await asyncio.gather(*(_send_within(1.0, f.send(_BYE)) for f in feeds),
                              return_exceptions=True)
         await self._tasks.cancel()
@@ -425,14 +459,19 @@ class Puller:
             self._drop(feed)
 
     async def _greet(self, hello: Message) -> None:
-        if len(self._feeds) >= self.config.max_links:
+        bye = _refusal(self.config, len(self._feeds), self._per_peer[hello.sender])
+        if bye is not None:
             self.refused += 1
-            await self._send(None, hello.reply, _BYE)
+            await self._send(None, hello.reply, bye)
             return
         feed = _Feed((hello.sender, hello.source_port), hello.reply,
                      asyncio.get_running_loop().time(), hello.since_arrival)
-        self._feeds[feed.key] = feed
+        self._link(feed)
         await self._send(feed, feed.send, self._credit())
+
+    def _link(self, feed: _Feed) -> None:
+        self._feeds[feed.key] = feed
+        self._per_peer.add(feed.sender)
 
     def _credit(self) -> bytes:
         config = self.config
@@ -448,7 +487,7 @@ class Puller:
                 conn = await _open(self._transport, peer, self.port, self._credit(),
                                    self.config)
                 feed = _Feed((conn.peer_id, 0), conn.send, asyncio.get_running_loop().time())
-                self._feeds[feed.key] = feed
+                self._link(feed)
                 await self._read(conn, feed, redial)
             except WireError as exc:
                 self._malformed(peer, exc, feed)
@@ -476,6 +515,7 @@ class Puller:
             message = await receive_unless_silent(conn, silence)
             frame = parse_frame_untrusted(message.data)
             if frame.kind == Kind.BYE:
+                log.info("pusher %s port %d said BYE%s", feed.sender, self.port, _said(frame))
                 return
             redial.linked()
             self._take(feed, frame)
@@ -553,6 +593,7 @@ class Puller:
         feed.gone = True
         if self._feeds.get(feed.key) is feed:
             del self._feeds[feed.key]
+            self._per_peer.remove(feed.sender)
         kept = [item for item in self._queue if item._feed is not feed]
         if len(kept) != len(self._queue):
             self._queue = deque(kept)
@@ -604,6 +645,7 @@ class Pusher:
         self.config = config or PushPullConfig()
         self._listener: Listener | None = None
         self._links: dict[object, _Link] = {}
+        self._per_peer = PerPeer()  # links in _links, by puller
         self._next = 0  # where the round-robin looks first
         self._again: deque[tuple[int, bytes]] = deque()  # items of pullers that went away
         self._waiter = _Waiter()
@@ -707,6 +749,7 @@ class Pusher:
         listener, self._listener = self._listener, None
         await self._tasks.cancel()
         links, self._links = list(self._links.values()), {}
+        self._per_peer.clear()
         await asyncio.gather(*(_send_within(1.0, link.send(_BYE)) for link in links
                                if link.conn is None), return_exceptions=True)
         await asyncio.gather(*(_abort(link.conn) for link in links if link.conn is not None))
@@ -818,6 +861,7 @@ class Pusher:
         link.gone = True
         if self._links.get(link.key) is link:
             del self._links[link.key]
+            self._per_peer.remove(link.peer)
         self._again.extend(sorted(link.unacked.items()))
         link.unacked.clear()
         link.unacked_bytes = 0
@@ -830,7 +874,8 @@ class Pusher:
              conn: Connection | None = None) -> _Link:
         """The link a puller's CREDIT opens."""
         if credit.kind == Kind.BYE:
-            raise PilotError(f"puller {peer} port {self.port} serves enough pushers")
+            raise PilotError(f"puller {peer} port {self.port} serves enough pushers"
+                             f"{_said(credit)}")
         if credit.kind != Kind.CREDIT:
             raise WireError(f"a {credit.kind.name} frame where a credit belongs")
         if credit.id < 1:
@@ -840,6 +885,7 @@ class Pusher:
                      min(window_bytes, self.config.window_bytes), 3 * heartbeat,
                      asyncio.get_running_loop().time(), since_arrival, conn)
         self._links[key] = link
+        self._per_peer.add(peer)
         self._waiter.changed()
         return link
 
@@ -997,9 +1043,10 @@ class Pusher:
                     self._lose(link)
             elif frame.kind in (Kind.ACK, Kind.HEARTBEAT, Kind.BYE):
                 pass  # on a link dropped already: the puller will link again
-            elif len(self._links) >= self.config.max_links:
+            elif (bye := _refusal(self.config, len(self._links),
+                                  self._per_peer[message.sender])) is not None:
                 self.refused += 1
-                await _send_within(self.config.send_timeout, message.reply(_BYE))
+                await _send_within(self.config.send_timeout, message.reply(bye))
             else:
                 self._add(key, message.sender, message.reply, message.since_arrival, frame)
         except WireError as exc:
