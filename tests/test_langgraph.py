@@ -49,6 +49,7 @@ from pilot_agents.integrations.langgraph import (
 from pilot_agents.integrations.langgraph.codec import Codec, parse
 from pilot_agents.patterns import Request, Requester, serving
 from tests.conftest import ROOT, DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
+from tests.test_node import server_and_two_clients
 from tests.transport_pairs import (  # noqa: F401 (fixtures)
     Pair,
     embedded,
@@ -386,6 +387,40 @@ async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> 
         assert await asyncio.wait_for(anext(early), 10) == {"first": {"question": "started"}}
         await early.aclose()  # stop asking: the remote run is cancelled
         await asyncio.wait_for(cancelled.wait(), 10)
+
+
+def test_a_peers_share_of_the_streams_is_from_one_to_max_streams() -> None:
+    assert ServeGraphConfig().streams_per_peer == 8
+    assert ServeGraphConfig(max_streams=1).streams_per_peer == 1
+    for wrong in (0, 5):
+        with pytest.raises(ConfigError, match=rf"max_streams_per_peer must be at least 1 and "
+                                              rf"at most max_streams \(4\), not {wrong}"):
+            ServeGraphConfig(max_streams=4, max_streams_per_peer=wrong)
+
+
+async def test_one_peer_cannot_take_every_stream_of_a_served_graph(tmp_path: Path) -> None:
+    """A served graph's streamed runs (max_streams) went to whoever started them first: one
+    peer starting that many, and fetching their updates now and then so that none went idle,
+    had every other peer's stream refused with BusyError for as long as it liked. Now each peer
+    has at most max_streams_per_peer of them."""
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    config = ServeGraphConfig(max_streams=3, max_streams_per_peer=2, poll_wait=0.5)
+    async with (
+        server_and_two_clients(tmp_path) as (server, greedy, other),
+        serving_graph(gated_graph(release, cancelled), 7219, server, config=config),
+    ):
+        greedy_remote = PilotRemoteGraph(server.node_id, 7219, transport=greedy)
+        held = [greedy_remote.astream({}) for _ in range(2)]
+        for updates in held:
+            assert await asyncio.wait_for(anext(updates), 10) == {
+                "first": {"question": "started"}}
+        with pytest.raises(RemoteError, match="max_streams_per_peer"):
+            await anext(greedy_remote.astream({}))
+        updates = PilotRemoteGraph(server.node_id, 7219, transport=other).astream({})
+        assert await asyncio.wait_for(anext(updates), 10) == {"first": {"question": "started"}}
+        release.set()
+        for stream in [*held, updates]:
+            assert [u async for u in stream] == [{"second": {"answer": "released"}}]
 
 
 async def test_a_streamed_run_whose_caller_stopped_asking_is_cancelled(tmp_path: Path) -> None:

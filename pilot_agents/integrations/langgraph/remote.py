@@ -34,6 +34,7 @@ from ...errors import (
     WireError,
 )
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
+from ...patterns.shares import check_share, peer_share
 from ...transport import DEFAULT_TIMEOUT, Transport
 from .base import BoundedMemory, PilotNode, iterate_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
@@ -48,6 +49,11 @@ class ServeGraphConfig:
     """The bounds of a served graph."""
 
     max_streams: int = 16  # streamed runs kept at once; a caller beyond that gets BusyError
+    # ... and of one peer node (the callers on a daemon share its node's), so that one trusted
+    # peer cannot hold every stream and lock the others out. None: half of max_streams (8 of
+    # 16): a node running several agents that stream this graph at once may still stream as
+    # many, and whatever one peer holds, the other half stays for the rest.
+    max_streams_per_peer: int | None = None
     buffered_updates: int = 64  # updates a streamed run may get ahead of its caller
     poll_wait: float = 10.0  # seconds a ``next`` waits for an update before answering none
     idle_timeout: float = 60.0  # seconds without a ``next`` before a streamed run is cancelled
@@ -61,9 +67,16 @@ class ServeGraphConfig:
         for name in ("max_streams", "buffered_updates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeGraphConfig.{name} must be at least 1")
+        check_share(self, "max_streams", "max_streams_per_peer")
         if not 0 < self.poll_wait < self.idle_timeout:
             raise ConfigError("ServeGraphConfig.poll_wait must be positive and below "
                               "idle_timeout (seconds)")
+
+    @property
+    def streams_per_peer(self) -> int:
+        """The streamed runs of one peer kept at once: ``max_streams_per_peer``, or half of
+        ``max_streams``."""
+        return peer_share(self.max_streams_per_peer, self.max_streams, 2)
 
 
 _END = object()
@@ -219,6 +232,10 @@ class GraphServer:
         if len(self._runs) >= self.config.max_streams:
             raise BusyError(f"this graph streams {self.config.max_streams} runs at once "
                             f"already (ServeGraphConfig.max_streams); try again later")
+        theirs = sum(caller == key[0] for caller, _ in self._runs)  # of max_streams at most
+        if theirs >= self.config.streams_per_peer:
+            raise BusyError(f"this graph streams {theirs} runs of your node at once already "
+                            f"(ServeGraphConfig.max_streams_per_peer); try again later")
         self._claim(key)
         run = self._runs[key] = _Run(key, self.config.buffered_updates)
         run.task = asyncio.create_task(self._produce(run, state, config))
