@@ -644,6 +644,43 @@ async def running(server: McpServer) -> AsyncIterator[McpServer]:
             await task
 
 
+def test_a_peers_share_of_the_sessions_is_from_one_to_max_sessions() -> None:
+    assert (McpConfig().sessions_per_peer, McpConfig(max_sessions=1).sessions_per_peer) == (4, 1)
+    for wrong in (0, 3):
+        with pytest.raises(PilotError, match=rf"^McpConfig.max_sessions_per_peer must be at least "
+                                             rf"1 and at most max_sessions \(2\), not {wrong}$"):
+            McpConfig(max_sessions=2, max_sessions_per_peer=wrong)
+    assert_one_line_error(cli(None, "mcp", "serve", "--max-sessions", "2",
+                              "--max-sessions-per-peer", "3", "--", "cat"), 2,
+                          "max_sessions_per_peer must be at least 1 and at most "
+                          "max_sessions (2), not 3")
+
+
+async def test_one_peer_cannot_take_every_session(tmp_path: Path) -> None:
+    """An MCP server's sessions (max_sessions) went to whoever opened them first: one peer
+    opening that many, kept by their heartbeats, had every other peer's session refused for as
+    long as it liked. Now each peer has at most max_sessions_per_peer of them; one it ends
+    makes room for its next (its process stopped)."""
+    config = McpConfig(max_sessions=3, max_sessions_per_peer=2)
+    async with (
+        server_and_two_clients(tmp_path) as (server, greedy, other),
+        running(McpServer(server, 94, ["cat"], config=config)) as mcp,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        held = [await stack.enter_async_context(RemoteSession(greedy, server.node_id, 94, config))
+                for _ in range(2)]
+        with pytest.raises(McpSessionError, match=r"your node has 2 sessions .* already, as many "
+                                                  r"as one node may \(McpConfig.max_sessions_per"):
+            async with RemoteSession(greedy, server.node_id, 94, config):
+                pass
+        await stack.enter_async_context(RemoteSession(other, server.node_id, 94, config))
+        assert sorted(key[0] for key in mcp.sessions) == sorted(
+            [greedy.node_id] * 2 + [other.node_id])
+        await held[0].close()
+        async with RemoteSession(greedy, server.node_id, 94, config):  # once the first stopped
+            assert len(mcp.sessions) == 3
+
+
 async def test_a_session_still_stopping_counts_against_max_sessions(
         servers: Path, daemons: tuple[DaemonHandle, ...]) -> None:
     """A client that closes a session and opens the next at once gets no second process while

@@ -40,6 +40,9 @@ def register(commands: Commands) -> None:
                      help="server processes at once, an ended session's counting until it "
                      "has stopped; more sessions are refused (default "
                      f"{_DEFAULTS.max_sessions})")
+    sub.add_argument("--max-sessions-per-peer", type=count, default=None, metavar="N",
+                     help="of those, the sessions of one peer node at once, so that one peer "
+                     "cannot hold them all (default: half of --max-sessions)")
     sub.add_argument("--idle-timeout", type=positive, default=None, metavar="S",
                      help="end a session after S seconds without a JSON-RPC message either "
                      "way (default: never; a silent client is dropped after "
@@ -80,7 +83,9 @@ def serve_cmd(ctx: Context) -> int:
     if shutil.which(argv[0]) is None:
         raise ConfigError(f"mcp serve: no command {argv[0]!r} found (not on PATH, or not "
                           "executable)")
-    config = McpConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
+    config = McpConfig(max_sessions=args.max_sessions,
+                       max_sessions_per_peer=args.max_sessions_per_peer,
+                       idle_timeout=args.idle_timeout,
                        max_message_bytes=args.max_message_bytes)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -27,6 +27,7 @@ from ...errors import (
     WireError,
 )
 from ...patterns.frames import MAX_MESSAGE
+from ...patterns.shares import PerPeer, check_share, peer_share
 from ...sdk import Client
 from ...transport import (
     CONNECT_TIMEOUT,
@@ -62,6 +63,11 @@ class McpConfig:
     # server processes at once (of open sessions, and of ended ones still stopping); more
     # sessions are refused
     max_sessions: int = 8
+    # ... and of one peer node (the clients on a daemon share its node's), so that one trusted
+    # peer cannot hold every session and lock the others out. None: half of max_sessions (4 of
+    # 8): a node running several MCP clients of this server may still open as many, and
+    # whatever one peer holds, the other half stays for the rest.
+    max_sessions_per_peer: int | None = None
     idle_timeout: float | None = None  # seconds without JSON-RPC either way: session over
     write_timeout: float = 10.0  # seconds a server process may leave a message unread
     stop_grace: float = 2.0  # seconds after closing stdin, then after SIGTERM, before SIGKILL
@@ -73,6 +79,7 @@ class McpConfig:
             if getattr(self, name) < least:
                 raise ConfigError(f"McpConfig.{name} must be at least {least}, not "
                                   f"{getattr(self, name)}")
+        check_share(self, "max_sessions", "max_sessions_per_peer")
         if self.max_message_bytes > MAX_MESSAGE:
             # A larger message resets its stream in the tunnel, which the serving side could
             # only tell its client as "the client went away".
@@ -86,6 +93,12 @@ class McpConfig:
             raise ConfigError("McpConfig.peer_timeout must be longer than heartbeat_interval")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
             raise ConfigError("McpConfig.idle_timeout must be positive (or None: never)")
+
+    @property
+    def sessions_per_peer(self) -> int:
+        """The server processes of one peer's sessions at once: ``max_sessions_per_peer``, or
+        half of ``max_sessions``."""
+        return peer_share(self.max_sessions_per_peer, self.max_sessions, 2)
 
 
 # -- the control messages ----------------------------------------------------------------------
@@ -509,7 +522,8 @@ class McpServer:
         # Ended sessions whose processes still stop: they count against max_sessions, or a
         # client closing and opening sessions in a loop would hold more processes than that.
         self.stopping: set[_Session] = set()
-        self._opening = 0  # sessions being opened: waiting for room, or starting their process
+        # Sessions being opened, by peer: waiting for room, or starting their process.
+        self._opening = PerPeer()
         self._stopped = asyncio.Event()  # set (and replaced) each time a process has stopped
         self._open_tasks: set[asyncio.Task[None]] = set()
         self._end_tasks: set[asyncio.Task[None]] = set()
@@ -569,45 +583,62 @@ class McpServer:
         elif kind[0] == Control.END:
             self._end_soon(session, kind[1] or "the client closed the session", tell=False)
 
-    def _in_use(self) -> int:
-        """Server processes running or about to: the ones max_sessions bounds."""
-        return len(self.sessions) + len(self.stopping) + self._opening
+    def _in_use(self, peer: str | None = None, *, stopping: bool = True) -> int:
+        """Server processes running or about to: the ones max_sessions bounds, or, of ``peer``,
+        max_sessions_per_peer; those of ended sessions still stopping only if ``stopping``."""
+        held = list(self.sessions.values())
+        if stopping:
+            held += self.stopping
+        if peer is None:
+            return len(held) + self._opening.total
+        return sum(session.key[0] == peer for session in held) + self._opening[peer]
+
+    def _no_room(self, peer: str, *, stopping: bool = True, counted: int = 0) -> str | None:
+        """Why a session of ``peer`` cannot start now, naming the bound in the way (None if it
+        can); ``counted``: sessions of ``peer`` being opened that are this one."""
+        config = self.config
+        if self._in_use(stopping=stopping) - counted >= config.max_sessions:
+            return f"all {config.max_sessions} sessions of the MCP server are in use"
+        theirs = self._in_use(peer, stopping=stopping) - counted
+        if theirs >= config.sessions_per_peer:
+            return (f"your node has {theirs} sessions of the MCP server already, as many as one "
+                    "node may (McpConfig.max_sessions_per_peer)")
+        return None
 
     async def _open(self, message: Message) -> None:
-        limit = self.config.max_sessions
-        if self._in_use() < limit:
-            self._opening += 1
+        peer = message.sender
+        if self._no_room(peer) is None:
+            self._opening.add(peer)
             try:
                 await self._start(message)
             finally:
-                self._opening -= 1
-        elif len(self.sessions) + self._opening < limit:
+                self._opening.remove(peer)
+        elif (why := self._no_room(peer, stopping=False)) is None:
             # Only ended sessions still stopping are in the way, gone within 3 x stop_grace:
             # a client that closed a session and opens the next waits for that, where a
             # refusal would fail it for a moment's overlap. In a task: the other sessions'
             # messages go on meanwhile.
-            self._opening += 1
+            self._opening.add(peer)
             task = asyncio.create_task(self._open_when_stopped(message))
             self._open_tasks.add(task)
             task.add_done_callback(self._open_tasks.discard)
         else:
-            self._refuse(message, f"all {limit} sessions of the MCP server are in use; try "
-                         "again later")
+            self._refuse(message, f"{why}; try again later")
 
     async def _open_when_stopped(self, message: Message) -> None:
+        peer = message.sender
         try:
             try:
                 async with asyncio.timeout(self.config.open_timeout):
-                    while self._in_use() > self.config.max_sessions:  # this one counted
+                    while (why := self._no_room(peer, counted=1)) is not None:
                         await self._stopped.wait()
             except TimeoutError:
-                self._refuse(message, f"all {self.config.max_sessions} sessions of the MCP "
-                             f"server are in use ({len(self.stopping)} still stopping); try "
+                self._refuse(message, f"{why} ({len(self.stopping)} still stopping); try "
                              "again later")
                 return
             await self._start(message)
         finally:
-            self._opening -= 1
+            self._opening.remove(peer)
 
     def _refuse(self, message: Message, reason: str) -> None:
         self._event("refused", (message.sender, message.source_port),
