@@ -34,7 +34,6 @@ publishes too), at most once; none while a subscriber is reconnecting.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import logging
@@ -70,6 +69,7 @@ from .frames import (
     parse_prefixes_untrusted,
     parse_publication_untrusted,
 )
+from .shares import PerPeer, check_share, peer_share
 
 log = logging.getLogger("pilot_agents.patterns.pubsub")
 _PUBLISH = int(Kind.PUBLISH)
@@ -90,8 +90,9 @@ class PubSubConfig:
     max_prefix_bytes: int = 16 * 1024  # per subscription: its prefixes' UTF-8 bytes, summed
     max_subscribers: int = 1024  # per publisher; more are refused until one leaves
     # ... and per subscribing node (the clients of a daemon share theirs), so that one peer
-    # cannot take every subscriber slot from the others.
-    max_subscribers_per_peer: int = 256
+    # cannot take every subscriber slot from the others. None: a quarter of max_subscribers
+    # (256 of 1024), so that a max_subscribers set lower keeps a share below it.
+    max_subscribers_per_peer: int | None = None
     reconnect_min: float = 0.2  # seconds a subscriber waits before connecting again; doubles
     reconnect_max: float = 10.0  # seconds, the cap of that doubling
     # Seconds a subscription may stay idle before the publisher says it is still there; a
@@ -105,10 +106,10 @@ class PubSubConfig:
     connect_timeout: float = CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
-        bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers,
-                  self.max_subscribers_per_peer)
+        bounds = (self.queue_bytes, self.max_prefixes, self.max_prefix_bytes, self.max_subscribers)
         if min(bounds) < 1:
             raise ConfigError("PubSubConfig bounds must be at least 1")
+        check_share(self, "max_subscribers", "max_subscribers_per_peer")
         if self.batch_bytes < 0:
             raise ConfigError("PubSubConfig.batch_bytes must be 0 or more")
         if not 0 < self.reconnect_min <= self.reconnect_max:
@@ -117,6 +118,12 @@ class PubSubConfig:
             raise ConfigError("PubSubConfig.heartbeat_interval must be positive")
         if self.connect_timeout <= 0:
             raise ConfigError("PubSubConfig.connect_timeout must be positive")
+
+    @property
+    def subscribers_per_peer(self) -> int:
+        """The subscriptions of one node a publisher takes at once:
+        ``max_subscribers_per_peer``, or a quarter of ``max_subscribers``."""
+        return peer_share(self.max_subscribers_per_peer, self.max_subscribers, 4)
 
 
 @dataclass
@@ -166,7 +173,7 @@ class Publisher:
         self._listener: Listener | None = None
         self._subscriptions: dict[tuple[str, int], _Subscription] = {}  # by (sender, its id)
         self._by_stream: dict[tuple[str, int], _Subscription] = {}  # by (sender, source port)
-        self._per_peer: collections.Counter[str] = collections.Counter()  # subscriptions
+        self._per_peer = PerPeer()  # subscriptions, by subscriber
         self._tasks: set[asyncio.Task[None]] = set()
         # Publishes waiting for room (BLOCK), or for their turn behind one that does: while
         # there is one, each publish takes its turn, so none overtakes another.
@@ -321,7 +328,7 @@ class Publisher:
         self._retire(known)
         config = self.config
         if (len(self._subscriptions) >= config.max_subscribers
-                or self._per_peer[message.sender] >= config.max_subscribers_per_peer):
+                or self._per_peer[message.sender] >= config.subscribers_per_peer):
             # Not told: it hears nothing, and subscribes again after three heartbeats.
             self.refused += 1
             if self.refused & (self.refused - 1) == 0:  # 1, 2, 4...: no log flood
@@ -332,7 +339,7 @@ class Publisher:
             return
         sub = _Subscription(message.sender, frame.id, message.source_port, raw, message)
         self._subscriptions[key] = self._by_stream[stream] = sub
-        self._per_peer[message.sender] += 1
+        self._per_peer.add(message.sender)
         self._spawn(self._feed(sub))
 
     def _retire(self, sub: _Subscription | None) -> None:
@@ -344,9 +351,7 @@ class Publisher:
         sub.ready.set()
         if self._subscriptions.get((sub.sender, sub.id)) is sub:
             del self._subscriptions[sub.sender, sub.id]
-            self._per_peer[sub.sender] -= 1
-            if not self._per_peer[sub.sender]:
-                del self._per_peer[sub.sender]
+            self._per_peer.remove(sub.sender)
         if self._by_stream.get((sub.sender, sub.source_port)) is sub:
             del self._by_stream[sub.sender, sub.source_port]
 
