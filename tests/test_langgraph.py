@@ -611,6 +611,33 @@ async def test_an_interrupt_in_a_remote_subgraph_pauses_the_parent(pair: Pair) -
     assert drafts == ["Q4"]
 
 
+async def test_a_remote_subgraph_asking_in_turn_gets_each_answer(pair: Pair) -> None:
+    """A remote graph that asks three questions in turn, as a node of a checkpointed parent:
+    each resume of the parent (answers without an id, or by the interrupt's id) answers the
+    question it paused on, as with a local subgraph; LangGraph gives the node's n-th
+    interrupt() call the n-th answer of all the task's runs, so earlier answers are not sent
+    again."""
+    served = StateGraph(State)
+    for key, after in (("question", START), ("answer", "question"), ("approved", "answer")):
+        served.add_node(key, lambda state, key=key: {key: interrupt(f"{key}?")})
+        served.add_edge(after, key)
+    graph = one_node(PilotRemoteGraph(pair.server_name, 7218, transport=pair.client.transport),
+                     InMemorySaver())
+    async with serving_graph(served.compile(checkpointer=InMemorySaver()), 7218,
+                             pair.server.transport):
+        for by_id in (False, True):
+            config = RunnableConfig(configurable={"thread_id": f"by-id-{by_id}"})
+            paused = await graph.ainvoke({}, config)
+            asked = []
+            for answer in ("Q4", 42, "yes"):
+                [question] = paused["__interrupt__"]
+                asked.append(question.value)
+                paused = await graph.ainvoke(
+                    Command(resume={question.id: answer} if by_id else answer), config)
+            assert asked == ["question?", "answer?", "approved?"]
+            assert paused == {"question": "Q4", "answer": 42, "approved": "yes"}
+
+
 async def test_a_remote_graph_node_of_a_replier_that_is_no_graph_is_a_clear_error(
         tmp_path: Path) -> None:
     """As a node of a checkpointed parent, the remote graph's answers about interrupts come

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
-from langgraph.types import Interrupt
+from langgraph.types import Interrupt, _interrupt_id
 
 from ...errors import ConfigError, MissingStateKeyError
 from ...sdk import Client
@@ -206,6 +206,40 @@ def task_of(config: RunnableConfig) -> str | None:
 # object each time the task runs, a retry's attempt and a resumed re-run included. LangGraph has
 # no public name for it; without it, calls are counted per task, not per execution.
 _SCRATCHPAD = "__pregel_scratchpad"
+
+
+# Where LangGraph passes a resume given by interrupt id (Command(resume={id: answer})) to the
+# tasks of a run; no public name either.
+_RESUME_MAP = "__pregel_resume_map"
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A LangGraph task's answers to its ``interrupt()`` calls, as one execution starts."""
+
+    taken: int  # answers interrupt() returned in the task's earlier executions
+    new: bool  # this execution brings an answer to the interrupt the task paused on
+
+
+def interrupt_answers(config: RunnableConfig) -> Answers:
+    """What the task of ``config`` holds: LangGraph matches a task's interrupt() calls to its
+    answers by position, so a node that must not act twice on one answer (pass it on to a peer)
+    needs to know which of its calls replay an answer taken before and which gets a new one.
+
+    LangGraph keeps the answers in the execution's scratchpad: a list of those taken before,
+    with an answer given by id already appended, and apart from it an answer given without one
+    (``Command(resume=answer)``) until an interrupt() takes it."""
+    configurable = config.get("configurable") or {}
+    scratchpad = configurable.get(_SCRATCHPAD)
+    if scratchpad is None:
+        return Answers(0, False)  # not inside a task of a graph
+    held = len(scratchpad.resume)
+    by_id = configurable.get(_RESUME_MAP) or {}
+    # The id interrupt() gave the task's last question is the one an answer by id names.
+    if held and _interrupt_id(configurable.get("checkpoint_ns", ""), held - 1) in by_id:
+        return Answers(held - 1, True)
+    # Checked second: an answer without an id stays there until the step ends, taken or not.
+    return Answers(held, scratchpad.get_null_resume(False) is not None)
 
 
 class CallCounter:

@@ -36,7 +36,7 @@ from ...errors import (
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...patterns.shares import check_share, peer_share
 from ...transport import DEFAULT_TIMEOUT, Transport
-from .base import BoundedMemory, PilotNode, iterate_sync, using
+from .base import BoundedMemory, PilotNode, interrupt_answers, iterate_sync, using
 from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, decoded, to_bytes
 
@@ -377,6 +377,11 @@ class PilotRemoteGraph(PilotNode):
         forwarded = {"configurable": forwardable(dict(config.get("configurable") or {}))}
         if not self._interrupts_pass(config, forwarded):
             return await self._invoke(transport, state, forwarded)
+        # LangGraph gives this task's n-th interrupt() call the n-th answer of all its runs.
+        # The answers taken before went on to the remote thread when they came: their calls
+        # are made again (each returns its answer at once), so the next call gets the new one.
+        for _ in range(interrupt_answers(config).taken):
+            interrupt(None)
         # Resumed: the remote thread still waits, so it is answered, not run again.
         pending = self._interrupts(await call(transport, self.to, self.port,
                                               self._body("pending", config=forwarded),
@@ -385,9 +390,11 @@ class PilotRemoteGraph(PilotNode):
                   else await self._invoke(transport, state, forwarded))
         while interrupts := self._interrupts(output.get(INTERRUPT, [])):
             # Our interrupt() pauses the parent graph with the remote question; once the parent
-            # is resumed it returns the answer, which goes on to the remote thread.
-            answers = {i.id: interrupt(i.value) for i in interrupts}
-            output = await self._invoke(transport, Command(resume=answers), forwarded)
+            # is resumed it returns the answer, which goes on to the remote thread at once, so
+            # every answer taken has been passed on (of several questions, one at a time).
+            question = interrupts[0]
+            output = await self._invoke(transport, Command(resume={
+                question.id: interrupt(question.value)}), forwarded)
         return output
 
     def _interrupts(self, value: object) -> list[Interrupt]:
