@@ -638,13 +638,32 @@ async def test_a_remote_subgraph_asking_in_turn_gets_each_answer(pair: Pair) -> 
             assert paused == {"question": "Q4", "answer": 42, "approved": "yes"}
 
 
+async def test_new_input_to_a_parent_starts_its_remote_subgraph_anew(pair: Pair) -> None:
+    """New input on a parent thread whose remote subgraph waits on a question starts a new
+    run, as it does a local subgraph: the remote graph asks about the new input, and the
+    answer goes to that question, not the one left unanswered."""
+    graph = one_node(PilotRemoteGraph(pair.server_name, 7219, transport=pair.client.transport),
+                     InMemorySaver())
+    config = RunnableConfig(configurable={"thread_id": "parent-1"})
+    async with serving_graph(review_graph(), 7219, pair.server.transport):
+        first = await graph.ainvoke({"question": "delete prod?"}, config)
+        assert [i.value for i in first["__interrupt__"]] == [{"question": "delete prod?"}]
+        second = await graph.ainvoke({"question": "deploy docs?"}, config)
+        assert [i.value for i in second["__interrupt__"]] == [{"question": "deploy docs?"}]
+        assert await graph.ainvoke(Command(resume="yes"), config) == {
+            "question": "deploy docs?", "approved": "yes"}
+
+
 async def test_a_remote_graph_node_of_a_replier_that_is_no_graph_is_a_clear_error(
         tmp_path: Path) -> None:
     """As a node of a checkpointed parent, the remote graph's answers about interrupts come
     from the peer: a plain req/rep handler (or a hostile peer) answers anything, which must be
     a ConfigError naming the peer, not an AttributeError from inside LangGraph's interrupt."""
+    asked = Codec().encode({"__interrupt__": [Interrupt("q?", id="i-1")]}, "a question")
+
     async def plain(request: Request) -> object:
-        return {"rows": [1, 2]}
+        # Its answer to a run looks like a paused graph's, to a "pending" not a bit.
+        return asked if request.json()["op"] == "invoke" else {"rows": [1, 2]}
 
     async def hostile(request: Request) -> object:
         return [] if request.json()["op"] == "pending" else {"__interrupt__": ["not one"]}
@@ -653,11 +672,14 @@ async def test_a_remote_graph_node_of_a_replier_that_is_no_graph_is_a_clear_erro
     async with embedded(tmp_path) as pair, \
             serving(pair.server.transport, 7207, plain), \
             serving(pair.server.transport, 7208, hostile):
-        for port in (7207, 7208):
+        for port, resume in ((7207, True), (7208, False)):
             graph = one_node(PilotRemoteGraph(pair.server_name, port,
                                               transport=pair.client.transport), InMemorySaver())
+            if resume:  # the parent asks whether the thread waits only when it is resumed
+                assert "__interrupt__" in await graph.ainvoke({"question": "Q4"}, config)
             with pytest.raises(ConfigError, match=rf"serve_graph on port {port}"):
-                await graph.ainvoke({"question": "Q4"}, config)
+                await graph.ainvoke(Command(resume="yes") if resume else {"question": "Q4"},
+                                    config)
 
 
 # -- re-runs: no second delivery ---------------------------------------------------------------

@@ -377,15 +377,20 @@ class PilotRemoteGraph(PilotNode):
         forwarded = {"configurable": forwardable(dict(config.get("configurable") or {}))}
         if not self._interrupts_pass(config, forwarded):
             return await self._invoke(transport, state, forwarded)
+        answers = interrupt_answers(config)
         # LangGraph gives this task's n-th interrupt() call the n-th answer of all its runs.
         # The answers taken before went on to the remote thread when they came: their calls
         # are made again (each returns its answer at once), so the next call gets the new one.
-        for _ in range(interrupt_answers(config).taken):
+        for _ in range(answers.taken):
             interrupt(None)
-        # Resumed: the remote thread still waits, so it is answered, not run again.
-        pending = self._interrupts(await call(transport, self.to, self.port,
-                                              self._body("pending", config=forwarded),
-                                              self.timeout, self.reply_value))
+        pending: list[Interrupt] = []
+        if answers.taken or answers.new:
+            # Resumed: the remote thread still waits, so it is answered, not run again. Only
+            # then: a new run of the parent (new input) starts the remote thread anew, as it
+            # does a local subgraph, even while that thread waits on an older question.
+            pending = self._interrupts(await call(transport, self.to, self.port,
+                                                  self._body("pending", config=forwarded),
+                                                  self.timeout, self.reply_value))
         output = ({INTERRUPT: pending} if pending
                   else await self._invoke(transport, state, forwarded))
         while interrupts := self._interrupts(output.get(INTERRUPT, [])):
