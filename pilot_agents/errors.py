@@ -8,6 +8,9 @@ when the caller itself handed us the bad bytes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 
 class PilotError(Exception):
     """Root of every pilot-agents error."""
@@ -179,6 +182,26 @@ class RemoteError(PilotError):
     def __init__(self, message: str, remote_type: str = "") -> None:
         super().__init__(message)
         self.remote_type = remote_type
+
+
+class StoppedError(PilotError):
+    """User code run for a peer (a served graph's node) called ``sys.exit()`` or raised
+    ``KeyboardInterrupt``: that run failed with this error, and the process serving goes on.
+    The requester sees it as a :class:`RemoteError`."""
+
+
+@contextlib.contextmanager
+def stops_as(error: Callable[[str], PilotError]) -> Iterator[None]:
+    """Raise ``error("raised SystemExit: <its message>")`` for a ``SystemExit`` or
+    ``KeyboardInterrupt`` the block raises. They are not Exceptions: asyncio takes them, raised
+    in a task, for the process's own end and raises them out of its event loop, so user code
+    that calls ``sys.exit()`` would end a whole server or agent. (A real Ctrl-C does not come
+    this way: the runtime's signal handler turns it into a cancel.)"""
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt) as exc:
+        said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise error(f"raised {said}") from exc
 
 
 class CommandFailedError(PilotError):

@@ -329,6 +329,39 @@ async def test_a_remote_graph_as_a_subgraph_node_and_streamed(pair: Pair) -> Non
             await remote.ainvoke({"message": "no question"})
 
 
+async def test_a_served_graph_node_that_exits_fails_only_its_run(tmp_path: Path) -> None:
+    """A served graph's node that calls sys.exit() (argparse on bad arguments, say) or raises
+    KeyboardInterrupt, in a sync or an async node, in a task LangGraph makes for it: its caller
+    gets a RemoteError naming it, invoked or streamed, and the server goes on serving."""
+    def check(state: State) -> State:
+        if state["question"] == "exit":
+            sys.exit("usage: check QUESTION")
+        return {"answer": state["question"]}
+
+    async def interrupted(state: State) -> State:
+        if state["question"] == "ctrl-c":
+            raise KeyboardInterrupt
+        return {"approved": True}
+
+    builder = StateGraph(State)
+    builder.add_node("check", check)
+    builder.add_node("interrupted", interrupted)
+    builder.add_edge(START, "check")
+    builder.add_edge(START, "interrupted")  # two nodes in one step: each in a task of its own
+    async with embedded(tmp_path) as pair, \
+            serving_graph(builder.compile(), 7220, pair.server.transport):
+        remote = PilotRemoteGraph(pair.server_name, 7220, transport=pair.client.transport)
+        for question, said in (("exit", "SystemExit: usage: check QUESTION"),
+                               ("ctrl-c", "KeyboardInterrupt")):
+            with pytest.raises(RemoteError, match=f"the graph raised {said}") as raised:
+                await remote.ainvoke({"question": question})
+            assert raised.value.remote_type == "StoppedError"
+            with pytest.raises(RemoteError, match=f"the graph raised {said}"):
+                [update async for update in remote.astream({"question": question})]
+        assert await remote.ainvoke({"question": "q"}) == {"question": "q", "answer": "q",
+                                                           "approved": True}
+
+
 async def test_a_reply_that_cannot_be_read_names_the_peer_and_port(tmp_path: Path) -> None:
     """A replier's malformed value is its fault: the error says which peer and port sent it."""
     bad = {"pilot": "lg-value/1", "msgpack": "not base64!"}

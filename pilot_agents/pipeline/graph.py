@@ -20,7 +20,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.pregel import Pregel
 from langgraph.types import Command, RetryPolicy
 
-from ..errors import PipelineError, PortClosedError
+from ..errors import PipelineError, PortClosedError, stops_as
 from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
 from ..transport import Transport
 from .load import LoadedPipeline
@@ -93,32 +93,27 @@ def python_node(step: PythonStep, folder: Path, node: str) -> Any:
                             f"{_PREVIEW.repr(result)}, where a step returns a dict of the state's "
                             "keys to set (or None)")
 
-    def stopped(exc: SystemExit | KeyboardInterrupt) -> PipelineError:
-        said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return PipelineError(f"step {node}: {step.python} raised {said}")
+    def stopped(said: str) -> PipelineError:
+        return PipelineError(f"step {node}: {step.python} {said}")
 
-    # SystemExit and KeyboardInterrupt are not Exceptions: past this point asyncio would take
-    # them for the process's own end and raise them out of its event loop, where the graph's
-    # generators, stopped mid-step, failed the agent with an unrelated RuntimeError and no
-    # event naming the step. (A real Ctrl-C never arrives here: the runtime's handler turns it
-    # into a cancel, and a step's thread does not receive signals.)
+    # SystemExit and KeyboardInterrupt (stops_as): past this point asyncio would raise them out
+    # of its event loop, where the graph's generators, stopped mid-step, failed the agent with
+    # an unrelated RuntimeError and no event naming the step. (A real Ctrl-C never arrives
+    # here: the runtime's handler turns it into a cancel, and a step's thread does not receive
+    # signals.)
     # (**kwargs: what LangGraph passes a function that asks for it, config say, by the
     # signature update_wrapper gives the wrapper: the function's own)
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
             type(target).__call__):  # (an object whose __call__ is async)
         async def call_async(state: dict[str, Any], **kwargs: Any) -> Any:
-            try:
+            with stops_as(stopped):
                 result = await target(state, **step.args, **kwargs)
-            except (SystemExit, KeyboardInterrupt) as exc:
-                raise stopped(exc) from exc
             return updates(result)
         return functools.update_wrapper(call_async, target)
 
     def call(state: dict[str, Any], **kwargs: Any) -> Any:
-        try:
+        with stops_as(stopped):
             result = target(state, **step.args, **kwargs)
-        except (SystemExit, KeyboardInterrupt) as exc:
-            raise stopped(exc) from exc
         return updates(result)
     return functools.update_wrapper(call, target)
 

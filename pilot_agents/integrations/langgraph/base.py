@@ -12,6 +12,7 @@ import json
 import queue
 import threading
 import uuid
+import weakref
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import (
@@ -31,7 +32,7 @@ from typing import Any, Generic, TypeVar
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langgraph.types import Interrupt, _interrupt_id
 
-from ...errors import ConfigError, MissingStateKeyError
+from ...errors import ConfigError, MissingStateKeyError, PilotError, stops_as
 from ...sdk import Client
 from ...transport import Transport
 from .codec import Codec
@@ -163,6 +164,48 @@ def iterate_sync(items: Callable[[], AsyncGenerator[T, None]], close_wait: float
         with contextlib.suppress(queue.Empty):
             handoff.get_nowait()  # unblocks a feeder waiting to hand over the next item
         thread.join(close_wait)
+
+
+# The error a SystemExit or KeyboardInterrupt becomes in the tasks of the code in contained();
+# tasks copy their creator's context, so it reaches the tasks LangGraph makes for its nodes.
+_STOPS: contextvars.ContextVar[Callable[[str], PilotError] | None] = contextvars.ContextVar(
+    "pilot_langgraph_stops", default=None)
+_CONTAINING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def contained(error: Callable[[str], PilotError]) -> Iterator[None]:
+    """:func:`~pilot_agents.errors.stops_as` for the block and every task it starts. A graph
+    runs each node in a task of its own, and LangGraph lets SystemExit through on purpose, so a
+    node's ``sys.exit()`` reaches asyncio in that task, not in the block, and asyncio ends the
+    event loop with it: the whole server. The loop's task factory (the one it had is still
+    called) wraps the tasks made in the block's context."""
+    loop = asyncio.get_running_loop()
+    if loop not in _CONTAINING:
+        _CONTAINING.add(loop)
+        loop.set_task_factory(_containing_factory(loop.get_task_factory()))
+    token = _STOPS.set(error)
+    try:
+        with stops_as(error):
+            yield
+    finally:
+        _STOPS.reset(token)
+
+
+def _containing_factory(previous: Any) -> Any:
+    async def contain(coro: Coroutine[Any, Any, T], error: Callable[[str], PilotError]) -> T:
+        with stops_as(error):
+            return await coro
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        context = kwargs.get("context")
+        error = _STOPS.get() if context is None else context.get(_STOPS)
+        if error is not None:
+            coro = contain(coro, error)
+        if previous is None:
+            return asyncio.Task(coro, loop=loop, **kwargs)
+        return previous(loop, coro, **kwargs)
+    return factory
 
 
 @contextlib.asynccontextmanager

@@ -31,12 +31,20 @@ from ...errors import (
     ConnectionClosedError,
     PilotError,
     PilotTimeoutError,
+    StoppedError,
     WireError,
 )
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...patterns.shares import check_share, peer_share
 from ...transport import DEFAULT_TIMEOUT, Transport
-from .base import BoundedMemory, PilotNode, interrupt_answers, iterate_sync, using
+from .base import (
+    BoundedMemory,
+    PilotNode,
+    contained,
+    interrupt_answers,
+    iterate_sync,
+    using,
+)
 from .codec import GRAPH, MARK, Codec, is_json, parse
 from .nodes import AllowedTypes, call, decoded, to_bytes
 
@@ -85,6 +93,10 @@ _END = object()
 def _last(updates: list[Any]) -> bool:
     """True if ``updates`` ends with the end of its run (or the error that ended it)."""
     return updates[-1] is _END or isinstance(updates[-1], Exception)
+
+
+def _stopped(said: str) -> StoppedError:
+    return StoppedError(f"the graph {said}")
 
 
 RunKey = tuple[str, str]  # (the caller's node id, the run id): a run is its caller's alone
@@ -198,13 +210,18 @@ class GraphServer:
         if self._cancelled.get(key):
             raise ConnectionClosedError(f"run {key[1]!r} was cancelled before it came")
 
+    async def _run_graph(self, state: Any, config: RunnableConfig) -> Any:
+        """The graph's output; a node's sys.exit() fails this run only (contained)."""
+        with contained(_stopped):
+            return await self.graph.ainvoke(state, config)
+
     async def _invoke(self, state: Any, config: RunnableConfig, key: RunKey | None) -> bytes:
         if key is None:
-            output = await self.graph.ainvoke(state, config)
+            output = await self._run_graph(state, config)
             return to_bytes(self.codec.encode(output, "the graph's output"))
         self._claim(key)
         # A task of its own: a cancel ends the run, not the worker of serve() that awaits it.
-        run = self._invoking[key] = asyncio.create_task(self.graph.ainvoke(state, config))
+        run = self._invoking[key] = asyncio.create_task(self._run_graph(state, config))
         try:
             output = await run
         except asyncio.CancelledError:
@@ -259,8 +276,9 @@ class GraphServer:
 
     async def _produce(self, run: _Run, state: Any, config: RunnableConfig) -> None:
         try:
-            async for update in self.graph.astream(state, config, stream_mode="updates"):
-                await run.updates.put(self.codec.encode(update, "an update of the graph"))
+            with contained(_stopped):
+                async for update in self.graph.astream(state, config, stream_mode="updates"):
+                    await run.updates.put(self.codec.encode(update, "an update of the graph"))
         except Exception as exc:  # the caller's to see, at its next fetch
             await run.updates.put(exc)
         else:
