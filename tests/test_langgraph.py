@@ -362,6 +362,29 @@ async def test_a_served_graph_node_that_exits_fails_only_its_run(tmp_path: Path)
                                                            "approved": True}
 
 
+async def test_a_failing_stream_yields_its_updates_before_the_error(tmp_path: Path) -> None:
+    """A remote run streams three updates, then a node raises: a caller slow enough that the
+    three and the error wait on the server together gets the three, then the error, as from
+    a local graph's astream."""
+    def fail(state: State) -> State:
+        raise ValueError("step four failed")
+
+    builder = StateGraph(State)
+    builder.add_sequence([("one", lambda state: {"answer": 1}),
+                          ("two", lambda state: {"answer": 2}),
+                          ("three", lambda state: {"answer": 3}), ("four", fail)])
+    builder.add_edge(START, "one")
+    got: list[Any] = []
+    async with embedded(tmp_path) as pair, \
+            serving_graph(builder.compile(), 7221, pair.server.transport):
+        remote = PilotRemoteGraph(pair.server_name, 7221, transport=pair.client.transport)
+        with pytest.raises(RemoteError, match="step four failed"):
+            async for update in remote.astream({}):
+                got.append(update)
+                await asyncio.sleep(0.5)  # meanwhile the rest and the error wait together
+    assert got == [{"one": {"answer": 1}}, {"two": {"answer": 2}}, {"three": {"answer": 3}}]
+
+
 async def test_a_reply_that_cannot_be_read_names_the_peer_and_port(tmp_path: Path) -> None:
     """A replier's malformed value is its fault: the error says which peer and port sent it."""
     bad = {"pilot": "lg-value/1", "msgpack": "not base64!"}

@@ -112,6 +112,7 @@ class _Run:
         self.updates: asyncio.Queue[Any] = asyncio.Queue(buffered)
         self.task: asyncio.Task[None] | None = None
         self.last_asked = time.monotonic()
+        self.failed: Exception | None = None  # taken from ``updates``, for the next fetch
 
 
 class GraphServer:
@@ -296,12 +297,18 @@ class GraphServer:
 
     async def _next(self, run: _Run) -> bytes:
         """The updates ready now, waiting up to ``poll_wait`` seconds for the first."""
-        updates: list[Any] = []
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.poll_wait):
-                updates.append(await run.updates.get())
+        updates: list[Any] = [] if run.failed is None else [run.failed]
+        if not updates:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.poll_wait):
+                    updates.append(await run.updates.get())
         while updates and not _last(updates) and not run.updates.empty():
             updates.append(run.updates.get_nowait())
+        if len(updates) > 1 and isinstance(updates[-1], Exception):
+            # The updates before the error go first, as a local astream yields them before it
+            # raises; the error is the next fetch's answer.
+            run.failed = updates.pop()
+            return to_bytes({"updates": updates, "done": False})
         done = bool(updates) and _last(updates)
         if done:
             if self._runs.get(run.key) is run:
