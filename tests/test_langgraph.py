@@ -46,7 +46,9 @@ from pilot_agents.integrations.langgraph import (
     peer_thread,
     serving_graph,
 )
+from pilot_agents.integrations.langgraph import remote as remote_module
 from pilot_agents.integrations.langgraph.codec import Codec, parse
+from pilot_agents.integrations.langgraph.remote import GraphServer
 from pilot_agents.patterns import Request, Requester, serving
 from tests.conftest import ROOT, DaemonHandle, peer_up, short_home, start_daemons, stop_daemons
 from tests.test_node import server_and_two_clients
@@ -383,6 +385,38 @@ async def test_a_failing_stream_yields_its_updates_before_the_error(tmp_path: Pa
                 got.append(update)
                 await asyncio.sleep(0.5)  # meanwhile the rest and the error wait together
     assert got == [{"one": {"answer": 1}}, {"two": {"answer": 2}}, {"three": {"answer": 3}}]
+
+
+async def test_a_stream_batch_stays_within_one_tunnel_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Updates waiting for a slow caller go in batches no larger than a tunnel message carries
+    (here made 3 000 bytes, for updates of 1 000), one update at least, the rest left for the
+    next fetch: each update fits, so the stream works as ainvoke does, in order."""
+    limit = 3000
+    monkeypatch.setattr(remote_module, "MAX_PAYLOAD", limit, raising=False)
+    replies: list[int] = []
+    fetch = GraphServer._next
+
+    async def measured(self: GraphServer, run: Any) -> bytes:
+        reply = await fetch(self, run)
+        replies.append(len(reply))
+        return reply
+
+    monkeypatch.setattr(GraphServer, "_next", measured)
+    builder = StateGraph(State)
+    builder.add_sequence([(f"n{i}", lambda state, i=i: {"answer": str(i) * 1000})
+                          for i in range(6)])
+    builder.add_edge(START, "n0")
+    got: list[Any] = []
+    async with embedded(tmp_path) as pair, \
+            serving_graph(builder.compile(), 7222, pair.server.transport):
+        remote = PilotRemoteGraph(pair.server_name, 7222, transport=pair.client.transport)
+        async for update in remote.astream({}):
+            got.append(update)
+            await asyncio.sleep(0.2)  # the others wait on the server meanwhile
+    assert got == [{f"n{i}": {"answer": str(i) * 1000}} for i in range(6)]
+    assert max(replies) <= limit
+    assert len(replies) < 6  # updates that fit together still go together
 
 
 async def test_a_reply_that_cannot_be_read_names_the_peer_and_port(tmp_path: Path) -> None:

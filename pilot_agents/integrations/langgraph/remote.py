@@ -34,6 +34,7 @@ from ...errors import (
     StoppedError,
     WireError,
 )
+from ...patterns.frames import MAX_PAYLOAD
 from ...patterns.reqrep import Replier, ReqRepConfig, Request, Requester, serve, serving
 from ...patterns.shares import check_share, peer_share
 from ...transport import DEFAULT_TIMEOUT, Transport
@@ -112,7 +113,9 @@ class _Run:
         self.updates: asyncio.Queue[Any] = asyncio.Queue(buffered)
         self.task: asyncio.Task[None] | None = None
         self.last_asked = time.monotonic()
-        self.failed: Exception | None = None  # taken from ``updates``, for the next fetch
+        # Taken from ``updates`` but left for the next fetch: an update that would make a
+        # batch too large, or the error that ended the run, kept behind the updates before it.
+        self.held: Any = None
 
 
 class GraphServer:
@@ -279,7 +282,9 @@ class GraphServer:
         try:
             with contained(_stopped):
                 async for update in self.graph.astream(state, config, stream_mode="updates"):
-                    await run.updates.put(self.codec.encode(update, "an update of the graph"))
+                    # Encoded here, so a fetch knows each update's size (_next).
+                    await run.updates.put(to_bytes(self.codec.encode(
+                        update, "an update of the graph")))
         except Exception as exc:  # the caller's to see, at its next fetch
             await run.updates.put(exc)
         else:
@@ -296,19 +301,27 @@ class GraphServer:
         return run
 
     async def _next(self, run: _Run) -> bytes:
-        """The updates ready now, waiting up to ``poll_wait`` seconds for the first."""
-        updates: list[Any] = [] if run.failed is None else [run.failed]
+        """The updates ready now, waiting up to ``poll_wait`` seconds for the first; as many
+        as one tunnel message carries (one at least), the rest left for the next fetch."""
+        updates: list[Any] = [] if run.held is None else [run.held]
+        run.held = None
         if not updates:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.poll_wait):
                     updates.append(await run.updates.get())
+        size = _batch_size(updates)
         while updates and not _last(updates) and not run.updates.empty():
-            updates.append(run.updates.get_nowait())
+            update = run.updates.get_nowait()
+            if isinstance(update, bytes) and size + len(update) + 1 > MAX_PAYLOAD:
+                run.held = update
+                break
+            updates.append(update)
+            size += len(update) + 1 if isinstance(update, bytes) else 0
         if len(updates) > 1 and isinstance(updates[-1], Exception):
             # The updates before the error go first, as a local astream yields them before it
             # raises; the error is the next fetch's answer.
-            run.failed = updates.pop()
-            return to_bytes({"updates": updates, "done": False})
+            run.held = updates.pop()
+            return _batch(updates, done=False)
         done = bool(updates) and _last(updates)
         if done:
             if self._runs.get(run.key) is run:
@@ -316,7 +329,22 @@ class GraphServer:
             if isinstance(updates[-1], Exception):
                 raise updates[-1]
             updates.pop()
-        return to_bytes({"updates": updates, "done": done})
+        return _batch(updates, done)
+
+
+_BATCH_FRAME = (b'{"updates":[', b'],"done":%s}')  # around updates encoded one by one
+
+
+def _batch(updates: list[bytes], done: bool) -> bytes:
+    """``{"updates": updates, "done": done}`` as message bytes, of updates already encoded."""
+    head, tail = _BATCH_FRAME
+    return head + b",".join(updates) + tail % (b"true" if done else b"false")
+
+
+def _batch_size(updates: list[Any]) -> int:
+    """The size of :func:`_batch` of the encoded ones of ``updates``, ``done`` false."""
+    encoded = [u for u in updates if isinstance(u, bytes)]
+    return len(_batch(encoded, done=False))
 
 
 def peer_config(raw: Any) -> RunnableConfig:
