@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -609,6 +610,25 @@ async def test_a_remote_graph_keeps_a_thread_and_carries_interrupts(pair: Pair) 
         assert isinstance(pending, Interrupt) and pending.value == {"question": "ship it?"}
         assert await remote.ainvoke(Command(resume="yes"), config) == {
             "question": "ship it?", "approved": "yes"}
+
+
+async def test_a_uuid_thread_id_goes_as_its_string(pair: Pair) -> None:
+    """LangGraph's examples name threads with uuid.uuid4(): a PilotRemoteGraph sends it as its
+    string, so the run and its resume meet on one thread; a thread_id it cannot send is a
+    ConfigError at the caller, not a thread silently left out."""
+    thread = uuid.uuid4()
+    remote = PilotRemoteGraph(pair.server_name, 7223, transport=pair.client.transport)
+    served = review_graph()
+    async with serving_graph(served, 7223, pair.server.transport):
+        config = RunnableConfig(configurable={"thread_id": thread})
+        assert "__interrupt__" in await remote.ainvoke({"question": "ship it?"}, config)
+        assert await remote.ainvoke(Command(resume="yes"), config) == {
+            "question": "ship it?", "approved": "yes"}
+        with pytest.raises(ConfigError, match="a thread_id is a string or an integer, not a "
+                                              "float"):
+            await remote.ainvoke({"question": "q"}, {"configurable": {"thread_id": 1.5}})
+    assert (await served.aget_state({"configurable": {"thread_id": peer_thread(
+        pair.client.node_id, str(thread))}})).values["approved"] == "yes"
 
 
 async def pending(requester: Requester, server: Node, port: int, thread: object) -> Any:

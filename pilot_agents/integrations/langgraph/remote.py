@@ -360,15 +360,28 @@ def peer_thread(node_id: str, thread_id: object) -> str:
     """The thread of a served graph that the peer ``node_id`` calls ``thread_id`` (a string or
     an integer): the id the graph runs it as, and its checkpoints are listed under. A node id
     has no ``:``, so two peers' threads never share one."""
+    return f"{node_id}:{checked_thread(thread_id)}"
+
+
+def checked_thread(thread_id: object) -> str | int:
+    """``thread_id`` if it is a string or an integer, else a ConfigError."""
     if isinstance(thread_id, bool) or not isinstance(thread_id, str | int):
         raise ConfigError(f"a thread_id is a string or an integer, not a "
-                          f"{type(thread_id).__name__}")
-    return f"{node_id}:{thread_id}"
+                          f"{type(thread_id).__name__} (a caller sends a UUID as its string)")
+    return thread_id
 
 
 def forwardable(configurable: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in configurable.items()
-            if not k.startswith(("__", "checkpoint_")) and is_json(v)}
+    """The ``configurable`` entries a caller passes on: plain JSON, not LangGraph's own, and
+    the ``thread_id`` always, or a ConfigError: a thread dropped on the way would make every
+    call a run on no thread. A UUID (what LangGraph's examples use) goes as its string."""
+    forwarded = {k: v for k, v in configurable.items()
+                 if not k.startswith(("__", "checkpoint_")) and is_json(v)}
+    if "thread_id" in configurable:
+        thread_id = configurable["thread_id"]
+        forwarded["thread_id"] = checked_thread(
+            str(thread_id) if isinstance(thread_id, uuid.UUID) else thread_id)
+    return forwarded
 
 
 async def serve_graph(graph: Graph, port: int, transport: Transport | None = None, *,
