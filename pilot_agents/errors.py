@@ -78,6 +78,12 @@ class PortClosedError(ConnectionClosedError):
     """The peer has no listener on the port we connected to."""
 
 
+class PortBusyError(ConnectionClosedError):
+    """The peer's port has as many of our streams at once as one port may have: its reader is
+    behind (each one-shot message waits there in a stream of its own). Try again later; other
+    ports of the peer are not affected."""
+
+
 class BeaconError(PilotError):
     """The beacon refused us (a registration, a lookup) or can't be reached."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pilot_agents import Client
+from pilot_agents.errors import PilotTimeoutError
 from tests.conftest import DaemonHandle, named_pair
 
 OFFERED_BYTES = 2 * 10**9
@@ -92,3 +93,24 @@ async def test_an_unread_daemon_inbox_stops_its_sender(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             await conn.abort()  # what is still unread need not arrive
+
+
+async def test_one_unread_port_leaves_the_peers_other_ports_reachable(
+        flood_pair: tuple[DaemonHandle, DaemonHandle]) -> None:
+    """An audit: one-shot messages to a port nobody read filled its inbox (1024), then waited
+    in the receiver's node, a stream each, until they held all 1024 streams a peer may open:
+    every new stream of the sender was then refused, to any port ("too many open connections
+    from us", exit 12). Now one port holds at most its share of them (512), the sends past it
+    wait and time out saying the inbox is full, and the peer's other ports answer."""
+    sender, receiver = flood_pair
+    async with Client(receiver.home) as server, Client(sender.home) as client:
+        listener = server.listen(5001)
+        async with listener:
+            sent = 0
+            with pytest.raises(PilotTimeoutError, match="is its inbox full"):
+                for sent in range(5000):  # noqa: B007 (counted for the assertion)
+                    await client.send("beta", 1001, b"unread", timeout=2)
+            assert 1024 + 512 <= sent < 5000
+            async with client.connect("beta", 5001) as conn:
+                await conn.send(b"still here")
+                assert (await listener.receive(timeout=10)).data == b"still here"

@@ -466,3 +466,24 @@ def test_streams_held_back_for_the_holder_go_when_its_stream_is_reset() -> None:
     assert not sa._send_order
     sa.reset_stream(holder, ResetCode.CANCELLED)
     assert other in sa._send_order
+
+
+def test_one_port_holds_at_most_its_share_of_the_peers_streams() -> None:
+    """Streams a reader has not got to (one-shot messages, a stream each) count against the
+    streams a peer may open; one port's share of them is bounded, so that the peer's streams
+    to our other ports are still taken (an audit: one unread port refused them all)."""
+    config = SessionConfig(max_incoming_streams=8, max_incoming_streams_per_port=4)
+    net, a, b, *_ = established(config)  # b reads nothing: the streams stay open
+    to_one = [net.start_stream(a, b, 1, b"unread")[1] for _ in range(5)]
+    for _ in range(3):
+        net.start_stream(a, b, 2, b"other")
+    net.run_for(1.0)
+    resets = {e.stream_id: e.code for e in a.events if isinstance(e, events.StreamReset)}
+    # port 1 had the first stream already: three more, then the port is busy
+    assert resets == {to_one[3]: ResetCode.PORT_BUSY, to_one[4]: ResetCode.PORT_BUSY}
+    assert sorted(m.data for m in b.messages).count(b"other") == 3
+    # the tunnel's own bound still stands above the ports' shares: 7 open, room for one
+    late = [net.start_stream(a, b, 3, b"late")[1] for _ in range(2)]
+    net.run_for(1.0)
+    resets = {e.stream_id: e.code for e in a.events if isinstance(e, events.StreamReset)}
+    assert late[0] not in resets and resets[late[1]] == ResetCode.TOO_MANY_STREAMS

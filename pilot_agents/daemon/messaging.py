@@ -24,6 +24,7 @@ from ..errors import (
     DaemonNotRunningError,
     PilotError,
     PilotTimeoutError,
+    PortBusyError,
     PortInUseError,
 )
 from ..node.connection import Connection, Listener, Message
@@ -52,6 +53,9 @@ from .spool import save_unread, take_unread
 
 log = logging.getLogger("pilot_agents.daemon")
 
+# Seconds a send waits before it tries again a port that refused it as busy; doubles up to the max.
+BUSY_RETRY_FIRST = 0.05
+BUSY_RETRY_MAX = 1.0
 Publish = Callable[[list[bytes]], None]  # sends one multipart message on the PUB socket
 
 
@@ -262,21 +266,34 @@ class Messaging:
     async def send(self, req: SendRequest) -> Reply:
         target = await self.ctx.trusted_target(req.target)
         data = req.payload()
-        deadline = asyncio.get_running_loop().time() + req.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.timeout
+        pause = BUSY_RETRY_FIRST
+        # The timeout bounds the delivery too: a peer whose port's inbox is full takes no more
+        # until that port is read there. Its one-shot messages wait in streams of their own
+        # meanwhile, and past the port's share of them the peer refuses more (PortBusyError):
+        # the sender slows down, trying again until the timeout, as the inbox's bound promises.
+        unread = PilotTimeoutError(
+            f"{target.label} port {req.port} did not take the message within {req.timeout:g} s "
+            "(is its inbox full? it takes more once that port is read there)")
         try:
-            async with self.ctx.node.connect(target.node_arg, req.port, req.timeout) as conn:
-                path, rtt = conn.path, conn.rtt
-                # The timeout bounds the delivery too: a peer whose port's inbox is full takes
-                # no more until that port is read there, and the send waited for ever.
+            while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        await conn.send(data)
-                        await conn.close()  # delivered: the peer's node has every byte
-                except TimeoutError:
-                    raise PilotTimeoutError(
-                        f"{target.label} port {req.port} did not take the message within "
-                        f"{req.timeout:g} s (is its inbox full? it takes more once that port "
-                        "is read there)") from None
+                    async with self.ctx.node.connect(target.node_arg, req.port,
+                                                     deadline - loop.time()) as conn:
+                        path, rtt = conn.path, conn.rtt
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                await conn.send(data)
+                                await conn.close()  # delivered: the peer's node has it all
+                        except TimeoutError:
+                            raise unread from None
+                    break
+                except PortBusyError:
+                    if loop.time() + pause >= deadline:
+                        raise unread from None
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, BUSY_RETRY_MAX)
         except PilotError as exc:
             raise self.ctx.explain(exc, target.node_id, target.label, req.port) from None
         self.ctx.store.confirm(target.node_id)

@@ -36,6 +36,7 @@ from ..errors import (
     PeerUnreachableError,
     PilotError,
     PilotTimeoutError,
+    PortBusyError,
     PortClosedError,
     PortInUseError,
     TooManyConnectionsError,
@@ -70,6 +71,9 @@ log = logging.getLogger("pilot_agents.node")
 EPHEMERAL_PORTS = range(49152, 65536)
 # A tunnel that closed for these reasons is not tried again while a caller waits.
 _FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_TRUSTED, CloseCode.PROTOCOL_ERROR})
+# What a stream's reset raises, when more than ConnectionClosedError tells the user what to do.
+_RESET_ERRORS: dict[int, type[ConnectionClosedError]] = {
+    ResetCode.PORT_CLOSED: PortClosedError, ResetCode.PORT_BUSY: PortBusyError}
 # What the beacon signs about an introduction that makes waiting for the peer pointless.
 _UNREACHABLE_VERDICTS = frozenset({Status.OFFLINE, Status.UNKNOWN, Status.ELSEWHERE})
 REGISTER_TIMEOUT = 5.0  # seconds start() waits for the beacon to accept us
@@ -873,9 +877,7 @@ class Node:
         handle = self._streams.get(key)
         if handle is None:
             return
-        error_type = (
-            PortClosedError if event.code == ResetCode.PORT_CLOSED else ConnectionClosedError
-        )
+        error_type = _RESET_ERRORS.get(event.code, ConnectionClosedError)
         reason = reset_reason(event.code)
         name = self._name_of(event.peer)
         handle.fail(

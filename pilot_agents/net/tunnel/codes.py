@@ -24,6 +24,7 @@ class ResetCode(IntEnum):
     TOO_MANY_STREAMS = 3
     PROTOCOL_ERROR = 4
     UNREAD = 5  # what we sent on it went unread for too long (a replier's stalled requester)
+    PORT_BUSY = 6  # the port has as many of our streams as one port may: its reader is behind
 
 
 CLOSE_REASONS = {
@@ -47,6 +48,10 @@ RESET_REASONS = {
     ResetCode.TOO_MANY_STREAMS: "the peer has too many open connections from us",
     ResetCode.PROTOCOL_ERROR: "protocol error on the stream",
     ResetCode.UNREAD: "the peer gave up on it: what it sent on it went unread for too long",
+    ResetCode.PORT_BUSY: (
+        "that port has as many messages and connections from us as it takes at once (is it "
+        "read there?)"
+    ),
 }
 
 

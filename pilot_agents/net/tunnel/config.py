@@ -45,6 +45,10 @@ class SessionConfig:
     # sender makes one per lost packet still missing.
     max_reassembly_gaps: int = 16384
     max_incoming_streams: int = 1024  # concurrently open streams the peer may open
+    # ... of them to one port: one port whose reader is behind (its one-shot messages wait,
+    # a stream each) must not take every stream the peer may open, or the peer reaches none of
+    # our other ports; the streams beyond it are reset (PORT_BUSY) while the rest stay free.
+    max_incoming_streams_per_port: int = 512
     ack_every: int = 2  # ack-eliciting packets received before an ACK is sent at once
     max_ack_delay: float = 0.025  # seconds an ACK may be held back
     keepalive_interval: float = 15.0  # seconds without sending before a PING; holds NAT mappings

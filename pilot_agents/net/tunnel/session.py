@@ -260,6 +260,7 @@ class Session:
         # reached (and the limit we had given), until its RESET_STREAM says how far it sent.
         self._awaiting_final: dict[int, tuple[int, int]] = {}
         self._incoming_open = 0
+        self._incoming_by_port: dict[int, int] = {}  # of _incoming_open, by local port
         self._control: deque[_Control] = deque()
         self._max_data_pending = False
         self._send_order: deque[int] = deque()  # streams with data, round robin
@@ -1264,15 +1265,21 @@ class Session:
             return None  # ours, closed already: a late retransmission
         if stream_id >> 1 in self._peer_closed_streams:
             return None
+        port = frame.dst_port
+        on_port = self._incoming_by_port.get(port, 0)
+        refused: ResetCode | None = None
         if self._incoming_open >= self.config.max_incoming_streams:
-            self._close_unheld(stream_id, ResetCode.TOO_MANY_STREAMS)
+            refused = ResetCode.TOO_MANY_STREAMS
+        elif on_port >= self.config.max_incoming_streams_per_port:
+            refused = ResetCode.PORT_BUSY
+        if refused is not None:
+            self._close_unheld(stream_id, refused)
             self._await_final(stream_id, 0, self.config.stream_window)
             return None
         self._incoming_open += 1
-        stream = self._add_stream(stream_id, frame.dst_port, frame.src_port)
-        self._events.append(
-            events.StreamOpened(self.peer, stream_id, frame.src_port, frame.dst_port)
-        )
+        self._incoming_by_port[port] = on_port + 1
+        stream = self._add_stream(stream_id, port, frame.src_port)
+        self._events.append(events.StreamOpened(self.peer, stream_id, frame.src_port, port))
         return stream
 
     def _add_stream(self, stream_id: int, local_port: int, remote_port: int) -> _Stream:
@@ -1298,6 +1305,11 @@ class Session:
         self._reassembly_gaps -= recv.gaps
         if stream_id % 2 != self._next_stream_id % 2:
             self._incoming_open -= 1
+            left = self._incoming_by_port[stream.local_port] - 1
+            if left:
+                self._incoming_by_port[stream.local_port] = left
+            else:
+                del self._incoming_by_port[stream.local_port]
             self._peer_closed_streams.add(stream_id >> 1)
         # Out of the queues now, not skipped when reached: while they do not move (a reader
         # that takes nothing, an allowance held) a peer opening and resetting streams in a loop
