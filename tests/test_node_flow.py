@@ -20,7 +20,7 @@ from typing import Any, cast
 import pytest
 
 from pilot_agents import Node
-from pilot_agents.errors import PilotTimeoutError, TooManyConnectionsError
+from pilot_agents.errors import PilotTimeoutError, PortBusyError, TooManyConnectionsError
 from pilot_agents.net.tunnel import events
 from pilot_agents.net.tunnel.config import SessionConfig
 from pilot_agents.node.connection import SEND_HIGH_WATER, Connection, Mailbox, Message, StreamHandle
@@ -233,6 +233,22 @@ async def test_streams_nobody_reads_do_not_stop_the_tunnel_s_other_streams(
             await conn.abort()
         for quiet in unread:
             await quiet.close()
+
+
+async def test_one_shot_sends_to_a_port_nobody_reads_slow_down_and_leave_other_ports_alone(
+        tmp_path: Path) -> None:
+    """Each one-shot message waits in a stream of its own until it is read: past the port's
+    share of the peer's streams (512) a send tries again within its timeout, then raises
+    PortBusyError; the peer's other ports take streams as before (an audit: at 1024 every
+    stream to any port was refused)."""
+    async with trusted_pair(tmp_path) as (a, b), b.listen(7401), b.listen(7402) as other:
+        sent = 0
+        with pytest.raises(PortBusyError, match="is it read there"):
+            for sent in range(2000):  # noqa: B007 (counted for the assertion)
+                await a.send(b.node_id, 7401, b"unread", timeout=1)
+        assert sent == 512
+        await a.send(b.node_id, 7402, b"read")
+        assert (await other.receive(timeout=5)).data == b"read"
 
 
 async def test_a_reply_stall_is_measured_by_what_the_peer_takes() -> None:

@@ -27,6 +27,7 @@ from ..errors import (
     PortBusyError,
     PortInUseError,
 )
+from ..node.busy import while_busy
 from ..node.connection import Connection, Listener, Message
 from .context import DaemonContext
 from .dispatch import Credit, DispatchTable, Push, Reply
@@ -53,9 +54,6 @@ from .spool import save_unread, take_unread
 
 log = logging.getLogger("pilot_agents.daemon")
 
-# Seconds a send waits before it tries again a port that refused it as busy; doubles up to the max.
-BUSY_RETRY_FIRST = 0.05
-BUSY_RETRY_MAX = 1.0
 Publish = Callable[[list[bytes]], None]  # sends one multipart message on the PUB socket
 
 
@@ -268,32 +266,30 @@ class Messaging:
         data = req.payload()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.timeout
-        pause = BUSY_RETRY_FIRST
         # The timeout bounds the delivery too: a peer whose port's inbox is full takes no more
-        # until that port is read there. Its one-shot messages wait in streams of their own
-        # meanwhile, and past the port's share of them the peer refuses more (PortBusyError):
-        # the sender slows down, trying again until the timeout, as the inbox's bound promises.
+        # until that port is read there (one-shot messages wait meanwhile, and past the port's
+        # share of them it refuses more: while_busy tries again until the timeout).
         unread = PilotTimeoutError(
             f"{target.label} port {req.port} did not take the message within {req.timeout:g} s "
             "(is its inbox full? it takes more once that port is read there)")
-        try:
-            while True:
+
+        async def attempt() -> tuple[str, float | None]:
+            async with self.ctx.node.connect(target.node_arg, req.port,
+                                             deadline - loop.time()) as conn:
+                path, rtt = conn.path, conn.rtt
                 try:
-                    async with self.ctx.node.connect(target.node_arg, req.port,
-                                                     deadline - loop.time()) as conn:
-                        path, rtt = conn.path, conn.rtt
-                        try:
-                            async with asyncio.timeout_at(deadline):
-                                await conn.send(data)
-                                await conn.close()  # delivered: the peer's node has it all
-                        except TimeoutError:
-                            raise unread from None
-                    break
-                except PortBusyError:
-                    if loop.time() + pause >= deadline:
-                        raise unread from None
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, BUSY_RETRY_MAX)
+                    async with asyncio.timeout_at(deadline):
+                        await conn.send(data)
+                        await conn.close()  # delivered: the peer's node has every byte
+                except TimeoutError:
+                    raise unread from None
+                return path, rtt
+
+        try:
+            try:
+                path, rtt = await while_busy(attempt, deadline)
+            except PortBusyError:
+                raise unread from None
         except PilotError as exc:
             raise self.ctx.explain(exc, target.node_id, target.label, req.port) from None
         self.ctx.store.confirm(target.node_id)

@@ -55,6 +55,7 @@ from ..net.tunnel.mux import Mux
 from ..net.tunnel.paths import RelayPath
 from ..net.tunnel.session import Session
 from ..transport import CONNECT_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT
+from .busy import while_busy
 from .connection import (
     Connection,
     Listener,
@@ -537,9 +538,16 @@ class Node:
 
     async def send(self, peer: str, port: int, data: Any,
                    timeout: float = CONNECT_TIMEOUT) -> None:
-        """Deliver one message and wait until the peer has it."""
-        async with self.connect(peer, port, timeout) as conn:
-            await conn.send(data)
+        """Deliver one message and wait until the peer has it; while the peer's port is busy
+        (:class:`PortBusyError`), try again within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def attempt() -> None:
+            async with self.connect(peer, port, deadline - loop.time()) as conn:
+                await conn.send(data)
+
+        await while_busy(attempt, deadline)
 
     async def receive(self, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
         """One message on ``port`` (listening just for it)."""
