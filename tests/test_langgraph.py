@@ -1010,6 +1010,22 @@ async def test_user_mistakes_are_clear_errors(pair: Pair) -> None:
                        ).ainvoke({})
 
 
+async def test_a_call_to_a_peer_needs_a_number_of_seconds(pair: Pair) -> None:
+    """timeout=None was a TypeError from deep inside the first call ('float' + 'NoneType');
+    a wait on a peer that may never answer is bounded, so it is refused where it is given.
+    PilotReceive's None (wait for ever for a message) stays."""
+    for bad in (None, 0, -1, float("inf"), "30"):
+        for make in (lambda t: PilotSend("analyzer", timeout=t),
+                     lambda t: PilotRequest("db", 2001, "q", "a", timeout=t),
+                     lambda t: PilotRemoteGraph("analyzer", 2001, timeout=t)):
+            with pytest.raises(ConfigError, match=r"timeout= takes a positive number of sec"):
+                make(bad)
+    assert PilotReceive(timeout=None).timeout is None
+    async with Requester(pair.client.transport) as requester:
+        with pytest.raises(ConfigError, match=r"timeout= takes a number of seconds, not None"):
+            await requester.request(pair.server_name, 7503, b"x", timeout=None)  # type: ignore[arg-type]
+
+
 def test_no_daemon_running_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     home = short_home()
     try:

@@ -364,14 +364,19 @@ class Requester:
 
     async def request(self, peer: str, port: int, data: object,
                       timeout: float = DEFAULT_TIMEOUT) -> Reply:
-        """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply;
-        :class:`ConfigError` at once if it is larger than a tunnel message."""
+        """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply, up to
+        ``timeout`` seconds; :class:`ConfigError` at once if it is larger than a tunnel message,
+        or ``timeout`` is not a number (None: a request never waits for ever)."""
         payload = check_fits("a request", encode_payload(data))
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = now + timeout
+        try:
+            deadline = now + timeout
+        except TypeError:  # None: a request to a dead peer would wait for ever
+            raise ConfigError(f"request: timeout= takes a number of seconds, not {timeout!r}: "
+                              "a request waits a bounded time for its reply") from None
         task: asyncio.Task[Reply] = asyncio.current_task(loop)  # type: ignore[assignment]
         closes = self._closes  # a close() after this fails the request: no new stream for it
         while True:  # more than once only if the replier restarted before it saw the request

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import math
 import queue
 import threading
 import uuid
@@ -217,6 +218,16 @@ async def using(transport: Transport | None, home: str | Path | None) -> AsyncIt
         return
     async with Client(home) as client:
         yield client
+
+
+def bounded(timeout: float, who: str) -> float:
+    """``timeout``, checked to be a positive number of seconds: a node that waits on a peer
+    waits a bounded time (a dead peer would otherwise hold it, and its graph, for ever)."""
+    if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf):
+        raise ConfigError(f"{who}: timeout= takes a positive number of seconds, not "
+                          f"{timeout!r}: it waits on a peer, which may never answer")
+    return timeout
 
 
 def read_key(state: Any, key: str, who: str) -> Any:

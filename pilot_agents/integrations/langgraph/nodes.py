@@ -20,6 +20,7 @@ from .base import (
     CallCounter,
     DeliveryConfig,
     PilotNode,
+    bounded,
     idempotency_key,
     read_key,
     task_of,
@@ -56,7 +57,8 @@ class PilotSend(PilotNode):
                  delivery: DeliveryConfig | None = None, name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=(), delivery=delivery,
                          name=name or f"PilotSend({to}:{port})")
-        self.to, self.port, self.key, self.timeout = to, port, key, timeout
+        self.to, self.port, self.key = to, port, key
+        self.timeout = bounded(timeout, self.label)
         self.receipt_key = receipt_key or f"{key}_receipt"
 
     async def run(self, state: Any, config: RunnableConfig,
@@ -228,7 +230,7 @@ class PilotRequest(PilotNode):
         super().__init__(transport=transport, home=home, allowed_types=allowed_types,
                          delivery=None, name=name or f"PilotRequest({to}:{port})")
         self.to, self.port, self.key, self.result_key = to, port, key, result_key
-        self.timeout = timeout
+        self.timeout = bounded(timeout, self.label)
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:

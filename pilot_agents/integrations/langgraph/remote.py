@@ -41,6 +41,7 @@ from ...transport import DEFAULT_TIMEOUT, Transport
 from .base import (
     BoundedMemory,
     PilotNode,
+    bounded,
     contained,
     interrupt_answers,
     iterate_sync,
@@ -436,7 +437,8 @@ class PilotRemoteGraph(PilotNode):
                  allowed_types: AllowedTypes = (), name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=allowed_types,
                          delivery=None, name=name or f"PilotRemoteGraph({to}:{port})")
-        self.to, self.port, self.timeout = to, port, timeout
+        self.to, self.port = to, port
+        self.timeout = bounded(timeout, self.label)
 
     async def run(self, state: Any, config: RunnableConfig,
                   transport: Transport) -> dict[str, Any]:
