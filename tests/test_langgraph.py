@@ -1026,6 +1026,24 @@ async def test_a_call_to_a_peer_needs_a_number_of_seconds(pair: Pair) -> None:
             await requester.request(pair.server_name, 7503, b"x", timeout=None)  # type: ignore[arg-type]
 
 
+async def test_serving_a_graph_that_was_not_compiled_is_refused_at_the_start(
+        pair: Pair) -> None:
+    """A StateGraph (the builder) was served without a word, and every caller got a
+    RemoteError "AttributeError: 'StateGraph' object has no attribute 'ainvoke'"."""
+    builder = StateGraph(State)
+    builder.add_node("n", lambda state: {"answer": 1})
+    builder.add_edge(START, "n")
+    with pytest.raises(ConfigError, match=r"StateGraph is its builder: call \.compile\(\)"):
+        async with serving_graph(builder, 7504, pair.server.transport):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ConfigError, match=r"compiled graph .* not a function"):
+        await remote_module.serve_graph(lambda state: state, 7504,  # type: ignore[arg-type]
+                                        pair.server.transport)
+    async with serving_graph(builder.compile(), 7504, pair.server.transport):
+        assert await PilotRemoteGraph(pair.server_name, 7504, transport=pair.client.transport
+                                      ).ainvoke({}) == {"answer": 1}
+
+
 def test_no_daemon_running_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     home = short_home()
     try:

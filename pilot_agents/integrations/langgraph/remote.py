@@ -89,6 +89,19 @@ class ServeGraphConfig:
         return peer_share(self.max_streams_per_peer, self.max_streams, 2)
 
 
+def servable(graph: Graph) -> Graph:
+    """``graph``, checked to run as a served graph runs it (``ainvoke``, ``astream``): else
+    the server would start, and each of its callers get an AttributeError from its run."""
+    if all(callable(getattr(graph, name, None)) for name in ("ainvoke", "astream")):
+        return graph
+    kind = type(graph).__name__
+    if callable(getattr(graph, "compile", None)):
+        raise ConfigError(f"serve_graph takes a compiled graph, and this {kind} is its "
+                          f"builder: call .compile() on it first")
+    raise ConfigError(f"serve_graph takes a compiled graph (with ainvoke and astream), not a "
+                      f"{kind}")
+
+
 _END = object()
 
 
@@ -138,7 +151,7 @@ class GraphServer:
 
     def __init__(self, graph: Graph, allowed_types: AllowedTypes = (),
                  config: ServeGraphConfig | None = None) -> None:
-        self.graph = graph
+        self.graph = servable(graph)
         self.codec = Codec(allowed_types)
         self.config = config or ServeGraphConfig()
         self._runs: dict[RunKey, _Run] = {}  # streamed
