@@ -1044,6 +1044,18 @@ async def test_serving_a_graph_that_was_not_compiled_is_refused_at_the_start(
                                       ).ainvoke({}) == {"answer": 1}
 
 
+def test_a_node_added_without_a_name_has_one_langgraph_takes() -> None:
+    """The default names held ':' ("PilotSend(analyzer:1001)"), which LangGraph reserves:
+    builder.add_node(PilotSend("analyzer")) raised "':' is a reserved character"."""
+    nodes = [PilotSend("analyzer"), PilotReceive(), PilotRequest("db", 2001, "q", "a"),
+             PilotRemoteGraph("analyzer", 2001)]
+    builder = StateGraph(State)
+    for node in nodes:
+        builder.add_node(node)
+    assert list(builder.nodes) == ["PilotSend(analyzer, 1001)", "PilotReceive(1001)",
+                                   "PilotRequest(db, 2001)", "PilotRemoteGraph(analyzer, 2001)"]
+
+
 def test_no_daemon_running_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     home = short_home()
     try:

@@ -56,7 +56,7 @@ class PilotSend(PilotNode):
                  transport: Transport | None = None, home: str | Path | None = None,
                  delivery: DeliveryConfig | None = None, name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=(), delivery=delivery,
-                         name=name or f"PilotSend({to}:{port})")
+                         name=name or f"PilotSend({to}, {port})")
         self.to, self.port, self.key = to, port, key
         self.timeout = bounded(timeout, self.label)
         self.receipt_key = receipt_key or f"{key}_receipt"
@@ -228,7 +228,7 @@ class PilotRequest(PilotNode):
                  home: str | Path | None = None, allowed_types: AllowedTypes = (),
                  name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=allowed_types,
-                         delivery=None, name=name or f"PilotRequest({to}:{port})")
+                         delivery=None, name=name or f"PilotRequest({to}, {port})")
         self.to, self.port, self.key, self.result_key = to, port, key, result_key
         self.timeout = bounded(timeout, self.label)
 

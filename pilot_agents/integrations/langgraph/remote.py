@@ -449,7 +449,7 @@ class PilotRemoteGraph(PilotNode):
                  transport: Transport | None = None, home: str | Path | None = None,
                  allowed_types: AllowedTypes = (), name: str | None = None) -> None:
         super().__init__(transport=transport, home=home, allowed_types=allowed_types,
-                         delivery=None, name=name or f"PilotRemoteGraph({to}:{port})")
+                         delivery=None, name=name or f"PilotRemoteGraph({to}, {port})")
         self.to, self.port = to, port
         self.timeout = bounded(timeout, self.label)
 
