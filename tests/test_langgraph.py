@@ -1056,6 +1056,31 @@ def test_a_node_added_without_a_name_has_one_langgraph_takes() -> None:
                                    "PilotRequest(db, 2001)", "PilotRemoteGraph(analyzer, 2001)"]
 
 
+async def test_call_options_a_remote_graph_does_not_act_on_are_refused(pair: Pair) -> None:
+    """subgraphs=True, output_keys=, interrupt_before=... were dropped without a word: the
+    caller got items of another shape, or keys it had not asked for, than a local graph
+    gives."""
+    remote = PilotRemoteGraph(pair.server_name, 7505, transport=pair.client.transport)
+    async with serving_graph(doubling_graph(), 7505, pair.server.transport):
+        with pytest.raises(ConfigError, match=r"does not take subgraphs=: it takes an input, "
+                                              r"a config and stream_mode='updates' only"):
+            await anext(remote.astream({"question": 1}, subgraphs=True))
+        with pytest.raises(ConfigError, match="does not take output_keys=, debug="):
+            await remote.ainvoke({"question": 1}, output_keys=["answer"], debug=True)
+        with pytest.raises(ConfigError, match="does not take interrupt_before="):
+            await asyncio.to_thread(remote.invoke, {"question": 1}, interrupt_before=["read"])
+        with pytest.raises(ConfigError, match="does not take interrupt_after="):
+            await asyncio.to_thread(lambda: next(remote.stream({"question": 1},
+                                                               interrupt_after="*")))
+        with pytest.raises(ConfigError, match=r"PilotRequest.* does not take context="):
+            await PilotRequest(pair.server_name, 7505, "q", "a").ainvoke({}, context={"a": 1})
+        # What they ask for is what a remote graph does: taken, as the defaults are.
+        assert (await remote.ainvoke({"question": 1}, None, debug=False, output_keys=None)
+                )["answer"] == 2
+        assert [u async for u in remote.astream({"question": 1}, stream_mode="updates",
+                                                subgraphs=False)][-1] == {"double": {"answer": 2}}
+
+
 def test_no_daemon_running_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     home = short_home()
     try:

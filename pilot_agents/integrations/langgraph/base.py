@@ -230,6 +230,16 @@ def bounded(timeout: float, who: str) -> float:
     return timeout
 
 
+def refuse_options(who: str, options: Mapping[str, Any], takes: str) -> None:
+    """A ConfigError naming the call options in ``options`` that ask for something (not None
+    or False, LangGraph's defaults): a node acts on none of them, and one ignored would give
+    the caller what it did not ask for. ``takes``: what the call does take."""
+    asked = [name for name, value in options.items() if value is not None and value is not False]
+    if asked:
+        raise ConfigError(f"{who} does not take {', '.join(f'{name}=' for name in asked)}: "
+                          f"it takes {takes}")
+
+
 def read_key(state: Any, key: str, who: str) -> Any:
     """``state[key]`` of a dict state, ``state.key`` of a dataclass or pydantic state."""
     if isinstance(state, Mapping):
@@ -328,6 +338,9 @@ def idempotency_key(config: RunnableConfig, *parts: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+CALL_TAKES = "an input and a config only"  # what a node's invoke and ainvoke take
+
+
 class PilotNode(Runnable[Any, dict[str, Any]]):
     """A LangGraph node (a Runnable) that talks to peers: ``graph.invoke`` and ``graph.ainvoke``
     both work. Its transport: the one given, else a client of the daemon of ``home``
@@ -359,11 +372,13 @@ class PilotNode(Runnable[Any, dict[str, Any]]):
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
                       **kwargs: Any) -> dict[str, Any]:
+        refuse_options(self.label, kwargs, CALL_TAKES)
         async with using(self.transport, self.home) as transport:
             return await self.run(input, ensure_config(config), transport)
 
     def invoke(self, input: Any, config: RunnableConfig | None = None,
                **kwargs: Any) -> dict[str, Any]:
+        refuse_options(self.label, kwargs, CALL_TAKES)
         return run_sync(self._on_own_loop(input, ensure_config(config)))
 
     async def _on_own_loop(self, state: Any, config: RunnableConfig) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from .base import (
     contained,
     interrupt_answers,
     iterate_sync,
+    refuse_options,
     using,
 )
 from .codec import GRAPH, MARK, Codec, is_json, parse
@@ -101,6 +102,9 @@ def servable(graph: Graph) -> Graph:
     raise ConfigError(f"serve_graph takes a compiled graph (with ainvoke and astream), not a "
                       f"{kind}")
 
+
+# What a remote graph's astream and stream take (its invoke and ainvoke: CALL_TAKES).
+STREAM_TAKES = "an input, a config and stream_mode='updates' only"
 
 _END = object()
 
@@ -590,8 +594,12 @@ class PilotRemoteGraph(PilotNode):
 
     def _as_node(self, config: RunnableConfig, kwargs: dict[str, Any]) -> bool:
         """LangGraph streams a node (under ``astream_events``) and wants its output, not its
-        updates: a call from inside a graph's task without a ``stream_mode`` is that."""
-        mode = kwargs.get("stream_mode")
+        updates: a call from inside a graph's task without a ``stream_mode`` is that. Other
+        options of a local graph's stream (``subgraphs=True``, ``interrupt_before=``...) are
+        refused: the served graph would not act on them."""
+        options = dict(kwargs)
+        mode = options.pop("stream_mode", None)
         if mode not in (None, "updates"):
             raise ConfigError(f"{self.label} streams stream_mode='updates' only, not {mode!r}")
+        refuse_options(self.label, options, STREAM_TAKES)
         return mode is None and "langgraph_node" in (config.get("metadata") or {})
