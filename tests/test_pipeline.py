@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -475,6 +476,43 @@ def test_a_python_step_must_return_state_updates(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"^step calc: odd:number returned int 42, where a "
                        r"step returns a dict"):
         asyncio.run(build_graph(loaded, "bad").ainvoke({}))
+
+
+def test_a_serving_agent_s_input_must_be_a_mapping(tmp_path: Path) -> None:
+    """A request whose value is not a mapping failed in the state's reducer with a bare
+    "TypeError: 'str' object is not a mapping", naming neither the agent nor the rule; a
+    pilot_request of such a value is refused before it is sent, naming the step and key."""
+    (tmp_path / "qa.py").write_text("def answer(state):\n    return {'answer': 42}\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        agents:
+          answerer:
+            serve: {port: 2001}
+            steps: [{id: answer, python: "qa:answer"}]
+          asker:
+            steps:
+              - {id: ask, pilot_request: {to: answerer, port: 2001, key: q, result_key: a}}
+        """))
+    loaded = load(tmp_path / "p.yaml")
+    served = build_graph(loaded, "answerer")
+    rule = re.escape("an agent's input must be a mapping (an object of state keys)")
+    for value, shown in (("what is 6*7?", "a str 'what is 6*7?'"), ([1, 2], "a list [1, 2]")):
+        given = f"^agent answerer was given {re.escape(shown)}: {rule}"
+        with pytest.raises(PipelineError, match=given):
+            asyncio.run(served.ainvoke(value))
+        with pytest.raises(PipelineError, match=given):
+            asyncio.run(anext(served.astream(value, stream_mode="updates")))
+    assert asyncio.run(served.ainvoke({"q": 1})) == {"q": 1, "answer": 42}
+
+    class Unused:  # a transport the refused requests never reach
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"sent anyway ({name})")
+
+    asker = build_graph(loaded, "asker", transport=Unused())
+    for value, shown in (("what?", "a str 'what?'"), (None, "None"), (7, "an int 7")):
+        with pytest.raises(PipelineError, match=re.escape(
+                f"step ask: the state key 'q' holds {shown}, which this pilot_request would "
+                f"send to agent answerer as its input: ") + rule):
+            asyncio.run(asker.ainvoke({"q": value}))
 
 
 def test_a_python_step_that_does_not_import(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.pregel import Pregel
@@ -22,6 +22,7 @@ from langgraph.types import Command, RetryPolicy
 
 from ..errors import PipelineError, PortClosedError, stops_as
 from ..integrations.langgraph import PilotReceive, PilotRequest, PilotSend
+from ..integrations.langgraph.base import read_key
 from ..transport import Transport
 from .load import LoadedPipeline
 from .mcp import mcp_node
@@ -34,6 +35,7 @@ from .schema import (
     Pipeline,
     PublishStep,
     PythonStep,
+    RequestCall,
     Settings,
     StepBase,
     SubscribeStep,
@@ -45,11 +47,56 @@ def merge(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[
     return {**(old or {}), **(new or {})}
 
 
-State = Annotated[dict[str, Any], merge]
-"""An agent's state: an open dict, so steps need not declare the keys they write."""
-
 _PREVIEW = reprlib.Repr()  # a value in an error message: a glimpse, not the whole of it
 _PREVIEW.maxstring = _PREVIEW.maxother = 60
+
+INPUT_RULE = "an agent's input must be a mapping (an object of state keys)"
+
+
+def _described(value: Any) -> str:
+    """``value`` in an error message: "a str 'what is 6*7?'"."""
+    if value is None:
+        return "None"
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} {_PREVIEW.repr(value)}"
+
+
+def state_of(agent: str) -> Any:
+    """``agent``'s state: an open dict, so steps need not declare the keys they write. Its
+    first update is the graph's input, which for a serving agent is a request's value: one
+    that is no mapping is a PipelineError naming the agent (which its requester raises as a
+    RemoteError), not the reducer's bare "'str' object is not a mapping"."""
+    def merge_checked(old: Mapping[str, Any] | None, new: Any) -> dict[str, Any]:
+        if new is not None and not isinstance(new, Mapping):
+            raise PipelineError(f"agent {agent} was given {_described(new)}: {INPUT_RULE}, "
+                                f"and so must each step's update")
+        return merge(old, new)
+    return Annotated[dict[str, Any], merge_checked]
+
+
+# Values that arrive at a serving agent as anything but a mapping, whatever their content (an
+# object of another class may arrive as its fields: the serving agent's check is the last word).
+_NOT_MAPPINGS = (str, bytes, bytearray, int, float, list, tuple, set, frozenset)
+
+
+class RequestNode(PilotRequest):
+    """A ``pilot_request`` step. What it sends is the input state of the agent serving the
+    port, so a value that cannot arrive there as a mapping is refused before it is sent."""
+
+    def __init__(self, call: RequestCall, target: str, *, transport: Transport | None,
+                 home: str | Path | None, name: str) -> None:
+        super().__init__(call.to, call.port, call.key, call.result_key, timeout=call.timeout,
+                         transport=transport, home=home, name=name)
+        self.target = target
+
+    async def run(self, state: Any, config: RunnableConfig,
+                  transport: Transport) -> dict[str, Any]:
+        value = read_key(state, self.key, self.label)
+        if value is None or isinstance(value, _NOT_MAPPINGS):
+            raise PipelineError(f"step {self.label}: the state key {self.key!r} holds "
+                                f"{_described(value)}, which this pilot_request would send "
+                                f"to agent {self.target} as its input: {INPUT_RULE}")
+        return await super().run(state, config, transport)
 
 
 def resolve(dotted: str, folder: Path) -> Any:
@@ -136,8 +183,8 @@ def step_node(pipeline: Pipeline, name: str, index: int, folder: Path,
                             name=node)
     if isinstance(step, PilotRequestStep):
         q = step.pilot_request
-        return PilotRequest(q.to, q.port, q.key, q.result_key, timeout=q.timeout,
-                            transport=transport, home=home, name=node)
+        return RequestNode(q, pipeline.agent_named(q.to) or q.to, transport=transport,
+                           home=home, name=node)
     if isinstance(step, McpStep):
         return mcp_node(agent.mcp_servers[step.mcp.server], step.mcp)
     if isinstance(step, PublishStep):
@@ -172,7 +219,7 @@ def build_graph(pipeline: LoadedPipeline, agent: str, *, transport: Transport | 
     if spec is None:
         raise PipelineError(f"{pipeline.path} has no agent {agent!r} (it has "
                             f"{', '.join(pipeline.spec.agents)})")
-    builder: StateGraph[Any, Any, Any, Any] = StateGraph(State)
+    builder: StateGraph[Any, Any, Any, Any] = StateGraph(state_of(agent))
     for index, (step, node) in enumerate(zip(spec.steps, spec.node_ids(), strict=True)):
         action: Runnable[Any, Any] | Any = step_node(pipeline.spec, agent, index,
                                                      pipeline.folder, transport, home)
