@@ -44,10 +44,10 @@ from .ipc import (
     PORT_WAY_ENDED,
     REQUEST_TIMEOUT,
     FramedProtocol,
+    connect_stream_socket,
     error_of,
     not_answering,
     pack_frames,
-    stream_socket_path,
 )
 from .transport import Hangups
 
@@ -92,11 +92,9 @@ class _Attached(FramedProtocol, Generic[T]):
                     send_window: int) -> tuple[S, dict[str, Any]]:
         """A socket of ``make()``'s kind, attached by ``request``, and the daemon's answer. A
         write waits while more than ``send_window`` bytes are not yet in the socket."""
-        loop = asyncio.get_running_loop()
         what = request.get("stream") or f"port {request.get('port')}"
         try:
-            transport, sock = await loop.create_unix_connection(make,
-                                                                str(stream_socket_path(home)))
+            transport, sock = await connect_stream_socket(home, make, REQUEST_TIMEOUT)
         except OSError as exc:
             raise DaemonNotRunningError(f"the daemon's stream socket refused a data socket for "
                                         f"{what}: {exc}") from None

@@ -31,7 +31,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from .errors import (
     BadRequestError,
@@ -388,6 +388,35 @@ def not_answering(home: Path, what: str) -> DaemonNotRunningError:
                                  f"{home / LOG_NAME}")
 
 
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def connect_stream_socket(home: Path, protocol: Callable[[], _P], patience: float,
+                                ) -> tuple[asyncio.Transport, _P]:
+    """A connection to the daemon's stream socket. A non-blocking connect finding its listen
+    queue full fails with EAGAIN, which asyncio takes for a connect under way and, at once, for
+    one made: the socket is not connected, and its first write fails as if the daemon had gone
+    away. So a connection is checked (it has a peer), and one refused so is tried again, for
+    ``patience`` seconds at most: a burst of clients waits its turn. Other failures raise
+    their OSError, as ``create_unix_connection``'s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pause = 0.001
+    while True:
+        transport, made = await loop.create_unix_connection(protocol, str(stream_socket_path(home)))
+        try:
+            transport.get_extra_info("socket").getpeername()
+        except OSError:
+            transport.abort()  # refused: its protocol hears it lost, before anyone uses it
+        else:
+            return transport, made
+        if loop.time() + pause > deadline:
+            raise not_answering(home, f"a connection to its stream socket within {patience:g} s "
+                                "(its listen queue stayed full)")
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
 def _carried(reply: dict[str, Any]) -> str | None:
     """The id of the message a successful reply hands out, if it carries one."""
     message = reply.get("message")
@@ -465,8 +494,8 @@ class IpcClient:
         path = stream_socket_path(self.home)
         if self.stream_socket and path.exists():
             try:
-                _, self._channel = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: _Channel(self), str(path))
+                _, self._channel = await connect_stream_socket(
+                    self.home, lambda: _Channel(self), self.margin)
             except OSError:
                 pass  # a daemon too old to have one, or going away: ZeroMQ tells
             else:

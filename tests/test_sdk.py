@@ -7,7 +7,9 @@ import contextlib
 import gc
 import os
 import random
+import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ from pilot_agents import (
     NotTrustedError,
     PilotTimeoutError,
     PortClosedError,
+    ipc,
 )
 from pilot_agents.errors import DaemonNotRunningError, UnknownHostError
 from pilot_agents.identity import Identity
@@ -231,6 +234,53 @@ async def test_admin_calls(daemon_pair: Pair) -> None:
         entries = await client.trust_list()
         assert [e["node_id"] for e in entries] == [b.node_id]
         assert await client.trust_pending() == []
+
+
+# -- many clients at once ----------------------------------------------------------------------
+
+
+async def test_a_burst_of_clients_all_reach_the_daemon(lone_daemon: DaemonHandle) -> None:
+    """Before: the stream socket's listen queue held 100 connections (asyncio listened anew
+    with its default), a connect past it failed with EAGAIN, which asyncio took for a
+    connection, and its first request failed: "the daemon went away" for about half of 1000
+    concurrent pilot.send() calls to a daemon that ran."""
+    async def one() -> str:
+        async with pilot.Client(lone_daemon.home) as client:
+            return str((await client.info())["node_id"])
+
+    assert set(await asyncio.gather(*(one() for _ in range(1000)))) == {lone_daemon.node_id}
+
+
+async def test_a_connect_past_a_full_listen_queue_waits_its_turn_for_a_while() -> None:
+    home = short_home()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(ipc.stream_socket_path(home)))
+    server.listen(0)  # holds one (Linux), and nothing accepts
+    server.setblocking(False)
+    made: list[asyncio.BaseTransport] = []
+    try:
+        with pytest.raises(DaemonNotRunningError, match="listen queue stayed full"):
+            for _ in range(5):
+                made.append((await ipc.connect_stream_socket(home, asyncio.Protocol, 0.3))[0])
+        assert made  # the queue's room: connected
+        accepted: list[socket.socket] = []
+
+        def accept() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    accepted.append(server.accept()[0])
+
+        asyncio.get_running_loop().call_later(0.3, accept)
+        transport, _ = await ipc.connect_stream_socket(home, asyncio.Protocol, 10)
+        transport.get_extra_info("socket").getpeername()  # connected once there was room
+        made.append(transport)
+        for sock in accepted:
+            sock.close()
+    finally:
+        for transport in made:
+            transport.close()
+        server.close()
+        shutil.rmtree(home)
 
 
 # -- waiting for the daemon (a slow command is not a silent daemon) --------------------------

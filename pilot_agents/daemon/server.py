@@ -19,6 +19,7 @@ import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 import zmq
@@ -95,6 +96,7 @@ class IpcServer:
         self._stream_server: asyncio.AbstractServer | None = None
         self._peers: dict[bytes, _StreamPeer] = {}
         self.max_clients = options.max_clients  # what the open-file limit leaves, once bound
+        self._backlog = 1  # connections its listen queue holds, once bound
         self.refused_clients = 0
         self.refused_open = 0  # refused connections not closed yet (each told why, or silent)
         self._peer_ids = itertools.count(1)
@@ -134,10 +136,11 @@ class IpcServer:
             os.umask(old_umask)
         for name in (ipc.SOCKET_NAME, ipc.PUB_SOCKET_NAME, ipc.STREAM_SOCKET_NAME):
             os.chmod(self.home / name, 0o600)
-        listening.listen(64)
+        self.max_clients = _client_capacity(opts.max_clients)
+        self._backlog = _backlog(self.max_clients)
+        listening.listen(self._backlog)
         listening.setblocking(False)
         self._router, self._pub, self._listening = router, pub, listening
-        self.max_clients = _client_capacity(opts.max_clients)
 
     def publish(self, frames: list[bytes]) -> None:
         if self._pub is not None:
@@ -172,8 +175,9 @@ class IpcServer:
         assert router is not None
         loop = asyncio.get_running_loop()
         if self._listening is not None:
+            # The backlog again: asyncio listens anew, by default with 100 only.
             self._stream_server = await loop.create_unix_server(
-                lambda: _StreamPeer(self), sock=self._listening)
+                lambda: _StreamPeer(self), sock=self._listening, backlog=self._backlog)
         fd = cast(int, router.getsockopt(zmq.FD))
         loop.add_reader(fd, self._readable.set)
         try:
@@ -521,6 +525,7 @@ def _has_input(sock: zmq.Socket[bytes]) -> bool:
 # ZeroMQ's own, the log, the spool and the trust store, a metrics connection or two.
 RESERVED_FILES = 256
 REFUSED_WAIT = 5.0  # seconds a refused connection may take to send the request it is told on
+SOMAXCONN = "/proc/sys/net/core/somaxconn"  # the kernel's cap on a listen queue
 MAX_REFUSED_OPEN = 64  # refused connections held open (to be told why) at once; well in reserve
 
 
@@ -537,6 +542,17 @@ def _client_capacity(wanted: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, soft - RESERVED_FILES))
+
+
+def _backlog(max_clients: int) -> int:
+    """Connections the stream socket's listen queue holds: as many as may be open at once, as
+    far as the kernel allows (net.core.somaxconn caps it). A connection past a full queue is
+    refused (EAGAIN), which a burst of clients starting at once would otherwise meet."""
+    try:
+        cap = int(Path(SOMAXCONN).read_text())
+    except (OSError, ValueError):
+        cap = socket.SOMAXCONN
+    return max(1, min(max_clients, cap))
 
 
 def _request_id_untrusted(header: bytes, options: DaemonOptions) -> RequestId | None:
