@@ -44,6 +44,7 @@ from .ipc import (
     PORT_WAY_ENDED,
     REQUEST_TIMEOUT,
     FramedProtocol,
+    IpcClient,
     connect_stream_socket,
     error_of,
     not_answering,
@@ -209,16 +210,28 @@ class _Attached(FramedProtocol, Generic[T]):
         assert self._transport is not None  # not ended
         self._transport.writelines(pack_frames(frames))
 
-    async def _ask(self, header: bytes, wait: float | None) -> dict[str, Any]:
-        """Write ``header`` and wait for its answer, which comes in order."""
+    async def _ask(self, header: bytes, wait: float | IpcClient) -> dict[str, Any]:
+        """Write ``header`` and wait for its answer, which comes in order: ``wait`` seconds at
+        most, or as long as the daemon answers ``wait``'s checks that it is alive (see
+        IpcClient.outwait); a daemon that does not is stuck: the socket is aborted."""
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._write_now([header])
         self._answers.append(answer)
-        try:
-            async with asyncio.timeout(wait):  # as in _open
-                reply = await answer
-        except TimeoutError:
-            raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
+        if not isinstance(wait, float | int):
+            try:
+                reply = await wait.outwait(f"the close of {self._what}", answer)
+            except DaemonNotRunningError as exc:
+                if exc is self.ended:
+                    raise  # the daemon went away: the answer says so
+                answer.cancel()
+                self.abort()  # whatever it does once it runs again, this socket is over
+                raise
+        else:
+            try:
+                async with asyncio.timeout(wait):  # as in _open
+                    reply = await answer
+            except TimeoutError:
+                raise PilotTimeoutError(f"the daemon did not answer for {self._what}") from None
         if reply.get("ok") is not True:
             raise error_of(reply)
         return reply
@@ -288,9 +301,12 @@ class StreamSocket(_Attached[None]):
         # The daemon answers within ``timeout``; beyond it by a margin, it does not answer.
         return await self._ask(header, timeout + REQUEST_TIMEOUT)
 
-    async def close(self) -> None:
-        """Finish the stream once everything sent is out; return once the peer has every byte."""
-        await self._ask(_CLOSE, None)
+    async def close(self, alive: IpcClient) -> None:
+        """Finish the stream once everything sent is out; return once the peer has every byte.
+        That takes as long as the peer does, so there is no timeout: the wait goes on while the
+        daemon answers ``alive``'s checks (IpcClient.outwait), and a stuck one aborts the
+        socket and is raised (DaemonNotRunningError)."""
+        await self._ask(_CLOSE, alive)
 
 
 @dataclass
@@ -447,14 +463,16 @@ class PortSocket(_Attached[Way]):
         since = reply.get("since")
         return since if isinstance(since, float | int) else None
 
-    async def close(self) -> None:
-        """Stop reading: what the daemon wrote that was not received goes back to the port."""
+    async def close(self, alive: IpcClient) -> None:
+        """Stop reading: what the daemon wrote that was not received goes back to the port. A
+        daemon that went away is no failure (its port went with it); one that is stuck (it
+        answers neither the close nor ``alive``'s checks) aborts the socket and is raised."""
         if self.ended is None:
             self._report_taken()
             try:
-                await self._ask(_PORT_CLOSE, None)
-            except PilotError:
-                if self.ended is None:
+                await self._ask(_PORT_CLOSE, alive)
+            except PilotError as exc:
+                if exc is not self.ended:  # the socket's own end: the daemon went
                     raise
         # What this socket still holds went back with the rest: the daemon counted it as not
         # taken (only messages returned by receive() were reported). An ended socket has

@@ -721,7 +721,16 @@ class IpcClient:
         if wait is not None:
             return await self._within(cmd, future, wait)
         timeout = fields.get("timeout")
-        patience = self.margin + (float(timeout) if timeout is not None else 0.0)
+        return await self.outwait(
+            f"'{cmd}'", future, self.margin + (float(timeout) if timeout is not None else 0.0))
+
+    async def outwait(self, what: str, future: asyncio.Future[dict[str, Any]],
+                      patience: float | None = None) -> dict[str, Any]:
+        """``future``'s result (an answer of the daemon's), however long it takes while the
+        daemon still answers: past ``patience`` seconds (default :attr:`margin`), it is waited
+        for on only while the daemon answers an 'info' within the margin, each margin; else
+        DaemonNotRunningError, saying the daemon did not answer ``what`` and is stuck."""
+        patience = self.margin if patience is None else patience
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
@@ -737,11 +746,11 @@ class IpcClient:
             # as 'info' is reported; one that does goes on with the request.
             probe_id, probe = await self._send("info", None, {})
             try:
-                await self._within(cmd, probe, self.margin)
+                await self._within("info", probe, self.margin)
             except DaemonNotRunningError:
                 # The whole wait, which the request's own timeout is only part of.
                 raise not_answering(
-                    self.home, f"'{cmd}' in {loop.time() - started:.1f} s, nor within "
+                    self.home, f"{what} in {loop.time() - started:.1f} s, nor within "
                     f"{self.margin:g} s a check that it is alive: it is stuck (stopped?)"
                 ) from None
             finally:

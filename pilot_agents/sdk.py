@@ -570,7 +570,7 @@ class DaemonConnection:
             return
         stream, self._stream = self._stream, None
         if self._data is not None:
-            await self._data.close()
+            await self._data.close(self._client._ipc)
             return
         self._forget_delivery()
         try:
@@ -661,13 +661,13 @@ class DaemonListener:
         try:
             if self._open:
                 self._open = False
+                if self._socket is not None:
+                    self._client._port_sockets.discard(self._socket)
+                    # The daemon puts back what it wrote and we did not receive, and undoes
+                    # the listen; gone, its ports went with it; stuck, this is raised.
+                    await self._socket.close(self._client._ipc)
+                    return
                 with contextlib.suppress(DaemonNotRunningError):  # gone, and its ports with it
-                    if self._socket is not None:
-                        self._client._port_sockets.discard(self._socket)
-                        # The daemon puts back what it wrote and we did not receive, and
-                        # undoes the listen.
-                        await self._socket.close()
-                        return
                     # What was pushed and not received goes back, in order, for another
                     # listener; if none is left, unlisten tells the senders.
                     for message in reversed(await self._delivery.stop()):

@@ -296,17 +296,27 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+@contextlib.asynccontextmanager
+async def connection_under_way(a: DaemonHandle, b: DaemonHandle, port: int,
+                               options: ClientOptions,
+                               ) -> AsyncIterator[tuple[Client, Any, Any]]:
+    """A client of ``a`` (with ``options``), its open connection to ``b``'s ``port`` that has
+    carried a message, and ``b``'s listener that received it."""
+    async with pilot.Client(a.home, options) as client, \
+            pilot.Client(b.home).listen(port) as listener:
+        conn = client.connect(b.hostname, port)
+        await conn.__aenter__()
+        await conn.send(b"before")
+        assert (await listener.receive(timeout=5)).data == b"before"
+        yield client, conn, listener
+
+
 async def test_a_slow_stream_close_is_not_reported_as_a_silent_daemon() -> None:
     """stream_close waits for the peer's acknowledgements, beyond any margin if the peer is
     slow: the client must wait for it, not report the daemon as not answering."""
     margin = ClientOptions(answer_margin=0.25)
     with named_pair() as (a, b):
-        async with pilot.Client(a.home, margin) as client, \
-                pilot.Client(b.home).listen(7101) as listener:
-            conn = client.connect("beta", 7101)
-            await conn.__aenter__()
-            await conn.send(b"before")
-            assert (await listener.receive(timeout=5)).data == b"before"
+        async with connection_under_way(a, b, 7101, margin) as (_, conn, listener):
             loop = asyncio.get_running_loop()
             with stopped(b.pid):
                 await conn.send(b"while the peer is frozen")
@@ -338,6 +348,48 @@ async def test_a_hung_daemon_is_reported_after_the_margin(lone_daemon: DaemonHan
         # A request that carries its own timeout waits for it, and hears the daemon's answer.
         with pytest.raises(PilotTimeoutError):
             await client.receive(7102, timeout=1.0)
+
+
+async def test_leaving_a_listener_of_a_stuck_daemon_says_so(lone_daemon: DaemonHandle) -> None:
+    """Before: closing a listener's data socket waited for the daemon's answer for ever (and
+    so did leaving ``async with pilot.listen(...)``) when the daemon was stuck."""
+    margin = ClientOptions(answer_margin=0.3)
+    async with pilot.Client(lone_daemon.home, margin) as client:
+        listener = client.listen(7103)
+        await listener.__aenter__()
+        with pytest.raises(PilotTimeoutError):
+            await listener.receive(timeout=0.1)
+        loop = asyncio.get_running_loop()
+        with stopped(lone_daemon.pid):
+            started = loop.time()
+            with pytest.raises(DaemonNotRunningError, match=r"did not answer the close of port "
+                               r"7103 in 0\.\d s, nor within 0\.3 s a check that it is alive"):
+                await asyncio.wait_for(listener.close(), 10)
+            assert loop.time() - started < 5
+        # The socket was aborted: once the daemon runs again, the port is no longer listened.
+        for _ in range(100):
+            listening = (await client.info())["listening"]
+            if all(p["port"] != 7103 for p in listening):
+                break
+            await asyncio.sleep(0.05)
+        assert all(p["port"] != 7103 for p in listening)
+
+
+async def test_leaving_a_connection_of_a_stuck_daemon_says_so(daemon_pair: Pair) -> None:
+    """Before: a connection's close on its data socket (the end of ``async with
+    pilot.connect(...)``) waited for ever when our daemon was stuck."""
+    a, b = daemon_pair
+    async with connection_under_way(a, b, 7104, ClientOptions(answer_margin=0.3)) as \
+            (client, conn, _):
+        loop = asyncio.get_running_loop()
+        with stopped(a.pid):
+            await conn.send(b"while our daemon is frozen")
+            started = loop.time()
+            with pytest.raises(DaemonNotRunningError, match=r"did not answer the close of .* in "
+                               r"0\.\d s, nor within 0\.3 s a check that it is alive"):
+                await asyncio.wait_for(conn.close(), 10)
+            assert loop.time() - started < 5
+        assert (await client.info())["node_id"] == a.node_id  # the client goes on
 
 
 # -- pushed delivery: bounded by the window, nothing lost on close ---------------------------
