@@ -4,6 +4,7 @@ real daemons, plain ZeroMQ sockets, loopback only, every flood bounded in count 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import zmq
 
 from pilot_agents import Client, ipc
 from pilot_agents.daemon import DaemonOptions, start_detached
+from pilot_agents.errors import PilotError, PilotTimeoutError
 from tests.conftest import (
     DaemonHandle,
     ipc_call,
@@ -337,6 +339,42 @@ def stop_daemons_keep_home(home: Path) -> None:
     while ipc.daemon_pid(home) is not None:
         assert time.monotonic() < deadline, "the daemon did not stop"
         time.sleep(0.05)
+
+
+def test_a_damaged_unread_file_is_set_aside_and_the_daemon_starts(fresh_home: Path) -> None:
+    """Before: an unread.jsonl that was not UTF-8 stopped every start with a traceback
+    (reported as "did not become ready within 30 s", exit 10), and a record with port 70000
+    failed the start with a port error, the good messages lost with the file."""
+    unread, damaged = fresh_home / "unread.jsonl", fresh_home / "unread.jsonl.damaged"
+    unread.write_bytes(b"\xff\xfe garbage\n")
+    unread.chmod(0o600)
+    start_daemon(fresh_home, "beta")
+    assert damaged.read_bytes() == b"\xff\xfe garbage\n" and not unread.exists()
+    stop_daemons_keep_home(fresh_home)
+    bad = json.dumps({"port": 70000, "from": "x", "source_port": 1, "data": "aGk="}) + "\n"
+    unread.write_text(json.dumps({"port": 1001, "from": "a" * 52, "source_port": 5,
+                                  "data": "a2VwdA=="}) + "\n" + bad)
+    start_daemon(fresh_home, "beta")
+    assert call(fresh_home, cmd="receive", port=1001, timeout=5)["message"]["data"] == "kept"
+    assert damaged.read_text() == bad and not unread.exists()
+    log = (fresh_home / ipc.LOG_NAME).read_text()
+    assert "unread.jsonl is damaged (not UTF-8 text" in log and "Traceback" not in log
+    assert "skipped record 2 of unread.jsonl, not a message: port 70000 is not in 1..65535" \
+        in log
+
+
+def test_a_daemon_that_exits_before_it_is_ready_is_reported_as_exited(
+        monkeypatch: pytest.MonkeyPatch, fresh_home: Path) -> None:
+    """Before: the end of its ready pipe, read before the child was reaped, was reported as
+    "did not become ready within 30 s" (a PilotTimeoutError, exit 10)."""
+    # Closes the ready pipe (its argv: -m MODULE --ready-fd N ...), then exits.
+    fake = fresh_home / "python"
+    fake.write_text('#!/bin/bash\neval "exec $4>&-"\nsleep 0.5\necho it broke >&2\nexit 3\n')
+    fake.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(PilotError, match=r"exited during start \(status 3\): it broke") as info:
+        start_detached(DaemonOptions(home=fresh_home))
+    assert not isinstance(info.value, PilotTimeoutError)
 
 
 def test_stop_keeps_what_the_node_held_beyond_a_full_inbox(small_pair: Pair) -> None:

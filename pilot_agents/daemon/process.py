@@ -33,6 +33,7 @@ from .options import LOG_MAX_BYTES, START_TIMEOUT, STOP_TIMEOUT, DaemonOptions
 from .service import Daemon
 
 log = logging.getLogger("pilot_agents.daemon")
+EXIT_WAIT = 5.0  # seconds a daemon that closed its ready pipe without a word has to exit
 
 def setup_logging(home: Path, *, to_stderr: bool) -> None:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,9 +116,17 @@ def start_detached(options: DaemonOptions, timeout: float = START_TIMEOUT) -> Re
         line = _read_line(read_fd, timeout)
     finally:
         os.close(read_fd)
-    if line is None:
+    if not line:
+        if line == "":
+            # The pipe closed without a word: the child is exiting (a failure its log tells),
+            # and may just not be reaped yet.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=EXIT_WAIT)
         if proc.poll() is None:
             proc.terminate()
+            if line == "":
+                raise PilotError(f"the daemon closed its ready pipe without a word, and did "
+                                 f"not exit (stopped it); see {log_path}")
             raise PilotTimeoutError(
                 f"the daemon did not become ready within {timeout:g} s (stopped it); "
                 f"see {log_path}"
@@ -138,6 +147,8 @@ def start_detached(options: DaemonOptions, timeout: float = START_TIMEOUT) -> Re
 
 
 def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to ``fd``; "" if it closes without one, None if nothing came
+    within ``timeout``."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
@@ -149,7 +160,7 @@ def _read_line(fd: int, timeout: float) -> str | None:
             return None
         chunk = os.read(fd, 65536)
         if not chunk:
-            return None
+            return ""
         data += chunk
     return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
