@@ -19,7 +19,10 @@ from pilot_agents.daemon import DaemonOptions, start_detached
 from pilot_agents.errors import PilotError, PilotTimeoutError
 from tests.conftest import (
     DaemonHandle,
+    assert_one_line_error,
+    cli,
     ipc_call,
+    named_pair,
     peer_up,
     short_home,
     start_daemon,
@@ -375,6 +378,26 @@ def test_a_daemon_that_exits_before_it_is_ready_is_reported_as_exited(
     with pytest.raises(PilotError, match=r"exited during start \(status 3\): it broke") as info:
         start_detached(DaemonOptions(home=fresh_home))
     assert not isinstance(info.value, PilotTimeoutError)
+
+
+def test_a_stop_that_cannot_keep_the_unread_messages_says_so_and_still_stops() -> None:
+    """Before: when unread.jsonl could not be written (a full disk), the daemon died with a
+    traceback, skipping the rest of its shutdown (pid and socket files stayed), and `daemon
+    stop` said "Daemon stopped", exit 0: the messages were lost silently. (Here the file's
+    path is a directory: the same OSError as ENOSPC, without root.)"""
+    with named_pair() as (a, b):
+        assert call(a.home, cmd="send", target="beta", port=1001, data="m0")["ok"]
+        assert call(a.home, cmd="send", target="beta", port=1001, data="m1")["ok"]
+        (b.home / "unread.jsonl").mkdir()
+        result = cli(b.home, "daemon", "stop")
+        assert_one_line_error(result, 1, f"the daemon stopped (pid {b.pid}), but lost 2 unread "
+                              "messages: cannot write unread.jsonl in", "Is a directory")
+        assert ipc.daemon_pid(b.home) is None
+        left = {p.name for p in b.home.iterdir()}
+        assert not left & {ipc.PID_NAME, ipc.SOCKET_NAME, ipc.STREAM_SOCKET_NAME}, left
+        log = (b.home / ipc.LOG_NAME).read_text()
+        assert "ERROR pilot_agents.daemon: lost 2 unread messages" in log
+        assert "Traceback" not in log and log.rstrip().endswith("stopped"), log[-500:]
 
 
 def test_stop_keeps_what_the_node_held_beyond_a_full_inbox(small_pair: Pair) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 from .. import ipc
 from ..addressing import parse_host_port
@@ -28,9 +29,13 @@ from .requests import (
 
 
 class AdminCommands:
-    def __init__(self, ctx: DaemonContext, messaging: Messaging) -> None:
+    def __init__(self, ctx: DaemonContext, messaging: Messaging,
+                 stopping: Callable[[], Awaitable[str | None]]) -> None:
+        """``stopping``: what a ``stop`` does before it is answered (the daemon stops once it
+        is): close messaging, keeping what no client read; what was lost, if anything."""
         self.ctx = ctx
         self.messaging = messaging
+        self.stopping = stopping
         self.started = time.time()
 
     def register(self, table: DispatchTable) -> None:
@@ -120,4 +125,8 @@ class AdminCommands:
                 "path": result.path}
 
     async def stop(self, req: StopRequest) -> Reply:
-        return {"pid": os.getpid()}
+        reply: Reply = {"pid": os.getpid()}
+        lost = await self.stopping()
+        if lost is not None:
+            reply["lost"] = lost
+        return reply

@@ -50,7 +50,7 @@ from .requests import (
     StreamSendRequest,
     UnlistenRequest,
 )
-from .spool import save_unread, take_unread
+from .spool import UNREAD_FILE, save_unread, take_unread
 
 log = logging.getLogger("pilot_agents.daemon")
 
@@ -624,9 +624,11 @@ class Messaging:
             stream.busy -= 1
             stream.last_used = time.monotonic()
 
-    async def close_all(self) -> None:
+    async def close_all(self) -> str | None:
         """Stop taking messages, and keep the port messages no client has read (nor acked) in
-        the home for the next daemon: the Node already acknowledged them to their senders."""
+        the home for the next daemon: the Node already acknowledged them to their senders.
+        What was lost if they could not be kept (the file could not be written: a full disk,
+        say), logged; None if nothing was."""
         # Data sockets hear what a client of a stopping daemon hears on its own socket.
         stopping = DaemonNotRunningError(
             f"the daemon (home {self.ctx.home}) went away: it is stopping")
@@ -649,8 +651,17 @@ class Messaging:
                 # close on, the Node refuses new messages for the port.
                 unread += await _taken_from(state.listener)
             self.close_port(state, stopping)
-        if unread:
+        if not unread:
+            return None
+        try:
             save_unread(self.ctx.home, unread)
+        except OSError as exc:
+            # The stop goes on all the same (the node, the trust store, the sockets, the lock).
+            lost = (f"lost {len(unread)} unread messages: cannot write {UNREAD_FILE} in "
+                    f"{self.ctx.home}: {exc.strerror or exc}")
+            log.error("%s", lost)
+            return lost
+        return None
 
     def restore_unread(self) -> None:
         """Put the messages a previous daemon kept back into their ports' inboxes, ahead of

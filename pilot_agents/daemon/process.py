@@ -175,17 +175,19 @@ def _last_log_line(path: Path) -> str:
 
 def stop(home: Path, timeout: float = STOP_TIMEOUT) -> int | None:
     """Stop the daemon of ``home``; its pid, or None if none ran. Asks over IPC, then SIGTERM,
-    then SIGKILL."""
+    then SIGKILL. A daemon that stopped but lost the messages no client had read (it could not
+    keep them in the home) is a PilotError, raised once it is gone."""
     pid = ipc.daemon_pid(home)
     if pid is None:
         return None
 
-    async def ask() -> None:
+    async def ask() -> Reply:
         async with ipc.IpcClient(home) as client:
-            await client.request("stop", wait=min(5.0, timeout))
+            return await client.request("stop", wait=min(5.0, timeout))
 
+    lost = None
     try:
-        asyncio.run(ask())
+        lost = asyncio.run(ask()).get("lost")
     except PilotError:
         if pid > 0:
             with contextlib.suppress(ProcessLookupError):
@@ -201,6 +203,9 @@ def stop(home: Path, timeout: float = STOP_TIMEOUT) -> int | None:
         time.sleep(0.05)
     while pid > 0 and time.monotonic() < deadline + 2.0 and process_alive(pid):
         time.sleep(0.02)  # let it finish exiting
+    if lost is not None:
+        raise PilotError(f"the daemon stopped (pid {pid}), but {lost}; see "
+                         f"{home / ipc.LOG_NAME}")
     return pid
 
 

@@ -53,6 +53,7 @@ class Daemon:
         self._server: IpcServer | None = None
         self._store: TrustStore | None = None
         self._metrics: MetricsServer | None = None
+        self._messaging_closed = False
 
     async def run(self, ready: Ready) -> None:
         """Start, call ``ready`` with our info (or the error that stopped us), serve until
@@ -107,7 +108,7 @@ class Daemon:
         ctx = DaemonContext(opts, node, store, static)
         messaging = self._messaging = Messaging(ctx)
         trust = TrustCommands(ctx, messaging)
-        admin = AdminCommands(ctx, messaging)
+        admin = AdminCommands(ctx, messaging, self._close_messaging)
         publishing = self._publishing = Publishing(ctx, messaging)
         dispatch = DispatchTable()
         for commands in (messaging, trust, admin, publishing):
@@ -146,10 +147,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
-        if self._publishing is not None:
-            await self._publishing.close_all()  # says bye while the tunnels are up
-        if self._messaging is not None:
-            await self._messaging.close_all()
+        await self._close_messaging()
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._node.close()
@@ -158,6 +156,18 @@ class Daemon:
         if self._server is not None:
             self._server.close()
         self._lock.release()
+
+    async def _close_messaging(self) -> str | None:
+        """Close the publishers and the ports, keeping what no client read (once: a ``stop``
+        does it before its answer, which says what was lost, if anything)."""
+        if self._messaging_closed:
+            return None
+        self._messaging_closed = True
+        if self._publishing is not None:
+            await self._publishing.close_all()  # says bye while the tunnels are up
+        if self._messaging is not None:
+            return await self._messaging.close_all()
+        return None
 
     async def _janitor(self) -> None:
         assert self._messaging is not None
