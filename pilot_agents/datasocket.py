@@ -45,6 +45,7 @@ from .ipc import (
     REQUEST_TIMEOUT,
     FramedProtocol,
     IpcClient,
+    check_loop,
     connect_stream_socket,
     error_of,
     not_answering,
@@ -160,6 +161,7 @@ class _Attached(FramedProtocol, Generic[T]):
         while not self._messages:
             if self.ended is not None:
                 raise self.ended
+            check_loop(self._attached.get_loop())  # else nothing would ever wake this
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -214,6 +216,7 @@ class _Attached(FramedProtocol, Generic[T]):
         """Write ``header`` and wait for its answer, which comes in order: ``wait`` seconds at
         most, or as long as the daemon answers ``wait``'s checks that it is alive (see
         IpcClient.outwait); a daemon that does not is stuck: the socket is aborted."""
+        check_loop(self._attached.get_loop())
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._write_now([header])
         self._answers.append(answer)

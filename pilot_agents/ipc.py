@@ -417,6 +417,13 @@ async def connect_stream_socket(home: Path, protocol: Callable[[], _P], patience
         pause = min(2 * pause, 0.05)
 
 
+def check_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """ConfigError unless the running event loop is ``loop``, a connection's."""
+    if asyncio.get_running_loop() is not loop:
+        raise ConfigError("a Client belongs to the event loop that opened it; open one per loop "
+                          "(or per thread)")
+
+
 def _carried(reply: dict[str, Any]) -> str | None:
     """The id of the message a successful reply hands out, if it carries one."""
     message = reply.get("message")
@@ -465,6 +472,7 @@ class IpcClient:
         self._sink_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: PilotError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's, once opened
 
     async def __aenter__(self) -> IpcClient:
         await self.open()
@@ -480,13 +488,22 @@ class IpcClient:
 
     async def open(self) -> None:
         if self._socket is not None or self._channel is not None:
+            self._check_loop()
             return
         async with self._opening:
             if self._socket is None and self._channel is None:
                 await self._connect()
 
+    def _check_loop(self) -> None:
+        """A connection is its event loop's (its reads are callbacks there): from another one,
+        a request would be written and its answer never seen, as a silent daemon's."""
+        check_loop(self._loop)
+
+
     async def _connect(self) -> None:
         import zmq
+
+        self._loop = asyncio.get_running_loop()
 
         address = endpoint(self.home)
         if daemon_pid(self.home) is None:
@@ -594,6 +611,8 @@ class IpcClient:
             raise self._lost
         if self._channel is None and self._socket is None:
             await self.open()
+        else:
+            self._check_loop()
         header = COMPACT_REQUEST.pack(verb, COMPACT_QUIET, sink) + about.encode()
         await self._send_frames([header, payload])
 

@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -390,6 +391,37 @@ async def test_leaving_a_connection_of_a_stuck_daemon_says_so(daemon_pair: Pair)
                 await asyncio.wait_for(conn.close(), 10)
             assert loop.time() - started < 5
         assert (await client.info())["node_id"] == a.node_id  # the client goes on
+
+
+def test_a_client_used_from_another_event_loop_says_so_at_once(daemon_pair: Pair) -> None:
+    """Before: a Client opened in one event loop (a module-level client, a sync wrapper calling
+    asyncio.run per call) and used from another wrote its request and never saw the answer,
+    which came to the first loop: it hung for the margin and more, then blamed the daemon."""
+    a, _ = daemon_pair
+    home = asyncio.new_event_loop()  # the loop that opens the client
+    try:
+        client = Client(a.home)
+        listener = client.listen(7105)
+        home.run_until_complete(client.__aenter__())
+        home.run_until_complete(listener.__aenter__())
+
+        async def elsewhere() -> None:
+            with pytest.raises(ConfigError, match="a Client belongs to the event loop that "
+                               r"opened it; open one per loop \(or per thread\)"):
+                await client.info()
+            with pytest.raises(ConfigError, match="belongs to the event loop"):
+                await client.send("beta", 7105, b"x")
+            with pytest.raises(ConfigError, match="belongs to the event loop"):
+                await listener.receive(timeout=5)
+
+        started = time.monotonic()
+        asyncio.run(asyncio.wait_for(elsewhere(), 10))
+        assert time.monotonic() - started < 2
+        assert home.run_until_complete(client.info())["node_id"] == a.node_id  # still fine
+        home.run_until_complete(listener.close())
+        home.run_until_complete(client.close())
+    finally:
+        home.close()
 
 
 # -- pushed delivery: bounded by the window, nothing lost on close ---------------------------
