@@ -135,7 +135,7 @@ def parse_trust_request_untrusted(
         fields = json.loads(body.decode("utf-8"))
         request = TrustRequest.model_validate(fields)
     except (UnicodeDecodeError, ValueError, ValidationError) as exc:
-        raise TrustRequestError(f"trust request is malformed: {_first_line(exc)}") from None
+        raise TrustRequestError(f"trust request is malformed: {first_line(exc)}") from None
     if request.body() != body:
         raise TrustRequestError("trust request is not in canonical form")
     try:
@@ -160,7 +160,8 @@ def parse_trust_request_untrusted(
     return request
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """What ``exc`` says, on one line: a validation error's first problem and where it is."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -316,7 +317,7 @@ class TrustStore:
             data = _StoredFile.model_validate_json(text)
         except ValidationError as exc:
             raise ConfigError(
-                f"{path} is not a valid trust store ({_first_line(exc)}): fix or remove it"
+                f"{path} is not a valid trust store ({first_line(exc)}): fix or remove it"
             ) from None
         entries = []
         for number, raw in enumerate(data.entries, 1):
@@ -324,7 +325,7 @@ class TrustStore:
                 entries.append(TrustEntry.model_validate(raw))
             except ValidationError as exc:
                 log.warning("%s: entry %d skipped (%s); it is dropped the next time the trust "
-                            "store is written", path, number, _first_line(exc))
+                            "store is written", path, number, first_line(exc))
         return cls(path, entries, limits, clock)
 
     def save(self) -> None:

@@ -520,6 +520,19 @@ def test_unreadable_trust_store_fails_the_start_in_one_line(fresh_home: Path) ->
     assert_one_line_error(result, 2, "trust.json is not a valid trust store", "fix or remove it")
 
 
+@pytest.mark.parametrize("content", [b"{not json", b'{"peers": [{"node_id": 1}]}', b"\xff"])
+def test_unreadable_static_peers_fail_the_start_in_one_line(fresh_home: Path,
+                                                           content: bytes) -> None:
+    """Before: pydantic's three lines (the last a URL) on stderr; a file that is not UTF-8, a
+    traceback in the log."""
+    (fresh_home / "static-peers.json").write_bytes(content)
+    (fresh_home / "static-peers.json").chmod(0o600)
+    result = cli(fresh_home, "daemon", "start", "--listen", "127.0.0.1:0")
+    line = assert_one_line_error(result, 2, "static-peers.json is not a valid static peers file",
+                                 "fix or remove it")
+    assert "https://" not in line
+
+
 # -- trust flow without a beacon (out-of-band requests) --------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import (
     ConfigError,
@@ -18,7 +18,7 @@ from ..errors import (
 )
 from ..home import read_private_text, write_private
 from ..node.node import Node, PeerInfo
-from ..trust import TrustStore, is_node_id
+from ..trust import TrustStore, first_line, is_node_id
 from .options import DaemonOptions
 
 STATIC_PEERS_FILE = "static-peers.json"
@@ -43,9 +43,9 @@ def load_static_peers(home: Path) -> dict[str, StaticPeer]:
         data = StaticPeersFile.model_validate_json(read_private_text(path))
     except FileNotFoundError:
         return {}
-    except (OSError, ValidationError) as exc:
-        raise ConfigError(
-            f"{path} is not a valid static peers file ({exc}): fix or remove it") from None
+    except (OSError, ValueError) as exc:  # (a ValidationError, or text that is not UTF-8)
+        raise ConfigError(f"{path} is not a valid static peers file ({first_line(exc)}): fix "
+                          "or remove it") from None
     return {p.node_id: p for p in data.peers}
 
 
