@@ -309,11 +309,17 @@ PORT_REPLY_BOUNDED = 0x02
 
 def daemon_pid(home: Path) -> int | None:
     """The pid of the daemon running for ``home``, or None. Whoever holds the lock file runs it;
-    a lock dies with its process, so a crashed daemon never looks alive."""
+    a lock dies with its process, so a crashed daemon never looks alive. No lock file: none
+    runs; a lock file that can't be opened (too many open files, say) is a PilotError naming
+    why, not a daemon said not to run."""
+    path = home / LOCK_NAME
     try:
-        fd = os.open(home / LOCK_NAME, os.O_RDONLY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise PilotError(f"cannot tell whether a daemon runs for {home}: cannot open {path}: "
+                         f"{exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -533,6 +533,19 @@ def test_unreadable_static_peers_fail_the_start_in_one_line(fresh_home: Path,
     assert "https://" not in line
 
 
+def test_a_lock_file_that_cannot_be_opened_is_not_a_daemon_not_running(fresh_home: Path) -> None:
+    """Before: any OSError opening daemon.lock (too many open files, say) read as "no daemon
+    runs": `status` said not running, `send` told the user to start one."""
+    lock = fresh_home / "daemon.lock"
+    lock.symlink_to("daemon.lock")  # ELOOP, as EMFILE would be
+    try:
+        for args in (("daemon", "status"), ("send", "beta", "1001", "--data", "x")):
+            assert_one_line_error(cli(fresh_home, *args), 1, "cannot tell whether a daemon runs",
+                                  "daemon.lock: Too many levels of symbolic links")
+    finally:
+        lock.unlink()
+
+
 # -- trust flow without a beacon (out-of-band requests) --------------------------------------
 
 
