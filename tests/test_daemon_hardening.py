@@ -3,7 +3,10 @@ real daemons, plain ZeroMQ sockets, loopback only, every flood bounded in count 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 import zmq
 
-from pilot_agents import Client, ipc
+from pilot_agents import Client, daemon, ipc
 from pilot_agents.daemon import DaemonOptions, start_detached
 from pilot_agents.errors import PilotError, PilotTimeoutError
 from tests.conftest import (
@@ -398,6 +401,22 @@ def test_a_stop_that_cannot_keep_the_unread_messages_says_so_and_still_stops() -
         log = (b.home / ipc.LOG_NAME).read_text()
         assert "ERROR pilot_agents.daemon: lost 2 unread messages" in log
         assert "Traceback" not in log and log.rstrip().endswith("stopped"), log[-500:]
+
+
+def test_a_daemon_stop_that_ends_in_a_kill_says_so(fresh_home: Path) -> None:
+    """Before: a stuck daemon (SIGSTOP) was killed after the stop's timeout, and `daemon stop`
+    printed "Daemon stopped", exit 0, as if it had kept its unread messages."""
+    pid = start_daemon(fresh_home, "beta").pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(PilotTimeoutError, match=rf"the daemon \(pid {pid}\) did not stop "
+                           r"within 1 s of being asked .*killed it \(SIGKILL\), so the messages "
+                           "no client had read are lost"):
+            daemon.stop(fresh_home, timeout=1.0)
+        assert ipc.daemon_pid(fresh_home) is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_stop_keeps_what_the_node_held_beyond_a_full_inbox(small_pair: Pair) -> None:

@@ -175,8 +175,9 @@ def _last_log_line(path: Path) -> str:
 
 def stop(home: Path, timeout: float = STOP_TIMEOUT) -> int | None:
     """Stop the daemon of ``home``; its pid, or None if none ran. Asks over IPC, then SIGTERM,
-    then SIGKILL. A daemon that stopped but lost the messages no client had read (it could not
-    keep them in the home) is a PilotError, raised once it is gone."""
+    then SIGKILL. A daemon that had to be killed is a PilotTimeoutError, and one that stopped
+    but lost the messages no client had read (it could not keep them in the home) a
+    PilotError, raised once it is gone."""
     pid = ipc.daemon_pid(home)
     if pid is None:
         return None
@@ -193,16 +194,23 @@ def stop(home: Path, timeout: float = STOP_TIMEOUT) -> int | None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    killed = False
     while ipc.daemon_pid(home) is not None:
         if time.monotonic() > deadline:
             if pid > 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                    killed = True
                 time.sleep(0.2)
             break
         time.sleep(0.05)
     while pid > 0 and time.monotonic() < deadline + 2.0 and process_alive(pid):
         time.sleep(0.02)  # let it finish exiting
+    if killed:
+        raise PilotTimeoutError(
+            f"the daemon (pid {pid}) did not stop within {timeout:g} s of being asked (stuck, "
+            f"or stopped with SIGSTOP?): killed it (SIGKILL), so the messages no client had "
+            f"read are lost; see {home / ipc.LOG_NAME}")
     if lost is not None:
         raise PilotError(f"the daemon stopped (pid {pid}), but {lost}; see "
                          f"{home / ipc.LOG_NAME}")
