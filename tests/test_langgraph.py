@@ -480,15 +480,6 @@ async def test_a_remote_graph_streams_its_updates_as_they_happen(pair: Pair) -> 
         await asyncio.wait_for(cancelled.wait(), 10)
 
 
-def test_a_peers_share_of_the_streams_is_from_one_to_max_streams() -> None:
-    assert ServeGraphConfig().streams_per_peer == 8
-    assert ServeGraphConfig(max_streams=1).streams_per_peer == 1
-    for wrong in (0, 5):
-        with pytest.raises(ConfigError, match=rf"max_streams_per_peer must be at least 1 and "
-                                              rf"at most max_streams \(4\), not {wrong}"):
-            ServeGraphConfig(max_streams=4, max_streams_per_peer=wrong)
-
-
 async def test_one_peer_cannot_take_every_stream_of_a_served_graph(tmp_path: Path) -> None:
     """A served graph's streamed runs (max_streams) went to whoever started them first: one
     peer starting that many, and fetching their updates now and then so that none went idle,

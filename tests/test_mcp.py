@@ -644,12 +644,8 @@ async def running(server: McpServer) -> AsyncIterator[McpServer]:
             await task
 
 
-def test_a_peers_share_of_the_sessions_is_from_one_to_max_sessions() -> None:
-    assert (McpConfig().sessions_per_peer, McpConfig(max_sessions=1).sessions_per_peer) == (4, 1)
-    for wrong in (0, 3):
-        with pytest.raises(PilotError, match=rf"^McpConfig.max_sessions_per_peer must be at least "
-                                             rf"1 and at most max_sessions \(2\), not {wrong}$"):
-            McpConfig(max_sessions=2, max_sessions_per_peer=wrong)
+def test_mcp_serve_checks_the_share_of_a_peer() -> None:
+    """(The bound itself: tests/test_shares.py.)"""
     assert_one_line_error(cli(None, "mcp", "serve", "--max-sessions", "2",
                               "--max-sessions-per-peer", "3", "--", "cat"), 2,
                           "max_sessions_per_peer must be at least 1 and at most "

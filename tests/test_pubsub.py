@@ -524,18 +524,6 @@ async def test_close_says_bye_to_every_subscriber_at_once(pair: Pair) -> None:
         assert (await sub.receive(5)).topic == "after"
 
 
-def test_a_peers_share_of_the_subscribers_follows_max_subscribers() -> None:
-    """The share was 256 whatever max_subscribers was: set to 256 or fewer, one peer could take
-    every slot again. By default it is a quarter of them now, and set, at most all."""
-    assert PubSubConfig().subscribers_per_peer == 256
-    assert PubSubConfig(max_subscribers=100).subscribers_per_peer == 25
-    assert PubSubConfig(max_subscribers=1).subscribers_per_peer == 1
-    for wrong in (0, 101):
-        with pytest.raises(ConfigError, match=rf"max_subscribers_per_peer must be at least 1 "
-                                              rf"and at most max_subscribers \(100\), not {wrong}"):
-            PubSubConfig(max_subscribers=100, max_subscribers_per_peer=wrong)
-
-
 async def test_one_peer_cannot_take_every_subscriber_slot(tmp_path: Path) -> None:
     """A publisher's slots (max_subscribers) went to whoever came first, all of them to one
     peer if it subscribed enough times; now each peer has at most max_subscribers_per_peer."""

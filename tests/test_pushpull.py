@@ -502,15 +502,6 @@ def test_an_item_larger_than_a_tunnel_message_is_refused_by_the_config() -> None
         PushPullConfig(window_bytes=64 * 2**20 + 1)
 
 
-def test_a_peers_share_of_the_links_is_from_one_to_max_links() -> None:
-    assert (PushPullConfig().links_per_peer, PushPullConfig(max_links=1).links_per_peer) == (32, 1)
-    assert PushPullConfig(max_links=10, max_links_per_peer=10).links_per_peer == 10
-    for wrong in (0, 11):
-        with pytest.raises(ConfigError, match=rf"max_links_per_peer must be at least 1 and at "
-                                              rf"most max_links \(10\), not {wrong}"):
-            PushPullConfig(max_links=10, max_links_per_peer=wrong)
-
-
 @pytest.mark.parametrize("listening", ["puller", "pusher"])
 async def test_one_peer_cannot_take_every_link(tmp_path: Path, listening: str,
                                                caplog: pytest.LogCaptureFixture) -> None:
