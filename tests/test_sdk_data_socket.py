@@ -332,10 +332,13 @@ async def test_a_replier_killed_mid_request_fails_its_requester_at_once(
 async def test_another_clients_unlisten_cannot_close_an_exclusive_listeners_port(
         daemon_pair: Pair) -> None:
     """Any client's unlisten took back a listen of the port, and the one an exclusive listener
-    (mcp serve, a publisher) held through its data socket closed the port under it."""
+    (mcp serve, a publisher) held through its data socket closed the port under it. Nor may
+    another client's raw 'deliver' take its messages."""
     a, b = daemon_pair
     async with pilot.Client(b.home) as server, server.listen(7231, exclusive=True) as listener:
         refused = ipc_call(b.home, cmd="unlisten", port=7231)
+        assert refused["error"]["type"] == "PortInUseError", refused
+        refused = ipc_call(b.home, cmd="deliver", port=7231)
         assert refused["error"]["type"] == "PortInUseError", refused
         await pilot.send("beta", 7231, "still here", home=a.home)
         assert (await listener.receive(timeout=5)).data == b"still here"

@@ -312,9 +312,7 @@ class Messaging:
         if state.exclusive and state.attached:
             # Its one listen is a data socket's, which gives it back as it closes: an unlisten
             # is another client's, and would close the port under it (mcp serve's, say).
-            raise PortInUseError(f"port {req.port} is held by a listener that takes all its "
-                                 "messages (a server such as 'pilotctl mcp serve'): stop it to "
-                                 "close the port")
+            raise _held(req.port, "stop it to close the port")
         return {"port": req.port, "closed": self.release_port(state)}
 
     async def receive(self, req: ReceiveRequest) -> Reply:
@@ -337,7 +335,12 @@ class Messaging:
             stream = self._unattached(req.stream)
             with self._using(stream):
                 return await self._push_all(stream.inbox, push, credit, ack=req.ack)
-        return await self._push_all(self._receivable(req.port).inbox, push, credit, ack=req.ack)
+        state = self._receivable(req.port)
+        if state.exclusive and state.attached:
+            # Its data socket is the one reader it allows: another client's delivery would take
+            # messages from under it (an MCP session's, each of its stream).
+            raise _held(state.port, "stop it, or use another port")
+        return await self._push_all(state.inbox, push, credit, ack=req.ack)
 
     async def _push_all(self, inbox: Inbox, push: Push, credit: Credit, *, ack: bool) -> Reply:
         ended = False
@@ -461,9 +464,7 @@ class Messaging:
                     f"port {port} is already listened on by another listener of this daemon "
                     "(another server?): stop it, or use another port")
             if state.exclusive:
-                raise PortInUseError(
-                    f"port {port} is held by a listener that takes all its messages (a "
-                    "server such as 'pilotctl mcp serve'): stop it, or use another port")
+                raise _held(port, "stop it, or use another port")
             state.refs += 1
             state.permanent = state.permanent or permanent
             state.publish = state.publish or publish
@@ -695,3 +696,7 @@ async def _taken_from(listener: Listener) -> list[Message]:
         except PilotError:
             return messages
 
+
+def _held(port: int, remedy: str) -> PortInUseError:
+    return PortInUseError(f"port {port} is held by a listener that takes all its messages (a "
+                          f"server such as 'pilotctl mcp serve'): {remedy}")
