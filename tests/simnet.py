@@ -142,6 +142,9 @@ class SimNetwork:
         self.nats: dict[str, SimNat] = {}
         self.beacon_introductions = True  # answer a fallback to the relay with a new intro
         self.relayed = 0
+        # The relay drops what it is given (a node whose NAT rebound and that has not
+        # re-registered yet: the beacon relays to its old, dead address).
+        self.relay_down = False
         self.bottleneck: Bottleneck | None = None  # a shared bottleneck all datagrams pass
 
     def add_nat(self, name: str, kind: str) -> SimNat:
@@ -196,7 +199,7 @@ class SimNetwork:
         host's NAT unless the destination is on the same LAN."""
         if isinstance(destination, RelayPath):
             target = next((h for h in self.hosts.values() if h.key == destination.peer), None)
-            if target is not None:
+            if target is not None and not self.relay_down:
                 self.relayed += 1
                 # Two crossings (to the beacon and on), labelled as the relay would label it.
                 self.send(RelayPath(host.key), target.address, data, hops=2)

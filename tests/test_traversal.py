@@ -33,9 +33,9 @@ def connect_via_beacon(net: SimNetwork, a: Host, b: Host) -> tuple[int, list[byt
     return stream, messages
 
 
-def direct_cone_pair(seed: int) -> tuple[SimNetwork, Host, Host, int]:
+def direct_cone_pair(seed: int, delay: float = 0.01) -> tuple[SimNetwork, Host, Host, int]:
     """Two hosts behind cone NATs whose tunnel has settled on the direct path."""
-    net = SimNetwork(seed, LinkProfile(delay=0.01))
+    net = SimNetwork(seed, LinkProfile(delay=delay))
     a, b = natted_pair(net, "cone", "cone")
     stream, _ = connect_via_beacon(net, a, b)
     assert net.run_until(lambda: len(b.messages) == 3, 10)
@@ -120,6 +120,25 @@ def test_dead_direct_path_falls_back_to_relay_and_recovers() -> None:
     sa.send_message(stream, b"after")
     assert net.run_until(lambda: sa.paths.kind == "direct", 120)
     assert net.run_until(lambda: len(b.messages) == 5, 10)
+    assert not [e for e in a.events + b.events if type(e).__name__ == "SessionClosed"]
+
+
+def test_a_tunnel_on_the_relay_waits_for_a_peer_that_re_registers() -> None:
+    """An audit (the NAT lab): the peer's NAT rebound, the direct path died, and the relay
+    still went to the peer's old address until it re-registered (within the beacon keepalive,
+    5 s). On a short round trip eight probe timeouts came first: the tunnel was closed as
+    "the peer stopped answering" and the message in flight lost. Now a tunnel that fell back
+    to the relay is patient for PathConfig.fallback_patience (12 s)."""
+    net, a, b, stream = direct_cone_pair(16, delay=0.0005)  # a LAN: short probe timeouts
+    sa = a.mux.get_session(b.key)
+    assert sa is not None and b.nat is not None
+    b.nat.blocked = True  # no path reaches b: the direct one died,
+    net.relay_down = True  # and the relay goes to b's old address
+    sa.send_message(stream, b"across the rebinding")
+    net.run_for(6)
+    net.relay_down = False  # b re-registered
+    assert net.run_until(lambda: len(b.messages) == 4, 10)
+    assert b.messages[3].data == b"across the rebinding"
     assert not [e for e in a.events + b.events if type(e).__name__ == "SessionClosed"]
 
 

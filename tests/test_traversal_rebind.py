@@ -57,3 +57,39 @@ def test_an_introduction_probes_a_candidate_that_worked_before_again() -> None:
     assert paths.is_validated(peer) and paths.probes_due(50.0) == []
     paths.add_candidates([peer], 50.0)  # the introduction after the rebinding
     assert [a for a, _ in paths.probes_due(50.0)] == [peer]
+
+
+def test_an_introduction_probes_the_active_path_too() -> None:
+    """An audit (the NAT lab): after its own NAT rebound, a node's introduction named the
+    peer's address, which was its active path, and was skipped: nothing left its new mapping
+    towards the peer, whose probes its port-restricted NAT then dropped until its next
+    keepalive (15 s). The active address is probed like any candidate now."""
+    paths = PathManager(random_token=lambda: b"t" * 8)
+    peer = ("203.0.113.2", 4000)
+    paths.set_direct(peer)
+    paths.add_candidates([peer], 0.0)
+    assert [a for a, _ in paths.probes_due(0.0)] == [peer]
+    assert paths.on_response(b"t" * 8, peer) and paths.active == peer
+
+
+def test_a_peer_that_rebinds_again_and_again_is_still_probed_at_its_newest_address() -> None:
+    """An audit: candidates were never forgotten, so after 16 addresses (14 rebindings of the
+    peer's NAT) the 17th was not probed and the tunnel never went direct again. The one named
+    longest ago goes now, never the active path's; and a round's tokens do not pile up."""
+    paths = PathManager(random_token=lambda: b"t" * 8)
+    paths.set_relay(RelayPath(b"k" * 32))
+    first = ("203.0.113.2", 4000)
+    paths.add_candidates([first], 0.0)
+    paths.probes_due(0.0)
+    assert paths.on_response(b"t" * 8, first)
+    paths.move_to(first)
+    for port in range(4001, 4040):  # many rebindings, each named by an introduction
+        paths.add_candidates([("203.0.113.2", port)], float(port))
+    newest = ("203.0.113.2", 4039)
+    assert newest in [a for a, _ in paths.probes_due(4039.0)]
+    assert paths.is_validated(first)  # the active path's address stays
+    assert len(paths._candidates) == paths.config.max_candidates
+    paths.move_to(RelayPath(b"k" * 32))
+    for when in range(5000, 100_000, 200):  # retry rounds on the relay, no answers
+        paths.probes_due(float(when))
+    assert all(len(c.tokens) <= paths.config.probes_per_round for c in paths._candidates.values())

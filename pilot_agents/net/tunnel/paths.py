@@ -46,6 +46,10 @@ class PathConfig:
     # which nothing acknowledges, so without this it never notices that its side of the path
     # broke (its NAT rebound) and the peer's data is lost until the next keepalive.
     quiet_probe_after: float = 0.2
+    # Seconds after falling back to the relay before a silent peer may be declared dead: more
+    # than twice the beacon keepalive (BeaconClientConfig.keepalive_interval, 5 s), within
+    # which a node whose NAT rebound re-registers its new address, the relay's way to it.
+    fallback_patience: float = 12.0
 
 
 @dataclass(slots=True)
@@ -93,24 +97,40 @@ class PathManager:
             self.active = relay
 
     def add_candidates(self, addresses: list[Address], now: float) -> None:
-        """Start probing each candidate (a round starts now for all of them)."""
+        """Start a round of probes to each candidate, now: also to one that worked before, and
+        to the active path's own address. The peer punches towards us now (an introduction),
+        and a NAT that rebound since, ours or the peer's, has forgotten that the address
+        worked: only probes from our side's current mapping open it again (a node whose own NAT
+        rebound otherwise sent nothing there until its next keepalive, 15 s)."""
         for address in addresses:
-            if address == self.active or is_relay(address):
+            if is_relay(address):
                 continue
-            candidate = self._candidates.get(address)
+            candidate = self._candidates.pop(address, None)
             if candidate is None:
-                if len(self._candidates) >= self.config.max_candidates:
+                if len(self._candidates) >= self.config.max_candidates and not self._forget_one():
                     continue
                 candidate = _Candidate(address, now, self.config.probe_interval, 0)
-                self._candidates[address] = candidate
-            # Even one that worked before: the peer punches towards us now (an introduction),
-            # and a NAT that rebound since has forgotten it, ours or the peer's.
+            self._candidates[address] = candidate  # named last: the last one forgotten
             self._start_round(candidate, now)
+
+    def _forget_one(self) -> bool:
+        """Room for a new candidate: the one named longest ago, but not the active path's. A
+        peer whose NAT rebinds again and again names a new address each time; the old ones,
+        kept, filled the list, and the tunnel never went direct again."""
+        for address in self._candidates:
+            if address != self.active:
+                del self._candidates[address]
+                return True
+        return False
 
     def _start_round(self, candidate: _Candidate, now: float) -> None:
         candidate.next_probe = now
         candidate.interval = self.config.probe_interval
         candidate.probes_left = self.config.probes_per_round
+        # Tokens of earlier rounds: their answers are seconds late at least (rounds are apart
+        # by retry_interval); kept, a candidate that never answers grew them by a round's worth
+        # every round, for the tunnel's life.
+        candidate.tokens.clear()
 
     @property
     def probing(self) -> bool:

@@ -566,7 +566,7 @@ class Session:
                 self._probes_pending = result.probe_packets
                 if self._recovery.pto_count == 2 and self.paths.on_path_failing(now):
                     log.info("[%s] direct path stopped answering: back to the relay", self._tag)
-                    self._on_path_changed()
+                    self._fell_back(now)
                 elif (
                     self._recovery.pto_count == 2
                     and self._packet_size > self.config.max_packet_size
@@ -819,7 +819,7 @@ class Session:
             # The direct path may have died (a NAT rebound) while the relay still reaches
             # the peer. PathChanged makes the node ask for an introduction.
             log.info("[%s] no handshake answer on the direct path: back to the relay", self._tag)
-            self._on_path_changed()
+            self._fell_back(now)
         if silent and pending.attempts >= 3:
             self._ask_for_introduction(now)
         interval = min(pending.retry_interval * 2, self.config.handshake_retry_max)
@@ -1535,6 +1535,15 @@ class Session:
         log.info("[%s] tunnel moves to %s", self._tag, address)
         self.paths.move_to(address)
         self._on_path_changed()
+
+    def _fell_back(self, now: float) -> None:
+        """The direct path died and the tunnel is on the relay. The peer's NAT may have
+        rebound: the relay reaches its new address only once it has re-registered (within the
+        beacon keepalive's 5 s), so the tunnel is not declared dead before then. Before, on a
+        LAN's short probe timeouts, the verdict came first, and the message in flight with it
+        was lost."""
+        self._on_path_changed()
+        self.keep_trying_until(now + self.config.paths.fallback_patience)
 
     def _on_path_changed(self) -> None:
         """A new path may carry smaller datagrams: start again from the safe size."""
