@@ -79,6 +79,13 @@ def is_node_id(text: str) -> bool:
     return looks_like_node_id(text)
 
 
+def canonical_name(name: str) -> str:
+    """A hostname as the beacon and the pins know it: stripped and lower-cased (the beacon's
+    rule, ``beacon_wire.valid_hostname``, allows only ``a-z 0-9 -``). Every name that reaches
+    the trust store goes through this, so ``Alice`` can never be a name other than ``alice``."""
+    return name.strip().lower()
+
+
 def short_id(node_id: str) -> str:
     return node_id[:12] + "…"
 
@@ -235,6 +242,11 @@ class TrustEntry(BaseModel):
     updated_at: float
     request: str | None = None  # incoming: the signed request, base64, so it can be re-verified
 
+    @field_validator("hostname")
+    @classmethod
+    def _canonical_name(cls, hostname: str | None) -> str | None:
+        return None if hostname is None else canonical_name(hostname)
+
     @field_validator("node_id")
     @classmethod
     def _real_key(cls, node_id: str) -> str:
@@ -326,7 +338,7 @@ class TrustStore:
             except ValidationError as exc:
                 log.warning("%s: entry %d skipped (%s); it is dropped the next time the trust "
                             "store is written", path, number, first_line(exc))
-        return cls(path, entries, limits, clock)
+        return cls(path, _one_pin_per_name(path, entries), limits, clock)
 
     def save(self) -> None:
         """Write atomically, mode 0600."""
@@ -386,7 +398,8 @@ class TrustStore:
         return entry is not None and entry.trusted
 
     def pinned(self, hostname: str) -> TrustEntry | None:
-        """The trusted entry whose pinned name is ``hostname``."""
+        """The trusted entry whose pinned name is ``hostname`` (in any case)."""
+        hostname = canonical_name(hostname)
         for entry in self._entries.values():
             if entry.trusted and entry.hostname == hostname:
                 return entry
@@ -404,7 +417,8 @@ class TrustStore:
             if entry is not None and entry.state in wanted:
                 return entry
             raise ConfigError(f"{target} is not in the trust store")
-        matches = [e for e in self._entries.values() if e.hostname == target and e.state in wanted]
+        name = canonical_name(target)
+        matches = [e for e in self._entries.values() if e.hostname == name and e.state in wanted]
         if not matches:
             raise ConfigError(f"{target} is not in the trust store")
         if len(matches) > 1:
@@ -414,6 +428,7 @@ class TrustStore:
 
     def check_pin(self, hostname: str, node_id: str) -> None:
         """Raise KeyMismatchError if ``hostname`` is pinned to a key other than ``node_id``."""
+        hostname = canonical_name(hostname)
         entry = self.pinned(hostname)
         if entry is not None and entry.node_id != node_id:
             raise KeyMismatchError(
@@ -501,6 +516,7 @@ class TrustStore:
         key_from_node_id(node_id)
         now = time.time() if now is None else now
         if hostname is not None:
+            hostname = canonical_name(hostname)
             self.check_pin(hostname, node_id)
         entry = self._entries.get(node_id)
         if entry is None:
@@ -536,6 +552,24 @@ class TrustStore:
         entry = self._entries.pop(node_id)
         self.save()
         return entry
+
+
+def _one_pin_per_name(path: Path, entries: list[TrustEntry]) -> list[TrustEntry]:
+    """Entries read from a store written before names were canonicalised may pin one name to two
+    keys (``alice`` and ``Alice``): the first (the older) keeps the name, the later entry is
+    dropped with a warning, since it is the one that got around the pin."""
+    kept: list[TrustEntry] = []
+    owners: dict[str, str] = {}
+    for entry in sorted(entries, key=lambda e: e.added_at):
+        if entry.trusted and entry.hostname is not None:
+            owner = owners.setdefault(entry.hostname, entry.node_id)
+            if owner != entry.node_id:
+                log.warning("%s: %s is pinned to key %s already; the later entry for key %s "
+                            "(the same name in another case) is dropped the next time the trust "
+                            "store is written", path, entry.hostname, owner, entry.node_id)
+                continue
+        kept.append(entry)
+    return kept
 
 
 # -- editing the store while no daemon runs ------------------------------------------------------

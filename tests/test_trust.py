@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 
 from pilot_agents import ipc
 from pilot_agents.beacon import service
-from pilot_agents.errors import ConfigError, CryptoError, KeyMismatchError, TrustRequestError
+from pilot_agents.errors import (
+    ConfigError,
+    CryptoError,
+    KeyMismatchError,
+    PilotTimeoutError,
+    TrustRequestError,
+)
 from pilot_agents.identity import Identity, key_from_node_id
 from pilot_agents.net.tunnel import crypto
 from pilot_agents.node.node import Node
@@ -551,3 +557,81 @@ def test_batched_requests_are_written_when_the_daemon_stops(fresh_home: Path) ->
     wait_stopped(fresh_home)
     assert {e.node_id for e in TrustStore.load(fresh_home).pending()} == {
         who.node_id for who in senders}
+
+
+# -- names are pinned in every case (security.md #37) -------------------------------------------
+
+
+def test_a_pinned_name_in_another_case_is_the_same_pin(tmp_path: Path) -> None:
+    store = TrustStore.load(tmp_path)
+    store.add_trusted(ALICE.node_id, " Alice ")
+    assert store.get(ALICE.node_id).hostname == "alice"  # type: ignore[union-attr]
+    for spelling in ("alice", "Alice", "ALICE"):
+        assert store.pinned(spelling).node_id == ALICE.node_id  # type: ignore[union-attr]
+        assert store.find(spelling).node_id == ALICE.node_id
+        with pytest.raises(KeyMismatchError):
+            store.check_pin(spelling, MALLORY.node_id)
+        with pytest.raises(KeyMismatchError):
+            store.add_trusted(MALLORY.node_id, spelling)
+    assert store.get(MALLORY.node_id) is None
+
+
+def test_a_store_pinning_one_name_in_two_cases_keeps_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    tmp_path.chmod(0o700)
+    path = tmp_path / "trust.json"
+    entry = {"state": "mutual", "reason": "", "updated_at": NOW}
+    path.write_text(json.dumps({"version": 1, "entries": [
+        {**entry, "node_id": MALLORY.node_id, "hostname": "Alice", "added_at": NOW + 1},
+        {**entry, "node_id": ALICE.node_id, "hostname": "alice", "added_at": NOW},
+        {**entry, "node_id": BOB.node_id, "hostname": "BOB", "added_at": NOW + 2}]}))
+    path.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="pilot_agents.trust"):
+        store = TrustStore.load(tmp_path)
+    assert [(e.node_id, e.hostname) for e in store.entries()] == [
+        (ALICE.node_id, "alice"), (BOB.node_id, "bob")]
+    assert MALLORY.node_id in caplog.text and "alice is pinned to key" in caplog.text
+
+
+async def test_node_never_moves_a_pin_to_another_key(tmp_path: Path) -> None:
+    node = Node(tmp_path / "n", "127.0.0.1:0")
+    node.trust(ALICE.node_id, "alice")
+    node.trust(ALICE.node_id, "Alice")  # the same key again: fine
+    with pytest.raises(KeyMismatchError, match=ALICE.node_id):
+        node.trust(MALLORY.node_id, "ALICE")
+    assert not node.is_trusted(MALLORY.node_id)
+    node.untrust(ALICE.node_id)
+    node.trust(MALLORY.node_id, "alice")  # untrusted first: a new pin
+
+
+async def test_a_capital_letter_does_not_get_around_a_pin(tmp_path: Path) -> None:
+    """Bob pinned alice; alice renamed and mallory took 'alice' at the beacon. 'trust add
+    Alice' and 'send Alice' are 'alice': refused, and nothing reaches mallory."""
+    running = await service.start("127.0.0.1:0", tmp_path / "beacon")
+    beacon = "{}:{}".format(*running.address)
+    home = short_home()
+    try:
+        bob = await asyncio.to_thread(start_daemon, home, "bob", "--beacon", beacon)
+        async with Node(tmp_path / "alice", "127.0.0.1:0", beacon=beacon, hostname="alice"):
+            added = await asyncio.to_thread(cli, home, "trust", "add", "alice")
+            assert added.returncode == 0, added.stderr
+        alice_id = TrustStore.load(home).pinned("alice").node_id  # type: ignore[union-attr]
+        async with Node(tmp_path / "alice", "127.0.0.1:0", beacon=beacon, hostname="alice-new"), \
+                Node(tmp_path / "mallory", "127.0.0.1:0", beacon=beacon,
+                     hostname="alice") as mallory:
+            mallory.trust(bob.node_id)
+            async with mallory.listen(1001) as inbox:
+                refused = await asyncio.to_thread(cli, home, "trust", "add", "Alice")
+                assert_one_line_error(refused, 7, mallory.node_id, alice_id)
+                sent = await asyncio.to_thread(cli, home, "send", "Alice", "1001", "--data",
+                                               "x", "--timeout", "3")
+                assert sent.returncode != 0
+                assert "trust add" not in sent.stderr or "trust remove" in sent.stderr
+                with pytest.raises(PilotTimeoutError):
+                    await inbox.receive(timeout=0.5)
+        assert [e.node_id for e in TrustStore.load(home).entries()] == [alice_id]
+    finally:
+        await asyncio.to_thread(stop_daemons, home)
+        running.close()
+        running.server.registry.close()

@@ -18,7 +18,7 @@ from ..errors import (
 )
 from ..home import read_private_text, write_private
 from ..node.node import Node, PeerInfo
-from ..trust import TrustStore, first_line, is_node_id
+from ..trust import TrustStore, canonical_name, first_line, is_node_id
 from .options import DaemonOptions
 
 STATIC_PEERS_FILE = "static-peers.json"
@@ -99,16 +99,18 @@ class DaemonContext:
         return None if label == node_id else label
 
     def _static_by_name(self, name: str) -> StaticPeer | None:
+        name = canonical_name(name)
         for peer in self.static.values():
-            if peer.hostname == name:
+            if peer.hostname is not None and canonical_name(peer.hostname) == name:
                 return peer
         return None
 
     async def lookup(self, target: str) -> Target:
-        """A name or node id resolved, with the pin checked."""
-        target = target.strip()
+        """A name or node id resolved, with the pin checked. Names are compared as the beacon
+        compares them (:func:`canonical_name`): ``Alice`` is the pinned ``alice``."""
+        target = canonical_name(target)
         if is_node_id(target):
-            node_id = target.lower()
+            node_id = target
             return Target(node_id, self.store.name_of(node_id) or (
                 self.static[node_id].hostname if node_id in self.static else None))
         if self.has_beacon:
@@ -132,8 +134,8 @@ class DaemonContext:
         A name pinned by ``trust add`` is not looked up: the Node, which has the same pin,
         connects to the pinned key at once and asks the beacon only if that key does not
         answer (KeyMismatchError if the name moved). Any other name is resolved here, once."""
-        name = target.strip()
-        if name and name.lower() in (self.node.node_id, (self.hostname() or "").lower()):
+        name = canonical_name(target)
+        if name and name in (self.node.node_id, (self.hostname() or "").lower()):
             # Not "not trusted": trusting one's own id is refused, so that hint leads nowhere.
             raise ConfigError(f"{name!r} is this node itself: name another node (a node has "
                               "no tunnel to itself)")
@@ -142,7 +144,7 @@ class DaemonContext:
             return Target(pinned.node_id, name, None, name)
         found = await self.lookup(target)
         entry = self.store.get(found.node_id)
-        refusal = not_trusted(found.hostname or target, None if entry is None else entry.state)
+        refusal = not_trusted(found.hostname or name, None if entry is None else entry.state)
         if refusal is not None:
             raise refusal
         return Target(found.node_id, found.hostname, found.info, found.node_id)

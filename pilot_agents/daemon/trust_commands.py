@@ -20,6 +20,7 @@ from ..node.node import PeerInfo
 from ..trust import (
     TrustEntry,
     TrustRequest,
+    canonical_name,
     is_node_id,
     make_trust_request,
     parse_trust_request_untrusted,
@@ -63,7 +64,7 @@ class TrustCommands:
 
     async def add(self, req: TrustAddRequest) -> Reply:
         store, node = self.ctx.store, self.ctx.node
-        target = req.target.strip()
+        target = canonical_name(req.target)
         try:
             found = await self.ctx.lookup(target)
         except UnknownHostError:
@@ -104,7 +105,7 @@ class TrustCommands:
             raise ConfigError(
                 f"no pending trust request from {req.target} (see 'pilotctl trust pending')"
             ) from None
-        return await self._approve(pending, req.target.strip())
+        return await self._approve(pending, canonical_name(req.target))
 
     async def _approve(self, pending: TrustEntry, target: str) -> Reply:
         """Trust the sender of a pending request and answer with our own request."""

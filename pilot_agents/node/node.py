@@ -346,12 +346,22 @@ class Node:
     def trust(self, node_id: str, hostname: str | None = None) -> None:
         """Accept tunnels with ``node_id``. With ``hostname``, that name is pinned to the key
         (as ``pilotctl trust add NAME`` does): ``connect(hostname)`` then goes straight to the
-        key, without asking the beacon first, and never follows the name to another key."""
+        key, without asking the beacon first, and never follows the name to another key.
+        KeyMismatchError if ``hostname`` is pinned to another key already (untrust that one
+        first): a pin is never moved silently."""
         key = key_from_node_id(node_id)
         if node_id_from_key(key) == self.node_id:
             raise ConfigError("that is this node's own id: a node has no tunnel to itself")
         if hostname:
             name = hostname.strip().lower()
+            pinned = self._pins.get(name)
+            if pinned is not None and pinned != key:
+                # Pins never move silently: that is what makes them pins.
+                raise KeyMismatchError(
+                    f"{name} is pinned to key {node_id_from_key(pinned)}; refusing to pin it to "
+                    f"key {node_id} too. If {name} really has a new key, untrust the old one "
+                    f"first ('pilotctl trust remove {name}')"
+                )
             self._pins[name] = key
             self._hostnames[key] = name
         self._trusted.add(key)
