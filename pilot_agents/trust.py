@@ -56,8 +56,10 @@ from .errors import (
 )
 from .home import check_home, hold_daemon_lock, read_private_text, write_private
 from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
+from .net.traversal.beacon_wire import valid_hostname
 from .net.tunnel import crypto
 from .net.tunnel.ratelimit import TokenBucket
+from .terminal import escape_unsafe, has_unsafe_characters
 
 log = logging.getLogger("pilot_agents.trust")
 
@@ -106,6 +108,25 @@ class TrustRequest(BaseModel):
     ts: float
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
 
+    @field_validator("hostname")
+    @classmethod
+    def _a_hostname(cls, hostname: str | None) -> str | None:
+        # Only a name the beacon could register: no look-alikes (a Cyrillic a), no capitals, no
+        # control characters. It stays a claim until the beacon confirms it (see _approve).
+        if hostname is not None and not valid_hostname(hostname):
+            raise ValueError(f"{escape_unsafe(hostname)!r} is not a hostname (a-z, 0-9, -)")
+        return hostname
+
+    @field_validator("reason")
+    @classmethod
+    def _shows_as_written(cls, reason: str) -> str:
+        # Shown by 'trust pending' and logged: no escapes, newlines or bidi controls that could
+        # forge rows, colours or a terminal's title.
+        if has_unsafe_characters(reason):
+            raise ValueError("the reason holds control characters (newlines, escapes, bidi "
+                             "controls)")
+        return reason
+
     def body(self) -> bytes:
         return json.dumps(
             self.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"),
@@ -120,6 +141,10 @@ def make_trust_request(
     """Our signed request asking node ``to`` to trust us."""
     if len(reason) > MAX_REASON_LENGTH:
         raise ConfigError(f"the reason is longer than {MAX_REASON_LENGTH} characters")
+    if has_unsafe_characters(reason):
+        raise ConfigError("the reason may not hold control characters (newlines, escapes, bidi "
+                          "controls): give it on one line")
+    hostname = canonical_name(hostname) if hostname else None
     request = TrustRequest.model_validate({
         "from": identity.node_id, "to": to, "hostname": hostname, "reason": reason,
         "ts": time.time() if now is None else now, "nonce": crypto.random_bytes(16).hex(),

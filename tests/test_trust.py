@@ -635,3 +635,62 @@ async def test_a_capital_letter_does_not_get_around_a_pin(tmp_path: Path) -> Non
         await asyncio.to_thread(stop_daemons, home)
         running.close()
         running.server.registry.close()
+
+
+# -- what a pending request can make 'trust pending' show (security.md #38) ----------------------
+
+
+def signed_request(**changes: object) -> bytes:
+    """A request signed by ALICE for BOB whose body has ``changes``, in canonical form."""
+    fields: dict[str, object] = {"v": 1, "from": ALICE.node_id, "to": BOB.node_id,
+                                 "hostname": "alice", "reason": "", "ts": NOW,
+                                 "nonce": "0" * 32, **changes}
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    return ALICE.sign(b"pilot-agents trust request v1\x00" + body) + body
+
+
+FORGED_ROW = f"hi\nalice  {MALLORY.node_id}  3 s ago  \x1b[32m(verified)\x1b[0m\x1b]0;pwned\x07"
+
+
+@pytest.mark.parametrize("changes", [
+    {"hostname": "\u0430lice"}, {"hostname": "Alice"}, {"hostname": "al ice"},
+    {"hostname": "alice\x1b[0m"}, {"reason": FORGED_ROW}, {"reason": "a\u202eb"},
+    {"reason": "tab\there"}, {"reason": "c1\x9b31m"},
+])
+def test_requests_with_look_alike_names_or_control_characters_are_refused(
+    changes: dict[str, object],
+) -> None:
+    assert verified(signed_request()).hostname == "alice"  # type: ignore[attr-defined]
+    with pytest.raises(TrustRequestError, match="malformed"):
+        verified(signed_request(**changes))
+
+
+def test_a_reason_with_control_characters_is_refused_when_made() -> None:
+    with pytest.raises(ConfigError, match="control characters"):
+        request(reason="two\nlines")
+    assert verified(request(hostname="Alice", reason="café ✓")).hostname == "alice"  # type: ignore[attr-defined]
+
+
+def test_trust_pending_shows_a_claim_as_a_claim_and_escapes_what_the_peer_wrote(
+    fresh_home: Path,
+) -> None:
+    """An entry stored before requests were checked (or a hand-edited one) still shows safely."""
+    fresh_home.chmod(0o700)
+    path = fresh_home / "trust.json"
+    path.write_text(json.dumps({"version": 1, "entries": [
+        {"node_id": MALLORY.node_id, "hostname": "alice", "state": "incoming",
+         "reason": FORGED_ROW + "\u202e", "added_at": time.time(),
+         "updated_at": time.time()}]}))
+    path.chmod(0o600)
+    start_daemon(fresh_home, "bob")
+    shown = cli(fresh_home, "trust", "pending")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 3, shown.stdout  # header, one row, the hint
+    row = lines[1]
+    assert row.startswith(MALLORY.node_id) and "claims alice (unverified)" in row
+    assert "\\x1b[32m" in row and "\\n" in row and "\\x07" in row and "\\u202e" in row
+    assert not any(ch in shown.stdout for ch in "\x1b\x07\u202e")
+    listed = cli(fresh_home, "trust", "list")
+    assert "claims alice (unverified)" in listed.stdout

@@ -7,6 +7,7 @@ import time
 from typing import cast
 
 from ..errors import ConfigError
+from ..terminal import escape_unsafe
 from .context import Context, Handler
 from .output import EXIT_OK, STATE_NAMES, Reply, TrustEntry, emit, fields, label, print_list
 from .parser import Commands
@@ -82,19 +83,30 @@ def list_cmd(ctx: Context) -> int:
     print_list(ctx.json, "entries", entries,
                "No trusted peers. Add one with 'pilotctl trust add NAME'.",
                ["NAME", "NODE ID", "STATE"], lambda e: [
-                   e.get("hostname") or "-", e["node_id"], STATE_NAMES.get(e["state"], e["state"])])
+                   _name(e), e["node_id"], STATE_NAMES.get(e["state"], e["state"])])
     return EXIT_OK
+
+
+def _name(entry: TrustEntry) -> str:
+    """A trusted entry's pinned name; a pending request's name as the claim it is."""
+    name = entry.get("hostname")
+    if not name:
+        return "-"
+    return f"claims {escape_unsafe(name)} (unverified)" if entry["state"] == "incoming" else name
 
 
 def pending_cmd(ctx: Context) -> int:
     pending: list[TrustEntry] = ctx.call("trust_pending")["pending"]
     now = time.time()
+    # The name in a request is the sender's claim: the beacon gives no name for a key without a
+    # round trip per row, so it is shown as a claim (approving by it checks it with the beacon).
+    # What another node wrote is shown with its control characters escaped.
     if print_list(ctx.json, "pending", pending, "No pending trust requests.",
-                  ["NAME", "NODE ID", "RECEIVED", "REASON"], lambda e: [
-                      e.get("hostname") or "-", e["node_id"], f"{now - e['updated_at']:.0f} s ago",
-                      e.get("reason") or ""]):
-        print("Approve with 'pilotctl trust approve NAME', or reject with "
-              "'pilotctl trust reject NAME'.")
+                  ["NODE ID", "CLAIMED NAME", "RECEIVED", "REASON"], lambda e: [
+                      e["node_id"], _name(e),
+                      f"{now - e['updated_at']:.0f} s ago", escape_unsafe(e.get("reason") or "")]):
+        print("Approve with 'pilotctl trust approve NODE_ID' (or by the claimed name, which the "
+              "beacon must confirm), or reject with 'pilotctl trust reject NODE_ID'.")
     return EXIT_OK
 
 

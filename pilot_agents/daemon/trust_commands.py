@@ -17,6 +17,7 @@ from ..errors import (
     UnknownHostError,
 )
 from ..node.node import PeerInfo
+from ..terminal import escape_unsafe
 from ..trust import (
     TrustEntry,
     TrustRequest,
@@ -210,8 +211,8 @@ class TrustCommands:
             self._seen_nonces.popitem(last=False)
         entry = self.ctx.store.receive_request(request, raw)
         if entry.state == "incoming":
-            log.info("trust request from %s (%s): %r; pending", request.hostname,
-                     request.sender, request.reason)
+            log.info("trust request from %s, claiming the name %s: %s; pending",
+                     request.sender, request.hostname, escape_unsafe(repr(request.reason)))
         else:
             log.info("trust with %s (%s) is now %s", entry.label, entry.node_id, entry.state)
         return entry
