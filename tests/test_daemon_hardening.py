@@ -20,6 +20,8 @@ import zmq
 from pilot_agents import Client, daemon, ipc
 from pilot_agents.daemon import DaemonOptions, start_detached
 from pilot_agents.errors import PilotError, PilotTimeoutError
+from pilot_agents.identity import Identity
+from pilot_agents.trust import TrustStore
 from tests.conftest import (
     DaemonHandle,
     assert_one_line_error,
@@ -358,7 +360,9 @@ def test_a_damaged_unread_file_is_set_aside_and_the_daemon_starts(fresh_home: Pa
     assert damaged.read_bytes() == b"\xff\xfe garbage\n" and not unread.exists()
     stop_daemons_keep_home(fresh_home)
     bad = json.dumps({"port": 70000, "from": "x", "source_port": 1, "data": "aGk="}) + "\n"
-    unread.write_text(json.dumps({"port": 1001, "from": "a" * 52, "source_port": 5,
+    sender = Identity.generate().node_id  # trusted: a kept message of a stranger is dropped
+    TrustStore.load(fresh_home).add_trusted(sender, None)
+    unread.write_text(json.dumps({"port": 1001, "from": sender, "source_port": 5,
                                   "data": "a2VwdA=="}) + "\n" + bad)
     start_daemon(fresh_home, "beta")
     assert call(fresh_home, cmd="receive", port=1001, timeout=5)["message"]["data"] == "kept"

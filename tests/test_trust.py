@@ -44,6 +44,7 @@ from tests.conftest import (
     cli_json,
     cli_many,
     ipc_call,
+    named_pair,
     short_home,
     start_daemon,
     stop_daemons,
@@ -694,3 +695,43 @@ def test_trust_pending_shows_a_claim_as_a_claim_and_escapes_what_the_peer_wrote(
     assert not any(ch in shown.stdout for ch in "\x1b\x07\u202e")
     listed = cli(fresh_home, "trust", "list")
     assert "claims alice (unverified)" in listed.stdout
+
+
+# -- a removed peer's messages reach no application (security.md #39) ---------------------------
+
+
+def test_trust_remove_drops_the_peers_unread_messages() -> None:
+    with named_pair() as (a, b):
+        for i in range(3):
+            assert ipc_call(a.home, cmd="send", target="beta", port=1001, data=f"m{i}")["ok"]
+        assert ipc_call(b.home, cmd="listen", port=2002)["ok"]
+        assert ipc_call(a.home, cmd="send", target="beta", port=2002, data="other")["ok"]
+        handed: Any = ipc_call(b.home, cmd="receive", port=1001, timeout=5, ack=True)
+        assert handed["message"]["data"] == "m0", handed
+        removed: Any = ipc_call(b.home, cmd="trust_remove", target=a.node_id)
+        assert removed["ok"] and removed["messages_dropped"] == 4, removed
+        for port in (1001, 2002):
+            got: Any = ipc_call(b.home, cmd="receive", port=port, timeout=0.5)
+            assert got["error"]["type"] == "PilotTimeoutError", got
+        # the unacked m0 does not come back either
+        requeued: Any = ipc_call(b.home, cmd="requeue", message=handed["message"]["id"])
+        assert requeued["ok"] and requeued["requeued"] is False, requeued
+        got = ipc_call(b.home, cmd="receive", port=1001, timeout=0.5)
+        assert got["error"]["type"] == "PilotTimeoutError", got
+        assert "4 of its unread messages dropped" in (b.home / "daemon.log").read_text()
+
+
+def test_kept_unread_messages_of_a_peer_removed_meanwhile_are_dropped() -> None:
+    with named_pair() as (a, b):
+        for i in range(2):
+            assert ipc_call(a.home, cmd="send", target="beta", port=1001, data=f"m{i}")["ok"]
+        assert ipc_call(b.home, cmd="stop")["ok"]
+        wait_stopped(b.home)
+        assert (b.home / "unread.jsonl").exists()
+        removed = cli(b.home, "trust", "remove", a.node_id)  # no daemon: edits trust.json
+        assert removed.returncode == 0, removed.stderr
+        start_daemon(b.home, "beta")
+        got: Any = ipc_call(b.home, cmd="receive", port=1001, timeout=0.5)
+        assert got["error"]["type"] == "PilotTimeoutError", got
+        assert "dropped 2 kept unread messages from senders no longer trusted" in (
+            b.home / "daemon.log").read_text()

@@ -69,12 +69,15 @@ def remove_cmd(ctx: Context) -> int:
     from ..trust import remove_without_daemon  # not at the top: it loads pydantic
 
     removed = remove_without_daemon(ctx.home, ctx.args.target)  # None: a daemon runs, ask it
-    entry: TrustEntry = cast(TrustEntry, removed.public()) if removed else ctx.call(
-        "trust_remove", target=ctx.args.target)["entry"]
+    result: Reply = {"entry": cast(TrustEntry, removed.public())} if removed else ctx.call(
+        "trust_remove", target=ctx.args.target)
+    entry: TrustEntry = result["entry"]
+    dropped: int = result.get("messages_dropped", 0)
     if ctx.json:
-        emit({"entry": entry})
+        emit({"entry": entry, "messages_dropped": dropped})
     else:
-        print(f"Removed {label(entry)} ({entry['node_id']}) from the trust store.")
+        print(f"Removed {label(entry)} ({entry['node_id']}) from the trust store" + (
+            f"; {dropped} of its unread messages were dropped." if dropped else "."))
     return EXIT_OK
 
 

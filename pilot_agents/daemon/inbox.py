@@ -149,6 +149,17 @@ class Inbox:
         self._returned = returned
         return self.drain()
 
+    def purge(self, unwanted: Callable[[Message], bool]) -> int:
+        """Remove the waiting messages ``unwanted`` picks (from a peer no longer trusted); how
+        many. Their senders are not told: they have no tunnel to be told on any more."""
+        kept = collections.deque(m for m in self._items if not unwanted(m))
+        purged = len(self._items) - len(kept)
+        if purged:
+            self._bytes -= sum(len(m.data) for m in self._items) - sum(len(m.data) for m in kept)
+            self._items = kept
+            self._wake()
+        return purged
+
     def drain(self) -> list[Message]:
         """Every waiting message, removed (the daemon is stopping)."""
         items = list(self._items)
@@ -383,6 +394,22 @@ class MessageMemory:
         handed.message = None
         handed.inbox.push_front(message)
         return True
+
+    def forget_from(self, sender: str) -> int:
+        """Handed-out messages of ``sender`` (no longer trusted) never come back, acked or
+        not; how many were awaiting an ack."""
+        forgotten = 0
+        for message_id, handed in self._handed.items():
+            if handed.message is None or handed.message.sender != sender:
+                continue
+            if handed.ack_timer is not None:
+                handed.ack_timer.cancel()
+                handed.ack_timer = None
+                handed.inbox.release(handed.size)
+                forgotten += 1
+            self._forget_payload(message_id)
+            handed.message = None
+        return forgotten
 
     def awaits_ack(self, message_id: str) -> bool:
         """Handed out in ack mode and not acknowledged yet: it comes back unless acked."""

@@ -512,6 +512,11 @@ class Messaging:
             # cancelling the pump never loses one.
             await state.inbox.wait_for_room()
             message = await state.listener.receive(timeout=None)
+            if not self.ctx.store.is_trusted(message.sender):
+                # Queued in the Node before 'trust remove': not handed to anyone.
+                log.info("dropped a message on port %d from %s, no longer trusted",
+                         state.port, message.sender)
+                continue
             self._arrived(state, message)
             if state.publish and self.publish is not None:
                 meta = {"from": message.sender, "hostname": self.ctx.label_or_none(
@@ -605,6 +610,15 @@ class Messaging:
             if stream.peer == node_id:
                 self.drop_stream(stream, abort=True)
 
+    def drop_messages_from(self, node_id: str) -> int:
+        """At 'trust remove': the peer's messages waiting in the port inboxes, or handed out and
+        awaiting an ack, are dropped, never handed to an application after it (streams to the
+        peer go with :meth:`drop_streams_to`). How many."""
+        dropped = self.memory.forget_from(node_id)
+        for state in self.ports.values():
+            dropped += state.inbox.purge(lambda m: m.sender == node_id)
+        return dropped
+
     def drop_idle_streams(self) -> None:
         now = time.monotonic()
         limit = self.ctx.options.stream_idle_timeout
@@ -666,13 +680,22 @@ class Messaging:
 
     def restore_unread(self) -> None:
         """Put the messages a previous daemon kept back into their ports' inboxes, ahead of
-        anything new (beyond the inboxes' bounds if need be: they were accepted already)."""
+        anything new (beyond the inboxes' bounds if need be: they were accepted already).
+        Those of senders no longer trusted (removed from trust.json while it was stopped) are
+        dropped: a removed peer's words reach no application."""
+        untrusted = 0
         for message in take_unread(self.ctx.home):
+            if not self.ctx.store.is_trusted(message.sender):
+                untrusted += 1
+                continue
             state = self.ports.get(message.port)
             if state is None:
                 state = self.listen_port(message.port)[0]
                 state.restored = True
             state.inbox.put(message)
+        if untrusted:
+            log.warning("dropped %d kept unread messages from senders no longer trusted",
+                        untrusted)
 
 
 def _offer(inbox: Inbox, message: Message) -> bool:

@@ -159,11 +159,14 @@ class TrustCommands:
             raise ConfigError(f"{req.target} is not in the trust store "
                               "(see 'pilotctl trust list')") from None
         self.ctx.store.remove(entry.node_id)
+        dropped = 0
         if entry.trusted:
             self.ctx.node.untrust(entry.node_id)
             self.messaging.drop_streams_to(entry.node_id)
-        log.info("removed %s (%s) from the trust store", entry.label, entry.node_id)
-        return {"entry": entry.public()}
+            dropped = self.messaging.drop_messages_from(entry.node_id)
+        log.info("removed %s (%s) from the trust store; %d of its unread messages dropped",
+                 entry.label, entry.node_id, dropped)
+        return {"entry": entry.public(), "messages_dropped": dropped}
 
     async def list(self, req: TrustListRequest) -> Reply:
         return {"entries": [e.public() for e in self.ctx.store.entries()]}
