@@ -96,6 +96,11 @@ class UnknownHostError(BeaconError):
     """The beacon knows no node by that name (or it is offline)."""
 
 
+class HostOfflineError(UnknownHostError):
+    """The beacon knows the name, but the node holding it is not registered now: the name is
+    not free, it belongs to that node's key."""
+
+
 class StoreUnavailableError(BeaconError):
     """The beacon's shared registry (Redis) did not answer, or answered with an error."""
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pilot_agents import ipc
 from pilot_agents.beacon import service
+from pilot_agents.beacon.server import BeaconConfig
 from pilot_agents.errors import (
     ConfigError,
     CryptoError,
@@ -735,3 +736,41 @@ def test_kept_unread_messages_of_a_peer_removed_meanwhile_are_dropped() -> None:
         assert got["error"]["type"] == "PilotTimeoutError", got
         assert "dropped 2 kept unread messages from senders no longer trusted" in (
             b.home / "daemon.log").read_text()
+
+
+# -- a registered name whose node is offline is not free for a claim (security.md #40) -----------
+
+
+async def test_trust_add_of_an_offline_name_does_not_fall_back_to_a_claim(tmp_path: Path) -> None:
+    """The real alice is registered but offline; mallory's pending request claims 'alice'.
+    'trust add alice' says the name belongs to a node that is offline, and suggests approving
+    no key; approving by the claimed name is refused the same way."""
+    config = BeaconConfig(registration_ttl=8.0, sweep_interval=0.5)
+    running = await service.start("127.0.0.1:0", tmp_path / "beacon", config=config)
+    beacon = "{}:{}".format(*running.address)
+    home = short_home()
+    try:
+        bob = await asyncio.to_thread(start_daemon, home, "bob", "--beacon", beacon)
+        async with Node(tmp_path / "alice", "127.0.0.1:0", beacon=beacon, hostname="alice"):
+            pass
+        async with Node(tmp_path / "mallory", "127.0.0.1:0", beacon=beacon,
+                        hostname="mallory") as mallory:
+            await mallory.send_trust_request(bob.node_id, make_trust_request(
+                mallory.identity, bob.node_id, "alice", "it's me, on a new laptop"))
+            deadline = time.monotonic() + 20
+            while "offline" not in (await asyncio.to_thread(cli, home, "resolve", "alice")).stderr:
+                assert time.monotonic() < deadline, "alice's registration did not lapse"
+                await asyncio.sleep(0.5)
+            pending: Any = await asyncio.to_thread(ipc_call, home, cmd="trust_pending")
+            assert [p["node_id"] for p in pending["pending"]] == [mallory.node_id]
+            added = await asyncio.to_thread(cli, home, "trust", "add", "alice")
+            line = assert_one_line_error(added, 5, "alice belongs to a node that is offline now")
+            assert "approve" not in line and mallory.node_id not in line
+            approved = await asyncio.to_thread(cli, home, "trust", "approve", "alice")
+            line = assert_one_line_error(approved, 7, "offline now", "not approved")
+            assert f"approve {mallory.node_id}" not in line
+        assert not TrustStore.load(home).is_trusted(mallory.node_id)
+    finally:
+        await asyncio.to_thread(stop_daemons, home)
+        running.close()
+        running.server.registry.close()

@@ -10,6 +10,7 @@ import logging
 
 from ..errors import (
     ConfigError,
+    HostOfflineError,
     KeyMismatchError,
     NotTrustedError,
     PilotError,
@@ -68,6 +69,15 @@ class TrustCommands:
         target = canonical_name(req.target)
         try:
             found = await self.ctx.lookup(target)
+        except HostOfflineError:
+            # The name is registered to a node that is away: it is not free for a claim, and
+            # its key can't be checked now.
+            raise HostOfflineError(
+                f"{target} belongs to a node that is offline now (the beacon holds the name for "
+                f"its key), so its key can't be checked: try again once {target} is online, or "
+                "trust it by its node id. A trust request claiming the name does not show that "
+                "it came from that node"
+            ) from None
         except UnknownHostError:
             # No beacon knows the name, but a pending request may claim it: approve that one.
             claims = [e for e in store.pending() if e.hostname == target]
@@ -114,12 +124,20 @@ class TrustCommands:
         if hostname is not None and self.ctx.has_beacon:
             # The name in a request is only a claim: the beacon says whose name it is.
             info: PeerInfo | None
+            offline = False
             try:
                 info = await self.ctx.node.resolve(hostname)
-            except UnknownHostError:
-                info = None
+            except UnknownHostError as exc:
+                info, offline = None, isinstance(exc, HostOfflineError)
             if info is None or info.node_id != pending.node_id:
                 if not is_node_id(target):
+                    if offline:  # the name is another node's (or this one's: can't tell now)
+                        raise KeyMismatchError(
+                            f"the request from key {pending.node_id} claims the name "
+                            f"{hostname}, which belongs to a node that is offline now, so the "
+                            f"claim can't be checked; not approved. Try again once {hostname} "
+                            "is online"
+                        )
                     owner = f"is key {info.node_id}" if info else "does not know it"
                     raise KeyMismatchError(
                         f"the request from key {pending.node_id} claims the name {hostname}, "

@@ -31,6 +31,7 @@ from ..errors import (
     BeaconError,
     ConfigError,
     ConnectionClosedError,
+    HostOfflineError,
     KeyMismatchError,
     NotTrustedError,
     PeerUnreachableError,
@@ -407,7 +408,9 @@ class Node:
         request_id = beacon.resolve(name, endpoint.now())
         event = await self._beacon_request(request_id, timeout)
         if isinstance(event, bc.ResolveFailed):
-            if event.code in (Status.UNKNOWN, Status.OFFLINE):
+            if event.code == Status.OFFLINE:
+                raise HostOfflineError(f"{name}: {event.reason}")
+            if event.code == Status.UNKNOWN:
                 raise UnknownHostError(f"{name}: {event.reason}")
             # Refused (rate limited, not registered) or unanswered: the name may well exist.
             raise BeaconError(f"the beacon did not resolve {name}: {event.reason}")
