@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pilot_agents.beacon import service
 from pilot_agents.errors import (
+    BeaconError,
     ConfigError,
     DaemonRunningError,
     HomeInUseError,
@@ -173,3 +175,43 @@ async def test_two_embedded_nodes_on_one_home(home: Path) -> None:
             pass
     async with Node(home, "127.0.0.1:0"):  # the node that failed to start let the home go
         pass
+
+
+# -- the beacon's key pin (security.md #41) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ['{"127.0.0.1:9": "8b1f9f', "[]", '{"127.0.0.1:9": "zz"}',
+                                  '{"127.0.0.1:9": "8b1f"}', '{"127.0.0.1:9": 5}'])
+async def test_a_damaged_beacon_pin_file_is_refused_not_dropped(home: Path, text: str) -> None:
+    """Before: read as no pins at all, so the next beacon to answer was pinned instead."""
+    path = home / "beacons.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match=f"{path} is not a valid beacon pin file") as info:
+        async with Node(home, "127.0.0.1:0", beacon="127.0.0.1:9", hostname="x"):
+            pass
+    assert "fix or remove it" in str(info.value)
+    assert path.read_text() == text
+
+
+async def test_a_beacon_whose_key_changed_fails_the_start_naming_both_keys(
+    home: Path, tmp_path: Path,
+) -> None:
+    running = await service.start("127.0.0.1:0", tmp_path / "beacon")
+    beacon = "{}:{}".format(*running.address)
+    try:
+        async with Node(home, "127.0.0.1:0", beacon=beacon, hostname="carol"):
+            pass
+        path = home / "beacons.json"
+        real = json.loads(path.read_text())[beacon]
+        pinned = bytes(range(32)).hex()
+        path.write_text(json.dumps({beacon: pinned}))
+        with pytest.raises(BeaconError) as info:
+            async with Node(home, "127.0.0.1:0", beacon=beacon, hostname="carol"):
+                pass
+        message = str(info.value)
+        assert pinned in message and real in message and str(path) in message, message
+        assert json.loads(path.read_text()) == {beacon: pinned}  # the pin stays
+    finally:
+        running.close()
+        running.server.registry.close()

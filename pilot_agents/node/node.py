@@ -274,6 +274,15 @@ class Node:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._registration)
         except TimeoutError:
+            rejected = client.rejected_key
+            if rejected is not None and not client.registered:
+                raise BeaconError(
+                    f"the beacon at {', '.join(names)} answered with key {rejected.hex()}, not "
+                    f"the pinned key {(known or b'').hex()}: refused (the key of a beacon "
+                    "changes only if it was replaced, or if someone else answers for it). If "
+                    f"the beacon's key really changed, remove its line from "
+                    f"{self.home / BEACON_PINS} to pin the new key at the next start"
+                ) from None
             where = "the beacon at " + names[0] if len(names) == 1 else "no beacon of " + (
                 ", ".join(names))
             raise PeerUnreachableError(
@@ -284,11 +293,34 @@ class Node:
             self._save_beacon_pins(pins)
 
     def _load_beacon_pins(self) -> dict[str, bytes]:
+        """The beacon keys pinned so far: none only if the file does not exist. A file that
+        can't be read or is damaged is an error: silently dropping it would let whatever
+        answers next be pinned in place of the real beacon's key."""
+        path = self.home / BEACON_PINS
         try:
-            raw = json.loads(read_private_text(self.home / BEACON_PINS))
-            return {k: bytes.fromhex(v) for k, v in raw.items()}
-        except (OSError, ValueError, AttributeError):
+            raw = json.loads(read_private_text(path))
+        except FileNotFoundError:
             return {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise ConfigError(f"{path} is not a valid beacon pin file ({exc}): fix or remove "
+                              "it (removing it pins the key the beacon answers with next)"
+                              ) from None
+        pins: dict[str, bytes] = {}
+        if isinstance(raw, dict):
+            for name, key in raw.items():
+                try:
+                    pins[name] = bytes.fromhex(key)
+                except (TypeError, ValueError):
+                    break
+                if len(pins[name]) != 32:
+                    break
+            else:
+                return pins
+        raise ConfigError(f"{path} is not a valid beacon pin file (expected "
+                          '{"HOST:PORT": "64 hex digits", ...}): fix or remove it (removing '
+                          "it pins the key the beacon answers with next)")
 
     def _save_beacon_pins(self, pins: dict[str, bytes]) -> None:
         write_private(self.home / BEACON_PINS,

@@ -242,6 +242,9 @@ class BeaconClient:
         self.config = config or BeaconClientConfig()
         self.stats = BeaconClientStats()
         self._beacon_key = beacon_key
+        # A key other than the pinned one that signed a REGISTERED for us (its signature checks
+        # out with that key): the beacon's key changed, or someone else answers for it.
+        self.rejected_key: bytes | None = None
         self._wall_clock_ns = wall_clock_ns
         self._random_bytes = random_bytes
         self._events: deque[BeaconEvent] = deque()
@@ -547,6 +550,8 @@ class BeaconClient:
             self.stats.bad_signature += 1
             self._last_failure = "the beacon's replies are signed by an unexpected key"
             log.warning("REGISTERED signed by key %s, not the pinned one", reply.beacon_key.hex())
+            if reply.verify(self.public_key):
+                self.rejected_key = reply.beacon_key
             return
         if not reply.verify(self.public_key):
             self.stats.bad_signature += 1

@@ -147,6 +147,11 @@ class FleetClient:
         return self.home.beacon_key or self._pinned
 
     @property
+    def rejected_key(self) -> bytes | None:
+        """A key other than the pinned one that answered a registration (see BeaconClient)."""
+        return next((c.rejected_key for c in self._clients() if c.rejected_key), None)
+
+    @property
     def registered(self) -> bool:
         return self.home.registered
 
