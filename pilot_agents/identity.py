@@ -110,15 +110,24 @@ class Identity:
             return cls.load(path)
         except FileNotFoundError:
             pass
-        seed = crypto.random_bytes(32)
+        # Written whole to a file of our own, then linked into place: link() never replaces,
+        # so of two processes creating it at once one wins and the other reads the winner's
+        # complete key, and a crash leaves no key file at all rather than an empty one.
+        tmp = home / f".{KEY_FILE}.{os.getpid()}.{crypto.random_bytes(6).hex()}.tmp"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls.load(path)  # another process created it first
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "w") as file:
+                    file.write(crypto.random_bytes(32).hex() + "\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it first: its key is the one
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
-            raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as file:
-            file.write(seed.hex() + "\n")
+            raise IdentityError(f"cannot create {path}: {exc.strerror or exc}") from None
         return cls.load(path)
 
     @classmethod

@@ -3,11 +3,14 @@ in it; one node per home (an embedded Node never takes over a running daemon's h
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +20,7 @@ from pilot_agents.errors import (
     ConfigError,
     DaemonRunningError,
     HomeInUseError,
+    IdentityError,
     UnsafeHomeError,
 )
 from pilot_agents.identity import Identity
@@ -215,3 +219,52 @@ async def test_a_beacon_whose_key_changed_fails_the_start_naming_both_keys(
     finally:
         running.close()
         running.server.registry.close()
+
+
+# -- identity.key is created whole or not at all (security.md #42) -------------------------------
+
+
+def _create_identity(home: Path, start: Any, results: Any) -> None:
+    start.wait()
+    try:
+        results.put(Identity.load_or_create(home).node_id)
+    except Exception as exc:  # reported to the test, not lost in the child
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_creating_one_identity_get_the_same_complete_key(tmp_path: Path) -> None:
+    """Before: the key file was created empty (O_EXCL) and its seed written after, so the loser
+    of the race read an empty or half-written file ("wrong length") about half the time."""
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(40):
+        home = tmp_path / f"h{round_}"
+        start, results = context.Barrier(2), context.Queue()
+        procs = [context.Process(target=_create_identity, args=(home, start, results))
+                 for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        got = {results.get(timeout=30), results.get(timeout=30)}
+        for proc in procs:
+            proc.join(30)
+        if len(got) != 1:
+            failures.append(got)
+        assert [p.name for p in home.iterdir()] == ["identity.key"]  # no temp file left
+    assert failures == []
+
+
+def test_a_failed_identity_creation_leaves_no_key_file(
+    home: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: a crash between creating identity.key and writing its seed left it empty, and
+    every later start failed on it."""
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(IdentityError, match="No space left"):
+        Identity.load_or_create(home)
+    assert list(home.iterdir()) == []
+    monkeypatch.undo()
+    identity = Identity.load_or_create(home)
+    assert Identity.load_or_create(home) == identity
