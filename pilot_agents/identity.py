@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, CryptoError, IdentityError
-from .home import check_home, check_private_file
+from .home import check_home, check_private_file, fsync_directory
 from .net.tunnel import crypto
 
 KEY_FILE = "identity.key"
@@ -122,6 +122,7 @@ class Identity:
                     file.flush()
                     os.fsync(file.fileno())
                 os.link(tmp, path)
+                fsync_directory(home)
             except FileExistsError:
                 pass  # another process created it first: its key is the one
             finally:

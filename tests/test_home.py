@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from pilot_agents.errors import (
     IdentityError,
     UnsafeHomeError,
 )
+from pilot_agents.home import write_private
 from pilot_agents.identity import Identity
 from pilot_agents.node.node import Node
 from pilot_agents.trust import TrustStore
@@ -268,3 +270,36 @@ def test_a_failed_identity_creation_leaves_no_key_file(
     monkeypatch.undo()
     identity = Identity.load_or_create(home)
     assert Identity.load_or_create(home) == identity
+
+
+# -- files of the home are durable once written (security.md #43) --------------------------------
+
+
+def test_writes_of_the_home_sync_its_directory_after_the_rename(
+    home: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: write_private fsynced the file but not the directory, so the rename (and the
+    link of a new identity.key) could be lost by a crash after the call returned."""
+    events: list[str] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    def link(src: Any, dst: Any) -> None:
+        events.append("link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    write_private(home / "trust.json", "{}")
+    assert events == ["fsync file", "rename", "fsync dir"]
+    events.clear()
+    Identity.load_or_create(home)
+    assert events == ["fsync file", "link", "fsync dir"]
