@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "pilot_agents.transport": 1,
     "pilot_agents.runtime": 1,
     "pilot_agents.home": 1,
+    "pilot_agents.terminal": 1,
     "pilot_agents.net._native": 1,
     "pilot_agents.net.tunnel": 2,
     "pilot_agents.net.traversal": 3,
