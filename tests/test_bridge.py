@@ -329,7 +329,8 @@ async def test_a_zmq_req_client_asks_a_remote_replier(
 
 REP_SCRIPT = """
     import json, sys, zmq
-    rep = zmq.Context().socket(zmq.REP)
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.RCVTIMEO, 15000)
     rep.connect(sys.argv[1])
     print("ready", flush=True)
@@ -345,6 +346,8 @@ REP_SCRIPT = """
             break
         else:
             rep.send(data[::-1])
+    rep.close(linger=10000)  # the last answer leaves before the process ends
+    ctx.term()
     print(json.dumps(served))
 """
 
@@ -378,7 +381,8 @@ async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
 
 SLOW_REP_SCRIPT = """
     import json, sys, time, zmq
-    rep = zmq.Context().socket(zmq.REP)
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.RCVTIMEO, 15000)
     rep.connect(sys.argv[1])
     print("ready", flush=True)
@@ -388,6 +392,8 @@ SLOW_REP_SCRIPT = """
         time.sleep(float(sys.argv[2]))
         rep.send(data[::-1])
     rep.send(b"bye")
+    rep.close(linger=10000)
+    ctx.term()
     print(json.dumps(seen))
 """
 
@@ -649,12 +655,17 @@ BIG_REQ_SCRIPT = """
 
 BIG_REP_SCRIPT = """
     import sys, zmq
-    rep = zmq.Context().socket(zmq.REP)
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.RCVTIMEO, 30000)
     rep.connect(sys.argv[1])
     while (data := rep.recv()) != b"quit":
         rep.send(bytes(int(sys.argv[2])) if data == b"big reply" else data[::-1])
     rep.send(b"bye")
+    # pyzmq does not terminate a context at interpreter exit: without this, "bye" could
+    # still be queued when the process ended (CI once saw the bridge wait 10 s for it)
+    rep.close(linger=10000)
+    ctx.term()
     print("[]")
 """
 
