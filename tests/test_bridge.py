@@ -327,17 +327,24 @@ async def test_a_zmq_req_client_asks_a_remote_replier(
     assert stats["forwarded"] == 52 and stats["errors"] == 2 and stats["dropped"] == 0
 
 
-REP_SCRIPT = """
-    import json, sys, zmq
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.setsockopt(zmq.RCVTIMEO, 15000)
-    rep.connect(sys.argv[1])
+def rep_worker(body: str, recv_timeout_ms: int = 15000) -> str:
+    """A ZeroMQ REP worker's script: a REP socket ``rep`` connected to the first argument, then
+    ``body``, which answers and sets ``result``; then the socket closes with a linger and the
+    context ends before ``result`` is printed as JSON. pyzmq does not terminate a context at
+    interpreter exit (zmq/sugar/context.py skips it once atexit ran): without that, the last
+    answer could still be queued when the process ended."""
+    return (f"import json, sys, time, zmq\nctx = zmq.Context()\nrep = ctx.socket(zmq.REP)\n"
+            f"rep.setsockopt(zmq.RCVTIMEO, {recv_timeout_ms})\nrep.connect(sys.argv[1])\n"
+            f"{textwrap.dedent(body)}\n"
+            "rep.close(linger=10000)\nctx.term()\nprint(json.dumps(result))\n")
+
+
+REP_SCRIPT = rep_worker("""
     print("ready", flush=True)
-    served = 0
+    result = 0
     while True:
         data = rep.recv()
-        served += 1
+        result += 1
         if data == b"fail":
             rep.send_multipart([b"pilot-agents.error",
                                 json.dumps({"type": "KeyError", "message": "no row"}).encode()])
@@ -346,10 +353,7 @@ REP_SCRIPT = """
             break
         else:
             rep.send(data[::-1])
-    rep.close(linger=10000)  # the last answer leaves before the process ends
-    ctx.term()
-    print(json.dumps(served))
-"""
+""")
 
 
 async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
@@ -379,23 +383,15 @@ async def test_a_remote_requester_is_served_by_a_zmq_rep_worker(
     assert stats["forwarded"] == 12 and stats["errors"] == 2
 
 
-SLOW_REP_SCRIPT = """
-    import json, sys, time, zmq
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.setsockopt(zmq.RCVTIMEO, 15000)
-    rep.connect(sys.argv[1])
+SLOW_REP_SCRIPT = rep_worker("""
     print("ready", flush=True)
-    seen = []
+    result = []
     while (data := rep.recv()) != b"quit":
-        seen.append(data.decode())
+        result.append(data.decode())
         time.sleep(float(sys.argv[2]))
         rep.send(data[::-1])
     rep.send(b"bye")
-    rep.close(linger=10000)
-    ctx.term()
-    print(json.dumps(seen))
-"""
+""")
 
 
 async def test_requests_their_requesters_gave_up_on_no_longer_hold_the_workers(
@@ -653,21 +649,12 @@ BIG_REQ_SCRIPT = """
     print(json.dumps(out))
 """
 
-BIG_REP_SCRIPT = """
-    import sys, zmq
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.setsockopt(zmq.RCVTIMEO, 30000)
-    rep.connect(sys.argv[1])
+BIG_REP_SCRIPT = rep_worker("""
     while (data := rep.recv()) != b"quit":
         rep.send(bytes(int(sys.argv[2])) if data == b"big reply" else data[::-1])
     rep.send(b"bye")
-    # pyzmq does not terminate a context at interpreter exit: without this, "bye" could
-    # still be queued when the process ended (CI once saw the bridge wait 10 s for it)
-    rep.close(linger=10000)
-    ctx.term()
-    print("[]")
-"""
+    result = []
+""", recv_timeout_ms=30000)
 
 
 async def test_requests_and_replies_too_large_for_a_tunnel_are_error_replies(
