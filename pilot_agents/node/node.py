@@ -298,26 +298,16 @@ class Node:
         answers next be pinned in place of the real beacon's key."""
         path = self.home / BEACON_PINS
         try:
-            raw = json.loads(read_private_text(path))
+            pins = {name: bytes.fromhex(key)
+                    for name, key in json.loads(read_private_text(path)).items()}
+            if all(len(key) == 32 for key in pins.values()):
+                return pins
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:  # not JSON, or not UTF-8
-            raise ConfigError(f"{path} is not a valid beacon pin file ({exc}): fix or remove "
-                              "it (removing it pins the key the beacon answers with next)"
-                              ) from None
-        pins: dict[str, bytes] = {}
-        if isinstance(raw, dict):
-            for name, key in raw.items():
-                try:
-                    pins[name] = bytes.fromhex(key)
-                except (TypeError, ValueError):
-                    break
-                if len(pins[name]) != 32:
-                    break
-            else:
-                return pins
+        except (ValueError, TypeError, AttributeError):  # not JSON, nor a mapping to hex keys
+            pass
         raise ConfigError(f"{path} is not a valid beacon pin file (expected "
                           '{"HOST:PORT": "64 hex digits", ...}): fix or remove it (removing '
                           "it pins the key the beacon answers with next)")
