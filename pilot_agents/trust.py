@@ -56,7 +56,7 @@ from .errors import (
 )
 from .home import check_home, hold_daemon_lock, read_private_text, write_private
 from .identity import Identity, key_from_node_id, looks_like_node_id, node_id_from_key
-from .net.traversal.beacon_wire import valid_hostname
+from .net.traversal.beacon_wire import canonical_name, valid_hostname
 from .net.tunnel import crypto
 from .net.tunnel.ratelimit import TokenBucket
 from .terminal import escape_unsafe, has_unsafe_characters
@@ -79,13 +79,6 @@ def is_node_id(text: str) -> bool:
     """Whether ``text`` is meant as a node id rather than a name: it has the form of one. A
     typo'd id has it too; :func:`key_from_node_id` refuses it with a message saying so."""
     return looks_like_node_id(text)
-
-
-def canonical_name(name: str) -> str:
-    """A hostname as the beacon and the pins know it: stripped and lower-cased (the beacon's
-    rule, ``beacon_wire.valid_hostname``, allows only ``a-z 0-9 -``). Every name that reaches
-    the trust store goes through this, so ``Alice`` can never be a name other than ``alice``."""
-    return name.strip().lower()
 
 
 def short_id(node_id: str) -> str:
@@ -438,7 +431,7 @@ class TrustStore:
         """The entry for a node id or name; ConfigError if none or ambiguous."""
         wanted = set(states) if states is not None else {"mutual", "outgoing", "incoming"}
         if is_node_id(target):
-            entry = self._entries.get(target.strip().lower())
+            entry = self._entries.get(canonical_name(target))
             if entry is not None and entry.state in wanted:
                 return entry
             raise ConfigError(f"{target} is not in the trust store")

@@ -17,8 +17,9 @@ from ..errors import (
     not_trusted,
 )
 from ..home import read_private_text, write_private
+from ..net.traversal.beacon_wire import canonical_name
 from ..node.node import Node, PeerInfo
-from ..trust import TrustStore, canonical_name, first_line, is_node_id
+from ..trust import TrustStore, first_line, is_node_id
 from .options import DaemonOptions
 
 STATIC_PEERS_FILE = "static-peers.json"

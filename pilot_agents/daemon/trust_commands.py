@@ -17,12 +17,12 @@ from ..errors import (
     TrustRequestError,
     UnknownHostError,
 )
+from ..net.traversal.beacon_wire import canonical_name
 from ..node.node import PeerInfo
 from ..terminal import escape_unsafe
 from ..trust import (
     TrustEntry,
     TrustRequest,
-    canonical_name,
     is_node_id,
     make_trust_request,
     parse_trust_request_untrusted,

@@ -47,7 +47,7 @@ from ..home import NodeLock, read_private_text, write_private
 from ..identity import Identity, default_home, key_from_node_id, node_id_from_key
 from ..net.io.endpoint import Endpoint
 from ..net.traversal import beacon_client as bc
-from ..net.traversal.beacon_wire import Status, looks_like_node_id
+from ..net.traversal.beacon_wire import Status, canonical_name, looks_like_node_id
 from ..net.traversal.fleet import FleetClient, HomeMoved, RelayDropped
 from ..net.tunnel import events
 from ..net.tunnel.codes import CloseCode, ResetCode, close_reason, reset_reason
@@ -376,7 +376,7 @@ class Node:
         if node_id_from_key(key) == self.node_id:
             raise ConfigError("that is this node's own id: a node has no tunnel to itself")
         if hostname:
-            name = hostname.strip().lower()
+            name = canonical_name(hostname)
             pinned = self._pins.get(name)
             if pinned is not None and pinned != key:
                 # Pins never move silently: that is what makes them pins.
@@ -460,7 +460,7 @@ class Node:
 
     async def _peer_key(self, name_or_id: str) -> bytes:
         """The key for a node id, a pinned name, or a hostname resolved through the beacon."""
-        text = name_or_id.strip().lower()
+        text = canonical_name(name_or_id)
         if looks_like_node_id(text):
             return key_from_node_id(text)
         pinned = self._pins.get(text)
@@ -697,7 +697,7 @@ class Node:
         try:
             return await self._established_session(key, timeout)
         except PeerUnreachableError:
-            name = peer.strip().lower()
+            name = canonical_name(peer)
             if self._pins.get(name) == key:
                 await self._refuse_moved_name(name, key, timeout)
             raise

@@ -52,7 +52,7 @@ from ...errors import BeaconError, ConfigError, NameTakenError, WireError
 from ..tunnel import crypto
 from . import beacon_wire as bw
 from . import stun
-from .beacon_wire import Address, NatType, Status
+from .beacon_wire import Address, NatType, Status, canonical_name
 
 log = logging.getLogger("pilot_agents.beacon_client")
 
@@ -374,7 +374,7 @@ class BeaconClient:
         """Look up a hostname or node id; the answer is a Resolved or ResolveFailed event with
         the returned request id. ConfigError if the string is neither; BeaconError if the
         beacon refused our registration for good (a request could never be answered)."""
-        text = name_or_node_id.strip().lower()
+        text = canonical_name(name_or_node_id)
         if bw.looks_like_node_id(text):
             return self.resolve_key(base64.b32decode(text.upper() + "===="), now)
         if not bw.valid_hostname(text):

@@ -233,6 +233,13 @@ class NatType(IntEnum):
             ) from None
 
 
+def canonical_name(text: str) -> str:
+    """A hostname (or node id) as the beacon compares it: stripped and lower-cased. Every name
+    a pin or the trust store keeps goes through this, so ``Alice`` is never a name other than
+    ``alice``."""
+    return text.strip().lower()
+
+
 def valid_hostname(name: str) -> bool:
     """1-63 of ``a-z 0-9 -``, no hyphen at either end, and not something a node id could be.
 
