@@ -35,6 +35,7 @@ from pilot_agents.errors import (
     MissingStateKeyError,
     PilotTimeoutError,
     RemoteError,
+    StoppedError,
     UnserializableValueError,
     WireError,
 )
@@ -47,6 +48,7 @@ from pilot_agents.integrations.langgraph import (
     peer_thread,
     serving_graph,
 )
+from pilot_agents.integrations.langgraph import base as base_module
 from pilot_agents.integrations.langgraph import remote as remote_module
 from pilot_agents.integrations.langgraph.codec import Codec, parse
 from pilot_agents.integrations.langgraph.remote import GraphServer
@@ -363,6 +365,23 @@ async def test_a_served_graph_node_that_exits_fails_only_its_run(tmp_path: Path)
                 [update async for update in remote.astream({"question": question})]
         assert await remote.ainvoke({"question": "q"}) == {"question": "q", "answer": "q",
                                                            "approved": True}
+
+
+async def test_a_task_cancelled_before_it_starts_leaves_no_coroutine_unawaited() -> None:
+    """contained() wraps the coroutine of each task made in its block; LangGraph cancels such a
+    task before its first step when a run is cancelled as it ends (its loop's exit task). The
+    coroutine it was made for is closed then, not left to be reported as never awaited."""
+    async def exit_stack() -> None:
+        pass
+
+    inner = exit_stack()
+    with base_module.contained(StoppedError):
+        task = asyncio.create_task(inner)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # (its done callbacks)
+    assert inner.cr_frame is None  # closed: an unstarted coroutine still has its frame
 
 
 async def test_a_failing_stream_yields_its_updates_before_the_error(tmp_path: Path) -> None:

@@ -201,11 +201,17 @@ def _containing_factory(previous: Any) -> Any:
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
         context = kwargs.get("context")
         error = _STOPS.get() if context is None else context.get(_STOPS)
-        if error is not None:
-            coro = contain(coro, error)
+        wrapped = coro if error is None else contain(coro, error)
         if previous is None:
-            return asyncio.Task(coro, loop=loop, **kwargs)
-        return previous(loop, coro, **kwargs)
+            task = asyncio.Task(wrapped, loop=loop, **kwargs)
+        else:
+            task = previous(loop, wrapped, **kwargs)
+        if wrapped is not coro:
+            # A task cancelled before its first step never ran contain(), so nothing awaited
+            # the coroutine it was made for: closed, it is not reported as never awaited
+            # (LangGraph cancels such tasks when a run is cancelled as it ends).
+            task.add_done_callback(lambda _: coro.close())
+        return task
     return factory
 
 
