@@ -68,9 +68,18 @@ typedef struct {
     /* Set during read(): the receive callback (or a collection) may let another thread in,
      * which must not refill the buffers still being handed out. */
     int busy;
+    /* Headers the last recvmmsg filled in: only these need resetting before the next (a lone
+     * request's datagram would otherwise have all `count` of them, 4 KB, written per call). */
+    unsigned int used;
+    /* The last sender's address and its (host, port) tuple, handed out again while datagrams
+     * come from it: a peer's datagrams make no strings, and the tuple's str keeps its hash. */
+    address_t last_name;
+    socklen_t last_size;
+    PyObject *last_address;
 } Receiver;
 
 static void receiver_dealloc(Receiver *self) {
+    Py_XDECREF(self->last_address);
     PyMem_Free(self->messages);
     PyMem_Free(self->iovecs);
     PyMem_Free(self->names);
@@ -115,6 +124,7 @@ static PyObject *receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwar
         header->msg_iovlen = 1;
         header->msg_control = self->control + i * RECV_CONTROL;
     }
+    self->used = count;
     return (PyObject *)self;
 }
 
@@ -163,7 +173,10 @@ static int deliver(PyObject *receive, const char *data, size_t size, PyObject *a
 
 /* One recvmmsg on fd into the buffers; each datagram read handed to receive. */
 static PyObject *read_into(Receiver *self, int fd, PyObject *receive, PyObject *now) {
-    for (unsigned int i = 0; i < self->count; i++) {
+    /* The kernel wrote into the headers of the datagrams it returned, and into the one
+     * after them that found nothing. */
+    unsigned int dirty = self->used < self->count ? self->used + 1 : self->count;
+    for (unsigned int i = 0; i < dirty; i++) {
         struct msghdr *header = &self->messages[i].msg_hdr;
         header->msg_namelen = sizeof(address_t);
         header->msg_controllen = RECV_CONTROL;
@@ -173,15 +186,12 @@ static PyObject *read_into(Receiver *self, int fd, PyObject *receive, PyObject *
     do {
         got = recvmmsg(fd, self->messages, self->count, MSG_DONTWAIT, NULL);
     } while (got < 0 && errno == EINTR);
+    self->used = got > 0 ? (unsigned int)got : 0;
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return PyLong_FromLong(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    /* Consecutive datagrams from one sender share one address tuple. */
-    PyObject *address = NULL;
-    const address_t *last = NULL;
-    socklen_t last_size = 0;
     for (int i = 0; i < got; i++) {
         struct msghdr *header = &self->messages[i].msg_hdr;
         size_t size = self->messages[i].msg_len;
@@ -189,15 +199,21 @@ static PyObject *read_into(Receiver *self, int fd, PyObject *receive, PyObject *
         if (header->msg_flags & MSG_TRUNC)
             continue;
         const address_t *name = &self->names[i];
-        if (last == NULL || header->msg_namelen != last_size ||
-            memcmp(name, last, last_size) != 0) {
-            Py_XDECREF(address);
-            address = address_of(name);
-            if (address == NULL)
+        /* (The kernel gives an address's full length, even one longer than the buffer.) */
+        socklen_t name_size = header->msg_namelen < sizeof(address_t) ? header->msg_namelen
+                                                                       : sizeof(address_t);
+        if (self->last_address == NULL || name_size != self->last_size ||
+            memcmp(name, &self->last_name, name_size) != 0) {
+            PyObject *fresh = address_of(name);
+            if (fresh == NULL)
                 return NULL;
-            last = name;
-            last_size = header->msg_namelen;
+            Py_XSETREF(self->last_address, fresh);
+            memcpy(&self->last_name, name, name_size);
+            self->last_size = name_size;
         }
+        /* Our own reference: receive may run a read of this Receiver's (refused, busy) or
+         * anything else that replaces last_address meanwhile. */
+        PyObject *address = Py_NewRef(self->last_address);
         const char *data = self->iovecs[i].iov_base;
         size_t segment = (size_t)gro_size(header);
         if (segment == 0 || segment >= size)
@@ -211,8 +227,8 @@ static PyObject *read_into(Receiver *self, int fd, PyObject *receive, PyObject *
             }
             start += segment;
         } while (start < size);
+        Py_DECREF(address);
     }
-    Py_XDECREF(address);
     return PyLong_FromLong(got);
 }
 
