@@ -47,7 +47,6 @@ class Endpoint:
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._reader: DatagramReader | None = None
-        self._from_beacon = False  # set by _receive during a read
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -113,26 +112,17 @@ class Endpoint:
         reader = self._reader
         if self._sock is None or reader is None:
             return
-        mux = self.mux
-        now = monotonic()
-        self._from_beacon = False
-        reader.read(self._receive, now)
-        from_beacon = self._from_beacon
-        # Hand what arrived to the application first. If nothing must leave at once (a request
-        # wants only a delayed ACK), the timer covers the ACK and the application's reply,
-        # written in this loop iteration, carries it. Otherwise the flush still waits for the
-        # end of the iteration, so a reply written meanwhile leaves in the same packet.
+        reader.read(self._receive, monotonic())
+        # Hand what arrived to the application first, and leave the rest for a flush after the
+        # tasks it woke: one of them may answer at once (a requester's next request), and its
+        # write flushes (sending what is due, re-arming the timer) before anything else. A
+        # delayed ACK alone waits for the timer, or for the application's reply to carry it.
         self._deliver_events()
-        if from_beacon or mux.output_due(now):
-            self.wake()
-        else:
-            self._on_progress()  # acknowledgements may have freed send buffers
-            self._rearm()
+        self.wake()
 
     def _receive(self, data: bytes, address: tuple[str, int], now: float) -> None:
         beacon = self.beacon
         if beacon is not None and address in beacon.addresses:
-            self._from_beacon = True
             beacon.receive_datagram(data, address, now)
             self._drain_beacon_events(now)
         else:
