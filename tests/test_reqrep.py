@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -141,6 +142,37 @@ async def test_a_slow_request_does_not_hold_up_a_fast_one(pair: Pair) -> None:
         assert fast.text() == "fast" and not slow.done()
         release.set()
         assert (await slow).text() == "slow"
+
+
+async def test_a_handler_runs_as_its_worker_task_from_its_first_step(pair: Pair) -> None:
+    """serve() runs a request's first step as soon as it is delivered (embedded: in the
+    delivery itself, serve()'s eager start): as one task throughout, in that task's context,
+    so a timeout armed before the handler's first wait fires, cancels only it, and context
+    variables set before it are there after it; a second wait the same."""
+    seen: contextvars.ContextVar[bytes] = contextvars.ContextVar("seen")
+
+    async def handler(request: Request) -> object:
+        seen.set(request.data)
+        me = asyncio.current_task()
+        assert me is not None
+        waits = []
+        for _ in range(2):
+            try:
+                async with asyncio.timeout(0.05):
+                    await asyncio.sleep(10)
+            except TimeoutError:
+                waits.append("timed out")
+        assert asyncio.current_task() is me and not me.cancelling()
+        return {"seen": seen.get().decode(), "waits": waits}
+
+    async with (
+        serving(pair.server.transport, 7003, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        replies = await asyncio.gather(*(
+            requester.request(pair.server_name, 7003, f"r{n}", timeout=10) for n in range(3)))
+        assert [reply.json() for reply in replies] == [
+            {"seen": f"r{n}", "waits": ["timed out", "timed out"]} for n in range(3)]
 
 
 async def test_a_handler_that_raises_is_a_remote_error(pair: Pair) -> None:
@@ -312,7 +344,7 @@ async def test_cancelling_a_request_and_the_one_waiting_for_its_slot_cancels_bot
 async def test_a_released_slot_goes_to_the_request_waiting_for_it() -> None:
     """A request that comes between a slot's release and the woken request's step used to
     take the slot first (the count said it was free), sending the woken one to the back."""
-    stream = reqrep._Stream(object(), max_in_flight=1, now=0.0)  # type: ignore[arg-type]
+    stream = reqrep._Stream(object(), "peer", 1, max_in_flight=1, now=0.0)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     await stream.take_slot(loop)
     waiting = asyncio.create_task(stream.take_slot(loop))

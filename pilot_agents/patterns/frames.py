@@ -13,6 +13,7 @@ import struct
 from typing import NamedTuple
 
 from ..errors import ConfigError, WireError
+from ..transport import encode_payload
 
 _HEADER = struct.Struct("!BQ")
 HEADER_SIZE = _HEADER.size
@@ -64,14 +65,19 @@ def encode_frame(kind: Kind, frame_id: int, payload: bytes) -> bytes:
     return _HEADER.pack(kind, frame_id) + payload
 
 
-def check_fits(what: str, payload: bytes) -> bytes:
-    """``payload``, or :class:`ConfigError` if its frame is larger than a tunnel message: sent,
-    it would reset (or have the daemon refuse) a stream that others' frames share."""
+def encode_fitting(what: str, data: object) -> bytes:
+    """``data`` encoded (:func:`~pilot_agents.transport.encode_payload`), or :class:`ConfigError`
+    if its frame would be larger than a tunnel message: sent, it would reset (or have the
+    daemon refuse) a stream that others' frames share."""
+    payload = data if type(data) is bytes else encode_payload(data)  # (a call fewer)
     if len(payload) > MAX_PAYLOAD:
         raise ConfigError(f"{what} of {len(payload)} bytes: the largest message a tunnel "
                           f"carries is {MAX_MESSAGE} bytes, {HEADER_SIZE} of them the frame's "
                           "header")
     return payload
+
+
+_new_tuple = tuple.__new__
 
 
 def parse_frame_untrusted(data: bytes) -> Frame:
@@ -81,7 +87,8 @@ def parse_frame_untrusted(data: bytes) -> Frame:
     known = _KINDS.get(kind)
     if known is None:
         raise WireError(f"unknown pattern frame kind {kind}")
-    return Frame(known, frame_id, data[HEADER_SIZE:])
+    # Made as a tuple: a NamedTuple's own constructor is a Python function, a call more.
+    return _new_tuple(Frame, (known, frame_id, data[HEADER_SIZE:]))
 
 
 _TOPIC_LENGTH = struct.Struct("!H")

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import (
@@ -74,12 +75,12 @@ from ..transport import (
     Message,
     Payload,
     Transport,
-    encode_payload,
 )
+from . import eager
 from .frames import (
     Kind,
-    check_fits,
     encode_error,
+    encode_fitting,
     encode_frame,
     note_malformed,
     parse_error_untrusted,
@@ -117,7 +118,6 @@ class Reply(Payload):
     sender: str  # the replier's node id
 
 
-@dataclass
 class Request(Payload):
     """A request as the replier sees it; answer it once with :meth:`reply` or :meth:`fail`.
 
@@ -125,15 +125,25 @@ class Request(Payload):
     so, or went away (its stream ended); an answer is then not sent (nobody reads it).
     :meth:`on_cancel` asks to be told: :func:`serve` cancels the handler's work that way."""
 
-    data: bytes
-    sender: str  # the requester's node id
-    port: int
-    id: int
-    _message: Message = field(repr=False)
-    _replier: Replier | None = field(default=None, repr=False)
-    answered: bool = False
-    cancelled: bool = False
-    _on_cancel: Callable[[], object] | None = field(default=None, repr=False)
+    # Not a dataclass: one is made per request, and its generated __init__ sets every field.
+    answered = False
+    cancelled = False
+    _on_cancel: Callable[[], object] | None = None
+
+    def __init__(self, data: bytes, sender: str, port: int, request_id: int, message: Message,
+                 replier: Replier | None = None) -> None:
+        self.data = data
+        self.sender = sender  # the requester's node id
+        self.port = port
+        self.id = request_id
+        self._message = message
+        self._replier = replier
+        self._key = (sender, message.source_port, request_id)  # what a CANCEL names
+
+    def __repr__(self) -> str:
+        return (f"Request(sender={self.sender!r}, port={self.port}, id={self.id}, "
+                f"{len(self.data)} bytes, answered={self.answered}, "
+                f"cancelled={self.cancelled})")
 
     def on_cancel(self, callback: Callable[[], object] | None) -> None:
         """Call ``callback`` when the requester gives up on this request (at once if it has);
@@ -158,24 +168,34 @@ class Request(Payload):
         await self._answer(Kind.ERROR, encode_error(error))
 
     async def _answer(self, kind: Kind, payload: bytes) -> None:
+        if not self._send(kind, payload):
+            await self._sent(kind, payload)
+
+    def _send(self, kind: Kind, payload: bytes) -> bool:
+        """Answer without waiting if that can be done (the embedded transport's stream takes
+        the frame when it has room): False if :meth:`_sent` must finish it."""
         if self.answered:
             raise ConfigError(f"request {self.id} was already answered")
         self.answered = True
         if self.cancelled:
-            return
+            return True
         if self._replier is not None:
             self._replier._forget(self)
-        frame = encode_frame(kind, self.id, payload)
-        # The embedded transport's stream takes it without a coroutine when it has room.
+        way_back = getattr(self._message, "way_back", None)
+        return way_back is not None and way_back.write(encode_frame(kind, self.id, payload))
+
+    async def _sent(self, kind: Kind, payload: bytes) -> None:
+        """What :meth:`_send` left: the frame sent, or its stream's room waited for."""
         way_back = getattr(self._message, "way_back", None)
         if way_back is None:
-            await self._message.reply(frame, stall=UNREAD_REPLIES_TIMEOUT)
-        elif not way_back.write(frame):
+            await self._message.reply(encode_frame(kind, self.id, payload),
+                                      stall=UNREAD_REPLIES_TIMEOUT)
+        else:
             await way_back.room(stall=UNREAD_REPLIES_TIMEOUT)
 
 
 def _reply_payload(data: object) -> bytes:
-    return check_fits("a reply", encode_payload(data))
+    return encode_fitting("a reply", data)
 
 
 @runtime_checkable
@@ -203,6 +223,15 @@ class _Writable(Protocol):
     async def room(self) -> None: ...
 
 
+@runtime_checkable
+class _Takeable(Protocol):
+    """A connection or listener that hands each message to a callback as it is delivered
+    (the embedded node's, :meth:`~pilot_agents.node.Connection.set_taker`): a reply reaches its
+    request, and a request its handler, with no task woken to receive it."""
+
+    def set_taker(self, take: Callable[[Message], bool] | None) -> None: ...
+
+
 class _Unseen(Exception):
     """A request's replier restarted before it acknowledged the request: send it again."""
 
@@ -210,14 +239,19 @@ class _Unseen(Exception):
 class _Stream:
     """One requester stream: its connection, the requests waiting on it, and who reads it.
 
-    The replies are read by one of the requests waiting for them, in its own task: when only
-    one request is in flight (a request/reply loop) its reply wakes it directly, where a
-    reader task of the stream's own would wake first and then wake it (a task step more per
-    round trip). A reader whose reply is in stops reading; if others still wait, a reader task
-    takes over until none does."""
+    Where the connection offers each message as it is delivered (:class:`_Takeable`), replies
+    go to their requests from there, and a reader task of the stream's only waits for its end.
+    Elsewhere the replies are read by one of the requests waiting for them, in its own task:
+    when only one request is in flight (a request/reply loop) its reply wakes it directly,
+    where a reader task of the stream's own would wake first and then wake it (a task step more
+    per round trip). A reader whose reply is in stops reading; if others still wait, a reader
+    task takes over until none does."""
 
-    def __init__(self, conn: Connection, max_in_flight: int, now: float) -> None:
+    def __init__(self, conn: Connection, peer: str, port: int, max_in_flight: int,
+                 now: float) -> None:
         self.conn = conn
+        self.peer = peer
+        self.port = port
         # The loop's clock: when a request last took it, or the idle sweep found one on it.
         self.used = now
         self.waiting: dict[int, asyncio.Future[Reply]] = {}
@@ -235,6 +269,7 @@ class _Stream:
         self.turns: deque[asyncio.Future[None]] = deque()
         self.reader: asyncio.Task[Any] | None = None  # the task reading, if any
         self.dead = False
+        self.taken = False
 
     async def take_slot(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for a slot, in turn (the caller bounds the wait)."""
@@ -272,8 +307,7 @@ class _Stream:
         else:
             future.set_result(reply)
 
-    def fail(self, error: PilotError, peer: str = "", port: int = 0, *,
-             resend: bool = True) -> None:
+    def fail(self, error: PilotError, *, resend: bool = True) -> None:
         """The stream is gone: every request waiting on it raises ``error``; or, if the
         replier's node restarted (and ``resend``), goes again (the old node never saw it) or
         raises that it restarted before replying."""
@@ -288,17 +322,9 @@ class _Stream:
                 self.answer(future, _Unseen())
             else:
                 self.answer(future, ConnectionClosedError(
-                    f"the replier on {peer} port {port} restarted before replying (its node "
-                    "had received the request, so it may have been handled): not resent"))
-
-
-@dataclass(slots=True)
-class _Deadline:
-    """A request's deadline, as the requester's shared timer sees it."""
-
-    at: float  # the event loop's clock
-    task: asyncio.Task[Reply]
-    expired: bool = False
+                    f"the replier on {self.peer} port {self.port} restarted before replying "
+                    "(its node had received the request, so it may have been handled): not "
+                    "resent"))
 
 
 # The longest a stream's opening waits, whatever the request's timeout (a daemon refuses a
@@ -350,8 +376,10 @@ class Requester:
         # Every request's deadline, and one timer for them all that only ever moves earlier
         # (as the node's Mailbox does): arming a timer per request costs about 3 us on uvloop,
         # a few percent of a round trip; this one is armed about once per timeout.
-        self._deadlines: dict[int, _Deadline] = {}
+        self._deadlines: dict[int, tuple[float, asyncio.Task[Reply]]] = {}  # (loop's clock)
+        self._expired: set[int] = set()  # requests the timer cancelled
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None  # asking costs a getpid on 3.11
         self._telling: set[asyncio.Task[None]] = set()  # CANCELs on their way (daemon's)
         self.malformed = 0  # malformed replies; each dropped the stream it came on
@@ -367,7 +395,7 @@ class Requester:
         """Send ``data`` to the replier on ``port`` of ``peer`` and wait for its reply, up to
         ``timeout`` seconds; :class:`ConfigError` at once if it is larger than a tunnel message,
         or ``timeout`` is not a number (None: a request never waits for ever)."""
-        payload = check_fits("a request", encode_payload(data))
+        payload = encode_fitting("a request", data)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -406,8 +434,8 @@ class Requester:
                 stream.in_flight += 1
                 stream.used = now  # what keeps it from the idle sweep: one store per request
             request_id = next(self._ids)
-            entry = self._deadlines[request_id] = _Deadline(deadline, task)
-            if self._timer is None or deadline < self._timer.when():
+            self._deadlines[request_id] = (deadline, task)
+            if deadline < self._timer_at:
                 self._arm(loop, deadline)
             future: asyncio.Future[Reply] = loop.create_future()
             stream.waiting[request_id] = future
@@ -434,16 +462,16 @@ class Requester:
                     # A stream that fails a send is done with (a later send would fail the
                     # same way): it goes, with what waits on it, this request among them,
                     # which goes again on a new stream if its replier restarted before it.
-                    await self._drop(stream, exc, peer, port)
+                    await self._drop(stream, exc)
                 if stream.reader is None and not future.done():
-                    await self._read(stream, peer, port, future, task)
+                    await self._read(stream, future, task)
                 return await future
             except _Unseen:
                 continue
             except PortClosedError as exc:
                 raise _no_replier(peer, port, exc) from None
             except asyncio.CancelledError:
-                if entry.expired and task.uncancel() == 0:  # our timer's cancel, nobody else's
+                if request_id in self._expired and task.uncancel() == 0:  # our timer's cancel
                     raise _expired(peer, port, timeout) from None
                 error = future.exception() if future.done() and not future.cancelled() else None
                 if error is not None and stream.dead and task.uncancel() == 0:  # close()'s
@@ -451,6 +479,8 @@ class Requester:
                 raise
             finally:
                 del self._deadlines[request_id]
+                if self._expired:
+                    self._expired.discard(request_id)
                 # Cancelled: our task was, while it awaited the future itself (another request
                 # reads the stream), which cancels the future too; unanswered all the same.
                 if (stream.waiting.pop(request_id, None) is future
@@ -460,7 +490,10 @@ class Requester:
                         self._give_up(stream, request_id)
                 if stream.starts:
                     stream.starts.pop(request_id, None)
-                stream.release_slot()
+                if stream.turns:
+                    stream.release_slot()
+                else:
+                    stream.in_flight -= 1  # (release_slot, without its call)
 
     def _give_up(self, stream: _Stream, request_id: int) -> None:
         """Tell the replier that nobody waits for the request's answer, so that it can stop
@@ -478,22 +511,25 @@ class Requester:
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._timer_at = at
         self._timer = loop.call_at(at, self._expire, loop)
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel the requests past their deadline (each raises PilotTimeoutError, whether it
         was sending or waiting for its reply); re-arm for the earliest still waiting."""
         self._timer = None
+        self._timer_at = math.inf
         now = loop.time()
         earliest: float | None = None
-        for entry in self._deadlines.values():
-            if entry.expired:
+        expired = self._expired
+        for request_id, (at, task) in self._deadlines.items():
+            if request_id in expired:
                 continue
-            if entry.at <= now:
-                entry.expired = True
-                entry.task.cancel()
-            elif earliest is None or entry.at < earliest:
-                earliest = entry.at
+            if at <= now:
+                expired.add(request_id)
+                task.cancel()
+            elif earliest is None or at < earliest:
+                earliest = at
         if earliest is not None:
             self._arm(loop, earliest)
 
@@ -544,7 +580,11 @@ class Requester:
                     with contextlib.suppress(PilotError):
                         await conn.abort()
                     raise ConnectionClosedError("the requester was closed")
-                stream = _Stream(conn, self.config.max_in_flight, loop.time())
+                stream = _Stream(conn, peer, port, self.config.max_in_flight, loop.time())
+                if isinstance(conn, _Takeable):
+                    stream.taken = True
+                    conn.set_taker(functools.partial(self._take, stream))
+                    stream.reader = asyncio.create_task(self._read(stream, None))
                 self._streams.setdefault(key, []).append(stream)
                 if self._sweeper is None:
                     self._sweeper = loop.call_at(stream.used + self.config.idle_timeout,
@@ -616,35 +656,17 @@ class Requester:
             return least
         return None
 
-    async def _read(self, stream: _Stream, peer: str, port: int,
-                    until: asyncio.Future[Reply] | None,
+    async def _read(self, stream: _Stream, until: asyncio.Future[Reply] | None,
                     task: asyncio.Task[Reply] | None = None) -> None:
         """Read replies and hand each to its request: until ``until`` is done (in ``task``, a
-        request reading for itself), or while any request waits (a reader task)."""
+        request reading for itself), or while any request waits (a reader task); for as long
+        as the stream lives where a taker hands them over (then only its end comes here)."""
         stream.reader = task or asyncio.current_task()
         error: PilotError | None = None
         try:
-            while not until.done() if until is not None else stream.unanswered > 0:
-                message = await stream.conn.receive(timeout=None)
-                frame = parse_frame_untrusted(message.data)
-                if frame.kind not in (Kind.REPLY, Kind.ERROR):
-                    raise WireError(f"a {frame.kind.name} frame sent to a requester")
-                future = stream.waiting.get(frame.id)
-                if future is None or future.done():
-                    continue  # its requester gave up (timed out or was cancelled)
-                if frame.kind == Kind.REPLY:
-                    stream.answer(future, Reply(frame.payload, message.sender))
-                else:
-                    remote_type, text = parse_error_untrusted(frame.payload)
-                    stream.answer(future, RemoteError(f"{remote_type}: {text}", remote_type))
-        except WireError as exc:
-            # Not a replier we understand: the stream goes, with what waits on it (a request
-            # is never resent, so each of those requesters hears why now).
-            self.malformed += 1
-            note_malformed(log, self.malformed, "%s port %d sent a malformed reply: %s", peer,
-                           port, exc)
-            error = WireError(f"{peer} port {port} sent a malformed reply ({exc}); its stream "
-                              "was dropped")
+            while not stream.dead and (stream.taken or (not until.done() if until is not None
+                                                         else stream.unanswered > 0)):
+                self._take(stream, await stream.conn.receive(timeout=None))
         except PilotError as exc:
             error = exc
         finally:
@@ -652,23 +674,59 @@ class Requester:
             ours = 1 if until is not None and not until.done() else 0
             if error is None and not stream.dead and stream.unanswered > ours:
                 # Our reply is in (or we were cancelled): others still wait for theirs.
-                stream.reader = asyncio.create_task(self._read(stream, peer, port, None))
+                stream.reader = asyncio.create_task(self._read(stream, None))
         if error is not None:
-            await self._drop(stream, error, peer, port)
+            await self._drop(stream, error)
 
-    async def _drop(self, stream: _Stream, error: PilotError, peer: str, port: int) -> None:
+    def _take(self, stream: _Stream, message: Message) -> bool:
+        """Hand a reply to the request waiting for it (none: it gave up): the transport's
+        delivery callback where it offers one (a taker), else the reader's loop. A malformed
+        reply drops the stream, with what waits on it (a request is never resent, so each of
+        those requesters hears why now)."""
+        try:
+            kind, reply_id, payload = parse_frame_untrusted(message.data)
+            if kind is not Kind.REPLY and kind is not Kind.ERROR:
+                raise WireError(f"a {kind.name} frame sent to a requester")
+        except WireError as exc:
+            self.malformed += 1
+            note_malformed(log, self.malformed, "%s port %d sent a malformed reply: %s",
+                           stream.peer, stream.port, exc)
+            self._discard(stream, WireError(f"{stream.peer} port {stream.port} sent a malformed "
+                                            f"reply ({exc}); its stream was dropped"))
+            aborting = asyncio.ensure_future(_abort_quietly(stream.conn))
+            self._retiring.add(aborting)
+            aborting.add_done_callback(self._retiring.discard)
+            return True
+        future = stream.waiting.get(reply_id)
+        if future is not None and not future.done():
+            stream.unanswered -= 1
+            if kind is Kind.REPLY:
+                future.set_result(Reply(payload, message.sender))
+            else:
+                remote_type, text = parse_error_untrusted(payload)
+                future.set_exception(RemoteError(f"{remote_type}: {text}", remote_type))
+        return True
+
+    async def _drop(self, stream: _Stream, error: PilotError) -> None:
         """The stream is dead or useless: fail (or send again) what waits on it, and end it."""
-        stream.fail(error, peer, port)
+        self._discard(stream, error)
+        await _abort_quietly(stream.conn)
+
+    def _discard(self, stream: _Stream, error: PilotError) -> None:
+        stream.fail(error)
         # Out of its group now: no request takes it meanwhile, _reusable (on every request)
         # need not look for dead ones, and a port never asked again keeps no entry.
-        key = (peer, port)
+        key = (stream.peer, stream.port)
         group = self._streams.get(key)
         if group is not None and stream in group:
             group.remove(stream)
             if not group:
                 del self._streams[key]
-        with contextlib.suppress(PilotError):
-            await stream.conn.abort()
+
+
+async def _abort_quietly(conn: Connection) -> None:
+    with contextlib.suppress(PilotError):
+        await conn.abort()
 
 
 async def _send_quietly(conn: Connection, frame: bytes) -> None:
@@ -746,26 +804,31 @@ class Replier:
             deadline = loop.time() + timeout
         while True:
             remaining = None if loop is None else max(deadline - loop.time(), 0.0)
-            message = await self._listener.receive(remaining)
-            try:
-                frame = parse_frame_untrusted(message.data)
-                if frame.kind == Kind.CANCEL:
-                    self._given_up(message, frame.id)
-                    continue
-                if frame.kind != Kind.REQUEST:
-                    raise WireError(f"a {frame.kind.name} frame sent to a replier")
-            except WireError as exc:
-                self.malformed += 1
-                note_malformed(log, self.malformed, "%s sent port %d a malformed request: %s",
-                               message.sender, self.port, exc)
-                continue
-            request = Request(frame.payload, message.sender, self.port, frame.id, message, self)
-            self._unanswered[_key(message, frame.id)] = request
-            stream = (message.sender, message.source_port)
-            if stream not in self._watched:
-                self._watch(stream, message)
-            if not request.cancelled:  # (its stream is over already)
+            request = self._admit(await self._listener.receive(remaining))
+            if request is not None:
                 return request
+
+    def _admit(self, message: Message) -> Request | None:
+        """The request ``message`` carries, now waiting for its answer; None if it carries
+        none (a CANCEL, something malformed) or its requester is gone already."""
+        try:
+            kind, request_id, payload = parse_frame_untrusted(message.data)
+            if kind is Kind.CANCEL:
+                self._given_up(message, request_id)
+                return None
+            if kind is not Kind.REQUEST:
+                raise WireError(f"a {kind.name} frame sent to a replier")
+        except WireError as exc:
+            self.malformed += 1
+            note_malformed(log, self.malformed, "%s sent port %d a malformed request: %s",
+                           message.sender, self.port, exc)
+            return None
+        request = Request(payload, message.sender, self.port, request_id, message, self)
+        self._unanswered[request._key] = request
+        stream = (message.sender, message.source_port)
+        if stream not in self._watched:
+            self._watch(stream, message)
+        return None if request.cancelled else request  # (cancelled: its stream is over)
 
     def _watch(self, stream: tuple[str, int], message: Message) -> None:
         """A requester that dies (or whose tunnel closes) sends no CANCEL: the end of its
@@ -800,7 +863,7 @@ class Replier:
         request._given_up()
 
     def _forget(self, request: Request) -> None:
-        key = _key(request._message, request.id)
+        key = request._key
         if self._unanswered.get(key) is request:  # a peer may repeat an id: not another's
             del self._unanswered[key]
 
@@ -848,86 +911,165 @@ async def serving(transport: Transport, port: int, handler: Handler,
                 await task
 
 
+class _Worker:
+    """One of serve()'s tasks, and what it is handed when it is idle: a request, or the rest of
+    one whose first step ran in the delivery callback, as this worker (:mod:`.eager`)."""
+
+    __slots__ = ("context", "request", "rest", "task", "wake")
+
+    def __init__(self) -> None:
+        self.context = contextvars.copy_context()
+        self.task: asyncio.Task[None] | None = None
+        self.wake: asyncio.Future[None] | None = None  # set while idle: done when handed one
+        self.request: Request | None = None
+        self.rest: Awaitable[None] | None = None
+
+
 async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) -> None:
-    """``handler_concurrency`` workers, each taking the next request when it is free: the
-    bound on concurrent handlers, without a task (3 us) and a semaphore per request. One more
-    receives while they are all busy, so that a CANCEL for a running request is read; a request
-    it receives meanwhile is parked for the first worker free (at most ``handler_concurrency``
-    of them, then it waits too, and so in the end do the requests' senders). A request its
+    """``handler_concurrency`` workers, each handed the next request when it is free: the
+    bound on concurrent handlers, without a task (3 us) and a semaphore per request.
+
+    Where the transport offers each message as it is delivered (a taker: the embedded node's),
+    requests are handed to the workers from there, and a request's first step runs there at
+    once, as its worker (:mod:`.eager`); a handler that answers without waiting has its reply
+    sent before the delivery callback goes on. A receiving task takes the rest (all of them on
+    another transport). While every worker is busy, up to ``handler_concurrency`` requests are
+    parked for the first one free, and a CANCEL for a running request is still read; beyond
+    that nothing more is taken (and so, in the end, their senders wait). A request its
     requester gave up on has its handler cancelled, or is dropped before it starts."""
     port = replier.port
     limit = config.handler_concurrency
-    busy = 0
+    loop = asyncio.get_running_loop()
     parked: deque[Request] = deque()
-    room = asyncio.Event()
+    idle: list[_Worker] = []  # the most recently idle last: its code and data are warm
+    room = asyncio.Event()  # fewer than `limit` requests parked: more may be taken
     room.set()
+    stopping = False
 
-    async def answer(request: Request) -> None:
+    async def answer(request: Request, me: asyncio.Task[None]) -> None:
         try:
-            result = await handler(request)
-            if request.answered:
-                return
-            # Encoded here, so that a value that cannot be sent (not JSON, larger than a
-            # tunnel message) is an error reply too: else its requester waits for its timeout.
-            payload = _reply_payload(result)
-        except Exception as exc:  # the handler's failure is the requester's to see
-            log.info("handler for port %d raised %s: %s", port, type(exc).__name__, exc)
-            await request.fail(exc)
-        else:
-            await request._answer(Kind.REPLY, payload)
-
-    async def next_request() -> Request:
-        while True:
-            if parked and busy < limit:
-                request = parked.popleft()
-                room.set()
-            else:
-                if not room.is_set():  # (a coroutine fewer per request when it is)
-                    await room.wait()
-                # As `async for`, without an async generator.
-                request = await replier.receive(timeout=None)
-                if busy >= limit:
-                    parked.append(request)
-                    if len(parked) >= limit:
-                        room.clear()
-                    continue
-            if not request.cancelled:
-                return request
-
-    async def work() -> None:
-        nonlocal busy
-        me = asyncio.current_task()
-        assert me is not None
-        cancel = me.cancel
-        while replier._listener is not None:
-            request = await next_request()
-            busy += 1
-            request.on_cancel(cancel)
             try:
-                await answer(request)
-            except asyncio.CancelledError:
-                if not request.cancelled or me.uncancel() > 0:
-                    raise  # the server stops
-                log.info("%s gave up on request %d on port %d: its handler was cancelled",
-                         request.sender, request.id, port)
-            except PilotError as exc:  # the requester went away before its answer
-                log.info("could not answer %s on port %d: %s", request.sender, port, exc)
+                result = await handler(request)
+                if request.answered:
+                    return
+                # Encoded here, so that a value that cannot be sent (not JSON, larger than a
+                # tunnel message) is an error reply too: else its requester waits for its
+                # timeout.
+                payload = encode_fitting("a reply", result)
+            except Exception as exc:  # the handler's failure is the requester's to see
+                log.info("handler for port %d raised %s: %s", port, type(exc).__name__, exc)
+                await request.fail(exc)
             else:
-                if request.cancelled and me.cancelling():  # a handler that ignored it
-                    me.uncancel()
-            finally:
-                request.on_cancel(None)
-                busy -= 1
+                if not request._send(Kind.REPLY, payload):  # (_answer, a coroutine fewer)
+                    await request._sent(Kind.REPLY, payload)
+        except asyncio.CancelledError:
+            if not request.cancelled or me.uncancel() > 0:
+                raise  # the server stops
+            log.info("%s gave up on request %d on port %d: its handler was cancelled",
+                     request.sender, request.id, port)
+        except PilotError as exc:  # the requester went away before its answer
+            log.info("could not answer %s on port %d: %s", request.sender, port, exc)
+        else:
+            if request.cancelled and me.cancelling():  # a handler that ignored it
+                me.uncancel()
+        finally:
+            request._on_cancel = None
 
-    workers = [asyncio.create_task(work()) for _ in range(limit + 1)]
+    def feed(request: Request) -> None:
+        if not idle:
+            parked.append(request)
+            if len(parked) >= limit:
+                room.clear()
+            return
+        worker = idle.pop()
+        assert worker.task is not None and worker.wake is not None
+        rest: Awaitable[None] | None = None
+        if eager.AVAILABLE and asyncio.current_task(loop) is None:
+            # Its first step, now, as the worker; a CANCEL read meanwhile (the reply's flush
+            # delivers what came with the request) only marks it: the worker is not running.
+            try:
+                rest = eager.start_as(worker.task, worker.context, answer(request, worker.task))
+            except BaseException as exc:  # not the handler's (answer() takes those): ours
+                rest = _raising(exc)
+            if rest is None:  # answered: the worker is idle still (unless the step woke it
+                if not worker.wake.done():  # with a cancel: then it comes back by itself)
+                    idle.append(worker)
+                return
+        worker.request, worker.rest = request, rest
+        if not worker.wake.done():
+            worker.wake.set_result(None)
+        if rest is not None:
+            request._on_cancel = worker.task.cancel  # (if cancelled already: see work())
+
+    def take(message: Message) -> bool:
+        if not room.is_set():
+            return False  # it waits in the transport, for receive_all once there is room
+        request = replier._admit(message)
+        if request is not None:
+            feed(request)
+        return True
+
+    async def receive_all() -> None:
+        while True:
+            if not room.is_set():  # (a coroutine fewer per request when it is)
+                await room.wait()
+            feed(await replier.receive(timeout=None))
+
+    async def work(worker: _Worker) -> None:
+        me = worker.task = asyncio.current_task()
+        assert me is not None
+        while True:
+            if parked:
+                request, rest = parked.popleft(), None
+                if len(parked) < limit:
+                    room.set()
+            else:
+                worker.wake = loop.create_future()
+                idle.append(worker)
+                try:
+                    await worker.wake
+                except asyncio.CancelledError:
+                    if stopping:
+                        raise
+                    # The cancel of a request handed to us before we ran: it reaches its
+                    # handler below, where that waits.
+                    me.uncancel()
+                if worker.request is None:
+                    continue
+                request, rest = worker.request, worker.rest
+                worker.request = worker.rest = None
+            if rest is None:
+                if request.cancelled:
+                    continue
+                request._on_cancel = me.cancel
+                rest = answer(request, me)
+            elif request.cancelled:
+                me.cancel()  # cancelled before we took over: the handler hears it where it waits
+            await rest
+
+    workers = [_Worker() for _ in range(limit)]
+    receiving = asyncio.create_task(receive_all())
+    tasks = [receiving, *(asyncio.create_task(work(w), context=w.context) for w in workers)]
+    listener = replier._listener
+    taker = listener if isinstance(listener, _Takeable) else None
+    if taker is not None:
+        taker.set_taker(take)
     try:
-        # A worker ends only when the replier does (its transport failed, or it closed).
-        done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
-        for worker in done:
-            worker.result()
+        # A task ends only when the replier does (its transport failed, or it closed), or
+        # with a failure of ours.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
     finally:
-        for worker in workers:
-            worker.cancel()
+        stopping = True
+        if taker is not None:
+            taker.set_taker(None)
+        for task in tasks:
+            task.cancel()
         # Their handlers' work (a command run, say) is stopped before the replier closes and
         # answers what they held with an error.
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _raising(error: BaseException) -> None:
+    raise error
