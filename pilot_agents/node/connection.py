@@ -160,32 +160,28 @@ class Message(Payload):
     sender: str  # node id
     port: int  # our port it arrived on
     source_port: int
-    _stream: StreamHandle | None = field(default=None, repr=False)
-
-    @property
-    def way_back(self) -> StreamHandle | None:
-        """The stream a reply goes on: one object for all the messages of a stream (none for a
-        message that cannot be replied to)."""
-        return self._stream
+    # The stream a reply goes on: one object for all the messages of a stream (none for a
+    # message that cannot be replied to). A field, not a property: read for every reply.
+    way_back: StreamHandle | None = field(default=None, repr=False)
 
     async def reply(self, data: bytes | str | Any, *, stall: float | None = None) -> None:
         """Send a message back on the connection this one came from (``stall``: as
         :meth:`StreamHandle.room`'s)."""
-        if self._stream is None:
+        if self.way_back is None:
             raise ConnectionClosedError("this message cannot be replied to")
-        await self._stream.send(data, stall)
+        await self.way_back.send(data, stall)
 
     async def since_arrival(self) -> float | None:
         """Seconds since bytes of the stream this message came on last arrived (None: not
         known), whole messages or not."""
-        return None if self._stream is None else self._stream.since_arrival()
+        return None if self.way_back is None else self.way_back.since_arrival()
 
     def on_hangup(self, callback: Callable[[], object]) -> Callable[[], object]:
         """Call ``callback`` once the stream this message came on can carry no reply (it
         failed or ended), at once if it already cannot; returns what undoes this."""
-        if self._stream is None:
+        if self.way_back is None:
             return Hangups(gone=True).add(callback)
-        return self._stream.on_hangup(callback)
+        return self.way_back.on_hangup(callback)
 
 
 class StreamHandle:
@@ -284,7 +280,12 @@ class StreamHandle:
         # On an idle stream the message leaves now (request/reply latency); behind unacked
         # data it waits for the flush at the end of this loop iteration, coalescing with
         # whatever else is written meanwhile.
-        self.driver.flush(now=idle)
+        endpoint = self.driver.endpoint
+        if endpoint is not None:
+            if idle:
+                endpoint.flush()
+            else:
+                endpoint.wake()
         if self.error is not None:  # the flush found the stream reset, or its tunnel gone
             raise self.error
         if session.stream_buffered(stream_id) < SEND_HIGH_WATER:
@@ -593,4 +594,10 @@ class Listener:
 
 
 def _offer(take: Callable[[Message], bool], item: tuple[StreamHandle, Message]) -> bool:
-    return item[0]._offer(take, item[1])
+    # StreamHandle._offer, for a listener's items (never errors), without its call.
+    handle, message = item
+    if not take(message):
+        return False
+    if handle.session.message_consumed(handle.stream_id, len(message.data)):
+        handle.driver.wake()
+    return True

@@ -1,7 +1,7 @@
 """What connection objects need from the running node, and nothing more.
 
-Streams and connections call :meth:`Driver.flush` after a send, :meth:`Driver.wake` when they
-changed a session outside a datagram (a finish, a reset, credit returned), and
+Streams and connections flush :attr:`Driver.endpoint` after a send, call :meth:`Driver.wake`
+when they changed a session outside a datagram (a finish, a reset, credit returned), and
 :meth:`Driver.wait_until` to block on the network; the node calls :meth:`progress_made` after
 every burst of events. Keeping this apart from :class:`~pilot_agents.node.node.Node` lets the
 objects an application holds import downward only.
@@ -30,14 +30,6 @@ class Driver:
         """Have the endpoint look at the sessions again (and send what is due) soon."""
         if self.endpoint is not None:
             self.endpoint.wake()
-
-    def flush(self, *, now: bool) -> None:
-        """Send what is queued: at once, or at the end of this loop iteration (coalescing)."""
-        if self.endpoint is not None:
-            if now:
-                self.endpoint.flush()
-            else:
-                self.endpoint.wake()
 
     def progress_made(self) -> None:
         """Re-check every :meth:`wait_until` condition."""

@@ -543,7 +543,7 @@ class Node:
         """Messages taken from a listener that no application will read (the daemon closing a
         port it buffered them for): their streams are reset, so their senders hear
         (PortClosedError), as for the messages a closing listener still holds."""
-        handles = {id(m._stream): m._stream for m in messages if m._stream is not None}
+        handles = {id(m.way_back): m.way_back for m in messages if m.way_back is not None}
         self._refuse_streams(list(handles.values()))
 
     def abandon(self, handles: list[StreamHandle], why: str) -> None:

@@ -1002,7 +1002,7 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
             request._on_cancel = worker.task.cancel  # (if cancelled already: see work())
 
     def take(message: Message) -> bool:
-        if not room.is_set():
+        if len(parked) >= limit:  # (room is clear: no call to ask it)
             return False  # it waits in the transport, for receive_all once there is room
         request = replier._admit(message)
         if request is not None:
