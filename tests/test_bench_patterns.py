@@ -62,7 +62,7 @@ def test_table_and_targets_name_every_case_and_what_was_not_measured(
     assert "- req/rep median, embedded / pyzmq REQ/REP: not measured" in text
 
 
-@pytest.mark.parametrize("name", ["floor-c", "floor-py", "floor-node"])
+@pytest.mark.parametrize("name", ["floor-c", "floor-py", "floor-node", "floor-embedded"])
 def test_a_floor_case_answers_every_request_and_measures_no_pub_sub(
         workdir: Path, name: str) -> None:
     row = patterns.run_case(name, replace(TINY, workdir=str(workdir)))

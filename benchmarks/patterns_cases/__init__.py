@@ -14,5 +14,6 @@ CASES: dict[str, str] = {
     "floor-c": "benchmarks.patterns_cases.floor:FLOOR_C",
     "floor-py": "benchmarks.patterns_cases.floor:FLOOR_PY",
     "floor-node": "benchmarks.patterns_cases.floor:FLOOR_NODE",
+    "floor-embedded": "benchmarks.patterns_cases.floor_embedded",
 }
 OURS = ("embedded", "daemon")
