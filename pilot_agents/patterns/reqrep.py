@@ -9,8 +9,11 @@
 
 Each request carries a 64-bit correlation id, so replies may come back in any order and many
 requests are in flight on one stream at once: a slow handler holds up nobody but its own
-requester. A requester keeps a few streams per peer and port (``streams_per_peer``) and puts a
-request on the least busy one, so one large request delays the bytes of small ones only on its
+requester. On a transport that hands each message over as it is delivered (the embedded node),
+replies reach their requests there, and :func:`serve` starts a handler there, as the worker
+task that finishes it (:mod:`.eager`): no task step comes between a datagram and its answer.
+A requester keeps a few streams per peer and port (``streams_per_peer``) and puts a request on
+the least busy one, so one large request delays the bytes of small ones only on its
 own stream. A stream no request has used for ``idle_timeout`` seconds (60 by default) is
 closed, and one that dies is forgotten at once: a long-lived requester (a gateway talking to
 many peers and ports) holds only the streams it uses, and a request whose stream was just closed
