@@ -175,6 +175,161 @@ async def test_a_handler_runs_as_its_worker_task_from_its_first_step(pair: Pair)
             {"seen": f"r{n}", "waits": ["timed out", "timed out"]} for n in range(3)]
 
 
+async def test_a_handler_that_cancels_itself_before_its_first_wait_is_interrupted(
+        pair: Pair) -> None:
+    """As in any task: a timeout already spent, or the handler's own cancel, interrupts its
+    first wait (started in the delivery, the cancel lands on its worker's idle wait first)."""
+    async def spent_budget(request: Request) -> object:
+        try:
+            async with asyncio.timeout(0):
+                await asyncio.sleep(30)
+        except TimeoutError:
+            return "timed out"
+        return "slept"
+
+    async def cancels_itself(request: Request) -> object:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            task.uncancel()
+            return "cancelled"
+        return "slept"
+
+    async with (
+        serving(pair.server.transport, 7004, spent_budget),
+        serving(pair.server.transport, 7005, cancels_itself),
+        Requester(pair.client.transport) as requester,
+    ):
+        assert (await requester.request(pair.server_name, 7004, "x", timeout=10)).text() == (
+            "timed out")
+        assert (await requester.request(pair.server_name, 7005, "x", timeout=10)).text() == (
+            "cancelled")
+
+
+async def test_a_handler_keeps_the_on_cancel_callback_it_sets(pair: Pair) -> None:
+    """Request.on_cancel set in a handler's first step replaces serve()'s (cancel the
+    handler), and is called when its requester gives up; the handler runs on."""
+    seen: list[str] = []
+    finished = asyncio.Event()
+
+    async def handler(request: Request) -> object:
+        request.on_cancel(lambda: seen.append("given up"))
+        await asyncio.sleep(0.5)
+        finished.set()
+        return "late"
+
+    async with (
+        serving(pair.server.transport, 7006, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        with pytest.raises(PilotTimeoutError):
+            await requester.request(pair.server_name, 7006, "x", timeout=0.1)
+        await asyncio.wait_for(finished.wait(), 10)
+        assert seen == ["given up"]
+
+
+async def test_an_on_cancel_callback_that_raises_is_logged_and_the_replier_goes_on(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(request: Request) -> object:
+        if request.data == b"slow":
+            def broken() -> None:
+                raise RuntimeError("a bug in the callback")
+
+            request.on_cancel(broken)
+            await asyncio.sleep(1)
+        return "ok"
+
+    async with (
+        serving(pair.server.transport, 7007, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        with pytest.raises(PilotTimeoutError):
+            await requester.request(pair.server_name, 7007, "slow", timeout=0.1)
+        for _ in range(100):
+            if "on_cancel callback of request" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "on_cancel callback of request" in caplog.text
+        assert (await requester.request(pair.server_name, 7007, "x", timeout=10)).text() == "ok"
+
+
+async def test_serve_stopped_as_a_request_starts_cancels_its_handler(pair: Pair) -> None:
+    """A request whose handler stops serve() in its first step (a "shutdown" request), before
+    its worker took it over: the handler is cancelled where it waits, and its cleanup runs."""
+    events: list[str] = []
+    serve_task: asyncio.Task[None] | None = None
+
+    async def handler(request: Request) -> object:
+        assert serve_task is not None
+        serve_task.cancel()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        return "slept"
+
+    serve_task = asyncio.create_task(reqrep.serve(pair.server.transport, 7008, handler))
+    await asyncio.sleep(0.2)
+    async with Requester(pair.client.transport) as requester:
+        with pytest.raises(RemoteError, match="closed before answering"):
+            await requester.request(pair.server_name, 7008, "stop", timeout=10)
+    with pytest.raises(asyncio.CancelledError):
+        await serve_task
+    assert events == ["cancelled"]
+
+
+async def test_serve_stops_while_a_given_up_request_still_runs(pair: Pair) -> None:
+    """A handler that chose to finish a request its requester gave up on (its own on_cancel)
+    does not keep serve() from stopping: the stop's cancel is not taken for the request's."""
+    async def handler(request: Request) -> object:
+        await asyncio.sleep(0)  # (in its task, on either transport)
+        request.on_cancel(lambda: None)
+        await asyncio.sleep(30)
+        return "done"
+
+    async with Requester(pair.client.transport) as requester:
+        serving_it = serving(pair.server.transport, 7009, handler)
+        await serving_it.__aenter__()
+        with pytest.raises(PilotTimeoutError):
+            await requester.request(pair.server_name, 7009, "x", timeout=0.1)
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(serving_it.__aexit__(None, None, None))
+        done, _ = await asyncio.wait([stopping], timeout=5)
+        assert done, "serving() did not stop"
+        stopping.result()
+
+
+async def test_serving_passes_on_a_cancel_that_comes_while_it_stops(pair: Pair) -> None:
+    """serving() waits for serve() to end on its way out; a cancel of the task that waits is
+    that task's, not to be swallowed with serve()'s own."""
+    gate = asyncio.Event()
+
+    async def handler(request: Request) -> object:
+        while not gate.is_set():  # a handler that does not stop when told to
+            with contextlib.suppress(asyncio.CancelledError):
+                await gate.wait()
+        return "done"
+
+    async def serve_a_request() -> None:
+        async with serving(pair.server.transport, 7010, handler), \
+                Requester(pair.client.transport) as requester:
+            with contextlib.suppress(PilotTimeoutError):
+                await requester.request(pair.server_name, 7010, "x", timeout=0.2)
+
+    outer = asyncio.create_task(serve_a_request())
+    await asyncio.sleep(0.5)  # in serving()'s way out, waiting for the handler to end
+    outer.cancel()
+    gate.set()
+    done, _ = await asyncio.wait([outer], timeout=10)
+    assert done, "serving() did not stop"
+    with pytest.raises(asyncio.CancelledError):
+        outer.result()
+
+
 async def test_a_handler_that_raises_is_a_remote_error(pair: Pair) -> None:
     async def handler(request: Request) -> object:
         raise ValueError("no such table: sales")

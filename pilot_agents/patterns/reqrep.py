@@ -158,8 +158,13 @@ class Request(Payload):
 
     def _given_up(self) -> None:
         self.cancelled = True
-        if self._on_cancel is not None:
-            self._on_cancel()
+        callback = self._on_cancel
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # a handler's: it must not break the delivery that read the CANCEL
+                log.exception("the on_cancel callback of request %d on port %d raised",
+                              self.id, self.port)
 
     async def reply(self, data: object) -> None:
         """Answer with ``data``; :class:`ConfigError` (and the request still unanswered) if it
@@ -910,8 +915,12 @@ async def serving(transport: Transport, port: int, handler: Handler,
             yield replier
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # ours, while we waited for it to stop: not to be lost
 
 
 class _Worker:
@@ -966,8 +975,8 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
                 if not request._send(Kind.REPLY, payload):  # (_answer, a coroutine fewer)
                     await request._sent(Kind.REPLY, payload)
         except asyncio.CancelledError:
-            if not request.cancelled or me.uncancel() > 0:
-                raise  # the server stops
+            if stopping or not request.cancelled or me.uncancel() > 0:
+                raise  # the server stops (its cancel, not the request's)
             log.info("%s gave up on request %d on port %d: its handler was cancelled",
                      request.sender, request.id, port)
         except PilotError as exc:  # the requester went away before its answer
@@ -988,8 +997,10 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
         assert worker.task is not None and worker.wake is not None
         rest: Awaitable[None] | None = None
         if eager.AVAILABLE and asyncio.current_task(loop) is None:
-            # Its first step, now, as the worker; a CANCEL read meanwhile (the reply's flush
-            # delivers what came with the request) only marks it: the worker is not running.
+            # Its first step, now, as the worker. A cancel of the worker meanwhile (the
+            # handler's own, a timeout's, the request's CANCEL read in the reply's flush) lands
+            # on its idle wait: work() hands it on to what the step started.
+            request._on_cancel = worker.task.cancel  # (before: the handler may replace it)
             try:
                 rest = eager.start_as(worker.task, worker.context, answer(request, worker.task))
             except BaseException as exc:  # not the handler's (answer() takes those): ours
@@ -1001,8 +1012,6 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
         worker.request, worker.rest = request, rest
         if not worker.wake.done():
             worker.wake.set_result(None)
-        if rest is not None:
-            request._on_cancel = worker.task.cancel  # (if cancelled already: see work())
 
     def take(message: Message) -> bool:
         if len(parked) >= limit:  # (room is clear: no call to ask it)
@@ -1021,7 +1030,7 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
     async def work(worker: _Worker) -> None:
         me = worker.task = asyncio.current_task()
         assert me is not None
-        while True:
+        while not stopping:  # (a handler that took the stop's cancel for its own returned)
             if parked:
                 request, rest = parked.popleft(), None
                 if len(parked) < limit:
@@ -1032,10 +1041,14 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
                 try:
                     await worker.wake
                 except asyncio.CancelledError:
-                    if stopping:
+                    # A cancel of ours while idle, or while a handler started in the delivery
+                    # (as us) was handed to us: that handler hears it where it waits. Without
+                    # one, the stop's ends us; another (a handler that cancelled itself and
+                    # returned) is over.
+                    if worker.rest is not None:
+                        me.cancel()  # again, for the handler; this wait took the first
+                    elif stopping:
                         raise
-                    # The cancel of a request handed to us before we ran: it reaches its
-                    # handler below, where that waits.
                     me.uncancel()
                 if worker.request is None:
                     continue
@@ -1046,8 +1059,6 @@ async def _answer_all(replier: Replier, handler: Handler, config: ReqRepConfig) 
                     continue
                 request._on_cancel = me.cancel
                 rest = answer(request, me)
-            elif request.cancelled:
-                me.cancel()  # cancelled before we took over: the handler hears it where it waits
             await rest
 
     workers = [_Worker() for _ in range(limit)]
