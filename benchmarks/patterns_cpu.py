@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import resource
 import statistics
 import tempfile
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pilot_agents
+from benchmarks.patterns_cases.floor_embedded import answer_in_delivery, ask_in_delivery
 from pilot_agents import Node
-from pilot_agents.node import Message
 from pilot_agents.patterns import Publisher, Request, Requester, Subscriber, serving
-from pilot_agents.patterns.frames import Kind, encode_frame, parse_frame_untrusted
 
 PORT = 2001
 HOST = "127.0.0.1"
@@ -111,33 +109,8 @@ async def reqrep_floor(count: int) -> float:
         try:
             async with (rep_node.listen(PORT) as listener,
                         req_node.connect(rep_node.node_id, PORT) as conn):
-
-                def answer(message: Message) -> bool:
-                    frame = parse_frame_untrusted(message.data)
-                    way_back = message.way_back
-                    assert way_back is not None
-                    way_back.write(encode_frame(Kind.REPLY, frame.id, frame.payload))
-                    return True
-
-                waiting: dict[int, asyncio.Future[bytes]] = {}
-
-                def take_reply(message: Message) -> bool:
-                    frame = parse_frame_untrusted(message.data)
-                    waiting.pop(frame.id).set_result(frame.payload)
-                    return True
-
-                listener.set_taker(answer)
-                conn.set_taker(take_reply)
-                loop = asyncio.get_running_loop()
-                ids = itertools.count()
-
-                async def request(data: bytes) -> bytes:
-                    request_id = next(ids)
-                    future: asyncio.Future[bytes] = loop.create_future()
-                    waiting[request_id] = future
-                    conn.write(encode_frame(Kind.REQUEST, request_id, data))
-                    return await future
-
+                answer_in_delivery(listener)
+                request = ask_in_delivery(conn)
                 data = b"r" * 100
                 await request(data)
                 start = _cpu()

@@ -209,6 +209,20 @@ async def test_a_handler_that_cancels_itself_before_its_first_wait_is_interrupte
             "cancelled")
 
 
+@contextlib.asynccontextmanager
+async def given_up(pair: Pair, port: int, handler: Callable[[Request], Awaitable[object]],
+                   data: bytes = b"x") -> AsyncIterator[Requester]:
+    """``handler`` served on ``port``, and a request to it its requester gave up on (a 0.1 s
+    timeout); the requester, for more."""
+    async with (
+        serving(pair.server.transport, port, handler),
+        Requester(pair.client.transport) as requester,
+    ):
+        with pytest.raises(PilotTimeoutError):
+            await requester.request(pair.server_name, port, data, timeout=0.1)
+        yield requester
+
+
 async def test_a_handler_keeps_the_on_cancel_callback_it_sets(pair: Pair) -> None:
     """Request.on_cancel set in a handler's first step replaces serve()'s (cancel the
     handler), and is called when its requester gives up; the handler runs on."""
@@ -221,12 +235,7 @@ async def test_a_handler_keeps_the_on_cancel_callback_it_sets(pair: Pair) -> Non
         finished.set()
         return "late"
 
-    async with (
-        serving(pair.server.transport, 7006, handler),
-        Requester(pair.client.transport) as requester,
-    ):
-        with pytest.raises(PilotTimeoutError):
-            await requester.request(pair.server_name, 7006, "x", timeout=0.1)
+    async with given_up(pair, 7006, handler):
         await asyncio.wait_for(finished.wait(), 10)
         assert seen == ["given up"]
 
@@ -242,12 +251,7 @@ async def test_an_on_cancel_callback_that_raises_is_logged_and_the_replier_goes_
             await asyncio.sleep(1)
         return "ok"
 
-    async with (
-        serving(pair.server.transport, 7007, handler),
-        Requester(pair.client.transport) as requester,
-    ):
-        with pytest.raises(PilotTimeoutError):
-            await requester.request(pair.server_name, 7007, "slow", timeout=0.1)
+    async with given_up(pair, 7007, handler, b"slow") as requester:
         for _ in range(100):
             if "on_cancel callback of request" in caplog.text:
                 break
