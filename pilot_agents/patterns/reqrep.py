@@ -169,7 +169,7 @@ class Request(Payload):
     async def reply(self, data: object) -> None:
         """Answer with ``data``; :class:`ConfigError` (and the request still unanswered) if it
         is not bytes, str or JSON, or is larger than a tunnel message."""
-        await self._answer(Kind.REPLY, _reply_payload(data))
+        await self._answer(Kind.REPLY, encode_fitting("a reply", data))
 
     async def fail(self, error: BaseException) -> None:
         """Answer with an error: the requester raises :class:`RemoteError` naming its type."""
@@ -200,10 +200,6 @@ class Request(Payload):
                                       stall=UNREAD_REPLIES_TIMEOUT)
         else:
             await way_back.room(stall=UNREAD_REPLIES_TIMEOUT)
-
-
-def _reply_payload(data: object) -> bytes:
-    return encode_fitting("a reply", data)
 
 
 @runtime_checkable
