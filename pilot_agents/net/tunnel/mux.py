@@ -108,9 +108,6 @@ class Mux:
         self._trusted: dict[bytes, bytes] = {}  # X25519 static -> Ed25519 node key
         self._trusted_static: dict[bytes, bytes] = {}  # Ed25519 node key -> X25519 static
         self._events: deque[events.Event] = deque()
-        # What received datagrams may have made due, for output_due().
-        self._touched: set[Session] = set()
-        self._output_due = False
 
     # -- trust and peers ---------------------------------------------------------------------
 
@@ -218,10 +215,8 @@ class Mux:
                 # the streams it never saw (and gives up as any new tunnel does).
                 session = self._succeed(session, None, now)
                 session.connect(now)
-                self._output_due = True
             # The per-packet path: only this session can have news (not every peer's).
             self._collect_events_of(session)
-            self._touched.add(session)
             return
         # A handshake: only the session it reached can have news, and its answer (or a cookie
         # reply) goes out at once. Dropped packets touch nothing: a flood of them must not cost
@@ -237,9 +232,6 @@ class Mux:
             return
         if session is not None:
             self._collect_events_of(session)
-            self._output_due = True
-        elif self._replies:
-            self._output_due = True
 
     def _on_initiation(self, data: bytes, address: Address, now: float) -> Session | None:
         if len(data) != handshake.INITIATION_SIZE:
@@ -360,15 +352,6 @@ class Mux:
         old.hand_over(successor.take_over(old), answered_index)
         self._collect_events_of(old)
         return successor
-
-    def output_due(self, now: float) -> bool:
-        """Whether the datagrams received since the last call made something due to send now
-        (an immediate ACK, data the peer's ACKs let out, a handshake answer), as against
-        only a delayed ACK, which :meth:`get_timer` covers."""
-        due = self._output_due or any(s.sending_due(now) for s in self._touched)
-        self._output_due = False
-        self._touched.clear()
-        return due
 
     def handle_timer(self, now: float) -> None:
         for session in list(self._sessions.values()):

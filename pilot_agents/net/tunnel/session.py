@@ -1604,10 +1604,6 @@ class Session:
             return False
         return True
 
-    def sending_due(self, now: float) -> bool:
-        """Whether :meth:`datagrams_to_send` would send something now."""
-        return not self._nothing_due(now)
-
     def _nothing_due(self, now: float) -> bool:
         """A cheap check that :meth:`datagrams_to_send` would produce nothing: it runs after
         every received datagram, and most of them (ACKs) cause no output."""
