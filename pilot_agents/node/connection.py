@@ -255,8 +255,8 @@ class StreamHandle:
         for item in self.inbox.take_all():
             if isinstance(item, PilotError):
                 self.inbox.put(item)
-            elif self.session.message_consumed(self.stream_id, len(item.data)):
-                self.driver.wake()
+            else:
+                self.consumed(item)
 
     def end(self) -> None:
         """The peer finished sending: receives raise once the inbox is empty; sends go on."""
@@ -343,9 +343,14 @@ class StreamHandle:
     def _offer(self, take: Callable[[Message], bool], item: Message | PilotError) -> bool:
         if isinstance(item, PilotError) or not take(item):
             return False
-        if self.session.message_consumed(self.stream_id, len(item.data)):
-            self.driver.wake()
+        self.consumed(item)
         return True
+
+    def consumed(self, message: Message) -> None:
+        """``message`` was taken by its reader: its bytes go back to the peer as credit (a
+        flush soon if that is worth a packet)."""
+        if self.session.message_consumed(self.stream_id, len(message.data)):
+            self.driver.wake()
 
     async def receive(self, timeout: float | None) -> Message:
         if timeout is not None:
@@ -357,8 +362,7 @@ class StreamHandle:
         if isinstance(item, PilotError):
             self.inbox.put(item)  # every later receive fails the same way
             raise item
-        if self.session.message_consumed(self.stream_id, len(item.data)):
-            self.driver.wake()
+        self.consumed(item)
         return item
 
 
@@ -581,8 +585,7 @@ class Listener:
             handle, message = await self._inbox.get(timeout)
         except TimeoutError:
             raise PilotTimeoutError(f"no message on port {self.port} within {timeout} s") from None
-        if handle.session.message_consumed(handle.stream_id, len(message.data)):
-            handle.driver.wake()
+        handle.consumed(message)
         return message
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -594,10 +597,9 @@ class Listener:
 
 
 def _offer(take: Callable[[Message], bool], item: tuple[StreamHandle, Message]) -> bool:
-    # StreamHandle._offer, for a listener's items (never errors), without its call.
+    # StreamHandle._offer, for a listener's items (never errors).
     handle, message = item
     if not take(message):
         return False
-    if handle.session.message_consumed(handle.stream_id, len(message.data)):
-        handle.driver.wake()
+    handle.consumed(message)
     return True
