@@ -702,13 +702,13 @@ class Requester:
             aborting.add_done_callback(self._retiring.discard)
             return True
         future = stream.waiting.get(reply_id)
-        if future is not None and not future.done():
-            stream.unanswered -= 1
-            if kind is Kind.REPLY:
-                future.set_result(Reply(payload, message.sender))
-            else:
-                remote_type, text = parse_error_untrusted(payload)
-                future.set_exception(RemoteError(f"{remote_type}: {text}", remote_type))
+        if future is None:
+            return True  # its requester gave up (timed out or was cancelled)
+        if kind is Kind.REPLY:  # (answer() skips a future already done: given up too)
+            stream.answer(future, Reply(payload, message.sender))
+        else:
+            remote_type, text = parse_error_untrusted(payload)
+            stream.answer(future, RemoteError(f"{remote_type}: {text}", remote_type))
         return True
 
     async def _drop(self, stream: _Stream, error: PilotError) -> None:
