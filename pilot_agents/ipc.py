@@ -505,7 +505,6 @@ class IpcClient:
         a request would be written and its answer never seen, as a silent daemon's."""
         check_loop(self._loop)
 
-
     async def _connect(self) -> None:
         import zmq
 
