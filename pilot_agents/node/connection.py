@@ -412,9 +412,7 @@ class Connection:
     def written(self) -> int:
         """The stream offset at which the next message sent starts (see
         :meth:`unseen_after_restart`)."""
-        handle = self._handle  # (as in write)
-        if handle is None:
-            raise _not_open()
+        handle = self._stream()
         return handle.session.stream_written(handle.stream_id)
 
     async def since_arrival(self) -> float | None:
@@ -457,7 +455,7 @@ class Connection:
 
     def _stream(self) -> StreamHandle:
         if self._handle is None:
-            raise _not_open()
+            raise ConnectionClosedError("the connection is not open (use 'async with')")
         return self._handle
 
     async def send(self, data: bytes | str | Any) -> None:
@@ -465,10 +463,7 @@ class Connection:
 
     def write(self, payload: bytes) -> bool:
         """:meth:`send` for code that cannot await: see :meth:`StreamHandle.write`."""
-        handle = self._handle  # (_stream(), without its call: once per request of a pattern)
-        if handle is None:
-            raise _not_open()
-        return handle.write(payload)
+        return self._stream().write(payload)
 
     @property
     def overshoot(self) -> int:
@@ -535,10 +530,6 @@ class Connection:
             handle.fail(ConnectionClosedError("the connection was aborted"))
             self._forget(handle)
             self._handle = None
-
-
-def _not_open() -> ConnectionClosedError:
-    return ConnectionClosedError("the connection is not open (use 'async with')")
 
 
 class Listener:
